@@ -1,0 +1,84 @@
+"""SymPy printers for scalars: host floats (math) and per-parameter 0-dim tensors (torch)."""
+from __future__ import annotations
+
+import sympy as sp
+from sympy.printing.pycode import PythonCodePrinter
+
+from .. import functions as fn
+
+_BY_CLASS = {f.sympy: f for f in list(fn.TABLE.values()) + list(fn.COMPARISONS.values())
+             if isinstance(f.sympy, type)}
+
+
+class HostPrinter(PythonCodePrinter):
+    """Scalars computed on the host in Python floats, once per group or per parameter."""
+
+    column = "host"
+
+    def __init__(self, rename: dict[str, str] | None = None):
+        super().__init__({"fully_qualified_modules": True, "standard": "python3"})
+        self.rename = rename or {}
+
+    def _print_Symbol(self, s):
+        return self.rename.get(s.name, s.name)
+
+    def _print_Float(self, e):
+        return repr(float(e))
+
+    def _print_Function(self, e):
+        row = _BY_CLASS.get(type(e))
+        if row is None:
+            return super()._print_Function(e)
+        return getattr(row, self.column).format(*(self._print(a) for a in e.args))
+
+    def _print_Infinity(self, e):
+        return 'float("inf")'
+
+    def _print_NegativeInfinity(self, e):
+        return '-float("inf")'
+
+
+class DevicePrinter(HostPrinter):
+    """Scalars that stay 0-dim tensors on the parameter's device (they read a reduction)."""
+
+    column = "tensor"
+
+    def _print_Pow(self, e, rational=False):
+        if e.exp == sp.S.Half:
+            return f"torch.sqrt({self._print(e.base)})"
+        if e.exp == -sp.S.Half:
+            return f"torch.rsqrt({self._print(e.base)})"
+        return super()._print_Pow(e, rational)
+
+    def _print_Min(self, e):
+        return self._nary(e, "torch.minimum")
+
+    def _print_Max(self, e):
+        return self._nary(e, "torch.maximum")
+
+    def _nary(self, e, func):
+        out = self._print(e.args[0])
+        for a in e.args[1:]:
+            out = f"{func}(torch.as_tensor({out}), torch.as_tensor({self._print(a)}))"
+        return out
+
+    def _print_exp(self, e):
+        return f"torch.exp({self._print(e.args[0])})"
+
+    def _print_log(self, e):
+        return f"torch.log({self._print(e.args[0])})"
+
+    def _print_Abs(self, e):
+        return f"torch.abs({self._print(e.args[0])})"
+
+    def _print_sign(self, e):
+        return f"torch.sign({self._print(e.args[0])})"
+
+    def _print_tanh(self, e):
+        return f"torch.tanh({self._print(e.args[0])})"
+
+    def _print_atan2(self, e):
+        return f"torch.atan2({self._print(e.args[0])}, {self._print(e.args[1])})"
+
+    def _print_log1p(self, e):
+        return f"torch.log1p({self._print(e.args[0])})"

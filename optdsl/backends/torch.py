@@ -1,0 +1,161 @@
+"""The PyTorch backend: a torch.optim.Optimizer subclass per spec, rendered from a Jinja template."""
+from __future__ import annotations
+
+import functools
+import keyword
+
+import jinja2
+import sympy as sp
+
+from .. import ir
+from ..sym import DEVICE, GROUP, PARAM, TENSOR, Plan, meanings
+from .printers import HostPrinter
+from .tensor_ops import Emitter, Instr, Operand
+
+# Names the generated functions use for their own variables.
+INTERNAL_NAMES = {"param", "params", "grads", "state_steps", "step_t", "i", "t", "p", "g", "loss",
+                  "device_params", "device_grads", "device_steps", "grouped", "torch", "math", "Optimizer"}
+
+
+@functools.cache
+def environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.PackageLoader("optdsl", "templates"),
+                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                              trim_blocks=True, lstrip_blocks=True)
+
+
+# ---- one instruction, printed per tensor and multi-tensor ----
+def _kwarg(instr: Instr, foreach: bool, single_value: str | None) -> str:
+    if instr.value is None:
+        return ""
+    key = "alpha" if instr.op == "add" else "value"
+    if foreach and instr.op in ("addcmul", "addcdiv"):
+        return f", {instr.value.code}"
+    return f", {key}={single_value if single_value is not None else instr.value.code}"
+
+
+def single(instr: Instr) -> str:
+    a = [x.code for x in instr.args]
+    if instr.op == "select":
+        return f"{instr.out} = {a[1]} if {a[0]} else {a[2]}"
+    if instr.op == "copy":
+        return f"{a[0]}.copy_({a[1]})"
+    if instr.op in ("call", "reduce", "scalar"):
+        if instr.op == "scalar":
+            return f"{instr.out} = {instr.template}"
+        return f"{instr.out} = {instr.template.format(*a)}"
+    rest = ", ".join(a[1:]) + _kwarg(instr, False, None)
+    if instr.inplace:
+        return f"{a[0]}.{instr.op}_({rest})"
+    return f"{instr.out} = torch.{instr.op}({a[0]}{', ' if rest else ''}{rest})"
+
+
+def multi(instr: Instr) -> str:
+    a = [x.code for x in instr.args]
+    if instr.op == "select":
+        if instr.args[0].level == GROUP:
+            return f"{instr.out} = {a[1]} if {a[0]} else {a[2]}"
+        return f"{instr.out} = [x if c else y for c, x, y in zip({a[0]}, {a[1]}, {a[2]})]"
+    if instr.op == "copy":
+        return f"torch._foreach_copy_({a[0]}, {a[1]})"
+    if instr.op == "reduce" and instr.template.startswith("torch.linalg.vector_norm"):
+        return f"{instr.out} = torch._foreach_norm({a[0]})"
+    if instr.op in ("call", "reduce", "scalar"):
+        lists = [x for x in instr.args if x.level in (PARAM, DEVICE, TENSOR)]
+        names = {x.code: f"{x.code}_" for x in lists}
+        if instr.op == "scalar":
+            body = instr.template
+            for name, element in names.items():
+                body = _rename_word(body, name, element)
+        else:
+            body = instr.template.format(*(names.get(x.code, x.code) for x in instr.args))
+        unique = list(dict.fromkeys(x.code for x in lists))
+        if not unique:
+            return f"{instr.out} = [{body}] * len(p)"
+        if len(unique) == 1:
+            return f"{instr.out} = [{body} for {unique[0]}_ in {unique[0]}]"
+        return (f"{instr.out} = [{body} for {', '.join(n + '_' for n in unique)} "
+                f"in zip({', '.join(unique)})]")
+    rest = ", ".join(a[1:]) + _kwarg(instr, True, None)
+    sep = ", " if rest else ""
+    if instr.inplace:
+        return f"torch._foreach_{instr.op}_({a[0]}{sep}{rest})"
+    return f"{instr.out} = torch._foreach_{instr.op}({a[0]}{sep}{rest})"
+
+
+def _rename_word(text: str, name: str, new: str) -> str:
+    import re
+    return re.sub(rf"\b{re.escape(name)}\b", new, text)
+
+
+# ---- the module ----
+def _latex_rule(prog: ir.Program) -> list[str]:
+    """Each statement as LaTeX, names without SSA versions (the docstring's math)."""
+    env = {n: sp.Symbol(n) for n in [h.name for h in prog.hypers] + ["t", "loss"]}
+    for ssa in prog.inputs:
+        env[ssa] = sp.Symbol(ssa[:-1].rstrip("_") if ssa.endswith("0") else ssa)
+    from ..sym import to_sympy
+    lines = []
+    for eq in prog.eqns:
+        env_view = dict(env)
+        value = to_sympy(eq.expr, env_view)
+        lines.append(f"{sp.latex(sp.Symbol(eq.target))} &\\leftarrow {sp.latex(value)}")
+        env[eq.out] = sp.Symbol(eq.target)
+    return lines
+
+
+def _functional_name(name: str) -> str:
+    low = name.lower()
+    return low + "_" if keyword.iskeyword(low) else low
+
+
+def render(plan: Plan, source: str, filename: str) -> str:
+    prog = plan.program
+    names = {str(s) for s in plan.inputs} | {h.name for h in prog.hypers} | INTERNAL_NAMES
+    names |= {str(d.symbol) for d in plan.group + plan.param + plan.steps}
+    instrs = Emitter(plan, names).run()
+    host = HostPrinter()
+    t_elem = {"t": "t_", **{str(d.symbol): f"{d.symbol}_" for d in plan.param}}
+    param_multi = []
+    for d in plan.param:
+        deps = sorted({str(s) for s in d.expr.free_symbols if str(s) in t_elem}, key=str)
+        body = HostPrinter(t_elem).doprint(d.expr)
+        it = deps[0] if len(deps) == 1 else f"zip({', '.join(deps)})"
+        param_multi.append((str(d.symbol), f"[{body} for {', '.join(t_elem[x] for x in deps)} in {it}]"))
+    states = [s.name for s in prog.states]
+    source_lines = source.splitlines()
+    statements = [" ".join(source_lines[eq.span.line - 1].split("#")[0].split())
+                  for eq in prog.eqns if eq.span]
+    ctx = dict(
+        name=prog.name, func=_functional_name(prog.name), doc=prog.doc, filename=filename,
+        hypers=prog.hypers, states=states, uses_loss=prog.uses_loss,
+        state_inits=[(s.name, _init_code(s, prog)) for s in prog.states],
+        group_defs=[(str(d.symbol), host.doprint(d.expr)) for d in plan.group],
+        param_single=[(str(d.symbol), host.doprint(d.expr)) for d in plan.param],
+        param_multi=param_multi,
+        single_body=[single(i) for i in instrs], multi_body=[multi(i) for i in instrs],
+        statements=list(dict.fromkeys(statements)), latex=_latex_rule(prog),
+        spec=source.strip("\n"), number=_py_number,
+    )
+    return environment().get_template("torch_optimizer.py.j2").render(**ctx)
+
+
+def _py_number(x: float) -> str:
+    if x == float("inf"):
+        return 'float("inf")'
+    if x == float("-inf"):
+        return '-float("inf")'
+    return repr(float(x))
+
+
+def _init_code(state: ir.State, prog: ir.Program) -> str | None:
+    """PyTorch code for a state's initial value from p and the group's hyperparameters."""
+    if state.init is None:
+        return None
+    from ..backends.printers import DevicePrinter
+    from ..sym import to_sympy
+    env = {h.name: sp.Symbol(f'group["{h.name}"]') for h in prog.hypers}
+    env["p0"] = sp.Symbol("p")
+    value = to_sympy(state.init, env)
+    printer = DevicePrinter() if sp.Symbol("p") in value.free_symbols else HostPrinter()
+    return printer.doprint(value)

@@ -1,0 +1,151 @@
+"""The one table of functions: spec name → arity → SymPy meaning → PyTorch code.
+
+Adding a function is adding a row. `sympy` builds the meaning from SymPy
+arguments; `tensor` is the PyTorch expression on tensors; `host` the Python
+expression on floats (scalars hoisted to the host); `foreach` names the
+`torch._foreach_*` op when there is one (else the multi-tensor path loops).
+Reductions take a tensor and give one scalar per parameter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import sympy as sp
+from sympy.codegen.cfunctions import log1p
+
+
+class _Opaque(sp.Function):
+    """A function SymPy keeps as written; its meaning lives in `rewrite_meaning`."""
+
+    is_real = True
+
+
+class lerp(_Opaque):
+    nargs = 3
+
+    def rewrite_meaning(self):
+        a, b, w = self.args
+        return a + w * (b - a)
+
+
+class where(_Opaque):
+    nargs = 3
+
+    @classmethod
+    def eval(cls, cond, a, b):
+        if cond.is_Number:  # a constant condition picks its branch
+            return a if cond != 0 else b
+        if a == b:
+            return a
+
+
+class sigmoid(_Opaque):
+    nargs = 1
+
+    def rewrite_meaning(self):
+        return 1 / (1 + sp.exp(-self.args[0]))
+
+
+class softplus(_Opaque):
+    nargs = 1
+
+    def rewrite_meaning(self):
+        return sp.log(1 + sp.exp(self.args[0]))
+
+
+def _indicator(name: str, test: Callable[[sp.Expr, sp.Expr], object]):
+    """A comparison as a number: 1.0 where it holds, 0.0 where not."""
+
+    def eval(cls, a, b):
+        if a.is_Number and b.is_Number:
+            return sp.Integer(1) if test(a, b) else sp.Integer(0)
+
+    return type(name, (_Opaque,), {"nargs": 2, "eval": classmethod(eval)})
+
+
+lt = _indicator("lt", lambda a, b: a < b)
+le = _indicator("le", lambda a, b: a <= b)
+gt = _indicator("gt", lambda a, b: a > b)
+ge = _indicator("ge", lambda a, b: a >= b)
+eq = _indicator("eq", lambda a, b: a == b)
+ne = _indicator("ne", lambda a, b: a != b)
+
+
+class _Reduction(_Opaque):
+    """A whole-tensor reduction: one scalar per parameter."""
+
+    nargs = 1
+
+
+class norm(_Reduction):
+    is_nonnegative = True
+
+
+class sum(_Reduction):  # noqa: A001 - the spec's name
+    pass
+
+
+class mean(_Reduction):
+    pass
+
+
+class rms(_Reduction):
+    is_nonnegative = True
+
+
+class amax(_Reduction):
+    pass
+
+
+@dataclass(frozen=True)
+class Function:
+    name: str
+    arity: int
+    sympy: Callable[..., sp.Expr]
+    tensor: str           # PyTorch on tensors, {0}, {1}, ... are the arguments
+    host: str             # Python on floats (hoisted scalars)
+    foreach: str | None = None  # torch._foreach_<name>, elementwise unary only
+    reduction: bool = False
+
+
+F = Function
+TABLE: dict[str, Function] = {f.name: f for f in [
+    # ---- element-wise ----
+    F("sqrt", 1, sp.sqrt, "torch.sqrt({0})", "math.sqrt({0})", "sqrt"),
+    F("rsqrt", 1, lambda x: 1 / sp.sqrt(x), "torch.rsqrt({0})", "1 / math.sqrt({0})", "rsqrt"),
+    F("abs", 1, sp.Abs, "torch.abs({0})", "abs({0})", "abs"),
+    F("sign", 1, sp.sign, "torch.sign({0})", "_sign({0})", "sign"),
+    F("exp", 1, sp.exp, "torch.exp({0})", "math.exp({0})", "exp"),
+    F("log", 1, sp.log, "torch.log({0})", "math.log({0})", "log"),
+    F("log1p", 1, log1p, "torch.log1p({0})", "math.log1p({0})", "log1p"),
+    F("tanh", 1, sp.tanh, "torch.tanh({0})", "math.tanh({0})", "tanh"),
+    F("sigmoid", 1, sigmoid, "torch.sigmoid({0})", "_sigmoid({0})", "sigmoid"),
+    F("softplus", 1, softplus, "torch.nn.functional.softplus({0})", "_softplus({0})"),
+    F("square", 1, lambda x: x**2, "torch.square({0})", "({0}) ** 2"),
+    F("atan2", 2, sp.atan2, "torch.atan2({0}, {1})", "math.atan2({0}, {1})"),
+    F("lerp", 3, lerp, "torch.lerp({0}, {1}, {2})", "{0} + {2} * ({1} - {0})"),
+    F("min", 2, sp.Min, "torch.minimum({0}, {1})", "min({0}, {1})"),
+    F("max", 2, sp.Max, "torch.maximum({0}, {1})", "max({0}, {1})"),
+    F("clamp", 3, lambda x, lo, hi: sp.Min(sp.Max(x, lo), hi), "torch.clamp({0}, {1}, {2})",
+      "min(max({0}, {1}), {2})"),
+    F("where", 3, where, "torch.where({0} != 0, {1}, {2})", "({1} if {0} else {2})"),
+    # ---- reductions: one scalar per parameter ----
+    F("norm", 1, norm, "torch.linalg.vector_norm({0})", "abs({0})", reduction=True),
+    F("sum", 1, sum, "torch.sum({0})", "{0}", reduction=True),
+    F("mean", 1, mean, "torch.mean({0})", "{0}", reduction=True),
+    F("rms", 1, rms, "torch.sqrt(torch.mean(torch.square({0})))", "abs({0})", reduction=True),
+    F("amax", 1, amax, "torch.amax({0})", "{0}", reduction=True),
+]}
+
+# Comparisons are operators in the spec, functions here: `a < b` means lt(a, b).
+COMPARISONS: dict[str, Function] = {op: F(name, 2, cls, f"({{0}} {op} {{1}})", f"float({{0}} {op} {{1}})")
+                                    for op, name, cls in [("<", "lt", lt), ("<=", "le", le), (">", "gt", gt),
+                                                          (">=", "ge", ge), ("==", "eq", eq), ("!=", "ne", ne)]}
+OPAQUE_CLASSES = (lerp, where, sigmoid, softplus, lt, le, gt, ge, eq, ne)
+REDUCTIONS = {f.sympy: f for f in TABLE.values() if f.reduction}
+
+
+def meaning(expr: sp.Expr) -> sp.Expr:
+    """Rewrite the opaque functions (lerp, sigmoid, ...) into plain SymPy arithmetic."""
+    return expr.replace(lambda e: hasattr(e, "rewrite_meaning"), lambda e: e.rewrite_meaning())

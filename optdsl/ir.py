@@ -1,0 +1,148 @@
+"""The IR: a spec as a small SSA program of immutable records, and its printout.
+
+Every value is named once: inputs are `p0`, `g0` and one `<state>0` per state;
+each assignment makes the next version (`m1 = lerp(m0, g0, 1 - b1)`).
+Hyperparameters, `t` and `loss` are read-only names. `outputs` maps each
+updated value (p and the states) to its last version.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import Span
+
+BUILTINS = ("p", "g", "t", "loss")
+TENSOR, SCALAR = "tensor", "scalar"
+
+
+# ---- expressions ----
+@dataclass(frozen=True)
+class Const:
+    value: float
+    span: Span | None = None
+
+
+@dataclass(frozen=True)
+class Ref:
+    name: str  # an SSA name (p0, m1, u1), a hyperparameter, `t` or `loss`
+    span: Span | None = None
+
+
+@dataclass(frozen=True)
+class Op:
+    op: str  # + - * / ^ neg, a function of optdsl.functions.TABLE, or lt le gt ge eq ne
+    args: tuple[Expr, ...]
+    span: Span | None = None
+
+
+Expr = Const | Ref | Op
+
+
+# ---- program ----
+@dataclass(frozen=True)
+class Hyper:
+    name: str
+    default: float
+    lo: float = float("-inf")
+    hi: float = float("inf")
+    lo_closed: bool = False
+    hi_closed: bool = False
+    span: Span | None = None
+
+    @property
+    def range_text(self) -> str:
+        return (f"{'[' if self.lo_closed else '('}{_num(self.lo)}, "
+                f"{_num(self.hi)}{']' if self.hi_closed else ')'}")
+
+
+@dataclass(frozen=True)
+class State:
+    name: str
+    init: Expr | None  # over p0, hyperparameters and numbers; None is zero
+    span: Span | None = None
+
+
+@dataclass(frozen=True)
+class Eqn:
+    out: str      # SSA name this equation defines
+    target: str   # the spec's name it is a version of
+    kind: str     # TENSOR or SCALAR
+    expr: Expr
+    span: Span | None = None
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str
+    doc: str
+    hypers: tuple[Hyper, ...]
+    states: tuple[State, ...]
+    eqns: tuple[Eqn, ...]
+    outputs: tuple[tuple[str, str], ...]  # (p or state, last SSA version)
+    uses_loss: bool
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return ("p0", "g0") + tuple(ssa_name(s.name, 0) for s in self.states)
+
+    def __str__(self) -> str:
+        return format_program(self)
+
+
+def ssa_name(base: str, version: int) -> str:
+    sep = "_" if base[-1].isdigit() or base.endswith("_") else ""
+    return f"{base}{sep}{version}"
+
+
+# ---- printing ----
+_INFIX = {"+": 1, "-": 1, "*": 2, "/": 2, "^": 4}
+_CMP = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
+
+
+def _num(x: float) -> str:
+    if abs(x) == float("inf"):
+        return "inf" if x > 0 else "-inf"
+    return str(int(x)) if x == int(x) and abs(x) < 1e15 else repr(x)
+
+
+def format_expr(e: Expr, prec: int = 0, names: dict[str, str] | None = None) -> str:
+    """The expression in spec syntax, with only the parentheses it needs; `names` renames refs."""
+    if isinstance(e, Const):
+        text = _num(e.value)
+        return f"({text})" if e.value < 0 and prec > 0 else text
+    if isinstance(e, Ref):
+        return names.get(e.name, e.name) if names else e.name
+    sub = lambda x, p=0: format_expr(x, p, names)  # noqa: E731
+    if e.op in _INFIX:
+        p = _INFIX[e.op]
+        right_assoc = e.op == "^"
+        left = sub(e.args[0], p + (1 if right_assoc else 0))
+        right = sub(e.args[1], p if right_assoc else p + 1)
+        text = f"{left}^{right}" if e.op == "^" else f"{left} {e.op} {right}"
+        return f"({text})" if p < prec else text
+    if e.op == "neg":
+        text = "-" + sub(e.args[0], 3)
+        return f"({text})" if prec > 3 else text
+    if e.op in _CMP:
+        text = f"{sub(e.args[0], 1)} {_CMP[e.op]} {sub(e.args[1], 1)}"
+        return f"({text})" if prec > 0 else text
+    return f"{e.op}({', '.join(sub(a) for a in e.args)})"
+
+
+def source_names(prog: Program) -> dict[str, str]:
+    """SSA name → the spec's name it is a version of (for messages)."""
+    names = {ssa_name(b, 0): b for b in ("p", "g")} | {ssa_name(s.name, 0): s.name for s in prog.states}
+    return names | {eq.out: eq.target for eq in prog.eqns}
+
+
+def format_program(prog: Program) -> str:
+    lines = [f"optimizer {prog.name}"]
+    for h in prog.hypers:
+        lines.append(f"  hyper {h.name} = {_num(h.default)} in {h.range_text}")
+    for s in prog.states:
+        lines.append(f"  state {s.name} = {format_expr(s.init) if s.init else '0'}")
+    lines.append("  in " + ", ".join(prog.inputs + ("t",) + (("loss",) if prog.uses_loss else ())))
+    for eq in prog.eqns:
+        lines.append(f"  {eq.out} = {format_expr(eq.expr)}" + ("    # scalar" if eq.kind == SCALAR else ""))
+    lines.append("  out " + ", ".join(f"{base} = {ssa}" for base, ssa in prog.outputs))
+    return "\n".join(lines)

@@ -1,0 +1,225 @@
+"""AST → IR: resolve names, check declarations, rename every assignment into SSA form."""
+from __future__ import annotations
+
+import difflib
+import keyword
+
+from . import ast, ir
+from .errors import Span, SpecError, SpecWarning
+from .functions import COMPARISONS, TABLE
+
+# Names the generated class uses itself; a hyperparameter may not take them.
+RESERVED = {"params", "defaults", "foreach", "closure", "self", "state", "group", "math", "torch",
+            "inf", "in", "hyper", "optimizer"}
+_BINARY = {"+": "+", "-": "-", "*": "*", "/": "/", "^": "^"}
+
+
+def _did_you_mean(name: str, candidates) -> str:
+    close = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else ""
+
+
+def _check_declarations(spec: ast.Spec) -> None:
+    if keyword.iskeyword(spec.name) or not spec.name.isidentifier():
+        raise SpecError(f"'{spec.name}' cannot be a class name", spec.name_span,
+                        hint="name the optimizer with a word that is not a Python keyword, e.g. MyAdam")
+    seen: dict[str, str] = {}
+    for kind, decl in [("hyper", h) for h in spec.hypers] + [("state", s) for s in spec.states]:
+        name = decl.name
+        if name in ir.BUILTINS:
+            raise SpecError(f"'{name}' is a built-in name and cannot be declared", decl.span,
+                            hint="p, g, t and loss are provided by optdsl; choose another name")
+        if name in TABLE:
+            raise SpecError(f"'{name}' is a function and cannot be declared as a {kind}", decl.span,
+                            hint=f"rename the {kind}, e.g. '{name}_'")
+        if keyword.iskeyword(name) or name in RESERVED:
+            raise SpecError(f"'{name}' is reserved and cannot be a {kind} name", decl.span,
+                            hint=f"rename it, e.g. '{name}_'")
+        if name in seen:
+            raise SpecError(f"'{name}' is declared twice (already a {seen[name]})", decl.span,
+                            hint="remove one of the declarations or rename it")
+        seen[name] = kind
+    for h in spec.hypers:
+        r = h.range
+        if r is None:
+            continue
+        if r.lo > r.hi or (r.lo == r.hi and not (r.lo_closed and r.hi_closed)):
+            raise SpecError(f"the range {r} of '{h.name}' is empty", r.span,
+                            hint="write the lower bound first; a one-point range needs [a, a]")
+        if not r.contains(h.default):
+            raise SpecError(f"the default {h.default!r} of '{h.name}' is outside its range {r}", h.span,
+                            hint="change the default or widen the range")
+
+
+class _Lowering:
+    def __init__(self, spec: ast.Spec):
+        self.spec = spec
+        self.hypers = {h.name for h in spec.hypers}
+        self.states = {s.name for s in spec.states}
+        self.version: dict[str, int] = {"p": 0, "g": 0, **{s: 0 for s in self.states}}
+        self.kind: dict[str, str] = {}  # SSA name -> TENSOR/SCALAR
+        self.eqns: list[ir.Eqn] = []
+        self.read: set[str] = set()     # spec names read by some statement
+        self.uses_loss = False
+        self.assigned_later = {a.target for a in spec.body}
+        self.warnings: list[SpecWarning] = []
+        for base in self.version:
+            self.kind[ir.ssa_name(base, 0)] = ir.TENSOR
+
+    # ---- expressions ----
+    def visible(self) -> set[str]:
+        return set(self.version) | self.hypers | {"t", "loss"}
+
+    def expr(self, e: ast.Expr, allowed: set[str] | None = None) -> ir.Expr:
+        if isinstance(e, ast.Num):
+            return ir.Const(e.value, e.span)
+        if isinstance(e, ast.Name):
+            return self.name(e, allowed)
+        if isinstance(e, ast.Neg):
+            return ir.Op("neg", (self.expr(e.operand, allowed),), e.span)
+        if isinstance(e, ast.BinOp):
+            args = (self.expr(e.left, allowed), self.expr(e.right, allowed))
+            op = _BINARY.get(e.op) or COMPARISONS[e.op].name
+            return ir.Op(op, args, e.span)
+        return self.call(e, allowed)
+
+    def name(self, e: ast.Name, allowed: set[str] | None) -> ir.Expr:
+        n = e.id
+        if allowed is not None and n not in allowed:
+            if n in self.visible() or n in self.assigned_later:
+                raise SpecError(f"a state's initial value cannot use '{n}'", e.span,
+                                hint="a state starts from p, hyperparameters and numbers only "
+                                     "(it is set before the first gradient is seen)")
+        if n in TABLE:
+            raise SpecError(f"'{n}' is a function; call it as {n}(...)", e.span,
+                            hint=f"write {n}(x)")
+        if n in self.hypers:
+            self.read.add(n)
+            return ir.Ref(n, e.span)
+        if n in ("t", "loss"):
+            self.uses_loss |= n == "loss"
+            return ir.Ref(n, e.span)
+        if n in self.version:
+            self.read.add(n)
+            return ir.Ref(ir.ssa_name(n, self.version[n]), e.span)
+        if n in self.assigned_later:
+            raise SpecError(f"local '{n}' is read before it is assigned", e.span,
+                            hint=f"assign '{n}' on an earlier line, or declare 'state {n}' "
+                                 "to keep its value across steps")
+        hint = _did_you_mean(n, self.visible() | self.assigned_later)
+        raise SpecError(f"unknown name '{n}'", e.span,
+                        hint=hint or "declare it with 'hyper' or 'state', or assign it before use")
+
+    def call(self, e: ast.Call, allowed: set[str] | None) -> ir.Expr:
+        fn = TABLE.get(e.func)
+        if fn is None:
+            hint = _did_you_mean(e.func, TABLE)
+            raise SpecError(f"unknown function '{e.func}'", e.func_span,
+                            hint=hint or "the functions are listed in docs/language.md")
+        if len(e.args) != fn.arity:
+            plural = "s" if fn.arity != 1 else ""
+            raise SpecError(f"{e.func}() takes {fn.arity} argument{plural}, got {len(e.args)}", e.span,
+                            hint=f"call it as {e.func}({', '.join('xyz'[:fn.arity]) if fn.arity <= 3 else '...'})")
+        return ir.Op(e.func, tuple(self.expr(a, allowed) for a in e.args), e.span)
+
+    def kind_of(self, e: ir.Expr) -> str:
+        if isinstance(e, ir.Const):
+            return ir.SCALAR
+        if isinstance(e, ir.Ref):
+            return self.kind.get(e.name, ir.SCALAR)
+        if e.op in TABLE and TABLE[e.op].reduction:
+            return ir.SCALAR
+        return ir.TENSOR if any(self.kind_of(a) == ir.TENSOR for a in e.args) else ir.SCALAR
+
+    # ---- statements ----
+    def assign(self, a: ast.Assign) -> None:
+        n = a.target
+        if n in self.hypers:
+            raise SpecError(f"cannot assign the hyperparameter '{n}'", a.target_span,
+                            hint="hyperparameters are read-only; assign a local instead, e.g. "
+                                 f"'{n}_eff = ...'")
+        if n in ("t", "loss"):
+            raise SpecError(f"cannot assign the built-in '{n}'", a.target_span,
+                            hint=f"'{n}' is read-only; assign a local with another name")
+        if n in TABLE:
+            raise SpecError(f"cannot assign '{n}': it is a function", a.target_span,
+                            hint=f"choose another name, e.g. '{n}_'")
+        if keyword.iskeyword(n) or n in RESERVED:
+            raise SpecError(f"'{n}' is reserved and cannot be assigned", a.target_span,
+                            hint=f"choose another name, e.g. '{n}_'")
+        value = self.expr(a.value)
+        if a.op != "=":
+            if n not in self.version:
+                raise SpecError(f"'{n}' is updated with '{a.op}' before it is assigned", a.target_span,
+                                hint=f"assign '{n} = ...' first, or declare 'state {n}'")
+            old = ir.Ref(ir.ssa_name(n, self.version[n]), a.target_span)
+            self.read.add(n)
+            value = ir.Op(a.op[0], (old, value), a.span)
+        version = self.version.get(n, 0) + 1
+        self.version[n] = version
+        out = ir.ssa_name(n, version)
+        kind = self.kind_of(value)
+        self.kind[out] = kind
+        self.eqns.append(ir.Eqn(out, n, kind, value, a.span))
+
+    def run(self) -> ir.Program:
+        spec = self.spec
+        states = []
+        init_names = {"p"} | self.hypers
+        for s in spec.states:
+            init = self.expr(s.init, allowed=init_names) if s.init is not None else None
+            states.append(ir.State(s.name, init, s.span))
+        self.read -= self.states  # reading p in an initial value does not use a state
+        for a in spec.body:
+            self.assign(a)
+        if self.version["p"] == 0:
+            raise SpecError(f"'{spec.name}' never assigns p, so it would never update a parameter",
+                            spec.name_span, hint="add an update such as 'p -= lr * g'")
+        assigned = {e.target for e in self.eqns}
+        for s in spec.states:
+            if s.name not in self.read and s.name not in assigned:
+                raise SpecError(f"state '{s.name}' is declared but never used", s.span,
+                                hint=f"use '{s.name}' in the update or remove it from the 'state' line")
+            if s.name not in self.read:
+                self.warnings.append(SpecWarning(
+                    f"state '{s.name}' is written but never read: it cannot change the update", s.span,
+                    hint="read it in an update, or drop it to save memory"))
+        for h in spec.hypers:
+            if h.name not in self.read:
+                self.warnings.append(SpecWarning(f"hyperparameter '{h.name}' is never used", h.span,
+                                                 hint="use it or remove it"))
+        last_reads = self._local_reads()
+        for eq in self.eqns:
+            if eq.target not in self.version or eq.target in ("p", "g") or eq.target in self.states:
+                continue
+            if eq.out not in last_reads:
+                self.warnings.append(SpecWarning(f"'{eq.target}' is assigned here but this value is never read",
+                                                 eq.span, hint="remove the assignment or use the value"))
+        outputs = (("p", ir.ssa_name("p", self.version["p"])),) + tuple(
+            (s.name, ir.ssa_name(s.name, self.version[s.name])) for s in spec.states)
+        hypers = tuple(ir.Hyper(h.name, h.default,
+                                *((h.range.lo, h.range.hi, h.range.lo_closed, h.range.hi_closed)
+                                  if h.range else (float("-inf"), float("inf"), False, False)), span=h.span)
+                       for h in spec.hypers)
+        return ir.Program(spec.name, spec.doc, hypers, tuple(states), tuple(self.eqns), outputs,
+                          self.uses_loss)
+
+    def _local_reads(self) -> set[str]:
+        reads: set[str] = set()
+
+        def walk(e: ir.Expr) -> None:
+            if isinstance(e, ir.Ref):
+                reads.add(e.name)
+            elif isinstance(e, ir.Op):
+                for x in e.args:
+                    walk(x)
+        for eq in self.eqns:
+            walk(eq.expr)
+        return reads
+
+
+def lower(spec: ast.Spec) -> tuple[ir.Program, list[SpecWarning]]:
+    """Resolve names and build the SSA program; raises SpecError on the first problem."""
+    _check_declarations(spec)
+    lowering = _Lowering(spec)
+    return lowering.run(), lowering.warnings

@@ -1,0 +1,233 @@
+"""Text → AST: the Lark grammar, friendly syntax errors, and the tree → dataclass transform."""
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from pathlib import Path
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+
+from . import ast
+from .errors import Span, SpecError
+
+
+def grammar_text() -> str:
+    """The grammar ships inside the wheel (optdsl/grammars) and lives in grammars/ in the repo."""
+    shipped = resources.files("optdsl").joinpath("grammars").joinpath("optdsl.lark")
+    if shipped.is_file():
+        return shipped.read_text(encoding="utf-8")
+    return (Path(__file__).resolve().parent.parent / "grammars" / "optdsl.lark").read_text(encoding="utf-8")
+
+
+class _ContinueInBrackets:
+    """Drop newlines inside ( ) and range brackets, so an expression may span lines."""
+
+    always_accept = ("_NL",)
+    _open, _close = {"LPAR", "LSQB"}, {"RPAR", "RSQB"}
+
+    def process(self, stream):
+        depth = 0
+        for tok in stream:
+            if tok.type in self._open:
+                depth += 1
+            elif tok.type in self._close:
+                depth = max(0, depth - 1)
+            elif tok.type == "_NL" and depth:
+                continue
+            yield tok
+
+
+@functools.cache
+def parser() -> Lark:
+    return Lark(grammar_text(), parser="lalr", propagate_positions=True, strict=True,
+                postlex=_ContinueInBrackets(), maybe_placeholders=True)
+
+
+def _span(node) -> Span:
+    return Span(node.line, node.column, node.end_line, node.end_column)
+
+
+def _number(tok: Token) -> float:
+    return float(tok)
+
+
+@v_args(meta=True)
+class _ToAst(Transformer):
+    # ---- expressions ----
+    def number(self, meta, children):
+        return ast.Num(_number(children[0]), _span(meta))
+
+    def negative(self, meta, children):
+        return ast.Num(-children[0].value, _span(meta))
+
+    def name(self, meta, children):
+        return ast.Name(str(children[0]), _span(meta))
+
+    def call(self, meta, children):
+        func, *args = children
+        args = tuple(a for a in args if a is not None)
+        return ast.Call(str(func), args, _span(meta), _span(func))
+
+    def _binary(op):
+        def build(self, meta, children):
+            return ast.BinOp(op, children[0], children[1], _span(meta))
+        return build
+
+    add, sub, mul, div = _binary("+"), _binary("-"), _binary("*"), _binary("/")
+
+    def pow(self, meta, children):
+        return ast.BinOp("^", children[0], children[2], _span(meta))
+
+    def compare(self, meta, children):
+        return ast.BinOp(str(children[1]), children[0], children[2], _span(meta))
+
+    def neg(self, meta, children):
+        return ast.Neg(children[0], _span(meta))
+
+    # ---- declarations ----
+    def header(self, meta, children):
+        name, doc = children
+        return ("header", str(name), str(doc)[1:-1] if doc is not None else "", _span(name))
+
+    def range(self, meta, children):
+        open_, lo, hi, close = children
+        return ast.Range(lo.value, hi.value, open_.type == "LSQB", close.type == "RSQB", _span(meta))
+
+    def hyper_item(self, meta, children):
+        name, default, range_ = children
+        return ast.Hyper(str(name), default.value, range_, _span(name))
+
+    def hyper_decl(self, meta, children):
+        return ("hyper", children)
+
+    def state_item(self, meta, children):
+        name, init = children
+        return ast.State(str(name), init, _span(name))
+
+    def state_decl(self, meta, children):
+        return ("state", children)
+
+    def assign(self, meta, children):
+        name, value = children
+        return ast.Assign(str(name), "=", value, _span(meta), _span(name))
+
+    def aug_assign(self, meta, children):
+        name, op, value = children
+        return ast.Assign(str(name), str(op), value, _span(meta), _span(name))
+
+    def start(self, meta, children):
+        (_, name, doc, name_span), *items = children
+        hypers, states, body = [], [], []
+        for item in items:
+            if isinstance(item, ast.Assign):
+                body.append(item)
+                continue
+            kind, decls = item
+            if body:
+                raise SpecError(f"'{kind}' declaration after the first statement", decls[0].span,
+                                hint="move every 'hyper' and 'state' line above the first statement")
+            (hypers if kind == "hyper" else states).extend(decls)
+        return ast.Spec(name, doc, tuple(hypers), tuple(states), tuple(body), name_span)
+
+
+# Labelled bad inputs: Lark matches a failing parse against these to pick the message.
+# Each label is "message | what to do".
+_EXAMPLES = {
+    "a spec starts with 'optimizer NAME' | put 'optimizer MyName' on the first line that is not blank or a comment": [
+        "hyper lr = 1", "p -= g", "state m",
+    ],
+    "expected an expression after the operator | finish the expression, or continue it inside parentheses to span lines": [
+        "optimizer X\np -= g *\n", "optimizer X\np -= g +\n", "optimizer X\np -= \n",
+        "optimizer X\np -= g ^\n", "optimizer X\np -= g / ;",
+    ],
+    "comparisons do not chain | write 'a < b < c' as two comparisons, e.g. (a < b) * (b < c)": [
+        "optimizer X\nx = a < b < c\n", "optimizer X\nx = a == b != c\n",
+    ],
+    "unclosed parenthesis | add the missing ')'": [
+        "optimizer X\np -= (g", "optimizer X\np -= sqrt(g", "optimizer X\np -= f(g, (a)",
+    ],
+    "a hyperparameter needs a default value | write it as 'hyper NAME = NUMBER [in RANGE]'": [
+        "optimizer X\nhyper lr\n", "optimizer X\nhyper lr, b\n", "optimizer X\nhyper lr =\n",
+    ],
+    "a hyperparameter default must be a number | defaults are literal numbers such as 1e-3, .5 or inf": [
+        "optimizer X\nhyper lr = a\n", "optimizer X\nhyper lr = 1 + 2\n", "optimizer X\nhyper lr = (1)\n",
+    ],
+    "malformed range | write a range as [lo, hi], [lo, hi), (lo, hi] or (lo, hi) with number bounds (inf allowed)": [
+        "optimizer X\nhyper lr = 1 in [0]\n", "optimizer X\nhyper lr = 1 in [0 1]\n",
+        "optimizer X\nhyper lr = 1 in 0, 1\n", "optimizer X\nhyper lr = 1 in [a, 1]\n",
+        "optimizer X\nhyper lr = 1 in [0, 1\n",
+    ],
+    "malformed statement | a statement is NAME = EXPR, or NAME += EXPR (also -=, *=, /=)": [
+        "optimizer X\np g\n", "optimizer X\np\n", "optimizer X\n3 = p\n", "optimizer X\np - = g\n",
+        "optimizer X\n(p) = g\n",
+    ],
+    "two statements run together | end each statement with a newline or ';'": [
+        "optimizer X\np -= g m = g\n", "optimizer X\np -= g state m\n", "optimizer X\nhyper a = 1 b = 2\n",
+    ],
+    "a string is allowed only after 'optimizer NAME' | strings are docstrings; remove the quotes": [
+        'optimizer X\np -= "g"\n', 'optimizer X\nhyper a = "1"\n',
+    ],
+}
+
+
+def _syntax_error(err: UnexpectedInput, text: str) -> SpecError:
+    label = None
+    try:
+        label = err.match_examples(parser().parse, _EXAMPLES, use_accepts=True)
+    except Exception:  # matching is best effort: never hide the real error behind it
+        label = None
+    label, _, label_hint = (label or "").partition(" | ")
+    if isinstance(err, UnexpectedCharacters) and not text[err.pos_in_stream:err.pos_in_stream + 1] == '"':
+        got = repr(text[err.pos_in_stream]) if err.pos_in_stream < len(text) else "end of file"
+        label, label_hint = "", ""
+        message = f"unexpected character {got}"
+    elif isinstance(err, UnexpectedEOF) or (isinstance(err, UnexpectedToken) and err.token.type == "$END"):
+        message = label or "the spec ended in the middle of a statement"
+    else:
+        tok = err.token
+        shown = "end of line" if tok.type == "_NL" else repr(str(tok))
+        message = label or f"unexpected {shown}"
+    expected = sorted(getattr(err, "expected", None) or getattr(err, "allowed", None) or [])
+    hint = label_hint or "check the line against docs/language.md"
+    if expected and not label:
+        hint = "expected one of: " + ", ".join(_pretty(t) for t in expected[:8])
+    line = getattr(err, "line", 0) or text.count("\n") + 1
+    column = getattr(err, "column", 0) or 1
+    if line < 1:
+        line, column = text.count("\n") + 1, len(text.rsplit("\n", 1)[-1]) + 1
+    try:
+        context = err.get_context(text)
+    except Exception:
+        context = None
+    return SpecError(f"syntax error: {message}", Span(line, column, line, column + 1), hint=hint,
+                     source=text, context=_indent(context) if context else None)
+
+
+_TOKEN_NAMES = {"_NL": "end of line", "SEMICOLON": "';'", "NAME": "a name", "NUMBER": "a number",
+                "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "COMMA": "','",
+                "EQUAL": "'='", "MINUS": "'-'", "PLUS": "'+'", "STAR": "'*'", "SLASH": "'/'",
+                "INF": "'inf'", "STRING": "a string", "AUG_OP": "'+=', '-=', '*=' or '/='",
+                "COMPARE": "a comparison", "POW_OP": "'^'", "IN": "'in'", "$END": "end of file"}
+
+
+def _pretty(name: str) -> str:
+    return _TOKEN_NAMES.get(name, name.lower())
+
+
+def _indent(context: str) -> str:
+    return "\n".join("    " + line for line in context.rstrip("\n").split("\n"))
+
+
+def parse(text: str, filename: str = "<spec>") -> ast.Spec:
+    """Parse spec text into the AST. Raises SpecError (never a Lark or Python error)."""
+    try:
+        tree = parser().parse(text)
+    except UnexpectedInput as err:
+        raise _syntax_error(err, text).located(filename, text) from None
+    try:
+        return _ToAst().transform(tree)
+    except VisitError as err:
+        if isinstance(err.orig_exc, SpecError):
+            raise err.orig_exc.located(filename, text) from None
+        raise

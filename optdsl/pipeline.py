@@ -1,0 +1,30 @@
+"""The whole pipeline, one stage per module: text → AST → IR → checked IR → plan → Python source."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from . import check, ir, lower, parse, sym
+from .backends import torch as torch_backend
+from .errors import SpecError, SpecWarning
+
+
+@dataclass(frozen=True)
+class Compiled:
+    program: ir.Program
+    plan: sym.Plan
+    warnings: tuple[SpecWarning, ...]
+    python: str  # the generated module
+
+
+def compile_source(text: str, filename: str = "<spec>") -> Compiled:
+    """Compile spec text to a Python module's source. Raises SpecError for any bad spec."""
+    try:
+        spec = parse.parse(text, filename)
+        program, warnings = lower.lower(spec)
+        warnings = warnings + check.check(program)
+        plan = sym.plan(program)
+        python = torch_backend.render(plan, text, filename)
+    except SpecError as err:
+        raise err.located(filename, text) from None
+    located = tuple(replace(w, filename=filename, source=text) for w in warnings)
+    return Compiled(program, plan, located, python)

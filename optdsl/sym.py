@@ -1,0 +1,241 @@
+"""IR → SymPy, and the plan the backends print: scalar work hoisted, common subexpressions shared.
+
+Every value gets a *level*: GROUP scalars depend on hyperparameters alone and are
+computed once per group per step on the host; PARAM scalars also depend on `t`
+and are host floats per parameter; DEVICE scalars depend on a whole-tensor
+reduction and stay 0-dim tensors (no host sync); TENSOR values are element-wise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy as sp
+
+from . import ir
+from .functions import COMPARISONS, REDUCTIONS, TABLE
+
+GROUP, PARAM, DEVICE, TENSOR = 0, 1, 2, 3
+LEVEL_NAMES = {GROUP: "group", PARAM: "param", DEVICE: "device", TENSOR: "tensor"}
+_CMP = {f.name: f for f in COMPARISONS.values()}
+
+
+def number(x: float) -> sp.Expr:
+    if x == int(x) and abs(x) < 2**53:
+        return sp.Integer(int(x))
+    if abs(x) == float("inf"):
+        return sp.oo if x > 0 else -sp.oo
+    return sp.Float(x, precision=53)
+
+
+def to_sympy(e: ir.Expr, env: dict[str, sp.Expr]) -> sp.Expr:
+    """The SymPy meaning of an IR expression; `env` maps each name read to its value."""
+    if isinstance(e, ir.Const):
+        return number(e.value)
+    if isinstance(e, ir.Ref):
+        return env[e.name]
+    args = [to_sympy(a, env) for a in e.args]
+    if e.op == "+":
+        return args[0] + args[1]
+    if e.op == "-":
+        return args[0] - args[1]
+    if e.op == "*":
+        return args[0] * args[1]
+    if e.op == "/":
+        return args[0] / args[1]
+    if e.op == "^":
+        return args[0] ** args[1]
+    if e.op == "neg":
+        return -args[0]
+    fn = TABLE.get(e.op) or _CMP[e.op]
+    return fn.sympy(*args)
+
+
+def symbols_of(prog: ir.Program) -> dict[str, sp.Symbol]:
+    """One SymPy symbol per input: p, g, each state (their step-start values), hypers, t, loss."""
+    names = {"p0": "p", "g0": "g", **{ir.ssa_name(s.name, 0): s.name for s in prog.states}}
+    syms = {ssa: sp.Symbol(code) for ssa, code in names.items()}
+    syms.update({h.name: sp.Symbol(h.name) for h in prog.hypers})
+    syms.update({"t": sp.Symbol("t"), "loss": sp.Symbol("loss")})
+    return syms
+
+
+def meanings(prog: ir.Program) -> tuple[dict[str, sp.Symbol], dict[str, sp.Expr], dict[str, sp.Expr]]:
+    """(input symbols, SymPy value of every SSA name, final value of each output) over the inputs."""
+    syms = symbols_of(prog)
+    env: dict[str, sp.Expr] = dict(syms)
+    for eq in prog.eqns:
+        env[eq.out] = to_sympy(eq.expr, env)
+    outputs = {base: env[ssa] for base, ssa in prog.outputs}
+    return syms, env, outputs
+
+
+def is_reduction(e: sp.Expr) -> bool:
+    return type(e) in REDUCTIONS
+
+
+@dataclass(frozen=True)
+class Def:
+    symbol: sp.Symbol
+    level: int
+    expr: sp.Expr
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a backend prints: scalar definitions by level, ordered steps, and final outputs."""
+
+    program: ir.Program
+    inputs: tuple[sp.Symbol, ...]           # tensor inputs: p, g, states
+    group: tuple[Def, ...]                  # host floats, once per group per step
+    param: tuple[Def, ...]                  # host floats, per parameter (functions of t)
+    steps: tuple[Def, ...]                  # DEVICE scalars (incl. reductions) and TENSOR temps, in order
+    outputs: tuple[tuple[str, sp.Expr], ...]  # (p or state, value over inputs and step symbols)
+
+    def level_of(self) -> dict[sp.Symbol, int]:
+        levels = {s: TENSOR for s in self.inputs}
+        levels.update({sp.Symbol(h.name): GROUP for h in self.program.hypers})
+        levels.update({sp.Symbol("t"): PARAM, sp.Symbol("loss"): GROUP})
+        for d in self.group + self.param + self.steps:
+            levels[d.symbol] = d.level
+        return levels
+
+    def __str__(self) -> str:
+        lines = []
+        for d in self.group + self.param + self.steps:
+            lines.append(f"{LEVEL_NAMES[d.level]:>6} {d.symbol} = {d.expr}")
+        lines += [f"   out {base} = {e}" for base, e in self.outputs]
+        return "\n".join(lines)
+
+
+class _Names:
+    """Fresh code names that never collide with a spec's own names."""
+
+    def __init__(self, taken: set[str]):
+        self.taken = set(taken)
+
+    def fresh(self, prefix: str) -> sp.Symbol:
+        i = 0
+        while f"{prefix}{i}" in self.taken:
+            i += 1
+        self.taken.add(f"{prefix}{i}")
+        return sp.Symbol(f"{prefix}{i}")
+
+
+class _Hoister:
+    """Replace each maximal scalar subexpression by a named scalar of its level."""
+
+    _PREFIX = {GROUP: "k", PARAM: "c", DEVICE: "d"}
+
+    def __init__(self, levels: dict[sp.Symbol, int], names: _Names, preferred: dict[sp.Expr, str]):
+        self.levels, self.names, self.preferred = levels, names, preferred
+        self.defs: dict[sp.Expr, Def] = {}
+
+    def level(self, e: sp.Expr) -> int:
+        if is_reduction(e):
+            return DEVICE
+        if e.is_Symbol:
+            return self.levels[e]
+        if not e.args:
+            return GROUP
+        return max(self.level(a) for a in e.args)
+
+    def hoist(self, e: sp.Expr, ceiling: int) -> sp.Expr:
+        if e.is_Atom:
+            return e
+        lvl = self.level(e)
+        if lvl < ceiling:
+            return self.define(e, lvl)
+        if isinstance(e, (sp.Add, sp.Mul)):
+            low = [a for a in e.args if self.level(a) < ceiling]
+            high = [a for a in e.args if self.level(a) >= ceiling]
+            if low and high:
+                combined = self.hoist(e.func(*low), ceiling)
+                return e.func(combined, *(self.hoist(a, ceiling) for a in high))
+        return e.func(*(self.hoist(a, ceiling) for a in e.args))
+
+    def define(self, e: sp.Expr, lvl: int) -> sp.Expr:
+        if is_reduction(e):
+            body = e.func(self.hoist(e.args[0], TENSOR))
+            prefix = "r"
+        else:
+            body = e.func(*(self.hoist(a, lvl) for a in e.args))
+            prefix = self._PREFIX[lvl]
+        if body.is_Atom:
+            return body
+        if body not in self.defs:
+            wanted = self.preferred.get(e)
+            symbol = sp.Symbol(wanted) if wanted and wanted not in self.names.taken else self.names.fresh(prefix)
+            self.names.taken.add(str(symbol))
+            self.levels[symbol] = lvl
+            self.defs[body] = Def(symbol, lvl, body)
+        return self.defs[body].symbol
+
+
+def _collect_base(base: sp.Symbol, e: sp.Expr) -> sp.Expr:
+    """Write `p - lr*wd*p - u` as `p*(1 - lr*wd) - u`, so p can be updated in place."""
+    if not isinstance(e, sp.Add):
+        return e
+    parts = sp.collect(e, base, evaluate=False)
+    coef = parts.pop(base, None)
+    if coef is None or coef.has(base):
+        return e
+    rest = sp.Add(*(k * v for k, v in parts.items()))
+    head = base if coef == 1 else sp.Mul(coef, base, evaluate=False)
+    return sp.Add(head, rest, evaluate=False) if rest != 0 else head
+
+
+def _fresh_forever(names: _Names, prefix: str):
+    while True:
+        yield names.fresh(prefix)
+
+
+def _toposort(defs: list[Def]) -> list[Def]:
+    """Order definitions so each comes after what it reads, keeping the given order where free."""
+    defined = {d.symbol for d in defs}
+    done: set[sp.Symbol] = set()
+    out, pending = [], list(defs)
+    while pending:
+        for i, d in enumerate(pending):
+            if all(s in done or s not in defined for s in d.expr.free_symbols):
+                out.append(pending.pop(i))
+                done.add(d.symbol)
+                break
+        else:  # pragma: no cover - the hoister builds a DAG
+            raise RuntimeError("cyclic plan")
+    return out
+
+
+def plan(prog: ir.Program) -> Plan:
+    syms, env, outputs = meanings(prog)
+    inputs = tuple(syms[n] for n in prog.inputs)
+    levels = {s: TENSOR for s in inputs}
+    levels.update({syms[h.name]: GROUP for h in prog.hypers})
+    levels.update({syms["t"]: PARAM, syms["loss"]: GROUP})
+    taken = {str(s) for s in syms.values()} | {eq.target for eq in prog.eqns}
+    # A hoisted scalar that is exactly a spec local keeps the local's name.
+    preferred = {env[eq.out]: eq.target for eq in prog.eqns
+                 if eq.kind == ir.SCALAR and sum(e.target == eq.target for e in prog.eqns) == 1}
+    hoister = _Hoister(levels, _Names(taken), preferred)
+
+    base_sym = {"p": syms["p0"], **{s.name: syms[ir.ssa_name(s.name, 0)] for s in prog.states}}
+    hoisted = [(base, hoister.hoist(_collect_base(base_sym[base], e), TENSOR)) for base, e in outputs.items()]
+
+    # Share common tensor work between the outputs and the reductions' operands.
+    scalar_defs = list(hoister.defs.values())
+    reductions = [d for d in scalar_defs if is_reduction(d.expr)]
+    exprs = [e for _, e in hoisted] + [d.expr.args[0] for d in reductions]
+    replacements, reduced = sp.cse(exprs, symbols=_fresh_forever(hoister.names, "x"), order="none")
+    steps: list[Def] = []
+    for symbol, e in replacements:
+        lvl = hoister.level(e)
+        levels[symbol] = lvl
+        (steps if lvl >= DEVICE else scalar_defs).append(Def(symbol, lvl, e))
+    outs = tuple((base, reduced[i]) for i, (base, _) in enumerate(hoisted))
+    new_reductions = {d.symbol: Def(d.symbol, DEVICE, d.expr.func(reduced[len(hoisted) + i]))
+                      for i, d in enumerate(reductions)}
+    scalar_defs = [new_reductions.get(d.symbol, d) for d in scalar_defs]
+    return Plan(prog, inputs,
+                group=tuple(_toposort([d for d in scalar_defs if d.level == GROUP])),
+                param=tuple(_toposort([d for d in scalar_defs if d.level == PARAM])),
+                steps=tuple(_toposort([d for d in scalar_defs if d.level >= DEVICE] + steps)),
+                outputs=outs)
