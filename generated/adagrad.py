@@ -105,6 +105,20 @@ class Adagrad(Optimizer):
         for group in self.param_groups:
             group.setdefault("foreach", None)
 
+    def load_state_dict(self, state_dict):
+        # torch.optim casts every state to its parameter's dtype; states of lower-precision
+        # parameters are float32 here, so they are restored from the saved values in float32.
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, p in zip(ids, params):
+            if p.dtype in _EXACT or not p.is_floating_point() or i not in saved:
+                continue
+            for key, value in saved[i].items():
+                if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+
     def _init_group(self, group, params, grads, sum_sq_list, state_steps):
         for p in group["params"]:
             if p.grad is None:
@@ -164,12 +178,12 @@ def _single_tensor_adagrad(params, grads, sum_sq_list, state_steps, *, lr, lr_de
         t = step_t.item()
         # Scalars of the step count: once per parameter, on the host.
         c0 = -lr/(lr_decay*(t - 1) + 1)
-        tmp0 = torch.add(g, p, alpha=wd)
-        tmp0.mul_(tmp0)
-        sum_sq.add_(tmp0)
-        tmp1 = torch.sqrt(sum_sq)
-        tmp1.add_(eps)
-        p.addcdiv_(tmp0, tmp1, value=c0)
+        tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
+        tmp1 = torch.mul(tmp0, tmp0)
+        sum_sq.add_(tmp1)
+        tmp2 = torch.sqrt(sum_sq)
+        tmp2.add_(eps)
+        p.addcdiv_(tmp0, tmp2, value=c0)
         if p is not param:
             param.copy_(p)
 
@@ -187,11 +201,11 @@ def _multi_tensor_adagrad(params, grads, sum_sq_list, state_steps, *, lr, lr_dec
         t = [s.item() for s in device_steps]
         # Scalars of the step count: one per tensor, on the host.
         c0 = [-lr/(lr_decay*(t_ - 1) + 1) for t_ in t]
-        tmp0 = torch._foreach_add(g, p, alpha=wd)
-        torch._foreach_mul_(tmp0, tmp0)
-        torch._foreach_add_(sum_sq, tmp0)
-        tmp1 = torch._foreach_sqrt(sum_sq)
-        torch._foreach_add_(tmp1, eps)
-        torch._foreach_addcdiv_(p, tmp0, tmp1, c0)
+        tmp0 = torch._foreach_add(g, p, alpha=wd) if wd != 0 else g
+        tmp1 = torch._foreach_mul(tmp0, tmp0)
+        torch._foreach_add_(sum_sq, tmp1)
+        tmp2 = torch._foreach_sqrt(sum_sq)
+        torch._foreach_add_(tmp2, eps)
+        torch._foreach_addcdiv_(p, tmp0, tmp2, c0)
         if not exact:
             torch._foreach_copy_(device_params, p)

@@ -112,6 +112,20 @@ class AMSGrad(Optimizer):
         for group in self.param_groups:
             group.setdefault("foreach", None)
 
+    def load_state_dict(self, state_dict):
+        # torch.optim casts every state to its parameter's dtype; states of lower-precision
+        # parameters are float32 here, so they are restored from the saved values in float32.
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, p in zip(ids, params):
+            if p.dtype in _EXACT or not p.is_floating_point() or i not in saved:
+                continue
+            for key, value in saved[i].items():
+                if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+
     def _init_group(self, group, params, grads, m_list, v_list, v_max_list, state_steps):
         for p in group["params"]:
             if p.grad is None:
@@ -184,7 +198,7 @@ def _single_tensor_amsgrad(params, grads, m_list, v_list, v_max_list, state_step
         # Scalars of the step count: once per parameter, on the host.
         c0 = -lr/(1 - b1**t)
         c1 = 1/(1 - b2**t)
-        tmp0 = torch.add(g, p, alpha=wd)
+        tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
         v.mul_((1 - k0))
         v.addcmul_(tmp0, tmp0, value=k0)
         tmp1 = torch.maximum(v_max, v)
@@ -215,7 +229,7 @@ def _multi_tensor_amsgrad(params, grads, m_list, v_list, v_max_list, state_steps
         # Scalars of the step count: one per tensor, on the host.
         c0 = [-lr/(1 - b1**t_) for t_ in t]
         c1 = [1/(1 - b2**t_) for t_ in t]
-        tmp0 = torch._foreach_add(g, p, alpha=wd)
+        tmp0 = torch._foreach_add(g, p, alpha=wd) if wd != 0 else g
         torch._foreach_mul_(v, (1 - k0))
         torch._foreach_addcmul_(v, tmp0, tmp0, k0)
         tmp1 = torch._foreach_maximum(v_max, v)

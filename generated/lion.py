@@ -101,6 +101,20 @@ class Lion(Optimizer):
         for group in self.param_groups:
             group.setdefault("foreach", None)
 
+    def load_state_dict(self, state_dict):
+        # torch.optim casts every state to its parameter's dtype; states of lower-precision
+        # parameters are float32 here, so they are restored from the saved values in float32.
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, p in zip(ids, params):
+            if p.dtype in _EXACT or not p.is_floating_point() or i not in saved:
+                continue
+            for key, value in saved[i].items():
+                if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+
     def _init_group(self, group, params, grads, m_list, state_steps):
         for p in group["params"]:
             if p.grad is None:

@@ -104,6 +104,20 @@ class NSGDA(Optimizer):
         for group in self.param_groups:
             group.setdefault("foreach", None)
 
+    def load_state_dict(self, state_dict):
+        # torch.optim casts every state to its parameter's dtype; states of lower-precision
+        # parameters are float32 here, so they are restored from the saved values in float32.
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, p in zip(ids, params):
+            if p.dtype in _EXACT or not p.is_floating_point() or i not in saved:
+                continue
+            for key, value in saved[i].items():
+                if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+
     def _init_group(self, group, params, grads, m_list, state_steps):
         for p in group["params"]:
             if p.grad is None:
@@ -163,11 +177,13 @@ def _single_tensor_nsgda(params, grads, m_list, state_steps, *, lr, momentum, ep
         t = step_t.item()
         # Scalars of the step count: once per parameter, on the host.
         c0 = 1/(1 - momentum**t)
-        d0 = -c0*lr/(eps + torch.linalg.vector_norm(c0*torch.lerp(m, g + p*wd, k0)))
-        tmp0 = torch.add(g, p, alpha=wd)
+        tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
         m.lerp_(tmp0, k0)
-        tmp1 = torch.mul(m, d0)
-        p.add_(tmp1)
+        tmp1 = torch.mul(m, c0)
+        r0 = torch.linalg.vector_norm(tmp1)
+        d0 = -c0*lr/(eps + r0)
+        tmp2 = torch.mul(m, d0)
+        p.add_(tmp2)
         if p is not param:
             param.copy_(p)
 
@@ -187,10 +203,12 @@ def _multi_tensor_nsgda(params, grads, m_list, state_steps, *, lr, momentum, eps
         t = [s.item() for s in device_steps]
         # Scalars of the step count: one per tensor, on the host.
         c0 = [1/(1 - momentum**t_) for t_ in t]
-        d0 = [-c0_*lr/(eps + torch.linalg.vector_norm(c0_*torch.lerp(m_, g_ + p_*wd, k0))) for c0_, g_, m_, p_ in zip(c0, g, m, p)]
-        tmp0 = torch._foreach_add(g, p, alpha=wd)
+        tmp0 = torch._foreach_add(g, p, alpha=wd) if wd != 0 else g
         torch._foreach_lerp_(m, tmp0, k0)
-        tmp1 = torch._foreach_mul(m, d0)
-        torch._foreach_add_(p, tmp1)
+        tmp1 = torch._foreach_mul(m, c0)
+        r0 = torch._foreach_norm(tmp1)
+        d0 = [-c0_*lr/(eps + r0_) for c0_, r0_ in zip(c0, r0)]
+        tmp2 = torch._foreach_mul(m, d0)
+        torch._foreach_add_(p, tmp2)
         if not exact:
             torch._foreach_copy_(device_params, p)

@@ -122,6 +122,20 @@ class RAdam(Optimizer):
         for group in self.param_groups:
             group.setdefault("foreach", None)
 
+    def load_state_dict(self, state_dict):
+        # torch.optim casts every state to its parameter's dtype; states of lower-precision
+        # parameters are float32 here, so they are restored from the saved values in float32.
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, p in zip(ids, params):
+            if p.dtype in _EXACT or not p.is_floating_point() or i not in saved:
+                continue
+            for key, value in saved[i].items():
+                if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+
     def _init_group(self, group, params, grads, m_list, v_list, state_steps):
         for p in group["params"]:
             if p.grad is None:
@@ -194,7 +208,7 @@ def _single_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, 
         c0 = -lr/(1 - b1**t)
         c1 = float(-2*b2**t*t/(1 - b2**t) + k1 > 5)
         c2 = math.sqrt(1 - b2**t)*math.sqrt(max(0, k2*(-2*b2**t*t/(1 - b2**t) + k3)*(-2*b2**t*t/(1 - b2**t) + k4)/(-2*b2**t*t/(1 - b2**t) + k1)))
-        tmp0 = torch.add(g, p, alpha=wd)
+        tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
         m.lerp_(tmp0, k0)
         v.mul_((1 - k5))
         v.addcmul_(tmp0, tmp0, value=k5)
@@ -202,12 +216,8 @@ def _single_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, 
         tmp1.add_(eps)
         tmp1.reciprocal_()
         tmp1.mul_(c2)
-        tmp2 = torch.sqrt(v)
-        tmp2.add_(eps)
-        tmp2.reciprocal_()
-        tmp2.mul_(c2)
-        tmp3 = torch.where(tmp2.new_tensor(c1) != 0, tmp2, tmp2.new_tensor(1))
-        p.addcmul_(m, tmp3, value=c0)
+        tmp2 = torch.where(tmp1.new_tensor(c1) != 0, tmp1, tmp1.new_tensor(1))
+        p.addcmul_(m, tmp2, value=c0)
         if p is not param:
             param.copy_(p)
 
@@ -234,7 +244,7 @@ def _multi_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, b
         c0 = [-lr/(1 - b1**t_) for t_ in t]
         c1 = [float(-2*b2**t_*t_/(1 - b2**t_) + k1 > 5) for t_ in t]
         c2 = [math.sqrt(1 - b2**t_)*math.sqrt(max(0, k2*(-2*b2**t_*t_/(1 - b2**t_) + k3)*(-2*b2**t_*t_/(1 - b2**t_) + k4)/(-2*b2**t_*t_/(1 - b2**t_) + k1))) for t_ in t]
-        tmp0 = torch._foreach_add(g, p, alpha=wd)
+        tmp0 = torch._foreach_add(g, p, alpha=wd) if wd != 0 else g
         torch._foreach_lerp_(m, tmp0, k0)
         torch._foreach_mul_(v, (1 - k5))
         torch._foreach_addcmul_(v, tmp0, tmp0, k5)
@@ -242,11 +252,7 @@ def _multi_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, b
         torch._foreach_add_(tmp1, eps)
         torch._foreach_reciprocal_(tmp1)
         torch._foreach_mul_(tmp1, c2)
-        tmp2 = torch._foreach_sqrt(v)
-        torch._foreach_add_(tmp2, eps)
-        torch._foreach_reciprocal_(tmp2)
-        torch._foreach_mul_(tmp2, c2)
-        tmp3 = [torch.where(tmp2_.new_tensor(c1_) != 0, tmp2_, tmp2_.new_tensor(1)) for c1_, tmp2_ in zip(c1, tmp2)]
-        torch._foreach_addcmul_(p, m, tmp3, c0)
+        tmp2 = [torch.where(tmp1_.new_tensor(c1_) != 0, tmp1_, tmp1_.new_tensor(1)) for c1_, tmp1_ in zip(c1, tmp1)]
+        torch._foreach_addcmul_(p, m, tmp2, c0)
         if not exact:
             torch._foreach_copy_(device_params, p)

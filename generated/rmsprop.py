@@ -120,6 +120,20 @@ class RMSprop(Optimizer):
         for group in self.param_groups:
             group.setdefault("foreach", None)
 
+    def load_state_dict(self, state_dict):
+        # torch.optim casts every state to its parameter's dtype; states of lower-precision
+        # parameters are float32 here, so they are restored from the saved values in float32.
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, p in zip(ids, params):
+            if p.dtype in _EXACT or not p.is_floating_point() or i not in saved:
+                continue
+            for key, value in saved[i].items():
+                if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+
     def _init_group(self, group, params, grads, square_avg_list, grad_avg_list, buf_list, state_steps):
         for p in group["params"]:
             if p.grad is None:
@@ -192,20 +206,23 @@ def _single_tensor_rmsprop(params, grads, square_avg_list, grad_avg_list, buf_li
         step_t = state_steps[i]
         step_t += 1
         t = step_t.item()
-        tmp0 = torch.add(g, p, alpha=wd)
+        tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
         grad_avg.lerp_(tmp0, k2)
-        tmp0.mul_(tmp0)
+        tmp1 = torch.mul(tmp0, tmp0)
         square_avg.mul_(alpha)
-        square_avg.add_(tmp0, alpha=k2)
-        tmp1 = torch.mul(grad_avg, grad_avg)
-        tmp2 = torch.add(square_avg, tmp1, alpha=k3)
-        tmp2.sqrt_()
-        tmp2.add_(eps)
-        tmp0.div_(tmp2)
+        square_avg.add_(tmp1, alpha=k2)
+        tmp2 = torch.mul(grad_avg, grad_avg)
+        tmp3 = torch.add(square_avg, tmp2, alpha=k3)
+        tmp3.sqrt_()
+        tmp3.add_(eps)
+        tmp4 = torch.div(tmp0, tmp3)
         buf.mul_(momentum)
-        buf.add_(tmp0)
-        tmp3 = buf if k1 else tmp0
-        p.add_(tmp3, alpha=k0)
+        buf.add_(tmp4)
+        if k1:
+            tmp5 = buf
+        else:
+            tmp5 = tmp4
+        p.add_(tmp5, alpha=k0)
         if p is not param:
             param.copy_(p)
 
@@ -226,19 +243,22 @@ def _multi_tensor_rmsprop(params, grads, square_avg_list, grad_avg_list, buf_lis
         g = device_grads if exact else [x.float() for x in device_grads]
         torch._foreach_add_(device_steps, 1)
         t = [s.item() for s in device_steps]
-        tmp0 = torch._foreach_add(g, p, alpha=wd)
+        tmp0 = torch._foreach_add(g, p, alpha=wd) if wd != 0 else g
         torch._foreach_lerp_(grad_avg, tmp0, k2)
-        torch._foreach_mul_(tmp0, tmp0)
+        tmp1 = torch._foreach_mul(tmp0, tmp0)
         torch._foreach_mul_(square_avg, alpha)
-        torch._foreach_add_(square_avg, tmp0, alpha=k2)
-        tmp1 = torch._foreach_mul(grad_avg, grad_avg)
-        tmp2 = torch._foreach_add(square_avg, tmp1, alpha=k3)
-        torch._foreach_sqrt_(tmp2)
-        torch._foreach_add_(tmp2, eps)
-        torch._foreach_div_(tmp0, tmp2)
+        torch._foreach_add_(square_avg, tmp1, alpha=k2)
+        tmp2 = torch._foreach_mul(grad_avg, grad_avg)
+        tmp3 = torch._foreach_add(square_avg, tmp2, alpha=k3)
+        torch._foreach_sqrt_(tmp3)
+        torch._foreach_add_(tmp3, eps)
+        tmp4 = torch._foreach_div(tmp0, tmp3)
         torch._foreach_mul_(buf, momentum)
-        torch._foreach_add_(buf, tmp0)
-        tmp3 = buf if k1 else tmp0
-        torch._foreach_add_(p, tmp3, alpha=k0)
+        torch._foreach_add_(buf, tmp4)
+        if k1:
+            tmp5 = buf
+        else:
+            tmp5 = tmp4
+        torch._foreach_add_(p, tmp5, alpha=k0)
         if not exact:
             torch._foreach_copy_(device_params, p)

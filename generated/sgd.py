@@ -109,6 +109,20 @@ class SGD(Optimizer):
         for group in self.param_groups:
             group.setdefault("foreach", None)
 
+    def load_state_dict(self, state_dict):
+        # torch.optim casts every state to its parameter's dtype; states of lower-precision
+        # parameters are float32 here, so they are restored from the saved values in float32.
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, p in zip(ids, params):
+            if p.dtype in _EXACT or not p.is_floating_point() or i not in saved:
+                continue
+            for key, value in saved[i].items():
+                if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+
     def _init_group(self, group, params, grads, buf_list, state_steps):
         for p in group["params"]:
             if p.grad is None:
@@ -171,14 +185,19 @@ def _single_tensor_sgd(params, grads, buf_list, state_steps, *, lr, momentum, da
         t = step_t.item()
         # Scalars of the step count: once per parameter, on the host.
         c0 = (1 if float(t == 1) else k2)
-        tmp0 = torch.add(g, p, alpha=wd)
-        tmp1 = torch.mul(tmp0, c0)
+        tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
         buf.mul_(momentum)
-        buf.add_(tmp1)
-        tmp2 = torch.add(tmp0, buf, alpha=momentum)
-        tmp3 = tmp2 if nesterov else buf
-        tmp4 = tmp0 if k1 else tmp3
-        p.add_(tmp4, alpha=k0)
+        buf.add_(tmp0, alpha=c0)
+        if k1:
+            tmp3 = tmp0
+        else:
+            if nesterov:
+                tmp1 = torch.add(tmp0, buf, alpha=momentum) if momentum != 0 else tmp0
+                tmp2 = tmp1
+            else:
+                tmp2 = buf
+            tmp3 = tmp2
+        p.add_(tmp3, alpha=k0)
         if p is not param:
             param.copy_(p)
 
@@ -200,13 +219,22 @@ def _multi_tensor_sgd(params, grads, buf_list, state_steps, *, lr, momentum, dam
         t = [s.item() for s in device_steps]
         # Scalars of the step count: one per tensor, on the host.
         c0 = [(1 if float(t_ == 1) else k2) for t_ in t]
-        tmp0 = torch._foreach_add(g, p, alpha=wd)
-        tmp1 = torch._foreach_mul(tmp0, c0)
+        tmp0 = torch._foreach_add(g, p, alpha=wd) if wd != 0 else g
         torch._foreach_mul_(buf, momentum)
-        torch._foreach_add_(buf, tmp1)
-        tmp2 = torch._foreach_add(tmp0, buf, alpha=momentum)
-        tmp3 = tmp2 if nesterov else buf
-        tmp4 = tmp0 if k1 else tmp3
-        torch._foreach_add_(p, tmp4, alpha=k0)
+        if all(v_ == c0[0] for v_ in c0):
+            torch._foreach_add_(buf, tmp0, alpha=c0[0])
+        else:
+            for x_, y_, v_ in zip(buf, tmp0, c0):
+                x_.add_(y_, alpha=v_)
+        if k1:
+            tmp3 = tmp0
+        else:
+            if nesterov:
+                tmp1 = torch._foreach_add(tmp0, buf, alpha=momentum) if momentum != 0 else tmp0
+                tmp2 = tmp1
+            else:
+                tmp2 = buf
+            tmp3 = tmp2
+        torch._foreach_add_(p, tmp3, alpha=k0)
         if not exact:
             torch._foreach_copy_(device_params, p)

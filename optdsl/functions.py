@@ -19,6 +19,7 @@ class _Opaque(sp.Function):
     """A function SymPy keeps as written; its meaning lives in `rewrite_meaning`."""
 
     is_real = True
+    is_number = False  # never evaluated to a number, so Min/Max must not compare it as one
 
 
 class lerp(_Opaque):

@@ -171,17 +171,85 @@ _EXAMPLES = {
 }
 
 
+@functools.cache
+def _example_errors() -> tuple:
+    found = []
+    for label, examples in _EXAMPLES.items():
+        for example in examples:
+            try:
+                parser().parse(example)
+            except UnexpectedInput as ut:
+                found.append((label, ut))
+    return tuple(found)
+
+
+def _match_label(err: UnexpectedInput) -> str | None:
+    """Like Lark's match_examples, but compares the LALR state only, not the stack depth
+    (which differs between the first and a later statement, or inside parentheses)."""
+    def key(state):
+        return getattr(state, "position", state)
+    fallback = None
+    for label, ut in _example_errors():
+        if type(ut) is not type(err) or key(ut.state) != key(err.state):
+            continue
+        if isinstance(err, UnexpectedToken) and ut.accepts != err.accepts:
+            continue
+        if isinstance(err, UnexpectedToken) and ut.token.type == err.token.type:
+            return label
+        fallback = fallback or label
+    return fallback
+
+
+def _unclosed(text: str, end: int) -> tuple[int, int, str] | None:
+    """The innermost ( or [ still open before offset `end`: (line, column, char)."""
+    stack, line, col, i = [], 1, 1, 0
+    while i < min(end, len(text)):
+        c = text[i]
+        if c in "#\"":  # skip a comment, or a string up to its closing quote, within the line
+            stop = text.find("\n", i)
+            stop = len(text) if stop < 0 else stop
+            close = text.find('"', i + 1, stop) if c == '"' else -1
+            stop = close + 1 if close >= 0 else stop
+            col, i = col + stop - i, stop
+            continue
+        if c in "([":
+            stack.append((line, col, c))
+        elif c in ")]" and stack:
+            stack.pop()
+        line, col = (line + 1, 1) if c == "\n" else (line, col + 1)
+        i += 1
+    return stack[-1] if stack else None
+
+
 def _syntax_error(err: UnexpectedInput, text: str) -> SpecError:
     label = None
     try:
-        label = err.match_examples(parser().parse, _EXAMPLES, use_accepts=True)
+        label = _match_label(err)
     except Exception:  # matching is best effort: never hide the real error behind it
         label = None
     label, _, label_hint = (label or "").partition(" | ")
+    # A missing ')' or ']' lets the next lines run on into this one: point at the opener.
+    tok = getattr(err, "token", None)
+    at_eof = isinstance(err, UnexpectedEOF) or (tok is not None and tok.type == "$END")
+    pos = len(text) if at_eof else getattr(tok, "start_pos", None)
+    if isinstance(err, UnexpectedToken) and pos is not None and (at_eof or tok.type not in ("RPAR", "RSQB")):
+        opener = _unclosed(text, pos)
+        first_on_line = at_eof or not text[text.rfind("\n", 0, pos) + 1:pos].strip()
+        if opener and first_on_line and (at_eof or opener[0] < tok.line):
+            line, column, char = opener
+            what, fix = ("parenthesis", "add the missing ')'") if char == "(" else (
+                "range bracket", "close the range with ']' or ')'")
+            return SpecError(f"syntax error: unclosed {what}", Span(line, column, line, column + 1),
+                             hint=f"{fix} (inside brackets a line runs on into the next, "
+                                  "so what follows was read as part of it)", source=text)
     if isinstance(err, UnexpectedCharacters) and not text[err.pos_in_stream:err.pos_in_stream + 1] == '"':
         got = repr(text[err.pos_in_stream]) if err.pos_in_stream < len(text) else "end of file"
         label, label_hint = "", ""
         message = f"unexpected character {got}"
+    elif isinstance(err, UnexpectedCharacters):  # a '"' that no STRING matched
+        message = label = "unterminated string"
+        label_hint = "close the string with '\"' on the same line" + (
+            "" if "STRING" in (err.allowed or ()) else "; strings are allowed only after 'optimizer NAME'")
     elif isinstance(err, UnexpectedEOF) or (isinstance(err, UnexpectedToken) and err.token.type == "$END"):
         message = label or "the spec ended in the middle of a statement"
     else:

@@ -103,7 +103,7 @@ def _round(q: Fraction, up: bool) -> float:
     try:
         f = float(q)
     except OverflowError:
-        f = math.copysign(INF, q)
+        f = INF if q > 0 else -INF
     if math.isinf(f):
         return f if (f > 0) == up else math.copysign(1.7976931348623157e308, f)
     d = Fraction(f) - q

@@ -20,10 +20,10 @@ _CMP = {f.name: f for f in COMPARISONS.values()}
 
 
 def number(x: float) -> sp.Expr:
-    if x == int(x) and abs(x) < 2**53:
-        return sp.Integer(int(x))
     if abs(x) == float("inf"):
         return sp.oo if x > 0 else -sp.oo
+    if x == int(x) and abs(x) < 2**53:
+        return sp.Integer(int(x))
     return sp.Float(x, precision=53)
 
 
@@ -143,7 +143,7 @@ class _Hoister:
         if e.is_Atom:
             return e
         lvl = self.level(e)
-        if lvl < ceiling:
+        if lvl < ceiling or is_reduction(e):  # a reduction always gets its own name
             return self.define(e, lvl)
         if isinstance(e, (sp.Add, sp.Mul)):
             low = [a for a in e.args if self.level(a) < ceiling]

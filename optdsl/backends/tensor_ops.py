@@ -34,6 +34,8 @@ class Instr:
     inplace: bool = False
     value: Operand | None = None  # `alpha=` / `value=` scalar
     template: str = ""          # for "call"/"reduce"/"scalar": torch code with {0}, {1}, ...
+    blocks: tuple = ()          # for "branch": the instructions of each branch
+    skip_zero: bool = False     # `out = a if value == 0 else a + value*b`
 
 
 # Element-wise ops with a torch._foreach_ twin (scalar, scalar-list and tensor-list forms).
@@ -56,6 +58,7 @@ class Emitter:
         self.owned: set[str] = set()          # buffers this step allocated
         self.taken = set(names)
         self.writable_inputs: dict[str, str] = {}  # input buffer -> the output allowed to take it
+        self.hyper_names = {h.name for h in plan.program.hypers}
 
     # ---- bookkeeping ----
     def _count(self, e: sp.Expr) -> None:
@@ -97,9 +100,13 @@ class Emitter:
         self._consume(exprs)
         inplace = op not in _OUT_OF_PLACE and self._may_overwrite(args[0], target)
         out = args[0].code if inplace else self.fresh()
-        if not inplace:
+        # x + 0*y is x: a term whose coefficient is a hyperparameter is skipped when it is 0
+        # (as torch.optim skips weight decay 0); the result may then be x itself.
+        skip_zero = (op == "add" and not inplace and value is not None and value.level == GROUP
+                     and value.code in self.hyper_names)
+        if not inplace and not skip_zero:
             self.owned.add(out)
-        self.instrs.append(Instr(op, out, tuple(args), inplace, value, template))
+        self.instrs.append(Instr(op, out, tuple(args), inplace, value, template, skip_zero=skip_zero))
         level = DEVICE if op == "reduce" else TENSOR
         return Operand(out, level)
 
@@ -128,13 +135,9 @@ class Emitter:
             return self.emit(fn.meaning(e), target)
         if isinstance(e, (sp.Min, sp.Max)):
             return self.emit_minmax(e, target)
-        if type(e) is fn.where and self._level(e.args[0]) <= PARAM:
-            c, a, b = (self.operand(x) for x in e.args)
-            if a.tensor and b.tensor:  # a host condition picks a whole tensor: no element-wise work
-                self._consume(e.args)
-                out = self.fresh()
-                self.instrs.append(Instr("select", out, (c, a, b)))
-                return Operand(out, TENSOR)
+        if (type(e) is fn.where and self._level(e.args[0]) <= PARAM
+                and all(self._level(x) == TENSOR for x in e.args[1:])):
+            return self.emit_branch(e)
         row = _BY_CLASS.get(type(e))
         if row is None:
             raise NotImplementedError(f"no PyTorch form for {e.func}")
@@ -147,6 +150,28 @@ class Emitter:
         if row in fn.COMPARISONS.values():
             template = f"{template}.to({{{_first_tensor(args)}}}.dtype)"
         return self.apply("call", args, e.args, template=template)
+
+    def emit_branch(self, e) -> Operand:
+        """where(c, a, b) with a host condition: compute only the branch it picks.
+
+        Per tensor, that is an if/else; multi-tensor with a per-parameter
+        condition, both branches run and each tensor takes its own.
+        """
+        cond = self.operand(e.args[0])
+        self._consume([e.args[0]])
+        results, blocks = [], []
+        for branch in e.args[1:]:
+            outer, self.instrs = self.instrs, []
+            result = self.operand(branch)
+            self._consume([branch])
+            blocks.append(tuple(self.instrs))
+            results.append(result)
+            self.instrs = outer
+        out = self.fresh()
+        if all(r.code in self.owned for r in results):
+            self.owned.add(out)
+        self.instrs.append(Instr("branch", out, (cond, *results), blocks=tuple(blocks)))
+        return Operand(out, TENSOR)
 
     def emit_add(self, e: sp.Add, target: str | None) -> Operand:
         terms = list(e.args)
@@ -188,14 +213,13 @@ class Emitter:
         num = [f for f in factors if not _is_reciprocal(f)]
         den = [f.base if f.exp == -1 else f.base ** -f.exp for f in factors if _is_reciprocal(f)]
         value = self.operand(scale) if host else None
-        group_only = value is None or value.level == GROUP
         if host and len(num) == 1 and len(den) == 1:
             ops = [self.operand(num[0]), self.operand(den[0])]
             return "addcdiv", value, ops, [num[0], den[0]]
         if host and len(num) == 2 and not den:
             ops = [self.operand(num[0]), self.operand(num[1])]
             return "addcmul", value, ops, num
-        if host and group_only and len(num) == 1 and not den:
+        if host and len(num) == 1 and not den:
             return "add", value, [self.operand(num[0])], num
         if _is_negated(t):
             inner = -t
@@ -297,7 +321,7 @@ class Emitter:
             ready = next((o for o in pending if self._free_to_write(o, pending)), pending[0])
             pending.remove(ready)
             base, e = ready
-            result = self.operand(e) if e.is_Symbol else self.emit(e, target=base)
+            result = self.operand(e) if e.is_Symbol or e.is_Number else self.emit(e, target=base)
             if e.is_Symbol:
                 self._consume([e])
             if result.code != base:

@@ -34,10 +34,23 @@ def _kwarg(instr: Instr, foreach: bool, single_value: str | None) -> str:
     return f", {key}={single_value if single_value is not None else instr.value.code}"
 
 
-def single(instr: Instr) -> str:
+def single(instr: Instr) -> list[str]:
     a = [x.code for x in instr.args]
-    if instr.op == "select":
-        return f"{instr.out} = {a[1]} if {a[0]} else {a[2]}"
+    if instr.op == "branch":
+        then, other = instr.blocks
+        return ([f"if {a[0]}:"] + _indent(then, single) + [f"    {instr.out} = {a[1]}", "else:"]
+                + _indent(other, single) + [f"    {instr.out} = {a[2]}"])
+    if instr.skip_zero:
+        return [f"{_single_line(instr)} if {instr.value.code} != 0 else {a[0]}"]
+    return [_single_line(instr)]
+
+
+def _indent(block, printer) -> list[str]:
+    return ["    " + line for i in block for line in printer(i)]
+
+
+def _single_line(instr: Instr) -> str:
+    a = [x.code for x in instr.args]
     if instr.op == "copy":
         return f"{a[0]}.copy_({a[1]})"
     if instr.op in ("call", "reduce", "scalar"):
@@ -50,12 +63,32 @@ def single(instr: Instr) -> str:
     return f"{instr.out} = torch.{instr.op}({a[0]}{', ' if rest else ''}{rest})"
 
 
-def multi(instr: Instr) -> str:
+def multi(instr: Instr) -> list[str]:
     a = [x.code for x in instr.args]
-    if instr.op == "select":
+    if instr.op == "branch":
+        then, other = instr.blocks
         if instr.args[0].level == GROUP:
-            return f"{instr.out} = {a[1]} if {a[0]} else {a[2]}"
-        return f"{instr.out} = [x if c else y for c, x, y in zip({a[0]}, {a[1]}, {a[2]})]"
+            return ([f"if {a[0]}:"] + _indent(then, multi) + [f"    {instr.out} = {a[1]}", "else:"]
+                    + _indent(other, multi) + [f"    {instr.out} = {a[2]}"])
+        return ([line for i in then + other for line in multi(i)]
+                + [f"{instr.out} = [x if c else y for c, x, y in zip({a[0]}, {a[1]}, {a[2]})]"])
+    if instr.op == "add" and instr.value is not None and instr.value.level == PARAM:
+        # torch._foreach_add takes one alpha: use it when every tensor has the same one
+        # (the usual case), else add tensor by tensor with the same arithmetic.
+        v, target = instr.value.code, (a[0] if instr.inplace else instr.out)
+        per_tensor = (f"for x_, y_, v_ in zip({a[0]}, {a[1]}, {v}):\n    x_.add_(y_, alpha=v_)"
+                      if instr.inplace else
+                      f"{target} = [torch.add(x_, y_, alpha=v_) for x_, y_, v_ in zip({a[0]}, {a[1]}, {v})]")
+        fast = _multi_line(instr).replace(f", alpha={v}", f", alpha={v}[0]")
+        return ([f"if all(v_ == {v}[0] for v_ in {v}):", f"    {fast}", "else:"]
+                + ["    " + line for line in per_tensor.split("\n")])
+    if instr.skip_zero:
+        return [f"{_multi_line(instr)} if {instr.value.code} != 0 else {a[0]}"]
+    return [_multi_line(instr)]
+
+
+def _multi_line(instr: Instr) -> str:
+    a = [x.code for x in instr.args]
     if instr.op == "copy":
         return f"torch._foreach_copy_({a[0]}, {a[1]})"
     if instr.op == "reduce" and instr.template.startswith("torch.linalg.vector_norm"):
@@ -133,7 +166,8 @@ def render(plan: Plan, source: str, filename: str) -> str:
         group_defs=[(str(d.symbol), host.doprint(d.expr)) for d in plan.group],
         param_single=[(str(d.symbol), host.doprint(d.expr)) for d in plan.param],
         param_multi=param_multi,
-        single_body=[single(i) for i in instrs], multi_body=[multi(i) for i in instrs],
+        single_body=[line for i in instrs for line in single(i)],
+        multi_body=[line for i in instrs for line in multi(i)],
         statements=list(dict.fromkeys(statements)), latex=_latex_rule(prog),
         spec=source.strip("\n"), number=_py_number,
     )
