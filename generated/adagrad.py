@@ -28,18 +28,6 @@ __all__ = ["Adagrad", "adagrad"]
 _EXACT = (torch.float32, torch.float64)
 
 
-def _sign(x):
-    return 0.0 if x == 0 else math.copysign(1.0, x)
-
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + math.exp(-x))
-
-
-def _softplus(x):
-    return math.log1p(math.exp(-abs(x))) + max(x, 0.0)
-
-
 class Adagrad(Optimizer):
     r"""Adaptive subgradient method (Duchi et al., 2011)
 
@@ -47,9 +35,9 @@ class Adagrad(Optimizer):
 
     .. math::
        \begin{aligned}
-       g &\leftarrow g + p wd \\
-       sum_{sq} &\leftarrow g^{2} + sum_{sq} \\
-       p &\leftarrow - \frac{g lr}{\left(eps + \sqrt{sum_{sq}}\right) \left(lr_{decay} \left(t - 1\right) + 1\right)} + p \\
+       g &\leftarrow g + wd \cdot p \\
+       sum_{sq} &\leftarrow sum_{sq} + g^{2} \\
+       p &\leftarrow p - \frac{\frac{lr}{1 + \left(t - 1\right) \cdot lr_{decay}} \cdot g}{\sqrt{sum_{sq}} + eps} \\
        \end{aligned}
 
     As written in the spec:

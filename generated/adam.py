@@ -30,18 +30,6 @@ __all__ = ["Adam", "adam"]
 _EXACT = (torch.float32, torch.float64)
 
 
-def _sign(x):
-    return 0.0 if x == 0 else math.copysign(1.0, x)
-
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + math.exp(-x))
-
-
-def _softplus(x):
-    return math.log1p(math.exp(-abs(x))) + max(x, 0.0)
-
-
 class Adam(Optimizer):
     r"""Adaptive moment estimation (Kingma & Ba, 2015)
 
@@ -49,10 +37,10 @@ class Adam(Optimizer):
 
     .. math::
        \begin{aligned}
-       g &\leftarrow g + p wd \\
+       g &\leftarrow g + wd \cdot p \\
        m &\leftarrow \operatorname{lerp}{\left(m,g,1 - b_{1} \right)} \\
        v &\leftarrow \operatorname{lerp}{\left(v,g^{2},1 - b_{2} \right)} \\
-       p &\leftarrow - \frac{lr m}{\left(1 - b_{1}^{t}\right) \left(eps + \sqrt{\frac{v}{1 - b_{2}^{t}}}\right)} + p \\
+       p &\leftarrow p - \frac{lr \cdot \frac{m}{1 - b_{1}^{t}}}{\sqrt{\frac{v}{1 - b_{2}^{t}}} + eps} \\
        \end{aligned}
 
     As written in the spec:

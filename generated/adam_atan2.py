@@ -30,18 +30,6 @@ __all__ = ["AdamAtan2", "adamatan2"]
 _EXACT = (torch.float32, torch.float64)
 
 
-def _sign(x):
-    return 0.0 if x == 0 else math.copysign(1.0, x)
-
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + math.exp(-x))
-
-
-def _softplus(x):
-    return math.log1p(math.exp(-abs(x))) + max(x, 0.0)
-
-
 class AdamAtan2(Optimizer):
     r"""Adam with atan2 in place of epsilon (Everett et al., 2024)
 
@@ -49,10 +37,10 @@ class AdamAtan2(Optimizer):
 
     .. math::
        \begin{aligned}
-       p &\leftarrow - lr p wd + p \\
+       p &\leftarrow p - lr \cdot wd \cdot p \\
        m &\leftarrow \operatorname{lerp}{\left(m,g,1 - b_{1} \right)} \\
        v &\leftarrow \operatorname{lerp}{\left(v,g^{2},1 - b_{2} \right)} \\
-       p &\leftarrow - a lr \operatorname{atan}_{2}{\left(\frac{m}{1 - b_{1}^{t}},b \sqrt{\frac{v}{1 - b_{2}^{t}}} \right)} + p \\
+       p &\leftarrow p - lr \cdot a \cdot \operatorname{atan}_{2}{\left(\frac{m}{1 - b_{1}^{t}},b \cdot \sqrt{\frac{v}{1 - b_{2}^{t}}} \right)} \\
        \end{aligned}
 
     As written in the spec:

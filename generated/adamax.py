@@ -30,18 +30,6 @@ __all__ = ["Adamax", "adamax"]
 _EXACT = (torch.float32, torch.float64)
 
 
-def _sign(x):
-    return 0.0 if x == 0 else math.copysign(1.0, x)
-
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + math.exp(-x))
-
-
-def _softplus(x):
-    return math.log1p(math.exp(-abs(x))) + max(x, 0.0)
-
-
 class Adamax(Optimizer):
     r"""Adam with the infinity norm (Kingma & Ba, 2015, section 7)
 
@@ -49,10 +37,10 @@ class Adamax(Optimizer):
 
     .. math::
        \begin{aligned}
-       g &\leftarrow g + p wd \\
+       g &\leftarrow g + wd \cdot p \\
        m &\leftarrow \operatorname{lerp}{\left(m,g,1 - b_{1} \right)} \\
-       u &\leftarrow \max\left(b_{2} u, eps + \left|{g}\right|\right) \\
-       p &\leftarrow - \frac{lr m}{u \left(1 - b_{1}^{t}\right)} + p \\
+       u &\leftarrow \max\left(b_{2} \cdot u, \left|{g}\right| + eps\right) \\
+       p &\leftarrow p - \frac{\frac{lr}{1 - b_{1}^{t}} \cdot m}{u} \\
        \end{aligned}
 
     As written in the spec:

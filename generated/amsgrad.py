@@ -31,18 +31,6 @@ __all__ = ["AMSGrad", "amsgrad"]
 _EXACT = (torch.float32, torch.float64)
 
 
-def _sign(x):
-    return 0.0 if x == 0 else math.copysign(1.0, x)
-
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + math.exp(-x))
-
-
-def _softplus(x):
-    return math.log1p(math.exp(-abs(x))) + max(x, 0.0)
-
-
 class AMSGrad(Optimizer):
     r"""Adam with a non-decreasing second moment (Reddi et al., 2018)
 
@@ -50,11 +38,11 @@ class AMSGrad(Optimizer):
 
     .. math::
        \begin{aligned}
-       g &\leftarrow g + p wd \\
+       g &\leftarrow g + wd \cdot p \\
        m &\leftarrow \operatorname{lerp}{\left(m,g,1 - b_{1} \right)} \\
        v &\leftarrow \operatorname{lerp}{\left(v,g^{2},1 - b_{2} \right)} \\
        v_{max} &\leftarrow \max\left(v, v_{max}\right) \\
-       p &\leftarrow - \frac{lr m}{\left(1 - b_{1}^{t}\right) \left(eps + \sqrt{\frac{v_{max}}{1 - b_{2}^{t}}}\right)} + p \\
+       p &\leftarrow p - \frac{lr \cdot \frac{m}{1 - b_{1}^{t}}}{\sqrt{\frac{v_{max}}{1 - b_{2}^{t}}} + eps} \\
        \end{aligned}
 
     As written in the spec:

@@ -29,18 +29,6 @@ __all__ = ["Lion", "lion"]
 _EXACT = (torch.float32, torch.float64)
 
 
-def _sign(x):
-    return 0.0 if x == 0 else math.copysign(1.0, x)
-
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + math.exp(-x))
-
-
-def _softplus(x):
-    return math.log1p(math.exp(-abs(x))) + max(x, 0.0)
-
-
 class Lion(Optimizer):
     r"""Evolved sign momentum (Chen et al., 2023)
 
@@ -48,8 +36,8 @@ class Lion(Optimizer):
 
     .. math::
        \begin{aligned}
-       p &\leftarrow - lr p wd + p \\
-       p &\leftarrow - lr \operatorname{sign}{\left(\operatorname{lerp}{\left(m,g,1 - b_{1} \right)} \right)} + p \\
+       p &\leftarrow p - lr \cdot wd \cdot p \\
+       p &\leftarrow p - lr \cdot \operatorname{sign}{\left(\operatorname{lerp}{\left(m,g,1 - b_{1} \right)} \right)} \\
        m &\leftarrow \operatorname{lerp}{\left(m,g,1 - b_{2} \right)} \\
        \end{aligned}
 

@@ -30,18 +30,6 @@ __all__ = ["NSGDA", "nsgda"]
 _EXACT = (torch.float32, torch.float64)
 
 
-def _sign(x):
-    return 0.0 if x == 0 else math.copysign(1.0, x)
-
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + math.exp(-x))
-
-
-def _softplus(x):
-    return math.log1p(math.exp(-abs(x))) + max(x, 0.0)
-
-
 class NSGDA(Optimizer):
     r"""Normalised SGD with momentum (Cutkosky & Mehta, 2020)
 
@@ -49,10 +37,10 @@ class NSGDA(Optimizer):
 
     .. math::
        \begin{aligned}
-       g &\leftarrow g + p wd \\
+       g &\leftarrow g + wd \cdot p \\
        m &\leftarrow \operatorname{lerp}{\left(m,g,1 - momentum \right)} \\
        m_{hat} &\leftarrow \frac{m}{1 - momentum^{t}} \\
-       p &\leftarrow - \frac{lr m_{hat}}{eps + \operatorname{norm}{\left(m_{hat} \right)}} + p \\
+       p &\leftarrow p - \frac{lr \cdot m_{hat}}{\operatorname{norm}{\left(m_{hat} \right)} + eps} \\
        \end{aligned}
 
     As written in the spec:

@@ -35,18 +35,6 @@ __all__ = ["RAdam", "radam"]
 _EXACT = (torch.float32, torch.float64)
 
 
-def _sign(x):
-    return 0.0 if x == 0 else math.copysign(1.0, x)
-
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + math.exp(-x))
-
-
-def _softplus(x):
-    return math.log1p(math.exp(-abs(x))) + max(x, 0.0)
-
-
 class RAdam(Optimizer):
     r"""Rectified Adam (Liu et al., 2020)
 
@@ -54,14 +42,14 @@ class RAdam(Optimizer):
 
     .. math::
        \begin{aligned}
-       g &\leftarrow g + p wd \\
+       g &\leftarrow g + wd \cdot p \\
        m &\leftarrow \operatorname{lerp}{\left(m,g,1 - b_{1} \right)} \\
        v &\leftarrow \operatorname{lerp}{\left(v,g^{2},1 - b_{2} \right)} \\
-       \rho_{inf} &\leftarrow -1 + \frac{2}{1 - b_{2}} \\
-       \rho_{t} &\leftarrow - \frac{2 b_{2}^{t} t}{1 - b_{2}^{t}} + \rho_{inf} \\
-       rect &\leftarrow \sqrt{\max\left(0, \frac{\rho_{inf} \left(\rho_{t} - 4\right) \left(\rho_{t} - 2\right)}{\rho_{t} \left(\rho_{inf} - 4\right) \left(\rho_{inf} - 2\right)}\right)} \\
-       adaptive &\leftarrow \operatorname{where}{\left(\operatorname{gt}{\left(\rho_{t},5 \right)},\frac{rect \sqrt{1 - b_{2}^{t}}}{eps + \sqrt{v}},1 \right)} \\
-       p &\leftarrow - \frac{adaptive lr m}{1 - b_{1}^{t}} + p \\
+       \rho_{inf} &\leftarrow \frac{2}{1 - b_{2}} - 1 \\
+       \rho_{t} &\leftarrow \rho_{inf} - \frac{2 \cdot t \cdot b_{2}^{t}}{1 - b_{2}^{t}} \\
+       rect &\leftarrow \sqrt{\max\left(0, \frac{\left(\rho_{t} - 4\right) \cdot \left(\rho_{t} - 2\right) \cdot \rho_{inf}}{\left(\rho_{inf} - 4\right) \cdot \left(\rho_{inf} - 2\right) \cdot \rho_{t}}\right)} \\
+       adaptive &\leftarrow \operatorname{where}{\left(\operatorname{gt}{\left(\rho_{t},5 \right)},\frac{rect \cdot \sqrt{1 - b_{2}^{t}}}{\sqrt{v} + eps},1 \right)} \\
+       p &\leftarrow p - \frac{lr \cdot m}{1 - b_{1}^{t}} \cdot adaptive \\
        \end{aligned}
 
     As written in the spec:

@@ -32,18 +32,6 @@ __all__ = ["RMSprop", "rmsprop"]
 _EXACT = (torch.float32, torch.float64)
 
 
-def _sign(x):
-    return 0.0 if x == 0 else math.copysign(1.0, x)
-
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + math.exp(-x))
-
-
-def _softplus(x):
-    return math.log1p(math.exp(-abs(x))) + max(x, 0.0)
-
-
 class RMSprop(Optimizer):
     r"""Root mean square propagation (Hinton, 2012)
 
@@ -51,12 +39,12 @@ class RMSprop(Optimizer):
 
     .. math::
        \begin{aligned}
-       g &\leftarrow g + p wd \\
-       square_{avg} &\leftarrow \alpha square_{avg} + g^{2} \left(1 - \alpha\right) \\
+       g &\leftarrow g + wd \cdot p \\
+       square_{avg} &\leftarrow \alpha \cdot square_{avg} + \left(1 - \alpha\right) \cdot g^{2} \\
        grad_{avg} &\leftarrow \operatorname{lerp}{\left(grad_{avg},g,1 - \alpha \right)} \\
-       avg &\leftarrow eps + \sqrt{- centered grad_{avg}^{2} + square_{avg}} \\
-       buf &\leftarrow buf momentum + \frac{g}{avg} \\
-       p &\leftarrow - lr \operatorname{where}{\left(\operatorname{gt}{\left(momentum,0 \right)},buf,\frac{g}{avg} \right)} + p \\
+       avg &\leftarrow \sqrt{square_{avg} - centered \cdot grad_{avg}^{2}} + eps \\
+       buf &\leftarrow momentum \cdot buf + \frac{g}{avg} \\
+       p &\leftarrow p - lr \cdot \operatorname{where}{\left(\operatorname{gt}{\left(momentum,0 \right)},buf,\frac{g}{avg} \right)} \\
        \end{aligned}
 
     As written in the spec:

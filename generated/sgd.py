@@ -30,18 +30,6 @@ __all__ = ["SGD", "sgd"]
 _EXACT = (torch.float32, torch.float64)
 
 
-def _sign(x):
-    return 0.0 if x == 0 else math.copysign(1.0, x)
-
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + math.exp(-x))
-
-
-def _softplus(x):
-    return math.log1p(math.exp(-abs(x))) + max(x, 0.0)
-
-
 class SGD(Optimizer):
     r"""Stochastic gradient descent with momentum (Sutskever et al., 2013)
 
@@ -49,10 +37,10 @@ class SGD(Optimizer):
 
     .. math::
        \begin{aligned}
-       g &\leftarrow g + p wd \\
-       buf &\leftarrow buf momentum + g \operatorname{where}{\left(\operatorname{eq}{\left(t,1 \right)},1,1 - dampening \right)} \\
-       d &\leftarrow \operatorname{where}{\left(\operatorname{eq}{\left(momentum,0 \right)},g,\operatorname{where}{\left(nesterov,buf momentum + g,buf \right)} \right)} \\
-       p &\leftarrow - d lr + p \\
+       g &\leftarrow g + wd \cdot p \\
+       buf &\leftarrow momentum \cdot buf + \operatorname{where}{\left(\operatorname{eq}{\left(t,1 \right)},1,1 - dampening \right)} \cdot g \\
+       d &\leftarrow \operatorname{where}{\left(\operatorname{eq}{\left(momentum,0 \right)},g,\operatorname{where}{\left(nesterov,g + momentum \cdot buf,buf \right)} \right)} \\
+       p &\leftarrow p - lr \cdot d \\
        \end{aligned}
 
     As written in the spec:

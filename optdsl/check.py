@@ -120,7 +120,7 @@ def _check_op(op: ir.Op, ranges: _Ranges, names: dict[str, str]) -> list[SpecWar
                     "log1p": "-1 or less"}[op.op]
             warn(arg, f"{op.op}() of '{{x}}', which can be {what} (it ranges over {{r}})",
                  "guard the argument (e.g. max(x, 0) or + eps) or narrow the declared ranges")
-    elif op.op == "^" and isinstance(op.args[1], ir.Const) and op.args[1].value != int(op.args[1].value):
+    elif op.op == "^" and isinstance(op.args[1], ir.Const) and not float(op.args[1].value).is_integer():
         if not ranges.of(op.args[0]).nonnegative:
             warn(op.args[0], "fractional power of '{x}', which can be negative (it ranges over {r})",
                  "raise a non-negative value, e.g. abs(x)^a")

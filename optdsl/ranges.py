@@ -212,7 +212,12 @@ def _pow(e, env) -> Interval:
     if ex.is_Integer:
         return _ipow(bound(base, env), int(ex))
     b, y = bound(base, env), bound(ex, env)
-    if not b.nonnegative or (0 in b and y.lo < 0):  # not real for x < 0; a pole at x = 0
+    if not b.nonnegative:
+        # x**y is NaN for x < 0, which the checks report at that argument; bound the real values.
+        if b.hi < 0 or (b.hi == 0 and not b.hi_closed):
+            return FULL
+        b = _meet(b, Interval.nonneg())
+    if 0 in b and y.lo < 0:  # a pole at x = 0
         return FULL
     return _powbox(b, y)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from . import ir
+from .errors import SpecError
 from .functions import COMPARISONS, REDUCTIONS, TABLE
 
 GROUP, PARAM, DEVICE, TENSOR = 0, 1, 2, 3
@@ -29,6 +30,14 @@ def number(x: float) -> sp.Expr:
 
 def to_sympy(e: ir.Expr, env: dict[str, sp.Expr]) -> sp.Expr:
     """The SymPy meaning of an IR expression; `env` maps each name read to its value."""
+    value = _to_sympy(e, env)
+    if value.is_extended_real is False or value is sp.nan:  # 0*inf, inf - inf, log(0), sqrt(-1), ...
+        raise SpecError(f"this expression has no real value (it is {value})", e.span,
+                        hint="check its constants: 0 * inf, inf - inf, log(0) and sqrt(-1) are not numbers")
+    return value
+
+
+def _to_sympy(e: ir.Expr, env: dict[str, sp.Expr]) -> sp.Expr:
     if isinstance(e, ir.Const):
         return number(e.value)
     if isinstance(e, ir.Ref):

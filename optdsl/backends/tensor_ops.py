@@ -132,7 +132,13 @@ class Emitter:
             A, B = self.operand(a), self.operand(b)
             if A.tensor and B.tensor:
                 return self.apply("lerp", [A, B, self.operand(w)], e.args, target=target)
-            return self.emit(fn.meaning(e), target)
+            # a scalar end: torch.lerp on it made a tensor (its expanded meaning holds scalar
+            # subexpressions the plan never hoisted, which emit cannot print)
+            args = [A, B, self.operand(w)]
+            ref = _first_tensor(args)
+            wrapped = (f"{{{i}}}" if x.level >= DEVICE else f"{{{ref}}}.new_tensor({{{i}}})"
+                       for i, x in enumerate(args))
+            return self.apply("call", args, e.args, template="torch.lerp({}, {}, {})".format(*wrapped))
         if isinstance(e, (sp.Min, sp.Max)):
             return self.emit_minmax(e, target)
         if (type(e) is fn.where and self._level(e.args[0]) <= PARAM

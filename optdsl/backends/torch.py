@@ -17,6 +17,14 @@ INTERNAL_NAMES = {"param", "params", "grads", "state_steps", "step_t", "i", "t",
                   "device_params", "device_grads", "device_steps", "grouped", "torch", "math", "Optimizer"}
 
 
+# Python twins of torch functions for host scalars, emitted only where a spec uses them.
+HOST_HELPERS = {
+    "_sign": "def _sign(x):\n    return 0.0 if x == 0 else math.copysign(1.0, x)",
+    "_sigmoid": "def _sigmoid(x):\n    return 1.0 / (1.0 + math.exp(-x))",
+    "_softplus": "def _softplus(x):\n    return math.log1p(math.exp(-abs(x))) + max(x, 0.0)",
+}
+
+
 @functools.cache
 def environment() -> jinja2.Environment:
     return jinja2.Environment(loader=jinja2.PackageLoader("optdsl", "templates"),
@@ -129,11 +137,11 @@ def _latex_rule(prog: ir.Program) -> list[str]:
         env[ssa] = sp.Symbol(ssa[:-1].rstrip("_") if ssa.endswith("0") else ssa)
     from ..sym import to_sympy
     lines = []
-    for eq in prog.eqns:
-        env_view = dict(env)
-        value = to_sympy(eq.expr, env_view)
-        lines.append(f"{sp.latex(sp.Symbol(eq.target))} &\\leftarrow {sp.latex(value)}")
-        env[eq.out] = sp.Symbol(eq.target)
+    with sp.evaluate(False):  # keep the statement's own shape and order
+        for eq in prog.eqns:
+            value = sp.latex(to_sympy(eq.expr, env), order="none", mul_symbol="dot")
+            lines.append(f"{sp.latex(sp.Symbol(eq.target))} &\\leftarrow {value}")
+            env[eq.out] = sp.Symbol(eq.target)
     return lines
 
 
@@ -171,6 +179,8 @@ def render(plan: Plan, source: str, filename: str) -> str:
         statements=list(dict.fromkeys(statements)), latex=_latex_rule(prog),
         spec=source.strip("\n"), number=_py_number,
     )
+    host_code = "\n".join(e for _, e in ctx["group_defs"] + ctx["param_single"])
+    ctx["helpers"] = [code for name, code in HOST_HELPERS.items() if f"{name}(" in host_code]
     return environment().get_template("torch_optimizer.py.j2").render(**ctx)
 
 
