@@ -187,7 +187,10 @@ def _multi_tensor_nsgda(params, grads, m_list, state_steps, *, lr, momentum, eps
         exact = device_params[0].dtype in _EXACT
         p = device_params if exact else [x.float() for x in device_params]
         g = device_grads if exact else [x.float() for x in device_grads]
-        torch._foreach_add_(device_steps, 1)
+        if device_steps[0].is_cpu:  # one wrapped scalar, not one per tensor (as torch.optim does)
+            torch._foreach_add_(device_steps, torch.tensor(1.0), alpha=1.0)
+        else:
+            torch._foreach_add_(device_steps, 1)
         t = [s.item() for s in device_steps]
         # Scalars of the step count: one per tensor, on the host.
         c0 = [1/(1 - momentum**t_) for t_ in t]

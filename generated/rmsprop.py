@@ -229,7 +229,10 @@ def _multi_tensor_rmsprop(params, grads, square_avg_list, grad_avg_list, buf_lis
         exact = device_params[0].dtype in _EXACT
         p = device_params if exact else [x.float() for x in device_params]
         g = device_grads if exact else [x.float() for x in device_grads]
-        torch._foreach_add_(device_steps, 1)
+        if device_steps[0].is_cpu:  # one wrapped scalar, not one per tensor (as torch.optim does)
+            torch._foreach_add_(device_steps, torch.tensor(1.0), alpha=1.0)
+        else:
+            torch._foreach_add_(device_steps, 1)
         t = [s.item() for s in device_steps]
         tmp0 = torch._foreach_add(g, p, alpha=wd) if wd != 0 else g
         torch._foreach_lerp_(grad_avg, tmp0, k2)

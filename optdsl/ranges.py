@@ -73,7 +73,7 @@ class Interval:
         return (self.lo < x or (self.lo_closed and x == self.lo)) and (x < self.hi or (self.hi_closed and x == self.hi))
 
     def __str__(self) -> str:
-        num = lambda x: str(int(x)) if math.isfinite(x) and x == int(x) else repr(x)  # noqa: E731
+        num = lambda x: str(int(x)) if abs(x) < 1e16 and x == int(x) else repr(x)  # noqa: E731
         return f"{'[' if self.lo_closed else '('}{num(self.lo)}, {num(self.hi)}{']' if self.hi_closed else ')'}"
 
 

@@ -101,6 +101,14 @@ def test_numbers_and_inf():
     assert B(x - y) == Interval.full()  # inf - inf
     assert B(t - v) == Interval.full() and B(t + v) == Interval(1, INF)
     assert B(0 * x + 1) == Interval.point(1)
+    huge = B(x**3, {x: Interval(1e200, 1e300)})  # overflow: the low end stays finite
+    assert huge.lo == 1.7976931348623157e308 and huge.hi == INF and str(huge) == "[1.7976931348623157e+308, inf)"
+    assert B(sp.exp(x), {x: Interval(800, 900)}).lo < INF
+
+
+def test_fractional_power_of_negative_bounds_the_real_values():
+    assert B(sp.sqrt(x), {x: Interval(-1, 4)}).lo == 0 and B(sp.sqrt(x), {x: Interval(-1, 4)}).hi >= 2
+    assert B(sp.sqrt(x), {x: Interval(-2, -1)}) == Interval.full()
 
 
 # ---- randomized soundness: sampled values lie in the computed interval ----
