@@ -176,15 +176,14 @@ def _single_tensor_adam(params, grads, m_list, v_list, state_steps, *, lr, b1, b
         step_t += 1
         t = step_t.item()
         # Scalars of the step count: once per parameter, on the host.
-        c0 = -lr/(1 - b1**t)
-        c1 = 1/(1 - b2**t)
+        c0 = -lr/((1 - b1**t)*math.sqrt(1/(1 - b2**t)))
+        c1 = eps/math.sqrt(1/(1 - b2**t))
         tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
         v.mul_((1 - k0))
         v.addcmul_(tmp0, tmp0, value=k0)
         m.lerp_(tmp0, k1)
-        tmp1 = torch.mul(v, c1)
-        tmp1.sqrt_()
-        tmp1.add_(eps)
+        tmp1 = torch.sqrt(v)
+        tmp1.add_(c1)
         p.addcdiv_(m, tmp1, value=c0)
         if p is not param:
             param.copy_(p)
@@ -208,15 +207,14 @@ def _multi_tensor_adam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2
             torch._foreach_add_(device_steps, 1)
         t = [s.item() for s in device_steps]
         # Scalars of the step count: one per tensor, on the host.
-        c0 = [-lr/(1 - b1**t_) for t_ in t]
-        c1 = [1/(1 - b2**t_) for t_ in t]
+        c0 = [-lr/((1 - b1**t_)*math.sqrt(1/(1 - b2**t_))) for t_ in t]
+        c1 = [eps/math.sqrt(1/(1 - b2**t_)) for t_ in t]
         tmp0 = torch._foreach_add(g, p, alpha=wd) if wd != 0 else g
         torch._foreach_mul_(v, (1 - k0))
         torch._foreach_addcmul_(v, tmp0, tmp0, k0)
         torch._foreach_lerp_(m, tmp0, k1)
-        tmp1 = torch._foreach_mul(v, c1)
-        torch._foreach_sqrt_(tmp1)
-        torch._foreach_add_(tmp1, eps)
+        tmp1 = torch._foreach_sqrt(v)
+        torch._foreach_add_(tmp1, c1)
         torch._foreach_addcdiv_(p, m, tmp1, c0)
         if not exact:
             torch._foreach_copy_(device_params, p)

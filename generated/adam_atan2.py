@@ -184,14 +184,13 @@ def _single_tensor_adamatan2(params, grads, m_list, v_list, state_steps, *, lr, 
         t = step_t.item()
         # Scalars of the step count: once per parameter, on the host.
         c0 = 1/(1 - b1**t)
-        c1 = 1/(1 - b2**t)
+        c1 = b*math.sqrt(1/(1 - b2**t))
         m.lerp_(g, k2)
         v.mul_((1 - k3))
         v.addcmul_(g, g, value=k3)
         tmp0 = torch.mul(m, c0)
-        tmp1 = torch.mul(v, c1)
-        tmp1.sqrt_()
-        tmp1.mul_(b)
+        tmp1 = torch.sqrt(v)
+        tmp1.mul_(c1)
         tmp2 = torch.atan2(tmp0, tmp1)
         p.mul_(k0)
         p.add_(tmp2, alpha=k1)
@@ -220,14 +219,13 @@ def _multi_tensor_adamatan2(params, grads, m_list, v_list, state_steps, *, lr, b
         t = [s.item() for s in device_steps]
         # Scalars of the step count: one per tensor, on the host.
         c0 = [1/(1 - b1**t_) for t_ in t]
-        c1 = [1/(1 - b2**t_) for t_ in t]
+        c1 = [b*math.sqrt(1/(1 - b2**t_)) for t_ in t]
         torch._foreach_lerp_(m, g, k2)
         torch._foreach_mul_(v, (1 - k3))
         torch._foreach_addcmul_(v, g, g, k3)
         tmp0 = torch._foreach_mul(m, c0)
-        tmp1 = torch._foreach_mul(v, c1)
-        torch._foreach_sqrt_(tmp1)
-        torch._foreach_mul_(tmp1, b)
+        tmp1 = torch._foreach_sqrt(v)
+        torch._foreach_mul_(tmp1, c1)
         tmp2 = [torch.atan2(tmp0_, tmp1_) for tmp0_, tmp1_ in zip(tmp0, tmp1)]
         torch._foreach_mul_(p, k0)
         torch._foreach_add_(p, tmp2, alpha=k1)

@@ -177,14 +177,13 @@ def _single_tensor_adamw(params, grads, m_list, v_list, state_steps, *, lr, b1, 
         step_t += 1
         t = step_t.item()
         # Scalars of the step count: once per parameter, on the host.
-        c0 = -lr/(1 - b1**t)
-        c1 = 1/(1 - b2**t)
+        c0 = -lr/((1 - b1**t)*math.sqrt(1/(1 - b2**t)))
+        c1 = eps/math.sqrt(1/(1 - b2**t))
         v.mul_((1 - k1))
         v.addcmul_(g, g, value=k1)
         m.lerp_(g, k2)
-        tmp0 = torch.mul(v, c1)
-        tmp0.sqrt_()
-        tmp0.add_(eps)
+        tmp0 = torch.sqrt(v)
+        tmp0.add_(c1)
         p.mul_(k0)
         p.addcdiv_(m, tmp0, value=c0)
         if p is not param:
@@ -210,14 +209,13 @@ def _multi_tensor_adamw(params, grads, m_list, v_list, state_steps, *, lr, b1, b
             torch._foreach_add_(device_steps, 1)
         t = [s.item() for s in device_steps]
         # Scalars of the step count: one per tensor, on the host.
-        c0 = [-lr/(1 - b1**t_) for t_ in t]
-        c1 = [1/(1 - b2**t_) for t_ in t]
+        c0 = [-lr/((1 - b1**t_)*math.sqrt(1/(1 - b2**t_))) for t_ in t]
+        c1 = [eps/math.sqrt(1/(1 - b2**t_)) for t_ in t]
         torch._foreach_mul_(v, (1 - k1))
         torch._foreach_addcmul_(v, g, g, k1)
         torch._foreach_lerp_(m, g, k2)
-        tmp0 = torch._foreach_mul(v, c1)
-        torch._foreach_sqrt_(tmp0)
-        torch._foreach_add_(tmp0, eps)
+        tmp0 = torch._foreach_sqrt(v)
+        torch._foreach_add_(tmp0, c1)
         torch._foreach_mul_(p, k0)
         torch._foreach_addcdiv_(p, m, tmp0, c0)
         if not exact:

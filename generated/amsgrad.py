@@ -184,16 +184,15 @@ def _single_tensor_amsgrad(params, grads, m_list, v_list, v_max_list, state_step
         step_t += 1
         t = step_t.item()
         # Scalars of the step count: once per parameter, on the host.
-        c0 = -lr/(1 - b1**t)
-        c1 = 1/(1 - b2**t)
+        c0 = -lr/((1 - b1**t)*math.sqrt(1/(1 - b2**t)))
+        c1 = eps/math.sqrt(1/(1 - b2**t))
         tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
         v.mul_((1 - k0))
         v.addcmul_(tmp0, tmp0, value=k0)
         tmp1 = torch.maximum(v_max, v)
         m.lerp_(tmp0, k1)
-        tmp2 = torch.mul(tmp1, c1)
-        tmp2.sqrt_()
-        tmp2.add_(eps)
+        tmp2 = torch.sqrt(tmp1)
+        tmp2.add_(c1)
         p.addcdiv_(m, tmp2, value=c0)
         v_max.copy_(tmp1)
         if p is not param:
@@ -218,16 +217,15 @@ def _multi_tensor_amsgrad(params, grads, m_list, v_list, v_max_list, state_steps
             torch._foreach_add_(device_steps, 1)
         t = [s.item() for s in device_steps]
         # Scalars of the step count: one per tensor, on the host.
-        c0 = [-lr/(1 - b1**t_) for t_ in t]
-        c1 = [1/(1 - b2**t_) for t_ in t]
+        c0 = [-lr/((1 - b1**t_)*math.sqrt(1/(1 - b2**t_))) for t_ in t]
+        c1 = [eps/math.sqrt(1/(1 - b2**t_)) for t_ in t]
         tmp0 = torch._foreach_add(g, p, alpha=wd) if wd != 0 else g
         torch._foreach_mul_(v, (1 - k0))
         torch._foreach_addcmul_(v, tmp0, tmp0, k0)
         tmp1 = torch._foreach_maximum(v_max, v)
         torch._foreach_lerp_(m, tmp0, k1)
-        tmp2 = torch._foreach_mul(tmp1, c1)
-        torch._foreach_sqrt_(tmp2)
-        torch._foreach_add_(tmp2, eps)
+        tmp2 = torch._foreach_sqrt(tmp1)
+        torch._foreach_add_(tmp2, c1)
         torch._foreach_addcdiv_(p, m, tmp2, c0)
         torch._foreach_copy_(v_max, tmp1)
         if not exact:

@@ -14,6 +14,7 @@ import sympy as sp
 from . import ir
 from .errors import SpecError
 from .functions import COMPARISONS, REDUCTIONS, TABLE
+from .rewrite import rewrite
 
 GROUP, PARAM, DEVICE, TENSOR = 0, 1, 2, 3
 LEVEL_NAMES = {GROUP: "group", PARAM: "param", DEVICE: "device", TENSOR: "tensor"}
@@ -227,6 +228,7 @@ def plan(prog: ir.Program) -> Plan:
     hoister = _Hoister(levels, _Names(taken), preferred)
 
     base_sym = {"p": syms["p0"], **{s.name: syms[ir.ssa_name(s.name, 0)] for s in prog.states}}
+    outputs = {base: rewrite(e, set(inputs), prog) for base, e in outputs.items()}
     hoisted = [(base, hoister.hoist(_collect_base(base_sym[base], e), TENSOR)) for base, e in outputs.items()]
 
     # Share common tensor work between the outputs and the reductions' operands.

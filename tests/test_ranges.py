@@ -168,7 +168,7 @@ def test_random_soundness():
             point = [sample(rng, env[s]) for s in SYMS]
             try:
                 val = f(*point)
-            except (ValueError, ZeroDivisionError, OverflowError, TypeError):
+            except (ValueError, ZeroDivisionError, OverflowError, TypeError, NameError):
                 continue
             if isinstance(val, complex) or not math.isfinite(val):
                 continue
