@@ -92,6 +92,13 @@ def check(prog: ir.Program) -> list[SpecWarning]:
     return warnings
 
 
+def _literal(e: ir.Expr) -> float | None:
+    """The value of a number as written, `-1` (a negated literal) included; None for anything else."""
+    if isinstance(e, ir.Op) and e.op == "neg" and isinstance(e.args[0], ir.Const):
+        return -e.args[0].value
+    return e.value if isinstance(e, ir.Const) else None
+
+
 def _check_op(op: ir.Op, ranges: _Ranges, names: dict[str, str]) -> list[SpecWarning]:
     out = []
 
@@ -101,7 +108,8 @@ def _check_op(op: ir.Op, ranges: _Ranges, names: dict[str, str]) -> list[SpecWar
     def warn(arg, message, hint):
         out.append(SpecWarning(message.format(x=format_expr(arg), r=ranges.of(arg)), arg.span or op.span, hint))
 
-    if op.op == "/" or (op.op == "^" and isinstance(op.args[1], ir.Const) and op.args[1].value < 0):
+    exponent = _literal(op.args[1]) if op.op == "^" else None
+    if op.op == "/" or (exponent is not None and exponent < 0):
         den = op.args[1] if op.op == "/" else op.args[0]
         r = ranges.of(den)
         if r.lo == r.hi == 0:
@@ -120,7 +128,7 @@ def _check_op(op: ir.Op, ranges: _Ranges, names: dict[str, str]) -> list[SpecWar
                     "log1p": "-1 or less"}[op.op]
             warn(arg, f"{op.op}() of '{{x}}', which can be {what} (it ranges over {{r}})",
                  "guard the argument (e.g. max(x, 0) or + eps) or narrow the declared ranges")
-    elif op.op == "^" and isinstance(op.args[1], ir.Const) and not float(op.args[1].value).is_integer():
+    elif exponent is not None and not float(exponent).is_integer():
         if not ranges.of(op.args[0]).nonnegative:
             warn(op.args[0], "fractional power of '{x}', which can be negative (it ranges over {r})",
                  "raise a non-negative value, e.g. abs(x)^a")

@@ -1,4 +1,4 @@
-"""The `optdsl` command: build and check specs."""
+"""The `optdsl` command: build, check and compare specs."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from .build import build, spec_files
+from .equiv import equivalent, report
 from .errors import SpecError
 from .pipeline import compile_source
 
@@ -13,6 +14,17 @@ EPILOG = """examples:
   optdsl build specs/              regenerate generated/ from every spec
   optdsl build specs/ -o out/      write somewhere else
   optdsl check specs/adamw.opt     parse and check, print warnings, write nothing
+  optdsl equiv specs/adam.opt specs/adamw.opt --assume wd=0.1
+                                   prove two specs the same optimizer, or show where they differ
+"""
+
+EQUIV_EPILOG = """exit status: 0 proven equivalent, 1 counterexample found, 2 undecided (not proven, no
+counterexample in the samples), 3 error (bad spec, unknown name, assumption out of range).
+
+examples:
+  optdsl equiv specs/adamw.opt my_adamw.opt
+  optdsl equiv specs/adam.opt tests/specs/equiv/rmsprop_bc.opt --assume b1=0 --assume wd=0 \\
+               --map b2=alpha --map v=sq
 """
 
 
@@ -43,6 +55,51 @@ def _check(args) -> int:
     return 1 if failed else 0
 
 
+def _name_values(items: list[str] | None, option: str) -> dict[str, str]:
+    pairs = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not (sep and name.strip() and value.strip()):
+            raise ValueError(f"{option} expects NAME=VALUE, got {item!r}")
+        pairs[name.strip()] = value.strip()
+    return pairs
+
+
+def _explain(args) -> int:
+    from .explain import explain, report
+    try:
+        compiled = compile_source(Path(args.spec).read_text(encoding="utf-8"), Path(args.spec).as_posix())
+    except SpecError as err:
+        print(err, file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"optdsl: cannot read {args.spec}: {err.strerror}", file=sys.stderr)
+        return 1
+    print(report(explain(compiled), latex=args.latex))
+    return 0
+
+
+def _equiv(args) -> int:
+    try:
+        assume = {}
+        for name, value in _name_values(args.assume, "--assume").items():
+            try:
+                assume[name] = float(value)
+            except ValueError:
+                raise ValueError(f"--assume {name}={value}: not a number") from None
+        mapping = _name_values(args.map, "--map")
+        specs = [compile_source(Path(f).read_text(encoding="utf-8"), f) for f in (args.a, args.b)]
+    except SpecError as err:
+        print(err, file=sys.stderr)
+        return 3
+    except (OSError, ValueError) as err:  # an unreadable file, a malformed option
+        print(f"optdsl equiv: error: {err}", file=sys.stderr)
+        return 3
+    verdict = equivalent(*specs, assume=assume, mapping=mapping, samples=args.samples)
+    print(report(verdict, args.a, args.b), file=sys.stderr if verdict.error else sys.stdout)
+    return verdict.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="optdsl", description="Compile optimizer specs to PyTorch.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,6 +112,22 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("check", help="parse and check specs, print warnings, write nothing")
     c.add_argument("specs", help="a folder of .opt files, or one file")
     c.set_defaults(run=_check)
+    x = sub.add_parser("explain", help="the update rule as math, its properties and domain risks",
+                       epilog="example:\n  optdsl explain specs/adamw.opt --latex",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    x.add_argument("spec", help="one .opt file")
+    x.add_argument("--latex", action="store_true", help="print the update rule as LaTeX")
+    x.set_defaults(run=_explain)
+    e = sub.add_parser("equiv", help="prove two specs compute the same step, or find a counterexample",
+                       epilog=EQUIV_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("a", help="spec A (.opt file)")
+    e.add_argument("b", help="spec B (.opt file)")
+    e.add_argument("--assume", action="append", metavar="NAME=VALUE",
+                   help="fix a hyperparameter in both specs (repeatable), e.g. --assume b1=0")
+    e.add_argument("--map", action="append", metavar="A_NAME=B_NAME",
+                   help="rename a hyperparameter or state of A to B's name (repeatable)")
+    e.add_argument("--samples", type=int, default=200, help="random points tried for a counterexample (default 200)")
+    e.set_defaults(run=_equiv)
     args = parser.parse_args(argv)
     return args.run(args)
 

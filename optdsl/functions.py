@@ -59,7 +59,7 @@ def _indicator(name: str, test: Callable[[sp.Expr, sp.Expr], object]):
     """A comparison as a number: 1.0 where it holds, 0.0 where not."""
 
     def eval(cls, a, b):
-        if a.is_Number and b.is_Number:
+        if a.is_Number and b.is_Number and sp.nan not in (a, b):
             return sp.Integer(1) if test(a, b) else sp.Integer(0)
 
     return type(name, (_Opaque,), {"nargs": 2, "eval": classmethod(eval)})
@@ -99,6 +99,19 @@ class amax(_Reduction):
     pass
 
 
+def _minmax(func):
+    """SymPy's Min/Max, left unevaluated where SymPy cannot order constant arguments."""
+    def build(*args):
+        try:
+            return func(*args)
+        except (TypeError, ValueError):
+            return func(*args, evaluate=False)
+    return build
+
+
+_min, _max = _minmax(sp.Min), _minmax(sp.Max)
+
+
 @dataclass(frozen=True)
 class Function:
     name: str
@@ -125,10 +138,10 @@ TABLE: dict[str, Function] = {f.name: f for f in [
     F("softplus", 1, softplus, "torch.nn.functional.softplus({0})", "_softplus({0})"),
     F("square", 1, lambda x: x**2, "torch.square({0})", "({0}) ** 2"),
     F("atan2", 2, sp.atan2, "torch.atan2({0}, {1})", "math.atan2({0}, {1})"),
-    F("lerp", 3, lerp, "torch.lerp({0}, {1}, {2})", "{0} + {2} * ({1} - {0})"),
-    F("min", 2, sp.Min, "torch.minimum({0}, {1})", "min({0}, {1})"),
-    F("max", 2, sp.Max, "torch.maximum({0}, {1})", "max({0}, {1})"),
-    F("clamp", 3, lambda x, lo, hi: sp.Min(sp.Max(x, lo), hi), "torch.clamp({0}, {1}, {2})",
+    F("lerp", 3, lerp, "torch.lerp({0}, {1}, {2})", "(({0}) + ({2}) * (({1}) - ({0})))"),
+    F("min", 2, _min, "torch.minimum({0}, {1})", "min({0}, {1})"),
+    F("max", 2, _max, "torch.maximum({0}, {1})", "max({0}, {1})"),
+    F("clamp", 3, lambda x, lo, hi: _min(_max(x, lo), hi), "torch.clamp({0}, {1}, {2})",
       "min(max({0}, {1}), {2})"),
     F("where", 3, where, "torch.where({0} != 0, {1}, {2})", "({1} if {0} else {2})"),
     # ---- reductions: one scalar per parameter ----

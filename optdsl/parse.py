@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -135,11 +136,12 @@ class _ToAst(Transformer):
 # Each label is "message | what to do".
 _EXAMPLES = {
     "a spec starts with 'optimizer NAME' | put 'optimizer MyName' on the first line that is not blank or a comment": [
-        "hyper lr = 1", "p -= g", "state m",
+        "hyper lr = 1", "p -= g", "state m", "\nhyper lr = 1", "\np -= g", "\nstate m",
     ],
     "expected an expression after the operator | finish the expression, or continue it inside parentheses to span lines": [
         "optimizer X\np -= g *\n", "optimizer X\np -= g +\n", "optimizer X\np -= \n",
-        "optimizer X\np -= g ^\n", "optimizer X\np -= g / ;",
+        "optimizer X\np -= g ^\n", "optimizer X\np -= g / ;", "optimizer X\np -= g -\n", "optimizer X\np -= g /\n",
+        "optimizer X\np -= g <\n", "optimizer X\np -= -\n", "optimizer X\np -= f(g, )\n",
     ],
     "comparisons do not chain | write 'a < b < c' as two comparisons, e.g. (a < b) * (b < c)": [
         "optimizer X\nx = a < b < c\n", "optimizer X\nx = a == b != c\n",
@@ -164,6 +166,8 @@ _EXAMPLES = {
     ],
     "two statements run together | end each statement with a newline or ';'": [
         "optimizer X\np -= g m = g\n", "optimizer X\np -= g state m\n", "optimizer X\nhyper a = 1 b = 2\n",
+        "optimizer X\np -= f(g) m = g\n", "optimizer X\np -= 2 m = g\n", "optimizer X\nhyper a = 1 in [0, 1] b = 2\n",
+        "optimizer X\nstate m = 1 v\n",
     ],
     "a string is allowed only after 'optimizer NAME' | strings are docstrings; remove the quotes": [
         'optimizer X\np -= "g"\n', 'optimizer X\nhyper a = "1"\n',
@@ -227,6 +231,12 @@ def _syntax_error(err: UnexpectedInput, text: str) -> SpecError:
         label = _match_label(err)
     except Exception:  # matching is best effort: never hide the real error behind it
         label = None
+    if label is None and isinstance(err, UnexpectedToken) and "_NL" in err.accepts and (
+            str(err.token) in ("hyper", "state") or err.token.type == "NAME" and re.match(
+                r"\s*[-+*/]?=(?!=)", text[err.token.end_pos:])):  # a statement could end here; one begins
+        label = next(k for k in _EXAMPLES if k.startswith("two statements"))
+    if isinstance(err, UnexpectedToken) and err.token.type == "STRING":
+        label = next(k for k in _EXAMPLES if k.startswith("a string is allowed"))
     label, _, label_hint = (label or "").partition(" | ")
     # A missing ')' or ']' lets the next lines run on into this one: point at the opener.
     tok = getattr(err, "token", None)
@@ -264,12 +274,8 @@ def _syntax_error(err: UnexpectedInput, text: str) -> SpecError:
     column = getattr(err, "column", 0) or 1
     if line < 1:
         line, column = text.count("\n") + 1, len(text.rsplit("\n", 1)[-1]) + 1
-    try:
-        context = err.get_context(text)
-    except Exception:
-        context = None
     return SpecError(f"syntax error: {message}", Span(line, column, line, column + 1), hint=hint,
-                     source=text, context=_indent(context) if context else None)
+                     source=text)  # the whole line and a caret, as every other error shows it
 
 
 _TOKEN_NAMES = {"_NL": "end of line", "SEMICOLON": "';'", "NAME": "a name", "NUMBER": "a number",
@@ -283,12 +289,14 @@ def _pretty(name: str) -> str:
     return _TOKEN_NAMES.get(name, name.lower())
 
 
-def _indent(context: str) -> str:
-    return "\n".join("    " + line for line in context.rstrip("\n").split("\n"))
-
-
 def parse(text: str, filename: str = "<spec>") -> ast.Spec:
     """Parse spec text into the AST. Raises SpecError (never a Lark or Python error)."""
+    bad = re.search(r"[\x00-\x08\x0b\x0e-\x1f\x7f]", text)  # not even in a comment or a string
+    if bad:
+        line = text.count("\n", 0, bad.start()) + 1
+        column = bad.start() - text.rfind("\n", 0, bad.start())
+        raise SpecError(f"syntax error: unexpected character {bad.group()!r}", Span(line, column, line, column + 1),
+                        hint="remove the control character", filename=filename, source=text)
     try:
         tree = parser().parse(text)
     except UnexpectedInput as err:

@@ -268,6 +268,9 @@ def _sign(e, env) -> Interval:
 
 def _atan2(e, env) -> Interval:
     y, pi = bound(e.args[0], env), math.nextafter(math.pi, INF)
+    if bound(e.args[1], env).nonnegative:  # x >= 0: the right half-plane, |atan2| <= pi/2
+        half = math.nextafter(math.pi / 2, INF)
+        return Interval(-half if not y.nonnegative else 0.0, half if not y.negative else 0.0)
     if y.negative:
         return Interval(-pi, 0.0, True, False)
     return Interval(0.0, pi, not y.positive) if y.nonnegative else Interval(-pi, pi)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import sympy as sp
+from sympy.core.parameters import global_parameters
 
 from . import ir
 from .errors import SpecError
@@ -32,7 +33,8 @@ def number(x: float) -> sp.Expr:
 def to_sympy(e: ir.Expr, env: dict[str, sp.Expr]) -> sp.Expr:
     """The SymPy meaning of an IR expression; `env` maps each name read to its value."""
     value = _to_sympy(e, env)
-    if value.is_extended_real is False or value is sp.nan:  # 0*inf, inf - inf, log(0), sqrt(-1), ...
+    # (asked only of evaluated expressions: SymPy can recurse without end on unevaluated ones)
+    if value is sp.nan or (global_parameters.evaluate and value.is_extended_real is False):  # 0*inf, log(0), ...
         raise SpecError(f"this expression has no real value (it is {value})", e.span,
                         hint="check its constants: 0 * inf, inf - inf, log(0) and sqrt(-1) are not numbers")
     return value
@@ -57,6 +59,9 @@ def _to_sympy(e: ir.Expr, env: dict[str, sp.Expr]) -> sp.Expr:
     if e.op == "neg":
         return -args[0]
     fn = TABLE.get(e.op) or _CMP[e.op]
+    if e.op == "abs":  # every value is real: SymPy reads Abs(exp(x)) of a complex x as exp(re(x))
+        real = {s: sp.Dummy(s.name, real=True) for s in args[0].free_symbols}
+        return sp.Abs(args[0].xreplace(real)).xreplace({d: s for s, d in real.items()})
     return fn.sympy(*args)
 
 

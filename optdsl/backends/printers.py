@@ -8,6 +8,8 @@ from .. import functions as fn
 
 _BY_CLASS = {f.sympy: f for f in list(fn.TABLE.values()) + list(fn.COMPARISONS.values())
              if isinstance(f.sympy, type)}
+# SymPy writes atan2(y, c) of a constant c > 0 as atan(y/c): no spec names atan, but a plan may hold it.
+_BY_CLASS[sp.atan] = fn.Function("atan", 1, sp.atan, "torch.atan({0})", "math.atan({0})", "atan")
 
 
 class HostPrinter(PythonCodePrinter):
@@ -59,7 +61,9 @@ class DevicePrinter(HostPrinter):
     def _nary(self, e, func):
         out = self._print(e.args[0])
         for a in e.args[1:]:
-            out = f"{func}(torch.as_tensor({out}), torch.as_tensor({self._print(a)}))"
+            # float64: torch.as_tensor(0.9) alone would round a host float to float32
+            out = (f"{func}(torch.as_tensor({out}, dtype=torch.float64), "
+                   f"torch.as_tensor({self._print(a)}, dtype=torch.float64))")
         return out
 
     def _print_exp(self, e):
@@ -79,6 +83,9 @@ class DevicePrinter(HostPrinter):
 
     def _print_atan2(self, e):
         return f"torch.atan2({self._print(e.args[0])}, {self._print(e.args[1])})"
+
+    def _print_atan(self, e):
+        return f"torch.atan({self._print(e.args[0])})"
 
     def _print_log1p(self, e):
         return f"torch.log1p({self._print(e.args[0])})"

@@ -127,7 +127,7 @@ class Emitter:
                 x, y = (self.operand(f) for f in product)
                 acc = self.apply("mul", [self.operand(a), Operand(f"(1 - {self.operand(w).code})", GROUP)],
                                  [a], target=target)
-                return self.apply("addcmul", [acc, x, y], list(product) + [w], value=self.operand(w),
+                return self.apply("addcmul", [acc, x, y], list(dict.fromkeys(product)) + [w], value=self.operand(w),
                                   target=target)
             A, B = self.operand(a), self.operand(b)
             if A.tensor and B.tensor:
@@ -266,7 +266,7 @@ class Emitter:
         special = {sp.Integer(2): None, sp.S.Half: "sqrt", -sp.S.Half: "rsqrt", sp.Integer(-1): "reciprocal"}
         if exp in special:
             if special[exp] is None:
-                return self.apply("mul", [b, b], [base, base], target=target)
+                return self.apply("mul", [b, b], [base], target=target)  # one use of base, read twice
             return self.apply(special[exp], [b], [base], target=target)
         return self.apply("pow", [b, self.operand(exp)], [base, exp], target=target)
 
@@ -322,17 +322,22 @@ class Emitter:
             result = self.emit(d.expr, target=target)
             self._rename(result, d.symbol)
         pending = list(self.plan.outputs)
-        copies = []
         while pending:  # update in place the outputs whose old value nothing else reads
-            ready = next((o for o in pending if self._free_to_write(o, pending)), pending[0])
+            ready = next((o for o in pending if self._free_to_write(o, pending)), None)
+            if ready is None:  # each reads another's old value (m, v = v, m): keep this one's
+                ready = pending[0]
+                keep = self.fresh()
+                self.owned.add(keep)
+                self.instrs.append(Instr("call", keep, (Operand(ready[0], TENSOR),), template="torch.clone({0})"))
+                self.buffer[self._base_symbol(ready[0])] = keep
             pending.remove(ready)
             base, e = ready
             result = self.operand(e) if e.is_Symbol or e.is_Number else self.emit(e, target=base)
             if e.is_Symbol:
                 self._consume([e])
-            if result.code != base:
-                copies.append(Instr("copy", base, (Operand(base, TENSOR), result), inplace=True))
-        return self.instrs + copies
+            if result.code != base:  # now, before a later output updates its source in place
+                self.instrs.append(Instr("copy", base, (Operand(base, TENSOR), result), inplace=True))
+        return self.instrs
 
     def _may_write_symbol(self, e: sp.Expr, target: str | None) -> bool:
         """Would `e` be written in place once this use of it is consumed?"""

@@ -8,6 +8,7 @@ import jinja2
 import sympy as sp
 
 from .. import ir
+from ..mathtext import statement_math
 from ..sym import DEVICE, GROUP, PARAM, TENSOR, Plan, meanings
 from .printers import HostPrinter
 from .tensor_ops import Emitter, Instr, Operand
@@ -92,6 +93,10 @@ def multi(instr: Instr) -> list[str]:
                 + ["    " + line for line in per_tensor.split("\n")])
     if instr.skip_zero:
         return [f"{_multi_line(instr)} if {instr.value.code} != 0 else {a[0]}"]
+    if instr.op == "copy" and instr.args[1].level in (GROUP, PARAM):  # host floats: fill each tensor
+        if instr.args[1].level == GROUP:
+            return [f"for x_ in {a[0]}:", f"    x_.fill_({a[1]})"]
+        return [f"for x_, v_ in zip({a[0]}, {a[1]}):", "    x_.fill_(v_)"]
     return [_multi_line(instr)]
 
 
@@ -130,21 +135,6 @@ def _rename_word(text: str, name: str, new: str) -> str:
 
 
 # ---- the module ----
-def _latex_rule(prog: ir.Program) -> list[str]:
-    """Each statement as LaTeX, names without SSA versions (the docstring's math)."""
-    env = {n: sp.Symbol(n) for n in [h.name for h in prog.hypers] + ["t", "loss"]}
-    for ssa in prog.inputs:
-        env[ssa] = sp.Symbol(ssa[:-1].rstrip("_") if ssa.endswith("0") else ssa)
-    from ..sym import to_sympy
-    lines = []
-    with sp.evaluate(False):  # keep the statement's own shape and order
-        for eq in prog.eqns:
-            value = sp.latex(to_sympy(eq.expr, env), order="none", mul_symbol="dot")
-            lines.append(f"{sp.latex(sp.Symbol(eq.target))} &\\leftarrow {value}")
-            env[eq.out] = sp.Symbol(eq.target)
-    return lines
-
-
 def _functional_name(name: str) -> str:
     low = name.lower()
     return low + "_" if keyword.iskeyword(low) else low
@@ -176,10 +166,10 @@ def render(plan: Plan, source: str, filename: str) -> str:
         param_multi=param_multi,
         single_body=[line for i in instrs for line in single(i)],
         multi_body=[line for i in instrs for line in multi(i)],
-        statements=list(dict.fromkeys(statements)), latex=_latex_rule(prog),
-        spec=source.strip("\n"), number=_py_number,
+        statements=list(dict.fromkeys(statements)), latex=statement_math(prog, latex=True),
+        spec=source.strip("\n").replace('"""', '""\\"'), number=_py_number,  # in a r""" docstring
     )
-    host_code = "\n".join(e for _, e in ctx["group_defs"] + ctx["param_single"])
+    host_code = "\n".join(e for _, e in ctx["group_defs"] + ctx["param_single"] + ctx["state_inits"] if e)
     ctx["helpers"] = [code for name, code in HOST_HELPERS.items() if f"{name}(" in host_code]
     return environment().get_template("torch_optimizer.py.j2").render(**ctx)
 
@@ -201,5 +191,15 @@ def _init_code(state: ir.State, prog: ir.Program) -> str | None:
     env = {h.name: sp.Symbol(f'group["{h.name}"]') for h in prog.hypers}
     env["p0"] = sp.Symbol("p")
     value = to_sympy(state.init, env)
-    printer = DevicePrinter() if sp.Symbol("p") in value.free_symbols else HostPrinter()
-    return printer.doprint(value)
+    p = sp.Symbol("p")
+    if p not in value.free_symbols:
+        return HostPrinter().doprint(value)
+
+    def host_parts(e: sp.Expr, operand: bool = False) -> sp.Expr:
+        """The parts p does not reach, computed on the host and given to torch as tensors like p."""
+        if p not in e.free_symbols and (operand or not e.is_Number):
+            return sp.Symbol(f"p.new_tensor({HostPrinter().doprint(e)})")
+        if e.is_Atom:
+            return e
+        return e.func(*(host_parts(a, not isinstance(e, (sp.Add, sp.Mul, sp.Pow))) for a in e.args))
+    return DevicePrinter().doprint(host_parts(value))

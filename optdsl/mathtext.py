@@ -1,0 +1,36 @@
+"""A spec's statements as mathematics: Unicode for the terminal, LaTeX for docstrings."""
+from __future__ import annotations
+
+import re
+
+import sympy as sp
+
+from . import ir
+from .sym import to_sympy
+
+
+def statement_math(prog: ir.Program, latex: bool) -> list[str]:
+    """Each statement as mathematics, names without SSA versions (also the docstring's math)."""
+    env: dict[str, sp.Expr] = {n: sp.Symbol(n) for n in [h.name for h in prog.hypers] + ["t", "loss"]}
+    env.update({ssa: sp.Symbol(base) for ssa, base in ir.source_names(prog).items() if ssa in prog.inputs})
+    names = ir.source_names(prog)
+    lines = []
+    with sp.evaluate(False):  # keep each statement's own shape and order
+        for eq in prog.eqns:
+            value = to_sympy(eq.expr, env)
+            if latex:
+                lines.append(f"{sp.latex(sp.Symbol(eq.target))} &\\leftarrow "
+                             f"{sp.latex(value, order='none', mul_symbol='dot')}")
+            else:
+                lines.append(f"{eq.target} ← {_unicode(ir.format_expr(eq.expr, names=names))}")
+            env[eq.out] = sp.Symbol(eq.target)
+    return lines
+
+
+_SUPERSCRIPT = str.maketrans("0123456789-t", "⁰¹²³⁴⁵⁶⁷⁸⁹⁻ᵗ")
+
+
+def _unicode(text: str) -> str:
+    """Spec syntax, typeset a little: a·b, √(x), x², b₁ᵗ."""
+    text = re.sub(r"\^(-?[0-9t])\b", lambda m: m.group(1).translate(_SUPERSCRIPT), text)
+    return text.replace(" * ", "·").replace("sqrt(", "√(")

@@ -1,0 +1,210 @@
+"""Domain checks: denominators that can be zero, sqrt/log of values that can be negative,
+and the ranges of states proven by induction over steps."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from optdsl import check, ir
+from optdsl.lower import lower
+from optdsl.parse import parse
+from optdsl.pipeline import compile_source
+from optdsl.ranges import Interval
+
+SPECS = Path(__file__).resolve().parent.parent / "specs"
+CLEAN = ["adam", "adamw", "adamax", "amsgrad", "lion", "adam_atan2", "nsgda", "sgd", "adagrad"]
+
+ADAM_HEAD = """optimizer A
+hyper lr = 1e-3 in [0, inf)
+hyper b1 = 0.9 in [0, 1), b2 = 0.999 in [0, 1)
+hyper eps = 1e-8 in (0, inf)
+state m, v
+m = lerp(m, g, 1 - b1)
+v = lerp(v, g^2, 1 - b2)
+"""  # the update is line 8
+
+
+def warnings_of(text: str) -> list[str]:
+    return [w.message for w in compile_source(text, "w.opt").warnings]
+
+
+def domain_warnings(text: str) -> list[str]:
+    """Only the SymPy/interval warnings, not the unused-name ones from lowering."""
+    program, _ = lower(parse(text))
+    return [w.message for w in check.check(program)]
+
+
+def state_ranges(text: str) -> dict[str, Interval]:
+    """The range each state is proven to stay in, at the start of any step."""
+    program, _ = lower(parse(text))
+    ranges = check._Ranges(program)
+    ranges.prove_states()
+    return {s.name: ranges.env[ranges.symbols[ir.ssa_name(s.name, 0)]] for s in program.states}
+
+
+# ---- the specs themselves ----
+@pytest.mark.parametrize("path", sorted(SPECS.glob("*.opt")), ids=lambda p: p.stem)
+def test_every_spec_compiles(path):
+    compiled = compile_source(path.read_text(encoding="utf-8"), str(path))
+    assert compiled.program.name and compiled.python
+    compile(compiled.python, str(path), "exec")
+
+
+@pytest.mark.parametrize("name", CLEAN)
+def test_clean_specs_give_no_warnings(name):
+    compiled = compile_source((SPECS / f"{name}.opt").read_text(encoding="utf-8"), f"{name}.opt")
+    assert compiled.warnings == (), "\n".join(map(str, compiled.warnings))
+
+
+# ---- denominators ----
+def test_adam_without_eps_warns_about_its_denominator():
+    text = ADAM_HEAD.replace("hyper eps = 1e-8 in (0, inf)\n", "") + "p -= lr * m / sqrt(v)\n"
+    found = compile_source(text, "w.opt").warnings
+    assert len(found) == 1, found
+    w = found[0]
+    assert "denominator 'sqrt(v)' can be zero" in w.message and "[0, inf)" in w.message
+    assert (w.span.line, w.span.column) == (7, 15)  # points at sqrt(v)
+    assert "eps" in w.hint
+    assert str(w).startswith("w.opt:7:15: warning: denominator")
+    assert "    p -= lr * m / sqrt(v)\n                  ^^^^^^^" in str(w)
+
+
+def test_adam_with_positive_eps_does_not_warn():
+    assert warnings_of(ADAM_HEAD + "p -= lr * m / (sqrt(v) + eps)\n") == []
+
+
+def test_eps_that_may_be_zero_warns():
+    text = ADAM_HEAD.replace("(0, inf)", "[0, inf)") + "p -= lr * m / (sqrt(v) + eps)\n"
+    assert any("denominator 'sqrt(v) + eps' can be zero" in w for w in warnings_of(text))
+
+
+def test_bias_correction_is_nonzero_for_beta_below_one():
+    assert domain_warnings(ADAM_HEAD + "p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)\n") == []
+
+
+def test_bias_correction_can_be_zero_for_beta_one():
+    text = ADAM_HEAD.replace("b1 = 0.9 in [0, 1)", "b1 = 0.9 in [0, 1]")
+    found = domain_warnings(text + "p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)\n")
+    assert found == ["denominator '1 - b1^t' can be zero (it ranges over [0, 1])"]
+
+
+def test_adamw_spec_with_closed_beta_range_warns():
+    text = (SPECS / "adamw.opt").read_text(encoding="utf-8").replace("b1 = 0.9 in [0, 1)", "b1 = 0.9 in [0, 1]")
+    assert any("'1 - b1^t'" in w for w in warnings_of(text))
+
+
+def test_negative_power_is_a_denominator():
+    assert domain_warnings(ADAM_HEAD + "p -= lr * m * v^-1\n") == [
+        "denominator 'v' can be zero (it ranges over [0, inf))"]
+    assert domain_warnings(ADAM_HEAD + "p -= lr * m * v^(-0.5)\n") == [
+        "denominator 'v' can be zero (it ranges over [0, inf))"]
+    assert domain_warnings(ADAM_HEAD + "p -= lr * m * (v + eps)^-1\n") == []
+    assert domain_warnings(ADAM_HEAD + "p -= lr * m * (v + eps)**-0.5\n") == []
+
+
+def test_division_by_a_gradient_warns():
+    assert domain_warnings("optimizer A\np -= 1 / g\n") == ["denominator 'g' can be zero (it ranges over (-inf, inf))"]
+
+
+def test_division_by_a_hyperparameter():
+    assert domain_warnings("optimizer A\nhyper a = 1 in (0, inf)\np -= g / a\n") == []
+    assert domain_warnings("optimizer A\nhyper a = 1 in [0, inf)\np -= g / a\n") != []
+    assert domain_warnings("optimizer A\nhyper a = -1 in [-2, -1]\np -= g / a\n") == []
+
+
+def test_step_count_is_at_least_one():
+    assert domain_warnings("optimizer A\np -= g / t\n") == []
+    assert domain_warnings("optimizer A\np -= g / (t - 1)\n") != []
+
+
+# ---- sqrt, log and friends ----
+def test_log_of_gradient_warns():
+    found = domain_warnings("optimizer A\np -= log(g)\n")
+    assert found == ["log() of 'g', which can be zero or negative (it ranges over (-inf, inf))"]
+
+
+def test_log_of_second_moment_plus_eps_does_not_warn():
+    assert domain_warnings(ADAM_HEAD + "p -= lr * m * log(v + eps)\n") == []
+    assert domain_warnings(ADAM_HEAD + "p -= lr * m * log(v)\n") != []  # v may be 0
+
+
+def test_sqrt_of_momentum_warns():
+    found = domain_warnings(ADAM_HEAD + "p -= lr * sqrt(m) / (sqrt(v) + eps)\n")
+    assert found == ["sqrt() of 'm', which can be negative (it ranges over (-inf, inf))"]
+
+
+def test_sqrt_of_square_and_abs_do_not_warn():
+    assert domain_warnings("optimizer A\np -= sqrt(g^2) + sqrt(abs(g)) + sqrt(square(g))\n") == []
+
+
+def test_rsqrt_and_log1p():
+    assert domain_warnings(ADAM_HEAD + "p -= lr * m * rsqrt(v)\n") != []
+    assert domain_warnings(ADAM_HEAD + "p -= lr * m * rsqrt(v + eps)\n") == []
+    assert domain_warnings(ADAM_HEAD + "p -= lr * m * log1p(v)\n") == []
+    assert domain_warnings("optimizer A\np -= log1p(g)\n") != []
+
+
+def test_fractional_power_of_a_signed_value_warns():
+    assert domain_warnings("optimizer A\np -= g^0.5\n") == [
+        "fractional power of 'g', which can be negative (it ranges over (-inf, inf))"]
+    assert domain_warnings("optimizer A\np -= abs(g)^0.3 + g^2 + g^3\n") == []
+
+
+def test_warning_names_the_spec_names_not_ssa_names():
+    found = domain_warnings(ADAM_HEAD + "u = m\nu = u * 2\np -= lr / u\n")
+    assert found == ["denominator 'u' can be zero (it ranges over (-inf, inf))"]
+
+
+def test_local_computed_from_a_nonnegative_state():
+    text = ADAM_HEAD + "d = sqrt(v) + eps\np -= lr * m / d\n"
+    assert domain_warnings(text) == []
+
+
+# ---- state ranges, by induction over steps ----
+def test_adam_second_moment_stays_nonnegative():
+    r = state_ranges((SPECS / "adam.opt").read_text(encoding="utf-8"))
+    assert r["v"].nonnegative and r["v"].lo == 0
+    assert r["m"] == Interval.full()  # momentum takes any sign
+
+
+def test_adagrad_sum_stays_nonnegative():
+    r = state_ranges((SPECS / "adagrad.opt").read_text(encoding="utf-8"))
+    assert r["sum_sq"].nonnegative and r["sum_sq"].hi == math.inf
+
+
+def test_amsgrad_max_stays_nonnegative():
+    r = state_ranges((SPECS / "amsgrad.opt").read_text(encoding="utf-8"))
+    assert r["v"].nonnegative and r["v_max"].nonnegative
+
+
+def test_adamax_infinity_norm_stays_positive():
+    r = state_ranges((SPECS / "adamax.opt").read_text(encoding="utf-8"))
+    assert r["u"].nonnegative
+
+
+def test_state_initialised_from_a_positive_hyper_stays_positive():
+    text = ("optimizer A\nhyper a = 1 in (0, inf)\nstate s = a\n"
+            "s += g^2\np -= g / sqrt(s)\n")
+    r = state_ranges(text)
+    assert r["s"].positive
+    assert domain_warnings(text) == []
+
+
+def test_state_initialised_from_p_has_any_sign():
+    text = "optimizer A\nstate s = p\ns = lerp(s, p, 0.5)\np -= g * s\n"
+    assert state_ranges(text)["s"] == Interval.full()
+
+
+def test_decaying_state_range_is_sound():
+    text = "optimizer A\nhyper a = 1 in [1, 2]\nstate s = a\ns *= 0.5\np -= g / s\n"
+    r = state_ranges(text)
+    assert r["s"].hi == 2  # the end that holds still is kept
+    assert all(0.5**k * a in r["s"] for k in range(60) for a in (1, 1.5, 2))
+    assert "can be zero" in " ".join(domain_warnings(text))  # 0.5^k a gets as close to 0 as we like
+
+
+def test_growing_state_is_widened_to_infinity():
+    r = state_ranges("optimizer A\nstate s = 1\ns += 1\np -= g * s\n")
+    assert r["s"].lo == 1 and r["s"].hi == math.inf

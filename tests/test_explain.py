@@ -1,0 +1,105 @@
+"""`optdsl explain`: properties derived by SymPy from the spec, checked against what the papers say."""
+from pathlib import Path
+
+import pytest
+
+from optdsl.cli import main
+from optdsl.explain import explain, report
+from optdsl.pipeline import compile_source
+
+SPECS = Path(__file__).resolve().parent.parent / "specs"
+
+MEMORY = "state memory per element"
+BYTES = "bytes per element per step"
+SCALE = "invariant to g -> c*g (c > 0)"
+AGAINST = "first step moves against the gradient (from p = 0)"
+BOUND = "bound on |Δp| per element at step 1 (from p = 0)"
+
+# spec: (state bytes, bytes moved, scale invariance, |Δp| bound at step 1, {state: range})
+EXPECTED = {
+    "adamw": ("8 B", "28 B", "only when eps = 0", "lr", {"m": "(-inf, inf)", "v": "[0, inf)"}),
+    "adam": ("8 B", "28 B", "only when eps, wd = 0", "lr", {"v": "[0, inf)"}),
+    "lion": ("4 B", "20 B", "yes", "lr", {"m": "(-inf, inf)"}),
+    "adam_atan2": ("8 B", "28 B", "yes", "pi*a*lr/2", {"v": "[0, inf)"}),
+    "sgd": ("4 B", "20 B", "no", "unbounded", {"buf": "(-inf, inf)"}),
+    "radam": ("8 B", "28 B", "no", "unbounded", {"v": "[0, inf)"}),
+    "adagrad": ("4 B", "20 B", "only when wd, eps, initial_accumulator_value = 0", "lr", {"sum_sq": "[0, inf)"}),
+    "adamax": ("8 B", "28 B", "only when eps, wd = 0", "lr", {"u": "[0, inf)"}),
+    "rmsprop": ("12 B", "36 B", "only when eps, wd = 0", None, {"square_avg": "[0, inf)"}),
+    "amsgrad": ("12 B", "36 B", "only when eps, wd = 0", None, {"v": "[0, inf)", "v_max": "[0, inf)"}),
+    "nsgda": ("4 B", "20 B", "no", None, {"m": "(-inf, inf)"}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(EXPECTED))
+def explained(request):
+    name = request.param
+    path = SPECS / f"{name}.opt"
+    return name, explain(compile_source(path.read_text(), path.as_posix()))
+
+
+def test_properties_match_the_papers(explained):
+    name, x = explained
+    memory, moved, scale, step_bound, ranges = EXPECTED[name]
+    assert x.property(MEMORY).value.endswith(f"= {memory} (float32)")
+    assert x.property(BYTES).value.startswith(moved)
+    assert x.property(SCALE).value == scale
+    assert x.property(AGAINST).value == "yes"  # every shipped optimizer descends on its first step
+    if step_bound is not None:
+        assert x.property(BOUND).value == step_bound
+    for state, r in ranges.items():
+        assert x.property(f"range of state {state}").value == r
+
+
+def test_report_shows_rule_properties_and_risks(explained):
+    name, x = explained
+    text = report(x)
+    assert text.startswith(x.name)
+    assert "Update rule" in text and "←" in text
+    assert all(p.name in text for p in x.properties)
+    assert ("Domain risks: none found" in text) == (not x.risks)
+
+
+def test_latex_is_the_docstring_math():
+    path = SPECS / "adamw.opt"
+    compiled = compile_source(path.read_text(), path.as_posix())
+    x = explain(compiled)
+    assert x.latex and all(line in compiled.python for line in x.latex)
+    assert "\\operatorname{lerp}" in report(x, latex=True)
+
+
+def test_unicode_rule_reads_like_the_spec():
+    x = explain(compile_source((SPECS / "adamw.opt").read_text()))
+    assert x.rule[1] == "v ← lerp(v, g², 1 - b2)"
+    assert x.rule[3] == "p ← p - lr·(m / (1 - b1ᵗ)) / (√(v / (1 - b2ᵗ)) + eps)"
+
+
+def test_a_risk_names_its_line_and_the_assumption_that_makes_it_safe():
+    text = ("optimizer NoEps\nhyper lr = 1e-3 in [0, inf), b2 = 0.999 in [0, 1)\nstate v\n"
+            "v = lerp(v, g^2, 1 - b2)\np -= lr * g / sqrt(v)\n")
+    x = explain(compile_source(text, "noeps.opt"))
+    assert len(x.risks) == 1
+    shown = report(x)
+    assert "noeps.opt:5:" in shown and "can be zero" in shown and "eps" in shown
+    # v >= 0 was proven by induction, so sqrt(v) itself is no risk: only the division is
+    assert "sqrt() of" not in shown
+    assert x.property("range of state v").value == "[0, inf)"
+
+
+def test_a_sign_flip_is_noticed():
+    text = "optimizer Ascent\nhyper lr = 0.1 in [0, inf)\np += lr * g\n"
+    x = explain(compile_source(text))
+    assert x.property(AGAINST).value == "not proven"
+    assert x.property(SCALE).value == "no"
+
+
+def test_cli_explain(capsys, tmp_path):
+    assert main(["explain", str(SPECS / "lion.opt")]) == 0
+    out = capsys.readouterr().out
+    assert "Lion" in out and "bound on |Δp|" in out
+    assert main(["explain", str(SPECS / "lion.opt"), "--latex"]) == 0
+    assert "\\begin{aligned}" in capsys.readouterr().out
+    bad = tmp_path / "bad.opt"
+    bad.write_text("optimizer Bad\np -= lr * g\n")
+    assert main(["explain", str(bad)]) == 1
+    assert "bad.opt:2:6" in capsys.readouterr().err
