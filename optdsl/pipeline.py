@@ -26,5 +26,12 @@ def compile_source(text: str, filename: str = "<spec>") -> Compiled:
         python = torch_backend.render(plan, text, filename)
     except SpecError as err:
         raise err.located(filename, text) from None
+    except RecursionError:
+        raise SpecError("the spec is nested too deeply to compile", None, filename=filename, source=text,
+                        hint="split long expressions into locals") from None
+    except Exception as err:  # a bug in optdsl: still one error type, saying so
+        raise SpecError(f"optdsl could not compile this spec ({type(err).__name__}: {err})", None,
+                        filename=filename, source=text,
+                        hint="this is a bug in optdsl; please report it with the spec") from err
     located = tuple(replace(w, filename=filename, source=text) for w in warnings)
     return Compiled(program, plan, located, python)

@@ -37,6 +37,9 @@ def to_sympy(e: ir.Expr, env: dict[str, sp.Expr]) -> sp.Expr:
     if value is sp.nan or (global_parameters.evaluate and value.is_extended_real is False):  # 0*inf, log(0), ...
         raise SpecError(f"this expression has no real value (it is {value})", e.span,
                         hint="check its constants: 0 * inf, inf - inf, log(0) and sqrt(-1) are not numbers")
+    if value.is_Number and value.is_finite and abs(value) > sp.Float(1.7976931348623157e308):
+        raise SpecError("this constant is too large for a float64", e.span,
+                        hint="use a smaller constant, or inf")
     return value
 
 
