@@ -20,6 +20,7 @@ The spec::
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
@@ -58,6 +59,8 @@ class NSGDA(Optimizer):
         wd (float, optional): default 0.01, in [0, inf).
         foreach (bool, optional): use the multi-tensor (``torch._foreach_*``) path.
             ``None`` picks it as torch.optim does: on CUDA, not on CPU.
+        fused (bool, optional): use the fused Triton kernel, one launch per device and dtype.
+            ``None`` picks it for CUDA parameters when Triton is installed.
     """
 
     def __init__(
@@ -69,7 +72,10 @@ class NSGDA(Optimizer):
         wd: float = 0.01,
         *,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ):
+        if fused and foreach:
+            raise ValueError("fused=True and foreach=True cannot both be set")
         if not (0.0 <= lr):
             raise ValueError(f"Invalid lr: {lr} (must be in [0, inf))")
         if not (0.0 <= momentum < 1.0):
@@ -84,13 +90,19 @@ class NSGDA(Optimizer):
             eps=eps,
             wd=wd,
             foreach=foreach,
+            fused=fused,
         )
         super().__init__(params, defaults)
+        if fused:
+            why = fused_available([p for g in self.param_groups for p in g["params"]])
+            if why:
+                raise RuntimeError(f"NSGDA(fused=True) cannot run: {why}")
 
     def __setstate__(self, state):
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("foreach", None)
+            group.setdefault("fused", None)
 
     def load_state_dict(self, state_dict):
         # torch.optim casts every state to its parameter's dtype; states of lower-precision
@@ -141,15 +153,22 @@ class NSGDA(Optimizer):
                 eps=group["eps"],
                 wd=group["wd"],
                 foreach=group["foreach"],
+                fused=group["fused"],
             )
         return loss
 
 
-def nsgda(params, grads, m_list, state_steps, *, foreach=None, **hypers):
+def nsgda(params, grads, m_list, state_steps, *, foreach=None, fused=None,
+          **hypers):
     """Functional NSGDA: update `params` and the state lists in place."""
+    if fused is None:  # the fused kernel where it can run on CUDA, as torch.optim prefers its own
+        fused = bool(params) and all(p.is_cuda for p in params) and not fused_available(params)
     if foreach is None:
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-    impl = _multi_tensor_nsgda if foreach else _single_tensor_nsgda
+    if fused:
+        impl = _fused_nsgda
+    else:
+        impl = _multi_tensor_nsgda if foreach else _single_tensor_nsgda
     impl(params, grads, m_list, state_steps, **hypers)
 
 
@@ -203,3 +222,24 @@ def _multi_tensor_nsgda(params, grads, m_list, state_steps, *, lr, momentum, eps
         torch._foreach_add_(p, tmp2)
         if not exact:
             torch._foreach_copy_(device_params, p)
+
+
+# ---- fused Triton path: one kernel launch per (device, dtype) group ----
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice  # noqa: F401 - atan2 on GPUs
+except ImportError:  # the fused path needs Triton; the other two do not
+    triton = None
+
+LAUNCHES = 0  # kernel launches so far (tests count them)
+_BLOCK = 1024
+
+
+def fused_available(params) -> str:
+    """Why the fused path cannot run on these parameters ('' when it can)."""
+    return "whole-tensor reductions are not fused yet"
+
+
+def _fused_nsgda(*args, **kwargs):
+    raise RuntimeError("NSGDA(fused=True) cannot run: whole-tensor reductions are not fused yet")

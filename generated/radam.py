@@ -25,6 +25,7 @@ The spec::
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
@@ -72,6 +73,8 @@ class RAdam(Optimizer):
         wd (float, optional): default 0.0, in [0, inf).
         foreach (bool, optional): use the multi-tensor (``torch._foreach_*``) path.
             ``None`` picks it as torch.optim does: on CUDA, not on CPU.
+        fused (bool, optional): use the fused Triton kernel, one launch per device and dtype.
+            ``None`` picks it for CUDA parameters when Triton is installed.
     """
 
     def __init__(
@@ -84,7 +87,10 @@ class RAdam(Optimizer):
         wd: float = 0.0,
         *,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ):
+        if fused and foreach:
+            raise ValueError("fused=True and foreach=True cannot both be set")
         if not (0.0 <= lr):
             raise ValueError(f"Invalid lr: {lr} (must be in [0, inf))")
         if not (0.0 <= b1 < 1.0):
@@ -102,13 +108,19 @@ class RAdam(Optimizer):
             eps=eps,
             wd=wd,
             foreach=foreach,
+            fused=fused,
         )
         super().__init__(params, defaults)
+        if fused:
+            why = fused_available([p for g in self.param_groups for p in g["params"]])
+            if why:
+                raise RuntimeError(f"RAdam(fused=True) cannot run: {why}")
 
     def __setstate__(self, state):
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("foreach", None)
+            group.setdefault("fused", None)
 
     def load_state_dict(self, state_dict):
         # torch.optim casts every state to its parameter's dtype; states of lower-precision
@@ -164,15 +176,22 @@ class RAdam(Optimizer):
                 eps=group["eps"],
                 wd=group["wd"],
                 foreach=group["foreach"],
+                fused=group["fused"],
             )
         return loss
 
 
-def radam(params, grads, m_list, v_list, state_steps, *, foreach=None, **hypers):
+def radam(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=None,
+          **hypers):
     """Functional RAdam: update `params` and the state lists in place."""
+    if fused is None:  # the fused kernel where it can run on CUDA, as torch.optim prefers its own
+        fused = bool(params) and all(p.is_cuda for p in params) and not fused_available(params)
     if foreach is None:
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-    impl = _multi_tensor_radam if foreach else _single_tensor_radam
+    if fused:
+        impl = _fused_radam
+    else:
+        impl = _multi_tensor_radam if foreach else _single_tensor_radam
     impl(params, grads, m_list, v_list, state_steps, **hypers)
 
 
@@ -247,3 +266,145 @@ def _multi_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, b
         torch._foreach_addcmul_(p, m, tmp2, c0)
         if not exact:
             torch._foreach_copy_(device_params, p)
+
+
+# ---- fused Triton path: one kernel launch per (device, dtype) group ----
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice  # noqa: F401 - atan2 on GPUs
+except ImportError:  # the fused path needs Triton; the other two do not
+    triton = None
+
+LAUNCHES = 0  # kernel launches so far (tests count them)
+_BLOCK = 1024
+
+
+def fused_available(params) -> str:
+    """Why the fused path cannot run on these parameters ('' when it can)."""
+    if triton is None:
+        return "Triton is not installed"
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if not all(p.is_cuda or interpreted for p in params):
+        return "the fused path runs on CUDA tensors (or under TRITON_INTERPRET=1)"
+    if not all(p.is_contiguous() for p in params):
+        return "the fused path needs contiguous parameters"
+    return ""
+
+
+if triton is not None:
+
+    @triton.jit
+    def _round_to(x, TYPE: tl.constexpr):
+        """x in TYPE, rounded to nearest even (by hand for bfloat16: the interpreter truncates)."""
+        if TYPE == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return x.to(TYPE)
+
+    @triton.jit
+    def _radam_kernel(
+        p_ptrs, g_ptrs,  # int64 tables: one data pointer per tensor
+        m_ptrs,
+        v_ptrs,
+        numels,  # elements per tensor
+        block_tensor, block_start,  # per program: which tensor, and where in it
+        scalars,  # [tensors, 3]: per-tensor scalars (functions of t)
+        hypers,  # [4]: scalars of the hyperparameters, as data (a new lr never recompiles)
+        P_TYPE: tl.constexpr,  # parameter dtype
+        S_TYPE: tl.constexpr,  # state dtype
+        C_TYPE: tl.constexpr,  # arithmetic dtype
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        i = tl.load(block_tensor + pid)
+        offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+        mask = offsets < tl.load(numels + i)
+        p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_TYPE))
+        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
+        m_ptr = tl.load(m_ptrs + i).to(tl.pointer_type(S_TYPE))
+        v_ptr = tl.load(v_ptrs + i).to(tl.pointer_type(S_TYPE))
+        eps = tl.load(hypers + 0)
+        k0 = tl.load(hypers + 1)
+        k5 = tl.load(hypers + 2)
+        wd = tl.load(hypers + 3)
+        c0 = tl.load(scalars + i * 3 + 0)
+        c1 = tl.load(scalars + i * 3 + 1)
+        c2 = tl.load(scalars + i * 3 + 2)
+        p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
+        g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
+        m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
+        v = tl.load(v_ptr + offsets, mask=mask).to(C_TYPE)
+        x0 = g + p*wd
+        x1 = (m + k0 * (x0 - m))
+        x2 = (v + k5 * (((x0) * (x0)) - v))
+        tl.store(p_ptr + offsets, _round_to(c0*x1*tl.where(c1 != 0, c2/(eps + tl.sqrt(x2)), 1.0) + p, P_TYPE), mask=mask)
+        tl.store(m_ptr + offsets, _round_to(x1, S_TYPE), mask=mask)
+        tl.store(v_ptr + offsets, _round_to(x2, S_TYPE), mask=mask)
+
+
+_TRITON_TYPES = {}
+_BLOCK_MAPS = {}
+
+
+def _triton_type(dtype):
+    if not _TRITON_TYPES:
+        _TRITON_TYPES.update({torch.float32: tl.float32, torch.float64: tl.float64,
+                              torch.bfloat16: tl.bfloat16, torch.float16: tl.float16})
+    return _TRITON_TYPES[dtype]
+
+
+def _block_map(tensors, device):
+    """(tensor index, start offset) of every block; cached per list of sizes."""
+    key = (device, tuple(t.numel() for t in tensors))
+    if key not in _BLOCK_MAPS:
+        which, start = [], []
+        for i, t in enumerate(tensors):
+            for s in range(0, t.numel(), _BLOCK):
+                which.append(i)
+                start.append(s)
+        numels = torch.tensor([t.numel() for t in tensors], dtype=torch.int64, device=device)
+        _BLOCK_MAPS[key] = (numels, torch.tensor(which, dtype=torch.int32, device=device),
+                            torch.tensor(start, dtype=torch.int64, device=device))
+    return _BLOCK_MAPS[key]
+
+
+def _pointers(tensors, device):
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
+
+
+def _fused_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd):
+    global LAUNCHES
+    if not params:
+        return
+    why = fused_available(params)
+    if why:
+        raise RuntimeError(f"RAdam(fused=True) cannot run: {why}")
+    k0 = 1 - b1
+    k1 = -1 + 2/(1 - b2)
+    k2 = (-1 + 2/(1 - b2))/((-5 + 2/(1 - b2))*(-3 + 2/(1 - b2)))
+    k3 = -5 + 2/(1 - b2)
+    k4 = -3 + 2/(1 - b2)
+    k5 = 1 - b2
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, m_list, v_list, state_steps])
+    for (device, dtype), ((p, g, m, v, device_steps), _) in grouped.items():
+        torch._foreach_add_(device_steps, 1)
+        t = [s.item() for s in device_steps]
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        per_tensor = [[-lr/(1 - b1**t_) for t_ in t], [float(-2*b2**t_*t_/(1 - b2**t_) + k1 > 5) for t_ in t], [math.sqrt(1 - b2**t_)*math.sqrt(max(0, k2*(-2*b2**t_*t_/(1 - b2**t_) + k3)*(-2*b2**t_*t_/(1 - b2**t_) + k4)/(-2*b2**t_*t_/(1 - b2**t_) + k1))) for t_ in t]]
+        scalars = torch.tensor(list(zip(*per_tensor)) if per_tensor else [[0.0]] * len(p), dtype=compute,
+                               device=device)
+        numels, block_tensor, block_start = _block_map(p, device)
+        g = [x if x.is_contiguous() else x.contiguous() for x in g]  # kept alive until the launch ends
+        _radam_kernel[(len(block_tensor),)](
+            _pointers(p, device), _pointers(g, device),
+            _pointers(m, device),
+            _pointers(v, device),
+            numels, block_tensor, block_start, scalars,
+            torch.tensor([eps, k0, k5, wd], dtype=compute, device=device),
+            P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(m[0].dtype),
+            C_TYPE=_triton_type(compute), BLOCK=_BLOCK,
+        )
+        LAUNCHES += 1

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import linecache
 import sys
 import types
 from pathlib import Path
@@ -24,6 +25,9 @@ def _module_from(compiled: Compiled, module_name: str) -> types.ModuleType:
     module = types.ModuleType(module_name)
     module.__file__ = f"<optdsl {module_name}>"
     sys.modules[module_name] = module  # lets pickle and torch find the class
+    # inspect (and so @triton.jit, tracebacks, torch.compile) finds the source here
+    linecache.cache[module.__file__] = (len(compiled.python), None, compiled.python.splitlines(True),
+                                        module.__file__)
     exec(_builtin_compile(compiled.python, module.__file__, "exec"), module.__dict__)  # noqa: S102 - our own output
     return module
 

@@ -121,29 +121,46 @@ class Function:
     host: str             # Python on floats (hoisted scalars)
     foreach: str | None = None  # torch._foreach_<name>, elementwise unary only
     reduction: bool = False
+    triton: str = ""      # Triton on registers (float32 or float64), {0}, {1}, ... the arguments
 
 
 F = Function
 TABLE: dict[str, Function] = {f.name: f for f in [
     # ---- element-wise ----
-    F("sqrt", 1, sp.sqrt, "torch.sqrt({0})", "math.sqrt({0})", "sqrt"),
-    F("rsqrt", 1, lambda x: 1 / sp.sqrt(x), "torch.rsqrt({0})", "1 / math.sqrt({0})", "rsqrt"),
-    F("abs", 1, sp.Abs, "torch.abs({0})", "abs({0})", "abs"),
-    F("sign", 1, sp.sign, "torch.sign({0})", "_sign({0})", "sign"),
-    F("exp", 1, sp.exp, "torch.exp({0})", "math.exp({0})", "exp"),
-    F("log", 1, sp.log, "torch.log({0})", "math.log({0})", "log"),
-    F("log1p", 1, log1p, "torch.log1p({0})", "math.log1p({0})", "log1p"),
-    F("tanh", 1, sp.tanh, "torch.tanh({0})", "math.tanh({0})", "tanh"),
-    F("sigmoid", 1, sigmoid, "torch.sigmoid({0})", "_sigmoid({0})", "sigmoid"),
-    F("softplus", 1, softplus, "torch.nn.functional.softplus({0})", "_softplus({0})"),
-    F("square", 1, lambda x: x**2, "torch.square({0})", "({0}) ** 2"),
-    F("atan2", 2, sp.atan2, "torch.atan2({0}, {1})", "math.atan2({0}, {1})"),
-    F("lerp", 3, lerp, "torch.lerp({0}, {1}, {2})", "(({0}) + ({2}) * (({1}) - ({0})))"),
-    F("min", 2, _min, "torch.minimum({0}, {1})", "min({0}, {1})"),
-    F("max", 2, _max, "torch.maximum({0}, {1})", "max({0}, {1})"),
+    F("sqrt", 1, sp.sqrt, "torch.sqrt({0})", "math.sqrt({0})", "sqrt",
+      triton="tl.sqrt({0})"),
+    F("rsqrt", 1, lambda x: 1 / sp.sqrt(x), "torch.rsqrt({0})", "1 / math.sqrt({0})", "rsqrt",
+      triton="tl.rsqrt({0})"),
+    F("abs", 1, sp.Abs, "torch.abs({0})", "abs({0})", "abs",
+      triton="tl.abs({0})"),
+    F("sign", 1, sp.sign, "torch.sign({0})", "_sign({0})", "sign",
+      triton="tl.where({0} > 0, 1.0, tl.where({0} < 0, -1.0, 0.0))"),
+    F("exp", 1, sp.exp, "torch.exp({0})", "math.exp({0})", "exp",
+      triton="tl.exp({0})"),
+    F("log", 1, sp.log, "torch.log({0})", "math.log({0})", "log",
+      triton="tl.log({0})"),
+    F("log1p", 1, log1p, "torch.log1p({0})", "math.log1p({0})", "log1p",
+      triton="tl.log(1.0 + {0})"),
+    F("tanh", 1, sp.tanh, "torch.tanh({0})", "math.tanh({0})", "tanh",
+      triton="(2.0 * tl.sigmoid(2.0 * {0}) - 1.0)"),
+    F("sigmoid", 1, sigmoid, "torch.sigmoid({0})", "_sigmoid({0})", "sigmoid",
+      triton="tl.sigmoid({0})"),
+    F("softplus", 1, softplus, "torch.nn.functional.softplus({0})", "_softplus({0})",
+      triton="tl.where({0} > 20.0, {0}, tl.log(1.0 + tl.exp({0})))"),
+    F("square", 1, lambda x: x**2, "torch.square({0})", "({0}) ** 2",
+      triton="({0} * {0})"),
+    F("atan2", 2, sp.atan2, "torch.atan2({0}, {1})", "math.atan2({0}, {1})",
+      triton="libdevice.atan2({0}, {1})"),
+    F("lerp", 3, lerp, "torch.lerp({0}, {1}, {2})", "(({0}) + ({2}) * (({1}) - ({0})))",
+      triton="({0} + {2} * ({1} - {0}))"),
+    F("min", 2, _min, "torch.minimum({0}, {1})", "min({0}, {1})",
+      triton="tl.minimum({0}, {1})"),
+    F("max", 2, _max, "torch.maximum({0}, {1})", "max({0}, {1})",
+      triton="tl.maximum({0}, {1})"),
     F("clamp", 3, lambda x, lo, hi: _min(_max(x, lo), hi), "torch.clamp({0}, {1}, {2})",
       "min(max({0}, {1}), {2})"),
-    F("where", 3, where, "torch.where({0} != 0, {1}, {2})", "({1} if {0} else {2})"),
+    F("where", 3, where, "torch.where({0} != 0, {1}, {2})", "({1} if {0} else {2})",
+      triton="tl.where({0} != 0, {1}, {2})"),
     # ---- reductions: one scalar per parameter ----
     F("norm", 1, norm, "torch.linalg.vector_norm({0})", "abs({0})", reduction=True),
     F("sum", 1, sum, "torch.sum({0})", "{0}", reduction=True),
@@ -153,7 +170,8 @@ TABLE: dict[str, Function] = {f.name: f for f in [
 ]}
 
 # Comparisons are operators in the spec, functions here: `a < b` means lt(a, b).
-COMPARISONS: dict[str, Function] = {op: F(name, 2, cls, f"({{0}} {op} {{1}})", f"float({{0}} {op} {{1}})")
+COMPARISONS: dict[str, Function] = {op: F(name, 2, cls, f"({{0}} {op} {{1}})", f"float({{0}} {op} {{1}})",
+                                          triton=f"tl.where({{0}} {op} {{1}}, 1.0, 0.0)")
                                     for op, name, cls in [("<", "lt", lt), ("<=", "le", le), (">", "gt", gt),
                                                           (">=", "ge", ge), ("==", "eq", eq), ("!=", "ne", ne)]}
 OPAQUE_CLASSES = (lerp, where, sigmoid, softplus, lt, le, gt, ge, eq, ne)

@@ -8,9 +8,13 @@ from . import ast, ir
 from .errors import Span, SpecError, SpecWarning
 from .functions import COMPARISONS, TABLE
 
-# Names the generated class uses itself; a hyperparameter may not take them.
-RESERVED = {"params", "defaults", "foreach", "closure", "self", "state", "group", "math", "torch",
-            "inf", "in", "hyper", "optimizer"}
+# Names the generated code uses itself: a hyperparameter or state (which become Python
+# names there) may not take them; a local may (it is renamed where it would clash).
+RESERVED = {"params", "defaults", "foreach", "fused", "closure", "self", "state", "group", "math", "torch",
+            "inf", "in", "hyper", "optimizer", "os", "triton", "tl", "libdevice", "pid", "offsets", "mask",
+            "scalars", "hypers", "numels", "block_tensor", "block_start", "device", "dtype", "compute",
+            "per_tensor", "param", "grads", "state_steps", "step_t", "i", "device_params", "device_grads",
+            "device_steps", "grouped", "exact", "Optimizer", "LAUNCHES"}
 _BINARY = {"+": "+", "-": "-", "*": "*", "/": "/", "^": "^"}
 
 
@@ -144,7 +148,7 @@ class _Lowering:
         if n in TABLE:
             raise SpecError(f"cannot assign '{n}': it is a function", a.target_span,
                             hint=f"choose another name, e.g. '{n}_'")
-        if keyword.iskeyword(n) or n in RESERVED:
+        if keyword.iskeyword(n):
             raise SpecError(f"'{n}' is reserved and cannot be assigned", a.target_span,
                             hint=f"choose another name, e.g. '{n}_'")
         value = self.expr(a.value)

@@ -15,6 +15,7 @@ from sympy.core.parameters import global_parameters
 from . import ir
 from .errors import SpecError
 from .functions import COMPARISONS, REDUCTIONS, TABLE
+from .lower import RESERVED
 from .rewrite import rewrite
 
 GROUP, PARAM, DEVICE, TENSOR = 0, 1, 2, 3
@@ -229,7 +230,7 @@ def plan(prog: ir.Program) -> Plan:
     levels = {s: TENSOR for s in inputs}
     levels.update({syms[h.name]: GROUP for h in prog.hypers})
     levels.update({syms["t"]: PARAM, syms["loss"]: GROUP})
-    taken = {str(s) for s in syms.values()} | {eq.target for eq in prog.eqns}
+    taken = {str(s) for s in syms.values()} | {eq.target for eq in prog.eqns} | RESERVED
     # A hoisted scalar that is exactly a spec local keeps the local's name.
     preferred = {env[eq.out]: eq.target for eq in prog.eqns
                  if eq.kind == ir.SCALAR and sum(e.target == eq.target for e in prog.eqns) == 1}

@@ -58,9 +58,12 @@ SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Heal
 # Names chosen to collide with the generated code's own prefixes (k0, c0, r0, x0, tmp0, d0)
 # and to have SSA forms with separators (m2 -> m2_0, acc_ -> acc__0).
 CLASS_NAMES = ["X", "Opt", "My_Opt2"]
-HYPER_NAMES = ["lr", "b1", "beta_2", "eps", "wd", "k0", "c0", "r0", "x0", "tmp0"]
-STATE_NAMES = ["m", "v", "buf", "m2", "acc_", "k1", "x1", "tmp1"]
-LOCAL_NAMES = ["u", "d", "mask", "k2", "c1", "x2", "tmp2", "r1", "s_", "d0"]
+HYPER_NAMES = ["lr", "b1", "beta_2", "eps", "wd", "k0", "c0", "r0", "x0", "tmp0", "t_", "x_", "v_", "float",
+               "super", "len", "zip", "r0_", "c0_", "d0_"]
+STATE_NAMES = ["m", "v", "buf", "m2", "acc_", "k1", "x1", "tmp1", "m_list", "t_", "x_", "s", "c"]
+# a local may take a name the generated code uses (it is renamed where it would clash)
+LOCAL_NAMES = ["u", "d", "mask", "k2", "c1", "x2", "tmp2", "r1", "s_", "d0", "torch", "math", "i", "param",
+               "grads", "state", "group", "self", "exact", "tl", "offsets", "y_"]
 NUMBERS = ["0.5", ".5", "2", "3", "1e-1", "0.25", "1.5", "0.9", "1", "0"]
 # (range text or None, values it admits, used as defaults and as constructor arguments)
 RANGES = [
@@ -348,7 +351,7 @@ def _fmt(x: float) -> str:
 def random_specs(draw) -> Spec:
     name = draw(st.sampled_from(CLASS_NAMES))
     hyper_names = draw(st.permutations(HYPER_NAMES))[:draw(st.integers(0, 3))]
-    state_names = draw(st.permutations(STATE_NAMES))[:draw(st.integers(0, 2))]
+    state_names = [n for n in draw(st.permutations(STATE_NAMES)) if n not in hyper_names][:draw(st.integers(0, 2))]
     uses_loss = draw(st.integers(0, 5)) == 0
 
     hyper_items, values, kwargs = [], {}, {}
@@ -588,3 +591,200 @@ def test_random_spec_matches_its_meaning(spec, shapes, seed, skip_first, steps):
                 assert ok, (f"the generated optimizer's {base} differs from the meaning (rel. error {rel:.3g}), "
                             f"step {step + 1}, param {i}\n{spec.text}\ngot: {actual[base]}\n"
                             f"meaning: {meaning[base]}")
+
+
+# =============================================================================================
+# 2. Bad specs: SpecError, at the right place, and nothing else
+# =============================================================================================
+LOCATED = re.compile(r"^(?P<file>[^\n]+?):(?P<line>\d+):(?P<col>\d+): error: ")
+
+
+def _located_error(text: str, filename: str = "fuzz.opt") -> SpecError | None:
+    """Compile; a SpecError must name the file and a line:col inside the text."""
+    try:
+        compiled = compile_source(text, filename)
+    except SpecError as err:
+        shown = str(err)
+        m = LOCATED.match(shown)
+        assert m and m["file"] == filename, f"no file:line:col in the error for\n{text!r}\n{shown}"
+        line, col = int(m["line"]), int(m["col"])
+        assert (line, col) == (err.line, err.column), shown
+        assert 1 <= line <= text.count("\n") + 1 and col >= 1, f"{shown}\nfor\n{text!r}"
+        return err
+    compile(compiled.python, "generated.py", "exec")  # what compiles is valid Python
+    return None
+
+
+# ---- (1) one semantic mistake in an otherwise valid spec, at a known place ----
+# Each kind: (name, how to apply it) -> (text, line, column, piece of the message).
+FUNCS = sorted(F.TABLE)
+
+
+@st.composite
+def semantic_mistakes(draw):
+    spec = draw(random_specs())
+    lines = spec.text.split("\n")
+    last = max(i for i, s in enumerate(lines) if s.strip())  # the last statement's line
+    kinds = ["unknown-name", "unknown-function", "arity", "function-as-name", "assign-builtin",
+             "assign-function", "assign-reserved", "aug-unassigned", "read-before-assign", "division-by-zero",
+             "state-init", "never-assigns-p", "declaration-after-statement", "declared-twice",
+             "default-outside-range", "empty-range", "declare-builtin", "hyper-named-function",
+             "class-name-keyword", "unused-state"] + (["assign-hyper"] if spec.hypers else [])
+    kind = draw(st.sampled_from(kinds))
+
+    def statement(line, col, message, extra_end=None):
+        out = lines[:last] + [line] + lines[last:]
+        if extra_end:
+            out.insert(len(out) - 1, extra_end)
+        return "\n".join(out), last + 1, col, message
+
+    def declaration(line, col, message):  # right after the header
+        return "\n".join(lines[:1] + [line] + lines[1:]), 2, col, message
+
+    if kind == "unknown-name":
+        return statement("zq_new = g * qqz", 14, "unknown name 'qqz'")
+    if kind == "unknown-function":
+        return statement("zq_new = sqrtt(g)", 10, "unknown function 'sqrtt'")
+    if kind == "arity":
+        fn = draw(st.sampled_from(FUNCS))
+        arity = F.TABLE[fn].arity
+        n = draw(st.sampled_from([k for k in range(0, 5) if k != arity]))
+        return statement(f"zq_new = {fn}({', '.join(['g', 'p', '1', '2'][:n])})", 10,
+                         f"{fn}() takes {arity} argument")
+    if kind == "function-as-name":
+        fn = draw(st.sampled_from(FUNCS))
+        return statement(f"zq_new = g * {fn}", 14, f"'{fn}' is a function")
+    if kind == "assign-builtin":
+        name = draw(st.sampled_from(["t", "loss"]))
+        return statement(f"{name} = g", 1, f"cannot assign the built-in '{name}'")
+    if kind == "assign-hyper":
+        name = draw(st.sampled_from(sorted(spec.hypers)))
+        op = draw(st.sampled_from(["=", "+=", "*="]))
+        return statement(f"{name} {op} g", 1, f"cannot assign the hyperparameter '{name}'")
+    if kind == "assign-function":
+        fn = draw(st.sampled_from(FUNCS))
+        return statement(f"{fn} = g", 1, f"cannot assign '{fn}': it is a function")
+    if kind == "assign-reserved":
+        name = draw(st.sampled_from(["lambda", "class", "def", "None", "import"]))
+        return statement(f"{name} = g", 1, f"'{name}' is reserved")
+    if kind == "aug-unassigned":
+        op = draw(st.sampled_from(["+=", "-=", "*=", "/="]))
+        return statement(f"zq_new {op} g", 1, f"'zq_new' is updated with '{op}' before it is assigned")
+    if kind == "read-before-assign":
+        return statement("zq_new = zq_late * g", 10, "local 'zq_late' is read before it is assigned",
+                         extra_end="zq_late = g")
+    if kind == "division-by-zero":
+        zero = draw(st.sampled_from(["0", "(1 - 1)", "(0 * g)"]))  # a parenthesised one is shown inside
+        return statement(f"zq_new = g / {zero}", 14 + zero.startswith("("), "division by zero")
+    if kind == "state-init":
+        bad = draw(st.sampled_from(["g", "t", "loss", *spec.states]))
+        return declaration(f"state zq_s = 2 * {bad}", 18, f"a state's initial value cannot use '{bad}'")
+    if kind == "never-assigns-p":
+        decls = [s for s in lines[1:] if s.startswith(("hyper", "state"))]
+        uses = [f"zq_{i} = {s}" for i, s in enumerate(spec.states)]  # the states are still used
+        text = "\n".join([f"optimizer {spec.name}", *decls, "zq = g", *uses]) + "\n"
+        return text, 1, 11, f"'{spec.name}' never assigns p"
+    if kind == "declaration-after-statement":
+        which = draw(st.sampled_from(["hyper zq_h = 1", "state zq_h"]))
+        text = spec.text + which + "\n"
+        return text, text.count("\n"), 7, f"'{which.split()[0]}' declaration after the first statement"
+    if kind == "declared-twice":
+        return declaration("hyper zq_d = 1, zq_d = 2", 17, "'zq_d' is declared twice")
+    if kind == "default-outside-range":
+        return declaration("hyper zq_r = 5 in [0, 1]", 7, "the default 5.0 of 'zq_r' is outside its range")
+    if kind == "empty-range":
+        return declaration("hyper zq_r = 1 in (1, 0)", 19, "of 'zq_r' is empty")
+    if kind == "declare-builtin":
+        name = draw(st.sampled_from(["p", "g", "t", "loss"]))
+        which = draw(st.sampled_from(["hyper", "state"]))
+        return declaration(f"{which} {name}" + (" = 1" if which == "hyper" else ""), 7,
+                           f"'{name}' is a built-in name")
+    if kind == "hyper-named-function":
+        fn = draw(st.sampled_from(FUNCS))
+        return declaration(f"hyper {fn} = 1", 7, f"'{fn}' is a function and cannot be declared")
+    if kind == "class-name-keyword":
+        kw = draw(st.sampled_from(["class", "def", "None", "lambda"]))
+        return "\n".join([f"optimizer {kw}"] + lines[1:]), 1, 11, f"'{kw}' cannot be a class name"
+    assert kind == "unused-state"
+    return declaration("state zq_u", 7, "state 'zq_u' is declared but never used")
+
+
+@settings(max_examples=120, **SETTINGS)
+@given(semantic_mistakes())
+def test_a_semantic_mistake_is_reported_where_it_is(case):
+    text, line, col, message = case
+    note(text)
+    err = _located_error(text, "mistake.opt")
+    assert err is not None, f"this spec should be refused ({message}):\n{text}"
+    assert (err.line, err.column) == (line, col) and message in err.message, (
+        f"expected {line}:{col} {message!r}, got:\n{err}\nfor\n{text}")
+    assert err.hint.strip(), str(err)
+
+
+# ---- (2) random text, token soup, token-level mutations ----
+VOCAB = ["optimizer", "hyper", "state", "in", "inf", "p", "g", "t", "loss", "m", "v", "lr", "b1", "u", "X",
+         "=", "+=", "-=", "*=", "/=", "+", "-", "*", "/", "^", "**", "<", "<=", ">", ">=", "==", "!=",
+         "(", ")", "[", "]", ",", ";", "\n", "# c\n", '"doc"', "0", "1", "2", ".5", "1e-8", "1e400", "3.",
+         *FUNCS, "lambda", "class", "torch", "sqr", "amin"]
+TOKEN = re.compile(r'\s+|#[^\n]*|"[^"\n]*"|\*\*|[-+*/]=|[<>=!]=|[A-Za-z_]\w*|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|.')
+CHARS = "abglmptvxyz_019.e " + "\t\n;#()[],=+-*/^<>!\""
+
+
+@st.composite
+def token_mutations(draw):
+    text = draw(st.one_of(st.sampled_from(SPEC_TEXTS), random_specs().map(lambda s: s.text)))
+    tokens = TOKEN.findall(text)
+    for _ in range(draw(st.integers(1, 4))):
+        solid = [i for i, tok in enumerate(tokens) if tok.strip()]
+        if not solid:
+            break
+        i = draw(st.sampled_from(solid))
+        op = draw(st.sampled_from(["delete", "duplicate", "swap", "insert", "replace", "rename", "swap-lines"]))
+        if op == "delete":
+            del tokens[i]
+        elif op == "duplicate":
+            tokens.insert(i, tokens[i] + " ")
+        elif op == "swap":
+            j = draw(st.sampled_from(solid))
+            tokens[i], tokens[j] = tokens[j], tokens[i]
+        elif op == "insert":
+            tokens.insert(i, " " + draw(st.sampled_from(VOCAB)) + " ")
+        elif op == "replace":
+            tokens[i] = draw(st.sampled_from(VOCAB))
+        elif op == "rename":  # every occurrence of a name: wrong names, but well-formed text
+            old, new = tokens[i], draw(st.sampled_from(VOCAB[:15] + FUNCS + ["zz"]))
+            if re.fullmatch(r"[A-Za-z_]\w*", old):
+                tokens = [new if tok == old else tok for tok in tokens]
+        else:
+            lines = "".join(tokens).split("\n")
+            a, b = draw(st.integers(0, len(lines) - 1)), draw(st.integers(0, len(lines) - 1))
+            lines[a], lines[b] = lines[b], lines[a]
+            tokens = TOKEN.findall("\n".join(lines))
+    return "".join(tokens)
+
+
+@st.composite
+def statement_soup(draw):
+    """A header, then lines shaped like declarations and statements, of random tokens."""
+    lines = [f"optimizer {draw(st.sampled_from(['X', 'class', 'Y2']))}"]
+    for _ in range(draw(st.integers(1, 6))):
+        head = draw(st.sampled_from(["hyper lr =", "state m =", "state m", "p -=", "p =", "g +=", "m =", "u =",
+                                     "t =", "lr *="]))
+        body = draw(st.lists(st.sampled_from(VOCAB[5:]), max_size=8))
+        lines.append(" ".join([head, *body]).replace("\n", " "))
+    return "\n".join(lines) + "\n"
+
+
+malformed = st.one_of(
+    token_mutations(),
+    statement_soup(),
+    st.text(alphabet=CHARS, max_size=120),
+    st.text(alphabet=CHARS, max_size=120).map(lambda s: "optimizer X\n" + s),
+)
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(malformed)
+def test_bad_text_raises_only_located_spec_errors(text):
+    note(repr(text))
+    _located_error(text)

@@ -9,7 +9,8 @@ from .. import functions as fn
 _BY_CLASS = {f.sympy: f for f in list(fn.TABLE.values()) + list(fn.COMPARISONS.values())
              if isinstance(f.sympy, type)}
 # SymPy writes atan2(y, c) of a constant c > 0 as atan(y/c): no spec names atan, but a plan may hold it.
-_BY_CLASS[sp.atan] = fn.Function("atan", 1, sp.atan, "torch.atan({0})", "math.atan({0})", "atan")
+_BY_CLASS[sp.atan] = fn.Function("atan", 1, sp.atan, "torch.atan({0})", "math.atan({0})", "atan",
+                                  triton="libdevice.atan({0})")
 
 
 class HostPrinter(PythonCodePrinter):
@@ -89,3 +90,43 @@ class DevicePrinter(HostPrinter):
 
     def _print_log1p(self, e):
         return f"torch.log1p({self._print(e.args[0])})"
+
+
+class TritonPrinter(HostPrinter):
+    """Element-wise values inside a Triton kernel: registers of float32 (or float64)."""
+
+    column = "triton"
+
+    def _print_Pow(self, e, rational=False):
+        base = self._print(e.base)
+        if e.exp == sp.S.Half:
+            return f"tl.sqrt({base})"
+        if e.exp == -sp.S.Half:
+            return f"tl.rsqrt({base})"
+        if e.exp.is_Integer and 0 < abs(int(e.exp)) <= 4:
+            product = " * ".join([f"({base})"] * abs(int(e.exp)))
+            return f"({product})" if e.exp > 0 else f"(1.0 / ({product}))"
+        return f"tl.exp(({self._print(e.exp)}) * tl.log({base}))"
+
+    def _print_Min(self, e):
+        return self._fold(e, "tl.minimum")
+
+    def _print_Max(self, e):
+        return self._fold(e, "tl.maximum")
+
+    def _fold(self, e, func):
+        out = self._print(e.args[0])
+        for a in e.args[1:]:
+            out = f"{func}({out}, {self._print(a)})"
+        return out
+
+    def _print_Integer(self, e):
+        return f"{int(e)}.0"
+
+    def _print_Rational(self, e):
+        return repr(float(e))
+
+
+# SymPy's own functions (Abs, exp, ...) print through the table's Triton column too.
+for _cls in [k for k in _BY_CLASS if k.__module__.startswith("sympy")]:
+    setattr(TritonPrinter, f"_print_{_cls.__name__}", lambda self, e: self._print_Function(e))

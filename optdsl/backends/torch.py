@@ -10,6 +10,7 @@ import sympy as sp
 from .. import ir
 from ..mathtext import statement_math
 from ..sym import DEVICE, GROUP, PARAM, TENSOR, Plan, meanings
+from . import triton as triton_backend
 from .printers import HostPrinter
 from .tensor_ops import Emitter, Instr, Operand
 
@@ -94,9 +95,8 @@ def multi(instr: Instr) -> list[str]:
     if instr.skip_zero:
         return [f"{_multi_line(instr)} if {instr.value.code} != 0 else {a[0]}"]
     if instr.op == "copy" and instr.args[1].level in (GROUP, PARAM):  # host floats: fill each tensor
-        if instr.args[1].level == GROUP:
-            return [f"for x_ in {a[0]}:", f"    x_.fill_({a[1]})"]
-        return [f"for x_, v_ in zip({a[0]}, {a[1]}):", "    x_.fill_(v_)"]
+        values = f"[{a[1]}] * len({a[0]})" if instr.args[1].level == GROUP else a[1]
+        return [f"for x_, v_ in zip({a[0]}, {values}):", "    x_.fill_(v_)"]
     return [_multi_line(instr)]
 
 
@@ -171,6 +171,10 @@ def render(plan: Plan, source: str, filename: str) -> str:
     )
     host_code = "\n".join(e for _, e in ctx["group_defs"] + ctx["param_single"] + ctx["state_inits"] if e)
     ctx["helpers"] = [code for name, code in HOST_HELPERS.items() if f"{name}(" in host_code]
+    ctx["unsupported"] = triton_backend.unsupported(plan)
+    if not ctx["unsupported"]:
+        ctx.update(triton_backend.kernel_context(plan))
+    ctx["fused_code"] = environment().get_template("triton_fused.py.j2").render(**ctx)
     return environment().get_template("torch_optimizer.py.j2").render(**ctx)
 
 
