@@ -291,8 +291,10 @@ if triton is not None:
     ):
         pid = tl.program_id(0)
         i = tl.load(block_tensor + pid)
+        n = tl.load(numels + i)
         offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-        mask = offsets < tl.load(numels + i)
+        mask = offsets < n
+        n = n.to(C_TYPE)
         p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_TYPE))
         g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
         m_ptr = tl.load(m_ptrs + i).to(tl.pointer_type(S_TYPE))
@@ -363,13 +365,9 @@ def _fused_adam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, 
                                device=device)
         numels, block_tensor, block_start = _block_map(p, device)
         g = [x if x.is_contiguous() else x.contiguous() for x in g]  # kept alive until the launch ends
-        _adam_kernel[(len(block_tensor),)](
-            _pointers(p, device), _pointers(g, device),
-            _pointers(m, device),
-            _pointers(v, device),
-            numels, block_tensor, block_start, scalars,
-            torch.tensor([k0, k1, wd], dtype=compute, device=device),
-            P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(m[0].dtype),
-            C_TYPE=_triton_type(compute), BLOCK=_BLOCK,
-        )
+        args = [_pointers(p, device), _pointers(g, device), _pointers(m, device), _pointers(v, device),                 numels, block_tensor, block_start, scalars,
+                torch.tensor([k0, k1, wd], dtype=compute, device=device)]
+        types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(m[0].dtype),
+                     C_TYPE=_triton_type(compute), BLOCK=_BLOCK)
+        _adam_kernel[(len(block_tensor),)](*args, **types)
         LAUNCHES += 1

@@ -238,8 +238,154 @@ _BLOCK = 1024
 
 def fused_available(params) -> str:
     """Why the fused path cannot run on these parameters ('' when it can)."""
-    return "whole-tensor reductions are not fused yet"
+    if triton is None:
+        return "Triton is not installed"
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if not all(p.is_cuda or interpreted for p in params):
+        return "the fused path runs on CUDA tensors (or under TRITON_INTERPRET=1)"
+    if not all(p.is_contiguous() for p in params):
+        return "the fused path needs contiguous parameters"
+    return ""
 
 
-def _fused_nsgda(*args, **kwargs):
-    raise RuntimeError("NSGDA(fused=True) cannot run: whole-tensor reductions are not fused yet")
+if triton is not None:
+
+    @triton.jit
+    def _round_to(x, TYPE: tl.constexpr):
+        """x in TYPE, rounded to nearest even (by hand for bfloat16: the interpreter truncates)."""
+        if TYPE == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return x.to(TYPE)
+
+    @triton.jit
+    def _nsgda_stage1(
+        p_ptrs, g_ptrs,  # int64 tables: one data pointer per tensor
+        m_ptrs,
+        numels,  # elements per tensor
+        block_tensor, block_start,  # per program: which tensor, and where in it
+        scalars,  # [tensors, 1]: per-tensor scalars (functions of t)
+        hypers,  # [4]: scalars of the hyperparameters, as data (a new lr never recompiles)
+        acc1,  # [tensors, 1]: whole-tensor reductions of stage 1
+        P_TYPE: tl.constexpr,  # parameter dtype
+        S_TYPE: tl.constexpr,  # state dtype
+        C_TYPE: tl.constexpr,  # arithmetic dtype
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        i = tl.load(block_tensor + pid)
+        n = tl.load(numels + i)
+        offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+        mask = offsets < n
+        n = n.to(C_TYPE)
+        p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_TYPE))
+        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
+        m_ptr = tl.load(m_ptrs + i).to(tl.pointer_type(S_TYPE))
+        eps = tl.load(hypers + 0)
+        k0 = tl.load(hypers + 1)
+        lr = tl.load(hypers + 2)
+        wd = tl.load(hypers + 3)
+        c0 = tl.load(scalars + i * 1 + 0)
+        p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
+        g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
+        m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
+        x0 = (m + k0 * (g + p*wd - m))
+        r0_x = c0*x0
+        tl.atomic_add(acc1 + i * 1 + 0, tl.sum(tl.where(mask, r0_x * r0_x, 0.0), axis=0))
+
+    @triton.jit
+    def _nsgda_kernel(
+        p_ptrs, g_ptrs,  # int64 tables: one data pointer per tensor
+        m_ptrs,
+        numels,  # elements per tensor
+        block_tensor, block_start,  # per program: which tensor, and where in it
+        scalars,  # [tensors, 1]: per-tensor scalars (functions of t)
+        hypers,  # [4]: scalars of the hyperparameters, as data (a new lr never recompiles)
+        acc1,  # [tensors, 1]: whole-tensor reductions of stage 1
+        P_TYPE: tl.constexpr,  # parameter dtype
+        S_TYPE: tl.constexpr,  # state dtype
+        C_TYPE: tl.constexpr,  # arithmetic dtype
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        i = tl.load(block_tensor + pid)
+        n = tl.load(numels + i)
+        offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+        mask = offsets < n
+        n = n.to(C_TYPE)
+        p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_TYPE))
+        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
+        m_ptr = tl.load(m_ptrs + i).to(tl.pointer_type(S_TYPE))
+        eps = tl.load(hypers + 0)
+        k0 = tl.load(hypers + 1)
+        lr = tl.load(hypers + 2)
+        wd = tl.load(hypers + 3)
+        c0 = tl.load(scalars + i * 1 + 0)
+        p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
+        g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
+        m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
+        x0 = (m + k0 * (g + p*wd - m))
+        r0 = tl.sqrt(tl.load(acc1 + i * 1 + 0))
+        d0 = -c0*lr/(eps + r0)
+        tl.store(p_ptr + offsets, _round_to(d0*x0 + p, P_TYPE), mask=mask)
+        tl.store(m_ptr + offsets, _round_to(x0, S_TYPE), mask=mask)
+
+
+_TRITON_TYPES = {}
+_BLOCK_MAPS = {}
+
+
+def _triton_type(dtype):
+    if not _TRITON_TYPES:
+        _TRITON_TYPES.update({torch.float32: tl.float32, torch.float64: tl.float64,
+                              torch.bfloat16: tl.bfloat16, torch.float16: tl.float16})
+    return _TRITON_TYPES[dtype]
+
+
+def _block_map(tensors, device):
+    """(tensor index, start offset) of every block; cached per list of sizes."""
+    key = (device, tuple(t.numel() for t in tensors))
+    if key not in _BLOCK_MAPS:
+        which, start = [], []
+        for i, t in enumerate(tensors):
+            for s in range(0, t.numel(), _BLOCK):
+                which.append(i)
+                start.append(s)
+        numels = torch.tensor([t.numel() for t in tensors], dtype=torch.int64, device=device)
+        _BLOCK_MAPS[key] = (numels, torch.tensor(which, dtype=torch.int32, device=device),
+                            torch.tensor(start, dtype=torch.int64, device=device))
+    return _BLOCK_MAPS[key]
+
+
+def _pointers(tensors, device):
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
+
+
+def _fused_nsgda(params, grads, m_list, state_steps, *, lr, momentum, eps, wd):
+    global LAUNCHES
+    if not params:
+        return
+    why = fused_available(params)
+    if why:
+        raise RuntimeError(f"NSGDA(fused=True) cannot run: {why}")
+    k0 = 1 - momentum
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, m_list, state_steps])
+    for (device, dtype), ((p, g, m, device_steps), _) in grouped.items():
+        torch._foreach_add_(device_steps, 1)
+        t = [s.item() for s in device_steps]
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        per_tensor = [[1/(1 - momentum**t_) for t_ in t]]
+        scalars = torch.tensor(list(zip(*per_tensor)) if per_tensor else [[0.0]] * len(p), dtype=compute,
+                               device=device)
+        numels, block_tensor, block_start = _block_map(p, device)
+        g = [x if x.is_contiguous() else x.contiguous() for x in g]  # kept alive until the launch ends
+        args = [_pointers(p, device), _pointers(g, device), _pointers(m, device),                 numels, block_tensor, block_start, scalars,
+                torch.tensor([eps, k0, lr, wd], dtype=compute, device=device)]
+        args.append(torch.tensor([0.0] * len(p), dtype=compute, device=device))
+        types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(m[0].dtype),
+                     C_TYPE=_triton_type(compute), BLOCK=_BLOCK)
+        _nsgda_stage1[(len(block_tensor),)](*args, **types)
+        _nsgda_kernel[(len(block_tensor),)](*args, **types)
+        LAUNCHES += 2

@@ -327,8 +327,10 @@ if triton is not None:
     ):
         pid = tl.program_id(0)
         i = tl.load(block_tensor + pid)
+        n = tl.load(numels + i)
         offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-        mask = offsets < tl.load(numels + i)
+        mask = offsets < n
+        n = n.to(C_TYPE)
         p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_TYPE))
         g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
         square_avg_ptr = tl.load(square_avg_ptrs + i).to(tl.pointer_type(S_TYPE))
@@ -409,14 +411,9 @@ def _fused_rmsprop(params, grads, square_avg_list, grad_avg_list, buf_list, stat
                                device=device)
         numels, block_tensor, block_start = _block_map(p, device)
         g = [x if x.is_contiguous() else x.contiguous() for x in g]  # kept alive until the launch ends
-        _rmsprop_kernel[(len(block_tensor),)](
-            _pointers(p, device), _pointers(g, device),
-            _pointers(square_avg, device),
-            _pointers(grad_avg, device),
-            _pointers(buf, device),
-            numels, block_tensor, block_start, scalars,
-            torch.tensor([alpha, eps, k0, k1, k2, k3, momentum, wd], dtype=compute, device=device),
-            P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(square_avg[0].dtype),
-            C_TYPE=_triton_type(compute), BLOCK=_BLOCK,
-        )
+        args = [_pointers(p, device), _pointers(g, device), _pointers(square_avg, device), _pointers(grad_avg, device), _pointers(buf, device),                 numels, block_tensor, block_start, scalars,
+                torch.tensor([alpha, eps, k0, k1, k2, k3, momentum, wd], dtype=compute, device=device)]
+        types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(square_avg[0].dtype),
+                     C_TYPE=_triton_type(compute), BLOCK=_BLOCK)
+        _rmsprop_kernel[(len(block_tensor),)](*args, **types)
         LAUNCHES += 1

@@ -43,6 +43,11 @@ def _check_declarations(spec: ast.Spec) -> None:
             raise SpecError(f"'{name}' is declared twice (already a {seen[name]})", decl.span,
                             hint="remove one of the declarations or rename it")
         seen[name] = kind
+    starts = {ir.ssa_name(b, 0): b for b in ["p", "g", *(s.name for s in spec.states)]}
+    for h in spec.hypers:  # the IR names the step-start value of m `m0`: a hyperparameter may not
+        if h.name in starts:
+            raise SpecError(f"'{h.name}' is the name of the step-start value of '{starts[h.name]}'", h.span,
+                            hint=f"rename the hyperparameter, e.g. '{h.name}_'")
     for h in spec.hypers:
         r = h.range
         if r is None:
@@ -69,6 +74,13 @@ class _Lowering:
         self.warnings: list[SpecWarning] = []
         for base in self.version:
             self.kind[ir.ssa_name(base, 0)] = ir.TENSOR
+
+    def ssa(self, n: str, version: int) -> str:
+        """The SSA name of a version; a later one steps aside for a hyperparameter (hyper b1, local b)."""
+        name = ir.ssa_name(n, version)
+        while version and name in self.hypers:
+            name += "_"  # no SSA name ends with '_'
+        return name
 
     # ---- expressions ----
     def visible(self) -> set[str]:
@@ -105,7 +117,7 @@ class _Lowering:
             return ir.Ref(n, e.span)
         if n in self.version:
             self.read.add(n)
-            return ir.Ref(ir.ssa_name(n, self.version[n]), e.span)
+            return ir.Ref(self.ssa(n, self.version[n]), e.span)
         if n in self.assigned_later:
             raise SpecError(f"local '{n}' is read before it is assigned", e.span,
                             hint=f"assign '{n}' on an earlier line, or declare 'state {n}' "
@@ -156,12 +168,12 @@ class _Lowering:
             if n not in self.version:
                 raise SpecError(f"'{n}' is updated with '{a.op}' before it is assigned", a.target_span,
                                 hint=f"assign '{n} = ...' first, or declare 'state {n}'")
-            old = ir.Ref(ir.ssa_name(n, self.version[n]), a.target_span)
+            old = ir.Ref(self.ssa(n, self.version[n]), a.target_span)
             self.read.add(n)
             value = ir.Op(a.op[0], (old, value), a.span)
         version = self.version.get(n, 0) + 1
         self.version[n] = version
-        out = ir.ssa_name(n, version)
+        out = self.ssa(n, version)
         kind = self.kind_of(value)
         self.kind[out] = kind
         self.eqns.append(ir.Eqn(out, n, kind, value, a.span))
@@ -199,8 +211,8 @@ class _Lowering:
             if eq.out not in last_reads:
                 self.warnings.append(SpecWarning(f"'{eq.target}' is assigned here but this value is never read",
                                                  eq.span, hint="remove the assignment or use the value"))
-        outputs = (("p", ir.ssa_name("p", self.version["p"])),) + tuple(
-            (s.name, ir.ssa_name(s.name, self.version[s.name])) for s in spec.states)
+        outputs = (("p", self.ssa("p", self.version["p"])),) + tuple(
+            (s.name, self.ssa(s.name, self.version[s.name])) for s in spec.states)
         hypers = tuple(ir.Hyper(h.name, h.default,
                                 *((h.range.lo, h.range.hi, h.range.lo_closed, h.range.hi_closed)
                                   if h.range else (float("-inf"), float("inf"), False, False)), span=h.span)

@@ -15,8 +15,9 @@ DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 if DEVICE == "cuda" and not torch.cuda.is_available():
     pytest.skip("TRITON_INTERPRET=0 needs a CUDA device", allow_module_level=True)
 
-# spec module, class, hyperparameter settings (atan2 has no interpreter form; nSGDA reduces)
+# spec module, class, hyperparameter settings (atan2 has no form in the interpreter)
 CASES = [
+    ("nsgda", "NSGDA", [{}, dict(momentum=0.5, wd=0.0)]),
     ("adamw", "AdamW", [{}, dict(lr=1e-2, wd=0.3, b1=0.5)]),
     ("adam", "Adam", [{}, dict(wd=0.1, eps=1e-3)]),
     ("amsgrad", "AMSGrad", [dict(lr=1e-2, wd=0.1)]),
@@ -55,7 +56,8 @@ def test_fused_equals_foreach(module, name, settings, dtype):
     for kw in settings:
         before = mod.LAUNCHES
         fused, fused_opt = _run(cls, kw, dtype, fused=True)
-        assert mod.LAUNCHES - before == 8  # one launch per step: one device, one dtype
+        stages = 2 if module == "nsgda" else 1  # a whole-tensor norm: accumulate, then update
+        assert mod.LAUNCHES - before == 8 * stages  # per step: one device, one dtype
         ref, ref_opt = _run(cls, kw, dtype, foreach=True)
         for a, b in zip(fused, ref):
             if dtype == torch.bfloat16:  # float32 arithmetic and round-to-nearest-even in both
@@ -106,10 +108,12 @@ def test_one_launch_for_two_hundred_tensors_and_lr_changes_are_data():
 
 
 def test_fused_where_it_cannot_run_says_why(monkeypatch):
+    from generated import adamw
     from generated.adamw import AdamW
-    from generated.nsgda import NSGDA
-    with pytest.raises(RuntimeError, match="reductions are not fused yet"):
-        NSGDA([torch.zeros(3, device=DEVICE)], fused=True)
+    monkeypatch.setattr(adamw, "triton", None)
+    with pytest.raises(RuntimeError, match="Triton is not installed"):
+        AdamW([torch.zeros(3, device=DEVICE)], fused=True)
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="cannot both be set"):
         AdamW([torch.zeros(3)], fused=True, foreach=True)
     if DEVICE == "cpu":
@@ -120,7 +124,6 @@ def test_fused_where_it_cannot_run_says_why(monkeypatch):
     p = torch.zeros(3, device=DEVICE)
     opt = AdamW([p])
     p.grad = torch.ones(3, device=DEVICE)
-    from generated import adamw
     before = adamw.LAUNCHES
     opt.step()
     assert adamw.LAUNCHES - before == (1 if DEVICE == "cuda" else 0)
@@ -138,3 +141,20 @@ def test_compile_in_memory_with_triton_compiling_for_real(tmp_path):
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stderr
     assert [round(x, 6) for x in eval(done.stdout)] == [0.1, 0.1, 0.1]  # 1 - (1 - 0.1)
+
+
+def test_every_reduction_fused_in_stages():
+    import optdsl
+    cls = optdsl.compile(
+        "optimizer Reduce\nhyper lr = 0.1 in [0, inf)\nstate m\n"
+        "m = lerp(m, g, 0.5)\n"
+        "u = g / (rms(g) + 1) + mean(m) + sum(g) * 1e-3 + amax(g) * 0.1 - amax(-m) + m / (norm(m) + 1)\n"
+        "p -= lr * u / (norm(u) + 1)\n")  # a reduction of a value that needs reductions: 2 stages
+    module = importlib.import_module(cls.__module__)
+    for dtype in (torch.float64, torch.float32):
+        before = module.LAUNCHES
+        fused, _ = _run(cls, {}, dtype, steps=4, fused=True)
+        assert module.LAUNCHES - before == 4 * 3
+        ref, _ = _run(cls, {}, dtype, steps=4, foreach=False)
+        for a, b in zip(fused, ref):
+            torch.testing.assert_close(a, b, rtol=TOL[dtype] * 10, atol=TOL[dtype] * 10)

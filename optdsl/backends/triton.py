@@ -1,49 +1,124 @@
-"""The Triton backend: one fused multi-tensor kernel per step for element-wise specs.
+"""The Triton backend: a step is a few fused multi-tensor kernels, one launch each.
 
 Every tensor of a (device, dtype) group is covered by one launch: a table of
 data pointers per operand (p, g, each state) and a block map (tensor, offset)
 let each program find its slice, load p, g and the states once, compute the
-whole update in registers and store p and the states once. Scalars that depend
-only on hyperparameters are kernel arguments (a scheduler never recompiles);
-those that depend on `t` come from a small per-tensor table, so `t` may differ
-between the parameters of one launch.
+update in registers and store p and the states once. Scalars of the
+hyperparameters are a small device tensor (a scheduler never recompiles);
+scalars of `t` come from a per-tensor table, so `t` may differ inside a launch.
+
+A whole-tensor reduction splits the step into stages: each stage's kernel adds
+its blocks' partial results into a per-tensor accumulator (atomics, no host
+sync), and the next stage reads the finished value.
 """
 from __future__ import annotations
 
 import sympy as sp
 
-from ..sym import DEVICE, GROUP, PARAM, TENSOR, Plan
+from .. import functions as fn
+from ..sym import GROUP, PARAM, Plan, is_reduction
 from .printers import HostPrinter, TritonPrinter
+
+# reduction -> (what each element adds, how blocks combine, the finished value from the total)
+_REDUCE = {
+    "norm": ("{x} * {x}", "add", "tl.sqrt({r})"),
+    "rms": ("{x} * {x}", "add", "tl.sqrt({r} / {n})"),
+    "sum": ("{x}", "add", "{r}"),
+    "mean": ("{x}", "add", "{r} / {n}"),
+    "amax": ("{x}", "max", "{r}"),
+}
 
 
 def unsupported(plan: Plan) -> str:
-    """Why this plan has no fused kernel yet ('' when it has one)."""
-    if any(d.level == DEVICE for d in plan.steps):
-        return "whole-tensor reductions are not fused yet"
+    """Why this plan has no fused kernels ('' when it has them)."""
     return ""
 
 
+class _Stages:
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.defs = {d.symbol: d for d in plan.steps}
+        self.stage: dict[sp.Symbol, int] = {}
+        for d in plan.steps:
+            if is_reduction(d.expr):
+                below = [self.stage[r] for r in self.reductions_under(d.expr.args[0])]
+                self.stage[d.symbol] = 1 + max(below, default=0)
+        self.count = max(self.stage.values(), default=0)
+        self.slot = {}  # reduction -> (stage, column)
+        for s in range(1, self.count + 1):
+            for j, r in enumerate(r for r in self.stage if self.stage[r] == s):
+                self.slot[r] = (s, j)
+
+    def needed(self, exprs) -> set[sp.Symbol]:
+        """Step symbols these expressions read, through tensor and device steps, not into reductions."""
+        out: set[sp.Symbol] = set()
+        todo = [s for e in exprs for s in e.free_symbols]
+        while todo:
+            s = todo.pop()
+            if s in out or s not in self.defs:
+                continue
+            out.add(s)
+            if not is_reduction(self.defs[s].expr):
+                todo += list(self.defs[s].expr.free_symbols)
+        return out
+
+    def reductions_under(self, e) -> list[sp.Symbol]:
+        return [s for s in self.needed([e]) if is_reduction(self.defs[s].expr)]
+
+    def width(self, s: int) -> int:
+        return sum(1 for r in self.stage if self.stage[r] == s)
+
+
 def kernel_context(plan: Plan) -> dict:
-    """What the template needs to print the kernel and its launcher."""
+    """What the template needs to print the kernels and their launcher."""
     prog = plan.program
     printer = TritonPrinter()
-    tensor_steps = [d for d in plan.steps if d.level == TENSOR]
-    used = set().union(*(d.expr.free_symbols for d in tensor_steps), *(e.free_symbols for _, e in plan.outputs))
+    stages = _Stages(plan)
+
+    def body(need: set) -> list[str]:
+        lines = []
+        for d in plan.steps:
+            if d.symbol not in need:
+                continue
+            if is_reduction(d.expr):
+                s, j = stages.slot[d.symbol]
+                total = f"tl.load(acc{s} + i * {stages.width(s)} + {j})"
+                finish = _REDUCE[fn.REDUCTIONS[type(d.expr)].name][2]
+                lines.append(f"{d.symbol} = {finish.format(r=total, n='n')}")
+            else:
+                lines.append(f"{d.symbol} = {printer.doprint(d.expr)}")
+        return lines
+
+    kernels = []
+    for s in range(1, stages.count + 1):
+        mine = [r for r in stages.stage if stages.stage[r] == s]
+        operands = [stages.defs[r].expr.args[0] for r in mine]
+        lines = body(stages.needed(operands))
+        for j, (r, x) in enumerate(zip(mine, operands)):
+            each, combine, _ = _REDUCE[fn.REDUCTIONS[type(stages.defs[r].expr)].name]
+            lines.append(f"{r}_x = {printer.doprint(x)}")
+            value = each.format(x=f"{r}_x")
+            if combine == "add":
+                part = f"tl.sum(tl.where(mask, {value}, 0.0), axis=0)"
+                lines.append(f"tl.atomic_add(acc{s} + i * {stages.width(s)} + {j}, {part})")
+            else:
+                part = f"tl.max(tl.where(mask, {value}, -float('inf')), axis=0)"
+                lines.append(f"tl.atomic_max(acc{s} + i * {stages.width(s)} + {j}, {part})")
+        kernels.append(dict(name=f"stage{s}", lines=lines, stores=[]))
+    stores = [(base, printer.doprint(e)) for base, e in plan.outputs if e != sp.Symbol(base)]
+    kernels.append(dict(name="kernel", lines=body(stages.needed([e for _, e in plan.outputs])), stores=stores))
+
+    used = set().union(*(d.expr.free_symbols for d in plan.steps), *(e.free_symbols for _, e in plan.outputs))
     levels = plan.level_of()
-    group_args = sorted((str(s) for s in used if levels.get(s) == GROUP), key=str)
-    param_args = sorted((str(s) for s in used if levels.get(s) == PARAM), key=str)
-    states = [s.name for s in prog.states]
-    written = [(base, printer.doprint(e)) for base, e in plan.outputs if e != sp.Symbol(base)]
+    group_args = sorted(str(s) for s in used if levels.get(s) == GROUP)
+    param_args = sorted(str(s) for s in used if levels.get(s) == PARAM)
     t_elem = {"t": "t_", **{str(d.symbol): f"{d.symbol}_" for d in plan.param}}
-    param_rows = []  # per-tensor scalars, host side: one value per tensor
-    for name in param_args:
-        if name == "t":
-            param_rows.append("t")
-            continue
-        d = next(d for d in plan.param if str(d.symbol) == name)
-        param_rows.append(f"[{HostPrinter(t_elem).doprint(d.expr)} for t_ in t]")
-    return dict(
-        tensor_steps=[(str(d.symbol), printer.doprint(d.expr)) for d in tensor_steps],
-        written=written, states=states, group_args=group_args, param_args=param_args,
-        param_rows=param_rows, param_defs=[str(d.symbol) for d in plan.param],
-    )
+    param_rows = ["t" if name == "t" else
+                  f"[{HostPrinter(t_elem).doprint(next(d.expr for d in plan.param if str(d.symbol) == name))} "
+                  f"for t_ in t]" for name in param_args]
+    accs = [dict(name=f"acc{s}", width=stages.width(s),
+                 inits=", ".join('-float("inf")' if type(stages.defs[r].expr) is fn.amax else "0.0"
+                                 for r in stages.stage if stages.stage[r] == s))
+            for s in range(1, stages.count + 1)]
+    return dict(kernels=kernels, accs=accs, states=[s.name for s in prog.states], group_args=group_args,
+                param_args=param_args, param_rows=param_rows)
