@@ -14,7 +14,12 @@ RESERVED = {"params", "defaults", "foreach", "fused", "closure", "self", "state"
             "inf", "in", "hyper", "optimizer", "os", "triton", "tl", "libdevice", "pid", "offsets", "mask",
             "scalars", "hypers", "numels", "block_tensor", "block_start", "device", "dtype", "compute",
             "per_tensor", "param", "grads", "state_steps", "step_t", "i", "device_params", "device_grads",
-            "device_steps", "grouped", "exact", "Optimizer", "LAUNCHES"}
+            "device_steps", "grouped", "exact", "Optimizer", "LAUNCHES",
+            # Python built-ins and module names the generated code calls, and its per-tensor loop variable
+            "super", "dict", "float", "bool", "str", "list", "tuple", "len", "zip", "all", "range", "enumerate",
+            "ValueError", "RuntimeError", "ImportError", "_EXACT", "_sign", "_sigmoid", "_softplus",
+            "_default_to_fused_or_foreach", "_round_to", "_triton_type", "_BLOCK", "_BLOCK_MAPS",
+            "_TRITON_TYPES", "_block_map", "_pointers", "t_", "x_", "y_", "v_"}
 _BINARY = {"+": "+", "-": "-", "*": "*", "/": "/", "^": "^"}
 
 
@@ -28,8 +33,12 @@ def _check_declarations(spec: ast.Spec) -> None:
         raise SpecError(f"'{spec.name}' cannot be a class name", spec.name_span,
                         hint="name the optimizer with a word that is not a Python keyword, e.g. MyAdam")
     seen: dict[str, str] = {}
+    lists = {f"{s.name}_list": s.name for s in spec.states}  # the generated code's list of each state
     for kind, decl in [("hyper", h) for h in spec.hypers] + [("state", s) for s in spec.states]:
         name = decl.name
+        if name in lists:
+            raise SpecError(f"'{name}' is the name of the generated code's list of state '{lists[name]}'",
+                            decl.span, hint=f"rename it, e.g. '{name}_'")
         if name in ir.BUILTINS:
             raise SpecError(f"'{name}' is a built-in name and cannot be declared", decl.span,
                             hint="p, g, t and loss are provided by optdsl; choose another name")

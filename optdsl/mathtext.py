@@ -19,8 +19,12 @@ def statement_math(prog: ir.Program, latex: bool) -> list[str]:
         for eq in prog.eqns:
             value = to_sympy(eq.expr, env)
             if latex:
-                lines.append(f"{sp.latex(sp.Symbol(eq.target))} &\\leftarrow "
-                             f"{sp.latex(value, order='none', mul_symbol='dot')}")
+                try:
+                    shown = sp.latex(value, order='none', mul_symbol='dot')
+                except (RecursionError, TypeError):  # SymPy may fail on an unevaluated tanh(exp(...)), ...
+                    with sp.evaluate(True):
+                        shown = sp.latex(to_sympy(eq.expr, env), mul_symbol='dot')
+                lines.append(f"{sp.latex(sp.Symbol(eq.target))} &\\leftarrow {shown}")
             else:
                 lines.append(f"{eq.target} ← {_unicode(ir.format_expr(eq.expr, names=names))}")
             env[eq.out] = sp.Symbol(eq.target)

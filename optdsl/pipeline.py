@@ -5,7 +5,7 @@ from dataclasses import dataclass, replace
 
 from . import check, ir, lower, parse, sym
 from .backends import torch as torch_backend
-from .errors import SpecError, SpecWarning
+from .errors import Span, SpecError, SpecWarning
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,10 @@ def compile_source(text: str, filename: str = "<spec>") -> Compiled:
     except SpecError as err:
         raise err.located(filename, text) from None
     except RecursionError:
-        raise SpecError("the spec is nested too deeply to compile", None, filename=filename, source=text,
-                        hint="split long expressions into locals") from None
+        lines = text.split("\n")  # point at the longest line, the likeliest culprit
+        line = max(range(len(lines)), key=lambda i: len(lines[i].split("#")[0])) + 1
+        raise SpecError("the spec is nested too deeply to compile", Span(line, 1, line, len(lines[line - 1]) + 1),
+                        filename=filename, source=text, hint="split long expressions into locals") from None
     except Exception as err:  # a bug in optdsl: still one error type, saying so
         raise SpecError(f"optdsl could not compile this spec ({type(err).__name__}: {err})", None,
                         filename=filename, source=text,

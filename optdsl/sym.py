@@ -63,6 +63,8 @@ def _to_sympy(e: ir.Expr, env: dict[str, sp.Expr]) -> sp.Expr:
     if e.op == "neg":
         return -args[0]
     fn = TABLE.get(e.op) or _CMP[e.op]
+    if e.op == "atan2" and args[0] == 0 and args[1] == 0:  # nan to SymPy, 0 to IEEE 754, torch and math
+        return sp.S.Zero
     if e.op == "abs":  # every value is real: SymPy reads Abs(exp(x)) of a complex x as exp(re(x))
         real = {s: sp.Dummy(s.name, real=True) for s in args[0].free_symbols}
         return sp.Abs(args[0].xreplace(real)).xreplace({d: s for s, d in real.items()})
@@ -134,7 +136,7 @@ class _Names:
 
     def fresh(self, prefix: str) -> sp.Symbol:
         i = 0
-        while f"{prefix}{i}" in self.taken:
+        while f"{prefix}{i}" in self.taken or f"{prefix}{i}_" in self.taken:  # x0_ names x0's items
             i += 1
         self.taken.add(f"{prefix}{i}")
         return sp.Symbol(f"{prefix}{i}")

@@ -8,6 +8,7 @@ from .. import functions as fn
 
 _BY_CLASS = {f.sympy: f for f in list(fn.TABLE.values()) + list(fn.COMPARISONS.values())
              if isinstance(f.sympy, type)}
+_COMPARISONS = tuple(f.sympy for f in fn.COMPARISONS.values())
 # SymPy writes atan2(y, c) of a constant c > 0 as atan(y/c): no spec names atan, but a plan may hold it.
 _BY_CLASS[sp.atan] = fn.Function("atan", 1, sp.atan, "torch.atan({0})", "math.atan({0})", "atan",
                                   triton="libdevice.atan({0})")
@@ -82,8 +83,24 @@ class DevicePrinter(HostPrinter):
     def _print_tanh(self, e):
         return f"torch.tanh({self._print(e.args[0])})"
 
+    def _print_Function(self, e):
+        text = super()._print_Function(e)
+        if isinstance(e, _COMPARISONS):  # a bool tensor: as a number, 1.0 where it holds
+            return f"torch.as_tensor({text}, dtype=torch.float64)"
+        return text
+
+    def _tensor(self, e):  # an argument that may be a host float (float64: as_tensor(0.9) is float32)
+        return f"torch.as_tensor({self._print(e)}, dtype=torch.float64)"
+
     def _print_atan2(self, e):
-        return f"torch.atan2({self._print(e.args[0])}, {self._print(e.args[1])})"
+        return f"torch.atan2({self._tensor(e.args[0])}, {self._tensor(e.args[1])})"
+
+    def _print_lerp(self, e):  # torch.lerp takes no host float for its ends
+        return fn.TABLE["lerp"].host.format(*(self._print(a) for a in e.args))
+
+    def _print_where(self, e):
+        c, a, b = e.args
+        return f"torch.where({self._tensor(c)} != 0, {self._tensor(a)}, {self._tensor(b)})"
 
     def _print_atan(self, e):
         return f"torch.atan({self._print(e.args[0])})"

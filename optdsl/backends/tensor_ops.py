@@ -68,7 +68,7 @@ class Emitter:
 
     def fresh(self) -> str:
         i = 0
-        while f"tmp{i}" in self.taken:
+        while f"tmp{i}" in self.taken or f"tmp{i}_" in self.taken:  # tmp0_ names tmp0's items
             i += 1
         self.taken.add(f"tmp{i}")
         return f"tmp{i}"
@@ -315,7 +315,9 @@ class Emitter:
                 row = fn.REDUCTIONS[type(d.expr)]
                 arg = self.operand(d.expr.args[0])
                 self._consume([d.expr.args[0]])
-                self.instrs.append(Instr("reduce", str(d.symbol), (arg,), template=row.tensor))
+                template = row.tensor if arg.level >= DEVICE else (  # of a host float: its host meaning
+                    f"torch.as_tensor({row.host}, dtype=torch.float64)")
+                self.instrs.append(Instr("reduce", str(d.symbol), (arg,), template=template))
                 self.buffer[d.symbol] = str(d.symbol)
                 continue
             target = out_of.get(d.symbol)
