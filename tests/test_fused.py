@@ -161,3 +161,13 @@ def test_every_reduction_fused_in_stages():
         ref, _ = _run(cls, {}, dtype, steps=4, foreach=False)
         for a, b in zip(fused, ref):
             torch.testing.assert_close(a, b, rtol=TOL[dtype] * 10, atol=TOL[dtype] * 10)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_reduction_of_a_scalar_runs_over_a_tensor_shaped_like_p(fused):
+    import optdsl
+    cls = optdsl.compile("optimizer S\nhyper lr = 0.5\np -= (sum(p - p + 1) + norm(lr)) * g\n")
+    p = torch.zeros(4, dtype=torch.float64, device=DEVICE)
+    p.grad = torch.ones(4, dtype=torch.float64, device=DEVICE)
+    cls([p], fused=fused).step()
+    assert p.tolist() == [-5.0] * 4  # 4 ones summed, plus 0.5 * sqrt(4)

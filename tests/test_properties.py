@@ -4,8 +4,9 @@
    defaults and ranges, states with and without initial values, locals, `g` rebinding, every
    core operator, element-wise function and reduction) together with an independent numeric
    *oracle*: the meaning LANGUAGE.md gives the text, written directly in NumPy while the text
-   is built (precedence and associativity included). Each example is compiled, stepped twice
-   on float64 tensors on both generated paths, and checked after each update against
+   is built (precedence and associativity included). Each example is compiled, stepped once or
+   twice on one or two float64 tensors (the second may miss a gradient on the first step, so
+   their step counts differ) on both generated paths, and checked after each update against
 
    * the SymPy meaning of the compiled program (`optdsl.sym.meanings`, after
      `functions.meaning`, lambdified with NumPy twins of the custom functions; a reduction
@@ -15,18 +16,18 @@
 
    An example whose oracle passes within a hair of a discontinuity (a comparison, `sign`, a
    `where` condition that is nearly but not exactly 0) is discarded: there the two sides may
-   round to different branches and neither is wrong.
+   round to different branches and neither is wrong. So is one with a sum or norm of an
+   argument SymPy simplified to a scalar: a known bug, pinned by an xfail test at the end.
 
 2. The compiler raises nothing but SpecError (with `file:line:col`) on bad text:
    well-formed specs with one semantic mistake inserted at a known place (the error must
    point exactly there), token-level mutations of the real and of random specs, token soup
-   shaped like statements, and random text over the language's characters.
-   (tests/test_errors.py fuzzes characters; this file fuzzes tokens and meanings.)
+   shaped like statements, random text over the language's characters, and very deep
+   expressions. (tests/test_errors.py fuzzes characters; this file fuzzes tokens and meanings.)
 """
 from __future__ import annotations
 
 import re
-import string
 from dataclasses import dataclass
 from functools import reduce as _reduce
 from pathlib import Path
@@ -497,7 +498,8 @@ class Reference:
         self.inits = {s.name: _lambdify(self.args, to_sympy(s.init, init_env)) if s.init is not None else None
                       for s in program.states}
         tensors = {sp.Symbol("p"), sp.Symbol("g"), *map(sp.Symbol, self.states)}
-        self.scalar_reductions = [r for e in outputs.values() for r in sp.preorder_traversal(e)
+        values = [*outputs.values(), *(to_sympy(s.init, init_env) for s in program.states if s.init is not None)]
+        self.scalar_reductions = [r for e in values for r in sp.preorder_traversal(e)
                                   if type(r) in (F.sum, F.norm) and not r.args[0].free_symbols & tensors]
 
     def _call(self, f, p, g, states, hypers, t, loss):
@@ -546,7 +548,7 @@ def _run(cls, spec: Spec, foreach: bool, init, grads, losses):
     return history
 
 
-@settings(max_examples=100, **SETTINGS)
+@settings(max_examples=150, **SETTINGS)
 @given(spec=random_specs(), shapes=st.lists(st.sampled_from(SHAPES), min_size=1, max_size=2),
        seed=st.integers(0, 2**16), skip_first=st.booleans(), steps=st.integers(1, 2))
 def test_random_spec_matches_its_meaning(spec, shapes, seed, skip_first, steps):
@@ -568,7 +570,7 @@ def test_random_spec_matches_its_meaning(spec, shapes, seed, skip_first, steps):
         for i, s in enumerate(shapes):
             gr = torch.randn(s, generator=gen, dtype=torch.float64) * (0.5 + i)
             gr[torch.rand(s, generator=gen) < 0.15] = 0.0  # exact zeros
-            row.append(None if (skip_first and step == 0 and i == len(shapes) - 1) else gr)
+            row.append(None if (skip_first and step == 0 and i == 1) else gr)  # this one's t lags
         grads.append(row)
     losses = [float(torch.randn((), generator=gen)) for _ in range(steps)]
 
@@ -832,10 +834,8 @@ def test_deep_nesting_compiles_or_is_a_located_spec_error(text):
     _located_error(text)
 
 
-@pytest.mark.xfail(strict=True, reason="a reduction's argument that SymPy simplifies to a scalar (p - p + 1 -> 1) "
-                   "is reduced as a scalar: sum gives 1, not numel(p) as over the whole tensor; fixing it needs "
-                   "numel in the plan and the backends")
 def test_sum_of_a_tensor_expression_that_simplifies_to_a_constant():
+    """SymPy folds p - p + 1 to 1; the reduction still runs over a tensor shaped like p."""
     cls = optdsl.compile("optimizer SumOnes\np -= sum(p - p + 1) * g\n", "sum_ones.opt")
     p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
     p.grad = torch.ones(4, dtype=torch.float64)

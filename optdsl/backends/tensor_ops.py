@@ -315,9 +315,10 @@ class Emitter:
                 row = fn.REDUCTIONS[type(d.expr)]
                 arg = self.operand(d.expr.args[0])
                 self._consume([d.expr.args[0]])
-                template = row.tensor if arg.level >= DEVICE else (  # of a host float: its host meaning
-                    f"torch.as_tensor({row.host}, dtype=torch.float64)")
-                self.instrs.append(Instr("reduce", str(d.symbol), (arg,), template=template))
+                args, template = (arg,), row.tensor
+                if not arg.tensor:  # a scalar broadcasts: reduce it over a tensor shaped like p
+                    args, template = (arg, Operand("p", TENSOR)), row.tensor.format("({0} + torch.zeros_like({1}))")
+                self.instrs.append(Instr("reduce", str(d.symbol), args, template=template))
                 self.buffer[d.symbol] = str(d.symbol)
                 continue
             target = out_of.get(d.symbol)

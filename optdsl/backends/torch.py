@@ -104,7 +104,7 @@ def _multi_line(instr: Instr) -> str:
     a = [x.code for x in instr.args]
     if instr.op == "copy":
         return f"torch._foreach_copy_({a[0]}, {a[1]})"
-    if instr.op == "reduce" and instr.template.startswith("torch.linalg.vector_norm"):
+    if instr.op == "reduce" and instr.args[0].tensor and instr.template.startswith("torch.linalg.vector_norm"):
         return f"{instr.out} = torch._foreach_norm({a[0]})"
     if instr.op in ("call", "reduce", "scalar"):
         lists = [x for x in instr.args if x.level in (PARAM, DEVICE, TENSOR)]
