@@ -324,7 +324,7 @@ if triton is not None:
         v = tl.load(v_ptr + offsets, mask=mask).to(C_TYPE)
         x0 = (m + k2 * (g - m))
         x1 = (v + k3 * (((g) * (g)) - v))
-        tl.store(p_ptr + offsets, _round_to(k0*p + k1*libdevice.atan2(c0*x0, c1*tl.sqrt(x1)), P_TYPE), mask=mask)
+        tl.store(p_ptr + offsets, _round_to(k0*p + k1*libdevice.atan2((c0*x0), (c1*tl.sqrt(x1))), P_TYPE), mask=mask)
         tl.store(m_ptr + offsets, _round_to(x0, S_TYPE), mask=mask)
         tl.store(v_ptr + offsets, _round_to(x1, S_TYPE), mask=mask)
 

@@ -291,7 +291,7 @@ if triton is not None:
         p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
         g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
         m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
-        x0 = (m + k0 * (g + p*wd - m))
+        x0 = (m + k0 * ((g + p*wd) - m))
         r0_x = c0*x0
         tl.atomic_add(acc1 + i * 1 + 0, tl.sum(tl.where(mask, r0_x * r0_x, 0.0), axis=0))
 
@@ -326,7 +326,7 @@ if triton is not None:
         p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
         g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
         m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
-        x0 = (m + k0 * (g + p*wd - m))
+        x0 = (m + k0 * ((g + p*wd) - m))
         r0 = tl.sqrt(tl.load(acc1 + i * 1 + 0))
         d0 = -c0*lr/(eps + r0)
         tl.store(p_ptr + offsets, _round_to(d0*x0 + p, P_TYPE), mask=mask)

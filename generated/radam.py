@@ -342,7 +342,7 @@ if triton is not None:
         x0 = g + p*wd
         x1 = (m + k0 * (x0 - m))
         x2 = (v + k5 * (((x0) * (x0)) - v))
-        tl.store(p_ptr + offsets, _round_to(c0*x1*tl.where(c1 != 0, c2/(eps + tl.sqrt(x2)), 1.0) + p, P_TYPE), mask=mask)
+        tl.store(p_ptr + offsets, _round_to(c0*x1*tl.where(c1 != 0, (c2/(eps + tl.sqrt(x2))), 1.0) + p, P_TYPE), mask=mask)
         tl.store(m_ptr + offsets, _round_to(x1, S_TYPE), mask=mask)
         tl.store(v_ptr + offsets, _round_to(x2, S_TYPE), mask=mask)
 

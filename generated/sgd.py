@@ -319,7 +319,7 @@ if triton is not None:
         buf = tl.load(buf_ptr + offsets, mask=mask).to(C_TYPE)
         x0 = g + p*wd
         x1 = buf*momentum + c0*x0
-        tl.store(p_ptr + offsets, _round_to(k0*tl.where(k1 != 0, x0, tl.where(nesterov != 0, momentum*x1 + x0, x1)) + p, P_TYPE), mask=mask)
+        tl.store(p_ptr + offsets, _round_to(k0*tl.where(k1 != 0, x0, tl.where(nesterov != 0, (momentum*x1 + x0), x1)) + p, P_TYPE), mask=mask)
         tl.store(buf_ptr + offsets, _round_to(x1, S_TYPE), mask=mask)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sympy as sp
+from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pycode import PythonCodePrinter
 
 from .. import functions as fn
@@ -113,6 +114,12 @@ class TritonPrinter(HostPrinter):
     """Element-wise values inside a Triton kernel: registers of float32 (or float64)."""
 
     column = "triton"
+
+    def _print_Function(self, e):  # a sum in parentheses: the templates put arguments in products
+        row = _BY_CLASS.get(type(e))
+        if row is None:
+            return super()._print_Function(e)
+        return row.triton.format(*(self.parenthesize(a, PRECEDENCE["Mul"]) for a in e.args))
 
     def _print_Pow(self, e, rational=False):
         base = self._print(e.base)

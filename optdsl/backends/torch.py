@@ -8,6 +8,7 @@ import jinja2
 import sympy as sp
 
 from .. import ir
+from ..functions import REDUCTIONS
 from ..mathtext import statement_math
 from ..sym import DEVICE, GROUP, PARAM, TENSOR, Plan, meanings
 from . import triton as triton_backend
@@ -196,13 +197,17 @@ def _init_code(state: ir.State, prog: ir.Program) -> str | None:
     env["p0"] = sp.Symbol("p")
     value = to_sympy(state.init, env)
     p = sp.Symbol("p")
-    if p not in value.free_symbols:
+    reductions = tuple(REDUCTIONS)
+    if p not in value.free_symbols and not value.has(*reductions):
         return HostPrinter().doprint(value)
 
     def host_parts(e: sp.Expr, operand: bool = False) -> sp.Expr:
         """The parts p does not reach, computed on the host and given to torch as tensors like p."""
-        if p not in e.free_symbols and (operand or not e.is_Number):
+        if p not in e.free_symbols and not e.has(*reductions) and (operand or not e.is_Number):
             return sp.Symbol(f"p.new_tensor({HostPrinter().doprint(e)})")
+        if isinstance(e, reductions) and p not in e.args[0].free_symbols:  # a scalar broadcasts, as in a step
+            arg = DevicePrinter().doprint(host_parts(e.args[0], True))
+            return e.func(sp.Symbol(f"({arg} + torch.zeros_like(p))"))
         if e.is_Atom:
             return e
         return e.func(*(host_parts(a, not isinstance(e, (sp.Add, sp.Mul, sp.Pow))) for a in e.args))
