@@ -56,7 +56,7 @@ class _Ranges:
             zero = Interval(0.0, 0.0, True, True)
             start = bound(to_sympy(s.init, self.symbols), {**self.env, **init_env}) if s.init else zero
             self.env[self.symbols[ir.ssa_name(s.name, 0)]] = start
-        for _ in range(_ROUNDS):
+        for round_ in range(_ROUNDS):
             self.run_step()
             changed = False
             for s in self.prog.states:
@@ -64,7 +64,7 @@ class _Ranges:
                 old = self.env[sym0]
                 new = old.hull(self.env[self.symbols[last[s.name]]])
                 if new != old:
-                    self.env[sym0] = _widen(old, new) if _ > 0 else new
+                    self.env[sym0] = _widen(old, new) if round_ > 0 else new
                     changed = True
             if not changed:
                 return

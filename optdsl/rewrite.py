@@ -12,10 +12,8 @@ from __future__ import annotations
 import sympy as sp
 
 from . import ir
+from .functions import REDUCTIONS
 from .ranges import Interval, bound
-
-Rule = tuple
-
 
 def scalar_env(prog: ir.Program) -> dict[sp.Symbol, Interval]:
     env = {sp.Symbol(h.name): Interval(h.lo, h.hi, h.lo_closed and h.lo > float("-inf"),
@@ -30,8 +28,7 @@ class Rewriter:
 
     def scalar(self, e: sp.Expr) -> bool:
         return not (e.free_symbols & self.tensors) and not any(
-            isinstance(a, sp.Function) and getattr(a, "nargs", None) == {1} and type(a).__name__ in
-            ("norm", "sum", "mean", "rms", "amax") for a in sp.preorder_traversal(e))
+            type(a) in REDUCTIONS for a in sp.preorder_traversal(e))
 
     def split(self, e: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
         """(scalar factor, tensor factor) of a product."""

@@ -38,10 +38,7 @@ class Instr:
     skip_zero: bool = False     # `out = a if value == 0 else a + value*b`
 
 
-# Element-wise ops with a torch._foreach_ twin (scalar, scalar-list and tensor-list forms).
-_FOREACH_BINARY = {"add", "sub", "mul", "div", "maximum", "minimum", "clamp_min", "clamp_max", "pow"}
 _OUT_OF_PLACE = {"call", "reduce", "maximum", "minimum"}  # no in-place method to call
-_FOREACH_UNARY = {f.foreach for f in fn.TABLE.values() if f.foreach} | {"neg", "reciprocal"}
 
 
 class Emitter:
@@ -197,8 +194,9 @@ class Emitter:
             else:
                 self._consume([base_sym])
         else:
-            acc = self.operand(head) if not _is_negated(head) else self.operand(head)
-            self._consume([head]) if head.is_Symbol else None
+            acc = self.operand(head)
+            if head.is_Symbol:
+                self._consume([head])
         for kind, scale, ops, exprs in prepared:
             if kind in ("addcmul", "addcdiv"):
                 acc = self.apply(kind, [acc, *ops], exprs, value=scale, target=target)

@@ -3,21 +3,22 @@ from __future__ import annotations
 
 import functools
 import keyword
+import re
 
 import jinja2
 import sympy as sp
 
 from .. import ir
 from ..functions import REDUCTIONS
+from ..lower import RESERVED
 from ..mathtext import statement_math
 from ..sym import DEVICE, GROUP, PARAM, TENSOR, Plan, meanings
 from . import triton as triton_backend
 from .printers import HostPrinter
 from .tensor_ops import Emitter, Instr, Operand
 
-# Names the generated functions use for their own variables.
-INTERNAL_NAMES = {"param", "params", "grads", "state_steps", "step_t", "i", "t", "p", "g", "loss",
-                  "device_params", "device_grads", "device_steps", "grouped", "torch", "math", "Optimizer"}
+# Names the generated functions use for their own variables (the same list refuses them in specs).
+INTERNAL_NAMES = RESERVED | set(ir.BUILTINS)
 
 
 # Python twins of torch functions for host scalars, emitted only where a spec uses them.
@@ -131,7 +132,6 @@ def _multi_line(instr: Instr) -> str:
 
 
 def _rename_word(text: str, name: str, new: str) -> str:
-    import re
     return re.sub(rf"\b{re.escape(name)}\b", new, text)
 
 
