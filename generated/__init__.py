@@ -7,6 +7,7 @@ __all__ = [
     "adamax",
     "adamw",
     "amsgrad",
+    "lamb",
     "lion",
     "nsgda",
     "radam",

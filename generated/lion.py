@@ -228,7 +228,9 @@ except ImportError:  # the fused path needs Triton; the other two do not
     triton = None
 
 LAUNCHES = 0  # kernel launches so far (tests count them)
+# Elements per program and warps per program (bench/bench_gpu.py measures the choice).
 _BLOCK = 1024
+_NUM_WARPS = 4
 
 
 def fused_available(params) -> str:
@@ -290,6 +292,7 @@ if triton is not None:
 
 _TRITON_TYPES = {}
 _BLOCK_MAPS = {}
+_POINTERS = {}  # a few recent pointer tables, keyed by device and data pointers
 
 
 def _triton_type(dtype):
@@ -299,23 +302,35 @@ def _triton_type(dtype):
     return _TRITON_TYPES[dtype]
 
 
-def _block_map(tensors, device):
-    """(tensor index, start offset) of every block; cached per list of sizes."""
-    key = (device, tuple(t.numel() for t in tensors))
+def _upload(host, device):
+    """Copy a CPU tensor to `device` without stalling the host (pinned memory, non-blocking)."""
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _block_map(numels, device, block):
+    """Per-tensor sizes and, per program, (tensor index, start offset); cached per list of sizes."""
+    key = (device, block, numels)
     if key not in _BLOCK_MAPS:
-        which, start = [], []
-        for i, t in enumerate(tensors):
-            for s in range(0, t.numel(), _BLOCK):
-                which.append(i)
-                start.append(s)
-        numels = torch.tensor([t.numel() for t in tensors], dtype=torch.int64, device=device)
-        _BLOCK_MAPS[key] = (numels, torch.tensor(which, dtype=torch.int32, device=device),
-                            torch.tensor(start, dtype=torch.int64, device=device))
+        sizes = torch.tensor(numels, dtype=torch.int64)
+        blocks = (sizes + block - 1) // block
+        which = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), blocks)
+        first = torch.cumsum(blocks, 0) - blocks  # index of each tensor's first block
+        start = (torch.arange(int(blocks.sum()), dtype=torch.int64) - first.repeat_interleave(blocks)) * block
+        _BLOCK_MAPS[key] = tuple(_upload(x, device) for x in (sizes, which, start))
     return _BLOCK_MAPS[key]
 
 
-def _pointers(tensors, device):
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
+def _pointer_tables(lists, device):
+    """One int64 table of data pointers per operand, kept while the tensors stay where they are."""
+    ptrs = tuple(tuple(t.data_ptr() for t in tensors) for tensors in lists)
+    key = (device, ptrs)
+    if key not in _POINTERS:
+        if len(_POINTERS) >= 8:  # gradients may move between steps: keep only recent tables
+            _POINTERS.pop(next(iter(_POINTERS)))
+        _POINTERS[key] = _upload(torch.tensor(ptrs, dtype=torch.int64), device)
+    return _POINTERS[key]
 
 
 def _fused_lion(params, grads, m_list, state_steps, *, lr, b1, b2, wd):
@@ -332,16 +347,20 @@ def _fused_lion(params, grads, m_list, state_steps, *, lr, b1, b2, wd):
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, m_list, state_steps])
     for (device, dtype), ((p, g, m, device_steps), _) in grouped.items():
         torch._foreach_add_(device_steps, 1)
-        t = [s.item() for s in device_steps]
-        compute = torch.float64 if dtype == torch.float64 else torch.float32
-        per_tensor = []
-        scalars = torch.tensor(list(zip(*per_tensor)) if per_tensor else [[0.0]] * len(p), dtype=compute,
-                               device=device)
-        numels, block_tensor, block_start = _block_map(p, device)
         g = [x if x.is_contiguous() else x.contiguous() for x in g]  # kept alive until the launch ends
-        args = [_pointers(p, device), _pointers(g, device), _pointers(m, device),                 numels, block_tensor, block_start, scalars,
-                torch.tensor([k0, k1, k2, k3], dtype=compute, device=device)]
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        # Per-step data in one host-to-device copy: the per-tensor scalars (computed once per
+        # distinct t), the hyperparameter scalars.
+        t = torch.stack(device_steps).tolist()
+        rows = {t_: [0.0] for t_ in set(t)}
+        data = [x for t_ in t for x in rows[t_]]
+        data += [k0, k1, k2, k3]
+        data = _upload(torch.tensor(data, dtype=compute), device)
+        scalars, hypers = data.split([len(p) * 1, 4])
+        numels, block_tensor, block_start = _block_map(tuple(x.numel() for x in p), device, _BLOCK)
+        pointers = _pointer_tables([p, g, m], device)
+        args = [*pointers, numels, block_tensor, block_start, scalars, hypers]
         types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(m[0].dtype),
-                     C_TYPE=_triton_type(compute), BLOCK=_BLOCK)
+                     C_TYPE=_triton_type(compute), BLOCK=_BLOCK, num_warps=_NUM_WARPS)
         _lion_kernel[(len(block_tensor),)](*args, **types)
         LAUNCHES += 1

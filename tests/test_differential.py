@@ -20,6 +20,8 @@ large (1823, 781) tensor in float64.
 from __future__ import annotations
 
 import functools
+import sys
+import os
 import zlib
 from pathlib import Path
 
@@ -121,6 +123,19 @@ def adam_atan2_update(p, g, state, t, lr, b1, b2, wd, a, b):
     p.sub_(lr * a * torch.atan2(m_hat, b * torch.sqrt(v_hat)))
 
 
+def lamb_update(p, g, state, t, lr, b1, b2, eps, wd, max_w):
+    # You et al. 2020, Algorithm 2, with the scaling function phi(x) = min(x, max_w).
+    m = state.setdefault("m", torch.zeros_like(p))
+    v = state.setdefault("v", torch.zeros_like(p))
+    m.mul_(b1).add_(g, alpha=1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    r = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps) + wd * p
+    w = torch.linalg.vector_norm(p).clamp(max=max_w)
+    r_norm = torch.linalg.vector_norm(r)
+    ratio = w / r_norm if w > 0 and r_norm > 0 else 1.0
+    p.sub_(lr * ratio * r)
+
+
 def nsgda_update(p, g, state, t, lr, momentum, eps, wd):
     m = state.setdefault("m", torch.zeros_like(p))
     g = g + wd * p
@@ -198,6 +213,12 @@ CASES = {
                          dict(lr=0.05, momentum=0.0, eps=1e-3, wd=0.0)),
     "nsgda-wd": ("nsgda", dict(lr=0.02, momentum=0.5, wd=0.3), paper(nsgda_update),
                  dict(lr=0.02, momentum=0.5, eps=1e-8, wd=0.3)),
+    "lamb-default": ("lamb", dict(lr=0.01), paper(lamb_update),
+                     dict(lr=0.01, b1=0.9, b2=0.999, eps=1e-6, wd=1e-2, max_w=10.0)),
+    "lamb-clamped": ("lamb", dict(lr=0.02, b1=0.8, b2=0.99, wd=0.1, max_w=0.5), paper(lamb_update),
+                     dict(lr=0.02, b1=0.8, b2=0.99, eps=1e-6, wd=0.1, max_w=0.5)),
+    "lamb-paper": ("lamb", dict(lr=0.01, eps=1e-3, wd=0.0, max_w=float("inf")), paper(lamb_update),
+                   dict(lr=0.01, b1=0.9, b2=0.999, eps=1e-3, wd=0.0, max_w=float("inf"))),
 }
 
 # The first case of each family also runs in float64 with the large (1823, 781) tensor, for
@@ -257,3 +278,81 @@ def test_wrong_constant_is_caught():
         run_pair(lambda ps, foreach: Right(ps, lr=0.01, foreach=foreach), ref, SMALL, dtype, STEPS)
         with pytest.raises(AssertionError, match="differs from reference"):
             run_pair(lambda ps, foreach: Wrong(ps, lr=0.01, foreach=foreach), ref, SMALL, dtype, STEPS)
+
+
+# ---------------------------------------------------------------- the fused Triton path
+
+# With TRITON_INTERPRET=0 on a CUDA machine the fused kernels run compiled on the GPU, for every
+# case, small and large shapes; under the interpreter (CI) on CPU tensors, small shapes, fewer steps.
+ON_GPU = os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available()
+FUSED_DEVICE = "cuda" if ON_GPU else "cpu"
+# float32: arithmetic in float32 against a float64 reference. bfloat16 parameters (float32 states)
+# against a float64 reference that rounds its parameters to bfloat16 after every step, as a bfloat16
+# parameter is stored: the two differ only where float32 and float64 round a value to different
+# bfloat16 neighbours, so we allow one bfloat16 step at the tensor's scale and require 95% of the
+# elements to be equal. (Seen under the interpreter: float32 1e-8..5e-7, bfloat16 all equal.)
+FUSED_TOL = {torch.float32: 2e-6, torch.bfloat16: 2.0**-7}
+
+
+def _fused_cases():
+    # atan2 needs libdevice, which the interpreter lacks: Adam-atan2 is checked on GPUs only
+    return [c for c in CASES if ON_GPU or CASES[c][0] != "adam_atan2"]
+
+
+def run_fused(case, dtype, shapes, steps, seed):
+    name, ours_kw, ref_cls, ref_kw = CASES[case]
+    if ref_cls.__module__.startswith("torch.optim"):
+        ref_kw = dict(ref_kw, foreach=False)
+    gen = torch.Generator().manual_seed(seed)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+    ours = [torch.nn.Parameter(x.to(FUSED_DEVICE)) for x in init]
+    ref = [torch.nn.Parameter(x.double()) for x in init]
+    opts = spec(name)(ours, fused=True, **ours_kw), ref_cls(ref, **ref_kw)
+    scale = [x.abs().max().item() for x in ref]
+    worst = 0.0
+    for step in range(steps):
+        for i, s in enumerate(shapes):
+            g = (torch.randn(s, generator=gen, dtype=torch.float64) * 10.0 ** (i - 2)).to(dtype)
+            g = g * (torch.rand(s, generator=gen) > 0.15)
+            skip = (i == 1 and step % 3 == 2) or (i == 3 and step < 2)
+            ours[i].grad = None if skip else g.to(FUSED_DEVICE)
+            ref[i].grad = None if skip else g.double()
+        for opt in opts:
+            opt.step()
+        with torch.no_grad():
+            for x in ref:
+                x.copy_(x.to(dtype).double())  # stored in the parameter's dtype
+        for i in range(len(shapes)):
+            got = ours[i].detach().double().cpu()
+            scale[i] = max(scale[i], ref[i].abs().max().item())
+            err = (got - ref[i]).abs().max().item() / (scale[i] + 1e-300)
+            assert err <= FUSED_TOL[dtype], (
+                f"fused differs from reference at step {step}, tensor {i} {tuple(shapes[i])}: "
+                f"relative error {err:.3e} > {FUSED_TOL[dtype]:.0e}")
+            worst = max(worst, err)
+    if dtype == torch.bfloat16:
+        same = sum((x.detach().double().cpu() == r).sum().item() for x, r in zip(ours, ref))
+        assert same >= 0.95 * sum(x.numel() for x in ref)
+    return worst
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", _fused_cases())
+def test_fused_matches_reference(case, dtype):
+    run_fused(case, dtype, SMALL, STEPS if ON_GPU else 12, seed=zlib.crc32(case.encode()))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="large shapes are checked compiled on a GPU (TRITON_INTERPRET=0)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", LARGE_CASES)
+def test_fused_matches_reference_large(case, dtype):
+    run_fused(case, dtype, LARGE, LARGE_STEPS, seed=1)
+
+
+def test_fused_wrong_constant_is_caught(monkeypatch):
+    text = (SPECS / "adamw.opt").read_text()
+    Wrong = optdsl.compile(text.replace("b2 = 0.999", "b2 = 0.998"), "adamw_wrong_fused.opt")
+    monkeypatch.setitem(CASES, "wrong", ("adamw_wrong", *CASES["adamw-default"][1:]))
+    monkeypatch.setattr(sys.modules[__name__], "spec", lambda name: Wrong)
+    with pytest.raises(AssertionError, match="fused differs from reference"):
+        run_fused("wrong", torch.float32, SMALL, 12, seed=0)

@@ -19,6 +19,7 @@ if DEVICE == "cuda" and not torch.cuda.is_available():
 CASES = [
     ("nsgda", "NSGDA", [{}, dict(momentum=0.5, wd=0.0)]),
     ("adamw", "AdamW", [{}, dict(lr=1e-2, wd=0.3, b1=0.5)]),
+    ("lamb", "LAMB", [{}, dict(wd=0.1, max_w=0.5)]),
     ("adam", "Adam", [{}, dict(wd=0.1, eps=1e-3)]),
     ("amsgrad", "AMSGrad", [dict(lr=1e-2, wd=0.1)]),
     ("adamax", "Adamax", [dict(wd=0.1)]),
@@ -56,7 +57,7 @@ def test_fused_equals_foreach(module, name, settings, dtype):
     for kw in settings:
         before = mod.LAUNCHES
         fused, fused_opt = _run(cls, kw, dtype, fused=True)
-        stages = 2 if module == "nsgda" else 1  # a whole-tensor norm: accumulate, then update
+        stages = 2 if module in ("nsgda", "lamb") else 1  # whole-tensor norms: accumulate, then update
         assert mod.LAUNCHES - before == 8 * stages  # per step: one device, one dtype
         ref, ref_opt = _run(cls, kw, dtype, foreach=True)
         for a, b in zip(fused, ref):

@@ -113,12 +113,13 @@ def kernel_context(plan: Plan) -> dict:
     group_args = sorted(str(s) for s in used if levels.get(s) == GROUP)
     param_args = sorted(str(s) for s in used if levels.get(s) == PARAM)
     t_elem = {"t": "t_", **{str(d.symbol): f"{d.symbol}_" for d in plan.param}}
-    param_rows = ["t" if name == "t" else
-                  f"[{HostPrinter(t_elem).doprint(next(d.expr for d in plan.param if str(d.symbol) == name))} "
-                  f"for t_ in t]" for name in param_args]
+    # each per-tensor scalar as a host expression of that tensor's step count t_
+    param_row = ["t_" if name == "t" else
+                 HostPrinter(t_elem).doprint(next(d.expr for d in plan.param if str(d.symbol) == name))
+                 for name in param_args]
     accs = [dict(name=f"acc{s}", width=stages.width(s),
-                 inits=", ".join('-float("inf")' if type(stages.defs[r].expr) is fn.amax else "0.0"
+                 inits=", ".join('-math.inf' if type(stages.defs[r].expr) is fn.amax else "0.0"
                                  for r in stages.stage if stages.stage[r] == s))
             for s in range(1, stages.count + 1)]
     return dict(kernels=kernels, accs=accs, states=[s.name for s in prog.states], group_args=group_args,
-                param_args=param_args, param_rows=param_rows)
+                param_args=param_args, param_row=param_row)
