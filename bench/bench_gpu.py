@@ -251,6 +251,12 @@ def main(argv=None):
     ap.add_argument("--windows", type=int, default=5)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--compile-suites", default=None,
+                    help="suites that get torch.compile rows (default: all); compiling is minutes per row")
+    ap.add_argument("--append", action="store_true",
+                    help="merge into the existing results file (rows measured again replace old ones)")
+    ap.add_argument("--profile", default=None, metavar="SUITE",
+                    help="only profile the host side of 20 fused AdamW steps on SUITE (cProfile)")
     ap.add_argument("--sweep", action="store_true", help="only time fused AdamW per block size and warps")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
     args = ap.parse_args(argv)
@@ -269,6 +275,20 @@ def main(argv=None):
                 date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 command="python " + " ".join(["bench/bench_gpu.py", *sys.argv[1:]]))
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        import cProfile
+        import pstats
+        import generated.adamw as mod
+        params = make_params(SUITES[args.profile](), torch.float32)
+        step = mod.AdamW(params, fused=True, **HYPERS["adamw"]).step
+        ms, cpu_ms, _ = time_steps(step, 3, args.windows, args.steps)
+        print(f"fused AdamW on {args.profile}: GPU {ms:.3f} ms, CPU {cpu_ms:.3f} ms per step")
+        with cProfile.Profile() as prof:
+            for _ in range(20):
+                step()
+            torch.cuda.synchronize()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+        return 0
     if args.sweep:
         meta["sweep"] = sweep(args)
         (args.out / f"gpu-sweep-{tag}.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -278,13 +298,14 @@ def main(argv=None):
     meta["copy_bandwidth_GBps"] = bw / 1e9
     print(f"{device}: device-to-device copy {bw / 1e9:.0f} GB/s (read + write)", flush=True)
     records = []
+    compile_suites = (args.compile_suites or args.suites).split(",")
     for suite in args.suites.split(","):
         shapes = SUITES[suite]()
         numel = sum(math.prod(s) for s in shapes)
         for dname in args.dtypes.split(","):
             params = make_params(shapes, DTYPES[dname])
             for opt in args.optimizers.split(","):
-                rows = make_rows(opt, params, not args.no_compile)
+                rows = make_rows(opt, params, not args.no_compile and suite in compile_suites)
                 for impl, (factory, s_bytes) in rows.items():
                     rec = dict(suite=suite, tensors=len(shapes), elements=numel, dtype=dname, optimizer=opt,
                                impl=impl, bytes=numel * bytes_per_element(opt, params[0].element_size(), s_bytes))
@@ -306,13 +327,23 @@ def main(argv=None):
                 torch._dynamo.reset()
             del params
             torch.cuda.empty_cache()
+    path = args.out / f"gpu-{tag}.json"
+    if args.append and path.exists():
+        old = json.loads(path.read_text())
+        new = {_key(r) for r in records}
+        records = [r for r in old["records"] if _key(r) not in new] + records
+        meta["command"] = old["command"] + " && " + meta["command"]
     meta["records"] = records
-    (args.out / f"gpu-{tag}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    path.write_text(json.dumps(meta, indent=1) + "\n")
     table = _table(records, meta)
     (args.out / f"gpu-{tag}.md").write_text(table)
     print("\n" + table)
     _plot(records, meta, args.out / f"gpu-{tag}.png")
     return 0
+
+
+def _key(r):
+    return r["suite"], r["dtype"], r["optimizer"], r["impl"]
 
 
 def _line(r):

@@ -137,6 +137,15 @@ class LAMB(Optimizer):
             for key, value in saved[i].items():
                 if key != "step" and torch.is_tensor(value) and value.is_floating_point():
                     self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+        for group in self.param_groups:  # the fused kernel reads `step` on the parameter's device
+            for p in group["params"]:
+                step = self.state[p].get("step") if p in self.state else None
+                if torch.is_tensor(step) and step.device != p.device and self._fused_for(group, p):
+                    self.state[p]["step"] = step.to(p.device)
+
+    @staticmethod
+    def _fused_for(group, p) -> bool:
+        return bool(group["fused"]) or (group["fused"] is None and _fused_by_default([p]))
 
     def _init_group(self, group, params, grads, m_list, v_list, state_steps):
         for p in group["params"]:
@@ -148,8 +157,10 @@ class LAMB(Optimizer):
             grads.append(p.grad)
             state = self.state[p]
             if len(state) == 0:  # lazy state initialisation, as in torch.optim
-                # `step` is a CPU tensor, as torch.optim keeps it, so reading it never syncs.
-                state["step"] = torch.tensor(0.0, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
+                # `step` lives where the update reads it: on the parameter's device for the fused
+                # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
+                state["step"] = torch.zeros((), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
+                                            device=p.device if self._fused_for(group, p) else "cpu")
                 state["m"] = torch.zeros_like(p, dtype=p.dtype if p.dtype in _EXACT else torch.float32,
                                                  memory_format=torch.preserve_format)
                 state["v"] = torch.zeros_like(p, dtype=p.dtype if p.dtype in _EXACT else torch.float32,
@@ -187,8 +198,12 @@ class LAMB(Optimizer):
 def lamb(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=None,
          **hypers):
     """Functional LAMB: update `params` and the state lists in place."""
-    if fused is None:  # the fused kernel where it can run on CUDA, as torch.optim prefers its own
-        fused = bool(params) and all(p.is_cuda for p in params) and not fused_available(params)
+    if fused is None:
+        fused = _fused_by_default(params)
+    elif fused:
+        why = fused_available(params)
+        if why:
+            raise RuntimeError(f"LAMB(fused=True) cannot run: {why}")
     if foreach is None:
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     if fused:
@@ -276,7 +291,7 @@ except ImportError:  # the fused path needs Triton; the other two do not
 LAUNCHES = 0  # kernel launches so far (tests count them)
 # Elements per program and warps per program (bench/bench_gpu.py measures the choice).
 _BLOCK = 1024
-_NUM_WARPS = 4
+_NUM_WARPS = 8
 
 
 def fused_available(params) -> str:
@@ -289,6 +304,11 @@ def fused_available(params) -> str:
     if not all(p.is_contiguous() for p in params):
         return "the fused path needs contiguous parameters"
     return ""
+
+
+def _fused_by_default(params) -> bool:
+    """fused=None: the fused kernel where it can run on CUDA, as torch.optim prefers its own."""
+    return bool(params) and all(p.is_cuda for p in params) and not fused_available(params)
 
 
 if triton is not None:
@@ -308,14 +328,15 @@ if triton is not None:
         p_ptrs, g_ptrs,  # int64 tables: one data pointer per tensor
         m_ptrs,
         v_ptrs,
+        step_ptrs,  # int64 table: each tensor's step count t (a 0-dim tensor on the device)
         numels,  # elements per tensor
         block_tensor, block_start,  # per program: which tensor, and where in it
-        scalars,  # [tensors, 2]: per-tensor scalars (functions of t)
-        hypers,  # [5]: scalars of the hyperparameters, as data (a new lr never recompiles)
+        hypers,  # [8] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         acc1,  # [tensors, 2]: whole-tensor reductions of stage 1
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
         C_TYPE: tl.constexpr,  # arithmetic dtype
+        T_TYPE: tl.constexpr,  # dtype of the step counts
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -328,13 +349,24 @@ if triton is not None:
         g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
         m_ptr = tl.load(m_ptrs + i).to(tl.pointer_type(S_TYPE))
         v_ptr = tl.load(v_ptrs + i).to(tl.pointer_type(S_TYPE))
-        k0 = tl.load(hypers + 0)
-        k1 = tl.load(hypers + 1)
-        lr = tl.load(hypers + 2)
-        max_w = tl.load(hypers + 3)
-        wd = tl.load(hypers + 4)
-        c0 = tl.load(scalars + i * 2 + 0)
-        c1 = tl.load(scalars + i * 2 + 1)
+        b1 = tl.load(hypers + 0)
+        b2 = tl.load(hypers + 1)
+        eps = tl.load(hypers + 2)
+        k0 = tl.load(hypers + 3)
+        k1 = tl.load(hypers + 4)
+        lr = tl.load(hypers + 5)
+        max_w = tl.load(hypers + 6)
+        wd = tl.load(hypers + 7)
+        t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
+        c0 = 1.0/((1.0 - tl.exp((t) * tl.log(b1)))*tl.sqrt((1.0 / ((1.0 - tl.exp((t) * tl.log(b2)))))))
+        c1 = eps/tl.sqrt((1.0 / ((1.0 - tl.exp((t) * tl.log(b2))))))
+        c0 = c0.to(C_TYPE)
+        c1 = c1.to(C_TYPE)
+        k0 = k0.to(C_TYPE)
+        k1 = k1.to(C_TYPE)
+        lr = lr.to(C_TYPE)
+        max_w = max_w.to(C_TYPE)
+        wd = wd.to(C_TYPE)
         p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
         g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
         m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
@@ -352,14 +384,15 @@ if triton is not None:
         p_ptrs, g_ptrs,  # int64 tables: one data pointer per tensor
         m_ptrs,
         v_ptrs,
+        step_ptrs,  # int64 table: each tensor's step count t (a 0-dim tensor on the device)
         numels,  # elements per tensor
         block_tensor, block_start,  # per program: which tensor, and where in it
-        scalars,  # [tensors, 2]: per-tensor scalars (functions of t)
-        hypers,  # [5]: scalars of the hyperparameters, as data (a new lr never recompiles)
+        hypers,  # [8] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         acc1,  # [tensors, 2]: whole-tensor reductions of stage 1
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
         C_TYPE: tl.constexpr,  # arithmetic dtype
+        T_TYPE: tl.constexpr,  # dtype of the step counts
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -372,13 +405,24 @@ if triton is not None:
         g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
         m_ptr = tl.load(m_ptrs + i).to(tl.pointer_type(S_TYPE))
         v_ptr = tl.load(v_ptrs + i).to(tl.pointer_type(S_TYPE))
-        k0 = tl.load(hypers + 0)
-        k1 = tl.load(hypers + 1)
-        lr = tl.load(hypers + 2)
-        max_w = tl.load(hypers + 3)
-        wd = tl.load(hypers + 4)
-        c0 = tl.load(scalars + i * 2 + 0)
-        c1 = tl.load(scalars + i * 2 + 1)
+        b1 = tl.load(hypers + 0)
+        b2 = tl.load(hypers + 1)
+        eps = tl.load(hypers + 2)
+        k0 = tl.load(hypers + 3)
+        k1 = tl.load(hypers + 4)
+        lr = tl.load(hypers + 5)
+        max_w = tl.load(hypers + 6)
+        wd = tl.load(hypers + 7)
+        t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
+        c0 = 1.0/((1.0 - tl.exp((t) * tl.log(b1)))*tl.sqrt((1.0 / ((1.0 - tl.exp((t) * tl.log(b2)))))))
+        c1 = eps/tl.sqrt((1.0 / ((1.0 - tl.exp((t) * tl.log(b2))))))
+        c0 = c0.to(C_TYPE)
+        c1 = c1.to(C_TYPE)
+        k0 = k0.to(C_TYPE)
+        k1 = k1.to(C_TYPE)
+        lr = lr.to(C_TYPE)
+        max_w = max_w.to(C_TYPE)
+        wd = wd.to(C_TYPE)
         p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
         g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
         m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
@@ -397,6 +441,7 @@ if triton is not None:
 _TRITON_TYPES = {}
 _BLOCK_MAPS = {}
 _POINTERS = {}  # a few recent pointer tables, keyed by device and data pointers
+_HYPERS = {}  # a few recent hyperparameter tables, keyed by device and values
 
 
 def _triton_type(dtype):
@@ -428,7 +473,7 @@ def _block_map(numels, device, block):
 
 def _pointer_tables(lists, device):
     """One int64 table of data pointers per operand, kept while the tensors stay where they are."""
-    ptrs = tuple(tuple(t.data_ptr() for t in tensors) for tensors in lists)
+    ptrs = tuple(tuple(map(torch.Tensor.data_ptr, tensors)) for tensors in lists)
     key = (device, ptrs)
     if key not in _POINTERS:
         if len(_POINTERS) >= 8:  # gradients may move between steps: keep only recent tables
@@ -437,34 +482,39 @@ def _pointer_tables(lists, device):
     return _POINTERS[key]
 
 
+def _hyper_table(values, device):
+    """The hyperparameter scalars as a float64 device tensor, kept while they do not change."""
+    key = (device, values)
+    if key not in _HYPERS:
+        if len(_HYPERS) >= 8:  # a scheduler changes lr every step: keep only recent values
+            _HYPERS.pop(next(iter(_HYPERS)))
+        _HYPERS[key] = _upload(torch.tensor(values, dtype=torch.float64), device)
+    return _HYPERS[key]
+
+
 def _fused_lamb(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, max_w):
     global LAUNCHES
     if not params:
         return
-    why = fused_available(params)
-    if why:
-        raise RuntimeError(f"LAMB(fused=True) cannot run: {why}")
     k0 = 1 - b2
     k1 = 1 - b1
+    hyper_values = (float(b1), float(b2), float(eps), float(k0), float(k1), float(lr), float(max_w), float(wd), )
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, m_list, v_list, state_steps])
     for (device, dtype), ((p, g, m, v, device_steps), _) in grouped.items():
-        torch._foreach_add_(device_steps, 1)
+        if device_steps[0].device != device:
+            raise RuntimeError("LAMB(fused=True): step counts must be on the parameters' device "
+                               f"({device}), found {device_steps[0].device}")
+        torch._foreach_add_(device_steps, 1)  # one launch on the device, no sync
         g = [x if x.is_contiguous() else x.contiguous() for x in g]  # kept alive until the launch ends
         compute = torch.float64 if dtype == torch.float64 else torch.float32
-        # Per-step data in one host-to-device copy: the per-tensor scalars (computed once per
-        # distinct t), the hyperparameter scalars and the reductions' accumulators.
-        t = torch.stack(device_steps).tolist()
-        rows = {t_: [1/((1 - b1**t_)*math.sqrt(1/(1 - b2**t_))), eps/math.sqrt(1/(1 - b2**t_))] for t_ in set(t)}
-        data = [x for t_ in t for x in rows[t_]]
-        data += [k0, k1, lr, max_w, wd]
-        data += [0.0, 0.0] * len(p)
-        data = _upload(torch.tensor(data, dtype=compute), device)
-        scalars, hypers, acc1 = data.split([len(p) * 2, 5, len(p) * 2])
         numels, block_tensor, block_start = _block_map(tuple(x.numel() for x in p), device, _BLOCK)
-        pointers = _pointer_tables([p, g, m, v], device)
-        args = [*pointers, numels, block_tensor, block_start, scalars, hypers, acc1]
+        pointers = _pointer_tables([p, g, m, v, device_steps], device)
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device)]
+        # stage 1's whole-tensor reductions, accumulated by its blocks
+        args.append(_upload(torch.tensor([0.0, 0.0] * len(p), dtype=compute), device))
         types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(m[0].dtype),
-                     C_TYPE=_triton_type(compute), BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+                     C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
+                     num_warps=_NUM_WARPS)
         _lamb_stage1[(len(block_tensor),)](*args, **types)
         _lamb_kernel[(len(block_tensor),)](*args, **types)
         LAUNCHES += 2

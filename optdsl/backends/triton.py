@@ -17,7 +17,7 @@ import sympy as sp
 
 from .. import functions as fn
 from ..sym import GROUP, PARAM, Plan, is_reduction
-from .printers import HostPrinter, TritonPrinter
+from .printers import TritonPrinter
 
 # reduction -> (what each element adds, how blocks combine, the finished value from the total)
 _REDUCE = {
@@ -108,18 +108,22 @@ def kernel_context(plan: Plan) -> dict:
     stores = [(base, printer.doprint(e)) for base, e in plan.outputs if e != sp.Symbol(base)]
     kernels.append(dict(name="kernel", lines=body(stages.needed([e for _, e in plan.outputs])), stores=stores))
 
-    used = set().union(*(d.expr.free_symbols for d in plan.steps), *(e.free_symbols for _, e in plan.outputs))
     levels = plan.level_of()
-    group_args = sorted(str(s) for s in used if levels.get(s) == GROUP)
-    param_args = sorted(str(s) for s in used if levels.get(s) == PARAM)
-    t_elem = {"t": "t_", **{str(d.symbol): f"{d.symbol}_" for d in plan.param}}
-    # each per-tensor scalar as a host expression of that tensor's step count t_
-    param_row = ["t_" if name == "t" else
-                 HostPrinter(t_elem).doprint(next(d.expr for d in plan.param if str(d.symbol) == name))
-                 for name in param_args]
+    # Per-tensor scalars (functions of t) are computed in each program, in float64, from that
+    # tensor's step count read on the device: no host sync, and t may differ inside a launch.
+    need = set().union(*(d.expr.free_symbols for d in plan.steps), *(e.free_symbols for _, e in plan.outputs))
+    cast_args = sorted(str(s) for s in need if levels.get(s) in (GROUP, PARAM))  # read by the element-wise code
+    param_defs = []
+    for d in reversed(plan.param):
+        if d.symbol in need:
+            param_defs.insert(0, (str(d.symbol), printer.doprint(d.expr)))
+            need |= d.expr.free_symbols
+    group_args = sorted(str(s) for s in need if levels.get(s) == GROUP)
+    param_args = sorted(str(s) for s in need if levels.get(s) == PARAM)
     accs = [dict(name=f"acc{s}", width=stages.width(s),
                  inits=", ".join('-math.inf' if type(stages.defs[r].expr) is fn.amax else "0.0"
                                  for r in stages.stage if stages.stage[r] == s))
             for s in range(1, stages.count + 1)]
     return dict(kernels=kernels, accs=accs, states=[s.name for s in prog.states], group_args=group_args,
-                param_args=param_args, param_row=param_row)
+                param_args=param_args, param_defs=param_defs,
+                cast_args=cast_args)
