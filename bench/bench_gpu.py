@@ -226,18 +226,17 @@ def sweep(args):
     """Fused AdamW per (block, warps) on the large and GPT-2 suites: chooses the generated defaults."""
     import generated.adamw as mod
     out = []
-    for suite in ("large", "gpt2"):
-        for dname in ("fp32", "bf16"):
-            params = make_params(SUITES[suite](), DTYPES[dname])
-            for block in (1024, 2048, 4096, 8192):
-                for warps in (4, 8, 16):
-                    mod._BLOCK, mod._NUM_WARPS = block, warps
-                    step = mod.AdamW(params, fused=True, **HYPERS["adamw"]).step
-                    ms, _, _ = time_steps(step, 3, args.windows, args.steps)
-                    out.append(dict(suite=suite, dtype=dname, block=block, warps=warps, gpu_ms=ms))
-                    print(f"sweep {suite:6s} {dname} block {block:5d} warps {warps:2d}: {ms:.3f} ms", flush=True)
-            del params
-            torch.cuda.empty_cache()
+    for suite, dname in (("large", "fp32"), ("large", "bf16"), ("gpt2", "fp32")):
+        params = make_params(SUITES[suite](), DTYPES[dname])
+        for block, warps in ((512, 4), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (2048, 16), (4096, 8),
+                             (4096, 16)):
+            mod._BLOCK, mod._NUM_WARPS = block, warps
+            step = mod.AdamW(params, fused=True, **HYPERS["adamw"]).step
+            ms, _, _ = time_steps(step, 3, args.windows, args.steps)
+            out.append(dict(suite=suite, dtype=dname, block=block, warps=warps, gpu_ms=ms))
+            print(f"sweep {suite:6s} {dname} block {block:5d} warps {warps:2d}: {ms:.3f} ms", flush=True)
+        del params
+        torch.cuda.empty_cache()
     return out
 
 
@@ -253,6 +252,7 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--compile-suites", default=None,
                     help="suites that get torch.compile rows (default: all); compiling is minutes per row")
+    ap.add_argument("--impls", default=None, help="only these rows, e.g. 'torch.compile' (default: all)")
     ap.add_argument("--append", action="store_true",
                     help="merge into the existing results file (rows measured again replace old ones)")
     ap.add_argument("--profile", default=None, metavar="SUITE",
@@ -307,6 +307,8 @@ def main(argv=None):
             for opt in args.optimizers.split(","):
                 rows = make_rows(opt, params, not args.no_compile and suite in compile_suites)
                 for impl, (factory, s_bytes) in rows.items():
+                    if args.impls and impl not in args.impls.split(","):
+                        continue
                     rec = dict(suite=suite, tensors=len(shapes), elements=numel, dtype=dname, optimizer=opt,
                                impl=impl, bytes=numel * bytes_per_element(opt, params[0].element_size(), s_bytes))
                     try:
@@ -324,22 +326,31 @@ def main(argv=None):
                     records.append(rec)
                     torch.cuda.empty_cache()
                     print(_line(rec), flush=True)
+                    _save(args, meta, tag, records)  # after every row: a run cut short keeps what it measured
                 torch._dynamo.reset()
             del params
             torch.cuda.empty_cache()
+    table = _table(_save(args, meta, tag, records), meta)
+    print("\n" + table)
+    _plot(meta["records"], meta, args.out / f"gpu-{tag}.png")
+    return 0
+
+
+def _save(args, meta, tag, records):
+    """Write the JSON and Markdown results; with --append, merged into what the file held."""
     path = args.out / f"gpu-{tag}.json"
     if args.append and path.exists():
         old = json.loads(path.read_text())
         new = {_key(r) for r in records}
-        records = [r for r in old["records"] if _key(r) not in new] + records
-        meta["command"] = old["command"] + " && " + meta["command"]
+        kept = [r for r in old["records"] if _key(r) not in new]
+        order = {k: i for i, k in enumerate(_key(r) for r in old["records"])}
+        records = sorted(kept + records, key=lambda r: order.get(_key(r), len(order)))
+        if meta["command"] not in old["command"]:
+            meta["command"] = old["command"] + " && " + meta["command"]
     meta["records"] = records
     path.write_text(json.dumps(meta, indent=1) + "\n")
-    table = _table(records, meta)
-    (args.out / f"gpu-{tag}.md").write_text(table)
-    print("\n" + table)
-    _plot(records, meta, args.out / f"gpu-{tag}.png")
-    return 0
+    (args.out / f"gpu-{tag}.md").write_text(_table(records, meta))
+    return records
 
 
 def _key(r):

@@ -134,7 +134,9 @@ class AdamAtan2(Optimizer):
 
     @staticmethod
     def _fused_for(group, p) -> bool:
-        return bool(group["fused"]) or (group["fused"] is None and _fused_by_default([p]))
+        if group["fused"] is None:
+            return group["foreach"] is None and _fused_by_default([p])
+        return bool(group["fused"])
 
     def _init_group(self, group, params, grads, m_list, v_list, state_steps):
         for p in group["params"]:
@@ -187,8 +189,8 @@ class AdamAtan2(Optimizer):
 def adamatan2(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=None,
               **hypers):
     """Functional AdamAtan2: update `params` and the state lists in place."""
-    if fused is None:
-        fused = _fused_by_default(params)
+    if fused is None:  # as torch.optim: an explicit foreach choice is kept
+        fused = foreach is None and _fused_by_default(params)
     elif fused:
         why = fused_available(params)
         if why:

@@ -130,7 +130,9 @@ class AdamW(Optimizer):
 
     @staticmethod
     def _fused_for(group, p) -> bool:
-        return bool(group["fused"]) or (group["fused"] is None and _fused_by_default([p]))
+        if group["fused"] is None:
+            return group["foreach"] is None and _fused_by_default([p])
+        return bool(group["fused"])
 
     def _init_group(self, group, params, grads, m_list, v_list, state_steps):
         for p in group["params"]:
@@ -182,8 +184,8 @@ class AdamW(Optimizer):
 def adamw(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=None,
           **hypers):
     """Functional AdamW: update `params` and the state lists in place."""
-    if fused is None:
-        fused = _fused_by_default(params)
+    if fused is None:  # as torch.optim: an explicit foreach choice is kept
+        fused = foreach is None and _fused_by_default(params)
     elif fused:
         why = fused_available(params)
         if why:

@@ -122,7 +122,9 @@ class Lion(Optimizer):
 
     @staticmethod
     def _fused_for(group, p) -> bool:
-        return bool(group["fused"]) or (group["fused"] is None and _fused_by_default([p]))
+        if group["fused"] is None:
+            return group["foreach"] is None and _fused_by_default([p])
+        return bool(group["fused"])
 
     def _init_group(self, group, params, grads, m_list, state_steps):
         for p in group["params"]:
@@ -169,8 +171,8 @@ class Lion(Optimizer):
 def lion(params, grads, m_list, state_steps, *, foreach=None, fused=None,
          **hypers):
     """Functional Lion: update `params` and the state lists in place."""
-    if fused is None:
-        fused = _fused_by_default(params)
+    if fused is None:  # as torch.optim: an explicit foreach choice is kept
+        fused = foreach is None and _fused_by_default(params)
     elif fused:
         why = fused_available(params)
         if why:
