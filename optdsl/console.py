@@ -19,11 +19,11 @@ from rich.text import Text
 
 # The first line of an error or warning: "where: error: message".
 _HEADLINE = re.compile(r"^(?P<where>\S.*?): (?P<kind>error|warning): (?P<msg>.*)$")
-_CARET = re.compile(r"^\s*\^+\s*$")
+_CARET = re.compile(r"^(?P<indent>\s*)\^+\s*$")
 _HINT = re.compile(r"^(?P<indent>\s*)hint: (?P<text>.*)$")
 
 STYLES = {"where": "bold", "error": "bold red", "warning": "bold magenta", "caret": "bold red",
-          "hint": "cyan", "summary": "bold"}
+          "hint": "cyan"}
 
 
 def colour_enabled(stream: TextIO) -> bool:
@@ -44,8 +44,8 @@ def paint(report: str) -> Text:
             kind = m["kind"]
             text.append(m["where"], STYLES["where"]).append(": ").append(kind, STYLES[kind])
             text.append(": ").append(m["msg"], "bold")
-        elif _CARET.match(line):
-            text.append(line, STYLES["caret"])
+        elif m := _CARET.match(line):
+            text.append(m["indent"]).append(line[len(m["indent"]):], STYLES["caret"])
         elif m := _HINT.match(line):
             text.append(m["indent"]).append("hint:", STYLES["hint"]).append(" " + m["text"])
         else:
