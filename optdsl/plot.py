@@ -101,10 +101,15 @@ def _charlm(cls: type, hypers: dict, steps: int) -> tuple[list[float], list[floa
         loss.backward()
         return loss
 
-    for _ in range(steps):
-        train_losses.append(opt.step(closure).item())
-        with torch.no_grad():
-            heldout_losses.append(float(loss_fn(model(heldout.inputs), heldout.targets)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # matrices this small gain nothing from threads; on a busy machine they spin
+    try:
+        for _ in range(steps):
+            train_losses.append(opt.step(closure).item())
+            with torch.no_grad():
+                heldout_losses.append(loss_fn(model(heldout.inputs), heldout.targets).item())
+    finally:
+        torch.set_num_threads(threads)
     return train_losses, heldout_losses
 
 
@@ -216,8 +221,8 @@ def _draw_function(ax, name: str, function: Function2D, runs: list[Run], steps: 
     import numpy as np
     import torch
 
-    xs = torch.linspace(*function.xlim, 300, dtype=torch.float64)
-    ys = torch.linspace(*function.ylim, 300, dtype=torch.float64)
+    xs = torch.linspace(*function.xlim, 200, dtype=torch.float64)
+    ys = torch.linspace(*function.ylim, 200, dtype=torch.float64)
     grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
     z = function.f(grid_x, grid_y).numpy()
     z = z - z.min() + 1e-2  # log-spaced contours show both the valley floor and the walls
