@@ -180,6 +180,16 @@ def test_build_shows_no_progress_when_piped(three_specs, tmp_path):
     assert piped.stdout == "optdsl: 4 written, 0 unchanged, 0 removed, 0 failed, 0 warnings\n"
 
 
+def test_progress_counts_and_names_items_on_a_terminal(monkeypatch):
+    monkeypatch.setenv("TERM", "xterm")
+    screen = FakeTerminal()
+    with console.progress(3, "plotting", screen) as working_on:
+        for name in ("SGD on saddle", "Adam on saddle", "Lion on saddle"):
+            working_on(name)
+    shown = ANSI.sub("", screen.getvalue())
+    assert "plotting Lion on saddle" in shown and "2/3" in shown
+
+
 def test_progress_is_silent_off_a_terminal():
     stream = io.StringIO()
     with console.progress(5, "working", stream) as working_on:
