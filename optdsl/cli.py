@@ -156,7 +156,7 @@ def _new(args) -> int:
         console.show(err)
         return 1
     except (ScaffoldError, OSError) as err:
-        print(f"optdsl new: error: {err}", file=sys.stderr)
+        console.show(f"optdsl new: error: {err}")
         return 1
     print(f"wrote {path.as_posix()}; next: optdsl check {path.as_posix()}, then optdsl build {path.parent.as_posix()}/")
     return 0
@@ -173,7 +173,7 @@ def _plot(args) -> int:
         console.show(err)
         return 1
     except (PlotError, OSError) as err:
-        print(f"optdsl plot: error: {err}", file=sys.stderr)
+        console.show(f"optdsl plot: error: {err}")
         return 1
     print(f"wrote {out.as_posix()}")
     return 0
