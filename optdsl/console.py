@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Callable, TextIO
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
@@ -83,7 +84,7 @@ def progress(total: int, what: str, stream: TextIO | None = None) -> Iterator[Ca
 
     def working_on(label: str) -> None:
         nonlocal started
-        bar.update(task, completed=started, description=label)
+        bar.update(task, completed=started, description=escape(label))  # a '[' in a name is not markup
         started += 1
 
     with bar:
