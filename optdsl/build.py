@@ -5,6 +5,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .errors import SpecError, SpecWarning
 from .pipeline import compile_source
@@ -45,15 +46,28 @@ def spec_files(spec_dir: Path) -> list[Path]:
     return sorted(spec_dir.glob("*.opt")) if spec_dir.is_dir() else [spec_dir]
 
 
+def resolve_spec(spec: str | Path) -> Path:
+    """A spec path, or the stem of a spec in ./specs (`adamw` -> specs/adamw.opt), for the CLI."""
+    path = Path(spec)
+    shipped = Path("specs") / f"{path.name}.opt"
+    if not path.exists() and path.suffix == "" and shipped.is_file():
+        return shipped
+    return path
+
+
 def module_name(spec: Path) -> str:
     return spec.stem.replace("-", "_").lower()
 
 
-def build(spec_dir: str | Path, out_dir: str | Path = "generated") -> BuildReport:
+def build(spec_dir: str | Path, out_dir: str | Path = "generated",
+          working_on: Callable[[str], None] | None = None) -> BuildReport:
+    """Build every spec of `spec_dir`; `working_on(spec)` hears of each as it starts (a progress bar)."""
     spec_dir, out_dir = Path(spec_dir), Path(out_dir)
     report = BuildReport()
     modules = []
     for spec in spec_files(spec_dir):
+        if working_on:
+            working_on(spec.name)
         name = module_name(spec)
         modules.append(name)
         target = out_dir / f"{name}.py"

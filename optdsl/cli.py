@@ -1,21 +1,68 @@
-"""The `optdsl` command: build, check and compare specs."""
+"""The `optdsl` command: wires each subcommand to the module that does its work."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
+from . import console
 from .build import build, spec_files
 from .equiv import equivalent, report
 from .errors import SpecError
 from .pipeline import compile_source
 
 EPILOG = """examples:
+  optdsl new MyAdam                scaffold specs/my_adam.opt, a commented spec that compiles
   optdsl build specs/              regenerate generated/ from every spec
-  optdsl build specs/ -o out/      write somewhere else
   optdsl check specs/adamw.opt     parse and check, print warnings, write nothing
+  optdsl explain specs/adamw.opt   the update rule as math and what SymPy proves about it
   optdsl equiv specs/adam.opt specs/adamw.opt --assume wd=0.1
                                    prove two specs the same optimizer, or show where they differ
+  optdsl plot adam sgd --function rosenbrock -o rosenbrock.png
+                                   draw trajectories (or --task charlm: loss curves)
+
+`optdsl COMMAND --help` says more about each command.
+"""
+
+BUILD_EPILOG = """examples:
+  optdsl build specs/              regenerate generated/ from every spec
+  optdsl build specs/ -o out/      write somewhere else
+  optdsl build specs/lion.opt      one spec only
+
+A failing spec is reported with file, line and column; its old output and every other
+output stay untouched, and the command exits 1.
+"""
+
+CHECK_EPILOG = """examples:
+  optdsl check specs/              every spec: ok, or its warnings
+  optdsl check specs/adamw.opt     one spec
+"""
+
+EXPLAIN_EPILOG = """examples:
+  optdsl explain specs/adamw.opt
+  optdsl explain specs/adamw.opt --latex
+"""
+
+NEW_EPILOG = """examples:
+  optdsl new MyAdam                      write specs/my_adam.opt from a commented template
+  optdsl new my_lion --from specs/lion.opt
+                                         start from an existing spec (class renamed to MyLion)
+  optdsl new Sophia --from adamw -o experiments/
+                                         a spec of specs/ by name, written to experiments/sophia.opt
+
+An existing file is never overwritten.
+"""
+
+PLOT_EPILOG = """examples:
+  optdsl plot specs/sgd.opt specs/adam.opt --function quadratic -o quadratic.svg
+  optdsl plot sgd adam lion --function rosenbrock --steps 500 --hyper lion.lr=3e-4 -o rosenbrock.png
+  optdsl plot sgd adam --task charlm --hyper sgd.lr=0.5 --hyper sgd.momentum=0.9 -o charlm.png
+  optdsl plot adam --function saddle --task charlm -o both.png      one panel each
+
+Functions (trajectories from a fixed start, float64): rosenbrock, saddle, quadratic.
+Tasks (loss per step, CPU, fixed seed): charlm, a character-level MLP trained on the
+opening of Alice in Wonderland (shipped with optdsl).
+Each function and task sets lr for specs that have one, unless --hyper does.
 """
 
 EQUIV_EPILOG = """exit status: 0 proven equivalent, 1 counterexample found, 2 undecided (not proven, no
@@ -29,11 +76,12 @@ examples:
 
 
 def _build(args) -> int:
-    report = build(args.specs, args.out)
+    with console.progress(len(spec_files(Path(args.specs))), "building") as working_on:
+        report = build(args.specs, args.out, working_on)
     for w in report.warnings:
-        print(w, file=sys.stderr)
+        console.show(w)
     for e in report.errors:
-        print(e, file=sys.stderr)
+        console.show(e)
     print(f"optdsl: {len(report.written)} written, {len(report.unchanged)} unchanged, "
           f"{len(report.removed)} removed, {len(report.errors)} failed, {len(report.warnings)} warnings")
     return 0 if report.ok else 1
@@ -45,13 +93,13 @@ def _check(args) -> int:
         try:
             compiled = compile_source(spec.read_text(encoding="utf-8"), spec.as_posix())
         except SpecError as err:
-            print(err, file=sys.stderr)
+            console.show(err)
             failed += 1
             continue
         status = f"{len(compiled.warnings)} warning(s)" if compiled.warnings else "ok"
         print(f"{spec.as_posix()}: {status}")
         for w in compiled.warnings:
-            print(w)
+            console.show(w, sys.stdout)
     return 1 if failed else 0
 
 
@@ -70,7 +118,7 @@ def _explain(args) -> int:
     try:
         compiled = compile_source(Path(args.spec).read_text(encoding="utf-8"), Path(args.spec).as_posix())
     except SpecError as err:
-        print(err, file=sys.stderr)
+        console.show(err)
         return 1
     except OSError as err:
         print(f"optdsl: cannot read {args.spec}: {err.strerror}", file=sys.stderr)
@@ -90,7 +138,7 @@ def _equiv(args) -> int:
         mapping = _name_values(args.map, "--map")
         specs = [compile_source(Path(f).read_text(encoding="utf-8"), f) for f in (args.a, args.b)]
     except SpecError as err:
-        print(err, file=sys.stderr)
+        console.show(err)
         return 3
     except (OSError, ValueError) as err:  # an unreadable file, a malformed option
         print(f"optdsl equiv: error: {err}", file=sys.stderr)
@@ -100,26 +148,63 @@ def _equiv(args) -> int:
     return verdict.exit_code
 
 
+def _new(args) -> int:
+    from .scaffold import ScaffoldError, new_spec
+    try:
+        path = new_spec(args.name, args.out, args.source)
+    except SpecError as err:  # the --from spec is broken
+        console.show(err)
+        return 1
+    except (ScaffoldError, OSError) as err:
+        console.show(f"optdsl new: error: {err}")
+        return 1
+    print(f"wrote {path.as_posix()}; next: optdsl check {path.as_posix()}, then optdsl build {path.parent.as_posix()}/")
+    return 0
+
+
+def _plot(args) -> int:
+    from .plot import PlotError, plot
+    items = len(args.specs) * (len(args.function or []) + len(args.task or []) or 1)
+    try:
+        with console.progress(items, "plotting") as working_on:
+            out = plot(args.specs, args.out, args.function or [], args.task or [], args.steps, args.hyper or [],
+                       working_on)
+    except SpecError as err:
+        console.show(err)
+        return 1
+    except (PlotError, OSError) as err:
+        console.show(f"optdsl plot: error: {err}")
+        return 1
+    print(f"wrote {out.as_posix()}")
+    return 0
+
+
+def _subcommand(sub, name: str, help: str, epilog: str, run) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".", epilog=epilog,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(run=run)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="optdsl", description="Compile optimizer specs to PyTorch.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="generate one Python module per spec", epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    b = _subcommand(sub, "build", "generate one Python module per spec", BUILD_EPILOG, _build)
     b.add_argument("specs", help="a folder of .opt files, or one file")
     b.add_argument("-o", "--out", default="generated", help="output folder (default: generated/)")
-    b.set_defaults(run=_build)
-    c = sub.add_parser("check", help="parse and check specs, print warnings, write nothing")
+
+    c = _subcommand(sub, "check", "parse and check specs, print warnings, write nothing", CHECK_EPILOG, _check)
     c.add_argument("specs", help="a folder of .opt files, or one file")
-    c.set_defaults(run=_check)
-    x = sub.add_parser("explain", help="the update rule as math, its properties and domain risks",
-                       epilog="example:\n  optdsl explain specs/adamw.opt --latex",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    x = _subcommand(sub, "explain", "the update rule as math, its properties and domain risks", EXPLAIN_EPILOG,
+                    _explain)
     x.add_argument("spec", help="one .opt file")
     x.add_argument("--latex", action="store_true", help="print the update rule as LaTeX")
-    x.set_defaults(run=_explain)
-    e = sub.add_parser("equiv", help="prove two specs compute the same step, or find a counterexample",
-                       epilog=EQUIV_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    e = _subcommand(sub, "equiv", "prove two specs compute the same step, or find a counterexample",
+                    EQUIV_EPILOG, _equiv)
     e.add_argument("a", help="spec A (.opt file)")
     e.add_argument("b", help="spec B (.opt file)")
     e.add_argument("--assume", action="append", metavar="NAME=VALUE",
@@ -127,7 +212,25 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--map", action="append", metavar="A_NAME=B_NAME",
                    help="rename a hyperparameter or state of A to B's name (repeatable)")
     e.add_argument("--samples", type=int, default=200, help="random points tried for a counterexample (default 200)")
-    e.set_defaults(run=_equiv)
+
+    n = _subcommand(sub, "new", "scaffold a new spec: commented, and it compiles as it stands", NEW_EPILOG, _new)
+    n.add_argument("name", help="the optimizer's name: MyAdam or my_adam (class MyAdam, file my_adam.opt)")
+    n.add_argument("--from", dest="source", metavar="SPEC",
+                   help="start from this spec (a .opt file, or the name of one in specs/) instead of the template")
+    n.add_argument("-o", "--out", default="specs", metavar="DIR", help="folder to write to (default: specs/)")
+
+    from .plot import FUNCTIONS, TASKS  # only names: matplotlib is imported when a plot is drawn
+    pl = _subcommand(sub, "plot", "draw trajectories on 2-D test functions and loss curves on a tiny task",
+                     PLOT_EPILOG, _plot)
+    pl.add_argument("specs", nargs="+", metavar="SPEC", help=".opt files, or names of specs in specs/")
+    pl.add_argument("--function", action="append", choices=list(FUNCTIONS),
+                    help="a 2-D test function (repeatable; default rosenbrock when no --task is given)")
+    pl.add_argument("--task", action="append", choices=list(TASKS), help="a training task for loss curves")
+    pl.add_argument("--steps", type=int, help="optimizer steps (default 200 on functions, 120 on charlm)")
+    pl.add_argument("--hyper", action="append", metavar="[SPEC.]NAME=VALUE",
+                    help="a hyperparameter for every spec that has it, or for one (sgd.momentum=0.9); repeatable")
+    pl.add_argument("-o", "--out", required=True, metavar="FILE", help="the picture to write: .png or .svg")
+
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -21,6 +21,7 @@ def test_wheel_ships_grammar_and_templates(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "optdsl/grammars/optdsl.lark" in names
     assert "optdsl/templates/torch_optimizer.py.j2" in names
+    assert "optdsl/data/alice.txt" in names  # the text `optdsl plot --task charlm` trains on
     entry_points = zipfile.ZipFile(wheel).read("optdsl-0.1.0.dist-info/entry_points.txt").decode()
     assert "optdsl = optdsl.cli:main" in entry_points
 
