@@ -269,3 +269,30 @@ def test_fused_equals_foreach(stem, dtype):
     for pa, pb in zip(fused, ref):
         for key, value in ref_opt.state[pb].items():
             torch.testing.assert_close(fused_opt.state[pa][key], value, rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------- explain
+
+# spec: {property: value} that `optdsl explain` derives and the papers agree with
+EXPLAINED = {
+    # At step 1, s = (1 - b2) * b1^2 * g^2 + eps, so |Δp| -> lr / b1 as |g| -> inf: AdaBelief's
+    # first step can exceed Adam's lr bound, by 1/b1.
+    "adabelief": {"bound on |Δp| per element at step 1 (from p = 0)": "lr/b1",
+                  "invariant to g -> c*g (c > 0)": "only when eps = 0", "range of state s": "[0, inf)"},
+    # Normalising g removes its scale before Adam sees it, whatever Adam's eps.
+    "adam_ng": {"invariant to g -> c*g (c > 0)": "only when norm_eps = 0"},
+    # A reduction inside max(): explain used to fail on it with a TypeError.
+    "cautious_adamw": {"invariant to g -> c*g (c > 0)": "only when eps = 0",
+                       "first step moves against the gradient (from p = 0)": "yes"},
+}
+
+
+@pytest.mark.parametrize("stem", sorted(EXPLAINED))
+def test_explain(stem):
+    from optdsl.explain import explain
+    from optdsl.pipeline import compile_source
+    from test_differential import SPECS
+
+    path = SPECS / f"{stem}.opt"
+    x = explain(compile_source(path.read_text(), path.as_posix()))
+    assert {name: x.property(name).value for name in EXPLAINED[stem]} == EXPLAINED[stem]
