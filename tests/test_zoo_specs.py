@@ -4,7 +4,10 @@ The references are pytorch_optimizer's implementations where it has one (DiffGra
 Lion with `cautious=True`) and short transcriptions of the papers' algorithms otherwise (Sadam,
 C-AdamW, AdamW with cautious weight decay, Adam on normalised gradients). Each case runs
 through test_differential's `run_pair`: the generated for-loop and foreach paths are bitwise
-equal, and both within 1e-10 (float64) or 1e-5 (float32) of the reference after every step.
+equal, and both within 1e-10 (float64) or 1e-5 (float32) of the reference after every step,
+on small awkward shapes for 60 steps and, for the first case of each spec, with a large
+(1823, 781) tensor for 8 steps. Each spec is also changed in the line that makes it what it is,
+and the same comparison must then fail.
 
 pytorch_optimizer counts steps per parameter group (`group['step']`), torch.optim and optdsl per
 parameter; `run_pair` leaves some parameters without a gradient on some steps, so its optimizers
@@ -23,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_differential import SMALL, STEPS, PaperRef, run_pair, spec
+from test_differential import LARGE, LARGE_STEPS, SMALL, STEPS, PaperRef, run_pair, spec
 
 # ---------------------------------------------------------------- references from the papers
 
@@ -175,6 +178,25 @@ def _makers(case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference(case, dtype):
     run_pair(*_makers(case), SMALL, dtype, STEPS, seed=zlib.crc32(case.encode()))
+
+
+# The first case of each spec also runs in float64 with a large (1823, 781) tensor, for a few
+# steps: the masks' means and the gradient norm then reduce over many blocks.
+_FIRST: dict[str, str] = {}
+for _case, (_name, *_) in CASES.items():
+    _FIRST.setdefault(_name, _case)
+LARGE_CASES = list(_FIRST.values())
+
+
+@pytest.mark.parametrize("case", LARGE_CASES)
+def test_matches_reference_large(case):
+    # One intra-op thread, as in test_differential: under `-n 2` more threads only contend.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_pair(*_makers(case), LARGE, torch.float64, LARGE_STEPS, seed=1)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_diffgrad_differs_from_pytorch_optimizer_only_by_its_sqrt_guard():
