@@ -3,11 +3,13 @@ r"""Sadam: Adam with a softplus-calibrated denominator (Tong et al., 2019)
 
 The spec::
 
-    # Sadam: Adam with the denominator sqrt(v_hat) + eps replaced by softplus_beta(sqrt(v_hat)),
+    # Sadam: Adam with the denominator sqrt(v) + eps replaced by softplus_beta(sqrt(v)),
     # softplus_beta(x) = softplus(beta * x) / beta, a smooth floor of log(2)/beta under the adaptive
     # step's denominator (Tong, Liang & Bi, 2019, "Calibrating the Adaptive Learning Rate to Improve
-    # Convergence of ADAM", algorithm Sadam; beta = 50 as the paper recommends). L2 weight decay
-    # folded into the gradient, as in the authors' code.
+    # Convergence of ADAM"; beta = 50 as the paper recommends). As the authors' code (Sadam.py,
+    # transformer='softplus', amsgrad off): softplus of the uncorrected sqrt(v), with both bias
+    # corrections folded into the step size as in Adam's efficient form (softplus(sqrt(v_hat))
+    # would differ in the first ~1/(1 - b2) steps); L2 weight decay folded into the gradient.
     optimizer Sadam "Adam with a softplus-calibrated denominator (Tong et al., 2019)"
     
     hyper lr = 1e-3 in [0, inf)
@@ -19,7 +21,7 @@ The spec::
     g += wd * p
     m = lerp(m, g, 1 - b1)
     v = lerp(v, g^2, 1 - b2)
-    p -= lr * (m / (1 - b1^t)) * beta / softplus(beta * sqrt(v / (1 - b2^t)))
+    p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m * beta / softplus(beta * sqrt(v))
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ class Sadam(Optimizer):
        g &\leftarrow g + wd \cdot p \\
        m &\leftarrow \operatorname{lerp}{\left(m,g,1 - b_{1} \right)} \\
        v &\leftarrow \operatorname{lerp}{\left(v,g^{2},1 - b_{2} \right)} \\
-       p &\leftarrow p - \frac{lr \cdot \frac{m}{1 - b_{1}^{t}} \cdot \beta}{\operatorname{softplus}{\left(\beta \cdot \sqrt{\frac{v}{1 - b_{2}^{t}}} \right)}} \\
+       p &\leftarrow p - \frac{\frac{lr \cdot \sqrt{1 - b_{2}^{t}}}{1 - b_{1}^{t}} \cdot m \cdot \beta}{\operatorname{softplus}{\left(\beta \cdot \sqrt{v} \right)}} \\
        \end{aligned}
 
     As written in the spec:
@@ -53,7 +55,7 @@ class Sadam(Optimizer):
     ``g += wd * p``
     ``m = lerp(m, g, 1 - b1)``
     ``v = lerp(v, g^2, 1 - b2)``
-    ``p -= lr * (m / (1 - b1^t)) * beta / softplus(beta * sqrt(v / (1 - b2^t)))``
+    ``p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m * beta / softplus(beta * sqrt(v))``
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
@@ -199,14 +201,13 @@ def _single_tensor_sadam(params, grads, m_list, v_list, state_steps, *, lr, b1, 
         step_t += 1
         t = step_t.item()
         # Scalars of the step count: once per parameter, on the host.
-        c0 = -beta*lr/(1 - b1**t)
-        c1 = beta*math.sqrt(1/(1 - b2**t))
+        c0 = -beta*lr*math.sqrt(1 - b2**t)/(1 - b1**t)
         tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
         v.mul_((1 - k0))
         v.addcmul_(tmp0, tmp0, value=k0)
         m.lerp_(tmp0, k1)
         tmp1 = torch.sqrt(v)
-        tmp1.mul_(c1)
+        tmp1.mul_(beta)
         tmp2 = torch.nn.functional.softplus(tmp1)
         p.addcdiv_(m, tmp2, value=c0)
         if p is not param:
@@ -231,14 +232,13 @@ def _multi_tensor_sadam(params, grads, m_list, v_list, state_steps, *, lr, b1, b
             torch._foreach_add_(device_steps, 1)
         t = [s.item() for s in device_steps]
         # Scalars of the step count: one per tensor, on the host.
-        c0 = [-beta*lr/(1 - b1**t_) for t_ in t]
-        c1 = [beta*math.sqrt(1/(1 - b2**t_)) for t_ in t]
+        c0 = [-beta*lr*math.sqrt(1 - b2**t_)/(1 - b1**t_) for t_ in t]
         tmp0 = torch._foreach_add(g, p, alpha=wd) if wd != 0 else g
         torch._foreach_mul_(v, (1 - k0))
         torch._foreach_addcmul_(v, tmp0, tmp0, k0)
         torch._foreach_lerp_(m, tmp0, k1)
         tmp1 = torch._foreach_sqrt(v)
-        torch._foreach_mul_(tmp1, c1)
+        torch._foreach_mul_(tmp1, beta)
         tmp2 = [torch.nn.functional.softplus(tmp1_) for tmp1_ in tmp1]
         torch._foreach_addcdiv_(p, m, tmp2, c0)
         if not exact:
@@ -288,8 +288,8 @@ if triton is not None:
         v_ptrs,
         numels,  # elements per tensor
         block_tensor, block_start,  # per program: which tensor, and where in it
-        scalars,  # [tensors, 2]: per-tensor scalars (functions of t)
-        hypers,  # [3]: scalars of the hyperparameters, as data (a new lr never recompiles)
+        scalars,  # [tensors, 1]: per-tensor scalars (functions of t)
+        hypers,  # [4]: scalars of the hyperparameters, as data (a new lr never recompiles)
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
         C_TYPE: tl.constexpr,  # arithmetic dtype
@@ -305,11 +305,11 @@ if triton is not None:
         g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
         m_ptr = tl.load(m_ptrs + i).to(tl.pointer_type(S_TYPE))
         v_ptr = tl.load(v_ptrs + i).to(tl.pointer_type(S_TYPE))
-        k0 = tl.load(hypers + 0)
-        k1 = tl.load(hypers + 1)
-        wd = tl.load(hypers + 2)
-        c0 = tl.load(scalars + i * 2 + 0)
-        c1 = tl.load(scalars + i * 2 + 1)
+        beta = tl.load(hypers + 0)
+        k0 = tl.load(hypers + 1)
+        k1 = tl.load(hypers + 2)
+        wd = tl.load(hypers + 3)
+        c0 = tl.load(scalars + i * 1 + 0)
         p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
         g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
         m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
@@ -317,7 +317,7 @@ if triton is not None:
         x0 = g + p*wd
         x1 = (v + k0 * (((x0) * (x0)) - v))
         x2 = (m + k1 * (x0 - m))
-        tl.store(p_ptr + offsets, _round_to(c0*x2/tl.where((c1*tl.sqrt(x1)) > 20.0, (c1*tl.sqrt(x1)), tl.log(1.0 + tl.exp((c1*tl.sqrt(x1))))) + p, P_TYPE), mask=mask)
+        tl.store(p_ptr + offsets, _round_to(c0*x2/tl.where((beta*tl.sqrt(x1)) > 20.0, (beta*tl.sqrt(x1)), tl.log(1.0 + tl.exp((beta*tl.sqrt(x1))))) + p, P_TYPE), mask=mask)
         tl.store(m_ptr + offsets, _round_to(x2, S_TYPE), mask=mask)
         tl.store(v_ptr + offsets, _round_to(x1, S_TYPE), mask=mask)
 
@@ -366,13 +366,13 @@ def _fused_sadam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, beta
         torch._foreach_add_(device_steps, 1)
         t = [s.item() for s in device_steps]
         compute = torch.float64 if dtype == torch.float64 else torch.float32
-        per_tensor = [[-beta*lr/(1 - b1**t_) for t_ in t], [beta*math.sqrt(1/(1 - b2**t_)) for t_ in t]]
+        per_tensor = [[-beta*lr*math.sqrt(1 - b2**t_)/(1 - b1**t_) for t_ in t]]
         scalars = torch.tensor(list(zip(*per_tensor)) if per_tensor else [[0.0]] * len(p), dtype=compute,
                                device=device)
         numels, block_tensor, block_start = _block_map(p, device)
         g = [x if x.is_contiguous() else x.contiguous() for x in g]  # kept alive until the launch ends
         args = [_pointers(p, device), _pointers(g, device), _pointers(m, device), _pointers(v, device),                 numels, block_tensor, block_start, scalars,
-                torch.tensor([k0, k1, wd], dtype=compute, device=device)]
+                torch.tensor([beta, k0, k1, wd], dtype=compute, device=device)]
         types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(m[0].dtype),
                      C_TYPE=_triton_type(compute), BLOCK=_BLOCK)
         _sadam_kernel[(len(block_tensor),)](*args, **types)

@@ -1,8 +1,9 @@
 """The post-Adam zoo written in the core language: each spec against a handwritten reference.
 
 The references are pytorch_optimizer's implementations where it has one (DiffGrad, AdaBelief,
-Lion with `cautious=True`) and short transcriptions of the papers' algorithms otherwise (Sadam,
-C-AdamW, AdamW with cautious weight decay, Adam on normalised gradients). Each case runs
+Lion with `cautious=True`) and short transcriptions otherwise: of the authors' code for Sadam and
+C-AdamW, of the papers' update rules for cautious weight decay and Adam on normalised
+gradients. Each case runs
 through test_differential's `run_pair`: the generated for-loop and foreach paths are bitwise
 equal, and both within 1e-10 (float64) or 1e-5 (float32) of the reference after every step,
 on small awkward shapes for 60 steps and, for the first case of each spec, with a large
@@ -13,12 +14,13 @@ pytorch_optimizer counts steps per parameter group (`group['step']`), torch.opti
 parameter; `run_pair` leaves some parameters without a gradient on some steps, so its optimizers
 are wrapped one per parameter, each stepped only when its parameter has a gradient.
 
-A last test runs every spec here on the fused Triton path (under the interpreter on CPU, see
-tests/conftest.py) against its foreach path.
+Every spec here also runs on the fused Triton path (under the interpreter on CPU, see
+tests/conftest.py) against its foreach path, and a few have `optdsl explain` expectations.
 """
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import zlib
 
@@ -32,14 +34,15 @@ from test_differential import LARGE, LARGE_STEPS, SMALL, STEPS, PaperRef, run_pa
 
 
 def sadam_update(p, g, state, t, lr, b1, b2, beta, wd):
-    # Tong et al. 2019, Sadam: Adam with softplus_beta(sqrt(v_hat)) as the whole denominator.
+    # Tong et al. 2019, Sadam as in the authors' Sadam.py (transformer='softplus', amsgrad off):
+    # softplus_beta(sqrt(v)) replaces sqrt(v) + eps, the bias corrections are in the step size.
     m = state.setdefault("m", torch.zeros_like(p))
     v = state.setdefault("v", torch.zeros_like(p))
     g = g + wd * p
     m.mul_(b1).add_(g, alpha=1 - b1)
-    v.mul_(b2).addcmul_(g, g, value=1 - b2)
-    m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
-    p.sub_(lr * m_hat / F.softplus(v_hat.sqrt(), beta=beta))
+    v.mul_(b2).add_((1 - b2) * g**2)
+    step_size = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
+    p.addcdiv_(m, F.softplus(v.sqrt(), beta=beta), value=-step_size)
 
 
 def cautious_adamw_update(p, g, state, t, lr, b1, b2, eps, wd):
@@ -217,7 +220,7 @@ def test_diffgrad_differs_from_pytorch_optimizer_only_by_its_sqrt_guard():
 # spec: (text in the spec, its replacement): each removes what makes the optimizer what it is,
 # and the reference cases above must notice.
 MUTANTS = {
-    "sadam": ("beta / softplus(beta * sqrt(v / (1 - b2^t)))", "1 / (sqrt(v / (1 - b2^t)) + 1e-8)"),
+    "sadam": ("m * beta / softplus(beta * sqrt(v))", "m / (sqrt(v) + 1e-8)"),
     "diffgrad": ("friction = sigmoid(abs(g_prev - g))\ng_prev = g",
                  "g_prev = g\nfriction = sigmoid(abs(g_prev - g))"),
     "adabelief": ("m = lerp(m, g, 1 - b1)\ns = lerp(s, (g - m)^2, 1 - b2) + eps",
