@@ -5,8 +5,10 @@ The spec::
 
     # C-AdamW: AdamW that steps only where its update u agrees in sign with the current gradient,
     # rescaled by the fraction of elements kept (Liang et al., 2024, "Cautious Optimizers:
-    # Improving Training with One Line of Code"). The rescaling is the authors' current code
-    # (also timm's `caution`): mask / max(mean(mask), 1e-3); the paper's first form,
+    # Improving Training with One Line of Code"). The AdamW step is adamw.opt's (eps added to
+    # sqrt(v_hat), as torch.optim.AdamW; the authors' c_adamw.py adds it before the bias
+    # correction), so a mask of all ones is exactly AdamW. The rescaling is the authors' current
+    # code (also timm's `caution`): mask / max(mean(mask), 1e-3); their first form,
     # mask * numel / (sum(mask) + 1), is the one in cautious_lion.opt. The mask compares m with g:
     # u = m_hat / (sqrt(v_hat) + eps) has the sign of m.
     # A separate spec, not a 0/1 flag on adamw.opt: the language has no compile-time switch, and

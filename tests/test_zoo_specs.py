@@ -2,7 +2,7 @@
 
 The references are pytorch_optimizer's implementations where it has one (DiffGrad, AdaBelief,
 Lion with `cautious=True`) and short transcriptions otherwise: of the authors' code for Sadam and
-C-AdamW, of the papers' update rules for cautious weight decay and Adam on normalised
+C-AdamW's mask, of the papers' update rules for cautious weight decay and Adam on normalised
 gradients. Each case runs
 through test_differential's `run_pair`: the generated for-loop and foreach paths are bitwise
 equal, and both within 1e-10 (float64) or 1e-5 (float32) of the reference after every step,
@@ -46,8 +46,8 @@ def sadam_update(p, g, state, t, lr, b1, b2, beta, wd):
 
 
 def cautious_adamw_update(p, g, state, t, lr, b1, b2, eps, wd):
-    # Liang et al. 2024, C-AdamW as in the authors' c_adamw.py: the AdamW step, masked where
-    # m and g disagree in sign, the mask divided by its mean clamped below at 1e-3.
+    # Liang et al. 2024, C-AdamW: torch.optim.AdamW's step, masked where m and g disagree in
+    # sign, the mask divided by its mean clamped below at 1e-3 (the authors' c_adamw.py).
     m = state.setdefault("m", torch.zeros_like(p))
     v = state.setdefault("v", torch.zeros_like(p))
     p.mul_(1 - lr * wd)
