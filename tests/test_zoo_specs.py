@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from test_differential import LARGE, LARGE_STEPS, SMALL, STEPS, PaperRef, run_pair, spec
 
-# ---------------------------------------------------------------- references from the papers
+# ---------------------------------------------------------------- references written here
 
 
 def sadam_update(p, g, state, t, lr, b1, b2, beta, wd):
@@ -124,6 +124,8 @@ def _without_sqrt_guard(apply_ams_bound):
 
 # ---------------------------------------------------------------- the cases
 
+DIFFGRAD = po("DiffGrad", sqrt_guard=False)
+
 # (spec, our kwargs, reference factory(params, **kwargs), reference kwargs), as in test_differential
 CASES = {
     "sadam-default": ("sadam", dict(lr=0.01), paper(sadam_update),
@@ -132,10 +134,10 @@ CASES = {
                       dict(lr=0.01, b1=0.9, b2=0.999, beta=10.0, wd=0.1)),
     "sadam-betas": ("sadam", dict(lr=0.003, b1=0.5, b2=0.9, beta=500.0), paper(sadam_update),
                     dict(lr=0.003, b1=0.5, b2=0.9, beta=500.0, wd=0.0)),
-    "diffgrad-default": ("diffgrad", dict(lr=0.01), po("DiffGrad", sqrt_guard=False), dict(lr=0.01, weight_decouple=False)),
-    "diffgrad-wd": ("diffgrad", dict(lr=0.01, wd=0.1, b1=0.8, b2=0.99), po("DiffGrad", sqrt_guard=False),
+    "diffgrad-default": ("diffgrad", dict(lr=0.01), DIFFGRAD, dict(lr=0.01, weight_decouple=False)),
+    "diffgrad-wd": ("diffgrad", dict(lr=0.01, wd=0.1, b1=0.8, b2=0.99), DIFFGRAD,
                     dict(lr=0.01, weight_decay=0.1, betas=(0.8, 0.99), weight_decouple=False)),
-    "diffgrad-eps": ("diffgrad", dict(lr=0.003, b1=0.5, b2=0.9, eps=1e-3), po("DiffGrad", sqrt_guard=False),
+    "diffgrad-eps": ("diffgrad", dict(lr=0.003, b1=0.5, b2=0.9, eps=1e-3), DIFFGRAD,
                      dict(lr=0.003, betas=(0.5, 0.9), eps=1e-3, weight_decouple=False)),
     "adabelief-default": ("adabelief", dict(lr=0.01), po("AdaBelief"), dict(lr=0.01)),
     "adabelief-wd": ("adabelief", dict(lr=0.01, wd=0.3, b1=0.8, b2=0.99), po("AdaBelief"),
@@ -268,7 +270,8 @@ def _fused_run(cls, kw, dtype, device, **mode):
     opt = cls(params, **kw, **mode)
     for step in range(FUSED_STEPS):
         for i, p in enumerate(params):
-            g = torch.randn(p.shape, generator=gen, dtype=torch.float64) * (torch.rand(p.shape, generator=gen) > 0.15)
+            g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            g = g * (torch.rand(p.shape, generator=gen) > 0.15)  # exact zeros: the masks' boundary
             p.grad = None if (i == 1 and step % 3 == 1) else g.to(dtype).to(device)
         opt.step()
     return params, opt
