@@ -301,11 +301,13 @@ def test_fused_equals_foreach(stem, dtype):
 
 # ---------------------------------------------------------------- explain
 
+BOUND = "bound on |Δp| per element at step 1 (from p = 0)"
+
 # spec: {property: value} that `optdsl explain` derives and the papers agree with
 EXPLAINED = {
     # At step 1, s = (1 - b2) * b1^2 * g^2 + eps, so |Δp| -> lr / b1 as |g| -> inf: AdaBelief's
     # first step can exceed Adam's lr bound, by 1/b1.
-    "adabelief": {"bound on |Δp| per element at step 1 (from p = 0)": "lr/b1",
+    "adabelief": {BOUND: "lr/b1",
                   "invariant to g -> c*g (c > 0)": "only when eps = 0", "range of state s": "[0, inf)"},
     # Normalising g removes its scale before Adam sees it, whatever Adam's eps.
     "adam_ng": {"invariant to g -> c*g (c > 0)": "only when norm_eps = 0"},
@@ -316,11 +318,17 @@ EXPLAINED = {
 
 
 @pytest.mark.parametrize("stem", sorted(EXPLAINED))
-def test_explain(stem):
-    from optdsl.explain import explain
+def test_explain(stem, monkeypatch):
+    from optdsl import explain as explain_module
     from optdsl.pipeline import compile_source
     from test_differential import SPECS
 
+    if BOUND in EXPLAINED[stem]:
+        # SymPy's limit runs under a wall-clock budget; on a loaded CI machine the bound can run
+        # out of it and read "no bound found". What is tested is the derivation, not its speed.
+        # (Only here: the same budget also stops simplify() from proving what is checked anyway.)
+        monkeypatch.setattr(explain_module, "SYMPY_SECONDS", 60)
+    explain = explain_module.explain
     path = SPECS / f"{stem}.opt"
     x = explain(compile_source(path.read_text(), path.as_posix()))
     assert {name: x.property(name).value for name in EXPLAINED[stem]} == EXPLAINED[stem]
