@@ -176,6 +176,11 @@ class AdamAtan2(Optimizer):
 def adamatan2(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=None,
               **hypers):
     """Functional AdamAtan2: update `params` and the state lists in place."""
+    if torch.compiler.is_compiling():
+        # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
+        return _single_tensor_adamatan2(params, grads, m_list, v_list, state_steps, **hypers)
+    # Eager, tensor hyperparameters (lr=torch.tensor(1e-3), for a compiled step) are host floats.
+    hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if fused is None:  # the fused kernel where it can run on CUDA, as torch.optim prefers its own
         fused = bool(params) and all(p.is_cuda for p in params) and not fused_available(params)
     if foreach is None:
@@ -200,10 +205,16 @@ def _single_tensor_adamatan2(params, grads, m_list, v_list, state_steps, *, lr, 
         v = v_list[i]
         step_t = state_steps[i]
         step_t += 1
-        t = step_t.item()
-        # Scalars of the step count: once per parameter, on the host.
-        c0 = 1/(1 - b1**t)
-        c1 = b*math.sqrt(1/(1 - b2**t))
+        # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
+        # (`.item()` would break the graph, a float would be specialised on and recompile).
+        if torch.compiler.is_compiling():
+            t = step_t.to(torch.float64)
+            c0 = 1/(1 - b1**t)
+            c1 = b*torch.sqrt(1/(1 - b2**t))
+        else:
+            t = step_t.item()
+            c0 = 1/(1 - b1**t)
+            c1 = b*math.sqrt(1/(1 - b2**t))
         m.lerp_(g, k2)
         v.mul_((1 - k3))
         v.addcmul_(g, g, value=k3)

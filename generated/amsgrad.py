@@ -178,6 +178,11 @@ class AMSGrad(Optimizer):
 def amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, *, foreach=None, fused=None,
             **hypers):
     """Functional AMSGrad: update `params` and the state lists in place."""
+    if torch.compiler.is_compiling():
+        # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
+        return _single_tensor_amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, **hypers)
+    # Eager, tensor hyperparameters (lr=torch.tensor(1e-3), for a compiled step) are host floats.
+    hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if fused is None:  # the fused kernel where it can run on CUDA, as torch.optim prefers its own
         fused = bool(params) and all(p.is_cuda for p in params) and not fused_available(params)
     if foreach is None:
@@ -201,10 +206,16 @@ def _single_tensor_amsgrad(params, grads, m_list, v_list, v_max_list, state_step
         v_max = v_max_list[i]
         step_t = state_steps[i]
         step_t += 1
-        t = step_t.item()
-        # Scalars of the step count: once per parameter, on the host.
-        c0 = -lr/((1 - b1**t)*math.sqrt(1/(1 - b2**t)))
-        c1 = eps/math.sqrt(1/(1 - b2**t))
+        # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
+        # (`.item()` would break the graph, a float would be specialised on and recompile).
+        if torch.compiler.is_compiling():
+            t = step_t.to(torch.float64)
+            c0 = -lr/((1 - b1**t)*torch.sqrt(1/(1 - b2**t)))
+            c1 = eps/torch.sqrt(1/(1 - b2**t))
+        else:
+            t = step_t.item()
+            c0 = -lr/((1 - b1**t)*math.sqrt(1/(1 - b2**t)))
+            c1 = eps/math.sqrt(1/(1 - b2**t))
         tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
         v.mul_((1 - k0))
         v.addcmul_(tmp0, tmp0, value=k0)

@@ -158,6 +158,11 @@ class Lion(Optimizer):
 def lion(params, grads, m_list, state_steps, *, foreach=None, fused=None,
          **hypers):
     """Functional Lion: update `params` and the state lists in place."""
+    if torch.compiler.is_compiling():
+        # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
+        return _single_tensor_lion(params, grads, m_list, state_steps, **hypers)
+    # Eager, tensor hyperparameters (lr=torch.tensor(1e-3), for a compiled step) are host floats.
+    hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if fused is None:  # the fused kernel where it can run on CUDA, as torch.optim prefers its own
         fused = bool(params) and all(p.is_cuda for p in params) and not fused_available(params)
     if foreach is None:
@@ -181,7 +186,6 @@ def _single_tensor_lion(params, grads, m_list, state_steps, *, lr, b1, b2, wd):
         m = m_list[i]
         step_t = state_steps[i]
         step_t += 1
-        t = step_t.item()
         tmp0 = torch.lerp(m, g, k2)
         tmp0.sign_()
         p.mul_(k0)

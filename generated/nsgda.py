@@ -161,6 +161,11 @@ class NSGDA(Optimizer):
 def nsgda(params, grads, m_list, state_steps, *, foreach=None, fused=None,
           **hypers):
     """Functional NSGDA: update `params` and the state lists in place."""
+    if torch.compiler.is_compiling():
+        # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
+        return _single_tensor_nsgda(params, grads, m_list, state_steps, **hypers)
+    # Eager, tensor hyperparameters (lr=torch.tensor(1e-3), for a compiled step) are host floats.
+    hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if fused is None:  # the fused kernel where it can run on CUDA, as torch.optim prefers its own
         fused = bool(params) and all(p.is_cuda for p in params) and not fused_available(params)
     if foreach is None:
@@ -181,9 +186,14 @@ def _single_tensor_nsgda(params, grads, m_list, state_steps, *, lr, momentum, ep
         m = m_list[i]
         step_t = state_steps[i]
         step_t += 1
-        t = step_t.item()
-        # Scalars of the step count: once per parameter, on the host.
-        c0 = 1/(1 - momentum**t)
+        # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
+        # (`.item()` would break the graph, a float would be specialised on and recompile).
+        if torch.compiler.is_compiling():
+            t = step_t.to(torch.float64)
+            c0 = 1/(1 - momentum**t)
+        else:
+            t = step_t.item()
+            c0 = 1/(1 - momentum**t)
         tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
         m.lerp_(tmp0, k0)
         tmp1 = torch.mul(m, c0)

@@ -184,6 +184,11 @@ class RAdam(Optimizer):
 def radam(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=None,
           **hypers):
     """Functional RAdam: update `params` and the state lists in place."""
+    if torch.compiler.is_compiling():
+        # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
+        return _single_tensor_radam(params, grads, m_list, v_list, state_steps, **hypers)
+    # Eager, tensor hyperparameters (lr=torch.tensor(1e-3), for a compiled step) are host floats.
+    hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if fused is None:  # the fused kernel where it can run on CUDA, as torch.optim prefers its own
         fused = bool(params) and all(p.is_cuda for p in params) and not fused_available(params)
     if foreach is None:
@@ -210,11 +215,18 @@ def _single_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, 
         v = v_list[i]
         step_t = state_steps[i]
         step_t += 1
-        t = step_t.item()
-        # Scalars of the step count: once per parameter, on the host.
-        c0 = -lr/(1 - b1**t)
-        c1 = float(-2*b2**t*t/(1 - b2**t) + k1 > 5)
-        c2 = math.sqrt(1 - b2**t)*math.sqrt(max(0, k2*(-2*b2**t*t/(1 - b2**t) + k3)*(-2*b2**t*t/(1 - b2**t) + k4)/(-2*b2**t*t/(1 - b2**t) + k1)))
+        # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
+        # (`.item()` would break the graph, a float would be specialised on and recompile).
+        if torch.compiler.is_compiling():
+            t = step_t.to(torch.float64)
+            c0 = -lr/(1 - b1**t)
+            c1 = torch.as_tensor((-2*b2**t*t/(1 - b2**t) + k1 > 5), dtype=torch.float64)
+            c2 = torch.sqrt(1 - b2**t)*torch.sqrt(torch.maximum(torch.as_tensor(0, dtype=torch.float64), torch.as_tensor(k2*(-2*b2**t*t/(1 - b2**t) + k3)*(-2*b2**t*t/(1 - b2**t) + k4)/(-2*b2**t*t/(1 - b2**t) + k1), dtype=torch.float64)))
+        else:
+            t = step_t.item()
+            c0 = -lr/(1 - b1**t)
+            c1 = float(-2*b2**t*t/(1 - b2**t) + k1 > 5)
+            c2 = math.sqrt(1 - b2**t)*math.sqrt(max(0, k2*(-2*b2**t*t/(1 - b2**t) + k3)*(-2*b2**t*t/(1 - b2**t) + k4)/(-2*b2**t*t/(1 - b2**t) + k1)))
         tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
         m.lerp_(tmp0, k0)
         v.mul_((1 - k5))
@@ -223,7 +235,7 @@ def _single_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, 
         tmp1.add_(eps)
         tmp1.reciprocal_()
         tmp1.mul_(c2)
-        tmp2 = torch.where(tmp1.new_tensor(c1) != 0, tmp1, tmp1.new_tensor(1))
+        tmp2 = torch.where(torch.as_tensor(c1, dtype=tmp1.dtype, device=tmp1.device) != 0, tmp1, torch.as_tensor(1, dtype=tmp1.dtype, device=tmp1.device))
         p.addcmul_(m, tmp2, value=c0)
         if p is not param:
             param.copy_(p)
@@ -262,7 +274,7 @@ def _multi_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, b
         torch._foreach_add_(tmp1, eps)
         torch._foreach_reciprocal_(tmp1)
         torch._foreach_mul_(tmp1, c2)
-        tmp2 = [torch.where(tmp1_.new_tensor(c1_) != 0, tmp1_, tmp1_.new_tensor(1)) for c1_, tmp1_ in zip(c1, tmp1)]
+        tmp2 = [torch.where(torch.as_tensor(c1_, dtype=tmp1_.dtype, device=tmp1_.device) != 0, tmp1_, torch.as_tensor(1, dtype=tmp1_.dtype, device=tmp1_.device)) for c1_, tmp1_ in zip(c1, tmp1)]
         torch._foreach_addcmul_(p, m, tmp2, c0)
         if not exact:
             torch._foreach_copy_(device_params, p)

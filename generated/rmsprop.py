@@ -187,6 +187,11 @@ class RMSprop(Optimizer):
 def rmsprop(params, grads, square_avg_list, grad_avg_list, buf_list, state_steps, *, foreach=None, fused=None,
             **hypers):
     """Functional RMSprop: update `params` and the state lists in place."""
+    if torch.compiler.is_compiling():
+        # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
+        return _single_tensor_rmsprop(params, grads, square_avg_list, grad_avg_list, buf_list, state_steps, **hypers)
+    # Eager, tensor hyperparameters (lr=torch.tensor(1e-3), for a compiled step) are host floats.
+    hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if fused is None:  # the fused kernel where it can run on CUDA, as torch.optim prefers its own
         fused = bool(params) and all(p.is_cuda for p in params) and not fused_available(params)
     if foreach is None:
@@ -212,7 +217,6 @@ def _single_tensor_rmsprop(params, grads, square_avg_list, grad_avg_list, buf_li
         buf = buf_list[i]
         step_t = state_steps[i]
         step_t += 1
-        t = step_t.item()
         tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
         grad_avg.lerp_(tmp0, k2)
         tmp1 = torch.mul(tmp0, tmp0)
