@@ -29,6 +29,15 @@ __all__ = ["Adagrad", "adagrad"]
 _EXACT = (torch.float32, torch.float64)
 
 
+def _store_rounded(stored, value):
+    """Write `value` into the bfloat16 tensor `stored`, rounded stochastically: up with probability
+    equal to the distance from the value below, so the rounding is unbiased and updates smaller
+    than bfloat16's spacing still add up over steps (round-to-nearest would drop them)."""
+    bits = value.float().view(torch.int32)
+    noise = torch.randint_like(bits, 0, 1 << 16)  # uniform over the 16 bits bfloat16 drops
+    stored.copy_(((bits + noise) & -65536).view(torch.float32))  # exact in bfloat16 now
+
+
 class Adagrad(Optimizer):
     r"""Adaptive subgradient method (Duchi et al., 2011)
 
@@ -58,6 +67,10 @@ class Adagrad(Optimizer):
             ``None`` picks it as torch.optim does: on CUDA, not on CPU.
         fused (bool, optional): use the fused Triton kernel, one launch per device and dtype.
             ``None`` picks it for CUDA parameters when Triton is installed.
+        state_dtype (torch.dtype, optional): ``torch.bfloat16`` stores the states in bfloat16
+            (half the memory); each step computes in the parameter's precision (float32 at
+            least) and writes them back with stochastic rounding. ``None``: the parameter's
+            dtype, float32 for lower ones. Not with ``fused=True`` yet.
     """
 
     def __init__(
@@ -71,9 +84,17 @@ class Adagrad(Optimizer):
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
+        state_dtype: torch.dtype | None = None,
     ):
         if fused and foreach:
             raise ValueError("fused=True and foreach=True cannot both be set")
+        if state_dtype not in (None, torch.bfloat16):
+            raise ValueError(f"Invalid state_dtype: {state_dtype} (None or torch.bfloat16)")
+        if state_dtype is not None:
+            if fused:
+                raise ValueError("state_dtype=torch.bfloat16 does not run on the fused path yet: "
+                                 "leave fused unset or use foreach=True")
+            fused = False  # the fused kernel would round to nearest
         if not (0.0 <= lr):
             raise ValueError(f"Invalid lr: {lr} (must be in [0, inf))")
         if not (0.0 <= lr_decay):
@@ -92,6 +113,7 @@ class Adagrad(Optimizer):
             initial_accumulator_value=initial_accumulator_value,
             foreach=foreach,
             fused=fused,
+            state_dtype=state_dtype,
         )
         super().__init__(params, defaults)
         if fused:
@@ -104,20 +126,22 @@ class Adagrad(Optimizer):
         for group in self.param_groups:
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
+            group.setdefault("state_dtype", None)
 
     def load_state_dict(self, state_dict):
         # torch.optim casts every state to its parameter's dtype; states of lower-precision
-        # parameters are float32 here, so they are restored from the saved values in float32.
+        # parameters are float32 here, and bfloat16 with state_dtype, so they are restored
+        # from the saved values in that dtype.
         super().load_state_dict(state_dict)
         saved = state_dict["state"]
-        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        for i, p in zip(ids, params):
-            if p.dtype in _EXACT or not p.is_floating_point() or i not in saved:
-                continue
-            for key, value in saved[i].items():
-                if key != "step" and torch.is_tensor(value) and value.is_floating_point():
-                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            for i, p in zip(saved_group["params"], group["params"]):
+                dtype = group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+                if dtype == p.dtype or not p.is_floating_point() or i not in saved:
+                    continue
+                for key, value in saved[i].items():
+                    if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                        self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
 
     def _init_group(self, group, params, grads, sum_sq_list, state_steps):
         for p in group["params"]:
@@ -131,8 +155,8 @@ class Adagrad(Optimizer):
             if len(state) == 0:  # lazy state initialisation, as in torch.optim
                 # `step` is a CPU tensor, as torch.optim keeps it, so reading it never syncs.
                 state["step"] = torch.tensor(0.0, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
-                state["sum_sq"] = torch.zeros_like(p, dtype=p.dtype if p.dtype in _EXACT else torch.float32,
-                                                 memory_format=torch.preserve_format)
+                dtype = group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+                state["sum_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 state["sum_sq"].add_(group["initial_accumulator_value"])
             sum_sq_list.append(state["sum_sq"])
             state_steps.append(state["step"])
@@ -184,7 +208,8 @@ def _single_tensor_adagrad(params, grads, sum_sq_list, state_steps, *, lr, lr_de
     for i, param in enumerate(params):
         p = param if param.dtype in _EXACT else param.float()
         g = grads[i].to(p.dtype)
-        sum_sq = sum_sq_list[i]
+        # States stored in bfloat16 (state_dtype) are updated in p's precision, written back below.
+        sum_sq = sum_sq_list[i].to(p.dtype)
         step_t = state_steps[i]
         step_t += 1
         # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
@@ -203,17 +228,20 @@ def _single_tensor_adagrad(params, grads, sum_sq_list, state_steps, *, lr, lr_de
         p.addcdiv_(tmp0, tmp2, value=c0)
         if p is not param:
             param.copy_(p)
+        if sum_sq is not sum_sq_list[i]:
+            _store_rounded(sum_sq_list[i], sum_sq)
 
 
 def _multi_tensor_adagrad(params, grads, sum_sq_list, state_steps, *, lr, lr_decay, wd, eps, initial_accumulator_value):
     if not params:
         return
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, sum_sq_list, state_steps])
-    for (device_params, device_grads, sum_sq, device_steps), _ in grouped.values():
+    for (device_params, device_grads, device_sum_sq, device_steps), _ in grouped.values():
         # Below, p, g and the states are lists: one entry per tensor of this device and dtype.
         exact = device_params[0].dtype in _EXACT
         p = device_params if exact else [x.float() for x in device_params]
         g = device_grads if exact else [x.float() for x in device_grads]
+        sum_sq = device_sum_sq if device_sum_sq[0].dtype == p[0].dtype else [x.to(p[0].dtype) for x in device_sum_sq]
         if device_steps[0].is_cpu:  # one wrapped scalar, not one per tensor (as torch.optim does)
             torch._foreach_add_(device_steps, torch.tensor(1.0), alpha=1.0)
         else:
@@ -229,6 +257,9 @@ def _multi_tensor_adagrad(params, grads, sum_sq_list, state_steps, *, lr, lr_dec
         torch._foreach_addcdiv_(p, tmp0, tmp2, c0)
         if not exact:
             torch._foreach_copy_(device_params, p)
+        if sum_sq is not device_sum_sq:
+            for stored, value in zip(device_sum_sq, sum_sq):
+                _store_rounded(stored, value)
 
 
 # ---- fused Triton path: one kernel launch per (device, dtype) group ----
