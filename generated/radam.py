@@ -245,7 +245,7 @@ def _single_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, 
             t = step_t.to(torch.float64)
             c0 = -lr/(1 - b1**t)
             c1 = torch.as_tensor((-2*b2**t*t/(1 - b2**t) + k1 > 5), dtype=torch.float64)
-            c2 = torch.sqrt(1 - b2**t)*torch.sqrt(torch.maximum(torch.as_tensor(0, dtype=torch.float64), torch.as_tensor(k2*(-2*b2**t*t/(1 - b2**t) + k3)*(-2*b2**t*t/(1 - b2**t) + k4)/(-2*b2**t*t/(1 - b2**t) + k1), dtype=torch.float64)))
+            c2 = torch.sqrt(1 - b2**t)*torch.sqrt(torch.maximum(torch.as_tensor(0, dtype=torch.float64), k2*(-2*b2**t*t/(1 - b2**t) + k3)*(-2*b2**t*t/(1 - b2**t) + k4)/(-2*b2**t*t/(1 - b2**t) + k1)))
         else:
             t = step_t.item()
             c0 = -lr/(1 - b1**t)

@@ -223,7 +223,7 @@ def _single_tensor_sgd(params, grads, buf_list, state_steps, *, lr, momentum, da
         # (`.item()` would break the graph, a float would be specialised on and recompile).
         if torch.compiler.is_compiling():
             t = step_t.to(torch.float64)
-            c0 = torch.where(torch.as_tensor(torch.as_tensor((t == 1), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k2, dtype=torch.float64))
+            c0 = torch.where(torch.as_tensor((t == 1), dtype=torch.float64) != 0, torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k2, dtype=torch.float64))
         else:
             t = step_t.item()
             c0 = (1 if float(t == 1) else k2)

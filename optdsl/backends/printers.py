@@ -123,10 +123,22 @@ class CompiledPrinter(DevicePrinter):
         self.tensors = set(tensors)
         self.host = HostPrinter()
 
+    def _reads_tensor(self, e) -> bool:
+        return isinstance(e, sp.Basic) and any(s.name in self.tensors for s in e.free_symbols)
+
     def _print(self, expr, **kwargs):
-        if isinstance(expr, sp.Basic) and not any(s.name in self.tensors for s in expr.free_symbols):
+        if isinstance(expr, sp.Basic) and not self._reads_tensor(expr):
             return self.host._print(expr, **kwargs)
         return super()._print(expr, **kwargs)
+
+    def _tensor(self, e):  # what reads a tensor (t is float64 here) is one already
+        return self._print(e) if self._reads_tensor(e) else super()._tensor(e)
+
+    def _nary(self, e, func):
+        out = self._tensor(e.args[0])
+        for a in e.args[1:]:
+            out = f"{func}({out}, {self._tensor(a)})"
+        return out
 
 
 class TritonPrinter(HostPrinter):
