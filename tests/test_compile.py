@@ -85,6 +85,16 @@ def test_compiled_low_precision_matches_eager(dtype, tol):
     assert _relative([x.double() for x in compiled], [x.double() for x in eager]) < tol
 
 
+def test_float_lr_recompiles_once_then_is_dynamic():
+    # What the README says of a float lr: Dynamo specialises on it at first, then makes it dynamic.
+    make_ours, _ = _makers("adam-plain")
+    counter = CompileCounter()
+    _train(lambda ps: make_ours(ps, foreach=False), SMALL, torch.float64, _grads(SMALL, torch.float64, 5),
+           compile_with=counter)
+    torch._dynamo.reset()
+    assert counter.frame_count == 2
+
+
 def test_compiled_step_catches_a_wrong_constant():
     # The tolerance above is tight enough to see a bias correction off by 0.001 in b2.
     make_ours, make_ref = _makers("adamw-default")
