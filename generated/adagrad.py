@@ -214,12 +214,8 @@ def _single_tensor_adagrad(params, grads, sum_sq_list, state_steps, *, lr, lr_de
         step_t += 1
         # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
         # (`.item()` would break the graph, a float would be specialised on and recompile).
-        if torch.compiler.is_compiling():
-            t = step_t.to(torch.float64)
-            c0 = -lr/(lr_decay*(t - 1) + 1)
-        else:
-            t = step_t.item()
-            c0 = -lr/(lr_decay*(t - 1) + 1)
+        t = step_t.to(torch.float64) if torch.compiler.is_compiling() else step_t.item()
+        c0 = -lr/(lr_decay*(t - 1) + 1)
         tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
         tmp1 = torch.mul(tmp0, tmp0)
         sum_sq.add_(tmp1)

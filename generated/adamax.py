@@ -223,12 +223,8 @@ def _single_tensor_adamax(params, grads, m_list, u_list, state_steps, *, lr, b1,
         step_t += 1
         # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
         # (`.item()` would break the graph, a float would be specialised on and recompile).
-        if torch.compiler.is_compiling():
-            t = step_t.to(torch.float64)
-            c0 = -lr/(1 - b1**t)
-        else:
-            t = step_t.item()
-            c0 = -lr/(1 - b1**t)
+        t = step_t.to(torch.float64) if torch.compiler.is_compiling() else step_t.item()
+        c0 = -lr/(1 - b1**t)
         tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
         tmp1 = torch.mul(u, b2)
         tmp2 = torch.abs(tmp0)

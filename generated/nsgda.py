@@ -213,12 +213,8 @@ def _single_tensor_nsgda(params, grads, m_list, state_steps, *, lr, momentum, ep
         step_t += 1
         # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
         # (`.item()` would break the graph, a float would be specialised on and recompile).
-        if torch.compiler.is_compiling():
-            t = step_t.to(torch.float64)
-            c0 = 1/(1 - momentum**t)
-        else:
-            t = step_t.item()
-            c0 = 1/(1 - momentum**t)
+        t = step_t.to(torch.float64) if torch.compiler.is_compiling() else step_t.item()
+        c0 = 1/(1 - momentum**t)
         tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
         m.lerp_(tmp0, k0)
         tmp1 = torch.mul(m, c0)
