@@ -33,8 +33,8 @@ _EXACT = (torch.float32, torch.float64)
 
 def _store_rounded(stored, value):
     """Write `value` into the bfloat16 tensor `stored`, rounded stochastically: up with probability
-    equal to the distance from the value below, so the rounding is unbiased and updates smaller
-    than bfloat16's spacing still add up over steps (round-to-nearest would drop them)."""
+    (value - below) / spacing, so the rounding is unbiased and updates smaller than bfloat16's
+    spacing still add up over steps (round-to-nearest would drop them)."""
     bits = value.float().view(torch.int32)
     noise = torch.randint_like(bits, 0, 1 << 16)  # uniform over the 16 bits bfloat16 drops
     stored.copy_(((bits + noise) & -65536).view(torch.float32))  # exact in bfloat16 now
