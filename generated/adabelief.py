@@ -35,6 +35,15 @@ __all__ = ["AdaBelief", "adabelief"]
 _EXACT = (torch.float32, torch.float64)
 
 
+def _store_rounded(stored, value):
+    """Write `value` into the bfloat16 tensor `stored`, rounded stochastically: up with probability
+    (value - below) / spacing, so the rounding is unbiased and updates smaller than bfloat16's
+    spacing still add up over steps (round-to-nearest would drop them)."""
+    bits = value.float().view(torch.int32)
+    noise = torch.randint_like(bits, 0, 1 << 16)  # uniform over the 16 bits bfloat16 drops
+    stored.copy_(((bits + noise) & -65536).view(torch.float32))  # exact in bfloat16 now
+
+
 class AdaBelief(Optimizer):
     r"""Adam with the belief in observed gradients (Zhuang et al., 2020)
 
@@ -66,6 +75,10 @@ class AdaBelief(Optimizer):
             ``None`` picks it as torch.optim does: on CUDA, not on CPU.
         fused (bool, optional): use the fused Triton kernel, one launch per device and dtype.
             ``None`` picks it for CUDA parameters when Triton is installed.
+        state_dtype (torch.dtype, optional): ``torch.bfloat16`` stores the states in bfloat16
+            (half the memory); each step computes in the parameter's precision (float32 at
+            least) and writes them back with stochastic rounding. ``None``: the parameter's
+            dtype, float32 for lower ones. Not with ``fused=True`` yet.
     """
 
     def __init__(
@@ -79,9 +92,17 @@ class AdaBelief(Optimizer):
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
+        state_dtype: torch.dtype | None = None,
     ):
         if fused and foreach:
             raise ValueError("fused=True and foreach=True cannot both be set")
+        if state_dtype not in (None, torch.bfloat16):
+            raise ValueError(f"Invalid state_dtype: {state_dtype} (None or torch.bfloat16)")
+        if state_dtype is not None:
+            if fused:
+                raise ValueError("state_dtype=torch.bfloat16 does not run on the fused path yet: "
+                                 "leave fused unset or use foreach=True")
+            fused = False  # the fused kernel would round to nearest
         if not (0.0 <= lr):
             raise ValueError(f"Invalid lr: {lr} (must be in [0, inf))")
         if not (0.0 <= b1 < 1.0):
@@ -100,6 +121,7 @@ class AdaBelief(Optimizer):
             wd=wd,
             foreach=foreach,
             fused=fused,
+            state_dtype=state_dtype,
         )
         super().__init__(params, defaults)
         if fused:
@@ -112,20 +134,22 @@ class AdaBelief(Optimizer):
         for group in self.param_groups:
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
+            group.setdefault("state_dtype", None)
 
     def load_state_dict(self, state_dict):
         # torch.optim casts every state to its parameter's dtype; states of lower-precision
-        # parameters are float32 here, so they are restored from the saved values in float32.
+        # parameters are float32 here, and bfloat16 with state_dtype, so they are restored
+        # from the saved values in that dtype.
         super().load_state_dict(state_dict)
         saved = state_dict["state"]
-        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        for i, p in zip(ids, params):
-            if p.dtype in _EXACT or not p.is_floating_point() or i not in saved:
-                continue
-            for key, value in saved[i].items():
-                if key != "step" and torch.is_tensor(value) and value.is_floating_point():
-                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            for i, p in zip(saved_group["params"], group["params"]):
+                dtype = group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+                if dtype == p.dtype or not p.is_floating_point() or i not in saved:
+                    continue
+                for key, value in saved[i].items():
+                    if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                        self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
         for group in self.param_groups:  # the fused kernel reads `step` on the parameter's device
             for p in group["params"]:
                 step = self.state[p].get("step") if p in self.state else None
@@ -152,10 +176,9 @@ class AdaBelief(Optimizer):
                 # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
                 state["step"] = torch.zeros((), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
                                             device=p.device if self._fused_for(group, p) else "cpu")
-                state["m"] = torch.zeros_like(p, dtype=p.dtype if p.dtype in _EXACT else torch.float32,
-                                                 memory_format=torch.preserve_format)
-                state["s"] = torch.zeros_like(p, dtype=p.dtype if p.dtype in _EXACT else torch.float32,
-                                                 memory_format=torch.preserve_format)
+                dtype = group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+                state["m"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                state["s"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             m_list.append(state["m"])
             s_list.append(state["s"])
             state_steps.append(state["step"])
@@ -188,6 +211,11 @@ class AdaBelief(Optimizer):
 def adabelief(params, grads, m_list, s_list, state_steps, *, foreach=None, fused=None,
               **hypers):
     """Functional AdaBelief: update `params` and the state lists in place."""
+    if torch.compiler.is_compiling():
+        # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
+        return _single_tensor_adabelief(params, grads, m_list, s_list, state_steps, **hypers)
+    # Eager, tensor hyperparameters (lr=torch.tensor(1e-3), for a compiled step) are host floats.
+    hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default(params)
     elif fused:
@@ -211,14 +239,21 @@ def _single_tensor_adabelief(params, grads, m_list, s_list, state_steps, *, lr, 
     for i, param in enumerate(params):
         p = param if param.dtype in _EXACT else param.float()
         g = grads[i].to(p.dtype)
-        m = m_list[i]
-        s = s_list[i]
+        # States stored in bfloat16 (state_dtype) are updated in p's precision, written back below.
+        m = m_list[i].to(p.dtype)
+        s = s_list[i].to(p.dtype)
         step_t = state_steps[i]
         step_t += 1
-        t = step_t.item()
-        # Scalars of the step count: once per parameter, on the host.
-        c0 = -lr/((1 - b1**t)*math.sqrt(1/(1 - b2**t)))
-        c1 = eps/math.sqrt(1/(1 - b2**t))
+        # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
+        # (`.item()` would break the graph, a float would be specialised on and recompile).
+        if torch.compiler.is_compiling():
+            t = step_t.to(torch.float64)
+            c0 = -lr/((1 - b1**t)*torch.sqrt(1/(1 - b2**t)))
+            c1 = eps/torch.sqrt(1/(1 - b2**t))
+        else:
+            t = step_t.item()
+            c0 = -lr/((1 - b1**t)*math.sqrt(1/(1 - b2**t)))
+            c1 = eps/math.sqrt(1/(1 - b2**t))
         m.lerp_(g, k1)
         tmp0 = torch.sub(g, m)
         tmp0.mul_(tmp0)
@@ -231,6 +266,10 @@ def _single_tensor_adabelief(params, grads, m_list, s_list, state_steps, *, lr, 
         s.copy_(tmp1)
         if p is not param:
             param.copy_(p)
+        if m is not m_list[i]:
+            _store_rounded(m_list[i], m)
+        if s is not s_list[i]:
+            _store_rounded(s_list[i], s)
 
 
 def _multi_tensor_adabelief(params, grads, m_list, s_list, state_steps, *, lr, b1, b2, eps, wd):
@@ -241,11 +280,13 @@ def _multi_tensor_adabelief(params, grads, m_list, s_list, state_steps, *, lr, b
     k1 = 1 - b1
     k2 = 1 - b2
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, m_list, s_list, state_steps])
-    for (device_params, device_grads, m, s, device_steps), _ in grouped.values():
+    for (device_params, device_grads, device_m, device_s, device_steps), _ in grouped.values():
         # Below, p, g and the states are lists: one entry per tensor of this device and dtype.
         exact = device_params[0].dtype in _EXACT
         p = device_params if exact else [x.float() for x in device_params]
         g = device_grads if exact else [x.float() for x in device_grads]
+        m = device_m if device_m[0].dtype == p[0].dtype else [x.to(p[0].dtype) for x in device_m]
+        s = device_s if device_s[0].dtype == p[0].dtype else [x.to(p[0].dtype) for x in device_s]
         if device_steps[0].is_cpu:  # one wrapped scalar, not one per tensor (as torch.optim does)
             torch._foreach_add_(device_steps, torch.tensor(1.0), alpha=1.0)
         else:
@@ -266,6 +307,12 @@ def _multi_tensor_adabelief(params, grads, m_list, s_list, state_steps, *, lr, b
         torch._foreach_copy_(s, tmp1)
         if not exact:
             torch._foreach_copy_(device_params, p)
+        if m is not device_m:
+            for stored, value in zip(device_m, m):
+                _store_rounded(stored, value)
+        if s is not device_s:
+            for stored, value in zip(device_s, s):
+                _store_rounded(stored, value)
 
 
 # ---- fused Triton path: one kernel launch per (device, dtype) group ----

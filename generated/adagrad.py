@@ -29,6 +29,15 @@ __all__ = ["Adagrad", "adagrad"]
 _EXACT = (torch.float32, torch.float64)
 
 
+def _store_rounded(stored, value):
+    """Write `value` into the bfloat16 tensor `stored`, rounded stochastically: up with probability
+    (value - below) / spacing, so the rounding is unbiased and updates smaller than bfloat16's
+    spacing still add up over steps (round-to-nearest would drop them)."""
+    bits = value.float().view(torch.int32)
+    noise = torch.randint_like(bits, 0, 1 << 16)  # uniform over the 16 bits bfloat16 drops
+    stored.copy_(((bits + noise) & -65536).view(torch.float32))  # exact in bfloat16 now
+
+
 class Adagrad(Optimizer):
     r"""Adaptive subgradient method (Duchi et al., 2011)
 
@@ -58,6 +67,10 @@ class Adagrad(Optimizer):
             ``None`` picks it as torch.optim does: on CUDA, not on CPU.
         fused (bool, optional): use the fused Triton kernel, one launch per device and dtype.
             ``None`` picks it for CUDA parameters when Triton is installed.
+        state_dtype (torch.dtype, optional): ``torch.bfloat16`` stores the states in bfloat16
+            (half the memory); each step computes in the parameter's precision (float32 at
+            least) and writes them back with stochastic rounding. ``None``: the parameter's
+            dtype, float32 for lower ones. Not with ``fused=True`` yet.
     """
 
     def __init__(
@@ -71,9 +84,17 @@ class Adagrad(Optimizer):
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
+        state_dtype: torch.dtype | None = None,
     ):
         if fused and foreach:
             raise ValueError("fused=True and foreach=True cannot both be set")
+        if state_dtype not in (None, torch.bfloat16):
+            raise ValueError(f"Invalid state_dtype: {state_dtype} (None or torch.bfloat16)")
+        if state_dtype is not None:
+            if fused:
+                raise ValueError("state_dtype=torch.bfloat16 does not run on the fused path yet: "
+                                 "leave fused unset or use foreach=True")
+            fused = False  # the fused kernel would round to nearest
         if not (0.0 <= lr):
             raise ValueError(f"Invalid lr: {lr} (must be in [0, inf))")
         if not (0.0 <= lr_decay):
@@ -92,6 +113,7 @@ class Adagrad(Optimizer):
             initial_accumulator_value=initial_accumulator_value,
             foreach=foreach,
             fused=fused,
+            state_dtype=state_dtype,
         )
         super().__init__(params, defaults)
         if fused:
@@ -104,20 +126,22 @@ class Adagrad(Optimizer):
         for group in self.param_groups:
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
+            group.setdefault("state_dtype", None)
 
     def load_state_dict(self, state_dict):
         # torch.optim casts every state to its parameter's dtype; states of lower-precision
-        # parameters are float32 here, so they are restored from the saved values in float32.
+        # parameters are float32 here, and bfloat16 with state_dtype, so they are restored
+        # from the saved values in that dtype.
         super().load_state_dict(state_dict)
         saved = state_dict["state"]
-        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        for i, p in zip(ids, params):
-            if p.dtype in _EXACT or not p.is_floating_point() or i not in saved:
-                continue
-            for key, value in saved[i].items():
-                if key != "step" and torch.is_tensor(value) and value.is_floating_point():
-                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            for i, p in zip(saved_group["params"], group["params"]):
+                dtype = group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+                if dtype == p.dtype or not p.is_floating_point() or i not in saved:
+                    continue
+                for key, value in saved[i].items():
+                    if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                        self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
         for group in self.param_groups:  # the fused kernel reads `step` on the parameter's device
             for p in group["params"]:
                 step = self.state[p].get("step") if p in self.state else None
@@ -144,8 +168,8 @@ class Adagrad(Optimizer):
                 # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
                 state["step"] = torch.zeros((), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
                                             device=p.device if self._fused_for(group, p) else "cpu")
-                state["sum_sq"] = torch.zeros_like(p, dtype=p.dtype if p.dtype in _EXACT else torch.float32,
-                                                 memory_format=torch.preserve_format)
+                dtype = group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+                state["sum_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 state["sum_sq"].add_(group["initial_accumulator_value"])
             sum_sq_list.append(state["sum_sq"])
             state_steps.append(state["step"])
@@ -177,6 +201,11 @@ class Adagrad(Optimizer):
 def adagrad(params, grads, sum_sq_list, state_steps, *, foreach=None, fused=None,
             **hypers):
     """Functional Adagrad: update `params` and the state lists in place."""
+    if torch.compiler.is_compiling():
+        # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
+        return _single_tensor_adagrad(params, grads, sum_sq_list, state_steps, **hypers)
+    # Eager, tensor hyperparameters (lr=torch.tensor(1e-3), for a compiled step) are host floats.
+    hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default(params)
     elif fused:
@@ -196,11 +225,13 @@ def _single_tensor_adagrad(params, grads, sum_sq_list, state_steps, *, lr, lr_de
     for i, param in enumerate(params):
         p = param if param.dtype in _EXACT else param.float()
         g = grads[i].to(p.dtype)
-        sum_sq = sum_sq_list[i]
+        # States stored in bfloat16 (state_dtype) are updated in p's precision, written back below.
+        sum_sq = sum_sq_list[i].to(p.dtype)
         step_t = state_steps[i]
         step_t += 1
-        t = step_t.item()
-        # Scalars of the step count: once per parameter, on the host.
+        # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
+        # (`.item()` would break the graph, a float would be specialised on and recompile).
+        t = step_t.to(torch.float64) if torch.compiler.is_compiling() else step_t.item()
         c0 = -lr/(lr_decay*(t - 1) + 1)
         tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
         tmp1 = torch.mul(tmp0, tmp0)
@@ -210,17 +241,20 @@ def _single_tensor_adagrad(params, grads, sum_sq_list, state_steps, *, lr, lr_de
         p.addcdiv_(tmp0, tmp2, value=c0)
         if p is not param:
             param.copy_(p)
+        if sum_sq is not sum_sq_list[i]:
+            _store_rounded(sum_sq_list[i], sum_sq)
 
 
 def _multi_tensor_adagrad(params, grads, sum_sq_list, state_steps, *, lr, lr_decay, wd, eps, initial_accumulator_value):
     if not params:
         return
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, sum_sq_list, state_steps])
-    for (device_params, device_grads, sum_sq, device_steps), _ in grouped.values():
+    for (device_params, device_grads, device_sum_sq, device_steps), _ in grouped.values():
         # Below, p, g and the states are lists: one entry per tensor of this device and dtype.
         exact = device_params[0].dtype in _EXACT
         p = device_params if exact else [x.float() for x in device_params]
         g = device_grads if exact else [x.float() for x in device_grads]
+        sum_sq = device_sum_sq if device_sum_sq[0].dtype == p[0].dtype else [x.to(p[0].dtype) for x in device_sum_sq]
         if device_steps[0].is_cpu:  # one wrapped scalar, not one per tensor (as torch.optim does)
             torch._foreach_add_(device_steps, torch.tensor(1.0), alpha=1.0)
         else:
@@ -236,6 +270,9 @@ def _multi_tensor_adagrad(params, grads, sum_sq_list, state_steps, *, lr, lr_dec
         torch._foreach_addcdiv_(p, tmp0, tmp2, c0)
         if not exact:
             torch._foreach_copy_(device_params, p)
+        if sum_sq is not device_sum_sq:
+            for stored, value in zip(device_sum_sq, sum_sq):
+                _store_rounded(stored, value)
 
 
 # ---- fused Triton path: one kernel launch per (device, dtype) group ----

@@ -31,6 +31,15 @@ __all__ = ["Adamax", "adamax"]
 _EXACT = (torch.float32, torch.float64)
 
 
+def _store_rounded(stored, value):
+    """Write `value` into the bfloat16 tensor `stored`, rounded stochastically: up with probability
+    (value - below) / spacing, so the rounding is unbiased and updates smaller than bfloat16's
+    spacing still add up over steps (round-to-nearest would drop them)."""
+    bits = value.float().view(torch.int32)
+    noise = torch.randint_like(bits, 0, 1 << 16)  # uniform over the 16 bits bfloat16 drops
+    stored.copy_(((bits + noise) & -65536).view(torch.float32))  # exact in bfloat16 now
+
+
 class Adamax(Optimizer):
     r"""Adam with the infinity norm (Kingma & Ba, 2015, section 7)
 
@@ -62,6 +71,10 @@ class Adamax(Optimizer):
             ``None`` picks it as torch.optim does: on CUDA, not on CPU.
         fused (bool, optional): use the fused Triton kernel, one launch per device and dtype.
             ``None`` picks it for CUDA parameters when Triton is installed.
+        state_dtype (torch.dtype, optional): ``torch.bfloat16`` stores the states in bfloat16
+            (half the memory); each step computes in the parameter's precision (float32 at
+            least) and writes them back with stochastic rounding. ``None``: the parameter's
+            dtype, float32 for lower ones. Not with ``fused=True`` yet.
     """
 
     def __init__(
@@ -75,9 +88,17 @@ class Adamax(Optimizer):
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
+        state_dtype: torch.dtype | None = None,
     ):
         if fused and foreach:
             raise ValueError("fused=True and foreach=True cannot both be set")
+        if state_dtype not in (None, torch.bfloat16):
+            raise ValueError(f"Invalid state_dtype: {state_dtype} (None or torch.bfloat16)")
+        if state_dtype is not None:
+            if fused:
+                raise ValueError("state_dtype=torch.bfloat16 does not run on the fused path yet: "
+                                 "leave fused unset or use foreach=True")
+            fused = False  # the fused kernel would round to nearest
         if not (0.0 <= lr):
             raise ValueError(f"Invalid lr: {lr} (must be in [0, inf))")
         if not (0.0 <= b1 < 1.0):
@@ -96,6 +117,7 @@ class Adamax(Optimizer):
             wd=wd,
             foreach=foreach,
             fused=fused,
+            state_dtype=state_dtype,
         )
         super().__init__(params, defaults)
         if fused:
@@ -108,20 +130,22 @@ class Adamax(Optimizer):
         for group in self.param_groups:
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
+            group.setdefault("state_dtype", None)
 
     def load_state_dict(self, state_dict):
         # torch.optim casts every state to its parameter's dtype; states of lower-precision
-        # parameters are float32 here, so they are restored from the saved values in float32.
+        # parameters are float32 here, and bfloat16 with state_dtype, so they are restored
+        # from the saved values in that dtype.
         super().load_state_dict(state_dict)
         saved = state_dict["state"]
-        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        for i, p in zip(ids, params):
-            if p.dtype in _EXACT or not p.is_floating_point() or i not in saved:
-                continue
-            for key, value in saved[i].items():
-                if key != "step" and torch.is_tensor(value) and value.is_floating_point():
-                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            for i, p in zip(saved_group["params"], group["params"]):
+                dtype = group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+                if dtype == p.dtype or not p.is_floating_point() or i not in saved:
+                    continue
+                for key, value in saved[i].items():
+                    if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                        self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
         for group in self.param_groups:  # the fused kernel reads `step` on the parameter's device
             for p in group["params"]:
                 step = self.state[p].get("step") if p in self.state else None
@@ -148,10 +172,9 @@ class Adamax(Optimizer):
                 # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
                 state["step"] = torch.zeros((), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
                                             device=p.device if self._fused_for(group, p) else "cpu")
-                state["m"] = torch.zeros_like(p, dtype=p.dtype if p.dtype in _EXACT else torch.float32,
-                                                 memory_format=torch.preserve_format)
-                state["u"] = torch.zeros_like(p, dtype=p.dtype if p.dtype in _EXACT else torch.float32,
-                                                 memory_format=torch.preserve_format)
+                dtype = group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+                state["m"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                state["u"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             m_list.append(state["m"])
             u_list.append(state["u"])
             state_steps.append(state["step"])
@@ -184,6 +207,11 @@ class Adamax(Optimizer):
 def adamax(params, grads, m_list, u_list, state_steps, *, foreach=None, fused=None,
            **hypers):
     """Functional Adamax: update `params` and the state lists in place."""
+    if torch.compiler.is_compiling():
+        # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
+        return _single_tensor_adamax(params, grads, m_list, u_list, state_steps, **hypers)
+    # Eager, tensor hyperparameters (lr=torch.tensor(1e-3), for a compiled step) are host floats.
+    hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default(params)
     elif fused:
@@ -205,12 +233,14 @@ def _single_tensor_adamax(params, grads, m_list, u_list, state_steps, *, lr, b1,
     for i, param in enumerate(params):
         p = param if param.dtype in _EXACT else param.float()
         g = grads[i].to(p.dtype)
-        m = m_list[i]
-        u = u_list[i]
+        # States stored in bfloat16 (state_dtype) are updated in p's precision, written back below.
+        m = m_list[i].to(p.dtype)
+        u = u_list[i].to(p.dtype)
         step_t = state_steps[i]
         step_t += 1
-        t = step_t.item()
-        # Scalars of the step count: once per parameter, on the host.
+        # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
+        # (`.item()` would break the graph, a float would be specialised on and recompile).
+        t = step_t.to(torch.float64) if torch.compiler.is_compiling() else step_t.item()
         c0 = -lr/(1 - b1**t)
         tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
         tmp1 = torch.mul(u, b2)
@@ -222,6 +252,10 @@ def _single_tensor_adamax(params, grads, m_list, u_list, state_steps, *, lr, b1,
         u.copy_(tmp3)
         if p is not param:
             param.copy_(p)
+        if m is not m_list[i]:
+            _store_rounded(m_list[i], m)
+        if u is not u_list[i]:
+            _store_rounded(u_list[i], u)
 
 
 def _multi_tensor_adamax(params, grads, m_list, u_list, state_steps, *, lr, b1, b2, eps, wd):
@@ -230,11 +264,13 @@ def _multi_tensor_adamax(params, grads, m_list, u_list, state_steps, *, lr, b1, 
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - b1
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, m_list, u_list, state_steps])
-    for (device_params, device_grads, m, u, device_steps), _ in grouped.values():
+    for (device_params, device_grads, device_m, device_u, device_steps), _ in grouped.values():
         # Below, p, g and the states are lists: one entry per tensor of this device and dtype.
         exact = device_params[0].dtype in _EXACT
         p = device_params if exact else [x.float() for x in device_params]
         g = device_grads if exact else [x.float() for x in device_grads]
+        m = device_m if device_m[0].dtype == p[0].dtype else [x.to(p[0].dtype) for x in device_m]
+        u = device_u if device_u[0].dtype == p[0].dtype else [x.to(p[0].dtype) for x in device_u]
         if device_steps[0].is_cpu:  # one wrapped scalar, not one per tensor (as torch.optim does)
             torch._foreach_add_(device_steps, torch.tensor(1.0), alpha=1.0)
         else:
@@ -252,6 +288,12 @@ def _multi_tensor_adamax(params, grads, m_list, u_list, state_steps, *, lr, b1, 
         torch._foreach_copy_(u, tmp3)
         if not exact:
             torch._foreach_copy_(device_params, p)
+        if m is not device_m:
+            for stored, value in zip(device_m, m):
+                _store_rounded(stored, value)
+        if u is not device_u:
+            for stored, value in zip(device_u, u):
+                _store_rounded(stored, value)
 
 
 # ---- fused Triton path: one kernel launch per (device, dtype) group ----

@@ -15,6 +15,7 @@ RESERVED = {"params", "defaults", "foreach", "fused", "closure", "self", "state"
             "scalars", "hypers", "numels", "block_tensor", "block_start", "device", "dtype", "compute",
             "per_tensor", "param", "grads", "state_steps", "step_t", "i", "device_params", "device_grads",
             "device_steps", "grouped", "exact", "Optimizer", "LAUNCHES",
+            "state_dtype", "stored", "value", "_store_rounded",  # bfloat16 states, stochastic rounding
             # Python built-ins and module names the generated code calls, and its per-tensor loop variable
             "super", "dict", "float", "bool", "str", "list", "tuple", "len", "zip", "all", "range", "enumerate",
             "ValueError", "RuntimeError", "ImportError", "_EXACT", "_sign", "_sigmoid", "_softplus",

@@ -1,4 +1,4 @@
-"""SymPy printers for scalars: host floats (math) and per-parameter 0-dim tensors (torch)."""
+"""SymPy printers for scalars: host floats (math), 0-dim tensors (torch), and Triton registers."""
 from __future__ import annotations
 
 import sympy as sp
@@ -108,6 +108,37 @@ class DevicePrinter(HostPrinter):
 
     def _print_log1p(self, e):
         return f"torch.log1p({self._print(e.args[0])})"
+
+
+class CompiledPrinter(DevicePrinter):
+    """Per-parameter scalars under torch.compile: 0-dim tensors wherever they read `tensors`.
+
+    Eager code reads the step count with `.item()` and computes in Python floats; a compiled
+    step keeps it a tensor, since `.item()` would break the graph. Parts that read no tensor
+    (hyperparameters, numbers) still print as host floats: torch.sqrt takes no float.
+    """
+
+    def __init__(self, tensors: set[str]):
+        super().__init__()
+        self.tensors = set(tensors)
+        self.host = HostPrinter()
+
+    def _reads_tensor(self, e) -> bool:
+        return isinstance(e, sp.Basic) and any(s.name in self.tensors for s in e.free_symbols)
+
+    def _print(self, expr, **kwargs):
+        if isinstance(expr, sp.Basic) and not self._reads_tensor(expr):
+            return self.host._print(expr, **kwargs)
+        return super()._print(expr, **kwargs)
+
+    def _tensor(self, e):  # what reads a tensor (t is float64 here) is one already
+        return self._print(e) if self._reads_tensor(e) else super()._tensor(e)
+
+    def _nary(self, e, func):
+        out = self._tensor(e.args[0])
+        for a in e.args[1:]:
+            out = f"{func}({out}, {self._tensor(a)})"
+        return out
 
 
 class TritonPrinter(HostPrinter):

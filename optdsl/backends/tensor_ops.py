@@ -133,8 +133,7 @@ class Emitter:
             # subexpressions the plan never hoisted, which emit cannot print)
             args = [A, B, self.operand(w)]
             ref = _first_tensor(args)
-            wrapped = (f"{{{i}}}" if x.level >= DEVICE else f"{{{ref}}}.new_tensor({{{i}}})"
-                       for i, x in enumerate(args))
+            wrapped = (f"{{{i}}}" if x.level >= DEVICE else _like(ref, i) for i, x in enumerate(args))
             return self.apply("call", args, e.args, template="torch.lerp({}, {}, {})".format(*wrapped))
         if isinstance(e, (sp.Min, sp.Max)):
             return self.emit_minmax(e, target)
@@ -148,7 +147,7 @@ class Emitter:
         if row.foreach and len(args) == 1:
             return self.apply(row.foreach, args, e.args, target=target)
         ref = _first_tensor(args)
-        template = row.tensor.format(*(f"{{{i}}}" if a.level >= DEVICE else f"{{{ref}}}.new_tensor({{{i}}})"
+        template = row.tensor.format(*(f"{{{i}}}" if a.level >= DEVICE else _like(ref, i)
                                        for i, a in enumerate(args)))
         if row in fn.COMPARISONS.values():
             template = f"{template}.to({{{_first_tensor(args)}}}.dtype)"
@@ -393,6 +392,12 @@ def _scaled(t: sp.Expr, base: sp.Symbol):
         c = t / base
         return c if not c.has(base) else None
     return None
+
+
+def _like(ref: int, i: int) -> str:
+    """Host scalar argument {i} as a tensor like argument {ref}. as_tensor, not new_tensor: compiled,
+    the scalar may already be a 0-dim tensor, which new_tensor would copy-construct with a warning."""
+    return f"torch.as_tensor({{{i}}}, dtype={{{ref}}}.dtype, device={{{ref}}}.device)"
 
 
 def _first_tensor(args) -> int:

@@ -14,7 +14,7 @@ from ..lower import RESERVED
 from ..mathtext import statement_math
 from ..sym import DEVICE, GROUP, PARAM, TENSOR, Plan, meanings
 from . import triton as triton_backend
-from .printers import HostPrinter
+from .printers import CompiledPrinter, HostPrinter
 from .tensor_ops import Emitter, Instr, Operand
 
 # Names the generated functions use for their own variables (the same list refuses them in specs).
@@ -154,6 +154,7 @@ def render(plan: Plan, source: str, filename: str) -> str:
         body = HostPrinter(t_elem).doprint(d.expr)
         it = deps[0] if len(deps) == 1 else f"zip({', '.join(deps)})"
         param_multi.append((str(d.symbol), f"[{body} for {', '.join(t_elem[x] for x in deps)} in {it}]"))
+    compiled = CompiledPrinter({"t"} | {str(d.symbol) for d in plan.param})
     states = [s.name for s in prog.states]
     source_lines = source.splitlines()
     statements = [" ".join(source_lines[eq.span.line - 1].split("#")[0].split())
@@ -164,12 +165,14 @@ def render(plan: Plan, source: str, filename: str) -> str:
         state_inits=[(s.name, _init_code(s, prog)) for s in prog.states],
         group_defs=[(str(d.symbol), host.doprint(d.expr)) for d in plan.group],
         param_single=[(str(d.symbol), host.doprint(d.expr)) for d in plan.param],
+        param_compiled=[(str(d.symbol), compiled.doprint(d.expr)) for d in plan.param],
         param_multi=param_multi,
         single_body=[line for i in instrs for line in single(i)],
         multi_body=[line for i in instrs for line in multi(i)],
         statements=list(dict.fromkeys(statements)), latex=statement_math(prog, latex=True),
         spec=source.strip("\n").replace('"""', '""\\"'), number=_py_number,  # in a r""" docstring
     )
+    ctx["single_reads_t"] = bool(plan.param) or any(re.search(r"\bt\b", line) for line in ctx["single_body"])
     host_code = "\n".join(e for _, e in ctx["group_defs"] + ctx["param_single"] + ctx["state_inits"] if e)
     ctx["helpers"] = [code for name, code in HOST_HELPERS.items() if f"{name}(" in host_code]
     ctx["unsupported"] = triton_backend.unsupported(plan)
