@@ -15,6 +15,8 @@ gradients, our states in float32), one optimizer step of AdamW, Lion, SGD with m
 
 * ``optdsl fused``   the generated class, ``fused=True`` (Triton, one launch per stage);
 * ``optdsl foreach`` the generated class, ``foreach=True``;
+* ``optdsl fused bf16 states`` (bf16 suites) ``fused=True, state_dtype=torch.bfloat16``: states in
+  bfloat16 with stochastic rounding, the same bytes per element as torch.optim's bf16 rows;
 * ``torch loop``     torch.optim with ``foreach=False`` (AdamW, SGD), or the handwritten reference
   loop (Lion, LAMB: the paper's update, one tensor at a time);
 * ``torch foreach``  torch.optim with ``foreach=True`` (AdamW, SGD);
@@ -158,6 +160,9 @@ def make_rows(opt, params, compile_ok):
         "optdsl fused": (lambda: ours(params, fused=True, **HYPERS[opt]).step, ours_state),
         "optdsl foreach": (lambda: ours(params, foreach=True, **HYPERS[opt]).step, ours_state),
     }
+    if params[0].dtype == torch.bfloat16:  # like torch.optim: bfloat16 states (rounded stochastically)
+        rows["optdsl fused bf16 states"] = (
+            lambda: ours(params, fused=True, state_dtype=torch.bfloat16, **HYPERS[opt]).step, 2)
     if opt in ("adamw", "sgd"):
         cls = torch.optim.AdamW if opt == "adamw" else torch.optim.SGD
         kw = torch_kwargs(opt)
@@ -319,7 +324,7 @@ def main(argv=None):
                         rec.update(gpu_ms=ms, cpu_ms=cpu_ms, warmup_s=warm,
                                    roofline_ms=rec["bytes"] / bw * 1e3)
                         rec["roofline_frac"] = rec["roofline_ms"] / ms
-                        if impl == "optdsl fused":
+                        if impl.startswith("optdsl fused"):
                             rec["launches_per_step"] = launches
                     except Exception as e:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
                         rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"

@@ -73,7 +73,7 @@ class NSGDA(Optimizer):
         state_dtype (torch.dtype, optional): ``torch.bfloat16`` stores the states in bfloat16
             (half the memory); each step computes in the parameter's precision (float32 at
             least) and writes them back with stochastic rounding. ``None``: the parameter's
-            dtype, float32 for lower ones. Not with ``fused=True`` yet.
+            dtype, float32 for lower ones. All three paths support it.
     """
 
     def __init__(
@@ -92,11 +92,6 @@ class NSGDA(Optimizer):
             raise ValueError("fused=True and foreach=True cannot both be set")
         if state_dtype not in (None, torch.bfloat16):
             raise ValueError(f"Invalid state_dtype: {state_dtype} (None or torch.bfloat16)")
-        if state_dtype is not None:
-            if fused:
-                raise ValueError("state_dtype=torch.bfloat16 does not run on the fused path yet: "
-                                 "leave fused unset or use foreach=True")
-            fused = False  # the fused kernel would round to nearest
         if not (0.0 <= lr):
             raise ValueError(f"Invalid lr: {lr} (must be in [0, inf))")
         if not (0.0 <= momentum < 1.0):
@@ -323,6 +318,17 @@ if triton is not None:
             return x.to(TYPE)
 
     @triton.jit
+    def _to_state(x, TYPE: tl.constexpr, STOCHASTIC: tl.constexpr, seed, counters):
+        """x as a state is stored: bfloat16 states (state_dtype) round stochastically, up with
+        probability (x - below) / spacing, so small updates still add up; others as _round_to."""
+        if STOCHASTIC:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = bits + (tl.randint(seed, counters).to(tl.uint32, bitcast=True) & 0xFFFF)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return _round_to(x, TYPE)
+
+    @triton.jit(do_not_specialize=["seed"])
     def _nsgda_stage1(
         p_ptrs, g_ptrs,  # int64 tables: one data pointer per tensor
         m_ptrs,
@@ -330,11 +336,13 @@ if triton is not None:
         numels,  # elements per tensor
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [5] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
+        seed,  # random seed of this step (stochastic rounding of bfloat16 states)
         acc1,  # [tensors, 1]: whole-tensor reductions of stage 1
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
+        STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -365,7 +373,7 @@ if triton is not None:
         r0_x = c0*x0
         tl.atomic_add(acc1 + i * 1 + 0, tl.sum(tl.where(mask, r0_x * r0_x, 0.0), axis=0))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed"])
     def _nsgda_kernel(
         p_ptrs, g_ptrs,  # int64 tables: one data pointer per tensor
         m_ptrs,
@@ -373,11 +381,13 @@ if triton is not None:
         numels,  # elements per tensor
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [5] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
+        seed,  # random seed of this step (stochastic rounding of bfloat16 states)
         acc1,  # [tensors, 1]: whole-tensor reductions of stage 1
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
+        STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -408,7 +418,8 @@ if triton is not None:
         r0 = tl.sqrt(tl.load(acc1 + i * 1 + 0))
         d0 = -c0*lr/(eps + r0)
         tl.store(p_ptr + offsets, _round_to(d0*x0 + p, P_TYPE), mask=mask)
-        tl.store(m_ptr + offsets, _round_to(x0, S_TYPE), mask=mask)
+        tl.store(m_ptr + offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
+                                                 offsets * 1 + 0), mask=mask)
 
 
 _TRITON_TYPES = {}
@@ -481,10 +492,13 @@ def _fused_nsgda(params, grads, m_list, state_steps, *, lr, momentum, eps, wd):
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         numels, block_tensor, block_start = _block_map(tuple(x.numel() for x in p), device, _BLOCK)
         pointers = _pointer_tables([p, g, m, device_steps], device)
-        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device)]
+        state_type = m[0].dtype
+        stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
+        seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed]
         # stage 1's whole-tensor reductions, accumulated by its blocks
         args.append(_upload(torch.tensor([0.0] * len(p), dtype=compute), device))
-        types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(m[0].dtype),
+        types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
                      C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
                      num_warps=_NUM_WARPS)
         _nsgda_stage1[(len(block_tensor),)](*args, **types)

@@ -172,3 +172,16 @@ def test_a_reduction_of_a_scalar_runs_over_a_tensor_shaped_like_p(fused):
     p.grad = torch.ones(4, dtype=torch.float64, device=DEVICE)
     cls([p], fused=fused).step()
     assert p.tolist() == [-5.0] * 4  # 4 ones summed, plus 0.5 * sqrt(4)
+
+
+def test_bfloat16_states_fused_track_the_foreach_path():
+    """state_dtype=bfloat16: the kernel rounds states stochastically (its own random numbers), so the
+    two paths agree to bfloat16 state noise, and both stay near float32 states."""
+    from generated.adamw import AdamW
+    fused, fused_opt = _run(AdamW, dict(lr=1e-2, state_dtype=torch.bfloat16), torch.float32, fused=True)
+    ref, _ = _run(AdamW, dict(lr=1e-2, state_dtype=torch.bfloat16), torch.float32, foreach=True)
+    exact, _ = _run(AdamW, dict(lr=1e-2), torch.float32, foreach=True)
+    for a, b, c in zip(fused, ref, exact):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-3)
+        torch.testing.assert_close(a, c, rtol=0, atol=2e-3)
+    assert {s.dtype for st in fused_opt.state.values() for k, s in st.items() if k != "step"} == {torch.bfloat16}

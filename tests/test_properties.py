@@ -836,3 +836,16 @@ def test_sum_of_a_tensor_expression_that_simplifies_to_a_constant():
     p.grad = torch.ones(4, dtype=torch.float64)
     cls([p], foreach=False).step()
     assert torch.equal(p.detach(), torch.full((4,), -4.0, dtype=torch.float64))  # sum of four ones
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_a_product_of_device_scalars_compiles(foreach):
+    """Found by Hypothesis: `-amax(..)` is a product with no tensor factor (the emitter popped from [])."""
+    import optdsl
+    C = optdsl.compile("optimizer X\ng = amax(abs(p)) - p\ng *= (g - p) * amax(p)\np = g\n")
+    p = torch.tensor([0.5, -2.0, 1.0], dtype=torch.float64)
+    p.grad = torch.ones(3, dtype=torch.float64)
+    C([p], foreach=foreach).step()
+    q = torch.tensor([0.5, -2.0, 1.0], dtype=torch.float64)
+    g = q.abs().max() - q
+    assert torch.equal(p, g * (g - q) * q.max())

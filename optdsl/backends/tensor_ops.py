@@ -231,6 +231,10 @@ class Emitter:
 
     def emit_mul(self, e: sp.Mul, target: str | None) -> Operand:
         scale, factors = _split_scale(e, self._level)
+        if not factors:  # a product of scalars, one on the device (e.g. -amax(g)): host part is the scale
+            low = [a for a in e.args if self._level(a) < DEVICE]
+            factors = [a for a in e.args if self._level(a) >= DEVICE]
+            scale = sp.Mul(*low) if low else None
         num = [f for f in factors if not _is_reciprocal(f)]
         den = [f.base if f.exp == -1 else f.base ** -f.exp for f in factors if _is_reciprocal(f)]
         if num:
