@@ -327,7 +327,8 @@ def fused_available(params) -> str:
 
 def _fused_by_default(params) -> bool:
     """fused=None: the fused kernel where it can run on CUDA, as torch.optim prefers its own."""
-    return bool(params) and all(p.is_cuda for p in params) and not fused_available(params)
+    # one pass: this runs at every step, over every parameter
+    return bool(params) and triton is not None and all(p.is_cuda and p.is_contiguous() for p in params)
 
 
 if triton is not None:
@@ -478,7 +479,7 @@ def _fused_adam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, 
         torch._foreach_add_(device_steps, 1)  # one launch on the device, no sync
         g = [x if x.is_contiguous() else x.contiguous() for x in g]  # kept alive until the launch ends
         compute = torch.float64 if dtype == torch.float64 else torch.float32
-        numels, block_tensor, block_start = _block_map(tuple(x.numel() for x in p), device, _BLOCK)
+        numels, block_tensor, block_start = _block_map(tuple(map(torch.Tensor.numel, p)), device, _BLOCK)
         pointers = _pointer_tables([p, g, m, v, device_steps], device)
         state_type = m[0].dtype
         stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
