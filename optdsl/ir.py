@@ -48,6 +48,9 @@ class Hyper:
     lo_closed: bool = False
     hi_closed: bool = False
     span: Span | None = None
+    keyword: str | None = None  # its constructor keyword when not its name (weight_decay for wd)
+    flag: bool = False          # True/False, read as 1.0/0.0
+    only: bool = False          # no value but the default is accepted
 
     @property
     def range_text(self) -> str:
@@ -60,6 +63,19 @@ class State:
     name: str
     init: Expr | None  # over p0, hyperparameters and numbers; None is zero
     span: Span | None = None
+    key: str | None = None  # its key in state_dict() when not its name (exp_avg for m)
+
+    @property
+    def saved_as(self) -> str:
+        return self.key or self.name
+
+
+@dataclass(frozen=True)
+class Keyword:
+    """A constructor keyword and param_groups key: one hyperparameter, or a tuple of them (betas)."""
+    name: str
+    members: tuple[str, ...]  # the hyperparameters it carries, in order
+    is_tuple: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,6 +96,12 @@ class Program:
     eqns: tuple[Eqn, ...]
     outputs: tuple[tuple[str, str], ...]  # (p or state, last SSA version)
     uses_loss: bool
+    keywords: tuple[Keyword, ...] = ()  # the constructor's, in order; () when each is its hyper's name
+
+    @property
+    def dropin(self) -> bool:
+        """Whether the spec names its interface (keywords, tuples, flags, saved keys) for torch.optim."""
+        return bool(self.keywords)
 
     @property
     def inputs(self) -> tuple[str, ...]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import keyword
 import re
+from dataclasses import dataclass
 
 import jinja2
 import sympy as sp
@@ -169,6 +170,7 @@ def render(plan: Plan, source: str, filename: str) -> str:
         multi_body=[line for i in instrs for line in multi(i)],
         statements=list(dict.fromkeys(statements)), latex=statement_math(prog, latex=True),
         spec=source.strip("\n").replace('"""', '""\\"'), number=_py_number,  # in a r""" docstring
+        **interface(prog),
     )
     host_code = "\n".join(e for _, e in ctx["group_defs"] + ctx["param_single"] + ctx["state_inits"] if e)
     ctx["helpers"] = [code for name, code in HOST_HELPERS.items() if f"{name}(" in host_code]
@@ -177,6 +179,62 @@ def render(plan: Plan, source: str, filename: str) -> str:
         ctx.update(triton_backend.kernel_context(plan))
     ctx["fused_code"] = environment().get_template("triton_fused.py.j2").render(**ctx)
     return environment().get_template("torch_optimizer.py.j2").render(**ctx)
+
+
+# ---- the constructor's keywords ----
+# torch.optim's own flags, which a drop-in class accepts at the value that turns them off.
+TORCH_FLAGS = {"maximize": False, "capturable": False, "differentiable": False}
+
+
+@dataclass(frozen=True)
+class Keyword:
+    """One constructor keyword as the template prints it."""
+    name: str
+    annotation: str
+    default: str             # Python code
+    checks: tuple[tuple[str, str, ir.Hyper], ...]  # (code of the value in `group`, its label, hyper)
+
+
+def interface(prog: ir.Program) -> dict:
+    """What the template needs for the constructor, the param_groups keys and the state keys.
+
+    A spec that names no keyword (no `as`, tuple, flag or `only`) gets its hyperparameters'
+    names as keywords and group keys, and nothing else changes."""
+    group_code = {h.name: f'group["{h.name}"]' for h in prog.hypers}
+    ctx = dict(dropin=prog.dropin, states_saved=[(s.name, s.saved_as) for s in prog.states])
+    if not prog.dropin:
+        return ctx | dict(group_code=group_code)
+    hypers = {h.name: h for h in prog.hypers}
+    keywords, aliases = [], {}
+    for kw in prog.keywords:
+        members = [hypers[m] for m in kw.members]
+        if kw.is_tuple:
+            for i, h in enumerate(members):
+                group_code[h.name] = f'group["{kw.name}"][{i}]'
+                aliases[h.name] = (kw.name, i)
+            checks = tuple((f'group["{kw.name}"][{i}]', f"{kw.name}[{i}] ({h.name})", h)
+                           for i, h in enumerate(members))
+            keywords.append(Keyword(kw.name, f"tuple[{', '.join(['float'] * len(members))}]",
+                                    f"({', '.join(_py_default(h) for h in members)})", checks))
+            continue
+        (h,) = members
+        if kw.name != h.name:
+            aliases[h.name] = (kw.name, None)
+        if h.flag:  # the math reads a flag as 1.0 or 0.0
+            group_code[h.name] = f'float(group["{kw.name}"])'
+        label = kw.name if kw.name == h.name else f"{kw.name} ({h.name})"
+        keywords.append(Keyword(kw.name, "bool" if h.flag else "float", _py_default(h),
+                                ((f'group["{kw.name}"]', label, h),)))
+    fixed = {h.keyword or h.name: _py_default(h) for h in prog.hypers if h.only}
+    fixed |= {name: repr(value) for name, value in TORCH_FLAGS.items()}
+    accepted = [k.name for k in keywords] + ["foreach", "fused", *TORCH_FLAGS]
+    return ctx | dict(group_code=group_code, keywords=keywords, aliases=aliases, fixed=fixed,
+                      torch_flags=list(TORCH_FLAGS.items()), accepted=accepted,
+                      tuples=[k for k in keywords if len(k.checks) > 1 or k.annotation.startswith("tuple")])
+
+
+def _py_default(h: ir.Hyper) -> str:
+    return repr(bool(h.default)) if h.flag else _py_number(h.default)
 
 
 def _py_number(x: float) -> str:
