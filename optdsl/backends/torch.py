@@ -220,8 +220,8 @@ def interface(prog: ir.Program) -> dict:
         (h,) = members
         if kw.name != h.name:
             aliases[h.name] = (kw.name, None)
-        if h.flag:  # the math reads a flag as 1.0 or 0.0
-            group_code[h.name] = f'float(group["{kw.name}"])'
+        # the math reads a flag as 1.0 or 0.0
+        group_code[h.name] = f'float(group["{kw.name}"])' if h.flag else f'group["{kw.name}"]'
         label = kw.name if kw.name == h.name else f"{kw.name} ({h.name})"
         keywords.append(Keyword(kw.name, "bool" if h.flag else "float", _py_default(h),
                                 ((f'group["{kw.name}"]', label, h),)))
