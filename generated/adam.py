@@ -11,7 +11,7 @@ The spec::
     hyper b1 = 0.9 in [0, 1), b2 = 0.999 in [0, 1)
     hyper betas = (b1, b2)
     hyper eps = 1e-8 in (0, inf), wd = 0 in [0, inf) as weight_decay
-    hyper amsgrad = False only
+    hyper amsgrad = False only, decoupled_weight_decay = False only
     
     state m as exp_avg, v as exp_avg_sq
     
@@ -61,6 +61,7 @@ class Adam(Optimizer):
         eps (float, optional): default 1e-08, in (0, inf).
         weight_decay (float, optional): default 0.0; the spec's wd, in [0, inf).
         amsgrad (bool, optional): default False, the only value accepted.
+        decoupled_weight_decay (bool, optional): default False, the only value accepted.
         foreach (bool, optional): use the multi-tensor (``torch._foreach_*``) path.
             ``None`` picks it as torch.optim does: on CUDA, not on CPU.
         fused (bool, optional): use the fused Triton kernel, one launch per device and dtype.
@@ -74,7 +75,7 @@ class Adam(Optimizer):
     # The spec's own names, accepted as aliases: name -> (keyword, index in its tuple or None).
     _ALIASES = {"b1": ("betas", 0), "b2": ("betas", 1), "wd": ("weight_decay", None)}
     # torch.optim's keywords this spec does not implement, accepted at the value that turns them off.
-    _FIXED = {"amsgrad": False, "maximize": False, "capturable": False, "differentiable": False}
+    _FIXED = {"amsgrad": False, "decoupled_weight_decay": False, "maximize": False, "capturable": False, "differentiable": False}
     # state_dict() keys of the states, by their names in the spec.
     _SAVED = {"m": "exp_avg", "v": "exp_avg_sq"}
 
@@ -86,6 +87,7 @@ class Adam(Optimizer):
         eps: float = 1e-08,
         weight_decay: float = 0.0,
         amsgrad: bool = False,
+        decoupled_weight_decay: bool = False,
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -99,13 +101,14 @@ class Adam(Optimizer):
         unknown = sorted(set(spec_names) - set(self._ALIASES))
         if unknown:
             raise TypeError(f"Adam() got an unexpected keyword argument {unknown[0]!r}; it accepts "
-                            "lr, betas, eps, weight_decay, amsgrad, foreach, fused, maximize, capturable, differentiable (or the spec's names b1, b2, wd)")
+                            "lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay, foreach, fused, maximize, capturable, differentiable (or the spec's names b1, b2, wd)")
         defaults = dict(
             lr=lr,
             betas=betas,
             eps=eps,
             weight_decay=weight_decay,
             amsgrad=amsgrad,
+            decoupled_weight_decay=decoupled_weight_decay,
             foreach=foreach,
             fused=fused,
             maximize=maximize,
@@ -219,6 +222,7 @@ class Adam(Optimizer):
                 eps=group["eps"],
                 wd=group["weight_decay"],
                 amsgrad=float(group["amsgrad"]),
+                decoupled_weight_decay=float(group["decoupled_weight_decay"]),
                 foreach=group["foreach"],
                 fused=group["fused"],
             )
@@ -254,7 +258,7 @@ def adam(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=None
     impl(params, grads, m_list, v_list, state_steps, **hypers)
 
 
-def _single_tensor_adam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad):
+def _single_tensor_adam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled_weight_decay):
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - b2
     k1 = 1 - b1
@@ -280,7 +284,7 @@ def _single_tensor_adam(params, grads, m_list, v_list, state_steps, *, lr, b1, b
             param.copy_(p)
 
 
-def _multi_tensor_adam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad):
+def _multi_tensor_adam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled_weight_decay):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
@@ -418,7 +422,7 @@ def _pointers(tensors, device):
     return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
 
 
-def _fused_adam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad):
+def _fused_adam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled_weight_decay):
     global LAUNCHES
     if not params:
         return

@@ -285,6 +285,9 @@ def _keywords(spec: ast.Spec) -> tuple[ir.Keyword, ...]:
                                  "another, must each be unique")
         seen[name] = what
 
+    for h in spec.hypers:  # a hyperparameter passed under another name stays accepted under its own
+        if h.keyword or h.name in owner:
+            claim(h.name, h.span, f"the alias of '{h.name}'")
     for h in spec.hypers:
         tup = owner.get(h.name)
         if tup is None:
@@ -294,9 +297,6 @@ def _keywords(spec: ast.Spec) -> tuple[ir.Keyword, ...]:
         elif h.name == tup.members[0]:
             claim(tup.keyword, tup.span, f"the tuple of {', '.join(tup.members)}")
             keywords.append(ir.Keyword(tup.keyword, tup.members, is_tuple=True))
-    for h in spec.hypers:  # each hyperparameter's own name stays accepted, as an alias
-        if (h.keyword or h.name) != h.name or h.name in owner:
-            claim(h.name, h.span, f"the alias of '{h.name}'")
     keys: dict[str, ast.State] = {}
     for s in spec.states:
         key = s.key or s.name
