@@ -160,9 +160,14 @@ def source_names(prog: Program) -> dict[str, str]:
 def format_program(prog: Program) -> str:
     lines = [f"optimizer {prog.name}"]
     for h in prog.hypers:
-        lines.append(f"  hyper {h.name} = {_num(h.default)} in {h.range_text}")
+        value = str(bool(h.default)) if h.flag else _num(h.default)
+        fixed = " only" if h.only else "" if h.flag else f" in {h.range_text}"
+        lines.append(f"  hyper {h.name} = {value}{fixed}" + (f" as {h.keyword}" if h.keyword else ""))
+    for k in prog.keywords:
+        if k.is_tuple:
+            lines.append(f"  hyper {k.name} = ({', '.join(k.members)})")
     for s in prog.states:
-        lines.append(f"  state {s.name} = {format_expr(s.init) if s.init else '0'}")
+        lines.append(f"  state {s.name} = {format_expr(s.init) if s.init else '0'}" + (f" as {s.key}" if s.key else ""))
     lines.append("  in " + ", ".join(prog.inputs + ("t",) + (("loss",) if prog.uses_loss else ())))
     for eq in prog.eqns:
         lines.append(f"  {eq.out} = {format_expr(eq.expr)}" + ("    # scalar" if eq.kind == SCALAR else ""))
