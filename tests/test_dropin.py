@@ -349,3 +349,16 @@ def test_interface_in_a_small_spec():
         assert opt.param_groups[0]["legacy"] is False
     with pytest.raises(ValueError, match="does not implement legacy=True"):
         X([p], legacy=True)
+
+
+def test_new_words_are_words_only_where_expected():
+    """`only` stays a good local name; `as` may follow a state's initial value."""
+    X = optdsl.compile("optimizer X\nhyper lr = 0.5 in [0, inf)\nstate slow = 2 * p as anchor\n"
+                       "only = g * lr\nslow = slow - only\np = slow\n", "x.opt")
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = X([p])
+    for _ in range(2):
+        p.grad = torch.ones_like(p)
+        opt.step()
+    assert torch.equal(p.detach(), torch.tensor([1.0, -5.0], dtype=torch.float64))
+    assert set(opt.state_dict()["state"][0]) == {"step", "anchor"}
