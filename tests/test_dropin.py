@@ -362,3 +362,14 @@ def test_new_words_are_words_only_where_expected():
         opt.step()
     assert torch.equal(p.detach(), torch.tensor([1.0, -5.0], dtype=torch.float64))
     assert set(opt.state_dict()["state"][0]) == {"step", "anchor"}
+
+
+def test_initial_values_read_hyperparameters_under_their_keywords():
+    X = optdsl.compile("optimizer X\nhyper lr = 0.5 in [0, inf), a = 2 in [0, inf), b = 3 in [0, inf)\n"
+                       "hyper ab = (a, b)\nhyper c = 4 in [0, inf) as scale\n"
+                       "state s = a * b + c * p as start\np = p - lr * s * g\n", "x.opt")
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    opt = X([p], ab=(5.0, 7.0), scale=0.5)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert torch.equal(opt.state[p]["start"], torch.tensor([35.5, 36.0], dtype=torch.float64))

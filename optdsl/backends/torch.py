@@ -159,10 +159,11 @@ def render(plan: Plan, source: str, filename: str) -> str:
     source_lines = source.splitlines()
     statements = [" ".join(source_lines[eq.span.line - 1].split("#")[0].split())
                   for eq in prog.eqns if eq.span]
+    names_in_group = interface(prog)
     ctx = dict(
         name=prog.name, func=_functional_name(prog.name), doc=prog.doc, filename=filename,
         hypers=prog.hypers, states=states, uses_loss=prog.uses_loss,
-        state_inits=[(s.name, _init_code(s, prog)) for s in prog.states],
+        state_inits=[(s.name, _init_code(s, prog, names_in_group["group_code"])) for s in prog.states],
         group_defs=[(str(d.symbol), host.doprint(d.expr)) for d in plan.group],
         param_single=[(str(d.symbol), host.doprint(d.expr)) for d in plan.param],
         param_multi=param_multi,
@@ -170,7 +171,7 @@ def render(plan: Plan, source: str, filename: str) -> str:
         multi_body=[line for i in instrs for line in multi(i)],
         statements=list(dict.fromkeys(statements)), latex=statement_math(prog, latex=True),
         spec=source.strip("\n").replace('"""', '""\\"'), number=_py_number,  # in a r""" docstring
-        **interface(prog),
+        **names_in_group,
     )
     host_code = "\n".join(e for _, e in ctx["group_defs"] + ctx["param_single"] + ctx["state_inits"] if e)
     ctx["helpers"] = [code for name, code in HOST_HELPERS.items() if f"{name}(" in host_code]
@@ -245,13 +246,14 @@ def _py_number(x: float) -> str:
     return repr(float(x))
 
 
-def _init_code(state: ir.State, prog: ir.Program) -> str | None:
-    """PyTorch code for a state's initial value from p and the group's hyperparameters."""
+def _init_code(state: ir.State, prog: ir.Program, group_code: dict[str, str]) -> str | None:
+    """PyTorch code for a state's initial value from p and the group's hyperparameters
+    (`group_code`: how the group holds each, e.g. group["betas"][0] for b1)."""
     if state.init is None:
         return None
     from ..backends.printers import DevicePrinter
     from ..sym import to_sympy
-    env = {h.name: sp.Symbol(f'group["{h.name}"]') for h in prog.hypers}
+    env = {h.name: sp.Symbol(group_code[h.name]) for h in prog.hypers}
     env["p0"] = sp.Symbol("p")
     value = to_sympy(state.init, env)
     p = sp.Symbol("p")
