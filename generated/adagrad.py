@@ -10,7 +10,7 @@ The spec::
     hyper lr = 1e-2 in [0, inf), lr_decay = 0 in [0, inf), wd = 0 in [0, inf) as weight_decay
     hyper initial_accumulator_value = 0 in [0, inf), eps = 1e-10 in (0, inf)
     
-    state sum_sq = initial_accumulator_value as sum
+    state sum_sq = initial_accumulator_value as sum eager    # made with the optimizer, as torch does
     
     g += wd * p
     sum_sq += g^2
@@ -119,6 +119,15 @@ class Adagrad(Optimizer):
         param_group = _torch_names(param_group, self.defaults, self._ALIASES)
         self._check_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
+        # As torch.optim.Adagrad does, sum and step exist from the start, not from a
+        # parameter's first step: a state_dict saved before it has them too.
+        group = self.param_groups[-1]
+        for p in group["params"]:
+            state = self.state[p]
+            state["step"] = torch.tensor(0.0, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
+            state["sum"] = torch.zeros_like(p, dtype=p.dtype if p.dtype in _EXACT else torch.float32,
+                                            memory_format=torch.preserve_format)
+            state["sum"].add_(group["initial_accumulator_value"])
 
     def _check_group(self, group):
         """Refuse values outside the spec's ranges, and torch.optim features the spec does not implement."""

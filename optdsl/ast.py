@@ -92,6 +92,7 @@ class State:
     span: Span
     key: str | None = None  # `as KEY`: its key in state_dict()
     key_span: Span | None = None
+    eager: bool = False     # made when the optimizer is, not at the parameter's first update
 
 
 @dataclass(frozen=True)

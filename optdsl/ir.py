@@ -64,6 +64,7 @@ class State:
     init: Expr | None  # over p0, hyperparameters and numbers; None is zero
     span: Span | None = None
     key: str | None = None  # its key in state_dict() when not its name (exp_avg for m)
+    eager: bool = False     # made when the optimizer is (torch.optim.Adagrad's sum), not lazily
 
     @property
     def saved_as(self) -> str:
@@ -167,7 +168,8 @@ def format_program(prog: Program) -> str:
         if k.is_tuple:
             lines.append(f"  hyper {k.name} = ({', '.join(k.members)})")
     for s in prog.states:
-        lines.append(f"  state {s.name} = {format_expr(s.init) if s.init else '0'}" + (f" as {s.key}" if s.key else ""))
+        lines.append(f"  state {s.name} = {format_expr(s.init) if s.init else '0'}" + (f" as {s.key}" if s.key else "")
+                     + (" eager" if s.eager else ""))
     lines.append("  in " + ", ".join(prog.inputs + ("t",) + (("loss",) if prog.uses_loss else ())))
     for eq in prog.eqns:
         lines.append(f"  {eq.out} = {format_expr(eq.expr)}" + ("    # scalar" if eq.kind == SCALAR else ""))

@@ -197,7 +197,7 @@ class _Lowering:
         init_names = {"p"} | self.hypers
         for s in spec.states:
             init = self.expr(s.init, allowed=init_names) if s.init is not None else None
-            states.append(ir.State(s.name, init, s.span, key=s.key))
+            states.append(ir.State(s.name, init, s.span, key=s.key, eager=s.eager))
         self.read -= self.states  # reading p in an initial value does not use a state
         for a in spec.body:
             self.assign(a)
@@ -253,7 +253,7 @@ def _keywords(spec: ast.Spec) -> tuple[ir.Keyword, ...]:
     """The constructor's keywords, in declaration order, a tuple where its first member stands;
     () for a spec that names none of its interface (its keywords are its hyperparameters)."""
     named = spec.tuples or any(h.keyword or h.flag or h.only for h in spec.hypers) or any(
-        s.key for s in spec.states)
+        s.key or s.eager for s in spec.states)
     if not named:
         return ()
     hypers = {h.name: h for h in spec.hypers}

@@ -117,8 +117,9 @@ class _ToAst(Transformer):
         return ("hyper", children)
 
     def state_item(self, meta, children):
-        name, init, key = children
-        return ast.State(str(name), init, _span(name), key=key and str(key), key_span=key and _span(key))
+        name, init, key, eager = children
+        return ast.State(str(name), init, _span(name), key=key and str(key), key_span=key and _span(key),
+                         eager=eager is not None)
 
     def state_decl(self, meta, children):
         return ("state", children)

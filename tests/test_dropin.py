@@ -2,9 +2,10 @@
 
 Each case constructs ours with exactly the keyword arguments torch.optim takes; a state_dict
 saved by torch.optim (after some steps) loads into ours and both go on identically, and the
-reverse. Parameters are float64 of awkward shapes, gradients differ in scale and one parameter
-skips some steps, so the per-parameter step counts differ; the comparison is relative to the
-largest value a tensor has had, at 1e-12.
+reverse. Parameters are float64 of awkward shapes, gradients differ in scale, one parameter
+skips some steps and another has no gradient before the save (so it has no state then, except
+in Adagrad, which makes its state at construction); the comparison is relative to the largest
+value of a tensor, at 1e-12.
 """
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def _grads(steps, seed):
         row = []
         for i, s in enumerate(SHAPES):
             g = torch.randn(s, generator=gen, dtype=torch.float64) * 10.0 ** (i - 2)
-            row.append(None if i == 1 and step % 3 == 2 else g)
+            # (3, 1, 4) has no gradient before the state_dict is saved (after 3 steps)
+            row.append(None if i == 1 and step % 3 == 2 or i == 3 and step < 3 else g)
         out.append(row)
     return out
 
@@ -373,3 +375,12 @@ def test_initial_values_read_hyperparameters_under_their_keywords():
     p.grad = torch.ones_like(p)
     opt.step()
     assert torch.equal(opt.state[p]["start"], torch.tensor([35.5, 36.0], dtype=torch.float64))
+
+
+def test_adagrad_makes_its_state_with_the_optimizer_as_torch():
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    ours = spec("adagrad")([p], initial_accumulator_value=0.25)
+    ref = T.Adagrad([torch.nn.Parameter(p.detach().clone())], initial_accumulator_value=0.25)
+    saved, expected = ours.state_dict()["state"], ref.state_dict()["state"]
+    assert saved.keys() == expected.keys() == {0} and saved[0].keys() == expected[0].keys() == {"step", "sum"}
+    assert torch.equal(saved[0]["sum"], expected[0]["sum"]) and float(saved[0]["step"]) == 0

@@ -202,7 +202,8 @@ def interface(prog: ir.Program) -> dict:
     A spec that names no keyword (no `as`, tuple, flag or `only`) gets its hyperparameters'
     names as keywords and group keys, and nothing else changes."""
     group_code = {h.name: f'group["{h.name}"]' for h in prog.hypers}
-    ctx = dict(dropin=prog.dropin, states_saved=[(s.name, s.saved_as) for s in prog.states])
+    ctx = dict(dropin=prog.dropin, states_saved=[(s.name, s.saved_as) for s in prog.states],
+               eager=[s.saved_as for s in prog.states if s.eager])
     if not prog.dropin:
         return ctx | dict(group_code=group_code)
     hypers = {h.name: h for h in prog.hypers}
