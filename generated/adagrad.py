@@ -93,7 +93,8 @@ class Adagrad(Optimizer):
         unknown = sorted(set(spec_names) - set(self._ALIASES))
         if unknown:
             raise TypeError(f"Adagrad() got an unexpected keyword argument {unknown[0]!r}; it accepts "
-                            "lr, lr_decay, weight_decay, initial_accumulator_value, eps, foreach, fused, maximize, capturable, differentiable (or the spec's names wd)")
+                            "lr, lr_decay, weight_decay, initial_accumulator_value, eps, foreach, fused, maximize, capturable, differentiable"
+                            " (or the spec's names wd)")
         defaults = dict(
             lr=lr,
             lr_decay=lr_decay,
@@ -152,7 +153,7 @@ class Adagrad(Optimizer):
             group.setdefault("fused", None)
 
     def load_state_dict(self, state_dict):
-        # Older state_dicts of this class used the spec's names (wd, m): move them to torch.optim's.
+        # Older state_dicts of this class used the spec's own names: move them to torch.optim's.
         state_dict = dict(
             state_dict,
             state={i: {self._SAVED.get(k, k): v for k, v in s.items()} for i, s in state_dict["state"].items()},

@@ -101,7 +101,8 @@ class Adam(Optimizer):
         unknown = sorted(set(spec_names) - set(self._ALIASES))
         if unknown:
             raise TypeError(f"Adam() got an unexpected keyword argument {unknown[0]!r}; it accepts "
-                            "lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay, foreach, fused, maximize, capturable, differentiable (or the spec's names b1, b2, wd)")
+                            "lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay, foreach, fused, maximize, capturable, differentiable"
+                            " (or the spec's names b1, b2, wd)")
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -154,7 +155,7 @@ class Adam(Optimizer):
             group.setdefault("fused", None)
 
     def load_state_dict(self, state_dict):
-        # Older state_dicts of this class used the spec's names (wd, m): move them to torch.optim's.
+        # Older state_dicts of this class used the spec's own names: move them to torch.optim's.
         state_dict = dict(
             state_dict,
             state={i: {self._SAVED.get(k, k): v for k, v in s.items()} for i, s in state_dict["state"].items()},

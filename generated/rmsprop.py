@@ -104,7 +104,8 @@ class RMSprop(Optimizer):
         unknown = sorted(set(spec_names) - set(self._ALIASES))
         if unknown:
             raise TypeError(f"RMSprop() got an unexpected keyword argument {unknown[0]!r}; it accepts "
-                            "lr, alpha, eps, weight_decay, momentum, centered, foreach, fused, maximize, capturable, differentiable (or the spec's names wd)")
+                            "lr, alpha, eps, weight_decay, momentum, centered, foreach, fused, maximize, capturable, differentiable"
+                            " (or the spec's names wd)")
         defaults = dict(
             lr=lr,
             alpha=alpha,
@@ -157,7 +158,7 @@ class RMSprop(Optimizer):
             group.setdefault("fused", None)
 
     def load_state_dict(self, state_dict):
-        # Older state_dicts of this class used the spec's names (wd, m): move them to torch.optim's.
+        # Older state_dicts of this class used the spec's own names: move them to torch.optim's.
         state_dict = dict(
             state_dict,
             state={i: {self._SAVED.get(k, k): v for k, v in s.items()} for i, s in state_dict["state"].items()},

@@ -97,7 +97,8 @@ class SGD(Optimizer):
         unknown = sorted(set(spec_names) - set(self._ALIASES))
         if unknown:
             raise TypeError(f"SGD() got an unexpected keyword argument {unknown[0]!r}; it accepts "
-                            "lr, momentum, dampening, weight_decay, nesterov, foreach, fused, maximize, capturable, differentiable (or the spec's names wd)")
+                            "lr, momentum, dampening, weight_decay, nesterov, foreach, fused, maximize, capturable, differentiable"
+                            " (or the spec's names wd)")
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -147,7 +148,7 @@ class SGD(Optimizer):
             group.setdefault("fused", None)
 
     def load_state_dict(self, state_dict):
-        # Older state_dicts of this class used the spec's names (wd, m): move them to torch.optim's.
+        # Older state_dicts of this class used the spec's own names: move them to torch.optim's.
         state_dict = dict(
             state_dict,
             state={i: {self._SAVED.get(k, k): v for k, v in s.items()} for i, s in state_dict["state"].items()},

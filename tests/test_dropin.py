@@ -354,7 +354,7 @@ def test_interface_in_a_small_spec():
 
 
 def test_new_words_are_words_only_where_expected():
-    """`only` stays a good local name; `as` may follow a state's initial value."""
+    """`only` and `eager` stay good names; `as` may follow a state's initial value."""
     X = optdsl.compile("optimizer X\nhyper lr = 0.5 in [0, inf)\nstate slow = 2 * p as anchor\n"
                        "only = g * lr\nslow = slow - only\np = slow\n", "x.opt")
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
@@ -364,6 +364,16 @@ def test_new_words_are_words_only_where_expected():
         opt.step()
     assert torch.equal(p.detach(), torch.tensor([1.0, -5.0], dtype=torch.float64))
     assert set(opt.state_dict()["state"][0]) == {"step", "anchor"}
+    # a hyperparameter `only` and a state `eager` in a spec without the new forms: as before
+    Y = optdsl.compile("optimizer Y\nhyper only = 0.5 in [0, 1]\nstate m, eager\n"
+                       "eager = g\nm = m + eager\np -= only * m\n", "y.opt")
+    q = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt = Y([q], only=0.25)
+    for _ in range(2):
+        q.grad = torch.ones_like(q)
+        opt.step()
+    assert torch.equal(q.detach(), torch.full((2,), -0.75, dtype=torch.float64))
+    assert set(opt.state[q]) == {"step", "m", "eager"}
 
 
 def test_initial_values_read_hyperparameters_under_their_keywords():
