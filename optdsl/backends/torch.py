@@ -188,7 +188,7 @@ TORCH_FLAGS = {"maximize": False, "capturable": False, "differentiable": False}
 
 
 @dataclass(frozen=True)
-class Keyword:
+class Argument:
     """One constructor keyword as the template prints it."""
     name: str
     annotation: str
@@ -199,8 +199,8 @@ class Keyword:
 def interface(prog: ir.Program) -> dict:
     """What the template needs for the constructor, the param_groups keys and the state keys.
 
-    A spec that names no keyword (no `as`, tuple, flag or `only`) gets its hyperparameters'
-    names as keywords and group keys, and nothing else changes."""
+    A spec that names none of its interface (no `as`, tuple, flag, `only` or `eager`) gets its
+    hyperparameters' names as keywords and group keys, and nothing else changes."""
     group_code = {h.name: f'group["{h.name}"]' for h in prog.hypers}
     ctx = dict(dropin=prog.dropin, states_saved=[(s.name, s.saved_as) for s in prog.states],
                eager=[s.saved_as for s in prog.states if s.eager])
@@ -216,8 +216,8 @@ def interface(prog: ir.Program) -> dict:
                 aliases[h.name] = (kw.name, i)
             checks = tuple((f'group["{kw.name}"][{i}]', f"{kw.name}[{i}] ({h.name})", h)
                            for i, h in enumerate(members))
-            keywords.append(Keyword(kw.name, f"tuple[{', '.join(['float'] * len(members))}]",
-                                    f"({', '.join(_py_default(h) for h in members)})", checks))
+            keywords.append(Argument(kw.name, f"tuple[{', '.join(['float'] * len(members))}]",
+                                     f"({', '.join(_py_default(h) for h in members)})", checks))
             continue
         (h,) = members
         if kw.name != h.name:
@@ -225,14 +225,13 @@ def interface(prog: ir.Program) -> dict:
         # the math reads a flag as 1.0 or 0.0
         group_code[h.name] = f'float(group["{kw.name}"])' if h.flag else f'group["{kw.name}"]'
         label = kw.name if kw.name == h.name else f"{kw.name} ({h.name})"
-        keywords.append(Keyword(kw.name, "bool" if h.flag else "float", _py_default(h),
-                                ((f'group["{kw.name}"]', label, h),)))
+        keywords.append(Argument(kw.name, "bool" if h.flag else "float", _py_default(h),
+                                 ((f'group["{kw.name}"]', label, h),)))
     fixed = {h.keyword or h.name: _py_default(h) for h in prog.hypers if h.only}
     fixed |= {name: repr(value) for name, value in TORCH_FLAGS.items()}
     accepted = [k.name for k in keywords] + ["foreach", "fused", *TORCH_FLAGS]
     return ctx | dict(group_code=group_code, keywords=keywords, aliases=aliases, fixed=fixed,
-                      torch_flags=list(TORCH_FLAGS.items()), accepted=accepted,
-                      tuples=[k for k in keywords if len(k.checks) > 1 or k.annotation.startswith("tuple")])
+                      torch_flags=list(TORCH_FLAGS.items()), accepted=accepted)
 
 
 def _py_default(h: ir.Hyper) -> str:
