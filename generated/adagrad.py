@@ -125,7 +125,7 @@ class Adagrad(Optimizer):
         group = self.param_groups[-1]
         for p in group["params"]:
             state = self.state[p]
-            state["step"] = torch.tensor(0.0, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
+            state["step"] = torch.tensor(0.0, dtype=_step_dtype())
             state["sum"] = torch.zeros_like(p, dtype=p.dtype if p.dtype in _EXACT else torch.float32,
                                             memory_format=torch.preserve_format)
             state["sum"].add_(group["initial_accumulator_value"])
@@ -189,8 +189,7 @@ class Adagrad(Optimizer):
                 # `step` is a CPU tensor, as torch.optim keeps it, so reading it never syncs.
                 # torch.optim.SGD keeps no step: a state saved without one has taken a step.
                 taken = any(v is not None for v in state.values())
-                dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-                state["step"] = torch.tensor(float(taken), dtype=dtype)
+                state["step"] = torch.tensor(float(taken), dtype=_step_dtype())
             if state.get("sum") is None:
                 state["sum"] = torch.zeros_like(p, dtype=p.dtype if p.dtype in _EXACT else torch.float32,
                                                 memory_format=torch.preserve_format)
@@ -220,6 +219,11 @@ class Adagrad(Optimizer):
                 fused=group["fused"],
             )
         return loss
+
+
+def _step_dtype():
+    """torch.optim's dtype for `step`: float32 unless float64 is the default dtype."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
 def _torch_names(values, defaults, aliases):

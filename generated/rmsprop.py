@@ -194,8 +194,7 @@ class RMSprop(Optimizer):
                 # `step` is a CPU tensor, as torch.optim keeps it, so reading it never syncs.
                 # torch.optim.SGD keeps no step: a state saved without one has taken a step.
                 taken = any(v is not None for v in state.values())
-                dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-                state["step"] = torch.tensor(float(taken), dtype=dtype)
+                state["step"] = torch.tensor(float(taken), dtype=_step_dtype())
             if state.get("square_avg") is None:
                 state["square_avg"] = torch.zeros_like(p, dtype=p.dtype if p.dtype in _EXACT else torch.float32,
                                                        memory_format=torch.preserve_format)
@@ -235,6 +234,11 @@ class RMSprop(Optimizer):
                 fused=group["fused"],
             )
         return loss
+
+
+def _step_dtype():
+    """torch.optim's dtype for `step`: float32 unless float64 is the default dtype."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
 def _torch_names(values, defaults, aliases):

@@ -184,8 +184,7 @@ class SGD(Optimizer):
                 # `step` is a CPU tensor, as torch.optim keeps it, so reading it never syncs.
                 # torch.optim.SGD keeps no step: a state saved without one has taken a step.
                 taken = any(v is not None for v in state.values())
-                dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-                state["step"] = torch.tensor(float(taken), dtype=dtype)
+                state["step"] = torch.tensor(float(taken), dtype=_step_dtype())
             if state.get("momentum_buffer") is None:
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=p.dtype if p.dtype in _EXACT else torch.float32,
                                                             memory_format=torch.preserve_format)
@@ -214,6 +213,11 @@ class SGD(Optimizer):
                 fused=group["fused"],
             )
         return loss
+
+
+def _step_dtype():
+    """torch.optim's dtype for `step`: float32 unless float64 is the default dtype."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
 def _torch_names(values, defaults, aliases):

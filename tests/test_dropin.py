@@ -394,3 +394,27 @@ def test_adagrad_makes_its_state_with_the_optimizer_as_torch():
     saved, expected = ours.state_dict()["state"], ref.state_dict()["state"]
     assert saved.keys() == expected.keys() == {0} and saved[0].keys() == expected[0].keys() == {"step", "sum"}
     assert torch.equal(saved[0]["sum"], expected[0]["sum"]) and float(saved[0]["step"]) == 0
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_state_dict_has_torch_keys_and_dtypes(case):
+    """After the same steps, ours saves what torch.optim saves: keys, dtypes, shapes, values."""
+    name, Torch, kwargs = CASES[case]
+    p = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    q = torch.nn.Parameter(p.detach().clone())
+    ours, ref = spec(name)([p], **kwargs), Torch([q], **kwargs, foreach=False)
+    for step in range(2):
+        g = torch.full_like(p, 0.5 * step - 0.2)
+        p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    saved, expected = ours.state_dict(), ref.state_dict()
+    kept = _kept(Torch, kwargs)
+    for key, value in expected["state"].get(0, {}).items():  # SGD without momentum keeps none
+        assert key in kept or not torch.is_tensor(value)
+        mine = saved["state"][0][key]
+        assert mine.dtype == value.dtype and mine.shape == value.shape, key
+        _close(mine, value, key)
+    assert {k: v for k, v in saved["param_groups"][0].items() if k in expected["param_groups"][0]} == {
+        k: v for k, v in expected["param_groups"][0].items() if k in saved["param_groups"][0] and k != "foreach"
+    } | {"foreach": None}
