@@ -22,9 +22,10 @@ RESERVED = {"params", "defaults", "foreach", "fused", "closure", "self", "state"
             "_default_to_fused_or_foreach", "_round_to", "_triton_type", "_BLOCK", "_BLOCK_MAPS",
             "_TRITON_TYPES", "_block_map", "_pointers", "t_", "x_", "y_", "v_"}
 _BINARY = {"+": "+", "-": "-", "*": "*", "/": "/", "^": "^"}
-# Keywords every drop-in constructor takes itself (torch.optim's flags it accepts only at their
-# defaults, and its own): a spec's keyword may not take them.
-TORCH_KEYWORDS = ("foreach", "fused", "maximize", "capturable", "differentiable")
+# Names a drop-in constructor takes or uses itself (torch.optim's flags it accepts only at their
+# defaults, its own, and its locals and helpers): a spec's keyword may not take them.
+CONSTRUCTOR_NAMES = {"foreach", "fused", "maximize", "capturable", "differentiable", "spec_names", "unknown",
+                     "_torch_names", "_step_dtype"}
 
 
 def _did_you_mean(name: str, candidates) -> str:
@@ -276,7 +277,7 @@ def _keywords(spec: ast.Spec) -> tuple[ir.Keyword, ...]:
     keywords, seen = [], {}  # public name or alias -> where it is declared
 
     def claim(name: str, span: Span, what: str) -> None:
-        if keyword.iskeyword(name) or name in RESERVED or name in TORCH_KEYWORDS or name == "spec_names":
+        if keyword.iskeyword(name) or name in RESERVED or name in CONSTRUCTOR_NAMES:
             raise SpecError(f"'{name}' is reserved and cannot be a keyword", span,
                             hint="the generated constructor uses it itself; choose another name")
         if name in seen:

@@ -294,6 +294,7 @@ BODY = "state m\nm = lerp(m, g, 1 - b1)\np -= lr * b2 * m\n"
     ("hyper wd = 0 in [0, inf) as b1\nhyper betas = (b1, b2)", "'b1' would name two keywords", 3, "b1"),
     ("hyper wd = 0 in [0, inf) as maximize", "'maximize' is reserved", 3, "maximize"),
     ("hyper wd = 0 in [0, inf) as foreach", "'foreach' is reserved", 3, "foreach"),
+    ("hyper wd = 0 in [0, inf) as unknown", "'unknown' is reserved", 3, "unknown"),
     ("hyper flag = True in [0, 1]", "the flag 'flag' takes no range", 3, "[0, 1]"),
     ("hyper amsgrad = False only in [0, 1]", "syntax error", 3, "in"),  # `only` comes after a range
     ("hyper amsgrad = 0 in [0, 1] only", "fixed by 'only'", 3, "[0, 1]"),
