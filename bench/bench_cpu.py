@@ -114,12 +114,12 @@ def build_rows(init, grads, args):
 
     factories = {
         ("AdamW", "generated"): lambda ps, fe: gen_adamw.AdamW(
-            ps, a["lr"], a["b1"], a["b2"], a["eps"], a["wd"], foreach=fe),
+            ps, a["lr"], (a["b1"], a["b2"]), a["eps"], a["wd"], foreach=fe),
         ("AdamW", "torch"): lambda ps, fe: torch.optim.AdamW(
             ps, lr=a["lr"], betas=(a["b1"], a["b2"]), eps=a["eps"], weight_decay=a["wd"],
             foreach=fe),
         ("SGD-momentum", "generated"): lambda ps, fe: gen_sgd.SGD(
-            ps, s["lr"], s["momentum"], s["dampening"], s["wd"], 0.0, foreach=fe),
+            ps, s["lr"], s["momentum"], s["dampening"], s["wd"], False, foreach=fe),
         ("SGD-momentum", "torch"): lambda ps, fe: torch.optim.SGD(
             ps, lr=s["lr"], momentum=s["momentum"], dampening=s["dampening"],
             weight_decay=s["wd"], nesterov=False, foreach=fe),

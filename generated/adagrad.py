@@ -3,13 +3,14 @@ r"""Adagrad: Adaptive subgradient method (Duchi et al., 2011)
 
 The spec::
 
-    # Adagrad as torch.optim.Adagrad: accumulated squared gradients, decaying learning rate.
+    # Adagrad as torch.optim.Adagrad: accumulated squared gradients, decaying learning rate;
+    # it takes torch.optim.Adagrad's keywords, in its order, and loads its state_dict.
     optimizer Adagrad "Adaptive subgradient method (Duchi et al., 2011)"
     
-    hyper lr = 1e-2 in [0, inf), lr_decay = 0 in [0, inf)
-    hyper wd = 0 in [0, inf), eps = 1e-10 in (0, inf), initial_accumulator_value = 0 in [0, inf)
+    hyper lr = 1e-2 in [0, inf), lr_decay = 0 in [0, inf), wd = 0 in [0, inf) as weight_decay
+    hyper initial_accumulator_value = 0 in [0, inf), eps = 1e-10 in (0, inf)
     
-    state sum_sq = initial_accumulator_value
+    state sum_sq = initial_accumulator_value as sum eager    # made with the optimizer, as torch does
     
     g += wd * p
     sum_sq += g^2
@@ -60,9 +61,9 @@ class Adagrad(Optimizer):
         params: iterable of parameters or dicts defining parameter groups.
         lr (float, optional): default 0.01, in [0, inf).
         lr_decay (float, optional): default 0.0, in [0, inf).
-        wd (float, optional): default 0.0, in [0, inf).
-        eps (float, optional): default 1e-10, in (0, inf).
+        weight_decay (float, optional): default 0.0; the spec's wd, in [0, inf).
         initial_accumulator_value (float, optional): default 0.0, in [0, inf).
+        eps (float, optional): default 1e-10, in (0, inf).
         foreach (bool, optional): use the multi-tensor (``torch._foreach_*``) path.
             ``None`` picks it as torch.optim does: on CUDA, not on CPU.
         fused (bool, optional): use the fused Triton kernel, one launch per device and dtype.
@@ -71,50 +72,95 @@ class Adagrad(Optimizer):
             (half the memory); each step computes in the parameter's precision (float32 at
             least) and writes them back with stochastic rounding. ``None``: the parameter's
             dtype, float32 for lower ones. All three paths support it.
+        maximize (bool, optional): accepted for torch.optim's sake; only False.
+        capturable (bool, optional): accepted for torch.optim's sake; only False.
+        differentiable (bool, optional): accepted for torch.optim's sake; only False.
+        The spec's own names are accepted too: wd.
     """
+
+    # The spec's own names, accepted as aliases: name -> (keyword, index in its tuple or None).
+    _ALIASES = {"wd": ("weight_decay", None)}
+    # torch.optim's keywords this spec does not implement, accepted at the value that turns them off.
+    _FIXED = {"maximize": False, "capturable": False, "differentiable": False}
+    # state_dict() keys of the states, by their names in the spec.
+    _SAVED = {"sum_sq": "sum"}
 
     def __init__(
         self,
         params,
         lr: float = 0.01,
         lr_decay: float = 0.0,
-        wd: float = 0.0,
-        eps: float = 1e-10,
+        weight_decay: float = 0.0,
         initial_accumulator_value: float = 0.0,
+        eps: float = 1e-10,
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        **spec_names,
     ):
         if fused and foreach:
             raise ValueError("fused=True and foreach=True cannot both be set")
         if state_dtype not in (None, torch.bfloat16):
             raise ValueError(f"Invalid state_dtype: {state_dtype} (None or torch.bfloat16)")
-        if not (0.0 <= lr):
-            raise ValueError(f"Invalid lr: {lr} (must be in [0, inf))")
-        if not (0.0 <= lr_decay):
-            raise ValueError(f"Invalid lr_decay: {lr_decay} (must be in [0, inf))")
-        if not (0.0 <= wd):
-            raise ValueError(f"Invalid wd: {wd} (must be in [0, inf))")
-        if not (0.0 < eps):
-            raise ValueError(f"Invalid eps: {eps} (must be in (0, inf))")
-        if not (0.0 <= initial_accumulator_value):
-            raise ValueError(f"Invalid initial_accumulator_value: {initial_accumulator_value} (must be in [0, inf))")
+        unknown = sorted(set(spec_names) - set(self._ALIASES))
+        if unknown:
+            raise TypeError(f"Adagrad() got an unexpected keyword argument {unknown[0]!r}; it accepts "
+                            "lr, lr_decay, weight_decay, initial_accumulator_value, eps, foreach, fused, maximize, capturable, differentiable"
+                            " (or the spec's names wd)")
         defaults = dict(
             lr=lr,
             lr_decay=lr_decay,
-            wd=wd,
-            eps=eps,
+            weight_decay=weight_decay,
             initial_accumulator_value=initial_accumulator_value,
+            eps=eps,
             foreach=foreach,
             fused=fused,
             state_dtype=state_dtype,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
         )
-        super().__init__(params, defaults)
+        # The groups keep torch.optim's names, so schedulers, per-group overrides and state_dicts
+        # line up with torch.optim's; add_param_group checks every group's values.
+        super().__init__(params, _torch_names(dict(defaults, **spec_names), defaults, self._ALIASES))
         if fused:
             why = fused_available([p for g in self.param_groups for p in g["params"]])
             if why:
                 raise RuntimeError(f"Adagrad(fused=True) cannot run: {why}")
+
+    def add_param_group(self, param_group):
+        # A group may use the spec's names too (wd for weight_decay); it is kept under torch.optim's.
+        param_group = _torch_names(param_group, self.defaults, self._ALIASES)
+        self._check_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+        # As torch.optim.Adagrad does, sum and step exist from the start, not from a
+        # parameter's first step: a state_dict saved before it has them too.
+        group = self.param_groups[-1]
+        for p in group["params"]:
+            state = self.state[p]
+            state["step"] = torch.tensor(0.0, dtype=_step_dtype(), device=p.device if self._fused_for(group, p) else "cpu")
+            state["sum"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+            state["sum"].add_(group["initial_accumulator_value"])
+
+    def _check_group(self, group):
+        """Refuse values outside the spec's ranges, and torch.optim features the spec does not implement."""
+        if not (0.0 <= group["lr"]):
+            raise ValueError(f"Invalid lr: {group['lr']} (must be in [0, inf))")
+        if not (0.0 <= group["lr_decay"]):
+            raise ValueError(f"Invalid lr_decay: {group['lr_decay']} (must be in [0, inf))")
+        if not (0.0 <= group["weight_decay"]):
+            raise ValueError(f"Invalid weight_decay (wd): {group['weight_decay']} (must be in [0, inf))")
+        if not (0.0 <= group["initial_accumulator_value"]):
+            raise ValueError(f"Invalid initial_accumulator_value: {group['initial_accumulator_value']} (must be in [0, inf))")
+        if not (0.0 < group["eps"]):
+            raise ValueError(f"Invalid eps: {group['eps']} (must be in (0, inf))")
+        for key, value in self._FIXED.items():
+            if group.get(key, value) != value:
+                raise ValueError(f"Adagrad does not implement {key}={group[key]!r} (only {key}={value!r})")
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -124,6 +170,14 @@ class Adagrad(Optimizer):
             group.setdefault("state_dtype", None)
 
     def load_state_dict(self, state_dict):
+        # Older state_dicts of this class used the spec's own names: move them to torch.optim's.
+        state_dict = dict(
+            state_dict,
+            state={i: {self._SAVED.get(k, k): v for k, v in s.items()} for i, s in state_dict["state"].items()},
+            param_groups=[_torch_names(g, self.defaults, self._ALIASES) for g in state_dict["param_groups"]],
+        )
+        for group in state_dict["param_groups"]:  # e.g. torch.optim's maximize=True cannot go on here
+            self._check_group({**self.defaults, **group})
         # torch.optim casts every state to its parameter's dtype; states of lower-precision
         # parameters are float32 here, and bfloat16 with state_dtype, so they are restored
         # from the saved values in that dtype.
@@ -131,7 +185,7 @@ class Adagrad(Optimizer):
         saved = state_dict["state"]
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             for i, p in zip(saved_group["params"], group["params"]):
-                dtype = group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+                dtype = _state_dtype(group, p)
                 if dtype == p.dtype or not p.is_floating_point() or i not in saved:
                     continue
                 for key, value in saved[i].items():
@@ -158,15 +212,19 @@ class Adagrad(Optimizer):
             params.append(p)
             grads.append(p.grad)
             state = self.state[p]
-            if len(state) == 0:  # lazy state initialisation, as in torch.optim
+            # Lazy state initialisation, as in torch.optim, of each state not there yet: one that
+            # torch.optim saved may lack those it keeps only for some settings (RMSprop's grad_avg).
+            if "step" not in state:
                 # `step` lives where the update reads it: on the parameter's device for the fused
                 # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
-                state["step"] = torch.zeros((), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
-                                            device=p.device if self._fused_for(group, p) else "cpu")
-                dtype = group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
-                state["sum_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                state["sum_sq"].add_(group["initial_accumulator_value"])
-            sum_sq_list.append(state["sum_sq"])
+                # torch.optim.SGD keeps no step: a state saved without one has taken a step.
+                taken = any(v is not None for v in state.values())
+                state["step"] = torch.tensor(float(taken), dtype=_step_dtype(),
+                                             device=p.device if self._fused_for(group, p) else "cpu")
+            if state.get("sum") is None:
+                state["sum"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+                state["sum"].add_(group["initial_accumulator_value"])
+            sum_sq_list.append(state["sum"])
             state_steps.append(state["step"])
 
     @torch.no_grad()
@@ -184,13 +242,38 @@ class Adagrad(Optimizer):
                 params, grads, sum_sq_list, state_steps,
                 lr=group["lr"],
                 lr_decay=group["lr_decay"],
-                wd=group["wd"],
-                eps=group["eps"],
+                wd=group["weight_decay"],
                 initial_accumulator_value=group["initial_accumulator_value"],
+                eps=group["eps"],
                 foreach=group["foreach"],
                 fused=group["fused"],
             )
         return loss
+
+
+def _state_dtype(group, p):
+    """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
+    return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+
+
+def _step_dtype():
+    """torch.optim's dtype for `step`: float32 unless float64 is the default dtype."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _torch_names(values, defaults, aliases):
+    """`values` with each of the spec's names (b1, wd) moved under its keyword (betas, weight_decay)."""
+    values = dict(values)
+    for alias, (keyword, index) in aliases.items():
+        if alias not in values:
+            continue
+        value = values.pop(alias)
+        if index is not None:  # one member of a tuple keyword: the others stay as they are
+            items = list(values.get(keyword, defaults[keyword]))
+            items[index] = value
+            value = tuple(items)
+        values[keyword] = value
+    return values
 
 
 def adagrad(params, grads, sum_sq_list, state_steps, *, foreach=None, fused=None,
@@ -216,7 +299,7 @@ def adagrad(params, grads, sum_sq_list, state_steps, *, foreach=None, fused=None
     impl(params, grads, sum_sq_list, state_steps, **hypers)
 
 
-def _single_tensor_adagrad(params, grads, sum_sq_list, state_steps, *, lr, lr_decay, wd, eps, initial_accumulator_value):
+def _single_tensor_adagrad(params, grads, sum_sq_list, state_steps, *, lr, lr_decay, wd, initial_accumulator_value, eps):
     for i, param in enumerate(params):
         p = param if param.dtype in _EXACT else param.float()
         g = grads[i].to(p.dtype)
@@ -240,7 +323,7 @@ def _single_tensor_adagrad(params, grads, sum_sq_list, state_steps, *, lr, lr_de
             _store_rounded(sum_sq_list[i], sum_sq)
 
 
-def _multi_tensor_adagrad(params, grads, sum_sq_list, state_steps, *, lr, lr_decay, wd, eps, initial_accumulator_value):
+def _multi_tensor_adagrad(params, grads, sum_sq_list, state_steps, *, lr, lr_decay, wd, initial_accumulator_value, eps):
     if not params:
         return
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, sum_sq_list, state_steps])
@@ -424,7 +507,7 @@ def _hyper_table(values, device):
     return _HYPERS[key]
 
 
-def _fused_adagrad(params, grads, sum_sq_list, state_steps, *, lr, lr_decay, wd, eps, initial_accumulator_value):
+def _fused_adagrad(params, grads, sum_sq_list, state_steps, *, lr, lr_decay, wd, initial_accumulator_value, eps):
     global LAUNCHES
     if not params:
         return

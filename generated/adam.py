@@ -3,14 +3,17 @@ r"""Adam: Adaptive moment estimation (Kingma & Ba, 2015)
 
 The spec::
 
-    # Adam as torch.optim.Adam, with L2 weight decay folded into the gradient.
+    # Adam as torch.optim.Adam, with L2 weight decay folded into the gradient; it takes
+    # torch.optim.Adam's keywords and loads its state_dict (amsgrad=True is specs/amsgrad.opt).
     optimizer Adam "Adaptive moment estimation (Kingma & Ba, 2015)"
     
     hyper lr = 1e-3 in [0, inf)
     hyper b1 = 0.9 in [0, 1), b2 = 0.999 in [0, 1)
-    hyper eps = 1e-8 in (0, inf), wd = 0 in [0, inf)
+    hyper betas = (b1, b2)
+    hyper eps = 1e-8 in (0, inf), wd = 0 in [0, inf) as weight_decay
+    hyper amsgrad = False only, decoupled_weight_decay = False only
     
-    state m, v
+    state m as exp_avg, v as exp_avg_sq
     
     g += wd * p
     m = lerp(m, g, 1 - b1)
@@ -63,10 +66,11 @@ class Adam(Optimizer):
     Args:
         params: iterable of parameters or dicts defining parameter groups.
         lr (float, optional): default 0.001, in [0, inf).
-        b1 (float, optional): default 0.9, in [0, 1).
-        b2 (float, optional): default 0.999, in [0, 1).
+        betas (tuple[float, float], optional): default (0.9, 0.999); b1, in [0, 1); b2, in [0, 1).
         eps (float, optional): default 1e-08, in (0, inf).
-        wd (float, optional): default 0.0, in [0, inf).
+        weight_decay (float, optional): default 0.0; the spec's wd, in [0, inf).
+        amsgrad (bool, optional): default False, the only value accepted.
+        decoupled_weight_decay (bool, optional): default False, the only value accepted.
         foreach (bool, optional): use the multi-tensor (``torch._foreach_*``) path.
             ``None`` picks it as torch.optim does: on CUDA, not on CPU.
         fused (bool, optional): use the fused Triton kernel, one launch per device and dtype.
@@ -75,50 +79,91 @@ class Adam(Optimizer):
             (half the memory); each step computes in the parameter's precision (float32 at
             least) and writes them back with stochastic rounding. ``None``: the parameter's
             dtype, float32 for lower ones. All three paths support it.
+        maximize (bool, optional): accepted for torch.optim's sake; only False.
+        capturable (bool, optional): accepted for torch.optim's sake; only False.
+        differentiable (bool, optional): accepted for torch.optim's sake; only False.
+        The spec's own names are accepted too: b1, b2, wd.
     """
+
+    # The spec's own names, accepted as aliases: name -> (keyword, index in its tuple or None).
+    _ALIASES = {"b1": ("betas", 0), "b2": ("betas", 1), "wd": ("weight_decay", None)}
+    # torch.optim's keywords this spec does not implement, accepted at the value that turns them off.
+    _FIXED = {"amsgrad": False, "decoupled_weight_decay": False, "maximize": False, "capturable": False, "differentiable": False}
+    # state_dict() keys of the states, by their names in the spec.
+    _SAVED = {"m": "exp_avg", "v": "exp_avg_sq"}
 
     def __init__(
         self,
         params,
         lr: float = 0.001,
-        b1: float = 0.9,
-        b2: float = 0.999,
+        betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-08,
-        wd: float = 0.0,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        decoupled_weight_decay: bool = False,
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        **spec_names,
     ):
         if fused and foreach:
             raise ValueError("fused=True and foreach=True cannot both be set")
         if state_dtype not in (None, torch.bfloat16):
             raise ValueError(f"Invalid state_dtype: {state_dtype} (None or torch.bfloat16)")
-        if not (0.0 <= lr):
-            raise ValueError(f"Invalid lr: {lr} (must be in [0, inf))")
-        if not (0.0 <= b1 < 1.0):
-            raise ValueError(f"Invalid b1: {b1} (must be in [0, 1))")
-        if not (0.0 <= b2 < 1.0):
-            raise ValueError(f"Invalid b2: {b2} (must be in [0, 1))")
-        if not (0.0 < eps):
-            raise ValueError(f"Invalid eps: {eps} (must be in (0, inf))")
-        if not (0.0 <= wd):
-            raise ValueError(f"Invalid wd: {wd} (must be in [0, inf))")
+        unknown = sorted(set(spec_names) - set(self._ALIASES))
+        if unknown:
+            raise TypeError(f"Adam() got an unexpected keyword argument {unknown[0]!r}; it accepts "
+                            "lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay, foreach, fused, maximize, capturable, differentiable"
+                            " (or the spec's names b1, b2, wd)")
         defaults = dict(
             lr=lr,
-            b1=b1,
-            b2=b2,
+            betas=betas,
             eps=eps,
-            wd=wd,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            decoupled_weight_decay=decoupled_weight_decay,
             foreach=foreach,
             fused=fused,
             state_dtype=state_dtype,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
         )
-        super().__init__(params, defaults)
+        # The groups keep torch.optim's names, so schedulers, per-group overrides and state_dicts
+        # line up with torch.optim's; add_param_group checks every group's values.
+        super().__init__(params, _torch_names(dict(defaults, **spec_names), defaults, self._ALIASES))
         if fused:
             why = fused_available([p for g in self.param_groups for p in g["params"]])
             if why:
                 raise RuntimeError(f"Adam(fused=True) cannot run: {why}")
+
+    def add_param_group(self, param_group):
+        # A group may use the spec's names too (wd for weight_decay); it is kept under torch.optim's.
+        param_group = _torch_names(param_group, self.defaults, self._ALIASES)
+        self._check_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    def _check_group(self, group):
+        """Refuse values outside the spec's ranges, and torch.optim features the spec does not implement."""
+        if not (0.0 <= group["lr"]):
+            raise ValueError(f"Invalid lr: {group['lr']} (must be in [0, inf))")
+        if len(group["betas"]) != 2:
+            raise ValueError(f"Invalid betas: {group['betas']!r} (must hold 2 values: b1, b2)")
+        if not (0.0 <= group["betas"][0] < 1.0):
+            raise ValueError(f"Invalid betas[0] (b1): {group['betas'][0]} (must be in [0, 1))")
+        if not (0.0 <= group["betas"][1] < 1.0):
+            raise ValueError(f"Invalid betas[1] (b2): {group['betas'][1]} (must be in [0, 1))")
+        if not (0.0 < group["eps"]):
+            raise ValueError(f"Invalid eps: {group['eps']} (must be in (0, inf))")
+        if not (0.0 <= group["weight_decay"]):
+            raise ValueError(f"Invalid weight_decay (wd): {group['weight_decay']} (must be in [0, inf))")
+        for key, value in self._FIXED.items():
+            if group.get(key, value) != value:
+                raise ValueError(f"Adam does not implement {key}={group[key]!r} (only {key}={value!r})")
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -128,6 +173,14 @@ class Adam(Optimizer):
             group.setdefault("state_dtype", None)
 
     def load_state_dict(self, state_dict):
+        # Older state_dicts of this class used the spec's own names: move them to torch.optim's.
+        state_dict = dict(
+            state_dict,
+            state={i: {self._SAVED.get(k, k): v for k, v in s.items()} for i, s in state_dict["state"].items()},
+            param_groups=[_torch_names(g, self.defaults, self._ALIASES) for g in state_dict["param_groups"]],
+        )
+        for group in state_dict["param_groups"]:  # e.g. torch.optim's maximize=True cannot go on here
+            self._check_group({**self.defaults, **group})
         # torch.optim casts every state to its parameter's dtype; states of lower-precision
         # parameters are float32 here, and bfloat16 with state_dtype, so they are restored
         # from the saved values in that dtype.
@@ -135,7 +188,7 @@ class Adam(Optimizer):
         saved = state_dict["state"]
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             for i, p in zip(saved_group["params"], group["params"]):
-                dtype = group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+                dtype = _state_dtype(group, p)
                 if dtype == p.dtype or not p.is_floating_point() or i not in saved:
                     continue
                 for key, value in saved[i].items():
@@ -162,16 +215,21 @@ class Adam(Optimizer):
             params.append(p)
             grads.append(p.grad)
             state = self.state[p]
-            if len(state) == 0:  # lazy state initialisation, as in torch.optim
+            # Lazy state initialisation, as in torch.optim, of each state not there yet: one that
+            # torch.optim saved may lack those it keeps only for some settings (RMSprop's grad_avg).
+            if "step" not in state:
                 # `step` lives where the update reads it: on the parameter's device for the fused
                 # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
-                state["step"] = torch.zeros((), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
-                                            device=p.device if self._fused_for(group, p) else "cpu")
-                dtype = group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
-                state["m"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                state["v"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-            m_list.append(state["m"])
-            v_list.append(state["v"])
+                # torch.optim.SGD keeps no step: a state saved without one has taken a step.
+                taken = any(v is not None for v in state.values())
+                state["step"] = torch.tensor(float(taken), dtype=_step_dtype(),
+                                             device=p.device if self._fused_for(group, p) else "cpu")
+            if state.get("exp_avg") is None:
+                state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+            if state.get("exp_avg_sq") is None:
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+            m_list.append(state["exp_avg"])
+            v_list.append(state["exp_avg_sq"])
             state_steps.append(state["step"])
 
     @torch.no_grad()
@@ -189,14 +247,41 @@ class Adam(Optimizer):
             adam(
                 params, grads, m_list, v_list, state_steps,
                 lr=group["lr"],
-                b1=group["b1"],
-                b2=group["b2"],
+                b1=group["betas"][0],
+                b2=group["betas"][1],
                 eps=group["eps"],
-                wd=group["wd"],
+                wd=group["weight_decay"],
+                amsgrad=float(group["amsgrad"]),
+                decoupled_weight_decay=float(group["decoupled_weight_decay"]),
                 foreach=group["foreach"],
                 fused=group["fused"],
             )
         return loss
+
+
+def _state_dtype(group, p):
+    """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
+    return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+
+
+def _step_dtype():
+    """torch.optim's dtype for `step`: float32 unless float64 is the default dtype."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _torch_names(values, defaults, aliases):
+    """`values` with each of the spec's names (b1, wd) moved under its keyword (betas, weight_decay)."""
+    values = dict(values)
+    for alias, (keyword, index) in aliases.items():
+        if alias not in values:
+            continue
+        value = values.pop(alias)
+        if index is not None:  # one member of a tuple keyword: the others stay as they are
+            items = list(values.get(keyword, defaults[keyword]))
+            items[index] = value
+            value = tuple(items)
+        values[keyword] = value
+    return values
 
 
 def adam(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=None,
@@ -222,7 +307,7 @@ def adam(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=None
     impl(params, grads, m_list, v_list, state_steps, **hypers)
 
 
-def _single_tensor_adam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd):
+def _single_tensor_adam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled_weight_decay):
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - b2
     k1 = 1 - b1
@@ -259,7 +344,7 @@ def _single_tensor_adam(params, grads, m_list, v_list, state_steps, *, lr, b1, b
             _store_rounded(v_list[i], v)
 
 
-def _multi_tensor_adam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd):
+def _multi_tensor_adam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled_weight_decay):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
@@ -464,7 +549,7 @@ def _hyper_table(values, device):
     return _HYPERS[key]
 
 
-def _fused_adam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd):
+def _fused_adam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled_weight_decay):
     global LAUNCHES
     if not params:
         return

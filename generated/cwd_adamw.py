@@ -138,7 +138,7 @@ class CWDAdamW(Optimizer):
         saved = state_dict["state"]
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             for i, p in zip(saved_group["params"], group["params"]):
-                dtype = group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+                dtype = _state_dtype(group, p)
                 if dtype == p.dtype or not p.is_floating_point() or i not in saved:
                     continue
                 for key, value in saved[i].items():
@@ -170,9 +170,8 @@ class CWDAdamW(Optimizer):
                 # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
                 state["step"] = torch.zeros((), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
                                             device=p.device if self._fused_for(group, p) else "cpu")
-                dtype = group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
-                state["m"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                state["v"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                state["m"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+                state["v"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
             m_list.append(state["m"])
             v_list.append(state["v"])
             state_steps.append(state["step"])
@@ -200,6 +199,11 @@ class CWDAdamW(Optimizer):
                 fused=group["fused"],
             )
         return loss
+
+
+def _state_dtype(group, p):
+    """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
+    return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
 
 
 def cwdadamw(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=None,

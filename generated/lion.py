@@ -127,7 +127,7 @@ class Lion(Optimizer):
         saved = state_dict["state"]
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             for i, p in zip(saved_group["params"], group["params"]):
-                dtype = group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+                dtype = _state_dtype(group, p)
                 if dtype == p.dtype or not p.is_floating_point() or i not in saved:
                     continue
                 for key, value in saved[i].items():
@@ -159,8 +159,7 @@ class Lion(Optimizer):
                 # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
                 state["step"] = torch.zeros((), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
                                             device=p.device if self._fused_for(group, p) else "cpu")
-                dtype = group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
-                state["m"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                state["m"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
             m_list.append(state["m"])
             state_steps.append(state["step"])
 
@@ -185,6 +184,11 @@ class Lion(Optimizer):
                 fused=group["fused"],
             )
         return loss
+
+
+def _state_dtype(group, p):
+    """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
+    return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
 
 
 def lion(params, grads, m_list, state_steps, *, foreach=None, fused=None,

@@ -4,13 +4,13 @@ r"""RMSprop: Root mean square propagation (Hinton, 2012)
 The spec::
 
     # RMSprop as torch.optim.RMSprop: plain, centered (subtract the squared mean gradient)
-    # and with momentum; `centered` is a 0/1 flag.
+    # and with momentum; it takes torch.optim.RMSprop's keywords and loads its state_dict.
     optimizer RMSprop "Root mean square propagation (Hinton, 2012)"
     
     hyper lr = 1e-2 in [0, inf), alpha = 0.99 in [0, 1], eps = 1e-8 in (0, inf)
-    hyper wd = 0 in [0, inf), momentum = 0 in [0, inf), centered = 0 in [0, 1]
+    hyper wd = 0 in [0, inf) as weight_decay, momentum = 0 in [0, inf), centered = False
     
-    state square_avg, grad_avg, buf
+    state square_avg, grad_avg, buf as momentum_buffer
     
     g += wd * p
     square_avg = alpha * square_avg + (1 - alpha) * g^2
@@ -71,9 +71,9 @@ class RMSprop(Optimizer):
         lr (float, optional): default 0.01, in [0, inf).
         alpha (float, optional): default 0.99, in [0, 1].
         eps (float, optional): default 1e-08, in (0, inf).
-        wd (float, optional): default 0.0, in [0, inf).
+        weight_decay (float, optional): default 0.0; the spec's wd, in [0, inf).
         momentum (float, optional): default 0.0, in [0, inf).
-        centered (float, optional): default 0.0, in [0, 1].
+        centered (bool, optional): default False.
         foreach (bool, optional): use the multi-tensor (``torch._foreach_*``) path.
             ``None`` picks it as torch.optim does: on CUDA, not on CPU.
         fused (bool, optional): use the fused Triton kernel, one launch per device and dtype.
@@ -82,7 +82,18 @@ class RMSprop(Optimizer):
             (half the memory); each step computes in the parameter's precision (float32 at
             least) and writes them back with stochastic rounding. ``None``: the parameter's
             dtype, float32 for lower ones. All three paths support it.
+        maximize (bool, optional): accepted for torch.optim's sake; only False.
+        capturable (bool, optional): accepted for torch.optim's sake; only False.
+        differentiable (bool, optional): accepted for torch.optim's sake; only False.
+        The spec's own names are accepted too: wd.
     """
+
+    # The spec's own names, accepted as aliases: name -> (keyword, index in its tuple or None).
+    _ALIASES = {"wd": ("weight_decay", None)}
+    # torch.optim's keywords this spec does not implement, accepted at the value that turns them off.
+    _FIXED = {"maximize": False, "capturable": False, "differentiable": False}
+    # state_dict() keys of the states, by their names in the spec.
+    _SAVED = {"square_avg": "square_avg", "grad_avg": "grad_avg", "buf": "momentum_buffer"}
 
     def __init__(
         self,
@@ -90,46 +101,72 @@ class RMSprop(Optimizer):
         lr: float = 0.01,
         alpha: float = 0.99,
         eps: float = 1e-08,
-        wd: float = 0.0,
+        weight_decay: float = 0.0,
         momentum: float = 0.0,
-        centered: float = 0.0,
+        centered: bool = False,
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        **spec_names,
     ):
         if fused and foreach:
             raise ValueError("fused=True and foreach=True cannot both be set")
         if state_dtype not in (None, torch.bfloat16):
             raise ValueError(f"Invalid state_dtype: {state_dtype} (None or torch.bfloat16)")
-        if not (0.0 <= lr):
-            raise ValueError(f"Invalid lr: {lr} (must be in [0, inf))")
-        if not (0.0 <= alpha <= 1.0):
-            raise ValueError(f"Invalid alpha: {alpha} (must be in [0, 1])")
-        if not (0.0 < eps):
-            raise ValueError(f"Invalid eps: {eps} (must be in (0, inf))")
-        if not (0.0 <= wd):
-            raise ValueError(f"Invalid wd: {wd} (must be in [0, inf))")
-        if not (0.0 <= momentum):
-            raise ValueError(f"Invalid momentum: {momentum} (must be in [0, inf))")
-        if not (0.0 <= centered <= 1.0):
-            raise ValueError(f"Invalid centered: {centered} (must be in [0, 1])")
+        unknown = sorted(set(spec_names) - set(self._ALIASES))
+        if unknown:
+            raise TypeError(f"RMSprop() got an unexpected keyword argument {unknown[0]!r}; it accepts "
+                            "lr, alpha, eps, weight_decay, momentum, centered, foreach, fused, maximize, capturable, differentiable"
+                            " (or the spec's names wd)")
         defaults = dict(
             lr=lr,
             alpha=alpha,
             eps=eps,
-            wd=wd,
+            weight_decay=weight_decay,
             momentum=momentum,
             centered=centered,
             foreach=foreach,
             fused=fused,
             state_dtype=state_dtype,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
         )
-        super().__init__(params, defaults)
+        # The groups keep torch.optim's names, so schedulers, per-group overrides and state_dicts
+        # line up with torch.optim's; add_param_group checks every group's values.
+        super().__init__(params, _torch_names(dict(defaults, **spec_names), defaults, self._ALIASES))
         if fused:
             why = fused_available([p for g in self.param_groups for p in g["params"]])
             if why:
                 raise RuntimeError(f"RMSprop(fused=True) cannot run: {why}")
+
+    def add_param_group(self, param_group):
+        # A group may use the spec's names too (wd for weight_decay); it is kept under torch.optim's.
+        param_group = _torch_names(param_group, self.defaults, self._ALIASES)
+        self._check_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    def _check_group(self, group):
+        """Refuse values outside the spec's ranges, and torch.optim features the spec does not implement."""
+        if not (0.0 <= group["lr"]):
+            raise ValueError(f"Invalid lr: {group['lr']} (must be in [0, inf))")
+        if not (0.0 <= group["alpha"] <= 1.0):
+            raise ValueError(f"Invalid alpha: {group['alpha']} (must be in [0, 1])")
+        if not (0.0 < group["eps"]):
+            raise ValueError(f"Invalid eps: {group['eps']} (must be in (0, inf))")
+        if not (0.0 <= group["weight_decay"]):
+            raise ValueError(f"Invalid weight_decay (wd): {group['weight_decay']} (must be in [0, inf))")
+        if not (0.0 <= group["momentum"]):
+            raise ValueError(f"Invalid momentum: {group['momentum']} (must be in [0, inf))")
+        if group["centered"] not in (False, True):
+            raise ValueError(f"Invalid centered: {group['centered']!r} (must be True or False)")
+        for key, value in self._FIXED.items():
+            if group.get(key, value) != value:
+                raise ValueError(f"RMSprop does not implement {key}={group[key]!r} (only {key}={value!r})")
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -139,6 +176,14 @@ class RMSprop(Optimizer):
             group.setdefault("state_dtype", None)
 
     def load_state_dict(self, state_dict):
+        # Older state_dicts of this class used the spec's own names: move them to torch.optim's.
+        state_dict = dict(
+            state_dict,
+            state={i: {self._SAVED.get(k, k): v for k, v in s.items()} for i, s in state_dict["state"].items()},
+            param_groups=[_torch_names(g, self.defaults, self._ALIASES) for g in state_dict["param_groups"]],
+        )
+        for group in state_dict["param_groups"]:  # e.g. torch.optim's maximize=True cannot go on here
+            self._check_group({**self.defaults, **group})
         # torch.optim casts every state to its parameter's dtype; states of lower-precision
         # parameters are float32 here, and bfloat16 with state_dtype, so they are restored
         # from the saved values in that dtype.
@@ -146,7 +191,7 @@ class RMSprop(Optimizer):
         saved = state_dict["state"]
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             for i, p in zip(saved_group["params"], group["params"]):
-                dtype = group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+                dtype = _state_dtype(group, p)
                 if dtype == p.dtype or not p.is_floating_point() or i not in saved:
                     continue
                 for key, value in saved[i].items():
@@ -173,18 +218,24 @@ class RMSprop(Optimizer):
             params.append(p)
             grads.append(p.grad)
             state = self.state[p]
-            if len(state) == 0:  # lazy state initialisation, as in torch.optim
+            # Lazy state initialisation, as in torch.optim, of each state not there yet: one that
+            # torch.optim saved may lack those it keeps only for some settings (RMSprop's grad_avg).
+            if "step" not in state:
                 # `step` lives where the update reads it: on the parameter's device for the fused
                 # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
-                state["step"] = torch.zeros((), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
-                                            device=p.device if self._fused_for(group, p) else "cpu")
-                dtype = group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
-                state["square_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                state["grad_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                state["buf"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                # torch.optim.SGD keeps no step: a state saved without one has taken a step.
+                taken = any(v is not None for v in state.values())
+                state["step"] = torch.tensor(float(taken), dtype=_step_dtype(),
+                                             device=p.device if self._fused_for(group, p) else "cpu")
+            if state.get("square_avg") is None:
+                state["square_avg"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+            if state.get("grad_avg") is None:
+                state["grad_avg"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
             square_avg_list.append(state["square_avg"])
             grad_avg_list.append(state["grad_avg"])
-            buf_list.append(state["buf"])
+            buf_list.append(state["momentum_buffer"])
             state_steps.append(state["step"])
 
     @torch.no_grad()
@@ -205,13 +256,38 @@ class RMSprop(Optimizer):
                 lr=group["lr"],
                 alpha=group["alpha"],
                 eps=group["eps"],
-                wd=group["wd"],
+                wd=group["weight_decay"],
                 momentum=group["momentum"],
-                centered=group["centered"],
+                centered=float(group["centered"]),
                 foreach=group["foreach"],
                 fused=group["fused"],
             )
         return loss
+
+
+def _state_dtype(group, p):
+    """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
+    return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+
+
+def _step_dtype():
+    """torch.optim's dtype for `step`: float32 unless float64 is the default dtype."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _torch_names(values, defaults, aliases):
+    """`values` with each of the spec's names (b1, wd) moved under its keyword (betas, weight_decay)."""
+    values = dict(values)
+    for alias, (keyword, index) in aliases.items():
+        if alias not in values:
+            continue
+        value = values.pop(alias)
+        if index is not None:  # one member of a tuple keyword: the others stay as they are
+            items = list(values.get(keyword, defaults[keyword]))
+            items[index] = value
+            value = tuple(items)
+        values[keyword] = value
+    return values
 
 
 def rmsprop(params, grads, square_avg_list, grad_avg_list, buf_list, state_steps, *, foreach=None, fused=None,

@@ -4,13 +4,14 @@ r"""SGD: Stochastic gradient descent with momentum (Sutskever et al., 2013)
 The spec::
 
     # Stochastic gradient descent with momentum, dampening, Nesterov and L2 weight decay,
-    # exactly as torch.optim.SGD (the momentum buffer starts as the first gradient).
+    # exactly as torch.optim.SGD (the momentum buffer starts as the first gradient); it takes
+    # torch.optim.SGD's keywords and loads its state_dict.
     optimizer SGD "Stochastic gradient descent with momentum (Sutskever et al., 2013)"
     
     hyper lr = 1e-3 in [0, inf), momentum = 0 in [0, inf), dampening = 0 in [0, 1]
-    hyper wd = 0 in [0, inf), nesterov = 0 in [0, 1]
+    hyper wd = 0 in [0, inf) as weight_decay, nesterov = False
     
-    state buf
+    state buf as momentum_buffer
     
     g += wd * p
     buf = momentum * buf + where(t == 1, 1, 1 - dampening) * g
@@ -65,8 +66,8 @@ class SGD(Optimizer):
         lr (float, optional): default 0.001, in [0, inf).
         momentum (float, optional): default 0.0, in [0, inf).
         dampening (float, optional): default 0.0, in [0, 1].
-        wd (float, optional): default 0.0, in [0, inf).
-        nesterov (float, optional): default 0.0, in [0, 1].
+        weight_decay (float, optional): default 0.0; the spec's wd, in [0, inf).
+        nesterov (bool, optional): default False.
         foreach (bool, optional): use the multi-tensor (``torch._foreach_*``) path.
             ``None`` picks it as torch.optim does: on CUDA, not on CPU.
         fused (bool, optional): use the fused Triton kernel, one launch per device and dtype.
@@ -75,7 +76,18 @@ class SGD(Optimizer):
             (half the memory); each step computes in the parameter's precision (float32 at
             least) and writes them back with stochastic rounding. ``None``: the parameter's
             dtype, float32 for lower ones. All three paths support it.
+        maximize (bool, optional): accepted for torch.optim's sake; only False.
+        capturable (bool, optional): accepted for torch.optim's sake; only False.
+        differentiable (bool, optional): accepted for torch.optim's sake; only False.
+        The spec's own names are accepted too: wd.
     """
+
+    # The spec's own names, accepted as aliases: name -> (keyword, index in its tuple or None).
+    _ALIASES = {"wd": ("weight_decay", None)}
+    # torch.optim's keywords this spec does not implement, accepted at the value that turns them off.
+    _FIXED = {"maximize": False, "capturable": False, "differentiable": False}
+    # state_dict() keys of the states, by their names in the spec.
+    _SAVED = {"buf": "momentum_buffer"}
 
     def __init__(
         self,
@@ -83,42 +95,68 @@ class SGD(Optimizer):
         lr: float = 0.001,
         momentum: float = 0.0,
         dampening: float = 0.0,
-        wd: float = 0.0,
-        nesterov: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        **spec_names,
     ):
         if fused and foreach:
             raise ValueError("fused=True and foreach=True cannot both be set")
         if state_dtype not in (None, torch.bfloat16):
             raise ValueError(f"Invalid state_dtype: {state_dtype} (None or torch.bfloat16)")
-        if not (0.0 <= lr):
-            raise ValueError(f"Invalid lr: {lr} (must be in [0, inf))")
-        if not (0.0 <= momentum):
-            raise ValueError(f"Invalid momentum: {momentum} (must be in [0, inf))")
-        if not (0.0 <= dampening <= 1.0):
-            raise ValueError(f"Invalid dampening: {dampening} (must be in [0, 1])")
-        if not (0.0 <= wd):
-            raise ValueError(f"Invalid wd: {wd} (must be in [0, inf))")
-        if not (0.0 <= nesterov <= 1.0):
-            raise ValueError(f"Invalid nesterov: {nesterov} (must be in [0, 1])")
+        unknown = sorted(set(spec_names) - set(self._ALIASES))
+        if unknown:
+            raise TypeError(f"SGD() got an unexpected keyword argument {unknown[0]!r}; it accepts "
+                            "lr, momentum, dampening, weight_decay, nesterov, foreach, fused, maximize, capturable, differentiable"
+                            " (or the spec's names wd)")
         defaults = dict(
             lr=lr,
             momentum=momentum,
             dampening=dampening,
-            wd=wd,
+            weight_decay=weight_decay,
             nesterov=nesterov,
             foreach=foreach,
             fused=fused,
             state_dtype=state_dtype,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
         )
-        super().__init__(params, defaults)
+        # The groups keep torch.optim's names, so schedulers, per-group overrides and state_dicts
+        # line up with torch.optim's; add_param_group checks every group's values.
+        super().__init__(params, _torch_names(dict(defaults, **spec_names), defaults, self._ALIASES))
         if fused:
             why = fused_available([p for g in self.param_groups for p in g["params"]])
             if why:
                 raise RuntimeError(f"SGD(fused=True) cannot run: {why}")
+
+    def add_param_group(self, param_group):
+        # A group may use the spec's names too (wd for weight_decay); it is kept under torch.optim's.
+        param_group = _torch_names(param_group, self.defaults, self._ALIASES)
+        self._check_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    def _check_group(self, group):
+        """Refuse values outside the spec's ranges, and torch.optim features the spec does not implement."""
+        if not (0.0 <= group["lr"]):
+            raise ValueError(f"Invalid lr: {group['lr']} (must be in [0, inf))")
+        if not (0.0 <= group["momentum"]):
+            raise ValueError(f"Invalid momentum: {group['momentum']} (must be in [0, inf))")
+        if not (0.0 <= group["dampening"] <= 1.0):
+            raise ValueError(f"Invalid dampening: {group['dampening']} (must be in [0, 1])")
+        if not (0.0 <= group["weight_decay"]):
+            raise ValueError(f"Invalid weight_decay (wd): {group['weight_decay']} (must be in [0, inf))")
+        if group["nesterov"] not in (False, True):
+            raise ValueError(f"Invalid nesterov: {group['nesterov']!r} (must be True or False)")
+        for key, value in self._FIXED.items():
+            if group.get(key, value) != value:
+                raise ValueError(f"SGD does not implement {key}={group[key]!r} (only {key}={value!r})")
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -128,6 +166,14 @@ class SGD(Optimizer):
             group.setdefault("state_dtype", None)
 
     def load_state_dict(self, state_dict):
+        # Older state_dicts of this class used the spec's own names: move them to torch.optim's.
+        state_dict = dict(
+            state_dict,
+            state={i: {self._SAVED.get(k, k): v for k, v in s.items()} for i, s in state_dict["state"].items()},
+            param_groups=[_torch_names(g, self.defaults, self._ALIASES) for g in state_dict["param_groups"]],
+        )
+        for group in state_dict["param_groups"]:  # e.g. torch.optim's maximize=True cannot go on here
+            self._check_group({**self.defaults, **group})
         # torch.optim casts every state to its parameter's dtype; states of lower-precision
         # parameters are float32 here, and bfloat16 with state_dtype, so they are restored
         # from the saved values in that dtype.
@@ -135,7 +181,7 @@ class SGD(Optimizer):
         saved = state_dict["state"]
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             for i, p in zip(saved_group["params"], group["params"]):
-                dtype = group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+                dtype = _state_dtype(group, p)
                 if dtype == p.dtype or not p.is_floating_point() or i not in saved:
                     continue
                 for key, value in saved[i].items():
@@ -162,14 +208,18 @@ class SGD(Optimizer):
             params.append(p)
             grads.append(p.grad)
             state = self.state[p]
-            if len(state) == 0:  # lazy state initialisation, as in torch.optim
+            # Lazy state initialisation, as in torch.optim, of each state not there yet: one that
+            # torch.optim saved may lack those it keeps only for some settings (RMSprop's grad_avg).
+            if "step" not in state:
                 # `step` lives where the update reads it: on the parameter's device for the fused
                 # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
-                state["step"] = torch.zeros((), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
-                                            device=p.device if self._fused_for(group, p) else "cpu")
-                dtype = group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
-                state["buf"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-            buf_list.append(state["buf"])
+                # torch.optim.SGD keeps no step: a state saved without one has taken a step.
+                taken = any(v is not None for v in state.values())
+                state["step"] = torch.tensor(float(taken), dtype=_step_dtype(),
+                                             device=p.device if self._fused_for(group, p) else "cpu")
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+            buf_list.append(state["momentum_buffer"])
             state_steps.append(state["step"])
 
     @torch.no_grad()
@@ -188,12 +238,37 @@ class SGD(Optimizer):
                 lr=group["lr"],
                 momentum=group["momentum"],
                 dampening=group["dampening"],
-                wd=group["wd"],
-                nesterov=group["nesterov"],
+                wd=group["weight_decay"],
+                nesterov=float(group["nesterov"]),
                 foreach=group["foreach"],
                 fused=group["fused"],
             )
         return loss
+
+
+def _state_dtype(group, p):
+    """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
+    return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+
+
+def _step_dtype():
+    """torch.optim's dtype for `step`: float32 unless float64 is the default dtype."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _torch_names(values, defaults, aliases):
+    """`values` with each of the spec's names (b1, wd) moved under its keyword (betas, weight_decay)."""
+    values = dict(values)
+    for alias, (keyword, index) in aliases.items():
+        if alias not in values:
+            continue
+        value = values.pop(alias)
+        if index is not None:  # one member of a tuple keyword: the others stay as they are
+            items = list(values.get(keyword, defaults[keyword]))
+            items[index] = value
+            value = tuple(items)
+        values[keyword] = value
+    return values
 
 
 def sgd(params, grads, buf_list, state_steps, *, foreach=None, fused=None,

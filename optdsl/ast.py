@@ -67,9 +67,22 @@ class Range:
 @dataclass(frozen=True)
 class Hyper:
     name: str
-    default: float
+    default: float    # a flag's is 1.0 or 0.0
     range: Range | None
     span: Span
+    keyword: str | None = None  # `as KEYWORD`: its constructor keyword and param_groups key
+    flag: bool = False          # declared True/False: accepts booleans, reads as 1.0/0.0
+    only: bool = False          # `only`: no value but the default is accepted
+    keyword_span: Span | None = None
+
+
+@dataclass(frozen=True)
+class HyperTuple:
+    """`hyper betas = (b1, b2)`: declared hyperparameters passed as one tuple keyword."""
+    keyword: str
+    members: tuple[str, ...]
+    span: Span
+    member_spans: tuple[Span, ...]
 
 
 @dataclass(frozen=True)
@@ -77,6 +90,9 @@ class State:
     name: str
     init: Expr | None
     span: Span
+    key: str | None = None  # `as KEY`: its key in state_dict()
+    key_span: Span | None = None
+    eager: bool = False     # made when the optimizer is, not at the parameter's first update
 
 
 @dataclass(frozen=True)
@@ -96,3 +112,4 @@ class Spec:
     states: tuple[State, ...]
     body: tuple[Assign, ...]
     name_span: Span
+    tuples: tuple[HyperTuple, ...] = ()

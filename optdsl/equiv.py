@@ -200,6 +200,9 @@ def equivalent(a: Compiled | ir.Program, b: Compiled | ir.Program, assume: dict[
             if h is not None and value not in _interval(h):
                 return fail(f"--assume {key}={value} is outside its range {h.range_text}")
         fixed[name] = _exact(sp.Float(value)) if value != int(value) else sp.Integer(int(value))
+    for name, h in [*ha.items(), *hb.items()]:
+        if h.only and name not in fixed:  # an `only` keyword (amsgrad = False only) takes no other value
+            fixed[name] = sp.Integer(int(h.default)) if h.default == int(h.default) else _exact(sp.Float(h.default))
     for mine, theirs, x, y in ((ha, hb, pa.name, pb.name), (hb, ha, pb.name, pa.name)):
         if missing := sorted(set(mine) - set(theirs) - set(fixed)):
             return fail(f"hyperparameter(s) {', '.join(missing)} of {x} have no counterpart in {y}: "

@@ -48,6 +48,9 @@ class Hyper:
     lo_closed: bool = False
     hi_closed: bool = False
     span: Span | None = None
+    keyword: str | None = None  # its constructor keyword when not its name (weight_decay for wd)
+    flag: bool = False          # True/False, read as 1.0/0.0
+    only: bool = False          # no value but the default is accepted
 
     @property
     def range_text(self) -> str:
@@ -60,6 +63,20 @@ class State:
     name: str
     init: Expr | None  # over p0, hyperparameters and numbers; None is zero
     span: Span | None = None
+    key: str | None = None  # its key in state_dict() when not its name (exp_avg for m)
+    eager: bool = False     # made when the optimizer is (torch.optim.Adagrad's sum), not lazily
+
+    @property
+    def saved_as(self) -> str:
+        return self.key or self.name
+
+
+@dataclass(frozen=True)
+class Keyword:
+    """A constructor keyword and param_groups key: one hyperparameter, or a tuple of them (betas)."""
+    name: str
+    members: tuple[str, ...]  # the hyperparameters it carries, in order
+    is_tuple: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,12 @@ class Program:
     eqns: tuple[Eqn, ...]
     outputs: tuple[tuple[str, str], ...]  # (p or state, last SSA version)
     uses_loss: bool
+    keywords: tuple[Keyword, ...] = ()  # the constructor's, in order; () when each is its hyper's name
+
+    @property
+    def dropin(self) -> bool:
+        """Whether the spec names its interface (keywords, tuples, flags, saved keys) for torch.optim."""
+        return bool(self.keywords)
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -138,9 +161,15 @@ def source_names(prog: Program) -> dict[str, str]:
 def format_program(prog: Program) -> str:
     lines = [f"optimizer {prog.name}"]
     for h in prog.hypers:
-        lines.append(f"  hyper {h.name} = {_num(h.default)} in {h.range_text}")
+        value = str(bool(h.default)) if h.flag else _num(h.default)
+        fixed = " only" if h.only else "" if h.flag else f" in {h.range_text}"
+        lines.append(f"  hyper {h.name} = {value}{fixed}" + (f" as {h.keyword}" if h.keyword else ""))
+    for k in prog.keywords:
+        if k.is_tuple:
+            lines.append(f"  hyper {k.name} = ({', '.join(k.members)})")
     for s in prog.states:
-        lines.append(f"  state {s.name} = {format_expr(s.init) if s.init else '0'}")
+        lines.append(f"  state {s.name} = {format_expr(s.init) if s.init else '0'}" + (f" as {s.key}" if s.key else "")
+                     + (" eager" if s.eager else ""))
     lines.append("  in " + ", ".join(prog.inputs + ("t",) + (("loss",) if prog.uses_loss else ())))
     for eq in prog.eqns:
         lines.append(f"  {eq.out} = {format_expr(eq.expr)}" + ("    # scalar" if eq.kind == SCALAR else ""))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import keyword
+from dataclasses import replace
 
 from . import ast, ir
 from .errors import Span, SpecError, SpecWarning
@@ -20,8 +21,17 @@ RESERVED = {"params", "defaults", "foreach", "fused", "closure", "self", "state"
             "super", "dict", "float", "bool", "str", "list", "tuple", "len", "zip", "all", "range", "enumerate",
             "ValueError", "RuntimeError", "ImportError", "_EXACT", "_sign", "_sigmoid", "_softplus",
             "_default_to_fused_or_foreach", "_round_to", "_triton_type", "_BLOCK", "_BLOCK_MAPS",
-            "_TRITON_TYPES", "_block_map", "_pointers", "t_", "x_", "y_", "v_"}
+            "_TRITON_TYPES", "_block_map", "_pointers", "t_", "x_", "y_", "v_",
+            # the fused launcher and kernels
+            "seed", "stochastic", "state_type", "hyper_values", "pointers", "args", "types", "step_ptrs",
+            "P_TYPE", "S_TYPE", "C_TYPE", "T_TYPE", "STOCHASTIC", "BLOCK", "_to_state", "_upload",
+            "_pointer_tables", "_hyper_table", "_POINTERS", "_HYPERS", "_NUM_WARPS", "_fused_by_default",
+            "_state_dtype", "_fused_for"}
 _BINARY = {"+": "+", "-": "-", "*": "*", "/": "/", "^": "^"}
+# Names a drop-in constructor takes or uses itself (torch.optim's flags it accepts only at their
+# defaults, its own, and its locals and helpers): a spec's keyword may not take them.
+CONSTRUCTOR_NAMES = {"foreach", "fused", "maximize", "capturable", "differentiable", "spec_names", "unknown",
+                     "_torch_names", "_step_dtype"}
 
 
 def _did_you_mean(name: str, candidates) -> str:
@@ -194,7 +204,7 @@ class _Lowering:
         init_names = {"p"} | self.hypers
         for s in spec.states:
             init = self.expr(s.init, allowed=init_names) if s.init is not None else None
-            states.append(ir.State(s.name, init, s.span))
+            states.append(ir.State(s.name, init, s.span, key=s.key, eager=s.eager))
         self.read -= self.states  # reading p in an initial value does not use a state
         for a in spec.body:
             self.assign(a)
@@ -211,7 +221,7 @@ class _Lowering:
                     f"state '{s.name}' is written but never read: it cannot change the update", s.span,
                     hint="read it in an update, or drop it to save memory"))
         for h in spec.hypers:
-            if h.name not in self.read:
+            if h.name not in self.read and not h.only:  # an `only` keyword is there for torch.optim's sake
                 self.warnings.append(SpecWarning(f"hyperparameter '{h.name}' is never used", h.span,
                                                  hint="use it or remove it"))
         last_reads = self._local_reads()
@@ -225,7 +235,9 @@ class _Lowering:
             (s.name, self.ssa(s.name, self.version[s.name])) for s in spec.states)
         hypers = tuple(ir.Hyper(h.name, h.default,
                                 *((h.range.lo, h.range.hi, h.range.lo_closed, h.range.hi_closed)
-                                  if h.range else (float("-inf"), float("inf"), False, False)), span=h.span)
+                                  if h.range else (0.0, 1.0, True, True) if h.flag
+                                  else (float("-inf"), float("inf"), False, False)), span=h.span,
+                                keyword=h.keyword, flag=h.flag, only=h.only)
                        for h in spec.hypers)
         return ir.Program(spec.name, spec.doc, hypers, tuple(states), tuple(self.eqns), outputs,
                           self.uses_loss)
@@ -244,8 +256,70 @@ class _Lowering:
         return reads
 
 
+def _keywords(spec: ast.Spec) -> tuple[ir.Keyword, ...]:
+    """The constructor's keywords, in declaration order, a tuple where its first member stands;
+    () for a spec that names none of its interface (its keywords are its hyperparameters)."""
+    named = spec.tuples or any(h.keyword or h.flag or h.only for h in spec.hypers) or any(
+        s.key or s.eager for s in spec.states)
+    if not named:
+        return ()
+    hypers = {h.name: h for h in spec.hypers}
+    owner: dict[str, ast.HyperTuple] = {}
+    for tup in spec.tuples:
+        for member, span in zip(tup.members, tup.member_spans):
+            if member not in hypers:
+                hint = _did_you_mean(member, hypers)
+                raise SpecError(f"'{member}' in the tuple '{tup.keyword}' is not a hyperparameter", span,
+                                hint=hint or f"declare it first, e.g. 'hyper {member} = 0.9 in [0, 1)'")
+            if member in owner:
+                where = "twice" if owner[member] is tup else f"already in '{owner[member].keyword}'"
+                raise SpecError(f"'{member}' is passed {where}", span,
+                                hint="a hyperparameter belongs to one tuple keyword at most")
+            if hypers[member].keyword:
+                raise SpecError(f"'{member}' has its own keyword '{hypers[member].keyword}', so it cannot "
+                                f"also be passed in '{tup.keyword}'", span,
+                                hint=f"remove 'as {hypers[member].keyword}' or take it out of the tuple")
+            owner[member] = tup
+    keywords, seen = [], {}  # public name or alias -> where it is declared
+
+    def claim(name: str, span: Span, what: str) -> None:
+        if keyword.iskeyword(name) or name in RESERVED or name in CONSTRUCTOR_NAMES:
+            raise SpecError(f"'{name}' is reserved and cannot be a keyword", span,
+                            hint="the generated constructor uses it itself; choose another name")
+        if name in seen:
+            raise SpecError(f"'{name}' would name two keywords ({seen[name]} and {what})", span,
+                            hint="a keyword, and a hyperparameter's own name when it is passed under "
+                                 "another, must each be unique")
+        seen[name] = what
+
+    for h in spec.hypers:  # a hyperparameter passed under another name stays accepted under its own
+        if h.keyword or h.name in owner:
+            claim(h.name, h.span, f"the alias of '{h.name}'")
+    for h in spec.hypers:
+        tup = owner.get(h.name)
+        if tup is None:
+            public = h.keyword or h.name
+            claim(public, h.keyword_span or h.span, f"'{h.name}'")
+            keywords.append(ir.Keyword(public, (h.name,)))
+        elif h.name == tup.members[0]:
+            claim(tup.keyword, tup.span, f"the tuple of {', '.join(tup.members)}")
+            keywords.append(ir.Keyword(tup.keyword, tup.members, is_tuple=True))
+    keys: dict[str, ast.State] = {}
+    for s in spec.states:
+        key = s.key or s.name
+        if key == "step" or not key.isidentifier():
+            raise SpecError(f"'{key}' cannot be a state's key", s.key_span or s.span,
+                            hint="state_dict() keeps the step count under 'step'; choose another key")
+        if key in keys:
+            raise SpecError(f"states '{keys[key].name}' and '{s.name}' are both saved as '{key}'",
+                            s.key_span or s.span, hint="give each state its own key with 'as KEY'")
+        keys[key] = s
+    return tuple(keywords)
+
+
 def lower(spec: ast.Spec) -> tuple[ir.Program, list[SpecWarning]]:
     """Resolve names and build the SSA program; raises SpecError on the first problem."""
     _check_declarations(spec)
+    keywords = _keywords(spec)
     lowering = _Lowering(spec)
-    return lowering.run(), lowering.warnings
+    return replace(lowering.run(), keywords=keywords), lowering.warnings

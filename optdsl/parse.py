@@ -96,15 +96,30 @@ class _ToAst(Transformer):
         return ast.Range(lo.value, hi.value, open_.type == "LSQB", close.type == "RSQB", _span(meta))
 
     def hyper_item(self, meta, children):
-        name, default, range_ = children
-        return ast.Hyper(str(name), default.value, range_, _span(name))
+        name, default, range_, only, keyword = children
+        flag = isinstance(default, Token)  # True or False; a number is already an ast.Num
+        if flag and range_ is not None:
+            raise SpecError(f"the flag '{name}' takes no range", range_.span,
+                            hint="a flag is True or False; remove 'in ...'")
+        if only is not None and range_ is not None:
+            raise SpecError(f"'{name}' is fixed by 'only', so a range says nothing", range_.span,
+                            hint="remove 'in ...' or 'only'")
+        value = float(default == "True") if flag else default.value
+        return ast.Hyper(str(name), value, range_, _span(name), keyword=keyword and str(keyword), flag=flag,
+                         only=only is not None, keyword_span=keyword and _span(keyword))
+
+    def hyper_tuple(self, meta, children):
+        keyword, *members = children
+        return ast.HyperTuple(str(keyword), tuple(map(str, members)), _span(keyword),
+                              tuple(_span(m) for m in members))
 
     def hyper_decl(self, meta, children):
         return ("hyper", children)
 
     def state_item(self, meta, children):
-        name, init = children
-        return ast.State(str(name), init, _span(name))
+        name, init, key, eager = children
+        return ast.State(str(name), init, _span(name), key=key and str(key), key_span=key and _span(key),
+                         eager=eager is not None)
 
     def state_decl(self, meta, children):
         return ("state", children)
@@ -119,7 +134,7 @@ class _ToAst(Transformer):
 
     def start(self, meta, children):
         (_, name, doc, name_span), *items = children
-        hypers, states, body = [], [], []
+        hypers, tuples, states, body = [], [], [], []
         for item in items:
             if isinstance(item, ast.Assign):
                 body.append(item)
@@ -128,8 +143,9 @@ class _ToAst(Transformer):
             if body:
                 raise SpecError(f"'{kind}' declaration after the first statement", decls[0].span,
                                 hint="move every 'hyper' and 'state' line above the first statement")
-            (hypers if kind == "hyper" else states).extend(decls)
-        return ast.Spec(name, doc, tuple(hypers), tuple(states), tuple(body), name_span)
+            for decl in decls:
+                {ast.Hyper: hypers, ast.HyperTuple: tuples, ast.State: states}[type(decl)].append(decl)
+        return ast.Spec(name, doc, tuple(hypers), tuple(states), tuple(body), name_span, tuple(tuples))
 
 
 # Labelled bad inputs: Lark matches a failing parse against these to pick the message.
@@ -152,8 +168,18 @@ _EXAMPLES = {
     "a hyperparameter needs a default value | write it as 'hyper NAME = NUMBER [in RANGE]'": [
         "optimizer X\nhyper lr\n", "optimizer X\nhyper lr, b\n", "optimizer X\nhyper lr =\n",
     ],
-    "a hyperparameter default must be a number | defaults are literal numbers such as 1e-3, .5 or inf": [
+    "a hyperparameter default must be a number | defaults are literal numbers such as 1e-3, .5 or inf, "
+    "or True/False for a flag": [
         "optimizer X\nhyper lr = a\n", "optimizer X\nhyper lr = 1 + 2\n", "optimizer X\nhyper lr = (1)\n",
+    ],
+    "a tuple keyword groups declared hyperparameters | write it as 'hyper betas = (b1, b2)', "
+    "each of b1, b2 declared with its own 'hyper' line": [
+        "optimizer X\nhyper betas = (b1)\n", "optimizer X\nhyper betas = (b1,)\n",
+        "optimizer X\nhyper betas = (b1 = 1, b2 = 2)\n", "optimizer X\nhyper betas = (b1, 2)\n",
+    ],
+    "'as' names a keyword | write 'hyper wd = 0 as weight_decay' or 'state m as exp_avg'": [
+        "optimizer X\nhyper wd = 0 as\n", "optimizer X\nhyper wd = 0 as 1\n", "optimizer X\nstate m as\n",
+        "optimizer X\nstate m = p as\n",
     ],
     "malformed range | write a range as [lo, hi], [lo, hi), (lo, hi] or (lo, hi) with number bounds (inf allowed)": [
         "optimizer X\nhyper lr = 1 in [0]\n", "optimizer X\nhyper lr = 1 in [0 1]\n",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 
 import optdsl
 from optdsl import build as build_mod
+from optdsl.backends.torch import interface
 from optdsl.cli import main
 from optdsl.pipeline import compile_source
 
@@ -89,7 +91,7 @@ def test_committed_generated_is_fresh(fresh_build):
 # ---------------------------------------------------------------------------------------------
 # atomic and isolated
 
-BROKEN_LINE = 10  # `m = lerp(m, g, 1 - b1)` in specs/adamw.opt
+BROKEN_LINE = 12  # `m = lerp(m, g, 1 - b1)` in specs/adamw.opt
 
 
 def test_broken_spec_harms_nothing(spec_copy, capsys):
@@ -266,8 +268,11 @@ def test_generated_source_is_documented_and_validates(spec, fresh_build):
     assert ".. math::" in class_doc and r"\leftarrow" in class_doc
     for stmt in _statement_lines(text):
         assert f"``{stmt}``" in class_doc, stmt
-    for h in compiled.program.hypers:
-        assert f"{h.name} (float, optional)" in class_doc
+    for k in compiled.program.keywords or compiled.program.hypers:  # torch.optim's keywords, where named
+        assert re.search(rf"^\s*{k.name} \((float|bool|tuple\[[a-z, ]+\]), optional\)", class_doc, re.M), k.name
+    # what the errors call each hyperparameter: its keyword, with its own name where that differs
+    labels = {h.name: h.name for h in compiled.program.hypers} | {
+        h.name: label for k in interface(compiled.program).get("keywords", []) for _, label, h in k.checks}
 
     # every bounded hyperparameter is validated, and a value just outside is refused by name
     assert "raise ValueError(" in source
@@ -275,7 +280,7 @@ def test_generated_source_is_documented_and_validates(spec, fresh_build):
     p = torch.zeros(2, requires_grad=True)
     for h in compiled.program.hypers:
         if h.lo > float("-inf"):
-            assert f'raise ValueError(f"Invalid {h.name}:' in source
+            assert h.only or f'raise ValueError(f"Invalid {labels[h.name]}:' in source
             bad = h.lo if not h.lo_closed else h.lo - 1
             with pytest.raises(ValueError, match=rf"\b{h.name}\b"):
                 loaded([p], **{h.name: bad})

@@ -81,7 +81,7 @@ def test_compiled_low_precision_matches_eager(dtype, tol):
     compiled, opt = _train(lambda ps: make_ours(ps, foreach=True), SMALL, dtype, grads,
                            compile_with=CompileCounter(), tensor_lr=True)
     torch._dynamo.reset()
-    assert {s["m"].dtype for s in opt.state.values()} == {torch.float32}
+    assert {s["exp_avg"].dtype for s in opt.state.values()} == {torch.float32}
     assert _relative([x.double() for x in compiled], [x.double() for x in eager]) < tol
 
 

@@ -91,7 +91,7 @@ def _worker(rank, init_file, out):
                 _train(model, opt, _batches(), rank, WORLD)
                 params = [p.full_tensor().detach().clone() for p in model.parameters()]
                 if kwargs["state_dtype"]:
-                    assert {s["m"].dtype for s in opt.state.values()} == {torch.bfloat16}
+                    assert {s["exp_avg"].dtype for s in opt.state.values()} == {torch.bfloat16}
             results[(mode, name, foreach)] = params
         if rank == 0:
             torch.save(results, out)

@@ -65,8 +65,9 @@ def run_torch(path: Path, cx: dict[str, float], hypers: tuple[str, ...], states:
     """One step of the generated optimizer from the counterexample's point, in float64."""
     p = torch.nn.Parameter(torch.tensor([cx["p"]], dtype=torch.float64))
     opt = optdsl.load(path)([p], **{h: cx[h] for h in hypers})
+    saved_as = getattr(opt, "_SAVED", {})  # a drop-in spec keeps m as exp_avg, ...
     opt.state[p] = {"step": torch.tensor(cx["t"] - 1, dtype=torch.float64)} | {
-        s: torch.tensor([cx[s]], dtype=torch.float64) for s in states}
+        saved_as.get(s, s): torch.tensor([cx[s]], dtype=torch.float64) for s in states}
     p.grad = torch.tensor([cx["g"]], dtype=torch.float64)
     opt.step()
     return p.item()

@@ -23,7 +23,7 @@ EXPECTED = {
     "adam_atan2": ("8 B", "28 B", "yes", "pi*a*lr/2", {"v": "[0, inf)"}),
     "sgd": ("4 B", "20 B", "no", "unbounded", {"buf": "(-inf, inf)"}),
     "radam": ("8 B", "28 B", "no", "unbounded", {"v": "[0, inf)"}),
-    "adagrad": ("4 B", "20 B", "only when wd, eps, initial_accumulator_value = 0", "lr", {"sum_sq": "[0, inf)"}),
+    "adagrad": ("4 B", "20 B", "only when wd, initial_accumulator_value, eps = 0", "lr", {"sum_sq": "[0, inf)"}),
     "adamax": ("8 B", "28 B", "only when eps, wd = 0", "lr", {"u": "[0, inf)"}),
     "rmsprop": ("12 B", "36 B", "only when eps, wd = 0", None, {"square_avg": "[0, inf)"}),
     "amsgrad": ("12 B", "36 B", "only when eps, wd = 0", None, {"v": "[0, inf)", "v_max": "[0, inf)"}),

@@ -24,9 +24,11 @@ optimizer AdamW
   hyper b1 = 0.9 in [0, 1)
   hyper b2 = 0.999 in [0, 1)
   hyper eps = 1e-08 in (0, inf)
-  hyper wd = 0.01 in [0, inf)
-  state m = 0
-  state v = 0
+  hyper wd = 0.01 in [0, inf) as weight_decay
+  hyper amsgrad = False only
+  hyper betas = (b1, b2)
+  state m = 0 as exp_avg
+  state v = 0 as exp_avg_sq
   in p0, g0, m0, v0, t
   m1 = lerp(m0, g0, 1 - b1)
   v1 = lerp(v0, g0^2, 1 - b2)

@@ -60,8 +60,8 @@ def torch_adamw_kwargs(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, wd=1e-2):
 def assert_adam_states_close(ours, ref, p_ours, p_ref, **tol):
     s, r = ours.state[p_ours], ref.state[p_ref]
     assert float(s["step"]) == float(r["step"])
-    torch.testing.assert_close(s["m"], r["exp_avg"], **tol)
-    torch.testing.assert_close(s["v"], r["exp_avg_sq"], **tol)
+    torch.testing.assert_close(s["exp_avg"], r["exp_avg"], **tol)
+    torch.testing.assert_close(s["exp_avg_sq"], r["exp_avg_sq"], **tol)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,22 +69,23 @@ def assert_adam_states_close(ours, ref, p_ours, p_ref, **tol):
 
 
 def test_hypers_are_keyword_args_and_group_keys(AdamW, SGD):
+    # The shipped specs take torch.optim's keywords (specs/adamw.opt: `as weight_decay`, `betas = (b1, b2)`).
     sig = inspect.signature(AdamW)
-    expected = {"lr": 1e-3, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "wd": 1e-2}
+    expected = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
     for name, default in expected.items():
         assert sig.parameters[name].default == default
     assert sig.parameters["foreach"].kind is inspect.Parameter.KEYWORD_ONLY
 
     p = make_params()[0]
-    opt = AdamW([p], lr=0.5, b2=0.9, wd=0.0)
+    opt = AdamW([p], lr=0.5, b2=0.9, wd=0.0)  # the spec's own names stay accepted
     assert isinstance(opt, torch.optim.Optimizer)
     group = opt.param_groups[0]
-    assert {k: group[k] for k in expected} == {**expected, "lr": 0.5, "b2": 0.9, "wd": 0.0}
+    assert {k: group[k] for k in expected} == {**expected, "lr": 0.5, "betas": (0.9, 0.9), "weight_decay": 0.0}
     assert opt.defaults["lr"] == 0.5 and "foreach" in group
 
     sgd = SGD([p], lr=0.1, momentum=0.9, nesterov=1)
-    assert {k: sgd.param_groups[0][k] for k in ("lr", "momentum", "dampening", "wd", "nesterov")} == {
-        "lr": 0.1, "momentum": 0.9, "dampening": 0, "wd": 0, "nesterov": 1}
+    assert {k: sgd.param_groups[0][k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov")} == {
+        "lr": 0.1, "momentum": 0.9, "dampening": 0, "weight_decay": 0, "nesterov": 1}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +153,7 @@ def test_sgd_matches_torch_under_scheduler(SGD, case, foreach):
     for p, q in zip(params, ref_params):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
         if hp.get("momentum"):
-            torch.testing.assert_close(ours.state[p]["buf"], ref.state[q]["momentum_buffer"],
+            torch.testing.assert_close(ours.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"],
                                        rtol=1e-12, atol=1e-13)
 
 
@@ -169,8 +170,8 @@ def test_per_group_overrides_and_add_param_group(AdamW, foreach):
     ref = torch.optim.AdamW([{"params": [ra], "lr": 0.1, "weight_decay": 0.0},
                              {"params": [rb], "weight_decay": 0.5}],
                             lr=0.01, betas=(0.85, 0.999), weight_decay=1e-2, foreach=False)
-    assert ours.param_groups[0]["lr"] == 0.1 and ours.param_groups[0]["wd"] == 0.0
-    assert ours.param_groups[1]["lr"] == 0.01 and ours.param_groups[1]["wd"] == 0.5
+    assert ours.param_groups[0]["lr"] == 0.1 and ours.param_groups[0]["weight_decay"] == 0.0
+    assert ours.param_groups[1]["lr"] == 0.01 and ours.param_groups[1]["weight_decay"] == 0.5
 
     def run(steps, ps, rps, seed):
         for grads in make_grads(ps, steps, seed=seed):
@@ -185,9 +186,9 @@ def test_per_group_overrides_and_add_param_group(AdamW, foreach):
     ours.add_param_group({"params": [d], "b1": 0.5, "lr": 0.2})
     ref.add_param_group({"params": [rd], "betas": (0.5, 0.999), "lr": 0.2})
     added = ours.param_groups[2]
-    for k in ("lr", "b1", "b2", "eps", "wd", "foreach"):
+    for k in ("lr", "betas", "eps", "weight_decay", "foreach"):
         assert added[k] == ours.defaults[k]
-    assert ours.param_groups[3]["b1"] == 0.5 and ours.param_groups[3]["b2"] == 0.999
+    assert ours.param_groups[3]["betas"] == (0.5, 0.999)
     run(15, [a, b, c, d], [ra, rb, rc, rd], seed=7)
 
     for p, q in zip([a, b, c, d], [ra, rb, rc, rd]):
@@ -230,12 +231,12 @@ def test_out_of_range_hyper_raises(AdamW, SGD, spec, kwargs, name):
 @pytest.mark.parametrize("spec,kwargs", [
     ("adamw", dict(lr=0)),
     ("adamw", dict(lr=1e6)),
-    ("adamw", dict(b1=0.0, b2=0.0)),
-    ("adamw", dict(b1=0.999999, b2=0.999999)),
+    ("adamw", dict(betas=(0.0, 0.0))),
+    ("adamw", dict(betas=(0.999999, 0.999999))),
     ("adamw", dict(eps=1e-300)),
-    ("adamw", dict(wd=0)),
-    ("sgd", dict(lr=0, momentum=0, dampening=0, wd=0, nesterov=0)),
-    ("sgd", dict(momentum=5.0, dampening=1, wd=1e3, nesterov=1)),
+    ("adamw", dict(weight_decay=0)),
+    ("sgd", dict(lr=0, momentum=0, dampening=0, weight_decay=0, nesterov=0)),
+    ("sgd", dict(momentum=5.0, dampening=1, weight_decay=1e3, nesterov=True)),
 ])
 def test_in_range_hyper_accepted(AdamW, SGD, spec, kwargs):
     cls = {"adamw": AdamW, "sgd": SGD}[spec]
@@ -360,8 +361,8 @@ def test_state_dict_roundtrip_bfloat16_keeps_float32_states(AdamW, foreach):
     grads = make_grads(params, 10, seed=11)
     opt, fresh = _check_resume(AdamW, dict(lr=0.01), params, grads, 4, foreach)
     for q in fresh.state:
-        assert fresh.state[q]["m"].dtype == torch.float32
-        assert fresh.state[q]["v"].dtype == torch.float32
+        assert fresh.state[q]["exp_avg"].dtype == torch.float32
+        assert fresh.state[q]["exp_avg_sq"].dtype == torch.float32
 
 
 def test_state_dict_keys_and_hypers(AdamW):
@@ -370,7 +371,7 @@ def test_state_dict_keys_and_hypers(AdamW):
     p.grad = torch.ones_like(p)
     opt.step()
     sd = opt.state_dict()
-    assert set(sd["state"][0]) == {"step", "m", "v"}
+    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}  # torch.optim.AdamW's keys
     assert sd["param_groups"][0]["lr"] == 0.3 and sd["param_groups"][0]["params"] == [0]
 
 
@@ -478,11 +479,11 @@ def test_bfloat16_uses_float32_states_and_matches_rounded_float32(AdamW, foreach
     for p, q in zip(params, ref_params):
         assert p.dtype == torch.bfloat16
         st = ours.state[p]
-        assert st["m"].dtype == st["v"].dtype == torch.float32
+        assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.float32
         assert st["step"].dtype == torch.float32
         torch.testing.assert_close(p.float(), q, rtol=0, atol=0)
-        torch.testing.assert_close(st["m"], ref.state[q]["m"], rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(st["v"], ref.state[q]["v"], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(st["exp_avg"], ref.state[q]["exp_avg"], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(st["exp_avg_sq"], ref.state[q]["exp_avg_sq"], rtol=1e-6, atol=1e-7)
 
 
 def test_deepcopy_and_repr(AdamW):

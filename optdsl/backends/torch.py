@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import keyword
 import re
+from dataclasses import dataclass
 
 import jinja2
 import sympy as sp
@@ -159,10 +160,11 @@ def render(plan: Plan, source: str, filename: str) -> str:
     source_lines = source.splitlines()
     statements = [" ".join(source_lines[eq.span.line - 1].split("#")[0].split())
                   for eq in prog.eqns if eq.span]
+    names_in_group = interface(prog)
     ctx = dict(
         name=prog.name, func=_functional_name(prog.name), doc=prog.doc, filename=filename,
         hypers=prog.hypers, states=states, uses_loss=prog.uses_loss,
-        state_inits=[(s.name, _init_code(s, prog)) for s in prog.states],
+        state_inits=[(s.name, _init_code(s, prog, names_in_group["group_code"])) for s in prog.states],
         group_defs=[(str(d.symbol), host.doprint(d.expr)) for d in plan.group],
         param_single=[(str(d.symbol), host.doprint(d.expr)) for d in plan.param],
         param_compiled=[(str(d.symbol), compiled.doprint(d.expr)) for d in plan.param],
@@ -171,6 +173,7 @@ def render(plan: Plan, source: str, filename: str) -> str:
         multi_body=[line for i in instrs for line in multi(i)],
         statements=list(dict.fromkeys(statements)), latex=statement_math(prog, latex=True),
         spec=source.strip("\n").replace('"""', '""\\"'), number=_py_number,  # in a r""" docstring
+        **names_in_group,
     )
     ctx["single_reads_t"] = bool(plan.param) or any(re.search(r"\bt\b", line) for line in ctx["single_body"])
     host_code = "\n".join(e for _, e in ctx["group_defs"] + ctx["param_single"] + ctx["state_inits"] if e)
@@ -182,6 +185,62 @@ def render(plan: Plan, source: str, filename: str) -> str:
     return environment().get_template("torch_optimizer.py.j2").render(**ctx)
 
 
+# ---- the constructor's keywords ----
+# torch.optim's own flags, which a drop-in class accepts at the value that turns them off.
+TORCH_FLAGS = {"maximize": False, "capturable": False, "differentiable": False}
+
+
+@dataclass(frozen=True)
+class Argument:
+    """One constructor keyword as the template prints it."""
+    name: str
+    annotation: str
+    default: str             # Python code
+    checks: tuple[tuple[str, str, ir.Hyper], ...]  # (code of the value in `group`, its label, hyper)
+
+
+def interface(prog: ir.Program) -> dict:
+    """What the template needs for the constructor, the param_groups keys and the state keys.
+
+    A spec that names none of its interface (no `as`, tuple, flag, `only` or `eager`) gets its
+    hyperparameters' names as keywords and group keys, and nothing else changes."""
+    group_code = {h.name: f'group["{h.name}"]' for h in prog.hypers}
+    ctx = dict(dropin=prog.dropin, states_saved=[(s.name, s.saved_as) for s in prog.states],
+               eager=[s.saved_as for s in prog.states if s.eager])
+    if not prog.dropin:
+        return ctx | dict(group_code=group_code)
+    hypers = {h.name: h for h in prog.hypers}
+    keywords, aliases = [], {}
+    for kw in prog.keywords:
+        members = [hypers[m] for m in kw.members]
+        if kw.is_tuple:
+            for i, h in enumerate(members):
+                group_code[h.name] = f'group["{kw.name}"][{i}]'
+                aliases[h.name] = (kw.name, i)
+            checks = tuple((f'group["{kw.name}"][{i}]', f"{kw.name}[{i}] ({h.name})", h)
+                           for i, h in enumerate(members))
+            keywords.append(Argument(kw.name, f"tuple[{', '.join(['float'] * len(members))}]",
+                                     f"({', '.join(_py_default(h) for h in members)})", checks))
+            continue
+        (h,) = members
+        if kw.name != h.name:
+            aliases[h.name] = (kw.name, None)
+        # the math reads a flag as 1.0 or 0.0
+        group_code[h.name] = f'float(group["{kw.name}"])' if h.flag else f'group["{kw.name}"]'
+        label = kw.name if kw.name == h.name else f"{kw.name} ({h.name})"
+        keywords.append(Argument(kw.name, "bool" if h.flag else "float", _py_default(h),
+                                 ((f'group["{kw.name}"]', label, h),)))
+    fixed = {h.keyword or h.name: _py_default(h) for h in prog.hypers if h.only}
+    fixed |= {name: repr(value) for name, value in TORCH_FLAGS.items()}
+    accepted = [k.name for k in keywords] + ["foreach", "fused", *TORCH_FLAGS]
+    return ctx | dict(group_code=group_code, keywords=keywords, aliases=aliases, fixed=fixed,
+                      torch_flags=list(TORCH_FLAGS.items()), accepted=accepted)
+
+
+def _py_default(h: ir.Hyper) -> str:
+    return repr(bool(h.default)) if h.flag else _py_number(h.default)
+
+
 def _py_number(x: float) -> str:
     if x == float("inf"):
         return 'float("inf")'
@@ -190,13 +249,14 @@ def _py_number(x: float) -> str:
     return repr(float(x))
 
 
-def _init_code(state: ir.State, prog: ir.Program) -> str | None:
-    """PyTorch code for a state's initial value from p and the group's hyperparameters."""
+def _init_code(state: ir.State, prog: ir.Program, group_code: dict[str, str]) -> str | None:
+    """PyTorch code for a state's initial value from p and the group's hyperparameters
+    (`group_code`: how the group holds each, e.g. group["betas"][0] for b1)."""
     if state.init is None:
         return None
     from ..backends.printers import DevicePrinter
     from ..sym import to_sympy
-    env = {h.name: sp.Symbol(f'group["{h.name}"]') for h in prog.hypers}
+    env = {h.name: sp.Symbol(group_code[h.name]) for h in prog.hypers}
     env["p0"] = sp.Symbol("p")
     value = to_sympy(state.init, env)
     p = sp.Symbol("p")

@@ -1,0 +1,421 @@
+"""The shipped Adam, AdamW, SGD, RMSprop and Adagrad are drop-ins for torch.optim's.
+
+Each case constructs ours with exactly the keyword arguments torch.optim takes; a state_dict
+saved by torch.optim (after some steps) loads into ours and both go on identically, and the
+reverse. Parameters are float64 of awkward shapes, gradients differ in scale, one parameter
+skips some steps and another has no gradient before the save (so it has no state then, except
+in Adagrad, which makes its state at construction); the comparison is relative to the largest
+value of a tensor, at 1e-12.
+"""
+from __future__ import annotations
+
+import inspect
+import io
+from pathlib import Path
+
+import pytest
+import torch
+
+import optdsl
+from optdsl.errors import SpecError
+
+SPECS = Path(__file__).resolve().parent.parent / "specs"
+SHAPES = [(1,), (7,), (13, 5), (3, 1, 4)]
+TOL = 1e-12
+T = torch.optim
+
+# case id -> (spec, torch.optim class, keyword arguments exactly as torch.optim takes them)
+CASES = {
+    "adam": ("adam", T.Adam, dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, amsgrad=False)),
+    "adam-defaults": ("adam", T.Adam, dict()),
+    "adamw": ("adamw", T.AdamW, dict(lr=0.02, betas=(0.5, 0.9), eps=1e-7, weight_decay=0.3)),
+    "sgd-momentum": ("sgd", T.SGD, dict(lr=0.05, momentum=0.9, dampening=0.2, weight_decay=0.01)),
+    "sgd-nesterov": ("sgd", T.SGD, dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.1)),
+    "sgd-plain": ("sgd", T.SGD, dict(lr=0.1)),
+    "rmsprop-centered-momentum": ("rmsprop", T.RMSprop,
+                                  dict(lr=0.005, alpha=0.9, eps=1e-6, weight_decay=0.1, momentum=0.5,
+                                       centered=True)),
+    "rmsprop-plain": ("rmsprop", T.RMSprop, dict(lr=0.01, alpha=0.95)),
+    "adagrad": ("adagrad", T.Adagrad,
+                dict(lr=0.2, lr_decay=0.01, weight_decay=0.02, initial_accumulator_value=0.1, eps=1e-8)),
+}
+
+
+def spec(name):
+    return optdsl.load(SPECS / f"{name}.opt")
+
+
+def _roundtrip(state_dict):
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def _grads(steps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for step in range(steps):
+        row = []
+        for i, s in enumerate(SHAPES):
+            g = torch.randn(s, generator=gen, dtype=torch.float64) * 10.0 ** (i - 2)
+            # (3, 1, 4) has no gradient before the state_dict is saved (after 3 steps)
+            row.append(None if i == 1 and step % 3 == 2 or i == 3 and step < 3 else g)
+        out.append(row)
+    return out
+
+
+def _step(opt, params, grads):
+    for p, g in zip(params, grads):
+        p.grad = None if g is None else g.clone()
+    opt.step()
+
+
+def _close(ours, ref, what):
+    scale = ref.abs().max().item()
+    err = (ours - ref).abs().max().item() / (scale + 1e-300)
+    assert err <= TOL, f"{what}: relative error {err:.3e}"
+
+
+def _resume(first, second, before=3, after=5, seed=0):
+    """Step `first` (a factory of params -> optimizer) `before` times, load its state_dict into
+    `second`, then step a copy of both sides `after` more times; they must stay together."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    grads = _grads(before + after, seed)
+    a = [torch.nn.Parameter(x.clone()) for x in init]
+    opt_a = first(a)
+    for row in grads[:before]:
+        _step(opt_a, a, row)
+    b = [torch.nn.Parameter(x.detach().clone()) for x in a]
+    opt_b = second(b)
+    opt_b.load_state_dict(_roundtrip(opt_a.state_dict()))
+    for row in grads[before:]:
+        _step(opt_a, a, row)
+        _step(opt_b, b, row)
+    for i, (p, q) in enumerate(zip(a, b)):
+        _close(q, p, f"parameter {i} {tuple(p.shape)}")
+    return opt_a, opt_b, a, b
+
+
+def _kept(Torch, kwargs):
+    """The state keys torch.optim keeps itself with these settings (SGD: no step; RMSprop:
+    grad_avg only when centered): others it was given by a state_dict stay as they were."""
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = Torch([p], **kwargs)
+    p.grad = torch.ones(2)
+    opt.step()
+    return set(opt.state[p])
+
+
+def _compare_states(ours, ref, ps, qs, kept):
+    """Every state torch.optim keeps is in ours under the same key, with the same values."""
+    for i, (p, q) in enumerate(zip(ps, qs)):
+        for key, value in ref.state[q].items():
+            if key in kept:
+                assert key in ours.state[p], f"ours has no state {key!r}"
+                _close(ours.state[p][key].to(value.dtype), value, f"state {key!r} of parameter {i}")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_takes_torch_keywords_and_defaults(case):
+    name, Torch, kwargs = CASES[case]
+    Ours = spec(name)
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    ours, ref = Ours([p], **kwargs), Torch([torch.nn.Parameter(p.detach().clone())], **kwargs)
+    ours_sig, theirs = inspect.signature(Ours).parameters, inspect.signature(Torch).parameters
+    for key, param in theirs.items():  # every torch.optim keyword, with its default
+        assert key in ours_sig, f"{Ours.__name__} lacks torch.optim's {key}"
+        if key not in ("params", "foreach", "fused"):  # ours pick their own paths
+            assert ours_sig[key].default == param.default, key
+    flags = {"foreach", "fused", "maximize", "capturable", "differentiable"}  # keyword-only in ours
+    positional = [k for k, v in theirs.items() if v.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+                  and k not in flags]
+    assert list(ours_sig)[:len(positional)] == positional
+    # beyond torch.optim's: the spec's aliases, torch.optim's flags other classes have, bfloat16 states
+    assert set(ours_sig) - set(theirs) <= {"spec_names", "state_dtype"} | flags
+    group, torch_group = ours.param_groups[0], ref.param_groups[0]
+    for key in ours_sig:
+        if key in torch_group and key != "params":
+            assert group[key] == torch_group[key], key  # param_groups hold torch.optim's names
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_torch_state_dict_loads_into_ours_and_continues(case, foreach):
+    name, Torch, kwargs = CASES[case]
+    Ours = spec(name)
+    ref, ours, a, b = _resume(lambda ps: Torch(ps, **kwargs, foreach=False),
+                              lambda ps: Ours(ps, lr=0.123, foreach=foreach), seed=len(case))
+    assert ours.param_groups[0]["lr"] == ref.param_groups[0]["lr"]  # the saved groups win
+    _compare_states(ours, ref, b, a, _kept(Torch, kwargs))
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_our_state_dict_loads_into_torch_and_continues(case, foreach):
+    name, Torch, kwargs = CASES[case]
+    Ours = spec(name)
+    ours, ref, a, b = _resume(lambda ps: Ours(ps, **kwargs, foreach=foreach),
+                              lambda ps: Torch(ps, lr=0.123, foreach=False), seed=2 * len(case))
+    assert ref.param_groups[0]["lr"] == ours.param_groups[0]["lr"]
+    _compare_states(ours, ref, a, b, _kept(Torch, kwargs))
+
+
+def test_positional_arguments_as_torch():
+    Adam = spec("adam")
+    ps = [torch.nn.Parameter(torch.ones(2, dtype=torch.float64))]
+    group = Adam(ps, 0.01, (0.8, 0.9), 1e-6, 0.1).param_groups[0]
+    ref = T.Adam(ps, 0.01, (0.8, 0.9), 1e-6, 0.1).param_groups[0]
+    assert {k: group[k] for k in ("lr", "betas", "eps", "weight_decay")} == {
+        k: ref[k] for k in ("lr", "betas", "eps", "weight_decay")}
+
+
+@pytest.mark.parametrize("name,keyword", [("adam", "beta1"), ("sgd", "wdecay"), ("adagrad", "betas")])
+def test_wrong_keyword_is_a_type_error_naming_the_accepted(name, keyword):
+    Ours = spec(name)
+    with pytest.raises(TypeError) as err:
+        Ours([torch.nn.Parameter(torch.ones(2))], **{keyword: 0.5})
+    text = str(err.value)
+    assert repr(keyword) in text
+    for accepted in ("lr", "weight_decay", "foreach", "maximize"):
+        assert accepted in text
+
+
+def test_spec_names_stay_accepted_as_aliases():
+    AdamW = spec("adamw")
+    a, b = (torch.nn.Parameter(torch.ones(2)) for _ in range(2))
+    opt = AdamW([a], b2=0.9, wd=0.5)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.9) and opt.param_groups[0]["weight_decay"] == 0.5
+    assert "b2" not in opt.param_groups[0] and "wd" not in opt.param_groups[0]
+    opt.add_param_group({"params": [b], "b1": 0.5, "wd": 0.0})  # per group, too
+    assert opt.param_groups[1]["betas"] == (0.5, 0.9) and opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_flags_take_booleans_and_refuse_other_values():
+    SGD, RMSprop = spec("sgd"), spec("rmsprop")
+    p = torch.nn.Parameter(torch.ones(2))
+    assert SGD([p], momentum=0.9, nesterov=True).param_groups[0]["nesterov"] is True
+    assert RMSprop([p], centered=True).param_groups[0]["centered"] is True
+    with pytest.raises(ValueError, match=r"nesterov.*True or False"):
+        SGD([p], nesterov=2)
+    with pytest.raises(ValueError, match=r"centered.*True or False"):
+        RMSprop([p], centered=0.5)
+    with pytest.raises(ValueError, match=r"betas.*2 values"):
+        spec("adam")([p], betas=(0.9,))
+    with pytest.raises(ValueError, match=r"weight_decay \(wd\)"):  # per-group values are checked too
+        SGD([{"params": [p], "weight_decay": -1.0}])
+
+
+@pytest.mark.parametrize("name,kwargs,what", [
+    ("adam", dict(amsgrad=True), "amsgrad=True"),
+    ("adamw", dict(maximize=True), "maximize=True"),
+    ("sgd", dict(differentiable=True), "differentiable=True"),
+    ("rmsprop", dict(capturable=True), "capturable=True"),
+])
+def test_torch_features_not_implemented_are_refused(name, kwargs, what):
+    Ours = spec(name)
+    with pytest.raises(ValueError, match=f"does not implement {what}"):
+        Ours([torch.nn.Parameter(torch.ones(2))], **kwargs)
+
+
+def test_torch_state_dict_with_a_feature_not_implemented_is_refused():
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    ref = T.Adam([p], lr=0.1, maximize=True)
+    p.grad = torch.ones_like(p)
+    ref.step()
+    ours = spec("adam")([torch.nn.Parameter(p.detach().clone())])
+    with pytest.raises(ValueError, match="does not implement maximize=True"):
+        ours.load_state_dict(ref.state_dict())
+
+
+def test_sgd_state_without_momentum_buffer_or_step():
+    """torch.optim.SGD keeps no step and, before its first step with momentum, no buffer."""
+    SGD = spec("sgd")
+    # Saved before any step: nothing is there; both sides then start the buffer afresh.
+    _resume(lambda ps: T.SGD(ps, lr=0.1, momentum=0.9, foreach=False), lambda ps: SGD(ps), before=0)
+    # Saved after steps without momentum (no buffer kept), resumed with momentum.
+    gen = torch.Generator().manual_seed(3)
+    init = torch.randn(5, generator=gen, dtype=torch.float64)
+    a, b = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    ref = T.SGD([a], lr=0.1, foreach=False)
+    for _ in range(2):
+        a.grad = torch.randn(5, generator=gen, dtype=torch.float64)
+        ref.step()
+    assert len(ref.state_dict()["state"]) == 0
+    b.data.copy_(a.data)
+    ours = SGD([b])
+    ours.load_state_dict(ref.state_dict())
+    for opt in (ref, ours):
+        opt.param_groups[0]["momentum"] = 0.9
+    for _ in range(4):
+        g = torch.randn(5, generator=gen, dtype=torch.float64)
+        a.grad, b.grad = g.clone(), g.clone()
+        ref.step()
+        ours.step()
+    _close(b, a, "parameter")
+    _close(ours.state[b]["momentum_buffer"], ref.state[a]["momentum_buffer"], "momentum_buffer")
+
+
+def test_state_dict_with_the_spec_names_still_loads():
+    """A state_dict saved under the spec's names (before the specs named torch.optim's) loads."""
+    AdamW = spec("adamw")
+    ps = [torch.nn.Parameter(torch.randn(4, dtype=torch.float64)) for _ in range(2)]
+    opt = AdamW(ps, lr=0.01, betas=(0.8, 0.9), weight_decay=0.2)
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    new = opt.state_dict()
+    names = {"exp_avg": "m", "exp_avg_sq": "v"}
+    old = {"state": {i: {names.get(k, k): v for k, v in s.items()} for i, s in new["state"].items()},
+           "param_groups": [{**{k: v for k, v in g.items() if k not in ("betas", "weight_decay")},
+                             "b1": g["betas"][0], "b2": g["betas"][1], "wd": g["weight_decay"]}
+                            for g in new["param_groups"]]}
+    fresh = AdamW([torch.nn.Parameter(p.detach().clone()) for p in ps])
+    fresh.load_state_dict(old)
+    assert fresh.param_groups[0]["betas"] == (0.8, 0.9) and fresh.param_groups[0]["weight_decay"] == 0.2
+    for p, q in zip(ps, fresh.param_groups[0]["params"]):
+        assert torch.equal(fresh.state[q]["exp_avg"], opt.state[p]["exp_avg"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the language: keywords, tuples, flags, `only` and saved keys
+
+HEAD = "optimizer X\nhyper lr = 1e-3 in [0, inf), b1 = 0.9 in [0, 1), b2 = 0.99 in [0, 1)\n"
+BODY = "state m\nm = lerp(m, g, 1 - b1)\np -= lr * b2 * m\n"
+
+
+@pytest.mark.parametrize("decl,message,line,caret", [
+    ("hyper betas = (b1, b3)", "'b3' in the tuple 'betas' is not a hyperparameter", 3, "b3"),
+    ("hyper betas = (b1, b1)", "'b1' is passed twice", 3, "b1)"),
+    ("hyper betas = (b1, b2), gammas = (b2, lr)", "'b2' is passed already in 'betas'", 3, "b2, lr"),
+    ("hyper wd = 0 in [0, inf) as lr", "'lr' would name two keywords", 3, "lr"),
+    ("hyper wd = 0 in [0, inf) as b1\nhyper betas = (b1, b2)", "'b1' would name two keywords", 3, "b1"),
+    ("hyper wd = 0 in [0, inf) as maximize", "'maximize' is reserved", 3, "maximize"),
+    ("hyper wd = 0 in [0, inf) as foreach", "'foreach' is reserved", 3, "foreach"),
+    ("hyper wd = 0 in [0, inf) as unknown", "'unknown' is reserved", 3, "unknown"),
+    ("hyper flag = True in [0, 1]", "the flag 'flag' takes no range", 3, "[0, 1]"),
+    ("hyper amsgrad = False only in [0, 1]", "syntax error", 3, "in"),  # `only` comes after a range
+    ("hyper amsgrad = 0 in [0, 1] only", "fixed by 'only'", 3, "[0, 1]"),
+    ("hyper wd = 0 as weight_decay\nhyper betas = (b1, wd)", "'wd' has its own keyword 'weight_decay'", 4,
+     "wd)"),
+    ("state v as step", "'step' cannot be a state's key", 3, "step"),
+    ("state v as m", "states 'v' and 'm' are both saved as 'm'", 4, "m\n"),
+    ("hyper betas = (b1)", "a tuple keyword groups declared hyperparameters", 3, ")"),
+    ("hyper wd = 0 as", "'as' names a keyword", 3, None),
+])
+def test_interface_errors_are_located_with_a_caret(decl, message, line, caret):
+    text = HEAD + decl + "\n" + BODY + ("v = g\np -= v\n" if "state v" in decl else "")
+    with pytest.raises(SpecError) as err:
+        optdsl.compile(text, "x.opt")
+    e = err.value
+    shown = str(e)
+    assert e.line == line, shown
+    assert shown.startswith(f"x.opt:{e.line}:{e.column}: error: ")
+    assert message in shown
+    assert "^" in shown and "hint: " in shown
+    if caret:
+        assert (text.splitlines()[line - 1] + "\n")[e.column - 1:].startswith(caret), shown
+
+
+def test_spec_without_interface_names_is_unchanged():
+    """No `as`, tuple, flag or `only`: the keywords and group keys are the hyperparameters' names."""
+    Plain = optdsl.compile(HEAD + BODY, "plain.opt")
+    assert list(inspect.signature(Plain).parameters)[:4] == ["params", "lr", "b1", "b2"]
+    assert not hasattr(Plain, "_ALIASES")
+    with pytest.raises(TypeError):
+        Plain([torch.nn.Parameter(torch.ones(1))], betas=(0.9, 0.9))
+
+
+def test_interface_in_a_small_spec():
+    """Tuple, keyword, flag, `only` and a saved key together, against a reference written here."""
+    X = optdsl.compile(HEAD + "hyper betas = (b1, b2)\nhyper wd = 0 in [0, inf) as weight_decay\n"
+                       "hyper flip = False, legacy = False only\nstate m as moment\n"
+                       "m = lerp(m, g, 1 - b1)\np -= lr * (b2 * m + wd * p) * (1 - 2 * flip)\n", "x.opt")
+    names = list(inspect.signature(X).parameters)
+    assert names[:6] == ["params", "lr", "betas", "weight_decay", "flip", "legacy"]
+    gen = torch.Generator().manual_seed(5)
+    for flip in (False, True):
+        p = torch.nn.Parameter(torch.randn(3, 2, generator=gen, dtype=torch.float64))
+        ref = p.detach().clone()
+        m = torch.zeros_like(ref)
+        opt = X([p], lr=0.1, betas=(0.7, 0.6), weight_decay=0.05, flip=flip)
+        for _ in range(3):
+            g = torch.randn(3, 2, generator=gen, dtype=torch.float64)
+            p.grad = g.clone()
+            opt.step()
+            m = 0.7 * m + 0.3 * g
+            ref = ref - 0.1 * (0.6 * m + 0.05 * ref) * (-1 if flip else 1)
+        _close(p.detach(), ref, "parameter")
+        assert set(opt.state_dict()["state"][0]) == {"step", "moment"}
+        assert opt.param_groups[0]["legacy"] is False
+    with pytest.raises(ValueError, match="does not implement legacy=True"):
+        X([p], legacy=True)
+
+
+def test_new_words_are_words_only_where_expected():
+    """`only` and `eager` stay good names; `as` may follow a state's initial value."""
+    X = optdsl.compile("optimizer X\nhyper lr = 0.5 in [0, inf)\nstate slow = 2 * p as anchor\n"
+                       "only = g * lr\nslow = slow - only\np = slow\n", "x.opt")
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = X([p])
+    for _ in range(2):
+        p.grad = torch.ones_like(p)
+        opt.step()
+    assert torch.equal(p.detach(), torch.tensor([1.0, -5.0], dtype=torch.float64))
+    assert set(opt.state_dict()["state"][0]) == {"step", "anchor"}
+    # a hyperparameter `only` and a state `eager` in a spec without the new forms: as before
+    Y = optdsl.compile("optimizer Y\nhyper only = 0.5 in [0, 1]\nstate m, eager\n"
+                       "eager = g\nm = m + eager\np -= only * m\n", "y.opt")
+    q = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt = Y([q], only=0.25)
+    for _ in range(2):
+        q.grad = torch.ones_like(q)
+        opt.step()
+    assert torch.equal(q.detach(), torch.full((2,), -0.75, dtype=torch.float64))
+    assert set(opt.state[q]) == {"step", "m", "eager"}
+
+
+def test_initial_values_read_hyperparameters_under_their_keywords():
+    X = optdsl.compile("optimizer X\nhyper lr = 0.5 in [0, inf), a = 2 in [0, inf), b = 3 in [0, inf)\n"
+                       "hyper ab = (a, b)\nhyper c = 4 in [0, inf) as scale\n"
+                       "state s = a * b + c * p as start\np = p - lr * s * g\n", "x.opt")
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    opt = X([p], ab=(5.0, 7.0), scale=0.5)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert torch.equal(opt.state[p]["start"], torch.tensor([35.5, 36.0], dtype=torch.float64))
+
+
+def test_adagrad_makes_its_state_with_the_optimizer_as_torch():
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    ours = spec("adagrad")([p], initial_accumulator_value=0.25)
+    ref = T.Adagrad([torch.nn.Parameter(p.detach().clone())], initial_accumulator_value=0.25)
+    saved, expected = ours.state_dict()["state"], ref.state_dict()["state"]
+    assert saved.keys() == expected.keys() == {0} and saved[0].keys() == expected[0].keys() == {"step", "sum"}
+    assert torch.equal(saved[0]["sum"], expected[0]["sum"]) and float(saved[0]["step"]) == 0
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_state_dict_has_torch_keys_and_dtypes(case):
+    """After the same steps, ours saves what torch.optim saves: keys, dtypes, shapes, values."""
+    name, Torch, kwargs = CASES[case]
+    p = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    q = torch.nn.Parameter(p.detach().clone())
+    ours, ref = spec(name)([p], **kwargs), Torch([q], **kwargs, foreach=False)
+    for step in range(2):
+        g = torch.full_like(p, 0.5 * step - 0.2)
+        p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    saved, expected = ours.state_dict(), ref.state_dict()
+    kept = _kept(Torch, kwargs)
+    for key, value in expected["state"].get(0, {}).items():  # SGD without momentum keeps none
+        assert key in kept or not torch.is_tensor(value)
+        mine = saved["state"][0][key]
+        assert mine.dtype == value.dtype and mine.shape == value.shape, key
+        _close(mine, value, key)
+    assert {k: v for k, v in saved["param_groups"][0].items() if k in expected["param_groups"][0]} == {
+        k: v for k, v in expected["param_groups"][0].items() if k in saved["param_groups"][0] and k != "foreach"
+    } | {"foreach": None}
