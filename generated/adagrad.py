@@ -326,8 +326,11 @@ def _single_tensor_adagrad(params, grads, sum_sq_list, state_steps, *, lr, lr_de
 def _multi_tensor_adagrad(params, grads, sum_sq_list, state_steps, *, lr, lr_decay, wd, initial_accumulator_value, eps):
     if not params:
         return
-    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, sum_sq_list, state_steps])
-    for (device_params, device_grads, device_sum_sq, device_steps), _ in grouped.values():
+    # Grouped by the parameters' device and dtype; states follow by index, as they may be stored in
+    # another dtype (float32 for bfloat16 parameters, or state_dtype), which the grouping refuses on CUDA.
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
+    for (device_params, device_grads, device_steps), indices in grouped.values():
+        device_sum_sq = [sum_sq_list[i] for i in indices]
         # Below, p, g and the states are lists: one entry per tensor of this device and dtype.
         exact = device_params[0].dtype in _EXACT
         p = device_params if exact else [x.float() for x in device_params]
@@ -512,8 +515,10 @@ def _fused_adagrad(params, grads, sum_sq_list, state_steps, *, lr, lr_decay, wd,
     if not params:
         return
     hyper_values = (float(eps), float(lr), float(lr_decay), float(wd), )
-    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, sum_sq_list, state_steps])
-    for (device, dtype), ((p, g, sum_sq, device_steps), _) in grouped.items():
+    # states follow the parameters by index: they may be stored in another dtype
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
+    for (device, dtype), ((p, g, device_steps), indices) in grouped.items():
+        sum_sq = [sum_sq_list[i] for i in indices]
         if device_steps[0].device != device:
             raise RuntimeError("Adagrad(fused=True): step counts must be on the parameters' device "
                                f"({device}), found {device_steps[0].device}")

@@ -249,8 +249,11 @@ def _multi_tensor_nsgda(params, grads, m_list, state_steps, *, lr, momentum, eps
         return
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - momentum
-    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, m_list, state_steps])
-    for (device_params, device_grads, device_m, device_steps), _ in grouped.values():
+    # Grouped by the parameters' device and dtype; states follow by index, as they may be stored in
+    # another dtype (float32 for bfloat16 parameters, or state_dtype), which the grouping refuses on CUDA.
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
+    for (device_params, device_grads, device_steps), indices in grouped.values():
+        device_m = [m_list[i] for i in indices]
         # Below, p, g and the states are lists: one entry per tensor of this device and dtype.
         exact = device_params[0].dtype in _EXACT
         p = device_params if exact else [x.float() for x in device_params]
@@ -487,8 +490,10 @@ def _fused_nsgda(params, grads, m_list, state_steps, *, lr, momentum, eps, wd):
         return
     k0 = 1 - momentum
     hyper_values = (float(eps), float(k0), float(lr), float(momentum), float(wd), )
-    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, m_list, state_steps])
-    for (device, dtype), ((p, g, m, device_steps), _) in grouped.items():
+    # states follow the parameters by index: they may be stored in another dtype
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
+    for (device, dtype), ((p, g, device_steps), indices) in grouped.items():
+        m = [m_list[i] for i in indices]
         if device_steps[0].device != device:
             raise RuntimeError("NSGDA(fused=True): step counts must be on the parameters' device "
                                f"({device}), found {device_steps[0].device}")

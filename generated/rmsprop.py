@@ -363,8 +363,13 @@ def _multi_tensor_rmsprop(params, grads, square_avg_list, grad_avg_list, buf_lis
     k1 = float(momentum > 0)
     k2 = 1 - alpha
     k3 = -centered
-    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, square_avg_list, grad_avg_list, buf_list, state_steps])
-    for (device_params, device_grads, device_square_avg, device_grad_avg, device_buf, device_steps), _ in grouped.values():
+    # Grouped by the parameters' device and dtype; states follow by index, as they may be stored in
+    # another dtype (float32 for bfloat16 parameters, or state_dtype), which the grouping refuses on CUDA.
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
+    for (device_params, device_grads, device_steps), indices in grouped.values():
+        device_square_avg = [square_avg_list[i] for i in indices]
+        device_grad_avg = [grad_avg_list[i] for i in indices]
+        device_buf = [buf_list[i] for i in indices]
         # Below, p, g and the states are lists: one entry per tensor of this device and dtype.
         exact = device_params[0].dtype in _EXACT
         p = device_params if exact else [x.float() for x in device_params]
@@ -590,8 +595,12 @@ def _fused_rmsprop(params, grads, square_avg_list, grad_avg_list, buf_list, stat
     k2 = 1 - alpha
     k3 = -centered
     hyper_values = (float(alpha), float(eps), float(k0), float(k1), float(k2), float(k3), float(momentum), float(wd), )
-    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, square_avg_list, grad_avg_list, buf_list, state_steps])
-    for (device, dtype), ((p, g, square_avg, grad_avg, buf, device_steps), _) in grouped.items():
+    # states follow the parameters by index: they may be stored in another dtype
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
+    for (device, dtype), ((p, g, device_steps), indices) in grouped.items():
+        square_avg = [square_avg_list[i] for i in indices]
+        grad_avg = [grad_avg_list[i] for i in indices]
+        buf = [buf_list[i] for i in indices]
         if device_steps[0].device != device:
             raise RuntimeError("RMSprop(fused=True): step counts must be on the parameters' device "
                                f"({device}), found {device_steps[0].device}")

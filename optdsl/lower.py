@@ -15,7 +15,7 @@ RESERVED = {"params", "defaults", "foreach", "fused", "closure", "self", "state"
             "inf", "in", "hyper", "optimizer", "os", "triton", "tl", "libdevice", "pid", "offsets", "mask",
             "scalars", "hypers", "numels", "block_tensor", "block_start", "device", "dtype", "compute",
             "per_tensor", "param", "grads", "state_steps", "step_t", "i", "device_params", "device_grads",
-            "device_steps", "grouped", "exact", "Optimizer", "LAUNCHES",
+            "device_steps", "grouped", "indices", "exact", "Optimizer", "LAUNCHES",
             "state_dtype", "stored", "value", "_store_rounded",  # bfloat16 states, stochastic rounding
             # Python built-ins and module names the generated code calls, and its per-tensor loop variable
             "super", "dict", "float", "bool", "str", "list", "tuple", "len", "zip", "all", "range", "enumerate",

@@ -62,8 +62,9 @@ def test_fused_equals_foreach(module, name, settings, dtype):
         ref, ref_opt = _run(cls, kw, dtype, foreach=True)
         for a, b in zip(fused, ref):
             if dtype in (torch.bfloat16, torch.float16):  # float32 arithmetic, round to nearest even:
-                # the same value, or one rounding step apart where float32 op order differs
-                ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)
+                # the same value, or a rounding step apart where float32 op order differs (compiled,
+                # Triton also contracts a*b+c into one fused multiply-add: allow two steps there)
+                ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10) * (2 if DEVICE == "cuda" else 1)
                 torch.testing.assert_close(a.float(), b.float(), rtol=ulp, atol=1e-6)
                 assert (a == b).float().mean() > 0.98
             else:
@@ -74,8 +75,9 @@ def test_fused_equals_foreach(module, name, settings, dtype):
                 assert got.dtype == value.dtype
                 # `step` is on the parameter's device for the fused kernel, on the CPU for foreach
                 assert got.device == (pa.device if key == "step" else value.device)
-                torch.testing.assert_close(got.to(value.device), value, rtol=1e-5 if dtype != torch.float64 else 1e-12,
-                                           atol=1e-6 if dtype != torch.float64 else 1e-12)
+                low = 1e-5 if DEVICE == "cpu" else 1e-4  # compiled: fused multiply-adds round differently
+                torch.testing.assert_close(got.to(value.device), value, rtol=low if dtype != torch.float64 else 1e-12,
+                                           atol=low / 10 if dtype != torch.float64 else 1e-12)
 
 
 def test_fused_adamw_matches_torch_adamw_float64():
