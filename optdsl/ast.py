@@ -77,6 +77,8 @@ class State:
     name: str
     init: Expr | None
     span: Span
+    shape: str = "full"          # full (like p), scalar, rows or cols: see ir.STATE_SHAPES
+    shape_span: Span | None = None
 
 
 @dataclass(frozen=True)

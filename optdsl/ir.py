@@ -12,7 +12,35 @@ from dataclasses import dataclass
 from .errors import Span
 
 BUILTINS = ("p", "g", "t", "loss")
+# The parameter's shape, as host numbers per parameter: rules by shape read them.
+SHAPE_BUILTINS = {"ndim": "p.dim()", "numel": "p.numel()",
+                  "nrows": "(p.shape[-2] if p.dim() >= 2 else 1)", "ncols": "(p.shape[-1] if p.dim() >= 1 else 1)"}
 TENSOR, SCALAR = "tensor", "scalar"
+
+# ---- shapes ----
+# A value's shape is told by the axes of p it has reduced (kept with size 1, so it broadcasts
+# back): FULL is shaped like p, ALL a scalar, None a shape that is not p's (a matrix product).
+FULL: frozenset = frozenset()
+ALL: frozenset = frozenset({"all"})
+STATE_SHAPES = {"full": FULL, "scalar": ALL,
+                "rows": frozenset({"-1"}),   # one value per row: p.shape[:-1] + (1,)
+                "cols": frozenset({"-2"})}   # one value per column: p.shape[:-2] + (1,) + p.shape[-1:]
+
+
+def join(a, b):
+    """The shape of an element-wise result of values shaped a and b (None: not known to be p's)."""
+    if a is None or b is None:
+        return None
+    if a == ALL or a == b:
+        return b
+    if b == ALL:
+        return a
+    return FULL if not a or not b else None
+
+
+def shape_text(shape) -> str:
+    names = {v: k for k, v in STATE_SHAPES.items()}
+    return names.get(shape, "not p's shape" if shape is None else "reduced over " + ", ".join(sorted(shape)))
 
 
 # ---- expressions ----
@@ -60,6 +88,7 @@ class State:
     name: str
     init: Expr | None  # over p0, hyperparameters and numbers; None is zero
     span: Span | None = None
+    shape: str = "full"  # a key of STATE_SHAPES
 
 
 @dataclass(frozen=True)
@@ -140,7 +169,8 @@ def format_program(prog: Program) -> str:
     for h in prog.hypers:
         lines.append(f"  hyper {h.name} = {_num(h.default)} in {h.range_text}")
     for s in prog.states:
-        lines.append(f"  state {s.name} = {format_expr(s.init) if s.init else '0'}")
+        shape = "" if s.shape == "full" else f": {s.shape}"
+        lines.append(f"  state {s.name}{shape} = {format_expr(s.init) if s.init else '0'}")
     lines.append("  in " + ", ".join(prog.inputs + ("t",) + (("loss",) if prog.uses_loss else ())))
     for eq in prog.eqns:
         lines.append(f"  {eq.out} = {format_expr(eq.expr)}" + ("    # scalar" if eq.kind == SCALAR else ""))

@@ -39,9 +39,10 @@ def _check_declarations(spec: ast.Spec) -> None:
         if name in lists:
             raise SpecError(f"'{name}' is the name of the generated code's list of state '{lists[name]}'",
                             decl.span, hint=f"rename it, e.g. '{name}_'")
-        if name in ir.BUILTINS:
+        if name in ir.BUILTINS or name in ir.SHAPE_BUILTINS:
             raise SpecError(f"'{name}' is a built-in name and cannot be declared", decl.span,
-                            hint="p, g, t and loss are provided by optdsl; choose another name")
+                            hint="p, g, t, loss, ndim, numel, nrows and ncols are provided by optdsl; "
+                                 "choose another name")
         if name in TABLE:
             raise SpecError(f"'{name}' is a function and cannot be declared as a {kind}", decl.span,
                             hint=f"rename the {kind}, e.g. '{name}_'")
@@ -52,6 +53,10 @@ def _check_declarations(spec: ast.Spec) -> None:
             raise SpecError(f"'{name}' is declared twice (already a {seen[name]})", decl.span,
                             hint="remove one of the declarations or rename it")
         seen[name] = kind
+    for st in spec.states:
+        if st.shape not in ir.STATE_SHAPES:
+            raise SpecError(f"unknown state shape '{st.shape}'", st.shape_span,
+                            hint="a state is shaped like p unless declared ': scalar', ': rows' or ': cols'")
     starts = {ir.ssa_name(b, 0): b for b in ["p", "g", *(s.name for s in spec.states)]}
     for h in spec.hypers:  # the IR names the step-start value of m `m0`: a hyperparameter may not
         if h.name in starts:
@@ -76,13 +81,17 @@ class _Lowering:
         self.states = {s.name for s in spec.states}
         self.version: dict[str, int] = {"p": 0, "g": 0, **{s: 0 for s in self.states}}
         self.kind: dict[str, str] = {}  # SSA name -> TENSOR/SCALAR
+        self.shape: dict[str, frozenset | None] = {}  # SSA name -> shape (see ir.join)
+        self.declared = {s.name: ir.STATE_SHAPES[s.shape] for s in spec.states}
         self.eqns: list[ir.Eqn] = []
         self.read: set[str] = set()     # spec names read by some statement
         self.uses_loss = False
         self.assigned_later = {a.target for a in spec.body}
         self.warnings: list[SpecWarning] = []
         for base in self.version:
-            self.kind[ir.ssa_name(base, 0)] = ir.TENSOR
+            shape = self.declared.get(base, ir.FULL)
+            self.kind[ir.ssa_name(base, 0)] = ir.SCALAR if shape == ir.ALL else ir.TENSOR
+            self.shape[ir.ssa_name(base, 0)] = shape
 
     def ssa(self, n: str, version: int) -> str:
         """The SSA name of a version; a later one steps aside for a hyperparameter (hyper b1, local b)."""
@@ -93,7 +102,7 @@ class _Lowering:
 
     # ---- expressions ----
     def visible(self) -> set[str]:
-        return set(self.version) | self.hypers | {"t", "loss"}
+        return set(self.version) | self.hypers | {"t", "loss"} | set(ir.SHAPE_BUILTINS)
 
     def expr(self, e: ast.Expr, allowed: set[str] | None = None) -> ir.Expr:
         if isinstance(e, ast.Num):
@@ -121,7 +130,7 @@ class _Lowering:
         if n in self.hypers:
             self.read.add(n)
             return ir.Ref(n, e.span)
-        if n in ("t", "loss"):
+        if n in ("t", "loss") or n in ir.SHAPE_BUILTINS:
             self.uses_loss |= n == "loss"
             return ir.Ref(n, e.span)
         if n in self.version:
@@ -156,6 +165,27 @@ class _Lowering:
             return ir.SCALAR
         return ir.TENSOR if any(self.kind_of(a) == ir.TENSOR for a in e.args) else ir.SCALAR
 
+    def shape_of(self, e: ir.Expr):
+        """The value's shape (ir.FULL, ir.ALL, axes reduced, or None when not p's)."""
+        if isinstance(e, ir.Const):
+            return ir.ALL
+        if isinstance(e, ir.Ref):
+            return self.shape.get(e.name, ir.ALL)
+        fn = TABLE.get(e.op)
+        args = [self.shape_of(a) for a in e.args]
+        if fn is not None and fn.reduction:
+            return ir.ALL
+        if fn is not None and fn.axis:
+            return None if args[0] is None else args[0] if args[0] == ir.ALL else args[0] | {fn.axis}
+        if fn is not None and fn.matrix:
+            return None if any(a != ir.ALL for a in args) else ir.ALL
+        if e.op == "where" and args[0] == ir.ALL:  # a scalar condition picks one whole branch
+            args = args[1:]
+        out = ir.ALL
+        for a in args:
+            out = ir.join(out, a)
+        return out
+
     # ---- statements ----
     def assign(self, a: ast.Assign) -> None:
         n = a.target
@@ -163,7 +193,7 @@ class _Lowering:
             raise SpecError(f"cannot assign the hyperparameter '{n}'", a.target_span,
                             hint="hyperparameters are read-only; assign a local instead, e.g. "
                                  f"'{n}_eff = ...'")
-        if n in ("t", "loss"):
+        if n in ("t", "loss") or n in ir.SHAPE_BUILTINS:
             raise SpecError(f"cannot assign the built-in '{n}'", a.target_span,
                             hint=f"'{n}' is read-only; assign a local with another name")
         if n in TABLE:
@@ -184,6 +214,17 @@ class _Lowering:
         self.version[n] = version
         out = self.ssa(n, version)
         kind = self.kind_of(value)
+        shape = self.shape_of(value)
+        want = self.declared.get(n)
+        if want is not None and want != ir.FULL and shape != want and shape != ir.ALL:
+            decl = next(s for s in self.spec.states if s.name == n)
+            raise SpecError(f"state '{n}' is declared ': {decl.shape}' but this value is "
+                            f"{ir.shape_text(shape) if shape is not None else 'of another shape'}", a.span,
+                            hint="reduce the value to the state's shape (norm, mean, row_mean, col_mean, ...) "
+                                 "or declare the state without a shape")
+        if n in self.declared and want == ir.ALL:
+            kind = ir.SCALAR
+        self.shape[out] = ir.FULL if n == "p" else shape if want is None else want
         self.kind[out] = kind
         self.eqns.append(ir.Eqn(out, n, kind, value, a.span))
 
@@ -193,7 +234,7 @@ class _Lowering:
         init_names = {"p"} | self.hypers
         for s in spec.states:
             init = self.expr(s.init, allowed=init_names) if s.init is not None else None
-            states.append(ir.State(s.name, init, s.span))
+            states.append(ir.State(s.name, init, s.span, s.shape))
         self.read -= self.states  # reading p in an initial value does not use a state
         for a in spec.body:
             self.assign(a)

@@ -103,8 +103,10 @@ class _ToAst(Transformer):
         return ("hyper", children)
 
     def state_item(self, meta, children):
-        name, init = children
-        return ast.State(str(name), init, _span(name))
+        name, shape, init = children
+        if shape is None:
+            return ast.State(str(name), init, _span(name))
+        return ast.State(str(name), init, _span(name), str(shape), _span(shape))
 
     def state_decl(self, meta, children):
         return ("state", children)

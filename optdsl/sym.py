@@ -77,7 +77,18 @@ def symbols_of(prog: ir.Program) -> dict[str, sp.Symbol]:
     syms = {ssa: sp.Symbol(code) for ssa, code in names.items()}
     syms.update({h.name: sp.Symbol(h.name) for h in prog.hypers})
     syms.update({"t": sp.Symbol("t"), "loss": sp.Symbol("loss")})
+    syms.update({n: sp.Symbol(n) for n in ir.SHAPE_BUILTINS})
     return syms
+
+
+def input_levels(prog: ir.Program) -> dict[sp.Symbol, int]:
+    """The level of every input: tensors, scalar states (0-dim tensors), hyperparameters, t, shape."""
+    levels = {sp.Symbol("p"): TENSOR, sp.Symbol("g"): TENSOR}
+    levels.update({sp.Symbol(s.name): DEVICE if s.shape == "scalar" else TENSOR for s in prog.states})
+    levels.update({sp.Symbol(h.name): GROUP for h in prog.hypers})
+    levels.update({sp.Symbol("t"): PARAM, sp.Symbol("loss"): GROUP})
+    levels.update({sp.Symbol(n): PARAM for n in ir.SHAPE_BUILTINS})
+    return levels
 
 
 def meanings(prog: ir.Program) -> tuple[dict[str, sp.Symbol], dict[str, sp.Expr], dict[str, sp.Expr]]:
@@ -113,9 +124,7 @@ class Plan:
     outputs: tuple[tuple[str, sp.Expr], ...]  # (p or state, value over inputs and step symbols)
 
     def level_of(self) -> dict[sp.Symbol, int]:
-        levels = {s: TENSOR for s in self.inputs}
-        levels.update({sp.Symbol(h.name): GROUP for h in self.program.hypers})
-        levels.update({sp.Symbol("t"): PARAM, sp.Symbol("loss"): GROUP})
+        levels = input_levels(self.program)
         for d in self.group + self.param + self.steps:
             levels[d.symbol] = d.level
         return levels
@@ -229,9 +238,7 @@ def _toposort(defs: list[Def]) -> list[Def]:
 def plan(prog: ir.Program) -> Plan:
     syms, env, outputs = meanings(prog)
     inputs = tuple(syms[n] for n in prog.inputs)
-    levels = {s: TENSOR for s in inputs}
-    levels.update({syms[h.name]: GROUP for h in prog.hypers})
-    levels.update({syms["t"]: PARAM, syms["loss"]: GROUP})
+    levels = input_levels(prog)
     taken = {str(s) for s in syms.values()} | {eq.target for eq in prog.eqns} | RESERVED
     # A hoisted scalar that is exactly a spec local keeps the local's name.
     preferred = {env[eq.out]: eq.target for eq in prog.eqns

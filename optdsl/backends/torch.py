@@ -64,7 +64,8 @@ def _indent(block, printer) -> list[str]:
 def _single_line(instr: Instr) -> str:
     a = [x.code for x in instr.args]
     if instr.op == "copy":
-        return f"{a[0]}.copy_({a[1]})"
+        fill = "fill_" if instr.args[1].level in (GROUP, PARAM) else "copy_"  # a host float fills
+        return f"{a[0]}.{fill}({a[1]})"
     if instr.op in ("call", "reduce", "scalar"):
         if instr.op == "scalar":
             return f"{instr.out} = {instr.template}"
@@ -147,7 +148,10 @@ def render(plan: Plan, source: str, filename: str) -> str:
     names |= {str(d.symbol) for d in plan.group + plan.param + plan.steps}
     instrs = Emitter(plan, names).run()
     host = HostPrinter()
-    t_elem = {"t": "t_", **{str(d.symbol): f"{d.symbol}_" for d in plan.param}}
+    read = set().union(*(d.expr.free_symbols for d in plan.group + plan.param + plan.steps),
+                       *(e.free_symbols for _, e in plan.outputs))
+    shapes = [n for n in ir.SHAPE_BUILTINS if sp.Symbol(n) in read]
+    t_elem = {"t": "t_", **{n: f"{n}_" for n in shapes}, **{str(d.symbol): f"{d.symbol}_" for d in plan.param}}
     param_multi = []
     for d in plan.param:
         deps = sorted({str(s) for s in d.expr.free_symbols if str(s) in t_elem}, key=str)
@@ -161,7 +165,9 @@ def render(plan: Plan, source: str, filename: str) -> str:
     ctx = dict(
         name=prog.name, func=_functional_name(prog.name), doc=prog.doc, filename=filename,
         hypers=prog.hypers, states=states, uses_loss=prog.uses_loss,
-        state_inits=[(s.name, _init_code(s, prog)) for s in prog.states],
+        state_inits=[(s.name, _init_code(s, prog), _STATE_SHAPE_CODE[s.shape]) for s in prog.states],
+        shape_single=[(n, ir.SHAPE_BUILTINS[n]) for n in shapes],
+        shape_multi=[(n, f"[{_rename_word(ir.SHAPE_BUILTINS[n], 'p', 'x_')} for x_ in p]") for n in shapes],
         group_defs=[(str(d.symbol), host.doprint(d.expr)) for d in plan.group],
         param_single=[(str(d.symbol), host.doprint(d.expr)) for d in plan.param],
         param_multi=param_multi,
@@ -170,13 +176,19 @@ def render(plan: Plan, source: str, filename: str) -> str:
         statements=list(dict.fromkeys(statements)), latex=statement_math(prog, latex=True),
         spec=source.strip("\n").replace('"""', '""\\"'), number=_py_number,  # in a r""" docstring
     )
-    host_code = "\n".join(e for _, e in ctx["group_defs"] + ctx["param_single"] + ctx["state_inits"] if e)
+    host_code = "\n".join(e for _, e in ctx["group_defs"] + ctx["param_single"] if e)
+    host_code += "\n".join(e for _, e, _ in ctx["state_inits"] if e)
     ctx["helpers"] = [code for name, code in HOST_HELPERS.items() if f"{name}(" in host_code]
     ctx["unsupported"] = triton_backend.unsupported(plan)
     if not ctx["unsupported"]:
         ctx.update(triton_backend.kernel_context(plan))
     ctx["fused_code"] = environment().get_template("triton_fused.py.j2").render(**ctx)
     return environment().get_template("torch_optimizer.py.j2").render(**ctx)
+
+
+# The shape of a state's tensor, from p's (None: torch.zeros_like(p)).
+_STATE_SHAPE_CODE = {"full": None, "scalar": "()", "rows": "p.shape[:-1] + (1,)",
+                     "cols": "p.shape[:-2] + (1,) + p.shape[-1:]"}
 
 
 def _py_number(x: float) -> str:
