@@ -91,10 +91,35 @@ class Assign:
 
 
 @dataclass(frozen=True)
+class Block:
+    kind: str               # "repeat" (arg: the count) or "every" (arg: the period)
+    arg: Expr
+    body: tuple[Assign | Block, ...]
+    span: Span
+
+
+@dataclass(frozen=True)
+class Rule:
+    cond: Expr | None       # over the shape built-ins and hyperparameters; None: every parameter
+    states: tuple[State, ...]
+    body: tuple[Assign | Block, ...]
+    span: Span
+
+
+@dataclass(frozen=True)
+class Input:
+    name: str
+    default: float
+    span: Span
+
+
+@dataclass(frozen=True)
 class Spec:
     name: str
     doc: str
     hypers: tuple[Hyper, ...]
     states: tuple[State, ...]
-    body: tuple[Assign, ...]
+    body: tuple[Assign | Block, ...]
     name_span: Span
+    rules: tuple[Rule, ...] = ()
+    inputs: tuple[Input, ...] = ()

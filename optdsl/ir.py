@@ -89,6 +89,7 @@ class State:
     init: Expr | None  # over p0, hyperparameters and numbers; None is zero
     span: Span | None = None
     shape: str = "full"  # a key of STATE_SHAPES
+    fed: bool = False    # an `input`: a scalar the training loop sets, read-only in the spec
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import keyword
+from dataclasses import replace
 
 from . import ast, ir
 from .errors import Span, SpecError, SpecWarning
@@ -78,6 +79,7 @@ class _Lowering:
     def __init__(self, spec: ast.Spec):
         self.spec = spec
         self.hypers = {h.name for h in spec.hypers}
+        self.fed = {i.name for i in spec.inputs}
         self.states = {s.name for s in spec.states}
         self.version: dict[str, int] = {"p": 0, "g": 0, **{s: 0 for s in self.states}}
         self.kind: dict[str, str] = {}  # SSA name -> TENSOR/SCALAR
@@ -86,7 +88,7 @@ class _Lowering:
         self.eqns: list[ir.Eqn] = []
         self.read: set[str] = set()     # spec names read by some statement
         self.uses_loss = False
-        self.assigned_later = {a.target for a in spec.body}
+        self.assigned_later = set(_targets(spec.body))
         self.warnings: list[SpecWarning] = []
         for base in self.version:
             shape = self.declared.get(base, ir.FULL)
@@ -187,6 +189,51 @@ class _Lowering:
         return out
 
     # ---- statements ----
+    def statement(self, item: ast.Assign | ast.Block) -> None:
+        if isinstance(item, ast.Assign):
+            self.assign(item)
+        elif item.kind == "repeat":
+            self.repeat(item)
+        else:
+            self.every(item)
+
+    def repeat(self, block: ast.Block) -> None:
+        """A bounded loop is unrolled: its count is a whole number written in the spec."""
+        count = block.arg.value
+        if count != int(count) or not 1 <= count <= MAX_REPEAT:
+            raise SpecError(f"'repeat' takes a whole number of rounds from 1 to {MAX_REPEAT}, got {count:g}",
+                            block.arg.span, hint="write the count as a number, e.g. 'repeat 5 {'")
+        for _ in range(int(count)):
+            for item in block.body:
+                self.statement(item)
+
+    def every(self, block: ast.Block) -> None:
+        """Periodic work: each value the block assigns becomes where(t % k == 0, new, old)."""
+        period = self.expr(block.arg)
+        if self.kind_of(period) != ir.SCALAR or self._reads_step_values(period):
+            raise SpecError("the period of 'every' must be a number or a hyperparameter", block.arg.span,
+                            hint="write e.g. 'every k {' with 'hyper k = 5 in [1, inf)'")
+        before = dict(self.version)
+        for item in block.body:
+            self.statement(item)
+        due = ir.Op("eq", (ir.Op("mod", (ir.Ref("t", block.span), period), block.span), ir.Const(0.0)), block.span)
+        for n in dict.fromkeys(_targets(block.body)):
+            if n not in before:  # a local of the block alone: not visible after it
+                del self.version[n]
+                continue
+            value = ir.Op("where", (due, ir.Ref(self.ssa(n, self.version[n])), ir.Ref(self.ssa(n, before[n]))),
+                          block.span)
+            self.version[n] += 1
+            out = self.ssa(n, self.version[n])
+            self.kind[out] = self.kind_of(value)
+            self.shape[out] = self.shape[self.ssa(n, self.version[n] - 1)]
+            self.eqns.append(ir.Eqn(out, n, self.kind[out], value, block.span))
+
+    def _reads_step_values(self, e: ir.Expr) -> bool:
+        if isinstance(e, ir.Ref):
+            return e.name not in self.hypers
+        return isinstance(e, ir.Op) and any(self._reads_step_values(a) for a in e.args)
+
     def assign(self, a: ast.Assign) -> None:
         n = a.target
         if n in self.hypers:
@@ -196,6 +243,9 @@ class _Lowering:
         if n in ("t", "loss") or n in ir.SHAPE_BUILTINS:
             raise SpecError(f"cannot assign the built-in '{n}'", a.target_span,
                             hint=f"'{n}' is read-only; assign a local with another name")
+        if n in self.fed:
+            raise SpecError(f"cannot assign the input '{n}'", a.target_span,
+                            hint="an input is set by the training loop (optimizer.feed); assign a local instead")
         if n in TABLE:
             raise SpecError(f"cannot assign '{n}': it is a function", a.target_span,
                             hint=f"choose another name, e.g. '{n}_'")
@@ -234,10 +284,10 @@ class _Lowering:
         init_names = {"p"} | self.hypers
         for s in spec.states:
             init = self.expr(s.init, allowed=init_names) if s.init is not None else None
-            states.append(ir.State(s.name, init, s.span, s.shape))
+            states.append(ir.State(s.name, init, s.span, s.shape, s.name in self.fed))
         self.read -= self.states  # reading p in an initial value does not use a state
         for a in spec.body:
-            self.assign(a)
+            self.statement(a)
         if self.version["p"] == 0:
             raise SpecError(f"'{spec.name}' never assigns p, so it would never update a parameter",
                             spec.name_span, hint="add an update such as 'p -= lr * g'")
@@ -284,8 +334,65 @@ class _Lowering:
         return reads
 
 
+MAX_REPEAT = 64
+
+
+def _targets(body):
+    """Every name a body assigns, blocks included, in order."""
+    for item in body:
+        if isinstance(item, ast.Assign):
+            yield item.target
+        else:
+            yield from _targets(item.body)
+
+
 def lower(spec: ast.Spec) -> tuple[ir.Program, list[SpecWarning]]:
     """Resolve names and build the SSA program; raises SpecError on the first problem."""
+    if spec.rules:
+        raise SpecError("this spec has rules: lower it with lower_rules", spec.name_span)
+    # An input is a scalar state the step reads and never writes; the training loop sets it.
+    spec = replace(spec, states=spec.states + tuple(
+        ast.State(i.name, ast.Num(i.default, i.span), i.span, "scalar") for i in spec.inputs))
     _check_declarations(spec)
     lowering = _Lowering(spec)
     return lowering.run(), lowering.warnings
+
+
+def lower_rules(spec: ast.Spec) -> tuple[list[tuple[ir.Expr | None, ir.Program]], list[SpecWarning]]:
+    """One program per rule, each with its condition on the parameter's shape (None: any).
+
+    A spec without rules is one rule that takes every parameter.
+    """
+    rules = spec.rules or (ast.Rule(None, spec.states, spec.body, spec.name_span),)
+    out, warnings, unused = [], [], []
+    for i, rule in enumerate(rules):
+        if rule.cond is None and i < len(rules) - 1:
+            raise SpecError("a rule without a condition takes every parameter, so the rules after it never run",
+                            rule.span, hint="put the rule without a condition last")
+        program, found = lower(replace(spec, states=rule.states, body=rule.body, rules=()))
+        hyper = [w for w in found if w.message.startswith("hyperparameter '")]
+        unused.append({w.message: w for w in hyper})
+        warnings += [w for w in found if w not in hyper]
+        out.append((_rule_condition(rule.cond, spec), program))
+    common = set.intersection(*(set(u) for u in unused))  # a hyperparameter no rule reads
+    warnings += [w for m, w in unused[0].items() if m in common]
+    return out, warnings
+
+
+def _rule_condition(cond: ast.Expr | None, spec: ast.Spec) -> ir.Expr | None:
+    if cond is None:
+        return None
+    allowed = set(ir.SHAPE_BUILTINS) | {h.name for h in spec.hypers}
+
+    def names(e):
+        if isinstance(e, ast.Name):
+            yield e
+        for child in (getattr(e, "args", ()) or ()) + tuple(
+                x for x in (getattr(e, "left", None), getattr(e, "right", None), getattr(e, "operand", None)) if x):
+            yield from names(child)
+    for n in names(cond):
+        if n.id not in allowed:
+            raise SpecError(f"a rule's condition cannot read '{n.id}'", n.span,
+                            hint="it is decided per parameter from its shape (ndim, numel, nrows, ncols) "
+                                 "and the hyperparameters")
+    return _Lowering(replace(spec, states=(), body=(), rules=())).expr(cond)

@@ -119,19 +119,65 @@ class _ToAst(Transformer):
         name, op, value = children
         return ast.Assign(str(name), str(op), value, _span(meta), _span(name))
 
-    def start(self, meta, children):
-        (_, name, doc, name_span), *items = children
-        hypers, states, body = [], [], []
+    def _block_body(self, items):
+        return tuple(i for i in items if i is not None)
+
+    def repeat_block(self, meta, children):
+        count, *items = children
+        return ast.Block("repeat", ast.Num(float(count), _span(count)), self._block_body(items), _span(meta))
+
+    def every_block(self, meta, children):
+        period, *items = children
+        return ast.Block("every", period, self._block_body(items), _span(meta))
+
+    def rule_block(self, meta, children):
+        cond, *items = children
+        states, body = [], []
         for item in items:
-            if isinstance(item, ast.Assign):
+            if isinstance(item, (ast.Assign, ast.Block)):
                 body.append(item)
                 continue
-            kind, decls = item
             if body:
-                raise SpecError(f"'{kind}' declaration after the first statement", decls[0].span,
-                                hint="move every 'hyper' and 'state' line above the first statement")
-            (hypers if kind == "hyper" else states).extend(decls)
-        return ast.Spec(name, doc, tuple(hypers), tuple(states), tuple(body), name_span)
+                raise SpecError("'state' declaration after the rule's first statement", item[1][0].span,
+                                hint="declare the rule's states at the top of its block")
+            states.extend(item[1])
+        return ast.Rule(cond, tuple(states), tuple(body), _span(meta))
+
+    def input_item(self, meta, children):
+        name, default = children
+        return ast.Input(str(name), default.value, _span(name))
+
+    def input_decl(self, meta, children):
+        return ("input", children)
+
+    def start(self, meta, children):
+        (_, name, doc, name_span), *items = children
+        decls = {"hyper": [], "state": [], "input": []}
+        body, rules = [], []
+        for item in items:
+            if isinstance(item, ast.Rule):
+                if body:
+                    raise SpecError("a spec with rules has its statements inside them", body[0].span,
+                                    hint="move the statements into the 'rule' blocks")
+                rules.append(item)
+                continue
+            if isinstance(item, (ast.Assign, ast.Block)):
+                if rules:
+                    raise SpecError("a statement after a 'rule' block", item.span,
+                                    hint="with rules, every statement belongs to a rule")
+                body.append(item)
+                continue
+            kind, found = item
+            if body or rules:
+                raise SpecError(f"'{kind}' declaration after the first statement", found[0].span,
+                                hint="move every 'hyper', 'state' and 'input' line above the first statement "
+                                     "(a rule's own states go at the top of its block)")
+            decls[kind].extend(found)
+        if rules and decls["state"]:
+            raise SpecError("with rules, states are declared inside each rule", decls["state"][0].span,
+                            hint="move the 'state' line into the rules that use it")
+        return ast.Spec(name, doc, tuple(decls["hyper"]), tuple(decls["state"]), tuple(body), name_span,
+                        tuple(rules), tuple(decls["input"]))
 
 
 # Labelled bad inputs: Lark matches a failing parse against these to pick the message.

@@ -142,7 +142,8 @@ def _functional_name(name: str) -> str:
     return low + "_" if keyword.iskeyword(low) else low
 
 
-def render(plan: Plan, source: str, filename: str) -> str:
+def _rule_context(plan: Plan, func: str, suffix: str) -> dict:
+    """What the template prints for one rule: its states, scalars and the two step bodies."""
     prog = plan.program
     names = {str(s) for s in plan.inputs} | {h.name for h in prog.hypers} | INTERNAL_NAMES
     names |= {str(d.symbol) for d in plan.group + plan.param + plan.steps}
@@ -158,14 +159,9 @@ def render(plan: Plan, source: str, filename: str) -> str:
         body = HostPrinter(t_elem).doprint(d.expr)
         it = deps[0] if len(deps) == 1 else f"zip({', '.join(deps)})"
         param_multi.append((str(d.symbol), f"[{body} for {', '.join(t_elem[x] for x in deps)} in {it}]"))
-    states = [s.name for s in prog.states]
-    source_lines = source.splitlines()
-    statements = [" ".join(source_lines[eq.span.line - 1].split("#")[0].split())
-                  for eq in prog.eqns if eq.span]
-    ctx = dict(
-        name=prog.name, func=_functional_name(prog.name), doc=prog.doc, filename=filename,
-        hypers=prog.hypers, states=states, uses_loss=prog.uses_loss,
-        state_inits=[(s.name, _init_code(s, prog), _STATE_SHAPE_CODE[s.shape]) for s in prog.states],
+    return dict(
+        func=func, suffix=suffix, states=[s.name for s in prog.states], uses_loss=prog.uses_loss,
+        state_inits=[(s.name, _init_code(s, prog), _STATE_SHAPE_CODE[s.shape], s.fed) for s in prog.states],
         shape_single=[(n, ir.SHAPE_BUILTINS[n]) for n in shapes],
         shape_multi=[(n, f"[{_rename_word(ir.SHAPE_BUILTINS[n], 'p', 'x_')} for x_ in p]") for n in shapes],
         group_defs=[(str(d.symbol), host.doprint(d.expr)) for d in plan.group],
@@ -173,17 +169,51 @@ def render(plan: Plan, source: str, filename: str) -> str:
         param_multi=param_multi,
         single_body=[line for i in instrs for line in single(i)],
         multi_body=[line for i in instrs for line in multi(i)],
-        statements=list(dict.fromkeys(statements)), latex=statement_math(prog, latex=True),
+    )
+
+
+def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
+    """The module for a spec; `rules` holds (condition code or None, plan) when it has rules by shape."""
+    prog = plan.program
+    rules = rules or ((None, plan),)
+    func = _functional_name(prog.name)
+    contexts = [_rule_context(p, f"{func}_{i}" if len(rules) > 1 else func, f"_{i}" if len(rules) > 1 else "")
+                for i, (_, p) in enumerate(rules)]
+    source_lines = source.splitlines()
+    statements = [" ".join(source_lines[eq.span.line - 1].split("#")[0].split())
+                  for _, p in rules for eq in p.program.eqns if eq.span]
+    latex = []
+    for cond, p in rules:
+        if len(rules) > 1:
+            shown = "every other parameter" if cond is None else f"parameters with {cond}"
+            latex.append(r"&\text{for " + shown.replace("_", r"\_") + "}")
+        latex += statement_math(p.program, latex=True)
+    ctx = dict(contexts[0],
+        name=prog.name, fused_func=func, doc=prog.doc, filename=filename, hypers=prog.hypers,
+        uses_loss=any(p.program.uses_loss for _, p in rules), rules=contexts,
+        rule_conds=[cond for cond, _ in rules] if len(rules) > 1 else [],
+        inputs=[s.name for s in prog.states if s.fed],
+        statements=list(dict.fromkeys(statements)), latex=latex,
         spec=source.strip("\n").replace('"""', '""\\"'), number=_py_number,  # in a r""" docstring
     )
-    host_code = "\n".join(e for _, e in ctx["group_defs"] + ctx["param_single"] if e)
-    host_code += "\n".join(e for _, e, _ in ctx["state_inits"] if e)
+    host_code = "\n".join(e for c in contexts for _, e in c["group_defs"] + c["param_single"] if e)
+    host_code += "\n".join(e for c in contexts for _, e, _, _ in c["state_inits"] if e)
     ctx["helpers"] = [code for name, code in HOST_HELPERS.items() if f"{name}(" in host_code]
-    ctx["unsupported"] = triton_backend.unsupported(plan)
+    ctx["unsupported"] = "rules by parameter shape are not fused yet" if len(rules) > 1 else \
+        triton_backend.unsupported(plan)
     if not ctx["unsupported"]:
         ctx.update(triton_backend.kernel_context(plan))
+    ctx["func"] = func
     ctx["fused_code"] = environment().get_template("triton_fused.py.j2").render(**ctx)
     return environment().get_template("torch_optimizer.py.j2").render(**ctx)
+
+
+def condition_code(cond: ir.Expr, prog: ir.Program) -> str:
+    """A rule's condition as Python over the parameter `p` and its `group`."""
+    from ..sym import to_sympy
+    env = {h.name: sp.Symbol(f'group["{h.name}"]') for h in prog.hypers}
+    env.update({n: sp.Symbol(code) for n, code in ir.SHAPE_BUILTINS.items()})
+    return HostPrinter().doprint(to_sympy(cond, env))
 
 
 # The shape of a state's tensor, from p's (None: torch.zeros_like(p)).
