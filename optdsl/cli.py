@@ -100,6 +100,21 @@ def _equiv(args) -> int:
     return verdict.exit_code
 
 
+def _info(args) -> int:
+    from .info import parse_shape, report
+    try:
+        shape = parse_shape(args.shape)
+        compiled = compile_source(Path(args.spec).read_text(encoding="utf-8"), Path(args.spec).as_posix())
+        print(report(compiled, shape))
+    except SpecError as err:
+        print(err, file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as err:
+        print(f"optdsl info: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="optdsl", description="Compile optimizer specs to PyTorch.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="rename a hyperparameter or state of A to B's name (repeatable)")
     e.add_argument("--samples", type=int, default=200, help="random points tried for a counterexample (default 200)")
     e.set_defaults(run=_equiv)
+    i = sub.add_parser("info", help="state memory per parameter of a given shape",
+                       epilog="example:\n  optdsl info specs/adafactor.opt --shape 4096x4096",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    i.add_argument("spec", help="one .opt file")
+    i.add_argument("--shape", default="4096x4096", help="the parameter's shape (default 4096x4096)")
+    i.set_defaults(run=_info)
     args = parser.parse_args(argv)
     return args.run(args)
 

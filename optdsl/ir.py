@@ -35,7 +35,9 @@ def join(a, b):
         return b
     if b == ALL:
         return a
-    return FULL if not a or not b else None
+    if "unit" in a | b:  # which axes "all but the first" covers depends on the rank
+        return FULL if not a or not b else None
+    return a & b  # an axis stays reduced only where both operands reduced it
 
 
 def shape_text(shape) -> str:

@@ -14,7 +14,7 @@ class Compiled:
     plan: sym.Plan
     warnings: tuple[SpecWarning, ...]
     python: str  # the generated module
-    rules: tuple = ()  # (condition code, program, plan) per rule, for a spec with rules by shape
+    rules: tuple = ()  # (condition code, program, plan, condition as written) per rule, for rules by shape
 
 
 def compile_source(text: str, filename: str = "<spec>") -> Compiled:
@@ -26,9 +26,10 @@ def compile_source(text: str, filename: str = "<spec>") -> Compiled:
         for cond, program in lowered:
             warnings = warnings + check.check(program)
             code = torch_backend.condition_code(cond, program) if cond is not None else None
-            rules.append((code, program, sym.plan(program)))
+            shown = ir.format_expr(cond) if cond is not None else None
+            rules.append((code, program, sym.plan(program), shown))
         program, plan = rules[0][1], rules[0][2]
-        python = torch_backend.render(plan, text, filename, tuple((c, p) for c, _, p in rules))
+        python = torch_backend.render(plan, text, filename, tuple((r[0], r[2], r[3]) for r in rules))
     except SpecError as err:
         raise err.located(filename, text) from None
     except RecursionError:

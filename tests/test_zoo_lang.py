@@ -108,6 +108,65 @@ def adalo_update(p, g, state, t, b1, b2, kappa, eps, wd, loss):
     p.sub_(m * lr_t)
 
 
+def adafactor_momentum_update(p, g, state, t, lr, beta2_decay, eps1, eps2, d, wd, b1):
+    # torch.optim.Adafactor's step, with Shazeer & Stern's first moment of the clipped update.
+    alpha = max(eps2, p.norm(2).item() / p.numel() ** 0.5) * min(lr, 1 / t**0.5)
+    p.mul_(1 - lr * wd)
+    w = t**beta2_decay
+    if g.dim() > 1:
+        row = state.setdefault("row", torch.zeros(p.shape[:-1] + (1,), dtype=p.dtype))
+        col = state.setdefault("col", torch.zeros(p.shape[:-2] + (1,) + p.shape[-1:], dtype=p.dtype))
+        row.lerp_((g * g).mean(dim=-1, keepdim=True), w)
+        col.lerp_((g * g).mean(dim=-2, keepdim=True), w)
+        var = (row @ col) / row.mean(dim=-2, keepdim=True).clamp(min=eps1)
+    else:
+        v = state.setdefault("v", torch.zeros_like(p))
+        v.lerp_(g * g, w)
+        var = v.clone()
+    u = var.clamp(min=eps1 * eps1).rsqrt() * g
+    u = u / max(1.0, u.norm(2).item() / (u.numel() ** 0.5 * d))
+    m = state.setdefault("m", torch.zeros_like(p))
+    m.lerp_(u, 1 - b1)
+    p.sub_(alpha * m)
+
+
+class Pre:
+    """A reference optimizer run on transformed gradients: transform(p, g) -> the gradient to use."""
+
+    def __init__(self, params, transform, inner, **kw):
+        self.transform, self.inner = transform, inner(params, **kw)
+
+    def step(self, closure=None):
+        for group in self.inner.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad = self.transform(p, p.grad.clone())
+        return self.inner.step(closure)
+
+
+def pre(transform, inner):
+    return lambda params, **kw: Pre(params, transform, inner, **kw)
+
+
+def centralize(p, g):
+    PO.centralize_gradient(g, gc_conv_only=False)
+    return g
+
+
+def soft_clip(p, g, epsilon=1e-12):
+    # The survey's _soft_clip, as written there.
+    dim = None if (r := p.dim()) <= 1 else tuple(range(1, r))
+    var_norm = p.square().mean(dim=dim, keepdim=True).sqrt_().clamp_min_(epsilon)
+    grad_norm = g.square().mean(dim=dim, keepdim=True).sqrt_().clamp_min_(epsilon)
+    clipped_norm = grad_norm.clamp_max(var_norm)
+    return g.mul_(clipped_norm / grad_norm)
+
+
+def agc(clip, unit_eps, eps):
+    from pytorch_optimizer.optimizer.agc import agc as po_agc
+    return lambda p, g: po_agc(p, g, agc_eps=unit_eps, agc_clip_val=clip, eps=eps)
+
+
 # ---------------------------------------------------------------- the cases
 
 T = torch.optim
@@ -132,11 +191,38 @@ CASES = {
     "adalo-default": ("adalo", dict(), paper(adalo_update), dict(b1=0.9, b2=0.999, kappa=3.0, eps=1e-8, wd=1e-2)),
     "adalo-fast": ("adalo", dict(b1=0.5, b2=0.6, kappa=1.5, wd=0.3), paper(adalo_update),
                    dict(b1=0.5, b2=0.6, kappa=1.5, eps=1e-8, wd=0.3)),
+    "adafactor-default": ("adafactor", dict(lr=0.01, eps1=1e-3), T.Adafactor, dict(lr=0.01, eps=(1e-3, 1e-3))),
+    "adafactor-wd": ("adafactor", dict(lr=0.05, beta2_decay=-0.5, eps1=1e-12, eps2=1e-2, d=2.0, wd=0.1),
+                     T.Adafactor, dict(lr=0.05, beta2_decay=-0.5, eps=(1e-12, 1e-2), d=2.0, weight_decay=0.1)),
+    "adafactor_momentum-default": ("adafactor_momentum", dict(lr=0.01, eps1=1e-3), paper(adafactor_momentum_update),
+                                   dict(lr=0.01, beta2_decay=-0.8, eps1=1e-3, eps2=1e-3, d=1.0, wd=0.0, b1=0.9)),
+    "adafactor_momentum-wd": ("adafactor_momentum", dict(lr=0.05, eps1=1e-12, d=1.5, wd=0.1, b1=0.5),
+                              paper(adafactor_momentum_update),
+                              dict(lr=0.05, beta2_decay=-0.8, eps1=1e-12, eps2=1e-3, d=1.5, wd=0.1, b1=0.5)),
+    "sm3-default": ("sm3", dict(lr=0.1), po("SM3"), dict(lr=0.1)),
+    "sm3-momentum-beta": ("sm3", dict(lr=0.05, momentum=0.9, beta=0.9, eps=1e-12), po("SM3"),
+                          dict(lr=0.05, momentum=0.9, beta=0.9, eps=1e-12)),
+    "adam_gc-default": ("adam_gc", dict(lr=0.01), pre(centralize, T.Adam), dict(lr=0.01, foreach=False)),
+    "adam_gc-wd": ("adam_gc", dict(lr=0.01, b1=0.8, wd=0.1), pre(centralize, T.Adam),
+                   dict(lr=0.01, betas=(0.8, 0.999), weight_decay=0.1, foreach=False)),
+    "sgd_agc-default": ("sgd_agc", dict(lr=0.05), pre(agc(1e-2, 1e-3, 1e-6), T.SGD),
+                        dict(lr=0.05, momentum=0.9, foreach=False)),
+    "sgd_agc-loose": ("sgd_agc", dict(lr=0.05, momentum=0.5, clip=0.5, unit_eps=1e-2, eps=1e-4),
+                      pre(agc(0.5, 1e-2, 1e-4), T.SGD), dict(lr=0.05, momentum=0.5, foreach=False)),
+    "adamw_softclip-default": ("adamw_softclip", dict(lr=0.01), pre(soft_clip, T.AdamW),
+                               dict(lr=0.01, foreach=False)),
+    "adamw_softclip-wd": ("adamw_softclip", dict(lr=0.01, wd=0.3, b2=0.99), pre(soft_clip, T.AdamW),
+                          dict(lr=0.01, weight_decay=0.3, betas=(0.9, 0.99), foreach=False)),
 }
+# pytorch_optimizer's SM3 covers every axis of a tensor; the spec factors matrices only, and
+# its unit_norm reduces axis 1 alone for rank 3: those families run on shapes of rank 1, 2, 4.
+NO_RANK3 = [(1,), (7,), (13, 5), (2, 3, 2, 2)]
 # How each family runs beside its reference (default: SMALL shapes, per-parameter step counts).
 OPTIONS = {
     "adanorm": dict(skip=False),  # pytorch_optimizer counts steps per group
     "adalo": dict(loss=True),
+    "sm3": dict(shapes=NO_RANK3[:3] + [(4, 6)]),
+    "sgd_agc": dict(shapes=NO_RANK3),
 }
 
 
@@ -196,3 +282,47 @@ def test_fused_says_why_not(name):
     p = torch.nn.Parameter(torch.randn(3))
     with pytest.raises(RuntimeError, match="not fused yet"):
         spec(name)([p], fused=True)
+
+
+# ---------------------------------------------------------------- memory: optdsl info
+
+
+def _compiled(name):
+    return optdsl.compile_source((SPECS / f"{name}.opt").read_text(), f"specs/{name}.opt")
+
+
+@pytest.mark.parametrize("name, shape, second_moment", [
+    ("adafactor", (4096, 4096), 8192),            # one per row and one per column, not 16.7M
+    ("adafactor", (4096,), 4096),                  # a vector keeps a full second moment
+    ("adafactor", (8, 4096, 1024), 8 * (4096 + 1024)),  # a stack of matrices: factors per matrix
+    ("sm3", (4096, 4096), 8192),
+    ("sm3", (4096,), 4096),
+])
+def test_info_counts_the_factored_second_moment(name, shape, second_moment):
+    from optdsl.info import memory
+    m = memory(_compiled(name), shape)
+    moments = sum(n for s, _, n in m.states if s != "m")
+    assert moments == second_moment
+
+
+@pytest.mark.parametrize("name", ["adafactor", "adafactor_momentum", "sm3", "nadam"])
+@pytest.mark.parametrize("shape", [(1,), (7,), (13, 5), (3, 1, 4)])
+def test_info_matches_what_the_optimizer_allocates(name, shape):
+    """The sizes `optdsl info` reports are the sizes of the tensors a step really keeps."""
+    from optdsl.info import memory
+    if name == "sm3" and len(shape) == 3:
+        shape = (4, 6)
+    p = torch.nn.Parameter(torch.randn(shape))
+    opt = spec(name)([p])
+    p.grad = torch.randn(shape)
+    opt.step()
+    kept = {k: v.numel() for k, v in opt.state[p].items() if k != "step"}
+    assert kept == {s: n for s, _, n in memory(_compiled(name), shape).states}
+
+
+def test_info_command_prints_the_memory(capsys):
+    from optdsl.cli import main
+    assert main(["info", str(SPECS / "adafactor.opt"), "--shape", "4096x4096"]) == 0
+    out = capsys.readouterr().out
+    assert "rule taken: ndim >= 2" in out and "total state: 8,192 numbers" in out
+    assert main(["info", str(SPECS / "adafactor.opt"), "--shape", "4096xx"]) == 1

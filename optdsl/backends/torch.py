@@ -173,25 +173,25 @@ def _rule_context(plan: Plan, func: str, suffix: str) -> dict:
 
 
 def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
-    """The module for a spec; `rules` holds (condition code or None, plan) when it has rules by shape."""
+    """The module for a spec; `rules` holds (condition code, plan, condition as written) per rule by shape."""
     prog = plan.program
-    rules = rules or ((None, plan),)
+    rules = rules or ((None, plan, None),)
     func = _functional_name(prog.name)
     contexts = [_rule_context(p, f"{func}_{i}" if len(rules) > 1 else func, f"_{i}" if len(rules) > 1 else "")
-                for i, (_, p) in enumerate(rules)]
+                for i, (_, p, _) in enumerate(rules)]
     source_lines = source.splitlines()
     statements = [" ".join(source_lines[eq.span.line - 1].split("#")[0].split())
-                  for _, p in rules for eq in p.program.eqns if eq.span]
+                  for _, p, _ in rules for eq in p.program.eqns if eq.span]
     latex = []
-    for cond, p in rules:
+    for _, p, cond in rules:
         if len(rules) > 1:
             shown = "every other parameter" if cond is None else f"parameters with {cond}"
             latex.append(r"&\text{for " + shown.replace("_", r"\_") + "}")
         latex += statement_math(p.program, latex=True)
     ctx = dict(contexts[0],
         name=prog.name, fused_func=func, doc=prog.doc, filename=filename, hypers=prog.hypers,
-        uses_loss=any(p.program.uses_loss for _, p in rules), rules=contexts,
-        rule_conds=[cond for cond, _ in rules] if len(rules) > 1 else [],
+        uses_loss=any(p.program.uses_loss for _, p, _ in rules), rules=contexts,
+        rule_conds=[cond for cond, _, _ in rules] if len(rules) > 1 else [],
         inputs=[s.name for s in prog.states if s.fed],
         statements=list(dict.fromkeys(statements)), latex=latex,
         spec=source.strip("\n").replace('"""', '""\\"'), number=_py_number,  # in a r""" docstring
