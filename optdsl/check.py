@@ -57,7 +57,8 @@ class _Ranges:
         for s in self.prog.states:
             zero = Interval(0.0, 0.0, True, True)
             start = bound(to_sympy(s.init, self.symbols), {**self.env, **init_env}) if s.init else zero
-            self.env[self.symbols[ir.ssa_name(s.name, 0)]] = start
+            # an input holds whatever the training loop feeds it
+            self.env[self.symbols[ir.ssa_name(s.name, 0)]] = _FULL if s.fed else start
         for round_ in range(_ROUNDS):
             self.run_step()
             changed = False

@@ -75,7 +75,12 @@ def _explain(args) -> int:
     except OSError as err:
         print(f"optdsl: cannot read {args.spec}: {err.strerror}", file=sys.stderr)
         return 1
-    print(report(explain(compiled), latex=args.latex))
+    try:
+        explanation = explain(compiled)
+    except ValueError as err:  # a spec beyond what the analyses model: say so
+        print(f"optdsl explain: {err}", file=sys.stderr)
+        return 1
+    print(report(explanation, latex=args.latex))
     return 0
 
 

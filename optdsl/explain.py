@@ -21,7 +21,7 @@ from .pipeline import Compiled
 from .ranges import Interval, bound
 from .rewrite import scalar_env
 from .mathtext import statement_math
-from .sym import DEVICE, TENSOR, meanings, to_sympy
+from .sym import DEVICE, TENSOR, has_matrix_work, meanings, to_sympy
 
 FLOAT32 = 4
 
@@ -116,6 +116,14 @@ def _numeric_zero(expr: sp.Expr, symbols, prog: ir.Program, trials: int = 12) ->
 
 
 def _scale_invariance(steps: _Steps) -> Property:
+    try:
+        return _scale_invariance_of(steps)
+    except TypeError:  # a value SymPy cannot evaluate at a point: the loss, the shape, an axis reduction
+        return Property("invariant to g -> c*g (c > 0)", "not decided",
+                        "the step reads values the numerical check cannot sample (loss, shape, axis reductions)")
+
+
+def _scale_invariance_of(steps: _Steps) -> Property:
     c = sp.Symbol("c", positive=True)
     g1, g2, p = sp.Symbol("g1", real=True), sp.Symbol("g2", real=True), steps.p
     diff = steps.run([c * g1, c * g2], p) - steps.run([g1, g2], p)
@@ -265,7 +273,18 @@ def _state_ranges(prog: ir.Program) -> list[Property]:
                      "proven by induction over steps") for s in prog.states]
 
 
+def unexplained(compiled: Compiled) -> str:
+    """Why explain and equiv cannot analyse this spec ('' when they can)."""
+    if compiled.rules:
+        return f"{compiled.program.name} has rules by parameter shape; the analyses take one element-wise rule"
+    if any(has_matrix_work(eq.expr) for eq in compiled.program.eqns):
+        return f"{compiled.program.name} does matrix work (mm, T); the analyses model one element"
+    return ""
+
+
 def explain(compiled: Compiled) -> Explanation:
+    if why := unexplained(compiled):
+        raise ValueError(f"cannot explain: {why}")
     prog = compiled.program
     steps = _Steps(prog)
     props = (_cost(compiled) + _state_ranges(prog) + [_scale_invariance(steps)] + _first_step(steps, prog))

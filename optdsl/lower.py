@@ -293,6 +293,8 @@ class _Lowering:
                             spec.name_span, hint="add an update such as 'p -= lr * g'")
         assigned = {e.target for e in self.eqns}
         for s in spec.states:
+            if s.name in self.fed:  # an input a rule has no use for: the training loop may still feed it
+                continue
             if s.name not in self.read and s.name not in assigned:
                 raise SpecError(f"state '{s.name}' is declared but never used", s.span,
                                 hint=f"use '{s.name}' in the update or remove it from the 'state' line")

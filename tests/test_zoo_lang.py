@@ -31,12 +31,13 @@ def spec(name):
     return optdsl.load(SPECS / f"{name}.opt")
 
 
-def run_pair(make_ours, make_ref, shapes, dtype, steps, seed=0, tol=None, skip=True, loss=False):
+def run_pair(make_ours, make_ref, shapes, dtype, steps, seed=0, tol=None, skip=True, loss=False, feed=None):
     """Step ours (for-loop and foreach) and the reference side by side; assert after every step.
 
     skip: some parameters miss their gradient on some steps (so step counts differ per
     parameter); off for references that count steps per group. loss: step(closure) with a
-    closure returning a positive, changing loss.
+    closure returning a positive, changing loss. feed: {input name: sampler(generator)}, fed to
+    every parameter of all three optimizers before each step (opt.feed), as a training loop would.
     """
     tol = TOL[dtype] if tol is None else tol
     gen = torch.Generator().manual_seed(seed)
@@ -53,6 +54,11 @@ def run_pair(make_ours, make_ref, shapes, dtype, steps, seed=0, tol=None, skip=T
             for side in (loop, fe, ref):
                 side[i].grad = None if missing else g.clone()
         value = torch.rand((), generator=gen, dtype=dtype).item() * 3.0
+        for name, sample in (feed or {}).items():
+            for i in range(len(shapes)):
+                fed = sample(gen)
+                for opt, side in zip(opts, (loop, fe, ref)):
+                    opt.feed(side[i], **{name: fed})
         for opt in opts:
             opt.step((lambda: value) if loss else None)
         for i in range(len(shapes)):
@@ -167,6 +173,69 @@ def agc(clip, unit_eps, eps):
     return lambda p, g: po_agc(p, g, agc_eps=unit_eps, agc_clip_val=clip, eps=eps)
 
 
+def _newton_schulz_exact(grad, ns_coefficients, ns_steps, eps):
+    """torch.optim's _zeropower_via_newtonschulz without its cast to bfloat16, so that the
+    comparison can be exact; test_muon_matches_torch_in_bfloat16 runs the real one."""
+    a, b, c = ns_coefficients
+    x = grad.T if grad.size(0) > grad.size(1) else grad
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if grad.size(0) > grad.size(1) else x
+
+
+class MuonRef:
+    """torch.optim.Muon for the matrices and torch.optim.AdamW for the rest, as Muon's docs advise."""
+
+    def __init__(self, params, muon, adamw, exact=True):
+        self.exact = exact
+        mats = [p for p in params if p.ndim == 2]
+        self.opts = [T.Muon(mats, **muon), T.AdamW([p for p in params if p.ndim != 2], foreach=False, **adamw)]
+
+    def step(self, closure=None):
+        import torch.optim._muon as m
+        real = m._zeropower_via_newtonschulz
+        if self.exact:
+            m._zeropower_via_newtonschulz = _newton_schulz_exact
+        try:
+            for opt in self.opts:
+                opt.step()
+        finally:
+            m._zeropower_via_newtonschulz = real
+
+
+def muon_ref(exact=True):
+    return lambda params, **kw: MuonRef(params, exact=exact, **kw)
+
+
+class MuonClipRef(MuonRef):
+    """Muon, then the survey's QK-clip: W <- W * sqrt(tau / S_max) for each matrix whose S_max > tau."""
+
+    def __init__(self, params, tau, **kw):
+        super().__init__(params, **kw)
+        self.tau, self.logits = tau, {}
+
+    def feed(self, param, max_logit):
+        self.logits[param] = max_logit
+
+    def step(self, closure=None):
+        super().step(closure)
+        with torch.no_grad():
+            for p in self.opts[0].param_groups[0]["params"]:
+                s = self.logits.get(p, 0.0)
+                if p.grad is not None and s > self.tau:
+                    p.mul_(math.sqrt(self.tau / s))
+
+
+def muon_clip_ref(params, **kw):
+    return MuonClipRef(params, **kw)
+
+
+def lookahead(params, k, alpha, **adam):
+    return PO.Lookahead(T.Adam(params, foreach=False, **adam), k=k, alpha=alpha)
+
+
 # ---------------------------------------------------------------- the cases
 
 T = torch.optim
@@ -213,7 +282,20 @@ CASES = {
                                dict(lr=0.01, foreach=False)),
     "adamw_softclip-wd": ("adamw_softclip", dict(lr=0.01, wd=0.3, b2=0.99), pre(soft_clip, T.AdamW),
                           dict(lr=0.01, weight_decay=0.3, betas=(0.9, 0.99), foreach=False)),
+    "muon-default": ("muon", dict(lr=0.02), muon_ref(), dict(muon=dict(lr=0.02), adamw=dict(lr=1e-3))),
+    "muon-plain": ("muon", dict(lr=0.05, wd=0.0, momentum=0.9, nesterov=0, adam_lr=0.01, b1=0.8, adam_wd=0.1),
+                   muon_ref(), dict(muon=dict(lr=0.05, weight_decay=0.0, momentum=0.9, nesterov=False),
+                                    adamw=dict(lr=0.01, betas=(0.8, 0.999), weight_decay=0.1))),
+    "muon_clip-default": ("muon_clip", dict(lr=0.02), muon_clip_ref,
+                          dict(tau=100.0, muon=dict(lr=0.02), adamw=dict(lr=1e-3))),
+    "muon_clip-tight": ("muon_clip", dict(lr=0.05, tau=30.0, wd=0.0), muon_clip_ref,
+                        dict(tau=30.0, muon=dict(lr=0.05, weight_decay=0.0), adamw=dict(lr=1e-3))),
+    "lookahead_adam-default": ("lookahead_adam", dict(lr=0.01), lookahead, dict(lr=0.01, k=5, alpha=0.5)),
+    "lookahead_adam-k3": ("lookahead_adam", dict(lr=0.02, b1=0.8, wd=0.1, k=3, alpha=0.3), lookahead,
+                          dict(lr=0.02, betas=(0.8, 0.999), weight_decay=0.1, k=3, alpha=0.3)),
 }
+# Muon orthogonalises matrices, tall and wide, and leaves the rest to AdamW.
+MATRICES = [(1,), (7,), (13, 5), (4, 9), (3, 1, 4)]
 # pytorch_optimizer's SM3 covers every axis of a tensor; the spec factors matrices only, and
 # its unit_norm reduces axis 1 alone for rank 3: those families run on shapes of rank 1, 2, 4.
 NO_RANK3 = [(1,), (7,), (13, 5), (2, 3, 2, 2)]
@@ -223,6 +305,10 @@ OPTIONS = {
     "adalo": dict(loss=True),
     "sm3": dict(shapes=NO_RANK3[:3] + [(4, 6)]),
     "sgd_agc": dict(shapes=NO_RANK3),
+    "muon": dict(shapes=MATRICES),
+    # logits around tau: some steps clip, some do not
+    "muon_clip": dict(shapes=MATRICES, feed={"max_logit": lambda gen: 20.0 + 160.0 * torch.rand((), generator=gen).item()}),
+    "lookahead_adam": dict(skip=False),  # pytorch_optimizer's Lookahead counts steps per group
 }
 
 
@@ -326,3 +412,31 @@ def test_info_command_prints_the_memory(capsys):
     out = capsys.readouterr().out
     assert "rule taken: ndim >= 2" in out and "total state: 8,192 numbers" in out
     assert main(["info", str(SPECS / "adafactor.opt"), "--shape", "4096xx"]) == 1
+
+
+def test_muon_matches_torch_in_bfloat16():
+    """torch.optim.Muon runs Newton-Schulz in bfloat16; ours in the parameter's dtype: the
+    updates agree to bfloat16's precision over a few steps, and not better."""
+    worst = run_pair(*_makers("muon-default")[:1], lambda ps: MuonRef(ps, muon=dict(lr=0.02), adamw=dict(lr=1e-3),
+                                                                      exact=False),
+                     MATRICES, torch.float32, 5, tol=2e-2)
+    assert worst > 1e-5  # the bfloat16 rounding shows: the exact comparison above is not vacuous
+
+
+def test_muon_clip_clips_only_above_tau():
+    """QK-clip is a no-op while the fed logit stays below tau, and shrinks W by sqrt(tau/s) above."""
+    torch.manual_seed(0)
+    w, bias = torch.nn.Parameter(torch.randn(6, 4, dtype=torch.float64)), torch.nn.Parameter(torch.zeros(4))
+    plain = torch.nn.Parameter(w.detach().clone())
+    opts = spec("muon_clip")([w, bias], lr=0.02, tau=10.0), spec("muon")([plain], lr=0.02)
+    for s, clipped in ((5.0, False), (40.0, True)):
+        g = torch.randn(6, 4, dtype=torch.float64)
+        w.grad, plain.grad, bias.grad = g.clone(), g.clone(), torch.ones(4)
+        opts[0].feed(w, max_logit=s)
+        opts[0].feed(bias, max_logit=s)   # a rule that does not read it ignores it
+        for opt in opts:
+            opt.step()
+        assert torch.allclose(w, plain * (0.5 if clipped else 1.0), rtol=1e-12)
+        plain.data.copy_(w)
+    with pytest.raises(KeyError, match="no input 'logit'"):
+        opts[0].feed(w, logit=1.0)

@@ -176,7 +176,10 @@ class Emitter:
             shape = ir.ALL
             for a in args:
                 shape = ir.join(shape, a.shape)
-        return self.apply("call", args, e.args, template=template, shape=shape)
+        result = self.apply("call", args, e.args, template=template, shape=shape)
+        if row.matrix and len(args) == 1:  # a transpose is a view of its operand: never write into it
+            self.owned.discard(result.code)
+        return result
 
     def emit_branch(self, e) -> Operand:
         """where(c, a, b) with a host condition: compute only the branch it picks.
@@ -362,7 +365,11 @@ class Emitter:
                 self.buffer[d.symbol] = str(d.symbol)
                 continue
             target = out_of.get(d.symbol)
-            result = self.emit(d.expr, target=target)
+            if d.expr.is_Symbol:  # matrix work that is another value already
+                self._consume([d.expr])
+                result = self.operand(d.expr)
+            else:
+                result = self.emit(d.expr, target=target)
             self._rename(result, d.symbol)
         pending = list(self.plan.outputs)
         while pending:  # update in place the outputs whose old value nothing else reads
