@@ -12,6 +12,7 @@ __all__ = [
     "adamw",
     "adamw_softclip",
     "adanorm",
+    "amos",
     "amsgrad",
     "lion",
     "lookahead_adam",
@@ -24,4 +25,5 @@ __all__ = [
     "sgd",
     "sgd_agc",
     "sm3",
+    "smmf",
 ]

@@ -68,12 +68,15 @@ class Adafactor(Optimizer):
 
     As written in the spec:
 
+    ``rule ndim >= 2 {``
     ``alpha = max(eps2, rms(p)) * min(lr, 1 / sqrt(t))``
     ``p *= 1 - lr * wd``
     ``r = lerp(r, row_mean(g^2), t^beta2_decay)``
     ``c = lerp(c, col_mean(g^2), t^beta2_decay)``
     ``u = g * rsqrt(max(r * c / max(col_mean(r), eps1), eps1^2))``
     ``p -= alpha / max(1, rms(u) / d) * u``
+    ``}``
+    ``rule {``
     ``v = lerp(v, g^2, t^beta2_decay)``
     ``u = g * rsqrt(max(v, eps1^2))``
 

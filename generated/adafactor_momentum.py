@@ -72,6 +72,7 @@ class AdafactorM(Optimizer):
 
     As written in the spec:
 
+    ``rule ndim >= 2 {``
     ``alpha = max(eps2, rms(p)) * min(lr, 1 / sqrt(t))``
     ``p *= 1 - lr * wd``
     ``r = lerp(r, row_mean(g^2), t^beta2_decay)``
@@ -79,6 +80,8 @@ class AdafactorM(Optimizer):
     ``u = g * rsqrt(max(r * c / max(col_mean(r), eps1), eps1^2))``
     ``m = lerp(m, u / max(1, rms(u) / d), 1 - b1)``
     ``p -= alpha * m``
+    ``}``
+    ``rule {``
     ``v = lerp(v, g^2, t^beta2_decay)``
     ``u = g * rsqrt(max(v, eps1^2))``
 

@@ -60,9 +60,10 @@ class LookaheadAdam(Optimizer):
     ``m = lerp(m, g, 1 - b1)``
     ``v = lerp(v, g^2, 1 - b2)``
     ``p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)``
+    ``every k {``
     ``p = lerp(p, slow, 1 - alpha)``
     ``slow = p``
-    ``every k {``
+    ``}``
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.

@@ -89,16 +89,20 @@ class Muon(Optimizer):
 
     As written in the spec:
 
+    ``rule ndim == 2 {``
     ``buf = lerp(buf, g, 1 - momentum)``
     ``u = where(nesterov, lerp(g, buf, momentum), buf)``
     ``x = where(nrows > ncols, T(u), u)``
     ``x = x / max(norm(x), eps)``
+    ``repeat 5 {``
     ``A = mm(x, T(x))``
     ``B = b * A + c * mm(A, A)``
     ``x = a * x + mm(B, x)``
+    ``}``
     ``o = where(nrows > ncols, T(x), x)``
     ``p *= 1 - lr * wd``
     ``p -= lr * sqrt(max(1, nrows / ncols)) * o``
+    ``rule {``
     ``p *= 1 - adam_lr * adam_wd``
     ``m = lerp(m, g, 1 - b1)``
     ``v = lerp(v, g^2, 1 - b2)``

@@ -64,11 +64,14 @@ class SM3(Optimizer):
 
     As written in the spec:
 
+    ``rule ndim == 2 {``
     ``nu = where(beta > 0, lerp(min(r, c), g^2, 1 - beta), min(r, c) + g^2)``
     ``r = where(beta > 0, max(r, row_max(nu)), row_max(nu))``
     ``c = where(beta > 0, max(c, col_max(nu)), col_max(nu))``
     ``m = lerp(m, g * rsqrt(nu + eps), 1 - momentum)``
     ``p -= lr * m``
+    ``}``
+    ``rule {``
     ``nu = where(beta > 0, lerp(v, g^2, 1 - beta), v + g^2)``
     ``v = where(beta > 0, max(v, nu), nu)``
 

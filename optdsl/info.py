@@ -37,6 +37,11 @@ class Memory:
     def total(self) -> int:
         return sum(n for _, _, n in self.states)
 
+    @property
+    def bytes(self) -> int:
+        """In float32 (and one byte per element of a bool state)."""
+        return sum(n * (1 if kind == "bool" else 4) for _, kind, n in self.states)
+
 
 def memory(compiled: Compiled, shape: tuple[int, ...]) -> Memory:
     program, rule = compiled.program, ""
@@ -72,6 +77,6 @@ def report(compiled: Compiled, shape: tuple[int, ...]) -> str:
     for name, kind, n in m.states:
         lines.append(f"  state {name:<12} {('like p' if kind == 'full' else kind):<8} {n:>14,} numbers")
     per = m.total / numel
-    lines.append(f"  total state: {m.total:,} numbers = {4 * m.total:,} B in float32 ({per:.4g} per element),"
+    lines.append(f"  total state: {m.total:,} numbers = {m.bytes:,} B in float32 ({per:.4g} numbers per element),"
                  " plus the step count")
     return "\n".join(lines)

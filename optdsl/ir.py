@@ -24,7 +24,8 @@ FULL: frozenset = frozenset()
 ALL: frozenset = frozenset({"all"})
 STATE_SHAPES = {"full": FULL, "scalar": ALL,
                 "rows": frozenset({"-1"}),   # one value per row: p.shape[:-1] + (1,)
-                "cols": frozenset({"-2"})}   # one value per column: p.shape[:-2] + (1,) + p.shape[-1:]
+                "cols": frozenset({"-2"}),   # one value per column: p.shape[:-2] + (1,) + p.shape[-1:]
+                "bool": FULL}                # shaped like p, one byte per element: a value kept as != 0
 
 
 def join(a, b):

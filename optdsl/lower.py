@@ -20,7 +20,7 @@ RESERVED = {"params", "defaults", "foreach", "fused", "closure", "self", "state"
             "super", "dict", "float", "bool", "str", "list", "tuple", "len", "zip", "all", "range", "enumerate",
             "ValueError", "RuntimeError", "ImportError", "_EXACT", "_sign", "_sigmoid", "_softplus",
             "_default_to_fused_or_foreach", "_round_to", "_triton_type", "_BLOCK", "_BLOCK_MAPS",
-            "_TRITON_TYPES", "_block_map", "_pointers", "t_", "x_", "y_", "v_"}
+            "_TRITON_TYPES", "_block_map", "_pointers", "t_", "x_", "y_", "v_", "indices", "feed", "_rule_of"}
 _BINARY = {"+": "+", "-": "-", "*": "*", "/": "/", "^": "^"}
 
 
@@ -57,7 +57,7 @@ def _check_declarations(spec: ast.Spec) -> None:
     for st in spec.states:
         if st.shape not in ir.STATE_SHAPES:
             raise SpecError(f"unknown state shape '{st.shape}'", st.shape_span,
-                            hint="a state is shaped like p unless declared ': scalar', ': rows' or ': cols'")
+                            hint="a state is shaped like p unless declared ': scalar', ': rows', ': cols' or ': bool'")
     starts = {ir.ssa_name(b, 0): b for b in ["p", "g", *(s.name for s in spec.states)]}
     for h in spec.hypers:  # the IR names the step-start value of m `m0`: a hyperparameter may not
         if h.name in starts:

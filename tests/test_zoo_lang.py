@@ -136,6 +136,38 @@ def adafactor_momentum_update(p, g, state, t, lr, beta2_decay, eps1, eps2, d, wd
     p.sub_(alpha * m)
 
 
+def _nnmf(a):
+    """The survey's SMMF _nnmf: row and column sums, the shorter side normalised by the total."""
+    r, c = a.sum(dim=1), a.sum(dim=0)
+    if a.shape[0] < a.shape[1]:
+        r = r / r.sum() if r.sum() != 0 else r
+    else:
+        c = c / c.sum() if c.sum() != 0 else c
+    return r, c
+
+
+def smmf_update(p, g, state, t, lr, b1, b2, eps, wd):
+    # SMMF's step (Park & Lee, 2024, Algorithm 1) with constant betas, on a matrix as it is
+    # (its square-matricisation is the identity for the test's matrices, 13x5 and 4x6);
+    # anything else runs AdamW.
+    if g.dim() == 2:
+        if "m" not in state:
+            state["m"] = (torch.zeros(p.shape[0], dtype=p.dtype), torch.zeros(p.shape[1], dtype=p.dtype))
+            state["v"] = (torch.zeros(p.shape[0], dtype=p.dtype), torch.zeros(p.shape[1], dtype=p.dtype))
+            state["sign"] = torch.zeros(p.shape, dtype=torch.bool)
+        m_hat = torch.where(state["sign"], 1.0, -1.0).to(p.dtype) * torch.outer(*state["m"])
+        v_hat = torch.outer(*state["v"])
+        m = b1 * m_hat + (1 - b1) * g
+        v = b2 * v_hat + (1 - b2) * g * g
+        state["sign"] = m >= 0
+        state["m"], state["v"] = _nnmf(m.abs()), _nnmf(v)
+    else:
+        m = state.setdefault("m", torch.zeros_like(p)).lerp_(g, 1 - b1)
+        v = state.setdefault("v", torch.zeros_like(p)).lerp_(g * g, 1 - b2)
+    p.mul_(1 - lr * wd)
+    p.sub_(lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps))
+
+
 class Pre:
     """A reference optimizer run on transformed gradients: transform(p, g) -> the gradient to use."""
 
@@ -293,6 +325,13 @@ CASES = {
     "lookahead_adam-default": ("lookahead_adam", dict(lr=0.01), lookahead, dict(lr=0.01, k=5, alpha=0.5)),
     "lookahead_adam-k3": ("lookahead_adam", dict(lr=0.02, b1=0.8, wd=0.1, k=3, alpha=0.3), lookahead,
                           dict(lr=0.02, betas=(0.8, 0.999), weight_decay=0.1, k=3, alpha=0.3)),
+    "amos-default": ("amos", dict(lr=0.01), po("Amos"), dict(lr=0.01, foreach=False)),
+    "amos-momentum": ("amos", dict(lr=0.05, beta=0.99, momentum=0.9, extra_l2=0.01, c_coef=0.5, d_coef=0.1),
+                      po("Amos"), dict(lr=0.05, beta=0.99, momentum=0.9, extra_l2=0.01, c_coef=0.5, d_coef=0.1,
+                                       foreach=False)),
+    "smmf-default": ("smmf", dict(lr=0.01), paper(smmf_update), dict(lr=0.01, b1=0.9, b2=0.999, eps=1e-8, wd=0.0)),
+    "smmf-wd": ("smmf", dict(lr=0.02, b1=0.5, b2=0.9, eps=1e-6, wd=0.1), paper(smmf_update),
+                dict(lr=0.02, b1=0.5, b2=0.9, eps=1e-6, wd=0.1)),
 }
 # Muon orthogonalises matrices, tall and wide, and leaves the rest to AdamW.
 MATRICES = [(1,), (7,), (13, 5), (4, 9), (3, 1, 4)]
@@ -308,7 +347,10 @@ OPTIONS = {
     "muon": dict(shapes=MATRICES),
     # logits around tau: some steps clip, some do not
     "muon_clip": dict(shapes=MATRICES, feed={"max_logit": lambda gen: 20.0 + 160.0 * torch.rand((), generator=gen).item()}),
-    "lookahead_adam": dict(skip=False),  # pytorch_optimizer's Lookahead counts steps per group
+    "lookahead_adam": dict(skip=False),
+    "smmf": dict(shapes=[(1,), (7,), (13, 5), (4, 6), (3, 1, 4)]),
+    # Amos's scale reads p.size(1) beyond rank 2, the spec ncols: ranks up to 2 (and one step count per group)
+    "amos": dict(skip=False, shapes=[(1,), (7,), (13, 5), (4, 9)]),  # pytorch_optimizer's Lookahead counts steps per group
 }
 
 
@@ -383,15 +425,16 @@ def _compiled(name):
     ("adafactor", (8, 4096, 1024), 8 * (4096 + 1024)),  # a stack of matrices: factors per matrix
     ("sm3", (4096, 4096), 8192),
     ("sm3", (4096,), 4096),
+    ("smmf", (4096, 4096), 4 * 4096),              # rows and columns of |m| and of v
 ])
 def test_info_counts_the_factored_second_moment(name, shape, second_moment):
     from optdsl.info import memory
     m = memory(_compiled(name), shape)
-    moments = sum(n for s, _, n in m.states if s != "m")
+    moments = sum(n for s, kind, n in m.states if s != "m" and kind != "bool")
     assert moments == second_moment
 
 
-@pytest.mark.parametrize("name", ["adafactor", "adafactor_momentum", "sm3", "nadam"])
+@pytest.mark.parametrize("name", ["adafactor", "adafactor_momentum", "sm3", "nadam", "smmf", "muon_clip"])
 @pytest.mark.parametrize("shape", [(1,), (7,), (13, 5), (3, 1, 4)])
 def test_info_matches_what_the_optimizer_allocates(name, shape):
     """The sizes `optdsl info` reports are the sizes of the tensors a step really keeps."""
@@ -440,3 +483,14 @@ def test_muon_clip_clips_only_above_tau():
         plain.data.copy_(w)
     with pytest.raises(KeyError, match="no input 'logit'"):
         opts[0].feed(w, logit=1.0)
+
+
+def test_smmf_keeps_the_sign_in_one_byte():
+    from optdsl.info import memory
+    m = memory(_compiled("smmf"), (4096, 4096))
+    assert m.bytes == 4 * 4 * 4096 + 4096 * 4096  # four factors in float32, the sign in bytes
+    p = torch.nn.Parameter(torch.randn(13, 5))
+    opt = spec("smmf")([p])
+    p.grad = torch.randn(13, 5)
+    opt.step()
+    assert opt.state[p]["positive"].dtype == torch.bool

@@ -161,7 +161,9 @@ def _rule_context(plan: Plan, func: str, suffix: str) -> dict:
         param_multi.append((str(d.symbol), f"[{body} for {', '.join(t_elem[x] for x in deps)} in {it}]"))
     return dict(
         func=func, suffix=suffix, states=[s.name for s in prog.states], uses_loss=prog.uses_loss,
-        state_inits=[(s.name, _init_code(s, prog), _STATE_SHAPE_CODE[s.shape], s.fed) for s in prog.states],
+        bool_states=[s.name for s in prog.states if s.shape == "bool"],
+        state_inits=[(s.name, _init_code(s, prog), _STATE_SHAPE_CODE[s.shape], s.fed,
+                      "torch.bool" if s.shape == "bool" else _STATE_DTYPE) for s in prog.states],
         shape_single=[(n, ir.SHAPE_BUILTINS[n]) for n in shapes],
         shape_multi=[(n, f"[{_rename_word(ir.SHAPE_BUILTINS[n], 'p', 'x_')} for x_ in p]") for n in shapes],
         group_defs=[(str(d.symbol), host.doprint(d.expr)) for d in plan.group],
@@ -179,9 +181,9 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
     func = _functional_name(prog.name)
     contexts = [_rule_context(p, f"{func}_{i}" if len(rules) > 1 else func, f"_{i}" if len(rules) > 1 else "")
                 for i, (_, p, _) in enumerate(rules)]
-    source_lines = source.splitlines()
-    statements = [" ".join(source_lines[eq.span.line - 1].split("#")[0].split())
-                  for _, p, _ in rules for eq in p.program.eqns if eq.span]
+    # the statements as written, blocks ({ ... }) and inputs included; declarations are in Args
+    statements = [code for code in (" ".join(line.split("#")[0].split()) for line in source.splitlines())
+                  if code and not code.startswith(("optimizer ", "hyper ", "state "))]
     latex = []
     for _, p, cond in rules:
         if len(rules) > 1:
@@ -197,7 +199,7 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
         spec=source.strip("\n").replace('"""', '""\\"'), number=_py_number,  # in a r""" docstring
     )
     host_code = "\n".join(e for c in contexts for _, e in c["group_defs"] + c["param_single"] if e)
-    host_code += "\n".join(e for c in contexts for _, e, _, _ in c["state_inits"] if e)
+    host_code += "\n".join(e for c in contexts for _, e, *_ in c["state_inits"] if e)
     ctx["helpers"] = [code for name, code in HOST_HELPERS.items() if f"{name}(" in host_code]
     ctx["unsupported"] = "rules by parameter shape are not fused yet" if len(rules) > 1 else \
         triton_backend.unsupported(plan)
@@ -218,7 +220,8 @@ def condition_code(cond: ir.Expr, prog: ir.Program) -> str:
 
 # The shape of a state's tensor, from p's (None: torch.zeros_like(p)).
 _STATE_SHAPE_CODE = {"full": None, "scalar": "()", "rows": "p.shape[:-1] + (1,)",
-                     "cols": "p.shape[:-2] + (1,) + p.shape[-1:]"}
+                     "cols": "p.shape[:-2] + (1,) + p.shape[-1:]", "bool": "p.shape"}
+_STATE_DTYPE = "p.dtype if p.dtype in _EXACT else torch.float32"
 
 
 def _py_number(x: float) -> str:
