@@ -20,7 +20,7 @@ RESERVED = {"params", "defaults", "foreach", "fused", "closure", "self", "state"
             "super", "dict", "float", "bool", "str", "list", "tuple", "len", "zip", "all", "range", "enumerate",
             "ValueError", "RuntimeError", "ImportError", "_EXACT", "_sign", "_sigmoid", "_softplus",
             "_default_to_fused_or_foreach", "_round_to", "_triton_type", "_BLOCK", "_BLOCK_MAPS",
-            "_TRITON_TYPES", "_block_map", "_pointers", "t_", "x_", "y_", "v_", "indices", "feed", "_rule_of"}
+            "_TRITON_TYPES", "_block_map", "_pointers", "t_", "x_", "y_", "v_", "indices"}
 _BINARY = {"+": "+", "-": "-", "*": "*", "/": "/", "^": "^"}
 
 
