@@ -42,8 +42,10 @@ def join(a, b):
 
 
 def shape_text(shape) -> str:
-    names = {v: k for k, v in STATE_SHAPES.items()}
-    return names.get(shape, "not p's shape" if shape is None else "reduced over " + ", ".join(sorted(shape)))
+    """How an error message says a shape."""
+    names = {FULL: "shaped like p", ALL: "a scalar", STATE_SHAPES["rows"]: "one per row (rows)",
+             STATE_SHAPES["cols"]: "one per column (cols)"}
+    return names.get(shape, "of another shape" if shape is None else "reduced over axes " + ", ".join(sorted(shape)))
 
 
 # ---- expressions ----

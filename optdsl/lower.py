@@ -269,7 +269,7 @@ class _Lowering:
         if want is not None and want != ir.FULL and shape != want and shape != ir.ALL:
             decl = next(s for s in self.spec.states if s.name == n)
             raise SpecError(f"state '{n}' is declared ': {decl.shape}' but this value is "
-                            f"{ir.shape_text(shape) if shape is not None else 'of another shape'}", a.span,
+                            f"{ir.shape_text(shape)}", a.span,
                             hint="reduce the value to the state's shape (norm, mean, row_mean, col_mean, ...) "
                                  "or declare the state without a shape")
         if n in self.declared and want == ir.ALL:

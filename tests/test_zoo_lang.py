@@ -494,3 +494,40 @@ def test_smmf_keeps_the_sign_in_one_byte():
     p.grad = torch.randn(13, 5)
     opt.step()
     assert opt.state[p]["positive"].dtype == torch.bool
+
+
+# ---------------------------------------------------------------- errors in the new syntax
+
+HEAD = "optimizer X\nhyper lr = 0.1 in [0, inf), k = 2 in [1, inf)\n"
+
+
+@pytest.mark.parametrize("body, message, where", [
+    ("state r: rows\nr = g\np -= lr * r\n", "state 'r' is declared ': rows' but this value is shaped like p",
+     (4, 1)),
+    ("state r: diag\np -= lr * r\n", "unknown state shape 'diag'", (3, 10)),
+    ("state s: scalar\ns = g\np -= lr * s\n", "state 's' is declared ': scalar'", (4, 1)),
+    ("repeat 2.5 {\np -= lr * g\n}\n", "'repeat' takes a whole number of rounds", (3, 8)),
+    ("every t {\np -= lr * g\n}\n", "the period of 'every' must be a number or a hyperparameter", (3, 7)),
+    ("rule numel > g {\np -= lr * g\n}\n", "a rule's condition cannot read 'g'", (3, 14)),
+    ("rule {\np -= lr * g\n}\nrule ndim > 1 {\np -= g\n}\n", "a rule without a condition takes every parameter",
+     (3, 1)),
+    ("input s = 0\ns = 1\np -= lr * g * s\n", "cannot assign the input 's'", (4, 1)),
+    ("ndim = 2\np -= lr * g\n", "cannot assign the built-in 'ndim'", (3, 1)),
+])
+def test_new_syntax_errors_name_the_place(body, message, where):
+    with pytest.raises(optdsl.SpecError) as err:
+        optdsl.compile_source(HEAD + body, "x.opt")
+    text = str(err.value)
+    assert message in text, text
+    assert f"x.opt:{where[0]}:{where[1]}:" in text, text
+    assert "^" in text and "hint:" in text
+
+
+def test_every_runs_on_multiples_of_k_only():
+    Every = optdsl.compile(HEAD + "every k {\np -= lr * g\n}\n", "every.opt")
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = Every([p], lr=1.0, k=3)
+    for step in range(1, 8):
+        p.grad = torch.ones(3)
+        opt.step()
+        assert p[0].item() == -(step // 3)
