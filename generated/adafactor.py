@@ -3,6 +3,10 @@ r"""Adafactor: factored second moments, relative step size (Shazeer & Stern, 201
 
 The spec::
 
+    # As torch.optim.Adafactor, which departs from the paper (Shazeer & Stern, 2018, Alg. 4/5) in
+    # small ways that this spec follows: eps1 floors the estimate (the paper adds it to g^2), the
+    # estimate divides by the mean of the row factors (HF's _approx_sq_grad takes reciprocal square
+    # roots of the factors first: the same value, rounded differently), and beta2 = 1 - t^beta2_decay.
     optimizer Adafactor "factored second moments, relative step size (Shazeer & Stern, 2018), as torch.optim has it"
     
     hyper lr = 1e-2 in [0, inf), beta2_decay = -0.8 in (-inf, 0]

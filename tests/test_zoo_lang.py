@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import zlib
 from pathlib import Path
 
@@ -405,11 +406,18 @@ def test_scalar_state_is_one_number_per_parameter():
     assert state["mu_prod"].item() == pytest.approx(mu, rel=1e-6)
 
 
-@pytest.mark.parametrize("name", ["nadam", "adanorm", "adalo"])
-def test_fused_says_why_not(name):
+@pytest.mark.parametrize("name, why", [
+    ("nadam", "state mu_prod is not shaped like its parameter"), ("adalo", "state loss_avg"),
+    ("adafactor", "rules by parameter shape"), ("muon", "rules by parameter shape"),
+    ("adam_gc", "reads the parameter's shape"), ("adamw_softclip", "unit_mean\\(\\) is not element-wise"),
+])
+def test_fused_says_why_not(name, why):
+    """fused=True names the reason; fused=None takes the other paths (on CPU it would anyway)."""
     p = torch.nn.Parameter(torch.randn(3))
-    with pytest.raises(RuntimeError, match="not fused yet"):
+    with pytest.raises(RuntimeError, match=f"{why}.*not fused yet"):
         spec(name)([p], fused=True)
+    module = __import__(spec(name).__module__, fromlist=["fused_available"])
+    assert re.search(why, module.fused_available([p]))
 
 
 # ---------------------------------------------------------------- memory: optdsl info
