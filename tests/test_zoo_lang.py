@@ -564,3 +564,27 @@ def test_state_dict_round_trip_continues_the_same_run(name):
             opt.step()
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("case, old, new", [
+    ("adafactor-default", "row_mean(g^2)", "row_max(g^2)"),
+    ("sm3-momentum-beta", "max(r, row_max(nu))", "max(r, row_mean(nu))"),
+    ("muon-default", "c * mm(A, A)", "1.001 * c * mm(A, A)"),
+    ("amos-default", "c_coef * sqrt(lr)", "c_coef * sqrt(1.01 * lr)"),
+    ("smmf-default", "cv = col_sum(v)", "cv = 1.001 * col_sum(v)"),
+    ("adam_gc-default", "g - unit_mean(g)", "g - 0.999 * unit_mean(g)"),
+    ("lookahead_adam-default", "lerp(p, slow, 1 - alpha)", "lerp(p, slow, 1.001 - alpha)"),
+])
+def test_a_mutant_is_caught(case, old, new, request):
+    """The comparison is sharp enough to see a small change to the spec's math."""
+    request.getfixturevalue("float64_default")
+    name, ours_kw, _, _ = CASES[case]
+    text = (SPECS / f"{name}.opt").read_text()
+    assert text.count(old) >= 1
+    Mutant = optdsl.compile(text.replace(old, new), f"{name}_mutant.opt")
+    options = dict(OPTIONS.get(name, {}))
+    shapes = options.pop("shapes", SMALL)
+    with pytest.raises(AssertionError, match="differs from reference"):
+        run_pair(lambda ps, foreach: Mutant(ps, foreach=foreach, **ours_kw), _makers(case)[1], shapes,
+                 torch.float64, STEPS, **options)
+    spec.cache_clear()  # the mutant took the class's module name
