@@ -162,7 +162,7 @@ class SMMF(Optimizer):
     @staticmethod
     def _rule_of(p, group):
         """Which rule updates this parameter: the first whose condition its shape meets."""
-        if float(p.dim() == 2):
+        if p.dim() == 2:
             return 0
         return 1
 

@@ -9,7 +9,7 @@ import jinja2
 import sympy as sp
 
 from .. import ir
-from ..functions import REDUCTIONS
+from ..functions import COMPARISONS, REDUCTIONS
 from ..lower import RESERVED
 from ..mathtext import statement_math
 from ..sym import DEVICE, GROUP, PARAM, TENSOR, Plan, meanings
@@ -210,12 +210,25 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
     return environment().get_template("torch_optimizer.py.j2").render(**ctx)
 
 
+class _ConditionPrinter(HostPrinter):
+    """A rule's condition reads as Python: `p.dim() >= 2`, not `float(p.dim() >= 2)`."""
+
+    def _print_Function(self, e):
+        row = _COMPARISON_ROWS.get(type(e))
+        if row is None:
+            return super()._print_Function(e)
+        return row.host.format(*(self._print(a) for a in e.args))[len("float("):-1]
+
+
+_COMPARISON_ROWS = {row.sympy: row for row in COMPARISONS.values()}
+
+
 def condition_code(cond: ir.Expr, prog: ir.Program) -> str:
     """A rule's condition as Python over the parameter `p` and its `group`."""
     from ..sym import to_sympy
     env = {h.name: sp.Symbol(f'group["{h.name}"]') for h in prog.hypers}
     env.update({n: sp.Symbol(code) for n, code in ir.SHAPE_BUILTINS.items()})
-    return HostPrinter().doprint(to_sympy(cond, env))
+    return _ConditionPrinter().doprint(to_sympy(cond, env))
 
 
 # The shape of a state's tensor, from p's (None: torch.zeros_like(p)).
