@@ -588,3 +588,26 @@ def test_a_mutant_is_caught(case, old, new, request):
         run_pair(lambda ps, foreach: Mutant(ps, foreach=foreach, **ours_kw), _makers(case)[1], shapes,
                  torch.float64, STEPS, **options)
     spec.cache_clear()  # the mutant took the class's module name
+
+
+@pytest.mark.parametrize("name", ["nadam", "adafactor", "smmf", "muon"])
+def test_bfloat16_parameters_keep_float32_states(name):
+    """Low-precision parameters step in float32 with float32 states (bool states stay bool),
+    the two paths agree exactly, and a step moves them as the float32 step does, to bfloat16."""
+    torch.manual_seed(0)
+    shapes = [(13, 5), (7,)]
+    init = [torch.randn(s) for s in shapes]
+    low = {fe: [torch.nn.Parameter(x.bfloat16()) for x in init] for fe in (False, True)}
+    high = [torch.nn.Parameter(x.bfloat16().float()) for x in init]
+    opts = [spec(name)(low[fe], lr=0.01, foreach=fe) for fe in (False, True)] + [spec(name)(high, lr=0.01)]
+    for i, s in enumerate(shapes):
+        g = torch.randn(s).bfloat16().float()  # the same gradient on both sides
+        for params in (low[False], low[True], high):
+            params[i].grad = g.to(params[i].dtype)
+    for opt in opts:
+        opt.step()
+    for a, b, c in zip(low[False], low[True], high):
+        assert torch.equal(a, b)
+        assert torch.equal(a, c.bfloat16())  # one rounding of the float32 result
+    for state in opts[0].state.values():
+        assert all(v.dtype in (torch.float32, torch.bool) for k, v in state.items() if k != "step")
