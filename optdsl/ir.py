@@ -41,6 +41,20 @@ def join(a, b):
     return a & b  # an axis stays reduced only where both operands reduced it
 
 
+def result_shape(row, args):
+    """The shape of a function's result (`row` from optdsl.functions, None for arithmetic)."""
+    if row is not None and row.reduction:
+        return ALL
+    if row is not None and row.axis:  # the operand's shape with one more axis reduced
+        return None if args[0] is None else args[0] if args[0] == ALL else args[0] | {row.axis}
+    if row is not None and row.matrix:  # a product's shape is not p's (of scalars, a scalar)
+        return None if any(a != ALL for a in args) else ALL
+    out = ALL
+    for a in args:
+        out = join(out, a)
+    return out
+
+
 def shape_text(shape) -> str:
     """How an error message says a shape."""
     names = {FULL: "shaped like p", ALL: "a scalar", STATE_SHAPES["rows"]: "one per row (rows)",

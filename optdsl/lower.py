@@ -173,20 +173,7 @@ class _Lowering:
             return ir.ALL
         if isinstance(e, ir.Ref):
             return self.shape.get(e.name, ir.ALL)
-        fn = TABLE.get(e.op)
-        args = [self.shape_of(a) for a in e.args]
-        if fn is not None and fn.reduction:
-            return ir.ALL
-        if fn is not None and fn.axis:
-            return None if args[0] is None else args[0] if args[0] == ir.ALL else args[0] | {fn.axis}
-        if fn is not None and fn.matrix:
-            return None if any(a != ir.ALL for a in args) else ir.ALL
-        if e.op == "where" and args[0] == ir.ALL:  # a scalar condition picks one whole branch
-            args = args[1:]
-        out = ir.ALL
-        for a in args:
-            out = ir.join(out, a)
-        return out
+        return ir.result_shape(TABLE.get(e.op), [self.shape_of(a) for a in e.args])
 
     # ---- statements ----
     def statement(self, item: ast.Assign | ast.Block) -> None:

@@ -168,14 +168,7 @@ class Emitter:
                                        for i, a in enumerate(args)))
         if row in fn.COMPARISONS.values():
             template = f"{template}.to({{{_first_tensor(args)}}}.dtype)"
-        if row.axis:
-            shape = None if args[0].shape is None else args[0].shape | {row.axis}
-        elif row.matrix:
-            shape = None
-        else:
-            shape = ir.ALL
-            for a in args:
-                shape = ir.join(shape, a.shape)
+        shape = ir.result_shape(row, [a.shape for a in args])
         result = self.apply("call", args, e.args, template=template, shape=shape)
         if row.matrix and len(args) == 1:  # a transpose is a view of its operand: never write into it
             self.owned.discard(result.code)
@@ -316,18 +309,9 @@ class Emitter:
         """The shape of a value, without emitting it."""
         if e.is_Symbol:
             return self.shapes.get(e, ir.FULL) if self.levels.get(e) == TENSOR else ir.ALL
-        row = _BY_CLASS.get(type(e))
-        if row is not None and row.axis:
-            inner = self._shape(e.args[0])
-            return None if inner is None else inner if inner == ir.ALL else inner | {row.axis}
-        if row is not None and row.matrix:
-            return None
         if is_reduction(e):
             return ir.ALL
-        shape = ir.ALL
-        for a in e.args:
-            shape = ir.join(shape, self._shape(a))
-        return shape
+        return ir.result_shape(_BY_CLASS.get(type(e)), [self._shape(a) for a in e.args])
 
     # ---- steps and outputs ----
     def _level(self, e: sp.Expr) -> int:
