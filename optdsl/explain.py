@@ -51,13 +51,16 @@ def _cost(compiled: Compiled) -> list[Property]:
     plan, prog = compiled.plan, compiled.program
     tensor_exprs = [d.expr for d in plan.steps if d.level == TENSOR] + [e for _, e in plan.outputs]
     tensor_exprs += [d.expr.args[0] for d in plan.steps if d.level == DEVICE and fn.REDUCTIONS.get(type(d.expr))]
-    read = [s for s in plan.inputs if any(s in e.free_symbols for e in tensor_exprs)]
-    written = [base for base, e in plan.outputs if e != sp.Symbol(base)]
+    # a state shaped like p costs per element; a scalar or reduced one per parameter (optdsl info)
+    full = {s.name for s in prog.states if s.shape in ("full", "bool")}
+    read = [s for s in plan.inputs if any(s in e.free_symbols for e in tensor_exprs) and str(s) in full | {"p", "g"}]
+    written = [base for base, e in plan.outputs if e != sp.Symbol(base) and base in full | {"p"}]
     ops = sum(sp.count_ops(e) for e in tensor_exprs)
-    n_states = len(prog.states)
+    n_states = len(full)
+    others = [s.name for s in prog.states if s.name not in full]
     return [
-        Property("state memory per element", f"{n_states} x {FLOAT32} B = {n_states * FLOAT32} B (float32)",
-                 "counted"),
+        Property("state memory per element", f"{n_states} x {FLOAT32} B = {n_states * FLOAT32} B (float32)"
+                 + (f", plus {', '.join(others)} per parameter" if others else ""), "counted"),
         Property("bytes per element per step",
                  f"{(len(read) + len(written)) * FLOAT32} B: reads {', '.join(map(str, read))}; "
                  f"writes {', '.join(written)}", "counted from the plan"),
