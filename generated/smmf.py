@@ -158,6 +158,10 @@ class SMMF(Optimizer):
             for key, value in saved[i].items():
                 if key != "step" and torch.is_tensor(value) and value.is_floating_point():
                     self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+        for state in self.state.values():  # and a bool state back to one byte per element
+            for key in ['positive']:
+                if key in state:
+                    state[key] = state[key].bool()
 
     @staticmethod
     def _rule_of(p, group):

@@ -564,6 +564,9 @@ def test_state_dict_round_trip_continues_the_same_run(name):
             opt.step()
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+    for x, y in zip(a, b):
+        for key, value in second.state[y].items():
+            assert value.dtype == first.state[x][key].dtype, key  # a bool state stays bool
 
 
 @pytest.mark.parametrize("case, old, new", [
