@@ -614,3 +614,23 @@ def test_bfloat16_parameters_keep_float32_states(name):
         assert torch.equal(a, c.bfloat16())  # one rounding of the float32 result
     for state in opts[0].state.values():
         assert all(v.dtype in (torch.float32, torch.bool) for k, v in state.items() if k != "step")
+
+
+def test_blocks_lower_to_plain_ssa():
+    """repeat unrolls, every becomes a where on t, and the declared shapes print in the IR."""
+    from optdsl.lower import lower
+    from optdsl.parse import parse
+    src = ("optimizer X\nhyper lr = 0.1, k = 2 in [1, inf)\nstate s: scalar = 1, r: rows\n"
+           "repeat 2 {\n  s *= 2\n}\nr = lerp(r, row_mean(g^2), 0.5)\np -= lr * s * g / sqrt(r + 1)\n"
+           "every k {\n  p = 0.5 * p\n}\n")
+    assert str(lower(parse(src))[0]).split("\n", 3)[3] == """\
+  state s: scalar = 1
+  state r: rows = 0
+  in p0, g0, s0, r0, t
+  s1 = s0 * 2    # scalar
+  s2 = s1 * 2    # scalar
+  r1 = lerp(r0, row_mean(g0^2), 0.5)
+  p1 = p0 - lr * s2 * g0 / sqrt(r1 + 1)
+  p2 = 0.5 * p1
+  p3 = where(mod(t, k) == 0, p2, p1)
+  out p = p3, s = s2, r = r1"""
