@@ -217,6 +217,15 @@ _EXAMPLES = {
         "optimizer X\np -= f(g) m = g\n", "optimizer X\np -= 2 m = g\n", "optimizer X\nhyper a = 1 in [0, 1] b = 2\n",
         "optimizer X\nstate m = 1 v\n",
     ],
+    "a block's statements go on their own lines | put a line break after '{', and '}' on a line of its own": [
+        "optimizer X\nrepeat 3 { p -= g }\n", "optimizer X\nrule { p -= g }\n", "optimizer X\nevery 2 { p -= g }\n",
+        "optimizer X\nrule {\np -= g }\n", "optimizer X\nrepeat 2 {\np -= g }\n",
+        "optimizer X\nrule {\nstate m }\n",
+    ],
+    "unclosed block | close the block with '}' on a line of its own": [
+        "optimizer X\nrule {\np -= g\n", "optimizer X\nrepeat 2 {\np -= g\n", "optimizer X\nrule {\n",
+        "optimizer X\nrule ndim > 1 {\nstate m\n",
+    ],
     "a string is allowed only after 'optimizer NAME' | strings are docstrings; remove the quotes": [
         'optimizer X\np -= "g"\n', 'optimizer X\nhyper a = "1"\n',
     ],
@@ -330,7 +339,8 @@ _TOKEN_NAMES = {"_NL": "end of line", "SEMICOLON": "';'", "NAME": "a name", "NUM
                 "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "COMMA": "','",
                 "EQUAL": "'='", "MINUS": "'-'", "PLUS": "'+'", "STAR": "'*'", "SLASH": "'/'",
                 "INF": "'inf'", "STRING": "a string", "AUG_OP": "'+=', '-=', '*=' or '/='",
-                "COMPARE": "a comparison", "POW_OP": "'^'", "IN": "'in'", "$END": "end of file"}
+                "COMPARE": "a comparison", "POW_OP": "'^'", "IN": "'in'", "$END": "end of file",
+                "LBRACE": "'{'", "RBRACE": "'}'"}
 
 
 def _pretty(name: str) -> str:

@@ -634,3 +634,17 @@ def test_blocks_lower_to_plain_ssa():
   p2 = 0.5 * p1
   p3 = where(mod(t, k) == 0, p2, p1)
   out p = p3, s = s2, r = r1"""
+
+
+@pytest.mark.parametrize("src, message, where", [
+    ("optimizer X\nrule ndim > 1 {\np -= g\n", "unclosed block", (3, 7)),
+    ("optimizer X\nrepeat 3 { p -= g }\n", "a block's statements go on their own lines", (2, 12)),
+    ("optimizer X\nhyper k = 2\nevery k {\np -= g\nm = g }\n", "a block's statements go on their own lines",
+     (5, 7)),
+    ("optimizer X\nrule ndim > 1\n{\np -= g\n}\n", "expected one of: '{'", (2, 14)),
+])
+def test_block_syntax_errors_say_what_to_do(src, message, where):
+    with pytest.raises(optdsl.SpecError) as err:
+        optdsl.compile_source(src, "x.opt")
+    text = str(err.value)
+    assert message in text and f"x.opt:{where[0]}:{where[1]}:" in text, text
