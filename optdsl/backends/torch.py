@@ -204,7 +204,7 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
         uses_loss=any(p.program.uses_loss for _, p, _ in rules), rules=contexts,
         rule_conds=[cond for cond, _, _ in rules] if len(rules) > 1 else [],
         inputs=[s.name for s in prog.states if s.fed],
-        bool_names=sorted({s.name for _, p, _ in rules for s in p.program.states if s.shape == "bool"}),
+        bool_names=sorted({s.saved_as for _, p, _ in rules for s in p.program.states if s.shape == "bool"}),
         statements=list(dict.fromkeys(statements)), latex=latex,
         spec=source.strip("\n").replace('"""', '""\\"'), number=_py_number,  # in a r""" docstring
         **names_in_group,
