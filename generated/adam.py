@@ -351,7 +351,7 @@ def _multi_tensor_adam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2
     k0 = 1 - b2
     k1 = 1 - b1
     # Grouped by the parameters' device and dtype; states follow by index, as they may be stored in
-    # another dtype (float32 for bfloat16 parameters, or state_dtype), which the grouping refuses on CUDA.
+    # another dtype (float32 for bfloat16 parameters, state_dtype, bool), which the grouping refuses on CUDA.
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
     for (device_params, device_grads, device_steps), indices in grouped.values():
         device_m = [m_list[i] for i in indices]

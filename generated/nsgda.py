@@ -250,7 +250,7 @@ def _multi_tensor_nsgda(params, grads, m_list, state_steps, *, lr, momentum, eps
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - momentum
     # Grouped by the parameters' device and dtype; states follow by index, as they may be stored in
-    # another dtype (float32 for bfloat16 parameters, or state_dtype), which the grouping refuses on CUDA.
+    # another dtype (float32 for bfloat16 parameters, state_dtype, bool), which the grouping refuses on CUDA.
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
     for (device_params, device_grads, device_steps), indices in grouped.values():
         device_m = [m_list[i] for i in indices]

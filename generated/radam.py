@@ -296,7 +296,7 @@ def _multi_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, b
     k4 = -3 + 2/(1 - b2)
     k5 = 1 - b2
     # Grouped by the parameters' device and dtype; states follow by index, as they may be stored in
-    # another dtype (float32 for bfloat16 parameters, or state_dtype), which the grouping refuses on CUDA.
+    # another dtype (float32 for bfloat16 parameters, state_dtype, bool), which the grouping refuses on CUDA.
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
     for (device_params, device_grads, device_steps), indices in grouped.values():
         device_m = [m_list[i] for i in indices]

@@ -341,7 +341,7 @@ def _multi_tensor_sgd(params, grads, buf_list, state_steps, *, lr, momentum, dam
     k1 = float(momentum == 0)
     k2 = 1 - dampening
     # Grouped by the parameters' device and dtype; states follow by index, as they may be stored in
-    # another dtype (float32 for bfloat16 parameters, or state_dtype), which the grouping refuses on CUDA.
+    # another dtype (float32 for bfloat16 parameters, state_dtype, bool), which the grouping refuses on CUDA.
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
     for (device_params, device_grads, device_steps), indices in grouped.values():
         device_buf = [buf_list[i] for i in indices]

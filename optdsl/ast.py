@@ -90,6 +90,8 @@ class State:
     name: str
     init: Expr | None
     span: Span
+    shape: str = "full"          # full (like p), scalar, rows or cols: see ir.STATE_SHAPES
+    shape_span: Span | None = None
     key: str | None = None  # `as KEY`: its key in state_dict()
     key_span: Span | None = None
     eager: bool = False     # made when the optimizer is, not at the parameter's first update
@@ -105,11 +107,36 @@ class Assign:
 
 
 @dataclass(frozen=True)
+class Block:
+    kind: str               # "repeat" (arg: the count) or "every" (arg: the period)
+    arg: Expr
+    body: tuple[Assign | Block, ...]
+    span: Span
+
+
+@dataclass(frozen=True)
+class Rule:
+    cond: Expr | None       # over the shape built-ins and hyperparameters; None: every parameter
+    states: tuple[State, ...]
+    body: tuple[Assign | Block, ...]
+    span: Span
+
+
+@dataclass(frozen=True)
+class Input:
+    name: str
+    default: float
+    span: Span
+
+
+@dataclass(frozen=True)
 class Spec:
     name: str
     doc: str
     hypers: tuple[Hyper, ...]
     states: tuple[State, ...]
-    body: tuple[Assign, ...]
+    body: tuple[Assign | Block, ...]
     name_span: Span
     tuples: tuple[HyperTuple, ...] = ()
+    rules: tuple[Rule, ...] = ()
+    inputs: tuple[Input, ...] = ()

@@ -35,10 +35,12 @@ class _Ranges:
     def __init__(self, prog: ir.Program):
         self.prog = prog
         self.symbols = {name: sp.Symbol(name) for name in
-                        [h.name for h in prog.hypers] + ["t", "loss", "p0", "g0"]
+                        [h.name for h in prog.hypers] + ["t", "loss", "p0", "g0", *ir.SHAPE_BUILTINS]
                         + [e.out for e in prog.eqns] + list(prog.inputs)}
         self.env: dict[sp.Symbol, Interval] = {self.symbols[h.name]: _hyper_interval(h) for h in prog.hypers}
         self.env[self.symbols["t"]] = Interval(1.0, float("inf"), True, False)
+        for name in ir.SHAPE_BUILTINS:  # ndim >= 0; numel, nrows, ncols >= 1
+            self.env[self.symbols[name]] = Interval(0.0 if name == "ndim" else 1.0, float("inf"), True, False)
         for name in ("loss", "p0", "g0"):
             self.env[self.symbols[name]] = _FULL
 
@@ -55,7 +57,8 @@ class _Ranges:
         for s in self.prog.states:
             zero = Interval(0.0, 0.0, True, True)
             start = bound(to_sympy(s.init, self.symbols), {**self.env, **init_env}) if s.init else zero
-            self.env[self.symbols[ir.ssa_name(s.name, 0)]] = start
+            # an input holds whatever the training loop feeds it
+            self.env[self.symbols[ir.ssa_name(s.name, 0)]] = _FULL if s.fed else start
         for round_ in range(_ROUNDS):
             self.run_step()
             changed = False

@@ -20,6 +20,8 @@ EPILOG = """examples:
                                    prove two specs the same optimizer, or show where they differ
   optdsl plot adam sgd --function rosenbrock -o rosenbrock.png
                                    draw trajectories (or --task charlm: loss curves)
+  optdsl info specs/adafactor.opt --shape 4096x4096
+                                   state memory per parameter of that shape
 
 `optdsl COMMAND --help` says more about each command.
 """
@@ -63,6 +65,10 @@ Functions (trajectories from a fixed start, float64): rosenbrock, saddle, quadra
 Tasks (loss per step, CPU, fixed seed): charlm, a character-level MLP trained on the
 opening of Alice in Wonderland (shipped with optdsl).
 Each function and task sets lr for specs that have one, unless --hyper does.
+"""
+
+INFO_EPILOG = """example:
+  optdsl info specs/adafactor.opt --shape 4096x4096
 """
 
 EQUIV_EPILOG = """exit status: 0 proven equivalent, 1 counterexample found, 2 undecided (not proven, no
@@ -123,7 +129,12 @@ def _explain(args) -> int:
     except OSError as err:
         print(f"optdsl: cannot read {args.spec}: {err.strerror}", file=sys.stderr)
         return 1
-    print(report(explain(compiled), latex=args.latex))
+    try:
+        explanation = explain(compiled)
+    except ValueError as err:  # a spec beyond what the analyses model: say so
+        print(f"optdsl explain: {err}", file=sys.stderr)
+        return 1
+    print(report(explanation, latex=args.latex))
     return 0
 
 
@@ -146,6 +157,21 @@ def _equiv(args) -> int:
     verdict = equivalent(*specs, assume=assume, mapping=mapping, samples=args.samples)
     print(report(verdict, args.a, args.b), file=sys.stderr if verdict.error else sys.stdout)
     return verdict.exit_code
+
+
+def _info(args) -> int:
+    from .info import parse_shape, report
+    try:
+        shape = parse_shape(args.shape)
+        compiled = compile_source(Path(args.spec).read_text(encoding="utf-8"), Path(args.spec).as_posix())
+        print(report(compiled, shape))
+    except SpecError as err:
+        console.show(err)
+        return 1
+    except (OSError, ValueError) as err:
+        console.show(f"optdsl info: error: {err}")
+        return 1
+    return 0
 
 
 def _new(args) -> int:
@@ -231,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="a hyperparameter for every spec that has it, or for one (sgd.momentum=0.9); repeatable")
     pl.add_argument("-o", "--out", required=True, metavar="FILE", help="the picture to write: .png or .svg")
 
+    i = _subcommand(sub, "info", "state memory per parameter of a given shape", INFO_EPILOG, _info)
+    i.add_argument("spec", help="one .opt file")
+    i.add_argument("--shape", default="4096x4096", help="the parameter's shape (default 4096x4096)")
     args = parser.parse_args(argv)
     return args.run(args)
 

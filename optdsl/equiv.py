@@ -184,6 +184,10 @@ def equivalent(a: Compiled | ir.Program, b: Compiled | ir.Program, assume: dict[
     pa, pb = (x.program if isinstance(x, Compiled) else x for x in (a, b))
     assume, mapping = dict(assume or {}), dict(mapping or {})
     fail = lambda msg: Verdict(False, False, message=f"error: {msg}", error=True)  # noqa: E731
+    from .explain import unexplained
+    for x in (a, b):
+        if isinstance(x, Compiled) and (why := unexplained(x)):
+            return fail(f"cannot compare: {why}")
     a_names = {h.name for h in pa.hypers} | {s.name for s in pa.states}
     if bad := [k for k in mapping if k not in a_names]:
         return fail(f"--map names {', '.join(bad)}, not a hyperparameter or state of {pa.name}")

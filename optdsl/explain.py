@@ -21,7 +21,7 @@ from .pipeline import Compiled
 from .ranges import Interval, bound
 from .rewrite import scalar_env
 from .mathtext import statement_math
-from .sym import DEVICE, TENSOR, meanings, to_sympy
+from .sym import DEVICE, TENSOR, has_matrix_work, meanings, to_sympy
 
 FLOAT32 = 4
 
@@ -51,13 +51,16 @@ def _cost(compiled: Compiled) -> list[Property]:
     plan, prog = compiled.plan, compiled.program
     tensor_exprs = [d.expr for d in plan.steps if d.level == TENSOR] + [e for _, e in plan.outputs]
     tensor_exprs += [d.expr.args[0] for d in plan.steps if d.level == DEVICE and fn.REDUCTIONS.get(type(d.expr))]
-    read = [s for s in plan.inputs if any(s in e.free_symbols for e in tensor_exprs)]
-    written = [base for base, e in plan.outputs if e != sp.Symbol(base)]
+    # a state shaped like p costs per element; a scalar or reduced one per parameter (optdsl info)
+    full = {s.name for s in prog.states if s.shape in ("full", "bool")}
+    read = [s for s in plan.inputs if any(s in e.free_symbols for e in tensor_exprs) and str(s) in full | {"p", "g"}]
+    written = [base for base, e in plan.outputs if e != sp.Symbol(base) and base in full | {"p"}]
     ops = sum(sp.count_ops(e) for e in tensor_exprs)
-    n_states = len(prog.states)
+    n_states = len(full)
+    others = [s.name for s in prog.states if s.name not in full]
     return [
-        Property("state memory per element", f"{n_states} x {FLOAT32} B = {n_states * FLOAT32} B (float32)",
-                 "counted"),
+        Property("state memory per element", f"{n_states} x {FLOAT32} B = {n_states * FLOAT32} B (float32)"
+                 + (f", plus {', '.join(others)} per parameter" if others else ""), "counted"),
         Property("bytes per element per step",
                  f"{(len(read) + len(written)) * FLOAT32} B: reads {', '.join(map(str, read))}; "
                  f"writes {', '.join(written)}", "counted from the plan"),
@@ -122,6 +125,14 @@ def _numeric_zero(expr: sp.Expr, symbols, prog: ir.Program, trials: int = 12) ->
 
 
 def _scale_invariance(steps: _Steps) -> Property:
+    try:
+        return _scale_invariance_of(steps)
+    except TypeError:  # a value SymPy cannot evaluate at a point: the loss, the shape, an axis reduction
+        return Property("invariant to g -> c*g (c > 0)", "not decided",
+                        "the step reads values the numerical check cannot sample (loss, shape, axis reductions)")
+
+
+def _scale_invariance_of(steps: _Steps) -> Property:
     c = sp.Symbol("c", positive=True)
     g1, g2, p = sp.Symbol("g1", real=True), sp.Symbol("g2", real=True), steps.p
     diff = steps.run([c * g1, c * g2], p) - steps.run([g1, g2], p)
@@ -273,7 +284,18 @@ def _state_ranges(prog: ir.Program) -> list[Property]:
                      "proven by induction over steps") for s in prog.states]
 
 
+def unexplained(compiled: Compiled) -> str:
+    """Why explain and equiv cannot analyse this spec ('' when they can)."""
+    if compiled.rules:
+        return f"{compiled.program.name} has rules by parameter shape; the analyses take one element-wise rule"
+    if any(has_matrix_work(eq.expr) for eq in compiled.program.eqns):
+        return f"{compiled.program.name} does matrix work (mm, T); the analyses model one element"
+    return ""
+
+
 def explain(compiled: Compiled) -> Explanation:
+    if why := unexplained(compiled):
+        raise ValueError(f"cannot explain: {why}")
     prog = compiled.program
     steps = _Steps(prog)
     props = (_cost(compiled) + _state_ranges(prog) + [_scale_invariance(steps)] + _first_step(steps, prog))

@@ -99,6 +99,52 @@ class amax(_Reduction):
     pass
 
 
+class _AxisReduction(_Opaque):
+    """A reduction over some axes of p, kept with size 1 so that it broadcasts back."""
+
+    nargs = 1
+
+
+class row_mean(_AxisReduction):
+    pass
+
+
+class col_mean(_AxisReduction):
+    pass
+
+
+class row_sum(_AxisReduction):
+    pass
+
+
+class col_sum(_AxisReduction):
+    pass
+
+
+class row_max(_AxisReduction):
+    pass
+
+
+class col_max(_AxisReduction):
+    pass
+
+
+class unit_mean(_AxisReduction):
+    pass
+
+
+class unit_norm(_AxisReduction):
+    is_nonnegative = True
+
+
+class mm(_Opaque):  # matrix product of the last two axes; its meaning is not element-wise
+    nargs = 2
+
+
+class T(_Opaque):  # transpose of the last two axes
+    nargs = 1
+
+
 def _minmax(func):
     """SymPy's Min/Max, left unevaluated where SymPy cannot order constant arguments."""
     def build(*args):
@@ -122,6 +168,8 @@ class Function:
     foreach: str | None = None  # torch._foreach_<name>, elementwise unary only
     reduction: bool = False
     triton: str = ""      # Triton on registers (float32 or float64), {0}, {1}, ... the arguments
+    axis: str = ""        # an axis reduction: the axes it reduces (a shape tag of optdsl.ir)
+    matrix: bool = False  # matrix work: its result is not shaped like its arguments
 
 
 F = Function
@@ -167,6 +215,24 @@ TABLE: dict[str, Function] = {f.name: f for f in [
     F("mean", 1, mean, "torch.mean({0})", "{0}", reduction=True),
     F("rms", 1, rms, "torch.sqrt(torch.mean(torch.square({0})))", "abs({0})", reduction=True),
     F("amax", 1, amax, "torch.amax({0})", "{0}", reduction=True),
+    # ---- axis reductions: kept with size 1, so they broadcast back against p ----
+    F("row_mean", 1, row_mean, "{0}.mean(dim=-1, keepdim=True)", "{0}", axis="-1"),
+    F("col_mean", 1, col_mean, "{0}.mean(dim=-2, keepdim=True)", "{0}", axis="-2"),
+    F("row_sum", 1, row_sum, "{0}.sum(dim=-1, keepdim=True)", "{0}", axis="-1"),
+    F("col_sum", 1, col_sum, "{0}.sum(dim=-2, keepdim=True)", "{0}", axis="-2"),
+    F("row_max", 1, row_max, "{0}.amax(dim=-1, keepdim=True)", "{0}", axis="-1"),
+    F("col_max", 1, col_max, "{0}.amax(dim=-2, keepdim=True)", "{0}", axis="-2"),
+    # over every axis but the first: one value per output unit (the whole tensor when rank <= 1)
+    F("unit_mean", 1, unit_mean, "{0}.mean(dim=tuple(range(1, {0}.dim())) or None, keepdim=True)", "{0}",
+      axis="unit"),
+    F("unit_norm", 1, unit_norm,
+      "torch.linalg.vector_norm({0}, dim=tuple(range(1, {0}.dim())) or None, keepdim=True)", "abs({0})",
+      axis="unit"),
+    # ---- matrix work on the last two axes ----
+    F("mm", 2, mm, "torch.matmul({0}, {1})", "({0}) * ({1})", matrix=True),
+    F("T", 1, T, "{0}.mT", "{0}", matrix=True),
+    # ---- host arithmetic for periodic work ----
+    F("mod", 2, sp.Mod, "torch.remainder({0}, {1})", "math.fmod({0}, {1})"),
 ]}
 
 # Comparisons are operators in the spec, functions here: `a < b` means lt(a, b).
@@ -174,7 +240,8 @@ COMPARISONS: dict[str, Function] = {op: F(name, 2, cls, f"({{0}} {op} {{1}})", f
                                           triton=f"tl.where({{0}} {op} {{1}}, 1.0, 0.0)")
                                     for op, name, cls in [("<", "lt", lt), ("<=", "le", le), (">", "gt", gt),
                                                           (">=", "ge", ge), ("==", "eq", eq), ("!=", "ne", ne)]}
-OPAQUE_CLASSES = (lerp, where, sigmoid, softplus, lt, le, gt, ge, eq, ne)
+OPAQUE_CLASSES = (lerp, where, sigmoid, softplus, lt, le, gt, ge, eq, ne, row_mean, col_mean, row_sum, col_sum,
+                  row_max, col_max, unit_mean, unit_norm, mm, T)
 REDUCTIONS = {f.sympy: f for f in TABLE.values() if f.reduction}
 
 

@@ -12,7 +12,54 @@ from dataclasses import dataclass
 from .errors import Span
 
 BUILTINS = ("p", "g", "t", "loss")
+# The parameter's shape, as host numbers per parameter: rules by shape read them.
+SHAPE_BUILTINS = {"ndim": "p.dim()", "numel": "p.numel()",
+                  "nrows": "(p.shape[-2] if p.dim() >= 2 else 1)", "ncols": "(p.shape[-1] if p.dim() >= 1 else 1)"}
 TENSOR, SCALAR = "tensor", "scalar"
+
+# ---- shapes ----
+# A value's shape is told by the axes of p it has reduced (kept with size 1, so it broadcasts
+# back): FULL is shaped like p, ALL a scalar, None a shape that is not p's (a matrix product).
+FULL: frozenset = frozenset()
+ALL: frozenset = frozenset({"all"})
+STATE_SHAPES = {"full": FULL, "scalar": ALL,
+                "rows": frozenset({"-1"}),   # one value per row: p.shape[:-1] + (1,)
+                "cols": frozenset({"-2"}),   # one value per column: p.shape[:-2] + (1,) + p.shape[-1:]
+                "bool": FULL}                # shaped like p, one byte per element: a value kept as != 0
+
+
+def join(a, b):
+    """The shape of an element-wise result of values shaped a and b (None: not known to be p's)."""
+    if a is None or b is None:
+        return None
+    if a == ALL or a == b:
+        return b
+    if b == ALL:
+        return a
+    if "unit" in a | b:  # which axes "all but the first" covers depends on the rank
+        return FULL if not a or not b else None
+    return a & b  # an axis stays reduced only where both operands reduced it
+
+
+def result_shape(row, args):
+    """The shape of a function's result (`row` from optdsl.functions, None for arithmetic)."""
+    if row is not None and row.reduction:
+        return ALL
+    if row is not None and row.axis:  # the operand's shape with one more axis reduced
+        return None if args[0] is None else args[0] if args[0] == ALL else args[0] | {row.axis}
+    if row is not None and row.matrix:  # a product's shape is not p's (of scalars, a scalar)
+        return None if any(a != ALL for a in args) else ALL
+    out = ALL
+    for a in args:
+        out = join(out, a)
+    return out
+
+
+def shape_text(shape) -> str:
+    """How an error message says a shape."""
+    names = {FULL: "shaped like p", ALL: "a scalar", STATE_SHAPES["rows"]: "one per row (rows)",
+             STATE_SHAPES["cols"]: "one per column (cols)"}
+    return names.get(shape, "of another shape" if shape is None else "reduced over axes " + ", ".join(sorted(shape)))
 
 
 # ---- expressions ----
@@ -63,6 +110,8 @@ class State:
     name: str
     init: Expr | None  # over p0, hyperparameters and numbers; None is zero
     span: Span | None = None
+    shape: str = "full"  # a key of STATE_SHAPES
+    fed: bool = False    # an `input`: a scalar the training loop sets, read-only in the spec
     key: str | None = None  # its key in state_dict() when not its name (exp_avg for m)
     eager: bool = False     # made when the optimizer is (torch.optim.Adagrad's sum), not lazily
 
@@ -168,8 +217,9 @@ def format_program(prog: Program) -> str:
         if k.is_tuple:
             lines.append(f"  hyper {k.name} = ({', '.join(k.members)})")
     for s in prog.states:
-        lines.append(f"  state {s.name} = {format_expr(s.init) if s.init else '0'}" + (f" as {s.key}" if s.key else "")
-                     + (" eager" if s.eager else ""))
+        shape = "" if s.shape == "full" else f": {s.shape}"
+        lines.append(f"  state {s.name}{shape} = {format_expr(s.init) if s.init else '0'}"
+                     + (f" as {s.key}" if s.key else "") + (" eager" if s.eager else ""))
     lines.append("  in " + ", ".join(prog.inputs + ("t",) + (("loss",) if prog.uses_loss else ())))
     for eq in prog.eqns:
         lines.append(f"  {eq.out} = {format_expr(eq.expr)}" + ("    # scalar" if eq.kind == SCALAR else ""))

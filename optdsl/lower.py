@@ -26,7 +26,7 @@ RESERVED = {"params", "defaults", "foreach", "fused", "closure", "self", "state"
             "seed", "stochastic", "state_type", "hyper_values", "pointers", "args", "types", "step_ptrs",
             "P_TYPE", "S_TYPE", "C_TYPE", "T_TYPE", "STOCHASTIC", "BLOCK", "_to_state", "_upload",
             "_pointer_tables", "_hyper_table", "_POINTERS", "_HYPERS", "_NUM_WARPS", "_fused_by_default",
-            "_state_dtype", "_fused_for"}
+            "_state_dtype", "_fused_for", "indices"}
 _BINARY = {"+": "+", "-": "-", "*": "*", "/": "/", "^": "^"}
 # Names a drop-in constructor takes or uses itself (torch.optim's flags it accepts only at their
 # defaults, its own, and its locals and helpers): a spec's keyword may not take them.
@@ -50,9 +50,10 @@ def _check_declarations(spec: ast.Spec) -> None:
         if name in lists:
             raise SpecError(f"'{name}' is the name of the generated code's list of state '{lists[name]}'",
                             decl.span, hint=f"rename it, e.g. '{name}_'")
-        if name in ir.BUILTINS:
+        if name in ir.BUILTINS or name in ir.SHAPE_BUILTINS:
             raise SpecError(f"'{name}' is a built-in name and cannot be declared", decl.span,
-                            hint="p, g, t and loss are provided by optdsl; choose another name")
+                            hint="p, g, t, loss, ndim, numel, nrows and ncols are provided by optdsl; "
+                                 "choose another name")
         if name in TABLE:
             raise SpecError(f"'{name}' is a function and cannot be declared as a {kind}", decl.span,
                             hint=f"rename the {kind}, e.g. '{name}_'")
@@ -63,6 +64,10 @@ def _check_declarations(spec: ast.Spec) -> None:
             raise SpecError(f"'{name}' is declared twice (already a {seen[name]})", decl.span,
                             hint="remove one of the declarations or rename it")
         seen[name] = kind
+    for st in spec.states:
+        if st.shape not in ir.STATE_SHAPES:
+            raise SpecError(f"unknown state shape '{st.shape}'", st.shape_span,
+                            hint="a state is shaped like p unless declared ': scalar', ': rows', ': cols' or ': bool'")
     starts = {ir.ssa_name(b, 0): b for b in ["p", "g", *(s.name for s in spec.states)]}
     for h in spec.hypers:  # the IR names the step-start value of m `m0`: a hyperparameter may not
         if h.name in starts:
@@ -84,16 +89,21 @@ class _Lowering:
     def __init__(self, spec: ast.Spec):
         self.spec = spec
         self.hypers = {h.name for h in spec.hypers}
+        self.fed = {i.name for i in spec.inputs}
         self.states = {s.name for s in spec.states}
         self.version: dict[str, int] = {"p": 0, "g": 0, **{s: 0 for s in self.states}}
         self.kind: dict[str, str] = {}  # SSA name -> TENSOR/SCALAR
+        self.shape: dict[str, frozenset | None] = {}  # SSA name -> shape (see ir.join)
+        self.declared = {s.name: ir.STATE_SHAPES[s.shape] for s in spec.states}
         self.eqns: list[ir.Eqn] = []
         self.read: set[str] = set()     # spec names read by some statement
         self.uses_loss = False
-        self.assigned_later = {a.target for a in spec.body}
+        self.assigned_later = set(_targets(spec.body))
         self.warnings: list[SpecWarning] = []
         for base in self.version:
-            self.kind[ir.ssa_name(base, 0)] = ir.TENSOR
+            shape = self.declared.get(base, ir.FULL)
+            self.kind[ir.ssa_name(base, 0)] = ir.SCALAR if shape == ir.ALL else ir.TENSOR
+            self.shape[ir.ssa_name(base, 0)] = shape
 
     def ssa(self, n: str, version: int) -> str:
         """The SSA name of a version; a later one steps aside for a hyperparameter (hyper b1, local b)."""
@@ -104,7 +114,7 @@ class _Lowering:
 
     # ---- expressions ----
     def visible(self) -> set[str]:
-        return set(self.version) | self.hypers | {"t", "loss"}
+        return set(self.version) | self.hypers | {"t", "loss"} | set(ir.SHAPE_BUILTINS)
 
     def expr(self, e: ast.Expr, allowed: set[str] | None = None) -> ir.Expr:
         if isinstance(e, ast.Num):
@@ -132,7 +142,7 @@ class _Lowering:
         if n in self.hypers:
             self.read.add(n)
             return ir.Ref(n, e.span)
-        if n in ("t", "loss"):
+        if n in ("t", "loss") or n in ir.SHAPE_BUILTINS:
             self.uses_loss |= n == "loss"
             return ir.Ref(n, e.span)
         if n in self.version:
@@ -167,16 +177,72 @@ class _Lowering:
             return ir.SCALAR
         return ir.TENSOR if any(self.kind_of(a) == ir.TENSOR for a in e.args) else ir.SCALAR
 
+    def shape_of(self, e: ir.Expr):
+        """The value's shape (ir.FULL, ir.ALL, axes reduced, or None when not p's)."""
+        if isinstance(e, ir.Const):
+            return ir.ALL
+        if isinstance(e, ir.Ref):
+            return self.shape.get(e.name, ir.ALL)
+        return ir.result_shape(TABLE.get(e.op), [self.shape_of(a) for a in e.args])
+
     # ---- statements ----
+    def statement(self, item: ast.Assign | ast.Block) -> None:
+        if isinstance(item, ast.Assign):
+            self.assign(item)
+        elif item.kind == "repeat":
+            self.repeat(item)
+        else:
+            self.every(item)
+
+    def repeat(self, block: ast.Block) -> None:
+        """A bounded loop is unrolled: its count is a whole number written in the spec."""
+        count = block.arg.value
+        if count != int(count) or not 1 <= count <= MAX_REPEAT:
+            raise SpecError(f"'repeat' takes a whole number of rounds from 1 to {MAX_REPEAT}, got {count:g}",
+                            block.arg.span, hint="write the count as a number, e.g. 'repeat 5 {'")
+        for _ in range(int(count)):
+            for item in block.body:
+                self.statement(item)
+
+    def every(self, block: ast.Block) -> None:
+        """Periodic work: each value the block assigns becomes where(t % k == 0, new, old)."""
+        period = self.expr(block.arg)
+        if self.kind_of(period) != ir.SCALAR or self._reads_step_values(period):
+            raise SpecError("the period of 'every' must be a number or a hyperparameter", block.arg.span,
+                            hint="write e.g. 'every k {' with 'hyper k = 5 in [1, inf)'")
+        before = dict(self.version)
+        for item in block.body:
+            self.statement(item)
+        due = ir.Op("eq", (ir.Op("mod", (ir.Ref("t", block.span), period), block.span), ir.Const(0.0)), block.span)
+        for n in dict.fromkeys(_targets(block.body)):
+            if n not in before:  # a local of the block alone: not visible after it
+                del self.version[n]
+                continue
+            value = ir.Op("where", (due, ir.Ref(self.ssa(n, self.version[n])), ir.Ref(self.ssa(n, before[n]))),
+                          block.span)
+            self.version[n] += 1
+            out = self.ssa(n, self.version[n])
+            self.kind[out] = self.kind_of(value)
+            self.shape[out] = self.shape[self.ssa(n, self.version[n] - 1)]
+            self.eqns.append(ir.Eqn(out, n, self.kind[out], value, block.span))
+
+    def _reads_step_values(self, e: ir.Expr) -> bool:
+        if isinstance(e, ir.Ref):
+            return e.name not in self.hypers
+        return isinstance(e, ir.Op) and any(self._reads_step_values(a) for a in e.args)
+
     def assign(self, a: ast.Assign) -> None:
         n = a.target
         if n in self.hypers:
             raise SpecError(f"cannot assign the hyperparameter '{n}'", a.target_span,
                             hint="hyperparameters are read-only; assign a local instead, e.g. "
                                  f"'{n}_eff = ...'")
-        if n in ("t", "loss"):
+        if n in ("t", "loss") or n in ir.SHAPE_BUILTINS:
             raise SpecError(f"cannot assign the built-in '{n}'", a.target_span,
                             hint=f"'{n}' is read-only; assign a local with another name")
+        if n in self.fed:
+            raise SpecError(f"cannot assign the input '{n}'", a.target_span,
+                            hint="an input is set by the training loop (optimizer.feed); assign a local instead")
         if n in TABLE:
             raise SpecError(f"cannot assign '{n}': it is a function", a.target_span,
                             hint=f"choose another name, e.g. '{n}_'")
@@ -195,6 +261,17 @@ class _Lowering:
         self.version[n] = version
         out = self.ssa(n, version)
         kind = self.kind_of(value)
+        shape = self.shape_of(value)
+        want = self.declared.get(n)
+        if want is not None and want != ir.FULL and shape != want and shape != ir.ALL:
+            decl = next(s for s in self.spec.states if s.name == n)
+            raise SpecError(f"state '{n}' is declared ': {decl.shape}' but this value is "
+                            f"{ir.shape_text(shape)}", a.span,
+                            hint="reduce the value to the state's shape (norm, mean, row_mean, col_mean, ...) "
+                                 "or declare the state without a shape")
+        if n in self.declared and want == ir.ALL:
+            kind = ir.SCALAR
+        self.shape[out] = ir.FULL if n == "p" else shape if want is None else want
         self.kind[out] = kind
         self.eqns.append(ir.Eqn(out, n, kind, value, a.span))
 
@@ -204,15 +281,17 @@ class _Lowering:
         init_names = {"p"} | self.hypers
         for s in spec.states:
             init = self.expr(s.init, allowed=init_names) if s.init is not None else None
-            states.append(ir.State(s.name, init, s.span, key=s.key, eager=s.eager))
+            states.append(ir.State(s.name, init, s.span, s.shape, s.name in self.fed, key=s.key, eager=s.eager))
         self.read -= self.states  # reading p in an initial value does not use a state
         for a in spec.body:
-            self.assign(a)
+            self.statement(a)
         if self.version["p"] == 0:
             raise SpecError(f"'{spec.name}' never assigns p, so it would never update a parameter",
                             spec.name_span, hint="add an update such as 'p -= lr * g'")
         assigned = {e.target for e in self.eqns}
         for s in spec.states:
+            if s.name in self.fed:  # an input a rule has no use for: the training loop may still feed it
+                continue
             if s.name not in self.read and s.name not in assigned:
                 raise SpecError(f"state '{s.name}' is declared but never used", s.span,
                                 hint=f"use '{s.name}' in the update or remove it from the 'state' line")
@@ -317,9 +396,72 @@ def _keywords(spec: ast.Spec) -> tuple[ir.Keyword, ...]:
     return tuple(keywords)
 
 
+MAX_REPEAT = 64
+
+
+def _targets(body):
+    """Every name a body assigns, blocks included, in order."""
+    for item in body:
+        if isinstance(item, ast.Assign):
+            yield item.target
+        else:
+            yield from _targets(item.body)
+
+
 def lower(spec: ast.Spec) -> tuple[ir.Program, list[SpecWarning]]:
     """Resolve names and build the SSA program; raises SpecError on the first problem."""
+    if spec.rules:
+        raise SpecError("this spec has rules: lower it with lower_rules", spec.name_span)
+    # An input is a scalar state the step reads and never writes; the training loop sets it.
+    spec = replace(spec, states=spec.states + tuple(
+        ast.State(i.name, ast.Num(i.default, i.span), i.span, "scalar") for i in spec.inputs))
     _check_declarations(spec)
     keywords = _keywords(spec)
     lowering = _Lowering(spec)
     return replace(lowering.run(), keywords=keywords), lowering.warnings
+
+
+def lower_rules(spec: ast.Spec) -> tuple[list[tuple[ir.Expr | None, ir.Program]], list[SpecWarning]]:
+    """One program per rule, each with its condition on the parameter's shape (None: any).
+
+    A spec without rules is one rule that takes every parameter.
+    """
+    rules = spec.rules or (ast.Rule(None, spec.states, spec.body, spec.name_span),)
+    for rule in spec.rules:  # each rule lowers alone, so one drop-in interface could not span them
+        for s in rule.states:
+            if s.key or s.eager:
+                raise SpecError(f"'{s.name}' is a rule's state, so it cannot take "
+                                f"'{'as ' + s.key if s.key else 'eager'}'", s.key_span or s.span,
+                                hint="saved keys and eager states are for specs without rules; remove it")
+    out, warnings, unused = [], [], []
+    for i, rule in enumerate(rules):
+        if rule.cond is None and i < len(rules) - 1:
+            raise SpecError("a rule without a condition takes every parameter, so the rules after it never run",
+                            rule.span, hint="put the rule without a condition last")
+        program, found = lower(replace(spec, states=rule.states, body=rule.body, rules=()))
+        hyper = [w for w in found if w.message.startswith("hyperparameter '")]
+        unused.append({w.message: w for w in hyper})
+        warnings += [w for w in found if w not in hyper]
+        out.append((_rule_condition(rule.cond, spec), program))
+    common = set.intersection(*(set(u) for u in unused))  # a hyperparameter no rule reads
+    warnings += [w for m, w in unused[0].items() if m in common]
+    return out, warnings
+
+
+def _rule_condition(cond: ast.Expr | None, spec: ast.Spec) -> ir.Expr | None:
+    if cond is None:
+        return None
+    allowed = set(ir.SHAPE_BUILTINS) | {h.name for h in spec.hypers}
+
+    def names(e):
+        if isinstance(e, ast.Name):
+            yield e
+        for child in (getattr(e, "args", ()) or ()) + tuple(
+                x for x in (getattr(e, "left", None), getattr(e, "right", None), getattr(e, "operand", None)) if x):
+            yield from names(child)
+    for n in names(cond):
+        if n.id not in allowed:
+            raise SpecError(f"a rule's condition cannot read '{n.id}'", n.span,
+                            hint="it is decided per parameter from its shape (ndim, numel, nrows, ncols) "
+                                 "and the hyperparameters")
+    return _Lowering(replace(spec, states=(), body=(), rules=())).expr(cond)

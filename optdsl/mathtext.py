@@ -11,7 +11,7 @@ from .sym import to_sympy
 
 def statement_math(prog: ir.Program, latex: bool) -> list[str]:
     """Each statement as mathematics, names without SSA versions (also the docstring's math)."""
-    env: dict[str, sp.Expr] = {n: sp.Symbol(n) for n in [h.name for h in prog.hypers] + ["t", "loss"]}
+    env: dict[str, sp.Expr] = {n: sp.Symbol(n) for n in [h.name for h in prog.hypers] + ["t", "loss", *ir.SHAPE_BUILTINS]}
     env.update({ssa: sp.Symbol(base) for ssa, base in ir.source_names(prog).items() if ssa in prog.inputs})
     names = ir.source_names(prog)
     lines = []

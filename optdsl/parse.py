@@ -117,8 +117,9 @@ class _ToAst(Transformer):
         return ("hyper", children)
 
     def state_item(self, meta, children):
-        name, init, key, eager = children
-        return ast.State(str(name), init, _span(name), key=key and str(key), key_span=key and _span(key),
+        name, shape, init, key, eager = children
+        return ast.State(str(name), init, _span(name), shape=str(shape) if shape else "full",
+                         shape_span=shape and _span(shape), key=key and str(key), key_span=key and _span(key),
                          eager=eager is not None)
 
     def state_decl(self, meta, children):
@@ -132,20 +133,67 @@ class _ToAst(Transformer):
         name, op, value = children
         return ast.Assign(str(name), str(op), value, _span(meta), _span(name))
 
-    def start(self, meta, children):
-        (_, name, doc, name_span), *items = children
-        hypers, tuples, states, body = [], [], [], []
+    def _block_body(self, items):
+        return tuple(i for i in items if i is not None)
+
+    def repeat_block(self, meta, children):
+        count, *items = children
+        return ast.Block("repeat", ast.Num(float(count), _span(count)), self._block_body(items), _span(meta))
+
+    def every_block(self, meta, children):
+        period, *items = children
+        return ast.Block("every", period, self._block_body(items), _span(meta))
+
+    def rule_block(self, meta, children):
+        cond, *items = children
+        states, body = [], []
         for item in items:
-            if isinstance(item, ast.Assign):
+            if isinstance(item, (ast.Assign, ast.Block)):
                 body.append(item)
                 continue
-            kind, decls = item
             if body:
-                raise SpecError(f"'{kind}' declaration after the first statement", decls[0].span,
-                                hint="move every 'hyper' and 'state' line above the first statement")
-            for decl in decls:
-                {ast.Hyper: hypers, ast.HyperTuple: tuples, ast.State: states}[type(decl)].append(decl)
-        return ast.Spec(name, doc, tuple(hypers), tuple(states), tuple(body), name_span, tuple(tuples))
+                raise SpecError("'state' declaration after the rule's first statement", item[1][0].span,
+                                hint="declare the rule's states at the top of its block")
+            states.extend(item[1])
+        return ast.Rule(cond, tuple(states), tuple(body), _span(meta))
+
+    def input_item(self, meta, children):
+        name, default = children
+        return ast.Input(str(name), default.value, _span(name))
+
+    def input_decl(self, meta, children):
+        return ("input", children)
+
+    def start(self, meta, children):
+        (_, name, doc, name_span), *items = children
+        decls = {"hyper": [], "state": [], "input": []}
+        body, rules = [], []
+        for item in items:
+            if isinstance(item, ast.Rule):
+                if body:
+                    raise SpecError("a spec with rules has its statements inside them", body[0].span,
+                                    hint="move the statements into the 'rule' blocks")
+                rules.append(item)
+                continue
+            if isinstance(item, (ast.Assign, ast.Block)):
+                if rules:
+                    raise SpecError("a statement after a 'rule' block", item.span,
+                                    hint="with rules, every statement belongs to a rule")
+                body.append(item)
+                continue
+            kind, found = item
+            if body or rules:
+                raise SpecError(f"'{kind}' declaration after the first statement", found[0].span,
+                                hint="move every 'hyper', 'state' and 'input' line above the first statement "
+                                     "(a rule's own states go at the top of its block)")
+            decls[kind].extend(found)
+        if rules and decls["state"]:
+            raise SpecError("with rules, states are declared inside each rule", decls["state"][0].span,
+                            hint="move the 'state' line into the rules that use it")
+        hypers = tuple(d for d in decls["hyper"] if isinstance(d, ast.Hyper))
+        tuples = tuple(d for d in decls["hyper"] if isinstance(d, ast.HyperTuple))
+        return ast.Spec(name, doc, hypers, tuple(decls["state"]), tuple(body), name_span, tuples,
+                        tuple(rules), tuple(decls["input"]))
 
 
 # Labelled bad inputs: Lark matches a failing parse against these to pick the message.
@@ -194,6 +242,15 @@ _EXAMPLES = {
         "optimizer X\np -= g m = g\n", "optimizer X\np -= g state m\n", "optimizer X\nhyper a = 1 b = 2\n",
         "optimizer X\np -= f(g) m = g\n", "optimizer X\np -= 2 m = g\n", "optimizer X\nhyper a = 1 in [0, 1] b = 2\n",
         "optimizer X\nstate m = 1 v\n",
+    ],
+    "a block's statements go on their own lines | put a line break after '{', and '}' on a line of its own": [
+        "optimizer X\nrepeat 3 { p -= g }\n", "optimizer X\nrule { p -= g }\n", "optimizer X\nevery 2 { p -= g }\n",
+        "optimizer X\nrule {\np -= g }\n", "optimizer X\nrepeat 2 {\np -= g }\n",
+        "optimizer X\nrule {\nstate m }\n",
+    ],
+    "unclosed block | close the block with '}' on a line of its own": [
+        "optimizer X\nrule {\np -= g\n", "optimizer X\nrepeat 2 {\np -= g\n", "optimizer X\nrule {\n",
+        "optimizer X\nrule ndim > 1 {\nstate m\n",
     ],
     "a string is allowed only after 'optimizer NAME' | strings are docstrings; remove the quotes": [
         'optimizer X\np -= "g"\n', 'optimizer X\nhyper a = "1"\n',
@@ -308,7 +365,8 @@ _TOKEN_NAMES = {"_NL": "end of line", "SEMICOLON": "';'", "NAME": "a name", "NUM
                 "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "COMMA": "','",
                 "EQUAL": "'='", "MINUS": "'-'", "PLUS": "'+'", "STAR": "'*'", "SLASH": "'/'",
                 "INF": "'inf'", "STRING": "a string", "AUG_OP": "'+=', '-=', '*=' or '/='",
-                "COMPARE": "a comparison", "POW_OP": "'^'", "IN": "'in'", "$END": "end of file"}
+                "COMPARE": "a comparison", "POW_OP": "'^'", "IN": "'in'", "$END": "end of file",
+                "LBRACE": "'{'", "RBRACE": "'}'"}
 
 
 def _pretty(name: str) -> str:

@@ -14,16 +14,22 @@ class Compiled:
     plan: sym.Plan
     warnings: tuple[SpecWarning, ...]
     python: str  # the generated module
+    rules: tuple = ()  # (condition code, program, plan, condition as written) per rule, for rules by shape
 
 
 def compile_source(text: str, filename: str = "<spec>") -> Compiled:
     """Compile spec text to a Python module's source. Raises SpecError for any bad spec."""
     try:
         spec = parse.parse(text, filename)
-        program, warnings = lower.lower(spec)
-        warnings = warnings + check.check(program)
-        plan = sym.plan(program)
-        python = torch_backend.render(plan, text, filename)
+        lowered, warnings = lower.lower_rules(spec)
+        rules = []
+        for cond, program in lowered:
+            warnings = warnings + check.check(program)
+            code = torch_backend.condition_code(cond, program) if cond is not None else None
+            shown = ir.format_expr(cond) if cond is not None else None
+            rules.append((code, program, sym.plan(program), shown))
+        program, plan = rules[0][1], rules[0][2]
+        python = torch_backend.render(plan, text, filename, tuple((r[0], r[2], r[3]) for r in rules))
     except SpecError as err:
         raise err.located(filename, text) from None
     except RecursionError:
@@ -36,4 +42,4 @@ def compile_source(text: str, filename: str = "<spec>") -> Compiled:
                         filename=filename, source=text,
                         hint="this is a bug in optdsl; please report it with the spec") from err
     located = tuple(replace(w, filename=filename, source=text) for w in warnings)
-    return Compiled(program, plan, located, python)
+    return Compiled(program, plan, located, python, tuple(rules) if len(rules) > 1 else ())

@@ -349,6 +349,11 @@ RULES: dict[type, Callable[[sp.Expr, Env], Interval]] = {
     fn.mean: lambda e, env: bound(e.args[0], env),
     fn.amax: lambda e, env: bound(e.args[0], env),
     fn.sum: _sum,
+    # axis reductions: a mean or a max lies within its operand's range, a norm is >= 0
+    **{f: (lambda e, env: bound(e.args[0], env)) for f in (fn.row_mean, fn.col_mean, fn.row_max, fn.col_max,
+                                                          fn.unit_mean)},
+    fn.row_sum: _sum, fn.col_sum: _sum,
+    fn.unit_norm: lambda e, env: Interval.nonneg(),
 }
 
 

@@ -77,15 +77,42 @@ def symbols_of(prog: ir.Program) -> dict[str, sp.Symbol]:
     syms = {ssa: sp.Symbol(code) for ssa, code in names.items()}
     syms.update({h.name: sp.Symbol(h.name) for h in prog.hypers})
     syms.update({"t": sp.Symbol("t"), "loss": sp.Symbol("loss")})
+    syms.update({n: sp.Symbol(n) for n in ir.SHAPE_BUILTINS})
     return syms
 
 
-def meanings(prog: ir.Program) -> tuple[dict[str, sp.Symbol], dict[str, sp.Expr], dict[str, sp.Expr]]:
-    """(input symbols, SymPy value of every SSA name, final value of each output) over the inputs."""
+def input_levels(prog: ir.Program) -> dict[sp.Symbol, int]:
+    """The level of every input: tensors, scalar states (0-dim tensors), hyperparameters, t, shape."""
+    levels = {sp.Symbol("p"): TENSOR, sp.Symbol("g"): TENSOR}
+    levels.update({sp.Symbol(s.name): DEVICE if s.shape == "scalar" else TENSOR for s in prog.states})
+    levels.update({sp.Symbol(h.name): GROUP for h in prog.hypers})
+    levels.update({sp.Symbol("t"): PARAM, sp.Symbol("loss"): GROUP})
+    levels.update({sp.Symbol(n): PARAM for n in ir.SHAPE_BUILTINS})
+    return levels
+
+
+def has_matrix_work(e: ir.Expr) -> bool:
+    if isinstance(e, ir.Op):
+        return (e.op in TABLE and TABLE[e.op].matrix) or any(has_matrix_work(a) for a in e.args)
+    return False
+
+
+def meanings(prog: ir.Program, barriers: list | None = None, names=None
+             ) -> tuple[dict[str, sp.Symbol], dict[str, sp.Expr], dict[str, sp.Expr]]:
+    """(input symbols, SymPy value of every SSA name, final value of each output) over the inputs.
+
+    With `barriers` (a list, and `names` to name them), a value computed by matrix work is a
+    fresh symbol instead, its expression appended to `barriers`: an unrolled Newton-Schulz loop
+    reads each iterate several times, so its full expression would grow exponentially.
+    """
     syms = symbols_of(prog)
     env: dict[str, sp.Expr] = dict(syms)
     for eq in prog.eqns:
         env[eq.out] = to_sympy(eq.expr, env)
+        if barriers is not None and has_matrix_work(eq.expr):
+            symbol = names.fresh("w")
+            barriers.append((symbol, env[eq.out]))
+            env[eq.out] = symbol
     outputs = {base: env[ssa] for base, ssa in prog.outputs}
     return syms, env, outputs
 
@@ -113,9 +140,7 @@ class Plan:
     outputs: tuple[tuple[str, sp.Expr], ...]  # (p or state, value over inputs and step symbols)
 
     def level_of(self) -> dict[sp.Symbol, int]:
-        levels = {s: TENSOR for s in self.inputs}
-        levels.update({sp.Symbol(h.name): GROUP for h in self.program.hypers})
-        levels.update({sp.Symbol("t"): PARAM, sp.Symbol("loss"): GROUP})
+        levels = input_levels(self.program)
         for d in self.group + self.param + self.steps:
             levels[d.symbol] = d.level
         return levels
@@ -227,27 +252,31 @@ def _toposort(defs: list[Def]) -> list[Def]:
 
 
 def plan(prog: ir.Program) -> Plan:
-    syms, env, outputs = meanings(prog)
+    taken = {str(s) for s in symbols_of(prog).values()} | {eq.target for eq in prog.eqns} | RESERVED
+    names = _Names(taken)
+    barriers: list[tuple[sp.Symbol, sp.Expr]] = []
+    syms, env, outputs = meanings(prog, barriers, names)
     inputs = tuple(syms[n] for n in prog.inputs)
-    levels = {s: TENSOR for s in inputs}
-    levels.update({syms[h.name]: GROUP for h in prog.hypers})
-    levels.update({syms["t"]: PARAM, syms["loss"]: GROUP})
-    taken = {str(s) for s in syms.values()} | {eq.target for eq in prog.eqns} | RESERVED
+    levels = input_levels(prog)
+    levels.update({symbol: TENSOR for symbol, _ in barriers})
     # A hoisted scalar that is exactly a spec local keeps the local's name.
     preferred = {env[eq.out]: eq.target for eq in prog.eqns
                  if eq.kind == ir.SCALAR and sum(e.target == eq.target for e in prog.eqns) == 1}
-    hoister = _Hoister(levels, _Names(taken), preferred)
+    hoister = _Hoister(levels, names, preferred)
 
     base_sym = {"p": syms["p0"], **{s.name: syms[ir.ssa_name(s.name, 0)] for s in prog.states}}
-    outputs = {base: rewrite(e, set(inputs), prog) for base, e in outputs.items()}
+    tensors = set(inputs) | {symbol for symbol, _ in barriers}
+    outputs = {base: rewrite(e, tensors, prog) for base, e in outputs.items()}
     hoisted = [(base, hoister.hoist(_collect_base(base_sym[base], e), TENSOR)) for base, e in outputs.items()]
+    walls = [(symbol, hoister.hoist(rewrite(e, tensors, prog), TENSOR)) for symbol, e in barriers]
 
-    # Share common tensor work between the outputs and the reductions' operands.
+    # Share common tensor work between the outputs, the matrix work and the reductions' operands.
     scalar_defs = list(hoister.defs.values())
     reductions = [d for d in scalar_defs if is_reduction(d.expr)]
-    exprs = [e for _, e in hoisted] + [d.expr.args[0] for d in reductions]
+    exprs = [e for _, e in hoisted] + [d.expr.args[0] for d in reductions] + [e for _, e in walls]
     replacements, reduced = sp.cse(exprs, symbols=_fresh_forever(hoister.names, "x"), order="none")
-    steps: list[Def] = []
+    steps: list[Def] = [Def(symbol, TENSOR, reduced[len(hoisted) + len(reductions) + i])
+                        for i, (symbol, _) in enumerate(walls)]
     for symbol, e in replacements:
         lvl = hoister.level(e)
         levels[symbol] = lvl

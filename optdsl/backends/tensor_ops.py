@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from .. import functions as fn
+from .. import ir
 from ..sym import DEVICE, GROUP, PARAM, TENSOR, Plan, is_reduction
 from .printers import _BY_CLASS, DevicePrinter
 
@@ -20,10 +21,15 @@ from .printers import _BY_CLASS, DevicePrinter
 class Operand:
     code: str
     level: int  # GROUP/PARAM/DEVICE scalars or TENSOR
+    tensor_shape: frozenset | None = ir.FULL  # for a TENSOR: its shape (see ir.join)
 
     @property
     def tensor(self) -> bool:
         return self.level == TENSOR
+
+    @property
+    def shape(self):
+        return self.tensor_shape if self.tensor else ir.ALL
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,10 @@ class Emitter:
         for _, e in plan.outputs:
             self._count(e)
         self.buffer: dict[sp.Symbol, str] = {s: str(s) for s in plan.inputs}
+        # Reduced-shape states and the values computed from them are smaller than p: they are
+        # written in place only by a result of their own shape.
+        self.shapes: dict[sp.Symbol, frozenset | None] = {
+            sp.Symbol(s.name): ir.STATE_SHAPES[s.shape] for s in plan.program.states}
         self.owned: set[str] = set()          # buffers this step allocated
         self.taken = set(names)
         self.writable_inputs: dict[str, str] = {}  # input buffer -> the output allowed to take it
@@ -73,7 +83,7 @@ class Emitter:
     def operand(self, e: sp.Expr) -> Operand:
         if e.is_Symbol:
             lvl = self.levels[e]
-            return Operand(self.buffer.get(e, str(e)), lvl)
+            return Operand(self.buffer.get(e, str(e)), lvl, self.shapes.get(e, ir.FULL))
         if e.is_Number:
             return Operand(repr(float(e)) if not e.is_Integer else str(int(e)), GROUP)
         return self.emit(e)
@@ -93,9 +103,13 @@ class Emitter:
         return a.code in self.owned or (target is not None and self.writable_inputs.get(a.code) == target)
 
     def apply(self, op: str, args: list[Operand], exprs, *, value: Operand | None = None,
-              target: str | None = None, template: str = "") -> Operand:
+              target: str | None = None, template: str = "", shape=ir.ALL) -> Operand:
         self._consume(exprs)
-        inplace = op not in _OUT_OF_PLACE and self._may_overwrite(args[0], target)
+        if op not in ("call", "reduce"):  # element-wise: the broadcast of its operands
+            for a in args:
+                shape = ir.join(shape, a.shape)
+        inplace = (op not in _OUT_OF_PLACE and self._may_overwrite(args[0], target)
+                   and shape is not None and args[0].shape == shape)
         out = args[0].code if inplace else self.fresh()
         # x + 0*y is x: a term whose coefficient is a hyperparameter is skipped when it is 0
         # (as torch.optim skips weight decay 0); the result may then be x itself.
@@ -105,7 +119,7 @@ class Emitter:
             self.owned.add(out)
         self.instrs.append(Instr(op, out, tuple(args), inplace, value, template, skip_zero=skip_zero))
         level = DEVICE if op == "reduce" else TENSOR
-        return Operand(out, level)
+        return Operand(out, level, shape)
 
     # ---- expressions ----
     def emit(self, e: sp.Expr, target: str | None = None) -> Operand:
@@ -119,7 +133,8 @@ class Emitter:
             a, b, w = e.args
             product = _product_of_two(b)
             if (product and all(self._level(f) == TENSOR for f in product) and self._level(w) == GROUP
-                    and self._may_write_symbol(a, target)):
+                    and self._may_write_symbol(a, target)
+                    and self._shape(a) == ir.join(self._shape(a), ir.join(*map(self._shape, product)))):
                 # lerp(v, x*y, w) = v*(1 - w) + w*x*y: scale and addcmul in place, no temporary
                 x, y = (self.operand(f) for f in product)
                 acc = self.apply("mul", [self.operand(a), Operand(f"(1 - {self.operand(w).code})", GROUP)],
@@ -134,7 +149,8 @@ class Emitter:
             args = [A, B, self.operand(w)]
             ref = _first_tensor(args)
             wrapped = (f"{{{i}}}" if x.level >= DEVICE else _like(ref, i) for i, x in enumerate(args))
-            return self.apply("call", args, e.args, template="torch.lerp({}, {}, {})".format(*wrapped))
+            return self.apply("call", args, e.args, template="torch.lerp({}, {}, {})".format(*wrapped),
+                              shape=ir.join(ir.join(A.shape, B.shape), args[2].shape))
         if isinstance(e, (sp.Min, sp.Max)):
             return self.emit_minmax(e, target)
         if (type(e) is fn.where and self._level(e.args[0]) <= PARAM
@@ -151,7 +167,11 @@ class Emitter:
                                        for i, a in enumerate(args)))
         if row in fn.COMPARISONS.values():
             template = f"{template}.to({{{_first_tensor(args)}}}.dtype)"
-        return self.apply("call", args, e.args, template=template)
+        shape = ir.result_shape(row, [a.shape for a in args])
+        result = self.apply("call", args, e.args, template=template, shape=shape)
+        if row.matrix and len(args) == 1:  # a transpose is a view of its operand: never write into it
+            self.owned.discard(result.code)
+        return result
 
     def emit_branch(self, e) -> Operand:
         """where(c, a, b) with a host condition: compute only the branch it picks.
@@ -173,7 +193,7 @@ class Emitter:
         if all(r.code in self.owned for r in results):
             self.owned.add(out)
         self.instrs.append(Instr("branch", out, (cond, *results), blocks=tuple(blocks)))
-        return Operand(out, TENSOR)
+        return Operand(out, TENSOR, results[0].shape if results[0].shape == results[1].shape else None)
 
     def emit_add(self, e: sp.Add, target: str | None) -> Operand:
         terms = list(e.args)
@@ -261,8 +281,9 @@ class Emitter:
     def emit_pow(self, e: sp.Pow, target: str | None) -> Operand:
         base, exp = e.args
         if self._level(base) < TENSOR:  # scalar ** tensor
-            return self.apply("call", [self.operand(exp), self.operand(base)], [base, exp],
-                              template="torch.pow({1}, {0})")
+            x = self.operand(exp)
+            return self.apply("call", [x, self.operand(base)], [base, exp],
+                              template="torch.pow({1}, {0})", shape=x.shape)
         b = self.operand(base)
         special = {sp.Integer(2): None, sp.S.Half: "sqrt", -sp.S.Half: "rsqrt", sp.Integer(-1): "reciprocal"}
         if exp in special:
@@ -286,6 +307,14 @@ class Emitter:
                              target=target)
             exprs = []
         return acc
+
+    def _shape(self, e: sp.Expr):
+        """The shape of a value, without emitting it."""
+        if e.is_Symbol:
+            return self.shapes.get(e, ir.FULL) if self.levels.get(e) == TENSOR else ir.ALL
+        if is_reduction(e):
+            return ir.ALL
+        return ir.result_shape(_BY_CLASS.get(type(e)), [self._shape(a) for a in e.args])
 
     # ---- steps and outputs ----
     def _level(self, e: sp.Expr) -> int:
@@ -323,7 +352,11 @@ class Emitter:
                 self.buffer[d.symbol] = str(d.symbol)
                 continue
             target = out_of.get(d.symbol)
-            result = self.emit(d.expr, target=target)
+            if d.expr.is_Symbol:  # matrix work that is another value already
+                self._consume([d.expr])
+                result = self.operand(d.expr)
+            else:
+                result = self.emit(d.expr, target=target)
             self._rename(result, d.symbol)
         pending = list(self.plan.outputs)
         while pending:  # update in place the outputs whose old value nothing else reads
@@ -354,6 +387,7 @@ class Emitter:
 
     def _rename(self, result: Operand, symbol: sp.Symbol) -> None:
         self.buffer[symbol] = result.code
+        self.shapes[symbol] = result.shape
 
     def _free_to_write(self, output, pending) -> bool:
         base, _ = output

@@ -10,7 +10,7 @@ import jinja2
 import sympy as sp
 
 from .. import ir
-from ..functions import REDUCTIONS
+from ..functions import COMPARISONS, REDUCTIONS
 from ..lower import RESERVED
 from ..mathtext import statement_math
 from ..sym import DEVICE, GROUP, PARAM, TENSOR, Plan, meanings
@@ -65,7 +65,8 @@ def _indent(block, printer) -> list[str]:
 def _single_line(instr: Instr) -> str:
     a = [x.code for x in instr.args]
     if instr.op == "copy":
-        return f"{a[0]}.copy_({a[1]})"
+        fill = "fill_" if instr.args[1].level in (GROUP, PARAM) else "copy_"  # a host float fills
+        return f"{a[0]}.{fill}({a[1]})"
     if instr.op in ("call", "reduce", "scalar"):
         if instr.op == "scalar":
             return f"{instr.out} = {instr.template}"
@@ -142,13 +143,17 @@ def _functional_name(name: str) -> str:
     return low + "_" if keyword.iskeyword(low) else low
 
 
-def render(plan: Plan, source: str, filename: str) -> str:
+def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]) -> dict:
+    """What the template prints for one rule: its states, scalars and the two step bodies."""
     prog = plan.program
     names = {str(s) for s in plan.inputs} | {h.name for h in prog.hypers} | INTERNAL_NAMES
     names |= {str(d.symbol) for d in plan.group + plan.param + plan.steps}
     instrs = Emitter(plan, names).run()
     host = HostPrinter()
-    t_elem = {"t": "t_", **{str(d.symbol): f"{d.symbol}_" for d in plan.param}}
+    read = set().union(*(d.expr.free_symbols for d in plan.group + plan.param + plan.steps),
+                       *(e.free_symbols for _, e in plan.outputs))
+    shapes = [n for n in ir.SHAPE_BUILTINS if sp.Symbol(n) in read]
+    t_elem = {"t": "t_", **{n: f"{n}_" for n in shapes}, **{str(d.symbol): f"{d.symbol}_" for d in plan.param}}
     param_multi = []
     for d in plan.param:
         deps = sorted({str(s) for s in d.expr.free_symbols if str(s) in t_elem}, key=str)
@@ -156,31 +161,62 @@ def render(plan: Plan, source: str, filename: str) -> str:
         it = deps[0] if len(deps) == 1 else f"zip({', '.join(deps)})"
         param_multi.append((str(d.symbol), f"[{body} for {', '.join(t_elem[x] for x in deps)} in {it}]"))
     compiled = CompiledPrinter({"t"} | {str(d.symbol) for d in plan.param})
-    states = [s.name for s in prog.states]
-    source_lines = source.splitlines()
-    statements = [" ".join(source_lines[eq.span.line - 1].split("#")[0].split())
-                  for eq in prog.eqns if eq.span]
-    names_in_group = interface(prog)
-    ctx = dict(
-        name=prog.name, func=_functional_name(prog.name), doc=prog.doc, filename=filename,
-        hypers=prog.hypers, states=states, uses_loss=prog.uses_loss,
-        state_inits=[(s.name, _init_code(s, prog, names_in_group["group_code"])) for s in prog.states],
+    state_dtype = "_state_dtype(group, p)"
+    single_body = [line for i in instrs for line in single(i)]
+    return dict(
+        func=func, suffix=suffix, states=[s.name for s in prog.states], uses_loss=prog.uses_loss,
+        bool_states=[s.name for s in prog.states if s.shape == "bool"],
+        states_saved=[(s.name, s.saved_as) for s in prog.states],
+        state_inits=[(s.name, s.saved_as, _init_code(s, prog, group_code), _STATE_SHAPE_CODE[s.shape], s.fed,
+                      "torch.bool" if s.shape == "bool" else state_dtype) for s in prog.states],
+        shape_single=[(n, ir.SHAPE_BUILTINS[n]) for n in shapes],
+        shape_multi=[(n, f"[{_rename_word(ir.SHAPE_BUILTINS[n], 'p', 'x_')} for x_ in p]") for n in shapes],
         group_defs=[(str(d.symbol), host.doprint(d.expr)) for d in plan.group],
         param_single=[(str(d.symbol), host.doprint(d.expr)) for d in plan.param],
         param_compiled=[(str(d.symbol), compiled.doprint(d.expr)) for d in plan.param],
         param_multi=param_multi,
-        single_body=[line for i in instrs for line in single(i)],
+        single_body=single_body,
         multi_body=[line for i in instrs for line in multi(i)],
-        statements=list(dict.fromkeys(statements)), latex=statement_math(prog, latex=True),
+        # compiled, t is a tensor: read where the step count or a scalar of it is used
+        single_reads_t=bool(plan.param) or any(re.search(r"\bt\b", line) for line in single_body),
+    )
+
+
+def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
+    """The module for a spec; `rules` holds (condition code, plan, condition as written) per rule by shape."""
+    prog = plan.program
+    rules = rules or ((None, plan, None),)
+    func = _functional_name(prog.name)
+    names_in_group = interface(prog)  # the hyperparameters are the same in every rule
+    contexts = [_rule_context(p, f"{func}_{i}" if len(rules) > 1 else func, f"_{i}" if len(rules) > 1 else "",
+                              names_in_group["group_code"]) for i, (_, p, _) in enumerate(rules)]
+    # the statements as written, blocks ({ ... }) and inputs included; declarations are in Args
+    statements = [code for code in (" ".join(line.split("#")[0].split()) for line in source.splitlines())
+                  if code and not code.startswith(("optimizer ", "hyper ", "state "))]
+    latex = []
+    for _, p, cond in rules:
+        if len(rules) > 1:
+            shown = "every other parameter" if cond is None else f"parameters with {cond}"
+            latex.append(r"&\text{for " + shown.replace("_", r"\_") + "}")
+        latex += statement_math(p.program, latex=True)
+    ctx = dict(contexts[0],
+        name=prog.name, fused_func=func, doc=prog.doc, filename=filename, hypers=prog.hypers,
+        uses_loss=any(p.program.uses_loss for _, p, _ in rules), rules=contexts,
+        rule_conds=[cond for cond, _, _ in rules] if len(rules) > 1 else [],
+        inputs=[s.name for s in prog.states if s.fed],
+        bool_names=sorted({s.saved_as for _, p, _ in rules for s in p.program.states if s.shape == "bool"}),
+        statements=list(dict.fromkeys(statements)), latex=latex,
         spec=source.strip("\n").replace('"""', '""\\"'), number=_py_number,  # in a r""" docstring
         **names_in_group,
     )
-    ctx["single_reads_t"] = bool(plan.param) or any(re.search(r"\bt\b", line) for line in ctx["single_body"])
-    host_code = "\n".join(e for _, e in ctx["group_defs"] + ctx["param_single"] + ctx["state_inits"] if e)
+    host_code = "\n".join(e for c in contexts for _, e in c["group_defs"] + c["param_single"] if e)
+    host_code += "\n".join(e for c in contexts for _, _, e, *_ in c["state_inits"] if e)
     ctx["helpers"] = [code for name, code in HOST_HELPERS.items() if f"{name}(" in host_code]
-    ctx["unsupported"] = triton_backend.unsupported(plan)
+    ctx["unsupported"] = "rules by parameter shape are not fused yet" if len(rules) > 1 else \
+        triton_backend.unsupported(plan)
     if not ctx["unsupported"]:
         ctx.update(triton_backend.kernel_context(plan))
+    ctx["func"] = func
     ctx["fused_code"] = environment().get_template("triton_fused.py.j2").render(**ctx)
     return environment().get_template("torch_optimizer.py.j2").render(**ctx)
 
@@ -239,6 +275,33 @@ def interface(prog: ir.Program) -> dict:
 
 def _py_default(h: ir.Hyper) -> str:
     return repr(bool(h.default)) if h.flag else _py_number(h.default)
+
+
+class _ConditionPrinter(HostPrinter):
+    """A rule's condition reads as Python: `p.dim() >= 2`, not `float(p.dim() >= 2)`."""
+
+    def _print_Function(self, e):
+        row = _COMPARISON_ROWS.get(type(e))
+        if row is None:
+            return super()._print_Function(e)
+        return row.host.format(*(self._print(a) for a in e.args))[len("float("):-1]
+
+
+_COMPARISON_ROWS = {row.sympy: row for row in COMPARISONS.values()}
+
+
+def condition_code(cond: ir.Expr, prog: ir.Program) -> str:
+    """A rule's condition as Python over the parameter `p` and its `group` (under its keywords)."""
+    from ..sym import to_sympy
+    group_code = interface(prog)["group_code"]
+    env = {h.name: sp.Symbol(group_code[h.name]) for h in prog.hypers}
+    env.update({n: sp.Symbol(code) for n, code in ir.SHAPE_BUILTINS.items()})
+    return _ConditionPrinter().doprint(to_sympy(cond, env))
+
+
+# The shape of a state's tensor, from p's (None: torch.zeros_like(p)).
+_STATE_SHAPE_CODE = {"full": None, "scalar": "()", "rows": "p.shape[:-1] + (1,)",
+                     "cols": "p.shape[:-2] + (1,) + p.shape[-1:]", "bool": "p.shape"}
 
 
 def _py_number(x: float) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import sympy as sp
 
 from .. import functions as fn
+from .. import ir
 from ..sym import GROUP, PARAM, Plan, is_reduction
 from .printers import TritonPrinter
 
@@ -31,6 +32,20 @@ _REDUCE = {
 
 def unsupported(plan: Plan) -> str:
     """Why this plan has no fused kernels ('' when it has them)."""
+    shaped = [s.name for s in plan.program.states if s.shape != "full"]
+    if shaped:
+        return f"state {shaped[0]} is not shaped like its parameter (not fused yet)"
+    read = set().union(*(d.expr.free_symbols for d in plan.group + plan.param + plan.steps),
+                       *(e.free_symbols for _, e in plan.outputs))
+    shape_names = sorted(n for n in ir.SHAPE_BUILTINS if sp.Symbol(n) in read)
+    if shape_names:
+        return f"the step reads the parameter's shape ({shape_names[0]}): not fused yet"
+    for d in plan.steps + tuple(plan.outputs):
+        e = d[1] if isinstance(d, tuple) else d.expr
+        for node in sp.preorder_traversal(e):
+            row = next((f for f in fn.TABLE.values() if type(node) is f.sympy), None)
+            if row is not None and (row.axis or row.matrix):
+                return f"{row.name}() is not element-wise (not fused yet)"
     return ""
 
 

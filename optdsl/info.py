@@ -1,0 +1,82 @@
+"""Memory a spec keeps per parameter, for a given shape: `optdsl info SPEC --shape 4096x4096`.
+
+The rule a parameter of that shape takes is decided by the generated code's own condition
+(evaluated on a meta tensor, so nothing is allocated); each state's size follows from its
+declared shape: like p, scalar, one per row or one per column.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .pipeline import Compiled
+
+_HOST_NAMES = {"math": math, "float": float, "min": min, "max": max, "abs": abs}
+
+
+def state_numel(kind: str, shape: tuple[int, ...]) -> int:
+    """How many numbers a state of this kind holds for a parameter of this shape."""
+    if kind == "scalar":
+        return 1
+    if kind == "rows":
+        return math.prod(shape[:-1])
+    if kind == "cols":
+        return math.prod(shape[:-2]) * (shape[-1] if shape else 1)
+    return math.prod(shape)
+
+
+@dataclass(frozen=True)
+class Memory:
+    shape: tuple[int, ...]
+    rule: str                               # the condition of the rule taken ("" without rules)
+    states: tuple[tuple[str, str, int], ...]  # (name, kind, numbers)
+
+    @property
+    def total(self) -> int:
+        return sum(n for _, _, n in self.states)
+
+    @property
+    def bytes(self) -> int:
+        """In float32 (and one byte per element of a bool state)."""
+        return sum(n * (1 if kind == "bool" else 4) for _, kind, n in self.states)
+
+
+def memory(compiled: Compiled, shape: tuple[int, ...]) -> Memory:
+    program, rule = compiled.program, ""
+    if compiled.rules:
+        p = torch.empty(shape, device="meta")
+        group = {h.name: h.default for h in program.hypers}
+        for code, prog, _, shown in compiled.rules:
+            if code is None or eval(code, {**_HOST_NAMES, "p": p, "group": group}):  # noqa: S307 - our own code
+                program, rule = prog, shown or "every other parameter"
+                break
+        else:
+            raise ValueError(f"no rule of {program.name} takes a parameter of shape {shape}")
+    states = tuple((s.name, s.shape, state_numel(s.shape, shape)) for s in program.states)
+    return Memory(tuple(shape), rule, states)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--shape expects sizes joined by 'x', e.g. 4096x4096, got {text!r}") from None
+    if any(n < 1 for n in shape):
+        raise ValueError(f"--shape sizes must be positive, got {text!r}")
+    return shape
+
+
+def report(compiled: Compiled, shape: tuple[int, ...]) -> str:
+    m = memory(compiled, shape)
+    numel = math.prod(shape)
+    lines = [f"{compiled.program.name}: a parameter of shape {'x'.join(map(str, shape))} ({numel:,} elements)"]
+    if m.rule:
+        lines.append(f"  rule taken: {m.rule}")
+    for name, kind, n in m.states:
+        lines.append(f"  state {name:<12} {('like p' if kind == 'full' else kind):<8} {n:>14,} numbers")
+    per = m.total / numel
+    lines.append(f"  total state: {m.total:,} numbers = {m.bytes:,} B in float32 ({per:.4g} numbers per element),"
+                 " plus the step count")
+    return "\n".join(lines)

@@ -1,0 +1,163 @@
+"""Where the two language lines meet: zoo-lang's state shapes (scalar, rows, bool) in a drop-in
+spec (torch.optim keywords, a tuple, saved keys, eager states), with state_dtype and compiled.
+
+The spec below reads every state into the update, so a state made in the wrong shape, lost on
+a state_dict round trip or stored under the wrong key changes the parameters; the reference is
+a plain per-parameter loop written here.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+
+import optdsl
+
+SPEC = """\
+optimizer RowAdam "Adam with a second moment per row, a step counter and the gradient's last sign"
+hyper lr = 1e-3 in [0, inf)
+hyper b1 = 0.9 in [0, 1), b2 = 0.999 in [0, 1)
+hyper betas = (b1, b2)
+hyper eps = 1e-8 in (0, inf), wd = 0 in [0, inf) as weight_decay
+state m as exp_avg eager, v: rows as row_sq, s: scalar as count eager, pos: bool as positive
+m = b1 * m + (1 - b1) * g
+v = b2 * v + (1 - b2) * row_mean(g^2)
+s += 1
+p *= 1 - lr * wd
+p -= lr * (s / t) * (1 + 0.5 * pos) * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+pos = g > 0
+"""
+SHAPES = [(1,), (7,), (13, 5), (3, 1, 4)]
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def RowAdam():
+    return optdsl.compile(SPEC, "row_adam.opt")
+
+
+def reference(params, grads, lr, betas, eps, weight_decay):
+    """The update of SPEC, one parameter at a time, from the paper-style description."""
+    b1, b2 = betas
+    state = [dict(m=torch.zeros_like(p), v=torch.zeros(p.shape[:-1] + (1,), dtype=p.dtype), s=0.0,
+                  pos=torch.zeros_like(p, dtype=torch.bool)) for p in params]
+    for t, gs in enumerate(grads, 1):
+        for p, g, st in zip(params, gs, state):
+            st["m"] = b1 * st["m"] + (1 - b1) * g
+            st["v"] = b2 * st["v"] + (1 - b2) * (g * g).mean(dim=-1, keepdim=True)
+            st["s"] += 1
+            p.mul_(1 - lr * weight_decay)
+            p.sub_(lr * (st["s"] / t) * (1 + 0.5 * st["pos"].to(p.dtype)) * (st["m"] / (1 - b1 ** t))
+                   / ((st["v"] / (1 - b2 ** t)).sqrt() + eps))
+            st["pos"] = g > 0
+    return params
+
+
+def _grads(dtype=torch.float64, steps=STEPS, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=gen, dtype=dtype) * 10.0 ** (i - 2) for i, s in enumerate(SHAPES)]
+            for _ in range(steps)]
+
+
+def _params(dtype=torch.float64):
+    gen = torch.Generator().manual_seed(1)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in SHAPES]
+
+
+def _run(opt, params, grads):
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+    return params
+
+
+def _train(make, grads, dtype=torch.float64):
+    """Fresh parameters after len(grads) steps of the optimizer make(params) builds."""
+    params = _params(dtype)
+    return _run(make(params), params, grads)
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["for-loop", "foreach"])
+@pytest.mark.parametrize("kw", [dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
+                                dict(lr=3e-2, betas=(0.5, 0.9), eps=1e-3, weight_decay=0.1)])
+def test_matches_reference(RowAdam, foreach, kw):
+    grads = _grads()
+    ours = _train(lambda ps: RowAdam(ps, foreach=foreach, **kw), grads)
+    ref = reference([p.detach().clone() for p in _params()], grads, **kw)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-12, atol=1e-14)
+
+
+def test_states_have_their_shapes_keys_and_dtypes(RowAdam):
+    params = _params()
+    opt = RowAdam(params)
+    assert set(opt.state[params[2]]) == {"step", "exp_avg", "count"}  # eager: made with the optimizer
+    _run(opt, params, _grads(steps=1))
+    state = opt.state[params[2]]
+    assert set(state) == {"step", "exp_avg", "row_sq", "count", "positive"}
+    assert state["exp_avg"].shape == (13, 5) and state["row_sq"].shape == (13, 1)
+    assert state["count"].shape == () and state["positive"].dtype == torch.bool
+    assert state["step"].device.type == "cpu" and state["count"].item() == 1.0
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999) and "weight_decay" in opt.param_groups[0]
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["for-loop", "foreach"])
+def test_state_dict_round_trip_continues_the_same_run(RowAdam, foreach):
+    grads = _grads()
+    a, b = _params(), _params()
+    first = RowAdam(a, lr=1e-2, foreach=foreach)
+    second = RowAdam(b, lr=1e-2, foreach=foreach)
+    _run(first, a, grads)
+    _run(second, b, grads[:3])
+    saved = second.state_dict()
+    assert set(saved["state"][2]) == {"step", "exp_avg", "row_sq", "count", "positive"}
+    second = RowAdam(b, lr=1e-2, foreach=foreach)
+    second.load_state_dict(saved)
+    assert second.state[b[2]]["positive"].dtype == torch.bool  # load_state_dict casts; bool comes back
+    _run(second, b, grads[3:])
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["for-loop", "foreach"])
+def test_bfloat16_states_of_every_shape(RowAdam, foreach):
+    """state_dtype=bfloat16 stores the float states in bfloat16 whatever their shape (the bool
+    one stays bool), and the run stays near the float32 one (stochastic rounding, no drift)."""
+    grads = _grads(torch.float32)
+    low = _params(torch.float32)
+    opt = RowAdam(low, lr=1e-2, foreach=foreach, state_dtype=torch.bfloat16)
+    _run(opt, low, grads)
+    p = low
+    dtypes = {k: v.dtype for k, v in opt.state[p[2]].items()}
+    assert dtypes == {"step": torch.float32, "exp_avg": torch.bfloat16, "row_sq": torch.bfloat16,
+                      "count": torch.bfloat16, "positive": torch.bool}
+    high = _train(lambda ps: RowAdam(ps, lr=1e-2, foreach=foreach), grads, torch.float32)
+    start = _params(torch.float32)
+    for x, y, z in zip(low, high, start):  # the steps moved the parameters by about 6 * lr
+        assert (x - y).abs().max() < 0.05 * (y - z).abs().max()
+
+
+def test_compiled_step_is_one_graph_and_matches_eager(RowAdam):
+    grads = _grads(steps=3)
+    eager = _train(lambda ps: RowAdam(ps, lr=1e-2), grads)
+    params = _params()
+    opt = RowAdam(params, lr=1e-2)
+    counter = CompileCounter()
+    step = torch.compile(opt.step, backend=counter, fullgraph=True)
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        step()
+    assert counter.frame_count >= 1
+    for a, b in zip(params, eager):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-13, atol=1e-15)
+
+
+def test_a_saved_key_inside_a_rule_is_a_spec_error():
+    src = ("optimizer X\nhyper lr = 0.1\nrule ndim == 2 {\n  state r: rows as row_avg\n  r = row_mean(g)\n"
+           "  p -= lr * r\n}\nrule {\n  p -= lr * g\n}\n")
+    with pytest.raises(optdsl.SpecError) as err:
+        optdsl.compile_source(src, "x.opt")
+    text = str(err.value)
+    assert "x.opt:4:" in text and "cannot take 'as row_avg'" in text, text
