@@ -45,3 +45,9 @@ def test_five_minute_walkthrough(tmp_path):
     start = torch.nn.functional.mse_loss(torch.zeros_like(y), y).item()
     assert scope["loss"].item() < 0.05 * start  # it trained
     assert type(scope["opt"]).__name__ == "MyAdamW"
+
+
+def test_tour_links_every_spec():
+    tour = (ROOT / "docs" / "tour.md").read_text()
+    missing = [p.name for p in sorted((ROOT / "specs").glob("*.opt")) if f"(../specs/{p.name})" not in tour]
+    assert not missing, f"docs/tour.md has no entry for {missing}"
