@@ -44,12 +44,13 @@ def spec(name):
     return optdsl.load(SPECS / f"{name}.opt")
 
 
-def run_pair(make_ours, make_ref, shapes, dtype, steps, seed=0, tol=None):
-    """Step the generated optimizer (both paths) and the reference side by side.
+def run_pair(make_ours, make_ref, shapes, dtype, steps, seed=0, tol=None, skip=True, loss=False, feed=None):
+    """Step ours (for-loop and foreach) and the reference side by side; assert after every step.
 
-    make_ours(params, foreach) and make_ref(params) build the optimizers. Asserts, after every
-    step, that the foreach and for-loop generated paths are bitwise equal and that both are
-    within `tol` (default TOL[dtype]) of the reference; returns the worst relative error seen.
+    skip: some parameters miss their gradient on some steps (so step counts differ per
+    parameter); off for references that count steps per group. loss: step(closure) with a
+    closure returning a positive, changing loss. feed: {input name: sampler(generator)}, fed to
+    every parameter of all three optimizers before each step (opt.feed), as a training loop would.
     """
     tol = TOL[dtype] if tol is None else tol
     gen = torch.Generator().manual_seed(seed)
@@ -62,46 +63,55 @@ def run_pair(make_ours, make_ref, shapes, dtype, steps, seed=0, tol=None):
         for i, s in enumerate(shapes):
             g = torch.randn(s, generator=gen, dtype=dtype) * 10.0 ** (i - 2)
             g = g * (torch.rand(s, generator=gen) > 0.15)  # some exact zeros
-            skip = (i == 1 and step % 3 == 2) or (i == 3 and step < 2)
+            missing = skip and ((i == 1 and step % 3 == 2) or (i == 3 and step < 2))
             for side in (loop, fe, ref):
-                side[i].grad = None if skip else g.clone()
+                side[i].grad = None if missing else g.clone()
+        value = torch.rand((), generator=gen, dtype=dtype).item() * 3.0 if loss else None
+        for name, sample in (feed or {}).items():
+            for i in range(len(shapes)):
+                fed = sample(gen)
+                for opt, side in zip(opts, (loop, fe, ref)):
+                    opt.feed(side[i], **{name: fed})
         for opt in opts:
-            opt.step()
+            opt.step(lambda: value) if loss else opt.step()
         for i in range(len(shapes)):
             assert torch.equal(loop[i], fe[i]), (
                 f"foreach and for-loop paths differ at step {step}, tensor {i} {tuple(shapes[i])}: "
-                f"max |diff| {(loop[i] - fe[i]).abs().max().item():.3e}"
-            )
+                f"max |diff| {(loop[i] - fe[i]).abs().max().item():.3e}")
             scale[i] = max(scale[i], ref[i].abs().max().item())
             err = max((x - ref[i]).abs().max().item() for x in (loop[i], fe[i])) / (scale[i] + 1e-300)
-            assert err <= tol, (
-                f"differs from reference at step {step}, tensor {i} {tuple(shapes[i])}: "
-                f"relative error {err:.3e} > {tol:.0e}"
-            )
+            assert err <= tol, (f"differs from reference at step {step}, tensor {i} {tuple(shapes[i])}: "
+                                f"relative error {err:.3e} > {tol:.0e}")
             worst = max(worst, err)
     return worst
+
 
 
 # ---------------------------------------------------------------- references from the papers
 
 
 class PaperRef(torch.optim.Optimizer):
-    """A plain per-parameter loop around `update(p, g, state, t, **hypers)`."""
+    """A plain per-parameter loop around `update(p, g, state, t, **hypers)`; `loss` when asked."""
 
     def __init__(self, params, update, **hypers):
         super().__init__(params, hypers)
         self.update = update
 
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
         for group in self.param_groups:
             hypers = {k: v for k, v in group.items() if k != "params"}
+            if loss is not None:
+                hypers["loss"] = loss
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
                 state["t"] = state.get("t", 0) + 1
                 self.update(p, p.grad, state, state["t"], **hypers)
+        return loss
+
 
 
 def lion_update(p, g, state, t, lr, b1, b2, wd):

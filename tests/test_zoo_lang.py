@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import optdsl
+from test_differential import PaperRef, run_pair  # noqa: E402 - the shared checker and paper-reference loop
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 SMALL = [(1,), (7,), (13, 5), (3, 1, 4)]
@@ -30,71 +31,6 @@ STEPS = 25
 @functools.lru_cache(maxsize=None)
 def spec(name):
     return optdsl.load(SPECS / f"{name}.opt")
-
-
-def run_pair(make_ours, make_ref, shapes, dtype, steps, seed=0, tol=None, skip=True, loss=False, feed=None):
-    """Step ours (for-loop and foreach) and the reference side by side; assert after every step.
-
-    skip: some parameters miss their gradient on some steps (so step counts differ per
-    parameter); off for references that count steps per group. loss: step(closure) with a
-    closure returning a positive, changing loss. feed: {input name: sampler(generator)}, fed to
-    every parameter of all three optimizers before each step (opt.feed), as a training loop would.
-    """
-    tol = TOL[dtype] if tol is None else tol
-    gen = torch.Generator().manual_seed(seed)
-    init = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
-    loop, fe, ref = ([torch.nn.Parameter(x.clone()) for x in init] for _ in range(3))
-    opts = make_ours(loop, foreach=False), make_ours(fe, foreach=True), make_ref(ref)
-    scale = [x.abs().max().item() for x in init]
-    worst = 0.0
-    for step in range(steps):
-        for i, s in enumerate(shapes):
-            g = torch.randn(s, generator=gen, dtype=dtype) * 10.0 ** (i - 2)
-            g = g * (torch.rand(s, generator=gen) > 0.15)  # some exact zeros
-            missing = skip and ((i == 1 and step % 3 == 2) or (i == 3 and step < 2))
-            for side in (loop, fe, ref):
-                side[i].grad = None if missing else g.clone()
-        value = torch.rand((), generator=gen, dtype=dtype).item() * 3.0
-        for name, sample in (feed or {}).items():
-            for i in range(len(shapes)):
-                fed = sample(gen)
-                for opt, side in zip(opts, (loop, fe, ref)):
-                    opt.feed(side[i], **{name: fed})
-        for opt in opts:
-            opt.step((lambda: value) if loss else None)
-        for i in range(len(shapes)):
-            assert torch.equal(loop[i], fe[i]), (
-                f"foreach and for-loop paths differ at step {step}, tensor {i} {tuple(shapes[i])}: "
-                f"max |diff| {(loop[i] - fe[i]).abs().max().item():.3e}")
-            scale[i] = max(scale[i], ref[i].abs().max().item())
-            err = max((x - ref[i]).abs().max().item() for x in (loop[i], fe[i])) / (scale[i] + 1e-300)
-            assert err <= tol, (f"differs from reference at step {step}, tensor {i} {tuple(shapes[i])}: "
-                                f"relative error {err:.3e} > {tol:.0e}")
-            worst = max(worst, err)
-    return worst
-
-
-class PaperRef(torch.optim.Optimizer):
-    """A plain per-parameter loop around `update(p, g, state, t, **hypers)`; `loss` when asked."""
-
-    def __init__(self, params, update, **hypers):
-        super().__init__(params, hypers)
-        self.update = update
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            hypers = {k: v for k, v in group.items() if k != "params"}
-            if loss is not None:
-                hypers["loss"] = loss
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                state["t"] = state.get("t", 0) + 1
-                self.update(p, p.grad, state, state["t"], **hypers)
-        return loss
 
 
 def paper(update):
