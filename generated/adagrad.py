@@ -407,7 +407,8 @@ if triton is not None:
         probability (x - below) / spacing, so small updates still add up; others as _round_to."""
         if STOCHASTIC:
             bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = bits + (tl.randint(seed, counters).to(tl.uint32, bitcast=True) & 0xFFFF)
+            # 32-bit counters: Philox's 32-bit form (64-bit offsets would select its slower 64-bit one)
+            bits = bits + (tl.randint(seed, counters.to(tl.uint32)).to(tl.uint32, bitcast=True) & 0xFFFF)
             return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
         else:
             return _round_to(x, TYPE)
