@@ -76,11 +76,36 @@ class _Ranges:
         self.run_step()
 
 
-def _walk(e: ir.Expr):
+def _walk(e: ir.Expr, guards: tuple[ir.Expr, ...] = ()):
+    """Each operation in e, with the conditions that hold where its value is used: the first
+    branch of where(cond, a, b) only matters where cond holds."""
     if isinstance(e, ir.Op):
-        yield e
-        for a in e.args:
-            yield from _walk(a)
+        yield e, guards
+        if e.op == "where":
+            cond, a, b = e.args
+            yield from _walk(cond, guards)
+            yield from _walk(a, guards + (cond,))
+            yield from _walk(b, guards)
+        else:
+            for a in e.args:
+                yield from _walk(a, guards)
+
+
+def _factors(e: ir.Expr) -> set[str]:
+    if isinstance(e, ir.Op) and e.op == "*":
+        return {f for a in e.args for f in _factors(a)}
+    return {ir.format_expr(e)}
+
+
+def _guarded_nonzero(den: ir.Expr, guards: tuple[ir.Expr, ...]) -> bool:
+    """A guard compares den, or a product with den as a factor, strictly with 0 (w * r > 0, gn != 0)."""
+    key = ir.format_expr(den)
+    for g in guards:
+        if isinstance(g, ir.Op) and g.op in ("gt", "lt", "ne"):
+            for x, other in (g.args, g.args[::-1]):
+                if _literal(other) == 0 and key in _factors(x):
+                    return True
+    return False
 
 
 def check(prog: ir.Program) -> list[SpecWarning]:
@@ -90,8 +115,8 @@ def check(prog: ir.Program) -> list[SpecWarning]:
     warnings = []
     names = ir.source_names(prog)
     for eq in prog.eqns:
-        for op in _walk(eq.expr):
-            warnings += _check_op(op, ranges, names)
+        for op, guards in _walk(eq.expr):
+            warnings += _check_op(op, ranges, names, guards)
     return warnings
 
 
@@ -102,7 +127,7 @@ def _literal(e: ir.Expr) -> float | None:
     return e.value if isinstance(e, ir.Const) else None
 
 
-def _check_op(op: ir.Op, ranges: _Ranges, names: dict[str, str]) -> list[SpecWarning]:
+def _check_op(op: ir.Op, ranges: _Ranges, names: dict[str, str], guards=()) -> list[SpecWarning]:
     out = []
 
     def format_expr(e):
@@ -118,7 +143,7 @@ def _check_op(op: ir.Op, ranges: _Ranges, names: dict[str, str]) -> list[SpecWar
         if r.lo == r.hi == 0:
             raise SpecError(f"division by zero: '{format_expr(den)}' is always 0", den.span or op.span,
                             hint="divide by a value that is not zero")
-        if not r.nonzero:
+        if not r.nonzero and not _guarded_nonzero(den, guards):
             warn(den, "denominator '{x}' can be zero (it ranges over {r})",
                  "add a positive epsilon, e.g. '+ eps' with 'hyper eps = 1e-8 in (0, inf)', "
                  "or narrow the ranges of the hyperparameters it uses")

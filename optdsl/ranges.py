@@ -307,6 +307,25 @@ def _compare(true: Callable, false: Callable):
     return rule
 
 
+def _given(r: Interval, x: sp.Expr, cond: sp.Expr) -> Interval:
+    """r, the range of x, where `cond` holds: narrowed when cond compares x itself with a number
+    (where(s > 0, s, 1) is never 0)."""
+    flipped = {fn.gt: fn.lt, fn.lt: fn.gt, fn.ge: fn.le, fn.le: fn.ge}
+    if type(cond) not in flipped:
+        return r
+    kind, (left, right) = type(cond), cond.args
+    if right == x and left.is_Number:
+        kind, left, right = flipped[kind], right, left
+    if left != x or not right.is_Number:
+        return r
+    c = float(right)
+    if kind in (fn.gt, fn.ge) and c >= r.lo:  # x > c: the low end moves up to c
+        return Interval(c, r.hi, kind is fn.ge and c in r, r.hi_closed) if c <= r.hi else r
+    if kind in (fn.lt, fn.le) and c <= r.hi:
+        return Interval(r.lo, c, r.lo_closed, kind is fn.le and c in r) if c >= r.lo else r
+    return r
+
+
 def _sum(e, env) -> Interval:
     a = bound(e.args[0], env)
     return Interval(0.0, INF, not a.positive) if a.nonnegative else \
@@ -337,7 +356,7 @@ RULES: dict[type, Callable[[sp.Expr, Env], Interval]] = {
     sp.Min: _minmax(True),
     sp.Max: _minmax(False),
     fn.lerp: _lerp,
-    fn.where: lambda e, env: bound(e.args[1], env).hull(bound(e.args[2], env)),
+    fn.where: lambda e, env: _given(bound(e.args[1], env), e.args[1], e.args[0]).hull(bound(e.args[2], env)),
     fn.lt: _compare(_less, lambda a, b: _le(b, a)),
     fn.le: _compare(_le, lambda a, b: _less(b, a)),
     fn.gt: _compare(lambda a, b: _less(b, a), _le),

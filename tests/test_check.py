@@ -14,7 +14,7 @@ from optdsl.pipeline import compile_source
 from optdsl.ranges import Interval
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
-CLEAN = ["adam", "adamw", "adamax", "amsgrad", "lion", "adam_atan2", "nsgda", "sgd", "adagrad"]
+CLEAN = ["adam", "adamw", "adamax", "amsgrad", "lion", "adam_atan2", "nsgda", "sgd", "adagrad", "lamb", "adanorm"]
 
 ADAM_HEAD = """optimizer A
 hyper lr = 1e-3 in [0, inf)
@@ -102,6 +102,32 @@ def test_negative_power_is_a_denominator():
         "denominator 'v' can be zero (it ranges over [0, inf))"]
     assert domain_warnings(ADAM_HEAD + "p -= lr * m * (v + eps)^-1\n") == []
     assert domain_warnings(ADAM_HEAD + "p -= lr * m * (v + eps)**-0.5\n") == []
+
+
+def test_a_where_guard_makes_its_branch_s_denominator_nonzero():
+    # LAMB's trust ratio: w / r is only used where w * r > 0
+    head = "optimizer A\nhyper lr = 0.1\n"
+    assert domain_warnings(head + "w = norm(p)\nr = norm(g)\np -= lr * where(w * r > 0, w / r, 1) * g\n") == []
+    assert domain_warnings(head + "r = norm(g)\np -= lr * where(r != 0, 1 / r, 0) * g\n") == []
+    assert domain_warnings(head + "r = norm(g)\np -= lr * where(0 < r, 1 / r, 0) * g\n") == []
+    # the guard must cover the denominator, on the branch it guards
+    unguarded = "denominator 'r' can be zero (it ranges over [0, inf))"
+    assert domain_warnings(head + "w = norm(p)\nr = norm(g)\np -= lr * where(w > 0, w / r, 1) * g\n") == [
+        unguarded]
+    assert domain_warnings(head + "r = norm(g)\np -= lr * where(r > 0, 0, 1 / r) * g\n") == [unguarded]
+    assert domain_warnings(head + "r = norm(g)\np -= lr * where(r >= 0, 1 / r, 0) * g\n") == [unguarded]
+    assert domain_warnings(head + "r = norm(g)\np -= lr * where(r > 0, 1 / (r * abs(g)), 0) * g\n") == [
+        "denominator 'r * abs(g)' can be zero (it ranges over [0, inf))"]
+
+
+def test_where_narrows_the_range_of_the_value_it_picks():
+    # SMMF's normaliser: where(s > 0, s, 1) is never 0, where(s >= 0, s, 1) can be
+    head = "optimizer A\nhyper lr = 0.1\ns = sum(abs(g))\n"
+    assert domain_warnings(head + "p -= lr * g / where(s > 0, s, 1)\n") == []
+    assert domain_warnings(head + "p -= lr * g / where(0 < s, s, 1)\n") == []
+    assert domain_warnings(head + "p -= lr * g / where(s >= 0, s, 1)\n") == [
+        "denominator 'where(s >= 0, s, 1)' can be zero (it ranges over [0, inf))"]
+    assert domain_warnings(head + "p -= lr * g / where(s > 0, abs(g), 1)\n") != []
 
 
 def test_division_by_a_gradient_warns():
