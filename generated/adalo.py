@@ -323,13 +323,221 @@ _NUM_WARPS = 4
 
 def fused_available(params) -> str:
     """Why the fused path cannot run on these parameters ('' when it can)."""
-    return "state loss_avg is not shaped like its parameter (not fused yet)"
+    if triton is None:
+        return "Triton is not installed"
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if not all(p.is_cuda or interpreted for p in params):
+        return "the fused path runs on CUDA tensors (or under TRITON_INTERPRET=1)"
+    if not all(p.is_contiguous() for p in params):
+        return "the fused path needs contiguous parameters"
+    return ""
 
 
 def _fused_by_default(params) -> bool:
     """fused=None: the fused kernel where it can run on CUDA, as torch.optim prefers its own."""
-    return False
+    # one pass: this runs at every step, over every parameter
+    return bool(params) and triton is not None and all(p.is_cuda and p.is_contiguous() for p in params)
 
 
-def _fused_adalo(*args, **kwargs):
-    raise RuntimeError("AdaLo(fused=True) cannot run: state loss_avg is not shaped like its parameter (not fused yet)")
+if triton is not None:
+
+    @triton.jit
+    def _round_to(x, TYPE: tl.constexpr):
+        """x in TYPE, rounded to nearest even (by hand for bfloat16: the interpreter truncates)."""
+        if TYPE == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return x.to(TYPE)
+
+    @triton.jit
+    def _to_state(x, TYPE: tl.constexpr, STOCHASTIC: tl.constexpr, seed, counters):
+        """x as a state is stored: bfloat16 states (state_dtype) round stochastically, up with
+        probability (x - below) / spacing, so small updates still add up; others as _round_to."""
+        if STOCHASTIC:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            # 32-bit counters: Philox's 32-bit form (64-bit offsets would select its slower 64-bit one)
+            bits = bits + (tl.randint(seed, counters.to(tl.uint32)).to(tl.uint32, bitcast=True) & 0xFFFF)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return _round_to(x, TYPE)
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _adalo_kernel(
+        p_ptrs, g_ptrs,  # int64 tables: one data pointer per tensor
+        m_ptrs,
+        loss_avg_ptrs,
+        step_ptrs,  # int64 table: each tensor's step count t (a 0-dim tensor on the device)
+        numels,  # elements per tensor
+        block_tensor, block_start,  # per program: which tensor, and where in it
+        hypers,  # [6] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
+        seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        P_TYPE: tl.constexpr,  # parameter dtype
+        S_TYPE: tl.constexpr,  # state dtype
+        C_TYPE: tl.constexpr,  # arithmetic dtype
+        T_TYPE: tl.constexpr,  # dtype of the step counts
+        STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        i = tl.load(block_tensor + pid)
+        n = tl.load(numels + i)
+        offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+        mask = offsets < n
+        n = n.to(C_TYPE)
+        p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_TYPE))
+        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
+        m_ptr = tl.load(m_ptrs + i).to(tl.pointer_type(S_TYPE))
+        loss_avg_ptr = tl.load(loss_avg_ptrs + i).to(tl.pointer_type(S_TYPE))
+        eps = tl.load(hypers + 0)
+        k0 = tl.load(hypers + 1)
+        k1 = tl.load(hypers + 2)
+        k2 = tl.load(hypers + 3)
+        k3 = tl.load(hypers + 4)
+        k4 = tl.load(hypers + 5)
+        eps = eps.to(C_TYPE)
+        k0 = k0.to(C_TYPE)
+        k1 = k1.to(C_TYPE)
+        k2 = k2.to(C_TYPE)
+        k3 = k3.to(C_TYPE)
+        k4 = k4.to(C_TYPE)
+        p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
+        g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
+        m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
+        loss_avg = tl.load(loss_avg_ptr).to(C_TYPE)  # one number per tensor
+        d0 = k0*tl.maximum(eps, k1*(loss_avg + k3 * (k2 - loss_avg))) + 1.0
+        d1 = -tl.maximum(eps, k1*(loss_avg + k3 * (k2 - loss_avg)))
+        x0 = (m + k4 * (g - m))
+        tl.store(p_ptr + offsets, _round_to(d0*p + d1*x0, P_TYPE), mask=mask)
+        tl.store(m_ptr + offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
+                                                 offsets * 2 + 0), mask=mask)
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _adalo_scalars(
+        p_ptrs, g_ptrs,  # int64 tables: one data pointer per tensor
+        m_ptrs,
+        loss_avg_ptrs,
+        step_ptrs,  # int64 table: each tensor's step count t (a 0-dim tensor on the device)
+        numels,  # elements per tensor
+        block_tensor, block_start,  # per program: which tensor, and where in it
+        hypers,  # [6] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
+        seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        P_TYPE: tl.constexpr,  # parameter dtype
+        S_TYPE: tl.constexpr,  # state dtype
+        C_TYPE: tl.constexpr,  # arithmetic dtype
+        T_TYPE: tl.constexpr,  # dtype of the step counts
+        STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        i = pid  # one program per tensor: it writes the tensor's scalar states
+        n = tl.load(numels + i).to(C_TYPE)
+        p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_TYPE))
+        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
+        m_ptr = tl.load(m_ptrs + i).to(tl.pointer_type(S_TYPE))
+        loss_avg_ptr = tl.load(loss_avg_ptrs + i).to(tl.pointer_type(S_TYPE))
+        eps = tl.load(hypers + 0)
+        k0 = tl.load(hypers + 1)
+        k1 = tl.load(hypers + 2)
+        k2 = tl.load(hypers + 3)
+        k3 = tl.load(hypers + 4)
+        k4 = tl.load(hypers + 5)
+        eps = eps.to(C_TYPE)
+        k0 = k0.to(C_TYPE)
+        k1 = k1.to(C_TYPE)
+        k2 = k2.to(C_TYPE)
+        k3 = k3.to(C_TYPE)
+        k4 = k4.to(C_TYPE)
+        loss_avg = tl.load(loss_avg_ptr).to(C_TYPE)  # one number per tensor
+        d2 = (loss_avg + k3 * (k2 - loss_avg))
+        tl.store(loss_avg_ptr, _to_state(d2, S_TYPE, STOCHASTIC, seed + i, i * 2 + 1))
+
+
+_TRITON_TYPES = {}
+_BLOCK_MAPS = {}
+_POINTERS = {}  # a few recent pointer tables, keyed by device and data pointers
+_HYPERS = {}  # a few recent hyperparameter tables, keyed by device and values
+
+
+def _triton_type(dtype):
+    if not _TRITON_TYPES:
+        _TRITON_TYPES.update({torch.float32: tl.float32, torch.float64: tl.float64,
+                              torch.bfloat16: tl.bfloat16, torch.float16: tl.float16})
+    return _TRITON_TYPES[dtype]
+
+
+def _upload(host, device):
+    """Copy a CPU tensor to `device` without stalling the host (pinned memory, non-blocking)."""
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _block_map(numels, device, block):
+    """Per-tensor sizes and, per program, (tensor index, start offset); cached per list of sizes."""
+    key = (device, block, numels)
+    if key not in _BLOCK_MAPS:
+        sizes = torch.tensor(numels, dtype=torch.int64)
+        blocks = (sizes + block - 1) // block
+        which = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), blocks)
+        first = torch.cumsum(blocks, 0) - blocks  # index of each tensor's first block
+        start = (torch.arange(int(blocks.sum()), dtype=torch.int64) - first.repeat_interleave(blocks)) * block
+        _BLOCK_MAPS[key] = tuple(_upload(x, device) for x in (sizes, which, start))
+    return _BLOCK_MAPS[key]
+
+
+def _pointer_tables(lists, device):
+    """One int64 table of data pointers per operand, kept while the tensors stay where they are."""
+    ptrs = tuple(tuple(map(torch.Tensor.data_ptr, tensors)) for tensors in lists)
+    key = (device, ptrs)
+    if key not in _POINTERS:
+        if len(_POINTERS) >= 8:  # gradients may move between steps: keep only recent tables
+            _POINTERS.pop(next(iter(_POINTERS)))
+        _POINTERS[key] = _upload(torch.tensor(ptrs, dtype=torch.int64), device)
+    return _POINTERS[key]
+
+
+def _hyper_table(values, device):
+    """The hyperparameter scalars as a float64 device tensor, kept while they do not change."""
+    key = (device, values)
+    if key not in _HYPERS:
+        if len(_HYPERS) >= 8:  # a scheduler changes lr every step: keep only recent values
+            _HYPERS.pop(next(iter(_HYPERS)))
+        _HYPERS[key] = _upload(torch.tensor(values, dtype=torch.float64), device)
+    return _HYPERS[key]
+
+
+def _fused_adalo(params, grads, m_list, loss_avg_list, state_steps, *, b1, b2, kappa, eps, wd, loss):
+    global LAUNCHES
+    if not params:
+        return
+    k0 = -wd
+    k1 = 1/kappa
+    k2 = 1/2 - 1/2*math.tanh(0.5*math.log1p(loss))
+    k3 = 1 - b2
+    k4 = 1 - b1
+    hyper_values = (float(eps), float(k0), float(k1), float(k2), float(k3), float(k4), )
+    # states follow the parameters by index: they may be stored in another dtype
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
+    for (device, dtype), ((p, g, device_steps), indices) in grouped.items():
+        m = [m_list[i] for i in indices]
+        loss_avg = [loss_avg_list[i] for i in indices]
+        if device_steps[0].device != device:
+            raise RuntimeError("AdaLo(fused=True): step counts must be on the parameters' device "
+                               f"({device}), found {device_steps[0].device}")
+        torch._foreach_add_(device_steps, 1)  # one launch on the device, no sync
+        g = [x if x.is_contiguous() else x.contiguous() for x in g]  # kept alive until the launch ends
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        numels, block_tensor, block_start = _block_map(tuple(map(torch.Tensor.numel, p)), device, _BLOCK)
+        pointers = _pointer_tables([p, g, m, loss_avg, device_steps], device)
+        state_type = m[0].dtype
+        stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
+        seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed]
+        types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
+                     C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
+                     num_warps=_NUM_WARPS)
+        _adalo_kernel[(len(block_tensor),)](*args, **types)
+        _adalo_scalars[(len(p),)](*args, **types)
+        LAUNCHES += 2

@@ -399,7 +399,7 @@ _NUM_WARPS = 4
 
 def fused_available(params) -> str:
     """Why the fused path cannot run on these parameters ('' when it can)."""
-    return "state v is not shaped like its parameter (not fused yet)"
+    return "the step reads the parameter's shape (ncols): not fused yet"
 
 
 def _fused_by_default(params) -> bool:
@@ -408,4 +408,4 @@ def _fused_by_default(params) -> bool:
 
 
 def _fused_amos(*args, **kwargs):
-    raise RuntimeError("Amos(fused=True) cannot run: state v is not shaped like its parameter (not fused yet)")
+    raise RuntimeError("Amos(fused=True) cannot run: the step reads the parameter's shape (ncols): not fused yet")

@@ -20,6 +20,8 @@ CASES = [
     ("nsgda", "NSGDA", [{}, dict(momentum=0.5, wd=0.0)]),
     ("adamw", "AdamW", [{}, dict(lr=1e-2, wd=0.3, b1=0.5)]),
     ("lamb", "LAMB", [{}, dict(wd=0.1, max_w=0.5)]),
+    ("nadam", "NAdam", [{}, dict(wd=0.1, momentum_decay=0.01)]),  # a scalar state: written by a last launch
+    ("adanorm", "AdaNorm", [{}]),
     ("adam", "Adam", [{}, dict(wd=0.1, eps=1e-3)]),
     ("amsgrad", "AMSGrad", [dict(lr=1e-2, wd=0.1)]),
     ("adamax", "Adamax", [dict(wd=0.1)]),
@@ -57,7 +59,8 @@ def test_fused_equals_foreach(module, name, settings, dtype):
     for kw in settings:
         before = mod.LAUNCHES
         fused, fused_opt = _run(cls, kw, dtype, fused=True)
-        stages = 2 if module in ("nsgda", "lamb") else 1  # whole-tensor norms: accumulate, then update
+        # whole-tensor norms: accumulate, then update; scalar states: written by a per-tensor launch last
+        stages = {"nsgda": 2, "lamb": 2, "nadam": 2, "adanorm": 3}.get(module, 1)
         assert mod.LAUNCHES - before == 8 * stages  # per step: one device, one dtype
         ref, ref_opt = _run(cls, kw, dtype, foreach=True)
         for a, b in zip(fused, ref):
@@ -189,3 +192,26 @@ def test_bfloat16_states_fused_track_the_foreach_path():
         torch.testing.assert_close(a, b, rtol=0, atol=2e-3)
         torch.testing.assert_close(a, c, rtol=0, atol=2e-3)
     assert {s.dtype for st in fused_opt.state.values() for k, s in st.items() if k != "step"} == {torch.bfloat16}
+
+
+def test_a_scalar_state_fed_by_the_loss_fuses():
+    """AdaLo: its loss average is one number per tensor, updated by the last launch of the step."""
+    from generated import adalo
+    results = []
+    for mode in (dict(fused=True), dict(foreach=True)):
+        gen = torch.Generator().manual_seed(3)
+        params = [torch.randn(s, generator=gen, dtype=torch.float64).to(DEVICE) for s in SHAPES]
+        opt = adalo.AdaLo(params, **mode)
+        before = adalo.LAUNCHES
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+            loss = torch.rand((), generator=gen).item() + 0.5
+            opt.step(lambda: loss)
+        results.append((params, opt, adalo.LAUNCHES - before))
+    (fused, fused_opt, launches), (ref, ref_opt, _) = results
+    assert launches == 5 * 2
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(fused_opt.state[a]["loss_avg"].cpu(), ref_opt.state[b]["loss_avg"].cpu(),
+                                   rtol=1e-12, atol=1e-12)

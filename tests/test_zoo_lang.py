@@ -343,7 +343,7 @@ def test_scalar_state_is_one_number_per_parameter():
 
 
 @pytest.mark.parametrize("name, why", [
-    ("nadam", "state mu_prod is not shaped like its parameter"), ("adalo", "state loss_avg"),
+    ("smmf", "rules by parameter shape"), ("amos", "reads the parameter's shape"),
     ("adafactor", "rules by parameter shape"), ("muon", "rules by parameter shape"),
     ("adam_gc", "reads the parameter's shape"), ("adamw_softclip", "unit_mean\\(\\) is not element-wise"),
 ])

@@ -1,6 +1,7 @@
 """SymPy printers for scalars: host floats (math), 0-dim tensors (torch), and Triton registers."""
 from __future__ import annotations
 
+import numpy as np
 import sympy as sp
 from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pycode import PythonCodePrinter
@@ -180,6 +181,17 @@ class TritonPrinter(HostPrinter):
 
     def _print_Rational(self, e):
         return repr(float(e))
+
+
+class TritonScalar64Printer(TritonPrinter):
+    """Per-tensor scalars computed in float64 inside a kernel. Triton reads a Python float literal
+    as float32, so a number that float32 cannot hold exactly (0.96) is made a float64 constant."""
+
+    def _print_Float(self, e):
+        x = float(e)
+        return repr(x) if float(np.float32(x)) == x else f"tl.full((), {x!r}, tl.float64)"
+
+    _print_Rational = _print_Float
 
 
 # SymPy's own functions (Abs, exp, ...) print through the table's Triton column too.

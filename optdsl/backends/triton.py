@@ -18,7 +18,7 @@ import sympy as sp
 from .. import functions as fn
 from .. import ir
 from ..sym import GROUP, PARAM, Plan, is_reduction
-from .printers import TritonPrinter
+from .printers import TritonPrinter, TritonScalar64Printer
 
 # reduction -> (what each element adds, how blocks combine, the finished value from the total)
 _REDUCE = {
@@ -32,7 +32,7 @@ _REDUCE = {
 
 def unsupported(plan: Plan) -> str:
     """Why this plan has no fused kernels ('' when it has them)."""
-    shaped = [s.name for s in plan.program.states if s.shape != "full"]
+    shaped = [s.name for s in plan.program.states if s.shape not in ("full", "scalar")]
     if shaped:
         return f"state {shaped[0]} is not shaped like its parameter (not fused yet)"
     read = set().union(*(d.expr.free_symbols for d in plan.group + plan.param + plan.steps),
@@ -119,9 +119,18 @@ def kernel_context(plan: Plan) -> dict:
             else:
                 part = f"tl.max(tl.where(mask, {value}, -float('inf')), axis=0)"
                 lines.append(f"tl.atomic_max(acc{s} + i * {stages.width(s)} + {j}, {part})")
-        kernels.append(dict(name=f"stage{s}", lines=lines, stores=[]))
-    stores = [(base, printer.doprint(e)) for base, e in plan.outputs if e != sp.Symbol(base)]
-    kernels.append(dict(name="kernel", lines=body(stages.needed([e for _, e in plan.outputs])), stores=stores))
+        kernels.append(dict(name=f"stage{s}", lines=lines, stores=[], per_tensor=False))
+    # Scalar states: every program reads the old value, so the new one is written afterwards, by a
+    # launch with one program per tensor (a write inside the main kernel would race with its reads).
+    scalars = {s.name for s in prog.states if s.shape == "scalar"}
+    changed = [(base, e) for base, e in plan.outputs if e != sp.Symbol(base)]
+    main = [(b, e) for b, e in changed if b not in scalars]
+    last = [(b, e) for b, e in changed if b in scalars]
+    kernels.append(dict(name="kernel", lines=body(stages.needed([e for _, e in main])),
+                        stores=[(b, printer.doprint(e)) for b, e in main], per_tensor=False))
+    if last:
+        kernels.append(dict(name="scalars", lines=body(stages.needed([e for _, e in last])),
+                            stores=[(b, printer.doprint(e)) for b, e in last], per_tensor=True))
 
     levels = plan.level_of()
     # Per-tensor scalars (functions of t) are computed in each program, in float64, from that
@@ -131,7 +140,7 @@ def kernel_context(plan: Plan) -> dict:
     param_defs = []
     for d in reversed(plan.param):
         if d.symbol in need:
-            param_defs.insert(0, (str(d.symbol), printer.doprint(d.expr)))
+            param_defs.insert(0, (str(d.symbol), TritonScalar64Printer().doprint(d.expr)))
             need |= d.expr.free_symbols
     group_args = sorted(str(s) for s in need if levels.get(s) == GROUP)
     param_args = sorted(str(s) for s in need if levels.get(s) == PARAM)
@@ -139,6 +148,7 @@ def kernel_context(plan: Plan) -> dict:
                  inits=", ".join('-math.inf' if type(stages.defs[r].expr) is fn.amax else "0.0"
                                  for r in stages.stage if stages.stage[r] == s))
             for s in range(1, stages.count + 1)]
-    return dict(kernels=kernels, accs=accs, states=[s.name for s in prog.states], group_args=group_args,
+    return dict(kernels=kernels, accs=accs, states=[s.name for s in prog.states], scalar_states=sorted(scalars),
+                group_args=group_args,
                 param_args=param_args, param_defs=param_defs,
                 cast_args=cast_args)
