@@ -342,7 +342,7 @@ _NUM_WARPS = 4
 
 def fused_available(params) -> str:
     """Why the fused path cannot run on these parameters ('' when it can)."""
-    return "the step reads the parameter's shape (ndim): not fused yet"
+    return "unit_mean() is not element-wise (not fused yet)"
 
 
 def _fused_by_default(params) -> bool:
@@ -351,4 +351,4 @@ def _fused_by_default(params) -> bool:
 
 
 def _fused_adamgc(*args, **kwargs):
-    raise RuntimeError("AdamGC(fused=True) cannot run: the step reads the parameter's shape (ndim): not fused yet")
+    raise RuntimeError("AdamGC(fused=True) cannot run: unit_mean() is not element-wise (not fused yet)")

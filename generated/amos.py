@@ -399,13 +399,353 @@ _NUM_WARPS = 4
 
 def fused_available(params) -> str:
     """Why the fused path cannot run on these parameters ('' when it can)."""
-    return "the step reads the parameter's shape (ncols): not fused yet"
+    if triton is None:
+        return "Triton is not installed"
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if not all(p.is_cuda or interpreted for p in params):
+        return "the fused path runs on CUDA tensors (or under TRITON_INTERPRET=1)"
+    if not all(p.is_contiguous() for p in params):
+        return "the fused path needs contiguous parameters"
+    return ""
 
 
 def _fused_by_default(params) -> bool:
     """fused=None: the fused kernel where it can run on CUDA, as torch.optim prefers its own."""
-    return False
+    # one pass: this runs at every step, over every parameter
+    return bool(params) and triton is not None and all(p.is_cuda and p.is_contiguous() for p in params)
 
 
-def _fused_amos(*args, **kwargs):
-    raise RuntimeError("Amos(fused=True) cannot run: the step reads the parameter's shape (ncols): not fused yet")
+if triton is not None:
+
+    @triton.jit
+    def _round_to(x, TYPE: tl.constexpr):
+        """x in TYPE, rounded to nearest even (by hand for bfloat16: the interpreter truncates)."""
+        if TYPE == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return x.to(TYPE)
+
+    @triton.jit
+    def _to_state(x, TYPE: tl.constexpr, STOCHASTIC: tl.constexpr, seed, counters):
+        """x as a state is stored: bfloat16 states (state_dtype) round stochastically, up with
+        probability (x - below) / spacing, so small updates still add up; others as _round_to."""
+        if STOCHASTIC:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            # 32-bit counters: Philox's 32-bit form (64-bit offsets would select its slower 64-bit one)
+            bits = bits + (tl.randint(seed, counters.to(tl.uint32)).to(tl.uint32, bitcast=True) & 0xFFFF)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return _round_to(x, TYPE)
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _amos_stage1(
+        p_ptrs, g_ptrs,  # int64 tables: one data pointer per tensor
+        m_ptrs,
+        v_ptrs,
+        decay_ptrs,
+        step_ptrs,  # int64 table: each tensor's step count t (a 0-dim tensor on the device)
+        numels,  # elements per tensor
+        block_tensor, block_start,  # per program: which tensor, and where in it
+        hypers,  # [10] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
+        seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        shapes,  # [tensors, 2] float64: ndim, ncols of each parameter
+        acc1,  # [tensors, 1]: whole-tensor reductions of stage 1
+        P_TYPE: tl.constexpr,  # parameter dtype
+        S_TYPE: tl.constexpr,  # state dtype
+        C_TYPE: tl.constexpr,  # arithmetic dtype
+        T_TYPE: tl.constexpr,  # dtype of the step counts
+        STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        i = tl.load(block_tensor + pid)
+        n = tl.load(numels + i)
+        offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+        mask = offsets < n
+        n = n.to(C_TYPE)
+        p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_TYPE))
+        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
+        m_ptr = tl.load(m_ptrs + i).to(tl.pointer_type(S_TYPE))
+        v_ptr = tl.load(v_ptrs + i).to(tl.pointer_type(S_TYPE))
+        decay_ptr = tl.load(decay_ptrs + i).to(tl.pointer_type(S_TYPE))
+        beta = tl.load(hypers + 0)
+        d_coef = tl.load(hypers + 1)
+        eps = tl.load(hypers + 2)
+        k0 = tl.load(hypers + 3)
+        k1 = tl.load(hypers + 4)
+        k2 = tl.load(hypers + 5)
+        k3 = tl.load(hypers + 6)
+        k4 = tl.load(hypers + 7)
+        k5 = tl.load(hypers + 8)
+        lr = tl.load(hypers + 9)
+        ndim = tl.load(shapes + i * 2 + 0)
+        ncols = tl.load(shapes + i * 2 + 1)
+        t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
+        c0 = d_coef*tl.sqrt(lr*tl.where(tl.where(ndim <= 1.0, 1.0, 0.0) != 0, 0.5, tl.where(tl.where(ndim == 2.0, 1.0, 0.0) != 0, (k0*tl.sqrt((1.0 / ((ncols))))), tl.sqrt((1.0 / ((ncols)))))))
+        c1 = (0.5)*k2*(1.0 - tl.exp((t) * tl.log(beta)))
+        c2 = tl.sqrt(1.0 - tl.exp((t) * tl.log(beta)))
+        c3 = tl.where(tl.where(ndim <= 1.0, 1.0, 0.0) != 0, 0.5, tl.where(tl.where(ndim == 2.0, 1.0, 0.0) != 0, (k0*tl.sqrt((1.0 / ((ncols))))), tl.sqrt((1.0 / ((ncols))))))
+        c4 = k2*(1.0 - tl.exp((t) * tl.log(beta)))
+        c0 = c0.to(C_TYPE)
+        c1 = c1.to(C_TYPE)
+        c2 = c2.to(C_TYPE)
+        c3 = c3.to(C_TYPE)
+        c4 = c4.to(C_TYPE)
+        eps = eps.to(C_TYPE)
+        k1 = k1.to(C_TYPE)
+        k3 = k3.to(C_TYPE)
+        k4 = k4.to(C_TYPE)
+        k5 = k5.to(C_TYPE)
+        lr = lr.to(C_TYPE)
+        p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
+        g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
+        m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
+        v = tl.load(v_ptr).to(C_TYPE)  # one number per tensor
+        decay = tl.load(decay_ptr).to(C_TYPE)  # one number per tensor
+        r0_x = ((g) * (g))
+        tl.atomic_add(acc1 + i * 1 + 0, tl.sum(tl.where(mask, r0_x, 0.0), axis=0))
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _amos_kernel(
+        p_ptrs, g_ptrs,  # int64 tables: one data pointer per tensor
+        m_ptrs,
+        v_ptrs,
+        decay_ptrs,
+        step_ptrs,  # int64 table: each tensor's step count t (a 0-dim tensor on the device)
+        numels,  # elements per tensor
+        block_tensor, block_start,  # per program: which tensor, and where in it
+        hypers,  # [10] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
+        seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        shapes,  # [tensors, 2] float64: ndim, ncols of each parameter
+        acc1,  # [tensors, 1]: whole-tensor reductions of stage 1
+        P_TYPE: tl.constexpr,  # parameter dtype
+        S_TYPE: tl.constexpr,  # state dtype
+        C_TYPE: tl.constexpr,  # arithmetic dtype
+        T_TYPE: tl.constexpr,  # dtype of the step counts
+        STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        i = tl.load(block_tensor + pid)
+        n = tl.load(numels + i)
+        offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+        mask = offsets < n
+        n = n.to(C_TYPE)
+        p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_TYPE))
+        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
+        m_ptr = tl.load(m_ptrs + i).to(tl.pointer_type(S_TYPE))
+        v_ptr = tl.load(v_ptrs + i).to(tl.pointer_type(S_TYPE))
+        decay_ptr = tl.load(decay_ptrs + i).to(tl.pointer_type(S_TYPE))
+        beta = tl.load(hypers + 0)
+        d_coef = tl.load(hypers + 1)
+        eps = tl.load(hypers + 2)
+        k0 = tl.load(hypers + 3)
+        k1 = tl.load(hypers + 4)
+        k2 = tl.load(hypers + 5)
+        k3 = tl.load(hypers + 6)
+        k4 = tl.load(hypers + 7)
+        k5 = tl.load(hypers + 8)
+        lr = tl.load(hypers + 9)
+        ndim = tl.load(shapes + i * 2 + 0)
+        ncols = tl.load(shapes + i * 2 + 1)
+        t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
+        c0 = d_coef*tl.sqrt(lr*tl.where(tl.where(ndim <= 1.0, 1.0, 0.0) != 0, 0.5, tl.where(tl.where(ndim == 2.0, 1.0, 0.0) != 0, (k0*tl.sqrt((1.0 / ((ncols))))), tl.sqrt((1.0 / ((ncols)))))))
+        c1 = (0.5)*k2*(1.0 - tl.exp((t) * tl.log(beta)))
+        c2 = tl.sqrt(1.0 - tl.exp((t) * tl.log(beta)))
+        c3 = tl.where(tl.where(ndim <= 1.0, 1.0, 0.0) != 0, 0.5, tl.where(tl.where(ndim == 2.0, 1.0, 0.0) != 0, (k0*tl.sqrt((1.0 / ((ncols))))), tl.sqrt((1.0 / ((ncols))))))
+        c4 = k2*(1.0 - tl.exp((t) * tl.log(beta)))
+        c0 = c0.to(C_TYPE)
+        c1 = c1.to(C_TYPE)
+        c2 = c2.to(C_TYPE)
+        c3 = c3.to(C_TYPE)
+        c4 = c4.to(C_TYPE)
+        eps = eps.to(C_TYPE)
+        k1 = k1.to(C_TYPE)
+        k3 = k3.to(C_TYPE)
+        k4 = k4.to(C_TYPE)
+        k5 = k5.to(C_TYPE)
+        lr = lr.to(C_TYPE)
+        p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
+        g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
+        m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
+        v = tl.load(v_ptr).to(C_TYPE)  # one number per tensor
+        decay = tl.load(decay_ptr).to(C_TYPE)  # one number per tensor
+        d0 = (1.0 / ((c0*decay + 1.0)))
+        r0 = tl.load(acc1 + i * 1 + 0) / n
+        d1 = c1*r0/((eps + (v + k4 * (r0 - v)))*tl.sqrt(decay*k3 + 1.0)) + k1
+        d2 = c2*c3*lr*tl.sqrt((1.0 / ((eps + (v + k4 * (r0 - v))))))
+        x0 = (m + k5 * ((d0*(d1*p + d2*g)) - m))
+        tl.store(p_ptr + offsets, _round_to(p - x0, P_TYPE), mask=mask)
+        tl.store(m_ptr + offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
+                                                 offsets * 3 + 0), mask=mask)
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _amos_scalars(
+        p_ptrs, g_ptrs,  # int64 tables: one data pointer per tensor
+        m_ptrs,
+        v_ptrs,
+        decay_ptrs,
+        step_ptrs,  # int64 table: each tensor's step count t (a 0-dim tensor on the device)
+        numels,  # elements per tensor
+        block_tensor, block_start,  # per program: which tensor, and where in it
+        hypers,  # [10] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
+        seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        shapes,  # [tensors, 2] float64: ndim, ncols of each parameter
+        acc1,  # [tensors, 1]: whole-tensor reductions of stage 1
+        P_TYPE: tl.constexpr,  # parameter dtype
+        S_TYPE: tl.constexpr,  # state dtype
+        C_TYPE: tl.constexpr,  # arithmetic dtype
+        T_TYPE: tl.constexpr,  # dtype of the step counts
+        STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        i = pid  # one program per tensor: it writes the tensor's scalar states
+        n = tl.load(numels + i).to(C_TYPE)
+        p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_TYPE))
+        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
+        m_ptr = tl.load(m_ptrs + i).to(tl.pointer_type(S_TYPE))
+        v_ptr = tl.load(v_ptrs + i).to(tl.pointer_type(S_TYPE))
+        decay_ptr = tl.load(decay_ptrs + i).to(tl.pointer_type(S_TYPE))
+        beta = tl.load(hypers + 0)
+        d_coef = tl.load(hypers + 1)
+        eps = tl.load(hypers + 2)
+        k0 = tl.load(hypers + 3)
+        k1 = tl.load(hypers + 4)
+        k2 = tl.load(hypers + 5)
+        k3 = tl.load(hypers + 6)
+        k4 = tl.load(hypers + 7)
+        k5 = tl.load(hypers + 8)
+        lr = tl.load(hypers + 9)
+        ndim = tl.load(shapes + i * 2 + 0)
+        ncols = tl.load(shapes + i * 2 + 1)
+        t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
+        c0 = d_coef*tl.sqrt(lr*tl.where(tl.where(ndim <= 1.0, 1.0, 0.0) != 0, 0.5, tl.where(tl.where(ndim == 2.0, 1.0, 0.0) != 0, (k0*tl.sqrt((1.0 / ((ncols))))), tl.sqrt((1.0 / ((ncols)))))))
+        c1 = (0.5)*k2*(1.0 - tl.exp((t) * tl.log(beta)))
+        c2 = tl.sqrt(1.0 - tl.exp((t) * tl.log(beta)))
+        c3 = tl.where(tl.where(ndim <= 1.0, 1.0, 0.0) != 0, 0.5, tl.where(tl.where(ndim == 2.0, 1.0, 0.0) != 0, (k0*tl.sqrt((1.0 / ((ncols))))), tl.sqrt((1.0 / ((ncols))))))
+        c4 = k2*(1.0 - tl.exp((t) * tl.log(beta)))
+        c0 = c0.to(C_TYPE)
+        c1 = c1.to(C_TYPE)
+        c2 = c2.to(C_TYPE)
+        c3 = c3.to(C_TYPE)
+        c4 = c4.to(C_TYPE)
+        eps = eps.to(C_TYPE)
+        k1 = k1.to(C_TYPE)
+        k3 = k3.to(C_TYPE)
+        k4 = k4.to(C_TYPE)
+        k5 = k5.to(C_TYPE)
+        lr = lr.to(C_TYPE)
+        v = tl.load(v_ptr).to(C_TYPE)  # one number per tensor
+        decay = tl.load(decay_ptr).to(C_TYPE)  # one number per tensor
+        r0 = tl.load(acc1 + i * 1 + 0) / n
+        d3 = (v + k4 * (r0 - v))
+        d4 = c4*r0/((eps + (v + k4 * (r0 - v)))*tl.sqrt(decay*k3 + 1.0)) + decay*(c4*r0/((eps + (v + k4 * (r0 - v)))*tl.sqrt(decay*k3 + 1.0)) + 1.0)
+        tl.store(v_ptr, _to_state(d3, S_TYPE, STOCHASTIC, seed + i, i * 3 + 1))
+        tl.store(decay_ptr, _to_state(d4, S_TYPE, STOCHASTIC, seed + i, i * 3 + 2))
+
+
+_TRITON_TYPES = {}
+_BLOCK_MAPS = {}
+_POINTERS = {}  # a few recent pointer tables, keyed by device and data pointers
+_HYPERS = {}  # a few recent hyperparameter tables, keyed by device and values
+
+
+def _triton_type(dtype):
+    if not _TRITON_TYPES:
+        _TRITON_TYPES.update({torch.float32: tl.float32, torch.float64: tl.float64,
+                              torch.bfloat16: tl.bfloat16, torch.float16: tl.float16})
+    return _TRITON_TYPES[dtype]
+
+
+def _upload(host, device):
+    """Copy a CPU tensor to `device` without stalling the host (pinned memory, non-blocking)."""
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _block_map(numels, device, block):
+    """Per-tensor sizes and, per program, (tensor index, start offset); cached per list of sizes."""
+    key = (device, block, numels)
+    if key not in _BLOCK_MAPS:
+        sizes = torch.tensor(numels, dtype=torch.int64)
+        blocks = (sizes + block - 1) // block
+        which = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), blocks)
+        first = torch.cumsum(blocks, 0) - blocks  # index of each tensor's first block
+        start = (torch.arange(int(blocks.sum()), dtype=torch.int64) - first.repeat_interleave(blocks)) * block
+        _BLOCK_MAPS[key] = tuple(_upload(x, device) for x in (sizes, which, start))
+    return _BLOCK_MAPS[key]
+
+
+def _pointer_tables(lists, device):
+    """One int64 table of data pointers per operand, kept while the tensors stay where they are."""
+    ptrs = tuple(tuple(map(torch.Tensor.data_ptr, tensors)) for tensors in lists)
+    key = (device, ptrs)
+    if key not in _POINTERS:
+        if len(_POINTERS) >= 8:  # gradients may move between steps: keep only recent tables
+            _POINTERS.pop(next(iter(_POINTERS)))
+        _POINTERS[key] = _upload(torch.tensor(ptrs, dtype=torch.int64), device)
+    return _POINTERS[key]
+
+
+def _shape_table(params, device):
+    """ndim, ncols of each parameter, as float64 on the device; cached per list of shapes."""
+    key = (device, "shapes", tuple(x.shape for x in params))
+    if key not in _BLOCK_MAPS:
+        rows = [[x.dim(), (x.shape[-1] if x.dim() >= 1 else 1)] for x in params]
+        _BLOCK_MAPS[key] = _upload(torch.tensor(rows, dtype=torch.float64), device)
+    return _BLOCK_MAPS[key]
+
+
+def _hyper_table(values, device):
+    """The hyperparameter scalars as a float64 device tensor, kept while they do not change."""
+    key = (device, values)
+    if key not in _HYPERS:
+        if len(_HYPERS) >= 8:  # a scheduler changes lr every step: keep only recent values
+            _HYPERS.pop(next(iter(_HYPERS)))
+        _HYPERS[key] = _upload(torch.tensor(values, dtype=torch.float64), device)
+    return _HYPERS[key]
+
+
+def _fused_amos(params, grads, m_list, v_list, decay_list, state_steps, *, lr, beta, momentum, extra_l2, c_coef, d_coef, eps):
+    global LAUNCHES
+    if not params:
+        return
+    k0 = math.sqrt(2)
+    k1 = -1/2*extra_l2
+    k2 = lr**2
+    k3 = c_coef*math.sqrt(lr)
+    k4 = 1 - beta
+    k5 = 1 - momentum
+    hyper_values = (float(beta), float(d_coef), float(eps), float(k0), float(k1), float(k2), float(k3), float(k4), float(k5), float(lr), )
+    # states follow the parameters by index: they may be stored in another dtype
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
+    for (device, dtype), ((p, g, device_steps), indices) in grouped.items():
+        m = [m_list[i] for i in indices]
+        v = [v_list[i] for i in indices]
+        decay = [decay_list[i] for i in indices]
+        if device_steps[0].device != device:
+            raise RuntimeError("Amos(fused=True): step counts must be on the parameters' device "
+                               f"({device}), found {device_steps[0].device}")
+        torch._foreach_add_(device_steps, 1)  # one launch on the device, no sync
+        g = [x if x.is_contiguous() else x.contiguous() for x in g]  # kept alive until the launch ends
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        numels, block_tensor, block_start = _block_map(tuple(map(torch.Tensor.numel, p)), device, _BLOCK)
+        pointers = _pointer_tables([p, g, m, v, decay, device_steps], device)
+        state_type = m[0].dtype
+        stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
+        seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed]
+        args.append(_shape_table(p, device))
+        # stage 1's whole-tensor reductions, accumulated by its blocks
+        args.append(_upload(torch.tensor([0.0] * len(p), dtype=compute), device))
+        types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
+                     C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
+                     num_warps=_NUM_WARPS)
+        _amos_stage1[(len(block_tensor),)](*args, **types)
+        _amos_kernel[(len(block_tensor),)](*args, **types)
+        _amos_scalars[(len(p),)](*args, **types)
+        LAUNCHES += 3

@@ -22,6 +22,7 @@ CASES = [
     ("lamb", "LAMB", [{}, dict(wd=0.1, max_w=0.5)]),
     ("nadam", "NAdam", [{}, dict(wd=0.1, momentum_decay=0.01)]),  # a scalar state: written by a last launch
     ("adanorm", "AdaNorm", [{}]),
+    ("amos", "Amos", [{}, dict(momentum=0.9, extra_l2=0.01)]),  # reads the shape (ndim, ncols) from a table
     ("adam", "Adam", [{}, dict(wd=0.1, eps=1e-3)]),
     ("amsgrad", "AMSGrad", [dict(lr=1e-2, wd=0.1)]),
     ("adamax", "Adamax", [dict(wd=0.1)]),
@@ -60,7 +61,7 @@ def test_fused_equals_foreach(module, name, settings, dtype):
         before = mod.LAUNCHES
         fused, fused_opt = _run(cls, kw, dtype, fused=True)
         # whole-tensor norms: accumulate, then update; scalar states: written by a per-tensor launch last
-        stages = {"nsgda": 2, "lamb": 2, "nadam": 2, "adanorm": 3}.get(module, 1)
+        stages = {"nsgda": 2, "lamb": 2, "nadam": 2, "adanorm": 3, "amos": 3}.get(module, 1)
         assert mod.LAUNCHES - before == 8 * stages  # per step: one device, one dtype
         ref, ref_opt = _run(cls, kw, dtype, foreach=True)
         for a, b in zip(fused, ref):

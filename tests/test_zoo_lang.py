@@ -343,9 +343,9 @@ def test_scalar_state_is_one_number_per_parameter():
 
 
 @pytest.mark.parametrize("name, why", [
-    ("smmf", "rules by parameter shape"), ("amos", "reads the parameter's shape"),
+    ("smmf", "rules by parameter shape"), ("sgd_agc", "unit_norm\\(\\) is not element-wise"),
     ("adafactor", "rules by parameter shape"), ("muon", "rules by parameter shape"),
-    ("adam_gc", "reads the parameter's shape"), ("adamw_softclip", "unit_mean\\(\\) is not element-wise"),
+    ("adam_gc", "unit_mean\\(\\) is not element-wise"), ("adamw_softclip", "unit_mean\\(\\) is not element-wise"),
 ])
 def test_fused_says_why_not(name, why):
     """fused=True names the reason; fused=None takes the other paths (on CPU it would anyway)."""

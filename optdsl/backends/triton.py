@@ -35,11 +35,6 @@ def unsupported(plan: Plan) -> str:
     shaped = [s.name for s in plan.program.states if s.shape not in ("full", "scalar")]
     if shaped:
         return f"state {shaped[0]} is not shaped like its parameter (not fused yet)"
-    read = set().union(*(d.expr.free_symbols for d in plan.group + plan.param + plan.steps),
-                       *(e.free_symbols for _, e in plan.outputs))
-    shape_names = sorted(n for n in ir.SHAPE_BUILTINS if sp.Symbol(n) in read)
-    if shape_names:
-        return f"the step reads the parameter's shape ({shape_names[0]}): not fused yet"
     for d in plan.steps + tuple(plan.outputs):
         e = d[1] if isinstance(d, tuple) else d.expr
         for node in sp.preorder_traversal(e):
@@ -144,11 +139,14 @@ def kernel_context(plan: Plan) -> dict:
             need |= d.expr.free_symbols
     group_args = sorted(str(s) for s in need if levels.get(s) == GROUP)
     param_args = sorted(str(s) for s in need if levels.get(s) == PARAM)
+    # the parameter's shape (ndim, ncols, ...): a per-tensor table the launcher makes once per shapes
+    shape_args = [n for n in ir.SHAPE_BUILTINS if sp.Symbol(n) in need]
+    shape_codes = [ir.SHAPE_BUILTINS[n].replace("p.", "x.") for n in shape_args]
     accs = [dict(name=f"acc{s}", width=stages.width(s),
                  inits=", ".join('-math.inf' if type(stages.defs[r].expr) is fn.amax else "0.0"
                                  for r in stages.stage if stages.stage[r] == s))
             for s in range(1, stages.count + 1)]
     return dict(kernels=kernels, accs=accs, states=[s.name for s in prog.states], scalar_states=sorted(scalars),
-                group_args=group_args,
+                group_args=group_args, shape_args=shape_args, shape_codes=shape_codes,
                 param_args=param_args, param_defs=param_defs,
                 cast_args=cast_args)
