@@ -342,13 +342,274 @@ _NUM_WARPS = 4
 
 def fused_available(params) -> str:
     """Why the fused path cannot run on these parameters ('' when it can)."""
-    return "unit_mean() is not element-wise (not fused yet)"
+    if triton is None:
+        return "Triton is not installed"
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if not all(p.is_cuda or interpreted for p in params):
+        return "the fused path runs on CUDA tensors (or under TRITON_INTERPRET=1)"
+    if not all(p.is_contiguous() for p in params):
+        return "the fused path needs contiguous parameters"
+    return ""
 
 
 def _fused_by_default(params) -> bool:
     """fused=None: the fused kernel where it can run on CUDA, as torch.optim prefers its own."""
-    return False
+    # one pass: this runs at every step, over every parameter
+    return bool(params) and triton is not None and all(p.is_cuda and p.is_contiguous() for p in params)
 
 
-def _fused_adamgc(*args, **kwargs):
-    raise RuntimeError("AdamGC(fused=True) cannot run: unit_mean() is not element-wise (not fused yet)")
+if triton is not None:
+
+    @triton.jit
+    def _round_to(x, TYPE: tl.constexpr):
+        """x in TYPE, rounded to nearest even (by hand for bfloat16: the interpreter truncates)."""
+        if TYPE == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return x.to(TYPE)
+
+    @triton.jit
+    def _to_state(x, TYPE: tl.constexpr, STOCHASTIC: tl.constexpr, seed, counters):
+        """x as a state is stored: bfloat16 states (state_dtype) round stochastically, up with
+        probability (x - below) / spacing, so small updates still add up; others as _round_to."""
+        if STOCHASTIC:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            # 32-bit counters: Philox's 32-bit form (64-bit offsets would select its slower 64-bit one)
+            bits = bits + (tl.randint(seed, counters.to(tl.uint32)).to(tl.uint32, bitcast=True) & 0xFFFF)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return _round_to(x, TYPE)
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _adamgc_units(
+        p_ptrs, g_ptrs,  # int64 tables: one data pointer per tensor
+        m_ptrs,
+        v_ptrs,
+        step_ptrs,  # int64 table: each tensor's step count t (a 0-dim tensor on the device)
+        numels,  # elements per tensor
+        block_tensor, block_start,  # per program: which tensor, and where in it
+        hypers,  # [7] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
+        seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        shapes,  # [tensors, 1] float64: ndim of each parameter
+        unit_rows,  # int64 [tensors, 2]: each tensor's first unit in the accumulators, and elements per unit
+        uacc0,  # [units of all tensors]: unit reduction 0, summed by the first launch
+        P_TYPE: tl.constexpr,  # parameter dtype
+        S_TYPE: tl.constexpr,  # state dtype
+        C_TYPE: tl.constexpr,  # arithmetic dtype
+        T_TYPE: tl.constexpr,  # dtype of the step counts
+        STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        i = tl.load(block_tensor + pid)
+        n = tl.load(numels + i)
+        offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+        mask = offsets < n
+        n = n.to(C_TYPE)
+        ubase = tl.load(unit_rows + i * 2)
+        ucols = tl.load(unit_rows + i * 2 + 1)
+        p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_TYPE))
+        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
+        m_ptr = tl.load(m_ptrs + i).to(tl.pointer_type(S_TYPE))
+        v_ptr = tl.load(v_ptrs + i).to(tl.pointer_type(S_TYPE))
+        b1 = tl.load(hypers + 0)
+        b2 = tl.load(hypers + 1)
+        eps = tl.load(hypers + 2)
+        k0 = tl.load(hypers + 3)
+        k1 = tl.load(hypers + 4)
+        lr = tl.load(hypers + 5)
+        wd = tl.load(hypers + 6)
+        ndim = tl.load(shapes + i * 1 + 0)
+        t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
+        c0 = -lr/((1.0 - tl.exp((t) * tl.log(b1)))*tl.sqrt((1.0 / ((1.0 - tl.exp((t) * tl.log(b2)))))))
+        c1 = eps/tl.sqrt((1.0 / ((1.0 - tl.exp((t) * tl.log(b2))))))
+        c2 = tl.where(ndim > 1.0, 1.0, 0.0)
+        c0 = c0.to(C_TYPE)
+        c1 = c1.to(C_TYPE)
+        c2 = c2.to(C_TYPE)
+        k0 = k0.to(C_TYPE)
+        k1 = k1.to(C_TYPE)
+        wd = wd.to(C_TYPE)
+        p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
+        g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
+        m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
+        v = tl.load(v_ptr + offsets, mask=mask).to(C_TYPE)
+        unit0_x = g
+        tl.atomic_add(uacc0 + ubase + offsets // ucols.to(tl.int64), unit0_x, mask=mask)
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _adamgc_kernel(
+        p_ptrs, g_ptrs,  # int64 tables: one data pointer per tensor
+        m_ptrs,
+        v_ptrs,
+        step_ptrs,  # int64 table: each tensor's step count t (a 0-dim tensor on the device)
+        numels,  # elements per tensor
+        block_tensor, block_start,  # per program: which tensor, and where in it
+        hypers,  # [7] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
+        seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        shapes,  # [tensors, 1] float64: ndim of each parameter
+        unit_rows,  # int64 [tensors, 2]: each tensor's first unit in the accumulators, and elements per unit
+        uacc0,  # [units of all tensors]: unit reduction 0, summed by the first launch
+        P_TYPE: tl.constexpr,  # parameter dtype
+        S_TYPE: tl.constexpr,  # state dtype
+        C_TYPE: tl.constexpr,  # arithmetic dtype
+        T_TYPE: tl.constexpr,  # dtype of the step counts
+        STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        i = tl.load(block_tensor + pid)
+        n = tl.load(numels + i)
+        offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+        mask = offsets < n
+        n = n.to(C_TYPE)
+        ubase = tl.load(unit_rows + i * 2)
+        ucols = tl.load(unit_rows + i * 2 + 1)
+        p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_TYPE))
+        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
+        m_ptr = tl.load(m_ptrs + i).to(tl.pointer_type(S_TYPE))
+        v_ptr = tl.load(v_ptrs + i).to(tl.pointer_type(S_TYPE))
+        b1 = tl.load(hypers + 0)
+        b2 = tl.load(hypers + 1)
+        eps = tl.load(hypers + 2)
+        k0 = tl.load(hypers + 3)
+        k1 = tl.load(hypers + 4)
+        lr = tl.load(hypers + 5)
+        wd = tl.load(hypers + 6)
+        ndim = tl.load(shapes + i * 1 + 0)
+        t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
+        c0 = -lr/((1.0 - tl.exp((t) * tl.log(b1)))*tl.sqrt((1.0 / ((1.0 - tl.exp((t) * tl.log(b2)))))))
+        c1 = eps/tl.sqrt((1.0 / ((1.0 - tl.exp((t) * tl.log(b2))))))
+        c2 = tl.where(ndim > 1.0, 1.0, 0.0)
+        c0 = c0.to(C_TYPE)
+        c1 = c1.to(C_TYPE)
+        c2 = c2.to(C_TYPE)
+        k0 = k0.to(C_TYPE)
+        k1 = k1.to(C_TYPE)
+        wd = wd.to(C_TYPE)
+        p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
+        g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
+        m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
+        v = tl.load(v_ptr + offsets, mask=mask).to(C_TYPE)
+        unit0_ = tl.load(uacc0 + ubase + offsets // ucols.to(tl.int64), mask=mask) / ucols.to(C_TYPE)
+        x0 = p*wd + tl.where(c2 != 0, (g - unit0_), g)
+        x1 = (v + k0 * (((x0) * (x0)) - v))
+        x2 = (m + k1 * (x0 - m))
+        tl.store(p_ptr + offsets, _round_to(c0*x2/(c1 + tl.sqrt(x1)) + p, P_TYPE), mask=mask)
+        tl.store(m_ptr + offsets, _to_state(x2, S_TYPE, STOCHASTIC, seed + i,
+                                                 offsets * 2 + 0), mask=mask)
+        tl.store(v_ptr + offsets, _to_state(x1, S_TYPE, STOCHASTIC, seed + i,
+                                                 offsets * 2 + 1), mask=mask)
+
+
+_TRITON_TYPES = {}
+_BLOCK_MAPS = {}
+_POINTERS = {}  # a few recent pointer tables, keyed by device and data pointers
+_HYPERS = {}  # a few recent hyperparameter tables, keyed by device and values
+
+
+def _triton_type(dtype):
+    if not _TRITON_TYPES:
+        _TRITON_TYPES.update({torch.float32: tl.float32, torch.float64: tl.float64,
+                              torch.bfloat16: tl.bfloat16, torch.float16: tl.float16})
+    return _TRITON_TYPES[dtype]
+
+
+def _upload(host, device):
+    """Copy a CPU tensor to `device` without stalling the host (pinned memory, non-blocking)."""
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _block_map(numels, device, block):
+    """Per-tensor sizes and, per program, (tensor index, start offset); cached per list of sizes."""
+    key = (device, block, numels)
+    if key not in _BLOCK_MAPS:
+        sizes = torch.tensor(numels, dtype=torch.int64)
+        blocks = (sizes + block - 1) // block
+        which = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), blocks)
+        first = torch.cumsum(blocks, 0) - blocks  # index of each tensor's first block
+        start = (torch.arange(int(blocks.sum()), dtype=torch.int64) - first.repeat_interleave(blocks)) * block
+        _BLOCK_MAPS[key] = tuple(_upload(x, device) for x in (sizes, which, start))
+    return _BLOCK_MAPS[key]
+
+
+def _pointer_tables(lists, device):
+    """One int64 table of data pointers per operand, kept while the tensors stay where they are."""
+    ptrs = tuple(tuple(map(torch.Tensor.data_ptr, tensors)) for tensors in lists)
+    key = (device, ptrs)
+    if key not in _POINTERS:
+        if len(_POINTERS) >= 8:  # gradients may move between steps: keep only recent tables
+            _POINTERS.pop(next(iter(_POINTERS)))
+        _POINTERS[key] = _upload(torch.tensor(ptrs, dtype=torch.int64), device)
+    return _POINTERS[key]
+
+
+def _shape_table(params, device):
+    """ndim of each parameter, as float64 on the device; cached per list of shapes."""
+    key = (device, "shapes", tuple(x.shape for x in params))
+    if key not in _BLOCK_MAPS:
+        rows = [[x.dim()] for x in params]
+        _BLOCK_MAPS[key] = _upload(torch.tensor(rows, dtype=torch.float64), device)
+    return _BLOCK_MAPS[key]
+
+
+def _unit_table(params, device):
+    """Per tensor: its first output unit among all tensors' units, and its elements per unit (the
+    whole tensor is one unit when rank <= 1); and the number of units. Cached per list of shapes."""
+    key = (device, "units", tuple(x.shape for x in params))
+    if key not in _BLOCK_MAPS:
+        rows = [x.shape[0] if x.dim() >= 2 else 1 for x in params]
+        first = [sum(rows[:k]) for k in range(len(rows))]
+        table = [[f, x.numel() // max(r, 1)] for f, r, x in zip(first, rows, params)]
+        _BLOCK_MAPS[key] = (_upload(torch.tensor(table, dtype=torch.int64), device), sum(rows))
+    return _BLOCK_MAPS[key]
+
+
+def _hyper_table(values, device):
+    """The hyperparameter scalars as a float64 device tensor, kept while they do not change."""
+    key = (device, values)
+    if key not in _HYPERS:
+        if len(_HYPERS) >= 8:  # a scheduler changes lr every step: keep only recent values
+            _HYPERS.pop(next(iter(_HYPERS)))
+        _HYPERS[key] = _upload(torch.tensor(values, dtype=torch.float64), device)
+    return _HYPERS[key]
+
+
+def _fused_adamgc(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd):
+    global LAUNCHES
+    if not params:
+        return
+    k0 = 1 - b2
+    k1 = 1 - b1
+    hyper_values = (float(b1), float(b2), float(eps), float(k0), float(k1), float(lr), float(wd), )
+    # states follow the parameters by index: they may be stored in another dtype
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
+    for (device, dtype), ((p, g, device_steps), indices) in grouped.items():
+        m = [m_list[i] for i in indices]
+        v = [v_list[i] for i in indices]
+        if device_steps[0].device != device:
+            raise RuntimeError("AdamGC(fused=True): step counts must be on the parameters' device "
+                               f"({device}), found {device_steps[0].device}")
+        torch._foreach_add_(device_steps, 1)  # one launch on the device, no sync
+        g = [x if x.is_contiguous() else x.contiguous() for x in g]  # kept alive until the launch ends
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        numels, block_tensor, block_start = _block_map(tuple(map(torch.Tensor.numel, p)), device, _BLOCK)
+        pointers = _pointer_tables([p, g, m, v, device_steps], device)
+        state_type = m[0].dtype
+        stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
+        seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed]
+        args.append(_shape_table(p, device))
+        unit_rows, units = _unit_table(p, device)
+        args.append(unit_rows)
+        args += [torch.zeros(units, dtype=compute, device=device) for _ in range(1)]
+        types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
+                     C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
+                     num_warps=_NUM_WARPS)
+        _adamgc_units[(len(block_tensor),)](*args, **types)
+        _adamgc_kernel[(len(block_tensor),)](*args, **types)
+        LAUNCHES += 2

@@ -26,7 +26,8 @@ RESERVED = {"params", "defaults", "foreach", "fused", "closure", "self", "state"
             "seed", "stochastic", "state_type", "hyper_values", "pointers", "args", "types", "step_ptrs",
             "P_TYPE", "S_TYPE", "C_TYPE", "T_TYPE", "STOCHASTIC", "BLOCK", "_to_state", "_upload",
             "_pointer_tables", "_hyper_table", "_POINTERS", "_HYPERS", "_NUM_WARPS", "_fused_by_default",
-            "_state_dtype", "_fused_for", "indices"}
+            "_state_dtype", "_fused_for", "indices", "shapes", "unit_rows", "units", "ubase", "ucols",
+            "_shape_table", "_unit_table"}
 _BINARY = {"+": "+", "-": "-", "*": "*", "/": "/", "^": "^"}
 # Names a drop-in constructor takes or uses itself (torch.optim's flags it accepts only at their
 # defaults, its own, and its locals and helpers): a spec's keyword may not take them.

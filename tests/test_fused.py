@@ -216,3 +216,36 @@ def test_a_scalar_state_fed_by_the_loss_fuses():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(fused_opt.state[a]["loss_avg"].cpu(), ref_opt.state[b]["loss_avg"].cpu(),
                                    rtol=1e-12, atol=1e-12)
+
+
+
+@pytest.mark.parametrize("module,name", [("adam_gc", "AdamGC"), ("sgd_agc", "SGDAGC"),
+                                         ("adamw_softclip", "AdamWSoftClip")])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_unit_reductions_fused_equal_foreach(module, name, dtype):
+    """One value per output unit (gradient centralisation, AGC, soft clip): a first launch sums each
+    unit with atomics, the update gathers it back. Units that cross blocks, rank 1, 2 and 3."""
+    mod = importlib.import_module(f"generated.{module}")
+    shapes = [(1,), (7,), (3, 1, 4), (40, 60), (2100,)]
+    out = []
+    for mode in (dict(fused=True), dict(foreach=True)):
+        gen = torch.Generator().manual_seed(5)
+        params = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE) for s in shapes]
+        opt = getattr(mod, name)(params, **mode)
+        before = mod.LAUNCHES
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
+            opt.step()
+        out.append((params, mod.LAUNCHES - before))
+    (fused, launches), (ref, _) = out
+    assert launches == 4 * 2
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=TOL[dtype] * 10, atol=TOL[dtype] * 10)
+
+
+def test_a_unit_reduction_of_a_reduced_value_is_refused_clearly():
+    import optdsl
+    cls = optdsl.compile("optimizer U\nhyper lr = 0.1\np -= lr * unit_mean(g - mean(g))\n")
+    with pytest.raises(RuntimeError, match="unit_mean\\(\\) of a value that needs another reduction"):
+        cls([torch.zeros(3, 2, device=DEVICE)], fused=True)

@@ -39,9 +39,44 @@ def unsupported(plan: Plan) -> str:
         e = d[1] if isinstance(d, tuple) else d.expr
         for node in sp.preorder_traversal(e):
             row = next((f for f in fn.TABLE.values() if type(node) is f.sympy), None)
-            if row is not None and (row.axis or row.matrix):
+            if row is not None and row.matrix or (row is not None and row.axis and row.axis != "unit"):
                 return f"{row.name}() is not element-wise (not fused yet)"
+    for node in _unit_nodes(plan):
+        inner = node.args[0]
+        if _unit_nodes_in(inner) or _reads_reduction(plan, inner):
+            return f"{type(node).__name__}() of a value that needs another reduction is not fused yet"
     return ""
+
+
+# unit reduction -> (what each element adds, the finished value from its unit's total)
+_UNITS = {fn.unit_mean: ("{x}", "{r} / ucols.to(C_TYPE)"), fn.unit_norm: ("{x} * {x}", "tl.sqrt({r})")}
+
+
+def _unit_nodes_in(e) -> list:
+    return [n for n in sp.preorder_traversal(e) if type(n) in _UNITS]
+
+
+def _unit_nodes(plan: Plan) -> list:
+    """The distinct unit reductions (one value per output unit) the step reads, in order."""
+    out = []
+    for e in [d.expr for d in plan.steps] + [e for _, e in plan.outputs]:
+        out += [n for n in _unit_nodes_in(e) if n not in out]
+    return out
+
+
+def _reads_reduction(plan: Plan, e) -> bool:
+    """Whether e reads a whole-tensor or unit reduction, through the plan's steps."""
+    defs = {d.symbol: d.expr for d in plan.steps}
+    todo, seen = list(e.free_symbols), set()
+    while todo:
+        s = todo.pop()
+        if s in seen or s not in defs:
+            continue
+        seen.add(s)
+        if is_reduction(defs[s]) or _unit_nodes_in(defs[s]):
+            return True
+        todo += list(defs[s].free_symbols)
+    return False
 
 
 class _Stages:
@@ -84,6 +119,10 @@ def kernel_context(plan: Plan) -> dict:
     prog = plan.program
     printer = TritonPrinter()
     stages = _Stages(plan)
+    # Unit reductions (one value per output unit, broadcast back) are summed per unit by a first
+    # launch, with atomics into one accumulator per reduction, and gathered back by the others.
+    units = _unit_nodes(plan)
+    unit_of = {node: sp.Symbol(f"unit{k}_") for k, node in enumerate(units)}
 
     def body(need: set) -> list[str]:
         lines = []
@@ -96,17 +135,27 @@ def kernel_context(plan: Plan) -> dict:
                 finish = _REDUCE[fn.REDUCTIONS[type(d.expr)].name][2]
                 lines.append(f"{d.symbol} = {finish.format(r=total, n='n')}")
             else:
-                lines.append(f"{d.symbol} = {printer.doprint(d.expr)}")
+                lines.append(f"{d.symbol} = {printer.doprint(d.expr.xreplace(unit_of))}")
         return lines
 
+    gathers = [f"{unit_of[node]} = " + _UNITS[type(node)][1].format(
+        r=f"tl.load(uacc{k} + ubase + offsets // ucols.to(tl.int64), mask=mask)") for k, node in enumerate(units)]
     kernels = []
+    if units:
+        operands = [node.args[0] for node in units]
+        lines = body(stages.needed(operands))
+        for k, (node, x) in enumerate(zip(units, operands)):
+            lines.append(f"unit{k}_x = {printer.doprint(x)}")
+            value = _UNITS[type(node)][0].format(x=f"unit{k}_x")
+            lines.append(f"tl.atomic_add(uacc{k} + ubase + offsets // ucols.to(tl.int64), {value}, mask=mask)")
+        kernels.append(dict(name="units", lines=lines, stores=[], per_tensor=False))
     for s in range(1, stages.count + 1):
         mine = [r for r in stages.stage if stages.stage[r] == s]
         operands = [stages.defs[r].expr.args[0] for r in mine]
-        lines = body(stages.needed(operands))
+        lines = gathers + body(stages.needed(operands))
         for j, (r, x) in enumerate(zip(mine, operands)):
             each, combine, _ = _REDUCE[fn.REDUCTIONS[type(stages.defs[r].expr)].name]
-            lines.append(f"{r}_x = {printer.doprint(x)}")
+            lines.append(f"{r}_x = {printer.doprint(x.xreplace(unit_of))}")
             value = each.format(x=f"{r}_x")
             if combine == "add":
                 part = f"tl.sum(tl.where(mask, {value}, 0.0), axis=0)"
@@ -121,8 +170,8 @@ def kernel_context(plan: Plan) -> dict:
     changed = [(base, e) for base, e in plan.outputs if e != sp.Symbol(base)]
     main = [(b, e) for b, e in changed if b not in scalars]
     last = [(b, e) for b, e in changed if b in scalars]
-    kernels.append(dict(name="kernel", lines=body(stages.needed([e for _, e in main])),
-                        stores=[(b, printer.doprint(e)) for b, e in main], per_tensor=False))
+    kernels.append(dict(name="kernel", lines=gathers + body(stages.needed([e for _, e in main])),
+                        stores=[(b, printer.doprint(e.xreplace(unit_of))) for b, e in main], per_tensor=False))
     if last:
         kernels.append(dict(name="scalars", lines=body(stages.needed([e for _, e in last])),
                             stores=[(b, printer.doprint(e)) for b, e in last], per_tensor=True))
@@ -147,6 +196,6 @@ def kernel_context(plan: Plan) -> dict:
                                  for r in stages.stage if stages.stage[r] == s))
             for s in range(1, stages.count + 1)]
     return dict(kernels=kernels, accs=accs, states=[s.name for s in prog.states], scalar_states=sorted(scalars),
-                group_args=group_args, shape_args=shape_args, shape_codes=shape_codes,
+                group_args=group_args, shape_args=shape_args, shape_codes=shape_codes, units=len(units),
                 param_args=param_args, param_defs=param_defs,
                 cast_args=cast_args)
