@@ -66,17 +66,9 @@ def _unit_nodes(plan: Plan) -> list:
 
 def _reads_reduction(plan: Plan, e) -> bool:
     """Whether e reads a whole-tensor or unit reduction, through the plan's steps."""
-    defs = {d.symbol: d.expr for d in plan.steps}
-    todo, seen = list(e.free_symbols), set()
-    while todo:
-        s = todo.pop()
-        if s in seen or s not in defs:
-            continue
-        seen.add(s)
-        if is_reduction(defs[s]) or _unit_nodes_in(defs[s]):
-            return True
-        todo += list(defs[s].free_symbols)
-    return False
+    stages = _Stages(plan)
+    return any(is_reduction(stages.defs[s].expr) or _unit_nodes_in(stages.defs[s].expr)
+               for s in stages.needed([e]))
 
 
 class _Stages:
