@@ -232,7 +232,8 @@ TABLE: dict[str, Function] = {f.name: f for f in [
     F("mm", 2, mm, "torch.matmul({0}, {1})", "({0}) * ({1})", matrix=True),
     F("T", 1, T, "{0}.mT", "{0}", matrix=True),
     # ---- host arithmetic for periodic work ----
-    F("mod", 2, sp.Mod, "torch.remainder({0}, {1})", "math.fmod({0}, {1})"),
+    F("mod", 2, sp.Mod, "torch.remainder({0}, {1})", "math.fmod({0}, {1})",
+      triton="({0} - {1} * tl.floor({0} / {1}))"),
 ]}
 
 # Comparisons are operators in the spec, functions here: `a < b` means lt(a, b).

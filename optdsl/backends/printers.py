@@ -151,6 +151,8 @@ class TritonPrinter(HostPrinter):
         row = _BY_CLASS.get(type(e))
         if row is None:
             return super()._print_Function(e)
+        if not row.triton:  # backends.triton.unsupported() refuses such a plan before printing it
+            raise NotImplementedError(f"{row.name}() has no Triton form")
         return row.triton.format(*(self.parenthesize(a, PRECEDENCE["Mul"]) for a in e.args))
 
     def _print_Pow(self, e, rational=False):
