@@ -351,7 +351,7 @@ def _multi_tensor_adamwsoftclip(params, grads, m_list, v_list, state_steps, *, l
                 _store_rounded(stored, value)
 
 
-# ---- fused Triton path: one kernel launch per (device, dtype) group ----
+# ---- fused Triton path: one kernel launch per (device, dtype) group and stage ----
 try:
     import triton
     import triton.language as tl
@@ -366,8 +366,8 @@ _BLOCK = 1024
 _NUM_WARPS = 4
 
 
-def fused_available(params) -> str:
-    """Why the fused path cannot run on these parameters ('' when it can)."""
+def _triton_ready(params) -> str:
+    """Why Triton cannot run on these parameters ('' when it can)."""
     if triton is None:
         return "Triton is not installed"
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
@@ -376,6 +376,11 @@ def fused_available(params) -> str:
     if not all(p.is_contiguous() for p in params):
         return "the fused path needs contiguous parameters"
     return ""
+
+
+def fused_available(params) -> str:
+    """Why the fused path cannot run on these parameters ('' when it can)."""
+    return _triton_ready(params)
 
 
 def _fused_by_default(params) -> bool:
@@ -579,6 +584,16 @@ def _pointer_tables(lists, device):
     return _POINTERS[key]
 
 
+def _hyper_table(values, device):
+    """The hyperparameter scalars as a float64 device tensor, kept while they do not change."""
+    key = (device, values)
+    if key not in _HYPERS:
+        if len(_HYPERS) >= 8:  # a scheduler changes lr every step: keep only recent values
+            _HYPERS.pop(next(iter(_HYPERS)))
+        _HYPERS[key] = _upload(torch.tensor(values, dtype=torch.float64), device)
+    return _HYPERS[key]
+
+
 def _unit_table(params, device):
     """Per tensor: its first output unit among all tensors' units, and its elements per unit (the
     whole tensor is one unit when rank <= 1); and the number of units. Cached per list of shapes."""
@@ -589,16 +604,6 @@ def _unit_table(params, device):
         table = [[f, x.numel() // max(r, 1)] for f, r, x in zip(first, rows, params)]
         _BLOCK_MAPS[key] = (_upload(torch.tensor(table, dtype=torch.int64), device), sum(rows))
     return _BLOCK_MAPS[key]
-
-
-def _hyper_table(values, device):
-    """The hyperparameter scalars as a float64 device tensor, kept while they do not change."""
-    key = (device, values)
-    if key not in _HYPERS:
-        if len(_HYPERS) >= 8:  # a scheduler changes lr every step: keep only recent values
-            _HYPERS.pop(next(iter(_HYPERS)))
-        _HYPERS[key] = _upload(torch.tensor(values, dtype=torch.float64), device)
-    return _HYPERS[key]
 
 
 def _fused_adamwsoftclip(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, clip_eps):

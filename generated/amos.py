@@ -382,7 +382,7 @@ def _multi_tensor_amos(params, grads, m_list, v_list, decay_list, state_steps, *
                 _store_rounded(stored, value)
 
 
-# ---- fused Triton path: one kernel launch per (device, dtype) group ----
+# ---- fused Triton path: one kernel launch per (device, dtype) group and stage ----
 try:
     import triton
     import triton.language as tl
@@ -397,8 +397,8 @@ _BLOCK = 1024
 _NUM_WARPS = 4
 
 
-def fused_available(params) -> str:
-    """Why the fused path cannot run on these parameters ('' when it can)."""
+def _triton_ready(params) -> str:
+    """Why Triton cannot run on these parameters ('' when it can)."""
     if triton is None:
         return "Triton is not installed"
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
@@ -407,6 +407,11 @@ def fused_available(params) -> str:
     if not all(p.is_contiguous() for p in params):
         return "the fused path needs contiguous parameters"
     return ""
+
+
+def fused_available(params) -> str:
+    """Why the fused path cannot run on these parameters ('' when it can)."""
+    return _triton_ready(params)
 
 
 def _fused_by_default(params) -> bool:
@@ -691,15 +696,6 @@ def _pointer_tables(lists, device):
     return _POINTERS[key]
 
 
-def _shape_table(params, device):
-    """ndim, ncols of each parameter, as float64 on the device; cached per list of shapes."""
-    key = (device, "shapes", tuple(x.shape for x in params))
-    if key not in _BLOCK_MAPS:
-        rows = [[x.dim(), (x.shape[-1] if x.dim() >= 1 else 1)] for x in params]
-        _BLOCK_MAPS[key] = _upload(torch.tensor(rows, dtype=torch.float64), device)
-    return _BLOCK_MAPS[key]
-
-
 def _hyper_table(values, device):
     """The hyperparameter scalars as a float64 device tensor, kept while they do not change."""
     key = (device, values)
@@ -708,6 +704,15 @@ def _hyper_table(values, device):
             _HYPERS.pop(next(iter(_HYPERS)))
         _HYPERS[key] = _upload(torch.tensor(values, dtype=torch.float64), device)
     return _HYPERS[key]
+
+
+def _shape_table(params, device):
+    """ndim, ncols of each parameter, as float64 on the device; cached per list of shapes."""
+    key = (device, "shapes", tuple(x.shape for x in params))
+    if key not in _BLOCK_MAPS:
+        rows = [[x.dim(), (x.shape[-1] if x.dim() >= 1 else 1)] for x in params]
+        _BLOCK_MAPS[key] = _upload(torch.tensor(rows, dtype=torch.float64), device)
+    return _BLOCK_MAPS[key]
 
 
 def _fused_amos(params, grads, m_list, v_list, decay_list, state_steps, *, lr, beta, momentum, extra_l2, c_coef, d_coef, eps):

@@ -338,7 +338,7 @@ def _multi_tensor_cautiousadamw(params, grads, m_list, v_list, state_steps, *, l
                 _store_rounded(stored, value)
 
 
-# ---- fused Triton path: one kernel launch per (device, dtype) group ----
+# ---- fused Triton path: one kernel launch per (device, dtype) group and stage ----
 try:
     import triton
     import triton.language as tl
@@ -353,8 +353,8 @@ _BLOCK = 1024
 _NUM_WARPS = 4
 
 
-def fused_available(params) -> str:
-    """Why the fused path cannot run on these parameters ('' when it can)."""
+def _triton_ready(params) -> str:
+    """Why Triton cannot run on these parameters ('' when it can)."""
     if triton is None:
         return "Triton is not installed"
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
@@ -363,6 +363,11 @@ def fused_available(params) -> str:
     if not all(p.is_contiguous() for p in params):
         return "the fused path needs contiguous parameters"
     return ""
+
+
+def fused_available(params) -> str:
+    """Why the fused path cannot run on these parameters ('' when it can)."""
+    return _triton_ready(params)
 
 
 def _fused_by_default(params) -> bool:

@@ -365,7 +365,7 @@ def _multi_tensor_lookaheadadam(params, grads, m_list, v_list, slow_list, state_
                 _store_rounded(stored, value)
 
 
-# ---- fused Triton path: one kernel launch per (device, dtype) group ----
+# ---- fused Triton path: one kernel launch per (device, dtype) group and stage ----
 try:
     import triton
     import triton.language as tl
@@ -380,8 +380,8 @@ _BLOCK = 1024
 _NUM_WARPS = 4
 
 
-def fused_available(params) -> str:
-    """Why the fused path cannot run on these parameters ('' when it can)."""
+def _triton_ready(params) -> str:
+    """Why Triton cannot run on these parameters ('' when it can)."""
     if triton is None:
         return "Triton is not installed"
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
@@ -390,6 +390,11 @@ def fused_available(params) -> str:
     if not all(p.is_contiguous() for p in params):
         return "the fused path needs contiguous parameters"
     return ""
+
+
+def fused_available(params) -> str:
+    """Why the fused path cannot run on these parameters ('' when it can)."""
+    return _triton_ready(params)
 
 
 def _fused_by_default(params) -> bool:
@@ -461,7 +466,7 @@ if triton is not None:
         lr = tl.load(hypers + 7)
         wd = tl.load(hypers + 8)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = tl.where(() == 0.0, 1.0, 0.0)
+        c0 = tl.where(((t - k * tl.floor(t / k))) == 0.0, 1.0, 0.0)
         c1 = -lr/((1.0 - tl.exp((t) * tl.log(b1)))*tl.sqrt((1.0 / ((1.0 - tl.exp((t) * tl.log(b2)))))))
         c2 = eps/tl.sqrt((1.0 / ((1.0 - tl.exp((t) * tl.log(b2))))))
         c0 = c0.to(C_TYPE)

@@ -277,15 +277,15 @@ def sm3_0(params, grads, r_list, c_list, m_list, state_steps, *, foreach=None, f
     # Eager, tensor hyperparameters (lr=torch.tensor(1e-3), for a compiled step) are host floats.
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
-        fused = foreach is None and _fused_by_default(params)
+        fused = foreach is None and _fused_by_default_0(params)
     elif fused:
-        why = fused_available(params)
+        why = _fused_available_0(params)
         if why:
             raise RuntimeError(f"SM3(fused=True) cannot run: {why}")
     if foreach is None:
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     if fused:
-        impl = _fused_sm3
+        impl = _fused_sm3_0
     else:
         impl = _multi_tensor_sm3_0 if foreach else _single_tensor_sm3_0
     impl(params, grads, r_list, c_list, m_list, state_steps, **hypers)
@@ -419,15 +419,15 @@ def sm3_1(params, grads, v_list, m_list, state_steps, *, foreach=None, fused=Non
     # Eager, tensor hyperparameters (lr=torch.tensor(1e-3), for a compiled step) are host floats.
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
-        fused = foreach is None and _fused_by_default(params)
+        fused = foreach is None and _fused_by_default_1(params)
     elif fused:
-        why = fused_available(params)
+        why = _fused_available_1(params)
         if why:
             raise RuntimeError(f"SM3(fused=True) cannot run: {why}")
     if foreach is None:
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     if fused:
-        impl = _fused_sm3
+        impl = _fused_sm3_1
     else:
         impl = _multi_tensor_sm3_1 if foreach else _single_tensor_sm3_1
     impl(params, grads, v_list, m_list, state_steps, **hypers)
@@ -526,7 +526,7 @@ def _multi_tensor_sm3_1(params, grads, v_list, m_list, state_steps, *, lr, momen
                 _store_rounded(stored, value)
 
 
-# ---- fused Triton path: one kernel launch per (device, dtype) group ----
+# ---- fused Triton path: one kernel launch per (device, dtype) group and stage ----
 try:
     import triton
     import triton.language as tl
@@ -541,15 +541,467 @@ _BLOCK = 1024
 _NUM_WARPS = 4
 
 
+def _triton_ready(params) -> str:
+    """Why Triton cannot run on these parameters ('' when it can)."""
+    if triton is None:
+        return "Triton is not installed"
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if not all(p.is_cuda or interpreted for p in params):
+        return "the fused path runs on CUDA tensors (or under TRITON_INTERPRET=1)"
+    if not all(p.is_contiguous() for p in params):
+        return "the fused path needs contiguous parameters"
+    return ""
+
+
 def fused_available(params) -> str:
-    """Why the fused path cannot run on these parameters ('' when it can)."""
-    return "rules by parameter shape are not fused yet"
+    """Why the fused path cannot run on these parameters ('' when it can); each rule checks its own."""
+    return _triton_ready(params)
 
 
 def _fused_by_default(params) -> bool:
+    """fused=None: where the step count lives (on the device when some rule runs fused there)."""
+    return bool(params) and triton is not None and all(p.is_cuda and p.is_contiguous() for p in params)
+
+
+def _fused_available_0(params) -> str:
+    """Why the fused path cannot run on these parameters of this rule ('' when it can)."""
+    if not all(p.dim() >= 2 for p in params):  # rows and columns are the last two axes
+        return "SM3 keeps rows and columns: the fused path needs parameters of rank 2 or more"
+    return _triton_ready(params)
+
+
+def _fused_by_default_0(params) -> bool:
     """fused=None: the fused kernel where it can run on CUDA, as torch.optim prefers its own."""
-    return False
+    # one pass: this runs at every step, over every parameter
+    return bool(params) and triton is not None and all(p.is_cuda and p.is_contiguous() and p.dim() >= 2 for p in params)
 
 
-def _fused_sm3(*args, **kwargs):
-    raise RuntimeError("SM3(fused=True) cannot run: rules by parameter shape are not fused yet")
+def _fused_available_1(params) -> str:
+    """Why the fused path cannot run on these parameters of this rule ('' when it can)."""
+    return _triton_ready(params)
+
+
+def _fused_by_default_1(params) -> bool:
+    """fused=None: the fused kernel where it can run on CUDA, as torch.optim prefers its own."""
+    # one pass: this runs at every step, over every parameter
+    return bool(params) and triton is not None and all(p.is_cuda and p.is_contiguous() for p in params)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _round_to(x, TYPE: tl.constexpr):
+        """x in TYPE, rounded to nearest even (by hand for bfloat16: the interpreter truncates)."""
+        if TYPE == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return x.to(TYPE)
+
+    @triton.jit
+    def _to_state(x, TYPE: tl.constexpr, STOCHASTIC: tl.constexpr, seed, counters):
+        """x as a state is stored: bfloat16 states (state_dtype) round stochastically, up with
+        probability (x - below) / spacing, so small updates still add up; others as _round_to."""
+        if STOCHASTIC:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            # 32-bit counters: Philox's 32-bit form (64-bit offsets would select its slower 64-bit one)
+            bits = bits + (tl.randint(seed, counters.to(tl.uint32)).to(tl.uint32, bitcast=True) & 0xFFFF)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return _round_to(x, TYPE)
+
+    # ---- rule 1 (ndim == 2) ----
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _sm3_0_stage1(
+        p_ptrs, g_ptrs,  # int64 tables: one data pointer per tensor
+        r_ptrs,
+        c_ptrs,
+        m_ptrs,
+        step_ptrs,  # int64 table: each tensor's step count t (a 0-dim tensor on the device)
+        numels,  # elements per tensor
+        block_tensor, block_start,  # per program: which tensor, and where in it
+        hypers,  # [5] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
+        seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        geometry,  # int64 [tensors, 4]: rows R and columns C of the last two axes, where each axis reduction's part starts
+        axacc0,  # row_max(), one per row, of all tensors
+        axacc1,  # col_max(), one per column, of all tensors
+        P_TYPE: tl.constexpr,  # parameter dtype
+        S_TYPE: tl.constexpr,  # state dtype
+        C_TYPE: tl.constexpr,  # arithmetic dtype
+        T_TYPE: tl.constexpr,  # dtype of the step counts
+        STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        i = tl.load(block_tensor + pid)
+        n = tl.load(numels + i)
+        offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+        mask = offsets < n
+        n = n.to(C_TYPE)
+        # The tensor as [B, R, C]: each element's column, row and batch; the index of its row among
+        # all rows (where a rows state or row reduction keeps it) and of its column among all columns.
+        R_ = tl.load(geometry + i * 4)
+        C_ = tl.load(geometry + i * 4 + 1)
+        axbase0_ = tl.load(geometry + i * 4 + 2)
+        axbase1_ = tl.load(geometry + i * 4 + 3)
+        col_ = offsets % C_
+        row_ = (offsets // C_) % R_
+        mat_ = offsets // (R_ * C_)
+        rows_ = offsets // C_
+        cols_ = mat_ * C_ + col_
+        p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_TYPE))
+        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
+        r_ptr = tl.load(r_ptrs + i).to(tl.pointer_type(S_TYPE))
+        c_ptr = tl.load(c_ptrs + i).to(tl.pointer_type(S_TYPE))
+        m_ptr = tl.load(m_ptrs + i).to(tl.pointer_type(S_TYPE))
+        eps = tl.load(hypers + 0)
+        k0 = tl.load(hypers + 1)
+        k1 = tl.load(hypers + 2)
+        k2 = tl.load(hypers + 3)
+        k3 = tl.load(hypers + 4)
+        eps = eps.to(C_TYPE)
+        k0 = k0.to(C_TYPE)
+        k1 = k1.to(C_TYPE)
+        k2 = k2.to(C_TYPE)
+        k3 = k3.to(C_TYPE)
+        p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
+        g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
+        r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
+        c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
+        m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
+        x0 = tl.minimum(c, r)
+        x1 = ((g) * (g))
+        x2 = tl.where(k1 != 0, (x0 + k2 * (x1 - x0)), (x0 + x1))
+        ax0_x = x2
+        tl.atomic_max(axacc0 + axbase0_ + rows_, ax0_x, mask=mask)
+        ax1_x = x2
+        tl.atomic_max(axacc1 + axbase1_ + cols_, ax1_x, mask=mask)
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _sm3_0_kernel(
+        p_ptrs, g_ptrs,  # int64 tables: one data pointer per tensor
+        r_ptrs,
+        c_ptrs,
+        m_ptrs,
+        step_ptrs,  # int64 table: each tensor's step count t (a 0-dim tensor on the device)
+        numels,  # elements per tensor
+        block_tensor, block_start,  # per program: which tensor, and where in it
+        hypers,  # [5] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
+        seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        geometry,  # int64 [tensors, 4]: rows R and columns C of the last two axes, where each axis reduction's part starts
+        axacc0,  # row_max(), one per row, of all tensors
+        axacc1,  # col_max(), one per column, of all tensors
+        P_TYPE: tl.constexpr,  # parameter dtype
+        S_TYPE: tl.constexpr,  # state dtype
+        C_TYPE: tl.constexpr,  # arithmetic dtype
+        T_TYPE: tl.constexpr,  # dtype of the step counts
+        STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        i = tl.load(block_tensor + pid)
+        n = tl.load(numels + i)
+        offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+        mask = offsets < n
+        n = n.to(C_TYPE)
+        # The tensor as [B, R, C]: each element's column, row and batch; the index of its row among
+        # all rows (where a rows state or row reduction keeps it) and of its column among all columns.
+        R_ = tl.load(geometry + i * 4)
+        C_ = tl.load(geometry + i * 4 + 1)
+        axbase0_ = tl.load(geometry + i * 4 + 2)
+        axbase1_ = tl.load(geometry + i * 4 + 3)
+        col_ = offsets % C_
+        row_ = (offsets // C_) % R_
+        mat_ = offsets // (R_ * C_)
+        rows_ = offsets // C_
+        cols_ = mat_ * C_ + col_
+        p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_TYPE))
+        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
+        r_ptr = tl.load(r_ptrs + i).to(tl.pointer_type(S_TYPE))
+        c_ptr = tl.load(c_ptrs + i).to(tl.pointer_type(S_TYPE))
+        m_ptr = tl.load(m_ptrs + i).to(tl.pointer_type(S_TYPE))
+        eps = tl.load(hypers + 0)
+        k0 = tl.load(hypers + 1)
+        k1 = tl.load(hypers + 2)
+        k2 = tl.load(hypers + 3)
+        k3 = tl.load(hypers + 4)
+        eps = eps.to(C_TYPE)
+        k0 = k0.to(C_TYPE)
+        k1 = k1.to(C_TYPE)
+        k2 = k2.to(C_TYPE)
+        k3 = k3.to(C_TYPE)
+        p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
+        g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
+        r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
+        c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
+        m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
+        x0 = tl.minimum(c, r)
+        x1 = ((g) * (g))
+        x2 = tl.where(k1 != 0, (x0 + k2 * (x1 - x0)), (x0 + x1))
+        x3 = (m + k3 * ((g/tl.sqrt(eps + x2)) - m))
+        tl.store(p_ptr + offsets, _round_to(k0*x3 + p, P_TYPE), mask=mask)
+        tl.store(m_ptr + offsets, _to_state(x3, S_TYPE, STOCHASTIC, seed + i,
+                                                 offsets * 3 + 2), mask=mask)
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _sm3_0_reduced(
+        p_ptrs, g_ptrs,  # int64 tables: one data pointer per tensor
+        r_ptrs,
+        c_ptrs,
+        m_ptrs,
+        step_ptrs,  # int64 table: each tensor's step count t (a 0-dim tensor on the device)
+        numels,  # elements per tensor
+        block_tensor, block_start,  # per program: which tensor, and where in it
+        hypers,  # [5] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
+        seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        geometry,  # int64 [tensors, 4]: rows R and columns C of the last two axes, where each axis reduction's part starts
+        axacc0,  # row_max(), one per row, of all tensors
+        axacc1,  # col_max(), one per column, of all tensors
+        P_TYPE: tl.constexpr,  # parameter dtype
+        S_TYPE: tl.constexpr,  # state dtype
+        C_TYPE: tl.constexpr,  # arithmetic dtype
+        T_TYPE: tl.constexpr,  # dtype of the step counts
+        STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        i = tl.load(block_tensor + pid)
+        n = tl.load(numels + i)
+        offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+        mask = offsets < n
+        n = n.to(C_TYPE)
+        # The tensor as [B, R, C]: each element's column, row and batch; the index of its row among
+        # all rows (where a rows state or row reduction keeps it) and of its column among all columns.
+        R_ = tl.load(geometry + i * 4)
+        C_ = tl.load(geometry + i * 4 + 1)
+        axbase0_ = tl.load(geometry + i * 4 + 2)
+        axbase1_ = tl.load(geometry + i * 4 + 3)
+        col_ = offsets % C_
+        row_ = (offsets // C_) % R_
+        mat_ = offsets // (R_ * C_)
+        rows_ = offsets // C_
+        cols_ = mat_ * C_ + col_
+        p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_TYPE))
+        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
+        r_ptr = tl.load(r_ptrs + i).to(tl.pointer_type(S_TYPE))
+        c_ptr = tl.load(c_ptrs + i).to(tl.pointer_type(S_TYPE))
+        m_ptr = tl.load(m_ptrs + i).to(tl.pointer_type(S_TYPE))
+        eps = tl.load(hypers + 0)
+        k0 = tl.load(hypers + 1)
+        k1 = tl.load(hypers + 2)
+        k2 = tl.load(hypers + 3)
+        k3 = tl.load(hypers + 4)
+        eps = eps.to(C_TYPE)
+        k0 = k0.to(C_TYPE)
+        k1 = k1.to(C_TYPE)
+        k2 = k2.to(C_TYPE)
+        k3 = k3.to(C_TYPE)
+        p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
+        g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
+        r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
+        c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
+        m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
+        ax0_ = tl.load(axacc0 + axbase0_ + rows_, mask=mask)
+        ax1_ = tl.load(axacc1 + axbase1_ + cols_, mask=mask)
+        x4 = ax0_
+        x5 = ax1_
+        tl.store(r_ptr + rows_, _to_state(tl.where(k1 != 0, tl.maximum(r, x4), x4), S_TYPE, STOCHASTIC, seed + i,
+                                                 rows_ * 3 + 0), mask=mask & (col_ == 0))
+        tl.store(c_ptr + cols_, _to_state(tl.where(k1 != 0, tl.maximum(c, x5), x5), S_TYPE, STOCHASTIC, seed + i,
+                                                 cols_ * 3 + 1), mask=mask & (row_ == 0))
+
+    # ---- rule 2 (every other parameter) ----
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _sm3_1_kernel(
+        p_ptrs, g_ptrs,  # int64 tables: one data pointer per tensor
+        v_ptrs,
+        m_ptrs,
+        step_ptrs,  # int64 table: each tensor's step count t (a 0-dim tensor on the device)
+        numels,  # elements per tensor
+        block_tensor, block_start,  # per program: which tensor, and where in it
+        hypers,  # [5] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
+        seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        P_TYPE: tl.constexpr,  # parameter dtype
+        S_TYPE: tl.constexpr,  # state dtype
+        C_TYPE: tl.constexpr,  # arithmetic dtype
+        T_TYPE: tl.constexpr,  # dtype of the step counts
+        STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        i = tl.load(block_tensor + pid)
+        n = tl.load(numels + i)
+        offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+        mask = offsets < n
+        n = n.to(C_TYPE)
+        p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_TYPE))
+        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
+        v_ptr = tl.load(v_ptrs + i).to(tl.pointer_type(S_TYPE))
+        m_ptr = tl.load(m_ptrs + i).to(tl.pointer_type(S_TYPE))
+        eps = tl.load(hypers + 0)
+        k0 = tl.load(hypers + 1)
+        k1 = tl.load(hypers + 2)
+        k2 = tl.load(hypers + 3)
+        k3 = tl.load(hypers + 4)
+        eps = eps.to(C_TYPE)
+        k0 = k0.to(C_TYPE)
+        k1 = k1.to(C_TYPE)
+        k2 = k2.to(C_TYPE)
+        k3 = k3.to(C_TYPE)
+        p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
+        g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
+        v = tl.load(v_ptr + offsets, mask=mask).to(C_TYPE)
+        m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
+        x0 = ((g) * (g))
+        x1 = tl.where(k1 != 0, (v + k2 * (x0 - v)), (v + x0))
+        x2 = (m + k3 * ((g/tl.sqrt(eps + x1)) - m))
+        tl.store(p_ptr + offsets, _round_to(k0*x2 + p, P_TYPE), mask=mask)
+        tl.store(v_ptr + offsets, _to_state(tl.where(k1 != 0, tl.maximum(v, x1), x1), S_TYPE, STOCHASTIC, seed + i,
+                                                 offsets * 2 + 0), mask=mask)
+        tl.store(m_ptr + offsets, _to_state(x2, S_TYPE, STOCHASTIC, seed + i,
+                                                 offsets * 2 + 1), mask=mask)
+
+
+_TRITON_TYPES = {}
+_BLOCK_MAPS = {}
+_POINTERS = {}  # a few recent pointer tables, keyed by device and data pointers
+_HYPERS = {}  # a few recent hyperparameter tables, keyed by device and values
+
+
+def _triton_type(dtype):
+    if not _TRITON_TYPES:
+        _TRITON_TYPES.update({torch.float32: tl.float32, torch.float64: tl.float64,
+                              torch.bfloat16: tl.bfloat16, torch.float16: tl.float16})
+    return _TRITON_TYPES[dtype]
+
+
+def _upload(host, device):
+    """Copy a CPU tensor to `device` without stalling the host (pinned memory, non-blocking)."""
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _block_map(numels, device, block):
+    """Per-tensor sizes and, per program, (tensor index, start offset); cached per list of sizes."""
+    key = (device, block, numels)
+    if key not in _BLOCK_MAPS:
+        sizes = torch.tensor(numels, dtype=torch.int64)
+        blocks = (sizes + block - 1) // block
+        which = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), blocks)
+        first = torch.cumsum(blocks, 0) - blocks  # index of each tensor's first block
+        start = (torch.arange(int(blocks.sum()), dtype=torch.int64) - first.repeat_interleave(blocks)) * block
+        _BLOCK_MAPS[key] = tuple(_upload(x, device) for x in (sizes, which, start))
+    return _BLOCK_MAPS[key]
+
+
+def _pointer_tables(lists, device):
+    """One int64 table of data pointers per operand, kept while the tensors stay where they are."""
+    ptrs = tuple(tuple(map(torch.Tensor.data_ptr, tensors)) for tensors in lists)
+    key = (device, ptrs)
+    if key not in _POINTERS:
+        if len(_POINTERS) >= 8:  # gradients may move between steps: keep only recent tables
+            _POINTERS.pop(next(iter(_POINTERS)))
+        _POINTERS[key] = _upload(torch.tensor(ptrs, dtype=torch.int64), device)
+    return _POINTERS[key]
+
+
+def _hyper_table(values, device):
+    """The hyperparameter scalars as a float64 device tensor, kept while they do not change."""
+    key = (device, values)
+    if key not in _HYPERS:
+        if len(_HYPERS) >= 8:  # a scheduler changes lr every step: keep only recent values
+            _HYPERS.pop(next(iter(_HYPERS)))
+        _HYPERS[key] = _upload(torch.tensor(values, dtype=torch.float64), device)
+    return _HYPERS[key]
+
+
+def _geometry_0(params, device):
+    """Per tensor: rows R and columns C of its last two axes, then where its part of each axis
+    reduction's accumulator starts; and each accumulator's length. Cached per list of shapes."""
+    key = (device, "geometry_0", tuple(x.shape for x in params))
+    if key not in _BLOCK_MAPS:
+        table, totals = [], [0] * 2
+        for x in params:
+            R, C = x.shape[-2], x.shape[-1]
+            B = x.numel() // max(R * C, 1)  # matrices in the batch
+            table.append([R, C, *totals])
+            totals = [n + size for n, size in zip(totals, [B * R, B * C])]
+        _BLOCK_MAPS[key] = (_upload(torch.tensor(table, dtype=torch.int64), device), totals)
+    return _BLOCK_MAPS[key]
+
+
+def _fused_sm3_0(params, grads, r_list, c_list, m_list, state_steps, *, lr, momentum, beta, eps):
+    global LAUNCHES
+    if not params:
+        return
+    k0 = -lr
+    k1 = float(beta > 0)
+    k2 = 1 - beta
+    k3 = 1 - momentum
+    hyper_values = (float(eps), float(k0), float(k1), float(k2), float(k3), )
+    # states follow the parameters by index: they may be stored in another dtype
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
+    for (device, dtype), ((p, g, device_steps), indices) in grouped.items():
+        r = [r_list[i] for i in indices]
+        c = [c_list[i] for i in indices]
+        m = [m_list[i] for i in indices]
+        if device_steps[0].device != device:
+            raise RuntimeError("SM3(fused=True): step counts must be on the parameters' device "
+                               f"({device}), found {device_steps[0].device}")
+        torch._foreach_add_(device_steps, 1)  # one launch on the device, no sync
+        g = [x if x.is_contiguous() else x.contiguous() for x in g]  # kept alive until the launch ends
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        numels, block_tensor, block_start = _block_map(tuple(map(torch.Tensor.numel, p)), device, _BLOCK)
+        pointers = _pointer_tables([p, g, r, c, m, device_steps], device)
+        state_type = r[0].dtype
+        stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
+        seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed]
+        geometry, totals = _geometry_0(p, device)
+        args.append(geometry)
+        args.append(torch.full((max(totals[0], 1),), -math.inf, dtype=compute, device=device))  # row_max(), one per row
+        args.append(torch.full((max(totals[1], 1),), -math.inf, dtype=compute, device=device))  # col_max(), one per column
+        types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
+                     C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
+                     num_warps=_NUM_WARPS)
+        _sm3_0_stage1[(len(block_tensor),)](*args, **types)
+        _sm3_0_kernel[(len(block_tensor),)](*args, **types)
+        _sm3_0_reduced[(len(block_tensor),)](*args, **types)
+        LAUNCHES += 3
+
+
+def _fused_sm3_1(params, grads, v_list, m_list, state_steps, *, lr, momentum, beta, eps):
+    global LAUNCHES
+    if not params:
+        return
+    k0 = -lr
+    k1 = float(beta > 0)
+    k2 = 1 - beta
+    k3 = 1 - momentum
+    hyper_values = (float(eps), float(k0), float(k1), float(k2), float(k3), )
+    # states follow the parameters by index: they may be stored in another dtype
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
+    for (device, dtype), ((p, g, device_steps), indices) in grouped.items():
+        v = [v_list[i] for i in indices]
+        m = [m_list[i] for i in indices]
+        if device_steps[0].device != device:
+            raise RuntimeError("SM3(fused=True): step counts must be on the parameters' device "
+                               f"({device}), found {device_steps[0].device}")
+        torch._foreach_add_(device_steps, 1)  # one launch on the device, no sync
+        g = [x if x.is_contiguous() else x.contiguous() for x in g]  # kept alive until the launch ends
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        numels, block_tensor, block_start = _block_map(tuple(map(torch.Tensor.numel, p)), device, _BLOCK)
+        pointers = _pointer_tables([p, g, v, m, device_steps], device)
+        state_type = v[0].dtype
+        stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
+        seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed]
+        types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
+                     C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
+                     num_warps=_NUM_WARPS)
+        _sm3_1_kernel[(len(block_tensor),)](*args, **types)
+        LAUNCHES += 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import keyword
+import re
 from dataclasses import replace
 
 from . import ast, ir
@@ -27,7 +28,20 @@ RESERVED = {"params", "defaults", "foreach", "fused", "closure", "self", "state"
             "P_TYPE", "S_TYPE", "C_TYPE", "T_TYPE", "STOCHASTIC", "BLOCK", "_to_state", "_upload",
             "_pointer_tables", "_hyper_table", "_POINTERS", "_HYPERS", "_NUM_WARPS", "_fused_by_default",
             "_state_dtype", "_fused_for", "indices", "shapes", "unit_rows", "units", "ubase", "ucols",
-            "_shape_table", "_unit_table"}
+            "_shape_table", "_unit_table", "_triton_ready", "_geometry", "geometry", "totals",
+            "R_", "C_", "row_", "col_", "mat_", "rows_", "cols_"}
+
+
+class _Reserved(frozenset):
+    """The names above, and the numbered ones the kernels make (acc1, uacc0, ax0_, axbase0_, r0_x, ...)."""
+
+    _NUMBERED = re.compile(r"(acc|uacc|axacc|axbase|ax|unit)\d+(_x?)?|r\d+_x")
+
+    def __contains__(self, name) -> bool:
+        return frozenset.__contains__(self, name) or bool(self._NUMBERED.fullmatch(str(name)))
+
+
+RESERVED = _Reserved(RESERVED)
 _BINARY = {"+": "+", "-": "-", "*": "*", "/": "/", "^": "^"}
 # Names a drop-in constructor takes or uses itself (torch.optim's flags it accepts only at their
 # defaults, its own, and its locals and helpers): a spec's keyword may not take them.

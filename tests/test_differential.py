@@ -44,19 +44,34 @@ def spec(name):
     return optdsl.load(SPECS / f"{name}.opt")
 
 
-def run_pair(make_ours, make_ref, shapes, dtype, steps, seed=0, tol=None, skip=True, loss=False, feed=None):
+# With TRITON_INTERPRET=0 on a CUDA machine the fused kernels run compiled on the GPU, for every
+# case, small and large shapes; under the interpreter (CI) on CPU tensors, small shapes, fewer steps.
+ON_GPU = os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available()
+FUSED_DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+def run_pair(make_ours, make_ref, shapes, dtype, steps, seed=0, tol=None, skip=True, loss=False, feed=None,
+             fused=False):
     """Step ours (for-loop and foreach) and the reference side by side; assert after every step.
 
     skip: some parameters miss their gradient on some steps (so step counts differ per
     parameter); off for references that count steps per group. loss: step(closure) with a
     closure returning a positive, changing loss. feed: {input name: sampler(generator)}, fed to
     every parameter of all three optimizers before each step (opt.feed), as a training loop would.
+    fused: ours is one optimizer on the fused Triton path instead, make_ours(params, fused=True),
+    its parameters on FUSED_DEVICE (the GPU where the kernels run compiled).
     """
     tol = TOL[dtype] if tol is None else tol
     gen = torch.Generator().manual_seed(seed)
     init = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
-    loop, fe, ref = ([torch.nn.Parameter(x.clone()) for x in init] for _ in range(3))
-    opts = make_ours(loop, foreach=False), make_ours(fe, foreach=True), make_ref(ref)
+    ref = [torch.nn.Parameter(x.clone()) for x in init]
+    if fused:
+        sides = [[torch.nn.Parameter(x.clone().to(FUSED_DEVICE)) for x in init]]
+        opts = [make_ours(sides[0], fused=True)]
+    else:
+        sides = [[torch.nn.Parameter(x.clone()) for x in init] for _ in range(2)]
+        opts = [make_ours(sides[0], foreach=False), make_ours(sides[1], foreach=True)]
+    opts.append(make_ref(ref))
     scale = [x.abs().max().item() for x in init]
     worst = 0.0
     for step in range(steps):
@@ -64,27 +79,29 @@ def run_pair(make_ours, make_ref, shapes, dtype, steps, seed=0, tol=None, skip=T
             g = torch.randn(s, generator=gen, dtype=dtype) * 10.0 ** (i - 2)
             g = g * (torch.rand(s, generator=gen) > 0.15)  # some exact zeros
             missing = skip and ((i == 1 and step % 3 == 2) or (i == 3 and step < 2))
-            for side in (loop, fe, ref):
-                side[i].grad = None if missing else g.clone()
+            for side in sides + [ref]:
+                side[i].grad = None if missing else g.clone().to(side[i].device)
         value = torch.rand((), generator=gen, dtype=dtype).item() * 3.0 if loss else None
         for name, sample in (feed or {}).items():
             for i in range(len(shapes)):
                 fed = sample(gen)
-                for opt, side in zip(opts, (loop, fe, ref)):
+                for opt, side in zip(opts, sides + [ref]):
                     opt.feed(side[i], **{name: fed})
         for opt in opts:
             opt.step(lambda: value) if loss else opt.step()
         for i in range(len(shapes)):
-            assert torch.equal(loop[i], fe[i]), (
-                f"foreach and for-loop paths differ at step {step}, tensor {i} {tuple(shapes[i])}: "
-                f"max |diff| {(loop[i] - fe[i]).abs().max().item():.3e}")
+            if not fused:
+                loop, fe = sides[0][i], sides[1][i]
+                assert torch.equal(loop, fe), (
+                    f"foreach and for-loop paths differ at step {step}, tensor {i} {tuple(shapes[i])}: "
+                    f"max |diff| {(loop - fe).abs().max().item():.3e}")
             scale[i] = max(scale[i], ref[i].abs().max().item())
-            err = max((x - ref[i]).abs().max().item() for x in (loop[i], fe[i])) / (scale[i] + 1e-300)
-            assert err <= tol, (f"differs from reference at step {step}, tensor {i} {tuple(shapes[i])}: "
+            err = max((x[i].detach().cpu() - ref[i]).abs().max().item() for x in sides) / (scale[i] + 1e-300)
+            path = "fused" if fused else "ours"
+            assert err <= tol, (f"{path} differs from reference at step {step}, tensor {i} {tuple(shapes[i])}: "
                                 f"relative error {err:.3e} > {tol:.0e}")
             worst = max(worst, err)
     return worst
-
 
 
 # ---------------------------------------------------------------- references from the papers
@@ -244,7 +261,7 @@ def _makers(case):
     Ours = spec(name)
     if ref_cls.__module__.startswith("torch.optim"):
         ref_kw = dict(ref_kw, foreach=False)
-    return (lambda params, foreach: Ours(params, foreach=foreach, **ours_kw),
+    return (lambda params, **mode: Ours(params, **mode, **ours_kw),
             lambda params: ref_cls(params, **ref_kw))
 
 
@@ -292,10 +309,6 @@ def test_wrong_constant_is_caught():
 
 # ---------------------------------------------------------------- the fused Triton path
 
-# With TRITON_INTERPRET=0 on a CUDA machine the fused kernels run compiled on the GPU, for every
-# case, small and large shapes; under the interpreter (CI) on CPU tensors, small shapes, fewer steps.
-ON_GPU = os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available()
-FUSED_DEVICE = "cuda" if ON_GPU else "cpu"
 # float32: arithmetic in float32 against a float64 reference. bfloat16 parameters (float32 states)
 # against a float64 reference that rounds its parameters to bfloat16 after every step, as a bfloat16
 # parameter is stored: the two differ only where float32 and float64 round a value to different

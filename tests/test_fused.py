@@ -249,3 +249,28 @@ def test_a_unit_reduction_of_a_reduced_value_is_refused_clearly():
     cls = optdsl.compile("optimizer U\nhyper lr = 0.1\np -= lr * unit_mean(g - mean(g))\n")
     with pytest.raises(RuntimeError, match="unit_mean\\(\\) of a value that needs another reduction"):
         cls([torch.zeros(3, 2, device=DEVICE)], fused=True)
+
+
+@pytest.mark.parametrize("body, why", [
+    ("p -= 0.1 * row_sum(sum(g)) * g", r"row_sum\(\) of a scalar is not fused yet"),
+    ("p -= 0.1 * sum(unit_norm(g)) * g", r"sum\(\) of a value with one number per output unit"),
+    ("p -= 0.1 * unit_norm(row_mean(g)) * g", r"unit_norm\(\) of a value that needs another reduction"),
+    ("p -= 0.1 * mm(mm(g, T(g)), g)", r"mm\(\) is matrix work"),
+])
+def test_what_the_fused_path_cannot_take_it_names(body, why):
+    import optdsl
+    cls = optdsl.compile(f"optimizer Refused\n{body}\n", "refused.opt")
+    p = torch.nn.Parameter(torch.randn(3, 4, device=DEVICE))
+    with pytest.raises(RuntimeError, match=why):
+        cls([p], fused=True)
+    p.grad = torch.randn(3, 4, device=DEVICE)
+    cls([p]).step()  # fused=None takes another path
+
+
+def test_periodic_work_fuses():
+    """`every k` reads t mod k inside the kernel (a Mod once printed as nothing there)."""
+    from generated import lookahead_adam
+    fused, _ = _run(lookahead_adam.LookaheadAdam, dict(lr=1e-2, k=3), torch.float64, steps=7, fused=True)
+    ref, _ = _run(lookahead_adam.LookaheadAdam, dict(lr=1e-2, k=3), torch.float64, steps=7, foreach=True)
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -6,12 +6,15 @@ transcription of the paper's algorithm box written here (AdaLo, SMMF, soft clipp
 
 Like tests/test_differential.py, every case steps the generated optimizer on its for-loop and
 its foreach path beside the reference and checks after every step that the two paths are
-bitwise equal and both within a relative 1e-10 (float64) / 1e-5 (float32) of the reference.
+bitwise equal and both within a relative 1e-10 (float64) / 1e-5 (float32) of the reference;
+and again on its fused Triton path (under the interpreter on CPU, compiled with
+TRITON_INTERPRET=0 on a GPU), where matrix rules (Muon's) run torch's matmul.
 """
 from __future__ import annotations
 
 import functools
 import math
+import os
 import re
 import zlib
 from pathlib import Path
@@ -20,12 +23,13 @@ import pytest
 import torch
 
 import optdsl
-from test_differential import PaperRef, run_pair  # noqa: E402 - the shared checker and paper-reference loop
+from test_differential import ON_GPU, PaperRef, run_pair  # noqa: E402 - the shared checker and paper-reference loop
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 SMALL = [(1,), (7,), (13, 5), (3, 1, 4)]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 STEPS = 25
+FUSED_STEPS = 10
 
 
 @functools.lru_cache(maxsize=None)
@@ -296,7 +300,7 @@ def _makers(case):
     Ours = spec(name)
     if getattr(ref_make, "__module__", "").startswith("torch.optim"):
         ref_kw = dict(ref_kw, foreach=False)
-    return (lambda params, foreach: Ours(params, foreach=foreach, **ours_kw),
+    return (lambda params, **mode: Ours(params, **mode, **ours_kw),
             lambda params: ref_make(params, **ref_kw))
 
 
@@ -321,6 +325,23 @@ def test_matches_reference(case, dtype, request):
              **options)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_matches_reference(case, dtype, request):
+    """The same cases on the fused Triton path: rows and cols states, axis and unit reductions,
+    scalar states, rules by shape (each rule its own kernels), matrix rules through torch."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1" and not ON_GPU:
+        pytest.skip("the fused path runs under TRITON_INTERPRET=1, or compiled on a CUDA device")
+    name = CASES[case][0]
+    if dtype == torch.float64:
+        request.getfixturevalue("float64_default")
+    options = dict(OPTIONS.get(name, {}))
+    shapes = options.pop("shapes", SMALL)
+    steps = options.pop("steps", STEPS) if ON_GPU else FUSED_STEPS  # the interpreter is slow
+    run_pair(*_makers(case), shapes, dtype, steps, seed=zlib.crc32(case.encode()), fused=True, **options)
+
+
 def test_wrong_constant_is_caught(float64_default):
     """The harness catches NAdam's momentum-decay base off in the third digit."""
     text = (SPECS / "nadam.opt").read_text()
@@ -342,18 +363,55 @@ def test_scalar_state_is_one_number_per_parameter():
     assert state["mu_prod"].item() == pytest.approx(mu, rel=1e-6)
 
 
-@pytest.mark.parametrize("name, why", [
-    ("smmf", "rules by parameter shape"), ("sm3", "rules by parameter shape"),
-    ("adafactor", "rules by parameter shape"), ("muon", "rules by parameter shape"),
-    ("adafactor_momentum", "rules by parameter shape"), ("muon_clip", "rules by parameter shape"),
-])
-def test_fused_says_why_not(name, why):
-    """fused=True names the reason; fused=None takes the other paths (on CPU it would anyway)."""
-    p = torch.nn.Parameter(torch.randn(3))
-    with pytest.raises(RuntimeError, match=f"{why}.*not fused yet"):
-        spec(name)([p], fused=True)
-    module = __import__(spec(name).__module__, fromlist=["fused_available"])
-    assert re.search(why, module.fused_available([p]))
+# Launches per step on one device and dtype, (matrices' rule, other parameters' rule): stages of
+# reductions, the update, then rows/cols states written by a last launch (their old values are read
+# across blocks). Muon's matrix rule runs torch's matmul: no Triton launch.
+RULE_LAUNCHES = {"adafactor": (5, 2), "adafactor_momentum": (5, 2), "sm3": (3, 1), "smmf": (3, 1),
+                 "muon": (0, 1), "muon_clip": (0, 1)}
+# (1823, 781)-like in miniature: rows of 60 cross blocks of 1024, columns span every block
+RULE_SHAPES = [(7,), (13, 5), (40, 60), (64, 32), (3,)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", sorted(RULE_LAUNCHES))
+def test_rules_by_shape_each_fuse_their_own_kernels(name, dtype):
+    """Each rule is its own set of kernels over its own parameters; fused equals foreach, states too."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1" and not ON_GPU:
+        pytest.skip("the fused path runs under TRITON_INTERPRET=1, or compiled on a CUDA device")
+    device = "cuda" if ON_GPU else "cpu"
+    cls = spec(name)
+    module = __import__(cls.__module__, fromlist=["LAUNCHES"])
+    kw = next(kw for n, kw, *_ in CASES.values() if n == name)
+
+    def run(**mode):
+        gen = torch.Generator().manual_seed(1)
+        params = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).to(device) for s in RULE_SHAPES]
+        opt = cls(params, **kw, **mode)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype).to(device)
+            opt.step()
+        return params, opt
+
+    before = module.LAUNCHES
+    fused, fused_opt = run(fused=True)
+    assert module.LAUNCHES - before == 4 * sum(RULE_LAUNCHES[name])
+    ref, ref_opt = run(foreach=True)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+        assert fused_opt.state[a].keys() == ref_opt.state[b].keys()
+        for key, value in ref_opt.state[b].items():
+            torch.testing.assert_close(fused_opt.state[a][key], value, rtol=tol, atol=tol)
+
+
+def test_rows_and_cols_states_need_matrices_on_the_fused_path():
+    """A spec without a rule that keeps rows/cols states says, under fused=True, why a vector cannot."""
+    cls = optdsl.compile("optimizer RowsOnly\nstate r: rows\nr = lerp(r, row_mean(g^2), 0.1)\n"
+                         "p -= 0.1 * g / sqrt(r + 1)\n", "rows_only.opt")
+    with pytest.raises(RuntimeError, match="rank 2 or more"):
+        cls([torch.nn.Parameter(torch.randn(3))], fused=True)
 
 
 # ---------------------------------------------------------------- memory: optdsl info

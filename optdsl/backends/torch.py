@@ -182,6 +182,22 @@ def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]
     )
 
 
+def _fused_context(rule: dict, plan: Plan, cond: str | None, multi: bool) -> dict:
+    """What the Triton template prints for one rule: its kernels, or why it has none."""
+    suffix = rule["suffix"]
+    ctx = dict(func=rule["func"], suffix=suffix, cond=cond or "every other parameter", name=plan.program.name,
+               hypers=plan.program.hypers, uses_loss=plan.program.uses_loss, group_defs=rule["group_defs"],
+               avail_name=f"_fused_available{suffix}" if multi else "fused_available",
+               default_name=f"_fused_by_default{suffix}" if multi else "_fused_by_default",
+               unsupported=triton_backend.unsupported(plan), matrix=triton_backend.matrix_work(plan), geometry=False)
+    if multi and ctx["matrix"]:  # a rule of matrix work runs torch's code, the other rules fused
+        ctx["unsupported"] = ""
+        return ctx
+    if not ctx["unsupported"]:
+        ctx.update(triton_backend.kernel_context(plan))
+    return ctx
+
+
 def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
     """The module for a spec; `rules` holds (condition code, plan, condition as written) per rule by shape."""
     prog = plan.program
@@ -200,7 +216,7 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
             latex.append(r"&\text{for " + shown.replace("_", r"\_") + "}")
         latex += statement_math(p.program, latex=True)
     ctx = dict(contexts[0],
-        name=prog.name, fused_func=func, doc=prog.doc, filename=filename, hypers=prog.hypers,
+        name=prog.name, doc=prog.doc, filename=filename, hypers=prog.hypers,
         uses_loss=any(p.program.uses_loss for _, p, _ in rules), rules=contexts,
         rule_conds=[cond for cond, _, _ in rules] if len(rules) > 1 else [],
         inputs=[s.name for s in prog.states if s.fed],
@@ -212,10 +228,9 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
     host_code = "\n".join(e for c in contexts for _, e in c["group_defs"] + c["param_single"] if e)
     host_code += "\n".join(e for c in contexts for _, _, e, *_ in c["state_inits"] if e)
     ctx["helpers"] = [code for name, code in HOST_HELPERS.items() if f"{name}(" in host_code]
-    ctx["unsupported"] = "rules by parameter shape are not fused yet" if len(rules) > 1 else \
-        triton_backend.unsupported(plan)
-    if not ctx["unsupported"]:
-        ctx.update(triton_backend.kernel_context(plan))
+    ctx["fused_rules"] = [_fused_context(c, p, cond, len(rules) > 1) for c, (_, p, cond) in zip(contexts, rules)]
+    for c, fused in zip(contexts, ctx["fused_rules"]):  # each rule's functional asks its own
+        c.update(avail_name=fused["avail_name"], default_name=fused["default_name"])
     ctx["func"] = func
     ctx["fused_code"] = environment().get_template("triton_fused.py.j2").render(**ctx)
     return environment().get_template("torch_optimizer.py.j2").render(**ctx)

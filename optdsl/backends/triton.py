@@ -7,9 +7,14 @@ update in registers and store p and the states once. Scalars of the
 hyperparameters are a small device tensor (a scheduler never recompiles);
 scalars of `t` come from a per-tensor table, so `t` may differ inside a launch.
 
-A whole-tensor reduction splits the step into stages: each stage's kernel adds
-its blocks' partial results into a per-tensor accumulator (atomics, no host
-sync), and the next stage reads the finished value.
+A reduction splits the step into stages. A whole-tensor one (`norm`, `mean`)
+adds each block's partial result into a per-tensor accumulator; an axis one
+(`row_mean`, `col_max`) adds each element into its row's or column's slot; both
+with atomics, no host sync, and the next stage reads the finished value. Each
+tensor is seen as [B, R, C] (its last two axes, and the batch before them): a
+value with an axis reduced (a `rows` state, a row mean) lives at one index per
+row or column, and only the elements of the first column (or row) add it into a
+reduction or store it, so nothing counts twice.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from .. import ir
 from ..sym import GROUP, PARAM, Plan, is_reduction
 from .printers import TritonPrinter, TritonScalar64Printer
 
-# reduction -> (what each element adds, how blocks combine, the finished value from the total)
+# whole-tensor reduction -> (what each element adds, how blocks combine, the finished value from the total)
 _REDUCE = {
     "norm": ("{x} * {x}", "add", "tl.sqrt({r})"),
     "rms": ("{x} * {x}", "add", "tl.sqrt({r} / {n})"),
@@ -28,63 +33,70 @@ _REDUCE = {
     "mean": ("{x}", "add", "{r} / {n}"),
     "amax": ("{x}", "max", "{r}"),
 }
-
-
-def unsupported(plan: Plan) -> str:
-    """Why this plan has no fused kernels ('' when it has them)."""
-    shaped = [s.name for s in plan.program.states if s.shape not in ("full", "scalar")]
-    if shaped:
-        return f"state {shaped[0]} is not shaped like its parameter (not fused yet)"
-    for d in plan.steps + tuple(plan.outputs):
-        e = d[1] if isinstance(d, tuple) else d.expr
-        for node in sp.preorder_traversal(e):
-            row = next((f for f in fn.TABLE.values() if type(node) is f.sympy), None)
-            if row is not None and row.matrix or (row is not None and row.axis and row.axis != "unit"):
-                return f"{row.name}() is not element-wise (not fused yet)"
-    for node in _unit_nodes(plan):
-        inner = node.args[0]
-        if _unit_nodes_in(inner) or _reads_reduction(plan, inner):
-            return f"{type(node).__name__}() of a value that needs another reduction is not fused yet"
-    return ""
-
-
+# axis reduction -> how its elements combine, and whether the total is divided by their count
+_AXIS = {fn.row_sum: ("add", False), fn.row_mean: ("add", True), fn.row_max: ("max", False),
+         fn.col_sum: ("add", False), fn.col_mean: ("add", True), fn.col_max: ("max", False)}
 # unit reduction -> (what each element adds, the finished value from its unit's total)
 _UNITS = {fn.unit_mean: ("{x}", "{r} / ucols.to(C_TYPE)"), fn.unit_norm: ("{x} * {x}", "tl.sqrt({r})")}
 
-
-def _unit_nodes_in(e) -> list:
-    return [n for n in sp.preorder_traversal(e) if type(n) in _UNITS]
-
-
-def _unit_nodes(plan: Plan) -> list:
-    """The distinct unit reductions (one value per output unit) the step reads, in order."""
-    out = []
-    for e in [d.expr for d in plan.steps] + [e for _, e in plan.outputs]:
-        out += [n for n in _unit_nodes_in(e) if n not in out]
-    return out
-
-
-def _reads_reduction(plan: Plan, e) -> bool:
-    """Whether e reads a whole-tensor or unit reduction, through the plan's steps."""
-    stages = _Stages(plan)
-    return any(is_reduction(stages.defs[s].expr) or _unit_nodes_in(stages.defs[s].expr)
-               for s in stages.needed([e]))
+# A value's shape (the axes of p it reduced, as optdsl.ir says it) -> where it lives in its storage,
+# which elements of the tensor hold it once (they alone add it up or store it), and how many it has.
+ROWS, COLS, BOTH = ir.STATE_SHAPES["rows"], ir.STATE_SHAPES["cols"], frozenset({"-1", "-2"})
+_INDEX = {ir.FULL: "offsets", ROWS: "rows_", COLS: "cols_", BOTH: "mat_", ir.ALL: "0"}
+_ONCE = {ir.FULL: "mask", ROWS: "mask & (col_ == 0)", COLS: "mask & (row_ == 0)",
+         BOTH: "mask & (col_ == 0) & (row_ == 0)", ir.ALL: "mask"}  # a scalar: broadcast over p
+_COUNT = {ir.FULL: "n", ROWS: "(n / C_.to(C_TYPE))", COLS: "(n / R_.to(C_TYPE))",
+          BOTH: "(n / (R_ * C_).to(C_TYPE))", ir.ALL: "n"}
+_ROWS = {f.sympy: f for f in fn.TABLE.values() if isinstance(f.sympy, type)}
+_SIZE = {ROWS: "B * R", COLS: "B * C", BOTH: "B"}  # per tensor, in the launcher
+_WHAT = {ROWS: "one per row", COLS: "one per column", BOTH: "one per matrix"}
 
 
-class _Stages:
+def _walk_postorder(e):
+    for a in e.args:
+        yield from _walk_postorder(a)
+    yield e
+
+
+class Fusion:
+    """The plan cut into launches: reductions by stage, the values each launch needs, shapes."""
+
     def __init__(self, plan: Plan):
         self.plan = plan
-        self.defs = {d.symbol: d for d in plan.steps}
+        prog = plan.program
+        exprs = [d.expr for d in plan.steps] + [e for _, e in plan.outputs]
+        found = list(dict.fromkeys(n for e in exprs for n in _walk_postorder(e) if type(n) in _UNITS))
+        self.units = found
+        axes = list(dict.fromkeys(n for e in exprs for n in _walk_postorder(e) if type(n) in _AXIS))
+        swap = {n: sp.Symbol(f"unit{k}_") for k, n in enumerate(found)}
+        swap |= {n: sp.Symbol(f"ax{k}_") for k, n in enumerate(axes)}
+        self.swap = swap
+        self.unit_syms = [swap[n] for n in found]
+        self.unit_operands = [n.args[0].xreplace(swap) for n in found]
+        self.axes = [swap[n] for n in axes]
+        self.axis_kind = {swap[n]: type(n) for n in axes}
+        self.axis_operand = {swap[n]: n.args[0].xreplace(swap) for n in axes}
+        self.defs = {d.symbol: d.expr.xreplace(swap) for d in plan.steps}
+        self.outputs = [(b, e.xreplace(swap)) for b, e in plan.outputs]
+        self.whole = [d.symbol for d in plan.steps if is_reduction(d.expr)]
+        self.state_shape = {sp.Symbol(s.name): ir.STATE_SHAPES[s.shape] for s in prog.states}
+        self._shapes: dict = {}
         self.stage: dict[sp.Symbol, int] = {}
-        for d in plan.steps:
-            if is_reduction(d.expr):
-                below = [self.stage[r] for r in self.reductions_under(d.expr.args[0])]
-                self.stage[d.symbol] = 1 + max(below, default=0)
+        for r in self.whole + self.axes:
+            self._stage_of(r)
         self.count = max(self.stage.values(), default=0)
-        self.slot = {}  # reduction -> (stage, column)
+        self.slot = {}  # whole-tensor reduction -> (stage, column)
         for s in range(1, self.count + 1):
-            for j, r in enumerate(r for r in self.stage if self.stage[r] == s):
+            for j, r in enumerate(r for r in self.whole if self.stage[r] == s):
                 self.slot[r] = (s, j)
+
+    def operand(self, r: sp.Symbol) -> sp.Expr:
+        return self.axis_operand[r] if r in self.axis_operand else self.defs[r].args[0]
+
+    def _stage_of(self, r) -> int:
+        if r not in self.stage:
+            self.stage[r] = 1 + max((self._stage_of(x) for x in self.reductions_under(self.operand(r))), default=0)
+        return self.stage[r]
 
     def needed(self, exprs) -> set[sp.Symbol]:
         """Step symbols these expressions read, through tensor and device steps, not into reductions."""
@@ -92,81 +104,173 @@ class _Stages:
         todo = [s for e in exprs for s in e.free_symbols]
         while todo:
             s = todo.pop()
-            if s in out or s not in self.defs:
+            if s in out or (s not in self.defs and s not in self.axis_operand):
                 continue
             out.add(s)
-            if not is_reduction(self.defs[s].expr):
-                todo += list(self.defs[s].expr.free_symbols)
+            if s in self.defs and s not in self.whole:
+                todo += list(self.defs[s].free_symbols)
         return out
 
     def reductions_under(self, e) -> list[sp.Symbol]:
-        return [s for s in self.needed([e]) if is_reduction(self.defs[s].expr)]
+        return [s for s in self.needed([e]) if s in self.axis_operand or s in self.whole]
+
+    def reads_unit(self, e) -> bool:
+        return any(u in self.defs.get(s, sp.S.Zero).free_symbols or u in e.free_symbols
+                   for s in self.needed([e]) for u in self.unit_syms)
 
     def width(self, s: int) -> int:
-        return sum(1 for r in self.stage if self.stage[r] == s)
+        return sum(1 for r in self.whole if self.stage[r] == s)
+
+    def shape(self, e) -> frozenset | None:
+        """The axes of p this value reduced (optdsl.ir's shapes): ir.FULL, ROWS, ..., ir.ALL."""
+        if e in self._shapes:
+            return self._shapes[e]
+        if e in self.state_shape:
+            out = self.state_shape[e]
+        elif e in (sp.Symbol("p"), sp.Symbol("g")):
+            out = ir.FULL
+        elif e in self.unit_syms:
+            out = frozenset({"unit"})
+        elif e in self.axis_operand:
+            out = ir.result_shape(fn.TABLE[self.axis_kind[e].__name__], [self.shape(self.axis_operand[e])])
+        elif e in self.defs:
+            out = ir.ALL if e in self.whole else self.shape(self.defs[e])
+        elif e.is_Atom:
+            out = ir.ALL  # numbers, hyperparameters, t and its scalars
+        else:
+            out = ir.ALL
+            for a in e.args:
+                out = ir.join(out, self.shape(a))
+        self._shapes[e] = out
+        return out
+
+    def geometry(self) -> bool:
+        """Whether the kernels index rows and columns (axis reductions or rows/cols states)."""
+        return bool(self.axes) or any(s not in (ir.FULL, ir.ALL) for s in self.state_shape.values())
+
+
+def matrix_work(plan: Plan) -> str:
+    """The first matrix function (mm, T) the plan calls ('' when none): its rule runs torch's code."""
+    for e in [d.expr for d in plan.steps] + [e for _, e in plan.outputs]:
+        for node in sp.preorder_traversal(e):
+            row = next((f for f in fn.TABLE.values() if type(node) is f.sympy), None)
+            if row is not None and row.matrix:
+                return row.name
+    return ""
+
+
+def unsupported(plan: Plan) -> str:
+    """Why this plan has no fused kernels ('' when it has them)."""
+    if matrix_work(plan):
+        return f"{matrix_work(plan)}() is matrix work (it runs torch's matmul, not fused)"
+    for e in [d.expr for d in plan.steps + plan.param] + [e for _, e in plan.outputs]:
+        for node in sp.preorder_traversal(e):
+            row = _ROWS.get(type(node))
+            if row is not None and not row.triton and not row.reduction and not row.axis:
+                return f"{row.name}() has no Triton form yet (not fused yet)"
+    f = Fusion(plan)
+    for node, operand in zip(f.units, f.unit_operands):
+        if f.reductions_under(operand) or f.reads_unit(operand):
+            return f"{type(node).__name__}() of a value that needs another reduction is not fused yet"
+    for r in f.axes + f.whole:
+        shape = f.shape(f.operand(r))
+        name = f.axis_kind[r].__name__ if r in f.axis_kind else type(f.defs[r]).__name__
+        if shape is None or "unit" in shape:
+            return f"{name}() of a value with one number per output unit is not fused yet"
+        if r in f.axis_kind and shape == ir.ALL:
+            return f"{name}() of a scalar is not fused yet"
+    return ""
 
 
 def kernel_context(plan: Plan) -> dict:
     """What the template needs to print the kernels and their launcher."""
     prog = plan.program
     printer = TritonPrinter()
-    stages = _Stages(plan)
-    # Unit reductions (one value per output unit, broadcast back) are summed per unit by a first
-    # launch, with atomics into one accumulator per reduction, and gathered back by the others.
-    units = _unit_nodes(plan)
-    unit_of = {node: sp.Symbol(f"unit{k}_") for k, node in enumerate(units)}
+    f = Fusion(plan)
+    pr = lambda e: printer.doprint(e)  # noqa: E731
+
+    def finish_axis(k: int, r) -> str:
+        combine, divide = _AXIS[f.axis_kind[r]]
+        total = f"tl.load(axacc{k} + axbase{k}_ + {_INDEX[f.shape(r)]}, mask=mask)"
+        if not divide:
+            return total
+        axis = fn.TABLE[f.axis_kind[r].__name__].axis
+        operand = f.shape(f.operand(r))
+        count = "1" if axis in operand else {"-1": "C_", "-2": "R_"}[axis]
+        return f"{total} / {count}.to(C_TYPE)"
 
     def body(need: set) -> list[str]:
-        lines = []
+        lines = [f"{r} = {finish_axis(k, r)}" for k, r in enumerate(f.axes) if r in need]
         for d in plan.steps:
             if d.symbol not in need:
                 continue
-            if is_reduction(d.expr):
-                s, j = stages.slot[d.symbol]
-                total = f"tl.load(acc{s} + i * {stages.width(s)} + {j})"
+            if d.symbol in f.whole:
+                s, j = f.slot[d.symbol]
+                total = f"tl.load(acc{s} + i * {f.width(s)} + {j})"
                 finish = _REDUCE[fn.REDUCTIONS[type(d.expr)].name][2]
-                lines.append(f"{d.symbol} = {finish.format(r=total, n='n')}")
+                lines.append(f"{d.symbol} = {finish.format(r=total, n=_COUNT[f.shape(f.operand(d.symbol))])}")
             else:
-                lines.append(f"{d.symbol} = {printer.doprint(d.expr.xreplace(unit_of))}")
+                lines.append(f"{d.symbol} = {pr(f.defs[d.symbol])}")
         return lines
 
-    gathers = [f"{unit_of[node]} = " + _UNITS[type(node)][1].format(
-        r=f"tl.load(uacc{k} + ubase + offsets // ucols.to(tl.int64), mask=mask)") for k, node in enumerate(units)]
+    # Unit reductions (one value per output unit, broadcast back) are summed per unit by a first
+    # launch, with atomics into one accumulator per reduction, and gathered back by the others.
+    gathers = [f"{u} = " + _UNITS[type(node)][1].format(
+        r=f"tl.load(uacc{k} + ubase + offsets // ucols.to(tl.int64), mask=mask)")
+        for k, (node, u) in enumerate(zip(f.units, f.unit_syms))]
     kernels = []
-    if units:
-        operands = [node.args[0] for node in units]
-        lines = body(stages.needed(operands))
-        for k, (node, x) in enumerate(zip(units, operands)):
-            lines.append(f"unit{k}_x = {printer.doprint(x)}")
+    if f.units:
+        lines = body(f.needed(f.unit_operands))
+        for k, (node, x) in enumerate(zip(f.units, f.unit_operands)):
+            lines.append(f"unit{k}_x = {pr(x)}")
             value = _UNITS[type(node)][0].format(x=f"unit{k}_x")
             lines.append(f"tl.atomic_add(uacc{k} + ubase + offsets // ucols.to(tl.int64), {value}, mask=mask)")
         kernels.append(dict(name="units", lines=lines, stores=[], per_tensor=False))
-    for s in range(1, stages.count + 1):
-        mine = [r for r in stages.stage if stages.stage[r] == s]
-        operands = [stages.defs[r].expr.args[0] for r in mine]
-        lines = gathers + body(stages.needed(operands))
-        for j, (r, x) in enumerate(zip(mine, operands)):
-            each, combine, _ = _REDUCE[fn.REDUCTIONS[type(stages.defs[r].expr)].name]
-            lines.append(f"{r}_x = {printer.doprint(x.xreplace(unit_of))}")
-            value = each.format(x=f"{r}_x")
+    for s in range(1, f.count + 1):
+        whole = [r for r in f.whole if f.stage[r] == s]
+        axes = [(k, r) for k, r in enumerate(f.axes) if f.stage[r] == s]
+        lines = gathers + body(f.needed([f.operand(r) for r in whole] + [f.operand(r) for _, r in axes]))
+        for j, r in enumerate(whole):
+            each, combine, _ = _REDUCE[fn.REDUCTIONS[type(f.defs[r])].name]
+            lines.append(f"{r}_x = {pr(f.operand(r))}")
+            value, once = each.format(x=f"{r}_x"), _ONCE[f.shape(f.operand(r))]
             if combine == "add":
-                part = f"tl.sum(tl.where(mask, {value}, 0.0), axis=0)"
-                lines.append(f"tl.atomic_add(acc{s} + i * {stages.width(s)} + {j}, {part})")
+                part = f"tl.sum(tl.where({once}, {value}, 0.0), axis=0)"
+                lines.append(f"tl.atomic_add(acc{s} + i * {f.width(s)} + {j}, {part})")
             else:
-                part = f"tl.max(tl.where(mask, {value}, -float('inf')), axis=0)"
-                lines.append(f"tl.atomic_max(acc{s} + i * {stages.width(s)} + {j}, {part})")
+                part = f"tl.max(tl.where({once}, {value}, -float('inf')), axis=0)"
+                lines.append(f"tl.atomic_max(acc{s} + i * {f.width(s)} + {j}, {part})")
+        for k, r in axes:
+            combine, _ = _AXIS[f.axis_kind[r]]
+            operand = f.operand(r)
+            lines.append(f"{r}x = {pr(operand)}")
+            lines.append(f"tl.atomic_{combine}(axacc{k} + axbase{k}_ + {_INDEX[f.shape(r)]}, {r}x, "
+                         f"mask={_ONCE[f.shape(operand)]})")
         kernels.append(dict(name=f"stage{s}", lines=lines, stores=[], per_tensor=False))
     # Scalar states: every program reads the old value, so the new one is written afterwards, by a
     # launch with one program per tensor (a write inside the main kernel would race with its reads).
-    scalars = {s.name for s in prog.states if s.shape == "scalar"}
-    changed = [(base, e) for base, e in plan.outputs if e != sp.Symbol(base)]
-    main = [(b, e) for b, e in changed if b not in scalars]
-    last = [(b, e) for b, e in changed if b in scalars]
-    kernels.append(dict(name="kernel", lines=gathers + body(stages.needed([e for _, e in main])),
-                        stores=[(b, printer.doprint(e.xreplace(unit_of))) for b, e in main], per_tensor=False))
+    # Likewise rows and cols states: every row's (column's) elements read its old value, which may
+    # lie in other blocks; a second launch over the same blocks writes the new ones (the elements of
+    # the first column or row, which alone read them there).
+    kinds = {s.name: s.shape for s in prog.states}
+    changed = [(base, e) for base, e in f.outputs if e != sp.Symbol(base)]
+    main = [(b, e) for b, e in changed if kinds.get(b, "full") in ("full", "bool")]
+    reduced = [(b, e) for b, e in changed if kinds.get(b) in ("rows", "cols")]
+    last = [(b, e) for b, e in changed if kinds.get(b) == "scalar"]
+
+    def stores(outputs):
+        return [dict(base=b, code=pr(e), kind="p" if b == "p" else kinds[b],
+                     index=_INDEX[ir.STATE_SHAPES[kinds.get(b, "full")]],
+                     once=_ONCE[ir.STATE_SHAPES[kinds.get(b, "full")]]) for b, e in outputs]
+    kernels.append(dict(name="kernel", lines=gathers + body(f.needed([e for _, e in main])),
+                        stores=stores(main), per_tensor=False))
+    if reduced:
+        kernels.append(dict(name="reduced", lines=gathers + body(f.needed([e for _, e in reduced])),
+                            stores=stores(reduced), per_tensor=False))
     if last:
-        kernels.append(dict(name="scalars", lines=body(stages.needed([e for _, e in last])),
-                            stores=[(b, printer.doprint(e)) for b, e in last], per_tensor=True))
+        kernels.append(dict(name="scalars", lines=body(f.needed([e for _, e in last])),
+                            stores=[dict(base=b, code=pr(e), kind="scalar", index="0", once="")
+                                    for b, e in last], per_tensor=True))
 
     levels = plan.level_of()
     # Per-tensor scalars (functions of t) are computed in each program, in float64, from that
@@ -183,11 +287,18 @@ def kernel_context(plan: Plan) -> dict:
     # the parameter's shape (ndim, ncols, ...): a per-tensor table the launcher makes once per shapes
     shape_args = [n for n in ir.SHAPE_BUILTINS if sp.Symbol(n) in need]
     shape_codes = [ir.SHAPE_BUILTINS[n].replace("p.", "x.") for n in shape_args]
-    accs = [dict(name=f"acc{s}", width=stages.width(s),
-                 inits=", ".join('-math.inf' if type(stages.defs[r].expr) is fn.amax else "0.0"
-                                 for r in stages.stage if stages.stage[r] == s))
-            for s in range(1, stages.count + 1)]
-    return dict(kernels=kernels, accs=accs, states=[s.name for s in prog.states], scalar_states=sorted(scalars),
-                group_args=group_args, shape_args=shape_args, shape_codes=shape_codes, units=len(units),
-                param_args=param_args, param_defs=param_defs,
-                cast_args=cast_args)
+    accs = [dict(name=f"acc{s}", width=f.width(s), stage=s,
+                 inits=", ".join('-math.inf' if type(f.defs[r]) is fn.amax else "0.0"
+                                 for r in f.whole if f.stage[r] == s))
+            for s in range(1, f.count + 1) if f.width(s)]
+    axes = [dict(size=_SIZE[f.shape(r)], init="-math.inf" if _AXIS[f.axis_kind[r]][0] == "max" else "0.0",
+                 what=f"{f.axis_kind[r].__name__}(), {_WHAT[f.shape(r)]}") for r in f.axes]
+    states = [s.name for s in prog.states]
+    state_loads = []
+    for s in prog.states:
+        shape = ir.STATE_SHAPES[s.shape]
+        state_loads.append(dict(name=s.name, kind=s.shape, index=_INDEX[shape]))
+    return dict(kernels=kernels, accs=accs, axes=axes, geometry=f.geometry(), state_loads=state_loads,
+                states=states, group_args=group_args, shape_args=shape_args, shape_codes=shape_codes,
+                units=len(f.units), param_args=param_args, param_defs=param_defs, cast_args=cast_args,
+                float_states=[s.name for s in prog.states if s.shape != "bool"])
