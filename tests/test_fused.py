@@ -274,3 +274,17 @@ def test_periodic_work_fuses():
     ref, _ = _run(lookahead_adam.LookaheadAdam, dict(lr=1e-2, k=3), torch.float64, steps=7, foreach=True)
     for a, b in zip(fused, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_locals_named_like_the_kernels_own_names_are_renamed():
+    """A local may be called acc1 or ax0_ (the kernels' accumulators): the plan renames it."""
+    import optdsl
+    cls = optdsl.compile("optimizer Clash\nacc1 = norm(g)\nax0_ = row_mean(g)\n"
+                         "p -= 0.1 * g / (acc1 + 1) + 0.01 * ax0_\n", "clash.opt")
+    out = []
+    for mode in (dict(fused=True), dict(foreach=True)):
+        p = torch.linspace(-1, 1, 65, dtype=torch.float64, device=DEVICE).reshape(13, 5)
+        p.grad = torch.cos(p)
+        cls([p], **mode).step()
+        out.append(p)
+    torch.testing.assert_close(out[0], out[1], rtol=1e-12, atol=1e-12)
