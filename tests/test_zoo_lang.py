@@ -372,7 +372,7 @@ RULE_LAUNCHES = {"adafactor": (5, 2), "adafactor_momentum": (5, 2), "sm3": (3, 1
 RULE_SHAPES = [(7,), (13, 5), (40, 60), (64, 32), (3,)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name", sorted(RULE_LAUNCHES))
 def test_rules_by_shape_each_fuse_their_own_kernels(name, dtype):
     """Each rule is its own set of kernels over its own parameters; fused equals foreach, states too."""
@@ -398,12 +398,44 @@ def test_rules_by_shape_each_fuse_their_own_kernels(name, dtype):
     fused, fused_opt = run(fused=True)
     assert module.LAUNCHES - before == 4 * sum(RULE_LAUNCHES[name])
     ref, ref_opt = run(foreach=True)
-    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    tol = {torch.float64: 1e-12, torch.float32: 2e-6}.get(dtype, 1e-5)  # low precision: float32 states
     for a, b in zip(fused, ref):
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+        if dtype in (torch.bfloat16, torch.float16):  # the same value, or one rounding step apart
+            ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10) * (2 if ON_GPU else 1)
+            torch.testing.assert_close(a.float(), b.float(), rtol=ulp, atol=1e-6)
+            assert (a == b).float().mean() > 0.95
+        else:
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
         assert fused_opt.state[a].keys() == ref_opt.state[b].keys()
         for key, value in ref_opt.state[b].items():
-            torch.testing.assert_close(fused_opt.state[a][key], value, rtol=tol, atol=tol)
+            assert fused_opt.state[a][key].dtype == value.dtype
+            torch.testing.assert_close(fused_opt.state[a][key].to(value.device), value, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", ["adafactor", "smmf", "sm3"])
+def test_reduced_states_in_bfloat16_round_stochastically_on_the_fused_path(name):
+    """state_dtype=bfloat16: rows/cols states too are bfloat16, rounded stochastically, and the step
+    stays near the one with float32 states."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1" and not ON_GPU:
+        pytest.skip("the fused path runs under TRITON_INTERPRET=1, or compiled on a CUDA device")
+    device = "cuda" if ON_GPU else "cpu"
+    kw = next(kw for n, kw, *_ in CASES.values() if n == name)
+    out = []
+    for state_dtype in (torch.bfloat16, None):
+        gen = torch.Generator().manual_seed(2)
+        params = [torch.randn(s, generator=gen).to(device) for s in RULE_SHAPES]
+        opt = spec(name)(params, **kw, fused=True, state_dtype=state_dtype)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(device)
+            opt.step()
+        out.append((params, opt))
+    (low, low_opt), (exact, _) = out
+    kept = {v.dtype for p in low for k, v in low_opt.state[p].items() if k != "step" and v.dtype != torch.bool}
+    assert kept == {torch.bfloat16}
+    for a, b in zip(low, exact):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-2)
 
 
 def test_rows_and_cols_states_need_matrices_on_the_fused_path():
