@@ -469,9 +469,12 @@ def _block_map(numels, device, block):
     return _BLOCK_MAPS[key]
 
 
-def _pointer_tables(lists, device):
-    """One int64 table of data pointers per operand, kept while the tensors stay where they are."""
+def _pointer_tables(lists, device, cache=True):
+    """One int64 table of data pointers per operand, kept while the tensors stay where they are
+    (`cache=False`: tensors made for this step alone)."""
     ptrs = tuple(tuple(map(torch.Tensor.data_ptr, tensors)) for tensors in lists)
+    if not cache:
+        return _upload(torch.tensor(ptrs, dtype=torch.int64), device)
     key = (device, ptrs)
     if key not in _POINTERS:
         if len(_POINTERS) >= 8:  # gradients may move between steps: keep only recent tables

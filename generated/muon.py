@@ -743,7 +743,128 @@ if triton is not None:
         else:
             return _round_to(x, TYPE)
 
-    # ---- rule 1 (every other parameter) ----
+    # ---- rule 1 (ndim == 2) ----
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _muon_0_stage1(
+        p_ptrs, g_ptrs,  # int64 tables: one data pointer per tensor
+        buf_ptrs,
+        step_ptrs,  # int64 table: each tensor's step count t (a 0-dim tensor on the device)
+        numels,  # elements per tensor
+        block_tensor, block_start,  # per program: which tensor, and where in it
+        hypers,  # [9] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
+        seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        shapes,  # [tensors, 2] float64: nrows, ncols of each parameter
+        mxin0_ptrs,  # int64 table: scratch tensors for an entry of the matrix work
+        P_TYPE: tl.constexpr,  # parameter dtype
+        S_TYPE: tl.constexpr,  # state dtype
+        C_TYPE: tl.constexpr,  # arithmetic dtype
+        T_TYPE: tl.constexpr,  # dtype of the step counts
+        STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        i = tl.load(block_tensor + pid)
+        n = tl.load(numels + i)
+        offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+        mask = offsets < n
+        n = n.to(C_TYPE)
+        p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_TYPE))
+        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
+        buf_ptr = tl.load(buf_ptrs + i).to(tl.pointer_type(S_TYPE))
+        a = tl.load(hypers + 0)
+        b = tl.load(hypers + 1)
+        c = tl.load(hypers + 2)
+        eps = tl.load(hypers + 3)
+        k0 = tl.load(hypers + 4)
+        k1 = tl.load(hypers + 5)
+        lr = tl.load(hypers + 6)
+        momentum = tl.load(hypers + 7)
+        nesterov = tl.load(hypers + 8)
+        nrows = tl.load(shapes + i * 2 + 0)
+        ncols = tl.load(shapes + i * 2 + 1)
+        t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
+        c0 = -lr*tl.sqrt(tl.maximum(1.0, nrows/ncols))
+        c1 = tl.where(nrows > ncols, 1.0, 0.0)
+        a = a.to(C_TYPE)
+        b = b.to(C_TYPE)
+        c = c.to(C_TYPE)
+        c0 = c0.to(C_TYPE)
+        c1 = c1.to(C_TYPE)
+        eps = eps.to(C_TYPE)
+        k0 = k0.to(C_TYPE)
+        k1 = k1.to(C_TYPE)
+        momentum = momentum.to(C_TYPE)
+        nesterov = nesterov.to(C_TYPE)
+        p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
+        g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
+        buf = tl.load(buf_ptr + offsets, mask=mask).to(C_TYPE)
+        x0 = (buf + k1 * (g - buf))
+        x1 = tl.where(nesterov != 0, (g + momentum * (x0 - g)), x0)
+        tl.store(tl.load(mxin0_ptrs + i).to(tl.pointer_type(C_TYPE)) + offsets, x1, mask=mask)
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _muon_0_kernel(
+        p_ptrs, g_ptrs,  # int64 tables: one data pointer per tensor
+        buf_ptrs,
+        step_ptrs,  # int64 table: each tensor's step count t (a 0-dim tensor on the device)
+        numels,  # elements per tensor
+        block_tensor, block_start,  # per program: which tensor, and where in it
+        hypers,  # [9] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
+        seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        shapes,  # [tensors, 2] float64: nrows, ncols of each parameter
+        mxin0_ptrs,  # int64 table: scratch tensors for an entry of the matrix work
+        mxout0_ptrs,  # int64 table: w16 per tensor, made by the matrix work in torch
+        P_TYPE: tl.constexpr,  # parameter dtype
+        S_TYPE: tl.constexpr,  # state dtype
+        C_TYPE: tl.constexpr,  # arithmetic dtype
+        T_TYPE: tl.constexpr,  # dtype of the step counts
+        STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        i = tl.load(block_tensor + pid)
+        n = tl.load(numels + i)
+        offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+        mask = offsets < n
+        n = n.to(C_TYPE)
+        p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_TYPE))
+        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
+        buf_ptr = tl.load(buf_ptrs + i).to(tl.pointer_type(S_TYPE))
+        a = tl.load(hypers + 0)
+        b = tl.load(hypers + 1)
+        c = tl.load(hypers + 2)
+        eps = tl.load(hypers + 3)
+        k0 = tl.load(hypers + 4)
+        k1 = tl.load(hypers + 5)
+        lr = tl.load(hypers + 6)
+        momentum = tl.load(hypers + 7)
+        nesterov = tl.load(hypers + 8)
+        nrows = tl.load(shapes + i * 2 + 0)
+        ncols = tl.load(shapes + i * 2 + 1)
+        t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
+        c0 = -lr*tl.sqrt(tl.maximum(1.0, nrows/ncols))
+        c1 = tl.where(nrows > ncols, 1.0, 0.0)
+        a = a.to(C_TYPE)
+        b = b.to(C_TYPE)
+        c = c.to(C_TYPE)
+        c0 = c0.to(C_TYPE)
+        c1 = c1.to(C_TYPE)
+        eps = eps.to(C_TYPE)
+        k0 = k0.to(C_TYPE)
+        k1 = k1.to(C_TYPE)
+        momentum = momentum.to(C_TYPE)
+        nesterov = nesterov.to(C_TYPE)
+        p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
+        g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
+        buf = tl.load(buf_ptr + offsets, mask=mask).to(C_TYPE)
+        w16 = tl.load(tl.load(mxout0_ptrs + i).to(tl.pointer_type(C_TYPE)) + offsets, mask=mask)
+        x0 = (buf + k1 * (g - buf))
+        tl.store(p_ptr + offsets, _round_to(c0*w16 + k0*p, P_TYPE), mask=mask)
+        tl.store(buf_ptr + offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
+                                                 offsets * 1 + 0), mask=mask)
+
+    # ---- rule 2 (every other parameter) ----
 
     @triton.jit(do_not_specialize=["seed"])
     def _muon_1_kernel(
@@ -833,9 +954,12 @@ def _block_map(numels, device, block):
     return _BLOCK_MAPS[key]
 
 
-def _pointer_tables(lists, device):
-    """One int64 table of data pointers per operand, kept while the tensors stay where they are."""
+def _pointer_tables(lists, device, cache=True):
+    """One int64 table of data pointers per operand, kept while the tensors stay where they are
+    (`cache=False`: tensors made for this step alone)."""
     ptrs = tuple(tuple(map(torch.Tensor.data_ptr, tensors)) for tensors in lists)
+    if not cache:
+        return _upload(torch.tensor(ptrs, dtype=torch.int64), device)
     key = (device, ptrs)
     if key not in _POINTERS:
         if len(_POINTERS) >= 8:  # gradients may move between steps: keep only recent tables
@@ -854,9 +978,86 @@ def _hyper_table(values, device):
     return _HYPERS[key]
 
 
-# Rule 1 (ndim == 2) is matrix work (T()): torch's matmul (cuBLAS) does the heavy part, so
-# under fused=True its parameters take the multi-tensor path, the other rules their kernels.
-_fused_muon_0 = _multi_tensor_muon_0
+def _shape_table_0(params, device):
+    """nrows, ncols of each parameter, as float64 on the device; cached per list of shapes."""
+    key = (device, "shapes_0", tuple(x.shape for x in params))
+    if key not in _BLOCK_MAPS:
+        rows = [[(x.shape[-2] if x.dim() >= 2 else 1), (x.shape[-1] if x.dim() >= 1 else 1)] for x in params]
+        _BLOCK_MAPS[key] = _upload(torch.tensor(rows, dtype=torch.float64), device)
+    return _BLOCK_MAPS[key]
+
+
+def _matrix_muon_0(a, b, c, c1, eps, x1):
+    """Matrix work of one tensor, in torch between the kernels: returns w16."""
+    w0 = ((x1).mT if c1 else x1)
+    r0 = torch.linalg.vector_norm(w0)
+    d0 = 1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64))
+    d1 = a/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64))
+    x2 = d0*w0
+    w1 = torch.matmul(x2, (x2).mT)
+    w2 = b*w1 + c*torch.matmul(w1, w1)
+    w3 = d1*w0 + torch.matmul(w2, x2)
+    w4 = torch.matmul(w3, (w3).mT)
+    w5 = b*w4 + c*torch.matmul(w4, w4)
+    w6 = a*w3 + torch.matmul(w5, w3)
+    w7 = torch.matmul(w6, (w6).mT)
+    w8 = b*w7 + c*torch.matmul(w7, w7)
+    w9 = a*w6 + torch.matmul(w8, w6)
+    w10 = torch.matmul(w9, (w9).mT)
+    w11 = b*w10 + c*torch.matmul(w10, w10)
+    w12 = a*w9 + torch.matmul(w11, w9)
+    w13 = torch.matmul(w12, (w12).mT)
+    w14 = b*w13 + c*torch.matmul(w13, w13)
+    w15 = a*w12 + torch.matmul(w14, w12)
+    w16 = ((w15).mT if c1 else w15)
+    return (w16,)
+
+
+def _fused_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, adam_lr, b1, b2, adam_eps, adam_wd):
+    global LAUNCHES
+    if not params:
+        return
+    k0 = -lr*wd + 1
+    k1 = 1 - momentum
+    hyper_values = (float(a), float(b), float(c), float(eps), float(k0), float(k1), float(lr), float(momentum), float(nesterov), )
+    # states follow the parameters by index: they may be stored in another dtype
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
+    for (device, dtype), ((p, g, device_steps), indices) in grouped.items():
+        buf = [buf_list[i] for i in indices]
+        if device_steps[0].device != device:
+            raise RuntimeError("Muon(fused=True): step counts must be on the parameters' device "
+                               f"({device}), found {device_steps[0].device}")
+        torch._foreach_add_(device_steps, 1)  # one launch on the device, no sync
+        g = [x if x.is_contiguous() else x.contiguous() for x in g]  # kept alive until the launch ends
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        numels, block_tensor, block_start = _block_map(tuple(map(torch.Tensor.numel, p)), device, _BLOCK)
+        pointers = _pointer_tables([p, g, buf, device_steps], device)
+        state_type = buf[0].dtype
+        stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
+        seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed]
+        args.append(_shape_table_0(p, device))
+        types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
+                     C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
+                     num_warps=_NUM_WARPS)
+        # the matrix work's entries, computed by the kernels, in scratch tensors
+        mxin = [[torch.empty_like(x, dtype=compute) for x in p] for _ in range(1)]
+        args += list(_pointer_tables(mxin, device, cache=False))
+        _muon_0_stage1[(len(block_tensor),)](*args, **types)
+        # Matrix work (mm, T) in torch, tensor by tensor: cuBLAS matmuls between the launches.
+        mxout = [[] for _ in range(1)]
+        for i in range(len(p)):
+            nrows = (p[i].shape[-2] if p[i].dim() >= 2 else 1)
+            ncols = (p[i].shape[-1] if p[i].dim() >= 1 else 1)
+            c1 = float(nrows > ncols)
+            for n_, x_ in enumerate(_matrix_muon_0(a=a, b=b, c=c, c1=c1, eps=eps, x1=mxin[0][i])):
+                if x_.shape != p[i].shape:
+                    raise RuntimeError(f"Muon: matrix work gave shape {tuple(x_.shape)} "
+                                       f"for a parameter of shape {tuple(p[i].shape)}")
+                mxout[n_].append(x_.to(compute).contiguous())
+        args += list(_pointer_tables(mxout, device, cache=False))
+        _muon_0_kernel[(len(block_tensor),)](*args, **types)
+        LAUNCHES += 2
 
 
 def _fused_muon_1(params, grads, m_list, v_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, adam_lr, b1, b2, adam_eps, adam_wd):

@@ -29,13 +29,13 @@ RESERVED = {"params", "defaults", "foreach", "fused", "closure", "self", "state"
             "_pointer_tables", "_hyper_table", "_POINTERS", "_HYPERS", "_NUM_WARPS", "_fused_by_default",
             "_state_dtype", "_fused_for", "indices", "shapes", "unit_rows", "units", "ubase", "ucols",
             "_shape_table", "_unit_table", "_triton_ready", "_geometry", "geometry", "totals",
-            "R_", "C_", "row_", "col_", "mat_", "rows_", "cols_"}
+            "R_", "C_", "row_", "col_", "mat_", "rows_", "cols_", "mxin", "mxout", "n_"}
 
 
 class _Reserved(frozenset):
     """The names above, and the numbered ones the kernels make (acc1, uacc0, ax0_, axbase0_, r0_x, ...)."""
 
-    _NUMBERED = re.compile(r"(u|ax)?acc\d+|axbase\d+_|(ax|unit)\d+_x?|r\d+_x")
+    _NUMBERED = re.compile(r"(u|ax)?acc\d+|axbase\d+_|(ax|unit)\d+_x?|r\d+_x|mx(in|out)\d+_ptrs")
 
     def __contains__(self, name) -> bool:
         return frozenset.__contains__(self, name) or bool(self._NUMBERED.fullmatch(str(name)))

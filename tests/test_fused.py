@@ -255,7 +255,7 @@ def test_a_unit_reduction_of_a_reduced_value_is_refused_clearly():
     ("p -= 0.1 * row_sum(sum(g)) * g", r"row_sum\(\) of a scalar is not fused yet"),
     ("p -= 0.1 * sum(unit_norm(g)) * g", r"sum\(\) of a value with one number per output unit"),
     ("p -= 0.1 * unit_norm(row_mean(g)) * g", r"unit_norm\(\) of a value that needs another reduction"),
-    ("p -= 0.1 * mm(mm(g, T(g)), g)", r"mm\(\) is matrix work"),
+    ("w = mm(mm(g, T(g)), g) * norm(g)\np -= 0.1 * w", r"matrix work that reads a reduction \(norm\(g\)\)"),
 ])
 def test_what_the_fused_path_cannot_take_it_names(body, why):
     import optdsl
@@ -288,3 +288,25 @@ def test_locals_named_like_the_kernels_own_names_are_renamed():
         cls([p], **mode).step()
         out.append(p)
     torch.testing.assert_close(out[0], out[1], rtol=1e-12, atol=1e-12)
+
+
+def test_matrix_work_runs_in_torch_between_the_kernels():
+    """A spec with matrix work and no rules fuses too: torch's matmul, then one launch for the update;
+    with an element-wise entry, a first launch stores it for torch (Muon's momentum)."""
+    import optdsl
+    for body, launches in [("p -= 0.1 * mm(mm(g, T(g)), g)", 1),
+                           ("state m\nm = lerp(m, g, 0.1)\nx = m / (norm(m) + 1)\np -= 0.1 * mm(mm(x, T(x)), x)", 3)]:
+        cls = optdsl.compile(f"optimizer Matrix\n{body}\n", "matrix.opt")
+        module = __import__(cls.__module__, fromlist=["LAUNCHES"])
+        out = []
+        for mode in (dict(fused=True), dict(foreach=True)):
+            p = torch.linspace(-1, 1, 84, dtype=torch.float64, device=DEVICE).reshape(7, 12)
+            opt = cls([p], **mode)
+            before = module.LAUNCHES
+            for k in range(3):
+                p.grad = torch.cos(p * (k + 2))
+                opt.step()
+            out.append((p, module.LAUNCHES - before))
+        (fused, n), (ref, _) = out
+        assert n == 3 * launches
+        torch.testing.assert_close(fused, ref, rtol=1e-12, atol=1e-12)

@@ -367,7 +367,7 @@ def test_scalar_state_is_one_number_per_parameter():
 # reductions, the update, then rows/cols states written by a last launch (their old values are read
 # across blocks). Muon's matrix rule runs torch's matmul: no Triton launch.
 RULE_LAUNCHES = {"adafactor": (5, 2), "adafactor_momentum": (5, 2), "sm3": (3, 1), "smmf": (3, 1),
-                 "muon": (0, 1), "muon_clip": (0, 1)}
+                 "muon": (2, 1), "muon_clip": (2, 1)}
 # (1823, 781)-like in miniature: rows of 60 cross blocks of 1024, columns span every block
 RULE_SHAPES = [(7,), (13, 5), (40, 60), (64, 32), (3,)]
 

@@ -111,6 +111,25 @@ class DevicePrinter(HostPrinter):
         return f"torch.log1p({self._print(e.args[0])})"
 
 
+class MatrixPrinter(DevicePrinter):
+    """Matrix work that torch runs between two fused launches, one tensor at a time. A condition on
+    host scalars (`host`: the parameter's shape, t) picks a branch in Python: the branches may differ
+    in shape (x or x.mT), which torch.where cannot take."""
+
+    def __init__(self, host: set[str]):
+        super().__init__()
+        self.host = set(host)
+
+    def _print_where(self, e):
+        c, a, b = e.args
+        if all(s.name in self.host for s in c.free_symbols):
+            return f"({self._print(a)} if {HostPrinter().doprint(c)} else {self._print(b)})"
+        return f"torch.where({self._print(c)} != 0, {self._print(a)}, {self._print(b)})"
+
+    def _print_T(self, e):
+        return f"({self._print(e.args[0])}).mT"
+
+
 class CompiledPrinter(DevicePrinter):
     """Per-parameter scalars under torch.compile: 0-dim tensors wherever they read `tensors`.
 

@@ -189,9 +189,10 @@ def _fused_context(rule: dict, plan: Plan, cond: str | None, multi: bool) -> dic
                hypers=plan.program.hypers, uses_loss=plan.program.uses_loss, group_defs=rule["group_defs"],
                avail_name=f"_fused_available{suffix}" if multi else "fused_available",
                default_name=f"_fused_by_default{suffix}" if multi else "_fused_by_default",
-               unsupported=triton_backend.unsupported(plan), matrix=triton_backend.matrix_work(plan), geometry=False)
-    if multi and ctx["matrix"]:  # a rule of matrix work runs torch's code, the other rules fused
-        ctx["unsupported"] = ""
+               unsupported=triton_backend.unsupported(plan), torch_only=False, geometry=False)
+    if multi and ctx["unsupported"] and triton_backend.matrix_work(plan):
+        # matrix work the kernels cannot surround: this rule runs torch's code, the other rules fused
+        ctx.update(torch_only=True, why_torch=ctx["unsupported"], unsupported="")
         return ctx
     if not ctx["unsupported"]:
         ctx.update(triton_backend.kernel_context(plan))

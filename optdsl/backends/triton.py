@@ -22,8 +22,8 @@ import sympy as sp
 
 from .. import functions as fn
 from .. import ir
-from ..sym import GROUP, PARAM, Plan, is_reduction
-from .printers import TritonPrinter, TritonScalar64Printer
+from ..sym import DEVICE, GROUP, PARAM, Plan, is_reduction
+from .printers import HostPrinter, MatrixPrinter, TritonPrinter, TritonScalar64Printer
 
 # whole-tensor reduction -> (what each element adds, how blocks combine, the finished value from the total)
 _REDUCE = {
@@ -64,7 +64,9 @@ class Fusion:
     def __init__(self, plan: Plan):
         self.plan = plan
         prog = plan.program
-        exprs = [d.expr for d in plan.steps] + [e for _, e in plan.outputs]
+        self._split_matrix_work(plan)
+        inside = {d.symbol for d in self.section}
+        exprs = [d.expr for d in plan.steps if d.symbol not in inside] + [e for _, e in plan.outputs]
         found = list(dict.fromkeys(n for e in exprs for n in _walk_postorder(e) if type(n) in _UNITS))
         self.units = found
         axes = list(dict.fromkeys(n for e in exprs for n in _walk_postorder(e) if type(n) in _AXIS))
@@ -76,13 +78,13 @@ class Fusion:
         self.axes = [swap[n] for n in axes]
         self.axis_kind = {swap[n]: type(n) for n in axes}
         self.axis_operand = {swap[n]: n.args[0].xreplace(swap) for n in axes}
-        self.defs = {d.symbol: d.expr.xreplace(swap) for d in plan.steps}
+        self.defs = {d.symbol: d.expr.xreplace(swap) for d in plan.steps if d.symbol not in inside}
         self.outputs = [(b, e.xreplace(swap)) for b, e in plan.outputs]
-        self.whole = [d.symbol for d in plan.steps if is_reduction(d.expr)]
+        self.whole = [s for s, e in self.defs.items() if is_reduction(e)]
         self.state_shape = {sp.Symbol(s.name): ir.STATE_SHAPES[s.shape] for s in prog.states}
         self._shapes: dict = {}
         self.stage: dict[sp.Symbol, int] = {}
-        for r in self.whole + self.axes:
+        for r in self.whole + self.axes + self.exits:
             self._stage_of(r)
         self.count = max(self.stage.values(), default=0)
         self.slot = {}  # whole-tensor reduction -> (stage, column)
@@ -90,12 +92,42 @@ class Fusion:
             for j, r in enumerate(r for r in self.whole if self.stage[r] == s):
                 self.slot[r] = (s, j)
 
+    def _split_matrix_work(self, plan: Plan) -> None:
+        """The matrix section: the steps with matrix work (mm, T) and those between them. Torch runs
+        it per tensor between two launches: it reads `entries` (values of the kernels, stored for it
+        in scratch tensors, or p, g and states themselves) and gives `exits`, shaped like p."""
+        steps = {d.symbol for d in plan.steps}
+        matrix = {d.symbol for d in plan.steps if matrix_nodes(d.expr)}
+        after, before = set(matrix), set()  # steps reading matrix work; steps matrix work reads
+        for d in plan.steps:
+            if d.expr.free_symbols & after:
+                after.add(d.symbol)
+        for d in reversed(plan.steps):
+            if d.symbol in matrix or d.symbol in before:
+                before |= d.expr.free_symbols & steps
+        self.section = [d for d in plan.steps if d.symbol in matrix | (after & before)]
+        inside = {d.symbol for d in self.section}
+        read_outside = set().union(*(d.expr.free_symbols for d in plan.steps if d.symbol not in inside),
+                                   *(e.free_symbols for _, e in plan.outputs))
+        self.exits = [d.symbol for d in self.section if d.symbol in read_outside]
+        reads = set().union(*(d.expr.free_symbols for d in self.section)) - inside
+        self.entries = sorted(reads, key=str)  # values, tensors and scalars the section reads
+
     def operand(self, r: sp.Symbol) -> sp.Expr:
         return self.axis_operand[r] if r in self.axis_operand else self.defs[r].args[0]
 
+    def computed_entries(self) -> list[sp.Symbol]:
+        """The section's tensor entries that kernels compute (stored for it in scratch tensors)."""
+        return [e for e in self.entries if e in self.defs and e not in self.whole]
+
     def _stage_of(self, r) -> int:
         if r not in self.stage:
-            self.stage[r] = 1 + max((self._stage_of(x) for x in self.reductions_under(self.operand(r))), default=0)
+            if r in self.exits:  # after the kernel that computes its entries
+                under = [x for e in self.computed_entries() for x in self.reductions_under(e)]
+                self.stage[r] = 1 + max((self._stage_of(x) for x in under), default=0)
+            else:
+                under = self.reductions_under(self.operand(r))
+                self.stage[r] = 1 + max((self._stage_of(x) for x in under), default=0)
         return self.stage[r]
 
     def needed(self, exprs) -> set[sp.Symbol]:
@@ -104,7 +136,7 @@ class Fusion:
         todo = [s for e in exprs for s in e.free_symbols]
         while todo:
             s = todo.pop()
-            if s in out or (s not in self.defs and s not in self.axis_operand):
+            if s in out or (s not in self.defs and s not in self.axis_operand and s not in self.exits):
                 continue
             out.add(s)
             if s in self.defs and s not in self.whole:
@@ -112,7 +144,8 @@ class Fusion:
         return out
 
     def reductions_under(self, e) -> list[sp.Symbol]:
-        return [s for s in self.needed([e]) if s in self.axis_operand or s in self.whole]
+        """The values e reads that an earlier launch finishes (reductions, and matrix work's exits)."""
+        return [s for s in self.needed([e]) if s in self.axis_operand or s in self.whole or s in self.exits]
 
     def reads_unit(self, e) -> bool:
         return any(u in self.defs.get(s, sp.S.Zero).free_symbols or u in e.free_symbols
@@ -127,7 +160,7 @@ class Fusion:
             return self._shapes[e]
         if e in self.state_shape:
             out = self.state_shape[e]
-        elif e in (sp.Symbol("p"), sp.Symbol("g")):
+        elif e in (sp.Symbol("p"), sp.Symbol("g")) or e in self.exits:  # exits: checked when made
             out = ir.FULL
         elif e in self.unit_syms:
             out = frozenset({"unit"})
@@ -149,26 +182,33 @@ class Fusion:
         return bool(self.axes) or any(s not in (ir.FULL, ir.ALL) for s in self.state_shape.values())
 
 
+def matrix_nodes(e) -> list:
+    return [n for n in sp.preorder_traversal(e) if type(n) in (fn.mm, fn.T)]
+
+
 def matrix_work(plan: Plan) -> str:
-    """The first matrix function (mm, T) the plan calls ('' when none): its rule runs torch's code."""
+    """The first matrix function (mm, T) the plan calls ('' when none)."""
     for e in [d.expr for d in plan.steps] + [e for _, e in plan.outputs]:
-        for node in sp.preorder_traversal(e):
-            row = next((f for f in fn.TABLE.values() if type(node) is f.sympy), None)
-            if row is not None and row.matrix:
-                return row.name
+        if matrix_nodes(e):
+            return type(matrix_nodes(e)[0]).__name__
     return ""
 
 
 def unsupported(plan: Plan) -> str:
     """Why this plan has no fused kernels ('' when it has them)."""
-    if matrix_work(plan):
-        return f"{matrix_work(plan)}() is matrix work (it runs torch's matmul, not fused)"
-    for e in [d.expr for d in plan.steps + plan.param] + [e for _, e in plan.outputs]:
-        for node in sp.preorder_traversal(e):
+    f = Fusion(plan)
+    if any(matrix_nodes(e) for _, e in plan.outputs):
+        return "matrix work in an output itself is not fused yet (assign it to a local first)"
+    levels = plan.level_of()
+    steps = {d.symbol: d.expr for d in plan.steps}
+    for e in f.entries:
+        if e in f.whole or levels.get(e) == DEVICE or e in f.unit_syms or e in f.axes:
+            return f"matrix work that reads a reduction ({steps.get(e, e)}) is not fused yet"
+    for e in list(f.defs.values()) + [d.expr for d in plan.param] + [e for _, e in plan.outputs]:
+        for node in sp.preorder_traversal(e):  # (the matrix section is printed for torch)
             row = _ROWS.get(type(node))
             if row is not None and not row.triton and not row.reduction and not row.axis:
                 return f"{row.name}() has no Triton form yet (not fused yet)"
-    f = Fusion(plan)
     for node, operand in zip(f.units, f.unit_operands):
         if f.reductions_under(operand) or f.reads_unit(operand):
             return f"{type(node).__name__}() of a value that needs another reduction is not fused yet"
@@ -201,8 +241,10 @@ def kernel_context(plan: Plan) -> dict:
 
     def body(need: set) -> list[str]:
         lines = [f"{r} = {finish_axis(k, r)}" for k, r in enumerate(f.axes) if r in need]
+        lines += [f"{x} = tl.load(tl.load(mxout{k}_ptrs + i).to(tl.pointer_type(C_TYPE)) + offsets, mask=mask)"
+                  for k, x in enumerate(f.exits) if x in need]  # matrix work's result, made by torch
         for d in plan.steps:
-            if d.symbol not in need:
+            if d.symbol not in need or d.symbol not in f.defs:
                 continue
             if d.symbol in f.whole:
                 s, j = f.slot[d.symbol]
@@ -226,10 +268,19 @@ def kernel_context(plan: Plan) -> dict:
             value = _UNITS[type(node)][0].format(x=f"unit{k}_x")
             lines.append(f"tl.atomic_add(uacc{k} + ubase + offsets // ucols.to(tl.int64), {value}, mask=mask)")
         kernels.append(dict(name="units", lines=lines, stores=[], per_tensor=False))
+    entries = f.computed_entries()
+    section_stage = f.stage[f.exits[0]] if f.exits else None
     for s in range(1, f.count + 1):
         whole = [r for r in f.whole if f.stage[r] == s]
         axes = [(k, r) for k, r in enumerate(f.axes) if f.stage[r] == s]
-        lines = gathers + body(f.needed([f.operand(r) for r in whole] + [f.operand(r) for _, r in axes]))
+        stored = entries if s == section_stage else []  # the matrix section's entries, for torch
+        operands = [f.operand(r) for r in whole] + [f.operand(r) for _, r in axes] + stored
+        if s == section_stage and not operands:  # torch reads p, g and states themselves
+            kernels.append(dict(name="matrix", torch=True))
+            continue
+        lines = gathers + body(f.needed(operands))
+        for k, x in enumerate(stored):
+            lines.append(f"tl.store(tl.load(mxin{k}_ptrs + i).to(tl.pointer_type(C_TYPE)) + offsets, {x}, mask=mask)")
         for j, r in enumerate(whole):
             each, combine, _ = _REDUCE[fn.REDUCTIONS[type(f.defs[r])].name]
             lines.append(f"{r}_x = {pr(f.operand(r))}")
@@ -247,6 +298,8 @@ def kernel_context(plan: Plan) -> dict:
             lines.append(f"tl.atomic_{combine}(axacc{k} + axbase{k}_ + {_INDEX[f.shape(r)]}, {r}x, "
                          f"mask={_ONCE[f.shape(operand)]})")
         kernels.append(dict(name=f"stage{s}", lines=lines, stores=[], per_tensor=False))
+        if s == section_stage:
+            kernels.append(dict(name="matrix", torch=True))
     # Scalar states: every program reads the old value, so the new one is written afterwards, by a
     # launch with one program per tensor (a write inside the main kernel would race with its reads).
     # Likewise rows and cols states: every row's (column's) elements read its old value, which may
@@ -272,7 +325,13 @@ def kernel_context(plan: Plan) -> dict:
                             stores=[dict(base=b, code=pr(e), kind="scalar", index="0", once="")
                                     for b, e in last], per_tensor=True))
 
+    after = False  # kernels after the matrix section read its exits
+    for k in kernels:
+        k.setdefault("torch", False)
+        k["after_matrix"] = after
+        after = after or k["torch"]
     levels = plan.level_of()
+    matrix = _matrix_context(plan, f, levels) if f.section else None
     # Per-tensor scalars (functions of t) are computed in each program, in float64, from that
     # tensor's step count read on the device: no host sync, and t may differ inside a launch.
     need = set().union(*(d.expr.free_symbols for d in plan.steps), *(e.free_symbols for _, e in plan.outputs))
@@ -298,7 +357,38 @@ def kernel_context(plan: Plan) -> dict:
     for s in prog.states:
         shape = ir.STATE_SHAPES[s.shape]
         state_loads.append(dict(name=s.name, kind=s.shape, index=_INDEX[shape]))
-    return dict(kernels=kernels, accs=accs, axes=axes, geometry=f.geometry(), state_loads=state_loads,
+    return dict(kernels=kernels, accs=accs, matrix=matrix, mxin=len(entries), axes=axes, geometry=f.geometry(), state_loads=state_loads,
                 states=states, group_args=group_args, shape_args=shape_args, shape_codes=shape_codes,
                 units=len(f.units), param_args=param_args, param_defs=param_defs, cast_args=cast_args,
                 float_states=[s.name for s in prog.states if s.shape != "bool"])
+
+
+def _matrix_context(plan: Plan, f: Fusion, levels: dict) -> dict:
+    """The matrix section as torch code: a function of one tensor's entries, and the launcher's
+    per-tensor lines that compute its host scalars (the parameter's shape, t) and call it."""
+    host = {str(s) for s, level in levels.items() if level in (GROUP, PARAM)}
+    printer = MatrixPrinter(host)
+    body = [f"{d.symbol} = {printer.doprint(d.expr)}" for d in f.section]
+    # the per-tensor host scalars it reads, and what they read in turn
+    need = {e for e in f.entries if levels.get(e) == PARAM}
+    params = []
+    for d in reversed(plan.param):
+        if d.symbol in need:
+            params.insert(0, f"{d.symbol} = {HostPrinter().doprint(d.expr)}")
+            need |= d.expr.free_symbols
+    per_tensor = [f"{n} = {code.replace('p.', 'p[i].')}" for n, code in ir.SHAPE_BUILTINS.items()
+                  if sp.Symbol(n) in need]
+    if sp.Symbol("t") in need:
+        per_tensor.append("t = device_steps[i].item()  # a sync per tensor, as on the foreach path")
+    computed = f.computed_entries()
+    tensors = {str(s) for s in plan.inputs}
+    call = []
+    for e in map(str, f.entries):
+        if e in tensors:
+            call.append(f"{e}={e}[i].to(compute)")
+        elif sp.Symbol(e) in computed:
+            call.append(f"{e}=mxin[{computed.index(sp.Symbol(e))}][i]")
+        else:
+            call.append(f"{e}={e}")
+    return dict(args=[str(e) for e in f.entries], body=body, exits=[str(x) for x in f.exits],
+                per_tensor=per_tensor + params, call=", ".join(call))
