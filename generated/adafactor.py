@@ -1028,6 +1028,8 @@ if triton is not None:
         tl.atomic_add(acc1 + i * 2 + 0, tl.sum(tl.where(mask, r1_x * r1_x, 0.0), axis=0))
         r0_x = x1
         tl.atomic_add(acc1 + i * 2 + 1, tl.sum(tl.where(mask, r0_x * r0_x, 0.0), axis=0))
+        tl.store(v_ptr + offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
+                                                 offsets * 1 + 0), mask=mask)
 
     @triton.jit(do_not_specialize=["seed"])
     def _adafactor_1_kernel(
@@ -1074,13 +1076,11 @@ if triton is not None:
         g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
         v = tl.load(v_ptr + offsets, mask=mask).to(C_TYPE)
         r1 = tl.sqrt(tl.load(acc1 + i * 2 + 0) / n)
-        x0 = (v + c0 * (((g) * (g)) - v))
+        x0 = v  # stored by an earlier launch
         x1 = g/tl.sqrt(tl.maximum(k2, x0))
         r0 = tl.sqrt(tl.load(acc1 + i * 2 + 1) / n)
         d0 = -c1*tl.maximum(eps2, r1)/tl.maximum(1.0, k1*r0)
         tl.store(p_ptr + offsets, _round_to(d0*x1 + k0*p, P_TYPE), mask=mask)
-        tl.store(v_ptr + offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
-                                                 offsets * 1 + 0), mask=mask)
 
 
 _TRITON_TYPES = {}

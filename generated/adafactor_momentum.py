@@ -1108,6 +1108,8 @@ if triton is not None:
         tl.atomic_add(acc1 + i * 2 + 0, tl.sum(tl.where(mask, r0_x * r0_x, 0.0), axis=0))
         r1_x = x1
         tl.atomic_add(acc1 + i * 2 + 1, tl.sum(tl.where(mask, r1_x * r1_x, 0.0), axis=0))
+        tl.store(v_ptr + offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
+                                                 offsets * 2 + 0), mask=mask)
 
     @triton.jit(do_not_specialize=["seed"])
     def _adafactorm_1_kernel(
@@ -1160,14 +1162,12 @@ if triton is not None:
         m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
         r0 = tl.sqrt(tl.load(acc1 + i * 2 + 0) / n)
         d0 = -c0*tl.maximum(eps2, r0)
-        x0 = (v + c1 * (((g) * (g)) - v))
+        x0 = v  # stored by an earlier launch
         x1 = g/tl.sqrt(tl.maximum(k2, x0))
         r1 = tl.sqrt(tl.load(acc1 + i * 2 + 1) / n)
         d1 = (1.0 / ((tl.maximum(1.0, k1*r1))))
         x2 = (m + k3 * ((d1*x1) - m))
         tl.store(p_ptr + offsets, _round_to(d0*x2 + k0*p, P_TYPE), mask=mask)
-        tl.store(v_ptr + offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
-                                                 offsets * 2 + 0), mask=mask)
         tl.store(m_ptr + offsets, _to_state(x2, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 2 + 1), mask=mask)
 

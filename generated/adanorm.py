@@ -456,8 +456,11 @@ if triton is not None:
         m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
         v = tl.load(v_ptr + offsets, mask=mask).to(C_TYPE)
         gn_avg = tl.load(gn_avg_ptr).to(C_TYPE)  # one number per tensor
+        x0 = (v + k1 * (((g) * (g)) - v))
         r0_x = g
         tl.atomic_add(acc1 + i * 1 + 0, tl.sum(tl.where(mask, r0_x * r0_x, 0.0), axis=0))
+        tl.store(v_ptr + offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
+                                                 offsets * 3 + 1), mask=mask)
 
     @triton.jit(do_not_specialize=["seed"])
     def _adanorm_kernel(
@@ -512,13 +515,11 @@ if triton is not None:
         gn_avg = tl.load(gn_avg_ptr).to(C_TYPE)  # one number per tensor
         r0 = tl.sqrt(tl.load(acc1 + i * 1 + 0))
         d0 = tl.where(tl.where(r0 > 0.0, 1.0, 0.0) != 0, tl.where(tl.where((gn_avg + k2 * (r0 - gn_avg)) > r0, 1.0, 0.0) != 0, ((gn_avg + k2 * (r0 - gn_avg))/r0), 1.0), 1.0)
-        x0 = (v + k1 * (((g) * (g)) - v))
+        x0 = v  # stored by an earlier launch
         x1 = (m + k3 * ((d0*g) - m))
         tl.store(p_ptr + offsets, _round_to(c0*x1/(eps + tl.sqrt(x0)) + k0*p, P_TYPE), mask=mask)
         tl.store(m_ptr + offsets, _to_state(x1, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 3 + 0), mask=mask)
-        tl.store(v_ptr + offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
-                                                 offsets * 3 + 1), mask=mask)
 
     @triton.jit(do_not_specialize=["seed"])
     def _adanorm_scalars(

@@ -451,6 +451,10 @@ if triton is not None:
         tl.atomic_add(acc1 + i * 2 + 0, tl.sum(tl.where(mask, r0_x * r0_x, 0.0), axis=0))
         r1_x = x2
         tl.atomic_add(acc1 + i * 2 + 1, tl.sum(tl.where(mask, r1_x * r1_x, 0.0), axis=0))
+        tl.store(m_ptr + offsets, _to_state(x1, S_TYPE, STOCHASTIC, seed + i,
+                                                 offsets * 2 + 0), mask=mask)
+        tl.store(v_ptr + offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
+                                                 offsets * 2 + 1), mask=mask)
 
     @triton.jit(do_not_specialize=["seed"])
     def _lamb_kernel(
@@ -503,16 +507,12 @@ if triton is not None:
         m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
         v = tl.load(v_ptr + offsets, mask=mask).to(C_TYPE)
         r0 = tl.sqrt(tl.load(acc1 + i * 2 + 0))
-        x0 = (v + k0 * (((g) * (g)) - v))
-        x1 = (m + k1 * (g - m))
+        x0 = v  # stored by an earlier launch
+        x1 = m  # stored by an earlier launch
         x2 = c0*x1/(c1 + tl.sqrt(x0)) + p*wd
         r1 = tl.sqrt(tl.load(acc1 + i * 2 + 1))
         d0 = -lr*tl.where(tl.where((r1*tl.minimum(max_w, r0)) > 0.0, 1.0, 0.0) != 0, (tl.minimum(max_w, r0)/r1), 1.0)
         tl.store(p_ptr + offsets, _round_to(d0*x2 + p, P_TYPE), mask=mask)
-        tl.store(m_ptr + offsets, _to_state(x1, S_TYPE, STOCHASTIC, seed + i,
-                                                 offsets * 2 + 0), mask=mask)
-        tl.store(v_ptr + offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
-                                                 offsets * 2 + 1), mask=mask)
 
 
 _TRITON_TYPES = {}

@@ -802,6 +802,8 @@ if triton is not None:
         x0 = (buf + k1 * (g - buf))
         x1 = tl.where(nesterov != 0, (g + momentum * (x0 - g)), x0)
         tl.store(tl.load(mxin0_ptrs + i).to(tl.pointer_type(C_TYPE)) + offsets, x1, mask=mask)
+        tl.store(buf_ptr + offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
+                                                 offsets * 1 + 0), mask=mask)
 
     @triton.jit(do_not_specialize=["seed"])
     def _muon_0_kernel(
@@ -859,10 +861,7 @@ if triton is not None:
         g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
         buf = tl.load(buf_ptr + offsets, mask=mask).to(C_TYPE)
         w16 = tl.load(tl.load(mxout0_ptrs + i).to(tl.pointer_type(C_TYPE)) + offsets, mask=mask)
-        x0 = (buf + k1 * (g - buf))
         tl.store(p_ptr + offsets, _round_to(c0*w16 + k0*p, P_TYPE), mask=mask)
-        tl.store(buf_ptr + offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
-                                                 offsets * 1 + 0), mask=mask)
 
     # ---- rule 2 (every other parameter) ----
 

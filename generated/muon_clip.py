@@ -858,6 +858,8 @@ if triton is not None:
         x0 = (buf + k2 * (g - buf))
         x1 = tl.where(nesterov != 0, (g + momentum * (x0 - g)), x0)
         tl.store(tl.load(mxin0_ptrs + i).to(tl.pointer_type(C_TYPE)) + offsets, x1, mask=mask)
+        tl.store(buf_ptr + offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
+                                                 offsets * 2 + 0), mask=mask)
 
     @triton.jit(do_not_specialize=["seed"])
     def _muonclip_0_kernel(
@@ -923,10 +925,7 @@ if triton is not None:
         max_logit = tl.load(max_logit_ptr).to(C_TYPE)  # one number per tensor
         w16 = tl.load(tl.load(mxout0_ptrs + i).to(tl.pointer_type(C_TYPE)) + offsets, mask=mask)
         d0 = k0*tl.sqrt((1.0 / ((tl.maximum(max_logit, tau)))))
-        x0 = (buf + k2 * (g - buf))
         tl.store(p_ptr + offsets, _round_to(d0*(c0*w16 + k1*p), P_TYPE), mask=mask)
-        tl.store(buf_ptr + offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
-                                                 offsets * 2 + 0), mask=mask)
 
     # ---- rule 2 (every other parameter) ----
 

@@ -386,6 +386,8 @@ if triton is not None:
         x0 = (m + k0 * ((g + p*wd) - m))
         r0_x = c0*x0
         tl.atomic_add(acc1 + i * 1 + 0, tl.sum(tl.where(mask, r0_x * r0_x, 0.0), axis=0))
+        tl.store(m_ptr + offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
+                                                 offsets * 1 + 0), mask=mask)
 
     @triton.jit(do_not_specialize=["seed"])
     def _nsgda_kernel(
@@ -428,12 +430,10 @@ if triton is not None:
         p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
         g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
         m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
-        x0 = (m + k0 * ((g + p*wd) - m))
+        x0 = m  # stored by an earlier launch
         r0 = tl.sqrt(tl.load(acc1 + i * 1 + 0))
         d0 = -c0*lr/(eps + r0)
         tl.store(p_ptr + offsets, _round_to(d0*x0 + p, P_TYPE), mask=mask)
-        tl.store(m_ptr + offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
-                                                 offsets * 1 + 0), mask=mask)
 
 
 _TRITON_TYPES = {}

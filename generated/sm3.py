@@ -674,10 +674,13 @@ if triton is not None:
         x0 = tl.minimum(c, r)
         x1 = ((g) * (g))
         x2 = tl.where(k1 != 0, (x0 + k2 * (x1 - x0)), (x0 + x1))
+        x3 = (m + k3 * ((g/tl.sqrt(eps + x2)) - m))
         ax0_x = x2
         tl.atomic_max(axacc0 + axbase0_ + rows_, ax0_x, mask=mask)
         ax1_x = x2
         tl.atomic_max(axacc1 + axbase1_ + cols_, ax1_x, mask=mask)
+        tl.store(m_ptr + offsets, _to_state(x3, S_TYPE, STOCHASTIC, seed + i,
+                                                 offsets * 3 + 2), mask=mask)
 
     @triton.jit(do_not_specialize=["seed"])
     def _sm3_0_kernel(
@@ -737,13 +740,8 @@ if triton is not None:
         r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
         c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
         m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
-        x0 = tl.minimum(c, r)
-        x1 = ((g) * (g))
-        x2 = tl.where(k1 != 0, (x0 + k2 * (x1 - x0)), (x0 + x1))
-        x3 = (m + k3 * ((g/tl.sqrt(eps + x2)) - m))
+        x3 = m  # stored by an earlier launch
         tl.store(p_ptr + offsets, _round_to(k0*x3 + p, P_TYPE), mask=mask)
-        tl.store(m_ptr + offsets, _to_state(x3, S_TYPE, STOCHASTIC, seed + i,
-                                                 offsets * 3 + 2), mask=mask)
 
     @triton.jit(do_not_specialize=["seed"])
     def _sm3_0_reduced(

@@ -310,3 +310,54 @@ def test_matrix_work_runs_in_torch_between_the_kernels():
         (fused, n), (ref, _) = out
         assert n == 3 * launches
         torch.testing.assert_close(fused, ref, rtol=1e-12, atol=1e-12)
+
+
+def _stores_by_launch(name, rule=0):
+    from optdsl.backends.triton import kernel_context
+    from optdsl.pipeline import compile_source
+    from pathlib import Path
+    compiled = compile_source((Path(__file__).parent.parent / "specs" / f"{name}.opt").read_text())
+    plan = compiled.rules[rule][2] if compiled.rules else compiled.plan
+    return {k["name"]: {s["base"] for s in k.get("stores", [])} for k in kernel_context(plan)["kernels"]}
+
+
+def test_a_state_is_stored_by_the_first_launch_that_has_its_new_value():
+    """LAMB's moments are final in its first launch: stored there, loaded by the second (40 bytes
+    per element, not 44); SMMF's sign waits, as the update still reads the old one."""
+    assert _stores_by_launch("lamb") == {"stage1": {"m", "v"}, "kernel": {"p"}}
+    assert _stores_by_launch("muon") == {"stage1": {"buf"}, "matrix": set(), "kernel": {"p"}}
+    assert _stores_by_launch("smmf") == {"stage1": set(), "kernel": {"p", "positive"},
+                                         "reduced": {"rm", "cm", "rv", "cv"}}
+
+
+def test_lamb_second_launch_reads_no_gradient(monkeypatch):
+    """Zeroing the gradients between LAMB's two launches changes nothing: the second reads the
+    moments the first stored. (Zeroing them before the first launch changes everything.)"""
+    from generated import lamb
+
+    def run(zero_before=None):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=gen, dtype=torch.float64).to(DEVICE) for s in SHAPES]
+        opt = lamb.LAMB(params, wd=0.1, fused=True)
+
+        class ZeroGrads:  # the kernel `zero_before`, launched after zeroing every gradient
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    for p in params:
+                        p.grad.zero_()
+                    return getattr(lamb, "_real_" + zero_before)[grid](*args, **kwargs)
+                return launch
+        if zero_before:
+            monkeypatch.setattr(lamb, "_real_" + zero_before, getattr(lamb, zero_before), raising=False)
+            monkeypatch.setattr(lamb, zero_before, ZeroGrads())
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+            opt.step()
+        monkeypatch.undo()
+        return params
+
+    plain, late, early = run(), run("_lamb_kernel"), run("_lamb_stage1")
+    for a, b in zip(plain, late):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not all(torch.equal(a, b) for a, b in zip(plain, early))

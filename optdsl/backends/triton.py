@@ -130,8 +130,9 @@ class Fusion:
                 self.stage[r] = 1 + max((self._stage_of(x) for x in under), default=0)
         return self.stage[r]
 
-    def needed(self, exprs) -> set[sp.Symbol]:
-        """Step symbols these expressions read, through tensor and device steps, not into reductions."""
+    def needed(self, exprs, stop=()) -> set[sp.Symbol]:
+        """Step symbols these expressions read, through tensor and device steps, not into reductions
+        (nor into `stop`: values a launch loads instead of computing)."""
         out: set[sp.Symbol] = set()
         todo = [s for e in exprs for s in e.free_symbols]
         while todo:
@@ -139,9 +140,16 @@ class Fusion:
             if s in out or (s not in self.defs and s not in self.axis_operand and s not in self.exits):
                 continue
             out.add(s)
-            if s in self.defs and s not in self.whole:
+            if s in self.defs and s not in self.whole and s not in stop:
                 todo += list(self.defs[s].free_symbols)
         return out
+
+    def reads(self, exprs, stop=()) -> set[sp.Symbol]:
+        """Every symbol these expressions read (inputs such as a state's old value included)."""
+        need = self.needed(exprs, stop)
+        return set().union(*(e.free_symbols for e in exprs),
+                           *(self.defs[s].free_symbols for s in need
+                             if s in self.defs and s not in self.whole and s not in stop))
 
     def reductions_under(self, e) -> list[sp.Symbol]:
         """The values e reads that an earlier launch finishes (reductions, and matrix work's exits)."""
@@ -239,14 +247,19 @@ def kernel_context(plan: Plan) -> dict:
         count = "1" if axis in operand else {"-1": "C_", "-2": "R_"}[axis]
         return f"{total} / {count}.to(C_TYPE)"
 
-    def body(need: set) -> list[str]:
+    def body(exprs, known=None) -> list[str]:
+        """The lines that compute `exprs`; `known`: step values stored already, loaded as that state."""
+        known = known or {}
+        need = f.needed(exprs, known)
         lines = [f"{r} = {finish_axis(k, r)}" for k, r in enumerate(f.axes) if r in need]
         lines += [f"{x} = tl.load(tl.load(mxout{k}_ptrs + i).to(tl.pointer_type(C_TYPE)) + offsets, mask=mask)"
                   for k, x in enumerate(f.exits) if x in need]  # matrix work's result, made by torch
         for d in plan.steps:
             if d.symbol not in need or d.symbol not in f.defs:
                 continue
-            if d.symbol in f.whole:
+            if d.symbol in known:
+                lines.append(f"{d.symbol} = {known[d.symbol]}  # stored by an earlier launch")
+            elif d.symbol in f.whole:
                 s, j = f.slot[d.symbol]
                 total = f"tl.load(acc{s} + i * {f.width(s)} + {j})"
                 finish = _REDUCE[fn.REDUCTIONS[type(d.expr)].name][2]
@@ -262,23 +275,43 @@ def kernel_context(plan: Plan) -> dict:
         for k, (node, u) in enumerate(zip(f.units, f.unit_syms))]
     kernels = []
     if f.units:
-        lines = body(f.needed(f.unit_operands))
+        lines = body(f.unit_operands)
         for k, (node, x) in enumerate(zip(f.units, f.unit_operands)):
             lines.append(f"unit{k}_x = {pr(x)}")
             value = _UNITS[type(node)][0].format(x=f"unit{k}_x")
             lines.append(f"tl.atomic_add(uacc{k} + ubase + offsets // ucols.to(tl.int64), {value}, mask=mask)")
         kernels.append(dict(name="units", lines=lines, stores=[], per_tensor=False))
+    # Scalar states: every program reads the old value, so the new one is written afterwards, by a
+    # launch with one program per tensor (a write inside the main kernel would race with its reads).
+    # Likewise rows and cols states: every row's (column's) elements read its old value, which may
+    # lie in other blocks; a second launch over the same blocks writes the new ones (the elements of
+    # the first column or row, which alone read them there).
+    kinds = {s.name: s.shape for s in prog.states}
+    changed = [(base, e) for base, e in f.outputs if e != sp.Symbol(base)]
+    main = [(b, e) for b, e in changed if kinds.get(b, "full") in ("full", "bool")]
+    reduced = [(b, e) for b, e in changed if kinds.get(b) in ("rows", "cols")]
+    last = [(b, e) for b, e in changed if kinds.get(b) == "scalar"]
     entries = f.computed_entries()
     section_stage = f.stage[f.exits[0]] if f.exits else None
+    early = _early_stores(f, main, reduced + last, entries, section_stage)
+
+    def known(stage: int) -> dict:
+        return {e: b for b, (s, e) in early.items() if s < stage and e.is_Symbol}
+
+    def stores(outputs):
+        return [dict(base=b, code=pr(e), kind="p" if b == "p" else kinds[b],
+                     index=_INDEX[ir.STATE_SHAPES[kinds.get(b, "full")]],
+                     once=_ONCE[ir.STATE_SHAPES[kinds.get(b, "full")]]) for b, e in outputs]
     for s in range(1, f.count + 1):
         whole = [r for r in f.whole if f.stage[r] == s]
         axes = [(k, r) for k, r in enumerate(f.axes) if f.stage[r] == s]
         stored = entries if s == section_stage else []  # the matrix section's entries, for torch
+        now = [(b, e) for b, (at, e) in early.items() if at == s]
         operands = [f.operand(r) for r in whole] + [f.operand(r) for _, r in axes] + stored
         if s == section_stage and not operands:  # torch reads p, g and states themselves
             kernels.append(dict(name="matrix", torch=True))
             continue
-        lines = gathers + body(f.needed(operands))
+        lines = gathers + body(operands + [e for _, e in now], known(s))
         for k, x in enumerate(stored):
             lines.append(f"tl.store(tl.load(mxin{k}_ptrs + i).to(tl.pointer_type(C_TYPE)) + offsets, {x}, mask=mask)")
         for j, r in enumerate(whole):
@@ -297,31 +330,18 @@ def kernel_context(plan: Plan) -> dict:
             lines.append(f"{r}x = {pr(operand)}")
             lines.append(f"tl.atomic_{combine}(axacc{k} + axbase{k}_ + {_INDEX[f.shape(r)]}, {r}x, "
                          f"mask={_ONCE[f.shape(operand)]})")
-        kernels.append(dict(name=f"stage{s}", lines=lines, stores=[], per_tensor=False))
+        kernels.append(dict(name=f"stage{s}", lines=lines, stores=stores(now), per_tensor=False))
         if s == section_stage:
             kernels.append(dict(name="matrix", torch=True))
-    # Scalar states: every program reads the old value, so the new one is written afterwards, by a
-    # launch with one program per tensor (a write inside the main kernel would race with its reads).
-    # Likewise rows and cols states: every row's (column's) elements read its old value, which may
-    # lie in other blocks; a second launch over the same blocks writes the new ones (the elements of
-    # the first column or row, which alone read them there).
-    kinds = {s.name: s.shape for s in prog.states}
-    changed = [(base, e) for base, e in f.outputs if e != sp.Symbol(base)]
-    main = [(b, e) for b, e in changed if kinds.get(b, "full") in ("full", "bool")]
-    reduced = [(b, e) for b, e in changed if kinds.get(b) in ("rows", "cols")]
-    last = [(b, e) for b, e in changed if kinds.get(b) == "scalar"]
-
-    def stores(outputs):
-        return [dict(base=b, code=pr(e), kind="p" if b == "p" else kinds[b],
-                     index=_INDEX[ir.STATE_SHAPES[kinds.get(b, "full")]],
-                     once=_ONCE[ir.STATE_SHAPES[kinds.get(b, "full")]]) for b, e in outputs]
-    kernels.append(dict(name="kernel", lines=gathers + body(f.needed([e for _, e in main])),
+    main = [(b, e) for b, e in main if b not in early]
+    after = known(f.count + 1)
+    kernels.append(dict(name="kernel", lines=gathers + body([e for _, e in main], after),
                         stores=stores(main), per_tensor=False))
     if reduced:
-        kernels.append(dict(name="reduced", lines=gathers + body(f.needed([e for _, e in reduced])),
+        kernels.append(dict(name="reduced", lines=gathers + body([e for _, e in reduced], after),
                             stores=stores(reduced), per_tensor=False))
     if last:
-        kernels.append(dict(name="scalars", lines=body(f.needed([e for _, e in last])),
+        kernels.append(dict(name="scalars", lines=body([e for _, e in last], after),
                             stores=[dict(base=b, code=pr(e), kind="scalar", index="0", once="")
                                     for b, e in last], per_tensor=True))
 
@@ -361,6 +381,36 @@ def kernel_context(plan: Plan) -> dict:
                 states=states, group_args=group_args, shape_args=shape_args, shape_codes=shape_codes,
                 units=len(f.units), param_args=param_args, param_defs=param_defs, cast_args=cast_args,
                 float_states=[s.name for s in prog.states if s.shape != "bool"])
+
+
+def _early_stores(f: Fusion, main: list, others: list, entries: list, section_stage) -> dict:
+    """States whose new value an earlier stage's launch can store already, {state: (stage, value)}:
+    later launches then load it instead of recomputing it from the old value and g (LAMB's moments:
+    40 bytes per element instead of 44; Muon's momentum). Not when a later launch, or torch's matrix
+    work, still reads the old value."""
+    early = {}
+    for b, e in main:
+        stage = 1 + max((f.stage[r] for r in f.reductions_under(e)), default=0)
+        if b != "p" and stage <= f.count and sp.Symbol(b) not in f.entries:
+            early[b] = (stage, e)
+    while True:
+        def demands(after: int):  # (stage, values) of each launch after `after`
+            for s in range(after + 1, f.count + 1):
+                values = [f.operand(r) for r in f.whole + f.axes if f.stage[r] == s]
+                values += (entries if s == section_stage else []) + [e for at, e in early.values() if at == s]
+                yield s, values
+            yield f.count + 1, [e for b, e in main if b not in early] + [e for _, e in others]
+        late = []
+        for b, (stage, _) in early.items():
+            for s, values in demands(stage):
+                stop = {e: x for x, (at, e) in early.items() if at < s and e.is_Symbol}
+                if sp.Symbol(b) in f.reads(values, stop):
+                    late.append(b)
+                    break
+        if not late:
+            return early
+        for b in late:
+            del early[b]
 
 
 def _matrix_context(plan: Plan, f: Fusion, levels: dict) -> dict:
