@@ -14,6 +14,7 @@ from ..functions import COMPARISONS, REDUCTIONS
 from ..lower import RESERVED
 from ..mathtext import statement_math
 from ..sym import DEVICE, GROUP, PARAM, TENSOR, Plan, meanings
+from . import fusion
 from . import triton as triton_backend
 from .printers import CompiledPrinter, HostPrinter
 from .tensor_ops import Emitter, Instr, Operand
@@ -190,7 +191,7 @@ def _fused_context(rule: dict, plan: Plan, cond: str | None, multi: bool) -> dic
                avail_name=f"_fused_available{suffix}" if multi else "fused_available",
                default_name=f"_fused_by_default{suffix}" if multi else "_fused_by_default",
                unsupported=triton_backend.unsupported(plan), torch_only=False, geometry=False)
-    if multi and ctx["unsupported"] and triton_backend.matrix_work(plan):
+    if multi and ctx["unsupported"] and fusion.matrix_work(plan):
         # matrix work the kernels cannot surround: this rule runs torch's code, the other rules fused
         ctx.update(torch_only=True, why_torch=ctx["unsupported"], unsupported="")
         return ctx

@@ -14,7 +14,8 @@ with atomics, no host sync, and the next stage reads the finished value. Each
 tensor is seen as [B, R, C] (its last two axes, and the batch before them): a
 value with an axis reduced (a `rows` state, a row mean) lives at one index per
 row or column, and only the elements of the first column (or row) add it into a
-reduction or store it, so nothing counts twice.
+reduction or store it, so nothing counts twice. Which launch computes what is
+optdsl.backends.fusion's job; this module prints the kernels.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import sympy as sp
 
 from .. import functions as fn
 from .. import ir
-from ..sym import DEVICE, GROUP, PARAM, Plan, is_reduction
+from ..sym import DEVICE, GROUP, PARAM, Plan
+from .fusion import Fusion, early_stores, matrix_nodes
 from .printers import HostPrinter, MatrixPrinter, TritonPrinter, TritonScalar64Printer
 
 # whole-tensor reduction -> (what each element adds, how blocks combine, the finished value from the total)
@@ -50,156 +52,6 @@ _COUNT = {ir.FULL: "n", ROWS: "(n / C_.to(C_TYPE))", COLS: "(n / R_.to(C_TYPE))"
 _ROWS = {f.sympy: f for f in fn.TABLE.values() if isinstance(f.sympy, type)}
 _SIZE = {ROWS: "B * R", COLS: "B * C", BOTH: "B"}  # per tensor, in the launcher
 _WHAT = {ROWS: "one per row", COLS: "one per column", BOTH: "one per matrix"}
-
-
-def _walk_postorder(e):
-    for a in e.args:
-        yield from _walk_postorder(a)
-    yield e
-
-
-class Fusion:
-    """The plan cut into launches: reductions by stage, the values each launch needs, shapes."""
-
-    def __init__(self, plan: Plan):
-        self.plan = plan
-        prog = plan.program
-        self._split_matrix_work(plan)
-        inside = {d.symbol for d in self.section}
-        exprs = [d.expr for d in plan.steps if d.symbol not in inside] + [e for _, e in plan.outputs]
-        found = list(dict.fromkeys(n for e in exprs for n in _walk_postorder(e) if type(n) in _UNITS))
-        self.units = found
-        axes = list(dict.fromkeys(n for e in exprs for n in _walk_postorder(e) if type(n) in _AXIS))
-        swap = {n: sp.Symbol(f"unit{k}_") for k, n in enumerate(found)}
-        swap |= {n: sp.Symbol(f"ax{k}_") for k, n in enumerate(axes)}
-        self.swap = swap
-        self.unit_syms = [swap[n] for n in found]
-        self.unit_operands = [n.args[0].xreplace(swap) for n in found]
-        self.axes = [swap[n] for n in axes]
-        self.axis_kind = {swap[n]: type(n) for n in axes}
-        self.axis_operand = {swap[n]: n.args[0].xreplace(swap) for n in axes}
-        self.defs = {d.symbol: d.expr.xreplace(swap) for d in plan.steps if d.symbol not in inside}
-        self.outputs = [(b, e.xreplace(swap)) for b, e in plan.outputs]
-        self.whole = [s for s, e in self.defs.items() if is_reduction(e)]
-        self.state_shape = {sp.Symbol(s.name): ir.STATE_SHAPES[s.shape] for s in prog.states}
-        self._shapes: dict = {}
-        self.stage: dict[sp.Symbol, int] = {}
-        for r in self.whole + self.axes + self.exits:
-            self._stage_of(r)
-        self.count = max(self.stage.values(), default=0)
-        self.slot = {}  # whole-tensor reduction -> (stage, column)
-        for s in range(1, self.count + 1):
-            for j, r in enumerate(r for r in self.whole if self.stage[r] == s):
-                self.slot[r] = (s, j)
-
-    def _split_matrix_work(self, plan: Plan) -> None:
-        """The matrix section: the steps with matrix work (mm, T) and those between them. Torch runs
-        it per tensor between two launches: it reads `entries` (values of the kernels, stored for it
-        in scratch tensors, or p, g and states themselves) and gives `exits`, shaped like p."""
-        steps = {d.symbol for d in plan.steps}
-        matrix = {d.symbol for d in plan.steps if matrix_nodes(d.expr)}
-        after, before = set(matrix), set()  # steps reading matrix work; steps matrix work reads
-        for d in plan.steps:
-            if d.expr.free_symbols & after:
-                after.add(d.symbol)
-        for d in reversed(plan.steps):
-            if d.symbol in matrix or d.symbol in before:
-                before |= d.expr.free_symbols & steps
-        self.section = [d for d in plan.steps if d.symbol in matrix | (after & before)]
-        inside = {d.symbol for d in self.section}
-        read_outside = set().union(*(d.expr.free_symbols for d in plan.steps if d.symbol not in inside),
-                                   *(e.free_symbols for _, e in plan.outputs))
-        self.exits = [d.symbol for d in self.section if d.symbol in read_outside]
-        reads = set().union(*(d.expr.free_symbols for d in self.section)) - inside
-        self.entries = sorted(reads, key=str)  # values, tensors and scalars the section reads
-
-    def operand(self, r: sp.Symbol) -> sp.Expr:
-        return self.axis_operand[r] if r in self.axis_operand else self.defs[r].args[0]
-
-    def computed_entries(self) -> list[sp.Symbol]:
-        """The section's tensor entries that kernels compute (stored for it in scratch tensors)."""
-        return [e for e in self.entries if e in self.defs and e not in self.whole]
-
-    def _stage_of(self, r) -> int:
-        if r not in self.stage:
-            if r in self.exits:  # after the kernel that computes its entries
-                under = [x for e in self.computed_entries() for x in self.reductions_under(e)]
-                self.stage[r] = 1 + max((self._stage_of(x) for x in under), default=0)
-            else:
-                under = self.reductions_under(self.operand(r))
-                self.stage[r] = 1 + max((self._stage_of(x) for x in under), default=0)
-        return self.stage[r]
-
-    def needed(self, exprs, stop=()) -> set[sp.Symbol]:
-        """Step symbols these expressions read, through tensor and device steps, not into reductions
-        (nor into `stop`: values a launch loads instead of computing)."""
-        out: set[sp.Symbol] = set()
-        todo = [s for e in exprs for s in e.free_symbols]
-        while todo:
-            s = todo.pop()
-            if s in out or (s not in self.defs and s not in self.axis_operand and s not in self.exits):
-                continue
-            out.add(s)
-            if s in self.defs and s not in self.whole and s not in stop:
-                todo += list(self.defs[s].free_symbols)
-        return out
-
-    def reads(self, exprs, stop=()) -> set[sp.Symbol]:
-        """Every symbol these expressions read (inputs such as a state's old value included)."""
-        need = self.needed(exprs, stop)
-        return set().union(*(e.free_symbols for e in exprs),
-                           *(self.defs[s].free_symbols for s in need
-                             if s in self.defs and s not in self.whole and s not in stop))
-
-    def reductions_under(self, e) -> list[sp.Symbol]:
-        """The values e reads that an earlier launch finishes (reductions, and matrix work's exits)."""
-        return [s for s in self.needed([e]) if s in self.axis_operand or s in self.whole or s in self.exits]
-
-    def reads_unit(self, e) -> bool:
-        return any(u in self.defs.get(s, sp.S.Zero).free_symbols or u in e.free_symbols
-                   for s in self.needed([e]) for u in self.unit_syms)
-
-    def width(self, s: int) -> int:
-        return sum(1 for r in self.whole if self.stage[r] == s)
-
-    def shape(self, e) -> frozenset | None:
-        """The axes of p this value reduced (optdsl.ir's shapes): ir.FULL, ROWS, ..., ir.ALL."""
-        if e in self._shapes:
-            return self._shapes[e]
-        if e in self.state_shape:
-            out = self.state_shape[e]
-        elif e in (sp.Symbol("p"), sp.Symbol("g")) or e in self.exits:  # exits: checked when made
-            out = ir.FULL
-        elif e in self.unit_syms:
-            out = frozenset({"unit"})
-        elif e in self.axis_operand:
-            out = ir.result_shape(fn.TABLE[self.axis_kind[e].__name__], [self.shape(self.axis_operand[e])])
-        elif e in self.defs:
-            out = ir.ALL if e in self.whole else self.shape(self.defs[e])
-        elif e.is_Atom:
-            out = ir.ALL  # numbers, hyperparameters, t and its scalars
-        else:
-            out = ir.ALL
-            for a in e.args:
-                out = ir.join(out, self.shape(a))
-        self._shapes[e] = out
-        return out
-
-    def geometry(self) -> bool:
-        """Whether the kernels index rows and columns (axis reductions or rows/cols states)."""
-        return bool(self.axes) or any(s not in (ir.FULL, ir.ALL) for s in self.state_shape.values())
-
-
-def matrix_nodes(e) -> list:
-    return [n for n in sp.preorder_traversal(e) if type(n) in (fn.mm, fn.T)]
-
-
-def matrix_work(plan: Plan) -> str:
-    """The first matrix function (mm, T) the plan calls ('' when none)."""
-    for e in [d.expr for d in plan.steps] + [e for _, e in plan.outputs]:
-        if matrix_nodes(e):
-            return type(matrix_nodes(e)[0]).__name__
-    return ""
 
 
 def unsupported(plan: Plan) -> str:
@@ -293,7 +145,7 @@ def kernel_context(plan: Plan) -> dict:
     last = [(b, e) for b, e in changed if kinds.get(b) == "scalar"]
     entries = f.computed_entries()
     section_stage = f.stage[f.exits[0]] if f.exits else None
-    early = _early_stores(f, main, reduced + last, entries, section_stage)
+    early = early_stores(f, main, reduced + last, entries, section_stage)
 
     def known(stage: int) -> dict:
         return {e: b for b, (s, e) in early.items() if s < stage and e.is_Symbol}
@@ -381,36 +233,6 @@ def kernel_context(plan: Plan) -> dict:
                 states=states, group_args=group_args, shape_args=shape_args, shape_codes=shape_codes,
                 units=len(f.units), param_args=param_args, param_defs=param_defs, cast_args=cast_args,
                 float_states=[s.name for s in prog.states if s.shape != "bool"])
-
-
-def _early_stores(f: Fusion, main: list, others: list, entries: list, section_stage) -> dict:
-    """States whose new value an earlier stage's launch can store already, {state: (stage, value)}:
-    later launches then load it instead of recomputing it from the old value and g (LAMB's moments:
-    40 bytes per element instead of 44; Muon's momentum). Not when a later launch, or torch's matrix
-    work, still reads the old value."""
-    early = {}
-    for b, e in main:
-        stage = 1 + max((f.stage[r] for r in f.reductions_under(e)), default=0)
-        if b != "p" and stage <= f.count and sp.Symbol(b) not in f.entries:
-            early[b] = (stage, e)
-    while True:
-        def demands(after: int):  # (stage, values) of each launch after `after`
-            for s in range(after + 1, f.count + 1):
-                values = [f.operand(r) for r in f.whole + f.axes if f.stage[r] == s]
-                values += (entries if s == section_stage else []) + [e for at, e in early.values() if at == s]
-                yield s, values
-            yield f.count + 1, [e for b, e in main if b not in early] + [e for _, e in others]
-        late = []
-        for b, (stage, _) in early.items():
-            for s, values in demands(stage):
-                stop = {e: x for x, (at, e) in early.items() if at < s and e.is_Symbol}
-                if sp.Symbol(b) in f.reads(values, stop):
-                    late.append(b)
-                    break
-        if not late:
-            return early
-        for b in late:
-            del early[b]
 
 
 def _matrix_context(plan: Plan, f: Fusion, levels: dict) -> dict:
