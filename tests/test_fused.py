@@ -361,3 +361,19 @@ def test_lamb_second_launch_reads_no_gradient(monkeypatch):
     for a, b in zip(plain, late):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not all(torch.equal(a, b) for a, b in zip(plain, early))
+
+
+@pytest.mark.parametrize("body", ["p = 2", "state m\nm = 1\np -= 0.1 * g * m", "state s: scalar\ns = 3\np -= s * g"])
+def test_a_constant_stored_fuses(body):
+    """A number assigned to p or a state is stored as a block of it (found by test_properties)."""
+    import optdsl
+    cls = optdsl.compile(f"optimizer Constant\n{body}\n", "constant.opt")
+    out = []
+    for mode in (dict(fused=True), dict(foreach=True)):
+        p = torch.linspace(-1, 1, 12, dtype=torch.float64, device=DEVICE).reshape(3, 4)
+        opt = cls([p], **mode)
+        for _ in range(2):
+            p.grad = torch.cos(p)
+            opt.step()
+        out.append(p)
+    torch.testing.assert_close(out[0], out[1], rtol=1e-12, atol=1e-12)

@@ -150,8 +150,11 @@ def kernel_context(plan: Plan) -> dict:
     def known(stage: int) -> dict:
         return {e: b for b, (s, e) in early.items() if s < stage and e.is_Symbol}
 
+    def as_tensor(e, shape="[BLOCK]") -> str:  # a number stored is a tensor of them (Triton's .to needs one)
+        return pr(e) if e.free_symbols else f"tl.full({shape}, {pr(e)}, C_TYPE)"
+
     def stores(outputs):
-        return [dict(base=b, code=pr(e), kind="p" if b == "p" else kinds[b],
+        return [dict(base=b, code=as_tensor(e), kind="p" if b == "p" else kinds[b],
                      index=_INDEX[ir.STATE_SHAPES[kinds.get(b, "full")]],
                      once=_ONCE[ir.STATE_SHAPES[kinds.get(b, "full")]]) for b, e in outputs]
     for s in range(1, f.count + 1):
@@ -194,7 +197,7 @@ def kernel_context(plan: Plan) -> dict:
                             stores=stores(reduced), per_tensor=False))
     if last:
         kernels.append(dict(name="scalars", lines=body([e for _, e in last], after),
-                            stores=[dict(base=b, code=pr(e), kind="scalar", index="0", once="")
+                            stores=[dict(base=b, code=as_tensor(e, "()"), kind="scalar", index="0", once="")
                                     for b, e in last], per_tensor=True))
 
     after = False  # kernels after the matrix section read its exits
