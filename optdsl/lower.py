@@ -29,7 +29,7 @@ RESERVED = {"params", "defaults", "foreach", "fused", "closure", "self", "state"
             "_pointer_tables", "_hyper_table", "_POINTERS", "_HYPERS", "_NUM_WARPS", "_fused_by_default",
             "_state_dtype", "_fused_for", "indices", "shapes", "unit_rows", "units", "ubase", "ucols",
             "_shape_table", "_unit_table", "_triton_ready", "_geometry", "geometry", "totals",
-            "R_", "C_", "row_", "col_", "mat_", "rows_", "cols_", "mxin", "mxout", "n_"}
+            "R_", "C_", "row_", "col_", "mat_", "rows_", "cols_", "mxin", "mxout", "n_", "_add_by_segment"}
 
 
 class _Reserved(frozenset):

@@ -131,7 +131,7 @@ def kernel_context(plan: Plan) -> dict:
         for k, (node, x) in enumerate(zip(f.units, f.unit_operands)):
             lines.append(f"unit{k}_x = {pr(x)}")
             value = _UNITS[type(node)][0].format(x=f"unit{k}_x")
-            lines.append(f"tl.atomic_add(uacc{k} + ubase + offsets // ucols.to(tl.int64), {value}, mask=mask)")
+            lines.append(f"_add_by_segment(uacc{k} + ubase, offsets // ucols.to(tl.int64), {value}, mask, False)")
         kernels.append(dict(name="units", lines=lines, stores=[], per_tensor=False))
     # Scalar states: every program reads the old value, so the new one is written afterwards, by a
     # launch with one program per tensor (a write inside the main kernel would race with its reads).
@@ -183,8 +183,11 @@ def kernel_context(plan: Plan) -> dict:
             combine, _ = _AXIS[f.axis_kind[r]]
             operand = f.operand(r)
             lines.append(f"{r}x = {pr(operand)}")
-            lines.append(f"tl.atomic_{combine}(axacc{k} + axbase{k}_ + {_INDEX[f.shape(r)]}, {r}x, "
-                         f"mask={_ONCE[f.shape(operand)]})")
+            index, once = _INDEX[f.shape(r)], _ONCE[f.shape(operand)]
+            if index == "cols_":  # a block's elements spread over the columns: one atomic each
+                lines.append(f"tl.atomic_{combine}(axacc{k} + axbase{k}_ + {index}, {r}x, mask={once})")
+            else:  # a row's (matrix's) elements are contiguous: a reduction per segment first
+                lines.append(f"_add_by_segment(axacc{k} + axbase{k}_, {index}, {r}x, {once}, {combine == 'max'})")
         kernels.append(dict(name=f"stage{s}", lines=lines, stores=stores(now), per_tensor=False))
         if s == section_stage:
             kernels.append(dict(name="matrix", torch=True))
@@ -232,7 +235,8 @@ def kernel_context(plan: Plan) -> dict:
     for s in prog.states:
         shape = ir.STATE_SHAPES[s.shape]
         state_loads.append(dict(name=s.name, kind=s.shape, index=_INDEX[shape]))
-    return dict(kernels=kernels, accs=accs, matrix=matrix, mxin=len(entries), axes=axes, geometry=f.geometry(), state_loads=state_loads,
+    segments = bool(f.units) or any(_INDEX[f.shape(r)] != "cols_" for r in f.axes)
+    return dict(kernels=kernels, accs=accs, matrix=matrix, mxin=len(entries), segments=segments, axes=axes, geometry=f.geometry(), state_loads=state_loads,
                 states=states, group_args=group_args, shape_args=shape_args, shape_codes=shape_codes,
                 units=len(f.units), param_args=param_args, param_defs=param_defs, cast_args=cast_args,
                 float_states=[s.name for s in prog.states if s.shape != "bool"])
