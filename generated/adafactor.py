@@ -602,6 +602,27 @@ if triton is not None:
         else:
             return _round_to(x, TYPE)
 
+    @triton.jit
+    def _add_by_segment(acc, segment, x, mask, IS_MAX: tl.constexpr):
+        """acc[segment] += x (or max) for the masked elements, where `segment` never decreases along
+        the block (a row, a unit, a matrix: contiguous elements). A block touching few segments
+        reduces each in registers and adds it with one atomic: per-element atomics on one address
+        would wait on each other. Short segments (many per block) take per-element atomics, which
+        then spread over many addresses."""
+        last = tl.max(tl.where(mask, segment, 0), axis=0)
+        first = tl.min(tl.where(mask, segment, last), axis=0)
+        if last - first < 16:
+            for s in range(first, last + 1):
+                if IS_MAX:
+                    tl.atomic_max(acc + s, tl.max(tl.where(mask & (segment == s), x, -float("inf")), axis=0))
+                else:
+                    tl.atomic_add(acc + s, tl.sum(tl.where(mask & (segment == s), x, 0.0), axis=0))
+        else:
+            if IS_MAX:
+                tl.atomic_max(acc + segment, x, mask=mask)
+            else:
+                tl.atomic_add(acc + segment, x, mask=mask)
+
     # ---- rule 1 (ndim >= 2) ----
 
     @triton.jit(do_not_specialize=["seed"])
@@ -674,7 +695,7 @@ if triton is not None:
         r1_x = p
         tl.atomic_add(acc1 + i * 1 + 0, tl.sum(tl.where(mask, r1_x * r1_x, 0.0), axis=0))
         ax0_x = x0
-        tl.atomic_add(axacc0 + axbase0_ + rows_, ax0_x, mask=mask)
+        _add_by_segment(axacc0 + axbase0_, rows_, ax0_x, mask, False)
         ax1_x = x0
         tl.atomic_add(axacc1 + axbase1_ + cols_, ax1_x, mask=mask)
 
@@ -747,7 +768,7 @@ if triton is not None:
         ax0_ = tl.load(axacc0 + axbase0_ + rows_, mask=mask) / C_.to(C_TYPE)
         x1 = (r + c0 * (ax0_ - r))
         ax2_x = x1
-        tl.atomic_add(axacc2 + axbase2_ + mat_, ax2_x, mask=mask & (col_ == 0))
+        _add_by_segment(axacc2 + axbase2_, mat_, ax2_x, mask & (col_ == 0), False)
 
     @triton.jit(do_not_specialize=["seed"])
     def _adafactor_0_stage3(

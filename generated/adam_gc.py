@@ -387,6 +387,27 @@ if triton is not None:
         else:
             return _round_to(x, TYPE)
 
+    @triton.jit
+    def _add_by_segment(acc, segment, x, mask, IS_MAX: tl.constexpr):
+        """acc[segment] += x (or max) for the masked elements, where `segment` never decreases along
+        the block (a row, a unit, a matrix: contiguous elements). A block touching few segments
+        reduces each in registers and adds it with one atomic: per-element atomics on one address
+        would wait on each other. Short segments (many per block) take per-element atomics, which
+        then spread over many addresses."""
+        last = tl.max(tl.where(mask, segment, 0), axis=0)
+        first = tl.min(tl.where(mask, segment, last), axis=0)
+        if last - first < 16:
+            for s in range(first, last + 1):
+                if IS_MAX:
+                    tl.atomic_max(acc + s, tl.max(tl.where(mask & (segment == s), x, -float("inf")), axis=0))
+                else:
+                    tl.atomic_add(acc + s, tl.sum(tl.where(mask & (segment == s), x, 0.0), axis=0))
+        else:
+            if IS_MAX:
+                tl.atomic_max(acc + segment, x, mask=mask)
+            else:
+                tl.atomic_add(acc + segment, x, mask=mask)
+
     @triton.jit(do_not_specialize=["seed"])
     def _adamgc_units(
         p_ptrs, g_ptrs,  # int64 tables: one data pointer per tensor
@@ -430,7 +451,7 @@ if triton is not None:
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
         c0 = -lr/((1.0 - tl.exp((t) * tl.log(b1)))*tl.sqrt((1.0 / ((1.0 - tl.exp((t) * tl.log(b2)))))))
         c1 = eps/tl.sqrt((1.0 / ((1.0 - tl.exp((t) * tl.log(b2))))))
-        c2 = tl.where(ndim > 1.0, 1.0, 0.0)
+        c2 = tl.where(ndim > 1.0, 1.0, 0.0).to(tl.float64)
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
         c2 = c2.to(C_TYPE)
@@ -442,7 +463,7 @@ if triton is not None:
         m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
         v = tl.load(v_ptr + offsets, mask=mask).to(C_TYPE)
         unit0_x = g
-        tl.atomic_add(uacc0 + ubase + offsets // ucols.to(tl.int64), unit0_x, mask=mask)
+        _add_by_segment(uacc0 + ubase, offsets // ucols.to(tl.int64), unit0_x, mask, False)
 
     @triton.jit(do_not_specialize=["seed"])
     def _adamgc_kernel(
@@ -487,7 +508,7 @@ if triton is not None:
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
         c0 = -lr/((1.0 - tl.exp((t) * tl.log(b1)))*tl.sqrt((1.0 / ((1.0 - tl.exp((t) * tl.log(b2)))))))
         c1 = eps/tl.sqrt((1.0 / ((1.0 - tl.exp((t) * tl.log(b2))))))
-        c2 = tl.where(ndim > 1.0, 1.0, 0.0)
+        c2 = tl.where(ndim > 1.0, 1.0, 0.0).to(tl.float64)
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
         c2 = c2.to(C_TYPE)

@@ -413,6 +413,27 @@ if triton is not None:
         else:
             return _round_to(x, TYPE)
 
+    @triton.jit
+    def _add_by_segment(acc, segment, x, mask, IS_MAX: tl.constexpr):
+        """acc[segment] += x (or max) for the masked elements, where `segment` never decreases along
+        the block (a row, a unit, a matrix: contiguous elements). A block touching few segments
+        reduces each in registers and adds it with one atomic: per-element atomics on one address
+        would wait on each other. Short segments (many per block) take per-element atomics, which
+        then spread over many addresses."""
+        last = tl.max(tl.where(mask, segment, 0), axis=0)
+        first = tl.min(tl.where(mask, segment, last), axis=0)
+        if last - first < 16:
+            for s in range(first, last + 1):
+                if IS_MAX:
+                    tl.atomic_max(acc + s, tl.max(tl.where(mask & (segment == s), x, -float("inf")), axis=0))
+                else:
+                    tl.atomic_add(acc + s, tl.sum(tl.where(mask & (segment == s), x, 0.0), axis=0))
+        else:
+            if IS_MAX:
+                tl.atomic_max(acc + segment, x, mask=mask)
+            else:
+                tl.atomic_add(acc + segment, x, mask=mask)
+
     @triton.jit(do_not_specialize=["seed"])
     def _adamwsoftclip_units(
         p_ptrs, g_ptrs,  # int64 tables: one data pointer per tensor
@@ -468,9 +489,9 @@ if triton is not None:
         v = tl.load(v_ptr + offsets, mask=mask).to(C_TYPE)
         x0 = ((g) * (g))
         unit0_x = x0
-        tl.atomic_add(uacc0 + ubase + offsets // ucols.to(tl.int64), unit0_x, mask=mask)
+        _add_by_segment(uacc0 + ubase, offsets // ucols.to(tl.int64), unit0_x, mask, False)
         unit1_x = ((p) * (p))
-        tl.atomic_add(uacc1 + ubase + offsets // ucols.to(tl.int64), unit1_x, mask=mask)
+        _add_by_segment(uacc1 + ubase, offsets // ucols.to(tl.int64), unit1_x, mask, False)
 
     @triton.jit(do_not_specialize=["seed"])
     def _adamwsoftclip_kernel(

@@ -514,7 +514,7 @@ if triton is not None:
         v = tl.load(v_ptr + offsets, mask=mask).to(C_TYPE)
         gn_avg = tl.load(gn_avg_ptr).to(C_TYPE)  # one number per tensor
         r0 = tl.sqrt(tl.load(acc1 + i * 1 + 0))
-        d0 = tl.where(tl.where(r0 > 0.0, 1.0, 0.0) != 0, tl.where(tl.where((gn_avg + k2 * (r0 - gn_avg)) > r0, 1.0, 0.0) != 0, ((gn_avg + k2 * (r0 - gn_avg))/r0), 1.0), 1.0)
+        d0 = tl.where(tl.where(r0 > 0.0, 1.0, 0.0).to(C_TYPE) != 0, tl.where(tl.where((gn_avg + k2 * (r0 - gn_avg)) > r0, 1.0, 0.0).to(C_TYPE) != 0, ((gn_avg + k2 * (r0 - gn_avg))/r0), 1.0), 1.0)
         x0 = v  # stored by an earlier launch
         x1 = (m + k3 * ((d0*g) - m))
         tl.store(p_ptr + offsets, _round_to(c0*x1/(eps + tl.sqrt(x0)) + k0*p, P_TYPE), mask=mask)

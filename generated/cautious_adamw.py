@@ -452,7 +452,7 @@ if triton is not None:
         v = tl.load(v_ptr + offsets, mask=mask).to(C_TYPE)
         x0 = (v + k2 * (((g) * (g)) - v))
         x1 = (m + k1 * (g - m))
-        x2 = tl.where((g*x1) > 0.0, 1.0, 0.0)
+        x2 = tl.where((g*x1) > 0.0, 1.0, 0.0).to(C_TYPE)
         r0_x = x2
         tl.atomic_add(acc1 + i * 1 + 0, tl.sum(tl.where(mask, r0_x, 0.0), axis=0))
         tl.store(m_ptr + offsets, _to_state(x1, S_TYPE, STOCHASTIC, seed + i,
@@ -512,7 +512,7 @@ if triton is not None:
         v = tl.load(v_ptr + offsets, mask=mask).to(C_TYPE)
         x0 = v  # stored by an earlier launch
         x1 = m  # stored by an earlier launch
-        x2 = tl.where((g*x1) > 0.0, 1.0, 0.0)
+        x2 = tl.where((g*x1) > 0.0, 1.0, 0.0).to(C_TYPE)
         r0 = tl.load(acc1 + i * 1 + 0) / n
         d0 = -c0*c1*lr/tl.maximum(0.001, r0)
         tl.store(p_ptr + offsets, _round_to(d0*x1*x2/(c2 + tl.sqrt(x0)) + k0*p, P_TYPE), mask=mask)

@@ -394,8 +394,8 @@ if triton is not None:
         p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
         g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
         m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
-        x0 = tl.where((m + k1 * (g - m)) > 0, 1.0, tl.where((m + k1 * (g - m)) < 0, -1.0, 0.0))
-        x1 = tl.where((g*x0) > 0.0, 1.0, 0.0)
+        x0 = tl.where((m + k1 * (g - m)) > 0, 1.0, tl.where((m + k1 * (g - m)) < 0, -1.0, 0.0)).to(C_TYPE)
+        x1 = tl.where((g*x0) > 0.0, 1.0, 0.0).to(C_TYPE)
         r1_x = 1.0
         tl.atomic_add(acc1 + i * 2 + 0, tl.sum(tl.where(mask, r1_x, 0.0), axis=0))
         r0_x = x1
@@ -439,8 +439,8 @@ if triton is not None:
         g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
         m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
         r1 = tl.load(acc1 + i * 2 + 0)
-        x0 = tl.where((m + k1 * (g - m)) > 0, 1.0, tl.where((m + k1 * (g - m)) < 0, -1.0, 0.0))
-        x1 = tl.where((g*x0) > 0.0, 1.0, 0.0)
+        x0 = tl.where((m + k1 * (g - m)) > 0, 1.0, tl.where((m + k1 * (g - m)) < 0, -1.0, 0.0)).to(C_TYPE)
+        x1 = tl.where((g*x0) > 0.0, 1.0, 0.0).to(C_TYPE)
         r0 = tl.load(acc1 + i * 2 + 1)
         d0 = -lr*r1/(r0 + 1.0)
         tl.store(p_ptr + offsets, _round_to(d0*x0*x1 + k0*p, P_TYPE), mask=mask)

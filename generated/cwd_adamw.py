@@ -431,7 +431,7 @@ if triton is not None:
         x0 = (v + k1 * (((g) * (g)) - v))
         x1 = (m + k2 * (g - m))
         x2 = c0*x1/(c1 + tl.sqrt(x0))
-        tl.store(p_ptr + offsets, _round_to(k0*(p*wd*tl.where((p*x2) >= 0.0, 1.0, 0.0) + x2) + p, P_TYPE), mask=mask)
+        tl.store(p_ptr + offsets, _round_to(k0*(p*wd*tl.where((p*x2) >= 0.0, 1.0, 0.0).to(C_TYPE) + x2) + p, P_TYPE), mask=mask)
         tl.store(m_ptr + offsets, _to_state(x1, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 2 + 0), mask=mask)
         tl.store(v_ptr + offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,

@@ -371,7 +371,7 @@ if triton is not None:
         p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
         g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
         m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
-        tl.store(p_ptr + offsets, _round_to(k0*p + k1*tl.where((m + k2 * (g - m)) > 0, 1.0, tl.where((m + k2 * (g - m)) < 0, -1.0, 0.0)), P_TYPE), mask=mask)
+        tl.store(p_ptr + offsets, _round_to(k0*p + k1*tl.where((m + k2 * (g - m)) > 0, 1.0, tl.where((m + k2 * (g - m)) < 0, -1.0, 0.0)).to(C_TYPE), P_TYPE), mask=mask)
         tl.store(m_ptr + offsets, _to_state((m + k3 * (g - m)), S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 1 + 0), mask=mask)
 

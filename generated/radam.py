@@ -438,7 +438,7 @@ if triton is not None:
         wd = tl.load(hypers + 10)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
         c0 = -lr/(1.0 - tl.exp((t) * tl.log(b1)))
-        c1 = tl.where((-2.0*tl.exp((t) * tl.log(b2))*t/(1.0 - tl.exp((t) * tl.log(b2))) + k1) > 5.0, 1.0, 0.0)
+        c1 = tl.where((-2.0*tl.exp((t) * tl.log(b2))*t/(1.0 - tl.exp((t) * tl.log(b2))) + k1) > 5.0, 1.0, 0.0).to(tl.float64)
         c2 = tl.sqrt(1.0 - tl.exp((t) * tl.log(b2)))*tl.sqrt(tl.maximum(0.0, k2*(-2.0*tl.exp((t) * tl.log(b2))*t/(1.0 - tl.exp((t) * tl.log(b2))) + k3)*(-2.0*tl.exp((t) * tl.log(b2))*t/(1.0 - tl.exp((t) * tl.log(b2))) + k4)/(-2.0*tl.exp((t) * tl.log(b2))*t/(1.0 - tl.exp((t) * tl.log(b2))) + k1)))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)

@@ -475,7 +475,7 @@ if triton is not None:
         nesterov = tl.load(hypers + 4)
         wd = tl.load(hypers + 5)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = tl.where(tl.where(t == 1.0, 1.0, 0.0) != 0, 1.0, k2)
+        c0 = tl.where(tl.where(t == 1.0, 1.0, 0.0).to(tl.float64) != 0, 1.0, k2)
         c0 = c0.to(C_TYPE)
         k0 = k0.to(C_TYPE)
         k1 = k1.to(C_TYPE)

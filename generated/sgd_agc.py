@@ -354,6 +354,27 @@ if triton is not None:
         else:
             return _round_to(x, TYPE)
 
+    @triton.jit
+    def _add_by_segment(acc, segment, x, mask, IS_MAX: tl.constexpr):
+        """acc[segment] += x (or max) for the masked elements, where `segment` never decreases along
+        the block (a row, a unit, a matrix: contiguous elements). A block touching few segments
+        reduces each in registers and adds it with one atomic: per-element atomics on one address
+        would wait on each other. Short segments (many per block) take per-element atomics, which
+        then spread over many addresses."""
+        last = tl.max(tl.where(mask, segment, 0), axis=0)
+        first = tl.min(tl.where(mask, segment, last), axis=0)
+        if last - first < 16:
+            for s in range(first, last + 1):
+                if IS_MAX:
+                    tl.atomic_max(acc + s, tl.max(tl.where(mask & (segment == s), x, -float("inf")), axis=0))
+                else:
+                    tl.atomic_add(acc + s, tl.sum(tl.where(mask & (segment == s), x, 0.0), axis=0))
+        else:
+            if IS_MAX:
+                tl.atomic_max(acc + segment, x, mask=mask)
+            else:
+                tl.atomic_add(acc + segment, x, mask=mask)
+
     @triton.jit(do_not_specialize=["seed"])
     def _sgdagc_units(
         p_ptrs, g_ptrs,  # int64 tables: one data pointer per tensor
@@ -398,9 +419,9 @@ if triton is not None:
         g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
         buf = tl.load(buf_ptr + offsets, mask=mask).to(C_TYPE)
         unit0_x = g
-        tl.atomic_add(uacc0 + ubase + offsets // ucols.to(tl.int64), unit0_x * unit0_x, mask=mask)
+        _add_by_segment(uacc0 + ubase, offsets // ucols.to(tl.int64), unit0_x * unit0_x, mask, False)
         unit1_x = p
-        tl.atomic_add(uacc1 + ubase + offsets // ucols.to(tl.int64), unit1_x * unit1_x, mask=mask)
+        _add_by_segment(uacc1 + ubase, offsets // ucols.to(tl.int64), unit1_x * unit1_x, mask, False)
 
     @triton.jit(do_not_specialize=["seed"])
     def _sgdagc_kernel(
@@ -449,7 +470,7 @@ if triton is not None:
         unit1_ = tl.sqrt(tl.load(uacc1 + ubase + offsets // ucols.to(tl.int64), mask=mask))
         x0 = tl.maximum(eps, unit0_)
         x1 = clip*tl.maximum(unit1_, unit_eps)
-        x2 = buf*momentum + tl.where(tl.where(x0 > x1, 1.0, 0.0) != 0, (g*x1/x0), g)
+        x2 = buf*momentum + tl.where(tl.where(x0 > x1, 1.0, 0.0).to(C_TYPE) != 0, (g*x1/x0), g)
         tl.store(p_ptr + offsets, _round_to(k0*x2 + p, P_TYPE), mask=mask)
         tl.store(buf_ptr + offsets, _to_state(x2, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 1 + 0), mask=mask)

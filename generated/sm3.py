@@ -611,6 +611,27 @@ if triton is not None:
         else:
             return _round_to(x, TYPE)
 
+    @triton.jit
+    def _add_by_segment(acc, segment, x, mask, IS_MAX: tl.constexpr):
+        """acc[segment] += x (or max) for the masked elements, where `segment` never decreases along
+        the block (a row, a unit, a matrix: contiguous elements). A block touching few segments
+        reduces each in registers and adds it with one atomic: per-element atomics on one address
+        would wait on each other. Short segments (many per block) take per-element atomics, which
+        then spread over many addresses."""
+        last = tl.max(tl.where(mask, segment, 0), axis=0)
+        first = tl.min(tl.where(mask, segment, last), axis=0)
+        if last - first < 16:
+            for s in range(first, last + 1):
+                if IS_MAX:
+                    tl.atomic_max(acc + s, tl.max(tl.where(mask & (segment == s), x, -float("inf")), axis=0))
+                else:
+                    tl.atomic_add(acc + s, tl.sum(tl.where(mask & (segment == s), x, 0.0), axis=0))
+        else:
+            if IS_MAX:
+                tl.atomic_max(acc + segment, x, mask=mask)
+            else:
+                tl.atomic_add(acc + segment, x, mask=mask)
+
     # ---- rule 1 (ndim == 2) ----
 
     @triton.jit(do_not_specialize=["seed"])
@@ -676,7 +697,7 @@ if triton is not None:
         x2 = tl.where(k1 != 0, (x0 + k2 * (x1 - x0)), (x0 + x1))
         x3 = (m + k3 * ((g/tl.sqrt(eps + x2)) - m))
         ax0_x = x2
-        tl.atomic_max(axacc0 + axbase0_ + rows_, ax0_x, mask=mask)
+        _add_by_segment(axacc0 + axbase0_, rows_, ax0_x, mask, True)
         ax1_x = x2
         tl.atomic_max(axacc1 + axbase1_ + cols_, ax1_x, mask=mask)
         tl.store(m_ptr + offsets, _to_state(x3, S_TYPE, STOCHASTIC, seed + i,

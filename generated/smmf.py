@@ -654,6 +654,27 @@ if triton is not None:
         else:
             return _round_to(x, TYPE)
 
+    @triton.jit
+    def _add_by_segment(acc, segment, x, mask, IS_MAX: tl.constexpr):
+        """acc[segment] += x (or max) for the masked elements, where `segment` never decreases along
+        the block (a row, a unit, a matrix: contiguous elements). A block touching few segments
+        reduces each in registers and adds it with one atomic: per-element atomics on one address
+        would wait on each other. Short segments (many per block) take per-element atomics, which
+        then spread over many addresses."""
+        last = tl.max(tl.where(mask, segment, 0), axis=0)
+        first = tl.min(tl.where(mask, segment, last), axis=0)
+        if last - first < 16:
+            for s in range(first, last + 1):
+                if IS_MAX:
+                    tl.atomic_max(acc + s, tl.max(tl.where(mask & (segment == s), x, -float("inf")), axis=0))
+                else:
+                    tl.atomic_add(acc + s, tl.sum(tl.where(mask & (segment == s), x, 0.0), axis=0))
+        else:
+            if IS_MAX:
+                tl.atomic_max(acc + segment, x, mask=mask)
+            else:
+                tl.atomic_add(acc + segment, x, mask=mask)
+
     # ---- rule 1 (ndim == 2) ----
 
     @triton.jit(do_not_specialize=["seed"])
@@ -738,11 +759,11 @@ if triton is not None:
         r0_x = x2
         tl.atomic_add(acc1 + i * 2 + 1, tl.sum(tl.where(mask, r0_x, 0.0), axis=0))
         ax0_x = x2
-        tl.atomic_add(axacc0 + axbase0_ + rows_, ax0_x, mask=mask)
+        _add_by_segment(axacc0 + axbase0_, rows_, ax0_x, mask, False)
         ax1_x = x2
         tl.atomic_add(axacc1 + axbase1_ + cols_, ax1_x, mask=mask)
         ax2_x = x0
-        tl.atomic_add(axacc2 + axbase2_ + rows_, ax2_x, mask=mask)
+        _add_by_segment(axacc2 + axbase2_, rows_, ax2_x, mask, False)
         ax3_x = x0
         tl.atomic_add(axacc3 + axbase3_ + cols_, ax3_x, mask=mask)
 
@@ -823,7 +844,7 @@ if triton is not None:
         x0 = ((cv*rv) + k1 * (((g) * (g)) - (cv*rv)))
         x1 = ((cm*rm*(2.0*positive - 1.0)) + k2 * (g - (cm*rm*(2.0*positive - 1.0))))
         tl.store(p_ptr + offsets, _round_to(c0*x1/(c1 + tl.sqrt(x0)) + k0*p, P_TYPE), mask=mask)
-        tl.store(positive_ptr + offsets, (tl.where(x1 >= 0.0, 1.0, 0.0) != 0).to(tl.int8), mask=mask)
+        tl.store(positive_ptr + offsets, (tl.where(x1 >= 0.0, 1.0, 0.0).to(C_TYPE) != 0).to(tl.int8), mask=mask)
 
     @triton.jit(do_not_specialize=["seed"])
     def _smmf_0_reduced(
@@ -904,9 +925,9 @@ if triton is not None:
         ax2_ = tl.load(axacc2 + axbase2_ + rows_, mask=mask)
         ax3_ = tl.load(axacc3 + axbase3_ + cols_, mask=mask)
         r1 = tl.load(acc1 + i * 2 + 0)
-        d1 = (1.0 / ((tl.where(tl.where(r1 > 0.0, 1.0, 0.0) != 0, r1, 1.0))))
+        d1 = (1.0 / ((tl.where(tl.where(r1 > 0.0, 1.0, 0.0).to(C_TYPE) != 0, r1, 1.0))))
         r0 = tl.load(acc1 + i * 2 + 1)
-        d0 = (1.0 / ((tl.where(tl.where(r0 > 0.0, 1.0, 0.0) != 0, r0, 1.0))))
+        d0 = (1.0 / ((tl.where(tl.where(r0 > 0.0, 1.0, 0.0).to(C_TYPE) != 0, r0, 1.0))))
         tl.store(rm_ptr + rows_, _to_state(ax0_*d0, S_TYPE, STOCHASTIC, seed + i,
                                                  rows_ * 5 + 0), mask=mask & (col_ == 0))
         tl.store(cm_ptr + cols_, _to_state(ax1_, S_TYPE, STOCHASTIC, seed + i,

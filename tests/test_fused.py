@@ -377,3 +377,21 @@ def test_a_constant_stored_fuses(body):
             opt.step()
         out.append(p)
     torch.testing.assert_close(out[0], out[1], rtol=1e-12, atol=1e-12)
+
+
+def test_a_comparison_is_in_the_kernels_arithmetic_dtype():
+    """tl.where of two literals is float32: sqrt(abs(m > g) + 0.5) must still be a float64 sqrt in
+    a float64 kernel (found by the property test: a 4e-8 error)."""
+    import optdsl
+    cls = optdsl.compile("optimizer Compare\nstate m = p\np -= 0.1 * sqrt(abs(m > g) + 0.5) * sign(g)\n"
+                         "m = where(g > 0, 0.3, 0.7) * sqrt(where(g > 0, 0.3, 0.7))\n", "compare.opt")
+    out = []
+    for mode in (dict(fused=True), dict(foreach=True)):
+        p = torch.linspace(-1, 1, 12, dtype=torch.float64, device=DEVICE)
+        opt = cls([p], **mode)
+        for _ in range(2):
+            p.grad = torch.sin(3 * p)
+            opt.step()
+        out.append((p, opt.state[p]["m"]))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)

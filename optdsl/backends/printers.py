@@ -165,6 +165,7 @@ class TritonPrinter(HostPrinter):
     """Element-wise values inside a Triton kernel: registers of float32 (or float64)."""
 
     column = "triton"
+    dtype = "C_TYPE"  # the kernel's arithmetic dtype
 
     def _print_Function(self, e):  # a sum in parentheses: the templates put arguments in products
         row = _BY_CLASS.get(type(e))
@@ -172,7 +173,12 @@ class TritonPrinter(HostPrinter):
             return super()._print_Function(e)
         if not row.triton:  # backends.triton.unsupported() refuses such a plan before printing it
             raise NotImplementedError(f"{row.name}() has no Triton form")
-        return row.triton.format(*(self.parenthesize(a, PRECEDENCE["Mul"]) for a in e.args))
+        args = [self.parenthesize(a, PRECEDENCE["Mul"]) for a in e.args]
+        if type(e) is fn.where and all(a.is_Number for a in e.args[1:]):  # literals in the kernel's dtype
+            args[1:] = [f"tl.full((), {self._print(a)}, {self.dtype})" for a in e.args[1:]]
+        text = row.triton.format(*args)
+        # tl.where of two literals is float32: sqrt(a > b) would be a float32 sqrt in a float64 kernel
+        return f"{text}.to({self.dtype})" if isinstance(e, _COMPARISONS + (sp.sign,)) else text
 
     def _print_Pow(self, e, rational=False):
         base = self._print(e.base)
@@ -207,6 +213,8 @@ class TritonPrinter(HostPrinter):
 class TritonScalar64Printer(TritonPrinter):
     """Per-tensor scalars computed in float64 inside a kernel. Triton reads a Python float literal
     as float32, so a number that float32 cannot hold exactly (0.96) is made a float64 constant."""
+
+    dtype = "tl.float64"
 
     def _print_Float(self, e):
         x = float(e)
