@@ -180,7 +180,16 @@ class TritonPrinter(HostPrinter):
         # tl.where of two literals is float32: sqrt(a > b) would be a float32 sqrt in a float64 kernel
         return f"{text}.to({self.dtype})" if isinstance(e, _COMPARISONS + (sp.sign,)) else text
 
+    def _print(self, expr, **kwargs):
+        # A constant such as log(2) or sqrt(2) is a number from the host: Triton would compute it
+        # from a float32 literal.
+        if isinstance(expr, sp.Expr) and expr.is_number and not expr.is_Number and expr.is_finite:
+            return self._print(sp.Float(float(expr), 17))
+        return super()._print(expr, **kwargs)
+
     def _print_Pow(self, e, rational=False):
+        if e.base.is_number and e.base.is_positive and not e.exp.is_number:  # 2^x: exp(x log 2)
+            return f"tl.exp(({self._print(e.exp)}) * {self._print(sp.Float(float(sp.log(e.base)), 17))})"
         base = self._print(e.base)
         if e.exp == sp.S.Half:
             return f"tl.sqrt({base})"
