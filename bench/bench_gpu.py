@@ -4,7 +4,7 @@
 One command, from the repository root::
 
     python bench/bench_gpu.py [--suites large,gpt2,llama1b,small] [--dtypes fp32,bf16]
-                              [--optimizers adamw,lion,sgd,lamb] [--windows 5] [--steps 10]
+                              [--optimizers adamw,lion,sgd,lamb[,adafactor]] [--windows 5] [--steps 10]
                               [--no-compile] [--sweep] [--out bench/results]
 
 What it measures
@@ -23,6 +23,9 @@ gradients, our states in float32), one optimizer step of AdamW, Lion, SGD with m
 * ``torch fused``    torch.optim with ``fused=True`` (AdamW, SGD);
 * ``torch.compile``  ``torch.compile`` of torch.optim's step with a tensor learning rate (AdamW, SGD), or
   of the handwritten reference (Lion, LAMB).
+
+``--optimizers ...,adafactor`` adds Adafactor (fused: row and column accumulators, 5 launches for the
+matrices, 2 for the rest) against torch.optim.Adafactor's loop, foreach and compiled step.
 
 Every row steps the same parameters and gradients (gradients are fixed: an optimizer never writes
 them). After ``--warmup`` untimed steps (compilation happens there and is reported as ``warm-up s``),
@@ -129,9 +132,11 @@ HYPERS = {  # the same setting on every side
     "lion": dict(lr=1e-4, b1=0.9, b2=0.99, wd=1e-2),
     "sgd": dict(lr=1e-2, momentum=0.9),
     "lamb": dict(lr=1e-3, b1=0.9, b2=0.999, eps=1e-6, wd=1e-2, max_w=10.0),
+    "adafactor": dict(lr=1e-2),  # torch.optim.Adafactor's defaults otherwise, as the spec's
 }
-# bytes per element one step must move (p, g read; p written; each state read and written)
-N_STATES = {"adamw": 2, "lion": 1, "sgd": 1, "lamb": 2}
+# bytes per element one step must move (p, g read; p written; each state read and written).
+# Adafactor's factors are a row and a column per matrix: next to p and g they count for nothing.
+N_STATES = {"adamw": 2, "lion": 1, "sgd": 1, "lamb": 2, "adafactor": 0}
 
 
 def bytes_per_element(opt, p_bytes, s_bytes):
@@ -147,12 +152,13 @@ def torch_kwargs(opt):
 
 def make_rows(opt, params, compile_ok):
     """impl name -> (factory returning a step callable, bytes per element of its states)."""
+    import generated.adafactor
     import generated.adamw
     import generated.lamb
     import generated.lion
     import generated.sgd
     ours = {"adamw": generated.adamw.AdamW, "lion": generated.lion.Lion, "sgd": generated.sgd.SGD,
-            "lamb": generated.lamb.LAMB}[opt]
+            "lamb": generated.lamb.LAMB, "adafactor": generated.adafactor.Adafactor}[opt]
     exact = params[0].dtype in (torch.float32, torch.float64)
     ours_state = params[0].element_size() if exact else 4
     torch_state = params[0].element_size()
@@ -163,7 +169,13 @@ def make_rows(opt, params, compile_ok):
     if params[0].dtype == torch.bfloat16:  # like torch.optim: bfloat16 states (rounded stochastically)
         rows["optdsl fused bf16 states"] = (
             lambda: ours(params, fused=True, state_dtype=torch.bfloat16, **HYPERS[opt]).step, 2)
-    if opt in ("adamw", "sgd"):
+    if opt == "adafactor":  # torch.optim has no fused Adafactor; the compiled step takes a float lr
+        kw = HYPERS[opt]
+        rows["torch loop"] = (lambda: torch.optim.Adafactor(params, foreach=False, **kw).step, torch_state)
+        rows["torch foreach"] = (lambda: torch.optim.Adafactor(params, foreach=True, **kw).step, torch_state)
+        if compile_ok:
+            rows["torch.compile"] = (lambda: torch.compile(torch.optim.Adafactor(params, **kw).step), torch_state)
+    elif opt in ("adamw", "sgd"):
         cls = torch.optim.AdamW if opt == "adamw" else torch.optim.SGD
         kw = torch_kwargs(opt)
         rows["torch loop"] = (lambda: cls(params, foreach=False, **kw).step, torch_state)
