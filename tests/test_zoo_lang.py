@@ -674,3 +674,32 @@ def test_block_syntax_errors_say_what_to_do(src, message, where):
         optdsl.compile_source(src, "x.opt")
     text = str(err.value)
     assert message in text and f"x.opt:{where[0]}:{where[1]}:" in text, text
+
+
+# rows of one element, columns of one, rows longer than a block, a batch of matrices, rank 4
+AWKWARD = [(1, 1), (1, 2000), (2000, 1), (3, 1, 700), (5, 2049), (4, 2, 3, 5), (7,)]
+
+
+@pytest.mark.parametrize("name", ["adafactor", "sm3", "smmf"])
+def test_rows_and_columns_fused_on_awkward_shapes(name):
+    """The fused row/column accumulators equal foreach, states too, where rows and columns are
+    degenerate or cross blocks (float64, 3 steps)."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1" and not ON_GPU:
+        pytest.skip("the fused path runs under TRITON_INTERPRET=1, or compiled on a CUDA device")
+    device = "cuda" if ON_GPU else "cpu"
+    out = []
+    for mode in (dict(fused=True), dict(foreach=True)):
+        gen = torch.Generator().manual_seed(3)
+        params = [torch.randn(s, generator=gen, dtype=torch.float64).to(device) for s in AWKWARD]
+        opt = spec(name)(params, **mode)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(device)
+            opt.step()
+        out.append((params, opt))
+    (fused, fused_opt), (ref, ref_opt) = out
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        for key, value in ref_opt.state[b].items():
+            torch.testing.assert_close(fused_opt.state[a][key], value, rtol=1e-12, atol=1e-12)
