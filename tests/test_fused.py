@@ -295,6 +295,8 @@ def test_matrix_work_runs_in_torch_between_the_kernels():
     with an element-wise entry, a first launch stores it for torch (Muon's momentum)."""
     import optdsl
     for body, launches in [("p -= 0.1 * mm(mm(g, T(g)), g)", 1),
+                           # m is final before torch runs, but no launch is there yet: stored last
+                           ("state m\nu = mm(mm(g, T(g)), g)\nm = lerp(m, g, 0.1)\np -= 0.1 * u + 0.01 * m", 1),
                            ("state m\nm = lerp(m, g, 0.1)\nx = m / (norm(m) + 1)\np -= 0.1 * mm(mm(x, T(x)), x)", 3)]:
         cls = optdsl.compile(f"optimizer Matrix\n{body}\n", "matrix.opt")
         module = __import__(cls.__module__, fromlist=["LAUNCHES"])
@@ -308,7 +310,7 @@ def test_matrix_work_runs_in_torch_between_the_kernels():
                 opt.step()
             out.append((p, module.LAUNCHES - before))
         (fused, n), (ref, _) = out
-        assert n == 3 * launches
+        assert n == 3 * launches, body
         torch.testing.assert_close(fused, ref, rtol=1e-12, atol=1e-12)
 
 

@@ -173,11 +173,14 @@ def early_stores(f: Fusion, main: list, others: list, entries: list, section_sta
     """States whose new value an earlier stage's launch can store already, {state: (stage, value)}:
     later launches then load it instead of recomputing it from the old value and g (LAMB's moments:
     40 bytes per element instead of 44; Muon's momentum). Not when a later launch, or torch's matrix
-    work, still reads the old value."""
+    work, still reads the old value, nor into a launch made for it alone (that would cost bytes)."""
+    def launches(s: int) -> bool:  # a stage whose launch is there anyway (not torch's work alone)
+        return any(f.stage[r] == s for r in f.whole + f.axes) or (s == section_stage and bool(entries))
+
     early = {}
     for b, e in main:
         stage = 1 + max((f.stage[r] for r in f.reductions_under(e)), default=0)
-        if b != "p" and stage <= f.count and sp.Symbol(b) not in f.entries:
+        if b != "p" and stage <= f.count and launches(stage) and sp.Symbol(b) not in f.entries:
             early[b] = (stage, e)
     while True:
         def demands(after: int):  # (stage, values) of each launch after `after`

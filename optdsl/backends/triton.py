@@ -163,7 +163,7 @@ def kernel_context(plan: Plan) -> dict:
         stored = entries if s == section_stage else []  # the matrix section's entries, for torch
         now = [(b, e) for b, (at, e) in early.items() if at == s]
         operands = [f.operand(r) for r in whole] + [f.operand(r) for _, r in axes] + stored
-        if s == section_stage and not operands:  # torch reads p, g and states themselves
+        if s == section_stage and not operands and not now:  # torch reads p, g and states themselves
             kernels.append(dict(name="matrix", torch=True))
             continue
         lines = gathers + body(operands + [e for _, e in now], known(s))
