@@ -396,7 +396,7 @@ if triton is not None:
         m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
         x0 = tl.where((m + k1 * (g - m)) > 0, 1.0, tl.where((m + k1 * (g - m)) < 0, -1.0, 0.0)).to(C_TYPE)
         x1 = tl.where((g*x0) > 0.0, 1.0, 0.0).to(C_TYPE)
-        r1_x = 1.0
+        r1_x = tl.full([BLOCK], 1.0, C_TYPE)
         tl.atomic_add(acc1 + i * 2 + 0, tl.sum(tl.where(mask, r1_x, 0.0), axis=0))
         r0_x = x1
         tl.atomic_add(acc1 + i * 2 + 1, tl.sum(tl.where(mask, r0_x, 0.0), axis=0))

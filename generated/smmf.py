@@ -333,7 +333,7 @@ def _single_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, pos
         cm = cm_list[i].to(p.dtype)
         rv = rv_list[i].to(p.dtype)
         cv = cv_list[i].to(p.dtype)
-        positive = positive_list[i]  # a bool state is read and written as it is
+        positive = positive_list[i].to(p.dtype)  # a bool state reads as 0 or 1
         step_t = state_steps[i]
         step_t += 1
         # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
@@ -385,6 +385,7 @@ def _single_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, pos
             _store_rounded(rv_list[i], rv)
         if cv is not cv_list[i]:
             _store_rounded(cv_list[i], cv)
+        positive_list[i].copy_(positive != 0)  # kept as != 0
 
 
 def _multi_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps, *, lr, b1, b2, eps, wd):
@@ -410,7 +411,8 @@ def _multi_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, posi
         cm = device_cm if device_cm[0].dtype == p[0].dtype else [x.to(p[0].dtype) for x in device_cm]
         rv = device_rv if device_rv[0].dtype == p[0].dtype else [x.to(p[0].dtype) for x in device_rv]
         cv = device_cv if device_cv[0].dtype == p[0].dtype else [x.to(p[0].dtype) for x in device_cv]
-        positive = [positive_list[i] for i in indices]  # bool states: grouped by their parameter's index
+        device_positive = [positive_list[i] for i in indices]  # bool states: grouped by their parameter's index
+        positive = [x.to(p[0].dtype) for x in device_positive]  # read as 0 or 1
         if device_steps[0].is_cpu:  # one wrapped scalar, not one per tensor (as torch.optim does)
             torch._foreach_add_(device_steps, torch.tensor(1.0), alpha=1.0)
         else:
@@ -462,6 +464,8 @@ def _multi_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, posi
         if cv is not device_cv:
             for stored, value in zip(device_cv, cv):
                 _store_rounded(stored, value)
+        for stored, value in zip(device_positive, positive):
+            stored.copy_(value != 0)  # kept as != 0
 
 
 def smmf_1(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=None,

@@ -181,7 +181,11 @@ class _Lowering:
             plural = "s" if fn.arity != 1 else ""
             raise SpecError(f"{e.func}() takes {fn.arity} argument{plural}, got {len(e.args)}", e.span,
                             hint=f"call it as {e.func}({', '.join('xyz'[:fn.arity]) if fn.arity <= 3 else '...'})")
-        return ir.Op(e.func, tuple(self.expr(a, allowed) for a in e.args), e.span)
+        op = ir.Op(e.func, tuple(self.expr(a, allowed) for a in e.args), e.span)
+        if fn.matrix and all(self.kind_of(a) == ir.SCALAR for a in op.args):
+            raise SpecError(f"{e.func}() of scalars: matrix work takes tensors", e.span,
+                            hint="multiply scalars with '*'; a transpose of a scalar is the scalar")
+        return op
 
     def kind_of(self, e: ir.Expr) -> str:
         if isinstance(e, ir.Const):

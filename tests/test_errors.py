@@ -124,6 +124,8 @@ CASES = [
     ("hyper-python-keyword", "optimizer Bad\nhyper lambda = 1\np -= lambda * g\n", 2, 7,
      "'lambda' is reserved and cannot be a hyper name", "lambda_"),
     ("state-builtin", "optimizer Bad\nstate g\np -= g\n", 2, 7, "'g' is a built-in name", None),
+    ("matrix-of-scalars", "optimizer Bad\nhyper lr = 1\np -= mm(lr, 0.5) * g\n", 3, 6,
+     "mm() of scalars: matrix work takes tensors", "multiply scalars with '*'"),
     ("hyper-kernel-name", "optimizer Bad\nhyper acc1 = 1\np -= acc1 * g\n", 2, 7,
      "'acc1' is reserved and cannot be a hyper name", "acc1_"),  # a fused kernel's accumulator
     ("class-name-keyword", "optimizer class\np -= g\n", 1, 11, "'class' cannot be a class name", None),

@@ -13,7 +13,7 @@ import sympy as sp
 
 from .. import functions as fn
 from .. import ir
-from ..sym import Plan, is_reduction
+from ..sym import TENSOR, Plan, is_reduction
 
 AXIS_REDUCTIONS = (fn.row_sum, fn.row_mean, fn.row_max, fn.col_sum, fn.col_mean, fn.col_max)
 UNIT_REDUCTIONS = (fn.unit_mean, fn.unit_norm)
@@ -32,13 +32,19 @@ class Fusion:
         self.plan = plan
         prog = plan.program
         self._split_matrix_work(plan)
-        inside = {d.symbol for d in self.section}
+        inside = {d.symbol for d in self.section} | self.dead
         exprs = [d.expr for d in plan.steps if d.symbol not in inside] + [e for _, e in plan.outputs]
         found = list(dict.fromkeys(n for e in exprs for n in _walk_postorder(e) if type(n) in UNIT_REDUCTIONS))
         self.units = found
         axes = list(dict.fromkeys(n for e in exprs for n in _walk_postorder(e) if type(n) in AXIS_REDUCTIONS))
+        # a scalar has size 1 along every axis: reducing one of them keeps it (as on the other paths)
+        levels = plan.level_of()
+        kept = [n for n in axes if all(levels.get(s, TENSOR) < TENSOR for s in n.args[0].free_symbols)]
+        axes = [n for n in axes if n not in kept]
         swap = {n: sp.Symbol(f"unit{k}_") for k, n in enumerate(found)}
         swap |= {n: sp.Symbol(f"ax{k}_") for k, n in enumerate(axes)}
+        for n in kept:
+            swap[n] = n.args[0].xreplace(swap)
         self.swap = swap
         self.unit_syms = [swap[n] for n in found]
         self.unit_operands = [n.args[0].xreplace(swap) for n in found]
@@ -77,6 +83,9 @@ class Fusion:
         read_outside = set().union(*(d.expr.free_symbols for d in plan.steps if d.symbol not in inside),
                                    *(e.free_symbols for _, e in plan.outputs))
         self.exits = [d.symbol for d in self.section if d.symbol in read_outside]
+        self.dead = set() if self.exits else inside  # matrix work nothing reads: not run at all
+        if not self.exits:
+            self.section = []
         reads = set().union(*(d.expr.free_symbols for d in self.section)) - inside
         self.entries = sorted(reads, key=str)  # values, tensors and scalars the section reads
 

@@ -14,7 +14,7 @@ import sympy as sp
 from .. import functions as fn
 from .. import ir
 from ..sym import DEVICE, GROUP, PARAM, TENSOR, Plan, is_reduction
-from .printers import _BY_CLASS, DevicePrinter
+from .printers import _BY_CLASS, DevicePrinter, HostPrinter
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,8 @@ class Emitter:
             return Operand(self.buffer.get(e, str(e)), lvl, self.shapes.get(e, ir.FULL))
         if e.is_Number:
             return Operand(repr(float(e)) if not e.is_Integer else str(int(e)), GROUP)
+        if self._level(e) == GROUP:  # hyperparameters alone that the plan left inline (-lr): a host float
+            return Operand(f"({HostPrinter().doprint(e)})", GROUP)
         return self.emit(e)
 
     def _consume(self, exprs) -> None:

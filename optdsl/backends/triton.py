@@ -77,8 +77,6 @@ def unsupported(plan: Plan) -> str:
         name = f.axis_kind[r].__name__ if r in f.axis_kind else type(f.defs[r]).__name__
         if shape is None or "unit" in shape:
             return f"{name}() of a value with one number per output unit is not fused yet"
-        if r in f.axis_kind and shape == ir.ALL:
-            return f"{name}() of a scalar is not fused yet"
     return ""
 
 
@@ -95,9 +93,9 @@ def kernel_context(plan: Plan) -> dict:
         if not divide:
             return total
         axis = fn.TABLE[f.axis_kind[r].__name__].axis
-        operand = f.shape(f.operand(r))
-        count = "1" if axis in operand else {"-1": "C_", "-2": "R_"}[axis]
-        return f"{total} / {count}.to(C_TYPE)"
+        if axis in f.shape(f.operand(r)):  # the axis has one element: the mean is the value
+            return total
+        return f"{total} / {dict(zip(('-1', '-2'), ('C_', 'R_')))[axis]}.to(C_TYPE)"
 
     def body(exprs, known=None) -> list[str]:
         """The lines that compute `exprs`; `known`: step values stored already, loaded as that state."""
@@ -171,7 +169,8 @@ def kernel_context(plan: Plan) -> dict:
             lines.append(f"tl.store(tl.load(mxin{k}_ptrs + i).to(tl.pointer_type(C_TYPE)) + offsets, {x}, mask=mask)")
         for j, r in enumerate(whole):
             each, combine, _ = _REDUCE[fn.REDUCTIONS[type(f.defs[r])].name]
-            lines.append(f"{r}_x = {pr(f.operand(r))}")
+            x = f.operand(r)  # a number reduced over p: a block of it, in the kernel's dtype
+            lines.append(f"{r}_x = {pr(x) if x.free_symbols else f'tl.full([BLOCK], {pr(x)}, C_TYPE)'}")
             value, once = each.format(x=f"{r}_x"), _ONCE[f.shape(f.operand(r))]
             if combine == "add":
                 part = f"tl.sum(tl.where({once}, {value}, 0.0), axis=0)"
