@@ -25,7 +25,7 @@ from .. import functions as fn
 from .. import ir
 from ..sym import DEVICE, GROUP, PARAM, Plan
 from .fusion import Fusion, early_stores, matrix_nodes
-from .printers import HostPrinter, MatrixPrinter, TritonPrinter, TritonScalar64Printer
+from .printers import _BY_CLASS, HostPrinter, MatrixPrinter, TritonPrinter, TritonScalar64Printer
 
 # whole-tensor reduction -> (what each element adds, how blocks combine, the finished value from the total)
 _REDUCE = {
@@ -49,7 +49,7 @@ _ONCE = {ir.FULL: "mask", ROWS: "mask & (col_ == 0)", COLS: "mask & (row_ == 0)"
          BOTH: "mask & (col_ == 0) & (row_ == 0)", ir.ALL: "mask"}  # a scalar: broadcast over p
 _COUNT = {ir.FULL: "n", ROWS: "(n / C_.to(C_TYPE))", COLS: "(n / R_.to(C_TYPE))",
           BOTH: "(n / (R_ * C_).to(C_TYPE))", ir.ALL: "n"}
-_ROWS = {f.sympy: f for f in fn.TABLE.values() if isinstance(f.sympy, type)}
+_AXIS_SIZE = {"-1": "C_", "-2": "R_"}  # elements along the axis a row (column) reduction reduces
 _SIZE = {ROWS: "B * R", COLS: "B * C", BOTH: "B"}  # per tensor, in the launcher
 _WHAT = {ROWS: "one per row", COLS: "one per column", BOTH: "one per matrix"}
 
@@ -66,7 +66,7 @@ def unsupported(plan: Plan) -> str:
             return f"matrix work that reads a reduction ({steps.get(e, e)}) is not fused yet"
     for e in list(f.defs.values()) + [d.expr for d in plan.param] + [e for _, e in plan.outputs]:
         for node in sp.preorder_traversal(e):  # (the matrix section is printed for torch)
-            row = _ROWS.get(type(node))
+            row = _BY_CLASS.get(type(node))
             if row is not None and not row.triton and not row.reduction and not row.axis:
                 return f"{row.name}() has no Triton form yet (not fused yet)"
     for node, operand in zip(f.units, f.unit_operands):
@@ -95,7 +95,7 @@ def kernel_context(plan: Plan) -> dict:
         axis = fn.TABLE[f.axis_kind[r].__name__].axis
         if axis in f.shape(f.operand(r)):  # the axis has one element: the mean is the value
             return total
-        return f"{total} / {dict(zip(('-1', '-2'), ('C_', 'R_')))[axis]}.to(C_TYPE)"
+        return f"{total} / {_AXIS_SIZE[axis]}.to(C_TYPE)"
 
     def body(exprs, known=None) -> list[str]:
         """The lines that compute `exprs`; `known`: step values stored already, loaded as that state."""
