@@ -1,6 +1,7 @@
 """Property test of the fused path on the zoo's constructs: random specs with rows, cols, bool and
 scalar states, row/column/whole-tensor reductions and matrix work; the fused kernels (Triton's
-interpreter on CPU) equal the foreach path, parameters and states, after a few steps.
+interpreter on CPU, or compiled with TRITON_INTERPRET=0 on a GPU) equal the foreach path,
+parameters and states, after a few steps.
 
 tests/test_properties.py does the same for random core-language specs; this generator writes the
 shapes of what the zoo needs, where the fused path has its own machinery (stages, accumulators per
@@ -18,8 +19,10 @@ from hypothesis import strategies as st
 import optdsl
 
 triton = pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("runs the kernels under TRITON_INTERPRET=1", allow_module_level=True)
+# under the interpreter on CPU (CI); with TRITON_INTERPRET=0 on a CUDA machine, compiled on the GPU
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET=0 needs a CUDA device", allow_module_level=True)
 
 UNARY = ["abs({})", "sqrt(abs({}) + 1)", "exp(-abs({}))", "sign({})", "tanh({})", "({})^2"]
 BINARY = ["({} + {})", "({} - {})", "({} * {})", "max({}, {})", "min({}, {})", "({} / (abs({}) + 1))"]
@@ -66,11 +69,11 @@ def random_spec(rng) -> str:
 
 def _steps(cls, shapes, seed, **mode):
     gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    params = [torch.randn(s, generator=gen, dtype=torch.float64).to(DEVICE) for s in shapes]
     opt = cls(params, **mode)
     for _ in range(3):
         for p in params:
-            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(DEVICE)
         opt.step()
     return params, opt
 
@@ -82,7 +85,7 @@ def test_random_zoo_spec_fused_equals_foreach(rng, shapes, seed):
     note(text)
     cls = optdsl.compile(text, "random_zoo.opt")
     why = __import__(cls.__module__, fromlist=["fused_available"]).fused_available(
-        [torch.zeros(s) for s in shapes])
+        [torch.zeros(s, device=DEVICE) for s in shapes])
     assert not why, f"{why}\n{text}"
     (fused, fused_opt), (ref, ref_opt) = _steps(cls, shapes, seed, fused=True), _steps(cls, shapes, seed, foreach=True)
     for a, b in zip(fused, ref):
