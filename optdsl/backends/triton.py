@@ -148,7 +148,7 @@ def kernel_context(plan: Plan) -> dict:
     def known(stage: int) -> dict:
         return {e: b for b, (s, e) in early.items() if s < stage and e.is_Symbol}
 
-    def as_tensor(e, shape="[BLOCK]") -> str:  # a number stored is a tensor of them (Triton's .to needs one)
+    def as_tensor(e, shape="[BLOCK]") -> str:  # a number stored or reduced: a block of it, in the kernel's dtype
         return pr(e) if e.free_symbols else f"tl.full({shape}, {pr(e)}, C_TYPE)"
 
     def stores(outputs):
@@ -169,8 +169,7 @@ def kernel_context(plan: Plan) -> dict:
             lines.append(f"tl.store(tl.load(mxin{k}_ptrs + i).to(tl.pointer_type(C_TYPE)) + offsets, {x}, mask=mask)")
         for j, r in enumerate(whole):
             each, combine, _ = _REDUCE[fn.REDUCTIONS[type(f.defs[r])].name]
-            x = f.operand(r)  # a number reduced over p: a block of it, in the kernel's dtype
-            lines.append(f"{r}_x = {pr(x) if x.free_symbols else f'tl.full([BLOCK], {pr(x)}, C_TYPE)'}")
+            lines.append(f"{r}_x = {as_tensor(f.operand(r))}")
             value, once = each.format(x=f"{r}_x"), _ONCE[f.shape(f.operand(r))]
             if combine == "add":
                 part = f"tl.sum(tl.where({once}, {value}, 0.0), axis=0)"
