@@ -20,6 +20,7 @@ The spec::
 from __future__ import annotations
 
 import math
+import operator
 import os
 
 import torch
@@ -29,6 +30,7 @@ __all__ = ["AdaLo", "adalo"]
 
 # Parameters in these dtypes are updated in their own precision; lower ones in float32.
 _EXACT = (torch.float32, torch.float64)
+_IS_SPARSE = operator.attrgetter("is_sparse")
 
 
 def _store_rounded(stored, value):
@@ -156,24 +158,26 @@ class AdaLo(Optimizer):
         return bool(group["fused"])
 
     def _init_group(self, group, params, grads, m_list, loss_avg_list, state_steps):
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("AdaLo does not support sparse gradients")
-            params.append(p)
-            grads.append(p.grad)
-            state = self.state[p]
-            if len(state) == 0:  # lazy state initialisation, as in torch.optim
-                # `step` lives where the update reads it: on the parameter's device for the fused
-                # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
-                state["step"] = torch.zeros((), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
-                                            device=p.device if self._fused_for(group, p) else "cpu")
-                state["m"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
-                state["loss_avg"] = p.new_zeros((), dtype=_state_dtype(group, p))
-            m_list.append(state["m"])
-            loss_avg_list.append(state["loss_avg"])
-            state_steps.append(state["step"])
+        # Whole lists at a time, not one loop of appends: this runs at every step, over every parameter.
+        with_grad = [p for p in group["params"] if p.grad is not None]
+        new_grads = [p.grad for p in with_grad]
+        if any(map(_IS_SPARSE, new_grads)):
+            raise RuntimeError("AdaLo does not support sparse gradients")
+        states = [self.state[p] for p in with_grad]
+        if not all("step" in state for state in states):
+            for p, state in zip(with_grad, states):
+                if len(state) == 0:  # lazy state initialisation, as in torch.optim
+                    # `step` lives where the update reads it: on the parameter's device for the fused
+                    # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
+                    state["step"] = torch.zeros((), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
+                                                device=p.device if self._fused_for(group, p) else "cpu")
+                    state["m"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+                    state["loss_avg"] = p.new_zeros((), dtype=_state_dtype(group, p))
+        params += with_grad
+        grads += new_grads
+        m_list += [state["m"] for state in states]
+        loss_avg_list += [state["loss_avg"] for state in states]
+        state_steps += [state["step"] for state in states]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -222,11 +226,11 @@ def adalo(params, grads, m_list, loss_avg_list, state_steps, *, foreach=None, fu
         why = fused_available(params)
         if why:
             raise RuntimeError(f"AdaLo(fused=True) cannot run: {why}")
-    if foreach is None:
-        _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     if fused:
         impl = _fused_adalo
     else:
+        if foreach is None:  # a pass over every parameter: only when it decides something
+            _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
         impl = _multi_tensor_adalo if foreach else _single_tensor_adalo
     impl(params, grads, m_list, loss_avg_list, state_steps, **hypers)
 
@@ -319,16 +323,18 @@ LAUNCHES = 0  # kernel launches so far (tests count them)
 # on an H100 (bench/results/gpu-sweep-h100-80gb-hbm3.json).
 _BLOCK = 1024
 _NUM_WARPS = 4
+_IS_CUDA = operator.attrgetter("is_cuda")
+_DTYPE = operator.attrgetter("dtype")
 
 
 def _triton_ready(params) -> str:
     """Why Triton cannot run on these parameters ('' when it can)."""
     if triton is None:
         return "Triton is not installed"
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if not all(p.is_cuda or interpreted for p in params):
+    # map() over the tensors' own methods: this runs at every step, over every parameter
+    if not (os.environ.get("TRITON_INTERPRET") == "1" or all(map(_IS_CUDA, params))):
         return "the fused path runs on CUDA tensors (or under TRITON_INTERPRET=1)"
-    if not all(p.is_contiguous() for p in params):
+    if not all(map(torch.Tensor.is_contiguous, params)):
         return "the fused path needs contiguous parameters"
     return ""
 
@@ -340,8 +346,9 @@ def fused_available(params) -> str:
 
 def _fused_by_default(params) -> bool:
     """fused=None: the fused kernel where it can run on CUDA, as torch.optim prefers its own."""
-    # one pass: this runs at every step, over every parameter
-    return bool(params) and triton is not None and all(p.is_cuda and p.is_contiguous() for p in params)
+    # map() over the tensors' own methods: this runs at every step, over every parameter
+    return (bool(params) and triton is not None and all(map(_IS_CUDA, params))
+            and all(map(torch.Tensor.is_contiguous, params)))
 
 
 if triton is not None:
@@ -461,7 +468,7 @@ if triton is not None:
 
 _TRITON_TYPES = {}
 _BLOCK_MAPS = {}
-_POINTERS = {}  # a few recent pointer tables, keyed by device and data pointers
+_POINTERS = {}  # recently used pointer tables, keyed by device and data pointers
 _HYPERS = {}  # a few recent hyperparameter tables, keyed by device and values
 
 
@@ -492,18 +499,35 @@ def _block_map(numels, device, block):
     return _BLOCK_MAPS[key]
 
 
+def _groups(params, *lists):
+    """Per (device, dtype) of the parameters: those parameters and the entries of each list at their
+    indices (gradients, states, steps). The parameters alone decide: autograd keeps each gradient
+    on its parameter's device and dtype, and states may be stored in another dtype. The usual single
+    group passes the lists through after two passes over the parameters: torch's grouping takes
+    several times as long, and this runs at every step."""
+    if len(set(map(_DTYPE, params))) == 1 and len(set(map(torch.Tensor.get_device, params))) == 1:
+        return {(params[0].device, params[0].dtype): (params, *lists)}
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params], with_indices=True)
+    return {key: (group, *([x[i] for i in indices] for x in lists))
+            for key, ((group,), indices) in grouped.items()}
+
+
 def _pointer_tables(lists, device, cache=True):
-    """One int64 table of data pointers per operand, kept while the tensors stay where they are
-    (`cache=False`: tensors made for this step alone)."""
-    ptrs = tuple(tuple(map(torch.Tensor.data_ptr, tensors)) for tensors in lists)
+    """One int64 table of data pointers per operand, each kept while its tensors stay where they
+    are: gradients may move at every step, parameters and states seldom. (`cache=False`: tensors
+    made for this step alone.)"""
     if not cache:
-        return _upload(torch.tensor(ptrs, dtype=torch.int64), device)
-    key = (device, ptrs)
-    if key not in _POINTERS:
-        if len(_POINTERS) >= 8:  # gradients may move between steps: keep only recent tables
-            _POINTERS.pop(next(iter(_POINTERS)))
-        _POINTERS[key] = _upload(torch.tensor(ptrs, dtype=torch.int64), device)
-    return _POINTERS[key]
+        return _upload(torch.tensor([list(map(torch.Tensor.data_ptr, x)) for x in lists], dtype=torch.int64), device)
+    tables = []
+    for tensors in lists:
+        key = (device, tuple(map(torch.Tensor.data_ptr, tensors)))
+        table = _POINTERS.pop(key, None)  # and put back last: the least recently used go first
+        if table is None:
+            if len(_POINTERS) >= 64:
+                _POINTERS.pop(next(iter(_POINTERS)))
+            table = _upload(torch.tensor(key[1], dtype=torch.int64), device)
+        tables.append(_POINTERS.setdefault(key, table))
+    return tables
 
 
 def _hyper_table(values, device):
@@ -526,16 +550,14 @@ def _fused_adalo(params, grads, m_list, loss_avg_list, state_steps, *, b1, b2, k
     k3 = 1 - b2
     k4 = 1 - b1
     hyper_values = (float(eps), float(k0), float(k1), float(k2), float(k3), float(k4), )
-    # states follow the parameters by index: they may be stored in another dtype
-    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
-    for (device, dtype), ((p, g, device_steps), indices) in grouped.items():
-        m = [m_list[i] for i in indices]
-        loss_avg = [loss_avg_list[i] for i in indices]
+    groups = _groups(params, grads, m_list, loss_avg_list, state_steps)
+    for (device, dtype), (p, g, m, loss_avg, device_steps) in groups.items():
         if device_steps[0].device != device:
             raise RuntimeError("AdaLo(fused=True): step counts must be on the parameters' device "
                                f"({device}), found {device_steps[0].device}")
         torch._foreach_add_(device_steps, 1)  # one launch on the device, no sync
-        g = [x if x.is_contiguous() else x.contiguous() for x in g]  # kept alive until the launch ends
+        if not all(map(torch.Tensor.is_contiguous, g)):
+            g = [x.contiguous() for x in g]  # kept alive until the launch ends
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         numels, block_tensor, block_start = _block_map(tuple(map(torch.Tensor.numel, p)), device, _BLOCK)
         pointers = _pointer_tables([p, g, m, loss_avg, device_steps], device)

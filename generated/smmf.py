@@ -35,6 +35,7 @@ The spec::
 from __future__ import annotations
 
 import math
+import operator
 import os
 
 import torch
@@ -44,6 +45,7 @@ __all__ = ["SMMF", "smmf"]
 
 # Parameters in these dtypes are updated in their own precision; lower ones in float32.
 _EXACT = (torch.float32, torch.float64)
+_IS_SPARSE = operator.attrgetter("is_sparse")
 
 
 def _store_rounded(stored, value):
@@ -201,54 +203,54 @@ class SMMF(Optimizer):
         return 1
 
     def _init_group_0(self, group, params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps):
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if self._rule_of(p, group) != 0:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("SMMF does not support sparse gradients")
-            params.append(p)
-            grads.append(p.grad)
-            state = self.state[p]
-            if len(state) == 0:  # lazy state initialisation, as in torch.optim
-                # `step` lives where the update reads it: on the parameter's device for the fused
-                # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
-                state["step"] = torch.zeros((), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
-                                            device=p.device if self._fused_for(group, p) else "cpu")
-                state["rm"] = p.new_zeros(p.shape[:-1] + (1,), dtype=_state_dtype(group, p))
-                state["cm"] = p.new_zeros(p.shape[:-2] + (1,) + p.shape[-1:], dtype=_state_dtype(group, p))
-                state["rv"] = p.new_zeros(p.shape[:-1] + (1,), dtype=_state_dtype(group, p))
-                state["cv"] = p.new_zeros(p.shape[:-2] + (1,) + p.shape[-1:], dtype=_state_dtype(group, p))
-                state["positive"] = p.new_zeros(p.shape, dtype=torch.bool)
-            rm_list.append(state["rm"])
-            cm_list.append(state["cm"])
-            rv_list.append(state["rv"])
-            cv_list.append(state["cv"])
-            positive_list.append(state["positive"])
-            state_steps.append(state["step"])
+        # Whole lists at a time, not one loop of appends: this runs at every step, over every parameter.
+        with_grad = [p for p in group["params"] if p.grad is not None and self._rule_of(p, group) == 0]
+        new_grads = [p.grad for p in with_grad]
+        if any(map(_IS_SPARSE, new_grads)):
+            raise RuntimeError("SMMF does not support sparse gradients")
+        states = [self.state[p] for p in with_grad]
+        if not all("step" in state for state in states):
+            for p, state in zip(with_grad, states):
+                if len(state) == 0:  # lazy state initialisation, as in torch.optim
+                    # `step` lives where the update reads it: on the parameter's device for the fused
+                    # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
+                    state["step"] = torch.zeros((), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
+                                                device=p.device if self._fused_for(group, p) else "cpu")
+                    state["rm"] = p.new_zeros(p.shape[:-1] + (1,), dtype=_state_dtype(group, p))
+                    state["cm"] = p.new_zeros(p.shape[:-2] + (1,) + p.shape[-1:], dtype=_state_dtype(group, p))
+                    state["rv"] = p.new_zeros(p.shape[:-1] + (1,), dtype=_state_dtype(group, p))
+                    state["cv"] = p.new_zeros(p.shape[:-2] + (1,) + p.shape[-1:], dtype=_state_dtype(group, p))
+                    state["positive"] = p.new_zeros(p.shape, dtype=torch.bool)
+        params += with_grad
+        grads += new_grads
+        rm_list += [state["rm"] for state in states]
+        cm_list += [state["cm"] for state in states]
+        rv_list += [state["rv"] for state in states]
+        cv_list += [state["cv"] for state in states]
+        positive_list += [state["positive"] for state in states]
+        state_steps += [state["step"] for state in states]
 
     def _init_group_1(self, group, params, grads, m_list, v_list, state_steps):
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if self._rule_of(p, group) != 1:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("SMMF does not support sparse gradients")
-            params.append(p)
-            grads.append(p.grad)
-            state = self.state[p]
-            if len(state) == 0:  # lazy state initialisation, as in torch.optim
-                # `step` lives where the update reads it: on the parameter's device for the fused
-                # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
-                state["step"] = torch.zeros((), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
-                                            device=p.device if self._fused_for(group, p) else "cpu")
-                state["m"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
-                state["v"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
-            m_list.append(state["m"])
-            v_list.append(state["v"])
-            state_steps.append(state["step"])
+        # Whole lists at a time, not one loop of appends: this runs at every step, over every parameter.
+        with_grad = [p for p in group["params"] if p.grad is not None and self._rule_of(p, group) == 1]
+        new_grads = [p.grad for p in with_grad]
+        if any(map(_IS_SPARSE, new_grads)):
+            raise RuntimeError("SMMF does not support sparse gradients")
+        states = [self.state[p] for p in with_grad]
+        if not all("step" in state for state in states):
+            for p, state in zip(with_grad, states):
+                if len(state) == 0:  # lazy state initialisation, as in torch.optim
+                    # `step` lives where the update reads it: on the parameter's device for the fused
+                    # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
+                    state["step"] = torch.zeros((), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
+                                                device=p.device if self._fused_for(group, p) else "cpu")
+                    state["m"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+                    state["v"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+        params += with_grad
+        grads += new_grads
+        m_list += [state["m"] for state in states]
+        v_list += [state["v"] for state in states]
+        state_steps += [state["step"] for state in states]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -311,11 +313,11 @@ def smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, sta
         why = _fused_available_0(params)
         if why:
             raise RuntimeError(f"SMMF(fused=True) cannot run: {why}")
-    if foreach is None:
-        _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     if fused:
         impl = _fused_smmf_0
     else:
+        if foreach is None:  # a pass over every parameter: only when it decides something
+            _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
         impl = _multi_tensor_smmf_0 if foreach else _single_tensor_smmf_0
     impl(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps, **hypers)
 
@@ -482,11 +484,11 @@ def smmf_1(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=No
         why = _fused_available_1(params)
         if why:
             raise RuntimeError(f"SMMF(fused=True) cannot run: {why}")
-    if foreach is None:
-        _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     if fused:
         impl = _fused_smmf_1
     else:
+        if foreach is None:  # a pass over every parameter: only when it decides something
+            _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
         impl = _multi_tensor_smmf_1 if foreach else _single_tensor_smmf_1
     impl(params, grads, m_list, v_list, state_steps, **hypers)
 
@@ -586,16 +588,18 @@ LAUNCHES = 0  # kernel launches so far (tests count them)
 # on an H100 (bench/results/gpu-sweep-h100-80gb-hbm3.json).
 _BLOCK = 1024
 _NUM_WARPS = 4
+_IS_CUDA = operator.attrgetter("is_cuda")
+_DTYPE = operator.attrgetter("dtype")
 
 
 def _triton_ready(params) -> str:
     """Why Triton cannot run on these parameters ('' when it can)."""
     if triton is None:
         return "Triton is not installed"
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if not all(p.is_cuda or interpreted for p in params):
+    # map() over the tensors' own methods: this runs at every step, over every parameter
+    if not (os.environ.get("TRITON_INTERPRET") == "1" or all(map(_IS_CUDA, params))):
         return "the fused path runs on CUDA tensors (or under TRITON_INTERPRET=1)"
-    if not all(p.is_contiguous() for p in params):
+    if not all(map(torch.Tensor.is_contiguous, params)):
         return "the fused path needs contiguous parameters"
     return ""
 
@@ -607,7 +611,8 @@ def fused_available(params) -> str:
 
 def _fused_by_default(params) -> bool:
     """fused=None: where the step count lives (on the device when some rule runs fused there)."""
-    return bool(params) and triton is not None and all(p.is_cuda and p.is_contiguous() for p in params)
+    return (bool(params) and triton is not None and all(map(_IS_CUDA, params))
+            and all(map(torch.Tensor.is_contiguous, params)))
 
 
 def _fused_available_0(params) -> str:
@@ -619,8 +624,9 @@ def _fused_available_0(params) -> str:
 
 def _fused_by_default_0(params) -> bool:
     """fused=None: the fused kernel where it can run on CUDA, as torch.optim prefers its own."""
-    # one pass: this runs at every step, over every parameter
-    return bool(params) and triton is not None and all(p.is_cuda and p.is_contiguous() and p.dim() >= 2 for p in params)
+    # map() over the tensors' own methods: this runs at every step, over every parameter
+    return (bool(params) and triton is not None and all(map(_IS_CUDA, params))
+            and all(map(torch.Tensor.is_contiguous, params)) and min(map(torch.Tensor.dim, params)) >= 2)
 
 
 def _fused_available_1(params) -> str:
@@ -630,8 +636,9 @@ def _fused_available_1(params) -> str:
 
 def _fused_by_default_1(params) -> bool:
     """fused=None: the fused kernel where it can run on CUDA, as torch.optim prefers its own."""
-    # one pass: this runs at every step, over every parameter
-    return bool(params) and triton is not None and all(p.is_cuda and p.is_contiguous() for p in params)
+    # map() over the tensors' own methods: this runs at every step, over every parameter
+    return (bool(params) and triton is not None and all(map(_IS_CUDA, params))
+            and all(map(torch.Tensor.is_contiguous, params)))
 
 
 if triton is not None:
@@ -1000,7 +1007,7 @@ if triton is not None:
 
 _TRITON_TYPES = {}
 _BLOCK_MAPS = {}
-_POINTERS = {}  # a few recent pointer tables, keyed by device and data pointers
+_POINTERS = {}  # recently used pointer tables, keyed by device and data pointers
 _HYPERS = {}  # a few recent hyperparameter tables, keyed by device and values
 
 
@@ -1031,18 +1038,35 @@ def _block_map(numels, device, block):
     return _BLOCK_MAPS[key]
 
 
+def _groups(params, *lists):
+    """Per (device, dtype) of the parameters: those parameters and the entries of each list at their
+    indices (gradients, states, steps). The parameters alone decide: autograd keeps each gradient
+    on its parameter's device and dtype, and states may be stored in another dtype. The usual single
+    group passes the lists through after two passes over the parameters: torch's grouping takes
+    several times as long, and this runs at every step."""
+    if len(set(map(_DTYPE, params))) == 1 and len(set(map(torch.Tensor.get_device, params))) == 1:
+        return {(params[0].device, params[0].dtype): (params, *lists)}
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params], with_indices=True)
+    return {key: (group, *([x[i] for i in indices] for x in lists))
+            for key, ((group,), indices) in grouped.items()}
+
+
 def _pointer_tables(lists, device, cache=True):
-    """One int64 table of data pointers per operand, kept while the tensors stay where they are
-    (`cache=False`: tensors made for this step alone)."""
-    ptrs = tuple(tuple(map(torch.Tensor.data_ptr, tensors)) for tensors in lists)
+    """One int64 table of data pointers per operand, each kept while its tensors stay where they
+    are: gradients may move at every step, parameters and states seldom. (`cache=False`: tensors
+    made for this step alone.)"""
     if not cache:
-        return _upload(torch.tensor(ptrs, dtype=torch.int64), device)
-    key = (device, ptrs)
-    if key not in _POINTERS:
-        if len(_POINTERS) >= 8:  # gradients may move between steps: keep only recent tables
-            _POINTERS.pop(next(iter(_POINTERS)))
-        _POINTERS[key] = _upload(torch.tensor(ptrs, dtype=torch.int64), device)
-    return _POINTERS[key]
+        return _upload(torch.tensor([list(map(torch.Tensor.data_ptr, x)) for x in lists], dtype=torch.int64), device)
+    tables = []
+    for tensors in lists:
+        key = (device, tuple(map(torch.Tensor.data_ptr, tensors)))
+        table = _POINTERS.pop(key, None)  # and put back last: the least recently used go first
+        if table is None:
+            if len(_POINTERS) >= 64:
+                _POINTERS.pop(next(iter(_POINTERS)))
+            table = _upload(torch.tensor(key[1], dtype=torch.int64), device)
+        tables.append(_POINTERS.setdefault(key, table))
+    return tables
 
 
 def _hyper_table(values, device):
@@ -1078,19 +1102,14 @@ def _fused_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_li
     k1 = 1 - b2
     k2 = 1 - b1
     hyper_values = (float(b1), float(b2), float(eps), float(k0), float(k1), float(k2), float(lr), )
-    # states follow the parameters by index: they may be stored in another dtype
-    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
-    for (device, dtype), ((p, g, device_steps), indices) in grouped.items():
-        rm = [rm_list[i] for i in indices]
-        cm = [cm_list[i] for i in indices]
-        rv = [rv_list[i] for i in indices]
-        cv = [cv_list[i] for i in indices]
-        positive = [positive_list[i] for i in indices]
+    groups = _groups(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps)
+    for (device, dtype), (p, g, rm, cm, rv, cv, positive, device_steps) in groups.items():
         if device_steps[0].device != device:
             raise RuntimeError("SMMF(fused=True): step counts must be on the parameters' device "
                                f"({device}), found {device_steps[0].device}")
         torch._foreach_add_(device_steps, 1)  # one launch on the device, no sync
-        g = [x if x.is_contiguous() else x.contiguous() for x in g]  # kept alive until the launch ends
+        if not all(map(torch.Tensor.is_contiguous, g)):
+            g = [x.contiguous() for x in g]  # kept alive until the launch ends
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         numels, block_tensor, block_start = _block_map(tuple(map(torch.Tensor.numel, p)), device, _BLOCK)
         pointers = _pointer_tables([p, g, rm, cm, rv, cv, positive, device_steps], device)
@@ -1123,16 +1142,14 @@ def _fused_smmf_1(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps
     k1 = 1 - b2
     k2 = 1 - b1
     hyper_values = (float(b1), float(b2), float(eps), float(k0), float(k1), float(k2), float(lr), )
-    # states follow the parameters by index: they may be stored in another dtype
-    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
-    for (device, dtype), ((p, g, device_steps), indices) in grouped.items():
-        m = [m_list[i] for i in indices]
-        v = [v_list[i] for i in indices]
+    groups = _groups(params, grads, m_list, v_list, state_steps)
+    for (device, dtype), (p, g, m, v, device_steps) in groups.items():
         if device_steps[0].device != device:
             raise RuntimeError("SMMF(fused=True): step counts must be on the parameters' device "
                                f"({device}), found {device_steps[0].device}")
         torch._foreach_add_(device_steps, 1)  # one launch on the device, no sync
-        g = [x if x.is_contiguous() else x.contiguous() for x in g]  # kept alive until the launch ends
+        if not all(map(torch.Tensor.is_contiguous, g)):
+            g = [x.contiguous() for x in g]  # kept alive until the launch ends
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         numels, block_tensor, block_start = _block_map(tuple(map(torch.Tensor.numel, p)), device, _BLOCK)
         pointers = _pointer_tables([p, g, m, v, device_steps], device)

@@ -419,3 +419,31 @@ def test_state_dict_has_torch_keys_and_dtypes(case):
     assert {k: v for k, v in saved["param_groups"][0].items() if k in expected["param_groups"][0]} == {
         k: v for k, v in expected["param_groups"][0].items() if k in saved["param_groups"][0] and k != "foreach"
     } | {"foreach": None}
+
+
+def test_a_state_saved_as_none_is_made_afresh_like_a_missing_one():
+    """A state_dict may hold None for a state never made (torch.optim.SGD's momentum_buffer): it
+    loads as if the entry were not there, and the next step makes the state."""
+    SGD = spec("sgd")
+    gen = torch.Generator().manual_seed(4)
+    init = torch.randn(6, generator=gen, dtype=torch.float64)
+    g0 = torch.randn(6, generator=gen, dtype=torch.float64)
+    finals = []
+    for saved_buffer in ("none", "absent"):
+        p = torch.nn.Parameter(init.clone())
+        opt = SGD([p], lr=0.1, momentum=0.9)
+        p.grad = g0.clone()
+        opt.step()
+        saved = opt.state_dict()
+        if saved_buffer == "none":
+            saved["state"][0]["momentum_buffer"] = None
+        else:
+            del saved["state"][0]["momentum_buffer"]
+        opt = SGD([p], lr=0.1, momentum=0.9)
+        opt.load_state_dict(saved)
+        for step in range(3):
+            p.grad = g0 * (step + 2)
+            opt.step()
+        finals.append((p.detach().clone(), opt.state[p]["momentum_buffer"].clone()))
+    (p_none, buf_none), (p_absent, buf_absent) = finals
+    assert torch.equal(p_none, p_absent) and torch.equal(buf_none, buf_absent)

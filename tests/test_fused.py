@@ -3,6 +3,7 @@
 Under TRITON_INTERPRET=1 (tests/conftest.py) the kernels run on CPU tensors; with
 TRITON_INTERPRET=0 on a CUDA machine the same tests run compiled on the GPU.
 """
+import copy
 import importlib
 import os
 
@@ -417,3 +418,58 @@ def test_an_axis_reduction_of_a_scalar_is_the_scalar(body):
         out.append(p)
     for x in out[1:]:
         torch.testing.assert_close(out[0], x, rtol=1e-12, atol=1e-12)
+
+
+def test_one_group_of_mixed_dtypes_launches_once_per_dtype():
+    """Parameters of three dtypes interleaved in one group: one launch per dtype and step, each
+    parameter updated with its own states (picked by index from the group's lists)."""
+    from generated import adamw
+    gen = torch.Generator().manual_seed(5)
+    dtypes = [torch.float32, torch.bfloat16, torch.float64] * 3
+    init = [torch.randn(3 + 40 * i, generator=gen, dtype=torch.float64).to(d) for i, d in enumerate(dtypes)]
+    grads = [[torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype) for x in init] for _ in range(4)]
+    results = []
+    for mode in (dict(fused=True), dict(foreach=True)):
+        params = [x.clone().to(DEVICE) for x in init]
+        opt = adamw.AdamW(params, lr=1e-2, weight_decay=0.1, **mode)
+        before = adamw.LAUNCHES
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.to(DEVICE)
+            opt.step()
+        results.append((params, opt, adamw.LAUNCHES - before))
+    (fused, fused_opt, launches), (ref, ref_opt, _) = results
+    assert launches == 3 * len(grads)
+    for a, b in zip(fused, ref):
+        tol = 1e-12 if a.dtype == torch.float64 else 2e-6
+        if a.dtype == torch.bfloat16:
+            torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -7, atol=1e-6)
+        else:
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+        torch.testing.assert_close(fused_opt.state[a]["exp_avg_sq"].cpu(), ref_opt.state[b]["exp_avg_sq"].cpu(),
+                                   rtol=1e-5, atol=1e-9)
+
+
+def test_tensors_that_move_between_steps_are_followed():
+    """Pointer tables are kept between steps; parameters given new storage (`p.data = ...`) and
+    states replaced by load_state_dict must be read from where they are now, not from a kept table."""
+    from generated import adamw
+    gen = torch.Generator().manual_seed(6)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    grads = [[torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in init] for _ in range(6)]
+    results = []
+    for mode in (dict(fused=True), dict(foreach=True)):
+        params = [x.clone().to(DEVICE) for x in init]
+        opt = adamw.AdamW(params, lr=1e-2, **mode)
+        for step, step_grads in enumerate(grads):
+            if step == 2:  # new storage for every parameter, old contents
+                for p in params:
+                    p.data = p.data.clone()
+            if step == 4:  # every state replaced by a copy
+                opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+            for p, g in zip(params, step_grads):
+                p.grad = g.to(DEVICE)
+            opt.step()
+        results.append(params)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
