@@ -144,7 +144,7 @@ def main(argv=None):
             u()
 
     meta = dict(torch=torch.__version__, date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                command="python bench/bench_host.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                command=" ".join(["python bench/bench_host.py", *(argv if argv is not None else sys.argv[1:])]),
                 fresh_grads=not args.fixed_grads, step_add=args.keep_step_add,
                 windows=args.windows, steps=args.steps, cpus=os.cpu_count())
     args.out.mkdir(parents=True, exist_ok=True)
