@@ -369,13 +369,25 @@ if triton is not None:
             return x.to(TYPE)
 
     @triton.jit
+    def _mix32(h):
+        """A 32-bit integer hash (Wellons' lowbias32): each input bit flips about half the output bits."""
+        h = h ^ (h >> 16)
+        h = h * 0x7FEB352D
+        h = h ^ (h >> 15)
+        h = h * 0x846CA68B
+        return h ^ (h >> 16)
+
+    @triton.jit
     def _to_state(x, TYPE: tl.constexpr, STOCHASTIC: tl.constexpr, seed, counters):
         """x as a state is stored: bfloat16 states (state_dtype) round stochastically, up with
-        probability (x - below) / spacing, so small updates still add up; others as _round_to."""
+        probability (x - below) / spacing, so small updates still add up; others as _round_to.
+        The 16 random bits per element hash its counter with a key made from the seed: a few
+        integer operations, where Philox (tl.randint) spends ten rounds on bits that only need to
+        be uniform. Without a GPU, `python bench/ptx_count.py` counts what each costs."""
         if STOCHASTIC:
             bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-            # 32-bit counters: Philox's 32-bit form (64-bit offsets would select its slower 64-bit one)
-            bits = bits + (tl.randint(seed, counters.to(tl.uint32)).to(tl.uint32, bitcast=True) & 0xFFFF)
+            key = _mix32(seed.to(tl.uint32, bitcast=True))  # one per program: a new key every step and tensor
+            bits = bits + (_mix32(counters.to(tl.uint32) ^ key) & 0xFFFF)
             return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
         else:
             return _round_to(x, TYPE)

@@ -473,3 +473,33 @@ def test_tensors_that_move_between_steps_are_followed():
         results.append(params)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_stochastic_rounding_in_the_kernel_is_unbiased_and_independent():
+    """bfloat16 states: each value between bfloat16 neighbours rounds up with probability equal to
+    where it lies between them, and the draws of two states, two tensors and two steps are
+    independent (they agree as often as independent draws would, not always)."""
+    import optdsl
+    TwoStates = optdsl.compile("optimizer TwoStates\nhyper lr = 0\nstate a, b\na = a + g\nb = b + g\np -= lr * a\n")
+    below, spacing, n, frac = 1.0, 2.0 ** -7, 20000, 0.25
+    torch.manual_seed(2)
+    runs = []
+    for _ in range(2):
+        params = [torch.zeros(n, device=DEVICE), torch.zeros(n, device=DEVICE)]
+        opt = TwoStates(params, fused=True, state_dtype=torch.bfloat16)
+        for p in params:
+            p.grad = torch.full((n,), below + frac * spacing, device=DEVICE)
+        opt.step()
+        runs.append([(opt.state[p]["a"].double().cpu(), opt.state[p]["b"].double().cpu()) for p in params])
+    ups = []
+    for tensors in runs:
+        for a, b in tensors:
+            for s in (a, b):
+                assert set(s.unique().tolist()) <= {below, below + spacing}
+                ups.append(s > below)
+                assert abs(ups[-1].double().mean().item() - frac) < 4 * (frac * (1 - frac) / n) ** 0.5
+    independent = frac ** 2 + (1 - frac) ** 2  # how often two independent draws agree
+    for x, y, what in [(ups[0], ups[1], "two states"), (ups[0], ups[2], "two tensors"),
+                       (ups[0], ups[4], "two steps")]:
+        agree = (x == y).double().mean().item()
+        assert abs(agree - independent) < 0.02, what

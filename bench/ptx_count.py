@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""What each generated kernel costs per thread, read from its PTX: no GPU needed.
+
+Triton compiles a kernel to PTX for an NVIDIA architecture on any machine (the LLVM backend ships
+with it); only running it needs the GPU. The instructions a thread executes per block are, for
+these straight-line kernels, the lines of PTX, so this counts them, and the global loads and
+stores by width: ``ld.global.v4.b32`` moves 16 bytes, ``ld.global.b32`` four. It is a static count
+of the code, not a timing; bench/bench_gpu.py measures time on a GPU.
+
+Run it from the repository root::
+
+    python bench/ptx_count.py [--specs adamw,lion,sgd,lamb] [--arch 90] [--out bench/results]
+
+Each kernel is compiled the way the launcher calls it for float32 parameters and states, bfloat16
+parameters with float32 states, and bfloat16 states (stochastic rounding), with its tensors
+aligned on 16 bytes (ALIGNED=True, as torch's allocator gives them) and not (ALIGNED=False).
+Results: ``<out>/ptx.json`` and ``<out>/ptx.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "0"  # real @triton.jit kernels, compiled for the target below
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+# The launcher's arguments by name (see optdsl/templates/triton_fused.py.j2), as Triton types.
+_FIXED = {"numels": "*i64", "block_tensor": "*i32", "block_start": "*i64", "hypers": "*fp64",
+          "seed": "i32", "shapes": "*fp64", "unit_rows": "*i64", "geometry": "*i64"}
+CONFIGS = {  # name: (P_TYPE, S_TYPE, STOCHASTIC)
+    "fp32": (tl.float32, tl.float32, False),
+    "bf16 params": (tl.bfloat16, tl.float32, False),
+    "bf16 states": (tl.float32, tl.bfloat16, True),
+}
+_ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[a-z]+)*?(\.v[248])?\.b(\d+)")
+
+
+def signature(kernel, p_type, s_type, stochastic, aligned, block):
+    types, constexprs = {}, {}
+    for index, param in enumerate(kernel.params):
+        name = param.name
+        if param.is_constexpr:
+            types[name] = "constexpr"
+            constexprs[(index,)] = dict(P_TYPE=p_type, S_TYPE=s_type, C_TYPE=tl.float32, T_TYPE=tl.float32,
+                                        STOCHASTIC=stochastic, ALIGNED=aligned, BLOCK=block)[name]
+        elif name in _FIXED:
+            types[name] = _FIXED[name]
+        elif name.endswith("_ptrs"):
+            types[name] = "*i64"
+        else:  # accumulators of reductions, in the arithmetic dtype
+            types[name] = "*fp32"
+    return types, constexprs
+
+
+def count(ptx: str) -> dict:
+    lines = [x.strip() for x in ptx.splitlines()]
+    instructions = [x for x in lines if x and not x.startswith(("//", ".", "$", "{", "}", ")", "("))]
+    accesses = {}
+    for op, vec, bits in _ACCESS.findall(ptx):
+        width = int(bits) // 8 * (int(vec[2:]) if vec else 1)
+        key = f"{op} {width}B"
+        accesses[key] = accesses.get(key, 0) + 1
+    return dict(instructions=len(instructions), accesses=dict(sorted(accesses.items())))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--specs", default="adamw,lion,sgd,lamb", help="modules of generated/")
+    ap.add_argument("--arch", type=int, default=90, help="compute capability (90: H100)")
+    ap.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
+    args = ap.parse_args(argv)
+    target = GPUTarget("cuda", args.arch, 32)
+    records = []
+    for spec in args.specs.split(","):
+        module = importlib.import_module(f"generated.{spec}")
+        func = module.__all__[1]  # the functional form's name: kernels are _<func>_<kernel>
+        kernels = {name: k for name, k in vars(module).items()
+                   if isinstance(k, triton.runtime.JITFunction) and name.startswith(f"_{func}_")}
+        for name, kernel in sorted(kernels.items()):
+            for config, (p_type, s_type, stochastic) in CONFIGS.items():
+                for aligned in (True, False):
+                    types, constexprs = signature(kernel, p_type, s_type, stochastic, aligned, module._BLOCK)
+                    src = triton.compiler.ASTSource(fn=kernel, signature=types, constexprs=constexprs)
+                    ptx = triton.compile(src, target=target, options={"num_warps": module._NUM_WARPS}).asm["ptx"]
+                    row = dict(spec=spec, kernel=name, config=config, aligned=aligned, **count(ptx))
+                    records.append(row)
+                    print(f"{spec:8} {name:24} {config:12} aligned={aligned!s:5} {row['instructions']:5} "
+                          f"instructions  {row['accesses']}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = dict(triton=triton.__version__, arch=f"sm_{args.arch}",
+                command=" ".join(["python bench/ptx_count.py", *(argv if argv is not None else sys.argv[1:])]))
+    (args.out / "ptx.json").write_text(json.dumps(dict(meta=meta, records=records), indent=1) + "\n")
+    md = ["# PTX of the generated kernels (static counts, no GPU)", "",
+          f"Triton {meta['triton']}, {meta['arch']}, `{meta['command']}`. Instructions: PTX lines a thread "
+          "executes per block (BLOCK elements over the block's threads). Accesses: global loads (ld) and "
+          "stores (st) by bytes per instruction.", "",
+          "| spec | kernel | config | aligned | instructions | accesses |", "|---|---|---|---|---|---|"]
+    md += [f"| {r['spec']} | {r['kernel']} | {r['config']} | {r['aligned']} | {r['instructions']} | "
+           + ", ".join(f"{k}: {v}" for k, v in r["accesses"].items()) + " |" for r in records]
+    (args.out / "ptx.md").write_text("\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    main()
