@@ -668,6 +668,32 @@ if triton is not None:
             return _round_to(x, TYPE)
 
     @triton.jit
+    def _pointer(table, i, TYPE: tl.constexpr, ALIGNED: tl.constexpr):
+        """Tensor i's data pointer from an int64 table, as a pointer to TYPE; ALIGNED: on 16 bytes."""
+        ptr = tl.load(table + i).to(tl.pointer_type(TYPE))
+        if ALIGNED:
+            ptr = tl.multiple_of(ptr, 16)
+        return ptr
+
+    @triton.jit
+    def _load(ptr, offsets, mask, whole):
+        """ptr[offsets] where mask. A whole block loads without a mask: with aligned pointers Triton
+        then moves 16 bytes per access, where a mask of unknown extent splits them into elements."""
+        if whole:
+            x = tl.load(ptr + offsets)
+        else:
+            x = tl.load(ptr + offsets, mask=mask)
+        return x
+
+    @triton.jit
+    def _store(ptr, offsets, x, mask, whole):
+        """ptr[offsets] = x where mask; a whole block stores without a mask (see _load)."""
+        if whole:
+            tl.store(ptr + offsets, x)
+        else:
+            tl.store(ptr + offsets, x, mask=mask)
+
+    @triton.jit
     def _add_by_segment(acc, segment, x, mask, IS_MAX: tl.constexpr):
         """acc[segment] += x (or max) for the masked elements, where `segment` never decreases along
         the block (a row, a unit, a matrix: contiguous elements). A block touching few segments
@@ -712,13 +738,19 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i)
-        offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+        start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
+        offsets = start + tl.arange(0, BLOCK)
         mask = offsets < n
+        if ALIGNED:
+            whole = start + BLOCK <= n  # no mask needed: 16 bytes per load and store
+        else:
+            whole = False
         n = n.to(C_TYPE)
         # The tensor as [B, R, C]: each element's column, row and batch; the index of its row among
         # all rows (where a rows state or row reduction keeps it) and of its column among all columns.
@@ -732,11 +764,11 @@ if triton is not None:
         mat_ = offsets // (R_ * C_)
         rows_ = offsets // C_
         cols_ = mat_ * C_ + col_
-        p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_TYPE))
-        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
-        r_ptr = tl.load(r_ptrs + i).to(tl.pointer_type(S_TYPE))
-        c_ptr = tl.load(c_ptrs + i).to(tl.pointer_type(S_TYPE))
-        m_ptr = tl.load(m_ptrs + i).to(tl.pointer_type(S_TYPE))
+        p_ptr = _pointer(p_ptrs, i, P_TYPE, ALIGNED)
+        g_ptr = _pointer(g_ptrs, i, P_TYPE, ALIGNED)
+        r_ptr = _pointer(r_ptrs, i, S_TYPE, False)
+        c_ptr = _pointer(c_ptrs, i, S_TYPE, False)
+        m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
         beta2_decay = tl.load(hypers + 0)
         eps1 = tl.load(hypers + 1)
         eps2 = tl.load(hypers + 2)
@@ -756,11 +788,11 @@ if triton is not None:
         k1 = k1.to(C_TYPE)
         k2 = k2.to(C_TYPE)
         k3 = k3.to(C_TYPE)
-        p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
-        g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
+        p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
+        g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
         r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
         c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
-        m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
+        m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         x0 = ((g) * (g))
         r0_x = p
         tl.atomic_add(acc1 + i * 1 + 0, tl.sum(tl.where(mask, r0_x * r0_x, 0.0), axis=0))
@@ -791,13 +823,19 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i)
-        offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+        start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
+        offsets = start + tl.arange(0, BLOCK)
         mask = offsets < n
+        if ALIGNED:
+            whole = start + BLOCK <= n  # no mask needed: 16 bytes per load and store
+        else:
+            whole = False
         n = n.to(C_TYPE)
         # The tensor as [B, R, C]: each element's column, row and batch; the index of its row among
         # all rows (where a rows state or row reduction keeps it) and of its column among all columns.
@@ -811,11 +849,11 @@ if triton is not None:
         mat_ = offsets // (R_ * C_)
         rows_ = offsets // C_
         cols_ = mat_ * C_ + col_
-        p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_TYPE))
-        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
-        r_ptr = tl.load(r_ptrs + i).to(tl.pointer_type(S_TYPE))
-        c_ptr = tl.load(c_ptrs + i).to(tl.pointer_type(S_TYPE))
-        m_ptr = tl.load(m_ptrs + i).to(tl.pointer_type(S_TYPE))
+        p_ptr = _pointer(p_ptrs, i, P_TYPE, ALIGNED)
+        g_ptr = _pointer(g_ptrs, i, P_TYPE, ALIGNED)
+        r_ptr = _pointer(r_ptrs, i, S_TYPE, False)
+        c_ptr = _pointer(c_ptrs, i, S_TYPE, False)
+        m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
         beta2_decay = tl.load(hypers + 0)
         eps1 = tl.load(hypers + 1)
         eps2 = tl.load(hypers + 2)
@@ -835,11 +873,11 @@ if triton is not None:
         k1 = k1.to(C_TYPE)
         k2 = k2.to(C_TYPE)
         k3 = k3.to(C_TYPE)
-        p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
-        g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
+        p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
+        g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
         r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
         c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
-        m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
+        m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         ax0_ = tl.load(axacc0 + axbase0_ + rows_, mask=mask) / C_.to(C_TYPE)
         x1 = (r + c1 * (ax0_ - r))
         ax2_x = x1
@@ -867,13 +905,19 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i)
-        offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+        start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
+        offsets = start + tl.arange(0, BLOCK)
         mask = offsets < n
+        if ALIGNED:
+            whole = start + BLOCK <= n  # no mask needed: 16 bytes per load and store
+        else:
+            whole = False
         n = n.to(C_TYPE)
         # The tensor as [B, R, C]: each element's column, row and batch; the index of its row among
         # all rows (where a rows state or row reduction keeps it) and of its column among all columns.
@@ -887,11 +931,11 @@ if triton is not None:
         mat_ = offsets // (R_ * C_)
         rows_ = offsets // C_
         cols_ = mat_ * C_ + col_
-        p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_TYPE))
-        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
-        r_ptr = tl.load(r_ptrs + i).to(tl.pointer_type(S_TYPE))
-        c_ptr = tl.load(c_ptrs + i).to(tl.pointer_type(S_TYPE))
-        m_ptr = tl.load(m_ptrs + i).to(tl.pointer_type(S_TYPE))
+        p_ptr = _pointer(p_ptrs, i, P_TYPE, ALIGNED)
+        g_ptr = _pointer(g_ptrs, i, P_TYPE, ALIGNED)
+        r_ptr = _pointer(r_ptrs, i, S_TYPE, False)
+        c_ptr = _pointer(c_ptrs, i, S_TYPE, False)
+        m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
         beta2_decay = tl.load(hypers + 0)
         eps1 = tl.load(hypers + 1)
         eps2 = tl.load(hypers + 2)
@@ -911,11 +955,11 @@ if triton is not None:
         k1 = k1.to(C_TYPE)
         k2 = k2.to(C_TYPE)
         k3 = k3.to(C_TYPE)
-        p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
-        g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
+        p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
+        g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
         r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
         c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
-        m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
+        m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         ax0_ = tl.load(axacc0 + axbase0_ + rows_, mask=mask) / C_.to(C_TYPE)
         ax1_ = tl.load(axacc1 + axbase1_ + cols_, mask=mask) / R_.to(C_TYPE)
         ax2_ = tl.load(axacc2 + axbase2_ + mat_, mask=mask) / R_.to(C_TYPE)
@@ -947,13 +991,19 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i)
-        offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+        start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
+        offsets = start + tl.arange(0, BLOCK)
         mask = offsets < n
+        if ALIGNED:
+            whole = start + BLOCK <= n  # no mask needed: 16 bytes per load and store
+        else:
+            whole = False
         n = n.to(C_TYPE)
         # The tensor as [B, R, C]: each element's column, row and batch; the index of its row among
         # all rows (where a rows state or row reduction keeps it) and of its column among all columns.
@@ -967,11 +1017,11 @@ if triton is not None:
         mat_ = offsets // (R_ * C_)
         rows_ = offsets // C_
         cols_ = mat_ * C_ + col_
-        p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_TYPE))
-        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
-        r_ptr = tl.load(r_ptrs + i).to(tl.pointer_type(S_TYPE))
-        c_ptr = tl.load(c_ptrs + i).to(tl.pointer_type(S_TYPE))
-        m_ptr = tl.load(m_ptrs + i).to(tl.pointer_type(S_TYPE))
+        p_ptr = _pointer(p_ptrs, i, P_TYPE, ALIGNED)
+        g_ptr = _pointer(g_ptrs, i, P_TYPE, ALIGNED)
+        r_ptr = _pointer(r_ptrs, i, S_TYPE, False)
+        c_ptr = _pointer(c_ptrs, i, S_TYPE, False)
+        m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
         beta2_decay = tl.load(hypers + 0)
         eps1 = tl.load(hypers + 1)
         eps2 = tl.load(hypers + 2)
@@ -991,11 +1041,11 @@ if triton is not None:
         k1 = k1.to(C_TYPE)
         k2 = k2.to(C_TYPE)
         k3 = k3.to(C_TYPE)
-        p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
-        g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
+        p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
+        g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
         r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
         c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
-        m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
+        m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         ax0_ = tl.load(axacc0 + axbase0_ + rows_, mask=mask) / C_.to(C_TYPE)
         ax1_ = tl.load(axacc1 + axbase1_ + cols_, mask=mask) / R_.to(C_TYPE)
         ax2_ = tl.load(axacc2 + axbase2_ + mat_, mask=mask) / R_.to(C_TYPE)
@@ -1007,9 +1057,9 @@ if triton is not None:
         r1 = tl.sqrt(tl.load(acc3 + i * 1 + 0) / n)
         d1 = (1.0 / ((tl.maximum(1.0, k1*r1))))
         x4 = (m + k3 * ((d1*x3) - m))
-        tl.store(p_ptr + offsets, _round_to(d0*x4 + k0*p, P_TYPE), mask=mask)
-        tl.store(m_ptr + offsets, _to_state(x4, S_TYPE, STOCHASTIC, seed + i,
-                                                 offsets * 3 + 2), mask=mask)
+        _store(p_ptr, offsets, _round_to(d0*x4 + k0*p, P_TYPE), mask, whole)
+        _store(m_ptr, offsets, _to_state(x4, S_TYPE, STOCHASTIC, seed + i,
+                                                 offsets * 3 + 2), mask, whole)
 
     @triton.jit(do_not_specialize=["seed"])
     def _adafactorm_0_reduced(
@@ -1033,13 +1083,19 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i)
-        offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+        start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
+        offsets = start + tl.arange(0, BLOCK)
         mask = offsets < n
+        if ALIGNED:
+            whole = start + BLOCK <= n  # no mask needed: 16 bytes per load and store
+        else:
+            whole = False
         n = n.to(C_TYPE)
         # The tensor as [B, R, C]: each element's column, row and batch; the index of its row among
         # all rows (where a rows state or row reduction keeps it) and of its column among all columns.
@@ -1053,11 +1109,11 @@ if triton is not None:
         mat_ = offsets // (R_ * C_)
         rows_ = offsets // C_
         cols_ = mat_ * C_ + col_
-        p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_TYPE))
-        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
-        r_ptr = tl.load(r_ptrs + i).to(tl.pointer_type(S_TYPE))
-        c_ptr = tl.load(c_ptrs + i).to(tl.pointer_type(S_TYPE))
-        m_ptr = tl.load(m_ptrs + i).to(tl.pointer_type(S_TYPE))
+        p_ptr = _pointer(p_ptrs, i, P_TYPE, ALIGNED)
+        g_ptr = _pointer(g_ptrs, i, P_TYPE, ALIGNED)
+        r_ptr = _pointer(r_ptrs, i, S_TYPE, False)
+        c_ptr = _pointer(c_ptrs, i, S_TYPE, False)
+        m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
         beta2_decay = tl.load(hypers + 0)
         eps1 = tl.load(hypers + 1)
         eps2 = tl.load(hypers + 2)
@@ -1077,11 +1133,11 @@ if triton is not None:
         k1 = k1.to(C_TYPE)
         k2 = k2.to(C_TYPE)
         k3 = k3.to(C_TYPE)
-        p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
-        g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
+        p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
+        g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
         r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
         c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
-        m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
+        m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         ax0_ = tl.load(axacc0 + axbase0_ + rows_, mask=mask) / C_.to(C_TYPE)
         ax1_ = tl.load(axacc1 + axbase1_ + cols_, mask=mask) / R_.to(C_TYPE)
         x1 = (r + c1 * (ax0_ - r))
@@ -1109,18 +1165,24 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i)
-        offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+        start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
+        offsets = start + tl.arange(0, BLOCK)
         mask = offsets < n
+        if ALIGNED:
+            whole = start + BLOCK <= n  # no mask needed: 16 bytes per load and store
+        else:
+            whole = False
         n = n.to(C_TYPE)
-        p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_TYPE))
-        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
-        v_ptr = tl.load(v_ptrs + i).to(tl.pointer_type(S_TYPE))
-        m_ptr = tl.load(m_ptrs + i).to(tl.pointer_type(S_TYPE))
+        p_ptr = _pointer(p_ptrs, i, P_TYPE, ALIGNED)
+        g_ptr = _pointer(g_ptrs, i, P_TYPE, ALIGNED)
+        v_ptr = _pointer(v_ptrs, i, S_TYPE, ALIGNED)
+        m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
         beta2_decay = tl.load(hypers + 0)
         eps2 = tl.load(hypers + 1)
         k0 = tl.load(hypers + 2)
@@ -1138,18 +1200,18 @@ if triton is not None:
         k1 = k1.to(C_TYPE)
         k2 = k2.to(C_TYPE)
         k3 = k3.to(C_TYPE)
-        p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
-        g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
-        v = tl.load(v_ptr + offsets, mask=mask).to(C_TYPE)
-        m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
+        p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
+        g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
+        m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         x0 = (v + c1 * (((g) * (g)) - v))
         x1 = g/tl.sqrt(tl.maximum(k2, x0))
         r0_x = p
         tl.atomic_add(acc1 + i * 2 + 0, tl.sum(tl.where(mask, r0_x * r0_x, 0.0), axis=0))
         r1_x = x1
         tl.atomic_add(acc1 + i * 2 + 1, tl.sum(tl.where(mask, r1_x * r1_x, 0.0), axis=0))
-        tl.store(v_ptr + offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
-                                                 offsets * 2 + 0), mask=mask)
+        _store(v_ptr, offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
+                                                 offsets * 2 + 0), mask, whole)
 
     @triton.jit(do_not_specialize=["seed"])
     def _adafactorm_1_kernel(
@@ -1167,18 +1229,24 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i)
-        offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+        start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
+        offsets = start + tl.arange(0, BLOCK)
         mask = offsets < n
+        if ALIGNED:
+            whole = start + BLOCK <= n  # no mask needed: 16 bytes per load and store
+        else:
+            whole = False
         n = n.to(C_TYPE)
-        p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_TYPE))
-        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
-        v_ptr = tl.load(v_ptrs + i).to(tl.pointer_type(S_TYPE))
-        m_ptr = tl.load(m_ptrs + i).to(tl.pointer_type(S_TYPE))
+        p_ptr = _pointer(p_ptrs, i, P_TYPE, ALIGNED)
+        g_ptr = _pointer(g_ptrs, i, P_TYPE, ALIGNED)
+        v_ptr = _pointer(v_ptrs, i, S_TYPE, ALIGNED)
+        m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
         beta2_decay = tl.load(hypers + 0)
         eps2 = tl.load(hypers + 1)
         k0 = tl.load(hypers + 2)
@@ -1196,10 +1264,10 @@ if triton is not None:
         k1 = k1.to(C_TYPE)
         k2 = k2.to(C_TYPE)
         k3 = k3.to(C_TYPE)
-        p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
-        g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
-        v = tl.load(v_ptr + offsets, mask=mask).to(C_TYPE)
-        m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
+        p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
+        g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
+        m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         r0 = tl.sqrt(tl.load(acc1 + i * 2 + 0) / n)
         d0 = -c0*tl.maximum(eps2, r0)
         x0 = v  # stored by an earlier launch
@@ -1207,9 +1275,9 @@ if triton is not None:
         r1 = tl.sqrt(tl.load(acc1 + i * 2 + 1) / n)
         d1 = (1.0 / ((tl.maximum(1.0, k1*r1))))
         x2 = (m + k3 * ((d1*x1) - m))
-        tl.store(p_ptr + offsets, _round_to(d0*x2 + k0*p, P_TYPE), mask=mask)
-        tl.store(m_ptr + offsets, _to_state(x2, S_TYPE, STOCHASTIC, seed + i,
-                                                 offsets * 2 + 1), mask=mask)
+        _store(p_ptr, offsets, _round_to(d0*x2 + k0*p, P_TYPE), mask, whole)
+        _store(m_ptr, offsets, _to_state(x2, S_TYPE, STOCHASTIC, seed + i,
+                                                 offsets * 2 + 1), mask, whole)
 
 
 _TRITON_TYPES = {}
@@ -1259,21 +1327,24 @@ def _groups(params, *lists):
 
 
 def _pointer_tables(lists, device, cache=True):
-    """One int64 table of data pointers per operand, each kept while its tensors stay where they
-    are: gradients may move at every step, parameters and states seldom. (`cache=False`: tensors
-    made for this step alone.)"""
+    """One int64 table of data pointers per operand, and whether each operand's tensors all start on
+    16 bytes (the kernels then move 16 bytes per access). Each table is kept while its tensors stay
+    where they are: gradients may move at every step, parameters and states seldom. (`cache=False`:
+    tensors made for this step alone, one 2-D table.)"""
     if not cache:
         return _upload(torch.tensor([list(map(torch.Tensor.data_ptr, x)) for x in lists], dtype=torch.int64), device)
-    tables = []
+    tables, aligned = [], []
     for tensors in lists:
         key = (device, tuple(map(torch.Tensor.data_ptr, tensors)))
-        table = _POINTERS.pop(key, None)  # and put back last: the least recently used go first
-        if table is None:
+        entry = _POINTERS.pop(key, None)  # and put back last: the least recently used go first
+        if entry is None:
             if len(_POINTERS) >= 64:
                 _POINTERS.pop(next(iter(_POINTERS)))
-            table = _upload(torch.tensor(key[1], dtype=torch.int64), device)
-        tables.append(_POINTERS.setdefault(key, table))
-    return tables
+            entry = (_upload(torch.tensor(key[1], dtype=torch.int64), device), all(x % 16 == 0 for x in key[1]))
+        _POINTERS[key] = entry
+        tables.append(entry[0])
+        aligned.append(entry[1])
+    return tables, aligned
 
 
 def _hyper_table(values, device):
@@ -1320,7 +1391,7 @@ def _fused_adafactorm_0(params, grads, r_list, c_list, m_list, state_steps, *, l
             g = [x.contiguous() for x in g]  # kept alive until the launch ends
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         numels, block_tensor, block_start = _block_map(tuple(map(torch.Tensor.numel, p)), device, _BLOCK)
-        pointers = _pointer_tables([p, g, r, c, m, device_steps], device)
+        pointers, aligned = _pointer_tables([p, g, r, c, m, device_steps], device)
         state_type = r[0].dtype
         stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
         seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
@@ -1336,6 +1407,7 @@ def _fused_adafactorm_0(params, grads, r_list, c_list, m_list, state_steps, *, l
         args.append(_upload(torch.tensor([0.0] * len(p), dtype=compute), device))
         types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
                      C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
+                     ALIGNED=all(aligned[k] for k in (0, 1, 4)),
                      num_warps=_NUM_WARPS)
         _adafactorm_0_stage1[(len(block_tensor),)](*args, **types)
         _adafactorm_0_stage2[(len(block_tensor),)](*args, **types)
@@ -1364,7 +1436,7 @@ def _fused_adafactorm_1(params, grads, v_list, m_list, state_steps, *, lr, beta2
             g = [x.contiguous() for x in g]  # kept alive until the launch ends
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         numels, block_tensor, block_start = _block_map(tuple(map(torch.Tensor.numel, p)), device, _BLOCK)
-        pointers = _pointer_tables([p, g, v, m, device_steps], device)
+        pointers, aligned = _pointer_tables([p, g, v, m, device_steps], device)
         state_type = v[0].dtype
         stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
         seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
@@ -1373,6 +1445,7 @@ def _fused_adafactorm_1(params, grads, v_list, m_list, state_steps, *, lr, beta2
         args.append(_upload(torch.tensor([0.0, 0.0] * len(p), dtype=compute), device))
         types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
                      C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
+                     ALIGNED=all(aligned[k] for k in (0, 1, 2, 3)),
                      num_warps=_NUM_WARPS)
         _adafactorm_1_stage1[(len(block_tensor),)](*args, **types)
         _adafactorm_1_kernel[(len(block_tensor),)](*args, **types)

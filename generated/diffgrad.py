@@ -420,6 +420,32 @@ if triton is not None:
         else:
             return _round_to(x, TYPE)
 
+    @triton.jit
+    def _pointer(table, i, TYPE: tl.constexpr, ALIGNED: tl.constexpr):
+        """Tensor i's data pointer from an int64 table, as a pointer to TYPE; ALIGNED: on 16 bytes."""
+        ptr = tl.load(table + i).to(tl.pointer_type(TYPE))
+        if ALIGNED:
+            ptr = tl.multiple_of(ptr, 16)
+        return ptr
+
+    @triton.jit
+    def _load(ptr, offsets, mask, whole):
+        """ptr[offsets] where mask. A whole block loads without a mask: with aligned pointers Triton
+        then moves 16 bytes per access, where a mask of unknown extent splits them into elements."""
+        if whole:
+            x = tl.load(ptr + offsets)
+        else:
+            x = tl.load(ptr + offsets, mask=mask)
+        return x
+
+    @triton.jit
+    def _store(ptr, offsets, x, mask, whole):
+        """ptr[offsets] = x where mask; a whole block stores without a mask (see _load)."""
+        if whole:
+            tl.store(ptr + offsets, x)
+        else:
+            tl.store(ptr + offsets, x, mask=mask)
+
     @triton.jit(do_not_specialize=["seed"])
     def _diffgrad_kernel(
         p_ptrs, g_ptrs,  # int64 tables: one data pointer per tensor
@@ -436,19 +462,25 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i)
-        offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+        start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
+        offsets = start + tl.arange(0, BLOCK)
         mask = offsets < n
+        if ALIGNED:
+            whole = start + BLOCK <= n  # no mask needed: 16 bytes per load and store
+        else:
+            whole = False
         n = n.to(C_TYPE)
-        p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(P_TYPE))
-        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(P_TYPE))
-        m_ptr = tl.load(m_ptrs + i).to(tl.pointer_type(S_TYPE))
-        v_ptr = tl.load(v_ptrs + i).to(tl.pointer_type(S_TYPE))
-        g_prev_ptr = tl.load(g_prev_ptrs + i).to(tl.pointer_type(S_TYPE))
+        p_ptr = _pointer(p_ptrs, i, P_TYPE, ALIGNED)
+        g_ptr = _pointer(g_ptrs, i, P_TYPE, ALIGNED)
+        m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
+        v_ptr = _pointer(v_ptrs, i, S_TYPE, ALIGNED)
+        g_prev_ptr = _pointer(g_prev_ptrs, i, S_TYPE, ALIGNED)
         b1 = tl.load(hypers + 0)
         b2 = tl.load(hypers + 1)
         eps = tl.load(hypers + 2)
@@ -463,21 +495,21 @@ if triton is not None:
         k0 = k0.to(C_TYPE)
         k1 = k1.to(C_TYPE)
         wd = wd.to(C_TYPE)
-        p = tl.load(p_ptr + offsets, mask=mask).to(C_TYPE)
-        g = tl.load(g_ptr + offsets, mask=mask).to(C_TYPE)
-        m = tl.load(m_ptr + offsets, mask=mask).to(C_TYPE)
-        v = tl.load(v_ptr + offsets, mask=mask).to(C_TYPE)
-        g_prev = tl.load(g_prev_ptr + offsets, mask=mask).to(C_TYPE)
+        p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
+        g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
+        v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
+        g_prev = _load(g_prev_ptr, offsets, mask, whole).to(C_TYPE)
         x0 = g + p*wd
         x1 = (v + k0 * (((x0) * (x0)) - v))
         x2 = (m + k1 * (x0 - m))
-        tl.store(p_ptr + offsets, _round_to(c0*x2*tl.sigmoid(tl.abs((g_prev - x0)))/(eps + tl.sqrt(x1)) + p, P_TYPE), mask=mask)
-        tl.store(m_ptr + offsets, _to_state(x2, S_TYPE, STOCHASTIC, seed + i,
-                                                 offsets * 3 + 0), mask=mask)
-        tl.store(v_ptr + offsets, _to_state(x1, S_TYPE, STOCHASTIC, seed + i,
-                                                 offsets * 3 + 1), mask=mask)
-        tl.store(g_prev_ptr + offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
-                                                 offsets * 3 + 2), mask=mask)
+        _store(p_ptr, offsets, _round_to(c0*x2*tl.sigmoid(tl.abs((g_prev - x0)))/(eps + tl.sqrt(x1)) + p, P_TYPE), mask, whole)
+        _store(m_ptr, offsets, _to_state(x2, S_TYPE, STOCHASTIC, seed + i,
+                                                 offsets * 3 + 0), mask, whole)
+        _store(v_ptr, offsets, _to_state(x1, S_TYPE, STOCHASTIC, seed + i,
+                                                 offsets * 3 + 1), mask, whole)
+        _store(g_prev_ptr, offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
+                                                 offsets * 3 + 2), mask, whole)
 
 
 _TRITON_TYPES = {}
@@ -527,21 +559,24 @@ def _groups(params, *lists):
 
 
 def _pointer_tables(lists, device, cache=True):
-    """One int64 table of data pointers per operand, each kept while its tensors stay where they
-    are: gradients may move at every step, parameters and states seldom. (`cache=False`: tensors
-    made for this step alone.)"""
+    """One int64 table of data pointers per operand, and whether each operand's tensors all start on
+    16 bytes (the kernels then move 16 bytes per access). Each table is kept while its tensors stay
+    where they are: gradients may move at every step, parameters and states seldom. (`cache=False`:
+    tensors made for this step alone, one 2-D table.)"""
     if not cache:
         return _upload(torch.tensor([list(map(torch.Tensor.data_ptr, x)) for x in lists], dtype=torch.int64), device)
-    tables = []
+    tables, aligned = [], []
     for tensors in lists:
         key = (device, tuple(map(torch.Tensor.data_ptr, tensors)))
-        table = _POINTERS.pop(key, None)  # and put back last: the least recently used go first
-        if table is None:
+        entry = _POINTERS.pop(key, None)  # and put back last: the least recently used go first
+        if entry is None:
             if len(_POINTERS) >= 64:
                 _POINTERS.pop(next(iter(_POINTERS)))
-            table = _upload(torch.tensor(key[1], dtype=torch.int64), device)
-        tables.append(_POINTERS.setdefault(key, table))
-    return tables
+            entry = (_upload(torch.tensor(key[1], dtype=torch.int64), device), all(x % 16 == 0 for x in key[1]))
+        _POINTERS[key] = entry
+        tables.append(entry[0])
+        aligned.append(entry[1])
+    return tables, aligned
 
 
 def _hyper_table(values, device):
@@ -571,13 +606,14 @@ def _fused_diffgrad(params, grads, m_list, v_list, g_prev_list, state_steps, *, 
             g = [x.contiguous() for x in g]  # kept alive until the launch ends
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         numels, block_tensor, block_start = _block_map(tuple(map(torch.Tensor.numel, p)), device, _BLOCK)
-        pointers = _pointer_tables([p, g, m, v, g_prev, device_steps], device)
+        pointers, aligned = _pointer_tables([p, g, m, v, g_prev, device_steps], device)
         state_type = m[0].dtype
         stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
         seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
         args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed]
         types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
                      C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
+                     ALIGNED=all(aligned[k] for k in (0, 1, 2, 3, 4)),
                      num_warps=_NUM_WARPS)
         _diffgrad_kernel[(len(block_tensor),)](*args, **types)
         LAUNCHES += 1

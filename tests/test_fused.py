@@ -6,6 +6,7 @@ TRITON_INTERPRET=0 on a CUDA machine the same tests run compiled on the GPU.
 import copy
 import importlib
 import os
+import tempfile
 
 import pytest
 import torch
@@ -503,3 +504,56 @@ def test_stochastic_rounding_in_the_kernel_is_unbiased_and_independent():
                        (ups[0], ups[4], "two steps")]:
         agree = (x == y).double().mean().item()
         assert abs(agree - independent) < 0.02, what
+
+
+def test_whole_blocks_of_aligned_tensors_move_16_bytes_per_access(monkeypatch):
+    """Tensors on 16 bytes launch with ALIGNED: whole blocks then load and store without a mask,
+    which Triton compiles to 16-byte accesses (bench/ptx_count.py reads them from the PTX).
+    A tensor off by one element launches without it, and both give foreach's result."""
+    from generated import adamw
+    seen = []
+    kernel = adamw._adamw_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs["ALIGNED"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(adamw, "_adamw_kernel", Spy())
+    gen = torch.Generator().manual_seed(7)
+    base = torch.randn(5000, generator=gen, dtype=torch.float64)
+    grads = [torch.randn(2100, generator=gen, dtype=torch.float64) for _ in range(3)]
+    for offset, aligned in ((0, True), (1, False)):
+        results = []
+        for mode in (dict(fused=True), dict(foreach=True)):
+            storage = base.clone().to(DEVICE)
+            p = storage[offset:offset + 2100]  # a view: its data starts `offset` elements in
+            opt = adamw.AdamW([p], lr=1e-2, **mode)
+            for g in grads:
+                p.grad = g.to(DEVICE)
+                opt.step()
+            results.append(p)
+        assert seen[-1] is aligned
+        torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)
+
+
+def test_the_ptx_of_a_whole_block_moves_16_bytes_per_access():
+    """Compiled for an H100 (no GPU needed to compile): 16-byte loads and stores with ALIGNED,
+    none without."""
+    import json
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory() as out:
+        done = subprocess.run([sys.executable, "bench/ptx_count.py", "--specs", "adamw", "--out", out],
+                              capture_output=True, text=True, cwd=root)
+        assert done.returncode == 0, done.stderr
+        records = json.loads(open(os.path.join(out, "ptx.json")).read())["records"]
+    for r in records:
+        wide = {k: v for k, v in r["accesses"].items() if k.endswith(" 16B")}
+        if r["aligned"]:
+            assert wide.get("ld 16B", 0) >= 4 and wide.get("st 16B", 0) >= 3, r  # p, g, m, v in; p, m, v out
+        else:
+            assert not wide, r
