@@ -2,10 +2,11 @@
 """What each generated kernel costs per thread, read from its PTX: no GPU needed.
 
 Triton compiles a kernel to PTX for an NVIDIA architecture on any machine (the LLVM backend ships
-with it); only running it needs the GPU. The instructions a thread executes per block are, for
-these straight-line kernels, the lines of PTX, so this counts them, and the global loads and
-stores by width: ``ld.global.v4.b32`` moves 16 bytes, ``ld.global.b32`` four. It is a static count
-of the code, not a timing; bench/bench_gpu.py measures time on a GPU.
+with it); only running it needs the GPU. This counts the kernel's PTX instructions (straight-line
+code, except that with ALIGNED a load or store has two forms: unmasked for whole blocks, masked
+for a tensor's last block; both are counted), and its global loads and stores by width:
+``ld.global.v4.b32`` moves 16 bytes, ``ld.global.b32`` four. It is a static count of the code, not
+a timing; bench/bench_gpu.py measures time on a GPU.
 
 Run it from the repository root::
 
@@ -104,9 +105,10 @@ def main(argv=None):
                 command=" ".join(["python bench/ptx_count.py", *(argv if argv is not None else sys.argv[1:])]))
     (args.out / "ptx.json").write_text(json.dumps(dict(meta=meta, records=records), indent=1) + "\n")
     md = ["# PTX of the generated kernels (static counts, no GPU)", "",
-          f"Triton {meta['triton']}, {meta['arch']}, `{meta['command']}`. Instructions: PTX lines a thread "
-          "executes per block (BLOCK elements over the block's threads). Accesses: global loads (ld) and "
-          "stores (st) by bytes per instruction.", "",
+          f"Triton {meta['triton']}, {meta['arch']}, `{meta['command']}`. Instructions: PTX instructions of "
+          "the kernel, per thread (BLOCK elements over the block's threads); with ALIGNED they include both "
+          "forms of each load and store (unmasked for whole blocks, masked for the last). Accesses: global "
+          "loads (ld) and stores (st) in the code, by bytes per instruction.", "",
           "| spec | kernel | config | aligned | instructions | accesses |", "|---|---|---|---|---|---|"]
     md += [f"| {r['spec']} | {r['kernel']} | {r['config']} | {r['aligned']} | {r['instructions']} | "
            + ", ".join(f"{k}: {v}" for k, v in r["accesses"].items()) + " |" for r in records]
