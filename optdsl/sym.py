@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import sympy as sp
 from sympy.core.parameters import global_parameters
 
+from . import functions as fn
 from . import ir
 from .errors import SpecError
 from .functions import COMPARISONS, REDUCTIONS, TABLE
@@ -117,6 +118,10 @@ def meanings(prog: ir.Program, barriers: list | None = None, names=None
     return syms, env, outputs
 
 
+# Axis and unit reductions that give back a scalar operand unchanged (a norm would take its abs).
+_KEEPS_A_SCALAR = (fn.row_mean, fn.col_mean, fn.row_sum, fn.col_sum, fn.row_max, fn.col_max, fn.unit_mean)
+
+
 def is_reduction(e: sp.Expr) -> bool:
     return type(e) in REDUCTIONS
 
@@ -188,6 +193,10 @@ class _Hoister:
     def hoist(self, e: sp.Expr, ceiling: int) -> sp.Expr:
         if e.is_Atom:
             return e
+        if type(e) in _KEEPS_A_SCALAR and self.level(e.args[0]) < TENSOR:
+            # a scalar has size 1 along every axis: reducing one is the scalar itself (a definition
+            # `d0 = s` would alias a scalar state that the step then updates in place)
+            return self.hoist(e.args[0], ceiling)
         lvl = self.level(e)
         if lvl < ceiling or is_reduction(e):  # a reduction always gets its own name
             return self.define(e, lvl)

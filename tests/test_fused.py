@@ -403,7 +403,12 @@ def test_a_comparison_is_in_the_kernels_arithmetic_dtype():
 
 @pytest.mark.parametrize("body", ["p -= 0.1 * row_sum(sum(g)) * g", "state c: cols\nc = lerp(c, col_mean(norm(g)), 0.5)\np -= c * g",
                                   "state r: rows, s: scalar\nr = lerp(r, row_max((s + 1)^2), 0.3)\ns = lerp(s, mean(g), 0.3)\np -= r * g",
-                                  "state s: scalar\ns = lerp(s, mean(p), 0.3)\np -= 0.1 * tanh(2 * row_mean(0.5 + s) * p)"])
+                                  "state s: scalar\ns = lerp(s, mean(p), 0.3)\np -= 0.1 * tanh(2 * row_mean(0.5 + s) * p)",
+                                  # found by tests/test_fused_properties.py: the torch paths defined d0 = s,
+                                  # an alias of the state they then updated in place before reading d0
+                                  "state r: rows, s: scalar, c: cols, m\nu = p * row_mean(s)\nr = lerp(r, row_mean(p), 0.3)\n"
+                                  "s = lerp(s, mean(p) + 1, 0.3)\nc = lerp(c, col_mean(p), 0.3)\nm = lerp(m, p, 0.3)\n"
+                                  "p -= 0.1 * tanh(u)"])
 def test_an_axis_reduction_of_a_scalar_is_the_scalar(body):
     """A scalar has size 1 along every axis: row_sum(x) of a scalar x is x, on every path (the
     torch paths once printed `(a + b).amax(...)` without parentheses; the fused path refused)."""

@@ -13,7 +13,7 @@ import sympy as sp
 
 from .. import functions as fn
 from .. import ir
-from ..sym import TENSOR, Plan, is_reduction
+from ..sym import Plan, is_reduction
 
 AXIS_REDUCTIONS = (fn.row_sum, fn.row_mean, fn.row_max, fn.col_sum, fn.col_mean, fn.col_max)
 UNIT_REDUCTIONS = (fn.unit_mean, fn.unit_norm)
@@ -36,15 +36,10 @@ class Fusion:
         exprs = [d.expr for d in plan.steps if d.symbol not in inside] + [e for _, e in plan.outputs]
         found = list(dict.fromkeys(n for e in exprs for n in _walk_postorder(e) if type(n) in UNIT_REDUCTIONS))
         self.units = found
+        # (an axis reduction of a scalar is the scalar: sym.plan has taken those out)
         axes = list(dict.fromkeys(n for e in exprs for n in _walk_postorder(e) if type(n) in AXIS_REDUCTIONS))
-        # a scalar has size 1 along every axis: reducing one of them keeps it (as on the other paths)
-        levels = plan.level_of()
-        kept = [n for n in axes if all(levels.get(s, TENSOR) < TENSOR for s in n.args[0].free_symbols)]
-        axes = [n for n in axes if n not in kept]
         swap = {n: sp.Symbol(f"unit{k}_") for k, n in enumerate(found)}
         swap |= {n: sp.Symbol(f"ax{k}_") for k, n in enumerate(axes)}
-        for n in kept:
-            swap[n] = n.args[0].xreplace(swap)
         self.swap = swap
         self.unit_syms = [swap[n] for n in found]
         self.unit_operands = [n.args[0].xreplace(swap) for n in found]

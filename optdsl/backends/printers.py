@@ -107,12 +107,6 @@ class DevicePrinter(HostPrinter):
     def _print_atan(self, e):
         return f"torch.atan({self._print(e.args[0])})"
 
-    def _axis_of_scalar(self, e):  # a scalar has size 1 along every axis: reducing one keeps it
-        return f"({self._print(e.args[0])})"
-
-    _print_row_mean = _print_col_mean = _print_row_sum = _print_col_sum = _axis_of_scalar
-    _print_row_max = _print_col_max = _print_unit_mean = _axis_of_scalar
-
     def _print_log1p(self, e):
         return f"torch.log1p({self._print(e.args[0])})"
 
