@@ -439,14 +439,14 @@ if triton is not None:
         g_ptr = _pointer(g_ptrs, i, P_TYPE, ALIGNED)
         m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
         u_ptr = _pointer(u_ptrs, i, S_TYPE, ALIGNED)
-        b1 = tl.load(hypers + 0)
-        b2 = tl.load(hypers + 1)
-        eps = tl.load(hypers + 2)
-        k0 = tl.load(hypers + 3)
+        b2 = tl.load(hypers + 0)
+        eps = tl.load(hypers + 1)
+        k0 = tl.load(hypers + 2)
+        log0_ = tl.load(hypers + 3)
         lr = tl.load(hypers + 4)
         wd = tl.load(hypers + 5)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = -lr/(1.0 - tl.exp((t) * tl.log(b1)))
+        c0 = -lr/(1.0 - tl.exp((log0_*t)))
         b2 = b2.to(C_TYPE)
         c0 = c0.to(C_TYPE)
         eps = eps.to(C_TYPE)
@@ -533,6 +533,11 @@ def _pointer_tables(lists, device, cache=True):
     return tables, aligned
 
 
+def _log(x):
+    """log(x) as the kernels' tl.log gives it: -inf at 0 (so that 0^t = exp(t * -inf) = 0), nan below."""
+    return math.log(x) if x > 0 else -math.inf if x == 0 else math.nan
+
+
 def _hyper_table(values, device):
     """The hyperparameter scalars as a float64 device tensor, kept while they do not change."""
     key = (device, values)
@@ -548,7 +553,8 @@ def _fused_adamax(params, grads, m_list, u_list, state_steps, *, lr, b1, b2, eps
     if not params:
         return
     k0 = 1 - b1
-    hyper_values = (float(b1), float(b2), float(eps), float(k0), float(lr), float(wd), )
+    log0_ = _log(b1)  # for b1^t in the kernels: exp(t * log0_)
+    hyper_values = (float(b2), float(eps), float(k0), float(log0_), float(lr), float(wd), )
     groups = _groups(params, grads, m_list, u_list, state_steps)
     for (device, dtype), (p, g, m, u, device_steps) in groups.items():
         if device_steps[0].device != device:

@@ -479,17 +479,17 @@ if triton is not None:
         g_ptr = _pointer(g_ptrs, i, P_TYPE, ALIGNED)
         m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
         v_ptr = _pointer(v_ptrs, i, S_TYPE, ALIGNED)
-        b1 = tl.load(hypers + 0)
-        b2 = tl.load(hypers + 1)
-        eps = tl.load(hypers + 2)
-        k0 = tl.load(hypers + 3)
-        k1 = tl.load(hypers + 4)
-        k2 = tl.load(hypers + 5)
+        eps = tl.load(hypers + 0)
+        k0 = tl.load(hypers + 1)
+        k1 = tl.load(hypers + 2)
+        k2 = tl.load(hypers + 3)
+        log0_ = tl.load(hypers + 4)
+        log1_ = tl.load(hypers + 5)
         lr = tl.load(hypers + 6)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = tl.rsqrt((1.0 / ((1.0 - tl.exp((t) * tl.log(b2))))))
-        c1 = (1.0 / ((1.0 - tl.exp((t) * tl.log(b1)))))
-        c2 = eps/tl.sqrt((1.0 / ((1.0 - tl.exp((t) * tl.log(b2))))))
+        c0 = tl.rsqrt((1.0 / ((1.0 - tl.exp((log0_*t))))))
+        c1 = (1.0 / ((1.0 - tl.exp((log1_*t)))))
+        c2 = eps/tl.sqrt((1.0 / ((1.0 - tl.exp((log0_*t))))))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
         c2 = c2.to(C_TYPE)
@@ -545,17 +545,17 @@ if triton is not None:
         g_ptr = _pointer(g_ptrs, i, P_TYPE, ALIGNED)
         m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
         v_ptr = _pointer(v_ptrs, i, S_TYPE, ALIGNED)
-        b1 = tl.load(hypers + 0)
-        b2 = tl.load(hypers + 1)
-        eps = tl.load(hypers + 2)
-        k0 = tl.load(hypers + 3)
-        k1 = tl.load(hypers + 4)
-        k2 = tl.load(hypers + 5)
+        eps = tl.load(hypers + 0)
+        k0 = tl.load(hypers + 1)
+        k1 = tl.load(hypers + 2)
+        k2 = tl.load(hypers + 3)
+        log0_ = tl.load(hypers + 4)
+        log1_ = tl.load(hypers + 5)
         lr = tl.load(hypers + 6)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = tl.rsqrt((1.0 / ((1.0 - tl.exp((t) * tl.log(b2))))))
-        c1 = (1.0 / ((1.0 - tl.exp((t) * tl.log(b1)))))
-        c2 = eps/tl.sqrt((1.0 / ((1.0 - tl.exp((t) * tl.log(b2))))))
+        c0 = tl.rsqrt((1.0 / ((1.0 - tl.exp((log0_*t))))))
+        c1 = (1.0 / ((1.0 - tl.exp((log1_*t)))))
+        c2 = eps/tl.sqrt((1.0 / ((1.0 - tl.exp((log0_*t))))))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
         c2 = c2.to(C_TYPE)
@@ -642,6 +642,11 @@ def _pointer_tables(lists, device, cache=True):
     return tables, aligned
 
 
+def _log(x):
+    """log(x) as the kernels' tl.log gives it: -inf at 0 (so that 0^t = exp(t * -inf) = 0), nan below."""
+    return math.log(x) if x > 0 else -math.inf if x == 0 else math.nan
+
+
 def _hyper_table(values, device):
     """The hyperparameter scalars as a float64 device tensor, kept while they do not change."""
     key = (device, values)
@@ -659,7 +664,9 @@ def _fused_cautiousadamw(params, grads, m_list, v_list, state_steps, *, lr, b1, 
     k0 = -lr*wd + 1
     k1 = 1 - b1
     k2 = 1 - b2
-    hyper_values = (float(b1), float(b2), float(eps), float(k0), float(k1), float(k2), float(lr), )
+    log0_ = _log(b2)  # for b2^t in the kernels: exp(t * log0_)
+    log1_ = _log(b1)  # for b1^t in the kernels: exp(t * log1_)
+    hyper_values = (float(eps), float(k0), float(k1), float(k2), float(log0_), float(log1_), float(lr), )
     groups = _groups(params, grads, m_list, v_list, state_steps)
     for (device, dtype), (p, g, m, v, device_steps) in groups.items():
         if device_steps[0].device != device:

@@ -481,15 +481,15 @@ if triton is not None:
         m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
         v_ptr = _pointer(v_ptrs, i, S_TYPE, ALIGNED)
         g_prev_ptr = _pointer(g_prev_ptrs, i, S_TYPE, ALIGNED)
-        b1 = tl.load(hypers + 0)
-        b2 = tl.load(hypers + 1)
-        eps = tl.load(hypers + 2)
-        k0 = tl.load(hypers + 3)
-        k1 = tl.load(hypers + 4)
+        eps = tl.load(hypers + 0)
+        k0 = tl.load(hypers + 1)
+        k1 = tl.load(hypers + 2)
+        log0_ = tl.load(hypers + 3)
+        log1_ = tl.load(hypers + 4)
         lr = tl.load(hypers + 5)
         wd = tl.load(hypers + 6)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = -lr*tl.sqrt(1.0 - tl.exp((t) * tl.log(b2)))/(1.0 - tl.exp((t) * tl.log(b1)))
+        c0 = -lr*tl.sqrt(1.0 - tl.exp((log1_*t)))/(1.0 - tl.exp((log0_*t)))
         c0 = c0.to(C_TYPE)
         eps = eps.to(C_TYPE)
         k0 = k0.to(C_TYPE)
@@ -579,6 +579,11 @@ def _pointer_tables(lists, device, cache=True):
     return tables, aligned
 
 
+def _log(x):
+    """log(x) as the kernels' tl.log gives it: -inf at 0 (so that 0^t = exp(t * -inf) = 0), nan below."""
+    return math.log(x) if x > 0 else -math.inf if x == 0 else math.nan
+
+
 def _hyper_table(values, device):
     """The hyperparameter scalars as a float64 device tensor, kept while they do not change."""
     key = (device, values)
@@ -595,7 +600,9 @@ def _fused_diffgrad(params, grads, m_list, v_list, g_prev_list, state_steps, *, 
         return
     k0 = 1 - b2
     k1 = 1 - b1
-    hyper_values = (float(b1), float(b2), float(eps), float(k0), float(k1), float(lr), float(wd), )
+    log0_ = _log(b1)  # for b1^t in the kernels: exp(t * log0_)
+    log1_ = _log(b2)  # for b2^t in the kernels: exp(t * log1_)
+    hyper_values = (float(eps), float(k0), float(k1), float(log0_), float(log1_), float(lr), float(wd), )
     groups = _groups(params, grads, m_list, v_list, g_prev_list, state_steps)
     for (device, dtype), (p, g, m, v, g_prev, device_steps) in groups.items():
         if device_steps[0].device != device:

@@ -957,14 +957,14 @@ if triton is not None:
         v_ptr = _pointer(v_ptrs, i, S_TYPE, ALIGNED)
         adam_eps = tl.load(hypers + 0)
         adam_lr = tl.load(hypers + 1)
-        b1 = tl.load(hypers + 2)
-        b2 = tl.load(hypers + 3)
-        k0 = tl.load(hypers + 4)
-        k1 = tl.load(hypers + 5)
-        k2 = tl.load(hypers + 6)
+        k0 = tl.load(hypers + 2)
+        k1 = tl.load(hypers + 3)
+        k2 = tl.load(hypers + 4)
+        log0_ = tl.load(hypers + 5)
+        log1_ = tl.load(hypers + 6)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = -adam_lr/((1.0 - tl.exp((t) * tl.log(b1)))*tl.sqrt((1.0 / ((1.0 - tl.exp((t) * tl.log(b2)))))))
-        c1 = adam_eps/tl.sqrt((1.0 / ((1.0 - tl.exp((t) * tl.log(b2))))))
+        c0 = -adam_lr/((1.0 - tl.exp((log1_*t)))*tl.sqrt((1.0 / ((1.0 - tl.exp((log0_*t)))))))
+        c1 = adam_eps/tl.sqrt((1.0 / ((1.0 - tl.exp((log0_*t))))))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
         k0 = k0.to(C_TYPE)
@@ -1048,6 +1048,11 @@ def _pointer_tables(lists, device, cache=True):
         tables.append(entry[0])
         aligned.append(entry[1])
     return tables, aligned
+
+
+def _log(x):
+    """log(x) as the kernels' tl.log gives it: -inf at 0 (so that 0^t = exp(t * -inf) = 0), nan below."""
+    return math.log(x) if x > 0 else -math.inf if x == 0 else math.nan
 
 
 def _hyper_table(values, device):
@@ -1149,7 +1154,9 @@ def _fused_muon_1(params, grads, m_list, v_list, state_steps, *, lr, wd, momentu
     k0 = -adam_lr*adam_wd + 1
     k1 = 1 - b2
     k2 = 1 - b1
-    hyper_values = (float(adam_eps), float(adam_lr), float(b1), float(b2), float(k0), float(k1), float(k2), )
+    log0_ = _log(b2)  # for b2^t in the kernels: exp(t * log0_)
+    log1_ = _log(b1)  # for b1^t in the kernels: exp(t * log1_)
+    hyper_values = (float(adam_eps), float(adam_lr), float(k0), float(k1), float(k2), float(log0_), float(log1_), )
     groups = _groups(params, grads, m_list, v_list, state_steps)
     for (device, dtype), (p, g, m, v, device_steps) in groups.items():
         if device_steps[0].device != device:

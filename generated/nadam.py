@@ -519,20 +519,20 @@ if triton is not None:
         v_ptr = _pointer(v_ptrs, i, S_TYPE, ALIGNED)
         mu_prod_ptr = _pointer(mu_prod_ptrs, i, S_TYPE, False)
         b1 = tl.load(hypers + 0)
-        b2 = tl.load(hypers + 1)
-        eps = tl.load(hypers + 2)
-        k0 = tl.load(hypers + 3)
-        k1 = tl.load(hypers + 4)
-        k2 = tl.load(hypers + 5)
-        k3 = tl.load(hypers + 6)
+        eps = tl.load(hypers + 1)
+        k0 = tl.load(hypers + 2)
+        k1 = tl.load(hypers + 3)
+        k2 = tl.load(hypers + 4)
+        k3 = tl.load(hypers + 5)
+        log0_ = tl.load(hypers + 6)
         lr = tl.load(hypers + 7)
         momentum_decay = tl.load(hypers + 8)
         wd = tl.load(hypers + 9)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = tl.rsqrt((1.0 / ((1.0 - tl.exp((t) * tl.log(b2))))))
+        c0 = tl.rsqrt((1.0 / ((1.0 - tl.exp((log0_*t))))))
         c1 = -b1*(1.0 - 0.5*tl.exp((momentum_decay*t) * tl.full((), -0.040821994520255166, tl.float64)))
         c2 = k0*(1.0 - 0.5*tl.exp((momentum_decay*t) * tl.full((), -0.040821994520255166, tl.float64))) + 1.0
-        c3 = eps/tl.sqrt((1.0 / ((1.0 - tl.exp((t) * tl.log(b2))))))
+        c3 = eps/tl.sqrt((1.0 / ((1.0 - tl.exp((log0_*t))))))
         c4 = -k2*(1.0 - 0.5*tl.exp((momentum_decay*t) * tl.full((), -0.040821994520255166, tl.float64)))*(1.0 - 0.5*tl.exp((momentum_decay*(t + 1.0)) * tl.full((), -0.040821994520255166, tl.float64)))
         c5 = 1.0 - 0.5*tl.exp((momentum_decay*(t + 1.0)) * tl.full((), -0.040821994520255166, tl.float64))
         c6 = 1.0 - 0.5*tl.exp((momentum_decay*t) * tl.full((), -0.040821994520255166, tl.float64))
@@ -593,20 +593,20 @@ if triton is not None:
         v_ptr = _pointer(v_ptrs, i, S_TYPE, ALIGNED)
         mu_prod_ptr = _pointer(mu_prod_ptrs, i, S_TYPE, False)
         b1 = tl.load(hypers + 0)
-        b2 = tl.load(hypers + 1)
-        eps = tl.load(hypers + 2)
-        k0 = tl.load(hypers + 3)
-        k1 = tl.load(hypers + 4)
-        k2 = tl.load(hypers + 5)
-        k3 = tl.load(hypers + 6)
+        eps = tl.load(hypers + 1)
+        k0 = tl.load(hypers + 2)
+        k1 = tl.load(hypers + 3)
+        k2 = tl.load(hypers + 4)
+        k3 = tl.load(hypers + 5)
+        log0_ = tl.load(hypers + 6)
         lr = tl.load(hypers + 7)
         momentum_decay = tl.load(hypers + 8)
         wd = tl.load(hypers + 9)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = tl.rsqrt((1.0 / ((1.0 - tl.exp((t) * tl.log(b2))))))
+        c0 = tl.rsqrt((1.0 / ((1.0 - tl.exp((log0_*t))))))
         c1 = -b1*(1.0 - 0.5*tl.exp((momentum_decay*t) * tl.full((), -0.040821994520255166, tl.float64)))
         c2 = k0*(1.0 - 0.5*tl.exp((momentum_decay*t) * tl.full((), -0.040821994520255166, tl.float64))) + 1.0
-        c3 = eps/tl.sqrt((1.0 / ((1.0 - tl.exp((t) * tl.log(b2))))))
+        c3 = eps/tl.sqrt((1.0 / ((1.0 - tl.exp((log0_*t))))))
         c4 = -k2*(1.0 - 0.5*tl.exp((momentum_decay*t) * tl.full((), -0.040821994520255166, tl.float64)))*(1.0 - 0.5*tl.exp((momentum_decay*(t + 1.0)) * tl.full((), -0.040821994520255166, tl.float64)))
         c5 = 1.0 - 0.5*tl.exp((momentum_decay*(t + 1.0)) * tl.full((), -0.040821994520255166, tl.float64))
         c6 = 1.0 - 0.5*tl.exp((momentum_decay*t) * tl.full((), -0.040821994520255166, tl.float64))
@@ -694,6 +694,11 @@ def _pointer_tables(lists, device, cache=True):
     return tables, aligned
 
 
+def _log(x):
+    """log(x) as the kernels' tl.log gives it: -inf at 0 (so that 0^t = exp(t * -inf) = 0), nan below."""
+    return math.log(x) if x > 0 else -math.inf if x == 0 else math.nan
+
+
 def _hyper_table(values, device):
     """The hyperparameter scalars as a float64 device tensor, kept while they do not change."""
     key = (device, values)
@@ -712,7 +717,8 @@ def _fused_nadam(params, grads, m_list, v_list, mu_prod_list, state_steps, *, lr
     k1 = 1 - b2
     k2 = b1**2
     k3 = 1 - b1
-    hyper_values = (float(b1), float(b2), float(eps), float(k0), float(k1), float(k2), float(k3), float(lr), float(momentum_decay), float(wd), )
+    log0_ = _log(b2)  # for b2^t in the kernels: exp(t * log0_)
+    hyper_values = (float(b1), float(eps), float(k0), float(k1), float(k2), float(k3), float(log0_), float(lr), float(momentum_decay), float(wd), )
     groups = _groups(params, grads, m_list, v_list, mu_prod_list, state_steps)
     for (device, dtype), (p, g, m, v, mu_prod, device_steps) in groups.items():
         if device_steps[0].device != device:

@@ -421,11 +421,11 @@ if triton is not None:
         m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
         eps = tl.load(hypers + 0)
         k0 = tl.load(hypers + 1)
-        lr = tl.load(hypers + 2)
-        momentum = tl.load(hypers + 3)
+        log0_ = tl.load(hypers + 2)
+        lr = tl.load(hypers + 3)
         wd = tl.load(hypers + 4)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = (1.0 / ((1.0 - tl.exp((t) * tl.log(momentum)))))
+        c0 = (1.0 / ((1.0 - tl.exp((log0_*t)))))
         c0 = c0.to(C_TYPE)
         eps = eps.to(C_TYPE)
         k0 = k0.to(C_TYPE)
@@ -474,11 +474,11 @@ if triton is not None:
         m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
         eps = tl.load(hypers + 0)
         k0 = tl.load(hypers + 1)
-        lr = tl.load(hypers + 2)
-        momentum = tl.load(hypers + 3)
+        log0_ = tl.load(hypers + 2)
+        lr = tl.load(hypers + 3)
         wd = tl.load(hypers + 4)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = (1.0 / ((1.0 - tl.exp((t) * tl.log(momentum)))))
+        c0 = (1.0 / ((1.0 - tl.exp((log0_*t)))))
         c0 = c0.to(C_TYPE)
         eps = eps.to(C_TYPE)
         k0 = k0.to(C_TYPE)
@@ -560,6 +560,11 @@ def _pointer_tables(lists, device, cache=True):
     return tables, aligned
 
 
+def _log(x):
+    """log(x) as the kernels' tl.log gives it: -inf at 0 (so that 0^t = exp(t * -inf) = 0), nan below."""
+    return math.log(x) if x > 0 else -math.inf if x == 0 else math.nan
+
+
 def _hyper_table(values, device):
     """The hyperparameter scalars as a float64 device tensor, kept while they do not change."""
     key = (device, values)
@@ -575,7 +580,8 @@ def _fused_nsgda(params, grads, m_list, state_steps, *, lr, momentum, eps, wd):
     if not params:
         return
     k0 = 1 - momentum
-    hyper_values = (float(eps), float(k0), float(lr), float(momentum), float(wd), )
+    log0_ = _log(momentum)  # for momentum^t in the kernels: exp(t * log0_)
+    hyper_values = (float(eps), float(k0), float(log0_), float(lr), float(wd), )
     groups = _groups(params, grads, m_list, state_steps)
     for (device, dtype), (p, g, m, device_steps) in groups.items():
         if device_steps[0].device != device:

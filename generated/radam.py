@@ -476,21 +476,21 @@ if triton is not None:
         g_ptr = _pointer(g_ptrs, i, P_TYPE, ALIGNED)
         m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
         v_ptr = _pointer(v_ptrs, i, S_TYPE, ALIGNED)
-        b1 = tl.load(hypers + 0)
-        b2 = tl.load(hypers + 1)
-        eps = tl.load(hypers + 2)
-        k0 = tl.load(hypers + 3)
-        k1 = tl.load(hypers + 4)
-        k2 = tl.load(hypers + 5)
-        k3 = tl.load(hypers + 6)
-        k4 = tl.load(hypers + 7)
-        k5 = tl.load(hypers + 8)
+        eps = tl.load(hypers + 0)
+        k0 = tl.load(hypers + 1)
+        k1 = tl.load(hypers + 2)
+        k2 = tl.load(hypers + 3)
+        k3 = tl.load(hypers + 4)
+        k4 = tl.load(hypers + 5)
+        k5 = tl.load(hypers + 6)
+        log0_ = tl.load(hypers + 7)
+        log1_ = tl.load(hypers + 8)
         lr = tl.load(hypers + 9)
         wd = tl.load(hypers + 10)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = -lr/(1.0 - tl.exp((t) * tl.log(b1)))
-        c1 = tl.where((-2.0*tl.exp((t) * tl.log(b2))*t/(1.0 - tl.exp((t) * tl.log(b2))) + k1) > 5.0, 1.0, 0.0).to(tl.float64)
-        c2 = tl.sqrt(1.0 - tl.exp((t) * tl.log(b2)))*tl.sqrt(tl.maximum(0.0, k2*(-2.0*tl.exp((t) * tl.log(b2))*t/(1.0 - tl.exp((t) * tl.log(b2))) + k3)*(-2.0*tl.exp((t) * tl.log(b2))*t/(1.0 - tl.exp((t) * tl.log(b2))) + k4)/(-2.0*tl.exp((t) * tl.log(b2))*t/(1.0 - tl.exp((t) * tl.log(b2))) + k1)))
+        c0 = -lr/(1.0 - tl.exp((log1_*t)))
+        c1 = tl.where((k1 - 2.0*t*tl.exp((log0_*t))/(1.0 - tl.exp((log0_*t)))) > 5.0, 1.0, 0.0).to(tl.float64)
+        c2 = tl.sqrt(1.0 - tl.exp((log0_*t)))*tl.sqrt(tl.maximum(0.0, k2*(k3 - 2.0*t*tl.exp((log0_*t))/(1.0 - tl.exp((log0_*t))))*(k4 - 2.0*t*tl.exp((log0_*t))/(1.0 - tl.exp((log0_*t))))/(k1 - 2.0*t*tl.exp((log0_*t))/(1.0 - tl.exp((log0_*t))))))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
         c2 = c2.to(C_TYPE)
@@ -579,6 +579,11 @@ def _pointer_tables(lists, device, cache=True):
     return tables, aligned
 
 
+def _log(x):
+    """log(x) as the kernels' tl.log gives it: -inf at 0 (so that 0^t = exp(t * -inf) = 0), nan below."""
+    return math.log(x) if x > 0 else -math.inf if x == 0 else math.nan
+
+
 def _hyper_table(values, device):
     """The hyperparameter scalars as a float64 device tensor, kept while they do not change."""
     key = (device, values)
@@ -599,7 +604,9 @@ def _fused_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps,
     k3 = -5 + 2/(1 - b2)
     k4 = -3 + 2/(1 - b2)
     k5 = 1 - b2
-    hyper_values = (float(b1), float(b2), float(eps), float(k0), float(k1), float(k2), float(k3), float(k4), float(k5), float(lr), float(wd), )
+    log0_ = _log(b2)  # for b2^t in the kernels: exp(t * log0_)
+    log1_ = _log(b1)  # for b1^t in the kernels: exp(t * log1_)
+    hyper_values = (float(eps), float(k0), float(k1), float(k2), float(k3), float(k4), float(k5), float(log0_), float(log1_), float(lr), float(wd), )
     groups = _groups(params, grads, m_list, v_list, state_steps)
     for (device, dtype), (p, g, m, v, device_steps) in groups.items():
         if device_steps[0].device != device:

@@ -1020,6 +1020,11 @@ def _pointer_tables(lists, device, cache=True):
     return tables, aligned
 
 
+def _log(x):
+    """log(x) as the kernels' tl.log gives it: -inf at 0 (so that 0^t = exp(t * -inf) = 0), nan below."""
+    return math.log(x) if x > 0 else -math.inf if x == 0 else math.nan
+
+
 def _hyper_table(values, device):
     """The hyperparameter scalars as a float64 device tensor, kept while they do not change."""
     key = (device, values)

@@ -33,9 +33,9 @@ RESERVED = {"params", "defaults", "foreach", "fused", "closure", "self", "state"
 
 
 class _Reserved(frozenset):
-    """The names above, and the numbered ones the kernels make (acc1, uacc0, ax0_, axbase0_, r0_x, ...)."""
+    """The names above, and the numbered ones the kernels make (acc1, uacc0, ax0_, axbase0_, r0_x, log0_, ...)."""
 
-    _NUMBERED = re.compile(r"(u|ax)?acc\d+|axbase\d+_|(ax|unit)\d+_x?|r\d+_x|mx(in|out)\d+_ptrs")
+    _NUMBERED = re.compile(r"(u|ax)?acc\d+|axbase\d+_|(ax|unit)\d+_x?|r\d+_x|mx(in|out)\d+_ptrs|log\d+_")
 
     def __contains__(self, name) -> bool:
         return frozenset.__contains__(self, name) or bool(self._NUMBERED.fullmatch(str(name)))

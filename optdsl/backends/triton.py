@@ -212,12 +212,13 @@ def kernel_context(plan: Plan) -> dict:
     # tensor's step count read on the device: no host sync, and t may differ inside a launch.
     need = set().union(*(d.expr.free_symbols for d in plan.steps), *(e.free_symbols for _, e in plan.outputs))
     cast_args = sorted(str(s) for s in need if levels.get(s) in (GROUP, PARAM))  # read by the element-wise code
-    param_defs = []
+    param_defs, logs = [], {}
     for d in reversed(plan.param):
         if d.symbol in need:
-            param_defs.insert(0, (str(d.symbol), TritonScalar64Printer().doprint(d.expr)))
-            need |= d.expr.free_symbols
-    group_args = sorted(str(s) for s in need if levels.get(s) == GROUP)
+            expr = _hoist_logs(d.expr, levels, logs)
+            param_defs.insert(0, (str(d.symbol), TritonScalar64Printer().doprint(expr)))
+            need |= expr.free_symbols
+    group_args = sorted(str(s) for s in need if levels.get(s) == GROUP or s in logs.values())
     param_args = sorted(str(s) for s in need if levels.get(s) == PARAM)
     # the parameter's shape (ndim, ncols, ...): a per-tensor table the launcher makes once per shapes
     shape_args = [n for n in ir.SHAPE_BUILTINS if sp.Symbol(n) in need]
@@ -237,7 +238,21 @@ def kernel_context(plan: Plan) -> dict:
     return dict(kernels=kernels, accs=accs, matrix=matrix, mxin=len(entries), segments=segments, axes=axes, geometry=f.geometry(), state_loads=state_loads,
                 states=states, group_args=group_args, shape_args=shape_args, shape_codes=shape_codes,
                 units=len(f.units), param_args=param_args, param_defs=param_defs, cast_args=cast_args,
+                log_defs=[(str(name), HostPrinter().doprint(base)) for base, name in logs.items()],
                 float_states=[s.name for s in prog.states if s.shape != "bool"])
+
+
+def _hoist_logs(expr: sp.Expr, levels: dict, logs: dict) -> sp.Expr:
+    """`expr` with each power b^e of a hyperparameter base and a symbolic exponent (Adam's b1^t)
+    written exp(e * logK_): the launcher computes logK_ = log(b) once per step, where every program
+    would compute the float64 log again (`logs`: base -> its symbol, filled here)."""
+    powers = {}
+    for pw in sorted(expr.atoms(sp.Pow), key=sp.default_sort_key):  # a set: sorted, for byte-equal builds
+        symbols = pw.base.free_symbols
+        if not pw.exp.is_number and symbols and all(levels.get(x) == GROUP for x in symbols):
+            name = logs.setdefault(pw.base, sp.Symbol(f"log{len(logs)}_"))
+            powers[pw] = sp.exp(pw.exp * name, evaluate=False)
+    return expr.xreplace(powers)
 
 
 def _matrix_context(plan: Plan, f: Fusion, levels: dict) -> dict:
