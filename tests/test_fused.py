@@ -564,7 +564,7 @@ def test_the_ptx_of_a_whole_block_moves_16_bytes_per_access():
             assert not wide, r
 
 
-@pytest.mark.parametrize("b1,b2", [(0.0, 0.5), (0.5, 0.999)])
+@pytest.mark.parametrize("b1,b2", [(0.0, 0.5), (0.9, 0.0), (0.5, 0.999)])
 def test_powers_of_hyperparameters_take_their_log_on_the_host(b1, b2):
     """b1^t in the kernels is exp(t * log(b1)), log(b1) computed once per step on the host (not in
     every program, in float64); b1 = 0 gives log = -inf and 0^t = 0, as on the other paths."""
