@@ -478,8 +478,8 @@ if triton is not None:
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         s = _load(s_ptr, offsets, mask, whole).to(C_TYPE)
-        x0 = tl.where(k1 < 0.5, m + k1 * (g - m), g - (g - m) * (1.0 - k1))
-        x1 = eps + tl.where(k2 < 0.5, s + k2 * (((g - x0) * (g - x0)) - s), ((g - x0) * (g - x0)) - (((g - x0) * (g - x0)) - s) * (1.0 - k2))
+        x0 = (tl.where(k1 < 0.5, m, g) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (g - m))
+        x1 = eps + (tl.where(k2 < 0.5, s, ((g - x0) * (g - x0))) + tl.where(k2 < 0.5, k2, k2 - 1.0) * (((g - x0) * (g - x0)) - s))
         _store(p_ptr, offsets, _round_to(c0*x0/(c1 + tl.sqrt(x1)) + k0*p, P_TYPE), mask, whole)
         _store(m_ptr, offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 2 + 0), mask, whole)

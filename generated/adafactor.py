@@ -823,7 +823,7 @@ if triton is not None:
         r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
         c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
         ax0_ = tl.load(axacc0 + axbase0_ + rows_, mask=mask) / C_.to(C_TYPE)
-        x1 = tl.where(c0 < 0.5, r + c0 * (ax0_ - r), ax0_ - (ax0_ - r) * (1.0 - c0))
+        x1 = (tl.where(c0 < 0.5, r, ax0_) + tl.where(c0 < 0.5, c0, c0 - 1.0) * (ax0_ - r))
         ax2_x = x1
         _add_by_segment(axacc2 + axbase2_, mat_, ax2_x, mask & (col_ == 0), False)
 
@@ -902,8 +902,8 @@ if triton is not None:
         ax0_ = tl.load(axacc0 + axbase0_ + rows_, mask=mask) / C_.to(C_TYPE)
         ax1_ = tl.load(axacc1 + axbase1_ + cols_, mask=mask) / R_.to(C_TYPE)
         ax2_ = tl.load(axacc2 + axbase2_ + mat_, mask=mask) / R_.to(C_TYPE)
-        x1 = tl.where(c0 < 0.5, r + c0 * (ax0_ - r), ax0_ - (ax0_ - r) * (1.0 - c0))
-        x2 = tl.where(c0 < 0.5, c + c0 * (ax1_ - c), ax1_ - (ax1_ - c) * (1.0 - c0))
+        x1 = (tl.where(c0 < 0.5, r, ax0_) + tl.where(c0 < 0.5, c0, c0 - 1.0) * (ax0_ - r))
+        x2 = (tl.where(c0 < 0.5, c, ax1_) + tl.where(c0 < 0.5, c0, c0 - 1.0) * (ax1_ - c))
         x3 = g/tl.sqrt(tl.maximum(k2, x1*x2/tl.maximum(ax2_, eps1)))
         r0_x = x3
         tl.atomic_add(acc3 + i * 1 + 0, tl.sum(tl.where(mask, r0_x * r0_x, 0.0), axis=0))
@@ -984,8 +984,8 @@ if triton is not None:
         ax1_ = tl.load(axacc1 + axbase1_ + cols_, mask=mask) / R_.to(C_TYPE)
         ax2_ = tl.load(axacc2 + axbase2_ + mat_, mask=mask) / R_.to(C_TYPE)
         r1 = tl.sqrt(tl.load(acc1 + i * 1 + 0) / n)
-        x1 = tl.where(c0 < 0.5, r + c0 * (ax0_ - r), ax0_ - (ax0_ - r) * (1.0 - c0))
-        x2 = tl.where(c0 < 0.5, c + c0 * (ax1_ - c), ax1_ - (ax1_ - c) * (1.0 - c0))
+        x1 = (tl.where(c0 < 0.5, r, ax0_) + tl.where(c0 < 0.5, c0, c0 - 1.0) * (ax0_ - r))
+        x2 = (tl.where(c0 < 0.5, c, ax1_) + tl.where(c0 < 0.5, c0, c0 - 1.0) * (ax1_ - c))
         x3 = g/tl.sqrt(tl.maximum(k2, x1*x2/tl.maximum(ax2_, eps1)))
         r0 = tl.sqrt(tl.load(acc3 + i * 1 + 0) / n)
         d0 = -c1*tl.maximum(eps2, r1)/tl.maximum(1.0, k1*r0)
@@ -1065,8 +1065,8 @@ if triton is not None:
         c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
         ax0_ = tl.load(axacc0 + axbase0_ + rows_, mask=mask) / C_.to(C_TYPE)
         ax1_ = tl.load(axacc1 + axbase1_ + cols_, mask=mask) / R_.to(C_TYPE)
-        x1 = tl.where(c0 < 0.5, r + c0 * (ax0_ - r), ax0_ - (ax0_ - r) * (1.0 - c0))
-        x2 = tl.where(c0 < 0.5, c + c0 * (ax1_ - c), ax1_ - (ax1_ - c) * (1.0 - c0))
+        x1 = (tl.where(c0 < 0.5, r, ax0_) + tl.where(c0 < 0.5, c0, c0 - 1.0) * (ax0_ - r))
+        x2 = (tl.where(c0 < 0.5, c, ax1_) + tl.where(c0 < 0.5, c0, c0 - 1.0) * (ax1_ - c))
         tl.store(r_ptr + rows_, _to_state(x1, S_TYPE, STOCHASTIC, seed + i,
                                                  rows_ * 2 + 0), mask=mask & (col_ == 0))
         tl.store(c_ptr + cols_, _to_state(x2, S_TYPE, STOCHASTIC, seed + i,
@@ -1124,7 +1124,7 @@ if triton is not None:
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
-        x0 = tl.where(c0 < 0.5, v + c0 * (((g) * (g)) - v), ((g) * (g)) - (((g) * (g)) - v) * (1.0 - c0))
+        x0 = (tl.where(c0 < 0.5, v, ((g) * (g))) + tl.where(c0 < 0.5, c0, c0 - 1.0) * (((g) * (g)) - v))
         x1 = g/tl.sqrt(tl.maximum(k2, x0))
         r1_x = p
         tl.atomic_add(acc1 + i * 2 + 0, tl.sum(tl.where(mask, r1_x * r1_x, 0.0), axis=0))

@@ -879,7 +879,7 @@ if triton is not None:
         c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         ax0_ = tl.load(axacc0 + axbase0_ + rows_, mask=mask) / C_.to(C_TYPE)
-        x1 = tl.where(c1 < 0.5, r + c1 * (ax0_ - r), ax0_ - (ax0_ - r) * (1.0 - c1))
+        x1 = (tl.where(c1 < 0.5, r, ax0_) + tl.where(c1 < 0.5, c1, c1 - 1.0) * (ax0_ - r))
         ax2_x = x1
         _add_by_segment(axacc2 + axbase2_, mat_, ax2_x, mask & (col_ == 0), False)
 
@@ -963,8 +963,8 @@ if triton is not None:
         ax0_ = tl.load(axacc0 + axbase0_ + rows_, mask=mask) / C_.to(C_TYPE)
         ax1_ = tl.load(axacc1 + axbase1_ + cols_, mask=mask) / R_.to(C_TYPE)
         ax2_ = tl.load(axacc2 + axbase2_ + mat_, mask=mask) / R_.to(C_TYPE)
-        x1 = tl.where(c1 < 0.5, r + c1 * (ax0_ - r), ax0_ - (ax0_ - r) * (1.0 - c1))
-        x2 = tl.where(c1 < 0.5, c + c1 * (ax1_ - c), ax1_ - (ax1_ - c) * (1.0 - c1))
+        x1 = (tl.where(c1 < 0.5, r, ax0_) + tl.where(c1 < 0.5, c1, c1 - 1.0) * (ax0_ - r))
+        x2 = (tl.where(c1 < 0.5, c, ax1_) + tl.where(c1 < 0.5, c1, c1 - 1.0) * (ax1_ - c))
         x3 = g/tl.sqrt(tl.maximum(k2, x1*x2/tl.maximum(ax2_, eps1)))
         r1_x = x3
         tl.atomic_add(acc3 + i * 1 + 0, tl.sum(tl.where(mask, r1_x * r1_x, 0.0), axis=0))
@@ -1051,12 +1051,12 @@ if triton is not None:
         ax2_ = tl.load(axacc2 + axbase2_ + mat_, mask=mask) / R_.to(C_TYPE)
         r0 = tl.sqrt(tl.load(acc1 + i * 1 + 0) / n)
         d0 = -c0*tl.maximum(eps2, r0)
-        x1 = tl.where(c1 < 0.5, r + c1 * (ax0_ - r), ax0_ - (ax0_ - r) * (1.0 - c1))
-        x2 = tl.where(c1 < 0.5, c + c1 * (ax1_ - c), ax1_ - (ax1_ - c) * (1.0 - c1))
+        x1 = (tl.where(c1 < 0.5, r, ax0_) + tl.where(c1 < 0.5, c1, c1 - 1.0) * (ax0_ - r))
+        x2 = (tl.where(c1 < 0.5, c, ax1_) + tl.where(c1 < 0.5, c1, c1 - 1.0) * (ax1_ - c))
         x3 = g/tl.sqrt(tl.maximum(k2, x1*x2/tl.maximum(ax2_, eps1)))
         r1 = tl.sqrt(tl.load(acc3 + i * 1 + 0) / n)
         d1 = (1.0 / ((tl.maximum(1.0, k1*r1))))
-        x4 = tl.where(k3 < 0.5, m + k3 * ((d1*x3) - m), (d1*x3) - ((d1*x3) - m) * (1.0 - k3))
+        x4 = (tl.where(k3 < 0.5, m, (d1*x3)) + tl.where(k3 < 0.5, k3, k3 - 1.0) * ((d1*x3) - m))
         _store(p_ptr, offsets, _round_to(d0*x4 + k0*p, P_TYPE), mask, whole)
         _store(m_ptr, offsets, _to_state(x4, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 3 + 2), mask, whole)
@@ -1140,8 +1140,8 @@ if triton is not None:
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         ax0_ = tl.load(axacc0 + axbase0_ + rows_, mask=mask) / C_.to(C_TYPE)
         ax1_ = tl.load(axacc1 + axbase1_ + cols_, mask=mask) / R_.to(C_TYPE)
-        x1 = tl.where(c1 < 0.5, r + c1 * (ax0_ - r), ax0_ - (ax0_ - r) * (1.0 - c1))
-        x2 = tl.where(c1 < 0.5, c + c1 * (ax1_ - c), ax1_ - (ax1_ - c) * (1.0 - c1))
+        x1 = (tl.where(c1 < 0.5, r, ax0_) + tl.where(c1 < 0.5, c1, c1 - 1.0) * (ax0_ - r))
+        x2 = (tl.where(c1 < 0.5, c, ax1_) + tl.where(c1 < 0.5, c1, c1 - 1.0) * (ax1_ - c))
         tl.store(r_ptr + rows_, _to_state(x1, S_TYPE, STOCHASTIC, seed + i,
                                                  rows_ * 3 + 0), mask=mask & (col_ == 0))
         tl.store(c_ptr + cols_, _to_state(x2, S_TYPE, STOCHASTIC, seed + i,
@@ -1204,7 +1204,7 @@ if triton is not None:
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
-        x0 = tl.where(c1 < 0.5, v + c1 * (((g) * (g)) - v), ((g) * (g)) - (((g) * (g)) - v) * (1.0 - c1))
+        x0 = (tl.where(c1 < 0.5, v, ((g) * (g))) + tl.where(c1 < 0.5, c1, c1 - 1.0) * (((g) * (g)) - v))
         x1 = g/tl.sqrt(tl.maximum(k2, x0))
         r0_x = p
         tl.atomic_add(acc1 + i * 2 + 0, tl.sum(tl.where(mask, r0_x * r0_x, 0.0), axis=0))
@@ -1274,7 +1274,7 @@ if triton is not None:
         x1 = g/tl.sqrt(tl.maximum(k2, x0))
         r1 = tl.sqrt(tl.load(acc1 + i * 2 + 1) / n)
         d1 = (1.0 / ((tl.maximum(1.0, k1*r1))))
-        x2 = tl.where(k3 < 0.5, m + k3 * ((d1*x1) - m), (d1*x1) - ((d1*x1) - m) * (1.0 - k3))
+        x2 = (tl.where(k3 < 0.5, m, (d1*x1)) + tl.where(k3 < 0.5, k3, k3 - 1.0) * ((d1*x1) - m))
         _store(p_ptr, offsets, _round_to(d0*x2 + k0*p, P_TYPE), mask, whole)
         _store(m_ptr, offsets, _to_state(x2, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 2 + 1), mask, whole)

@@ -462,9 +462,9 @@ if triton is not None:
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         loss_avg = tl.load(loss_avg_ptr).to(C_TYPE)  # one number per tensor
-        d0 = k0*tl.maximum(eps, k1*tl.where(k3 < 0.5, loss_avg + k3 * (k2 - loss_avg), k2 - (k2 - loss_avg) * (1.0 - k3))) + 1.0
-        d1 = -tl.maximum(eps, k1*tl.where(k3 < 0.5, loss_avg + k3 * (k2 - loss_avg), k2 - (k2 - loss_avg) * (1.0 - k3)))
-        x0 = tl.where(k4 < 0.5, m + k4 * (g - m), g - (g - m) * (1.0 - k4))
+        d0 = k0*tl.maximum(eps, k1*(tl.where(k3 < 0.5, loss_avg, k2) + tl.where(k3 < 0.5, k3, k3 - 1.0) * (k2 - loss_avg))) + 1.0
+        d1 = -tl.maximum(eps, k1*(tl.where(k3 < 0.5, loss_avg, k2) + tl.where(k3 < 0.5, k3, k3 - 1.0) * (k2 - loss_avg)))
+        x0 = (tl.where(k4 < 0.5, m, g) + tl.where(k4 < 0.5, k4, k4 - 1.0) * (g - m))
         _store(p_ptr, offsets, _round_to(d0*p + d1*x0, P_TYPE), mask, whole)
         _store(m_ptr, offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 2 + 0), mask, whole)
@@ -507,7 +507,7 @@ if triton is not None:
         k3 = k3.to(C_TYPE)
         k4 = k4.to(C_TYPE)
         loss_avg = tl.load(loss_avg_ptr).to(C_TYPE)  # one number per tensor
-        d2 = tl.where(k3 < 0.5, loss_avg + k3 * (k2 - loss_avg), k2 - (k2 - loss_avg) * (1.0 - k3))
+        d2 = (tl.where(k3 < 0.5, loss_avg, k2) + tl.where(k3 < 0.5, k3, k3 - 1.0) * (k2 - loss_avg))
         tl.store(loss_avg_ptr, _to_state(d2, S_TYPE, STOCHASTIC, seed + i, i * 2 + 1))
 
 

@@ -479,8 +479,8 @@ if triton is not None:
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
-        x0 = tl.where(k2 < 0.5, m + k2 * (g - m), g - (g - m) * (1.0 - k2))
-        x1 = tl.where(k3 < 0.5, v + k3 * (((g) * (g)) - v), ((g) * (g)) - (((g) * (g)) - v) * (1.0 - k3))
+        x0 = (tl.where(k2 < 0.5, m, g) + tl.where(k2 < 0.5, k2, k2 - 1.0) * (g - m))
+        x1 = (tl.where(k3 < 0.5, v, ((g) * (g))) + tl.where(k3 < 0.5, k3, k3 - 1.0) * (((g) * (g)) - v))
         _store(p_ptr, offsets, _round_to(k0*p + k1*libdevice.atan2((c0*x0), (c1*tl.sqrt(x1))), P_TYPE), mask, whole)
         _store(m_ptr, offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 2 + 0), mask, whole)

@@ -578,8 +578,8 @@ if triton is not None:
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
         unit0_ = tl.load(uacc0 + ubase + offsets // ucols.to(tl.int64), mask=mask) / ucols.to(C_TYPE)
         x0 = p*wd + tl.where(c2 != 0, (g - unit0_), g)
-        x1 = tl.where(k0 < 0.5, v + k0 * (((x0) * (x0)) - v), ((x0) * (x0)) - (((x0) * (x0)) - v) * (1.0 - k0))
-        x2 = tl.where(k1 < 0.5, m + k1 * (x0 - m), x0 - (x0 - m) * (1.0 - k1))
+        x1 = (tl.where(k0 < 0.5, v, ((x0) * (x0))) + tl.where(k0 < 0.5, k0, k0 - 1.0) * (((x0) * (x0)) - v))
+        x2 = (tl.where(k1 < 0.5, m, x0) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (x0 - m))
         _store(p_ptr, offsets, _round_to(c0*x2/(c1 + tl.sqrt(x1)) + p, P_TYPE), mask, whole)
         _store(m_ptr, offsets, _to_state(x2, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 2 + 0), mask, whole)

@@ -553,8 +553,8 @@ if triton is not None:
         r0 = tl.sqrt(tl.load(acc1 + i * 1 + 0))
         d0 = (1.0 / ((norm_eps + r0) * (norm_eps + r0)))
         d1 = (1.0 / ((norm_eps + r0)))
-        x0 = tl.where(k1 < 0.5, v + k1 * ((d0*((g) * (g))) - v), (d0*((g) * (g))) - ((d0*((g) * (g))) - v) * (1.0 - k1))
-        x1 = tl.where(k2 < 0.5, m + k2 * ((d1*g) - m), (d1*g) - ((d1*g) - m) * (1.0 - k2))
+        x0 = (tl.where(k1 < 0.5, v, (d0*((g) * (g)))) + tl.where(k1 < 0.5, k1, k1 - 1.0) * ((d0*((g) * (g))) - v))
+        x1 = (tl.where(k2 < 0.5, m, (d1*g)) + tl.where(k2 < 0.5, k2, k2 - 1.0) * ((d1*g) - m))
         _store(p_ptr, offsets, _round_to(c0*x1/(c1 + tl.sqrt(x0)) + k0*p, P_TYPE), mask, whole)
         _store(m_ptr, offsets, _to_state(x1, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 2 + 0), mask, whole)

@@ -609,8 +609,8 @@ if triton is not None:
         x1 = tl.sqrt(unit0_)
         x2 = tl.maximum(clip_eps, x1)
         x3 = tl.maximum(clip_eps, tl.minimum(x1, tl.sqrt(unit1_)))
-        x4 = tl.where(k1 < 0.5, v + k1 * ((x0*((x3) * (x3))/((x2) * (x2))) - v), (x0*((x3) * (x3))/((x2) * (x2))) - ((x0*((x3) * (x3))/((x2) * (x2))) - v) * (1.0 - k1))
-        x5 = tl.where(k2 < 0.5, m + k2 * ((g*x3/x2) - m), (g*x3/x2) - ((g*x3/x2) - m) * (1.0 - k2))
+        x4 = (tl.where(k1 < 0.5, v, (x0*((x3) * (x3))/((x2) * (x2)))) + tl.where(k1 < 0.5, k1, k1 - 1.0) * ((x0*((x3) * (x3))/((x2) * (x2))) - v))
+        x5 = (tl.where(k2 < 0.5, m, (g*x3/x2)) + tl.where(k2 < 0.5, k2, k2 - 1.0) * ((g*x3/x2) - m))
         _store(p_ptr, offsets, _round_to(c0*x5/(c1 + tl.sqrt(x4)) + k0*p, P_TYPE), mask, whole)
         _store(m_ptr, offsets, _to_state(x5, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 2 + 0), mask, whole)

@@ -507,7 +507,7 @@ if triton is not None:
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
         gn_avg = tl.load(gn_avg_ptr).to(C_TYPE)  # one number per tensor
-        x0 = tl.where(k1 < 0.5, v + k1 * (((g) * (g)) - v), ((g) * (g)) - (((g) * (g)) - v) * (1.0 - k1))
+        x0 = (tl.where(k1 < 0.5, v, ((g) * (g))) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (((g) * (g)) - v))
         r0_x = g
         tl.atomic_add(acc1 + i * 1 + 0, tl.sum(tl.where(mask, r0_x * r0_x, 0.0), axis=0))
         _store(v_ptr, offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
@@ -571,9 +571,9 @@ if triton is not None:
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
         gn_avg = tl.load(gn_avg_ptr).to(C_TYPE)  # one number per tensor
         r0 = tl.sqrt(tl.load(acc1 + i * 1 + 0))
-        d0 = tl.where(tl.where(r0 > 0.0, 1.0, 0.0).to(C_TYPE) != 0, tl.where(tl.where(tl.where(k2 < 0.5, gn_avg + k2 * (r0 - gn_avg), r0 - (r0 - gn_avg) * (1.0 - k2)) > r0, 1.0, 0.0).to(C_TYPE) != 0, (tl.where(k2 < 0.5, gn_avg + k2 * (r0 - gn_avg), r0 - (r0 - gn_avg) * (1.0 - k2))/r0), 1.0), 1.0)
+        d0 = tl.where(tl.where(r0 > 0.0, 1.0, 0.0).to(C_TYPE) != 0, tl.where(tl.where((tl.where(k2 < 0.5, gn_avg, r0) + tl.where(k2 < 0.5, k2, k2 - 1.0) * (r0 - gn_avg)) > r0, 1.0, 0.0).to(C_TYPE) != 0, ((tl.where(k2 < 0.5, gn_avg, r0) + tl.where(k2 < 0.5, k2, k2 - 1.0) * (r0 - gn_avg))/r0), 1.0), 1.0)
         x0 = v  # stored by an earlier launch
-        x1 = tl.where(k3 < 0.5, m + k3 * ((d0*g) - m), (d0*g) - ((d0*g) - m) * (1.0 - k3))
+        x1 = (tl.where(k3 < 0.5, m, (d0*g)) + tl.where(k3 < 0.5, k3, k3 - 1.0) * ((d0*g) - m))
         _store(p_ptr, offsets, _round_to(c0*x1/(eps + tl.sqrt(x0)) + k0*p, P_TYPE), mask, whole)
         _store(m_ptr, offsets, _to_state(x1, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 3 + 0), mask, whole)
@@ -624,7 +624,7 @@ if triton is not None:
         k3 = k3.to(C_TYPE)
         gn_avg = tl.load(gn_avg_ptr).to(C_TYPE)  # one number per tensor
         r0 = tl.sqrt(tl.load(acc1 + i * 1 + 0))
-        d1 = tl.where(k2 < 0.5, gn_avg + k2 * (r0 - gn_avg), r0 - (r0 - gn_avg) * (1.0 - k2))
+        d1 = (tl.where(k2 < 0.5, gn_avg, r0) + tl.where(k2 < 0.5, k2, k2 - 1.0) * (r0 - gn_avg))
         tl.store(gn_avg_ptr, _to_state(d1, S_TYPE, STOCHASTIC, seed + i, i * 3 + 2))
 
 

@@ -636,9 +636,9 @@ if triton is not None:
         decay = tl.load(decay_ptr).to(C_TYPE)  # one number per tensor
         d0 = (1.0 / ((c0*decay + 1.0)))
         r0 = tl.load(acc1 + i * 1 + 0) / n
-        d1 = c1*r0/((eps + tl.where(k4 < 0.5, v + k4 * (r0 - v), r0 - (r0 - v) * (1.0 - k4)))*tl.sqrt(decay*k3 + 1.0)) + k1
-        d2 = c2*c3*lr*tl.sqrt((1.0 / ((eps + tl.where(k4 < 0.5, v + k4 * (r0 - v), r0 - (r0 - v) * (1.0 - k4))))))
-        x0 = tl.where(k5 < 0.5, m + k5 * ((d0*(d1*p + d2*g)) - m), (d0*(d1*p + d2*g)) - ((d0*(d1*p + d2*g)) - m) * (1.0 - k5))
+        d1 = c1*r0/((eps + (tl.where(k4 < 0.5, v, r0) + tl.where(k4 < 0.5, k4, k4 - 1.0) * (r0 - v)))*tl.sqrt(decay*k3 + 1.0)) + k1
+        d2 = c2*c3*lr*tl.sqrt((1.0 / ((eps + (tl.where(k4 < 0.5, v, r0) + tl.where(k4 < 0.5, k4, k4 - 1.0) * (r0 - v))))))
+        x0 = (tl.where(k5 < 0.5, m, (d0*(d1*p + d2*g))) + tl.where(k5 < 0.5, k5, k5 - 1.0) * ((d0*(d1*p + d2*g)) - m))
         _store(p_ptr, offsets, _round_to(p - x0, P_TYPE), mask, whole)
         _store(m_ptr, offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 3 + 0), mask, whole)
@@ -704,8 +704,8 @@ if triton is not None:
         v = tl.load(v_ptr).to(C_TYPE)  # one number per tensor
         decay = tl.load(decay_ptr).to(C_TYPE)  # one number per tensor
         r0 = tl.load(acc1 + i * 1 + 0) / n
-        d3 = tl.where(k4 < 0.5, v + k4 * (r0 - v), r0 - (r0 - v) * (1.0 - k4))
-        d4 = c4*r0/((eps + tl.where(k4 < 0.5, v + k4 * (r0 - v), r0 - (r0 - v) * (1.0 - k4)))*tl.sqrt(decay*k3 + 1.0)) + decay*(c4*r0/((eps + tl.where(k4 < 0.5, v + k4 * (r0 - v), r0 - (r0 - v) * (1.0 - k4)))*tl.sqrt(decay*k3 + 1.0)) + 1.0)
+        d3 = (tl.where(k4 < 0.5, v, r0) + tl.where(k4 < 0.5, k4, k4 - 1.0) * (r0 - v))
+        d4 = c4*r0/((eps + (tl.where(k4 < 0.5, v, r0) + tl.where(k4 < 0.5, k4, k4 - 1.0) * (r0 - v)))*tl.sqrt(decay*k3 + 1.0)) + decay*(c4*r0/((eps + (tl.where(k4 < 0.5, v, r0) + tl.where(k4 < 0.5, k4, k4 - 1.0) * (r0 - v)))*tl.sqrt(decay*k3 + 1.0)) + 1.0)
         tl.store(v_ptr, _to_state(d3, S_TYPE, STOCHASTIC, seed + i, i * 3 + 1))
         tl.store(decay_ptr, _to_state(d4, S_TYPE, STOCHASTIC, seed + i, i * 3 + 2))
 

@@ -445,7 +445,7 @@ if triton is not None:
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
-        x0 = tl.where(tl.where(k1 < 0.5, m + k1 * (g - m), g - (g - m) * (1.0 - k1)) > 0, 1.0, tl.where(tl.where(k1 < 0.5, m + k1 * (g - m), g - (g - m) * (1.0 - k1)) < 0, -1.0, 0.0)).to(C_TYPE)
+        x0 = tl.where((tl.where(k1 < 0.5, m, g) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (g - m)) > 0, 1.0, tl.where((tl.where(k1 < 0.5, m, g) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (g - m)) < 0, -1.0, 0.0)).to(C_TYPE)
         x1 = tl.where((g*x0) > 0.0, 1.0, 0.0).to(C_TYPE)
         r1_x = tl.full([BLOCK], 1.0, C_TYPE)
         tl.atomic_add(acc1 + i * 2 + 0, tl.sum(tl.where(mask, r1_x, 0.0), axis=0))
@@ -496,12 +496,12 @@ if triton is not None:
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         r1 = tl.load(acc1 + i * 2 + 0)
-        x0 = tl.where(tl.where(k1 < 0.5, m + k1 * (g - m), g - (g - m) * (1.0 - k1)) > 0, 1.0, tl.where(tl.where(k1 < 0.5, m + k1 * (g - m), g - (g - m) * (1.0 - k1)) < 0, -1.0, 0.0)).to(C_TYPE)
+        x0 = tl.where((tl.where(k1 < 0.5, m, g) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (g - m)) > 0, 1.0, tl.where((tl.where(k1 < 0.5, m, g) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (g - m)) < 0, -1.0, 0.0)).to(C_TYPE)
         x1 = tl.where((g*x0) > 0.0, 1.0, 0.0).to(C_TYPE)
         r0 = tl.load(acc1 + i * 2 + 1)
         d0 = -lr*r1/(r0 + 1.0)
         _store(p_ptr, offsets, _round_to(d0*x0*x1 + k0*p, P_TYPE), mask, whole)
-        _store(m_ptr, offsets, _to_state(tl.where(k2 < 0.5, m + k2 * (g - m), g - (g - m) * (1.0 - k2)), S_TYPE, STOCHASTIC, seed + i,
+        _store(m_ptr, offsets, _to_state((tl.where(k2 < 0.5, m, g) + tl.where(k2 < 0.5, k2, k2 - 1.0) * (g - m)), S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 1 + 0), mask, whole)
 
 

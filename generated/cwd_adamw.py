@@ -479,8 +479,8 @@ if triton is not None:
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
-        x0 = tl.where(k1 < 0.5, v + k1 * (((g) * (g)) - v), ((g) * (g)) - (((g) * (g)) - v) * (1.0 - k1))
-        x1 = tl.where(k2 < 0.5, m + k2 * (g - m), g - (g - m) * (1.0 - k2))
+        x0 = (tl.where(k1 < 0.5, v, ((g) * (g))) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (((g) * (g)) - v))
+        x1 = (tl.where(k2 < 0.5, m, g) + tl.where(k2 < 0.5, k2, k2 - 1.0) * (g - m))
         x2 = c0*x1/(c1 + tl.sqrt(x0))
         _store(p_ptr, offsets, _round_to(k0*(p*wd*tl.where((p*x2) >= 0.0, 1.0, 0.0).to(C_TYPE) + x2) + p, P_TYPE), mask, whole)
         _store(m_ptr, offsets, _to_state(x1, S_TYPE, STOCHASTIC, seed + i,

@@ -495,8 +495,8 @@ if triton is not None:
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
-        x0 = tl.where(k0 < 0.5, v + k0 * (((g) * (g)) - v), ((g) * (g)) - (((g) * (g)) - v) * (1.0 - k0))
-        x1 = tl.where(k1 < 0.5, m + k1 * (g - m), g - (g - m) * (1.0 - k1))
+        x0 = (tl.where(k0 < 0.5, v, ((g) * (g))) + tl.where(k0 < 0.5, k0, k0 - 1.0) * (((g) * (g)) - v))
+        x1 = (tl.where(k1 < 0.5, m, g) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (g - m))
         x2 = c0*x1/(c1 + tl.sqrt(x0)) + p*wd
         r0_x = p
         tl.atomic_add(acc1 + i * 2 + 0, tl.sum(tl.where(mask, r0_x * r0_x, 0.0), axis=0))

@@ -422,8 +422,8 @@ if triton is not None:
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
-        _store(p_ptr, offsets, _round_to(k0*p + k1*tl.where(tl.where(k2 < 0.5, m + k2 * (g - m), g - (g - m) * (1.0 - k2)) > 0, 1.0, tl.where(tl.where(k2 < 0.5, m + k2 * (g - m), g - (g - m) * (1.0 - k2)) < 0, -1.0, 0.0)).to(C_TYPE), P_TYPE), mask, whole)
-        _store(m_ptr, offsets, _to_state(tl.where(k3 < 0.5, m + k3 * (g - m), g - (g - m) * (1.0 - k3)), S_TYPE, STOCHASTIC, seed + i,
+        _store(p_ptr, offsets, _round_to(k0*p + k1*tl.where((tl.where(k2 < 0.5, m, g) + tl.where(k2 < 0.5, k2, k2 - 1.0) * (g - m)) > 0, 1.0, tl.where((tl.where(k2 < 0.5, m, g) + tl.where(k2 < 0.5, k2, k2 - 1.0) * (g - m)) < 0, -1.0, 0.0)).to(C_TYPE), P_TYPE), mask, whole)
+        _store(m_ptr, offsets, _to_state((tl.where(k3 < 0.5, m, g) + tl.where(k3 < 0.5, k3, k3 - 1.0) * (g - m)), S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 1 + 0), mask, whole)
 
 

@@ -533,10 +533,10 @@ if triton is not None:
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
         slow = _load(slow_ptr, offsets, mask, whole).to(C_TYPE)
         x0 = g + p*wd
-        x1 = tl.where(k0 < 0.5, v + k0 * (((x0) * (x0)) - v), ((x0) * (x0)) - (((x0) * (x0)) - v) * (1.0 - k0))
-        x2 = tl.where(k1 < 0.5, m + k1 * (x0 - m), x0 - (x0 - m) * (1.0 - k1))
+        x1 = (tl.where(k0 < 0.5, v, ((x0) * (x0))) + tl.where(k0 < 0.5, k0, k0 - 1.0) * (((x0) * (x0)) - v))
+        x2 = (tl.where(k1 < 0.5, m, x0) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (x0 - m))
         x3 = c1*x2/(c2 + tl.sqrt(x1)) + p
-        x4 = tl.where(k2 < 0.5, x3 + k2 * (slow - x3), slow - (slow - x3) * (1.0 - k2))
+        x4 = (tl.where(k2 < 0.5, x3, slow) + tl.where(k2 < 0.5, k2, k2 - 1.0) * (slow - x3))
         _store(p_ptr, offsets, _round_to(tl.where(c0 != 0, x4, x3), P_TYPE), mask, whole)
         _store(m_ptr, offsets, _to_state(x2, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 3 + 0), mask, whole)

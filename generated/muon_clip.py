@@ -906,8 +906,8 @@ if triton is not None:
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
         buf = _load(buf_ptr, offsets, mask, whole).to(C_TYPE)
         max_logit = tl.load(max_logit_ptr).to(C_TYPE)  # one number per tensor
-        x0 = tl.where(k2 < 0.5, buf + k2 * (g - buf), g - (g - buf) * (1.0 - k2))
-        x1 = tl.where(nesterov != 0, tl.where(momentum < 0.5, g + momentum * (x0 - g), x0 - (x0 - g) * (1.0 - momentum)), x0)
+        x0 = (tl.where(k2 < 0.5, buf, g) + tl.where(k2 < 0.5, k2, k2 - 1.0) * (g - buf))
+        x1 = tl.where(nesterov != 0, (tl.where(momentum < 0.5, g, x0) + tl.where(momentum < 0.5, momentum, momentum - 1.0) * (x0 - g)), x0)
         tl.store(tl.load(mxin0_ptrs + i).to(tl.pointer_type(C_TYPE)) + offsets, x1, mask=mask)
         _store(buf_ptr, offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 2 + 0), mask, whole)
@@ -1041,8 +1041,8 @@ if triton is not None:
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
         max_logit = tl.load(max_logit_ptr).to(C_TYPE)  # one number per tensor
-        x0 = tl.where(k1 < 0.5, v + k1 * (((g) * (g)) - v), ((g) * (g)) - (((g) * (g)) - v) * (1.0 - k1))
-        x1 = tl.where(k2 < 0.5, m + k2 * (g - m), g - (g - m) * (1.0 - k2))
+        x0 = (tl.where(k1 < 0.5, v, ((g) * (g))) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (((g) * (g)) - v))
+        x1 = (tl.where(k2 < 0.5, m, g) + tl.where(k2 < 0.5, k2, k2 - 1.0) * (g - m))
         _store(p_ptr, offsets, _round_to(c0*x1/(c1 + tl.sqrt(x0)) + k0*p, P_TYPE), mask, whole)
         _store(m_ptr, offsets, _to_state(x1, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 3 + 0), mask, whole)

@@ -556,9 +556,9 @@ if triton is not None:
         d0 = -c0*c2*lr/(c1*mu_prod + 1.0)
         d1 = -b1*c0*c5*lr/(c4*mu_prod + 1.0)
         x0 = g + p*wd
-        x1 = tl.where(k1 < 0.5, v + k1 * (((x0) * (x0)) - v), ((x0) * (x0)) - (((x0) * (x0)) - v) * (1.0 - k1))
+        x1 = (tl.where(k1 < 0.5, v, ((x0) * (x0))) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (((x0) * (x0)) - v))
         x2 = (1.0 / ((c3 + tl.sqrt(x1))))
-        x3 = tl.where(k3 < 0.5, m + k3 * (x0 - m), x0 - (x0 - m) * (1.0 - k3))
+        x3 = (tl.where(k3 < 0.5, m, x0) + tl.where(k3 < 0.5, k3, k3 - 1.0) * (x0 - m))
         _store(p_ptr, offsets, _round_to(d0*x0*x2 + d1*x2*x3 + p, P_TYPE), mask, whole)
         _store(m_ptr, offsets, _to_state(x3, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 3 + 0), mask, whole)

@@ -434,7 +434,7 @@ if triton is not None:
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
-        x0 = tl.where(k0 < 0.5, m + k0 * ((g + p*wd) - m), (g + p*wd) - ((g + p*wd) - m) * (1.0 - k0))
+        x0 = (tl.where(k0 < 0.5, m, (g + p*wd)) + tl.where(k0 < 0.5, k0, k0 - 1.0) * ((g + p*wd) - m))
         r0_x = c0*x0
         tl.atomic_add(acc1 + i * 1 + 0, tl.sum(tl.where(mask, r0_x * r0_x, 0.0), axis=0))
         _store(m_ptr, offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,

@@ -503,8 +503,8 @@ if triton is not None:
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
         x0 = g + p*wd
-        x1 = tl.where(k0 < 0.5, m + k0 * (x0 - m), x0 - (x0 - m) * (1.0 - k0))
-        x2 = tl.where(k5 < 0.5, v + k5 * (((x0) * (x0)) - v), ((x0) * (x0)) - (((x0) * (x0)) - v) * (1.0 - k5))
+        x1 = (tl.where(k0 < 0.5, m, x0) + tl.where(k0 < 0.5, k0, k0 - 1.0) * (x0 - m))
+        x2 = (tl.where(k5 < 0.5, v, ((x0) * (x0))) + tl.where(k5 < 0.5, k5, k5 - 1.0) * (((x0) * (x0)) - v))
         _store(p_ptr, offsets, _round_to(c0*x1*tl.where(c1 != 0, (c2/(eps + tl.sqrt(x2))), 1.0) + p, P_TYPE), mask, whole)
         _store(m_ptr, offsets, _to_state(x1, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 2 + 0), mask, whole)

@@ -580,7 +580,7 @@ if triton is not None:
         grad_avg = _load(grad_avg_ptr, offsets, mask, whole).to(C_TYPE)
         buf = _load(buf_ptr, offsets, mask, whole).to(C_TYPE)
         x0 = g + p*wd
-        x1 = tl.where(k2 < 0.5, grad_avg + k2 * (x0 - grad_avg), x0 - (x0 - grad_avg) * (1.0 - k2))
+        x1 = (tl.where(k2 < 0.5, grad_avg, x0) + tl.where(k2 < 0.5, k2, k2 - 1.0) * (x0 - grad_avg))
         x2 = alpha*square_avg + k2*((x0) * (x0))
         x3 = x0/(eps + tl.sqrt(k3*((x1) * (x1)) + x2))
         x4 = buf*momentum + x3

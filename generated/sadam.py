@@ -470,8 +470,8 @@ if triton is not None:
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
         x0 = g + p*wd
-        x1 = tl.where(k0 < 0.5, v + k0 * (((x0) * (x0)) - v), ((x0) * (x0)) - (((x0) * (x0)) - v) * (1.0 - k0))
-        x2 = tl.where(k1 < 0.5, m + k1 * (x0 - m), x0 - (x0 - m) * (1.0 - k1))
+        x1 = (tl.where(k0 < 0.5, v, ((x0) * (x0))) + tl.where(k0 < 0.5, k0, k0 - 1.0) * (((x0) * (x0)) - v))
+        x2 = (tl.where(k1 < 0.5, m, x0) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (x0 - m))
         _store(p_ptr, offsets, _round_to(c0*x2/tl.where((beta*tl.sqrt(x1)) > 20.0, (beta*tl.sqrt(x1)), tl.log(1.0 + tl.exp((beta*tl.sqrt(x1))))) + p, P_TYPE), mask, whole)
         _store(m_ptr, offsets, _to_state(x2, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 2 + 0), mask, whole)

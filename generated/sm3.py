@@ -745,8 +745,8 @@ if triton is not None:
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         x0 = tl.minimum(c, r)
         x1 = ((g) * (g))
-        x2 = tl.where(k1 != 0, tl.where(k2 < 0.5, x0 + k2 * (x1 - x0), x1 - (x1 - x0) * (1.0 - k2)), (x0 + x1))
-        x3 = tl.where(k3 < 0.5, m + k3 * ((g/tl.sqrt(eps + x2)) - m), (g/tl.sqrt(eps + x2)) - ((g/tl.sqrt(eps + x2)) - m) * (1.0 - k3))
+        x2 = tl.where(k1 != 0, (tl.where(k2 < 0.5, x0, x1) + tl.where(k2 < 0.5, k2, k2 - 1.0) * (x1 - x0)), (x0 + x1))
+        x3 = (tl.where(k3 < 0.5, m, (g/tl.sqrt(eps + x2))) + tl.where(k3 < 0.5, k3, k3 - 1.0) * ((g/tl.sqrt(eps + x2)) - m))
         ax0_x = x2
         _add_by_segment(axacc0 + axbase0_, rows_, ax0_x, mask, True)
         ax1_x = x2
@@ -944,8 +944,8 @@ if triton is not None:
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         x0 = ((g) * (g))
-        x1 = tl.where(k1 != 0, tl.where(k2 < 0.5, v + k2 * (x0 - v), x0 - (x0 - v) * (1.0 - k2)), (v + x0))
-        x2 = tl.where(k3 < 0.5, m + k3 * ((g/tl.sqrt(eps + x1)) - m), (g/tl.sqrt(eps + x1)) - ((g/tl.sqrt(eps + x1)) - m) * (1.0 - k3))
+        x1 = tl.where(k1 != 0, (tl.where(k2 < 0.5, v, x0) + tl.where(k2 < 0.5, k2, k2 - 1.0) * (x0 - v)), (v + x0))
+        x2 = (tl.where(k3 < 0.5, m, (g/tl.sqrt(eps + x1))) + tl.where(k3 < 0.5, k3, k3 - 1.0) * ((g/tl.sqrt(eps + x1)) - m))
         _store(p_ptr, offsets, _round_to(k0*x2 + p, P_TYPE), mask, whole)
         _store(v_ptr, offsets, _to_state(tl.where(k1 != 0, tl.maximum(v, x1), x1), S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 2 + 0), mask, whole)

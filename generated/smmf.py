@@ -806,8 +806,8 @@ if triton is not None:
         rv = tl.load(rv_ptr + rows_, mask=mask).to(C_TYPE)
         cv = tl.load(cv_ptr + cols_, mask=mask).to(C_TYPE)
         positive = _load(positive_ptr, offsets, mask, whole).to(C_TYPE)  # 0 or 1
-        x0 = tl.where(k1 < 0.5, (cv*rv) + k1 * (((g) * (g)) - (cv*rv)), ((g) * (g)) - (((g) * (g)) - (cv*rv)) * (1.0 - k1))
-        x1 = tl.where(k2 < 0.5, (cm*rm*(2.0*positive - 1.0)) + k2 * (g - (cm*rm*(2.0*positive - 1.0))), g - (g - (cm*rm*(2.0*positive - 1.0))) * (1.0 - k2))
+        x0 = (tl.where(k1 < 0.5, (cv*rv), ((g) * (g))) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (((g) * (g)) - (cv*rv)))
+        x1 = (tl.where(k2 < 0.5, (cm*rm*(2.0*positive - 1.0)), g) + tl.where(k2 < 0.5, k2, k2 - 1.0) * (g - (cm*rm*(2.0*positive - 1.0))))
         x2 = tl.abs(x1)
         r1_x = x0
         tl.atomic_add(acc1 + i * 2 + 0, tl.sum(tl.where(mask, r1_x, 0.0), axis=0))
@@ -902,8 +902,8 @@ if triton is not None:
         rv = tl.load(rv_ptr + rows_, mask=mask).to(C_TYPE)
         cv = tl.load(cv_ptr + cols_, mask=mask).to(C_TYPE)
         positive = _load(positive_ptr, offsets, mask, whole).to(C_TYPE)  # 0 or 1
-        x0 = tl.where(k1 < 0.5, (cv*rv) + k1 * (((g) * (g)) - (cv*rv)), ((g) * (g)) - (((g) * (g)) - (cv*rv)) * (1.0 - k1))
-        x1 = tl.where(k2 < 0.5, (cm*rm*(2.0*positive - 1.0)) + k2 * (g - (cm*rm*(2.0*positive - 1.0))), g - (g - (cm*rm*(2.0*positive - 1.0))) * (1.0 - k2))
+        x0 = (tl.where(k1 < 0.5, (cv*rv), ((g) * (g))) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (((g) * (g)) - (cv*rv)))
+        x1 = (tl.where(k2 < 0.5, (cm*rm*(2.0*positive - 1.0)), g) + tl.where(k2 < 0.5, k2, k2 - 1.0) * (g - (cm*rm*(2.0*positive - 1.0))))
         _store(p_ptr, offsets, _round_to(c0*x1/(c1 + tl.sqrt(x0)) + k0*p, P_TYPE), mask, whole)
         _store(positive_ptr, offsets, (tl.where(x1 >= 0.0, 1.0, 0.0).to(C_TYPE) != 0).to(tl.int8), mask, whole)
 
@@ -1058,8 +1058,8 @@ if triton is not None:
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
-        x0 = tl.where(k1 < 0.5, v + k1 * (((g) * (g)) - v), ((g) * (g)) - (((g) * (g)) - v) * (1.0 - k1))
-        x1 = tl.where(k2 < 0.5, m + k2 * (g - m), g - (g - m) * (1.0 - k2))
+        x0 = (tl.where(k1 < 0.5, v, ((g) * (g))) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (((g) * (g)) - v))
+        x1 = (tl.where(k2 < 0.5, m, g) + tl.where(k2 < 0.5, k2, k2 - 1.0) * (g - m))
         _store(p_ptr, offsets, _round_to(c0*x1/(c1 + tl.sqrt(x0)) + k0*p, P_TYPE), mask, whole)
         _store(m_ptr, offsets, _to_state(x1, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 2 + 0), mask, whole)

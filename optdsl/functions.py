@@ -200,8 +200,9 @@ TABLE: dict[str, Function] = {f.name: f for f in [
     F("atan2", 2, sp.atan2, "torch.atan2({0}, {1})", "math.atan2({0}, {1})",
       triton="libdevice.atan2({0}, {1})"),
     F("lerp", 3, lerp, "torch.lerp({0}, {1}, {2})", "(({0}) + ({2}) * (({1}) - ({0})))",
-      # torch.lerp's two forms: each is exact at its end (w = 0, w = 1), so a weight of 1 gives b
-      triton="tl.where({2} < 0.5, {0} + {2} * ({1} - {0}), {1} - ({1} - {0}) * (1.0 - {2}))"),
+      # torch.lerp's two forms, a + w*(b - a) below w = 0.5 and b - (1 - w)*(b - a) from there: each
+      # exact at its end, so a weight of 1 gives b. The choice is made on the weight (a scalar, mostly).
+      triton="(tl.where({2} < 0.5, {0}, {1}) + tl.where({2} < 0.5, {2}, {2} - 1.0) * ({1} - {0}))"),
     F("min", 2, _min, "torch.minimum({0}, {1})", "min({0}, {1})",
       triton="tl.minimum({0}, {1})"),
     F("max", 2, _max, "torch.maximum({0}, {1})", "max({0}, {1})",

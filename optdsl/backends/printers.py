@@ -180,6 +180,16 @@ class TritonPrinter(HostPrinter):
         # tl.where of two literals is float32: sqrt(a > b) would be a float32 sqrt in a float64 kernel
         return f"{text}.to({self.dtype})" if isinstance(e, _COMPARISONS + (sp.sign,)) else text
 
+    def _print_lerp(self, e):
+        a, b, w = e.args
+        if w.is_number:  # torch.lerp's form for this weight, picked here (see functions.TABLE's row)
+            form = "({0} + {2} * ({1} - {0}))" if w < sp.S.Half else "({1} - ({1} - {0}) * {3})"
+            return form.format(*(self.parenthesize(x, PRECEDENCE["Mul"]) for x in (a, b, w, 1 - w)))
+        # a number at an end is a float32 literal in tl.where: in the kernel's dtype instead
+        ends = [f"tl.full((), {self._print(x)}, {self.dtype})" if x.is_Number else self.parenthesize(x, PRECEDENCE["Mul"])
+                for x in (a, b)]
+        return fn.TABLE["lerp"].triton.format(*ends, self.parenthesize(w, PRECEDENCE["Mul"]))
+
     def _print(self, expr, **kwargs):
         # A constant such as log(2) or sqrt(2) is a number from the host: Triton would compute it
         # from a float32 literal.
