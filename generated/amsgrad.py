@@ -545,13 +545,10 @@ def _groups(params, *lists):
             for key, ((group,), indices) in grouped.items()}
 
 
-def _pointer_tables(lists, device, cache=True):
+def _pointer_tables(lists, device):
     """One int64 table of data pointers per operand, and whether each operand's tensors all start on
     16 bytes (the kernels then move 16 bytes per access). Each table is kept while its tensors stay
-    where they are: gradients may move at every step, parameters and states seldom. (`cache=False`:
-    tensors made for this step alone, one 2-D table.)"""
-    if not cache:
-        return _upload(torch.tensor([list(map(torch.Tensor.data_ptr, x)) for x in lists], dtype=torch.int64), device)
+    where they are: gradients may move at every step, parameters and states seldom."""
     tables, aligned = [], []
     for tensors in lists:
         key = (device, tuple(map(torch.Tensor.data_ptr, tensors)))

@@ -1096,13 +1096,15 @@ def _groups(params, *lists):
             for key, ((group,), indices) in grouped.items()}
 
 
-def _pointer_tables(lists, device, cache=True):
+def _scratch_tables(lists, device):
+    """One int64 table of data pointers per operand, for tensors made for this step alone."""
+    return list(_upload(torch.tensor([list(map(torch.Tensor.data_ptr, x)) for x in lists], dtype=torch.int64), device))
+
+
+def _pointer_tables(lists, device):
     """One int64 table of data pointers per operand, and whether each operand's tensors all start on
     16 bytes (the kernels then move 16 bytes per access). Each table is kept while its tensors stay
-    where they are: gradients may move at every step, parameters and states seldom. (`cache=False`:
-    tensors made for this step alone, one 2-D table.)"""
-    if not cache:
-        return _upload(torch.tensor([list(map(torch.Tensor.data_ptr, x)) for x in lists], dtype=torch.int64), device)
+    where they are: gradients may move at every step, parameters and states seldom."""
     tables, aligned = [], []
     for tensors in lists:
         key = (device, tuple(map(torch.Tensor.data_ptr, tensors)))
@@ -1197,7 +1199,7 @@ def _fused_muonclip_0(params, grads, buf_list, max_logit_list, state_steps, *, t
                      num_warps=_NUM_WARPS)
         # the matrix work's entries, computed by the kernels, in scratch tensors
         mxin = [[torch.empty_like(x, dtype=compute) for x in p] for _ in range(1)]
-        args += list(_pointer_tables(mxin, device, cache=False))
+        args += _scratch_tables(mxin, device)
         _muonclip_0_stage1[(len(block_tensor),)](*args, **types)
         # Matrix work (mm, T) in torch, tensor by tensor: cuBLAS matmuls between the launches.
         mxout = [[] for _ in range(1)]
@@ -1210,7 +1212,7 @@ def _fused_muonclip_0(params, grads, buf_list, max_logit_list, state_steps, *, t
                     raise RuntimeError(f"MuonClip: matrix work gave shape {tuple(x_.shape)} "
                                        f"for a parameter of shape {tuple(p[i].shape)}")
                 mxout[n_].append(x_.to(compute).contiguous())
-        args += list(_pointer_tables(mxout, device, cache=False))
+        args += _scratch_tables(mxout, device)
         _muonclip_0_kernel[(len(block_tensor),)](*args, **types)
         LAUNCHES += 2
 
