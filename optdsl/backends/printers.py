@@ -174,8 +174,8 @@ class TritonPrinter(HostPrinter):
         if not row.triton:  # backends.triton.unsupported() refuses such a plan before printing it
             raise NotImplementedError(f"{row.name}() has no Triton form")
         args = [self.parenthesize(a, PRECEDENCE["Mul"]) for a in e.args]
-        if type(e) is fn.where and all(a.is_Number for a in e.args[1:]):  # literals in the kernel's dtype
-            args[1:] = [f"tl.full((), {self._print(a)}, {self.dtype})" for a in e.args[1:]]
+        if type(e) is fn.where and all(a.is_Number for a in e.args[1:]):
+            args[1:] = [self._end(a) for a in e.args[1:]]
         text = row.triton.format(*args)
         # tl.where of two literals is float32: sqrt(a > b) would be a float32 sqrt in a float64 kernel
         return f"{text}.to({self.dtype})" if isinstance(e, _COMPARISONS + (sp.sign,)) else text
@@ -185,10 +185,12 @@ class TritonPrinter(HostPrinter):
         if w.is_number:  # torch.lerp's form for this weight, picked here (see functions.TABLE's row)
             form = "({0} + {2} * ({1} - {0}))" if w < sp.S.Half else "({1} - ({1} - {0}) * {3})"
             return form.format(*(self.parenthesize(x, PRECEDENCE["Mul"]) for x in (a, b, w, 1 - w)))
-        # a number at an end is a float32 literal in tl.where: in the kernel's dtype instead
-        ends = [f"tl.full((), {self._print(x)}, {self.dtype})" if x.is_Number else self.parenthesize(x, PRECEDENCE["Mul"])
-                for x in (a, b)]
-        return fn.TABLE["lerp"].triton.format(*ends, self.parenthesize(w, PRECEDENCE["Mul"]))
+        return fn.TABLE["lerp"].triton.format(self._end(a), self._end(b), self.parenthesize(w, PRECEDENCE["Mul"]))
+
+    def _end(self, x):
+        """An operand tl.where selects: a number would be a float32 literal there, so it is made in
+        the kernel's dtype."""
+        return f"tl.full((), {self._print(x)}, {self.dtype})" if x.is_Number else self.parenthesize(x, PRECEDENCE["Mul"])
 
     def _print(self, expr, **kwargs):
         # A constant such as log(2) or sqrt(2) is a number from the host: Triton would compute it
