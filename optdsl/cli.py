@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from . import console
-from .build import build, spec_files
+from .build import BuildError, build, read_spec, spec_files
 from .equiv import equivalent, report
 from .errors import SpecError
 from .pipeline import compile_source
@@ -32,7 +32,9 @@ BUILD_EPILOG = """examples:
   optdsl build specs/lion.opt      one spec only
 
 A failing spec is reported with file, line and column; its old output and every other
-output stay untouched, and the command exits 1.
+output stay untouched, and the command exits 1. So are a path that does not exist, a folder
+with no .opt file, an output folder that cannot be written (read-only, full) and one that
+another build is writing (it holds OUT/.optdsl-build.lock): one line, exit 1.
 """
 
 CHECK_EPILOG = """examples:
@@ -82,12 +84,16 @@ examples:
 
 
 def _build(args) -> int:
-    with console.progress(len(spec_files(Path(args.specs))), "building") as working_on:
-        report = build(args.specs, args.out, working_on)
+    try:
+        with console.progress(len(spec_files(Path(args.specs))), "building") as working_on:
+            report = build(args.specs, args.out, working_on)
+    except BuildError as err:  # nothing to build, or an output folder it cannot write: one line
+        console.show(f"optdsl build: error: {err}")
+        return 1
     for w in report.warnings:
         console.show(w)
     for e in report.errors:
-        console.show(e)
+        console.show(e if isinstance(e, SpecError) else f"optdsl build: error: {e}")
     print(f"optdsl: {len(report.written)} written, {len(report.unchanged)} unchanged, "
           f"{len(report.removed)} removed, {len(report.errors)} failed, {len(report.warnings)} warnings")
     return 0 if report.ok else 1
@@ -95,11 +101,20 @@ def _build(args) -> int:
 
 def _check(args) -> int:
     failed = 0
-    for spec in spec_files(Path(args.specs)):
+    try:
+        specs = spec_files(Path(args.specs))
+    except BuildError as err:
+        console.show(f"optdsl check: error: {err}")
+        return 1
+    for spec in specs:
         try:
-            compiled = compile_source(spec.read_text(encoding="utf-8"), spec.as_posix())
+            compiled = compile_source(read_spec(spec), spec.as_posix())
         except SpecError as err:
             console.show(err)
+            failed += 1
+            continue
+        except BuildError as err:
+            console.show(f"optdsl check: error: {err}")
             failed += 1
             continue
         status = f"{len(compiled.warnings)} warning(s)" if compiled.warnings else "ok"

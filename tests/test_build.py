@@ -34,7 +34,9 @@ def listing(folder: Path) -> dict[str, bytes]:
 
 
 def stamps(folder: Path) -> dict[str, tuple[bytes, int]]:
-    return {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in sorted(folder.iterdir()) if f.is_file()}
+    """Every file's bytes and mtime, but the build lock's (a hidden file each build opens)."""
+    return {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in sorted(folder.iterdir())
+            if f.is_file() and f.name != build_mod.LOCK}
 
 
 def assert_same_folder(actual: Path, expected: Path, hint: str = ""):
@@ -155,11 +157,13 @@ def test_deleted_spec_removes_its_module_only(spec_copy, capsys):
     assert '"sgd"' not in (out / "__init__.py").read_text()
     assert '"adamw"' in (out / "__init__.py").read_text()
 
-    # a hand-written module is kept even when no spec is left at all
+    # a folder with no spec left is refused (a mistyped folder must not empty generated/): nothing changes
     for spec in specs.glob("*.opt"):
         spec.unlink()
-    assert main(["build", str(specs), "-o", str(out)]) == 0
-    assert sorted(f.name for f in out.glob("*.py")) == ["__init__.py", "helpers.py"]
+    before = stamps(out)
+    assert main(["build", str(specs), "-o", str(out)]) == 1
+    assert "no .opt files in" in capsys.readouterr().err
+    assert stamps(out) == before
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,258 @@
+#!/usr/bin/env python
+"""Mutation fuzzer over the shipped specs and random text, and the outcome of each case.
+
+Each case is one text, made from a seed: a shipped spec with a few token- or line-level
+mutations (rename or swap names, swap functions, operators and numbers, delete, duplicate or
+swap lines and tokens, insert a word of the language), or random text. Its outcome is one of
+
+  located     a SpecError with a location: file:line:col, the line and a caret
+  stepped     it compiled, and the class stepped twice on parameters of every rank 0..3 its
+              rules accept, float32 and float64, for-loop and foreach, without an exception
+  documented  it compiled, and a step raised an error that names the spec's file and line
+              (or one of the generated code's own documented messages, DOCUMENTED below)
+  bug         anything else: an unlocated SpecError, "this is a bug in optdsl", a compiled
+              module that does not import, or a raw exception at construction or step
+
+tests/test_fuzz.py asserts that no case is a bug (derandomized, the "ci" profile); run this
+file to tally many cases (reproducible: case i is seed i):
+
+    python tests/fuzz_specs.py --cases 10000 [--start 0] [--show bug]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import random
+import re
+import signal
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import optdsl  # noqa: E402
+from optdsl import functions as F  # noqa: E402
+from optdsl.errors import SpecError  # noqa: E402
+
+FILENAME = "fuzz.opt"
+SPEC_TEXTS = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "specs").glob("*.opt"))]
+FUNCS = sorted(F.TABLE)
+OPERATORS = ["+", "-", "*", "/", "^", "**", "<", "<=", ">", ">=", "==", "!=", "=", "+=", "-=", "*=", "/="]
+NUMBERS = ["0", "1", "-1", "2", "0.5", ".5", "3.", "1e-8", "1e400", "1e-320", "inf", "64", "65", "0.999",
+           "-0.8", "100", "7"]
+WORDS = ["optimizer", "hyper", "state", "in", "inf", "p", "g", "t", "loss", "m", "v", "lr", "b1", "eps", "u", "x",
+         "rule", "repeat", "every", "input", "scalar", "rows", "cols", "bool", "as", "only", "eager", "True",
+         "False", "ndim", "numel", "nrows", "ncols", "{", "}", "(", ")", "[", "]", ",", ";", ":", "\n", "# c\n",
+         '"doc"', "lambda", "class", "torch", "self", "step", "%", "and", "or", "cos", "!", "@"]
+TOKEN = re.compile(r'\s+|#[^\n]*|"[^"\n]*"|\*\*|[-+*/]=|[<>=!]=|[A-Za-z_]\w*|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|.')
+NAME = re.compile(r"[A-Za-z_]\w*")
+NUMBER = re.compile(r"(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+CHARS = "abglmptvxyz_019.e " + "\t\n;#()[]{},:=+-*/^<>!\""
+
+# Errors the generated code raises on purpose, with a message that says what to do.
+DOCUMENTED = ("no rule of ", "cannot run: ", "reads the loss: call step(closure)")
+RANKS = [(), (7,), (3, 5), (2, 3, 4)]
+
+
+# ---- the cases ----
+def mutate(text: str, rng: random.Random) -> str:
+    tokens = TOKEN.findall(text)
+    for _ in range(rng.randint(1, 4)):
+        solid = [i for i, tok in enumerate(tokens) if tok.strip() and not tok.startswith("#")]
+        if not solid:
+            break
+        i = rng.choice(solid)
+        names = sorted({tok for tok in tokens if NAME.fullmatch(tok)})
+        op = rng.choice(["rename", "swap-names", "function", "operator", "number", "delete-line",
+                         "duplicate-line", "swap-lines", "delete", "duplicate", "insert", "replace"])
+        if op == "rename":
+            pick = [j for j in solid if NAME.fullmatch(tokens[j])]
+            if pick:
+                old, new = tokens[rng.choice(pick)], rng.choice(names + WORDS[:16] + FUNCS)
+                tokens = [new if tok == old else tok for tok in tokens]
+        elif op == "swap-names" and len(names) > 1:
+            a, b = rng.sample(names, 2)
+            tokens = [b if tok == a else a if tok == b else tok for tok in tokens]
+        elif op == "function":
+            pick = [j for j in solid if tokens[j] in F.TABLE]
+            if pick:
+                tokens[rng.choice(pick)] = rng.choice(FUNCS)
+        elif op == "operator":
+            pick = [j for j in solid if tokens[j] in OPERATORS]
+            if pick:
+                tokens[rng.choice(pick)] = rng.choice(OPERATORS)
+        elif op == "number":
+            pick = [j for j in solid if NUMBER.fullmatch(tokens[j])]
+            if pick:
+                tokens[rng.choice(pick)] = rng.choice(NUMBERS)
+        elif op in ("delete-line", "duplicate-line", "swap-lines"):
+            lines = "".join(tokens).split("\n")
+            a, b = rng.randrange(len(lines)), rng.randrange(len(lines))
+            if op == "delete-line":
+                del lines[a]
+            elif op == "duplicate-line":
+                lines.insert(a, lines[a])
+            else:
+                lines[a], lines[b] = lines[b], lines[a]
+            tokens = TOKEN.findall("\n".join(lines))
+        elif op == "delete":
+            del tokens[i]
+        elif op == "duplicate":
+            tokens.insert(i, tokens[i] + " ")
+        elif op == "insert":
+            tokens.insert(i, " " + rng.choice(WORDS + FUNCS + OPERATORS + NUMBERS) + " ")
+        elif op == "replace":
+            tokens[i] = rng.choice(WORDS + FUNCS + OPERATORS + NUMBERS)
+    return "".join(tokens)
+
+
+def case(seed: int) -> str:
+    """The text of case `seed`: mostly mutated specs, some random text and token soup."""
+    rng = random.Random(seed)
+    kind = rng.random()
+    if kind < 0.85:
+        return mutate(rng.choice(SPEC_TEXTS), rng)
+    if kind < 0.93:
+        words = WORDS + FUNCS + OPERATORS + NUMBERS
+        return "optimizer X\n" + " ".join(rng.choice(words) for _ in range(rng.randint(1, 40)))
+    return "".join(rng.choice(CHARS) for _ in range(rng.randint(0, 120)))
+
+
+# ---- the outcome of one case ----
+@dataclass
+class Outcome:
+    kind: str  # located, stepped, documented, bug
+    detail: str = ""
+
+
+class _Slow(Exception):
+    pass
+
+
+@contextmanager
+def time_limit(seconds: float):
+    """SIGALRM-based: a case that runs longer raises _Slow (main thread only)."""
+    def ring(*_):
+        raise _Slow()
+    old = signal.signal(signal.SIGALRM, ring)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _located(err: SpecError) -> str:
+    """'' when the error has a location and shows it, else what is missing."""
+    shown = str(err)
+    if "this is a bug in optdsl" in shown:
+        return "internal error: " + shown
+    if err.span is None:
+        return "no location: " + shown
+    if not shown.startswith(f"{FILENAME}:{err.line}:{err.column}: error: ") or "^" not in shown:
+        return "no file:line:col or caret: " + shown
+    return ""
+
+
+def _documented(err: Exception) -> bool:
+    text = str(err)
+    return bool(re.search(rf"{re.escape(FILENAME)}:\d+", text)) or any(d in text for d in DOCUMENTED)
+
+
+def _accepts(cls, p, defaults) -> bool:
+    rule_of = getattr(cls, "_rule_of", None)
+    if rule_of is None:
+        return True
+    try:
+        rule_of(p, defaults)
+    except RuntimeError as err:
+        if "no rule of " in str(err):
+            return False
+        raise
+    return True
+
+
+def step_all(cls) -> None:
+    """Two steps on parameters of every rank the rules accept, both dtypes, for-loop and foreach."""
+    for dtype in (torch.float32, torch.float64):
+        gen = torch.Generator().manual_seed(0)
+        for foreach in (False, True):
+            params = [torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=dtype)) for shape in RANKS]
+            opt = cls(params, foreach=foreach)
+            params = [p for p in params if _accepts(cls, p, opt.defaults)]
+            if not params:
+                continue
+            opt = cls(params, foreach=foreach)
+            for _ in range(2):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen, dtype=dtype)
+                opt.step(lambda: torch.tensor(1.5))
+
+
+def outcome(text: str, limit: float = 20.0) -> Outcome:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with time_limit(limit):
+                try:
+                    compiled = optdsl.compile_source(text, FILENAME)
+                except SpecError as err:
+                    why = _located(err)
+                    return Outcome("bug", why) if why else Outcome("located")
+                try:
+                    module = optdsl._module_from(compiled, f"optdsl_fuzz.{compiled.program.name}")
+                    cls = getattr(module, compiled.program.name)
+                except Exception as err:  # noqa: BLE001 - any failure here is the bug we look for
+                    return Outcome("bug", f"import: {type(err).__name__}: {err}")
+                try:
+                    step_all(cls)
+                except _Slow:
+                    raise
+                except Exception as err:  # noqa: BLE001
+                    if _documented(err):
+                        return Outcome("documented", f"{type(err).__name__}: {err}")
+                    return Outcome("bug", f"step: {type(err).__name__}: {err}")
+                return Outcome("stepped")
+        except _Slow:
+            return Outcome("bug", f"slow: more than {limit} s")
+        except RecursionError as err:
+            return Outcome("bug", f"RecursionError: {err}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", type=int, default=1000)
+    ap.add_argument("--start", type=int, default=0)
+    ap.add_argument("--limit", type=float, default=20.0, help="seconds per case before it counts as a bug")
+    ap.add_argument("--show", action="append", default=[], help="print each case of this kind (repeatable)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    tally, bugs = collections.Counter(), collections.Counter()
+    began = time.perf_counter()
+    for seed in range(args.start, args.start + args.cases):
+        text = case(seed)
+        out = outcome(text, args.limit)
+        tally[out.kind] += 1
+        if out.kind == "bug":
+            bugs[re.sub(r"\d+", "N", out.detail.split("\n")[0])[:120]] += 1
+        if out.kind in args.show:
+            print(f"--- seed {seed}: {out.kind}: {out.detail}\n{text}\n", flush=True)
+    took = time.perf_counter() - began
+    print(f"{args.cases} cases (seeds {args.start}..{args.start + args.cases - 1}) in {took:.0f} s")
+    for kind in ("located", "stepped", "documented", "bug"):
+        print(f"  {kind:<11} {tally[kind]}")
+    for what, n in bugs.most_common():
+        print(f"    {n:>5}  {what}")
+    return 1 if tally["bug"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
