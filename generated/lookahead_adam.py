@@ -278,7 +278,7 @@ def _single_tensor_lookaheadadam(params, grads, m_list, v_list, slow_list, state
         # (`.item()` would break the graph, a float would be specialised on and recompile).
         if torch.compiler.is_compiling():
             t = step_t.to(torch.float64)
-            c0 = torch.as_tensor((t % k == 0), dtype=torch.float64)
+            c0 = torch.as_tensor((torch.remainder(t, torch.as_tensor(k, dtype=torch.float64)) == 0), dtype=torch.float64)
             c1 = -lr/((1 - b1**t)*torch.sqrt(1/(1 - b2**t)))
             c2 = eps/torch.sqrt(1/(1 - b2**t))
         else:

@@ -195,6 +195,10 @@ TABLE: dict[str, Function] = {f.name: f for f in [
       triton="tl.sigmoid({0})"),
     F("softplus", 1, softplus, "torch.nn.functional.softplus({0})", "_softplus({0})",
       triton="tl.where({0} > 20.0, {0}, tl.log(1.0 + tl.exp({0})))"),
+    F("cos", 1, sp.cos, "torch.cos({0})", "math.cos({0})", "cos",
+      triton="tl.cos({0})"),
+    F("sin", 1, sp.sin, "torch.sin({0})", "math.sin({0})", "sin",
+      triton="tl.sin({0})"),
     F("square", 1, lambda x: x**2, "torch.square({0})", "({0}) ** 2",
       triton="({0} * {0})"),
     F("atan2", 2, sp.atan2, "torch.atan2({0}, {1})", "math.atan2({0}, {1})",
@@ -233,8 +237,8 @@ TABLE: dict[str, Function] = {f.name: f for f in [
     # ---- matrix work on the last two axes ----
     F("mm", 2, mm, "torch.matmul({0}, {1})", "({0}) * ({1})", matrix=True),
     F("T", 1, T, "{0}.mT", "{0}", matrix=True),
-    # ---- host arithmetic for periodic work ----
-    F("mod", 2, sp.Mod, "torch.remainder({0}, {1})", "math.fmod({0}, {1})",
+    # ---- `a % b` (and periodic work): Python's modulo, the sign of b, as torch.remainder ----
+    F("mod", 2, sp.Mod, "torch.remainder({0}, {1})", "(({0}) % ({1}))",
       triton="({0} - {1} * tl.floor({0} / {1}))"),
 ]}
 

@@ -14,7 +14,9 @@ from .errors import Span
 BUILTINS = ("p", "g", "t", "loss")
 # The parameter's shape, as host numbers per parameter: rules by shape read them.
 SHAPE_BUILTINS = {"ndim": "p.dim()", "numel": "p.numel()",
-                  "nrows": "(p.shape[-2] if p.dim() >= 2 else 1)", "ncols": "(p.shape[-1] if p.dim() >= 1 else 1)"}
+                  "nrows": "(p.shape[-2] if p.dim() >= 2 else 1)", "ncols": "(p.shape[-1] if p.dim() >= 1 else 1)",
+                  # the first axis: the number of output units (unit_mean, unit_norm), 1 for a scalar
+                  "nunits": "(p.shape[0] if p.dim() >= 1 else 1)"}
 TENSOR, SCALAR = "tensor", "scalar"
 
 # ---- shapes ----

@@ -42,7 +42,7 @@ class _Reserved(frozenset):
 
 
 RESERVED = _Reserved(RESERVED)
-_BINARY = {"+": "+", "-": "-", "*": "*", "/": "/", "^": "^"}
+_BINARY = {"+": "+", "-": "-", "*": "*", "/": "/", "^": "^", "%": "mod"}
 # Names a drop-in constructor takes or uses itself (torch.optim's flags it accepts only at their
 # defaults, its own, and its locals and helpers): a spec's keyword may not take them.
 CONSTRUCTOR_NAMES = {"foreach", "fused", "maximize", "capturable", "differentiable", "spec_names", "unknown",
@@ -67,7 +67,7 @@ def _check_declarations(spec: ast.Spec) -> None:
                             decl.span, hint=f"rename it, e.g. '{name}_'")
         if name in ir.BUILTINS or name in ir.SHAPE_BUILTINS:
             raise SpecError(f"'{name}' is a built-in name and cannot be declared", decl.span,
-                            hint="p, g, t, loss, ndim, numel, nrows and ncols are provided by optdsl; "
+                            hint="p, g, t, loss, ndim, numel, nrows, ncols and nunits are provided by optdsl; "
                                  "choose another name")
         if name in TABLE:
             raise SpecError(f"'{name}' is a function and cannot be declared as a {kind}", decl.span,

@@ -75,7 +75,7 @@ class _ToAst(Transformer):
             return ast.BinOp(op, children[0], children[1], _span(meta))
         return build
 
-    add, sub, mul, div = _binary("+"), _binary("-"), _binary("*"), _binary("/")
+    add, sub, mul, div, mod = _binary("+"), _binary("-"), _binary("*"), _binary("/"), _binary("%")
 
     def pow(self, meta, children):
         return ast.BinOp("^", children[0], children[2], _span(meta))
@@ -251,6 +251,12 @@ _EXAMPLES = {
     "unclosed block | close the block with '}' on a line of its own": [
         "optimizer X\nrule {\np -= g\n", "optimizer X\nrepeat 2 {\np -= g\n", "optimizer X\nrule {\n",
         "optimizer X\nrule ndim > 1 {\nstate m\n",
+    ],
+    ("a state list sized by a number or a hyperparameter (AggMo's K momenta) is not in the language | "
+     "declare one state and one hyperparameter per member (state m1, m2, m3 and hyper b1 = 0, b2 = 0.9, "
+     "b3 = 0.99), then write each update out"): [
+        "optimizer X\nstate m[3]\n", "optimizer X\nstate m[k]\n", "optimizer X\nstate m, v[k]\n",
+        "optimizer X\nstate m[k] = 0\n",
     ],
     "a string is allowed only after 'optimizer NAME' | strings are docstrings; remove the quotes": [
         'optimizer X\np -= "g"\n', 'optimizer X\nhyper a = "1"\n',

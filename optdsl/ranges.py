@@ -347,6 +347,8 @@ RULES: dict[type, Callable[[sp.Expr, Env], Interval]] = {
     sp.exp: _mono(_safe(math.exp), Interval(0.0, INF, False), exact=(0.0,)),
     sp.log: _mono(math.log, FULL, exact=(1.0,), domain_lo=0.0),
     log1p: _mono(math.log1p, FULL, exact=(0.0,), domain_lo=-1.0),
+    sp.cos: lambda e, env: Interval(-1.0, 1.0, True, True),
+    sp.sin: lambda e, env: Interval(-1.0, 1.0, True, True),
     sp.tanh: _mono(math.tanh, Interval(-1.0, 1.0, False, False), exact=(0.0,)),
     fn.sigmoid: _mono(_sigmoid, Interval(0.0, 1.0, False, False), exact=(0.0,)),
     fn.softplus: _mono(_safe(_softplus), Interval(0.0, INF, False)),

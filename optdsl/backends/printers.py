@@ -85,6 +85,15 @@ class DevicePrinter(HostPrinter):
     def _print_tanh(self, e):
         return f"torch.tanh({self._print(e.args[0])})"
 
+    def _print_cos(self, e):
+        return f"torch.cos({self._print(e.args[0])})"
+
+    def _print_sin(self, e):
+        return f"torch.sin({self._print(e.args[0])})"
+
+    def _print_Mod(self, e):  # a host float on the left: torch.remainder takes it as a Scalar
+        return f"torch.remainder({self._tensor(e.args[0])}, {self._tensor(e.args[1])})"
+
     def _print_Function(self, e):
         text = super()._print_Function(e)
         if isinstance(e, _COMPARISONS):  # a bool tensor: as a number, 1.0 where it holds
