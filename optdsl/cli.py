@@ -5,11 +5,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import console
-from .build import BuildError, build, read_spec, spec_files
-from .equiv import equivalent, report
+from . import __version__, console
+from .build import BuildError, no_such_spec, read_spec, resolve_spec, spec_files
 from .errors import SpecError
-from .pipeline import compile_source
+
+# Each command imports what it needs (SymPy, Lark, torch) when it runs: `optdsl --help` and a
+# mistyped command answer at once.
 
 EPILOG = """examples:
   optdsl new MyAdam                scaffold specs/my_adam.opt, a commented spec that compiles
@@ -83,7 +84,34 @@ examples:
 """
 
 
+def _compile_spec(spec: str):
+    """The compiled spec of a path or a spec's name; ValueError (with the names there are) if neither,
+    or if it cannot be read."""
+    from .pipeline import compile_source
+    path = resolve_spec(spec)
+    if not path.exists() and path.suffix == "":
+        raise ValueError(no_such_spec(spec))
+    try:
+        text = read_spec(path)
+    except BuildError as err:
+        raise ValueError(str(err)) from None
+    return compile_source(text, path.as_posix())
+
+
+def _specs_given(command: str, spec: str) -> Path | None:
+    """A folder, a file, or a spec's name resolved; None (said why) if it is none of them."""
+    path = resolve_spec(spec)
+    if path.exists():
+        return path
+    console.show(f"optdsl {command}: error: {no_such_spec(spec)}")
+    return None
+
+
 def _build(args) -> int:
+    from .build import build
+    args.specs = _specs_given("build", args.specs)
+    if args.specs is None:
+        return 1
     try:
         with console.progress(len(spec_files(Path(args.specs))), "building") as working_on:
             report = build(args.specs, args.out, working_on)
@@ -100,9 +128,13 @@ def _build(args) -> int:
 
 
 def _check(args) -> int:
+    from .pipeline import compile_source
+    specs = _specs_given("check", args.specs)
+    if specs is None:
+        return 1
     failed = 0
     try:
-        specs = spec_files(Path(args.specs))
+        specs = spec_files(specs)
     except BuildError as err:
         console.show(f"optdsl check: error: {err}")
         return 1
@@ -137,12 +169,15 @@ def _name_values(items: list[str] | None, option: str) -> dict[str, str]:
 def _explain(args) -> int:
     from .explain import explain, report
     try:
-        compiled = compile_source(Path(args.spec).read_text(encoding="utf-8"), Path(args.spec).as_posix())
+        compiled = _compile_spec(args.spec)
     except SpecError as err:
         console.show(err)
         return 1
     except OSError as err:
         print(f"optdsl: cannot read {args.spec}: {err.strerror}", file=sys.stderr)
+        return 1
+    except ValueError as err:  # neither a file nor a spec's name
+        print(f"optdsl explain: error: {err}", file=sys.stderr)
         return 1
     try:
         explanation = explain(compiled)
@@ -154,6 +189,7 @@ def _explain(args) -> int:
 
 
 def _equiv(args) -> int:
+    from .equiv import equivalent, report
     try:
         assume = {}
         for name, value in _name_values(args.assume, "--assume").items():
@@ -162,7 +198,7 @@ def _equiv(args) -> int:
             except ValueError:
                 raise ValueError(f"--assume {name}={value}: not a number") from None
         mapping = _name_values(args.map, "--map")
-        specs = [compile_source(Path(f).read_text(encoding="utf-8"), f) for f in (args.a, args.b)]
+        specs = [_compile_spec(f) for f in (args.a, args.b)]
     except SpecError as err:
         console.show(err)
         return 3
@@ -178,7 +214,7 @@ def _info(args) -> int:
     from .info import parse_shape, report
     try:
         shape = parse_shape(args.shape)
-        compiled = compile_source(Path(args.spec).read_text(encoding="utf-8"), Path(args.spec).as_posix())
+        compiled = _compile_spec(args.spec)
         print(report(compiled, shape))
     except SpecError as err:
         console.show(err)
@@ -230,24 +266,25 @@ def _subcommand(sub, name: str, help: str, epilog: str, run) -> argparse.Argumen
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="optdsl", description="Compile optimizer specs to PyTorch.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"optdsl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     b = _subcommand(sub, "build", "generate one Python module per spec", BUILD_EPILOG, _build)
-    b.add_argument("specs", help="a folder of .opt files, or one file")
+    b.add_argument("specs", help="a folder of .opt files, one file, or a spec's name (adamw)")
     b.add_argument("-o", "--out", default="generated", help="output folder (default: generated/)")
 
     c = _subcommand(sub, "check", "parse and check specs, print warnings, write nothing", CHECK_EPILOG, _check)
-    c.add_argument("specs", help="a folder of .opt files, or one file")
+    c.add_argument("specs", help="a folder of .opt files, one file, or a spec's name (adamw)")
 
     x = _subcommand(sub, "explain", "the update rule as math, its properties and domain risks", EXPLAIN_EPILOG,
                     _explain)
-    x.add_argument("spec", help="one .opt file")
+    x.add_argument("spec", help="one .opt file, or a spec's name (adamw)")
     x.add_argument("--latex", action="store_true", help="print the update rule as LaTeX")
 
     e = _subcommand(sub, "equiv", "prove two specs compute the same step, or find a counterexample",
                     EQUIV_EPILOG, _equiv)
-    e.add_argument("a", help="spec A (.opt file)")
-    e.add_argument("b", help="spec B (.opt file)")
+    e.add_argument("a", help="spec A (a .opt file, or a spec's name)")
+    e.add_argument("b", help="spec B (a .opt file, or a spec's name)")
     e.add_argument("--assume", action="append", metavar="NAME=VALUE",
                    help="fix a hyperparameter in both specs (repeatable), e.g. --assume b1=0")
     e.add_argument("--map", action="append", metavar="A_NAME=B_NAME",
@@ -257,13 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     n = _subcommand(sub, "new", "scaffold a new spec: commented, and it compiles as it stands", NEW_EPILOG, _new)
     n.add_argument("name", help="the optimizer's name: MyAdam or my_adam (class MyAdam, file my_adam.opt)")
     n.add_argument("--from", dest="source", metavar="SPEC",
-                   help="start from this spec (a .opt file, or the name of one in specs/) instead of the template")
+                   help="start from this spec (a .opt file, or a spec's name: one in ./specs, or shipped) instead of the template")
     n.add_argument("-o", "--out", default="specs", metavar="DIR", help="folder to write to (default: specs/)")
 
     from .plot import FUNCTIONS, TASKS  # only names: matplotlib is imported when a plot is drawn
     pl = _subcommand(sub, "plot", "draw trajectories on 2-D test functions and loss curves on a tiny task",
                      PLOT_EPILOG, _plot)
-    pl.add_argument("specs", nargs="+", metavar="SPEC", help=".opt files, or names of specs in specs/")
+    pl.add_argument("specs", nargs="+", metavar="SPEC", help=".opt files, or names of specs (in ./specs, or shipped)")
     pl.add_argument("--function", action="append", choices=list(FUNCTIONS),
                     help="a 2-D test function (repeatable; default rosenbrock when no --task is given)")
     pl.add_argument("--task", action="append", choices=list(TASKS), help="a training task for loss curves")
@@ -273,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("-o", "--out", required=True, metavar="FILE", help="the picture to write: .png or .svg")
 
     i = _subcommand(sub, "info", "state memory per parameter of a given shape", INFO_EPILOG, _info)
-    i.add_argument("spec", help="one .opt file")
+    i.add_argument("spec", help="one .opt file, or a spec's name (adafactor)")
     i.add_argument("--shape", default="4096x4096", help="the parameter's shape (default 4096x4096)")
     args = parser.parse_args(argv)
     return args.run(args)

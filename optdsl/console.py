@@ -11,12 +11,11 @@ import os
 import re
 import sys
 from collections.abc import Iterator
-from typing import Callable, TextIO
+from typing import TYPE_CHECKING, Callable, TextIO
 
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.text import Text
+if TYPE_CHECKING:  # rich is imported where it paints: a command that prints nothing fancy never loads it
+    from rich.text import Text
+
 
 # The first line of an error or warning: "where: error: message".
 _HEADLINE = re.compile(r"^(?P<where>\S.*?): (?P<kind>error|warning): (?P<msg>.*)$")
@@ -37,6 +36,7 @@ def colour_enabled(stream: TextIO) -> bool:
 
 def paint(report: str) -> Text:
     """An error or warning's plain text with styles on the location, kind, caret and hint."""
+    from rich.text import Text
     text = Text()
     for i, line in enumerate(report.split("\n")):
         if i:
@@ -59,6 +59,7 @@ def show(report: object, stream: TextIO | None = None) -> None:
     stream = stream or sys.stderr
     plain = str(report)
     if colour_enabled(stream):
+        from rich.console import Console
         # soft_wrap: rich must never re-wrap a line, or the caret would leave its column
         Console(file=stream, force_terminal=True, highlight=False, soft_wrap=True).print(paint(plain))
     else:
@@ -76,6 +77,9 @@ def progress(total: int, what: str, stream: TextIO | None = None) -> Iterator[Ca
     if not (isatty and isatty()) or total < 2:  # one item is over before a bar would help
         yield lambda label: None
         return
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     bar = Progress(TextColumn(f"{what} [progress.description]{{task.description}}"), BarColumn(),
                    MofNCompleteColumn(), TimeElapsedColumn(),
                    console=Console(file=stream, force_terminal=True, no_color=not colour_enabled(stream)),

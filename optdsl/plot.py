@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from . import load
-from .build import resolve_spec
+from .build import no_such_spec, resolve_spec
 
 if TYPE_CHECKING:  # torch is imported where it runs: `optdsl --help` should not wait for it
     from torch import Tensor
@@ -196,7 +196,7 @@ def make_runs(specs: list[str], hypers: list[str]) -> list[Run]:
     for spec in specs:
         path = resolve_spec(spec)
         if not path.is_file():
-            raise PlotError(f"no spec {spec!r}: give a .opt file, or the name of one in specs/ (e.g. adamw)")
+            raise PlotError(no_such_spec(spec))
         runs.append(Run(path, load(path)))
     for who, name, value in parse_hypers(hypers):
         chosen = [r for r in runs if who is None or who.lower() in (r.spec.stem.lower(), r.cls.__name__.lower())]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .build import resolve_spec
+from .build import no_such_spec, resolve_spec
 from .pipeline import compile_source
 
 # Adam's shape, because most new optimizers are edits of it; every line says what it is for.
@@ -86,7 +86,7 @@ def new_spec(name: str, out_dir: str | Path = "specs", source: str | None = None
                             "choose another NAME, or another folder with -o DIR")
     origin = resolve_spec(source) if source else None
     if origin and not origin.is_file():
-        raise ScaffoldError(f"no spec {source!r}: give a .opt file, or the name of one in specs/ (e.g. adamw)")
+        raise ScaffoldError(no_such_spec(source))
     text = scaffold_text(name, target, origin)
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target, "x", encoding="utf-8", newline="\n") as f:  # "x": a file that appeared meanwhile is kept

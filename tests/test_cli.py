@@ -298,3 +298,44 @@ def test_new_refuses_clearly(args, message, tmp_path, capsys):
     assert main(["new", *args, "-o", str(tmp_path)]) == 1
     assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+HEAVY = ["torch", "sympy", "triton", "numpy", "lark", "jinja2", "rich", "matplotlib"]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["explain", "--help"], ["new", "X", "-o", "{tmp}"]])
+def test_a_command_that_needs_no_spec_compiled_imports_nothing_heavy(argv, tmp_path):
+    """`optdsl --help` answers at once: torch, SymPy, Triton... are imported by the commands that use them."""
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code = ("import sys\nfrom optdsl.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    if argv[0] == "new":  # the template is compiled: SymPy and Lark, never torch
+        code = code.replace(repr(HEAVY), repr(["torch", "triton", "matplotlib"]))
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_python_dash_m_optdsl_and_version():
+    done = subprocess.run([sys.executable, "-m", "optdsl", "--version"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert (done.returncode, done.stdout.strip()) == (0, f"optdsl {optdsl.__version__}")
+
+
+def test_every_command_that_takes_a_spec_takes_a_name(tmp_path, monkeypatch, capsys):
+    """A bare name is ./specs/NAME.opt if the user has one, else the spec optdsl ships."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["check", "lion"]) == 0
+    assert capsys.readouterr().out.startswith(f"{(ROOT / 'specs' / 'lion.opt').as_posix()}: ok")
+    assert main(["info", "sm3", "--shape", "3x4"]) == 0
+    assert "rule taken" in capsys.readouterr().out
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "specs" / "lion.opt").write_text("optimizer MyLion\nhyper lr = 0.1 in [0, inf)\np -= lr * sign(g)\n")
+    assert main(["check", "lion"]) == 0  # the user's own spec of that name comes first
+    assert capsys.readouterr().out.startswith("specs/lion.opt: ok")
+    for argv in (["check", "nope"], ["build", "nope"], ["explain", "nope"], ["info", "nope"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert "no spec 'nope'" in err and "adamw" in err and "Traceback" not in err
+    assert main(["equiv", "nope", "adam"]) == 3
+    assert "no spec 'nope'" in capsys.readouterr().err
