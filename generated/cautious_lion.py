@@ -97,18 +97,19 @@ class CautiousLion(Optimizer):
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
     ):
-        if fused and foreach:
-            raise ValueError("fused=True and foreach=True cannot both be set")
+        if fused and foreach:  # torch.optim's error, in torch.optim's words
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together (fused=True and foreach=True)")
         if state_dtype not in (None, torch.bfloat16):
             raise ValueError(f"Invalid state_dtype: {state_dtype} (None or torch.bfloat16)")
+        _one_element({"lr": lr, "b1": b1, "b2": b2, "wd": wd})
         if not (0.0 <= lr):
-            raise ValueError(f"Invalid lr: {lr} (must be in [0, inf))")
+            raise ValueError(f"Invalid lr value: {lr} (must be in [0, inf))")
         if not (0.0 <= b1 <= 1.0):
-            raise ValueError(f"Invalid b1: {b1} (must be in [0, 1])")
+            raise ValueError(f"Invalid b1 value: {b1} (must be in [0, 1])")
         if not (0.0 <= b2 <= 1.0):
-            raise ValueError(f"Invalid b2: {b2} (must be in [0, 1])")
+            raise ValueError(f"Invalid b2 value: {b2} (must be in [0, 1])")
         if not (0.0 <= wd):
-            raise ValueError(f"Invalid wd: {wd} (must be in [0, inf))")
+            raise ValueError(f"Invalid wd value: {wd} (must be in [0, inf))")
         defaults = dict(
             lr=lr,
             b1=b1,
@@ -198,6 +199,16 @@ class CautiousLion(Optimizer):
                 fused=group["fused"],
             )
         return loss
+
+
+def _one_element(values):
+    """A tensor hyperparameter (lr=torch.tensor(1e-3), for a compiled step) holds one number, as
+    torch.optim requires; a longer one is refused before its comparison with a range could be."""
+    for key, value in values.items():
+        for i, x in enumerate(value if isinstance(value, (tuple, list)) else (value,)):
+            if torch.is_tensor(x) and x.numel() != 1:
+                where = f"{key}[{i}]" if isinstance(value, (tuple, list)) else key
+                raise ValueError(f"Tensor {where} must be 1-element (it has {x.numel()} elements)")
 
 
 def _state_dtype(group, p):
@@ -321,8 +332,13 @@ def _triton_ready(params) -> str:
     if triton is None:
         return "Triton is not installed"
     # map() over the tensors' own methods: this runs at every step, over every parameter
-    if not (os.environ.get("TRITON_INTERPRET") == "1" or all(map(_IS_CUDA, params))):
-        return "the fused path runs on CUDA tensors (or under TRITON_INTERPRET=1)"
+    if not all(map(_IS_CUDA, params)):
+        # The interpreter reads CPU memory; any other device (meta has no memory at all) never runs.
+        if os.environ.get("TRITON_INTERPRET") != "1" or any(p.device.type != "cpu" for p in params):
+            devices = sorted({str(p.device) for p in params})
+            return f"the fused path runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), not {', '.join(devices)}"
+    if not all(map(torch.Tensor.is_floating_point, params)):
+        return "the fused path needs floating-point parameters"
     if not all(map(torch.Tensor.is_contiguous, params)):
         return "the fused path needs contiguous parameters"
     return ""

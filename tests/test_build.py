@@ -284,7 +284,7 @@ def test_generated_source_is_documented_and_validates(spec, fresh_build):
     p = torch.zeros(2, requires_grad=True)
     for h in compiled.program.hypers:
         if h.lo > float("-inf"):
-            assert h.only or f'raise ValueError(f"Invalid {labels[h.name]}:' in source
+            assert h.only or f'raise ValueError(f"Invalid {labels[h.name].split()[0]} value:' in source
             bad = h.lo if not h.lo_closed else h.lo - 1
             with pytest.raises(ValueError, match=rf"\b{h.name}\b"):
                 loaded([p], **{h.name: bad})

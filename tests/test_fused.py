@@ -180,7 +180,7 @@ def test_fused_where_it_cannot_run_says_why(monkeypatch):
     with pytest.raises(RuntimeError, match="Triton is not installed"):
         AdamW([torch.zeros(3, device=DEVICE)], fused=True)
     monkeypatch.undo()
-    with pytest.raises(ValueError, match="cannot both be set"):
+    with pytest.raises(RuntimeError, match="cannot be `True` together"):
         AdamW([torch.zeros(3)], fused=True, foreach=True)
     if DEVICE == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
