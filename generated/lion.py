@@ -3,14 +3,17 @@ r"""Lion: Evolved sign momentum (Chen et al., 2023)
 
 The spec::
 
-    # Lion: the sign of an interpolated momentum, with decoupled weight decay.
+    # Lion: the sign of an interpolated momentum, with decoupled weight decay. It takes the
+    # keywords every popular Lion takes (lion-pytorch, pytorch_optimizer): betas=(b1, b2), so
+    # OneCycleLR's cycle_momentum moves b1, and weight_decay; the momentum is saved as exp_avg.
     optimizer Lion "Evolved sign momentum (Chen et al., 2023)"
     
     hyper lr = 1e-4 in [0, inf)
     hyper b1 = 0.9 in [0, 1], b2 = 0.99 in [0, 1]
-    hyper wd = 0 in [0, inf)
+    hyper betas = (b1, b2)
+    hyper wd = 0 in [0, inf) as weight_decay
     
-    state m
+    state m as exp_avg
     
     p -= lr * wd * p
     p -= lr * sign(lerp(m, g, 1 - b1))
@@ -62,9 +65,8 @@ class Lion(Optimizer):
     Args:
         params: iterable of parameters or dicts defining parameter groups.
         lr (float, optional): default 0.0001, in [0, inf).
-        b1 (float, optional): default 0.9, in [0, 1].
-        b2 (float, optional): default 0.99, in [0, 1].
-        wd (float, optional): default 0.0, in [0, inf).
+        betas (tuple[float, float], optional): default (0.9, 0.99); b1, in [0, 1]; b2, in [0, 1].
+        weight_decay (float, optional): default 0.0; the spec's wd, in [0, inf).
         foreach (bool, optional): use the multi-tensor (``torch._foreach_*``) path.
             ``None`` picks it as torch.optim does: on CUDA, not on CPU.
         fused (bool, optional): use the fused Triton kernel, one launch per device and dtype.
@@ -73,47 +75,89 @@ class Lion(Optimizer):
             (half the memory); each step computes in the parameter's precision (float32 at
             least) and writes them back with stochastic rounding. ``None``: the parameter's
             dtype, float32 for lower ones. All three paths support it.
+        maximize (bool, optional): accepted for torch.optim's sake; only False.
+        capturable (bool, optional): accepted for torch.optim's sake; only False.
+        differentiable (bool, optional): accepted for torch.optim's sake; only False.
+        The spec's own names are accepted too: b1, b2, wd.
     """
+
+    # The spec's own names, accepted as aliases: name -> (keyword, index in its tuple or None).
+    _ALIASES = {"b1": ("betas", 0), "b2": ("betas", 1), "wd": ("weight_decay", None)}
+    # torch.optim's keywords this spec does not implement, accepted at the value that turns them off.
+    _FIXED = {"maximize": False, "capturable": False, "differentiable": False}
+    # state_dict() keys of the states, by their names in the spec.
+    _SAVED = {"m": "exp_avg"}
 
     def __init__(
         self,
         params,
         lr: float = 0.0001,
-        b1: float = 0.9,
-        b2: float = 0.99,
-        wd: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        **spec_names,
     ):
-        if fused and foreach:  # torch.optim's error, in torch.optim's words
+        if fused and foreach:  # torch.optim's errors, in torch.optim's words
             raise RuntimeError("`fused` and `foreach` cannot be `True` together (fused=True and foreach=True)")
+        if fused and differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
         if state_dtype not in (None, torch.bfloat16):
             raise ValueError(f"Invalid state_dtype: {state_dtype} (None or torch.bfloat16)")
-        _one_element({"lr": lr, "b1": b1, "b2": b2, "wd": wd})
-        if not (0.0 <= lr):
-            raise ValueError(f"Invalid lr value: {lr} (must be in [0, inf))")
-        if not (0.0 <= b1 <= 1.0):
-            raise ValueError(f"Invalid b1 value: {b1} (must be in [0, 1])")
-        if not (0.0 <= b2 <= 1.0):
-            raise ValueError(f"Invalid b2 value: {b2} (must be in [0, 1])")
-        if not (0.0 <= wd):
-            raise ValueError(f"Invalid wd value: {wd} (must be in [0, inf))")
+        unknown = sorted(set(spec_names) - set(self._ALIASES))
+        if unknown:
+            raise TypeError(f"Lion() got an unexpected keyword argument {unknown[0]!r}; it accepts "
+                            "lr, betas, weight_decay, foreach, fused, maximize, capturable, differentiable"
+                            " (or the spec's names b1, b2, wd)")
         defaults = dict(
             lr=lr,
-            b1=b1,
-            b2=b2,
-            wd=wd,
+            betas=betas,
+            weight_decay=weight_decay,
             foreach=foreach,
             fused=fused,
             state_dtype=state_dtype,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
         )
+        # The groups keep torch.optim's names, so schedulers, per-group overrides and state_dicts
+        # line up with torch.optim's; add_param_group checks every group's values. The defaults
+        # are checked first, before `params` is read, as torch.optim does.
+        defaults = _torch_names(dict(defaults, **spec_names), defaults, self._ALIASES)
+        self._check_group(defaults)
         super().__init__(params, defaults)
         if fused:
             why = fused_available([p for g in self.param_groups for p in g["params"]])
             if why:
                 raise RuntimeError(f"Lion(fused=True) cannot run: {why}")
+
+    def add_param_group(self, param_group):
+        # A group may use the spec's names too (wd for weight_decay); it is kept under torch.optim's.
+        param_group = _torch_names(param_group, self.defaults, self._ALIASES)
+        self._check_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    def _check_group(self, group):
+        """Refuse values outside the spec's ranges, and torch.optim features the spec does not implement."""
+        _one_element({"lr": group["lr"], "betas": group["betas"], "weight_decay": group["weight_decay"]})
+        if not (0.0 <= group["lr"]):
+            raise ValueError(f"Invalid lr value: {group['lr']} (lr must be in [0, inf))")
+        if len(group["betas"]) != 2:
+            raise ValueError(f"Invalid betas: {group['betas']!r} (must hold 2 values: b1, b2)")
+        if not (0.0 <= group["betas"][0] <= 1.0):
+            raise ValueError(f"Invalid betas[0] value: {group['betas'][0]} (betas[0] (b1) must be in [0, 1])")
+        if not (0.0 <= group["betas"][1] <= 1.0):
+            raise ValueError(f"Invalid betas[1] value: {group['betas'][1]} (betas[1] (b2) must be in [0, 1])")
+        if not (0.0 <= group["weight_decay"]):
+            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']} (weight_decay (wd) must be in [0, inf))")
+        for key, value in self._FIXED.items():
+            if group.get(key, value) != value:
+                raise ValueError(f"Lion does not implement {key}={group[key]!r} (only {key}={value!r})")
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -123,6 +167,17 @@ class Lion(Optimizer):
             group.setdefault("state_dtype", None)
 
     def load_state_dict(self, state_dict):
+        # Older state_dicts of this class used the spec's own names: move them to torch.optim's.
+        state_dict = dict(
+            state_dict,
+            # torch.optim saves None for a state it never made (SGD's momentum_buffer at momentum=0):
+            # left out, it is made at the next step like any state not there yet.
+            state={i: {self._SAVED.get(k, k): v for k, v in s.items() if v is not None}
+                   for i, s in state_dict["state"].items()},
+            param_groups=[_torch_names(g, self.defaults, self._ALIASES) for g in state_dict["param_groups"]],
+        )
+        for group in state_dict["param_groups"]:  # e.g. torch.optim's maximize=True cannot go on here
+            self._check_group({**self.defaults, **group})
         # torch.optim casts every state to its parameter's dtype; states of lower-precision
         # parameters are float32 here, and bfloat16 with state_dtype, so they are restored
         # from the saved values in that dtype.
@@ -155,17 +210,23 @@ class Lion(Optimizer):
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("Lion does not support sparse gradients")
         states = [self.state[p] for p in with_grad]
-        if not all("step" in state for state in states):
+        made = {"step", "exp_avg"}.issubset
+        if not all(map(made, states)):
             for p, state in zip(with_grad, states):
-                if len(state) == 0:  # lazy state initialisation, as in torch.optim
+                # Lazy state initialisation, as in torch.optim, of each state not there yet: one that
+                # torch.optim saved may lack those it keeps only for some settings (RMSprop's grad_avg).
+                if "step" not in state:
                     # `step` lives where the update reads it: on the parameter's device for the fused
                     # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
-                    state["step"] = torch.zeros((), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
-                                                device=p.device if self._fused_for(group, p) else "cpu")
-                    state["m"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+                    # torch.optim.SGD keeps no step: a state saved without one has taken a step.
+                    taken = any(v is not None for v in state.values())
+                    state["step"] = torch.tensor(float(taken), dtype=_step_dtype(),
+                                                 device=p.device if self._fused_for(group, p) else "cpu")
+                if state.get("exp_avg") is None:
+                    state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
         params += with_grad
         grads += new_grads
-        m_list += [state["m"] for state in states]
+        m_list += [state["exp_avg"] for state in states]
         state_steps += [state["step"] for state in states]
 
     @torch.no_grad()
@@ -182,9 +243,9 @@ class Lion(Optimizer):
             lion(
                 params, grads, m_list, state_steps,
                 lr=group["lr"],
-                b1=group["b1"],
-                b2=group["b2"],
-                wd=group["wd"],
+                b1=group["betas"][0],
+                b2=group["betas"][1],
+                wd=group["weight_decay"],
                 foreach=group["foreach"],
                 fused=group["fused"],
             )
@@ -204,6 +265,26 @@ def _one_element(values):
 def _state_dtype(group, p):
     """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
     return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+
+
+def _step_dtype():
+    """torch.optim's dtype for `step`: float32 unless float64 is the default dtype."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _torch_names(values, defaults, aliases):
+    """`values` with each of the spec's names (b1, wd) moved under its keyword (betas, weight_decay)."""
+    values = dict(values)
+    for alias, (keyword, index) in aliases.items():
+        if alias not in values:
+            continue
+        value = values.pop(alias)
+        if index is not None:  # one member of a tuple keyword: the others stay as they are
+            items = list(values.get(keyword, defaults[keyword]))
+            items[index] = value
+            value = tuple(items)
+        values[keyword] = value
+    return values
 
 
 def lion(params, grads, m_list, state_steps, *, foreach=None, fused=None,

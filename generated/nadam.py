@@ -3,17 +3,22 @@ r"""NAdam: Adam with Nesterov momentum (Dozat, 2016), with torch.optim's momentu
 
 The spec::
 
+    # NAdam as torch.optim.NAdam, with its momentum decay and decoupled_weight_decay; it takes
+    # torch.optim.NAdam's keywords and loads its state_dict (mu_product included).
     optimizer NAdam "Adam with Nesterov momentum (Dozat, 2016), with torch.optim's momentum decay"
     
     hyper lr = 2e-3 in [0, inf)
     hyper b1 = 0.9 in [0, 1), b2 = 0.999 in [0, 1)
-    hyper eps = 1e-8 in (0, inf), wd = 0 in [0, inf)
+    hyper betas = (b1, b2)
+    hyper eps = 1e-8 in (0, inf), wd = 0 in [0, inf) as weight_decay
     hyper momentum_decay = 4e-3 in [0, inf)
+    hyper decoupled = False as decoupled_weight_decay   # AdamW's decay (p shrinks) instead of L2 in g
     
-    state m, v
-    state mu_prod: scalar = 1       # the running product of the momentum schedule, one per parameter
+    state m as exp_avg, v as exp_avg_sq
+    state mu_prod: scalar = 1 as mu_product   # the running product of the momentum schedule, one per parameter
     
-    g += wd * p
+    g = where(decoupled, g, g + wd * p)
+    p = where(decoupled, p * (1 - lr * wd), p)
     mu = b1 * (1 - 0.5 * 0.96^(t * momentum_decay))
     mu_next = b1 * (1 - 0.5 * 0.96^((t + 1) * momentum_decay))
     mu_prod *= mu
@@ -54,7 +59,8 @@ class NAdam(Optimizer):
 
     .. math::
        \begin{aligned}
-       g &\leftarrow g + wd \cdot p \\
+       g &\leftarrow \operatorname{where}{\left(decoupled,g,g + wd \cdot p \right)} \\
+       p &\leftarrow \operatorname{where}{\left(decoupled,p \cdot \left(1 - lr \cdot wd\right),p \right)} \\
        \mu &\leftarrow b_{1} \cdot \left(1 - 0.5 \cdot {0.96}^{t \cdot momentum_{decay}}\right) \\
        \mu_{next} &\leftarrow b_{1} \cdot \left(1 - 0.5 \cdot {0.96}^{\left(t + 1\right) \cdot momentum_{decay}}\right) \\
        \mu_{prod} &\leftarrow \mu_{prod} \cdot \mu \\
@@ -66,7 +72,8 @@ class NAdam(Optimizer):
 
     As written in the spec:
 
-    ``g += wd * p``
+    ``g = where(decoupled, g, g + wd * p)``
+    ``p = where(decoupled, p * (1 - lr * wd), p)``
     ``mu = b1 * (1 - 0.5 * 0.96^(t * momentum_decay))``
     ``mu_next = b1 * (1 - 0.5 * 0.96^((t + 1) * momentum_decay))``
     ``mu_prod *= mu``
@@ -78,11 +85,11 @@ class NAdam(Optimizer):
     Args:
         params: iterable of parameters or dicts defining parameter groups.
         lr (float, optional): default 0.002, in [0, inf).
-        b1 (float, optional): default 0.9, in [0, 1).
-        b2 (float, optional): default 0.999, in [0, 1).
+        betas (tuple[float, float], optional): default (0.9, 0.999); b1, in [0, 1); b2, in [0, 1).
         eps (float, optional): default 1e-08, in (0, inf).
-        wd (float, optional): default 0.0, in [0, inf).
+        weight_decay (float, optional): default 0.0; the spec's wd, in [0, inf).
         momentum_decay (float, optional): default 0.004, in [0, inf).
+        decoupled_weight_decay (bool, optional): default False; the spec's decoupled.
         foreach (bool, optional): use the multi-tensor (``torch._foreach_*``) path.
             ``None`` picks it as torch.optim does: on CUDA, not on CPU.
         fused (bool, optional): use the fused Triton kernel, one launch per device and dtype.
@@ -91,55 +98,101 @@ class NAdam(Optimizer):
             (half the memory); each step computes in the parameter's precision (float32 at
             least) and writes them back with stochastic rounding. ``None``: the parameter's
             dtype, float32 for lower ones. All three paths support it.
+        maximize (bool, optional): accepted for torch.optim's sake; only False.
+        capturable (bool, optional): accepted for torch.optim's sake; only False.
+        differentiable (bool, optional): accepted for torch.optim's sake; only False.
+        The spec's own names are accepted too: b1, b2, wd, decoupled.
     """
+
+    # The spec's own names, accepted as aliases: name -> (keyword, index in its tuple or None).
+    _ALIASES = {"b1": ("betas", 0), "b2": ("betas", 1), "wd": ("weight_decay", None), "decoupled": ("decoupled_weight_decay", None)}
+    # torch.optim's keywords this spec does not implement, accepted at the value that turns them off.
+    _FIXED = {"maximize": False, "capturable": False, "differentiable": False}
+    # state_dict() keys of the states, by their names in the spec.
+    _SAVED = {"m": "exp_avg", "v": "exp_avg_sq", "mu_prod": "mu_product"}
 
     def __init__(
         self,
         params,
         lr: float = 0.002,
-        b1: float = 0.9,
-        b2: float = 0.999,
+        betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-08,
-        wd: float = 0.0,
+        weight_decay: float = 0.0,
         momentum_decay: float = 0.004,
+        decoupled_weight_decay: bool = False,
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        **spec_names,
     ):
-        if fused and foreach:  # torch.optim's error, in torch.optim's words
+        if fused and foreach:  # torch.optim's errors, in torch.optim's words
             raise RuntimeError("`fused` and `foreach` cannot be `True` together (fused=True and foreach=True)")
+        if fused and differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
         if state_dtype not in (None, torch.bfloat16):
             raise ValueError(f"Invalid state_dtype: {state_dtype} (None or torch.bfloat16)")
-        _one_element({"lr": lr, "b1": b1, "b2": b2, "eps": eps, "wd": wd, "momentum_decay": momentum_decay})
-        if not (0.0 <= lr):
-            raise ValueError(f"Invalid lr value: {lr} (must be in [0, inf))")
-        if not (0.0 <= b1 < 1.0):
-            raise ValueError(f"Invalid b1 value: {b1} (must be in [0, 1))")
-        if not (0.0 <= b2 < 1.0):
-            raise ValueError(f"Invalid b2 value: {b2} (must be in [0, 1))")
-        if not (0.0 < eps):
-            raise ValueError(f"Invalid eps value: {eps} (must be in (0, inf))")
-        if not (0.0 <= wd):
-            raise ValueError(f"Invalid wd value: {wd} (must be in [0, inf))")
-        if not (0.0 <= momentum_decay):
-            raise ValueError(f"Invalid momentum_decay value: {momentum_decay} (must be in [0, inf))")
+        unknown = sorted(set(spec_names) - set(self._ALIASES))
+        if unknown:
+            raise TypeError(f"NAdam() got an unexpected keyword argument {unknown[0]!r}; it accepts "
+                            "lr, betas, eps, weight_decay, momentum_decay, decoupled_weight_decay, foreach, fused, maximize, capturable, differentiable"
+                            " (or the spec's names b1, b2, wd, decoupled)")
         defaults = dict(
             lr=lr,
-            b1=b1,
-            b2=b2,
+            betas=betas,
             eps=eps,
-            wd=wd,
+            weight_decay=weight_decay,
             momentum_decay=momentum_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
             foreach=foreach,
             fused=fused,
             state_dtype=state_dtype,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
         )
+        # The groups keep torch.optim's names, so schedulers, per-group overrides and state_dicts
+        # line up with torch.optim's; add_param_group checks every group's values. The defaults
+        # are checked first, before `params` is read, as torch.optim does.
+        defaults = _torch_names(dict(defaults, **spec_names), defaults, self._ALIASES)
+        self._check_group(defaults)
         super().__init__(params, defaults)
         if fused:
             why = fused_available([p for g in self.param_groups for p in g["params"]])
             if why:
                 raise RuntimeError(f"NAdam(fused=True) cannot run: {why}")
+
+    def add_param_group(self, param_group):
+        # A group may use the spec's names too (wd for weight_decay); it is kept under torch.optim's.
+        param_group = _torch_names(param_group, self.defaults, self._ALIASES)
+        self._check_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    def _check_group(self, group):
+        """Refuse values outside the spec's ranges, and torch.optim features the spec does not implement."""
+        _one_element({"lr": group["lr"], "betas": group["betas"], "eps": group["eps"], "weight_decay": group["weight_decay"], "momentum_decay": group["momentum_decay"]})
+        if not (0.0 <= group["lr"]):
+            raise ValueError(f"Invalid lr value: {group['lr']} (lr must be in [0, inf))")
+        if len(group["betas"]) != 2:
+            raise ValueError(f"Invalid betas: {group['betas']!r} (must hold 2 values: b1, b2)")
+        if not (0.0 <= group["betas"][0] < 1.0):
+            raise ValueError(f"Invalid betas[0] value: {group['betas'][0]} (betas[0] (b1) must be in [0, 1))")
+        if not (0.0 <= group["betas"][1] < 1.0):
+            raise ValueError(f"Invalid betas[1] value: {group['betas'][1]} (betas[1] (b2) must be in [0, 1))")
+        if not (0.0 < group["eps"]):
+            raise ValueError(f"Invalid eps value: {group['eps']} (eps must be in (0, inf))")
+        if not (0.0 <= group["weight_decay"]):
+            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']} (weight_decay (wd) must be in [0, inf))")
+        if not (0.0 <= group["momentum_decay"]):
+            raise ValueError(f"Invalid momentum_decay value: {group['momentum_decay']} (momentum_decay must be in [0, inf))")
+        if group["decoupled_weight_decay"] not in (False, True):
+            raise ValueError(f"Invalid decoupled_weight_decay value: {group['decoupled_weight_decay']!r} (decoupled_weight_decay (decoupled) must be True or False)")
+        for key, value in self._FIXED.items():
+            if group.get(key, value) != value:
+                raise ValueError(f"NAdam does not implement {key}={group[key]!r} (only {key}={value!r})")
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -149,6 +202,17 @@ class NAdam(Optimizer):
             group.setdefault("state_dtype", None)
 
     def load_state_dict(self, state_dict):
+        # Older state_dicts of this class used the spec's own names: move them to torch.optim's.
+        state_dict = dict(
+            state_dict,
+            # torch.optim saves None for a state it never made (SGD's momentum_buffer at momentum=0):
+            # left out, it is made at the next step like any state not there yet.
+            state={i: {self._SAVED.get(k, k): v for k, v in s.items() if v is not None}
+                   for i, s in state_dict["state"].items()},
+            param_groups=[_torch_names(g, self.defaults, self._ALIASES) for g in state_dict["param_groups"]],
+        )
+        for group in state_dict["param_groups"]:  # e.g. torch.optim's maximize=True cannot go on here
+            self._check_group({**self.defaults, **group})
         # torch.optim casts every state to its parameter's dtype; states of lower-precision
         # parameters are float32 here, and bfloat16 with state_dtype, so they are restored
         # from the saved values in that dtype.
@@ -181,22 +245,30 @@ class NAdam(Optimizer):
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("NAdam does not support sparse gradients")
         states = [self.state[p] for p in with_grad]
-        if not all("step" in state for state in states):
+        made = {"step", "exp_avg", "exp_avg_sq", "mu_product"}.issubset
+        if not all(map(made, states)):
             for p, state in zip(with_grad, states):
-                if len(state) == 0:  # lazy state initialisation, as in torch.optim
+                # Lazy state initialisation, as in torch.optim, of each state not there yet: one that
+                # torch.optim saved may lack those it keeps only for some settings (RMSprop's grad_avg).
+                if "step" not in state:
                     # `step` lives where the update reads it: on the parameter's device for the fused
                     # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
-                    state["step"] = torch.zeros((), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
-                                                device=p.device if self._fused_for(group, p) else "cpu")
-                    state["m"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
-                    state["v"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
-                    state["mu_prod"] = p.new_zeros((), dtype=_state_dtype(group, p))
-                    state["mu_prod"].add_(1)
+                    # torch.optim.SGD keeps no step: a state saved without one has taken a step.
+                    taken = any(v is not None for v in state.values())
+                    state["step"] = torch.tensor(float(taken), dtype=_step_dtype(),
+                                                 device=p.device if self._fused_for(group, p) else "cpu")
+                if state.get("exp_avg") is None:
+                    state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+                if state.get("exp_avg_sq") is None:
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+                if state.get("mu_product") is None:
+                    state["mu_product"] = p.new_zeros((), dtype=_state_dtype(group, p))
+                    state["mu_product"].add_(1)
         params += with_grad
         grads += new_grads
-        m_list += [state["m"] for state in states]
-        v_list += [state["v"] for state in states]
-        mu_prod_list += [state["mu_prod"] for state in states]
+        m_list += [state["exp_avg"] for state in states]
+        v_list += [state["exp_avg_sq"] for state in states]
+        mu_prod_list += [state["mu_product"] for state in states]
         state_steps += [state["step"] for state in states]
 
     @torch.no_grad()
@@ -215,11 +287,12 @@ class NAdam(Optimizer):
             nadam(
                 params, grads, m_list, v_list, mu_prod_list, state_steps,
                 lr=group["lr"],
-                b1=group["b1"],
-                b2=group["b2"],
+                b1=group["betas"][0],
+                b2=group["betas"][1],
                 eps=group["eps"],
-                wd=group["wd"],
+                wd=group["weight_decay"],
                 momentum_decay=group["momentum_decay"],
+                decoupled=float(group["decoupled_weight_decay"]),
                 foreach=group["foreach"],
                 fused=group["fused"],
             )
@@ -239,6 +312,26 @@ def _one_element(values):
 def _state_dtype(group, p):
     """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
     return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+
+
+def _step_dtype():
+    """torch.optim's dtype for `step`: float32 unless float64 is the default dtype."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _torch_names(values, defaults, aliases):
+    """`values` with each of the spec's names (b1, wd) moved under its keyword (betas, weight_decay)."""
+    values = dict(values)
+    for alias, (keyword, index) in aliases.items():
+        if alias not in values:
+            continue
+        value = values.pop(alias)
+        if index is not None:  # one member of a tuple keyword: the others stay as they are
+            items = list(values.get(keyword, defaults[keyword]))
+            items[index] = value
+            value = tuple(items)
+        values[keyword] = value
+    return values
 
 
 def nadam(params, grads, m_list, v_list, mu_prod_list, state_steps, *, foreach=None, fused=None,
@@ -264,12 +357,13 @@ def nadam(params, grads, m_list, v_list, mu_prod_list, state_steps, *, foreach=N
     impl(params, grads, m_list, v_list, mu_prod_list, state_steps, **hypers)
 
 
-def _single_tensor_nadam(params, grads, m_list, v_list, mu_prod_list, state_steps, *, lr, b1, b2, eps, wd, momentum_decay):
+def _single_tensor_nadam(params, grads, m_list, v_list, mu_prod_list, state_steps, *, lr, b1, b2, eps, wd, momentum_decay, decoupled):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -b1
     k1 = 1 - b2
     k2 = b1**2
     k3 = 1 - b1
+    k4 = -lr*wd + 1
     for i, param in enumerate(params):
         p = param if param.dtype in _EXACT else param.float()
         g = grads[i].to(p.dtype)
@@ -302,19 +396,29 @@ def _single_tensor_nadam(params, grads, m_list, v_list, mu_prod_list, state_step
         d0 = -c0*c2*lr/(c1*mu_prod + 1)
         d1 = -b1*c0*c5*lr/(c4*mu_prod + 1)
         d2 = b1*c6*mu_prod
-        tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
+        if decoupled:
+            tmp1 = g
+        else:
+            tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
+            tmp1 = tmp0
         v.mul_((1 - k1))
-        v.addcmul_(tmp0, tmp0, value=k1)
-        tmp1 = torch.sqrt(v)
-        tmp1.add_(c3)
-        tmp1.reciprocal_()
-        m.lerp_(tmp0, k3)
-        tmp2 = torch.mul(tmp0, tmp1)
-        tmp2.mul_(d0)
-        tmp1.mul_(m)
-        tmp1.mul_(d1)
-        p.add_(tmp2)
-        p.add_(tmp1)
+        v.addcmul_(tmp1, tmp1, value=k1)
+        tmp2 = torch.sqrt(v)
+        tmp2.add_(c3)
+        tmp2.reciprocal_()
+        m.lerp_(tmp1, k3)
+        tmp3 = torch.mul(tmp2, m)
+        tmp3.mul_(d1)
+        if decoupled:
+            tmp4 = torch.mul(p, k4)
+            tmp5 = tmp4
+        else:
+            tmp5 = p
+        tmp6 = torch.mul(tmp1, tmp2)
+        tmp6.mul_(d0)
+        tmp6.add_(tmp3)
+        tmp6.add_(tmp5)
+        p.copy_(tmp6)
         mu_prod.copy_(d2)
         if p is not param:
             param.copy_(p)
@@ -326,7 +430,7 @@ def _single_tensor_nadam(params, grads, m_list, v_list, mu_prod_list, state_step
             _store_rounded(mu_prod_list[i], mu_prod)
 
 
-def _multi_tensor_nadam(params, grads, m_list, v_list, mu_prod_list, state_steps, *, lr, b1, b2, eps, wd, momentum_decay):
+def _multi_tensor_nadam(params, grads, m_list, v_list, mu_prod_list, state_steps, *, lr, b1, b2, eps, wd, momentum_decay, decoupled):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
@@ -334,6 +438,7 @@ def _multi_tensor_nadam(params, grads, m_list, v_list, mu_prod_list, state_steps
     k1 = 1 - b2
     k2 = b1**2
     k3 = 1 - b1
+    k4 = -lr*wd + 1
     # Grouped by the parameters' device and dtype; states follow by index, as they may be stored in
     # another dtype (float32 for bfloat16 parameters, state_dtype, bool), which the grouping refuses on CUDA.
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
@@ -364,19 +469,29 @@ def _multi_tensor_nadam(params, grads, m_list, v_list, mu_prod_list, state_steps
         d0 = [-c0_*c2_*lr/(c1_*mu_prod_ + 1) for c0_, c1_, c2_, mu_prod_ in zip(c0, c1, c2, mu_prod)]
         d1 = [-b1*c0_*c5_*lr/(c4_*mu_prod_ + 1) for c0_, c4_, c5_, mu_prod_ in zip(c0, c4, c5, mu_prod)]
         d2 = [b1*c6_*mu_prod_ for c6_, mu_prod_ in zip(c6, mu_prod)]
-        tmp0 = torch._foreach_add(g, p, alpha=wd) if wd != 0 else g
+        if decoupled:
+            tmp1 = g
+        else:
+            tmp0 = torch._foreach_add(g, p, alpha=wd) if wd != 0 else g
+            tmp1 = tmp0
         torch._foreach_mul_(v, (1 - k1))
-        torch._foreach_addcmul_(v, tmp0, tmp0, k1)
-        tmp1 = torch._foreach_sqrt(v)
-        torch._foreach_add_(tmp1, c3)
-        torch._foreach_reciprocal_(tmp1)
-        torch._foreach_lerp_(m, tmp0, k3)
-        tmp2 = torch._foreach_mul(tmp0, tmp1)
-        torch._foreach_mul_(tmp2, d0)
-        torch._foreach_mul_(tmp1, m)
-        torch._foreach_mul_(tmp1, d1)
-        torch._foreach_add_(p, tmp2)
-        torch._foreach_add_(p, tmp1)
+        torch._foreach_addcmul_(v, tmp1, tmp1, k1)
+        tmp2 = torch._foreach_sqrt(v)
+        torch._foreach_add_(tmp2, c3)
+        torch._foreach_reciprocal_(tmp2)
+        torch._foreach_lerp_(m, tmp1, k3)
+        tmp3 = torch._foreach_mul(tmp2, m)
+        torch._foreach_mul_(tmp3, d1)
+        if decoupled:
+            tmp4 = torch._foreach_mul(p, k4)
+            tmp5 = tmp4
+        else:
+            tmp5 = p
+        tmp6 = torch._foreach_mul(tmp1, tmp2)
+        torch._foreach_mul_(tmp6, d0)
+        torch._foreach_add_(tmp6, tmp3)
+        torch._foreach_add_(tmp6, tmp5)
+        torch._foreach_copy_(p, tmp6)
         torch._foreach_copy_(mu_prod, d2)
         if not exact:
             torch._foreach_copy_(device_params, p)
@@ -508,7 +623,7 @@ if triton is not None:
         step_ptrs,  # int64 table: each tensor's step count t (a 0-dim tensor on the device)
         numels,  # elements per tensor
         block_tensor, block_start,  # per program: which tensor, and where in it
-        hypers,  # [10] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
+        hypers,  # [12] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
@@ -535,15 +650,17 @@ if triton is not None:
         v_ptr = _pointer(v_ptrs, i, S_TYPE, ALIGNED)
         mu_prod_ptr = _pointer(mu_prod_ptrs, i, S_TYPE, False)
         b1 = tl.load(hypers + 0)
-        eps = tl.load(hypers + 1)
-        k0 = tl.load(hypers + 2)
-        k1 = tl.load(hypers + 3)
-        k2 = tl.load(hypers + 4)
-        k3 = tl.load(hypers + 5)
-        log0_ = tl.load(hypers + 6)
-        lr = tl.load(hypers + 7)
-        momentum_decay = tl.load(hypers + 8)
-        wd = tl.load(hypers + 9)
+        decoupled = tl.load(hypers + 1)
+        eps = tl.load(hypers + 2)
+        k0 = tl.load(hypers + 3)
+        k1 = tl.load(hypers + 4)
+        k2 = tl.load(hypers + 5)
+        k3 = tl.load(hypers + 6)
+        k4 = tl.load(hypers + 7)
+        log0_ = tl.load(hypers + 8)
+        lr = tl.load(hypers + 9)
+        momentum_decay = tl.load(hypers + 10)
+        wd = tl.load(hypers + 11)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
         c0 = tl.rsqrt((1.0 / ((1.0 - tl.exp((log0_*t))))))
         c1 = -b1*(1.0 - 0.5*tl.exp((momentum_decay*t) * tl.full((), -0.040821994520255166, tl.float64)))
@@ -560,8 +677,10 @@ if triton is not None:
         c4 = c4.to(C_TYPE)
         c5 = c5.to(C_TYPE)
         c6 = c6.to(C_TYPE)
+        decoupled = decoupled.to(C_TYPE)
         k1 = k1.to(C_TYPE)
         k3 = k3.to(C_TYPE)
+        k4 = k4.to(C_TYPE)
         lr = lr.to(C_TYPE)
         wd = wd.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
@@ -571,11 +690,11 @@ if triton is not None:
         mu_prod = tl.load(mu_prod_ptr).to(C_TYPE)  # one number per tensor
         d0 = -c0*c2*lr/(c1*mu_prod + 1.0)
         d1 = -b1*c0*c5*lr/(c4*mu_prod + 1.0)
-        x0 = g + p*wd
+        x0 = tl.where(decoupled != 0, g, (g + p*wd))
         x1 = (tl.where(k1 < 0.5, v, ((x0) * (x0))) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (((x0) * (x0)) - v))
         x2 = (1.0 / ((c3 + tl.sqrt(x1))))
         x3 = (tl.where(k3 < 0.5, m, x0) + tl.where(k3 < 0.5, k3, k3 - 1.0) * (x0 - m))
-        _store(p_ptr, offsets, _round_to(d0*x0*x2 + d1*x2*x3 + p, P_TYPE), mask, whole)
+        _store(p_ptr, offsets, _round_to(d0*x0*x2 + d1*x2*x3 + tl.where(decoupled != 0, (k4*p), p), P_TYPE), mask, whole)
         _store(m_ptr, offsets, _to_state(x3, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 3 + 0), mask, whole)
         _store(v_ptr, offsets, _to_state(x1, S_TYPE, STOCHASTIC, seed + i,
@@ -590,7 +709,7 @@ if triton is not None:
         step_ptrs,  # int64 table: each tensor's step count t (a 0-dim tensor on the device)
         numels,  # elements per tensor
         block_tensor, block_start,  # per program: which tensor, and where in it
-        hypers,  # [10] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
+        hypers,  # [12] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
@@ -609,15 +728,17 @@ if triton is not None:
         v_ptr = _pointer(v_ptrs, i, S_TYPE, ALIGNED)
         mu_prod_ptr = _pointer(mu_prod_ptrs, i, S_TYPE, False)
         b1 = tl.load(hypers + 0)
-        eps = tl.load(hypers + 1)
-        k0 = tl.load(hypers + 2)
-        k1 = tl.load(hypers + 3)
-        k2 = tl.load(hypers + 4)
-        k3 = tl.load(hypers + 5)
-        log0_ = tl.load(hypers + 6)
-        lr = tl.load(hypers + 7)
-        momentum_decay = tl.load(hypers + 8)
-        wd = tl.load(hypers + 9)
+        decoupled = tl.load(hypers + 1)
+        eps = tl.load(hypers + 2)
+        k0 = tl.load(hypers + 3)
+        k1 = tl.load(hypers + 4)
+        k2 = tl.load(hypers + 5)
+        k3 = tl.load(hypers + 6)
+        k4 = tl.load(hypers + 7)
+        log0_ = tl.load(hypers + 8)
+        lr = tl.load(hypers + 9)
+        momentum_decay = tl.load(hypers + 10)
+        wd = tl.load(hypers + 11)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
         c0 = tl.rsqrt((1.0 / ((1.0 - tl.exp((log0_*t))))))
         c1 = -b1*(1.0 - 0.5*tl.exp((momentum_decay*t) * tl.full((), -0.040821994520255166, tl.float64)))
@@ -634,8 +755,10 @@ if triton is not None:
         c4 = c4.to(C_TYPE)
         c5 = c5.to(C_TYPE)
         c6 = c6.to(C_TYPE)
+        decoupled = decoupled.to(C_TYPE)
         k1 = k1.to(C_TYPE)
         k3 = k3.to(C_TYPE)
+        k4 = k4.to(C_TYPE)
         lr = lr.to(C_TYPE)
         wd = wd.to(C_TYPE)
         mu_prod = tl.load(mu_prod_ptr).to(C_TYPE)  # one number per tensor
@@ -722,7 +845,7 @@ def _hyper_table(values, device):
     return _HYPERS[key]
 
 
-def _fused_nadam(params, grads, m_list, v_list, mu_prod_list, state_steps, *, lr, b1, b2, eps, wd, momentum_decay):
+def _fused_nadam(params, grads, m_list, v_list, mu_prod_list, state_steps, *, lr, b1, b2, eps, wd, momentum_decay, decoupled):
     global LAUNCHES
     if not params:
         return
@@ -730,8 +853,9 @@ def _fused_nadam(params, grads, m_list, v_list, mu_prod_list, state_steps, *, lr
     k1 = 1 - b2
     k2 = b1**2
     k3 = 1 - b1
+    k4 = -lr*wd + 1
     log0_ = _log(b2)  # for b2^t in the kernels: exp(t * log0_)
-    hyper_values = (float(b1), float(eps), float(k0), float(k1), float(k2), float(k3), float(log0_), float(lr), float(momentum_decay), float(wd), )
+    hyper_values = (float(b1), float(decoupled), float(eps), float(k0), float(k1), float(k2), float(k3), float(k4), float(log0_), float(lr), float(momentum_decay), float(wd), )
     groups = _groups(params, grads, m_list, v_list, mu_prod_list, state_steps)
     for (device, dtype), (p, g, m, v, mu_prod, device_steps) in groups.items():
         if device_steps[0].device != device:

@@ -4,16 +4,20 @@ r"""RAdam: Rectified Adam (Liu et al., 2020)
 The spec::
 
     # RAdam as torch.optim.RAdam: Adam whose adaptive step is switched on, and rectified,
-    # once the variance of the adaptive learning rate is tractable (rho_t > 5).
+    # once the variance of the adaptive learning rate is tractable (rho_t > 5). It takes
+    # torch.optim.RAdam's keywords (decoupled_weight_decay too) and loads its state_dict.
     optimizer RAdam "Rectified Adam (Liu et al., 2020)"
     
     hyper lr = 1e-3 in [0, inf)
     hyper b1 = 0.9 in [0, 1), b2 = 0.999 in [0, 1)
-    hyper eps = 1e-8 in (0, inf), wd = 0 in [0, inf)
+    hyper betas = (b1, b2)
+    hyper eps = 1e-8 in (0, inf), wd = 0 in [0, inf) as weight_decay
+    hyper decoupled = False as decoupled_weight_decay   # AdamW's decay (p shrinks) instead of L2 in g
     
-    state m, v
+    state m as exp_avg, v as exp_avg_sq
     
-    g += wd * p
+    g = where(decoupled, g, g + wd * p)
+    p = where(decoupled, p * (1 - lr * wd), p)
     m = lerp(m, g, 1 - b1)
     v = lerp(v, g^2, 1 - b2)
     rho_inf = 2 / (1 - b2) - 1
@@ -54,7 +58,8 @@ class RAdam(Optimizer):
 
     .. math::
        \begin{aligned}
-       g &\leftarrow g + wd \cdot p \\
+       g &\leftarrow \operatorname{where}{\left(decoupled,g,g + wd \cdot p \right)} \\
+       p &\leftarrow \operatorname{where}{\left(decoupled,p \cdot \left(1 - lr \cdot wd\right),p \right)} \\
        m &\leftarrow \operatorname{lerp}{\left(m,g,1 - b_{1} \right)} \\
        v &\leftarrow \operatorname{lerp}{\left(v,g^{2},1 - b_{2} \right)} \\
        \rho_{inf} &\leftarrow \frac{2}{1 - b_{2}} - 1 \\
@@ -66,7 +71,8 @@ class RAdam(Optimizer):
 
     As written in the spec:
 
-    ``g += wd * p``
+    ``g = where(decoupled, g, g + wd * p)``
+    ``p = where(decoupled, p * (1 - lr * wd), p)``
     ``m = lerp(m, g, 1 - b1)``
     ``v = lerp(v, g^2, 1 - b2)``
     ``rho_inf = 2 / (1 - b2) - 1``
@@ -78,10 +84,10 @@ class RAdam(Optimizer):
     Args:
         params: iterable of parameters or dicts defining parameter groups.
         lr (float, optional): default 0.001, in [0, inf).
-        b1 (float, optional): default 0.9, in [0, 1).
-        b2 (float, optional): default 0.999, in [0, 1).
+        betas (tuple[float, float], optional): default (0.9, 0.999); b1, in [0, 1); b2, in [0, 1).
         eps (float, optional): default 1e-08, in (0, inf).
-        wd (float, optional): default 0.0, in [0, inf).
+        weight_decay (float, optional): default 0.0; the spec's wd, in [0, inf).
+        decoupled_weight_decay (bool, optional): default False; the spec's decoupled.
         foreach (bool, optional): use the multi-tensor (``torch._foreach_*``) path.
             ``None`` picks it as torch.optim does: on CUDA, not on CPU.
         fused (bool, optional): use the fused Triton kernel, one launch per device and dtype.
@@ -90,51 +96,97 @@ class RAdam(Optimizer):
             (half the memory); each step computes in the parameter's precision (float32 at
             least) and writes them back with stochastic rounding. ``None``: the parameter's
             dtype, float32 for lower ones. All three paths support it.
+        maximize (bool, optional): accepted for torch.optim's sake; only False.
+        capturable (bool, optional): accepted for torch.optim's sake; only False.
+        differentiable (bool, optional): accepted for torch.optim's sake; only False.
+        The spec's own names are accepted too: b1, b2, wd, decoupled.
     """
+
+    # The spec's own names, accepted as aliases: name -> (keyword, index in its tuple or None).
+    _ALIASES = {"b1": ("betas", 0), "b2": ("betas", 1), "wd": ("weight_decay", None), "decoupled": ("decoupled_weight_decay", None)}
+    # torch.optim's keywords this spec does not implement, accepted at the value that turns them off.
+    _FIXED = {"maximize": False, "capturable": False, "differentiable": False}
+    # state_dict() keys of the states, by their names in the spec.
+    _SAVED = {"m": "exp_avg", "v": "exp_avg_sq"}
 
     def __init__(
         self,
         params,
         lr: float = 0.001,
-        b1: float = 0.9,
-        b2: float = 0.999,
+        betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-08,
-        wd: float = 0.0,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        **spec_names,
     ):
-        if fused and foreach:  # torch.optim's error, in torch.optim's words
+        if fused and foreach:  # torch.optim's errors, in torch.optim's words
             raise RuntimeError("`fused` and `foreach` cannot be `True` together (fused=True and foreach=True)")
+        if fused and differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
         if state_dtype not in (None, torch.bfloat16):
             raise ValueError(f"Invalid state_dtype: {state_dtype} (None or torch.bfloat16)")
-        _one_element({"lr": lr, "b1": b1, "b2": b2, "eps": eps, "wd": wd})
-        if not (0.0 <= lr):
-            raise ValueError(f"Invalid lr value: {lr} (must be in [0, inf))")
-        if not (0.0 <= b1 < 1.0):
-            raise ValueError(f"Invalid b1 value: {b1} (must be in [0, 1))")
-        if not (0.0 <= b2 < 1.0):
-            raise ValueError(f"Invalid b2 value: {b2} (must be in [0, 1))")
-        if not (0.0 < eps):
-            raise ValueError(f"Invalid eps value: {eps} (must be in (0, inf))")
-        if not (0.0 <= wd):
-            raise ValueError(f"Invalid wd value: {wd} (must be in [0, inf))")
+        unknown = sorted(set(spec_names) - set(self._ALIASES))
+        if unknown:
+            raise TypeError(f"RAdam() got an unexpected keyword argument {unknown[0]!r}; it accepts "
+                            "lr, betas, eps, weight_decay, decoupled_weight_decay, foreach, fused, maximize, capturable, differentiable"
+                            " (or the spec's names b1, b2, wd, decoupled)")
         defaults = dict(
             lr=lr,
-            b1=b1,
-            b2=b2,
+            betas=betas,
             eps=eps,
-            wd=wd,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
             foreach=foreach,
             fused=fused,
             state_dtype=state_dtype,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
         )
+        # The groups keep torch.optim's names, so schedulers, per-group overrides and state_dicts
+        # line up with torch.optim's; add_param_group checks every group's values. The defaults
+        # are checked first, before `params` is read, as torch.optim does.
+        defaults = _torch_names(dict(defaults, **spec_names), defaults, self._ALIASES)
+        self._check_group(defaults)
         super().__init__(params, defaults)
         if fused:
             why = fused_available([p for g in self.param_groups for p in g["params"]])
             if why:
                 raise RuntimeError(f"RAdam(fused=True) cannot run: {why}")
+
+    def add_param_group(self, param_group):
+        # A group may use the spec's names too (wd for weight_decay); it is kept under torch.optim's.
+        param_group = _torch_names(param_group, self.defaults, self._ALIASES)
+        self._check_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    def _check_group(self, group):
+        """Refuse values outside the spec's ranges, and torch.optim features the spec does not implement."""
+        _one_element({"lr": group["lr"], "betas": group["betas"], "eps": group["eps"], "weight_decay": group["weight_decay"]})
+        if not (0.0 <= group["lr"]):
+            raise ValueError(f"Invalid lr value: {group['lr']} (lr must be in [0, inf))")
+        if len(group["betas"]) != 2:
+            raise ValueError(f"Invalid betas: {group['betas']!r} (must hold 2 values: b1, b2)")
+        if not (0.0 <= group["betas"][0] < 1.0):
+            raise ValueError(f"Invalid betas[0] value: {group['betas'][0]} (betas[0] (b1) must be in [0, 1))")
+        if not (0.0 <= group["betas"][1] < 1.0):
+            raise ValueError(f"Invalid betas[1] value: {group['betas'][1]} (betas[1] (b2) must be in [0, 1))")
+        if not (0.0 < group["eps"]):
+            raise ValueError(f"Invalid eps value: {group['eps']} (eps must be in (0, inf))")
+        if not (0.0 <= group["weight_decay"]):
+            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']} (weight_decay (wd) must be in [0, inf))")
+        if group["decoupled_weight_decay"] not in (False, True):
+            raise ValueError(f"Invalid decoupled_weight_decay value: {group['decoupled_weight_decay']!r} (decoupled_weight_decay (decoupled) must be True or False)")
+        for key, value in self._FIXED.items():
+            if group.get(key, value) != value:
+                raise ValueError(f"RAdam does not implement {key}={group[key]!r} (only {key}={value!r})")
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -144,6 +196,17 @@ class RAdam(Optimizer):
             group.setdefault("state_dtype", None)
 
     def load_state_dict(self, state_dict):
+        # Older state_dicts of this class used the spec's own names: move them to torch.optim's.
+        state_dict = dict(
+            state_dict,
+            # torch.optim saves None for a state it never made (SGD's momentum_buffer at momentum=0):
+            # left out, it is made at the next step like any state not there yet.
+            state={i: {self._SAVED.get(k, k): v for k, v in s.items() if v is not None}
+                   for i, s in state_dict["state"].items()},
+            param_groups=[_torch_names(g, self.defaults, self._ALIASES) for g in state_dict["param_groups"]],
+        )
+        for group in state_dict["param_groups"]:  # e.g. torch.optim's maximize=True cannot go on here
+            self._check_group({**self.defaults, **group})
         # torch.optim casts every state to its parameter's dtype; states of lower-precision
         # parameters are float32 here, and bfloat16 with state_dtype, so they are restored
         # from the saved values in that dtype.
@@ -176,19 +239,26 @@ class RAdam(Optimizer):
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("RAdam does not support sparse gradients")
         states = [self.state[p] for p in with_grad]
-        if not all("step" in state for state in states):
+        made = {"step", "exp_avg", "exp_avg_sq"}.issubset
+        if not all(map(made, states)):
             for p, state in zip(with_grad, states):
-                if len(state) == 0:  # lazy state initialisation, as in torch.optim
+                # Lazy state initialisation, as in torch.optim, of each state not there yet: one that
+                # torch.optim saved may lack those it keeps only for some settings (RMSprop's grad_avg).
+                if "step" not in state:
                     # `step` lives where the update reads it: on the parameter's device for the fused
                     # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
-                    state["step"] = torch.zeros((), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
-                                                device=p.device if self._fused_for(group, p) else "cpu")
-                    state["m"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
-                    state["v"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+                    # torch.optim.SGD keeps no step: a state saved without one has taken a step.
+                    taken = any(v is not None for v in state.values())
+                    state["step"] = torch.tensor(float(taken), dtype=_step_dtype(),
+                                                 device=p.device if self._fused_for(group, p) else "cpu")
+                if state.get("exp_avg") is None:
+                    state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+                if state.get("exp_avg_sq") is None:
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
         params += with_grad
         grads += new_grads
-        m_list += [state["m"] for state in states]
-        v_list += [state["v"] for state in states]
+        m_list += [state["exp_avg"] for state in states]
+        v_list += [state["exp_avg_sq"] for state in states]
         state_steps += [state["step"] for state in states]
 
     @torch.no_grad()
@@ -206,10 +276,11 @@ class RAdam(Optimizer):
             radam(
                 params, grads, m_list, v_list, state_steps,
                 lr=group["lr"],
-                b1=group["b1"],
-                b2=group["b2"],
+                b1=group["betas"][0],
+                b2=group["betas"][1],
                 eps=group["eps"],
-                wd=group["wd"],
+                wd=group["weight_decay"],
+                decoupled=float(group["decoupled_weight_decay"]),
                 foreach=group["foreach"],
                 fused=group["fused"],
             )
@@ -229,6 +300,26 @@ def _one_element(values):
 def _state_dtype(group, p):
     """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
     return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+
+
+def _step_dtype():
+    """torch.optim's dtype for `step`: float32 unless float64 is the default dtype."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _torch_names(values, defaults, aliases):
+    """`values` with each of the spec's names (b1, wd) moved under its keyword (betas, weight_decay)."""
+    values = dict(values)
+    for alias, (keyword, index) in aliases.items():
+        if alias not in values:
+            continue
+        value = values.pop(alias)
+        if index is not None:  # one member of a tuple keyword: the others stay as they are
+            items = list(values.get(keyword, defaults[keyword]))
+            items[index] = value
+            value = tuple(items)
+        values[keyword] = value
+    return values
 
 
 def radam(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=None,
@@ -254,7 +345,7 @@ def radam(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=Non
     impl(params, grads, m_list, v_list, state_steps, **hypers)
 
 
-def _single_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd):
+def _single_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, decoupled):
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - b1
     k1 = -1 + 2/(1 - b2)
@@ -262,6 +353,7 @@ def _single_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, 
     k3 = -5 + 2/(1 - b2)
     k4 = -3 + 2/(1 - b2)
     k5 = 1 - b2
+    k6 = -lr*wd + 1
     for i, param in enumerate(params):
         p = param if param.dtype in _EXACT else param.float()
         g = grads[i].to(p.dtype)
@@ -282,16 +374,28 @@ def _single_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, 
             c0 = -lr/(1 - b1**t)
             c1 = float(-2*b2**t*t/(1 - b2**t) + k1 > 5)
             c2 = math.sqrt(1 - b2**t)*math.sqrt(max(0, k2*(-2*b2**t*t/(1 - b2**t) + k3)*(-2*b2**t*t/(1 - b2**t) + k4)/(-2*b2**t*t/(1 - b2**t) + k1)))
-        tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
-        m.lerp_(tmp0, k0)
+        if decoupled:
+            tmp1 = g
+        else:
+            tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
+            tmp1 = tmp0
+        m.lerp_(tmp1, k0)
         v.mul_((1 - k5))
-        v.addcmul_(tmp0, tmp0, value=k5)
-        tmp1 = torch.sqrt(v)
-        tmp1.add_(eps)
-        tmp1.reciprocal_()
-        tmp1.mul_(c2)
-        tmp2 = torch.where(torch.as_tensor(c1, dtype=tmp1.dtype, device=tmp1.device) != 0, tmp1, torch.as_tensor(1, dtype=tmp1.dtype, device=tmp1.device))
-        p.addcmul_(m, tmp2, value=c0)
+        v.addcmul_(tmp1, tmp1, value=k5)
+        if decoupled:
+            tmp2 = torch.mul(p, k6)
+            tmp3 = tmp2
+        else:
+            tmp3 = p
+        tmp4 = torch.sqrt(v)
+        tmp4.add_(eps)
+        tmp4.reciprocal_()
+        tmp4.mul_(c2)
+        tmp5 = torch.where(torch.as_tensor(c1, dtype=tmp4.dtype, device=tmp4.device) != 0, tmp4, torch.as_tensor(1, dtype=tmp4.dtype, device=tmp4.device))
+        tmp6 = torch.mul(m, tmp5)
+        tmp6.mul_(c0)
+        tmp6.add_(tmp3)
+        p.copy_(tmp6)
         if p is not param:
             param.copy_(p)
         if m is not m_list[i]:
@@ -300,7 +404,7 @@ def _single_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, 
             _store_rounded(v_list[i], v)
 
 
-def _multi_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd):
+def _multi_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, decoupled):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
@@ -310,6 +414,7 @@ def _multi_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, b
     k3 = -5 + 2/(1 - b2)
     k4 = -3 + 2/(1 - b2)
     k5 = 1 - b2
+    k6 = -lr*wd + 1
     # Grouped by the parameters' device and dtype; states follow by index, as they may be stored in
     # another dtype (float32 for bfloat16 parameters, state_dtype, bool), which the grouping refuses on CUDA.
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
@@ -331,16 +436,28 @@ def _multi_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, b
         c0 = [-lr/(1 - b1**t_) for t_ in t]
         c1 = [float(-2*b2**t_*t_/(1 - b2**t_) + k1 > 5) for t_ in t]
         c2 = [math.sqrt(1 - b2**t_)*math.sqrt(max(0, k2*(-2*b2**t_*t_/(1 - b2**t_) + k3)*(-2*b2**t_*t_/(1 - b2**t_) + k4)/(-2*b2**t_*t_/(1 - b2**t_) + k1))) for t_ in t]
-        tmp0 = torch._foreach_add(g, p, alpha=wd) if wd != 0 else g
-        torch._foreach_lerp_(m, tmp0, k0)
+        if decoupled:
+            tmp1 = g
+        else:
+            tmp0 = torch._foreach_add(g, p, alpha=wd) if wd != 0 else g
+            tmp1 = tmp0
+        torch._foreach_lerp_(m, tmp1, k0)
         torch._foreach_mul_(v, (1 - k5))
-        torch._foreach_addcmul_(v, tmp0, tmp0, k5)
-        tmp1 = torch._foreach_sqrt(v)
-        torch._foreach_add_(tmp1, eps)
-        torch._foreach_reciprocal_(tmp1)
-        torch._foreach_mul_(tmp1, c2)
-        tmp2 = [torch.where(torch.as_tensor(c1_, dtype=tmp1_.dtype, device=tmp1_.device) != 0, tmp1_, torch.as_tensor(1, dtype=tmp1_.dtype, device=tmp1_.device)) for c1_, tmp1_ in zip(c1, tmp1)]
-        torch._foreach_addcmul_(p, m, tmp2, c0)
+        torch._foreach_addcmul_(v, tmp1, tmp1, k5)
+        if decoupled:
+            tmp2 = torch._foreach_mul(p, k6)
+            tmp3 = tmp2
+        else:
+            tmp3 = p
+        tmp4 = torch._foreach_sqrt(v)
+        torch._foreach_add_(tmp4, eps)
+        torch._foreach_reciprocal_(tmp4)
+        torch._foreach_mul_(tmp4, c2)
+        tmp5 = [torch.where(torch.as_tensor(c1_, dtype=tmp4_.dtype, device=tmp4_.device) != 0, tmp4_, torch.as_tensor(1, dtype=tmp4_.dtype, device=tmp4_.device)) for c1_, tmp4_ in zip(c1, tmp4)]
+        tmp6 = torch._foreach_mul(m, tmp5)
+        torch._foreach_mul_(tmp6, c0)
+        torch._foreach_add_(tmp6, tmp3)
+        torch._foreach_copy_(p, tmp6)
         if not exact:
             torch._foreach_copy_(device_params, p)
         if m is not device_m:
@@ -467,7 +584,7 @@ if triton is not None:
         step_ptrs,  # int64 table: each tensor's step count t (a 0-dim tensor on the device)
         numels,  # elements per tensor
         block_tensor, block_start,  # per program: which tensor, and where in it
-        hypers,  # [11] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
+        hypers,  # [13] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
@@ -492,17 +609,19 @@ if triton is not None:
         g_ptr = _pointer(g_ptrs, i, P_TYPE, ALIGNED)
         m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
         v_ptr = _pointer(v_ptrs, i, S_TYPE, ALIGNED)
-        eps = tl.load(hypers + 0)
-        k0 = tl.load(hypers + 1)
-        k1 = tl.load(hypers + 2)
-        k2 = tl.load(hypers + 3)
-        k3 = tl.load(hypers + 4)
-        k4 = tl.load(hypers + 5)
-        k5 = tl.load(hypers + 6)
-        log0_ = tl.load(hypers + 7)
-        log1_ = tl.load(hypers + 8)
-        lr = tl.load(hypers + 9)
-        wd = tl.load(hypers + 10)
+        decoupled = tl.load(hypers + 0)
+        eps = tl.load(hypers + 1)
+        k0 = tl.load(hypers + 2)
+        k1 = tl.load(hypers + 3)
+        k2 = tl.load(hypers + 4)
+        k3 = tl.load(hypers + 5)
+        k4 = tl.load(hypers + 6)
+        k5 = tl.load(hypers + 7)
+        k6 = tl.load(hypers + 8)
+        log0_ = tl.load(hypers + 9)
+        log1_ = tl.load(hypers + 10)
+        lr = tl.load(hypers + 11)
+        wd = tl.load(hypers + 12)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
         c0 = -lr/(1.0 - tl.exp((log1_*t)))
         c1 = tl.where((k1 - 2.0*t*tl.exp((log0_*t))/(1.0 - tl.exp((log0_*t)))) > 5.0, 1.0, 0.0).to(tl.float64)
@@ -510,18 +629,20 @@ if triton is not None:
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
         c2 = c2.to(C_TYPE)
+        decoupled = decoupled.to(C_TYPE)
         eps = eps.to(C_TYPE)
         k0 = k0.to(C_TYPE)
         k5 = k5.to(C_TYPE)
+        k6 = k6.to(C_TYPE)
         wd = wd.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
-        x0 = g + p*wd
+        x0 = tl.where(decoupled != 0, g, (g + p*wd))
         x1 = (tl.where(k0 < 0.5, m, x0) + tl.where(k0 < 0.5, k0, k0 - 1.0) * (x0 - m))
         x2 = (tl.where(k5 < 0.5, v, ((x0) * (x0))) + tl.where(k5 < 0.5, k5, k5 - 1.0) * (((x0) * (x0)) - v))
-        _store(p_ptr, offsets, _round_to(c0*x1*tl.where(c1 != 0, (c2/(eps + tl.sqrt(x2))), 1.0) + p, P_TYPE), mask, whole)
+        _store(p_ptr, offsets, _round_to(c0*x1*tl.where(c1 != 0, (c2/(eps + tl.sqrt(x2))), 1.0) + tl.where(decoupled != 0, (k6*p), p), P_TYPE), mask, whole)
         _store(m_ptr, offsets, _to_state(x1, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 2 + 0), mask, whole)
         _store(v_ptr, offsets, _to_state(x2, S_TYPE, STOCHASTIC, seed + i,
@@ -607,7 +728,7 @@ def _hyper_table(values, device):
     return _HYPERS[key]
 
 
-def _fused_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd):
+def _fused_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, decoupled):
     global LAUNCHES
     if not params:
         return
@@ -617,9 +738,10 @@ def _fused_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps,
     k3 = -5 + 2/(1 - b2)
     k4 = -3 + 2/(1 - b2)
     k5 = 1 - b2
+    k6 = -lr*wd + 1
     log0_ = _log(b2)  # for b2^t in the kernels: exp(t * log0_)
     log1_ = _log(b1)  # for b1^t in the kernels: exp(t * log1_)
-    hyper_values = (float(eps), float(k0), float(k1), float(k2), float(k3), float(k4), float(k5), float(log0_), float(log1_), float(lr), float(wd), )
+    hyper_values = (float(decoupled), float(eps), float(k0), float(k1), float(k2), float(k3), float(k4), float(k5), float(k6), float(log0_), float(log1_), float(lr), float(wd), )
     groups = _groups(params, grads, m_list, v_list, state_steps)
     for (device, dtype), (p, g, m, v, device_steps) in groups.items():
         if device_steps[0].device != device:

@@ -31,7 +31,7 @@ def state_numel(kind: str, shape: tuple[int, ...]) -> int:
 class Memory:
     shape: tuple[int, ...]
     rule: str                               # the condition of the rule taken ("" without rules)
-    states: tuple[tuple[str, str, int], ...]  # (name, kind, numbers)
+    states: tuple[tuple[str, str, int], ...]  # (key in state_dict(), kind, numbers)
 
     @property
     def total(self) -> int:
@@ -54,7 +54,7 @@ def memory(compiled: Compiled, shape: tuple[int, ...]) -> Memory:
                 break
         else:
             raise ValueError(f"no rule of {program.name} takes a parameter of shape {shape}")
-    states = tuple((s.name, s.shape, state_numel(s.shape, shape)) for s in program.states)
+    states = tuple((s.saved_as, s.shape, state_numel(s.shape, shape)) for s in program.states)
     return Memory(tuple(shape), rule, states)
 
 

@@ -1,4 +1,5 @@
-"""The shipped Adam, AdamW, SGD, RMSprop and Adagrad are drop-ins for torch.optim's.
+"""The shipped counterparts of torch.optim's optimizers are drop-ins for them: Adam, AdamW, SGD,
+RMSprop, Adagrad, Adamax, NAdam, RAdam, Adadelta, Rprop and ASGD.
 
 Each case constructs ours with exactly the keyword arguments torch.optim takes; a state_dict
 saved by torch.optim (after some steps) loads into ours and both go on identically, and the
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ import torch
 
 import optdsl
 from optdsl.errors import SpecError
+from test_differential import ON_GPU, run_pair  # the shared step-by-step checker
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 SHAPES = [(1,), (7,), (13, 5), (3, 1, 4)]
@@ -38,11 +41,62 @@ CASES = {
     "rmsprop-plain": ("rmsprop", T.RMSprop, dict(lr=0.01, alpha=0.95)),
     "adagrad": ("adagrad", T.Adagrad,
                 dict(lr=0.2, lr_decay=0.01, weight_decay=0.02, initial_accumulator_value=0.1, eps=1e-8)),
+    "adamax": ("adamax", T.Adamax, dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)),
+    "adamax-defaults": ("adamax", T.Adamax, dict()),
+    "nadam": ("nadam", T.NAdam, dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, momentum_decay=0.01)),
+    "nadam-decoupled": ("nadam", T.NAdam, dict(lr=0.01, weight_decay=0.3, decoupled_weight_decay=True)),
+    "nadam-defaults": ("nadam", T.NAdam, dict()),
+    "radam": ("radam", T.RAdam, dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)),
+    "radam-decoupled": ("radam", T.RAdam, dict(lr=0.01, betas=(0.9, 0.9), weight_decay=0.3,
+                                               decoupled_weight_decay=True)),
+    "radam-defaults": ("radam", T.RAdam, dict()),
+    "adadelta": ("adadelta", T.Adadelta, dict(lr=0.5, rho=0.8, eps=1e-5, weight_decay=0.1)),
+    "adadelta-defaults": ("adadelta", T.Adadelta, dict()),
+    "rprop": ("rprop", T.Rprop, dict(lr=0.02, etas=(0.3, 1.5), step_sizes=(1e-3, 0.05))),
+    "rprop-defaults": ("rprop", T.Rprop, dict()),
+    "asgd": ("asgd", T.ASGD, dict(lr=0.05, lambd=0.01, alpha=0.5, t0=3, weight_decay=0.1)),
+    "asgd-defaults": ("asgd", T.ASGD, dict()),
 }
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """torch.optim keeps its scalar states (step, NAdam's mu_product, ASGD's eta and mu) in the
+    default dtype and computes them there: float64, so that a float64 comparison is exact."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def spec(name):
     return optdsl.load(SPECS / f"{name}.opt")
+
+
+# Beside torch.optim step by step (tests/test_differential.py covers the older five): many steps,
+# every path, each setting above; run_pair's tolerance is relative 1e-10 in float64, 1e-5 in float32.
+NEW = {"adamax", "nadam", "radam", "adadelta", "rprop", "asgd"}
+STEPS, FUSED_STEPS = 60, 8  # the fused path runs under the Triton interpreter on CPU
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][0] in NEW])
+def test_matches_torch_step_by_step(case, dtype):
+    name, Torch, kwargs = CASES[case]
+    Ours = spec(name)
+    run_pair(lambda ps, **mode: Ours(ps, **kwargs, **mode), lambda ps: Torch(ps, **kwargs, foreach=False),
+             SHAPES, dtype, STEPS, seed=len(case))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][0] in NEW])
+def test_fused_matches_torch(case):
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1" and not ON_GPU:
+        pytest.skip("the fused path runs under TRITON_INTERPRET=1, or compiled on a CUDA device")
+    name, Torch, kwargs = CASES[case]
+    Ours = spec(name)
+    run_pair(lambda ps, **mode: Ours(ps, **kwargs, **mode), lambda ps: Torch(ps, **kwargs, foreach=False),
+             SHAPES, torch.float64, STEPS if ON_GPU else FUSED_STEPS, seed=len(case), fused=True)
 
 
 def _roundtrip(state_dict):
@@ -447,3 +501,39 @@ def test_a_state_saved_as_none_is_made_afresh_like_a_missing_one():
         finals.append((p.detach().clone(), opt.state[p]["momentum_buffer"].clone()))
     (p_none, buf_none), (p_absent, buf_absent) = finals
     assert torch.equal(p_none, p_absent) and torch.equal(buf_none, buf_absent)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lion: no torch.optim class; it takes the keywords every popular Lion takes (betas, weight_decay)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["loop-foreach", "fused"])
+def test_lion_matches_pytorch_optimizer_and_loads_its_state(fused):
+    PO = pytest.importorskip("pytorch_optimizer")
+    if fused and os.environ.get("TRITON_INTERPRET") != "1" and not ON_GPU:
+        pytest.skip("the fused path runs under TRITON_INTERPRET=1, or compiled on a CUDA device")
+    Lion = spec("lion")
+    kwargs = dict(lr=3e-3, betas=(0.95, 0.98), weight_decay=0.5)
+    run_pair(lambda ps, **mode: Lion(ps, **kwargs, **mode), lambda ps: PO.Lion(ps, **kwargs, foreach=False),
+             SHAPES, torch.float64, FUSED_STEPS if fused else STEPS, fused=fused)
+    # pytorch_optimizer's state_dict (exp_avg, betas, weight_decay) loads into ours and goes on the same
+    _resume(lambda ps: PO.Lion(ps, **kwargs, foreach=False), lambda ps: Lion(ps))
+
+
+def test_lion_betas_follow_one_cycle_momentum():
+    """OneCycleLR(cycle_momentum=True) cycles betas[0] of Lion as it does torch.optim.Adam's."""
+    seen = []
+    for Opt in (spec("lion"), T.Adam):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = Opt([p], lr=1e-3, betas=(0.9, 0.99))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10, base_momentum=0.8,
+                                                    max_momentum=0.95)
+        betas = []
+        for _ in range(8):
+            p.grad = torch.ones(3)
+            opt.step()
+            sched.step()
+            betas.append(opt.param_groups[0]["betas"])
+        seen.append(betas)
+    assert seen[0] == seen[1]
+    assert len({b1 for b1, _ in seen[0]}) > 4 and {b2 for _, b2 in seen[0]} == {0.99}

@@ -41,8 +41,9 @@ optimizer Lion
   hyper lr = 0.0001 in [0, inf)
   hyper b1 = 0.9 in [0, 1]
   hyper b2 = 0.99 in [0, 1]
-  hyper wd = 0 in [0, inf)
-  state m = 0
+  hyper wd = 0 in [0, inf) as weight_decay
+  hyper betas = (b1, b2)
+  state m = 0 as exp_avg
   in p0, g0, m0, t
   p1 = p0 - lr * wd * p0
   p2 = p1 - lr * sign(lerp(m0, g0, 1 - b1))

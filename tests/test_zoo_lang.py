@@ -358,9 +358,9 @@ def test_scalar_state_is_one_number_per_parameter():
     p.grad = torch.randn(13, 5)
     opt.step()
     state = opt.state[p]
-    assert state["mu_prod"].shape == () and state["m"].shape == (13, 5)
+    assert state["mu_product"].shape == () and state["exp_avg"].shape == (13, 5)
     mu = 0.9 * (1 - 0.5 * 0.96 ** 0.004)
-    assert state["mu_prod"].item() == pytest.approx(mu, rel=1e-6)
+    assert state["mu_product"].item() == pytest.approx(mu, rel=1e-6)
 
 
 # Launches per step on one device and dtype, (matrices' rule, other parameters' rule): stages of
