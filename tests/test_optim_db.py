@@ -41,9 +41,13 @@ MATRICES = [(1, 1), (7, 3), (4, 5), (2, 3, 4)]  # for optimizers that need rank 
 
 @dataclass(frozen=True)
 class Row:
-    """A drop-in: its generated module (class of torch.optim's name), and the shapes it steps."""
+    """A drop-in: its generated module (class of torch.optim's name), and the shapes it steps.
+    float64_default: torch.optim keeps this class's scalar states (NAdam's mu_product, ASGD's eta
+    and mu) in the default dtype, so its float64 inputs run with float64 as the default dtype
+    (ours keep them in the parameter's dtype; with float32 torch's differ by float32 roundings)."""
     module: str
     shapes: tuple = tuple(SHAPES)
+    float64_default: bool = False
 
 
 # torch.optim class name -> our drop-in. A new drop-in adds its row here.
@@ -53,6 +57,12 @@ DROPINS = {
     "SGD": Row("sgd"),
     "RMSprop": Row("rmsprop"),
     "Adagrad": Row("adagrad"),
+    "Adamax": Row("adamax"),
+    "NAdam": Row("nadam", float64_default=True),
+    "RAdam": Row("radam"),
+    "Adadelta": Row("adadelta"),
+    "Rprop": Row("rprop"),
+    "ASGD": Row("asgd", float64_default=True),
 }
 INFOS = {info.name: info for info in optim_db}
 PATHS = {"forloop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
@@ -72,9 +82,9 @@ ACCEPTED = {
 ACCEPTED |= {("AdamW", desc): why for (cls, desc), why in list(ACCEPTED.items()) if cls == "Adam"}
 # (class, error input's desc) -> why our message does not contain torch's (the type still matches)
 KNOWN_MESSAGES = {
-    ("Adam", "beta1 should be between 0 and 1"): "ours names the keyword: 'Invalid betas[0] value: 1.0'",
-    ("AdamW", "beta1 should be between 0 and 1"): "ours names the keyword: 'Invalid betas[0] value: 1.0'",
-}
+    (name, f"beta{i + 1} should be between 0 and 1"): f"ours names the keyword: 'Invalid betas[{i}] value: 1.0'"
+    for name, i in [("Adam", 0), ("AdamW", 0), ("Adamax", 1), ("NAdam", 0), ("RAdam", 0)]
+} | {("Rprop", "0 < eta1 < 1 < eta2"): "ours names the member out of range: 'Invalid etas[0] value: 1.0'"}
 
 TALLY: dict[str, Counter] = defaultdict(Counter)
 REASONS: dict[str, Counter] = defaultdict(Counter)
@@ -180,8 +190,10 @@ def _states(opt, params):
 
 
 @pytest.mark.parametrize("name,inp,path,dt", list(_inputs()))
-def test_optim_inputs_match_torch(name, inp, path, dt):
+def test_optim_inputs_match_torch(name, inp, path, dt, request):
     dtype, shapes = DTYPES[dt], DROPINS[name].shapes
+    if dtype == torch.float64 and DROPINS[name].float64_default:
+        request.getfixturevalue("float64_default")
     init = _params(shapes, dtype, seed=len(inp.desc))
     grads = _grads(shapes, dtype, seed=len(inp.desc))
     TALLY[name]["run"] += 1
@@ -200,6 +212,14 @@ def test_optim_inputs_match_torch(name, inp, path, dt):
     _check(([p.detach() for p in ps], _states(ours, ps)), ([q.detach() for q in qs], _states(ref, qs)),
            init, dtype, f"{name} {inp.desc!r} {path} {dt}")
     TALLY[name]["passed"] += 1
+
+
+@pytest.fixture
+def float64_default():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def _raises(cls, err):
