@@ -137,6 +137,7 @@ class Eqn:
     kind: str     # TENSOR or SCALAR
     expr: Expr
     span: Span | None = None
+    named: bool = False  # a value of an unrolled loop: the plan names it, so code grows linearly with the count
 
 
 @dataclass(frozen=True)

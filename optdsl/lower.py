@@ -115,6 +115,7 @@ class _Lowering:
         self.uses_loss = False
         self.assigned_later = set(_targets(spec.body))
         self.warnings: list[SpecWarning] = []
+        self.unrolling = 0  # how many `repeat` blocks of more than one round enclose the statement
         for base in self.version:
             shape = self.declared.get(base, ir.FULL)
             self.kind[ir.ssa_name(base, 0)] = ir.SCALAR if shape == ir.ALL else ir.TENSOR
@@ -219,9 +220,16 @@ class _Lowering:
         if count != int(count) or not 1 <= count <= MAX_REPEAT:
             raise SpecError(f"'repeat' takes a whole number of rounds from 1 to {MAX_REPEAT}, got {count:g}",
                             block.arg.span, hint="write the count as a number, e.g. 'repeat 5 {'")
+        size = _unrolled_size([block])
+        if len(self.eqns) + size > MAX_STATEMENTS:  # compile time grows with the statements unrolled
+            raise SpecError(f"this 'repeat' unrolls to {size} statements, {len(self.eqns) + size} in all; "
+                            f"a rule may have at most {MAX_STATEMENTS}", block.arg.span,
+                            hint="use fewer rounds, or nest fewer loops")
+        self.unrolling += count > 1
         for _ in range(int(count)):
             for item in block.body:
                 self.statement(item)
+        self.unrolling -= count > 1
 
     def every(self, block: ast.Block) -> None:
         """Periodic work: each value the block assigns becomes where(t % k == 0, new, old)."""
@@ -243,7 +251,7 @@ class _Lowering:
             out = self.ssa(n, self.version[n])
             self.kind[out] = self.kind_of(value)
             self.shape[out] = self.shape[self.ssa(n, self.version[n] - 1)]
-            self.eqns.append(ir.Eqn(out, n, self.kind[out], value, block.span))
+            self.eqns.append(ir.Eqn(out, n, self.kind[out], value, block.span, self.unrolling > 0))
 
     def _reads_step_values(self, e: ir.Expr) -> bool:
         if isinstance(e, ir.Ref):
@@ -292,7 +300,7 @@ class _Lowering:
             kind = ir.SCALAR
         self.shape[out] = ir.FULL if n == "p" else shape if want is None else want
         self.kind[out] = kind
-        self.eqns.append(ir.Eqn(out, n, kind, value, a.span))
+        self.eqns.append(ir.Eqn(out, n, kind, value, a.span, self.unrolling > 0))
 
     def run(self) -> ir.Program:
         spec = self.spec
@@ -416,6 +424,20 @@ def _keywords(spec: ast.Spec) -> tuple[ir.Keyword, ...]:
 
 
 MAX_REPEAT = 64
+MAX_STATEMENTS = 128  # statements of a rule once its loops are unrolled: compiles in under 2 s
+
+
+def _unrolled_size(body) -> int:
+    """How many equations a body makes once its loops are unrolled (an `every` adds one per name)."""
+    size = 0
+    for item in body:
+        if isinstance(item, ast.Assign):
+            size += 1
+        elif item.kind == "repeat":
+            size += int(item.arg.value) * _unrolled_size(item.body) if item.arg.value == int(item.arg.value) else 0
+        else:
+            size += _unrolled_size(item.body) + len(set(_targets(item.body)))
+    return size
 
 
 def _targets(body):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from lark.exceptions import VisitError
+
 from . import check, ir, lower, parse, sym
 from .backends import torch as torch_backend
 from .errors import Span, SpecError, SpecWarning
@@ -15,6 +17,11 @@ class Compiled:
     warnings: tuple[SpecWarning, ...]
     python: str  # the generated module
     rules: tuple = ()  # (condition code, program, plan, condition as written) per rule, for rules by shape
+
+
+def _internal(err: Exception, filename: str, text: str) -> SpecError:
+    return SpecError(f"optdsl could not compile this spec ({type(err).__name__}: {err})", None,
+                     filename=filename, source=text, hint="this is a bug in optdsl; please report it with the spec")
 
 
 def compile_source(text: str, filename: str = "<spec>") -> Compiled:
@@ -32,14 +39,14 @@ def compile_source(text: str, filename: str = "<spec>") -> Compiled:
         python = torch_backend.render(plan, text, filename, tuple((r[0], r[2], r[3]) for r in rules))
     except SpecError as err:
         raise err.located(filename, text) from None
-    except RecursionError:
+    except (RecursionError, VisitError) as err:
+        if isinstance(err, VisitError) and not isinstance(err.orig_exc, RecursionError):
+            raise _internal(err, filename, text) from err
         lines = text.split("\n")  # point at the longest line, the likeliest culprit
         line = max(range(len(lines)), key=lambda i: len(lines[i].split("#")[0])) + 1
         raise SpecError("the spec is nested too deeply to compile", Span(line, 1, line, len(lines[line - 1]) + 1),
                         filename=filename, source=text, hint="split long expressions into locals") from None
     except Exception as err:  # a bug in optdsl: still one error type, saying so
-        raise SpecError(f"optdsl could not compile this spec ({type(err).__name__}: {err})", None,
-                        filename=filename, source=text,
-                        hint="this is a bug in optdsl; please report it with the spec") from err
+        raise _internal(err, filename, text) from err
     located = tuple(replace(w, filename=filename, source=text) for w in warnings)
     return Compiled(program, plan, located, python, tuple(rules) if len(rules) > 1 else ())

@@ -98,19 +98,24 @@ def has_matrix_work(e: ir.Expr) -> bool:
     return False
 
 
+def has_matrix_nodes(e: sp.Expr) -> bool:
+    return e.has(fn.mm, fn.T)
+
+
 def meanings(prog: ir.Program, barriers: list | None = None, names=None
              ) -> tuple[dict[str, sp.Symbol], dict[str, sp.Expr], dict[str, sp.Expr]]:
     """(input symbols, SymPy value of every SSA name, final value of each output) over the inputs.
 
-    With `barriers` (a list, and `names` to name them), a value computed by matrix work is a
-    fresh symbol instead, its expression appended to `barriers`: an unrolled Newton-Schulz loop
-    reads each iterate several times, so its full expression would grow exponentially.
+    With `barriers` (a list, and `names` to name them), a value computed by matrix work, and
+    each value of an unrolled loop, is a fresh symbol instead, its expression appended to
+    `barriers`: an unrolled loop reads each iterate several times (Newton-Schulz's x, the
+    printed `c*c` of `c^2`), so its full expression would grow exponentially with the count.
     """
     syms = symbols_of(prog)
     env: dict[str, sp.Expr] = dict(syms)
     for eq in prog.eqns:
         env[eq.out] = to_sympy(eq.expr, env)
-        if barriers is not None and has_matrix_work(eq.expr):
+        if barriers is not None and (has_matrix_work(eq.expr) or (eq.named and not env[eq.out].is_Atom)):
             symbol = names.fresh("w")
             barriers.append((symbol, env[eq.out]))
             env[eq.out] = symbol
@@ -239,6 +244,50 @@ def _collect_base(base: sp.Symbol, e: sp.Expr) -> sp.Expr:
     return sp.Add(head, rest, evaluate=False) if rest != 0 else head
 
 
+# How many times a printer writes each operand (the most of any printer: Triton's lerp reads its
+# weight three times, its ends twice; x^2 is x * x).
+_COPIES = {fn.lerp: (2, 2, 3), fn.TABLE["sign"].sympy: (3,), fn.softplus: (3,), fn.TABLE["mod"].sympy: (1, 2)}
+_COPIED_WEIGHT = 64  # an operand written more than once and larger than this gets a name of its own
+
+
+class _CopiedOperands:
+    """Name each large operand that a printer would write out more than once: nested, the copies
+    would multiply (`lerp(lerp(lerp(x, ...` as text is exponential in its depth)."""
+
+    def __init__(self, hoister: _Hoister):
+        self.hoister, self.defs, self.memo = hoister, [], {}
+
+    @staticmethod
+    def copies(e: sp.Expr) -> tuple[int, ...]:
+        if isinstance(e, sp.Pow) and e.exp.is_Integer and 2 <= abs(int(e.exp)) <= 4:
+            return (abs(int(e.exp)), 1)
+        return _COPIES.get(type(e), (1,) * len(e.args))
+
+    def name(self, e: sp.Expr) -> sp.Expr:
+        return self.visit(e)[0]
+
+    def visit(self, e: sp.Expr) -> tuple[sp.Expr, int]:
+        """(e with its large copied operands named, the size of its printed text in nodes)"""
+        if e.is_Atom:
+            return e, 1
+        if e in self.memo:
+            return self.memo[e]
+        args, weight = [], 1
+        for a, k in zip(e.args, self.copies(e)):
+            a, w = self.visit(a)
+            if k > 1 and w > _COPIED_WEIGHT:
+                lvl = self.hoister.level(a)
+                symbol = self.hoister.names.fresh("y")
+                self.hoister.levels[symbol] = lvl
+                self.defs.append(Def(symbol, lvl, a))
+                a, w = symbol, 1
+            args.append(a)
+            weight += k * w
+        out = e.func(*args) if tuple(args) != e.args else e
+        self.memo[e] = (out, weight)
+        return out, weight
+
+
 def _fresh_forever(names: _Names, prefix: str):
     while True:
         yield names.fresh(prefix)
@@ -267,17 +316,25 @@ def plan(prog: ir.Program) -> Plan:
     syms, env, outputs = meanings(prog, barriers, names)
     inputs = tuple(syms[n] for n in prog.inputs)
     levels = input_levels(prog)
-    levels.update({symbol: TENSOR for symbol, _ in barriers})
     # A hoisted scalar that is exactly a spec local keeps the local's name.
     preferred = {env[eq.out]: eq.target for eq in prog.eqns
                  if eq.kind == ir.SCALAR and sum(e.target == eq.target for e in prog.eqns) == 1}
     hoister = _Hoister(levels, names, preferred)
 
     base_sym = {"p": syms["p0"], **{s.name: syms[ir.ssa_name(s.name, 0)] for s in prog.states}}
-    tensors = set(inputs) | {symbol for symbol, _ in barriers}
-    outputs = {base: rewrite(e, tensors, prog) for base, e in outputs.items()}
+    tensors = set(inputs)
+    walls, named = [], {}  # named: a scalar barrier -> the hoisted scalar that stands for it
+    for symbol, e in barriers:
+        e = e.xreplace(named)
+        if has_matrix_nodes(e) or hoister.level(e) == TENSOR:  # a step of its own
+            levels[symbol] = TENSOR
+            tensors.add(symbol)
+            walls.append((symbol, e))
+        else:  # an unrolled loop's scalar: a host (or 0-dim) definition of its level
+            named[symbol] = hoister.hoist(e, TENSOR)
+    outputs = {base: rewrite(e.xreplace(named), tensors, prog) for base, e in outputs.items()}
     hoisted = [(base, hoister.hoist(_collect_base(base_sym[base], e), TENSOR)) for base, e in outputs.items()]
-    walls = [(symbol, hoister.hoist(rewrite(e, tensors, prog), TENSOR)) for symbol, e in barriers]
+    walls = [(symbol, hoister.hoist(rewrite(e, tensors, prog), TENSOR)) for symbol, e in walls]
 
     # Share common tensor work between the outputs, the matrix work and the reductions' operands.
     scalar_defs = list(hoister.defs.values())
@@ -294,6 +351,12 @@ def plan(prog: ir.Program) -> Plan:
     new_reductions = {d.symbol: Def(d.symbol, DEVICE, d.expr.func(reduced[len(hoisted) + i]))
                       for i, d in enumerate(reductions)}
     scalar_defs = [new_reductions.get(d.symbol, d) for d in scalar_defs]
+    copied = _CopiedOperands(hoister)
+    scalar_defs = [Def(d.symbol, d.level, copied.name(d.expr)) for d in scalar_defs]
+    steps = [Def(d.symbol, d.level, copied.name(d.expr)) for d in steps]
+    outs = tuple((base, copied.name(e)) for base, e in outs)
+    for d in copied.defs:
+        (steps if d.level >= DEVICE else scalar_defs).append(d)
     return Plan(prog, inputs,
                 group=tuple(_toposort([d for d in scalar_defs if d.level == GROUP])),
                 param=tuple(_toposort([d for d in scalar_defs if d.level == PARAM])),

@@ -24,7 +24,7 @@ import sympy as sp
 from .. import functions as fn
 from .. import ir
 from ..sym import DEVICE, GROUP, PARAM, Plan
-from .fusion import Fusion, early_stores, matrix_nodes
+from .fusion import AXIS_REDUCTIONS, UNIT_REDUCTIONS, Fusion, early_stores, matrix_nodes
 from .printers import _BY_CLASS, HostPrinter, MatrixPrinter, TritonPrinter, TritonScalar64Printer
 
 # whole-tensor reduction -> (what each element adds, how blocks combine, the finished value from the total)
@@ -54,8 +54,27 @@ _SIZE = {ROWS: "B * R", COLS: "B * C", BOTH: "B"}  # per tensor, in the launcher
 _WHAT = {ROWS: "one per row", COLS: "one per column", BOTH: "one per matrix"}
 
 
+MAX_STAGES = 8  # reductions in sequence: each is a launch that recomputes what it reads
+
+
+def _reduction_depth(plan: Plan) -> int:
+    """The longest chain of reductions each reading the one before (a launch each, fused)."""
+    reductions = (*fn.REDUCTIONS, *AXIS_REDUCTIONS, *UNIT_REDUCTIONS)
+    depth: dict = {}
+
+    def of(e) -> int:
+        if e.is_Symbol:
+            return depth.get(e, 0)
+        return max((of(a) for a in e.args), default=0) + (type(e) in reductions)
+    for d in plan.steps:
+        depth[d.symbol] = of(d.expr)
+    return max([0, *depth.values(), *(of(e) for _, e in plan.outputs)])
+
+
 def unsupported(plan: Plan) -> str:
     """Why this plan has no fused kernels ('' when it has them)."""
+    if _reduction_depth(plan) > MAX_STAGES:  # the kernels' text would grow with its square
+        return f"more than {MAX_STAGES} reductions in sequence are not fused"
     f = Fusion(plan)
     if any(matrix_nodes(e) for _, e in plan.outputs):
         return "matrix work in an output itself is not fused yet (assign it to a local first)"

@@ -1,0 +1,166 @@
+"""Compiling is bounded: code grows linearly with a loop's count, and what would not compile in
+bounded time is refused with a located error.
+
+An unrolled `repeat` reads each iterate more than once once printed (`c^2` is `c * c` in a
+kernel), so its value written out as one expression doubles with every round: before each round
+got a name, `c = 2*c^2 - 1` twelve times printed a 213,000-character line and 64 times never
+finished. Sizes are asserted here, never wall time (the machine is shared).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import optdsl
+from optdsl.errors import SpecError
+from optdsl.lower import MAX_STATEMENTS
+from optdsl.pipeline import compile_source
+
+HEAD = "optimizer R\nhyper lr = 0.1\n"
+
+
+def chebyshev(rounds: int, repeat: bool = True) -> str:
+    """c = T_(2^rounds)(g): the doubling formula of the Chebyshev polynomials, `rounds` times."""
+    body = "  c = 2*c^2 - 1\n"
+    loop = f"repeat {rounds} {{\n{body}}}\n" if repeat else f"repeat 1 {{\n{body}}}\n" * rounds
+    return HEAD + "c = g\n" + loop + "p -= lr * c\n"
+
+
+def test_repeat_code_grows_linearly_with_the_count():
+    sizes = {n: compile_source(chebyshev(n)).python for n in (16, 32, 64)}
+    lengths = {n: len(code) for n, code in sizes.items()}
+    longest = {n: max(map(len, code.splitlines())) for n, code in sizes.items()}
+    # linear: 32 more rounds add about twice what 16 more did (exponential would square it)
+    assert lengths[64] - lengths[32] <= 2.5 * (lengths[32] - lengths[16])
+    assert lengths[64] < 100_000
+    assert longest[64] == longest[16] < 200  # each round is a line of its own
+
+
+def test_unrolled_loop_written_out_gives_the_same_source_size_order():
+    """The loop written out as separate one-round blocks is not named; repeat is, and is no larger."""
+    named = compile_source(chebyshev(8)).python
+    written = compile_source(chebyshev(8, repeat=False)).python
+    assert len(named) <= len(written)
+
+
+def _step_all(cls, g_seq, shape, dtype=torch.float64, **kw):
+    """p after stepping on each gradient of g_seq, on the for-loop, foreach and fused paths."""
+    out = {}
+    for path in (dict(foreach=False), dict(foreach=True), dict(fused=True)):
+        p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
+        opt = cls([p], **path, **kw)
+        for g in g_seq:
+            p.grad = g.clone()
+            opt.step()
+        out[next(iter(path.items()))] = p.detach().clone()
+    return out
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (13, 5), (3, 1, 4)])
+def test_unrolled_repeat_computes_what_it_computed_unnamed_and_the_reference(shape):
+    """Differential: the named rounds equal the same statements written out (which the plan does
+    not name) and a handwritten loop. c stays in [-1, 1]; an error in c grows by at most
+    |T'| <= 4 per round, so 6 rounds in float64 amplify rounding by 4^6 ~ 4e3: 1e-11 is ample."""
+    rounds, steps = 6, 3
+    gen = torch.Generator().manual_seed(0)
+    gs = [torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1 for _ in range(steps)]
+    named = _step_all(optdsl.compile(chebyshev(rounds)), gs, shape)
+    written = _step_all(optdsl.compile(chebyshev(rounds, repeat=False)), gs, shape)
+    ref = torch.zeros(shape, dtype=torch.float64)
+    for g in gs:
+        c = g.clone()
+        for _ in range(rounds):
+            c = 2 * c * c - 1
+        ref -= 0.1 * c
+    for path in named:
+        torch.testing.assert_close(named[path], ref, rtol=0, atol=1e-11)
+        torch.testing.assert_close(named[path], written[path], rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("body, ref", [
+    # host scalars of the hyperparameters and of t: named per round on the host
+    ("k = lr\nrepeat 12 {\n  k = lerp(k, sqrt(k + t), 0.5)\n}\np -= k * g\n", "param"),
+    # a 0-dim tensor (it reads a reduction)
+    ("k = norm(g)\nrepeat 12 {\n  k = sqrt(k + 1)\n}\np -= lr * k * g\n", "device"),
+])
+def test_scalar_rounds_are_named_at_their_level(body, ref):
+    shape = (4, 3)
+    gen = torch.Generator().manual_seed(1)
+    gs = [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(3)]
+    got = _step_all(optdsl.compile(HEAD + body), gs, shape)
+    want = torch.zeros(shape, dtype=torch.float64)
+    for t, g in enumerate(gs, 1):
+        if ref == "param":
+            k = 0.1
+            for _ in range(12):
+                k = k + 0.5 * ((k + t) ** 0.5 - k)
+        else:
+            k = torch.linalg.vector_norm(g)
+            for _ in range(12):
+                k = torch.sqrt(k + 1)
+        want = want - (k if ref == "param" else 0.1 * k) * g
+    for path, p in got.items():  # a dozen dependent roundings of numbers of order 1..1e3
+        torch.testing.assert_close(p, want, rtol=1e-12, atol=0, msg=str(path))
+
+
+def _error(text: str) -> SpecError:
+    with pytest.raises(SpecError) as info:
+        compile_source(text, "deep.opt")
+    err = info.value
+    assert err.span is not None and "this is a bug" not in str(err), str(err)
+    return err
+
+
+def test_nested_repeats_beyond_the_statement_budget_are_refused_at_the_loop():
+    text = HEAD + "c = g\nrepeat 64 {\n  repeat 64 {\n    repeat 64 {\n      c = c * c\n    }\n  }\n}\np -= lr * c\n"
+    err = _error(text)
+    assert (err.span.line, err.span.column) == (4, 8)
+    assert "unrolls to 262144 statements" in str(err) and f"at most {MAX_STATEMENTS}" in str(err)
+
+
+def test_the_statement_budget_counts_the_whole_rule():
+    body = "".join(f"  c{i} = c * {i}\n" for i in range(2))
+    fits = HEAD + "c = g\nrepeat 63 {\n" + body + "}\np -= lr * c\n"  # 1 + 126 statements
+    compile_source(fits)
+    err = _error(HEAD + "c = g\nd = g\nc = c + d\nrepeat 63 {\n" + body + "}\np -= lr * c\n")
+    assert err.span.line == 6 and "129 in all" in str(err)
+
+
+@pytest.mark.parametrize("expr", [
+    "lerp(" * 40 + "g" + ", g, 0.3)" * 40,               # Triton's lerp reads each end twice
+    "(" * 40 + "g" + " + 1)^2" * 40,                     # x^2 prints as x * x in a kernel
+    "sign(" * 30 + "g" + ")" * 30,                       # Triton's sign reads its operand thrice
+])
+def test_a_nested_expression_that_printers_copy_stays_small(expr):
+    code = compile_source(HEAD + f"p -= lr * {expr}\n").python
+    assert len(code) < 100_000 and max(map(len, code.splitlines())) < 2_000
+
+
+def test_a_host_scalar_that_printers_copy_stays_small():
+    code = compile_source(HEAD + "p -= " + "lerp(" * 40 + "lr" + ", lr, 0.3)" * 40 + " * g\n").python
+    assert len(code) < 100_000 and max(map(len, code.splitlines())) < 2_000
+
+
+@pytest.mark.parametrize("text", [
+    HEAD + "p -= lr * " + "-" * 3000 + "g\n",
+    HEAD + "p -= lr * " + "abs(" * 1500 + "g" + ")" * 1500 + "\n",
+    HEAD + "p -= lr * " + "(" * 3000 + "g" + ")" * 3000 + "\n",
+    HEAD + "p -= lr * " + " + ".join(["g"] * 3000) + "\n",
+    HEAD + "p -= lr * " + "^".join(["1"] * 3000) + " * g\n",
+])
+def test_deep_nesting_is_the_nested_too_deeply_error(text):
+    """Never a raw VisitError, RecursionError, OverflowError or NotImplementedError."""
+    try:
+        compile_source(text, "deep.opt")
+    except SpecError as err:
+        assert err.span is not None and "this is a bug" not in str(err), str(err)
+
+
+def test_many_reductions_in_sequence_compile_and_say_why_they_are_not_fused():
+    cls = optdsl.compile(HEAD + "c = g\nrepeat 20 {\n  c = c / norm(c)\n}\np -= lr * c\n")
+    p = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    p.grad = torch.arange(1.0, 6.0, dtype=torch.float64)
+    cls([p], foreach=True).step()
+    torch.testing.assert_close(p.detach(), -0.1 * p.grad / torch.linalg.vector_norm(p.grad), rtol=1e-15, atol=0)
+    with pytest.raises(RuntimeError, match="more than 8 reductions in sequence are not fused"):
+        cls([p], fused=True).step()
