@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import operator
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mpmath
 import sympy as sp
@@ -33,7 +33,7 @@ from . import ir
 from .check import _hyper_interval as _interval, _Ranges
 from .pipeline import Compiled
 from .ranges import Interval, bound
-from .sym import meanings, symbols_of, to_sympy
+from .sym import has_matrix_work, meanings, symbols_of, to_sympy
 
 N_ELEMENTS = 3
 _TOL = 1e-9
@@ -61,6 +61,7 @@ class Verdict:
     differing: str | None = None   # "p", a state, or "initial <state>"
     message: str = ""
     error: bool = False            # the specs could not be compared (names, ranges, assumptions)
+    details: tuple[str, ...] = ()  # more lines: a verdict per rule, the math of rules not compared
 
     @property
     def exit_code(self) -> int:
@@ -178,16 +179,57 @@ def _sample(rng: random.Random, iv: Interval, default: float | None) -> float:
     return x if x in iv else (default if default is not None and default in iv else edges[0])
 
 
+def _rules(x: Compiled | ir.Program) -> list[tuple[str | None, ir.Program]]:
+    """(condition as written, or None for the rule of every other parameter; program) per rule."""
+    if isinstance(x, Compiled) and x.rules:
+        return [(shown, prog) for _, prog, _, shown in x.rules]
+    return [(None, x.program if isinstance(x, Compiled) else x)]
+
+
 def equivalent(a: Compiled | ir.Program, b: Compiled | ir.Program, assume: dict[str, float] | None = None,
                mapping: dict[str, str] | None = None, samples: int = 200, seed: int = 0) -> Verdict:
-    """Prove spec A equivalent to spec B, or find a counterexample (see the module's docstring)."""
-    pa, pb = (x.program if isinstance(x, Compiled) else x for x in (a, b))
+    """Prove spec A equivalent to spec B, or find a counterexample (see the module's docstring).
+
+    Specs with rules by shape are compared rule by rule: rules with the same condition, and a spec
+    of one rule against each rule of the other. A rule with matrix work is not modelled: its math
+    is shown and the verdict is at best undecided."""
+    ra, rb = _rules(a), _rules(b)
+    if len(ra) == len(rb) == 1:
+        return _equivalent_rule(ra[0][1], rb[0][1], assume, mapping, samples, seed)
+    if len(ra) > 1 and len(rb) > 1:
+        if [c for c, _ in ra] != [c for c, _ in rb]:
+            show = lambda rules: ", ".join(c or "other" for c, _ in rules)  # noqa: E731
+            return Verdict(False, False, message=f"undecided: the rules' conditions differ (A: {show(ra)}; "
+                           f"B: {show(rb)}), so they are not compared rule by rule")
+        pairs = [(c, x, y) for (c, x), (_, y) in zip(ra, rb)]
+    else:
+        pairs = [(c or d, x, y) for c, x in ra for d, y in rb]
+    verdicts = []
+    for condition, x, y in pairs:
+        where = f"parameters with {condition}" if condition else "every other parameter"
+        verdicts.append((where, _equivalent_rule(x, y, assume, mapping, samples, seed)))
+    details = tuple(line for where, v in verdicts for line in (f"rule for {where}: {v.message}",
+                                                                 *(f"  {d}" for d in v.details)))
+    for where, v in verdicts:  # a counterexample or an error decides
+        if v.error or (v.proven and not v.equal):
+            return replace(v, message=f"for {where}: {v.message}", details=details)
+    if all(v.equal for _, v in verdicts):
+        return Verdict(True, True, compared=verdicts[0][1].compared, message="equivalent: every rule proven equal",
+                       details=details)
+    return Verdict(False, False, message="undecided: not every rule is proven equal", details=details)
+
+
+def _matrix_math(prog: ir.Program, who: str) -> tuple[str, ...]:
+    from .mathtext import fold_repeats, statement_math
+    return (f"  {who}:",) + tuple(f"    {line}" for line in fold_repeats(statement_math(prog, False), False))
+
+
+def _equivalent_rule(pa: ir.Program, pb: ir.Program, assume, mapping, samples: int, seed: int) -> Verdict:
     assume, mapping = dict(assume or {}), dict(mapping or {})
     fail = lambda msg: Verdict(False, False, message=f"error: {msg}", error=True)  # noqa: E731
-    from .explain import unexplained
-    for x in (a, b):
-        if isinstance(x, Compiled) and (why := unexplained(x)):
-            return fail(f"cannot compare: {why}")
+    if any(has_matrix_work(eq.expr) for prog in (pa, pb) for eq in prog.eqns):
+        return Verdict(False, False, message="undecided: matrix work (mm, T) is not modelled; the math of both:",
+                       details=_matrix_math(pa, "A") + _matrix_math(pb, "B"))
     a_names = {h.name for h in pa.hypers} | {s.name for s in pa.states}
     if bad := [k for k in mapping if k not in a_names]:
         return fail(f"--map names {', '.join(bad)}, not a hyperparameter or state of {pa.name}")
@@ -245,11 +287,15 @@ def equivalent(a: Compiled | ir.Program, b: Compiled | ir.Program, assume: dict[
     only_a, only_b = tuple(s for s in sa if s not in sb), tuple(s for s in sb if s not in sa)
     common = dict(compared=("p",) + shared, only_in_a=only_a, only_in_b=only_b)
     open_pairs = {n: ab for n, ab in pairs.items() if ab[0] != ab[1]}
+    unsampled = False
     if open_pairs:  # numbers first: a counterexample is quicker to find than SymPy is to give up
         vector = any(e.has(*_REDUCE) for ab in open_pairs.values() for e in ab)
         tensors = [syms[n] for n in ("p", "g") + tuple(dict.fromkeys(sa + sb))]
         bases = {n: syms[n] for n in open_pairs if not n.startswith("initial ")}
         found = _search(open_pairs, bases, tensors if vector else [], ranges, syms, samples, seed)
+        unsampled = bool(found) and found[0] == "unsampled"
+        if unsampled:
+            found = None
         if found:
             order = ["p", "g", *dict.fromkeys(sb + sa), *hb, *ha, "t", "loss"]
             point = {k: float(v) for k, v in fixed.items()} | found[1]
@@ -263,6 +309,9 @@ def equivalent(a: Compiled | ir.Program, b: Compiled | ir.Program, assume: dict[
         return Verdict(True, True, **common, message=f"equivalent: {', '.join(common['compared'])}{starts} "
                        "proven equal for all inputs")
     where = f" (reductions evaluated on {N_ELEMENTS}-element tensors)" if vector else ""
+    if open_pairs and unsampled:
+        return Verdict(False, False, **common, message=f"undecided: not proven ({', '.join(open_pairs)}); no "
+                       "counterexample sought (an axis reduction here has no numerical form)")
     return Verdict(False, False, **common, message=f"undecided: not proven ({', '.join(open_pairs)}); "
                    f"no counterexample in {samples} samples{where}")
 
@@ -298,6 +347,8 @@ def _search(pairs: dict[str, tuple[sp.Expr, sp.Expr]], bases: dict[str, sp.Symbo
                 vals = [mpmath.mpmathify(v) for v in evaluate(*(mpmath.mpf(point[x]) for x in free))]
             except (ZeroDivisionError, ValueError, OverflowError, TypeError):
                 continue
+            except NameError as err:  # a function with no numerical form here (axis reductions)
+                return "unsampled", {"why": str(err)}
         for i, (name, (ea, eb)) in enumerate(pairs.items()):
             va, vb, old = vals[2 * i], vals[2 * i + 1], point.get(bases.get(name), 0)
             if not (_finite(va) and _finite(vb) and _differ(va - old, vb - old)):
@@ -311,7 +362,7 @@ def _search(pairs: dict[str, tuple[sp.Expr, sp.Expr]], bases: dict[str, sp.Symbo
 
 def report(v: Verdict, a: str = "A", b: str = "B") -> str:
     """The verdict line, the states compared and, for a counterexample, a table of inputs and results."""
-    lines = [f"{a} vs {b}: {v.message}"]
+    lines = [f"{a} vs {b}: {v.message}"] + [f"  {line}" for line in v.details]
     lines += [f"  only in {x}: {', '.join(s)} (not compared)" for x, s in ((a, v.only_in_a), (b, v.only_in_b)) if s]
     if v.counterexample:
         inputs = {k: x for k, x in v.counterexample.items() if not k.startswith(("A:", "B:"))}

@@ -20,7 +20,7 @@ from .errors import SpecWarning
 from .pipeline import Compiled
 from .ranges import Interval, bound
 from .rewrite import scalar_env
-from .mathtext import statement_math
+from .mathtext import fold_repeats, statement_math
 from .sym import DEVICE, TENSOR, has_matrix_work, meanings, to_sympy
 
 FLOAT32 = 4
@@ -34,21 +34,34 @@ class Property:
 
 
 @dataclass(frozen=True)
-class Explanation:
-    name: str
-    doc: str
+class Section:
+    """One rule of a spec: its condition on the parameter's shape (None for a spec of one rule, or
+    the rule for every other parameter), its math and what the analyses derive from it."""
+    condition: str | None
     rule: tuple[str, ...]        # one line per statement, Unicode
     latex: tuple[str, ...]       # one line per statement, LaTeX
     properties: tuple[Property, ...]
+    skipped: str = ""            # the analyses not run on this rule, and why
+
+
+@dataclass(frozen=True)
+class Explanation:
+    name: str
+    doc: str
+    sections: tuple[Section, ...]  # one per rule, in the spec's order
     risks: tuple[SpecWarning, ...]
 
-    def property(self, name: str) -> Property:
-        return next(p for p in self.properties if p.name == name)
+    # a spec of one rule (most specs): its math and properties directly
+    rule = property(lambda self: self.sections[0].rule)
+    latex = property(lambda self: self.sections[0].latex)
+    properties = property(lambda self: tuple(p for x in self.sections for p in x.properties))
+
+    def property(self, name: str, rule: int = 0) -> Property:
+        return next(p for p in self.sections[rule].properties if p.name == name)
 
 
 # ---- cost ----
-def _cost(compiled: Compiled) -> list[Property]:
-    plan, prog = compiled.plan, compiled.program
+def _cost(prog: ir.Program, plan) -> list[Property]:
     tensor_exprs = [d.expr for d in plan.steps if d.level == TENSOR] + [e for _, e in plan.outputs]
     tensor_exprs += [d.expr.args[0] for d in plan.steps if d.level == DEVICE and fn.REDUCTIONS.get(type(d.expr))]
     # a state shaped like p costs per element; a scalar or reduced one per parameter (optdsl info)
@@ -285,37 +298,69 @@ def _state_ranges(prog: ir.Program) -> list[Property]:
 
 
 def unexplained(compiled: Compiled) -> str:
-    """Why explain and equiv cannot analyse this spec ('' when they can)."""
+    """Why the element-wise analyses (and so equiv) cannot take this spec as a whole ('' when they can)."""
     if compiled.rules:
         return f"{compiled.program.name} has rules by parameter shape; the analyses take one element-wise rule"
-    if any(has_matrix_work(eq.expr) for eq in compiled.program.eqns):
-        return f"{compiled.program.name} does matrix work (mm, T); the analyses model one element"
+    return _matrix_work(compiled.program)
+
+
+def _matrix_work(prog: ir.Program) -> str:
+    if any(has_matrix_work(eq.expr) for eq in prog.eqns):
+        return f"{prog.name} does matrix work (mm, T); the analyses model one element"
     return ""
 
 
-def explain(compiled: Compiled) -> Explanation:
-    if why := unexplained(compiled):
-        raise ValueError(f"cannot explain: {why}")
-    prog = compiled.program
+# What an analysis of one element cannot evaluate (axis reductions, shapes, the loss) it says
+# "not decided" about; these are SymPy's and the interval analysis' ways of saying so.
+_UNDECIDED = (TypeError, ValueError, NotImplementedError, AttributeError, KeyError, RecursionError)
+
+
+def _section(prog: ir.Program, plan, condition: str | None) -> Section:
+    math = tuple(tuple(fold_repeats(statement_math(prog, latex), latex)) for latex in (False, True))
+    props = _cost(prog, plan)
+    if _matrix_work(prog):  # its math and memory, not what models one element
+        props = [p for p in props if p.name != "arithmetic per element"]  # matmuls are not per element
+        return Section(condition, *math, tuple(props), skipped="arithmetic and the element-wise analyses: not "
+                       "run, this rule does matrix work (mm, T) and they model one element")
     steps = _Steps(prog)
-    props = (_cost(compiled) + _state_ranges(prog) + [_scale_invariance(steps)] + _first_step(steps, prog))
-    return Explanation(prog.name, prog.doc, tuple(statement_math(prog, False)), tuple(statement_math(prog, True)),
-                       tuple(props), compiled.warnings)
+    for analysis in (lambda: _state_ranges(prog), lambda: [_scale_invariance(steps)],
+                     lambda: _first_step(steps, prog)):
+        try:
+            props += analysis()
+        except _UNDECIDED as err:  # say so for this rule; the others still run
+            props.append(Property("not decided", f"{type(err).__name__}", "an analysis could not model this rule"))
+    return Section(condition, *math, tuple(props))
+
+
+def explain(compiled: Compiled) -> Explanation:
+    """The math and properties of each rule (one for most specs)."""
+    rules = compiled.rules or ((None, compiled.program, compiled.plan, None),)
+    last = len(rules) - 1
+    sections = tuple(_section(prog, plan, f"parameters with {shown}" if shown is not None else
+                              "every other parameter" if i == last and i else None)
+                     for i, (_, prog, plan, shown) in enumerate(rules))
+    return Explanation(compiled.program.name, compiled.program.doc, sections, compiled.warnings)
 
 
 def report(x: Explanation, latex: bool = False) -> str:
     """The text `optdsl explain` prints."""
-    lines = [f"{x.name}" + (f" — {x.doc}" if x.doc else ""), ""]
-    if latex:
-        lines += ["\\begin{aligned}"] + [f"  {line} \\\\" for line in x.latex] + ["\\end{aligned}"]
-    else:
-        lines.append("Update rule (per element, at step t = 1, 2, ...):")
-        for rule in x.rule:
-            first, *rest = rule.split("\n")
-            lines += [f"  {first}"] + [f"  {r}" for r in rest]
+    lines = [f"{x.name}" + (f" — {x.doc}" if x.doc else "")]
     width = max(len(p.name) for p in x.properties)
-    lines += ["", "Properties:"]
-    lines += [f"  {p.name:<{width}}  {p.value}  [{p.how}]" for p in x.properties]
+    for section in x.sections:
+        lines.append("")
+        if section.condition:
+            lines += [f"Rule for {section.condition}:", ""]
+        if latex:
+            lines += ["\\begin{aligned}"] + [f"  {line} \\\\" for line in section.latex] + ["\\end{aligned}"]
+        else:
+            lines.append("Update rule (per element, at step t = 1, 2, ...):" if not section.skipped else
+                         "Update rule (at step t = 1, 2, ...):")
+            for rule in section.rule:
+                first, *rest = rule.split("\n")
+                lines += [f"  {first}"] + [f"  {r}" for r in rest]
+        lines += ["", "Properties:"]
+        lines += [f"  {p.name:<{width}}  {p.value}  [{p.how}]" for p in section.properties]
+        lines += [f"  ({section.skipped})"] if section.skipped else []
     lines += ["", "Domain risks:" if x.risks else "Domain risks: none found"]
     lines += ["  " + line for w in x.risks for line in str(w).splitlines()]
     return "\n".join(lines)

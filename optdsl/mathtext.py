@@ -37,4 +37,27 @@ _SUPERSCRIPT = str.maketrans("0123456789-t", "⁰¹²³⁴⁵⁶⁷⁸⁹⁻ᵗ"
 def _unicode(text: str) -> str:
     """Spec syntax, typeset a little: a·b, √(x), x², b₁ᵗ."""
     text = re.sub(r"\^(-?[0-9t])\b", lambda m: m.group(1).translate(_SUPERSCRIPT), text)
-    return text.replace(" * ", "·").replace("sqrt(", "√(")
+    return re.sub(r"\bsqrt\(", "√(", text.replace(" * ", "·"))  # rsqrt( stays rsqrt(
+
+
+def fold_repeats(lines: list[str], latex: bool) -> list[str]:
+    """Statements that repeat as a block (a `repeat N { }` loop, unrolled in the IR) shown once
+    under "repeat N times", as the spec wrote them."""
+    out, i = [], 0
+    while i < len(lines):
+        best = (1, 1)  # (block length, times)
+        for k in range(1, (len(lines) - i) // 2 + 1):
+            times = 1
+            while lines[i + times * k:i + (times + 1) * k] == lines[i:i + k]:
+                times += 1
+            if times > 1 and k * times > best[0] * best[1]:
+                best = (k, times)
+        k, times = best
+        if times == 1:
+            out.append(lines[i])
+        elif latex:
+            out += [f"&\\text{{repeat {times} times:}}"] + [f"\\quad {line}" for line in lines[i:i + k]]
+        else:
+            out += [f"repeat {times} times:"] + [f"  {line}" for line in lines[i:i + k]]
+        i += k * times
+    return out

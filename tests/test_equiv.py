@@ -162,3 +162,33 @@ def test_cli_errors_are_messages(capsys, tmp_path):
     for option in (["--assume", "wd"], ["--assume", "wd=x"], ["--map", "b1"]):
         code, _, err = run_cli(capsys, str(ADAM), str(ADAMW), *option)
         assert code == 3 and "optdsl equiv: error:" in err
+
+
+def test_rules_by_shape_are_compared_rule_by_rule():
+    text = (SPECS / "adafactor.opt").read_text()
+    adafactor = compile_source(text, "adafactor.opt")
+    v = equivalent(adafactor, compile_source(text, "copy.opt"))
+    assert (v.equal, v.proven, v.exit_code) == (True, True, 0)
+    assert v.details == ("rule for parameters with ndim >= 2: equivalent: p, r, c (and the initial values of r, c) "
+                         "proven equal for all inputs",
+                         "rule for every other parameter: equivalent: p, v (and the initial value of v) proven equal "
+                         "for all inputs")
+    # eps1 floors v, not its root, in the rule for vectors: change that, and only that rule differs
+    mutant = text.replace("u = g * rsqrt(max(v, eps1^2))", "u = g * rsqrt(max(v, eps1))")
+    assert mutant != text
+    v = equivalent(adafactor, compile_source(mutant, "mutant.opt"))
+    assert (v.equal, v.proven, v.exit_code) == (False, True, 1)
+    assert v.message.startswith("for every other parameter: NOT equivalent: p differs")
+    assert v.details[0].startswith("rule for parameters with ndim >= 2: equivalent")
+    # an axis reduction has no numerical form here: undecided, and it says so (no crash, no false proof)
+    v = equivalent(adafactor, compile_source(text.replace("max(col_mean(r), eps1)", "max(row_mean(c), eps1)"), "m.opt"))
+    assert (v.equal, v.exit_code) == (False, 2)
+    assert "no counterexample sought (an axis reduction here has no numerical form)" in v.details[0]
+
+
+def test_matrix_work_is_undecided_and_shows_the_math(capsys):
+    assert cli.main(["equiv", "muon", str(SPECS / "muon.opt")]) == 2
+    out = capsys.readouterr().out
+    assert "rule for parameters with ndim == 2: undecided: matrix work (mm, T) is not modelled" in out
+    assert out.count("repeat 5 times:") == 2  # A's and B's Newton-Schulz loops, as written
+    assert "rule for every other parameter: equivalent: p, m, v" in out

@@ -103,3 +103,44 @@ def test_cli_explain(capsys, tmp_path):
     bad.write_text("optimizer Bad\np -= lr * g\n")
     assert main(["explain", str(bad)]) == 1
     assert "bad.opt:2:6" in capsys.readouterr().err
+
+
+def _explained(name):
+    path = SPECS / f"{name}.opt"
+    return explain(compile_source(path.read_text(), path.as_posix()))
+
+
+def test_rules_by_shape_are_explained_rule_by_rule():
+    """Adafactor: a factored rule for matrices, a full second moment for the rest; each rule's
+    math and its own properties, not a refusal."""
+    x = _explained("adafactor")
+    assert [s.condition for s in x.sections] == ["parameters with ndim >= 2", "every other parameter"]
+    assert "r ← lerp(r, row_mean(g²), t^beta2_decay)" in x.sections[0].rule
+    assert "u ← g·rsqrt(max(v, eps1²))" in x.sections[1].rule  # rsqrt stays rsqrt
+    assert x.property(MEMORY, 0).value.startswith("0 x 4 B = 0 B (float32), plus r, c per parameter")
+    assert x.property(MEMORY, 1).value == "1 x 4 B = 4 B (float32)"
+    assert x.property("range of state r", 0).value == "[0, inf)"
+    assert x.property("range of state v", 1).value == "[0, inf)"
+    assert x.property(AGAINST, 1).value == "yes"
+    text = report(x)
+    assert text.index("Rule for parameters with ndim >= 2:") < text.index("Rule for every other parameter:")
+
+
+def test_matrix_work_shows_its_math_and_memory_and_says_what_it_skips():
+    x = _explained("muon")
+    muon, adamw = x.sections
+    assert muon.condition == "parameters with ndim == 2" and adamw.condition == "every other parameter"
+    # the unrolled Newton-Schulz loop is shown once, as the spec writes it
+    at = muon.rule.index("repeat 5 times:")
+    assert muon.rule[at + 1:at + 4] == ("  A ← mm(x, T(x))", "  B ← b·A + c·mm(A, A)", "  x ← a·x + mm(B, x)")
+    assert muon.rule.count("  A ← mm(x, T(x))") == 1
+    assert [p.name for p in muon.properties] == [MEMORY, BYTES]
+    assert "matrix work" in muon.skipped
+    assert x.property(BOUND, 1).value == "adam_lr"  # the AdamW rule is analysed as AdamW is
+    assert "\\text{repeat 5 times:}" in report(x, latex=True)
+
+
+def test_cli_explains_a_shipped_name_with_rules(capsys):
+    assert main(["explain", "muon"]) == 0
+    out = capsys.readouterr().out
+    assert "Rule for parameters with ndim == 2:" in out and "repeat 5 times:" in out
