@@ -48,14 +48,15 @@ CONFIGS = {  # name: (P_TYPE, S_TYPE, STOCHASTIC)
 _ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[a-z]+)*?(\.v[248])?\.b(\d+)")
 
 
-def signature(kernel, p_type, s_type, stochastic, aligned, block):
+def signature(kernel, p_type, s_type, stochastic, aligned, block, amp=False):
     types, constexprs = {}, {}
     for index, param in enumerate(kernel.params):
         name = param.name
         if param.is_constexpr:
             types[name] = "constexpr"
             constexprs[(index,)] = dict(P_TYPE=p_type, S_TYPE=s_type, C_TYPE=tl.float32, T_TYPE=tl.float32,
-                                        STOCHASTIC=stochastic, ALIGNED=aligned, BLOCK=block)[name]
+                                        STOCHASTIC=stochastic, ALIGNED=aligned, BLOCK=block,
+                                        SCALED=amp, CHECK_INF=amp)[name]
         elif name in _FIXED:
             types[name] = _FIXED[name]
         elif name.endswith("_ptrs"):
@@ -82,6 +83,7 @@ def main(argv=None):
     ap.add_argument("--specs", default="adamw,lion,sgd,lamb", help="modules of generated/")
     ap.add_argument("--arch", type=int, default=90, help="compute capability (90: H100)")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
+    ap.add_argument("--amp", action="store_true", help="as a GradScaler calls them (grad_scale, found_inf)")
     args = ap.parse_args(argv)
     target = GPUTarget("cuda", args.arch, 32)
     records = []
@@ -93,7 +95,8 @@ def main(argv=None):
         for name, kernel in sorted(kernels.items()):
             for config, (p_type, s_type, stochastic) in CONFIGS.items():
                 for aligned in (True, False):
-                    types, constexprs = signature(kernel, p_type, s_type, stochastic, aligned, module._BLOCK)
+                    types, constexprs = signature(kernel, p_type, s_type, stochastic, aligned, module._BLOCK,
+                                                  args.amp)
                     src = triton.compiler.ASTSource(fn=kernel, signature=types, constexprs=constexprs)
                     ptx = triton.compile(src, target=target, options={"num_warps": module._NUM_WARPS}).asm["ptx"]
                     row = dict(spec=spec, kernel=name, config=config, aligned=aligned, **count(ptx))

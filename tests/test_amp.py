@@ -178,3 +178,93 @@ def test_state_dtype_is_checked():
     with pytest.raises(ValueError, match="state_dtype"):
         AdamW(params, state_dtype=torch.float16)
     assert AdamW(params, state_dtype=torch.bfloat16, fused=True).param_groups[0]["state_dtype"] == torch.bfloat16
+
+
+# ---------------------------------------------------------------- GradScaler and the fused kernels
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast-bf16"])
+def test_grad_scaler_hands_unscale_and_inf_check_to_the_fused_kernel(autocast):
+    """fused=True sets _step_supports_amp_scaling: GradScaler then only finds the overflows and
+    hands the kernels its scale and found_inf. The run equals our foreach path under the usual
+    protocol (the scaler unscales): same skipped steps, step counts and scales; parameters within a
+    few float32 roundings (the scales are powers of 2, so unscaling is exact on both sides)."""
+    from generated.adamw import AdamW
+    run = dict(steps=7, overflow_at={0, 3}, autocast=autocast)
+    opts = []
+    fused = _scaled_training(lambda ps: opts.append(AdamW(ps, lr=0.01, weight_decay=0.1, fused=True)) or opts[-1],
+                             **run)
+    assert opts[0]._step_supports_amp_scaling
+    foreach = _scaled_training(lambda ps: AdamW(ps, lr=0.01, weight_decay=0.1, foreach=True), **run)
+    for step, ((p_f, t_f, s_f), (p_e, t_e, s_e)) in enumerate(zip(fused, foreach)):
+        assert (t_f, s_f) == (t_e, s_e), f"step {step}"
+        for a, b in zip(p_f, p_e):
+            torch.testing.assert_close(a, b, rtol=4 * 2**-24 * (step + 1), atol=1e-7 * (step + 1))
+    assert fused[0][1] == [0] * 4 and fused[3][1] == fused[2][1]  # the overflows were skipped
+    assert not hasattr(opts[0], "grad_scale")  # and the scaler took its attributes back
+
+
+@pytest.mark.parametrize("found", [0.0, 1.0], ids=["finite", "overflow"])
+def test_fused_grad_scale_and_found_inf_as_torch_fused_adam(found):
+    """What the kernel does with grad_scale and found_inf, next to torch.optim.Adam(fused=True)
+    given the same: g divided by the scale (and left so in .grad), or, on an overflow, nothing
+    written at all and the step count unchanged."""
+    from generated.adam import Adam
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(5,), (3, 4), (2, 3, 1500)]  # the last spans several blocks of the kernel
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) * 1024 for s in shapes] for _ in range(3)]
+    results = []
+    for make in (lambda ps: Adam(ps, lr=0.01, weight_decay=0.1, fused=True),
+                 lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.1, fused=True)):
+        ps = [torch.nn.Parameter(x.clone()) for x in init]
+        opt = make(ps)
+        for row in grads:
+            for p, g in zip(ps, row):
+                p.grad = g.clone()
+            opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(found)
+            opt.step()
+        results.append((ps, opt))
+    (ours, opt), (theirs, ref) = results
+    for p, q, g in zip(ours, theirs, grads[-1]):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)  # exact: a division by 2^10
+        torch.testing.assert_close(p.grad, g / 1024 if not found else g, rtol=0, atol=0)
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+        assert float(opt.state[p]["step"]) == float(ref.state[q]["step"]) == (0 if found else 3)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[p][key], ref.state[q][key], rtol=1e-5, atol=1e-8)
+    if found:
+        assert all(torch.equal(p.detach(), x) for p, x in zip(ours, init))
+
+
+def test_grad_scale_on_a_path_without_it_is_an_error():
+    """GradScaler gives grad_scale only to fused optimizers; on the other paths it would be lost."""
+    from generated.adam import Adam
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = Adam([p], foreach=True)
+    p.grad = torch.ones(3)
+    opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(0.0)
+    with pytest.raises(RuntimeError, match="fused path only"):
+        opt.step()
+
+
+def test_the_gradscaler_kernels_compile_for_a_gpu(tmp_path):
+    """Compiled for an H100 (no GPU needed): with a GradScaler's arguments the kernel loads the
+    scale and the flag (two more loads), and stores the unscaled gradient (one more store)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    counts = {}
+    for amp in (False, True):
+        out = tmp_path / str(amp)
+        done = subprocess.run([sys.executable, "bench/ptx_count.py", "--specs", "adamw", "--out", str(out),
+                               *(["--amp"] if amp else [])], capture_output=True, text=True, cwd=root)
+        assert done.returncode == 0, done.stderr
+        counts[amp] = {(r["config"], r["aligned"]): r["accesses"] for r in json.loads((out / "ptx.json").read_text())["records"]}
+    for key, plain in counts[False].items():
+        scaled = counts[True][key]
+        loads = lambda a: sum(v for k, v in a.items() if k.startswith("ld"))  # noqa: E731
+        stores = lambda a: sum(v for k, v in a.items() if k.startswith("st"))  # noqa: E731
+        assert loads(scaled) >= loads(plain) + 2 and stores(scaled) > stores(plain), (key, plain, scaled)
