@@ -99,9 +99,10 @@ def _compile_spec(spec: str):
 
 
 def _specs_given(command: str, spec: str) -> Path | None:
-    """A folder, a file, or a spec's name resolved; None (said why) if it is none of them."""
+    """A folder, a file, or a spec's name resolved; None (said why) for a name that is no spec.
+    (A missing path is spec_files' to report.)"""
     path = resolve_spec(spec)
-    if path.exists():
+    if path.exists() or path.suffix or len(path.parts) != 1:
         return path
     console.show(f"optdsl {command}: error: {no_such_spec(spec)}")
     return None
