@@ -104,6 +104,7 @@ class Assign:
     value: Expr
     span: Span
     target_span: Span
+    group: bool = False  # `group NAME = EXPR`: a group statement (optdsl/group.py)
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,15 @@ class Rule:
     states: tuple[State, ...]
     body: tuple[Assign | Block, ...]
     span: Span
+
+
+@dataclass(frozen=True)
+class Mode:
+    """`on eval { ... }` / `on train { ... }`: what the optimizer's eval() or train() does."""
+    name: str
+    body: tuple[Assign | Block, ...]
+    span: Span
+    name_span: Span
 
 
 @dataclass(frozen=True)
@@ -140,3 +150,4 @@ class Spec:
     tuples: tuple[HyperTuple, ...] = ()
     rules: tuple[Rule, ...] = ()
     inputs: tuple[Input, ...] = ()
+    modes: tuple[Mode, ...] = ()

@@ -100,6 +100,7 @@ class Hyper:
     keyword: str | None = None  # its constructor keyword when not its name (weight_decay for wd)
     flag: bool = False          # True/False, read as 1.0/0.0
     only: bool = False          # no value but the default is accepted
+    computed: bool = False      # a group value (optdsl/group.py): computed each step, not a keyword
 
     @property
     def range_text(self) -> str:
@@ -141,6 +142,34 @@ class Eqn:
 
 
 @dataclass(frozen=True)
+class GroupReduce:
+    """A reduction over every tensor of the group: `func` (sum, norm, mean, rms, amax) of `arg`, an
+    expression of one parameter's step-start values (p0, g0, its states' version 0, t, its shape)."""
+    out: str
+    func: str
+    arg: Expr
+    span: Span | None = None
+
+
+@dataclass(frozen=True)
+class GroupPhase:
+    """The group statements: run once per group per step, before any parameter is updated."""
+    states: tuple[State, ...]               # `state NAME: group`: one number per group, kept in param_groups
+    steps: tuple[Eqn | GroupReduce, ...]    # in order; an Eqn reads hypers, group values and reductions
+    outputs: tuple[tuple[str, str], ...]    # (group state, its last SSA version)
+    values: tuple[tuple[str, str], ...]     # (name the per-parameter statements read, its last SSA version)
+    reads: tuple[str, ...] = ()             # per-parameter states the reductions read
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What the optimizer's eval() or train() does to each parameter (optdsl/modes.py)."""
+    name: str                             # "eval" or "train"
+    eqns: tuple[Eqn, ...]                 # over p0, the states' version 0, hyperparameters and numbers
+    outputs: tuple[tuple[str, str], ...]  # (p or state, last SSA version) of those it assigns
+
+
+@dataclass(frozen=True)
 class Program:
     name: str
     doc: str
@@ -150,6 +179,8 @@ class Program:
     outputs: tuple[tuple[str, str], ...]  # (p or state, last SSA version)
     uses_loss: bool
     keywords: tuple[Keyword, ...] = ()  # the constructor's, in order; () when each is its hyper's name
+    group: GroupPhase | None = None     # the group statements, read by the step as computed hypers
+    modes: tuple[Mode, ...] = ()        # `on eval { ... }`, `on train { ... }`
 
     @property
     def dropin(self) -> bool:
@@ -213,6 +244,8 @@ def source_names(prog: Program) -> dict[str, str]:
 def format_program(prog: Program) -> str:
     lines = [f"optimizer {prog.name}"]
     for h in prog.hypers:
+        if h.computed:
+            continue
         value = str(bool(h.default)) if h.flag else _num(h.default)
         fixed = " only" if h.only else "" if h.flag else f" in {h.range_text}"
         lines.append(f"  hyper {h.name} = {value}{fixed}" + (f" as {h.keyword}" if h.keyword else ""))
@@ -223,6 +256,17 @@ def format_program(prog: Program) -> str:
         shape = "" if s.shape == "full" else f": {s.shape}"
         lines.append(f"  state {s.name}{shape} = {format_expr(s.init) if s.init else '0'}"
                      + (f" as {s.key}" if s.key else "") + (" eager" if s.eager else ""))
+    if prog.group is not None:
+        for s in prog.group.states:
+            lines.append(f"  state {s.name}: group = {format_expr(s.init) if s.init else '0'}")
+        for step in prog.group.steps:
+            if isinstance(step, GroupReduce):
+                lines.append(f"  group {step.out} = {step.func} over the group of {format_expr(step.arg)}")
+            else:
+                lines.append(f"  group {step.out} = {format_expr(step.expr)}")
+        lines.append("  group out " + ", ".join(f"{base} = {ssa}" for base, ssa in prog.group.values))
+    for mode in prog.modes:
+        lines.append(f"  on {mode.name}: " + "; ".join(f"{eq.out} = {format_expr(eq.expr)}" for eq in mode.eqns))
     lines.append("  in " + ", ".join(prog.inputs + ("t",) + (("loss",) if prog.uses_loss else ())))
     for eq in prog.eqns:
         lines.append(f"  {eq.out} = {format_expr(eq.expr)}" + ("    # scalar" if eq.kind == SCALAR else ""))

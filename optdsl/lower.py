@@ -6,7 +6,7 @@ import keyword
 import re
 from dataclasses import replace
 
-from . import ast, ir
+from . import ast, group, ir, modes
 from .errors import Span, SpecError, SpecWarning
 from .functions import COMPARISONS, TABLE
 
@@ -17,7 +17,7 @@ RESERVED = {"params", "defaults", "foreach", "fused", "closure", "self", "state"
             "scalars", "hypers", "numels", "block_tensor", "block_start", "device", "dtype", "compute",
             "per_tensor", "param", "grads", "state_steps", "step_t", "i", "device_params", "device_grads",
             "device_steps", "grouped", "indices", "exact", "Optimizer", "LAUNCHES",
-            "state_dtype", "stored", "value", "_store_rounded",  # bfloat16 states, stochastic rounding
+            "state_dtype", "stored", "value", "values", "_store_rounded",  # bfloat16 states, stochastic rounding
             # Python built-ins and module names the generated code calls, and its per-tensor loop variable
             "super", "dict", "float", "bool", "str", "list", "tuple", "len", "zip", "all", "range", "enumerate",
             "ValueError", "RuntimeError", "ImportError", "_EXACT", "_sign", "_sigmoid", "_softplus",
@@ -80,10 +80,11 @@ def _check_declarations(spec: ast.Spec) -> None:
                             hint="remove one of the declarations or rename it")
         seen[name] = kind
     for st in spec.states:
-        if st.shape not in ir.STATE_SHAPES:
+        if st.shape not in ir.STATE_SHAPES and st.shape != "group":
             raise SpecError(f"unknown state shape '{st.shape}'", st.shape_span,
-                            hint="a state is shaped like p unless declared ': scalar', ': rows', ': cols' or ': bool'")
-    starts = {ir.ssa_name(b, 0): b for b in ["p", "g", *(s.name for s in spec.states)]}
+                            hint="a state is shaped like p unless declared ': scalar', ': rows', ': cols', ': bool' "
+                                 "or ': group' (one number per parameter group)")
+    starts = {ir.ssa_name(b, 0): b for b in ["p", "g", *(s.name for s in spec.states if s.shape != "group")]}
     for h in spec.hypers:  # the IR names the step-start value of m `m0`: a hyperparameter may not
         if h.name in starts:
             raise SpecError(f"'{h.name}' is the name of the step-start value of '{starts[h.name]}'", h.span,
@@ -101,8 +102,10 @@ def _check_declarations(spec: ast.Spec) -> None:
 
 
 class _Lowering:
-    def __init__(self, spec: ast.Spec):
+    def __init__(self, spec: ast.Spec, computed: set[str] = frozenset(), group_reads: set[str] = frozenset()):
         self.spec = spec
+        self.computed = computed  # group values (optdsl/group.py), read here as hyperparameters
+        self.group_reads = group_reads  # states the group statements read
         self.hypers = {h.name for h in spec.hypers}
         self.fed = {i.name for i in spec.inputs}
         self.states = {s.name for s in spec.states}
@@ -260,6 +263,10 @@ class _Lowering:
 
     def assign(self, a: ast.Assign) -> None:
         n = a.target
+        if n in self.computed:
+            raise SpecError(f"'{n}' is a group value: only a group statement assigns it", a.target_span,
+                            hint=f"write 'group {n} = ...' above the per-parameter statements, or assign a "
+                                 f"local, e.g. '{n}_p = ...'")
         if n in self.hypers:
             raise SpecError(f"cannot assign the hyperparameter '{n}'", a.target_span,
                             hint="hyperparameters are read-only; assign a local instead, e.g. "
@@ -310,6 +317,7 @@ class _Lowering:
             init = self.expr(s.init, allowed=init_names) if s.init is not None else None
             states.append(ir.State(s.name, init, s.span, s.shape, s.name in self.fed, key=s.key, eager=s.eager))
         self.read -= self.states  # reading p in an initial value does not use a state
+        self.read |= self.group_reads
         for a in spec.body:
             self.statement(a)
         if self.version["p"] == 0:
@@ -458,8 +466,15 @@ def lower(spec: ast.Spec) -> tuple[ir.Program, list[SpecWarning]]:
         ast.State(i.name, ast.Num(i.default, i.span), i.span, "scalar") for i in spec.inputs))
     _check_declarations(spec)
     keywords = _keywords(spec)
-    lowering = _Lowering(spec)
-    return replace(lowering.run(), keywords=keywords), lowering.warnings
+    if not group.has_group(spec):
+        lowering = _Lowering(replace(spec, modes=()))
+        program = replace(lowering.run(), keywords=keywords)
+        return replace(program, modes=modes.lower_modes(spec, _Lowering, program)), lowering.warnings
+    phase, rest, grouping = group.lower_group(spec, RESERVED)
+    lowering = _Lowering(replace(rest, modes=()), {n for n, _ in phase.values}, set(phase.reads))
+    program, warnings = group.finish(phase, replace(lowering.run(), keywords=keywords), lowering.read, grouping,
+                                     lowering.warnings)
+    return replace(program, modes=modes.lower_modes(rest, _Lowering, program)), warnings
 
 
 def lower_rules(spec: ast.Spec) -> tuple[list[tuple[ir.Expr | None, ir.Program]], list[SpecWarning]]:

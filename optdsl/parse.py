@@ -133,19 +133,37 @@ class _ToAst(Transformer):
         name, op, value = children
         return ast.Assign(str(name), str(op), value, _span(meta), _span(name))
 
+    def group_assign(self, meta, children):
+        word, name, value = children
+        if word != "group":
+            raise SpecError(f"two names in a row: '{word} {name}'", _span(word),
+                            hint="a statement is NAME = EXPR; 'group NAME = EXPR' computes a value over the "
+                                 "whole parameter group")
+        return ast.Assign(str(name), "=", value, _span(meta), _span(name), group=True)
+
+    @staticmethod
+    def _no_group_statement(items, where):
+        for item in items:
+            if isinstance(item, ast.Assign) and item.group:
+                raise SpecError(f"a group statement cannot stand inside {where}", item.span,
+                                hint="write 'group NAME = ...' at the top level, above the per-parameter statements")
+
     def _block_body(self, items):
         return tuple(i for i in items if i is not None)
 
     def repeat_block(self, meta, children):
         count, *items = children
+        self._no_group_statement(items, "a 'repeat' block")
         return ast.Block("repeat", ast.Num(float(count), _span(count)), self._block_body(items), _span(meta))
 
     def every_block(self, meta, children):
         period, *items = children
+        self._no_group_statement(items, "an 'every' block")
         return ast.Block("every", period, self._block_body(items), _span(meta))
 
     def rule_block(self, meta, children):
         cond, *items = children
+        self._no_group_statement(items, "a rule (group statements are not supported with rules yet)")
         states, body = [], []
         for item in items:
             if isinstance(item, (ast.Assign, ast.Block)):
@@ -157,6 +175,14 @@ class _ToAst(Transformer):
             states.extend(item[1])
         return ast.Rule(cond, tuple(states), tuple(body), _span(meta))
 
+    def mode_block(self, meta, children):
+        word, name, *items = children
+        if word != "on":
+            raise SpecError(f"'{word} {name} {{' is not a block", _span(word),
+                            hint="a mode block is 'on eval {' or 'on train {'")
+        self._no_group_statement(items, f"'on {name}'")
+        return ast.Mode(str(name), self._block_body(items), _span(meta), _span(name))
+
     def input_item(self, meta, children):
         name, default = children
         return ast.Input(str(name), default.value, _span(name))
@@ -167,8 +193,11 @@ class _ToAst(Transformer):
     def start(self, meta, children):
         (_, name, doc, name_span), *items = children
         decls = {"hyper": [], "state": [], "input": []}
-        body, rules = [], []
+        body, rules, modes = [], [], []
         for item in items:
+            if isinstance(item, ast.Mode):
+                modes.append(item)
+                continue
             if isinstance(item, ast.Rule):
                 if body:
                     raise SpecError("a spec with rules has its statements inside them", body[0].span,
@@ -179,6 +208,10 @@ class _ToAst(Transformer):
                 if rules:
                     raise SpecError("a statement after a 'rule' block", item.span,
                                     hint="with rules, every statement belongs to a rule")
+                if isinstance(item, ast.Assign) and item.group and body and not getattr(body[-1], "group", False):
+                    raise SpecError("a group statement after a per-parameter statement", item.span,
+                                    hint="group statements run before any parameter is updated: move every "
+                                         "'group NAME = ...' line above the first per-parameter statement")
                 body.append(item)
                 continue
             kind, found = item
@@ -192,8 +225,11 @@ class _ToAst(Transformer):
                             hint="move the 'state' line into the rules that use it")
         hypers = tuple(d for d in decls["hyper"] if isinstance(d, ast.Hyper))
         tuples = tuple(d for d in decls["hyper"] if isinstance(d, ast.HyperTuple))
+        if modes and rules:
+            raise SpecError("mode blocks are not supported with rules yet", modes[0].span,
+                            hint="write the spec without rules, or without 'on eval'/'on train'")
         return ast.Spec(name, doc, hypers, tuple(decls["state"]), tuple(body), name_span, tuples,
-                        tuple(rules), tuple(decls["input"]))
+                        tuple(rules), tuple(decls["input"]), tuple(modes))
 
 
 # Labelled bad inputs: Lark matches a failing parse against these to pick the message.
@@ -363,6 +399,13 @@ def _syntax_error(err: UnexpectedInput, text: str) -> SpecError:
     column = getattr(err, "column", 0) or 1
     if line < 1:
         line, column = text.count("\n") + 1, len(text.rsplit("\n", 1)[-1]) + 1
+    if isinstance(err, UnexpectedToken) and err.token.type != "$END":
+        # `p m`: two names parse as the start of `group NAME = ...` or `on NAME {`; the second is wrong
+        before = text[text.rfind("\n", 0, err.token.start_pos) + 1:err.token.start_pos]
+        two = re.fullmatch(r"(\s*([A-Za-z_]\w*)\s+)[A-Za-z_]\w*\s*", before)
+        if two and two.group(2) not in ("group", "on", "optimizer", "hyper", "state", "input", "rule", "repeat",
+                                        "every"):
+            column = len(two.group(1)) + 1
     return SpecError(f"syntax error: {message}", Span(line, column, line, column + 1), hint=hint,
                      source=text)  # the whole line and a caret, as every other error shows it
 

@@ -7,6 +7,7 @@ harness: float64 to 1e-10, float32 to 1e-5, after every step, several shapes and
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import zlib
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 import optdsl
+import pytorch_optimizer as PO
 from test_differential import ON_GPU, PaperRef, run_pair  # noqa: E402 - the shared checker
 
 SMALL = [(1,), (7,), (13, 5), (3, 1, 4)]
@@ -106,3 +108,256 @@ def test_a_state_list_is_refused_where_it_is_written(decl):
     text = str(err.value)
     assert "aggmo.opt:3:" in text and "state list" in text and "state m1, m2, m3" in text
     assert f"\n    {decl}\n" in text and "^" in text
+
+
+# ---------------------------------------------------------------- group values: model-wide scalars
+
+SPECS = __import__("pathlib").Path(__file__).resolve().parent.parent / "specs"
+
+
+def spec(name):
+    return optdsl.load(SPECS / f"{name}.opt")
+
+
+class ClipThenAdamW:
+    """The reference: torch.nn.utils.clip_grad_norm_ over the parameters with a gradient, then AdamW."""
+
+    def __init__(self, params, max_norm=1.0, **kw):
+        self.params, self.max_norm = list(params), max_norm
+        self.inner = torch.optim.AdamW(self.params, foreach=False, **kw)
+
+    def step(self, closure=None):
+        torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], self.max_norm, foreach=False)
+        self.inner.step()
+
+
+# (spec, our kwargs, reference factory(params, **kwargs), reference kwargs, run_pair options)
+CASES = {
+    # the gradients are scaled 1e-2 .. 10 per tensor: max_norm 1 clips every step, 50 some steps, 1e3 none
+    "adamw_clip-default": ("adamw_clip", dict(lr=0.01), ClipThenAdamW, dict(lr=0.01), {}),
+    "adamw_clip-sometimes": ("adamw_clip", dict(lr=0.02, betas=(0.8, 0.99), weight_decay=0.1, max_norm=8.0),
+                             ClipThenAdamW, dict(lr=0.02, betas=(0.8, 0.99), weight_decay=0.1, max_norm=8.0), {}),
+    "adamw_clip-never": ("adamw_clip", dict(lr=0.01, max_norm=1e3), ClipThenAdamW, dict(lr=0.01, max_norm=1e3), {}),
+    # Prodigy: d grows from d0 over the first steps, then the growth rate or d_coef bound it
+    "prodigy-default": ("prodigy", dict(), PO.Prodigy, dict(), {}),
+    "prodigy-wd": ("prodigy", dict(lr=0.5, betas=(0.8, 0.99), beta3=0.9, d0=1e-5, d_coef=2.0, growth_rate=1.05,
+                                   weight_decay=0.1, eps=1e-6),
+                   PO.Prodigy, dict(lr=0.5, betas=(0.8, 0.99), beta3=0.9, d0=1e-5, d_coef=2.0, growth_rate=1.05,
+                                    weight_decay=0.1, eps=1e-6), {}),
+    # Schedule-Free AdamW's steps (eval()/train() are compared below)
+    "schedule_free_adamw-default": ("schedule_free_adamw", dict(lr=0.01), PO.ScheduleFreeAdamW,
+                                    dict(lr=0.01, foreach=False), {}),
+    "schedule_free_adamw-warmup": ("schedule_free_adamw", dict(lr=0.02, weight_decay=0.1, r=1.0, warmup_steps=5),
+                                   PO.ScheduleFreeAdamW,
+                                   dict(lr=0.02, weight_decay=0.1, r=1.0, warmup_steps=5, foreach=False), {}),
+}
+SHAPES = [(1,), (7,), (13, 5), (4, 9), (3, 1, 4)]
+
+
+def _makers(case):
+    name, ours_kw, ref_make, ref_kw, _ = CASES[case]
+    Ours = spec(name)
+    return (lambda params, **mode: Ours(params, **mode, **ours_kw), lambda params: ref_make(params, **ref_kw))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_group_specs_match_their_reference(case, dtype, fused, request):
+    """One optimizer over a multi-tensor model (tall, wide, rank 3, a 1-element vector), the
+    model-wide value computed over all of its tensors, some tensors missing a gradient on some steps."""
+    if fused:
+        _fused_ok()
+    if dtype == torch.float64:
+        request.getfixturevalue("float64_default")
+    options = dict(CASES[case][4])
+    steps = FUSED_STEPS if fused and not ON_GPU else STEPS
+    run_pair(*_makers(case), options.pop("shapes", SHAPES), dtype, steps, seed=zlib.crc32(case.encode()),
+             fused=fused, **options)
+
+
+@pytest.mark.parametrize("case, old, new", [
+    ("adamw_clip-default", "min(1, max_norm", "min(1, 1.001 * max_norm"),
+    ("adamw_clip-sometimes", "norm(g)", "norm(1.001 * g)"),
+    ("prodigy-default", "d / d0 * dlr * sum(g", "1.01 * d / d0 * dlr * sum(g"),
+    ("prodigy-wd", "d = min(d_max, d * growth_rate)", "d = min(d_max, d * growth_rate * 0.999)"),
+    ("schedule_free_adamw-default", "b1 * (1 - ckp) - 1", "b1 * (1 - ckp) - 1.001"),
+    ("schedule_free_adamw-warmup", "k / warmup_steps", "k / (warmup_steps + 0.01)"),
+])
+def test_a_mutant_is_caught(case, old, new, float64_default):
+    """The comparison sees a small change to a group statement's math."""
+    name, ours_kw, _, _, options = CASES[case]
+    text = (SPECS / f"{name}.opt").read_text()
+    assert text.count(old) == 1
+    Mutant = optdsl.compile(text.replace(old, new), f"{name}_mutant.opt")
+    with pytest.raises(AssertionError, match="differs from reference"):
+        run_pair(lambda ps, **mode: Mutant(ps, **mode, **ours_kw), _makers(case)[1], SHAPES, torch.float64, STEPS,
+                 seed=zlib.crc32(case.encode()), **options)
+
+
+def _model_steps(opt, params, gen, steps):
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        opt.step()
+
+
+def test_prodigy_keeps_d_where_pytorch_optimizer_does(float64_default):
+    """d, d_max and d_numerator are the group's, under pytorch_optimizer's keys, and equal to its values."""
+    shapes = [(7,), (13, 5), (3, 1, 4)]
+    ours = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    a, b = spec("prodigy")(ours, d0=1e-5, d_coef=2.0), PO.Prodigy(ref, d0=1e-5, d_coef=2.0)
+    _model_steps(a, ours, torch.Generator().manual_seed(5), 12)
+    _model_steps(b, ref, torch.Generator().manual_seed(5), 12)
+    for key in ("d", "d_max"):
+        assert a.param_groups[0][key] == pytest.approx(b.param_groups[0][key], rel=1e-12)
+    assert a.param_groups[0]["d"] > 1e-5  # d moved from d0
+    assert a.param_groups[0]["d_numerator"] == pytest.approx(float(b.param_groups[0]["d_numerator"]), rel=1e-12)
+    assert set(a.state[ours[0]]) == {"step", "s", "p0", "exp_avg", "exp_avg_sq"}
+
+
+@pytest.mark.parametrize("name", ["prodigy", "adamw_clip"])
+def test_group_states_survive_a_state_dict_round_trip(name):
+    """A run resumed from state_dict() (group states in param_groups) continues exactly as the original."""
+    shapes = [(7,), (13, 5), (3, 1, 4)]
+    Opt = spec(name)
+    first = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)]
+    opt = Opt(first)
+    _model_steps(opt, first, torch.Generator().manual_seed(1), 5)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)  # as a checkpoint: nothing shared with the running optimizer
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    assert name != "prodigy" or saved["param_groups"][0]["d_numerator"] == opt.param_groups[0]["d_numerator"]
+    second = [torch.nn.Parameter(p.detach().clone()) for p in first]
+    resumed = Opt(second)
+    resumed.load_state_dict(saved)
+    _model_steps(opt, first, torch.Generator().manual_seed(2), 5)
+    _model_steps(resumed, second, torch.Generator().manual_seed(2), 5)
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)
+    if name == "prodigy":
+        assert resumed.param_groups[0]["d"] == opt.param_groups[0]["d"]
+
+
+@pytest.mark.parametrize("src, message, where", [
+    ("state m\ngroup x = norm(g)\np -= x * m\nm = g\ngroup y = 1\n", "after a per-parameter statement", "6:1"),
+    ("state m\ngroup x = g\np -= x * m\nm = g\n", "differs from parameter to parameter", "3:11"),
+    ("state m\ngroup x = norm(g) * t\np -= x * g\nm = g\n", "'t' differs from parameter to parameter", "3:21"),
+    ("state d: group\ngroup d = norm(g)\nd = 2\np -= d * g\n", "only a group statement assigns it", "4:1"),
+    ("state m\ngroup m = norm(g)\np -= m * g\n", "per parameter, so a group statement cannot", "3:7"),
+    ("group x = row_mean(g)\np -= x * g\n", "cannot stand here", "2:11"),
+    ("repeat 2 {\ngroup x = norm(g)\n}\np -= g\n", "cannot stand inside a 'repeat' block", "3:1"),
+    ("hyper lr = 1 in [0, 1]\nlr group = 2\np -= g\n", "two names in a row", "3:1"),
+    ("state d: group = p\np -= d * g\n", "group state's initial value cannot use 'p'", "2:18"),
+])
+def test_group_statement_errors_name_the_place(src, message, where):
+    with pytest.raises(optdsl.SpecError) as err:
+        optdsl.compile("optimizer G\n" + src, "g.opt")
+    assert message in str(err.value) and f"g.opt:{where}:" in str(err.value), str(err.value)
+
+
+# ---------------------------------------------------------------- training modes: eval() / train()
+
+def _sf_paths():
+    paths = [dict(foreach=False), dict(foreach=True)]
+    if os.environ.get("TRITON_INTERPRET") == "1" or ON_GPU:
+        paths.append(dict(fused=True))
+    return paths
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("settings", [
+    dict(lr=0.01),
+    dict(lr=0.02, betas=(0.8, 0.99), weight_decay=0.1, r=1.0, weight_lr_power=1.0, warmup_steps=5),
+    dict(lr=0.01, betas=(0.95, 0.999), warmup_steps=3, decoupling_c=2.0, eps=1e-6),
+], ids=["default", "wd-r-warmup", "decoupled"])
+def test_schedule_free_adamw_matches_pytorch_optimizer_with_eval_and_train(settings, dtype, request):
+    """Steps, and every few steps eval() (the average x) then train() (back to y), on every path beside
+    pytorch_optimizer's ScheduleFreeAdamW over one multi-tensor model; compared in both modes."""
+    if dtype == torch.float64:
+        request.getfixturevalue("float64_default")
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    Ours = spec("schedule_free_adamw")
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(settings).encode()))
+    init = [torch.randn(s, generator=gen, dtype=dtype) for s in SHAPES]
+    paths = _sf_paths()
+    sides = [[torch.nn.Parameter(x.clone()) for x in init] for _ in range(len(paths) + 1)]
+    opts = [Ours(side, **mode, **settings) for side, mode in zip(sides, paths)]
+    opts.append(PO.ScheduleFreeAdamW(sides[-1], foreach=False, **settings))
+    steps = FUSED_STEPS + 4 if len(paths) > 2 and not ON_GPU else STEPS
+
+    def compare(when):
+        ref = sides[-1]
+        for i in range(len(SHAPES)):
+            scale = ref[i].abs().max().item() + 1e-300
+            for side, mode in zip(sides, paths):
+                err = (side[i].detach() - ref[i].detach()).abs().max().item() / scale
+                assert err <= tol, f"{mode} differs from reference {when}, tensor {i}: {err:.3e}"
+
+    moved = 0.0
+    for step in range(steps):
+        for i, s in enumerate(SHAPES):
+            g = torch.randn(s, generator=gen, dtype=dtype) * 10.0 ** (i - 2)
+            for side in sides:
+                side[i].grad = g.clone()
+        for opt in opts:
+            opt.step()
+        compare(f"after step {step}")
+        if step % 3 == 1:
+            before = sides[0][2].detach().clone()
+            for opt in opts:
+                opt.eval()
+                opt.eval()  # a second eval() does nothing, as in the reference
+            compare(f"in eval mode after step {step}")
+            moved = max(moved, (sides[0][2].detach() - before).abs().max().item())
+            for opt in opts:
+                opt.train()
+            compare(f"back in train mode after step {step}")
+    assert moved > 0  # eval() moved the weights
+    assert opts[0].param_groups[0]["train_mode"] is True
+
+
+def test_a_mutant_eval_is_caught(float64_default):
+    text = (SPECS / "schedule_free_adamw.opt").read_text()
+    assert text.count("1 - 1 / b1") == 1
+    Mutant = optdsl.compile(text.replace("1 - 1 / b1", "1 - 1.001 / b1"), "sf_mutant.opt")
+    a = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(3))) for s in SHAPES]
+    b = [torch.nn.Parameter(x.detach().clone()) for x in a]
+    ours, ref = Mutant(a, lr=0.01), PO.ScheduleFreeAdamW(b, lr=0.01, foreach=False)
+    for opt, side in ((ours, a), (ref, b)):
+        _model_steps(opt, side, torch.Generator().manual_seed(4), 4)
+        opt.eval()
+    assert max((x - y).abs().max().item() for x, y in zip(a, b)) > 1e-6
+
+
+def test_schedule_free_mode_survives_a_state_dict():
+    Ours = spec("schedule_free_adamw")
+    p = torch.nn.Parameter(torch.randn(7, 3))
+    opt = Ours([p], lr=0.1)
+    for _ in range(3):
+        p.grad = torch.randn(7, 3)
+        opt.step()
+    opt.eval()
+    x = p.detach().clone()
+    q = torch.nn.Parameter(x.clone())
+    other = Ours([q], lr=0.1)
+    other.load_state_dict(opt.state_dict())
+    other.eval()  # already in eval mode: nothing moves
+    assert torch.equal(q.detach(), x)
+    other.train()
+    opt.train()
+    assert torch.equal(q.detach(), p.detach())
+
+
+@pytest.mark.parametrize("src, message, where", [
+    ("state z = p\np -= g\nz = p\non eval {\np = z\n}\n", "'on eval' without 'on train'", "5:1"),
+    ("state z = p\np -= g\nz = p\non eval {\np = z + g\n}\non train {\np = z\n}\n", "cannot read 'g'", "6:9"),
+    ("state z = p\np -= g\nz = p\non sleep {\np = z\n}\non train {\np = z\n}\n", "unknown mode 'sleep'", "5:4"),
+    ("state z = p\np -= g\nz = p\nof eval {\np = z\n}\n", "is not a block", "5:1"),
+])
+def test_mode_block_errors_name_the_place(src, message, where):
+    with pytest.raises(optdsl.SpecError) as err:
+        optdsl.compile("optimizer M\n" + src, "m.opt")
+    assert message in str(err.value) and f"m.opt:{where}:" in str(err.value), str(err.value)

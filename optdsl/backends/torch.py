@@ -14,7 +14,7 @@ from ..functions import COMPARISONS, REDUCTIONS
 from ..lower import RESERVED
 from ..mathtext import statement_math
 from ..sym import DEVICE, GROUP, PARAM, TENSOR, Plan, meanings
-from . import fusion
+from . import fusion, group_phase, mode_code
 from . import triton as triton_backend
 from .printers import CompiledPrinter, HostPrinter
 from .tensor_ops import Emitter, Instr, Operand
@@ -219,7 +219,8 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
             latex.append(r"&\text{for " + shown.replace("_", r"\_") + "}")
         latex += statement_math(p.program, latex=True)
     ctx = dict(contexts[0],
-        name=prog.name, doc=prog.doc, filename=filename, hypers=prog.hypers,
+        name=prog.name, doc=prog.doc, filename=filename,
+        hypers=[h for h in prog.hypers if not h.computed], step_hypers=prog.hypers,
         uses_loss=any(p.program.uses_loss for _, p, _ in rules), rules=contexts,
         rule_conds=[cond for cond, _, _ in rules] if len(rules) > 1 else [],
         inputs=[s.name for s in prog.states if s.fed],
@@ -227,10 +228,13 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
         statements=list(dict.fromkeys(statements)), latex=latex,
         spec=source.strip("\n").replace('"""', '""\\"'), number=_py_number,  # in a r""" docstring
         **names_in_group,
+        **group_phase.context(prog, names_in_group["group_code"]),
+        **mode_code.context(prog, names_in_group["group_code"]),
     )
     host_code = "\n".join(e for c in contexts for _, e in c["group_defs"] + c["param_single"] if e)
     host_code += "\n".join(e for c in contexts for _, _, e, *_ in c["state_inits"] if e)
-    ctx["helpers"] = [code for name, code in HOST_HELPERS.items() if f"{name}(" in host_code]
+    host_code += "\n".join(ctx["group_phase"] or ())
+    ctx["helpers"] = [code for name, code in (HOST_HELPERS | group_phase.HELPERS).items() if f"{name}(" in host_code]
     ctx["fused_rules"] = [_fused_context(c, p, cond, len(rules) > 1) for c, (_, p, cond) in zip(contexts, rules)]
     for c, fused in zip(contexts, ctx["fused_rules"]):  # each rule's functional asks its own
         c.update(avail_name=fused["avail_name"], default_name=fused["default_name"])
@@ -258,7 +262,7 @@ def interface(prog: ir.Program) -> dict:
 
     A spec that names none of its interface (no `as`, tuple, flag, `only` or `eager`) gets its
     hyperparameters' names as keywords and group keys, and nothing else changes."""
-    group_code = {h.name: f'group["{h.name}"]' for h in prog.hypers}
+    group_code = {h.name: f'values["{h.name}"]' if h.computed else f'group["{h.name}"]' for h in prog.hypers}
     ctx = dict(dropin=prog.dropin, states_saved=[(s.name, s.saved_as) for s in prog.states],
                eager=[s.saved_as for s in prog.states if s.eager])
     if not prog.dropin:

@@ -1,0 +1,88 @@
+"""ir.GroupPhase → the body of the generated `_group_phase` method: host floats of the group,
+reductions over its tensors (one sync each), group states read from and written to param_groups."""
+from __future__ import annotations
+
+import sympy as sp
+
+from .. import ir
+from ..sym import to_sympy
+from .printers import CompiledPrinter, HostPrinter
+
+# How one reduction over the group is computed: each tensor's part (torch code of {0}), and how the
+# parts combine into a host float ({0}: the list of parts; `p`: the group's parameters).
+_COMBINE = {
+    "sum": ("torch.sum({0})", "_group_sum({0})"),
+    "mean": ("torch.sum({0})", "(_group_sum({0}) / sum(x_.numel() for x_ in p))"),
+    "norm": ("torch.linalg.vector_norm({0})", "_group_norm({0})"),
+    "rms": ("torch.sum(torch.square({0}))", "math.sqrt(_group_sum({0}) / sum(x_.numel() for x_ in p))"),
+    "amax": ("torch.amax({0})", "_group_max({0})"),
+}
+
+HELPERS = {
+    "_group_sum": (
+        "def _group_sum(parts):\n"
+        '    """One number per tensor of a group, added on the first one\'s device in float64 (one sync)."""\n'
+        "    return float(torch.stack([x.to(parts[0].device, torch.float64) for x in parts]).sum()) if parts else 0.0"),
+    "_group_norm": (
+        "def _group_norm(parts):\n"
+        '    """The norm of all tensors of a group from their norms, as torch.nn.utils.clip_grad_norm_."""\n'
+        "    if not parts:\n"
+        "        return 0.0\n"
+        "    return float(torch.linalg.vector_norm(torch.stack([x.to(parts[0].device, torch.float64) for x in parts])))"),
+    "_group_max": (
+        "def _group_max(parts):\n"
+        '    """The largest of one number per tensor of a group (one sync)."""\n'
+        '    return float(torch.stack([x.to(parts[0].device, torch.float64) for x in parts]).amax()) if parts else -float("inf")'),
+}
+
+
+def context(prog: ir.Program, group_code: dict[str, str]) -> dict:
+    """What the template prints for the group phase: the states lists it takes and its lines."""
+    phase = prog.group
+    if phase is None:
+        return dict(group_phase=None)
+    env = {h.name: sp.Symbol(group_code[h.name]) for h in prog.hypers if not h.computed}
+    lines = []
+    reads_t = any(isinstance(s, ir.GroupReduce) and _reads(s.arg, "t") for s in phase.steps)
+    lines.append("p = [x_ if x_.dtype in _EXACT else x_.float() for x_ in params]")
+    lines.append("g = [y_.to(x_.dtype) for x_, y_ in zip(p, grads)]")
+    for s in phase.reads:
+        lines.append(f"{s} = [y_.to(x_.dtype) for x_, y_ in zip(p, {s}_list)]")
+    if reads_t:
+        lines.append("t = [s_.item() + 1 for s_ in state_steps]  # the step about to be taken")
+    lines.append("values = {}")
+    host = HostPrinter()
+    for s in phase.states:
+        init = host.doprint(to_sympy(s.init, env)) if s.init is not None else "0.0"
+        lines.append(f'values["{s.name}.0"] = group.get("{s.name}", {init})')
+        env[f"{s.name}.0"] = sp.Symbol(f'values["{s.name}.0"]')
+    # one tensor's values inside a reduction
+    items = ["p", "g", *phase.reads] + (["t"] if reads_t else [])
+    inner = {"p0": sp.Symbol("p_"), "g0": sp.Symbol("g_"), "t": sp.Symbol("t_")}
+    inner.update({ir.ssa_name(s, 0): sp.Symbol(f"{s}_") for s in phase.reads})
+    inner.update({n: sp.Symbol(code.replace("p.", "p_.")) for n, code in ir.SHAPE_BUILTINS.items()})
+    tensors = {"p_", "g_", *(f"{s}_" for s in phase.reads)}
+    for step in phase.steps:
+        if isinstance(step, ir.GroupReduce):
+            arg = to_sympy(step.arg, env | inner)
+            body = CompiledPrinter(tensors).doprint(arg)
+            if not any(s.name in tensors for s in arg.free_symbols):  # a scalar counts once per element
+                body = f"({body}) + torch.zeros_like(p_)"
+            part, combine = _COMBINE[step.func]
+            loop = f"[{part.format(body)} for {', '.join(i + '_' for i in items)} in zip({', '.join(items)})]"
+            code = combine.format(loop)
+        else:
+            code = host.doprint(to_sympy(step.expr, env))
+        lines.append(f'values["{step.out}"] = {code}')
+        env[step.out] = sp.Symbol(f'values["{step.out}"]')
+    for name, ssa in phase.outputs:
+        lines.append(f'group["{name}"] = values["{ssa}"]')
+    returned = ", ".join(f'"{n}": values["{ssa}"]' for n, ssa in phase.values)
+    lines.append(f"return {{{returned}}}")
+    return dict(group_phase=lines, group_reads=list(phase.reads))
+
+
+def _reads(e: ir.Expr, name: str) -> bool:
+    if isinstance(e, ir.Ref):
+        return e.name == name
+    return isinstance(e, ir.Op) and any(_reads(a, name) for a in e.args)

@@ -1,0 +1,46 @@
+"""ir.Mode → the body of the generated eval()/train(): one parameter at a time, in torch, in the
+parameter's precision (float32 at least), written back into the parameter and its states."""
+from __future__ import annotations
+
+import sympy as sp
+
+from .. import ir
+from ..sym import to_sympy
+from .printers import CompiledPrinter
+
+
+def context(prog: ir.Program, group_code: dict[str, str]) -> dict:
+    """(mode name, the lines run for each parameter that has taken a step) per mode block."""
+    keys = {s.name: s.saved_as for s in prog.states}
+    out = []
+    for mode in prog.modes:
+        env = {h.name: sp.Symbol(group_code[h.name]) for h in prog.hypers if not h.computed}
+        env.update({n: sp.Symbol(code.replace("p.", "param.")) for n, code in ir.SHAPE_BUILTINS.items()})
+        env["p0"] = sp.Symbol("p")
+        tensors = {"p"}
+        lines = ["p = param if param.dtype in _EXACT else param.float()"]
+        read = {r for eq in mode.eqns for r in _refs(eq.expr)}
+        for s in prog.states:
+            if ir.ssa_name(s.name, 0) in read:
+                lines.append(f'{s.name} = state["{keys[s.name]}"].to(p.dtype)')
+                env[ir.ssa_name(s.name, 0)] = sp.Symbol(s.name)
+                tensors.add(s.name)
+        for eq in mode.eqns:
+            value = to_sympy(eq.expr, env)
+            lines.append(f"{eq.out} = {CompiledPrinter(tensors).doprint(value)}")
+            env[eq.out] = sp.Symbol(eq.out)
+            if eq.kind == ir.TENSOR:
+                tensors.add(eq.out)
+        for base, ssa in mode.outputs:
+            target = "param" if base == "p" else f'state["{keys[base]}"]'
+            lines.append(f"{target}.copy_({ssa})")
+        out.append((mode.name, lines))
+    return dict(modes=out)
+
+
+def _refs(e: ir.Expr):
+    if isinstance(e, ir.Ref):
+        yield e.name
+    elif isinstance(e, ir.Op):
+        for a in e.args:
+            yield from _refs(a)
