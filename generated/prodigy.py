@@ -144,8 +144,10 @@ class Prodigy(Optimizer):
         differentiable: bool = False,
         **spec_names,
     ):
-        if fused and foreach:
-            raise ValueError("fused=True and foreach=True cannot both be set")
+        if fused and foreach:  # torch.optim's errors, in torch.optim's words
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together (fused=True and foreach=True)")
+        if fused and differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
         if state_dtype not in (None, torch.bfloat16):
             raise ValueError(f"Invalid state_dtype: {state_dtype} (None or torch.bfloat16)")
         unknown = sorted(set(spec_names) - set(self._ALIASES))
@@ -170,8 +172,11 @@ class Prodigy(Optimizer):
             differentiable=differentiable,
         )
         # The groups keep torch.optim's names, so schedulers, per-group overrides and state_dicts
-        # line up with torch.optim's; add_param_group checks every group's values.
-        super().__init__(params, _torch_names(dict(defaults, **spec_names), defaults, self._ALIASES))
+        # line up with torch.optim's; add_param_group checks every group's values. The defaults
+        # are checked first, before `params` is read, as torch.optim does.
+        defaults = _torch_names(dict(defaults, **spec_names), defaults, self._ALIASES)
+        self._check_group(defaults)
+        super().__init__(params, defaults)
         if fused:
             why = fused_available([p for g in self.param_groups for p in g["params"]])
             if why:
@@ -185,26 +190,27 @@ class Prodigy(Optimizer):
 
     def _check_group(self, group):
         """Refuse values outside the spec's ranges, and torch.optim features the spec does not implement."""
+        _one_element({"lr": group["lr"], "betas": group["betas"], "beta3": group["beta3"], "d0": group["d0"], "d_coef": group["d_coef"], "growth_rate": group["growth_rate"], "weight_decay": group["weight_decay"], "eps": group["eps"]})
         if not (0.0 <= group["lr"]):
-            raise ValueError(f"Invalid lr: {group['lr']} (must be in [0, inf))")
+            raise ValueError(f"Invalid lr value: {group['lr']} (lr must be in [0, inf))")
         if len(group["betas"]) != 2:
             raise ValueError(f"Invalid betas: {group['betas']!r} (must hold 2 values: b1, b2)")
         if not (0.0 <= group["betas"][0] < 1.0):
-            raise ValueError(f"Invalid betas[0] (b1): {group['betas'][0]} (must be in [0, 1))")
+            raise ValueError(f"Invalid betas[0] value: {group['betas'][0]} (betas[0] (b1) must be in [0, 1))")
         if not (0.0 <= group["betas"][1] < 1.0):
-            raise ValueError(f"Invalid betas[1] (b2): {group['betas'][1]} (must be in [0, 1))")
+            raise ValueError(f"Invalid betas[1] value: {group['betas'][1]} (betas[1] (b2) must be in [0, 1))")
         if not (0.0 <= group["beta3"] < 1.0):
-            raise ValueError(f"Invalid beta3: {group['beta3']} (must be in [0, 1))")
+            raise ValueError(f"Invalid beta3 value: {group['beta3']} (beta3 must be in [0, 1))")
         if not (0.0 < group["d0"]):
-            raise ValueError(f"Invalid d0: {group['d0']} (must be in (0, inf))")
+            raise ValueError(f"Invalid d0 value: {group['d0']} (d0 must be in (0, inf))")
         if not (0.0 < group["d_coef"]):
-            raise ValueError(f"Invalid d_coef: {group['d_coef']} (must be in (0, inf))")
+            raise ValueError(f"Invalid d_coef value: {group['d_coef']} (d_coef must be in (0, inf))")
         if not (1.0 <= group["growth_rate"]):
-            raise ValueError(f"Invalid growth_rate: {group['growth_rate']} (must be in [1, inf])")
+            raise ValueError(f"Invalid growth_rate value: {group['growth_rate']} (growth_rate must be in [1, inf])")
         if not (0.0 <= group["weight_decay"]):
-            raise ValueError(f"Invalid weight_decay (wd): {group['weight_decay']} (must be in [0, inf))")
+            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']} (weight_decay (wd) must be in [0, inf))")
         if not (0.0 < group["eps"]):
-            raise ValueError(f"Invalid eps: {group['eps']} (must be in (0, inf))")
+            raise ValueError(f"Invalid eps value: {group['eps']} (eps must be in (0, inf))")
         for key, value in self._FIXED.items():
             if group.get(key, value) != value:
                 raise ValueError(f"Prodigy does not implement {key}={group[key]!r} (only {key}={value!r})")
@@ -351,6 +357,16 @@ class Prodigy(Optimizer):
                 fused=group["fused"],
             )
         return loss
+
+
+def _one_element(values):
+    """A tensor hyperparameter (lr=torch.tensor(1e-3), for a compiled step) holds one number, as
+    torch.optim requires; a longer one is refused before its comparison with a range could be."""
+    for key, value in values.items():
+        for i, x in enumerate(value if isinstance(value, (tuple, list)) else (value,)):
+            if torch.is_tensor(x) and x.numel() != 1:
+                where = f"{key}[{i}]" if isinstance(value, (tuple, list)) else key
+                raise ValueError(f"Tensor {where} must be 1-element (it has {x.numel()} elements)")
 
 
 def _state_dtype(group, p):
@@ -522,8 +538,13 @@ def _triton_ready(params) -> str:
     if triton is None:
         return "Triton is not installed"
     # map() over the tensors' own methods: this runs at every step, over every parameter
-    if not (os.environ.get("TRITON_INTERPRET") == "1" or all(map(_IS_CUDA, params))):
-        return "the fused path runs on CUDA tensors (or under TRITON_INTERPRET=1)"
+    if not all(map(_IS_CUDA, params)):
+        # The interpreter reads CPU memory; any other device (meta has no memory at all) never runs.
+        if os.environ.get("TRITON_INTERPRET") != "1" or any(p.device.type != "cpu" for p in params):
+            devices = sorted({str(p.device) for p in params})
+            return f"the fused path runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), not {', '.join(devices)}"
+    if not all(map(torch.Tensor.is_floating_point, params)):
+        return "the fused path needs floating-point parameters"
     if not all(map(torch.Tensor.is_contiguous, params)):
         return "the fused path needs contiguous parameters"
     return ""
