@@ -189,8 +189,8 @@ class ScheduleFreeAdamW(Optimizer):
             why = fused_available([p for g in self.param_groups for p in g["params"]])
             if why:
                 raise RuntimeError(f"ScheduleFreeAdamW(fused=True) cannot run: {why}")
-            # GradScaler then leaves the unscaling and the inf check to the kernels (grad_scale, found_inf)
-            self._step_supports_amp_scaling = True
+            # not _step_supports_amp_scaling: the group statements read the gradients before the kernels
+            # run, so GradScaler unscales them itself and skips the step on an overflow
 
     def add_param_group(self, param_group):
         # A group may use the spec's names too (wd for weight_decay); it is kept under torch.optim's.

@@ -361,3 +361,13 @@ def test_mode_block_errors_name_the_place(src, message, where):
     with pytest.raises(optdsl.SpecError) as err:
         optdsl.compile("optimizer M\n" + src, "m.opt")
     assert message in str(err.value) and f"m.opt:{where}:" in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("name", ["adamw_clip", "prodigy", "schedule_free_adamw"])
+def test_group_specs_let_gradscaler_unscale_first(name):
+    """The fused kernels can unscale GradScaler's gradients themselves, but group statements read the
+    gradients before any kernel runs: such a spec leaves unscaling and the overflow check to GradScaler."""
+    _fused_ok()
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    assert not getattr(spec(name)([p], fused=True), "_step_supports_amp_scaling", False)
+    assert getattr(spec("adamw")([p], fused=True), "_step_supports_amp_scaling", False)
