@@ -10,6 +10,7 @@ __all__ = [
     "adam",
     "adam_atan2",
     "adam_gc",
+    "adam_mini",
     "adam_ng",
     "adamax",
     "adamw",

@@ -3,7 +3,11 @@ against a handwritten reference on the for-loop, foreach and fused paths (tests/
 harness: float64 to 1e-10, float32 to 1e-5, after every step, several shapes and settings).
 
 - cos, sin, `%` (Python's modulo: the sign of the right side) and `nunits` (the first axis's size);
-- a state list sized by a hyperparameter (AggMo's K momenta): refused, with where and what to do.
+- a state list sized by a hyperparameter (AggMo's K momenta): refused, with where and what to do;
+- group values (clipping's global norm, Prodigy's d): AdamWClip against clip_grad_norm_ + AdamW, Prodigy
+  against pytorch_optimizer's, each on one multi-tensor model;
+- mode blocks (on eval / on train): Schedule-Free AdamW against pytorch_optimizer's, eval() and train();
+- Adam-mini's per-block second moment against pytorch_optimizer's AdamMini on plain blocks.
 """
 from __future__ import annotations
 
@@ -131,6 +135,19 @@ class ClipThenAdamW:
         self.inner.step()
 
 
+class Blocks(torch.nn.Module):
+    """A model of plain blocks (no embedding, head, query/key or norm in their names): every tensor is
+    one of AdamMini's "lefts"."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.blocks = torch.nn.ParameterList(params)
+
+
+def adam_mini_ref(params, **kw):
+    return PO.AdamMini(Blocks(params), **kw)
+
+
 # (spec, our kwargs, reference factory(params, **kwargs), reference kwargs, run_pair options)
 CASES = {
     # the gradients are scaled 1e-2 .. 10 per tensor: max_norm 1 clips every step, 50 some steps, 1e3 none
@@ -150,6 +167,10 @@ CASES = {
     "schedule_free_adamw-warmup": ("schedule_free_adamw", dict(lr=0.02, weight_decay=0.1, r=1.0, warmup_steps=5),
                                    PO.ScheduleFreeAdamW,
                                    dict(lr=0.02, weight_decay=0.1, r=1.0, warmup_steps=5, foreach=False), {}),
+    # Adam-mini on plain blocks; pytorch_optimizer keeps AdamMini's states in float32 whatever p's dtype: compared in float32 only
+    "adam_mini-default": ("adam_mini", dict(lr=0.01), adam_mini_ref, dict(lr=0.01), dict(skip=False, f64=False)),
+    "adam_mini-wd": ("adam_mini", dict(lr=0.02, betas=(0.8, 0.99), weight_decay=0.3, eps=1e-6), adam_mini_ref,
+                     dict(lr=0.02, betas=(0.8, 0.99), weight_decay=0.3, eps=1e-6), dict(skip=False, f64=False)),
 }
 SHAPES = [(1,), (7,), (13, 5), (4, 9), (3, 1, 4)]
 
@@ -168,9 +189,12 @@ def test_group_specs_match_their_reference(case, dtype, fused, request):
     model-wide value computed over all of its tensors, some tensors missing a gradient on some steps."""
     if fused:
         _fused_ok()
+    options = dict(CASES[case][4])
+    if dtype == torch.float64 and not options.pop("f64", True):
+        pytest.skip("the reference keeps its states in float32 whatever the parameters' dtype")
+    options.pop("f64", None)
     if dtype == torch.float64:
         request.getfixturevalue("float64_default")
-    options = dict(CASES[case][4])
     steps = FUSED_STEPS if fused and not ON_GPU else STEPS
     run_pair(*_makers(case), options.pop("shapes", SHAPES), dtype, steps, seed=zlib.crc32(case.encode()),
              fused=fused, **options)
@@ -183,15 +207,20 @@ def test_group_specs_match_their_reference(case, dtype, fused, request):
     ("prodigy-wd", "d = min(d_max, d * growth_rate)", "d = min(d_max, d * growth_rate * 0.999)"),
     ("schedule_free_adamw-default", "b1 * (1 - ckp) - 1", "b1 * (1 - ckp) - 1.001"),
     ("schedule_free_adamw-warmup", "k / warmup_steps", "k / (warmup_steps + 0.01)"),
+    ("adam_mini-default", "mean(g^2)", "mean(1.01 * g^2)"),
 ])
-def test_a_mutant_is_caught(case, old, new, float64_default):
-    """The comparison sees a small change to a group statement's math."""
+def test_a_mutant_is_caught(case, old, new, request):
+    """The comparison sees a small change to the math (a group statement's, for the group specs)."""
     name, ours_kw, _, _, options = CASES[case]
+    options = dict(options)
+    dtype = torch.float64 if options.pop("f64", True) else torch.float32
+    if dtype == torch.float64:
+        request.getfixturevalue("float64_default")
     text = (SPECS / f"{name}.opt").read_text()
     assert text.count(old) == 1
     Mutant = optdsl.compile(text.replace(old, new), f"{name}_mutant.opt")
     with pytest.raises(AssertionError, match="differs from reference"):
-        run_pair(lambda ps, **mode: Mutant(ps, **mode, **ours_kw), _makers(case)[1], SHAPES, torch.float64, STEPS,
+        run_pair(lambda ps, **mode: Mutant(ps, **mode, **ours_kw), _makers(case)[1], SHAPES, dtype, STEPS,
                  seed=zlib.crc32(case.encode()), **options)
 
 
@@ -371,3 +400,4 @@ def test_group_specs_let_gradscaler_unscale_first(name):
     p = torch.nn.Parameter(torch.randn(4, 3))
     assert not getattr(spec(name)([p], fused=True), "_step_supports_amp_scaling", False)
     assert getattr(spec("adamw")([p], fused=True), "_step_supports_amp_scaling", False)
+
