@@ -372,7 +372,7 @@ def _single_tensor_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr
         tmp3.sqrt_()
         tmp5 = torch.div(g, tmp3)
         r0 = torch.sqrt(torch.mean(torch.square(tmp5)))
-        d0 = -c1*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r1, dtype=torch.float64))/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r0, dtype=torch.float64))
+        d0 = torch.as_tensor(-c1*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r1, dtype=torch.float64))/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r0, dtype=torch.float64)), dtype=p.dtype)
         tmp5.mul_(d0)
         p.mul_(k0)
         p.add_(tmp5)
@@ -425,7 +425,7 @@ def _multi_tensor_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr,
         torch._foreach_sqrt_(tmp3)
         tmp5 = torch._foreach_div(g, tmp3)
         r0 = [torch.sqrt(torch.mean(torch.square(tmp5_))) for tmp5_ in tmp5]
-        d0 = [-c1_*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r1_, dtype=torch.float64))/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r0_, dtype=torch.float64)) for c1_, r0_, r1_ in zip(c1, r0, r1)]
+        d0 = [torch.as_tensor(-c1_*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r1_, dtype=torch.float64))/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r0_, dtype=torch.float64)), dtype=p[0].dtype) for c1_, r0_, r1_ in zip(c1, r0, r1)]
         torch._foreach_mul_(tmp5, d0)
         torch._foreach_mul_(p, k0)
         torch._foreach_add_(p, tmp5)
@@ -499,7 +499,7 @@ def _single_tensor_adafactor_1(params, grads, v_list, state_steps, *, lr, beta2_
         tmp1.sqrt_()
         tmp2 = torch.div(g, tmp1)
         r0 = torch.sqrt(torch.mean(torch.square(tmp2)))
-        d0 = -c1*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r1, dtype=torch.float64))/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r0, dtype=torch.float64))
+        d0 = torch.as_tensor(-c1*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r1, dtype=torch.float64))/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r0, dtype=torch.float64)), dtype=p.dtype)
         tmp2.mul_(d0)
         p.mul_(k0)
         p.add_(tmp2)
@@ -541,7 +541,7 @@ def _multi_tensor_adafactor_1(params, grads, v_list, state_steps, *, lr, beta2_d
         torch._foreach_sqrt_(tmp1)
         tmp2 = torch._foreach_div(g, tmp1)
         r0 = [torch.sqrt(torch.mean(torch.square(tmp2_))) for tmp2_ in tmp2]
-        d0 = [-c1_*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r1_, dtype=torch.float64))/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r0_, dtype=torch.float64)) for c1_, r0_, r1_ in zip(c1, r0, r1)]
+        d0 = [torch.as_tensor(-c1_*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r1_, dtype=torch.float64))/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r0_, dtype=torch.float64)), dtype=p[0].dtype) for c1_, r0_, r1_ in zip(c1, r0, r1)]
         torch._foreach_mul_(tmp2, d0)
         torch._foreach_mul_(p, k0)
         torch._foreach_add_(p, tmp2)

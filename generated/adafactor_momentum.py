@@ -375,7 +375,7 @@ def _single_tensor_adafactorm_0(params, grads, r_list, c_list, m_list, state_ste
             c0 = min(lr, 1/math.sqrt(t))
             c1 = t**beta2_decay
         r0 = torch.sqrt(torch.mean(torch.square(p)))
-        d0 = -c0*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64))
+        d0 = torch.as_tensor(-c0*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64)), dtype=p.dtype)
         tmp0 = torch.mul(g, g)
         tmp1 = tmp0.mean(dim=-1, keepdim=True)
         r.lerp_(tmp1, c1)
@@ -389,7 +389,7 @@ def _single_tensor_adafactorm_0(params, grads, r_list, c_list, m_list, state_ste
         tmp3.sqrt_()
         tmp5 = torch.div(g, tmp3)
         r1 = torch.sqrt(torch.mean(torch.square(tmp5)))
-        d1 = 1/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r1, dtype=torch.float64))
+        d1 = torch.as_tensor(1/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r1, dtype=torch.float64)), dtype=p.dtype)
         tmp5.mul_(d1)
         m.lerp_(tmp5, k3)
         tmp6 = torch.mul(m, d0)
@@ -436,7 +436,7 @@ def _multi_tensor_adafactorm_0(params, grads, r_list, c_list, m_list, state_step
         c0 = [min(lr, 1/math.sqrt(t_)) for t_ in t]
         c1 = [t_**beta2_decay for t_ in t]
         r0 = [torch.sqrt(torch.mean(torch.square(p_))) for p_ in p]
-        d0 = [-c0_*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)) for c0_, r0_ in zip(c0, r0)]
+        d0 = [torch.as_tensor(-c0_*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)), dtype=p[0].dtype) for c0_, r0_ in zip(c0, r0)]
         tmp0 = torch._foreach_mul(g, g)
         tmp1 = [tmp0_.mean(dim=-1, keepdim=True) for tmp0_ in tmp0]
         torch._foreach_lerp_(r, tmp1, c1)
@@ -450,7 +450,7 @@ def _multi_tensor_adafactorm_0(params, grads, r_list, c_list, m_list, state_step
         torch._foreach_sqrt_(tmp3)
         tmp5 = torch._foreach_div(g, tmp3)
         r1 = [torch.sqrt(torch.mean(torch.square(tmp5_))) for tmp5_ in tmp5]
-        d1 = [1/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r1_, dtype=torch.float64)) for r1_ in r1]
+        d1 = [torch.as_tensor(1/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r1_, dtype=torch.float64)), dtype=p[0].dtype) for r1_ in r1]
         torch._foreach_mul_(tmp5, d1)
         torch._foreach_lerp_(m, tmp5, k3)
         tmp6 = torch._foreach_mul(m, d0)
@@ -525,14 +525,14 @@ def _single_tensor_adafactorm_1(params, grads, v_list, m_list, state_steps, *, l
             c0 = min(lr, 1/math.sqrt(t))
             c1 = t**beta2_decay
         r0 = torch.sqrt(torch.mean(torch.square(p)))
-        d0 = -c0*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64))
+        d0 = torch.as_tensor(-c0*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64)), dtype=p.dtype)
         tmp0 = torch.mul(g, g)
         v.lerp_(tmp0, c1)
         tmp1 = torch.clamp_min(v, k2)
         tmp1.sqrt_()
         tmp2 = torch.div(g, tmp1)
         r1 = torch.sqrt(torch.mean(torch.square(tmp2)))
-        d1 = 1/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r1, dtype=torch.float64))
+        d1 = torch.as_tensor(1/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r1, dtype=torch.float64)), dtype=p.dtype)
         tmp2.mul_(d1)
         m.lerp_(tmp2, k3)
         tmp3 = torch.mul(m, d0)
@@ -575,14 +575,14 @@ def _multi_tensor_adafactorm_1(params, grads, v_list, m_list, state_steps, *, lr
         c0 = [min(lr, 1/math.sqrt(t_)) for t_ in t]
         c1 = [t_**beta2_decay for t_ in t]
         r0 = [torch.sqrt(torch.mean(torch.square(p_))) for p_ in p]
-        d0 = [-c0_*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)) for c0_, r0_ in zip(c0, r0)]
+        d0 = [torch.as_tensor(-c0_*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)), dtype=p[0].dtype) for c0_, r0_ in zip(c0, r0)]
         tmp0 = torch._foreach_mul(g, g)
         torch._foreach_lerp_(v, tmp0, c1)
         tmp1 = torch._foreach_clamp_min(v, k2)
         torch._foreach_sqrt_(tmp1)
         tmp2 = torch._foreach_div(g, tmp1)
         r1 = [torch.sqrt(torch.mean(torch.square(tmp2_))) for tmp2_ in tmp2]
-        d1 = [1/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r1_, dtype=torch.float64)) for r1_ in r1]
+        d1 = [torch.as_tensor(1/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r1_, dtype=torch.float64)), dtype=p[0].dtype) for r1_ in r1]
         torch._foreach_mul_(tmp2, d1)
         torch._foreach_lerp_(m, tmp2, k3)
         tmp3 = torch._foreach_mul(m, d0)

@@ -273,9 +273,9 @@ def _single_tensor_adalo(params, grads, m_list, loss_avg_list, state_steps, *, b
         loss_avg = loss_avg_list[i].to(p.dtype)
         step_t = state_steps[i]
         step_t += 1
-        d0 = k0*torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(k1*((loss_avg) + (k3) * ((k2) - (loss_avg))), dtype=torch.float64)) + 1
-        d1 = -torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(k1*((loss_avg) + (k3) * ((k2) - (loss_avg))), dtype=torch.float64))
-        d2 = ((loss_avg) + (k3) * ((k2) - (loss_avg)))
+        d0 = torch.as_tensor(k0*torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(k1*((loss_avg) + (k3) * ((k2) - (loss_avg))), dtype=torch.float64)) + 1, dtype=p.dtype)
+        d1 = torch.as_tensor(-torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(k1*((loss_avg) + (k3) * ((k2) - (loss_avg))), dtype=torch.float64)), dtype=p.dtype)
+        d2 = torch.as_tensor(((loss_avg) + (k3) * ((k2) - (loss_avg))), dtype=p.dtype)
         m.lerp_(g, k4)
         tmp0 = torch.mul(m, d1)
         p.mul_(d0)
@@ -315,9 +315,9 @@ def _multi_tensor_adalo(params, grads, m_list, loss_avg_list, state_steps, *, b1
         else:
             torch._foreach_add_(device_steps, 1)
         t = [s.item() for s in device_steps]
-        d0 = [k0*torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(k1*((loss_avg_) + (k3) * ((k2) - (loss_avg_))), dtype=torch.float64)) + 1 for loss_avg_ in loss_avg]
-        d1 = [-torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(k1*((loss_avg_) + (k3) * ((k2) - (loss_avg_))), dtype=torch.float64)) for loss_avg_ in loss_avg]
-        d2 = [((loss_avg_) + (k3) * ((k2) - (loss_avg_))) for loss_avg_ in loss_avg]
+        d0 = [torch.as_tensor(k0*torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(k1*((loss_avg_) + (k3) * ((k2) - (loss_avg_))), dtype=torch.float64)) + 1, dtype=p[0].dtype) for loss_avg_ in loss_avg]
+        d1 = [torch.as_tensor(-torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(k1*((loss_avg_) + (k3) * ((k2) - (loss_avg_))), dtype=torch.float64)), dtype=p[0].dtype) for loss_avg_ in loss_avg]
+        d2 = [torch.as_tensor(((loss_avg_) + (k3) * ((k2) - (loss_avg_))), dtype=p[0].dtype) for loss_avg_ in loss_avg]
         torch._foreach_lerp_(m, g, k4)
         tmp0 = torch._foreach_mul(m, d1)
         torch._foreach_mul_(p, d0)

@@ -289,8 +289,8 @@ def _single_tensor_adamng(params, grads, m_list, v_list, state_steps, *, lr, b1,
             c0 = -lr/((1 - b1**t)*math.sqrt(1/(1 - b2**t)))
             c1 = eps/math.sqrt(1/(1 - b2**t))
         r0 = torch.linalg.vector_norm(g)
-        d0 = (norm_eps + r0)**(-2)
-        d1 = 1/(norm_eps + r0)
+        d0 = torch.as_tensor((norm_eps + r0)**(-2), dtype=p.dtype)
+        d1 = torch.as_tensor(1/(norm_eps + r0), dtype=p.dtype)
         tmp0 = torch.mul(g, g)
         tmp0.mul_(d0)
         v.lerp_(tmp0, k1)
@@ -336,8 +336,8 @@ def _multi_tensor_adamng(params, grads, m_list, v_list, state_steps, *, lr, b1, 
         c0 = [-lr/((1 - b1**t_)*math.sqrt(1/(1 - b2**t_))) for t_ in t]
         c1 = [eps/math.sqrt(1/(1 - b2**t_)) for t_ in t]
         r0 = torch._foreach_norm(g)
-        d0 = [(norm_eps + r0_)**(-2) for r0_ in r0]
-        d1 = [1/(norm_eps + r0_) for r0_ in r0]
+        d0 = [torch.as_tensor((norm_eps + r0_)**(-2), dtype=p[0].dtype) for r0_ in r0]
+        d1 = [torch.as_tensor(1/(norm_eps + r0_), dtype=p[0].dtype) for r0_ in r0]
         tmp0 = torch._foreach_mul(g, g)
         torch._foreach_mul_(tmp0, d0)
         torch._foreach_lerp_(v, tmp0, k1)

@@ -295,8 +295,8 @@ def _single_tensor_adanorm(params, grads, m_list, v_list, gn_avg_list, state_ste
             t = step_t.item()
             c0 = -lr*math.sqrt(1 - b2**t)/(1 - b1**t)
         r0 = torch.linalg.vector_norm(g)
-        d0 = torch.where(torch.as_tensor(torch.as_tensor((r0 > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((((gn_avg) + (k2) * ((r0) - (gn_avg))) > r0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(((gn_avg) + (k2) * ((r0) - (gn_avg)))/r0, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)), dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64))
-        d1 = ((gn_avg) + (k2) * ((r0) - (gn_avg)))
+        d0 = torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((r0 > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((((gn_avg) + (k2) * ((r0) - (gn_avg))) > r0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(((gn_avg) + (k2) * ((r0) - (gn_avg)))/r0, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)), dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)), dtype=p.dtype)
+        d1 = torch.as_tensor(((gn_avg) + (k2) * ((r0) - (gn_avg))), dtype=p.dtype)
         v.mul_((1 - k1))
         v.addcmul_(g, g, value=k1)
         tmp0 = torch.mul(g, d0)
@@ -346,8 +346,8 @@ def _multi_tensor_adanorm(params, grads, m_list, v_list, gn_avg_list, state_step
         # Scalars of the step count: one per tensor, on the host.
         c0 = [-lr*math.sqrt(1 - b2**t_)/(1 - b1**t_) for t_ in t]
         r0 = torch._foreach_norm(g)
-        d0 = [torch.where(torch.as_tensor(torch.as_tensor((r0_ > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((((gn_avg_) + (k2) * ((r0_) - (gn_avg_))) > r0_), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(((gn_avg_) + (k2) * ((r0_) - (gn_avg_)))/r0_, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)), dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)) for gn_avg_, r0_ in zip(gn_avg, r0)]
-        d1 = [((gn_avg_) + (k2) * ((r0_) - (gn_avg_))) for gn_avg_, r0_ in zip(gn_avg, r0)]
+        d0 = [torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((r0_ > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((((gn_avg_) + (k2) * ((r0_) - (gn_avg_))) > r0_), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(((gn_avg_) + (k2) * ((r0_) - (gn_avg_)))/r0_, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)), dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)), dtype=p[0].dtype) for gn_avg_, r0_ in zip(gn_avg, r0)]
+        d1 = [torch.as_tensor(((gn_avg_) + (k2) * ((r0_) - (gn_avg_))), dtype=p[0].dtype) for gn_avg_, r0_ in zip(gn_avg, r0)]
         torch._foreach_mul_(v, (1 - k1))
         torch._foreach_addcmul_(v, g, g, k1)
         tmp0 = torch._foreach_mul(g, d0)

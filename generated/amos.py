@@ -319,13 +319,13 @@ def _single_tensor_amos(params, grads, m_list, v_list, decay_list, state_steps, 
             c2 = math.sqrt(1 - beta**t)
             c3 = (0.5 if float(ndim <= 1) else (k0*math.sqrt(1/ncols) if float(ndim == 2) else math.sqrt(1/ncols)))
             c4 = k2*(1 - beta**t)
-        d0 = 1/(c0*decay + 1)
+        d0 = torch.as_tensor(1/(c0*decay + 1), dtype=p.dtype)
         tmp0 = torch.mul(g, g)
         r0 = torch.mean(tmp0)
-        d1 = c1*r0/((eps + ((v) + (k4) * ((r0) - (v))))*torch.sqrt(decay*k3 + 1)) + k1
-        d2 = c2*c3*lr*torch.sqrt(1/(eps + ((v) + (k4) * ((r0) - (v)))))
-        d3 = ((v) + (k4) * ((r0) - (v)))
-        d4 = c4*r0/((eps + ((v) + (k4) * ((r0) - (v))))*torch.sqrt(decay*k3 + 1)) + decay*(c4*r0/((eps + ((v) + (k4) * ((r0) - (v))))*torch.sqrt(decay*k3 + 1)) + 1)
+        d1 = torch.as_tensor(c1*r0/((eps + ((v) + (k4) * ((r0) - (v))))*torch.sqrt(decay*k3 + 1)) + k1, dtype=p.dtype)
+        d2 = torch.as_tensor(c2*c3*lr*torch.sqrt(1/(eps + ((v) + (k4) * ((r0) - (v))))), dtype=p.dtype)
+        d3 = torch.as_tensor(((v) + (k4) * ((r0) - (v))), dtype=p.dtype)
+        d4 = torch.as_tensor(c4*r0/((eps + ((v) + (k4) * ((r0) - (v))))*torch.sqrt(decay*k3 + 1)) + decay*(c4*r0/((eps + ((v) + (k4) * ((r0) - (v))))*torch.sqrt(decay*k3 + 1)) + 1), dtype=p.dtype)
         tmp1 = torch.mul(g, d2)
         tmp2 = torch.mul(p, d1)
         tmp2.add_(tmp1)
@@ -381,13 +381,13 @@ def _multi_tensor_amos(params, grads, m_list, v_list, decay_list, state_steps, *
         c2 = [math.sqrt(1 - beta**t_) for t_ in t]
         c3 = [(0.5 if float(ndim_ <= 1) else (k0*math.sqrt(1/ncols_) if float(ndim_ == 2) else math.sqrt(1/ncols_))) for ncols_, ndim_ in zip(ncols, ndim)]
         c4 = [k2*(1 - beta**t_) for t_ in t]
-        d0 = [1/(c0_*decay_ + 1) for c0_, decay_ in zip(c0, decay)]
+        d0 = [torch.as_tensor(1/(c0_*decay_ + 1), dtype=p[0].dtype) for c0_, decay_ in zip(c0, decay)]
         tmp0 = torch._foreach_mul(g, g)
         r0 = [torch.mean(tmp0_) for tmp0_ in tmp0]
-        d1 = [c1_*r0_/((eps + ((v_) + (k4) * ((r0_) - (v_))))*torch.sqrt(decay_*k3 + 1)) + k1 for c1_, decay_, r0_, v_ in zip(c1, decay, r0, v)]
-        d2 = [c2_*c3_*lr*torch.sqrt(1/(eps + ((v_) + (k4) * ((r0_) - (v_))))) for c2_, c3_, r0_, v_ in zip(c2, c3, r0, v)]
-        d3 = [((v_) + (k4) * ((r0_) - (v_))) for r0_, v_ in zip(r0, v)]
-        d4 = [c4_*r0_/((eps + ((v_) + (k4) * ((r0_) - (v_))))*torch.sqrt(decay_*k3 + 1)) + decay_*(c4_*r0_/((eps + ((v_) + (k4) * ((r0_) - (v_))))*torch.sqrt(decay_*k3 + 1)) + 1) for c4_, decay_, r0_, v_ in zip(c4, decay, r0, v)]
+        d1 = [torch.as_tensor(c1_*r0_/((eps + ((v_) + (k4) * ((r0_) - (v_))))*torch.sqrt(decay_*k3 + 1)) + k1, dtype=p[0].dtype) for c1_, decay_, r0_, v_ in zip(c1, decay, r0, v)]
+        d2 = [torch.as_tensor(c2_*c3_*lr*torch.sqrt(1/(eps + ((v_) + (k4) * ((r0_) - (v_))))), dtype=p[0].dtype) for c2_, c3_, r0_, v_ in zip(c2, c3, r0, v)]
+        d3 = [torch.as_tensor(((v_) + (k4) * ((r0_) - (v_))), dtype=p[0].dtype) for r0_, v_ in zip(r0, v)]
+        d4 = [torch.as_tensor(c4_*r0_/((eps + ((v_) + (k4) * ((r0_) - (v_))))*torch.sqrt(decay_*k3 + 1)) + decay_*(c4_*r0_/((eps + ((v_) + (k4) * ((r0_) - (v_))))*torch.sqrt(decay_*k3 + 1)) + 1), dtype=p[0].dtype) for c4_, decay_, r0_, v_ in zip(c4, decay, r0, v)]
         tmp1 = torch._foreach_mul(g, d2)
         tmp2 = torch._foreach_mul(p, d1)
         torch._foreach_add_(tmp2, tmp1)

@@ -363,9 +363,9 @@ def _single_tensor_asgd(params, grads, eta_list, mu_list, ax_list, state_steps, 
             t = step_t.item()
             c0 = lr*(k1*t + 1)**k2
             c1 = 1/max(1, k3 + t)
-        d0 = eta*k0 + 1
-        d1 = -eta
-        d2 = torch.as_tensor((mu == 1), dtype=torch.float64)
+        d0 = torch.as_tensor(eta*k0 + 1, dtype=p.dtype)
+        d1 = torch.as_tensor(-eta, dtype=p.dtype)
+        d2 = torch.as_tensor(torch.as_tensor((mu == 1), dtype=torch.float64), dtype=p.dtype)
         tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
         tmp1 = torch.mul(tmp0, d1)
         p.mul_(d0)
@@ -417,9 +417,9 @@ def _multi_tensor_asgd(params, grads, eta_list, mu_list, ax_list, state_steps, *
         # Scalars of the step count: one per tensor, on the host.
         c0 = [lr*(k1*t_ + 1)**k2 for t_ in t]
         c1 = [1/max(1, k3 + t_) for t_ in t]
-        d0 = [eta_*k0 + 1 for eta_ in eta]
-        d1 = [-eta_ for eta_ in eta]
-        d2 = [torch.as_tensor((mu_ == 1), dtype=torch.float64) for mu_ in mu]
+        d0 = [torch.as_tensor(eta_*k0 + 1, dtype=p[0].dtype) for eta_ in eta]
+        d1 = [torch.as_tensor(-eta_, dtype=p[0].dtype) for eta_ in eta]
+        d2 = [torch.as_tensor(torch.as_tensor((mu_ == 1), dtype=torch.float64), dtype=p[0].dtype) for mu_ in mu]
         tmp0 = torch._foreach_add(g, p, alpha=wd) if wd != 0 else g
         tmp1 = torch._foreach_mul(tmp0, d1)
         torch._foreach_mul_(p, d0)

@@ -297,7 +297,7 @@ def _single_tensor_cautiousadamw(params, grads, m_list, v_list, state_steps, *, 
         tmp0 = torch.mul(g, m)
         tmp1 = (tmp0 > torch.as_tensor(0, dtype=tmp0.dtype, device=tmp0.device)).to(tmp0.dtype)
         r0 = torch.mean(tmp1)
-        d0 = -c0*c1*lr/torch.maximum(torch.as_tensor(0.001, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64))
+        d0 = torch.as_tensor(-c0*c1*lr/torch.maximum(torch.as_tensor(0.001, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64)), dtype=p.dtype)
         tmp2 = torch.mul(m, tmp1)
         tmp3 = torch.sqrt(v)
         tmp3.add_(c2)
@@ -347,7 +347,7 @@ def _multi_tensor_cautiousadamw(params, grads, m_list, v_list, state_steps, *, l
         tmp0 = torch._foreach_mul(g, m)
         tmp1 = [(tmp0_ > torch.as_tensor(0, dtype=tmp0_.dtype, device=tmp0_.device)).to(tmp0_.dtype) for tmp0_ in tmp0]
         r0 = [torch.mean(tmp1_) for tmp1_ in tmp1]
-        d0 = [-c0_*c1_*lr/torch.maximum(torch.as_tensor(0.001, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)) for c0_, c1_, r0_ in zip(c0, c1, r0)]
+        d0 = [torch.as_tensor(-c0_*c1_*lr/torch.maximum(torch.as_tensor(0.001, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)), dtype=p[0].dtype) for c0_, c1_, r0_ in zip(c0, c1, r0)]
         tmp2 = torch._foreach_mul(m, tmp1)
         tmp3 = torch._foreach_sqrt(v)
         torch._foreach_add_(tmp3, c2)

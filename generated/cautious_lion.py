@@ -269,7 +269,7 @@ def _single_tensor_cautiouslion(params, grads, m_list, state_steps, *, lr, b1, b
         tmp1 = torch.mul(g, tmp0)
         tmp2 = (tmp1 > torch.as_tensor(0, dtype=tmp1.dtype, device=tmp1.device)).to(tmp1.dtype)
         r0 = torch.sum(tmp2)
-        d0 = -lr*r1/(r0 + 1)
+        d0 = torch.as_tensor(-lr*r1/(r0 + 1), dtype=p.dtype)
         tmp0.mul_(tmp2)
         tmp0.mul_(d0)
         p.mul_(k0)
@@ -309,7 +309,7 @@ def _multi_tensor_cautiouslion(params, grads, m_list, state_steps, *, lr, b1, b2
         tmp1 = torch._foreach_mul(g, tmp0)
         tmp2 = [(tmp1_ > torch.as_tensor(0, dtype=tmp1_.dtype, device=tmp1_.device)).to(tmp1_.dtype) for tmp1_ in tmp1]
         r0 = [torch.sum(tmp2_) for tmp2_ in tmp2]
-        d0 = [-lr*r1_/(r0_ + 1) for r0_, r1_ in zip(r0, r1)]
+        d0 = [torch.as_tensor(-lr*r1_/(r0_ + 1), dtype=p[0].dtype) for r0_, r1_ in zip(r0, r1)]
         torch._foreach_mul_(tmp0, tmp2)
         torch._foreach_mul_(tmp0, d0)
         torch._foreach_mul_(p, k0)

@@ -300,7 +300,7 @@ def _single_tensor_lamb(params, grads, m_list, v_list, state_steps, *, lr, b1, b
         tmp1 = torch.mul(p, wd)
         tmp1.addcdiv_(m, tmp0, value=c0)
         r1 = torch.linalg.vector_norm(tmp1)
-        d0 = -lr*torch.where(torch.as_tensor(torch.as_tensor((r1*torch.minimum(torch.as_tensor(max_w, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64)) > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(torch.minimum(torch.as_tensor(max_w, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64))/r1, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64))
+        d0 = torch.as_tensor(-lr*torch.where(torch.as_tensor(torch.as_tensor((r1*torch.minimum(torch.as_tensor(max_w, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64)) > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(torch.minimum(torch.as_tensor(max_w, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64))/r1, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)), dtype=p.dtype)
         tmp1.mul_(d0)
         p.add_(tmp1)
         if p is not param:
@@ -346,7 +346,7 @@ def _multi_tensor_lamb(params, grads, m_list, v_list, state_steps, *, lr, b1, b2
         tmp1 = torch._foreach_mul(p, wd)
         torch._foreach_addcdiv_(tmp1, m, tmp0, c0)
         r1 = torch._foreach_norm(tmp1)
-        d0 = [-lr*torch.where(torch.as_tensor(torch.as_tensor((r1_*torch.minimum(torch.as_tensor(max_w, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)) > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(torch.minimum(torch.as_tensor(max_w, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64))/r1_, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)) for r0_, r1_ in zip(r0, r1)]
+        d0 = [torch.as_tensor(-lr*torch.where(torch.as_tensor(torch.as_tensor((r1_*torch.minimum(torch.as_tensor(max_w, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)) > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(torch.minimum(torch.as_tensor(max_w, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64))/r1_, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)), dtype=p[0].dtype) for r0_, r1_ in zip(r0, r1)]
         torch._foreach_mul_(tmp1, d0)
         torch._foreach_add_(p, tmp1)
         if not exact:

@@ -432,8 +432,8 @@ def _single_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momen
         else:
             tmp3 = tmp1
         r0 = torch.linalg.vector_norm(tmp3)
-        d0 = 1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64))
-        d1 = a/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64))
+        d0 = torch.as_tensor(1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64)), dtype=p.dtype)
+        d1 = torch.as_tensor(a/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64)), dtype=p.dtype)
         tmp4 = torch.mul(tmp3, d0)
         tmp5 = tmp4.mT
         tmp6 = torch.matmul(tmp4, tmp5)
@@ -524,8 +524,8 @@ def _multi_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, moment
         tmp2 = [tmp1_.mT for tmp1_ in tmp1]
         tmp3 = [x if c else y for c, x, y in zip(c1, tmp2, tmp1)]
         r0 = torch._foreach_norm(tmp3)
-        d0 = [1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)) for r0_ in r0]
-        d1 = [a/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)) for r0_ in r0]
+        d0 = [torch.as_tensor(1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)), dtype=p[0].dtype) for r0_ in r0]
+        d1 = [torch.as_tensor(a/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)), dtype=p[0].dtype) for r0_ in r0]
         tmp4 = torch._foreach_mul(tmp3, d0)
         tmp5 = [tmp4_.mT for tmp4_ in tmp4]
         tmp6 = [torch.matmul(tmp4_, tmp5_) for tmp4_, tmp5_ in zip(tmp4, tmp5)]

@@ -452,7 +452,7 @@ def _single_tensor_muonclip_0(params, grads, buf_list, max_logit_list, state_ste
         t = step_t.to(torch.float64) if torch.compiler.is_compiling() else step_t.item()
         c0 = -lr*math.sqrt(max(1, nrows/ncols))
         c1 = float(nrows > ncols)
-        d0 = k0*torch.sqrt(1/torch.maximum(torch.as_tensor(max_logit, dtype=torch.float64), torch.as_tensor(tau, dtype=torch.float64)))
+        d0 = torch.as_tensor(k0*torch.sqrt(1/torch.maximum(torch.as_tensor(max_logit, dtype=torch.float64), torch.as_tensor(tau, dtype=torch.float64))), dtype=p.dtype)
         buf.lerp_(g, k2)
         if nesterov:
             tmp0 = torch.lerp(g, buf, momentum)
@@ -465,8 +465,8 @@ def _single_tensor_muonclip_0(params, grads, buf_list, max_logit_list, state_ste
         else:
             tmp3 = tmp1
         r0 = torch.linalg.vector_norm(tmp3)
-        d1 = 1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64))
-        d2 = a/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64))
+        d1 = torch.as_tensor(1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64)), dtype=p.dtype)
+        d2 = torch.as_tensor(a/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64)), dtype=p.dtype)
         tmp4 = torch.mul(tmp3, d1)
         tmp5 = tmp4.mT
         tmp6 = torch.matmul(tmp4, tmp5)
@@ -554,7 +554,7 @@ def _multi_tensor_muonclip_0(params, grads, buf_list, max_logit_list, state_step
         # Scalars of the step count: one per tensor, on the host.
         c0 = [-lr*math.sqrt(max(1, nrows_/ncols_)) for ncols_, nrows_ in zip(ncols, nrows)]
         c1 = [float(nrows_ > ncols_) for ncols_, nrows_ in zip(ncols, nrows)]
-        d0 = [k0*torch.sqrt(1/torch.maximum(torch.as_tensor(max_logit_, dtype=torch.float64), torch.as_tensor(tau, dtype=torch.float64))) for max_logit_ in max_logit]
+        d0 = [torch.as_tensor(k0*torch.sqrt(1/torch.maximum(torch.as_tensor(max_logit_, dtype=torch.float64), torch.as_tensor(tau, dtype=torch.float64))), dtype=p[0].dtype) for max_logit_ in max_logit]
         torch._foreach_lerp_(buf, g, k2)
         if nesterov:
             tmp0 = torch._foreach_lerp(g, buf, momentum)
@@ -564,8 +564,8 @@ def _multi_tensor_muonclip_0(params, grads, buf_list, max_logit_list, state_step
         tmp2 = [tmp1_.mT for tmp1_ in tmp1]
         tmp3 = [x if c else y for c, x, y in zip(c1, tmp2, tmp1)]
         r0 = torch._foreach_norm(tmp3)
-        d1 = [1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)) for r0_ in r0]
-        d2 = [a/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)) for r0_ in r0]
+        d1 = [torch.as_tensor(1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)), dtype=p[0].dtype) for r0_ in r0]
+        d2 = [torch.as_tensor(a/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)), dtype=p[0].dtype) for r0_ in r0]
         tmp4 = torch._foreach_mul(tmp3, d1)
         tmp5 = [tmp4_.mT for tmp4_ in tmp4]
         tmp6 = [torch.matmul(tmp4_, tmp5_) for tmp4_, tmp5_ in zip(tmp4, tmp5)]

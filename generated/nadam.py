@@ -405,9 +405,9 @@ def _single_tensor_nadam(params, grads, m_list, v_list, mu_prod_list, state_step
             c4 = -k2*(1 - 0.5*0.96**(momentum_decay*t))*(1 - 0.5*0.96**(momentum_decay*(t + 1)))
             c5 = 1 - 0.5*0.96**(momentum_decay*(t + 1))
             c6 = 1 - 0.5*0.96**(momentum_decay*t)
-        d0 = -c0*c2*lr/(c1*mu_prod + 1)
-        d1 = -b1*c0*c5*lr/(c4*mu_prod + 1)
-        d2 = b1*c6*mu_prod
+        d0 = torch.as_tensor(-c0*c2*lr/(c1*mu_prod + 1), dtype=p.dtype)
+        d1 = torch.as_tensor(-b1*c0*c5*lr/(c4*mu_prod + 1), dtype=p.dtype)
+        d2 = torch.as_tensor(b1*c6*mu_prod, dtype=p.dtype)
         if decoupled:
             tmp1 = g
         else:
@@ -478,9 +478,9 @@ def _multi_tensor_nadam(params, grads, m_list, v_list, mu_prod_list, state_steps
         c4 = [-k2*(1 - 0.5*0.96**(momentum_decay*t_))*(1 - 0.5*0.96**(momentum_decay*(t_ + 1))) for t_ in t]
         c5 = [1 - 0.5*0.96**(momentum_decay*(t_ + 1)) for t_ in t]
         c6 = [1 - 0.5*0.96**(momentum_decay*t_) for t_ in t]
-        d0 = [-c0_*c2_*lr/(c1_*mu_prod_ + 1) for c0_, c1_, c2_, mu_prod_ in zip(c0, c1, c2, mu_prod)]
-        d1 = [-b1*c0_*c5_*lr/(c4_*mu_prod_ + 1) for c0_, c4_, c5_, mu_prod_ in zip(c0, c4, c5, mu_prod)]
-        d2 = [b1*c6_*mu_prod_ for c6_, mu_prod_ in zip(c6, mu_prod)]
+        d0 = [torch.as_tensor(-c0_*c2_*lr/(c1_*mu_prod_ + 1), dtype=p[0].dtype) for c0_, c1_, c2_, mu_prod_ in zip(c0, c1, c2, mu_prod)]
+        d1 = [torch.as_tensor(-b1*c0_*c5_*lr/(c4_*mu_prod_ + 1), dtype=p[0].dtype) for c0_, c4_, c5_, mu_prod_ in zip(c0, c4, c5, mu_prod)]
+        d2 = [torch.as_tensor(b1*c6_*mu_prod_, dtype=p[0].dtype) for c6_, mu_prod_ in zip(c6, mu_prod)]
         if decoupled:
             tmp1 = g
         else:

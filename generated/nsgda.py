@@ -262,7 +262,7 @@ def _single_tensor_nsgda(params, grads, m_list, state_steps, *, lr, momentum, ep
         m.lerp_(tmp0, k0)
         tmp1 = torch.mul(m, c0)
         r0 = torch.linalg.vector_norm(tmp1)
-        d0 = -c0*lr/(eps + r0)
+        d0 = torch.as_tensor(-c0*lr/(eps + r0), dtype=p.dtype)
         tmp2 = torch.mul(m, d0)
         p.add_(tmp2)
         if p is not param:
@@ -297,7 +297,7 @@ def _multi_tensor_nsgda(params, grads, m_list, state_steps, *, lr, momentum, eps
         torch._foreach_lerp_(m, tmp0, k0)
         tmp1 = torch._foreach_mul(m, c0)
         r0 = torch._foreach_norm(tmp1)
-        d0 = [-c0_*lr/(eps + r0_) for c0_, r0_ in zip(c0, r0)]
+        d0 = [torch.as_tensor(-c0_*lr/(eps + r0_), dtype=p[0].dtype) for c0_, r0_ in zip(c0, r0)]
         tmp2 = torch._foreach_mul(m, d0)
         torch._foreach_add_(p, tmp2)
         if not exact:

@@ -377,7 +377,7 @@ def _single_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, pos
         tmp1 = torch.mul(g, g)
         tmp0.lerp_(tmp1, k1)
         r1 = torch.sum(tmp0)
-        d1 = 1/torch.where(torch.as_tensor(torch.as_tensor((r1 > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(r1, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64))
+        d1 = torch.as_tensor(1/torch.where(torch.as_tensor(torch.as_tensor((r1 > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(r1, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)), dtype=p.dtype)
         tmp2 = torch.mul(cm, rm)
         tmp3 = torch.mul(positive, 2)
         tmp3.add_(-1)
@@ -385,7 +385,7 @@ def _single_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, pos
         tmp2.lerp_(g, k2)
         tmp4 = torch.abs(tmp2)
         r0 = torch.sum(tmp4)
-        d0 = 1/torch.where(torch.as_tensor(torch.as_tensor((r0 > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(r0, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64))
+        d0 = torch.as_tensor(1/torch.where(torch.as_tensor(torch.as_tensor((r0 > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(r0, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)), dtype=p.dtype)
         tmp5 = torch.sqrt(tmp0)
         tmp5.add_(c1)
         p.mul_(k0)
@@ -452,7 +452,7 @@ def _multi_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, posi
         tmp1 = torch._foreach_mul(g, g)
         torch._foreach_lerp_(tmp0, tmp1, k1)
         r1 = [torch.sum(tmp0_) for tmp0_ in tmp0]
-        d1 = [1/torch.where(torch.as_tensor(torch.as_tensor((r1_ > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(r1_, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)) for r1_ in r1]
+        d1 = [torch.as_tensor(1/torch.where(torch.as_tensor(torch.as_tensor((r1_ > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(r1_, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)), dtype=p[0].dtype) for r1_ in r1]
         tmp2 = torch._foreach_mul(cm, rm)
         tmp3 = torch._foreach_mul(positive, 2)
         torch._foreach_add_(tmp3, -1)
@@ -460,7 +460,7 @@ def _multi_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, posi
         torch._foreach_lerp_(tmp2, g, k2)
         tmp4 = torch._foreach_abs(tmp2)
         r0 = [torch.sum(tmp4_) for tmp4_ in tmp4]
-        d0 = [1/torch.where(torch.as_tensor(torch.as_tensor((r0_ > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(r0_, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)) for r0_ in r0]
+        d0 = [torch.as_tensor(1/torch.where(torch.as_tensor(torch.as_tensor((r0_ > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(r0_, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)), dtype=p[0].dtype) for r0_ in r0]
         tmp5 = torch._foreach_sqrt(tmp0)
         torch._foreach_add_(tmp5, c1)
         torch._foreach_mul_(p, k0)

@@ -16,9 +16,10 @@ class Span:
 
 def _caret(source: str, span: Span) -> str:
     lines = source.splitlines()
-    if not 1 <= span.line <= len(lines):
+    if not 1 <= span.line <= len(lines) + 1:
         return ""
-    text = lines[span.line - 1].expandtabs(1)
+    # past the last line (an empty file, a missing closing line): an empty line, the caret under it
+    text = lines[span.line - 1].expandtabs(1) if span.line <= len(lines) else ""
     width = span.end_column - span.column if span.end_line == span.line else len(text) - span.column + 1
     return f"    {text}\n    {' ' * (span.column - 1)}{'^' * max(1, width)}"
 

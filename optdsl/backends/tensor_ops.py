@@ -338,9 +338,11 @@ class Emitter:
         for d in self.plan.steps:
             if d.level < TENSOR and not is_reduction(d.expr):
                 self._consume(d.expr.free_symbols)
+                # In the parameter's arithmetic dtype: the printer's float64 (host floats kept exact)
+                # would otherwise promote a 0-dim parameter's whole update to float64.
                 self.instrs.append(Instr("scalar", str(d.symbol), tuple(
                     self.operand(s) for s in sorted(d.expr.free_symbols, key=str)),
-                    template=DevicePrinter().doprint(d.expr)))
+                    template=f"torch.as_tensor({DevicePrinter().doprint(d.expr)}, dtype={{dtype}})"))
                 self.buffer[d.symbol] = str(d.symbol)
                 continue
             if is_reduction(d.expr):

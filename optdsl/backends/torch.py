@@ -70,7 +70,7 @@ def _single_line(instr: Instr) -> str:
         return f"{a[0]}.{fill}({a[1]})"
     if instr.op in ("call", "reduce", "scalar"):
         if instr.op == "scalar":
-            return f"{instr.out} = {instr.template}"
+            return f"{instr.out} = {instr.template.replace('{dtype}', 'p.dtype')}"
         return f"{instr.out} = {instr.template.format(*a)}"
     rest = ", ".join(a[1:]) + _kwarg(instr, False, None)
     if instr.inplace:
@@ -115,7 +115,7 @@ def _multi_line(instr: Instr) -> str:
         lists = [x for x in instr.args if x.level in (PARAM, DEVICE, TENSOR)]
         names = {x.code: f"{x.code}_" for x in lists}
         if instr.op == "scalar":
-            body = instr.template
+            body = instr.template.replace("{dtype}", "p[0].dtype")
             for name, element in names.items():
                 body = _rename_word(body, name, element)
         else:

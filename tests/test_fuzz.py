@@ -1,0 +1,80 @@
+"""No internal errors (issue 12, item 5): every mutated spec or random text is refused with a
+located SpecError, or compiles to a class that steps on parameters of every rank its rules accept
+(float32 and float64, for-loop and foreach) without an exception but a documented, located one.
+
+The cases and their outcomes are tests/fuzz_specs.py's. CI runs a few hundred, derandomized (the
+"ci" profile); `HYPOTHESIS_PROFILE=explore python -m pytest tests/test_fuzz.py` runs 10,000 new
+ones, and `python tests/fuzz_specs.py --cases 10000` tallies the outcomes by kind.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+
+import fuzz_specs as fz
+import optdsl
+
+EXPLORE = os.environ.get("HYPOTHESIS_PROFILE") == "explore"
+CASES = int(os.environ.get("OPTDSL_FUZZ_CASES", 10_000 if EXPLORE else 300))
+
+# Raw errors whose cause another item of issue 12 is fixing now; each is still reported (note)
+# and counted by fuzz_specs.py as a bug. Remove a line when its item lands.
+OWNED_ELSEWHERE = [
+    (r"NameError: name 'inf' is not defined", "item 3: every constant prints on every path"),
+    (r"Dimension out of range|mT is only supported", "item 3: shape errors the declared shapes decide"),
+    (r"ZeroDivisionError|math domain error|cannot be raised to a negative power|OverflowError",
+     "item 3: host scalars follow IEEE semantics"),
+    (r"missing \d+ required positional argument", "item 2: a lowercase name replaces the class"),
+]
+
+
+def _allowed(out: fz.Outcome) -> bool:
+    if out.kind != "bug":
+        return True
+    return any(re.search(pattern, out.detail) for pattern, _ in OWNED_ELSEWHERE)
+
+
+@settings(max_examples=CASES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.integers(0, 2**32 - 1))
+def test_fuzzed_specs_are_located_errors_or_step(seed):
+    text = fz.case(seed)
+    note(f"seed {seed}:\n{text}")
+    out = fz.outcome(text)
+    note(f"{out.kind}: {out.detail}")
+    assert _allowed(out), f"seed {seed}: {out.detail}\n{text}"
+
+
+@pytest.mark.parametrize("spec", sorted((fz.ROOT / "specs").glob("*.opt")), ids=lambda p: p.stem)
+def test_every_shipped_spec_steps_on_every_rank_it_takes(spec):
+    """AdaNorm crashed on a 0-dim float32 parameter (a float64 device scalar promoted its update)."""
+    out = fz.outcome(spec.read_text(encoding="utf-8"))
+    assert out.kind == "stepped", out.detail
+
+
+def test_the_outcomes_tell_the_kinds_apart():
+    """The classifier itself: each kind from a text known to give it."""
+    assert fz.outcome("optimizer X\np -= g *\n").kind == "located"
+    assert fz.outcome("optimizer X\nhyper lr = 0.1\np -= lr * g\n").kind == "stepped"
+    # a spec that reads the loss needs step(closure): the generated code says so, a documented error
+    cls = optdsl.compile("optimizer X\np -= loss * g\n", fz.FILENAME)
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.ones(2)
+    with pytest.raises(RuntimeError) as err:
+        cls([p]).step()
+    assert fz._documented(err.value)
+    assert not fz._documented(RuntimeError("expected dtype float for `end` but got dtype double"))
+    # an unlocated SpecError is a bug
+    assert fz._located(optdsl.SpecError("x", None, filename=fz.FILENAME)).startswith("no location")
+
+
+def test_the_cases_are_reproducible_and_varied():
+    assert fz.case(12345) == fz.case(12345)
+    texts = {fz.case(s) for s in range(200)}
+    assert len(texts) > 150
+    assert any(t.startswith("optimizer X\n") for t in texts)  # token soup
+    assert sum(t in fz.SPEC_TEXTS for t in texts) < 20  # mutated, mostly
