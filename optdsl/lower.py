@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from . import ast, group, ir, modes
 from .errors import Span, SpecError, SpecWarning
-from .functions import COMPARISONS, TABLE
+from .functions import COMPARISONS, INSTEAD, TABLE
 
 # Names the generated code uses itself: a hyperparameter or state (which become Python
 # names there) may not take them; a local may (it is renamed where it would clash).
@@ -49,8 +49,8 @@ CONSTRUCTOR_NAMES = {"foreach", "fused", "maximize", "capturable", "differentiab
                      "_torch_names", "_step_dtype"}
 
 
-def _did_you_mean(name: str, candidates) -> str:
-    close = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.6)
+def _did_you_mean(name: str, candidates, cutoff: float = 0.6) -> str:
+    close = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=cutoff)
     return f"did you mean '{close[0]}'?" if close else ""
 
 
@@ -178,7 +178,7 @@ class _Lowering:
     def call(self, e: ast.Call, allowed: set[str] | None) -> ir.Expr:
         fn = TABLE.get(e.func)
         if fn is None:
-            hint = _did_you_mean(e.func, TABLE)
+            hint = INSTEAD.get(e.func) or _did_you_mean(e.func, TABLE, cutoff=0.75)
             raise SpecError(f"unknown function '{e.func}'", e.func_span,
                             hint=hint or "the functions are listed in docs/language.md")
         if len(e.args) != fn.arity:

@@ -300,6 +300,72 @@ _EXAMPLES = {
 }
 
 
+# Operators and words of other languages, and what to write instead (checked before the labels
+# above: `g and m` would otherwise read as two statements run together).
+_FOREIGN = {
+    "%": "write mod(x, k) for the remainder (or 'every K { ... }' for work every K steps)",
+    "and": "multiply the conditions: (a > 0) * (b > 0) is 1 where both hold",
+    "&&": "multiply the conditions: (a > 0) * (b > 0) is 1 where both hold",
+    "&": "multiply the conditions: (a > 0) * (b > 0) is 1 where both hold",
+    "or": "take the larger: max(a > 0, b > 0) is 1 where either holds",
+    "||": "take the larger: max(a > 0, b > 0) is 1 where either holds",
+    "|": "take the larger: max(a > 0, b > 0) is 1 where either holds",
+    "not": "subtract from 1: 1 - (a > 0), or write the opposite comparison (a <= 0)",
+    "!": "'!=' compares; for 'not c' write 1 - c",
+    "if": "write where(c, a, b): a where c is non-zero, else b",
+    "else": "write where(c, a, b): a where c is non-zero, else b",
+    "@": "write mm(a, b) for the matrix product",
+    "//": "there is no integer division: write a / b, or mod(a, b) for the remainder",
+    ".": "call functions as f(x), not as methods: sum(x), not x.sum()",
+}
+_FOREIGN_CHARS = re.compile(r"&&|\|\||//|!(?!=)|[%&|@.]")
+# Tokens the LALR tables accept after an expression only in a declaration or a block's header;
+# a hint inside an expression never offers them.
+_DECLARATION_TOKENS = {"EAGER": "state", "ONLY": "hyper", "_AS": "hyper state", "AS": "hyper state",
+                       "IN": "hyper", "LBRACE": "rule repeat every", "COLON": "state"}
+
+
+def _foreign(err: UnexpectedInput, text: str) -> SpecError | None:
+    """A word or operator of another language where an expression goes on: what to write instead."""
+    if isinstance(err, UnexpectedCharacters):
+        m = _FOREIGN_CHARS.match(text, err.pos_in_stream)
+        if not m or (m.group() == "." and text[err.pos_in_stream + 1:err.pos_in_stream + 2].isdigit()):
+            return None
+        what, line, column = m.group(), err.line, err.column
+    elif isinstance(err, UnexpectedToken) and str(err.token) in _FOREIGN and err.token.type == "NAME":
+        what, line, column = str(err.token), err.token.line, err.token.column
+    elif isinstance(err, UnexpectedToken) and err.token.start_pos is not None:
+        # `x // y`, `g * not m`: the foreign word was read as an operand or an operator; the
+        # token after it is the one that failed
+        pos, line = err.token.start_pos, err.token.line
+        before = text[text.rfind("\n", 0, pos) + 1:pos]
+        if str(err.token) == "/" and before.endswith("/"):
+            before += "/"
+        m = re.search(r"(?:\b(not|and|or|if|else)\s*|(//))$", before)
+        if not m:
+            return None
+        what = m.group(1) or "//"
+        column = m.start() + 1
+    else:
+        return None
+    return SpecError(f"syntax error: '{what}' is not an operator of optdsl", Span(line, column, line, column + len(what)),
+                     hint=_FOREIGN[what], source=text)
+
+
+def _fits_line(token: str, text: str, pos: int) -> bool:
+    """Whether an expected token belongs on the line where the error is (not a declaration's word
+    or a block's '{' in the middle of an expression, nor ',' outside brackets and lists)."""
+    start = text.rfind("\n", 0, pos) + 1
+    first = (text[start:pos].split() or [""])[0]
+    if token in _DECLARATION_TOKENS:
+        return first in _DECLARATION_TOKENS[token].split()
+    if token == "COMMA":
+        return first in ("hyper", "state", "input") or _unclosed(text[start:pos], pos - start) is not None
+    if token in ("RPAR", "RSQB"):  # a range closes with either
+        return _unclosed(text[start:pos], pos - start) is not None
+    return True
+
+
 @functools.cache
 def _example_errors() -> tuple:
     found = []
@@ -351,6 +417,9 @@ def _unclosed(text: str, end: int) -> tuple[int, int, str] | None:
 
 
 def _syntax_error(err: UnexpectedInput, text: str) -> SpecError:
+    foreign = _foreign(err, text)
+    if foreign is not None:
+        return foreign
     label = None
     try:
         label = _match_label(err)
@@ -393,6 +462,11 @@ def _syntax_error(err: UnexpectedInput, text: str) -> SpecError:
         message = label or f"unexpected {shown}"
     expected = sorted(getattr(err, "expected", None) or getattr(err, "allowed", None) or [])
     hint = label_hint or "check the line against docs/language.md"
+    pos = getattr(err, "pos_in_stream", None)
+    if pos is None and getattr(err, "token", None) is not None:
+        pos = getattr(err.token, "start_pos", None)
+    if pos is not None:
+        expected = [t for t in expected if _fits_line(t, text, min(pos, len(text)))]
     if expected and not label:
         hint = "expected one of: " + ", ".join(_pretty(t) for t in expected[:8])
     line = getattr(err, "line", 0) or text.count("\n") + 1

@@ -47,7 +47,7 @@ CASES = [
     ("two-declarations", "optimizer Bad\nhyper a = 1 b = 2\np -= a * b * g\n", 2, 13,
      "two statements run together", None),
     ("bad-character", H + M + "p -= lr $ m\n", 5, 9, "unexpected character '$'", None),
-    ("bad-character-tab", H + M + "\tp -= lr @ m\n", 5, 10, "unexpected character '@'", None),
+    ("bad-character-tab", H + M + "\tp -= lr @ m\n", 5, 10, "'@' is not an operator of optdsl", "mm(a, b)"),
     ("missing-header", "hyper lr = 1\np -= lr * g\n", 1, 1, "a spec starts with 'optimizer NAME'",
      "optimizer MyName"),
     ("missing-header-after-comment", "# a comment\n\nstate m\nm = g\np -= m\n", 3, 1,
