@@ -6,11 +6,13 @@ run one step assuming the range so far, widen until nothing changes.
 """
 from __future__ import annotations
 
+import copy
+
 import sympy as sp
 
 from . import ir
 from .errors import SpecError, SpecWarning
-from .ranges import Interval, bound
+from .ranges import Interval, _add_iv, _inv, _meet, _mul_iv, bound
 from .sym import to_sympy
 
 _FULL = Interval(float("-inf"), float("inf"), False, False)
@@ -47,6 +49,36 @@ class _Ranges:
     def of(self, e: ir.Expr) -> Interval:
         return bound(to_sympy(e, self.symbols), self.env)
 
+    def under(self, guards: tuple[ir.Expr, ...]) -> _Ranges:
+        """These ranges where every guard holds: each comparison of a value with a bound narrows
+        that value and, back through its definition, what it is computed from (RAdam's rho_t > 5,
+        with rho_t = rho_inf - (a value >= 0), gives rho_inf > 5)."""
+        if not guards:
+            return self
+        key = tuple(ir.format_expr(g) for g in guards)
+        cache = self.__dict__.setdefault("_under", {})
+        if key in cache:
+            return cache[key]
+        out = copy.copy(self)
+        out.env, out._under = dict(self.env), {}
+        if "_defs" not in self.__dict__:
+            self._defs = {self.symbols[eq.out]: to_sympy(eq.expr, self.symbols) for eq in self.prog.eqns}
+        defs = self._defs
+        cache[key] = out
+        for guard in guards:
+            for g in _conjuncts(guard):
+                if not (isinstance(g, ir.Op) and g.op in ("gt", "ge", "lt", "le")):
+                    continue
+                x, c = (to_sympy(a, self.symbols) for a in g.args)
+                rc = bound(c, out.env)
+                if g.op in ("gt", "ge"):  # x > c: x above c's lowest value
+                    _narrow(x, Interval(rc.lo, float("inf"), g.op == "ge" and rc.lo_closed, False), out.env, defs)
+                    _narrow(c, Interval(float("-inf"), bound(x, out.env).hi, False, g.op == "ge"), out.env, defs)
+                else:
+                    _narrow(x, Interval(float("-inf"), rc.hi, False, g.op == "le" and rc.hi_closed), out.env, defs)
+                    _narrow(c, Interval(bound(x, out.env).lo, float("inf"), g.op == "le", False), out.env, defs)
+        return out
+
     def run_step(self) -> None:
         for eq in self.prog.eqns:
             self.env[self.symbols[eq.out]] = self.of(eq.expr)
@@ -76,6 +108,48 @@ class _Ranges:
         self.run_step()
 
 
+def _narrow(x: sp.Expr, target: Interval, env: dict, defs: dict, depth: int = 0) -> None:
+    """Narrow env so that x lies in target, backwards through sums, constant factors and the
+    definitions of locals (sound: only values that cannot reach target are dropped)."""
+    if depth > 8:
+        return
+    if x.is_Symbol:
+        env[x] = _meet(env.get(x, _FULL), target)
+        if x in defs:
+            _narrow(defs[x], env[x], env, defs, depth + 1)
+    elif isinstance(x, sp.Add):
+        for i, term in enumerate(x.args):
+            rest = bound(sp.Add(*(x.args[:i] + x.args[i + 1:])), env)
+            _narrow(term, _add_iv(target, _mul_iv(Interval.point(-1.0), rest)), env, defs, depth + 1)
+    elif isinstance(x, sp.Mul) and len(x.args) == 2 and x.args[0].is_Number and x.args[0] != 0:
+        _narrow(x.args[1], _mul_iv(target, _inv(bound(1 / x.args[0], env))), env, defs, depth + 1)
+
+
+def _uses(e: ir.Expr, guards: tuple[ir.Expr, ...] = ()):
+    """Each name e reads, with the conditions that hold where that reading is used."""
+    for op, under in _walk(e, guards):
+        for i, a in enumerate(op.args):
+            if isinstance(a, ir.Ref):
+                yield a.name, under + ((op.args[0],) if op.op == "where" and i == 1 else ())
+    if isinstance(e, ir.Ref):
+        yield e.name, guards
+
+
+def _inherited_guards(prog: ir.Program) -> dict[str, tuple[ir.Expr, ...]]:
+    """For each local, the guards under which every one of its uses sits: a value computed only
+    to be picked by where(rho_t > 5, rect, 1) matters only where rho_t > 5."""
+    outputs = set(dict(prog.outputs).values())
+    common: dict[str, dict[str, ir.Expr]] = {}
+    for eq in reversed(prog.eqns):
+        own = () if eq.out in outputs else tuple(common.get(eq.out, {}).values())
+        for name, under in _uses(eq.expr, own):
+            seen = {ir.format_expr(g): g for g in under}
+            common[name] = {k: g for k, g in common[name].items() if k in seen} if name in common else seen
+    for name in outputs:
+        common[name] = {}
+    return {name: tuple(gs.values()) for name, gs in common.items()}
+
+
 def _walk(e: ir.Expr, guards: tuple[ir.Expr, ...] = ()):
     """Each operation in e, with the conditions that hold where its value is used: the first
     branch of where(cond, a, b) only matters where cond holds."""
@@ -97,14 +171,58 @@ def _factors(e: ir.Expr) -> set[str]:
     return {ir.format_expr(e)}
 
 
-def _guarded_nonzero(den: ir.Expr, guards: tuple[ir.Expr, ...]) -> bool:
-    """A guard compares den, or a product with den as a factor, strictly with 0 (w * r > 0, gn != 0)."""
+def _conjuncts(cond: ir.Expr):
+    """The comparisons that all hold where `cond` is non-zero: a product of comparisons (or their
+    min) holds where each of them does."""
+    if isinstance(cond, ir.Op) and cond.op in ("*", "min"):
+        for a in cond.args:
+            yield from _conjuncts(a)
+    else:
+        yield cond
+
+
+_NEGATED = {"gt": "le", "le": "gt", "lt": "ge", "ge": "lt", "eq": "ne", "ne": "eq"}
+_FLIPPED = {"gt": "lt", "lt": "gt", "ge": "le", "le": "ge", "eq": "eq", "ne": "ne"}
+
+
+def _negation(cond: ir.Expr) -> ir.Expr | None:
+    """What holds where `cond` is zero (the second branch of a where), when that is one comparison."""
+    if isinstance(cond, ir.Op) and cond.op in _NEGATED:
+        return ir.Op(_NEGATED[cond.op], cond.args, cond.span)
+    return None
+
+
+def _guarded_nonzero(den: ir.Expr, guards: tuple[ir.Expr, ...], ranges: _Ranges) -> bool:
+    """A guard compares den, or a product with den as a factor, strictly with 0 or with a value on
+    0's side of it (w * r > 0, gn != 0, b > eps with eps > 0), alone or as a factor of a product of
+    comparisons ((a > 0) * (b > 0))."""
     key = ir.format_expr(den)
-    for g in guards:
-        if isinstance(g, ir.Op) and g.op in ("gt", "lt", "ne"):
-            for x, other in (g.args, g.args[::-1]):
-                if _literal(other) == 0 and key in _factors(x):
+    for guard in guards:
+        for g in _conjuncts(guard):
+            if not (isinstance(g, ir.Op) and g.op in _FLIPPED):
+                continue
+            for (x, other), op in ((g.args, g.op), (g.args[::-1], _FLIPPED[g.op])):
+                if key not in _factors(x):
+                    continue
+                r = ranges.of(other)
+                if (op == "ne" and r.lo == r.hi == 0) or (op == "gt" and r.nonnegative) or (
+                        op == "lt" and r.hi <= 0) or (op == "ge" and r.positive) or (op == "le" and r.negative):
                     return True
+    return False
+
+
+def _nonzero(den: ir.Expr, guards: tuple[ir.Expr, ...], ranges: _Ranges) -> bool:
+    """den is never 0 where its value is used: by its range, by a guard, or piece by piece (each
+    branch of a where under its condition, each factor of a product)."""
+    if ranges.of(den).nonzero or _guarded_nonzero(den, guards, ranges):
+        return True
+    if isinstance(den, ir.Op) and den.op == "where":
+        cond, a, b = den.args
+        negated = _negation(cond)
+        return (_nonzero(a, guards + (cond,), ranges)
+                and _nonzero(b, guards + ((negated,) if negated is not None else ()), ranges))
+    if isinstance(den, ir.Op) and den.op in ("*", "neg", "abs"):
+        return all(_nonzero(a, guards, ranges) for a in den.args)
     return False
 
 
@@ -114,9 +232,10 @@ def check(prog: ir.Program) -> list[SpecWarning]:
     ranges.prove_states()
     warnings = []
     names = ir.source_names(prog)
+    inherited = _inherited_guards(prog)
     for eq in prog.eqns:
-        for op, guards in _walk(eq.expr):
-            warnings += _check_op(op, ranges, names, guards)
+        for op, guards in _walk(eq.expr, inherited.get(eq.out, ())):
+            warnings += _check_op(op, ranges.under(guards), names, guards)
     return warnings
 
 
@@ -143,7 +262,7 @@ def _check_op(op: ir.Op, ranges: _Ranges, names: dict[str, str], guards=()) -> l
         if r.lo == r.hi == 0:
             raise SpecError(f"division by zero: '{format_expr(den)}' is always 0", den.span or op.span,
                             hint="divide by a value that is not zero")
-        if not r.nonzero and not _guarded_nonzero(den, guards):
+        if not _nonzero(den, guards, ranges):
             warn(den, "denominator '{x}' can be zero (it ranges over {r})",
                  "add a positive epsilon, e.g. '+ eps' with 'hyper eps = 1e-8 in (0, inf)', "
                  "or narrow the ranges of the hyperparameters it uses")

@@ -309,8 +309,12 @@ def _compare(true: Callable, false: Callable):
 
 def _given(r: Interval, x: sp.Expr, cond: sp.Expr) -> Interval:
     """r, the range of x, where `cond` holds: narrowed when cond compares x itself with a number
-    (where(s > 0, s, 1) is never 0)."""
-    flipped = {fn.gt: fn.lt, fn.lt: fn.gt, fn.ge: fn.le, fn.le: fn.ge}
+    (where(s > 0, s, 1) is never 0), or is a product of comparisons that all hold there."""
+    if isinstance(cond, sp.Mul):
+        for factor in cond.args:
+            r = _given(r, x, factor)
+        return r
+    flipped = {fn.gt: fn.lt, fn.lt: fn.gt, fn.ge: fn.le, fn.le: fn.ge, fn.ne: fn.ne}
     if type(cond) not in flipped:
         return r
     kind, (left, right) = type(cond), cond.args
@@ -319,6 +323,8 @@ def _given(r: Interval, x: sp.Expr, cond: sp.Expr) -> Interval:
     if left != x or not right.is_Number:
         return r
     c = float(right)
+    if kind is fn.ne:  # x != c: an end at c is open
+        return Interval(r.lo, r.hi, r.lo_closed and r.lo != c, r.hi_closed and r.hi != c)
     if kind in (fn.gt, fn.ge) and c >= r.lo:  # x > c: the low end moves up to c
         return Interval(c, r.hi, kind is fn.ge and c in r, r.hi_closed) if c <= r.hi else r
     if kind in (fn.lt, fn.le) and c <= r.hi:
@@ -378,8 +384,45 @@ RULES: dict[type, Callable[[sp.Expr, Env], Interval]] = {
 }
 
 
+def _sign_cases(expr: sp.Expr, env: Env) -> Interval | None:
+    """Bound an expression holding sign(x - y) case by case: where the sign is 1, -1 or 0, and in
+    each case also with x written as y + d, d of that sign, so that the relation the sign states
+    is kept. Yogi's v - k*sign(v - g^2)*g^2 stays >= 0 for v >= 0 and k in [0, 1]: where v > g^2
+    it is d + (1 - k)*g^2, elsewhere v + k*g^2 or v. None when expr has no such sign."""
+    signs = sorted((s for s in expr.atoms(sp.sign) if not s.args[0].is_Symbol), key=sp.default_sort_key)
+    if not signs or len(signs) > 2:  # cases multiply: 3 per sign, each bounded in up to 3 forms
+        return None
+    arg = signs[0].args[0]
+    d = sp.Dummy("d")
+    linear = [v for v in sorted(arg.free_symbols, key=sp.default_sort_key) if sp.diff(arg, v) in (1, -1)
+              and v not in sp.diff(arg, v).free_symbols]
+    out = None
+    for value, sign_range in ((1, Interval(0.0, INF, False)), (-1, Interval(-INF, 0.0, True, False)),
+                              (0, Interval.point(0.0))):
+        case = expr.subs(signs[0], value)
+        found = bound(case, env)
+        for v in linear[:2]:  # x = y + d: the case's relation between x and y, in d alone
+            solved = sp.solve(sp.Eq(arg, d), v)
+            if len(solved) != 1:
+                continue
+            form = sp.expand(case.subs(v, solved[0]))
+            others = sorted(form.free_symbols - {d}, key=sp.default_sort_key)
+            found = _meet(found, bound(sp.collect(form, others), {**env, d: sign_range}))
+        out = found if out is None else out.hull(found)
+    return out
+
+
 def bound(expr: sp.Expr, env: Env) -> Interval:
     """A sound over-approximation of the values of `expr` (a symbol missing from env is (-inf, inf))."""
+    expr = sp.sympify(expr)
+    if isinstance(expr, (sp.Add, sp.Mul)) and expr.has(sp.sign):
+        cases = _sign_cases(expr, env)
+        if cases is not None:
+            return _meet(_bound(expr, env), cases)
+    return _bound(expr, env)
+
+
+def _bound(expr: sp.Expr, env: Env) -> Interval:
     expr = sp.sympify(expr)
     if expr.is_Symbol:
         return env.get(expr, FULL)
