@@ -186,9 +186,14 @@ class _Lowering:
             raise SpecError(f"{e.func}() takes {fn.arity} argument{plural}, got {len(e.args)}", e.span,
                             hint=f"call it as {e.func}({', '.join('xyz'[:fn.arity]) if fn.arity <= 3 else '...'})")
         op = ir.Op(e.func, tuple(self.expr(a, allowed) for a in e.args), e.span)
-        if fn.matrix and all(self.kind_of(a) == ir.SCALAR for a in op.args):
+        kinds = [self.kind_of(a) == ir.SCALAR for a in op.args]
+        if fn.matrix and all(kinds):
             raise SpecError(f"{e.func}() of scalars: matrix work takes tensors", e.span,
                             hint="multiply scalars with '*'; a transpose of a scalar is the scalar")
+        if fn.matrix and any(kinds):  # torch.matmul takes no 0-dim operand
+            arg = e.args[kinds.index(True)]
+            raise SpecError(f"{e.func}() of a scalar: matrix work takes two tensors", arg.span or e.span,
+                            hint="multiply by a scalar with '*' instead")
         return op
 
     def kind_of(self, e: ir.Expr) -> str:

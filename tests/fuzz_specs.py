@@ -208,7 +208,7 @@ def outcome(text: str, limit: float = 20.0) -> Outcome:
                     why = _located(err)
                     return Outcome("bug", why) if why else Outcome("located")
                 try:
-                    module = optdsl._module_from(compiled, f"optdsl_fuzz.{compiled.program.name}")
+                    module = optdsl._module_from(compiled, text, FILENAME)
                     cls = getattr(module, compiled.program.name)
                 except Exception as err:  # noqa: BLE001 - any failure here is the bug we look for
                     return Outcome("bug", f"import: {type(err).__name__}: {err}")

@@ -257,3 +257,9 @@ def test_every_single_character_deletion_of_a_spec():
 ])
 def test_edge_texts(text):
     _assert_only_spec_errors(text)
+
+
+def test_matrix_work_with_one_scalar_operand_is_a_spec_error():
+    """Found by tests/test_fuzz.py: mm(col_mean(r), eps1) compiled and torch.matmul refused a 0-dim operand."""
+    err = _compile_error("optimizer Bad\nhyper eps = 1\nstate m\nm = g\np -= mm(m, eps) * g\n")
+    assert (err.line, err.column) == (5, 12) and "mm() of a scalar" in err.message, str(err)
