@@ -260,15 +260,15 @@ def meaning(expr: sp.Expr) -> sp.Expr:
 # Functions other languages have and optdsl has not: what to write instead (the hint of an
 # unknown function; a new function is a row of TABLE).
 INSTEAD = {
-    **dict.fromkeys(["cos", "sin", "tan", "acos", "asin", "atan", "cosh", "sinh"],
-                    "optdsl has no trigonometric functions but atan2(y, x) and tanh(x); a new function is a "
-                    "row of optdsl/functions.py"),
+    **dict.fromkeys(["tan", "acos", "asin", "atan", "cosh", "sinh"],
+                    "optdsl's trigonometric functions are sin, cos, atan2(y, x) and tanh; write tan(x) as "
+                    "sin(x) / cos(x), atan(x) as atan2(x, 1); a new function is a row of optdsl/functions.py"),
     "pow": "write x^y", "power": "write x^y", "cbrt": "write x^(1/3)",
     "ln": "write log(x)", "log2": "write log(x) / log(2)", "log10": "write log(x) / log(10)", "exp2": "write 2^x",
     "expm1": "write exp(x) - 1", "hypot": "write sqrt(x^2 + y^2)",
     "maximum": "write max(a, b)", "minimum": "write min(a, b)", "clip": "write clamp(x, lo, hi)",
     "relu": "write max(x, 0)", "sgn": "write sign(x)", "signum": "write sign(x)", "fabs": "write abs(x)",
-    "fmod": "write mod(x, k)", "remainder": "write mod(x, k)", "avg": "write mean(x)", "max_abs": "write amax(abs(x))",
+    "fmod": "write x % k", "remainder": "write x % k", "avg": "write mean(x)", "max_abs": "write amax(abs(x))",
     "if": "write where(c, a, b)", "select": "write where(c, a, b)", "ifelse": "write where(c, a, b)",
     "matmul": "write mm(a, b)", "transpose": "write T(x)",
 }

@@ -303,7 +303,6 @@ _EXAMPLES = {
 # Operators and words of other languages, and what to write instead (checked before the labels
 # above: `g and m` would otherwise read as two statements run together).
 _FOREIGN = {
-    "%": "write mod(x, k) for the remainder (or 'every K { ... }' for work every K steps)",
     "and": "multiply the conditions: (a > 0) * (b > 0) is 1 where both hold",
     "&&": "multiply the conditions: (a > 0) * (b > 0) is 1 where both hold",
     "&": "multiply the conditions: (a > 0) * (b > 0) is 1 where both hold",
@@ -315,10 +314,10 @@ _FOREIGN = {
     "if": "write where(c, a, b): a where c is non-zero, else b",
     "else": "write where(c, a, b): a where c is non-zero, else b",
     "@": "write mm(a, b) for the matrix product",
-    "//": "there is no integer division: write a / b, or mod(a, b) for the remainder",
+    "//": "there is no integer division: write a / b, or a % b for the remainder",
     ".": "call functions as f(x), not as methods: sum(x), not x.sum()",
 }
-_FOREIGN_CHARS = re.compile(r"&&|\|\||//|!(?!=)|[%&|@.]")
+_FOREIGN_CHARS = re.compile(r"&&|\|\||//|!(?!=)|[&|@.]")
 # Tokens the LALR tables accept after an expression only in a declaration or a block's header;
 # a hint inside an expression never offers them.
 _DECLARATION_TOKENS = {"EAGER": "state", "ONLY": "hyper", "_AS": "hyper state", "AS": "hyper state",
