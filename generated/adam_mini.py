@@ -362,8 +362,8 @@ def _single_tensor_adammini(params, grads, m_list, v_mean_list, state_steps, *, 
             c2 = eps*math.sqrt(1 - b2**t)
         tmp0 = torch.mul(g, g)
         r0 = torch.mean(tmp0)
-        d0 = -c0*c1*lr/(c2 + torch.sqrt(((v_mean) + (k1) * ((r0) - (v_mean)))))
-        d1 = ((v_mean) + (k1) * ((r0) - (v_mean)))
+        d0 = torch.as_tensor(-c0*c1*lr/(c2 + torch.sqrt(((v_mean) + (k1) * ((r0) - (v_mean))))), dtype=p.dtype)
+        d1 = torch.as_tensor(((v_mean) + (k1) * ((r0) - (v_mean))), dtype=p.dtype)
         m.lerp_(g, k2)
         tmp1 = torch.mul(m, d0)
         p.mul_(k0)
@@ -407,8 +407,8 @@ def _multi_tensor_adammini(params, grads, m_list, v_mean_list, state_steps, *, l
         c2 = [eps*math.sqrt(1 - b2**t_) for t_ in t]
         tmp0 = torch._foreach_mul(g, g)
         r0 = [torch.mean(tmp0_) for tmp0_ in tmp0]
-        d0 = [-c0_*c1_*lr/(c2_ + torch.sqrt(((v_mean_) + (k1) * ((r0_) - (v_mean_))))) for c0_, c1_, c2_, r0_, v_mean_ in zip(c0, c1, c2, r0, v_mean)]
-        d1 = [((v_mean_) + (k1) * ((r0_) - (v_mean_))) for r0_, v_mean_ in zip(r0, v_mean)]
+        d0 = [torch.as_tensor(-c0_*c1_*lr/(c2_ + torch.sqrt(((v_mean_) + (k1) * ((r0_) - (v_mean_))))), dtype=p[0].dtype) for c0_, c1_, c2_, r0_, v_mean_ in zip(c0, c1, c2, r0, v_mean)]
+        d1 = [torch.as_tensor(((v_mean_) + (k1) * ((r0_) - (v_mean_))), dtype=p[0].dtype) for r0_, v_mean_ in zip(r0, v_mean)]
         torch._foreach_lerp_(m, g, k2)
         tmp1 = torch._foreach_mul(m, d0)
         torch._foreach_mul_(p, k0)
