@@ -215,6 +215,8 @@ class Adadelta(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("Adadelta does not support sparse gradients")
+        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
+            raise RuntimeError("Adadelta does not support complex parameters")
         states = [self.state[p] for p in with_grad]
         made = {"step", "square_avg", "acc_delta"}.issubset
         if not all(map(made, states)):

@@ -7,15 +7,18 @@ The spec::
     # small ways that this spec follows: eps1 floors the estimate (the paper adds it to g^2), the
     # estimate divides by the mean of the row factors (HF's _approx_sq_grad takes reciprocal square
     # roots of the factors first: the same value, rounded differently), and beta2 = 1 - t^beta2_decay.
+    # It takes torch.optim.Adafactor's keywords (eps=(None, 1e-3): None is the machine epsilon of the
+    # parameter's dtype) and loads its state_dict (row_var, col_var, variance).
     optimizer Adafactor "factored second moments, relative step size (Shazeer & Stern, 2018), as torch.optim has it"
     
     hyper lr = 1e-2 in [0, inf), beta2_decay = -0.8 in (-inf, 0]
-    hyper eps1 = 1.1920928955078125e-07 in (0, inf), eps2 = 1e-3 in [0, inf)   # eps1: float32 machine epsilon
-    hyper d = 1 in [1, inf), wd = 0 in [0, inf)
+    hyper eps1 = None in (0, inf), eps2 = 1e-3 in [0, inf)   # eps1 = 0 would divide by zero: refused
+    hyper eps = (eps1, eps2)
+    hyper d = 1 in [1, inf), wd = 0 in [0, inf) as weight_decay
     
     # A matrix (or a stack of them) keeps one second moment per row and one per column.
     rule ndim >= 2 {
-      state r: rows, c: cols
+      state r: rows as row_var, c: cols as col_var
       alpha = max(eps2, rms(p)) * min(lr, 1 / sqrt(t))     # the relative step size
       p *= 1 - lr * wd
       r = lerp(r, row_mean(g^2), t^beta2_decay)
@@ -26,7 +29,7 @@ The spec::
     
     # Anything else keeps a full second moment.
     rule {
-      state v
+      state v as variance
       alpha = max(eps2, rms(p)) * min(lr, 1 / sqrt(t))
       p *= 1 - lr * wd
       v = lerp(v, g^2, t^beta2_decay)
@@ -99,10 +102,9 @@ class Adafactor(Optimizer):
         params: iterable of parameters or dicts defining parameter groups.
         lr (float, optional): default 0.01, in [0, inf).
         beta2_decay (float, optional): default -0.8, in (-inf, 0].
-        eps1 (float, optional): default 1.1920928955078125e-07, in (0, inf).
-        eps2 (float, optional): default 0.001, in [0, inf).
+        eps (tuple[float | None, float], optional): default (None, 0.001); eps1, in (0, inf); eps2, in [0, inf).
         d (float, optional): default 1.0, in [1, inf).
-        wd (float, optional): default 0.0, in [0, inf).
+        weight_decay (float, optional): default 0.0; the spec's wd, in [0, inf).
         foreach (bool, optional): use the multi-tensor (``torch._foreach_*``) path.
             ``None`` picks it as torch.optim does: on CUDA, not on CPU.
         fused (bool, optional): use the fused Triton kernel, one launch per device and dtype.
@@ -111,50 +113,65 @@ class Adafactor(Optimizer):
             (half the memory); each step computes in the parameter's precision (float32 at
             least) and writes them back with stochastic rounding. ``None``: the parameter's
             dtype, float32 for lower ones. All three paths support it.
+        maximize (bool, optional): accepted for torch.optim's sake; only False.
+        capturable (bool, optional): accepted for torch.optim's sake; only False.
+        differentiable (bool, optional): accepted for torch.optim's sake; only False.
+        The spec's own names are accepted too: eps1, eps2, wd.
     """
+
+    # The spec's own names, accepted as aliases: name -> (keyword, index in its tuple or None).
+    _ALIASES = {"eps1": ("eps", 0), "eps2": ("eps", 1), "wd": ("weight_decay", None)}
+    # torch.optim's keywords this spec does not implement, accepted at the value that turns them off.
+    _FIXED = {"maximize": False, "capturable": False, "differentiable": False}
+    # state_dict() keys of the states, by their names in the spec.
+    _SAVED = {"r": "row_var", "c": "col_var", "v": "variance"}
 
     def __init__(
         self,
         params,
         lr: float = 0.01,
         beta2_decay: float = -0.8,
-        eps1: float = 1.1920928955078125e-07,
-        eps2: float = 0.001,
+        eps: tuple[float | None, float] = (None, 0.001),
         d: float = 1.0,
-        wd: float = 0.0,
+        weight_decay: float = 0.0,
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        **spec_names,
     ):
-        if fused and foreach:  # torch.optim's error, in torch.optim's words
+        if fused and foreach:  # torch.optim's errors, in torch.optim's words
             raise RuntimeError("`fused` and `foreach` cannot be `True` together (fused=True and foreach=True)")
+        if fused and differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
         if state_dtype not in (None, torch.bfloat16):
             raise ValueError(f"Invalid state_dtype: {state_dtype} (None or torch.bfloat16)")
-        _one_element({"lr": lr, "beta2_decay": beta2_decay, "eps1": eps1, "eps2": eps2, "d": d, "wd": wd})
-        if not (0.0 <= lr):
-            raise ValueError(f"Invalid lr value: {lr} (must be in [0, inf))")
-        if not (beta2_decay <= 0.0):
-            raise ValueError(f"Invalid beta2_decay value: {beta2_decay} (must be in (-inf, 0])")
-        if not (0.0 < eps1):
-            raise ValueError(f"Invalid eps1 value: {eps1} (must be in (0, inf))")
-        if not (0.0 <= eps2):
-            raise ValueError(f"Invalid eps2 value: {eps2} (must be in [0, inf))")
-        if not (1.0 <= d):
-            raise ValueError(f"Invalid d value: {d} (must be in [1, inf))")
-        if not (0.0 <= wd):
-            raise ValueError(f"Invalid wd value: {wd} (must be in [0, inf))")
+        unknown = sorted(set(spec_names) - set(self._ALIASES))
+        if unknown:
+            raise TypeError(f"Adafactor() got an unexpected keyword argument {unknown[0]!r}; it accepts "
+                            "lr, beta2_decay, eps, d, weight_decay, foreach, fused, maximize, capturable, differentiable"
+                            " (or the spec's names eps1, eps2, wd)")
         defaults = dict(
             lr=lr,
             beta2_decay=beta2_decay,
-            eps1=eps1,
-            eps2=eps2,
+            eps=eps,
             d=d,
-            wd=wd,
+            weight_decay=weight_decay,
             foreach=foreach,
             fused=fused,
             state_dtype=state_dtype,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
         )
+        # The groups keep torch.optim's names, so schedulers, per-group overrides and state_dicts
+        # line up with torch.optim's; add_param_group checks every group's values. The defaults
+        # are checked first, before `params` is read, as torch.optim does.
+        defaults = _torch_names(dict(defaults, **spec_names), defaults, self._ALIASES)
+        self._check_group(defaults)
         super().__init__(params, defaults)
         if fused:
             why = fused_available([p for g in self.param_groups for p in g["params"]])
@@ -162,6 +179,33 @@ class Adafactor(Optimizer):
                 raise RuntimeError(f"Adafactor(fused=True) cannot run: {why}")
             # GradScaler then leaves the unscaling and the inf check to the kernels (grad_scale, found_inf)
             self._step_supports_amp_scaling = True
+
+    def add_param_group(self, param_group):
+        # A group may use the spec's names too (wd for weight_decay); it is kept under torch.optim's.
+        param_group = _torch_names(param_group, self.defaults, self._ALIASES)
+        self._check_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    def _check_group(self, group):
+        """Refuse values outside the spec's ranges, and torch.optim features the spec does not implement."""
+        _one_element({"lr": group["lr"], "beta2_decay": group["beta2_decay"], "eps": group["eps"], "d": group["d"], "weight_decay": group["weight_decay"]})
+        if not (0.0 <= group["lr"]):
+            raise ValueError(f"Invalid lr value: {group['lr']} (lr must be in [0, inf))")
+        if not (group["beta2_decay"] <= 0.0):
+            raise ValueError(f"Invalid beta2_decay value: {group['beta2_decay']} (beta2_decay must be in (-inf, 0])")
+        if len(group["eps"]) != 2:
+            raise ValueError(f"Invalid eps: {group['eps']!r} (must hold 2 values: eps1, eps2)")
+        if group["eps"][0] is not None and not (0.0 < group["eps"][0]):
+            raise ValueError(f"Invalid eps[0] value: {group['eps'][0]} (eps[0] (eps1) must be in (0, inf))")
+        if not (0.0 <= group["eps"][1]):
+            raise ValueError(f"Invalid eps[1] value: {group['eps'][1]} (eps[1] (eps2) must be in [0, inf))")
+        if not (1.0 <= group["d"]):
+            raise ValueError(f"Invalid d value: {group['d']} (d must be in [1, inf))")
+        if not (0.0 <= group["weight_decay"]):
+            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']} (weight_decay (wd) must be in [0, inf))")
+        for key, value in self._FIXED.items():
+            if group.get(key, value) != value:
+                raise ValueError(f"Adafactor does not implement {key}={group[key]!r} (only {key}={value!r})")
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -171,6 +215,17 @@ class Adafactor(Optimizer):
             group.setdefault("state_dtype", None)
 
     def load_state_dict(self, state_dict):
+        # Older state_dicts of this class used the spec's own names: move them to torch.optim's.
+        state_dict = dict(
+            state_dict,
+            # torch.optim saves None for a state it never made (SGD's momentum_buffer at momentum=0):
+            # left out, it is made at the next step like any state not there yet.
+            state={i: {self._SAVED.get(k, k): v for k, v in s.items() if v is not None}
+                   for i, s in state_dict["state"].items()},
+            param_groups=[_torch_names(g, self.defaults, self._ALIASES) for g in state_dict["param_groups"]],
+        )
+        for group in state_dict["param_groups"]:  # e.g. torch.optim's maximize=True cannot go on here
+            self._check_group({**self.defaults, **group})
         # torch.optim casts every state to its parameter's dtype; states of lower-precision
         # parameters are float32 here, and bfloat16 with state_dtype, so they are restored
         # from the saved values in that dtype.
@@ -209,20 +264,29 @@ class Adafactor(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("Adafactor does not support sparse gradients")
+        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
+            raise RuntimeError("Adafactor does not support complex parameters")
         states = [self.state[p] for p in with_grad]
-        if not all("step" in state for state in states):
+        made = {"step", "row_var", "col_var"}.issubset
+        if not all(map(made, states)):
             for p, state in zip(with_grad, states):
-                if len(state) == 0:  # lazy state initialisation, as in torch.optim
+                # Lazy state initialisation, as in torch.optim, of each state not there yet: one that
+                # torch.optim saved may lack those it keeps only for some settings (RMSprop's grad_avg).
+                if "step" not in state:
                     # `step` lives where the update reads it: on the parameter's device for the fused
                     # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
-                    state["step"] = torch.zeros((), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
-                                                device=p.device if self._fused_for(group, p) else "cpu")
-                    state["r"] = p.new_zeros(p.shape[:-1] + (1,), dtype=_state_dtype(group, p))
-                    state["c"] = p.new_zeros(p.shape[:-2] + (1,) + p.shape[-1:], dtype=_state_dtype(group, p))
+                    # torch.optim.SGD keeps no step: a state saved without one has taken a step.
+                    taken = any(v is not None for v in state.values())
+                    state["step"] = torch.tensor(float(taken), dtype=_step_dtype(),
+                                                 device=p.device if self._fused_for(group, p) else "cpu")
+                if state.get("row_var") is None:
+                    state["row_var"] = p.new_zeros(p.shape[:-1] + (1,), dtype=_state_dtype(group, p))
+                if state.get("col_var") is None:
+                    state["col_var"] = p.new_zeros(p.shape[:-2] + (1,) + p.shape[-1:], dtype=_state_dtype(group, p))
         params += with_grad
         grads += new_grads
-        r_list += [state["r"] for state in states]
-        c_list += [state["c"] for state in states]
+        r_list += [state["row_var"] for state in states]
+        c_list += [state["col_var"] for state in states]
         state_steps += [state["step"] for state in states]
 
     def _init_group_1(self, group, params, grads, v_list, state_steps):
@@ -231,18 +295,26 @@ class Adafactor(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("Adafactor does not support sparse gradients")
+        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
+            raise RuntimeError("Adafactor does not support complex parameters")
         states = [self.state[p] for p in with_grad]
-        if not all("step" in state for state in states):
+        made = {"step", "variance"}.issubset
+        if not all(map(made, states)):
             for p, state in zip(with_grad, states):
-                if len(state) == 0:  # lazy state initialisation, as in torch.optim
+                # Lazy state initialisation, as in torch.optim, of each state not there yet: one that
+                # torch.optim saved may lack those it keeps only for some settings (RMSprop's grad_avg).
+                if "step" not in state:
                     # `step` lives where the update reads it: on the parameter's device for the fused
                     # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
-                    state["step"] = torch.zeros((), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
-                                                device=p.device if self._fused_for(group, p) else "cpu")
-                    state["v"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+                    # torch.optim.SGD keeps no step: a state saved without one has taken a step.
+                    taken = any(v is not None for v in state.values())
+                    state["step"] = torch.tensor(float(taken), dtype=_step_dtype(),
+                                                 device=p.device if self._fused_for(group, p) else "cpu")
+                if state.get("variance") is None:
+                    state["variance"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
         params += with_grad
         grads += new_grads
-        v_list += [state["v"] for state in states]
+        v_list += [state["variance"] for state in states]
         state_steps += [state["step"] for state in states]
 
     @torch.no_grad()
@@ -261,10 +333,10 @@ class Adafactor(Optimizer):
                 params, grads, r_list, c_list, state_steps,
                 lr=group["lr"],
                 beta2_decay=group["beta2_decay"],
-                eps1=group["eps1"],
-                eps2=group["eps2"],
+                eps1=_machine_eps(group["eps"][0], params),
+                eps2=group["eps"][1],
                 d=group["d"],
-                wd=group["wd"],
+                wd=group["weight_decay"],
                 foreach=group["foreach"],
                 fused=group["fused"],
                 grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
@@ -277,10 +349,10 @@ class Adafactor(Optimizer):
                 params, grads, v_list, state_steps,
                 lr=group["lr"],
                 beta2_decay=group["beta2_decay"],
-                eps1=group["eps1"],
-                eps2=group["eps2"],
+                eps1=_machine_eps(group["eps"][0], params),
+                eps2=group["eps"][1],
                 d=group["d"],
-                wd=group["wd"],
+                wd=group["weight_decay"],
                 foreach=group["foreach"],
                 fused=group["fused"],
                 grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
@@ -299,9 +371,40 @@ def _one_element(values):
                 raise ValueError(f"Tensor {where} must be 1-element (it has {x.numel()} elements)")
 
 
+def _machine_eps(value, params):
+    """None, as torch.optim's unset epsilon: the machine epsilon of the parameters' dtype."""
+    if value is not None:
+        return value
+    dtypes = {p.dtype for p in params}
+    if len(dtypes) > 1:
+        raise ValueError(f"Adafactor: an epsilon of None is the machine epsilon of the parameters' dtype, and "
+                         f"this group holds {sorted(map(str, dtypes))}: give a number, or one group per dtype")
+    return torch.finfo(dtypes.pop() if dtypes else torch.float32).eps
+
+
 def _state_dtype(group, p):
     """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
     return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+
+
+def _step_dtype():
+    """torch.optim's dtype for `step`: float32 unless float64 is the default dtype."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _torch_names(values, defaults, aliases):
+    """`values` with each of the spec's names (b1, wd) moved under its keyword (betas, weight_decay)."""
+    values = dict(values)
+    for alias, (keyword, index) in aliases.items():
+        if alias not in values:
+            continue
+        value = values.pop(alias)
+        if index is not None:  # one member of a tuple keyword: the others stay as they are
+            items = list(values.get(keyword, defaults[keyword]))
+            items[index] = value
+            value = tuple(items)
+        values[keyword] = value
+    return values
 
 
 def adafactor_0(params, grads, r_list, c_list, state_steps, *, foreach=None, fused=None,

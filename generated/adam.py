@@ -225,6 +225,8 @@ class Adam(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("Adam does not support sparse gradients")
+        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
+            raise RuntimeError("Adam does not support complex parameters")
         states = [self.state[p] for p in with_grad]
         made = {"step", "exp_avg", "exp_avg_sq"}.issubset
         if not all(map(made, states)):

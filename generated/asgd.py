@@ -216,6 +216,8 @@ class ASGD(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("ASGD does not support sparse gradients")
+        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
+            raise RuntimeError("ASGD does not support complex parameters")
         states = [self.state[p] for p in with_grad]
         made = {"step", "eta", "mu", "ax"}.issubset
         if not all(map(made, states)):

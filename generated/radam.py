@@ -240,6 +240,8 @@ class RAdam(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("RAdam does not support sparse gradients")
+        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
+            raise RuntimeError("RAdam does not support complex parameters")
         states = [self.state[p] for p in with_grad]
         made = {"step", "exp_avg", "exp_avg_sq"}.issubset
         if not all(map(made, states)):

@@ -74,6 +74,7 @@ class Hyper:
     flag: bool = False          # declared True/False: accepts booleans, reads as 1.0/0.0
     only: bool = False          # `only`: no value but the default is accepted
     keyword_span: Span | None = None
+    optional: bool = False      # `= None`: None is the machine epsilon of p's dtype
 
 
 @dataclass(frozen=True)

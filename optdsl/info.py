@@ -47,7 +47,10 @@ def memory(compiled: Compiled, shape: tuple[int, ...]) -> Memory:
     program, rule = compiled.program, ""
     if compiled.rules:
         p = torch.empty(shape, device="meta")
-        group = {h.name: h.default for h in program.hypers}
+        hypers = {h.name: h for h in program.hypers}  # the group as the class holds it, under its keywords
+        group = {h.name: h.default for h in program.hypers} | {
+            k.name: tuple(hypers[m].default for m in k.members) if k.is_tuple else hypers[k.members[0]].default
+            for k in program.keywords}
         for code, prog, _, shown in compiled.rules:
             if code is None or eval(code, {**_HOST_NAMES, "p": p, "group": group}):  # noqa: S307 - our own code
                 program, rule = prog, shown or "every other parameter"

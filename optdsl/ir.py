@@ -101,6 +101,7 @@ class Hyper:
     flag: bool = False          # True/False, read as 1.0/0.0
     only: bool = False          # no value but the default is accepted
     computed: bool = False      # a group value (optdsl/group.py): computed each step, not a keyword
+    optional: bool = False      # defaults to None: the machine epsilon of p's dtype (default holds float32's)
 
     @property
     def range_text(self) -> str:

@@ -356,7 +356,8 @@ class _Lowering:
                                 *((h.range.lo, h.range.hi, h.range.lo_closed, h.range.hi_closed)
                                   if h.range else (0.0, 1.0, True, True) if h.flag
                                   else (float("-inf"), float("inf"), False, False)), span=h.span,
-                                keyword=h.keyword, flag=h.flag, only=h.only)
+                                keyword=h.keyword, flag=h.flag, only=h.only,
+                                optional=h.optional)
                        for h in spec.hypers)
         return ir.Program(spec.name, spec.doc, hypers, tuple(states), tuple(self.eqns), outputs,
                           self.uses_loss)
@@ -375,10 +376,10 @@ class _Lowering:
         return reads
 
 
-def _keywords(spec: ast.Spec) -> tuple[ir.Keyword, ...]:
+def _keywords(spec: ast.Spec, named: bool = False) -> tuple[ir.Keyword, ...]:
     """The constructor's keywords, in declaration order, a tuple where its first member stands;
     () for a spec that names none of its interface (its keywords are its hyperparameters)."""
-    named = spec.tuples or any(h.keyword or h.flag or h.only for h in spec.hypers) or any(
+    named = named or spec.tuples or any(h.keyword or h.flag or h.only or h.optional for h in spec.hypers) or any(
         s.key or s.eager for s in spec.states)
     if not named:
         return ()
@@ -462,15 +463,16 @@ def _targets(body):
             yield from _targets(item.body)
 
 
-def lower(spec: ast.Spec) -> tuple[ir.Program, list[SpecWarning]]:
-    """Resolve names and build the SSA program; raises SpecError on the first problem."""
+def lower(spec: ast.Spec, named: bool = False) -> tuple[ir.Program, list[SpecWarning]]:
+    """Resolve names and build the SSA program; raises SpecError on the first problem.
+    named: the spec names its interface elsewhere (a saved key in another rule)."""
     if spec.rules:
         raise SpecError("this spec has rules: lower it with lower_rules", spec.name_span)
     # An input is a scalar state the step reads and never writes; the training loop sets it.
     spec = replace(spec, states=spec.states + tuple(
         ast.State(i.name, ast.Num(i.default, i.span), i.span, "scalar") for i in spec.inputs))
     _check_declarations(spec)
-    keywords = _keywords(spec)
+    keywords = _keywords(spec, named)
     if not group.has_group(spec):
         lowering = _Lowering(replace(spec, modes=()))
         program = replace(lowering.run(), keywords=keywords)
@@ -488,18 +490,25 @@ def lower_rules(spec: ast.Spec) -> tuple[list[tuple[ir.Expr | None, ir.Program]]
     A spec without rules is one rule that takes every parameter.
     """
     rules = spec.rules or (ast.Rule(None, spec.states, spec.body, spec.name_span),)
-    for rule in spec.rules:  # each rule lowers alone, so one drop-in interface could not span them
+    keys: dict[str, ast.State] = {}  # a state's name -> its declaration with a key, across the rules
+    for rule in spec.rules:
         for s in rule.states:
-            if s.key or s.eager:
-                raise SpecError(f"'{s.name}' is a rule's state, so it cannot take "
-                                f"'{'as ' + s.key if s.key else 'eager'}'", s.key_span or s.span,
-                                hint="saved keys and eager states are for specs without rules; remove it")
+            if s.eager:  # which rule a parameter takes is known at its step, not at construction
+                raise SpecError(f"'{s.name}' is a rule's state, so it cannot be 'eager'", s.span,
+                                hint="eager states are for specs without rules; remove it")
+            other = keys.setdefault(s.name, s)
+            if (other.key or s.name) != (s.key or s.name):  # one name, one key, whichever rule made it
+                raise SpecError(f"state '{s.name}' is saved as '{s.key or s.name}' here and as "
+                                f"'{other.key or s.name}' in another rule", s.key_span or s.span,
+                                hint="give a state of the same name the same 'as KEY' in every rule")
+    # a key in any rule makes the class a drop-in: every rule then has the same interface
+    named = any(s.key for rule in spec.rules for s in rule.states)
     out, warnings, unused = [], [], []
     for i, rule in enumerate(rules):
         if rule.cond is None and i < len(rules) - 1:
             raise SpecError("a rule without a condition takes every parameter, so the rules after it never run",
                             rule.span, hint="put the rule without a condition last")
-        program, found = lower(replace(spec, states=rule.states, body=rule.body, rules=()))
+        program, found = lower(replace(spec, states=rule.states, body=rule.body, rules=()), named=named)
         hyper = [w for w in found if w.message.startswith("hyperparameter '")]
         unused.append({w.message: w for w in hyper})
         warnings += [w for w in found if w not in hyper]

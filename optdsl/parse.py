@@ -21,6 +21,9 @@ def grammar_text() -> str:
     return (Path(__file__).resolve().parent.parent / "grammars" / "optdsl.lark").read_text(encoding="utf-8")
 
 
+MACHINE_EPS = 2.0 ** -23  # float32's: what the analyses take for a hyperparameter that defaults to None
+
+
 class _ContinueInBrackets:
     """Drop newlines inside ( ) and range brackets, so an expression may span lines."""
 
@@ -97,16 +100,21 @@ class _ToAst(Transformer):
 
     def hyper_item(self, meta, children):
         name, default, range_, only, keyword = children
-        flag = isinstance(default, Token)  # True or False; a number is already an ast.Num
+        optional = isinstance(default, Token) and default.type == "NONE"
+        flag = isinstance(default, Token) and not optional  # True or False; a number is already an ast.Num
         if flag and range_ is not None:
             raise SpecError(f"the flag '{name}' takes no range", range_.span,
                             hint="a flag is True or False; remove 'in ...'")
         if only is not None and range_ is not None:
             raise SpecError(f"'{name}' is fixed by 'only', so a range says nothing", range_.span,
                             hint="remove 'in ...' or 'only'")
-        value = float(default == "True") if flag else default.value
+        if optional and only is not None:
+            raise SpecError(f"'{name}' defaults to None, so 'only' would accept nothing else", _span(name),
+                            hint="remove 'only', or give a number")
+        # None is the machine epsilon of p's dtype; the analyses take float32's
+        value = float(default == "True") if flag else MACHINE_EPS if optional else default.value
         return ast.Hyper(str(name), value, range_, _span(name), keyword=keyword and str(keyword), flag=flag,
-                         only=only is not None, keyword_span=keyword and _span(keyword))
+                         only=only is not None, keyword_span=keyword and _span(keyword), optional=optional)
 
     def hyper_tuple(self, meta, children):
         keyword, *members = children

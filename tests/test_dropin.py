@@ -1,5 +1,5 @@
 """The shipped counterparts of torch.optim's optimizers are drop-ins for them: Adam, AdamW, SGD,
-RMSprop, Adagrad, Adamax, NAdam, RAdam, Adadelta, Rprop and ASGD.
+RMSprop, Adagrad, Adamax, NAdam, RAdam, Adadelta, Rprop, ASGD and Adafactor.
 
 Each case constructs ours with exactly the keyword arguments torch.optim takes; a state_dict
 saved by torch.optim (after some steps) loads into ours and both go on identically, and the
@@ -56,6 +56,9 @@ CASES = {
     "rprop-defaults": ("rprop", T.Rprop, dict()),
     "asgd": ("asgd", T.ASGD, dict(lr=0.05, lambd=0.01, alpha=0.5, t0=3, weight_decay=0.1)),
     "asgd-defaults": ("asgd", T.ASGD, dict()),
+    "adafactor": ("adafactor", T.Adafactor, dict(lr=0.05, beta2_decay=-0.5, eps=(1e-12, 1e-2), d=2.0,
+                                                  weight_decay=0.1)),
+    "adafactor-defaults": ("adafactor", T.Adafactor, dict()),  # eps=(None, 1e-3): float64's epsilon here
 }
 
 
@@ -75,7 +78,7 @@ def spec(name):
 
 # Beside torch.optim step by step (tests/test_differential.py covers the older five): many steps,
 # every path, each setting above; run_pair's tolerance is relative 1e-10 in float64, 1e-5 in float32.
-NEW = {"adamax", "nadam", "radam", "adadelta", "rprop", "asgd"}
+NEW = {"adamax", "nadam", "radam", "adadelta", "rprop", "asgd", "adafactor"}
 STEPS, FUSED_STEPS = 60, 8  # the fused path runs under the Triton interpreter on CPU
 
 
@@ -154,12 +157,14 @@ def _resume(first, second, before=3, after=5, seed=0):
 
 def _kept(Torch, kwargs):
     """The state keys torch.optim keeps itself with these settings (SGD: no step; RMSprop:
-    grad_avg only when centered): others it was given by a state_dict stay as they were."""
-    p = torch.nn.Parameter(torch.ones(2))
-    opt = Torch([p], **kwargs)
-    p.grad = torch.ones(2)
+    grad_avg only when centered; Adafactor: row_var and col_var for matrices, variance for the
+    rest): others it was given by a state_dict stay as they were."""
+    ps = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2, 2))]
+    opt = Torch(ps, **kwargs)
+    for p in ps:
+        p.grad = torch.ones_like(p)
     opt.step()
-    return set(opt.state[p])
+    return set().union(*(opt.state[p] for p in ps))
 
 
 def _compare_states(ours, ref, ps, qs, kept):
@@ -537,3 +542,35 @@ def test_lion_betas_follow_one_cycle_momentum():
         seen.append(betas)
     assert seen[0] == seen[1]
     assert len({b1 for b1, _ in seen[0]}) > 4 and {b2 for _, b2 in seen[0]} == {0.99}
+
+
+# ---------------------------------------------------------------------------------------------
+# Adafactor's eps=(None, 1e-3): None is the machine epsilon of the parameter's dtype, as torch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_adafactor_unset_epsilon_is_the_dtypes(dtype):
+    """eps1 = None floors the estimate at finfo(dtype).eps^2: a zero gradient row shows it."""
+    Ours = spec("adafactor")
+    out = []
+    for Opt in (Ours, T.Adafactor):
+        p = torch.nn.Parameter(torch.ones(3, 4, dtype=dtype))
+        opt = Opt([p], lr=0.1)
+        g = torch.zeros(3, 4, dtype=dtype)
+        g[0] = 1e-3  # row 0 moves; the others' estimate is the floor eps1^2
+        for _ in range(3):
+            p.grad = g.clone()
+            opt.step()
+        out.append(p.detach().float())
+    torch.testing.assert_close(out[0], out[1], rtol=2 ** -7 if dtype == torch.bfloat16 else 1e-6, atol=0)
+
+
+def test_adafactor_unset_epsilon_in_a_group_of_two_dtypes_is_refused():
+    ps = [torch.nn.Parameter(torch.ones(3, 2, dtype=torch.float32)), torch.nn.Parameter(torch.ones(3, 2))]
+    opt = spec("adafactor")(ps)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="machine epsilon of the parameters' dtype"):
+        opt.step()
+    opt.param_groups[0]["eps"] = (1e-30, 1e-3)  # a number: each dtype takes it
+    opt.step()

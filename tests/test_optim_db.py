@@ -63,6 +63,8 @@ DROPINS = {
     "Adadelta": Row("adadelta"),
     "Rprop": Row("rprop"),
     "ASGD": Row("asgd", float64_default=True),
+    # torch.optim.Adafactor divides by numel(): an empty parameter is a ZeroDivisionError there
+    "Adafactor": Row("adafactor", shapes=tuple(s for s in SHAPES if s != (0,))),
 }
 INFOS = {info.name: info for info in optim_db}
 PATHS = {"forloop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
@@ -84,7 +86,10 @@ ACCEPTED |= {("AdamW", desc): why for (cls, desc), why in list(ACCEPTED.items())
 KNOWN_MESSAGES = {
     (name, f"beta{i + 1} should be between 0 and 1"): f"ours names the keyword: 'Invalid betas[{i}] value: 1.0'"
     for name, i in [("Adam", 0), ("AdamW", 0), ("Adamax", 1), ("NAdam", 0), ("RAdam", 0)]
-} | {("Rprop", "0 < eta1 < 1 < eta2"): "ours names the member out of range: 'Invalid etas[0] value: 1.0'"}
+} | {("Rprop", "0 < eta1 < 1 < eta2"): "ours names the member out of range: 'Invalid etas[0] value: 1.0'",
+      ("Adafactor", "epsilon1 should be >= 0"): "ours names the member: 'Invalid eps[0] value: -1e-30'",
+      ("Adafactor", "invalid d"): "ours says 'Invalid d value: 0.0 (d must be in [1, inf))'",
+      ("Adafactor", "invalid beta2_decay"): "ours says 'Invalid beta2_decay value: 0.8 (... must be in (-inf, 0])'"}
 
 TALLY: dict[str, Counter] = defaultdict(Counter)
 REASONS: dict[str, Counter] = defaultdict(Counter)

@@ -154,10 +154,47 @@ def test_compiled_step_is_one_graph_and_matches_eager(RowAdam):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-13, atol=1e-15)
 
 
-def test_a_saved_key_inside_a_rule_is_a_spec_error():
-    src = ("optimizer X\nhyper lr = 0.1\nrule ndim == 2 {\n  state r: rows as row_avg\n  r = row_mean(g)\n"
-           "  p -= lr * r\n}\nrule {\n  p -= lr * g\n}\n")
+RULES = """\
+optimizer X
+hyper lr = 0.1 in [0, inf), wd = 0 in [0, inf) as weight_decay
+rule ndim == 2 {
+  state r: rows as row_avg, m as momentum
+  r = lerp(r, row_mean(g^2), 0.5)
+  m = lerp(m, g, 0.1)
+  p -= lr * m / sqrt(r + 1) + lr * wd * p
+}
+rule {
+  state m as momentum
+  m = lerp(m, g, 0.1)
+  p -= lr * m
+}
+"""
+
+
+def test_rules_take_saved_keys():
+    """Each rule's states are saved under their keys; a state_dict loads whichever rule made them."""
+    X = optdsl.compile(RULES, "x.opt")
+    a, b = torch.nn.Parameter(torch.ones(3, 2, dtype=torch.float64)), torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+    opt = X([a, b], weight_decay=0.5)
+    for _ in range(2):
+        a.grad, b.grad = torch.full_like(a, 2.0), torch.full_like(b, 3.0)
+        opt.step()
+    state = opt.state_dict()["state"]
+    assert set(state[0]) == {"step", "row_avg", "momentum"} and set(state[1]) == {"step", "momentum"}
+    assert opt.param_groups[0]["weight_decay"] == 0.5
+    again = X([torch.nn.Parameter(a.detach().clone()), torch.nn.Parameter(b.detach().clone())])
+    again.load_state_dict(opt.state_dict())
+    assert torch.equal(again.state[again.param_groups[0]["params"][0]]["row_avg"], opt.state[a]["row_avg"])
+
+
+@pytest.mark.parametrize("rule, message", [
+    ("  state m as moment\n", "state 'm' is saved as 'moment' here and as 'momentum' in another rule"),
+    ("  state m as momentum eager\n", "'m' is a rule's state, so it cannot be 'eager'"),
+])
+def test_rule_key_errors_are_located(rule, message):
+    src = RULES.replace("  state m as momentum\n  m = lerp(m, g, 0.1)\n  p -= lr * m\n",
+                        rule + "  m = lerp(m, g, 0.1)\n  p -= lr * m\n")
     with pytest.raises(optdsl.SpecError) as err:
         optdsl.compile_source(src, "x.opt")
     text = str(err.value)
-    assert "x.opt:4:" in text and "cannot take 'as row_avg'" in text, text
+    assert "x.opt:10:" in text and message in text and "^" in text, text

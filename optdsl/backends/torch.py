@@ -231,6 +231,8 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
         **group_phase.context(prog, names_in_group["group_code"]),
         **mode_code.context(prog, names_in_group["group_code"]),
     )
+    # the class's map of old names to saved keys spans the rules (a name has one key in all of them)
+    ctx["states_saved"] = list(dict.fromkeys(pair for c in contexts for pair in c["states_saved"]))
     host_code = "\n".join(e for c in contexts for _, e in c["group_defs"] + c["param_single"] if e)
     host_code += "\n".join(e for c in contexts for _, _, e, *_ in c["state_inits"] if e)
     host_code += "\n".join(ctx["group_phase"] or ())
@@ -273,20 +275,20 @@ def interface(prog: ir.Program) -> dict:
         members = [hypers[m] for m in kw.members]
         if kw.is_tuple:
             for i, h in enumerate(members):
-                group_code[h.name] = f'group["{kw.name}"][{i}]'
+                group_code[h.name] = _optional(h, f'group["{kw.name}"][{i}]')
                 aliases[h.name] = (kw.name, i)
             checks = tuple((f'group["{kw.name}"][{i}]', f"{kw.name}[{i}] ({h.name})", h)
                            for i, h in enumerate(members))
-            keywords.append(Argument(kw.name, f"tuple[{', '.join(['float'] * len(members))}]",
+            keywords.append(Argument(kw.name, f"tuple[{', '.join(_annotation(h) for h in members)}]",
                                      f"({', '.join(_py_default(h) for h in members)})", checks))
             continue
         (h,) = members
         if kw.name != h.name:
             aliases[h.name] = (kw.name, None)
         # the math reads a flag as 1.0 or 0.0
-        group_code[h.name] = f'float(group["{kw.name}"])' if h.flag else f'group["{kw.name}"]'
+        group_code[h.name] = f'float(group["{kw.name}"])' if h.flag else _optional(h, f'group["{kw.name}"]')
         label = kw.name if kw.name == h.name else f"{kw.name} ({h.name})"
-        keywords.append(Argument(kw.name, "bool" if h.flag else "float", _py_default(h),
+        keywords.append(Argument(kw.name, _annotation(h), _py_default(h),
                                  ((f'group["{kw.name}"]', label, h),)))
     fixed = {h.keyword or h.name: _py_default(h) for h in prog.hypers if h.only}
     fixed |= {name: repr(value) for name, value in TORCH_FLAGS.items()}
@@ -296,7 +298,17 @@ def interface(prog: ir.Program) -> dict:
 
 
 def _py_default(h: ir.Hyper) -> str:
-    return repr(bool(h.default)) if h.flag else _py_number(h.default)
+    return "None" if h.optional else repr(bool(h.default)) if h.flag else _py_number(h.default)
+
+
+def _annotation(h: ir.Hyper) -> str:
+    return "bool" if h.flag else "float | None" if h.optional else "float"
+
+
+def _optional(h: ir.Hyper, code: str) -> str:
+    """A hyperparameter that defaults to None is, where None, the machine epsilon of the dtype of the
+    parameters a step updates (`params` where the step calls the functional)."""
+    return f"_machine_eps({code}, params)" if h.optional else code
 
 
 class _ConditionPrinter(HostPrinter):
