@@ -190,7 +190,9 @@ class Adam(Optimizer):
             # left out, it is made at the next step like any state not there yet.
             state={i: {self._SAVED.get(k, k): v for k, v in s.items() if v is not None}
                    for i, s in state_dict["state"].items()},
-            param_groups=[_torch_names(g, self.defaults, self._ALIASES) for g in state_dict["param_groups"]],
+            # a key torch.optim's class does not have (Muon's use_muon) takes this optimizer's default
+            param_groups=[{**self.defaults, **_torch_names(g, self.defaults, self._ALIASES)}
+                          for g in state_dict["param_groups"]],
         )
         for group in state_dict["param_groups"]:  # e.g. torch.optim's maximize=True cannot go on here
             self._check_group({**self.defaults, **group})

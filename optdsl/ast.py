@@ -75,6 +75,7 @@ class Hyper:
     only: bool = False          # `only`: no value but the default is accepted
     keyword_span: Span | None = None
     optional: bool = False      # `= None`: None is the machine epsilon of p's dtype
+    choices: tuple = ()         # `= None | "a" | "b"`: the values it takes; the math reads the index
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,15 @@ gt = _indicator("gt", lambda a, b: a > b)
 ge = _indicator("ge", lambda a, b: a >= b)
 eq = _indicator("eq", lambda a, b: a == b)
 ne = _indicator("ne", lambda a, b: a != b)
+land = _indicator("land", lambda a, b: a != 0 and b != 0)
+lor = _indicator("lor", lambda a, b: a != 0 or b != 0)
+
+
+class bfloat16(_Opaque):  # x rounded to bfloat16, kept in the arithmetic's dtype; the analyses take x
+    nargs = 1
+
+    def rewrite_meaning(self):
+        return self.args[0]
 
 
 class _Reduction(_Opaque):
@@ -213,6 +222,9 @@ TABLE: dict[str, Function] = {f.name: f for f in [
       triton="tl.maximum({0}, {1})"),
     F("clamp", 3, lambda x, lo, hi: _min(_max(x, lo), hi), "torch.clamp({0}, {1}, {2})",
       "min(max({0}, {1}), {2})"),
+    # rounding to bfloat16 (torch.optim.Muon's Newton-Schulz runs in it); the value stays in its dtype
+    F("bfloat16", 1, bfloat16, "{0}.bfloat16().to({0}.dtype)", "_bfloat16({0})",
+      triton="{0}.to(tl.bfloat16).to({0}.dtype)"),
     F("where", 3, where, "torch.where({0} != 0, {1}, {2})", "({1} if {0} else {2})",
       triton="tl.where({0} != 0, {1}, {2})"),
     # ---- reductions: one scalar per parameter ----
@@ -247,7 +259,11 @@ COMPARISONS: dict[str, Function] = {op: F(name, 2, cls, f"({{0}} {op} {{1}})", f
                                           triton=f"tl.where({{0}} {op} {{1}}, 1.0, 0.0)")
                                     for op, name, cls in [("<", "lt", lt), ("<=", "le", le), (">", "gt", gt),
                                                           (">=", "ge", ge), ("==", "eq", eq), ("!=", "ne", ne)]}
-OPAQUE_CLASSES = (lerp, where, sigmoid, softplus, lt, le, gt, ge, eq, ne, row_mean, col_mean, row_sum, col_sum,
+# `and`/`or` join a rule's conditions (the grammar allows them there only): 1.0 or 0.0 like a comparison.
+COMPARISONS |= {op: F(name, 2, cls, f"torch.logical_{op}({{0}} != 0, {{1}} != 0)",
+                      f"float(bool({{0}}) {op} bool({{1}}))", triton=f"tl.where(({{0}} != 0) {sym} ({{1}} != 0), 1.0, 0.0)")
+                for op, name, cls, sym in [("and", "land", land, "&"), ("or", "lor", lor, "|")]}
+OPAQUE_CLASSES = (lerp, where, sigmoid, softplus, bfloat16, lt, le, gt, ge, eq, ne, land, lor, row_mean, col_mean, row_sum, col_sum,
                   row_max, col_max, unit_mean, unit_norm, mm, T)
 REDUCTIONS = {f.sympy: f for f in TABLE.values() if f.reduction}
 

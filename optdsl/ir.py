@@ -102,6 +102,7 @@ class Hyper:
     only: bool = False          # no value but the default is accepted
     computed: bool = False      # a group value (optdsl/group.py): computed each step, not a keyword
     optional: bool = False      # defaults to None: the machine epsilon of p's dtype (default holds float32's)
+    choices: tuple = ()         # named choices (None or strings); the math reads the index, default 0
 
     @property
     def range_text(self) -> str:
@@ -204,6 +205,7 @@ def ssa_name(base: str, version: int) -> str:
 # ---- printing ----
 _INFIX = {"+": 1, "-": 1, "*": 2, "/": 2, "^": 4}
 _CMP = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
+_LOGIC = {"lor": "or", "land": "and"}  # a rule's condition only; `or` binds loosest, `and` next
 
 
 def _num(x: float) -> str:
@@ -230,6 +232,12 @@ def format_expr(e: Expr, prec: int = 0, names: dict[str, str] | None = None) -> 
     if e.op == "neg":
         text = "-" + sub(e.args[0], 3)
         return f"({text})" if prec > 3 else text
+    if e.op in _LOGIC:  # the loosest operators: only an `or` inside an `and`, or inside an operand, needs ( )
+        parts = [sub(a) for a in e.args]
+        if e.op == "land":
+            parts = [f"({t})" if isinstance(a, Op) and a.op == "lor" else t for a, t in zip(e.args, parts)]
+        text = f" {_LOGIC[e.op]} ".join(parts)
+        return f"({text})" if prec > 0 else text
     if e.op in _CMP:
         text = f"{sub(e.args[0], 1)} {_CMP[e.op]} {sub(e.args[1], 1)}"
         return f"({text})" if prec > 0 else text
@@ -249,6 +257,8 @@ def format_program(prog: Program) -> str:
             continue
         value = str(bool(h.default)) if h.flag else _num(h.default)
         fixed = " only" if h.only else "" if h.flag else f" in {h.range_text}"
+        if h.choices:
+            value, fixed = " | ".join("None" if c is None else f'"{c}"' for c in h.choices), ""
         lines.append(f"  hyper {h.name} = {value}{fixed}" + (f" as {h.keyword}" if h.keyword else ""))
     for k in prog.keywords:
         if k.is_tuple:

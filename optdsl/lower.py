@@ -357,7 +357,7 @@ class _Lowering:
                                   if h.range else (0.0, 1.0, True, True) if h.flag
                                   else (float("-inf"), float("inf"), False, False)), span=h.span,
                                 keyword=h.keyword, flag=h.flag, only=h.only,
-                                optional=h.optional)
+                                optional=h.optional, choices=h.choices)
                        for h in spec.hypers)
         return ir.Program(spec.name, spec.doc, hypers, tuple(states), tuple(self.eqns), outputs,
                           self.uses_loss)
@@ -379,7 +379,8 @@ class _Lowering:
 def _keywords(spec: ast.Spec, named: bool = False) -> tuple[ir.Keyword, ...]:
     """The constructor's keywords, in declaration order, a tuple where its first member stands;
     () for a spec that names none of its interface (its keywords are its hyperparameters)."""
-    named = named or spec.tuples or any(h.keyword or h.flag or h.only or h.optional for h in spec.hypers) or any(
+    named = named or spec.tuples or any(h.keyword or h.flag or h.only or h.optional or h.choices
+                                                    for h in spec.hypers) or any(
         s.key or s.eager for s in spec.states)
     if not named:
         return ()
@@ -513,9 +514,19 @@ def lower_rules(spec: ast.Spec) -> tuple[list[tuple[ir.Expr | None, ir.Program]]
         unused.append({w.message: w for w in hyper})
         warnings += [w for w in found if w not in hyper]
         out.append((_rule_condition(rule.cond, spec), program))
-    common = set.intersection(*(set(u) for u in unused))  # a hyperparameter no rule reads
+    read = {f"hyperparameter '{n.id}' is never used" for rule in rules for n in _names(rule.cond)}
+    common = set.intersection(*(set(u) for u in unused)) - read  # a hyperparameter no rule (or condition) reads
     warnings += [w for m, w in unused[0].items() if m in common]
     return out, warnings
+
+
+def _names(e):
+    """The names an expression reads (a rule's condition; None reads none)."""
+    if isinstance(e, ast.Name):
+        yield e
+    for child in (getattr(e, "args", ()) or ()) + tuple(
+            x for x in (getattr(e, "left", None), getattr(e, "right", None), getattr(e, "operand", None)) if x):
+        yield from _names(child)
 
 
 def _rule_condition(cond: ast.Expr | None, spec: ast.Spec) -> ir.Expr | None:
@@ -523,13 +534,7 @@ def _rule_condition(cond: ast.Expr | None, spec: ast.Spec) -> ir.Expr | None:
         return None
     allowed = set(ir.SHAPE_BUILTINS) | {h.name for h in spec.hypers}
 
-    def names(e):
-        if isinstance(e, ast.Name):
-            yield e
-        for child in (getattr(e, "args", ()) or ()) + tuple(
-                x for x in (getattr(e, "left", None), getattr(e, "right", None), getattr(e, "operand", None)) if x):
-            yield from names(child)
-    for n in names(cond):
+    for n in _names(cond):
         if n.id not in allowed:
             raise SpecError(f"a rule's condition cannot read '{n.id}'", n.span,
                             hint="it is decided per parameter from its shape (ndim, numel, nrows, ncols) "

@@ -86,6 +86,12 @@ class _ToAst(Transformer):
     def compare(self, meta, children):
         return ast.BinOp(str(children[1]), children[0], children[2], _span(meta))
 
+    def and_(self, meta, children):  # a rule's condition: `ndim == 2 and use_muon`
+        return ast.BinOp("and", children[0], children[1], _span(meta))
+
+    def or_(self, meta, children):
+        return ast.BinOp("or", children[0], children[1], _span(meta))
+
     def neg(self, meta, children):
         return ast.Neg(children[0], _span(meta))
 
@@ -115,6 +121,19 @@ class _ToAst(Transformer):
         value = float(default == "True") if flag else MACHINE_EPS if optional else default.value
         return ast.Hyper(str(name), value, range_, _span(name), keyword=keyword and str(keyword), flag=flag,
                          only=only is not None, keyword_span=keyword and _span(keyword), optional=optional)
+
+    def hyper_choice(self, meta, children):
+        name, *choices, keyword = children
+        values = tuple(None if c.type == "NONE" else str(c)[1:-1] for c in choices)
+        for c, value in zip(choices, values):
+            if value is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
+                raise SpecError(f"the choice {str(c)} is not a plain name", _span(c),
+                                hint="a choice is None or a string of letters, digits, '_', '.' and '-'")
+        if len(set(values)) < len(values):
+            raise SpecError(f"'{name}' lists a choice twice", _span(meta), hint="list each choice once")
+        # in the math the choice is its index: 0 for the first (the default), 1 for the next, ...
+        return ast.Hyper(str(name), 0.0, ast.Range(0.0, len(values) - 1.0, True, True, _span(meta)), _span(name),
+                         keyword=keyword and str(keyword), keyword_span=keyword and _span(keyword), choices=values)
 
     def hyper_tuple(self, meta, children):
         keyword, *members = children

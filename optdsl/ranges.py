@@ -346,6 +346,20 @@ def _lerp(e, env) -> Interval:
     return bound(a + w * (b - a), env)
 
 
+def _bfloat16(e, env) -> Interval:
+    """Rounding to bfloat16 moves a value by at most 2^-8 of itself and keeps its sign; one below
+    bfloat16's smallest normal (~1e-38) may round to 0."""
+    a = bound(e.args[0], env)
+
+    def end(v: float, up: bool) -> float:
+        if not math.isfinite(v) or v == 0:
+            return v
+        if abs(v) < 1e-37:
+            return max(v, 0.0) if up else min(v, 0.0)
+        return v * (1 + 2.0 ** -8) if (v > 0) == up else v * (1 - 2.0 ** -8)
+    return Interval(end(a.lo, False), end(a.hi, True))
+
+
 RULES: dict[type, Callable[[sp.Expr, Env], Interval]] = {
     sp.Add: lambda e, env: _fold(_add_iv, e, env),
     sp.Mul: lambda e, env: _fold(_mul_iv, e, env),
@@ -364,6 +378,7 @@ RULES: dict[type, Callable[[sp.Expr, Env], Interval]] = {
     sp.Min: _minmax(True),
     sp.Max: _minmax(False),
     fn.lerp: _lerp,
+    fn.bfloat16: _bfloat16,
     fn.where: lambda e, env: _given(bound(e.args[1], env), e.args[1], e.args[0]).hull(bound(e.args[2], env)),
     fn.lt: _compare(_less, lambda a, b: _le(b, a)),
     fn.le: _compare(_le, lambda a, b: _less(b, a)),

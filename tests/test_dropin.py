@@ -574,3 +574,87 @@ def test_adafactor_unset_epsilon_in_a_group_of_two_dtypes_is_refused():
         opt.step()
     opt.param_groups[0]["eps"] = (1e-30, 1e-3)  # a number: each dtype takes it
     opt.step()
+
+
+# ---------------------------------------------------------------------------------------------
+# Muon: torch.optim.Muon for matrices (its keywords first, in its order), AdamW for the rest
+
+MUON_SHAPES = [(13, 5), (4, 9), (1, 7), (6, 6)]
+
+
+def test_muon_takes_torch_keywords_defaults_and_order():
+    Muon = spec("muon")
+    ours, theirs = inspect.signature(Muon).parameters, inspect.signature(T.Muon).parameters
+    assert list(ours)[:len(theirs)] == list(theirs)
+    for key, param in theirs.items():
+        assert ours[key].default == param.default, key
+    p = torch.nn.Parameter(torch.zeros(3, 2))
+    group, ref = Muon([p]).param_groups[0], T.Muon([torch.nn.Parameter(torch.zeros(3, 2))]).param_groups[0]
+    assert {k: group[k] for k in ref if k != "params"} == {k: v for k, v in ref.items() if k != "params"}
+    with pytest.raises(ValueError, match="does not implement ns_steps=3"):
+        Muon([p], ns_steps=3)
+    with pytest.raises(ValueError, match="adjust_lr_fn value: 'sqrt'.*one of None, 'original', 'match_rms_adamw'"):
+        Muon([p], adjust_lr_fn="sqrt")
+
+
+@pytest.mark.parametrize("path", ["single", "foreach", "fused"])
+@pytest.mark.parametrize("kwargs", [
+    dict(lr=0.02),
+    dict(lr=0.05, weight_decay=0.0, momentum=0.9, nesterov=False, ns_coefficients=(3.0, -4.0, 2.0), eps=1e-5),
+    dict(lr=0.02, adjust_lr_fn="match_rms_adamw"),
+    dict(lr=0.02, adjust_lr_fn="original", weight_decay=0.3),
+], ids=["defaults", "plain", "match_rms_adamw", "original"])
+def test_muon_matches_torch_in_bfloat16_and_swaps_state_dicts(kwargs, path):
+    """float32 matrices: ours (Newton-Schulz in bfloat16, as torch) steps as torch.optim.Muon does
+    (the for-loop and foreach paths exactly; fused within a few float32 roundings of the
+    momentum, which its kernel computes), and each loads the other's state_dict mid-run."""
+    if path == "fused" and os.environ.get("TRITON_INTERPRET") != "1" and not ON_GPU:
+        pytest.skip("the fused path runs under TRITON_INTERPRET=1, or compiled on a CUDA device")
+    Muon = spec("muon")
+    mode = {"single": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}[path]
+    gen = torch.Generator().manual_seed(7)
+    init = [torch.randn(s, generator=gen) for s in MUON_SHAPES]
+    grads = [[torch.randn(s, generator=gen) for s in MUON_SHAPES] for _ in range(6)]
+    device = "cuda" if ON_GPU and path == "fused" else "cpu"
+    ps = [torch.nn.Parameter(x.clone().to(device)) for x in init]
+    qs = [torch.nn.Parameter(x.clone()) for x in init]
+    ours, ref = Muon(ps, **kwargs, **mode), T.Muon(qs, **kwargs)
+    for step, row in enumerate(grads):
+        if step == 3:  # swap: each side goes on from the other's state_dict
+            ours_sd, ref_sd = ours.state_dict(), ref.state_dict()
+            assert set(ref_sd["state"][0]) == {"momentum_buffer"} <= set(ours_sd["state"][0])
+            ours, ref = Muon(ps, **mode), T.Muon(qs)
+            ours.load_state_dict(_roundtrip(ref_sd))
+            ref.load_state_dict(_roundtrip(ours_sd))
+            assert ours.param_groups[0]["adjust_lr_fn"] == kwargs.get("adjust_lr_fn")
+        for p, q, g in zip(ps, qs, row):
+            p.grad, q.grad = g.clone().to(device), g.clone()
+        ours.step()
+        ref.step()
+    tol = 0 if path != "fused" else 1e-5
+    for p, q, x in zip(ps, qs, init):
+        moved = (q.detach() - x).abs().max().item()
+        assert (p.detach().cpu() - q.detach()).abs().max().item() <= tol * moved
+
+
+def test_muon_sends_a_groups_matrices_to_adamw_with_use_muon_false():
+    """A per-group flag, as Muon's users write it: the embedding and the head take AdamW."""
+    Muon = spec("muon")
+    gen = torch.Generator().manual_seed(3)
+    hidden, embed, bias = (torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64))
+                           for s in [(8, 4), (10, 4), (4,)])
+    opt = Muon([{"params": [hidden]}, {"params": [embed, bias], "use_muon": False}], lr=0.02, adam_lr=0.01,
+               adam_betas=(0.8, 0.95), adam_wd=0.1, ns_bfloat16=False)
+    e_ref, b_ref = (torch.nn.Parameter(x.detach().clone()) for x in (embed, bias))
+    adamw = T.AdamW([e_ref, b_ref], lr=0.01, betas=(0.8, 0.95), weight_decay=0.1, foreach=False)
+    for _ in range(4):
+        for p, q in ((embed, e_ref), (bias, b_ref)):
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            q.grad = p.grad.clone()
+        hidden.grad = torch.randn(hidden.shape, generator=gen, dtype=torch.float64)
+        opt.step()
+        adamw.step()
+    for p, q in ((embed, e_ref), (bias, b_ref)):
+        _close(p.detach(), q.detach(), "AdamW's parameter")
+    assert set(opt.state[embed]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert set(opt.state[hidden]) == {"step", "momentum_buffer"}

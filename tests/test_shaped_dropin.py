@@ -198,3 +198,35 @@ def test_rule_key_errors_are_located(rule, message):
         optdsl.compile_source(src, "x.opt")
     text = str(err.value)
     assert "x.opt:10:" in text and message in text and "^" in text, text
+
+
+def test_rule_conditions_combine_with_and_or():
+    """`and` binds tighter than `or`; a flag in a condition is a per-group switch."""
+    X = optdsl.compile("optimizer X\nhyper lr = 0.1, flag = True\n"
+                       "rule ndim == 2 and flag or numel > 100 and ndim < 3 {\n  p -= lr * g\n}\n"
+                       "rule ndim == 1 or flag and numel > 3 {\n  p -= 2 * lr * g\n}\n"
+                       "rule {\n  p -= 3 * lr * g\n}\n", "x.opt")
+    shapes = [(3, 3), (200,), (5,), (2, 2, 2), (3, 3), (2, 2, 2)]
+    ps = [torch.nn.Parameter(torch.zeros(s, dtype=torch.float64)) for s in shapes]
+    opt = X([{"params": ps[:2] + ps[5:]}, {"params": ps[2:5], "flag": False}])
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    # (3,3) flag: 1; (200,) numel > 100: 1; (5,) no flag: 2; (2,2,2) no flag: 3; (3,3) no flag: 3; (2,2,2) flag: 2
+    assert [p.flatten()[0].item() for p in ps] == [-0.1, -0.1, -0.2, pytest.approx(-0.3), pytest.approx(-0.3), -0.2]
+
+
+def test_named_choices_read_as_their_index():
+    X = optdsl.compile('optimizer X\nhyper lr = 0.1 in [0, inf), mode = None | "original" | "double" as adjust\n'
+                       "p -= lr * where(mode == 2, 2, 1) * g\n", "x.opt")
+    for choice, step in ((None, 0.1), ("original", 0.1), ("double", 0.2)):
+        p = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+        opt = X([p], adjust=choice)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        assert torch.equal(p.detach(), torch.full((2,), -step, dtype=torch.float64))
+        assert opt.param_groups[0]["adjust"] == choice
+    with pytest.raises(ValueError, match=r"Invalid adjust value: 'triple' \(adjust \(mode\) must be one of None"):
+        X([p], adjust="triple")
+    with pytest.raises(optdsl.SpecError, match="is not a plain name"):
+        optdsl.compile_source('optimizer Y\nhyper m = None | "a b"\np -= m * g\n', "y.opt")

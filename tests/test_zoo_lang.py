@@ -255,8 +255,11 @@ CASES = {
                                dict(lr=0.01, foreach=False)),
     "adamw_softclip-wd": ("adamw_softclip", dict(lr=0.01, wd=0.3, b2=0.99), pre(soft_clip, T.AdamW),
                           dict(lr=0.01, weight_decay=0.3, betas=(0.9, 0.99), foreach=False)),
-    "muon-default": ("muon", dict(lr=0.02), muon_ref(), dict(muon=dict(lr=0.02), adamw=dict(lr=1e-3))),
-    "muon-plain": ("muon", dict(lr=0.05, wd=0.0, momentum=0.9, nesterov=0, adam_lr=0.01, b1=0.8, adam_wd=0.1),
+    # ns_bfloat16=False: Newton-Schulz in the parameter's dtype, against torch's without its bfloat16 cast
+    "muon-default": ("muon", dict(lr=0.02, ns_bfloat16=False), muon_ref(),
+                     dict(muon=dict(lr=0.02), adamw=dict(lr=1e-3))),
+    "muon-plain": ("muon", dict(lr=0.05, wd=0.0, momentum=0.9, nesterov=0, adam_lr=0.01, b1=0.8, adam_wd=0.1,
+                                ns_bfloat16=False),
                    muon_ref(), dict(muon=dict(lr=0.05, weight_decay=0.0, momentum=0.9, nesterov=False),
                                     adamw=dict(lr=0.01, betas=(0.8, 0.999), weight_decay=0.1))),
     "muon_clip-default": ("muon_clip", dict(lr=0.02), muon_clip_ref,
@@ -492,11 +495,13 @@ def test_info_command_prints_the_memory(capsys):
 
 
 def test_muon_matches_torch_in_bfloat16():
-    """torch.optim.Muon runs Newton-Schulz in bfloat16; ours in the parameter's dtype: the
-    updates agree to bfloat16's precision over a few steps, and not better."""
-    worst = run_pair(*_makers("muon-default")[:1], lambda ps: MuonRef(ps, muon=dict(lr=0.02), adamw=dict(lr=1e-3),
-                                                                      exact=False),
-                     MATRICES, torch.float32, 5, tol=2e-2)
+    """torch.optim.Muon runs Newton-Schulz in bfloat16, and so does ours by default (each product
+    and the norm rounded to bfloat16): the same numbers on CPU. With ns_bfloat16=False ours runs
+    it in the parameter's dtype: the updates then agree to bfloat16's precision only."""
+    real = lambda ps: MuonRef(ps, muon=dict(lr=0.02), adamw=dict(lr=1e-3), exact=False)  # noqa: E731
+    Muon = spec("muon")
+    assert run_pair(lambda ps, **mode: Muon(ps, lr=0.02, **mode), real, MATRICES, torch.float32, 8, tol=1e-6) == 0
+    worst = run_pair(*_makers("muon-default")[:1], real, MATRICES, torch.float32, 5, tol=2e-2)
     assert worst > 1e-5  # the bfloat16 rounding shows: the exact comparison above is not vacuous
 
 
@@ -505,7 +510,7 @@ def test_muon_clip_clips_only_above_tau():
     torch.manual_seed(0)
     w, bias = torch.nn.Parameter(torch.randn(6, 4, dtype=torch.float64)), torch.nn.Parameter(torch.zeros(4))
     plain = torch.nn.Parameter(w.detach().clone())
-    opts = spec("muon_clip")([w, bias], lr=0.02, tau=10.0), spec("muon")([plain], lr=0.02)
+    opts = spec("muon_clip")([w, bias], lr=0.02, tau=10.0), spec("muon")([plain], lr=0.02, ns_bfloat16=False)
     for s, clipped in ((5.0, False), (40.0, True)):
         g = torch.randn(6, 4, dtype=torch.float64)
         w.grad, plain.grad, bias.grad = g.clone(), g.clone(), torch.ones(4)

@@ -28,14 +28,17 @@ HOST_HELPERS = {
     "_sign": "def _sign(x):\n    return 0.0 if x == 0 else math.copysign(1.0, x)",
     "_sigmoid": "def _sigmoid(x):\n    return 1.0 / (1.0 + math.exp(-x))",
     "_softplus": "def _softplus(x):\n    return math.log1p(math.exp(-abs(x))) + max(x, 0.0)",
+    "_bfloat16": "def _bfloat16(x):\n    return float(torch.tensor(x, dtype=torch.float64).bfloat16())",
 }
 
 
 @functools.cache
 def environment() -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.PackageLoader("optdsl", "templates"),
-                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                              trim_blocks=True, lstrip_blocks=True)
+    env = jinja2.Environment(loader=jinja2.PackageLoader("optdsl", "templates"),
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                             trim_blocks=True, lstrip_blocks=True)
+    env.filters["pyrepr"] = repr  # a named choice as a Python literal (the parser admits only [A-Za-z0-9_.-])
+    return env
 
 
 # ---- one instruction, printed per tensor and multi-tensor ----
@@ -298,16 +301,26 @@ def interface(prog: ir.Program) -> dict:
 
 
 def _py_default(h: ir.Hyper) -> str:
+    if h.choices:
+        return repr(h.choices[0])
+    if h.only and float(h.default).is_integer() and not h.flag:  # a count kept for torch.optim (Muon's ns_steps)
+        return repr(int(h.default))
     return "None" if h.optional else repr(bool(h.default)) if h.flag else _py_number(h.default)
 
 
 def _annotation(h: ir.Hyper) -> str:
+    if h.choices:
+        return " | ".join(dict.fromkeys("None" if c is None else "str" for c in h.choices))
+    if h.only and float(h.default).is_integer() and not h.flag:
+        return "int"
     return "bool" if h.flag else "float | None" if h.optional else "float"
 
 
 def _optional(h: ir.Hyper, code: str) -> str:
     """A hyperparameter that defaults to None is, where None, the machine epsilon of the dtype of the
     parameters a step updates (`params` where the step calls the functional)."""
+    if h.choices:  # the math reads a named choice as its index
+        return f"float({h.choices!r}.index({code}))"
     return f"_machine_eps({code}, params)" if h.optional else code
 
 
@@ -318,6 +331,10 @@ class _ConditionPrinter(HostPrinter):
         row = _COMPARISON_ROWS.get(type(e))
         if row is None:
             return super()._print_Function(e)
+        if row.name in ("land", "lor"):  # Python's and/or bind as the spec's: only an `or` in an `and` needs ( )
+            word = "and" if row.name == "land" else "or"
+            return f" {word} ".join(f"({self._print(a)})" if word == "and" and getattr(_COMPARISON_ROWS.get(type(a)),
+                                    "name", "") == "lor" else self._print(a) for a in e.args)
         return row.host.format(*(self._print(a) for a in e.args))[len("float("):-1]
 
 
