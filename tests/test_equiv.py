@@ -189,6 +189,6 @@ def test_rules_by_shape_are_compared_rule_by_rule():
 def test_matrix_work_is_undecided_and_shows_the_math(capsys):
     assert cli.main(["equiv", "muon", str(SPECS / "muon.opt")]) == 2
     out = capsys.readouterr().out
-    assert "rule for parameters with ndim == 2: undecided: matrix work (mm, T) is not modelled" in out
+    assert "rule for parameters with ndim == 2 and use_muon: undecided: matrix work (mm, T) is not modelled" in out
     assert out.count("repeat 5 times:") == 2  # A's and B's Newton-Schulz loops, as written
     assert "rule for every other parameter: equivalent: p, m, v" in out
