@@ -59,6 +59,10 @@ CASES = {
     "adafactor": ("adafactor", T.Adafactor, dict(lr=0.05, beta2_decay=-0.5, eps=(1e-12, 1e-2), d=2.0,
                                                   weight_decay=0.1)),
     "adafactor-defaults": ("adafactor", T.Adafactor, dict()),  # eps=(None, 1e-3): float64's epsilon here
+    # AMSGrad is torch.optim.Adam(amsgrad=True), and with decoupled_weight_decay AdamW(amsgrad=True)
+    "amsgrad": ("amsgrad", T.Adam, dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, amsgrad=True)),
+    "amsgrad-decoupled": ("amsgrad", T.Adam, dict(lr=0.01, weight_decay=0.3, amsgrad=True,
+                                                  decoupled_weight_decay=True)),
 }
 
 
@@ -78,7 +82,7 @@ def spec(name):
 
 # Beside torch.optim step by step (tests/test_differential.py covers the older five): many steps,
 # every path, each setting above; run_pair's tolerance is relative 1e-10 in float64, 1e-5 in float32.
-NEW = {"adamax", "nadam", "radam", "adadelta", "rprop", "asgd", "adafactor"}
+NEW = {"adamax", "nadam", "radam", "adadelta", "rprop", "asgd", "adafactor", "amsgrad"}
 STEPS, FUSED_STEPS = 60, 8  # the fused path runs under the Triton interpreter on CPU
 
 
@@ -185,6 +189,8 @@ def test_takes_torch_keywords_and_defaults(case):
     ours_sig, theirs = inspect.signature(Ours).parameters, inspect.signature(Torch).parameters
     for key, param in theirs.items():  # every torch.optim keyword, with its default
         assert key in ours_sig, f"{Ours.__name__} lacks torch.optim's {key}"
+        if name == "amsgrad" and key in ("amsgrad", "decoupled_weight_decay", "weight_decay"):
+            continue  # AMSGrad is Adam(amsgrad=True) (and AdamW(amsgrad=True), whose defaults differ)
         if key not in ("params", "foreach", "fused"):  # ours pick their own paths
             assert ours_sig[key].default == param.default, key
     flags = {"foreach", "fused", "maximize", "capturable", "differentiable"}  # keyword-only in ours
@@ -658,3 +664,10 @@ def test_muon_sends_a_groups_matrices_to_adamw_with_use_muon_false():
         _close(p.detach(), q.detach(), "AdamW's parameter")
     assert set(opt.state[embed]) == {"step", "exp_avg", "exp_avg_sq"}
     assert set(opt.state[hidden]) == {"step", "momentum_buffer"}
+
+
+def test_adamw_amsgrad_state_dict_loads_into_amsgrad():
+    """torch.optim.AdamW(amsgrad=True) keeps decoupled_weight_decay=True in its groups: AMSGrad
+    takes its state_dict and goes on as AdamW does."""
+    _resume(lambda ps: T.AdamW(ps, lr=0.01, betas=(0.5, 0.9), weight_decay=0.3, amsgrad=True, foreach=False),
+            lambda ps: spec("amsgrad")(ps))
