@@ -12,6 +12,7 @@ import sympy as sp
 
 from . import ir
 from .errors import SpecError, SpecWarning
+from .functions import TABLE
 from .ranges import Interval, _add_iv, _inv, _meet, _mul_iv, bound
 from .sym import to_sympy
 
@@ -40,6 +41,7 @@ class _Ranges:
                         [h.name for h in prog.hypers] + ["t", "loss", "p0", "g0", *ir.SHAPE_BUILTINS]
                         + [e.out for e in prog.eqns] + list(prog.inputs)}
         self.env: dict[sp.Symbol, Interval] = {self.symbols[h.name]: _hyper_interval(h) for h in prog.hypers}
+        self.env.update({self.symbols[n]: iv for n, iv in _group_intervals(prog).items()})
         self.env[self.symbols["t"]] = Interval(1.0, float("inf"), True, False)
         for name in ir.SHAPE_BUILTINS:  # ndim >= 0; numel, nrows, ncols >= 1
             self.env[self.symbols[name]] = Interval(0.0 if name == "ndim" else 1.0, float("inf"), True, False)
@@ -148,6 +150,54 @@ def _inherited_guards(prog: ir.Program) -> dict[str, tuple[ir.Expr, ...]]:
     for name in outputs:
         common[name] = {}
     return {name: tuple(gs.values()) for name, gs in common.items()}
+
+
+def _group_intervals(prog: ir.Program) -> dict[str, Interval]:
+    """The range of each group value the step reads, a group state's proven by induction over steps
+    as a per-parameter state's is; a reduction over the group is bounded as its per-tensor twin."""
+    phase = prog.group
+    if phase is None:
+        return {}
+    hypers = {h.name: sp.Symbol(h.name) for h in prog.hypers if not h.computed}
+    env = {sp.Symbol(h.name): _hyper_interval(h) for h in prog.hypers if not h.computed}
+    env[sp.Symbol("t")] = Interval(1.0, float("inf"), True, False)
+    zero = Interval(0.0, 0.0, True, True)
+    states = {s.name: bound(to_sympy(s.init, hypers), env) if s.init else zero for s in phase.states}
+    last = dict(phase.outputs)
+
+    def run(states):
+        syms = dict(hypers, **{n: sp.Symbol(n) for n in ("p0", "g0", "t", *ir.SHAPE_BUILTINS)})
+        iv = dict(env)
+        for name, value in states.items():
+            syms[f"{name}.0"] = sp.Symbol(f"{name}.0")
+            iv[syms[f"{name}.0"]] = value
+        for step in phase.steps:
+            if isinstance(step, ir.GroupReduce):  # per-parameter names missing from syms read as unbounded
+                arg = to_sympy(step.arg, {**syms, **{r: sp.Symbol(r) for r in _refs(step.arg) if r not in syms}})
+                value = bound(TABLE[step.func].sympy(arg), iv)
+            else:
+                value = bound(to_sympy(step.expr, syms), iv)
+            syms[step.out] = sp.Symbol(step.out)
+            iv[syms[step.out]] = value
+        return {n: iv[sp.Symbol(n)] for n in [s.out for s in phase.steps] + [f"{k}.0" for k in states]}
+
+    for round_ in range(_ROUNDS):
+        values = run(states)
+        grown = {n: old.hull(values[last[n]]) if n in last else old for n, old in states.items()}
+        if grown == states:
+            break
+        states = {n: _widen(states[n], grown[n]) if round_ > 0 else grown[n] for n in states}
+    else:
+        values = run({n: _FULL for n in states})
+    return {name: values[ssa] for name, ssa in phase.values}
+
+
+def _refs(e: ir.Expr):
+    if isinstance(e, ir.Ref):
+        yield e.name
+    elif isinstance(e, ir.Op):
+        for a in e.args:
+            yield from _refs(a)
 
 
 def _walk(e: ir.Expr, guards: tuple[ir.Expr, ...] = ()):

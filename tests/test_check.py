@@ -303,11 +303,8 @@ def test_shipped_specs_warn_only_where_known(path):
     of -1 or less gives NaN), rmsprop's centered sqrt (square_avg >= grad_avg^2 holds in exact
     arithmetic, by Jensen, which ranges cannot see; in floats it may fail by an ulp, as in
     torch.optim.RMSprop)."""
-    known = {"adalo": ["log1p() of 'loss'"], "rmsprop": ["sqrt() of 'square_avg - centered * grad_avg^2'"],
-             # FALSE warnings, still to remove: `group` states (landed after this test) are not yet
-             # proven by the induction (k >= 1, so 1 - b2^k > 0; d >= d0 > 0 in Prodigy)
-             "prodigy": ["denominator 'sqrt(v) + d * eps'"],
-             "schedule_free_adamw": ["sqrt() of 'v / bc2 + 1e-15'", "denominator 'bc2'"]}
+    known = {"adalo": ["log1p() of 'loss'"], "rmsprop": ["sqrt() of 'square_avg - centered * grad_avg^2'"]}
+    # (group states are proven by the induction too: k >= 1, so 1 - b2^k > 0; d > 0 in Prodigy)
     found = warnings_of(path.read_text(encoding="utf-8"))
     expected = known.get(path.stem, [])
     assert len(found) == len(expected) and all(w.startswith(e) for w, e in zip(found, expected)), found

@@ -401,3 +401,15 @@ def test_group_specs_let_gradscaler_unscale_first(name):
     assert not getattr(spec(name)([p], fused=True), "_step_supports_amp_scaling", False)
     assert getattr(spec("adamw")([p], fused=True), "_step_supports_amp_scaling", False)
 
+
+
+def test_check_bounds_group_values():
+    """Group states are proven by induction over steps as per-parameter states are: Prodigy's d stays
+    > 0, Schedule-Free's bias correction in (0, 1], the clipping factor in (0, 1]; so their specs check
+    clean, while a group value that can be zero is still a warned denominator."""
+    for name in ("adamw_clip", "prodigy", "schedule_free_adamw"):
+        assert optdsl.compile_source((SPECS / f"{name}.opt").read_text(), f"{name}.opt").warnings == ()
+    risky = optdsl.compile_source("optimizer R\ngroup s = sum(g)\np -= g / s\n", "r.opt").warnings
+    assert len(risky) == 1 and "denominator 's' can be zero" in risky[0].message
+    safe = optdsl.compile_source("optimizer S\ngroup s = norm(g) + 1\np -= g / s\n", "s.opt").warnings
+    assert safe == ()
