@@ -358,8 +358,12 @@ def _foreign(err: UnexpectedInput, text: str) -> SpecError | None:
         if not m or (m.group() == "." and text[err.pos_in_stream + 1:err.pos_in_stream + 2].isdigit()):
             return None
         what, line, column = m.group(), err.line, err.column
-    elif isinstance(err, UnexpectedToken) and str(err.token) in _FOREIGN and err.token.type == "NAME":
+    elif isinstance(err, UnexpectedToken) and str(err.token) in _FOREIGN and err.token.type != "STRING":
+        # (and/or are words of a rule's condition, '|' of a choice list, not operators of a statement)
         what, line, column = str(err.token), err.token.line, err.token.column
+        longer = _FOREIGN_CHARS.match(text, err.token.start_pos or 0)
+        if longer and len(longer.group()) > len(what):  # '||' read as '|' then '|'
+            what = longer.group()
     elif isinstance(err, UnexpectedToken) and err.token.start_pos is not None:
         # `x // y`, `g * not m`: the foreign word was read as an operand or an operator; the
         # token after it is the one that failed
