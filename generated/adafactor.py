@@ -62,6 +62,16 @@ def _store_rounded(stored, value):
     stored.copy_(((bits + noise) & -65536).view(torch.float32))  # exact in bfloat16 now
 
 
+def _pow(x, y):
+    try:
+        r = x ** y
+    except ZeroDivisionError:  # 0 to a negative power
+        return math.copysign(math.inf, x) if y % 2 == 1 else math.inf
+    except OverflowError:
+        return -math.inf if x < 0 and y % 2 == 1 else math.inf
+    return math.nan if isinstance(r, complex) else r
+
+
 class Adafactor(Optimizer):
     r"""factored second moments, relative step size (Shazeer & Stern, 2018), as torch.optim has it
 
@@ -266,8 +276,9 @@ class Adafactor(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("Adafactor does not support sparse gradients")
-        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
-            raise RuntimeError("Adafactor does not support complex parameters")
+        if any(map(torch.is_complex, with_grad)):
+            raise TypeError("Adafactor does not take complex parameters: its state 'r' is declared ': rows', which stepping their "
+                            "real view (torch.view_as_real, as torch.optim does) would change")
         states = [self.state[p] for p in with_grad]
         made = {"step", "row_var", "col_var"}.issubset
         if not all(map(made, states)):
@@ -297,8 +308,9 @@ class Adafactor(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("Adafactor does not support sparse gradients")
-        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
-            raise RuntimeError("Adafactor does not support complex parameters")
+        if any(map(torch.is_complex, with_grad)):
+            raise TypeError("Adafactor does not take complex parameters: it calls rms(), which stepping their "
+                            "real view (torch.view_as_real, as torch.optim does) would change")
         states = [self.state[p] for p in with_grad]
         made = {"step", "variance"}.issubset
         if not all(map(made, states)):
@@ -386,6 +398,8 @@ def _machine_eps(value, params):
 
 def _state_dtype(group, p):
     """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
+    if p.is_complex():  # kept complex, as torch.optim does, and stepped through their real view
+        return p.dtype
     return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
 
 
@@ -444,7 +458,7 @@ def _single_tensor_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1/d
-    k2 = eps1**2
+    k2 = _pow(eps1, 2)
     for i, param in enumerate(params):
         p = param if param.dtype in _EXACT else param.float()
         g = grads[i].to(p.dtype)
@@ -495,7 +509,7 @@ def _multi_tensor_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr,
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1/d
-    k2 = eps1**2
+    k2 = _pow(eps1, 2)
     # Grouped by the parameters' device and dtype; states follow by index, as they may be stored in
     # another dtype (float32 for bfloat16 parameters, state_dtype, bool), which the grouping refuses on CUDA.
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
@@ -579,7 +593,7 @@ def _single_tensor_adafactor_1(params, grads, v_list, state_steps, *, lr, beta2_
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1/d
-    k2 = eps1**2
+    k2 = _pow(eps1, 2)
     for i, param in enumerate(params):
         p = param if param.dtype in _EXACT else param.float()
         g = grads[i].to(p.dtype)
@@ -620,7 +634,7 @@ def _multi_tensor_adafactor_1(params, grads, v_list, state_steps, *, lr, beta2_d
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1/d
-    k2 = eps1**2
+    k2 = _pow(eps1, 2)
     # Grouped by the parameters' device and dtype; states follow by index, as they may be stored in
     # another dtype (float32 for bfloat16 parameters, state_dtype, bool), which the grouping refuses on CUDA.
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
@@ -879,7 +893,7 @@ if triton is not None:
         k2 = tl.load(hypers + 5)
         lr = tl.load(hypers + 6)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = tl.exp((beta2_decay) * tl.log(t))
+        c0 = tl.where(t == 1.0, 1.0, tl.where((beta2_decay) == 0.0, 1.0, tl.exp((beta2_decay) * tl.log(t))))
         c1 = tl.minimum(lr, tl.rsqrt(t))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
@@ -968,7 +982,7 @@ if triton is not None:
         k2 = tl.load(hypers + 5)
         lr = tl.load(hypers + 6)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = tl.exp((beta2_decay) * tl.log(t))
+        c0 = tl.where(t == 1.0, 1.0, tl.where((beta2_decay) == 0.0, 1.0, tl.exp((beta2_decay) * tl.log(t))))
         c1 = tl.minimum(lr, tl.rsqrt(t))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
@@ -1054,7 +1068,7 @@ if triton is not None:
         k2 = tl.load(hypers + 5)
         lr = tl.load(hypers + 6)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = tl.exp((beta2_decay) * tl.log(t))
+        c0 = tl.where(t == 1.0, 1.0, tl.where((beta2_decay) == 0.0, 1.0, tl.exp((beta2_decay) * tl.log(t))))
         c1 = tl.minimum(lr, tl.rsqrt(t))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
@@ -1144,7 +1158,7 @@ if triton is not None:
         k2 = tl.load(hypers + 5)
         lr = tl.load(hypers + 6)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = tl.exp((beta2_decay) * tl.log(t))
+        c0 = tl.where(t == 1.0, 1.0, tl.where((beta2_decay) == 0.0, 1.0, tl.exp((beta2_decay) * tl.log(t))))
         c1 = tl.minimum(lr, tl.rsqrt(t))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
@@ -1236,7 +1250,7 @@ if triton is not None:
         k2 = tl.load(hypers + 5)
         lr = tl.load(hypers + 6)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = tl.exp((beta2_decay) * tl.log(t))
+        c0 = tl.where(t == 1.0, 1.0, tl.where((beta2_decay) == 0.0, 1.0, tl.exp((beta2_decay) * tl.log(t))))
         c1 = tl.minimum(lr, tl.rsqrt(t))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
@@ -1309,7 +1323,7 @@ if triton is not None:
         k2 = tl.load(hypers + 4)
         lr = tl.load(hypers + 5)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = tl.exp((beta2_decay) * tl.log(t))
+        c0 = tl.where(t == 1.0, 1.0, tl.where((beta2_decay) == 0.0, 1.0, tl.exp((beta2_decay) * tl.log(t))))
         c1 = tl.minimum(lr, tl.rsqrt(t))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
@@ -1377,7 +1391,7 @@ if triton is not None:
         k2 = tl.load(hypers + 4)
         lr = tl.load(hypers + 5)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = tl.exp((beta2_decay) * tl.log(t))
+        c0 = tl.where(t == 1.0, 1.0, tl.where((beta2_decay) == 0.0, 1.0, tl.exp((beta2_decay) * tl.log(t))))
         c1 = tl.minimum(lr, tl.rsqrt(t))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
@@ -1500,7 +1514,7 @@ def _fused_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr, beta2_
         return
     k0 = -lr*wd + 1
     k1 = 1/d
-    k2 = eps1**2
+    k2 = _pow(eps1, 2)
     hyper_values = (float(beta2_decay), float(eps1), float(eps2), float(k0), float(k1), float(k2), float(lr), )
     groups = _groups(params, grads, r_list, c_list, state_steps)
     for (device, dtype), (p, g, r, c, device_steps) in groups.items():
@@ -1558,7 +1572,7 @@ def _fused_adafactor_1(params, grads, v_list, state_steps, *, lr, beta2_decay, e
         return
     k0 = -lr*wd + 1
     k1 = 1/d
-    k2 = eps1**2
+    k2 = _pow(eps1, 2)
     hyper_values = (float(beta2_decay), float(eps2), float(k0), float(k1), float(k2), float(lr), )
     groups = _groups(params, grads, v_list, state_steps)
     for (device, dtype), (p, g, v, device_steps) in groups.items():

@@ -188,8 +188,6 @@ class LookaheadAdam(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("LookaheadAdam does not support sparse gradients")
-        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
-            raise RuntimeError("LookaheadAdam does not support complex parameters")
         states = [self.state[p] for p in with_grad]
         if not all("step" in state for state in states):
             for p, state in zip(with_grad, states):
@@ -202,11 +200,13 @@ class LookaheadAdam(Optimizer):
                     state["v"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
                     state["slow"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
                     state["slow"].add_(p)
+        if any(map(torch.is_complex, with_grad)):  # as torch.optim: an element-wise update of the real view
+            with_grad, new_grads = [_real(p) for p in with_grad], [_real(g) for g in new_grads]
         params += with_grad
         grads += new_grads
-        m_list += [state["m"] for state in states]
-        v_list += [state["v"] for state in states]
-        slow_list += [state["slow"] for state in states]
+        m_list += [_real(state["m"]) for state in states]
+        v_list += [_real(state["v"]) for state in states]
+        slow_list += [_real(state["slow"]) for state in states]
         state_steps += [state["step"] for state in states]
 
     @torch.no_grad()
@@ -251,7 +251,13 @@ def _one_element(values):
 
 def _state_dtype(group, p):
     """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
+    if p.is_complex():  # kept complex, as torch.optim does, and stepped through their real view
+        return p.dtype
     return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+
+
+def _real(x):
+    return torch.view_as_real(x) if x.is_complex() else x
 
 
 def lookaheadadam(params, grads, m_list, v_list, slow_list, state_steps, *, foreach=None, fused=None,

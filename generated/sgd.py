@@ -220,8 +220,6 @@ class SGD(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("SGD does not support sparse gradients")
-        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
-            raise RuntimeError("SGD does not support complex parameters")
         states = [self.state[p] for p in with_grad]
         made = {"step", "momentum_buffer"}.issubset
         if not all(map(made, states)):
@@ -237,9 +235,11 @@ class SGD(Optimizer):
                                                  device=p.device if self._fused_for(group, p) else "cpu")
                 if state.get("momentum_buffer") is None:
                     state["momentum_buffer"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+        if any(map(torch.is_complex, with_grad)):  # as torch.optim: an element-wise update of the real view
+            with_grad, new_grads = [_real(p) for p in with_grad], [_real(g) for g in new_grads]
         params += with_grad
         grads += new_grads
-        buf_list += [state["momentum_buffer"] for state in states]
+        buf_list += [_real(state["momentum_buffer"]) for state in states]
         state_steps += [state["step"] for state in states]
 
     @torch.no_grad()
@@ -280,7 +280,13 @@ def _one_element(values):
 
 def _state_dtype(group, p):
     """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
+    if p.is_complex():  # kept complex, as torch.optim does, and stepped through their real view
+        return p.dtype
     return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+
+
+def _real(x):
+    return torch.view_as_real(x) if x.is_complex() else x
 
 
 def _step_dtype():

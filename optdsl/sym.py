@@ -13,6 +13,7 @@ import sympy as sp
 from sympy.core.parameters import global_parameters
 
 from . import functions as fn
+from . import ieee
 from . import ir
 from .errors import SpecError
 from .functions import COMPARISONS, REDUCTIONS, TABLE
@@ -261,6 +262,8 @@ class _CopiedOperands:
     def copies(e: sp.Expr) -> tuple[int, ...]:
         if isinstance(e, sp.Pow) and e.exp.is_Integer and 2 <= abs(int(e.exp)) <= 4:
             return (abs(int(e.exp)), 1)
+        if isinstance(e, sp.Pow) and not (e.base.is_number or e.exp in (sp.S.Half, -sp.S.Half)):
+            return (3, 2)  # Triton's pow: where(|x| == 1, 1, exp(y log |x|)), x's sign for odd y
         return _COPIES.get(type(e), (1,) * len(e.args))
 
     def name(self, e: sp.Expr) -> sp.Expr:
@@ -357,8 +360,9 @@ def plan(prog: ir.Program) -> Plan:
     outs = tuple((base, copied.name(e)) for base, e in outs)
     for d in copied.defs:
         (steps if d.level >= DEVICE else scalar_defs).append(d)
-    return Plan(prog, inputs,
-                group=tuple(_toposort([d for d in scalar_defs if d.level == GROUP])),
-                param=tuple(_toposort([d for d in scalar_defs if d.level == PARAM])),
+    # host floats follow IEEE 754 where the ranges do not prove Python's arithmetic safe
+    group, env = ieee.guard(_toposort([d for d in scalar_defs if d.level == GROUP]), prog)
+    param, _ = ieee.guard(_toposort([d for d in scalar_defs if d.level == PARAM]), prog, env)
+    return Plan(prog, inputs, group=tuple(group), param=tuple(param),
                 steps=tuple(_toposort([d for d in scalar_defs if d.level >= DEVICE] + steps)),
                 outputs=outs)

@@ -1,12 +1,15 @@
 """SymPy printers for scalars: host floats (math), 0-dim tensors (torch), and Triton registers."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import sympy as sp
 from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pycode import PythonCodePrinter
 
 from .. import functions as fn
+from .. import ieee
 
 _BY_CLASS = {f.sympy: f for f in list(fn.TABLE.values()) + list(fn.COMPARISONS.values())
              if isinstance(f.sympy, type)}
@@ -14,6 +17,19 @@ _COMPARISONS = tuple(f.sympy for f in fn.COMPARISONS.values())
 # SymPy writes atan2(y, c) of a constant c > 0 as atan(y/c): no spec names atan, but a plan may hold it.
 _BY_CLASS[sp.atan] = fn.Function("atan", 1, sp.atan, "torch.atan({0})", "math.atan({0})", "atan",
                                   triton="libdevice.atan({0})")
+
+
+def number_code(x) -> str:
+    """Python (and Triton) code for a number as a float64: inf and nan by name, too large as inf."""
+    try:
+        f = float(x)
+    except OverflowError:  # an integer past the largest float
+        f = math.inf if x > 0 else -math.inf
+    if f != f:
+        return 'float("nan")'
+    if math.isinf(f):
+        return 'float("inf")' if f > 0 else '-float("inf")'
+    return repr(f)
 
 
 class HostPrinter(PythonCodePrinter):
@@ -25,13 +41,29 @@ class HostPrinter(PythonCodePrinter):
         super().__init__({"fully_qualified_modules": True, "standard": "python3"})
         self.rename = rename or {}
 
+    keeps_guards = True  # whether it prints optdsl.ieee's wrappers (as helpers, on host floats)
+
+    def doprint(self, expr, *args, **kwargs):
+        if not self.keeps_guards:  # tensors and kernels are IEEE 754 already: the wrappers go
+            expr = ieee.plain(expr)
+        return super().doprint(expr, *args, **kwargs)
+
     def _print_Symbol(self, s):
         return self.rename.get(s.name, s.name)
 
     def _print_Float(self, e):
-        return repr(float(e))
+        return number_code(e)
+
+    def _print_Integer(self, e):
+        return str(int(e)) if abs(int(e)) < 2**53 else number_code(e)
+
+    def _print_NaN(self, e):
+        return number_code(math.nan)
 
     def _print_Function(self, e):
+        if isinstance(e, ieee.GUARDED):  # IEEE 754 on host floats (optdsl.ieee); plain on tensors, in kernels
+            return (f"{e.helper}({', '.join(self._print(a) for a in e.args)})" if self.column == "host"
+                    else self._print(e.plain()))
         row = _BY_CLASS.get(type(e))
         if row is None:
             return super()._print_Function(e)
@@ -48,6 +80,7 @@ class DevicePrinter(HostPrinter):
     """Scalars that stay 0-dim tensors on the parameter's device (they read a reduction)."""
 
     column = "tensor"
+    keeps_guards = False
 
     def _print_Pow(self, e, rational=False):
         if e.exp == sp.S.Half:
@@ -147,6 +180,8 @@ class CompiledPrinter(DevicePrinter):
     (hyperparameters, numbers) still print as host floats: torch.sqrt takes no float.
     """
 
+    keeps_guards = True  # the parts that read no tensor are host floats
+
     def __init__(self, tensors: set[str]):
         super().__init__()
         self.tensors = set(tensors)
@@ -174,6 +209,7 @@ class TritonPrinter(HostPrinter):
     """Element-wise values inside a Triton kernel: registers of float32 (or float64)."""
 
     column = "triton"
+    keeps_guards = False
     dtype = "C_TYPE"  # the kernel's arithmetic dtype
 
     def _print_Function(self, e):  # a sum in parentheses: the templates put arguments in products
@@ -219,7 +255,13 @@ class TritonPrinter(HostPrinter):
         if e.exp.is_Integer and 0 < abs(int(e.exp)) <= 4:
             product = " * ".join([f"({base})"] * abs(int(e.exp)))
             return f"({product})" if e.exp > 0 else f"(1.0 / ({product}))"
-        return f"tl.exp(({self._print(e.exp)}) * tl.log({base}))"
+        # exp(y log x) is nan for x < 0 and at 1^inf, 0^0: torch.pow's values there (IEEE 754's pow)
+        if e.exp.is_Integer or e.exp.is_infinite:  # of |x|, with x's sign for an odd power
+            y = "float(\"inf\")" if e.exp == sp.oo else "-float(\"inf\")" if e.exp == -sp.oo else f"{int(e.exp)}.0"
+            r = f"tl.where(tl.abs({base}) == 1.0, 1.0, tl.exp({y} * tl.log(tl.abs({base}))))"
+            return f"tl.where({base} < 0, -{r}, {r})" if e.exp.is_Integer and int(e.exp) % 2 else r
+        y = self._print(e.exp)
+        return f"tl.where({base} == 1.0, 1.0, tl.where(({y}) == 0.0, 1.0, tl.exp(({y}) * tl.log({base}))))"
 
     def _print_Min(self, e):
         return self._fold(e, "tl.minimum")
@@ -234,10 +276,10 @@ class TritonPrinter(HostPrinter):
         return out
 
     def _print_Integer(self, e):
-        return f"{int(e)}.0"
+        return f"{int(e)}.0" if abs(int(e)) < 2**53 else number_code(e)
 
     def _print_Rational(self, e):
-        return repr(float(e))
+        return number_code(e)
 
 
 class TritonScalar64Printer(TritonPrinter):
@@ -248,7 +290,9 @@ class TritonScalar64Printer(TritonPrinter):
 
     def _print_Float(self, e):
         x = float(e)
-        return repr(x) if float(np.float32(x)) == x else f"tl.full((), {x!r}, tl.float64)"
+        if not math.isfinite(x) or float(np.float32(x)) == x:
+            return number_code(x)
+        return f"tl.full((), {x!r}, tl.float64)"
 
     _print_Rational = _print_Float
 

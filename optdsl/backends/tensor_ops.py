@@ -14,7 +14,7 @@ import sympy as sp
 from .. import functions as fn
 from .. import ir
 from ..sym import DEVICE, GROUP, PARAM, TENSOR, Plan, is_reduction
-from .printers import _BY_CLASS, DevicePrinter, HostPrinter
+from .printers import _BY_CLASS, DevicePrinter, HostPrinter, number_code
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class Emitter:
             lvl = self.levels[e]
             return Operand(self.buffer.get(e, str(e)), lvl, self.shapes.get(e, ir.FULL))
         if e.is_Number:
-            return Operand(repr(float(e)) if not e.is_Integer else str(int(e)), GROUP)
+            return Operand(str(int(e)) if e.is_Integer and abs(int(e)) < 2**53 else number_code(e), GROUP)
         if self._level(e) == GROUP:  # hyperparameters alone that the plan left inline (-lr): a host float
             return Operand(f"({HostPrinter().doprint(e)})", GROUP)
         return self.emit(e)

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import jinja2
 import sympy as sp
 
-from .. import ir
-from ..functions import COMPARISONS, REDUCTIONS
+from .. import ieee, ir
+from ..functions import COMPARISONS, REDUCTIONS, TABLE
 from ..lower import RESERVED
 from ..mathtext import statement_math
 from ..sym import DEVICE, GROUP, PARAM, TENSOR, Plan, meanings
@@ -26,10 +26,10 @@ INTERNAL_NAMES = RESERVED | set(ir.BUILTINS)
 # Python twins of torch functions for host scalars, emitted only where a spec uses them.
 HOST_HELPERS = {
     "_sign": "def _sign(x):\n    return 0.0 if x == 0 else math.copysign(1.0, x)",
-    "_sigmoid": "def _sigmoid(x):\n    return 1.0 / (1.0 + math.exp(-x))",
+    "_sigmoid": "def _sigmoid(x):\n    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))",
     "_softplus": "def _softplus(x):\n    return math.log1p(math.exp(-abs(x))) + max(x, 0.0)",
     "_bfloat16": "def _bfloat16(x):\n    return float(torch.tensor(x, dtype=torch.float64).bfloat16())",
-}
+} | ieee.HELPERS
 
 
 @functools.cache
@@ -167,7 +167,9 @@ def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]
     compiled = CompiledPrinter({"t"} | {str(d.symbol) for d in plan.param})
     state_dtype = "_state_dtype(group, p)"
     single_body = [line for i in instrs for line in single(i)]
+    complex_why = _not_elementwise(prog)
     return dict(
+        complex_ok=not complex_why, complex_why=complex_why,
         func=func, suffix=suffix, states=[s.name for s in prog.states], uses_loss=prog.uses_loss,
         bool_states=[s.name for s in prog.states if s.shape == "bool"],
         states_saved=[(s.name, s.saved_as) for s in prog.states],
@@ -184,6 +186,26 @@ def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]
         # compiled, t is a tensor: read where the step count or a scalar of it is used
         single_reads_t=bool(plan.param) or any(re.search(r"\bt\b", line) for line in single_body),
     )
+
+
+def _not_elementwise(prog: ir.Program) -> str:
+    """Why a complex parameter cannot be stepped as its real view, element by element ('' when it can):
+    a reduction, matrix work or the shape would see twice the elements, or the wrong axes."""
+    for s in prog.states:
+        if s.shape != "full":
+            return f"its state '{s.name}' is declared ': {s.shape}'"
+
+    def first(e):
+        if isinstance(e, ir.Ref) and e.name in ir.SHAPE_BUILTINS:
+            return f"it reads the shape ({e.name})"
+        if isinstance(e, ir.Op):
+            row = TABLE.get(e.op)
+            if row is not None and (row.reduction or row.axis or row.matrix):
+                return f"it calls {e.op}()"
+            return next((why for why in map(first, e.args) if why), "")
+        return ""
+    exprs = [eq.expr for eq in prog.eqns] + [s.init for s in prog.states if s.init is not None]
+    return next((why for why in map(first, exprs) if why), "")
 
 
 def _fused_context(rule: dict, plan: Plan, cond: str | None, multi: bool) -> dict:

@@ -1,0 +1,232 @@
+"""Correct or refused, never silently wrong: host scalars follow IEEE 754 as tensors do, every
+constant prints on every path, degenerate shapes step.
+
+Each case runs the for-loop, foreach and fused (Triton, interpreted on CPU) paths in float64
+and compares with torch computing the same arithmetic on tensors, nan where torch gives nan.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import optdsl
+
+SPECS = Path(__file__).resolve().parent.parent / "specs"
+PATHS = [dict(foreach=False), dict(foreach=True), dict(fused=True)]
+G = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0], dtype=torch.float64)
+
+
+def _run(cls, g=G, steps=1, **kw):
+    """p (starting at zero) after `steps` steps on g, per path."""
+    out = {}
+    for path in PATHS:
+        p = torch.nn.Parameter(torch.zeros_like(g))
+        opt = cls([p], **path, **kw)
+        for _ in range(steps):
+            p.grad = g.clone()
+            with warnings.catch_warnings():  # numpy (the Triton interpreter) warns of 1/0
+                warnings.simplefilter("ignore", RuntimeWarning)
+                opt.step()
+        out[str(path)] = p.detach().clone()
+    return out
+
+
+def _assert_all(got: dict, want: torch.Tensor, rtol=0.0):
+    for path, p in got.items():
+        torch.testing.assert_close(p, want.to(p.dtype), rtol=rtol, atol=0, equal_nan=True, msg=path)
+
+
+@pytest.mark.parametrize("k, want", [(0.0, 1.0), (4.0, 0.25)])
+def test_a_value_where_guards_is_not_an_exception_after_hoisting(k, want):
+    """`t / k` is hoisted to the host, out of the where: with k = 0 it is inf there (as on a
+    tensor), and the where picks 1; it used to raise ZeroDivisionError on all three paths."""
+    cls = optdsl.compile("optimizer W\nhyper k = 0 in [0, inf)\nlr = where(k > 0, t / k, 1)\np -= lr * g\n")
+    _assert_all(_run(cls, k=k), -want * G)
+
+
+# A host scalar of a hyperparameter x, against torch's value of the same on a float64 tensor.
+HOST = [
+    ("t / x", 0.0, lambda x: 1 / x),
+    ("-t / x", 0.0, lambda x: -1 / x),
+    ("(t - 1) / x", 0.0, lambda x: 0 / x),  # t = 1: 0/0
+    ("log(x)", 0.0, torch.log),
+    ("log(x)", -1.0, torch.log),
+    ("log1p(x)", -1.0, torch.log1p),
+    ("log1p(x)", -3.0, torch.log1p),
+    ("sqrt(x)", -1.0, torch.sqrt),
+    ("exp(x)", 1000.0, torch.exp),
+    ("x^2", 1e200, lambda x: x**2),
+    ("x^3", -1e200, lambda x: x**3),
+    ("x^(-1.5)", 0.0, lambda x: x**-1.5),
+    ("x^0.3", -8.0, lambda x: x**0.3),
+    ("x^(t + 40)", 1e10, lambda x: x**41),  # t = 1: past the largest float
+    ("sigmoid(x)", -1000.0, torch.sigmoid),
+]
+
+
+@pytest.mark.parametrize("expr, x, ref", HOST, ids=[f"{e} at {x}" for e, x, _ in HOST])
+def test_host_scalars_follow_ieee(expr, x, ref):
+    cls = optdsl.compile(f"optimizer H\nhyper x = 1\nc = {expr}\np += c * (g * g + 1)\n")
+    want = ref(torch.tensor(x, dtype=torch.float64)) * (G * G + 1)
+    _assert_all(_run(cls, x=x), want, rtol=1e-15)
+
+
+CONSTANTS = [
+    ("g^inf", lambda g: g**float("inf")),
+    ("g^(-inf)", lambda g: g ** -float("inf")),
+    ("g^5", lambda g: g**5),
+    ("g^(-3)", lambda g: g**-3.0),
+    ("g^k", lambda g: g**0.0),  # k = 0: 0^0 = 1
+    ("g^3.5", lambda g: g**3.5),
+    ("where(g > 0, inf, -inf)", lambda g: torch.where(g > 0, float("inf"), -float("inf")).double()),
+    ("g * 1e300 + 1e-300", lambda g: g * 1e300 + 1e-300),
+    ("g * 1e-300 * 1e-300", lambda g: g * 1e-300 * 1e-300),
+    ("max(g, -inf) + min(g, inf)", lambda g: 2 * g),
+]
+
+
+@pytest.mark.parametrize("expr, ref", CONSTANTS, ids=[e for e, _ in CONSTANTS])
+def test_every_constant_prints_on_every_path(expr, ref):
+    """`g^inf` was a NameError (inf) on the torch paths and nan at 1 in the kernels; g^5 was nan
+    for g < 0 in the kernels (exp(5 log g)). Now each is torch.pow's value (IEEE 754's pow)."""
+    cls = optdsl.compile(f"optimizer C\nhyper k = 0 in [0, inf)\np = {expr}\n")
+    _assert_all(_run(cls), ref(G), rtol=1e-15)  # the kernels' pow is exp(y log|x|): a few ulps
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (0, 3), (0, 0), (2, 0, 3), (0,)])
+def test_muon_steps_on_empty_matrices(shape):
+    """torch.optim.Muon steps a (0, 3) matrix and raises ZeroDivisionError on a (3, 0) one (its
+    lr adjustment divides by the column count); ours steps both, as the empty update they are,
+    and the other parameter gets exactly the update it gets alone."""
+    Muon = optdsl.load(SPECS / "muon.opt")
+    gen = torch.Generator().manual_seed(0)
+    w0, gw = (torch.randn(4, 3, generator=gen, dtype=torch.float64) for _ in range(2))
+    alone = _run_muon(Muon, [(w0, gw)])
+    both = _run_muon(Muon, [(torch.zeros(shape, dtype=torch.float64),) * 2, (w0, gw)])
+    for path in alone:
+        assert both[path][0].shape == shape
+        assert torch.equal(both[path][1], alone[path][0]), path
+    if shape == (0, 3):
+        p = torch.nn.Parameter(torch.zeros(shape, dtype=torch.float64))
+        p.grad = torch.zeros(shape, dtype=torch.float64)
+        opt = torch.optim.Muon([p])
+        opt.step()
+        assert opt.state[p]["momentum_buffer"].shape == shape
+    if shape == (3, 0):
+        p = torch.nn.Parameter(torch.zeros(shape))
+        p.grad = torch.zeros(shape)
+        with pytest.raises(ZeroDivisionError):
+            torch.optim.Muon([p]).step()
+
+
+def _run_muon(cls, pairs, steps=3):
+    out = {}
+    for path in PATHS:
+        ps = [torch.nn.Parameter(p.clone()) for p, _ in pairs]
+        opt = cls(ps, lr=0.02, **path)
+        for _ in range(steps):
+            for p, (_, g) in zip(ps, pairs):
+                p.grad = g.clone()
+            opt.step()
+        assert all(set(opt.state[p]) >= {"step"} for p in ps)
+        out[str(path)] = [p.detach().clone() for p in ps]
+    return out
+
+
+@pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 4, 2)])
+def test_adam_steps_empty_tensors_as_torch(shape):
+    Adam = optdsl.load(SPECS / "adam.opt")
+    for path in PATHS:
+        p, q = (torch.nn.Parameter(torch.zeros(shape, dtype=torch.float64)) for _ in range(2))
+        ours, ref = Adam([p], **path), torch.optim.Adam([q], foreach=False)
+        for _ in range(2):
+            p.grad, q.grad = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+            ours.step()
+            ref.step()
+        assert p.shape == shape
+        assert {k: v.shape for k, v in ours.state[p].items()} == {k: v.shape for k, v in ref.state[q].items()}
+
+
+# ---- complex parameters: stepped as their real view, as torch.optim does, or refused ----
+COMPLEX = [
+    ("adam", torch.optim.Adam, dict(lr=0.1, weight_decay=0.01)),
+    ("adamw", torch.optim.AdamW, dict(lr=0.1, weight_decay=0.1)),
+    ("sgd", torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+]
+
+
+@pytest.mark.parametrize("name, ref_cls, kw", COMPLEX, ids=[c[0] for c in COMPLEX])
+@pytest.mark.parametrize("foreach", [False, True])
+def test_complex_parameters_step_as_torch_optim(name, ref_cls, kw, foreach):
+    """Differential against torch.optim on complex128 parameters beside a real one, 10 steps:
+    torch steps view_as_real(p) element by element, so the imaginary part moves too (it used to be
+    dropped). Same arithmetic in the same order on both sides: equal to a few ulps (1e-13)."""
+    cls = optdsl.load(SPECS / f"{name}.opt")
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(5, 3), (7,), (1,)]
+    init = [torch.randn(s, generator=gen, dtype=torch.complex128) for s in shapes] + [
+        torch.randn(4, generator=gen, dtype=torch.float64)]
+    ours = [torch.nn.Parameter(x.clone()) for x in init]
+    theirs = [torch.nn.Parameter(x.clone()) for x in init]
+    opt, ref = cls(ours, foreach=foreach, **kw), ref_cls(theirs, foreach=False, **kw)
+    for _ in range(10):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape, generator=gen, dtype=a.dtype)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref.step()
+    for a, b, x in zip(ours, theirs, init):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+        assert a.dtype == x.dtype
+        if x.is_complex():
+            assert not torch.equal(a.imag, x.imag)  # the imaginary part is updated
+    for a, b in zip(ours, theirs):  # states saved complex, as torch.optim keeps them
+        for key, value in ref.state[b].items():
+            if key != "step" and value is not None:
+                assert opt.state[a][key].dtype == value.dtype
+
+
+def test_complex_parameters_step_as_their_real_view():
+    """The same spec on view_as_real(p) (a real tensor) gives the same numbers, on each path."""
+    cls = optdsl.load(SPECS / "adamw.opt")
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 2, generator=gen, dtype=torch.complex128)
+    gs = [torch.randn(6, 2, generator=gen, dtype=torch.complex128) for _ in range(5)]
+    for path in PATHS[:2]:
+        p, r = torch.nn.Parameter(x.clone()), torch.nn.Parameter(torch.view_as_real(x).clone())
+        a, b = cls([p], lr=0.1, **path), cls([r], lr=0.1, **path)
+        for g in gs:
+            p.grad, r.grad = g.clone(), torch.view_as_real(g).clone()
+            a.step()
+            b.step()
+        assert torch.equal(torch.view_as_real(p.detach()), r.detach()), path
+
+
+def test_the_fused_path_refuses_complex_parameters_as_torch_does():
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    with pytest.raises(RuntimeError, match="floating-point parameters"):
+        optdsl.load(SPECS / "adam.opt")([p], fused=True)
+    p.grad = torch.zeros_like(p)
+    with pytest.raises(RuntimeError, match="floating point"):
+        torch.optim.Adam([p], fused=True).step()
+
+
+@pytest.mark.parametrize("spec, why", [
+    ("optimizer N\nhyper lr = 0.1\np -= lr * g / norm(g)\n", "it calls norm()"),
+    ("optimizer N\nhyper lr = 0.1\np -= lr * g / (row_mean(g^2) + 1)\n", "it calls row_mean()"),
+    ("optimizer N\nhyper lr = 0.1\np -= lr * sqrt(numel) * g\n", "it reads the shape (numel)"),
+    ("optimizer N\nhyper lr = 0.1\nstate s: scalar\ns = s + 1\np -= lr * s * g\n", "its state 's' is declared ': scalar'"),
+])
+def test_a_spec_that_is_not_element_wise_refuses_complex_parameters(spec, why):
+    """A reduction over the real view would count each complex number twice (a mean halves):
+    refused with what the spec does, before any state is made."""
+    cls = optdsl.compile(spec)
+    p = torch.nn.Parameter(torch.ones(4, 3, dtype=torch.complex64))
+    p.grad = torch.ones_like(p)
+    opt = cls([p])
+    with pytest.raises(TypeError, match="does not take complex parameters: " + why.replace("(", r"\(").replace(")", r"\)")):
+        opt.step()
+    assert not opt.state[p]
