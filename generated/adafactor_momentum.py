@@ -225,6 +225,10 @@ class AdafactorM(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("AdafactorM does not support sparse gradients")
+        if any(p.dim() < 2 for p in with_grad):
+            bad = next(p for p in with_grad if p.dim() < 2)
+            raise ValueError(f"AdafactorM: state 'c: cols' (line 9) needs parameters of rank 2 or more; this "
+                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
         if any(map(torch.is_complex, with_grad)):
             raise TypeError("AdafactorM does not take complex parameters: its state 'r' is declared ': rows', which stepping their "
                             "real view (torch.view_as_real, as torch.optim does) would change")

@@ -379,6 +379,10 @@ class Muon(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("Muon does not support sparse gradients")
+        if any(p.dim() < 2 for p in with_grad):
+            bad = next(p for p in with_grad if p.dim() < 2)
+            raise ValueError(f"Muon: T() (line 13) needs parameters of rank 2 or more; this "
+                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
         if any(map(torch.is_complex, with_grad)):
             raise TypeError("Muon does not take complex parameters: it reads the shape (nrows), which stepping their "
                             "real view (torch.view_as_real, as torch.optim does) would change")

@@ -211,6 +211,10 @@ class SMMF(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("SMMF does not support sparse gradients")
+        if any(p.dim() < 2 for p in with_grad):
+            bad = next(p for p in with_grad if p.dim() < 2)
+            raise ValueError(f"SMMF: state 'cm: cols' (line 9) needs parameters of rank 2 or more; this "
+                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
         if any(map(torch.is_complex, with_grad)):
             raise TypeError("SMMF does not take complex parameters: its state 'rm' is declared ': rows', which stepping their "
                             "real view (torch.view_as_real, as torch.optim does) would change")

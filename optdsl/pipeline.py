@@ -5,7 +5,7 @@ from dataclasses import dataclass, replace
 
 from lark.exceptions import VisitError
 
-from . import check, ir, lower, parse, sym
+from . import check, ir, lower, parse, ranks, sym
 from .backends import torch as torch_backend
 from .errors import Span, SpecError, SpecWarning
 
@@ -29,6 +29,7 @@ def compile_source(text: str, filename: str = "<spec>") -> Compiled:
     try:
         spec = parse.parse(text, filename)
         lowered, warnings = lower.lower_rules(spec)
+        ranks.check(lowered)
         rules = []
         for cond, program in lowered:
             warnings = warnings + check.check(program)

@@ -230,3 +230,39 @@ def test_a_spec_that_is_not_element_wise_refuses_complex_parameters(spec, why):
     with pytest.raises(TypeError, match="does not take complex parameters: " + why.replace("(", r"\(").replace(")", r"\)")):
         opt.step()
     assert not opt.state[p]
+
+
+# ---- ranks: what the rule's condition decides is a spec error, what only the parameter decides a clear one at step
+def test_a_rule_that_takes_vectors_cannot_reduce_columns():
+    from optdsl.errors import SpecError
+    from optdsl.pipeline import compile_source
+    text = "optimizer S\nhyper lr = 0.1\nrule ndim >= 1 {\n  p -= lr * col_mean(g)\n}\nrule {\n  p -= lr * g\n}\n"
+    with pytest.raises(SpecError) as info:
+        compile_source(text, "s.opt")
+    err = info.value
+    assert (err.span.line, err.span.column) == (4, 13)
+    assert "col_mean() needs parameters of rank 2 or more" in str(err) and "'ndim >= 1'" in str(err)
+    assert "rule ndim >= 2" in err.hint
+
+
+@pytest.mark.parametrize("body, what", [
+    ("p -= lr * col_mean(g)", "col_mean() (line 3)"),
+    ("x = mm(g, T(g))\np -= lr * mm(x, g)", "mm() (line 3)"),
+    ("state c: cols\nc = col_mean(g)\np -= lr * c", "state 'c: cols' (line 3)"),
+])
+@pytest.mark.parametrize("path", PATHS[:2], ids=str)
+def test_a_vector_where_matrices_are_needed_is_a_clear_error_at_step(body, what, path):
+    """A spec without rules by shape expects matrices (common and correct): a vector given to it
+    raises at step with the operation, its line and the shape, not torch's IndexError, and before
+    any state is made."""
+    cls = optdsl.compile(f"optimizer S\nhyper lr = 0.1\n{body}\n")
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.ones(3)
+    opt = cls([p], **path)
+    with pytest.raises(ValueError, match=rf"S: {what.replace('(', '[(]').replace(')', '[)]')} needs parameters of "
+                                         r"rank 2 or more; this one has shape \(3,\)"):
+        opt.step()
+    assert not opt.state[p]
+    w = torch.nn.Parameter(torch.zeros(3, 2))  # a matrix steps
+    w.grad = torch.ones(3, 2)
+    cls([w], **path).step()

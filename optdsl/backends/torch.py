@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import jinja2
 import sympy as sp
 
-from .. import ieee, ir
+from .. import ieee, ir, ranks
 from ..functions import COMPARISONS, REDUCTIONS, TABLE
 from ..lower import RESERVED
 from ..mathtext import statement_math
@@ -168,7 +168,9 @@ def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]
     state_dtype = "_state_dtype(group, p)"
     single_body = [line for i in instrs for line in single(i)]
     complex_why = _not_elementwise(prog)
+    min_rank, rank_why = ranks.need(prog)
     return dict(
+        min_rank=min_rank, rank_why=rank_why,
         complex_ok=not complex_why, complex_why=complex_why,
         func=func, suffix=suffix, states=[s.name for s in prog.states], uses_loss=prog.uses_loss,
         bool_states=[s.name for s in prog.states if s.shape == "bool"],
