@@ -278,7 +278,7 @@ class Adafactor(Optimizer):
             raise RuntimeError("Adafactor does not support sparse gradients")
         if any(p.dim() < 2 for p in with_grad):
             bad = next(p for p in with_grad if p.dim() < 2)
-            raise ValueError(f"Adafactor: state 'c: cols' (line 13) needs parameters of rank 2 or more; this "
+            raise ValueError(f"Adafactor: state 'c: cols' (line 16) needs parameters of rank 2 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
         if any(map(torch.is_complex, with_grad)):
             raise TypeError("Adafactor does not take complex parameters: its state 'r' is declared ': rows', which stepping their "

@@ -381,7 +381,7 @@ class Muon(Optimizer):
             raise RuntimeError("Muon does not support sparse gradients")
         if any(p.dim() < 2 for p in with_grad):
             bad = next(p for p in with_grad if p.dim() < 2)
-            raise ValueError(f"Muon: T() (line 13) needs parameters of rank 2 or more; this "
+            raise ValueError(f"Muon: T() (line 26) needs parameters of rank 2 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
         if any(map(torch.is_complex, with_grad)):
             raise TypeError("Muon does not take complex parameters: it reads the shape (nrows), which stepping their "
