@@ -27,7 +27,7 @@ CASES = int(os.environ.get("OPTDSL_FUZZ_CASES", 10_000 if EXPLORE else 300))
 OWNED_ELSEWHERE = [
     (r"NameError: name 'inf' is not defined", "item 3: every constant prints on every path"),
     (r"Dimension out of range|mT is only supported", "item 3: shape errors the declared shapes decide"),
-    (r"shapes cannot be multiplied", "item 3: runtime shape errors name the spec's line and the shape"),
+    (r"shapes cannot be multiplied|matmul need to be at least 1D", "item 3: runtime shape errors name the spec's line and the shape"),
     (r"ZeroDivisionError|math domain error|cannot be raised to a negative power|OverflowError",
      "item 3: host scalars follow IEEE semantics"),
     (r"missing \d+ required positional argument", "item 2: a lowercase name replaces the class"),
