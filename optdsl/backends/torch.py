@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import jinja2
 import sympy as sp
 
-from .. import ieee, ir, ranks
+from .. import escape, ieee, ir, ranks
 from ..functions import COMPARISONS, REDUCTIONS, TABLE
 from ..lower import RESERVED
 from ..mathtext import statement_math
@@ -38,6 +38,7 @@ def environment() -> jinja2.Environment:
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                              trim_blocks=True, lstrip_blocks=True)
     env.filters["pyrepr"] = repr  # a named choice as a Python literal (the parser admits only [A-Za-z0-9_.-])
+    env.filters["text"] = escape.text  # user text: the only way it enters generated code
     return env
 
 
@@ -236,8 +237,11 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
     names_in_group = interface(prog)  # the hyperparameters are the same in every rule
     contexts = [_rule_context(p, f"{func}_{i}" if len(rules) > 1 else func, f"_{i}" if len(rules) > 1 else "",
                               names_in_group["group_code"]) for i, (_, p, _) in enumerate(rules)]
-    # the statements as written, blocks ({ ... }) and inputs included; declarations are in Args
-    statements = [code for code in (" ".join(line.split("#")[0].split()) for line in source.splitlines())
+    # the statements as written, blocks ({ ... }) and inputs included; declarations are in Args.
+    # Lines as the grammar ends them (\n, \r\n), not as str.splitlines() does: a comment may hold
+    # U+2028 or a form feed, and what follows it is still the comment.
+    lines = [line.removesuffix("\r") for line in source.strip("\n").split("\n")]
+    statements = [code for code in (" ".join(line.split("#")[0].split()) for line in lines)
                   if code and not code.startswith(("optimizer ", "hyper ", "state "))]
     latex = []
     for _, p, cond in rules:
@@ -253,7 +257,7 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
         inputs=[s.name for s in prog.states if s.fed],
         bool_names=sorted({s.saved_as for _, p, _ in rules for s in p.program.states if s.shape == "bool"}),
         statements=list(dict.fromkeys(statements)), latex=latex,
-        spec=source.strip("\n").replace('"""', '""\\"'), number=_py_number,  # in a r""" docstring
+        spec_lines=lines, number=_py_number,
         **names_in_group,
         **group_phase.context(prog, names_in_group["group_code"]),
         **mode_code.context(prog, names_in_group["group_code"]),

@@ -1,0 +1,24 @@
+"""The one way user text (a spec's lines, its docstring, a file or folder name) enters generated code.
+
+Generated modules hold user text only inside comments, docstrings and string literals. `text`
+writes it so that it cannot leave them, wherever a template puts it: no character Python reads as
+a line break (\\n, \\r; U+2028 and the like are escaped too, since str.splitlines() honours them),
+no quote that could close a string, no backslash that could escape a closing quote. What is left
+is printable text and tabs, as Python's repr keeps them; every other character is written as repr
+escapes it (\\u2028, \\x0c). In a non-raw string the escapes read back as the original text.
+"""
+from __future__ import annotations
+
+import keyword
+
+_ESCAPES = {"\\": "\\\\", '"': '\\"'}
+
+
+def text(s: str) -> str:
+    """`s` safe inside a comment, a docstring or a string literal of generated code (see above)."""
+    return "".join(_ESCAPES.get(c) or (c if c.isprintable() or c == "\t" else repr(c)[1:-1]) for c in str(s))
+
+
+def is_name(s: str) -> bool:
+    """Whether `s` can stand in generated code as a Python name: an ASCII identifier, not a keyword."""
+    return s.isascii() and s.isidentifier() and not keyword.iskeyword(s)
