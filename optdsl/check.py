@@ -38,14 +38,14 @@ class _Ranges:
     def __init__(self, prog: ir.Program):
         self.prog = prog
         self.symbols = {name: sp.Symbol(name) for name in
-                        [h.name for h in prog.hypers] + ["t", "loss", "p0", "g0", *ir.SHAPE_BUILTINS]
+                        [h.name for h in prog.hypers] + ["t", "loss", ir.P0, ir.G0, *ir.SHAPE_BUILTINS]
                         + [e.out for e in prog.eqns] + list(prog.inputs)}
         self.env: dict[sp.Symbol, Interval] = {self.symbols[h.name]: _hyper_interval(h) for h in prog.hypers}
         self.env.update({self.symbols[n]: iv for n, iv in _group_intervals(prog).items()})
         self.env[self.symbols["t"]] = Interval(1.0, float("inf"), True, False)
         for name in ir.SHAPE_BUILTINS:  # ndim >= 0; numel, nrows, ncols >= 1
             self.env[self.symbols[name]] = Interval(0.0 if name == "ndim" else 1.0, float("inf"), True, False)
-        for name in ("loss", "p0", "g0"):
+        for name in ("loss", ir.P0, ir.G0):
             self.env[self.symbols[name]] = _FULL
 
     def of(self, e: ir.Expr) -> Interval:
@@ -87,7 +87,7 @@ class _Ranges:
 
     def prove_states(self) -> None:
         last = dict(self.prog.outputs)
-        init_env = {self.symbols["p0"]: _FULL}
+        init_env = {self.symbols[ir.P0]: _FULL}
         for s in self.prog.states:
             zero = Interval(0.0, 0.0, True, True)
             start = bound(to_sympy(s.init, self.symbols), {**self.env, **init_env}) if s.init else zero

@@ -93,9 +93,9 @@ class _Steps:
         self.p = sp.Symbol("p", real=True)
 
     def fresh(self, p) -> dict:
-        values = {self.syms["p0"]: p}
+        values = {self.syms[ir.P0]: p}
         for s in self.prog.states:
-            init = to_sympy(s.init, {**self.syms, "p0": p}) if s.init is not None else sp.Integer(0)
+            init = to_sympy(s.init, {**self.syms, ir.P0: p}) if s.init is not None else sp.Integer(0)
             values[self.syms[ir.ssa_name(s.name, 0)]] = init
         return values
 
@@ -103,11 +103,11 @@ class _Steps:
         """p after len(grads) steps from fresh state."""
         values = self.fresh(p)
         for t, g in enumerate(grads, start=1):
-            subs = {**values, self.syms["g0"]: g, self.syms["t"]: t}
+            subs = {**values, self.syms[ir.G0]: g, self.syms["t"]: t}
             new = {base: fn.meaning(e).xreplace(subs) for base, e in self.outputs.items()}
-            values = {self.syms["p0"]: new["p"], **{self.syms[ir.ssa_name(s.name, 0)]: new[s.name]
+            values = {self.syms[ir.P0]: new["p"], **{self.syms[ir.ssa_name(s.name, 0)]: new[s.name]
                                                       for s in self.prog.states}}
-        return values[self.syms["p0"]].xreplace(self.hypers)
+        return values[self.syms[ir.P0]].xreplace(self.hypers)
 
 
 def _hyper_sample(h: ir.Hyper, rng: random.Random, use_default: bool) -> float:

@@ -1,7 +1,7 @@
 """The IR: a spec as a small SSA program of immutable records, and its printout.
 
-Every value is named once: inputs are `p0`, `g0` and one `<state>0` per state;
-each assignment makes the next version (`m1 = lerp(m0, g0, 1 - b1)`).
+Every value is named once: inputs are `p·0`, `g·0` and one `<state>·0` per state;
+each assignment makes the next version (`m·1 = lerp(m·0, g·0, 1 - b1)`).
 Hyperparameters, `t` and `loss` are read-only names. `outputs` maps each
 updated value (p and the states) to its last version.
 """
@@ -191,15 +191,19 @@ class Program:
 
     @property
     def inputs(self) -> tuple[str, ...]:
-        return ("p0", "g0") + tuple(ssa_name(s.name, 0) for s in self.states)
+        return (P0, G0) + tuple(ssa_name(s.name, 0) for s in self.states)
 
     def __str__(self) -> str:
         return format_program(self)
 
 
 def ssa_name(base: str, version: int) -> str:
-    sep = "_" if base[-1].isdigit() or base.endswith("_") else ""
-    return f"{base}{sep}{version}"
+    """`m·1`: the '·' keeps SSA names apart from every name a spec can write (ASCII only), so a
+    hyperparameter `m1` or `d0` never meets the versions of `m` or `d`."""
+    return f"{base}\u00b7{version}"
+
+
+P0, G0 = ssa_name("p", 0), ssa_name("g", 0)
 
 
 # ---- printing ----

@@ -1,6 +1,7 @@
 """AST → IR: resolve names, check declarations, rename every assignment into SSA form."""
 from __future__ import annotations
 
+import builtins
 import difflib
 import keyword
 import re
@@ -29,13 +30,19 @@ RESERVED = {"params", "defaults", "foreach", "fused", "closure", "self", "state"
             "_pointer_tables", "_hyper_table", "_POINTERS", "_HYPERS", "_NUM_WARPS", "_fused_by_default",
             "_state_dtype", "_fused_for", "indices", "shapes", "unit_rows", "units", "ubase", "ucols",
             "_shape_table", "_unit_table", "_triton_ready", "_geometry", "geometry", "totals",
-            "R_", "C_", "row_", "col_", "mat_", "rows_", "cols_", "mxin", "mxout", "n_", "_add_by_segment"}
+            "R_", "C_", "row_", "col_", "mat_", "rows_", "cols_", "mxin", "mxout", "n_", "_add_by_segment",
+            # the module's own names
+            "operator", "_IS_SPARSE", "_IS_CUDA", "_DTYPE", "_groups", "_log", "_scratch_tables", "fused_available",
+            "_step_dtype", "_torch_names", "_shape_table", "_unit_table"}
+# and every Python built-in: a hyperparameter `map` would hide the one the fused launcher calls
+RESERVED |= {name for name in dir(builtins) if not name.startswith("__")}
 
 
 class _Reserved(frozenset):
     """The names above, and the numbered ones the kernels make (acc1, uacc0, ax0_, axbase0_, r0_x, log0_, ...)."""
 
-    _NUMBERED = re.compile(r"(u|ax)?acc\d+|axbase\d+_|(ax|unit)\d+_x?|r\d+_x|mx(in|out)\d+_ptrs|log\d+_")
+    _NUMBERED = re.compile(r"(u|ax)?acc\d+|axbase\d+_|(ax|unit)\d+_x?|r\d+_x|mx(in|out)\d+_ptrs|log\d+_"
+                           r"|_(fused_available|fused_by_default|shape_table|unit_table|geometry|init_group)_\d+")
 
     def __contains__(self, name) -> bool:
         return frozenset.__contains__(self, name) or bool(self._NUMBERED.fullmatch(str(name)))
@@ -54,17 +61,37 @@ def _did_you_mean(name: str, candidates, cutoff: float = 0.6) -> str:
     return f"did you mean '{close[0]}'?" if close else ""
 
 
+# Names the generated code makes from a state's name (the state `m` has m_list, device_m, m_ptrs and
+# m_ptr): no declared name may be one of them, and none of them a name the code uses itself.
+STATE_DERIVED = {"{}_list": "the step functions' list of state '{}'",
+                 "device_{}": "the multi-tensor step's list of state '{}' on one device",
+                 "{}_ptrs": "the fused kernel's pointer table of state '{}'",
+                 "{}_ptr": "the fused kernel's pointer to state '{}'"}
+
+
 def _check_declarations(spec: ast.Spec) -> None:
     if keyword.iskeyword(spec.name) or not spec.name.isidentifier():
         raise SpecError(f"'{spec.name}' cannot be a class name", spec.name_span,
                         hint="name the optimizer with a word that is not a Python keyword, e.g. MyAdam")
+    if spec.name in RESERVED:
+        raise SpecError(f"'{spec.name}' is a name the generated module uses itself", spec.name_span,
+                        hint=f"the class would hide it; choose another name, e.g. '{spec.name}Opt'")
     seen: dict[str, str] = {}
-    lists = {f"{s.name}_list": s.name for s in spec.states}  # the generated code's list of each state
+    derived: dict[str, str] = {}  # name the code makes from a state's -> what it is
+    for s in spec.states:
+        if f"{s.name}_list" in derived and derived[f"{s.name}_list"] == STATE_DERIVED["{}_list"].format(s.name):
+            continue  # a state declared twice: said below
+        for pattern, what in STATE_DERIVED.items():
+            name, what = pattern.format(s.name), what.format(s.name)
+            if name in RESERVED or name in derived:
+                taken = "a name the generated code uses itself" if name in RESERVED else derived[name]
+                raise SpecError(f"state '{s.name}' would make '{name}' ({what}), but that is {taken}", s.span,
+                                hint=f"rename the state, e.g. '{s.name}_'")
+            derived[name] = what
     for kind, decl in [("hyper", h) for h in spec.hypers] + [("state", s) for s in spec.states]:
         name = decl.name
-        if name in lists:
-            raise SpecError(f"'{name}' is the name of the generated code's list of state '{lists[name]}'",
-                            decl.span, hint=f"rename it, e.g. '{name}_'")
+        if name in derived:
+            raise SpecError(f"'{name}' is the name of {derived[name]}", decl.span, hint=f"rename it, e.g. '{name}_'")
         if name in ir.BUILTINS or name in ir.SHAPE_BUILTINS:
             raise SpecError(f"'{name}' is a built-in name and cannot be declared", decl.span,
                             hint="p, g, t, loss, ndim, numel, nrows, ncols and nunits are provided by optdsl; "
@@ -84,11 +111,6 @@ def _check_declarations(spec: ast.Spec) -> None:
             raise SpecError(f"unknown state shape '{st.shape}'", st.shape_span,
                             hint="a state is shaped like p unless declared ': scalar', ': rows', ': cols', ': bool' "
                                  "or ': group' (one number per parameter group)")
-    starts = {ir.ssa_name(b, 0): b for b in ["p", "g", *(s.name for s in spec.states if s.shape != "group")]}
-    for h in spec.hypers:  # the IR names the step-start value of m `m0`: a hyperparameter may not
-        if h.name in starts:
-            raise SpecError(f"'{h.name}' is the name of the step-start value of '{starts[h.name]}'", h.span,
-                            hint=f"rename the hyperparameter, e.g. '{h.name}_'")
     for h in spec.hypers:
         r = h.range
         if r is None:
@@ -425,7 +447,15 @@ def _keywords(spec: ast.Spec, named: bool = False) -> tuple[ir.Keyword, ...]:
         elif h.name == tup.members[0]:
             claim(tup.keyword, tup.span, f"the tuple of {', '.join(tup.members)}")
             keywords.append(ir.Keyword(tup.keyword, tup.members, is_tuple=True))
+    return tuple(keywords)
+
+
+def _check_keys(spec: ast.Spec) -> None:
+    """Each state's key in state_dict() (`as KEY`, else its name): its own, not 'step', and not another
+    state's name (load_state_dict reads a state_dict saved under the spec's names too, so
+    `state m as v, v as m` would swap the two states on load)."""
     keys: dict[str, ast.State] = {}
+    names = {s.name: s for s in spec.states}
     for s in spec.states:
         key = s.key or s.name
         if key == "step" or not key.isidentifier():
@@ -434,8 +464,11 @@ def _keywords(spec: ast.Spec, named: bool = False) -> tuple[ir.Keyword, ...]:
         if key in keys:
             raise SpecError(f"states '{keys[key].name}' and '{s.name}' are both saved as '{key}'",
                             s.key_span or s.span, hint="give each state its own key with 'as KEY'")
+        if key in names and names[key] is not s:
+            raise SpecError(f"state '{s.name}' is saved as '{key}', the name of another state", s.key_span or s.span,
+                            hint=f"a state_dict saved under the spec's names would load '{key}' into "
+                                 f"'{s.name}'; choose a key that names no other state")
         keys[key] = s
-    return tuple(keywords)
 
 
 MAX_REPEAT = 64
@@ -473,6 +506,7 @@ def lower(spec: ast.Spec, named: bool = False) -> tuple[ir.Program, list[SpecWar
     spec = replace(spec, states=spec.states + tuple(
         ast.State(i.name, ast.Num(i.default, i.span), i.span, "scalar") for i in spec.inputs))
     _check_declarations(spec)
+    _check_keys(spec)
     keywords = _keywords(spec, named)
     if not group.has_group(spec):
         lowering = _Lowering(replace(spec, modes=()))

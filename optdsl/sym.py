@@ -75,7 +75,7 @@ def _to_sympy(e: ir.Expr, env: dict[str, sp.Expr]) -> sp.Expr:
 
 def symbols_of(prog: ir.Program) -> dict[str, sp.Symbol]:
     """One SymPy symbol per input: p, g, each state (their step-start values), hypers, t, loss."""
-    names = {"p0": "p", "g0": "g", **{ir.ssa_name(s.name, 0): s.name for s in prog.states}}
+    names = {ir.P0: "p", ir.G0: "g", **{ir.ssa_name(s.name, 0): s.name for s in prog.states}}
     syms = {ssa: sp.Symbol(code) for ssa, code in names.items()}
     syms.update({h.name: sp.Symbol(h.name) for h in prog.hypers})
     syms.update({"t": sp.Symbol("t"), "loss": sp.Symbol("loss")})
@@ -324,7 +324,7 @@ def plan(prog: ir.Program) -> Plan:
                  if eq.kind == ir.SCALAR and sum(e.target == eq.target for e in prog.eqns) == 1}
     hoister = _Hoister(levels, names, preferred)
 
-    base_sym = {"p": syms["p0"], **{s.name: syms[ir.ssa_name(s.name, 0)] for s in prog.states}}
+    base_sym = {"p": syms[ir.P0], **{s.name: syms[ir.ssa_name(s.name, 0)] for s in prog.states}}
     tensors = set(inputs)
     walls, named = [], {}  # named: a scalar barrier -> the hoisted scalar that stands for it
     for symbol, e in barriers:

@@ -29,12 +29,12 @@ optimizer AdamW
   hyper betas = (b1, b2)
   state m = 0 as exp_avg
   state v = 0 as exp_avg_sq
-  in p0, g0, m0, v0, t
-  m1 = lerp(m0, g0, 1 - b1)
-  v1 = lerp(v0, g0^2, 1 - b2)
-  p1 = p0 - lr * wd * p0
-  p2 = p1 - lr * (m1 / (1 - b1^t)) / (sqrt(v1 / (1 - b2^t)) + eps)
-  out p = p2, m = m1, v = v1"""
+  in p·0, g·0, m·0, v·0, t
+  m·1 = lerp(m·0, g·0, 1 - b1)
+  v·1 = lerp(v·0, g·0^2, 1 - b2)
+  p·1 = p·0 - lr * wd * p·0
+  p·2 = p·1 - lr * (m·1 / (1 - b1^t)) / (sqrt(v·1 / (1 - b2^t)) + eps)
+  out p = p·2, m = m·1, v = v·1"""
 
 LION_IR = """\
 optimizer Lion
@@ -44,11 +44,11 @@ optimizer Lion
   hyper wd = 0 in [0, inf) as weight_decay
   hyper betas = (b1, b2)
   state m = 0 as exp_avg
-  in p0, g0, m0, t
-  p1 = p0 - lr * wd * p0
-  p2 = p1 - lr * sign(lerp(m0, g0, 1 - b1))
-  m1 = lerp(m0, g0, 1 - b2)
-  out p = p2, m = m1"""
+  in p·0, g·0, m·0, t
+  p·1 = p·0 - lr * wd * p·0
+  p·2 = p·1 - lr * sign(lerp(m·0, g·0, 1 - b1))
+  m·1 = lerp(m·0, g·0, 1 - b2)
+  out p = p·2, m = m·1"""
 
 
 def test_adamw_ir():
@@ -74,16 +74,16 @@ p -= lr * where(m * g > 0, m, 0) / (1 + v2)
 optimizer Toy
   hyper lr = 0.5 in (0, 1]
   hyper b1 = 0.9 in (-inf, inf)
-  state v2 = lr * p0
+  state v2 = lr * p·0
   state m = 0
-  in p0, g0, v2_0, m0, t, loss
-  bc1 = 1 - b1^t    # scalar
-  g1 = g0 * loss
-  m1 = lerp(m0, g1, 1 - b1)
-  m2 = m1 / bc1
-  v2_1 = v2_0 + -m2^2
-  p1 = p0 - lr * where(m2 * g1 > 0, m2, 0) / (1 + v2_1)
-  out p = p1, v2 = v2_1, m = m2"""
+  in p·0, g·0, v2·0, m·0, t, loss
+  bc·1 = 1 - b1^t    # scalar
+  g·1 = g·0 * loss
+  m·1 = lerp(m·0, g·1, 1 - b1)
+  m·2 = m·1 / bc·1
+  v2·1 = v2·0 + -m·2^2
+  p·1 = p·0 - lr * where(m·2 * g·1 > 0, m·2, 0) / (1 + v2·1)
+  out p = p·1, v2 = v2·1, m = m·2"""
 
 
 def test_every_spec_lowers_to_ssa():

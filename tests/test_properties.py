@@ -493,7 +493,7 @@ class Reference:
         self.args = [sp.Symbol("p"), sp.Symbol("g"), *map(sp.Symbol, self.states),
                      *(sp.Symbol(h.name) for h in program.hypers), sp.Symbol("t"), sp.Symbol("loss")]
         self.outputs = {base: _lambdify(self.args, e) for base, e in outputs.items()}
-        init_env = {h.name: sp.Symbol(h.name) for h in program.hypers} | {"p0": sp.Symbol("p")}
+        init_env = {h.name: sp.Symbol(h.name) for h in program.hypers} | {ssa_name("p", 0): sp.Symbol("p")}
         self.inits = {s.name: _lambdify(self.args, to_sympy(s.init, init_env)) if s.init is not None else None
                       for s in program.states}
 

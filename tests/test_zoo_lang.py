@@ -657,14 +657,14 @@ def test_blocks_lower_to_plain_ssa():
     assert str(lower(parse(src))[0]).split("\n", 3)[3] == """\
   state s: scalar = 1
   state r: rows = 0
-  in p0, g0, s0, r0, t
-  s1 = s0 * 2    # scalar
-  s2 = s1 * 2    # scalar
-  r1 = lerp(r0, row_mean(g0^2), 0.5)
-  p1 = p0 - lr * s2 * g0 / sqrt(r1 + 1)
-  p2 = 0.5 * p1
-  p3 = where(mod(t, k) == 0, p2, p1)
-  out p = p3, s = s2, r = r1"""
+  in p·0, g·0, s·0, r·0, t
+  s·1 = s·0 * 2    # scalar
+  s·2 = s·1 * 2    # scalar
+  r·1 = lerp(r·0, row_mean(g·0^2), 0.5)
+  p·1 = p·0 - lr * s·2 * g·0 / sqrt(r·1 + 1)
+  p·2 = 0.5 * p·1
+  p·3 = where(mod(t, k) == 0, p·2, p·1)
+  out p = p·3, s = s·2, r = r·1"""
 
 
 @pytest.mark.parametrize("src, message, where", [

@@ -58,7 +58,7 @@ def context(prog: ir.Program, group_code: dict[str, str]) -> dict:
         env[f"{s.name}.0"] = sp.Symbol(f'values["{s.name}.0"]')
     # one tensor's values inside a reduction
     items = ["p", "g", *phase.reads] + (["t"] if reads_t else [])
-    inner = {"p0": sp.Symbol("p_"), "g0": sp.Symbol("g_"), "t": sp.Symbol("t_")}
+    inner = {ir.P0: sp.Symbol("p_"), ir.G0: sp.Symbol("g_"), "t": sp.Symbol("t_")}
     inner.update({ir.ssa_name(s, 0): sp.Symbol(f"{s}_") for s in phase.reads})
     inner.update({n: sp.Symbol(code.replace("p.", "p_.")) for n, code in ir.SHAPE_BUILTINS.items()})
     tensors = {"p_", "g_", *(f"{s}_" for s in phase.reads)}

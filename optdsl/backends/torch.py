@@ -143,9 +143,20 @@ def _rename_word(text: str, name: str, new: str) -> str:
 
 
 # ---- the module ----
-def _functional_name(name: str) -> str:
-    low = name.lower()
-    return low + "_" if keyword.iskeyword(low) else low
+# The module-level functions the template names after the functional (adam: _single_tensor_adam, ...).
+_FUNC_DERIVED = ("_single_tensor_{}", "_multi_tensor_{}", "_fused_{}", "_matrix_{}", "{}_0")
+
+
+def _functional_name(prog: ir.Program) -> str:
+    """torch.optim's name for the functional form (adam for Adam), with '_' added while it is taken:
+    by the class itself (an all-lowercase name), by a name the module uses (torch, len, params, group)
+    or by one the functions it names would take."""
+    def taken(name: str) -> bool:
+        return name == prog.name or name in RESERVED or name in ir.BUILTINS
+    func = prog.name.lower()
+    while keyword.iskeyword(func) or taken(func) or any(taken(f.format(func)) for f in _FUNC_DERIVED):
+        func += "_"
+    return func
 
 
 def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]) -> dict:
@@ -233,7 +244,7 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
     """The module for a spec; `rules` holds (condition code, plan, condition as written) per rule by shape."""
     prog = plan.program
     rules = rules or ((None, plan, None),)
-    func = _functional_name(prog.name)
+    func = _functional_name(prog)
     names_in_group = interface(prog)  # the hyperparameters are the same in every rule
     contexts = [_rule_context(p, f"{func}_{i}" if len(rules) > 1 else func, f"_{i}" if len(rules) > 1 else "",
                               names_in_group["group_code"]) for i, (_, p, _) in enumerate(rules)]
@@ -399,7 +410,7 @@ def _init_code(state: ir.State, prog: ir.Program, group_code: dict[str, str]) ->
     from ..backends.printers import DevicePrinter
     from ..sym import to_sympy
     env = {h.name: sp.Symbol(group_code[h.name]) for h in prog.hypers}
-    env["p0"] = sp.Symbol("p")
+    env[ir.P0] = sp.Symbol("p")
     value = to_sympy(state.init, env)
     p = sp.Symbol("p")
     reductions = tuple(REDUCTIONS)

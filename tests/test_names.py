@@ -1,0 +1,90 @@
+"""A spec's names never meet the generated code's own (issue 12, item 2): each spelling either steps
+exactly as the same spec under a harmless name does, on all three paths, or is refused where it is
+written, saying which name is taken and why."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import optdsl
+from optdsl.errors import SpecError
+
+MODES = [dict(foreach=False), dict(foreach=True), dict(fused=True)]
+SHAPES = [(7,), (3, 4), (2, 3, 5), (1,)]
+
+
+def _trajectory(text: str, mode: dict, steps: int = 4) -> list[torch.Tensor]:
+    cls = optdsl.compile(text, "names.opt")
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in SHAPES]
+    opt = cls(params, **mode)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        opt.step()
+    return [p.detach().clone() for p in params] + [
+        v.clone() for p in params for v in opt.state[p].values() if torch.is_tensor(v)]
+
+
+def _same_steps(text: str, plain: str) -> None:
+    """`text` steps exactly as `plain`, the same spec under names that collide with nothing: the code
+    differs only in names, so the arithmetic is the same operation for operation."""
+    for mode in MODES:
+        got, want = _trajectory(text, mode), _trajectory(plain, mode)
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b), mode
+
+
+BODY = "hyper lr = 1e-2, b = 0.9\nstate m\nm = lerp(m, g, 1 - b)\np -= lr * m / (1 + b^t)\n"
+
+
+@pytest.mark.parametrize("name", ["adam", "Torch", "Triton", "Len", "Params", "Group", "Math", "Os",
+                                  "Tl", "Operator", "Zip", "Self", "Fused_available", "By_default",
+                                  "State_steps", "Map", "Hypers"])
+def test_a_class_name_whose_functional_name_is_taken_still_steps(name):
+    text = f"optimizer {name}\n{BODY}"
+    _same_steps(text, f"optimizer Plain\n{BODY}")
+    module = __import__("sys").modules[f"optdsl_generated.{name}"]
+    cls, func = getattr(module, name), module.__all__[1]
+    assert isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)
+    assert callable(getattr(module, func)) and func != name and func.rstrip("_") == name.lower()
+
+
+@pytest.mark.parametrize("name", ["Optimizer", "LAUNCHES", "ValueError", "len", "torch", "_EXACT", "_IS_SPARSE",
+                                  "_groups", "fused_available"])
+def test_a_class_name_the_module_uses_is_refused_where_it_stands(name):
+    with pytest.raises(SpecError, match="a name the generated module uses itself") as err:
+        optdsl.compile(f"optimizer {name}\n{BODY}", "names.opt")
+    assert (err.value.line, err.value.column) == (1, 11)
+
+
+@pytest.mark.parametrize("d", ["d0", "m0", "m1", "p0", "g0", "b0"])
+def test_a_hyperparameter_named_like_an_ssa_version_steps(d):
+    text = f"optimizer X\nhyper lr = 1e-2, {d} = 0.5\nstate d, m\nd = d + g\nm = lerp(m, d, {d})\np -= lr * m\n"
+    _same_steps(text, text.replace(d, "q_"))
+
+
+@pytest.mark.parametrize("decl, where, message", [
+    ("hyper device_m = 2", (2, 7), "'device_m' is the name of the multi-tensor step's list of state 'm'"),
+    ("hyper m_list = 2", (2, 7), "'m_list' is the name of the step functions' list of state 'm'"),
+    ("hyper m_ptr = 2", (2, 7), "'m_ptr' is the name of the fused kernel's pointer to state 'm'"),
+    ("state device_x, x_list", (2, 17), "state 'x_list' would make 'device_x_list'"),
+    ("state step", (2, 7), "state 'step' would make 'step_ptrs'"),
+    ("hyper map = 2", (2, 7), "'map' is reserved"),
+    ("hyper sorted = 2", (2, 7), "'sorted' is reserved"),
+    ("state m as v, v as m", (2, 12), "state 'm' is saved as 'v', the name of another state"),
+    ("state k as step", (2, 12), "'step' cannot be a state's key"),
+])
+def test_a_name_that_is_taken_is_refused_where_it_stands(decl, where, message):
+    text = f"optimizer X\n{decl}\nstate m\nm = lerp(m, g, 0.5)\np -= 0.1 * m\n"
+    text = text.replace("state m\n", "") if "state m" in decl else text
+    with pytest.raises(SpecError) as err:
+        optdsl.compile(text, "names.opt")
+    assert message in err.value.message and (err.value.line, err.value.column) == where
+    assert "hint:" in str(err.value)
+
+
+def test_a_saved_key_that_names_no_other_state_is_fine():
+    _same_steps("optimizer X\nstate m as v\nm = lerp(m, g, 0.5)\np -= 0.1 * m\n",
+                "optimizer X\nstate m\nm = lerp(m, g, 0.5)\np -= 0.1 * m\n")
