@@ -32,7 +32,7 @@ def __getattr__(name: str):
 def _module_name(text: str, filename: str) -> str:
     """Stable across processes for the same spec: a spawned worker, or a process unpickling an
     optimizer, that loads the same spec registers the same module, so classes pickle by reference."""
-    digest = hashlib.sha256(f"{__version__}\0{filename}\0{text}".encode()).hexdigest()[:20]
+    digest = hashlib.sha256(f"{__version__}\0{filename}\0{text}".encode("utf-8", "surrogatepass")).hexdigest()[:20]
     return f"optdsl._spec_{digest}"
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import random
-import sys
 from pathlib import Path
 
 import pytest
@@ -42,7 +41,7 @@ def _module_of(text: str, filename: str = "attack.opt"):
         assert err.filename == filename
         return None
     assert audit(compiled.python) == []
-    module = optdsl._module_from(compiled, f"optdsl_security_{len(sys.modules)}")
+    module = optdsl._module_from(compiled, text, filename)
     assert not hasattr(module, "PWNED")
     return compiled, module
 
