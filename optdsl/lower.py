@@ -33,7 +33,10 @@ RESERVED = {"params", "defaults", "foreach", "fused", "closure", "self", "state"
             "R_", "C_", "row_", "col_", "mat_", "rows_", "cols_", "mxin", "mxout", "n_", "_add_by_segment",
             # the module's own names
             "operator", "_IS_SPARSE", "_IS_CUDA", "_DTYPE", "_groups", "_log", "_scratch_tables", "fused_available",
-            "_step_dtype", "_torch_names", "_shape_table", "_unit_table"}
+            "_step_dtype", "_torch_names", "_shape_table", "_unit_table",
+            # locals of the fused kernels and launchers, where the hyperparameters are locals too
+            "n", "start", "whole", "ALIGNED", "TYPE", "_load", "_store", "_pointer", "_mix32", "_one_element",
+            "p_ptr", "g_ptr", "p_ptrs", "g_ptrs", "groups", "aligned", "why", "_"}
 # and every Python built-in: a hyperparameter `map` would hide the one the fused launcher calls
 RESERVED |= {name for name in dir(builtins) if not name.startswith("__")}
 

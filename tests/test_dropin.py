@@ -366,7 +366,8 @@ BODY = "state m\nm = lerp(m, g, 1 - b1)\np -= lr * b2 * m\n"
     ("hyper wd = 0 as weight_decay\nhyper betas = (b1, wd)", "'wd' has its own keyword 'weight_decay'", 4,
      "wd)"),
     ("state v as step", "'step' cannot be a state's key", 3, "step"),
-    ("state v as m", "states 'v' and 'm' are both saved as 'm'", 4, "m\n"),
+    ("state v as m", "state 'v' is saved as 'm', the name of another state", 3, "m\n"),
+    ("state v as k\nstate w as k", "states 'v' and 'w' are both saved as 'k'", 4, "k\n"),
     ("hyper betas = (b1)", "a tuple keyword groups declared hyperparameters", 3, ")"),
     ("hyper wd = 0 as", "'as' names a keyword", 3, None),
 ])

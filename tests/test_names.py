@@ -3,6 +3,7 @@ exactly as the same spec under a harmless name does, on all three paths, or is r
 written, saying which name is taken and why."""
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -90,3 +91,20 @@ def test_a_name_that_is_taken_is_refused_where_it_stands(decl, where, message):
 def test_a_saved_key_that_names_no_other_state_is_fine():
     _same_steps("optimizer X\nstate m as v\nm = lerp(m, g, 0.5)\np -= 0.1 * m\n",
                 "optimizer X\nstate m\nm = lerp(m, g, 0.5)\np -= 0.1 * m\n")
+
+
+# Locals of the functions a hyperparameter lives in (the kernels, the per-tensor and multi-tensor
+# steps, the launcher) and their comprehension variables (m_ iterates over m): each steps as `q` does.
+@pytest.mark.parametrize("name", ["n", "start", "whole", "aligned", "groups", "k", "x", "y", "s", "c", "v",
+                                  "impl", "why", "key", "bits", "made", "with_grad", "states", "m_", "t_",
+                                  "ALIGNED", "TYPE", "counters", "ptr", "first", "saved", "p_ptr", "groups", "R",
+                                  "IS_MAX", "rows"])
+def test_a_hyperparameter_named_like_a_local_of_the_generated_code_steps(name):
+    text = (f"optimizer X\nhyper lr = 1e-2, {name} = 0.3\nstate m\nm = lerp(m, g, 0.5)\n"
+            f"p -= lr * max(abs(m), {name}) * sign(m) / (1 + norm(m) * {name})\n")
+    try:
+        optdsl.compile(text, "names.opt")
+    except SpecError as err:  # refused: where it stands, saying so
+        assert (err.line, err.column) == (2, 18) and name in err.message
+        return
+    _same_steps(text, re.sub(rf"\b{name}\b", "q", text))

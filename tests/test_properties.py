@@ -655,7 +655,7 @@ def semantic_mistakes(draw):
              "assign-function", "assign-reserved", "aug-unassigned", "read-before-assign", "division-by-zero",
              "state-init", "never-assigns-p", "declaration-after-statement", "declared-twice",
              "default-outside-range", "empty-range", "declare-builtin", "hyper-named-function",
-             "class-name-keyword", "unused-state", "reserved-declaration", "hyper-named-start-value",
+             "class-name-keyword", "unused-state", "reserved-declaration",
              "state-list-name"] + (["assign-hyper"] if spec.hypers else [])
     kind = draw(st.sampled_from(kinds))
 
@@ -736,9 +736,6 @@ def semantic_mistakes(draw):
         name = draw(st.sampled_from(["super", "float", "self", "torch", "params", "t_", "_EXACT", "lambda"]))
         which = draw(st.sampled_from(["hyper", "state"]))
         return declaration(f"{which} {name}" + (" = 1" if which == "hyper" else ""), 7, f"'{name}' is reserved")
-    if kind == "hyper-named-start-value":
-        base = draw(st.sampled_from(["p", "g", *spec.states]))
-        return declaration(f"hyper {ssa_name(base, 0)} = 1", 7, f"step-start value of '{base}'")
     if kind == "state-list-name":  # the generated code keeps state zq's tensors in a list zq_list
         which = draw(st.sampled_from(["hyper zq_list = 1", "state zq_list"]))
         return declaration(f"state zq; {which}", 11 + len(which.split()[0]) + 1,
