@@ -16,7 +16,7 @@ def context(prog: ir.Program, group_code: dict[str, str]) -> dict:
     for mode in prog.modes:
         env = {h.name: sp.Symbol(group_code[h.name]) for h in prog.hypers if not h.computed}
         env.update({n: sp.Symbol(code.replace("p.", "param.")) for n, code in ir.SHAPE_BUILTINS.items()})
-        env["p0"] = sp.Symbol("p")
+        env[ir.P0] = sp.Symbol("p")
         tensors = {"p"}
         lines = ["p = param if param.dtype in _EXACT else param.float()"]
         read = {r for eq in mode.eqns for r in _refs(eq.expr)}
@@ -27,15 +27,24 @@ def context(prog: ir.Program, group_code: dict[str, str]) -> dict:
                 tensors.add(s.name)
         for eq in mode.eqns:
             value = to_sympy(eq.expr, env)
-            lines.append(f"{eq.out} = {CompiledPrinter(tensors).doprint(value)}")
-            env[eq.out] = sp.Symbol(eq.out)
+            name = _code_name(eq.out)
+            lines.append(f"{name} = {CompiledPrinter(tensors).doprint(value)}")
+            env[eq.out] = sp.Symbol(name)
             if eq.kind == ir.TENSOR:
-                tensors.add(eq.out)
+                tensors.add(name)
         for base, ssa in mode.outputs:
             target = "param" if base == "p" else f'state["{keys[base]}"]'
-            lines.append(f"{target}.copy_({ssa})")
+            lines.append(f"{target}.copy_({_code_name(ssa)})")
         out.append((mode.name, lines))
     return dict(modes=out)
+
+
+def _code_name(ssa: str) -> str:
+    """An SSA name (p·1) as a Python name in the mode's body: p1, or m2_1 after a digit."""
+    base, _, version = ssa.rpartition("\u00b7")
+    if not base:
+        return ssa
+    return f"{base}{'_' if base[-1].isdigit() or base.endswith('_') else ''}{version}"
 
 
 def _refs(e: ir.Expr):
