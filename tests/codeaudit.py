@@ -131,11 +131,17 @@ def audit(source: str) -> list[str]:
         return [f"not valid Python: {err}"]
     problems = _top_level(tree)
     bound, chains = _bound(tree), allowed_chains()
+    # getattr(self, "grad_scale", None): only on self, with a constant attribute name, never a dunder
+    literal_getattr = {id(c.func) for c in ast.walk(tree) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)
+                       and c.func.id == "getattr" and len(c.args) >= 2 and isinstance(c.args[0], ast.Name)
+                       and c.args[0].id == "self" and isinstance(c.args[1], ast.Constant)
+                       and isinstance(c.args[1].value, str) and not c.args[1].value.startswith("__")}
     for node in ast.walk(tree):
         line = getattr(node, "lineno", "?")
         if isinstance(node, (ast.Import, ast.ImportFrom)) and _import_key(node) not in IMPORTS:
             problems.append(f"line {line}: import {ast.unparse(node)!r}")
-        elif isinstance(node, ast.Name) and node.id not in bound and node.id not in BUILTINS | PENDING:
+        elif isinstance(node, ast.Name) and node.id not in bound and node.id not in BUILTINS | PENDING and (
+                id(node) not in literal_getattr):
             problems.append(f"line {line}: name {node.id!r} is neither defined in the module nor an allowed built-in")
         elif isinstance(node, ast.Attribute):
             if node.attr.startswith("__") and node.attr not in DUNDERS:

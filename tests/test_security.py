@@ -150,7 +150,8 @@ def test_non_ascii_digits_are_not_numbers(digits):
 # ---- the audit itself: a payload that reached a module fails it ----
 PAYLOADS = ["import subprocess", "PWNED = 1", "os.system('id')", "eval('1')", "exec('x = 1')",
             "open('/etc/passwd')", "__import__('os')", "print(().__class__.__bases__)",
-            "torch.load('x.pt')", "getattr(os, 'system')('id')", "class Evil:\n    PWNED = 1",
+            "torch.load('x.pt')", "getattr(os, 'system')('id')", "getattr(os, name)",
+            "getattr(self, '__class__')", "class Evil:\n    PWNED = 1",
             "from os import system", "lambda: 0"]
 
 
