@@ -84,6 +84,8 @@ def _check_declarations(spec: ast.Spec) -> None:
     for s in spec.states:
         if f"{s.name}_list" in derived and derived[f"{s.name}_list"] == STATE_DERIVED["{}_list"].format(s.name):
             continue  # a state declared twice: said below
+        if s.name in ir.BUILTINS or s.name in ir.SHAPE_BUILTINS or s.name in RESERVED:
+            continue  # refused below, as what it is
         for pattern, what in STATE_DERIVED.items():
             name, what = pattern.format(s.name), what.format(s.name)
             if name in RESERVED or name in derived:
