@@ -40,12 +40,19 @@ _EXACT = (torch.float32, torch.float64)
 _IS_SPARSE = operator.attrgetter("is_sparse")
 
 
-def _store_rounded(stored, value):
+def _store_rounded(stored, value, generator=None):
     """Write `value` into the bfloat16 tensor `stored`, rounded stochastically: up with probability
     (value - below) / spacing, so the rounding is unbiased and updates smaller than bfloat16's
-    spacing still add up over steps (round-to-nearest would drop them)."""
+    spacing still add up over steps (round-to-nearest would drop them). The random bits come from
+    `generator` (the optimizer's own: a key per write, expanded on the tensor's device), else from
+    torch's global generator (the functional called alone, or compiled)."""
     bits = value.float().view(torch.int32)
-    noise = torch.randint_like(bits, 0, 1 << 16)  # uniform over the 16 bits bfloat16 drops
+    if generator is None:
+        noise = torch.randint_like(bits, 0, 1 << 16)  # uniform over the 16 bits bfloat16 drops
+    else:
+        key = int(torch.randint(0, 2**62, (), generator=generator))
+        local = torch.Generator(device=bits.device).manual_seed(key)
+        noise = torch.randint(0, 1 << 16, bits.shape, generator=local, dtype=torch.int32, device=bits.device)
     stored.copy_(((bits + noise) & -65536).view(torch.float32))  # exact in bfloat16 now
 
 
@@ -151,6 +158,7 @@ class AMSGrad(Optimizer):
         defaults = _torch_names(dict(defaults, **spec_names), defaults, self._ALIASES)
         self._check_group(defaults)
         super().__init__(params, defaults)
+        self._rng = _new_rng()
         if fused:
             why = fused_available([p for g in self.param_groups for p in g["params"]])
             if why:
@@ -185,12 +193,85 @@ class AMSGrad(Optimizer):
             if group.get(key, value) != value:
                 raise ValueError(f"AMSGrad does not implement {key}={group[key]!r} (only {key}={value!r})")
 
+    # ---- state: the stochastic rounding's own generator, and what a state_dict may hold
+
+    def __getstate__(self):
+        # pickled with the optimizer (torch.optim's keeps defaults, state and param_groups only)
+        return {**super().__getstate__(), "_rng_state": self._rng.get_state()}
+
     def __setstate__(self, state):
+        rng_state = state.pop("_rng_state", None)
         super().__setstate__(state)
+        if "_rng" not in self.__dict__:
+            self._rng = _new_rng()
+        if rng_state is not None:
+            self._rng.set_state(rng_state)
         for group in self.param_groups:
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
             group.setdefault("state_dtype", None)
+            for p in group["params"]:
+                step = self.state[p].get("step") if p in self.state else None
+                if step is not None and not torch.is_tensor(step):  # older torch.optim saved a number
+                    self.state[p]["step"] = torch.tensor(float(step), dtype=_step_dtype(),
+                                                         device=p.device if self._fused_for(group, p) else "cpu")
+
+    def state_dict(self):
+        state_dict = super().state_dict()
+        if any(group["state_dtype"] is not None for group in self.param_groups):
+            # the stochastic rounding's generator: a resumed run rounds as this one would have
+            state_dict["rng_state"] = self._rng.get_state()
+        return state_dict
+
+    def _expected_states(self, group, p):
+        """The states (by state_dict key) this optimizer keeps for p, each with its shape (None: any)."""
+        return {"exp_avg": p.shape, "exp_avg_sq": p.shape, "max_exp_avg_sq": p.shape}
+
+    def _check_loadable(self, state_dict):
+        """Refuse, saying what is wrong, a state_dict this optimizer cannot go on from, where
+        torch.optim would load it and then fail at the next step (or go on silently wrong)."""
+        where = "AMSGrad.load_state_dict"
+        if not (isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict)
+                and isinstance(state_dict.get("param_groups"), list)):
+            raise ValueError(f"{where}: not an optimizer's state_dict (a dict of 'state' and 'param_groups')")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"{where}: the state_dict has {len(saved_groups)} parameter groups, this "
+                             f"optimizer {len(self.param_groups)}")
+        rng = state_dict.get("rng_state")
+        if rng is not None and not (torch.is_tensor(rng) and rng.dtype == torch.uint8
+                                    and rng.shape == self._rng.get_state().shape):
+            raise ValueError(f"{where}: 'rng_state' is not a CPU generator's state")
+        for n, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved.get("params", ())) != len(group["params"]):
+                raise ValueError(f"{where}: param_groups[{n}] holds {len(saved.get('params', ()))} parameters, "
+                                 f"this optimizer's {len(group['params'])}")
+            missing = [k for k in ['lr', 'betas', 'eps', 'weight_decay'] if k not in saved]
+            if missing:
+                raise ValueError(f"{where}: param_groups[{n}] has no {', '.join(missing)}: a state_dict of "
+                                 "another optimizer? (AMSGrad's groups hold lr, betas, eps, weight_decay)")
+            self._check_group({**self.defaults, **saved})  # e.g. torch.optim's maximize=True cannot go on here
+            for i, p in zip(saved["params"], group["params"]):
+                state = state_dict["state"].get(i) or {}
+                expected = self._expected_states(group, p)
+                unknown = sorted(set(state) - set(expected) - {"step"})
+                if unknown:
+                    raise ValueError(f"{where}: parameter {i} has states {unknown} that AMSGrad does not keep "
+                                     f"(it keeps step and {sorted(expected)} for this parameter): a state_dict "
+                                     "of another optimizer?")
+                for key, value in state.items():
+                    if key == "step":
+                        if not (isinstance(value, (int, float)) or torch.is_tensor(value) and value.numel() == 1):
+                            raise ValueError(f"{where}: parameter {i}'s step is {value!r}, not a number")
+                        continue
+                    shape = expected[key]
+                    if not torch.is_tensor(value) or not (value.is_floating_point() or value.dtype == torch.bool):
+                        what = value.dtype if torch.is_tensor(value) else type(value).__name__
+                        raise ValueError(f"{where}: state {key!r} of parameter {i} is {what}, not a real "
+                                         "floating-point tensor")
+                    if shape is not None and value.shape != shape:
+                        raise ValueError(f"{where}: state {key!r} of parameter {i} has shape {tuple(value.shape)}; "
+                                         f"for a parameter of shape {tuple(p.shape)} it is {tuple(shape)}")
 
     def load_state_dict(self, state_dict):
         # Older state_dicts of this class used the spec's own names: move them to torch.optim's.
@@ -200,16 +281,19 @@ class AMSGrad(Optimizer):
             # left out, it is made at the next step like any state not there yet.
             state={i: {self._SAVED.get(k, k): v for k, v in s.items() if v is not None}
                    for i, s in state_dict["state"].items()},
-            # a key torch.optim's class does not have (Muon's use_muon) takes this optimizer's default
-            param_groups=[{**self.defaults, **_torch_names(g, self.defaults, self._ALIASES)}
-                          for g in state_dict["param_groups"]],
-        )
-        for group in state_dict["param_groups"]:  # e.g. torch.optim's maximize=True cannot go on here
-            self._check_group({**self.defaults, **group})
+            # a flag an older torch.optim did not save (decoupled_weight_decay), or one torch.optim's class
+            # does not have (Muon's use_muon), takes this optimizer's default; hyperparameters must be there
+            param_groups=[{**{k: v for k, v in self.defaults.items() if k not in ['lr', 'betas', 'eps', 'weight_decay']},
+                           **_torch_names(g, self.defaults, self._ALIASES)} for g in state_dict["param_groups"]],
+        ) if isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict) and isinstance(
+            state_dict.get("param_groups"), list) and all(isinstance(g, dict) for g in state_dict["param_groups"]) else state_dict
+        self._check_loadable(state_dict)
         # torch.optim casts every state to its parameter's dtype; states of lower-precision
         # parameters are float32 here, and bfloat16 with state_dtype, so they are restored
         # from the saved values in that dtype.
         super().load_state_dict(state_dict)
+        if state_dict.get("rng_state") is not None:
+            self._rng.set_state(state_dict["rng_state"])
         saved = state_dict["state"]
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             for i, p in zip(saved_group["params"], group["params"]):
@@ -291,8 +375,16 @@ class AMSGrad(Optimizer):
                 fused=group["fused"],
                 grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
                 found_inf=getattr(self, "found_inf", None),
+                generator=None if torch.compiler.is_compiling() else self._rng,
             )
         return loss
+
+
+def _new_rng():
+    """The optimizer's own generator for stochastic rounding, seeded from torch's initial seed (read,
+    not drawn: constructing or stepping never moves the user's random stream, and replicas seeded
+    alike round alike). state_dict() saves it, so a resumed run is bit-identical."""
+    return torch.Generator().manual_seed(torch.initial_seed())
 
 
 def _one_element(values):
@@ -337,7 +429,7 @@ def _torch_names(values, defaults, aliases):
 
 
 def amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, *, foreach=None, fused=None,
-            grad_scale=None, found_inf=None, **hypers):
+            grad_scale=None, found_inf=None, generator=None, **hypers):
     """Functional AMSGrad: update `params` and the state lists in place. `grad_scale` and
     `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
     skips the step."""
@@ -359,15 +451,15 @@ def amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, *, foreach=N
         impl = _fused_amsgrad
         if amp:
             return impl(params, grads, m_list, v_list, v_max_list, state_steps,
-                        grad_scale=grad_scale, found_inf=found_inf, **hypers)
+                        grad_scale=grad_scale, found_inf=found_inf, generator=generator, **hypers)
     else:
         if foreach is None:  # a pass over every parameter: only when it decides something
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
         impl = _multi_tensor_amsgrad if foreach else _single_tensor_amsgrad
-    impl(params, grads, m_list, v_list, v_max_list, state_steps, **hypers)
+    impl(params, grads, m_list, v_list, v_max_list, state_steps, generator=generator, **hypers)
 
 
-def _single_tensor_amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled):
+def _single_tensor_amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled,                            generator=None):
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - b2
     k1 = 1 - b1
@@ -415,14 +507,14 @@ def _single_tensor_amsgrad(params, grads, m_list, v_list, v_max_list, state_step
         if p is not param:
             param.copy_(p)
         if m is not m_list[i]:
-            _store_rounded(m_list[i], m)
+            _store_rounded(m_list[i], m, generator)
         if v is not v_list[i]:
-            _store_rounded(v_list[i], v)
+            _store_rounded(v_list[i], v, generator)
         if v_max is not v_max_list[i]:
-            _store_rounded(v_max_list[i], v_max)
+            _store_rounded(v_max_list[i], v_max, generator)
 
 
-def _multi_tensor_amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled):
+def _multi_tensor_amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled,                           generator=None):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
@@ -476,13 +568,13 @@ def _multi_tensor_amsgrad(params, grads, m_list, v_list, v_max_list, state_steps
             torch._foreach_copy_(device_params, p)
         if m is not device_m:
             for stored, value in zip(device_m, m):
-                _store_rounded(stored, value)
+                _store_rounded(stored, value, generator)
         if v is not device_v:
             for stored, value in zip(device_v, v):
-                _store_rounded(stored, value)
+                _store_rounded(stored, value, generator)
         if v_max is not device_v_max:
             for stored, value in zip(device_v_max, v_max):
-                _store_rounded(stored, value)
+                _store_rounded(stored, value, generator)
 
 
 # ---- fused Triton path: one kernel launch per (device, dtype) group and stage ----
@@ -755,7 +847,7 @@ def _hyper_table(values, device):
 
 
 def _fused_amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled,
-                   grad_scale=None, found_inf=None):
+                   grad_scale=None, found_inf=None, generator=None):
     global LAUNCHES
     if not params:
         return
@@ -786,7 +878,8 @@ def _fused_amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, *, lr
         pointers, aligned = _pointer_tables([p, g, m, v, v_max, device_steps], device)
         state_type = m[0].dtype
         stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
-        seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
+        # the optimizer's own generator (torch's when the functional is called alone)
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=generator)) if stochastic else 0
         args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t]
         types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
                      SCALED=grad_scale is not None, CHECK_INF=found_inf is not None,

@@ -48,12 +48,19 @@ _EXACT = (torch.float32, torch.float64)
 _IS_SPARSE = operator.attrgetter("is_sparse")
 
 
-def _store_rounded(stored, value):
+def _store_rounded(stored, value, generator=None):
     """Write `value` into the bfloat16 tensor `stored`, rounded stochastically: up with probability
     (value - below) / spacing, so the rounding is unbiased and updates smaller than bfloat16's
-    spacing still add up over steps (round-to-nearest would drop them)."""
+    spacing still add up over steps (round-to-nearest would drop them). The random bits come from
+    `generator` (the optimizer's own: a key per write, expanded on the tensor's device), else from
+    torch's global generator (the functional called alone, or compiled)."""
     bits = value.float().view(torch.int32)
-    noise = torch.randint_like(bits, 0, 1 << 16)  # uniform over the 16 bits bfloat16 drops
+    if generator is None:
+        noise = torch.randint_like(bits, 0, 1 << 16)  # uniform over the 16 bits bfloat16 drops
+    else:
+        key = int(torch.randint(0, 2**62, (), generator=generator))
+        local = torch.Generator(device=bits.device).manual_seed(key)
+        noise = torch.randint(0, 1 << 16, bits.shape, generator=local, dtype=torch.int32, device=bits.device)
     stored.copy_(((bits + noise) & -65536).view(torch.float32))  # exact in bfloat16 now
 
 
@@ -132,17 +139,6 @@ class SMMF(Optimizer):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together (fused=True and foreach=True)")
         if state_dtype not in (None, torch.bfloat16):
             raise ValueError(f"Invalid state_dtype: {state_dtype} (None or torch.bfloat16)")
-        _one_element({"lr": lr, "b1": b1, "b2": b2, "eps": eps, "wd": wd})
-        if not (0.0 <= lr):
-            raise ValueError(f"Invalid lr value: {lr} (must be in [0, inf))")
-        if not (0.0 <= b1 < 1.0):
-            raise ValueError(f"Invalid b1 value: {b1} (must be in [0, 1))")
-        if not (0.0 <= b2 < 1.0):
-            raise ValueError(f"Invalid b2 value: {b2} (must be in [0, 1))")
-        if not (0.0 < eps):
-            raise ValueError(f"Invalid eps value: {eps} (must be in (0, inf))")
-        if not (0.0 <= wd):
-            raise ValueError(f"Invalid wd value: {wd} (must be in [0, inf))")
         defaults = dict(
             lr=lr,
             b1=b1,
@@ -153,7 +149,9 @@ class SMMF(Optimizer):
             fused=fused,
             state_dtype=state_dtype,
         )
+        self._check_group(defaults)  # before `params` is read, as torch.optim does
         super().__init__(params, defaults)
+        self._rng = _new_rng()
         if fused:
             why = fused_available([p for g in self.param_groups for p in g["params"]])
             if why:
@@ -161,18 +159,120 @@ class SMMF(Optimizer):
             # GradScaler then leaves the unscaling and the inf check to the kernels (grad_scale, found_inf)
             self._step_supports_amp_scaling = True
 
+    def add_param_group(self, param_group):
+        self._check_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    def _check_group(self, group):
+        """Refuse values outside the spec's ranges."""
+        _one_element({"lr": group["lr"], "b1": group["b1"], "b2": group["b2"], "eps": group["eps"], "wd": group["wd"]})
+        if not (0.0 <= group["lr"]):
+            raise ValueError(f"Invalid lr value: {group['lr']} (must be in [0, inf))")
+        if not (0.0 <= group["b1"] < 1.0):
+            raise ValueError(f"Invalid b1 value: {group['b1']} (must be in [0, 1))")
+        if not (0.0 <= group["b2"] < 1.0):
+            raise ValueError(f"Invalid b2 value: {group['b2']} (must be in [0, 1))")
+        if not (0.0 < group["eps"]):
+            raise ValueError(f"Invalid eps value: {group['eps']} (must be in (0, inf))")
+        if not (0.0 <= group["wd"]):
+            raise ValueError(f"Invalid wd value: {group['wd']} (must be in [0, inf))")
+
+    # ---- state: the stochastic rounding's own generator, and what a state_dict may hold
+
+    def __getstate__(self):
+        # pickled with the optimizer (torch.optim's keeps defaults, state and param_groups only)
+        return {**super().__getstate__(), "_rng_state": self._rng.get_state()}
+
     def __setstate__(self, state):
+        rng_state = state.pop("_rng_state", None)
         super().__setstate__(state)
+        if "_rng" not in self.__dict__:
+            self._rng = _new_rng()
+        if rng_state is not None:
+            self._rng.set_state(rng_state)
         for group in self.param_groups:
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
             group.setdefault("state_dtype", None)
+            for p in group["params"]:
+                step = self.state[p].get("step") if p in self.state else None
+                if step is not None and not torch.is_tensor(step):  # older torch.optim saved a number
+                    self.state[p]["step"] = torch.tensor(float(step), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
+                                                         device=p.device if self._fused_for(group, p) else "cpu")
+
+    def state_dict(self):
+        state_dict = super().state_dict()
+        if any(group["state_dtype"] is not None for group in self.param_groups):
+            # the stochastic rounding's generator: a resumed run rounds as this one would have
+            state_dict["rng_state"] = self._rng.get_state()
+        return state_dict
+
+    def _expected_states(self, group, p):
+        """The states (by state_dict key) this optimizer keeps for p, each with its shape (None: any)."""
+        rule = self._rule_of(p, group)
+        if rule == 0:
+            return {"rm": p.shape[:-1] + (1,), "cm": p.shape[:-2] + (1,) + p.shape[-1:], "rv": p.shape[:-1] + (1,), "cv": p.shape[:-2] + (1,) + p.shape[-1:], "positive": p.shape}
+        if rule == 1:
+            return {"m": p.shape, "v": p.shape}
+
+    def _check_loadable(self, state_dict):
+        """Refuse, saying what is wrong, a state_dict this optimizer cannot go on from, where
+        torch.optim would load it and then fail at the next step (or go on silently wrong)."""
+        where = "SMMF.load_state_dict"
+        if not (isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict)
+                and isinstance(state_dict.get("param_groups"), list)):
+            raise ValueError(f"{where}: not an optimizer's state_dict (a dict of 'state' and 'param_groups')")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"{where}: the state_dict has {len(saved_groups)} parameter groups, this "
+                             f"optimizer {len(self.param_groups)}")
+        rng = state_dict.get("rng_state")
+        if rng is not None and not (torch.is_tensor(rng) and rng.dtype == torch.uint8
+                                    and rng.shape == self._rng.get_state().shape):
+            raise ValueError(f"{where}: 'rng_state' is not a CPU generator's state")
+        for n, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved.get("params", ())) != len(group["params"]):
+                raise ValueError(f"{where}: param_groups[{n}] holds {len(saved.get('params', ()))} parameters, "
+                                 f"this optimizer's {len(group['params'])}")
+            missing = [k for k in ['lr', 'b1', 'b2', 'eps', 'wd'] if k not in saved]
+            if missing:
+                raise ValueError(f"{where}: param_groups[{n}] has no {', '.join(missing)}: a state_dict of "
+                                 "another optimizer? (SMMF's groups hold lr, b1, b2, eps, wd)")
+            self._check_group({**self.defaults, **saved})  # e.g. torch.optim's maximize=True cannot go on here
+            for i, p in zip(saved["params"], group["params"]):
+                state = state_dict["state"].get(i) or {}
+                expected = self._expected_states(group, p)
+                unknown = sorted(set(state) - set(expected) - {"step"})
+                if unknown:
+                    raise ValueError(f"{where}: parameter {i} has states {unknown} that SMMF does not keep "
+                                     f"(it keeps step and {sorted(expected)} for this parameter): a state_dict "
+                                     "of another optimizer?")
+                made = set(state) - set([])
+                if made and not made >= {"step", *(k for k, shape in expected.items() if shape is not None)}:
+                    absent = sorted({"step", *expected} - set(state) - set([]))
+                    raise ValueError(f"{where}: parameter {i} has states but not {absent}")
+                for key, value in state.items():
+                    if key == "step":
+                        if not (isinstance(value, (int, float)) or torch.is_tensor(value) and value.numel() == 1):
+                            raise ValueError(f"{where}: parameter {i}'s step is {value!r}, not a number")
+                        continue
+                    shape = expected[key]
+                    if not torch.is_tensor(value) or not (value.is_floating_point() or value.dtype == torch.bool):
+                        what = value.dtype if torch.is_tensor(value) else type(value).__name__
+                        raise ValueError(f"{where}: state {key!r} of parameter {i} is {what}, not a real "
+                                         "floating-point tensor")
+                    if shape is not None and value.shape != shape:
+                        raise ValueError(f"{where}: state {key!r} of parameter {i} has shape {tuple(value.shape)}; "
+                                         f"for a parameter of shape {tuple(p.shape)} it is {tuple(shape)}")
 
     def load_state_dict(self, state_dict):
+        self._check_loadable(state_dict)
         # torch.optim casts every state to its parameter's dtype; states of lower-precision
         # parameters are float32 here, and bfloat16 with state_dtype, so they are restored
         # from the saved values in that dtype.
         super().load_state_dict(state_dict)
+        if state_dict.get("rng_state") is not None:
+            self._rng.set_state(state_dict["rng_state"])
         saved = state_dict["state"]
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             for i, p in zip(saved_group["params"], group["params"]):
@@ -290,6 +390,7 @@ class SMMF(Optimizer):
                 fused=group["fused"],
                 grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
                 found_inf=getattr(self, "found_inf", None),
+                generator=None if torch.compiler.is_compiling() else self._rng,
             )
             params, grads, state_steps = [], [], []
             m_list = []
@@ -306,8 +407,16 @@ class SMMF(Optimizer):
                 fused=group["fused"],
                 grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
                 found_inf=getattr(self, "found_inf", None),
+                generator=None if torch.compiler.is_compiling() else self._rng,
             )
         return loss
+
+
+def _new_rng():
+    """The optimizer's own generator for stochastic rounding, seeded from torch's initial seed (read,
+    not drawn: constructing or stepping never moves the user's random stream, and replicas seeded
+    alike round alike). state_dict() saves it, so a resumed run is bit-identical."""
+    return torch.Generator().manual_seed(torch.initial_seed())
 
 
 def _one_element(values):
@@ -332,7 +441,7 @@ def _real(x):
 
 
 def smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps, *, foreach=None, fused=None,
-           grad_scale=None, found_inf=None, **hypers):
+           grad_scale=None, found_inf=None, generator=None, **hypers):
     """Functional SMMF: update `params` and the state lists in place. `grad_scale` and
     `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
     skips the step."""
@@ -354,15 +463,15 @@ def smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, sta
         impl = _fused_smmf_0
         if amp:
             return impl(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps,
-                        grad_scale=grad_scale, found_inf=found_inf, **hypers)
+                        grad_scale=grad_scale, found_inf=found_inf, generator=generator, **hypers)
     else:
         if foreach is None:  # a pass over every parameter: only when it decides something
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
         impl = _multi_tensor_smmf_0 if foreach else _single_tensor_smmf_0
-    impl(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps, **hypers)
+    impl(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps, generator=generator, **hypers)
 
 
-def _single_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps, *, lr, b1, b2, eps, wd):
+def _single_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps, *, lr, b1, b2, eps, wd,                           generator=None):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1 - b2
@@ -420,17 +529,17 @@ def _single_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, pos
         if p is not param:
             param.copy_(p)
         if rm is not rm_list[i]:
-            _store_rounded(rm_list[i], rm)
+            _store_rounded(rm_list[i], rm, generator)
         if cm is not cm_list[i]:
-            _store_rounded(cm_list[i], cm)
+            _store_rounded(cm_list[i], cm, generator)
         if rv is not rv_list[i]:
-            _store_rounded(rv_list[i], rv)
+            _store_rounded(rv_list[i], rv, generator)
         if cv is not cv_list[i]:
-            _store_rounded(cv_list[i], cv)
+            _store_rounded(cv_list[i], cv, generator)
         positive_list[i].copy_(positive != 0)  # kept as != 0
 
 
-def _multi_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps, *, lr, b1, b2, eps, wd):
+def _multi_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps, *, lr, b1, b2, eps, wd,                          generator=None):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
@@ -496,22 +605,22 @@ def _multi_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, posi
             torch._foreach_copy_(device_params, p)
         if rm is not device_rm:
             for stored, value in zip(device_rm, rm):
-                _store_rounded(stored, value)
+                _store_rounded(stored, value, generator)
         if cm is not device_cm:
             for stored, value in zip(device_cm, cm):
-                _store_rounded(stored, value)
+                _store_rounded(stored, value, generator)
         if rv is not device_rv:
             for stored, value in zip(device_rv, rv):
-                _store_rounded(stored, value)
+                _store_rounded(stored, value, generator)
         if cv is not device_cv:
             for stored, value in zip(device_cv, cv):
-                _store_rounded(stored, value)
+                _store_rounded(stored, value, generator)
         for stored, value in zip(device_positive, positive):
             stored.copy_(value != 0)  # kept as != 0
 
 
 def smmf_1(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=None,
-           grad_scale=None, found_inf=None, **hypers):
+           grad_scale=None, found_inf=None, generator=None, **hypers):
     """Functional SMMF: update `params` and the state lists in place. `grad_scale` and
     `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
     skips the step."""
@@ -533,15 +642,15 @@ def smmf_1(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=No
         impl = _fused_smmf_1
         if amp:
             return impl(params, grads, m_list, v_list, state_steps,
-                        grad_scale=grad_scale, found_inf=found_inf, **hypers)
+                        grad_scale=grad_scale, found_inf=found_inf, generator=generator, **hypers)
     else:
         if foreach is None:  # a pass over every parameter: only when it decides something
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
         impl = _multi_tensor_smmf_1 if foreach else _single_tensor_smmf_1
-    impl(params, grads, m_list, v_list, state_steps, **hypers)
+    impl(params, grads, m_list, v_list, state_steps, generator=generator, **hypers)
 
 
-def _single_tensor_smmf_1(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd):
+def _single_tensor_smmf_1(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd,                           generator=None):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1 - b2
@@ -574,12 +683,12 @@ def _single_tensor_smmf_1(params, grads, m_list, v_list, state_steps, *, lr, b1,
         if p is not param:
             param.copy_(p)
         if m is not m_list[i]:
-            _store_rounded(m_list[i], m)
+            _store_rounded(m_list[i], m, generator)
         if v is not v_list[i]:
-            _store_rounded(v_list[i], v)
+            _store_rounded(v_list[i], v, generator)
 
 
-def _multi_tensor_smmf_1(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd):
+def _multi_tensor_smmf_1(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd,                          generator=None):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
@@ -617,10 +726,10 @@ def _multi_tensor_smmf_1(params, grads, m_list, v_list, state_steps, *, lr, b1, 
             torch._foreach_copy_(device_params, p)
         if m is not device_m:
             for stored, value in zip(device_m, m):
-                _store_rounded(stored, value)
+                _store_rounded(stored, value, generator)
         if v is not device_v:
             for stored, value in zip(device_v, v):
-                _store_rounded(stored, value)
+                _store_rounded(stored, value, generator)
 
 
 # ---- fused Triton path: one kernel launch per (device, dtype) group and stage ----
@@ -1253,7 +1362,7 @@ def _geometry_0(params, device):
 
 
 def _fused_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps, *, lr, b1, b2, eps, wd,
-                  grad_scale=None, found_inf=None):
+                  grad_scale=None, found_inf=None, generator=None):
     global LAUNCHES
     if not params:
         return
@@ -1284,7 +1393,8 @@ def _fused_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_li
         pointers, aligned = _pointer_tables([p, g, rm, cm, rv, cv, positive, device_steps], device)
         state_type = rm[0].dtype
         stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
-        seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
+        # the optimizer's own generator (torch's when the functional is called alone)
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=generator)) if stochastic else 0
         args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t]
         geometry, totals = _geometry_0(p, device)
         args.append(geometry)
@@ -1310,7 +1420,7 @@ def _fused_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_li
 
 
 def _fused_smmf_1(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd,
-                  grad_scale=None, found_inf=None):
+                  grad_scale=None, found_inf=None, generator=None):
     global LAUNCHES
     if not params:
         return
@@ -1341,7 +1451,8 @@ def _fused_smmf_1(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps
         pointers, aligned = _pointer_tables([p, g, m, v, device_steps], device)
         state_type = m[0].dtype
         stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
-        seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
+        # the optimizer's own generator (torch's when the functional is called alone)
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=generator)) if stochastic else 0
         args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t]
         types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
                      SCALED=grad_scale is not None, CHECK_INF=found_inf is not None,

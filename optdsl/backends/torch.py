@@ -309,8 +309,8 @@ def interface(prog: ir.Program) -> dict:
     group_code = {h.name: f'values["{h.name}"]' if h.computed else f'group["{h.name}"]' for h in prog.hypers}
     ctx = dict(dropin=prog.dropin, states_saved=[(s.name, s.saved_as) for s in prog.states],
                eager=[s.saved_as for s in prog.states if s.eager])
-    if not prog.dropin:
-        return ctx | dict(group_code=group_code)
+    if not prog.dropin:  # a state_dict's groups must hold every hyperparameter but the flags
+        return ctx | dict(group_code=group_code, required_keys=[h.name for h in prog.hypers if not h.flag])
     hypers = {h.name: h for h in prog.hypers}
     keywords, aliases = [], {}
     for kw in prog.keywords:
@@ -335,8 +335,9 @@ def interface(prog: ir.Program) -> dict:
     fixed = {h.keyword or h.name: _py_default(h) for h in prog.hypers if h.only}
     fixed |= {name: repr(value) for name, value in TORCH_FLAGS.items()}
     accepted = [k.name for k in keywords] + ["foreach", "fused", *TORCH_FLAGS]
+    required = [k.name for k in keywords if not all(h.flag for _, _, h in k.checks)]
     return ctx | dict(group_code=group_code, keywords=keywords, aliases=aliases, fixed=fixed,
-                      torch_flags=list(TORCH_FLAGS.items()), accepted=accepted)
+                      torch_flags=list(TORCH_FLAGS.items()), accepted=accepted, required_keys=required)
 
 
 def _py_default(h: ir.Hyper) -> str:
