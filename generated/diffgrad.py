@@ -46,6 +46,8 @@ def _store_rounded(stored, value, generator=None):
     spacing still add up over steps (round-to-nearest would drop them). The random bits come from
     `generator` (the optimizer's own: a key per write, expanded on the tensor's device), else from
     torch's global generator (the functional called alone, or compiled)."""
+    if generator is not None and hasattr(stored, "to_local"):  # a DTensor: each rank rounds its shard
+        stored, value = stored.to_local(), value.to_local()
     bits = value.float().view(torch.int32)
     if generator is None:
         noise = torch.randint_like(bits, 0, 1 << 16)  # uniform over the 16 bits bfloat16 drops
