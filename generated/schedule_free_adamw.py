@@ -298,10 +298,6 @@ class ScheduleFreeAdamW(Optimizer):
             if len(saved.get("params", ())) != len(group["params"]):
                 raise ValueError(f"{where}: param_groups[{n}] holds {len(saved.get('params', ()))} parameters, "
                                  f"this optimizer's {len(group['params'])}")
-            missing = [k for k in ['lr', 'betas', 'weight_decay', 'r', 'weight_lr_power', 'warmup_steps', 'decoupling_c', 'eps'] if k not in saved]
-            if missing:
-                raise ValueError(f"{where}: param_groups[{n}] has no {', '.join(missing)}: a state_dict of "
-                                 "another optimizer? (ScheduleFreeAdamW's groups hold lr, betas, weight_decay, r, weight_lr_power, warmup_steps, decoupling_c, eps)")
             self._check_group({**self.defaults, **saved})  # e.g. torch.optim's maximize=True cannot go on here
             for i, p in zip(saved["params"], group["params"]):
                 state = state_dict["state"].get(i) or {}
@@ -333,10 +329,10 @@ class ScheduleFreeAdamW(Optimizer):
             # left out, it is made at the next step like any state not there yet.
             state={i: {self._SAVED.get(k, k): v for k, v in s.items() if v is not None}
                    for i, s in state_dict["state"].items()},
-            # a flag an older torch.optim did not save (decoupled_weight_decay), or one torch.optim's class
-            # does not have (Muon's use_muon), takes this optimizer's default; hyperparameters must be there
-            param_groups=[{**{k: v for k, v in self.defaults.items() if k not in ['lr', 'betas', 'weight_decay', 'r', 'weight_lr_power', 'warmup_steps', 'decoupling_c', 'eps']},
-                           **_torch_names(g, self.defaults, self._ALIASES)} for g in state_dict["param_groups"]],
+            # a flag an older torch.optim did not save (decoupled_weight_decay), or a key torch.optim's
+            # class does not have (Muon's use_muon, adam_lr), takes this optimizer's default
+            param_groups=[{**self.defaults, **_torch_names(g, self.defaults, self._ALIASES)}
+                          for g in state_dict["param_groups"]],
         ) if isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict) and isinstance(
             state_dict.get("param_groups"), list) and all(isinstance(g, dict) for g in state_dict["param_groups"]) else state_dict
         self._check_loadable(state_dict)

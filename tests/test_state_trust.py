@@ -70,8 +70,6 @@ CASES = {
     "a group fewer": (_corrupt(lambda s: s["param_groups"].append(dict(s["param_groups"][0], params=[]))),
                       "2 parameter groups, this optimizer 1"),
     "a parameter fewer": (_corrupt(lambda s: s["param_groups"][0]["params"].pop()), "holds 2 parameters"),
-    "a hyperparameter missing": (_corrupt(lambda s: s["param_groups"][0].pop("betas")),
-                                 "param_groups\\[0\\] has no betas: a state_dict of another optimizer"),
     "a hyperparameter out of range": (_corrupt(lambda s: s["param_groups"][0].update(lr=-1.0)),
                                       "Invalid lr value: -1.0"),
     "a state of another optimizer": (_corrupt(lambda s: s["state"][0].update(momentum_buffer=torch.zeros(3))),
@@ -105,7 +103,7 @@ def test_another_optimizers_state_dict_is_refused_both_ways():
     ref = torch.optim.SGD(_params(), lr=0.1, momentum=0.9)
     _train(ref, ref.param_groups[0]["params"], 2, seed=1)
     ours, _ = _stepped()
-    with pytest.raises(ValueError, match="has no betas, eps: a state_dict of another optimizer"):
+    with pytest.raises(ValueError, match="'momentum_buffer'\\] that Adam does not keep .*another optimizer"):
         ours.load_state_dict(ref.state_dict())
     sgd = SGD(_params(), lr=0.1, momentum=0.9)
     with pytest.raises(ValueError, match="that SGD does not keep"):

@@ -335,7 +335,9 @@ def interface(prog: ir.Program) -> dict:
     fixed = {h.keyword or h.name: _py_default(h) for h in prog.hypers if h.only}
     fixed |= {name: repr(value) for name, value in TORCH_FLAGS.items()}
     accepted = [k.name for k in keywords] + ["foreach", "fused", *TORCH_FLAGS]
-    required = [k.name for k in keywords if not all(h.flag for _, _, h in k.checks)]
+    # None required: a key torch.optim's class lacks (Muon's adam_lr) takes this optimizer's default;
+    # another optimizer's state_dict shows in its states
+    required = []
     return ctx | dict(group_code=group_code, keywords=keywords, aliases=aliases, fixed=fixed,
                       torch_flags=list(TORCH_FLAGS.items()), accepted=accepted, required_keys=required)
 
