@@ -75,6 +75,118 @@ def _store_rounded(stored, value, generator=None):
     stored.copy_(((bits + noise) & -65536).view(torch.float32))  # exact in bfloat16 now
 
 
+# ---- sharded parameters (FSDP2 `fully_shard`, tensor parallel): DTensors ----
+try:
+    import torch.distributed as _dist
+    from torch.distributed.tensor import DTensor as _DTensor, Replicate as _Replicate
+except ImportError:  # a torch built without torch.distributed: no DTensor parameters either
+    _DTensor = None
+
+
+def _is_sharded(x) -> bool:
+    return _DTensor is not None and isinstance(x, _DTensor)
+
+
+def _new_zeros(p, shape, dtype):
+    """A state of `shape` (p's, or with some axes reduced to size 1) beside p, zero. A DTensor
+    parameter's state is split like p along each axis it keeps, so each rank holds the part its
+    shard reads (an Adafactor row state of a row-sharded matrix is row-sharded too)."""
+    if not _is_sharded(p):
+        return p.new_zeros(shape, dtype=dtype)
+    shape = tuple(shape)
+    keep = [pl.is_shard() and len(shape) == p.dim() and shape[pl.dim] == p.shape[pl.dim] for pl in p.placements]
+    placements = [pl if k else _Replicate() for pl, k in zip(p.placements, keep)]
+    return torch.distributed.tensor.zeros(shape, dtype=dtype, device_mesh=p.device_mesh, placements=placements)
+
+
+def _whole(x):
+    """A reduction of a DTensor as a whole value: partial sums (of shards) combined over the mesh.
+    The torch paths compute on DTensors; this is where each reduction pays its all-reduce."""
+    if not _is_sharded(x):
+        return x
+    if any(pl.is_partial() for pl in x.placements):
+        x = x.redistribute(x.device_mesh, [_Replicate() if pl.is_partial() else pl for pl in x.placements])
+    if x.dim() and x.numel() == 1:  # one value per tensor (kept dims of size 1): as a scalar, which
+        return x.reshape(())        # DTensor broadcasts against a shard (a size-1 axis it replicates)
+    return x
+
+
+def _foreach_copy_(dst, src):
+    """torch._foreach_copy_, tensor by tensor for DTensors (which have no sharding rule for it)."""
+    if dst and _is_sharded(dst[0]):
+        for d, s in zip(dst, src):
+            d.copy_(s)
+    else:
+        torch._foreach_copy_(dst, src)
+
+
+# reduction -> whether it reduces a tensor's axis `axis` (of `ndim`): then each shard holds a
+# partial result, which the kernels' accumulators combine over the mesh dimension that splits it
+_REDUCES = {"all": lambda axis, ndim: True, "unit": lambda axis, ndim: ndim <= 1 or axis != 0,
+            "-1": lambda axis, ndim: axis == ndim - 1, "-2": lambda axis, ndim: axis == ndim - 2}
+
+
+class _Shards:
+    """DTensor parameters as the fused kernels see them: the kernels run on the local shards; a
+    reduction over a split axis leaves partial results in the accumulators, which `combine`
+    finishes with one all-reduce per stage (per mesh dimension and op) over a flat buffer of them all."""
+
+    def __init__(self, params):
+        self.params = params
+        self.mesh = params[0].device_mesh
+        self.split = []  # per tensor: {mesh dim: the tensor axis it splits}
+        for x in params:
+            if x.device_mesh != self.mesh:
+                raise RuntimeError("fused=True: the DTensor parameters of a group must share one device mesh")
+            split = {}
+            for m, pl in enumerate(x.placements):
+                if pl.is_partial():
+                    raise RuntimeError("fused=True: a parameter with a Partial placement has no value to update")
+                if pl.is_shard() and self.mesh.size(m) > 1:
+                    split[m] = pl.dim % max(x.dim(), 1)
+            self.split.append(split)
+
+    @staticmethod
+    def of(params):
+        """The shards of these parameters, or None when they are plain tensors."""
+        return _Shards(params) if params and _is_sharded(params[0]) else None
+
+    @staticmethod
+    def local(tensors):
+        return [x.to_local() if _is_sharded(x) else x for x in tensors]
+
+    def combine(self, pieces):
+        """pieces: (accumulator, per tensor its (start, length) in it, what the reduction reduces, op).
+        Each slot whose tensor a mesh dimension splits along a reduced axis holds a partial result."""
+        todo = {}
+        for buffer, segments, reduced, op in pieces:
+            for i, (start, length) in enumerate(segments):
+                for m, axis in self.split[i].items():
+                    if _REDUCES[reduced](axis, self.params[i].dim()):
+                        todo.setdefault((m, op), {}).setdefault(id(buffer), (buffer, []))[1].extend(
+                            range(start, start + length))
+        for (m, op), parts in todo.items():
+            parts = [(b, torch.tensor(idx, dtype=torch.int64, device=b.device)) for b, idx in parts.values()]
+            flat = torch.cat([b[idx] for b, idx in parts])
+            _dist.all_reduce(flat, op=_dist.ReduceOp.MAX if op == "max" else _dist.ReduceOp.SUM,
+                             group=self.mesh.get_group(m))
+            at = 0
+            for b, idx in parts:
+                b.index_copy_(0, idx, flat[at:at + len(idx)])
+                at += len(idx)
+
+    def whole(self, i, x):
+        """Tensor i's local shard `x` (or a value shaped like it) as the whole tensor."""
+        p = self.params[i]
+        return _DTensor.from_local(x, self.mesh, p.placements, run_check=False, shape=p.shape,
+                                   stride=p.stride()).full_tensor()
+
+    def shard(self, i, x):
+        """This rank's shard of `x`, a whole value shaped like tensor i."""
+        whole = _DTensor.from_local(x, self.mesh, [_Replicate()] * self.mesh.ndim, run_check=False)
+        return whole.redistribute(self.mesh, self.params[i].placements).to_local().contiguous()
+
+
 def _pow(x, y):
     try:
         r = x ** y
@@ -639,10 +751,10 @@ def _multi_tensor_schedulefreeadamw(params, grads, z_list, v_list, state_steps, 
         tmp3 = torch._foreach_lerp(p, z, ckp)
         tmp4 = torch._foreach_mul(tmp2, k0)
         torch._foreach_add_(tmp4, tmp3)
-        torch._foreach_copy_(p, tmp4)
+        _foreach_copy_(p, tmp4)
         torch._foreach_add_(z, tmp2, alpha=k3)
         if not exact:
-            torch._foreach_copy_(device_params, p)
+            _foreach_copy_(device_params, p)
         if z is not device_z:
             for stored, value in zip(device_z, z):
                 _store_rounded(stored, value, generator)
@@ -765,7 +877,7 @@ if triton is not None:
         z_ptrs,
         v_ptrs,
         step_ptrs,  # int64 table: each tensor's step count t (a 0-dim tensor on the device)
-        numels,  # elements per tensor
+        numels,  # int64 [tensors, 2]: elements per tensor here, and in the whole tensor (sharded: all shards')
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [8] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
@@ -786,7 +898,7 @@ if triton is not None:
             if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
                 return
         i = tl.load(block_tensor + pid)
-        n = tl.load(numels + i)
+        n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
         offsets = start + tl.arange(0, BLOCK)
         mask = offsets < n
@@ -794,7 +906,7 @@ if triton is not None:
             whole = start + BLOCK <= n  # no mask needed: 16 bytes per load and store
         else:
             whole = False
-        n = n.to(C_TYPE)
+        n = tl.load(numels + i * 2 + 1).to(C_TYPE)  # the whole tensor's, which means divide by
         p_ptr = _pointer(p_ptrs, i, P_TYPE, ALIGNED)
         g_ptr = _pointer(g_ptrs, i, P_TYPE, ALIGNED)
         z_ptr = _pointer(z_ptrs, i, S_TYPE, ALIGNED)
@@ -851,17 +963,24 @@ def _upload(host, device):
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def _block_map(numels, device, block):
-    """Per-tensor sizes and, per program, (tensor index, start offset); cached per list of sizes."""
-    key = (device, block, numels)
+def _block_map(numels, whole, device, block):
+    """Per-tensor sizes (here, and of the whole tensor: they differ for shards) and, per program,
+    (tensor index, start offset); cached per list of sizes."""
+    key = (device, block, numels, whole)
     if key not in _BLOCK_MAPS:
         sizes = torch.tensor(numels, dtype=torch.int64)
         blocks = (sizes + block - 1) // block
         which = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), blocks)
         first = torch.cumsum(blocks, 0) - blocks  # index of each tensor's first block
         start = (torch.arange(int(blocks.sum()), dtype=torch.int64) - first.repeat_interleave(blocks)) * block
+        sizes = torch.stack([sizes, torch.tensor(whole, dtype=torch.int64)], 1)
         _BLOCK_MAPS[key] = tuple(_upload(x, device) for x in (sizes, which, start))
     return _BLOCK_MAPS[key]
+
+
+def _column(tensors, width, j):
+    """Where column j of a [tensors, width] accumulator keeps each tensor's value: (start, length)."""
+    return [(i * width + j, 1) for i in range(tensors)]
 
 
 def _groups(params, *lists):
@@ -920,8 +1039,14 @@ def _fused_schedulefreeadamw(params, grads, z_list, v_list, state_steps, *, lr, 
     k2 = 1 - b2
     k3 = -lr_t
     hyper_values = (float(b2), float(ckp), float(eps), float(k0), float(k1), float(k2), float(k3), float(wd), )
-    groups = _groups(params, grads, z_list, v_list, state_steps)
-    for (device, dtype), (p, g, z, v, device_steps) in groups.items():
+    sharded = params  # DTensors (FSDP2, tensor parallel): the kernels run on their local shards
+    if _is_sharded(params[0]):
+        params, grads = _Shards.local(params), _Shards.local(grads)
+        z_list = _Shards.local(z_list)
+        v_list = _Shards.local(v_list)
+    groups = _groups(params, grads, z_list, v_list, state_steps, sharded)
+    for (device, dtype), (p, g, z, v, device_steps, whole) in groups.items():
+        shards = _Shards.of(whole)  # None for plain tensors (then whole is p)
         if device_steps[0].device != device:
             raise RuntimeError("ScheduleFreeAdamW(fused=True): step counts must be on the parameters' device "
                                f"({device}), found {device_steps[0].device}")
@@ -937,7 +1062,9 @@ def _fused_schedulefreeadamw(params, grads, z_list, v_list, state_steps, *, lr, 
         if found_inf is not None:
             found_t = found_inf.to(device, non_blocking=True)
         compute = torch.float64 if dtype == torch.float64 else torch.float32
-        numels, block_tensor, block_start = _block_map(tuple(map(torch.Tensor.numel, p)), device, _BLOCK)
+        numels = tuple(map(torch.Tensor.numel, p))
+        numels, block_tensor, block_start = _block_map(numels, numels if shards is None else
+                                                       tuple(map(torch.Tensor.numel, whole)), device, _BLOCK)
         pointers, aligned = _pointer_tables([p, g, z, v, device_steps], device)
         state_type = z[0].dtype
         stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype

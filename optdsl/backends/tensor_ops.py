@@ -47,6 +47,12 @@ class Instr:
 _OUT_OF_PLACE = {"call", "reduce", "maximum", "minimum"}  # no in-place method to call
 
 
+def _whole(template: str) -> str:
+    """A reduction's code, its result made whole: of a sharded parameter (a DTensor) a reduction
+    over a split axis is partial, and the generated _whole combines it over the mesh (one all-reduce)."""
+    return f"_whole({template})"
+
+
 class Emitter:
     def __init__(self, plan: Plan, names: set[str]):
         self.plan = plan
@@ -169,6 +175,8 @@ class Emitter:
                                        for i, a in enumerate(args)))
         if row in fn.COMPARISONS.values():
             template = f"{template}.to({{{_first_tensor(args)}}}.dtype)"
+        if row.axis:
+            template = _whole(template)
         shape = ir.result_shape(row, [a.shape for a in args])
         result = self.apply("call", args, e.args, template=template, shape=shape)
         if row.matrix and len(args) == 1:  # a transpose is a view of its operand: never write into it
@@ -352,7 +360,7 @@ class Emitter:
                 args, template = (arg,), row.tensor
                 if not arg.tensor:  # a scalar broadcasts: reduce it over a tensor shaped like p
                     args, template = (arg, Operand("p", TENSOR)), row.tensor.format("({0} + torch.zeros_like({1}))")
-                self.instrs.append(Instr("reduce", str(d.symbol), args, template=template))
+                self.instrs.append(Instr("reduce", str(d.symbol), args, template=_whole(template)))
                 self.buffer[d.symbol] = str(d.symbol)
                 continue
             target = out_of.get(d.symbol)

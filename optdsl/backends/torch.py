@@ -106,15 +106,15 @@ def multi(instr: Instr) -> list[str]:
     if instr.op == "copy" and instr.args[1].level in (GROUP, PARAM):  # host floats: fill each tensor
         values = f"[{a[1]}] * len({a[0]})" if instr.args[1].level == GROUP else a[1]
         return [f"for x_, v_ in zip({a[0]}, {values}):", "    x_.fill_(v_)"]
-    return [_multi_line(instr)]
+    return _multi_line(instr).split("\n")
 
 
 def _multi_line(instr: Instr) -> str:
     a = [x.code for x in instr.args]
     if instr.op == "copy":
-        return f"torch._foreach_copy_({a[0]}, {a[1]})"
-    if instr.op == "reduce" and instr.args[0].tensor and instr.template.startswith("torch.linalg.vector_norm"):
-        return f"{instr.out} = torch._foreach_norm({a[0]})"
+        return f"_foreach_copy_({a[0]}, {a[1]})"  # the module's: DTensors have no rule for torch's
+    if instr.op == "reduce" and instr.args[0].tensor and instr.template == "_whole(torch.linalg.vector_norm({0}))":
+        return f"{instr.out} = list(map(_whole, torch._foreach_norm({a[0]})))"
     if instr.op in ("call", "reduce", "scalar"):
         lists = [x for x in instr.args if x.level in (PARAM, DEVICE, TENSOR)]
         names = {x.code: f"{x.code}_" for x in lists}
@@ -135,6 +135,13 @@ def _multi_line(instr: Instr) -> str:
     sep = ", " if rest else ""
     if instr.inplace:
         return f"torch._foreach_{instr.op}_({a[0]}{sep}{rest})"
+    if instr.value is not None and instr.value.level == PARAM and instr.op != "add":  # (add: see multi)
+        # one value per tensor: DTensor has no sharding rule for these overloads (_foreach_addcdiv.ScalarList)
+        names = [f"{x}_" for x in a] + ["v_"]
+        per_tensor = (f"[torch.{instr.op}({', '.join(names[:-1])}{_kwarg(instr, False, 'v_')}) for {', '.join(names)} "
+                      f"in zip({', '.join(a)}, {instr.value.code})]")
+        return (f"{instr.out} = (torch._foreach_{instr.op}({a[0]}{sep}{rest}) if not _is_sharded({a[0]}[0])\n"
+                f"    else {per_tensor})")
     return f"{instr.out} = torch._foreach_{instr.op}({a[0]}{sep}{rest})"
 
 
@@ -283,6 +290,7 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
     for c, fused in zip(contexts, ctx["fused_rules"]):  # each rule's functional asks its own
         c.update(avail_name=fused["avail_name"], default_name=fused["default_name"])
     ctx["func"] = func
+    ctx["sharded_fused"] = any(not r["unsupported"] and not r["torch_only"] for r in ctx["fused_rules"])
     ctx["fused_code"] = environment().get_template("triton_fused.py.j2").render(**ctx)
     return environment().get_template("torch_optimizer.py.j2").render(**ctx)
 

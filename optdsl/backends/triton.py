@@ -24,6 +24,7 @@ import sympy as sp
 from .. import functions as fn
 from .. import ir
 from ..sym import DEVICE, GROUP, PARAM, Plan
+from . import sharding
 from .fusion import AXIS_REDUCTIONS, UNIT_REDUCTIONS, Fusion, early_stores, matrix_nodes
 from .printers import _BY_CLASS, HostPrinter, MatrixPrinter, TritonPrinter, TritonScalar64Printer
 
@@ -39,7 +40,7 @@ _REDUCE = {
 _AXIS = {fn.row_sum: ("add", False), fn.row_mean: ("add", True), fn.row_max: ("max", False),
          fn.col_sum: ("add", False), fn.col_mean: ("add", True), fn.col_max: ("max", False)}
 # unit reduction -> (what each element adds, the finished value from its unit's total)
-_UNITS = {fn.unit_mean: ("{x}", "{r} / ucols.to(C_TYPE)"), fn.unit_norm: ("{x} * {x}", "tl.sqrt({r})")}
+_UNITS = {fn.unit_mean: ("{x}", "{r} / ucount.to(C_TYPE)"), fn.unit_norm: ("{x} * {x}", "tl.sqrt({r})")}
 
 # A value's shape (the axes of p it reduced, as optdsl.ir says it) -> where it lives in its storage,
 # which elements of the tensor hold it once (they alone add it up or store it), and how many it has.
@@ -47,9 +48,10 @@ ROWS, COLS, BOTH = ir.STATE_SHAPES["rows"], ir.STATE_SHAPES["cols"], frozenset({
 _INDEX = {ir.FULL: "offsets", ROWS: "rows_", COLS: "cols_", BOTH: "mat_", ir.ALL: "0"}
 _ONCE = {ir.FULL: "mask", ROWS: "mask & (col_ == 0)", COLS: "mask & (row_ == 0)",
          BOTH: "mask & (col_ == 0) & (row_ == 0)", ir.ALL: "mask"}  # a scalar: broadcast over p
-_COUNT = {ir.FULL: "n", ROWS: "(n / C_.to(C_TYPE))", COLS: "(n / R_.to(C_TYPE))",
-          BOTH: "(n / (R_ * C_).to(C_TYPE))", ir.ALL: "n"}
-_AXIS_SIZE = {"-1": "C_", "-2": "R_"}  # elements along the axis a row (column) reduction reduces
+# Counts (divisors of means) are the whole tensor's: n, RW_ and CW_ (a shard's R_ and C_ index it).
+_COUNT = {ir.FULL: "n", ROWS: "(n / CW_.to(C_TYPE))", COLS: "(n / RW_.to(C_TYPE))",
+          BOTH: "(n / (RW_ * CW_).to(C_TYPE))", ir.ALL: "n"}
+_AXIS_SIZE = {"-1": "CW_", "-2": "RW_"}  # elements along the axis a row (column) reduction reduces
 _SIZE = {ROWS: "B * R", COLS: "B * C", BOTH: "B"}  # per tensor, in the launcher
 _WHAT = {ROWS: "one per row", COLS: "one per column", BOTH: "one per matrix"}
 
@@ -149,7 +151,7 @@ def kernel_context(plan: Plan) -> dict:
             lines.append(f"unit{k}_x = {pr(x)}")
             value = _UNITS[type(node)][0].format(x=f"unit{k}_x")
             lines.append(f"_add_by_segment(uacc{k} + ubase, offsets // ucols.to(tl.int64), {value}, mask, False)")
-        kernels.append(dict(name="units", lines=lines, stores=[], per_tensor=False))
+        kernels.append(dict(name="units", lines=lines, stores=[], per_tensor=False, combine=sharding.units(f)))
     # Scalar states: every program reads the old value, so the new one is written afterwards, by a
     # launch with one program per tensor (a write inside the main kernel would race with its reads).
     # Likewise rows and cols states: every row's (column's) elements read its old value, which may
@@ -205,7 +207,8 @@ def kernel_context(plan: Plan) -> dict:
                 lines.append(f"tl.atomic_{combine}(axacc{k} + axbase{k}_ + {index}, {r}x, mask={once})")
             else:  # a row's (matrix's) elements are contiguous: a reduction per segment first
                 lines.append(f"_add_by_segment(axacc{k} + axbase{k}_, {index}, {r}x, {once}, {combine == 'max'})")
-        kernels.append(dict(name=f"stage{s}", lines=lines, stores=stores(now), per_tensor=False))
+        kernels.append(dict(name=f"stage{s}", lines=lines, stores=stores(now), per_tensor=False,
+                            combine=sharding.stage(f, s)))
         if s == section_stage:
             kernels.append(dict(name="matrix", torch=True))
     main = [(b, e) for b, e in main if b not in early]
@@ -223,6 +226,7 @@ def kernel_context(plan: Plan) -> dict:
     after = False  # kernels after the matrix section read its exits
     for k in kernels:
         k.setdefault("torch", False)
+        k.setdefault("combine", [])
         k["after_matrix"] = after
         after = after or k["torch"]
     levels = plan.level_of()
@@ -287,7 +291,7 @@ def _matrix_context(plan: Plan, f: Fusion, levels: dict) -> dict:
         if d.symbol in need:
             params.insert(0, f"{d.symbol} = {HostPrinter().doprint(d.expr)}")
             need |= d.expr.free_symbols
-    per_tensor = [f"{n} = {code.replace('p.', 'p[i].')}" for n, code in ir.SHAPE_BUILTINS.items()
+    per_tensor = [f"{n} = {code.replace('p.', 'whole[i].')}" for n, code in ir.SHAPE_BUILTINS.items()
                   if sp.Symbol(n) in need]
     if sp.Symbol("t") in need:
         per_tensor.append("t = device_steps[i].item()  # a sync per tensor, as on the foreach path")

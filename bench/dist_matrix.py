@@ -1,0 +1,202 @@
+"""Every generated optimizer, sharded, against one process: the scenario matrix of issue 15.
+
+A scenario is (mode, spec, path, dtype): mode `ddp` (DistributedDataParallel, replicated
+parameters) or `fsdp` (FSDP2 `fully_shard`, every parameter a DTensor sharded by rows); path
+`loop`, `foreach` or `fused` (the Triton kernels, run by the interpreter on CPU). Each rank
+trains on its slice of every batch; the loss is a mean, so the averaged gradient is the whole
+batch's and the parameters after STEPS steps must equal one process's.
+
+The model's shapes make the shards uneven and some empty: over 2 ranks the 7 rows of `a` split
+4 + 3 and the (1,) `scale` 1 + 0; over 4 ranks `b`'s 3 rows split 1 + 1 + 1 + 0.
+
+    python bench/dist_matrix.py                      # 2 and 4 processes, every scenario: the tally
+    python bench/dist_matrix.py --world 2 --paths fused --specs adamw,muon -v
+
+All scenarios of one world size run in one spawn of processes (starting process groups costs
+seconds); tests/test_distributed.py uses `run` for its own matrix.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPECS = sorted(f[:-4] for f in os.listdir(os.path.join(ROOT, "specs")) if f.endswith(".opt"))
+PATHS = {"loop": dict(foreach=False, fused=False), "foreach": dict(foreach=True, fused=False),
+         "fused": dict(foreach=False, fused=True)}
+MODES = ("ddp", "fsdp")
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+STEPS = 6  # past Lookahead's k = 5
+# float64: the shards' partial sums add in another order than one process's sums, a few ulps
+# (1e-16) per step, grown by at most the optimizers' normalisations; 1e-10 leaves that room and
+# catches any real difference (a shard's norm instead of the whole's is off by 10%).
+# float32: the same, at float32's 1e-7 ulps.
+TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(5, 7)
+        self.b = torch.nn.Linear(7, 3)
+        self.scale = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))) * self.scale
+
+
+def batches(dtype):
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 5, generator=gen).to(dtype), torch.randn(8, 3, generator=gen).to(dtype))
+            for _ in range(STEPS)]
+
+
+def net(dtype):
+    torch.manual_seed(0)
+    return Net().to(dtype)
+
+
+def optimizer(name):
+    # the committed generated module: compiling the spec again in every process costs seconds
+    module = importlib.import_module(f"generated.{name}")
+    return getattr(module, module.__all__[0])
+
+
+def train(model, opt, data, rank=0, world=1):
+    for x, y in data:
+        rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x[rows]), y[rows])
+            loss.backward()
+            return loss
+        opt.step(closure)
+
+
+def one_process(name, path, dtype):
+    model = net(dtype)
+    train(model, optimizer(name)(model.parameters(), **PATHS[path]), batches(dtype))
+    return [p.detach() for p in model.parameters()]
+
+
+def sharded(mode, name, path, dtype, rank, world):
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = net(dtype)
+    if mode == "ddp":
+        wrapped = DistributedDataParallel(model)
+        train(wrapped, optimizer(name)(wrapped.parameters(), **PATHS[path]), batches(dtype), rank, world)
+        return [p.detach().clone() for p in model.parameters()]
+    fully_shard(model.a)
+    fully_shard(model.b)
+    fully_shard(model)
+    assert all(type(p).__name__ == "DTensor" for p in model.parameters())
+    train(model, optimizer(name)(model.parameters(), **PATHS[path]), batches(dtype), rank, world)
+    return [p.full_tensor().detach().clone() for p in model.parameters()]
+
+
+def _worker(rank, world, scenarios, init_file, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {}
+        for mode, name, path, dtype in scenarios:
+            try:
+                results[(mode, name, path, dtype)] = sharded(mode, name, path, DTYPES[dtype], rank, world)
+            except Exception as e:  # noqa: BLE001 - recorded, the next scenario runs
+                results[(mode, name, path, dtype)] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                if os.environ.get("OPTDSL_DIST_TRACE"):
+                    traceback.print_exc()
+            # a scenario that failed on one rank only must not leave the others in a collective
+            dist.barrier()
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def run(scenarios, world):
+    """{scenario: full parameters after STEPS steps, or the error} from `world` gloo processes."""
+    import torch.distributed.fsdp  # noqa: F401 - imported once here, inherited by the forked ranks
+    import torch.multiprocessing as mp
+    for name in {s[1] for s in scenarios}:
+        optimizer(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "results.pt")
+        # fork, as DataLoader workers do (one thread each): a fresh interpreter per rank would spend
+        # seconds importing torch again
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        try:
+            mp.start_processes(_worker, args=(world, scenarios, os.path.join(tmp, "init"), out), nprocs=world,
+                               join=True, start_method=method)
+        except Exception as e:  # noqa: BLE001 - a rank killed by a signal: every scenario is lost
+            return {s: f"process died: {str(e).splitlines()[0]}" for s in scenarios}
+        return torch.load(out)
+
+
+def compare(got, expected, dtype) -> str:
+    """'' when the sharded parameters equal one process's, else why not."""
+    if isinstance(got, str):
+        return got
+    if [p.shape for p in got] != [p.shape for p in expected]:
+        return f"shapes {[tuple(p.shape) for p in got]}"
+    for k, (p, q) in enumerate(zip(got, expected)):
+        try:
+            torch.testing.assert_close(p, q, **TOLERANCE[dtype])
+        except AssertionError:
+            return f"parameter {k} off by {(p - q).abs().max().item():.3g}"
+    return ""
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", default="2,4")
+    parser.add_argument("--specs", default=",".join(SPECS))
+    parser.add_argument("--paths", default=",".join(PATHS))
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--dtypes", default=",".join(DTYPES))
+    parser.add_argument("-v", "--verbose", action="store_true", help="print every failing scenario")
+    args = parser.parse_args(argv)
+    scenarios = [(m, s, p, d) for m in args.modes.split(",") for s in args.specs.split(",")
+                 for p in args.paths.split(",") for d in args.dtypes.split(",")]
+    total = matched = 0
+    for world in map(int, args.world.split(",")):
+        start = time.time()
+        results = run(scenarios, world)
+        expected = {}
+        tally = {}
+        for scenario in scenarios:
+            mode, name, path, dtype = scenario
+            if (name, path, dtype) not in expected:
+                try:
+                    expected[(name, path, dtype)] = one_process(name, path, DTYPES[dtype])
+                except Exception as e:  # noqa: BLE001
+                    expected[(name, path, dtype)] = f"one process fails: {e}"
+            ref = expected[(name, path, dtype)]
+            why = ref if isinstance(ref, str) else compare(results[scenario], ref, DTYPES[dtype])
+            key = (mode, path, dtype)
+            ok, n = tally.get(key, (0, 0))
+            tally[key] = (ok + (not why), n + 1)
+            if why and args.verbose:
+                print(f"  world {world} {mode:4} {path:7} {dtype:7} {name:18} {why}")
+        for (mode, path, dtype), (ok, n) in sorted(tally.items()):
+            print(f"world {world} {mode:4} {path:7} {dtype:7} {ok:3} of {n} match")
+            total, matched = total + n, matched + ok
+        print(f"world {world}: {time.time() - start:.0f} s")
+    print(f"{matched} of {total} scenarios match")
+    return matched == total
+
+
+if __name__ == "__main__":
+    sys.path.append(ROOT)  # after PYTHONPATH: `PYTHONPATH=/other/checkout` measures that one
+    sys.exit(0 if main() else 1)
