@@ -1296,7 +1296,7 @@ def _geometry_0(params, whole, device):
         table, totals, segments = [], [0] * 4, [[] for _ in range(4)]
         for x, w in zip(params, whole):
             R, C = x.shape[-2], x.shape[-1]
-            B = x.numel() // max(R * C, 1)  # matrices in the batch
+            B = math.prod(x.shape[:-2])  # matrices in the batch (an empty shard still has its columns)
             table.append([R, C, w.shape[-2], w.shape[-1], *totals])
             sizes = [B * R, B * C, B * R, B * C]
             for k, size in enumerate(sizes):
