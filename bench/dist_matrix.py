@@ -34,7 +34,7 @@ PATHS = {"loop": dict(foreach=False, fused=False), "foreach": dict(foreach=True,
          "fused": dict(foreach=False, fused=True)}
 MODES = ("ddp", "fsdp")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-STEPS = 6  # past Lookahead's k = 5
+STEPS = 3
 # float64: the shards' partial sums add in another order than one process's sums, a few ulps
 # (1e-16) per step, grown by at most the optimizers' normalisations; 1e-10 leaves that room and
 # catches any real difference (a shard's norm instead of the whole's is off by 10%).
@@ -70,6 +70,10 @@ def optimizer(name):
     return getattr(module, module.__all__[0])
 
 
+# Lookahead steps back every k steps: within the steps run
+KWARGS = {"lookahead_adam": dict(k=2)}
+
+
 def train(model, opt, data, rank=0, world=1):
     for x, y in data:
         rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
@@ -84,8 +88,12 @@ def train(model, opt, data, rank=0, world=1):
 
 def one_process(name, path, dtype):
     model = net(dtype)
-    train(model, optimizer(name)(model.parameters(), **PATHS[path]), batches(dtype))
+    train(model, make(name, model.parameters(), path), batches(dtype))
     return [p.detach() for p in model.parameters()]
+
+
+def make(name, params, path, **kwargs):
+    return optimizer(name)(params, **PATHS[path], **KWARGS.get(name, {}), **kwargs)
 
 
 def sharded(mode, name, path, dtype, rank, world):
@@ -93,15 +101,17 @@ def sharded(mode, name, path, dtype, rank, world):
     from torch.nn.parallel import DistributedDataParallel
 
     model = net(dtype)
+    kwargs = dict(state_dtype=torch.bfloat16) if mode.endswith("-bf16") else {}  # sharded bfloat16 states
+    mode = mode.removesuffix("-bf16")
     if mode == "ddp":
         wrapped = DistributedDataParallel(model)
-        train(wrapped, optimizer(name)(wrapped.parameters(), **PATHS[path]), batches(dtype), rank, world)
+        train(wrapped, make(name, wrapped.parameters(), path, **kwargs), batches(dtype), rank, world)
         return [p.detach().clone() for p in model.parameters()]
     fully_shard(model.a)
     fully_shard(model.b)
     fully_shard(model)
     assert all(type(p).__name__ == "DTensor" for p in model.parameters())
-    train(model, optimizer(name)(model.parameters(), **PATHS[path]), batches(dtype), rank, world)
+    train(model, make(name, model.parameters(), path, **kwargs), batches(dtype), rank, world)
     return [p.full_tensor().detach().clone() for p in model.parameters()]
 
 
