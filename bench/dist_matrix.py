@@ -1,9 +1,10 @@
 """Every generated optimizer, sharded, against one process: the scenario matrix of issue 15.
 
 A scenario is (mode, spec, path, dtype): mode `ddp` (DistributedDataParallel, replicated
-parameters) or `fsdp` (FSDP2 `fully_shard`, every parameter a DTensor sharded by rows); path
-`loop`, `foreach` or `fused` (the Triton kernels, run by the interpreter on CPU). Each rank
-trains on its slice of every batch; the loss is a mean, so the averaged gradient is the whole
+parameters), `fsdp` (FSDP2 `fully_shard`, every parameter a DTensor sharded by rows) or `tp`
+(tensor parallel: `a` ColwiseParallel, `b` RowwiseParallel, the gain a plain tensor; every rank
+trains on the whole batch); path `loop`, `foreach` or `fused` (the Triton kernels, run by the
+interpreter on CPU). Under ddp and fsdp each rank trains on its slice of every batch; the loss is a mean, so the averaged gradient is the whole
 batch's and the parameters after STEPS steps must equal one process's.
 
 The model's shapes make the shards uneven and some empty: over 2 ranks the 7 rows of `a` split
@@ -18,6 +19,7 @@ seconds); tests/test_distributed.py uses `run` for its own matrix.
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
 import os
 import sys
@@ -32,9 +34,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECS = sorted(f[:-4] for f in os.listdir(os.path.join(ROOT, "specs")) if f.endswith(".opt"))
 PATHS = {"loop": dict(foreach=False, fused=False), "foreach": dict(foreach=True, fused=False),
          "fused": dict(foreach=False, fused=True)}
-MODES = ("ddp", "fsdp")
+MODES = ("ddp", "fsdp", "tp")
+HIDDEN = {"tp": 8}  # the model's hidden width, where not 7: torch's tensor parallelism splits it evenly
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 STEPS = 3
+TIMEOUT = 300  # seconds a rank waits in a collective (a loaded 2-core machine is slow)
 # float64: the shards' partial sums add in another order than one process's sums, a few ulps
 # (1e-16) per step, grown by at most the optimizers' normalisations; 1e-10 leaves that room and
 # catches any real difference (a shard's norm instead of the whole's is off by 10%).
@@ -43,10 +47,10 @@ TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rt
 
 
 class Net(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, hidden=7):
         super().__init__()
-        self.a = torch.nn.Linear(5, 7)
-        self.b = torch.nn.Linear(7, 3)
+        self.a = torch.nn.Linear(5, hidden)
+        self.b = torch.nn.Linear(hidden, 3)
         self.scale = torch.nn.Parameter(torch.ones(1))
 
     def forward(self, x):
@@ -59,9 +63,9 @@ def batches(dtype):
             for _ in range(STEPS)]
 
 
-def net(dtype):
+def net(dtype, hidden=7):
     torch.manual_seed(0)
-    return Net().to(dtype)
+    return Net(hidden).to(dtype)
 
 
 def optimizer(name):
@@ -86,8 +90,8 @@ def train(model, opt, data, rank=0, world=1):
         opt.step(closure)
 
 
-def one_process(name, path, dtype):
-    model = net(dtype)
+def one_process(name, path, dtype, hidden=7):
+    model = net(dtype, hidden)
     train(model, make(name, model.parameters(), path), batches(dtype))
     return [p.detach() for p in model.parameters()]
 
@@ -107,6 +111,14 @@ def sharded(mode, name, path, dtype, rank, world):
         wrapped = DistributedDataParallel(model)
         train(wrapped, make(name, wrapped.parameters(), path, **kwargs), batches(dtype), rank, world)
         return [p.detach().clone() for p in model.parameters()]
+    if mode == "tp":  # tensor parallel, as Megatron's MLP: a's rows split, b's columns; every rank the whole batch
+        from torch.distributed.tensor import init_device_mesh
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+        model = net(dtype, HIDDEN["tp"])
+        parallelize_module(model, init_device_mesh("cpu", (world,)), {"a": ColwiseParallel(), "b": RowwiseParallel()})
+        train(model, make(name, model.parameters(), path, **kwargs), batches(dtype))
+        return [p.full_tensor().detach().clone() if hasattr(p, "full_tensor") else p.detach().clone()
+                for p in model.parameters()]
     fully_shard(model.a)
     fully_shard(model.b)
     fully_shard(model)
@@ -117,7 +129,9 @@ def sharded(mode, name, path, dtype, rank, world):
 
 def _worker(rank, world, scenarios, init_file, out):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # a scenario that fails on some ranks only leaves the others in a collective: time out, not hang
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=TIMEOUT))
     try:
         results = {}
         for mode, name, path, dtype in scenarios:
@@ -187,12 +201,13 @@ def main(argv=None):
         tally = {}
         for scenario in scenarios:
             mode, name, path, dtype = scenario
-            if (name, path, dtype) not in expected:
+            hidden = HIDDEN.get(mode, 7)
+            if (name, path, dtype, hidden) not in expected:
                 try:
-                    expected[(name, path, dtype)] = one_process(name, path, DTYPES[dtype])
+                    expected[(name, path, dtype, hidden)] = one_process(name, path, DTYPES[dtype], hidden)
                 except Exception as e:  # noqa: BLE001
-                    expected[(name, path, dtype)] = f"one process fails: {e}"
-            ref = expected[(name, path, dtype)]
+                    expected[(name, path, dtype, hidden)] = f"one process fails: {e}"
+            ref = expected[(name, path, dtype, hidden)]
             why = ref if isinstance(ref, str) else compare(results[scenario], ref, DTYPES[dtype])
             key = (mode, path, dtype)
             ok, n = tally.get(key, (0, 0))

@@ -108,9 +108,12 @@ class _Shards:
 
     def __init__(self, params):
         self.params = params
-        self.mesh = params[0].device_mesh
+        self.mesh = next(x for x in params if _is_sharded(x)).device_mesh
         self.split = []  # per tensor: {mesh dim: the tensor axis it splits}
         for x in params:
+            if not _is_sharded(x):  # a plain tensor beside DTensors (a gain tensor parallelism leaves whole)
+                self.split.append({})
+                continue
             if x.device_mesh != self.mesh:
                 raise RuntimeError("fused=True: the DTensor parameters of a group must share one device mesh")
             split = {}
@@ -124,7 +127,7 @@ class _Shards:
     @staticmethod
     def of(params):
         """The shards of these parameters, or None when they are plain tensors."""
-        return _Shards(params) if params and _is_sharded(params[0]) else None
+        return _Shards(params) if any(map(_is_sharded, params)) else None
 
     @staticmethod
     def local(tensors):
@@ -149,6 +152,48 @@ class _Shards:
             for b, idx in parts:
                 b.index_copy_(0, idx, flat[at:at + len(idx)])
                 at += len(idx)
+
+    def matrix(self, i, work, entries, exits, dtype):
+        """Matrix work (mm, T) of tensor i, which needs whole matrices: its tensor entries gathered
+        whole to one owner rank (owners round-robin over the tensors, so the work spreads over the
+        ranks), `work` run there, and its `exits` results scattered back as shards: the plan of
+        Moonlight's distributed Muon and of dion, where DTensor would redistribute at every
+        product. Each rank sends its shard once and receives its part of each result once."""
+        if len(self.split[i]) != 1:  # whole already, or split over several mesh dimensions
+            whole = {k: self.whole(i, v) if torch.is_tensor(v) else v for k, v in entries.items()}
+            return [self.shard(i, x) for x in work(**whole)]
+        ((m, axis),) = self.split[i].items()
+        group, size, me = self.mesh.get_group(m), self.mesh.size(m), self.mesh.get_local_rank(m)
+        owner = i % size
+        length = self.params[i].shape[axis]
+        chunk = -(-length // size)  # torch.chunk's split, as DTensor's Shard: the last parts shorter or empty
+        have = [max(0, min(chunk, length - r * chunk)) for r in range(size)]
+        dst = _dist.get_global_rank(group, owner)
+
+        def padded(x):
+            out = x.new_zeros(x.shape[:axis] + (chunk,) + x.shape[axis + 1:])
+            out.narrow(axis, 0, x.shape[axis]).copy_(x)
+            return out
+        whole = dict(entries)
+        for k, v in entries.items():
+            if torch.is_tensor(v):
+                x = padded(v.contiguous())
+                parts = [torch.empty_like(x) for _ in range(size)] if me == owner else None
+                _dist.gather(x, parts, dst=dst, group=group)
+                if me == owner:
+                    whole[k] = torch.cat([part.narrow(axis, 0, n) for part, n in zip(parts, have)], axis)
+        results = list(work(**whole)) if me == owner else []
+        out = []
+        for k in range(exits):  # each result shaped like the parameter, in `dtype`
+            local = self.params[i].to_local()
+            x = local.new_empty(local.shape[:axis] + (chunk,) + local.shape[axis + 1:], dtype=dtype)
+            parts = None
+            if me == owner:
+                r = results[k].to(dtype)
+                parts = [padded(r.narrow(axis, min(j * chunk, length), n)) for j, n in enumerate(have)]
+            _dist.scatter(x, parts, src=dst, group=group)
+            out.append(x.narrow(axis, 0, have[me]).contiguous())
+        return out
 
     def whole(self, i, x):
         """Tensor i's local shard `x` (or a value shaped like it) as the whole tensor."""
@@ -865,7 +910,7 @@ def _fused_adagrad(params, grads, sum_sq_list, state_steps, *, lr, lr_decay, wd,
         return
     hyper_values = (float(eps), float(lr), float(lr_decay), float(wd), )
     sharded = params  # DTensors (FSDP2, tensor parallel): the kernels run on their local shards
-    if _is_sharded(params[0]):
+    if any(map(_is_sharded, params)):
         params, grads = _Shards.local(params), _Shards.local(grads)
         sum_sq_list = _Shards.local(sum_sq_list)
     groups = _groups(params, grads, sum_sq_list, state_steps, sharded)

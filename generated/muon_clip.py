@@ -123,9 +123,12 @@ class _Shards:
 
     def __init__(self, params):
         self.params = params
-        self.mesh = params[0].device_mesh
+        self.mesh = next(x for x in params if _is_sharded(x)).device_mesh
         self.split = []  # per tensor: {mesh dim: the tensor axis it splits}
         for x in params:
+            if not _is_sharded(x):  # a plain tensor beside DTensors (a gain tensor parallelism leaves whole)
+                self.split.append({})
+                continue
             if x.device_mesh != self.mesh:
                 raise RuntimeError("fused=True: the DTensor parameters of a group must share one device mesh")
             split = {}
@@ -139,7 +142,7 @@ class _Shards:
     @staticmethod
     def of(params):
         """The shards of these parameters, or None when they are plain tensors."""
-        return _Shards(params) if params and _is_sharded(params[0]) else None
+        return _Shards(params) if any(map(_is_sharded, params)) else None
 
     @staticmethod
     def local(tensors):
@@ -164,6 +167,48 @@ class _Shards:
             for b, idx in parts:
                 b.index_copy_(0, idx, flat[at:at + len(idx)])
                 at += len(idx)
+
+    def matrix(self, i, work, entries, exits, dtype):
+        """Matrix work (mm, T) of tensor i, which needs whole matrices: its tensor entries gathered
+        whole to one owner rank (owners round-robin over the tensors, so the work spreads over the
+        ranks), `work` run there, and its `exits` results scattered back as shards: the plan of
+        Moonlight's distributed Muon and of dion, where DTensor would redistribute at every
+        product. Each rank sends its shard once and receives its part of each result once."""
+        if len(self.split[i]) != 1:  # whole already, or split over several mesh dimensions
+            whole = {k: self.whole(i, v) if torch.is_tensor(v) else v for k, v in entries.items()}
+            return [self.shard(i, x) for x in work(**whole)]
+        ((m, axis),) = self.split[i].items()
+        group, size, me = self.mesh.get_group(m), self.mesh.size(m), self.mesh.get_local_rank(m)
+        owner = i % size
+        length = self.params[i].shape[axis]
+        chunk = -(-length // size)  # torch.chunk's split, as DTensor's Shard: the last parts shorter or empty
+        have = [max(0, min(chunk, length - r * chunk)) for r in range(size)]
+        dst = _dist.get_global_rank(group, owner)
+
+        def padded(x):
+            out = x.new_zeros(x.shape[:axis] + (chunk,) + x.shape[axis + 1:])
+            out.narrow(axis, 0, x.shape[axis]).copy_(x)
+            return out
+        whole = dict(entries)
+        for k, v in entries.items():
+            if torch.is_tensor(v):
+                x = padded(v.contiguous())
+                parts = [torch.empty_like(x) for _ in range(size)] if me == owner else None
+                _dist.gather(x, parts, dst=dst, group=group)
+                if me == owner:
+                    whole[k] = torch.cat([part.narrow(axis, 0, n) for part, n in zip(parts, have)], axis)
+        results = list(work(**whole)) if me == owner else []
+        out = []
+        for k in range(exits):  # each result shaped like the parameter, in `dtype`
+            local = self.params[i].to_local()
+            x = local.new_empty(local.shape[:axis] + (chunk,) + local.shape[axis + 1:], dtype=dtype)
+            parts = None
+            if me == owner:
+                r = results[k].to(dtype)
+                parts = [padded(r.narrow(axis, min(j * chunk, length), n)) for j, n in enumerate(have)]
+            _dist.scatter(x, parts, src=dst, group=group)
+            out.append(x.narrow(axis, 0, have[me]).contiguous())
+        return out
 
     def whole(self, i, x):
         """Tensor i's local shard `x` (or a value shaped like it) as the whole tensor."""
@@ -1313,7 +1358,7 @@ def _fused_muonclip_0(params, grads, buf_list, max_logit_list, state_steps, *, t
     k2 = 1 - momentum
     hyper_values = (float(a), float(b), float(c), float(eps), float(k0), float(k1), float(k2), float(lr), float(momentum), float(nesterov), float(tau), )
     sharded = params  # DTensors (FSDP2, tensor parallel): the kernels run on their local shards
-    if _is_sharded(params[0]):
+    if any(map(_is_sharded, params)):
         params, grads = _Shards.local(params), _Shards.local(grads)
         buf_list = _Shards.local(buf_list)
         max_logit_list = _Shards.local(max_logit_list)
@@ -1353,9 +1398,7 @@ def _fused_muonclip_0(params, grads, buf_list, max_logit_list, state_steps, *, t
             if shards is None:
                 exits = _matrix_muonclip_0(a=a, b=b, c=c, c1=c1, eps=eps, x1=mxin[0][i])
             else:  # a shard's matrix work needs the whole matrix
-                entries = dict(a=a, b=b, c=c, c1=c1, eps=eps, x1=mxin[0][i])
-                entries = {k_: shards.whole(i, v_) if torch.is_tensor(v_) else v_ for k_, v_ in entries.items()}
-                exits = [shards.shard(i, x_) for x_ in _matrix_muonclip_0(**entries)]
+                exits = shards.matrix(i, _matrix_muonclip_0, dict(a=a, b=b, c=c, c1=c1, eps=eps, x1=mxin[0][i]), 1, compute)
             for n_, x_ in enumerate(exits):
                 if x_.shape != p[i].shape:
                     raise RuntimeError(f"MuonClip: matrix work gave shape {tuple(x_.shape)} "
@@ -1377,7 +1420,7 @@ def _fused_muonclip_1(params, grads, m_list, v_list, max_logit_list, state_steps
     log1_ = _log(b1)  # for b1^t in the kernels: exp(t * log1_)
     hyper_values = (float(adam_eps), float(adam_lr), float(k0), float(k1), float(k2), float(log0_), float(log1_), )
     sharded = params  # DTensors (FSDP2, tensor parallel): the kernels run on their local shards
-    if _is_sharded(params[0]):
+    if any(map(_is_sharded, params)):
         params, grads = _Shards.local(params), _Shards.local(grads)
         m_list = _Shards.local(m_list)
         v_list = _Shards.local(v_list)
