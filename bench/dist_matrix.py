@@ -37,6 +37,8 @@ PATHS = {"loop": dict(foreach=False, fused=False), "foreach": dict(foreach=True,
 MODES = ("ddp", "fsdp", "tp")
 HIDDEN = {"tp": 8}  # the model's hidden width, where not 7: torch's tensor parallelism splits it evenly
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
+DTYPES_NAME = {v: k for k, v in DTYPES.items()}
+CHECKPOINTS = tempfile.gettempdir()  # where `save` scenarios write and `load` ones read (set before a run)
 STEPS = 3
 TIMEOUT = 300  # seconds a rank waits in a collective (a loaded 2-core machine is slow)
 # float64: the shards' partial sums add in another order than one process's sums, a few ulps
@@ -123,8 +125,45 @@ def sharded(mode, name, path, dtype, rank, world):
     fully_shard(model.b)
     fully_shard(model)
     assert all(type(p).__name__ == "DTensor" for p in model.parameters())
+    if mode in ("save", "load"):  # torch.distributed.checkpoint: saved by some ranks, loaded by others
+        opt = make(name, model.parameters(), path, **kwargs)
+        if mode == "save":
+            train(model, opt, batches(dtype), rank, world)
+        checkpoint(model, opt, os.path.join(CHECKPOINTS, f"{name}-{path}-{DTYPES_NAME[dtype]}"), save=mode == "save")
+        if mode == "load":
+            train(model, opt, batches(dtype), rank, world)
+        return [p.full_tensor().detach().clone() for p in model.parameters()]
     train(model, make(name, model.parameters(), path, **kwargs), batches(dtype), rank, world)
     return [p.full_tensor().detach().clone() for p in model.parameters()]
+
+
+def checkpoint(model, opt, where, save):
+    """Save (or load) model and optimizer through torch.distributed.checkpoint, as torchtitan does."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict as sd
+    state = {"model": sd.get_model_state_dict(model), "optim": sd.get_optimizer_state_dict(model, opt)}
+    if save:
+        dcp.save(state, checkpoint_id=where)
+        return
+    dcp.load(state, checkpoint_id=where)
+    sd.set_model_state_dict(model, state["model"])
+    sd.set_optimizer_state_dict(model, opt, state["optim"])
+
+
+def resumed(name, path, dtype):
+    """One process, no process group: the checkpoint that `save` wrote loaded, and training resumed."""
+    model = net(dtype)
+    opt = make(name, model.parameters(), path)
+    checkpoint(model, opt, os.path.join(CHECKPOINTS, f"{name}-{path}-{DTYPES_NAME[dtype]}"), save=False)
+    train(model, opt, batches(dtype))
+    return [p.detach() for p in model.parameters()]
+
+
+def one_process_twice(name, path, dtype):
+    """The run a checkpoint interrupts: STEPS steps, then the same batches again."""
+    model = net(dtype)
+    train(model, make(name, model.parameters(), path), batches(dtype) * 2)
+    return [p.detach() for p in model.parameters()]
 
 
 def _worker(rank, world, scenarios, init_file, out):

@@ -89,11 +89,19 @@ def _whole(x):
     return x
 
 
+def _copy_into(dst, src):
+    """dst.copy_(src). A DTensor value with other placements than dst's (matrix work leaves its
+    products replicated or split otherwise) is redistributed to dst's first."""
+    if _is_sharded(src) and _is_sharded(dst) and src.placements != dst.placements:
+        src = src.redistribute(dst.device_mesh, dst.placements)
+    dst.copy_(src)
+
+
 def _foreach_copy_(dst, src):
     """torch._foreach_copy_, tensor by tensor for DTensors (which have no sharding rule for it)."""
     if dst and _is_sharded(dst[0]):
         for d, s in zip(dst, src):
-            d.copy_(s)
+            _copy_into(d, s)
     else:
         torch._foreach_copy_(dst, src)
 

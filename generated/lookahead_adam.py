@@ -93,11 +93,19 @@ def _whole(x):
     return x
 
 
+def _copy_into(dst, src):
+    """dst.copy_(src). A DTensor value with other placements than dst's (matrix work leaves its
+    products replicated or split otherwise) is redistributed to dst's first."""
+    if _is_sharded(src) and _is_sharded(dst) and src.placements != dst.placements:
+        src = src.redistribute(dst.device_mesh, dst.placements)
+    dst.copy_(src)
+
+
 def _foreach_copy_(dst, src):
     """torch._foreach_copy_, tensor by tensor for DTensors (which have no sharding rule for it)."""
     if dst and _is_sharded(dst[0]):
         for d, s in zip(dst, src):
-            d.copy_(s)
+            _copy_into(d, s)
     else:
         torch._foreach_copy_(dst, src)
 
@@ -592,12 +600,12 @@ def _single_tensor_lookaheadadam(params, grads, m_list, v_list, slow_list, state
             tmp4 = tmp3
         else:
             tmp4 = tmp2
-        p.copy_(tmp4)
+        _copy_into(p, tmp4)
         if c0:
             tmp5 = tmp3
         else:
             tmp5 = slow
-        slow.copy_(tmp5)
+        _copy_into(slow, tmp5)
         if p is not param:
             param.copy_(p)
         if m is not m_list[i]:

@@ -101,11 +101,19 @@ def _whole(x):
     return x
 
 
+def _copy_into(dst, src):
+    """dst.copy_(src). A DTensor value with other placements than dst's (matrix work leaves its
+    products replicated or split otherwise) is redistributed to dst's first."""
+    if _is_sharded(src) and _is_sharded(dst) and src.placements != dst.placements:
+        src = src.redistribute(dst.device_mesh, dst.placements)
+    dst.copy_(src)
+
+
 def _foreach_copy_(dst, src):
     """torch._foreach_copy_, tensor by tensor for DTensors (which have no sharding rule for it)."""
     if dst and _is_sharded(dst[0]):
         for d, s in zip(dst, src):
-            d.copy_(s)
+            _copy_into(d, s)
     else:
         torch._foreach_copy_(dst, src)
 
@@ -659,7 +667,7 @@ def _single_tensor_muonclip_0(params, grads, buf_list, max_logit_list, state_ste
         tmp47 = torch.mul(tmp46, c0)
         tmp48 = torch.add(tmp47, p, alpha=k1)
         tmp49 = torch.mul(tmp48, d0)
-        p.copy_(tmp49)
+        _copy_into(p, tmp49)
         if p is not param:
             param.copy_(p)
         if buf is not buf_list[i]:

@@ -96,11 +96,19 @@ def _whole(x):
     return x
 
 
+def _copy_into(dst, src):
+    """dst.copy_(src). A DTensor value with other placements than dst's (matrix work leaves its
+    products replicated or split otherwise) is redistributed to dst's first."""
+    if _is_sharded(src) and _is_sharded(dst) and src.placements != dst.placements:
+        src = src.redistribute(dst.device_mesh, dst.placements)
+    dst.copy_(src)
+
+
 def _foreach_copy_(dst, src):
     """torch._foreach_copy_, tensor by tensor for DTensors (which have no sharding rule for it)."""
     if dst and _is_sharded(dst[0]):
         for d, s in zip(dst, src):
-            d.copy_(s)
+            _copy_into(d, s)
     else:
         torch._foreach_copy_(dst, src)
 
@@ -658,7 +666,7 @@ def _single_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, 
         tmp6 = torch.mul(m, tmp5)
         tmp6.mul_(c0)
         tmp6.add_(tmp3)
-        p.copy_(tmp6)
+        _copy_into(p, tmp6)
         if p is not param:
             param.copy_(p)
         if m is not m_list[i]:

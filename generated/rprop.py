@@ -92,11 +92,19 @@ def _whole(x):
     return x
 
 
+def _copy_into(dst, src):
+    """dst.copy_(src). A DTensor value with other placements than dst's (matrix work leaves its
+    products replicated or split otherwise) is redistributed to dst's first."""
+    if _is_sharded(src) and _is_sharded(dst) and src.placements != dst.placements:
+        src = src.redistribute(dst.device_mesh, dst.placements)
+    dst.copy_(src)
+
+
 def _foreach_copy_(dst, src):
     """torch._foreach_copy_, tensor by tensor for DTensors (which have no sharding rule for it)."""
     if dst and _is_sharded(dst[0]):
         for d, s in zip(dst, src):
-            d.copy_(s)
+            _copy_into(d, s)
     else:
         torch._foreach_copy_(dst, src)
 
@@ -612,8 +620,8 @@ def _single_tensor_rprop(params, grads, prev_list, s_list, state_steps, *, lr, e
         tmp6 = torch.where(tmp1 != 0, torch.as_tensor(0, dtype=tmp1.dtype, device=tmp1.device), g)
         tmp7 = torch.sign(tmp6)
         p.addcmul_(tmp5, tmp7, value=-1)
-        prev.copy_(tmp6)
-        s.copy_(tmp5)
+        _copy_into(prev, tmp6)
+        _copy_into(s, tmp5)
         if p is not param:
             param.copy_(p)
         if prev is not prev_list[i]:

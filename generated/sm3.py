@@ -89,11 +89,19 @@ def _whole(x):
     return x
 
 
+def _copy_into(dst, src):
+    """dst.copy_(src). A DTensor value with other placements than dst's (matrix work leaves its
+    products replicated or split otherwise) is redistributed to dst's first."""
+    if _is_sharded(src) and _is_sharded(dst) and src.placements != dst.placements:
+        src = src.redistribute(dst.device_mesh, dst.placements)
+    dst.copy_(src)
+
+
 def _foreach_copy_(dst, src):
     """torch._foreach_copy_, tensor by tensor for DTensors (which have no sharding rule for it)."""
     if dst and _is_sharded(dst[0]):
         for d, s in zip(dst, src):
-            d.copy_(s)
+            _copy_into(d, s)
     else:
         torch._foreach_copy_(dst, src)
 
@@ -496,13 +504,13 @@ def _single_tensor_sm3_0(params, grads, r_list, c_list, m_list, state_steps, *, 
             tmp8 = tmp7
         else:
             tmp8 = tmp5
-        r.copy_(tmp8)
+        _copy_into(r, tmp8)
         if k1:
             tmp9 = torch.maximum(c, tmp6)
             tmp10 = tmp9
         else:
             tmp10 = tmp6
-        c.copy_(tmp10)
+        _copy_into(c, tmp10)
         if p is not param:
             param.copy_(p)
         if r is not r_list[i]:
@@ -634,7 +642,7 @@ def _single_tensor_sm3_1(params, grads, v_list, m_list, state_steps, *, lr, mome
             tmp6 = tmp5
         else:
             tmp6 = tmp3
-        v.copy_(tmp6)
+        _copy_into(v, tmp6)
         if p is not param:
             param.copy_(p)
         if v is not v_list[i]:

@@ -93,11 +93,19 @@ def _whole(x):
     return x
 
 
+def _copy_into(dst, src):
+    """dst.copy_(src). A DTensor value with other placements than dst's (matrix work leaves its
+    products replicated or split otherwise) is redistributed to dst's first."""
+    if _is_sharded(src) and _is_sharded(dst) and src.placements != dst.placements:
+        src = src.redistribute(dst.device_mesh, dst.placements)
+    dst.copy_(src)
+
+
 def _foreach_copy_(dst, src):
     """torch._foreach_copy_, tensor by tensor for DTensors (which have no sharding rule for it)."""
     if dst and _is_sharded(dst[0]):
         for d, s in zip(dst, src):
-            d.copy_(s)
+            _copy_into(d, s)
     else:
         torch._foreach_copy_(dst, src)
 
@@ -535,16 +543,16 @@ def _single_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, pos
         p.addcdiv_(tmp2, tmp5, value=c0)
         tmp6 = _whole(tmp4.sum(dim=-1, keepdim=True))
         tmp6.mul_(d0)
-        rm.copy_(tmp6)
+        _copy_into(rm, tmp6)
         tmp7 = _whole(tmp4.sum(dim=-2, keepdim=True))
-        cm.copy_(tmp7)
+        _copy_into(cm, tmp7)
         tmp8 = _whole(tmp0.sum(dim=-1, keepdim=True))
         tmp8.mul_(d1)
-        rv.copy_(tmp8)
+        _copy_into(rv, tmp8)
         tmp9 = _whole(tmp0.sum(dim=-2, keepdim=True))
-        cv.copy_(tmp9)
+        _copy_into(cv, tmp9)
         tmp10 = (tmp2 >= torch.as_tensor(0, dtype=tmp2.dtype, device=tmp2.device)).to(tmp2.dtype)
-        positive.copy_(tmp10)
+        _copy_into(positive, tmp10)
         if p is not param:
             param.copy_(p)
         if rm is not rm_list[i]:

@@ -70,8 +70,9 @@ def _indent(block, printer) -> list[str]:
 def _single_line(instr: Instr) -> str:
     a = [x.code for x in instr.args]
     if instr.op == "copy":
-        fill = "fill_" if instr.args[1].level in (GROUP, PARAM) else "copy_"  # a host float fills
-        return f"{a[0]}.{fill}({a[1]})"
+        if instr.args[1].level in (GROUP, PARAM):  # a host float fills
+            return f"{a[0]}.fill_({a[1]})"
+        return f"_copy_into({a[0]}, {a[1]})"
     if instr.op in ("call", "reduce", "scalar"):
         if instr.op == "scalar":
             return f"{instr.out} = {instr.template.replace('{dtype}', 'p.dtype')}"
