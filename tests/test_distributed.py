@@ -1,6 +1,7 @@
-"""Data-parallel (DDP) and fully-sharded (FSDP2 `fully_shard`) training with generated
-optimizers give the parameters of one process training on the whole batch, on every path
-(for-loop, foreach, fused Triton kernels under the interpreter).
+"""Data-parallel (DDP), fully-sharded (FSDP2 `fully_shard`) and tensor-parallel training with
+generated optimizers give the parameters of one process training on the whole batch, on every
+path (for-loop, foreach, fused Triton kernels under the interpreter); checkpoints through
+torch.distributed.checkpoint reshard from 2 ranks to 4 and to 1.
 
 gloo processes on CPU; each rank takes its slice of every batch; the loss is a mean, so the
 averaged gradient is the whole batch's. Under FSDP2 every parameter is a DTensor sharded by
@@ -9,8 +10,8 @@ shard (the (1,) gain; over 4 ranks also the 3-row matrix's last). A reduction ov
 (nSGDA's norm, Adafactor's column means, SM3's maxima, soft clip's unit RMS, Amos's mean) must
 still be the whole parameter's; matrix work (Muon) needs the whole matrix; AdaLo reads the loss,
 averaged over the ranks. bench/dist_matrix.py runs the whole matrix (every spec, path, dtype,
-mode, 2 and 4 ranks); this file runs every spec on every path at 2 ranks and the constructs
-that depend on the split at 4, in one spawn per world size.
+mode, 2 and 4 ranks) and prints the tally; this file runs a cross-section of it in one spawn
+per world size.
 """
 from __future__ import annotations
 
