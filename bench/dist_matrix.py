@@ -203,7 +203,8 @@ def run(scenarios, world):
             mp.start_processes(_worker, args=(world, scenarios, os.path.join(tmp, "init"), out), nprocs=world,
                                join=True, start_method=method)
         except Exception as e:  # noqa: BLE001 - a rank killed by a signal: every scenario is lost
-            return {s: f"process died: {str(e).splitlines()[0]}" for s in scenarios}
+            why = [line for line in str(e).splitlines() if line.strip()][-1:] or ["?"]
+            return {s: f"process died: {why[0]}" for s in scenarios}
         return torch.load(out)
 
 
