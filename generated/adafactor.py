@@ -7,15 +7,18 @@ The spec::
     # small ways that this spec follows: eps1 floors the estimate (the paper adds it to g^2), the
     # estimate divides by the mean of the row factors (HF's _approx_sq_grad takes reciprocal square
     # roots of the factors first: the same value, rounded differently), and beta2 = 1 - t^beta2_decay.
+    # It takes torch.optim.Adafactor's keywords (eps=(None, 1e-3): None is the machine epsilon of the
+    # parameter's dtype) and loads its state_dict (row_var, col_var, variance).
     optimizer Adafactor "factored second moments, relative step size (Shazeer & Stern, 2018), as torch.optim has it"
     
     hyper lr = 1e-2 in [0, inf), beta2_decay = -0.8 in (-inf, 0]
-    hyper eps1 = 1.1920928955078125e-07 in (0, inf), eps2 = 1e-3 in [0, inf)   # eps1: float32 machine epsilon
-    hyper d = 1 in [1, inf), wd = 0 in [0, inf)
+    hyper eps1 = None in (0, inf), eps2 = 1e-3 in [0, inf)   # eps1 = 0 would divide by zero: refused
+    hyper eps = (eps1, eps2)
+    hyper d = 1 in [1, inf), wd = 0 in [0, inf) as weight_decay
     
     # A matrix (or a stack of them) keeps one second moment per row and one per column.
     rule ndim >= 2 {
-      state r: rows, c: cols
+      state r: rows as row_var, c: cols as col_var
       alpha = max(eps2, rms(p)) * min(lr, 1 / sqrt(t))     # the relative step size
       p *= 1 - lr * wd
       r = lerp(r, row_mean(g^2), t^beta2_decay)
@@ -26,7 +29,7 @@ The spec::
     
     # Anything else keeps a full second moment.
     rule {
-      state v
+      state v as variance
       alpha = max(eps2, rms(p)) * min(lr, 1 / sqrt(t))
       p *= 1 - lr * wd
       v = lerp(v, g^2, t^beta2_decay)
@@ -264,10 +267,9 @@ class Adafactor(Optimizer):
         params: iterable of parameters or dicts defining parameter groups.
         lr (float, optional): default 0.01, in [0, inf).
         beta2_decay (float, optional): default -0.8, in (-inf, 0].
-        eps1 (float, optional): default 1.1920928955078125e-07, in (0, inf).
-        eps2 (float, optional): default 0.001, in [0, inf).
+        eps (tuple[float | None, float], optional): default (None, 0.001); eps1, in (0, inf); eps2, in [0, inf).
         d (float, optional): default 1.0, in [1, inf).
-        wd (float, optional): default 0.0, in [0, inf).
+        weight_decay (float, optional): default 0.0; the spec's wd, in [0, inf).
         foreach (bool, optional): use the multi-tensor (``torch._foreach_*``) path.
             ``None`` picks it as torch.optim does: on CUDA, not on CPU.
         fused (bool, optional): use the fused Triton kernel, one launch per device and dtype.
@@ -276,55 +278,99 @@ class Adafactor(Optimizer):
             (half the memory); each step computes in the parameter's precision (float32 at
             least) and writes them back with stochastic rounding. ``None``: the parameter's
             dtype, float32 for lower ones. All three paths support it.
+        maximize (bool, optional): accepted for torch.optim's sake; only False.
+        capturable (bool, optional): accepted for torch.optim's sake; only False.
+        differentiable (bool, optional): accepted for torch.optim's sake; only False.
+        The spec's own names are accepted too: eps1, eps2, wd.
     """
+
+    # The spec's own names, accepted as aliases: name -> (keyword, index in its tuple or None).
+    _ALIASES = {"eps1": ("eps", 0), "eps2": ("eps", 1), "wd": ("weight_decay", None)}
+    # torch.optim's keywords this spec does not implement, accepted at the value that turns them off.
+    _FIXED = {"maximize": False, "capturable": False, "differentiable": False}
+    # state_dict() keys of the states, by their names in the spec.
+    _SAVED = {"r": "row_var", "c": "col_var", "v": "variance"}
 
     def __init__(
         self,
         params,
         lr: float = 0.01,
         beta2_decay: float = -0.8,
-        eps1: float = 1.1920928955078125e-07,
-        eps2: float = 0.001,
+        eps: tuple[float | None, float] = (None, 0.001),
         d: float = 1.0,
-        wd: float = 0.0,
+        weight_decay: float = 0.0,
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        **spec_names,
     ):
-        if fused and foreach:  # torch.optim's error, in torch.optim's words
+        if fused and foreach:  # torch.optim's errors, in torch.optim's words
             raise RuntimeError("`fused` and `foreach` cannot be `True` together (fused=True and foreach=True)")
+        if fused and differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
         if state_dtype not in (None, torch.bfloat16):
             raise ValueError(f"Invalid state_dtype: {state_dtype} (None or torch.bfloat16)")
-        _one_element({"lr": lr, "beta2_decay": beta2_decay, "eps1": eps1, "eps2": eps2, "d": d, "wd": wd})
-        if not (0.0 <= lr):
-            raise ValueError(f"Invalid lr value: {lr} (must be in [0, inf))")
-        if not (beta2_decay <= 0.0):
-            raise ValueError(f"Invalid beta2_decay value: {beta2_decay} (must be in (-inf, 0])")
-        if not (0.0 < eps1):
-            raise ValueError(f"Invalid eps1 value: {eps1} (must be in (0, inf))")
-        if not (0.0 <= eps2):
-            raise ValueError(f"Invalid eps2 value: {eps2} (must be in [0, inf))")
-        if not (1.0 <= d):
-            raise ValueError(f"Invalid d value: {d} (must be in [1, inf))")
-        if not (0.0 <= wd):
-            raise ValueError(f"Invalid wd value: {wd} (must be in [0, inf))")
+        unknown = sorted(set(spec_names) - set(self._ALIASES))
+        if unknown:
+            raise TypeError(f"Adafactor() got an unexpected keyword argument {unknown[0]!r}; it accepts "
+                            "lr, beta2_decay, eps, d, weight_decay, foreach, fused, maximize, capturable, differentiable"
+                            " (or the spec's names eps1, eps2, wd)")
         defaults = dict(
             lr=lr,
             beta2_decay=beta2_decay,
-            eps1=eps1,
-            eps2=eps2,
+            eps=eps,
             d=d,
-            wd=wd,
+            weight_decay=weight_decay,
             foreach=foreach,
             fused=fused,
             state_dtype=state_dtype,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
         )
+        # The groups keep torch.optim's names, so schedulers, per-group overrides and state_dicts
+        # line up with torch.optim's; add_param_group checks every group's values. The defaults
+        # are checked first, before `params` is read, as torch.optim does.
+        defaults = _torch_names(dict(defaults, **spec_names), defaults, self._ALIASES)
+        self._check_group(defaults)
         super().__init__(params, defaults)
         if fused:
             why = fused_available([p for g in self.param_groups for p in g["params"]])
             if why:
                 raise RuntimeError(f"Adafactor(fused=True) cannot run: {why}")
+            # GradScaler then leaves the unscaling and the inf check to the kernels (grad_scale, found_inf)
+            self._step_supports_amp_scaling = True
+
+    def add_param_group(self, param_group):
+        # A group may use the spec's names too (wd for weight_decay); it is kept under torch.optim's.
+        param_group = _torch_names(param_group, self.defaults, self._ALIASES)
+        self._check_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    def _check_group(self, group):
+        """Refuse values outside the spec's ranges, and torch.optim features the spec does not implement."""
+        _one_element({"lr": group["lr"], "beta2_decay": group["beta2_decay"], "eps": group["eps"], "d": group["d"], "weight_decay": group["weight_decay"]})
+        if not (0.0 <= group["lr"]):
+            raise ValueError(f"Invalid lr value: {group['lr']} (lr must be in [0, inf))")
+        if not (group["beta2_decay"] <= 0.0):
+            raise ValueError(f"Invalid beta2_decay value: {group['beta2_decay']} (beta2_decay must be in (-inf, 0])")
+        if len(group["eps"]) != 2:
+            raise ValueError(f"Invalid eps: {group['eps']!r} (must hold 2 values: eps1, eps2)")
+        if group["eps"][0] is not None and not (0.0 < group["eps"][0]):
+            raise ValueError(f"Invalid eps[0] value: {group['eps'][0]} (eps[0] (eps1) must be in (0, inf))")
+        if not (0.0 <= group["eps"][1]):
+            raise ValueError(f"Invalid eps[1] value: {group['eps'][1]} (eps[1] (eps2) must be in [0, inf))")
+        if not (1.0 <= group["d"]):
+            raise ValueError(f"Invalid d value: {group['d']} (d must be in [1, inf))")
+        if not (0.0 <= group["weight_decay"]):
+            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']} (weight_decay (wd) must be in [0, inf))")
+        for key, value in self._FIXED.items():
+            if group.get(key, value) != value:
+                raise ValueError(f"Adafactor does not implement {key}={group[key]!r} (only {key}={value!r})")
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -334,6 +380,19 @@ class Adafactor(Optimizer):
             group.setdefault("state_dtype", None)
 
     def load_state_dict(self, state_dict):
+        # Older state_dicts of this class used the spec's own names: move them to torch.optim's.
+        state_dict = dict(
+            state_dict,
+            # torch.optim saves None for a state it never made (SGD's momentum_buffer at momentum=0):
+            # left out, it is made at the next step like any state not there yet.
+            state={i: {self._SAVED.get(k, k): v for k, v in s.items() if v is not None}
+                   for i, s in state_dict["state"].items()},
+            # a key torch.optim's class does not have (Muon's use_muon) takes this optimizer's default
+            param_groups=[{**self.defaults, **_torch_names(g, self.defaults, self._ALIASES)}
+                          for g in state_dict["param_groups"]],
+        )
+        for group in state_dict["param_groups"]:  # e.g. torch.optim's maximize=True cannot go on here
+            self._check_group({**self.defaults, **group})
         # torch.optim casts every state to its parameter's dtype; states of lower-precision
         # parameters are float32 here, and bfloat16 with state_dtype, so they are restored
         # from the saved values in that dtype.
@@ -372,20 +431,29 @@ class Adafactor(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("Adafactor does not support sparse gradients")
+        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
+            raise RuntimeError("Adafactor does not support complex parameters")
         states = [self.state[p] for p in with_grad]
-        if not all("step" in state for state in states):
+        made = {"step", "row_var", "col_var"}.issubset
+        if not all(map(made, states)):
             for p, state in zip(with_grad, states):
-                if len(state) == 0:  # lazy state initialisation, as in torch.optim
+                # Lazy state initialisation, as in torch.optim, of each state not there yet: one that
+                # torch.optim saved may lack those it keeps only for some settings (RMSprop's grad_avg).
+                if "step" not in state:
                     # `step` lives where the update reads it: on the parameter's device for the fused
                     # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
-                    state["step"] = torch.zeros((), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
-                                                device=p.device if self._fused_for(group, p) else "cpu")
-                    state["r"] = _new_zeros(p, p.shape[:-1] + (1,), _state_dtype(group, p))
-                    state["c"] = _new_zeros(p, p.shape[:-2] + (1,) + p.shape[-1:], _state_dtype(group, p))
+                    # torch.optim.SGD keeps no step: a state saved without one has taken a step.
+                    taken = any(v is not None for v in state.values())
+                    state["step"] = torch.tensor(float(taken), dtype=_step_dtype(),
+                                                 device=p.device if self._fused_for(group, p) else "cpu")
+                if state.get("row_var") is None:
+                    state["row_var"] = _new_zeros(p, p.shape[:-1] + (1,), _state_dtype(group, p))
+                if state.get("col_var") is None:
+                    state["col_var"] = _new_zeros(p, p.shape[:-2] + (1,) + p.shape[-1:], _state_dtype(group, p))
         params += with_grad
         grads += new_grads
-        r_list += [state["r"] for state in states]
-        c_list += [state["c"] for state in states]
+        r_list += [state["row_var"] for state in states]
+        c_list += [state["col_var"] for state in states]
         state_steps += [state["step"] for state in states]
 
     def _init_group_1(self, group, params, grads, v_list, state_steps):
@@ -394,18 +462,26 @@ class Adafactor(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("Adafactor does not support sparse gradients")
+        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
+            raise RuntimeError("Adafactor does not support complex parameters")
         states = [self.state[p] for p in with_grad]
-        if not all("step" in state for state in states):
+        made = {"step", "variance"}.issubset
+        if not all(map(made, states)):
             for p, state in zip(with_grad, states):
-                if len(state) == 0:  # lazy state initialisation, as in torch.optim
+                # Lazy state initialisation, as in torch.optim, of each state not there yet: one that
+                # torch.optim saved may lack those it keeps only for some settings (RMSprop's grad_avg).
+                if "step" not in state:
                     # `step` lives where the update reads it: on the parameter's device for the fused
                     # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
-                    state["step"] = torch.zeros((), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
-                                                device=p.device if self._fused_for(group, p) else "cpu")
-                    state["v"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+                    # torch.optim.SGD keeps no step: a state saved without one has taken a step.
+                    taken = any(v is not None for v in state.values())
+                    state["step"] = torch.tensor(float(taken), dtype=_step_dtype(),
+                                                 device=p.device if self._fused_for(group, p) else "cpu")
+                if state.get("variance") is None:
+                    state["variance"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
         params += with_grad
         grads += new_grads
-        v_list += [state["v"] for state in states]
+        v_list += [state["variance"] for state in states]
         state_steps += [state["step"] for state in states]
 
     @torch.no_grad()
@@ -424,12 +500,14 @@ class Adafactor(Optimizer):
                 params, grads, r_list, c_list, state_steps,
                 lr=group["lr"],
                 beta2_decay=group["beta2_decay"],
-                eps1=group["eps1"],
-                eps2=group["eps2"],
+                eps1=_machine_eps(group["eps"][0], params),
+                eps2=group["eps"][1],
                 d=group["d"],
-                wd=group["wd"],
+                wd=group["weight_decay"],
                 foreach=group["foreach"],
                 fused=group["fused"],
+                grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
+                found_inf=getattr(self, "found_inf", None),
             )
             params, grads, state_steps = [], [], []
             v_list = []
@@ -438,12 +516,14 @@ class Adafactor(Optimizer):
                 params, grads, v_list, state_steps,
                 lr=group["lr"],
                 beta2_decay=group["beta2_decay"],
-                eps1=group["eps1"],
-                eps2=group["eps2"],
+                eps1=_machine_eps(group["eps"][0], params),
+                eps2=group["eps"][1],
                 d=group["d"],
-                wd=group["wd"],
+                wd=group["weight_decay"],
                 foreach=group["foreach"],
                 fused=group["fused"],
+                grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
+                found_inf=getattr(self, "found_inf", None),
             )
         return loss
 
@@ -458,14 +538,50 @@ def _one_element(values):
                 raise ValueError(f"Tensor {where} must be 1-element (it has {x.numel()} elements)")
 
 
+def _machine_eps(value, params):
+    """None, as torch.optim's unset epsilon: the machine epsilon of the parameters' dtype."""
+    if value is not None:
+        return value
+    dtypes = {p.dtype for p in params}
+    if len(dtypes) > 1:
+        raise ValueError(f"Adafactor: an epsilon of None is the machine epsilon of the parameters' dtype, and "
+                         f"this group holds {sorted(map(str, dtypes))}: give a number, or one group per dtype")
+    return torch.finfo(dtypes.pop() if dtypes else torch.float32).eps
+
+
 def _state_dtype(group, p):
     """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
     return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
 
 
+def _step_dtype():
+    """torch.optim's dtype for `step`: float32 unless float64 is the default dtype."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _torch_names(values, defaults, aliases):
+    """`values` with each of the spec's names (b1, wd) moved under its keyword (betas, weight_decay)."""
+    values = dict(values)
+    for alias, (keyword, index) in aliases.items():
+        if alias not in values:
+            continue
+        value = values.pop(alias)
+        if index is not None:  # one member of a tuple keyword: the others stay as they are
+            items = list(values.get(keyword, defaults[keyword]))
+            items[index] = value
+            value = tuple(items)
+        values[keyword] = value
+    return values
+
+
 def adafactor_0(params, grads, r_list, c_list, state_steps, *, foreach=None, fused=None,
-                **hypers):
-    """Functional Adafactor: update `params` and the state lists in place."""
+                grad_scale=None, found_inf=None, **hypers):
+    """Functional Adafactor: update `params` and the state lists in place. `grad_scale` and
+    `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
+    skips the step."""
+    amp = grad_scale is not None or found_inf is not None
+    if amp and (not fused or torch.compiler.is_compiling()):
+        raise RuntimeError("Adafactor: grad_scale and found_inf are taken by the fused path only (fused=True, eager)")
     if torch.compiler.is_compiling():
         # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
         return _single_tensor_adafactor_0(params, grads, r_list, c_list, state_steps, **hypers)
@@ -479,6 +595,9 @@ def adafactor_0(params, grads, r_list, c_list, state_steps, *, foreach=None, fus
             raise RuntimeError(f"Adafactor(fused=True) cannot run: {why}")
     if fused:
         impl = _fused_adafactor_0
+        if amp:
+            return impl(params, grads, r_list, c_list, state_steps,
+                        grad_scale=grad_scale, found_inf=found_inf, **hypers)
     else:
         if foreach is None:  # a pass over every parameter: only when it decides something
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
@@ -523,7 +642,7 @@ def _single_tensor_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr
         tmp3.sqrt_()
         tmp5 = torch.div(g, tmp3)
         r0 = _whole(torch.sqrt(torch.mean(torch.square(tmp5))))
-        d0 = -c1*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r1, dtype=torch.float64))/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r0, dtype=torch.float64))
+        d0 = torch.as_tensor(-c1*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r1, dtype=torch.float64))/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r0, dtype=torch.float64)), dtype=p.dtype)
         tmp5.mul_(d0)
         p.mul_(k0)
         p.add_(tmp5)
@@ -576,7 +695,7 @@ def _multi_tensor_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr,
         torch._foreach_sqrt_(tmp3)
         tmp5 = torch._foreach_div(g, tmp3)
         r0 = [_whole(torch.sqrt(torch.mean(torch.square(tmp5_)))) for tmp5_ in tmp5]
-        d0 = [-c1_*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r1_, dtype=torch.float64))/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r0_, dtype=torch.float64)) for c1_, r0_, r1_ in zip(c1, r0, r1)]
+        d0 = [torch.as_tensor(-c1_*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r1_, dtype=torch.float64))/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r0_, dtype=torch.float64)), dtype=p[0].dtype) for c1_, r0_, r1_ in zip(c1, r0, r1)]
         torch._foreach_mul_(tmp5, d0)
         torch._foreach_mul_(p, k0)
         torch._foreach_add_(p, tmp5)
@@ -591,8 +710,13 @@ def _multi_tensor_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr,
 
 
 def adafactor_1(params, grads, v_list, state_steps, *, foreach=None, fused=None,
-                **hypers):
-    """Functional Adafactor: update `params` and the state lists in place."""
+                grad_scale=None, found_inf=None, **hypers):
+    """Functional Adafactor: update `params` and the state lists in place. `grad_scale` and
+    `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
+    skips the step."""
+    amp = grad_scale is not None or found_inf is not None
+    if amp and (not fused or torch.compiler.is_compiling()):
+        raise RuntimeError("Adafactor: grad_scale and found_inf are taken by the fused path only (fused=True, eager)")
     if torch.compiler.is_compiling():
         # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
         return _single_tensor_adafactor_1(params, grads, v_list, state_steps, **hypers)
@@ -606,6 +730,9 @@ def adafactor_1(params, grads, v_list, state_steps, *, foreach=None, fused=None,
             raise RuntimeError(f"Adafactor(fused=True) cannot run: {why}")
     if fused:
         impl = _fused_adafactor_1
+        if amp:
+            return impl(params, grads, v_list, state_steps,
+                        grad_scale=grad_scale, found_inf=found_inf, **hypers)
     else:
         if foreach is None:  # a pass over every parameter: only when it decides something
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
@@ -642,7 +769,7 @@ def _single_tensor_adafactor_1(params, grads, v_list, state_steps, *, lr, beta2_
         tmp1.sqrt_()
         tmp2 = torch.div(g, tmp1)
         r0 = _whole(torch.sqrt(torch.mean(torch.square(tmp2))))
-        d0 = -c1*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r1, dtype=torch.float64))/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r0, dtype=torch.float64))
+        d0 = torch.as_tensor(-c1*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r1, dtype=torch.float64))/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r0, dtype=torch.float64)), dtype=p.dtype)
         tmp2.mul_(d0)
         p.mul_(k0)
         p.add_(tmp2)
@@ -684,7 +811,7 @@ def _multi_tensor_adafactor_1(params, grads, v_list, state_steps, *, lr, beta2_d
         torch._foreach_sqrt_(tmp1)
         tmp2 = torch._foreach_div(g, tmp1)
         r0 = [_whole(torch.sqrt(torch.mean(torch.square(tmp2_)))) for tmp2_ in tmp2]
-        d0 = [-c1_*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r1_, dtype=torch.float64))/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r0_, dtype=torch.float64)) for c1_, r0_, r1_ in zip(c1, r0, r1)]
+        d0 = [torch.as_tensor(-c1_*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r1_, dtype=torch.float64))/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r0_, dtype=torch.float64)), dtype=p[0].dtype) for c1_, r0_, r1_ in zip(c1, r0, r1)]
         torch._foreach_mul_(tmp2, d0)
         torch._foreach_mul_(p, k0)
         torch._foreach_add_(p, tmp2)
@@ -861,6 +988,8 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [7] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         geometry,  # int64 [tensors, 7]: rows R and columns C of the last two axes, here and whole, where each axis reduction's part starts
         axacc0,  # row_mean(), one per row, of all tensors
         axacc1,  # col_mean(), one per column, of all tensors
@@ -872,10 +1001,15 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -923,6 +1057,8 @@ if triton is not None:
         k2 = k2.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
         r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
         c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
         x0 = ((g) * (g))
@@ -943,6 +1079,8 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [7] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         geometry,  # int64 [tensors, 7]: rows R and columns C of the last two axes, here and whole, where each axis reduction's part starts
         axacc0,  # row_mean(), one per row, of all tensors
         axacc1,  # col_mean(), one per column, of all tensors
@@ -954,10 +1092,15 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -1005,6 +1148,8 @@ if triton is not None:
         k2 = k2.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
         r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
         c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
         ax0_ = tl.load(axacc0 + axbase0_ + rows_, mask=mask) / CW_.to(C_TYPE)
@@ -1022,6 +1167,8 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [7] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         geometry,  # int64 [tensors, 7]: rows R and columns C of the last two axes, here and whole, where each axis reduction's part starts
         axacc0,  # row_mean(), one per row, of all tensors
         axacc1,  # col_mean(), one per column, of all tensors
@@ -1033,10 +1180,15 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -1084,6 +1236,8 @@ if triton is not None:
         k2 = k2.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
         r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
         c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
         ax0_ = tl.load(axacc0 + axbase0_ + rows_, mask=mask) / CW_.to(C_TYPE)
@@ -1105,6 +1259,8 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [7] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         geometry,  # int64 [tensors, 7]: rows R and columns C of the last two axes, here and whole, where each axis reduction's part starts
         axacc0,  # row_mean(), one per row, of all tensors
         axacc1,  # col_mean(), one per column, of all tensors
@@ -1116,10 +1272,15 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -1167,6 +1328,8 @@ if triton is not None:
         k2 = k2.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
         r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
         c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
         ax0_ = tl.load(axacc0 + axbase0_ + rows_, mask=mask) / CW_.to(C_TYPE)
@@ -1190,6 +1353,8 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [7] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         geometry,  # int64 [tensors, 7]: rows R and columns C of the last two axes, here and whole, where each axis reduction's part starts
         axacc0,  # row_mean(), one per row, of all tensors
         axacc1,  # col_mean(), one per column, of all tensors
@@ -1201,10 +1366,15 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -1252,6 +1422,9 @@ if triton is not None:
         k2 = k2.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
+            _store(g_ptr, offsets, g.to(P_TYPE), mask, whole)  # left unscaled, as torch's fused kernels leave it
         r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
         c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
         ax0_ = tl.load(axacc0 + axbase0_ + rows_, mask=mask) / CW_.to(C_TYPE)
@@ -1274,16 +1447,23 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [6] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         acc1,  # [tensors, 2]: whole-tensor reductions of stage 1
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -1314,6 +1494,8 @@ if triton is not None:
         k2 = k2.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
         x0 = (tl.where(c0 < 0.5, v, ((g) * (g))) + tl.where(c0 < 0.5, c0, c0 - 1.0) * (((g) * (g)) - v))
         x1 = g/tl.sqrt(tl.maximum(k2, x0))
@@ -1333,16 +1515,23 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [6] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         acc1,  # [tensors, 2]: whole-tensor reductions of stage 1
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -1373,6 +1562,9 @@ if triton is not None:
         k2 = k2.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
+            _store(g_ptr, offsets, g.to(P_TYPE), mask, whole)  # left unscaled, as torch's fused kernels leave it
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
         r1 = tl.sqrt(tl.load(acc1 + i * 2 + 0) / n)
         x0 = v  # stored by an earlier launch
@@ -1487,7 +1679,8 @@ def _geometry_0(params, whole, device):
     return _BLOCK_MAPS[key]
 
 
-def _fused_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd):
+def _fused_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd,
+                       grad_scale=None, found_inf=None):
     global LAUNCHES
     if not params:
         return
@@ -1507,8 +1700,16 @@ def _fused_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr, beta2_
             raise RuntimeError("Adafactor(fused=True): step counts must be on the parameters' device "
                                f"({device}), found {device_steps[0].device}")
         torch._foreach_add_(device_steps, 1)  # one launch on the device, no sync
+        grads_in = g
         if not all(map(torch.Tensor.is_contiguous, g)):
             g = [x.contiguous() for x in g]  # kept alive until the launch ends
+        # GradScaler's protocol (_step_supports_amp_scaling): the kernels unscale g and skip the
+        # step on an overflow, where the scaler would otherwise unscale every gradient itself.
+        scale_t = found_t = device_steps[0]  # a placeholder the kernels never read
+        if grad_scale is not None:
+            scale_t = grad_scale.to(device, non_blocking=True)
+        if found_inf is not None:
+            found_t = found_inf.to(device, non_blocking=True)
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         numels = tuple(map(torch.Tensor.numel, p))
         numels, block_tensor, block_start = _block_map(numels, numels if shards is None else
@@ -1517,7 +1718,7 @@ def _fused_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr, beta2_
         state_type = r[0].dtype
         stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
         seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
-        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed]
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t]
         geometry, totals, axis_segments = _geometry_0(p, whole, device)
         args.append(geometry)
         axacc = [
@@ -1533,6 +1734,7 @@ def _fused_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr, beta2_
         acc3 = _upload(torch.tensor([0.0] * len(p), dtype=compute), device)
         args.append(acc3)
         types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
+                     SCALED=grad_scale is not None, CHECK_INF=found_inf is not None,
                      C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
                      ALIGNED=all(aligned[k] for k in (0, 1)),
                      num_warps=_NUM_WARPS)
@@ -1548,9 +1750,14 @@ def _fused_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr, beta2_
         _adafactor_0_kernel[(len(block_tensor),)](*args, **types)
         _adafactor_0_reduced[(len(block_tensor),)](*args, **types)
         LAUNCHES += 5
+        if found_inf is not None:  # an overflow: the step count goes back too, as in torch's fused optimizers
+            torch._foreach_sub_(device_steps, [found_t] * len(device_steps))
+        if grad_scale is not None and g is not grads_in:  # the unscaled gradients, into the originals
+            torch._foreach_copy_(grads_in, g)
 
 
-def _fused_adafactor_1(params, grads, v_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd):
+def _fused_adafactor_1(params, grads, v_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd,
+                       grad_scale=None, found_inf=None):
     global LAUNCHES
     if not params:
         return
@@ -1569,8 +1776,16 @@ def _fused_adafactor_1(params, grads, v_list, state_steps, *, lr, beta2_decay, e
             raise RuntimeError("Adafactor(fused=True): step counts must be on the parameters' device "
                                f"({device}), found {device_steps[0].device}")
         torch._foreach_add_(device_steps, 1)  # one launch on the device, no sync
+        grads_in = g
         if not all(map(torch.Tensor.is_contiguous, g)):
             g = [x.contiguous() for x in g]  # kept alive until the launch ends
+        # GradScaler's protocol (_step_supports_amp_scaling): the kernels unscale g and skip the
+        # step on an overflow, where the scaler would otherwise unscale every gradient itself.
+        scale_t = found_t = device_steps[0]  # a placeholder the kernels never read
+        if grad_scale is not None:
+            scale_t = grad_scale.to(device, non_blocking=True)
+        if found_inf is not None:
+            found_t = found_inf.to(device, non_blocking=True)
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         numels = tuple(map(torch.Tensor.numel, p))
         numels, block_tensor, block_start = _block_map(numels, numels if shards is None else
@@ -1579,11 +1794,12 @@ def _fused_adafactor_1(params, grads, v_list, state_steps, *, lr, beta2_decay, e
         state_type = v[0].dtype
         stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
         seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
-        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed]
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t]
         # stage 1's whole-tensor reductions, accumulated by its blocks
         acc1 = _upload(torch.tensor([0.0, 0.0] * len(p), dtype=compute), device)
         args.append(acc1)
         types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
+                     SCALED=grad_scale is not None, CHECK_INF=found_inf is not None,
                      C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
                      ALIGNED=all(aligned[k] for k in (0, 1, 2)),
                      num_warps=_NUM_WARPS)
@@ -1592,3 +1808,7 @@ def _fused_adafactor_1(params, grads, v_list, state_steps, *, lr, beta2_decay, e
             shards.combine([(acc1, _column(len(p), 2, 0), "all", "add"), (acc1, _column(len(p), 2, 1), "all", "add")])
         _adafactor_1_kernel[(len(block_tensor),)](*args, **types)
         LAUNCHES += 2
+        if found_inf is not None:  # an overflow: the step count goes back too, as in torch's fused optimizers
+            torch._foreach_sub_(device_steps, [found_t] * len(device_steps))
+        if grad_scale is not None and g is not grads_in:  # the unscaled gradients, into the originals
+            torch._foreach_copy_(grads_in, g)

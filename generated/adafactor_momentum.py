@@ -331,6 +331,8 @@ class AdafactorM(Optimizer):
             why = fused_available([p for g in self.param_groups for p in g["params"]])
             if why:
                 raise RuntimeError(f"AdafactorM(fused=True) cannot run: {why}")
+            # GradScaler then leaves the unscaling and the inf check to the kernels (grad_scale, found_inf)
+            self._step_supports_amp_scaling = True
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -378,6 +380,8 @@ class AdafactorM(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("AdafactorM does not support sparse gradients")
+        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
+            raise RuntimeError("AdafactorM does not support complex parameters")
         states = [self.state[p] for p in with_grad]
         if not all("step" in state for state in states):
             for p, state in zip(with_grad, states):
@@ -402,6 +406,8 @@ class AdafactorM(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("AdafactorM does not support sparse gradients")
+        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
+            raise RuntimeError("AdafactorM does not support complex parameters")
         states = [self.state[p] for p in with_grad]
         if not all("step" in state for state in states):
             for p, state in zip(with_grad, states):
@@ -442,6 +448,8 @@ class AdafactorM(Optimizer):
                 b1=group["b1"],
                 foreach=group["foreach"],
                 fused=group["fused"],
+                grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
+                found_inf=getattr(self, "found_inf", None),
             )
             params, grads, state_steps = [], [], []
             v_list = []
@@ -458,6 +466,8 @@ class AdafactorM(Optimizer):
                 b1=group["b1"],
                 foreach=group["foreach"],
                 fused=group["fused"],
+                grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
+                found_inf=getattr(self, "found_inf", None),
             )
         return loss
 
@@ -478,8 +488,13 @@ def _state_dtype(group, p):
 
 
 def adafactorm_0(params, grads, r_list, c_list, m_list, state_steps, *, foreach=None, fused=None,
-                 **hypers):
-    """Functional AdafactorM: update `params` and the state lists in place."""
+                 grad_scale=None, found_inf=None, **hypers):
+    """Functional AdafactorM: update `params` and the state lists in place. `grad_scale` and
+    `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
+    skips the step."""
+    amp = grad_scale is not None or found_inf is not None
+    if amp and (not fused or torch.compiler.is_compiling()):
+        raise RuntimeError("AdafactorM: grad_scale and found_inf are taken by the fused path only (fused=True, eager)")
     if torch.compiler.is_compiling():
         # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
         return _single_tensor_adafactorm_0(params, grads, r_list, c_list, m_list, state_steps, **hypers)
@@ -493,6 +508,9 @@ def adafactorm_0(params, grads, r_list, c_list, m_list, state_steps, *, foreach=
             raise RuntimeError(f"AdafactorM(fused=True) cannot run: {why}")
     if fused:
         impl = _fused_adafactorm_0
+        if amp:
+            return impl(params, grads, r_list, c_list, m_list, state_steps,
+                        grad_scale=grad_scale, found_inf=found_inf, **hypers)
     else:
         if foreach is None:  # a pass over every parameter: only when it decides something
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
@@ -526,7 +544,7 @@ def _single_tensor_adafactorm_0(params, grads, r_list, c_list, m_list, state_ste
             c0 = min(lr, 1/math.sqrt(t))
             c1 = t**beta2_decay
         r0 = _whole(torch.sqrt(torch.mean(torch.square(p))))
-        d0 = -c0*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64))
+        d0 = torch.as_tensor(-c0*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64)), dtype=p.dtype)
         tmp0 = torch.mul(g, g)
         tmp1 = _whole(tmp0.mean(dim=-1, keepdim=True))
         r.lerp_(tmp1, c1)
@@ -540,7 +558,7 @@ def _single_tensor_adafactorm_0(params, grads, r_list, c_list, m_list, state_ste
         tmp3.sqrt_()
         tmp5 = torch.div(g, tmp3)
         r1 = _whole(torch.sqrt(torch.mean(torch.square(tmp5))))
-        d1 = 1/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r1, dtype=torch.float64))
+        d1 = torch.as_tensor(1/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r1, dtype=torch.float64)), dtype=p.dtype)
         tmp5.mul_(d1)
         m.lerp_(tmp5, k3)
         tmp6 = torch.mul(m, d0)
@@ -587,7 +605,7 @@ def _multi_tensor_adafactorm_0(params, grads, r_list, c_list, m_list, state_step
         c0 = [min(lr, 1/math.sqrt(t_)) for t_ in t]
         c1 = [t_**beta2_decay for t_ in t]
         r0 = [_whole(torch.sqrt(torch.mean(torch.square(p_)))) for p_ in p]
-        d0 = [-c0_*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)) for c0_, r0_ in zip(c0, r0)]
+        d0 = [torch.as_tensor(-c0_*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)), dtype=p[0].dtype) for c0_, r0_ in zip(c0, r0)]
         tmp0 = torch._foreach_mul(g, g)
         tmp1 = [_whole(tmp0_.mean(dim=-1, keepdim=True)) for tmp0_ in tmp0]
         torch._foreach_lerp_(r, tmp1, c1)
@@ -601,7 +619,7 @@ def _multi_tensor_adafactorm_0(params, grads, r_list, c_list, m_list, state_step
         torch._foreach_sqrt_(tmp3)
         tmp5 = torch._foreach_div(g, tmp3)
         r1 = [_whole(torch.sqrt(torch.mean(torch.square(tmp5_)))) for tmp5_ in tmp5]
-        d1 = [1/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r1_, dtype=torch.float64)) for r1_ in r1]
+        d1 = [torch.as_tensor(1/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r1_, dtype=torch.float64)), dtype=p[0].dtype) for r1_ in r1]
         torch._foreach_mul_(tmp5, d1)
         torch._foreach_lerp_(m, tmp5, k3)
         tmp6 = torch._foreach_mul(m, d0)
@@ -621,8 +639,13 @@ def _multi_tensor_adafactorm_0(params, grads, r_list, c_list, m_list, state_step
 
 
 def adafactorm_1(params, grads, v_list, m_list, state_steps, *, foreach=None, fused=None,
-                 **hypers):
-    """Functional AdafactorM: update `params` and the state lists in place."""
+                 grad_scale=None, found_inf=None, **hypers):
+    """Functional AdafactorM: update `params` and the state lists in place. `grad_scale` and
+    `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
+    skips the step."""
+    amp = grad_scale is not None or found_inf is not None
+    if amp and (not fused or torch.compiler.is_compiling()):
+        raise RuntimeError("AdafactorM: grad_scale and found_inf are taken by the fused path only (fused=True, eager)")
     if torch.compiler.is_compiling():
         # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
         return _single_tensor_adafactorm_1(params, grads, v_list, m_list, state_steps, **hypers)
@@ -636,6 +659,9 @@ def adafactorm_1(params, grads, v_list, m_list, state_steps, *, foreach=None, fu
             raise RuntimeError(f"AdafactorM(fused=True) cannot run: {why}")
     if fused:
         impl = _fused_adafactorm_1
+        if amp:
+            return impl(params, grads, v_list, m_list, state_steps,
+                        grad_scale=grad_scale, found_inf=found_inf, **hypers)
     else:
         if foreach is None:  # a pass over every parameter: only when it decides something
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
@@ -668,14 +694,14 @@ def _single_tensor_adafactorm_1(params, grads, v_list, m_list, state_steps, *, l
             c0 = min(lr, 1/math.sqrt(t))
             c1 = t**beta2_decay
         r0 = _whole(torch.sqrt(torch.mean(torch.square(p))))
-        d0 = -c0*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64))
+        d0 = torch.as_tensor(-c0*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64)), dtype=p.dtype)
         tmp0 = torch.mul(g, g)
         v.lerp_(tmp0, c1)
         tmp1 = torch.clamp_min(v, k2)
         tmp1.sqrt_()
         tmp2 = torch.div(g, tmp1)
         r1 = _whole(torch.sqrt(torch.mean(torch.square(tmp2))))
-        d1 = 1/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r1, dtype=torch.float64))
+        d1 = torch.as_tensor(1/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r1, dtype=torch.float64)), dtype=p.dtype)
         tmp2.mul_(d1)
         m.lerp_(tmp2, k3)
         tmp3 = torch.mul(m, d0)
@@ -718,14 +744,14 @@ def _multi_tensor_adafactorm_1(params, grads, v_list, m_list, state_steps, *, lr
         c0 = [min(lr, 1/math.sqrt(t_)) for t_ in t]
         c1 = [t_**beta2_decay for t_ in t]
         r0 = [_whole(torch.sqrt(torch.mean(torch.square(p_)))) for p_ in p]
-        d0 = [-c0_*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)) for c0_, r0_ in zip(c0, r0)]
+        d0 = [torch.as_tensor(-c0_*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)), dtype=p[0].dtype) for c0_, r0_ in zip(c0, r0)]
         tmp0 = torch._foreach_mul(g, g)
         torch._foreach_lerp_(v, tmp0, c1)
         tmp1 = torch._foreach_clamp_min(v, k2)
         torch._foreach_sqrt_(tmp1)
         tmp2 = torch._foreach_div(g, tmp1)
         r1 = [_whole(torch.sqrt(torch.mean(torch.square(tmp2_)))) for tmp2_ in tmp2]
-        d1 = [1/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r1_, dtype=torch.float64)) for r1_ in r1]
+        d1 = [torch.as_tensor(1/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r1_, dtype=torch.float64)), dtype=p[0].dtype) for r1_ in r1]
         torch._foreach_mul_(tmp2, d1)
         torch._foreach_lerp_(m, tmp2, k3)
         tmp3 = torch._foreach_mul(m, d0)
@@ -908,6 +934,8 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [8] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         geometry,  # int64 [tensors, 7]: rows R and columns C of the last two axes, here and whole, where each axis reduction's part starts
         axacc0,  # row_mean(), one per row, of all tensors
         axacc1,  # col_mean(), one per column, of all tensors
@@ -919,10 +947,15 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -973,6 +1006,8 @@ if triton is not None:
         k3 = k3.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
         r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
         c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
@@ -995,6 +1030,8 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [8] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         geometry,  # int64 [tensors, 7]: rows R and columns C of the last two axes, here and whole, where each axis reduction's part starts
         axacc0,  # row_mean(), one per row, of all tensors
         axacc1,  # col_mean(), one per column, of all tensors
@@ -1006,10 +1043,15 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -1060,6 +1102,8 @@ if triton is not None:
         k3 = k3.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
         r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
         c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
@@ -1079,6 +1123,8 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [8] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         geometry,  # int64 [tensors, 7]: rows R and columns C of the last two axes, here and whole, where each axis reduction's part starts
         axacc0,  # row_mean(), one per row, of all tensors
         axacc1,  # col_mean(), one per column, of all tensors
@@ -1090,10 +1136,15 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -1144,6 +1195,8 @@ if triton is not None:
         k3 = k3.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
         r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
         c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
@@ -1167,6 +1220,8 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [8] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         geometry,  # int64 [tensors, 7]: rows R and columns C of the last two axes, here and whole, where each axis reduction's part starts
         axacc0,  # row_mean(), one per row, of all tensors
         axacc1,  # col_mean(), one per column, of all tensors
@@ -1178,10 +1233,15 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -1232,6 +1292,8 @@ if triton is not None:
         k3 = k3.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
         r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
         c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
@@ -1261,6 +1323,8 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [8] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         geometry,  # int64 [tensors, 7]: rows R and columns C of the last two axes, here and whole, where each axis reduction's part starts
         axacc0,  # row_mean(), one per row, of all tensors
         axacc1,  # col_mean(), one per column, of all tensors
@@ -1272,10 +1336,15 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -1326,6 +1395,9 @@ if triton is not None:
         k3 = k3.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
+            _store(g_ptr, offsets, g.to(P_TYPE), mask, whole)  # left unscaled, as torch's fused kernels leave it
         r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
         c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
@@ -1350,16 +1422,23 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [7] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         acc1,  # [tensors, 2]: whole-tensor reductions of stage 1
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -1393,6 +1472,8 @@ if triton is not None:
         k3 = k3.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         x0 = (tl.where(c1 < 0.5, v, ((g) * (g))) + tl.where(c1 < 0.5, c1, c1 - 1.0) * (((g) * (g)) - v))
@@ -1414,16 +1495,23 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [7] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         acc1,  # [tensors, 2]: whole-tensor reductions of stage 1
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -1457,6 +1545,9 @@ if triton is not None:
         k3 = k3.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
+            _store(g_ptr, offsets, g.to(P_TYPE), mask, whole)  # left unscaled, as torch's fused kernels leave it
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         r0 = tl.sqrt(tl.load(acc1 + i * 2 + 0) / n)
@@ -1576,7 +1667,8 @@ def _geometry_0(params, whole, device):
     return _BLOCK_MAPS[key]
 
 
-def _fused_adafactorm_0(params, grads, r_list, c_list, m_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd, b1):
+def _fused_adafactorm_0(params, grads, r_list, c_list, m_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd, b1,
+                        grad_scale=None, found_inf=None):
     global LAUNCHES
     if not params:
         return
@@ -1598,8 +1690,16 @@ def _fused_adafactorm_0(params, grads, r_list, c_list, m_list, state_steps, *, l
             raise RuntimeError("AdafactorM(fused=True): step counts must be on the parameters' device "
                                f"({device}), found {device_steps[0].device}")
         torch._foreach_add_(device_steps, 1)  # one launch on the device, no sync
+        grads_in = g
         if not all(map(torch.Tensor.is_contiguous, g)):
             g = [x.contiguous() for x in g]  # kept alive until the launch ends
+        # GradScaler's protocol (_step_supports_amp_scaling): the kernels unscale g and skip the
+        # step on an overflow, where the scaler would otherwise unscale every gradient itself.
+        scale_t = found_t = device_steps[0]  # a placeholder the kernels never read
+        if grad_scale is not None:
+            scale_t = grad_scale.to(device, non_blocking=True)
+        if found_inf is not None:
+            found_t = found_inf.to(device, non_blocking=True)
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         numels = tuple(map(torch.Tensor.numel, p))
         numels, block_tensor, block_start = _block_map(numels, numels if shards is None else
@@ -1608,7 +1708,7 @@ def _fused_adafactorm_0(params, grads, r_list, c_list, m_list, state_steps, *, l
         state_type = r[0].dtype
         stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
         seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
-        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed]
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t]
         geometry, totals, axis_segments = _geometry_0(p, whole, device)
         args.append(geometry)
         axacc = [
@@ -1624,6 +1724,7 @@ def _fused_adafactorm_0(params, grads, r_list, c_list, m_list, state_steps, *, l
         acc3 = _upload(torch.tensor([0.0] * len(p), dtype=compute), device)
         args.append(acc3)
         types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
+                     SCALED=grad_scale is not None, CHECK_INF=found_inf is not None,
                      C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
                      ALIGNED=all(aligned[k] for k in (0, 1, 4)),
                      num_warps=_NUM_WARPS)
@@ -1639,9 +1740,14 @@ def _fused_adafactorm_0(params, grads, r_list, c_list, m_list, state_steps, *, l
         _adafactorm_0_kernel[(len(block_tensor),)](*args, **types)
         _adafactorm_0_reduced[(len(block_tensor),)](*args, **types)
         LAUNCHES += 5
+        if found_inf is not None:  # an overflow: the step count goes back too, as in torch's fused optimizers
+            torch._foreach_sub_(device_steps, [found_t] * len(device_steps))
+        if grad_scale is not None and g is not grads_in:  # the unscaled gradients, into the originals
+            torch._foreach_copy_(grads_in, g)
 
 
-def _fused_adafactorm_1(params, grads, v_list, m_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd, b1):
+def _fused_adafactorm_1(params, grads, v_list, m_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd, b1,
+                        grad_scale=None, found_inf=None):
     global LAUNCHES
     if not params:
         return
@@ -1662,8 +1768,16 @@ def _fused_adafactorm_1(params, grads, v_list, m_list, state_steps, *, lr, beta2
             raise RuntimeError("AdafactorM(fused=True): step counts must be on the parameters' device "
                                f"({device}), found {device_steps[0].device}")
         torch._foreach_add_(device_steps, 1)  # one launch on the device, no sync
+        grads_in = g
         if not all(map(torch.Tensor.is_contiguous, g)):
             g = [x.contiguous() for x in g]  # kept alive until the launch ends
+        # GradScaler's protocol (_step_supports_amp_scaling): the kernels unscale g and skip the
+        # step on an overflow, where the scaler would otherwise unscale every gradient itself.
+        scale_t = found_t = device_steps[0]  # a placeholder the kernels never read
+        if grad_scale is not None:
+            scale_t = grad_scale.to(device, non_blocking=True)
+        if found_inf is not None:
+            found_t = found_inf.to(device, non_blocking=True)
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         numels = tuple(map(torch.Tensor.numel, p))
         numels, block_tensor, block_start = _block_map(numels, numels if shards is None else
@@ -1672,11 +1786,12 @@ def _fused_adafactorm_1(params, grads, v_list, m_list, state_steps, *, lr, beta2
         state_type = v[0].dtype
         stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
         seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
-        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed]
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t]
         # stage 1's whole-tensor reductions, accumulated by its blocks
         acc1 = _upload(torch.tensor([0.0, 0.0] * len(p), dtype=compute), device)
         args.append(acc1)
         types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
+                     SCALED=grad_scale is not None, CHECK_INF=found_inf is not None,
                      C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
                      ALIGNED=all(aligned[k] for k in (0, 1, 2, 3)),
                      num_warps=_NUM_WARPS)
@@ -1685,3 +1800,7 @@ def _fused_adafactorm_1(params, grads, v_list, m_list, state_steps, *, lr, beta2
             shards.combine([(acc1, _column(len(p), 2, 0), "all", "add"), (acc1, _column(len(p), 2, 1), "all", "add")])
         _adafactorm_1_kernel[(len(block_tensor),)](*args, **types)
         LAUNCHES += 2
+        if found_inf is not None:  # an overflow: the step count goes back too, as in torch's fused optimizers
+            torch._foreach_sub_(device_steps, [found_t] * len(device_steps))
+        if grad_scale is not None and g is not grads_in:  # the unscaled gradients, into the originals
+            torch._foreach_copy_(grads_in, g)

@@ -290,6 +290,8 @@ class AdamGC(Optimizer):
             why = fused_available([p for g in self.param_groups for p in g["params"]])
             if why:
                 raise RuntimeError(f"AdamGC(fused=True) cannot run: {why}")
+            # GradScaler then leaves the unscaling and the inf check to the kernels (grad_scale, found_inf)
+            self._step_supports_amp_scaling = True
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -330,6 +332,8 @@ class AdamGC(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("AdamGC does not support sparse gradients")
+        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
+            raise RuntimeError("AdamGC does not support complex parameters")
         states = [self.state[p] for p in with_grad]
         if not all("step" in state for state in states):
             for p, state in zip(with_grad, states):
@@ -367,6 +371,8 @@ class AdamGC(Optimizer):
                 wd=group["wd"],
                 foreach=group["foreach"],
                 fused=group["fused"],
+                grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
+                found_inf=getattr(self, "found_inf", None),
             )
         return loss
 
@@ -387,8 +393,13 @@ def _state_dtype(group, p):
 
 
 def adamgc(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=None,
-           **hypers):
-    """Functional AdamGC: update `params` and the state lists in place."""
+           grad_scale=None, found_inf=None, **hypers):
+    """Functional AdamGC: update `params` and the state lists in place. `grad_scale` and
+    `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
+    skips the step."""
+    amp = grad_scale is not None or found_inf is not None
+    if amp and (not fused or torch.compiler.is_compiling()):
+        raise RuntimeError("AdamGC: grad_scale and found_inf are taken by the fused path only (fused=True, eager)")
     if torch.compiler.is_compiling():
         # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
         return _single_tensor_adamgc(params, grads, m_list, v_list, state_steps, **hypers)
@@ -402,6 +413,9 @@ def adamgc(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=No
             raise RuntimeError(f"AdamGC(fused=True) cannot run: {why}")
     if fused:
         impl = _fused_adamgc
+        if amp:
+            return impl(params, grads, m_list, v_list, state_steps,
+                        grad_scale=grad_scale, found_inf=found_inf, **hypers)
     else:
         if foreach is None:  # a pass over every parameter: only when it decides something
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
@@ -644,6 +658,8 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [7] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         shapes,  # [tensors, 1] float64: ndim of each parameter
         unit_rows,  # int64 [tensors, 3]: each tensor's first unit in the accumulators, its elements per unit here and in all
         uacc0,  # [units of all tensors]: unit reduction 0, summed by the first launch
@@ -652,10 +668,15 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -693,6 +714,8 @@ if triton is not None:
         wd = wd.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
         unit0_x = g
@@ -708,6 +731,8 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [7] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         shapes,  # [tensors, 1] float64: ndim of each parameter
         unit_rows,  # int64 [tensors, 3]: each tensor's first unit in the accumulators, its elements per unit here and in all
         uacc0,  # [units of all tensors]: unit reduction 0, summed by the first launch
@@ -716,10 +741,15 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -757,6 +787,9 @@ if triton is not None:
         wd = wd.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
+            _store(g_ptr, offsets, g.to(P_TYPE), mask, whole)  # left unscaled, as torch's fused kernels leave it
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
         unit0_ = tl.load(uacc0 + ubase + offsets // ucols.to(tl.int64), mask=mask) / ucount.to(C_TYPE)
@@ -881,7 +914,8 @@ def _unit_table(params, whole, device):
     return _BLOCK_MAPS[key]
 
 
-def _fused_adamgc(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd):
+def _fused_adamgc(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd,
+                  grad_scale=None, found_inf=None):
     global LAUNCHES
     if not params:
         return
@@ -902,8 +936,16 @@ def _fused_adamgc(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps
             raise RuntimeError("AdamGC(fused=True): step counts must be on the parameters' device "
                                f"({device}), found {device_steps[0].device}")
         torch._foreach_add_(device_steps, 1)  # one launch on the device, no sync
+        grads_in = g
         if not all(map(torch.Tensor.is_contiguous, g)):
             g = [x.contiguous() for x in g]  # kept alive until the launch ends
+        # GradScaler's protocol (_step_supports_amp_scaling): the kernels unscale g and skip the
+        # step on an overflow, where the scaler would otherwise unscale every gradient itself.
+        scale_t = found_t = device_steps[0]  # a placeholder the kernels never read
+        if grad_scale is not None:
+            scale_t = grad_scale.to(device, non_blocking=True)
+        if found_inf is not None:
+            found_t = found_inf.to(device, non_blocking=True)
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         numels = tuple(map(torch.Tensor.numel, p))
         numels, block_tensor, block_start = _block_map(numels, numels if shards is None else
@@ -912,13 +954,14 @@ def _fused_adamgc(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps
         state_type = m[0].dtype
         stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
         seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
-        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed]
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t]
         args.append(_shape_table(whole, device))
         unit_rows, units, unit_segments = _unit_table(p, whole, device)
         args.append(unit_rows)
         uacc = [torch.zeros(units, dtype=compute, device=device) for _ in range(1)]
         args += uacc
         types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
+                     SCALED=grad_scale is not None, CHECK_INF=found_inf is not None,
                      C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
                      ALIGNED=all(aligned[k] for k in (0, 1, 2, 3)),
                      num_warps=_NUM_WARPS)
@@ -927,3 +970,7 @@ def _fused_adamgc(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps
             shards.combine([(uacc[0], unit_segments, "unit", "add")])
         _adamgc_kernel[(len(block_tensor),)](*args, **types)
         LAUNCHES += 2
+        if found_inf is not None:  # an overflow: the step count goes back too, as in torch's fused optimizers
+            torch._foreach_sub_(device_steps, [found_t] * len(device_steps))
+        if grad_scale is not None and g is not grads_in:  # the unscaled gradients, into the originals
+            torch._foreach_copy_(grads_in, g)

@@ -90,11 +90,19 @@ def _whole(x):
     return x
 
 
+def _copy_into(dst, src):
+    """dst.copy_(src). A DTensor value with other placements than dst's (matrix work leaves its
+    products replicated or split otherwise) is redistributed to dst's first."""
+    if _is_sharded(src) and _is_sharded(dst) and src.placements != dst.placements:
+        src = src.redistribute(dst.device_mesh, dst.placements)
+    dst.copy_(src)
+
+
 def _foreach_copy_(dst, src):
     """torch._foreach_copy_, tensor by tensor for DTensors (which have no sharding rule for it)."""
     if dst and _is_sharded(dst[0]):
         for d, s in zip(dst, src):
-            d.copy_(s)
+            _copy_into(d, s)
     else:
         torch._foreach_copy_(dst, src)
 
@@ -112,9 +120,12 @@ class _Shards:
 
     def __init__(self, params):
         self.params = params
-        self.mesh = params[0].device_mesh
+        self.mesh = next(x for x in params if _is_sharded(x)).device_mesh
         self.split = []  # per tensor: {mesh dim: the tensor axis it splits}
         for x in params:
+            if not _is_sharded(x):  # a plain tensor beside DTensors (a gain tensor parallelism leaves whole)
+                self.split.append({})
+                continue
             if x.device_mesh != self.mesh:
                 raise RuntimeError("fused=True: the DTensor parameters of a group must share one device mesh")
             split = {}
@@ -128,7 +139,7 @@ class _Shards:
     @staticmethod
     def of(params):
         """The shards of these parameters, or None when they are plain tensors."""
-        return _Shards(params) if params and _is_sharded(params[0]) else None
+        return _Shards(params) if any(map(_is_sharded, params)) else None
 
     @staticmethod
     def local(tensors):
@@ -153,6 +164,48 @@ class _Shards:
             for b, idx in parts:
                 b.index_copy_(0, idx, flat[at:at + len(idx)])
                 at += len(idx)
+
+    def matrix(self, i, work, entries, exits, dtype):
+        """Matrix work (mm, T) of tensor i, which needs whole matrices: its tensor entries gathered
+        whole to one owner rank (owners round-robin over the tensors, so the work spreads over the
+        ranks), `work` run there, and its `exits` results scattered back as shards: the plan of
+        Moonlight's distributed Muon and of dion, where DTensor would redistribute at every
+        product. Each rank sends its shard once and receives its part of each result once."""
+        if len(self.split[i]) != 1:  # whole already, or split over several mesh dimensions
+            whole = {k: self.whole(i, v) if torch.is_tensor(v) else v for k, v in entries.items()}
+            return [self.shard(i, x) for x in work(**whole)]
+        ((m, axis),) = self.split[i].items()
+        group, size, me = self.mesh.get_group(m), self.mesh.size(m), self.mesh.get_local_rank(m)
+        owner = i % size
+        length = self.params[i].shape[axis]
+        chunk = -(-length // size)  # torch.chunk's split, as DTensor's Shard: the last parts shorter or empty
+        have = [max(0, min(chunk, length - r * chunk)) for r in range(size)]
+        dst = _dist.get_global_rank(group, owner)
+
+        def padded(x):
+            out = x.new_zeros(x.shape[:axis] + (chunk,) + x.shape[axis + 1:])
+            out.narrow(axis, 0, x.shape[axis]).copy_(x)
+            return out
+        whole = dict(entries)
+        for k, v in entries.items():
+            if torch.is_tensor(v):
+                x = padded(v.contiguous())
+                parts = [torch.empty_like(x) for _ in range(size)] if me == owner else None
+                _dist.gather(x, parts, dst=dst, group=group)
+                if me == owner:
+                    whole[k] = torch.cat([part.narrow(axis, 0, n) for part, n in zip(parts, have)], axis)
+        results = list(work(**whole)) if me == owner else []
+        out = []
+        for k in range(exits):  # each result shaped like the parameter, in `dtype`
+            local = self.params[i].to_local()
+            x = local.new_empty(local.shape[:axis] + (chunk,) + local.shape[axis + 1:], dtype=dtype)
+            parts = None
+            if me == owner:
+                r = results[k].to(dtype)
+                parts = [padded(r.narrow(axis, min(j * chunk, length), n)) for j, n in enumerate(have)]
+            _dist.scatter(x, parts, src=dst, group=group)
+            out.append(x.narrow(axis, 0, have[me]).contiguous())
+        return out
 
     def whole(self, i, x):
         """Tensor i's local shard `x` (or a value shaped like it) as the whole tensor."""
@@ -415,9 +468,8 @@ class AdamMini(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("AdamMini does not support sparse gradients")
-        if any(map(torch.is_complex, with_grad)):
-            raise TypeError("AdamMini does not take complex parameters: its state 'v_mean' is declared ': scalar', which stepping their "
-                            "real view (torch.view_as_real, as torch.optim does) would change")
+        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
+            raise RuntimeError("AdamMini does not support complex parameters")
         states = [self.state[p] for p in with_grad]
         made = {"step", "m", "v_mean"}.issubset
         if not all(map(made, states)):
@@ -488,8 +540,6 @@ def _one_element(values):
 
 def _state_dtype(group, p):
     """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
-    if p.is_complex():  # kept complex, as torch.optim does, and stepped through their real view
-        return p.dtype
     return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
 
 
@@ -577,7 +627,7 @@ def _single_tensor_adammini(params, grads, m_list, v_mean_list, state_steps, *, 
         tmp1 = torch.mul(m, d0)
         p.mul_(k0)
         p.add_(tmp1)
-        v_mean.copy_(d1)
+        _copy_into(v_mean, d1)
         if p is not param:
             param.copy_(p)
         if m is not m_list[i]:
@@ -1038,7 +1088,7 @@ def _fused_adammini(params, grads, m_list, v_mean_list, state_steps, *, lr, b1, 
     log1_ = _log(b1)  # for b1^t in the kernels: exp(t * log1_)
     hyper_values = (float(eps), float(k0), float(k1), float(k2), float(log0_), float(log1_), float(lr), )
     sharded = params  # DTensors (FSDP2, tensor parallel): the kernels run on their local shards
-    if _is_sharded(params[0]):
+    if any(map(_is_sharded, params)):
         params, grads = _Shards.local(params), _Shards.local(grads)
         m_list = _Shards.local(m_list)
         v_mean_list = _Shards.local(v_mean_list)

@@ -313,6 +313,8 @@ class Amos(Optimizer):
             why = fused_available([p for g in self.param_groups for p in g["params"]])
             if why:
                 raise RuntimeError(f"Amos(fused=True) cannot run: {why}")
+            # GradScaler then leaves the unscaling and the inf check to the kernels (grad_scale, found_inf)
+            self._step_supports_amp_scaling = True
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -353,6 +355,8 @@ class Amos(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("Amos does not support sparse gradients")
+        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
+            raise RuntimeError("Amos does not support complex parameters")
         states = [self.state[p] for p in with_grad]
         if not all("step" in state for state in states):
             for p, state in zip(with_grad, states):
@@ -395,6 +399,8 @@ class Amos(Optimizer):
                 eps=group["eps"],
                 foreach=group["foreach"],
                 fused=group["fused"],
+                grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
+                found_inf=getattr(self, "found_inf", None),
             )
         return loss
 
@@ -415,8 +421,13 @@ def _state_dtype(group, p):
 
 
 def amos(params, grads, m_list, v_list, decay_list, state_steps, *, foreach=None, fused=None,
-         **hypers):
-    """Functional Amos: update `params` and the state lists in place."""
+         grad_scale=None, found_inf=None, **hypers):
+    """Functional Amos: update `params` and the state lists in place. `grad_scale` and
+    `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
+    skips the step."""
+    amp = grad_scale is not None or found_inf is not None
+    if amp and (not fused or torch.compiler.is_compiling()):
+        raise RuntimeError("Amos: grad_scale and found_inf are taken by the fused path only (fused=True, eager)")
     if torch.compiler.is_compiling():
         # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
         return _single_tensor_amos(params, grads, m_list, v_list, decay_list, state_steps, **hypers)
@@ -430,6 +441,9 @@ def amos(params, grads, m_list, v_list, decay_list, state_steps, *, foreach=None
             raise RuntimeError(f"Amos(fused=True) cannot run: {why}")
     if fused:
         impl = _fused_amos
+        if amp:
+            return impl(params, grads, m_list, v_list, decay_list, state_steps,
+                        grad_scale=grad_scale, found_inf=found_inf, **hypers)
     else:
         if foreach is None:  # a pass over every parameter: only when it decides something
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
@@ -472,13 +486,13 @@ def _single_tensor_amos(params, grads, m_list, v_list, decay_list, state_steps, 
             c2 = math.sqrt(1 - beta**t)
             c3 = (0.5 if float(ndim <= 1) else (k0*math.sqrt(1/ncols) if float(ndim == 2) else math.sqrt(1/ncols)))
             c4 = k2*(1 - beta**t)
-        d0 = 1/(c0*decay + 1)
+        d0 = torch.as_tensor(1/(c0*decay + 1), dtype=p.dtype)
         tmp0 = torch.mul(g, g)
         r0 = _whole(torch.mean(tmp0))
-        d1 = c1*r0/((eps + ((v) + (k4) * ((r0) - (v))))*torch.sqrt(decay*k3 + 1)) + k1
-        d2 = c2*c3*lr*torch.sqrt(1/(eps + ((v) + (k4) * ((r0) - (v)))))
-        d3 = ((v) + (k4) * ((r0) - (v)))
-        d4 = c4*r0/((eps + ((v) + (k4) * ((r0) - (v))))*torch.sqrt(decay*k3 + 1)) + decay*(c4*r0/((eps + ((v) + (k4) * ((r0) - (v))))*torch.sqrt(decay*k3 + 1)) + 1)
+        d1 = torch.as_tensor(c1*r0/((eps + ((v) + (k4) * ((r0) - (v))))*torch.sqrt(decay*k3 + 1)) + k1, dtype=p.dtype)
+        d2 = torch.as_tensor(c2*c3*lr*torch.sqrt(1/(eps + ((v) + (k4) * ((r0) - (v))))), dtype=p.dtype)
+        d3 = torch.as_tensor(((v) + (k4) * ((r0) - (v))), dtype=p.dtype)
+        d4 = torch.as_tensor(c4*r0/((eps + ((v) + (k4) * ((r0) - (v))))*torch.sqrt(decay*k3 + 1)) + decay*(c4*r0/((eps + ((v) + (k4) * ((r0) - (v))))*torch.sqrt(decay*k3 + 1)) + 1), dtype=p.dtype)
         tmp1 = torch.mul(g, d2)
         tmp2 = torch.mul(p, d1)
         tmp2.add_(tmp1)
@@ -534,13 +548,13 @@ def _multi_tensor_amos(params, grads, m_list, v_list, decay_list, state_steps, *
         c2 = [math.sqrt(1 - beta**t_) for t_ in t]
         c3 = [(0.5 if float(ndim_ <= 1) else (k0*math.sqrt(1/ncols_) if float(ndim_ == 2) else math.sqrt(1/ncols_))) for ncols_, ndim_ in zip(ncols, ndim)]
         c4 = [k2*(1 - beta**t_) for t_ in t]
-        d0 = [1/(c0_*decay_ + 1) for c0_, decay_ in zip(c0, decay)]
+        d0 = [torch.as_tensor(1/(c0_*decay_ + 1), dtype=p[0].dtype) for c0_, decay_ in zip(c0, decay)]
         tmp0 = torch._foreach_mul(g, g)
         r0 = [_whole(torch.mean(tmp0_)) for tmp0_ in tmp0]
-        d1 = [c1_*r0_/((eps + ((v_) + (k4) * ((r0_) - (v_))))*torch.sqrt(decay_*k3 + 1)) + k1 for c1_, decay_, r0_, v_ in zip(c1, decay, r0, v)]
-        d2 = [c2_*c3_*lr*torch.sqrt(1/(eps + ((v_) + (k4) * ((r0_) - (v_))))) for c2_, c3_, r0_, v_ in zip(c2, c3, r0, v)]
-        d3 = [((v_) + (k4) * ((r0_) - (v_))) for r0_, v_ in zip(r0, v)]
-        d4 = [c4_*r0_/((eps + ((v_) + (k4) * ((r0_) - (v_))))*torch.sqrt(decay_*k3 + 1)) + decay_*(c4_*r0_/((eps + ((v_) + (k4) * ((r0_) - (v_))))*torch.sqrt(decay_*k3 + 1)) + 1) for c4_, decay_, r0_, v_ in zip(c4, decay, r0, v)]
+        d1 = [torch.as_tensor(c1_*r0_/((eps + ((v_) + (k4) * ((r0_) - (v_))))*torch.sqrt(decay_*k3 + 1)) + k1, dtype=p[0].dtype) for c1_, decay_, r0_, v_ in zip(c1, decay, r0, v)]
+        d2 = [torch.as_tensor(c2_*c3_*lr*torch.sqrt(1/(eps + ((v_) + (k4) * ((r0_) - (v_))))), dtype=p[0].dtype) for c2_, c3_, r0_, v_ in zip(c2, c3, r0, v)]
+        d3 = [torch.as_tensor(((v_) + (k4) * ((r0_) - (v_))), dtype=p[0].dtype) for r0_, v_ in zip(r0, v)]
+        d4 = [torch.as_tensor(c4_*r0_/((eps + ((v_) + (k4) * ((r0_) - (v_))))*torch.sqrt(decay_*k3 + 1)) + decay_*(c4_*r0_/((eps + ((v_) + (k4) * ((r0_) - (v_))))*torch.sqrt(decay_*k3 + 1)) + 1), dtype=p[0].dtype) for c4_, decay_, r0_, v_ in zip(c4, decay, r0, v)]
         tmp1 = torch._foreach_mul(g, d2)
         tmp2 = torch._foreach_mul(p, d1)
         torch._foreach_add_(tmp2, tmp1)
@@ -681,6 +695,8 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [10] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         shapes,  # [tensors, 2] float64: ndim, ncols of each parameter
         acc1,  # [tensors, 1]: whole-tensor reductions of stage 1
         P_TYPE: tl.constexpr,  # parameter dtype
@@ -688,10 +704,15 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -738,6 +759,8 @@ if triton is not None:
         lr = lr.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         v = tl.load(v_ptr).to(C_TYPE)  # one number per tensor
         decay = tl.load(decay_ptr).to(C_TYPE)  # one number per tensor
@@ -755,6 +778,8 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [10] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         shapes,  # [tensors, 2] float64: ndim, ncols of each parameter
         acc1,  # [tensors, 1]: whole-tensor reductions of stage 1
         P_TYPE: tl.constexpr,  # parameter dtype
@@ -762,10 +787,15 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -812,6 +842,9 @@ if triton is not None:
         lr = lr.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
+            _store(g_ptr, offsets, g.to(P_TYPE), mask, whole)  # left unscaled, as torch's fused kernels leave it
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         v = tl.load(v_ptr).to(C_TYPE)  # one number per tensor
         decay = tl.load(decay_ptr).to(C_TYPE)  # one number per tensor
@@ -835,6 +868,8 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [10] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         shapes,  # [tensors, 2] float64: ndim, ncols of each parameter
         acc1,  # [tensors, 1]: whole-tensor reductions of stage 1
         P_TYPE: tl.constexpr,  # parameter dtype
@@ -842,10 +877,15 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = pid  # one program per tensor: it writes the tensor's scalar states
         n = tl.load(numels + i * 2 + 1).to(C_TYPE)  # the whole tensor's elements (of a shard: all shards')
         p_ptr = _pointer(p_ptrs, i, P_TYPE, ALIGNED)
@@ -986,7 +1026,8 @@ def _shape_table(params, device):
     return _BLOCK_MAPS[key]
 
 
-def _fused_amos(params, grads, m_list, v_list, decay_list, state_steps, *, lr, beta, momentum, extra_l2, c_coef, d_coef, eps):
+def _fused_amos(params, grads, m_list, v_list, decay_list, state_steps, *, lr, beta, momentum, extra_l2, c_coef, d_coef, eps,
+                grad_scale=None, found_inf=None):
     global LAUNCHES
     if not params:
         return
@@ -1011,8 +1052,16 @@ def _fused_amos(params, grads, m_list, v_list, decay_list, state_steps, *, lr, b
             raise RuntimeError("Amos(fused=True): step counts must be on the parameters' device "
                                f"({device}), found {device_steps[0].device}")
         torch._foreach_add_(device_steps, 1)  # one launch on the device, no sync
+        grads_in = g
         if not all(map(torch.Tensor.is_contiguous, g)):
             g = [x.contiguous() for x in g]  # kept alive until the launch ends
+        # GradScaler's protocol (_step_supports_amp_scaling): the kernels unscale g and skip the
+        # step on an overflow, where the scaler would otherwise unscale every gradient itself.
+        scale_t = found_t = device_steps[0]  # a placeholder the kernels never read
+        if grad_scale is not None:
+            scale_t = grad_scale.to(device, non_blocking=True)
+        if found_inf is not None:
+            found_t = found_inf.to(device, non_blocking=True)
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         numels = tuple(map(torch.Tensor.numel, p))
         numels, block_tensor, block_start = _block_map(numels, numels if shards is None else
@@ -1021,12 +1070,13 @@ def _fused_amos(params, grads, m_list, v_list, decay_list, state_steps, *, lr, b
         state_type = m[0].dtype
         stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
         seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
-        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed]
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t]
         args.append(_shape_table(whole, device))
         # stage 1's whole-tensor reductions, accumulated by its blocks
         acc1 = _upload(torch.tensor([0.0] * len(p), dtype=compute), device)
         args.append(acc1)
         types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
+                     SCALED=grad_scale is not None, CHECK_INF=found_inf is not None,
                      C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
                      ALIGNED=all(aligned[k] for k in (0, 1, 2)),
                      num_warps=_NUM_WARPS)
@@ -1036,3 +1086,7 @@ def _fused_amos(params, grads, m_list, v_list, decay_list, state_steps, *, lr, b
         _amos_kernel[(len(block_tensor),)](*args, **types)
         _amos_scalars[(len(p),)](*args, **types)
         LAUNCHES += 3
+        if found_inf is not None:  # an overflow: the step count goes back too, as in torch's fused optimizers
+            torch._foreach_sub_(device_steps, [found_t] * len(device_steps))
+        if grad_scale is not None and g is not grads_in:  # the unscaled gradients, into the originals
+            torch._foreach_copy_(grads_in, g)

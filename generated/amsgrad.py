@@ -3,16 +3,22 @@ r"""AMSGrad: Adam with a non-decreasing second moment (Reddi et al., 2018)
 
 The spec::
 
-    # AMSGrad as torch.optim.Adam(amsgrad=True): the denominator uses the running maximum of v.
+    # AMSGrad as torch.optim.Adam(amsgrad=True): the denominator uses the running maximum of v. It
+    # takes torch.optim.Adam's keywords (amsgrad=True, the only value; decoupled_weight_decay=True is
+    # torch.optim.AdamW(amsgrad=True)) and loads their state_dicts (max_exp_avg_sq).
     optimizer AMSGrad "Adam with a non-decreasing second moment (Reddi et al., 2018)"
     
     hyper lr = 1e-3 in [0, inf)
     hyper b1 = 0.9 in [0, 1), b2 = 0.999 in [0, 1)
-    hyper eps = 1e-8 in (0, inf), wd = 0 in [0, inf)
+    hyper betas = (b1, b2)
+    hyper eps = 1e-8 in (0, inf), wd = 0 in [0, inf) as weight_decay
+    hyper amsgrad = True only
+    hyper decoupled = False as decoupled_weight_decay   # AdamW's decay (p shrinks) instead of L2 in g
     
-    state m, v, v_max
+    state m as exp_avg, v as exp_avg_sq, v_max as max_exp_avg_sq
     
-    g += wd * p
+    g = where(decoupled, g, g + wd * p)
+    p = where(decoupled, p * (1 - lr * wd), p)
     m = lerp(m, g, 1 - b1)
     v = lerp(v, g^2, 1 - b2)
     v_max = max(v_max, v)
@@ -215,7 +221,8 @@ class AMSGrad(Optimizer):
 
     .. math::
        \begin{aligned}
-       g &\leftarrow g + wd \cdot p \\
+       g &\leftarrow \operatorname{where}{\left(decoupled,g,g + wd \cdot p \right)} \\
+       p &\leftarrow \operatorname{where}{\left(decoupled,p \cdot \left(1 - lr \cdot wd\right),p \right)} \\
        m &\leftarrow \operatorname{lerp}{\left(m,g,1 - b_{1} \right)} \\
        v &\leftarrow \operatorname{lerp}{\left(v,g^{2},1 - b_{2} \right)} \\
        v_{max} &\leftarrow \max\left(v, v_{max}\right) \\
@@ -224,7 +231,8 @@ class AMSGrad(Optimizer):
 
     As written in the spec:
 
-    ``g += wd * p``
+    ``g = where(decoupled, g, g + wd * p)``
+    ``p = where(decoupled, p * (1 - lr * wd), p)``
     ``m = lerp(m, g, 1 - b1)``
     ``v = lerp(v, g^2, 1 - b2)``
     ``v_max = max(v_max, v)``
@@ -233,10 +241,11 @@ class AMSGrad(Optimizer):
     Args:
         params: iterable of parameters or dicts defining parameter groups.
         lr (float, optional): default 0.001, in [0, inf).
-        b1 (float, optional): default 0.9, in [0, 1).
-        b2 (float, optional): default 0.999, in [0, 1).
+        betas (tuple[float, float], optional): default (0.9, 0.999); b1, in [0, 1); b2, in [0, 1).
         eps (float, optional): default 1e-08, in (0, inf).
-        wd (float, optional): default 0.0, in [0, inf).
+        weight_decay (float, optional): default 0.0; the spec's wd, in [0, inf).
+        amsgrad (bool, optional): default True, the only value accepted.
+        decoupled_weight_decay (bool, optional): default False; the spec's decoupled.
         foreach (bool, optional): use the multi-tensor (``torch._foreach_*``) path.
             ``None`` picks it as torch.optim does: on CUDA, not on CPU.
         fused (bool, optional): use the fused Triton kernel, one launch per device and dtype.
@@ -245,51 +254,101 @@ class AMSGrad(Optimizer):
             (half the memory); each step computes in the parameter's precision (float32 at
             least) and writes them back with stochastic rounding. ``None``: the parameter's
             dtype, float32 for lower ones. All three paths support it.
+        maximize (bool, optional): accepted for torch.optim's sake; only False.
+        capturable (bool, optional): accepted for torch.optim's sake; only False.
+        differentiable (bool, optional): accepted for torch.optim's sake; only False.
+        The spec's own names are accepted too: b1, b2, wd, decoupled.
     """
+
+    # The spec's own names, accepted as aliases: name -> (keyword, index in its tuple or None).
+    _ALIASES = {"b1": ("betas", 0), "b2": ("betas", 1), "wd": ("weight_decay", None), "decoupled": ("decoupled_weight_decay", None)}
+    # torch.optim's keywords this spec does not implement, accepted at the value that turns them off.
+    _FIXED = {"amsgrad": True, "maximize": False, "capturable": False, "differentiable": False}
+    # state_dict() keys of the states, by their names in the spec.
+    _SAVED = {"m": "exp_avg", "v": "exp_avg_sq", "v_max": "max_exp_avg_sq"}
 
     def __init__(
         self,
         params,
         lr: float = 0.001,
-        b1: float = 0.9,
-        b2: float = 0.999,
+        betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-08,
-        wd: float = 0.0,
+        weight_decay: float = 0.0,
+        amsgrad: bool = True,
+        decoupled_weight_decay: bool = False,
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        **spec_names,
     ):
-        if fused and foreach:  # torch.optim's error, in torch.optim's words
+        if fused and foreach:  # torch.optim's errors, in torch.optim's words
             raise RuntimeError("`fused` and `foreach` cannot be `True` together (fused=True and foreach=True)")
+        if fused and differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
         if state_dtype not in (None, torch.bfloat16):
             raise ValueError(f"Invalid state_dtype: {state_dtype} (None or torch.bfloat16)")
-        _one_element({"lr": lr, "b1": b1, "b2": b2, "eps": eps, "wd": wd})
-        if not (0.0 <= lr):
-            raise ValueError(f"Invalid lr value: {lr} (must be in [0, inf))")
-        if not (0.0 <= b1 < 1.0):
-            raise ValueError(f"Invalid b1 value: {b1} (must be in [0, 1))")
-        if not (0.0 <= b2 < 1.0):
-            raise ValueError(f"Invalid b2 value: {b2} (must be in [0, 1))")
-        if not (0.0 < eps):
-            raise ValueError(f"Invalid eps value: {eps} (must be in (0, inf))")
-        if not (0.0 <= wd):
-            raise ValueError(f"Invalid wd value: {wd} (must be in [0, inf))")
+        unknown = sorted(set(spec_names) - set(self._ALIASES))
+        if unknown:
+            raise TypeError(f"AMSGrad() got an unexpected keyword argument {unknown[0]!r}; it accepts "
+                            "lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay, foreach, fused, maximize, capturable, differentiable"
+                            " (or the spec's names b1, b2, wd, decoupled)")
         defaults = dict(
             lr=lr,
-            b1=b1,
-            b2=b2,
+            betas=betas,
             eps=eps,
-            wd=wd,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            decoupled_weight_decay=decoupled_weight_decay,
             foreach=foreach,
             fused=fused,
             state_dtype=state_dtype,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
         )
+        # The groups keep torch.optim's names, so schedulers, per-group overrides and state_dicts
+        # line up with torch.optim's; add_param_group checks every group's values. The defaults
+        # are checked first, before `params` is read, as torch.optim does.
+        defaults = _torch_names(dict(defaults, **spec_names), defaults, self._ALIASES)
+        self._check_group(defaults)
         super().__init__(params, defaults)
         if fused:
             why = fused_available([p for g in self.param_groups for p in g["params"]])
             if why:
                 raise RuntimeError(f"AMSGrad(fused=True) cannot run: {why}")
+            # GradScaler then leaves the unscaling and the inf check to the kernels (grad_scale, found_inf)
+            self._step_supports_amp_scaling = True
+
+    def add_param_group(self, param_group):
+        # A group may use the spec's names too (wd for weight_decay); it is kept under torch.optim's.
+        param_group = _torch_names(param_group, self.defaults, self._ALIASES)
+        self._check_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    def _check_group(self, group):
+        """Refuse values outside the spec's ranges, and torch.optim features the spec does not implement."""
+        _one_element({"lr": group["lr"], "betas": group["betas"], "eps": group["eps"], "weight_decay": group["weight_decay"]})
+        if not (0.0 <= group["lr"]):
+            raise ValueError(f"Invalid lr value: {group['lr']} (lr must be in [0, inf))")
+        if len(group["betas"]) != 2:
+            raise ValueError(f"Invalid betas: {group['betas']!r} (must hold 2 values: b1, b2)")
+        if not (0.0 <= group["betas"][0] < 1.0):
+            raise ValueError(f"Invalid betas[0] value: {group['betas'][0]} (betas[0] (b1) must be in [0, 1))")
+        if not (0.0 <= group["betas"][1] < 1.0):
+            raise ValueError(f"Invalid betas[1] value: {group['betas'][1]} (betas[1] (b2) must be in [0, 1))")
+        if not (0.0 < group["eps"]):
+            raise ValueError(f"Invalid eps value: {group['eps']} (eps must be in (0, inf))")
+        if not (0.0 <= group["weight_decay"]):
+            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']} (weight_decay (wd) must be in [0, inf))")
+        if group["decoupled_weight_decay"] not in (False, True):
+            raise ValueError(f"Invalid decoupled_weight_decay value: {group['decoupled_weight_decay']!r} (decoupled_weight_decay (decoupled) must be True or False)")
+        for key, value in self._FIXED.items():
+            if group.get(key, value) != value:
+                raise ValueError(f"AMSGrad does not implement {key}={group[key]!r} (only {key}={value!r})")
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -299,6 +358,19 @@ class AMSGrad(Optimizer):
             group.setdefault("state_dtype", None)
 
     def load_state_dict(self, state_dict):
+        # Older state_dicts of this class used the spec's own names: move them to torch.optim's.
+        state_dict = dict(
+            state_dict,
+            # torch.optim saves None for a state it never made (SGD's momentum_buffer at momentum=0):
+            # left out, it is made at the next step like any state not there yet.
+            state={i: {self._SAVED.get(k, k): v for k, v in s.items() if v is not None}
+                   for i, s in state_dict["state"].items()},
+            # a key torch.optim's class does not have (Muon's use_muon) takes this optimizer's default
+            param_groups=[{**self.defaults, **_torch_names(g, self.defaults, self._ALIASES)}
+                          for g in state_dict["param_groups"]],
+        )
+        for group in state_dict["param_groups"]:  # e.g. torch.optim's maximize=True cannot go on here
+            self._check_group({**self.defaults, **group})
         # torch.optim casts every state to its parameter's dtype; states of lower-precision
         # parameters are float32 here, and bfloat16 with state_dtype, so they are restored
         # from the saved values in that dtype.
@@ -330,22 +402,32 @@ class AMSGrad(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("AMSGrad does not support sparse gradients")
+        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
+            raise RuntimeError("AMSGrad does not support complex parameters")
         states = [self.state[p] for p in with_grad]
-        if not all("step" in state for state in states):
+        made = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}.issubset
+        if not all(map(made, states)):
             for p, state in zip(with_grad, states):
-                if len(state) == 0:  # lazy state initialisation, as in torch.optim
+                # Lazy state initialisation, as in torch.optim, of each state not there yet: one that
+                # torch.optim saved may lack those it keeps only for some settings (RMSprop's grad_avg).
+                if "step" not in state:
                     # `step` lives where the update reads it: on the parameter's device for the fused
                     # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
-                    state["step"] = torch.zeros((), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
-                                                device=p.device if self._fused_for(group, p) else "cpu")
-                    state["m"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
-                    state["v"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
-                    state["v_max"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+                    # torch.optim.SGD keeps no step: a state saved without one has taken a step.
+                    taken = any(v is not None for v in state.values())
+                    state["step"] = torch.tensor(float(taken), dtype=_step_dtype(),
+                                                 device=p.device if self._fused_for(group, p) else "cpu")
+                if state.get("exp_avg") is None:
+                    state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+                if state.get("exp_avg_sq") is None:
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+                if state.get("max_exp_avg_sq") is None:
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
         params += with_grad
         grads += new_grads
-        m_list += [state["m"] for state in states]
-        v_list += [state["v"] for state in states]
-        v_max_list += [state["v_max"] for state in states]
+        m_list += [state["exp_avg"] for state in states]
+        v_list += [state["exp_avg_sq"] for state in states]
+        v_max_list += [state["max_exp_avg_sq"] for state in states]
         state_steps += [state["step"] for state in states]
 
     @torch.no_grad()
@@ -364,12 +446,16 @@ class AMSGrad(Optimizer):
             amsgrad(
                 params, grads, m_list, v_list, v_max_list, state_steps,
                 lr=group["lr"],
-                b1=group["b1"],
-                b2=group["b2"],
+                b1=group["betas"][0],
+                b2=group["betas"][1],
                 eps=group["eps"],
-                wd=group["wd"],
+                wd=group["weight_decay"],
+                amsgrad=float(group["amsgrad"]),
+                decoupled=float(group["decoupled_weight_decay"]),
                 foreach=group["foreach"],
                 fused=group["fused"],
+                grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
+                found_inf=getattr(self, "found_inf", None),
             )
         return loss
 
@@ -389,9 +475,34 @@ def _state_dtype(group, p):
     return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
 
 
+def _step_dtype():
+    """torch.optim's dtype for `step`: float32 unless float64 is the default dtype."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _torch_names(values, defaults, aliases):
+    """`values` with each of the spec's names (b1, wd) moved under its keyword (betas, weight_decay)."""
+    values = dict(values)
+    for alias, (keyword, index) in aliases.items():
+        if alias not in values:
+            continue
+        value = values.pop(alias)
+        if index is not None:  # one member of a tuple keyword: the others stay as they are
+            items = list(values.get(keyword, defaults[keyword]))
+            items[index] = value
+            value = tuple(items)
+        values[keyword] = value
+    return values
+
+
 def amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, *, foreach=None, fused=None,
-            **hypers):
-    """Functional AMSGrad: update `params` and the state lists in place."""
+            grad_scale=None, found_inf=None, **hypers):
+    """Functional AMSGrad: update `params` and the state lists in place. `grad_scale` and
+    `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
+    skips the step."""
+    amp = grad_scale is not None or found_inf is not None
+    if amp and (not fused or torch.compiler.is_compiling()):
+        raise RuntimeError("AMSGrad: grad_scale and found_inf are taken by the fused path only (fused=True, eager)")
     if torch.compiler.is_compiling():
         # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
         return _single_tensor_amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, **hypers)
@@ -405,6 +516,9 @@ def amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, *, foreach=N
             raise RuntimeError(f"AMSGrad(fused=True) cannot run: {why}")
     if fused:
         impl = _fused_amsgrad
+        if amp:
+            return impl(params, grads, m_list, v_list, v_max_list, state_steps,
+                        grad_scale=grad_scale, found_inf=found_inf, **hypers)
     else:
         if foreach is None:  # a pass over every parameter: only when it decides something
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
@@ -412,10 +526,11 @@ def amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, *, foreach=N
     impl(params, grads, m_list, v_list, v_max_list, state_steps, **hypers)
 
 
-def _single_tensor_amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd):
+def _single_tensor_amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled):
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - b2
     k1 = 1 - b1
+    k2 = -lr*wd + 1
     for i, param in enumerate(params):
         p = param if param.dtype in _EXACT else param.float()
         g = grads[i].to(p.dtype)
@@ -435,15 +550,27 @@ def _single_tensor_amsgrad(params, grads, m_list, v_list, v_max_list, state_step
             t = step_t.item()
             c0 = -lr/((1 - b1**t)*math.sqrt(1/(1 - b2**t)))
             c1 = eps/math.sqrt(1/(1 - b2**t))
-        tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
+        if decoupled:
+            tmp1 = g
+        else:
+            tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
+            tmp1 = tmp0
         v.mul_((1 - k0))
-        v.addcmul_(tmp0, tmp0, value=k0)
-        tmp1 = torch.maximum(v_max, v)
-        m.lerp_(tmp0, k1)
-        tmp2 = torch.sqrt(tmp1)
-        tmp2.add_(c1)
-        p.addcdiv_(m, tmp2, value=c0)
-        _copy_into(v_max, tmp1)
+        v.addcmul_(tmp1, tmp1, value=k0)
+        tmp2 = torch.maximum(v_max, v)
+        m.lerp_(tmp1, k1)
+        if decoupled:
+            tmp3 = torch.mul(p, k2)
+            tmp4 = tmp3
+        else:
+            tmp4 = p
+        tmp5 = torch.sqrt(tmp2)
+        tmp5.add_(c1)
+        tmp6 = torch.div(m, tmp5)
+        tmp6.mul_(c0)
+        tmp6.add_(tmp4)
+        _copy_into(p, tmp6)
+        _copy_into(v_max, tmp2)
         if p is not param:
             param.copy_(p)
         if m is not m_list[i]:
@@ -454,12 +581,13 @@ def _single_tensor_amsgrad(params, grads, m_list, v_list, v_max_list, state_step
             _store_rounded(v_max_list[i], v_max)
 
 
-def _multi_tensor_amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd):
+def _multi_tensor_amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - b2
     k1 = 1 - b1
+    k2 = -lr*wd + 1
     # Grouped by the parameters' device and dtype; states follow by index, as they may be stored in
     # another dtype (float32 for bfloat16 parameters, state_dtype, bool), which the grouping refuses on CUDA.
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
@@ -482,15 +610,27 @@ def _multi_tensor_amsgrad(params, grads, m_list, v_list, v_max_list, state_steps
         # Scalars of the step count: one per tensor, on the host.
         c0 = [-lr/((1 - b1**t_)*math.sqrt(1/(1 - b2**t_))) for t_ in t]
         c1 = [eps/math.sqrt(1/(1 - b2**t_)) for t_ in t]
-        tmp0 = torch._foreach_add(g, p, alpha=wd) if wd != 0 else g
+        if decoupled:
+            tmp1 = g
+        else:
+            tmp0 = torch._foreach_add(g, p, alpha=wd) if wd != 0 else g
+            tmp1 = tmp0
         torch._foreach_mul_(v, (1 - k0))
-        torch._foreach_addcmul_(v, tmp0, tmp0, k0)
-        tmp1 = torch._foreach_maximum(v_max, v)
-        torch._foreach_lerp_(m, tmp0, k1)
-        tmp2 = torch._foreach_sqrt(tmp1)
-        torch._foreach_add_(tmp2, c1)
-        torch._foreach_addcdiv_(p, m, tmp2, c0)
-        _foreach_copy_(v_max, tmp1)
+        torch._foreach_addcmul_(v, tmp1, tmp1, k0)
+        tmp2 = torch._foreach_maximum(v_max, v)
+        torch._foreach_lerp_(m, tmp1, k1)
+        if decoupled:
+            tmp3 = torch._foreach_mul(p, k2)
+            tmp4 = tmp3
+        else:
+            tmp4 = p
+        tmp5 = torch._foreach_sqrt(tmp2)
+        torch._foreach_add_(tmp5, c1)
+        tmp6 = torch._foreach_div(m, tmp5)
+        torch._foreach_mul_(tmp6, c0)
+        torch._foreach_add_(tmp6, tmp4)
+        _foreach_copy_(p, tmp6)
+        _foreach_copy_(v_max, tmp2)
         if not exact:
             _foreach_copy_(device_params, p)
         if m is not device_m:
@@ -621,17 +761,24 @@ if triton is not None:
         step_ptrs,  # int64 table: each tensor's step count t (a 0-dim tensor on the device)
         numels,  # int64 [tensors, 2]: elements per tensor here, and in the whole tensor (sharded: all shards')
         block_tensor, block_start,  # per program: which tensor, and where in it
-        hypers,  # [7] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
+        hypers,  # [9] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -647,31 +794,38 @@ if triton is not None:
         m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
         v_ptr = _pointer(v_ptrs, i, S_TYPE, ALIGNED)
         v_max_ptr = _pointer(v_max_ptrs, i, S_TYPE, ALIGNED)
-        eps = tl.load(hypers + 0)
-        k0 = tl.load(hypers + 1)
-        k1 = tl.load(hypers + 2)
-        log0_ = tl.load(hypers + 3)
-        log1_ = tl.load(hypers + 4)
-        lr = tl.load(hypers + 5)
-        wd = tl.load(hypers + 6)
+        decoupled = tl.load(hypers + 0)
+        eps = tl.load(hypers + 1)
+        k0 = tl.load(hypers + 2)
+        k1 = tl.load(hypers + 3)
+        k2 = tl.load(hypers + 4)
+        log0_ = tl.load(hypers + 5)
+        log1_ = tl.load(hypers + 6)
+        lr = tl.load(hypers + 7)
+        wd = tl.load(hypers + 8)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
         c0 = -lr/((1.0 - tl.exp((log1_*t)))*tl.sqrt((1.0 / ((1.0 - tl.exp((log0_*t)))))))
         c1 = eps/tl.sqrt((1.0 / ((1.0 - tl.exp((log0_*t))))))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
+        decoupled = decoupled.to(C_TYPE)
         k0 = k0.to(C_TYPE)
         k1 = k1.to(C_TYPE)
+        k2 = k2.to(C_TYPE)
         wd = wd.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
+            _store(g_ptr, offsets, g.to(P_TYPE), mask, whole)  # left unscaled, as torch's fused kernels leave it
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
         v_max = _load(v_max_ptr, offsets, mask, whole).to(C_TYPE)
-        x0 = g + p*wd
+        x0 = tl.where(decoupled != 0, g, (g + p*wd))
         x1 = (tl.where(k0 < 0.5, v, ((x0) * (x0))) + tl.where(k0 < 0.5, k0, k0 - 1.0) * (((x0) * (x0)) - v))
         x2 = tl.maximum(v_max, x1)
         x3 = (tl.where(k1 < 0.5, m, x0) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (x0 - m))
-        _store(p_ptr, offsets, _round_to(c0*x3/(c1 + tl.sqrt(x2)) + p, P_TYPE), mask, whole)
+        _store(p_ptr, offsets, _round_to(c0*x3/(c1 + tl.sqrt(x2)) + tl.where(decoupled != 0, (k2*p), p), P_TYPE), mask, whole)
         _store(m_ptr, offsets, _to_state(x3, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 3 + 0), mask, whole)
         _store(v_ptr, offsets, _to_state(x1, S_TYPE, STOCHASTIC, seed + i,
@@ -766,15 +920,17 @@ def _hyper_table(values, device):
     return _HYPERS[key]
 
 
-def _fused_amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd):
+def _fused_amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled,
+                   grad_scale=None, found_inf=None):
     global LAUNCHES
     if not params:
         return
     k0 = 1 - b2
     k1 = 1 - b1
+    k2 = -lr*wd + 1
     log0_ = _log(b2)  # for b2^t in the kernels: exp(t * log0_)
     log1_ = _log(b1)  # for b1^t in the kernels: exp(t * log1_)
-    hyper_values = (float(eps), float(k0), float(k1), float(log0_), float(log1_), float(lr), float(wd), )
+    hyper_values = (float(decoupled), float(eps), float(k0), float(k1), float(k2), float(log0_), float(log1_), float(lr), float(wd), )
     sharded = params  # DTensors (FSDP2, tensor parallel): the kernels run on their local shards
     if any(map(_is_sharded, params)):
         params, grads = _Shards.local(params), _Shards.local(grads)
@@ -788,8 +944,16 @@ def _fused_amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, *, lr
             raise RuntimeError("AMSGrad(fused=True): step counts must be on the parameters' device "
                                f"({device}), found {device_steps[0].device}")
         torch._foreach_add_(device_steps, 1)  # one launch on the device, no sync
+        grads_in = g
         if not all(map(torch.Tensor.is_contiguous, g)):
             g = [x.contiguous() for x in g]  # kept alive until the launch ends
+        # GradScaler's protocol (_step_supports_amp_scaling): the kernels unscale g and skip the
+        # step on an overflow, where the scaler would otherwise unscale every gradient itself.
+        scale_t = found_t = device_steps[0]  # a placeholder the kernels never read
+        if grad_scale is not None:
+            scale_t = grad_scale.to(device, non_blocking=True)
+        if found_inf is not None:
+            found_t = found_inf.to(device, non_blocking=True)
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         numels = tuple(map(torch.Tensor.numel, p))
         numels, block_tensor, block_start = _block_map(numels, numels if shards is None else
@@ -798,10 +962,15 @@ def _fused_amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, *, lr
         state_type = m[0].dtype
         stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
         seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
-        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed]
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t]
         types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
+                     SCALED=grad_scale is not None, CHECK_INF=found_inf is not None,
                      C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
                      ALIGNED=all(aligned[k] for k in (0, 1, 2, 3, 4)),
                      num_warps=_NUM_WARPS)
         _amsgrad_kernel[(len(block_tensor),)](*args, **types)
         LAUNCHES += 1
+        if found_inf is not None:  # an overflow: the step count goes back too, as in torch's fused optimizers
+            torch._foreach_sub_(device_steps, [found_t] * len(device_steps))
+        if grad_scale is not None and g is not grads_in:  # the unscaled gradients, into the originals
+            torch._foreach_copy_(grads_in, g)

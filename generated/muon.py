@@ -3,33 +3,52 @@ r"""Muon: momentum orthogonalised by Newton-Schulz (Jordan et al., 2024), AdamW 
 
 The spec::
 
+    # Muon as torch.optim.Muon for matrices: the momentum orthogonalised by a Newton-Schulz iteration
+    # in bfloat16, as torch does (each product rounded to bfloat16; ns_bfloat16=False runs it in the
+    # parameter's dtype). It takes torch.optim.Muon's keywords and loads its state_dict
+    # (momentum_buffer). Parameters that are not matrices, and the matrices of a group with
+    # use_muon=False (embeddings, heads), take AdamW (exp_avg, exp_avg_sq) with the adam_ keywords.
     optimizer Muon "momentum orthogonalised by Newton-Schulz (Jordan et al., 2024), AdamW for the rest, as torch.optim.Muon"
     
-    hyper lr = 1e-3 in [0, inf), wd = 0.1 in [0, inf), momentum = 0.95 in [0, 1), nesterov = 1 in [0, 1]
-    hyper a = 3.4445, b = -4.775, c = 2.0315, eps = 1e-7 in (0, inf)    # the quintic's coefficients
+    hyper lr = 1e-3 in [0, inf), wd = 0.1 in [0, inf) as weight_decay, momentum = 0.95 in [0, 1)
+    hyper nesterov = True
+    hyper a = 3.4445, b = -4.775, c = 2.0315          # the quintic's coefficients
+    hyper ns_coefficients = (a, b, c)
+    hyper eps = 1e-7 in (0, inf)
+    hyper ns_steps = 5 only                           # the loop below is unrolled: other counts are refused
+    hyper adjust_lr_fn = None | "original" | "match_rms_adamw"
     hyper adam_lr = 1e-3 in [0, inf), b1 = 0.9 in [0, 1), b2 = 0.999 in [0, 1)
+    hyper adam_betas = (b1, b2)
     hyper adam_eps = 1e-8 in (0, inf), adam_wd = 1e-2 in [0, inf)
+    hyper use_muon = True       # per group: False sends its matrices to AdamW
+    hyper ns_bfloat16 = True    # False: Newton-Schulz in the parameter's dtype
     
     # Matrices: orthogonalise the momentum with five Newton-Schulz steps.
-    rule ndim == 2 {
-      state buf
+    rule ndim == 2 and use_muon {
+      state buf as momentum_buffer
       buf = lerp(buf, g, 1 - momentum)
       u = where(nesterov, lerp(g, buf, momentum), buf)
       x = where(nrows > ncols, T(u), u)       # iterate on the wide side: X X^T is the smaller Gram matrix
-      x = x / max(norm(x), eps)               # spectral norm at most 1
+      x = where(ns_bfloat16, bfloat16(x), x)
+      x = x / max(where(ns_bfloat16, bfloat16(norm(x)), norm(x)), eps)   # spectral norm at most 1 (torch's norm is a bfloat16 too)
+      x = where(ns_bfloat16, bfloat16(x), x)
       repeat 5 {
         A = mm(x, T(x))
+        A = where(ns_bfloat16, bfloat16(A), A)
         B = b * A + c * mm(A, A)
+        B = where(ns_bfloat16, bfloat16(B), B)
         x = a * x + mm(B, x)
+        x = where(ns_bfloat16, bfloat16(x), x)
       }
       o = where(nrows > ncols, T(x), x)
       p *= 1 - lr * wd
-      p -= lr * sqrt(max(1, nrows / ncols)) * o   # torch's "original" learning-rate adjustment
+      # torch's adjust_lr_fn: None or "original" scales by sqrt(max(1, rows / cols)), "match_rms_adamw" by 0.2 sqrt(max(rows, cols))
+      p -= lr * where(adjust_lr_fn == 2, 0.2 * sqrt(max(nrows, ncols)), sqrt(max(1, nrows / ncols))) * o
     }
     
     # Everything else (biases, gains, embeddings stacked otherwise): AdamW.
     rule {
-      state m, v
+      state m as exp_avg, v as exp_avg_sq
       p *= 1 - adam_lr * adam_wd
       m = lerp(m, g, 1 - b1)
       v = lerp(v, g^2, 1 - b2)
@@ -233,29 +252,46 @@ class Muon(Optimizer):
 
     .. math::
        \begin{aligned}
-       &\text{for parameters with ndim == 2} \\
+       &\text{for parameters with ndim == 2 and use\_muon} \\
        buf &\leftarrow \operatorname{lerp}{\left(buf,g,1 - momentum \right)} \\
        u &\leftarrow \operatorname{where}{\left(nesterov,\operatorname{lerp}{\left(g,buf,momentum \right)},buf \right)} \\
        x &\leftarrow \operatorname{where}{\left(\operatorname{gt}{\left(nrows,ncols \right)},T{\left(u \right)},u \right)} \\
-       x &\leftarrow \frac{x}{\max\left(eps, \operatorname{norm}{\left(x \right)}\right)} \\
+       x &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(x \right)},x \right)} \\
+       x &\leftarrow \frac{x}{\max\left(eps, \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(\operatorname{norm}{\left(x \right)} \right)},\operatorname{norm}{\left(x \right)} \right)}\right)} \\
+       x &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(x \right)},x \right)} \\
        A &\leftarrow \operatorname{mm}{\left(x,T{\left(x \right)} \right)} \\
+       A &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(A \right)},A \right)} \\
        B &\leftarrow b \cdot A + c \cdot \operatorname{mm}{\left(A,A \right)} \\
+       B &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(B \right)},B \right)} \\
        x &\leftarrow a \cdot x + \operatorname{mm}{\left(B,x \right)} \\
+       x &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(x \right)},x \right)} \\
        A &\leftarrow \operatorname{mm}{\left(x,T{\left(x \right)} \right)} \\
+       A &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(A \right)},A \right)} \\
        B &\leftarrow b \cdot A + c \cdot \operatorname{mm}{\left(A,A \right)} \\
+       B &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(B \right)},B \right)} \\
        x &\leftarrow a \cdot x + \operatorname{mm}{\left(B,x \right)} \\
+       x &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(x \right)},x \right)} \\
        A &\leftarrow \operatorname{mm}{\left(x,T{\left(x \right)} \right)} \\
+       A &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(A \right)},A \right)} \\
        B &\leftarrow b \cdot A + c \cdot \operatorname{mm}{\left(A,A \right)} \\
+       B &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(B \right)},B \right)} \\
        x &\leftarrow a \cdot x + \operatorname{mm}{\left(B,x \right)} \\
+       x &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(x \right)},x \right)} \\
        A &\leftarrow \operatorname{mm}{\left(x,T{\left(x \right)} \right)} \\
+       A &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(A \right)},A \right)} \\
        B &\leftarrow b \cdot A + c \cdot \operatorname{mm}{\left(A,A \right)} \\
+       B &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(B \right)},B \right)} \\
        x &\leftarrow a \cdot x + \operatorname{mm}{\left(B,x \right)} \\
+       x &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(x \right)},x \right)} \\
        A &\leftarrow \operatorname{mm}{\left(x,T{\left(x \right)} \right)} \\
+       A &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(A \right)},A \right)} \\
        B &\leftarrow b \cdot A + c \cdot \operatorname{mm}{\left(A,A \right)} \\
+       B &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(B \right)},B \right)} \\
        x &\leftarrow a \cdot x + \operatorname{mm}{\left(B,x \right)} \\
+       x &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(x \right)},x \right)} \\
        o &\leftarrow \operatorname{where}{\left(\operatorname{gt}{\left(nrows,ncols \right)},T{\left(x \right)},x \right)} \\
        p &\leftarrow p \cdot \left(1 - lr \cdot wd\right) \\
-       p &\leftarrow p - lr \cdot \sqrt{\max\left(1, \frac{nrows}{ncols}\right)} \cdot o \\
+       p &\leftarrow p - lr \cdot \operatorname{where}{\left(\operatorname{eq}{\left(adjust_{lr fn},2 \right)},0.2 \cdot \sqrt{\max\left(ncols, nrows\right)},\sqrt{\max\left(1, \frac{nrows}{ncols}\right)} \right)} \cdot o \\
        &\text{for every other parameter} \\
        p &\leftarrow p \cdot \left(1 - adam_{lr} \cdot adam_{wd}\right) \\
        m &\leftarrow \operatorname{lerp}{\left(m,g,1 - b_{1} \right)} \\
@@ -265,19 +301,22 @@ class Muon(Optimizer):
 
     As written in the spec:
 
-    ``rule ndim == 2 {``
+    ``rule ndim == 2 and use_muon {``
     ``buf = lerp(buf, g, 1 - momentum)``
     ``u = where(nesterov, lerp(g, buf, momentum), buf)``
     ``x = where(nrows > ncols, T(u), u)``
-    ``x = x / max(norm(x), eps)``
+    ``x = where(ns_bfloat16, bfloat16(x), x)``
+    ``x = x / max(where(ns_bfloat16, bfloat16(norm(x)), norm(x)), eps)``
     ``repeat 5 {``
     ``A = mm(x, T(x))``
+    ``A = where(ns_bfloat16, bfloat16(A), A)``
     ``B = b * A + c * mm(A, A)``
+    ``B = where(ns_bfloat16, bfloat16(B), B)``
     ``x = a * x + mm(B, x)``
     ``}``
     ``o = where(nrows > ncols, T(x), x)``
     ``p *= 1 - lr * wd``
-    ``p -= lr * sqrt(max(1, nrows / ncols)) * o``
+    ``p -= lr * where(adjust_lr_fn == 2, 0.2 * sqrt(max(nrows, ncols)), sqrt(max(1, nrows / ncols))) * o``
     ``rule {``
     ``p *= 1 - adam_lr * adam_wd``
     ``m = lerp(m, g, 1 - b1)``
@@ -287,18 +326,19 @@ class Muon(Optimizer):
     Args:
         params: iterable of parameters or dicts defining parameter groups.
         lr (float, optional): default 0.001, in [0, inf).
-        wd (float, optional): default 0.1, in [0, inf).
+        weight_decay (float, optional): default 0.1; the spec's wd, in [0, inf).
         momentum (float, optional): default 0.95, in [0, 1).
-        nesterov (float, optional): default 1.0, in [0, 1].
-        a (float, optional): default 3.4445, in (-inf, inf).
-        b (float, optional): default -4.775, in (-inf, inf).
-        c (float, optional): default 2.0315, in (-inf, inf).
+        nesterov (bool, optional): default True.
+        ns_coefficients (tuple[float, float, float], optional): default (3.4445, -4.775, 2.0315); a, in (-inf, inf); b, in (-inf, inf); c, in (-inf, inf).
         eps (float, optional): default 1e-07, in (0, inf).
+        ns_steps (int, optional): default 5, the only value accepted.
+        adjust_lr_fn (None | str, optional): default None, one of None, 'original', 'match_rms_adamw'.
         adam_lr (float, optional): default 0.001, in [0, inf).
-        b1 (float, optional): default 0.9, in [0, 1).
-        b2 (float, optional): default 0.999, in [0, 1).
+        adam_betas (tuple[float, float], optional): default (0.9, 0.999); b1, in [0, 1); b2, in [0, 1).
         adam_eps (float, optional): default 1e-08, in (0, inf).
         adam_wd (float, optional): default 0.01, in [0, inf).
+        use_muon (bool, optional): default True.
+        ns_bfloat16 (bool, optional): default True.
         foreach (bool, optional): use the multi-tensor (``torch._foreach_*``) path.
             ``None`` picks it as torch.optim does: on CUDA, not on CPU.
         fused (bool, optional): use the fused Triton kernel, one launch per device and dtype.
@@ -307,77 +347,133 @@ class Muon(Optimizer):
             (half the memory); each step computes in the parameter's precision (float32 at
             least) and writes them back with stochastic rounding. ``None``: the parameter's
             dtype, float32 for lower ones. All three paths support it.
+        maximize (bool, optional): accepted for torch.optim's sake; only False.
+        capturable (bool, optional): accepted for torch.optim's sake; only False.
+        differentiable (bool, optional): accepted for torch.optim's sake; only False.
+        The spec's own names are accepted too: wd, a, b, c, b1, b2.
     """
+
+    # The spec's own names, accepted as aliases: name -> (keyword, index in its tuple or None).
+    _ALIASES = {"wd": ("weight_decay", None), "a": ("ns_coefficients", 0), "b": ("ns_coefficients", 1), "c": ("ns_coefficients", 2), "b1": ("adam_betas", 0), "b2": ("adam_betas", 1)}
+    # torch.optim's keywords this spec does not implement, accepted at the value that turns them off.
+    _FIXED = {"ns_steps": 5, "maximize": False, "capturable": False, "differentiable": False}
+    # state_dict() keys of the states, by their names in the spec.
+    _SAVED = {"buf": "momentum_buffer", "m": "exp_avg", "v": "exp_avg_sq"}
 
     def __init__(
         self,
         params,
         lr: float = 0.001,
-        wd: float = 0.1,
+        weight_decay: float = 0.1,
         momentum: float = 0.95,
-        nesterov: float = 1.0,
-        a: float = 3.4445,
-        b: float = -4.775,
-        c: float = 2.0315,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = (3.4445, -4.775, 2.0315),
         eps: float = 1e-07,
+        ns_steps: int = 5,
+        adjust_lr_fn: None | str = None,
         adam_lr: float = 0.001,
-        b1: float = 0.9,
-        b2: float = 0.999,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-08,
         adam_wd: float = 0.01,
+        use_muon: bool = True,
+        ns_bfloat16: bool = True,
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        **spec_names,
     ):
-        if fused and foreach:  # torch.optim's error, in torch.optim's words
+        if fused and foreach:  # torch.optim's errors, in torch.optim's words
             raise RuntimeError("`fused` and `foreach` cannot be `True` together (fused=True and foreach=True)")
+        if fused and differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
         if state_dtype not in (None, torch.bfloat16):
             raise ValueError(f"Invalid state_dtype: {state_dtype} (None or torch.bfloat16)")
-        _one_element({"lr": lr, "wd": wd, "momentum": momentum, "nesterov": nesterov, "a": a, "b": b, "c": c, "eps": eps, "adam_lr": adam_lr, "b1": b1, "b2": b2, "adam_eps": adam_eps, "adam_wd": adam_wd})
-        if not (0.0 <= lr):
-            raise ValueError(f"Invalid lr value: {lr} (must be in [0, inf))")
-        if not (0.0 <= wd):
-            raise ValueError(f"Invalid wd value: {wd} (must be in [0, inf))")
-        if not (0.0 <= momentum < 1.0):
-            raise ValueError(f"Invalid momentum value: {momentum} (must be in [0, 1))")
-        if not (0.0 <= nesterov <= 1.0):
-            raise ValueError(f"Invalid nesterov value: {nesterov} (must be in [0, 1])")
-        if not (0.0 < eps):
-            raise ValueError(f"Invalid eps value: {eps} (must be in (0, inf))")
-        if not (0.0 <= adam_lr):
-            raise ValueError(f"Invalid adam_lr value: {adam_lr} (must be in [0, inf))")
-        if not (0.0 <= b1 < 1.0):
-            raise ValueError(f"Invalid b1 value: {b1} (must be in [0, 1))")
-        if not (0.0 <= b2 < 1.0):
-            raise ValueError(f"Invalid b2 value: {b2} (must be in [0, 1))")
-        if not (0.0 < adam_eps):
-            raise ValueError(f"Invalid adam_eps value: {adam_eps} (must be in (0, inf))")
-        if not (0.0 <= adam_wd):
-            raise ValueError(f"Invalid adam_wd value: {adam_wd} (must be in [0, inf))")
+        unknown = sorted(set(spec_names) - set(self._ALIASES))
+        if unknown:
+            raise TypeError(f"Muon() got an unexpected keyword argument {unknown[0]!r}; it accepts "
+                            "lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, adam_lr, adam_betas, adam_eps, adam_wd, use_muon, ns_bfloat16, foreach, fused, maximize, capturable, differentiable"
+                            " (or the spec's names wd, a, b, c, b1, b2)")
         defaults = dict(
             lr=lr,
-            wd=wd,
+            weight_decay=weight_decay,
             momentum=momentum,
             nesterov=nesterov,
-            a=a,
-            b=b,
-            c=c,
+            ns_coefficients=ns_coefficients,
             eps=eps,
+            ns_steps=ns_steps,
+            adjust_lr_fn=adjust_lr_fn,
             adam_lr=adam_lr,
-            b1=b1,
-            b2=b2,
+            adam_betas=adam_betas,
             adam_eps=adam_eps,
             adam_wd=adam_wd,
+            use_muon=use_muon,
+            ns_bfloat16=ns_bfloat16,
             foreach=foreach,
             fused=fused,
             state_dtype=state_dtype,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
         )
+        # The groups keep torch.optim's names, so schedulers, per-group overrides and state_dicts
+        # line up with torch.optim's; add_param_group checks every group's values. The defaults
+        # are checked first, before `params` is read, as torch.optim does.
+        defaults = _torch_names(dict(defaults, **spec_names), defaults, self._ALIASES)
+        self._check_group(defaults)
         super().__init__(params, defaults)
         if fused:
             why = fused_available([p for g in self.param_groups for p in g["params"]])
             if why:
                 raise RuntimeError(f"Muon(fused=True) cannot run: {why}")
+            # GradScaler then leaves the unscaling and the inf check to the kernels (grad_scale, found_inf)
+            self._step_supports_amp_scaling = True
+
+    def add_param_group(self, param_group):
+        # A group may use the spec's names too (wd for weight_decay); it is kept under torch.optim's.
+        param_group = _torch_names(param_group, self.defaults, self._ALIASES)
+        self._check_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    def _check_group(self, group):
+        """Refuse values outside the spec's ranges, and torch.optim features the spec does not implement."""
+        _one_element({"lr": group["lr"], "weight_decay": group["weight_decay"], "momentum": group["momentum"], "ns_coefficients": group["ns_coefficients"], "eps": group["eps"], "ns_steps": group["ns_steps"], "adjust_lr_fn": group["adjust_lr_fn"], "adam_lr": group["adam_lr"], "adam_betas": group["adam_betas"], "adam_eps": group["adam_eps"], "adam_wd": group["adam_wd"]})
+        if not (0.0 <= group["lr"]):
+            raise ValueError(f"Invalid lr value: {group['lr']} (lr must be in [0, inf))")
+        if not (0.0 <= group["weight_decay"]):
+            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']} (weight_decay (wd) must be in [0, inf))")
+        if not (0.0 <= group["momentum"] < 1.0):
+            raise ValueError(f"Invalid momentum value: {group['momentum']} (momentum must be in [0, 1))")
+        if group["nesterov"] not in (False, True):
+            raise ValueError(f"Invalid nesterov value: {group['nesterov']!r} (nesterov must be True or False)")
+        if len(group["ns_coefficients"]) != 3:
+            raise ValueError(f"Invalid ns_coefficients: {group['ns_coefficients']!r} (must hold 3 values: a, b, c)")
+        if not (0.0 < group["eps"]):
+            raise ValueError(f"Invalid eps value: {group['eps']} (eps must be in (0, inf))")
+        if group["adjust_lr_fn"] not in (None, 'original', 'match_rms_adamw'):
+            raise ValueError(f"Invalid adjust_lr_fn value: {group['adjust_lr_fn']!r} (adjust_lr_fn must be one of None, 'original', 'match_rms_adamw')")
+        if not (0.0 <= group["adam_lr"]):
+            raise ValueError(f"Invalid adam_lr value: {group['adam_lr']} (adam_lr must be in [0, inf))")
+        if len(group["adam_betas"]) != 2:
+            raise ValueError(f"Invalid adam_betas: {group['adam_betas']!r} (must hold 2 values: b1, b2)")
+        if not (0.0 <= group["adam_betas"][0] < 1.0):
+            raise ValueError(f"Invalid adam_betas[0] value: {group['adam_betas'][0]} (adam_betas[0] (b1) must be in [0, 1))")
+        if not (0.0 <= group["adam_betas"][1] < 1.0):
+            raise ValueError(f"Invalid adam_betas[1] value: {group['adam_betas'][1]} (adam_betas[1] (b2) must be in [0, 1))")
+        if not (0.0 < group["adam_eps"]):
+            raise ValueError(f"Invalid adam_eps value: {group['adam_eps']} (adam_eps must be in (0, inf))")
+        if not (0.0 <= group["adam_wd"]):
+            raise ValueError(f"Invalid adam_wd value: {group['adam_wd']} (adam_wd must be in [0, inf))")
+        if group["use_muon"] not in (False, True):
+            raise ValueError(f"Invalid use_muon value: {group['use_muon']!r} (use_muon must be True or False)")
+        if group["ns_bfloat16"] not in (False, True):
+            raise ValueError(f"Invalid ns_bfloat16 value: {group['ns_bfloat16']!r} (ns_bfloat16 must be True or False)")
+        for key, value in self._FIXED.items():
+            if group.get(key, value) != value:
+                raise ValueError(f"Muon does not implement {key}={group[key]!r} (only {key}={value!r})")
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -387,6 +483,19 @@ class Muon(Optimizer):
             group.setdefault("state_dtype", None)
 
     def load_state_dict(self, state_dict):
+        # Older state_dicts of this class used the spec's own names: move them to torch.optim's.
+        state_dict = dict(
+            state_dict,
+            # torch.optim saves None for a state it never made (SGD's momentum_buffer at momentum=0):
+            # left out, it is made at the next step like any state not there yet.
+            state={i: {self._SAVED.get(k, k): v for k, v in s.items() if v is not None}
+                   for i, s in state_dict["state"].items()},
+            # a key torch.optim's class does not have (Muon's use_muon) takes this optimizer's default
+            param_groups=[{**self.defaults, **_torch_names(g, self.defaults, self._ALIASES)}
+                          for g in state_dict["param_groups"]],
+        )
+        for group in state_dict["param_groups"]:  # e.g. torch.optim's maximize=True cannot go on here
+            self._check_group({**self.defaults, **group})
         # torch.optim casts every state to its parameter's dtype; states of lower-precision
         # parameters are float32 here, and bfloat16 with state_dtype, so they are restored
         # from the saved values in that dtype.
@@ -415,7 +524,7 @@ class Muon(Optimizer):
     @staticmethod
     def _rule_of(p, group):
         """Which rule updates this parameter: the first whose condition its shape meets."""
-        if p.dim() == 2:
+        if p.dim() == 2 and float(group["use_muon"]):
             return 0
         return 1
 
@@ -425,18 +534,26 @@ class Muon(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("Muon does not support sparse gradients")
+        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
+            raise RuntimeError("Muon does not support complex parameters")
         states = [self.state[p] for p in with_grad]
-        if not all("step" in state for state in states):
+        made = {"step", "momentum_buffer"}.issubset
+        if not all(map(made, states)):
             for p, state in zip(with_grad, states):
-                if len(state) == 0:  # lazy state initialisation, as in torch.optim
+                # Lazy state initialisation, as in torch.optim, of each state not there yet: one that
+                # torch.optim saved may lack those it keeps only for some settings (RMSprop's grad_avg).
+                if "step" not in state:
                     # `step` lives where the update reads it: on the parameter's device for the fused
                     # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
-                    state["step"] = torch.zeros((), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
-                                                device=p.device if self._fused_for(group, p) else "cpu")
-                    state["buf"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+                    # torch.optim.SGD keeps no step: a state saved without one has taken a step.
+                    taken = any(v is not None for v in state.values())
+                    state["step"] = torch.tensor(float(taken), dtype=_step_dtype(),
+                                                 device=p.device if self._fused_for(group, p) else "cpu")
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
         params += with_grad
         grads += new_grads
-        buf_list += [state["buf"] for state in states]
+        buf_list += [state["momentum_buffer"] for state in states]
         state_steps += [state["step"] for state in states]
 
     def _init_group_1(self, group, params, grads, m_list, v_list, state_steps):
@@ -445,20 +562,29 @@ class Muon(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("Muon does not support sparse gradients")
+        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
+            raise RuntimeError("Muon does not support complex parameters")
         states = [self.state[p] for p in with_grad]
-        if not all("step" in state for state in states):
+        made = {"step", "exp_avg", "exp_avg_sq"}.issubset
+        if not all(map(made, states)):
             for p, state in zip(with_grad, states):
-                if len(state) == 0:  # lazy state initialisation, as in torch.optim
+                # Lazy state initialisation, as in torch.optim, of each state not there yet: one that
+                # torch.optim saved may lack those it keeps only for some settings (RMSprop's grad_avg).
+                if "step" not in state:
                     # `step` lives where the update reads it: on the parameter's device for the fused
                     # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
-                    state["step"] = torch.zeros((), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
-                                                device=p.device if self._fused_for(group, p) else "cpu")
-                    state["m"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
-                    state["v"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+                    # torch.optim.SGD keeps no step: a state saved without one has taken a step.
+                    taken = any(v is not None for v in state.values())
+                    state["step"] = torch.tensor(float(taken), dtype=_step_dtype(),
+                                                 device=p.device if self._fused_for(group, p) else "cpu")
+                if state.get("exp_avg") is None:
+                    state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+                if state.get("exp_avg_sq") is None:
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
         params += with_grad
         grads += new_grads
-        m_list += [state["m"] for state in states]
-        v_list += [state["v"] for state in states]
+        m_list += [state["exp_avg"] for state in states]
+        v_list += [state["exp_avg_sq"] for state in states]
         state_steps += [state["step"] for state in states]
 
     @torch.no_grad()
@@ -475,20 +601,26 @@ class Muon(Optimizer):
             muon_0(
                 params, grads, buf_list, state_steps,
                 lr=group["lr"],
-                wd=group["wd"],
+                wd=group["weight_decay"],
                 momentum=group["momentum"],
-                nesterov=group["nesterov"],
-                a=group["a"],
-                b=group["b"],
-                c=group["c"],
+                nesterov=float(group["nesterov"]),
+                a=group["ns_coefficients"][0],
+                b=group["ns_coefficients"][1],
+                c=group["ns_coefficients"][2],
                 eps=group["eps"],
+                ns_steps=group["ns_steps"],
+                adjust_lr_fn=float((None, 'original', 'match_rms_adamw').index(group["adjust_lr_fn"])),
                 adam_lr=group["adam_lr"],
-                b1=group["b1"],
-                b2=group["b2"],
+                b1=group["adam_betas"][0],
+                b2=group["adam_betas"][1],
                 adam_eps=group["adam_eps"],
                 adam_wd=group["adam_wd"],
+                use_muon=float(group["use_muon"]),
+                ns_bfloat16=float(group["ns_bfloat16"]),
                 foreach=group["foreach"],
                 fused=group["fused"],
+                grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
+                found_inf=getattr(self, "found_inf", None),
             )
             params, grads, state_steps = [], [], []
             m_list = []
@@ -497,20 +629,26 @@ class Muon(Optimizer):
             muon_1(
                 params, grads, m_list, v_list, state_steps,
                 lr=group["lr"],
-                wd=group["wd"],
+                wd=group["weight_decay"],
                 momentum=group["momentum"],
-                nesterov=group["nesterov"],
-                a=group["a"],
-                b=group["b"],
-                c=group["c"],
+                nesterov=float(group["nesterov"]),
+                a=group["ns_coefficients"][0],
+                b=group["ns_coefficients"][1],
+                c=group["ns_coefficients"][2],
                 eps=group["eps"],
+                ns_steps=group["ns_steps"],
+                adjust_lr_fn=float((None, 'original', 'match_rms_adamw').index(group["adjust_lr_fn"])),
                 adam_lr=group["adam_lr"],
-                b1=group["b1"],
-                b2=group["b2"],
+                b1=group["adam_betas"][0],
+                b2=group["adam_betas"][1],
                 adam_eps=group["adam_eps"],
                 adam_wd=group["adam_wd"],
+                use_muon=float(group["use_muon"]),
+                ns_bfloat16=float(group["ns_bfloat16"]),
                 foreach=group["foreach"],
                 fused=group["fused"],
+                grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
+                found_inf=getattr(self, "found_inf", None),
             )
         return loss
 
@@ -530,9 +668,34 @@ def _state_dtype(group, p):
     return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
 
 
+def _step_dtype():
+    """torch.optim's dtype for `step`: float32 unless float64 is the default dtype."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _torch_names(values, defaults, aliases):
+    """`values` with each of the spec's names (b1, wd) moved under its keyword (betas, weight_decay)."""
+    values = dict(values)
+    for alias, (keyword, index) in aliases.items():
+        if alias not in values:
+            continue
+        value = values.pop(alias)
+        if index is not None:  # one member of a tuple keyword: the others stay as they are
+            items = list(values.get(keyword, defaults[keyword]))
+            items[index] = value
+            value = tuple(items)
+        values[keyword] = value
+    return values
+
+
 def muon_0(params, grads, buf_list, state_steps, *, foreach=None, fused=None,
-           **hypers):
-    """Functional Muon: update `params` and the state lists in place."""
+           grad_scale=None, found_inf=None, **hypers):
+    """Functional Muon: update `params` and the state lists in place. `grad_scale` and
+    `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
+    skips the step."""
+    amp = grad_scale is not None or found_inf is not None
+    if amp and (not fused or torch.compiler.is_compiling()):
+        raise RuntimeError("Muon: grad_scale and found_inf are taken by the fused path only (fused=True, eager)")
     if torch.compiler.is_compiling():
         # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
         return _single_tensor_muon_0(params, grads, buf_list, state_steps, **hypers)
@@ -546,6 +709,9 @@ def muon_0(params, grads, buf_list, state_steps, *, foreach=None, fused=None,
             raise RuntimeError(f"Muon(fused=True) cannot run: {why}")
     if fused:
         impl = _fused_muon_0
+        if amp:
+            return impl(params, grads, buf_list, state_steps,
+                        grad_scale=grad_scale, found_inf=found_inf, **hypers)
     else:
         if foreach is None:  # a pass over every parameter: only when it decides something
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
@@ -553,10 +719,11 @@ def muon_0(params, grads, buf_list, state_steps, *, foreach=None, fused=None,
     impl(params, grads, buf_list, state_steps, **hypers)
 
 
-def _single_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, adam_lr, b1, b2, adam_eps, adam_wd):
+def _single_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, ns_steps, adjust_lr_fn, adam_lr, b1, b2, adam_eps, adam_wd, use_muon, ns_bfloat16):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
-    k1 = 1 - momentum
+    k1 = float(adjust_lr_fn == 2)
+    k2 = 1 - momentum
     for i, param in enumerate(params):
         p = param if param.dtype in _EXACT else param.float()
         g = grads[i].to(p.dtype)
@@ -569,9 +736,9 @@ def _single_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momen
         # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
         # (`.item()` would break the graph, a float would be specialised on and recompile).
         t = step_t.to(torch.float64) if torch.compiler.is_compiling() else step_t.item()
-        c0 = -lr*math.sqrt(max(1, nrows/ncols))
+        c0 = -lr*(0.2*math.sqrt(max(ncols, nrows)) if k1 else math.sqrt(max(1, nrows/ncols)))
         c1 = float(nrows > ncols)
-        buf.lerp_(g, k1)
+        buf.lerp_(g, k2)
         if nesterov:
             tmp0 = torch.lerp(g, buf, momentum)
             tmp1 = tmp0
@@ -582,70 +749,155 @@ def _single_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momen
             tmp3 = tmp2
         else:
             tmp3 = tmp1
-        r0 = _whole(torch.linalg.vector_norm(tmp3))
-        d0 = 1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64))
-        d1 = a/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64))
-        tmp4 = torch.mul(tmp3, d0)
-        tmp5 = tmp4.mT
-        tmp6 = torch.matmul(tmp4, tmp5)
-        tmp7 = torch.matmul(tmp6, tmp6)
-        tmp8 = torch.mul(tmp6, b)
-        tmp9 = torch.add(tmp8, tmp7, alpha=c) if c != 0 else tmp8
-        tmp10 = torch.matmul(tmp9, tmp4)
-        tmp11 = torch.mul(tmp3, d1)
-        tmp12 = torch.add(tmp11, tmp10)
-        tmp13 = tmp12.mT
-        tmp14 = torch.matmul(tmp12, tmp13)
-        tmp15 = torch.matmul(tmp14, tmp14)
-        tmp16 = torch.mul(tmp14, b)
-        tmp17 = torch.add(tmp16, tmp15, alpha=c) if c != 0 else tmp16
-        tmp18 = torch.matmul(tmp17, tmp12)
-        tmp19 = torch.mul(tmp12, a)
+        if ns_bfloat16:
+            tmp4 = tmp3.bfloat16().to(tmp3.dtype)
+            tmp5 = tmp4
+        else:
+            tmp5 = tmp3
+        r0 = _whole(torch.linalg.vector_norm(tmp5))
+        d0 = torch.as_tensor(1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(torch.where(torch.as_tensor(ns_bfloat16, dtype=torch.float64) != 0, torch.as_tensor(r0.bfloat16().to(r0.dtype), dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64)), dtype=torch.float64)), dtype=p.dtype)
+        tmp6 = torch.mul(tmp5, d0)
+        if ns_bfloat16:
+            tmp7 = tmp6.bfloat16().to(tmp6.dtype)
+            tmp8 = tmp7
+        else:
+            tmp8 = tmp6
+        tmp9 = tmp8.mT
+        tmp10 = torch.matmul(tmp8, tmp9)
+        if ns_bfloat16:
+            tmp11 = tmp10.bfloat16().to(tmp10.dtype)
+            tmp12 = tmp11
+        else:
+            tmp12 = tmp10
+        tmp13 = torch.matmul(tmp12, tmp12)
+        tmp14 = torch.mul(tmp12, b)
+        tmp15 = torch.add(tmp14, tmp13, alpha=c) if c != 0 else tmp14
+        if ns_bfloat16:
+            tmp16 = tmp15.bfloat16().to(tmp15.dtype)
+            tmp17 = tmp16
+        else:
+            tmp17 = tmp15
+        tmp18 = torch.matmul(tmp17, tmp8)
+        tmp19 = torch.mul(tmp8, a)
         tmp20 = torch.add(tmp19, tmp18)
-        tmp21 = tmp20.mT
-        tmp22 = torch.matmul(tmp20, tmp21)
-        tmp23 = torch.matmul(tmp22, tmp22)
-        tmp24 = torch.mul(tmp22, b)
-        tmp25 = torch.add(tmp24, tmp23, alpha=c) if c != 0 else tmp24
-        tmp26 = torch.matmul(tmp25, tmp20)
-        tmp27 = torch.mul(tmp20, a)
-        tmp28 = torch.add(tmp27, tmp26)
-        tmp29 = tmp28.mT
-        tmp30 = torch.matmul(tmp28, tmp29)
-        tmp31 = torch.matmul(tmp30, tmp30)
-        tmp32 = torch.mul(tmp30, b)
-        tmp33 = torch.add(tmp32, tmp31, alpha=c) if c != 0 else tmp32
-        tmp34 = torch.matmul(tmp33, tmp28)
-        tmp35 = torch.mul(tmp28, a)
-        tmp36 = torch.add(tmp35, tmp34)
+        if ns_bfloat16:
+            tmp21 = tmp20.bfloat16().to(tmp20.dtype)
+            tmp22 = tmp21
+        else:
+            tmp22 = tmp20
+        tmp23 = tmp22.mT
+        tmp24 = torch.matmul(tmp22, tmp23)
+        if ns_bfloat16:
+            tmp25 = tmp24.bfloat16().to(tmp24.dtype)
+            tmp26 = tmp25
+        else:
+            tmp26 = tmp24
+        tmp27 = torch.matmul(tmp26, tmp26)
+        tmp28 = torch.mul(tmp26, b)
+        tmp29 = torch.add(tmp28, tmp27, alpha=c) if c != 0 else tmp28
+        if ns_bfloat16:
+            tmp30 = tmp29.bfloat16().to(tmp29.dtype)
+            tmp31 = tmp30
+        else:
+            tmp31 = tmp29
+        tmp32 = torch.matmul(tmp31, tmp22)
+        tmp33 = torch.mul(tmp22, a)
+        tmp34 = torch.add(tmp33, tmp32)
+        if ns_bfloat16:
+            tmp35 = tmp34.bfloat16().to(tmp34.dtype)
+            tmp36 = tmp35
+        else:
+            tmp36 = tmp34
         tmp37 = tmp36.mT
         tmp38 = torch.matmul(tmp36, tmp37)
-        tmp39 = torch.matmul(tmp38, tmp38)
-        tmp40 = torch.mul(tmp38, b)
-        tmp41 = torch.add(tmp40, tmp39, alpha=c) if c != 0 else tmp40
-        tmp42 = torch.matmul(tmp41, tmp36)
-        tmp43 = torch.mul(tmp36, a)
-        tmp44 = torch.add(tmp43, tmp42)
-        if c1:
-            tmp45 = tmp44.mT
-            tmp46 = tmp45
+        if ns_bfloat16:
+            tmp39 = tmp38.bfloat16().to(tmp38.dtype)
+            tmp40 = tmp39
         else:
-            tmp46 = tmp44
+            tmp40 = tmp38
+        tmp41 = torch.matmul(tmp40, tmp40)
+        tmp42 = torch.mul(tmp40, b)
+        tmp43 = torch.add(tmp42, tmp41, alpha=c) if c != 0 else tmp42
+        if ns_bfloat16:
+            tmp44 = tmp43.bfloat16().to(tmp43.dtype)
+            tmp45 = tmp44
+        else:
+            tmp45 = tmp43
+        tmp46 = torch.matmul(tmp45, tmp36)
+        tmp47 = torch.mul(tmp36, a)
+        tmp48 = torch.add(tmp47, tmp46)
+        if ns_bfloat16:
+            tmp49 = tmp48.bfloat16().to(tmp48.dtype)
+            tmp50 = tmp49
+        else:
+            tmp50 = tmp48
+        tmp51 = tmp50.mT
+        tmp52 = torch.matmul(tmp50, tmp51)
+        if ns_bfloat16:
+            tmp53 = tmp52.bfloat16().to(tmp52.dtype)
+            tmp54 = tmp53
+        else:
+            tmp54 = tmp52
+        tmp55 = torch.matmul(tmp54, tmp54)
+        tmp56 = torch.mul(tmp54, b)
+        tmp57 = torch.add(tmp56, tmp55, alpha=c) if c != 0 else tmp56
+        if ns_bfloat16:
+            tmp58 = tmp57.bfloat16().to(tmp57.dtype)
+            tmp59 = tmp58
+        else:
+            tmp59 = tmp57
+        tmp60 = torch.matmul(tmp59, tmp50)
+        tmp61 = torch.mul(tmp50, a)
+        tmp62 = torch.add(tmp61, tmp60)
+        if ns_bfloat16:
+            tmp63 = tmp62.bfloat16().to(tmp62.dtype)
+            tmp64 = tmp63
+        else:
+            tmp64 = tmp62
+        tmp65 = tmp64.mT
+        tmp66 = torch.matmul(tmp64, tmp65)
+        if ns_bfloat16:
+            tmp67 = tmp66.bfloat16().to(tmp66.dtype)
+            tmp68 = tmp67
+        else:
+            tmp68 = tmp66
+        tmp69 = torch.matmul(tmp68, tmp68)
+        tmp70 = torch.mul(tmp68, b)
+        tmp71 = torch.add(tmp70, tmp69, alpha=c) if c != 0 else tmp70
+        if ns_bfloat16:
+            tmp72 = tmp71.bfloat16().to(tmp71.dtype)
+            tmp73 = tmp72
+        else:
+            tmp73 = tmp71
+        tmp74 = torch.matmul(tmp73, tmp64)
+        tmp75 = torch.mul(tmp64, a)
+        tmp76 = torch.add(tmp75, tmp74)
+        if ns_bfloat16:
+            tmp77 = tmp76.bfloat16().to(tmp76.dtype)
+            tmp78 = tmp77
+        else:
+            tmp78 = tmp76
+        if c1:
+            tmp79 = tmp78.mT
+            tmp80 = tmp79
+        else:
+            tmp80 = tmp78
         p.mul_(k0)
-        tmp47 = torch.add(p, tmp46, alpha=c0)
-        _copy_into(p, tmp47)
+        tmp81 = torch.add(p, tmp80, alpha=c0)
+        _copy_into(p, tmp81)
         if p is not param:
             param.copy_(p)
         if buf is not buf_list[i]:
             _store_rounded(buf_list[i], buf)
 
 
-def _multi_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, adam_lr, b1, b2, adam_eps, adam_wd):
+def _multi_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, ns_steps, adjust_lr_fn, adam_lr, b1, b2, adam_eps, adam_wd, use_muon, ns_bfloat16):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
-    k1 = 1 - momentum
+    k1 = float(adjust_lr_fn == 2)
+    k2 = 1 - momentum
     # Grouped by the parameters' device and dtype; states follow by index, as they may be stored in
     # another dtype (float32 for bfloat16 parameters, state_dtype, bool), which the grouping refuses on CUDA.
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
@@ -664,9 +916,9 @@ def _multi_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, moment
         nrows = [(x_.shape[-2] if x_.dim() >= 2 else 1) for x_ in p]
         ncols = [(x_.shape[-1] if x_.dim() >= 1 else 1) for x_ in p]
         # Scalars of the step count: one per tensor, on the host.
-        c0 = [-lr*math.sqrt(max(1, nrows_/ncols_)) for ncols_, nrows_ in zip(ncols, nrows)]
+        c0 = [-lr*(0.2*math.sqrt(max(ncols_, nrows_)) if k1 else math.sqrt(max(1, nrows_/ncols_))) for ncols_, nrows_ in zip(ncols, nrows)]
         c1 = [float(nrows_ > ncols_) for ncols_, nrows_ in zip(ncols, nrows)]
-        torch._foreach_lerp_(buf, g, k1)
+        torch._foreach_lerp_(buf, g, k2)
         if nesterov:
             tmp0 = torch._foreach_lerp(g, buf, momentum)
             tmp1 = tmp0
@@ -674,58 +926,142 @@ def _multi_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, moment
             tmp1 = buf
         tmp2 = [tmp1_.mT for tmp1_ in tmp1]
         tmp3 = [x if c else y for c, x, y in zip(c1, tmp2, tmp1)]
-        r0 = list(map(_whole, torch._foreach_norm(tmp3)))
-        d0 = [1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)) for r0_ in r0]
-        d1 = [a/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)) for r0_ in r0]
-        tmp4 = torch._foreach_mul(tmp3, d0)
-        tmp5 = [tmp4_.mT for tmp4_ in tmp4]
-        tmp6 = [torch.matmul(tmp4_, tmp5_) for tmp4_, tmp5_ in zip(tmp4, tmp5)]
-        tmp7 = [torch.matmul(tmp6_, tmp6_) for tmp6_ in tmp6]
-        tmp8 = torch._foreach_mul(tmp6, b)
-        tmp9 = torch._foreach_add(tmp8, tmp7, alpha=c) if c != 0 else tmp8
-        tmp10 = [torch.matmul(tmp9_, tmp4_) for tmp9_, tmp4_ in zip(tmp9, tmp4)]
-        tmp11 = torch._foreach_mul(tmp3, d1)
-        tmp12 = torch._foreach_add(tmp11, tmp10)
-        tmp13 = [tmp12_.mT for tmp12_ in tmp12]
-        tmp14 = [torch.matmul(tmp12_, tmp13_) for tmp12_, tmp13_ in zip(tmp12, tmp13)]
-        tmp15 = [torch.matmul(tmp14_, tmp14_) for tmp14_ in tmp14]
-        tmp16 = torch._foreach_mul(tmp14, b)
-        tmp17 = torch._foreach_add(tmp16, tmp15, alpha=c) if c != 0 else tmp16
-        tmp18 = [torch.matmul(tmp17_, tmp12_) for tmp17_, tmp12_ in zip(tmp17, tmp12)]
-        tmp19 = torch._foreach_mul(tmp12, a)
+        if ns_bfloat16:
+            tmp4 = [tmp3_.bfloat16().to(tmp3_.dtype) for tmp3_ in tmp3]
+            tmp5 = tmp4
+        else:
+            tmp5 = tmp3
+        r0 = list(map(_whole, torch._foreach_norm(tmp5)))
+        d0 = [torch.as_tensor(1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(torch.where(torch.as_tensor(ns_bfloat16, dtype=torch.float64) != 0, torch.as_tensor(r0_.bfloat16().to(r0_.dtype), dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)), dtype=torch.float64)), dtype=p[0].dtype) for r0_ in r0]
+        tmp6 = torch._foreach_mul(tmp5, d0)
+        if ns_bfloat16:
+            tmp7 = [tmp6_.bfloat16().to(tmp6_.dtype) for tmp6_ in tmp6]
+            tmp8 = tmp7
+        else:
+            tmp8 = tmp6
+        tmp9 = [tmp8_.mT for tmp8_ in tmp8]
+        tmp10 = [torch.matmul(tmp8_, tmp9_) for tmp8_, tmp9_ in zip(tmp8, tmp9)]
+        if ns_bfloat16:
+            tmp11 = [tmp10_.bfloat16().to(tmp10_.dtype) for tmp10_ in tmp10]
+            tmp12 = tmp11
+        else:
+            tmp12 = tmp10
+        tmp13 = [torch.matmul(tmp12_, tmp12_) for tmp12_ in tmp12]
+        tmp14 = torch._foreach_mul(tmp12, b)
+        tmp15 = torch._foreach_add(tmp14, tmp13, alpha=c) if c != 0 else tmp14
+        if ns_bfloat16:
+            tmp16 = [tmp15_.bfloat16().to(tmp15_.dtype) for tmp15_ in tmp15]
+            tmp17 = tmp16
+        else:
+            tmp17 = tmp15
+        tmp18 = [torch.matmul(tmp17_, tmp8_) for tmp17_, tmp8_ in zip(tmp17, tmp8)]
+        tmp19 = torch._foreach_mul(tmp8, a)
         tmp20 = torch._foreach_add(tmp19, tmp18)
-        tmp21 = [tmp20_.mT for tmp20_ in tmp20]
-        tmp22 = [torch.matmul(tmp20_, tmp21_) for tmp20_, tmp21_ in zip(tmp20, tmp21)]
-        tmp23 = [torch.matmul(tmp22_, tmp22_) for tmp22_ in tmp22]
-        tmp24 = torch._foreach_mul(tmp22, b)
-        tmp25 = torch._foreach_add(tmp24, tmp23, alpha=c) if c != 0 else tmp24
-        tmp26 = [torch.matmul(tmp25_, tmp20_) for tmp25_, tmp20_ in zip(tmp25, tmp20)]
-        tmp27 = torch._foreach_mul(tmp20, a)
-        tmp28 = torch._foreach_add(tmp27, tmp26)
-        tmp29 = [tmp28_.mT for tmp28_ in tmp28]
-        tmp30 = [torch.matmul(tmp28_, tmp29_) for tmp28_, tmp29_ in zip(tmp28, tmp29)]
-        tmp31 = [torch.matmul(tmp30_, tmp30_) for tmp30_ in tmp30]
-        tmp32 = torch._foreach_mul(tmp30, b)
-        tmp33 = torch._foreach_add(tmp32, tmp31, alpha=c) if c != 0 else tmp32
-        tmp34 = [torch.matmul(tmp33_, tmp28_) for tmp33_, tmp28_ in zip(tmp33, tmp28)]
-        tmp35 = torch._foreach_mul(tmp28, a)
-        tmp36 = torch._foreach_add(tmp35, tmp34)
+        if ns_bfloat16:
+            tmp21 = [tmp20_.bfloat16().to(tmp20_.dtype) for tmp20_ in tmp20]
+            tmp22 = tmp21
+        else:
+            tmp22 = tmp20
+        tmp23 = [tmp22_.mT for tmp22_ in tmp22]
+        tmp24 = [torch.matmul(tmp22_, tmp23_) for tmp22_, tmp23_ in zip(tmp22, tmp23)]
+        if ns_bfloat16:
+            tmp25 = [tmp24_.bfloat16().to(tmp24_.dtype) for tmp24_ in tmp24]
+            tmp26 = tmp25
+        else:
+            tmp26 = tmp24
+        tmp27 = [torch.matmul(tmp26_, tmp26_) for tmp26_ in tmp26]
+        tmp28 = torch._foreach_mul(tmp26, b)
+        tmp29 = torch._foreach_add(tmp28, tmp27, alpha=c) if c != 0 else tmp28
+        if ns_bfloat16:
+            tmp30 = [tmp29_.bfloat16().to(tmp29_.dtype) for tmp29_ in tmp29]
+            tmp31 = tmp30
+        else:
+            tmp31 = tmp29
+        tmp32 = [torch.matmul(tmp31_, tmp22_) for tmp31_, tmp22_ in zip(tmp31, tmp22)]
+        tmp33 = torch._foreach_mul(tmp22, a)
+        tmp34 = torch._foreach_add(tmp33, tmp32)
+        if ns_bfloat16:
+            tmp35 = [tmp34_.bfloat16().to(tmp34_.dtype) for tmp34_ in tmp34]
+            tmp36 = tmp35
+        else:
+            tmp36 = tmp34
         tmp37 = [tmp36_.mT for tmp36_ in tmp36]
         tmp38 = [torch.matmul(tmp36_, tmp37_) for tmp36_, tmp37_ in zip(tmp36, tmp37)]
-        tmp39 = [torch.matmul(tmp38_, tmp38_) for tmp38_ in tmp38]
-        tmp40 = torch._foreach_mul(tmp38, b)
-        tmp41 = torch._foreach_add(tmp40, tmp39, alpha=c) if c != 0 else tmp40
-        tmp42 = [torch.matmul(tmp41_, tmp36_) for tmp41_, tmp36_ in zip(tmp41, tmp36)]
-        tmp43 = torch._foreach_mul(tmp36, a)
-        tmp44 = torch._foreach_add(tmp43, tmp42)
-        tmp45 = [tmp44_.mT for tmp44_ in tmp44]
-        tmp46 = [x if c else y for c, x, y in zip(c1, tmp45, tmp44)]
+        if ns_bfloat16:
+            tmp39 = [tmp38_.bfloat16().to(tmp38_.dtype) for tmp38_ in tmp38]
+            tmp40 = tmp39
+        else:
+            tmp40 = tmp38
+        tmp41 = [torch.matmul(tmp40_, tmp40_) for tmp40_ in tmp40]
+        tmp42 = torch._foreach_mul(tmp40, b)
+        tmp43 = torch._foreach_add(tmp42, tmp41, alpha=c) if c != 0 else tmp42
+        if ns_bfloat16:
+            tmp44 = [tmp43_.bfloat16().to(tmp43_.dtype) for tmp43_ in tmp43]
+            tmp45 = tmp44
+        else:
+            tmp45 = tmp43
+        tmp46 = [torch.matmul(tmp45_, tmp36_) for tmp45_, tmp36_ in zip(tmp45, tmp36)]
+        tmp47 = torch._foreach_mul(tmp36, a)
+        tmp48 = torch._foreach_add(tmp47, tmp46)
+        if ns_bfloat16:
+            tmp49 = [tmp48_.bfloat16().to(tmp48_.dtype) for tmp48_ in tmp48]
+            tmp50 = tmp49
+        else:
+            tmp50 = tmp48
+        tmp51 = [tmp50_.mT for tmp50_ in tmp50]
+        tmp52 = [torch.matmul(tmp50_, tmp51_) for tmp50_, tmp51_ in zip(tmp50, tmp51)]
+        if ns_bfloat16:
+            tmp53 = [tmp52_.bfloat16().to(tmp52_.dtype) for tmp52_ in tmp52]
+            tmp54 = tmp53
+        else:
+            tmp54 = tmp52
+        tmp55 = [torch.matmul(tmp54_, tmp54_) for tmp54_ in tmp54]
+        tmp56 = torch._foreach_mul(tmp54, b)
+        tmp57 = torch._foreach_add(tmp56, tmp55, alpha=c) if c != 0 else tmp56
+        if ns_bfloat16:
+            tmp58 = [tmp57_.bfloat16().to(tmp57_.dtype) for tmp57_ in tmp57]
+            tmp59 = tmp58
+        else:
+            tmp59 = tmp57
+        tmp60 = [torch.matmul(tmp59_, tmp50_) for tmp59_, tmp50_ in zip(tmp59, tmp50)]
+        tmp61 = torch._foreach_mul(tmp50, a)
+        tmp62 = torch._foreach_add(tmp61, tmp60)
+        if ns_bfloat16:
+            tmp63 = [tmp62_.bfloat16().to(tmp62_.dtype) for tmp62_ in tmp62]
+            tmp64 = tmp63
+        else:
+            tmp64 = tmp62
+        tmp65 = [tmp64_.mT for tmp64_ in tmp64]
+        tmp66 = [torch.matmul(tmp64_, tmp65_) for tmp64_, tmp65_ in zip(tmp64, tmp65)]
+        if ns_bfloat16:
+            tmp67 = [tmp66_.bfloat16().to(tmp66_.dtype) for tmp66_ in tmp66]
+            tmp68 = tmp67
+        else:
+            tmp68 = tmp66
+        tmp69 = [torch.matmul(tmp68_, tmp68_) for tmp68_ in tmp68]
+        tmp70 = torch._foreach_mul(tmp68, b)
+        tmp71 = torch._foreach_add(tmp70, tmp69, alpha=c) if c != 0 else tmp70
+        if ns_bfloat16:
+            tmp72 = [tmp71_.bfloat16().to(tmp71_.dtype) for tmp71_ in tmp71]
+            tmp73 = tmp72
+        else:
+            tmp73 = tmp71
+        tmp74 = [torch.matmul(tmp73_, tmp64_) for tmp73_, tmp64_ in zip(tmp73, tmp64)]
+        tmp75 = torch._foreach_mul(tmp64, a)
+        tmp76 = torch._foreach_add(tmp75, tmp74)
+        if ns_bfloat16:
+            tmp77 = [tmp76_.bfloat16().to(tmp76_.dtype) for tmp76_ in tmp76]
+            tmp78 = tmp77
+        else:
+            tmp78 = tmp76
+        tmp79 = [tmp78_.mT for tmp78_ in tmp78]
+        tmp80 = [x if c else y for c, x, y in zip(c1, tmp79, tmp78)]
         torch._foreach_mul_(p, k0)
         if all(v_ == c0[0] for v_ in c0):
-            tmp47 = torch._foreach_add(p, tmp46, alpha=c0[0])
+            tmp81 = torch._foreach_add(p, tmp80, alpha=c0[0])
         else:
-            tmp47 = [torch.add(x_, y_, alpha=v_) for x_, y_, v_ in zip(p, tmp46, c0)]
-        _foreach_copy_(p, tmp47)
+            tmp81 = [torch.add(x_, y_, alpha=v_) for x_, y_, v_ in zip(p, tmp80, c0)]
+        _foreach_copy_(p, tmp81)
         if not exact:
             _foreach_copy_(device_params, p)
         if buf is not device_buf:
@@ -734,8 +1070,13 @@ def _multi_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, moment
 
 
 def muon_1(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=None,
-           **hypers):
-    """Functional Muon: update `params` and the state lists in place."""
+           grad_scale=None, found_inf=None, **hypers):
+    """Functional Muon: update `params` and the state lists in place. `grad_scale` and
+    `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
+    skips the step."""
+    amp = grad_scale is not None or found_inf is not None
+    if amp and (not fused or torch.compiler.is_compiling()):
+        raise RuntimeError("Muon: grad_scale and found_inf are taken by the fused path only (fused=True, eager)")
     if torch.compiler.is_compiling():
         # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
         return _single_tensor_muon_1(params, grads, m_list, v_list, state_steps, **hypers)
@@ -749,6 +1090,9 @@ def muon_1(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=No
             raise RuntimeError(f"Muon(fused=True) cannot run: {why}")
     if fused:
         impl = _fused_muon_1
+        if amp:
+            return impl(params, grads, m_list, v_list, state_steps,
+                        grad_scale=grad_scale, found_inf=found_inf, **hypers)
     else:
         if foreach is None:  # a pass over every parameter: only when it decides something
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
@@ -756,7 +1100,7 @@ def muon_1(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=No
     impl(params, grads, m_list, v_list, state_steps, **hypers)
 
 
-def _single_tensor_muon_1(params, grads, m_list, v_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, adam_lr, b1, b2, adam_eps, adam_wd):
+def _single_tensor_muon_1(params, grads, m_list, v_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, ns_steps, adjust_lr_fn, adam_lr, b1, b2, adam_eps, adam_wd, use_muon, ns_bfloat16):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -adam_lr*adam_wd + 1
     k1 = 1 - b2
@@ -794,7 +1138,7 @@ def _single_tensor_muon_1(params, grads, m_list, v_list, state_steps, *, lr, wd,
             _store_rounded(v_list[i], v)
 
 
-def _multi_tensor_muon_1(params, grads, m_list, v_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, adam_lr, b1, b2, adam_eps, adam_wd):
+def _multi_tensor_muon_1(params, grads, m_list, v_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, ns_steps, adjust_lr_fn, adam_lr, b1, b2, adam_eps, adam_wd, use_muon, ns_bfloat16):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
@@ -969,7 +1313,7 @@ if triton is not None:
         else:
             tl.store(ptr + offsets, x, mask=mask)
 
-    # ---- rule 1 (ndim == 2) ----
+    # ---- rule 1 (ndim == 2 and use_muon) ----
 
     @triton.jit(do_not_specialize=["seed"])
     def _muon_0_stage1(
@@ -978,8 +1322,10 @@ if triton is not None:
         step_ptrs,  # int64 table: each tensor's step count t (a 0-dim tensor on the device)
         numels,  # int64 [tensors, 2]: elements per tensor here, and in the whole tensor (sharded: all shards')
         block_tensor, block_start,  # per program: which tensor, and where in it
-        hypers,  # [9] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
+        hypers,  # [11] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         shapes,  # [tensors, 2] float64: nrows, ncols of each parameter
         mxin0_ptrs,  # int64 table: scratch tensors for an entry of the matrix work
         P_TYPE: tl.constexpr,  # parameter dtype
@@ -987,10 +1333,15 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -1010,13 +1361,15 @@ if triton is not None:
         eps = tl.load(hypers + 3)
         k0 = tl.load(hypers + 4)
         k1 = tl.load(hypers + 5)
-        lr = tl.load(hypers + 6)
-        momentum = tl.load(hypers + 7)
-        nesterov = tl.load(hypers + 8)
+        k2 = tl.load(hypers + 6)
+        lr = tl.load(hypers + 7)
+        momentum = tl.load(hypers + 8)
+        nesterov = tl.load(hypers + 9)
+        ns_bfloat16 = tl.load(hypers + 10)
         nrows = tl.load(shapes + i * 2 + 0)
         ncols = tl.load(shapes + i * 2 + 1)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = -lr*tl.sqrt(tl.maximum(1.0, nrows/ncols))
+        c0 = -lr*tl.where(k1 != 0, (tl.full((), 0.2, tl.float64)*tl.sqrt(tl.maximum(ncols, nrows))), tl.sqrt(tl.maximum(1.0, nrows/ncols)))
         c1 = tl.where(nrows > ncols, 1.0, 0.0).to(tl.float64)
         a = a.to(C_TYPE)
         b = b.to(C_TYPE)
@@ -1025,15 +1378,18 @@ if triton is not None:
         c1 = c1.to(C_TYPE)
         eps = eps.to(C_TYPE)
         k0 = k0.to(C_TYPE)
-        k1 = k1.to(C_TYPE)
+        k2 = k2.to(C_TYPE)
         momentum = momentum.to(C_TYPE)
         nesterov = nesterov.to(C_TYPE)
+        ns_bfloat16 = ns_bfloat16.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
         buf = _load(buf_ptr, offsets, mask, whole).to(C_TYPE)
-        x0 = (tl.where(k1 < 0.5, buf, g) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (g - buf))
-        x1 = tl.where(nesterov != 0, (tl.where(momentum < 0.5, g, x0) + tl.where(momentum < 0.5, momentum, momentum - 1.0) * (x0 - g)), x0)
-        tl.store(tl.load(mxin0_ptrs + i).to(tl.pointer_type(C_TYPE)) + offsets, x1, mask=mask)
+        x0 = (tl.where(k2 < 0.5, buf, g) + tl.where(k2 < 0.5, k2, k2 - 1.0) * (g - buf))
+        x2 = tl.where(nesterov != 0, (tl.where(momentum < 0.5, g, x0) + tl.where(momentum < 0.5, momentum, momentum - 1.0) * (x0 - g)), x0)
+        tl.store(tl.load(mxin0_ptrs + i).to(tl.pointer_type(C_TYPE)) + offsets, x2, mask=mask)
         _store(buf_ptr, offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 1 + 0), mask, whole)
 
@@ -1044,20 +1400,27 @@ if triton is not None:
         step_ptrs,  # int64 table: each tensor's step count t (a 0-dim tensor on the device)
         numels,  # int64 [tensors, 2]: elements per tensor here, and in the whole tensor (sharded: all shards')
         block_tensor, block_start,  # per program: which tensor, and where in it
-        hypers,  # [9] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
+        hypers,  # [11] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         shapes,  # [tensors, 2] float64: nrows, ncols of each parameter
         mxin0_ptrs,  # int64 table: scratch tensors for an entry of the matrix work
-        mxout0_ptrs,  # int64 table: w16 per tensor, made by the matrix work in torch
+        mxout0_ptrs,  # int64 table: w31 per tensor, made by the matrix work in torch
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -1077,13 +1440,15 @@ if triton is not None:
         eps = tl.load(hypers + 3)
         k0 = tl.load(hypers + 4)
         k1 = tl.load(hypers + 5)
-        lr = tl.load(hypers + 6)
-        momentum = tl.load(hypers + 7)
-        nesterov = tl.load(hypers + 8)
+        k2 = tl.load(hypers + 6)
+        lr = tl.load(hypers + 7)
+        momentum = tl.load(hypers + 8)
+        nesterov = tl.load(hypers + 9)
+        ns_bfloat16 = tl.load(hypers + 10)
         nrows = tl.load(shapes + i * 2 + 0)
         ncols = tl.load(shapes + i * 2 + 1)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = -lr*tl.sqrt(tl.maximum(1.0, nrows/ncols))
+        c0 = -lr*tl.where(k1 != 0, (tl.full((), 0.2, tl.float64)*tl.sqrt(tl.maximum(ncols, nrows))), tl.sqrt(tl.maximum(1.0, nrows/ncols)))
         c1 = tl.where(nrows > ncols, 1.0, 0.0).to(tl.float64)
         a = a.to(C_TYPE)
         b = b.to(C_TYPE)
@@ -1092,14 +1457,18 @@ if triton is not None:
         c1 = c1.to(C_TYPE)
         eps = eps.to(C_TYPE)
         k0 = k0.to(C_TYPE)
-        k1 = k1.to(C_TYPE)
+        k2 = k2.to(C_TYPE)
         momentum = momentum.to(C_TYPE)
         nesterov = nesterov.to(C_TYPE)
+        ns_bfloat16 = ns_bfloat16.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
+            _store(g_ptr, offsets, g.to(P_TYPE), mask, whole)  # left unscaled, as torch's fused kernels leave it
         buf = _load(buf_ptr, offsets, mask, whole).to(C_TYPE)
-        w16 = tl.load(tl.load(mxout0_ptrs + i).to(tl.pointer_type(C_TYPE)) + offsets, mask=mask)
-        _store(p_ptr, offsets, _round_to(c0*w16 + k0*p, P_TYPE), mask, whole)
+        w31 = tl.load(tl.load(mxout0_ptrs + i).to(tl.pointer_type(C_TYPE)) + offsets, mask=mask)
+        _store(p_ptr, offsets, _round_to(c0*w31 + k0*p, P_TYPE), mask, whole)
 
     # ---- rule 2 (every other parameter) ----
 
@@ -1113,15 +1482,22 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [7] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -1153,6 +1529,9 @@ if triton is not None:
         k2 = k2.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
+            _store(g_ptr, offsets, g.to(P_TYPE), mask, whole)  # left unscaled, as torch's fused kernels leave it
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
         x0 = (tl.where(k1 < 0.5, v, ((g) * (g))) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (((g) * (g)) - v))
@@ -1264,39 +1643,57 @@ def _shape_table_0(params, device):
     return _BLOCK_MAPS[key]
 
 
-def _matrix_muon_0(a, b, c, c1, eps, x1):
-    """Matrix work of one tensor, in torch between the kernels: returns w16."""
-    w0 = ((x1).mT if c1 else x1)
-    r0 = torch.linalg.vector_norm(w0)
-    d0 = 1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64))
-    d1 = a/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64))
-    x2 = d0*w0
-    w1 = torch.matmul(x2, (x2).mT)
-    w2 = b*w1 + c*torch.matmul(w1, w1)
-    w3 = d1*w0 + torch.matmul(w2, x2)
-    w4 = torch.matmul(w3, (w3).mT)
-    w5 = b*w4 + c*torch.matmul(w4, w4)
-    w6 = a*w3 + torch.matmul(w5, w3)
+def _matrix_muon_0(a, b, c, c1, eps, ns_bfloat16, x2):
+    """Matrix work of one tensor, in torch between the kernels: returns w31."""
+    w0 = ((x2).mT if c1 else x2)
+    x1 = (w0.bfloat16().to(w0.dtype) if ns_bfloat16 else w0)
+    r0 = torch.linalg.vector_norm(x1)
+    d0 = 1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor((r0.bfloat16().to(r0.dtype) if ns_bfloat16 else r0), dtype=torch.float64))
+    x3 = d0*x1
+    x4 = (x3.bfloat16().to(x3.dtype) if ns_bfloat16 else x3)
+    w1 = torch.matmul(x4, (x4).mT)
+    w2 = (w1.bfloat16().to(w1.dtype) if ns_bfloat16 else w1)
+    w3 = b*w2 + c*torch.matmul(w2, w2)
+    w4 = (w3.bfloat16().to(w3.dtype) if ns_bfloat16 else w3)
+    w5 = a*x4 + torch.matmul(w4, x4)
+    w6 = (w5.bfloat16().to(w5.dtype) if ns_bfloat16 else w5)
     w7 = torch.matmul(w6, (w6).mT)
-    w8 = b*w7 + c*torch.matmul(w7, w7)
-    w9 = a*w6 + torch.matmul(w8, w6)
-    w10 = torch.matmul(w9, (w9).mT)
-    w11 = b*w10 + c*torch.matmul(w10, w10)
-    w12 = a*w9 + torch.matmul(w11, w9)
+    w8 = (w7.bfloat16().to(w7.dtype) if ns_bfloat16 else w7)
+    w9 = b*w8 + c*torch.matmul(w8, w8)
+    w10 = (w9.bfloat16().to(w9.dtype) if ns_bfloat16 else w9)
+    w11 = a*w6 + torch.matmul(w10, w6)
+    w12 = (w11.bfloat16().to(w11.dtype) if ns_bfloat16 else w11)
     w13 = torch.matmul(w12, (w12).mT)
-    w14 = b*w13 + c*torch.matmul(w13, w13)
-    w15 = a*w12 + torch.matmul(w14, w12)
-    w16 = ((w15).mT if c1 else w15)
-    return (w16,)
+    w14 = (w13.bfloat16().to(w13.dtype) if ns_bfloat16 else w13)
+    w15 = b*w14 + c*torch.matmul(w14, w14)
+    w16 = (w15.bfloat16().to(w15.dtype) if ns_bfloat16 else w15)
+    w17 = a*w12 + torch.matmul(w16, w12)
+    w18 = (w17.bfloat16().to(w17.dtype) if ns_bfloat16 else w17)
+    w19 = torch.matmul(w18, (w18).mT)
+    w20 = (w19.bfloat16().to(w19.dtype) if ns_bfloat16 else w19)
+    w21 = b*w20 + c*torch.matmul(w20, w20)
+    w22 = (w21.bfloat16().to(w21.dtype) if ns_bfloat16 else w21)
+    w23 = a*w18 + torch.matmul(w22, w18)
+    w24 = (w23.bfloat16().to(w23.dtype) if ns_bfloat16 else w23)
+    w25 = torch.matmul(w24, (w24).mT)
+    w26 = (w25.bfloat16().to(w25.dtype) if ns_bfloat16 else w25)
+    w27 = b*w26 + c*torch.matmul(w26, w26)
+    w28 = (w27.bfloat16().to(w27.dtype) if ns_bfloat16 else w27)
+    w29 = a*w24 + torch.matmul(w28, w24)
+    w30 = (w29.bfloat16().to(w29.dtype) if ns_bfloat16 else w29)
+    w31 = ((w30).mT if c1 else w30)
+    return (w31,)
 
 
-def _fused_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, adam_lr, b1, b2, adam_eps, adam_wd):
+def _fused_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, ns_steps, adjust_lr_fn, adam_lr, b1, b2, adam_eps, adam_wd, use_muon, ns_bfloat16,
+                  grad_scale=None, found_inf=None):
     global LAUNCHES
     if not params:
         return
     k0 = -lr*wd + 1
-    k1 = 1 - momentum
-    hyper_values = (float(a), float(b), float(c), float(eps), float(k0), float(k1), float(lr), float(momentum), float(nesterov), )
+    k1 = float(adjust_lr_fn == 2)
+    k2 = 1 - momentum
+    hyper_values = (float(a), float(b), float(c), float(eps), float(k0), float(k1), float(k2), float(lr), float(momentum), float(nesterov), float(ns_bfloat16), )
     sharded = params  # DTensors (FSDP2, tensor parallel): the kernels run on their local shards
     if any(map(_is_sharded, params)):
         params, grads = _Shards.local(params), _Shards.local(grads)
@@ -1308,8 +1705,16 @@ def _fused_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momentum, nes
             raise RuntimeError("Muon(fused=True): step counts must be on the parameters' device "
                                f"({device}), found {device_steps[0].device}")
         torch._foreach_add_(device_steps, 1)  # one launch on the device, no sync
+        grads_in = g
         if not all(map(torch.Tensor.is_contiguous, g)):
             g = [x.contiguous() for x in g]  # kept alive until the launch ends
+        # GradScaler's protocol (_step_supports_amp_scaling): the kernels unscale g and skip the
+        # step on an overflow, where the scaler would otherwise unscale every gradient itself.
+        scale_t = found_t = device_steps[0]  # a placeholder the kernels never read
+        if grad_scale is not None:
+            scale_t = grad_scale.to(device, non_blocking=True)
+        if found_inf is not None:
+            found_t = found_inf.to(device, non_blocking=True)
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         numels = tuple(map(torch.Tensor.numel, p))
         numels, block_tensor, block_start = _block_map(numels, numels if shards is None else
@@ -1318,9 +1723,10 @@ def _fused_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momentum, nes
         state_type = buf[0].dtype
         stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
         seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
-        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed]
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t]
         args.append(_shape_table_0(whole, device))
         types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
+                     SCALED=grad_scale is not None, CHECK_INF=found_inf is not None,
                      C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
                      ALIGNED=all(aligned[k] for k in (0, 1, 2)),
                      num_warps=_NUM_WARPS)
@@ -1335,9 +1741,9 @@ def _fused_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momentum, nes
             ncols = (whole[i].shape[-1] if whole[i].dim() >= 1 else 1)
             c1 = float(nrows > ncols)
             if shards is None:
-                exits = _matrix_muon_0(a=a, b=b, c=c, c1=c1, eps=eps, x1=mxin[0][i])
+                exits = _matrix_muon_0(a=a, b=b, c=c, c1=c1, eps=eps, ns_bfloat16=ns_bfloat16, x2=mxin[0][i])
             else:  # a shard's matrix work needs the whole matrix
-                exits = shards.matrix(i, _matrix_muon_0, dict(a=a, b=b, c=c, c1=c1, eps=eps, x1=mxin[0][i]), 1, compute)
+                exits = shards.matrix(i, _matrix_muon_0, dict(a=a, b=b, c=c, c1=c1, eps=eps, ns_bfloat16=ns_bfloat16, x2=mxin[0][i]), 1, compute)
             for n_, x_ in enumerate(exits):
                 if x_.shape != p[i].shape:
                     raise RuntimeError(f"Muon: matrix work gave shape {tuple(x_.shape)} "
@@ -1346,9 +1752,14 @@ def _fused_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momentum, nes
         args += _scratch_tables(mxout, device)
         _muon_0_kernel[(len(block_tensor),)](*args, **types)
         LAUNCHES += 2
+        if found_inf is not None:  # an overflow: the step count goes back too, as in torch's fused optimizers
+            torch._foreach_sub_(device_steps, [found_t] * len(device_steps))
+        if grad_scale is not None and g is not grads_in:  # the unscaled gradients, into the originals
+            torch._foreach_copy_(grads_in, g)
 
 
-def _fused_muon_1(params, grads, m_list, v_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, adam_lr, b1, b2, adam_eps, adam_wd):
+def _fused_muon_1(params, grads, m_list, v_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, ns_steps, adjust_lr_fn, adam_lr, b1, b2, adam_eps, adam_wd, use_muon, ns_bfloat16,
+                  grad_scale=None, found_inf=None):
     global LAUNCHES
     if not params:
         return
@@ -1370,8 +1781,16 @@ def _fused_muon_1(params, grads, m_list, v_list, state_steps, *, lr, wd, momentu
             raise RuntimeError("Muon(fused=True): step counts must be on the parameters' device "
                                f"({device}), found {device_steps[0].device}")
         torch._foreach_add_(device_steps, 1)  # one launch on the device, no sync
+        grads_in = g
         if not all(map(torch.Tensor.is_contiguous, g)):
             g = [x.contiguous() for x in g]  # kept alive until the launch ends
+        # GradScaler's protocol (_step_supports_amp_scaling): the kernels unscale g and skip the
+        # step on an overflow, where the scaler would otherwise unscale every gradient itself.
+        scale_t = found_t = device_steps[0]  # a placeholder the kernels never read
+        if grad_scale is not None:
+            scale_t = grad_scale.to(device, non_blocking=True)
+        if found_inf is not None:
+            found_t = found_inf.to(device, non_blocking=True)
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         numels = tuple(map(torch.Tensor.numel, p))
         numels, block_tensor, block_start = _block_map(numels, numels if shards is None else
@@ -1380,10 +1799,15 @@ def _fused_muon_1(params, grads, m_list, v_list, state_steps, *, lr, wd, momentu
         state_type = m[0].dtype
         stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
         seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
-        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed]
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t]
         types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
+                     SCALED=grad_scale is not None, CHECK_INF=found_inf is not None,
                      C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
                      ALIGNED=all(aligned[k] for k in (0, 1, 2, 3)),
                      num_warps=_NUM_WARPS)
         _muon_1_kernel[(len(block_tensor),)](*args, **types)
         LAUNCHES += 1
+        if found_inf is not None:  # an overflow: the step count goes back too, as in torch's fused optimizers
+            torch._foreach_sub_(device_steps, [found_t] * len(device_steps))
+        if grad_scale is not None and g is not grads_in:  # the unscaled gradients, into the originals
+            torch._foreach_copy_(grads_in, g)

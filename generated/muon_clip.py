@@ -390,6 +390,8 @@ class MuonClip(Optimizer):
             why = fused_available([p for g in self.param_groups for p in g["params"]])
             if why:
                 raise RuntimeError(f"MuonClip(fused=True) cannot run: {why}")
+            # GradScaler then leaves the unscaling and the inf check to the kernels (grad_scale, found_inf)
+            self._step_supports_amp_scaling = True
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -437,6 +439,8 @@ class MuonClip(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("MuonClip does not support sparse gradients")
+        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
+            raise RuntimeError("MuonClip does not support complex parameters")
         states = [self.state[p] for p in with_grad]
         if not all("step" in state for state in states):
             for p, state in zip(with_grad, states):
@@ -460,6 +464,8 @@ class MuonClip(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("MuonClip does not support sparse gradients")
+        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
+            raise RuntimeError("MuonClip does not support complex parameters")
         states = [self.state[p] for p in with_grad]
         if not all("step" in state for state in states):
             for p, state in zip(with_grad, states):
@@ -517,6 +523,8 @@ class MuonClip(Optimizer):
                 adam_wd=group["adam_wd"],
                 foreach=group["foreach"],
                 fused=group["fused"],
+                grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
+                found_inf=getattr(self, "found_inf", None),
             )
             params, grads, state_steps = [], [], []
             m_list = []
@@ -541,6 +549,8 @@ class MuonClip(Optimizer):
                 adam_wd=group["adam_wd"],
                 foreach=group["foreach"],
                 fused=group["fused"],
+                grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
+                found_inf=getattr(self, "found_inf", None),
             )
         return loss
 
@@ -561,8 +571,13 @@ def _state_dtype(group, p):
 
 
 def muonclip_0(params, grads, buf_list, max_logit_list, state_steps, *, foreach=None, fused=None,
-               **hypers):
-    """Functional MuonClip: update `params` and the state lists in place."""
+               grad_scale=None, found_inf=None, **hypers):
+    """Functional MuonClip: update `params` and the state lists in place. `grad_scale` and
+    `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
+    skips the step."""
+    amp = grad_scale is not None or found_inf is not None
+    if amp and (not fused or torch.compiler.is_compiling()):
+        raise RuntimeError("MuonClip: grad_scale and found_inf are taken by the fused path only (fused=True, eager)")
     if torch.compiler.is_compiling():
         # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
         return _single_tensor_muonclip_0(params, grads, buf_list, max_logit_list, state_steps, **hypers)
@@ -576,6 +591,9 @@ def muonclip_0(params, grads, buf_list, max_logit_list, state_steps, *, foreach=
             raise RuntimeError(f"MuonClip(fused=True) cannot run: {why}")
     if fused:
         impl = _fused_muonclip_0
+        if amp:
+            return impl(params, grads, buf_list, max_logit_list, state_steps,
+                        grad_scale=grad_scale, found_inf=found_inf, **hypers)
     else:
         if foreach is None:  # a pass over every parameter: only when it decides something
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
@@ -603,7 +621,7 @@ def _single_tensor_muonclip_0(params, grads, buf_list, max_logit_list, state_ste
         t = step_t.to(torch.float64) if torch.compiler.is_compiling() else step_t.item()
         c0 = -lr*math.sqrt(max(1, nrows/ncols))
         c1 = float(nrows > ncols)
-        d0 = k0*torch.sqrt(1/torch.maximum(torch.as_tensor(max_logit, dtype=torch.float64), torch.as_tensor(tau, dtype=torch.float64)))
+        d0 = torch.as_tensor(k0*torch.sqrt(1/torch.maximum(torch.as_tensor(max_logit, dtype=torch.float64), torch.as_tensor(tau, dtype=torch.float64))), dtype=p.dtype)
         buf.lerp_(g, k2)
         if nesterov:
             tmp0 = torch.lerp(g, buf, momentum)
@@ -616,8 +634,8 @@ def _single_tensor_muonclip_0(params, grads, buf_list, max_logit_list, state_ste
         else:
             tmp3 = tmp1
         r0 = _whole(torch.linalg.vector_norm(tmp3))
-        d1 = 1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64))
-        d2 = a/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64))
+        d1 = torch.as_tensor(1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64)), dtype=p.dtype)
+        d2 = torch.as_tensor(a/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64)), dtype=p.dtype)
         tmp4 = torch.mul(tmp3, d1)
         tmp5 = tmp4.mT
         tmp6 = torch.matmul(tmp4, tmp5)
@@ -705,7 +723,7 @@ def _multi_tensor_muonclip_0(params, grads, buf_list, max_logit_list, state_step
         # Scalars of the step count: one per tensor, on the host.
         c0 = [-lr*math.sqrt(max(1, nrows_/ncols_)) for ncols_, nrows_ in zip(ncols, nrows)]
         c1 = [float(nrows_ > ncols_) for ncols_, nrows_ in zip(ncols, nrows)]
-        d0 = [k0*torch.sqrt(1/torch.maximum(torch.as_tensor(max_logit_, dtype=torch.float64), torch.as_tensor(tau, dtype=torch.float64))) for max_logit_ in max_logit]
+        d0 = [torch.as_tensor(k0*torch.sqrt(1/torch.maximum(torch.as_tensor(max_logit_, dtype=torch.float64), torch.as_tensor(tau, dtype=torch.float64))), dtype=p[0].dtype) for max_logit_ in max_logit]
         torch._foreach_lerp_(buf, g, k2)
         if nesterov:
             tmp0 = torch._foreach_lerp(g, buf, momentum)
@@ -715,8 +733,8 @@ def _multi_tensor_muonclip_0(params, grads, buf_list, max_logit_list, state_step
         tmp2 = [tmp1_.mT for tmp1_ in tmp1]
         tmp3 = [x if c else y for c, x, y in zip(c1, tmp2, tmp1)]
         r0 = list(map(_whole, torch._foreach_norm(tmp3)))
-        d1 = [1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)) for r0_ in r0]
-        d2 = [a/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)) for r0_ in r0]
+        d1 = [torch.as_tensor(1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)), dtype=p[0].dtype) for r0_ in r0]
+        d2 = [torch.as_tensor(a/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)), dtype=p[0].dtype) for r0_ in r0]
         tmp4 = torch._foreach_mul(tmp3, d1)
         tmp5 = [tmp4_.mT for tmp4_ in tmp4]
         tmp6 = [torch.matmul(tmp4_, tmp5_) for tmp4_, tmp5_ in zip(tmp4, tmp5)]
@@ -775,8 +793,13 @@ def _multi_tensor_muonclip_0(params, grads, buf_list, max_logit_list, state_step
 
 
 def muonclip_1(params, grads, m_list, v_list, max_logit_list, state_steps, *, foreach=None, fused=None,
-               **hypers):
-    """Functional MuonClip: update `params` and the state lists in place."""
+               grad_scale=None, found_inf=None, **hypers):
+    """Functional MuonClip: update `params` and the state lists in place. `grad_scale` and
+    `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
+    skips the step."""
+    amp = grad_scale is not None or found_inf is not None
+    if amp and (not fused or torch.compiler.is_compiling()):
+        raise RuntimeError("MuonClip: grad_scale and found_inf are taken by the fused path only (fused=True, eager)")
     if torch.compiler.is_compiling():
         # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
         return _single_tensor_muonclip_1(params, grads, m_list, v_list, max_logit_list, state_steps, **hypers)
@@ -790,6 +813,9 @@ def muonclip_1(params, grads, m_list, v_list, max_logit_list, state_steps, *, fo
             raise RuntimeError(f"MuonClip(fused=True) cannot run: {why}")
     if fused:
         impl = _fused_muonclip_1
+        if amp:
+            return impl(params, grads, m_list, v_list, max_logit_list, state_steps,
+                        grad_scale=grad_scale, found_inf=found_inf, **hypers)
     else:
         if foreach is None:  # a pass over every parameter: only when it decides something
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
@@ -1030,6 +1056,8 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [11] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         shapes,  # [tensors, 2] float64: nrows, ncols of each parameter
         mxin0_ptrs,  # int64 table: scratch tensors for an entry of the matrix work
         P_TYPE: tl.constexpr,  # parameter dtype
@@ -1037,10 +1065,15 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -1085,6 +1118,8 @@ if triton is not None:
         tau = tau.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
         buf = _load(buf_ptr, offsets, mask, whole).to(C_TYPE)
         max_logit = tl.load(max_logit_ptr).to(C_TYPE)  # one number per tensor
         x0 = (tl.where(k2 < 0.5, buf, g) + tl.where(k2 < 0.5, k2, k2 - 1.0) * (g - buf))
@@ -1103,6 +1138,8 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [11] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         shapes,  # [tensors, 2] float64: nrows, ncols of each parameter
         mxin0_ptrs,  # int64 table: scratch tensors for an entry of the matrix work
         mxout0_ptrs,  # int64 table: w16 per tensor, made by the matrix work in torch
@@ -1111,10 +1148,15 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -1159,6 +1201,9 @@ if triton is not None:
         tau = tau.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
+            _store(g_ptr, offsets, g.to(P_TYPE), mask, whole)  # left unscaled, as torch's fused kernels leave it
         buf = _load(buf_ptr, offsets, mask, whole).to(C_TYPE)
         max_logit = tl.load(max_logit_ptr).to(C_TYPE)  # one number per tensor
         w16 = tl.load(tl.load(mxout0_ptrs + i).to(tl.pointer_type(C_TYPE)) + offsets, mask=mask)
@@ -1178,15 +1223,22 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [7] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -1219,6 +1271,9 @@ if triton is not None:
         k2 = k2.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
+            _store(g_ptr, offsets, g.to(P_TYPE), mask, whole)  # left unscaled, as torch's fused kernels leave it
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
         max_logit = tl.load(max_logit_ptr).to(C_TYPE)  # one number per tensor
@@ -1357,7 +1412,8 @@ def _matrix_muonclip_0(a, b, c, c1, eps, x1):
     return (w16,)
 
 
-def _fused_muonclip_0(params, grads, buf_list, max_logit_list, state_steps, *, tau, lr, wd, momentum, nesterov, a, b, c, eps, adam_lr, b1, b2, adam_eps, adam_wd):
+def _fused_muonclip_0(params, grads, buf_list, max_logit_list, state_steps, *, tau, lr, wd, momentum, nesterov, a, b, c, eps, adam_lr, b1, b2, adam_eps, adam_wd,
+                      grad_scale=None, found_inf=None):
     global LAUNCHES
     if not params:
         return
@@ -1377,8 +1433,16 @@ def _fused_muonclip_0(params, grads, buf_list, max_logit_list, state_steps, *, t
             raise RuntimeError("MuonClip(fused=True): step counts must be on the parameters' device "
                                f"({device}), found {device_steps[0].device}")
         torch._foreach_add_(device_steps, 1)  # one launch on the device, no sync
+        grads_in = g
         if not all(map(torch.Tensor.is_contiguous, g)):
             g = [x.contiguous() for x in g]  # kept alive until the launch ends
+        # GradScaler's protocol (_step_supports_amp_scaling): the kernels unscale g and skip the
+        # step on an overflow, where the scaler would otherwise unscale every gradient itself.
+        scale_t = found_t = device_steps[0]  # a placeholder the kernels never read
+        if grad_scale is not None:
+            scale_t = grad_scale.to(device, non_blocking=True)
+        if found_inf is not None:
+            found_t = found_inf.to(device, non_blocking=True)
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         numels = tuple(map(torch.Tensor.numel, p))
         numels, block_tensor, block_start = _block_map(numels, numels if shards is None else
@@ -1387,9 +1451,10 @@ def _fused_muonclip_0(params, grads, buf_list, max_logit_list, state_steps, *, t
         state_type = buf[0].dtype
         stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
         seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
-        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed]
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t]
         args.append(_shape_table_0(whole, device))
         types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
+                     SCALED=grad_scale is not None, CHECK_INF=found_inf is not None,
                      C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
                      ALIGNED=all(aligned[k] for k in (0, 1, 2)),
                      num_warps=_NUM_WARPS)
@@ -1415,9 +1480,14 @@ def _fused_muonclip_0(params, grads, buf_list, max_logit_list, state_steps, *, t
         args += _scratch_tables(mxout, device)
         _muonclip_0_kernel[(len(block_tensor),)](*args, **types)
         LAUNCHES += 2
+        if found_inf is not None:  # an overflow: the step count goes back too, as in torch's fused optimizers
+            torch._foreach_sub_(device_steps, [found_t] * len(device_steps))
+        if grad_scale is not None and g is not grads_in:  # the unscaled gradients, into the originals
+            torch._foreach_copy_(grads_in, g)
 
 
-def _fused_muonclip_1(params, grads, m_list, v_list, max_logit_list, state_steps, *, tau, lr, wd, momentum, nesterov, a, b, c, eps, adam_lr, b1, b2, adam_eps, adam_wd):
+def _fused_muonclip_1(params, grads, m_list, v_list, max_logit_list, state_steps, *, tau, lr, wd, momentum, nesterov, a, b, c, eps, adam_lr, b1, b2, adam_eps, adam_wd,
+                      grad_scale=None, found_inf=None):
     global LAUNCHES
     if not params:
         return
@@ -1440,8 +1510,16 @@ def _fused_muonclip_1(params, grads, m_list, v_list, max_logit_list, state_steps
             raise RuntimeError("MuonClip(fused=True): step counts must be on the parameters' device "
                                f"({device}), found {device_steps[0].device}")
         torch._foreach_add_(device_steps, 1)  # one launch on the device, no sync
+        grads_in = g
         if not all(map(torch.Tensor.is_contiguous, g)):
             g = [x.contiguous() for x in g]  # kept alive until the launch ends
+        # GradScaler's protocol (_step_supports_amp_scaling): the kernels unscale g and skip the
+        # step on an overflow, where the scaler would otherwise unscale every gradient itself.
+        scale_t = found_t = device_steps[0]  # a placeholder the kernels never read
+        if grad_scale is not None:
+            scale_t = grad_scale.to(device, non_blocking=True)
+        if found_inf is not None:
+            found_t = found_inf.to(device, non_blocking=True)
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         numels = tuple(map(torch.Tensor.numel, p))
         numels, block_tensor, block_start = _block_map(numels, numels if shards is None else
@@ -1450,10 +1528,15 @@ def _fused_muonclip_1(params, grads, m_list, v_list, max_logit_list, state_steps
         state_type = m[0].dtype
         stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
         seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
-        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed]
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t]
         types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
+                     SCALED=grad_scale is not None, CHECK_INF=found_inf is not None,
                      C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
                      ALIGNED=all(aligned[k] for k in (0, 1, 2, 3)),
                      num_warps=_NUM_WARPS)
         _muonclip_1_kernel[(len(block_tensor),)](*args, **types)
         LAUNCHES += 1
+        if found_inf is not None:  # an overflow: the step count goes back too, as in torch's fused optimizers
+            torch._foreach_sub_(device_steps, [found_t] * len(device_steps))
+        if grad_scale is not None and g is not grads_in:  # the unscaled gradients, into the originals
+            torch._foreach_copy_(grads_in, g)

@@ -282,6 +282,8 @@ class NSGDA(Optimizer):
             why = fused_available([p for g in self.param_groups for p in g["params"]])
             if why:
                 raise RuntimeError(f"NSGDA(fused=True) cannot run: {why}")
+            # GradScaler then leaves the unscaling and the inf check to the kernels (grad_scale, found_inf)
+            self._step_supports_amp_scaling = True
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -322,6 +324,8 @@ class NSGDA(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("NSGDA does not support sparse gradients")
+        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
+            raise RuntimeError("NSGDA does not support complex parameters")
         states = [self.state[p] for p in with_grad]
         if not all("step" in state for state in states):
             for p, state in zip(with_grad, states):
@@ -355,6 +359,8 @@ class NSGDA(Optimizer):
                 wd=group["wd"],
                 foreach=group["foreach"],
                 fused=group["fused"],
+                grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
+                found_inf=getattr(self, "found_inf", None),
             )
         return loss
 
@@ -375,8 +381,13 @@ def _state_dtype(group, p):
 
 
 def nsgda(params, grads, m_list, state_steps, *, foreach=None, fused=None,
-          **hypers):
-    """Functional NSGDA: update `params` and the state lists in place."""
+          grad_scale=None, found_inf=None, **hypers):
+    """Functional NSGDA: update `params` and the state lists in place. `grad_scale` and
+    `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
+    skips the step."""
+    amp = grad_scale is not None or found_inf is not None
+    if amp and (not fused or torch.compiler.is_compiling()):
+        raise RuntimeError("NSGDA: grad_scale and found_inf are taken by the fused path only (fused=True, eager)")
     if torch.compiler.is_compiling():
         # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
         return _single_tensor_nsgda(params, grads, m_list, state_steps, **hypers)
@@ -390,6 +401,9 @@ def nsgda(params, grads, m_list, state_steps, *, foreach=None, fused=None,
             raise RuntimeError(f"NSGDA(fused=True) cannot run: {why}")
     if fused:
         impl = _fused_nsgda
+        if amp:
+            return impl(params, grads, m_list, state_steps,
+                        grad_scale=grad_scale, found_inf=found_inf, **hypers)
     else:
         if foreach is None:  # a pass over every parameter: only when it decides something
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
@@ -415,7 +429,7 @@ def _single_tensor_nsgda(params, grads, m_list, state_steps, *, lr, momentum, ep
         m.lerp_(tmp0, k0)
         tmp1 = torch.mul(m, c0)
         r0 = _whole(torch.linalg.vector_norm(tmp1))
-        d0 = -c0*lr/(eps + r0)
+        d0 = torch.as_tensor(-c0*lr/(eps + r0), dtype=p.dtype)
         tmp2 = torch.mul(m, d0)
         p.add_(tmp2)
         if p is not param:
@@ -450,7 +464,7 @@ def _multi_tensor_nsgda(params, grads, m_list, state_steps, *, lr, momentum, eps
         torch._foreach_lerp_(m, tmp0, k0)
         tmp1 = torch._foreach_mul(m, c0)
         r0 = list(map(_whole, torch._foreach_norm(tmp1)))
-        d0 = [-c0_*lr/(eps + r0_) for c0_, r0_ in zip(c0, r0)]
+        d0 = [torch.as_tensor(-c0_*lr/(eps + r0_), dtype=p[0].dtype) for c0_, r0_ in zip(c0, r0)]
         tmp2 = torch._foreach_mul(m, d0)
         torch._foreach_add_(p, tmp2)
         if not exact:
@@ -577,16 +591,23 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [5] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         acc1,  # [tensors, 1]: whole-tensor reductions of stage 1
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -614,6 +635,8 @@ if triton is not None:
         wd = wd.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         x0 = (tl.where(k0 < 0.5, m, (g + p*wd)) + tl.where(k0 < 0.5, k0, k0 - 1.0) * ((g + p*wd) - m))
         r0_x = c0*x0
@@ -630,16 +653,23 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [5] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         acc1,  # [tensors, 1]: whole-tensor reductions of stage 1
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -667,6 +697,9 @@ if triton is not None:
         wd = wd.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
+            _store(g_ptr, offsets, g.to(P_TYPE), mask, whole)  # left unscaled, as torch's fused kernels leave it
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         x0 = m  # stored by an earlier launch
         r0 = tl.sqrt(tl.load(acc1 + i * 1 + 0))
@@ -760,7 +793,8 @@ def _hyper_table(values, device):
     return _HYPERS[key]
 
 
-def _fused_nsgda(params, grads, m_list, state_steps, *, lr, momentum, eps, wd):
+def _fused_nsgda(params, grads, m_list, state_steps, *, lr, momentum, eps, wd,
+                 grad_scale=None, found_inf=None):
     global LAUNCHES
     if not params:
         return
@@ -778,8 +812,16 @@ def _fused_nsgda(params, grads, m_list, state_steps, *, lr, momentum, eps, wd):
             raise RuntimeError("NSGDA(fused=True): step counts must be on the parameters' device "
                                f"({device}), found {device_steps[0].device}")
         torch._foreach_add_(device_steps, 1)  # one launch on the device, no sync
+        grads_in = g
         if not all(map(torch.Tensor.is_contiguous, g)):
             g = [x.contiguous() for x in g]  # kept alive until the launch ends
+        # GradScaler's protocol (_step_supports_amp_scaling): the kernels unscale g and skip the
+        # step on an overflow, where the scaler would otherwise unscale every gradient itself.
+        scale_t = found_t = device_steps[0]  # a placeholder the kernels never read
+        if grad_scale is not None:
+            scale_t = grad_scale.to(device, non_blocking=True)
+        if found_inf is not None:
+            found_t = found_inf.to(device, non_blocking=True)
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         numels = tuple(map(torch.Tensor.numel, p))
         numels, block_tensor, block_start = _block_map(numels, numels if shards is None else
@@ -788,11 +830,12 @@ def _fused_nsgda(params, grads, m_list, state_steps, *, lr, momentum, eps, wd):
         state_type = m[0].dtype
         stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
         seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
-        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed]
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t]
         # stage 1's whole-tensor reductions, accumulated by its blocks
         acc1 = _upload(torch.tensor([0.0] * len(p), dtype=compute), device)
         args.append(acc1)
         types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
+                     SCALED=grad_scale is not None, CHECK_INF=found_inf is not None,
                      C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
                      ALIGNED=all(aligned[k] for k in (0, 1, 2)),
                      num_warps=_NUM_WARPS)
@@ -801,3 +844,7 @@ def _fused_nsgda(params, grads, m_list, state_steps, *, lr, momentum, eps, wd):
             shards.combine([(acc1, _column(len(p), 1, 0), "all", "add")])
         _nsgda_kernel[(len(block_tensor),)](*args, **types)
         LAUNCHES += 2
+        if found_inf is not None:  # an overflow: the step count goes back too, as in torch's fused optimizers
+            torch._foreach_sub_(device_steps, [found_t] * len(device_steps))
+        if grad_scale is not None and g is not grads_in:  # the unscaled gradients, into the originals
+            torch._foreach_copy_(grads_in, g)

@@ -111,11 +111,19 @@ def _whole(x):
     return x
 
 
+def _copy_into(dst, src):
+    """dst.copy_(src). A DTensor value with other placements than dst's (matrix work leaves its
+    products replicated or split otherwise) is redistributed to dst's first."""
+    if _is_sharded(src) and _is_sharded(dst) and src.placements != dst.placements:
+        src = src.redistribute(dst.device_mesh, dst.placements)
+    dst.copy_(src)
+
+
 def _foreach_copy_(dst, src):
     """torch._foreach_copy_, tensor by tensor for DTensors (which have no sharding rule for it)."""
     if dst and _is_sharded(dst[0]):
         for d, s in zip(dst, src):
-            d.copy_(s)
+            _copy_into(d, s)
     else:
         torch._foreach_copy_(dst, src)
 
@@ -133,9 +141,12 @@ class _Shards:
 
     def __init__(self, params):
         self.params = params
-        self.mesh = params[0].device_mesh
+        self.mesh = next(x for x in params if _is_sharded(x)).device_mesh
         self.split = []  # per tensor: {mesh dim: the tensor axis it splits}
         for x in params:
+            if not _is_sharded(x):  # a plain tensor beside DTensors (a gain tensor parallelism leaves whole)
+                self.split.append({})
+                continue
             if x.device_mesh != self.mesh:
                 raise RuntimeError("fused=True: the DTensor parameters of a group must share one device mesh")
             split = {}
@@ -149,7 +160,7 @@ class _Shards:
     @staticmethod
     def of(params):
         """The shards of these parameters, or None when they are plain tensors."""
-        return _Shards(params) if params and _is_sharded(params[0]) else None
+        return _Shards(params) if any(map(_is_sharded, params)) else None
 
     @staticmethod
     def local(tensors):
@@ -175,6 +186,48 @@ class _Shards:
                 b.index_copy_(0, idx, flat[at:at + len(idx)])
                 at += len(idx)
 
+    def matrix(self, i, work, entries, exits, dtype):
+        """Matrix work (mm, T) of tensor i, which needs whole matrices: its tensor entries gathered
+        whole to one owner rank (owners round-robin over the tensors, so the work spreads over the
+        ranks), `work` run there, and its `exits` results scattered back as shards: the plan of
+        Moonlight's distributed Muon and of dion, where DTensor would redistribute at every
+        product. Each rank sends its shard once and receives its part of each result once."""
+        if len(self.split[i]) != 1:  # whole already, or split over several mesh dimensions
+            whole = {k: self.whole(i, v) if torch.is_tensor(v) else v for k, v in entries.items()}
+            return [self.shard(i, x) for x in work(**whole)]
+        ((m, axis),) = self.split[i].items()
+        group, size, me = self.mesh.get_group(m), self.mesh.size(m), self.mesh.get_local_rank(m)
+        owner = i % size
+        length = self.params[i].shape[axis]
+        chunk = -(-length // size)  # torch.chunk's split, as DTensor's Shard: the last parts shorter or empty
+        have = [max(0, min(chunk, length - r * chunk)) for r in range(size)]
+        dst = _dist.get_global_rank(group, owner)
+
+        def padded(x):
+            out = x.new_zeros(x.shape[:axis] + (chunk,) + x.shape[axis + 1:])
+            out.narrow(axis, 0, x.shape[axis]).copy_(x)
+            return out
+        whole = dict(entries)
+        for k, v in entries.items():
+            if torch.is_tensor(v):
+                x = padded(v.contiguous())
+                parts = [torch.empty_like(x) for _ in range(size)] if me == owner else None
+                _dist.gather(x, parts, dst=dst, group=group)
+                if me == owner:
+                    whole[k] = torch.cat([part.narrow(axis, 0, n) for part, n in zip(parts, have)], axis)
+        results = list(work(**whole)) if me == owner else []
+        out = []
+        for k in range(exits):  # each result shaped like the parameter, in `dtype`
+            local = self.params[i].to_local()
+            x = local.new_empty(local.shape[:axis] + (chunk,) + local.shape[axis + 1:], dtype=dtype)
+            parts = None
+            if me == owner:
+                r = results[k].to(dtype)
+                parts = [padded(r.narrow(axis, min(j * chunk, length), n)) for j, n in enumerate(have)]
+            _dist.scatter(x, parts, src=dst, group=group)
+            out.append(x.narrow(axis, 0, have[me]).contiguous())
+        return out
+
     def whole(self, i, x):
         """Tensor i's local shard `x` (or a value shaped like it) as the whole tensor."""
         p = self.params[i]
@@ -185,16 +238,6 @@ class _Shards:
         """This rank's shard of `x`, a whole value shaped like tensor i."""
         whole = _DTensor.from_local(x, self.mesh, [_Replicate()] * self.mesh.ndim, run_check=False)
         return whole.redistribute(self.mesh, self.params[i].placements).to_local().contiguous()
-
-
-def _pow(x, y):
-    try:
-        r = x ** y
-    except ZeroDivisionError:  # 0 to a negative power
-        return math.copysign(math.inf, x) if y % 2 == 1 else math.inf
-    except OverflowError:
-        return -math.inf if x < 0 and y % 2 == 1 else math.inf
-    return math.nan if isinstance(r, complex) else r
 
 
 class ScheduleFreeAdamW(Optimizer):
@@ -481,6 +524,8 @@ class ScheduleFreeAdamW(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("ScheduleFreeAdamW does not support sparse gradients")
+        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
+            raise RuntimeError("ScheduleFreeAdamW does not support complex parameters")
         states = [self.state[p] for p in with_grad]
         made = {"step", "z", "exp_avg_sq"}.issubset
         if not all(map(made, states)):
@@ -499,12 +544,10 @@ class ScheduleFreeAdamW(Optimizer):
                     state["z"].add_(p)
                 if state.get("exp_avg_sq") is None:
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
-        if any(map(torch.is_complex, with_grad)):  # as torch.optim: an element-wise update of the real view
-            with_grad, new_grads = [_real(p) for p in with_grad], [_real(g) for g in new_grads]
         params += with_grad
         grads += new_grads
-        z_list += [_real(state["z"]) for state in states]
-        v_list += [_real(state["exp_avg_sq"]) for state in states]
+        z_list += [state["z"] for state in states]
+        v_list += [state["exp_avg_sq"] for state in states]
         state_steps += [state["step"] for state in states]
 
     def _group_phase(self, group, params, grads, state_steps):
@@ -618,13 +661,7 @@ def _one_element(values):
 
 def _state_dtype(group, p):
     """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
-    if p.is_complex():  # kept complex, as torch.optim does, and stepped through their real view
-        return p.dtype
     return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
-
-
-def _real(x):
-    return torch.view_as_real(x) if x.is_complex() else x
 
 
 def _step_dtype():
@@ -681,7 +718,7 @@ def schedulefreeadamw(params, grads, z_list, v_list, state_steps, *, foreach=Non
 def _single_tensor_schedulefreeadamw(params, grads, z_list, v_list, state_steps, *, lr, b1, b2, wd, r, weight_lr_power, warmup_steps, decoupling_c, eps, lr_t, ckp, bc2,                                      generator=None):
     # Scalars of the hyperparameters alone: once per group.
     k0 = lr_t*(b1*(1 - ckp) - 1)
-    k1 = _pow(bc2, -1)
+    k1 = 1/bc2
     k2 = 1 - b2
     k3 = -lr_t
     for i, param in enumerate(params):
@@ -704,7 +741,7 @@ def _single_tensor_schedulefreeadamw(params, grads, z_list, v_list, state_steps,
         tmp3 = torch.lerp(p, z, ckp)
         tmp4 = torch.mul(tmp2, k0)
         tmp4.add_(tmp3)
-        p.copy_(tmp4)
+        _copy_into(p, tmp4)
         z.add_(tmp2, alpha=k3)
         if p is not param:
             param.copy_(p)
@@ -719,7 +756,7 @@ def _multi_tensor_schedulefreeadamw(params, grads, z_list, v_list, state_steps, 
         return
     # Scalars of the hyperparameters alone: once per group.
     k0 = lr_t*(b1*(1 - ckp) - 1)
-    k1 = _pow(bc2, -1)
+    k1 = 1/bc2
     k2 = 1 - b2
     k3 = -lr_t
     # Grouped by the parameters' device and dtype; states follow by index, as they may be stored in
@@ -1035,12 +1072,12 @@ def _fused_schedulefreeadamw(params, grads, z_list, v_list, state_steps, *, lr, 
     if not params:
         return
     k0 = lr_t*(b1*(1 - ckp) - 1)
-    k1 = _pow(bc2, -1)
+    k1 = 1/bc2
     k2 = 1 - b2
     k3 = -lr_t
     hyper_values = (float(b2), float(ckp), float(eps), float(k0), float(k1), float(k2), float(k3), float(wd), )
     sharded = params  # DTensors (FSDP2, tensor parallel): the kernels run on their local shards
-    if _is_sharded(params[0]):
+    if any(map(_is_sharded, params)):
         params, grads = _Shards.local(params), _Shards.local(grads)
         z_list = _Shards.local(z_list)
         v_list = _Shards.local(v_list)

@@ -306,6 +306,8 @@ class SM3(Optimizer):
             why = fused_available([p for g in self.param_groups for p in g["params"]])
             if why:
                 raise RuntimeError(f"SM3(fused=True) cannot run: {why}")
+            # GradScaler then leaves the unscaling and the inf check to the kernels (grad_scale, found_inf)
+            self._step_supports_amp_scaling = True
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -353,6 +355,8 @@ class SM3(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("SM3 does not support sparse gradients")
+        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
+            raise RuntimeError("SM3 does not support complex parameters")
         states = [self.state[p] for p in with_grad]
         if not all("step" in state for state in states):
             for p, state in zip(with_grad, states):
@@ -377,6 +381,8 @@ class SM3(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("SM3 does not support sparse gradients")
+        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
+            raise RuntimeError("SM3 does not support complex parameters")
         states = [self.state[p] for p in with_grad]
         if not all("step" in state for state in states):
             for p, state in zip(with_grad, states):
@@ -414,6 +420,8 @@ class SM3(Optimizer):
                 eps=group["eps"],
                 foreach=group["foreach"],
                 fused=group["fused"],
+                grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
+                found_inf=getattr(self, "found_inf", None),
             )
             params, grads, state_steps = [], [], []
             v_list = []
@@ -427,6 +435,8 @@ class SM3(Optimizer):
                 eps=group["eps"],
                 foreach=group["foreach"],
                 fused=group["fused"],
+                grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
+                found_inf=getattr(self, "found_inf", None),
             )
         return loss
 
@@ -447,8 +457,13 @@ def _state_dtype(group, p):
 
 
 def sm3_0(params, grads, r_list, c_list, m_list, state_steps, *, foreach=None, fused=None,
-          **hypers):
-    """Functional SM3: update `params` and the state lists in place."""
+          grad_scale=None, found_inf=None, **hypers):
+    """Functional SM3: update `params` and the state lists in place. `grad_scale` and
+    `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
+    skips the step."""
+    amp = grad_scale is not None or found_inf is not None
+    if amp and (not fused or torch.compiler.is_compiling()):
+        raise RuntimeError("SM3: grad_scale and found_inf are taken by the fused path only (fused=True, eager)")
     if torch.compiler.is_compiling():
         # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
         return _single_tensor_sm3_0(params, grads, r_list, c_list, m_list, state_steps, **hypers)
@@ -462,6 +477,9 @@ def sm3_0(params, grads, r_list, c_list, m_list, state_steps, *, foreach=None, f
             raise RuntimeError(f"SM3(fused=True) cannot run: {why}")
     if fused:
         impl = _fused_sm3_0
+        if amp:
+            return impl(params, grads, r_list, c_list, m_list, state_steps,
+                        grad_scale=grad_scale, found_inf=found_inf, **hypers)
     else:
         if foreach is None:  # a pass over every parameter: only when it decides something
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
@@ -589,8 +607,13 @@ def _multi_tensor_sm3_0(params, grads, r_list, c_list, m_list, state_steps, *, l
 
 
 def sm3_1(params, grads, v_list, m_list, state_steps, *, foreach=None, fused=None,
-          **hypers):
-    """Functional SM3: update `params` and the state lists in place."""
+          grad_scale=None, found_inf=None, **hypers):
+    """Functional SM3: update `params` and the state lists in place. `grad_scale` and
+    `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
+    skips the step."""
+    amp = grad_scale is not None or found_inf is not None
+    if amp and (not fused or torch.compiler.is_compiling()):
+        raise RuntimeError("SM3: grad_scale and found_inf are taken by the fused path only (fused=True, eager)")
     if torch.compiler.is_compiling():
         # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
         return _single_tensor_sm3_1(params, grads, v_list, m_list, state_steps, **hypers)
@@ -604,6 +627,9 @@ def sm3_1(params, grads, v_list, m_list, state_steps, *, foreach=None, fused=Non
             raise RuntimeError(f"SM3(fused=True) cannot run: {why}")
     if fused:
         impl = _fused_sm3_1
+        if amp:
+            return impl(params, grads, v_list, m_list, state_steps,
+                        grad_scale=grad_scale, found_inf=found_inf, **hypers)
     else:
         if foreach is None:  # a pass over every parameter: only when it decides something
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
@@ -871,6 +897,8 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [5] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         geometry,  # int64 [tensors, 6]: rows R and columns C of the last two axes, here and whole, where each axis reduction's part starts
         axacc0,  # row_max(), one per row, of all tensors
         axacc1,  # col_max(), one per column, of all tensors
@@ -879,10 +907,15 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -923,6 +956,8 @@ if triton is not None:
         k3 = k3.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
         r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
         c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
@@ -948,6 +983,8 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [5] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         geometry,  # int64 [tensors, 6]: rows R and columns C of the last two axes, here and whole, where each axis reduction's part starts
         axacc0,  # row_max(), one per row, of all tensors
         axacc1,  # col_max(), one per column, of all tensors
@@ -956,10 +993,15 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -1000,6 +1042,8 @@ if triton is not None:
         k3 = k3.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
         r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
         c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
@@ -1017,6 +1061,8 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [5] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         geometry,  # int64 [tensors, 6]: rows R and columns C of the last two axes, here and whole, where each axis reduction's part starts
         axacc0,  # row_max(), one per row, of all tensors
         axacc1,  # col_max(), one per column, of all tensors
@@ -1025,10 +1071,15 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -1069,6 +1120,9 @@ if triton is not None:
         k3 = k3.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
+            _store(g_ptr, offsets, g.to(P_TYPE), mask, whole)  # left unscaled, as torch's fused kernels leave it
         r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
         c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
@@ -1093,15 +1147,22 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [5] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -1128,6 +1189,9 @@ if triton is not None:
         k3 = k3.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
+            _store(g_ptr, offsets, g.to(P_TYPE), mask, whole)  # left unscaled, as torch's fused kernels leave it
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         x0 = ((g) * (g))
@@ -1245,7 +1309,8 @@ def _geometry_0(params, whole, device):
     return _BLOCK_MAPS[key]
 
 
-def _fused_sm3_0(params, grads, r_list, c_list, m_list, state_steps, *, lr, momentum, beta, eps):
+def _fused_sm3_0(params, grads, r_list, c_list, m_list, state_steps, *, lr, momentum, beta, eps,
+                 grad_scale=None, found_inf=None):
     global LAUNCHES
     if not params:
         return
@@ -1267,8 +1332,16 @@ def _fused_sm3_0(params, grads, r_list, c_list, m_list, state_steps, *, lr, mome
             raise RuntimeError("SM3(fused=True): step counts must be on the parameters' device "
                                f"({device}), found {device_steps[0].device}")
         torch._foreach_add_(device_steps, 1)  # one launch on the device, no sync
+        grads_in = g
         if not all(map(torch.Tensor.is_contiguous, g)):
             g = [x.contiguous() for x in g]  # kept alive until the launch ends
+        # GradScaler's protocol (_step_supports_amp_scaling): the kernels unscale g and skip the
+        # step on an overflow, where the scaler would otherwise unscale every gradient itself.
+        scale_t = found_t = device_steps[0]  # a placeholder the kernels never read
+        if grad_scale is not None:
+            scale_t = grad_scale.to(device, non_blocking=True)
+        if found_inf is not None:
+            found_t = found_inf.to(device, non_blocking=True)
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         numels = tuple(map(torch.Tensor.numel, p))
         numels, block_tensor, block_start = _block_map(numels, numels if shards is None else
@@ -1277,7 +1350,7 @@ def _fused_sm3_0(params, grads, r_list, c_list, m_list, state_steps, *, lr, mome
         state_type = r[0].dtype
         stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
         seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
-        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed]
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t]
         geometry, totals, axis_segments = _geometry_0(p, whole, device)
         args.append(geometry)
         axacc = [
@@ -1286,6 +1359,7 @@ def _fused_sm3_0(params, grads, r_list, c_list, m_list, state_steps, *, lr, mome
         ]
         args += axacc
         types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
+                     SCALED=grad_scale is not None, CHECK_INF=found_inf is not None,
                      C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
                      ALIGNED=all(aligned[k] for k in (0, 1, 4)),
                      num_warps=_NUM_WARPS)
@@ -1295,9 +1369,14 @@ def _fused_sm3_0(params, grads, r_list, c_list, m_list, state_steps, *, lr, mome
         _sm3_0_kernel[(len(block_tensor),)](*args, **types)
         _sm3_0_reduced[(len(block_tensor),)](*args, **types)
         LAUNCHES += 3
+        if found_inf is not None:  # an overflow: the step count goes back too, as in torch's fused optimizers
+            torch._foreach_sub_(device_steps, [found_t] * len(device_steps))
+        if grad_scale is not None and g is not grads_in:  # the unscaled gradients, into the originals
+            torch._foreach_copy_(grads_in, g)
 
 
-def _fused_sm3_1(params, grads, v_list, m_list, state_steps, *, lr, momentum, beta, eps):
+def _fused_sm3_1(params, grads, v_list, m_list, state_steps, *, lr, momentum, beta, eps,
+                 grad_scale=None, found_inf=None):
     global LAUNCHES
     if not params:
         return
@@ -1318,8 +1397,16 @@ def _fused_sm3_1(params, grads, v_list, m_list, state_steps, *, lr, momentum, be
             raise RuntimeError("SM3(fused=True): step counts must be on the parameters' device "
                                f"({device}), found {device_steps[0].device}")
         torch._foreach_add_(device_steps, 1)  # one launch on the device, no sync
+        grads_in = g
         if not all(map(torch.Tensor.is_contiguous, g)):
             g = [x.contiguous() for x in g]  # kept alive until the launch ends
+        # GradScaler's protocol (_step_supports_amp_scaling): the kernels unscale g and skip the
+        # step on an overflow, where the scaler would otherwise unscale every gradient itself.
+        scale_t = found_t = device_steps[0]  # a placeholder the kernels never read
+        if grad_scale is not None:
+            scale_t = grad_scale.to(device, non_blocking=True)
+        if found_inf is not None:
+            found_t = found_inf.to(device, non_blocking=True)
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         numels = tuple(map(torch.Tensor.numel, p))
         numels, block_tensor, block_start = _block_map(numels, numels if shards is None else
@@ -1328,10 +1415,15 @@ def _fused_sm3_1(params, grads, v_list, m_list, state_steps, *, lr, momentum, be
         state_type = v[0].dtype
         stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
         seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
-        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed]
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t]
         types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
+                     SCALED=grad_scale is not None, CHECK_INF=found_inf is not None,
                      C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
                      ALIGNED=all(aligned[k] for k in (0, 1, 2, 3)),
                      num_warps=_NUM_WARPS)
         _sm3_1_kernel[(len(block_tensor),)](*args, **types)
         LAUNCHES += 1
+        if found_inf is not None:  # an overflow: the step count goes back too, as in torch's fused optimizers
+            torch._foreach_sub_(device_steps, [found_t] * len(device_steps))
+        if grad_scale is not None and g is not grads_in:  # the unscaled gradients, into the originals
+            torch._foreach_copy_(grads_in, g)

@@ -323,6 +323,8 @@ class SMMF(Optimizer):
             why = fused_available([p for g in self.param_groups for p in g["params"]])
             if why:
                 raise RuntimeError(f"SMMF(fused=True) cannot run: {why}")
+            # GradScaler then leaves the unscaling and the inf check to the kernels (grad_scale, found_inf)
+            self._step_supports_amp_scaling = True
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -374,6 +376,8 @@ class SMMF(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("SMMF does not support sparse gradients")
+        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
+            raise RuntimeError("SMMF does not support complex parameters")
         states = [self.state[p] for p in with_grad]
         if not all("step" in state for state in states):
             for p, state in zip(with_grad, states):
@@ -402,6 +406,8 @@ class SMMF(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("SMMF does not support sparse gradients")
+        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
+            raise RuntimeError("SMMF does not support complex parameters")
         states = [self.state[p] for p in with_grad]
         if not all("step" in state for state in states):
             for p, state in zip(with_grad, states):
@@ -442,6 +448,8 @@ class SMMF(Optimizer):
                 wd=group["wd"],
                 foreach=group["foreach"],
                 fused=group["fused"],
+                grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
+                found_inf=getattr(self, "found_inf", None),
             )
             params, grads, state_steps = [], [], []
             m_list = []
@@ -456,6 +464,8 @@ class SMMF(Optimizer):
                 wd=group["wd"],
                 foreach=group["foreach"],
                 fused=group["fused"],
+                grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
+                found_inf=getattr(self, "found_inf", None),
             )
         return loss
 
@@ -476,8 +486,13 @@ def _state_dtype(group, p):
 
 
 def smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps, *, foreach=None, fused=None,
-           **hypers):
-    """Functional SMMF: update `params` and the state lists in place."""
+           grad_scale=None, found_inf=None, **hypers):
+    """Functional SMMF: update `params` and the state lists in place. `grad_scale` and
+    `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
+    skips the step."""
+    amp = grad_scale is not None or found_inf is not None
+    if amp and (not fused or torch.compiler.is_compiling()):
+        raise RuntimeError("SMMF: grad_scale and found_inf are taken by the fused path only (fused=True, eager)")
     if torch.compiler.is_compiling():
         # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
         return _single_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps, **hypers)
@@ -491,6 +506,9 @@ def smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, sta
             raise RuntimeError(f"SMMF(fused=True) cannot run: {why}")
     if fused:
         impl = _fused_smmf_0
+        if amp:
+            return impl(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps,
+                        grad_scale=grad_scale, found_inf=found_inf, **hypers)
     else:
         if foreach is None:  # a pass over every parameter: only when it decides something
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
@@ -528,7 +546,7 @@ def _single_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, pos
         tmp1 = torch.mul(g, g)
         tmp0.lerp_(tmp1, k1)
         r1 = _whole(torch.sum(tmp0))
-        d1 = 1/torch.where(torch.as_tensor(torch.as_tensor((r1 > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(r1, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64))
+        d1 = torch.as_tensor(1/torch.where(torch.as_tensor(torch.as_tensor((r1 > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(r1, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)), dtype=p.dtype)
         tmp2 = torch.mul(cm, rm)
         tmp3 = torch.mul(positive, 2)
         tmp3.add_(-1)
@@ -536,7 +554,7 @@ def _single_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, pos
         tmp2.lerp_(g, k2)
         tmp4 = torch.abs(tmp2)
         r0 = _whole(torch.sum(tmp4))
-        d0 = 1/torch.where(torch.as_tensor(torch.as_tensor((r0 > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(r0, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64))
+        d0 = torch.as_tensor(1/torch.where(torch.as_tensor(torch.as_tensor((r0 > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(r0, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)), dtype=p.dtype)
         tmp5 = torch.sqrt(tmp0)
         tmp5.add_(c1)
         p.mul_(k0)
@@ -603,7 +621,7 @@ def _multi_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, posi
         tmp1 = torch._foreach_mul(g, g)
         torch._foreach_lerp_(tmp0, tmp1, k1)
         r1 = [_whole(torch.sum(tmp0_)) for tmp0_ in tmp0]
-        d1 = [1/torch.where(torch.as_tensor(torch.as_tensor((r1_ > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(r1_, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)) for r1_ in r1]
+        d1 = [torch.as_tensor(1/torch.where(torch.as_tensor(torch.as_tensor((r1_ > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(r1_, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)), dtype=p[0].dtype) for r1_ in r1]
         tmp2 = torch._foreach_mul(cm, rm)
         tmp3 = torch._foreach_mul(positive, 2)
         torch._foreach_add_(tmp3, -1)
@@ -611,7 +629,7 @@ def _multi_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, posi
         torch._foreach_lerp_(tmp2, g, k2)
         tmp4 = torch._foreach_abs(tmp2)
         r0 = [_whole(torch.sum(tmp4_)) for tmp4_ in tmp4]
-        d0 = [1/torch.where(torch.as_tensor(torch.as_tensor((r0_ > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(r0_, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)) for r0_ in r0]
+        d0 = [torch.as_tensor(1/torch.where(torch.as_tensor(torch.as_tensor((r0_ > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(r0_, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)), dtype=p[0].dtype) for r0_ in r0]
         tmp5 = torch._foreach_sqrt(tmp0)
         torch._foreach_add_(tmp5, c1)
         torch._foreach_mul_(p, k0)
@@ -647,8 +665,13 @@ def _multi_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, posi
 
 
 def smmf_1(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=None,
-           **hypers):
-    """Functional SMMF: update `params` and the state lists in place."""
+           grad_scale=None, found_inf=None, **hypers):
+    """Functional SMMF: update `params` and the state lists in place. `grad_scale` and
+    `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
+    skips the step."""
+    amp = grad_scale is not None or found_inf is not None
+    if amp and (not fused or torch.compiler.is_compiling()):
+        raise RuntimeError("SMMF: grad_scale and found_inf are taken by the fused path only (fused=True, eager)")
     if torch.compiler.is_compiling():
         # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
         return _single_tensor_smmf_1(params, grads, m_list, v_list, state_steps, **hypers)
@@ -662,6 +685,9 @@ def smmf_1(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=No
             raise RuntimeError(f"SMMF(fused=True) cannot run: {why}")
     if fused:
         impl = _fused_smmf_1
+        if amp:
+            return impl(params, grads, m_list, v_list, state_steps,
+                        grad_scale=grad_scale, found_inf=found_inf, **hypers)
     else:
         if foreach is None:  # a pass over every parameter: only when it decides something
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
@@ -920,6 +946,8 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [7] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         geometry,  # int64 [tensors, 8]: rows R and columns C of the last two axes, here and whole, where each axis reduction's part starts
         axacc0,  # row_sum(), one per row, of all tensors
         axacc1,  # col_sum(), one per column, of all tensors
@@ -931,10 +959,15 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -984,6 +1017,8 @@ if triton is not None:
         k2 = k2.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
         rm = tl.load(rm_ptr + rows_, mask=mask).to(C_TYPE)
         cm = tl.load(cm_ptr + cols_, mask=mask).to(C_TYPE)
         rv = tl.load(rv_ptr + rows_, mask=mask).to(C_TYPE)
@@ -1018,6 +1053,8 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [7] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         geometry,  # int64 [tensors, 8]: rows R and columns C of the last two axes, here and whole, where each axis reduction's part starts
         axacc0,  # row_sum(), one per row, of all tensors
         axacc1,  # col_sum(), one per column, of all tensors
@@ -1029,10 +1066,15 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -1082,6 +1124,8 @@ if triton is not None:
         k2 = k2.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
         rm = tl.load(rm_ptr + rows_, mask=mask).to(C_TYPE)
         cm = tl.load(cm_ptr + cols_, mask=mask).to(C_TYPE)
         rv = tl.load(rv_ptr + rows_, mask=mask).to(C_TYPE)
@@ -1105,6 +1149,8 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [7] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         geometry,  # int64 [tensors, 8]: rows R and columns C of the last two axes, here and whole, where each axis reduction's part starts
         axacc0,  # row_sum(), one per row, of all tensors
         axacc1,  # col_sum(), one per column, of all tensors
@@ -1116,10 +1162,15 @@ if triton is not None:
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -1169,6 +1220,9 @@ if triton is not None:
         k2 = k2.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
+            _store(g_ptr, offsets, g.to(P_TYPE), mask, whole)  # left unscaled, as torch's fused kernels leave it
         rm = tl.load(rm_ptr + rows_, mask=mask).to(C_TYPE)
         cm = tl.load(cm_ptr + cols_, mask=mask).to(C_TYPE)
         rv = tl.load(rv_ptr + rows_, mask=mask).to(C_TYPE)
@@ -1203,15 +1257,22 @@ if triton is not None:
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [7] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
         i = tl.load(block_tensor + pid)
         n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
@@ -1243,6 +1304,9 @@ if triton is not None:
         k2 = k2.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
+            _store(g_ptr, offsets, g.to(P_TYPE), mask, whole)  # left unscaled, as torch's fused kernels leave it
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
         x0 = (tl.where(k1 < 0.5, v, ((g) * (g))) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (((g) * (g)) - v))
@@ -1359,7 +1423,8 @@ def _geometry_0(params, whole, device):
     return _BLOCK_MAPS[key]
 
 
-def _fused_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps, *, lr, b1, b2, eps, wd):
+def _fused_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps, *, lr, b1, b2, eps, wd,
+                  grad_scale=None, found_inf=None):
     global LAUNCHES
     if not params:
         return
@@ -1384,8 +1449,16 @@ def _fused_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_li
             raise RuntimeError("SMMF(fused=True): step counts must be on the parameters' device "
                                f"({device}), found {device_steps[0].device}")
         torch._foreach_add_(device_steps, 1)  # one launch on the device, no sync
+        grads_in = g
         if not all(map(torch.Tensor.is_contiguous, g)):
             g = [x.contiguous() for x in g]  # kept alive until the launch ends
+        # GradScaler's protocol (_step_supports_amp_scaling): the kernels unscale g and skip the
+        # step on an overflow, where the scaler would otherwise unscale every gradient itself.
+        scale_t = found_t = device_steps[0]  # a placeholder the kernels never read
+        if grad_scale is not None:
+            scale_t = grad_scale.to(device, non_blocking=True)
+        if found_inf is not None:
+            found_t = found_inf.to(device, non_blocking=True)
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         numels = tuple(map(torch.Tensor.numel, p))
         numels, block_tensor, block_start = _block_map(numels, numels if shards is None else
@@ -1394,7 +1467,7 @@ def _fused_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_li
         state_type = rm[0].dtype
         stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
         seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
-        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed]
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t]
         geometry, totals, axis_segments = _geometry_0(p, whole, device)
         args.append(geometry)
         axacc = [
@@ -1408,6 +1481,7 @@ def _fused_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_li
         acc1 = _upload(torch.tensor([0.0, 0.0] * len(p), dtype=compute), device)
         args.append(acc1)
         types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
+                     SCALED=grad_scale is not None, CHECK_INF=found_inf is not None,
                      C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
                      ALIGNED=all(aligned[k] for k in (0, 1, 6)),
                      num_warps=_NUM_WARPS)
@@ -1417,9 +1491,14 @@ def _fused_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_li
         _smmf_0_kernel[(len(block_tensor),)](*args, **types)
         _smmf_0_reduced[(len(block_tensor),)](*args, **types)
         LAUNCHES += 3
+        if found_inf is not None:  # an overflow: the step count goes back too, as in torch's fused optimizers
+            torch._foreach_sub_(device_steps, [found_t] * len(device_steps))
+        if grad_scale is not None and g is not grads_in:  # the unscaled gradients, into the originals
+            torch._foreach_copy_(grads_in, g)
 
 
-def _fused_smmf_1(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd):
+def _fused_smmf_1(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd,
+                  grad_scale=None, found_inf=None):
     global LAUNCHES
     if not params:
         return
@@ -1441,8 +1520,16 @@ def _fused_smmf_1(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps
             raise RuntimeError("SMMF(fused=True): step counts must be on the parameters' device "
                                f"({device}), found {device_steps[0].device}")
         torch._foreach_add_(device_steps, 1)  # one launch on the device, no sync
+        grads_in = g
         if not all(map(torch.Tensor.is_contiguous, g)):
             g = [x.contiguous() for x in g]  # kept alive until the launch ends
+        # GradScaler's protocol (_step_supports_amp_scaling): the kernels unscale g and skip the
+        # step on an overflow, where the scaler would otherwise unscale every gradient itself.
+        scale_t = found_t = device_steps[0]  # a placeholder the kernels never read
+        if grad_scale is not None:
+            scale_t = grad_scale.to(device, non_blocking=True)
+        if found_inf is not None:
+            found_t = found_inf.to(device, non_blocking=True)
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         numels = tuple(map(torch.Tensor.numel, p))
         numels, block_tensor, block_start = _block_map(numels, numels if shards is None else
@@ -1451,10 +1538,15 @@ def _fused_smmf_1(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps
         state_type = m[0].dtype
         stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
         seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic else 0  # from torch's generator
-        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed]
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t]
         types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
+                     SCALED=grad_scale is not None, CHECK_INF=found_inf is not None,
                      C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
                      ALIGNED=all(aligned[k] for k in (0, 1, 2, 3)),
                      num_warps=_NUM_WARPS)
         _smmf_1_kernel[(len(block_tensor),)](*args, **types)
         LAUNCHES += 1
+        if found_inf is not None:  # an overflow: the step count goes back too, as in torch's fused optimizers
+            torch._foreach_sub_(device_steps, [found_t] * len(device_steps))
+        if grad_scale is not None and g is not grads_in:  # the unscaled gradients, into the originals
+            torch._foreach_copy_(grads_in, g)
