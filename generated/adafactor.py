@@ -227,6 +227,16 @@ class _Shards:
         return whole.redistribute(self.mesh, self.params[i].placements).to_local().contiguous()
 
 
+def _pow(x, y):
+    try:
+        r = x ** y
+    except ZeroDivisionError:  # 0 to a negative power
+        return math.copysign(math.inf, x) if y % 2 == 1 else math.inf
+    except OverflowError:
+        return -math.inf if x < 0 and y % 2 == 1 else math.inf
+    return math.nan if isinstance(r, complex) else r
+
+
 class Adafactor(Optimizer):
     r"""factored second moments, relative step size (Shazeer & Stern, 2018), as torch.optim has it
 
@@ -431,8 +441,13 @@ class Adafactor(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("Adafactor does not support sparse gradients")
-        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
-            raise RuntimeError("Adafactor does not support complex parameters")
+        if any(p.dim() < 2 for p in with_grad):
+            bad = next(p for p in with_grad if p.dim() < 2)
+            raise ValueError(f"Adafactor: state 'c: cols' (line 16) needs parameters of rank 2 or more; this "
+                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
+        if any(map(torch.is_complex, with_grad)):
+            raise TypeError("Adafactor does not take complex parameters: its state 'r' is declared ': rows', which stepping their "
+                            "real view (torch.view_as_real, as torch.optim does) would change")
         states = [self.state[p] for p in with_grad]
         made = {"step", "row_var", "col_var"}.issubset
         if not all(map(made, states)):
@@ -462,8 +477,9 @@ class Adafactor(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("Adafactor does not support sparse gradients")
-        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
-            raise RuntimeError("Adafactor does not support complex parameters")
+        if any(map(torch.is_complex, with_grad)):
+            raise TypeError("Adafactor does not take complex parameters: it calls rms(), which stepping their "
+                            "real view (torch.view_as_real, as torch.optim does) would change")
         states = [self.state[p] for p in with_grad]
         made = {"step", "variance"}.issubset
         if not all(map(made, states)):
@@ -551,6 +567,8 @@ def _machine_eps(value, params):
 
 def _state_dtype(group, p):
     """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
+    if p.is_complex():  # kept complex, as torch.optim does, and stepped through their real view
+        return p.dtype
     return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
 
 
@@ -609,7 +627,7 @@ def _single_tensor_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1/d
-    k2 = eps1**2
+    k2 = _pow(eps1, 2)
     for i, param in enumerate(params):
         p = param if param.dtype in _EXACT else param.float()
         g = grads[i].to(p.dtype)
@@ -660,7 +678,7 @@ def _multi_tensor_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr,
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1/d
-    k2 = eps1**2
+    k2 = _pow(eps1, 2)
     # Grouped by the parameters' device and dtype; states follow by index, as they may be stored in
     # another dtype (float32 for bfloat16 parameters, state_dtype, bool), which the grouping refuses on CUDA.
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
@@ -744,7 +762,7 @@ def _single_tensor_adafactor_1(params, grads, v_list, state_steps, *, lr, beta2_
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1/d
-    k2 = eps1**2
+    k2 = _pow(eps1, 2)
     for i, param in enumerate(params):
         p = param if param.dtype in _EXACT else param.float()
         g = grads[i].to(p.dtype)
@@ -785,7 +803,7 @@ def _multi_tensor_adafactor_1(params, grads, v_list, state_steps, *, lr, beta2_d
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1/d
-    k2 = eps1**2
+    k2 = _pow(eps1, 2)
     # Grouped by the parameters' device and dtype; states follow by index, as they may be stored in
     # another dtype (float32 for bfloat16 parameters, state_dtype, bool), which the grouping refuses on CUDA.
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
@@ -1046,7 +1064,7 @@ if triton is not None:
         k2 = tl.load(hypers + 5)
         lr = tl.load(hypers + 6)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = tl.exp((beta2_decay) * tl.log(t))
+        c0 = tl.where(t == 1.0, 1.0, tl.where((beta2_decay) == 0.0, 1.0, tl.exp((beta2_decay) * tl.log(t))))
         c1 = tl.minimum(lr, tl.rsqrt(t))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
@@ -1137,7 +1155,7 @@ if triton is not None:
         k2 = tl.load(hypers + 5)
         lr = tl.load(hypers + 6)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = tl.exp((beta2_decay) * tl.log(t))
+        c0 = tl.where(t == 1.0, 1.0, tl.where((beta2_decay) == 0.0, 1.0, tl.exp((beta2_decay) * tl.log(t))))
         c1 = tl.minimum(lr, tl.rsqrt(t))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
@@ -1225,7 +1243,7 @@ if triton is not None:
         k2 = tl.load(hypers + 5)
         lr = tl.load(hypers + 6)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = tl.exp((beta2_decay) * tl.log(t))
+        c0 = tl.where(t == 1.0, 1.0, tl.where((beta2_decay) == 0.0, 1.0, tl.exp((beta2_decay) * tl.log(t))))
         c1 = tl.minimum(lr, tl.rsqrt(t))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
@@ -1317,7 +1335,7 @@ if triton is not None:
         k2 = tl.load(hypers + 5)
         lr = tl.load(hypers + 6)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = tl.exp((beta2_decay) * tl.log(t))
+        c0 = tl.where(t == 1.0, 1.0, tl.where((beta2_decay) == 0.0, 1.0, tl.exp((beta2_decay) * tl.log(t))))
         c1 = tl.minimum(lr, tl.rsqrt(t))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
@@ -1411,7 +1429,7 @@ if triton is not None:
         k2 = tl.load(hypers + 5)
         lr = tl.load(hypers + 6)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = tl.exp((beta2_decay) * tl.log(t))
+        c0 = tl.where(t == 1.0, 1.0, tl.where((beta2_decay) == 0.0, 1.0, tl.exp((beta2_decay) * tl.log(t))))
         c1 = tl.minimum(lr, tl.rsqrt(t))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
@@ -1484,7 +1502,7 @@ if triton is not None:
         k2 = tl.load(hypers + 4)
         lr = tl.load(hypers + 5)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = tl.exp((beta2_decay) * tl.log(t))
+        c0 = tl.where(t == 1.0, 1.0, tl.where((beta2_decay) == 0.0, 1.0, tl.exp((beta2_decay) * tl.log(t))))
         c1 = tl.minimum(lr, tl.rsqrt(t))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
@@ -1552,7 +1570,7 @@ if triton is not None:
         k2 = tl.load(hypers + 4)
         lr = tl.load(hypers + 5)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = tl.exp((beta2_decay) * tl.log(t))
+        c0 = tl.where(t == 1.0, 1.0, tl.where((beta2_decay) == 0.0, 1.0, tl.exp((beta2_decay) * tl.log(t))))
         c1 = tl.minimum(lr, tl.rsqrt(t))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
@@ -1686,7 +1704,7 @@ def _fused_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr, beta2_
         return
     k0 = -lr*wd + 1
     k1 = 1/d
-    k2 = eps1**2
+    k2 = _pow(eps1, 2)
     hyper_values = (float(beta2_decay), float(eps1), float(eps2), float(k0), float(k1), float(k2), float(lr), )
     sharded = params  # DTensors (FSDP2, tensor parallel): the kernels run on their local shards
     if any(map(_is_sharded, params)):
@@ -1763,7 +1781,7 @@ def _fused_adafactor_1(params, grads, v_list, state_steps, *, lr, beta2_decay, e
         return
     k0 = -lr*wd + 1
     k1 = 1/d
-    k2 = eps1**2
+    k2 = _pow(eps1, 2)
     hyper_values = (float(beta2_decay), float(eps2), float(k0), float(k1), float(k2), float(lr), )
     sharded = params  # DTensors (FSDP2, tensor parallel): the kernels run on their local shards
     if any(map(_is_sharded, params)):

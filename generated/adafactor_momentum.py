@@ -222,6 +222,16 @@ class _Shards:
         return whole.redistribute(self.mesh, self.params[i].placements).to_local().contiguous()
 
 
+def _pow(x, y):
+    try:
+        r = x ** y
+    except ZeroDivisionError:  # 0 to a negative power
+        return math.copysign(math.inf, x) if y % 2 == 1 else math.inf
+    except OverflowError:
+        return -math.inf if x < 0 and y % 2 == 1 else math.inf
+    return math.nan if isinstance(r, complex) else r
+
+
 class AdafactorM(Optimizer):
     r"""Adafactor with a first moment of the clipped update (Shazeer & Stern, 2018, Algorithm 4 with beta1)
 
@@ -380,8 +390,13 @@ class AdafactorM(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("AdafactorM does not support sparse gradients")
-        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
-            raise RuntimeError("AdafactorM does not support complex parameters")
+        if any(p.dim() < 2 for p in with_grad):
+            bad = next(p for p in with_grad if p.dim() < 2)
+            raise ValueError(f"AdafactorM: state 'c: cols' (line 9) needs parameters of rank 2 or more; this "
+                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
+        if any(map(torch.is_complex, with_grad)):
+            raise TypeError("AdafactorM does not take complex parameters: its state 'r' is declared ': rows', which stepping their "
+                            "real view (torch.view_as_real, as torch.optim does) would change")
         states = [self.state[p] for p in with_grad]
         if not all("step" in state for state in states):
             for p, state in zip(with_grad, states):
@@ -406,8 +421,9 @@ class AdafactorM(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("AdafactorM does not support sparse gradients")
-        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
-            raise RuntimeError("AdafactorM does not support complex parameters")
+        if any(map(torch.is_complex, with_grad)):
+            raise TypeError("AdafactorM does not take complex parameters: it calls rms(), which stepping their "
+                            "real view (torch.view_as_real, as torch.optim does) would change")
         states = [self.state[p] for p in with_grad]
         if not all("step" in state for state in states):
             for p, state in zip(with_grad, states):
@@ -484,6 +500,8 @@ def _one_element(values):
 
 def _state_dtype(group, p):
     """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
+    if p.is_complex():  # kept complex, as torch.optim does, and stepped through their real view
+        return p.dtype
     return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
 
 
@@ -522,7 +540,7 @@ def _single_tensor_adafactorm_0(params, grads, r_list, c_list, m_list, state_ste
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1/d
-    k2 = eps1**2
+    k2 = _pow(eps1, 2)
     k3 = 1 - b1
     for i, param in enumerate(params):
         p = param if param.dtype in _EXACT else param.float()
@@ -580,7 +598,7 @@ def _multi_tensor_adafactorm_0(params, grads, r_list, c_list, m_list, state_step
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1/d
-    k2 = eps1**2
+    k2 = _pow(eps1, 2)
     k3 = 1 - b1
     # Grouped by the parameters' device and dtype; states follow by index, as they may be stored in
     # another dtype (float32 for bfloat16 parameters, state_dtype, bool), which the grouping refuses on CUDA.
@@ -673,7 +691,7 @@ def _single_tensor_adafactorm_1(params, grads, v_list, m_list, state_steps, *, l
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1/d
-    k2 = eps1**2
+    k2 = _pow(eps1, 2)
     k3 = 1 - b1
     for i, param in enumerate(params):
         p = param if param.dtype in _EXACT else param.float()
@@ -721,7 +739,7 @@ def _multi_tensor_adafactorm_1(params, grads, v_list, m_list, state_steps, *, lr
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1/d
-    k2 = eps1**2
+    k2 = _pow(eps1, 2)
     k3 = 1 - b1
     # Grouped by the parameters' device and dtype; states follow by index, as they may be stored in
     # another dtype (float32 for bfloat16 parameters, state_dtype, bool), which the grouping refuses on CUDA.
@@ -995,7 +1013,7 @@ if triton is not None:
         lr = tl.load(hypers + 7)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
         c0 = tl.minimum(lr, tl.rsqrt(t))
-        c1 = tl.exp((beta2_decay) * tl.log(t))
+        c1 = tl.where(t == 1.0, 1.0, tl.where((beta2_decay) == 0.0, 1.0, tl.exp((beta2_decay) * tl.log(t))))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
         eps1 = eps1.to(C_TYPE)
@@ -1091,7 +1109,7 @@ if triton is not None:
         lr = tl.load(hypers + 7)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
         c0 = tl.minimum(lr, tl.rsqrt(t))
-        c1 = tl.exp((beta2_decay) * tl.log(t))
+        c1 = tl.where(t == 1.0, 1.0, tl.where((beta2_decay) == 0.0, 1.0, tl.exp((beta2_decay) * tl.log(t))))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
         eps1 = eps1.to(C_TYPE)
@@ -1184,7 +1202,7 @@ if triton is not None:
         lr = tl.load(hypers + 7)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
         c0 = tl.minimum(lr, tl.rsqrt(t))
-        c1 = tl.exp((beta2_decay) * tl.log(t))
+        c1 = tl.where(t == 1.0, 1.0, tl.where((beta2_decay) == 0.0, 1.0, tl.exp((beta2_decay) * tl.log(t))))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
         eps1 = eps1.to(C_TYPE)
@@ -1281,7 +1299,7 @@ if triton is not None:
         lr = tl.load(hypers + 7)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
         c0 = tl.minimum(lr, tl.rsqrt(t))
-        c1 = tl.exp((beta2_decay) * tl.log(t))
+        c1 = tl.where(t == 1.0, 1.0, tl.where((beta2_decay) == 0.0, 1.0, tl.exp((beta2_decay) * tl.log(t))))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
         eps1 = eps1.to(C_TYPE)
@@ -1384,7 +1402,7 @@ if triton is not None:
         lr = tl.load(hypers + 7)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
         c0 = tl.minimum(lr, tl.rsqrt(t))
-        c1 = tl.exp((beta2_decay) * tl.log(t))
+        c1 = tl.where(t == 1.0, 1.0, tl.where((beta2_decay) == 0.0, 1.0, tl.exp((beta2_decay) * tl.log(t))))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
         eps1 = eps1.to(C_TYPE)
@@ -1462,7 +1480,7 @@ if triton is not None:
         lr = tl.load(hypers + 6)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
         c0 = tl.minimum(lr, tl.rsqrt(t))
-        c1 = tl.exp((beta2_decay) * tl.log(t))
+        c1 = tl.where(t == 1.0, 1.0, tl.where((beta2_decay) == 0.0, 1.0, tl.exp((beta2_decay) * tl.log(t))))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
         eps2 = eps2.to(C_TYPE)
@@ -1535,7 +1553,7 @@ if triton is not None:
         lr = tl.load(hypers + 6)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
         c0 = tl.minimum(lr, tl.rsqrt(t))
-        c1 = tl.exp((beta2_decay) * tl.log(t))
+        c1 = tl.where(t == 1.0, 1.0, tl.where((beta2_decay) == 0.0, 1.0, tl.exp((beta2_decay) * tl.log(t))))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
         eps2 = eps2.to(C_TYPE)
@@ -1674,7 +1692,7 @@ def _fused_adafactorm_0(params, grads, r_list, c_list, m_list, state_steps, *, l
         return
     k0 = -lr*wd + 1
     k1 = 1/d
-    k2 = eps1**2
+    k2 = _pow(eps1, 2)
     k3 = 1 - b1
     hyper_values = (float(beta2_decay), float(eps1), float(eps2), float(k0), float(k1), float(k2), float(k3), float(lr), )
     sharded = params  # DTensors (FSDP2, tensor parallel): the kernels run on their local shards
@@ -1753,7 +1771,7 @@ def _fused_adafactorm_1(params, grads, v_list, m_list, state_steps, *, lr, beta2
         return
     k0 = -lr*wd + 1
     k1 = 1/d
-    k2 = eps1**2
+    k2 = _pow(eps1, 2)
     k3 = 1 - b1
     hyper_values = (float(beta2_decay), float(eps2), float(k0), float(k1), float(k2), float(k3), float(lr), )
     sharded = params  # DTensors (FSDP2, tensor parallel): the kernels run on their local shards

@@ -228,6 +228,10 @@ class _Shards:
         return whole.redistribute(self.mesh, self.params[i].placements).to_local().contiguous()
 
 
+def _log1p(x):
+    return math.log1p(x) if x > -1 else -math.inf if x == -1 else math.nan
+
+
 class AdaLo(Optimizer):
     r"""a step size from the loss itself (Wang et al., 2025), adversarial mode
 
@@ -441,8 +445,9 @@ class AdaLo(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("AdaLo does not support sparse gradients")
-        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
-            raise RuntimeError("AdaLo does not support complex parameters")
+        if any(map(torch.is_complex, with_grad)):
+            raise TypeError("AdaLo does not take complex parameters: its state 'loss_avg' is declared ': scalar', which stepping their "
+                            "real view (torch.view_as_real, as torch.optim does) would change")
         states = [self.state[p] for p in with_grad]
         if not all("step" in state for state in states):
             for p, state in zip(with_grad, states):
@@ -509,6 +514,8 @@ def _one_element(values):
 
 def _state_dtype(group, p):
     """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
+    if p.is_complex():  # kept complex, as torch.optim does, and stepped through their real view
+        return p.dtype
     return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
 
 
@@ -547,7 +554,7 @@ def _single_tensor_adalo(params, grads, m_list, loss_avg_list, state_steps, *, b
     # Scalars of the hyperparameters alone: once per group.
     k0 = -wd
     k1 = 1/kappa
-    k2 = 1/2 - 1/2*math.tanh(0.5*math.log1p(loss))
+    k2 = 1/2 - 1/2*math.tanh(0.5*_log1p(loss))
     k3 = 1 - b2
     k4 = 1 - b1
     for i, param in enumerate(params):
@@ -580,7 +587,7 @@ def _multi_tensor_adalo(params, grads, m_list, loss_avg_list, state_steps, *, b1
     # Scalars of the hyperparameters alone: once per group.
     k0 = -wd
     k1 = 1/kappa
-    k2 = 1/2 - 1/2*math.tanh(0.5*math.log1p(loss))
+    k2 = 1/2 - 1/2*math.tanh(0.5*_log1p(loss))
     k3 = 1 - b2
     k4 = 1 - b1
     # Grouped by the parameters' device and dtype; states follow by index, as they may be stored in
@@ -934,7 +941,7 @@ def _fused_adalo(params, grads, m_list, loss_avg_list, state_steps, *, b1, b2, k
         return
     k0 = -wd
     k1 = 1/kappa
-    k2 = 1/2 - 1/2*math.tanh(0.5*math.log1p(loss))
+    k2 = 1/2 - 1/2*math.tanh(0.5*_log1p(loss))
     k3 = 1 - b2
     k4 = 1 - b1
     hyper_values = (float(eps), float(k0), float(k1), float(k2), float(k3), float(k4), )

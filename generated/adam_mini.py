@@ -468,8 +468,9 @@ class AdamMini(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("AdamMini does not support sparse gradients")
-        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
-            raise RuntimeError("AdamMini does not support complex parameters")
+        if any(map(torch.is_complex, with_grad)):
+            raise TypeError("AdamMini does not take complex parameters: its state 'v_mean' is declared ': scalar', which stepping their "
+                            "real view (torch.view_as_real, as torch.optim does) would change")
         states = [self.state[p] for p in with_grad]
         made = {"step", "m", "v_mean"}.issubset
         if not all(map(made, states)):
@@ -540,6 +541,8 @@ def _one_element(values):
 
 def _state_dtype(group, p):
     """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
+    if p.is_complex():  # kept complex, as torch.optim does, and stepped through their real view
+        return p.dtype
     return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
 
 

@@ -223,6 +223,16 @@ class _Shards:
         return whole.redistribute(self.mesh, self.params[i].placements).to_local().contiguous()
 
 
+def _pow(x, y):
+    try:
+        r = x ** y
+    except ZeroDivisionError:  # 0 to a negative power
+        return math.copysign(math.inf, x) if y % 2 == 1 else math.inf
+    except OverflowError:
+        return -math.inf if x < 0 and y % 2 == 1 else math.inf
+    return math.nan if isinstance(r, complex) else r
+
+
 def _group_norm(parts):
     """The norm of all tensors of a group from their norms, as torch.nn.utils.clip_grad_norm_."""
     if not parts:
@@ -488,8 +498,6 @@ class AdamWClip(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("AdamWClip does not support sparse gradients")
-        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
-            raise RuntimeError("AdamWClip does not support complex parameters")
         states = [self.state[p] for p in with_grad]
         made = {"step", "exp_avg", "exp_avg_sq"}.issubset
         if not all(map(made, states)):
@@ -507,10 +515,12 @@ class AdamWClip(Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
                 if state.get("exp_avg_sq") is None:
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+        if any(map(torch.is_complex, with_grad)):  # as torch.optim: an element-wise update of the real view
+            with_grad, new_grads = [_real(p) for p in with_grad], [_real(g) for g in new_grads]
         params += with_grad
         grads += new_grads
-        m_list += [state["exp_avg"] for state in states]
-        v_list += [state["exp_avg_sq"] for state in states]
+        m_list += [_real(state["exp_avg"]) for state in states]
+        v_list += [_real(state["exp_avg_sq"]) for state in states]
         state_steps += [state["step"] for state in states]
 
     def _group_phase(self, group, params, grads, state_steps):
@@ -576,7 +586,13 @@ def _one_element(values):
 
 def _state_dtype(group, p):
     """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
+    if p.is_complex():  # kept complex, as torch.optim does, and stepped through their real view
+        return p.dtype
     return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+
+
+def _real(x):
+    return torch.view_as_real(x) if x.is_complex() else x
 
 
 def _step_dtype():
@@ -633,7 +649,7 @@ def adamwclip(params, grads, m_list, v_list, state_steps, *, foreach=None, fused
 def _single_tensor_adamwclip(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, max_norm, clip,                              generator=None):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
-    k1 = clip**2
+    k1 = _pow(clip, 2)
     k2 = 1 - b2
     k3 = 1 - b1
     for i, param in enumerate(params):
@@ -676,7 +692,7 @@ def _multi_tensor_adamwclip(params, grads, m_list, v_list, state_steps, *, lr, b
         return
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
-    k1 = clip**2
+    k1 = _pow(clip, 2)
     k2 = 1 - b2
     k3 = 1 - b1
     # Grouped by the parameters' device and dtype; states follow by index, as they may be stored in
@@ -993,7 +1009,7 @@ def _fused_adamwclip(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, 
     if not params:
         return
     k0 = -lr*wd + 1
-    k1 = clip**2
+    k1 = _pow(clip, 2)
     k2 = 1 - b2
     k3 = 1 - b1
     log0_ = _log(b2)  # for b2^t in the kernels: exp(t * log0_)

@@ -213,6 +213,16 @@ class _Shards:
         return whole.redistribute(self.mesh, self.params[i].placements).to_local().contiguous()
 
 
+def _pow(x, y):
+    try:
+        r = x ** y
+    except ZeroDivisionError:  # 0 to a negative power
+        return math.copysign(math.inf, x) if y % 2 == 1 else math.inf
+    except OverflowError:
+        return -math.inf if x < 0 and y % 2 == 1 else math.inf
+    return math.nan if isinstance(r, complex) else r
+
+
 class Amos(Optimizer):
     r"""adaptive weight decay towards a scale set by the shape (Tian & Parikh, 2022), as pytorch_optimizer
 
@@ -355,8 +365,9 @@ class Amos(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("Amos does not support sparse gradients")
-        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
-            raise RuntimeError("Amos does not support complex parameters")
+        if any(map(torch.is_complex, with_grad)):
+            raise TypeError("Amos does not take complex parameters: its state 'v' is declared ': scalar', which stepping their "
+                            "real view (torch.view_as_real, as torch.optim does) would change")
         states = [self.state[p] for p in with_grad]
         if not all("step" in state for state in states):
             for p, state in zip(with_grad, states):
@@ -417,6 +428,8 @@ def _one_element(values):
 
 def _state_dtype(group, p):
     """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
+    if p.is_complex():  # kept complex, as torch.optim does, and stepped through their real view
+        return p.dtype
     return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
 
 
@@ -455,7 +468,7 @@ def _single_tensor_amos(params, grads, m_list, v_list, decay_list, state_steps, 
     # Scalars of the hyperparameters alone: once per group.
     k0 = math.sqrt(2)
     k1 = -1/2*extra_l2
-    k2 = lr**2
+    k2 = _pow(lr, 2)
     k3 = c_coef*math.sqrt(lr)
     k4 = 1 - beta
     k5 = 1 - momentum
@@ -474,17 +487,17 @@ def _single_tensor_amos(params, grads, m_list, v_list, decay_list, state_steps, 
         # (`.item()` would break the graph, a float would be specialised on and recompile).
         if torch.compiler.is_compiling():
             t = step_t.to(torch.float64)
-            c0 = d_coef*math.sqrt(lr*(0.5 if float(ndim <= 1) else (k0*math.sqrt(1/ncols) if float(ndim == 2) else math.sqrt(1/ncols))))
+            c0 = d_coef*math.sqrt(lr*(0.5 if float(ndim <= 1) else (k0*_pow(_pow(ncols, -1), 1/2) if float(ndim == 2) else _pow(_pow(ncols, -1), 1/2))))
             c1 = (1/2)*k2*(1 - beta**t)
             c2 = torch.sqrt(1 - beta**t)
-            c3 = (0.5 if float(ndim <= 1) else (k0*math.sqrt(1/ncols) if float(ndim == 2) else math.sqrt(1/ncols)))
+            c3 = (0.5 if float(ndim <= 1) else (k0*_pow(_pow(ncols, -1), 1/2) if float(ndim == 2) else _pow(_pow(ncols, -1), 1/2)))
             c4 = k2*(1 - beta**t)
         else:
             t = step_t.item()
-            c0 = d_coef*math.sqrt(lr*(0.5 if float(ndim <= 1) else (k0*math.sqrt(1/ncols) if float(ndim == 2) else math.sqrt(1/ncols))))
+            c0 = d_coef*math.sqrt(lr*(0.5 if float(ndim <= 1) else (k0*_pow(_pow(ncols, -1), 1/2) if float(ndim == 2) else _pow(_pow(ncols, -1), 1/2))))
             c1 = (1/2)*k2*(1 - beta**t)
             c2 = math.sqrt(1 - beta**t)
-            c3 = (0.5 if float(ndim <= 1) else (k0*math.sqrt(1/ncols) if float(ndim == 2) else math.sqrt(1/ncols)))
+            c3 = (0.5 if float(ndim <= 1) else (k0*_pow(_pow(ncols, -1), 1/2) if float(ndim == 2) else _pow(_pow(ncols, -1), 1/2)))
             c4 = k2*(1 - beta**t)
         d0 = torch.as_tensor(1/(c0*decay + 1), dtype=p.dtype)
         tmp0 = torch.mul(g, g)
@@ -517,7 +530,7 @@ def _multi_tensor_amos(params, grads, m_list, v_list, decay_list, state_steps, *
     # Scalars of the hyperparameters alone: once per group.
     k0 = math.sqrt(2)
     k1 = -1/2*extra_l2
-    k2 = lr**2
+    k2 = _pow(lr, 2)
     k3 = c_coef*math.sqrt(lr)
     k4 = 1 - beta
     k5 = 1 - momentum
@@ -543,10 +556,10 @@ def _multi_tensor_amos(params, grads, m_list, v_list, decay_list, state_steps, *
         ndim = [x_.dim() for x_ in p]
         ncols = [(x_.shape[-1] if x_.dim() >= 1 else 1) for x_ in p]
         # Scalars of the step count: one per tensor, on the host.
-        c0 = [d_coef*math.sqrt(lr*(0.5 if float(ndim_ <= 1) else (k0*math.sqrt(1/ncols_) if float(ndim_ == 2) else math.sqrt(1/ncols_)))) for ncols_, ndim_ in zip(ncols, ndim)]
+        c0 = [d_coef*math.sqrt(lr*(0.5 if float(ndim_ <= 1) else (k0*_pow(_pow(ncols_, -1), 1/2) if float(ndim_ == 2) else _pow(_pow(ncols_, -1), 1/2)))) for ncols_, ndim_ in zip(ncols, ndim)]
         c1 = [(1/2)*k2*(1 - beta**t_) for t_ in t]
         c2 = [math.sqrt(1 - beta**t_) for t_ in t]
-        c3 = [(0.5 if float(ndim_ <= 1) else (k0*math.sqrt(1/ncols_) if float(ndim_ == 2) else math.sqrt(1/ncols_))) for ncols_, ndim_ in zip(ncols, ndim)]
+        c3 = [(0.5 if float(ndim_ <= 1) else (k0*_pow(_pow(ncols_, -1), 1/2) if float(ndim_ == 2) else _pow(_pow(ncols_, -1), 1/2))) for ncols_, ndim_ in zip(ncols, ndim)]
         c4 = [k2*(1 - beta**t_) for t_ in t]
         d0 = [torch.as_tensor(1/(c0_*decay_ + 1), dtype=p[0].dtype) for c0_, decay_ in zip(c0, decay)]
         tmp0 = torch._foreach_mul(g, g)
@@ -1033,7 +1046,7 @@ def _fused_amos(params, grads, m_list, v_list, decay_list, state_steps, *, lr, b
         return
     k0 = math.sqrt(2)
     k1 = -1/2*extra_l2
-    k2 = lr**2
+    k2 = _pow(lr, 2)
     k3 = c_coef*math.sqrt(lr)
     k4 = 1 - beta
     k5 = 1 - momentum

@@ -402,8 +402,6 @@ class AMSGrad(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("AMSGrad does not support sparse gradients")
-        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
-            raise RuntimeError("AMSGrad does not support complex parameters")
         states = [self.state[p] for p in with_grad]
         made = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}.issubset
         if not all(map(made, states)):
@@ -423,11 +421,13 @@ class AMSGrad(Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
                 if state.get("max_exp_avg_sq") is None:
                     state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+        if any(map(torch.is_complex, with_grad)):  # as torch.optim: an element-wise update of the real view
+            with_grad, new_grads = [_real(p) for p in with_grad], [_real(g) for g in new_grads]
         params += with_grad
         grads += new_grads
-        m_list += [state["exp_avg"] for state in states]
-        v_list += [state["exp_avg_sq"] for state in states]
-        v_max_list += [state["max_exp_avg_sq"] for state in states]
+        m_list += [_real(state["exp_avg"]) for state in states]
+        v_list += [_real(state["exp_avg_sq"]) for state in states]
+        v_max_list += [_real(state["max_exp_avg_sq"]) for state in states]
         state_steps += [state["step"] for state in states]
 
     @torch.no_grad()
@@ -472,7 +472,13 @@ def _one_element(values):
 
 def _state_dtype(group, p):
     """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
+    if p.is_complex():  # kept complex, as torch.optim does, and stepped through their real view
+        return p.dtype
     return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+
+
+def _real(x):
+    return torch.view_as_real(x) if x.is_complex() else x
 
 
 def _step_dtype():

@@ -217,6 +217,16 @@ class _Shards:
         return whole.redistribute(self.mesh, self.params[i].placements).to_local().contiguous()
 
 
+def _pow(x, y):
+    try:
+        r = x ** y
+    except ZeroDivisionError:  # 0 to a negative power
+        return math.copysign(math.inf, x) if y % 2 == 1 else math.inf
+    except OverflowError:
+        return -math.inf if x < 0 and y % 2 == 1 else math.inf
+    return math.nan if isinstance(r, complex) else r
+
+
 class ASGD(Optimizer):
     r"""Averaged stochastic gradient descent (Polyak & Juditsky, 1992)
 
@@ -465,8 +475,9 @@ class ASGD(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("ASGD does not support sparse gradients")
-        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
-            raise RuntimeError("ASGD does not support complex parameters")
+        if any(map(torch.is_complex, with_grad)):
+            raise TypeError("ASGD does not take complex parameters: its state 'eta' is declared ': scalar', which stepping their "
+                            "real view (torch.view_as_real, as torch.optim does) would change")
         states = [self.state[p] for p in with_grad]
         made = {"step", "eta", "mu", "ax"}.issubset
         if not all(map(made, states)):
@@ -543,6 +554,8 @@ def _one_element(values):
 
 def _state_dtype(group, p):
     """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
+    if p.is_complex():  # kept complex, as torch.optim does, and stepped through their real view
+        return p.dtype
     return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
 
 
@@ -620,7 +633,7 @@ def _single_tensor_asgd(params, grads, eta_list, mu_list, ax_list, state_steps, 
             c1 = 1/torch.maximum(torch.as_tensor(1, dtype=torch.float64), k3 + t)
         else:
             t = step_t.item()
-            c0 = lr*(k1*t + 1)**k2
+            c0 = lr*_pow(k1*t + 1, k2)
             c1 = 1/max(1, k3 + t)
         d0 = torch.as_tensor(eta*k0 + 1, dtype=p.dtype)
         d1 = torch.as_tensor(-eta, dtype=p.dtype)
@@ -674,7 +687,7 @@ def _multi_tensor_asgd(params, grads, eta_list, mu_list, ax_list, state_steps, *
             torch._foreach_add_(device_steps, 1)
         t = [s.item() for s in device_steps]
         # Scalars of the step count: one per tensor, on the host.
-        c0 = [lr*(k1*t_ + 1)**k2 for t_ in t]
+        c0 = [lr*_pow(k1*t_ + 1, k2) for t_ in t]
         c1 = [1/max(1, k3 + t_) for t_ in t]
         d0 = [torch.as_tensor(eta_*k0 + 1, dtype=p[0].dtype) for eta_ in eta]
         d1 = [torch.as_tensor(-eta_, dtype=p[0].dtype) for eta_ in eta]
@@ -862,7 +875,7 @@ if triton is not None:
         lr = tl.load(hypers + 4)
         wd = tl.load(hypers + 5)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = lr*tl.exp((k2) * tl.log(k1*t + 1.0))
+        c0 = lr*tl.where(k1*t + 1.0 == 1.0, 1.0, tl.where((k2) == 0.0, 1.0, tl.exp((k2) * tl.log(k1*t + 1.0))))
         c1 = (1.0 / ((tl.maximum(1.0, k3 + t))))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
@@ -925,7 +938,7 @@ if triton is not None:
         lr = tl.load(hypers + 4)
         wd = tl.load(hypers + 5)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = lr*tl.exp((k2) * tl.log(k1*t + 1.0))
+        c0 = lr*tl.where(k1*t + 1.0 == 1.0, 1.0, tl.where((k2) == 0.0, 1.0, tl.exp((k2) * tl.log(k1*t + 1.0))))
         c1 = (1.0 / ((tl.maximum(1.0, k3 + t))))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)

@@ -245,6 +245,16 @@ class _Shards:
         return whole.redistribute(self.mesh, self.params[i].placements).to_local().contiguous()
 
 
+def _pow(x, y):
+    try:
+        r = x ** y
+    except ZeroDivisionError:  # 0 to a negative power
+        return math.copysign(math.inf, x) if y % 2 == 1 else math.inf
+    except OverflowError:
+        return -math.inf if x < 0 and y % 2 == 1 else math.inf
+    return math.nan if isinstance(r, complex) else r
+
+
 class Muon(Optimizer):
     r"""momentum orthogonalised by Newton-Schulz (Jordan et al., 2024), AdamW for the rest, as torch.optim.Muon
 
@@ -534,8 +544,13 @@ class Muon(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("Muon does not support sparse gradients")
-        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
-            raise RuntimeError("Muon does not support complex parameters")
+        if any(p.dim() < 2 for p in with_grad):
+            bad = next(p for p in with_grad if p.dim() < 2)
+            raise ValueError(f"Muon: T() (line 26) needs parameters of rank 2 or more; this "
+                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
+        if any(map(torch.is_complex, with_grad)):
+            raise TypeError("Muon does not take complex parameters: it reads the shape (nrows), which stepping their "
+                            "real view (torch.view_as_real, as torch.optim does) would change")
         states = [self.state[p] for p in with_grad]
         made = {"step", "momentum_buffer"}.issubset
         if not all(map(made, states)):
@@ -562,8 +577,6 @@ class Muon(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("Muon does not support sparse gradients")
-        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
-            raise RuntimeError("Muon does not support complex parameters")
         states = [self.state[p] for p in with_grad]
         made = {"step", "exp_avg", "exp_avg_sq"}.issubset
         if not all(map(made, states)):
@@ -581,10 +594,12 @@ class Muon(Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
                 if state.get("exp_avg_sq") is None:
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+        if any(map(torch.is_complex, with_grad)):  # as torch.optim: an element-wise update of the real view
+            with_grad, new_grads = [_real(p) for p in with_grad], [_real(g) for g in new_grads]
         params += with_grad
         grads += new_grads
-        m_list += [state["exp_avg"] for state in states]
-        v_list += [state["exp_avg_sq"] for state in states]
+        m_list += [_real(state["exp_avg"]) for state in states]
+        v_list += [_real(state["exp_avg_sq"]) for state in states]
         state_steps += [state["step"] for state in states]
 
     @torch.no_grad()
@@ -665,7 +680,13 @@ def _one_element(values):
 
 def _state_dtype(group, p):
     """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
+    if p.is_complex():  # kept complex, as torch.optim does, and stepped through their real view
+        return p.dtype
     return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+
+
+def _real(x):
+    return torch.view_as_real(x) if x.is_complex() else x
 
 
 def _step_dtype():
@@ -736,7 +757,7 @@ def _single_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momen
         # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
         # (`.item()` would break the graph, a float would be specialised on and recompile).
         t = step_t.to(torch.float64) if torch.compiler.is_compiling() else step_t.item()
-        c0 = -lr*(0.2*math.sqrt(max(ncols, nrows)) if k1 else math.sqrt(max(1, nrows/ncols)))
+        c0 = -lr*(0.2*math.sqrt(max(ncols, nrows)) if k1 else math.sqrt(max(1, nrows*_pow(ncols, -1))))
         c1 = float(nrows > ncols)
         buf.lerp_(g, k2)
         if nesterov:
@@ -916,7 +937,7 @@ def _multi_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, moment
         nrows = [(x_.shape[-2] if x_.dim() >= 2 else 1) for x_ in p]
         ncols = [(x_.shape[-1] if x_.dim() >= 1 else 1) for x_ in p]
         # Scalars of the step count: one per tensor, on the host.
-        c0 = [-lr*(0.2*math.sqrt(max(ncols_, nrows_)) if k1 else math.sqrt(max(1, nrows_/ncols_))) for ncols_, nrows_ in zip(ncols, nrows)]
+        c0 = [-lr*(0.2*math.sqrt(max(ncols_, nrows_)) if k1 else math.sqrt(max(1, nrows_*_pow(ncols_, -1)))) for ncols_, nrows_ in zip(ncols, nrows)]
         c1 = [float(nrows_ > ncols_) for ncols_, nrows_ in zip(ncols, nrows)]
         torch._foreach_lerp_(buf, g, k2)
         if nesterov:

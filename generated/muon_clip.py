@@ -230,6 +230,16 @@ class _Shards:
         return whole.redistribute(self.mesh, self.params[i].placements).to_local().contiguous()
 
 
+def _pow(x, y):
+    try:
+        r = x ** y
+    except ZeroDivisionError:  # 0 to a negative power
+        return math.copysign(math.inf, x) if y % 2 == 1 else math.inf
+    except OverflowError:
+        return -math.inf if x < 0 and y % 2 == 1 else math.inf
+    return math.nan if isinstance(r, complex) else r
+
+
 class MuonClip(Optimizer):
     r"""Muon with QK-clip (Kimi K2, 2025): the training loop feeds each query/key matrix its max attention logit
 
@@ -439,8 +449,13 @@ class MuonClip(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("MuonClip does not support sparse gradients")
-        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
-            raise RuntimeError("MuonClip does not support complex parameters")
+        if any(p.dim() < 2 for p in with_grad):
+            bad = next(p for p in with_grad if p.dim() < 2)
+            raise ValueError(f"MuonClip: T() (line 16) needs parameters of rank 2 or more; this "
+                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
+        if any(map(torch.is_complex, with_grad)):
+            raise TypeError("MuonClip does not take complex parameters: its state 'max_logit' is declared ': scalar', which stepping their "
+                            "real view (torch.view_as_real, as torch.optim does) would change")
         states = [self.state[p] for p in with_grad]
         if not all("step" in state for state in states):
             for p, state in zip(with_grad, states):
@@ -464,8 +479,9 @@ class MuonClip(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("MuonClip does not support sparse gradients")
-        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
-            raise RuntimeError("MuonClip does not support complex parameters")
+        if any(map(torch.is_complex, with_grad)):
+            raise TypeError("MuonClip does not take complex parameters: its state 'max_logit' is declared ': scalar', which stepping their "
+                            "real view (torch.view_as_real, as torch.optim does) would change")
         states = [self.state[p] for p in with_grad]
         if not all("step" in state for state in states):
             for p, state in zip(with_grad, states):
@@ -567,6 +583,8 @@ def _one_element(values):
 
 def _state_dtype(group, p):
     """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
+    if p.is_complex():  # kept complex, as torch.optim does, and stepped through their real view
+        return p.dtype
     return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
 
 
@@ -619,7 +637,7 @@ def _single_tensor_muonclip_0(params, grads, buf_list, max_logit_list, state_ste
         # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
         # (`.item()` would break the graph, a float would be specialised on and recompile).
         t = step_t.to(torch.float64) if torch.compiler.is_compiling() else step_t.item()
-        c0 = -lr*math.sqrt(max(1, nrows/ncols))
+        c0 = -lr*math.sqrt(max(1, nrows*_pow(ncols, -1)))
         c1 = float(nrows > ncols)
         d0 = torch.as_tensor(k0*torch.sqrt(1/torch.maximum(torch.as_tensor(max_logit, dtype=torch.float64), torch.as_tensor(tau, dtype=torch.float64))), dtype=p.dtype)
         buf.lerp_(g, k2)
@@ -721,7 +739,7 @@ def _multi_tensor_muonclip_0(params, grads, buf_list, max_logit_list, state_step
         nrows = [(x_.shape[-2] if x_.dim() >= 2 else 1) for x_ in p]
         ncols = [(x_.shape[-1] if x_.dim() >= 1 else 1) for x_ in p]
         # Scalars of the step count: one per tensor, on the host.
-        c0 = [-lr*math.sqrt(max(1, nrows_/ncols_)) for ncols_, nrows_ in zip(ncols, nrows)]
+        c0 = [-lr*math.sqrt(max(1, nrows_*_pow(ncols_, -1))) for ncols_, nrows_ in zip(ncols, nrows)]
         c1 = [float(nrows_ > ncols_) for ncols_, nrows_ in zip(ncols, nrows)]
         d0 = [torch.as_tensor(k0*torch.sqrt(1/torch.maximum(torch.as_tensor(max_logit_, dtype=torch.float64), torch.as_tensor(tau, dtype=torch.float64))), dtype=p[0].dtype) for max_logit_ in max_logit]
         torch._foreach_lerp_(buf, g, k2)

@@ -232,6 +232,16 @@ class _Shards:
         return whole.redistribute(self.mesh, self.params[i].placements).to_local().contiguous()
 
 
+def _pow(x, y):
+    try:
+        r = x ** y
+    except ZeroDivisionError:  # 0 to a negative power
+        return math.copysign(math.inf, x) if y % 2 == 1 else math.inf
+    except OverflowError:
+        return -math.inf if x < 0 and y % 2 == 1 else math.inf
+    return math.nan if isinstance(r, complex) else r
+
+
 def _group_sum(parts):
     """One number per tensor of a group, added on the first one's device in float64 (one sync)."""
     return float(torch.stack([x.to(parts[0].device, torch.float64) for x in parts]).sum()) if parts else 0.0
@@ -516,8 +526,6 @@ class Prodigy(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("Prodigy does not support sparse gradients")
-        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
-            raise RuntimeError("Prodigy does not support complex parameters")
         states = [self.state[p] for p in with_grad]
         made = {"step", "s", "p0", "exp_avg", "exp_avg_sq"}.issubset
         if not all(map(made, states)):
@@ -540,12 +548,14 @@ class Prodigy(Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
                 if state.get("exp_avg_sq") is None:
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+        if any(map(torch.is_complex, with_grad)):  # as torch.optim: an element-wise update of the real view
+            with_grad, new_grads = [_real(p) for p in with_grad], [_real(g) for g in new_grads]
         params += with_grad
         grads += new_grads
-        s_list += [state["s"] for state in states]
-        x0_list += [state["p0"] for state in states]
-        m_list += [state["exp_avg"] for state in states]
-        v_list += [state["exp_avg_sq"] for state in states]
+        s_list += [_real(state["s"]) for state in states]
+        x0_list += [_real(state["p0"]) for state in states]
+        m_list += [_real(state["exp_avg"]) for state in states]
+        v_list += [_real(state["exp_avg_sq"]) for state in states]
         state_steps += [state["step"] for state in states]
 
     def _group_phase(self, group, params, grads, s_list, x0_list, state_steps):
@@ -634,7 +644,13 @@ def _one_element(values):
 
 def _state_dtype(group, p):
     """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
+    if p.is_complex():  # kept complex, as torch.optim does, and stepped through their real view
+        return p.dtype
     return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+
+
+def _real(x):
+    return torch.view_as_real(x) if x.is_complex() else x
 
 
 def _step_dtype():
@@ -693,7 +709,7 @@ def _single_tensor_prodigy(params, grads, s_list, x0_list, m_list, v_list, state
     k0 = -dlr*wd + 1
     k1 = -dlr
     k2 = d*eps
-    k3 = d_old**2*(1 - b2)
+    k3 = (1 - b2)*_pow(d_old, 2)
     k4 = d_old*(1 - b1)
     k5 = d_old*dlr/d0
     for i, param in enumerate(params):
@@ -736,7 +752,7 @@ def _multi_tensor_prodigy(params, grads, s_list, x0_list, m_list, v_list, state_
     k0 = -dlr*wd + 1
     k1 = -dlr
     k2 = d*eps
-    k3 = d_old**2*(1 - b2)
+    k3 = (1 - b2)*_pow(d_old, 2)
     k4 = d_old*(1 - b1)
     k5 = d_old*dlr/d0
     # Grouped by the parameters' device and dtype; states follow by index, as they may be stored in
@@ -1071,7 +1087,7 @@ def _fused_prodigy(params, grads, s_list, x0_list, m_list, v_list, state_steps, 
     k0 = -dlr*wd + 1
     k1 = -dlr
     k2 = d*eps
-    k3 = d_old**2*(1 - b2)
+    k3 = (1 - b2)*_pow(d_old, 2)
     k4 = d_old*(1 - b1)
     k5 = d_old*dlr/d0
     hyper_values = (float(b1), float(b2), float(b3), float(k0), float(k1), float(k2), float(k3), float(k4), float(k5), )

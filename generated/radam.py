@@ -225,6 +225,16 @@ class _Shards:
         return whole.redistribute(self.mesh, self.params[i].placements).to_local().contiguous()
 
 
+def _pow(x, y):
+    try:
+        r = x ** y
+    except ZeroDivisionError:  # 0 to a negative power
+        return math.copysign(math.inf, x) if y % 2 == 1 else math.inf
+    except OverflowError:
+        return -math.inf if x < 0 and y % 2 == 1 else math.inf
+    return math.nan if isinstance(r, complex) else r
+
+
 class RAdam(Optimizer):
     r"""Rectified Adam (Liu et al., 2020)
 
@@ -489,8 +499,6 @@ class RAdam(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("RAdam does not support sparse gradients")
-        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
-            raise RuntimeError("RAdam does not support complex parameters")
         states = [self.state[p] for p in with_grad]
         made = {"step", "exp_avg", "exp_avg_sq"}.issubset
         if not all(map(made, states)):
@@ -508,10 +516,12 @@ class RAdam(Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
                 if state.get("exp_avg_sq") is None:
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+        if any(map(torch.is_complex, with_grad)):  # as torch.optim: an element-wise update of the real view
+            with_grad, new_grads = [_real(p) for p in with_grad], [_real(g) for g in new_grads]
         params += with_grad
         grads += new_grads
-        m_list += [state["exp_avg"] for state in states]
-        v_list += [state["exp_avg_sq"] for state in states]
+        m_list += [_real(state["exp_avg"]) for state in states]
+        v_list += [_real(state["exp_avg_sq"]) for state in states]
         state_steps += [state["step"] for state in states]
 
     @torch.no_grad()
@@ -562,7 +572,13 @@ def _one_element(values):
 
 def _state_dtype(group, p):
     """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
+    if p.is_complex():  # kept complex, as torch.optim does, and stepped through their real view
+        return p.dtype
     return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+
+
+def _real(x):
+    return torch.view_as_real(x) if x.is_complex() else x
 
 
 def _step_dtype():
@@ -620,7 +636,7 @@ def _single_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, 
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - b1
     k1 = -1 + 2/(1 - b2)
-    k2 = (-1 + 2/(1 - b2))/((-5 + 2/(1 - b2))*(-3 + 2/(1 - b2)))
+    k2 = (-1 + 2/(1 - b2))*_pow(-5 + 2/(1 - b2), -1)*_pow(-3 + 2/(1 - b2), -1)
     k3 = -5 + 2/(1 - b2)
     k4 = -3 + 2/(1 - b2)
     k5 = 1 - b2
@@ -639,12 +655,12 @@ def _single_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, 
             t = step_t.to(torch.float64)
             c0 = -lr/(1 - b1**t)
             c1 = torch.as_tensor((-2*b2**t*t/(1 - b2**t) + k1 > 5), dtype=torch.float64)
-            c2 = torch.sqrt(1 - b2**t)*torch.sqrt(torch.maximum(torch.as_tensor(0, dtype=torch.float64), k2*(-2*b2**t*t/(1 - b2**t) + k3)*(-2*b2**t*t/(1 - b2**t) + k4)/(-2*b2**t*t/(1 - b2**t) + k1)))
+            c2 = torch.sqrt(1 - b2**t)*torch.sqrt(torch.maximum(torch.as_tensor(0, dtype=torch.float64), k2*(-2*b2**t*t/(1 - b2**t) + k3)*(-2*b2**t*t/(1 - b2**t) + k4)*1/(-2*b2**t*t/(1 - b2**t) + k1)))
         else:
             t = step_t.item()
             c0 = -lr/(1 - b1**t)
             c1 = float(-2*b2**t*t/(1 - b2**t) + k1 > 5)
-            c2 = math.sqrt(1 - b2**t)*math.sqrt(max(0, k2*(-2*b2**t*t/(1 - b2**t) + k3)*(-2*b2**t*t/(1 - b2**t) + k4)/(-2*b2**t*t/(1 - b2**t) + k1)))
+            c2 = math.sqrt(1 - b2**t)*math.sqrt(max(0, k2*(-2*b2**t*t/(1 - b2**t) + k3)*(-2*b2**t*t/(1 - b2**t) + k4)*_pow(-2*b2**t*t/(1 - b2**t) + k1, -1)))
         if decoupled:
             tmp1 = g
         else:
@@ -681,7 +697,7 @@ def _multi_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, b
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - b1
     k1 = -1 + 2/(1 - b2)
-    k2 = (-1 + 2/(1 - b2))/((-5 + 2/(1 - b2))*(-3 + 2/(1 - b2)))
+    k2 = (-1 + 2/(1 - b2))*_pow(-5 + 2/(1 - b2), -1)*_pow(-3 + 2/(1 - b2), -1)
     k3 = -5 + 2/(1 - b2)
     k4 = -3 + 2/(1 - b2)
     k5 = 1 - b2
@@ -706,7 +722,7 @@ def _multi_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, b
         # Scalars of the step count: one per tensor, on the host.
         c0 = [-lr/(1 - b1**t_) for t_ in t]
         c1 = [float(-2*b2**t_*t_/(1 - b2**t_) + k1 > 5) for t_ in t]
-        c2 = [math.sqrt(1 - b2**t_)*math.sqrt(max(0, k2*(-2*b2**t_*t_/(1 - b2**t_) + k3)*(-2*b2**t_*t_/(1 - b2**t_) + k4)/(-2*b2**t_*t_/(1 - b2**t_) + k1))) for t_ in t]
+        c2 = [math.sqrt(1 - b2**t_)*math.sqrt(max(0, k2*(-2*b2**t_*t_/(1 - b2**t_) + k3)*(-2*b2**t_*t_/(1 - b2**t_) + k4)*_pow(-2*b2**t_*t_/(1 - b2**t_) + k1, -1))) for t_ in t]
         if decoupled:
             tmp1 = g
         else:
@@ -1023,7 +1039,7 @@ def _fused_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps,
         return
     k0 = 1 - b1
     k1 = -1 + 2/(1 - b2)
-    k2 = (-1 + 2/(1 - b2))/((-5 + 2/(1 - b2))*(-3 + 2/(1 - b2)))
+    k2 = (-1 + 2/(1 - b2))*_pow(-5 + 2/(1 - b2), -1)*_pow(-3 + 2/(1 - b2), -1)
     k3 = -5 + 2/(1 - b2)
     k4 = -3 + 2/(1 - b2)
     k5 = 1 - b2

@@ -240,6 +240,16 @@ class _Shards:
         return whole.redistribute(self.mesh, self.params[i].placements).to_local().contiguous()
 
 
+def _pow(x, y):
+    try:
+        r = x ** y
+    except ZeroDivisionError:  # 0 to a negative power
+        return math.copysign(math.inf, x) if y % 2 == 1 else math.inf
+    except OverflowError:
+        return -math.inf if x < 0 and y % 2 == 1 else math.inf
+    return math.nan if isinstance(r, complex) else r
+
+
 class ScheduleFreeAdamW(Optimizer):
     r"""AdamW without a schedule: gradients at an interpolation, eval() at the average
 
@@ -524,8 +534,6 @@ class ScheduleFreeAdamW(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("ScheduleFreeAdamW does not support sparse gradients")
-        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
-            raise RuntimeError("ScheduleFreeAdamW does not support complex parameters")
         states = [self.state[p] for p in with_grad]
         made = {"step", "z", "exp_avg_sq"}.issubset
         if not all(map(made, states)):
@@ -544,10 +552,12 @@ class ScheduleFreeAdamW(Optimizer):
                     state["z"].add_(p)
                 if state.get("exp_avg_sq") is None:
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+        if any(map(torch.is_complex, with_grad)):  # as torch.optim: an element-wise update of the real view
+            with_grad, new_grads = [_real(p) for p in with_grad], [_real(g) for g in new_grads]
         params += with_grad
         grads += new_grads
-        z_list += [state["z"] for state in states]
-        v_list += [state["exp_avg_sq"] for state in states]
+        z_list += [_real(state["z"]) for state in states]
+        v_list += [_real(state["exp_avg_sq"]) for state in states]
         state_steps += [state["step"] for state in states]
 
     def _group_phase(self, group, params, grads, state_steps):
@@ -661,7 +671,13 @@ def _one_element(values):
 
 def _state_dtype(group, p):
     """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
+    if p.is_complex():  # kept complex, as torch.optim does, and stepped through their real view
+        return p.dtype
     return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+
+
+def _real(x):
+    return torch.view_as_real(x) if x.is_complex() else x
 
 
 def _step_dtype():
@@ -718,7 +734,7 @@ def schedulefreeadamw(params, grads, z_list, v_list, state_steps, *, foreach=Non
 def _single_tensor_schedulefreeadamw(params, grads, z_list, v_list, state_steps, *, lr, b1, b2, wd, r, weight_lr_power, warmup_steps, decoupling_c, eps, lr_t, ckp, bc2,                                      generator=None):
     # Scalars of the hyperparameters alone: once per group.
     k0 = lr_t*(b1*(1 - ckp) - 1)
-    k1 = 1/bc2
+    k1 = _pow(bc2, -1)
     k2 = 1 - b2
     k3 = -lr_t
     for i, param in enumerate(params):
@@ -756,7 +772,7 @@ def _multi_tensor_schedulefreeadamw(params, grads, z_list, v_list, state_steps, 
         return
     # Scalars of the hyperparameters alone: once per group.
     k0 = lr_t*(b1*(1 - ckp) - 1)
-    k1 = 1/bc2
+    k1 = _pow(bc2, -1)
     k2 = 1 - b2
     k3 = -lr_t
     # Grouped by the parameters' device and dtype; states follow by index, as they may be stored in
@@ -1072,7 +1088,7 @@ def _fused_schedulefreeadamw(params, grads, z_list, v_list, state_steps, *, lr, 
     if not params:
         return
     k0 = lr_t*(b1*(1 - ckp) - 1)
-    k1 = 1/bc2
+    k1 = _pow(bc2, -1)
     k2 = 1 - b2
     k3 = -lr_t
     hyper_values = (float(b2), float(ckp), float(eps), float(k0), float(k1), float(k2), float(k3), float(wd), )

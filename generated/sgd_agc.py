@@ -331,8 +331,9 @@ class SGDAGC(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("SGDAGC does not support sparse gradients")
-        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
-            raise RuntimeError("SGDAGC does not support complex parameters")
+        if any(map(torch.is_complex, with_grad)):
+            raise TypeError("SGDAGC does not take complex parameters: it calls unit_norm(), which stepping their "
+                            "real view (torch.view_as_real, as torch.optim does) would change")
         states = [self.state[p] for p in with_grad]
         if not all("step" in state for state in states):
             for p, state in zip(with_grad, states):
@@ -385,6 +386,8 @@ def _one_element(values):
 
 def _state_dtype(group, p):
     """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
+    if p.is_complex():  # kept complex, as torch.optim does, and stepped through their real view
+        return p.dtype
     return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
 
 

@@ -376,8 +376,13 @@ class SMMF(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("SMMF does not support sparse gradients")
-        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
-            raise RuntimeError("SMMF does not support complex parameters")
+        if any(p.dim() < 2 for p in with_grad):
+            bad = next(p for p in with_grad if p.dim() < 2)
+            raise ValueError(f"SMMF: state 'cm: cols' (line 9) needs parameters of rank 2 or more; this "
+                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
+        if any(map(torch.is_complex, with_grad)):
+            raise TypeError("SMMF does not take complex parameters: its state 'rm' is declared ': rows', which stepping their "
+                            "real view (torch.view_as_real, as torch.optim does) would change")
         states = [self.state[p] for p in with_grad]
         if not all("step" in state for state in states):
             for p, state in zip(with_grad, states):
@@ -406,8 +411,6 @@ class SMMF(Optimizer):
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("SMMF does not support sparse gradients")
-        if any(map(torch.is_complex, with_grad)):  # the spec's arithmetic is real: min, max, sign, ...
-            raise RuntimeError("SMMF does not support complex parameters")
         states = [self.state[p] for p in with_grad]
         if not all("step" in state for state in states):
             for p, state in zip(with_grad, states):
@@ -418,10 +421,12 @@ class SMMF(Optimizer):
                                                 device=p.device if self._fused_for(group, p) else "cpu")
                     state["m"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
                     state["v"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+        if any(map(torch.is_complex, with_grad)):  # as torch.optim: an element-wise update of the real view
+            with_grad, new_grads = [_real(p) for p in with_grad], [_real(g) for g in new_grads]
         params += with_grad
         grads += new_grads
-        m_list += [state["m"] for state in states]
-        v_list += [state["v"] for state in states]
+        m_list += [_real(state["m"]) for state in states]
+        v_list += [_real(state["v"]) for state in states]
         state_steps += [state["step"] for state in states]
 
     @torch.no_grad()
@@ -482,7 +487,13 @@ def _one_element(values):
 
 def _state_dtype(group, p):
     """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
+    if p.is_complex():  # kept complex, as torch.optim does, and stepped through their real view
+        return p.dtype
     return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
+
+
+def _real(x):
+    return torch.view_as_real(x) if x.is_complex() else x
 
 
 def smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps, *, foreach=None, fused=None,
