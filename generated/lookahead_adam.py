@@ -110,10 +110,15 @@ def _foreach_copy_(dst, src):
         torch._foreach_copy_(dst, src)
 
 
-# reduction -> whether it reduces a tensor's axis `axis` (of `ndim`): then each shard holds a
-# partial result, which the kernels' accumulators combine over the mesh dimension that splits it
-_REDUCES = {"all": lambda axis, ndim: True, "unit": lambda axis, ndim: ndim <= 1 or axis != 0,
-            "-1": lambda axis, ndim: axis == ndim - 1, "-2": lambda axis, ndim: axis == ndim - 2}
+def _reduces(reduced, axis, ndim) -> bool:
+    """Whether a reduction of kind `reduced` ("all", "unit", "-1", "-2") reduces a tensor's axis
+    `axis` (of `ndim`): then each shard holds a partial result, which the kernels' accumulators
+    combine over the mesh dimension that splits it."""
+    if reduced == "all":
+        return True
+    if reduced == "unit":
+        return ndim <= 1 or axis != 0
+    return axis == ndim + int(reduced)
 
 
 class _Shards:
@@ -152,11 +157,11 @@ class _Shards:
         """pieces: (accumulator, per tensor its (start, length) in it, what the reduction reduces, op).
         Each slot whose tensor a mesh dimension splits along a reduced axis holds a partial result."""
         todo = {}
-        for buffer, segments, reduced, op in pieces:
+        for k, (buffer, segments, reduced, op) in enumerate(pieces):
             for i, (start, length) in enumerate(segments):
                 for m, axis in self.split[i].items():
-                    if _REDUCES[reduced](axis, self.params[i].dim()):
-                        todo.setdefault((m, op), {}).setdefault(id(buffer), (buffer, []))[1].extend(
+                    if _reduces(reduced, axis, self.params[i].dim()):
+                        todo.setdefault((m, op), {}).setdefault(k, (buffer, []))[1].extend(
                             range(start, start + length))
         for (m, op), parts in todo.items():
             parts = [(b, torch.tensor(idx, dtype=torch.int64, device=b.device)) for b, idx in parts.values()]
