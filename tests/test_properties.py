@@ -739,7 +739,7 @@ def semantic_mistakes(draw):
     if kind == "state-list-name":  # the generated code keeps state zq's tensors in a list zq_list
         which = draw(st.sampled_from(["hyper zq_list = 1", "state zq_list"]))
         return declaration(f"state zq; {which}", 11 + len(which.split()[0]) + 1,
-                           "the name of the generated code's list of state 'zq'")
+                           "the name of the step functions' list of state 'zq'")
     assert kind == "unused-state"
     return declaration("state zq_u", 7, "state 'zq_u' is declared but never used")
 
