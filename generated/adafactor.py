@@ -406,7 +406,7 @@ class Adafactor(Optimizer):
     def __setstate__(self, state):
         rng_state = state.pop("_rng_state", None)
         super().__setstate__(state)
-        if "_rng" not in self.__dict__:
+        if getattr(self, "_rng", None) is None:  # an optimizer pickled before it had one
             self._rng = _new_rng()
         if rng_state is not None:
             self._rng.set_state(rng_state)
@@ -537,8 +537,8 @@ class Adafactor(Optimizer):
             raise ValueError(f"Adafactor: state 'c: cols' (line 16) needs parameters of rank 2 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
         if any(map(torch.is_complex, with_grad)):
-            raise TypeError("Adafactor does not take complex parameters: its state 'r' is declared ': rows', which stepping their "
-                            "real view (torch.view_as_real, as torch.optim does) would change")
+            raise RuntimeError("Adafactor does not support complex parameters: its state 'r' is declared ': rows', which stepping their "
+                               "real view (torch.view_as_real, as torch.optim does) would change")
         states = [self.state[p] for p in with_grad]
         made = {"step", "row_var", "col_var"}.issubset
         if not all(map(made, states)):
@@ -569,8 +569,8 @@ class Adafactor(Optimizer):
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("Adafactor does not support sparse gradients")
         if any(map(torch.is_complex, with_grad)):
-            raise TypeError("Adafactor does not take complex parameters: it calls rms(), which stepping their "
-                            "real view (torch.view_as_real, as torch.optim does) would change")
+            raise RuntimeError("Adafactor does not support complex parameters: it calls rms(), which stepping their "
+                               "real view (torch.view_as_real, as torch.optim does) would change")
         states = [self.state[p] for p in with_grad]
         made = {"step", "variance"}.issubset
         if not all(map(made, states)):

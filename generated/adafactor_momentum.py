@@ -376,7 +376,7 @@ class AdafactorM(Optimizer):
     def __setstate__(self, state):
         rng_state = state.pop("_rng_state", None)
         super().__setstate__(state)
-        if "_rng" not in self.__dict__:
+        if getattr(self, "_rng", None) is None:  # an optimizer pickled before it had one
             self._rng = _new_rng()
         if rng_state is not None:
             self._rng.set_state(rng_state)
@@ -502,8 +502,8 @@ class AdafactorM(Optimizer):
             raise ValueError(f"AdafactorM: state 'c: cols' (line 9) needs parameters of rank 2 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
         if any(map(torch.is_complex, with_grad)):
-            raise TypeError("AdafactorM does not take complex parameters: its state 'r' is declared ': rows', which stepping their "
-                            "real view (torch.view_as_real, as torch.optim does) would change")
+            raise RuntimeError("AdafactorM does not support complex parameters: its state 'r' is declared ': rows', which stepping their "
+                               "real view (torch.view_as_real, as torch.optim does) would change")
         states = [self.state[p] for p in with_grad]
         if not all("step" in state for state in states):
             for p, state in zip(with_grad, states):
@@ -529,8 +529,8 @@ class AdafactorM(Optimizer):
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("AdafactorM does not support sparse gradients")
         if any(map(torch.is_complex, with_grad)):
-            raise TypeError("AdafactorM does not take complex parameters: it calls rms(), which stepping their "
-                            "real view (torch.view_as_real, as torch.optim does) would change")
+            raise RuntimeError("AdafactorM does not support complex parameters: it calls rms(), which stepping their "
+                               "real view (torch.view_as_real, as torch.optim does) would change")
         states = [self.state[p] for p in with_grad]
         if not all("step" in state for state in states):
             for p, state in zip(with_grad, states):

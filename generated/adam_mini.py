@@ -358,7 +358,7 @@ class AdamMini(Optimizer):
     def __setstate__(self, state):
         rng_state = state.pop("_rng_state", None)
         super().__setstate__(state)
-        if "_rng" not in self.__dict__:
+        if getattr(self, "_rng", None) is None:  # an optimizer pickled before it had one
             self._rng = _new_rng()
         if rng_state is not None:
             self._rng.set_state(rng_state)
@@ -474,8 +474,8 @@ class AdamMini(Optimizer):
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("AdamMini does not support sparse gradients")
         if any(map(torch.is_complex, with_grad)):
-            raise TypeError("AdamMini does not take complex parameters: its state 'v_mean' is declared ': scalar', which stepping their "
-                            "real view (torch.view_as_real, as torch.optim does) would change")
+            raise RuntimeError("AdamMini does not support complex parameters: its state 'v_mean' is declared ': scalar', which stepping their "
+                               "real view (torch.view_as_real, as torch.optim does) would change")
         states = [self.state[p] for p in with_grad]
         made = {"step", "m", "v_mean"}.issubset
         if not all(map(made, states)):

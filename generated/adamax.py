@@ -357,7 +357,7 @@ class Adamax(Optimizer):
     def __setstate__(self, state):
         rng_state = state.pop("_rng_state", None)
         super().__setstate__(state)
-        if "_rng" not in self.__dict__:
+        if getattr(self, "_rng", None) is None:  # an optimizer pickled before it had one
             self._rng = _new_rng()
         if rng_state is not None:
             self._rng.set_state(rng_state)

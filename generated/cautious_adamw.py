@@ -335,7 +335,7 @@ class CautiousAdamW(Optimizer):
     def __setstate__(self, state):
         rng_state = state.pop("_rng_state", None)
         super().__setstate__(state)
-        if "_rng" not in self.__dict__:
+        if getattr(self, "_rng", None) is None:  # an optimizer pickled before it had one
             self._rng = _new_rng()
         if rng_state is not None:
             self._rng.set_state(rng_state)
@@ -446,8 +446,8 @@ class CautiousAdamW(Optimizer):
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("CautiousAdamW does not support sparse gradients")
         if any(map(torch.is_complex, with_grad)):
-            raise TypeError("CautiousAdamW does not take complex parameters: it calls mean(), which stepping their "
-                            "real view (torch.view_as_real, as torch.optim does) would change")
+            raise RuntimeError("CautiousAdamW does not support complex parameters: it calls mean(), which stepping their "
+                               "real view (torch.view_as_real, as torch.optim does) would change")
         states = [self.state[p] for p in with_grad]
         if not all("step" in state for state in states):
             for p, state in zip(with_grad, states):

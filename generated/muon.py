@@ -509,7 +509,7 @@ class Muon(Optimizer):
     def __setstate__(self, state):
         rng_state = state.pop("_rng_state", None)
         super().__setstate__(state)
-        if "_rng" not in self.__dict__:
+        if getattr(self, "_rng", None) is None:  # an optimizer pickled before it had one
             self._rng = _new_rng()
         if rng_state is not None:
             self._rng.set_state(rng_state)
@@ -640,8 +640,8 @@ class Muon(Optimizer):
             raise ValueError(f"Muon: T() (line 26) needs parameters of rank 2 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
         if any(map(torch.is_complex, with_grad)):
-            raise TypeError("Muon does not take complex parameters: it reads the shape (nrows), which stepping their "
-                            "real view (torch.view_as_real, as torch.optim does) would change")
+            raise RuntimeError("Muon does not support complex parameters: it reads the shape (nrows), which stepping their "
+                               "real view (torch.view_as_real, as torch.optim does) would change")
         states = [self.state[p] for p in with_grad]
         made = {"step", "momentum_buffer"}.issubset
         if not all(map(made, states)):

@@ -385,7 +385,7 @@ class NAdam(Optimizer):
     def __setstate__(self, state):
         rng_state = state.pop("_rng_state", None)
         super().__setstate__(state)
-        if "_rng" not in self.__dict__:
+        if getattr(self, "_rng", None) is None:  # an optimizer pickled before it had one
             self._rng = _new_rng()
         if rng_state is not None:
             self._rng.set_state(rng_state)
@@ -501,8 +501,8 @@ class NAdam(Optimizer):
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("NAdam does not support sparse gradients")
         if any(map(torch.is_complex, with_grad)):
-            raise TypeError("NAdam does not take complex parameters: its state 'mu_prod' is declared ': scalar', which stepping their "
-                            "real view (torch.view_as_real, as torch.optim does) would change")
+            raise RuntimeError("NAdam does not support complex parameters: its state 'mu_prod' is declared ': scalar', which stepping their "
+                               "real view (torch.view_as_real, as torch.optim does) would change")
         states = [self.state[p] for p in with_grad]
         made = {"step", "exp_avg", "exp_avg_sq", "mu_product"}.issubset
         if not all(map(made, states)):

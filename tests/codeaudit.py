@@ -34,12 +34,13 @@ BUILTINS = {"ImportError", "KeyError", "RuntimeError", "TypeError", "ValueError"
             "all", "any", "abs", "bool", "dict", "enumerate", "float", "int", "isinstance", "iter", "len",
             "list", "map", "max", "min", "next", "range", "set", "sorted", "staticmethod", "str", "sum",
             "super", "tuple", "zip", "round", "repr", "type", "reversed", "NotImplementedError", "OverflowError",
-            "ArithmeticError", "FloatingPointError", "complex"}
+            "ArithmeticError", "FloatingPointError", "complex", "hasattr"}
 assert not BUILTINS - set(dir(builtins))
 # Not a payload but a known bug (issue 12, item 3): `g^inf` prints a bare `inf` on the torch paths,
 # a NameError at step. Remove once every constant prints on every path.
 PENDING = {"inf"}
-DUNDERS = {"__init__", "__setstate__"}  # super().__init__(...), super().__setstate__(state)
+DUNDERS = {"__init__", "__setstate__", "__getstate__", "__name__"}  # super().__init__(...), super().__getstate__(),
+# super().__setstate__(state), type(value).__name__ in load_state_dict's messages
 _TOP_ASSIGN = re.compile(r"__all__|LAUNCHES|_[A-Z][A-Z0-9_]*")  # module constants and caches
 
 
