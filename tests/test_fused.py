@@ -541,12 +541,16 @@ def test_stochastic_rounding_in_the_kernel_is_unbiased_and_independent():
     TwoStates = optdsl.compile("optimizer TwoStates\nhyper lr = 0\nstate a, b\na = a + g\nb = b + g\np -= lr * a\n")
     below, spacing, n, frac = 1.0, 2.0 ** -7, 20000, 0.25
     torch.manual_seed(2)
+    params = [torch.zeros(n, device=DEVICE), torch.zeros(n, device=DEVICE)]
+    opt = TwoStates(params, fused=True, state_dtype=torch.bfloat16)
+    for p in params:
+        p.grad = torch.full((n,), below + frac * spacing, device=DEVICE)
     runs = []
-    for _ in range(2):
-        params = [torch.zeros(n, device=DEVICE), torch.zeros(n, device=DEVICE)]
-        opt = TwoStates(params, fused=True, state_dtype=torch.bfloat16)
+    for _ in range(2):  # two steps of one optimizer, each from zeroed states (the key holds the step)
         for p in params:
-            p.grad = torch.full((n,), below + frac * spacing, device=DEVICE)
+            for key in ("a", "b"):
+                if key in opt.state[p]:
+                    opt.state[p][key].zero_()
         opt.step()
         runs.append([(opt.state[p]["a"].double().cpu(), opt.state[p]["b"].double().cpu()) for p in params])
     ups = []
