@@ -173,7 +173,7 @@ def _group_intervals(prog: ir.Program) -> dict[str, Interval]:
             iv[syms[f"{name}.0"]] = value
         for step in phase.steps:
             if isinstance(step, ir.GroupReduce):  # per-parameter names missing from syms read as unbounded
-                arg = to_sympy(step.arg, {**syms, **{r: sp.Symbol(r) for r in _refs(step.arg) if r not in syms}})
+                arg = to_sympy(step.arg, {**syms, **{r: sp.Symbol(r) for r in ir.refs(step.arg) if r not in syms}})
                 value = bound(TABLE[step.func].sympy(arg), iv)
             else:
                 value = bound(to_sympy(step.expr, syms), iv)
@@ -190,14 +190,6 @@ def _group_intervals(prog: ir.Program) -> dict[str, Interval]:
     else:
         values = run({n: _FULL for n in states})
     return {name: values[ssa] for name, ssa in phase.values}
-
-
-def _refs(e: ir.Expr):
-    if isinstance(e, ir.Ref):
-        yield e.name
-    elif isinstance(e, ir.Op):
-        for a in e.args:
-            yield from _refs(a)
 
 
 def _walk(e: ir.Expr, guards: tuple[ir.Expr, ...] = ()):

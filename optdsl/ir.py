@@ -212,6 +212,15 @@ _CMP = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
 _LOGIC = {"lor": "or", "land": "and"}  # a rule's condition only; `or` binds loosest, `and` next
 
 
+def refs(e: Expr):
+    """The names an expression reads, in order (with repeats)."""
+    if isinstance(e, Ref):
+        yield e.name
+    elif isinstance(e, Op):
+        for a in e.args:
+            yield from refs(a)
+
+
 def _num(x: float) -> str:
     if abs(x) == float("inf"):
         return "inf" if x > 0 else "-inf"

@@ -19,7 +19,7 @@ def context(prog: ir.Program, group_code: dict[str, str]) -> dict:
         env[ir.P0] = sp.Symbol("p")
         tensors = {"p"}
         lines = ["p = param if param.dtype in _EXACT else param.float()"]
-        read = {r for eq in mode.eqns for r in _refs(eq.expr)}
+        read = {r for eq in mode.eqns for r in ir.refs(eq.expr)}
         for s in prog.states:
             if ir.ssa_name(s.name, 0) in read:
                 lines.append(f'{s.name} = state["{keys[s.name]}"].to(p.dtype)')
@@ -45,11 +45,3 @@ def _code_name(ssa: str) -> str:
     if not base:
         return ssa
     return f"{base}{'_' if base[-1].isdigit() or base.endswith('_') else ''}{version}"
-
-
-def _refs(e: ir.Expr):
-    if isinstance(e, ir.Ref):
-        yield e.name
-    elif isinstance(e, ir.Op):
-        for a in e.args:
-            yield from _refs(a)
