@@ -685,7 +685,6 @@ def _multi_tensor_adadelta(params, grads, v_list, u_list, state_steps, *, lr, rh
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra import libdevice  # noqa: F401 - atan2 on GPUs
 except ImportError:  # the fused path needs Triton; the other two do not
     triton = None
 

@@ -666,7 +666,6 @@ def _multi_tensor_adagrad(params, grads, sum_sq_list, state_steps, *, lr, lr_dec
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra import libdevice  # noqa: F401 - atan2 on GPUs
 except ImportError:  # the fused path needs Triton; the other two do not
     triton = None
 

@@ -634,7 +634,6 @@ def _multi_tensor_adalo(params, grads, m_list, loss_avg_list, state_steps, *, b1
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra import libdevice  # noqa: F401 - atan2 on GPUs
 except ImportError:  # the fused path needs Triton; the other two do not
     triton = None
 

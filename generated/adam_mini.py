@@ -695,7 +695,6 @@ def _multi_tensor_adammini(params, grads, m_list, v_mean_list, state_steps, *, l
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra import libdevice  # noqa: F401 - atan2 on GPUs
 except ImportError:  # the fused path needs Triton; the other two do not
     triton = None
 

@@ -655,7 +655,6 @@ def _multi_tensor_adanorm(params, grads, m_list, v_list, gn_avg_list, state_step
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra import libdevice  # noqa: F401 - atan2 on GPUs
 except ImportError:  # the fused path needs Triton; the other two do not
     triton = None
 

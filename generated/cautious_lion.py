@@ -607,7 +607,6 @@ def _multi_tensor_cautiouslion(params, grads, m_list, state_steps, *, lr, b1, b2
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra import libdevice  # noqa: F401 - atan2 on GPUs
 except ImportError:  # the fused path needs Triton; the other two do not
     triton = None
 

@@ -1051,7 +1051,6 @@ def _multi_tensor_muonclip_1(params, grads, m_list, v_list, max_logit_list, stat
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra import libdevice  # noqa: F401 - atan2 on GPUs
 except ImportError:  # the fused path needs Triton; the other two do not
     triton = None
 

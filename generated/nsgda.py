@@ -592,7 +592,6 @@ def _multi_tensor_nsgda(params, grads, m_list, state_steps, *, lr, momentum, eps
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra import libdevice  # noqa: F401 - atan2 on GPUs
 except ImportError:  # the fused path needs Triton; the other two do not
     triton = None
 

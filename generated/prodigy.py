@@ -812,7 +812,6 @@ def _multi_tensor_prodigy(params, grads, s_list, x0_list, m_list, v_list, state_
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra import libdevice  # noqa: F401 - atan2 on GPUs
 except ImportError:  # the fused path needs Triton; the other two do not
     triton = None
 

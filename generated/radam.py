@@ -764,7 +764,6 @@ def _multi_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, b
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra import libdevice  # noqa: F401 - atan2 on GPUs
 except ImportError:  # the fused path needs Triton; the other two do not
     triton = None
 

@@ -722,7 +722,6 @@ def _multi_tensor_rmsprop(params, grads, square_avg_list, grad_avg_list, buf_lis
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra import libdevice  # noqa: F401 - atan2 on GPUs
 except ImportError:  # the fused path needs Triton; the other two do not
     triton = None
 

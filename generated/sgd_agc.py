@@ -604,7 +604,6 @@ def _multi_tensor_sgdagc(params, grads, buf_list, state_steps, *, lr, momentum, 
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra import libdevice  # noqa: F401 - atan2 on GPUs
 except ImportError:  # the fused path needs Triton; the other two do not
     triton = None
 

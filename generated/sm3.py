@@ -861,7 +861,6 @@ def _multi_tensor_sm3_1(params, grads, v_list, m_list, state_steps, *, lr, momen
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra import libdevice  # noqa: F401 - atan2 on GPUs
 except ImportError:  # the fused path needs Triton; the other two do not
     triton = None
 

@@ -210,8 +210,9 @@ TABLE: dict[str, Function] = {f.name: f for f in [
       triton="tl.sin({0})"),
     F("square", 1, lambda x: x**2, "torch.square({0})", "({0}) ** 2",
       triton="({0} * {0})"),
+    # _atan2: the fused template's helper, from + - * / (libdevice's has no form in the interpreter)
     F("atan2", 2, sp.atan2, "torch.atan2({0}, {1})", "math.atan2({0}, {1})",
-      triton="libdevice.atan2({0}, {1})"),
+      triton="_atan2({0}, {1})"),
     F("lerp", 3, lerp, "torch.lerp({0}, {1}, {2})", "(({0}) + ({2}) * (({1}) - ({0})))",
       # torch.lerp's two forms, a + w*(b - a) below w = 0.5 and b - (1 - w)*(b - a) from there: each
       # exact at its end, so a weight of 1 gives b. The choice is made on the weight (a scalar, mostly).

@@ -24,11 +24,10 @@ IMPORTS = {
     ("torch.optim.optimizer", (("Optimizer", None), ("_default_to_fused_or_foreach", None))),
     ("import", (("triton", None),)),
     ("import", (("triton.language", "tl"),)),
-    ("triton.language.extra", (("libdevice", None),)),
     ("import", (("torch.distributed", "_dist"),)),  # sharded parameters (optdsl/templates/sharding.py.j2)
     ("torch.distributed.tensor", (("DTensor", "_DTensor"), ("Replicate", "_Replicate"))),
 }
-MODULES = {"torch", "math", "os", "operator", "triton", "tl", "libdevice", "Optimizer", "_dist"}
+MODULES = {"torch", "math", "os", "operator", "triton", "tl", "Optimizer", "_dist"}
 # The built-ins generated code calls or names; eval, exec, open, getattr, __import__ are not among them.
 BUILTINS = {"ImportError", "KeyError", "RuntimeError", "TypeError", "ValueError", "ZeroDivisionError",
             "all", "any", "abs", "bool", "dict", "enumerate", "float", "int", "isinstance", "iter", "len",

@@ -318,11 +318,6 @@ def test_wrong_constant_is_caught():
 FUSED_TOL = {torch.float32: 2e-6, torch.bfloat16: 2.0**-7}
 
 
-def _fused_cases():
-    # atan2 needs libdevice, which the interpreter lacks: Adam-atan2 is checked on GPUs only
-    return [c for c in CASES if ON_GPU or CASES[c][0] != "adam_atan2"]
-
-
 def run_fused(case, dtype, shapes, steps, seed):
     name, ours_kw, ref_cls, ref_kw = CASES[case]
     if ref_cls.__module__.startswith("torch.optim"):
@@ -361,7 +356,7 @@ def run_fused(case, dtype, shapes, steps, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("case", _fused_cases())
+@pytest.mark.parametrize("case", list(CASES))
 def test_fused_matches_reference(case, dtype):
     run_fused(case, dtype, SMALL, STEPS if ON_GPU else 12, seed=zlib.crc32(case.encode()))
 

@@ -27,10 +27,7 @@ from bench import dist_matrix as dm
 # in-place ops on partial results) and the split-dependent constructs (the whole list: bench/dist_matrix.py).
 FOREACH = ["adabelief", "adamax", "amsgrad", "nadam", "adanorm", "diffgrad", "sm3", "smmf", "muon", "muon_clip",
            "lookahead_adam", "adamw_softclip", "sgd_agc", "amos", "adalo", "nsgda", "adafactor", "lamb"]
-# AdamAtan2's fused kernel does not run under the Triton interpreter even in one process
-# (libdevice's atan2): its fused path is left to a GPU.
-ALL = [("fsdp", name, path, "float64") for name in dm.SPECS for path in ("loop", "fused")
-       if (name, path) != ("adam_atan2", "fused")]
+ALL = [("fsdp", name, path, "float64") for name in dm.SPECS for path in ("loop", "fused")]
 ALL += [("fsdp", name, "foreach", "float64") for name in FOREACH]
 ALL += [("ddp", name, path, "float64") for name in ("adalo", "muon") for path in dm.PATHS]
 ALL += [("fsdp", name, "fused", "float32") for name in ("adamw", "adafactor", "muon", "sgd_agc")]

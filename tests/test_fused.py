@@ -17,7 +17,7 @@ DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 if DEVICE == "cuda" and not torch.cuda.is_available():
     pytest.skip("TRITON_INTERPRET=0 needs a CUDA device", allow_module_level=True)
 
-# spec module, class, hyperparameter settings (atan2 has no form in the interpreter)
+# spec module, class, hyperparameter settings
 CASES = [
     ("nsgda", "NSGDA", [{}, dict(momentum=0.5, wd=0.0)]),
     ("adamw", "AdamW", [{}, dict(lr=1e-2, wd=0.3, b1=0.5)]),
@@ -34,9 +34,8 @@ CASES = [
                     dict(lr=1e-2, momentum=0.9, dampening=0.5)]),
     ("rmsprop", "RMSprop", [{}, dict(centered=1, momentum=0.9, wd=0.1)]),
     ("adagrad", "Adagrad", [dict(lr_decay=0.01, wd=0.1, initial_accumulator_value=0.1)]),
+    ("adam_atan2", "AdamAtan2", [{}, dict(wd=0.1, a=2.0, b=0.5)]),  # atan2: the template's _atan2
 ]
-if DEVICE == "cuda":
-    CASES.append(("adam_atan2", "AdamAtan2", [{}, dict(wd=0.1, a=2.0, b=0.5)]))
 SHAPES = [(1,), (7,), (13, 5), (2100,)]  # 2100 spans three blocks of 1024
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
 
@@ -632,3 +631,34 @@ def test_powers_of_hyperparameters_take_their_log_on_the_host(b1, b2):
     ref, _ = _run(adamw.AdamW, kw, torch.float64, foreach=True)
     for a, b in zip(fused, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_atan2_in_the_kernels_is_torchs_special_values_included(dtype):
+    """The kernels compute atan2 with the template's _atan2 (+ - * / and where: the interpreter has
+    no libdevice): within 2 ulp of torch.atan2 over 40 decades, and torch's value exactly at signed
+    zeros, infinities and nan. atan2(g, 2) prints as SymPy's atan(g/2), atan2(1, g) has a number first."""
+    import math
+
+    import optdsl
+    cls = optdsl.compile("optimizer Atan\nstate m, h, k\nm = atan2(g, p)\nh = atan2(g, 2)\nk = atan2(1, g)\n"
+                         "p -= 0 * g\n", "atan.opt")
+    special = torch.tensor([0.0, -0.0, 1.0, -1.0, 3.0, -0.5, math.inf, -math.inf, math.nan, 1e-30],
+                           dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    spread = (torch.randn(4000, generator=gen, dtype=torch.float64)
+              * 10 ** torch.empty(4000, dtype=torch.float64).uniform_(-20, 20, generator=gen))
+    y = torch.cat([special.repeat_interleave(len(special)), spread[:2000]]).to(dtype)
+    x = torch.cat([special.repeat(len(special)), spread[2000:]]).to(dtype)
+    p = x.clone().to(DEVICE)
+    opt = cls([p], fused=True)
+    p.grad = y.to(DEVICE)
+    opt.step()
+    eps = torch.finfo(dtype).eps
+    two, one = torch.tensor(2.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    for state, expected in [("m", torch.atan2(y.double(), x.double())), ("h", torch.atan2(y.double(), two)),
+                            ("k", torch.atan2(one, y.double()))]:
+        got = opt.state[p][state].cpu().double()
+        torch.testing.assert_close(got, expected.to(dtype).double(), rtol=2 * eps, atol=0, equal_nan=True)
+        exact = (~torch.isfinite(x) | ~torch.isfinite(y) | (x == 0) | (y == 0)) & ~expected.isnan()  # a nan's sign means nothing
+        assert torch.equal(torch.signbit(got[exact]), torch.signbit(expected.to(dtype)[exact].double())), state

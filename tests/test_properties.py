@@ -573,8 +573,8 @@ def test_random_spec_matches_its_meaning(spec, shapes, seed, skip_first, steps):
 
     histories = {fe: _run(cls, spec, dict(foreach=fe), init, grads, losses) for fe in (False, True)}
     # The fused kernels (under the interpreter), near the foreach path: every core spec fuses. On a
-    # third of the examples (the interpreter is slow); atan2 needs libdevice, which it lacks.
-    if FUSED and seed % 3 == 0 and "atan2" not in spec.text:
+    # third of the examples (the interpreter is slow).
+    if FUSED and seed % 3 == 0:
         why = __import__(cls.__module__, fromlist=["fused_available"]).fused_available(init)
         assert not why, f"a core spec does not fuse ({why}):\n{spec.text}"
         fused = _run(cls, spec, dict(fused=True), init, grads, losses)

@@ -16,7 +16,7 @@ _BY_CLASS = {f.sympy: f for f in list(fn.TABLE.values()) + list(fn.COMPARISONS.v
 _COMPARISONS = tuple(f.sympy for f in fn.COMPARISONS.values())
 # SymPy writes atan2(y, c) of a constant c > 0 as atan(y/c): no spec names atan, but a plan may hold it.
 _BY_CLASS[sp.atan] = fn.Function("atan", 1, sp.atan, "torch.atan({0})", "math.atan({0})", "atan",
-                                  triton="libdevice.atan({0})")
+                                  triton="_atan({0})")
 
 
 def number_code(x) -> str:
@@ -221,6 +221,8 @@ class TritonPrinter(HostPrinter):
         args = [self.parenthesize(a, PRECEDENCE["Mul"]) for a in e.args]
         if type(e) is fn.where and all(a.is_Number for a in e.args[1:]):
             args[1:] = [self._end(a) for a in e.args[1:]]
+        if type(e) is sp.atan2:  # the helper takes its dtype from its arguments: a number is made a tensor
+            args = [self._end(a) for a in e.args]
         text = row.triton.format(*args)
         # tl.where of two literals is float32: sqrt(a > b) would be a float32 sqrt in a float64 kernel
         return f"{text}.to({self.dtype})" if isinstance(e, _COMPARISONS + (sp.sign,)) else text

@@ -237,7 +237,7 @@ def _fused_context(rule: dict, plan: Plan, cond: str | None, multi: bool) -> dic
                hypers=plan.program.hypers, uses_loss=plan.program.uses_loss, group_defs=rule["group_defs"],
                avail_name=f"_fused_available{suffix}" if multi else "fused_available",
                default_name=f"_fused_by_default{suffix}" if multi else "_fused_by_default",
-               unsupported=triton_backend.unsupported(plan), torch_only=False, geometry=False, segments=False,
+               unsupported=triton_backend.unsupported(plan), torch_only=False, geometry=False, segments=False, atan=False,
                matrix=None)
     if multi and ctx["unsupported"] and fusion.matrix_work(plan):
         # matrix work the kernels cannot surround: this rule runs torch's code, the other rules fused

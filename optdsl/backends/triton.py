@@ -19,6 +19,8 @@ optdsl.backends.fusion's job; this module prints the kernels.
 """
 from __future__ import annotations
 
+import re
+
 import sympy as sp
 
 from .. import functions as fn
@@ -258,7 +260,9 @@ def kernel_context(plan: Plan) -> dict:
         shape = ir.STATE_SHAPES[s.shape]
         state_loads.append(dict(name=s.name, kind=s.shape, index=_INDEX[shape]))
     segments = bool(f.units) or any(_INDEX[f.shape(r)] != "cols_" for r in f.axes)
-    return dict(kernels=kernels, accs=accs, matrix=matrix, mxin=len(entries), segments=segments, axes=axes, geometry=f.geometry(), state_loads=state_loads,
+    printed = [c for k in kernels if not k["torch"] for c in k["lines"] + [s["code"] for s in k["stores"]]]
+    atan = any(re.search(r"\b_atan2?\(", c) for c in printed + [c for _, c in param_defs])  # the template's helpers
+    return dict(kernels=kernels, accs=accs, matrix=matrix, mxin=len(entries), segments=segments, atan=atan, axes=axes, geometry=f.geometry(), state_loads=state_loads,
                 states=states, group_args=group_args, shape_args=shape_args, shape_codes=shape_codes,
                 units=len(f.units), param_args=param_args, param_defs=param_defs, cast_args=cast_args,
                 log_defs=[(str(name), HostPrinter().doprint(base)) for base, name in logs.items()],
