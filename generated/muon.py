@@ -125,6 +125,15 @@ def _whole(x):
     return x
 
 
+def _round_bfloat16(x):
+    """x rounded to bfloat16, kept in its dtype. A DTensor of partial sums (a matrix product over a
+    split axis) is summed first: DTensor casts each partial sum, and rounded parts do not add up
+    to the rounded whole (Muon's Newton-Schulz 1e-2 off for a row-sharded tall matrix)."""
+    if _is_sharded(x) and any(pl.is_partial() for pl in x.placements):
+        x = x.redistribute(x.device_mesh, [_Replicate() if pl.is_partial() else pl for pl in x.placements])
+    return x.bfloat16().to(x.dtype)
+
+
 def _copy_into(dst, src):
     """dst.copy_(src). A DTensor value with other placements than dst's (matrix work leaves its
     products replicated or split otherwise) is redistributed to dst's first."""
@@ -871,22 +880,22 @@ def _single_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momen
         else:
             tmp3 = tmp1
         if ns_bfloat16:
-            tmp4 = tmp3.bfloat16().to(tmp3.dtype)
+            tmp4 = _round_bfloat16(tmp3)
             tmp5 = tmp4
         else:
             tmp5 = tmp3
         r0 = _whole(torch.linalg.vector_norm(tmp5))
-        d0 = torch.as_tensor(1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(torch.where(torch.as_tensor(ns_bfloat16, dtype=torch.float64) != 0, torch.as_tensor(r0.bfloat16().to(r0.dtype), dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64)), dtype=torch.float64)), dtype=p.dtype)
+        d0 = torch.as_tensor(1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(torch.where(torch.as_tensor(ns_bfloat16, dtype=torch.float64) != 0, torch.as_tensor(_round_bfloat16(r0), dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64)), dtype=torch.float64)), dtype=p.dtype)
         tmp6 = torch.mul(tmp5, d0)
         if ns_bfloat16:
-            tmp7 = tmp6.bfloat16().to(tmp6.dtype)
+            tmp7 = _round_bfloat16(tmp6)
             tmp8 = tmp7
         else:
             tmp8 = tmp6
         tmp9 = tmp8.mT
         tmp10 = torch.matmul(tmp8, tmp9)
         if ns_bfloat16:
-            tmp11 = tmp10.bfloat16().to(tmp10.dtype)
+            tmp11 = _round_bfloat16(tmp10)
             tmp12 = tmp11
         else:
             tmp12 = tmp10
@@ -894,7 +903,7 @@ def _single_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momen
         tmp14 = torch.mul(tmp12, b)
         tmp15 = torch.add(tmp14, tmp13, alpha=c) if c != 0 else tmp14
         if ns_bfloat16:
-            tmp16 = tmp15.bfloat16().to(tmp15.dtype)
+            tmp16 = _round_bfloat16(tmp15)
             tmp17 = tmp16
         else:
             tmp17 = tmp15
@@ -902,14 +911,14 @@ def _single_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momen
         tmp19 = torch.mul(tmp8, a)
         tmp20 = torch.add(tmp19, tmp18)
         if ns_bfloat16:
-            tmp21 = tmp20.bfloat16().to(tmp20.dtype)
+            tmp21 = _round_bfloat16(tmp20)
             tmp22 = tmp21
         else:
             tmp22 = tmp20
         tmp23 = tmp22.mT
         tmp24 = torch.matmul(tmp22, tmp23)
         if ns_bfloat16:
-            tmp25 = tmp24.bfloat16().to(tmp24.dtype)
+            tmp25 = _round_bfloat16(tmp24)
             tmp26 = tmp25
         else:
             tmp26 = tmp24
@@ -917,7 +926,7 @@ def _single_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momen
         tmp28 = torch.mul(tmp26, b)
         tmp29 = torch.add(tmp28, tmp27, alpha=c) if c != 0 else tmp28
         if ns_bfloat16:
-            tmp30 = tmp29.bfloat16().to(tmp29.dtype)
+            tmp30 = _round_bfloat16(tmp29)
             tmp31 = tmp30
         else:
             tmp31 = tmp29
@@ -925,14 +934,14 @@ def _single_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momen
         tmp33 = torch.mul(tmp22, a)
         tmp34 = torch.add(tmp33, tmp32)
         if ns_bfloat16:
-            tmp35 = tmp34.bfloat16().to(tmp34.dtype)
+            tmp35 = _round_bfloat16(tmp34)
             tmp36 = tmp35
         else:
             tmp36 = tmp34
         tmp37 = tmp36.mT
         tmp38 = torch.matmul(tmp36, tmp37)
         if ns_bfloat16:
-            tmp39 = tmp38.bfloat16().to(tmp38.dtype)
+            tmp39 = _round_bfloat16(tmp38)
             tmp40 = tmp39
         else:
             tmp40 = tmp38
@@ -940,7 +949,7 @@ def _single_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momen
         tmp42 = torch.mul(tmp40, b)
         tmp43 = torch.add(tmp42, tmp41, alpha=c) if c != 0 else tmp42
         if ns_bfloat16:
-            tmp44 = tmp43.bfloat16().to(tmp43.dtype)
+            tmp44 = _round_bfloat16(tmp43)
             tmp45 = tmp44
         else:
             tmp45 = tmp43
@@ -948,14 +957,14 @@ def _single_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momen
         tmp47 = torch.mul(tmp36, a)
         tmp48 = torch.add(tmp47, tmp46)
         if ns_bfloat16:
-            tmp49 = tmp48.bfloat16().to(tmp48.dtype)
+            tmp49 = _round_bfloat16(tmp48)
             tmp50 = tmp49
         else:
             tmp50 = tmp48
         tmp51 = tmp50.mT
         tmp52 = torch.matmul(tmp50, tmp51)
         if ns_bfloat16:
-            tmp53 = tmp52.bfloat16().to(tmp52.dtype)
+            tmp53 = _round_bfloat16(tmp52)
             tmp54 = tmp53
         else:
             tmp54 = tmp52
@@ -963,7 +972,7 @@ def _single_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momen
         tmp56 = torch.mul(tmp54, b)
         tmp57 = torch.add(tmp56, tmp55, alpha=c) if c != 0 else tmp56
         if ns_bfloat16:
-            tmp58 = tmp57.bfloat16().to(tmp57.dtype)
+            tmp58 = _round_bfloat16(tmp57)
             tmp59 = tmp58
         else:
             tmp59 = tmp57
@@ -971,14 +980,14 @@ def _single_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momen
         tmp61 = torch.mul(tmp50, a)
         tmp62 = torch.add(tmp61, tmp60)
         if ns_bfloat16:
-            tmp63 = tmp62.bfloat16().to(tmp62.dtype)
+            tmp63 = _round_bfloat16(tmp62)
             tmp64 = tmp63
         else:
             tmp64 = tmp62
         tmp65 = tmp64.mT
         tmp66 = torch.matmul(tmp64, tmp65)
         if ns_bfloat16:
-            tmp67 = tmp66.bfloat16().to(tmp66.dtype)
+            tmp67 = _round_bfloat16(tmp66)
             tmp68 = tmp67
         else:
             tmp68 = tmp66
@@ -986,7 +995,7 @@ def _single_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momen
         tmp70 = torch.mul(tmp68, b)
         tmp71 = torch.add(tmp70, tmp69, alpha=c) if c != 0 else tmp70
         if ns_bfloat16:
-            tmp72 = tmp71.bfloat16().to(tmp71.dtype)
+            tmp72 = _round_bfloat16(tmp71)
             tmp73 = tmp72
         else:
             tmp73 = tmp71
@@ -994,7 +1003,7 @@ def _single_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momen
         tmp75 = torch.mul(tmp64, a)
         tmp76 = torch.add(tmp75, tmp74)
         if ns_bfloat16:
-            tmp77 = tmp76.bfloat16().to(tmp76.dtype)
+            tmp77 = _round_bfloat16(tmp76)
             tmp78 = tmp77
         else:
             tmp78 = tmp76
@@ -1048,22 +1057,22 @@ def _multi_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, moment
         tmp2 = [tmp1_.mT for tmp1_ in tmp1]
         tmp3 = [x if c else y for c, x, y in zip(c1, tmp2, tmp1)]
         if ns_bfloat16:
-            tmp4 = [tmp3_.bfloat16().to(tmp3_.dtype) for tmp3_ in tmp3]
+            tmp4 = [_round_bfloat16(tmp3_) for tmp3_ in tmp3]
             tmp5 = tmp4
         else:
             tmp5 = tmp3
         r0 = list(map(_whole, torch._foreach_norm(tmp5)))
-        d0 = [torch.as_tensor(1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(torch.where(torch.as_tensor(ns_bfloat16, dtype=torch.float64) != 0, torch.as_tensor(r0_.bfloat16().to(r0_.dtype), dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)), dtype=torch.float64)), dtype=p[0].dtype) for r0_ in r0]
+        d0 = [torch.as_tensor(1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(torch.where(torch.as_tensor(ns_bfloat16, dtype=torch.float64) != 0, torch.as_tensor(_round_bfloat16(r0_), dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)), dtype=torch.float64)), dtype=p[0].dtype) for r0_ in r0]
         tmp6 = torch._foreach_mul(tmp5, d0)
         if ns_bfloat16:
-            tmp7 = [tmp6_.bfloat16().to(tmp6_.dtype) for tmp6_ in tmp6]
+            tmp7 = [_round_bfloat16(tmp6_) for tmp6_ in tmp6]
             tmp8 = tmp7
         else:
             tmp8 = tmp6
         tmp9 = [tmp8_.mT for tmp8_ in tmp8]
         tmp10 = [torch.matmul(tmp8_, tmp9_) for tmp8_, tmp9_ in zip(tmp8, tmp9)]
         if ns_bfloat16:
-            tmp11 = [tmp10_.bfloat16().to(tmp10_.dtype) for tmp10_ in tmp10]
+            tmp11 = [_round_bfloat16(tmp10_) for tmp10_ in tmp10]
             tmp12 = tmp11
         else:
             tmp12 = tmp10
@@ -1071,7 +1080,7 @@ def _multi_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, moment
         tmp14 = torch._foreach_mul(tmp12, b)
         tmp15 = torch._foreach_add(tmp14, tmp13, alpha=c) if c != 0 else tmp14
         if ns_bfloat16:
-            tmp16 = [tmp15_.bfloat16().to(tmp15_.dtype) for tmp15_ in tmp15]
+            tmp16 = [_round_bfloat16(tmp15_) for tmp15_ in tmp15]
             tmp17 = tmp16
         else:
             tmp17 = tmp15
@@ -1079,14 +1088,14 @@ def _multi_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, moment
         tmp19 = torch._foreach_mul(tmp8, a)
         tmp20 = torch._foreach_add(tmp19, tmp18)
         if ns_bfloat16:
-            tmp21 = [tmp20_.bfloat16().to(tmp20_.dtype) for tmp20_ in tmp20]
+            tmp21 = [_round_bfloat16(tmp20_) for tmp20_ in tmp20]
             tmp22 = tmp21
         else:
             tmp22 = tmp20
         tmp23 = [tmp22_.mT for tmp22_ in tmp22]
         tmp24 = [torch.matmul(tmp22_, tmp23_) for tmp22_, tmp23_ in zip(tmp22, tmp23)]
         if ns_bfloat16:
-            tmp25 = [tmp24_.bfloat16().to(tmp24_.dtype) for tmp24_ in tmp24]
+            tmp25 = [_round_bfloat16(tmp24_) for tmp24_ in tmp24]
             tmp26 = tmp25
         else:
             tmp26 = tmp24
@@ -1094,7 +1103,7 @@ def _multi_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, moment
         tmp28 = torch._foreach_mul(tmp26, b)
         tmp29 = torch._foreach_add(tmp28, tmp27, alpha=c) if c != 0 else tmp28
         if ns_bfloat16:
-            tmp30 = [tmp29_.bfloat16().to(tmp29_.dtype) for tmp29_ in tmp29]
+            tmp30 = [_round_bfloat16(tmp29_) for tmp29_ in tmp29]
             tmp31 = tmp30
         else:
             tmp31 = tmp29
@@ -1102,14 +1111,14 @@ def _multi_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, moment
         tmp33 = torch._foreach_mul(tmp22, a)
         tmp34 = torch._foreach_add(tmp33, tmp32)
         if ns_bfloat16:
-            tmp35 = [tmp34_.bfloat16().to(tmp34_.dtype) for tmp34_ in tmp34]
+            tmp35 = [_round_bfloat16(tmp34_) for tmp34_ in tmp34]
             tmp36 = tmp35
         else:
             tmp36 = tmp34
         tmp37 = [tmp36_.mT for tmp36_ in tmp36]
         tmp38 = [torch.matmul(tmp36_, tmp37_) for tmp36_, tmp37_ in zip(tmp36, tmp37)]
         if ns_bfloat16:
-            tmp39 = [tmp38_.bfloat16().to(tmp38_.dtype) for tmp38_ in tmp38]
+            tmp39 = [_round_bfloat16(tmp38_) for tmp38_ in tmp38]
             tmp40 = tmp39
         else:
             tmp40 = tmp38
@@ -1117,7 +1126,7 @@ def _multi_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, moment
         tmp42 = torch._foreach_mul(tmp40, b)
         tmp43 = torch._foreach_add(tmp42, tmp41, alpha=c) if c != 0 else tmp42
         if ns_bfloat16:
-            tmp44 = [tmp43_.bfloat16().to(tmp43_.dtype) for tmp43_ in tmp43]
+            tmp44 = [_round_bfloat16(tmp43_) for tmp43_ in tmp43]
             tmp45 = tmp44
         else:
             tmp45 = tmp43
@@ -1125,14 +1134,14 @@ def _multi_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, moment
         tmp47 = torch._foreach_mul(tmp36, a)
         tmp48 = torch._foreach_add(tmp47, tmp46)
         if ns_bfloat16:
-            tmp49 = [tmp48_.bfloat16().to(tmp48_.dtype) for tmp48_ in tmp48]
+            tmp49 = [_round_bfloat16(tmp48_) for tmp48_ in tmp48]
             tmp50 = tmp49
         else:
             tmp50 = tmp48
         tmp51 = [tmp50_.mT for tmp50_ in tmp50]
         tmp52 = [torch.matmul(tmp50_, tmp51_) for tmp50_, tmp51_ in zip(tmp50, tmp51)]
         if ns_bfloat16:
-            tmp53 = [tmp52_.bfloat16().to(tmp52_.dtype) for tmp52_ in tmp52]
+            tmp53 = [_round_bfloat16(tmp52_) for tmp52_ in tmp52]
             tmp54 = tmp53
         else:
             tmp54 = tmp52
@@ -1140,7 +1149,7 @@ def _multi_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, moment
         tmp56 = torch._foreach_mul(tmp54, b)
         tmp57 = torch._foreach_add(tmp56, tmp55, alpha=c) if c != 0 else tmp56
         if ns_bfloat16:
-            tmp58 = [tmp57_.bfloat16().to(tmp57_.dtype) for tmp57_ in tmp57]
+            tmp58 = [_round_bfloat16(tmp57_) for tmp57_ in tmp57]
             tmp59 = tmp58
         else:
             tmp59 = tmp57
@@ -1148,14 +1157,14 @@ def _multi_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, moment
         tmp61 = torch._foreach_mul(tmp50, a)
         tmp62 = torch._foreach_add(tmp61, tmp60)
         if ns_bfloat16:
-            tmp63 = [tmp62_.bfloat16().to(tmp62_.dtype) for tmp62_ in tmp62]
+            tmp63 = [_round_bfloat16(tmp62_) for tmp62_ in tmp62]
             tmp64 = tmp63
         else:
             tmp64 = tmp62
         tmp65 = [tmp64_.mT for tmp64_ in tmp64]
         tmp66 = [torch.matmul(tmp64_, tmp65_) for tmp64_, tmp65_ in zip(tmp64, tmp65)]
         if ns_bfloat16:
-            tmp67 = [tmp66_.bfloat16().to(tmp66_.dtype) for tmp66_ in tmp66]
+            tmp67 = [_round_bfloat16(tmp66_) for tmp66_ in tmp66]
             tmp68 = tmp67
         else:
             tmp68 = tmp66
@@ -1163,7 +1172,7 @@ def _multi_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, moment
         tmp70 = torch._foreach_mul(tmp68, b)
         tmp71 = torch._foreach_add(tmp70, tmp69, alpha=c) if c != 0 else tmp70
         if ns_bfloat16:
-            tmp72 = [tmp71_.bfloat16().to(tmp71_.dtype) for tmp71_ in tmp71]
+            tmp72 = [_round_bfloat16(tmp71_) for tmp71_ in tmp71]
             tmp73 = tmp72
         else:
             tmp73 = tmp71
@@ -1171,7 +1180,7 @@ def _multi_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, moment
         tmp75 = torch._foreach_mul(tmp64, a)
         tmp76 = torch._foreach_add(tmp75, tmp74)
         if ns_bfloat16:
-            tmp77 = [tmp76_.bfloat16().to(tmp76_.dtype) for tmp76_ in tmp76]
+            tmp77 = [_round_bfloat16(tmp76_) for tmp76_ in tmp76]
             tmp78 = tmp77
         else:
             tmp78 = tmp76
@@ -1766,41 +1775,41 @@ def _shape_table_0(params, device):
 def _matrix_muon_0(a, b, c, c1, eps, ns_bfloat16, x2):
     """Matrix work of one tensor, in torch between the kernels: returns w31."""
     w0 = ((x2).mT if c1 else x2)
-    x1 = (w0.bfloat16().to(w0.dtype) if ns_bfloat16 else w0)
+    x1 = (_round_bfloat16(w0) if ns_bfloat16 else w0)
     r0 = torch.linalg.vector_norm(x1)
-    d0 = 1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor((r0.bfloat16().to(r0.dtype) if ns_bfloat16 else r0), dtype=torch.float64))
+    d0 = 1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor((_round_bfloat16(r0) if ns_bfloat16 else r0), dtype=torch.float64))
     x3 = d0*x1
-    x4 = (x3.bfloat16().to(x3.dtype) if ns_bfloat16 else x3)
+    x4 = (_round_bfloat16(x3) if ns_bfloat16 else x3)
     w1 = torch.matmul(x4, (x4).mT)
-    w2 = (w1.bfloat16().to(w1.dtype) if ns_bfloat16 else w1)
+    w2 = (_round_bfloat16(w1) if ns_bfloat16 else w1)
     w3 = b*w2 + c*torch.matmul(w2, w2)
-    w4 = (w3.bfloat16().to(w3.dtype) if ns_bfloat16 else w3)
+    w4 = (_round_bfloat16(w3) if ns_bfloat16 else w3)
     w5 = a*x4 + torch.matmul(w4, x4)
-    w6 = (w5.bfloat16().to(w5.dtype) if ns_bfloat16 else w5)
+    w6 = (_round_bfloat16(w5) if ns_bfloat16 else w5)
     w7 = torch.matmul(w6, (w6).mT)
-    w8 = (w7.bfloat16().to(w7.dtype) if ns_bfloat16 else w7)
+    w8 = (_round_bfloat16(w7) if ns_bfloat16 else w7)
     w9 = b*w8 + c*torch.matmul(w8, w8)
-    w10 = (w9.bfloat16().to(w9.dtype) if ns_bfloat16 else w9)
+    w10 = (_round_bfloat16(w9) if ns_bfloat16 else w9)
     w11 = a*w6 + torch.matmul(w10, w6)
-    w12 = (w11.bfloat16().to(w11.dtype) if ns_bfloat16 else w11)
+    w12 = (_round_bfloat16(w11) if ns_bfloat16 else w11)
     w13 = torch.matmul(w12, (w12).mT)
-    w14 = (w13.bfloat16().to(w13.dtype) if ns_bfloat16 else w13)
+    w14 = (_round_bfloat16(w13) if ns_bfloat16 else w13)
     w15 = b*w14 + c*torch.matmul(w14, w14)
-    w16 = (w15.bfloat16().to(w15.dtype) if ns_bfloat16 else w15)
+    w16 = (_round_bfloat16(w15) if ns_bfloat16 else w15)
     w17 = a*w12 + torch.matmul(w16, w12)
-    w18 = (w17.bfloat16().to(w17.dtype) if ns_bfloat16 else w17)
+    w18 = (_round_bfloat16(w17) if ns_bfloat16 else w17)
     w19 = torch.matmul(w18, (w18).mT)
-    w20 = (w19.bfloat16().to(w19.dtype) if ns_bfloat16 else w19)
+    w20 = (_round_bfloat16(w19) if ns_bfloat16 else w19)
     w21 = b*w20 + c*torch.matmul(w20, w20)
-    w22 = (w21.bfloat16().to(w21.dtype) if ns_bfloat16 else w21)
+    w22 = (_round_bfloat16(w21) if ns_bfloat16 else w21)
     w23 = a*w18 + torch.matmul(w22, w18)
-    w24 = (w23.bfloat16().to(w23.dtype) if ns_bfloat16 else w23)
+    w24 = (_round_bfloat16(w23) if ns_bfloat16 else w23)
     w25 = torch.matmul(w24, (w24).mT)
-    w26 = (w25.bfloat16().to(w25.dtype) if ns_bfloat16 else w25)
+    w26 = (_round_bfloat16(w25) if ns_bfloat16 else w25)
     w27 = b*w26 + c*torch.matmul(w26, w26)
-    w28 = (w27.bfloat16().to(w27.dtype) if ns_bfloat16 else w27)
+    w28 = (_round_bfloat16(w27) if ns_bfloat16 else w27)
     w29 = a*w24 + torch.matmul(w28, w24)
-    w30 = (w29.bfloat16().to(w29.dtype) if ns_bfloat16 else w29)
+    w30 = (_round_bfloat16(w29) if ns_bfloat16 else w29)
     w31 = ((w30).mT if c1 else w30)
     return (w31,)
 

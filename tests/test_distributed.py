@@ -40,16 +40,6 @@ BF16 = [("fsdp-bf16", "adamw", path, "float32") for path in ("loop", "fused")]  
 CHECKPOINTED = [(name, path) for name in ("adamw", "adafactor", "nadam", "muon") for path in ("loop", "fused")]
 
 
-# Muon on the torch paths (DTensor's products) ends 3e-8 away from one process since main's
-# changes of 2026-12-04 (it matched to 1e-10 before): being found, not loosened.
-KNOWN = {("muon", "loop"), ("muon", "foreach")}
-
-
-def _known(scenario):
-    return pytest.param(*scenario, marks=pytest.mark.xfail(reason="Muon on DTensor products: 3e-8 off, being found",
-                                                           strict=False)) if scenario[1][1:3] in KNOWN else scenario
-
-
 @pytest.fixture(scope="module")
 def results():
     if not dist.is_available() or not dist.is_gloo_available():
@@ -62,7 +52,7 @@ def results():
         yield out
 
 
-@pytest.mark.parametrize("world, scenario", [_known((2, s)) for s in ALL] + [_known((4, s)) for s in FOUR],
+@pytest.mark.parametrize("world, scenario", [(2, s) for s in ALL] + [(4, s) for s in FOUR],
                          ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple) else str(x))
 def test_sharded_training_matches_one_process(results, world, scenario):
     mode, name, path, dtype = scenario
@@ -97,9 +87,7 @@ def test_every_reduction_says_how_it_combines():
     assert reductions == set(sharding.COMBINE)
 
 
-@pytest.mark.parametrize("name, path", [pytest.param(n, p, marks=pytest.mark.xfail(
-    reason="Muon on DTensor products: 3e-8 off, being found", strict=False)) if (n, p) in KNOWN else (n, p)
-    for n, p in CHECKPOINTED])
+@pytest.mark.parametrize("name, path", CHECKPOINTED)
 def test_checkpoint_saved_on_two_ranks_resumes_on_four_and_on_one(results, name, path):
     """Training resumed from a checkpoint, resharded from 2 ranks to 4 (or to one process), goes on
     exactly as it would have without the interruption: states of every shape (Adafactor's rows and
