@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from . import functions as fn
-from . import ir
+from . import ir, quant
 from .check import _Ranges
 from .errors import SpecWarning
 from .pipeline import Compiled
@@ -297,6 +297,13 @@ def _state_ranges(prog: ir.Program) -> list[Property]:
                      "proven by induction over steps") for s in prog.states]
 
 
+def _lowbit_codes(prog: ir.Program) -> list[Property]:
+    """The code each float state gets under state_dtype "int8" / "int4" (optdsl/quant.py), and why."""
+    return [Property(f"int8/int4 code of state {name}",
+                     f"{quant.MAP_NAMES[('int8', code.signed)]} / {quant.MAP_NAMES[('int4', code.signed)]}", code.why)
+            for name, code in quant.codes(prog).items()]
+
+
 def unexplained(compiled: Compiled) -> str:
     """Why the element-wise analyses (and so equiv) cannot take this spec as a whole ('' when they can)."""
     if compiled.rules:
@@ -317,7 +324,7 @@ _UNDECIDED = (TypeError, ValueError, NotImplementedError, AttributeError, KeyErr
 
 def _section(prog: ir.Program, plan, condition: str | None) -> Section:
     math = tuple(tuple(fold_repeats(statement_math(prog, latex), latex)) for latex in (False, True))
-    props = _cost(prog, plan)
+    props = _cost(prog, plan) + _lowbit_codes(prog)
     if _matrix_work(prog):  # its math and memory, not what models one element
         props = [p for p in props if p.name != "arithmetic per element"]  # matmuls are not per element
         return Section(condition, *math, tuple(props), skipped="arithmetic and the element-wise analyses: not "

@@ -11,8 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
+from . import quant
 from .pipeline import Compiled
 
+# state_dtype as `optdsl info` reports it: the constructor's value -> what stored_bytes takes
+_STATE_DTYPES = {"None": None, "torch.bfloat16": "bfloat16", '"int8"': "int8", '"int4"': "int4"}
 _HOST_NAMES = {"math": math, "float": float, "min": min, "max": max, "abs": abs}
 
 
@@ -40,7 +43,18 @@ class Memory:
     @property
     def bytes(self) -> int:
         """In float32 (and one byte per element of a bool state)."""
-        return sum(n * (1 if kind == "bool" else 4) for _, kind, n in self.states)
+        return self.stored_bytes(None)
+
+    def stored_bytes(self, state_dtype: str | None) -> int:
+        """As stored with this state_dtype (None: float32, "bfloat16", or a low-bit format of
+        optdsl/quant.py: codes plus scales); a bool state takes one byte per element."""
+        def size(kind: str, n: int) -> int:
+            if kind == "bool":
+                return n
+            if state_dtype == "bfloat16":
+                return 2 * n
+            return quant.stored_bytes(n, state_dtype)
+        return sum(size(kind, n) for _, kind, n in self.states)
 
 
 def memory(compiled: Compiled, shape: tuple[int, ...]) -> Memory:
@@ -82,4 +96,9 @@ def report(compiled: Compiled, shape: tuple[int, ...]) -> str:
     per = m.total / numel
     lines.append(f"  total state: {m.total:,} numbers = {m.bytes:,} B in float32 ({per:.4g} numbers per element),"
                  " plus the step count")
+    stored = ", ".join(f"{name} {m.stored_bytes(dtype):,} B ({m.stored_bytes(dtype) / numel:.4g} B per element)"
+                       for name, dtype in _STATE_DTYPES.items())
+    lines.append(f"  stored with state_dtype: {stored}")
+    lines.append(f"  (int8/int4: codes plus one float32 scale per {quant.BLOCK['int8']} / {quant.BLOCK['int4']} numbers; "
+                 f"states under {quant.MIN_NUMEL} numbers stay float32)")
     return "\n".join(lines)

@@ -135,7 +135,8 @@ def test_matrix_work_shows_its_math_and_memory_and_says_what_it_skips():
     body = [line for line in muon.rule[at + 1:at + 7] if "bfloat16" not in line]
     assert body == ["  A ← mm(x, T(x))", "  B ← b·A + c·mm(A, A)", "  x ← a·x + mm(B, x)"]
     assert muon.rule.count("  A ← mm(x, T(x))") == 1
-    assert [p.name for p in muon.properties] == [MEMORY, BYTES]
+    # and the code its momentum gets at int8/int4 (matrix work or not, the range is proven)
+    assert [p.name for p in muon.properties] == [MEMORY, BYTES, "int8/int4 code of state buf"]
     assert "matrix work" in muon.skipped
     assert x.property(BOUND, 1).value == "adam_lr"  # the AdamW rule is analysed as AdamW is
     assert "\\text{repeat 5 times:}" in report(x, latex=True)

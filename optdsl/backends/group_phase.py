@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .. import ir
+from .. import ir, quant
 from ..sym import to_sympy
-from .printers import CompiledPrinter, HostPrinter
+from .printers import CompiledPrinter, HostPrinter, read_state_code
 
 # How one reduction over the group is computed: each tensor's part (torch code of {0}), and how the
 # parts combine into a host float ({0}: the list of parts; `p`: the group's parameters).
@@ -46,8 +46,9 @@ def context(prog: ir.Program, group_code: dict[str, str]) -> dict:
     reads_t = any(isinstance(s, ir.GroupReduce) and _reads(s.arg, "t") for s in phase.steps)
     lines.append("p = [x_ if x_.dtype in _EXACT else x_.float() for x_ in params]")
     lines.append("g = [y_.to(x_.dtype) for x_, y_ in zip(p, grads)]")
+    codes, shapes = quant.codes(prog), {s.name: s.shape for s in prog.states}
     for s in phase.reads:
-        lines.append(f"{s} = [y_.to(x_.dtype) for x_, y_ in zip(p, {s}_list)]")
+        lines.append(f"{s} = [{read_state_code(shapes[s], codes[s].signed, 'y_', 'x_')} for x_, y_ in zip(p, {s}_list)]")
     if reads_t:
         lines.append("t = [s_.item() + 1 for s_ in state_steps]  # the step about to be taken")
     lines.append("values = {}")

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .. import ir
+from .. import ir, quant
 from ..sym import to_sympy
-from .printers import CompiledPrinter
+from .printers import CompiledPrinter, read_state_code
 
 
 def context(prog: ir.Program, group_code: dict[str, str]) -> dict:
     """(mode name, the lines run for each parameter that has taken a step) per mode block."""
     keys = {s.name: s.saved_as for s in prog.states}
+    codes = quant.codes(prog)
     out = []
     for mode in prog.modes:
         env = {h.name: sp.Symbol(group_code[h.name]) for h in prog.hypers if not h.computed}
@@ -22,7 +23,8 @@ def context(prog: ir.Program, group_code: dict[str, str]) -> dict:
         read = {r for eq in mode.eqns for r in ir.refs(eq.expr)}
         for s in prog.states:
             if ir.ssa_name(s.name, 0) in read:
-                lines.append(f'{s.name} = state["{keys[s.name]}"].to(p.dtype)')
+                stored = f'state["{keys[s.name]}"]'
+                lines.append(f"{s.name} = {read_state_code(s.shape, codes[s.name].signed, stored, 'p')}")
                 env[ir.ssa_name(s.name, 0)] = sp.Symbol(s.name)
                 tensors.add(s.name)
         for eq in mode.eqns:
@@ -33,8 +35,10 @@ def context(prog: ir.Program, group_code: dict[str, str]) -> dict:
             if eq.kind == ir.TENSOR:
                 tensors.add(name)
         for base, ssa in mode.outputs:
-            target = "param" if base == "p" else f'state["{keys[base]}"]'
-            lines.append(f"{target}.copy_({_code_name(ssa)})")
+            if base == "p":
+                lines.append(f"param.copy_({_code_name(ssa)})")
+            else:  # requantised to the nearest level when it holds low-bit codes
+                lines.append(f'_copy_state(state["{keys[base]}"], {_code_name(ssa)}, {codes[base].signed})')
         out.append((mode.name, lines))
     return dict(modes=out)
 

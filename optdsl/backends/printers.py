@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import sympy as sp
@@ -17,6 +18,19 @@ _COMPARISONS = tuple(f.sympy for f in fn.COMPARISONS.values())
 # SymPy writes atan2(y, c) of a constant c > 0 as atan(y/c): no spec names atan, but a plan may hold it.
 _BY_CLASS[sp.atan] = fn.Function("atan", 1, sp.atan, "torch.atan({0})", "math.atan({0})", "atan",
                                   triton="_atan({0})")
+
+
+# A state's shape (ir.State.shape) as code on its parameter's name; None: the parameter's own.
+STATE_SHAPE_CODE = {"full": None, "scalar": "()", "rows": "p.shape[:-1] + (1,)",
+                    "cols": "p.shape[:-2] + (1,) + p.shape[-1:]", "bool": "p.shape"}
+
+
+def read_state_code(shape: str, signed: bool, stored: str, p: str) -> str:
+    """Code reading a float state `stored` of parameter `p` as the update computes with it: in p's
+    precision, dequantised when it holds low-bit codes (templates/lowbit.py.j2's _read_state,
+    which needs the code the state was given and its shape)."""
+    code = re.sub(r"\bp\b", p, STATE_SHAPE_CODE[shape] or "p.shape")
+    return f"_read_state({stored}, {p}, {signed}, {code})"
 
 
 def number_code(x) -> str:

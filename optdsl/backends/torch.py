@@ -9,14 +9,15 @@ from dataclasses import dataclass
 import jinja2
 import sympy as sp
 
-from .. import escape, ieee, ir, ranks
+from .. import escape, ieee, ir, quant, ranks
 from ..functions import COMPARISONS, REDUCTIONS, TABLE
 from ..lower import RESERVED
 from ..mathtext import statement_math
 from ..sym import DEVICE, GROUP, PARAM, TENSOR, Plan, meanings
 from . import fusion, group_phase, mode_code
 from . import triton as triton_backend
-from .printers import CompiledPrinter, HostPrinter
+from .printers import STATE_SHAPE_CODE as _STATE_SHAPE_CODE
+from .printers import CompiledPrinter, HostPrinter, read_state_code
 from .tensor_ops import Emitter, Instr, Operand
 
 # Names the generated functions use for their own variables (the same list refuses them in specs).
@@ -39,6 +40,7 @@ def environment() -> jinja2.Environment:
                              trim_blocks=True, lstrip_blocks=True)
     env.filters["pyrepr"] = repr  # a named choice as a Python literal (the parser admits only [A-Za-z0-9_.-])
     env.filters["text"] = escape.text  # user text: the only way it enters generated code
+    env.filters["f32"] = quant.float32_code  # a level of a low-bit map
     return env
 
 
@@ -186,6 +188,7 @@ def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]
         param_multi.append((str(d.symbol), f"[{body} for {', '.join(t_elem[x] for x in deps)} in {it}]"))
     compiled = CompiledPrinter({"t"} | {str(d.symbol) for d in plan.param})
     state_dtype = "_state_dtype(group, p)"
+    codes = quant.codes(prog)  # each float state's low-bit code (int8/int4 states)
     single_body = [line for i in instrs for line in single(i)]
     complex_why = _not_elementwise(prog)
     min_rank, rank_why = ranks.need(prog)
@@ -194,6 +197,11 @@ def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]
         complex_ok=not complex_why, complex_why=complex_why,
         func=func, suffix=suffix, states=[s.name for s in prog.states], uses_loss=prog.uses_loss,
         bool_states=[s.name for s in prog.states if s.shape == "bool"],
+        lowbit_signed={name: code.signed for name, code in codes.items()},
+        read_single={s.name: read_state_code(s.shape, codes[s.name].signed, f"{s.name}_list[i]", "p")
+                     for s in prog.states if s.name in codes},
+        read_multi={s.name: f"[{read_state_code(s.shape, codes[s.name].signed, 'x_', 'y_')} for x_, y_ in "
+                            f"zip(device_{s.name}, p)]" for s in prog.states if s.name in codes},
         states_saved=[(s.name, s.saved_as) for s in prog.states],
         state_inits=[(s.name, s.saved_as, _init_code(s, prog, group_code), _STATE_SHAPE_CODE[s.shape], s.fed,
                       "torch.bool" if s.shape == "bool" else state_dtype) for s in prog.states],
@@ -276,7 +284,7 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
         inputs=[s.name for s in prog.states if s.fed],
         bool_names=sorted({s.saved_as for _, p, _ in rules for s in p.program.states if s.shape == "bool"}),
         statements=list(dict.fromkeys(statements)), latex=latex,
-        spec_lines=lines, number=_py_number,
+        spec_lines=lines, number=_py_number, quant=quant,
         **names_in_group,
         **group_phase.context(prog, names_in_group["group_code"]),
         **mode_code.context(prog, names_in_group["group_code"]),
@@ -402,8 +410,6 @@ def condition_code(cond: ir.Expr, prog: ir.Program) -> str:
 
 
 # The shape of a state's tensor, from p's (None: torch.zeros_like(p)).
-_STATE_SHAPE_CODE = {"full": None, "scalar": "()", "rows": "p.shape[:-1] + (1,)",
-                     "cols": "p.shape[:-2] + (1,) + p.shape[-1:]", "bool": "p.shape"}
 
 
 def _py_number(x: float) -> str:

@@ -1,0 +1,250 @@
+"""Low-bit states (state_dtype "int8", "int4"): the codes optdsl/quant.py decides, as the generated
+modules quantise and dequantise them; each state's code from its proven range; state_dict and
+resume bit-exact; and the int8/int4 paths against the float32 path, step by step.
+
+Error bounds. A block with scale s (its largest |x|) stores x as the level nearest x / s. In exact
+arithmetic the error is at most s * w, w = quant.worst_error(levels) (half the widest gap between
+neighbouring levels, or the distance from an end of [-1, 1] / [0, 1] to the outermost level).
+float32 adds a relative 2^-24 in x / s and another in level * s, so |x - x^| <= s * (w + 2^-23).
+Stochastic rounding picks one of the two levels around x / s: at most s * (widest gap + 2^-23)."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+
+from generated import adamw as adamw_module
+from generated.adamw import AdamW
+from optdsl import quant
+from optdsl.pipeline import compile_source
+
+SPECS = Path(__file__).resolve().parent.parent / "specs"
+F32 = 2.0 ** -23
+CODES = sorted(quant.LEVELS)
+PATHS = {"single": dict(foreach=False), "foreach": dict(foreach=True)}
+
+
+def _x(n, signed, seed=0, spread=6.0):
+    """Values over many decades (as optimizer states are), each block with its own scale."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.exp(torch.randn(n, generator=gen, dtype=torch.float64) * spread).float()
+    return x * torch.sign(torch.randn(n, generator=gen)) if signed else x
+
+
+def _block_scales(x, fmt):
+    block = quant.BLOCK[fmt]
+    flat = torch.nn.functional.pad(x.reshape(-1), (0, -x.numel() % block))
+    return flat.view(-1, block).abs().amax(1).repeat_interleave(block)[:x.numel()].view(x.shape)
+
+
+@pytest.mark.parametrize("fmt,signed", CODES)
+def test_nearest_round_trip_error_bound(fmt, signed):
+    x = _x(10007, signed).view(1, 10007)  # awkward: the last block is partial
+    stored = adamw_module._quantised(x, fmt, signed)
+    assert stored.dtype == torch.uint8 and stored.shape[1] == quant.width(fmt)
+    back = adamw_module._dequantised(stored, signed, x.shape, torch.float32)
+    levels = quant.LEVELS[(fmt, signed)]
+    bound = _block_scales(x, fmt) * (quant.worst_error(levels, signed) + F32)
+    assert ((back - x).abs() <= bound).all()
+    # nearest: no other level is closer (ties aside), checked by brute force in units of the scale
+    s = _block_scales(x, fmt)
+    lv = torch.tensor(levels, dtype=torch.float64)
+    best = ((x.double() / s.double()).unsqueeze(-1) - lv).abs().min(-1).values
+    assert ((back.double() / s.double() - x.double() / s.double()).abs() <= best + 4 * F32).all()
+    # the block's largest |x| is stored exactly (a level of 1 and a float32 scale)
+    peak = x.abs().argmax()
+    if x.view(-1)[peak] > 0 or not signed:
+        assert back.view(-1)[peak] == x.view(-1)[peak]
+
+
+@pytest.mark.parametrize("fmt,signed", CODES)
+def test_stochastic_round_trip_bound_unbiased_and_resumable(fmt, signed):
+    x = _x(8192, signed, seed=1)
+    levels = quant.LEVELS[(fmt, signed)]
+    widest = max(b - a for a, b in zip(levels, levels[1:]))
+    gen = torch.Generator().manual_seed(3)
+    state = gen.get_state()
+    stored = adamw_module._quantised(x, fmt, signed, gen, stochastic=True)
+    back = adamw_module._dequantised(stored, signed, x.shape, torch.float32)
+    s = _block_scales(x, fmt)
+    inside = (x / s >= levels[0]) & (x / s <= levels[-1])  # outside the levels it clamps to the end one
+    assert ((back - x).abs()[inside] <= (s * (widest + F32))[inside]).all()
+    gen.set_state(state)  # the same generator state rounds alike: a resumed run is bit-identical
+    assert torch.equal(adamw_module._quantised(x, fmt, signed, gen, stochastic=True), stored)
+    # unbiased: the mean of many roundings of one value is the value (within 5 standard errors)
+    value = torch.full((4096,), 0.3, dtype=torch.float32)
+    value[0] = 1.0  # the block's scale: 0.3 lies between two levels
+    draws = torch.stack([adamw_module._dequantised(adamw_module._quantised(value, fmt, signed, gen, True),
+                                                   signed, value.shape, torch.float32)[1:] for _ in range(8)])
+    below = max(v for v in levels if v <= 0.3)
+    above = min(v for v in levels if v >= 0.3)
+    sd = (above - below) / 2 / draws.numel() ** 0.5
+    assert abs(draws.double().mean().item() - 0.3) <= 5 * sd + 1e-7
+
+
+@pytest.mark.parametrize("fmt", sorted(quant.BLOCK))
+def test_unsigned_never_dequantises_negative(fmt):
+    """Every unsigned level is >= 0 and every scale is >= 0: whatever is stored reads back >= 0."""
+    assert min(quant.LEVELS[(fmt, False)]) >= 0
+    x = _x(9000, False, seed=2)
+    x[::7] = 0.0
+    x[::11] = -1e-30  # what an update's rounding could leave: still read back >= 0
+    back = adamw_module._dequantised(adamw_module._quantised(x, fmt, False), False, x.shape, torch.float32)
+    assert (back >= 0).all()
+    # and Adam's v through training, at 4 bit where rounding is coarsest
+    p = torch.nn.Parameter(torch.randn(64, 100))
+    opt = AdamW([p], lr=1e-2, state_dtype=fmt)
+    for i in range(5):
+        p.grad = torch.randn(64, 100) * 10.0 ** -i
+        opt.step()
+        v = adamw_module._read_state(opt.state[p]["exp_avg_sq"], p, False, p.shape)
+        assert (v >= 0).all()
+
+
+def test_code_from_proven_range():
+    codes = quant.codes(compile_source((SPECS / "adamw.opt").read_text()).program)
+    assert codes["v"].signed is False and "[0, inf)" in codes["v"].why
+    assert codes["m"].signed is True
+    smmf = quant.codes(compile_source((SPECS / "smmf.opt").read_text()).program)
+    assert "positive" not in smmf  # a bool state is not quantised
+
+
+def test_small_tensors_scalars_and_bools_stay():
+    p_small, p_big = torch.nn.Parameter(torch.randn(4095)), torch.nn.Parameter(torch.randn(4096))
+    opt = AdamW([p_small, p_big], state_dtype="int8")
+    for p in (p_small, p_big):
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.state[p_small]["exp_avg"].dtype == torch.float32
+    assert opt.state[p_big]["exp_avg"].dtype == torch.uint8
+    assert opt.state[p_big]["exp_avg"].shape == (2, quant.width("int8"))
+    assert opt.state[p_big]["step"].dtype == torch.float32
+
+
+def test_refused():
+    p = [torch.nn.Parameter(torch.randn(3))]
+    with pytest.raises(ValueError, match="state_dtype"):
+        AdamW(p, state_dtype="int2")
+    with pytest.raises(RuntimeError, match="fused"):
+        AdamW(p, state_dtype="int8", fused=True)
+
+
+def _stepped(cls, kw, steps, seed=0, params=None):
+    gen = torch.Generator().manual_seed(seed)
+    params = params or [torch.nn.Parameter(torch.randn(70, 90, generator=gen)),
+                        torch.nn.Parameter(torch.randn(50, generator=gen))]
+    opt = cls(params, **kw)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    return opt, params, gen
+
+
+def _saved(opt):
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("state_dtype", ["int8", "int4", "int8_stochastic", "int4_stochastic"])
+def test_state_dict_round_trip_and_resume_bit_exact(path, state_dtype):
+    kw = dict(lr=1e-2, state_dtype=state_dtype, **PATHS[path])
+    opt, params, gen = _stepped(AdamW, kw, 3)
+    saved = _saved(opt)
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    again = AdamW(copies, **kw)
+    again.load_state_dict(saved)
+    resaved = again.state_dict()
+    for i, state in saved["state"].items():
+        for key, value in state.items():
+            assert resaved["state"][i][key].dtype == value.dtype
+            assert torch.equal(resaved["state"][i][key], value), key
+    for _ in range(4):  # both go on alike, bit for bit (stochastic rounding from the saved generator)
+        for p, q in zip(params, copies):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        opt.step()
+        again.step()
+    for p, q in zip(params, copies):
+        assert torch.equal(p, q)
+    for p, q in zip(params, copies):
+        for key in opt.state[p]:
+            assert torch.equal(opt.state[p][key], again.state[q][key])
+
+
+def test_load_refuses_codes_of_another_shape():
+    opt, params, _ = _stepped(AdamW, dict(state_dtype="int8"), 1)
+    saved = _saved(opt)
+    saved["state"][0]["exp_avg"] = saved["state"][0]["exp_avg"][:, :100]
+    with pytest.raises(ValueError, match="int8/int4 codes"):
+        AdamW(params, state_dtype="int8").load_state_dict(saved)
+
+
+def _dequantised_state_dict(opt, prog):
+    """opt's state_dict with each low-bit state read back as float32: what the float32 path starts from."""
+    codes = quant.codes(prog)
+    shapes = {s.saved_as: (s.shape, codes.get(s.name)) for s in prog.states}
+    sd = opt.state_dict()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = {}
+    for i, st in sd["state"].items():
+        state[i] = {}
+        for key, value in st.items():
+            if torch.is_tensor(value) and value.dtype == torch.uint8:
+                kind, code = shapes[key]
+                p = params[i]
+                shape = {"full": p.shape, "rows": p.shape[:-1] + (1,), "cols": p.shape[:-2] + (1,) + p.shape[-1:]}[kind]
+                value = adamw_module._dequantised(value, code.signed, shape, torch.float32)
+            state[i][key] = value.clone()
+    groups = [dict(g, state_dtype=None) for g in sd["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+DIFFERENTIAL = ["adamw", "lion", "rmsprop", "adagrad", "sgd", "adabelief", "adafactor"]
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("fmt", sorted(quant.BLOCK))
+@pytest.mark.parametrize("name", DIFFERENTIAL)
+def test_against_float32_path_step_by_step(name, fmt, path):
+    """Over 30 steps, each step of the low-bit path is the float32 path's step from the same
+    (dequantised) states: p bit for bit (the update computes in float32 either way), and each new
+    state within one rounding of the float32 path's, s * (w + 2^-23) per block."""
+    import importlib
+    module = importlib.import_module(f"generated.{name}")
+    cls = getattr(module, module.__all__[0])
+    prog = compile_source((SPECS / f"{name}.opt").read_text()).program
+    codes = quant.codes(prog)
+    kinds = {s.saved_as: (s.shape, codes.get(s.name)) for s in prog.states}
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(70, 90, generator=gen)), torch.nn.Parameter(torch.randn(50, generator=gen))]
+    low = cls(params, state_dtype=fmt, **PATHS[path])
+    for step in range(30):
+        grads = [torch.randn(p.shape, generator=gen) * 10.0 ** (-(step % 4)) for p in params]
+        start = _dequantised_state_dict(low, prog) if step else None
+        ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        ref = cls(ref_params, **PATHS[path])
+        if start is not None:
+            ref.load_state_dict(start)
+        for p, q, g in zip(params, ref_params, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        low.step()
+        ref.step()
+        for p, q in zip(params, ref_params):
+            assert torch.equal(p, q), f"step {step + 1}"
+            for key, value in ref.state[q].items():
+                stored = low.state[p][key]
+                if key == "step" or stored.dtype != torch.uint8:
+                    assert torch.equal(stored.to(value.dtype), value), (key, step)
+                    continue
+                kind, code = kinds[key]
+                back = module._dequantised(stored, code.signed, value.shape, torch.float32)
+                w = quant.worst_error(quant.LEVELS[(fmt, code.signed)], code.signed)
+                bound = _block_scales(value, fmt) * (w + F32)
+                assert ((back - value).abs() <= bound).all(), (key, step)
+
