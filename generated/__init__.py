@@ -39,6 +39,7 @@ __all__ = [
     "schedule_free_adamw",
     "sgd",
     "sgd_agc",
+    "shampoo",
     "sm3",
     "smmf",
 ]

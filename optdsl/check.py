@@ -39,7 +39,7 @@ class _Ranges:
         self.prog = prog
         self.symbols = {name: sp.Symbol(name) for name in
                         [h.name for h in prog.hypers] + ["t", "loss", ir.P0, ir.G0, *ir.SHAPE_BUILTINS]
-                        + [e.out for e in prog.eqns] + list(prog.inputs)}
+                        + [e.out for e in prog.eqns] + list(prog.inputs) + [ir.EYE]}
         self.env: dict[sp.Symbol, Interval] = {self.symbols[h.name]: _hyper_interval(h) for h in prog.hypers}
         self.env.update({self.symbols[n]: iv for n, iv in _group_intervals(prog).items()})
         self.env[self.symbols["t"]] = Interval(1.0, float("inf"), True, False)
@@ -87,7 +87,7 @@ class _Ranges:
 
     def prove_states(self) -> None:
         last = dict(self.prog.outputs)
-        init_env = {self.symbols[ir.P0]: _FULL}
+        init_env = {self.symbols[ir.P0]: _FULL, self.symbols[ir.EYE]: Interval(0.0, 1.0, True, True)}
         for s in self.prog.states:
             zero = Interval(0.0, 0.0, True, True)
             start = bound(to_sympy(s.init, self.symbols), {**self.env, **init_env}) if s.init else zero

@@ -154,6 +154,18 @@ class T(_Opaque):  # transpose of the last two axes
     nargs = 1
 
 
+class inv_root(_Opaque):  # A^(-1/k) of a symmetric positive semi-definite A, by eigendecomposition
+    nargs = 2
+
+
+class eigvecs(_Opaque):  # the eigenvectors of a symmetric A, columns in ascending order of eigenvalue
+    nargs = 1
+
+
+class qr(_Opaque):  # Q of the reduced QR decomposition
+    nargs = 1
+
+
 def _minmax(func):
     """SymPy's Min/Max, left unevaluated where SymPy cannot order constant arguments."""
     def build(*args):
@@ -179,6 +191,7 @@ class Function:
     triton: str = ""      # Triton on registers (float32 or float64), {0}, {1}, ... the arguments
     axis: str = ""        # an axis reduction: the axes it reduces (a shape tag of optdsl.ir)
     matrix: bool = False  # matrix work: its result is not shaped like its arguments
+    scalars: int = 0      # matrix work: how many of its last arguments are host scalars (inv_root's k)
 
 
 F = Function
@@ -251,6 +264,12 @@ TABLE: dict[str, Function] = {f.name: f for f in [
     # ---- matrix work on the last two axes ----
     F("mm", 2, mm, "torch.matmul({0}, {1})", "({0}) * ({1})", matrix=True),
     F("T", 1, T, "{0}.mT", "{0}", matrix=True),
+    # ---- linear algebra of the last two axes (torch.linalg, in float32 at least; helpers in
+    # optdsl/backends/torch.py LINALG_HELPERS hold the references' numerical guards) ----
+    F("inv_root", 2, inv_root, "_inv_root({0}, {1})", "({0}) ** (-1 / ({1}))", matrix=True,
+      scalars=1),
+    F("eigvecs", 1, eigvecs, "_eigvecs({0})", "1.0", matrix=True),
+    F("qr", 1, qr, "_qr({0})", "_sign({0})", matrix=True),
     # ---- `a % b` (and periodic work): Python's modulo, the sign of b, as torch.remainder ----
     F("mod", 2, sp.Mod, "torch.remainder({0}, {1})", "(({0}) % ({1}))",
       triton="({0} - {1} * tl.floor({0} / {1}))"),
@@ -266,8 +285,9 @@ COMPARISONS |= {op: F(name, 2, cls, f"torch.logical_{op}({{0}} != 0, {{1}} != 0)
                       f"float(bool({{0}}) {op} bool({{1}}))", triton=f"tl.where(({{0}} != 0) {sym} ({{1}} != 0), 1.0, 0.0)")
                 for op, name, cls, sym in [("and", "land", land, "&"), ("or", "lor", lor, "|")]}
 OPAQUE_CLASSES = (lerp, where, sigmoid, softplus, bfloat16, lt, le, gt, ge, eq, ne, land, lor, row_mean, col_mean, row_sum, col_sum,
-                  row_max, col_max, unit_mean, unit_norm, mm, T)
+                  row_max, col_max, unit_mean, unit_norm, mm, T, inv_root, eigvecs, qr)
 REDUCTIONS = {f.sympy: f for f in TABLE.values() if f.reduction}
+MATRIX_CLASSES = tuple(f.sympy for f in TABLE.values() if f.matrix)  # work the kernels leave to torch
 
 
 def meaning(expr: sp.Expr) -> sp.Expr:

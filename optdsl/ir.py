@@ -27,7 +27,12 @@ ALL: frozenset = frozenset({"all"})
 STATE_SHAPES = {"full": FULL, "scalar": ALL,
                 "rows": frozenset({"-1"}),   # one value per row: p.shape[:-1] + (1,)
                 "cols": frozenset({"-2"}),   # one value per column: p.shape[:-2] + (1,) + p.shape[-1:]
-                "bool": FULL}                # shaped like p, one byte per element: a value kept as != 0
+                "bool": FULL,                # shaped like p, one byte per element: a value kept as != 0
+                # matrices of another shape than p's (optdsl/shapes.py checks them): per matrix of p
+                # (its last two axes), nrows x nrows and ncols x ncols; Shampoo's L and R
+                "gram_rows": None, "gram_cols": None}
+MATRIX_STATES = ("gram_rows", "gram_cols")
+EYE = "eye"  # the identity of a matrix state's shape: a name its initial value may read
 
 
 def join(a, b):

@@ -115,7 +115,8 @@ def _check_declarations(spec: ast.Spec) -> None:
         if st.shape not in ir.STATE_SHAPES and st.shape != "group":
             raise SpecError(f"unknown state shape '{st.shape}'", st.shape_span,
                             hint="a state is shaped like p unless declared ': scalar', ': rows', ': cols', ': bool' "
-                                 "or ': group' (one number per parameter group)")
+                                 "or ': group' (one number per parameter group), or a matrix of each matrix of p: "
+                                 "': gram_rows' (nrows x nrows) or ': gram_cols' (ncols x ncols)")
     for h in spec.hypers:
         r = h.range
         if r is None:
@@ -182,6 +183,8 @@ class _Lowering:
                 raise SpecError(f"a state's initial value cannot use '{n}'", e.span,
                                 hint="a state starts from p, hyperparameters and numbers only "
                                      "(it is set before the first gradient is seen)")
+        if n == ir.EYE and allowed is not None and ir.EYE in allowed:
+            return ir.Ref(n, e.span)
         if n in TABLE:
             raise SpecError(f"'{n}' is a function; call it as {n}(...)", e.span,
                             hint=f"write {n}(x)")
@@ -213,7 +216,13 @@ class _Lowering:
             raise SpecError(f"{e.func}() takes {fn.arity} argument{plural}, got {len(e.args)}", e.span,
                             hint=f"call it as {e.func}({', '.join('xyz'[:fn.arity]) if fn.arity <= 3 else '...'})")
         op = ir.Op(e.func, tuple(self.expr(a, allowed) for a in e.args), e.span)
-        kinds = [self.kind_of(a) == ir.SCALAR for a in op.args]
+        if fn.scalars:  # a matrix function's parameters (inv_root's k): numbers and hyperparameters
+            for a, arg in zip(op.args[-fn.scalars:], e.args[-fn.scalars:]):
+                if self.kind_of(a) != ir.SCALAR or self._reads_step_values(a):
+                    raise SpecError(f"the last argument{'s' if fn.scalars > 1 else ''} of {e.func}() must be a "
+                                    "number or a hyperparameter", arg.span or e.span,
+                                    hint=f"e.g. {e.func}(L, 4)")
+        kinds = [self.kind_of(a) == ir.SCALAR for a in op.args[:len(op.args) - fn.scalars]]
         if fn.matrix and all(kinds):
             raise SpecError(f"{e.func}() of scalars: matrix work takes tensors", e.span,
                             hint="multiply scalars with '*'; a transpose of a scalar is the scalar")
@@ -346,7 +355,8 @@ class _Lowering:
         states = []
         init_names = {"p"} | self.hypers
         for s in spec.states:
-            init = self.expr(s.init, allowed=init_names) if s.init is not None else None
+            allowed = init_names | ({ir.EYE} if s.shape in ir.MATRIX_STATES else set())
+            init = self.expr(s.init, allowed=allowed) if s.init is not None else None
             states.append(ir.State(s.name, init, s.span, s.shape, s.name in self.fed, key=s.key, eager=s.eager))
         self.read -= self.states  # reading p in an initial value does not use a state
         self.read |= self.group_reads

@@ -5,7 +5,7 @@ from dataclasses import dataclass, replace
 
 from lark.exceptions import VisitError
 
-from . import check, ir, lower, parse, ranks, sym
+from . import check, ir, lower, parse, ranks, shapes, sym
 from .backends import torch as torch_backend
 from .errors import Span, SpecError, SpecWarning
 
@@ -30,6 +30,8 @@ def compile_source(text: str, filename: str = "<spec>") -> Compiled:
         spec = parse.parse(text, filename)
         lowered, warnings = lower.lower_rules(spec)
         ranks.check(lowered)
+        for _, program in lowered:
+            shapes.check(program)
         rules = []
         for cond, program in lowered:
             warnings = warnings + check.check(program)

@@ -19,7 +19,7 @@ from .errors import SpecError
 from .functions import TABLE
 from .sym import to_sympy
 
-_STATE_RANK = {"rows": 1, "cols": 2}
+_STATE_RANK = {"rows": 1, "cols": 2, "gram_rows": 2, "gram_cols": 2}
 
 
 def _needs(e: ir.Expr):

@@ -80,6 +80,7 @@ def symbols_of(prog: ir.Program) -> dict[str, sp.Symbol]:
     syms.update({h.name: sp.Symbol(h.name) for h in prog.hypers})
     syms.update({"t": sp.Symbol("t"), "loss": sp.Symbol("loss")})
     syms.update({n: sp.Symbol(n) for n in ir.SHAPE_BUILTINS})
+    syms[ir.EYE] = sp.Symbol(ir.EYE)  # a matrix state's initial value may read the identity
     return syms
 
 
@@ -100,7 +101,7 @@ def has_matrix_work(e: ir.Expr) -> bool:
 
 
 def has_matrix_nodes(e: sp.Expr) -> bool:
-    return e.has(fn.mm, fn.T)
+    return e.has(*fn.MATRIX_CLASSES)
 
 
 def meanings(prog: ir.Program, barriers: list | None = None, names=None

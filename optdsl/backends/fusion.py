@@ -162,7 +162,7 @@ class Fusion:
 
 
 def matrix_nodes(e) -> list:
-    return [n for n in sp.preorder_traversal(e) if type(n) in (fn.mm, fn.T)]
+    return [n for n in sp.preorder_traversal(e) if type(n) in fn.MATRIX_CLASSES]
 
 
 def matrix_work(plan: Plan) -> str:

@@ -22,7 +22,9 @@ _BY_CLASS[sp.atan] = fn.Function("atan", 1, sp.atan, "torch.atan({0})", "math.at
 
 # A state's shape (ir.State.shape) as code on its parameter's name; None: the parameter's own.
 STATE_SHAPE_CODE = {"full": None, "scalar": "()", "rows": "p.shape[:-1] + (1,)",
-                    "cols": "p.shape[:-2] + (1,) + p.shape[-1:]", "bool": "p.shape"}
+                    "cols": "p.shape[:-2] + (1,) + p.shape[-1:]", "bool": "p.shape",
+                    # a square matrix per matrix of p (optdsl/shapes.py): Shampoo's L and R
+                    "gram_rows": "p.shape[:-1] + p.shape[-2:-1]", "gram_cols": "p.shape[:-2] + p.shape[-1:] * 2"}
 
 
 def read_state_code(shape: str, signed: bool, stored: str, p: str) -> str:

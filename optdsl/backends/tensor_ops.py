@@ -171,7 +171,8 @@ class Emitter:
         if row.foreach and len(args) == 1:
             return self.apply(row.foreach, args, e.args, target=target)
         ref = _first_tensor(args)
-        template = row.tensor.format(*(f"{{{i}}}" if a.level >= DEVICE else _like(ref, i)
+        host = range(len(args) - row.scalars, len(args))  # a matrix function's host parameters (inv_root's k)
+        template = row.tensor.format(*(f"{{{i}}}" if a.level >= DEVICE or i in host else _like(ref, i)
                                        for i, a in enumerate(args)))
         if row in fn.COMPARISONS.values():
             template = f"{template}.to({{{_first_tensor(args)}}}.dtype)"

@@ -32,6 +32,39 @@ HOST_HELPERS = {
     "_bfloat16": "def _bfloat16(x):\n    return float(torch.tensor(x, dtype=torch.float64).bfloat16())",
 } | ieee.HELPERS
 
+# Linear algebra of the function table's rows (optdsl/functions.py), on the tensors of the torch
+# paths and of the fused path's matrix section: in float32 at least (torch.linalg has no bfloat16),
+# with the guards of the reference implementations; emitted only where a spec calls them.
+LINALG_HELPERS = {
+    "_eigh": (
+        "def _eigh(a):\n"
+        "    # symmetric eigendecomposition in float32 at least; in float64 where float32's iteration\n"
+        "    # fails to converge (as SOAP's reference retries)\n"
+        "    x = a.to(torch.promote_types(a.dtype, torch.float32))\n"
+        "    try:\n"
+        "        return torch.linalg.eigh(x)\n"
+        "    except RuntimeError:\n"
+        "        values, vectors = torch.linalg.eigh(x.to(torch.float64))\n"
+        "        return values.to(x.dtype), vectors.to(x.dtype)"),
+    "_inv_root": (
+        "def _inv_root(a, k):\n"
+        "    # a^(-1/k) of a symmetric positive semi-definite a, as Shampoo's references take it: the\n"
+        "    # eigenvalues' magnitudes (an SVD's singular values) to the power -1/k, kept off zero by\n"
+        "    # the dtype's smallest normal number (the spec adds its epsilon to the diagonal)\n"
+        "    values, vectors = _eigh(a)\n"
+        "    scale = values.abs().clamp_min(torch.finfo(values.dtype).tiny).pow(-1 / k)\n"
+        "    return torch.matmul(vectors * scale.unsqueeze(-2), vectors.mT).to(a.dtype)"),
+    "_eigvecs": (
+        "def _eigvecs(a):\n"
+        "    # the eigenvectors of the symmetric a as columns, the largest eigenvalue's first (as SOAP)\n"
+        "    return _eigh(a)[1].flip(-1).to(a.dtype)"),
+    "_qr": (
+        "def _qr(a):\n"
+        "    # Q of the reduced QR decomposition of a, in float32 at least\n"
+        "    return torch.linalg.qr(a.to(torch.promote_types(a.dtype, torch.float32)))[0].to(a.dtype)"),
+}
+LINALG_USES = {"_inv_root": ("_eigh",), "_eigvecs": ("_eigh",)}  # a helper's own helpers
+
 
 @functools.cache
 def environment() -> jinja2.Environment:
@@ -301,6 +334,10 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
     ctx["func"] = func
     ctx["sharded_fused"] = any(not r["unsupported"] and not r["torch_only"] for r in ctx["fused_rules"])
     ctx["fused_code"] = environment().get_template("triton_fused.py.j2").render(**ctx)
+    tensor_code = "\n".join(line for c in contexts for line in c["single_body"] + c["multi_body"])
+    called = {name for name in LINALG_HELPERS if f"{name}(" in tensor_code + ctx["fused_code"]}
+    called |= {used for name in called for used in LINALG_USES.get(name, ())}
+    ctx["helpers"] += [code for name, code in LINALG_HELPERS.items() if name in called]
     return environment().get_template("torch_optimizer.py.j2").render(**ctx)
 
 
@@ -429,6 +466,8 @@ def _init_code(state: ir.State, prog: ir.Program, group_code: dict[str, str]) ->
     from ..sym import to_sympy
     env = {h.name: sp.Symbol(group_code[h.name]) for h in prog.hypers}
     env[ir.P0] = sp.Symbol("p")
+    made = f'state[{state.saved_as!r}]'  # a matrix state's identity: its own shape, dtype and device
+    env[ir.EYE] = sp.Symbol(f"torch.eye({made}.shape[-1], dtype={made}.dtype, device={made}.device)")
     value = to_sympy(state.init, env)
     p = sp.Symbol("p")
     reductions = tuple(REDUCTIONS)

@@ -1,0 +1,125 @@
+"""Symbolic shapes: every value of a lowered program gets the sizes of its last two axes, as names
+of the parameter's (`nrows`, `ncols`) or 1, so that a spec whose shapes cannot fit is a located
+spec error, never a torch error at step (issue 12, item 3) or a silent broadcast.
+
+p and g are `(nrows, ncols)` (its leading axes, when it has more, ride along unchanged); a `rows`
+state `(nrows, 1)`, a `cols` state `(1, ncols)`, a `gram_rows` state `(nrows, nrows)`, a
+`gram_cols` state `(ncols, ncols)`; scalars `()`. Since p need not be square, `nrows` and `ncols`
+are different sizes: `mm(x, T(x)) + x` adds an (nrows, nrows) to an (nrows, ncols) value and is
+refused. Element-wise work broadcasts (a size meets itself or 1); `mm` needs equal inner sizes;
+`inv_root` and `eigvecs` need square matrices. Where a shape depends on the parameter at step (a
+`where` on the host picking `x` or `T(x)`, as Muon iterates on the wide side; the per-unit
+reductions, whose axes depend on the rank), the value's shape is unknown and nothing that reads it
+is refused here: those are checked by torch at step.
+"""
+from __future__ import annotations
+
+from . import ir
+from .errors import SpecError
+from .functions import TABLE
+
+R, C, ONE = "nrows", "ncols", "1"
+UNKNOWN = None
+_DECLARED = {"full": (R, C), "bool": (R, C), "scalar": (), "rows": (R, ONE), "cols": (ONE, C),
+             "gram_rows": (R, R), "gram_cols": (C, C)}
+_SQUARE = ("inv_root", "eigvecs")  # functions of a symmetric matrix
+
+
+def text(shape) -> str:
+    """How a message says a shape."""
+    if shape is UNKNOWN:
+        return "of a shape known only at step"
+    if shape == ():
+        return "a scalar"
+    return f"({shape[0]} x {shape[1]})"
+
+
+def _broadcast(shapes, span, what: str):
+    out = ()
+    for s in shapes:
+        if s is UNKNOWN:
+            return UNKNOWN
+        if s == ():
+            continue
+        if out == ():
+            out = s
+            continue
+        dims = []
+        for a, b in zip(out, s):
+            if a != b and ONE not in (a, b):
+                raise SpecError(f"{what} of values {text(out)} and {text(s)}: {a} and {b} differ (p need not be "
+                                "square)", span,
+                                hint="bring the operands to one shape (mm, T, row_mean, col_mean, ...)")
+            dims.append(b if a == ONE else a)
+        out = tuple(dims)
+    return out
+
+
+def shape_of(e: ir.Expr, env: dict) -> tuple | None:
+    """The symbolic shape of e (a tuple of two sizes, () for a scalar, None when known only at step)."""
+    if isinstance(e, ir.Const):
+        return ()
+    if isinstance(e, ir.Ref):
+        return env.get(e.name, ())
+    args = [shape_of(a, env) for a in e.args]
+    row = TABLE.get(e.op)
+    if row is not None and row.reduction:
+        return ()
+    if row is not None and row.axis:
+        x = args[0]
+        if x is UNKNOWN or x == () or row.axis == "unit":
+            return x if x == () else UNKNOWN
+        return (x[0], ONE) if row.axis == "-1" else (ONE, x[1])
+    if e.op == "where" and args[0] == () and args[1] != args[2] and () not in args[1:]:
+        return UNKNOWN  # a host condition picks a branch: its shape is the parameter's business at step
+    if e.op == "mm":
+        a, b = args
+        if UNKNOWN in (a, b) or () in (a, b):
+            return UNKNOWN
+        if a[1] != b[0]:
+            raise SpecError(f"mm() of a {text(a)} and a {text(b)} value: the inner sizes {a[1]} and {b[0]} differ "
+                            "(p need not be square)", e.span,
+                            hint="transpose one operand with T(), or multiply in the other order")
+        return (a[0], b[1])
+    if e.op == "T":
+        return UNKNOWN if args[0] in (UNKNOWN, ()) else (args[0][1], args[0][0])
+    if e.op in _SQUARE:
+        a = args[0]
+        if a is not UNKNOWN and a != () and a[0] != a[1]:
+            raise SpecError(f"{e.op}() takes a symmetric matrix, but this value is {text(a)} (p need not be square)",
+                            e.args[0].span or e.span,
+                            hint="pass a Gram matrix such as mm(g, T(g)) or a 'gram_rows'/'gram_cols' state")
+        return a
+    if e.op == "qr":
+        a = args[0]
+        return a if a is UNKNOWN or a == () or a[0] == a[1] else UNKNOWN  # Q is n x min(n, m)
+    return _broadcast(args, e.span, f"{e.op}()" if row is not None else f"'{_OPS.get(e.op, e.op)}'")
+
+
+_OPS = {"neg": "-", "lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
+
+
+def check(prog: ir.Program) -> dict[str, tuple | None]:
+    """Give every value of prog its symbolic shape; raise a located SpecError where shapes cannot
+    fit, or where p or a state is assigned a value that is not of its shape. Returns the shapes."""
+    declared = {s.name: _DECLARED.get(s.shape, (R, C)) for s in prog.states}
+    env: dict[str, tuple | None] = {ir.P0: (R, C), ir.G0: (R, C)}
+    env |= {ir.ssa_name(s.name, 0): declared[s.name] for s in prog.states}
+    for eq in prog.eqns:
+        shape = shape_of(eq.expr, env)
+        want = (R, C) if eq.target in ("p", "g") else declared.get(eq.target)
+        if want is not None and shape is not UNKNOWN and shape != () and _fits(shape, want) != want:
+            what = eq.target if eq.target in ("p", "g") else f"state '{eq.target}'"
+            raise SpecError(f"{what} is {text(want)} but this value is {text(shape)}", eq.span,
+                            hint="bring the value to its shape (mm, T, row_mean, col_mean, ...)"
+                                 + ("" if eq.target in ("p", "g") else ", or declare the state with another shape"))
+        env[eq.out] = want if want is not None and shape == () else shape
+    return env
+
+
+def _fits(shape, want):
+    """The broadcast of shape against want, or None where they do not fit."""
+    try:
+        return _broadcast([want, shape], None, "")
+    except SpecError:
+        return None

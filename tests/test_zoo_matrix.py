@@ -1,0 +1,211 @@
+"""Issue 16 items 1 and 2: matrix-shaped states (`gram_rows`, `gram_cols`) and linear algebra
+(`inv_root`, `eigvecs`, `qr`), and the specs they unlock, against their references on the
+for-loop, foreach and fused paths (test_differential's `run_pair`: float64 to 1e-10 after every
+step, the for-loop and foreach paths bitwise equal).
+
+Shampoo's reference is pytorch_optimizer's `Shampoo`, one optimizer per parameter (it counts
+steps per group). Its inverse fourth roots are taken by SVD, ours by eigh: equal for a symmetric
+positive definite matrix, and the two roundings of L = eps I + sum G G^T differ by about u * |L|
+(addmm_ against matmul then add), which moves an eigenvalue near eps by u * |L| / eps relatively.
+A step that applies the root to a gradient outside the span of the earlier ones (every k > 1
+steps) sees that: with |L| up to 1e6 (run_pair's gradients reach 100) the float64 comparison is
+at 1e-10 only for eps >= 10 (u * 1e6 / 10 = 1e-11), so the k = 3 setting takes matrix_eps = 10.
+Where the root is applied at once (k = 1) the gradient lies in the span of L's large eigenvalues
+and the comparison holds to 1e-15 at the default eps. In float32 the same argument gives
+u32 * |L| / eps: the float32 cases take matrix_eps = 1e3 and |L| stays below 1e6 (gradients up
+to 100, 25 steps, 7 rows): 6e-8 * 1e3 = 6e-5, hence the tolerance 1e-4.
+"""
+from __future__ import annotations
+
+import copy
+import zlib
+
+import pytest
+import torch
+
+import optdsl
+from test_differential import SPECS, run_pair
+from test_zoo_frontier import FUSED_STEPS, _fused_ok
+from test_zoo_specs import OnePerParameter
+
+STEPS = 25
+MATRICES = [(5, 3), (4, 4), (3, 7), (1, 6), (6, 1)]  # tall, square, wide, a row, a column
+MODEL = MATRICES + [(7,), (3, 1, 4)]                  # a vector and a rank-3 tensor take the other rule
+
+
+def _diagonal(p, g, state, t, lr, matrix_eps):
+    # the spec's rule for tensors that are not matrices: AdaGrad's second root from matrix_eps
+    v = state.setdefault("v", torch.full_like(p, matrix_eps))
+    v.add_(g * g)
+    p.sub_(lr * g / v.sqrt())
+
+
+class _Diagonal(torch.optim.Optimizer):
+    def __init__(self, params, lr=1e-3, matrix_eps=1e-6, **_):
+        super().__init__(params, dict(lr=lr, matrix_eps=matrix_eps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    state = self.state[p]
+                    state["t"] = state.get("t", 0) + 1
+                    _diagonal(p, p.grad, state, state["t"], group["lr"], group["matrix_eps"])
+
+
+def shampoo_ref(params, **kw):
+    """pytorch_optimizer's Shampoo for matrices, the spec's diagonal rule for the rest."""
+    import pytorch_optimizer as PO
+    return OnePerParameter(params, lambda ps: PO.Shampoo(ps, **kw) if ps[0].dim() == 2 else _Diagonal(ps, **kw))
+
+
+SHAMPOO = {
+    "default": dict(),
+    "momentum-coupled-wd": dict(momentum=0.9, weight_decay=0.1),
+    "decoupled-wd": dict(lr=0.01, weight_decay=0.05, weight_decouple=True),
+    "fixed-decay": dict(weight_decay=0.05, weight_decouple=True, fixed_decay=True),
+    "every-3": dict(preconditioning_compute_steps=3, matrix_eps=10.0, momentum=0.5),
+}
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+@pytest.fixture
+def float64_default():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _settings(case, dtype):
+    kw = dict(SHAMPOO[case])
+    if dtype == torch.float32:
+        kw["matrix_eps"] = 1e3  # see the module's docstring
+    return kw
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", list(SHAMPOO))
+def test_shampoo_matches_pytorch_optimizer(case, dtype, request):
+    if dtype == torch.float64:
+        request.getfixturevalue("float64_default")
+    Shampoo = optdsl.load(SPECS / "shampoo.opt")
+    kw = _settings(case, dtype)
+    run_pair(lambda ps, **mode: Shampoo(ps, **mode, **kw), lambda ps: shampoo_ref(ps, **kw), MODEL, dtype, STEPS,
+             seed=zlib.crc32(case.encode()), tol=TOL[dtype])
+
+
+@pytest.mark.parametrize("case", ["default", "every-3"])
+def test_shampoo_fused_matches_pytorch_optimizer(case, float64_default):
+    """fused=True: the matrix rule runs torch's code (its states are matrices), the other rule its kernel."""
+    _fused_ok()
+    Shampoo = optdsl.load(SPECS / "shampoo.opt")
+    kw = SHAMPOO[case]
+    run_pair(lambda ps, **mode: Shampoo(ps, **mode, **kw), lambda ps: shampoo_ref(ps, **kw), MODEL, torch.float64,
+             FUSED_STEPS, seed=zlib.crc32(case.encode()), fused=True)
+
+
+@pytest.mark.parametrize("old, new", [
+    ("inv_root(L, 4)", "inv_root(L, 3.9)"),             # the root's order
+    ("matrix_eps * eye as pre_cond_1", "1.01 * matrix_eps * eye as pre_cond_1"),
+    ("lerp(g, buf, momentum)", "lerp(g, buf, 0.99 * momentum)"),
+    ("buf = mm(mm(Li, g), Ri)", "buf = mm(mm(Li, g), Ri * 1.001)"),
+])
+def test_a_shampoo_mutant_is_caught(old, new, float64_default):
+    text = (SPECS / "shampoo.opt").read_text()
+    assert text.count(old) == 1
+    Mutant = optdsl.compile(text.replace(old, new), "shampoo_mutant.opt")
+    kw = dict(momentum=0.5, matrix_eps=10.0)
+    with pytest.raises(AssertionError, match="differs from reference"):
+        run_pair(lambda ps, **mode: Mutant(ps, **mode, **kw), lambda ps: shampoo_ref(ps, **kw), MODEL,
+                 torch.float64, STEPS)
+
+
+def test_matrix_states_are_saved_and_resume_exactly(float64_default):
+    """L, R and their roots are in state_dict() under the reference's keys, of n x n and m x m, the
+    L and R starting at matrix_eps * I; a run resumed from a state_dict goes on as the original."""
+    Shampoo = optdsl.load(SPECS / "shampoo.opt")
+    gen = torch.Generator().manual_seed(3)
+    p = torch.nn.Parameter(torch.randn(5, 3, generator=gen))
+    grads = [torch.randn(5, 3, generator=gen) for _ in range(6)]
+    opt = Shampoo([p], matrix_eps=0.5, preconditioning_compute_steps=2)
+    p.grad = torch.zeros(5, 3)
+    opt.step()
+    state = opt.state[p]
+    assert {k: tuple(v.shape) for k, v in state.items() if k != "step"} == {
+        "pre_cond_0": (5, 5), "pre_cond_1": (3, 3), "inv_pre_cond_0": (5, 5), "inv_pre_cond_1": (3, 3),
+        "momentum_buffer": (5, 3)}
+    torch.testing.assert_close(state["pre_cond_0"], 0.5 * torch.eye(5), rtol=0, atol=0)
+    for g in grads[:3]:
+        p.grad = g.clone()
+        opt.step()
+    q = torch.nn.Parameter(p.detach().clone())
+    resumed = Shampoo([q], matrix_eps=0.5, preconditioning_compute_steps=2)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))  # as a checkpoint: no tensor shared
+    for g in grads[3:]:
+        p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        resumed.step()
+    assert torch.equal(p, q)
+
+
+def test_the_linear_algebra_is_float32_at_least_for_bfloat16_parameters():
+    """torch.linalg has no bfloat16: the roots of a bfloat16 parameter's states are taken in float32."""
+    Shampoo = optdsl.load(SPECS / "shampoo.opt")
+    p = torch.nn.Parameter(torch.randn(6, 4).bfloat16())
+    opt = Shampoo([p], lr=0.1, matrix_eps=1.0)
+    for _ in range(3):
+        p.grad = torch.randn(6, 4).bfloat16()
+        opt.step()
+    assert torch.isfinite(p.float()).all() and opt.state[p]["inv_pre_cond_0"].shape == (6, 6)
+
+
+# ---------------------------------------------------------------- shapes and their errors
+
+SPEC = """optimizer X
+hyper lr = 0.1 in [0, inf)
+rule ndim == 2 {{
+  {body}
+}}
+rule {{
+  p -= lr * g
+}}
+"""
+
+
+@pytest.mark.parametrize("body, message, col", [
+    ("x = g\n  p -= lr * (mm(x, T(x)) + x)", "'+' of values (nrows x nrows) and (nrows x ncols)", 14),
+    ("state L: gram_rows\n  L = mm(T(g), g)\n  p -= lr * g", "state 'L' is (nrows x nrows) but this value is "
+     "(ncols x ncols)", 3),
+    ("state R: gram_cols = eye\n  p -= lr * mm(R, g)", "mm() of a (ncols x ncols) and a (nrows x ncols) value", 13),
+    ("p -= lr * mm(inv_root(mm(T(g), g), 4), g)", "mm() of a (ncols x ncols) and a (nrows x ncols) value", 13),
+    ("p -= lr * mm(inv_root(g, 4), g)", "inv_root() takes a symmetric matrix, but this value is (nrows x ncols)",
+     25),
+    ("state L: gram_rows\n  p -= lr * L", "'-' of values (nrows x ncols) and (nrows x nrows)", 3),
+    ("state L: gram_rows\n  p = L", "p is (nrows x ncols) but this value is (nrows x nrows)", 3),
+    ("state L: gram_rows = eye\n  p -= lr * inv_root(L, t) * g", "the last argument of inv_root() must be a number "
+     "or a hyperparameter", 25),
+])
+def test_shape_errors_are_located(body, message, col):
+    with pytest.raises(optdsl.SpecError) as err:
+        optdsl.compile(SPEC.format(body=body), "x.opt")
+    assert message in str(err.value), str(err.value)
+    if col:
+        assert err.value.span.column == col, str(err.value)
+
+
+def test_a_matrix_state_needs_matrices():
+    src = "optimizer X\nhyper lr = 0.1 in [0, inf)\nrule ndim >= 1 {\n  state L: gram_rows = eye\n  p -= lr * mm(L, g)\n}\nrule {\n  p -= lr * g\n}\n"
+    with pytest.raises(optdsl.SpecError, match="needs parameters of rank 2 or more"):
+        optdsl.compile(src, "x.opt")
+
+
+def test_eye_is_read_in_a_matrix_states_initial_value_only():
+    src = "optimizer X\nhyper lr = 0.1 in [0, inf)\nrule ndim == 2 {\n  state m = eye\n  p -= lr * m\n}\nrule {\n  p -= lr * g\n}\n"
+    with pytest.raises(optdsl.SpecError, match="unknown name 'eye'"):
+        optdsl.compile(src, "x.opt")
+
+
+# test_differential.test_every_spec_is_covered reads the cases of every tests/test_zoo*.py
+CASES = {f"shampoo-{case}": ("shampoo", kw, shampoo_ref, kw) for case, kw in SHAMPOO.items()}
