@@ -42,4 +42,5 @@ __all__ = [
     "shampoo",
     "sm3",
     "smmf",
+    "soap",
 ]

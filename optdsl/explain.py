@@ -313,7 +313,7 @@ def unexplained(compiled: Compiled) -> str:
 
 def _matrix_work(prog: ir.Program) -> str:
     if any(has_matrix_work(eq.expr) for eq in prog.eqns):
-        return f"{prog.name} does matrix work (mm, T); the analyses model one element"
+        return f"{prog.name} does matrix work (mm, T, linear algebra); the analyses model one element"
     return ""
 
 
@@ -328,7 +328,7 @@ def _section(prog: ir.Program, plan, condition: str | None) -> Section:
     if _matrix_work(prog):  # its math and memory, not what models one element
         props = [p for p in props if p.name != "arithmetic per element"]  # matmuls are not per element
         return Section(condition, *math, tuple(props), skipped="arithmetic and the element-wise analyses: not "
-                       "run, this rule does matrix work (mm, T) and they model one element")
+                       "run, this rule does matrix work (mm, T, linear algebra) and they model one element")
     steps = _Steps(prog)
     for analysis in (lambda: _state_ranges(prog), lambda: [_scale_invariance(steps)],
                      lambda: _first_step(steps, prog)):

@@ -166,6 +166,10 @@ class qr(_Opaque):  # Q of the reduced QR decomposition
     nargs = 1
 
 
+class sortperm(_Opaque):  # the permutation matrix that sorts the diagonal of A, largest first
+    nargs = 1
+
+
 def _minmax(func):
     """SymPy's Min/Max, left unevaluated where SymPy cannot order constant arguments."""
     def build(*args):
@@ -270,6 +274,7 @@ TABLE: dict[str, Function] = {f.name: f for f in [
       scalars=1),
     F("eigvecs", 1, eigvecs, "_eigvecs({0})", "1.0", matrix=True),
     F("qr", 1, qr, "_qr({0})", "_sign({0})", matrix=True),
+    F("sortperm", 1, sortperm, "_sortperm({0})", "1.0", matrix=True),
     # ---- `a % b` (and periodic work): Python's modulo, the sign of b, as torch.remainder ----
     F("mod", 2, sp.Mod, "torch.remainder({0}, {1})", "(({0}) % ({1}))",
       triton="({0} - {1} * tl.floor({0} / {1}))"),
@@ -285,7 +290,7 @@ COMPARISONS |= {op: F(name, 2, cls, f"torch.logical_{op}({{0}} != 0, {{1}} != 0)
                       f"float(bool({{0}}) {op} bool({{1}}))", triton=f"tl.where(({{0}} != 0) {sym} ({{1}} != 0), 1.0, 0.0)")
                 for op, name, cls, sym in [("and", "land", land, "&"), ("or", "lor", lor, "|")]}
 OPAQUE_CLASSES = (lerp, where, sigmoid, softplus, bfloat16, lt, le, gt, ge, eq, ne, land, lor, row_mean, col_mean, row_sum, col_sum,
-                  row_max, col_max, unit_mean, unit_norm, mm, T, inv_root, eigvecs, qr)
+                  row_max, col_max, unit_mean, unit_norm, mm, T, inv_root, eigvecs, qr, sortperm)
 REDUCTIONS = {f.sympy: f for f in TABLE.values() if f.reduction}
 MATRIX_CLASSES = tuple(f.sympy for f in TABLE.values() if f.matrix)  # work the kernels leave to torch
 

@@ -2,7 +2,8 @@
 
 The rule a parameter of that shape takes is decided by the generated code's own condition
 (evaluated on a meta tensor, so nothing is allocated); each state's size follows from its
-declared shape: like p, scalar, one per row or one per column.
+declared shape: like p, scalar, one per row or one per column, or an n x n or m x m matrix
+per matrix (gram_rows, gram_cols).
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ def state_numel(kind: str, shape: tuple[int, ...]) -> int:
         return math.prod(shape[:-1])
     if kind == "cols":
         return math.prod(shape[:-2]) * (shape[-1] if shape else 1)
+    if kind in ("gram_rows", "gram_cols"):  # a square matrix per matrix of p (its rules take rank >= 2)
+        n = shape[-2] if kind == "gram_rows" else shape[-1]
+        return math.prod(shape[:-2]) * n * n
     return math.prod(shape)
 
 

@@ -396,6 +396,14 @@ RULES: dict[type, Callable[[sp.Expr, Env], Interval]] = {
                                                           fn.unit_mean)},
     fn.row_sum: _sum, fn.col_sum: _sum,
     fn.unit_norm: lambda e, env: Interval.nonneg(),
+    # matrix work: a transpose keeps the entries, a product of non-negative matrices is one (its
+    # size is not known here, so no other bound), an orthonormal basis's entries lie in [-1, 1],
+    # a permutation matrix's are 0 or 1
+    fn.T: lambda e, env: bound(e.args[0], env),
+    fn.mm: lambda e, env: Interval.nonneg() if all(bound(a, env).nonnegative for a in e.args) else FULL,
+    fn.eigvecs: lambda e, env: Interval(-1.0, 1.0, True, True),
+    fn.qr: lambda e, env: Interval(-1.0, 1.0, True, True),
+    fn.sortperm: lambda e, env: Interval(0.0, 1.0, True, True),
 }
 
 

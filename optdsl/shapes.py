@@ -22,7 +22,7 @@ R, C, ONE = "nrows", "ncols", "1"
 UNKNOWN = None
 _DECLARED = {"full": (R, C), "bool": (R, C), "scalar": (), "rows": (R, ONE), "cols": (ONE, C),
              "gram_rows": (R, R), "gram_cols": (C, C)}
-_SQUARE = ("inv_root", "eigvecs")  # functions of a symmetric matrix
+_SQUARE = ("inv_root", "eigvecs", "sortperm")  # functions of a square (symmetric) matrix
 
 
 def text(shape) -> str:

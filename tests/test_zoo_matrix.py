@@ -1,5 +1,5 @@
 """Issue 16 items 1 and 2: matrix-shaped states (`gram_rows`, `gram_cols`) and linear algebra
-(`inv_root`, `eigvecs`, `qr`), and the specs they unlock, against their references on the
+(`inv_root`, `eigvecs`, `qr`, `sortperm`), and the specs they unlock (Shampoo, SOAP), against their references on the
 for-loop, foreach and fused paths (test_differential's `run_pair`: float64 to 1e-10 after every
 step, the for-loop and foreach paths bitwise equal).
 
@@ -161,6 +161,99 @@ def test_the_linear_algebra_is_float32_at_least_for_bfloat16_parameters():
     assert torch.isfinite(p.float()).all() and opt.state[p]["inv_pre_cond_0"].shape == (6, 6)
 
 
+# ---------------------------------------------------------------- SOAP
+
+
+def soap_ref(params, float32_qr=None, **kw):
+    """pytorch_optimizer's SOAP, one per parameter. Its power iteration casts the QR's input to
+    float32 whatever the parameter's dtype (for bfloat16's sake; the spec's qr() is float32 *at
+    least*): float32_qr=False (the default for float64 parameters) takes the reference's
+    get_orthogonal_matrix_qr, transcribed below, with the QR in the parameter's dtype."""
+    import pytorch_optimizer as PO
+    if float32_qr is None:
+        float32_qr = params[0].dtype != torch.float64
+    cls = PO.SOAP if float32_qr else type("SOAP", (PO.SOAP,), {"get_orthogonal_matrix_qr": _qr_uncast})
+    return OnePerParameter(params, lambda ps: cls(ps, **kw))
+
+
+def _qr_uncast(self, state, max_precondition_dim=10000, merge_dims=False):
+    # pytorch_optimizer's SOAP.get_orthogonal_matrix_qr for merge_dims=False, the QR not cast to float32
+    exp_avg_sq = state["exp_avg_sq"]
+    matrices = []
+    for ind, (m, o) in enumerate(zip(state["GG"], state["Q"])):
+        if len(m) == 0:
+            matrices.append([])
+            continue
+        matrix_product = m @ o
+        est_eig = (o * matrix_product).sum(dim=0)
+        sort_idx = torch.argsort(est_eig, descending=True)
+        exp_avg_sq = exp_avg_sq.index_select(ind, sort_idx)
+        matrices.append(torch.linalg.qr(matrix_product.index_select(1, sort_idx))[0])
+    state["exp_avg_sq"] = exp_avg_sq
+    return matrices
+
+
+SOAP = {
+    "default": dict(shampoo_beta=0.95),
+    "every-3": dict(shampoo_beta=0.9, precondition_frequency=3, betas=(0.9, 0.99)),
+    "normalized-wd": dict(shampoo_beta=0.95, normalize_gradient=True, correct_bias=False, weight_decay=0.1, lr=0.01,
+                          precondition_frequency=2),
+}
+SOAP_SHAPES = MATRICES + [(7,), (1,)]  # vectors take the reference's path for them (no preconditioner)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", list(SOAP))
+def test_soap_matches_pytorch_optimizer(case, dtype, request):
+    """The first eigenbasis of a rank-deficient Gram matrix (every non-square one) is arbitrary in its
+    null space: it matches because G G^T is bitwise the reference's (tensordot and matmul agree) and
+    eigh is deterministic. float32: the reference as it is, to 1e-4 (test_differential's float32
+    tolerance is 1e-5; the eigenbases' rounding, u32 over the gaps of the eigenvalues, adds to it)."""
+    if dtype == torch.float64:
+        request.getfixturevalue("float64_default")
+    Soap = optdsl.load(SPECS / "soap.opt")
+    kw = SOAP[case]
+    run_pair(lambda ps, **mode: Soap(ps, **mode, **kw), lambda ps: soap_ref(ps, **kw), SOAP_SHAPES, dtype, STEPS,
+             seed=zlib.crc32(case.encode()), tol=TOL[dtype])
+
+
+def test_soap_differs_from_the_reference_by_its_float32_qr_alone(float64_default):
+    """Against the reference as it is (QR in float32), float64 parameters agree to float32's rounding
+    on square matrices, whose Gram matrices are of full rank (on a (6, 1) one the 6 x 6 Gram matrix
+    is of rank 1 for six steps, and its power iteration's near-zero columns take float32's rounding
+    to 1e-4 of p over 25 steps)."""
+    Soap = optdsl.load(SPECS / "soap.opt")
+    kw = SOAP["every-3"]
+    worst = run_pair(lambda ps, **mode: Soap(ps, **mode, **kw), lambda ps: soap_ref(ps, float32_qr=True, **kw),
+                     [(4, 4), (6, 6), (3, 3)], torch.float64, STEPS, tol=1e-6)
+    assert worst > 1e-12  # the float32 QR shows
+
+
+@pytest.mark.parametrize("case", ["default", "normalized-wd"])
+def test_soap_fused_matches_pytorch_optimizer(case, float64_default):
+    _fused_ok()
+    Soap = optdsl.load(SPECS / "soap.opt")
+    kw = SOAP[case]
+    run_pair(lambda ps, **mode: Soap(ps, **mode, **kw), lambda ps: soap_ref(ps, **kw), SOAP_SHAPES, torch.float64,
+             FUSED_STEPS, seed=zlib.crc32(case.encode()), fused=True)
+
+
+@pytest.mark.parametrize("old, new", [
+    ("refresh = (s % f == 0) * (s > 0)", "refresh = (s % f == 1) * (s > 0)"),
+    ("v = where(refresh, mm(mm(T(PL), v), PR), v)", "v = where(refresh, mm(v, PR), v)"),   # rows not reordered
+    ("GL = lerp(GL, mm(g, T(g)), 1 - shampoo_beta)", "GL = lerp(GL, mm(g, T(g)), 1.01 - shampoo_beta)"),
+    ("qr(mm(AR, PR))", "qr(mm(AR, T(PR)))"),
+])
+def test_a_soap_mutant_is_caught(old, new, float64_default):
+    text = (SPECS / "soap.opt").read_text()
+    assert text.count(old) == 1
+    Mutant = optdsl.compile(text.replace(old, new), "soap_mutant.opt")
+    kw = SOAP["normalized-wd"]
+    with pytest.raises(AssertionError, match="differs from reference"):
+        run_pair(lambda ps, **mode: Mutant(ps, **mode, **kw), lambda ps: soap_ref(ps, **kw), SOAP_SHAPES,
+                 torch.float64, STEPS)
+
+
 # ---------------------------------------------------------------- shapes and their errors
 
 SPEC = """optimizer X
@@ -209,3 +302,4 @@ def test_eye_is_read_in_a_matrix_states_initial_value_only():
 
 # test_differential.test_every_spec_is_covered reads the cases of every tests/test_zoo*.py
 CASES = {f"shampoo-{case}": ("shampoo", kw, shampoo_ref, kw) for case, kw in SHAMPOO.items()}
+CASES |= {f"soap-{case}": ("soap", kw, soap_ref, kw) for case, kw in SOAP.items()}

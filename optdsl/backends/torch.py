@@ -56,8 +56,17 @@ LINALG_HELPERS = {
         "    return torch.matmul(vectors * scale.unsqueeze(-2), vectors.mT).to(a.dtype)"),
     "_eigvecs": (
         "def _eigvecs(a):\n"
-        "    # the eigenvectors of the symmetric a as columns, the largest eigenvalue's first (as SOAP)\n"
-        "    return _eigh(a)[1].flip(-1).to(a.dtype)"),
+        "    # the eigenvectors of the symmetric a as columns, the largest eigenvalue's first, of a + 1e-30 I\n"
+        "    # (SOAP's reference: the guard moves nothing but an exactly zero diagonal)\n"
+        "    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)\n"
+        "    return _eigh(a + 1e-30 * eye)[1].flip(-1).to(a.dtype)"),
+    "_sortperm": (
+        "def _sortperm(a):\n"
+        "    # the permutation matrix P that sorts the diagonal of a, largest first: column i of P is\n"
+        "    # e_order[i], so mm(x, P) takes x's columns in that order and mm(T(P), x) its rows\n"
+        "    order = torch.argsort(torch.diagonal(a, dim1=-2, dim2=-1), dim=-1, descending=True)\n"
+        "    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)\n"
+        "    return eye.gather(-1, order.unsqueeze(-2).expand_as(a))"),
     "_qr": (
         "def _qr(a):\n"
         "    # Q of the reduced QR decomposition of a, in float32 at least\n"
