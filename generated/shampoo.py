@@ -22,10 +22,8 @@ The spec::
       g = where(weight_decouple, g, g + wd * p)
       L += mm(g, T(g))
       R += mm(T(g), g)
-      every k {
-        Li = inv_root(L, 4)
-        Ri = inv_root(R, 4)
-      }
+      Li = where(t % k == 0, inv_root(L, 4), Li)       # every k steps (the roots taken on those steps only)
+      Ri = where(t % k == 0, inv_root(R, 4), Ri)
       buf = mm(mm(Li, g), Ri)
       p -= lr * buf
     }
@@ -463,10 +461,8 @@ class Shampoo(Optimizer):
        g &\leftarrow \operatorname{where}{\left(weight_{decouple},g,g + wd \cdot p \right)} \\
        L &\leftarrow L + \operatorname{mm}{\left(g,T{\left(g \right)} \right)} \\
        R &\leftarrow R + \operatorname{mm}{\left(T{\left(g \right)},g \right)} \\
-       Li &\leftarrow \operatorname{inv}_{root}{\left(L,4 \right)} \\
-       Ri &\leftarrow \operatorname{inv}_{root}{\left(R,4 \right)} \\
-       Li &\leftarrow \operatorname{where}{\left(\operatorname{eq}{\left(t \bmod k,0 \right)},Li,Li \right)} \\
-       Ri &\leftarrow \operatorname{where}{\left(\operatorname{eq}{\left(t \bmod k,0 \right)},Ri,Ri \right)} \\
+       Li &\leftarrow \operatorname{where}{\left(\operatorname{eq}{\left(t \bmod k,0 \right)},\operatorname{inv}_{root}{\left(L,4 \right)},Li \right)} \\
+       Ri &\leftarrow \operatorname{where}{\left(\operatorname{eq}{\left(t \bmod k,0 \right)},\operatorname{inv}_{root}{\left(R,4 \right)},Ri \right)} \\
        buf &\leftarrow \operatorname{mm}{\left(\operatorname{mm}{\left(Li,g \right)},Ri \right)} \\
        p &\leftarrow p - lr \cdot buf \\
        &\text{for every other parameter} \\
@@ -482,12 +478,11 @@ class Shampoo(Optimizer):
     ``g = where(weight_decouple, g, g + wd * p)``
     ``L += mm(g, T(g))``
     ``R += mm(T(g), g)``
-    ``every k {``
-    ``Li = inv_root(L, 4)``
-    ``Ri = inv_root(R, 4)``
-    ``}``
+    ``Li = where(t % k == 0, inv_root(L, 4), Li)``
+    ``Ri = where(t % k == 0, inv_root(R, 4), Ri)``
     ``buf = mm(mm(Li, g), Ri)``
     ``p -= lr * buf``
+    ``}``
     ``rule {``
     ``v += g^2``
     ``p -= lr * g / sqrt(v)``
@@ -993,13 +988,13 @@ def _single_tensor_shampoo_0(params, grads, L_list, R_list, Li_list, Ri_list, bu
         # (`.item()` would break the graph, a float would be specialised on and recompile).
         if torch.compiler.is_compiling():
             t = step_t.to(torch.float64)
-            c0 = torch.as_tensor((torch.remainder(t, torch.as_tensor(k, dtype=torch.float64)) == 0), dtype=torch.float64)
-            c1 = torch.as_tensor((t > 1), dtype=torch.float64)
+            c0 = torch.as_tensor((t > 1), dtype=torch.float64)
+            c1 = torch.as_tensor((torch.remainder(t, torch.as_tensor(k, dtype=torch.float64)) == 0), dtype=torch.float64)
         else:
             t = step_t.item()
-            c0 = float(t % k == 0)
-            c1 = float(t > 1)
-        if c1:
+            c0 = float(t > 1)
+            c1 = float(t % k == 0)
+        if c0:
             tmp0 = torch.lerp(g, buf, momentum)
             tmp1 = tmp0
         else:
@@ -1014,24 +1009,24 @@ def _single_tensor_shampoo_0(params, grads, L_list, R_list, Li_list, Ri_list, bu
         tmp6 = torch.add(L, tmp5)
         tmp7 = torch.matmul(tmp4, tmp3)
         tmp8 = torch.add(R, tmp7)
-        tmp9 = _inv_root(tmp6, 4)
-        tmp10 = _inv_root(tmp8, 4)
-        if c0:
-            tmp11 = tmp9
+        if c1:
+            tmp9 = _inv_root(tmp6, 4)
+            tmp10 = tmp9
         else:
-            tmp11 = Li
-        if c0:
-            tmp12 = tmp10
+            tmp10 = Li
+        if c1:
+            tmp11 = _inv_root(tmp8, 4)
+            tmp12 = tmp11
         else:
             tmp12 = Ri
-        tmp13 = torch.matmul(tmp11, tmp3)
+        tmp13 = torch.matmul(tmp10, tmp3)
         tmp14 = torch.matmul(tmp13, tmp12)
         p.mul_(k0)
         tmp15 = torch.add(p, tmp14, alpha=k1)
         _copy_into(p, tmp15)
         _copy_into(L, tmp6)
         _copy_into(R, tmp8)
-        _copy_into(Li, tmp11)
+        _copy_into(Li, tmp10)
         _copy_into(Ri, tmp12)
         _copy_into(buf, tmp14)
         if p is not param:
@@ -1074,10 +1069,10 @@ def _multi_tensor_shampoo_0(params, grads, L_list, R_list, Li_list, Ri_list, buf
             torch._foreach_add_(device_steps, 1)
         t = [s.item() for s in device_steps]
         # Scalars of the step count: one per tensor, on the host.
-        c0 = [float(t_ % k == 0) for t_ in t]
-        c1 = [float(t_ > 1) for t_ in t]
+        c0 = [float(t_ > 1) for t_ in t]
+        c1 = [float(t_ % k == 0) for t_ in t]
         tmp0 = torch._foreach_lerp(g, buf, momentum)
-        tmp1 = [x if c else y for c, x, y in zip(c1, tmp0, g)]
+        tmp1 = [x if c else y for c, x, y in zip(c0, tmp0, g)]
         if weight_decouple:
             tmp3 = tmp1
         else:
@@ -1088,18 +1083,20 @@ def _multi_tensor_shampoo_0(params, grads, L_list, R_list, Li_list, Ri_list, buf
         tmp6 = torch._foreach_add(L, tmp5)
         tmp7 = [torch.matmul(tmp4_, tmp3_) for tmp4_, tmp3_ in zip(tmp4, tmp3)]
         tmp8 = torch._foreach_add(R, tmp7)
-        tmp9 = [_inv_root(tmp6_, 4) for tmp6_ in tmp6]
-        tmp10 = [_inv_root(tmp8_, 4) for tmp8_ in tmp8]
-        tmp11 = [x if c else y for c, x, y in zip(c0, tmp9, Li)]
-        tmp12 = [x if c else y for c, x, y in zip(c0, tmp10, Ri)]
-        tmp13 = [torch.matmul(tmp11_, tmp3_) for tmp11_, tmp3_ in zip(tmp11, tmp3)]
+        if any(c1) or not c1:
+            tmp9 = [_inv_root(tmp6_, 4) for tmp6_ in tmp6]
+        tmp10 = tmp9 if all(c1) else Li if not any(c1) else [x if c else y for c, x, y in zip(c1, tmp9, Li)]
+        if any(c1) or not c1:
+            tmp11 = [_inv_root(tmp8_, 4) for tmp8_ in tmp8]
+        tmp12 = tmp11 if all(c1) else Ri if not any(c1) else [x if c else y for c, x, y in zip(c1, tmp11, Ri)]
+        tmp13 = [torch.matmul(tmp10_, tmp3_) for tmp10_, tmp3_ in zip(tmp10, tmp3)]
         tmp14 = [torch.matmul(tmp13_, tmp12_) for tmp13_, tmp12_ in zip(tmp13, tmp12)]
         torch._foreach_mul_(p, k0)
         tmp15 = torch._foreach_add(p, tmp14, alpha=k1)
         _foreach_copy_(p, tmp15)
         _foreach_copy_(L, tmp6)
         _foreach_copy_(R, tmp8)
-        _foreach_copy_(Li, tmp11)
+        _foreach_copy_(Li, tmp10)
         _foreach_copy_(Ri, tmp12)
         _foreach_copy_(buf, tmp14)
         if not exact:

@@ -33,10 +33,12 @@ The spec::
       GL = lerp(GL, mm(g, T(g)), 1 - shampoo_beta)
       GR = lerp(GR, mm(T(g), g), 1 - shampoo_beta)
       refresh = (s % f == 0) * (s > 0)
-      AL = mm(GL, QL)
-      AR = mm(GR, QR)
-      PL = sortperm(mm(T(QL), AL))                       # estimated eigenvalues, largest first
-      PR = sortperm(mm(T(QR), AR))
+      # one round of power iteration, on the refresh steps only (elsewhere these locals are not
+      # read; a permutation is >= 0, and so is the stand-in, which lets the checker see v >= 0)
+      AL = where(refresh, mm(GL, QL), QL)
+      AR = where(refresh, mm(GR, QR), QR)
+      PL = where(refresh, sortperm(mm(T(QL), AL)), QL^2)   # estimated eigenvalues, largest first
+      PR = where(refresh, sortperm(mm(T(QR), AR)), QR^2)
       v = where(refresh, mm(mm(T(PL), v), PR), v)
       QL = where(t == 1, eigvecs(GL), where(refresh, qr(mm(AL, PL)), QL))
       QR = where(t == 1, eigvecs(GR), where(refresh, qr(mm(AR, PR)), QR))
@@ -504,10 +506,10 @@ class SOAP(Optimizer):
        GL &\leftarrow \operatorname{lerp}{\left(GL,\operatorname{mm}{\left(g,T{\left(g \right)} \right)},1 - shampoo_{\beta} \right)} \\
        GR &\leftarrow \operatorname{lerp}{\left(GR,\operatorname{mm}{\left(T{\left(g \right)},g \right)},1 - shampoo_{\beta} \right)} \\
        refresh &\leftarrow \left(\operatorname{eq}{\left(s \bmod f,0 \right)}\right) \cdot \operatorname{gt}{\left(s,0 \right)} \\
-       AL &\leftarrow \operatorname{mm}{\left(GL,QL \right)} \\
-       AR &\leftarrow \operatorname{mm}{\left(GR,QR \right)} \\
-       PL &\leftarrow \operatorname{sortperm}{\left(\operatorname{mm}{\left(T{\left(QL \right)},AL \right)} \right)} \\
-       PR &\leftarrow \operatorname{sortperm}{\left(\operatorname{mm}{\left(T{\left(QR \right)},AR \right)} \right)} \\
+       AL &\leftarrow \operatorname{where}{\left(refresh,\operatorname{mm}{\left(GL,QL \right)},QL \right)} \\
+       AR &\leftarrow \operatorname{where}{\left(refresh,\operatorname{mm}{\left(GR,QR \right)},QR \right)} \\
+       PL &\leftarrow \operatorname{where}{\left(refresh,\operatorname{sortperm}{\left(\operatorname{mm}{\left(T{\left(QL \right)},AL \right)} \right)},QL^{2} \right)} \\
+       PR &\leftarrow \operatorname{where}{\left(refresh,\operatorname{sortperm}{\left(\operatorname{mm}{\left(T{\left(QR \right)},AR \right)} \right)},QR^{2} \right)} \\
        v &\leftarrow \operatorname{where}{\left(refresh,\operatorname{mm}{\left(\operatorname{mm}{\left(T{\left(PL \right)},v \right)},PR \right)},v \right)} \\
        QL &\leftarrow \operatorname{where}{\left(\operatorname{eq}{\left(t,1 \right)},\operatorname{eigvecs}{\left(GL \right)},\operatorname{where}{\left(refresh,\operatorname{qr}{\left(\operatorname{mm}{\left(AL,PL \right)} \right)},QL \right)} \right)} \\
        QR &\leftarrow \operatorname{where}{\left(\operatorname{eq}{\left(t,1 \right)},\operatorname{eigvecs}{\left(GR \right)},\operatorname{where}{\left(refresh,\operatorname{qr}{\left(\operatorname{mm}{\left(AR,PR \right)} \right)},QR \right)} \right)} \\
@@ -534,10 +536,10 @@ class SOAP(Optimizer):
     ``GL = lerp(GL, mm(g, T(g)), 1 - shampoo_beta)``
     ``GR = lerp(GR, mm(T(g), g), 1 - shampoo_beta)``
     ``refresh = (s % f == 0) * (s > 0)``
-    ``AL = mm(GL, QL)``
-    ``AR = mm(GR, QR)``
-    ``PL = sortperm(mm(T(QL), AL))``
-    ``PR = sortperm(mm(T(QR), AR))``
+    ``AL = where(refresh, mm(GL, QL), QL)``
+    ``AR = where(refresh, mm(GR, QR), QR)``
+    ``PL = where(refresh, sortperm(mm(T(QL), AL)), QL^2)``
+    ``PR = where(refresh, sortperm(mm(T(QR), AR)), QR^2)``
     ``v = where(refresh, mm(mm(T(PL), v), PR), v)``
     ``QL = where(t == 1, eigvecs(GL), where(refresh, qr(mm(AL, PL)), QL))``
     ``QR = where(t == 1, eigvecs(GR), where(refresh, qr(mm(AR, PR)), QR))``
@@ -1107,55 +1109,73 @@ def _single_tensor_soap_0(params, grads, m_list, v_list, GL_list, GR_list, QL_li
         tmp18 = torch.lerp(GL, tmp17, k3)
         tmp19 = torch.matmul(tmp16, g)
         tmp20 = torch.lerp(GR, tmp19, k3)
-        tmp21 = torch.matmul(tmp18, QL)
-        tmp22 = torch.matmul(tmp20, QR)
-        tmp23 = torch.matmul(tmp2, tmp21)
-        tmp24 = _sortperm(tmp23)
-        tmp25 = torch.matmul(tmp8, tmp22)
-        tmp26 = _sortperm(tmp25)
         if c3:
-            tmp27 = tmp24.mT
-            tmp28 = torch.matmul(tmp27, tmp7)
-            tmp29 = torch.matmul(tmp28, tmp26)
-            tmp30 = tmp29
+            tmp21 = torch.matmul(tmp18, QL)
+            tmp22 = tmp21
         else:
-            tmp30 = tmp7
+            tmp22 = QL
+        if c3:
+            tmp23 = torch.matmul(tmp20, QR)
+            tmp24 = tmp23
+        else:
+            tmp24 = QR
+        if c3:
+            tmp25 = torch.matmul(tmp2, tmp22)
+            tmp26 = _sortperm(tmp25)
+            tmp28 = tmp26
+        else:
+            tmp27 = torch.mul(QL, QL)
+            tmp28 = tmp27
+        if c3:
+            tmp29 = torch.matmul(tmp8, tmp24)
+            tmp30 = _sortperm(tmp29)
+            tmp32 = tmp30
+        else:
+            tmp31 = torch.mul(QR, QR)
+            tmp32 = tmp31
+        if c3:
+            tmp33 = tmp28.mT
+            tmp34 = torch.matmul(tmp33, tmp7)
+            tmp35 = torch.matmul(tmp34, tmp32)
+            tmp36 = tmp35
+        else:
+            tmp36 = tmp7
         if c4:
-            tmp31 = _eigvecs(tmp18)
-            tmp35 = tmp31
+            tmp37 = _eigvecs(tmp18)
+            tmp41 = tmp37
         else:
             if c3:
-                tmp32 = torch.matmul(tmp21, tmp24)
-                tmp33 = _qr(tmp32)
-                tmp34 = tmp33
+                tmp38 = torch.matmul(tmp22, tmp28)
+                tmp39 = _qr(tmp38)
+                tmp40 = tmp39
             else:
-                tmp34 = QL
-            tmp35 = tmp34
+                tmp40 = QL
+            tmp41 = tmp40
         if c4:
-            tmp36 = _eigvecs(tmp20)
-            tmp40 = tmp36
+            tmp42 = _eigvecs(tmp20)
+            tmp46 = tmp42
         else:
             if c3:
-                tmp37 = torch.matmul(tmp22, tmp26)
-                tmp38 = _qr(tmp37)
-                tmp39 = tmp38
+                tmp43 = torch.matmul(tmp24, tmp32)
+                tmp44 = _qr(tmp43)
+                tmp45 = tmp44
             else:
-                tmp39 = QR
-            tmp40 = tmp39
+                tmp45 = QR
+            tmp46 = tmp45
         if normalize_gradient:
-            tmp41 = torch.mul(tmp15, d0)
-            tmp42 = tmp41
+            tmp47 = torch.mul(tmp15, d0)
+            tmp48 = tmp47
         else:
-            tmp42 = tmp15
-        tmp43 = torch.add(p, tmp42, alpha=c1)
-        tmp44 = torch.mul(tmp43, c0)
-        _copy_into(p, tmp44)
+            tmp48 = tmp15
+        tmp49 = torch.add(p, tmp48, alpha=c1)
+        tmp50 = torch.mul(tmp49, c0)
+        _copy_into(p, tmp50)
         _copy_into(m, tmp1)
-        _copy_into(v, tmp30)
+        _copy_into(v, tmp36)
         _copy_into(GL, tmp18)
         _copy_into(GR, tmp20)
-        _copy_into(QL, tmp35)
-        _copy_into(QR, tmp40)
+        _copy_into(QL, tmp41)
+        _copy_into(QR, tmp46)
         if p is not param:
             param.copy_(p)
         _write_state(m_list[i], m, True, generator, stochastic)
@@ -1229,42 +1249,58 @@ def _multi_tensor_soap_0(params, grads, m_list, v_list, GL_list, GR_list, QL_lis
         tmp19 = [torch.matmul(tmp16_, g_) for tmp16_, g_ in zip(tmp16, g)]
         tmp20 = torch._foreach_lerp(GR, tmp19, k3)
         tmp21 = [torch.matmul(tmp18_, QL_) for tmp18_, QL_ in zip(tmp18, QL)]
-        tmp22 = [torch.matmul(tmp20_, QR_) for tmp20_, QR_ in zip(tmp20, QR)]
-        tmp23 = [torch.matmul(tmp2_, tmp21_) for tmp2_, tmp21_ in zip(tmp2, tmp21)]
-        tmp24 = [_sortperm(tmp23_) for tmp23_ in tmp23]
-        tmp25 = [torch.matmul(tmp8_, tmp22_) for tmp8_, tmp22_ in zip(tmp8, tmp22)]
-        tmp26 = [_sortperm(tmp25_) for tmp25_ in tmp25]
-        tmp27 = [tmp24_.mT for tmp24_ in tmp24]
-        tmp28 = [torch.matmul(tmp27_, tmp7_) for tmp27_, tmp7_ in zip(tmp27, tmp7)]
-        tmp29 = [torch.matmul(tmp28_, tmp26_) for tmp28_, tmp26_ in zip(tmp28, tmp26)]
-        tmp30 = [x if c else y for c, x, y in zip(c3, tmp29, tmp7)]
-        tmp31 = [_eigvecs(tmp18_) for tmp18_ in tmp18]
-        tmp32 = [torch.matmul(tmp21_, tmp24_) for tmp21_, tmp24_ in zip(tmp21, tmp24)]
-        tmp33 = [_qr(tmp32_) for tmp32_ in tmp32]
-        tmp34 = [x if c else y for c, x, y in zip(c3, tmp33, QL)]
-        tmp35 = [x if c else y for c, x, y in zip(c4, tmp31, tmp34)]
-        tmp36 = [_eigvecs(tmp20_) for tmp20_ in tmp20]
-        tmp37 = [torch.matmul(tmp22_, tmp26_) for tmp22_, tmp26_ in zip(tmp22, tmp26)]
-        tmp38 = [_qr(tmp37_) for tmp37_ in tmp37]
-        tmp39 = [x if c else y for c, x, y in zip(c3, tmp38, QR)]
-        tmp40 = [x if c else y for c, x, y in zip(c4, tmp36, tmp39)]
+        tmp22 = [x if c else y for c, x, y in zip(c3, tmp21, QL)]
+        tmp23 = [torch.matmul(tmp20_, QR_) for tmp20_, QR_ in zip(tmp20, QR)]
+        tmp24 = [x if c else y for c, x, y in zip(c3, tmp23, QR)]
+        if any(c3) or not c3:
+            tmp25 = [torch.matmul(tmp2_, tmp22_) for tmp2_, tmp22_ in zip(tmp2, tmp22)]
+            tmp26 = [_sortperm(tmp25_) for tmp25_ in tmp25]
+        if not all(c3):
+            tmp27 = torch._foreach_mul(QL, QL)
+        tmp28 = tmp26 if all(c3) else tmp27 if not any(c3) else [x if c else y for c, x, y in zip(c3, tmp26, tmp27)]
+        if any(c3) or not c3:
+            tmp29 = [torch.matmul(tmp8_, tmp24_) for tmp8_, tmp24_ in zip(tmp8, tmp24)]
+            tmp30 = [_sortperm(tmp29_) for tmp29_ in tmp29]
+        if not all(c3):
+            tmp31 = torch._foreach_mul(QR, QR)
+        tmp32 = tmp30 if all(c3) else tmp31 if not any(c3) else [x if c else y for c, x, y in zip(c3, tmp30, tmp31)]
+        tmp33 = [tmp28_.mT for tmp28_ in tmp28]
+        tmp34 = [torch.matmul(tmp33_, tmp7_) for tmp33_, tmp7_ in zip(tmp33, tmp7)]
+        tmp35 = [torch.matmul(tmp34_, tmp32_) for tmp34_, tmp32_ in zip(tmp34, tmp32)]
+        tmp36 = [x if c else y for c, x, y in zip(c3, tmp35, tmp7)]
+        if any(c4) or not c4:
+            tmp37 = [_eigvecs(tmp18_) for tmp18_ in tmp18]
+        if not all(c4):
+            if any(c3) or not c3:
+                tmp38 = [torch.matmul(tmp22_, tmp28_) for tmp22_, tmp28_ in zip(tmp22, tmp28)]
+                tmp39 = [_qr(tmp38_) for tmp38_ in tmp38]
+            tmp40 = tmp39 if all(c3) else QL if not any(c3) else [x if c else y for c, x, y in zip(c3, tmp39, QL)]
+        tmp41 = tmp37 if all(c4) else tmp40 if not any(c4) else [x if c else y for c, x, y in zip(c4, tmp37, tmp40)]
+        if any(c4) or not c4:
+            tmp42 = [_eigvecs(tmp20_) for tmp20_ in tmp20]
+        if not all(c4):
+            if any(c3) or not c3:
+                tmp43 = [torch.matmul(tmp24_, tmp32_) for tmp24_, tmp32_ in zip(tmp24, tmp32)]
+                tmp44 = [_qr(tmp43_) for tmp43_ in tmp43]
+            tmp45 = tmp44 if all(c3) else QR if not any(c3) else [x if c else y for c, x, y in zip(c3, tmp44, QR)]
+        tmp46 = tmp42 if all(c4) else tmp45 if not any(c4) else [x if c else y for c, x, y in zip(c4, tmp42, tmp45)]
         if normalize_gradient:
-            tmp41 = torch._foreach_mul(tmp15, d0)
-            tmp42 = tmp41
+            tmp47 = torch._foreach_mul(tmp15, d0)
+            tmp48 = tmp47
         else:
-            tmp42 = tmp15
+            tmp48 = tmp15
         if all(v_ == c1[0] for v_ in c1):
-            tmp43 = torch._foreach_add(p, tmp42, alpha=c1[0])
+            tmp49 = torch._foreach_add(p, tmp48, alpha=c1[0])
         else:
-            tmp43 = [torch.add(x_, y_, alpha=v_) for x_, y_, v_ in zip(p, tmp42, c1)]
-        tmp44 = torch._foreach_mul(tmp43, c0)
-        _foreach_copy_(p, tmp44)
+            tmp49 = [torch.add(x_, y_, alpha=v_) for x_, y_, v_ in zip(p, tmp48, c1)]
+        tmp50 = torch._foreach_mul(tmp49, c0)
+        _foreach_copy_(p, tmp50)
         _foreach_copy_(m, tmp1)
-        _foreach_copy_(v, tmp30)
+        _foreach_copy_(v, tmp36)
         _foreach_copy_(GL, tmp18)
         _foreach_copy_(GR, tmp20)
-        _foreach_copy_(QL, tmp35)
-        _foreach_copy_(QR, tmp40)
+        _foreach_copy_(QL, tmp41)
+        _foreach_copy_(QR, tmp46)
         if not exact:
             _foreach_copy_(device_params, p)
         if m is not device_m:

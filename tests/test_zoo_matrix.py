@@ -303,3 +303,29 @@ def test_eye_is_read_in_a_matrix_states_initial_value_only():
 # test_differential.test_every_spec_is_covered reads the cases of every tests/test_zoo*.py
 CASES = {f"shampoo-{case}": ("shampoo", kw, shampoo_ref, kw) for case, kw in SHAMPOO.items()}
 CASES |= {f"soap-{case}": ("soap", kw, soap_ref, kw) for case, kw in SOAP.items()}
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["for-loop", "foreach"])
+def test_roots_and_bases_are_computed_on_their_steps_only(foreach, monkeypatch):
+    """Shampoo's roots every k steps, SOAP's eigenbases at the first step and its QR every f steps:
+    the linear algebra runs on those steps only, on both torch paths (every tensor stepped alike)."""
+    calls = {"eigh": 0, "qr": 0}
+    for name in calls:
+        real = getattr(torch.linalg, name)
+        monkeypatch.setattr(torch.linalg, name, lambda *a, _real=real, _name=name, **k: (
+            calls.__setitem__(_name, calls[_name] + 1), _real(*a, **k))[1])
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4, 4))]
+    shampoo = optdsl.load(SPECS / "shampoo.opt")(params, preconditioning_compute_steps=3, foreach=foreach)
+    soap = optdsl.load(SPECS / "soap.opt")(params, precondition_frequency=3, foreach=foreach)
+    for opt, per_refresh in ((shampoo, {"eigh": 4, "qr": 0}), (soap, {"eigh": 0, "qr": 4})):
+        for t in range(1, 8):
+            for p in params:
+                p.grad = torch.randn(p.shape)
+            before = dict(calls)
+            opt.step()
+            done = {k: calls[k] - before[k] for k in calls}
+            if opt is shampoo:
+                assert done == (per_refresh if t % 3 == 0 else {"eigh": 0, "qr": 0}), (t, done)
+            else:  # the bases by eigh at t = 1, refreshed where (t - 1) % 3 == 0 after
+                want = {"eigh": 4, "qr": 0} if t == 1 else per_refresh if (t - 1) % 3 == 0 else {"eigh": 0, "qr": 0}
+                assert done == want, (t, done)

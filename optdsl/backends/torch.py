@@ -127,6 +127,12 @@ def _single_line(instr: Instr) -> str:
     return f"{instr.out} = torch.{instr.op}({a[0]}{', ' if rest else ''}{rest})"
 
 
+def _linear_algebra(instrs) -> bool:
+    """Whether these instructions (branches included) call a linear algebra helper."""
+    return any((i.op == "call" and any(f"{name}(" in i.template for name in LINALG_HELPERS))
+               or (i.op == "branch" and any(_linear_algebra(b) for b in i.blocks)) for i in instrs)
+
+
 def multi(instr: Instr) -> list[str]:
     a = [x.code for x in instr.args]
     if instr.op == "branch":
@@ -134,8 +140,16 @@ def multi(instr: Instr) -> list[str]:
         if instr.args[0].level == GROUP:
             return ([f"if {a[0]}:"] + _indent(then, multi) + [f"    {instr.out} = {a[1]}", "else:"]
                     + _indent(other, multi) + [f"    {instr.out} = {a[2]}"])
-        return ([line for i in then + other for line in multi(i)]
-                + [f"{instr.out} = [x if c else y for c, x, y in zip({a[0]}, {a[1]}, {a[2]})]"])
+        pick = f"[x if c else y for c, x, y in zip({a[0]}, {a[1]}, {a[2]})]"
+        if _linear_algebra(then + other):
+            # an eigendecomposition or a QR per tensor costs more than the whole element-wise step:
+            # a branch runs only for the tensors that take it when all take the same (the usual
+            # case: every tensor stepped as often), both otherwise
+            c = a[0]
+            return ([f"if any({c}) or not {c}:"] * bool(then) + _indent(then, multi)
+                    + [f"if not all({c}):"] * bool(other) + _indent(other, multi)
+                    + [f"{instr.out} = {a[1]} if all({c}) else {a[2]} if not any({c}) else {pick}"])
+        return [line for i in then + other for line in multi(i)] + [f"{instr.out} = {pick}"]
     if instr.op == "add" and instr.value is not None and instr.value.level == PARAM:
         # torch._foreach_add takes one alpha: use it when every tensor has the same one
         # (the usual case), else add tensor by tensor with the same arithmetic.
