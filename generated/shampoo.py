@@ -70,6 +70,8 @@ def _store_rounded(stored, value, generator=None):
     stored.copy_(((bits + noise) & -65536).view(torch.float32))  # exact in bfloat16 now
 
 
+
+
 # ---- sharded parameters (FSDP2 `fully_shard`, tensor parallel): DTensors ----
 try:
     import torch.distributed as _dist
@@ -614,6 +616,11 @@ class Shampoo(Optimizer):
 
     # ---- state: the stochastic rounding's own generator, and what a state_dict may hold
 
+    def manual_seed(self, seed):
+        """Seed the optimizer's own generator (the stochastic rounding of bfloat16 states)."""
+        self._rng.manual_seed(seed)
+        return self
+
     def __getstate__(self):
         # pickled with the optimizer (torch.optim's keeps defaults, state and param_groups only)
         return {**super().__getstate__(), "_rng_state": self._rng.get_state()}
@@ -888,10 +895,17 @@ class Shampoo(Optimizer):
 
 
 def _new_rng():
-    """The optimizer's own generator for stochastic rounding, seeded from torch's initial seed (read,
-    not drawn: constructing or stepping never moves the user's random stream, and replicas seeded
-    alike round alike). state_dict() saves it, so a resumed run is bit-identical."""
-    return torch.Generator().manual_seed(torch.initial_seed())
+    """The optimizer's own generator (stochastic rounding), seeded from torch's
+    initial seed (read, not drawn: constructing or stepping never moves the user's random stream)
+    and the number of Shampoos made before it in this process, so two made one after the other
+    draw differently, and a script (or each replica of one) that makes them in the same order draws
+    alike. manual_seed() sets it; state_dict() saves it, so a resumed run is bit-identical."""
+    salt = _MADE[0]
+    _MADE[0] += 1
+    return torch.Generator().manual_seed((torch.initial_seed() + 0x9E3779B97F4A7C15 * salt) % 2**64)
+
+
+_MADE = [0]  # how many optimizers of this class this process has made: each one's generator is salted with its number
 
 
 def _one_element(values):

@@ -146,6 +146,28 @@ class unit_norm(_AxisReduction):
     is_nonnegative = True
 
 
+class _Random(_Opaque):
+    """A fresh random number per element, shaped like p: `randn()` in a spec is randn(p, k) here, p
+    giving the shape and k numbering the spec's draws (0, 1, ...), so two draws are two values to
+    SymPy while one draw read twice (`z = randn()`) is one. Its meaning is no formula of its arguments."""
+
+    nargs = 2
+
+    def _latex(self, printer):
+        return rf"\operatorname{{{type(self).__name__}}}_{{{self.args[1]}}}"
+
+    def _sympystr(self, printer):
+        return f"{type(self).__name__}()" if self.args[1] == 0 else f"{type(self).__name__}(#{self.args[1]})"
+
+
+class randn(_Random):  # standard normal
+    pass
+
+
+class rand(_Random):  # uniform on [0, 1)
+    is_nonnegative = True
+
+
 class mm(_Opaque):  # matrix product of the last two axes; its meaning is not element-wise
     nargs = 2
 
@@ -196,6 +218,7 @@ class Function:
     axis: str = ""        # an axis reduction: the axes it reduces (a shape tag of optdsl.ir)
     matrix: bool = False  # matrix work: its result is not shaped like its arguments
     scalars: int = 0      # matrix work: how many of its last arguments are host scalars (inv_root's k)
+    random: bool = False  # a draw shaped like p from the optimizer's generator: {0} p, {1} the draw's number
 
 
 F = Function
@@ -275,6 +298,14 @@ TABLE: dict[str, Function] = {f.name: f for f in [
     F("eigvecs", 1, eigvecs, "_eigvecs({0})", "1.0", matrix=True),
     F("qr", 1, qr, "_qr({0})", "_sign({0})", matrix=True),
     F("sortperm", 1, sortperm, "_sortperm({0})", "1.0", matrix=True),
+    # ---- random draws shaped like p, from the optimizer's own generator (saved in state_dict()) ----
+    # `randn()` takes no argument in the spec; lowering makes it randn(p, k). Per tensor, a generator
+    # keyed by (the step's seed, the tensor's index, k): the for-loop and multi-tensor paths draw the
+    # same numbers. Fused, a counter-based hash of (seed, tensor, element, k): a stream of its own.
+    F("randn", 0, randn, "_random_like({0}, seed, {2}, {1}, normal=True)", "", random=True,
+      triton="_randn(seed, i, offsets, {1}, C_TYPE)"),
+    F("rand", 0, rand, "_random_like({0}, seed, {2}, {1}, normal=False)", "", random=True,
+      triton="_rand(seed, i, offsets, {1}, C_TYPE)"),
     # ---- `a % b` (and periodic work): Python's modulo, the sign of b, as torch.remainder ----
     F("mod", 2, sp.Mod, "torch.remainder({0}, {1})", "(({0}) % ({1}))",
       triton="({0} - {1} * tl.floor({0} / {1}))"),
@@ -290,7 +321,8 @@ COMPARISONS |= {op: F(name, 2, cls, f"torch.logical_{op}({{0}} != 0, {{1}} != 0)
                       f"float(bool({{0}}) {op} bool({{1}}))", triton=f"tl.where(({{0}} != 0) {sym} ({{1}} != 0), 1.0, 0.0)")
                 for op, name, cls, sym in [("and", "land", land, "&"), ("or", "lor", lor, "|")]}
 OPAQUE_CLASSES = (lerp, where, sigmoid, softplus, bfloat16, lt, le, gt, ge, eq, ne, land, lor, row_mean, col_mean, row_sum, col_sum,
-                  row_max, col_max, unit_mean, unit_norm, mm, T, inv_root, eigvecs, qr, sortperm)
+                  row_max, col_max, unit_mean, unit_norm, mm, T, inv_root, eigvecs, qr, sortperm, randn, rand)
+RANDOM = tuple(f.sympy for f in TABLE.values() if f.random)
 REDUCTIONS = {f.sympy: f for f in TABLE.values() if f.reduction}
 MATRIX_CLASSES = tuple(f.sympy for f in TABLE.values() if f.matrix)  # work the kernels leave to torch
 

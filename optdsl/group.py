@@ -60,6 +60,9 @@ class _GroupLowering:
         if len(e.args) != fn.arity:
             raise SpecError(f"{e.func}() takes {fn.arity} argument{'s' if fn.arity != 1 else ''}, got {len(e.args)}",
                             e.span, hint=f"call it as {e.func}(...)")
+        if fn.random:
+            raise SpecError(f"{e.func}() cannot stand in a group statement: a draw is shaped like p", e.span,
+                            hint="draw in a per-parameter statement, e.g. 'z = randn()'")
         if inside or not (fn.reduction or fn.axis or fn.matrix):
             return ir.Op(e.func, tuple(self.expr(a, inside, init) for a in e.args), e.span)
         if init or e.func not in GROUP_REDUCTIONS:

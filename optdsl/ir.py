@@ -259,7 +259,12 @@ def format_expr(e: Expr, prec: int = 0, names: dict[str, str] | None = None) -> 
     if e.op in _CMP:
         text = f"{sub(e.args[0], 1)} {_CMP[e.op]} {sub(e.args[1], 1)}"
         return f"({text})" if prec > 0 else text
+    if e.op in RANDOM_DRAWS:  # randn(p, k) is the spec's k-th `randn()`
+        return f"{e.op}()"
     return f"{e.op}({', '.join(sub(a) for a in e.args)})"
+
+
+RANDOM_DRAWS = ("randn", "rand")  # optdsl.functions' rows with random=True, as lowering writes them
 
 
 def source_names(prog: Program) -> dict[str, str]:

@@ -147,6 +147,8 @@ class _Lowering:
         self.assigned_later = set(_targets(spec.body))
         self.warnings: list[SpecWarning] = []
         self.unrolling = 0  # how many `repeat` blocks of more than one round enclose the statement
+        self.draws = 0  # randn()/rand() calls lowered so far: each is a draw of its own
+        self.random_where = ""  # where a draw cannot stand (a state's initial value, a mode block): why
         for base in self.version:
             shape = self.declared.get(base, ir.FULL)
             self.kind[ir.ssa_name(base, 0)] = ir.SCALAR if shape == ir.ALL else ir.TENSOR
@@ -215,6 +217,8 @@ class _Lowering:
             plural = "s" if fn.arity != 1 else ""
             raise SpecError(f"{e.func}() takes {fn.arity} argument{plural}, got {len(e.args)}", e.span,
                             hint=f"call it as {e.func}({', '.join('xyz'[:fn.arity]) if fn.arity <= 3 else '...'})")
+        if fn.random:
+            return self.draw(e, allowed)
         op = ir.Op(e.func, tuple(self.expr(a, allowed) for a in e.args), e.span)
         if fn.scalars:  # a matrix function's parameters (inv_root's k): numbers and hyperparameters
             for a, arg in zip(op.args[-fn.scalars:], e.args[-fn.scalars:]):
@@ -231,6 +235,16 @@ class _Lowering:
             raise SpecError(f"{e.func}() of a scalar: matrix work takes two tensors", arg.span or e.span,
                             hint="multiply by a scalar with '*' instead")
         return op
+
+    def draw(self, e: ast.Call, allowed: set[str] | None) -> ir.Expr:
+        """randn()/rand(): one draw shaped like p, numbered so that each call (each round of a
+        `repeat` too) is a draw of its own; a value assigned once and read twice is one draw."""
+        why = "a state's initial value is set before the first step" if allowed is not None else self.random_where
+        if why:
+            raise SpecError(f"{e.func}() cannot stand here: {why}", e.span,
+                            hint="draw in a per-parameter statement of the step, e.g. 'z = randn()'")
+        self.draws += 1
+        return ir.Op(e.func, (ir.Ref(ir.P0, e.span), ir.Const(float(self.draws - 1), e.span)), e.span)
 
     def kind_of(self, e: ir.Expr) -> str:
         if isinstance(e, ir.Const):

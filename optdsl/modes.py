@@ -37,6 +37,7 @@ def lower_modes(spec: ast.Spec, lowering_class, program: ir.Program) -> tuple[ir
     for m in spec.modes:
         block = replace(spec, body=m.body, modes=(), hypers=tuple(h for h in spec.hypers if h.name not in computed))
         lowering = lowering_class(block)
+        lowering.random_where = f"'on {m.name}' runs between steps, with no generator to draw from"
         for item in m.body:
             if isinstance(item, ast.Block):
                 raise SpecError(f"a '{item.kind}' block cannot stand inside 'on {m.name}'", item.span,

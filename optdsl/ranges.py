@@ -404,6 +404,8 @@ RULES: dict[type, Callable[[sp.Expr, Env], Interval]] = {
     fn.eigvecs: lambda e, env: Interval(-1.0, 1.0, True, True),
     fn.qr: lambda e, env: Interval(-1.0, 1.0, True, True),
     fn.sortperm: lambda e, env: Interval(0.0, 1.0, True, True),
+    fn.randn: lambda e, env: Interval.full(),
+    fn.rand: lambda e, env: Interval(0.0, 1.0, True, False),
 }
 
 

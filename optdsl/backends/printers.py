@@ -243,6 +243,11 @@ class TritonPrinter(HostPrinter):
         # tl.where of two literals is float32: sqrt(a > b) would be a float32 sqrt in a float64 kernel
         return f"{text}.to({self.dtype})" if isinstance(e, _COMPARISONS + (sp.sign,)) else text
 
+    def _print_randn(self, e):  # the draw's number is an integer of the hash, not a float
+        return _BY_CLASS[type(e)].triton.format("p", int(e.args[1]))
+
+    _print_rand = _print_randn
+
     def _print_lerp(self, e):
         a, b, w = e.args
         if w.is_number:  # torch.lerp's form for this weight, picked here (see functions.TABLE's row)

@@ -167,6 +167,9 @@ class Emitter:
         row = _BY_CLASS.get(type(e))
         if row is None:
             raise NotImplementedError(f"no PyTorch form for {e.func}")
+        if row.random:  # p gives the shape; the draw's number and the tensor's index `i` key the generator
+            args = [self.operand(e.args[0]), Operand(str(int(e.args[1])), GROUP), Operand("i", PARAM)]
+            return self.apply("call", args, e.args, template=row.tensor, shape=ir.FULL)
         args = [self.operand(a) for a in e.args]
         if row.foreach and len(args) == 1:
             return self.apply(row.foreach, args, e.args, target=target)

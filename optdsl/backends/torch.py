@@ -10,7 +10,7 @@ import jinja2
 import sympy as sp
 
 from .. import escape, ieee, ir, quant, ranks
-from ..functions import COMPARISONS, REDUCTIONS, TABLE
+from ..functions import COMPARISONS, RANDOM, REDUCTIONS, TABLE
 from ..lower import RESERVED
 from ..mathtext import statement_math
 from ..sym import DEVICE, GROUP, PARAM, TENSOR, Plan, meanings
@@ -268,6 +268,7 @@ def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]
         param_compiled=[(str(d.symbol), compiled.doprint(d.expr)) for d in plan.param],
         param_multi=param_multi,
         single_body=single_body,
+        random=any(d.expr.has(*RANDOM) for d in plan.steps) or any(e.has(*RANDOM) for _, e in plan.outputs),
         multi_body=[line for i in instrs for line in multi(i)],
         # compiled, t is a tensor: read where the step count or a scalar of it is used
         single_reads_t=bool(plan.param) or any(re.search(r"\bt\b", line) for line in single_body),
@@ -302,7 +303,7 @@ def _fused_context(rule: dict, plan: Plan, cond: str | None, multi: bool) -> dic
                avail_name=f"_fused_available{suffix}" if multi else "fused_available",
                default_name=f"_fused_by_default{suffix}" if multi else "_fused_by_default",
                unsupported=triton_backend.unsupported(plan), torch_only=False, geometry=False, segments=False, atan=False,
-               matrix=None)
+               matrix=None, random=rule["random"])
     if multi and ctx["unsupported"] and fusion.matrix_work(plan):
         # matrix work the kernels cannot surround: this rule runs torch's code, the other rules fused
         ctx.update(torch_only=True, why_torch=ctx["unsupported"], unsupported="")
@@ -336,6 +337,7 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
         name=prog.name, doc=prog.doc, filename=filename,
         hypers=[h for h in prog.hypers if not h.computed], step_hypers=prog.hypers,
         uses_loss=any(p.program.uses_loss for _, p, _ in rules), rules=contexts,
+        random=any(c["random"] for c in contexts),
         rule_conds=[cond for cond, _, _ in rules] if len(rules) > 1 else [],
         inputs=[s.name for s in prog.states if s.fed],
         bool_names=sorted({s.saved_as for _, p, _ in rules for s in p.program.states if s.shape == "bool"}),

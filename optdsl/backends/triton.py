@@ -95,6 +95,8 @@ def unsupported(plan: Plan) -> str:
             row = _BY_CLASS.get(type(node))
             if row is not None and not row.triton and not row.reduction and not row.axis:
                 return f"{row.name}() has no Triton form yet (not fused yet)"
+    if f.entries and any(d.expr.has(*fn.RANDOM) for d in plan.steps):
+        return "randn()/rand() beside matrix work is not fused yet"
     for node, operand in zip(f.units, f.unit_operands):
         if f.reductions_under(operand) or f.reads_unit(operand):
             return f"{type(node).__name__}() of a value that needs another reduction is not fused yet"
