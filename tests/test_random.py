@@ -279,6 +279,7 @@ def test_the_fused_stream_is_deterministic_and_keyed_by_the_seed():
     ("state d: group\ngroup d = norm(randn())\np -= d * g\n", "cannot stand in a group statement", "3:16"),
     ("state m = randn()\np -= m * g\n", "a state's initial value", "2:11"),
     ("p -= randn(g)\n", "randn() takes 0 arguments, got 1", "2:6"),
+    ("rule rand() > 0.5 {\np -= g\n}\nrule {\np -= 2 * g\n}\n", "a rule's condition", "2:6"),
     ("state z\nz = p\np -= g\non eval {\np = z + rand()\n}\non train {\np = z\n}\n",
      "'on eval' runs between steps", "6:9"),
 ])
