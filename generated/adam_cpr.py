@@ -100,6 +100,15 @@ def _whole(x):
     return x
 
 
+def _round_bfloat16(x):
+    """x rounded to bfloat16, kept in its dtype. A DTensor of partial sums (a matrix product over a
+    split axis) is summed first: DTensor casts each partial sum, and rounded parts do not add up
+    to the rounded whole (Muon's Newton-Schulz 1e-2 off for a row-sharded tall matrix)."""
+    if _is_sharded(x) and any(pl.is_partial() for pl in x.placements):
+        x = x.redistribute(x.device_mesh, [_Replicate() if pl.is_partial() else pl for pl in x.placements])
+    return x.bfloat16().to(x.dtype)
+
+
 def _copy_into(dst, src):
     """dst.copy_(src). A DTensor value with other placements than dst's (matrix work leaves its
     products replicated or split otherwise) is redistributed to dst's first."""
@@ -786,7 +795,6 @@ def _multi_tensor_adamcpr(params, grads, m_list, v_list, lagmul_list, kappa_list
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra import libdevice  # noqa: F401 - atan2 on GPUs
 except ImportError:  # the fused path needs Triton; the other two do not
     triton = None
 
