@@ -243,6 +243,185 @@ class _Shards:
         return whole.redistribute(self.mesh, self.params[i].placements).to_local().contiguous()
 
 
+# ---- low-bit states (state_dtype "int8", "int4"): codes and one float32 scale per block ----
+# A float state of at least _MIN_NUMEL numbers is kept as one uint8 tensor of shape (blocks, width):
+# a row holds one block's codes (int4: two to a byte, the first in the low half) and then the
+# block's scale, its largest |x|, as the 4 bytes of a float32. The width tells the format apart.
+_MIN_NUMEL = 4096
+_LOWBIT = {"int8": (8, 2048), "int4": (4, 128)}  # format: (bits per code, numbers per block)
+_WIDTHS = {2052: "int8", 68: "int4"}  # bytes per row: format
+_STATE_DTYPES = {"int8": ("int8", False), "int4": ("int4", False), "int8_stochastic": ("int8", True), "int4_stochastic": ("int4", True)}  # (format, stochastic)
+# The levels of each code, as fractions of the block's scale: (format, signed) -> sorted levels.
+_LEVELS = {
+    # signed dynamic
+    ("int8", True): (
+        -0.99296874, -0.9789063, -0.96484375, -0.9507812, -0.93671876, -0.92265624, -0.9085938, -0.89453125,
+        -0.8804687, -0.86640626, -0.85234374, -0.8382813, -0.82421875, -0.8101562, -0.79609376, -0.78203124,
+        -0.7679688, -0.75390625, -0.7398437, -0.72578126, -0.71171874, -0.6976563, -0.68359375, -0.6695312,
+        -0.65546876, -0.64140624, -0.6273438, -0.61328125, -0.5992187, -0.58515626, -0.57109374, -0.5570313,
+        -0.54296875, -0.5289062, -0.51484376, -0.50078124, -0.48671877, -0.47265625, -0.45859373, -0.44453126,
+        -0.43046874, -0.41640627, -0.40234375, -0.38828123, -0.37421876, -0.36015624, -0.34609377, -0.33203125,
+        -0.31796873, -0.30390626, -0.28984374, -0.27578127, -0.26171875, -0.24765624, -0.23359375, -0.21953125,
+        -0.20546874, -0.19140625, -0.17734376, -0.16328125, -0.14921875, -0.13515624, -0.12109375, -0.107031256,
+        -0.09859375, -0.09578126, -0.092968754, -0.09015625, -0.08734375, -0.08453125, -0.08171876, -0.07890625,
+        -0.07609375, -0.07328125, -0.070468746, -0.067656256, -0.06484375, -0.062031247, -0.059218753, -0.05640625,
+        -0.053593755, -0.05078125, -0.047968753, -0.04515625, -0.04234375, -0.03953125, -0.036718752, -0.03390625,
+        -0.03109375, -0.028281251, -0.02546875, -0.02265625, -0.019843752, -0.01703125, -0.01421875, -0.01140625,
+        -0.00971875, -0.009156249, -0.00859375, -0.00803125, -0.00746875, -0.00690625, -0.00634375, -0.00578125,
+        -0.0052187503, -0.0046562497, -0.00409375, -0.0035312497, -0.00296875, -0.00240625, -0.00184375, -0.0012812499,
+        -0.0009437501, -0.00083125, -0.00071875006, -0.0006062501, -0.00049375003, -0.00038125002, -0.00026875004, -0.00015625001,
+        -8.875e-05, -6.625e-05, -4.375e-05, -2.1249998e-05, -7.75e-06, -3.2500002e-06, -5.5000004e-07, 0.0,
+        5.5000004e-07, 3.2500002e-06, 7.75e-06, 2.1249998e-05, 4.375e-05, 6.625e-05, 8.875e-05, 0.00015625001,
+        0.00026875004, 0.00038125002, 0.00049375003, 0.0006062501, 0.00071875006, 0.00083125, 0.0009437501, 0.0012812499,
+        0.00184375, 0.00240625, 0.00296875, 0.0035312497, 0.00409375, 0.0046562497, 0.0052187503, 0.00578125,
+        0.00634375, 0.00690625, 0.00746875, 0.00803125, 0.00859375, 0.009156249, 0.00971875, 0.01140625,
+        0.01421875, 0.01703125, 0.019843752, 0.02265625, 0.02546875, 0.028281251, 0.03109375, 0.03390625,
+        0.036718752, 0.03953125, 0.04234375, 0.04515625, 0.047968753, 0.05078125, 0.053593755, 0.05640625,
+        0.059218753, 0.062031247, 0.06484375, 0.067656256, 0.070468746, 0.07328125, 0.07609375, 0.07890625,
+        0.08171876, 0.08453125, 0.08734375, 0.09015625, 0.092968754, 0.09578126, 0.09859375, 0.107031256,
+        0.12109375, 0.13515624, 0.14921875, 0.16328125, 0.17734376, 0.19140625, 0.20546874, 0.21953125,
+        0.23359375, 0.24765624, 0.26171875, 0.27578127, 0.28984374, 0.30390626, 0.31796873, 0.33203125,
+        0.34609377, 0.36015624, 0.37421876, 0.38828123, 0.40234375, 0.41640627, 0.43046874, 0.44453126,
+        0.45859373, 0.47265625, 0.48671877, 0.50078124, 0.51484376, 0.5289062, 0.54296875, 0.5570313,
+        0.57109374, 0.58515626, 0.5992187, 0.61328125, 0.6273438, 0.64140624, 0.65546876, 0.6695312,
+        0.68359375, 0.6976563, 0.71171874, 0.72578126, 0.7398437, 0.75390625, 0.7679688, 0.78203124,
+        0.79609376, 0.8101562, 0.82421875, 0.8382813, 0.85234374, 0.86640626, 0.8804687, 0.89453125,
+        0.9085938, 0.92265624, 0.93671876, 0.9507812, 0.96484375, 0.9789063, 0.99296874, 1.0,
+    ),
+    # unsigned dynamic
+    ("int8", False): (
+        0.0, 3.2500003e-07, 7.75e-07, 2.1249998e-06, 4.3749997e-06, 6.625e-06, 8.874999e-06, 1.5624999e-05,
+        2.6875001e-05, 3.8125e-05, 4.9374998e-05, 6.0625003e-05, 7.1875e-05, 8.312499e-05, 9.4375e-05, 0.000128125,
+        0.000184375, 0.00024062501, 0.00029687502, 0.00035312498, 0.00040937503, 0.00046562502, 0.00052187504, 0.000578125,
+        0.000634375, 0.00069062505, 0.000746875, 0.0008031251, 0.00085937505, 0.000915625, 0.00097187504, 0.001140625,
+        0.001421875, 0.001703125, 0.001984375, 0.002265625, 0.0025468748, 0.002828125, 0.0031093748, 0.0033906251,
+        0.003671875, 0.003953125, 0.004234375, 0.004515625, 0.004796875, 0.005078125, 0.0053593754, 0.0056406246,
+        0.005921875, 0.0062031243, 0.006484375, 0.0067656254, 0.0070468746, 0.007328125, 0.0076093744, 0.007890625,
+        0.008171875, 0.008453124, 0.008734375, 0.009015624, 0.0092968745, 0.009578126, 0.009859375, 0.010703126,
+        0.012109376, 0.013515624, 0.014921876, 0.016328124, 0.017734377, 0.019140625, 0.020546874, 0.021953126,
+        0.023359375, 0.024765624, 0.026171876, 0.027578129, 0.028984373, 0.030390626, 0.031796873, 0.033203125,
+        0.034609377, 0.036015626, 0.03742188, 0.038828123, 0.040234376, 0.041640628, 0.043046873, 0.044453125,
+        0.045859374, 0.047265626, 0.04867188, 0.050078124, 0.051484376, 0.052890625, 0.054296877, 0.05570313,
+        0.057109375, 0.058515627, 0.059921872, 0.061328124, 0.06273438, 0.064140625, 0.06554688, 0.06695312,
+        0.068359375, 0.06976563, 0.07117187, 0.072578125, 0.07398438, 0.07539063, 0.07679688, 0.07820313,
+        0.07960938, 0.081015624, 0.08242188, 0.08382813, 0.085234374, 0.086640626, 0.08804687, 0.08945312,
+        0.090859376, 0.09226563, 0.09367188, 0.095078126, 0.09648438, 0.09789063, 0.099296875, 0.103515625,
+        0.11054687, 0.11757813, 0.12460937, 0.13164061, 0.13867188, 0.14570314, 0.15273437, 0.15976563,
+        0.16679686, 0.17382812, 0.18085939, 0.18789062, 0.19492188, 0.20195311, 0.20898438, 0.21601564,
+        0.22304687, 0.23007813, 0.23710936, 0.24414062, 0.2511719, 0.25820312, 0.26523438, 0.2722656,
+        0.27929688, 0.28632814, 0.29335937, 0.30039063, 0.30742186, 0.31445312, 0.3214844, 0.32851562,
+        0.33554688, 0.3425781, 0.34960938, 0.35664064, 0.36367187, 0.37070313, 0.37773436, 0.38476562,
+        0.3917969, 0.39882812, 0.40585938, 0.4128906, 0.41992188, 0.42695314, 0.43398437, 0.44101563,
+        0.44804686, 0.45507812, 0.4621094, 0.46914062, 0.47617188, 0.4832031, 0.49023438, 0.49726564,
+        0.5042969, 0.5113281, 0.5183594, 0.5253906, 0.5324218, 0.53945315, 0.54648435, 0.5535157,
+        0.5605469, 0.5675781, 0.5746094, 0.5816406, 0.5886719, 0.5957031, 0.6027343, 0.60976565,
+        0.61679685, 0.6238282, 0.6308594, 0.6378906, 0.6449219, 0.6519531, 0.6589844, 0.6660156,
+        0.6730468, 0.68007815, 0.68710935, 0.6941407, 0.7011719, 0.7082031, 0.7152344, 0.7222656,
+        0.7292969, 0.7363281, 0.7433593, 0.75039065, 0.75742185, 0.7644532, 0.7714844, 0.7785156,
+        0.7855469, 0.7925781, 0.7996094, 0.8066406, 0.8136718, 0.82070315, 0.82773435, 0.8347657,
+        0.8417969, 0.8488281, 0.8558594, 0.8628906, 0.8699219, 0.8769531, 0.8839843, 0.89101565,
+        0.89804685, 0.9050782, 0.9121094, 0.9191406, 0.9261719, 0.9332031, 0.9402344, 0.9472656,
+        0.9542968, 0.96132815, 0.96835935, 0.9753907, 0.9824219, 0.9894531, 0.9964844, 1.0,
+    ),
+    # signed dynamic
+    ("int4", True): (
+        -0.8875, -0.6625, -0.4375, -0.21249999, -0.0775, -0.032500003, -0.0055, 0.0,
+        0.0055, 0.032500003, 0.0775, 0.21249999, 0.4375, 0.6625, 0.8875, 1.0,
+    ),
+    # unsigned linear (no zero)
+    ("int4", False): (
+        0.0625, 0.125, 0.1875, 0.25, 0.3125, 0.375, 0.4375, 0.5,
+        0.5625, 0.625, 0.6875, 0.75, 0.8125, 0.875, 0.9375, 1.0,
+    ),
+}
+_LEVEL_TENSORS = {}  # (format, signed, device) -> (levels, midpoints between neighbours)
+
+
+def _levels(fmt, signed, device):
+    key = (fmt, signed, device)
+    if key not in _LEVEL_TENSORS:
+        levels = torch.tensor(_LEVELS[(fmt, signed)], dtype=torch.float32, device=device)
+        _LEVEL_TENSORS[key] = (levels, (levels[1:] + levels[:-1]) / 2)
+    return _LEVEL_TENSORS[key]
+
+
+def _lowbit_format(state_dtype):
+    """The low-bit format ("int8", "int4") a group's state_dtype asks for, else None."""
+    return _STATE_DTYPES[state_dtype][0] if isinstance(state_dtype, str) else None
+
+
+def _stochastic(state_dtype):
+    """Whether a group's low-bit states are requantised stochastically (else to the nearest level)."""
+    return isinstance(state_dtype, str) and _STATE_DTYPES[state_dtype][1]
+
+
+def _quantised(x, fmt, signed, generator=None, stochastic=False):
+    """`x` as stored in format `fmt` (None: x itself): a uint8 tensor of rows of codes and scale.
+    Nearest level by default; `stochastic` rounds up with probability (x - below) / (above - below)
+    (unbiased), drawing from `generator` (a key per write, expanded on x's device)."""
+    if fmt is None or x.numel() < _MIN_NUMEL:
+        return x
+    if _is_sharded(x):
+        raise NotImplementedError("int8/int4 states of sharded (DTensor) parameters are not supported yet; "
+                                  "use state_dtype=None or torch.bfloat16 with FSDP2 and tensor parallel")
+    bits, block = _LOWBIT[fmt]
+    flat = x.detach().reshape(-1).float()
+    pad = -flat.numel() % block
+    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, block)
+    scale = blocks.abs().amax(dim=1, keepdim=True)
+    normed = blocks / torch.where(scale > 0, scale, 1.0)
+    levels, mids = _levels(fmt, signed, x.device)
+    if not stochastic:
+        codes = torch.searchsorted(mids, normed.contiguous())
+    else:
+        clamped = normed.clamp(levels[0], levels[-1]).contiguous()
+        below = (torch.searchsorted(levels, clamped, right=True) - 1).clamp(0, levels.numel() - 2)
+        lo, hi = levels[below], levels[below + 1]
+        if generator is None:
+            draw = torch.rand_like(clamped)
+        else:
+            key = int(torch.randint(0, 2**62, (), generator=generator))
+            local = torch.Generator(device=x.device).manual_seed(key)
+            draw = torch.rand(clamped.shape, generator=local, device=x.device)
+        codes = below + (draw * (hi - lo) < clamped - lo)
+    codes = codes.to(torch.uint8)
+    if bits == 4:
+        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return torch.cat([codes, scale.view(torch.uint8)], dim=1)
+
+
+def _dequantised(stored, signed, shape, dtype):
+    """The numbers a uint8 state holds, shaped `shape`, in `dtype`."""
+    fmt = _WIDTHS[stored.shape[1]]
+    bits, block = _LOWBIT[fmt]
+    codes, scale = stored[:, :-4], stored[:, -4:].contiguous().view(torch.float32)
+    if bits == 4:
+        codes = torch.stack([codes & 15, codes >> 4], dim=2).view(codes.shape[0], block)
+    levels, _ = _levels(fmt, signed, stored.device)
+    values = levels[codes.long()] * scale
+    return values.view(-1)[:math.prod(shape)].view(shape).to(dtype)
+
+
+def _read_state(stored, p, signed, shape):
+    """A float state as the update computes with it: in p's precision, low-bit codes dequantised."""
+    if stored.dtype == torch.uint8:
+        return _dequantised(stored, signed, shape, p.dtype)
+    return stored.to(p.dtype)
+
+
+def _write_state(stored, value, signed, generator=None, stochastic=False):
+    """Write the updated `value` back into the state `stored`: requantised (low bit), rounded
+    stochastically (bfloat16), or copied; nothing when the update worked on `stored` itself."""
+    if value is stored:
+        return
+    if stored.dtype == torch.uint8:
+        stored.copy_(_quantised(value, _WIDTHS[stored.shape[1]], signed, generator, stochastic))
+    elif stored.dtype == torch.bfloat16:
+        _store_rounded(stored, value, generator)
+    else:
+        stored.copy_(value)
+
+
 def _pow(x, y):
     try:
         r = x ** y
@@ -290,10 +469,15 @@ class AdamCPR(Optimizer):
             ``None`` picks it as torch.optim does: on CUDA, not on CPU.
         fused (bool, optional): use the fused Triton kernel, one launch per device and dtype.
             ``None`` picks it for CUDA parameters when Triton is installed.
-        state_dtype (torch.dtype, optional): ``torch.bfloat16`` stores the states in bfloat16
+        state_dtype (torch.dtype or str, optional): ``torch.bfloat16`` stores the states in bfloat16
             (half the memory); each step computes in the parameter's precision (float32 at
             least) and writes them back with stochastic rounding. ``None``: the parameter's
-            dtype, float32 for lower ones. All three paths support it.
+            dtype, float32 for lower ones. All three paths support it. ``"int8"``, ``"int4"``
+            store each float state of 4096 numbers or more as codes plus one float32 scale per
+            block (2048 and 128 numbers), the code chosen from the state's proven range
+            (unsigned where it is never negative); each step dequantises, updates in float32 and
+            requantises to the nearest level (``"int8_stochastic"``, ``"int4_stochastic"``: stochastically,
+            from the optimizer's own generator). The for-loop and foreach paths support them.
         maximize (bool, optional): accepted for torch.optim's sake; only False.
         capturable (bool, optional): accepted for torch.optim's sake; only False.
         differentiable (bool, optional): accepted for torch.optim's sake; only False.
@@ -318,7 +502,7 @@ class AdamCPR(Optimizer):
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
         maximize: bool = False,
         capturable: bool = False,
         differentiable: bool = False,
@@ -328,8 +512,12 @@ class AdamCPR(Optimizer):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together (fused=True and foreach=True)")
         if fused and differentiable:
             raise RuntimeError("`fused` does not support `differentiable`")
-        if state_dtype not in (None, torch.bfloat16):
-            raise ValueError(f"Invalid state_dtype: {state_dtype} (None or torch.bfloat16)")
+        if not (state_dtype in (None, torch.bfloat16) or isinstance(state_dtype, str) and state_dtype in _STATE_DTYPES):
+            raise ValueError(f"Invalid state_dtype: {state_dtype!r} (None, torch.bfloat16, "
+                             "'int8', 'int4', 'int8_stochastic', 'int4_stochastic')")
+        if fused and _lowbit_format(state_dtype):
+            raise RuntimeError(f"AdamCPR(fused=True) cannot run: the fused kernels do not take state_dtype="
+                               f"{state_dtype!r} yet (int8/int4 states run on the for-loop and foreach paths)")
         unknown = sorted(set(spec_names) - set(self._ALIASES))
         if unknown:
             raise TypeError(f"AdamCPR() got an unexpected keyword argument {unknown[0]!r}; it accepts "
@@ -462,6 +650,13 @@ class AdamCPR(Optimizer):
                             raise ValueError(f"{where}: parameter {i}'s step is {value!r}, not a number")
                         continue
                     shape = expected[key]
+                    if torch.is_tensor(value) and value.dtype == torch.uint8 and shape is not None:
+                        # low-bit codes and scales: rows of one block each, as many as the state needs
+                        fmt = _WIDTHS.get(value.shape[-1]) if value.dim() == 2 else None
+                        if fmt is None or math.prod(shape) < _MIN_NUMEL or value.shape[0] != -(-math.prod(shape) // _LOWBIT[fmt][1]):
+                            raise ValueError(f"{where}: state {key!r} of parameter {i} is uint8 of shape {tuple(value.shape)}, "
+                                             f"not the int8/int4 codes of a state of shape {tuple(shape)}")
+                        continue
                     if not torch.is_tensor(value) or not (value.is_floating_point() or value.dtype == torch.bool):
                         what = value.dtype if torch.is_tensor(value) else type(value).__name__
                         raise ValueError(f"{where}: state {key!r} of parameter {i} is {what}, not a real "
@@ -486,8 +681,8 @@ class AdamCPR(Optimizer):
             state_dict.get("param_groups"), list) and all(isinstance(g, dict) for g in state_dict["param_groups"]) else state_dict
         self._check_loadable(state_dict)
         # torch.optim casts every state to its parameter's dtype; states of lower-precision
-        # parameters are float32 here, and bfloat16 with state_dtype, so they are restored
-        # from the saved values in that dtype.
+        # parameters are float32 here, bfloat16 with state_dtype, and low-bit codes uint8, so
+        # they are restored from the saved values in that dtype.
         super().load_state_dict(state_dict)
         if state_dict.get("rng_state") is not None:
             self._rng.set_state(state_dict["rng_state"])
@@ -495,10 +690,14 @@ class AdamCPR(Optimizer):
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             for i, p in zip(saved_group["params"], group["params"]):
                 dtype = _state_dtype(group, p)
-                if dtype == p.dtype or not p.is_floating_point() or i not in saved:
+                if not p.is_floating_point() or i not in saved:
                     continue
                 for key, value in saved[i].items():
-                    if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                    if key == "step" or not torch.is_tensor(value):
+                        continue
+                    if value.dtype == torch.uint8:  # low-bit codes and scales, byte for byte
+                        self.state[p][key] = value.to(device=p.device, copy=True)
+                    elif dtype != p.dtype and value.is_floating_point():
                         self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
         for group in self.param_groups:  # the fused kernel reads `step` on the parameter's device
             for p in group["params"]:
@@ -508,8 +707,8 @@ class AdamCPR(Optimizer):
 
     @staticmethod
     def _fused_for(group, p) -> bool:
-        if group["fused"] is None:
-            return group["foreach"] is None and _fused_by_default([p])
+        if group["fused"] is None:  # low-bit states: the torch paths (the kernels do not take them)
+            return group["foreach"] is None and not _lowbit_format(group["state_dtype"]) and _fused_by_default([p])
         return bool(group["fused"])
 
     def _init_group(self, group, params, grads, m_list, v_list, lagmul_list, kappa_list, state_steps):
@@ -536,12 +735,16 @@ class AdamCPR(Optimizer):
                                                  device=p.device if self._fused_for(group, p) else "cpu")
                 if state.get("exp_avg") is None:
                     state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+                    state["exp_avg"] = _quantised(state["exp_avg"], _lowbit_format(group["state_dtype"]), True)
                 if state.get("exp_avg_sq") is None:
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = _quantised(state["exp_avg_sq"], _lowbit_format(group["state_dtype"]), False)
                 if state.get("lagmul") is None:
                     state["lagmul"] = _new_zeros(p, (), _state_dtype(group, p))
+                    state["lagmul"] = _quantised(state["lagmul"], _lowbit_format(group["state_dtype"]), False)
                 if state.get("kappa") is None:
                     state["kappa"] = _new_zeros(p, (), _state_dtype(group, p))
+                    state["kappa"] = _quantised(state["kappa"], _lowbit_format(group["state_dtype"]), False)
         params += with_grad
         grads += new_grads
         m_list += [state["exp_avg"] for state in states]
@@ -573,7 +776,8 @@ class AdamCPR(Optimizer):
                 warm_start=group["kappa_init_param"],
                 mu=group["kappa_update"],
                 foreach=group["foreach"],
-                fused=group["fused"],
+                fused=False if _lowbit_format(group["state_dtype"]) else group["fused"],
+                stochastic=_stochastic(group["state_dtype"]),
                 grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
                 found_inf=getattr(self, "found_inf", None),
                 generator=None if torch.compiler.is_compiling() else self._rng,
@@ -609,6 +813,8 @@ def _state_dtype(group, p):
     """States in the parameter's dtype; float32 for lower-precision parameters; or state_dtype."""
     if p.is_complex():  # kept complex, as torch.optim does, and stepped through their real view
         return p.dtype
+    if isinstance(group["state_dtype"], str):  # low bit: made in float32 (or float64), then quantised
+        return p.dtype if p.dtype in _EXACT else torch.float32
     return group["state_dtype"] or (p.dtype if p.dtype in _EXACT else torch.float32)
 
 
@@ -633,10 +839,10 @@ def _torch_names(values, defaults, aliases):
 
 
 def adamcpr(params, grads, m_list, v_list, lagmul_list, kappa_list, state_steps, *, foreach=None, fused=None,
-            grad_scale=None, found_inf=None, generator=None, **hypers):
+            grad_scale=None, found_inf=None, generator=None, stochastic=False, **hypers):
     """Functional AdamCPR: update `params` and the state lists in place. `grad_scale` and
     `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
-    skips the step."""
+    skips the step. `stochastic`: low-bit states are requantised stochastically, not to the nearest level."""
     amp = grad_scale is not None or found_inf is not None
     if amp and (not fused or torch.compiler.is_compiling()):
         raise RuntimeError("AdamCPR: grad_scale and found_inf are taken by the fused path only (fused=True, eager)")
@@ -652,29 +858,29 @@ def adamcpr(params, grads, m_list, v_list, lagmul_list, kappa_list, state_steps,
         if why:
             raise RuntimeError(f"AdamCPR(fused=True) cannot run: {why}")
     if fused:
-        impl = _fused_adamcpr
-        if amp:
-            return impl(params, grads, m_list, v_list, lagmul_list, kappa_list, state_steps,
+        if any(x.dtype == torch.uint8 for xs in (m_list, v_list, lagmul_list, kappa_list, ) for x in xs):
+            raise RuntimeError("AdamCPR(fused=True) cannot run: the fused kernels do not take int8/int4 states yet")
+        return _fused_adamcpr(params, grads, m_list, v_list, lagmul_list, kappa_list, state_steps,
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, **hypers)
-    else:
-        if foreach is None:  # a pass over every parameter: only when it decides something
-            _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-        impl = _multi_tensor_adamcpr if foreach else _single_tensor_adamcpr
-    impl(params, grads, m_list, v_list, lagmul_list, kappa_list, state_steps, generator=generator, **hypers)
+    if foreach is None:  # a pass over every parameter: only when it decides something
+        _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+    impl = _multi_tensor_adamcpr if foreach else _single_tensor_adamcpr
+    impl(params, grads, m_list, v_list, lagmul_list, kappa_list, state_steps, generator=generator,
+         stochastic=stochastic, **hypers)
 
 
-def _single_tensor_adamcpr(params, grads, m_list, v_list, lagmul_list, kappa_list, state_steps, *, lr, b1, b2, eps, warm_start, mu,                            generator=None):
+def _single_tensor_adamcpr(params, grads, m_list, v_list, lagmul_list, kappa_list, state_steps, *, lr, b1, b2, eps, warm_start, mu,                            generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - b2
     k1 = 1 - b1
     for i, param in enumerate(params):
         p = param if param.dtype in _EXACT else param.float()
         g = grads[i].to(p.dtype)
-        # States stored in bfloat16 (state_dtype) are updated in p's precision, written back below.
-        m = m_list[i].to(p.dtype)
-        v = v_list[i].to(p.dtype)
-        lagmul = lagmul_list[i].to(p.dtype)
-        kappa = kappa_list[i].to(p.dtype)
+        # States stored in bfloat16 or low bit (state_dtype) are updated in p's precision, written back below.
+        m = _read_state(m_list[i], p, True, p.shape)
+        v = _read_state(v_list[i], p, False, p.shape)
+        lagmul = _read_state(lagmul_list[i], p, False, ())
+        kappa = _read_state(kappa_list[i], p, False, ())
         step_t = state_steps[i]
         step_t += 1
         numel = p.numel()
@@ -713,17 +919,13 @@ def _single_tensor_adamcpr(params, grads, m_list, v_list, lagmul_list, kappa_lis
         _copy_into(kappa, d2)
         if p is not param:
             param.copy_(p)
-        if m is not m_list[i]:
-            _store_rounded(m_list[i], m, generator)
-        if v is not v_list[i]:
-            _store_rounded(v_list[i], v, generator)
-        if lagmul is not lagmul_list[i]:
-            _store_rounded(lagmul_list[i], lagmul, generator)
-        if kappa is not kappa_list[i]:
-            _store_rounded(kappa_list[i], kappa, generator)
+        _write_state(m_list[i], m, True, generator, stochastic)
+        _write_state(v_list[i], v, False, generator, stochastic)
+        _write_state(lagmul_list[i], lagmul, False, generator, stochastic)
+        _write_state(kappa_list[i], kappa, False, generator, stochastic)
 
 
-def _multi_tensor_adamcpr(params, grads, m_list, v_list, lagmul_list, kappa_list, state_steps, *, lr, b1, b2, eps, warm_start, mu,                           generator=None):
+def _multi_tensor_adamcpr(params, grads, m_list, v_list, lagmul_list, kappa_list, state_steps, *, lr, b1, b2, eps, warm_start, mu,                           generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
@@ -741,10 +943,10 @@ def _multi_tensor_adamcpr(params, grads, m_list, v_list, lagmul_list, kappa_list
         exact = device_params[0].dtype in _EXACT
         p = device_params if exact else [x.float() for x in device_params]
         g = device_grads if exact else [x.float() for x in device_grads]
-        m = device_m if device_m[0].dtype == p[0].dtype else [x.to(p[0].dtype) for x in device_m]
-        v = device_v if device_v[0].dtype == p[0].dtype else [x.to(p[0].dtype) for x in device_v]
-        lagmul = device_lagmul if device_lagmul[0].dtype == p[0].dtype else [x.to(p[0].dtype) for x in device_lagmul]
-        kappa = device_kappa if device_kappa[0].dtype == p[0].dtype else [x.to(p[0].dtype) for x in device_kappa]
+        m = device_m if all(x_.dtype == p[0].dtype for x_ in device_m) else [_read_state(x_, y_, True, y_.shape) for x_, y_ in zip(device_m, p)]
+        v = device_v if all(x_.dtype == p[0].dtype for x_ in device_v) else [_read_state(x_, y_, False, y_.shape) for x_, y_ in zip(device_v, p)]
+        lagmul = device_lagmul if all(x_.dtype == p[0].dtype for x_ in device_lagmul) else [_read_state(x_, y_, False, ()) for x_, y_ in zip(device_lagmul, p)]
+        kappa = device_kappa if all(x_.dtype == p[0].dtype for x_ in device_kappa) else [_read_state(x_, y_, False, ()) for x_, y_ in zip(device_kappa, p)]
         if device_steps[0].is_cpu:  # one wrapped scalar, not one per tensor (as torch.optim does)
             torch._foreach_add_(device_steps, torch.tensor(1.0), alpha=1.0)
         else:
@@ -779,16 +981,16 @@ def _multi_tensor_adamcpr(params, grads, m_list, v_list, lagmul_list, kappa_list
             _foreach_copy_(device_params, p)
         if m is not device_m:
             for stored, value in zip(device_m, m):
-                _store_rounded(stored, value, generator)
+                _write_state(stored, value, True, generator, stochastic)
         if v is not device_v:
             for stored, value in zip(device_v, v):
-                _store_rounded(stored, value, generator)
+                _write_state(stored, value, False, generator, stochastic)
         if lagmul is not device_lagmul:
             for stored, value in zip(device_lagmul, lagmul):
-                _store_rounded(stored, value, generator)
+                _write_state(stored, value, False, generator, stochastic)
         if kappa is not device_kappa:
             for stored, value in zip(device_kappa, kappa):
-                _store_rounded(stored, value, generator)
+                _write_state(stored, value, False, generator, stochastic)
 
 
 # ---- fused Triton path: one kernel launch per (device, dtype) group and stage ----
