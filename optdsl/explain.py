@@ -20,7 +20,7 @@ from .errors import SpecWarning
 from .pipeline import Compiled
 from .ranges import Interval, bound
 from .rewrite import scalar_env
-from .mathtext import fold_repeats, statement_math
+from .mathtext import fold_repeats, group_math, mode_math, statement_math
 from .sym import DEVICE, TENSOR, has_matrix_work, meanings, to_sympy
 
 FLOAT32 = 4
@@ -50,6 +50,8 @@ class Explanation:
     doc: str
     sections: tuple[Section, ...]  # one per rule, in the spec's order
     risks: tuple[SpecWarning, ...]
+    group: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # the group statements: Unicode, LaTeX
+    modes: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = ()  # (eval/train, Unicode, LaTeX)
 
     # a spec of one rule (most specs): its math and properties directly
     rule = property(lambda self: self.sections[0].rule)
@@ -346,13 +348,25 @@ def explain(compiled: Compiled) -> Explanation:
     sections = tuple(_section(prog, plan, f"parameters with {shown}" if shown is not None else
                               "every other parameter" if i == last and i else None)
                      for i, (_, prog, plan, shown) in enumerate(rules))
-    return Explanation(compiled.program.name, compiled.program.doc, sections, compiled.warnings)
+    prog = compiled.program
+    group = (tuple(group_math(prog, False)), tuple(group_math(prog, True)))
+    modes = tuple((name, tuple(text), tuple(tex)) for (name, text), (_, tex) in
+                  zip(mode_math(prog, False), mode_math(prog, True)))
+    return Explanation(prog.name, prog.doc, sections, compiled.warnings, group, modes)
 
 
 def report(x: Explanation, latex: bool = False) -> str:
     """The text `optdsl explain` prints."""
     lines = [f"{x.name}" + (f" — {x.doc}" if x.doc else "")]
     width = max(len(p.name) for p in x.properties)
+
+    def block(title: str, text: tuple[str, ...], tex: tuple[str, ...]) -> list[str]:
+        if latex:
+            return ["", title, "\\begin{aligned}"] + [f"  {line} \\\\" for line in tex] + ["\\end{aligned}"]
+        return ["", title] + [f"  {line}" for line in text]
+    if x.group[0]:
+        lines += block("Group values (once per group and step, before any parameter; a reduction runs over "
+                       "the whole group):", *x.group)
     for section in x.sections:
         lines.append("")
         if section.condition:
@@ -368,6 +382,8 @@ def report(x: Explanation, latex: bool = False) -> str:
         lines += ["", "Properties:"]
         lines += [f"  {p.name:<{width}}  {p.value}  [{p.how}]" for p in section.properties]
         lines += [f"  ({section.skipped})"] if section.skipped else []
+    for name, text, tex in x.modes:
+        lines += block(f"{name}() (the 'on {name}' block, for each parameter that has taken a step):", text, tex)
     lines += ["", "Domain risks:" if x.risks else "Domain risks: none found"]
     lines += ["  " + line for w in x.risks for line in str(w).splitlines()]
     return "\n".join(lines)

@@ -31,6 +31,48 @@ def statement_math(prog: ir.Program, latex: bool) -> list[str]:
     return lines
 
 
+def _inline(e: ir.Expr, values: dict[str, ir.Expr]) -> ir.Expr:
+    """e with each reference to a name of `values` replaced by its expression."""
+    if isinstance(e, ir.Ref) and e.name in values:
+        return values[e.name]
+    if isinstance(e, ir.Op):
+        return ir.Op(e.op, tuple(_inline(a, values) for a in e.args), e.span)
+    return e
+
+
+def _lines(eqns, names: dict[str, str], latex: bool, inline: dict[str, ir.Expr] | None = None) -> list[str]:
+    """One line `target ← value` per equation, names without SSA versions; `names` grows as it goes."""
+    lines = []
+    for eq in eqns:
+        expr = _inline(eq.expr, inline or {})
+        if latex:
+            env = {n: sp.Symbol(names.get(n, n)) for n in ir.refs(expr)}
+            with sp.evaluate(False):
+                shown = sp.latex(to_sympy(expr, env), order="none", mul_symbol="dot")
+            lines.append(f"{sp.latex(sp.Symbol(eq.target))} &\\leftarrow {shown}")
+        else:
+            lines.append(f"{eq.target} ← {_unicode(ir.format_expr(expr, names=names))}")
+        names[eq.out] = eq.target
+    return lines
+
+
+def group_math(prog: ir.Program, latex: bool) -> list[str]:
+    """The group statements as mathematics, each reduction over the group written where it is read."""
+    phase = prog.group
+    if phase is None:
+        return []
+    names = ir.source_names(prog) | {f"{s.name}.0": s.name for s in phase.states}  # a group state's old value
+    reductions = {step.out: ir.Op(step.func, (step.arg,), step.span) for step in phase.steps
+                  if isinstance(step, ir.GroupReduce)}
+    eqns = [step for step in phase.steps if not isinstance(step, ir.GroupReduce)]
+    return _lines(eqns, names, latex, reductions)
+
+
+def mode_math(prog: ir.Program, latex: bool) -> list[tuple[str, list[str]]]:
+    """(mode name, its statements as mathematics) for each `on eval`/`on train` block."""
+    return [(m.name, _lines(m.eqns, dict(ir.source_names(prog)), latex)) for m in prog.modes]
+
+
 _SUPERSCRIPT = str.maketrans("0123456789-t", "⁰¹²³⁴⁵⁶⁷⁸⁹⁻ᵗ")
 
 

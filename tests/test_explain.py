@@ -146,3 +146,19 @@ def test_cli_explains_a_shipped_name_with_rules(capsys):
     assert main(["explain", "muon"]) == 0
     out = capsys.readouterr().out
     assert "Rule for parameters with ndim == 2 and use_muon:" in out and "repeat 5 times:" in out
+
+
+def test_explain_prints_group_statements_and_mode_blocks():
+    """Issue 16: the group statements (a reduction written where it is read) before the update rule,
+    each mode block after it, in Unicode and in LaTeX."""
+    root = Path(__file__).resolve().parent.parent / "specs"
+    sf = explain(compile_source((root / "schedule_free_adamw.opt").read_text(), "sf.opt"))
+    text = report(sf)
+    assert "Group values" in text and "  k ← k + 1\n" in text and "  bc2 ← 1 - b2^k\n" in text
+    assert text.index("Group values") < text.index("Update rule") < text.index("\neval() (") < text.index("\ntrain() (")
+    assert "  p ← lerp(p, z, 1 - 1 / b1)\n" in text and "  p ← lerp(p, z, 1 - b1)\n" in text
+    assert r"\operatorname{lerp}{\left(p,z,1 - b_{1} \right)}" in report(sf, latex=True)
+    prodigy = report(explain(compile_source((root / "prodigy.opt").read_text(), "p.opt")))
+    assert "d_numerator ← b3·d_numerator + d / d0·dlr·sum(g·(x0 - p))" in prodigy
+    adamw = report(explain(compile_source((root / "adamw.opt").read_text(), "a.opt")))
+    assert "Group values" not in adamw and "eval()" not in adamw
