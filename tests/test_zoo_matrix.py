@@ -329,3 +329,24 @@ def test_roots_and_bases_are_computed_on_their_steps_only(foreach, monkeypatch):
             else:  # the bases by eigh at t = 1, refreshed where (t - 1) % 3 == 0 after
                 want = {"eigh": 4, "qr": 0} if t == 1 else per_refresh if (t - 1) % 3 == 0 else {"eigh": 0, "qr": 0}
                 assert done == want, (t, done)
+
+
+def test_info_counts_matrix_states():
+    """optdsl info: a gram_rows state of a 768 x 3072 matrix holds 768^2 numbers, a gram_cols one 3072^2."""
+    from optdsl import info, pipeline
+    compiled = pipeline.compile_source((SPECS / "shampoo.opt").read_text(), "shampoo.opt")
+    m = info.memory(compiled, (768, 3072))
+    assert dict((k, n) for k, _, n in m.states) == {
+        "pre_cond_0": 768**2, "pre_cond_1": 3072**2, "inv_pre_cond_0": 768**2, "inv_pre_cond_1": 3072**2,
+        "momentum_buffer": 768 * 3072}
+    assert "gram_cols" in info.report(compiled, (768, 3072))
+
+
+@pytest.mark.parametrize("name, line", [("shampoo", "Ri ← where(mod(t, k) == 0, inv_root(R, 4), Ri)"),
+                                        ("soap", "QL ← where(t == 1, eigvecs(GL), where(refresh, qr(mm(AL, PL)), QL))")])
+def test_explain_prints_the_math(name, line):
+    """optdsl explain prints each rule's statements; the element-wise analyses say why they skip the matrix rule."""
+    from optdsl import explain, pipeline
+    out = explain.report(explain.explain(pipeline.compile_source((SPECS / f"{name}.opt").read_text(), f"{name}.opt")))
+    assert line in out
+    assert "this rule does matrix work (mm, T, linear algebra)" in out
