@@ -35,13 +35,22 @@ def _widen(old: Interval, new: Interval) -> Interval:
 
 
 class _Ranges:
-    def __init__(self, prog: ir.Program):
+    def __init__(self, prog: ir.Program, group: dict[str, Interval] | None = None):
         self.prog = prog
         self.symbols = {name: sp.Symbol(name) for name in
                         [h.name for h in prog.hypers] + ["t", "loss", ir.P0, ir.G0, *ir.SHAPE_BUILTINS]
                         + [e.out for e in prog.eqns] + list(prog.inputs) + [ir.EYE]}
         self.env: dict[sp.Symbol, Interval] = {self.symbols[h.name]: _hyper_interval(h) for h in prog.hypers}
-        self.env.update({self.symbols[n]: iv for n, iv in _group_intervals(prog).items()})
+        if group is None:
+            group = _group_intervals(prog)
+            if prog.group is not None and prog.group.reads:
+                # the states a group reduction reads, by their ranges proven with every group value
+                # unbounded (sound whatever the group values are): Adam's v >= 0 in mean(v)
+                free = _Ranges(prog, {n: _FULL for n in group})
+                free.prove_states()
+                group = _group_intervals(prog, {ir.ssa_name(s, 0): free.env[free.symbols[ir.ssa_name(s, 0)]]
+                                                for s in prog.group.reads})
+        self.env.update({self.symbols[n]: iv for n, iv in group.items()})
         self.env[self.symbols["t"]] = Interval(1.0, float("inf"), True, False)
         for name in ir.SHAPE_BUILTINS:  # ndim >= 0; numel, nrows, ncols >= 1
             self.env[self.symbols[name]] = Interval(0.0 if name == "ndim" else 1.0, float("inf"), True, False)
@@ -152,9 +161,10 @@ def _inherited_guards(prog: ir.Program) -> dict[str, tuple[ir.Expr, ...]]:
     return {name: tuple(gs.values()) for name, gs in common.items()}
 
 
-def _group_intervals(prog: ir.Program) -> dict[str, Interval]:
+def _group_intervals(prog: ir.Program, read: dict[str, Interval] | None = None) -> dict[str, Interval]:
     """The range of each group value the step reads, a group state's proven by induction over steps
-    as a per-parameter state's is; a reduction over the group is bounded as its per-tensor twin."""
+    as a per-parameter state's is; a reduction over the group is bounded as its per-tensor twin, the
+    per-parameter states it reads by `read` (SSA name of version 0 -> range; others unbounded)."""
     phase = prog.group
     if phase is None:
         return {}
@@ -168,6 +178,7 @@ def _group_intervals(prog: ir.Program) -> dict[str, Interval]:
     def run(states):
         syms = dict(hypers, **{n: sp.Symbol(n) for n in ("p0", "g0", "t", *ir.SHAPE_BUILTINS)})
         iv = dict(env)
+        iv.update({sp.Symbol(n): value for n, value in (read or {}).items()})
         for name, value in states.items():
             syms[f"{name}.0"] = sp.Symbol(f"{name}.0")
             iv[syms[f"{name}.0"]] = value

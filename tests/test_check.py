@@ -303,11 +303,10 @@ def test_shipped_specs_warn_only_where_known(path):
     of -1 or less gives NaN), rmsprop's centered sqrt (square_avg >= grad_avg^2 holds in exact
     arithmetic, by Jensen, which ranges cannot see; in floats it may fail by an ulp, as in
     torch.optim.RMSprop); adams' sqrt(vbar) as a denominator (gradients all 0 since the start give
-    vbar = 0, and the authors' AdamS a ZeroDivisionError) and as a sqrt of a value that may be
-    negative, which it is not: the bounds of group values read a per-parameter state (v) inside a
-    reduction as unbounded, not as its proven range (v >= 0) yet."""
+    vbar = 0, and the authors' AdamS a ZeroDivisionError). Its vbar >= 0 is proven: a group
+    reduction reads the per-parameter state v by v's proven range (>= 0)."""
     known = {"adalo": ["log1p() of 'loss'"], "rmsprop": ["sqrt() of 'square_avg - centered * grad_avg^2'"],
-             "adams": ["denominator 'sqrt(vbar)' can be zero", "sqrt() of 'vbar', which can be negative"]}
+             "adams": ["denominator 'sqrt(vbar)' can be zero"]}
     # (group states are proven by the induction too: k >= 1, so 1 - b2^k > 0; d > 0 in Prodigy)
     found = warnings_of(path.read_text(encoding="utf-8"))
     expected = known.get(path.stem, [])
@@ -331,3 +330,14 @@ def test_radam_rectifier_is_nonzero_where_it_is_used():
 def test_radam_rectifier_warns_when_the_guard_does_not_cover_it(change):
     found = domain_warnings(RADAM.replace(*change))
     assert any(w.startswith("denominator '(rho_inf - 4) * (rho_inf - 2) * rho_t'") for w in found), found
+
+
+def test_a_group_reduction_reads_a_state_by_its_proven_range():
+    """mean(v) over the group of Adam's v (>= 0 by induction) is >= 0, so sqrt(vbar) is safe; a state
+    that can be negative still warns."""
+    head = ("optimizer S\nhyper lr = 0.1 in [0, inf), b2 = 0.9 in [0, 1)\nstate m, v\n"
+            "group vbar = mean(b2 * v + (1 - b2) * g^2)\n")
+    assert warnings_of(head + "v = b2 * v + (1 - b2) * g^2\nm = g\np -= lr * sqrt(vbar) * g * m\n") == []
+    found = warnings_of(head.replace("mean(b2 * v", "mean(b2 * m") +
+                        "v = b2 * v + (1 - b2) * g^2\nm = g - v\np -= lr * sqrt(vbar) * g * v\n")
+    assert any("sqrt() of 'vbar'" in w for w in found), found
