@@ -287,3 +287,36 @@ def test_draw_errors_name_the_place(src, message, where):
     with pytest.raises(optdsl.SpecError) as err:
         optdsl.compile("optimizer R\n" + src, "r.opt")
     assert message in str(err.value) and f"r.opt:{where}:" in str(err.value), str(err.value)
+
+
+def test_each_round_of_a_repeat_draws_anew():
+    """`repeat 3 { s = s + randn() }` adds three independent draws (variance 3), not one draw
+    three times (variance 9); for-loop and foreach alike."""
+    Sum = optdsl.compile("optimizer Sum\nstate s\nrepeat 3 {\ns = s + randn()\n}\np -= 0 * g\n", "sum.opt")
+    out = []
+    for mode in (dict(foreach=False), dict(foreach=True)):
+        params = [torch.nn.Parameter(torch.zeros(200, 100, dtype=torch.float64))]
+        opt = Sum(params, **mode).manual_seed(2)
+        _step(opt, params, torch.Generator().manual_seed(0))
+        out.append(opt.state[params[0]]["s"])
+    assert torch.equal(out[0], out[1])
+    n = out[0].numel()
+    assert abs(out[0].var() - 3) < 5 * 3 * math.sqrt(2 / n)
+
+
+def test_a_compiled_step_draws_in_one_graph():
+    """torch.compile(opt.step, fullgraph=True): the draws come from torch's generator there (as
+    documented), in one graph, and the step still moves the parameters."""
+    from torch._dynamo.testing import CompileCounter
+    Noisy = optdsl.compile(NOISY, "noisy_sgd.opt")
+    params = [torch.nn.Parameter(torch.randn(5, 3, dtype=torch.float64)), torch.nn.Parameter(torch.randn(4, dtype=torch.float64))]
+    opt = Noisy(params)
+    counter = CompileCounter()
+    step = torch.compile(opt.step, backend=counter, fullgraph=True)
+    before = [p.detach().clone() for p in params]
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        step()
+    assert counter.frame_count == 1
+    assert all(not torch.equal(p, q) and torch.isfinite(p).all() for p, q in zip(params, before))
