@@ -635,7 +635,8 @@ class AdafactorM(Optimizer):
             self._check_group({**self.defaults, **saved})  # e.g. torch.optim's maximize=True cannot go on here
             for i, p in zip(saved["params"], group["params"]):
                 state = state_dict["state"].get(i) or {}
-                expected = self._expected_states(group, p)
+                # the states of the rule p takes under the loaded group's values (Adam's amsgrad=True keeps max_exp_avg_sq)
+                expected = self._expected_states({**group, **saved}, p)
                 unknown = sorted(set(state) - set(expected) - {"step"})
                 if unknown:
                     raise ValueError(f"{where}: parameter {i} has states {unknown} that AdafactorM does not keep "
@@ -705,6 +706,12 @@ class AdafactorM(Optimizer):
         if p.dim() >= 2:
             return 0
         return 1
+
+    def _init_group(self, group, rule, *lists):
+        """The lists of one rule's parameters of the group. torch.compile runs a method of this name
+        as it is, outside the graph, and guards on the states it makes (so a compiled step is one
+        graph, made once); the rules' own methods would be traced."""
+        (self._init_group_0, self._init_group_1)[rule](group, *lists)
 
     def _init_group_0(self, group, params, grads, r_list, c_list, m_list, state_steps):
         # Whole lists at a time, not one loop of appends: this runs at every step, over every parameter.
@@ -779,7 +786,7 @@ class AdafactorM(Optimizer):
             r_list = []
             c_list = []
             m_list = []
-            self._init_group_0(group, params, grads, r_list, c_list, m_list, state_steps)
+            self._init_group(group, 0, params, grads, r_list, c_list, m_list, state_steps)
             adafactorm_0(
                 params, grads, r_list, c_list, m_list, state_steps,
                 lr=group["lr"],
@@ -799,7 +806,7 @@ class AdafactorM(Optimizer):
             params, grads, state_steps = [], [], []
             v_list = []
             m_list = []
-            self._init_group_1(group, params, grads, v_list, m_list, state_steps)
+            self._init_group(group, 1, params, grads, v_list, m_list, state_steps)
             adafactorm_1(
                 params, grads, v_list, m_list, state_steps,
                 lr=group["lr"],

@@ -4,21 +4,33 @@
 The spec::
 
     # Adam as torch.optim.Adam, with L2 weight decay folded into the gradient; it takes
-    # torch.optim.Adam's keywords and loads its state_dict (amsgrad=True is specs/amsgrad.opt).
+    # torch.optim.Adam's keywords and loads its state_dict. amsgrad is per group, as in torch.optim:
+    # a group with amsgrad=True takes the second rule (and keeps max_exp_avg_sq), the others the first.
     optimizer Adam \"Adaptive moment estimation (Kingma & Ba, 2015)\"
     
     hyper lr = 1e-3 in [0, inf)
     hyper b1 = 0.9 in [0, 1), b2 = 0.999 in [0, 1)
     hyper betas = (b1, b2)
     hyper eps = 1e-8 in (0, inf), wd = 0 in [0, inf) as weight_decay
-    hyper amsgrad = False only, decoupled_weight_decay = False only
+    hyper amsgrad = False, decoupled_weight_decay = False only
     
-    state m as exp_avg, v as exp_avg_sq
+    rule amsgrad == 0 {
+      state m as exp_avg, v as exp_avg_sq
+      g += wd * p
+      m = lerp(m, g, 1 - b1)
+      v = lerp(v, g^2, 1 - b2)
+      p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+    }
     
-    g += wd * p
-    m = lerp(m, g, 1 - b1)
-    v = lerp(v, g^2, 1 - b2)
-    p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+    # amsgrad=True, AMSGrad (Reddi et al., 2018): the denominator uses the running maximum of v.
+    rule {
+      state m as exp_avg, v as exp_avg_sq, v_max as max_exp_avg_sq
+      g += wd * p
+      m = lerp(m, g, 1 - b1)
+      v = lerp(v, g^2, 1 - b2)
+      v_max = max(v_max, v)
+      p -= lr * (m / (1 - b1^t)) / (sqrt(v_max / (1 - b2^t)) + eps)
+    }
 """
 from __future__ import annotations
 
@@ -421,18 +433,30 @@ class Adam(Optimizer):
 
     .. math::
        \begin{aligned}
+       &\text{for parameters with amsgrad == 0} \\
        g &\leftarrow g + wd \cdot p \\
        m &\leftarrow \operatorname{lerp}{\left(m,g,1 - b_{1} \right)} \\
        v &\leftarrow \operatorname{lerp}{\left(v,g^{2},1 - b_{2} \right)} \\
        p &\leftarrow p - \frac{lr \cdot \frac{m}{1 - b_{1}^{t}}}{\sqrt{\frac{v}{1 - b_{2}^{t}}} + eps} \\
+       &\text{for every other parameter} \\
+       g &\leftarrow g + wd \cdot p \\
+       m &\leftarrow \operatorname{lerp}{\left(m,g,1 - b_{1} \right)} \\
+       v &\leftarrow \operatorname{lerp}{\left(v,g^{2},1 - b_{2} \right)} \\
+       v_{max} &\leftarrow \max\left(v, v_{max}\right) \\
+       p &\leftarrow p - \frac{lr \cdot \frac{m}{1 - b_{1}^{t}}}{\sqrt{\frac{v_{max}}{1 - b_{2}^{t}}} + eps} \\
        \end{aligned}
 
     As written in the spec:
 
+    ``rule amsgrad == 0 {``
     ``g += wd * p``
     ``m = lerp(m, g, 1 - b1)``
     ``v = lerp(v, g^2, 1 - b2)``
     ``p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)``
+    ``}``
+    ``rule {``
+    ``v_max = max(v_max, v)``
+    ``p -= lr * (m / (1 - b1^t)) / (sqrt(v_max / (1 - b2^t)) + eps)``
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
@@ -440,7 +464,7 @@ class Adam(Optimizer):
         betas (tuple[float, float], optional): default (0.9, 0.999); b1, in [0, 1); b2, in [0, 1).
         eps (float, optional): default 1e-08, in (0, inf).
         weight_decay (float, optional): default 0.0; the spec's wd, in [0, inf).
-        amsgrad (bool, optional): default False, the only value accepted.
+        amsgrad (bool, optional): default False.
         decoupled_weight_decay (bool, optional): default False, the only value accepted.
         foreach (bool, optional): use the multi-tensor (``torch._foreach_*``) path.
             ``None`` picks it as torch.optim does: on CUDA, not on CPU.
@@ -464,9 +488,9 @@ class Adam(Optimizer):
     # The spec's own names, accepted as aliases: name -> (keyword, index in its tuple or None).
     _ALIASES = {"b1": ("betas", 0), "b2": ("betas", 1), "wd": ("weight_decay", None)}
     # torch.optim's keywords this spec does not implement, accepted at the value that turns them off.
-    _FIXED = {"amsgrad": False, "decoupled_weight_decay": False, "maximize": False, "capturable": False, "differentiable": False}
+    _FIXED = {"decoupled_weight_decay": False, "maximize": False, "capturable": False, "differentiable": False}
     # state_dict() keys of the states, by their names in the spec.
-    _SAVED = {"m": "exp_avg", "v": "exp_avg_sq"}
+    _SAVED = {"m": "exp_avg", "v": "exp_avg_sq", "v_max": "max_exp_avg_sq"}
 
     def __init__(
         self,
@@ -550,6 +574,8 @@ class Adam(Optimizer):
             raise ValueError(f"Invalid eps value: {group['eps']} (eps must be in (0, inf))")
         if not (0.0 <= group["weight_decay"]):
             raise ValueError(f"Invalid weight_decay value: {group['weight_decay']} (weight_decay (wd) must be in [0, inf))")
+        if group["amsgrad"] not in (False, True):
+            raise ValueError(f"Invalid amsgrad value: {group['amsgrad']!r} (amsgrad must be True or False)")
         for key, value in self._FIXED.items():
             if group.get(key, value) != value:
                 raise ValueError(f"Adam does not implement {key}={group[key]!r} (only {key}={value!r})")
@@ -591,7 +617,11 @@ class Adam(Optimizer):
 
     def _expected_states(self, group, p):
         """The states (by state_dict key) this optimizer keeps for p, each with its shape (None: any)."""
-        return {"exp_avg": p.shape, "exp_avg_sq": p.shape}
+        rule = self._rule_of(p, group)
+        if rule == 0:
+            return {"exp_avg": p.shape, "exp_avg_sq": p.shape}
+        if rule == 1:
+            return {"exp_avg": p.shape, "exp_avg_sq": p.shape, "max_exp_avg_sq": p.shape}
 
     def _check_loadable(self, state_dict):
         """Refuse, saying what is wrong, a state_dict this optimizer cannot go on from, where
@@ -615,7 +645,8 @@ class Adam(Optimizer):
             self._check_group({**self.defaults, **saved})  # e.g. torch.optim's maximize=True cannot go on here
             for i, p in zip(saved["params"], group["params"]):
                 state = state_dict["state"].get(i) or {}
-                expected = self._expected_states(group, p)
+                # the states of the rule p takes under the loaded group's values (Adam's amsgrad=True keeps max_exp_avg_sq)
+                expected = self._expected_states({**group, **saved}, p)
                 unknown = sorted(set(state) - set(expected) - {"step"})
                 if unknown:
                     raise ValueError(f"{where}: parameter {i} has states {unknown} that Adam does not keep "
@@ -688,9 +719,22 @@ class Adam(Optimizer):
             return group["foreach"] is None and not _lowbit_format(group["state_dtype"]) and _fused_by_default([p])
         return bool(group["fused"])
 
-    def _init_group(self, group, params, grads, m_list, v_list, state_steps):
+    @staticmethod
+    def _rule_of(p, group):
+        """Which rule updates this parameter: the first whose condition its shape meets."""
+        if float(group["amsgrad"]) == 0:
+            return 0
+        return 1
+
+    def _init_group(self, group, rule, *lists):
+        """The lists of one rule's parameters of the group. torch.compile runs a method of this name
+        as it is, outside the graph, and guards on the states it makes (so a compiled step is one
+        graph, made once); the rules' own methods would be traced."""
+        (self._init_group_0, self._init_group_1)[rule](group, *lists)
+
+    def _init_group_0(self, group, params, grads, m_list, v_list, state_steps):
         # Whole lists at a time, not one loop of appends: this runs at every step, over every parameter.
-        with_grad = [p for p in group["params"] if p.grad is not None]
+        with_grad = [p for p in group["params"] if p.grad is not None and self._rule_of(p, group) == 0]
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("Adam does not support sparse gradients")
@@ -721,6 +765,43 @@ class Adam(Optimizer):
         v_list += [_real(state["exp_avg_sq"]) for state in states]
         state_steps += [state["step"] for state in states]
 
+    def _init_group_1(self, group, params, grads, m_list, v_list, v_max_list, state_steps):
+        # Whole lists at a time, not one loop of appends: this runs at every step, over every parameter.
+        with_grad = [p for p in group["params"] if p.grad is not None and self._rule_of(p, group) == 1]
+        new_grads = [p.grad for p in with_grad]
+        if any(map(_IS_SPARSE, new_grads)):
+            raise RuntimeError("Adam does not support sparse gradients")
+        states = [self.state[p] for p in with_grad]
+        made = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}.issubset
+        if not all(map(made, states)):
+            for p, state in zip(with_grad, states):
+                # Lazy state initialisation, as in torch.optim, of each state not there yet: one that
+                # torch.optim saved may lack those it keeps only for some settings (RMSprop's grad_avg).
+                if "step" not in state:
+                    # `step` lives where the update reads it: on the parameter's device for the fused
+                    # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
+                    # torch.optim.SGD keeps no step: a state saved without one has taken a step.
+                    taken = any(v is not None for v in state.values())
+                    state["step"] = torch.tensor(float(taken), dtype=_step_dtype(),
+                                                 device=p.device if self._fused_for(group, p) else "cpu")
+                if state.get("exp_avg") is None:
+                    state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+                    state["exp_avg"] = _quantised(state["exp_avg"], _lowbit_format(group["state_dtype"]), True)
+                if state.get("exp_avg_sq") is None:
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = _quantised(state["exp_avg_sq"], _lowbit_format(group["state_dtype"]), False)
+                if state.get("max_exp_avg_sq") is None:
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+                    state["max_exp_avg_sq"] = _quantised(state["max_exp_avg_sq"], _lowbit_format(group["state_dtype"]), False)
+        if any(map(torch.is_complex, with_grad)):  # as torch.optim: an element-wise update of the real view
+            with_grad, new_grads = [_real(p) for p in with_grad], [_real(g) for g in new_grads]
+        params += with_grad
+        grads += new_grads
+        m_list += [_real(state["exp_avg"]) for state in states]
+        v_list += [_real(state["exp_avg_sq"]) for state in states]
+        v_max_list += [_real(state["max_exp_avg_sq"]) for state in states]
+        state_steps += [state["step"] for state in states]
+
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimisation step; `closure` re-evaluates the model and returns the loss."""
@@ -732,9 +813,30 @@ class Adam(Optimizer):
             params, grads, state_steps = [], [], []
             m_list = []
             v_list = []
-            self._init_group(group, params, grads, m_list, v_list, state_steps)
-            adam(
+            self._init_group(group, 0, params, grads, m_list, v_list, state_steps)
+            adam_0(
                 params, grads, m_list, v_list, state_steps,
+                lr=group["lr"],
+                b1=group["betas"][0],
+                b2=group["betas"][1],
+                eps=group["eps"],
+                wd=group["weight_decay"],
+                amsgrad=float(group["amsgrad"]),
+                decoupled_weight_decay=float(group["decoupled_weight_decay"]),
+                foreach=group["foreach"],
+                fused=False if _lowbit_format(group["state_dtype"]) else group["fused"],
+                stochastic=_stochastic(group["state_dtype"]),
+                grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
+                found_inf=getattr(self, "found_inf", None),
+                generator=None if torch.compiler.is_compiling() else self._rng,
+            )
+            params, grads, state_steps = [], [], []
+            m_list = []
+            v_list = []
+            v_max_list = []
+            self._init_group(group, 1, params, grads, m_list, v_list, v_max_list, state_steps)
+            adam_1(
+                params, grads, m_list, v_list, v_max_list, state_steps,
                 lr=group["lr"],
                 b1=group["betas"][0],
                 b2=group["betas"][1],
@@ -809,8 +911,8 @@ def _torch_names(values, defaults, aliases):
     return values
 
 
-def adam(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=None,
-         grad_scale=None, found_inf=None, generator=None, stochastic=False, **hypers):
+def adam_0(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=None,
+           grad_scale=None, found_inf=None, generator=None, stochastic=False, **hypers):
     """Functional Adam: update `params` and the state lists in place. `grad_scale` and
     `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
     skips the step. `stochastic`: low-bit states are requantised stochastically, not to the nearest level."""
@@ -819,28 +921,28 @@ def adam(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=None
         raise RuntimeError("Adam: grad_scale and found_inf are taken by the fused path only (fused=True, eager)")
     if torch.compiler.is_compiling():
         # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
-        return _single_tensor_adam(params, grads, m_list, v_list, state_steps, **hypers)
+        return _single_tensor_adam_0(params, grads, m_list, v_list, state_steps, **hypers)
     # Eager, tensor hyperparameters (lr=torch.tensor(1e-3), for a compiled step) are host floats.
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
-        fused = foreach is None and _fused_by_default(params)
+        fused = foreach is None and _fused_by_default_0(params)
     elif fused:
-        why = fused_available(params)
+        why = _fused_available_0(params)
         if why:
             raise RuntimeError(f"Adam(fused=True) cannot run: {why}")
     if fused:
         if any(x.dtype == torch.uint8 for xs in (m_list, v_list, ) for x in xs):
             raise RuntimeError("Adam(fused=True) cannot run: the fused kernels do not take int8/int4 states yet")
-        return _fused_adam(params, grads, m_list, v_list, state_steps,
+        return _fused_adam_0(params, grads, m_list, v_list, state_steps,
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, **hypers)
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-    impl = _multi_tensor_adam if foreach else _single_tensor_adam
+    impl = _multi_tensor_adam_0 if foreach else _single_tensor_adam_0
     impl(params, grads, m_list, v_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_adam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled_weight_decay,                         generator=None, stochastic=False):
+def _single_tensor_adam_0(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled_weight_decay,                           generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - b2
     k1 = 1 - b1
@@ -875,7 +977,7 @@ def _single_tensor_adam(params, grads, m_list, v_list, state_steps, *, lr, b1, b
         _write_state(v_list[i], v, False, generator, stochastic)
 
 
-def _multi_tensor_adam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled_weight_decay,                        generator=None, stochastic=False):
+def _multi_tensor_adam_0(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled_weight_decay,                          generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
@@ -918,6 +1020,126 @@ def _multi_tensor_adam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2
                 _write_state(stored, value, False, generator, stochastic)
 
 
+def adam_1(params, grads, m_list, v_list, v_max_list, state_steps, *, foreach=None, fused=None,
+           grad_scale=None, found_inf=None, generator=None, stochastic=False, **hypers):
+    """Functional Adam: update `params` and the state lists in place. `grad_scale` and
+    `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
+    skips the step. `stochastic`: low-bit states are requantised stochastically, not to the nearest level."""
+    amp = grad_scale is not None or found_inf is not None
+    if amp and (not fused or torch.compiler.is_compiling()):
+        raise RuntimeError("Adam: grad_scale and found_inf are taken by the fused path only (fused=True, eager)")
+    if torch.compiler.is_compiling():
+        # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
+        return _single_tensor_adam_1(params, grads, m_list, v_list, v_max_list, state_steps, **hypers)
+    # Eager, tensor hyperparameters (lr=torch.tensor(1e-3), for a compiled step) are host floats.
+    hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
+    if fused is None:  # as torch.optim: an explicit foreach choice is kept
+        fused = foreach is None and _fused_by_default_1(params)
+    elif fused:
+        why = _fused_available_1(params)
+        if why:
+            raise RuntimeError(f"Adam(fused=True) cannot run: {why}")
+    if fused:
+        if any(x.dtype == torch.uint8 for xs in (m_list, v_list, v_max_list, ) for x in xs):
+            raise RuntimeError("Adam(fused=True) cannot run: the fused kernels do not take int8/int4 states yet")
+        return _fused_adam_1(params, grads, m_list, v_list, v_max_list, state_steps,
+                        grad_scale=grad_scale, found_inf=found_inf, generator=generator, **hypers)
+    if foreach is None:  # a pass over every parameter: only when it decides something
+        _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+    impl = _multi_tensor_adam_1 if foreach else _single_tensor_adam_1
+    impl(params, grads, m_list, v_list, v_max_list, state_steps, generator=generator,
+         stochastic=stochastic, **hypers)
+
+
+def _single_tensor_adam_1(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled_weight_decay,                           generator=None, stochastic=False):
+    # Scalars of the hyperparameters alone: once per group.
+    k0 = 1 - b2
+    k1 = 1 - b1
+    for i, param in enumerate(params):
+        p = param if param.dtype in _EXACT else param.float()
+        g = grads[i].to(p.dtype)
+        # States stored in bfloat16 or low bit (state_dtype) are updated in p's precision, written back below.
+        m = _read_state(m_list[i], p, True, p.shape)
+        v = _read_state(v_list[i], p, False, p.shape)
+        v_max = _read_state(v_max_list[i], p, False, p.shape)
+        step_t = state_steps[i]
+        step_t += 1
+        # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
+        # (`.item()` would break the graph, a float would be specialised on and recompile).
+        if torch.compiler.is_compiling():
+            t = step_t.to(torch.float64)
+            c0 = -lr/((1 - b1**t)*torch.sqrt(1/(1 - b2**t)))
+            c1 = eps/torch.sqrt(1/(1 - b2**t))
+        else:
+            t = step_t.item()
+            c0 = -lr/((1 - b1**t)*math.sqrt(1/(1 - b2**t)))
+            c1 = eps/math.sqrt(1/(1 - b2**t))
+        tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
+        v.mul_((1 - k0))
+        v.addcmul_(tmp0, tmp0, value=k0)
+        tmp1 = torch.maximum(v_max, v)
+        m.lerp_(tmp0, k1)
+        tmp2 = torch.sqrt(tmp1)
+        tmp2.add_(c1)
+        p.addcdiv_(m, tmp2, value=c0)
+        _copy_into(v_max, tmp1)
+        if p is not param:
+            param.copy_(p)
+        _write_state(m_list[i], m, True, generator, stochastic)
+        _write_state(v_list[i], v, False, generator, stochastic)
+        _write_state(v_max_list[i], v_max, False, generator, stochastic)
+
+
+def _multi_tensor_adam_1(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled_weight_decay,                          generator=None, stochastic=False):
+    if not params:
+        return
+    # Scalars of the hyperparameters alone: once per group.
+    k0 = 1 - b2
+    k1 = 1 - b1
+    # Grouped by the parameters' device and dtype; states follow by index, as they may be stored in
+    # another dtype (float32 for bfloat16 parameters, state_dtype, bool), which the grouping refuses on CUDA.
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
+    for (device_params, device_grads, device_steps), indices in grouped.values():
+        device_m = [m_list[i] for i in indices]
+        device_v = [v_list[i] for i in indices]
+        device_v_max = [v_max_list[i] for i in indices]
+        # Below, p, g and the states are lists: one entry per tensor of this device and dtype.
+        exact = device_params[0].dtype in _EXACT
+        p = device_params if exact else [x.float() for x in device_params]
+        g = device_grads if exact else [x.float() for x in device_grads]
+        m = device_m if all(x_.dtype == p[0].dtype for x_ in device_m) else [_read_state(x_, y_, True, y_.shape) for x_, y_ in zip(device_m, p)]
+        v = device_v if all(x_.dtype == p[0].dtype for x_ in device_v) else [_read_state(x_, y_, False, y_.shape) for x_, y_ in zip(device_v, p)]
+        v_max = device_v_max if all(x_.dtype == p[0].dtype for x_ in device_v_max) else [_read_state(x_, y_, False, y_.shape) for x_, y_ in zip(device_v_max, p)]
+        if device_steps[0].is_cpu:  # one wrapped scalar, not one per tensor (as torch.optim does)
+            torch._foreach_add_(device_steps, torch.tensor(1.0), alpha=1.0)
+        else:
+            torch._foreach_add_(device_steps, 1)
+        t = [s.item() for s in device_steps]
+        # Scalars of the step count: one per tensor, on the host.
+        c0 = [-lr/((1 - b1**t_)*math.sqrt(1/(1 - b2**t_))) for t_ in t]
+        c1 = [eps/math.sqrt(1/(1 - b2**t_)) for t_ in t]
+        tmp0 = torch._foreach_add(g, p, alpha=wd) if wd != 0 else g
+        torch._foreach_mul_(v, (1 - k0))
+        torch._foreach_addcmul_(v, tmp0, tmp0, k0)
+        tmp1 = torch._foreach_maximum(v_max, v)
+        torch._foreach_lerp_(m, tmp0, k1)
+        tmp2 = torch._foreach_sqrt(tmp1)
+        torch._foreach_add_(tmp2, c1)
+        torch._foreach_addcdiv_(p, m, tmp2, c0)
+        _foreach_copy_(v_max, tmp1)
+        if not exact:
+            _foreach_copy_(device_params, p)
+        if m is not device_m:
+            for stored, value in zip(device_m, m):
+                _write_state(stored, value, True, generator, stochastic)
+        if v is not device_v:
+            for stored, value in zip(device_v, v):
+                _write_state(stored, value, False, generator, stochastic)
+        if v_max is not device_v_max:
+            for stored, value in zip(device_v_max, v_max):
+                _write_state(stored, value, False, generator, stochastic)
+
+
 # ---- fused Triton path: one kernel launch per (device, dtype) group and stage ----
 try:
     import triton
@@ -952,11 +1174,34 @@ def _triton_ready(params) -> str:
 
 
 def fused_available(params) -> str:
-    """Why the fused path cannot run on these parameters ('' when it can)."""
+    """Why the fused path cannot run on these parameters ('' when it can); each rule checks its own."""
     return _triton_ready(params)
 
 
 def _fused_by_default(params) -> bool:
+    """fused=None: where the step count lives (on the device when some rule runs fused there)."""
+    return (bool(params) and triton is not None and all(map(_IS_CUDA, params))
+            and all(map(torch.Tensor.is_contiguous, params)))
+
+
+def _fused_available_0(params) -> str:
+    """Why the fused path cannot run on these parameters of this rule ('' when it can)."""
+    return _triton_ready(params)
+
+
+def _fused_by_default_0(params) -> bool:
+    """fused=None: the fused kernel where it can run on CUDA, as torch.optim prefers its own."""
+    # map() over the tensors' own methods: this runs at every step, over every parameter
+    return (bool(params) and triton is not None and all(map(_IS_CUDA, params))
+            and all(map(torch.Tensor.is_contiguous, params)))
+
+
+def _fused_available_1(params) -> str:
+    """Why the fused path cannot run on these parameters of this rule ('' when it can)."""
+    return _triton_ready(params)
+
+
+def _fused_by_default_1(params) -> bool:
     """fused=None: the fused kernel where it can run on CUDA, as torch.optim prefers its own."""
     # map() over the tensors' own methods: this runs at every step, over every parameter
     return (bool(params) and triton is not None and all(map(_IS_CUDA, params))
@@ -1025,8 +1270,10 @@ if triton is not None:
         else:
             tl.store(ptr + offsets, x, mask=mask)
 
+    # ---- rule 1 (amsgrad == 0) ----
+
     @triton.jit(do_not_specialize=["seed"])
-    def _adam_kernel(
+    def _adam_0_kernel(
         p_ptrs, g_ptrs,  # int64 tables: one data pointer per tensor
         m_ptrs,
         v_ptrs,
@@ -1095,6 +1342,85 @@ if triton is not None:
                                                  offsets * 2 + 0), mask, whole)
         _store(v_ptr, offsets, _to_state(x1, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 2 + 1), mask, whole)
+
+    # ---- rule 2 (every other parameter) ----
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _adam_1_kernel(
+        p_ptrs, g_ptrs,  # int64 tables: one data pointer per tensor
+        m_ptrs,
+        v_ptrs,
+        v_max_ptrs,
+        step_ptrs,  # int64 table: each tensor's step count t (a 0-dim tensor on the device)
+        numels,  # int64 [tensors, 2]: elements per tensor here, and in the whole tensor (sharded: all shards')
+        block_tensor, block_start,  # per program: which tensor, and where in it
+        hypers,  # [7] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
+        seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
+        found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
+        P_TYPE: tl.constexpr,  # parameter dtype
+        S_TYPE: tl.constexpr,  # state dtype
+        C_TYPE: tl.constexpr,  # arithmetic dtype
+        T_TYPE: tl.constexpr,  # dtype of the step counts
+        STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        SCALED: tl.constexpr,  # a GradScaler's scale is given
+        CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
+        ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        if CHECK_INF:
+            if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
+                return
+        i = tl.load(block_tensor + pid)
+        n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
+        start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
+        offsets = start + tl.arange(0, BLOCK)
+        mask = offsets < n
+        if ALIGNED:
+            whole = start + BLOCK <= n  # no mask needed: 16 bytes per load and store
+        else:
+            whole = False
+        n = tl.load(numels + i * 2 + 1).to(C_TYPE)  # the whole tensor's, which means divide by
+        p_ptr = _pointer(p_ptrs, i, P_TYPE, ALIGNED)
+        g_ptr = _pointer(g_ptrs, i, P_TYPE, ALIGNED)
+        m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
+        v_ptr = _pointer(v_ptrs, i, S_TYPE, ALIGNED)
+        v_max_ptr = _pointer(v_max_ptrs, i, S_TYPE, ALIGNED)
+        eps = tl.load(hypers + 0)
+        k0 = tl.load(hypers + 1)
+        k1 = tl.load(hypers + 2)
+        log0_ = tl.load(hypers + 3)
+        log1_ = tl.load(hypers + 4)
+        lr = tl.load(hypers + 5)
+        wd = tl.load(hypers + 6)
+        t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
+        c0 = -lr/((1.0 - tl.exp((log1_*t)))*tl.sqrt((1.0 / ((1.0 - tl.exp((log0_*t)))))))
+        c1 = eps/tl.sqrt((1.0 / ((1.0 - tl.exp((log0_*t))))))
+        c0 = c0.to(C_TYPE)
+        c1 = c1.to(C_TYPE)
+        k0 = k0.to(C_TYPE)
+        k1 = k1.to(C_TYPE)
+        wd = wd.to(C_TYPE)
+        p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
+        g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
+        if SCALED:
+            g = g / tl.load(grad_scale).to(C_TYPE)
+            _store(g_ptr, offsets, g.to(P_TYPE), mask, whole)  # left unscaled, as torch's fused kernels leave it
+        m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
+        v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
+        v_max = _load(v_max_ptr, offsets, mask, whole).to(C_TYPE)
+        x0 = g + p*wd
+        x1 = (tl.where(k0 < 0.5, v, ((x0) * (x0))) + tl.where(k0 < 0.5, k0, k0 - 1.0) * (((x0) * (x0)) - v))
+        x2 = tl.maximum(v_max, x1)
+        x3 = (tl.where(k1 < 0.5, m, x0) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (x0 - m))
+        _store(p_ptr, offsets, _round_to(c0*x3/(c1 + tl.sqrt(x2)) + p, P_TYPE), mask, whole)
+        _store(m_ptr, offsets, _to_state(x3, S_TYPE, STOCHASTIC, seed + i,
+                                                 offsets * 3 + 0), mask, whole)
+        _store(v_ptr, offsets, _to_state(x1, S_TYPE, STOCHASTIC, seed + i,
+                                                 offsets * 3 + 1), mask, whole)
+        _store(v_max_ptr, offsets, _to_state(x2, S_TYPE, STOCHASTIC, seed + i,
+                                                 offsets * 3 + 2), mask, whole)
 
 
 _TRITON_TYPES = {}
@@ -1183,8 +1509,8 @@ def _hyper_table(values, device):
     return _HYPERS[key]
 
 
-def _fused_adam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled_weight_decay,
-                grad_scale=None, found_inf=None, generator=None):
+def _fused_adam_0(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled_weight_decay,
+                  grad_scale=None, found_inf=None, generator=None):
     global LAUNCHES
     if not params:
         return
@@ -1230,7 +1556,63 @@ def _fused_adam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, 
                      C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
                      ALIGNED=all(aligned[k] for k in (0, 1, 2, 3)),
                      num_warps=_NUM_WARPS)
-        _adam_kernel[(len(block_tensor),)](*args, **types)
+        _adam_0_kernel[(len(block_tensor),)](*args, **types)
+        LAUNCHES += 1
+        if found_inf is not None:  # an overflow: the step count goes back too, as in torch's fused optimizers
+            torch._foreach_sub_(device_steps, [found_t] * len(device_steps))
+        if grad_scale is not None and g is not grads_in:  # the unscaled gradients, into the originals
+            torch._foreach_copy_(grads_in, g)
+
+
+def _fused_adam_1(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled_weight_decay,
+                  grad_scale=None, found_inf=None, generator=None):
+    global LAUNCHES
+    if not params:
+        return
+    k0 = 1 - b2
+    k1 = 1 - b1
+    log0_ = _log(b2)  # for b2^t in the kernels: exp(t * log0_)
+    log1_ = _log(b1)  # for b1^t in the kernels: exp(t * log1_)
+    hyper_values = (float(eps), float(k0), float(k1), float(log0_), float(log1_), float(lr), float(wd), )
+    sharded = params  # DTensors (FSDP2, tensor parallel): the kernels run on their local shards
+    if any(map(_is_sharded, params)):
+        params, grads = _Shards.local(params), _Shards.local(grads)
+        m_list = _Shards.local(m_list)
+        v_list = _Shards.local(v_list)
+        v_max_list = _Shards.local(v_max_list)
+    groups = _groups(params, grads, m_list, v_list, v_max_list, state_steps, sharded)
+    for (device, dtype), (p, g, m, v, v_max, device_steps, whole) in groups.items():
+        shards = _Shards.of(whole)  # None for plain tensors (then whole is p)
+        if device_steps[0].device != device:
+            raise RuntimeError("Adam(fused=True): step counts must be on the parameters' device "
+                               f"({device}), found {device_steps[0].device}")
+        torch._foreach_add_(device_steps, 1)  # one launch on the device, no sync
+        grads_in = g
+        if not all(map(torch.Tensor.is_contiguous, g)):
+            g = [x.contiguous() for x in g]  # kept alive until the launch ends
+        # GradScaler's protocol (_step_supports_amp_scaling): the kernels unscale g and skip the
+        # step on an overflow, where the scaler would otherwise unscale every gradient itself.
+        scale_t = found_t = device_steps[0]  # a placeholder the kernels never read
+        if grad_scale is not None:
+            scale_t = grad_scale.to(device, non_blocking=True)
+        if found_inf is not None:
+            found_t = found_inf.to(device, non_blocking=True)
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        numels = tuple(map(torch.Tensor.numel, p))
+        numels, block_tensor, block_start = _block_map(numels, numels if shards is None else
+                                                       tuple(map(torch.Tensor.numel, whole)), device, _BLOCK)
+        pointers, aligned = _pointer_tables([p, g, m, v, v_max, device_steps], device)
+        state_type = m[0].dtype
+        stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
+        # the optimizer's own generator (torch's when the functional is called alone)
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=generator)) if stochastic else 0
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t]
+        types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
+                     SCALED=grad_scale is not None, CHECK_INF=found_inf is not None,
+                     C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
+                     ALIGNED=all(aligned[k] for k in (0, 1, 2, 3, 4)),
+                     num_warps=_NUM_WARPS)
+        _adam_1_kernel[(len(block_tensor),)](*args, **types)
         LAUNCHES += 1
         if found_inf is not None:  # an overflow: the step count goes back too, as in torch's fused optimizers
             torch._foreach_sub_(device_steps, [found_t] * len(device_steps))

@@ -601,7 +601,8 @@ class Lion(Optimizer):
             self._check_group({**self.defaults, **saved})  # e.g. torch.optim's maximize=True cannot go on here
             for i, p in zip(saved["params"], group["params"]):
                 state = state_dict["state"].get(i) or {}
-                expected = self._expected_states(group, p)
+                # the states of the rule p takes under the loaded group's values (Adam's amsgrad=True keeps max_exp_avg_sq)
+                expected = self._expected_states({**group, **saved}, p)
                 unknown = sorted(set(state) - set(expected) - {"step"})
                 if unknown:
                     raise ValueError(f"{where}: parameter {i} has states {unknown} that Lion does not keep "

@@ -764,7 +764,8 @@ class Muon(Optimizer):
             self._check_group({**self.defaults, **saved})  # e.g. torch.optim's maximize=True cannot go on here
             for i, p in zip(saved["params"], group["params"]):
                 state = state_dict["state"].get(i) or {}
-                expected = self._expected_states(group, p)
+                # the states of the rule p takes under the loaded group's values (Adam's amsgrad=True keeps max_exp_avg_sq)
+                expected = self._expected_states({**group, **saved}, p)
                 unknown = sorted(set(state) - set(expected) - {"step"})
                 if unknown:
                     raise ValueError(f"{where}: parameter {i} has states {unknown} that Muon does not keep "
@@ -844,6 +845,12 @@ class Muon(Optimizer):
             return 0
         return 1
 
+    def _init_group(self, group, rule, *lists):
+        """The lists of one rule's parameters of the group. torch.compile runs a method of this name
+        as it is, outside the graph, and guards on the states it makes (so a compiled step is one
+        graph, made once); the rules' own methods would be traced."""
+        (self._init_group_0, self._init_group_1)[rule](group, *lists)
+
     def _init_group_0(self, group, params, grads, buf_list, state_steps):
         # Whole lists at a time, not one loop of appends: this runs at every step, over every parameter.
         with_grad = [p for p in group["params"] if p.grad is not None and self._rule_of(p, group) == 0]
@@ -921,7 +928,7 @@ class Muon(Optimizer):
         for group in self.param_groups:
             params, grads, state_steps = [], [], []
             buf_list = []
-            self._init_group_0(group, params, grads, buf_list, state_steps)
+            self._init_group(group, 0, params, grads, buf_list, state_steps)
             muon_0(
                 params, grads, buf_list, state_steps,
                 lr=group["lr"],
@@ -951,7 +958,7 @@ class Muon(Optimizer):
             params, grads, state_steps = [], [], []
             m_list = []
             v_list = []
-            self._init_group_1(group, params, grads, m_list, v_list, state_steps)
+            self._init_group(group, 1, params, grads, m_list, v_list, state_steps)
             muon_1(
                 params, grads, m_list, v_list, state_steps,
                 lr=group["lr"],

@@ -694,7 +694,8 @@ class MuonClip(Optimizer):
             self._check_group({**self.defaults, **saved})  # e.g. torch.optim's maximize=True cannot go on here
             for i, p in zip(saved["params"], group["params"]):
                 state = state_dict["state"].get(i) or {}
-                expected = self._expected_states(group, p)
+                # the states of the rule p takes under the loaded group's values (Adam's amsgrad=True keeps max_exp_avg_sq)
+                expected = self._expected_states({**group, **saved}, p)
                 unknown = sorted(set(state) - set(expected) - {"step"})
                 if unknown:
                     raise ValueError(f"{where}: parameter {i} has states {unknown} that MuonClip does not keep "
@@ -764,6 +765,12 @@ class MuonClip(Optimizer):
         if p.dim() == 2:
             return 0
         return 1
+
+    def _init_group(self, group, rule, *lists):
+        """The lists of one rule's parameters of the group. torch.compile runs a method of this name
+        as it is, outside the graph, and guards on the states it makes (so a compiled step is one
+        graph, made once); the rules' own methods would be traced."""
+        (self._init_group_0, self._init_group_1)[rule](group, *lists)
 
     def _init_group_0(self, group, params, grads, buf_list, max_logit_list, state_steps):
         # Whole lists at a time, not one loop of appends: this runs at every step, over every parameter.
@@ -845,7 +852,7 @@ class MuonClip(Optimizer):
             params, grads, state_steps = [], [], []
             buf_list = []
             max_logit_list = []
-            self._init_group_0(group, params, grads, buf_list, max_logit_list, state_steps)
+            self._init_group(group, 0, params, grads, buf_list, max_logit_list, state_steps)
             muonclip_0(
                 params, grads, buf_list, max_logit_list, state_steps,
                 tau=group["tau"],
@@ -873,7 +880,7 @@ class MuonClip(Optimizer):
             m_list = []
             v_list = []
             max_logit_list = []
-            self._init_group_1(group, params, grads, m_list, v_list, max_logit_list, state_steps)
+            self._init_group(group, 1, params, grads, m_list, v_list, max_logit_list, state_steps)
             muonclip_1(
                 params, grads, m_list, v_list, max_logit_list, state_steps,
                 tau=group["tau"],

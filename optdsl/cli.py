@@ -79,8 +79,8 @@ counterexample in the samples), 3 error (bad spec, unknown name, assumption out 
 
 examples:
   optdsl equiv specs/adamw.opt my_adamw.opt
-  optdsl equiv specs/adam.opt tests/specs/equiv/rmsprop_bc.opt --assume b1=0 --assume wd=0 \\
-               --map b2=alpha --map v=sq
+  optdsl equiv specs/adam.opt tests/specs/equiv/rmsprop_bc.opt --assume amsgrad=0 --assume b1=0 \\
+               --assume wd=0 --map b2=alpha --map v=sq
 """
 
 

@@ -179,11 +179,35 @@ def _sample(rng: random.Random, iv: Interval, default: float | None) -> float:
     return x if x in iv else (default if default is not None and default in iv else edges[0])
 
 
-def _rules(x: Compiled | ir.Program) -> list[tuple[str | None, ir.Program]]:
-    """(condition as written, or None for the rule of every other parameter; program) per rule."""
-    if isinstance(x, Compiled) and x.rules:
-        return [(shown, prog) for _, prog, _, shown in x.rules]
-    return [(None, x.program if isinstance(x, Compiled) else x)]
+def _rules(x: Compiled | ir.Program, assume: dict[str, float]) -> list[tuple[str | None, ir.Program]]:
+    """(condition as written, or None for the rule of every other parameter; program) per rule that
+    a parameter can take under `assume`: a rule whose condition the assumed values make false is
+    left out, and one they make true takes every parameter (`--assume amsgrad=0` leaves Adam's
+    first rule alone)."""
+    if not (isinstance(x, Compiled) and x.rules):
+        return [(None, x.program if isinstance(x, Compiled) else x)]
+    out = []
+    for (_, prog, _, shown), cond in zip(x.rules, x.conditions):
+        decided = _decided(cond, prog, assume)
+        if decided is False:
+            continue
+        out.append((None if decided else shown, prog))
+        if decided:
+            break
+    return out
+
+
+def _decided(cond: ir.Expr | None, prog: ir.Program, assume: dict[str, float]) -> bool | None:
+    """A rule's condition under the assumed hyperparameters: True, False, or None (it reads the
+    parameter's shape or a hyperparameter not assumed). No condition: True."""
+    if cond is None:
+        return True
+    exact = lambda x: sp.Integer(int(x)) if x == int(x) else _exact(sp.Float(x))  # noqa: E731 (Float(0) != 0 in SymPy)
+    env = {h.name: exact(assume[h.name]) if h.name in assume else exact(h.default) if h.only and not h.optional
+           else sp.Symbol(h.name) for h in prog.hypers}
+    env.update({n: sp.Symbol(n) for n in ir.SHAPE_BUILTINS})
+    value = to_sympy(cond, env)
+    return bool(value != 0) if value.is_number else None
 
 
 def equivalent(a: Compiled | ir.Program, b: Compiled | ir.Program, assume: dict[str, float] | None = None,
@@ -191,9 +215,11 @@ def equivalent(a: Compiled | ir.Program, b: Compiled | ir.Program, assume: dict[
     """Prove spec A equivalent to spec B, or find a counterexample (see the module's docstring).
 
     Specs with rules by shape are compared rule by rule: rules with the same condition, and a spec
-    of one rule against each rule of the other. A rule with matrix work is not modelled: its math
+    of one rule against each rule of the other; a rule `assume` rules out is left out. A rule with matrix work is not modelled: its math
     is shown and the verdict is at best undecided."""
-    ra, rb = _rules(a), _rules(b)
+    ren = dict(mapping or {})
+    ra = _rules(a, dict(assume or {}))
+    rb = _rules(b, {ren.get(k, k): v for k, v in (assume or {}).items()})
     if len(ra) == len(rb) == 1:
         return _equivalent_rule(ra[0][1], rb[0][1], assume, mapping, samples, seed)
     if len(ra) > 1 and len(rb) > 1:

@@ -17,6 +17,7 @@ class Compiled:
     warnings: tuple[SpecWarning, ...]
     python: str  # the generated module
     rules: tuple = ()  # (condition code, program, plan, condition as written) per rule, for rules by shape
+    conditions: tuple = ()  # the rules' conditions as IR (None: every other parameter), for the analyses
 
 
 def _internal(err: Exception, filename: str, text: str) -> SpecError:
@@ -52,4 +53,5 @@ def compile_source(text: str, filename: str = "<spec>") -> Compiled:
     except Exception as err:  # a bug in optdsl: still one error type, saying so
         raise _internal(err, filename, text) from err
     located = tuple(replace(w, filename=filename, source=text) for w in warnings)
-    return Compiled(program, plan, located, python, tuple(rules) if len(rules) > 1 else ())
+    return Compiled(program, plan, located, python, tuple(rules) if len(rules) > 1 else (),
+                    tuple(cond for cond, _ in lowered) if len(rules) > 1 else ())

@@ -93,7 +93,7 @@ def test_committed_generated_is_fresh(fresh_build):
 # ---------------------------------------------------------------------------------------------
 # atomic and isolated
 
-BROKEN_LINE = 12  # `m = lerp(m, g, 1 - b1)` in specs/adamw.opt
+BROKEN_LINE = 12  # `m = lerp(m, g, 1 - b1)` in specs/adamw.opt's first rule
 
 
 def test_broken_spec_harms_nothing(spec_copy, capsys):
@@ -105,8 +105,8 @@ def test_broken_spec_harms_nothing(spec_copy, capsys):
 
     broken = specs / "adamw.opt"
     lines = broken.read_text().splitlines(keepends=True)
-    assert lines[BROKEN_LINE - 1].startswith("m = lerp(m, g, 1 - b1)")
-    lines[BROKEN_LINE - 1] = "m = lerp(m, g,, 1 - b1)\n"
+    assert lines[BROKEN_LINE - 1].strip() == "m = lerp(m, g, 1 - b1)"
+    lines[BROKEN_LINE - 1] = "  m = lerp(m, g,, 1 - b1)\n"
     broken.write_text("".join(lines))
 
     rc = main(["build", str(specs), "-o", str(out)])

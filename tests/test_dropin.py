@@ -63,6 +63,9 @@ CASES = {
     "amsgrad": ("amsgrad", T.Adam, dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, amsgrad=True)),
     "amsgrad-decoupled": ("amsgrad", T.Adam, dict(lr=0.01, weight_decay=0.3, amsgrad=True,
                                                   decoupled_weight_decay=True)),
+    # ... and Adam and AdamW take amsgrad=True themselves (their second rule), as torch users pass it
+    "adam-amsgrad": ("adam", T.Adam, dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, amsgrad=True)),
+    "adamw-amsgrad": ("adamw", T.AdamW, dict(lr=0.02, betas=(0.5, 0.9), weight_decay=0.3, amsgrad=True)),
 }
 
 
@@ -82,12 +85,12 @@ def spec(name):
 
 # Beside torch.optim step by step (tests/test_differential.py covers the older five): many steps,
 # every path, each setting above; run_pair's tolerance is relative 1e-10 in float64, 1e-5 in float32.
-NEW = {"adamax", "nadam", "radam", "adadelta", "rprop", "asgd", "adafactor", "amsgrad"}
+NEW = {"adamax", "nadam", "radam", "adadelta", "rprop", "asgd", "adafactor", "amsgrad", "adam-amsgrad", "adamw-amsgrad"}
 STEPS, FUSED_STEPS = 60, 8  # the fused path runs under the Triton interpreter on CPU
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][0] in NEW])
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][0] in NEW or c in NEW])
 def test_matches_torch_step_by_step(case, dtype):
     name, Torch, kwargs = CASES[case]
     Ours = spec(name)
@@ -95,7 +98,7 @@ def test_matches_torch_step_by_step(case, dtype):
              SHAPES, dtype, STEPS, seed=len(case))
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][0] in NEW])
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][0] in NEW or c in NEW])
 def test_fused_matches_torch(case):
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1" and not ON_GPU:
@@ -273,7 +276,7 @@ def test_flags_take_booleans_and_refuse_other_values():
 
 
 @pytest.mark.parametrize("name,kwargs,what", [
-    ("adam", dict(amsgrad=True), "amsgrad=True"),
+    ("adam", dict(decoupled_weight_decay=True), "decoupled_weight_decay=True"),
     ("adamw", dict(maximize=True), "maximize=True"),
     ("sgd", dict(differentiable=True), "differentiable=True"),
     ("rmsprop", dict(capturable=True), "capturable=True"),
@@ -665,6 +668,33 @@ def test_muon_sends_a_groups_matrices_to_adamw_with_use_muon_false():
         _close(p.detach(), q.detach(), "AdamW's parameter")
     assert set(opt.state[embed]) == {"step", "exp_avg", "exp_avg_sq"}
     assert set(opt.state[hidden]) == {"step", "momentum_buffer"}
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+@pytest.mark.parametrize("path", ["loop-foreach", "fused"])
+def test_amsgrad_is_per_group_as_torch(name, path):
+    """amsgrad is a group's flag in torch.optim: a group with it keeps max_exp_avg_sq, one without
+    does not, and a state_dict of the two loads into torch.optim's class and back."""
+    if path == "fused" and os.environ.get("TRITON_INTERPRET") != "1" and not ON_GPU:
+        pytest.skip("the fused path runs under TRITON_INTERPRET=1, or compiled on a CUDA device")
+    Ours, Torch = spec(name), getattr(T, "Adam" if name == "adam" else "AdamW")
+
+    def groups(ps):
+        return [{"params": ps[:2], "amsgrad": True}, {"params": ps[2:], "lr": 0.02}]
+    run_pair(lambda ps, **mode: Ours(groups(ps), lr=0.01, weight_decay=0.1, **mode),
+             lambda ps: Torch(groups(ps), lr=0.01, weight_decay=0.1, foreach=False),
+             SHAPES, torch.float64, FUSED_STEPS if path == "fused" else STEPS, seed=3, fused=path == "fused")
+    ps = [torch.nn.Parameter(torch.ones(s, dtype=torch.float64)) for s in SHAPES]
+    opt = Ours(groups(ps), lr=0.01)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert [sorted(opt.state[p]) for p in ps] == [["exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"]] * 2 + [
+        ["exp_avg", "exp_avg_sq", "step"]] * 2
+    ref = Torch(groups([torch.nn.Parameter(p.detach().clone()) for p in ps]), lr=0.01)
+    ref.load_state_dict(_roundtrip(opt.state_dict()))
+    opt.load_state_dict(_roundtrip(ref.state_dict()))
+    assert [g["amsgrad"] for g in opt.param_groups] == [True, False]
 
 
 def test_adamw_amsgrad_state_dict_loads_into_amsgrad():
