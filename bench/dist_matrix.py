@@ -129,12 +129,24 @@ def sharded(mode, name, path, dtype, rank, world):
         opt = make(name, model.parameters(), path, **kwargs)
         if mode == "save":
             train(model, opt, batches(dtype), rank, world)
-        checkpoint(model, opt, os.path.join(CHECKPOINTS, f"{name}-{path}-{DTYPES_NAME[dtype]}"), save=mode == "save")
+        where = f"{name}-{path}-{DTYPES_NAME[dtype]}" + ("-bf16" if kwargs else "")
+        checkpoint(model, opt, os.path.join(CHECKPOINTS, where), save=mode == "save")
+        states = whole_states(model, opt)  # as saved, or as loaded
         if mode == "load":
             train(model, opt, batches(dtype), rank, world)
-        return [p.full_tensor().detach().clone() for p in model.parameters()]
+        return [p.full_tensor().detach().clone() for p in model.parameters()], states
     train(model, make(name, model.parameters(), path, **kwargs), batches(dtype), rank, world)
     return [p.full_tensor().detach().clone() for p in model.parameters()]
+
+
+def whole_states(model, opt):
+    """{(parameter index, state name): the whole state tensor} of every parameter."""
+    out = {}
+    for i, p in enumerate(model.parameters()):
+        for key, value in opt.state[p].items():
+            if torch.is_tensor(value):
+                out[(i, key)] = (value.full_tensor() if hasattr(value, "full_tensor") else value).detach().clone()
+    return out
 
 
 def checkpoint(model, opt, where, save):

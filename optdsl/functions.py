@@ -274,14 +274,14 @@ TABLE: dict[str, Function] = {f.name: f for f in [
     F("sum", 1, sum, "torch.sum({0})", "{0}", reduction=True),
     F("mean", 1, mean, "torch.mean({0})", "{0}", reduction=True),
     F("rms", 1, rms, "torch.sqrt(torch.mean(torch.square({0})))", "abs({0})", reduction=True),
-    F("amax", 1, amax, "torch.amax({0})", "{0}", reduction=True),
+    F("amax", 1, amax, "_amax({0}, None)", "{0}", reduction=True),  # _amax: the sharding template's
     # ---- axis reductions: kept with size 1, so they broadcast back against p ----
     F("row_mean", 1, row_mean, "{0}.mean(dim=-1, keepdim=True)", "{0}", axis="-1"),
     F("col_mean", 1, col_mean, "{0}.mean(dim=-2, keepdim=True)", "{0}", axis="-2"),
     F("row_sum", 1, row_sum, "{0}.sum(dim=-1, keepdim=True)", "{0}", axis="-1"),
     F("col_sum", 1, col_sum, "{0}.sum(dim=-2, keepdim=True)", "{0}", axis="-2"),
-    F("row_max", 1, row_max, "{0}.amax(dim=-1, keepdim=True)", "{0}", axis="-1"),
-    F("col_max", 1, col_max, "{0}.amax(dim=-2, keepdim=True)", "{0}", axis="-2"),
+    F("row_max", 1, row_max, "_amax({0}, -1)", "{0}", axis="-1"),
+    F("col_max", 1, col_max, "_amax({0}, -2)", "{0}", axis="-2"),
     # over every axis but the first: one value per output unit (the whole tensor when rank <= 1)
     F("unit_mean", 1, unit_mean, "{0}.mean(dim=tuple(range(1, {0}.dim())) or None, keepdim=True)", "{0}",
       axis="unit"),
