@@ -44,6 +44,19 @@ CHECKPOINTED = [(name, path) for name in ("adamw", "adafactor", "nadam", "muon")
 CHECKPOINTED_BF16 = [("adamw", "loop"), ("adamw", "fused"), ("adafactor", "fused"), ("muon", "loop")]
 
 
+# Shampoo and SOAP (gram_rows/gram_cols states, eigenbases, permutations) do not run sharded yet:
+# their gram states are plain tensors beside DTensor parameters ("got mixed torch.Tensor and
+# DTensor" in add_ and gather). Strict: a pass says the mark can go.
+NOT_YET = {"shampoo", "soap"}
+
+
+def _marked(world, scenario):
+    if scenario[1] not in NOT_YET:
+        return world, scenario
+    return pytest.param(world, scenario, marks=pytest.mark.xfail(
+        reason="matrix-shaped states are not sharded yet", strict=True))
+
+
 @pytest.fixture(scope="module")
 def results():
     if not dist.is_available() or not dist.is_gloo_available():
@@ -58,7 +71,7 @@ def results():
         yield out
 
 
-@pytest.mark.parametrize("world, scenario", [(2, s) for s in ALL] + [(4, s) for s in FOUR],
+@pytest.mark.parametrize("world, scenario", [_marked(2, s) for s in ALL] + [_marked(4, s) for s in FOUR],
                          ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple) else str(x))
 def test_sharded_training_matches_one_process(results, world, scenario):
     mode, name, path, dtype = scenario
