@@ -67,7 +67,7 @@ def _store_rounded(stored, value, generator=None):
 # ---- sharded parameters (FSDP2 `fully_shard`, tensor parallel): DTensors ----
 try:
     import torch.distributed as _dist
-    from torch.distributed.tensor import DTensor as _DTensor, Replicate as _Replicate
+    from torch.distributed.tensor import DTensor as _DTensor, Partial as _Partial, Replicate as _Replicate
 except ImportError:  # a torch built without torch.distributed: no DTensor parameters either
     _DTensor = None
 
@@ -98,6 +98,27 @@ def _whole(x):
     if x.dim() and x.numel() == 1:  # one value per tensor (kept dims of size 1): as a scalar, which
         return x.reshape(())        # DTensor broadcasts against a shard (a size-1 axis it replicates)
     return x
+
+
+def _amax(x, dim):
+    """torch.amax(x) (dim None) or x.amax(dim, keepdim=True). A DTensor's maximum over a split axis
+    is each shard's, left partial (a MAX to finish, which _whole does): a shard empty along that
+    axis (a rank holding none of the rows) gives -inf there, where torch refuses an empty maximum."""
+    if not _is_sharded(x):
+        return torch.amax(x) if dim is None else x.amax(dim=dim, keepdim=True)
+    if any(pl.is_partial() for pl in x.placements):
+        x = x.redistribute(x.device_mesh, [_Replicate() if pl.is_partial() else pl for pl in x.placements])
+    dims = list(range(x.dim())) if dim is None else [dim % x.dim()] if x.dim() else []
+    local = x.to_local()
+    if any(local.shape[d] == 0 for d in dims):
+        shape = [] if dim is None else [1 if d in dims else n for d, n in enumerate(local.shape)]
+        part = local.new_full(shape, -math.inf)
+    else:
+        part = torch.amax(local) if dim is None else local.amax(dim=dim, keepdim=True)
+    placements = [_Partial("max") if pl.is_shard() and pl.dim % max(x.dim(), 1) in dims else pl for pl in x.placements]
+    shape = () if dim is None else tuple(1 if d in dims else n for d, n in enumerate(x.shape))
+    return _DTensor.from_local(part, x.device_mesh, placements, run_check=False, shape=shape,
+                               stride=torch.empty(shape, device="meta").stride())
 
 
 def _round_bfloat16(x):
