@@ -139,6 +139,13 @@ def _round_bfloat16(x):
     return x.bfloat16().to(x.dtype)
 
 
+def _part(x):
+    """One tensor's part of a reduction over the group (a 0-dim tensor), whole and plain: a DTensor's
+    partial result is combined over the mesh first (one collective per tensor)."""
+    x = _whole(x)
+    return x.full_tensor() if _is_sharded(x) else x
+
+
 def _copy_into(dst, src):
     """dst.copy_(src). A DTensor value with other placements than dst's (matrix work leaves its
     products replicated or split otherwise) is redistributed to dst's first."""

@@ -130,6 +130,13 @@ def _round_bfloat16(x):
     return x.bfloat16().to(x.dtype)
 
 
+def _part(x):
+    """One tensor's part of a reduction over the group (a 0-dim tensor), whole and plain: a DTensor's
+    partial result is combined over the mesh first (one collective per tensor)."""
+    x = _whole(x)
+    return x.full_tensor() if _is_sharded(x) else x
+
+
 def _copy_into(dst, src):
     """dst.copy_(src). A DTensor value with other placements than dst's (matrix work leaves its
     products replicated or split otherwise) is redistributed to dst's first."""
@@ -771,7 +778,7 @@ class AdamS(Optimizer):
         values = {}
         values["k.0"] = group.get("k", 0.0)
         values["k.1"] = values["k.0"] + 1
-        values["mean#0"] = (_group_sum([torch.sum(g_**2*(1 - group["betas"][1]) + group["betas"][1]*v_) for p_, g_, v_ in zip(p, g, v)]) / sum(x_.numel() for x_ in p))
+        values["mean#0"] = (_group_sum([_part(torch.sum(g_**2*(1 - group["betas"][1]) + group["betas"][1]*v_)) for p_, g_, v_ in zip(p, g, v)]) / sum(x_.numel() for x_ in p))
         values["vbar.1"] = values["mean#0"]/(1 - group["betas"][1]**values["k.1"])
         group["k"] = values["k.1"]
         return {"vbar": values["vbar.1"]}

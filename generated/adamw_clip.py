@@ -126,6 +126,13 @@ def _round_bfloat16(x):
     return x.bfloat16().to(x.dtype)
 
 
+def _part(x):
+    """One tensor's part of a reduction over the group (a 0-dim tensor), whole and plain: a DTensor's
+    partial result is combined over the mesh first (one collective per tensor)."""
+    x = _whole(x)
+    return x.full_tensor() if _is_sharded(x) else x
+
+
 def _copy_into(dst, src):
     """dst.copy_(src). A DTensor value with other placements than dst's (matrix work leaves its
     products replicated or split otherwise) is redistributed to dst's first."""
@@ -773,7 +780,7 @@ class AdamWClip(Optimizer):
         p = [x_ if x_.dtype in _EXACT else x_.float() for x_ in params]
         g = [y_.to(x_.dtype) for x_, y_ in zip(p, grads)]
         values = {}
-        values["norm#0"] = _group_norm([torch.linalg.vector_norm(g_) for p_, g_ in zip(p, g)])
+        values["norm#0"] = _group_norm([_part(torch.linalg.vector_norm(g_)) for p_, g_ in zip(p, g)])
         values["gnorm.1"] = values["norm#0"]
         values["clip.1"] = min(1, group["max_norm"]/(values["gnorm.1"] + 1e-06))
         return {"clip": values["clip.1"]}

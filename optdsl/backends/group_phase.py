@@ -9,13 +9,15 @@ from ..sym import to_sympy
 from .printers import CompiledPrinter, HostPrinter, read_state_code
 
 # How one reduction over the group is computed: each tensor's part (torch code of {0}), and how the
-# parts combine into a host float ({0}: the list of parts; `p`: the group's parameters).
+# parts combine into a host float ({0}: the list of parts; `p`: the group's parameters). A part of a
+# sharded parameter (a DTensor) is the whole tensor's: _part, the sharding template's, combines the
+# shards' (numel() of a DTensor is the whole tensor's).
 _COMBINE = {
-    "sum": ("torch.sum({0})", "_group_sum({0})"),
-    "mean": ("torch.sum({0})", "(_group_sum({0}) / sum(x_.numel() for x_ in p))"),
-    "norm": ("torch.linalg.vector_norm({0})", "_group_norm({0})"),
-    "rms": ("torch.sum(torch.square({0}))", "math.sqrt(_group_sum({0}) / sum(x_.numel() for x_ in p))"),
-    "amax": ("torch.amax({0})", "_group_max({0})"),
+    "sum": ("_part(torch.sum({0}))", "_group_sum({0})"),
+    "mean": ("_part(torch.sum({0}))", "(_group_sum({0}) / sum(x_.numel() for x_ in p))"),
+    "norm": ("_part(torch.linalg.vector_norm({0}))", "_group_norm({0})"),
+    "rms": ("_part(torch.sum(torch.square({0})))", "math.sqrt(_group_sum({0}) / sum(x_.numel() for x_ in p))"),
+    "amax": ("_part(_amax({0}, None))", "_group_max({0})"),
 }
 
 HELPERS = {
