@@ -248,3 +248,74 @@ def test_against_float32_path_step_by_step(name, fmt, path):
                 bound = _block_scales(value, fmt) * (w + F32)
                 assert ((back - value).abs() <= bound).all(), (key, step)
 
+
+
+def test_info_reports_stored_bytes():
+    """`optdsl info` counts codes plus scales: AdamW at 4096x4096 keeps 2 states of 2^24 numbers,
+    8192 blocks of 2048 codes + 4 bytes each at int8, 131072 blocks of 64 bytes + 4 at int4."""
+    from optdsl.info import memory, report
+    compiled = compile_source((SPECS / "adamw.opt").read_text())
+    m = memory(compiled, (4096, 4096))
+    assert m.stored_bytes(None) == 8 * 2 ** 24
+    assert m.stored_bytes("int8") == 2 * 8192 * (2048 + 4)
+    assert m.stored_bytes("int4") == 2 * 131072 * (64 + 4)
+    small = memory(compiled, (64, 63))  # under 4096 numbers: float32
+    assert small.stored_bytes("int8") == small.stored_bytes(None)
+    assert '"int8" 33,619,968 B (2.004 B per element)' in report(compiled, (4096, 4096))
+    # and a real optimizer holds exactly that
+    p = torch.nn.Parameter(torch.zeros(300, 100))
+    for fmt in ("int8", "int4"):
+        opt = AdamW([p], state_dtype=fmt)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        held = sum(v.nbytes for k, v in opt.state[p].items() if k != "step")
+        assert held == memory(compiled, (300, 100)).stored_bytes(fmt)
+
+
+def test_explain_shows_each_code_and_why():
+    from optdsl.explain import explain, report
+    text = report(explain(compile_source((SPECS / "adamw.opt").read_text())))
+    assert "int8/int4 code of state v" in text and "unsigned: proven in [0, inf)" in text
+    assert "int8/int4 code of state m" in text and "signed: proven only in (-inf, inf)" in text
+
+
+def test_eval_train_modes_read_and_write_low_bit_states():
+    """Schedule-Free's eval() and train() read z and write p: through the codes, z stays uint8."""
+    from generated.schedule_free_adamw import ScheduleFreeAdamW
+    p = torch.nn.Parameter(torch.randn(80, 80))
+    opt = ScheduleFreeAdamW([p], lr=1e-2, state_dtype="int8")
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    before = p.detach().clone()
+    opt.eval()
+    assert not torch.equal(p, before)
+    opt.train()
+    assert opt.state[p]["z"].dtype == torch.uint8
+    assert torch.allclose(p, before, atol=1e-5)
+
+
+def test_load_converts_between_float_and_low_bit_states():
+    """The groups of a state_dict replace the optimizer's (torch.optim's rule), state_dtype with
+    them; where a group's state_dtype and its saved states disagree (a float32 checkpoint edited to
+    int8), the states follow the group: quantised to the nearest level, or read back exactly."""
+    f32, params, _ = _stepped(AdamW, dict(lr=1e-2), 2)
+    saved = _saved(f32)
+    saved["param_groups"][0]["state_dtype"] = "int8"
+    low = AdamW(params, lr=1e-2)
+    low.load_state_dict(saved)
+    assert low.param_groups[0]["state_dtype"] == "int8"
+    big = params[0]
+    for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        stored = low.state[big][key]
+        assert stored.dtype == torch.uint8
+        assert torch.equal(stored, adamw_module._quantised(f32.state[big][key], "int8", signed))
+    assert low.state[params[1]]["exp_avg"].dtype == torch.float32  # 50 numbers: float32
+    back = AdamW(params, lr=1e-2)
+    saved = _saved(low)
+    saved["param_groups"][0]["state_dtype"] = None
+    back.load_state_dict(saved)
+    for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        value = back.state[big][key]
+        assert value.dtype == torch.float32 and value.shape == big.shape
+        assert torch.equal(value, adamw_module._dequantised(low.state[big][key], signed, big.shape, torch.float32))

@@ -347,6 +347,14 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
         **group_phase.context(prog, names_in_group["group_code"]),
         **mode_code.context(prog, names_in_group["group_code"]),
     )
+    # each float state's int8/int4 code by saved key, over all rules (signed if any rule says so)
+    lowbit = {}
+    for _, p, _ in rules:
+        codes = quant.codes(p.program)
+        for s in p.program.states:
+            if s.name in codes and not s.fed:
+                lowbit[s.saved_as] = lowbit.get(s.saved_as, False) or codes[s.name].signed
+    ctx["lowbit_keys"] = lowbit
     # the class's map of old names to saved keys spans the rules (a name has one key in all of them)
     ctx["states_saved"] = list(dict.fromkeys(pair for c in contexts for pair in c["states_saved"]))
     host_code = "\n".join(e for c in contexts for _, e in c["group_defs"] + c["param_single"] if e)
