@@ -387,7 +387,7 @@ def _quantised(x, fmt, signed, generator=None, stochastic=False):
     """`x` as stored in format `fmt` (None: x itself): a uint8 tensor of rows of codes and scale.
     Nearest level by default; `stochastic` rounds up with probability (x - below) / (above - below)
     (unbiased), drawing from `generator` (a key per write, expanded on x's device)."""
-    if fmt is None or x.numel() < _MIN_NUMEL:
+    if fmt is None or x.numel() < _MIN_NUMEL or x.is_complex():  # complex states stay as they are
         return x
     if _is_sharded(x):
         raise NotImplementedError("int8/int4 states of sharded (DTensor) parameters are not supported yet; "
@@ -601,6 +601,9 @@ class AdamS(Optimizer):
             if group.get(key, value) != value:
                 raise ValueError(f"AdamS does not implement {key}={group[key]!r} (only {key}={value!r})")
 
+    # The code (signed or not) of each float state at int8/int4, by state_dict key (optdsl/quant.py).
+    _LOWBIT_SIGNED = {"exp_avg": True, "exp_avg_sq": False}
+
     # ---- state: the stochastic rounding's own generator, and what a state_dict may hold
 
     def manual_seed(self, seed):
@@ -717,13 +720,19 @@ class AdamS(Optimizer):
                 dtype = _state_dtype(group, p)
                 if not p.is_floating_point() or i not in saved:
                     continue
+                lowbit = _lowbit_format(group["state_dtype"])
                 for key, value in saved[i].items():
                     if key == "step" or not torch.is_tensor(value):
                         continue
                     if value.dtype == torch.uint8:  # low-bit codes and scales, byte for byte
                         self.state[p][key] = value.to(device=p.device, copy=True)
+                        if not lowbit:  # saved at low bit, asked for float states: read back
+                            shape = self._expected_states(group, p)[key]
+                            self.state[p][key] = _dequantised(self.state[p][key], self._LOWBIT_SIGNED[key], shape, dtype)
                     elif dtype != p.dtype and value.is_floating_point():
                         self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
+                    if lowbit and key in self._LOWBIT_SIGNED and value.is_floating_point():  # saved in float
+                        self.state[p][key] = _quantised(self.state[p][key], lowbit, self._LOWBIT_SIGNED[key])
         for group in self.param_groups:  # the fused kernel reads `step` on the parameter's device
             for p in group["params"]:
                 step = self.state[p].get("step") if p in self.state else None

@@ -604,7 +604,7 @@ class AdamW(Optimizer):
                 raise ValueError(f"AdamW does not implement {key}={group[key]!r} (only {key}={value!r})")
 
     # The code (signed or not) of each float state at int8/int4, by state_dict key (optdsl/quant.py).
-    _LOWBIT_SIGNED = {"exp_avg": True, "exp_avg_sq": False}
+    _LOWBIT_SIGNED = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}
 
     # ---- state: the stochastic rounding's own generator, and what a state_dict may hold
 
