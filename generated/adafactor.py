@@ -459,6 +459,13 @@ def _write_state(stored, value, signed, generator=None, stochastic=False):
         stored.copy_(value)
 
 
+def _negated(grads):
+    """-g for each gradient, as new tensors (p.grad is never written): torch.optim's maximize=True."""
+    if grads and not _is_sharded(grads[0]):
+        return torch._foreach_neg(grads)
+    return [torch.neg(g) for g in grads]
+
+
 def _pow(x, y):
     try:
         r = x ** y
@@ -525,7 +532,7 @@ class Adafactor(Optimizer):
             (unsigned where it is never negative); each step dequantises, updates in float32 and
             requantises to the nearest level (``"int8_stochastic"``, ``"int4_stochastic"``: stochastically,
             from the optimizer's own generator). The for-loop and foreach paths support them.
-        maximize (bool, optional): accepted for torch.optim's sake; only False.
+        maximize (bool, optional): default False; True maximises the objective (each path steps with -g), as torch.optim.
         capturable (bool, optional): accepted for torch.optim's sake; only False.
         differentiable (bool, optional): accepted for torch.optim's sake; only False.
         The spec's own names are accepted too: eps1, eps2, wd.
@@ -534,7 +541,7 @@ class Adafactor(Optimizer):
     # The spec's own names, accepted as aliases: name -> (keyword, index in its tuple or None).
     _ALIASES = {"eps1": ("eps", 0), "eps2": ("eps", 1), "wd": ("weight_decay", None)}
     # torch.optim's keywords this spec does not implement, accepted at the value that turns them off.
-    _FIXED = {"maximize": False, "capturable": False, "differentiable": False}
+    _FIXED = {"capturable": False, "differentiable": False}
     # state_dict() keys of the states, by their names in the spec.
     _SAVED = {"r": "row_var", "c": "col_var", "v": "variance"}
 
@@ -689,7 +696,7 @@ class Adafactor(Optimizer):
             if len(saved.get("params", ())) != len(group["params"]):
                 raise ValueError(f"{where}: param_groups[{n}] holds {len(saved.get('params', ()))} parameters, "
                                  f"this optimizer's {len(group['params'])}")
-            self._check_group({**self.defaults, **saved})  # e.g. torch.optim's maximize=True cannot go on here
+            self._check_group({**self.defaults, **saved})  # e.g. torch.optim's capturable=True cannot go on here
             for i, p in zip(saved["params"], group["params"]):
                 state = state_dict["state"].get(i) or {}
                 # the states of the rule p takes under the loaded group's values (Adam's amsgrad=True keeps max_exp_avg_sq)
@@ -865,6 +872,8 @@ class Adafactor(Optimizer):
             r_list = []
             c_list = []
             self._init_group(group, 0, params, grads, r_list, c_list, state_steps)
+            if group["maximize"]:  # as torch.optim: every path (and the group statements) reads -g, so the step ascends
+                grads = _negated(grads)
             adafactor_0(
                 params, grads, r_list, c_list, state_steps,
                 lr=group["lr"],
@@ -883,6 +892,8 @@ class Adafactor(Optimizer):
             params, grads, state_steps = [], [], []
             v_list = []
             self._init_group(group, 1, params, grads, v_list, state_steps)
+            if group["maximize"]:  # as torch.optim: every path (and the group statements) reads -g, so the step ascends
+                grads = _negated(grads)
             adafactor_1(
                 params, grads, v_list, state_steps,
                 lr=group["lr"],

@@ -452,6 +452,13 @@ def _write_state(stored, value, signed, generator=None, stochastic=False):
         stored.copy_(value)
 
 
+def _negated(grads):
+    """-g for each gradient, as new tensors (p.grad is never written): torch.optim's maximize=True."""
+    if grads and not _is_sharded(grads[0]):
+        return torch._foreach_neg(grads)
+    return [torch.neg(g) for g in grads]
+
+
 class AdamW(Optimizer):
     r"""Adam with decoupled weight decay (Loshchilov & Hutter, 2019)
 
@@ -504,7 +511,7 @@ class AdamW(Optimizer):
             (unsigned where it is never negative); each step dequantises, updates in float32 and
             requantises to the nearest level (``"int8_stochastic"``, ``"int4_stochastic"``: stochastically,
             from the optimizer's own generator). The for-loop and foreach paths support them.
-        maximize (bool, optional): accepted for torch.optim's sake; only False.
+        maximize (bool, optional): default False; True maximises the objective (each path steps with -g), as torch.optim.
         capturable (bool, optional): accepted for torch.optim's sake; only False.
         differentiable (bool, optional): accepted for torch.optim's sake; only False.
         The spec's own names are accepted too: b1, b2, wd.
@@ -513,7 +520,7 @@ class AdamW(Optimizer):
     # The spec's own names, accepted as aliases: name -> (keyword, index in its tuple or None).
     _ALIASES = {"b1": ("betas", 0), "b2": ("betas", 1), "wd": ("weight_decay", None)}
     # torch.optim's keywords this spec does not implement, accepted at the value that turns them off.
-    _FIXED = {"maximize": False, "capturable": False, "differentiable": False}
+    _FIXED = {"capturable": False, "differentiable": False}
     # state_dict() keys of the states, by their names in the spec.
     _SAVED = {"m": "exp_avg", "v": "exp_avg_sq", "v_max": "max_exp_avg_sq"}
 
@@ -668,7 +675,7 @@ class AdamW(Optimizer):
             if len(saved.get("params", ())) != len(group["params"]):
                 raise ValueError(f"{where}: param_groups[{n}] holds {len(saved.get('params', ()))} parameters, "
                                  f"this optimizer's {len(group['params'])}")
-            self._check_group({**self.defaults, **saved})  # e.g. torch.optim's maximize=True cannot go on here
+            self._check_group({**self.defaults, **saved})  # e.g. torch.optim's capturable=True cannot go on here
             for i, p in zip(saved["params"], group["params"]):
                 state = state_dict["state"].get(i) or {}
                 # the states of the rule p takes under the loaded group's values (Adam's amsgrad=True keeps max_exp_avg_sq)
@@ -846,6 +853,8 @@ class AdamW(Optimizer):
             m_list = []
             v_list = []
             self._init_group(group, 0, params, grads, m_list, v_list, state_steps)
+            if group["maximize"]:  # as torch.optim: every path (and the group statements) reads -g, so the step ascends
+                grads = _negated(grads)
             adamw_0(
                 params, grads, m_list, v_list, state_steps,
                 lr=group["lr"],
@@ -866,6 +875,8 @@ class AdamW(Optimizer):
             v_list = []
             v_max_list = []
             self._init_group(group, 1, params, grads, m_list, v_list, v_max_list, state_steps)
+            if group["maximize"]:  # as torch.optim: every path (and the group statements) reads -g, so the step ascends
+                grads = _negated(grads)
             adamw_1(
                 params, grads, m_list, v_list, v_max_list, state_steps,
                 lr=group["lr"],

@@ -629,7 +629,7 @@ class LookaheadAdam(Optimizer):
             if missing:
                 raise ValueError(f"{where}: param_groups[{n}] has no {', '.join(missing)}: a state_dict of "
                                  "another optimizer? (LookaheadAdam's groups hold lr, b1, b2, eps, wd, k, alpha)")
-            self._check_group({**self.defaults, **saved})  # e.g. torch.optim's maximize=True cannot go on here
+            self._check_group({**self.defaults, **saved})  # e.g. torch.optim's capturable=True cannot go on here
             for i, p in zip(saved["params"], group["params"]):
                 state = state_dict["state"].get(i) or {}
                 # the states of the rule p takes under the loaded group's values (Adam's amsgrad=True keeps max_exp_avg_sq)

@@ -477,6 +477,13 @@ def _write_state(stored, value, signed, generator=None, stochastic=False):
         stored.copy_(value)
 
 
+def _negated(grads):
+    """-g for each gradient, as new tensors (p.grad is never written): torch.optim's maximize=True."""
+    if grads and not _is_sharded(grads[0]):
+        return torch._foreach_neg(grads)
+    return [torch.neg(g) for g in grads]
+
+
 def _pow(x, y):
     try:
         r = x ** y
@@ -594,7 +601,7 @@ class Muon(Optimizer):
             (unsigned where it is never negative); each step dequantises, updates in float32 and
             requantises to the nearest level (``"int8_stochastic"``, ``"int4_stochastic"``: stochastically,
             from the optimizer's own generator). The for-loop and foreach paths support them.
-        maximize (bool, optional): accepted for torch.optim's sake; only False.
+        maximize (bool, optional): default False; True maximises the objective (each path steps with -g), as torch.optim.
         capturable (bool, optional): accepted for torch.optim's sake; only False.
         differentiable (bool, optional): accepted for torch.optim's sake; only False.
         The spec's own names are accepted too: wd, a, b, c, b1, b2.
@@ -603,7 +610,7 @@ class Muon(Optimizer):
     # The spec's own names, accepted as aliases: name -> (keyword, index in its tuple or None).
     _ALIASES = {"wd": ("weight_decay", None), "a": ("ns_coefficients", 0), "b": ("ns_coefficients", 1), "c": ("ns_coefficients", 2), "b1": ("adam_betas", 0), "b2": ("adam_betas", 1)}
     # torch.optim's keywords this spec does not implement, accepted at the value that turns them off.
-    _FIXED = {"ns_steps": 5, "maximize": False, "capturable": False, "differentiable": False}
+    _FIXED = {"ns_steps": 5, "capturable": False, "differentiable": False}
     # state_dict() keys of the states, by their names in the spec.
     _SAVED = {"buf": "momentum_buffer", "m": "exp_avg", "v": "exp_avg_sq"}
 
@@ -792,7 +799,7 @@ class Muon(Optimizer):
             if len(saved.get("params", ())) != len(group["params"]):
                 raise ValueError(f"{where}: param_groups[{n}] holds {len(saved.get('params', ()))} parameters, "
                                  f"this optimizer's {len(group['params'])}")
-            self._check_group({**self.defaults, **saved})  # e.g. torch.optim's maximize=True cannot go on here
+            self._check_group({**self.defaults, **saved})  # e.g. torch.optim's capturable=True cannot go on here
             for i, p in zip(saved["params"], group["params"]):
                 state = state_dict["state"].get(i) or {}
                 # the states of the rule p takes under the loaded group's values (Adam's amsgrad=True keeps max_exp_avg_sq)
@@ -966,6 +973,8 @@ class Muon(Optimizer):
             params, grads, state_steps = [], [], []
             buf_list = []
             self._init_group(group, 0, params, grads, buf_list, state_steps)
+            if group["maximize"]:  # as torch.optim: every path (and the group statements) reads -g, so the step ascends
+                grads = _negated(grads)
             muon_0(
                 params, grads, buf_list, state_steps,
                 lr=group["lr"],
@@ -996,6 +1005,8 @@ class Muon(Optimizer):
             m_list = []
             v_list = []
             self._init_group(group, 1, params, grads, m_list, v_list, state_steps)
+            if group["maximize"]:  # as torch.optim: every path (and the group statements) reads -g, so the step ascends
+                grads = _negated(grads)
             muon_1(
                 params, grads, m_list, v_list, state_steps,
                 lr=group["lr"],

@@ -441,6 +441,13 @@ def _write_state(stored, value, signed, generator=None, stochastic=False):
         stored.copy_(value)
 
 
+def _negated(grads):
+    """-g for each gradient, as new tensors (p.grad is never written): torch.optim's maximize=True."""
+    if grads and not _is_sharded(grads[0]):
+        return torch._foreach_neg(grads)
+    return [torch.neg(g) for g in grads]
+
+
 class RMSprop(Optimizer):
     r"""Root mean square propagation (Hinton, 2012)
 
@@ -486,7 +493,7 @@ class RMSprop(Optimizer):
             (unsigned where it is never negative); each step dequantises, updates in float32 and
             requantises to the nearest level (``"int8_stochastic"``, ``"int4_stochastic"``: stochastically,
             from the optimizer's own generator). The for-loop and foreach paths support them.
-        maximize (bool, optional): accepted for torch.optim's sake; only False.
+        maximize (bool, optional): default False; True maximises the objective (each path steps with -g), as torch.optim.
         capturable (bool, optional): accepted for torch.optim's sake; only False.
         differentiable (bool, optional): accepted for torch.optim's sake; only False.
         The spec's own names are accepted too: wd.
@@ -495,7 +502,7 @@ class RMSprop(Optimizer):
     # The spec's own names, accepted as aliases: name -> (keyword, index in its tuple or None).
     _ALIASES = {"wd": ("weight_decay", None)}
     # torch.optim's keywords this spec does not implement, accepted at the value that turns them off.
-    _FIXED = {"maximize": False, "capturable": False, "differentiable": False}
+    _FIXED = {"capturable": False, "differentiable": False}
     # state_dict() keys of the states, by their names in the spec.
     _SAVED = {"square_avg": "square_avg", "grad_avg": "grad_avg", "buf": "momentum_buffer"}
 
@@ -646,7 +653,7 @@ class RMSprop(Optimizer):
             if len(saved.get("params", ())) != len(group["params"]):
                 raise ValueError(f"{where}: param_groups[{n}] holds {len(saved.get('params', ()))} parameters, "
                                  f"this optimizer's {len(group['params'])}")
-            self._check_group({**self.defaults, **saved})  # e.g. torch.optim's maximize=True cannot go on here
+            self._check_group({**self.defaults, **saved})  # e.g. torch.optim's capturable=True cannot go on here
             for i, p in zip(saved["params"], group["params"]):
                 state = state_dict["state"].get(i) or {}
                 # the states of the rule p takes under the loaded group's values (Adam's amsgrad=True keeps max_exp_avg_sq)
@@ -779,6 +786,8 @@ class RMSprop(Optimizer):
             grad_avg_list = []
             buf_list = []
             self._init_group(group, params, grads, square_avg_list, grad_avg_list, buf_list, state_steps)
+            if group["maximize"]:  # as torch.optim: every path (and the group statements) reads -g, so the step ascends
+                grads = _negated(grads)
             rmsprop(
                 params, grads, square_avg_list, grad_avg_list, buf_list, state_steps,
                 lr=group["lr"],

@@ -66,6 +66,11 @@ CASES = {
     # ... and Adam and AdamW take amsgrad=True themselves (their second rule), as torch users pass it
     "adam-amsgrad": ("adam", T.Adam, dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, amsgrad=True)),
     "adamw-amsgrad": ("adamw", T.AdamW, dict(lr=0.02, betas=(0.5, 0.9), weight_decay=0.3, amsgrad=True)),
+    # maximize=True: every drop-in steps with -g (decided once, in the template), as torch.optim
+    "adamw-maximize": ("adamw", T.AdamW, dict(lr=0.02, weight_decay=0.3, amsgrad=True, maximize=True)),
+    "sgd-maximize": ("sgd", T.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1, maximize=True)),
+    "rprop-maximize": ("rprop", T.Rprop, dict(lr=0.02, maximize=True)),
+    "adafactor-maximize": ("adafactor", T.Adafactor, dict(lr=0.05, weight_decay=0.1, maximize=True)),
 }
 
 
@@ -85,7 +90,8 @@ def spec(name):
 
 # Beside torch.optim step by step (tests/test_differential.py covers the older five): many steps,
 # every path, each setting above; run_pair's tolerance is relative 1e-10 in float64, 1e-5 in float32.
-NEW = {"adamax", "nadam", "radam", "adadelta", "rprop", "asgd", "adafactor", "amsgrad", "adam-amsgrad", "adamw-amsgrad"}
+NEW = {"adamax", "nadam", "radam", "adadelta", "rprop", "asgd", "adafactor", "amsgrad", "adam-amsgrad", "adamw-amsgrad",
+       "adamw-maximize", "sgd-maximize", "rprop-maximize"}
 STEPS, FUSED_STEPS = 60, 8  # the fused path runs under the Triton interpreter on CPU
 
 
@@ -277,7 +283,7 @@ def test_flags_take_booleans_and_refuse_other_values():
 
 @pytest.mark.parametrize("name,kwargs,what", [
     ("adam", dict(decoupled_weight_decay=True), "decoupled_weight_decay=True"),
-    ("adamw", dict(maximize=True), "maximize=True"),
+    ("adamw", dict(capturable=True), "capturable=True"),
     ("sgd", dict(differentiable=True), "differentiable=True"),
     ("rmsprop", dict(capturable=True), "capturable=True"),
 ])
@@ -289,11 +295,11 @@ def test_torch_features_not_implemented_are_refused(name, kwargs, what):
 
 def test_torch_state_dict_with_a_feature_not_implemented_is_refused():
     p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
-    ref = T.Adam([p], lr=0.1, maximize=True)
+    ref = T.Adam([p], lr=0.1, decoupled_weight_decay=True)
     p.grad = torch.ones_like(p)
     ref.step()
     ours = spec("adam")([torch.nn.Parameter(p.detach().clone())])
-    with pytest.raises(ValueError, match="does not implement maximize=True"):
+    with pytest.raises(ValueError, match="does not implement decoupled_weight_decay=True"):
         ours.load_state_dict(ref.state_dict())
 
 
@@ -695,6 +701,19 @@ def test_amsgrad_is_per_group_as_torch(name, path):
     ref.load_state_dict(_roundtrip(opt.state_dict()))
     opt.load_state_dict(_roundtrip(ref.state_dict()))
     assert [g["amsgrad"] for g in opt.param_groups] == [True, False]
+
+
+@pytest.mark.parametrize("path", ["single", "foreach", "fused"])
+def test_maximize_leaves_the_gradients_alone(path):
+    """-g is a new tensor: p.grad keeps what backward() wrote (torch.optim's maximize does not write it)."""
+    if path == "fused" and os.environ.get("TRITON_INTERPRET") != "1" and not ON_GPU:
+        pytest.skip("the fused path runs under TRITON_INTERPRET=1, or compiled on a CUDA device")
+    ps = [torch.nn.Parameter(torch.ones(s, dtype=torch.float64)) for s in SHAPES]
+    opt = spec("adam")(ps, lr=0.1, maximize=True, **({"fused": True} if path == "fused" else {"foreach": path == "foreach"}))
+    for p in ps:
+        p.grad = torch.full_like(p, 0.5)
+    opt.step()
+    assert all((p.grad == 0.5).all() and (p > 1).all() for p in ps)  # it ascended, the gradient as it was
 
 
 def test_adamw_amsgrad_state_dict_loads_into_amsgrad():

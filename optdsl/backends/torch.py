@@ -375,8 +375,10 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
 
 
 # ---- the constructor's keywords ----
-# torch.optim's own flags, which a drop-in class accepts at the value that turns them off.
+# torch.optim's own flags, keyword-only in a drop-in class; it accepts those not in IMPLEMENTED_FLAGS
+# at the value that turns them off. maximize=True is the template's: each path steps with -g.
 TORCH_FLAGS = {"maximize": False, "capturable": False, "differentiable": False}
+IMPLEMENTED_FLAGS = {"maximize"}
 
 
 @dataclass(frozen=True)
@@ -420,7 +422,7 @@ def interface(prog: ir.Program) -> dict:
         keywords.append(Argument(kw.name, _annotation(h), _py_default(h),
                                  ((f'group["{kw.name}"]', label, h),)))
     fixed = {h.keyword or h.name: _py_default(h) for h in prog.hypers if h.only}
-    fixed |= {name: repr(value) for name, value in TORCH_FLAGS.items()}
+    fixed |= {name: repr(value) for name, value in TORCH_FLAGS.items() if name not in IMPLEMENTED_FLAGS}
     accepted = [k.name for k in keywords] + ["foreach", "fused", *TORCH_FLAGS]
     # None required: a key torch.optim's class lacks (Muon's adam_lr) takes this optimizer's default;
     # another optimizer's state_dict shows in its states
