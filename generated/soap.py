@@ -1297,11 +1297,12 @@ def _multi_tensor_soap_0(params, grads, m_list, v_list, GL_list, GR_list, QL_lis
         tmp0 = torch._foreach_lerp(m, g, k1)
         tmp1 = [x if c else y for c, x, y in zip(c2, tmp0, m)]
         tmp2 = [QL_.mT for QL_ in QL]
-        tmp3 = [torch.matmul(tmp2_, g_) for tmp2_, g_ in zip(tmp2, g)]
-        tmp4 = [torch.matmul(tmp3_, QR_) for tmp3_, QR_ in zip(tmp3, QR)]
-        tmp5 = torch._foreach_mul(tmp4, tmp4)
-        tmp6 = torch._foreach_lerp(v, tmp5, k2)
-        tmp7 = [x if c else y for c, x, y in zip(c2, tmp6, v)]
+        if any(c2) or not c2:
+            tmp3 = [torch.matmul(tmp2_, g_) for tmp2_, g_ in zip(tmp2, g)]
+            tmp4 = [torch.matmul(tmp3_, QR_) for tmp3_, QR_ in zip(tmp3, QR)]
+            tmp5 = torch._foreach_mul(tmp4, tmp4)
+            tmp6 = torch._foreach_lerp(v, tmp5, k2)
+        tmp7 = tmp6 if all(c2) else v if not any(c2) else [x if c else y for c, x, y in zip(c2, tmp6, v)]
         tmp8 = [QR_.mT for QR_ in QR]
         tmp9 = [torch.matmul(tmp2_, tmp1_) for tmp2_, tmp1_ in zip(tmp2, tmp1)]
         tmp10 = [torch.matmul(tmp9_, QR_) for tmp9_, QR_ in zip(tmp9, QR)]
@@ -1317,10 +1318,12 @@ def _multi_tensor_soap_0(params, grads, m_list, v_list, GL_list, GR_list, QL_lis
         tmp18 = torch._foreach_lerp(GL, tmp17, k3)
         tmp19 = [torch.matmul(tmp16_, g_) for tmp16_, g_ in zip(tmp16, g)]
         tmp20 = torch._foreach_lerp(GR, tmp19, k3)
-        tmp21 = [torch.matmul(tmp18_, QL_) for tmp18_, QL_ in zip(tmp18, QL)]
-        tmp22 = [x if c else y for c, x, y in zip(c3, tmp21, QL)]
-        tmp23 = [torch.matmul(tmp20_, QR_) for tmp20_, QR_ in zip(tmp20, QR)]
-        tmp24 = [x if c else y for c, x, y in zip(c3, tmp23, QR)]
+        if any(c3) or not c3:
+            tmp21 = [torch.matmul(tmp18_, QL_) for tmp18_, QL_ in zip(tmp18, QL)]
+        tmp22 = tmp21 if all(c3) else QL if not any(c3) else [x if c else y for c, x, y in zip(c3, tmp21, QL)]
+        if any(c3) or not c3:
+            tmp23 = [torch.matmul(tmp20_, QR_) for tmp20_, QR_ in zip(tmp20, QR)]
+        tmp24 = tmp23 if all(c3) else QR if not any(c3) else [x if c else y for c, x, y in zip(c3, tmp23, QR)]
         if any(c3) or not c3:
             tmp25 = [torch.matmul(tmp2_, tmp22_) for tmp2_, tmp22_ in zip(tmp2, tmp22)]
             tmp26 = [_sortperm(tmp25_) for tmp25_ in tmp25]
@@ -1333,10 +1336,11 @@ def _multi_tensor_soap_0(params, grads, m_list, v_list, GL_list, GR_list, QL_lis
         if not all(c3):
             tmp31 = torch._foreach_mul(QR, QR)
         tmp32 = tmp30 if all(c3) else tmp31 if not any(c3) else [x if c else y for c, x, y in zip(c3, tmp30, tmp31)]
-        tmp33 = [tmp28_.mT for tmp28_ in tmp28]
-        tmp34 = [torch.matmul(tmp33_, tmp7_) for tmp33_, tmp7_ in zip(tmp33, tmp7)]
-        tmp35 = [torch.matmul(tmp34_, tmp32_) for tmp34_, tmp32_ in zip(tmp34, tmp32)]
-        tmp36 = [x if c else y for c, x, y in zip(c3, tmp35, tmp7)]
+        if any(c3) or not c3:
+            tmp33 = [tmp28_.mT for tmp28_ in tmp28]
+            tmp34 = [torch.matmul(tmp33_, tmp7_) for tmp33_, tmp7_ in zip(tmp33, tmp7)]
+            tmp35 = [torch.matmul(tmp34_, tmp32_) for tmp34_, tmp32_ in zip(tmp34, tmp32)]
+        tmp36 = tmp35 if all(c3) else tmp7 if not any(c3) else [x if c else y for c, x, y in zip(c3, tmp35, tmp7)]
         if any(c4) or not c4:
             tmp37 = [_eigvecs(tmp18_) for tmp18_ in tmp18]
         if not all(c4):

@@ -128,8 +128,8 @@ def _single_line(instr: Instr) -> str:
 
 
 def _linear_algebra(instrs) -> bool:
-    """Whether these instructions (branches included) call a linear algebra helper."""
-    return any((i.op == "call" and any(f"{name}(" in i.template for name in LINALG_HELPERS))
+    """Whether these instructions (branches included) call a linear algebra helper or multiply matrices."""
+    return any((i.op == "call" and any(f"{name}(" in i.template for name in [*LINALG_HELPERS, "torch.matmul"]))
                or (i.op == "branch" and any(_linear_algebra(b) for b in i.blocks)) for i in instrs)
 
 
@@ -142,9 +142,9 @@ def multi(instr: Instr) -> list[str]:
                     + _indent(other, multi) + [f"    {instr.out} = {a[2]}"])
         pick = f"[x if c else y for c, x, y in zip({a[0]}, {a[1]}, {a[2]})]"
         if _linear_algebra(then + other):
-            # an eigendecomposition or a QR per tensor costs more than the whole element-wise step:
-            # a branch runs only for the tensors that take it when all take the same (the usual
-            # case: every tensor stepped as often), both otherwise
+            # an eigendecomposition, a QR or a matrix product per tensor costs more than the whole
+            # element-wise step: a branch runs only for the tensors that take it when all take the
+            # same (the usual case: every tensor stepped as often), both otherwise
             c = a[0]
             return ([f"if any({c}) or not {c}:"] * bool(then) + _indent(then, multi)
                     + [f"if not all({c}):"] * bool(other) + _indent(other, multi)
