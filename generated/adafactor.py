@@ -12,7 +12,10 @@ The spec::
     optimizer Adafactor \"factored second moments, relative step size (Shazeer & Stern, 2018), as torch.optim has it\"
     
     hyper lr = 1e-2 in [0, inf), beta2_decay = -0.8 in (-inf, 0]
-    hyper eps1 = None in (0, inf), eps2 = 1e-3 in [0, inf)   # eps1 = 0 would divide by zero: refused
+    # eps1 = 0 is refused. torch.optim takes it, and then a vector's gradient element that is exactly 0
+    # at step 1 gives 0 * rsqrt(0) = NaN in p (torch.optim 2.13 too, that element only: its clipping's
+    # Python max(1.0, nan) is 1.0; here rms(u) would spread the NaN over the whole parameter).
+    hyper eps1 = None in (0, inf), eps2 = 1e-3 in [0, inf)
     hyper eps = (eps1, eps2)
     hyper d = 1 in [1, inf), wd = 0 in [0, inf) as weight_decay
     
@@ -800,7 +803,7 @@ class Adafactor(Optimizer):
             raise RuntimeError("Adafactor does not support sparse gradients")
         if any(p.dim() < 2 for p in with_grad):
             bad = next(p for p in with_grad if p.dim() < 2)
-            raise ValueError(f"Adafactor: state 'c: cols' (line 16) needs parameters of rank 2 or more; this "
+            raise ValueError(f"Adafactor: state 'c: cols' (line 19) needs parameters of rank 2 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Adafactor does not support complex parameters: its state 'r' is declared ': rows', which stepping their "
