@@ -3,7 +3,8 @@
 A scenario is (mode, spec, path, dtype): mode `ddp` (DistributedDataParallel, replicated
 parameters), `fsdp` (FSDP2 `fully_shard`, every parameter a DTensor sharded by rows) or `tp`
 (tensor parallel: `a` ColwiseParallel, `b` RowwiseParallel, the gain a plain tensor; every rank
-trains on the whole batch); path `loop`, `foreach` or `fused` (the Triton kernels, run by the
+trains on the whole batch) or `2d` (4 ranks: FSDP2 over tensor parallelism on a 2 x 2 mesh, as
+torchtitan; `--modes 2d --world 4`); path `loop`, `foreach` or `fused` (the Triton kernels, run by the
 interpreter on CPU). Under ddp and fsdp each rank trains on its slice of every batch; the loss is a mean, so the averaged gradient is the whole
 batch's and the parameters after STEPS steps must equal one process's.
 
@@ -35,7 +36,7 @@ SPECS = sorted(f[:-4] for f in os.listdir(os.path.join(ROOT, "specs")) if f.ends
 PATHS = {"loop": dict(foreach=False, fused=False), "foreach": dict(foreach=True, fused=False),
          "fused": dict(foreach=False, fused=True)}
 MODES = ("ddp", "fsdp", "tp")
-HIDDEN = {"tp": 8}  # the model's hidden width, where not 7: torch's tensor parallelism splits it evenly
+HIDDEN = {"tp": 8, "2d": 8}  # the model's hidden width, where not 7: torch's tensor parallelism splits it evenly
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 DTYPES_NAME = {v: k for k, v in DTYPES.items()}
 CHECKPOINTS = tempfile.gettempdir()  # where `save` scenarios write and `load` ones read (set before a run)
@@ -121,6 +122,17 @@ def sharded(mode, name, path, dtype, rank, world):
         train(model, make(name, model.parameters(), path, **kwargs), batches(dtype))
         return [p.full_tensor().detach().clone() if hasattr(p, "full_tensor") else p.detach().clone()
                 for p in model.parameters()]
+    if mode == "2d":  # FSDP2 over tensor parallelism, as torchtitan: a 2-D mesh, data parallel x tensor parallel
+        from torch.distributed.tensor import init_device_mesh
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+        mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
+        model = net(dtype, HIDDEN["2d"])
+        parallelize_module(model, mesh["tp"], {"a": ColwiseParallel(), "b": RowwiseParallel()})
+        for module in (model.a, model.b, model):
+            fully_shard(module, mesh=mesh["dp"])
+        train(model, make(name, model.parameters(), path, **kwargs), batches(dtype), mesh["dp"].get_local_rank(),
+              world // 2)
+        return [p.full_tensor().detach().clone() for p in model.parameters()]
     fully_shard(model.a)
     fully_shard(model.b)
     fully_shard(model)

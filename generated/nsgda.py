@@ -65,6 +65,12 @@ def _is_sharded(x) -> bool:
     return _DTensor is not None and isinstance(x, _DTensor)
 
 
+def _splits(pl) -> bool:
+    """Whether a placement splits a tensor along an axis: Shard, and the _StridedShard FSDP2 puts over
+    tensor parallelism's Shard of the same axis (which is_shard() does not count)."""
+    return hasattr(pl, "dim")
+
+
 def _new_zeros(p, shape, dtype):
     """A state of `shape` (p's, or with some axes reduced to size 1) beside p, zero. A DTensor
     parameter's state is split like p along each axis it keeps, so each rank holds the part its
@@ -72,7 +78,7 @@ def _new_zeros(p, shape, dtype):
     if not _is_sharded(p):
         return p.new_zeros(shape, dtype=dtype)
     shape = tuple(shape)
-    keep = [pl.is_shard() and len(shape) == p.dim() and shape[pl.dim] == p.shape[pl.dim] for pl in p.placements]
+    keep = [_splits(pl) and len(shape) == p.dim() and shape[pl.dim] == p.shape[pl.dim] for pl in p.placements]
     placements = [pl if k else _Replicate() for pl, k in zip(p.placements, keep)]
     return torch.distributed.tensor.zeros(shape, dtype=dtype, device_mesh=p.device_mesh, placements=placements)
 
@@ -104,7 +110,7 @@ def _amax(x, dim):
         part = local.new_full(shape, -math.inf)
     else:
         part = torch.amax(local) if dim is None else local.amax(dim=dim, keepdim=True)
-    placements = [_Partial("max") if pl.is_shard() and pl.dim % max(x.dim(), 1) in dims else pl for pl in x.placements]
+    placements = [_Partial("max") if _splits(pl) and pl.dim % max(x.dim(), 1) in dims else pl for pl in x.placements]
     shape = () if dim is None else tuple(1 if d in dims else n for d, n in enumerate(x.shape))
     return _DTensor.from_local(part, x.device_mesh, placements, run_check=False, shape=shape,
                                stride=torch.empty(shape, device="meta").stride())
@@ -161,19 +167,19 @@ class _Shards:
 
     def __init__(self, params):
         self.params = params
-        self.mesh = next(x for x in params if _is_sharded(x)).device_mesh
+        # per tensor its mesh: FSDP2 over tensor parallelism puts the parameters tensor parallelism
+        # splits on the 2-D mesh and the others (norms' gains) on its data-parallel part
+        self.meshes = [x.device_mesh if _is_sharded(x) else None for x in params]
         self.split = []  # per tensor: {mesh dim: the tensor axis it splits}
         for x in params:
             if not _is_sharded(x):  # a plain tensor beside DTensors (a gain tensor parallelism leaves whole)
                 self.split.append({})
                 continue
-            if x.device_mesh != self.mesh:
-                raise RuntimeError("fused=True: the DTensor parameters of a group must share one device mesh")
             split = {}
             for m, pl in enumerate(x.placements):
                 if pl.is_partial():
                     raise RuntimeError("fused=True: a parameter with a Partial placement has no value to update")
-                if pl.is_shard() and self.mesh.size(m) > 1:
+                if _splits(pl) and x.device_mesh.size(m) > 1:
                     split[m] = pl.dim % max(x.dim(), 1)
             self.split.append(split)
 
@@ -189,18 +195,17 @@ class _Shards:
     def combine(self, pieces):
         """pieces: (accumulator, per tensor its (start, length) in it, what the reduction reduces, op).
         Each slot whose tensor a mesh dimension splits along a reduced axis holds a partial result."""
-        todo = {}
+        todo = {}  # (process group, op): the slots it combines; in the tensors' order, alike on every rank
         for k, (buffer, segments, reduced, op) in enumerate(pieces):
             for i, (start, length) in enumerate(segments):
                 for m, axis in self.split[i].items():
                     if _reduces(reduced, axis, self.params[i].dim()):
-                        todo.setdefault((m, op), {}).setdefault(k, (buffer, []))[1].extend(
-                            range(start, start + length))
-        for (m, op), parts in todo.items():
+                        todo.setdefault((self.meshes[i].get_group(m), op), {}).setdefault(
+                            k, (buffer, []))[1].extend(range(start, start + length))
+        for (group, op), parts in todo.items():
             parts = [(b, torch.tensor(idx, dtype=torch.int64, device=b.device)) for b, idx in parts.values()]
             flat = torch.cat([b[idx] for b, idx in parts])
-            _dist.all_reduce(flat, op=_dist.ReduceOp.MAX if op == "max" else _dist.ReduceOp.SUM,
-                             group=self.mesh.get_group(m))
+            _dist.all_reduce(flat, op=_dist.ReduceOp.MAX if op == "max" else _dist.ReduceOp.SUM, group=group)
             at = 0
             for b, idx in parts:
                 b.index_copy_(0, idx, flat[at:at + len(idx)])
@@ -216,7 +221,8 @@ class _Shards:
             whole = {k: self.whole(i, v) if torch.is_tensor(v) else v for k, v in entries.items()}
             return [self.shard(i, x) for x in work(**whole)]
         ((m, axis),) = self.split[i].items()
-        group, size, me = self.mesh.get_group(m), self.mesh.size(m), self.mesh.get_local_rank(m)
+        mesh = self.meshes[i]
+        group, size, me = mesh.get_group(m), mesh.size(m), mesh.get_local_rank(m)
         owner = i % size
         length = self.params[i].shape[axis]
         chunk = -(-length // size)  # torch.chunk's split, as DTensor's Shard: the last parts shorter or empty
@@ -251,13 +257,16 @@ class _Shards:
     def whole(self, i, x):
         """Tensor i's local shard `x` (or a value shaped like it) as the whole tensor."""
         p = self.params[i]
-        return _DTensor.from_local(x, self.mesh, p.placements, run_check=False, shape=p.shape,
+        return _DTensor.from_local(x, p.device_mesh, p.placements, run_check=False, shape=p.shape,
                                    stride=p.stride()).full_tensor()
 
     def shard(self, i, x):
         """This rank's shard of `x`, a whole value shaped like tensor i."""
-        whole = _DTensor.from_local(x, self.mesh, [_Replicate()] * self.mesh.ndim, run_check=False)
-        return whole.redistribute(self.mesh, self.params[i].placements).to_local().contiguous()
+        p = self.params[i]
+        # every rank holds x: each takes its part without communication (src_data_rank=None), as the
+        # placements split it (FSDP2's _StridedShard over tensor parallelism's Shard included)
+        return torch.distributed.tensor.distribute_tensor(x, p.device_mesh, p.placements,
+                                                          src_data_rank=None).to_local().contiguous()
 
 
 # ---- low-bit states (state_dtype "int8", "int4"): codes and one float32 scale per block ----

@@ -37,6 +37,9 @@ ALL += [("tp", name, path, "float64") for name in ("adamw", "lamb", "muon") for 
 # refused by torch on the torch paths).
 SPLIT = ["nsgda", "adafactor", "sm3", "adamw_softclip", "sgd_agc", "amos", "muon", "adalo"]
 FOUR = [("fsdp", name, path, "float64") for name in SPLIT for path in dm.PATHS]
+# FSDP2 over tensor parallelism on a 2-D mesh (2 x 2), as torchtitan: FSDP2 splits tensor
+# parallelism's row shards again (_StridedShard); the gain lives on the data-parallel mesh alone
+FOUR += [("2d", name, path, "float64") for name in ("adamw", "muon", "adafactor") for path in dm.PATHS]
 BF16 = [("fsdp-bf16", "adamw", path, "float32") for path in ("loop", "fused")]  # stochastic rounding of shards
 # torch.distributed.checkpoint: saved on 2 ranks after STEPS steps, loaded on 4 (and on 1), trained on
 CHECKPOINTED = [(name, path) for name in ("adamw", "adafactor", "nadam", "muon") for path in ("loop", "fused")]
