@@ -35,7 +35,7 @@ BUILD_EPILOG = """examples:
 A failing spec is reported with file, line and column; its old output and every other
 output stay untouched, and the command exits 1. So are a path that does not exist, a folder
 with no .opt file, an output folder that cannot be written (read-only, full) and one that
-another build is writing (it holds OUT/.optdsl-build.lock): one line, exit 1.
+another build is writing (it holds a lock on the folder OUT/): one line, exit 1.
 """
 
 CHECK_EPILOG = """examples:

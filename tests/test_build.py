@@ -34,9 +34,9 @@ def listing(folder: Path) -> dict[str, bytes]:
 
 
 def stamps(folder: Path) -> dict[str, tuple[bytes, int]]:
-    """Every file's bytes and mtime, but the build lock's (a hidden file each build opens)."""
+    """Every file's bytes and mtime."""
     return {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in sorted(folder.iterdir())
-            if f.is_file() and f.name != build_mod.LOCK}
+            if f.is_file()}
 
 
 def assert_same_folder(actual: Path, expected: Path, hint: str = ""):
