@@ -275,7 +275,7 @@ class _Lowering:
     def repeat(self, block: ast.Block) -> None:
         """A bounded loop is unrolled: its count is a whole number written in the spec."""
         count = block.arg.value
-        if count != int(count) or not 1 <= count <= MAX_REPEAT:
+        if not _whole_rounds(count):
             raise SpecError(f"'repeat' takes a whole number of rounds from 1 to {MAX_REPEAT}, got {count:g}",
                             block.arg.span, hint="write the count as a number, e.g. 'repeat 5 {'")
         size = _unrolled_size([block])
@@ -504,6 +504,12 @@ MAX_REPEAT = 64
 MAX_STATEMENTS = 128  # statements of a rule once its loops are unrolled: compiles in under 2 s
 
 
+def _whole_rounds(count: float) -> bool:
+    """Whether a repeat count is a whole number from 1 to MAX_REPEAT (compared first: int() of
+    1e400, an infinity, raises)."""
+    return 1 <= count <= MAX_REPEAT and count == int(count)
+
+
 def _unrolled_size(body) -> int:
     """How many equations a body makes once its loops are unrolled (an `every` adds one per name)."""
     size = 0
@@ -511,7 +517,7 @@ def _unrolled_size(body) -> int:
         if isinstance(item, ast.Assign):
             size += 1
         elif item.kind == "repeat":
-            size += int(item.arg.value) * _unrolled_size(item.body) if item.arg.value == int(item.arg.value) else 0
+            size += int(item.arg.value) * _unrolled_size(item.body) if _whole_rounds(item.arg.value) else 0
         else:
             size += _unrolled_size(item.body) + len(set(_targets(item.body)))
     return size

@@ -546,6 +546,8 @@ HEAD = "optimizer X\nhyper lr = 0.1 in [0, inf), k = 2 in [1, inf)\n"
     ("state r: diag\np -= lr * r\n", "unknown state shape 'diag'", (3, 10)),
     ("state s: scalar\ns = g\np -= lr * s\n", "state 's' is declared ': scalar'", (4, 1)),
     ("repeat 2.5 {\np -= lr * g\n}\n", "'repeat' takes a whole number of rounds", (3, 8)),
+    ("repeat 1e400 {\np -= lr * g\n}\n", "'repeat' takes a whole number of rounds", (3, 8)),  # inf: int() raised
+    ("repeat 2 {\nrepeat 1e400 {\np -= lr * g\n}\n}\n", "'repeat' takes a whole number of rounds", (4, 8)),
     ("every t {\np -= lr * g\n}\n", "the period of 'every' must be a number or a hyperparameter", (3, 7)),
     ("rule numel > g {\np -= lr * g\n}\n", "a rule's condition cannot read 'g'", (3, 14)),
     ("rule {\np -= lr * g\n}\nrule ndim > 1 {\np -= g\n}\n", "a rule without a condition takes every parameter",
