@@ -500,6 +500,22 @@ def _check_keys(spec: ast.Spec) -> None:
         keys[key] = s
 
 
+# Keys of a param_group that are not the spec's keywords: the parameters, torch.optim's flags, the
+# mode code's, and what torch's LR schedulers add.
+GROUP_KEYS = {"params", "train_mode", "initial_lr"} | CONSTRUCTOR_NAMES
+
+
+def _check_group_keys(spec: ast.Spec, keywords: tuple[ir.Keyword, ...]) -> None:
+    """A group state lives in its param_group under its name, beside the keywords: a name one of them
+    has would be overwritten by the other (a tuple keyword `betas` and `state betas: group`)."""
+    taken = {k.name: "a keyword of the constructor" for k in keywords}
+    taken.update((k, "a key torch.optim or its LR schedulers keep in each param_group") for k in GROUP_KEYS)
+    for s in spec.states:
+        if s.shape == "group" and s.name in taken:
+            raise SpecError(f"the group state '{s.name}' is kept in each param_group under its name, but "
+                            f"'{s.name}' is {taken[s.name]} there", s.span, hint=f"rename the state, e.g. '{s.name}_'")
+
+
 MAX_REPEAT = 64
 MAX_STATEMENTS = 128  # statements of a rule once its loops are unrolled: compiles in under 2 s
 
@@ -543,6 +559,7 @@ def lower(spec: ast.Spec, named: bool = False) -> tuple[ir.Program, list[SpecWar
     _check_declarations(spec)
     _check_keys(spec)
     keywords = _keywords(spec, named)
+    _check_group_keys(spec, keywords)
     if not group.has_group(spec):
         lowering = _Lowering(replace(spec, modes=()))
         program = replace(lowering.run(), keywords=keywords)

@@ -88,6 +88,23 @@ def test_a_name_that_is_taken_is_refused_where_it_stands(decl, where, message):
     assert "hint:" in str(err.value)
 
 
+@pytest.mark.parametrize("decl, message", [
+    ("hyper b1 = 0.9, b2 = 0.99\nhyper betas = (b1, b2)\nstate betas: group = 1", "a keyword of the constructor"),
+    ("hyper lr = 0.1 as rate\nstate rate: group = 1", "a keyword of the constructor"),
+    ("state initial_lr: group = 1", "a key torch.optim or its LR schedulers keep"),
+    ("state maximize: group = 1", "a key torch.optim or its LR schedulers keep"),
+])
+def test_a_group_state_cannot_share_its_param_group_key(decl, message):
+    """Fuzz seed 8831 (Prodigy, `state betas: group` beside `hyper betas = (b1, b2)`): the state
+    overwrote the tuple in param_groups and the step raised a TypeError."""
+    name = decl.split("state ")[1].split(":")[0]
+    text = f"optimizer X\n{decl}\ngroup {name} = {name} * 0.5\np -= {name} * g\n"
+    with pytest.raises(SpecError) as err:
+        optdsl.compile(text, "names.opt")
+    assert message in err.value.message and f"group state '{name}'" in err.value.message
+    assert err.value.line == decl.count("\n") + 2 and "hint:" in str(err.value)
+
+
 def test_a_saved_key_that_names_no_other_state_is_fine():
     _same_steps("optimizer X\nstate m as v\nm = lerp(m, g, 0.5)\np -= 0.1 * m\n",
                 "optimizer X\nstate m\nm = lerp(m, g, 0.5)\np -= 0.1 * m\n")
