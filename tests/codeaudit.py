@@ -35,9 +35,6 @@ BUILTINS = {"ImportError", "KeyError", "RuntimeError", "TypeError", "ValueError"
             "super", "tuple", "zip", "round", "repr", "type", "reversed", "NotImplementedError", "OverflowError",
             "ArithmeticError", "FloatingPointError", "complex", "hasattr"}
 assert not BUILTINS - set(dir(builtins))
-# Not a payload but a known bug (issue 12, item 3): `g^inf` prints a bare `inf` on the torch paths,
-# a NameError at step. Remove once every constant prints on every path.
-PENDING = {"inf"}
 DUNDERS = {"__init__", "__setstate__", "__getstate__", "__name__"}  # super().__init__(...), super().__getstate__(),
 # super().__setstate__(state), type(value).__name__ in load_state_dict's messages
 _TOP_ASSIGN = re.compile(r"__all__|LAUNCHES|_[A-Z][A-Z0-9_]*")  # module constants and caches
@@ -143,7 +140,7 @@ def audit(source: str) -> list[str]:
         line = getattr(node, "lineno", "?")
         if isinstance(node, (ast.Import, ast.ImportFrom)) and _import_key(node) not in IMPORTS:
             problems.append(f"line {line}: import {ast.unparse(node)!r}")
-        elif isinstance(node, ast.Name) and node.id not in bound and node.id not in BUILTINS | PENDING and (
+        elif isinstance(node, ast.Name) and node.id not in bound and node.id not in BUILTINS and (
                 id(node) not in literal_getattr):
             problems.append(f"line {line}: name {node.id!r} is neither defined in the module nor an allowed built-in")
         elif isinstance(node, ast.Attribute):
