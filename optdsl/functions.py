@@ -264,9 +264,11 @@ TABLE: dict[str, Function] = {f.name: f for f in [
     F("clamp", 3, lambda x, lo, hi: _min(_max(x, lo), hi), "torch.clamp({0}, {1}, {2})",
       "min(max({0}, {1}), {2})"),
     # rounding to bfloat16 (torch.optim.Muon's Newton-Schulz runs in it); the value stays in its dtype.
-    # _round_bfloat16: the sharding template's, which sums a DTensor's partial sums before rounding
+    # _round_bfloat16: the sharding template's, which sums a DTensor's partial sums before rounding.
+    # In kernels by the template's _round_to, through float32 as torch's double -> bfloat16 goes (Triton's
+    # interpreter truncates float32 and turns float64 into garbage, 0 for -0.3)
     F("bfloat16", 1, bfloat16, "_round_bfloat16({0})", "_bfloat16({0})",
-      triton="{0}.to(tl.bfloat16).to({0}.dtype)"),
+      triton="_round_to({0}, tl.bfloat16).to({0}.dtype)"),
     F("where", 3, where, "torch.where({0} != 0, {1}, {2})", "({1} if {0} else {2})",
       triton="tl.where({0} != 0, {1}, {2})"),
     # ---- reductions: one scalar per parameter ----

@@ -7,7 +7,9 @@ swap lines and tokens, insert a word of the language), or random text. Its outco
 
   located     a SpecError with a location: file:line:col, the line and a caret
   stepped     it compiled, and the class stepped twice on parameters of every rank 0..3 its
-              rules accept, float32 and float64, for-loop and foreach, without an exception
+              rules accept, float32 and float64, for-loop and foreach, without an exception;
+              for a sample (--fused-every), also fused=True (the Triton kernels, interpreted on the
+              CPU), whose parameters and states equal the for-loop path's (float64)
   documented  it compiled, and a step raised an error that names the spec's file and line
               (or one of the generated code's own documented messages, DOCUMENTED below)
   bug         anything else: an unlocated SpecError, "this is a bug in optdsl", a compiled
@@ -16,12 +18,14 @@ swap lines and tokens, insert a word of the language), or random text. Its outco
 tests/test_fuzz.py asserts that no case is a bug (derandomized, the "ci" profile); run this
 file to tally many cases (reproducible: case i is seed i):
 
-    python tests/fuzz_specs.py --cases 10000 [--start 0] [--show bug]
+    python tests/fuzz_specs.py --cases 10000 [--start 0] [--show bug] [--fused-every 4]
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import math
+import os
 import random
 import re
 import signal
@@ -32,7 +36,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the fused path's kernels on CPU tensors, as tests/conftest.py
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -197,7 +202,78 @@ def step_all(cls) -> None:
                 opt.step(lambda: torch.tensor(1.5))
 
 
-def outcome(text: str, limit: float = 20.0) -> Outcome:
+FUSED_TOL = 1e-9  # float64 relative: the kernels and the for-loop path round alike but for op order and CSE
+
+
+def _differs(a: torch.Tensor, b: torch.Tensor, finite_only: bool = False) -> float:
+    """The largest relative difference of two float64 tensors, nan where one has nan and the
+    other not (infinities must match exactly); 0 when equal. finite_only: compare the elements
+    finite on both sides alone."""
+    a, b = a.detach().double(), b.detach().double()
+    if a.shape != b.shape:
+        return math.inf
+    if finite_only:
+        both = torch.isfinite(a) & torch.isfinite(b)
+        a, b = a[both], b[both]
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    if not torch.equal(nan_a, nan_b):
+        return math.nan
+    a, b = a[~nan_a], b[~nan_b]
+    inf = torch.isinf(a) | torch.isinf(b)
+    if not torch.equal(a[inf], b[inf]):
+        return math.inf
+    a, b = a[~inf], b[~inf]
+    if not a.numel():
+        return 0.0
+    return ((a - b).abs() / (1 + torch.maximum(a.abs(), b.abs()))).max().item()
+
+
+def step_fused(cls) -> str:
+    """Two float64 steps on the fused path beside the for-loop path, on the ranks the rules accept:
+    'agrees' or 'refused' (the spec says it cannot run fused, a documented error), else what differs."""
+    gen = torch.Generator().manual_seed(1)
+    init = [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in RANKS]
+    probe = cls([p.clone() for p in init], foreach=False)
+    init = [x for x in init if _accepts(cls, x, probe.defaults)]
+    if not init:
+        return "refused"
+    loop, fused = [torch.nn.Parameter(x.clone()) for x in init], [torch.nn.Parameter(x.clone()) for x in init]
+    try:
+        fused_opt = cls(fused, fused=True)
+    except RuntimeError as err:
+        if "cannot run: " in str(err):
+            return "refused"
+        raise
+    loop_opt = cls(loop, foreach=False)
+    # Once a parameter or a state holds nan or inf, the paths may differ there by design: the torch
+    # paths skip a term whose coefficient is a hyperparameter at 0 (x + 0*p is x, as torch.optim
+    # skips weight decay 0), the kernels compute it (0*nan is nan). Such a parameter is compared
+    # where both sides are finite.
+    went_wrong = [False] * len(loop)
+    for _ in range(2):
+        for a, b in zip(loop, fused):
+            a.grad = torch.randn(a.shape, generator=gen, dtype=torch.float64)
+            b.grad = a.grad.clone()
+        loop_opt.step(lambda: torch.tensor(1.5))
+        fused_opt.step(lambda: torch.tensor(1.5))
+        for i, a in enumerate(loop):
+            went_wrong[i] = went_wrong[i] or not all(
+                bool(torch.isfinite(x).all()) for x in [a] + [v for v in loop_opt.state[a].values()
+                                                              if torch.is_tensor(v) and v.is_floating_point()])
+    for i, (a, b) in enumerate(zip(loop, fused)):
+        pairs = [("p", a, b)] + [(k, v, fused_opt.state[b].get(k)) for k, v in loop_opt.state[a].items()
+                                 if torch.is_tensor(v) and v.is_floating_point()]
+        for key, x, y in pairs:
+            if y is None:
+                return f"fused: state {key!r} of the shape-{tuple(a.shape)} parameter is missing"
+            off = _differs(x, y, finite_only=went_wrong[i])
+            if not off <= FUSED_TOL:
+                return (f"fused: {key!r} of the shape-{tuple(a.shape)} parameter differs from the for-loop "
+                        f"path's by {off:.3g} (relative)")
+    return "agrees"
+
+
+def outcome(text: str, limit: float = 20.0, fused: bool = False) -> Outcome:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -214,6 +290,11 @@ def outcome(text: str, limit: float = 20.0) -> Outcome:
                     return Outcome("bug", f"import: {type(err).__name__}: {err}")
                 try:
                     step_all(cls)
+                    if fused:
+                        said = step_fused(cls)
+                        if said not in ("agrees", "refused"):
+                            return Outcome("bug", said)
+                        return Outcome("stepped", f"fused {said}")
                 except _Slow:
                     raise
                 except Exception as err:  # noqa: BLE001
@@ -233,14 +314,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--limit", type=float, default=20.0, help="seconds per case before it counts as a bug")
     ap.add_argument("--show", action="append", default=[], help="print each case of this kind (repeatable)")
+    ap.add_argument("--fused-every", type=int, default=4, metavar="K",
+                    help="also step every K-th case that steps on the fused path (0: never)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    tally, bugs = collections.Counter(), collections.Counter()
+    tally, bugs, fused = collections.Counter(), collections.Counter(), collections.Counter()
     began = time.perf_counter()
     for seed in range(args.start, args.start + args.cases):
         text = case(seed)
-        out = outcome(text, args.limit)
+        out = outcome(text, args.limit, fused=bool(args.fused_every) and seed % args.fused_every == 0)
         tally[out.kind] += 1
+        if out.detail.startswith("fused "):
+            fused[out.detail] += 1
         if out.kind == "bug":
             bugs[re.sub(r"\d+", "N", out.detail.split("\n")[0])[:120]] += 1
         if out.kind in args.show:
@@ -249,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.cases} cases (seeds {args.start}..{args.start + args.cases - 1}) in {took:.0f} s")
     for kind in ("located", "stepped", "documented", "bug"):
         print(f"  {kind:<11} {tally[kind]}")
+        if kind == "stepped" and fused:
+            print(f"    of which on the fused path too: {fused['fused agrees']} agree with the for-loop path, "
+                  f"{fused['fused refused']} refused fused=True (a documented error)")
     for what, n in bugs.most_common():
         print(f"    {n:>5}  {what}")
     return 1 if tally["bug"] else 0

@@ -11,6 +11,8 @@ import tempfile
 import pytest
 import torch
 
+import optdsl
+
 triton = pytest.importorskip("triton")
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
@@ -662,3 +664,47 @@ def test_atan2_in_the_kernels_is_torchs_special_values_included(dtype):
         torch.testing.assert_close(got, expected.to(dtype).double(), rtol=2 * eps, atol=0, equal_nan=True)
         exact = (~torch.isfinite(x) | ~torch.isfinite(y) | (x == 0) | (y == 0)) & ~expected.isnan()  # a nan's sign means nothing
         assert torch.equal(torch.signbit(got[exact]), torch.signbit(expected.to(dtype)[exact].double())), state
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_bfloat16_rounding_in_a_kernel_is_torchs(dtype):
+    """`bfloat16(x)` in a kernel rounds as x.bfloat16() does (to nearest even, a float64 through
+    float32): Triton's interpreter truncated float32 and made float64 garbage (-0.3 became 0), so
+    a fuzzed Adadelta stepped to inf on the fused path (tests/fuzz_specs.py, seed 209). The state
+    is the rounded value itself: equal bit for bit."""
+    cls = optdsl.compile("optimizer X\nhyper lr = 0.1\nstate m\nm = bfloat16(lerp(m, g, 0.3))\n"
+                         "p -= lr * bfloat16(m / 3)\n", "bf.opt")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
+    a, b = torch.nn.Parameter(x.clone()), torch.nn.Parameter(x.clone())
+    loop, fused = cls([a], foreach=False), cls([b], fused=True)
+    for _ in range(3):
+        g = (torch.randn(3000, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(-6, 6, (3000,),
+                                                                                           generator=gen)).to(dtype)
+        a.grad, b.grad = g.to(DEVICE), g.clone().to(DEVICE)
+        loop.step()
+        fused.step()
+        assert torch.equal(loop.state[a]["m"], fused.state[b]["m"])
+        # the two sides add the same rounded terms in another order: an ulp of the largest p apart
+        torch.testing.assert_close(b, a, rtol=0, atol=torch.finfo(dtype).eps * a.abs().max().item())
+
+
+def test_dead_matrix_work_of_an_unrolled_loop_is_no_exit():
+    """An unrolled loop names each value it makes, dead ones too: `B = 2 * B` read matrix work
+    nothing else needs, which became an exit of the matrix section, (3, 3) beside a (3, 5)
+    parameter ("matrix work gave shape (3, 3)", tests/fuzz_specs.py seed 5469)."""
+    cls = optdsl.compile("optimizer X\nhyper lr = 0.1\nrule ndim == 2 {\n  x = g / (1 + norm(g))\n"
+                         "  repeat 2 {\n    A = mm(x, T(x))\n    B = 0.5 * A + mm(A, A)\n    B = 2 * B\n"
+                         "    x = x * 1.5\n  }\n  p -= lr * x\n}\nrule {\n  p -= lr * g\n}\n", "dead.opt")
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(3, 5, generator=gen, dtype=torch.float64), torch.randn(4, generator=gen, dtype=torch.float64)]
+    a, b = [torch.nn.Parameter(x.clone().to(DEVICE)) for x in init], [torch.nn.Parameter(x.clone().to(DEVICE)) for x in init]
+    loop, fused = cls(a, foreach=False), cls(b, fused=True)
+    for _ in range(2):
+        for x, y in zip(a, b):
+            x.grad = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+            y.grad = x.grad.clone()
+        loop.step()
+        fused.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y, x, rtol=1e-12, atol=1e-14)

@@ -64,21 +64,30 @@ class Fusion:
         """The matrix section: the steps with matrix work (mm, T) and those between them. Torch runs
         it per tensor between two launches: it reads `entries` (values of the kernels, stored for it
         in scratch tensors, or p, g and states themselves) and gives `exits`, shaped like p."""
-        steps = {d.symbol for d in plan.steps}
-        matrix = {d.symbol for d in plan.steps if matrix_nodes(d.expr)}
+        # Only the steps the outputs need: an unrolled loop names each value it makes (sym.Plan keeps
+        # them), so a dead one, `B = bfloat16(B)` after the last round, would read matrix work and
+        # make it an exit of another shape than p's (fuzz seed 5469).
+        live = set().union(*(e.free_symbols for _, e in plan.outputs))
+        for d in reversed(plan.steps):
+            if d.symbol in live:
+                live |= d.expr.free_symbols
+        live_steps = [d for d in plan.steps if d.symbol in live]
+        steps = {d.symbol for d in live_steps}
+        matrix = {d.symbol for d in live_steps if matrix_nodes(d.expr)}
         after, before = set(matrix), set()  # steps reading matrix work; steps matrix work reads
-        for d in plan.steps:
+        for d in live_steps:
             if d.expr.free_symbols & after:
                 after.add(d.symbol)
-        for d in reversed(plan.steps):
+        for d in reversed(live_steps):
             if d.symbol in matrix or d.symbol in before:
                 before |= d.expr.free_symbols & steps
-        self.section = [d for d in plan.steps if d.symbol in matrix | (after & before)]
+        self.section = [d for d in live_steps if d.symbol in matrix | (after & before)]
         inside = {d.symbol for d in self.section}
-        read_outside = set().union(*(d.expr.free_symbols for d in plan.steps if d.symbol not in inside),
+        read_outside = set().union(*(d.expr.free_symbols for d in live_steps if d.symbol not in inside),
                                    *(e.free_symbols for _, e in plan.outputs))
         self.exits = [d.symbol for d in self.section if d.symbol in read_outside]
-        self.dead = set() if self.exits else inside  # matrix work nothing reads: not run at all
+        # steps no output needs, and matrix work nothing reads: not run at all
+        self.dead = {d.symbol for d in plan.steps if d.symbol not in live} | (set() if self.exits else inside)
         if not self.exits:
             self.section = []
         reads = set().union(*(d.expr.free_symbols for d in self.section)) - inside
