@@ -380,6 +380,27 @@ def test_schedule_free_mode_survives_a_state_dict():
     assert torch.equal(q.detach(), p.detach())
 
 
+@pytest.mark.parametrize("states, body", [
+    ("x1 = p", "x = 2 * p\np = x + x1"),                   # the local x's version 1 beside a state x1
+])
+def test_mode_code_names_never_meet_the_specs(states, body):
+    """The mode body printed SSA versions as base + version (x·1 as x1): a state x1, loaded under its
+    name, was overwritten by the local x's first version (eval() gave 4p for 2p + x1). Each version
+    now takes a name no state and no other version has."""
+    names = [d.split(" = ")[0] for d in states.split(", ")]
+    text = (f"optimizer M\nhyper lr = 0.1\nstate {states}\n" + "".join(f"{n} = p\n" for n in names)
+            + "p -= lr * g\non eval {\n" + body + "\n}\non train {\np = " + names[0] + "\n}\n")
+    opt_cls = optdsl.compile(text, "m.opt")
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = opt_cls([p])
+    p.grad = torch.ones(2)
+    opt.step()
+    before = torch.tensor([1.0, 2.0])  # every state is p before the step
+    opt.eval()
+    expected = 2 * (before - 0.1) + before
+    assert torch.equal(p.detach(), expected), p
+
+
 @pytest.mark.parametrize("src, message, where", [
     ("state z = p\np -= g\nz = p\non eval {\np = z\n}\n", "'on eval' without 'on train'", "5:1"),
     ("state z = p\np -= g\nz = p\non eval {\np = z + g\n}\non train {\np = z\n}\n", "cannot read 'g'", "6:9"),

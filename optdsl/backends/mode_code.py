@@ -21,24 +21,32 @@ def context(prog: ir.Program, group_code: dict[str, str]) -> dict:
         tensors = {"p"}
         lines = ["p = param if param.dtype in _EXACT else param.float()"]
         read = {r for eq in mode.eqns for r in ir.refs(eq.expr)}
+        names: dict[str, str] = {}  # SSA name -> its Python name in the body
         for s in prog.states:
             if ir.ssa_name(s.name, 0) in read:
                 stored = f'state["{keys[s.name]}"]'
                 lines.append(f"{s.name} = {read_state_code(s.shape, codes[s.name].signed, stored, 'p')}")
                 env[ir.ssa_name(s.name, 0)] = sp.Symbol(s.name)
                 tensors.add(s.name)
+        # Each SSA version a name of its own: not a state's (loaded above under its name: a local x's
+        # version x·1 would print as x1 over a state x1), nor another version's (m1_·1 and m1·1).
+        taken = {"p", "param", "state", "group", "self"} | {s.name for s in prog.states}
         for eq in mode.eqns:
             value = to_sympy(eq.expr, env)
             name = _code_name(eq.out)
+            while name in taken:
+                name += "_"
+            taken.add(name)
+            names[eq.out] = name
             lines.append(f"{name} = {CompiledPrinter(tensors).doprint(value)}")
             env[eq.out] = sp.Symbol(name)
             if eq.kind == ir.TENSOR:
                 tensors.add(name)
         for base, ssa in mode.outputs:
             if base == "p":
-                lines.append(f"param.copy_({_code_name(ssa)})")
+                lines.append(f"param.copy_({names[ssa]})")
             else:  # requantised to the nearest level when it holds low-bit codes
-                lines.append(f'_copy_state(state["{keys[base]}"], {_code_name(ssa)}, {codes[base].signed})')
+                lines.append(f'_copy_state(state["{keys[base]}"], {names[ssa]}, {codes[base].signed})')
         out.append((mode.name, lines))
     return dict(modes=out)
 
