@@ -721,8 +721,9 @@ class Muon(Optimizer):
             raise ValueError(f"Invalid ns_coefficients: {group['ns_coefficients']!r} (must hold 3 values: a, b, c)")
         if not (0.0 < group["eps"]):
             raise ValueError(f"Invalid eps value: {group['eps']} (eps must be in (0, inf))")
-        if group["adjust_lr_fn"] not in (None, 'original', 'match_rms_adamw'):
-            raise ValueError(f"Invalid adjust_lr_fn value: {group['adjust_lr_fn']!r} (adjust_lr_fn must be one of None, 'original', 'match_rms_adamw')")
+        if group["adjust_lr_fn"] not in (None, "original", "match_rms_adamw"):
+            raise ValueError(f"Invalid adjust_lr_fn value: {group['adjust_lr_fn']!r} "
+                             "(adjust_lr_fn must be one of None, 'original', 'match_rms_adamw')")
         if not (0.0 <= group["adam_lr"]):
             raise ValueError(f"Invalid adam_lr value: {group['adam_lr']} (adam_lr must be in [0, inf))")
         if len(group["adam_betas"]) != 2:
@@ -995,7 +996,7 @@ class Muon(Optimizer):
                 c=group["ns_coefficients"][2],
                 eps=group["eps"],
                 ns_steps=group["ns_steps"],
-                adjust_lr_fn=float((None, 'original', 'match_rms_adamw').index(group["adjust_lr_fn"])),
+                adjust_lr_fn=float((None, "original", "match_rms_adamw").index(group["adjust_lr_fn"])),
                 adam_lr=group["adam_lr"],
                 b1=group["adam_betas"][0],
                 b2=group["adam_betas"][1],
@@ -1027,7 +1028,7 @@ class Muon(Optimizer):
                 c=group["ns_coefficients"][2],
                 eps=group["eps"],
                 ns_steps=group["ns_steps"],
-                adjust_lr_fn=float((None, 'original', 'match_rms_adamw').index(group["adjust_lr_fn"])),
+                adjust_lr_fn=float((None, "original", "match_rms_adamw").index(group["adjust_lr_fn"])),
                 adam_lr=group["adam_lr"],
                 b1=group["adam_betas"][0],
                 b2=group["adam_betas"][1],

@@ -22,3 +22,14 @@ def text(s: str) -> str:
 def is_name(s: str) -> bool:
     """Whether `s` can stand in generated code as a Python name: an ASCII identifier, not a keyword."""
     return s.isascii() and s.isidentifier() and not keyword.iskeyword(s)
+
+
+def literal(value: str | None) -> str:
+    """A named choice (None or a string) as a Python literal in generated code: "text", escaped by `text`."""
+    return "None" if value is None else f'"{text(value)}"'
+
+
+def shown(value: str | None) -> str:
+    """A named choice as a message or docstring shows it ('adam', None), inside a string that is not
+    an f-string (braces stay text): escaped by `text`."""
+    return "None" if value is None else f"'{text(value)}'"

@@ -60,6 +60,16 @@ def test_escaped_text_reads_back_and_never_leaves_its_string_or_comment(s):
     assert len(ast.parse(f"# {out}\nX = 1").body) == 1  # a comment stays one line
 
 
+@settings(max_examples=200, **SETTINGS)
+@given(st.one_of(st.none(), st.text()))
+def test_named_choices_go_through_the_one_escaping_function(value):
+    """A named choice is code (a literal the generated check compares with) and text (the message
+    and docstring): both through escape.text, not a second path (repr); the message part is no f-string."""
+    assert ast.literal_eval(escape.literal(value)) == value
+    shown = ast.literal_eval(f'"must be one of {escape.shown(value)}"')
+    assert shown == f"must be one of {value!r}" if value is None else shown == f"must be one of '{value}'"
+
+
 # ---- spec text: comments, docstrings ----
 @pytest.mark.parametrize("sep", BREAKS, ids=repr)
 def test_a_line_break_the_grammar_does_not_know_cannot_close_a_docstring(sep):

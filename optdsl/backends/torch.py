@@ -80,10 +80,16 @@ def environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.PackageLoader("optdsl", "templates"),
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                              trim_blocks=True, lstrip_blocks=True)
-    env.filters["pyrepr"] = repr  # a named choice as a Python literal (the parser admits only [A-Za-z0-9_.-])
+    env.filters["literals"] = _literals  # named choices as a Python tuple
+    env.filters["shown"] = escape.shown  # ... as a message shows it
     env.filters["text"] = escape.text  # user text: the only way it enters generated code
     env.filters["f32"] = quant.float32_code  # a level of a low-bit map
     return env
+
+
+def _literals(values) -> str:
+    """Named choices (None or strings) as a Python tuple, each through escape.literal."""
+    return "(" + ", ".join(map(escape.literal, values)) + ("," if len(values) == 1 else "") + ")"
 
 
 # ---- one instruction, printed per tensor and multi-tensor ----
@@ -433,7 +439,7 @@ def interface(prog: ir.Program) -> dict:
 
 def _py_default(h: ir.Hyper) -> str:
     if h.choices:
-        return repr(h.choices[0])
+        return escape.literal(h.choices[0])
     if h.only and float(h.default).is_integer() and not h.flag:  # a count kept for torch.optim (Muon's ns_steps)
         return repr(int(h.default))
     return "None" if h.optional else repr(bool(h.default)) if h.flag else _py_number(h.default)
@@ -451,7 +457,7 @@ def _optional(h: ir.Hyper, code: str) -> str:
     """A hyperparameter that defaults to None is, where None, the machine epsilon of the dtype of the
     parameters a step updates (`params` where the step calls the functional)."""
     if h.choices:  # the math reads a named choice as its index
-        return f"float({h.choices!r}.index({code}))"
+        return f"float({_literals(h.choices)}.index({code}))"
     return f"_machine_eps({code}, params)" if h.optional else code
 
 
