@@ -279,10 +279,77 @@ def _nonzero(den: ir.Expr, guards: tuple[ir.Expr, ...], ranges: _Ranges) -> bool
     return False
 
 
+def _rewrite(e: sp.Expr) -> sp.Expr:
+    """e with lerp and the other opaque functions written out (lerp(a, b, w) = a + w (b - a))."""
+    return e.replace(lambda x: hasattr(x, "rewrite_meaning"), lambda x: x.rewrite_meaning())
+
+
+def _square_pairs(prog: ir.Program, ranges: _Ranges) -> list[tuple[sp.Symbol, sp.Symbol]]:
+    """(v, m) symbols of the same version where v >= m^2 is proven, as centered RMSprop's variance
+    needs: states starting at 0, each assigned once per step, by v' = (1 - w) v + w x^2 and
+    m' = (1 - w) m + w x with one x and one w in [0, 1]. By induction (Jensen): v' - m'^2 =
+    (1 - w)(v - m^2) + w (1 - w)(m - x)^2 >= 0 when v - m^2 >= 0, as it is at the start."""
+    sym = ranges.symbols
+    assigned: dict[str, list[ir.Eqn]] = {}
+    for eq in prog.eqns:
+        assigned.setdefault(eq.target, []).append(eq)
+    moved = {base for mode in prog.modes for base, _ in mode.outputs}  # eval()/train() may break the invariant
+    once = {s.name: assigned[s.name][0] for s in prog.states
+            if s.init is None and not s.fed and s.shape in ("full", "scalar") and s.name not in moved
+            and len(assigned.get(s.name, ())) == 1}
+    # Each update as written, over the step's locals (one x is one local or value read by both): small
+    # expressions, compared by expanding (a polynomial identity), never by simplify.
+    updates = {}
+    for name, eq in once.items():
+        e = _rewrite(to_sympy(eq.expr, sym))
+        if sp.count_ops(e) <= 40:
+            updates[name] = sp.expand(e)
+    pairs = []
+    for v_name, v1 in updates.items():
+        v0 = sym[ir.ssa_name(v_name, 0)]
+        keep_v = v1.coeff(v0)
+        for m_name, m1 in updates.items():
+            if m_name == v_name:
+                continue
+            m0 = sym[ir.ssa_name(m_name, 0)]
+            w = sp.expand(1 - m1.coeff(m0))
+            wx = sp.expand(m1 - (1 - w) * m0)  # w x
+            if (w.free_symbols & {v0, m0} or wx.free_symbols & {v0, m0} or sp.expand(keep_v - (1 - w)) != 0
+                    or sp.expand(w * (v1 - keep_v * v0) - wx ** 2) != 0):
+                continue
+            v_eq, m_eq = once[v_name], once[m_name]
+            r = bound(w, ranges.env)
+            if r.lo >= 0 and r.hi <= 1:
+                pairs += [(v0, m0), (sym[v_eq.out], sym[m_eq.out])]
+    return pairs
+
+
+def _nonneg_by_pairs(arg: ir.Expr, ranges: _Ranges) -> bool:
+    """Whether arg is v - c m^2 for a proven pair (v, m) and c in [0, 1]: (v - m^2) + (1 - c) m^2 >= 0."""
+    pairs = ranges.__dict__.get("square_pairs", ())
+    if not pairs:
+        return False
+    e = sp.expand(to_sympy(arg, ranges.symbols))
+    if sp.count_ops(e) > 40:
+        return False
+    for v, m in pairs:
+        c = sp.expand((v - e) / m ** 2)
+        if c.free_symbols & {v, m} or sp.expand(e - (v - c * m ** 2)) != 0:
+            continue
+        r = bound(c, ranges.env)
+        if r.lo >= 0 and r.hi <= 1:
+            return True
+    return False
+
+
 def check(prog: ir.Program) -> list[SpecWarning]:
     """Domain warnings for a lowered program; raises SpecError for a certain division by zero."""
     ranges = _Ranges(prog)
     ranges.prove_states()
+    try:
+        ranges.square_pairs = _square_pairs(prog, ranges)
+    except (TypeError, ValueError, RecursionError, sp.SympifyError):  # no proof, no claim
+        ranges.square_pairs = []
     warnings = []
     names = ir.source_names(prog)
     inherited = _inherited_guards(prog)
@@ -297,6 +364,18 @@ def _literal(e: ir.Expr) -> float | None:
     if isinstance(e, ir.Op) and e.op == "neg" and isinstance(e.args[0], ir.Const):
         return -e.args[0].value
     return e.value if isinstance(e, ir.Const) else None
+
+
+def _holds(func: str, r: Interval) -> bool:
+    """Whether func (sqrt, rsqrt, log, log1p) is defined on all of r."""
+    return {"sqrt": r.nonnegative, "rsqrt": r.positive, "log": r.positive,
+            "log1p": r.lo > -1 or (r.lo == -1 and not r.lo_closed)}[func]
+
+
+def _with_loss_nonneg(ranges: _Ranges) -> _Ranges:
+    out = copy.copy(ranges)
+    out.env = {**ranges.env, ranges.symbols["loss"]: Interval(0.0, float("inf"), True, False)}
+    return out
 
 
 def _check_op(op: ir.Op, ranges: _Ranges, names: dict[str, str], guards=()) -> list[SpecWarning]:
@@ -321,13 +400,19 @@ def _check_op(op: ir.Op, ranges: _Ranges, names: dict[str, str], guards=()) -> l
                  "or narrow the ranges of the hyperparameters it uses")
     elif op.op in ("sqrt", "log", "rsqrt", "log1p"):
         arg, r = op.args[0], ranges.of(op.args[0])
-        need = {"sqrt": r.nonnegative, "rsqrt": r.positive, "log": r.positive,
-                "log1p": r.lo > -1 or (r.lo == -1 and not r.lo_closed)}[op.op]
+        need = _holds(op.op, r) or (op.op == "sqrt" and _nonneg_by_pairs(arg, ranges))
         if not need:
             what = {"sqrt": "negative", "rsqrt": "zero or negative", "log": "zero or negative",
                     "log1p": "-1 or less"}[op.op]
-            warn(arg, f"{op.op}() of '{{x}}', which can be {what} (it ranges over {{r}})",
-                 "guard the argument (e.g. max(x, 0) or + eps) or narrow the declared ranges")
+            if "loss" in set(ir.refs(arg)) and _holds(op.op, _with_loss_nonneg(ranges).of(arg)):
+                # the loss is the user's, any number to optdsl: what is safe for a loss >= 0 (AdaLo's
+                # log1p(loss)) is warned about, saying why
+                warn(arg, f"{op.op}() of '{{x}}', which can be {what} (it ranges over {{r}}) when the loss is "
+                          "negative: a spec cannot declare the loss's range; for a loss >= 0 it is safe",
+                     "if your loss can be negative, guard it, e.g. max(loss, 0)")
+            else:
+                warn(arg, f"{op.op}() of '{{x}}', which can be {what} (it ranges over {{r}})",
+                     "guard the argument (e.g. max(x, 0) or + eps) or narrow the declared ranges")
     elif exponent is not None and not float(exponent).is_integer():
         if not ranges.of(op.args[0]).nonnegative:
             warn(op.args[0], "fractional power of '{x}', which can be negative (it ranges over {r})",

@@ -173,6 +173,38 @@ def test_rsqrt_and_log1p():
     assert domain_warnings("optimizer A\np -= log1p(g)\n") != []
 
 
+CENTERED = """optimizer C
+hyper lr = 1e-2 in [0, inf), alpha = 0.99 in [0, 1], b = 0.9 in [0, 1], eps = 1e-8 in (0, inf), c = 1 in [0, 1]
+state v, m
+v = alpha * v + (1 - alpha) * g^2
+m = lerp(m, g, 1 - alpha)
+"""
+
+
+@pytest.mark.parametrize("body, clean", [
+    ("p -= lr * g / (sqrt(v - m^2) + eps)", True),       # centered RMSprop: v >= m^2, by Jensen
+    ("p -= lr * g / (sqrt(v - c * m^2) + eps)", True),   # a factor in [0, 1] of m^2
+    ("p -= lr * g / (sqrt(v - 2 * m^2) + eps)", False),  # twice m^2 can exceed v
+    ("p -= lr * g / (sqrt(m^2 - v) + eps)", False),
+])
+def test_a_variance_of_matching_running_averages_is_nonnegative(body, clean):
+    """v = lerp(v, x^2, w) and m = lerp(m, x, w), both from 0 with one w in [0, 1], keep v >= m^2
+    (v' - m'^2 = (1 - w)(v - m^2) + w (1 - w)(m - x)^2): RMSprop(centered=True) checks clean."""
+    assert (domain_warnings(CENTERED + body + "\n") == []) is clean
+
+
+@pytest.mark.parametrize("change", [
+    ("m = lerp(m, g, 1 - alpha)", "m = lerp(m, g, 1 - b)"),          # another weight
+    ("m = lerp(m, g, 1 - alpha)", "m = lerp(m, 2 * g, 1 - alpha)"),  # another value
+    ("state v, m", "state v, m = 1"),                                # m starts away from 0
+    ("v = alpha", "v = alpha * v + g^2\nv = alpha"),                  # v assigned twice
+    ("alpha = 0.99 in [0, 1]", "alpha = 0.99 in [0, 2]"),            # w may leave [0, 1]
+])
+def test_the_variance_proof_needs_every_condition(change):
+    text = CENTERED.replace(*change) + "p -= lr * g / (sqrt(v - m^2) + eps)\n"
+    assert any("sqrt()" in w for w in domain_warnings(text)), text
+
+
 def test_fractional_power_of_a_signed_value_warns():
     assert domain_warnings("optimizer A\np -= g^0.5\n") == [
         "fractional power of 'g', which can be negative (it ranges over (-inf, inf))"]
@@ -303,12 +335,14 @@ def test_one_minus_a_product_of_factors_below_one():
 @pytest.mark.parametrize("path", sorted(SPECS.glob("*.opt")), ids=lambda p: p.stem)
 def test_shipped_specs_warn_only_where_known(path):
     """The warnings left on shipped specs are true, each named here: adalo's log1p(loss) (a loss
-    of -1 or less gives NaN), rmsprop's centered sqrt (square_avg >= grad_avg^2 holds in exact
-    arithmetic, by Jensen, which ranges cannot see; in floats it may fail by an ulp, as in
-    torch.optim.RMSprop); adams' sqrt(vbar) as a denominator (gradients all 0 since the start give
+    of -1 or less gives NaN; the warning says a spec cannot declare the loss's range, and that a
+    loss >= 0 is safe); adams' sqrt(vbar) as a denominator (gradients all 0 since the start give
     vbar = 0, and the authors' AdamS a ZeroDivisionError). Its vbar >= 0 is proven: a group
-    reduction reads the per-parameter state v by v's proven range (>= 0)."""
-    known = {"adalo": ["log1p() of 'loss'"], "rmsprop": ["sqrt() of 'square_avg - centered * grad_avg^2'"],
+    reduction reads the per-parameter state v by v's proven range (>= 0). RMSprop's centered sqrt
+    is proven: square_avg >= grad_avg^2 by Jensen (check._square_pairs), in exact arithmetic as
+    every claim of the check."""
+    known = {"adalo": ["log1p() of 'loss', which can be -1 or less (it ranges over (-inf, inf)) when the loss is "
+                       "negative: a spec cannot declare the loss's range; for a loss >= 0 it is safe"],
              "adams": ["denominator 'sqrt(vbar)' can be zero"]}
     # (group states are proven by the induction too: k >= 1, so 1 - b2^k > 0; d > 0 in Prodigy)
     found = warnings_of(path.read_text(encoding="utf-8"))

@@ -128,7 +128,7 @@ def test_no_colour_on_request_even_on_a_terminal(env, monkeypatch):
 def test_warnings_are_painted_too(monkeypatch):
     monkeypatch.delenv("NO_COLOR", raising=False)
     monkeypatch.setenv("TERM", "xterm")
-    warning = compile_source((ROOT / "specs" / "rmsprop.opt").read_text(), "specs/rmsprop.opt").warnings[0]
+    warning = compile_source((ROOT / "specs" / "adalo.opt").read_text(), "specs/adalo.opt").warnings[0]
     screen = FakeTerminal()
     console.show(warning, screen)
     assert ANSI.sub("", screen.getvalue()) == str(warning) + "\n"
