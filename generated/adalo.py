@@ -1068,8 +1068,8 @@ if triton is not None:
             _store(g_ptr, offsets, g.to(P_TYPE), mask, whole)  # left unscaled, as torch's fused kernels leave it
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         loss_avg = tl.load(loss_avg_ptr).to(C_TYPE)  # one number per tensor
-        d0 = k0*tl.maximum(eps, k1*(tl.where(k3 < 0.5, loss_avg, k2) + tl.where(k3 < 0.5, k3, k3 - 1.0) * (k2 - loss_avg))) + 1.0
-        d1 = -tl.maximum(eps, k1*(tl.where(k3 < 0.5, loss_avg, k2) + tl.where(k3 < 0.5, k3, k3 - 1.0) * (k2 - loss_avg)))
+        d0 = k0*tl.maximum(eps, k1*(tl.where(k3 < 0.5, loss_avg, k2) + tl.where(k3 < 0.5, k3, k3 - 1.0) * (k2 - loss_avg)), propagate_nan=tl.PropagateNan.ALL) + 1.0
+        d1 = -tl.maximum(eps, k1*(tl.where(k3 < 0.5, loss_avg, k2) + tl.where(k3 < 0.5, k3, k3 - 1.0) * (k2 - loss_avg)), propagate_nan=tl.PropagateNan.ALL)
         x0 = (tl.where(k4 < 0.5, m, g) + tl.where(k4 < 0.5, k4, k4 - 1.0) * (g - m))
         _store(p_ptr, offsets, _round_to(d0*p + d1*x0, P_TYPE), mask, whole)
         _store(m_ptr, offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,

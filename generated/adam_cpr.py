@@ -1327,7 +1327,7 @@ if triton is not None:
         x1 = m  # stored by an earlier launch
         x2 = c3*x1/(c4 + tl.sqrt(x0)) + p
         r0 = tl.load(acc1 + i * 1 + 0)
-        d0 = -2.0*tl.where(c0 != 0, tl.maximum(0.0, c1*(r0 - tl.where(c2 != 0, r0, kappa)) + lagmul), lagmul)
+        d0 = -2.0*tl.where(c0 != 0, tl.maximum(0.0, c1*(r0 - tl.where(c2 != 0, r0, kappa)) + lagmul, propagate_nan=tl.PropagateNan.ALL), lagmul)
         _store(p_ptr, offsets, _round_to(d0*x2 + x2, P_TYPE), mask, whole)
 
     @triton.jit(do_not_specialize=["seed"])
@@ -1395,7 +1395,7 @@ if triton is not None:
         lagmul = tl.load(lagmul_ptr).to(C_TYPE)  # one number per tensor
         kappa = tl.load(kappa_ptr).to(C_TYPE)  # one number per tensor
         r0 = tl.load(acc1 + i * 1 + 0)
-        d1 = tl.where(c0 != 0, tl.maximum(0.0, c1*(r0 - tl.where(c2 != 0, r0, kappa)) + lagmul), lagmul)
+        d1 = tl.where(c0 != 0, tl.maximum(0.0, c1*(r0 - tl.where(c2 != 0, r0, kappa)) + lagmul, propagate_nan=tl.PropagateNan.ALL), lagmul)
         d2 = tl.where(c2 != 0, r0, kappa)
         tl.store(lagmul_ptr, _to_state(d1, S_TYPE, STOCHASTIC, seed + i, i * 4 + 2))
         tl.store(kappa_ptr, _to_state(d2, S_TYPE, STOCHASTIC, seed + i, i * 4 + 3))

@@ -1126,7 +1126,7 @@ if triton is not None:
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         u = _load(u_ptr, offsets, mask, whole).to(C_TYPE)
         x0 = g + p*wd
-        x1 = tl.maximum(b2*u, eps + tl.abs(x0))
+        x1 = tl.maximum(b2*u, eps + tl.abs(x0), propagate_nan=tl.PropagateNan.ALL)
         x2 = (tl.where(k0 < 0.5, m, x0) + tl.where(k0 < 0.5, k0, k0 - 1.0) * (x0 - m))
         _store(p_ptr, offsets, _round_to(c0*x2/x1 + p, P_TYPE), mask, whole)
         _store(m_ptr, offsets, _to_state(x2, S_TYPE, STOCHASTIC, seed + i,

@@ -1464,7 +1464,7 @@ if triton is not None:
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
         v_max = _load(v_max_ptr, offsets, mask, whole).to(C_TYPE)
         x0 = (tl.where(k1 < 0.5, v, ((g) * (g))) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (((g) * (g)) - v))
-        x1 = tl.maximum(v_max, x0)
+        x1 = tl.maximum(v_max, x0, propagate_nan=tl.PropagateNan.ALL)
         x2 = (tl.where(k2 < 0.5, m, g) + tl.where(k2 < 0.5, k2, k2 - 1.0) * (g - m))
         _store(p_ptr, offsets, _round_to(c0*x2/(c1 + tl.sqrt(x1)) + k0*p, P_TYPE), mask, whole)
         _store(m_ptr, offsets, _to_state(x2, S_TYPE, STOCHASTIC, seed + i,

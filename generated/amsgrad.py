@@ -1204,7 +1204,7 @@ if triton is not None:
         v_max = _load(v_max_ptr, offsets, mask, whole).to(C_TYPE)
         x0 = tl.where(decoupled != 0, g, (g + p*wd))
         x1 = (tl.where(k0 < 0.5, v, ((x0) * (x0))) + tl.where(k0 < 0.5, k0, k0 - 1.0) * (((x0) * (x0)) - v))
-        x2 = tl.maximum(v_max, x1)
+        x2 = tl.maximum(v_max, x1, propagate_nan=tl.PropagateNan.ALL)
         x3 = (tl.where(k1 < 0.5, m, x0) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (x0 - m))
         _store(p_ptr, offsets, _round_to(c0*x3/(c1 + tl.sqrt(x2)) + tl.where(decoupled != 0, (k2*p), p), P_TYPE), mask, whole)
         _store(m_ptr, offsets, _to_state(x3, S_TYPE, STOCHASTIC, seed + i,

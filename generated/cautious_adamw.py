@@ -1170,7 +1170,7 @@ if triton is not None:
         x1 = m  # stored by an earlier launch
         x2 = tl.where((g*x1) > 0.0, 1.0, 0.0).to(C_TYPE)
         r0 = tl.load(acc1 + i * 1 + 0) / n
-        d0 = -c0*c1*lr/tl.maximum(0.001, r0)
+        d0 = -c0*c1*lr/tl.maximum(0.001, r0, propagate_nan=tl.PropagateNan.ALL)
         _store(p_ptr, offsets, _round_to(d0*x1*x2/(c2 + tl.sqrt(x0)) + k0*p, P_TYPE), mask, whole)
 
 

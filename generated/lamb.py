@@ -1167,7 +1167,7 @@ if triton is not None:
         x1 = m  # stored by an earlier launch
         x2 = c0*x1/(c1 + tl.sqrt(x0)) + p*wd
         r1 = tl.sqrt(tl.load(acc1 + i * 2 + 1))
-        d0 = -lr*tl.where(tl.where((r1*tl.minimum(max_w, r0)) > 0.0, 1.0, 0.0).to(C_TYPE) != 0, (tl.minimum(max_w, r0)/r1), 1.0)
+        d0 = -lr*tl.where(tl.where((r1*tl.minimum(max_w, r0, propagate_nan=tl.PropagateNan.ALL)) > 0.0, 1.0, 0.0).to(C_TYPE) != 0, (tl.minimum(max_w, r0, propagate_nan=tl.PropagateNan.ALL)/r1), 1.0)
         _store(p_ptr, offsets, _round_to(d0*x2 + p, P_TYPE), mask, whole)
 
 

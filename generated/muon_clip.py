@@ -1512,7 +1512,7 @@ if triton is not None:
         nrows = tl.load(shapes + i * 2 + 0)
         ncols = tl.load(shapes + i * 2 + 1)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = -lr*tl.sqrt(tl.maximum(1.0, nrows/ncols))
+        c0 = -lr*tl.sqrt(tl.maximum(1.0, nrows/ncols, propagate_nan=tl.PropagateNan.ALL))
         c1 = tl.where(nrows > ncols, 1.0, 0.0).to(tl.float64)
         a = a.to(C_TYPE)
         b = b.to(C_TYPE)
@@ -1595,7 +1595,7 @@ if triton is not None:
         nrows = tl.load(shapes + i * 2 + 0)
         ncols = tl.load(shapes + i * 2 + 1)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = -lr*tl.sqrt(tl.maximum(1.0, nrows/ncols))
+        c0 = -lr*tl.sqrt(tl.maximum(1.0, nrows/ncols, propagate_nan=tl.PropagateNan.ALL))
         c1 = tl.where(nrows > ncols, 1.0, 0.0).to(tl.float64)
         a = a.to(C_TYPE)
         b = b.to(C_TYPE)
@@ -1617,7 +1617,7 @@ if triton is not None:
         buf = _load(buf_ptr, offsets, mask, whole).to(C_TYPE)
         max_logit = tl.load(max_logit_ptr).to(C_TYPE)  # one number per tensor
         w16 = tl.load(tl.load(mxout0_ptrs + i).to(tl.pointer_type(C_TYPE)) + offsets, mask=mask)
-        d0 = k0*tl.sqrt((1.0 / ((tl.maximum(max_logit, tau)))))
+        d0 = k0*tl.sqrt((1.0 / ((tl.maximum(max_logit, tau, propagate_nan=tl.PropagateNan.ALL)))))
         _store(p_ptr, offsets, _round_to(d0*(c0*w16 + k1*p), P_TYPE), mask, whole)
 
     # ---- rule 2 (every other parameter) ----

@@ -1204,7 +1204,7 @@ if triton is not None:
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
         c0 = -lr/(1.0 - tl.exp((log1_*t)))
         c1 = tl.where((k1 - 2.0*t*tl.exp((log0_*t))/(1.0 - tl.exp((log0_*t)))) > 5.0, 1.0, 0.0).to(tl.float64)
-        c2 = tl.sqrt(1.0 - tl.exp((log0_*t)))*tl.sqrt(tl.maximum(0.0, k2*(k3 - 2.0*t*tl.exp((log0_*t))/(1.0 - tl.exp((log0_*t))))*(k4 - 2.0*t*tl.exp((log0_*t))/(1.0 - tl.exp((log0_*t))))/(k1 - 2.0*t*tl.exp((log0_*t))/(1.0 - tl.exp((log0_*t))))))
+        c2 = tl.sqrt(1.0 - tl.exp((log0_*t)))*tl.sqrt(tl.maximum(0.0, k2*(k3 - 2.0*t*tl.exp((log0_*t))/(1.0 - tl.exp((log0_*t))))*(k4 - 2.0*t*tl.exp((log0_*t))/(1.0 - tl.exp((log0_*t))))/(k1 - 2.0*t*tl.exp((log0_*t))/(1.0 - tl.exp((log0_*t)))), propagate_nan=tl.PropagateNan.ALL))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
         c2 = c2.to(C_TYPE)

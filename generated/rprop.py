@@ -1123,7 +1123,7 @@ if triton is not None:
         s = _load(s_ptr, offsets, mask, whole).to(C_TYPE)
         x0 = g*prev
         x1 = tl.where(x0 < 0.0, 1.0, 0.0).to(C_TYPE)
-        x2 = tl.minimum(step_max, tl.maximum(step_min, s*tl.where(tl.where(x0 > 0.0, 1.0, 0.0).to(C_TYPE) != 0, etaplus, tl.where(x1 != 0, etaminus, 1.0))))
+        x2 = tl.minimum(step_max, tl.maximum(step_min, s*tl.where(tl.where(x0 > 0.0, 1.0, 0.0).to(C_TYPE) != 0, etaplus, tl.where(x1 != 0, etaminus, 1.0)), propagate_nan=tl.PropagateNan.ALL), propagate_nan=tl.PropagateNan.ALL)
         x3 = tl.where(x1 != 0, 0.0, g)
         _store(p_ptr, offsets, _round_to(p - x2*tl.where(x3 > 0, 1.0, tl.where(x3 < 0, -1.0, 0.0)).to(C_TYPE), P_TYPE), mask, whole)
         _store(prev_ptr, offsets, _to_state(x3, S_TYPE, STOCHASTIC, seed + i,

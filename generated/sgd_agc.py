@@ -1126,8 +1126,8 @@ if triton is not None:
         buf = _load(buf_ptr, offsets, mask, whole).to(C_TYPE)
         unit0_ = tl.sqrt(tl.load(uacc0 + ubase + offsets // ucols.to(tl.int64), mask=mask))
         unit1_ = tl.sqrt(tl.load(uacc1 + ubase + offsets // ucols.to(tl.int64), mask=mask))
-        x0 = tl.maximum(eps, unit0_)
-        x1 = clip*tl.maximum(unit1_, unit_eps)
+        x0 = tl.maximum(eps, unit0_, propagate_nan=tl.PropagateNan.ALL)
+        x1 = clip*tl.maximum(unit1_, unit_eps, propagate_nan=tl.PropagateNan.ALL)
         x2 = buf*momentum + tl.where(tl.where(x0 > x1, 1.0, 0.0).to(C_TYPE) != 0, (g*x1/x0), g)
         _store(p_ptr, offsets, _round_to(k0*x2 + p, P_TYPE), mask, whole)
         _store(buf_ptr, offsets, _to_state(x2, S_TYPE, STOCHASTIC, seed + i,

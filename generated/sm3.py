@@ -1366,7 +1366,7 @@ if triton is not None:
         r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
         c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
-        x0 = tl.minimum(c, r)
+        x0 = tl.minimum(c, r, propagate_nan=tl.PropagateNan.ALL)
         x1 = ((g) * (g))
         x2 = tl.where(k1 != 0, (tl.where(k2 < 0.5, x0, x1) + tl.where(k2 < 0.5, k2, k2 - 1.0) * (x1 - x0)), (x0 + x1))
         x3 = (tl.where(k3 < 0.5, m, (g/tl.sqrt(eps + x2))) + tl.where(k3 < 0.5, k3, k3 - 1.0) * ((g/tl.sqrt(eps + x2)) - m))
@@ -1535,9 +1535,9 @@ if triton is not None:
         ax1_ = tl.load(axacc1 + axbase1_ + cols_, mask=mask)
         x4 = ax0_
         x5 = ax1_
-        tl.store(r_ptr + rows_, _to_state(tl.where(k1 != 0, tl.maximum(r, x4), x4), S_TYPE, STOCHASTIC, seed + i,
+        tl.store(r_ptr + rows_, _to_state(tl.where(k1 != 0, tl.maximum(r, x4, propagate_nan=tl.PropagateNan.ALL), x4), S_TYPE, STOCHASTIC, seed + i,
                                                  rows_ * 3 + 0), mask=mask & (col_ == 0))
-        tl.store(c_ptr + cols_, _to_state(tl.where(k1 != 0, tl.maximum(c, x5), x5), S_TYPE, STOCHASTIC, seed + i,
+        tl.store(c_ptr + cols_, _to_state(tl.where(k1 != 0, tl.maximum(c, x5, propagate_nan=tl.PropagateNan.ALL), x5), S_TYPE, STOCHASTIC, seed + i,
                                                  cols_ * 3 + 1), mask=mask & (row_ == 0))
 
     # ---- rule 2 (every other parameter) ----
@@ -1603,7 +1603,7 @@ if triton is not None:
         x1 = tl.where(k1 != 0, (tl.where(k2 < 0.5, v, x0) + tl.where(k2 < 0.5, k2, k2 - 1.0) * (x0 - v)), (v + x0))
         x2 = (tl.where(k3 < 0.5, m, (g/tl.sqrt(eps + x1))) + tl.where(k3 < 0.5, k3, k3 - 1.0) * ((g/tl.sqrt(eps + x1)) - m))
         _store(p_ptr, offsets, _round_to(k0*x2 + p, P_TYPE), mask, whole)
-        _store(v_ptr, offsets, _to_state(tl.where(k1 != 0, tl.maximum(v, x1), x1), S_TYPE, STOCHASTIC, seed + i,
+        _store(v_ptr, offsets, _to_state(tl.where(k1 != 0, tl.maximum(v, x1, propagate_nan=tl.PropagateNan.ALL), x1), S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 2 + 0), mask, whole)
         _store(m_ptr, offsets, _to_state(x2, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 2 + 1), mask, whole)

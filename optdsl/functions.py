@@ -258,9 +258,9 @@ TABLE: dict[str, Function] = {f.name: f for f in [
       # exact at its end, so a weight of 1 gives b. The choice is made on the weight (a scalar, mostly).
       triton="(tl.where({2} < 0.5, {0}, {1}) + tl.where({2} < 0.5, {2}, {2} - 1.0) * ({1} - {0}))"),
     F("min", 2, _min, "torch.minimum({0}, {1})", "min({0}, {1})",
-      triton="tl.minimum({0}, {1})"),
+      triton="tl.minimum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)"),
     F("max", 2, _max, "torch.maximum({0}, {1})", "max({0}, {1})",
-      triton="tl.maximum({0}, {1})"),
+      triton="tl.maximum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)"),
     F("clamp", 3, lambda x, lo, hi: _min(_max(x, lo), hi), "torch.clamp({0}, {1}, {2})",
       "min(max({0}, {1}), {2})"),
     # rounding to bfloat16 (torch.optim.Muon's Newton-Schulz runs in it); the value stays in its dtype.

@@ -708,3 +708,21 @@ def test_dead_matrix_work_of_an_unrolled_loop_is_no_exit():
         fused.step()
     for x, y in zip(a, b):
         torch.testing.assert_close(y, x, rtol=1e-12, atol=1e-14)
+
+
+def test_min_and_max_in_a_kernel_propagate_nan_as_torch():
+    """torch.maximum(x, nan) is nan; Triton's tl.maximum gave x (its default drops nan), so a fuzzed
+    Adamax, u = max(b2 * u, log1p(g) + eps), kept a finite u fused where the for-loop path had nan
+    (tests/fuzz_specs.py, seed 5875 of a run on 2026-12-04)."""
+    cls = optdsl.compile("optimizer X\nstate u, w\nu = max(0.5 * u, log1p(g))\nw = min(0.5 * w, log1p(g))\n"
+                         "p -= 0.1 * g\n", "nan.opt")
+    g = torch.tensor([-2.0, -0.5, 0.0, 3.0, float("nan")], dtype=torch.float64)
+    a = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64, device=DEVICE))
+    loop, fused = cls([a], foreach=False), cls([b], fused=True)
+    a.grad, b.grad = g.clone(), g.clone().to(DEVICE)
+    loop.step()
+    fused.step()
+    for key in ("u", "w"):
+        torch.testing.assert_close(fused.state[b][key].cpu(), loop.state[a][key], equal_nan=True, rtol=0, atol=0)
+    assert loop.state[a]["u"][0].isnan() and loop.state[a]["w"][0].isnan()

@@ -286,6 +286,7 @@ class TritonPrinter(HostPrinter):
         y = self._print(e.exp)
         return f"tl.where({base} == 1.0, 1.0, tl.where(({y}) == 0.0, 1.0, tl.exp(({y}) * tl.log({base}))))"
 
+    # nan propagates, as torch.minimum/maximum's does (Triton's default returns the other operand)
     def _print_Min(self, e):
         return self._fold(e, "tl.minimum")
 
@@ -295,7 +296,7 @@ class TritonPrinter(HostPrinter):
     def _fold(self, e, func):
         out = self._print(e.args[0])
         for a in e.args[1:]:
-            out = f"{func}({out}, {self._print(a)})"
+            out = f"{func}({out}, {self._print(a)}, propagate_nan=tl.PropagateNan.ALL)"
         return out
 
     def _print_Integer(self, e):
