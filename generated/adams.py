@@ -804,7 +804,7 @@ class AdamS(Optimizer):
         values["k.0"] = group.get("k", 0.0)
         values["k.1"] = values["k.0"] + 1
         values["mean#0"] = (_group_sum([_part(torch.sum(g_**2*(1 - group["betas"][1]) + group["betas"][1]*v_)) for p_, g_, v_ in zip(p, g, v)]) / sum(x_.numel() for x_ in p))
-        values["vbar.1"] = values["mean#0"]/(1 - group["betas"][1]**values["k.1"])
+        values["vbar.1"] = values["mean#0"]*_pow(1 - _pow(group["betas"][1], values["k.1"]), -1)
         group["k"] = values["k.1"]
         return {"vbar": values["vbar.1"]}
 

@@ -807,7 +807,7 @@ class AdamWClip(Optimizer):
         values = {}
         values["norm#0"] = _group_norm([_part(torch.linalg.vector_norm(g_)) for p_, g_ in zip(p, g)])
         values["gnorm.1"] = values["norm#0"]
-        values["clip.1"] = min(1, group["max_norm"]/(values["gnorm.1"] + 1e-06))
+        values["clip.1"] = min(1, group["max_norm"]*_pow(values["gnorm.1"] + 1e-06, -1))
         return {"clip": values["clip.1"]}
 
     @torch.no_grad()

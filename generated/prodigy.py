@@ -852,7 +852,7 @@ class Prodigy(Optimizer):
         values["sum#0"] = _group_sum([_part(torch.sum(g_*(-p_ + x0_))) for p_, g_, s_, x0_ in zip(p, g, s, x0)])
         values["d_numerator.1"] = values["b3.1"]*values["d_numerator.0"] + values["d.0"]*values["dlr.1"]*values["sum#0"]/group["d0"]
         values["sum#1"] = _group_sum([_part(torch.sum(torch.abs(g_*values["d.0"]*values["dlr.1"]/group["d0"] + s_*values["b3.1"]))) for p_, g_, s_, x0_ in zip(p, g, s, x0)])
-        values["d_hat.1"] = group["d_coef"]*values["d_numerator.1"]/values["sum#1"]
+        values["d_hat.1"] = group["d_coef"]*values["d_numerator.1"]*_pow(values["sum#1"], -1)
         values["d_old.1"] = values["d.0"]
         values["d.1"] = (max(values["d.0"], values["d_hat.1"]) if float(values["d.0"] == group["d0"]) else values["d.0"])
         values["d_max.1"] = max(values["d_hat.1"], values["d_max.0"])

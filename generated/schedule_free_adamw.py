@@ -846,13 +846,13 @@ class ScheduleFreeAdamW(Optimizer):
         values["lr_max.0"] = group.get("lr_max", -1)
         values["weight_sum.0"] = group.get("weight_sum", 0.0)
         values["k.1"] = values["k.0"] + 1
-        values["lr_t.1"] = group["lr"]*(values["k.1"]/group["warmup_steps"] if float(values["k.1"] < group["warmup_steps"]) else 1)
+        values["lr_t.1"] = group["lr"]*(values["k.1"]*_pow(group["warmup_steps"], -1) if float(values["k.1"] < group["warmup_steps"]) else 1)
         values["lr_max.1"] = max(values["lr_max.0"], values["lr_t.1"])
-        values["weight.1"] = values["k.1"]**group["r"]*values["lr_max.1"]**group["weight_lr_power"]
+        values["weight.1"] = _pow(values["k.1"], group["r"])*_pow(values["lr_max.1"], group["weight_lr_power"])
         values["weight_sum.1"] = values["weight.1"] + values["weight_sum.0"]
-        values["ckp.1"] = (values["weight.1"]/values["weight_sum.1"] if float(values["weight_sum.1"] != 0) else 0)
+        values["ckp.1"] = (values["weight.1"]*_pow(values["weight_sum.1"], -1) if float(values["weight_sum.1"] != 0) else 0)
         values["ckp.2"] = (min(1, group["decoupling_c"]*values["ckp.1"]*(1 - group["betas"][0])) if float(group["decoupling_c"] > 0) else values["ckp.1"])
-        values["bc2.1"] = 1 - group["betas"][1]**values["k.1"]
+        values["bc2.1"] = 1 - _pow(group["betas"][1], values["k.1"])
         group["k"] = values["k.1"]
         group["lr_max"] = values["lr_max.1"]
         group["weight_sum"] = values["weight_sum.1"]

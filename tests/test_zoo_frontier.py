@@ -434,3 +434,17 @@ def test_check_bounds_group_values():
     assert len(risky) == 1 and "denominator 's' can be zero" in risky[0].message
     safe = optdsl.compile_source("optimizer S\ngroup s = norm(g) + 1\np -= g / s\n", "s.opt").warnings
     assert safe == ()
+
+
+def test_group_statements_follow_ieee_on_the_host():
+    """Group statements run on host floats: `k / w` at w = 0 raised ZeroDivisionError at step
+    (tests/fuzz_specs.py found it in ScheduleFreeAdamW and Prodigy mutants). Now as the
+    per-parameter host scalars (optdsl.ieee): inf, and min(inf, 2) is 2."""
+    # (drop-in: a spec without named keywords and with group states lacks _check_group on main today)
+    cls = optdsl.compile("optimizer X\nhyper lr = 0.1 as rate, w = 0 in [0, inf)\nstate k: group\ngroup k = k + 1\n"
+                         "group s = min(k / w, 2)\np -= lr * s * g\n", "ieee.opt")
+    for path in (dict(foreach=False), dict(foreach=True)):
+        p = torch.nn.Parameter(torch.zeros(3))
+        p.grad = torch.ones(3)
+        cls([p], **path).step()
+        assert torch.equal(p.detach(), torch.full((3,), -0.2))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .. import ir, quant
+from .. import ieee, ir, quant
 from ..sym import to_sympy
 from .printers import CompiledPrinter, HostPrinter, read_state_code
 
@@ -55,6 +55,10 @@ def context(prog: ir.Program, group_code: dict[str, str]) -> dict:
         lines.append("t = [s_.item() + 1 for s_ in state_steps]  # the step about to be taken")
     lines.append("values = {}")
     host = HostPrinter()
+    # the hyperparameters' declared ranges; group values and states unknown (any float)
+    guard_env = {sp.Symbol(code): iv for code, iv in
+                 ((str(env[h.name]), ieee.scalar_env(prog).get(sp.Symbol(h.name))) for h in prog.hypers
+                  if h.name in env) if iv is not None}
     for s in phase.states:
         init = host.doprint(to_sympy(s.init, env)) if s.init is not None else "0.0"
         lines.append(f'values["{s.name}.0"] = group.get("{s.name}", {init})')
@@ -74,8 +78,8 @@ def context(prog: ir.Program, group_code: dict[str, str]) -> dict:
             part, combine = _COMBINE[step.func]
             loop = f"[{part.format(body)} for {', '.join(i + '_' for i in items)} in zip({', '.join(items)})]"
             code = combine.format(loop)
-        else:
-            code = host.doprint(to_sympy(step.expr, env))
+        else:  # host floats: IEEE 754 where the ranges do not prove an operation safe (optdsl.ieee)
+            code = host.doprint(ieee._Guard(dict(guard_env))(to_sympy(step.expr, env)))
         lines.append(f'values["{step.out}"] = {code}')
         env[step.out] = sp.Symbol(f'values["{step.out}"]')
     for name, ssa in phase.outputs:
