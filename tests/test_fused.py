@@ -169,7 +169,7 @@ def test_one_launch_for_two_hundred_tensors_and_lr_changes_are_data():
         opt.step()
         sched.step()
     assert adamw.LAUNCHES - before == 3
-    cache = getattr(adamw._adamw_kernel, "cache", None)
+    cache = getattr(adamw._adamw_0_kernel, "cache", None)
     if DEVICE == "cuda" and isinstance(cache, dict):  # a new lr is a tensor's contents, not a new kernel
         assert sum(len(c) for c in cache.values()) == 1
 
@@ -574,7 +574,7 @@ def test_whole_blocks_of_aligned_tensors_move_16_bytes_per_access(monkeypatch):
     A tensor off by one element launches without it, and both give foreach's result."""
     from generated import adamw
     seen = []
-    kernel = adamw._adamw_kernel
+    kernel = adamw._adamw_0_kernel
 
     class Spy:
         def __getitem__(self, grid):
@@ -583,7 +583,7 @@ def test_whole_blocks_of_aligned_tensors_move_16_bytes_per_access(monkeypatch):
                 return kernel[grid](*args, **kwargs)
             return launch
 
-    monkeypatch.setattr(adamw, "_adamw_kernel", Spy())
+    monkeypatch.setattr(adamw, "_adamw_0_kernel", Spy())
     gen = torch.Generator().manual_seed(7)
     base = torch.randn(5000, generator=gen, dtype=torch.float64)
     grads = [torch.randn(2100, generator=gen, dtype=torch.float64) for _ in range(3)]
@@ -627,7 +627,7 @@ def test_powers_of_hyperparameters_take_their_log_on_the_host(b1, b2):
     every program, in float64); b1 = 0 gives log = -inf and 0^t = 0, as on the other paths."""
     import inspect
     from generated import adamw
-    assert "tl.log(" not in inspect.getsource(adamw._adamw_kernel.fn)
+    assert "tl.log(" not in inspect.getsource(adamw._adamw_0_kernel.fn)
     kw = dict(lr=1e-2, betas=(b1, b2), weight_decay=0.1)
     fused, _ = _run(adamw.AdamW, kw, torch.float64, fused=True)
     ref, _ = _run(adamw.AdamW, kw, torch.float64, foreach=True)
