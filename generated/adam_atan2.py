@@ -1055,7 +1055,7 @@ if triton is not None:
         r = _atan(tl.where(same, tl.where(hi == 0, 0.0, 1.0), lo) / tl.where(same, 1.0, hi))
         r = tl.where(ay > ax, tl.full((), 1.5707963267948966, DT) - r + tl.full((), 6.123233995736766e-17, DT), r)
         r = tl.where(_negative(x), tl.full((), 3.141592653589793, DT) - r + tl.full((), 1.2246467991473532e-16, DT), r)
-        r = tl.where(_negative(y), -r, r)
+        r = tl.where(_negative(y), r * -1.0, r)  # not -r: Triton lowers -r as 0 - r, which is +0 at r = +0
         return tl.where(x != x, x, tl.where(y != y, y, r))
 
     @triton.jit(do_not_specialize=["seed"])

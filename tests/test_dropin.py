@@ -708,7 +708,8 @@ def test_maximize_leaves_the_gradients_alone(path):
     """-g is a new tensor: p.grad keeps what backward() wrote (torch.optim's maximize does not write it)."""
     if path == "fused" and os.environ.get("TRITON_INTERPRET") != "1" and not ON_GPU:
         pytest.skip("the fused path runs under TRITON_INTERPRET=1, or compiled on a CUDA device")
-    ps = [torch.nn.Parameter(torch.ones(s, dtype=torch.float64)) for s in SHAPES]
+    device = "cuda" if ON_GPU and path == "fused" else "cpu"
+    ps = [torch.nn.Parameter(torch.ones(s, dtype=torch.float64, device=device)) for s in SHAPES]
     opt = spec("adam")(ps, lr=0.1, maximize=True, **({"fused": True} if path == "fused" else {"foreach": path == "foreach"}))
     for p in ps:
         p.grad = torch.full_like(p, 0.5)

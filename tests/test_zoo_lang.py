@@ -708,5 +708,5 @@ def test_rows_and_columns_fused_on_awkward_shapes(name):
     (fused, fused_opt), (ref, ref_opt) = out
     for a, b in zip(fused, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-        for key, value in ref_opt.state[b].items():
-            torch.testing.assert_close(fused_opt.state[a][key], value, rtol=1e-12, atol=1e-12)
+        for key, value in ref_opt.state[b].items():  # `step` lives on the device when fused, on the CPU in foreach, as in torch
+            torch.testing.assert_close(fused_opt.state[a][key], value, rtol=1e-12, atol=1e-12, check_device=False)

@@ -296,7 +296,8 @@ def test_fused_equals_foreach(stem, dtype):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
     for pa, pb in zip(fused, ref):
         for key, value in ref_opt.state[pb].items():
-            torch.testing.assert_close(fused_opt.state[pa][key], value, rtol=tol, atol=tol)
+            # `step` lives on the device when fused, on the CPU in foreach, as in torch.optim
+            torch.testing.assert_close(fused_opt.state[pa][key], value, rtol=tol, atol=tol, check_device=False)
 
 
 # ---------------------------------------------------------------- explain
