@@ -503,6 +503,29 @@ def _pow(x, y):
     return math.nan if isinstance(r, complex) else r
 
 
+class ShapeError(RuntimeError):
+    """Shapes that only a parameter's shape decides (a `where` picking x or T(x), then matrix work) do
+    not fit at step: the message names the spec's statements where they meet (file:line, the
+    statement as written), the parameters' shapes and torch's own message."""
+
+
+def _shape_error(name, err, params, statements):
+    """Raise ShapeError from torch's error `err` in a step of the rule whose such statements are
+    `statements`; return (the caller re-raises `err`) for the optimizer's own errors and linear
+    algebra that failed on values, not shapes."""
+    text = str(err)
+    if (isinstance(err, (ShapeError, torch.linalg.LinAlgError)) or text.startswith(name)
+            or not any(word in text for word in ("shape", "size", "square", "dimension", "broadcast"))):
+        return
+    shapes = ", ".join(dict.fromkeys(str(tuple(p.shape)) for p in params))
+    if len(statements) == 1:
+        where = statements[0]
+    else:
+        where = "one of " + "; ".join(statements)
+    raise ShapeError(f"{name}: at step, shapes that only the parameter's shape decides do not fit in {where} "
+                     f"(parameters of shape {shapes}): {text}") from err
+
+
 class Muon(Optimizer):
     r"""momentum orthogonalised by Newton-Schulz (Jordan et al., 2024), AdamW for the rest, as torch.optim.Muon
 
@@ -1122,16 +1145,22 @@ def muon_0(params, grads, buf_list, state_steps, *, foreach=None, fused=None,
         why = _fused_available_0(params)
         if why:
             raise RuntimeError(f"Muon(fused=True) cannot run: {why}")
-    if fused:
-        if any(x.dtype == torch.uint8 for xs in (buf_list, ) for x in xs):
-            raise RuntimeError("Muon(fused=True) cannot run: the fused kernels do not take int8/int4 states yet")
-        return _fused_muon_0(params, grads, buf_list, state_steps,
-                        grad_scale=grad_scale, found_inf=found_inf, generator=generator, **hypers)
-    if foreach is None:  # a pass over every parameter: only when it decides something
-        _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-    impl = _multi_tensor_muon_0 if foreach else _single_tensor_muon_0
-    impl(params, grads, buf_list, state_steps, generator=generator,
-         stochastic=stochastic, **hypers)
+    # Shapes that only the parameter's shape decides meet in these statements: torch's error there
+    # names them (optdsl/shapes.py, decided_at_step).
+    try:
+        if fused:
+            if any(x.dtype == torch.uint8 for xs in (buf_list, ) for x in xs):
+                raise RuntimeError("Muon(fused=True) cannot run: the fused kernels do not take int8/int4 states yet")
+            return _fused_muon_0(params, grads, buf_list, state_steps,
+                            grad_scale=grad_scale, found_inf=found_inf, generator=generator, **hypers)
+        if foreach is None:  # a pass over every parameter: only when it decides something
+            _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+        impl = _multi_tensor_muon_0 if foreach else _single_tensor_muon_0
+        impl(params, grads, buf_list, state_steps, generator=generator,
+             stochastic=stochastic, **hypers)
+    except RuntimeError as err:
+        _shape_error("Muon", err, params, ("specs/muon.opt:31: A = mm(x, T(x))", "specs/muon.opt:33: B = b * A + c * mm(A, A)", "specs/muon.opt:35: x = a * x + mm(B, x)", "specs/muon.opt:41: p -= lr * where(adjust_lr_fn == 2, 0.2 * sqrt(max(nrows, ncols)), sqrt(max(1, nrows / ncols))) * o"))
+        raise
 
 
 def _single_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, ns_steps, adjust_lr_fn, adam_lr, b1, b2, adam_eps, adam_wd, use_muon, ns_bfloat16,                           generator=None, stochastic=False):

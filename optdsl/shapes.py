@@ -61,7 +61,11 @@ def shape_of(e: ir.Expr, env: dict) -> tuple | None:
         return ()
     if isinstance(e, ir.Ref):
         return env.get(e.name, ())
-    args = [shape_of(a, env) for a in e.args]
+    return _op_shape(e, [shape_of(a, env) for a in e.args])
+
+
+def _op_shape(e: ir.Op, args: list) -> tuple | None:
+    """The shape of e's result from its operands' shapes (see shape_of)."""
     row = TABLE.get(e.op)
     if row is not None and row.reduction:
         return ()
@@ -115,6 +119,54 @@ def check(prog: ir.Program) -> dict[str, tuple | None]:
                                  + ("" if eq.target in ("p", "g") else ", or declare the state with another shape"))
         env[eq.out] = want if want is not None and shape == () else shape
     return env
+
+
+def decided_at_step(prog: ir.Program) -> list[ir.Eqn]:
+    """The statements where shapes that only the parameter's shape decides meet and may not fit:
+    matrix work or element-wise work of two non-scalars of which one is of a shape known only at
+    step, or p or a state assigned such a value. Torch checks them at step; the generated code
+    turns its error there into one that names these statements (their file:line and text)."""
+    env = check(prog)
+    declared = {s.name: _DECLARED.get(s.shape, (R, C)) for s in prog.states}
+    for eq in prog.eqns:  # past its statement, p or a state has its own shape (or torch raised there)
+        if eq.target in ("p", "g") or eq.target in declared:
+            env[eq.out] = declared.get(eq.target, (R, C))
+
+    def walk(e: ir.Expr):  # (shape, whether a piece of e may not fit, whether e is per unit)
+        if not isinstance(e, ir.Op):
+            return shape_of(e, env), False, isinstance(e, ir.Ref) and e.name in per_unit_values
+        parts = [walk(a) for a in e.args]
+        args = [shape for shape, _, _ in parts]
+        row = TABLE.get(e.op)
+        elementwise = row is None or not (row.matrix or row.reduction or row.axis)
+        # A per-unit reduction keeps every axis (p.shape[0], 1, ...): whatever p's rank, it broadcasts
+        # against p's shape, and element-wise work of it with values of p's shape stays so.
+        per_unit = (row is not None and row.axis == "unit") or elementwise and any(u for _, _, u in parts)
+        seen = [(R, C) if u else a for a, (_, _, u) in zip(args, parts)] if elementwise else args
+        risky = any(r for _, r, _ in parts) or _may_not_fit(e.op, seen)
+        return _op_shape(e, args), risky, per_unit
+
+    found, per_unit_values = [], set()
+    for eq in prog.eqns:
+        shape, risky, per_unit = walk(eq.expr)
+        if per_unit and shape is UNKNOWN:
+            per_unit_values.add(eq.out)
+        if risky or (shape is UNKNOWN and not per_unit and (eq.target in ("p", "g") or eq.target in declared)):
+            found.append(eq)
+    return found
+
+
+def _may_not_fit(op: str, args: list) -> bool:
+    if UNKNOWN not in args:
+        return False
+    row = TABLE.get(op)
+    if op == "T" or (row is not None and (row.reduction or row.axis)):
+        return False  # works on any matrix
+    if op == "where" and args[0] == ():
+        return False  # a host condition picks a branch; nothing is combined
+    if op == "mm" or op in _SQUARE:
+        return True
+    return sum(a != () for a in args) >= 2  # element-wise: fits whatever a scalar meets
 
 
 def _fits(shape, want):

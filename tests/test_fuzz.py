@@ -28,11 +28,7 @@ FUSED_EVERY = 4  # a case whose seed is a multiple of it steps fused=True too, a
 
 # Raw errors whose cause is known and not yet fixed; each is still reported (note) and counted by
 # fuzz_specs.py as a bug. Remove a line when its cause is fixed.
-OWNED_ELSEWHERE = [
-    (r"shapes cannot be multiplied|must match the size of tensor",
-     "issue 12 item 3: matrix work on a value whose axes a host where() picks (where(nrows > ncols, T(u), u)): "
-     "neither the static shape check nor a runtime one sees it (seed 5671: mm(x, col_mean(x)))"),
-]
+OWNED_ELSEWHERE: list[tuple[str, str]] = []
 
 
 def _allowed(out: fz.Outcome) -> bool:
@@ -54,6 +50,14 @@ def test_every_shipped_spec_steps_on_every_rank_it_takes(spec):
     """AdaNorm crashed on a 0-dim float32 parameter (a float64 device scalar promoted its update)."""
     out = fz.outcome(spec.read_text(encoding="utf-8"))
     assert out.kind == "stepped", out.detail
+
+
+def test_a_shape_only_the_parameter_decides_is_a_located_step_error():
+    """Seed 5671 (a MuonClip mutant: mm(x, col_mean(x)) after x = where(nrows > ncols, T(u), u)) raised
+    torch's raw "shapes cannot be multiplied" at step; now the step error names fuzz.opt's lines."""
+    out = fz.outcome(fz.case(5671))
+    assert out.kind == "documented", out.detail
+    assert out.detail.startswith("ShapeError: MuonClip: ") and "fuzz.opt:19: A = mm(x, col_mean(x))" in out.detail
 
 
 def test_the_outcomes_tell_the_kinds_apart():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -286,6 +287,55 @@ def test_shape_errors_are_located(body, message, col):
     assert message in str(err.value), str(err.value)
     if col:
         assert err.value.span.column == col, str(err.value)
+
+
+WIDE = """optimizer Wide
+hyper lr = 0.1 in [0, inf)
+rule ndim == 2 {
+  x = where(nrows > ncols, T(g), g)   # the wide side, as Muon iterates: its axes depend on p's shape
+  A = mm(x, col_mean(x))
+  p -= lr * where(nrows > ncols, T(A), A)
+}
+rule {
+  p -= lr * g
+}
+"""
+
+
+@pytest.mark.parametrize("path", ["for-loop", "foreach", "fused"])
+def test_shapes_only_the_parameter_decides_raise_at_step_with_the_line(path):
+    """Issue 12 item 3: mm(x, col_mean(x)) fits a (1, 1) parameter and no other, which no rule can
+    say (fuzz seed 5671, a MuonClip mutant). At step it is a ShapeError naming the file, the line,
+    the statement and the shapes, on every path, with torch's error as its cause; a parameter it
+    fits steps."""
+    cls = optdsl.compile(WIDE, "wide.opt")
+    kw = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[path]
+    ok = torch.nn.Parameter(torch.tensor([[2.0]], dtype=torch.float64))
+    ok.grad = torch.tensor([[3.0]], dtype=torch.float64)
+    cls([ok], **kw).step()
+    assert ok.item() == pytest.approx(2.0 - 0.1 * 3.0 * 3.0)  # x = g, A = g * g
+    bad = torch.nn.Parameter(torch.zeros(3, 5, dtype=torch.float64))
+    bad.grad = torch.ones(3, 5, dtype=torch.float64)
+    with pytest.raises(RuntimeError) as err:
+        cls([bad], **kw).step()
+    assert type(err.value).__name__ == "ShapeError", repr(err.value)
+    text = str(err.value)
+    assert "wide.opt:5: A = mm(x, col_mean(x))" in text and "(3, 5)" in text and "3x5 and 1x5" in text, text
+    assert "wide.opt:4" not in text  # the where alone picks a branch: it cannot fail
+    assert "cannot be multiplied" in str(err.value.__cause__)
+
+
+def test_statements_whose_shapes_the_rules_decide_are_not_wrapped():
+    """Only rules with such statements pay for the try (Muon, MuonClip among the shipped specs);
+    per-unit reductions (unit_norm, unit_mean) broadcast against p at every rank and are not among them."""
+    from optdsl.shapes import decided_at_step
+    from optdsl import lower, parse
+    lowered, _ = lower.lower_rules(parse.parse(WIDE, "wide.opt"))
+    assert [eq.span.line for eq in decided_at_step(lowered[0][1])] == [5, 6]
+    assert "_shape_error" not in optdsl.compile_source(SPEC.format(body="p -= lr * mm(mm(g, T(g)), g)"),
+                                                        "x.opt").python
+    agc = optdsl.compile_source((Path(__file__).parent.parent / "specs" / "sgd_agc.opt").read_text(), "sgd_agc.opt").python
+    assert "_shape_error" not in agc
 
 
 def test_a_matrix_state_needs_matrices():

@@ -10,6 +10,7 @@ import jinja2
 import sympy as sp
 
 from .. import escape, ieee, ir, quant, ranks
+from .. import shapes as shape_check
 from ..functions import COMPARISONS, RANDOM, REDUCTIONS, TABLE
 from ..lower import RESERVED
 from ..mathtext import statement_math
@@ -319,6 +320,21 @@ def _fused_context(rule: dict, plan: Plan, cond: str | None, multi: bool) -> dic
     return ctx
 
 
+def _decided_at_step(prog: ir.Program, lines: list[str], filename: str) -> list[str]:
+    """'file:line: statement as written' for each statement of prog whose shapes only the parameter's
+    shape decides (optdsl/shapes.py): the functional turns a torch error at step into one naming
+    them (the template's _shape_error). Escaped by the template's `literals` filter."""
+    shown = []
+    for eq in shape_check.decided_at_step(prog):
+        span = eq.span
+        if span is None or not 1 <= span.line <= len(lines):
+            continue
+        line = lines[span.line - 1]
+        text = line[span.column - 1:span.end_column - 1] if span.end_line == span.line else line[span.column - 1:]
+        shown.append(f"{filename}:{span.line}: {' '.join(text.split('#')[0].split())}")
+    return list(dict.fromkeys(shown))
+
+
 def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
     """The module for a spec; `rules` holds (condition code, plan, condition as written) per rule by shape."""
     prog = plan.program
@@ -339,6 +355,8 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
             shown = "every other parameter" if cond is None else f"parameters with {cond}"
             latex.append(r"&\text{for " + shown.replace("_", r"\_") + "}")
         latex += statement_math(p.program, latex=True)
+    for c, (_, p, _) in zip(contexts, rules):
+        c["step_shapes"] = _decided_at_step(p.program, lines, filename)
     ctx = dict(contexts[0],
         name=prog.name, doc=prog.doc, filename=filename,
         hypers=[h for h in prog.hypers if not h.computed], step_hypers=prog.hypers,
