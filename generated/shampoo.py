@@ -168,6 +168,94 @@ def _foreach_copy_(dst, src):
         torch._foreach_copy_(dst, src)
 
 
+def _on_owners(step, params, grads, lists, steps, **kwargs):
+    """A rule with matrix-shaped states (Gram matrices, eigenbases) on DTensor parameters: each
+    parameter steps whole on one owner rank (owners round-robin over the parameters, so the
+    eigendecompositions spread over the ranks), as Muon's matrix work does on the fused path: the
+    parameter, its gradient and its states gathered there, `step` (the rule's torch update, on one
+    whole tensor) run there, and the parameter and states sent back as the parts each rank holds.
+    The states stay DTensors placed as made (a Gram state split along an axis it shares with the
+    parameter, else replicated), so state_dict and torch.distributed.checkpoint see them as any
+    other. Per parameter: one gather and one scatter (or broadcast) per tensor."""
+    for i, p in enumerate(params):
+        tensors = [p, grads[i]] + [xs[i] for xs in lists]
+        if not _is_sharded(p):
+            step(*[[x] for x in tensors], [steps[i]], **kwargs)
+            continue
+        mesh = p.device_mesh
+        # a 1-D mesh: the owner's; else (FSDP2 over tensor parallelism) every rank gathers and steps
+        owner = i % mesh.size() if mesh.ndim == 1 else None
+        me = mesh.get_local_rank() if mesh.ndim == 1 else None
+        whole = [_to_owner(x, owner) for x in tensors]
+        if owner is None or me == owner:
+            step(*[[x] for x in whole], [steps[i]], **kwargs)
+        else:
+            steps[i] += 1
+        for k, x in enumerate(tensors):
+            if k != 1:  # not the gradient
+                _from_owner(x, whole[k], owner)
+
+
+def _to_owner(x, owner):
+    """A DTensor whole (a plain tensor) on rank `owner` of its 1-D mesh (None elsewhere), or on every
+    rank where owner is None."""
+    if not _is_sharded(x):
+        return x
+    if owner is None:
+        return x.full_tensor()
+    (pl,) = x.placements
+    mesh = x.device_mesh
+    me, size = mesh.get_local_rank(), mesh.size()
+    if not _splits(pl):  # replicated: the owner's copy is whole (in place: the step writes it)
+        return x.to_local() if me == owner else None
+    axis = pl.dim % x.dim()
+    length = x.shape[axis]
+    chunk = -(-length // size)  # torch.chunk's split, as DTensor's Shard: the last parts shorter or empty
+    local = x.to_local()
+    part = local.new_zeros(local.shape[:axis] + (chunk,) + local.shape[axis + 1:])
+    part.narrow(axis, 0, local.shape[axis]).copy_(local)
+    parts = [torch.empty_like(part) for _ in range(size)] if me == owner else None
+    group = mesh.get_group()
+    _dist.gather(part, parts, dst=_dist.get_global_rank(group, owner), group=group)
+    if me != owner:
+        return None
+    have = [max(0, min(chunk, length - r * chunk)) for r in range(size)]
+    return torch.cat([q.narrow(axis, 0, n) for q, n in zip(parts, have)], axis)
+
+
+def _from_owner(x, whole, owner):
+    """Write `whole` (the owner's, after its step) into the DTensor x's local part on every rank."""
+    if not _is_sharded(x):
+        return
+    local = x.to_local()
+    if owner is None:
+        local.copy_(torch.distributed.tensor.distribute_tensor(whole, x.device_mesh, x.placements,
+                                                               src_data_rank=None).to_local())
+        return
+    (pl,) = x.placements
+    mesh = x.device_mesh
+    me, size = mesh.get_local_rank(), mesh.size()
+    group = mesh.get_group()
+    src = _dist.get_global_rank(group, owner)
+    if not _splits(pl):
+        _dist.broadcast(local, src=src, group=group)  # the owner's local tensor is `whole` itself
+        return
+    axis = pl.dim % x.dim()
+    length = x.shape[axis]
+    chunk = -(-length // size)
+    part = local.new_empty(local.shape[:axis] + (chunk,) + local.shape[axis + 1:])
+    parts = None
+    if me == owner:
+        parts = []
+        for r in range(size):
+            piece = whole.narrow(axis, min(r * chunk, length), max(0, min(chunk, length - r * chunk)))
+            padded = torch.zeros_like(part)
+            padded.narrow(axis, 0, piece.shape[axis]).copy_(piece)
+            parts.append(padded)
+    _dist.scatter(part, parts, src=src, group=group)
+    local.copy_(part.narrow(axis, 0, local.shape[axis]))
+
+
 def _reduces(reduced, axis, ndim) -> bool:
     """Whether a reduction of kind `reduced` ("all", "unit", "-1", "-2") reduces a tensor's axis
     `axis` (of `ndim`): then each shard holds a partial result, which the kernels' accumulators
@@ -472,6 +560,15 @@ def _negated(grads):
     if grads and not _is_sharded(grads[0]):
         return torch._foreach_neg(grads)
     return [torch.neg(g) for g in grads]
+
+
+def _eye_like(a):
+    # the identity of the matrix state a, placed as a is: a DTensor state (a sharded parameter's)
+    # takes its part of the identity, without communication
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    if _is_sharded(a):
+        return torch.distributed.tensor.distribute_tensor(eye, a.device_mesh, a.placements, src_data_rank=None)
+    return eye
 
 
 def _eigh(a):
@@ -847,11 +944,11 @@ class Shampoo(Optimizer):
                                                  device=p.device if self._fused_for(group, p) else "cpu")
                 if state.get("pre_cond_0") is None:
                     state["pre_cond_0"] = _new_zeros(p, p.shape[:-1] + p.shape[-2:-1], _state_dtype(group, p))
-                    state["pre_cond_0"].add_(group["matrix_eps"]*torch.eye(state['pre_cond_0'].shape[-1], dtype=state['pre_cond_0'].dtype, device=state['pre_cond_0'].device))
+                    state["pre_cond_0"].add_(_eye_like(state['pre_cond_0'])*group["matrix_eps"])
                     state["pre_cond_0"] = _quantised(state["pre_cond_0"], _lowbit_format(group["state_dtype"]), True)
                 if state.get("pre_cond_1") is None:
                     state["pre_cond_1"] = _new_zeros(p, p.shape[:-2] + p.shape[-1:] * 2, _state_dtype(group, p))
-                    state["pre_cond_1"].add_(group["matrix_eps"]*torch.eye(state['pre_cond_1'].shape[-1], dtype=state['pre_cond_1'].dtype, device=state['pre_cond_1'].device))
+                    state["pre_cond_1"].add_(_eye_like(state['pre_cond_1'])*group["matrix_eps"])
                     state["pre_cond_1"] = _quantised(state["pre_cond_1"], _lowbit_format(group["state_dtype"]), True)
                 if state.get("inv_pre_cond_0") is None:
                     state["inv_pre_cond_0"] = _new_zeros(p, p.shape[:-1] + p.shape[-2:-1], _state_dtype(group, p))
@@ -1028,6 +1125,16 @@ def shampoo_0(params, grads, L_list, R_list, Li_list, Ri_list, buf_list, state_s
         return _single_tensor_shampoo_0(params, grads, L_list, R_list, Li_list, Ri_list, buf_list, state_steps, **hypers)
     # Eager, tensor hyperparameters (lr=torch.tensor(1e-3), for a compiled step) are host floats.
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
+    if any(map(_is_sharded, params)):
+        # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        if found_inf is not None and found_inf.item():
+            return
+        if grad_scale is not None:
+            grads = [x / grad_scale.to(x.device) for x in grads]
+        impl = _multi_tensor_shampoo_0 if foreach or fused else _single_tensor_shampoo_0
+        return _on_owners(impl, params, grads, [L_list, R_list, Li_list, Ri_list, buf_list, ], state_steps,
+                          generator=generator, stochastic=stochastic, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_0(params)
     elif fused:

@@ -8,8 +8,8 @@ averaged gradient is the whole batch's. Under FSDP2 every parameter is a DTensor
 rows, unevenly (7 rows over 2 ranks: 4 + 3; over 4: 2 + 2 + 2 + 1), and some ranks hold an empty
 shard (the (1,) gain; over 4 ranks also the 3-row matrix's last). A reduction over a split axis
 (nSGDA's norm, Adafactor's column means, SM3's maxima, soft clip's unit RMS, Amos's mean) must
-still be the whole parameter's; matrix work (Muon) needs the whole matrix; AdaLo reads the loss,
-averaged over the ranks. bench/dist_matrix.py runs the whole matrix (every spec, path, dtype,
+still be the whole parameter's; matrix work (Muon) needs the whole matrix, and Shampoo's and SOAP's
+matrix-shaped states step whole on an owner rank; AdaLo reads the loss, averaged over the ranks. bench/dist_matrix.py runs the whole matrix (every spec, path, dtype,
 mode, 2 and 4 ranks) and prints the tally; this file runs a cross-section of it in one spawn
 per world size.
 """
@@ -26,7 +26,8 @@ from bench import dist_matrix as dm
 # The foreach path runs DTensor's foreach ops: those that failed before (ops without a sharding rule,
 # in-place ops on partial results) and the split-dependent constructs (the whole list: bench/dist_matrix.py).
 FOREACH = ["adabelief", "adamax", "amsgrad", "nadam", "adanorm", "diffgrad", "sm3", "smmf", "muon", "muon_clip",
-           "lookahead_adam", "adamw_softclip", "sgd_agc", "amos", "adalo", "nsgda", "adafactor", "lamb"]
+           "lookahead_adam", "adamw_softclip", "sgd_agc", "amos", "adalo", "nsgda", "adafactor", "lamb",
+           "shampoo", "soap"]
 ALL = [("fsdp", name, path, "float64") for name in dm.SPECS for path in ("loop", "fused")]
 ALL += [("fsdp", name, "foreach", "float64") for name in FOREACH]
 ALL += [("ddp", name, path, "float64") for name in ("adalo", "muon") for path in dm.PATHS]
@@ -35,7 +36,8 @@ ALL += [("tp", name, path, "float64") for name in ("adamw", "lamb", "muon") for 
 # At 4 ranks shards are uneven and some empty (b's 3 rows: 1 + 1 + 1 + 0): the constructs whose
 # result depends on the split, on every path (SM3's column maximum over a rank with no rows was
 # refused by torch on the torch paths).
-SPLIT = ["nsgda", "adafactor", "sm3", "adamw_softclip", "sgd_agc", "amos", "muon", "adalo"]
+SPLIT = ["nsgda", "adafactor", "sm3", "adamw_softclip", "sgd_agc", "amos", "muon", "adalo",
+         "shampoo"]  # Gram states split 1 + 1 + 1 + 0 (b's L), owners round-robin over 4 ranks
 FOUR = [("fsdp", name, path, "float64") for name in SPLIT for path in dm.PATHS]
 # FSDP2 over tensor parallelism on a 2-D mesh (2 x 2), as torchtitan: FSDP2 splits tensor
 # parallelism's row shards again (_StridedShard); the gain lives on the data-parallel mesh alone
@@ -43,21 +45,9 @@ FOUR += [("2d", name, path, "float64") for name in ("adamw", "muon", "adafactor"
 BF16 = [("fsdp-bf16", "adamw", path, "float32") for path in ("loop", "fused")]  # stochastic rounding of shards
 # torch.distributed.checkpoint: saved on 2 ranks after STEPS steps, loaded on 4 (and on 1), trained on
 CHECKPOINTED = [(name, path) for name in ("adamw", "adafactor", "nadam", "muon") for path in ("loop", "fused")]
+CHECKPOINTED += [("shampoo", "loop")]  # Gram states: row-sharded (L, Li) and replicated (R, Ri) DTensors
 # and with bfloat16 states (state_dtype), in float32
 CHECKPOINTED_BF16 = [("adamw", "loop"), ("adamw", "fused"), ("adafactor", "fused"), ("muon", "loop")]
-
-
-# Shampoo and SOAP (gram_rows/gram_cols states, eigenbases, permutations) do not run sharded yet:
-# their gram states are plain tensors beside DTensor parameters ("got mixed torch.Tensor and
-# DTensor" in add_ and gather). Strict: a pass says the mark can go.
-NOT_YET = {"shampoo", "soap"}
-
-
-def _marked(world, scenario):
-    if scenario[1] not in NOT_YET:
-        return world, scenario
-    return pytest.param(world, scenario, marks=pytest.mark.xfail(
-        reason="matrix-shaped states are not sharded yet", strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +64,13 @@ def results():
         yield out
 
 
-@pytest.mark.parametrize("world, scenario", [_marked(2, s) for s in ALL] + [_marked(4, s) for s in FOUR],
+@pytest.mark.parametrize("world, scenario", [(2, s) for s in ALL] + [(4, s) for s in FOUR],
                          ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple) else str(x))
 def test_sharded_training_matches_one_process(results, world, scenario):
     mode, name, path, dtype = scenario
-    expected = dm.one_process(name, path, dm.DTYPES[dtype], dm.HIDDEN.get(mode, 7))
+    # SOAP: one process on the ranks' averaged gradient (its eigenbases turn with the last bit of it: dm.AVERAGED)
+    expected = dm.one_process(name, path, dm.DTYPES[dtype], dm.HIDDEN.get(mode, 7),
+                              world if mode in ("ddp", "fsdp") else 1)
     assert not torch.equal(expected[0], dm.net(dm.DTYPES[dtype]).a.weight)  # training moved them
     assert dm.compare(results[world][scenario], expected, dm.DTYPES[dtype]) == ""
 

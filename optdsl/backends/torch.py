@@ -31,6 +31,14 @@ HOST_HELPERS = {
     "_sigmoid": "def _sigmoid(x):\n    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))",
     "_softplus": "def _softplus(x):\n    return math.log1p(math.exp(-abs(x))) + max(x, 0.0)",
     "_bfloat16": "def _bfloat16(x):\n    return float(torch.tensor(x, dtype=torch.float64).bfloat16())",
+    "_eye_like": (
+        "def _eye_like(a):\n"
+        "    # the identity of the matrix state a, placed as a is: a DTensor state (a sharded parameter's)\n"
+        "    # takes its part of the identity, without communication\n"
+        "    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)\n"
+        "    if _is_sharded(a):\n"
+        "        return torch.distributed.tensor.distribute_tensor(eye, a.device_mesh, a.placements, src_data_rank=None)\n"
+        "    return eye"),
 } | ieee.HELPERS
 
 # Linear algebra of the function table's rows (optdsl/functions.py), on the tensors of the torch
@@ -259,6 +267,8 @@ def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]
         min_rank=min_rank, rank_why=rank_why,
         complex_ok=not complex_why, complex_why=complex_why,
         func=func, suffix=suffix, states=[s.name for s in prog.states], uses_loss=prog.uses_loss,
+        # matrix-shaped states (Gram matrices, eigenbases): sharded, the rule steps whole on an owner rank
+        matrix_states=any(s.shape.startswith("gram") for s in prog.states),
         bool_states=[s.name for s in prog.states if s.shape == "bool"],
         lowbit_signed={name: code.signed for name, code in codes.items()},
         read_single={s.name: read_state_code(s.shape, codes[s.name].signed, f"{s.name}_list[i]", "p")
@@ -389,6 +399,7 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
     for c, fused in zip(contexts, ctx["fused_rules"]):  # each rule's functional asks its own
         c.update(avail_name=fused["avail_name"], default_name=fused["default_name"])
     ctx["func"] = func
+    ctx["matrix_states"] = any(c["matrix_states"] for c in contexts)
     ctx["sharded_fused"] = any(not r["unsupported"] and not r["torch_only"] for r in ctx["fused_rules"])
     ctx["fused_code"] = environment().get_template("triton_fused.py.j2").render(**ctx)
     tensor_code = "\n".join(line for c in contexts for line in c["single_body"] + c["multi_body"])
@@ -526,7 +537,7 @@ def _init_code(state: ir.State, prog: ir.Program, group_code: dict[str, str]) ->
     env = {h.name: sp.Symbol(group_code[h.name]) for h in prog.hypers}
     env[ir.P0] = sp.Symbol("p")
     made = f'state[{state.saved_as!r}]'  # a matrix state's identity: its own shape, dtype and device
-    env[ir.EYE] = sp.Symbol(f"torch.eye({made}.shape[-1], dtype={made}.dtype, device={made}.device)")
+    env[ir.EYE] = sp.Symbol(f"_eye_like({made})")
     value = to_sympy(state.init, env)
     p = sp.Symbol("p")
     reductions = tuple(REDUCTIONS)
