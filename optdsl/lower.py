@@ -32,7 +32,7 @@ RESERVED = {"params", "defaults", "foreach", "fused", "closure", "self", "state"
             "_shape_table", "_unit_table", "_triton_ready", "_geometry", "geometry", "totals",
             "R_", "C_", "row_", "col_", "mat_", "rows_", "cols_", "mxin", "mxout", "n_", "_add_by_segment",
             # the module's own names
-            "ShapeError", "_shape_error",  # a shape only the parameter decides, at step (optdsl/shapes.py)
+            "ShapeError", "_shape_error", "_copy_state",  # a shape only the parameter decides, at step (optdsl/shapes.py)
             "operator", "_IS_SPARSE", "_IS_CUDA", "_DTYPE", "_groups", "_log", "_scratch_tables", "fused_available",
             "_step_dtype", "_torch_names", "_shape_table", "_unit_table",
             # locals of the fused kernels and launchers, where the hyperparameters are locals too

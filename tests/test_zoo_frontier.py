@@ -401,6 +401,88 @@ def test_mode_code_names_never_meet_the_specs(states, body):
     assert torch.equal(p.detach(), expected), p
 
 
+SWAP = """optimizer Swap
+hyper lr = 0.1 in [0, inf)
+state m, b: bool
+m = lerp(m, g, 0.5)
+b = g > 0
+p -= lr * where(b, m, 0)
+on eval {
+  m = 2 * m
+  b = m < 0
+}
+on train {
+  m = m / 2
+  b = m > 0
+}
+"""
+
+
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16, "int8", "int4"])
+def test_mode_blocks_write_states(state_dtype):
+    """An 'on eval'/'on train' block writing a state called _copy_state, which no module defined
+    (NameError at eval()), and one writing a bool state did not compile (KeyError). Both write the
+    state now: the nearest bfloat16 or low-bit level (eval() draws nothing), a bool as value != 0.
+    m's values are powers of two times 1/4, exact in every format here but int4's blocks: its
+    codes hold m to the block's coarser levels, so int4 compares with eval()'s own rounding."""
+    cls = optdsl.compile(SWAP, "swap.opt")
+    p = torch.nn.Parameter(torch.zeros(64, 32))
+    grad = torch.tensor([0.5, -1.0, 4.0, -2.0]).repeat(512).view(64, 32)
+    opt = cls([p], state_dtype=state_dtype) if state_dtype else cls([p])
+    p.grad = grad
+    opt.step()
+    stored = opt.state[p]["m"]
+    lowbit = stored.dtype == torch.uint8
+    before = stored.clone()
+    rng = torch.get_rng_state()
+    opt.eval()
+    assert torch.equal(torch.get_rng_state(), rng)  # nothing drawn from the user's stream
+    assert torch.equal(opt.state[p]["b"], grad < 0)  # m < 0 where g < 0
+    if not lowbit:
+        assert torch.equal(opt.state[p]["m"].float(), grad)  # 2 * g / 2
+    opt.train()
+    assert torch.equal(opt.state[p]["b"], grad > 0)
+    if not lowbit or state_dtype == "int8":
+        assert torch.equal(opt.state[p]["m"], before)  # halved back exactly: powers of two
+    else:
+        assert opt.state[p]["m"].dtype == torch.uint8 and opt.state[p]["m"].shape == before.shape
+
+
+GROUP_PLAIN = """optimizer GroupPlain
+hyper lr = 0.1 in [0, inf), b = 0.5 in [0, 1)
+state s: group = 0
+group s = lerp(s, sum(g^2), 1 - b)
+p -= lr * g / sqrt(s + 1)
+"""
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_a_group_spec_without_named_keywords_constructs_checks_and_steps(foreach):
+    """A spec with group statements but no torch.optim keyword names got a class whose template
+    branch left out add_param_group and _check_group (AttributeError in __init__). Now it checks
+    its ranges at construction and in add_param_group, and steps as a short float64 loop does:
+    s is the group's running sum of squares over both parameters, read by each."""
+    cls = optdsl.compile(GROUP_PLAIN, "group_plain.opt")
+    with pytest.raises(ValueError, match="Invalid b value: 1.5"):
+        cls([torch.nn.Parameter(torch.ones(2))], b=1.5)
+    gen = torch.Generator().manual_seed(3)
+    ps = [torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float64)) for shape in [(3, 5), (7,)]]
+    ref = [p.detach().clone() for p in ps]
+    opt = cls(ps, foreach=foreach)
+    with pytest.raises(ValueError, match="Invalid lr value: -1"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "lr": -1})
+    s = 0.0
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in ps]
+        for p, g in zip(ps, grads):
+            p.grad = g
+        opt.step()
+        s = s + (sum(float((g * g).sum()) for g in grads) - s) * 0.5
+        ref = [r - 0.1 * g / math.sqrt(s + 1) for r, g in zip(ref, grads)]
+    for p, r in zip(ps, ref):
+        torch.testing.assert_close(p.detach(), r, rtol=1e-14, atol=1e-15)  # a few roundings of float64
+
+
 @pytest.mark.parametrize("src, message, where", [
     ("state z = p\np -= g\nz = p\non eval {\np = z\n}\n", "'on eval' without 'on train'", "5:1"),
     ("state z = p\np -= g\nz = p\non eval {\np = z + g\n}\non train {\np = z\n}\n", "cannot read 'g'", "6:9"),

@@ -13,7 +13,7 @@ def context(prog: ir.Program, group_code: dict[str, str]) -> dict:
     """(mode name, the lines run for each parameter that has taken a step) per mode block."""
     keys = {s.name: s.saved_as for s in prog.states}
     codes = quant.codes(prog)
-    out = []
+    out, copies = [], False
     for mode in prog.modes:
         env = {h.name: sp.Symbol(group_code[h.name]) for h in prog.hypers if not h.computed}
         env.update({n: sp.Symbol(code.replace("p.", "param.")) for n, code in ir.SHAPE_BUILTINS.items()})
@@ -25,7 +25,10 @@ def context(prog: ir.Program, group_code: dict[str, str]) -> dict:
         for s in prog.states:
             if ir.ssa_name(s.name, 0) in read:
                 stored = f'state["{keys[s.name]}"]'
-                lines.append(f"{s.name} = {read_state_code(s.shape, codes[s.name].signed, stored, 'p')}")
+                if s.name in codes:
+                    lines.append(f"{s.name} = {read_state_code(s.shape, codes[s.name].signed, stored, 'p')}")
+                else:  # a bool state: read as it is kept
+                    lines.append(f"{s.name} = {stored}")
                 env[ir.ssa_name(s.name, 0)] = sp.Symbol(s.name)
                 tensors.add(s.name)
         # Each SSA version a name of its own: not a state's (loaded above under its name: a local x's
@@ -45,10 +48,13 @@ def context(prog: ir.Program, group_code: dict[str, str]) -> dict:
         for base, ssa in mode.outputs:
             if base == "p":
                 lines.append(f"param.copy_({names[ssa]})")
-            else:  # requantised to the nearest level when it holds low-bit codes
+            elif base not in codes:  # a bool state keeps whether the value is nonzero, as the step writes it
+                lines.append(f'state["{keys[base]}"].copy_({names[ssa]} != 0)')
+            else:  # requantised to the nearest level when it holds low-bit codes (lowbit.py.j2)
                 lines.append(f'_copy_state(state["{keys[base]}"], {names[ssa]}, {codes[base].signed})')
+                copies = True
         out.append((mode.name, lines))
-    return dict(modes=out)
+    return dict(modes=out, copies_state=copies)
 
 
 def _code_name(ssa: str) -> str:
