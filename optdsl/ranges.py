@@ -451,8 +451,11 @@ def _bound(expr: sp.Expr, env: Env) -> Interval:
     expr = sp.sympify(expr)
     if expr.is_Symbol:
         return env.get(expr, FULL)
-    if expr in (sp.oo, -sp.oo):
-        return Interval.point(float(expr))  # the limit +-inf, an open (empty) end
+    if expr in (sp.oo, -sp.oo, sp.zoo, sp.nan):
+        # Intervals hold finite reals (an infinite end is open): a constant inf (1e400) is none of
+        # them, and the point (inf, inf) proved 1 / (inf - x) positive where it is 0, so the host
+        # divided by it unguarded (fuzz seed 4779: ZeroDivisionError at step). Nothing is known.
+        return FULL
     if expr.is_Rational or expr.is_Float:
         q = sp.Rational(expr)
         q = Fraction(int(q.p), int(q.q))

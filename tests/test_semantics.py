@@ -6,6 +6,7 @@ and compares with torch computing the same arithmetic on tensors, nan where torc
 """
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -72,6 +73,15 @@ def test_host_scalars_follow_ieee(expr, x, ref):
     cls = optdsl.compile(f"optimizer H\nhyper x = 1\nc = {expr}\np += c * (g * g + 1)\n")
     want = ref(torch.tensor(x, dtype=torch.float64)) * (G * G + 1)
     _assert_all(_run(cls, x=x), want, rtol=1e-15)
+
+
+@pytest.mark.parametrize("expr", ["1 / sqrt(1 / (1e400 - b^t))", "t / (1 / (1e400 - b))"])
+def test_a_constant_inf_proves_nothing_on_the_host(expr):
+    """Fuzz seed 4779 (AdamGC mutant, sqrt(v / (1e400 - b2^t))): the range of the constant inf was the
+    empty point (inf, inf), so 1 / (inf - b^t) was 'positive' and the host divided by its 0 without
+    the IEEE guard: ZeroDivisionError at step. Now it is inf, as on a tensor."""
+    cls = optdsl.compile(f"optimizer H\nhyper b = 0.5 in [0, 1)\nc = {expr}\np += c * (g * g + 1)\n")
+    _assert_all(_run(cls), torch.full_like(G, math.inf))
 
 
 CONSTANTS = [
