@@ -1278,8 +1278,6 @@ def _single_tensor_soap_0(params, grads, m_list, v_list, GL_list, GR_list, QL_li
         tmp13 = torch.div(tmp10, tmp12)
         tmp14 = torch.matmul(QL, tmp13)
         tmp15 = torch.matmul(tmp14, tmp8)
-        r0 = _whole(torch.sqrt(torch.mean(torch.square(tmp15))))
-        d0 = torch.as_tensor(1/(eps + r0), dtype=p.dtype)
         tmp16 = g.mT
         tmp17 = torch.matmul(g, tmp16)
         tmp18 = torch.lerp(GL, tmp17, k3)
@@ -1339,6 +1337,8 @@ def _single_tensor_soap_0(params, grads, m_list, v_list, GL_list, GR_list, QL_li
                 tmp45 = QR
             tmp46 = tmp45
         if normalize_gradient:
+            r0 = _whole(torch.sqrt(torch.mean(torch.square(tmp15))))
+            d0 = torch.as_tensor(1/(eps + r0), dtype=p.dtype)
             tmp47 = torch.mul(tmp15, d0)
             tmp48 = tmp47
         else:
@@ -1418,8 +1418,6 @@ def _multi_tensor_soap_0(params, grads, m_list, v_list, GL_list, GR_list, QL_lis
         tmp13 = torch._foreach_div(tmp10, tmp12)
         tmp14 = [torch.matmul(QL_, tmp13_) for QL_, tmp13_ in zip(QL, tmp13)]
         tmp15 = [torch.matmul(tmp14_, tmp8_) for tmp14_, tmp8_ in zip(tmp14, tmp8)]
-        r0 = [_whole(torch.sqrt(torch.mean(torch.square(tmp15_)))) for tmp15_ in tmp15]
-        d0 = [torch.as_tensor(1/(eps + r0_), dtype=p[0].dtype) for r0_ in r0]
         tmp16 = [g_.mT for g_ in g]
         tmp17 = [torch.matmul(g_, tmp16_) for g_, tmp16_ in zip(g, tmp16)]
         tmp18 = torch._foreach_lerp(GL, tmp17, k3)
@@ -1465,6 +1463,8 @@ def _multi_tensor_soap_0(params, grads, m_list, v_list, GL_list, GR_list, QL_lis
             tmp45 = tmp44 if all(c3) else QR if not any(c3) else [x if c else y for c, x, y in zip(c3, tmp44, QR)]
         tmp46 = tmp42 if all(c4) else tmp45 if not any(c4) else [x if c else y for c, x, y in zip(c4, tmp42, tmp45)]
         if normalize_gradient:
+            r0 = [_whole(torch.sqrt(torch.mean(torch.square(tmp15_)))) for tmp15_ in tmp15]
+            d0 = [torch.as_tensor(1/(eps + r0_), dtype=p[0].dtype) for r0_ in r0]
             tmp47 = torch._foreach_mul(tmp15, d0)
             tmp48 = tmp47
         else:
@@ -1573,9 +1573,9 @@ def _single_tensor_soap_1(params, grads, m_list, v_list, state_steps, *, lr, b1,
         tmp5 = torch.sqrt(tmp2)
         tmp5.add_(eps)
         tmp6 = torch.div(tmp4, tmp5)
-        r0 = _whole(torch.sqrt(torch.mean(torch.square(tmp6))))
-        d0 = torch.as_tensor(1/(eps + r0), dtype=p.dtype)
         if normalize_gradient:
+            r0 = _whole(torch.sqrt(torch.mean(torch.square(tmp6))))
+            d0 = torch.as_tensor(1/(eps + r0), dtype=p.dtype)
             tmp7 = torch.mul(tmp6, d0)
             tmp8 = tmp7
         else:
@@ -1627,9 +1627,9 @@ def _multi_tensor_soap_1(params, grads, m_list, v_list, state_steps, *, lr, b1, 
         tmp5 = torch._foreach_sqrt(tmp2)
         torch._foreach_add_(tmp5, eps)
         tmp6 = torch._foreach_div(tmp4, tmp5)
-        r0 = [_whole(torch.sqrt(torch.mean(torch.square(tmp6_)))) for tmp6_ in tmp6]
-        d0 = [torch.as_tensor(1/(eps + r0_), dtype=p[0].dtype) for r0_ in r0]
         if normalize_gradient:
+            r0 = [_whole(torch.sqrt(torch.mean(torch.square(tmp6_)))) for tmp6_ in tmp6]
+            d0 = [torch.as_tensor(1/(eps + r0_), dtype=p[0].dtype) for r0_ in r0]
             tmp7 = torch._foreach_mul(tmp6, d0)
             tmp8 = tmp7
         else:

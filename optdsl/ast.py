@@ -1,6 +1,7 @@
 """The spec as the user wrote it: small immutable records, each with its source span."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .errors import Span
@@ -76,6 +77,15 @@ class Hyper:
     keyword_span: Span | None = None
     optional: bool = False      # `= None`: None is the machine epsilon of p's dtype
     choices: tuple = ()         # `= None | "a" | "b"`: the values it takes; the math reads the index
+    count: bool = False         # counts a `repeat` (Muon's ns_steps): a whole number, an int keyword
+
+    def hi_whole(self) -> int:
+        """The largest whole number in the range (0 when none, or unbounded): a `repeat` count's rounds."""
+        r = self.range
+        if r is None or not math.isfinite(r.hi) or r.hi < 1:
+            return 0
+        top = math.floor(r.hi)
+        return top - 1 if top == r.hi and not r.hi_closed else top
 
 
 @dataclass(frozen=True)

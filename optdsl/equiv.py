@@ -247,7 +247,7 @@ def equivalent(a: Compiled | ir.Program, b: Compiled | ir.Program, assume: dict[
 
 def _matrix_math(prog: ir.Program, who: str) -> tuple[str, ...]:
     from .mathtext import fold_repeats, statement_math
-    return (f"  {who}:",) + tuple(f"    {line}" for line in fold_repeats(statement_math(prog, False), False))
+    return (f"  {who}:",) + tuple(f"    {line}" for line in fold_repeats(statement_math(prog, False, rounds=True), False))
 
 
 def _equivalent_rule(pa: ir.Program, pb: ir.Program, assume, mapping, samples: int, seed: int) -> Verdict:

@@ -325,7 +325,7 @@ _UNDECIDED = (TypeError, ValueError, NotImplementedError, AttributeError, KeyErr
 
 
 def _section(prog: ir.Program, plan, condition: str | None) -> Section:
-    math = tuple(tuple(fold_repeats(statement_math(prog, latex), latex)) for latex in (False, True))
+    math = tuple(tuple(fold_repeats(statement_math(prog, latex, rounds=True), latex)) for latex in (False, True))
     props = _cost(prog, plan) + _lowbit_codes(prog)
     if _matrix_work(prog):  # its math and memory, not what models one element
         props = [p for p in props if p.name != "arithmetic per element"]  # matmuls are not per element

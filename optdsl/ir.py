@@ -108,6 +108,7 @@ class Hyper:
     computed: bool = False      # a group value (optdsl/group.py): computed each step, not a keyword
     optional: bool = False      # defaults to None: the machine epsilon of p's dtype (default holds float32's)
     choices: tuple = ()         # named choices (None or strings); the math reads the index, default 0
+    count: bool = False         # counts a `repeat`: a whole number (an int keyword, as torch's ns_steps)
 
     @property
     def range_text(self) -> str:

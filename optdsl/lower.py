@@ -4,6 +4,7 @@ from __future__ import annotations
 import builtins
 import difflib
 import keyword
+import math
 import re
 from dataclasses import replace
 
@@ -274,21 +275,64 @@ class _Lowering:
             self.every(item)
 
     def repeat(self, block: ast.Block) -> None:
-        """A bounded loop is unrolled: its count is a whole number written in the spec."""
-        count = block.arg.value
-        if not _whole_rounds(count):
-            raise SpecError(f"'repeat' takes a whole number of rounds from 1 to {MAX_REPEAT}, got {count:g}",
-                            block.arg.span, hint="write the count as a number, e.g. 'repeat 5 {'")
-        size = _unrolled_size([block])
+        """A bounded loop is unrolled: its count is a whole number written in the spec, or a
+        hyperparameter whose declared range bounds it (`repeat ns_steps {` with `in [0, 16]`):
+        then every round past the range's lower bound is unrolled up to its upper bound and
+        guarded, each value it assigns becoming where(count >= round, new, old)."""
+        if isinstance(block.arg, ast.Name):
+            low, count = self._repeat_bounds(block.arg)
+        else:
+            low = count = block.arg.value
+            if not _whole_rounds(count):
+                raise SpecError(f"'repeat' takes a whole number of rounds from 1 to {MAX_REPEAT}, got {count:g}",
+                                block.arg.span, hint="write the count as a number, e.g. 'repeat 5 {'")
+        size = _unrolled_size([block], self._repeat_tops())
+        if low != count:  # guards: the names visible before the loop (all, once an unguarded round ran)
+            targets = set(_targets(block.body))
+            guards = len(targets if low else targets & set(self.version))
+            size = int(count) * _unrolled_size(block.body, self._repeat_tops()) + int(count - low) * guards
         if len(self.eqns) + size > MAX_STATEMENTS:  # compile time grows with the statements unrolled
             raise SpecError(f"this 'repeat' unrolls to {size} statements, {len(self.eqns) + size} in all; "
                             f"a rule may have at most {MAX_STATEMENTS}", block.arg.span,
-                            hint="use fewer rounds, or nest fewer loops")
+                            hint="use fewer rounds, or nest fewer loops" if low == count else
+                                 f"lower the upper bound of '{getattr(block.arg, 'id', '')}''s range")
         self.unrolling += count > 1
-        for _ in range(int(count)):
+        for round_ in range(1, int(count) + 1):
+            before = dict(self.version)
             for item in block.body:
                 self.statement(item)
+            if round_ > low:  # a round the count may skip
+                self.read.add(block.arg.id)
+                due = ir.Op("ge", (ir.Ref(block.arg.id, block.arg.span), ir.Const(float(round_), block.arg.span)),
+                            block.span)
+                self._guard(block, before, due)
         self.unrolling -= count > 1
+
+    def _repeat_tops(self) -> dict[str, int]:
+        """The most rounds of each hyperparameter that may count a `repeat` (its range's upper bound)."""
+        tops = {}
+        for h in self.spec.hypers:
+            if h.range is not None and not h.flag and not h.choices and not h.optional and h.hi_whole():
+                tops[h.name] = h.hi_whole()
+        return tops
+
+    def _repeat_bounds(self, name: ast.Name) -> tuple[int, int]:
+        """The fewest and most rounds a hyperparameter that counts a `repeat` may ask for."""
+        decl = next((h for h in self.spec.hypers if h.name == name.id), None)
+        hint = (f"declare it with a bounded range, e.g. 'hyper {name.id} = 5 in [0, 16]': the loop is "
+                "unrolled up to the upper bound")
+        if decl is None or name.id in self.computed:
+            raise SpecError(f"the count of 'repeat' must be a number or a hyperparameter, not '{name.id}'",
+                            name.span, hint=hint)
+        if decl.flag or decl.choices or decl.optional or decl.range is None:
+            raise SpecError(f"'{name.id}' counts a 'repeat' but has no range to bound it", name.span, hint=hint)
+        top = decl.hi_whole()
+        if not top or top > MAX_REPEAT:
+            raise SpecError(f"'{name.id}' counts a 'repeat', so its range {decl.range} must end at a whole "
+                            f"number from 1 to {MAX_REPEAT}", decl.range.span, hint=hint)
+        r = decl.range
+        low = max(0, math.ceil(r.lo) if r.lo_closed or r.lo != math.ceil(r.lo) else int(r.lo) + 1)
+        return min(low, top), top
 
     def every(self, block: ast.Block) -> None:
         """Periodic work: each value the block assigns becomes where(t % k == 0, new, old)."""
@@ -300,6 +344,11 @@ class _Lowering:
         for item in block.body:
             self.statement(item)
         due = ir.Op("eq", (ir.Op("mod", (ir.Ref("t", block.span), period), block.span), ir.Const(0.0)), block.span)
+        self._guard(block, before, due)
+
+    def _guard(self, block: ast.Block, before: dict[str, int], due: ir.Expr) -> None:
+        """Each value a block assigned becomes where(due, new, old); a local of the block alone is
+        not visible after it."""
         for n in dict.fromkeys(_targets(block.body)):
             if n not in before:  # a local of the block alone: not visible after it
                 del self.version[n]
@@ -409,7 +458,7 @@ class _Lowering:
                                   if h.range else (0.0, 1.0, True, True) if h.flag
                                   else (float("-inf"), float("inf"), False, False)), span=h.span,
                                 keyword=h.keyword, flag=h.flag, only=h.only,
-                                optional=h.optional, choices=h.choices)
+                                optional=h.optional, choices=h.choices, count=h.count)
                        for h in spec.hypers)
         return ir.Program(spec.name, spec.doc, hypers, tuple(states), tuple(self.eqns), outputs,
                           self.uses_loss)
@@ -527,16 +576,19 @@ def _whole_rounds(count: float) -> bool:
     return 1 <= count <= MAX_REPEAT and count == int(count)
 
 
-def _unrolled_size(body) -> int:
-    """How many equations a body makes once its loops are unrolled (an `every` adds one per name)."""
+def _unrolled_size(body, tops: dict[str, int]) -> int:
+    """How many equations a body makes once its loops are unrolled (an `every`, or a round of a
+    `repeat` a hyperparameter counts, adds one per name); tops: the most rounds of each such count."""
     size = 0
     for item in body:
         if isinstance(item, ast.Assign):
             size += 1
+        elif item.kind == "repeat" and isinstance(item.arg, ast.Name):
+            size += tops.get(item.arg.id, 0) * (_unrolled_size(item.body, tops) + len(set(_targets(item.body))))
         elif item.kind == "repeat":
-            size += int(item.arg.value) * _unrolled_size(item.body) if _whole_rounds(item.arg.value) else 0
+            size += int(item.arg.value) * _unrolled_size(item.body, tops) if _whole_rounds(item.arg.value) else 0
         else:
-            size += _unrolled_size(item.body) + len(set(_targets(item.body)))
+            size += _unrolled_size(item.body, tops) + len(set(_targets(item.body)))
     return size
 
 

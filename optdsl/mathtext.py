@@ -9,14 +9,34 @@ from . import ir
 from .sym import to_sympy
 
 
-def statement_math(prog: ir.Program, latex: bool) -> list[str]:
-    """Each statement as mathematics, names without SSA versions (also the docstring's math)."""
+_ROUND = "\x00round of "  # a round's guard of a `repeat` a hyperparameter counts, for fold_repeats
+
+
+def _round_guard(eq: ir.Eqn, counts: set[str]) -> str | None:
+    """The counting hyperparameter when eq is a round's guard: x = where(count >= k, x_new, x_old)."""
+    e = eq.expr
+    if (isinstance(e, ir.Op) and e.op == "where" and isinstance(e.args[0], ir.Op) and e.args[0].op == "ge"
+            and isinstance(e.args[0].args[0], ir.Ref) and e.args[0].args[0].name in counts
+            and isinstance(e.args[0].args[1], ir.Const) and all(isinstance(a, ir.Ref) for a in e.args[1:])):
+        return e.args[0].args[0].name
+    return None
+
+
+def statement_math(prog: ir.Program, latex: bool, rounds: bool = False) -> list[str]:
+    """Each statement as mathematics, names without SSA versions (also the docstring's math).
+    With `rounds`, a round's guard of a counted `repeat` is a marker line for fold_repeats."""
+    counts = {h.name for h in prog.hypers if h.count} if rounds else set()
     env: dict[str, sp.Expr] = {n: sp.Symbol(n) for n in [h.name for h in prog.hypers] + ["t", "loss", *ir.SHAPE_BUILTINS]}
     env.update({ssa: sp.Symbol(base) for ssa, base in ir.source_names(prog).items() if ssa in prog.inputs})
     names = ir.source_names(prog)
     lines = []
     with sp.evaluate(False):  # keep each statement's own shape and order
         for eq in prog.eqns:
+            count = _round_guard(eq, counts)
+            if count:
+                lines.append(_ROUND + count)
+                env[eq.out] = sp.Symbol(eq.target)
+                continue
             value = to_sympy(eq.expr, env)
             if latex:
                 try:
@@ -95,11 +115,14 @@ def fold_repeats(lines: list[str], latex: bool) -> list[str]:
             if times > 1 and k * times > best[0] * best[1]:
                 best = (k, times)
         k, times = best
+        body, what = lines[i:i + k], f"{times} times"
+        if body[-1].startswith(_ROUND):  # the rounds of a `repeat` a hyperparameter counts, up to its bound
+            body, what = body[:-1], f"{body[-1][len(_ROUND):]} times (at most {times})"
         if times == 1:
-            out.append(lines[i])
+            out += [line for line in body if not line.startswith(_ROUND)]
         elif latex:
-            out += [f"&\\text{{repeat {times} times:}}"] + [f"\\quad {line}" for line in lines[i:i + k]]
+            out += [f"&\\text{{repeat {what}:}}"] + [f"\\quad {line}" for line in body]
         else:
-            out += [f"repeat {times} times:"] + [f"  {line}" for line in lines[i:i + k]]
+            out += [f"repeat {what}:"] + [f"  {line}" for line in body]
         i += k * times
     return out

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import re
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
@@ -181,7 +182,8 @@ class _ToAst(Transformer):
     def repeat_block(self, meta, children):
         count, *items = children
         self._no_group_statement(items, "a 'repeat' block")
-        return ast.Block("repeat", ast.Num(float(count), _span(count)), self._block_body(items), _span(meta))
+        arg = ast.Name(str(count), _span(count)) if count.type == "NAME" else ast.Num(float(count), _span(count))
+        return ast.Block("repeat", arg, self._block_body(items), _span(meta))
 
     def every_block(self, meta, children):
         period, *items = children
@@ -255,8 +257,19 @@ class _ToAst(Transformer):
         if modes and rules:
             raise SpecError("mode blocks are not supported with rules yet", modes[0].span,
                             hint="write the spec without rules, or without 'on eval'/'on train'")
+        counts = {b.arg.id for b in _blocks(list(body) + [i for r in rules for i in r.body])
+                  if b.kind == "repeat" and isinstance(b.arg, ast.Name)}
+        hypers = tuple(replace(h, count=True) if h.name in counts else h for h in hypers)
         return ast.Spec(name, doc, hypers, tuple(decls["state"]), tuple(body), name_span, tuples,
                         tuple(rules), tuple(decls["input"]), tuple(modes))
+
+
+def _blocks(body):
+    """Every block of a body, nested ones included."""
+    for item in body:
+        if isinstance(item, ast.Block):
+            yield item
+            yield from _blocks(item.body)
 
 
 # Labelled bad inputs: Lark matches a failing parse against these to pick the message.

@@ -607,8 +607,9 @@ def test_muon_takes_torch_keywords_defaults_and_order():
     p = torch.nn.Parameter(torch.zeros(3, 2))
     group, ref = Muon([p]).param_groups[0], T.Muon([torch.nn.Parameter(torch.zeros(3, 2))]).param_groups[0]
     assert {k: group[k] for k in ref if k != "params"} == {k: v for k, v in ref.items() if k != "params"}
-    with pytest.raises(ValueError, match="does not implement ns_steps=3"):
-        Muon([p], ns_steps=3)
+    assert Muon([p], ns_steps=3).param_groups[0]["ns_steps"] == 3  # the loop follows it (tests/test_repeat_count.py)
+    with pytest.raises(ValueError, match=r"ns_steps must be in \[0, 16\]"):  # unrolled 16 times at most
+        Muon([p], ns_steps=17)
     with pytest.raises(ValueError, match="adjust_lr_fn value: 'sqrt'.*one of None, 'original', 'match_rms_adamw'"):
         Muon([p], adjust_lr_fn="sqrt")
 

@@ -6,8 +6,9 @@ Values are updated in place wherever nothing reads them afterwards, and
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy as sp
 
@@ -456,3 +457,60 @@ def _like(ref: int, i: int) -> str:
 
 def _first_tensor(args) -> int:
     return next(i for i, a in enumerate(args) if a.tensor)
+
+
+# ---- work that only one branch reads runs inside it ----
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PURE_SKIP = ("copy",)  # writes into a tensor that outlives the step
+
+
+def _reads(instr: Instr) -> set[str]:
+    """Every identifier an instruction's code reads (its operands, scalar, template, branches)."""
+    text = " ".join([a.code for a in instr.args] + [instr.value.code if instr.value else "", instr.template])
+    names = set(_IDENT.findall(text))
+    for block in instr.blocks:
+        for i in block:
+            names |= _reads(i)
+    return names
+
+
+def _movable(instr: Instr) -> bool:
+    """A pure instruction that makes a fresh value: moving it into a branch changes nothing but
+    whether it runs (not in place, not a copy, not a draw)."""
+    return (not instr.inplace and instr.op not in _PURE_SKIP and "_random_like(" not in instr.template)
+
+
+def sink(instrs) -> list[Instr]:
+    """Move into a branch the instructions whose values only that branch reads, so that work the
+    branch's condition skips is not done: a `repeat` counted by a hyperparameter unrolls to its
+    bound, each round a branch on `count >= round` (Muon's Newton-Schulz rounds past ns_steps)."""
+    out = [replace(i, blocks=tuple(tuple(sink(b)) for b in i.blocks)) if i.op == "branch" else i for i in instrs]
+    reads = [_reads(i) for i in out]
+    count = Counter(n for r in reads for n in r)  # how many instructions read each name
+    b = 0
+    while b < len(out):
+        br = out[b]
+        if br.op != "branch":
+            b += 1
+            continue
+        blocks = [list(block) for block in br.blocks]
+        for arm in (0, 1):
+            wanted = set(_IDENT.findall(br.args[1 + arm].code)).union(*(_reads(x) for x in blocks[arm]))
+            other_arm = set(_IDENT.findall(br.args[0].code + " " + br.args[2 - arm].code)).union(
+                *(_reads(x) for x in blocks[1 - arm]))
+            for j in range(b - 1, -1, -1):
+                ins = out[j]
+                if not (_movable(ins) and ins.out in wanted and ins.out not in other_arm
+                        and count[ins.out] == 1):  # read by the branch alone
+                    continue
+                blocks[arm].insert(0, ins)
+                wanted |= reads[j]
+                for n in reads[j]:
+                    if n in reads[b]:
+                        count[n] -= 1
+                reads[b] |= reads[j]
+                del out[j], reads[j]
+                b -= 1
+        out[b] = replace(br, blocks=tuple(tuple(block) for block in blocks))
+        b += 1
+    return out

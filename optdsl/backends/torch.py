@@ -19,7 +19,7 @@ from . import fusion, group_phase, mode_code
 from . import triton as triton_backend
 from .printers import STATE_SHAPE_CODE as _STATE_SHAPE_CODE
 from .printers import CompiledPrinter, HostPrinter, read_state_code
-from .tensor_ops import Emitter, Instr, Operand
+from .tensor_ops import Emitter, Instr, Operand, sink
 
 # Names the generated functions use for their own variables (the same list refuses them in specs).
 INTERNAL_NAMES = RESERVED | set(ir.BUILTINS)
@@ -245,7 +245,7 @@ def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]
     prog = plan.program
     names = {str(s) for s in plan.inputs} | {h.name for h in prog.hypers} | INTERNAL_NAMES
     names |= {str(d.symbol) for d in plan.group + plan.param + plan.steps}
-    instrs = Emitter(plan, names).run()
+    instrs = sink(Emitter(plan, names).run())  # work a branch alone reads runs inside it
     host = HostPrinter()
     read = set().union(*(d.expr.free_symbols for d in plan.group + plan.param + plan.steps),
                        *(e.free_symbols for _, e in plan.outputs))
@@ -469,7 +469,7 @@ def interface(prog: ir.Program) -> dict:
 def _py_default(h: ir.Hyper) -> str:
     if h.choices:
         return escape.literal(h.choices[0])
-    if h.only and float(h.default).is_integer() and not h.flag:  # a count kept for torch.optim (Muon's ns_steps)
+    if (h.only or h.count) and float(h.default).is_integer() and not h.flag:  # a count (Muon's ns_steps)
         return repr(int(h.default))
     return "None" if h.optional else repr(bool(h.default)) if h.flag else _py_number(h.default)
 
@@ -477,7 +477,7 @@ def _py_default(h: ir.Hyper) -> str:
 def _annotation(h: ir.Hyper) -> str:
     if h.choices:
         return " | ".join(dict.fromkeys("None" if c is None else "str" for c in h.choices))
-    if h.only and float(h.default).is_integer() and not h.flag:
+    if (h.only or h.count) and float(h.default).is_integer() and not h.flag:
         return "int"
     return "bool" if h.flag else "float | None" if h.optional else "float"
 
