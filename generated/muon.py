@@ -1246,7 +1246,7 @@ def muon_0(params, grads, buf_list, state_steps, *, foreach=None, fused=None,
         impl(params, grads, buf_list, state_steps, generator=generator,
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
-        _shape_error("Muon", err, params, ("specs/muon.opt:31: A = mm(x, T(x))", "specs/muon.opt:33: B = b * A + c * mm(A, A)", "specs/muon.opt:35: x = a * x + mm(B, x)", "specs/muon.opt:41: p -= lr * where(adjust_lr_fn == 2, 0.2 * sqrt(max(nrows, ncols)), sqrt(max(1, nrows / ncols))) * o"))
+        _shape_error("Muon", err, params, ("specs/muon.opt:32: A = mm(x, T(x))", "specs/muon.opt:34: B = b * A + c * mm(A, A)", "specs/muon.opt:36: x = a * x + mm(B, x)", "specs/muon.opt:42: p -= lr * where(adjust_lr_fn == 2, 0.2 * sqrt(max(nrows, ncols)), sqrt(max(1, nrows / ncols))) * o"))
         raise
 
 
