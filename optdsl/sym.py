@@ -204,6 +204,10 @@ class _Hoister:
             # a scalar has size 1 along every axis: reducing one is the scalar itself (a definition
             # `d0 = s` would alias a scalar state that the step then updates in place)
             return self.hoist(e.args[0], ceiling)
+        if type(e) is fn.unit_norm and self.level(e.args[0]) < TENSOR:
+            # likewise, the norm of a scalar is its absolute value (the table's host form): as a
+            # host scalar it has a Triton form, which unit_norm has not (fuzz seed 1133, AdaNorm mutant)
+            return self.hoist(sp.Abs(e.args[0]), ceiling)
         lvl = self.level(e)
         if lvl < ceiling or is_reduction(e):  # a reduction always gets its own name
             return self.define(e, lvl)

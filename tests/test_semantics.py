@@ -65,6 +65,9 @@ HOST = [
     ("x^0.3", -8.0, lambda x: x**0.3),
     ("x^(t + 40)", 1e10, lambda x: x**41),  # t = 1: past the largest float
     ("sigmoid(x)", -1000.0, torch.sigmoid),
+    # the norm of a scalar is its absolute value; in a kernel too (fuzz seed 1133: no Triton form)
+    ("unit_norm(x - t)", 0.25, lambda x: (x - 1).abs()),
+    ("row_mean(x - t) + unit_mean(t - x)", 0.25, lambda x: (x - 1) + (1 - x)),
 ]
 
 

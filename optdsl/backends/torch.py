@@ -255,6 +255,9 @@ def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]
     for d in plan.param:
         deps = sorted({str(s) for s in d.expr.free_symbols if str(s) in t_elem}, key=str)
         body = HostPrinter(t_elem).doprint(d.expr)
+        if not deps:  # reads t only through values that cancel ((x - t) + (t - x)): one per tensor still
+            param_multi.append((str(d.symbol), f"[{body} for _ in p]"))
+            continue
         it = deps[0] if len(deps) == 1 else f"zip({', '.join(deps)})"
         param_multi.append((str(d.symbol), f"[{body} for {', '.join(t_elem[x] for x in deps)} in {it}]"))
     compiled = CompiledPrinter({"t"} | {str(d.symbol) for d in plan.param})
