@@ -3,8 +3,9 @@
 
 The spec::
 
-    # Adam as torch.optim.Adam, with L2 weight decay folded into the gradient; it takes
-    # torch.optim.Adam's keywords and loads its state_dict. amsgrad is per group, as in torch.optim:
+    # Adam as torch.optim.Adam, with L2 weight decay folded into the gradient, or AdamW's decay with
+    # decoupled_weight_decay=True (torch.optim.Adam's flag, per group); it takes torch.optim.Adam's
+    # keywords and loads its state_dict. amsgrad is per group, as in torch.optim:
     # a group with amsgrad=True takes the second rule (and keeps max_exp_avg_sq), the others the first.
     optimizer Adam \"Adaptive moment estimation (Kingma & Ba, 2015)\"
     
@@ -12,11 +13,13 @@ The spec::
     hyper b1 = 0.9 in [0, 1), b2 = 0.999 in [0, 1)
     hyper betas = (b1, b2)
     hyper eps = 1e-8 in (0, inf), wd = 0 in [0, inf) as weight_decay
-    hyper amsgrad = False, decoupled_weight_decay = False only
+    hyper amsgrad = False
+    hyper decoupled = False as decoupled_weight_decay   # AdamW's decay (p shrinks) instead of L2 in g
     
     rule amsgrad == 0 {
       state m as exp_avg, v as exp_avg_sq
-      g += wd * p
+      g = where(decoupled, g, g + wd * p)
+      p = where(decoupled, p * (1 - lr * wd), p)
       m = lerp(m, g, 1 - b1)
       v = lerp(v, g^2, 1 - b2)
       p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
@@ -25,7 +28,8 @@ The spec::
     # amsgrad=True, AMSGrad (Reddi et al., 2018): the denominator uses the running maximum of v.
     rule {
       state m as exp_avg, v as exp_avg_sq, v_max as max_exp_avg_sq
-      g += wd * p
+      g = where(decoupled, g, g + wd * p)
+      p = where(decoupled, p * (1 - lr * wd), p)
       m = lerp(m, g, 1 - b1)
       v = lerp(v, g^2, 1 - b2)
       v_max = max(v_max, v)
@@ -478,12 +482,14 @@ class Adam(Optimizer):
     .. math::
        \begin{aligned}
        &\text{for parameters with amsgrad == 0} \\
-       g &\leftarrow g + wd \cdot p \\
+       g &\leftarrow \operatorname{where}{\left(decoupled,g,g + wd \cdot p \right)} \\
+       p &\leftarrow \operatorname{where}{\left(decoupled,p \cdot \left(1 - lr \cdot wd\right),p \right)} \\
        m &\leftarrow \operatorname{lerp}{\left(m,g,1 - b_{1} \right)} \\
        v &\leftarrow \operatorname{lerp}{\left(v,g^{2},1 - b_{2} \right)} \\
        p &\leftarrow p - \frac{lr \cdot \frac{m}{1 - b_{1}^{t}}}{\sqrt{\frac{v}{1 - b_{2}^{t}}} + eps} \\
        &\text{for every other parameter} \\
-       g &\leftarrow g + wd \cdot p \\
+       g &\leftarrow \operatorname{where}{\left(decoupled,g,g + wd \cdot p \right)} \\
+       p &\leftarrow \operatorname{where}{\left(decoupled,p \cdot \left(1 - lr \cdot wd\right),p \right)} \\
        m &\leftarrow \operatorname{lerp}{\left(m,g,1 - b_{1} \right)} \\
        v &\leftarrow \operatorname{lerp}{\left(v,g^{2},1 - b_{2} \right)} \\
        v_{max} &\leftarrow \max\left(v, v_{max}\right) \\
@@ -493,7 +499,8 @@ class Adam(Optimizer):
     As written in the spec:
 
     ``rule amsgrad == 0 {``
-    ``g += wd * p``
+    ``g = where(decoupled, g, g + wd * p)``
+    ``p = where(decoupled, p * (1 - lr * wd), p)``
     ``m = lerp(m, g, 1 - b1)``
     ``v = lerp(v, g^2, 1 - b2)``
     ``p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)``
@@ -509,7 +516,7 @@ class Adam(Optimizer):
         eps (float, optional): default 1e-08, in (0, inf).
         weight_decay (float, optional): default 0.0; the spec's wd, in [0, inf).
         amsgrad (bool, optional): default False.
-        decoupled_weight_decay (bool, optional): default False, the only value accepted.
+        decoupled_weight_decay (bool, optional): default False; the spec's decoupled.
         foreach (bool, optional): use the multi-tensor (``torch._foreach_*``) path.
             ``None`` picks it as torch.optim does: on CUDA, not on CPU.
         fused (bool, optional): use the fused Triton kernel, one launch per device and dtype.
@@ -526,13 +533,13 @@ class Adam(Optimizer):
         maximize (bool, optional): default False; True maximises the objective (each path steps with -g), as torch.optim.
         capturable (bool, optional): accepted for torch.optim's sake; only False.
         differentiable (bool, optional): accepted for torch.optim's sake; only False.
-        The spec's own names are accepted too: b1, b2, wd.
+        The spec's own names are accepted too: b1, b2, wd, decoupled.
     """
 
     # The spec's own names, accepted as aliases: name -> (keyword, index in its tuple or None).
-    _ALIASES = {"b1": ("betas", 0), "b2": ("betas", 1), "wd": ("weight_decay", None)}
+    _ALIASES = {"b1": ("betas", 0), "b2": ("betas", 1), "wd": ("weight_decay", None), "decoupled": ("decoupled_weight_decay", None)}
     # torch.optim's keywords this spec does not implement, accepted at the value that turns them off.
-    _FIXED = {"decoupled_weight_decay": False, "capturable": False, "differentiable": False}
+    _FIXED = {"capturable": False, "differentiable": False}
     # state_dict() keys of the states, by their names in the spec.
     _SAVED = {"m": "exp_avg", "v": "exp_avg_sq", "v_max": "max_exp_avg_sq"}
 
@@ -568,7 +575,7 @@ class Adam(Optimizer):
         if unknown:
             raise TypeError(f"Adam() got an unexpected keyword argument {unknown[0]!r}; it accepts "
                             "lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay, foreach, fused, maximize, capturable, differentiable"
-                            " (or the spec's names b1, b2, wd)")
+                            " (or the spec's names b1, b2, wd, decoupled)")
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -620,6 +627,8 @@ class Adam(Optimizer):
             raise ValueError(f"Invalid weight_decay value: {group['weight_decay']} (weight_decay (wd) must be in [0, inf))")
         if group["amsgrad"] not in (False, True):
             raise ValueError(f"Invalid amsgrad value: {group['amsgrad']!r} (amsgrad must be True or False)")
+        if group["decoupled_weight_decay"] not in (False, True):
+            raise ValueError(f"Invalid decoupled_weight_decay value: {group['decoupled_weight_decay']!r} (decoupled_weight_decay (decoupled) must be True or False)")
         for key, value in self._FIXED.items():
             if group.get(key, value) != value:
                 raise ValueError(f"Adam does not implement {key}={group[key]!r} (only {key}={value!r})")
@@ -877,7 +886,7 @@ class Adam(Optimizer):
                 eps=group["eps"],
                 wd=group["weight_decay"],
                 amsgrad=float(group["amsgrad"]),
-                decoupled_weight_decay=float(group["decoupled_weight_decay"]),
+                decoupled=float(group["decoupled_weight_decay"]),
                 foreach=group["foreach"],
                 fused=False if _lowbit_format(group["state_dtype"]) else group["fused"],
                 stochastic=_stochastic(group["state_dtype"]),
@@ -900,7 +909,7 @@ class Adam(Optimizer):
                 eps=group["eps"],
                 wd=group["weight_decay"],
                 amsgrad=float(group["amsgrad"]),
-                decoupled_weight_decay=float(group["decoupled_weight_decay"]),
+                decoupled=float(group["decoupled_weight_decay"]),
                 foreach=group["foreach"],
                 fused=False if _lowbit_format(group["state_dtype"]) else group["fused"],
                 stochastic=_stochastic(group["state_dtype"]),
@@ -999,10 +1008,11 @@ def adam_0(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=No
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_adam_0(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled_weight_decay,                           generator=None, stochastic=False):
+def _single_tensor_adam_0(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled,                           generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - b2
     k1 = 1 - b1
+    k2 = -lr*wd + 1
     for i, param in enumerate(params):
         p = param if param.dtype in _EXACT else param.float()
         g = grads[i].to(p.dtype)
@@ -1021,25 +1031,38 @@ def _single_tensor_adam_0(params, grads, m_list, v_list, state_steps, *, lr, b1,
             t = step_t.item()
             c0 = -lr/((1 - b1**t)*math.sqrt(1/(1 - b2**t)))
             c1 = eps/math.sqrt(1/(1 - b2**t))
-        tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
+        if decoupled:
+            tmp1 = g
+        else:
+            tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
+            tmp1 = tmp0
         v.mul_((1 - k0))
-        v.addcmul_(tmp0, tmp0, value=k0)
-        m.lerp_(tmp0, k1)
-        tmp1 = torch.sqrt(v)
-        tmp1.add_(c1)
-        p.addcdiv_(m, tmp1, value=c0)
+        v.addcmul_(tmp1, tmp1, value=k0)
+        m.lerp_(tmp1, k1)
+        if decoupled:
+            tmp2 = torch.mul(p, k2)
+            tmp3 = tmp2
+        else:
+            tmp3 = p
+        tmp4 = torch.sqrt(v)
+        tmp4.add_(c1)
+        tmp5 = torch.div(m, tmp4)
+        tmp5.mul_(c0)
+        tmp5.add_(tmp3)
+        _copy_into(p, tmp5)
         if p is not param:
             param.copy_(p)
         _write_state(m_list[i], m, True, generator, stochastic)
         _write_state(v_list[i], v, False, generator, stochastic)
 
 
-def _multi_tensor_adam_0(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled_weight_decay,                          generator=None, stochastic=False):
+def _multi_tensor_adam_0(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled,                          generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - b2
     k1 = 1 - b1
+    k2 = -lr*wd + 1
     # Grouped by the parameters' device and dtype; states follow by index, as they may be stored in
     # another dtype (float32 for bfloat16 parameters, state_dtype, bool), which the grouping refuses on CUDA.
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
@@ -1060,13 +1083,25 @@ def _multi_tensor_adam_0(params, grads, m_list, v_list, state_steps, *, lr, b1, 
         # Scalars of the step count: one per tensor, on the host.
         c0 = [-lr/((1 - b1**t_)*math.sqrt(1/(1 - b2**t_))) for t_ in t]
         c1 = [eps/math.sqrt(1/(1 - b2**t_)) for t_ in t]
-        tmp0 = torch._foreach_add(g, p, alpha=wd) if wd != 0 else g
+        if decoupled:
+            tmp1 = g
+        else:
+            tmp0 = torch._foreach_add(g, p, alpha=wd) if wd != 0 else g
+            tmp1 = tmp0
         torch._foreach_mul_(v, (1 - k0))
-        torch._foreach_addcmul_(v, tmp0, tmp0, k0)
-        torch._foreach_lerp_(m, tmp0, k1)
-        tmp1 = torch._foreach_sqrt(v)
-        torch._foreach_add_(tmp1, c1)
-        torch._foreach_addcdiv_(p, m, tmp1, c0)
+        torch._foreach_addcmul_(v, tmp1, tmp1, k0)
+        torch._foreach_lerp_(m, tmp1, k1)
+        if decoupled:
+            tmp2 = torch._foreach_mul(p, k2)
+            tmp3 = tmp2
+        else:
+            tmp3 = p
+        tmp4 = torch._foreach_sqrt(v)
+        torch._foreach_add_(tmp4, c1)
+        tmp5 = torch._foreach_div(m, tmp4)
+        torch._foreach_mul_(tmp5, c0)
+        torch._foreach_add_(tmp5, tmp3)
+        _foreach_copy_(p, tmp5)
         if not exact:
             _foreach_copy_(device_params, p)
         if m is not device_m:
@@ -1108,10 +1143,11 @@ def adam_1(params, grads, m_list, v_list, v_max_list, state_steps, *, foreach=No
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_adam_1(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled_weight_decay,                           generator=None, stochastic=False):
+def _single_tensor_adam_1(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled,                           generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - b2
     k1 = 1 - b1
+    k2 = -lr*wd + 1
     for i, param in enumerate(params):
         p = param if param.dtype in _EXACT else param.float()
         g = grads[i].to(p.dtype)
@@ -1131,15 +1167,27 @@ def _single_tensor_adam_1(params, grads, m_list, v_list, v_max_list, state_steps
             t = step_t.item()
             c0 = -lr/((1 - b1**t)*math.sqrt(1/(1 - b2**t)))
             c1 = eps/math.sqrt(1/(1 - b2**t))
-        tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
+        if decoupled:
+            tmp1 = g
+        else:
+            tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
+            tmp1 = tmp0
         v.mul_((1 - k0))
-        v.addcmul_(tmp0, tmp0, value=k0)
-        tmp1 = torch.maximum(v_max, v)
-        m.lerp_(tmp0, k1)
-        tmp2 = torch.sqrt(tmp1)
-        tmp2.add_(c1)
-        p.addcdiv_(m, tmp2, value=c0)
-        _copy_into(v_max, tmp1)
+        v.addcmul_(tmp1, tmp1, value=k0)
+        tmp2 = torch.maximum(v_max, v)
+        m.lerp_(tmp1, k1)
+        if decoupled:
+            tmp3 = torch.mul(p, k2)
+            tmp4 = tmp3
+        else:
+            tmp4 = p
+        tmp5 = torch.sqrt(tmp2)
+        tmp5.add_(c1)
+        tmp6 = torch.div(m, tmp5)
+        tmp6.mul_(c0)
+        tmp6.add_(tmp4)
+        _copy_into(p, tmp6)
+        _copy_into(v_max, tmp2)
         if p is not param:
             param.copy_(p)
         _write_state(m_list[i], m, True, generator, stochastic)
@@ -1147,12 +1195,13 @@ def _single_tensor_adam_1(params, grads, m_list, v_list, v_max_list, state_steps
         _write_state(v_max_list[i], v_max, False, generator, stochastic)
 
 
-def _multi_tensor_adam_1(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled_weight_decay,                          generator=None, stochastic=False):
+def _multi_tensor_adam_1(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled,                          generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - b2
     k1 = 1 - b1
+    k2 = -lr*wd + 1
     # Grouped by the parameters' device and dtype; states follow by index, as they may be stored in
     # another dtype (float32 for bfloat16 parameters, state_dtype, bool), which the grouping refuses on CUDA.
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
@@ -1175,15 +1224,27 @@ def _multi_tensor_adam_1(params, grads, m_list, v_list, v_max_list, state_steps,
         # Scalars of the step count: one per tensor, on the host.
         c0 = [-lr/((1 - b1**t_)*math.sqrt(1/(1 - b2**t_))) for t_ in t]
         c1 = [eps/math.sqrt(1/(1 - b2**t_)) for t_ in t]
-        tmp0 = torch._foreach_add(g, p, alpha=wd) if wd != 0 else g
+        if decoupled:
+            tmp1 = g
+        else:
+            tmp0 = torch._foreach_add(g, p, alpha=wd) if wd != 0 else g
+            tmp1 = tmp0
         torch._foreach_mul_(v, (1 - k0))
-        torch._foreach_addcmul_(v, tmp0, tmp0, k0)
-        tmp1 = torch._foreach_maximum(v_max, v)
-        torch._foreach_lerp_(m, tmp0, k1)
-        tmp2 = torch._foreach_sqrt(tmp1)
-        torch._foreach_add_(tmp2, c1)
-        torch._foreach_addcdiv_(p, m, tmp2, c0)
-        _foreach_copy_(v_max, tmp1)
+        torch._foreach_addcmul_(v, tmp1, tmp1, k0)
+        tmp2 = torch._foreach_maximum(v_max, v)
+        torch._foreach_lerp_(m, tmp1, k1)
+        if decoupled:
+            tmp3 = torch._foreach_mul(p, k2)
+            tmp4 = tmp3
+        else:
+            tmp4 = p
+        tmp5 = torch._foreach_sqrt(tmp2)
+        torch._foreach_add_(tmp5, c1)
+        tmp6 = torch._foreach_div(m, tmp5)
+        torch._foreach_mul_(tmp6, c0)
+        torch._foreach_add_(tmp6, tmp4)
+        _foreach_copy_(p, tmp6)
+        _foreach_copy_(v_max, tmp2)
         if not exact:
             _foreach_copy_(device_params, p)
         if m is not device_m:
@@ -1337,7 +1398,7 @@ if triton is not None:
         step_ptrs,  # int64 table: each tensor's step count t (a 0-dim tensor on the device)
         numels,  # int64 [tensors, 2]: elements per tensor here, and in the whole tensor (sharded: all shards')
         block_tensor, block_start,  # per program: which tensor, and where in it
-        hypers,  # [7] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
+        hypers,  # [9] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
         grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
         found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
@@ -1369,20 +1430,24 @@ if triton is not None:
         g_ptr = _pointer(g_ptrs, i, P_TYPE, ALIGNED)
         m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
         v_ptr = _pointer(v_ptrs, i, S_TYPE, ALIGNED)
-        eps = tl.load(hypers + 0)
-        k0 = tl.load(hypers + 1)
-        k1 = tl.load(hypers + 2)
-        log0_ = tl.load(hypers + 3)
-        log1_ = tl.load(hypers + 4)
-        lr = tl.load(hypers + 5)
-        wd = tl.load(hypers + 6)
+        decoupled = tl.load(hypers + 0)
+        eps = tl.load(hypers + 1)
+        k0 = tl.load(hypers + 2)
+        k1 = tl.load(hypers + 3)
+        k2 = tl.load(hypers + 4)
+        log0_ = tl.load(hypers + 5)
+        log1_ = tl.load(hypers + 6)
+        lr = tl.load(hypers + 7)
+        wd = tl.load(hypers + 8)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
         c0 = -lr/((1.0 - tl.exp((log1_*t)))*tl.sqrt((1.0 / ((1.0 - tl.exp((log0_*t)))))))
         c1 = eps/tl.sqrt((1.0 / ((1.0 - tl.exp((log0_*t))))))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
+        decoupled = decoupled.to(C_TYPE)
         k0 = k0.to(C_TYPE)
         k1 = k1.to(C_TYPE)
+        k2 = k2.to(C_TYPE)
         wd = wd.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
@@ -1391,10 +1456,10 @@ if triton is not None:
             _store(g_ptr, offsets, g.to(P_TYPE), mask, whole)  # left unscaled, as torch's fused kernels leave it
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
-        x0 = g + p*wd
+        x0 = tl.where(decoupled != 0, g, (g + p*wd))
         x1 = (tl.where(k0 < 0.5, v, ((x0) * (x0))) + tl.where(k0 < 0.5, k0, k0 - 1.0) * (((x0) * (x0)) - v))
         x2 = (tl.where(k1 < 0.5, m, x0) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (x0 - m))
-        _store(p_ptr, offsets, _round_to(c0*x2/(c1 + tl.sqrt(x1)) + p, P_TYPE), mask, whole)
+        _store(p_ptr, offsets, _round_to(c0*x2/(c1 + tl.sqrt(x1)) + tl.where(decoupled != 0, (k2*p), p), P_TYPE), mask, whole)
         _store(m_ptr, offsets, _to_state(x2, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 2 + 0), mask, whole)
         _store(v_ptr, offsets, _to_state(x1, S_TYPE, STOCHASTIC, seed + i,
@@ -1411,7 +1476,7 @@ if triton is not None:
         step_ptrs,  # int64 table: each tensor's step count t (a 0-dim tensor on the device)
         numels,  # int64 [tensors, 2]: elements per tensor here, and in the whole tensor (sharded: all shards')
         block_tensor, block_start,  # per program: which tensor, and where in it
-        hypers,  # [7] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
+        hypers,  # [9] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 states)
         grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
         found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
@@ -1444,20 +1509,24 @@ if triton is not None:
         m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
         v_ptr = _pointer(v_ptrs, i, S_TYPE, ALIGNED)
         v_max_ptr = _pointer(v_max_ptrs, i, S_TYPE, ALIGNED)
-        eps = tl.load(hypers + 0)
-        k0 = tl.load(hypers + 1)
-        k1 = tl.load(hypers + 2)
-        log0_ = tl.load(hypers + 3)
-        log1_ = tl.load(hypers + 4)
-        lr = tl.load(hypers + 5)
-        wd = tl.load(hypers + 6)
+        decoupled = tl.load(hypers + 0)
+        eps = tl.load(hypers + 1)
+        k0 = tl.load(hypers + 2)
+        k1 = tl.load(hypers + 3)
+        k2 = tl.load(hypers + 4)
+        log0_ = tl.load(hypers + 5)
+        log1_ = tl.load(hypers + 6)
+        lr = tl.load(hypers + 7)
+        wd = tl.load(hypers + 8)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
         c0 = -lr/((1.0 - tl.exp((log1_*t)))*tl.sqrt((1.0 / ((1.0 - tl.exp((log0_*t)))))))
         c1 = eps/tl.sqrt((1.0 / ((1.0 - tl.exp((log0_*t))))))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
+        decoupled = decoupled.to(C_TYPE)
         k0 = k0.to(C_TYPE)
         k1 = k1.to(C_TYPE)
+        k2 = k2.to(C_TYPE)
         wd = wd.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
@@ -1467,11 +1536,11 @@ if triton is not None:
         m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
         v_max = _load(v_max_ptr, offsets, mask, whole).to(C_TYPE)
-        x0 = g + p*wd
+        x0 = tl.where(decoupled != 0, g, (g + p*wd))
         x1 = (tl.where(k0 < 0.5, v, ((x0) * (x0))) + tl.where(k0 < 0.5, k0, k0 - 1.0) * (((x0) * (x0)) - v))
         x2 = tl.maximum(v_max, x1, propagate_nan=tl.PropagateNan.ALL)
         x3 = (tl.where(k1 < 0.5, m, x0) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (x0 - m))
-        _store(p_ptr, offsets, _round_to(c0*x3/(c1 + tl.sqrt(x2)) + p, P_TYPE), mask, whole)
+        _store(p_ptr, offsets, _round_to(c0*x3/(c1 + tl.sqrt(x2)) + tl.where(decoupled != 0, (k2*p), p), P_TYPE), mask, whole)
         _store(m_ptr, offsets, _to_state(x3, S_TYPE, STOCHASTIC, seed + i,
                                                  offsets * 3 + 0), mask, whole)
         _store(v_ptr, offsets, _to_state(x1, S_TYPE, STOCHASTIC, seed + i,
@@ -1566,16 +1635,17 @@ def _hyper_table(values, device):
     return _HYPERS[key]
 
 
-def _fused_adam_0(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled_weight_decay,
+def _fused_adam_0(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled,
                   grad_scale=None, found_inf=None, generator=None):
     global LAUNCHES
     if not params:
         return
     k0 = 1 - b2
     k1 = 1 - b1
+    k2 = -lr*wd + 1
     log0_ = _log(b2)  # for b2^t in the kernels: exp(t * log0_)
     log1_ = _log(b1)  # for b1^t in the kernels: exp(t * log1_)
-    hyper_values = (float(eps), float(k0), float(k1), float(log0_), float(log1_), float(lr), float(wd), )
+    hyper_values = (float(decoupled), float(eps), float(k0), float(k1), float(k2), float(log0_), float(log1_), float(lr), float(wd), )
     sharded = params  # DTensors (FSDP2, tensor parallel): the kernels run on their local shards
     if any(map(_is_sharded, params)):
         params, grads = _Shards.local(params), _Shards.local(grads)
@@ -1621,16 +1691,17 @@ def _fused_adam_0(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps
             torch._foreach_copy_(grads_in, g)
 
 
-def _fused_adam_1(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled_weight_decay,
+def _fused_adam_1(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled,
                   grad_scale=None, found_inf=None, generator=None):
     global LAUNCHES
     if not params:
         return
     k0 = 1 - b2
     k1 = 1 - b1
+    k2 = -lr*wd + 1
     log0_ = _log(b2)  # for b2^t in the kernels: exp(t * log0_)
     log1_ = _log(b1)  # for b1^t in the kernels: exp(t * log1_)
-    hyper_values = (float(eps), float(k0), float(k1), float(log0_), float(log1_), float(lr), float(wd), )
+    hyper_values = (float(decoupled), float(eps), float(k0), float(k1), float(k2), float(log0_), float(log1_), float(lr), float(wd), )
     sharded = params  # DTensors (FSDP2, tensor parallel): the kernels run on their local shards
     if any(map(_is_sharded, params)):
         params, grads = _Shards.local(params), _Shards.local(grads)

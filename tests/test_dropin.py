@@ -63,6 +63,11 @@ CASES = {
     "amsgrad": ("amsgrad", T.Adam, dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, amsgrad=True)),
     "amsgrad-decoupled": ("amsgrad", T.Adam, dict(lr=0.01, weight_decay=0.3, amsgrad=True,
                                                   decoupled_weight_decay=True)),
+    # torch.optim.Adam's decoupled_weight_decay=True is AdamW's decay, per group, with and without amsgrad
+    "adam-decoupled": ("adam", T.Adam, dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.3,
+                                            decoupled_weight_decay=True)),
+    "adam-amsgrad-decoupled": ("adam", T.Adam, dict(lr=0.01, weight_decay=0.3, amsgrad=True,
+                                                    decoupled_weight_decay=True)),
     # ... and Adam and AdamW take amsgrad=True themselves (their second rule), as torch users pass it
     "adam-amsgrad": ("adam", T.Adam, dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, amsgrad=True)),
     "adamw-amsgrad": ("adamw", T.AdamW, dict(lr=0.02, betas=(0.5, 0.9), weight_decay=0.3, amsgrad=True)),
@@ -90,7 +95,7 @@ def spec(name):
 
 # Beside torch.optim step by step (tests/test_differential.py covers the older five): many steps,
 # every path, each setting above; run_pair's tolerance is relative 1e-10 in float64, 1e-5 in float32.
-NEW = {"adamax", "nadam", "radam", "adadelta", "rprop", "asgd", "adafactor", "amsgrad", "adam-amsgrad", "adamw-amsgrad",
+NEW = {"adamax", "nadam", "radam", "adadelta", "rprop", "asgd", "adafactor", "amsgrad", "adam-amsgrad", "adamw-amsgrad", "adam-decoupled", "adam-amsgrad-decoupled",
        "adamw-maximize", "sgd-maximize", "rprop-maximize"}
 STEPS, FUSED_STEPS = 60, 8  # the fused path runs under the Triton interpreter on CPU
 
@@ -282,7 +287,7 @@ def test_flags_take_booleans_and_refuse_other_values():
 
 
 @pytest.mark.parametrize("name,kwargs,what", [
-    ("adam", dict(decoupled_weight_decay=True), "decoupled_weight_decay=True"),
+    ("amsgrad", dict(amsgrad=False), "amsgrad=False"),
     ("adamw", dict(capturable=True), "capturable=True"),
     ("sgd", dict(differentiable=True), "differentiable=True"),
     ("rmsprop", dict(capturable=True), "capturable=True"),
@@ -295,11 +300,11 @@ def test_torch_features_not_implemented_are_refused(name, kwargs, what):
 
 def test_torch_state_dict_with_a_feature_not_implemented_is_refused():
     p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
-    ref = T.Adam([p], lr=0.1, decoupled_weight_decay=True)
+    ref = T.Adam([p], lr=0.1, amsgrad=False)
     p.grad = torch.ones_like(p)
     ref.step()
-    ours = spec("adam")([torch.nn.Parameter(p.detach().clone())])
-    with pytest.raises(ValueError, match="does not implement decoupled_weight_decay=True"):
+    ours = spec("amsgrad")([torch.nn.Parameter(p.detach().clone())])
+    with pytest.raises(ValueError, match="does not implement amsgrad=False"):
         ours.load_state_dict(ref.state_dict())
 
 
