@@ -26,6 +26,7 @@ __all__ = [
     "cautious_lion",
     "cwd_adamw",
     "diffgrad",
+    "galore_adamw",
     "lamb",
     "lion",
     "lookahead_adam",

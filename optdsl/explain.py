@@ -72,7 +72,10 @@ def _cost(prog: ir.Program, plan) -> list[Property]:
     written = [base for base, e in plan.outputs if e != sp.Symbol(base) and base in full | {"p"}]
     ops = sum(sp.count_ops(e) for e in tensor_exprs)
     n_states = len(full)
-    others = [s.name for s in prog.states if s.name not in full]
+    # a matrix state with its size per matrix of p: GaLore's P (rank x ncols), Shampoo's L (nrows x nrows)
+    square = {"gram_rows": ("nrows", "nrows"), "gram_cols": ("ncols", "ncols")}
+    others = [s.name + (" ({} x {})".format(*(ir.matrix_dims(s.shape) or square[s.shape])) if ir.is_matrix(s.shape) else "")
+              for s in prog.states if s.name not in full]
     return [
         Property("state memory per element", f"{n_states} x {FLOAT32} B = {n_states * FLOAT32} B (float32)"
                  + (f", plus {', '.join(others)} per parameter" if others else ""), "counted"),

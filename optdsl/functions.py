@@ -188,6 +188,14 @@ class qr(_Opaque):  # Q of the reduced QR decomposition
     nargs = 1
 
 
+class svd_u(_Opaque):  # the first k left singular vectors of A, as columns (n x k)
+    nargs = 2
+
+
+class svd_vh(_Opaque):  # the first k right singular vectors of A, as rows (k x m)
+    nargs = 2
+
+
 class sortperm(_Opaque):  # the permutation matrix that sorts the diagonal of A, largest first
     nargs = 1
 
@@ -300,6 +308,10 @@ TABLE: dict[str, Function] = {f.name: f for f in [
     F("eigvecs", 1, eigvecs, "_eigvecs({0})", "1.0", matrix=True),
     F("qr", 1, qr, "_qr({0})", "_sign({0})", matrix=True),
     F("sortperm", 1, sortperm, "_sortperm({0})", "1.0", matrix=True),
+    # the truncated SVD of A (n x m), its singular values largest first: U[:, :k] and Vh[:k, :]
+    # (GaLore's projections), k no more than min(n, m)
+    F("svd_u", 2, svd_u, "_svd_u({0}, {1})", "_sign({0})", matrix=True, scalars=1),
+    F("svd_vh", 2, svd_vh, "_svd_vh({0}, {1})", "_sign({0})", matrix=True, scalars=1),
     # ---- random draws shaped like p, from the optimizer's own generator (saved in state_dict()) ----
     # `randn()` takes no argument in the spec; lowering makes it randn(p, k). Per tensor, a generator
     # keyed by (the step's seed, the tensor's index, k): the for-loop and multi-tensor paths draw the
@@ -323,7 +335,8 @@ COMPARISONS |= {op: F(name, 2, cls, f"torch.logical_{op}({{0}} != 0, {{1}} != 0)
                       f"float(bool({{0}}) {op} bool({{1}}))", triton=f"tl.where(({{0}} != 0) {sym} ({{1}} != 0), 1.0, 0.0)")
                 for op, name, cls, sym in [("and", "land", land, "&"), ("or", "lor", lor, "|")]}
 OPAQUE_CLASSES = (lerp, where, sigmoid, softplus, bfloat16, lt, le, gt, ge, eq, ne, land, lor, row_mean, col_mean, row_sum, col_sum,
-                  row_max, col_max, unit_mean, unit_norm, mm, T, inv_root, eigvecs, qr, sortperm, randn, rand)
+                  row_max, col_max, unit_mean, unit_norm, mm, T, inv_root, eigvecs, qr, sortperm, svd_u, svd_vh, randn,
+                  rand)
 RANDOM = tuple(f.sympy for f in TABLE.values() if f.random)
 REDUCTIONS = {f.sympy: f for f in TABLE.values() if f.reduction}
 MATRIX_CLASSES = tuple(f.sympy for f in TABLE.values() if f.matrix)  # work the kernels leave to torch

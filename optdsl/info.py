@@ -3,7 +3,8 @@
 The rule a parameter of that shape takes is decided by the generated code's own condition
 (evaluated on a meta tensor, so nothing is allocated); each state's size follows from its
 declared shape: like p, scalar, one per row or one per column, or an n x n or m x m matrix
-per matrix (gram_rows, gram_cols).
+per matrix (gram_rows, gram_cols), or an A x B one (`matrix(nrows, rank)`, its hyperparameter sizes at
+their defaults, at most the matrix's smaller side).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import quant
+from . import ir, quant
 from .pipeline import Compiled
 
 # state_dtype as `optdsl info` reports it: the constructor's value -> what stored_bytes takes
@@ -20,8 +21,15 @@ _STATE_DTYPES = {"None": None, "torch.bfloat16": "bfloat16", '"int8"': "int8", '
 _HOST_NAMES = {"math": math, "float": float, "min": min, "max": max, "abs": abs}
 
 
-def state_numel(kind: str, shape: tuple[int, ...]) -> int:
-    """How many numbers a state of this kind holds for a parameter of this shape."""
+def state_numel(kind: str, shape: tuple[int, ...], sizes: dict | None = None) -> int:
+    """How many numbers a state of this kind holds for a parameter of this shape; `sizes` gives the
+    hyperparameters a `matrix(A, B)` state's sizes name (GaLore's rank), each at most min(nrows, ncols)."""
+    dims = ir.matrix_dims(kind)
+    if dims is not None:  # an A x B matrix per matrix of p (its rules take rank >= 2)
+        n, m = shape[-2], shape[-1]
+        known = {"nrows": n, "ncols": m}
+        a, b = (known.get(d) or min(int((sizes or {})[d]), n, m) for d in dims)
+        return math.prod(shape[:-2]) * a * b
     if kind == "scalar":
         return 1
     if kind == "rows":
@@ -66,16 +74,19 @@ def memory(compiled: Compiled, shape: tuple[int, ...]) -> Memory:
     if compiled.rules:
         p = torch.empty(shape, device="meta")
         hypers = {h.name: h for h in program.hypers}  # the group as the class holds it, under its keywords
-        group = {h.name: h.default for h in program.hypers} | {
-            k.name: tuple(hypers[m].default for m in k.members) if k.is_tuple else hypers[k.members[0]].default
-            for k in program.keywords}
+        def value(name):  # a named choice as the group holds it: its text, the first choice
+            h = hypers[name]
+            return h.choices[0] if h.choices else h.default
+        group = {h.name: value(h.name) for h in program.hypers} | {
+            k.name: tuple(map(value, k.members)) if k.is_tuple else value(k.members[0]) for k in program.keywords}
         for code, prog, _, shown in compiled.rules:
             if code is None or eval(code, {**_HOST_NAMES, "p": p, "group": group}):  # noqa: S307 - our own code
                 program, rule = prog, shown or "every other parameter"
                 break
         else:
             raise ValueError(f"no rule of {program.name} takes a parameter of shape {shape}")
-    states = tuple((s.saved_as, s.shape, state_numel(s.shape, shape)) for s in program.states)
+    sizes = {h.name: h.default for h in program.hypers}
+    states = tuple((s.saved_as, s.shape, state_numel(s.shape, shape, sizes)) for s in program.states)
     return Memory(tuple(shape), rule, states)
 
 
@@ -97,6 +108,11 @@ def report(compiled: Compiled, shape: tuple[int, ...]) -> str:
         lines.append(f"  rule taken: {m.rule}")
     for name, kind, n in m.states:
         lines.append(f"  state {name:<12} {('like p' if kind == 'full' else kind):<8} {n:>14,} numbers")
+    named = sorted({d for _, kind, _ in m.states for d in ir.matrix_dims(kind) or () if d not in ir.MATRIX_SIZES})
+    if named:  # GaLore's rank: the matrix states' sizes at the hyperparameters' defaults
+        defaults = {h.name: h.default for h in compiled.program.hypers}
+        lines.append("  (at the default " + ", ".join(f"{d} = {defaults[d]:g}" for d in named)
+                     + ", at most the matrix's smaller side)")
     per = m.total / numel
     lines.append(f"  total state: {m.total:,} numbers = {m.bytes:,} B in float32 ({per:.4g} numbers per element),"
                  " plus the step count")

@@ -7,6 +7,7 @@ updated value (p and the states) to its last version.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .errors import Span
@@ -32,6 +33,26 @@ STATE_SHAPES = {"full": FULL, "scalar": ALL,
                 # (its last two axes), nrows x nrows and ncols x ncols; Shampoo's L and R
                 "gram_rows": None, "gram_cols": None}
 MATRIX_STATES = ("gram_rows", "gram_cols")
+# `matrix(A, B)`: an A x B matrix per matrix of p, each size `nrows`, `ncols` or a hyperparameter
+# (GaLore's rank: its projections and low-rank moments); as text, "matrix(A, B)"
+MATRIX_SIZES = ("nrows", "ncols")
+_MATRIX = re.compile(r"matrix\((\w+), (\w+)\)")
+
+
+def matrix_dims(kind: str) -> tuple[str, str] | None:
+    """The two sizes of a `matrix(A, B)` state's kind, None for any other kind."""
+    m = _MATRIX.fullmatch(kind)
+    return (m[1], m[2]) if m else None
+
+
+def is_matrix(kind: str) -> bool:
+    """Whether a state of this kind is a matrix per matrix of p, not shaped like (a reduction of) p."""
+    return kind in MATRIX_STATES or matrix_dims(kind) is not None
+
+
+def state_shape(kind: str):
+    """ir's shape of a state of this kind (see join): None for a matrix of its own shape."""
+    return None if matrix_dims(kind) else STATE_SHAPES[kind]
 EYE = "eye"  # the identity of a matrix state's shape: a name its initial value may read
 
 

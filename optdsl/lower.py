@@ -113,12 +113,23 @@ def _check_declarations(spec: ast.Spec) -> None:
             raise SpecError(f"'{name}' is declared twice (already a {seen[name]})", decl.span,
                             hint="remove one of the declarations or rename it")
         seen[name] = kind
+    hyper_names = {h.name for h in spec.hypers}
     for st in spec.states:
+        dims = ir.matrix_dims(st.shape)
+        if dims is not None or st.shape.startswith("matrix("):
+            bad = [d for d in dims or () if d not in ir.MATRIX_SIZES and d not in hyper_names]
+            if dims is None or bad:
+                raise SpecError(f"unknown size '{bad[0]}' of a matrix state" if bad else
+                                f"unknown state shape '{st.shape}'", st.shape_span,
+                                hint="a matrix state is 'matrix(A, B)', each size nrows, ncols or a hyperparameter "
+                                     "(a rank), e.g. ': matrix(nrows, rank)'")
+            continue
         if st.shape not in ir.STATE_SHAPES and st.shape != "group":
             raise SpecError(f"unknown state shape '{st.shape}'", st.shape_span,
                             hint="a state is shaped like p unless declared ': scalar', ': rows', ': cols', ': bool' "
                                  "or ': group' (one number per parameter group), or a matrix of each matrix of p: "
-                                 "': gram_rows' (nrows x nrows) or ': gram_cols' (ncols x ncols)")
+                                 "': gram_rows' (nrows x nrows), ': gram_cols' (ncols x ncols) or ': matrix(A, B)' (A, B: nrows, "
+                                 "ncols or a hyperparameter)")
     for h in spec.hypers:
         r = h.range
         if r is None:
@@ -142,7 +153,7 @@ class _Lowering:
         self.version: dict[str, int] = {"p": 0, "g": 0, **{s: 0 for s in self.states}}
         self.kind: dict[str, str] = {}  # SSA name -> TENSOR/SCALAR
         self.shape: dict[str, frozenset | None] = {}  # SSA name -> shape (see ir.join)
-        self.declared = {s.name: ir.STATE_SHAPES[s.shape] for s in spec.states}
+        self.declared = {s.name: ir.state_shape(s.shape) for s in spec.states}
         self.eqns: list[ir.Eqn] = []
         self.read: set[str] = set()     # spec names read by some statement
         self.uses_loss = False
@@ -419,7 +430,8 @@ class _Lowering:
         states = []
         init_names = {"p"} | self.hypers
         for s in spec.states:
-            allowed = init_names | ({ir.EYE} if s.shape in ir.MATRIX_STATES else set())
+            square = s.shape in ir.MATRIX_STATES or len(set(ir.matrix_dims(s.shape) or ())) == 1
+            allowed = init_names | ({ir.EYE} if square else set())
             init = self.expr(s.init, allowed=allowed) if s.init is not None else None
             states.append(ir.State(s.name, init, s.span, s.shape, s.name in self.fed, key=s.key, eager=s.eager))
         self.read -= self.states  # reading p in an initial value does not use a state

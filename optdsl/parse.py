@@ -150,6 +150,13 @@ class _ToAst(Transformer):
                          shape_span=shape and _span(shape), key=key and str(key), key_span=key and _span(key),
                          eager=eager is not None)
 
+    def matrix_shape(self, meta, children):
+        """`matrix(A, B)` as one name token, "matrix(A, B)", spanning the whole form (ir.matrix_dims reads it)."""
+        word, a, b = children
+        tok = Token("NAME", f"{word}({a}, {b})", word.start_pos, word.line, word.column,
+                    meta.end_line, meta.end_column, meta.end_pos)
+        return tok
+
     def state_decl(self, meta, children):
         return ("state", children)
 

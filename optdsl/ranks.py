@@ -22,6 +22,10 @@ from .sym import to_sympy
 _STATE_RANK = {"rows": 1, "cols": 2, "gram_rows": 2, "gram_cols": 2}
 
 
+def _state_rank(kind: str) -> int:
+    return 2 if ir.matrix_dims(kind) else _STATE_RANK.get(kind, 0)
+
+
 def _needs(e: ir.Expr):
     """(rank, op, span) for each operation in e that needs parameters of that rank or more."""
     if isinstance(e, ir.Op):
@@ -46,7 +50,7 @@ def _takes(cond: ir.Expr | None, rank: int, hypers) -> bool | None:
 
 def need(prog: ir.Program) -> tuple[int, str]:
     """(the least rank the program's operations need, what needs it and where) - (0, '') for any."""
-    found = [(_STATE_RANK.get(s.shape, 0), f"state '{s.name}: {s.shape}'", s.span) for s in prog.states]
+    found = [(_state_rank(s.shape), f"state '{s.name}: {s.shape}'", s.span) for s in prog.states]
     found += [(r, f"{op}()", span or eq.span) for eq in prog.eqns for r, op, span in _needs(eq.expr)]
     rank, what, span = max(found, key=lambda f: f[0], default=(0, "", None))
     return (rank, f"{what} (line {span.line})" if span else what) if rank else (0, "")
@@ -64,9 +68,9 @@ def check(rules: list[tuple[ir.Expr | None, ir.Program]]) -> None:
             hint = (f"put it in a rule for those parameters, e.g. 'rule ndim >= {rank + 1} {{ ... }}', and add a "
                     "rule for the others")
             for s in prog.states:
-                if _STATE_RANK.get(s.shape, 0) > rank:
+                if _state_rank(s.shape) > rank:
                     raise SpecError(f"state '{s.name}' is declared ': {s.shape}', which needs parameters of "
-                                    f"rank {_STATE_RANK[s.shape]} or more, but {who} takes parameters of rank {rank}",
+                                    f"rank {_state_rank(s.shape)} or more, but {who} takes parameters of rank {rank}",
                                     s.span, hint=hint)
             for eq in prog.eqns:
                 for need, op, span in _needs(eq.expr):

@@ -7,7 +7,9 @@ state `(nrows, 1)`, a `cols` state `(1, ncols)`, a `gram_rows` state `(nrows, nr
 `gram_cols` state `(ncols, ncols)`; scalars `()`. Since p need not be square, `nrows` and `ncols`
 are different sizes: `mm(x, T(x)) + x` adds an (nrows, nrows) to an (nrows, ncols) value and is
 refused. Element-wise work broadcasts (a size meets itself or 1); `mm` needs equal inner sizes;
-`inv_root` and `eigvecs` need square matrices. Where a shape depends on the parameter at step (a
+`inv_root` and `eigvecs` need square matrices. A `matrix(A, B)` state is `(A, B)`, its sizes
+`nrows`, `ncols` or a hyperparameter's name (GaLore's `rank`), which `svd_u(x, rank)` (n x rank) and
+`svd_vh(x, rank)` (rank x m) give. Where a shape depends on the parameter at step (a
 `where` on the host picking `x` or `T(x)`, as Muon iterates on the wide side; the per-unit
 reductions, whose axes depend on the rank), the value's shape is unknown and nothing that reads it
 is refused here: those are checked by torch at step.
@@ -94,6 +96,14 @@ def _op_shape(e: ir.Op, args: list) -> tuple | None:
                             e.args[0].span or e.span,
                             hint="pass a Gram matrix such as mm(g, T(g)) or a 'gram_rows'/'gram_cols' state")
         return a
+    if e.op in ("svd_u", "svd_vh"):  # A's first k singular vectors: (n x k) columns, (k x m) rows
+        a, k = args[0], e.args[1]
+        if a is UNKNOWN or a == ():
+            return UNKNOWN
+        size = k.name if isinstance(k, ir.Ref) else f"{k.value:g}" if isinstance(k, ir.Const) else UNKNOWN
+        if size is UNKNOWN:
+            return UNKNOWN
+        return (a[0], size) if e.op == "svd_u" else (size, a[1])
     if e.op == "qr":
         a = args[0]
         return a if a is UNKNOWN or a == () or a[0] == a[1] else UNKNOWN  # Q is n x min(n, m)
@@ -106,7 +116,7 @@ _OPS = {"neg": "-", "lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "n
 def check(prog: ir.Program) -> dict[str, tuple | None]:
     """Give every value of prog its symbolic shape; raise a located SpecError where shapes cannot
     fit, or where p or a state is assigned a value that is not of its shape. Returns the shapes."""
-    declared = {s.name: _DECLARED.get(s.shape, (R, C)) for s in prog.states}
+    declared = {s.name: ir.matrix_dims(s.shape) or _DECLARED.get(s.shape, (R, C)) for s in prog.states}
     env: dict[str, tuple | None] = {ir.P0: (R, C), ir.G0: (R, C)}
     env |= {ir.ssa_name(s.name, 0): declared[s.name] for s in prog.states}
     for eq in prog.eqns:

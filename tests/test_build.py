@@ -273,7 +273,7 @@ def test_generated_source_is_documented_and_validates(spec, fresh_build):
     for stmt in _statement_lines(text):
         assert f"``{stmt}``" in class_doc, stmt
     for k in compiled.program.keywords or compiled.program.hypers:  # torch.optim's keywords, where named
-        assert re.search(rf"^\s*{k.name} \((float|bool|int|None \| str|tuple\[[A-Za-z|, ]+\]), optional\)", class_doc, re.M), k.name
+        assert re.search(rf"^\s*{k.name} \((float|bool|int|(?:None \| )?str|tuple\[[A-Za-z|, ]+\]), optional\)", class_doc, re.M), k.name
     # what the errors call each hyperparameter: its keyword, with its own name where that differs
     labels = {h.name: h.name for h in compiled.program.hypers} | {
         h.name: label for k in interface(compiled.program).get("keywords", []) for _, label, h in k.checks}

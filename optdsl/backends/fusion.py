@@ -49,7 +49,7 @@ class Fusion:
         self.defs = {d.symbol: d.expr.xreplace(swap) for d in plan.steps if d.symbol not in inside}
         self.outputs = [(b, e.xreplace(swap)) for b, e in plan.outputs]
         self.whole = [s for s, e in self.defs.items() if is_reduction(e)]
-        self.state_shape = {sp.Symbol(s.name): ir.STATE_SHAPES[s.shape] for s in prog.states}
+        self.state_shape = {sp.Symbol(s.name): ir.state_shape(s.shape) for s in prog.states}
         self._shapes: dict = {}
         self.stage: dict[sp.Symbol, int] = {}
         for r in self.whole + self.axes + self.exits:

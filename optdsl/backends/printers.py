@@ -10,7 +10,7 @@ from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pycode import PythonCodePrinter
 
 from .. import functions as fn
-from .. import ieee
+from .. import ieee, ir
 
 _BY_CLASS = {f.sympy: f for f in list(fn.TABLE.values()) + list(fn.COMPARISONS.values())
              if isinstance(f.sympy, type)}
@@ -27,11 +27,24 @@ STATE_SHAPE_CODE = {"full": None, "scalar": "()", "rows": "p.shape[:-1] + (1,)",
                     "gram_rows": "p.shape[:-1] + p.shape[-2:-1]", "gram_cols": "p.shape[:-2] + p.shape[-1:] * 2"}
 
 
+def state_shape_code(shape: str, group_code: dict[str, str] | None = None) -> str | None:
+    """Code for the shape of a state of this kind, on its parameter `p` (None: p's own). A
+    `matrix(A, B)` size that is a hyperparameter k reads as min(k, nrows, ncols), the most singular
+    vectors a matrix has (GaLore's rank, as a truncated SVD gives it); group_code says how the group
+    holds each hyperparameter (without it, the step's own variable of that name)."""
+    dims = ir.matrix_dims(shape)
+    if dims is None:
+        return STATE_SHAPE_CODE[shape]
+    size = {"nrows": "p.shape[-2]", "ncols": "p.shape[-1]"}
+    code = [size.get(d) or f"min(int({(group_code or {}).get(d, d)}), p.shape[-2], p.shape[-1])" for d in dims]
+    return f"p.shape[:-2] + ({code[0]}, {code[1]})"
+
+
 def read_state_code(shape: str, signed: bool, stored: str, p: str) -> str:
     """Code reading a float state `stored` of parameter `p` as the update computes with it: in p's
     precision, dequantised when it holds low-bit codes (templates/lowbit.py.j2's _read_state,
     which needs the code the state was given and its shape)."""
-    code = re.sub(r"\bp\b", p, STATE_SHAPE_CODE[shape] or "p.shape")
+    code = re.sub(r"\bp\b", p, state_shape_code(shape) or "p.shape")
     return f"_read_state({stored}, {p}, {signed}, {code})"
 
 

@@ -68,7 +68,7 @@ class Emitter:
         # Reduced-shape states and the values computed from them are smaller than p: they are
         # written in place only by a result of their own shape.
         self.shapes: dict[sp.Symbol, frozenset | None] = {
-            sp.Symbol(s.name): ir.STATE_SHAPES[s.shape] for s in plan.program.states}
+            sp.Symbol(s.name): ir.state_shape(s.shape) for s in plan.program.states}
         self.owned: set[str] = set()          # buffers this step allocated
         self.taken = set(names)
         self.writable_inputs: dict[str, str] = {}  # input buffer -> the output allowed to take it

@@ -17,8 +17,7 @@ from ..mathtext import statement_math
 from ..sym import DEVICE, GROUP, PARAM, TENSOR, Plan, meanings
 from . import fusion, group_phase, mode_code
 from . import triton as triton_backend
-from .printers import STATE_SHAPE_CODE as _STATE_SHAPE_CODE
-from .printers import CompiledPrinter, HostPrinter, read_state_code
+from .printers import CompiledPrinter, HostPrinter, read_state_code, state_shape_code
 from .tensor_ops import Emitter, Instr, Operand, sink
 
 # Names the generated functions use for their own variables (the same list refuses them in specs).
@@ -80,8 +79,20 @@ LINALG_HELPERS = {
         "def _qr(a):\n"
         "    # Q of the reduced QR decomposition of a, in float32 at least\n"
         "    return torch.linalg.qr(a.to(torch.promote_types(a.dtype, torch.float32)))[0].to(a.dtype)"),
+    "_svd": (
+        "def _svd(a):\n"
+        "    # the reduced SVD of a in float32 whatever its dtype, as GaLore's reference takes it\n"
+        "    return torch.linalg.svd(a.to(torch.float32), full_matrices=False)"),
+    "_svd_u": (
+        "def _svd_u(a, k):\n"
+        "    # the first k left singular vectors of a, as columns\n"
+        "    return _svd(a)[0][..., :int(k)].to(a.dtype)"),
+    "_svd_vh": (
+        "def _svd_vh(a, k):\n"
+        "    # the first k right singular vectors of a, as rows\n"
+        "    return _svd(a)[2][..., :int(k), :].to(a.dtype)"),
 }
-LINALG_USES = {"_inv_root": ("_eigh",), "_eigvecs": ("_eigh",)}  # a helper's own helpers
+LINALG_USES = {"_inv_root": ("_eigh",), "_eigvecs": ("_eigh",), "_svd_u": ("_svd",), "_svd_vh": ("_svd",)}  # a helper's own helpers
 
 
 @functools.cache
@@ -279,7 +290,7 @@ def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]
         read_multi={s.name: f"[{read_state_code(s.shape, codes[s.name].signed, 'x_', 'y_')} for x_, y_ in "
                             f"zip(device_{s.name}, p)]" for s in prog.states if s.name in codes},
         states_saved=[(s.name, s.saved_as) for s in prog.states],
-        state_inits=[(s.name, s.saved_as, _init_code(s, prog, group_code), _STATE_SHAPE_CODE[s.shape], s.fed,
+        state_inits=[(s.name, s.saved_as, _init_code(s, prog, group_code), state_shape_code(s.shape, group_code), s.fed,
                       "torch.bool" if s.shape == "bool" else state_dtype) for s in prog.states],
         shape_single=[(n, ir.SHAPE_BUILTINS[n]) for n in shapes],
         shape_multi=[(n, f"[{_rename_word(ir.SHAPE_BUILTINS[n], 'p', 'x_')} for x_ in p]") for n in shapes],

@@ -77,7 +77,7 @@ def _reduction_depth(plan: Plan) -> int:
 
 def unsupported(plan: Plan) -> str:
     """Why this plan has no fused kernels ('' when it has them)."""
-    matrices = [s for s in plan.program.states if s.shape in ir.MATRIX_STATES]
+    matrices = [s for s in plan.program.states if ir.is_matrix(s.shape)]
     if matrices:  # read and written by matrix work alone: torch's code keeps them
         return f"its matrix-shaped state '{matrices[0].name}: {matrices[0].shape}' is not fused yet"
     if _reduction_depth(plan) > MAX_STAGES:  # the kernels' text would grow with its square
