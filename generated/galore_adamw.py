@@ -177,6 +177,94 @@ def _foreach_copy_(dst, src):
         torch._foreach_copy_(dst, src)
 
 
+def _on_owners(step, params, grads, lists, steps, **kwargs):
+    """A rule with matrix-shaped states (Gram matrices, eigenbases) on DTensor parameters: each
+    parameter steps whole on one owner rank (owners round-robin over the parameters, so the
+    eigendecompositions spread over the ranks), as Muon's matrix work does on the fused path: the
+    parameter, its gradient and its states gathered there, `step` (the rule's torch update, on one
+    whole tensor) run there, and the parameter and states sent back as the parts each rank holds.
+    The states stay DTensors placed as made (a Gram state split along an axis it shares with the
+    parameter, else replicated), so state_dict and torch.distributed.checkpoint see them as any
+    other. Per parameter: one gather and one scatter (or broadcast) per tensor."""
+    for i, p in enumerate(params):
+        tensors = [p, grads[i]] + [xs[i] for xs in lists]
+        if not _is_sharded(p):
+            step(*[[x] for x in tensors], [steps[i]], **kwargs)
+            continue
+        mesh = p.device_mesh
+        # a 1-D mesh: the owner's; else (FSDP2 over tensor parallelism) every rank gathers and steps
+        owner = i % mesh.size() if mesh.ndim == 1 else None
+        me = mesh.get_local_rank() if mesh.ndim == 1 else None
+        whole = [_to_owner(x, owner) for x in tensors]
+        if owner is None or me == owner:
+            step(*[[x] for x in whole], [steps[i]], **kwargs)
+        else:
+            steps[i] += 1
+        for k, x in enumerate(tensors):
+            if k != 1:  # not the gradient
+                _from_owner(x, whole[k], owner)
+
+
+def _to_owner(x, owner):
+    """A DTensor whole (a plain tensor) on rank `owner` of its 1-D mesh (None elsewhere), or on every
+    rank where owner is None."""
+    if not _is_sharded(x):
+        return x
+    if owner is None:
+        return x.full_tensor()
+    (pl,) = x.placements
+    mesh = x.device_mesh
+    me, size = mesh.get_local_rank(), mesh.size()
+    if not _splits(pl):  # replicated: the owner's copy is whole (in place: the step writes it)
+        return x.to_local() if me == owner else None
+    axis = pl.dim % x.dim()
+    length = x.shape[axis]
+    chunk = -(-length // size)  # torch.chunk's split, as DTensor's Shard: the last parts shorter or empty
+    local = x.to_local()
+    part = local.new_zeros(local.shape[:axis] + (chunk,) + local.shape[axis + 1:])
+    part.narrow(axis, 0, local.shape[axis]).copy_(local)
+    parts = [torch.empty_like(part) for _ in range(size)] if me == owner else None
+    group = mesh.get_group()
+    _dist.gather(part, parts, dst=_dist.get_global_rank(group, owner), group=group)
+    if me != owner:
+        return None
+    have = [max(0, min(chunk, length - r * chunk)) for r in range(size)]
+    return torch.cat([q.narrow(axis, 0, n) for q, n in zip(parts, have)], axis)
+
+
+def _from_owner(x, whole, owner):
+    """Write `whole` (the owner's, after its step) into the DTensor x's local part on every rank."""
+    if not _is_sharded(x):
+        return
+    local = x.to_local()
+    if owner is None:
+        local.copy_(torch.distributed.tensor.distribute_tensor(whole, x.device_mesh, x.placements,
+                                                               src_data_rank=None).to_local())
+        return
+    (pl,) = x.placements
+    mesh = x.device_mesh
+    me, size = mesh.get_local_rank(), mesh.size()
+    group = mesh.get_group()
+    src = _dist.get_global_rank(group, owner)
+    if not _splits(pl):
+        _dist.broadcast(local, src=src, group=group)  # the owner's local tensor is `whole` itself
+        return
+    axis = pl.dim % x.dim()
+    length = x.shape[axis]
+    chunk = -(-length // size)
+    part = local.new_empty(local.shape[:axis] + (chunk,) + local.shape[axis + 1:])
+    parts = None
+    if me == owner:
+        parts = []
+        for r in range(size):
+            piece = whole.narrow(axis, min(r * chunk, length), max(0, min(chunk, length - r * chunk)))
+            padded = torch.zeros_like(part)
+            padded.narrow(axis, 0, piece.shape[axis]).copy_(piece)
+            parts.append(padded)
+    _dist.scatter(part, parts, src=src, group=group)
+    local.copy_(part.narrow(axis, 0, local.shape[axis]))
+
+
 def _reduces(reduced, axis, ndim) -> bool:
     """Whether a reduction of kind `reduced` ("all", "unit", "-1", "-2") reduces a tensor's axis
     `axis` (of `ndim`): then each shard holds a partial result, which the kernels' accumulators
@@ -1117,6 +1205,16 @@ def galoreadamw_0(params, grads, P_list, m_list, v_list, state_steps, *, foreach
         return _single_tensor_galoreadamw_0(params, grads, P_list, m_list, v_list, state_steps, **hypers)
     # Eager, tensor hyperparameters (lr=torch.tensor(1e-3), for a compiled step) are host floats.
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
+    if any(map(_is_sharded, params)):
+        # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        if found_inf is not None and found_inf.item():
+            return
+        if grad_scale is not None:
+            grads = [x / grad_scale.to(x.device) for x in grads]
+        impl = _multi_tensor_galoreadamw_0 if foreach or fused else _single_tensor_galoreadamw_0
+        return _on_owners(impl, params, grads, [P_list, m_list, v_list, ], state_steps,
+                          generator=generator, stochastic=stochastic, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_0(params)
     elif fused:
@@ -1262,6 +1360,16 @@ def galoreadamw_1(params, grads, P_list, m_list, v_list, state_steps, *, foreach
         return _single_tensor_galoreadamw_1(params, grads, P_list, m_list, v_list, state_steps, **hypers)
     # Eager, tensor hyperparameters (lr=torch.tensor(1e-3), for a compiled step) are host floats.
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
+    if any(map(_is_sharded, params)):
+        # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        if found_inf is not None and found_inf.item():
+            return
+        if grad_scale is not None:
+            grads = [x / grad_scale.to(x.device) for x in grads]
+        impl = _multi_tensor_galoreadamw_1 if foreach or fused else _single_tensor_galoreadamw_1
+        return _on_owners(impl, params, grads, [P_list, m_list, v_list, ], state_steps,
+                          generator=generator, stochastic=stochastic, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_1(params)
     elif fused:

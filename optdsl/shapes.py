@@ -113,10 +113,15 @@ def _op_shape(e: ir.Op, args: list) -> tuple | None:
 _OPS = {"neg": "-", "lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
 
 
+def _declared(kind: str) -> tuple:
+    """A state's shape as its declaration says: a `matrix(A, B)` one (A, B), sizes as names."""
+    return ir.matrix_dims(kind) or _DECLARED.get(kind, (R, C))
+
+
 def check(prog: ir.Program) -> dict[str, tuple | None]:
     """Give every value of prog its symbolic shape; raise a located SpecError where shapes cannot
     fit, or where p or a state is assigned a value that is not of its shape. Returns the shapes."""
-    declared = {s.name: ir.matrix_dims(s.shape) or _DECLARED.get(s.shape, (R, C)) for s in prog.states}
+    declared = {s.name: _declared(s.shape) for s in prog.states}
     env: dict[str, tuple | None] = {ir.P0: (R, C), ir.G0: (R, C)}
     env |= {ir.ssa_name(s.name, 0): declared[s.name] for s in prog.states}
     for eq in prog.eqns:
@@ -137,7 +142,7 @@ def decided_at_step(prog: ir.Program) -> list[ir.Eqn]:
     step, or p or a state assigned such a value. Torch checks them at step; the generated code
     turns its error there into one that names these statements (their file:line and text)."""
     env = check(prog)
-    declared = {s.name: _DECLARED.get(s.shape, (R, C)) for s in prog.states}
+    declared = {s.name: _declared(s.shape) for s in prog.states}
     for eq in prog.eqns:  # past its statement, p or a state has its own shape (or torch raised there)
         if eq.target in ("p", "g") or eq.target in declared:
             env[eq.out] = declared.get(eq.target, (R, C))

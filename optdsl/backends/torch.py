@@ -282,7 +282,7 @@ def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]
         complex_ok=not complex_why, complex_why=complex_why,
         func=func, suffix=suffix, states=[s.name for s in prog.states], uses_loss=prog.uses_loss,
         # matrix-shaped states (Gram matrices, eigenbases): sharded, the rule steps whole on an owner rank
-        matrix_states=any(s.shape.startswith("gram") for s in prog.states),
+        matrix_states=any(ir.is_matrix(s.shape) for s in prog.states),
         bool_states=[s.name for s in prog.states if s.shape == "bool"],
         lowbit_signed={name: code.signed for name, code in codes.items()},
         read_single={s.name: read_state_code(s.shape, codes[s.name].signed, f"{s.name}_list[i]", "p")
