@@ -60,6 +60,18 @@ def test_a_shape_only_the_parameter_decides_is_a_located_step_error():
     assert out.detail.startswith("ShapeError: MuonClip: ") and "fuzz.opt:19: A = mm(x, col_mean(x))" in out.detail
 
 
+def test_reductions_of_a_scalar_have_a_triton_form():
+    """Seed 1133 (an AdaNorm mutant: unit_norm(1 - b2^t)) was 'unit_norm() has no Triton form' at
+    compile: a reduction of a per-parameter scalar reached the kernels' printer. It is the scalar's
+    host form there too (|x| for a norm, x for a mean), and the fused path agrees with the for-loop.
+    The compiled path's scalars printed it in torch's form on an unparenthesised argument
+    (`b2**t - 1.dim()`: a SyntaxError at import); they print the host form's meaning too."""
+    assert fz.outcome(fz.case(1133), fused=True).detail == "fused agrees"
+    text = ("optimizer X\nhyper lr = 0.1 in [0, inf), b2 = 0.9 in [0, 1)\n"
+            "p -= lr * g * unit_norm(b2^t - 1) * unit_mean(t) * row_max(-t) * norm(-2) * sum(t)\n")
+    assert fz.outcome(text, fused=True).detail == "fused agrees"
+
+
 def test_the_outcomes_tell_the_kinds_apart():
     """The classifier itself: each kind from a text known to give it."""
     assert fz.outcome("optimizer X\np -= g *\n").kind == "located"

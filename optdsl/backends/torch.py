@@ -271,7 +271,7 @@ def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]
             continue
         it = deps[0] if len(deps) == 1 else f"zip({', '.join(deps)})"
         param_multi.append((str(d.symbol), f"[{body} for {', '.join(t_elem[x] for x in deps)} in {it}]"))
-    compiled = CompiledPrinter({"t"} | {str(d.symbol) for d in plan.param})
+    compiled = CompiledPrinter({"t"} | {str(d.symbol) for d in plan.param}, scalar_axes=True)  # 0-dim tensors
     state_dtype = "_state_dtype(group, p)"
     codes = quant.codes(prog)  # each float state's low-bit code (int8/int4 states)
     single_body = [line for i in instrs for line in single(i)]
@@ -563,9 +563,9 @@ def _init_code(state: ir.State, prog: ir.Program, group_code: dict[str, str]) ->
         if p not in e.free_symbols and not e.has(*reductions) and (operand or not e.is_Number):
             return sp.Symbol(f"p.new_tensor({HostPrinter().doprint(e)})")
         if isinstance(e, reductions) and p not in e.args[0].free_symbols:  # a scalar broadcasts, as in a step
-            arg = DevicePrinter().doprint(host_parts(e.args[0], True))
+            arg = DevicePrinter(scalar_axes=False).doprint(host_parts(e.args[0], True))
             return e.func(sp.Symbol(f"({arg} + torch.zeros_like(p))"))
         if e.is_Atom:
             return e
         return e.func(*(host_parts(a, not isinstance(e, (sp.Add, sp.Mul, sp.Pow))) for a in e.args))
-    return DevicePrinter().doprint(host_parts(value))
+    return DevicePrinter(scalar_axes=False).doprint(host_parts(value))
