@@ -533,7 +533,8 @@ class AdafactorM(Optimizer):
             block (2048 and 128 numbers), the code chosen from the state's proven range
             (unsigned where it is never negative); each step dequantises, updates in float32 and
             requantises to the nearest level (``"int8_stochastic"``, ``"int4_stochastic"``: stochastically,
-            from the optimizer's own generator). The for-loop and foreach paths support them.
+            from the optimizer's own generator). All three paths support them; the fused kernels
+            (de)quantise in registers and run when fused=True is asked for (``None`` keeps the torch paths).
     """
 
     def __init__(
@@ -556,9 +557,6 @@ class AdafactorM(Optimizer):
         if not (state_dtype in (None, torch.bfloat16) or isinstance(state_dtype, str) and state_dtype in _STATE_DTYPES):
             raise ValueError(f"Invalid state_dtype: {state_dtype!r} (None, torch.bfloat16, "
                              "'int8', 'int4', 'int8_stochastic', 'int4_stochastic')")
-        if fused and _lowbit_format(state_dtype):
-            raise RuntimeError(f"AdafactorM(fused=True) cannot run: the fused kernels do not take state_dtype="
-                               f"{state_dtype!r} yet (int8/int4 states run on the for-loop and foreach paths)")
         defaults = dict(
             lr=lr,
             beta2_decay=beta2_decay,
@@ -742,7 +740,7 @@ class AdafactorM(Optimizer):
 
     @staticmethod
     def _fused_for(group, p) -> bool:
-        if group["fused"] is None:  # low-bit states: the torch paths (the kernels do not take them)
+        if group["fused"] is None:  # low-bit states: the torch paths unless fused=True is asked for
             return group["foreach"] is None and not _lowbit_format(group["state_dtype"]) and _fused_by_default([p])
         return bool(group["fused"])
 
@@ -843,7 +841,7 @@ class AdafactorM(Optimizer):
                 wd=group["wd"],
                 b1=group["b1"],
                 foreach=group["foreach"],
-                fused=False if _lowbit_format(group["state_dtype"]) else group["fused"],
+                fused=group["fused"] if group["fused"] or not _lowbit_format(group["state_dtype"]) else False,
                 stochastic=_stochastic(group["state_dtype"]),
                 grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
                 found_inf=getattr(self, "found_inf", None),
@@ -863,7 +861,7 @@ class AdafactorM(Optimizer):
                 wd=group["wd"],
                 b1=group["b1"],
                 foreach=group["foreach"],
-                fused=False if _lowbit_format(group["state_dtype"]) else group["fused"],
+                fused=group["fused"] if group["fused"] or not _lowbit_format(group["state_dtype"]) else False,
                 stochastic=_stochastic(group["state_dtype"]),
                 grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
                 found_inf=getattr(self, "found_inf", None),
@@ -925,10 +923,8 @@ def adafactorm_0(params, grads, r_list, c_list, m_list, state_steps, *, foreach=
         if why:
             raise RuntimeError(f"AdafactorM(fused=True) cannot run: {why}")
     if fused:
-        if any(x.dtype == torch.uint8 for xs in (r_list, c_list, m_list, ) for x in xs):
-            raise RuntimeError("AdafactorM(fused=True) cannot run: the fused kernels do not take int8/int4 states yet")
         return _fused_adafactorm_0(params, grads, r_list, c_list, m_list, state_steps,
-                        grad_scale=grad_scale, found_inf=found_inf, generator=generator, **hypers)
+                        grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     impl = _multi_tensor_adafactorm_0 if foreach else _single_tensor_adafactorm_0
@@ -1073,10 +1069,8 @@ def adafactorm_1(params, grads, v_list, m_list, state_steps, *, foreach=None, fu
         if why:
             raise RuntimeError(f"AdafactorM(fused=True) cannot run: {why}")
     if fused:
-        if any(x.dtype == torch.uint8 for xs in (v_list, m_list, ) for x in xs):
-            raise RuntimeError("AdafactorM(fused=True) cannot run: the fused kernels do not take int8/int4 states yet")
         return _fused_adafactorm_1(params, grads, v_list, m_list, state_steps,
-                        grad_scale=grad_scale, found_inf=found_inf, generator=generator, **hypers)
+                        grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     impl = _multi_tensor_adafactorm_1 if foreach else _single_tensor_adafactorm_1
@@ -1287,6 +1281,70 @@ if triton is not None:
             return _round_to(x, TYPE)
 
     @triton.jit
+    def _lowbit_load(ptr, start, n, maps, BITS: tl.constexpr, QBLOCK: tl.constexpr, BLOCK: tl.constexpr):
+        """A low-bit state's numbers start .. start + BLOCK (lowbit.py.j2's _dequantised in registers):
+        rows of QBLOCK codes (int4: two to a byte, the first in the low half) and then the block's
+        float32 scale; one scale load per block, each code's level from the map's table."""
+        WIDTH: tl.constexpr = QBLOCK * BITS // 8 + 4
+        ROWS: tl.constexpr = BLOCK // QBLOCK
+        rows = start // QBLOCK + tl.arange(0, ROWS)
+        scale = tl.load((ptr + rows * WIDTH + (WIDTH - 4)).to(tl.pointer_type(tl.float32)), mask=rows * QBLOCK < n, other=0.0)
+        scale = tl.reshape(tl.broadcast_to(scale[:, None], (ROWS, QBLOCK)), (BLOCK,))
+        k = tl.arange(0, BLOCK)
+        row = start // QBLOCK + k // QBLOCK
+        if BITS == 8:
+            code = tl.load(ptr + row * WIDTH + k % QBLOCK, mask=start + k < n, other=0).to(tl.int32)
+        else:
+            byte = tl.load(ptr + row * WIDTH + (k % QBLOCK) // 2, mask=start + k < n, other=0).to(tl.int32)
+            code = (byte >> ((k % 2) * 4)) & 15
+        return tl.load(maps + code) * scale
+
+    @triton.jit
+    def _lowbit_store(ptr, start, n, x, maps, seed, counters, BITS: tl.constexpr, QBLOCK: tl.constexpr,
+                      BLOCK: tl.constexpr, STOCHASTIC: tl.constexpr):
+        """Store x as low-bit codes (lowbit.py.j2's _quantised in registers): each block's scale is
+        its largest |x| (a reduction within the program: a block never spans two), then each
+        number's level: the nearest (a binary search over the midpoints between levels, as
+        torch.searchsorted) or, STOCHASTIC, the level below or above x with probability by distance,
+        from the counter-based hash of _to_state. The last block's tail stores the code of 0, as
+        the torch paths pad it. maps: the levels, then the midpoints (and inf)."""
+        WIDTH: tl.constexpr = QBLOCK * BITS // 8 + 4
+        ROWS: tl.constexpr = BLOCK // QBLOCK
+        LEVELS: tl.constexpr = 1 << BITS
+        k = tl.arange(0, BLOCK)
+        x = tl.where(start + k < n, x.to(tl.float32), 0.0)
+        a = tl.reshape(tl.abs(x), (ROWS, QBLOCK))
+        # a block's largest |x|, nan where it holds a nan, as torch's amax (tl.max may skip nan)
+        scale = tl.where(tl.max((a != a).to(tl.int32), axis=1) > 0, float("nan"), tl.max(a, axis=1))
+        rows = start // QBLOCK + tl.arange(0, ROWS)
+        tl.store((ptr + rows * WIDTH + (WIDTH - 4)).to(tl.pointer_type(tl.float32)), scale, mask=rows * QBLOCK < n)
+        scale = tl.reshape(tl.broadcast_to(scale[:, None], (ROWS, QBLOCK)), (BLOCK,))
+        v = x / tl.where(scale > 0, scale, 1.0)
+        code = tl.zeros((BLOCK,), tl.int32)
+        if STOCHASTIC:
+            v = tl.minimum(tl.maximum(v, tl.load(maps)), tl.load(maps + LEVELS - 1))
+            for b in tl.static_range(BITS):  # binary search: the last level <= v
+                code = tl.where(tl.load(maps + code + ((LEVELS // 2) >> b)) <= v, code + ((LEVELS // 2) >> b), code)
+            code = tl.minimum(code, LEVELS - 2)
+            lo = tl.load(maps + code)
+            hi = tl.load(maps + code + 1)
+            key = _mix32(seed.to(tl.uint32, bitcast=True))
+            u = (_mix32(counters.to(tl.uint32) ^ key) >> 8).to(tl.float32) * 5.9604644775390625e-08  # [0, 1)
+            code = code + (u * (hi - lo) < v - lo).to(tl.int32)
+        else:
+            for b in tl.static_range(BITS):  # how many midpoints lie below v (not >= v: nan goes past them all)
+                code = tl.where(tl.load(maps + LEVELS + code + ((LEVELS // 2) >> b) - 1) >= v, code, code + ((LEVELS // 2) >> b))
+        if BITS == 8:
+            tl.store(ptr + (start // QBLOCK + k // QBLOCK) * WIDTH + k % QBLOCK, code.to(tl.uint8),
+                     mask=(start + k) // QBLOCK * QBLOCK < n)
+        else:
+            pairs = tl.reshape(code, (BLOCK // 2, 2))
+            byte = tl.sum(pairs * (tl.arange(0, 2) * 15 + 1)[None, :], axis=1)  # low half first
+            j = tl.arange(0, BLOCK // 2)
+            row = start // QBLOCK + j // (QBLOCK // 2)
+            tl.store(ptr + row * WIDTH + j % (QBLOCK // 2), byte.to(tl.uint8), mask=row * QBLOCK < n)
+
+    @triton.jit
     def _pointer(table, i, TYPE: tl.constexpr, ALIGNED: tl.constexpr):
         """Tensor i's data pointer from an int64 table, as a pointer to TYPE; ALIGNED: on 16 bytes."""
         ptr = tl.load(table + i).to(tl.pointer_type(TYPE))
@@ -1345,9 +1403,10 @@ if triton is not None:
         numels,  # int64 [tensors, 2]: elements per tensor here, and in the whole tensor (sharded: all shards')
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [8] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
-        seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        seed,  # random seed of this step (stochastic rounding of bfloat16 or low-bit states)
         grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
         found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
+        lowbit_maps,  # float32: the unsigned then the signed code's levels and midpoints (read when BITS)
         geometry,  # int64 [tensors, 7]: rows R and columns C of the last two axes, here and whole, where each axis reduction's part starts
         axacc0,  # row_mean(), one per row, of all tensors
         axacc1,  # col_mean(), one per column, of all tensors
@@ -1356,9 +1415,13 @@ if triton is not None:
         acc3,  # [tensors, 1]: whole-tensor reductions of stage 3
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
+        F_TYPE: tl.constexpr,  # dtype of the float states shaped like p: S_TYPE, or uint8 (low-bit codes)
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        BITS: tl.constexpr,  # low-bit states shaped like p: bits per code (8, 4), or 0
+        QBLOCK: tl.constexpr,  # low-bit states: numbers per scale (BLOCK holds whole blocks)
+        Q_STOCHASTIC: tl.constexpr,  # low-bit states: stochastic rounding on write
         SCALED: tl.constexpr,  # a GradScaler's scale is given
         CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
@@ -1369,12 +1432,12 @@ if triton is not None:
             if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
                 return
         i = tl.load(block_tensor + pid)
-        n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
+        here = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
         offsets = start + tl.arange(0, BLOCK)
-        mask = offsets < n
+        mask = offsets < here
         if ALIGNED:
-            whole = start + BLOCK <= n  # no mask needed: 16 bytes per load and store
+            whole = start + BLOCK <= here  # no mask needed: 16 bytes per load and store
         else:
             whole = False
         n = tl.load(numels + i * 2 + 1).to(C_TYPE)  # the whole tensor's, which means divide by
@@ -1396,7 +1459,7 @@ if triton is not None:
         g_ptr = _pointer(g_ptrs, i, P_TYPE, ALIGNED)
         r_ptr = _pointer(r_ptrs, i, S_TYPE, False)
         c_ptr = _pointer(c_ptrs, i, S_TYPE, False)
-        m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
+        m_ptr = _pointer(m_ptrs, i, F_TYPE, ALIGNED)
         beta2_decay = tl.load(hypers + 0)
         eps1 = tl.load(hypers + 1)
         eps2 = tl.load(hypers + 2)
@@ -1422,7 +1485,10 @@ if triton is not None:
             g = g / tl.load(grad_scale).to(C_TYPE)
         r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
         c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
-        m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
+        if BITS:  # low-bit codes, dequantised here
+            m = _lowbit_load(m_ptr, start, here, lowbit_maps + (2 << BITS), BITS, QBLOCK, BLOCK).to(C_TYPE)
+        else:
+            m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         x0 = ((g) * (g))
         r0_x = p
         tl.atomic_add(acc1 + i * 1 + 0, tl.sum(tl.where(mask, r0_x * r0_x, 0.0), axis=0))
@@ -1441,9 +1507,10 @@ if triton is not None:
         numels,  # int64 [tensors, 2]: elements per tensor here, and in the whole tensor (sharded: all shards')
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [8] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
-        seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        seed,  # random seed of this step (stochastic rounding of bfloat16 or low-bit states)
         grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
         found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
+        lowbit_maps,  # float32: the unsigned then the signed code's levels and midpoints (read when BITS)
         geometry,  # int64 [tensors, 7]: rows R and columns C of the last two axes, here and whole, where each axis reduction's part starts
         axacc0,  # row_mean(), one per row, of all tensors
         axacc1,  # col_mean(), one per column, of all tensors
@@ -1452,9 +1519,13 @@ if triton is not None:
         acc3,  # [tensors, 1]: whole-tensor reductions of stage 3
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
+        F_TYPE: tl.constexpr,  # dtype of the float states shaped like p: S_TYPE, or uint8 (low-bit codes)
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        BITS: tl.constexpr,  # low-bit states shaped like p: bits per code (8, 4), or 0
+        QBLOCK: tl.constexpr,  # low-bit states: numbers per scale (BLOCK holds whole blocks)
+        Q_STOCHASTIC: tl.constexpr,  # low-bit states: stochastic rounding on write
         SCALED: tl.constexpr,  # a GradScaler's scale is given
         CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
@@ -1465,12 +1536,12 @@ if triton is not None:
             if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
                 return
         i = tl.load(block_tensor + pid)
-        n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
+        here = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
         offsets = start + tl.arange(0, BLOCK)
-        mask = offsets < n
+        mask = offsets < here
         if ALIGNED:
-            whole = start + BLOCK <= n  # no mask needed: 16 bytes per load and store
+            whole = start + BLOCK <= here  # no mask needed: 16 bytes per load and store
         else:
             whole = False
         n = tl.load(numels + i * 2 + 1).to(C_TYPE)  # the whole tensor's, which means divide by
@@ -1492,7 +1563,7 @@ if triton is not None:
         g_ptr = _pointer(g_ptrs, i, P_TYPE, ALIGNED)
         r_ptr = _pointer(r_ptrs, i, S_TYPE, False)
         c_ptr = _pointer(c_ptrs, i, S_TYPE, False)
-        m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
+        m_ptr = _pointer(m_ptrs, i, F_TYPE, ALIGNED)
         beta2_decay = tl.load(hypers + 0)
         eps1 = tl.load(hypers + 1)
         eps2 = tl.load(hypers + 2)
@@ -1518,7 +1589,10 @@ if triton is not None:
             g = g / tl.load(grad_scale).to(C_TYPE)
         r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
         c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
-        m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
+        if BITS:  # low-bit codes, dequantised here
+            m = _lowbit_load(m_ptr, start, here, lowbit_maps + (2 << BITS), BITS, QBLOCK, BLOCK).to(C_TYPE)
+        else:
+            m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         ax0_ = tl.load(axacc0 + axbase0_ + rows_, mask=mask) / CW_.to(C_TYPE)
         x1 = (tl.where(c1 < 0.5, r, ax0_) + tl.where(c1 < 0.5, c1, c1 - 1.0) * (ax0_ - r))
         ax2_x = x1
@@ -1534,9 +1608,10 @@ if triton is not None:
         numels,  # int64 [tensors, 2]: elements per tensor here, and in the whole tensor (sharded: all shards')
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [8] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
-        seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        seed,  # random seed of this step (stochastic rounding of bfloat16 or low-bit states)
         grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
         found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
+        lowbit_maps,  # float32: the unsigned then the signed code's levels and midpoints (read when BITS)
         geometry,  # int64 [tensors, 7]: rows R and columns C of the last two axes, here and whole, where each axis reduction's part starts
         axacc0,  # row_mean(), one per row, of all tensors
         axacc1,  # col_mean(), one per column, of all tensors
@@ -1545,9 +1620,13 @@ if triton is not None:
         acc3,  # [tensors, 1]: whole-tensor reductions of stage 3
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
+        F_TYPE: tl.constexpr,  # dtype of the float states shaped like p: S_TYPE, or uint8 (low-bit codes)
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        BITS: tl.constexpr,  # low-bit states shaped like p: bits per code (8, 4), or 0
+        QBLOCK: tl.constexpr,  # low-bit states: numbers per scale (BLOCK holds whole blocks)
+        Q_STOCHASTIC: tl.constexpr,  # low-bit states: stochastic rounding on write
         SCALED: tl.constexpr,  # a GradScaler's scale is given
         CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
@@ -1558,12 +1637,12 @@ if triton is not None:
             if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
                 return
         i = tl.load(block_tensor + pid)
-        n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
+        here = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
         offsets = start + tl.arange(0, BLOCK)
-        mask = offsets < n
+        mask = offsets < here
         if ALIGNED:
-            whole = start + BLOCK <= n  # no mask needed: 16 bytes per load and store
+            whole = start + BLOCK <= here  # no mask needed: 16 bytes per load and store
         else:
             whole = False
         n = tl.load(numels + i * 2 + 1).to(C_TYPE)  # the whole tensor's, which means divide by
@@ -1585,7 +1664,7 @@ if triton is not None:
         g_ptr = _pointer(g_ptrs, i, P_TYPE, ALIGNED)
         r_ptr = _pointer(r_ptrs, i, S_TYPE, False)
         c_ptr = _pointer(c_ptrs, i, S_TYPE, False)
-        m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
+        m_ptr = _pointer(m_ptrs, i, F_TYPE, ALIGNED)
         beta2_decay = tl.load(hypers + 0)
         eps1 = tl.load(hypers + 1)
         eps2 = tl.load(hypers + 2)
@@ -1611,7 +1690,10 @@ if triton is not None:
             g = g / tl.load(grad_scale).to(C_TYPE)
         r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
         c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
-        m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
+        if BITS:  # low-bit codes, dequantised here
+            m = _lowbit_load(m_ptr, start, here, lowbit_maps + (2 << BITS), BITS, QBLOCK, BLOCK).to(C_TYPE)
+        else:
+            m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         ax0_ = tl.load(axacc0 + axbase0_ + rows_, mask=mask) / CW_.to(C_TYPE)
         ax1_ = tl.load(axacc1 + axbase1_ + cols_, mask=mask) / RW_.to(C_TYPE)
         ax2_ = tl.load(axacc2 + axbase2_ + mat_, mask=mask) / RW_.to(C_TYPE)
@@ -1631,9 +1713,10 @@ if triton is not None:
         numels,  # int64 [tensors, 2]: elements per tensor here, and in the whole tensor (sharded: all shards')
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [8] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
-        seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        seed,  # random seed of this step (stochastic rounding of bfloat16 or low-bit states)
         grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
         found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
+        lowbit_maps,  # float32: the unsigned then the signed code's levels and midpoints (read when BITS)
         geometry,  # int64 [tensors, 7]: rows R and columns C of the last two axes, here and whole, where each axis reduction's part starts
         axacc0,  # row_mean(), one per row, of all tensors
         axacc1,  # col_mean(), one per column, of all tensors
@@ -1642,9 +1725,13 @@ if triton is not None:
         acc3,  # [tensors, 1]: whole-tensor reductions of stage 3
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
+        F_TYPE: tl.constexpr,  # dtype of the float states shaped like p: S_TYPE, or uint8 (low-bit codes)
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        BITS: tl.constexpr,  # low-bit states shaped like p: bits per code (8, 4), or 0
+        QBLOCK: tl.constexpr,  # low-bit states: numbers per scale (BLOCK holds whole blocks)
+        Q_STOCHASTIC: tl.constexpr,  # low-bit states: stochastic rounding on write
         SCALED: tl.constexpr,  # a GradScaler's scale is given
         CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
@@ -1655,12 +1742,12 @@ if triton is not None:
             if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
                 return
         i = tl.load(block_tensor + pid)
-        n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
+        here = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
         offsets = start + tl.arange(0, BLOCK)
-        mask = offsets < n
+        mask = offsets < here
         if ALIGNED:
-            whole = start + BLOCK <= n  # no mask needed: 16 bytes per load and store
+            whole = start + BLOCK <= here  # no mask needed: 16 bytes per load and store
         else:
             whole = False
         n = tl.load(numels + i * 2 + 1).to(C_TYPE)  # the whole tensor's, which means divide by
@@ -1682,7 +1769,7 @@ if triton is not None:
         g_ptr = _pointer(g_ptrs, i, P_TYPE, ALIGNED)
         r_ptr = _pointer(r_ptrs, i, S_TYPE, False)
         c_ptr = _pointer(c_ptrs, i, S_TYPE, False)
-        m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
+        m_ptr = _pointer(m_ptrs, i, F_TYPE, ALIGNED)
         beta2_decay = tl.load(hypers + 0)
         eps1 = tl.load(hypers + 1)
         eps2 = tl.load(hypers + 2)
@@ -1708,7 +1795,10 @@ if triton is not None:
             g = g / tl.load(grad_scale).to(C_TYPE)
         r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
         c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
-        m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
+        if BITS:  # low-bit codes, dequantised here
+            m = _lowbit_load(m_ptr, start, here, lowbit_maps + (2 << BITS), BITS, QBLOCK, BLOCK).to(C_TYPE)
+        else:
+            m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         ax0_ = tl.load(axacc0 + axbase0_ + rows_, mask=mask) / CW_.to(C_TYPE)
         ax1_ = tl.load(axacc1 + axbase1_ + cols_, mask=mask) / RW_.to(C_TYPE)
         ax2_ = tl.load(axacc2 + axbase2_ + mat_, mask=mask) / RW_.to(C_TYPE)
@@ -1721,8 +1811,12 @@ if triton is not None:
         d1 = (1.0 / ((tl.maximum(1.0, k1*r1, propagate_nan=tl.PropagateNan.ALL))))
         x4 = (tl.where(k3 < 0.5, m, (d1*x3)) + tl.where(k3 < 0.5, k3, k3 - 1.0) * ((d1*x3) - m))
         _store(p_ptr, offsets, _round_to(d0*x4 + k0*p, P_TYPE), mask, whole)
-        _store(m_ptr, offsets, _to_state(x4, S_TYPE, STOCHASTIC, seed + i,
-                                                 offsets * 3 + 2), mask, whole)
+        if BITS:  # requantised here
+            _lowbit_store(m_ptr, start, here, x4, lowbit_maps + (2 << BITS), seed + i,
+                          offsets * 3 + 2, BITS, QBLOCK, BLOCK, Q_STOCHASTIC)
+        else:
+            _store(m_ptr, offsets, _to_state(x4, S_TYPE, STOCHASTIC, seed + i,
+                                                     offsets * 3 + 2), mask, whole)
 
     @triton.jit(do_not_specialize=["seed"])
     def _adafactorm_0_reduced(
@@ -1734,9 +1828,10 @@ if triton is not None:
         numels,  # int64 [tensors, 2]: elements per tensor here, and in the whole tensor (sharded: all shards')
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [8] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
-        seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        seed,  # random seed of this step (stochastic rounding of bfloat16 or low-bit states)
         grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
         found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
+        lowbit_maps,  # float32: the unsigned then the signed code's levels and midpoints (read when BITS)
         geometry,  # int64 [tensors, 7]: rows R and columns C of the last two axes, here and whole, where each axis reduction's part starts
         axacc0,  # row_mean(), one per row, of all tensors
         axacc1,  # col_mean(), one per column, of all tensors
@@ -1745,9 +1840,13 @@ if triton is not None:
         acc3,  # [tensors, 1]: whole-tensor reductions of stage 3
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
+        F_TYPE: tl.constexpr,  # dtype of the float states shaped like p: S_TYPE, or uint8 (low-bit codes)
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        BITS: tl.constexpr,  # low-bit states shaped like p: bits per code (8, 4), or 0
+        QBLOCK: tl.constexpr,  # low-bit states: numbers per scale (BLOCK holds whole blocks)
+        Q_STOCHASTIC: tl.constexpr,  # low-bit states: stochastic rounding on write
         SCALED: tl.constexpr,  # a GradScaler's scale is given
         CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
@@ -1758,12 +1857,12 @@ if triton is not None:
             if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
                 return
         i = tl.load(block_tensor + pid)
-        n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
+        here = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
         offsets = start + tl.arange(0, BLOCK)
-        mask = offsets < n
+        mask = offsets < here
         if ALIGNED:
-            whole = start + BLOCK <= n  # no mask needed: 16 bytes per load and store
+            whole = start + BLOCK <= here  # no mask needed: 16 bytes per load and store
         else:
             whole = False
         n = tl.load(numels + i * 2 + 1).to(C_TYPE)  # the whole tensor's, which means divide by
@@ -1785,7 +1884,7 @@ if triton is not None:
         g_ptr = _pointer(g_ptrs, i, P_TYPE, ALIGNED)
         r_ptr = _pointer(r_ptrs, i, S_TYPE, False)
         c_ptr = _pointer(c_ptrs, i, S_TYPE, False)
-        m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
+        m_ptr = _pointer(m_ptrs, i, F_TYPE, ALIGNED)
         beta2_decay = tl.load(hypers + 0)
         eps1 = tl.load(hypers + 1)
         eps2 = tl.load(hypers + 2)
@@ -1812,7 +1911,10 @@ if triton is not None:
             _store(g_ptr, offsets, g.to(P_TYPE), mask, whole)  # left unscaled, as torch's fused kernels leave it
         r = tl.load(r_ptr + rows_, mask=mask).to(C_TYPE)
         c = tl.load(c_ptr + cols_, mask=mask).to(C_TYPE)
-        m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
+        if BITS:  # low-bit codes, dequantised here
+            m = _lowbit_load(m_ptr, start, here, lowbit_maps + (2 << BITS), BITS, QBLOCK, BLOCK).to(C_TYPE)
+        else:
+            m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         ax0_ = tl.load(axacc0 + axbase0_ + rows_, mask=mask) / CW_.to(C_TYPE)
         ax1_ = tl.load(axacc1 + axbase1_ + cols_, mask=mask) / RW_.to(C_TYPE)
         x1 = (tl.where(c1 < 0.5, r, ax0_) + tl.where(c1 < 0.5, c1, c1 - 1.0) * (ax0_ - r))
@@ -1833,15 +1935,20 @@ if triton is not None:
         numels,  # int64 [tensors, 2]: elements per tensor here, and in the whole tensor (sharded: all shards')
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [7] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
-        seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        seed,  # random seed of this step (stochastic rounding of bfloat16 or low-bit states)
         grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
         found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
+        lowbit_maps,  # float32: the unsigned then the signed code's levels and midpoints (read when BITS)
         acc1,  # [tensors, 2]: whole-tensor reductions of stage 1
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
+        F_TYPE: tl.constexpr,  # dtype of the float states shaped like p: S_TYPE, or uint8 (low-bit codes)
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        BITS: tl.constexpr,  # low-bit states shaped like p: bits per code (8, 4), or 0
+        QBLOCK: tl.constexpr,  # low-bit states: numbers per scale (BLOCK holds whole blocks)
+        Q_STOCHASTIC: tl.constexpr,  # low-bit states: stochastic rounding on write
         SCALED: tl.constexpr,  # a GradScaler's scale is given
         CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
@@ -1852,19 +1959,19 @@ if triton is not None:
             if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
                 return
         i = tl.load(block_tensor + pid)
-        n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
+        here = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
         offsets = start + tl.arange(0, BLOCK)
-        mask = offsets < n
+        mask = offsets < here
         if ALIGNED:
-            whole = start + BLOCK <= n  # no mask needed: 16 bytes per load and store
+            whole = start + BLOCK <= here  # no mask needed: 16 bytes per load and store
         else:
             whole = False
         n = tl.load(numels + i * 2 + 1).to(C_TYPE)  # the whole tensor's, which means divide by
         p_ptr = _pointer(p_ptrs, i, P_TYPE, ALIGNED)
         g_ptr = _pointer(g_ptrs, i, P_TYPE, ALIGNED)
-        v_ptr = _pointer(v_ptrs, i, S_TYPE, ALIGNED)
-        m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
+        v_ptr = _pointer(v_ptrs, i, F_TYPE, ALIGNED)
+        m_ptr = _pointer(m_ptrs, i, F_TYPE, ALIGNED)
         beta2_decay = tl.load(hypers + 0)
         eps2 = tl.load(hypers + 1)
         k0 = tl.load(hypers + 2)
@@ -1886,16 +1993,26 @@ if triton is not None:
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
         if SCALED:
             g = g / tl.load(grad_scale).to(C_TYPE)
-        v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
-        m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
+        if BITS:  # low-bit codes, dequantised here
+            v = _lowbit_load(v_ptr, start, here, lowbit_maps, BITS, QBLOCK, BLOCK).to(C_TYPE)
+        else:
+            v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
+        if BITS:  # low-bit codes, dequantised here
+            m = _lowbit_load(m_ptr, start, here, lowbit_maps + (2 << BITS), BITS, QBLOCK, BLOCK).to(C_TYPE)
+        else:
+            m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         x0 = (tl.where(c1 < 0.5, v, ((g) * (g))) + tl.where(c1 < 0.5, c1, c1 - 1.0) * (((g) * (g)) - v))
         x1 = g/tl.sqrt(tl.maximum(k2, x0, propagate_nan=tl.PropagateNan.ALL))
         r0_x = p
         tl.atomic_add(acc1 + i * 2 + 0, tl.sum(tl.where(mask, r0_x * r0_x, 0.0), axis=0))
         r1_x = x1
         tl.atomic_add(acc1 + i * 2 + 1, tl.sum(tl.where(mask, r1_x * r1_x, 0.0), axis=0))
-        _store(v_ptr, offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
-                                                 offsets * 2 + 0), mask, whole)
+        if BITS:  # requantised here
+            _lowbit_store(v_ptr, start, here, x0, lowbit_maps, seed + i,
+                          offsets * 2 + 0, BITS, QBLOCK, BLOCK, Q_STOCHASTIC)
+        else:
+            _store(v_ptr, offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
+                                                     offsets * 2 + 0), mask, whole)
 
     @triton.jit(do_not_specialize=["seed"])
     def _adafactorm_1_kernel(
@@ -1906,15 +2023,20 @@ if triton is not None:
         numels,  # int64 [tensors, 2]: elements per tensor here, and in the whole tensor (sharded: all shards')
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [7] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
-        seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        seed,  # random seed of this step (stochastic rounding of bfloat16 or low-bit states)
         grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
         found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
+        lowbit_maps,  # float32: the unsigned then the signed code's levels and midpoints (read when BITS)
         acc1,  # [tensors, 2]: whole-tensor reductions of stage 1
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
+        F_TYPE: tl.constexpr,  # dtype of the float states shaped like p: S_TYPE, or uint8 (low-bit codes)
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        BITS: tl.constexpr,  # low-bit states shaped like p: bits per code (8, 4), or 0
+        QBLOCK: tl.constexpr,  # low-bit states: numbers per scale (BLOCK holds whole blocks)
+        Q_STOCHASTIC: tl.constexpr,  # low-bit states: stochastic rounding on write
         SCALED: tl.constexpr,  # a GradScaler's scale is given
         CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
@@ -1925,19 +2047,19 @@ if triton is not None:
             if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
                 return
         i = tl.load(block_tensor + pid)
-        n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
+        here = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
         offsets = start + tl.arange(0, BLOCK)
-        mask = offsets < n
+        mask = offsets < here
         if ALIGNED:
-            whole = start + BLOCK <= n  # no mask needed: 16 bytes per load and store
+            whole = start + BLOCK <= here  # no mask needed: 16 bytes per load and store
         else:
             whole = False
         n = tl.load(numels + i * 2 + 1).to(C_TYPE)  # the whole tensor's, which means divide by
         p_ptr = _pointer(p_ptrs, i, P_TYPE, ALIGNED)
         g_ptr = _pointer(g_ptrs, i, P_TYPE, ALIGNED)
-        v_ptr = _pointer(v_ptrs, i, S_TYPE, ALIGNED)
-        m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
+        v_ptr = _pointer(v_ptrs, i, F_TYPE, ALIGNED)
+        m_ptr = _pointer(m_ptrs, i, F_TYPE, ALIGNED)
         beta2_decay = tl.load(hypers + 0)
         eps2 = tl.load(hypers + 1)
         k0 = tl.load(hypers + 2)
@@ -1960,8 +2082,14 @@ if triton is not None:
         if SCALED:
             g = g / tl.load(grad_scale).to(C_TYPE)
             _store(g_ptr, offsets, g.to(P_TYPE), mask, whole)  # left unscaled, as torch's fused kernels leave it
-        v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
-        m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
+        if BITS:  # low-bit codes, dequantised here
+            v = _lowbit_load(v_ptr, start, here, lowbit_maps, BITS, QBLOCK, BLOCK).to(C_TYPE)
+        else:
+            v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
+        if BITS:  # low-bit codes, dequantised here
+            m = _lowbit_load(m_ptr, start, here, lowbit_maps + (2 << BITS), BITS, QBLOCK, BLOCK).to(C_TYPE)
+        else:
+            m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         r0 = tl.sqrt(tl.load(acc1 + i * 2 + 0) / n)
         d0 = -c0*tl.maximum(eps2, r0, propagate_nan=tl.PropagateNan.ALL)
         x0 = v  # stored by an earlier launch
@@ -1970,8 +2098,12 @@ if triton is not None:
         d1 = (1.0 / ((tl.maximum(1.0, k1*r1, propagate_nan=tl.PropagateNan.ALL))))
         x2 = (tl.where(k3 < 0.5, m, (d1*x1)) + tl.where(k3 < 0.5, k3, k3 - 1.0) * ((d1*x1) - m))
         _store(p_ptr, offsets, _round_to(d0*x2 + k0*p, P_TYPE), mask, whole)
-        _store(m_ptr, offsets, _to_state(x2, S_TYPE, STOCHASTIC, seed + i,
-                                                 offsets * 2 + 1), mask, whole)
+        if BITS:  # requantised here
+            _lowbit_store(m_ptr, start, here, x2, lowbit_maps + (2 << BITS), seed + i,
+                          offsets * 2 + 1, BITS, QBLOCK, BLOCK, Q_STOCHASTIC)
+        else:
+            _store(m_ptr, offsets, _to_state(x2, S_TYPE, STOCHASTIC, seed + i,
+                                                     offsets * 2 + 1), mask, whole)
 
 
 _TRITON_TYPES = {}
@@ -2027,6 +2159,28 @@ def _groups(params, *lists):
             for key, ((group,), indices) in grouped.items()}
 
 
+def _by_storage(groups):
+    """Each (device, dtype) group split by how its tensors' states are stored, one storage per
+    launch: low-bit codes of one format (a uint8 state's bytes per row, its width) or floats (0)."""
+    out = {}
+    for (device, dtype), lists in groups.items():
+        widths = [max((x.shape[-1] for x in xs if x.dtype == torch.uint8), default=0) for xs in zip(*lists[2:-2])]
+        for w in sorted(set(widths)):
+            keep = [k for k, x in enumerate(widths) if x == w]
+            out[(device, dtype, w)] = lists if len(keep) == len(widths) else tuple([x[k] for k in keep] for x in lists)
+    return out
+
+
+def _lowbit_maps(fmt, device):
+    """The kernels' table of a low-bit format: the unsigned code's levels, midpoints and inf, then
+    the signed code's (the torch paths' _levels, so both round alike)."""
+    key = (device, "lowbit", fmt)
+    if key not in _BLOCK_MAPS:
+        inf = torch.full((1,), math.inf, device=device)
+        _BLOCK_MAPS[key] = torch.cat([x for signed in (False, True) for x in (*_levels(fmt, signed, device), inf)])
+    return _BLOCK_MAPS[key]
+
+
 def _pointer_tables(lists, device):
     """One int64 table of data pointers per operand, and whether each operand's tensors all start on
     16 bytes (the kernels then move 16 bytes per access). Each table is kept while its tensors stay
@@ -2080,7 +2234,8 @@ def _geometry_0(params, whole, device):
 
 
 def _fused_adafactorm_0(params, grads, r_list, c_list, m_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd, b1,
-                        grad_scale=None, found_inf=None, generator=None):
+                        grad_scale=None, found_inf=None, generator=None, stochastic=False):
+    """`stochastic`: low-bit states are requantised stochastically, not to the nearest level."""
     global LAUNCHES
     if not params:
         return
@@ -2095,8 +2250,8 @@ def _fused_adafactorm_0(params, grads, r_list, c_list, m_list, state_steps, *, l
         r_list = _Shards.local(r_list)
         c_list = _Shards.local(c_list)
         m_list = _Shards.local(m_list)
-    groups = _groups(params, grads, r_list, c_list, m_list, state_steps, sharded)
-    for (device, dtype), (p, g, r, c, m, device_steps, whole) in groups.items():
+    groups = _by_storage(_groups(params, grads, r_list, c_list, m_list, state_steps, sharded))
+    for (device, dtype, width), (p, g, r, c, m, device_steps, whole) in groups.items():
         shards = _Shards.of(whole)  # None for plain tensors (then whole is p)
         if device_steps[0].device != device:
             raise RuntimeError("AdafactorM(fused=True): step counts must be on the parameters' device "
@@ -2113,15 +2268,25 @@ def _fused_adafactorm_0(params, grads, r_list, c_list, m_list, state_steps, *, l
         if found_inf is not None:
             found_t = found_inf.to(device, non_blocking=True)
         compute = torch.float64 if dtype == torch.float64 else torch.float32
+        block, bits, qblock, maps = _BLOCK, 0, 1, found_t  # float states (maps: a placeholder never read)
+        if width:  # low-bit states: each program holds whole blocks of codes
+            bits, qblock = _LOWBIT[_WIDTHS[width]]
+            block, maps = max(_BLOCK, qblock), _lowbit_maps(_WIDTHS[width], device)
+            # a rows state is small: dequantised here, requantised after the launches
+            r_stored = r
+            r = [_read_state(x_, y_, False, y_.shape[:-1] + (1,)).to(compute) if x_.dtype == torch.uint8 else x_ for x_, y_ in zip(r, p)]
+            # a cols state is small: dequantised here, requantised after the launches
+            c_stored = c
+            c = [_read_state(x_, y_, False, y_.shape[:-2] + (1,) + y_.shape[-1:]).to(compute) if x_.dtype == torch.uint8 else x_ for x_, y_ in zip(c, p)]
         numels = tuple(map(torch.Tensor.numel, p))
         numels, block_tensor, block_start = _block_map(numels, numels if shards is None else
-                                                       tuple(map(torch.Tensor.numel, whole)), device, _BLOCK)
+                                                       tuple(map(torch.Tensor.numel, whole)), device, block)
         pointers, aligned = _pointer_tables([p, g, r, c, m, device_steps], device)
-        state_type = r[0].dtype
-        stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
+        state_type = compute if width else r[0].dtype
+        rounding = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
         # the optimizer's own generator (torch's when the functional is called alone)
-        seed = int(torch.randint(0, 2**31 - 1, (), generator=generator)) if stochastic else 0
-        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t]
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=generator)) if rounding or width and stochastic else 0
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t, maps]
         geometry, totals, axis_segments = _geometry_0(p, whole, device)
         args.append(geometry)
         axacc = [
@@ -2136,9 +2301,10 @@ def _fused_adafactorm_0(params, grads, r_list, c_list, m_list, state_steps, *, l
         # stage 3's whole-tensor reductions, accumulated by its blocks
         acc3 = _upload(torch.tensor([0.0] * len(p), dtype=compute), device)
         args.append(acc3)
-        types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
-                     SCALED=grad_scale is not None, CHECK_INF=found_inf is not None,
-                     C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
+        types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=rounding,
+                     F_TYPE=tl.uint8 if width else _triton_type(state_type), BITS=bits, QBLOCK=qblock,
+                     Q_STOCHASTIC=bool(width and stochastic), SCALED=grad_scale is not None, CHECK_INF=found_inf is not None,
+                     C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=block,
                      ALIGNED=all(aligned[k] for k in (0, 1, 4)),
                      num_warps=_NUM_WARPS)
         _adafactorm_0_stage1[(len(block_tensor),)](*args, **types)
@@ -2153,6 +2319,12 @@ def _fused_adafactorm_0(params, grads, r_list, c_list, m_list, state_steps, *, l
         _adafactorm_0_kernel[(len(block_tensor),)](*args, **types)
         _adafactorm_0_reduced[(len(block_tensor),)](*args, **types)
         LAUNCHES += 5
+        if width:
+            for x_, y_ in zip(r_stored, r):
+                _write_state(x_, y_, False, generator, stochastic)
+        if width:
+            for x_, y_ in zip(c_stored, c):
+                _write_state(x_, y_, False, generator, stochastic)
         if found_inf is not None:  # an overflow: the step count goes back too, as in torch's fused optimizers
             torch._foreach_sub_(device_steps, [found_t] * len(device_steps))
         if grad_scale is not None and g is not grads_in:  # the unscaled gradients, into the originals
@@ -2160,7 +2332,8 @@ def _fused_adafactorm_0(params, grads, r_list, c_list, m_list, state_steps, *, l
 
 
 def _fused_adafactorm_1(params, grads, v_list, m_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd, b1,
-                        grad_scale=None, found_inf=None, generator=None):
+                        grad_scale=None, found_inf=None, generator=None, stochastic=False):
+    """`stochastic`: low-bit states are requantised stochastically, not to the nearest level."""
     global LAUNCHES
     if not params:
         return
@@ -2174,8 +2347,8 @@ def _fused_adafactorm_1(params, grads, v_list, m_list, state_steps, *, lr, beta2
         params, grads = _Shards.local(params), _Shards.local(grads)
         v_list = _Shards.local(v_list)
         m_list = _Shards.local(m_list)
-    groups = _groups(params, grads, v_list, m_list, state_steps, sharded)
-    for (device, dtype), (p, g, v, m, device_steps, whole) in groups.items():
+    groups = _by_storage(_groups(params, grads, v_list, m_list, state_steps, sharded))
+    for (device, dtype, width), (p, g, v, m, device_steps, whole) in groups.items():
         shards = _Shards.of(whole)  # None for plain tensors (then whole is p)
         if device_steps[0].device != device:
             raise RuntimeError("AdafactorM(fused=True): step counts must be on the parameters' device "
@@ -2192,21 +2365,26 @@ def _fused_adafactorm_1(params, grads, v_list, m_list, state_steps, *, lr, beta2
         if found_inf is not None:
             found_t = found_inf.to(device, non_blocking=True)
         compute = torch.float64 if dtype == torch.float64 else torch.float32
+        block, bits, qblock, maps = _BLOCK, 0, 1, found_t  # float states (maps: a placeholder never read)
+        if width:  # low-bit states: each program holds whole blocks of codes
+            bits, qblock = _LOWBIT[_WIDTHS[width]]
+            block, maps = max(_BLOCK, qblock), _lowbit_maps(_WIDTHS[width], device)
         numels = tuple(map(torch.Tensor.numel, p))
         numels, block_tensor, block_start = _block_map(numels, numels if shards is None else
-                                                       tuple(map(torch.Tensor.numel, whole)), device, _BLOCK)
+                                                       tuple(map(torch.Tensor.numel, whole)), device, block)
         pointers, aligned = _pointer_tables([p, g, v, m, device_steps], device)
-        state_type = v[0].dtype
-        stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
+        state_type = compute if width else v[0].dtype
+        rounding = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
         # the optimizer's own generator (torch's when the functional is called alone)
-        seed = int(torch.randint(0, 2**31 - 1, (), generator=generator)) if stochastic else 0
-        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t]
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=generator)) if rounding or width and stochastic else 0
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t, maps]
         # stage 1's whole-tensor reductions, accumulated by its blocks
         acc1 = _upload(torch.tensor([0.0, 0.0] * len(p), dtype=compute), device)
         args.append(acc1)
-        types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
-                     SCALED=grad_scale is not None, CHECK_INF=found_inf is not None,
-                     C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
+        types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=rounding,
+                     F_TYPE=tl.uint8 if width else _triton_type(state_type), BITS=bits, QBLOCK=qblock,
+                     Q_STOCHASTIC=bool(width and stochastic), SCALED=grad_scale is not None, CHECK_INF=found_inf is not None,
+                     C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=block,
                      ALIGNED=all(aligned[k] for k in (0, 1, 2, 3)),
                      num_warps=_NUM_WARPS)
         _adafactorm_1_stage1[(len(block_tensor),)](*args, **types)

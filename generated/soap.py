@@ -704,7 +704,8 @@ class SOAP(Optimizer):
             block (2048 and 128 numbers), the code chosen from the state's proven range
             (unsigned where it is never negative); each step dequantises, updates in float32 and
             requantises to the nearest level (``"int8_stochastic"``, ``"int4_stochastic"``: stochastically,
-            from the optimizer's own generator). The for-loop and foreach paths support them.
+            from the optimizer's own generator). All three paths support them; the fused kernels
+            (de)quantise in registers and run when fused=True is asked for (``None`` keeps the torch paths).
         maximize (bool, optional): default False; True maximises the objective (each path steps with -g), as torch.optim.
         capturable (bool, optional): accepted for torch.optim's sake; only False.
         differentiable (bool, optional): accepted for torch.optim's sake; only False.
@@ -745,9 +746,6 @@ class SOAP(Optimizer):
         if not (state_dtype in (None, torch.bfloat16) or isinstance(state_dtype, str) and state_dtype in _STATE_DTYPES):
             raise ValueError(f"Invalid state_dtype: {state_dtype!r} (None, torch.bfloat16, "
                              "'int8', 'int4', 'int8_stochastic', 'int4_stochastic')")
-        if fused and _lowbit_format(state_dtype):
-            raise RuntimeError(f"SOAP(fused=True) cannot run: the fused kernels do not take state_dtype="
-                               f"{state_dtype!r} yet (int8/int4 states run on the for-loop and foreach paths)")
         unknown = sorted(set(spec_names) - set(self._ALIASES))
         if unknown:
             raise TypeError(f"SOAP() got an unexpected keyword argument {unknown[0]!r}; it accepts "
@@ -960,7 +958,7 @@ class SOAP(Optimizer):
 
     @staticmethod
     def _fused_for(group, p) -> bool:
-        if group["fused"] is None:  # low-bit states: the torch paths (the kernels do not take them)
+        if group["fused"] is None:  # low-bit states: the torch paths unless fused=True is asked for
             return group["foreach"] is None and not _lowbit_format(group["state_dtype"]) and _fused_by_default([p])
         return bool(group["fused"])
 
@@ -1095,7 +1093,7 @@ class SOAP(Optimizer):
                 normalize_gradient=float(group["normalize_gradient"]),
                 eps=group["eps"],
                 foreach=group["foreach"],
-                fused=False if _lowbit_format(group["state_dtype"]) else group["fused"],
+                fused=group["fused"] if group["fused"] or not _lowbit_format(group["state_dtype"]) else False,
                 stochastic=_stochastic(group["state_dtype"]),
                 grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
                 found_inf=getattr(self, "found_inf", None),
@@ -1119,7 +1117,7 @@ class SOAP(Optimizer):
                 normalize_gradient=float(group["normalize_gradient"]),
                 eps=group["eps"],
                 foreach=group["foreach"],
-                fused=False if _lowbit_format(group["state_dtype"]) else group["fused"],
+                fused=group["fused"] if group["fused"] or not _lowbit_format(group["state_dtype"]) else False,
                 stochastic=_stochastic(group["state_dtype"]),
                 grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
                 found_inf=getattr(self, "found_inf", None),
@@ -1211,10 +1209,8 @@ def soap_0(params, grads, m_list, v_list, GL_list, GR_list, QL_list, QR_list, st
         if why:
             raise RuntimeError(f"SOAP(fused=True) cannot run: {why}")
     if fused:
-        if any(x.dtype == torch.uint8 for xs in (m_list, v_list, GL_list, GR_list, QL_list, QR_list, ) for x in xs):
-            raise RuntimeError("SOAP(fused=True) cannot run: the fused kernels do not take int8/int4 states yet")
         return _fused_soap_0(params, grads, m_list, v_list, GL_list, GR_list, QL_list, QR_list, state_steps,
-                        grad_scale=grad_scale, found_inf=found_inf, generator=generator, **hypers)
+                        grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     impl = _multi_tensor_soap_0 if foreach else _single_tensor_soap_0
@@ -1523,10 +1519,8 @@ def soap_1(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=No
         if why:
             raise RuntimeError(f"SOAP(fused=True) cannot run: {why}")
     if fused:
-        if any(x.dtype == torch.uint8 for xs in (m_list, v_list, ) for x in xs):
-            raise RuntimeError("SOAP(fused=True) cannot run: the fused kernels do not take int8/int4 states yet")
         return _fused_soap_1(params, grads, m_list, v_list, state_steps,
-                        grad_scale=grad_scale, found_inf=found_inf, generator=generator, **hypers)
+                        grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     impl = _multi_tensor_soap_1 if foreach else _single_tensor_soap_1
@@ -1757,6 +1751,70 @@ if triton is not None:
             return _round_to(x, TYPE)
 
     @triton.jit
+    def _lowbit_load(ptr, start, n, maps, BITS: tl.constexpr, QBLOCK: tl.constexpr, BLOCK: tl.constexpr):
+        """A low-bit state's numbers start .. start + BLOCK (lowbit.py.j2's _dequantised in registers):
+        rows of QBLOCK codes (int4: two to a byte, the first in the low half) and then the block's
+        float32 scale; one scale load per block, each code's level from the map's table."""
+        WIDTH: tl.constexpr = QBLOCK * BITS // 8 + 4
+        ROWS: tl.constexpr = BLOCK // QBLOCK
+        rows = start // QBLOCK + tl.arange(0, ROWS)
+        scale = tl.load((ptr + rows * WIDTH + (WIDTH - 4)).to(tl.pointer_type(tl.float32)), mask=rows * QBLOCK < n, other=0.0)
+        scale = tl.reshape(tl.broadcast_to(scale[:, None], (ROWS, QBLOCK)), (BLOCK,))
+        k = tl.arange(0, BLOCK)
+        row = start // QBLOCK + k // QBLOCK
+        if BITS == 8:
+            code = tl.load(ptr + row * WIDTH + k % QBLOCK, mask=start + k < n, other=0).to(tl.int32)
+        else:
+            byte = tl.load(ptr + row * WIDTH + (k % QBLOCK) // 2, mask=start + k < n, other=0).to(tl.int32)
+            code = (byte >> ((k % 2) * 4)) & 15
+        return tl.load(maps + code) * scale
+
+    @triton.jit
+    def _lowbit_store(ptr, start, n, x, maps, seed, counters, BITS: tl.constexpr, QBLOCK: tl.constexpr,
+                      BLOCK: tl.constexpr, STOCHASTIC: tl.constexpr):
+        """Store x as low-bit codes (lowbit.py.j2's _quantised in registers): each block's scale is
+        its largest |x| (a reduction within the program: a block never spans two), then each
+        number's level: the nearest (a binary search over the midpoints between levels, as
+        torch.searchsorted) or, STOCHASTIC, the level below or above x with probability by distance,
+        from the counter-based hash of _to_state. The last block's tail stores the code of 0, as
+        the torch paths pad it. maps: the levels, then the midpoints (and inf)."""
+        WIDTH: tl.constexpr = QBLOCK * BITS // 8 + 4
+        ROWS: tl.constexpr = BLOCK // QBLOCK
+        LEVELS: tl.constexpr = 1 << BITS
+        k = tl.arange(0, BLOCK)
+        x = tl.where(start + k < n, x.to(tl.float32), 0.0)
+        a = tl.reshape(tl.abs(x), (ROWS, QBLOCK))
+        # a block's largest |x|, nan where it holds a nan, as torch's amax (tl.max may skip nan)
+        scale = tl.where(tl.max((a != a).to(tl.int32), axis=1) > 0, float("nan"), tl.max(a, axis=1))
+        rows = start // QBLOCK + tl.arange(0, ROWS)
+        tl.store((ptr + rows * WIDTH + (WIDTH - 4)).to(tl.pointer_type(tl.float32)), scale, mask=rows * QBLOCK < n)
+        scale = tl.reshape(tl.broadcast_to(scale[:, None], (ROWS, QBLOCK)), (BLOCK,))
+        v = x / tl.where(scale > 0, scale, 1.0)
+        code = tl.zeros((BLOCK,), tl.int32)
+        if STOCHASTIC:
+            v = tl.minimum(tl.maximum(v, tl.load(maps)), tl.load(maps + LEVELS - 1))
+            for b in tl.static_range(BITS):  # binary search: the last level <= v
+                code = tl.where(tl.load(maps + code + ((LEVELS // 2) >> b)) <= v, code + ((LEVELS // 2) >> b), code)
+            code = tl.minimum(code, LEVELS - 2)
+            lo = tl.load(maps + code)
+            hi = tl.load(maps + code + 1)
+            key = _mix32(seed.to(tl.uint32, bitcast=True))
+            u = (_mix32(counters.to(tl.uint32) ^ key) >> 8).to(tl.float32) * 5.9604644775390625e-08  # [0, 1)
+            code = code + (u * (hi - lo) < v - lo).to(tl.int32)
+        else:
+            for b in tl.static_range(BITS):  # how many midpoints lie below v (not >= v: nan goes past them all)
+                code = tl.where(tl.load(maps + LEVELS + code + ((LEVELS // 2) >> b) - 1) >= v, code, code + ((LEVELS // 2) >> b))
+        if BITS == 8:
+            tl.store(ptr + (start // QBLOCK + k // QBLOCK) * WIDTH + k % QBLOCK, code.to(tl.uint8),
+                     mask=(start + k) // QBLOCK * QBLOCK < n)
+        else:
+            pairs = tl.reshape(code, (BLOCK // 2, 2))
+            byte = tl.sum(pairs * (tl.arange(0, 2) * 15 + 1)[None, :], axis=1)  # low half first
+            j = tl.arange(0, BLOCK // 2)
+            row = start // QBLOCK + j // (QBLOCK // 2)
+            tl.store(ptr + row * WIDTH + j % (QBLOCK // 2), byte.to(tl.uint8), mask=row * QBLOCK < n)
+
+    @triton.jit
     def _pointer(table, i, TYPE: tl.constexpr, ALIGNED: tl.constexpr):
         """Tensor i's data pointer from an int64 table, as a pointer to TYPE; ALIGNED: on 16 bytes."""
         ptr = tl.load(table + i).to(tl.pointer_type(TYPE))
@@ -1793,15 +1851,20 @@ if triton is not None:
         numels,  # int64 [tensors, 2]: elements per tensor here, and in the whole tensor (sharded: all shards')
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [9] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
-        seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        seed,  # random seed of this step (stochastic rounding of bfloat16 or low-bit states)
         grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
         found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
+        lowbit_maps,  # float32: the unsigned then the signed code's levels and midpoints (read when BITS)
         acc1,  # [tensors, 1]: whole-tensor reductions of stage 1
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
+        F_TYPE: tl.constexpr,  # dtype of the float states shaped like p: S_TYPE, or uint8 (low-bit codes)
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        BITS: tl.constexpr,  # low-bit states shaped like p: bits per code (8, 4), or 0
+        QBLOCK: tl.constexpr,  # low-bit states: numbers per scale (BLOCK holds whole blocks)
+        Q_STOCHASTIC: tl.constexpr,  # low-bit states: stochastic rounding on write
         SCALED: tl.constexpr,  # a GradScaler's scale is given
         CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
@@ -1812,19 +1875,19 @@ if triton is not None:
             if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
                 return
         i = tl.load(block_tensor + pid)
-        n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
+        here = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
         offsets = start + tl.arange(0, BLOCK)
-        mask = offsets < n
+        mask = offsets < here
         if ALIGNED:
-            whole = start + BLOCK <= n  # no mask needed: 16 bytes per load and store
+            whole = start + BLOCK <= here  # no mask needed: 16 bytes per load and store
         else:
             whole = False
         n = tl.load(numels + i * 2 + 1).to(C_TYPE)  # the whole tensor's, which means divide by
         p_ptr = _pointer(p_ptrs, i, P_TYPE, ALIGNED)
         g_ptr = _pointer(g_ptrs, i, P_TYPE, ALIGNED)
-        m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
-        v_ptr = _pointer(v_ptrs, i, S_TYPE, ALIGNED)
+        m_ptr = _pointer(m_ptrs, i, F_TYPE, ALIGNED)
+        v_ptr = _pointer(v_ptrs, i, F_TYPE, ALIGNED)
         correct_bias = tl.load(hypers + 0)
         eps = tl.load(hypers + 1)
         k0 = tl.load(hypers + 2)
@@ -1849,17 +1912,31 @@ if triton is not None:
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
         if SCALED:
             g = g / tl.load(grad_scale).to(C_TYPE)
-        m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
-        v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
+        if BITS:  # low-bit codes, dequantised here
+            m = _lowbit_load(m_ptr, start, here, lowbit_maps + (2 << BITS), BITS, QBLOCK, BLOCK).to(C_TYPE)
+        else:
+            m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
+        if BITS:  # low-bit codes, dequantised here
+            v = _lowbit_load(v_ptr, start, here, lowbit_maps, BITS, QBLOCK, BLOCK).to(C_TYPE)
+        else:
+            v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
         x0 = tl.where(c2 != 0, (tl.where(k1 < 0.5, v, ((g) * (g))) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (((g) * (g)) - v)), v)
         x1 = tl.where(c2 != 0, (tl.where(k2 < 0.5, m, g) + tl.where(k2 < 0.5, k2, k2 - 1.0) * (g - m)), m)
         x2 = x1/(eps + tl.sqrt(x0))
         r0_x = x2
         tl.atomic_add(acc1 + i * 1 + 0, tl.sum(tl.where(mask, r0_x * r0_x, 0.0), axis=0))
-        _store(m_ptr, offsets, _to_state(x1, S_TYPE, STOCHASTIC, seed + i,
-                                                 offsets * 2 + 0), mask, whole)
-        _store(v_ptr, offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
-                                                 offsets * 2 + 1), mask, whole)
+        if BITS:  # requantised here
+            _lowbit_store(m_ptr, start, here, x1, lowbit_maps + (2 << BITS), seed + i,
+                          offsets * 2 + 0, BITS, QBLOCK, BLOCK, Q_STOCHASTIC)
+        else:
+            _store(m_ptr, offsets, _to_state(x1, S_TYPE, STOCHASTIC, seed + i,
+                                                     offsets * 2 + 0), mask, whole)
+        if BITS:  # requantised here
+            _lowbit_store(v_ptr, start, here, x0, lowbit_maps, seed + i,
+                          offsets * 2 + 1, BITS, QBLOCK, BLOCK, Q_STOCHASTIC)
+        else:
+            _store(v_ptr, offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
+                                                     offsets * 2 + 1), mask, whole)
 
     @triton.jit(do_not_specialize=["seed"])
     def _soap_1_kernel(
@@ -1870,15 +1947,20 @@ if triton is not None:
         numels,  # int64 [tensors, 2]: elements per tensor here, and in the whole tensor (sharded: all shards')
         block_tensor, block_start,  # per program: which tensor, and where in it
         hypers,  # [9] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
-        seed,  # random seed of this step (stochastic rounding of bfloat16 states)
+        seed,  # random seed of this step (stochastic rounding of bfloat16 or low-bit states)
         grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
         found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
+        lowbit_maps,  # float32: the unsigned then the signed code's levels and midpoints (read when BITS)
         acc1,  # [tensors, 1]: whole-tensor reductions of stage 1
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
+        F_TYPE: tl.constexpr,  # dtype of the float states shaped like p: S_TYPE, or uint8 (low-bit codes)
         C_TYPE: tl.constexpr,  # arithmetic dtype
         T_TYPE: tl.constexpr,  # dtype of the step counts
         STOCHASTIC: tl.constexpr,  # bfloat16 states: stochastic rounding on write
+        BITS: tl.constexpr,  # low-bit states shaped like p: bits per code (8, 4), or 0
+        QBLOCK: tl.constexpr,  # low-bit states: numbers per scale (BLOCK holds whole blocks)
+        Q_STOCHASTIC: tl.constexpr,  # low-bit states: stochastic rounding on write
         SCALED: tl.constexpr,  # a GradScaler's scale is given
         CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
@@ -1889,19 +1971,19 @@ if triton is not None:
             if tl.load(found_inf) != 0:  # an overflow: no store at all, as torch's fused kernels
                 return
         i = tl.load(block_tensor + pid)
-        n = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
+        here = tl.load(numels + i * 2)  # this tensor's elements here (a shard's, when it is sharded)
         start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
         offsets = start + tl.arange(0, BLOCK)
-        mask = offsets < n
+        mask = offsets < here
         if ALIGNED:
-            whole = start + BLOCK <= n  # no mask needed: 16 bytes per load and store
+            whole = start + BLOCK <= here  # no mask needed: 16 bytes per load and store
         else:
             whole = False
         n = tl.load(numels + i * 2 + 1).to(C_TYPE)  # the whole tensor's, which means divide by
         p_ptr = _pointer(p_ptrs, i, P_TYPE, ALIGNED)
         g_ptr = _pointer(g_ptrs, i, P_TYPE, ALIGNED)
-        m_ptr = _pointer(m_ptrs, i, S_TYPE, ALIGNED)
-        v_ptr = _pointer(v_ptrs, i, S_TYPE, ALIGNED)
+        m_ptr = _pointer(m_ptrs, i, F_TYPE, ALIGNED)
+        v_ptr = _pointer(v_ptrs, i, F_TYPE, ALIGNED)
         correct_bias = tl.load(hypers + 0)
         eps = tl.load(hypers + 1)
         k0 = tl.load(hypers + 2)
@@ -1927,8 +2009,14 @@ if triton is not None:
         if SCALED:
             g = g / tl.load(grad_scale).to(C_TYPE)
             _store(g_ptr, offsets, g.to(P_TYPE), mask, whole)  # left unscaled, as torch's fused kernels leave it
-        m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
-        v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
+        if BITS:  # low-bit codes, dequantised here
+            m = _lowbit_load(m_ptr, start, here, lowbit_maps + (2 << BITS), BITS, QBLOCK, BLOCK).to(C_TYPE)
+        else:
+            m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
+        if BITS:  # low-bit codes, dequantised here
+            v = _lowbit_load(v_ptr, start, here, lowbit_maps, BITS, QBLOCK, BLOCK).to(C_TYPE)
+        else:
+            v = _load(v_ptr, offsets, mask, whole).to(C_TYPE)
         x0 = v  # stored by an earlier launch
         x1 = m  # stored by an earlier launch
         x2 = x1/(eps + tl.sqrt(x0))
@@ -1990,6 +2078,28 @@ def _groups(params, *lists):
             for key, ((group,), indices) in grouped.items()}
 
 
+def _by_storage(groups):
+    """Each (device, dtype) group split by how its tensors' states are stored, one storage per
+    launch: low-bit codes of one format (a uint8 state's bytes per row, its width) or floats (0)."""
+    out = {}
+    for (device, dtype), lists in groups.items():
+        widths = [max((x.shape[-1] for x in xs if x.dtype == torch.uint8), default=0) for xs in zip(*lists[2:-2])]
+        for w in sorted(set(widths)):
+            keep = [k for k, x in enumerate(widths) if x == w]
+            out[(device, dtype, w)] = lists if len(keep) == len(widths) else tuple([x[k] for k in keep] for x in lists)
+    return out
+
+
+def _lowbit_maps(fmt, device):
+    """The kernels' table of a low-bit format: the unsigned code's levels, midpoints and inf, then
+    the signed code's (the torch paths' _levels, so both round alike)."""
+    key = (device, "lowbit", fmt)
+    if key not in _BLOCK_MAPS:
+        inf = torch.full((1,), math.inf, device=device)
+        _BLOCK_MAPS[key] = torch.cat([x for signed in (False, True) for x in (*_levels(fmt, signed, device), inf)])
+    return _BLOCK_MAPS[key]
+
+
 def _pointer_tables(lists, device):
     """One int64 table of data pointers per operand, and whether each operand's tensors all start on
     16 bytes (the kernels then move 16 bytes per access). Each table is kept while its tensors stay
@@ -2036,7 +2146,8 @@ def _fused_soap_0(params, grads, *lists, grad_scale=None, found_inf=None, **hype
 
 
 def _fused_soap_1(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, shampoo_beta, wd, f, correct_bias, normalize_gradient, eps,
-                  grad_scale=None, found_inf=None, generator=None):
+                  grad_scale=None, found_inf=None, generator=None, stochastic=False):
+    """`stochastic`: low-bit states are requantised stochastically, not to the nearest level."""
     global LAUNCHES
     if not params:
         return
@@ -2051,8 +2162,8 @@ def _fused_soap_1(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, sha
         params, grads = _Shards.local(params), _Shards.local(grads)
         m_list = _Shards.local(m_list)
         v_list = _Shards.local(v_list)
-    groups = _groups(params, grads, m_list, v_list, state_steps, sharded)
-    for (device, dtype), (p, g, m, v, device_steps, whole) in groups.items():
+    groups = _by_storage(_groups(params, grads, m_list, v_list, state_steps, sharded))
+    for (device, dtype, width), (p, g, m, v, device_steps, whole) in groups.items():
         shards = _Shards.of(whole)  # None for plain tensors (then whole is p)
         if device_steps[0].device != device:
             raise RuntimeError("SOAP(fused=True): step counts must be on the parameters' device "
@@ -2069,21 +2180,26 @@ def _fused_soap_1(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, sha
         if found_inf is not None:
             found_t = found_inf.to(device, non_blocking=True)
         compute = torch.float64 if dtype == torch.float64 else torch.float32
+        block, bits, qblock, maps = _BLOCK, 0, 1, found_t  # float states (maps: a placeholder never read)
+        if width:  # low-bit states: each program holds whole blocks of codes
+            bits, qblock = _LOWBIT[_WIDTHS[width]]
+            block, maps = max(_BLOCK, qblock), _lowbit_maps(_WIDTHS[width], device)
         numels = tuple(map(torch.Tensor.numel, p))
         numels, block_tensor, block_start = _block_map(numels, numels if shards is None else
-                                                       tuple(map(torch.Tensor.numel, whole)), device, _BLOCK)
+                                                       tuple(map(torch.Tensor.numel, whole)), device, block)
         pointers, aligned = _pointer_tables([p, g, m, v, device_steps], device)
-        state_type = m[0].dtype
-        stochastic = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
+        state_type = compute if width else m[0].dtype
+        rounding = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
         # the optimizer's own generator (torch's when the functional is called alone)
-        seed = int(torch.randint(0, 2**31 - 1, (), generator=generator)) if stochastic else 0
-        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t]
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=generator)) if rounding or width and stochastic else 0
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t, maps]
         # stage 1's whole-tensor reductions, accumulated by its blocks
         acc1 = _upload(torch.tensor([0.0] * len(p), dtype=compute), device)
         args.append(acc1)
-        types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=stochastic,
-                     SCALED=grad_scale is not None, CHECK_INF=found_inf is not None,
-                     C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=_BLOCK,
+        types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=rounding,
+                     F_TYPE=tl.uint8 if width else _triton_type(state_type), BITS=bits, QBLOCK=qblock,
+                     Q_STOCHASTIC=bool(width and stochastic), SCALED=grad_scale is not None, CHECK_INF=found_inf is not None,
+                     C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=block,
                      ALIGNED=all(aligned[k] for k in (0, 1, 2, 3)),
                      num_warps=_NUM_WARPS)
         _soap_1_stage1[(len(block_tensor),)](*args, **types)
