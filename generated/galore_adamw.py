@@ -919,7 +919,7 @@ class GaLoreAdamW(Optimizer):
     @staticmethod
     def _rule_of(p, group):
         """Which rule updates this parameter: the first whose condition its shape meets."""
-        if p.dim() == 2 and group["rank"] > 0 and ((float(("std", "reverse_std", "right", "left").index(group["projection_type"])) == 0 if (p.shape[-2] if p.dim() >= 2 else 1) >= (p.shape[-1] if p.dim() >= 1 else 1) else float(("std", "reverse_std", "right", "left").index(group["projection_type"])) == 1) if float(("std", "reverse_std", "right", "left").index(group["projection_type"])) < 2 else float(("std", "reverse_std", "right", "left").index(group["projection_type"])) == 2):
+        if p.dim() == 2 and group["rank"] > 0 and ((float(float(("std", "reverse_std", "right", "left").index(group["projection_type"])) == 0) if float((p.shape[-2] if p.dim() >= 2 else 1) >= (p.shape[-1] if p.dim() >= 1 else 1)) else float(float(("std", "reverse_std", "right", "left").index(group["projection_type"])) == 1)) if float(float(("std", "reverse_std", "right", "left").index(group["projection_type"])) < 2) else float(float(("std", "reverse_std", "right", "left").index(group["projection_type"])) == 2)):
             return 0
         if p.dim() == 2 and group["rank"] > 0:
             return 1

@@ -189,3 +189,18 @@ def test_explain_prints_the_math_and_the_rank_r_memory():
         "state memory per element", 1).value
     assert out.count("this rule does matrix work (mm, T, linear algebra)") == 2
     assert x.property("range of state v", 2).value == "[0, inf)"
+
+
+@pytest.mark.parametrize("shape, k, rule", [((4, 4), 0, 0), ((3, 5), 0, 1), ((3, 5), 1, 0), ((5, 3), 1, 1)])
+def test_a_rule_condition_may_compare_comparisons(shape, k, rule):
+    """`(nrows >= ncols) == (k == 0)` in a rule's condition (GaLore's projection side, written as
+    one comparison): each inner comparison is a number, not Python's chained `a >= b == k == 0`."""
+    Side = optdsl.compile("optimizer Side\nhyper lr = 0.1 in [0, inf), k = 0 in [0, inf)\n"
+                          "rule ndim == 2 and (nrows >= ncols) == (k == 0) and (nrows >= 1) * 2 > 1 {\n"
+                          "  p -= lr * g\n}\nrule {\n  p -= 2 * lr * g\n}\n", "side.opt")
+    p = torch.nn.Parameter(torch.zeros(shape))
+    opt = Side([p], k=k)
+    assert opt._rule_of(p, opt.param_groups[0]) == rule
+    p.grad = torch.ones(shape)
+    opt.step()
+    assert torch.equal(p, torch.full(shape, -0.1 * (rule + 1)))

@@ -509,17 +509,30 @@ def _optional(h: ir.Hyper, code: str) -> str:
 
 
 class _ConditionPrinter(HostPrinter):
-    """A rule's condition reads as Python: `p.dim() >= 2`, not `float(p.dim() >= 2)`."""
+    """A rule's condition reads as Python: `p.dim() >= 2`, not `float(p.dim() >= 2)`. Only a comparison
+    at the top or joined by and/or prints bare: one inside another comparison or in arithmetic prints
+    as a number, float(...), since bare `(a >= b) == (c == 0)` would be Python's chained
+    `a >= b == c == 0` and `(a >= b) * 2` would multiply b."""
 
-    def _print_Function(self, e):
-        row = _COMPARISON_ROWS.get(type(e))
-        if row is None:
-            return super()._print_Function(e)
-        if row.name in ("land", "lor"):  # Python's and/or bind as the spec's: only an `or` in an `and` needs ( )
-            word = "and" if row.name == "land" else "or"
-            return f" {word} ".join(f"({self._print(a)})" if word == "and" and getattr(_COMPARISON_ROWS.get(type(a)),
-                                    "name", "") == "lor" else self._print(a) for a in e.args)
-        return row.host.format(*(self._print(a) for a in e.args))[len("float("):-1]
+    _bare = True  # whether the expression printed next may print as a bare comparison
+
+    def _print(self, expr, **kwargs):
+        bare, self._bare = self._bare, False  # what it contains prints as numbers unless said otherwise
+        try:
+            row = _COMPARISON_ROWS.get(type(expr))
+            if not bare or row is None:
+                return super()._print(expr, **kwargs)
+            if row.name in ("land", "lor"):  # Python's and/or bind as the spec's: only an `or` in an `and` needs ( )
+                word, parts = ("and" if row.name == "land" else "or"), []
+                for a in expr.args:
+                    self._bare = True
+                    text = self._print(a)
+                    inner = getattr(_COMPARISON_ROWS.get(type(a)), "name", "")
+                    parts.append(f"({text})" if word == "and" and inner == "lor" else text)
+                return f" {word} ".join(parts)
+            return row.host.format(*(self._print(a) for a in expr.args))[len("float("):-1]
+        finally:
+            self._bare = bare
 
 
 _COMPARISON_ROWS = {row.sympy: row for row in COMPARISONS.values()}
