@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,24 +53,36 @@ def test_every_shipped_spec_steps_on_every_rank_it_takes(spec):
     assert out.kind == "stepped", out.detail
 
 
+# Cases the fuzzer found, kept as text: a seed's case changes whenever specs/ gains a spec.
+FOUND = Path(__file__).resolve().parent / "specs" / "fuzz"
+
+
 def test_a_shape_only_the_parameter_decides_is_a_located_step_error():
-    """Seed 5671 (a MuonClip mutant: mm(x, col_mean(x)) after x = where(nrows > ncols, T(u), u)) raised
-    torch's raw "shapes cannot be multiplied" at step; now the step error names fuzz.opt's lines."""
-    out = fz.outcome(fz.case(5671))
+    """A MuonClip mutant (seed 5671 on 2026-12-04's specs: mm(x, col_mean(x)) after
+    x = where(nrows > ncols, T(u), u)) raised torch's raw "shapes cannot be multiplied" at step; now
+    the step error names fuzz.opt's lines."""
+    out = fz.outcome((FOUND / "muon_clip_where_then_mm.opt").read_text())
     assert out.kind == "documented", out.detail
     assert out.detail.startswith("ShapeError: MuonClip: ") and "fuzz.opt:19: A = mm(x, col_mean(x))" in out.detail
 
 
 def test_reductions_of_a_scalar_have_a_triton_form():
-    """Seed 1133 (an AdaNorm mutant: unit_norm(1 - b2^t)) was 'unit_norm() has no Triton form' at
+    """An AdaNorm mutant (seed 1133: unit_norm(1 - b2^t)) was 'unit_norm() has no Triton form' at
     compile: a reduction of a per-parameter scalar reached the kernels' printer. It is the scalar's
     host form there too (|x| for a norm, x for a mean), and the fused path agrees with the for-loop.
     The compiled path's scalars printed it in torch's form on an unparenthesised argument
     (`b2**t - 1.dim()`: a SyntaxError at import); they print the host form's meaning too."""
-    assert fz.outcome(fz.case(1133), fused=True).detail == "fused agrees"
+    assert fz.outcome((FOUND / "ada_norm_unit_norm_of_a_scalar.opt").read_text(), fused=True).detail == "fused agrees"
     text = ("optimizer X\nhyper lr = 0.1 in [0, inf), b2 = 0.9 in [0, 1)\n"
             "p -= lr * g * unit_norm(b2^t - 1) * unit_mean(t) * row_max(-t) * norm(-2) * sum(t)\n")
     assert fz.outcome(text, fused=True).detail == "fused agrees"
+
+
+def test_a_group_sum_of_unit_norms_steps():
+    """A Prodigy mutant (seed 7077: sum(unit_norm(b3 * s + d / d0 * dlr * g)) in a group statement)
+    stepped into "'float' object has no attribute 'dim'"; it steps on every path now, fused too."""
+    out = fz.outcome((FOUND / "prodigy_unit_norm_in_a_group_sum.opt").read_text(), fused=True)
+    assert out.kind == "stepped" and out.detail == "fused agrees", out.detail
 
 
 def test_the_outcomes_tell_the_kinds_apart():
