@@ -22,7 +22,7 @@ import optdsl
 from optdsl import info
 from optdsl.errors import SpecError
 from optdsl.pipeline import compile_source
-from test_differential import SPECS, run_pair
+from test_differential import ON_GPU, SPECS, run_pair
 from test_zoo_frontier import FUSED_STEPS, _fused_ok
 from test_zoo_matrix import float64_default  # noqa: F401 - a fixture
 from test_zoo_specs import OnePerParameter
@@ -57,7 +57,7 @@ def test_galore_matches_pytorch_optimizer(case, float64_default):
     kw = GALORE[case]
     worst = run_pair(_ours(kw), lambda ps: galore_ref(ps, **kw), MODEL, torch.float64, STEPS,
                      seed=zlib.crc32(case.encode()), tol=1e-10)
-    assert worst < 1e-12  # the margin: rounding order only
+    assert worst < 1e-14  # rounding order only: measured 0 to 1.3e-16 over these cases
 
 
 def test_rank_zero_is_the_references_adamw(float64_default):
@@ -72,6 +72,9 @@ def test_rank_zero_is_the_references_adamw(float64_default):
 def test_galore_fused_matches_pytorch_optimizer(case, float64_default):
     """fused=True: the matrix rules run torch's code (their states are matrices), AdamW its kernel."""
     _fused_ok()
+    if ON_GPU:  # ours on the GPU, the reference on the CPU
+        pytest.skip("cuSOLVER's float32 SVD is not LAPACK's: the projections differ by float32 rounding (and a "
+                    "singular vector's sign may differ, which GaLore's moments do not follow at a refresh)")
     kw = GALORE[case]
     run_pair(_ours(kw), lambda ps: galore_ref(ps, **kw), MODEL, torch.float64, FUSED_STEPS,
              seed=zlib.crc32(case.encode()), fused=True, tol=1e-10)
