@@ -280,3 +280,10 @@ def test_a_vector_where_matrices_are_needed_is_a_clear_error_at_step(body, what,
     w = torch.nn.Parameter(torch.zeros(3, 2))  # a matrix steps
     w.grad = torch.ones(3, 2)
     cls([w], **path).step()
+
+
+def test_a_spec_without_states_steps_fused():
+    """The fused path's split of launches by state storage zipped the states alone: with none, it
+    made no launch, and fused=True left p as it was (silently; seen on main at aafd91c)."""
+    cls = optdsl.compile("optimizer S\nhyper lr = 0.5\np -= lr * g\n")
+    _assert_all(_run(cls), -0.5 * G)
