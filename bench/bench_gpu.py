@@ -169,6 +169,10 @@ def make_rows(opt, params, compile_ok):
     if params[0].dtype == torch.bfloat16:  # like torch.optim: bfloat16 states (rounded stochastically)
         rows["optdsl fused bf16 states"] = (
             lambda: ours(params, fused=True, state_dtype=torch.bfloat16, **HYPERS[opt]).step, 2)
+    if opt in ("adamw", "lion"):  # blockwise codes + one float32 scale per block (optdsl/quant.py)
+        for fmt, nbytes in (("int8", 1 + 4 / 2048), ("int4", 0.5 + 4 / 128)):
+            rows[f"optdsl fused {fmt} states"] = (
+                lambda fmt=fmt: ours(params, fused=True, state_dtype=fmt, **HYPERS[opt]).step, nbytes)
     if opt == "adafactor":  # torch.optim has no fused Adafactor; the compiled step takes a float lr
         kw = HYPERS[opt]
         rows["torch loop"] = (lambda: torch.optim.Adafactor(params, foreach=False, **kw).step, torch_state)
