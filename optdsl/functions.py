@@ -200,6 +200,19 @@ class sortperm(_Opaque):  # the permutation matrix that sorts the diagonal of A,
     nargs = 1
 
 
+class triu(_Opaque):  # the upper triangle of A (the diagonal included), zeros below
+    nargs = 1
+
+
+class rsolve_triu(_Opaque):  # B A^-1 for an upper-triangular A (its upper triangle read), a triangular solve
+    nargs = 2
+
+
+class norm_lb(_Opaque):  # PSGD's lower bound of the spectral norm of a square A, one number per matrix
+    nargs = 1
+    is_nonnegative = True
+
+
 def _minmax(func):
     """SymPy's Min/Max, left unevaluated where SymPy cannot order constant arguments."""
     def build(*args):
@@ -312,6 +325,9 @@ TABLE: dict[str, Function] = {f.name: f for f in [
     # (GaLore's projections), k no more than min(n, m)
     F("svd_u", 2, svd_u, "_svd_u({0}, {1})", "_sign({0})", matrix=True, scalars=1),
     F("svd_vh", 2, svd_vh, "_svd_vh({0}, {1})", "_sign({0})", matrix=True, scalars=1),
+    F("triu", 1, triu, "torch.triu({0})", "{0}", matrix=True),
+    F("rsolve_triu", 2, rsolve_triu, "_rsolve_triu({0}, {1})", "({0}) / ({1})", matrix=True),
+    F("norm_lb", 1, norm_lb, "_norm_lb({0})", "abs({0})", matrix=True),
     # ---- random draws shaped like p, from the optimizer's own generator (saved in state_dict()) ----
     # `randn()` takes no argument in the spec; lowering makes it randn(p, k). Per tensor, a generator
     # keyed by (the step's seed, the tensor's index, k): the for-loop and multi-tensor paths draw the
@@ -335,8 +351,8 @@ COMPARISONS |= {op: F(name, 2, cls, f"torch.logical_{op}({{0}} != 0, {{1}} != 0)
                       f"float(bool({{0}}) {op} bool({{1}}))", triton=f"tl.where(({{0}} != 0) {sym} ({{1}} != 0), 1.0, 0.0)")
                 for op, name, cls, sym in [("and", "land", land, "&"), ("or", "lor", lor, "|")]}
 OPAQUE_CLASSES = (lerp, where, sigmoid, softplus, bfloat16, lt, le, gt, ge, eq, ne, land, lor, row_mean, col_mean, row_sum, col_sum,
-                  row_max, col_max, unit_mean, unit_norm, mm, T, inv_root, eigvecs, qr, sortperm, svd_u, svd_vh, randn,
-                  rand)
+                  row_max, col_max, unit_mean, unit_norm, mm, T, inv_root, eigvecs, qr, sortperm, svd_u, svd_vh,
+                  triu, rsolve_triu, norm_lb, randn, rand)
 RANDOM = tuple(f.sympy for f in TABLE.values() if f.random)
 REDUCTIONS = {f.sympy: f for f in TABLE.values() if f.reduction}
 MATRIX_CLASSES = tuple(f.sympy for f in TABLE.values() if f.matrix)  # work the kernels leave to torch

@@ -404,6 +404,9 @@ RULES: dict[type, Callable[[sp.Expr, Env], Interval]] = {
     fn.eigvecs: lambda e, env: Interval(-1.0, 1.0, True, True),
     fn.qr: lambda e, env: Interval(-1.0, 1.0, True, True),
     fn.sortperm: lambda e, env: Interval(0.0, 1.0, True, True),
+    fn.triu: lambda e, env: bound(e.args[0], env).hull(Interval.point(0.0)),
+    fn.rsolve_triu: lambda e, env: FULL,
+    fn.norm_lb: lambda e, env: Interval.nonneg(),
     fn.randn: lambda e, env: Interval.full(),
     fn.rand: lambda e, env: Interval(0.0, 1.0, True, False),
 }

@@ -7,10 +7,11 @@ state `(nrows, 1)`, a `cols` state `(1, ncols)`, a `gram_rows` state `(nrows, nr
 `gram_cols` state `(ncols, ncols)`; scalars `()`. Since p need not be square, `nrows` and `ncols`
 are different sizes: `mm(x, T(x)) + x` adds an (nrows, nrows) to an (nrows, ncols) value and is
 refused. Element-wise work broadcasts (a size meets itself or 1); `mm` needs equal inner sizes;
-`inv_root` and `eigvecs` need square matrices. A `matrix(A, B)` state is `(A, B)`, its sizes
-`nrows`, `ncols` or a hyperparameter's name (GaLore's `rank`), which `svd_u(x, rank)` (n x rank) and
-`svd_vh(x, rank)` (rank x m) give. Where a shape depends on the parameter at step (a
-`where` on the host picking `x` or `T(x)`, as Muon iterates on the wide side; the per-unit
+`inv_root`, `eigvecs` and `norm_lb` need square matrices (`norm_lb` gives one number per
+matrix, `(1, 1)`); `rsolve_triu(B, A)` a square A of B's column size. A `matrix(A, B)` state is
+`(A, B)`, its sizes `nrows`, `ncols` or a hyperparameter's name (GaLore's `rank`), which
+`svd_u(x, rank)` (n x rank) and `svd_vh(x, rank)` (rank x m) give. Where a shape depends on the
+parameter at step (a `where` on the host picking `x` or `T(x)`, as Muon iterates on the wide side; the per-unit
 reductions, whose axes depend on the rank), the value's shape is unknown and nothing that reads it
 is refused here: those are checked by torch at step.
 """
@@ -24,7 +25,7 @@ R, C, ONE = "nrows", "ncols", "1"
 UNKNOWN = None
 _DECLARED = {"full": (R, C), "bool": (R, C), "scalar": (), "rows": (R, ONE), "cols": (ONE, C),
              "gram_rows": (R, R), "gram_cols": (C, C)}
-_SQUARE = ("inv_root", "eigvecs", "sortperm")  # functions of a square (symmetric) matrix
+_SQUARE = ("inv_root", "eigvecs", "sortperm", "norm_lb")  # functions of a square (symmetric) matrix
 
 
 def text(shape) -> str:
@@ -95,7 +96,18 @@ def _op_shape(e: ir.Op, args: list) -> tuple | None:
             raise SpecError(f"{e.op}() takes a symmetric matrix, but this value is {text(a)} (p need not be square)",
                             e.args[0].span or e.span,
                             hint="pass a Gram matrix such as mm(g, T(g)) or a 'gram_rows'/'gram_cols' state")
-        return a
+        return (ONE, ONE) if e.op == "norm_lb" and a not in (UNKNOWN, ()) else a
+    if e.op == "triu":
+        return args[0]
+    if e.op == "rsolve_triu":
+        b, a = args
+        if UNKNOWN in (a, b) or () in (a, b):
+            return UNKNOWN
+        if a[0] != a[1] or b[1] != a[0]:
+            raise SpecError(f"rsolve_triu(B, A) takes a square A of B's column size, but B is {text(b)} and A "
+                            f"{text(a)} (p need not be square)", e.span,
+                            hint="B A^-1 needs A of (ncols x ncols) for B of (nrows x ncols): transpose B with T()")
+        return b
     if e.op in ("svd_u", "svd_vh"):  # A's first k singular vectors: (n x k) columns, (k x m) rows
         a, k = args[0], e.args[1]
         if a is UNKNOWN or a == ():

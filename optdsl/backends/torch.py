@@ -91,6 +91,31 @@ LINALG_HELPERS = {
         "def _svd_vh(a, k):\n"
         "    # the first k right singular vectors of a, as rows\n"
         "    return _svd(a)[2][..., :int(k), :].to(a.dtype)"),
+    "_rsolve_triu": (
+        "def _rsolve_triu(b, a):\n"
+        "    # b a^-1 for an upper-triangular a (PSGD-Kron's solve_triangular_right), in float32 at least\n"
+        "    x = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)\n"
+        "    return torch.linalg.solve_triangular(a.to(x), b.to(x), upper=True, left=False).to(b.dtype)"),
+    "_norm_lb": (
+        "def _norm_lb(a):\n"
+        "    # a lower bound of the spectral norm of each square matrix of a, as PSGD's norm_lower_bound\n"
+        "    # (pytorch_optimizer's): from the row of largest norm of a / max|a|, one power-iteration\n"
+        "    # step; kept with size 1 x 1, so that it broadcasts against a\n"
+        "    max_abs = a.abs().amax(dim=(-2, -1), keepdim=True)\n"
+        "    a = a / torch.where(max_abs > 0, max_abs, 1.0)\n"
+        "    tiny = torch.finfo(a.dtype).tiny\n"
+        "    aa = a * a\n"
+        "    value0, i = torch.max(aa.sum(dim=-2), dim=-1, keepdim=True)\n"
+        "    value1, j = torch.max(aa.sum(dim=-1), dim=-1, keepdim=True)\n"
+        "    col = a.gather(-1, i.unsqueeze(-2).expand(*a.shape[:-1], 1)).mT  # a's column i, as a row\n"
+        "    x0 = torch.matmul(col, a)\n"
+        "    bound0 = torch.linalg.vector_norm(torch.matmul(x0 / torch.linalg.vector_norm(x0, dim=-1, keepdim=True)\n"
+        "                                                   .clamp_min(tiny), a.mT), dim=-1, keepdim=True)\n"
+        "    row = a.gather(-2, j.unsqueeze(-1).expand(*a.shape[:-2], 1, a.shape[-1]))  # a's row j\n"
+        "    x1 = torch.matmul(row, a.mT)  # (a @ row)^T\n"
+        "    bound1 = torch.linalg.vector_norm(torch.matmul(x1 / torch.linalg.vector_norm(x1, dim=-1, keepdim=True)\n"
+        "                                                   .clamp_min(tiny), a), dim=-1, keepdim=True)\n"
+        "    return max_abs * torch.where((value0 > value1).unsqueeze(-1), bound0, bound1)"),
 }
 LINALG_USES = {"_inv_root": ("_eigh",), "_eigvecs": ("_eigh",), "_svd_u": ("_svd",), "_svd_vh": ("_svd",)}  # a helper's own helpers
 
