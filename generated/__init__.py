@@ -27,6 +27,7 @@ __all__ = [
     "cwd_adamw",
     "diffgrad",
     "galore_adamw",
+    "kron",
     "lamb",
     "lion",
     "lookahead_adam",

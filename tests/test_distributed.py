@@ -64,7 +64,18 @@ def results():
         yield out
 
 
-@pytest.mark.parametrize("world, scenario", [(2, s) for s in ALL] + [(4, s) for s in FOUR],
+# Strict: a pass says the mark can go.
+NOT_YET = {"kron": "randn() of a sharded parameter (a DTensor) is refused at step: Kron's vectors draw their "
+                   "probes per element, and no sharded stream of draws is written yet"}
+
+
+def _marked(world, scenario):
+    why = NOT_YET.get(scenario[1])
+    return (world, scenario) if why is None else pytest.param(
+        world, scenario, marks=pytest.mark.xfail(reason=why, strict=True))
+
+
+@pytest.mark.parametrize("world, scenario", [_marked(2, s) for s in ALL] + [_marked(4, s) for s in FOUR],
                          ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple) else str(x))
 def test_sharded_training_matches_one_process(results, world, scenario):
     mode, name, path, dtype = scenario
