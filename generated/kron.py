@@ -7,17 +7,21 @@ The spec::
     # by Q^T Q for triangular Kronecker factors Q = QL (x) QR, which are fitted at every step to a
     # random probe V: QL G QR^T against QL^-T V QR^-1, a relative step of precondition_lr along the
     # upper triangle, normalised by a lower bound of the spectral norm. Matrices take two triangular
-    # factors (the reference's choice while both sides are at most max_size_triangular); vectors a
-    # diagonal one. The preconditioner is updated at every step, as the reference's schedule does for
-    # its first 500 steps; its random balancing of the factors' norms rescales QL by c and QR by 1/c,
-    # which leaves every update unchanged, so the spec omits it.
+    # factors (the reference's choice while both sides are at most max_size_triangular), vectors a
+    # diagonal one. No rule takes larger matrices or tensors of other ranks (the reference's diagonal
+    # factors; a RuntimeError at step), and memory_save_mode is no keyword. The preconditioner is
+    # updated at every step, as the reference's schedule does for its first 500 steps; its random
+    # balancing of the factors' norms rescales QL by c and QR by 1/c, which leaves every update
+    # unchanged, so the spec omits it.
     optimizer Kron \"preconditioned SGD with Kronecker-factored triangular preconditioners (Li, 2018), as pytorch_optimizer's Kron\"
     
     hyper lr = 1e-3 in [0, inf), momentum = 0.9 in [0, 1), wd = 0 in [0, inf) as weight_decay
     hyper weight_decouple = True, momentum_into_precondition_update = True
     hyper plr = 0.1 in [0, inf) as precondition_lr, scale = 1 in (0, inf) as precondition_init_scale
+    hyper max_size = 8192 in [1, inf) as max_size_triangular
+    hyper min_ndim = 2 only as min_ndim_triangular
     
-    rule ndim == 2 {
+    rule ndim == 2 and nrows <= max_size and ncols <= max_size {
       state m as momentum_buffer, QL: gram_rows = sqrt(scale) * eye, QR: gram_cols = sqrt(scale) * eye
       g = where(weight_decouple, g, g + wd * p)
       m = momentum * m + (1 - momentum) * g
@@ -636,7 +640,7 @@ class Kron(Optimizer):
 
     .. math::
        \begin{aligned}
-       &\text{for parameters with ndim == 2} \\
+       &\text{for parameters with ndim == 2 and nrows <= max\_size and ncols <= max\_size} \\
        g &\leftarrow \operatorname{where}{\left(weight_{decouple},g,g + wd \cdot p \right)} \\
        m &\leftarrow momentum \cdot m + \left(1 - momentum\right) \cdot g \\
        h &\leftarrow \frac{m}{1 - momentum^{t}} \\
@@ -664,7 +668,7 @@ class Kron(Optimizer):
 
     As written in the spec:
 
-    ``rule ndim == 2 {``
+    ``rule ndim == 2 and nrows <= max_size and ncols <= max_size {``
     ``g = where(weight_decouple, g, g + wd * p)``
     ``m = momentum * m + (1 - momentum) * g``
     ``h = m / (1 - momentum^t)``
@@ -693,6 +697,8 @@ class Kron(Optimizer):
         momentum_into_precondition_update (bool, optional): default True.
         precondition_lr (float, optional): default 0.1; the spec's plr, in [0, inf).
         precondition_init_scale (float, optional): default 1.0; the spec's scale, in (0, inf).
+        max_size_triangular (float, optional): default 8192.0; the spec's max_size, in [1, inf).
+        min_ndim_triangular (int, optional): default 2; the spec's min_ndim, the only value accepted.
         foreach (bool, optional): use the multi-tensor (``torch._foreach_*``) path.
             ``None`` picks it as torch.optim does: on CUDA, not on CPU.
         fused (bool, optional): use the fused Triton kernel, one launch per device and dtype.
@@ -710,13 +716,13 @@ class Kron(Optimizer):
         maximize (bool, optional): default False; True maximises the objective (each path steps with -g), as torch.optim.
         capturable (bool, optional): accepted for torch.optim's sake; only False.
         differentiable (bool, optional): accepted for torch.optim's sake; only False.
-        The spec's own names are accepted too: wd, plr, scale.
+        The spec's own names are accepted too: wd, plr, scale, max_size, min_ndim.
     """
 
     # The spec's own names, accepted as aliases: name -> (keyword, index in its tuple or None).
-    _ALIASES = {"wd": ("weight_decay", None), "plr": ("precondition_lr", None), "scale": ("precondition_init_scale", None)}
+    _ALIASES = {"wd": ("weight_decay", None), "plr": ("precondition_lr", None), "scale": ("precondition_init_scale", None), "max_size": ("max_size_triangular", None), "min_ndim": ("min_ndim_triangular", None)}
     # torch.optim's keywords this spec does not implement, accepted at the value that turns them off.
-    _FIXED = {"capturable": False, "differentiable": False}
+    _FIXED = {"min_ndim_triangular": 2, "capturable": False, "differentiable": False}
     # state_dict() keys of the states, by their names in the spec.
     _SAVED = {"m": "momentum_buffer", "QL": "QL", "QR": "QR", "q": "q"}
 
@@ -730,6 +736,8 @@ class Kron(Optimizer):
         momentum_into_precondition_update: bool = True,
         precondition_lr: float = 0.1,
         precondition_init_scale: float = 1.0,
+        max_size_triangular: float = 8192.0,
+        min_ndim_triangular: int = 2,
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -749,8 +757,8 @@ class Kron(Optimizer):
         unknown = sorted(set(spec_names) - set(self._ALIASES))
         if unknown:
             raise TypeError(f"Kron() got an unexpected keyword argument {unknown[0]!r}; it accepts "
-                            "lr, momentum, weight_decay, weight_decouple, momentum_into_precondition_update, precondition_lr, precondition_init_scale, foreach, fused, maximize, capturable, differentiable"
-                            " (or the spec's names wd, plr, scale)")
+                            "lr, momentum, weight_decay, weight_decouple, momentum_into_precondition_update, precondition_lr, precondition_init_scale, max_size_triangular, min_ndim_triangular, foreach, fused, maximize, capturable, differentiable"
+                            " (or the spec's names wd, plr, scale, max_size, min_ndim)")
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -759,6 +767,8 @@ class Kron(Optimizer):
             momentum_into_precondition_update=momentum_into_precondition_update,
             precondition_lr=precondition_lr,
             precondition_init_scale=precondition_init_scale,
+            max_size_triangular=max_size_triangular,
+            min_ndim_triangular=min_ndim_triangular,
             foreach=foreach,
             fused=fused,
             state_dtype=state_dtype,
@@ -788,7 +798,7 @@ class Kron(Optimizer):
 
     def _check_group(self, group):
         """Refuse values outside the spec's ranges, and torch.optim features the spec does not implement."""
-        _one_element({"lr": group["lr"], "momentum": group["momentum"], "weight_decay": group["weight_decay"], "precondition_lr": group["precondition_lr"], "precondition_init_scale": group["precondition_init_scale"]})
+        _one_element({"lr": group["lr"], "momentum": group["momentum"], "weight_decay": group["weight_decay"], "precondition_lr": group["precondition_lr"], "precondition_init_scale": group["precondition_init_scale"], "max_size_triangular": group["max_size_triangular"], "min_ndim_triangular": group["min_ndim_triangular"]})
         if not (0.0 <= group["lr"]):
             raise ValueError(f"Invalid lr value: {group['lr']} (lr must be in [0, inf))")
         if not (0.0 <= group["momentum"] < 1.0):
@@ -803,6 +813,8 @@ class Kron(Optimizer):
             raise ValueError(f"Invalid precondition_lr value: {group['precondition_lr']} (precondition_lr (plr) must be in [0, inf))")
         if not (0.0 < group["precondition_init_scale"]):
             raise ValueError(f"Invalid precondition_init_scale value: {group['precondition_init_scale']} (precondition_init_scale (scale) must be in (0, inf))")
+        if not (1.0 <= group["max_size_triangular"]):
+            raise ValueError(f"Invalid max_size_triangular value: {group['max_size_triangular']} (max_size_triangular (max_size) must be in [1, inf))")
         for key, value in self._FIXED.items():
             if group.get(key, value) != value:
                 raise ValueError(f"Kron does not implement {key}={group[key]!r} (only {key}={value!r})")
@@ -959,7 +971,7 @@ class Kron(Optimizer):
     @staticmethod
     def _rule_of(p, group):
         """Which rule updates this parameter: the first whose condition its shape meets."""
-        if p.dim() == 2:
+        if p.dim() == 2 and (p.shape[-2] if p.dim() >= 2 else 1) <= group["max_size_triangular"] and (p.shape[-1] if p.dim() >= 1 else 1) <= group["max_size_triangular"]:
             return 0
         if p.dim() == 1:
             return 1
@@ -979,7 +991,7 @@ class Kron(Optimizer):
             raise RuntimeError("Kron does not support sparse gradients")
         if any(p.dim() < 2 for p in with_grad):
             bad = next(p for p in with_grad if p.dim() < 2)
-            raise ValueError(f"Kron: state 'QL: gram_rows' (line 16) needs parameters of rank 2 or more; this "
+            raise ValueError(f"Kron: state 'QL: gram_rows' (line 20) needs parameters of rank 2 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'QL' is declared ': gram_rows', which stepping their "
@@ -1074,6 +1086,8 @@ class Kron(Optimizer):
                 momentum_into_precondition_update=float(group["momentum_into_precondition_update"]),
                 plr=group["precondition_lr"],
                 scale=group["precondition_init_scale"],
+                max_size=group["max_size_triangular"],
+                min_ndim=group["min_ndim_triangular"],
                 foreach=group["foreach"],
                 fused=group["fused"] if group["fused"] or not _lowbit_format(group["state_dtype"]) else False,
                 stochastic=_stochastic(group["state_dtype"]),
@@ -1096,6 +1110,8 @@ class Kron(Optimizer):
                 momentum_into_precondition_update=float(group["momentum_into_precondition_update"]),
                 plr=group["precondition_lr"],
                 scale=group["precondition_init_scale"],
+                max_size=group["max_size_triangular"],
+                min_ndim=group["min_ndim_triangular"],
                 foreach=group["foreach"],
                 fused=group["fused"] if group["fused"] or not _lowbit_format(group["state_dtype"]) else False,
                 stochastic=_stochastic(group["state_dtype"]),
@@ -1198,7 +1214,7 @@ def kron_0(params, grads, m_list, QL_list, QR_list, state_steps, *, foreach=None
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_kron_0(params, grads, m_list, QL_list, QR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale,                           generator=None, stochastic=False):
+def _single_tensor_kron_0(params, grads, m_list, QL_list, QR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim,                           generator=None, stochastic=False):
     seed = _random_seed(generator)  # one draw per step: each tensor's randn()/rand() is keyed by it
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr
@@ -1283,7 +1299,7 @@ def _single_tensor_kron_0(params, grads, m_list, QL_list, QR_list, state_steps, 
         _write_state(QR_list[i], QR, True, generator, stochastic)
 
 
-def _multi_tensor_kron_0(params, grads, m_list, QL_list, QR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale,                          generator=None, stochastic=False):
+def _multi_tensor_kron_0(params, grads, m_list, QL_list, QR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim,                          generator=None, stochastic=False):
     if not params:
         return
     seed = _random_seed(generator)  # one draw per step, as the for-loop path draws it
@@ -1414,7 +1430,7 @@ def kron_1(params, grads, m_list, q_list, state_steps, *, foreach=None, fused=No
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_kron_1(params, grads, m_list, q_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale,                           generator=None, stochastic=False):
+def _single_tensor_kron_1(params, grads, m_list, q_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim,                           generator=None, stochastic=False):
     seed = _random_seed(generator)  # one draw per step: each tensor's randn()/rand() is keyed by it
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - momentum
@@ -1464,7 +1480,7 @@ def _single_tensor_kron_1(params, grads, m_list, q_list, state_steps, *, lr, mom
         _write_state(q_list[i], q, True, generator, stochastic)
 
 
-def _multi_tensor_kron_1(params, grads, m_list, q_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale,                          generator=None, stochastic=False):
+def _multi_tensor_kron_1(params, grads, m_list, q_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim,                          generator=None, stochastic=False):
     if not params:
         return
     seed = _random_seed(generator)  # one draw per step, as the for-loop path draws it
@@ -2110,7 +2126,7 @@ def _hyper_table(values, device):
 
 
 def _fused_kron_0(params, grads, *lists, grad_scale=None, found_inf=None, **hypers):
-    """Rule 1 (ndim == 2): its matrix-shaped state 'QL: gram_rows' is not fused yet; under fused=True its parameters take
+    """Rule 1 (ndim == 2 and nrows <= max_size and ncols <= max_size): its matrix-shaped state 'QL: gram_rows' is not fused yet; under fused=True its parameters take
     the multi-tensor path, the other rules their kernels. A GradScaler's scale and inf flag are
     applied here on the host, as the kernels apply them."""
     if found_inf is not None and found_inf.item():
@@ -2121,7 +2137,7 @@ def _fused_kron_0(params, grads, *lists, grad_scale=None, found_inf=None, **hype
     _multi_tensor_kron_0(params, grads, *lists, **hypers)
 
 
-def _fused_kron_1(params, grads, m_list, q_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale,
+def _fused_kron_1(params, grads, m_list, q_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim,
                   grad_scale=None, found_inf=None, generator=None, stochastic=False):
     """`stochastic`: low-bit states are requantised stochastically, not to the nearest level."""
     global LAUNCHES
