@@ -416,8 +416,8 @@ class _Shards:
 # a row holds one block's codes (int4: two to a byte, the first in the low half) and then the
 # block's scale, its largest |x|, as the 4 bytes of a float32. The width tells the format apart.
 _MIN_NUMEL = 4096
-_LOWBIT = {"int8": (8, 2048), "int4": (4, 128)}  # format: (bits per code, numbers per block)
-_WIDTHS = {2052: "int8", 68: "int4"}  # bytes per row: format
+_LOWBIT = {"int8": (8, 2048), "int4": (4, 256)}  # format: (bits per code, numbers per block)
+_WIDTHS = {2052: "int8", 132: "int4"}  # bytes per row: format
 _STATE_DTYPES = {"int8": ("int8", False), "int4": ("int4", False), "int8_stochastic": ("int8", True), "int4_stochastic": ("int4", True)}  # (format, stochastic)
 # The levels of each code, as fractions of the block's scale: (format, signed) -> sorted levels.
 _LEVELS = {
@@ -708,7 +708,7 @@ class Kron(Optimizer):
             least) and writes them back with stochastic rounding. ``None``: the parameter's
             dtype, float32 for lower ones. All three paths support it. ``"int8"``, ``"int4"``
             store each float state of 4096 numbers or more as codes plus one float32 scale per
-            block (2048 and 128 numbers), the code chosen from the state's proven range
+            block (2048 and 256 numbers), the code chosen from the state's proven range
             (unsigned where it is never negative); each step dequantises, updates in float32 and
             requantises to the nearest level (``"int8_stochastic"``, ``"int4_stochastic"``: stochastically,
             from the optimizer's own generator). All three paths support them; the fused kernels
