@@ -586,6 +586,8 @@ def _inv_root(a, k):
     # a^(-1/k) of a symmetric positive semi-definite a, as Shampoo's references take it: the
     # eigenvalues' magnitudes (an SVD's singular values) to the power -1/k, kept off zero by
     # the dtype's smallest normal number (the spec adds its epsilon to the diagonal)
+    if k == 0:  # a hyperparameter whose range takes 0 (a number 0 is a spec error)
+        raise ValueError("inv_root(a, k) cannot run: k is 0 (a^(-1/k)); declare k's range without 0")
     values, vectors = _eigh(a)
     scale = values.abs().clamp_min(torch.finfo(values.dtype).tiny).pow(-1 / k)
     return torch.matmul(vectors * scale.unsqueeze(-2), vectors.mT).to(a.dtype)

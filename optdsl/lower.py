@@ -239,6 +239,9 @@ class _Lowering:
                     raise SpecError(f"the last argument{'s' if fn.scalars > 1 else ''} of {e.func}() must be a "
                                     "number or a hyperparameter", arg.span or e.span,
                                     hint=f"e.g. {e.func}(L, 4)")
+            if e.func == "inv_root" and isinstance(op.args[-1], ir.Const) and op.args[-1].value == 0:
+                raise SpecError("inv_root(a, k) takes a^(-1/k): k cannot be 0", e.args[-1].span or e.span,
+                                hint="take a root such as 4 (Shampoo's a^(-1/4))")
         kinds = [self.kind_of(a) == ir.SCALAR for a in op.args[:len(op.args) - fn.scalars]]
         if fn.matrix and all(kinds):
             raise SpecError(f"{e.func}() of scalars: matrix work takes tensors", e.span,

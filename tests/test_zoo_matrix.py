@@ -278,6 +278,8 @@ rule {{
      25),
     ("state L: gram_rows\n  p -= lr * L", "'-' of values (nrows x ncols) and (nrows x nrows)", 3),
     ("state L: gram_rows\n  p = L", "p is (nrows x ncols) but this value is (nrows x nrows)", 3),
+    ("state L: gram_rows = eye\n  p -= lr * mm(inv_root(L, 0), g)", "inv_root(a, k) takes a^(-1/k): k cannot be 0",
+     28),  # a Shampoo mutant: ZeroDivisionError at step
     ("state L: gram_rows = eye\n  p -= lr * inv_root(L, t) * g", "the last argument of inv_root() must be a number "
      "or a hyperparameter", 25),
 ])
@@ -336,6 +338,14 @@ def test_statements_whose_shapes_the_rules_decide_are_not_wrapped():
                                                         "x.opt").python
     agc = optdsl.compile_source((Path(__file__).parent.parent / "specs" / "sgd_agc.opt").read_text(), "sgd_agc.opt").python
     assert "_shape_error" not in agc
+
+
+def test_inv_root_of_a_hyperparameter_at_0_says_so_at_step():
+    cls = optdsl.compile(SPEC.format(body="state L: gram_rows = eye\n  p -= lr * mm(inv_root(L, lr), g)"), "x.opt")
+    p = torch.nn.Parameter(torch.ones(2, 3))
+    p.grad = torch.ones(2, 3)
+    with pytest.raises(ValueError, match="inv_root\\(a, k\\) cannot run: k is 0"):
+        cls([p], lr=0.0).step()
 
 
 def test_a_matrix_state_needs_matrices():

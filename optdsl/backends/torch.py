@@ -59,6 +59,8 @@ LINALG_HELPERS = {
         "    # a^(-1/k) of a symmetric positive semi-definite a, as Shampoo's references take it: the\n"
         "    # eigenvalues' magnitudes (an SVD's singular values) to the power -1/k, kept off zero by\n"
         "    # the dtype's smallest normal number (the spec adds its epsilon to the diagonal)\n"
+        "    if k == 0:  # a hyperparameter whose range takes 0 (a number 0 is a spec error)\n"
+        "        raise ValueError(\"inv_root(a, k) cannot run: k is 0 (a^(-1/k)); declare k's range without 0\")\n"
         "    values, vectors = _eigh(a)\n"
         "    scale = values.abs().clamp_min(torch.finfo(values.dtype).tiny).pow(-1 / k)\n"
         "    return torch.matmul(vectors * scale.unsqueeze(-2), vectors.mT).to(a.dtype)"),
