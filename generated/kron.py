@@ -2075,7 +2075,9 @@ def _by_storage(groups):
     launch: low-bit codes of one format (a uint8 state's bytes per row, its width) or floats (0)."""
     out = {}
     for (device, dtype), lists in groups.items():
-        widths = [max((x.shape[-1] for x in xs if x.dtype == torch.uint8), default=0) for xs in zip(*lists[2:-2])]
+        # one width per parameter (zip over the states alone gave none for a spec without states: no launch)
+        widths = [max((x.shape[-1] for x in xs if x.dtype == torch.uint8), default=0)
+                  for _, *xs in zip(lists[0], *lists[2:-2])]
         for w in sorted(set(widths)):
             keep = [k for k, x in enumerate(widths) if x == w]
             out[(device, dtype, w)] = lists if len(keep) == len(widths) else tuple([x[k] for k in keep] for x in lists)
