@@ -185,6 +185,21 @@ def sharded(mode, name, path, dtype, rank, world):
         if mode == "load":
             train(model, opt, batches(dtype), rank, world)
         return [p.full_tensor().detach().clone() for p in model.parameters()], states
+    if mode == "count":  # the collectives each step makes (forward and backward outside: FSDP2's own)
+        from torch.distributed.tensor.debug import CommDebugMode
+        opt, calls = make(name, model.parameters(), path, **kwargs), {}  # {collective: calls per step}
+        for x, y in batches(dtype):
+            rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
+            # CommDebugMode counts at the dispatcher: torch.distributed's calls (the fused path's and
+            # _whole_list's all-reduces, the owners' gathers) and DTensor's functional collectives alike
+            with CommDebugMode() as comm:
+                opt.step()
+            for op, n in comm.get_comm_counts().items():  # c10d.allreduce_ and _c10d_functional.all_reduce: allreduce
+                key = str(op).split(".")[-1].replace("_", "")
+                calls[key] = calls.get(key, 0) + n / STEPS
+        return [p.full_tensor().detach().clone() for p in model.parameters()], calls
     train(model, make(name, model.parameters(), path, **kwargs), batches(dtype), rank, world)
     return [p.full_tensor().detach().clone() for p in model.parameters()]
 
@@ -239,7 +254,7 @@ def _worker(rank, world, scenarios, init_file, out):
             try:
                 results[(mode, name, path, dtype)] = sharded(mode, name, path, DTYPES[dtype], rank, world)
             except Exception as e:  # noqa: BLE001 - recorded, the next scenario runs
-                results[(mode, name, path, dtype)] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                results[(mode, name, path, dtype)] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
                 if os.environ.get("OPTDSL_DIST_TRACE"):
                     traceback.print_exc()
             # a scenario that failed on one rank only must not leave the others in a collective

@@ -99,6 +99,53 @@ def _whole(x):
     return x
 
 
+def _whole_list(xs):
+    """[_whole(x) for x in xs], one reduction's results for every tensor of a group (the foreach
+    path): the partial results combined by one all-reduce per mesh dimension, process group and op
+    over a flat buffer of them all, not one collective per tensor (DTensor's redistribution)."""
+    xs = list(xs)
+    partial = [i for i, x in enumerate(xs) if _is_sharded(x) and any(pl.is_partial() for pl in x.placements)]
+    if not partial:
+        return [_whole(x) for x in xs]
+    ops = {"sum": _dist.ReduceOp.SUM, "avg": _dist.ReduceOp.SUM, "max": _dist.ReduceOp.MAX, "min": _dist.ReduceOp.MIN}
+    values, pending = {}, {}
+    for i in partial:
+        x = xs[i]
+        dims = [m for m, pl in enumerate(x.placements) if pl.is_partial()]
+        kinds = {x.placements[m] for m in dims}  # a norm's partial (x^p summed, then the root) or a plain op
+        pl = x.placements[dims[0]]
+        if len(kinds) != 1 or pl.reduce_op not in ops or (type(pl) is not _Partial and not hasattr(pl, "norm_type")):
+            continue  # another kind of partial: DTensor combines it (_whole)
+        local = x.to_local()
+        values[i] = local ** pl.norm_type if hasattr(pl, "norm_type") else local
+        pending[i] = dims
+    for m in range(max((xs[i].device_mesh.ndim for i in pending), default=0)):
+        todo = {}  # (process group, op, dtype): the tensors it combines, in the same order on every rank
+        for i, dims in pending.items():
+            if m in dims:
+                pl, mesh = xs[i].placements[m], xs[i].device_mesh
+                todo.setdefault((mesh.get_group(m), pl.reduce_op, values[i].dtype), []).append(i)
+        for (group, op, _), members in todo.items():
+            flat = torch.cat([values[i].reshape(-1) for i in members])
+            _dist.all_reduce(flat, op=ops[op], group=group)
+            if op == "avg":
+                flat = flat / _dist.get_world_size(group)
+            at = 0
+            for i in members:
+                n = values[i].numel()
+                values[i] = flat[at:at + n].reshape(values[i].shape)
+                at += n
+    out = []
+    for i, x in enumerate(xs):
+        if i in pending:
+            pl = x.placements[pending[i][0]]
+            value = values[i] ** (1.0 / pl.norm_type) if hasattr(pl, "norm_type") else values[i]
+            x = _DTensor.from_local(value, x.device_mesh, [_Replicate() if q.is_partial() else q for q in x.placements],
+                                    run_check=False, shape=x.shape, stride=x.stride())
+        out.append(_whole(x))
+    return out
+
+
 def _amax(x, dim):
     """torch.amax(x) (dim None) or x.amax(dim, keepdim=True). A DTensor's maximum over a split axis
     is each shard's, left partial (a MAX to finish, which _whole does): a shard empty along that

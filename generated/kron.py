@@ -149,6 +149,53 @@ def _whole(x):
     return x
 
 
+def _whole_list(xs):
+    """[_whole(x) for x in xs], one reduction's results for every tensor of a group (the foreach
+    path): the partial results combined by one all-reduce per mesh dimension, process group and op
+    over a flat buffer of them all, not one collective per tensor (DTensor's redistribution)."""
+    xs = list(xs)
+    partial = [i for i, x in enumerate(xs) if _is_sharded(x) and any(pl.is_partial() for pl in x.placements)]
+    if not partial:
+        return [_whole(x) for x in xs]
+    ops = {"sum": _dist.ReduceOp.SUM, "avg": _dist.ReduceOp.SUM, "max": _dist.ReduceOp.MAX, "min": _dist.ReduceOp.MIN}
+    values, pending = {}, {}
+    for i in partial:
+        x = xs[i]
+        dims = [m for m, pl in enumerate(x.placements) if pl.is_partial()]
+        kinds = {x.placements[m] for m in dims}  # a norm's partial (x^p summed, then the root) or a plain op
+        pl = x.placements[dims[0]]
+        if len(kinds) != 1 or pl.reduce_op not in ops or (type(pl) is not _Partial and not hasattr(pl, "norm_type")):
+            continue  # another kind of partial: DTensor combines it (_whole)
+        local = x.to_local()
+        values[i] = local ** pl.norm_type if hasattr(pl, "norm_type") else local
+        pending[i] = dims
+    for m in range(max((xs[i].device_mesh.ndim for i in pending), default=0)):
+        todo = {}  # (process group, op, dtype): the tensors it combines, in the same order on every rank
+        for i, dims in pending.items():
+            if m in dims:
+                pl, mesh = xs[i].placements[m], xs[i].device_mesh
+                todo.setdefault((mesh.get_group(m), pl.reduce_op, values[i].dtype), []).append(i)
+        for (group, op, _), members in todo.items():
+            flat = torch.cat([values[i].reshape(-1) for i in members])
+            _dist.all_reduce(flat, op=ops[op], group=group)
+            if op == "avg":
+                flat = flat / _dist.get_world_size(group)
+            at = 0
+            for i in members:
+                n = values[i].numel()
+                values[i] = flat[at:at + n].reshape(values[i].shape)
+                at += n
+    out = []
+    for i, x in enumerate(xs):
+        if i in pending:
+            pl = x.placements[pending[i][0]]
+            value = values[i] ** (1.0 / pl.norm_type) if hasattr(pl, "norm_type") else values[i]
+            x = _DTensor.from_local(value, x.device_mesh, [_Replicate() if q.is_partial() else q for q in x.placements],
+                                    run_check=False, shape=x.shape, stride=x.stride())
+        out.append(_whole(x))
+    return out
+
+
 def _amax(x, dim):
     """torch.amax(x) (dim None) or x.amax(dim, keepdim=True). A DTensor's maximum over a split axis
     is each shard's, left partial (a MAX to finish, which _whole does): a shard empty along that
@@ -1379,7 +1426,7 @@ def _multi_tensor_kron_0(params, grads, m_list, QL_list, QR_list, state_steps, *
         tmp40 = [torch.matmul(tmp38_, tmp39_) for tmp38_, tmp39_ in zip(tmp38, tmp39)]
         tmp41 = [torch.matmul(tmp37_, tmp40_) for tmp37_, tmp40_ in zip(tmp37, tmp40)]
         tmp42 = [torch.matmul(tmp41_, tmp36_) for tmp41_, tmp36_ in zip(tmp41, tmp36)]
-        r0 = [_whole(torch.sqrt(torch.mean(torch.square(tmp42_)))) for tmp42_ in tmp42]
+        r0 = _whole_list([torch.sqrt(torch.mean(torch.square(tmp42_))) for tmp42_ in tmp42])
         d0 = [torch.as_tensor(torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r0_ + 1e-06), dtype=torch.float64)), dtype=p[0].dtype) for r0_ in r0]
         tmp43 = [torch.where(torch.as_tensor(weight_decouple, dtype=tmp5_.dtype, device=tmp5_.device) != 0, tmp5_, torch.as_tensor(0, dtype=tmp5_.dtype, device=tmp5_.device)) for tmp5_ in tmp5]
         tmp44 = torch._foreach_mul(tmp42, d0)
@@ -1521,7 +1568,7 @@ def _multi_tensor_kron_1(params, grads, m_list, q_list, state_steps, *, lr, mome
         torch._foreach_div_(tmp5, tmp0)
         tmp6 = torch._foreach_add(tmp4, tmp5)
         torch._foreach_abs_(tmp6)
-        r0 = [_whole(_amax(tmp6_, None)) for tmp6_ in tmp6]
+        r0 = _whole_list([_amax(tmp6_, None) for tmp6_ in tmp6])
         d0 = [torch.as_tensor(-plr/(r0_ + 1.1754943508222875e-38), dtype=p[0].dtype) for r0_ in r0]
         torch._foreach_sub_(tmp4, tmp5)
         tmp7 = torch._foreach_mul(q, tmp4)
@@ -1529,7 +1576,7 @@ def _multi_tensor_kron_1(params, grads, m_list, q_list, state_steps, *, lr, mome
         torch._foreach_add_(q, tmp7)
         tmp8 = torch._foreach_mul(q, q)
         torch._foreach_mul_(tmp1, tmp8)
-        r1 = [_whole(torch.sqrt(torch.mean(torch.square(tmp1_)))) for tmp1_ in tmp1]
+        r1 = _whole_list([torch.sqrt(torch.mean(torch.square(tmp1_))) for tmp1_ in tmp1])
         d1 = [torch.as_tensor(-c0_*lr*torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r1_ + 1e-06), dtype=torch.float64)), dtype=p[0].dtype) for c0_, r1_ in zip(c0, r1)]
         tmp9 = torch._foreach_mul(m, tmp8)
         torch._foreach_mul_(tmp9, d1)

@@ -46,6 +46,15 @@ BF16 = [("fsdp-bf16", "adamw", path, "float32") for path in ("loop", "fused")]  
 # torch.distributed.checkpoint: saved on 2 ranks after STEPS steps, loaded on 4 (and on 1), trained on
 CHECKPOINTED = [(name, path) for name in ("adamw", "adafactor", "nadam", "muon") for path in ("loop", "fused")]
 CHECKPOINTED += [("shampoo", "loop")]  # Gram states: row-sharded (L, Li) and replicated (R, Ri) DTensors
+# The collectives of one step (CommDebugMode), at 2 ranks: every parameter row-sharded, so every whole
+# reduction of each of the 5 tensors is partial. The foreach path combines each reduction of the rule
+# for all tensors at once (_whole_list: one all-reduce over a flat buffer), the fused path one per
+# stage; the for-loop path, one tensor at a time, leaves it to DTensor (one per tensor and reduction).
+# nSGDA: norm(g); LAMB: norm(p), norm(u); SM3: the column maximum (the row one is local to a row
+# shard); AGC: unit norms of g and p (a split vector's unit is the whole vector); SMMF: sums of two
+# factors, whole and along each axis (4, the rows' sums of a row shard being local).
+COUNTED = {"nsgda": 1, "lamb": 2, "sm3": 1, "sgd_agc": 2, "smmf": 4}
+COUNTED_LOOP = {"nsgda": 5, "lamb": 10, "sm3": 2, "sgd_agc": 6, "smmf": 8}
 # and with bfloat16 states (state_dtype), in float32
 CHECKPOINTED_BF16 = [("adamw", "loop"), ("adamw", "fused"), ("adafactor", "fused"), ("muon", "loop")]
 
@@ -57,6 +66,7 @@ def results():
     with tempfile.TemporaryDirectory() as tmp:
         dm.CHECKPOINTS = tmp  # before the forks: every rank writes and reads there
         out = {2: dm.run(ALL + BF16 + [("save", n, p, "float64") for n, p in CHECKPOINTED]
+                         + [("count", n, p, "float64") for n in [*COUNTED, "shampoo"] for p in dm.PATHS]
                          + [("save-bf16", n, p, "float32") for n, p in CHECKPOINTED_BF16], 2),
                4: dm.run(FOUR + [("load", n, p, "float64") for n, p in CHECKPOINTED]
                          + [("load-bf16", n, p, "float32") for n, p in CHECKPOINTED_BF16], 4)}
@@ -125,6 +135,32 @@ def test_checkpoint_saved_on_two_ranks_resumes_on_four_and_on_one(results, name,
     _same_states(saved[1], loaded[1])
     assert dm.compare(loaded[0], expected, torch.float64) == ""
     assert dm.compare(results[1][(name, path)], expected, torch.float64) == ""
+
+
+@pytest.mark.parametrize("name", COUNTED)
+def test_each_reduction_is_one_all_reduce_for_all_tensors(results, name):
+    """The foreach path's partial reductions are combined by one all-reduce per reduction over all the
+    group's tensors (5 here), not one per tensor; the fused path's by one per stage; nothing else is
+    communicated (no all-gather of a shard)."""
+    got = {path: results[2][("count", name, path, "float64")] for path in dm.PATHS}
+    for path, result in got.items():
+        assert not isinstance(result, str), result
+        assert dm.compare(result[0], dm.one_process(name, path, torch.float64), torch.float64) == ""
+    assert got["foreach"][1] == {"allreduce": COUNTED[name]}
+    assert got["fused"][1] == {"allreduce": 1}
+    assert got["loop"][1] == {"allreduce": COUNTED_LOOP[name]}
+
+
+def test_matrix_states_step_on_owners(results):
+    """Shampoo under FSDP2 at 2 ranks, per step: each of the 2 matrices (7 x 5 and 3 x 7) gathers to its
+    owner p, g, the momentum and the two Gram states split by rows (L, Li: 5 gathers), and scatters back
+    p, the momentum, L and Li (4); R and Ri, replicated, are broadcast from the owner (2). No all-reduce
+    and no all-gather: no rank but the owner holds a whole matrix."""
+    for path in dm.PATHS:
+        result = results[2][("count", "shampoo", path, "float64")]
+        assert not isinstance(result, str), result
+        assert dm.compare(result[0], dm.one_process("shampoo", path, torch.float64), torch.float64) == ""
+        assert result[1] == {"gather": 10, "scatter": 8, "broadcast": 4}
 
 
 def _same_states(saved, loaded):

@@ -221,12 +221,22 @@ def multi(instr: Instr) -> list[str]:
     return _multi_line(instr).split("\n")
 
 
+def _balanced(code: str) -> bool:
+    """Whether the parentheses in `code` pair up (`_whole(a) + _whole(b)` is not one call's argument)."""
+    depth = 0
+    for c in code:
+        depth += (c == "(") - (c == ")")
+        if depth < 0:
+            return False
+    return depth == 0
+
+
 def _multi_line(instr: Instr) -> str:
     a = [x.code for x in instr.args]
     if instr.op == "copy":
         return f"_foreach_copy_({a[0]}, {a[1]})"  # the module's: DTensors have no rule for torch's
     if instr.op == "reduce" and instr.args[0].tensor and instr.template == "_whole(torch.linalg.vector_norm({0}))":
-        return f"{instr.out} = list(map(_whole, torch._foreach_norm({a[0]})))"
+        return f"{instr.out} = _whole_list(torch._foreach_norm({a[0]}))"
     if instr.op in ("call", "reduce", "scalar"):
         lists = [x for x in instr.args if x.level in (PARAM, DEVICE, TENSOR)]
         names = {x.code: f"{x.code}_" for x in lists}
@@ -239,10 +249,15 @@ def _multi_line(instr: Instr) -> str:
         unique = list(dict.fromkeys(x.code for x in lists))
         if not unique:
             return f"{instr.out} = [{body}] * len(p)"
+        # a reduction's parts over the mesh: combined for all tensors at once (one all-reduce, not one each)
+        whole = body.startswith("_whole(") and body.endswith(")") and _balanced(body[len("_whole("):-1])
+        if whole:
+            body = body[len("_whole("):-1]
         if len(unique) == 1:
-            return f"{instr.out} = [{body} for {unique[0]}_ in {unique[0]}]"
-        return (f"{instr.out} = [{body} for {', '.join(n + '_' for n in unique)} "
-                f"in zip({', '.join(unique)})]")
+            listed = f"[{body} for {unique[0]}_ in {unique[0]}]"
+        else:
+            listed = f"[{body} for {', '.join(n + '_' for n in unique)} in zip({', '.join(unique)})]"
+        return f"{instr.out} = _whole_list({listed})" if whole else f"{instr.out} = {listed}"
     rest = ", ".join(a[1:]) + _kwarg(instr, True, None)
     sep = ", " if rest else ""
     if instr.inplace:
