@@ -659,7 +659,16 @@ class SM3(Optimizer):
         if rule == 1:
             return {"v": p.shape, "m": p.shape}
 
-    def _check_loadable(self, state_dict):
+    def _unread_states(self, group, p):
+        """The states (by state_dict key) the step does not read under these values, which torch.optim
+        leaves out of its state_dict (RMSprop's grad_avg when not centered): optdsl/unread.py."""
+        rule = self._rule_of(p, group)
+        if rule == 0:
+            return {key for key, unread in () if unread}
+        if rule == 1:
+            return {key for key, unread in () if unread}
+
+    def _check_loadable(self, state_dict, never_made=None):
         """Refuse, saying what is wrong, a state_dict this optimizer cannot go on from, where
         torch.optim would load it and then fail at the next step (or go on silently wrong)."""
         where = "SM3.load_state_dict"
@@ -696,6 +705,12 @@ class SM3(Optimizer):
                 if made and not made >= {"step", *(k for k, shape in expected.items() if shape is not None)}:
                     absent = sorted({"step", *expected} - set(state) - set([]))
                     raise ValueError(f"{where}: parameter {i} has states but not {absent}")
+                missing = sorted(set(expected) - set(state) - self._unread_states({**group, **saved}, p)
+                                 - (never_made or {}).get(i, set()))
+                if state and missing:  # a parameter never stepped has no state at all
+                    raise ValueError(f"{where}: parameter {i} has no {missing} (it has {sorted(state)}), which "
+                                     "SM3 reads at its next step: a state_dict of another optimizer, or "
+                                     "of other settings?")
                 for key, value in state.items():
                     if key == "step":
                         if not (isinstance(value, (int, float)) or torch.is_tensor(value) and value.numel() == 1):

@@ -503,7 +503,8 @@ def test_state_dict_has_torch_keys_and_dtypes(case):
 
 def test_a_state_saved_as_none_is_made_afresh_like_a_missing_one():
     """A state_dict may hold None for a state never made (torch.optim.SGD's momentum_buffer): it
-    loads as if the entry were not there, and the next step makes the state."""
+    loads, and the next step makes the state, as torch.optim.SGD does (the buffer from the gradient);
+    the same state simply absent beside a step is refused (tests/test_state_trust.py)."""
     SGD = spec("sgd")
     gen = torch.Generator().manual_seed(4)
     init = torch.randn(6, generator=gen, dtype=torch.float64)
@@ -519,6 +520,9 @@ def test_a_state_saved_as_none_is_made_afresh_like_a_missing_one():
             saved["state"][0]["momentum_buffer"] = None
         else:
             del saved["state"][0]["momentum_buffer"]
+            with pytest.raises(ValueError, match=r"has no \['momentum_buffer'\]"):
+                SGD([p], lr=0.1, momentum=0.9).load_state_dict(saved)
+            del saved["state"][0]["step"]  # no state at all: a parameter never stepped
         opt = SGD([p], lr=0.1, momentum=0.9)
         opt.load_state_dict(saved)
         for step in range(3):

@@ -77,6 +77,8 @@ CASES = {
     "a state of the wrong shape": (_corrupt(lambda s: s["state"][1].update(exp_avg=torch.zeros(5, 4))),
                                    "'exp_avg' of parameter 1 has shape \\(5, 4\\); for a parameter of shape "
                                    "\\(4, 5\\) it is \\(4, 5\\)"),
+    "a state missing": (_corrupt(lambda s: s["state"][1].pop("exp_avg")),
+                        "parameter 1 has no \\['exp_avg'\\] \\(it has \\['exp_avg_sq', 'step'\\]\\), which Adam reads"),
     "a state of integers": (_corrupt(lambda s: s["state"][0].update(exp_avg_sq=torch.zeros(3, dtype=torch.int64))),
                             "'exp_avg_sq' of parameter 0 is torch.int64, not a real floating-point tensor"),
     "a state that is no tensor": (_corrupt(lambda s: s["state"][0].update(exp_avg=[0.0, 0.0, 0.0])),
@@ -220,3 +222,72 @@ def test_state_dict_is_torchs_without_bfloat16_states():
     """The generator is saved only where it decides something, so a state_dict is torch.optim's."""
     opt, _ = _stepped()
     assert set(opt.state_dict()) == {"state", "param_groups"}
+
+
+from generated.muon import Muon  # noqa: E402
+from generated.rmsprop import RMSprop  # noqa: E402
+
+# (ours, torch.optim's, keywords, shapes): every state torch.optim saves, taken away one at a time
+TORCH_STATES = {
+    "adam-amsgrad": (Adam, torch.optim.Adam, dict(lr=0.01, amsgrad=True), SHAPES),
+    "muon": (Muon, torch.optim.Muon, dict(lr=0.01), [(4, 5), (3, 2)]),
+    "adafactor": (Adafactor, torch.optim.Adafactor, dict(lr=0.01), SHAPES),
+    "rmsprop-centered-momentum": (RMSprop, torch.optim.RMSprop, dict(lr=0.01, centered=True, momentum=0.9), SHAPES),
+    "sgd-momentum": (SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9), SHAPES),
+}
+
+
+@pytest.mark.parametrize("case", list(TORCH_STATES))
+def test_a_state_dict_missing_a_state_is_refused_at_load(case):
+    """Each state torch.optim's state_dict (and ours) holds, removed: a clear ValueError at load
+    naming it (never a silent restart from zero, nor a KeyError at the next step), the optimizer
+    left as it was. A parameter left with no state at all reads as one never stepped, as in torch
+    (torch.optim.SGD and Muon save momentum_buffer alone, so their own dicts are checked from ours)."""
+    Ours, Torch, kw, shapes = TORCH_STATES[case]
+    ref_params = _params(shapes=shapes)
+    ref = Torch(ref_params, **kw)
+    _train(ref, ref_params, 2, seed=1)
+    mine, mine_params = Ours(_params(shapes=shapes), **kw), None
+    _train(mine, mine.param_groups[0]["params"], 2, seed=1)
+    tried = 0
+    for saved in (_roundtrip(ref.state_dict()), _roundtrip(mine.state_dict())):
+        for key in [k for k in saved["state"][0] if k != "step"]:
+            spoiled = _roundtrip(saved)
+            del spoiled["state"][0][key]
+            if not spoiled["state"][0]:
+                continue
+            ps = _params(shapes=shapes)
+            ours = Ours(ps, **kw)
+            ours.load_state_dict(_roundtrip(saved))  # the whole one loads
+            before = _roundtrip(ours.state_dict())
+            with pytest.raises(ValueError, match=f"parameter 0 has no \\['{key}'\\].*reads at its next step"):
+                ours.load_state_dict(spoiled)
+            _same(ours.state_dict(), before)
+            _train(ours, ps, 1, seed=5)
+            tried += 1
+    assert tried >= 1
+
+
+@pytest.mark.parametrize("Ours, Torch, kw", [
+    (RMSprop, torch.optim.RMSprop, dict(lr=0.01)),  # no grad_avg (not centered), no momentum_buffer
+    (RMSprop, torch.optim.RMSprop, dict(lr=0.01, centered=True)),  # no momentum_buffer
+    (SGD, torch.optim.SGD, dict(lr=0.1)),  # momentum_buffer None, no step
+])
+def test_states_torch_leaves_out_where_they_are_unread_still_load(Ours, Torch, kw):
+    """torch.optim omits a state its settings never read; such a state_dict loads and the run goes
+    on as torch's does (the states the step reads under the loaded values are all there)."""
+    ref_params = _params()
+    ref = Torch(ref_params, **kw)
+    _train(ref, ref_params, 2, seed=1)
+    ps = [torch.nn.Parameter(p.detach().clone()) for p in ref_params]
+    ours = Ours(ps, **kw)
+    ours.load_state_dict(_roundtrip(ref.state_dict()))
+    _train(ref, ref_params, 2, seed=7)
+    _train(ours, ps, 2, seed=7)
+    for a, b in zip(ps, ref_params):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    if kw.get("centered") is None and Ours is RMSprop:  # a centered group needs grad_avg, which is not there
+        saved = _roundtrip(ref.state_dict())
+        saved["param_groups"][0]["centered"] = True
+        with pytest.raises(ValueError, match="has no \\['grad_avg'\\]"):
+            Ours(_params(), **kw).load_state_dict(saved)

@@ -14,6 +14,7 @@ from .. import shapes as shape_check
 from ..functions import COMPARISONS, RANDOM, REDUCTIONS, TABLE
 from ..lower import RESERVED
 from ..mathtext import statement_math
+from ..unread import unread_when
 from ..sym import DEVICE, GROUP, PARAM, TENSOR, Plan, meanings
 from . import fusion, group_phase, mode_code
 from . import triton as triton_backend
@@ -293,6 +294,10 @@ def _functional_name(prog: ir.Program) -> str:
     return func
 
 
+def states_saved_map(prog: ir.Program):
+    return [(s.name, s.saved_as) for s in prog.states]
+
+
 def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]) -> dict:
     """What the template prints for one rule: its states, scalars and the two step bodies."""
     prog = plan.program
@@ -332,6 +337,10 @@ def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]
         read_multi={s.name: f"[{read_state_code(s.shape, codes[s.name].signed, 'x_', 'y_')} for x_, y_ in "
                             f"zip(device_{s.name}, p)]" for s in prog.states if s.name in codes},
         states_saved=[(s.name, s.saved_as) for s in prog.states],
+        # states the step does not read under some values (torch.optim leaves them out): by key, the Python
+        # condition on the group that makes them unread (RMSprop's grad_avg when not centered)
+        unread=[(dict(states_saved_map(prog))[n], " or ".join(f"{group_code[h]} == 0" for h in hs))
+                for n, hs in unread_when(prog).items()],
         state_inits=[(s.name, s.saved_as, _init_code(s, prog, group_code), state_shape_code(s.shape, group_code), s.fed,
                       "torch.bool" if s.shape == "bool" else state_dtype) for s in prog.states],
         shape_single=[(n, ir.SHAPE_BUILTINS[n]) for n in shapes],

@@ -1,0 +1,52 @@
+"""Which saved states a step does not read under some hyperparameter at 0: torch.optim leaves such
+states out of its state_dict (RMSprop's grad_avg when not centered, its momentum_buffer and SGD's
+without momentum), so load_state_dict accepts them missing there and refuses them missing elsewhere.
+
+For a state S and a hyperparameter h whose range holds 0 (a flag: False), S is unread at h = 0 when,
+with h replaced by 0, S's step-start value reaches no output but S's own new value: not p, not
+another state (directly or through the named values of matrix work and unrolled loops); and, h not
+being a flag, not S's own either (S is overwritten: SGD's buffer at momentum 0). A number such as
+lr at 0 keeps every state: it only pauses p, and the states matter again once a schedule moves it."""
+from __future__ import annotations
+
+import sympy as sp
+
+from . import ir
+from .sym import RESERVED, _Names, meanings, symbols_of
+
+
+def _takes_zero(h: ir.Hyper) -> bool:
+    if h.computed or h.optional or h.choices or h.only:
+        return False
+    if h.flag:
+        return True
+    above = h.lo < 0 or (h.lo == 0 and h.lo_closed)
+    below = h.hi > 0 or (h.hi == 0 and h.hi_closed)
+    return above and below
+
+
+def unread_when(prog: ir.Program) -> dict[str, tuple[str, ...]]:
+    """state name -> the hyperparameters at 0 of which the step does not read its saved value."""
+    candidates = [h for h in prog.hypers if _takes_zero(h)]
+    if not candidates or not prog.states:
+        return {}
+    names = _Names({str(s) for s in symbols_of(prog).values()} | {eq.target for eq in prog.eqns} | RESERVED)
+    barriers: list[tuple[sp.Symbol, sp.Expr]] = []
+    syms, _, outputs = meanings(prog, barriers, names)
+    found: dict[str, tuple[str, ...]] = {}
+    for h in candidates:
+        try:
+            zero = {syms[h.name]: sp.Integer(0)}
+            named = [(b, e.xreplace(zero)) for b, e in barriers]
+            outs = {base: e.xreplace(zero) for base, e in outputs.items()}
+        except (TypeError, ValueError, ZeroDivisionError, RecursionError):  # pragma: no cover - SymPy's own
+            continue
+        for s in prog.states:
+            s0 = syms[ir.ssa_name(s.name, 0)]
+            reach = {s0}
+            for b, e in named:
+                if e.free_symbols & reach:
+                    reach.add(b)
+            if not any(e.free_symbols & reach for base, e in outs.items() if base != s.name or not h.flag):
+                found[s.name] = found.get(s.name, ()) + (h.name,)
+    return found
