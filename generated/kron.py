@@ -913,7 +913,17 @@ class Kron(Optimizer):
             return {"momentum_buffer": p.shape, "q": p.shape}
         return {}
 
-    def _check_loadable(self, state_dict):
+    def _unread_states(self, group, p):
+        """The states (by state_dict key) the step does not read under these values, which torch.optim
+        leaves out of its state_dict (RMSprop's grad_avg when not centered): optdsl/unread.py."""
+        rule = self._rule_of(p, group)
+        if rule == 0:
+            return {key for key, unread in (("momentum_buffer", group["momentum"] == 0), ) if unread}
+        if rule == 1:
+            return {key for key, unread in (("momentum_buffer", group["momentum"] == 0), ) if unread}
+        return set()
+
+    def _check_loadable(self, state_dict, never_made=None):
         """Refuse, saying what is wrong, a state_dict this optimizer cannot go on from, where
         torch.optim would load it and then fail at the next step (or go on silently wrong)."""
         where = "Kron.load_state_dict"
@@ -942,6 +952,12 @@ class Kron(Optimizer):
                     raise ValueError(f"{where}: parameter {i} has states {unknown} that Kron does not keep "
                                      f"(it keeps step and {sorted(expected)} for this parameter): a state_dict "
                                      "of another optimizer?")
+                missing = sorted(set(expected) - set(state) - self._unread_states({**group, **saved}, p)
+                                 - (never_made or {}).get(i, set()))
+                if state and missing:  # a parameter never stepped has no state at all
+                    raise ValueError(f"{where}: parameter {i} has no {missing} (it has {sorted(state)}), which "
+                                     "Kron reads at its next step: a state_dict of another optimizer, or "
+                                     "of other settings?")
                 for key, value in state.items():
                     if key == "step":
                         if not (isinstance(value, (int, float)) or torch.is_tensor(value) and value.numel() == 1):
@@ -964,6 +980,10 @@ class Kron(Optimizer):
                                          f"for a parameter of shape {tuple(p.shape)} it is {tuple(shape)}")
 
     def load_state_dict(self, state_dict):
+        # a state saved as None was never made (torch.optim.SGD's momentum_buffer): made at the next step
+        never_made = {i: {self._SAVED.get(k, k) for k, v in s.items() if v is None}
+                      for i, s in state_dict["state"].items() if isinstance(s, dict)} if isinstance(
+            state_dict, dict) and isinstance(state_dict.get("state"), dict) else {}
         # Older state_dicts of this class used the spec's own names: move them to torch.optim's.
         state_dict = dict(
             state_dict,
@@ -977,7 +997,7 @@ class Kron(Optimizer):
                           for g in state_dict["param_groups"]],
         ) if isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict) and isinstance(
             state_dict.get("param_groups"), list) and all(isinstance(g, dict) for g in state_dict["param_groups"]) else state_dict
-        self._check_loadable(state_dict)
+        self._check_loadable(state_dict, never_made)
         # torch.optim casts every state to its parameter's dtype; states of lower-precision
         # parameters are float32 here, bfloat16 with state_dtype, and low-bit codes uint8, so
         # they are restored from the saved values in that dtype.
