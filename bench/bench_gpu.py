@@ -170,7 +170,9 @@ def make_rows(opt, params, compile_ok):
         rows["optdsl fused bf16 states"] = (
             lambda: ours(params, fused=True, state_dtype=torch.bfloat16, **HYPERS[opt]).step, 2)
     if opt in ("adamw", "lion"):  # blockwise codes + one float32 scale per block (optdsl/quant.py)
-        for fmt, nbytes in (("int8", 1 + 4 / 2048), ("int4", 0.5 + 4 / 128)):
+        from optdsl import quant
+        for fmt in ("int8", "int4"):
+            nbytes = quant.BITS[fmt] / 8 + 4 / quant.BLOCK[fmt]  # codes + a float32 scale per block
             rows[f"optdsl fused {fmt} states"] = (
                 lambda fmt=fmt: ours(params, fused=True, state_dtype=fmt, **HYPERS[opt]).step, nbytes)
     if opt == "adafactor":  # torch.optim has no fused Adafactor; the compiled step takes a float lr
