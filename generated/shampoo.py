@@ -625,6 +625,9 @@ def _eigh(a):
     try:
         return torch.linalg.eigh(x)
     except RuntimeError:
+        if not bool(torch.isfinite(x).all()):  # nan or inf in, nan out, as element-wise work gives
+            nan = torch.full_like(x, math.nan)
+            return nan[..., 0], nan
         values, vectors = torch.linalg.eigh(x.to(torch.float64))
         return values.to(x.dtype), vectors.to(x.dtype)
 

@@ -287,3 +287,15 @@ def test_a_spec_without_states_steps_fused():
     made no launch, and fused=True left p as it was (silently; seen on main at aafd91c)."""
     cls = optdsl.compile("optimizer S\nhyper lr = 0.5\np -= lr * g\n")
     _assert_all(_run(cls), -0.5 * G)
+
+
+def test_a_matrix_root_of_nan_is_nan_not_a_linalg_error():
+    """Fuzz seed 3028 (a Shampoo mutant, inv_root(L, 1e-320)): the root overflowed, p went nan, and
+    the next step's eigh of a nan matrix raised _LinAlgError. nan in, nan out, as element-wise work."""
+    cls = optdsl.compile("optimizer R\nrule ndim == 2 {\n  state L: gram_rows\n  L += mm(g, T(g))\n"
+                         "  p -= 0.1 * mm(inv_root(L, 2), g)\n}\n")
+    for path in PATHS[:2]:  # fused=True refuses a gram_rows state: 'not fused yet'
+        p = torch.nn.Parameter(torch.ones(3, 2, dtype=torch.float64))
+        p.grad = torch.full((3, 2), math.nan, dtype=torch.float64)
+        cls([p], **path).step()
+        assert torch.isnan(p).all(), path

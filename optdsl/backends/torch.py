@@ -53,6 +53,9 @@ LINALG_HELPERS = {
         "    try:\n"
         "        return torch.linalg.eigh(x)\n"
         "    except RuntimeError:\n"
+        "        if not bool(torch.isfinite(x).all()):  # nan or inf in, nan out, as element-wise work gives\n"
+        "            nan = torch.full_like(x, math.nan)\n"
+        "            return nan[..., 0], nan\n"
         "        values, vectors = torch.linalg.eigh(x.to(torch.float64))\n"
         "        return values.to(x.dtype), vectors.to(x.dtype)"),
     "_inv_root": (
