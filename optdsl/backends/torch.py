@@ -344,6 +344,10 @@ def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]
         # condition on the group that makes them unread (RMSprop's grad_avg when not centered)
         unread=[(dict(states_saved_map(prog))[n], " or ".join(f"{group_code[h]} == 0" for h in hs))
                 for n, hs in unread_when(prog).items()],
+        # the update reads the step count (bias corrections, schedules): a started state without it is spoiled
+        reads_step=any(n == "t" for eq in prog.eqns for n in ir.refs(eq.expr)) or (
+            prog.group is not None and any(n == "t" for step in prog.group.steps
+                                           for n in ir.refs(getattr(step, "expr", None) or getattr(step, "arg", None)))),
         state_inits=[(s.name, s.saved_as, _init_code(s, prog, group_code), state_shape_code(s.shape, group_code), s.fed,
                       "torch.bool" if s.shape == "bool" else state_dtype) for s in prog.states],
         shape_single=[(n, ir.SHAPE_BUILTINS[n]) for n in shapes],
@@ -448,6 +452,7 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
         inputs=[s.name for s in prog.states if s.fed],
         bool_names=sorted({s.saved_as for _, p, _ in rules for s in p.program.states if s.shape == "bool"}),
         statements=list(dict.fromkeys(statements)), latex=latex,
+        step_rules=[] if prog.name in TORCH_WITHOUT_STEP else [i for i, c in enumerate(contexts) if c["reads_step"]],
         spec_lines=lines, number=_py_number, quant=quant,
         **names_in_group,
         **group_phase.context(prog, names_in_group["group_code"]),
@@ -486,6 +491,9 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
 # at the value that turns them off. maximize=True is the template's: each path steps with -g.
 TORCH_FLAGS = {"maximize": False, "capturable": False, "differentiable": False}
 IMPLEMENTED_FLAGS = {"maximize"}
+# torch.optim classes whose state_dict keeps no `step`: a started state of theirs loads without one
+# (SGD's momentum_buffer alone; our SGD reads t only as t == 1, dampening's first step).
+TORCH_WITHOUT_STEP = {"SGD"}
 
 
 @dataclass(frozen=True)
