@@ -663,6 +663,42 @@ def test_muon_matches_torch_in_bfloat16_and_swaps_state_dicts(kwargs, path):
         assert (p.detach().cpu() - q.detach()).abs().max().item() <= tol * moved
 
 
+class _CountMatmuls(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.bmm):
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("path", ["single", "foreach", pytest.param("fused", marks=pytest.mark.xfail(
+    strict=True, reason="the fused path's matrix work (_matrix_muon_0) computes all 16 unrolled rounds and "
+                        "selects with (new if k else old) after each: ns_steps=5 does 16 rounds of products"))])
+def test_muon_runs_ns_steps_rounds_and_no_more(path):
+    """The Newton-Schulz loop is unrolled to ns_steps' top, each round past ns_steps guarded: the
+    matrix products grow linearly with ns_steps, so a skipped round computes nothing."""
+    if path == "fused" and os.environ.get("TRITON_INTERPRET") != "1" and not ON_GPU:
+        pytest.skip("the fused path runs under TRITON_INTERPRET=1, or compiled on a CUDA device")
+    Muon = spec("muon")
+    mode = {"single": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}[path]
+    device = "cuda" if ON_GPU and path == "fused" else "cpu"
+    top = 16  # the top of ns_steps' range in specs/muon.opt: the loop is unrolled that many times
+    calls = {}
+    for n in (1, 2, top):
+        ps = [torch.nn.Parameter(torch.ones(s, device=device)) for s in MUON_SHAPES]
+        opt = Muon(ps, ns_steps=n, **mode)
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        with _CountMatmuls() as counter:
+            opt.step()
+        calls[n] = counter.calls
+    per_round = calls[2] - calls[1]
+    assert per_round > 0 and calls[top] - calls[1] == (top - 1) * per_round, calls
+
+
 def test_muon_sends_a_groups_matrices_to_adamw_with_use_muon_false():
     """A per-group flag, as Muon's users write it: the embedding and the head take AdamW."""
     Muon = spec("muon")
