@@ -54,8 +54,9 @@ def signature(kernel, p_type, s_type, stochastic, aligned, block, amp=False):
         name = param.name
         if param.is_constexpr:
             types[name] = "constexpr"
-            constexprs[(index,)] = dict(P_TYPE=p_type, S_TYPE=s_type, C_TYPE=tl.float32, T_TYPE=tl.float32,
-                                        STOCHASTIC=stochastic, ALIGNED=aligned, BLOCK=block,
+            constexprs[(index,)] = dict(P_TYPE=p_type, S_TYPE=s_type, F_TYPE=s_type, C_TYPE=tl.float32,
+                                        T_TYPE=tl.float32, STOCHASTIC=stochastic, ALIGNED=aligned, BLOCK=block,
+                                        BITS=0, QBLOCK=block, Q_STOCHASTIC=False,  # float states, as the launcher passes them
                                         SCALED=amp, CHECK_INF=amp)[name]
         elif name in _FIXED:
             types[name] = _FIXED[name]

@@ -266,11 +266,11 @@ def _makers(case):
 
 
 def test_every_spec_is_covered():
-    """Every spec has a reference case here or in the CASES dict of tests/test_zoo*.py or
-    tests/test_dropin.py (the drop-ins, against torch.optim in float64 with scalar states in float64)."""
+    """Every spec has a reference case here or in the CASES dict of tests/test_zoo*.py,
+    tests/test_galore.py or tests/test_dropin.py (the drop-ins, against torch.optim in float64 with scalar states in float64)."""
     import importlib
     covered = {c[0] for c in CASES.values()}
-    for path in [*Path(__file__).parent.glob("test_zoo*.py"), Path("test_dropin.py")]:
+    for path in [*Path(__file__).parent.glob("test_zoo*.py"), Path("test_dropin.py"), Path("test_galore.py")]:
         covered |= {c[0] for c in getattr(importlib.import_module(path.stem), "CASES", {}).values()}
     assert covered >= {p.stem for p in SPECS.glob("*.opt")}
 

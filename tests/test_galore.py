@@ -39,6 +39,7 @@ GALORE = {
     "right": dict(rank=2, update_proj_gap=2, projection_type="right"),
     "left": dict(rank=2, update_proj_gap=2, projection_type="left"),
 }
+CASES = {f"galore-{case}": ("galore_adamw", kw, None, kw) for case, kw in GALORE.items()}  # for test_every_spec_is_covered
 
 
 def galore_ref(params, **kw):
