@@ -3100,118 +3100,166 @@ def _matrix_muon_0(a, b, c, c1, eps, k10, k11, k12, k13, k14, k15, k16, k17, k18
     d0 = 1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor((_round_bfloat16(r0) if ns_bfloat16 else r0), dtype=torch.float64))
     x3 = d0*x1
     x4 = (_round_bfloat16(x3) if ns_bfloat16 else x3)
-    w1 = torch.matmul(x4, (x4).mT)
-    w2 = (_round_bfloat16(w1) if ns_bfloat16 else w1)
-    w3 = b*w2 + c*torch.matmul(w2, w2)
-    w4 = (_round_bfloat16(w3) if ns_bfloat16 else w3)
-    w5 = a*x4 + torch.matmul(w4, x4)
-    w6 = (_round_bfloat16(w5) if ns_bfloat16 else w5)
-    w7 = (w6 if k3 else x4)
-    w8 = torch.matmul(w7, (w7).mT)
-    w9 = (_round_bfloat16(w8) if ns_bfloat16 else w8)
-    w10 = b*w9 + c*torch.matmul(w9, w9)
-    w11 = (_round_bfloat16(w10) if ns_bfloat16 else w10)
-    w12 = a*w7 + torch.matmul(w11, w7)
-    w13 = (_round_bfloat16(w12) if ns_bfloat16 else w12)
-    w14 = (w13 if k4 else w7)
-    w15 = torch.matmul(w14, (w14).mT)
-    w16 = (_round_bfloat16(w15) if ns_bfloat16 else w15)
-    w17 = b*w16 + c*torch.matmul(w16, w16)
-    w18 = (_round_bfloat16(w17) if ns_bfloat16 else w17)
-    w19 = a*w14 + torch.matmul(w18, w14)
-    w20 = (_round_bfloat16(w19) if ns_bfloat16 else w19)
-    w21 = (w20 if k5 else w14)
-    w22 = torch.matmul(w21, (w21).mT)
-    w23 = (_round_bfloat16(w22) if ns_bfloat16 else w22)
-    w24 = b*w23 + c*torch.matmul(w23, w23)
-    w25 = (_round_bfloat16(w24) if ns_bfloat16 else w24)
-    w26 = a*w21 + torch.matmul(w25, w21)
-    w27 = (_round_bfloat16(w26) if ns_bfloat16 else w26)
-    w28 = (w27 if k6 else w21)
-    w29 = torch.matmul(w28, (w28).mT)
-    w30 = (_round_bfloat16(w29) if ns_bfloat16 else w29)
-    w31 = b*w30 + c*torch.matmul(w30, w30)
-    w32 = (_round_bfloat16(w31) if ns_bfloat16 else w31)
-    w33 = a*w28 + torch.matmul(w32, w28)
-    w34 = (_round_bfloat16(w33) if ns_bfloat16 else w33)
-    w35 = (w34 if k7 else w28)
-    w36 = torch.matmul(w35, (w35).mT)
-    w37 = (_round_bfloat16(w36) if ns_bfloat16 else w36)
-    w38 = b*w37 + c*torch.matmul(w37, w37)
-    w39 = (_round_bfloat16(w38) if ns_bfloat16 else w38)
-    w40 = a*w35 + torch.matmul(w39, w35)
-    w41 = (_round_bfloat16(w40) if ns_bfloat16 else w40)
-    w42 = (w41 if k8 else w35)
-    w43 = torch.matmul(w42, (w42).mT)
-    w44 = (_round_bfloat16(w43) if ns_bfloat16 else w43)
-    w45 = b*w44 + c*torch.matmul(w44, w44)
-    w46 = (_round_bfloat16(w45) if ns_bfloat16 else w45)
-    w47 = a*w42 + torch.matmul(w46, w42)
-    w48 = (_round_bfloat16(w47) if ns_bfloat16 else w47)
-    w49 = (w48 if k9 else w42)
-    w50 = torch.matmul(w49, (w49).mT)
-    w51 = (_round_bfloat16(w50) if ns_bfloat16 else w50)
-    w52 = b*w51 + c*torch.matmul(w51, w51)
-    w53 = (_round_bfloat16(w52) if ns_bfloat16 else w52)
-    w54 = a*w49 + torch.matmul(w53, w49)
-    w55 = (_round_bfloat16(w54) if ns_bfloat16 else w54)
-    w56 = (w55 if k10 else w49)
-    w57 = torch.matmul(w56, (w56).mT)
-    w58 = (_round_bfloat16(w57) if ns_bfloat16 else w57)
-    w59 = b*w58 + c*torch.matmul(w58, w58)
-    w60 = (_round_bfloat16(w59) if ns_bfloat16 else w59)
-    w61 = a*w56 + torch.matmul(w60, w56)
-    w62 = (_round_bfloat16(w61) if ns_bfloat16 else w61)
-    w63 = (w62 if k11 else w56)
-    w64 = torch.matmul(w63, (w63).mT)
-    w65 = (_round_bfloat16(w64) if ns_bfloat16 else w64)
-    w66 = b*w65 + c*torch.matmul(w65, w65)
-    w67 = (_round_bfloat16(w66) if ns_bfloat16 else w66)
-    w68 = a*w63 + torch.matmul(w67, w63)
-    w69 = (_round_bfloat16(w68) if ns_bfloat16 else w68)
-    w70 = (w69 if k12 else w63)
-    w71 = torch.matmul(w70, (w70).mT)
-    w72 = (_round_bfloat16(w71) if ns_bfloat16 else w71)
-    w73 = b*w72 + c*torch.matmul(w72, w72)
-    w74 = (_round_bfloat16(w73) if ns_bfloat16 else w73)
-    w75 = a*w70 + torch.matmul(w74, w70)
-    w76 = (_round_bfloat16(w75) if ns_bfloat16 else w75)
-    w77 = (w76 if k13 else w70)
-    w78 = torch.matmul(w77, (w77).mT)
-    w79 = (_round_bfloat16(w78) if ns_bfloat16 else w78)
-    w80 = b*w79 + c*torch.matmul(w79, w79)
-    w81 = (_round_bfloat16(w80) if ns_bfloat16 else w80)
-    w82 = a*w77 + torch.matmul(w81, w77)
-    w83 = (_round_bfloat16(w82) if ns_bfloat16 else w82)
-    w84 = (w83 if k14 else w77)
-    w85 = torch.matmul(w84, (w84).mT)
-    w86 = (_round_bfloat16(w85) if ns_bfloat16 else w85)
-    w87 = b*w86 + c*torch.matmul(w86, w86)
-    w88 = (_round_bfloat16(w87) if ns_bfloat16 else w87)
-    w89 = a*w84 + torch.matmul(w88, w84)
-    w90 = (_round_bfloat16(w89) if ns_bfloat16 else w89)
-    w91 = (w90 if k15 else w84)
-    w92 = torch.matmul(w91, (w91).mT)
-    w93 = (_round_bfloat16(w92) if ns_bfloat16 else w92)
-    w94 = b*w93 + c*torch.matmul(w93, w93)
-    w95 = (_round_bfloat16(w94) if ns_bfloat16 else w94)
-    w96 = a*w91 + torch.matmul(w95, w91)
-    w97 = (_round_bfloat16(w96) if ns_bfloat16 else w96)
-    w98 = (w97 if k16 else w91)
-    w99 = torch.matmul(w98, (w98).mT)
-    w100 = (_round_bfloat16(w99) if ns_bfloat16 else w99)
-    w101 = b*w100 + c*torch.matmul(w100, w100)
-    w102 = (_round_bfloat16(w101) if ns_bfloat16 else w101)
-    w103 = a*w98 + torch.matmul(w102, w98)
-    w104 = (_round_bfloat16(w103) if ns_bfloat16 else w103)
-    w105 = (w104 if k17 else w98)
-    w106 = torch.matmul(w105, (w105).mT)
-    w107 = (_round_bfloat16(w106) if ns_bfloat16 else w106)
-    w108 = b*w107 + c*torch.matmul(w107, w107)
-    w109 = (_round_bfloat16(w108) if ns_bfloat16 else w108)
-    w110 = a*w105 + torch.matmul(w109, w105)
-    w111 = (_round_bfloat16(w110) if ns_bfloat16 else w110)
-    w112 = (w111 if k18 else w105)
+    if k3:
+        w1 = torch.matmul(x4, (x4).mT)
+        w2 = (_round_bfloat16(w1) if ns_bfloat16 else w1)
+        w3 = b*w2 + c*torch.matmul(w2, w2)
+        w4 = (_round_bfloat16(w3) if ns_bfloat16 else w3)
+        w5 = a*x4 + torch.matmul(w4, x4)
+        w6 = (_round_bfloat16(w5) if ns_bfloat16 else w5)
+        w7 = w6
+    else:
+        w7 = x4
+    if k4:
+        w8 = torch.matmul(w7, (w7).mT)
+        w9 = (_round_bfloat16(w8) if ns_bfloat16 else w8)
+        w10 = b*w9 + c*torch.matmul(w9, w9)
+        w11 = (_round_bfloat16(w10) if ns_bfloat16 else w10)
+        w12 = a*w7 + torch.matmul(w11, w7)
+        w13 = (_round_bfloat16(w12) if ns_bfloat16 else w12)
+        w14 = w13
+    else:
+        w14 = w7
+    if k5:
+        w15 = torch.matmul(w14, (w14).mT)
+        w16 = (_round_bfloat16(w15) if ns_bfloat16 else w15)
+        w17 = b*w16 + c*torch.matmul(w16, w16)
+        w18 = (_round_bfloat16(w17) if ns_bfloat16 else w17)
+        w19 = a*w14 + torch.matmul(w18, w14)
+        w20 = (_round_bfloat16(w19) if ns_bfloat16 else w19)
+        w21 = w20
+    else:
+        w21 = w14
+    if k6:
+        w22 = torch.matmul(w21, (w21).mT)
+        w23 = (_round_bfloat16(w22) if ns_bfloat16 else w22)
+        w24 = b*w23 + c*torch.matmul(w23, w23)
+        w25 = (_round_bfloat16(w24) if ns_bfloat16 else w24)
+        w26 = a*w21 + torch.matmul(w25, w21)
+        w27 = (_round_bfloat16(w26) if ns_bfloat16 else w26)
+        w28 = w27
+    else:
+        w28 = w21
+    if k7:
+        w29 = torch.matmul(w28, (w28).mT)
+        w30 = (_round_bfloat16(w29) if ns_bfloat16 else w29)
+        w31 = b*w30 + c*torch.matmul(w30, w30)
+        w32 = (_round_bfloat16(w31) if ns_bfloat16 else w31)
+        w33 = a*w28 + torch.matmul(w32, w28)
+        w34 = (_round_bfloat16(w33) if ns_bfloat16 else w33)
+        w35 = w34
+    else:
+        w35 = w28
+    if k8:
+        w36 = torch.matmul(w35, (w35).mT)
+        w37 = (_round_bfloat16(w36) if ns_bfloat16 else w36)
+        w38 = b*w37 + c*torch.matmul(w37, w37)
+        w39 = (_round_bfloat16(w38) if ns_bfloat16 else w38)
+        w40 = a*w35 + torch.matmul(w39, w35)
+        w41 = (_round_bfloat16(w40) if ns_bfloat16 else w40)
+        w42 = w41
+    else:
+        w42 = w35
+    if k9:
+        w43 = torch.matmul(w42, (w42).mT)
+        w44 = (_round_bfloat16(w43) if ns_bfloat16 else w43)
+        w45 = b*w44 + c*torch.matmul(w44, w44)
+        w46 = (_round_bfloat16(w45) if ns_bfloat16 else w45)
+        w47 = a*w42 + torch.matmul(w46, w42)
+        w48 = (_round_bfloat16(w47) if ns_bfloat16 else w47)
+        w49 = w48
+    else:
+        w49 = w42
+    if k10:
+        w50 = torch.matmul(w49, (w49).mT)
+        w51 = (_round_bfloat16(w50) if ns_bfloat16 else w50)
+        w52 = b*w51 + c*torch.matmul(w51, w51)
+        w53 = (_round_bfloat16(w52) if ns_bfloat16 else w52)
+        w54 = a*w49 + torch.matmul(w53, w49)
+        w55 = (_round_bfloat16(w54) if ns_bfloat16 else w54)
+        w56 = w55
+    else:
+        w56 = w49
+    if k11:
+        w57 = torch.matmul(w56, (w56).mT)
+        w58 = (_round_bfloat16(w57) if ns_bfloat16 else w57)
+        w59 = b*w58 + c*torch.matmul(w58, w58)
+        w60 = (_round_bfloat16(w59) if ns_bfloat16 else w59)
+        w61 = a*w56 + torch.matmul(w60, w56)
+        w62 = (_round_bfloat16(w61) if ns_bfloat16 else w61)
+        w63 = w62
+    else:
+        w63 = w56
+    if k12:
+        w64 = torch.matmul(w63, (w63).mT)
+        w65 = (_round_bfloat16(w64) if ns_bfloat16 else w64)
+        w66 = b*w65 + c*torch.matmul(w65, w65)
+        w67 = (_round_bfloat16(w66) if ns_bfloat16 else w66)
+        w68 = a*w63 + torch.matmul(w67, w63)
+        w69 = (_round_bfloat16(w68) if ns_bfloat16 else w68)
+        w70 = w69
+    else:
+        w70 = w63
+    if k13:
+        w71 = torch.matmul(w70, (w70).mT)
+        w72 = (_round_bfloat16(w71) if ns_bfloat16 else w71)
+        w73 = b*w72 + c*torch.matmul(w72, w72)
+        w74 = (_round_bfloat16(w73) if ns_bfloat16 else w73)
+        w75 = a*w70 + torch.matmul(w74, w70)
+        w76 = (_round_bfloat16(w75) if ns_bfloat16 else w75)
+        w77 = w76
+    else:
+        w77 = w70
+    if k14:
+        w78 = torch.matmul(w77, (w77).mT)
+        w79 = (_round_bfloat16(w78) if ns_bfloat16 else w78)
+        w80 = b*w79 + c*torch.matmul(w79, w79)
+        w81 = (_round_bfloat16(w80) if ns_bfloat16 else w80)
+        w82 = a*w77 + torch.matmul(w81, w77)
+        w83 = (_round_bfloat16(w82) if ns_bfloat16 else w82)
+        w84 = w83
+    else:
+        w84 = w77
+    if k15:
+        w85 = torch.matmul(w84, (w84).mT)
+        w86 = (_round_bfloat16(w85) if ns_bfloat16 else w85)
+        w87 = b*w86 + c*torch.matmul(w86, w86)
+        w88 = (_round_bfloat16(w87) if ns_bfloat16 else w87)
+        w89 = a*w84 + torch.matmul(w88, w84)
+        w90 = (_round_bfloat16(w89) if ns_bfloat16 else w89)
+        w91 = w90
+    else:
+        w91 = w84
+    if k16:
+        w92 = torch.matmul(w91, (w91).mT)
+        w93 = (_round_bfloat16(w92) if ns_bfloat16 else w92)
+        w94 = b*w93 + c*torch.matmul(w93, w93)
+        w95 = (_round_bfloat16(w94) if ns_bfloat16 else w94)
+        w96 = a*w91 + torch.matmul(w95, w91)
+        w97 = (_round_bfloat16(w96) if ns_bfloat16 else w96)
+        w98 = w97
+    else:
+        w98 = w91
+    if k17:
+        w99 = torch.matmul(w98, (w98).mT)
+        w100 = (_round_bfloat16(w99) if ns_bfloat16 else w99)
+        w101 = b*w100 + c*torch.matmul(w100, w100)
+        w102 = (_round_bfloat16(w101) if ns_bfloat16 else w101)
+        w103 = a*w98 + torch.matmul(w102, w98)
+        w104 = (_round_bfloat16(w103) if ns_bfloat16 else w103)
+        w105 = w104
+    else:
+        w105 = w98
+    if k18:
+        w106 = torch.matmul(w105, (w105).mT)
+        w107 = (_round_bfloat16(w106) if ns_bfloat16 else w106)
+        w108 = b*w107 + c*torch.matmul(w107, w107)
+        w109 = (_round_bfloat16(w108) if ns_bfloat16 else w108)
+        w110 = a*w105 + torch.matmul(w109, w105)
+        w111 = (_round_bfloat16(w110) if ns_bfloat16 else w110)
+        w112 = w111
+    else:
+        w112 = w105
     w113 = ((w112).mT if c1 else w112)
     return (w113,)
 

@@ -287,12 +287,58 @@ def _hoist_logs(expr: sp.Expr, levels: dict, logs: dict) -> sp.Expr:
     return expr.xreplace(powers)
 
 
+def _lazy_section(section, exits: set, host: set[str], printer) -> list[str]:
+    """The matrix section's lines, each where() on host scalars a Python if whose branch holds the
+    work only its first operand reads: Muon's unrolled Newton-Schulz rounds past ns_steps compute
+    nothing, as on the torch paths. A select inside another's branch nests."""
+    defined = {d.symbol: d for d in section}
+    users = {d.symbol: set() for d in section}
+    for d in section:
+        for s in d.expr.free_symbols & users.keys():
+            users[s].add(d.symbol)
+    lazy = {}  # select -> the definitions that only its first operand reads, directly or not
+    for d in section:
+        if not (type(d.expr).__name__ == "where" and all(x.name in host for x in d.expr.args[0].free_symbols)):
+            continue
+        cond, _, b = d.expr.args
+        keep_out = cond.free_symbols | b.free_symbols | exits | {d.symbol}
+        inner, changed = set(), True
+        while changed:
+            changed = False
+            for x in defined:
+                if x not in inner and x not in keep_out and users[x] and users[x] <= inner | {d.symbol}:
+                    inner.add(x)
+                    changed = True
+        lazy[d.symbol] = inner
+    owner = {}  # each lazy definition's innermost select
+    for sel, inner in sorted(lazy.items(), key=lambda kv: -len(kv[1])):
+        owner.update((x, sel) for x in inner)
+
+    def emit(symbols, pad):
+        lines = []
+        for d in section:
+            if d.symbol not in symbols:
+                continue
+            mine = {x for x in lazy.get(d.symbol, ()) if owner[x] == d.symbol}
+            if mine:
+                cond, a, b = d.expr.args
+                lines.append(f"{pad}if {HostPrinter().doprint(cond)}:")
+                lines += emit(mine, pad + "    ")
+                lines += [f"{pad}    {d.symbol} = {printer.doprint(a)}", f"{pad}else:",
+                          f"{pad}    {d.symbol} = {printer.doprint(b)}"]
+            else:
+                lines.append(f"{pad}{d.symbol} = {printer.doprint(d.expr)}")
+        return lines
+
+    return emit({d.symbol for d in section if d.symbol not in owner}, "")
+
+
 def _matrix_context(plan: Plan, f: Fusion, levels: dict) -> dict:
     """The matrix section as torch code: a function of one tensor's entries, and the launcher's
     per-tensor lines that compute its host scalars (the parameter's shape, t) and call it."""
     host = {str(s) for s, level in levels.items() if level in (GROUP, PARAM)}
     printer = MatrixPrinter(host)
-    body = [f"{d.symbol} = {printer.doprint(d.expr)}" for d in f.section]
+    body = _lazy_section(f.section, set(f.exits), host, printer)
     # the per-tensor host scalars it reads, and what they read in turn
     need = {e for e in f.entries if levels.get(e) == PARAM}
     params = []
