@@ -145,7 +145,7 @@ def test_matrix_work_shows_its_math_and_memory_and_says_what_it_skips():
 def test_cli_explains_a_shipped_name_with_rules(capsys):
     assert main(["explain", "muon"]) == 0
     out = capsys.readouterr().out
-    assert "Rule for parameters with ndim == 2 and use_muon:" in out and "repeat 5 times:" in out
+    assert "Rule for parameters with ndim == 2 and use_muon:" in out and "repeat ns_steps times (at most 16):" in out
 
 
 def test_explain_prints_group_statements_and_mode_blocks():
