@@ -151,6 +151,7 @@ class _Lowering:
         self.fed = {i.name for i in spec.inputs}
         self.states = {s.name for s in spec.states}
         self.version: dict[str, int] = {"p": 0, "g": 0, **{s: 0 for s in self.states}}
+        self.retired: dict[str, int] = {}  # a block's local no longer visible: the last version it took
         self.kind: dict[str, str] = {}  # SSA name -> TENSOR/SCALAR
         self.shape: dict[str, frozenset | None] = {}  # SSA name -> shape (see ir.join)
         self.declared = {s.name: ir.state_shape(s.shape) for s in spec.states}
@@ -364,8 +365,8 @@ class _Lowering:
         """Each value a block assigned becomes where(due, new, old); a local of the block alone is
         not visible after it."""
         for n in dict.fromkeys(_targets(block.body)):
-            if n not in before:  # a local of the block alone: not visible after it
-                del self.version[n]
+            if n not in before:  # a local of the block alone: not visible after it, its names not reused
+                self.retired[n] = self.version.pop(n)
                 continue
             value = ir.Op("where", (due, ir.Ref(self.ssa(n, self.version[n])), ir.Ref(self.ssa(n, before[n]))),
                           block.span)
@@ -410,7 +411,7 @@ class _Lowering:
             old = ir.Ref(self.ssa(n, self.version[n]), a.target_span)
             self.read.add(n)
             value = ir.Op(a.op[0], (old, value), a.span)
-        version = self.version.get(n, 0) + 1
+        version = self.version.get(n, self.retired.get(n, 0)) + 1
         self.version[n] = version
         out = self.ssa(n, version)
         kind = self.kind_of(value)

@@ -17,7 +17,7 @@ from optdsl.sym import meanings
 ROOT = Path(__file__).resolve().parent.parent
 SPECS, EQUIV = ROOT / "specs", ROOT / "tests" / "specs" / "equiv"
 ADAM, ADAMW = SPECS / "adam.opt", SPECS / "adamw.opt"
-RMSPROP_BC = {"assume": {"amsgrad": 0, "b1": 0, "wd": 0}, "mapping": {"b2": "alpha", "v": "sq"}}
+RMSPROP_BC = {"assume": {"amsgrad": 0, "decoupled": 0, "b1": 0, "wd": 0}, "mapping": {"b2": "alpha", "v": "sq"}}
 
 
 def spec(path: Path):
@@ -49,14 +49,14 @@ def test_adam_with_b1_zero_is_rmsprop_with_bias_correction():
     assert_proven(v, ("p", "sq"))
     assert (v.only_in_a, v.only_in_b) == (("m",), ())
     # b1 is a hyperparameter RMSprop lacks: comparing without fixing it is an error, not a crash
-    v = equivalent(spec(ADAM), spec(EQUIV / "rmsprop_bc.opt"), assume={"amsgrad": 0, "wd": 0},
+    v = equivalent(spec(ADAM), spec(EQUIV / "rmsprop_bc.opt"), assume={"amsgrad": 0, "decoupled": 0, "wd": 0},
                    mapping=RMSPROP_BC["mapping"])
     assert v.error and v.exit_code == 3 and "b1" in v.message
 
 
 def test_nonnegative_state_and_piecewise_proofs():
     # Adam's v never goes negative (proven by the checker), so abs(v) is v
-    assert_proven(equivalent(spec(ADAM), spec(EQUIV / "adam_abs_v.opt"), assume={"amsgrad": 0, "wd": 0}), ("p", "m", "v"))
+    assert_proven(equivalent(spec(ADAM), spec(EQUIV / "adam_abs_v.opt"), assume={"amsgrad": 0, "decoupled": 0, "wd": 0}), ("p", "m", "v"))
     assert_proven(equivalent(inline("p -= lr * max(g, 0)"), inline("p -= lr * where(g > 0, g, 0)")), ("p",))
     assert_proven(equivalent(inline("p -= lr * (g > 0)"), inline("p -= lr * (1 - (g <= 0))")), ("p",))
     assert equivalent(inline("p -= lr * max(g, 0)").program, inline("p -= lr * max(g, 0)").program).equal
@@ -75,8 +75,13 @@ def run_torch(path: Path, cx: dict[str, float], hypers: tuple[str, ...], states:
     return p.item()
 
 
+def test_adam_with_decoupled_weight_decay_is_adamw():
+    """torch.optim.Adam(decoupled_weight_decay=True) is AdamW: proven, rule by rule."""
+    assert_proven(equivalent(spec(ADAM), spec(ADAMW), assume={"decoupled": 1, "amsgrad": 0}), ("p", "m", "v"))
+
+
 def test_adam_l2_is_not_adamw_and_the_counterexample_is_real():
-    v = equivalent(spec(ADAM), spec(ADAMW), assume={"wd": 0.1})
+    v = equivalent(spec(ADAM), spec(ADAMW), assume={"wd": 0.1, "decoupled": 0})  # Adam with L2, its default
     assert (v.equal, v.proven, v.exit_code, v.differing) == (False, True, 1, "p")
     cx = v.counterexample
     assert cx["wd"] == 0.1 and cx["v"] >= 0 and 1 <= cx["t"] <= 10
@@ -88,7 +93,7 @@ def test_adam_l2_is_not_adamw_and_the_counterexample_is_real():
     for path, key in ((ADAM, "A:p"), (ADAMW, "B:p")):
         _, _, out = meanings(spec(path).program)
         value = meaning(out["p"]).subs({sp.Symbol(k): cx[k] for k in ("p", "g", "m", "v", "t")
-                                                          + hypers})
+                                                          + hypers}).subs(sp.Symbol("decoupled"), 0)
         assert float(value) == pytest.approx(cx[key], rel=1e-12)
 
 
@@ -142,10 +147,10 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 def test_cli_exit_codes(capsys):
     code, out, _ = run_cli(capsys, str(EQUIV / "nesterov_torch.opt"), str(EQUIV / "nesterov_expanded.opt"))
     assert code == 0 and "equivalent" in out
-    code, out, _ = run_cli(capsys, str(ADAM), str(ADAMW), "--assume", "wd=0.1")
+    code, out, _ = run_cli(capsys, str(ADAM), str(ADAMW), "--assume", "wd=0.1", "--assume", "decoupled=0")
     assert code == 1 and "NOT equivalent" in out and "p after the step:" in out
     assert all(f"\n  {name} " in out for name in ("p", "g", "m", "v", "lr", "wd", "t"))
-    code, out, _ = run_cli(capsys, str(ADAM), str(EQUIV / "rmsprop_bc.opt"), "--assume", "amsgrad=0", "--assume", "b1=0",
+    code, out, _ = run_cli(capsys, str(ADAM), str(EQUIV / "rmsprop_bc.opt"), "--assume", "amsgrad=0", "--assume", "decoupled=0", "--assume", "b1=0",
                            "--assume", "wd=0", "--map", "b2=alpha", "--map", "v=sq")
     assert code == 0 and "only in" in out and ": m (not compared)" in out
     code, out, _ = run_cli(capsys, str(EQUIV / "normalized_norm.opt"), str(EQUIV / "normalized_sum.opt"))
@@ -192,5 +197,5 @@ def test_matrix_work_is_undecided_and_shows_the_math(capsys):
     assert cli.main(["equiv", "muon", str(SPECS / "muon.opt")]) == 2
     out = capsys.readouterr().out
     assert "rule for parameters with ndim == 2 and use_muon: undecided: matrix work (mm, T) is not modelled" in out
-    assert out.count("repeat 5 times:") == 2  # A's and B's Newton-Schulz loops, as written
+    assert out.count("repeat ns_steps times (at most 16):") == 2  # A's and B's Newton-Schulz loops, as written
     assert "rule for every other parameter: equivalent: p, m, v" in out
