@@ -228,7 +228,7 @@ def _differs(a: torch.Tensor, b: torch.Tensor, finite_only: bool = False) -> flo
     return ((a - b).abs() / (1 + torch.maximum(a.abs(), b.abs()))).max().item()
 
 
-_DRAWS = re.compile(r"\brandn?\s*\(")  # a draw in the spec's text (comments taken out)
+_DRAWS = re.compile(r"\b(%s)\s*\(" % "|".join(n for n, f in F.TABLE.items() if f.random))  # a draw in the text
 
 
 def step_fused(cls, random: bool = False) -> str:

@@ -298,7 +298,7 @@ def _lazy_section(section, exits: set, host: set[str], printer) -> list[str]:
             users[s].add(d.symbol)
     lazy = {}  # select -> the definitions that only its first operand reads, directly or not
     for d in section:
-        if not (type(d.expr).__name__ == "where" and all(x.name in host for x in d.expr.args[0].free_symbols)):
+        if not (isinstance(d.expr, fn.where) and all(x.name in host for x in d.expr.args[0].free_symbols)):
             continue
         cond, _, b = d.expr.args
         keep_out = cond.free_symbols | b.free_symbols | exits | {d.symbol}
