@@ -332,3 +332,27 @@ def test_torch_sgd_state_without_step_still_loads():
     assert all("step" not in s for s in ref.state_dict()["state"].values())
     ours = SGD(_params(), lr=0.1, momentum=0.9)
     ours.load_state_dict(_roundtrip(ref.state_dict()))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_group_state_of_a_spec_without_torch_names_loads_before_and_after_the_first_step(path):
+    """A group state (`state k: group`) goes into param_groups at the first step, so a state_dict saved
+    before it has none: the load check required it as a hyperparameter, and refused the state_dict of
+    a fresh optimizer of the same class (red-team, issue 12)."""
+    import optdsl
+    cls = optdsl.compile("optimizer GroupDecay\nhyper lr = 0.1\nstate k: group = 1\ngroup k = k * 0.5\n"
+                         "p -= lr * k * g\n", "group_decay.opt")
+    (p,) = _params(shapes=[(3,)])
+    fresh = cls([p], **PATHS[path])
+    cls([p], **PATHS[path]).load_state_dict(_roundtrip(fresh.state_dict()))
+    p.grad = torch.ones(3)
+    fresh.step()
+    resumed = cls([p], **PATHS[path])
+    resumed.load_state_dict(_roundtrip(fresh.state_dict()))
+    fresh.step()
+    resumed.step()
+    assert resumed.param_groups[0]["k"] == fresh.param_groups[0]["k"] == 0.25
+    saved = _roundtrip(fresh.state_dict())
+    saved["param_groups"][0].pop("lr")
+    with pytest.raises(ValueError, match="has no lr"):  # a hyperparameter is still required
+        cls([p]).load_state_dict(saved)

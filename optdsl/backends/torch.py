@@ -513,8 +513,10 @@ def interface(prog: ir.Program) -> dict:
     group_code = {h.name: f'values["{h.name}"]' if h.computed else f'group["{h.name}"]' for h in prog.hypers}
     ctx = dict(dropin=prog.dropin, states_saved=[(s.name, s.saved_as) for s in prog.states],
                eager=[s.saved_as for s in prog.states if s.eager])
-    if not prog.dropin:  # a state_dict's groups must hold every hyperparameter but the flags
-        return ctx | dict(group_code=group_code, required_keys=[h.name for h in prog.hypers if not h.flag])
+    if not prog.dropin:  # a state_dict's groups must hold every hyperparameter but the flags and the
+        # group states (made at the first step: a state_dict saved before it has none)
+        return ctx | dict(group_code=group_code,
+                          required_keys=[h.name for h in prog.hypers if not h.flag and not h.computed])
     hypers = {h.name: h for h in prog.hypers}
     keywords, aliases = [], {}
     for kw in prog.keywords:
