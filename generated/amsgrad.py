@@ -33,7 +33,7 @@ import os
 import torch
 from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
 
-__all__ = ["AMSGrad", "amsgrad"]
+__all__ = ["AMSGrad", "amsgrad_"]
 
 # Parameters in these dtypes are updated in their own precision; lower ones in float32.
 _EXACT = (torch.float32, torch.float64)
@@ -869,7 +869,7 @@ class AMSGrad(Optimizer):
             self._init_group(group, params, grads, m_list, v_list, v_max_list, state_steps)
             if group["maximize"]:  # as torch.optim: every path (and the group statements) reads -g, so the step ascends
                 grads = _negated(grads)
-            amsgrad(
+            amsgrad_(
                 params, grads, m_list, v_list, v_max_list, state_steps,
                 lr=group["lr"],
                 b1=group["betas"][0],
@@ -945,8 +945,8 @@ def _torch_names(values, defaults, aliases):
     return values
 
 
-def amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, *, foreach=None, fused=None,
-            grad_scale=None, found_inf=None, generator=None, stochastic=False, **hypers):
+def amsgrad_(params, grads, m_list, v_list, v_max_list, state_steps, *, foreach=None, fused=None,
+             grad_scale=None, found_inf=None, generator=None, stochastic=False, **hypers):
     """Functional AMSGrad: update `params` and the state lists in place. `grad_scale` and
     `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
     skips the step. `stochastic`: low-bit states are requantised stochastically, not to the nearest level."""
@@ -955,7 +955,7 @@ def amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, *, foreach=N
         raise RuntimeError("AMSGrad: grad_scale and found_inf are taken by the fused path only (fused=True, eager)")
     if torch.compiler.is_compiling():
         # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
-        return _single_tensor_amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, **hypers)
+        return _single_tensor_amsgrad_(params, grads, m_list, v_list, v_max_list, state_steps, **hypers)
     # Eager, tensor hyperparameters (lr=torch.tensor(1e-3), for a compiled step) are host floats.
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
@@ -965,16 +965,16 @@ def amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, *, foreach=N
         if why:
             raise RuntimeError(f"AMSGrad(fused=True) cannot run: {why}")
     if fused:
-        return _fused_amsgrad(params, grads, m_list, v_list, v_max_list, state_steps,
+        return _fused_amsgrad_(params, grads, m_list, v_list, v_max_list, state_steps,
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-    impl = _multi_tensor_amsgrad if foreach else _single_tensor_amsgrad
+    impl = _multi_tensor_amsgrad_ if foreach else _single_tensor_amsgrad_
     impl(params, grads, m_list, v_list, v_max_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled,                            generator=None, stochastic=False):
+def _single_tensor_amsgrad_(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled,                             generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - b2
     k1 = 1 - b1
@@ -1026,7 +1026,7 @@ def _single_tensor_amsgrad(params, grads, m_list, v_list, v_max_list, state_step
         _write_state(v_max_list[i], v_max, False, generator, stochastic)
 
 
-def _multi_tensor_amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled,                           generator=None, stochastic=False):
+def _multi_tensor_amsgrad_(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled,                            generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
@@ -1261,7 +1261,7 @@ if triton is not None:
             tl.store(ptr + offsets, x, mask=mask)
 
     @triton.jit(do_not_specialize=["seed"])
-    def _amsgrad_kernel(
+    def _amsgrad__kernel(
         p_ptrs, g_ptrs,  # int64 tables: one data pointer per tensor
         m_ptrs,
         v_ptrs,
@@ -1478,8 +1478,8 @@ def _hyper_table(values, device):
     return _HYPERS[key]
 
 
-def _fused_amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled,
-                   grad_scale=None, found_inf=None, generator=None, stochastic=False):
+def _fused_amsgrad_(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled,
+                    grad_scale=None, found_inf=None, generator=None, stochastic=False):
     """`stochastic`: low-bit states are requantised stochastically, not to the nearest level."""
     global LAUNCHES
     if not params:
@@ -1533,7 +1533,7 @@ def _fused_amsgrad(params, grads, m_list, v_list, v_max_list, state_steps, *, lr
                      C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=block,
                      ALIGNED=all(aligned[k] for k in (0, 1, 2, 3, 4)),
                      num_warps=_NUM_WARPS)
-        _amsgrad_kernel[(len(block_tensor),)](*args, **types)
+        _amsgrad__kernel[(len(block_tensor),)](*args, **types)
         LAUNCHES += 1
         if found_inf is not None:  # an overflow: the step count goes back too, as in torch's fused optimizers
             torch._foreach_sub_(device_steps, [found_t] * len(device_steps))

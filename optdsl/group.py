@@ -114,7 +114,7 @@ class _GroupLowering:
         if n in ir.BUILTINS or n in ir.SHAPE_BUILTINS or n in self.param_states:
             raise SpecError(f"'{n}' is per parameter, so a group statement cannot assign it", a.target_span,
                             hint="a group statement assigns a group state ('state NAME: group') or a group local")
-        if n in TABLE or keyword.iskeyword(n) or n in self.reserved or n.endswith("_list"):
+        if n in TABLE or keyword.iskeyword(n) or n in self.reserved or n.endswith("_list") or n.startswith("__"):
             raise SpecError(f"'{n}' is reserved and cannot name a group value", a.target_span,
                             hint=f"choose another name, e.g. '{n}_'")
         value = self.expr(a.value, False)

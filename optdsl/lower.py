@@ -74,10 +74,20 @@ STATE_DERIVED = {"{}_list": "the step functions' list of state '{}'",
                  "{}_ptr": "the fused kernel's pointer to state '{}'"}
 
 
+def _python_special(name: str) -> bool:
+    """A name Python itself treats apart: a dunder (`__class__`, `__debug__`, `__builtins__`) has a meaning
+    of its own, and `__x` inside a class body is mangled to `_Class__x`, so a keyword `__x` is never accepted."""
+    return name.startswith("__")
+
+
+_SPECIAL_HINT = "Python reserves names that start with '__' (dunders, and private names it mangles in a class)"
+
+
 def _check_declarations(spec: ast.Spec) -> None:
-    if keyword.iskeyword(spec.name) or not spec.name.isidentifier():
+    if keyword.iskeyword(spec.name) or not spec.name.isidentifier() or _python_special(spec.name):
         raise SpecError(f"'{spec.name}' cannot be a class name", spec.name_span,
-                        hint="name the optimizer with a word that is not a Python keyword, e.g. MyAdam")
+                        hint="name the optimizer with a word that is not a Python keyword and does not start "
+                             "with '__', e.g. MyAdam")
     if spec.name in RESERVED:
         raise SpecError(f"'{spec.name}' is a name the generated module uses itself", spec.name_span,
                         hint=f"the class would hide it; choose another name, e.g. '{spec.name}Opt'")
@@ -109,6 +119,9 @@ def _check_declarations(spec: ast.Spec) -> None:
         if keyword.iskeyword(name) or name in RESERVED:
             raise SpecError(f"'{name}' is reserved and cannot be a {kind} name", decl.span,
                             hint=f"rename it, e.g. '{name}_'")
+        if _python_special(name):
+            raise SpecError(f"'{name}' cannot be a {kind} name", decl.span,
+                            hint=f"{_SPECIAL_HINT}; rename it, e.g. '{name.lstrip('_')}'")
         if name in seen:
             raise SpecError(f"'{name}' is declared twice (already a {seen[name]})", decl.span,
                             hint="remove one of the declarations or rename it")
@@ -524,6 +537,9 @@ def _keywords(spec: ast.Spec, named: bool = False) -> tuple[ir.Keyword, ...]:
         if keyword.iskeyword(name) or name in RESERVED or name in CONSTRUCTOR_NAMES:
             raise SpecError(f"'{name}' is reserved and cannot be a keyword", span,
                             hint="the generated constructor uses it itself; choose another name")
+        if _python_special(name):
+            raise SpecError(f"'{name}' cannot be a keyword", span,
+                            hint=f"{_SPECIAL_HINT}; choose another name, e.g. '{name.lstrip('_')}'")
         if name in seen:
             raise SpecError(f"'{name}' would name two keywords ({seen[name]} and {what})", span,
                             hint="a keyword, and a hyperparameter's own name when it is passed under "

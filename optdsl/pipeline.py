@@ -5,7 +5,7 @@ from dataclasses import dataclass, replace
 
 from lark.exceptions import VisitError
 
-from . import check, ir, lower, parse, ranks, shapes, sym
+from . import check, ir, lower, parse, ranks, shapes, sym, taken
 from .backends import torch as torch_backend
 from .errors import Span, SpecError, SpecWarning
 
@@ -41,6 +41,7 @@ def compile_source(text: str, filename: str = "<spec>") -> Compiled:
             rules.append((code, program, sym.plan(program), shown))
         program, plan = rules[0][1], rules[0][2]
         python = torch_backend.render(plan, text, filename, tuple((r[0], r[2], r[3]) for r in rules))
+        taken.check(python, spec)  # the module's own top-level names, read from it
     except SpecError as err:
         raise err.located(filename, text) from None
     except (RecursionError, VisitError) as err:

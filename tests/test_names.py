@@ -125,3 +125,61 @@ def test_a_hyperparameter_named_like_a_local_of_the_generated_code_steps(name):
         assert (err.line, err.column) == (2, 18) and name in err.message
         return
     _same_steps(text, re.sub(rf"\b{name}\b", "q", text))
+
+
+# Names the module binds at its top level that no hand-kept list held (red-team, issue 12): the class
+# `_MADE` replaced the table of that name (optdsl.compile returned a list), `_read_state` or `_column`
+# the helpers the step calls; a hyperparameter, state, input, keyword or group value `_new_rng`,
+# `_read_state` or `_pow` hid a helper inside the function it is a parameter or local of.
+@pytest.mark.parametrize("name", ["_MADE", "_column", "_by_storage", "_read_state", "_quantised", "_new_rng",
+                                  "_lowbit_format", "_whole", "_real"])
+def test_a_class_named_like_a_helper_of_the_module_is_refused(name):
+    with pytest.raises(SpecError, match="a name the generated module uses itself") as err:
+        optdsl.compile(f"optimizer {name}\n{BODY}", "names.opt")
+    assert (err.value.line, err.value.column) == (1, 11) and "hint:" in str(err.value)
+
+
+@pytest.mark.parametrize("text, where", [
+    ("optimizer X\nhyper lr = 1e-2, _new_rng = 0.5\np -= lr * _new_rng * g\n", (2, 18)),
+    ("optimizer X\nhyper lr = 1e-2 as _read_state\np -= lr * g\n", (2, 20)),
+    ("optimizer X\nstate _read_state\n_read_state = lerp(_read_state, g, 0.5)\np -= 0.1 * _read_state\n", (2, 7)),
+    ("optimizer X\ninput _write_state = 0.5\np -= _write_state * g\n", (2, 7)),
+    ("optimizer X\ngroup _pow = sum(g^2)\np -= 0.1 * g / (1 + _pow)\n", (2, 7)),
+    ("optimizer X\nstate _x_kernel\n_x_kernel = g\np -= 0.1 * _x_kernel\n", (2, 7)),
+    ("optimizer X\nhyper lr = 1e-2, _x_kernel = 0.5\np -= lr * _x_kernel * g\n", (2, 18)),
+])
+def test_a_name_the_module_defines_for_itself_is_refused_where_it_stands(text, where):
+    with pytest.raises(SpecError, match="a name the generated module defines itself") as err:
+        optdsl.compile(text, "names.opt")
+    assert (err.value.line, err.value.column) == where and "hint:" in str(err.value)
+
+
+# Python gives names that start with '__' a meaning of their own: `hyper __class__` broke super() in the
+# constructor, `__debug__` made a module with a SyntaxError, a class `__builtins__` replaced the module's
+# builtins, and a keyword `__x` was mangled to `_X__x` in the class body, so `X(params, __x=1)` was refused.
+@pytest.mark.parametrize("text, where", [
+    ("optimizer __builtins__\np -= 0.1 * g\n", (1, 11)),
+    ("optimizer __Q\np -= 0.1 * g\n", (1, 11)),
+    ("optimizer X\nhyper __class__ = 0.5\np -= __class__ * g\n", (2, 7)),
+    ("optimizer X\nhyper __x = 0.5\np -= __x * g\n", (2, 7)),
+    ("optimizer X\nhyper lr = 0.5 as __lr\np -= lr * g\n", (2, 19)),
+    ("optimizer X\nstate __debug__\n__debug__ = g\np -= 0.1 * __debug__\n", (2, 7)),
+    ("optimizer X\ninput __dict__ = 1\np -= __dict__ * g\n", (2, 7)),
+    ("optimizer X\ngroup __debug__ = sum(g^2)\np -= 0.1 * g / (1 + __debug__)\n", (2, 7)),
+])
+def test_a_name_python_treats_apart_is_refused_where_it_stands(text, where):
+    with pytest.raises(SpecError) as err:
+        optdsl.compile(text, "names.opt")
+    assert (err.value.line, err.value.column) == where and "'__" in err.value.message
+    assert "bug in optdsl" not in str(err.value)
+
+
+def test_the_functional_steps_clear_of_a_declared_name():
+    """AMSGrad's hyperparameter `amsgrad` is a parameter of the functions beside its functional, so the
+    functional is amsgrad_, as it is for any class whose lower-cased name the spec declares."""
+    text = "optimizer Lr\nhyper lr = 1e-2\nstate m\nm = lerp(m, g, 0.5)\np -= lr * m\n"
+    module = sys.modules[optdsl.compile(text, "names.opt").__module__]
+    assert module.__all__ == ["Lr", "lr_"]
+    _same_steps(text, text.replace("optimizer Lr", "optimizer Plain"))
+    from generated import amsgrad
+    assert amsgrad.__all__ == ["AMSGrad", "amsgrad_"]

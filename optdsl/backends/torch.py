@@ -12,7 +12,7 @@ import sympy as sp
 from .. import escape, ieee, ir, quant, ranks
 from .. import shapes as shape_check
 from ..functions import COMPARISONS, RANDOM, REDUCTIONS, TABLE
-from ..lower import RESERVED
+from ..lower import RESERVED, STATE_DERIVED
 from ..mathtext import statement_math
 from ..unread import unread_when
 from ..sym import DEVICE, GROUP, PARAM, TENSOR, Plan, meanings
@@ -287,10 +287,14 @@ _FUNC_DERIVED = ("_single_tensor_{}", "_multi_tensor_{}", "_fused_{}", "_matrix_
 
 def _functional_name(prog: ir.Program) -> str:
     """torch.optim's name for the functional form (adam for Adam), with '_' added while it is taken:
-    by the class itself (an all-lowercase name), by a name the module uses (torch, len, params, group)
-    or by one the functions it names would take."""
+    by the class itself (an all-lowercase name), by a name the module uses (torch, len, params, group),
+    by one the functions it names would take, or by a name the spec declares (AMSGrad's hyperparameter
+    amsgrad is a parameter of functions beside the functional: amsgrad_)."""
+    declared = {h.name for h in prog.hypers} | {k.name for k in prog.keywords} | {
+        pattern.format(s.name) for s in prog.states for pattern in ("{}", *STATE_DERIVED)}
+
     def taken(name: str) -> bool:
-        return name == prog.name or name in RESERVED or name in ir.BUILTINS
+        return name == prog.name or name in RESERVED or name in ir.BUILTINS or name in declared
     func = prog.name.lower()
     while keyword.iskeyword(func) or taken(func) or any(taken(f.format(func)) for f in _FUNC_DERIVED):
         func += "_"
