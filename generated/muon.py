@@ -541,6 +541,10 @@ def _negated(grads):
     return [torch.neg(g) for g in grads]
 
 
+def _bfloat16(x):
+    return float(torch.tensor(x, dtype=torch.float64).bfloat16())
+
+
 def _pow(x, y):
     try:
         r = x ** y
@@ -553,23 +557,36 @@ def _pow(x, y):
 
 class ShapeError(RuntimeError):
     """Shapes that only a parameter's shape decides (a `where` picking x or T(x), then matrix work) do
-    not fit at step: the message names the spec's statements where they meet (file:line, the
-    statement as written), the parameters' shapes and torch's own message."""
+    not fit at step: the message names the spec's statement where they do not (file:line:col, its line
+    with a caret), the shapes of the values it reads, the parameter's shape and torch's own message."""
 
 
-def _shape_error(name, err, params, statements):
-    """Raise ShapeError from torch's error `err` in a step of the rule whose such statements are
-    `statements`; return (the caller re-raises `err`) for the optimizer's own errors and linear
-    algebra that failed on values, not shapes."""
+def _shape_error(name, err, params, state_steps, hypers, replay, statements, candidates):
+    """Raise ShapeError from torch's error `err` in a step of a rule whose shapes only the parameter
+    decides. `replay` runs the rule's statements again on shapes alone (meta tensors), parameter by
+    parameter: the first that does not fit is named (`statements`: their located text). Where shapes
+    alone cannot tell (a condition on a tensor's value), every statement of `candidates` is named.
+    Return (the caller re-raises `err`) for the optimizer's own errors, linear algebra that failed on
+    values, not shapes, and an error the replay does not meet."""
     text = str(err)
-    if (isinstance(err, (ShapeError, torch.linalg.LinAlgError)) or text.startswith(name)
+    exits = text.startswith(f"{name}: matrix work gave shape")  # the fused path's check of its exits
+    if (isinstance(err, (ShapeError, torch.linalg.LinAlgError)) or (text.startswith(name) and not exits)
             or not any(word in text for word in ("shape", "size", "square", "dimension", "broadcast"))):
         return
-    shapes = ", ".join(dict.fromkeys(str(tuple(p.shape)) for p in params))
-    if len(statements) == 1:
-        where = statements[0]
+    for param, step in zip(params, state_steps):
+        at, reads, why = replay(param, float(step), **hypers)
+        if why is None:
+            continue
+        if at is None or "meta" in str(why):  # a host error, or a branch a tensor's value picks
+            break
+        operands = ", ".join(f"{n} {tuple(x.shape)}" for n, x in reads) or "none of shape"
+        raise ShapeError(f"{name}: at step, shapes that only the parameter's shape decides do not fit "
+                         f"(a parameter of shape {tuple(param.shape)}):\n{statements[at]}\n"
+                         f"  the values it reads: {operands}\n  torch: {text}") from err
     else:
-        where = "one of " + "; ".join(statements)
+        return
+    shapes = ", ".join(dict.fromkeys(str(tuple(p.shape)) for p in params))
+    where = candidates[0] if len(candidates) == 1 else "one of " + "; ".join(candidates)
     raise ShapeError(f"{name}: at step, shapes that only the parameter's shape decides do not fit in {where} "
                      f"(parameters of shape {shapes}): {text}") from err
 
@@ -1313,8 +1330,294 @@ def muon_0(params, grads, buf_list, state_steps, *, foreach=None, fused=None,
         impl(params, grads, buf_list, state_steps, generator=generator,
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
-        _shape_error("Muon", err, params, ("specs/muon.opt:32: A = mm(x, T(x))", "specs/muon.opt:34: B = b * A + c * mm(A, A)", "specs/muon.opt:36: x = a * x + mm(B, x)", "specs/muon.opt:42: p -= lr * where(adjust_lr_fn == 2, 0.2 * sqrt(max(nrows, ncols)), sqrt(max(1, nrows / ncols))) * o"))
+        _shape_error("Muon", err, params, state_steps, hypers, _shapes_muon_0, _STATEMENTS_0,
+                     ("specs/muon.opt:32: A = mm(x, T(x))", "specs/muon.opt:34: B = b * A + c * mm(A, A)", "specs/muon.opt:36: x = a * x + mm(B, x)", "specs/muon.opt:42: p -= lr * where(adjust_lr_fn == 2, 0.2 * sqrt(max(nrows, ncols)), sqrt(max(1, nrows / ncols))) * o"))
         raise
+
+
+# The statements of rule 0 as the spec writes them: a step names the one whose shapes do not fit.
+_STATEMENTS_0 = (
+    "specs/muon.opt:25:3: buf = lerp(buf, g, 1 - momentum)\n      buf = lerp(buf, g, 1 - momentum)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/muon.opt:26:3: u = where(nesterov, lerp(g, buf, momentum), buf)\n      u = where(nesterov, lerp(g, buf, momentum), buf)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/muon.opt:27:3: x = where(nrows > ncols, T(u), u)\n      x = where(nrows > ncols, T(u), u)       # iterate on the wide side: X X^T is the smaller Gram matrix\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/muon.opt:28:3: x = where(ns_bfloat16, bfloat16(x), x)\n      x = where(ns_bfloat16, bfloat16(x), x)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/muon.opt:29:3: x = x / max(where(ns_bfloat16, bfloat16(norm(x)), norm(x)), eps)\n      x = x / max(where(ns_bfloat16, bfloat16(norm(x)), norm(x)), eps)   # spectral norm at most 1 (torch's norm is a bfloat16 too)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/muon.opt:30:3: x = where(ns_bfloat16, bfloat16(x), x)\n      x = where(ns_bfloat16, bfloat16(x), x)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/muon.opt:32:5: A = mm(x, T(x))\n        A = mm(x, T(x))\n        ^^^^^^^^^^^^^^^",
+    "specs/muon.opt:33:5: A = where(ns_bfloat16, bfloat16(A), A)\n        A = where(ns_bfloat16, bfloat16(A), A)\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/muon.opt:34:5: B = b * A + c * mm(A, A)\n        B = b * A + c * mm(A, A)\n        ^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/muon.opt:35:5: B = where(ns_bfloat16, bfloat16(B), B)\n        B = where(ns_bfloat16, bfloat16(B), B)\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/muon.opt:36:5: x = a * x + mm(B, x)\n        x = a * x + mm(B, x)\n        ^^^^^^^^^^^^^^^^^^^^",
+    "specs/muon.opt:37:5: x = where(ns_bfloat16, bfloat16(x), x)\n        x = where(ns_bfloat16, bfloat16(x), x)\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/muon.opt:31:3: repeat ns_steps {\n      repeat ns_steps {\n      ^^^^^^^^^^^^^^^^^",
+    "specs/muon.opt:39:3: o = where(nrows > ncols, T(x), x)\n      o = where(nrows > ncols, T(x), x)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/muon.opt:40:3: p *= 1 - lr * wd\n      p *= 1 - lr * wd\n      ^^^^^^^^^^^^^^^^",
+    "specs/muon.opt:42:3: p -= lr * where(adjust_lr_fn == 2, 0.2 * sqrt(max(nrows, ncols)), sqrt(max(1, nrows / ncols))) * o\n      p -= lr * where(adjust_lr_fn == 2, 0.2 * sqrt(max(nrows, ncols)), sqrt(max(1, nrows / ncols))) * o\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+)
+
+
+def _shapes_muon_0(param, t, *, lr, wd, momentum, nesterov, a, b, c, eps, ns_steps, adjust_lr_fn, adam_lr, b1, b2, adam_eps, adam_wd, use_muon, ns_bfloat16, **_):
+    """After a step raised: the rule's statements again, one line each in the spec's order, on shapes
+    alone (meta tensors) for `param` at step t. (index in _STATEMENTS_0, (name, value) of the
+    tensors it reads, torch's error) of the first that raises; (None, (), None) when none does."""
+    dtype = param.dtype if param.dtype in _EXACT else torch.float32
+    p = torch.empty(param.shape, dtype=dtype, device="meta")
+    g = torch.empty_like(p)
+    ndim = p.dim()
+    numel = p.numel()
+    nrows = (p.shape[-2] if p.dim() >= 2 else 1)
+    ncols = (p.shape[-1] if p.dim() >= 1 else 1)
+    nunits = (p.shape[0] if p.dim() >= 1 else 1)
+    buf = torch.empty(p.shape, dtype=dtype, device="meta")
+    n, values = None, ()  # the statement replayed (its index), the tensors it reads
+    try:
+        n, values = 0, (("buf", buf), ("g", g))
+        v0 = buf.copy_(((buf) + (1 - momentum) * ((g) - (buf))))
+        n, values = 1, (("g", g), ("buf", v0))
+        v1 = (((g) + (momentum) * ((v0) - (g))) if nesterov else v0)
+        n, values = 2, (("u", v1),)
+        v2 = ((v1).mT if float(nrows > ncols) else v1)
+        n, values = 3, (("x", v2),)
+        v3 = (_round_bfloat16(v2) if ns_bfloat16 else v2)
+        n, values = 4, (("x", v3),)
+        v4 = v3/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), (_round_bfloat16(torch.linalg.vector_norm(v3)) if ns_bfloat16 else torch.linalg.vector_norm(v3)))
+        n, values = 5, (("x", v4),)
+        v5 = (_round_bfloat16(v4) if ns_bfloat16 else v4)
+        n, values = 6, (("x", v5),)
+        v6 = torch.matmul(v5, (v5).mT)
+        n, values = 7, (("A", v6),)
+        v7 = (_round_bfloat16(v6) if ns_bfloat16 else v6)
+        n, values = 8, (("A", v7),)
+        v8 = b*v7 + c*torch.matmul(v7, v7)
+        n, values = 9, (("B", v8),)
+        v9 = (_round_bfloat16(v8) if ns_bfloat16 else v8)
+        n, values = 10, (("x", v5), ("B", v9))
+        v10 = a*v5 + torch.matmul(v9, v5)
+        n, values = 11, (("x", v10),)
+        v11 = (_round_bfloat16(v10) if ns_bfloat16 else v10)
+        n, values = 12, (("x", v11), ("x", v5))
+        v12 = (v11 if float(ns_steps >= 1) else v5)
+        n, values = 6, (("x", v12),)
+        v13 = torch.matmul(v12, (v12).mT)
+        n, values = 7, (("A", v13),)
+        v14 = (_round_bfloat16(v13) if ns_bfloat16 else v13)
+        n, values = 8, (("A", v14),)
+        v15 = b*v14 + c*torch.matmul(v14, v14)
+        n, values = 9, (("B", v15),)
+        v16 = (_round_bfloat16(v15) if ns_bfloat16 else v15)
+        n, values = 10, (("x", v12), ("B", v16))
+        v17 = a*v12 + torch.matmul(v16, v12)
+        n, values = 11, (("x", v17),)
+        v18 = (_round_bfloat16(v17) if ns_bfloat16 else v17)
+        n, values = 12, (("x", v18), ("x", v12))
+        v19 = (v18 if float(ns_steps >= 2) else v12)
+        n, values = 6, (("x", v19),)
+        v20 = torch.matmul(v19, (v19).mT)
+        n, values = 7, (("A", v20),)
+        v21 = (_round_bfloat16(v20) if ns_bfloat16 else v20)
+        n, values = 8, (("A", v21),)
+        v22 = b*v21 + c*torch.matmul(v21, v21)
+        n, values = 9, (("B", v22),)
+        v23 = (_round_bfloat16(v22) if ns_bfloat16 else v22)
+        n, values = 10, (("x", v19), ("B", v23))
+        v24 = a*v19 + torch.matmul(v23, v19)
+        n, values = 11, (("x", v24),)
+        v25 = (_round_bfloat16(v24) if ns_bfloat16 else v24)
+        n, values = 12, (("x", v25), ("x", v19))
+        v26 = (v25 if float(ns_steps >= 3) else v19)
+        n, values = 6, (("x", v26),)
+        v27 = torch.matmul(v26, (v26).mT)
+        n, values = 7, (("A", v27),)
+        v28 = (_round_bfloat16(v27) if ns_bfloat16 else v27)
+        n, values = 8, (("A", v28),)
+        v29 = b*v28 + c*torch.matmul(v28, v28)
+        n, values = 9, (("B", v29),)
+        v30 = (_round_bfloat16(v29) if ns_bfloat16 else v29)
+        n, values = 10, (("x", v26), ("B", v30))
+        v31 = a*v26 + torch.matmul(v30, v26)
+        n, values = 11, (("x", v31),)
+        v32 = (_round_bfloat16(v31) if ns_bfloat16 else v31)
+        n, values = 12, (("x", v32), ("x", v26))
+        v33 = (v32 if float(ns_steps >= 4) else v26)
+        n, values = 6, (("x", v33),)
+        v34 = torch.matmul(v33, (v33).mT)
+        n, values = 7, (("A", v34),)
+        v35 = (_round_bfloat16(v34) if ns_bfloat16 else v34)
+        n, values = 8, (("A", v35),)
+        v36 = b*v35 + c*torch.matmul(v35, v35)
+        n, values = 9, (("B", v36),)
+        v37 = (_round_bfloat16(v36) if ns_bfloat16 else v36)
+        n, values = 10, (("x", v33), ("B", v37))
+        v38 = a*v33 + torch.matmul(v37, v33)
+        n, values = 11, (("x", v38),)
+        v39 = (_round_bfloat16(v38) if ns_bfloat16 else v38)
+        n, values = 12, (("x", v39), ("x", v33))
+        v40 = (v39 if float(ns_steps >= 5) else v33)
+        n, values = 6, (("x", v40),)
+        v41 = torch.matmul(v40, (v40).mT)
+        n, values = 7, (("A", v41),)
+        v42 = (_round_bfloat16(v41) if ns_bfloat16 else v41)
+        n, values = 8, (("A", v42),)
+        v43 = b*v42 + c*torch.matmul(v42, v42)
+        n, values = 9, (("B", v43),)
+        v44 = (_round_bfloat16(v43) if ns_bfloat16 else v43)
+        n, values = 10, (("x", v40), ("B", v44))
+        v45 = a*v40 + torch.matmul(v44, v40)
+        n, values = 11, (("x", v45),)
+        v46 = (_round_bfloat16(v45) if ns_bfloat16 else v45)
+        n, values = 12, (("x", v46), ("x", v40))
+        v47 = (v46 if float(ns_steps >= 6) else v40)
+        n, values = 6, (("x", v47),)
+        v48 = torch.matmul(v47, (v47).mT)
+        n, values = 7, (("A", v48),)
+        v49 = (_round_bfloat16(v48) if ns_bfloat16 else v48)
+        n, values = 8, (("A", v49),)
+        v50 = b*v49 + c*torch.matmul(v49, v49)
+        n, values = 9, (("B", v50),)
+        v51 = (_round_bfloat16(v50) if ns_bfloat16 else v50)
+        n, values = 10, (("x", v47), ("B", v51))
+        v52 = a*v47 + torch.matmul(v51, v47)
+        n, values = 11, (("x", v52),)
+        v53 = (_round_bfloat16(v52) if ns_bfloat16 else v52)
+        n, values = 12, (("x", v53), ("x", v47))
+        v54 = (v53 if float(ns_steps >= 7) else v47)
+        n, values = 6, (("x", v54),)
+        v55 = torch.matmul(v54, (v54).mT)
+        n, values = 7, (("A", v55),)
+        v56 = (_round_bfloat16(v55) if ns_bfloat16 else v55)
+        n, values = 8, (("A", v56),)
+        v57 = b*v56 + c*torch.matmul(v56, v56)
+        n, values = 9, (("B", v57),)
+        v58 = (_round_bfloat16(v57) if ns_bfloat16 else v57)
+        n, values = 10, (("x", v54), ("B", v58))
+        v59 = a*v54 + torch.matmul(v58, v54)
+        n, values = 11, (("x", v59),)
+        v60 = (_round_bfloat16(v59) if ns_bfloat16 else v59)
+        n, values = 12, (("x", v60), ("x", v54))
+        v61 = (v60 if float(ns_steps >= 8) else v54)
+        n, values = 6, (("x", v61),)
+        v62 = torch.matmul(v61, (v61).mT)
+        n, values = 7, (("A", v62),)
+        v63 = (_round_bfloat16(v62) if ns_bfloat16 else v62)
+        n, values = 8, (("A", v63),)
+        v64 = b*v63 + c*torch.matmul(v63, v63)
+        n, values = 9, (("B", v64),)
+        v65 = (_round_bfloat16(v64) if ns_bfloat16 else v64)
+        n, values = 10, (("x", v61), ("B", v65))
+        v66 = a*v61 + torch.matmul(v65, v61)
+        n, values = 11, (("x", v66),)
+        v67 = (_round_bfloat16(v66) if ns_bfloat16 else v66)
+        n, values = 12, (("x", v67), ("x", v61))
+        v68 = (v67 if float(ns_steps >= 9) else v61)
+        n, values = 6, (("x", v68),)
+        v69 = torch.matmul(v68, (v68).mT)
+        n, values = 7, (("A", v69),)
+        v70 = (_round_bfloat16(v69) if ns_bfloat16 else v69)
+        n, values = 8, (("A", v70),)
+        v71 = b*v70 + c*torch.matmul(v70, v70)
+        n, values = 9, (("B", v71),)
+        v72 = (_round_bfloat16(v71) if ns_bfloat16 else v71)
+        n, values = 10, (("x", v68), ("B", v72))
+        v73 = a*v68 + torch.matmul(v72, v68)
+        n, values = 11, (("x", v73),)
+        v74 = (_round_bfloat16(v73) if ns_bfloat16 else v73)
+        n, values = 12, (("x", v74), ("x", v68))
+        v75 = (v74 if float(ns_steps >= 10) else v68)
+        n, values = 6, (("x", v75),)
+        v76 = torch.matmul(v75, (v75).mT)
+        n, values = 7, (("A", v76),)
+        v77 = (_round_bfloat16(v76) if ns_bfloat16 else v76)
+        n, values = 8, (("A", v77),)
+        v78 = b*v77 + c*torch.matmul(v77, v77)
+        n, values = 9, (("B", v78),)
+        v79 = (_round_bfloat16(v78) if ns_bfloat16 else v78)
+        n, values = 10, (("x", v75), ("B", v79))
+        v80 = a*v75 + torch.matmul(v79, v75)
+        n, values = 11, (("x", v80),)
+        v81 = (_round_bfloat16(v80) if ns_bfloat16 else v80)
+        n, values = 12, (("x", v81), ("x", v75))
+        v82 = (v81 if float(ns_steps >= 11) else v75)
+        n, values = 6, (("x", v82),)
+        v83 = torch.matmul(v82, (v82).mT)
+        n, values = 7, (("A", v83),)
+        v84 = (_round_bfloat16(v83) if ns_bfloat16 else v83)
+        n, values = 8, (("A", v84),)
+        v85 = b*v84 + c*torch.matmul(v84, v84)
+        n, values = 9, (("B", v85),)
+        v86 = (_round_bfloat16(v85) if ns_bfloat16 else v85)
+        n, values = 10, (("x", v82), ("B", v86))
+        v87 = a*v82 + torch.matmul(v86, v82)
+        n, values = 11, (("x", v87),)
+        v88 = (_round_bfloat16(v87) if ns_bfloat16 else v87)
+        n, values = 12, (("x", v88), ("x", v82))
+        v89 = (v88 if float(ns_steps >= 12) else v82)
+        n, values = 6, (("x", v89),)
+        v90 = torch.matmul(v89, (v89).mT)
+        n, values = 7, (("A", v90),)
+        v91 = (_round_bfloat16(v90) if ns_bfloat16 else v90)
+        n, values = 8, (("A", v91),)
+        v92 = b*v91 + c*torch.matmul(v91, v91)
+        n, values = 9, (("B", v92),)
+        v93 = (_round_bfloat16(v92) if ns_bfloat16 else v92)
+        n, values = 10, (("x", v89), ("B", v93))
+        v94 = a*v89 + torch.matmul(v93, v89)
+        n, values = 11, (("x", v94),)
+        v95 = (_round_bfloat16(v94) if ns_bfloat16 else v94)
+        n, values = 12, (("x", v95), ("x", v89))
+        v96 = (v95 if float(ns_steps >= 13) else v89)
+        n, values = 6, (("x", v96),)
+        v97 = torch.matmul(v96, (v96).mT)
+        n, values = 7, (("A", v97),)
+        v98 = (_round_bfloat16(v97) if ns_bfloat16 else v97)
+        n, values = 8, (("A", v98),)
+        v99 = b*v98 + c*torch.matmul(v98, v98)
+        n, values = 9, (("B", v99),)
+        v100 = (_round_bfloat16(v99) if ns_bfloat16 else v99)
+        n, values = 10, (("x", v96), ("B", v100))
+        v101 = a*v96 + torch.matmul(v100, v96)
+        n, values = 11, (("x", v101),)
+        v102 = (_round_bfloat16(v101) if ns_bfloat16 else v101)
+        n, values = 12, (("x", v102), ("x", v96))
+        v103 = (v102 if float(ns_steps >= 14) else v96)
+        n, values = 6, (("x", v103),)
+        v104 = torch.matmul(v103, (v103).mT)
+        n, values = 7, (("A", v104),)
+        v105 = (_round_bfloat16(v104) if ns_bfloat16 else v104)
+        n, values = 8, (("A", v105),)
+        v106 = b*v105 + c*torch.matmul(v105, v105)
+        n, values = 9, (("B", v106),)
+        v107 = (_round_bfloat16(v106) if ns_bfloat16 else v106)
+        n, values = 10, (("x", v103), ("B", v107))
+        v108 = a*v103 + torch.matmul(v107, v103)
+        n, values = 11, (("x", v108),)
+        v109 = (_round_bfloat16(v108) if ns_bfloat16 else v108)
+        n, values = 12, (("x", v109), ("x", v103))
+        v110 = (v109 if float(ns_steps >= 15) else v103)
+        n, values = 6, (("x", v110),)
+        v111 = torch.matmul(v110, (v110).mT)
+        n, values = 7, (("A", v111),)
+        v112 = (_round_bfloat16(v111) if ns_bfloat16 else v111)
+        n, values = 8, (("A", v112),)
+        v113 = b*v112 + c*torch.matmul(v112, v112)
+        n, values = 9, (("B", v113),)
+        v114 = (_round_bfloat16(v113) if ns_bfloat16 else v113)
+        n, values = 10, (("x", v110), ("B", v114))
+        v115 = a*v110 + torch.matmul(v114, v110)
+        n, values = 11, (("x", v115),)
+        v116 = (_round_bfloat16(v115) if ns_bfloat16 else v115)
+        n, values = 12, (("x", v116), ("x", v110))
+        v117 = (v116 if float(ns_steps >= 16) else v110)
+        n, values = 13, (("x", v117),)
+        v118 = ((v117).mT if float(nrows > ncols) else v117)
+        n, values = 14, (("p", p),)
+        v119 = p.copy_(p*(-lr*wd + 1))
+        n, values = 15, (("p", v119), ("o", v118))
+        v120 = p.copy_(-lr*v118*(0.2*math.sqrt(max(ncols, nrows)) if float(adjust_lr_fn == 2) else math.sqrt(max(1, nrows/ncols))) + v119)
+    except RuntimeError as err:
+        return n, values, err
+    except (ArithmeticError, ValueError) as err:  # a host scalar's error (the paths guard them): not a shape
+        return None, (), err
+    return None, (), None
 
 
 def _single_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, ns_steps, adjust_lr_fn, adam_lr, b1, b2, adam_eps, adam_wd, use_muon, ns_bfloat16,                           generator=None, stochastic=False):

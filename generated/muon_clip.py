@@ -530,23 +530,36 @@ def _pow(x, y):
 
 class ShapeError(RuntimeError):
     """Shapes that only a parameter's shape decides (a `where` picking x or T(x), then matrix work) do
-    not fit at step: the message names the spec's statements where they meet (file:line, the
-    statement as written), the parameters' shapes and torch's own message."""
+    not fit at step: the message names the spec's statement where they do not (file:line:col, its line
+    with a caret), the shapes of the values it reads, the parameter's shape and torch's own message."""
 
 
-def _shape_error(name, err, params, statements):
-    """Raise ShapeError from torch's error `err` in a step of the rule whose such statements are
-    `statements`; return (the caller re-raises `err`) for the optimizer's own errors and linear
-    algebra that failed on values, not shapes."""
+def _shape_error(name, err, params, state_steps, hypers, replay, statements, candidates):
+    """Raise ShapeError from torch's error `err` in a step of a rule whose shapes only the parameter
+    decides. `replay` runs the rule's statements again on shapes alone (meta tensors), parameter by
+    parameter: the first that does not fit is named (`statements`: their located text). Where shapes
+    alone cannot tell (a condition on a tensor's value), every statement of `candidates` is named.
+    Return (the caller re-raises `err`) for the optimizer's own errors, linear algebra that failed on
+    values, not shapes, and an error the replay does not meet."""
     text = str(err)
-    if (isinstance(err, (ShapeError, torch.linalg.LinAlgError)) or text.startswith(name)
+    exits = text.startswith(f"{name}: matrix work gave shape")  # the fused path's check of its exits
+    if (isinstance(err, (ShapeError, torch.linalg.LinAlgError)) or (text.startswith(name) and not exits)
             or not any(word in text for word in ("shape", "size", "square", "dimension", "broadcast"))):
         return
-    shapes = ", ".join(dict.fromkeys(str(tuple(p.shape)) for p in params))
-    if len(statements) == 1:
-        where = statements[0]
+    for param, step in zip(params, state_steps):
+        at, reads, why = replay(param, float(step), **hypers)
+        if why is None:
+            continue
+        if at is None or "meta" in str(why):  # a host error, or a branch a tensor's value picks
+            break
+        operands = ", ".join(f"{n} {tuple(x.shape)}" for n, x in reads) or "none of shape"
+        raise ShapeError(f"{name}: at step, shapes that only the parameter's shape decides do not fit "
+                         f"(a parameter of shape {tuple(param.shape)}):\n{statements[at]}\n"
+                         f"  the values it reads: {operands}\n  torch: {text}") from err
     else:
-        where = "one of " + "; ".join(statements)
+        return
+    shapes = ", ".join(dict.fromkeys(str(tuple(p.shape)) for p in params))
+    where = candidates[0] if len(candidates) == 1 else "one of " + "; ".join(candidates)
     raise ShapeError(f"{name}: at step, shapes that only the parameter's shape decides do not fit in {where} "
                      f"(parameters of shape {shapes}): {text}") from err
 
@@ -1100,8 +1113,94 @@ def muonclip_0(params, grads, buf_list, max_logit_list, state_steps, *, foreach=
         impl(params, grads, buf_list, max_logit_list, state_steps, generator=generator,
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
-        _shape_error("MuonClip", err, params, ("specs/muon_clip.opt:19: A = mm(x, T(x))", "specs/muon_clip.opt:20: B = b * A + c * mm(A, A)", "specs/muon_clip.opt:21: x = a * x + mm(B, x)", "specs/muon_clip.opt:25: p -= lr * sqrt(max(1, nrows / ncols)) * o"))
+        _shape_error("MuonClip", err, params, state_steps, hypers, _shapes_muonclip_0, _STATEMENTS_0,
+                     ("specs/muon_clip.opt:19: A = mm(x, T(x))", "specs/muon_clip.opt:20: B = b * A + c * mm(A, A)", "specs/muon_clip.opt:21: x = a * x + mm(B, x)", "specs/muon_clip.opt:25: p -= lr * sqrt(max(1, nrows / ncols)) * o"))
         raise
+
+
+# The statements of rule 0 as the spec writes them: a step names the one whose shapes do not fit.
+_STATEMENTS_0 = (
+    "specs/muon_clip.opt:14:3: buf = lerp(buf, g, 1 - momentum)\n      buf = lerp(buf, g, 1 - momentum)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/muon_clip.opt:15:3: u = where(nesterov, lerp(g, buf, momentum), buf)\n      u = where(nesterov, lerp(g, buf, momentum), buf)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/muon_clip.opt:16:3: x = where(nrows > ncols, T(u), u)\n      x = where(nrows > ncols, T(u), u)       # iterate on the wide side: X X^T is the smaller Gram matrix\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/muon_clip.opt:17:3: x = x / max(norm(x), eps)\n      x = x / max(norm(x), eps)               # spectral norm at most 1\n      ^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/muon_clip.opt:19:5: A = mm(x, T(x))\n        A = mm(x, T(x))\n        ^^^^^^^^^^^^^^^",
+    "specs/muon_clip.opt:20:5: B = b * A + c * mm(A, A)\n        B = b * A + c * mm(A, A)\n        ^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/muon_clip.opt:21:5: x = a * x + mm(B, x)\n        x = a * x + mm(B, x)\n        ^^^^^^^^^^^^^^^^^^^^",
+    "specs/muon_clip.opt:23:3: o = where(nrows > ncols, T(x), x)\n      o = where(nrows > ncols, T(x), x)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/muon_clip.opt:24:3: p *= 1 - lr * wd\n      p *= 1 - lr * wd\n      ^^^^^^^^^^^^^^^^",
+    "specs/muon_clip.opt:25:3: p -= lr * sqrt(max(1, nrows / ncols)) * o\n      p -= lr * sqrt(max(1, nrows / ncols)) * o   # torch's \"original\" learning-rate adjustment\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/muon_clip.opt:26:3: p *= sqrt(tau / max(max_logit, tau))\n      p *= sqrt(tau / max(max_logit, tau))     # QK-clip: after the update, shrink W_q and W_k if s > tau\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+)
+
+
+def _shapes_muonclip_0(param, t, *, tau, lr, wd, momentum, nesterov, a, b, c, eps, adam_lr, b1, b2, adam_eps, adam_wd, **_):
+    """After a step raised: the rule's statements again, one line each in the spec's order, on shapes
+    alone (meta tensors) for `param` at step t. (index in _STATEMENTS_0, (name, value) of the
+    tensors it reads, torch's error) of the first that raises; (None, (), None) when none does."""
+    dtype = param.dtype if param.dtype in _EXACT else torch.float32
+    p = torch.empty(param.shape, dtype=dtype, device="meta")
+    g = torch.empty_like(p)
+    ndim = p.dim()
+    numel = p.numel()
+    nrows = (p.shape[-2] if p.dim() >= 2 else 1)
+    ncols = (p.shape[-1] if p.dim() >= 1 else 1)
+    nunits = (p.shape[0] if p.dim() >= 1 else 1)
+    buf = torch.empty(p.shape, dtype=dtype, device="meta")
+    max_logit = torch.empty((), dtype=dtype, device="meta")
+    n, values = None, ()  # the statement replayed (its index), the tensors it reads
+    try:
+        n, values = 0, (("buf", buf), ("g", g))
+        v0 = buf.copy_(((buf) + (1 - momentum) * ((g) - (buf))))
+        n, values = 1, (("g", g), ("buf", v0))
+        v1 = (((g) + (momentum) * ((v0) - (g))) if nesterov else v0)
+        n, values = 2, (("u", v1),)
+        v2 = ((v1).mT if float(nrows > ncols) else v1)
+        n, values = 3, (("x", v2),)
+        v3 = v2/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.linalg.vector_norm(v2))
+        n, values = 4, (("x", v3),)
+        v4 = torch.matmul(v3, (v3).mT)
+        n, values = 5, (("A", v4),)
+        v5 = b*v4 + c*torch.matmul(v4, v4)
+        n, values = 6, (("x", v3), ("B", v5))
+        v6 = a*v3 + torch.matmul(v5, v3)
+        n, values = 4, (("x", v6),)
+        v7 = torch.matmul(v6, (v6).mT)
+        n, values = 5, (("A", v7),)
+        v8 = b*v7 + c*torch.matmul(v7, v7)
+        n, values = 6, (("x", v6), ("B", v8))
+        v9 = a*v6 + torch.matmul(v8, v6)
+        n, values = 4, (("x", v9),)
+        v10 = torch.matmul(v9, (v9).mT)
+        n, values = 5, (("A", v10),)
+        v11 = b*v10 + c*torch.matmul(v10, v10)
+        n, values = 6, (("x", v9), ("B", v11))
+        v12 = a*v9 + torch.matmul(v11, v9)
+        n, values = 4, (("x", v12),)
+        v13 = torch.matmul(v12, (v12).mT)
+        n, values = 5, (("A", v13),)
+        v14 = b*v13 + c*torch.matmul(v13, v13)
+        n, values = 6, (("x", v12), ("B", v14))
+        v15 = a*v12 + torch.matmul(v14, v12)
+        n, values = 4, (("x", v15),)
+        v16 = torch.matmul(v15, (v15).mT)
+        n, values = 5, (("A", v16),)
+        v17 = b*v16 + c*torch.matmul(v16, v16)
+        n, values = 6, (("x", v15), ("B", v17))
+        v18 = a*v15 + torch.matmul(v17, v15)
+        n, values = 7, (("x", v18),)
+        v19 = ((v18).mT if float(nrows > ncols) else v18)
+        n, values = 8, (("p", p),)
+        v20 = p.copy_(p*(-lr*wd + 1))
+        n, values = 9, (("p", v20), ("o", v19))
+        v21 = p.copy_(-lr*v19*math.sqrt(max(1, nrows/ncols)) + v20)
+        n, values = 10, (("p", v21), ("max_logit", max_logit))
+        v22 = p.copy_(v21*torch.sqrt(tau/torch.maximum(max_logit, torch.as_tensor(tau, dtype=torch.float64))))
+    except RuntimeError as err:
+        return n, values, err
+    except (ArithmeticError, ValueError) as err:  # a host scalar's error (the paths guard them): not a shape
+        return None, (), err
+    return None, (), None
 
 
 def _single_tensor_muonclip_0(params, grads, buf_list, max_logit_list, state_steps, *, tau, lr, wd, momentum, nesterov, a, b, c, eps, adam_lr, b1, b2, adam_eps, adam_wd,                               generator=None, stochastic=False):

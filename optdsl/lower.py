@@ -47,7 +47,7 @@ class _Reserved(frozenset):
     """The names above, and the numbered ones the kernels make (acc1, uacc0, ax0_, axbase0_, r0_x, log0_, ...)."""
 
     _NUMBERED = re.compile(r"(u|ax)?acc\d+|axbase\d+_|(ax|unit)\d+_x?|r\d+_x|mx(in|out)\d+_ptrs|log\d+_"
-                           r"|_(fused_available|fused_by_default|shape_table|unit_table|geometry|init_group)_\d+")
+                           r"|_(fused_available|fused_by_default|shape_table|unit_table|geometry|init_group)_\d+|_STATEMENTS(_\d+)?")
 
     def __contains__(self, name) -> bool:
         return frozenset.__contains__(self, name) or bool(self._NUMBERED.fullmatch(str(name)))

@@ -63,7 +63,8 @@ def test_a_shape_only_the_parameter_decides_is_a_located_step_error():
     the step error names fuzz.opt's lines."""
     out = fz.outcome((FOUND / "muon_clip_where_then_mm.opt").read_text())
     assert out.kind == "documented", out.detail
-    assert out.detail.startswith("ShapeError: MuonClip: ") and "fuzz.opt:19: A = mm(x, col_mean(x))" in out.detail
+    assert out.detail.startswith("ShapeError: MuonClip: ") and "fuzz.opt:19:5: A = mm(x, col_mean(x))" in out.detail
+    assert "fuzz.opt:20" not in out.detail and "fuzz.opt:21" not in out.detail  # the statement that fails, alone
 
 
 def test_reductions_of_a_scalar_have_a_triton_form():

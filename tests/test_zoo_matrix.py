@@ -322,8 +322,9 @@ def test_shapes_only_the_parameter_decides_raise_at_step_with_the_line(path):
         cls([bad], **kw).step()
     assert type(err.value).__name__ == "ShapeError", repr(err.value)
     text = str(err.value)
-    assert "wide.opt:5: A = mm(x, col_mean(x))" in text and "(3, 5)" in text and "3x5 and 1x5" in text, text
-    assert "wide.opt:4" not in text  # the where alone picks a branch: it cannot fail
+    assert "wide.opt:5:3: A = mm(x, col_mean(x))\n      A = mm(x, col_mean(x))\n      ^^^^^^^^^^^^^^^^^^^^^^\n" in text
+    assert "(3, 5)" in text and "3x5 and 1x5" in text and "reads: x (3, 5)" in text, text
+    assert "wide.opt:4" not in text and "wide.opt:6" not in text  # the statement that fails, alone
     assert "cannot be multiplied" in str(err.value.__cause__)
 
 
@@ -410,3 +411,84 @@ def test_explain_prints_the_math(name, line):
     out = explain.report(explain.explain(pipeline.compile_source((SPECS / f"{name}.opt").read_text(), f"{name}.opt")))
     assert line in out
     assert "this rule does matrix work (mm, T, linear algebra)" in out
+
+
+# Rules with two or more statements whose shapes only the parameter's shape decides, the second (or a
+# later) one failing on a (3, 5) or (5, 3) parameter, the first fitting every shape: (body, parameter
+# shape, the statement that fails as its ShapeError shows it, the values it reads, a statement it must not name).
+SECOND_FAILS = [
+    # mm: A is (k x k) for the wide side's k, B multiplies it by a (1 x m) row
+    ("x = where(nrows > ncols, T(g), g)\n  A = mm(x, T(x))\n  B = mm(A, col_mean(x))\n"
+     "  p -= lr * where(nrows > ncols, T(B), B)", (3, 5), "x.opt:6:3: B = mm(A, col_mean(x))",
+     "reads: A (3, 3), x (3, 5)", "x.opt:5"),
+    # element-wise: x + T(x) fits a square parameter alone
+    ("x = where(nrows > ncols, T(g), g)\n  A = mm(x, T(x))\n  C = x + T(x)\n"
+     "  p -= lr * where(nrows > ncols, T(C), C) + lr * mean(A)", (5, 3), "x.opt:6:3: C = x + T(x)",
+     "reads: x (3, 5)", "x.opt:5"),
+    # the assignment: mm(A, x) has x's shape, the transpose of a tall p
+    ("x = where(nrows > ncols, T(g), g)\n  A = mm(x, T(x))\n  p -= lr * mm(A, x)", (5, 3),
+     "x.opt:6:3: p -= lr * mm(A, x)", "reads: p (5, 3), A (3, 3), x (3, 5)", "x.opt:5"),
+    # three candidates, the third failing: the second fits too
+    ("x = where(nrows > ncols, T(g), g)\n  A = mm(x, T(x))\n  B = mm(A, x)\n  D = mm(B, A)\n"
+     "  p -= lr * where(nrows > ncols, T(B), B) + lr * mean(D)", (3, 5), "x.opt:7:3: D = mm(B, A)",
+     "reads: B (3, 5), A (3, 3)", "x.opt:6"),
+]
+
+
+@pytest.mark.parametrize("path", ["for-loop", "foreach", "fused"])
+@pytest.mark.parametrize("body, shape, shown, reads, not_shown", SECOND_FAILS)
+def test_a_step_shape_error_names_the_statement_that_fails(body, shape, shown, reads, not_shown, path):
+    """Issue 12 item 3: the ShapeError names the one statement whose shapes do not fit (file:line:col,
+    its line and a caret under it), the values it reads and their shapes, the parameter's shape and
+    torch's message, on every path; not the candidates before it, which fit. A parameter of another
+    shape in the same group steps (or fails) as its own shape says: the error names the failing one's."""
+    cls = optdsl.compile(SPEC.format(body=body), "x.opt")
+    kw = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[path]
+    ok = torch.nn.Parameter(torch.ones(1, 1, dtype=torch.float64))  # every statement fits a (1, 1) matrix
+    bad = torch.nn.Parameter(torch.ones(*shape, dtype=torch.float64))
+    ok.grad, bad.grad = torch.ones_like(ok), torch.ones_like(bad)
+    with pytest.raises(RuntimeError) as err:
+        cls([ok, bad], **kw).step()
+    assert type(err.value).__name__ == "ShapeError", repr(err.value)
+    text = str(err.value)
+    line = shown.split(": ", 1)[1]
+    caret = "\n      " + line + "\n      " + "^" * len(line) + "\n"
+    assert shown + caret in text, text
+    assert reads in text and f"a parameter of shape {shape}" in text, text
+    assert not_shown not in text, text  # the statement before it fits: it is not named
+    assert str(err.value.__cause__).split("\n")[0] in text  # torch's own message, its cause
+
+
+def test_the_step_itself_has_no_replay_markers():
+    """The statement markers live in the replay alone (run after a step raised): the for-loop, foreach
+    and fused functions a step runs read none of them, and the functional's try costs nothing."""
+    import ast
+    source = optdsl.compile_source(SPEC.format(body=SECOND_FAILS[0][0]), "x.opt").python
+    tree = ast.parse(source)
+    def marks(node):  # `n, values = 2, (...)`: the replay's marker of the statement it runs
+        return [a for a in ast.walk(node) if isinstance(a, ast.Assign) and ast.unparse(a.targets[0]).strip("()") == "n, values"]
+    functions = {f.name: f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
+    assert {name for name, f in functions.items() if marks(f)} == {"_shapes_x_0"}
+    assert len(marks(functions["_shapes_x_0"])) == 1 + 4  # none yet, then one per statement that reads a tensor
+    step = [functions[name] for name in ("_single_tensor_x_0", "_multi_tensor_x_0", "_fused_x_0", "_matrix_x_0")]
+    assert not any(isinstance(n, ast.Name) and n.id in ("_shapes_x_0", "_STATEMENTS_0") for f in step for n in ast.walk(f))
+    tries = [t for t in ast.walk(functions["x_0"]) if isinstance(t, ast.Try)]
+    assert len(tries) == 1 and "_shapes_x_0" not in ast.unparse(tries[0].body)  # named in its handler alone
+    assert "_STATEMENTS_0" in source and "def _shapes_x_1" not in source  # the rule without such shapes has none
+
+
+def test_a_branch_a_tensor_picks_is_named_where_it_meets_other_shapes():
+    """A condition on a tensor's value cannot pick a branch on the host: every path takes torch.where,
+    whose branches must broadcast, and so does the replay. The where itself is named (the candidates
+    after it are not), on every path."""
+    body = ("x = where(nrows > ncols, T(g), g)\n  y = where(norm(g) > 0, x, T(x))\n  A = mm(y, T(x))\n"
+            "  p -= lr * mean(A) * g")
+    cls = optdsl.compile(SPEC.format(body=body), "x.opt")
+    for kw in ({"foreach": False}, {"foreach": True}, {"fused": True}):
+        bad = torch.nn.Parameter(torch.ones(3, 5, dtype=torch.float64))
+        bad.grad = torch.ones_like(bad)
+        with pytest.raises(RuntimeError) as err:
+            cls([bad], **kw).step()
+        text = str(err.value)
+        assert type(err.value).__name__ == "ShapeError" and "x.opt:5:3: y = where(norm(g) > 0, x, T(x))" in text, text
+        assert "x.opt:6" not in text and "reads: g (3, 5), x (3, 5)" in text, text

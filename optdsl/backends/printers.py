@@ -249,6 +249,29 @@ class CompiledPrinter(DevicePrinter):
         return out
 
 
+class ShapePrinter(CompiledPrinter):
+    """A spec's statements one by one on shapes alone (optdsl/backends/step_shapes.py): `tensors` are
+    meta tensors, what reads none of them a host float. A condition on host scalars picks a branch in
+    Python, as the matrix section's (the branches may differ in shape); a draw is shaped like p."""
+
+    def __init__(self, tensors: set[str]):
+        super().__init__(tensors, scalar_axes=False)
+
+    def _print_where(self, e):
+        c, a, b = e.args
+        if not self._reads_tensor(c):
+            return f"({self._print(a)} if {HostPrinter().doprint(c)} else {self._print(b)})"
+        return super()._print_where(e)
+
+    def _print_T(self, e):
+        return f"({self._print(e.args[0])}).mT"
+
+    def _print_randn(self, e):
+        return f"torch.zeros_like({self._print(e.args[0])})"
+
+    _print_rand = _print_randn
+
+
 class TritonPrinter(HostPrinter):
     """Element-wise values inside a Triton kernel: registers of float32 (or float64)."""
 

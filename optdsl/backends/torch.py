@@ -16,7 +16,7 @@ from ..lower import RESERVED, STATE_DERIVED
 from ..mathtext import statement_math
 from ..unread import unread_when
 from ..sym import DEVICE, GROUP, PARAM, TENSOR, Plan, meanings
-from . import fusion, group_phase, mode_code
+from . import fusion, group_phase, mode_code, step_shapes
 from . import triton as triton_backend
 from .printers import CompiledPrinter, HostPrinter, read_state_code, state_shape_code
 from .tensor_ops import Emitter, Instr, Operand, sink
@@ -132,6 +132,7 @@ def environment() -> jinja2.Environment:
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                              trim_blocks=True, lstrip_blocks=True)
     env.filters["literals"] = _literals  # named choices as a Python tuple
+    env.filters["literal"] = escape.literal  # one, or a located statement (optdsl/backends/step_shapes.py)
     env.filters["shown"] = escape.shown  # ... as a message shows it
     env.filters["text"] = escape.text  # user text: the only way it enters generated code
     env.filters["f32"] = quant.float32_code  # a level of a low-bit map
@@ -282,7 +283,7 @@ def _rename_word(text: str, name: str, new: str) -> str:
 
 # ---- the module ----
 # The module-level functions the template names after the functional (adam: _single_tensor_adam, ...).
-_FUNC_DERIVED = ("_single_tensor_{}", "_multi_tensor_{}", "_fused_{}", "_matrix_{}", "{}_0")
+_FUNC_DERIVED = ("_single_tensor_{}", "_multi_tensor_{}", "_fused_{}", "_matrix_{}", "_shapes_{}", "{}_0")
 
 
 def _functional_name(prog: ir.Program) -> str:
@@ -447,6 +448,9 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
         latex += statement_math(p.program, latex=True)
     for c, (_, p, _) in zip(contexts, rules):
         c["step_shapes"] = _decided_at_step(p.program, lines, filename)
+        c["replay"] = step_shapes.context(p.program, lines, filename, INTERNAL_NAMES) if c["step_shapes"] else None
+        if c["step_shapes"] and c["replay"] is None:
+            c["step_shapes"] = []  # no replay: torch's own error (see step_shapes.context)
     ctx = dict(contexts[0],
         name=prog.name, doc=prog.doc, filename=filename,
         hypers=[h for h in prog.hypers if not h.computed], step_hypers=prog.hypers,
@@ -475,6 +479,7 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
     host_code = "\n".join(e for c in contexts for _, e in c["group_defs"] + c["param_single"] if e)
     host_code += "\n".join(e for c in contexts for _, _, e, *_ in c["state_inits"] if e)
     host_code += "\n".join(ctx["group_phase"] or ())
+    host_code += "\n".join(line for c in contexts if c["replay"] for line in c["replay"]["body"])
     ctx["helpers"] = [code for name, code in (HOST_HELPERS | group_phase.HELPERS).items() if f"{name}(" in host_code]
     ctx["fused_rules"] = [_fused_context(c, p, cond, len(rules) > 1) for c, (_, p, cond) in zip(contexts, rules)]
     for c, fused in zip(contexts, ctx["fused_rules"]):  # each rule's functional asks its own
@@ -483,7 +488,8 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
     ctx["matrix_states"] = any(c["matrix_states"] for c in contexts)
     ctx["sharded_fused"] = any(not r["unsupported"] and not r["torch_only"] for r in ctx["fused_rules"])
     ctx["fused_code"] = environment().get_template("triton_fused.py.j2").render(**ctx)
-    tensor_code = "\n".join(line for c in contexts for line in c["single_body"] + c["multi_body"])
+    replays = [line for c in contexts if c["replay"] for line in c["replay"]["body"]]
+    tensor_code = "\n".join(line for c in contexts for line in c["single_body"] + c["multi_body"] + replays)
     called = {name for name in LINALG_HELPERS if f"{name}(" in tensor_code + ctx["fused_code"]}
     called |= {used for name in called for used in LINALG_USES.get(name, ())}
     ctx["helpers"] += [code for name, code in LINALG_HELPERS.items() if name in called]
