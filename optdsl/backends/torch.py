@@ -480,7 +480,8 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
     host_code += "\n".join(e for c in contexts for _, _, e, *_ in c["state_inits"] if e)
     host_code += "\n".join(ctx["group_phase"] or ())
     host_code += "\n".join(line for c in contexts if c["replay"] for line in c["replay"]["body"])
-    ctx["helpers"] = [code for name, code in (HOST_HELPERS | group_phase.HELPERS).items() if f"{name}(" in host_code]
+    ctx["helpers"] = [code for name, code in (HOST_HELPERS | group_phase.HELPERS).items()
+                      if re.search(rf"(?<!\w){name}\(", host_code)]  # _bfloat16( is not _round_bfloat16(
     ctx["fused_rules"] = [_fused_context(c, p, cond, len(rules) > 1) for c, (_, p, cond) in zip(contexts, rules)]
     for c, fused in zip(contexts, ctx["fused_rules"]):  # each rule's functional asks its own
         c.update(avail_name=fused["avail_name"], default_name=fused["default_name"])
