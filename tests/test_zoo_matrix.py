@@ -492,3 +492,40 @@ def test_a_branch_a_tensor_picks_is_named_where_it_meets_other_shapes():
         text = str(err.value)
         assert type(err.value).__name__ == "ShapeError" and "x.opt:5:3: y = where(norm(g) > 0, x, T(x))" in text, text
         assert "x.opt:6" not in text and "reads: g (3, 5), x (3, 5)" in text, text
+
+
+@pytest.mark.parametrize("spec, rule", [("muon.opt", 0), ("muon_clip.opt", 0), (None, 0)])
+@pytest.mark.parametrize("ns_bfloat16", [0, 1])
+def test_the_replay_agrees_with_the_step(spec, rule, ns_bfloat16, monkeypatch):
+    """The replay (run only after a step raised) says no statement fails wherever the step runs, and
+    names one wherever it raises: Muon and MuonClip step every matrix, the Wide rule only (1, 1) ones.
+    It reads the hyperparameters the step reads (captured from the for-loop function's call)."""
+    import sys
+    text = WIDE if spec is None else (Path(__file__).parent.parent / "specs" / spec).read_text()
+    if ns_bfloat16 and "ns_bfloat16" not in text:
+        pytest.skip("the spec has no ns_bfloat16")
+    cls = optdsl.compile(text, spec or "wide.opt")
+    module = sys.modules[cls.__module__]
+    func = next(name[len("_shapes_"):] for name in vars(module) if name.startswith("_shapes_"))
+    seen = {}
+    step = getattr(module, f"_single_tensor_{func}")
+    monkeypatch.setattr(module, f"_single_tensor_{func}", lambda *a, **kw: (seen.update(kw if a[0] else {}), step(*a, **kw))[1])
+    for shape in [(1, 1), (3, 5), (5, 3), (4, 4), (2, 3, 5)]:
+        p = torch.nn.Parameter(torch.randn(*shape, dtype=torch.float64))
+        p.grad = torch.randn_like(p)
+        kw = {"ns_bfloat16": ns_bfloat16} if ns_bfloat16 else {}
+        seen.clear()
+        try:
+            cls([p], foreach=False, **kw).step()
+            raised = None
+        except RuntimeError as err:
+            raised = err
+        if not seen:  # another rule took the parameter (Wide's rule for every rank but 2)
+            assert raised is None and len(shape) != 2
+            continue
+        hypers = {k: v for k, v in seen.items() if k not in ("generator", "stochastic")}
+        at, _, why = getattr(module, f"_shapes_{func}")(p, 1.0, **hypers)
+        assert (why is None) == (raised is None), (shape, why, raised)
+        if raised is not None:
+            assert type(raised).__name__ == "ShapeError" and at is not None
+            assert module._STATEMENTS_0[at].split("\n")[0] in str(raised)
