@@ -30,6 +30,7 @@ import traceback
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECS = sorted(f[:-4] for f in os.listdir(os.path.join(ROOT, "specs")) if f.endswith(".opt"))
@@ -39,6 +40,7 @@ MODES = ("ddp", "fsdp", "tp")
 HIDDEN = {"tp": 8, "2d": 8}  # the model's hidden width, where not 7: torch's tensor parallelism splits it evenly
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 DTYPES_NAME = {v: k for k, v in DTYPES.items()}
+STATE_DTYPES = {"bf16": torch.bfloat16, "int8": "int8", "int4": "int4"}  # a mode's suffix: the states' state_dtype
 CHECKPOINTS = tempfile.gettempdir()  # where `save` scenarios write and `load` ones read (set before a run)
 STEPS = 3
 TIMEOUT = 300  # seconds a rank waits in a collective (a loaded 2-core machine is slow)
@@ -69,6 +71,73 @@ def batches(dtype):
 def net(dtype, hidden=7):
     torch.manual_seed(0)
     return Net(hidden).to(dtype)
+
+
+class LowBitNet(torch.nn.Module):
+    """The model of the low-bit scenarios: states of at least 4096 numbers (quant.MIN_NUMEL), sharded
+    unevenly by FSDP2 over 2 ranks: a's 5 rows of 4100 split 3 + 2 (12300 and 8200 numbers, each
+    over 4096, so one process holding either piece quantises it too; blocks straddle rows, and rank
+    1's shard needs fewer rows of codes than rank 0's), and e's one row held by rank 0 (rank 1's
+    shard is empty). b and the biases stay float32."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(4100, 5)
+        self.b = torch.nn.Linear(5, 3)
+        self.e = torch.nn.Parameter(torch.randn(1, 4100))
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))) + torch.tanh(self.e).pow(2).mean() * x[:, :3]
+
+
+def lowbit_batches(dtype):
+    gen = torch.Generator().manual_seed(2)
+    return [(torch.randn(8, 4100, generator=gen).to(dtype) / 30, torch.randn(8, 3, generator=gen).to(dtype))
+            for _ in range(STEPS)]
+
+
+def lowbit_net(dtype):
+    torch.manual_seed(0)
+    return LowBitNet().to(dtype)
+
+
+# Specs whose update is element by element: under FSDP2 each rank quantises its own shard, in blocks
+# laid from the shard's first number, and one process with each shard's piece as a parameter of its
+# own quantises the same blocks (others, Adafactor: one process with the whole parameters, whose
+# low-bit states, the column factors, are laid alike: replicated, or held whole by one rank)
+ELEMENTWISE = {"adamw", "lion"}
+
+
+def train_recorded(model, opt, data, rank=0, world=1):
+    """train(), returning each step's gradient of every parameter (whole): what one_process_lowbit
+    steps on. FSDP2's gradients differ from one process's by an ulp (its matmuls on the gathered
+    parameters), which may turn a low-bit code: stepping on the same gradients, the optimizers'
+    steps must agree to the bit."""
+    grads = []
+    for x, y in data:
+        rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
+        grads.append([(p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+                      for p in model.parameters()])
+        opt.step()
+    return grads
+
+
+def one_process_lowbit(name, path, dtype, state_dtype, grads, world=2):
+    """One process stepping on the gradients `grads` (per step, per parameter: train_recorded's), its
+    optimizer given each parameter cut into the pieces FSDP2's Shard(0) gives the ranks
+    (torch.chunk's split) for the specs in ELEMENTWISE, else whole."""
+    params = [p.detach() for p in lowbit_net(dtype).parameters()]
+    cut = name in ELEMENTWISE
+    pieces = [[x.clone().requires_grad_() for x in (torch.chunk(p, world) if cut else [p])] for p in params]
+    opt = make(name, [x for ps in pieces for x in ps], path, state_dtype=state_dtype)
+    for step in grads:
+        for ps, g in zip(pieces, step):
+            for x_, g_ in zip(ps, torch.chunk(g, world) if cut else [g]):
+                x_.grad = g_.clone()
+        opt.step()
+    return [torch.cat([x_.detach() for x_ in ps]) for ps in pieces], opt
 
 
 def optimizer(name):
@@ -145,9 +214,10 @@ def sharded(mode, name, path, dtype, rank, world):
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
-    model = net(dtype)
-    kwargs = dict(state_dtype=torch.bfloat16) if mode.endswith("-bf16") else {}  # sharded bfloat16 states
-    mode = mode.removesuffix("-bf16")
+    mode, _, low = mode.partition("-")
+    kwargs = dict(state_dtype=STATE_DTYPES[low]) if low else {}  # sharded bfloat16, int8, int4 states
+    model = net(dtype) if low in ("", "bf16") else lowbit_net(dtype)
+    data = batches(dtype) if low in ("", "bf16") else lowbit_batches(dtype)
     if mode == "ddp":
         wrapped = DistributedDataParallel(model)
         train(wrapped, make(name, wrapped.parameters(), path, **kwargs), batches(dtype), rank, world)
@@ -177,14 +247,23 @@ def sharded(mode, name, path, dtype, rank, world):
     assert all(type(p).__name__ == "DTensor" for p in model.parameters())
     if mode in ("save", "load"):  # torch.distributed.checkpoint: saved by some ranks, loaded by others
         opt = make(name, model.parameters(), path, **kwargs)
-        if mode == "save":
-            train(model, opt, batches(dtype), rank, world)
-        where = f"{name}-{path}-{DTYPES_NAME[dtype]}" + ("-bf16" if kwargs else "")
+        step = train_recorded if low in ("int8", "int4") else train
+        grads = step(model, opt, data, rank, world) if mode == "save" else None
+        where = f"{name}-{path}-{DTYPES_NAME[dtype]}" + (f"-{low}" if low else "")
         checkpoint(model, opt, os.path.join(CHECKPOINTS, where), save=mode == "save")
         states = whole_states(model, opt)  # as saved, or as loaded
         if mode == "load":
-            train(model, opt, batches(dtype), rank, world)
-        return [p.full_tensor().detach().clone() for p in model.parameters()], states
+            grads = step(model, opt, data, rank, world)
+        params = [p.full_tensor().detach().clone() for p in model.parameters()]
+        if low not in ("int8", "int4"):
+            return params, states
+        if mode == "save":
+            return params, states, grads
+        # and the codes after training, read back into float32 states: the state_dict's groups say state_dtype=None
+        plain = make(name, model.parameters(), path)
+        saved = opt.state_dict()
+        plain.load_state_dict({**saved, "param_groups": [{**g, "state_dtype": None} for g in saved["param_groups"]]})
+        return params, states, grads, (whole_states(model, opt), whole_states(model, plain))
     if mode == "count":  # the collectives each step makes (forward and backward outside: FSDP2's own)
         from torch.distributed.tensor.debug import CommDebugMode
         opt, calls = make(name, model.parameters(), path, **kwargs), {}  # {collective: calls per step}
@@ -200,7 +279,16 @@ def sharded(mode, name, path, dtype, rank, world):
                 key = str(op).split(".")[-1].replace("_", "")
                 calls[key] = calls.get(key, 0) + n / STEPS
         return [p.full_tensor().detach().clone() for p in model.parameters()], calls
-    train(model, make(name, model.parameters(), path, **kwargs), batches(dtype), rank, world)
+    opt = make(name, model.parameters(), path, **kwargs)
+    if low in ("int8", "int4"):  # the gradients stepped on, the states, the bytes each rank's states take
+        grads = train_recorded(model, opt, data, rank, world)
+        mine = {(i, k): (v.to_local() if hasattr(v, "to_local") else v).nbytes
+                for i, p in enumerate(model.parameters()) for k, v in opt.state[p].items() if torch.is_tensor(v)}
+        every = [None] * world
+        dist.all_gather_object(every, mine)
+        return ([p.full_tensor().detach().clone() for p in model.parameters()], whole_states(model, opt), grads,
+                {key: [r[key] for r in every] for key in mine})
+    train(model, opt, data, rank, world)
     return [p.full_tensor().detach().clone() for p in model.parameters()]
 
 
@@ -227,12 +315,14 @@ def checkpoint(model, opt, where, save):
     sd.set_optimizer_state_dict(model, opt, state["optim"])
 
 
-def resumed(name, path, dtype):
-    """One process, no process group: the checkpoint that `save` wrote loaded, and training resumed."""
-    model = net(dtype)
-    opt = make(name, model.parameters(), path)
-    checkpoint(model, opt, os.path.join(CHECKPOINTS, f"{name}-{path}-{DTYPES_NAME[dtype]}"), save=False)
-    train(model, opt, batches(dtype))
+def resumed(name, path, dtype, low=""):
+    """One process, no process group: the checkpoint that `save` wrote loaded, and training resumed
+    (`low`: that of `save-<low>`, with those states)."""
+    model = net(dtype) if low in ("", "bf16") else lowbit_net(dtype)
+    opt = make(name, model.parameters(), path, **(dict(state_dtype=STATE_DTYPES[low]) if low else {}))
+    checkpoint(model, opt, os.path.join(CHECKPOINTS, f"{name}-{path}-{DTYPES_NAME[dtype]}" + (f"-{low}" if low else "")),
+               save=False)
+    train(model, opt, batches(dtype) if low in ("", "bf16") else lowbit_batches(dtype))
     return [p.detach() for p in model.parameters()]
 
 
@@ -241,6 +331,14 @@ def one_process_twice(name, path, dtype):
     model = net(dtype)
     train(model, make(name, model.parameters(), path), batches(dtype) * 2)
     return [p.detach() for p in model.parameters()]
+
+
+def why(e) -> str:
+    """An error as a scenario records it: its first line; torch.distributed.checkpoint's (a
+    BaseException, not an Exception) by the first rank's error within it."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
 def _worker(rank, world, scenarios, init_file, out):
@@ -253,8 +351,8 @@ def _worker(rank, world, scenarios, init_file, out):
         for mode, name, path, dtype in scenarios:
             try:
                 results[(mode, name, path, dtype)] = sharded(mode, name, path, DTYPES[dtype], rank, world)
-            except Exception as e:  # noqa: BLE001 - recorded, the next scenario runs
-                results[(mode, name, path, dtype)] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - recorded, the next scenario runs
+                results[(mode, name, path, dtype)] = why(e)
                 if os.environ.get("OPTDSL_DIST_TRACE"):
                     traceback.print_exc()
             # a scenario that failed on one rank only must not leave the others in a collective

@@ -58,7 +58,7 @@ def _store_rounded(stored, value, generator=None):
 # ---- sharded parameters (FSDP2 `fully_shard`, tensor parallel): DTensors ----
 try:
     import torch.distributed as _dist
-    from torch.distributed.tensor import DTensor as _DTensor, Partial as _Partial, Replicate as _Replicate
+    from torch.distributed.tensor import DTensor as _DTensor, Partial as _Partial, Replicate as _Replicate, Shard as _Shard
 except ImportError:  # a torch built without torch.distributed: no DTensor parameters either
     _DTensor = None
 
@@ -80,9 +80,14 @@ def _new_zeros(p, shape, dtype):
     if not _is_sharded(p):
         return p.new_zeros(shape, dtype=dtype)
     shape = tuple(shape)
+    return torch.distributed.tensor.zeros(shape, dtype=dtype, device_mesh=p.device_mesh,
+                                          placements=_state_placements(p, shape))
+
+
+def _state_placements(p, shape):
+    """The placements of a state of `shape` of the DTensor parameter p: p's along each axis it keeps."""
     keep = [_splits(pl) and len(shape) == p.dim() and shape[pl.dim] == p.shape[pl.dim] for pl in p.placements]
-    placements = [pl if k else _Replicate() for pl, k in zip(p.placements, keep)]
-    return torch.distributed.tensor.zeros(shape, dtype=dtype, device_mesh=p.device_mesh, placements=placements)
+    return [pl if k else _Replicate() for pl, k in zip(p.placements, keep)]
 
 
 def _whole(x):
@@ -433,12 +438,27 @@ def _stochastic(state_dtype):
 def _quantised(x, fmt, signed, generator=None, stochastic=False):
     """`x` as stored in format `fmt` (None: x itself): a uint8 tensor of rows of codes and scale.
     Nearest level by default; `stochastic` rounds up with probability (x - below) / (above - below)
-    (unbiased), drawing from `generator` (a key per write, expanded on x's device)."""
+    (unbiased), drawing from `generator` (a key per write, expanded on x's device). A DTensor state
+    (FSDP2) is quantised shard by shard: _sharded_codes."""
     if fmt is None or x.numel() < _MIN_NUMEL or x.is_complex():  # complex states stay as they are
         return x
     if _is_sharded(x):
-        raise NotImplementedError("int8/int4 states of sharded (DTensor) parameters are not supported yet; "
-                                  "use state_dtype=None or torch.bfloat16 with FSDP2 and tensor parallel")
+        return _sharded_codes(x, fmt, signed, generator, stochastic)
+    return _codes(x, fmt, signed, _draws(generator, x.device, stochastic), stochastic)
+
+
+def _draws(generator, device, stochastic, salt=0):
+    """The generator one write's stochastic rounding draws from: a key drawn from `generator` (the
+    optimizer's, so a resumed run draws alike), salted (each shard its own noise), on `device`."""
+    if not stochastic or generator is None:
+        return None
+    key = int(torch.randint(0, 2**62, (), generator=generator))
+    return torch.Generator(device=device).manual_seed((key + 0x9E3779B97F4A7C15 * salt) % 2**63)
+
+
+def _codes(x, fmt, signed, local=None, stochastic=False):
+    """The rows (codes, then the scale's 4 bytes) of a plain tensor x, blocks laid from its first
+    number on; `local`: the generator stochastic rounding draws from (None: torch's)."""
     bits, block = _LOWBIT[fmt]
     flat = x.detach().reshape(-1).float()
     pad = -flat.numel() % block
@@ -452,12 +472,7 @@ def _quantised(x, fmt, signed, generator=None, stochastic=False):
         clamped = normed.clamp(levels[0], levels[-1]).contiguous()
         below = (torch.searchsorted(levels, clamped, right=True) - 1).clamp(0, levels.numel() - 2)
         lo, hi = levels[below], levels[below + 1]
-        if generator is None:
-            draw = torch.rand_like(clamped)
-        else:
-            key = int(torch.randint(0, 2**62, (), generator=generator))
-            local = torch.Generator(device=x.device).manual_seed(key)
-            draw = torch.rand(clamped.shape, generator=local, device=x.device)
+        draw = torch.rand_like(clamped) if local is None else torch.rand(clamped.shape, generator=local, device=x.device)
         codes = below + (draw * (hi - lo) < clamped - lo)
     codes = codes.to(torch.uint8)
     if bits == 4:
@@ -465,8 +480,83 @@ def _quantised(x, fmt, signed, generator=None, stochastic=False):
     return torch.cat([codes, scale.view(torch.uint8)], dim=1)
 
 
+def _shard_rows(shape, axis, shards, fmt):
+    """Rows of codes each shard of a state of `shape` split along `axis` into `shards` keeps: as
+    many as the largest shard (torch.chunk's split, as DTensor's Shard: the first) needs, so every
+    rank holds alike and the stored DTensor splits evenly; a shorter or empty shard's last rows
+    stay zero (scale 0)."""
+    chunk = -(-shape[axis] // shards) if shape else 0
+    return -(-(chunk * math.prod(shape) // max(shape[axis], 1)) // _LOWBIT[fmt][1])
+
+
+def _sharded_layout(x):
+    """How a DTensor state is quantised: None when replicated (every rank quantises the whole
+    state, alike), else the axis its 1-D mesh splits. Only FSDP2's layout (a 1-D mesh, one axis
+    split) and replicated states on it so far."""
+    mesh = x.device_mesh
+    split = [pl for pl in x.placements if _splits(pl)]
+    if mesh.ndim != 1 or any(type(pl) is not _Shard for pl in split):
+        raise NotImplementedError(
+            f"int8/int4 states of a DTensor parameter placed {tuple(x.placements)} on a {mesh.ndim}-D mesh are not "
+            "supported yet (only FSDP2's fully_shard on a 1-D mesh: one axis split); use state_dtype=None or "
+            "torch.bfloat16 with tensor parallelism and 2-D meshes")
+    return split[0].dim % x.dim() if split else None
+
+
+def _sharded_codes(x, fmt, signed, generator=None, stochastic=False):
+    """A DTensor state quantised shard by shard (blocks never straddle a shard boundary): each rank
+    lays blocks over its local shard from its first number. Stored as a uint8 DTensor of shape
+    (shards, rows, width) split along its first axis, one (1, rows, width) part per rank (rows:
+    _shard_rows); the first axis says over how many shards the blocks were laid, so
+    torch.distributed.checkpoint refuses (size mismatch) to load them at another world size, where
+    the blocks would be other ones. A replicated state (Adafactor's column factor of a row-sharded
+    matrix) is stored replicated: (blocks, width), quantised alike on every rank."""
+    if any(pl.is_partial() for pl in x.placements):
+        x = x.redistribute(x.device_mesh, [_Replicate() if pl.is_partial() else pl for pl in x.placements])
+    mesh, axis = x.device_mesh, _sharded_layout(x)
+    if axis is None:  # the same key on every rank: the replicas stay equal
+        local = _codes(x.to_local(), fmt, signed, _draws(generator, x.device, stochastic), stochastic)
+        return _DTensor.from_local(local, mesh, [_Replicate()], run_check=False)
+    me, size = mesh.get_local_rank(), mesh.size()
+    codes = _codes(x.to_local(), fmt, signed, _draws(generator, x.device, stochastic, 1 + me), stochastic)
+    rows = _shard_rows(x.shape, axis, size, fmt)
+    part = codes.new_zeros((1, rows, codes.shape[1]))
+    part[0, :codes.shape[0]] = codes
+    shape = (size, rows, codes.shape[1])
+    return _DTensor.from_local(part, mesh, [_Shard(0)], run_check=False, shape=shape,
+                               stride=(rows * shape[2], shape[2], 1))
+
+
+def _stored_rows(p, shape, fmt):
+    """The shape, less its width, of the uint8 state of `shape` of p in format `fmt`: (blocks,) for a
+    plain or replicated state, (shards, rows) for one split over a DTensor's 1-D mesh."""
+    shape = tuple(shape)
+    if _is_sharded(p) and p.device_mesh.ndim == 1:
+        split = [pl for pl in _state_placements(p, shape) if _splits(pl)]
+        if split:
+            size = p.device_mesh.size()
+            return (size, _shard_rows(shape, split[0].dim % len(shape), size, fmt))
+    return (-(-math.prod(shape) // _LOWBIT[fmt][1]),)
+
+
+def _local_shape(p, shape):
+    """The shape of this rank's part of a state of (whole) `shape` of the DTensor parameter p, split
+    as _new_zeros splits it, and its placements."""
+    shape = tuple(shape)
+    placements = _state_placements(p, shape)
+    local = list(shape)
+    for m, pl in enumerate(placements):
+        if _splits(pl):
+            axis, size, me = pl.dim % len(shape), p.device_mesh.size(m), p.device_mesh.get_local_rank(m)
+            chunk = -(-shape[axis] // size)
+            local[axis] = max(0, min(chunk, shape[axis] - me * chunk))
+    return tuple(local), placements
+
+
 def _dequantised(stored, signed, shape, dtype):
-    """The numbers a uint8 state holds, shaped `shape`, in `dtype`."""
+    """The numbers a uint8 state holds, shaped `shape`, in `dtype` (a shard's part: its rows, the
+    first ones holding its numbers)."""
+    stored = stored.reshape(-1, stored.shape[-1])
     fmt = _WIDTHS[stored.shape[1]]
     bits, block = _LOWBIT[fmt]
     codes, scale = stored[:, :-4], stored[:, -4:].contiguous().view(torch.float32)
@@ -478,10 +568,43 @@ def _dequantised(stored, signed, shape, dtype):
 
 
 def _read_state(stored, p, signed, shape):
-    """A float state as the update computes with it: in p's precision, low-bit codes dequantised."""
+    """A float state as the update computes with it: in p's precision, low-bit codes dequantised
+    (a DTensor parameter's: each rank its part, as a DTensor split like the float state)."""
     if stored.dtype == torch.uint8:
+        if _is_sharded(stored):
+            local, placements = _local_shape(p, shape) if _is_sharded(p) else (tuple(shape), None)
+            values = _dequantised(stored.to_local(), signed, local, p.dtype)
+            if placements is None:
+                return values
+            shape = tuple(shape)
+            return _DTensor.from_local(values, p.device_mesh, placements, run_check=False, shape=shape,
+                                       stride=torch.empty(shape, device="meta").stride())
         return _dequantised(stored, signed, shape, p.dtype)
     return stored.to(p.dtype)
+
+
+def _store_codes(stored, value, signed, generator=None, stochastic=False):
+    """Requantise `value` into the uint8 state `stored`: a plain one (or a shard's part, which the
+    fused path hands over: its numbers in the first rows), or a DTensor, each rank its shard."""
+    fmt = _WIDTHS[stored.shape[-1]]
+    if not _is_sharded(stored):
+        local = value.to_local() if _is_sharded(value) else value
+        codes = _codes(local, fmt, signed, _draws(generator, stored.device, stochastic), stochastic)
+        stored.view(-1, stored.shape[-1])[:codes.shape[0]].copy_(codes)
+        return
+    if not _is_sharded(value):
+        raise RuntimeError("a sharded int8/int4 state was given a whole (plain) value to store")
+    if any(pl.is_partial() for pl in value.placements):
+        value = value.redistribute(value.device_mesh, [_Replicate() if pl.is_partial() else pl for pl in value.placements])
+    if stored.placements[0].is_replicate():
+        local = value.full_tensor() if any(map(_splits, value.placements)) else value.to_local()
+        salt = 0
+    elif _sharded_layout(value) is None:
+        raise RuntimeError("a row-sharded int8/int4 state was given a replicated value to store")
+    else:
+        local, salt = value.to_local(), 1 + stored.device_mesh.get_local_rank()
+    codes = _codes(local, fmt, signed, _draws(generator, stored.device, stochastic, salt), stochastic)
+    stored.to_local().view(-1, stored.shape[-1])[:codes.shape[0]].copy_(codes)
 
 
 def _write_state(stored, value, signed, generator=None, stochastic=False):
@@ -490,7 +613,7 @@ def _write_state(stored, value, signed, generator=None, stochastic=False):
     if value is stored:
         return
     if stored.dtype == torch.uint8:
-        stored.copy_(_quantised(value, _WIDTHS[stored.shape[1]], signed, generator, stochastic))
+        _store_codes(stored, value, signed, generator, stochastic)
     elif stored.dtype == torch.bfloat16:
         _store_rounded(stored, value, generator)
     else:
@@ -741,10 +864,18 @@ class RMSprop(Optimizer):
                     shape = expected[key]
                     if torch.is_tensor(value) and value.dtype == torch.uint8 and shape is not None:
                         # low-bit codes and scales: rows of one block each, as many as the state needs
-                        fmt = _WIDTHS.get(value.shape[-1]) if value.dim() == 2 else None
-                        if fmt is None or math.prod(shape) < _MIN_NUMEL or value.shape[0] != -(-math.prod(shape) // _LOWBIT[fmt][1]):
+                        fmt = _WIDTHS.get(value.shape[-1]) if value.dim() in (2, 3) else None
+                        rows = None if fmt is None else _stored_rows(p, shape, fmt)
+                        if fmt is not None and value.dim() == 3 and (len(rows) == 1 or value.shape[0] != rows[0]):
+                            here = "whole" if len(rows) == 1 else f"split over {rows[0]}"
+                            raise ValueError(f"{where}: state {key!r} of parameter {i} holds {fmt} codes of blocks laid "
+                                             f"over {value.shape[0]} shards (saved at that world size), and here the "
+                                             f"parameter is {here}: int8/int4 states of sharded parameters resume at "
+                                             "the world size they were saved at only (docs/distributed.md)")
+                        if fmt is None or math.prod(shape) < _MIN_NUMEL or tuple(value.shape[:-1]) != rows:
                             raise ValueError(f"{where}: state {key!r} of parameter {i} is uint8 of shape {tuple(value.shape)}, "
-                                             f"not the int8/int4 codes of a state of shape {tuple(shape)}")
+                                             f"not the int8/int4 codes of a state of shape {tuple(shape)}"
+                                             + (" split over " + str(rows[0]) + " shards" if len(rows or ()) == 2 else ""))
                         continue
                     if not torch.is_tensor(value) or not (value.is_floating_point() or value.dtype == torch.bool):
                         what = value.dtype if torch.is_tensor(value) else type(value).__name__
@@ -793,7 +924,10 @@ class RMSprop(Optimizer):
                         self.state[p][key] = value.to(device=p.device, copy=True)
                         if not lowbit:  # saved at low bit, asked for float states: read back
                             shape = self._expected_states(group, p)[key]
-                            self.state[p][key] = _dequantised(self.state[p][key], self._LOWBIT_SIGNED[key], shape, dtype)
+                            stored = self.state[p][key]
+                            self.state[p][key] = (_read_state(stored, p, self._LOWBIT_SIGNED[key], shape).to(dtype)
+                                                  if _is_sharded(stored) else
+                                                  _dequantised(stored, self._LOWBIT_SIGNED[key], shape, dtype))
                     elif dtype != p.dtype and value.is_floating_point():
                         self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
                     if lowbit and key in self._LOWBIT_SIGNED and value.is_floating_point():  # saved in float

@@ -70,8 +70,9 @@ opening of Alice in Wonderland (shipped with optdsl).
 Each function and task sets lr for specs that have one, unless --hyper does.
 """
 
-INFO_EPILOG = """example:
+INFO_EPILOG = """examples:
   optdsl info specs/adafactor.opt --shape 4096x4096
+  optdsl info adamw --shape 7x4200 --shards 2      per rank under FSDP2 over 2 ranks
 """
 
 EQUIV_EPILOG = """exit status: 0 proven equivalent, 1 counterexample found, 2 undecided (not proven, no
@@ -216,7 +217,9 @@ def _info(args) -> int:
     try:
         shape = parse_shape(args.shape)
         compiled = _compile_spec(args.spec)
-        print(report(compiled, shape))
+        if args.shards < 1:
+            raise ValueError(f"--shards must be at least 1, got {args.shards}")
+        print(report(compiled, shape, args.shards))
     except SpecError as err:
         console.show(err)
         return 1
@@ -313,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     i = _subcommand(sub, "info", "state memory per parameter of a given shape", INFO_EPILOG, _info)
     i.add_argument("spec", help="one .opt file, or a spec's name (adafactor)")
     i.add_argument("--shape", default="4096x4096", help="the parameter's shape (default 4096x4096)")
+    i.add_argument("--shards", type=int, default=1,
+                   help="also the bytes per rank when FSDP2 splits the parameter by rows over this many ranks")
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -42,11 +42,33 @@ def state_numel(kind: str, shape: tuple[int, ...], sizes: dict | None = None) ->
     return math.prod(shape)
 
 
+def state_shape(kind: str, shape: tuple[int, ...], sizes: dict | None = None) -> tuple[int, ...]:
+    """The shape of a state of this kind for a parameter of this shape (optdsl/backends/printers.py's
+    STATE_SHAPE_CODE; `sizes` as state_numel's)."""
+    dims = ir.matrix_dims(kind)
+    if dims is not None:
+        n, m = shape[-2], shape[-1]
+        known = {"nrows": n, "ncols": m}
+        return shape[:-2] + tuple(known.get(d) or min(int((sizes or {})[d]), n, m) for d in dims)
+    return {"scalar": (), "rows": shape[:-1] + (1,), "cols": shape[:-2] + (1,) + shape[-1:],
+            "gram_rows": shape[:-1] + shape[-2:-1], "gram_cols": shape[:-2] + shape[-1:] * 2}.get(kind, shape)
+
+
+def largest_shard(state: tuple[int, ...], shape: tuple[int, ...], shards: int) -> int:
+    """The numbers the largest shard of a state holds when FSDP2 splits its parameter (of `shape`)
+    by rows over `shards` ranks: a state keeping the parameter's first axis is split alike
+    (torch.chunk's split: the first shard the largest), any other held whole by every rank."""
+    if shards > 1 and shape and len(state) == len(shape) and state[0] == shape[0]:
+        return -(-shape[0] // shards) * math.prod(state[1:])
+    return math.prod(state)
+
+
 @dataclass(frozen=True)
 class Memory:
     shape: tuple[int, ...]
     rule: str                               # the condition of the rule taken ("" without rules)
     states: tuple[tuple[str, str, int], ...]  # (key in state_dict(), kind, numbers)
+    shapes: tuple[tuple[int, ...], ...] = ()  # each state's shape
 
     @property
     def total(self) -> int:
@@ -57,16 +79,18 @@ class Memory:
         """In float32 (and one byte per element of a bool state)."""
         return self.stored_bytes(None)
 
-    def stored_bytes(self, state_dtype: str | None) -> int:
+    def stored_bytes(self, state_dtype: str | None, shards: int = 1) -> int:
         """As stored with this state_dtype (None: float32, "bfloat16", or a low-bit format of
-        optdsl/quant.py: codes plus scales); a bool state takes one byte per element."""
-        def size(kind: str, n: int) -> int:
+        optdsl/quant.py: codes plus scales); a bool state takes one byte per element. With shards > 1,
+        what the rank holding the most keeps when FSDP2 splits the parameter by rows over that many."""
+        def size(kind: str, n: int, shape: tuple[int, ...]) -> int:
+            local = largest_shard(shape, self.shape, shards) if shards > 1 else None
             if kind == "bool":
-                return n
+                return n if local is None else local
             if state_dtype == "bfloat16":
-                return 2 * n
-            return quant.stored_bytes(n, state_dtype)
-        return sum(size(kind, n) for _, kind, n in self.states)
+                return 2 * (n if local is None else local)
+            return quant.stored_bytes(n, state_dtype, local)
+        return sum(size(kind, n, shape) for (_, kind, n), shape in zip(self.states, self.shapes or [()] * len(self.states)))
 
 
 def memory(compiled: Compiled, shape: tuple[int, ...]) -> Memory:
@@ -87,7 +111,7 @@ def memory(compiled: Compiled, shape: tuple[int, ...]) -> Memory:
             raise ValueError(f"no rule of {program.name} takes a parameter of shape {shape}")
     sizes = {h.name: h.default for h in program.hypers}
     states = tuple((s.saved_as, s.shape, state_numel(s.shape, shape, sizes)) for s in program.states)
-    return Memory(tuple(shape), rule, states)
+    return Memory(tuple(shape), rule, states, tuple(state_shape(s.shape, tuple(shape), sizes) for s in program.states))
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -100,7 +124,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def report(compiled: Compiled, shape: tuple[int, ...]) -> str:
+def report(compiled: Compiled, shape: tuple[int, ...], shards: int = 1) -> str:
     m = memory(compiled, shape)
     numel = math.prod(shape)
     lines = [f"{compiled.program.name}: a parameter of shape {'x'.join(map(str, shape))} ({numel:,} elements)"]
@@ -119,6 +143,11 @@ def report(compiled: Compiled, shape: tuple[int, ...]) -> str:
     stored = ", ".join(f"{name} {m.stored_bytes(dtype):,} B ({m.stored_bytes(dtype) / numel:.4g} B per element)"
                        for name, dtype in _STATE_DTYPES.items())
     lines.append(f"  stored with state_dtype: {stored}")
+    if shards > 1:
+        local = ", ".join(f"{name} {m.stored_bytes(dtype, shards):,} B" for name, dtype in _STATE_DTYPES.items())
+        lines.append(f"  per rank under FSDP2 over {shards} ranks (split by rows; the rank holding the most): {local}")
+        lines.append("  (int8/int4: blocks laid over each rank's shard; every rank keeps the rows of codes the largest "
+                     "shard needs)")
     lines.append(f"  (int8/int4: codes plus one float32 scale per {quant.BLOCK['int8']} / {quant.BLOCK['int4']} numbers; "
                  f"states under {quant.MIN_NUMEL} numbers stay float32)")
     return "\n".join(lines)

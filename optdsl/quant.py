@@ -86,11 +86,15 @@ def worst_error(levels: list[float], signed: bool) -> float:
     return max(gaps + ends)
 
 
-def stored_bytes(numel: int, fmt: str | None) -> int:
-    """Bytes a float state of `numel` numbers takes in format `fmt` (None: float32)."""
+def stored_bytes(numel: int, fmt: str | None, local: int | None = None) -> int:
+    """Bytes a float state of `numel` numbers takes in format `fmt` (None: float32); with `local`,
+    what one rank keeps of it under FSDP2, `local` being the numbers of the largest shard: at low
+    bit every rank keeps as many rows of codes as that shard needs (blocks laid over each shard,
+    the stored tensor split evenly: templates/lowbit.py.j2's _sharded_codes), whether the state is
+    quantised being decided by the whole state's size."""
     if fmt is None or numel < MIN_NUMEL:
-        return 4 * numel
-    blocks = math.ceil(numel / BLOCK[fmt])
+        return 4 * (numel if local is None else local)
+    blocks = math.ceil((numel if local is None else local) / BLOCK[fmt])
     return blocks * (BLOCK[fmt] * BITS[fmt] // 8 + SCALE_BYTES)
 
 

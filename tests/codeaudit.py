@@ -25,7 +25,7 @@ IMPORTS = {
     ("import", (("triton", None),)),
     ("import", (("triton.language", "tl"),)),
     ("import", (("torch.distributed", "_dist"),)),  # sharded parameters (optdsl/templates/sharding.py.j2)
-    ("torch.distributed.tensor", (("DTensor", "_DTensor"), ("Partial", "_Partial"), ("Replicate", "_Replicate"))),
+    ("torch.distributed.tensor", (("DTensor", "_DTensor"), ("Partial", "_Partial"), ("Replicate", "_Replicate"), ("Shard", "_Shard"))),
 }
 MODULES = {"torch", "math", "os", "operator", "triton", "tl", "Optimizer", "_dist"}
 # The built-ins generated code calls or names; eval, exec, open, getattr, __import__ are not among them.

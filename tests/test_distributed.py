@@ -15,13 +15,16 @@ per world size.
 """
 from __future__ import annotations
 
+import functools
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from bench import dist_matrix as dm
+from optdsl import info
 
 # The foreach path runs DTensor's foreach ops: those that failed before (ops without a sharding rule,
 # in-place ops on partial results) and the split-dependent constructs (the whole list: bench/dist_matrix.py).
@@ -57,6 +60,17 @@ COUNTED = {"nsgda": 1, "lamb": 2, "sm3": 1, "sgd_agc": 2, "smmf": 4}
 COUNTED_LOOP = {"nsgda": 5, "lamb": 10, "sm3": 2, "sgd_agc": 6, "smmf": 8}
 # and with bfloat16 states (state_dtype), in float32
 CHECKPOINTED_BF16 = [("adamw", "loop"), ("adamw", "fused"), ("adafactor", "fused"), ("muon", "loop")]
+# Low-bit states (state_dtype "int8", "int4") on dm.LowBitNet at 2 ranks: a's 5 x 4100 split 3 + 2 rows
+# (each rank lays blocks over its own shard; rank 1's 8200 numbers need fewer rows of codes than rank 0's
+# 12300 and pad), e's 1 x 4100 held by rank 0 (rank 1's shard empty: rows of padding alone). AdamW and
+# Lion on every path and format between them; Adafactor's low-bit states are its column factors (a's
+# replicated, e's held by rank 0), fused only: its torch paths fail on a 1 x n matrix under FSDP2 with
+# float states too.
+LOWBIT = [("fsdp-int8", "adamw", path, "float64") for path in dm.PATHS] + [("fsdp-int4", "adamw", "foreach", "float64")]
+LOWBIT += [("fsdp-int4", "lion", "loop", "float64"), ("fsdp-int4", "lion", "fused", "float64"),
+           ("fsdp-int8", "lion", "foreach", "float64"), ("fsdp-int8", "adafactor", "fused", "float64")]
+# torch.distributed.checkpoint of int8 states: saved on 2 ranks, loaded on 2 (then trained on), on 4 and on 1
+LOWBIT_SAVE, LOWBIT_LOAD = ("save-int8", "adamw", "loop", "float64"), ("load-int8", "adamw", "loop", "float64")
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +81,15 @@ def results():
         dm.CHECKPOINTS = tmp  # before the forks: every rank writes and reads there
         out = {2: dm.run(ALL + BF16 + [("save", n, p, "float64") for n, p in CHECKPOINTED]
                          + [("count", n, p, "float64") for n in [*COUNTED, "shampoo"] for p in dm.PATHS]
-                         + [("save-bf16", n, p, "float32") for n, p in CHECKPOINTED_BF16], 2),
+                         + [("save-bf16", n, p, "float32") for n, p in CHECKPOINTED_BF16]
+                         + LOWBIT + [LOWBIT_SAVE, LOWBIT_LOAD], 2),
                4: dm.run(FOUR + [("load", n, p, "float64") for n, p in CHECKPOINTED]
-                         + [("load-bf16", n, p, "float32") for n, p in CHECKPOINTED_BF16], 4)}
+                         + [("load-bf16", n, p, "float32") for n, p in CHECKPOINTED_BF16] + [LOWBIT_LOAD], 4)}
         out[1] = {(n, p): dm.resumed(n, p, torch.float64) for n, p in CHECKPOINTED}
+        try:
+            out[1][LOWBIT_LOAD] = dm.resumed("adamw", "loop", torch.float64, "int8")
+        except (Exception, dm.CheckpointException) as e:  # noqa: BLE001 - refused, as it should be: the test reads why
+            out[1][LOWBIT_LOAD] = dm.why(e)
         yield out
 
 
@@ -186,3 +205,79 @@ def test_bfloat16_states_saved_on_two_ranks_load_on_four(results, name, path):
     moved = max((p - q).abs().max().item() for p, q in zip(expected, dm.net(torch.float32).parameters()))
     for p, q in zip(loaded[0], expected):
         torch.testing.assert_close(p, q, rtol=0, atol=0.02 * moved)
+
+
+@functools.cache
+def _compiled(name):
+    from optdsl.pipeline import compile_source
+    return compile_source((Path(dm.ROOT) / "specs" / f"{name}.opt").read_text())
+
+
+@pytest.mark.parametrize("scenario", LOWBIT, ids=lambda s: "-".join(s))
+def test_sharded_low_bit_states_step_as_one_process_on_the_shards(results, scenario):
+    """FSDP2 with int8/int4 states quantises each rank's local shard, blocks laid from its first number,
+    so a block never straddles two ranks. AdamW's and Lion's updates are element by element: one
+    process whose optimizer holds each shard's piece as a parameter of its own quantises the same
+    blocks, and stepping on the same gradients (dm.train_recorded: FSDP2's differ from one process's
+    by an ulp, which may turn a code) gives the same parameters and codes to the bit, on every path.
+    Adafactor: one process on the whole matrices (its low-bit column factors are laid alike), within
+    float64's few ulps of partial sums added in another order (dm.TOLERANCE; a code turned by them
+    would show as the code gap, 1e-3 of the step here, far outside it)."""
+    mode, name, path, dtype = scenario
+    fmt = mode.split("-")[1]
+    got = results[2][scenario]
+    assert not isinstance(got, str), got
+    params, states, grads, held = got
+    expected, ref = dm.one_process_lowbit(name, path, torch.float64, fmt, grads)
+    assert not torch.equal(expected[0], dm.lowbit_net(torch.float64).a.weight)  # training moved them
+    # a's and e's states are codes, split over the 2 ranks (or, Adafactor's a's column factor, replicated)
+    lowbit = {key: v for key, v in states.items() if v.dtype == torch.uint8}
+    assert {i for i, _ in lowbit} == {0, 1}, sorted(lowbit)  # e (the model's own parameter: first), a's weight
+    if name not in dm.ELEMENTWISE:
+        assert dm.compare(params, expected, torch.float64) == ""
+        return
+    assert all(torch.equal(p, q) for p, q in zip(params, expected)), dm.compare(params, expected, torch.float64)
+    pieces = [x for group in ref.param_groups for x in group["params"]]  # e: 1 piece, a's weight: 2, a's bias: 2, ...
+    for (i, key), whole in lowbit.items():
+        assert whole.dim() == 3 and whole.shape[0] == 2  # (shards, rows, width)
+        mine = [pieces[1], pieces[2]] if i == 1 else [pieces[0]]
+        if i == 1:  # rank 1's shard needs fewer rows of codes: padded
+            assert len(ref.state[mine[1]][key]) < len(ref.state[mine[0]][key]) == whole.shape[1]
+        for rank in range(2):  # each rank's rows: its piece's codes, then zero rows (padding)
+            codes = ref.state[mine[rank]][key] if rank < len(mine) else whole.new_zeros(0, whole.shape[2])
+            assert torch.equal(whole[rank, :len(codes)], codes), (i, key, rank)
+            assert not whole[rank, len(codes):].any()
+    assert lowbit[(0, key)][1].count_nonzero() == 0  # rank 1's part of e's states: padding alone
+    # every rank holds the rows of the largest shard (a: 3 rows of 4100), as `optdsl info --shards 2` says
+    if name == "adamw":
+        for i, shape in ((0, (1, 4100)), (1, (5, 4100))):
+            expect = info.memory(_compiled(name), shape).stored_bytes(fmt, shards=2)
+            for rank in range(2):
+                assert sum(n[rank] for (j, k), n in held.items() if j == i and k != "step") == expect
+
+
+def test_low_bit_checkpoint_resumes_bit_exact_at_its_world_size_only(results):
+    """torch.distributed.checkpoint saves a sharded low-bit state as its codes and scales, a uint8
+    DTensor of shape (shards, rows, width): loaded at the same world size they come back byte for byte
+    and training goes on as one uninterrupted run on the same gradients, to the bit. At another world
+    size the blocks would be other ones: the first axis (the number of shards) differs, and loading
+    is refused, on 4 ranks and in one process, never resumed on the wrong blocks."""
+    saved, loaded = results[2][LOWBIT_SAVE], results[2][LOWBIT_LOAD]
+    assert not isinstance(saved, str), saved
+    assert not isinstance(loaded, str), loaded
+    assert any(v.dtype == torch.uint8 and v.shape[0] == 2 for v in saved[1].values())
+    _same_states(saved[1], loaded[1])
+    expected, _ = dm.one_process_lowbit("adamw", "loop", torch.float64, "int8", saved[2] + loaded[2])
+    assert all(torch.equal(p, q) for p, q in zip(loaded[0], expected))
+    for why in (results[4][LOWBIT_LOAD], results[1][LOWBIT_LOAD]):
+        assert isinstance(why, str) and "Size mismatch" in why and "exp_avg" in why, why
+    # read back into float32 states (state_dtype=None), each rank its shard's numbers: the codes dequantised
+    from generated.adamw import AdamW, _dequantised
+    codes, floats = loaded[3]
+    for (i, key), whole in codes.items():
+        if whole.dtype == torch.uint8:
+            shape = floats[(i, key)].shape
+            parts = [len(x) for x in torch.chunk(torch.empty(shape[0]), 2)] + [0]
+            expect = torch.cat([_dequantised(whole[r], AdamW._LOWBIT_SIGNED[key], (parts[r],) + shape[1:], torch.float64)
+                                for r in range(2)])
+            assert floats[(i, key)].dtype == torch.float64 and torch.equal(floats[(i, key)], expect), (i, key)

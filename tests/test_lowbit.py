@@ -176,6 +176,19 @@ def test_state_dict_round_trip_and_resume_bit_exact(path, state_dtype):
             assert torch.equal(opt.state[p][key], again.state[q][key])
 
 
+def test_load_refuses_codes_of_sharded_parameters_into_a_whole_one():
+    """A sharded parameter's codes (shards, rows, width: blocks laid over each rank's shard) are not
+    a whole parameter's blocks: refused, saying so (tests/test_distributed.py: at another world size)."""
+    p = torch.nn.Parameter(torch.randn(5, 4100))
+    opt = AdamW([p], state_dtype="int8")
+    p.grad = torch.ones_like(p)
+    opt.step()
+    saved = _saved(opt)
+    saved["state"][0]["exp_avg"] = torch.zeros(2, 7, quant.width("int8"), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="blocks laid over 2 shards .* here the parameter is whole"):
+        AdamW([p], state_dtype="int8").load_state_dict(saved)
+
+
 def test_load_refuses_codes_of_another_shape():
     opt, params, _ = _stepped(AdamW, dict(state_dtype="int8"), 1)
     saved = _saved(opt)
@@ -263,6 +276,12 @@ def test_info_reports_stored_bytes():
     small = memory(compiled, (64, 63))  # under 4096 numbers: float32
     assert small.stored_bytes("int8") == small.stored_bytes(None)
     assert '"int8" 33,619,968 B (2.004 B per element)' in report(compiled, (4096, 4096))
+    # under FSDP2 over 3 ranks (4096 rows: 1366 + 1366 + 1364) every rank keeps the largest shard's
+    # rows of codes: ceil(1366 * 4096 / 2048) = 2732 of 2052 B per state; float32, that shard's numbers
+    assert m.stored_bytes("int8", shards=3) == 2 * 2732 * 2052
+    assert m.stored_bytes(None, shards=3) == 2 * 4 * 1366 * 4096
+    assert memory(compiled, (1, 5000)).stored_bytes("int4", shards=2) == 2 * 20 * 132  # one rank holds it all
+    assert "per rank under FSDP2 over 3 ranks" in report(compiled, (4096, 4096), 3)
     # and a real optimizer holds exactly that
     p = torch.nn.Parameter(torch.zeros(300, 100))
     for fmt in ("int8", "int4"):
