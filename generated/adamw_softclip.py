@@ -668,7 +668,7 @@ class AdamWSoftClip(Optimizer):
             (unsigned where it is never negative); each step dequantises, updates in float32 and
             requantises to the nearest level (``"int8_stochastic"``, ``"int4_stochastic"``: stochastically,
             from the optimizer's own generator). All three paths support them; the fused kernels
-            (de)quantise in registers and run when fused=True is asked for (``None`` keeps the torch paths).
+            (de)quantise in registers, and ``fused=None`` picks them as for float states (CUDA tensors).
     """
 
     def __init__(
@@ -888,8 +888,8 @@ class AdamWSoftClip(Optimizer):
 
     @staticmethod
     def _fused_for(group, p) -> bool:
-        if group["fused"] is None:  # low-bit states: the torch paths unless fused=True is asked for
-            return group["foreach"] is None and not _lowbit_format(group["state_dtype"]) and _fused_by_default([p])
+        if group["fused"] is None:  # as torch.optim: the kernels on CUDA unless foreach is chosen (low-bit states too)
+            return group["foreach"] is None and _fused_by_default([p])
         return bool(group["fused"])
 
     def _init_group(self, group, params, grads, m_list, v_list, state_steps):
@@ -940,7 +940,7 @@ class AdamWSoftClip(Optimizer):
                 wd=group["wd"],
                 clip_eps=group["clip_eps"],
                 foreach=group["foreach"],
-                fused=group["fused"] if group["fused"] or not _lowbit_format(group["state_dtype"]) else False,
+                fused=group["fused"],
                 stochastic=_stochastic(group["state_dtype"]),
                 grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
                 found_inf=getattr(self, "found_inf", None),

@@ -360,6 +360,37 @@ def _fused_ready():
         pytest.skip("the fused low-bit tests run on CPU tensors under TRITON_INTERPRET=1")
 
 
+@pytest.mark.parametrize("state_dtype", [None, "int8", "int4_stochastic"])
+def test_fused_none_picks_the_kernels_for_low_bit_states_as_for_float_ones(monkeypatch, state_dtype):
+    """fused=None runs the kernels where they would run for float states, as torch.optim picks its fused
+    ones: on CUDA tensors, unless foreach is chosen. CUDA is pretended here (every tensor says is_cuda;
+    the interpreter runs the kernels on the CPU): the default then launches them and steps as fused=True
+    does, to the bit; foreach=True keeps the torch paths; on the CPU, not pretended, no kernel runs."""
+    _fused_ready()
+
+    def stepped(**kw):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 91 * 53).view(91, 53))  # 4823 numbers: codes
+        opt = AdamW([p], lr=1e-2, state_dtype=state_dtype, **kw)
+        opt.manual_seed(5)
+        before = adamw_module.LAUNCHES
+        for k in range(2):
+            p.grad = torch.cos(torch.arange(p.numel(), dtype=torch.float32) * (k + 1)).view_as(p)
+            opt.step()
+        return p.detach(), opt.state[p], adamw_module.LAUNCHES - before, opt._fused_for(opt.param_groups[0], p)
+
+    _, _, launches, chosen = stepped()
+    assert launches == 0 and not chosen
+    monkeypatch.setattr(adamw_module, "_IS_CUDA", lambda x: True)
+    p_default, states, launches, chosen = stepped()
+    assert launches > 0 and chosen
+    assert (states["exp_avg"].dtype == torch.uint8) == (state_dtype is not None)
+    p_fused, fused_states, _, _ = stepped(fused=True)
+    assert torch.equal(p_default, p_fused)
+    assert all(torch.equal(states[k], fused_states[k]) for k in ("exp_avg", "exp_avg_sq"))
+    _, _, launches, chosen = stepped(foreach=True)
+    assert launches == 0 and not chosen
+
+
 @pytest.mark.parametrize("fmt", sorted(quant.BLOCK))
 def test_fused_quantises_as_the_torch_paths_bit_exact(fmt):
     """m = g and v = g^2 are the same float32 numbers on both paths, so the kernels' codes and scales
