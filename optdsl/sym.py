@@ -35,7 +35,11 @@ def number(x: float) -> sp.Expr:
 
 def to_sympy(e: ir.Expr, env: dict[str, sp.Expr]) -> sp.Expr:
     """The SymPy meaning of an IR expression; `env` maps each name read to its value."""
-    value = _to_sympy(e, env)
+    try:
+        value = _to_sympy(e, env)
+    except ZeroDivisionError:  # SymPy's Mod(x, 0); the innermost expression that divides says so
+        raise SpecError("this expression takes a remainder by zero", e.span,
+                        hint="x % 0 has no value (torch gives nan, Python raises): check the right side") from None
     # (asked only of evaluated expressions: SymPy can recurse without end on unevaluated ones)
     if value is sp.nan or (global_parameters.evaluate and value.is_extended_real is False):  # 0*inf, log(0), ...
         raise SpecError(f"this expression has no real value (it is {value})", e.span,

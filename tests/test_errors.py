@@ -133,6 +133,10 @@ CASES = [
     ("division-by-literal-zero", "optimizer Bad\np -= g / 0\n", 2, 10, "division by zero", "not zero"),
     ("division-by-zero-expression", "optimizer Bad\nhyper lr = 1\np -= lr * g / (1 - 1)\n", 3, 16,
      "division by zero", None),
+    # red-team (issue 12, item 5): SymPy's Mod(x, 0) raised ZeroDivisionError, shown as "a bug in optdsl"
+    ("remainder-by-zero", H + M + "p -= lr * (m % 0)\n", 5, 12, "a remainder by zero", "x % 0"),
+    ("remainder-by-folded-zero", H + M + "p -= lr * (t % (b1 - b1))\n", 5, 12, "a remainder by zero", None),
+    ("every-zero-rounds", H + M + "every 0 {\np -= lr * m\n}\n", 5, 1, "a remainder by zero", None),
 ]
 
 
