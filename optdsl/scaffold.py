@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from . import escape
 from .build import no_such_spec, resolve_spec
 from .pipeline import compile_source
 
@@ -66,13 +67,15 @@ def scaffold_text(name: str, target: Path, source: Path | None = None) -> str:
     """The text of the new spec; it compiles (a SpecError here is a broken `source`)."""
     cls = class_name(name)
     if source is None:
-        text = TEMPLATE.format(name=cls, path=target.as_posix(), folder=target.parent.as_posix())
+        # paths go into comments of the spec through escape.text, so a newline in one cannot start a line
+        text = TEMPLATE.format(name=cls, path=escape.text(target.as_posix()),
+                               folder=escape.text(target.parent.as_posix()))
     else:
         original = source.read_text(encoding="utf-8")
         compile_source(original, source.as_posix())  # a broken source is reported where it is broken
         if not _HEADER.search(original):
             raise ScaffoldError(f"{source.as_posix()} has no 'optimizer NAME' line to rename")
-        text = f"# {cls}: started from {source.as_posix()} by `optdsl new`.\n"
+        text = f"# {cls}: started from {escape.text(source.as_posix())} by `optdsl new`.\n"
         text += _HEADER.sub(lambda m: m[1] + cls, original, count=1)
     compile_source(text, target.as_posix())
     return text

@@ -20,7 +20,9 @@ from optdsl import console
 from optdsl.cli import main
 from optdsl.errors import SpecError
 from optdsl.pipeline import compile_source
-from optdsl.scaffold import class_name, snake_name
+from optdsl import escape
+from optdsl.parse import parse
+from optdsl.scaffold import TEMPLATE, class_name, snake_name
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -264,6 +266,24 @@ def test_new_from_a_spec_renames_it_and_keeps_its_rule(tmp_path):
         a.step()
         b.step()
     assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("odd", ["qq\nhyper zz = 1\n#", "qq\rqq", "qq\u2028qq"])
+def test_new_writes_odd_paths_into_comments_escaped(odd, tmp_path):
+    """Red-team (issue 12): the source's path and the output folder went into the new spec's comments
+    as they were, so a newline in a file name started a line of spec text (here a hyperparameter
+    above the header: refused as 'a spec starts with optimizer NAME')."""
+    source = tmp_path / f"{odd}.opt"
+    shutil.copy(ROOT / "specs" / "lion.opt", source)
+    assert main(["new", "my_lion", "--from", str(source), "-o", str(tmp_path / "a")]) == 0
+    assert main(["new", "mine", "-o", str(tmp_path / odd)]) == 0
+    for written in (tmp_path / "a" / "my_lion.opt", tmp_path / odd / "mine.opt"):
+        text = written.read_text()
+        assert escape.text(odd) in text and odd not in text
+        assert all(line.lstrip().startswith("#") for line in text.split("\n") if "qq" in line)
+        assert [h.name for h in parse(text).hypers] == [h.name for h in parse(
+            (ROOT / "specs" / "lion.opt").read_text() if "lion" in written.name else TEMPLATE.format(
+            name="Mine", path="p", folder="f")).hypers]
 
 
 def test_new_from_a_shipped_spec_by_name(tmp_path, monkeypatch):
