@@ -781,7 +781,7 @@ class Adam(Optimizer):
     def _check_group(self, group):
         """Refuse values outside the spec's ranges, and torch.optim features the spec does not implement."""
         _one_element({"lr": group["lr"], "betas": group["betas"], "eps": group["eps"], "weight_decay": group["weight_decay"]})
-        if not (0.0 <= group["lr"]):
+        if not (0.0 <= group["lr"] < float("inf")):
             raise ValueError(f"Invalid lr value: {group['lr']} (lr must be in [0, inf))")
         if len(group["betas"]) != 2:
             raise ValueError(f"Invalid betas: {group['betas']!r} (must hold 2 values: b1, b2)")
@@ -789,9 +789,9 @@ class Adam(Optimizer):
             raise ValueError(f"Invalid betas[0] value: {group['betas'][0]} (betas[0] (b1) must be in [0, 1))")
         if not (0.0 <= group["betas"][1] < 1.0):
             raise ValueError(f"Invalid betas[1] value: {group['betas'][1]} (betas[1] (b2) must be in [0, 1))")
-        if not (0.0 < group["eps"]):
+        if not (0.0 < group["eps"] < float("inf")):
             raise ValueError(f"Invalid eps value: {group['eps']} (eps must be in (0, inf))")
-        if not (0.0 <= group["weight_decay"]):
+        if not (0.0 <= group["weight_decay"] < float("inf")):
             raise ValueError(f"Invalid weight_decay value: {group['weight_decay']} (weight_decay (wd) must be in [0, inf))")
         if group["amsgrad"] not in (False, True):
             raise ValueError(f"Invalid amsgrad value: {group['amsgrad']!r} (amsgrad must be True or False)")
@@ -900,6 +900,8 @@ class Adam(Optimizer):
                     if key == "step":
                         if not (isinstance(value, (int, float)) or torch.is_tensor(value) and value.numel() == 1):
                             raise ValueError(f"{where}: parameter {i}'s step is {value!r}, not a number")
+                        if not 0 <= float(value) < float("inf"):  # nan, or a count no run reaches: silently wrong steps
+                            raise ValueError(f"{where}: parameter {i}'s step is {float(value)!r}, not a count of steps")
                         continue
                     shape = expected[key]
                     if torch.is_tensor(value) and value.dtype == torch.uint8 and shape is not None:
@@ -1137,14 +1139,18 @@ def _new_rng():
 _MADE = [0]  # how many optimizers of this class this process has made: each one's generator is salted with its number
 
 
-def _one_element(values):
-    """A tensor hyperparameter (lr=torch.tensor(1e-3), for a compiled step) holds one number, as
-    torch.optim requires; a longer one is refused before its comparison with a range could be."""
+def _one_element(values, optional=()):
+    """Each number hyperparameter is one number: a Python int or float, or a one-element tensor
+    (lr=torch.tensor(1e-3), for a compiled step) as torch.optim requires; None only where the spec
+    says `= None` (`optional`). Anything else (a state_dict's group holding lr="1e-3") is refused by
+    name here, before a comparison with its range could fail with a TypeError."""
     for key, value in values.items():
         for i, x in enumerate(value if isinstance(value, (tuple, list)) else (value,)):
+            where = f"{key}[{i}]" if isinstance(value, (tuple, list)) else key
             if torch.is_tensor(x) and x.numel() != 1:
-                where = f"{key}[{i}]" if isinstance(value, (tuple, list)) else key
                 raise ValueError(f"Tensor {where} must be 1-element (it has {x.numel()} elements)")
+            if not (torch.is_tensor(x) or isinstance(x, (int, float)) or x is None and where in optional):
+                raise ValueError(f"Invalid {where} value: {x!r} ({where} must be a number)")
 
 
 def _state_dtype(group, p):

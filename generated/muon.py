@@ -995,10 +995,10 @@ class Muon(Optimizer):
 
     def _check_group(self, group):
         """Refuse values outside the spec's ranges, and torch.optim features the spec does not implement."""
-        _one_element({"lr": group["lr"], "weight_decay": group["weight_decay"], "momentum": group["momentum"], "ns_coefficients": group["ns_coefficients"], "eps": group["eps"], "ns_steps": group["ns_steps"], "adjust_lr_fn": group["adjust_lr_fn"], "adam_lr": group["adam_lr"], "adam_betas": group["adam_betas"], "adam_eps": group["adam_eps"], "adam_wd": group["adam_wd"]})
-        if not (0.0 <= group["lr"]):
+        _one_element({"lr": group["lr"], "weight_decay": group["weight_decay"], "momentum": group["momentum"], "ns_coefficients": group["ns_coefficients"], "eps": group["eps"], "ns_steps": group["ns_steps"], "adam_lr": group["adam_lr"], "adam_betas": group["adam_betas"], "adam_eps": group["adam_eps"], "adam_wd": group["adam_wd"]})
+        if not (0.0 <= group["lr"] < float("inf")):
             raise ValueError(f"Invalid lr value: {group['lr']} (lr must be in [0, inf))")
-        if not (0.0 <= group["weight_decay"]):
+        if not (0.0 <= group["weight_decay"] < float("inf")):
             raise ValueError(f"Invalid weight_decay value: {group['weight_decay']} (weight_decay (wd) must be in [0, inf))")
         if not (0.0 <= group["momentum"] < 1.0):
             raise ValueError(f"Invalid momentum value: {group['momentum']} (momentum must be in [0, 1))")
@@ -1006,7 +1006,7 @@ class Muon(Optimizer):
             raise ValueError(f"Invalid nesterov value: {group['nesterov']!r} (nesterov must be True or False)")
         if len(group["ns_coefficients"]) != 3:
             raise ValueError(f"Invalid ns_coefficients: {group['ns_coefficients']!r} (must hold 3 values: a, b, c)")
-        if not (0.0 < group["eps"]):
+        if not (0.0 < group["eps"] < float("inf")):
             raise ValueError(f"Invalid eps value: {group['eps']} (eps must be in (0, inf))")
         if not (0.0 <= group["ns_steps"] <= 16.0):
             raise ValueError(f"Invalid ns_steps value: {group['ns_steps']} (ns_steps must be in [0, 16])")
@@ -1015,7 +1015,7 @@ class Muon(Optimizer):
         if group["adjust_lr_fn"] not in (None, "original", "match_rms_adamw"):
             raise ValueError(f"Invalid adjust_lr_fn value: {group['adjust_lr_fn']!r} "
                              "(adjust_lr_fn must be one of None, 'original', 'match_rms_adamw')")
-        if not (0.0 <= group["adam_lr"]):
+        if not (0.0 <= group["adam_lr"] < float("inf")):
             raise ValueError(f"Invalid adam_lr value: {group['adam_lr']} (adam_lr must be in [0, inf))")
         if len(group["adam_betas"]) != 2:
             raise ValueError(f"Invalid adam_betas: {group['adam_betas']!r} (must hold 2 values: b1, b2)")
@@ -1023,9 +1023,9 @@ class Muon(Optimizer):
             raise ValueError(f"Invalid adam_betas[0] value: {group['adam_betas'][0]} (adam_betas[0] (b1) must be in [0, 1))")
         if not (0.0 <= group["adam_betas"][1] < 1.0):
             raise ValueError(f"Invalid adam_betas[1] value: {group['adam_betas'][1]} (adam_betas[1] (b2) must be in [0, 1))")
-        if not (0.0 < group["adam_eps"]):
+        if not (0.0 < group["adam_eps"] < float("inf")):
             raise ValueError(f"Invalid adam_eps value: {group['adam_eps']} (adam_eps must be in (0, inf))")
-        if not (0.0 <= group["adam_wd"]):
+        if not (0.0 <= group["adam_wd"] < float("inf")):
             raise ValueError(f"Invalid adam_wd value: {group['adam_wd']} (adam_wd must be in [0, inf))")
         if group["use_muon"] not in (False, True):
             raise ValueError(f"Invalid use_muon value: {group['use_muon']!r} (use_muon must be True or False)")
@@ -1134,6 +1134,8 @@ class Muon(Optimizer):
                     if key == "step":
                         if not (isinstance(value, (int, float)) or torch.is_tensor(value) and value.numel() == 1):
                             raise ValueError(f"{where}: parameter {i}'s step is {value!r}, not a number")
+                        if not 0 <= float(value) < float("inf"):  # nan, or a count no run reaches: silently wrong steps
+                            raise ValueError(f"{where}: parameter {i}'s step is {float(value)!r}, not a count of steps")
                         continue
                     shape = expected[key]
                     if torch.is_tensor(value) and value.dtype == torch.uint8 and shape is not None:
@@ -1386,14 +1388,18 @@ def _new_rng():
 _MADE = [0]  # how many optimizers of this class this process has made: each one's generator is salted with its number
 
 
-def _one_element(values):
-    """A tensor hyperparameter (lr=torch.tensor(1e-3), for a compiled step) holds one number, as
-    torch.optim requires; a longer one is refused before its comparison with a range could be."""
+def _one_element(values, optional=()):
+    """Each number hyperparameter is one number: a Python int or float, or a one-element tensor
+    (lr=torch.tensor(1e-3), for a compiled step) as torch.optim requires; None only where the spec
+    says `= None` (`optional`). Anything else (a state_dict's group holding lr="1e-3") is refused by
+    name here, before a comparison with its range could fail with a TypeError."""
     for key, value in values.items():
         for i, x in enumerate(value if isinstance(value, (tuple, list)) else (value,)):
+            where = f"{key}[{i}]" if isinstance(value, (tuple, list)) else key
             if torch.is_tensor(x) and x.numel() != 1:
-                where = f"{key}[{i}]" if isinstance(value, (tuple, list)) else key
                 raise ValueError(f"Tensor {where} must be 1-element (it has {x.numel()} elements)")
+            if not (torch.is_tensor(x) or isinstance(x, (int, float)) or x is None and where in optional):
+                raise ValueError(f"Invalid {where} value: {x!r} ({where} must be a number)")
 
 
 def _state_dtype(group, p):

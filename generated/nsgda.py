@@ -703,13 +703,13 @@ class NSGDA(Optimizer):
     def _check_group(self, group):
         """Refuse values outside the spec's ranges."""
         _one_element({"lr": group["lr"], "momentum": group["momentum"], "eps": group["eps"], "wd": group["wd"]})
-        if not (0.0 <= group["lr"]):
+        if not (0.0 <= group["lr"] < float("inf")):
             raise ValueError(f"Invalid lr value: {group['lr']} (must be in [0, inf))")
         if not (0.0 <= group["momentum"] < 1.0):
             raise ValueError(f"Invalid momentum value: {group['momentum']} (must be in [0, 1))")
-        if not (0.0 < group["eps"]):
+        if not (0.0 < group["eps"] < float("inf")):
             raise ValueError(f"Invalid eps value: {group['eps']} (must be in (0, inf))")
-        if not (0.0 <= group["wd"]):
+        if not (0.0 <= group["wd"] < float("inf")):
             raise ValueError(f"Invalid wd value: {group['wd']} (must be in [0, inf))")
 
     # The code (signed or not) of each float state at int8/int4, by state_dict key (optdsl/quant.py).
@@ -806,6 +806,8 @@ class NSGDA(Optimizer):
                     if key == "step":
                         if not (isinstance(value, (int, float)) or torch.is_tensor(value) and value.numel() == 1):
                             raise ValueError(f"{where}: parameter {i}'s step is {value!r}, not a number")
+                        if not 0 <= float(value) < float("inf"):  # nan, or a count no run reaches: silently wrong steps
+                            raise ValueError(f"{where}: parameter {i}'s step is {float(value)!r}, not a count of steps")
                         continue
                     shape = expected[key]
                     if torch.is_tensor(value) and value.dtype == torch.uint8 and shape is not None:
@@ -938,14 +940,18 @@ def _new_rng():
 _MADE = [0]  # how many optimizers of this class this process has made: each one's generator is salted with its number
 
 
-def _one_element(values):
-    """A tensor hyperparameter (lr=torch.tensor(1e-3), for a compiled step) holds one number, as
-    torch.optim requires; a longer one is refused before its comparison with a range could be."""
+def _one_element(values, optional=()):
+    """Each number hyperparameter is one number: a Python int or float, or a one-element tensor
+    (lr=torch.tensor(1e-3), for a compiled step) as torch.optim requires; None only where the spec
+    says `= None` (`optional`). Anything else (a state_dict's group holding lr="1e-3") is refused by
+    name here, before a comparison with its range could fail with a TypeError."""
     for key, value in values.items():
         for i, x in enumerate(value if isinstance(value, (tuple, list)) else (value,)):
+            where = f"{key}[{i}]" if isinstance(value, (tuple, list)) else key
             if torch.is_tensor(x) and x.numel() != 1:
-                where = f"{key}[{i}]" if isinstance(value, (tuple, list)) else key
                 raise ValueError(f"Tensor {where} must be 1-element (it has {x.numel()} elements)")
+            if not (torch.is_tensor(x) or isinstance(x, (int, float)) or x is None and where in optional):
+                raise ValueError(f"Invalid {where} value: {x!r} ({where} must be a number)")
 
 
 def _state_dtype(group, p):

@@ -84,6 +84,22 @@ CASES = {
     "a state that is no tensor": (_corrupt(lambda s: s["state"][0].update(exp_avg=[0.0, 0.0, 0.0])),
                                   "'exp_avg' of parameter 0 is list"),
     "a step that is no number": (_corrupt(lambda s: s["state"][2].update(step="3")), "step is '3', not a number"),
+    # red-team (issue 12): a nan step loaded and made every parameter nan at the next step, a negative
+    # one stopped it with "math domain error"; a hyperparameter that is no number was a TypeError of
+    # the range's comparison; lr=inf passed the range [0, inf) and the step wrote nan
+    "a step that is nan": (_corrupt(lambda s: s["state"][2].update(step=torch.tensor(float("nan")))),
+                           "step is nan, not a count of steps"),
+    "a negative step": (_corrupt(lambda s: s["state"][0].update(step=torch.tensor(-5.0))),
+                        "step is -5.0, not a count of steps"),
+    "an infinite step": (_corrupt(lambda s: s["state"][0].update(step=float("inf"))), "step is inf, not a count"),
+    "a hyperparameter that is no number": (_corrupt(lambda s: s["param_groups"][0].update(lr="1e-3")),
+                                           "Invalid lr value: '1e-3' \\(lr must be a number\\)"),
+    "a hyperparameter that is None": (_corrupt(lambda s: s["param_groups"][0].update(eps=None)),
+                                      "Invalid eps value: None"),
+    "a tuple member that is no number": (_corrupt(lambda s: s["param_groups"][0].update(betas=(0.9, "x"))),
+                                         "Invalid betas\\[1\\] value: 'x'"),
+    "an infinite learning rate": (_corrupt(lambda s: s["param_groups"][0].update(lr=float("inf"))),
+                                  "Invalid lr value: inf \\(lr must be in \\[0, inf\\)\\)"),
     "a broken generator state": (_corrupt(lambda s: s.update(rng_state=torch.zeros(3, dtype=torch.uint8))),
                                  "'rng_state' is not a CPU generator's state"),
 }
@@ -356,3 +372,19 @@ def test_a_group_state_of_a_spec_without_torch_names_loads_before_and_after_the_
     saved["param_groups"][0].pop("lr")
     with pytest.raises(ValueError, match="has no lr"):  # a hyperparameter is still required
         cls([p]).load_state_dict(saved)
+
+
+def test_a_range_that_includes_inf_or_is_not_written_still_takes_it():
+    """`in (0, inf]` (LAMB's max_w) takes inf; a hyperparameter with no range (Rprop's step_max) takes
+    any number; Adafactor's eps1 takes its None; a range written open at inf refuses it."""
+    from generated.adafactor import Adafactor as TorchNamedAdafactor
+    from generated.lamb import LAMB
+    from generated.rprop import Rprop
+    for make in (lambda ps: LAMB(ps, max_w=float("inf")), lambda ps: Rprop(ps, step_sizes=(1e-6, float("inf"))),
+                 lambda ps: TorchNamedAdafactor(ps, eps=(None, 1e-3))):
+        ps = _params()
+        _train(make(ps), ps, 2, seed=0)
+    with pytest.raises(ValueError, match="Invalid lr value: inf"):
+        Adam(_params(), lr=float("inf"))
+    with pytest.raises(ValueError, match="Invalid eps\\[1\\] value: None"):
+        TorchNamedAdafactor(_params(), eps=(None, None))
