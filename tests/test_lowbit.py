@@ -262,6 +262,62 @@ def test_against_float32_path_step_by_step(name, fmt, path):
 
 
 
+@pytest.mark.parametrize("path", ["single", "foreach", "fused"])
+@pytest.mark.parametrize("fmt", sorted(quant.BLOCK))
+@pytest.mark.parametrize("name", ["adamw", "lion"])
+def test_bfloat16_parameters_against_float32_states_step_by_step(name, fmt, path):
+    """bfloat16 parameters with int8/int4 states: each step computes in float32 on a float32 copy of p
+    (in registers, fused) and writes p back rounded to the nearest bfloat16. From the same
+    (dequantised) states, the float32-state run of the same path computes the same float32 update,
+    so p is the same bfloat16 number, bit for bit on every path (the kernels with float and with
+    low-bit states share the update's code; the interpreter runs it as numpy, without contraction;
+    compiled for a GPU the two might differ by float32 ulps, so by one bfloat16 spacing of p, and
+    this test only runs under the interpreter), and each new state is within one rounding of the
+    float32 state, s * (w + 2^-23) per block of scale s; the small parameter's float32 states equal."""
+    import importlib
+    if path == "fused":
+        _fused_ready()
+    module = importlib.import_module(f"generated.{name}")
+    cls = getattr(module, module.__all__[0])
+    prog = compile_source((SPECS / f"{name}.opt").read_text()).program
+    codes = quant.codes(prog)
+    kinds = {s.saved_as: (s.shape, codes.get(s.name)) for s in prog.states}
+    kw = dict(foreach=path == "foreach", fused=path == "fused", lr=1e-2)
+    gen = torch.Generator().manual_seed(7)
+    params = [torch.nn.Parameter(torch.randn(70, 90, generator=gen).bfloat16()),
+              torch.nn.Parameter(torch.randn(50, generator=gen).bfloat16())]
+    low = cls(params, state_dtype=fmt, **kw)
+    moved = False
+    for step in range(6):
+        grads = [(torch.randn(p.shape, generator=gen) * 10.0 ** (-(step % 3))).bfloat16() for p in params]
+        start = _dequantised_state_dict(low, prog) if step else None
+        ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        ref = cls(ref_params, **kw)
+        if start is not None:
+            ref.load_state_dict(start)
+        before = [p.detach().clone() for p in params]
+        for p, q, g in zip(params, ref_params, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        low.step()
+        ref.step()
+        moved = moved or any(not torch.equal(p, b) for p, b in zip(params, before))
+        for p, q in zip(params, ref_params):
+            assert p.dtype == torch.bfloat16 and torch.equal(p, q), f"step {step + 1}"
+            assert (low.state[p]["exp_avg"].dtype == torch.uint8) == (p.numel() >= quant.MIN_NUMEL)
+            for key, value in ref.state[q].items():
+                stored = low.state[p][key]
+                if key == "step" or stored.dtype != torch.uint8:
+                    assert stored.dtype == value.dtype == (torch.float32 if key != "step" else value.dtype)
+                    assert torch.equal(stored, value), (key, step)
+                    continue
+                kind, code = kinds[key]
+                back = module._dequantised(stored, code.signed, value.shape, torch.float32)
+                w = quant.worst_error(quant.LEVELS[(fmt, code.signed)], code.signed)
+                bound = _block_scales(value, fmt) * (w + F32)
+                assert ((back - value).abs() <= bound).all(), (key, step)
+    assert moved
+
+
 def test_info_reports_stored_bytes():
     """`optdsl info` counts codes plus scales: AdamW at 4096x4096 keeps 2 states of 2^24 numbers,
     8192 blocks of 2048 codes + 4 bytes each at int8, 65536 blocks of 128 bytes + 4 at int4: 1.031 B
