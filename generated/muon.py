@@ -15,8 +15,8 @@ The spec::
     hyper a = 3.4445, b = -4.775, c = 2.0315          # the quintic's coefficients
     hyper ns_coefficients = (a, b, c)
     hyper eps = 1e-7 in (0, inf)
-    hyper ns_steps = 5 in [0, 16]                     # the loop below is unrolled 16 times, each round past the
-                                                      # count skipped (torch takes up to 99 rounds; 17 and more are refused)
+    hyper ns_steps = 5 in (-inf, 100)                # as torch.optim.Muon: at most 99 rounds, none for 0 or less
+                                                      # (the loop below runs as a Python for loop, not unrolled)
     hyper adjust_lr_fn = None | \"original\" | \"match_rms_adamw\"
     hyper adam_lr = 1e-3 in [0, inf), b1 = 0.9 in [0, 1), b2 = 0.999 in [0, 1)
     hyper adam_betas = (b1, b2)
@@ -724,118 +724,13 @@ class Muon(Optimizer):
        x &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(x \right)},x \right)} \\
        x &\leftarrow \frac{x}{\max\left(eps, \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(\operatorname{norm}{\left(x \right)} \right)},\operatorname{norm}{\left(x \right)} \right)}\right)} \\
        x &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(x \right)},x \right)} \\
-       A &\leftarrow \operatorname{mm}{\left(x,T{\left(x \right)} \right)} \\
-       A &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(A \right)},A \right)} \\
-       B &\leftarrow b \cdot A + c \cdot \operatorname{mm}{\left(A,A \right)} \\
-       B &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(B \right)},B \right)} \\
-       x &\leftarrow a \cdot x + \operatorname{mm}{\left(B,x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(x \right)},x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(\operatorname{ge}{\left(ns_{steps},1 \right)},x,x \right)} \\
-       A &\leftarrow \operatorname{mm}{\left(x,T{\left(x \right)} \right)} \\
-       A &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(A \right)},A \right)} \\
-       B &\leftarrow b \cdot A + c \cdot \operatorname{mm}{\left(A,A \right)} \\
-       B &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(B \right)},B \right)} \\
-       x &\leftarrow a \cdot x + \operatorname{mm}{\left(B,x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(x \right)},x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(\operatorname{ge}{\left(ns_{steps},2 \right)},x,x \right)} \\
-       A &\leftarrow \operatorname{mm}{\left(x,T{\left(x \right)} \right)} \\
-       A &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(A \right)},A \right)} \\
-       B &\leftarrow b \cdot A + c \cdot \operatorname{mm}{\left(A,A \right)} \\
-       B &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(B \right)},B \right)} \\
-       x &\leftarrow a \cdot x + \operatorname{mm}{\left(B,x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(x \right)},x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(\operatorname{ge}{\left(ns_{steps},3 \right)},x,x \right)} \\
-       A &\leftarrow \operatorname{mm}{\left(x,T{\left(x \right)} \right)} \\
-       A &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(A \right)},A \right)} \\
-       B &\leftarrow b \cdot A + c \cdot \operatorname{mm}{\left(A,A \right)} \\
-       B &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(B \right)},B \right)} \\
-       x &\leftarrow a \cdot x + \operatorname{mm}{\left(B,x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(x \right)},x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(\operatorname{ge}{\left(ns_{steps},4 \right)},x,x \right)} \\
-       A &\leftarrow \operatorname{mm}{\left(x,T{\left(x \right)} \right)} \\
-       A &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(A \right)},A \right)} \\
-       B &\leftarrow b \cdot A + c \cdot \operatorname{mm}{\left(A,A \right)} \\
-       B &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(B \right)},B \right)} \\
-       x &\leftarrow a \cdot x + \operatorname{mm}{\left(B,x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(x \right)},x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(\operatorname{ge}{\left(ns_{steps},5 \right)},x,x \right)} \\
-       A &\leftarrow \operatorname{mm}{\left(x,T{\left(x \right)} \right)} \\
-       A &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(A \right)},A \right)} \\
-       B &\leftarrow b \cdot A + c \cdot \operatorname{mm}{\left(A,A \right)} \\
-       B &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(B \right)},B \right)} \\
-       x &\leftarrow a \cdot x + \operatorname{mm}{\left(B,x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(x \right)},x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(\operatorname{ge}{\left(ns_{steps},6 \right)},x,x \right)} \\
-       A &\leftarrow \operatorname{mm}{\left(x,T{\left(x \right)} \right)} \\
-       A &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(A \right)},A \right)} \\
-       B &\leftarrow b \cdot A + c \cdot \operatorname{mm}{\left(A,A \right)} \\
-       B &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(B \right)},B \right)} \\
-       x &\leftarrow a \cdot x + \operatorname{mm}{\left(B,x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(x \right)},x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(\operatorname{ge}{\left(ns_{steps},7 \right)},x,x \right)} \\
-       A &\leftarrow \operatorname{mm}{\left(x,T{\left(x \right)} \right)} \\
-       A &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(A \right)},A \right)} \\
-       B &\leftarrow b \cdot A + c \cdot \operatorname{mm}{\left(A,A \right)} \\
-       B &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(B \right)},B \right)} \\
-       x &\leftarrow a \cdot x + \operatorname{mm}{\left(B,x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(x \right)},x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(\operatorname{ge}{\left(ns_{steps},8 \right)},x,x \right)} \\
-       A &\leftarrow \operatorname{mm}{\left(x,T{\left(x \right)} \right)} \\
-       A &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(A \right)},A \right)} \\
-       B &\leftarrow b \cdot A + c \cdot \operatorname{mm}{\left(A,A \right)} \\
-       B &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(B \right)},B \right)} \\
-       x &\leftarrow a \cdot x + \operatorname{mm}{\left(B,x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(x \right)},x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(\operatorname{ge}{\left(ns_{steps},9 \right)},x,x \right)} \\
-       A &\leftarrow \operatorname{mm}{\left(x,T{\left(x \right)} \right)} \\
-       A &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(A \right)},A \right)} \\
-       B &\leftarrow b \cdot A + c \cdot \operatorname{mm}{\left(A,A \right)} \\
-       B &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(B \right)},B \right)} \\
-       x &\leftarrow a \cdot x + \operatorname{mm}{\left(B,x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(x \right)},x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(\operatorname{ge}{\left(ns_{steps},10 \right)},x,x \right)} \\
-       A &\leftarrow \operatorname{mm}{\left(x,T{\left(x \right)} \right)} \\
-       A &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(A \right)},A \right)} \\
-       B &\leftarrow b \cdot A + c \cdot \operatorname{mm}{\left(A,A \right)} \\
-       B &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(B \right)},B \right)} \\
-       x &\leftarrow a \cdot x + \operatorname{mm}{\left(B,x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(x \right)},x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(\operatorname{ge}{\left(ns_{steps},11 \right)},x,x \right)} \\
-       A &\leftarrow \operatorname{mm}{\left(x,T{\left(x \right)} \right)} \\
-       A &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(A \right)},A \right)} \\
-       B &\leftarrow b \cdot A + c \cdot \operatorname{mm}{\left(A,A \right)} \\
-       B &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(B \right)},B \right)} \\
-       x &\leftarrow a \cdot x + \operatorname{mm}{\left(B,x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(x \right)},x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(\operatorname{ge}{\left(ns_{steps},12 \right)},x,x \right)} \\
-       A &\leftarrow \operatorname{mm}{\left(x,T{\left(x \right)} \right)} \\
-       A &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(A \right)},A \right)} \\
-       B &\leftarrow b \cdot A + c \cdot \operatorname{mm}{\left(A,A \right)} \\
-       B &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(B \right)},B \right)} \\
-       x &\leftarrow a \cdot x + \operatorname{mm}{\left(B,x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(x \right)},x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(\operatorname{ge}{\left(ns_{steps},13 \right)},x,x \right)} \\
-       A &\leftarrow \operatorname{mm}{\left(x,T{\left(x \right)} \right)} \\
-       A &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(A \right)},A \right)} \\
-       B &\leftarrow b \cdot A + c \cdot \operatorname{mm}{\left(A,A \right)} \\
-       B &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(B \right)},B \right)} \\
-       x &\leftarrow a \cdot x + \operatorname{mm}{\left(B,x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(x \right)},x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(\operatorname{ge}{\left(ns_{steps},14 \right)},x,x \right)} \\
-       A &\leftarrow \operatorname{mm}{\left(x,T{\left(x \right)} \right)} \\
-       A &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(A \right)},A \right)} \\
-       B &\leftarrow b \cdot A + c \cdot \operatorname{mm}{\left(A,A \right)} \\
-       B &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(B \right)},B \right)} \\
-       x &\leftarrow a \cdot x + \operatorname{mm}{\left(B,x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(x \right)},x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(\operatorname{ge}{\left(ns_{steps},15 \right)},x,x \right)} \\
-       A &\leftarrow \operatorname{mm}{\left(x,T{\left(x \right)} \right)} \\
-       A &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(A \right)},A \right)} \\
-       B &\leftarrow b \cdot A + c \cdot \operatorname{mm}{\left(A,A \right)} \\
-       B &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(B \right)},B \right)} \\
-       x &\leftarrow a \cdot x + \operatorname{mm}{\left(B,x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(x \right)},x \right)} \\
-       x &\leftarrow \operatorname{where}{\left(\operatorname{ge}{\left(ns_{steps},16 \right)},x,x \right)} \\
+       &\text{repeat ns_steps times:} \\
+       \quad A &\leftarrow \operatorname{mm}{\left(x,T{\left(x \right)} \right)} \\
+       \quad A &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(A \right)},A \right)} \\
+       \quad B &\leftarrow b \cdot A + c \cdot \operatorname{mm}{\left(A,A \right)} \\
+       \quad B &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(B \right)},B \right)} \\
+       \quad x &\leftarrow a \cdot x + \operatorname{mm}{\left(B,x \right)} \\
+       \quad x &\leftarrow \operatorname{where}{\left(ns_{bfloat16},\operatorname{bfloat}_{16}{\left(x \right)},x \right)} \\
        o &\leftarrow \operatorname{where}{\left(\operatorname{gt}{\left(nrows,ncols \right)},T{\left(x \right)},x \right)} \\
        p &\leftarrow p \cdot \left(1 - lr \cdot wd\right) \\
        p &\leftarrow p - lr \cdot \operatorname{where}{\left(\operatorname{eq}{\left(adjust_{lr fn},2 \right)},0.2 \cdot \sqrt{\max\left(ncols, nrows\right)},\sqrt{\max\left(1, \frac{nrows}{ncols}\right)} \right)} \cdot o \\
@@ -878,7 +773,7 @@ class Muon(Optimizer):
         nesterov (bool, optional): default True.
         ns_coefficients (tuple[float, float, float], optional): default (3.4445, -4.775, 2.0315); a, in (-inf, inf); b, in (-inf, inf); c, in (-inf, inf).
         eps (float, optional): default 1e-07, in (0, inf).
-        ns_steps (int, optional): default 5, in [0, 16].
+        ns_steps (int, optional): default 5, in (-inf, 100).
         adjust_lr_fn (None | str, optional): default None, one of None, 'original', 'match_rms_adamw'.
         adam_lr (float, optional): default 0.001, in [0, inf).
         adam_betas (tuple[float, float], optional): default (0.9, 0.999); b1, in [0, 1); b2, in [0, 1).
@@ -1008,9 +903,9 @@ class Muon(Optimizer):
             raise ValueError(f"Invalid ns_coefficients: {group['ns_coefficients']!r} (must hold 3 values: a, b, c)")
         if not (0.0 < group["eps"] < float("inf")):
             raise ValueError(f"Invalid eps value: {group['eps']} (eps must be in (0, inf))")
-        if not (0.0 <= group["ns_steps"] <= 16.0):
-            raise ValueError(f"Invalid ns_steps value: {group['ns_steps']} (ns_steps must be in [0, 16])")
-        if group["ns_steps"] != int(group["ns_steps"]):
+        if not (group["ns_steps"] < 100.0):
+            raise ValueError(f"Invalid ns_steps value: {group['ns_steps']} (ns_steps must be in (-inf, 100))")
+        if not float(group["ns_steps"]).is_integer():
             raise ValueError(f"Invalid ns_steps value: {group['ns_steps']} (ns_steps counts rounds: a whole number)")
         if group["adjust_lr_fn"] not in (None, "original", "match_rms_adamw"):
             raise ValueError(f"Invalid adjust_lr_fn value: {group['adjust_lr_fn']!r} "
@@ -1761,22 +1656,6 @@ def _single_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momen
     k0 = -lr*wd + 1
     k1 = float(adjust_lr_fn == 2)
     k2 = 1 - momentum
-    k3 = float(ns_steps >= 1)
-    k4 = float(ns_steps >= 2)
-    k5 = float(ns_steps >= 3)
-    k6 = float(ns_steps >= 4)
-    k7 = float(ns_steps >= 5)
-    k8 = float(ns_steps >= 6)
-    k9 = float(ns_steps >= 7)
-    k10 = float(ns_steps >= 8)
-    k11 = float(ns_steps >= 9)
-    k12 = float(ns_steps >= 10)
-    k13 = float(ns_steps >= 11)
-    k14 = float(ns_steps >= 12)
-    k15 = float(ns_steps >= 13)
-    k16 = float(ns_steps >= 14)
-    k17 = float(ns_steps >= 15)
-    k18 = float(ns_steps >= 16)
     for i, param in enumerate(params):
         p = param if param.dtype in _EXACT else param.float()
         g = grads[i].to(p.dtype)
@@ -1815,446 +1694,40 @@ def _single_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momen
             tmp8 = tmp7
         else:
             tmp8 = tmp6
-        if k3:
-            tmp9 = tmp8.mT
-            tmp10 = torch.matmul(tmp8, tmp9)
+        tmp9 = tmp8
+        for _ in range(int(ns_steps)):
+            tmp10 = tmp9.mT
+            tmp11 = torch.matmul(tmp9, tmp10)
             if ns_bfloat16:
-                tmp11 = _round_bfloat16(tmp10)
-                tmp12 = tmp11
+                tmp12 = _round_bfloat16(tmp11)
+                tmp13 = tmp12
             else:
-                tmp12 = tmp10
-            tmp13 = torch.matmul(tmp12, tmp12)
-            tmp14 = torch.mul(tmp12, b)
-            tmp15 = torch.add(tmp14, tmp13, alpha=c) if c != 0 else tmp14
+                tmp13 = tmp11
+            tmp14 = torch.matmul(tmp13, tmp13)
+            tmp15 = torch.mul(tmp13, b)
+            tmp16 = torch.add(tmp15, tmp14, alpha=c) if c != 0 else tmp15
             if ns_bfloat16:
-                tmp16 = _round_bfloat16(tmp15)
-                tmp17 = tmp16
+                tmp17 = _round_bfloat16(tmp16)
+                tmp18 = tmp17
             else:
-                tmp17 = tmp15
-            tmp18 = torch.matmul(tmp17, tmp8)
-            tmp19 = torch.mul(tmp8, a)
-            tmp20 = torch.add(tmp19, tmp18)
+                tmp18 = tmp16
+            tmp19 = torch.matmul(tmp18, tmp9)
+            tmp20 = torch.mul(tmp9, a)
+            tmp21 = torch.add(tmp20, tmp19)
             if ns_bfloat16:
-                tmp21 = _round_bfloat16(tmp20)
-                tmp22 = tmp21
+                tmp22 = _round_bfloat16(tmp21)
+                tmp23 = tmp22
             else:
-                tmp22 = tmp20
-            tmp23 = tmp22
-        else:
-            tmp23 = tmp8
-        if k4:
-            tmp24 = tmp23.mT
-            tmp25 = torch.matmul(tmp23, tmp24)
-            if ns_bfloat16:
-                tmp26 = _round_bfloat16(tmp25)
-                tmp27 = tmp26
-            else:
-                tmp27 = tmp25
-            tmp28 = torch.matmul(tmp27, tmp27)
-            tmp29 = torch.mul(tmp27, b)
-            tmp30 = torch.add(tmp29, tmp28, alpha=c) if c != 0 else tmp29
-            if ns_bfloat16:
-                tmp31 = _round_bfloat16(tmp30)
-                tmp32 = tmp31
-            else:
-                tmp32 = tmp30
-            tmp33 = torch.matmul(tmp32, tmp23)
-            tmp34 = torch.mul(tmp23, a)
-            tmp35 = torch.add(tmp34, tmp33)
-            if ns_bfloat16:
-                tmp36 = _round_bfloat16(tmp35)
-                tmp37 = tmp36
-            else:
-                tmp37 = tmp35
-            tmp38 = tmp37
-        else:
-            tmp38 = tmp23
-        if k5:
-            tmp39 = tmp38.mT
-            tmp40 = torch.matmul(tmp38, tmp39)
-            if ns_bfloat16:
-                tmp41 = _round_bfloat16(tmp40)
-                tmp42 = tmp41
-            else:
-                tmp42 = tmp40
-            tmp43 = torch.matmul(tmp42, tmp42)
-            tmp44 = torch.mul(tmp42, b)
-            tmp45 = torch.add(tmp44, tmp43, alpha=c) if c != 0 else tmp44
-            if ns_bfloat16:
-                tmp46 = _round_bfloat16(tmp45)
-                tmp47 = tmp46
-            else:
-                tmp47 = tmp45
-            tmp48 = torch.matmul(tmp47, tmp38)
-            tmp49 = torch.mul(tmp38, a)
-            tmp50 = torch.add(tmp49, tmp48)
-            if ns_bfloat16:
-                tmp51 = _round_bfloat16(tmp50)
-                tmp52 = tmp51
-            else:
-                tmp52 = tmp50
-            tmp53 = tmp52
-        else:
-            tmp53 = tmp38
-        if k6:
-            tmp54 = tmp53.mT
-            tmp55 = torch.matmul(tmp53, tmp54)
-            if ns_bfloat16:
-                tmp56 = _round_bfloat16(tmp55)
-                tmp57 = tmp56
-            else:
-                tmp57 = tmp55
-            tmp58 = torch.matmul(tmp57, tmp57)
-            tmp59 = torch.mul(tmp57, b)
-            tmp60 = torch.add(tmp59, tmp58, alpha=c) if c != 0 else tmp59
-            if ns_bfloat16:
-                tmp61 = _round_bfloat16(tmp60)
-                tmp62 = tmp61
-            else:
-                tmp62 = tmp60
-            tmp63 = torch.matmul(tmp62, tmp53)
-            tmp64 = torch.mul(tmp53, a)
-            tmp65 = torch.add(tmp64, tmp63)
-            if ns_bfloat16:
-                tmp66 = _round_bfloat16(tmp65)
-                tmp67 = tmp66
-            else:
-                tmp67 = tmp65
-            tmp68 = tmp67
-        else:
-            tmp68 = tmp53
-        if k7:
-            tmp69 = tmp68.mT
-            tmp70 = torch.matmul(tmp68, tmp69)
-            if ns_bfloat16:
-                tmp71 = _round_bfloat16(tmp70)
-                tmp72 = tmp71
-            else:
-                tmp72 = tmp70
-            tmp73 = torch.matmul(tmp72, tmp72)
-            tmp74 = torch.mul(tmp72, b)
-            tmp75 = torch.add(tmp74, tmp73, alpha=c) if c != 0 else tmp74
-            if ns_bfloat16:
-                tmp76 = _round_bfloat16(tmp75)
-                tmp77 = tmp76
-            else:
-                tmp77 = tmp75
-            tmp78 = torch.matmul(tmp77, tmp68)
-            tmp79 = torch.mul(tmp68, a)
-            tmp80 = torch.add(tmp79, tmp78)
-            if ns_bfloat16:
-                tmp81 = _round_bfloat16(tmp80)
-                tmp82 = tmp81
-            else:
-                tmp82 = tmp80
-            tmp83 = tmp82
-        else:
-            tmp83 = tmp68
-        if k8:
-            tmp84 = tmp83.mT
-            tmp85 = torch.matmul(tmp83, tmp84)
-            if ns_bfloat16:
-                tmp86 = _round_bfloat16(tmp85)
-                tmp87 = tmp86
-            else:
-                tmp87 = tmp85
-            tmp88 = torch.matmul(tmp87, tmp87)
-            tmp89 = torch.mul(tmp87, b)
-            tmp90 = torch.add(tmp89, tmp88, alpha=c) if c != 0 else tmp89
-            if ns_bfloat16:
-                tmp91 = _round_bfloat16(tmp90)
-                tmp92 = tmp91
-            else:
-                tmp92 = tmp90
-            tmp93 = torch.matmul(tmp92, tmp83)
-            tmp94 = torch.mul(tmp83, a)
-            tmp95 = torch.add(tmp94, tmp93)
-            if ns_bfloat16:
-                tmp96 = _round_bfloat16(tmp95)
-                tmp97 = tmp96
-            else:
-                tmp97 = tmp95
-            tmp98 = tmp97
-        else:
-            tmp98 = tmp83
-        if k9:
-            tmp99 = tmp98.mT
-            tmp100 = torch.matmul(tmp98, tmp99)
-            if ns_bfloat16:
-                tmp101 = _round_bfloat16(tmp100)
-                tmp102 = tmp101
-            else:
-                tmp102 = tmp100
-            tmp103 = torch.matmul(tmp102, tmp102)
-            tmp104 = torch.mul(tmp102, b)
-            tmp105 = torch.add(tmp104, tmp103, alpha=c) if c != 0 else tmp104
-            if ns_bfloat16:
-                tmp106 = _round_bfloat16(tmp105)
-                tmp107 = tmp106
-            else:
-                tmp107 = tmp105
-            tmp108 = torch.matmul(tmp107, tmp98)
-            tmp109 = torch.mul(tmp98, a)
-            tmp110 = torch.add(tmp109, tmp108)
-            if ns_bfloat16:
-                tmp111 = _round_bfloat16(tmp110)
-                tmp112 = tmp111
-            else:
-                tmp112 = tmp110
-            tmp113 = tmp112
-        else:
-            tmp113 = tmp98
-        if k10:
-            tmp114 = tmp113.mT
-            tmp115 = torch.matmul(tmp113, tmp114)
-            if ns_bfloat16:
-                tmp116 = _round_bfloat16(tmp115)
-                tmp117 = tmp116
-            else:
-                tmp117 = tmp115
-            tmp118 = torch.matmul(tmp117, tmp117)
-            tmp119 = torch.mul(tmp117, b)
-            tmp120 = torch.add(tmp119, tmp118, alpha=c) if c != 0 else tmp119
-            if ns_bfloat16:
-                tmp121 = _round_bfloat16(tmp120)
-                tmp122 = tmp121
-            else:
-                tmp122 = tmp120
-            tmp123 = torch.matmul(tmp122, tmp113)
-            tmp124 = torch.mul(tmp113, a)
-            tmp125 = torch.add(tmp124, tmp123)
-            if ns_bfloat16:
-                tmp126 = _round_bfloat16(tmp125)
-                tmp127 = tmp126
-            else:
-                tmp127 = tmp125
-            tmp128 = tmp127
-        else:
-            tmp128 = tmp113
-        if k11:
-            tmp129 = tmp128.mT
-            tmp130 = torch.matmul(tmp128, tmp129)
-            if ns_bfloat16:
-                tmp131 = _round_bfloat16(tmp130)
-                tmp132 = tmp131
-            else:
-                tmp132 = tmp130
-            tmp133 = torch.matmul(tmp132, tmp132)
-            tmp134 = torch.mul(tmp132, b)
-            tmp135 = torch.add(tmp134, tmp133, alpha=c) if c != 0 else tmp134
-            if ns_bfloat16:
-                tmp136 = _round_bfloat16(tmp135)
-                tmp137 = tmp136
-            else:
-                tmp137 = tmp135
-            tmp138 = torch.matmul(tmp137, tmp128)
-            tmp139 = torch.mul(tmp128, a)
-            tmp140 = torch.add(tmp139, tmp138)
-            if ns_bfloat16:
-                tmp141 = _round_bfloat16(tmp140)
-                tmp142 = tmp141
-            else:
-                tmp142 = tmp140
-            tmp143 = tmp142
-        else:
-            tmp143 = tmp128
-        if k12:
-            tmp144 = tmp143.mT
-            tmp145 = torch.matmul(tmp143, tmp144)
-            if ns_bfloat16:
-                tmp146 = _round_bfloat16(tmp145)
-                tmp147 = tmp146
-            else:
-                tmp147 = tmp145
-            tmp148 = torch.matmul(tmp147, tmp147)
-            tmp149 = torch.mul(tmp147, b)
-            tmp150 = torch.add(tmp149, tmp148, alpha=c) if c != 0 else tmp149
-            if ns_bfloat16:
-                tmp151 = _round_bfloat16(tmp150)
-                tmp152 = tmp151
-            else:
-                tmp152 = tmp150
-            tmp153 = torch.matmul(tmp152, tmp143)
-            tmp154 = torch.mul(tmp143, a)
-            tmp155 = torch.add(tmp154, tmp153)
-            if ns_bfloat16:
-                tmp156 = _round_bfloat16(tmp155)
-                tmp157 = tmp156
-            else:
-                tmp157 = tmp155
-            tmp158 = tmp157
-        else:
-            tmp158 = tmp143
-        if k13:
-            tmp159 = tmp158.mT
-            tmp160 = torch.matmul(tmp158, tmp159)
-            if ns_bfloat16:
-                tmp161 = _round_bfloat16(tmp160)
-                tmp162 = tmp161
-            else:
-                tmp162 = tmp160
-            tmp163 = torch.matmul(tmp162, tmp162)
-            tmp164 = torch.mul(tmp162, b)
-            tmp165 = torch.add(tmp164, tmp163, alpha=c) if c != 0 else tmp164
-            if ns_bfloat16:
-                tmp166 = _round_bfloat16(tmp165)
-                tmp167 = tmp166
-            else:
-                tmp167 = tmp165
-            tmp168 = torch.matmul(tmp167, tmp158)
-            tmp169 = torch.mul(tmp158, a)
-            tmp170 = torch.add(tmp169, tmp168)
-            if ns_bfloat16:
-                tmp171 = _round_bfloat16(tmp170)
-                tmp172 = tmp171
-            else:
-                tmp172 = tmp170
-            tmp173 = tmp172
-        else:
-            tmp173 = tmp158
-        if k14:
-            tmp174 = tmp173.mT
-            tmp175 = torch.matmul(tmp173, tmp174)
-            if ns_bfloat16:
-                tmp176 = _round_bfloat16(tmp175)
-                tmp177 = tmp176
-            else:
-                tmp177 = tmp175
-            tmp178 = torch.matmul(tmp177, tmp177)
-            tmp179 = torch.mul(tmp177, b)
-            tmp180 = torch.add(tmp179, tmp178, alpha=c) if c != 0 else tmp179
-            if ns_bfloat16:
-                tmp181 = _round_bfloat16(tmp180)
-                tmp182 = tmp181
-            else:
-                tmp182 = tmp180
-            tmp183 = torch.matmul(tmp182, tmp173)
-            tmp184 = torch.mul(tmp173, a)
-            tmp185 = torch.add(tmp184, tmp183)
-            if ns_bfloat16:
-                tmp186 = _round_bfloat16(tmp185)
-                tmp187 = tmp186
-            else:
-                tmp187 = tmp185
-            tmp188 = tmp187
-        else:
-            tmp188 = tmp173
-        if k15:
-            tmp189 = tmp188.mT
-            tmp190 = torch.matmul(tmp188, tmp189)
-            if ns_bfloat16:
-                tmp191 = _round_bfloat16(tmp190)
-                tmp192 = tmp191
-            else:
-                tmp192 = tmp190
-            tmp193 = torch.matmul(tmp192, tmp192)
-            tmp194 = torch.mul(tmp192, b)
-            tmp195 = torch.add(tmp194, tmp193, alpha=c) if c != 0 else tmp194
-            if ns_bfloat16:
-                tmp196 = _round_bfloat16(tmp195)
-                tmp197 = tmp196
-            else:
-                tmp197 = tmp195
-            tmp198 = torch.matmul(tmp197, tmp188)
-            tmp199 = torch.mul(tmp188, a)
-            tmp200 = torch.add(tmp199, tmp198)
-            if ns_bfloat16:
-                tmp201 = _round_bfloat16(tmp200)
-                tmp202 = tmp201
-            else:
-                tmp202 = tmp200
-            tmp203 = tmp202
-        else:
-            tmp203 = tmp188
-        if k16:
-            tmp204 = tmp203.mT
-            tmp205 = torch.matmul(tmp203, tmp204)
-            if ns_bfloat16:
-                tmp206 = _round_bfloat16(tmp205)
-                tmp207 = tmp206
-            else:
-                tmp207 = tmp205
-            tmp208 = torch.matmul(tmp207, tmp207)
-            tmp209 = torch.mul(tmp207, b)
-            tmp210 = torch.add(tmp209, tmp208, alpha=c) if c != 0 else tmp209
-            if ns_bfloat16:
-                tmp211 = _round_bfloat16(tmp210)
-                tmp212 = tmp211
-            else:
-                tmp212 = tmp210
-            tmp213 = torch.matmul(tmp212, tmp203)
-            tmp214 = torch.mul(tmp203, a)
-            tmp215 = torch.add(tmp214, tmp213)
-            if ns_bfloat16:
-                tmp216 = _round_bfloat16(tmp215)
-                tmp217 = tmp216
-            else:
-                tmp217 = tmp215
-            tmp218 = tmp217
-        else:
-            tmp218 = tmp203
-        if k17:
-            tmp219 = tmp218.mT
-            tmp220 = torch.matmul(tmp218, tmp219)
-            if ns_bfloat16:
-                tmp221 = _round_bfloat16(tmp220)
-                tmp222 = tmp221
-            else:
-                tmp222 = tmp220
-            tmp223 = torch.matmul(tmp222, tmp222)
-            tmp224 = torch.mul(tmp222, b)
-            tmp225 = torch.add(tmp224, tmp223, alpha=c) if c != 0 else tmp224
-            if ns_bfloat16:
-                tmp226 = _round_bfloat16(tmp225)
-                tmp227 = tmp226
-            else:
-                tmp227 = tmp225
-            tmp228 = torch.matmul(tmp227, tmp218)
-            tmp229 = torch.mul(tmp218, a)
-            tmp230 = torch.add(tmp229, tmp228)
-            if ns_bfloat16:
-                tmp231 = _round_bfloat16(tmp230)
-                tmp232 = tmp231
-            else:
-                tmp232 = tmp230
-            tmp233 = tmp232
-        else:
-            tmp233 = tmp218
-        if k18:
-            tmp234 = tmp233.mT
-            tmp235 = torch.matmul(tmp233, tmp234)
-            if ns_bfloat16:
-                tmp236 = _round_bfloat16(tmp235)
-                tmp237 = tmp236
-            else:
-                tmp237 = tmp235
-            tmp238 = torch.matmul(tmp237, tmp237)
-            tmp239 = torch.mul(tmp237, b)
-            tmp240 = torch.add(tmp239, tmp238, alpha=c) if c != 0 else tmp239
-            if ns_bfloat16:
-                tmp241 = _round_bfloat16(tmp240)
-                tmp242 = tmp241
-            else:
-                tmp242 = tmp240
-            tmp243 = torch.matmul(tmp242, tmp233)
-            tmp244 = torch.mul(tmp233, a)
-            tmp245 = torch.add(tmp244, tmp243)
-            if ns_bfloat16:
-                tmp246 = _round_bfloat16(tmp245)
-                tmp247 = tmp246
-            else:
-                tmp247 = tmp245
-            tmp248 = tmp247
-        else:
-            tmp248 = tmp233
+                tmp23 = tmp21
+            tmp9 = tmp23
         if c1:
-            tmp249 = tmp248.mT
-            tmp250 = tmp249
+            tmp24 = tmp9.mT
+            tmp25 = tmp24
         else:
-            tmp250 = tmp248
+            tmp25 = tmp9
         p.mul_(k0)
-        tmp251 = torch.add(p, tmp250, alpha=c0)
-        _copy_into(p, tmp251)
+        tmp26 = torch.add(p, tmp25, alpha=c0)
+        _copy_into(p, tmp26)
         if p is not param:
             param.copy_(p)
         _write_state(buf_list[i], buf, True, generator, stochastic)
@@ -2267,22 +1740,6 @@ def _multi_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, moment
     k0 = -lr*wd + 1
     k1 = float(adjust_lr_fn == 2)
     k2 = 1 - momentum
-    k3 = float(ns_steps >= 1)
-    k4 = float(ns_steps >= 2)
-    k5 = float(ns_steps >= 3)
-    k6 = float(ns_steps >= 4)
-    k7 = float(ns_steps >= 5)
-    k8 = float(ns_steps >= 6)
-    k9 = float(ns_steps >= 7)
-    k10 = float(ns_steps >= 8)
-    k11 = float(ns_steps >= 9)
-    k12 = float(ns_steps >= 10)
-    k13 = float(ns_steps >= 11)
-    k14 = float(ns_steps >= 12)
-    k15 = float(ns_steps >= 13)
-    k16 = float(ns_steps >= 14)
-    k17 = float(ns_steps >= 15)
-    k18 = float(ns_steps >= 16)
     # Grouped by the parameters' device and dtype; states follow by index, as they may be stored in
     # another dtype (float32 for bfloat16 parameters, state_dtype, bool), which the grouping refuses on CUDA.
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
@@ -2324,446 +1781,40 @@ def _multi_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, moment
             tmp8 = tmp7
         else:
             tmp8 = tmp6
-        if k3:
-            tmp9 = [tmp8_.mT for tmp8_ in tmp8]
-            tmp10 = [torch.matmul(tmp8_, tmp9_) for tmp8_, tmp9_ in zip(tmp8, tmp9)]
+        tmp9 = tmp8
+        for _ in range(int(ns_steps)):
+            tmp10 = [tmp9_.mT for tmp9_ in tmp9]
+            tmp11 = [torch.matmul(tmp9_, tmp10_) for tmp9_, tmp10_ in zip(tmp9, tmp10)]
             if ns_bfloat16:
-                tmp11 = [_round_bfloat16(tmp10_) for tmp10_ in tmp10]
-                tmp12 = tmp11
+                tmp12 = [_round_bfloat16(tmp11_) for tmp11_ in tmp11]
+                tmp13 = tmp12
             else:
-                tmp12 = tmp10
-            tmp13 = [torch.matmul(tmp12_, tmp12_) for tmp12_ in tmp12]
-            tmp14 = torch._foreach_mul(tmp12, b)
-            tmp15 = torch._foreach_add(tmp14, tmp13, alpha=c) if c != 0 else tmp14
+                tmp13 = tmp11
+            tmp14 = [torch.matmul(tmp13_, tmp13_) for tmp13_ in tmp13]
+            tmp15 = torch._foreach_mul(tmp13, b)
+            tmp16 = torch._foreach_add(tmp15, tmp14, alpha=c) if c != 0 else tmp15
             if ns_bfloat16:
-                tmp16 = [_round_bfloat16(tmp15_) for tmp15_ in tmp15]
-                tmp17 = tmp16
+                tmp17 = [_round_bfloat16(tmp16_) for tmp16_ in tmp16]
+                tmp18 = tmp17
             else:
-                tmp17 = tmp15
-            tmp18 = [torch.matmul(tmp17_, tmp8_) for tmp17_, tmp8_ in zip(tmp17, tmp8)]
-            tmp19 = torch._foreach_mul(tmp8, a)
-            tmp20 = torch._foreach_add(tmp19, tmp18)
+                tmp18 = tmp16
+            tmp19 = [torch.matmul(tmp18_, tmp9_) for tmp18_, tmp9_ in zip(tmp18, tmp9)]
+            tmp20 = torch._foreach_mul(tmp9, a)
+            tmp21 = torch._foreach_add(tmp20, tmp19)
             if ns_bfloat16:
-                tmp21 = [_round_bfloat16(tmp20_) for tmp20_ in tmp20]
-                tmp22 = tmp21
+                tmp22 = [_round_bfloat16(tmp21_) for tmp21_ in tmp21]
+                tmp23 = tmp22
             else:
-                tmp22 = tmp20
-            tmp23 = tmp22
-        else:
-            tmp23 = tmp8
-        if k4:
-            tmp24 = [tmp23_.mT for tmp23_ in tmp23]
-            tmp25 = [torch.matmul(tmp23_, tmp24_) for tmp23_, tmp24_ in zip(tmp23, tmp24)]
-            if ns_bfloat16:
-                tmp26 = [_round_bfloat16(tmp25_) for tmp25_ in tmp25]
-                tmp27 = tmp26
-            else:
-                tmp27 = tmp25
-            tmp28 = [torch.matmul(tmp27_, tmp27_) for tmp27_ in tmp27]
-            tmp29 = torch._foreach_mul(tmp27, b)
-            tmp30 = torch._foreach_add(tmp29, tmp28, alpha=c) if c != 0 else tmp29
-            if ns_bfloat16:
-                tmp31 = [_round_bfloat16(tmp30_) for tmp30_ in tmp30]
-                tmp32 = tmp31
-            else:
-                tmp32 = tmp30
-            tmp33 = [torch.matmul(tmp32_, tmp23_) for tmp32_, tmp23_ in zip(tmp32, tmp23)]
-            tmp34 = torch._foreach_mul(tmp23, a)
-            tmp35 = torch._foreach_add(tmp34, tmp33)
-            if ns_bfloat16:
-                tmp36 = [_round_bfloat16(tmp35_) for tmp35_ in tmp35]
-                tmp37 = tmp36
-            else:
-                tmp37 = tmp35
-            tmp38 = tmp37
-        else:
-            tmp38 = tmp23
-        if k5:
-            tmp39 = [tmp38_.mT for tmp38_ in tmp38]
-            tmp40 = [torch.matmul(tmp38_, tmp39_) for tmp38_, tmp39_ in zip(tmp38, tmp39)]
-            if ns_bfloat16:
-                tmp41 = [_round_bfloat16(tmp40_) for tmp40_ in tmp40]
-                tmp42 = tmp41
-            else:
-                tmp42 = tmp40
-            tmp43 = [torch.matmul(tmp42_, tmp42_) for tmp42_ in tmp42]
-            tmp44 = torch._foreach_mul(tmp42, b)
-            tmp45 = torch._foreach_add(tmp44, tmp43, alpha=c) if c != 0 else tmp44
-            if ns_bfloat16:
-                tmp46 = [_round_bfloat16(tmp45_) for tmp45_ in tmp45]
-                tmp47 = tmp46
-            else:
-                tmp47 = tmp45
-            tmp48 = [torch.matmul(tmp47_, tmp38_) for tmp47_, tmp38_ in zip(tmp47, tmp38)]
-            tmp49 = torch._foreach_mul(tmp38, a)
-            tmp50 = torch._foreach_add(tmp49, tmp48)
-            if ns_bfloat16:
-                tmp51 = [_round_bfloat16(tmp50_) for tmp50_ in tmp50]
-                tmp52 = tmp51
-            else:
-                tmp52 = tmp50
-            tmp53 = tmp52
-        else:
-            tmp53 = tmp38
-        if k6:
-            tmp54 = [tmp53_.mT for tmp53_ in tmp53]
-            tmp55 = [torch.matmul(tmp53_, tmp54_) for tmp53_, tmp54_ in zip(tmp53, tmp54)]
-            if ns_bfloat16:
-                tmp56 = [_round_bfloat16(tmp55_) for tmp55_ in tmp55]
-                tmp57 = tmp56
-            else:
-                tmp57 = tmp55
-            tmp58 = [torch.matmul(tmp57_, tmp57_) for tmp57_ in tmp57]
-            tmp59 = torch._foreach_mul(tmp57, b)
-            tmp60 = torch._foreach_add(tmp59, tmp58, alpha=c) if c != 0 else tmp59
-            if ns_bfloat16:
-                tmp61 = [_round_bfloat16(tmp60_) for tmp60_ in tmp60]
-                tmp62 = tmp61
-            else:
-                tmp62 = tmp60
-            tmp63 = [torch.matmul(tmp62_, tmp53_) for tmp62_, tmp53_ in zip(tmp62, tmp53)]
-            tmp64 = torch._foreach_mul(tmp53, a)
-            tmp65 = torch._foreach_add(tmp64, tmp63)
-            if ns_bfloat16:
-                tmp66 = [_round_bfloat16(tmp65_) for tmp65_ in tmp65]
-                tmp67 = tmp66
-            else:
-                tmp67 = tmp65
-            tmp68 = tmp67
-        else:
-            tmp68 = tmp53
-        if k7:
-            tmp69 = [tmp68_.mT for tmp68_ in tmp68]
-            tmp70 = [torch.matmul(tmp68_, tmp69_) for tmp68_, tmp69_ in zip(tmp68, tmp69)]
-            if ns_bfloat16:
-                tmp71 = [_round_bfloat16(tmp70_) for tmp70_ in tmp70]
-                tmp72 = tmp71
-            else:
-                tmp72 = tmp70
-            tmp73 = [torch.matmul(tmp72_, tmp72_) for tmp72_ in tmp72]
-            tmp74 = torch._foreach_mul(tmp72, b)
-            tmp75 = torch._foreach_add(tmp74, tmp73, alpha=c) if c != 0 else tmp74
-            if ns_bfloat16:
-                tmp76 = [_round_bfloat16(tmp75_) for tmp75_ in tmp75]
-                tmp77 = tmp76
-            else:
-                tmp77 = tmp75
-            tmp78 = [torch.matmul(tmp77_, tmp68_) for tmp77_, tmp68_ in zip(tmp77, tmp68)]
-            tmp79 = torch._foreach_mul(tmp68, a)
-            tmp80 = torch._foreach_add(tmp79, tmp78)
-            if ns_bfloat16:
-                tmp81 = [_round_bfloat16(tmp80_) for tmp80_ in tmp80]
-                tmp82 = tmp81
-            else:
-                tmp82 = tmp80
-            tmp83 = tmp82
-        else:
-            tmp83 = tmp68
-        if k8:
-            tmp84 = [tmp83_.mT for tmp83_ in tmp83]
-            tmp85 = [torch.matmul(tmp83_, tmp84_) for tmp83_, tmp84_ in zip(tmp83, tmp84)]
-            if ns_bfloat16:
-                tmp86 = [_round_bfloat16(tmp85_) for tmp85_ in tmp85]
-                tmp87 = tmp86
-            else:
-                tmp87 = tmp85
-            tmp88 = [torch.matmul(tmp87_, tmp87_) for tmp87_ in tmp87]
-            tmp89 = torch._foreach_mul(tmp87, b)
-            tmp90 = torch._foreach_add(tmp89, tmp88, alpha=c) if c != 0 else tmp89
-            if ns_bfloat16:
-                tmp91 = [_round_bfloat16(tmp90_) for tmp90_ in tmp90]
-                tmp92 = tmp91
-            else:
-                tmp92 = tmp90
-            tmp93 = [torch.matmul(tmp92_, tmp83_) for tmp92_, tmp83_ in zip(tmp92, tmp83)]
-            tmp94 = torch._foreach_mul(tmp83, a)
-            tmp95 = torch._foreach_add(tmp94, tmp93)
-            if ns_bfloat16:
-                tmp96 = [_round_bfloat16(tmp95_) for tmp95_ in tmp95]
-                tmp97 = tmp96
-            else:
-                tmp97 = tmp95
-            tmp98 = tmp97
-        else:
-            tmp98 = tmp83
-        if k9:
-            tmp99 = [tmp98_.mT for tmp98_ in tmp98]
-            tmp100 = [torch.matmul(tmp98_, tmp99_) for tmp98_, tmp99_ in zip(tmp98, tmp99)]
-            if ns_bfloat16:
-                tmp101 = [_round_bfloat16(tmp100_) for tmp100_ in tmp100]
-                tmp102 = tmp101
-            else:
-                tmp102 = tmp100
-            tmp103 = [torch.matmul(tmp102_, tmp102_) for tmp102_ in tmp102]
-            tmp104 = torch._foreach_mul(tmp102, b)
-            tmp105 = torch._foreach_add(tmp104, tmp103, alpha=c) if c != 0 else tmp104
-            if ns_bfloat16:
-                tmp106 = [_round_bfloat16(tmp105_) for tmp105_ in tmp105]
-                tmp107 = tmp106
-            else:
-                tmp107 = tmp105
-            tmp108 = [torch.matmul(tmp107_, tmp98_) for tmp107_, tmp98_ in zip(tmp107, tmp98)]
-            tmp109 = torch._foreach_mul(tmp98, a)
-            tmp110 = torch._foreach_add(tmp109, tmp108)
-            if ns_bfloat16:
-                tmp111 = [_round_bfloat16(tmp110_) for tmp110_ in tmp110]
-                tmp112 = tmp111
-            else:
-                tmp112 = tmp110
-            tmp113 = tmp112
-        else:
-            tmp113 = tmp98
-        if k10:
-            tmp114 = [tmp113_.mT for tmp113_ in tmp113]
-            tmp115 = [torch.matmul(tmp113_, tmp114_) for tmp113_, tmp114_ in zip(tmp113, tmp114)]
-            if ns_bfloat16:
-                tmp116 = [_round_bfloat16(tmp115_) for tmp115_ in tmp115]
-                tmp117 = tmp116
-            else:
-                tmp117 = tmp115
-            tmp118 = [torch.matmul(tmp117_, tmp117_) for tmp117_ in tmp117]
-            tmp119 = torch._foreach_mul(tmp117, b)
-            tmp120 = torch._foreach_add(tmp119, tmp118, alpha=c) if c != 0 else tmp119
-            if ns_bfloat16:
-                tmp121 = [_round_bfloat16(tmp120_) for tmp120_ in tmp120]
-                tmp122 = tmp121
-            else:
-                tmp122 = tmp120
-            tmp123 = [torch.matmul(tmp122_, tmp113_) for tmp122_, tmp113_ in zip(tmp122, tmp113)]
-            tmp124 = torch._foreach_mul(tmp113, a)
-            tmp125 = torch._foreach_add(tmp124, tmp123)
-            if ns_bfloat16:
-                tmp126 = [_round_bfloat16(tmp125_) for tmp125_ in tmp125]
-                tmp127 = tmp126
-            else:
-                tmp127 = tmp125
-            tmp128 = tmp127
-        else:
-            tmp128 = tmp113
-        if k11:
-            tmp129 = [tmp128_.mT for tmp128_ in tmp128]
-            tmp130 = [torch.matmul(tmp128_, tmp129_) for tmp128_, tmp129_ in zip(tmp128, tmp129)]
-            if ns_bfloat16:
-                tmp131 = [_round_bfloat16(tmp130_) for tmp130_ in tmp130]
-                tmp132 = tmp131
-            else:
-                tmp132 = tmp130
-            tmp133 = [torch.matmul(tmp132_, tmp132_) for tmp132_ in tmp132]
-            tmp134 = torch._foreach_mul(tmp132, b)
-            tmp135 = torch._foreach_add(tmp134, tmp133, alpha=c) if c != 0 else tmp134
-            if ns_bfloat16:
-                tmp136 = [_round_bfloat16(tmp135_) for tmp135_ in tmp135]
-                tmp137 = tmp136
-            else:
-                tmp137 = tmp135
-            tmp138 = [torch.matmul(tmp137_, tmp128_) for tmp137_, tmp128_ in zip(tmp137, tmp128)]
-            tmp139 = torch._foreach_mul(tmp128, a)
-            tmp140 = torch._foreach_add(tmp139, tmp138)
-            if ns_bfloat16:
-                tmp141 = [_round_bfloat16(tmp140_) for tmp140_ in tmp140]
-                tmp142 = tmp141
-            else:
-                tmp142 = tmp140
-            tmp143 = tmp142
-        else:
-            tmp143 = tmp128
-        if k12:
-            tmp144 = [tmp143_.mT for tmp143_ in tmp143]
-            tmp145 = [torch.matmul(tmp143_, tmp144_) for tmp143_, tmp144_ in zip(tmp143, tmp144)]
-            if ns_bfloat16:
-                tmp146 = [_round_bfloat16(tmp145_) for tmp145_ in tmp145]
-                tmp147 = tmp146
-            else:
-                tmp147 = tmp145
-            tmp148 = [torch.matmul(tmp147_, tmp147_) for tmp147_ in tmp147]
-            tmp149 = torch._foreach_mul(tmp147, b)
-            tmp150 = torch._foreach_add(tmp149, tmp148, alpha=c) if c != 0 else tmp149
-            if ns_bfloat16:
-                tmp151 = [_round_bfloat16(tmp150_) for tmp150_ in tmp150]
-                tmp152 = tmp151
-            else:
-                tmp152 = tmp150
-            tmp153 = [torch.matmul(tmp152_, tmp143_) for tmp152_, tmp143_ in zip(tmp152, tmp143)]
-            tmp154 = torch._foreach_mul(tmp143, a)
-            tmp155 = torch._foreach_add(tmp154, tmp153)
-            if ns_bfloat16:
-                tmp156 = [_round_bfloat16(tmp155_) for tmp155_ in tmp155]
-                tmp157 = tmp156
-            else:
-                tmp157 = tmp155
-            tmp158 = tmp157
-        else:
-            tmp158 = tmp143
-        if k13:
-            tmp159 = [tmp158_.mT for tmp158_ in tmp158]
-            tmp160 = [torch.matmul(tmp158_, tmp159_) for tmp158_, tmp159_ in zip(tmp158, tmp159)]
-            if ns_bfloat16:
-                tmp161 = [_round_bfloat16(tmp160_) for tmp160_ in tmp160]
-                tmp162 = tmp161
-            else:
-                tmp162 = tmp160
-            tmp163 = [torch.matmul(tmp162_, tmp162_) for tmp162_ in tmp162]
-            tmp164 = torch._foreach_mul(tmp162, b)
-            tmp165 = torch._foreach_add(tmp164, tmp163, alpha=c) if c != 0 else tmp164
-            if ns_bfloat16:
-                tmp166 = [_round_bfloat16(tmp165_) for tmp165_ in tmp165]
-                tmp167 = tmp166
-            else:
-                tmp167 = tmp165
-            tmp168 = [torch.matmul(tmp167_, tmp158_) for tmp167_, tmp158_ in zip(tmp167, tmp158)]
-            tmp169 = torch._foreach_mul(tmp158, a)
-            tmp170 = torch._foreach_add(tmp169, tmp168)
-            if ns_bfloat16:
-                tmp171 = [_round_bfloat16(tmp170_) for tmp170_ in tmp170]
-                tmp172 = tmp171
-            else:
-                tmp172 = tmp170
-            tmp173 = tmp172
-        else:
-            tmp173 = tmp158
-        if k14:
-            tmp174 = [tmp173_.mT for tmp173_ in tmp173]
-            tmp175 = [torch.matmul(tmp173_, tmp174_) for tmp173_, tmp174_ in zip(tmp173, tmp174)]
-            if ns_bfloat16:
-                tmp176 = [_round_bfloat16(tmp175_) for tmp175_ in tmp175]
-                tmp177 = tmp176
-            else:
-                tmp177 = tmp175
-            tmp178 = [torch.matmul(tmp177_, tmp177_) for tmp177_ in tmp177]
-            tmp179 = torch._foreach_mul(tmp177, b)
-            tmp180 = torch._foreach_add(tmp179, tmp178, alpha=c) if c != 0 else tmp179
-            if ns_bfloat16:
-                tmp181 = [_round_bfloat16(tmp180_) for tmp180_ in tmp180]
-                tmp182 = tmp181
-            else:
-                tmp182 = tmp180
-            tmp183 = [torch.matmul(tmp182_, tmp173_) for tmp182_, tmp173_ in zip(tmp182, tmp173)]
-            tmp184 = torch._foreach_mul(tmp173, a)
-            tmp185 = torch._foreach_add(tmp184, tmp183)
-            if ns_bfloat16:
-                tmp186 = [_round_bfloat16(tmp185_) for tmp185_ in tmp185]
-                tmp187 = tmp186
-            else:
-                tmp187 = tmp185
-            tmp188 = tmp187
-        else:
-            tmp188 = tmp173
-        if k15:
-            tmp189 = [tmp188_.mT for tmp188_ in tmp188]
-            tmp190 = [torch.matmul(tmp188_, tmp189_) for tmp188_, tmp189_ in zip(tmp188, tmp189)]
-            if ns_bfloat16:
-                tmp191 = [_round_bfloat16(tmp190_) for tmp190_ in tmp190]
-                tmp192 = tmp191
-            else:
-                tmp192 = tmp190
-            tmp193 = [torch.matmul(tmp192_, tmp192_) for tmp192_ in tmp192]
-            tmp194 = torch._foreach_mul(tmp192, b)
-            tmp195 = torch._foreach_add(tmp194, tmp193, alpha=c) if c != 0 else tmp194
-            if ns_bfloat16:
-                tmp196 = [_round_bfloat16(tmp195_) for tmp195_ in tmp195]
-                tmp197 = tmp196
-            else:
-                tmp197 = tmp195
-            tmp198 = [torch.matmul(tmp197_, tmp188_) for tmp197_, tmp188_ in zip(tmp197, tmp188)]
-            tmp199 = torch._foreach_mul(tmp188, a)
-            tmp200 = torch._foreach_add(tmp199, tmp198)
-            if ns_bfloat16:
-                tmp201 = [_round_bfloat16(tmp200_) for tmp200_ in tmp200]
-                tmp202 = tmp201
-            else:
-                tmp202 = tmp200
-            tmp203 = tmp202
-        else:
-            tmp203 = tmp188
-        if k16:
-            tmp204 = [tmp203_.mT for tmp203_ in tmp203]
-            tmp205 = [torch.matmul(tmp203_, tmp204_) for tmp203_, tmp204_ in zip(tmp203, tmp204)]
-            if ns_bfloat16:
-                tmp206 = [_round_bfloat16(tmp205_) for tmp205_ in tmp205]
-                tmp207 = tmp206
-            else:
-                tmp207 = tmp205
-            tmp208 = [torch.matmul(tmp207_, tmp207_) for tmp207_ in tmp207]
-            tmp209 = torch._foreach_mul(tmp207, b)
-            tmp210 = torch._foreach_add(tmp209, tmp208, alpha=c) if c != 0 else tmp209
-            if ns_bfloat16:
-                tmp211 = [_round_bfloat16(tmp210_) for tmp210_ in tmp210]
-                tmp212 = tmp211
-            else:
-                tmp212 = tmp210
-            tmp213 = [torch.matmul(tmp212_, tmp203_) for tmp212_, tmp203_ in zip(tmp212, tmp203)]
-            tmp214 = torch._foreach_mul(tmp203, a)
-            tmp215 = torch._foreach_add(tmp214, tmp213)
-            if ns_bfloat16:
-                tmp216 = [_round_bfloat16(tmp215_) for tmp215_ in tmp215]
-                tmp217 = tmp216
-            else:
-                tmp217 = tmp215
-            tmp218 = tmp217
-        else:
-            tmp218 = tmp203
-        if k17:
-            tmp219 = [tmp218_.mT for tmp218_ in tmp218]
-            tmp220 = [torch.matmul(tmp218_, tmp219_) for tmp218_, tmp219_ in zip(tmp218, tmp219)]
-            if ns_bfloat16:
-                tmp221 = [_round_bfloat16(tmp220_) for tmp220_ in tmp220]
-                tmp222 = tmp221
-            else:
-                tmp222 = tmp220
-            tmp223 = [torch.matmul(tmp222_, tmp222_) for tmp222_ in tmp222]
-            tmp224 = torch._foreach_mul(tmp222, b)
-            tmp225 = torch._foreach_add(tmp224, tmp223, alpha=c) if c != 0 else tmp224
-            if ns_bfloat16:
-                tmp226 = [_round_bfloat16(tmp225_) for tmp225_ in tmp225]
-                tmp227 = tmp226
-            else:
-                tmp227 = tmp225
-            tmp228 = [torch.matmul(tmp227_, tmp218_) for tmp227_, tmp218_ in zip(tmp227, tmp218)]
-            tmp229 = torch._foreach_mul(tmp218, a)
-            tmp230 = torch._foreach_add(tmp229, tmp228)
-            if ns_bfloat16:
-                tmp231 = [_round_bfloat16(tmp230_) for tmp230_ in tmp230]
-                tmp232 = tmp231
-            else:
-                tmp232 = tmp230
-            tmp233 = tmp232
-        else:
-            tmp233 = tmp218
-        if k18:
-            tmp234 = [tmp233_.mT for tmp233_ in tmp233]
-            tmp235 = [torch.matmul(tmp233_, tmp234_) for tmp233_, tmp234_ in zip(tmp233, tmp234)]
-            if ns_bfloat16:
-                tmp236 = [_round_bfloat16(tmp235_) for tmp235_ in tmp235]
-                tmp237 = tmp236
-            else:
-                tmp237 = tmp235
-            tmp238 = [torch.matmul(tmp237_, tmp237_) for tmp237_ in tmp237]
-            tmp239 = torch._foreach_mul(tmp237, b)
-            tmp240 = torch._foreach_add(tmp239, tmp238, alpha=c) if c != 0 else tmp239
-            if ns_bfloat16:
-                tmp241 = [_round_bfloat16(tmp240_) for tmp240_ in tmp240]
-                tmp242 = tmp241
-            else:
-                tmp242 = tmp240
-            tmp243 = [torch.matmul(tmp242_, tmp233_) for tmp242_, tmp233_ in zip(tmp242, tmp233)]
-            tmp244 = torch._foreach_mul(tmp233, a)
-            tmp245 = torch._foreach_add(tmp244, tmp243)
-            if ns_bfloat16:
-                tmp246 = [_round_bfloat16(tmp245_) for tmp245_ in tmp245]
-                tmp247 = tmp246
-            else:
-                tmp247 = tmp245
-            tmp248 = tmp247
-        else:
-            tmp248 = tmp233
-        tmp249 = [tmp248_.mT for tmp248_ in tmp248]
-        tmp250 = [x if c else y for c, x, y in zip(c1, tmp249, tmp248)]
+                tmp23 = tmp21
+            tmp9 = tmp23
+        tmp24 = [tmp9_.mT for tmp9_ in tmp9]
+        tmp25 = [x if c else y for c, x, y in zip(c1, tmp24, tmp9)]
         torch._foreach_mul_(p, k0)
         if all(v_ == c0[0] for v_ in c0):
-            tmp251 = torch._foreach_add(p, tmp250, alpha=c0[0])
+            tmp26 = torch._foreach_add(p, tmp25, alpha=c0[0])
         else:
-            tmp251 = [torch.add(x_, y_, alpha=v_) for x_, y_, v_ in zip(p, tmp250, c0)]
-        _foreach_copy_(p, tmp251)
+            tmp26 = [torch.add(x_, y_, alpha=v_) for x_, y_, v_ in zip(p, tmp25, c0)]
+        _foreach_copy_(p, tmp26)
         if not exact:
             _foreach_copy_(device_params, p)
         if buf is not device_buf:
@@ -3083,7 +2134,7 @@ if triton is not None:
         step_ptrs,  # int64 table: each tensor's step count t (a 0-dim tensor on the device)
         numels,  # int64 [tensors, 2]: elements per tensor here, and in the whole tensor (sharded: all shards')
         block_tensor, block_start,  # per program: which tensor, and where in it
-        hypers,  # [27] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
+        hypers,  # [12] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 or low-bit states)
         grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
         found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
@@ -3127,27 +2178,12 @@ if triton is not None:
         eps = tl.load(hypers + 3)
         k0 = tl.load(hypers + 4)
         k1 = tl.load(hypers + 5)
-        k10 = tl.load(hypers + 6)
-        k11 = tl.load(hypers + 7)
-        k12 = tl.load(hypers + 8)
-        k13 = tl.load(hypers + 9)
-        k14 = tl.load(hypers + 10)
-        k15 = tl.load(hypers + 11)
-        k16 = tl.load(hypers + 12)
-        k17 = tl.load(hypers + 13)
-        k18 = tl.load(hypers + 14)
-        k2 = tl.load(hypers + 15)
-        k3 = tl.load(hypers + 16)
-        k4 = tl.load(hypers + 17)
-        k5 = tl.load(hypers + 18)
-        k6 = tl.load(hypers + 19)
-        k7 = tl.load(hypers + 20)
-        k8 = tl.load(hypers + 21)
-        k9 = tl.load(hypers + 22)
-        lr = tl.load(hypers + 23)
-        momentum = tl.load(hypers + 24)
-        nesterov = tl.load(hypers + 25)
-        ns_bfloat16 = tl.load(hypers + 26)
+        k2 = tl.load(hypers + 6)
+        lr = tl.load(hypers + 7)
+        momentum = tl.load(hypers + 8)
+        nesterov = tl.load(hypers + 9)
+        ns_bfloat16 = tl.load(hypers + 10)
+        ns_steps = tl.load(hypers + 11)
         nrows = tl.load(shapes + i * 2 + 0)
         ncols = tl.load(shapes + i * 2 + 1)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
@@ -3160,26 +2196,11 @@ if triton is not None:
         c1 = c1.to(C_TYPE)
         eps = eps.to(C_TYPE)
         k0 = k0.to(C_TYPE)
-        k10 = k10.to(C_TYPE)
-        k11 = k11.to(C_TYPE)
-        k12 = k12.to(C_TYPE)
-        k13 = k13.to(C_TYPE)
-        k14 = k14.to(C_TYPE)
-        k15 = k15.to(C_TYPE)
-        k16 = k16.to(C_TYPE)
-        k17 = k17.to(C_TYPE)
-        k18 = k18.to(C_TYPE)
         k2 = k2.to(C_TYPE)
-        k3 = k3.to(C_TYPE)
-        k4 = k4.to(C_TYPE)
-        k5 = k5.to(C_TYPE)
-        k6 = k6.to(C_TYPE)
-        k7 = k7.to(C_TYPE)
-        k8 = k8.to(C_TYPE)
-        k9 = k9.to(C_TYPE)
         momentum = momentum.to(C_TYPE)
         nesterov = nesterov.to(C_TYPE)
         ns_bfloat16 = ns_bfloat16.to(C_TYPE)
+        ns_steps = ns_steps.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
         if SCALED:
@@ -3205,14 +2226,14 @@ if triton is not None:
         step_ptrs,  # int64 table: each tensor's step count t (a 0-dim tensor on the device)
         numels,  # int64 [tensors, 2]: elements per tensor here, and in the whole tensor (sharded: all shards')
         block_tensor, block_start,  # per program: which tensor, and where in it
-        hypers,  # [27] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
+        hypers,  # [12] float64: scalars of the hyperparameters, as data (a new lr never recompiles)
         seed,  # random seed of this step (stochastic rounding of bfloat16 or low-bit states)
         grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
         found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         lowbit_maps,  # float32: the unsigned then the signed code's levels and midpoints (read when BITS)
         shapes,  # [tensors, 2] float64: nrows, ncols of each parameter
         mxin0_ptrs,  # int64 table: scratch tensors for an entry of the matrix work
-        mxout0_ptrs,  # int64 table: w113 per tensor, made by the matrix work in torch
+        mxout0_ptrs,  # int64 table: w9 per tensor, made by the matrix work in torch
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
         F_TYPE: tl.constexpr,  # dtype of the float states shaped like p: S_TYPE, or uint8 (low-bit codes)
@@ -3250,27 +2271,12 @@ if triton is not None:
         eps = tl.load(hypers + 3)
         k0 = tl.load(hypers + 4)
         k1 = tl.load(hypers + 5)
-        k10 = tl.load(hypers + 6)
-        k11 = tl.load(hypers + 7)
-        k12 = tl.load(hypers + 8)
-        k13 = tl.load(hypers + 9)
-        k14 = tl.load(hypers + 10)
-        k15 = tl.load(hypers + 11)
-        k16 = tl.load(hypers + 12)
-        k17 = tl.load(hypers + 13)
-        k18 = tl.load(hypers + 14)
-        k2 = tl.load(hypers + 15)
-        k3 = tl.load(hypers + 16)
-        k4 = tl.load(hypers + 17)
-        k5 = tl.load(hypers + 18)
-        k6 = tl.load(hypers + 19)
-        k7 = tl.load(hypers + 20)
-        k8 = tl.load(hypers + 21)
-        k9 = tl.load(hypers + 22)
-        lr = tl.load(hypers + 23)
-        momentum = tl.load(hypers + 24)
-        nesterov = tl.load(hypers + 25)
-        ns_bfloat16 = tl.load(hypers + 26)
+        k2 = tl.load(hypers + 6)
+        lr = tl.load(hypers + 7)
+        momentum = tl.load(hypers + 8)
+        nesterov = tl.load(hypers + 9)
+        ns_bfloat16 = tl.load(hypers + 10)
+        ns_steps = tl.load(hypers + 11)
         nrows = tl.load(shapes + i * 2 + 0)
         ncols = tl.load(shapes + i * 2 + 1)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
@@ -3283,26 +2289,11 @@ if triton is not None:
         c1 = c1.to(C_TYPE)
         eps = eps.to(C_TYPE)
         k0 = k0.to(C_TYPE)
-        k10 = k10.to(C_TYPE)
-        k11 = k11.to(C_TYPE)
-        k12 = k12.to(C_TYPE)
-        k13 = k13.to(C_TYPE)
-        k14 = k14.to(C_TYPE)
-        k15 = k15.to(C_TYPE)
-        k16 = k16.to(C_TYPE)
-        k17 = k17.to(C_TYPE)
-        k18 = k18.to(C_TYPE)
         k2 = k2.to(C_TYPE)
-        k3 = k3.to(C_TYPE)
-        k4 = k4.to(C_TYPE)
-        k5 = k5.to(C_TYPE)
-        k6 = k6.to(C_TYPE)
-        k7 = k7.to(C_TYPE)
-        k8 = k8.to(C_TYPE)
-        k9 = k9.to(C_TYPE)
         momentum = momentum.to(C_TYPE)
         nesterov = nesterov.to(C_TYPE)
         ns_bfloat16 = ns_bfloat16.to(C_TYPE)
+        ns_steps = ns_steps.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
         if SCALED:
@@ -3312,8 +2303,8 @@ if triton is not None:
             buf = _lowbit_load(buf_ptr, start, here, lowbit_maps + (2 << BITS), BITS, QBLOCK, BLOCK).to(C_TYPE)
         else:
             buf = _load(buf_ptr, offsets, mask, whole).to(C_TYPE)
-        w113 = tl.load(tl.load(mxout0_ptrs + i).to(tl.pointer_type(C_TYPE)) + offsets, mask=mask)
-        _store(p_ptr, offsets, _round_to(c0*w113 + k0*p, P_TYPE), mask, whole)
+        w9 = tl.load(tl.load(mxout0_ptrs + i).to(tl.pointer_type(C_TYPE)) + offsets, mask=mask)
+        _store(p_ptr, offsets, _round_to(c0*w9 + k0*p, P_TYPE), mask, whole)
 
     # ---- rule 2 (every other parameter) ----
 
@@ -3531,176 +2522,25 @@ def _shape_table_0(params, device):
     return _BLOCK_MAPS[key]
 
 
-def _matrix_muon_0(a, b, c, c1, eps, k10, k11, k12, k13, k14, k15, k16, k17, k18, k3, k4, k5, k6, k7, k8, k9, ns_bfloat16, x2):
-    """Matrix work of one tensor, in torch between the kernels: returns w113."""
+def _matrix_muon_0(a, b, c, c1, eps, ns_bfloat16, ns_steps, x2):
+    """Matrix work of one tensor, in torch between the kernels: returns w9."""
     w0 = ((x2).mT if c1 else x2)
     x1 = (_round_bfloat16(w0) if ns_bfloat16 else w0)
     r0 = torch.linalg.vector_norm(x1)
     d0 = 1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor((_round_bfloat16(r0) if ns_bfloat16 else r0), dtype=torch.float64))
     x3 = d0*x1
-    x4 = (_round_bfloat16(x3) if ns_bfloat16 else x3)
-    if k3:
-        w1 = torch.matmul(x4, (x4).mT)
-        w2 = (_round_bfloat16(w1) if ns_bfloat16 else w1)
-        w3 = b*w2 + c*torch.matmul(w2, w2)
-        w4 = (_round_bfloat16(w3) if ns_bfloat16 else w3)
-        w5 = a*x4 + torch.matmul(w4, x4)
-        w6 = (_round_bfloat16(w5) if ns_bfloat16 else w5)
-        w7 = w6
-    else:
-        w7 = x4
-    if k4:
-        w8 = torch.matmul(w7, (w7).mT)
-        w9 = (_round_bfloat16(w8) if ns_bfloat16 else w8)
-        w10 = b*w9 + c*torch.matmul(w9, w9)
-        w11 = (_round_bfloat16(w10) if ns_bfloat16 else w10)
-        w12 = a*w7 + torch.matmul(w11, w7)
-        w13 = (_round_bfloat16(w12) if ns_bfloat16 else w12)
-        w14 = w13
-    else:
-        w14 = w7
-    if k5:
-        w15 = torch.matmul(w14, (w14).mT)
-        w16 = (_round_bfloat16(w15) if ns_bfloat16 else w15)
-        w17 = b*w16 + c*torch.matmul(w16, w16)
-        w18 = (_round_bfloat16(w17) if ns_bfloat16 else w17)
-        w19 = a*w14 + torch.matmul(w18, w14)
-        w20 = (_round_bfloat16(w19) if ns_bfloat16 else w19)
-        w21 = w20
-    else:
-        w21 = w14
-    if k6:
-        w22 = torch.matmul(w21, (w21).mT)
-        w23 = (_round_bfloat16(w22) if ns_bfloat16 else w22)
-        w24 = b*w23 + c*torch.matmul(w23, w23)
-        w25 = (_round_bfloat16(w24) if ns_bfloat16 else w24)
-        w26 = a*w21 + torch.matmul(w25, w21)
-        w27 = (_round_bfloat16(w26) if ns_bfloat16 else w26)
-        w28 = w27
-    else:
-        w28 = w21
-    if k7:
-        w29 = torch.matmul(w28, (w28).mT)
-        w30 = (_round_bfloat16(w29) if ns_bfloat16 else w29)
-        w31 = b*w30 + c*torch.matmul(w30, w30)
-        w32 = (_round_bfloat16(w31) if ns_bfloat16 else w31)
-        w33 = a*w28 + torch.matmul(w32, w28)
-        w34 = (_round_bfloat16(w33) if ns_bfloat16 else w33)
-        w35 = w34
-    else:
-        w35 = w28
-    if k8:
-        w36 = torch.matmul(w35, (w35).mT)
-        w37 = (_round_bfloat16(w36) if ns_bfloat16 else w36)
-        w38 = b*w37 + c*torch.matmul(w37, w37)
-        w39 = (_round_bfloat16(w38) if ns_bfloat16 else w38)
-        w40 = a*w35 + torch.matmul(w39, w35)
-        w41 = (_round_bfloat16(w40) if ns_bfloat16 else w40)
-        w42 = w41
-    else:
-        w42 = w35
-    if k9:
-        w43 = torch.matmul(w42, (w42).mT)
-        w44 = (_round_bfloat16(w43) if ns_bfloat16 else w43)
-        w45 = b*w44 + c*torch.matmul(w44, w44)
-        w46 = (_round_bfloat16(w45) if ns_bfloat16 else w45)
-        w47 = a*w42 + torch.matmul(w46, w42)
-        w48 = (_round_bfloat16(w47) if ns_bfloat16 else w47)
-        w49 = w48
-    else:
-        w49 = w42
-    if k10:
-        w50 = torch.matmul(w49, (w49).mT)
-        w51 = (_round_bfloat16(w50) if ns_bfloat16 else w50)
-        w52 = b*w51 + c*torch.matmul(w51, w51)
-        w53 = (_round_bfloat16(w52) if ns_bfloat16 else w52)
-        w54 = a*w49 + torch.matmul(w53, w49)
-        w55 = (_round_bfloat16(w54) if ns_bfloat16 else w54)
-        w56 = w55
-    else:
-        w56 = w49
-    if k11:
-        w57 = torch.matmul(w56, (w56).mT)
-        w58 = (_round_bfloat16(w57) if ns_bfloat16 else w57)
-        w59 = b*w58 + c*torch.matmul(w58, w58)
-        w60 = (_round_bfloat16(w59) if ns_bfloat16 else w59)
-        w61 = a*w56 + torch.matmul(w60, w56)
-        w62 = (_round_bfloat16(w61) if ns_bfloat16 else w61)
-        w63 = w62
-    else:
-        w63 = w56
-    if k12:
-        w64 = torch.matmul(w63, (w63).mT)
-        w65 = (_round_bfloat16(w64) if ns_bfloat16 else w64)
-        w66 = b*w65 + c*torch.matmul(w65, w65)
-        w67 = (_round_bfloat16(w66) if ns_bfloat16 else w66)
-        w68 = a*w63 + torch.matmul(w67, w63)
-        w69 = (_round_bfloat16(w68) if ns_bfloat16 else w68)
-        w70 = w69
-    else:
-        w70 = w63
-    if k13:
-        w71 = torch.matmul(w70, (w70).mT)
-        w72 = (_round_bfloat16(w71) if ns_bfloat16 else w71)
-        w73 = b*w72 + c*torch.matmul(w72, w72)
-        w74 = (_round_bfloat16(w73) if ns_bfloat16 else w73)
-        w75 = a*w70 + torch.matmul(w74, w70)
-        w76 = (_round_bfloat16(w75) if ns_bfloat16 else w75)
-        w77 = w76
-    else:
-        w77 = w70
-    if k14:
-        w78 = torch.matmul(w77, (w77).mT)
-        w79 = (_round_bfloat16(w78) if ns_bfloat16 else w78)
-        w80 = b*w79 + c*torch.matmul(w79, w79)
-        w81 = (_round_bfloat16(w80) if ns_bfloat16 else w80)
-        w82 = a*w77 + torch.matmul(w81, w77)
-        w83 = (_round_bfloat16(w82) if ns_bfloat16 else w82)
-        w84 = w83
-    else:
-        w84 = w77
-    if k15:
-        w85 = torch.matmul(w84, (w84).mT)
-        w86 = (_round_bfloat16(w85) if ns_bfloat16 else w85)
-        w87 = b*w86 + c*torch.matmul(w86, w86)
-        w88 = (_round_bfloat16(w87) if ns_bfloat16 else w87)
-        w89 = a*w84 + torch.matmul(w88, w84)
-        w90 = (_round_bfloat16(w89) if ns_bfloat16 else w89)
-        w91 = w90
-    else:
-        w91 = w84
-    if k16:
-        w92 = torch.matmul(w91, (w91).mT)
-        w93 = (_round_bfloat16(w92) if ns_bfloat16 else w92)
-        w94 = b*w93 + c*torch.matmul(w93, w93)
-        w95 = (_round_bfloat16(w94) if ns_bfloat16 else w94)
-        w96 = a*w91 + torch.matmul(w95, w91)
-        w97 = (_round_bfloat16(w96) if ns_bfloat16 else w96)
-        w98 = w97
-    else:
-        w98 = w91
-    if k17:
-        w99 = torch.matmul(w98, (w98).mT)
-        w100 = (_round_bfloat16(w99) if ns_bfloat16 else w99)
-        w101 = b*w100 + c*torch.matmul(w100, w100)
-        w102 = (_round_bfloat16(w101) if ns_bfloat16 else w101)
-        w103 = a*w98 + torch.matmul(w102, w98)
-        w104 = (_round_bfloat16(w103) if ns_bfloat16 else w103)
-        w105 = w104
-    else:
-        w105 = w98
-    if k18:
-        w106 = torch.matmul(w105, (w105).mT)
-        w107 = (_round_bfloat16(w106) if ns_bfloat16 else w106)
-        w108 = b*w107 + c*torch.matmul(w107, w107)
-        w109 = (_round_bfloat16(w108) if ns_bfloat16 else w108)
-        w110 = a*w105 + torch.matmul(w109, w105)
-        w111 = (_round_bfloat16(w110) if ns_bfloat16 else w110)
-        w112 = w111
-    else:
-        w112 = w105
-    w113 = ((w112).mT if c1 else w112)
-    return (w113,)
+    w1 = (_round_bfloat16(x3) if ns_bfloat16 else x3)
+    for _ in range(int(ns_steps)):
+        w2 = torch.matmul(w1, (w1).mT)
+        w3 = (_round_bfloat16(w2) if ns_bfloat16 else w2)
+        w4 = b*w3 + c*torch.matmul(w3, w3)
+        w5 = (_round_bfloat16(w4) if ns_bfloat16 else w4)
+        w6 = a*w1 + torch.matmul(w5, w1)
+        w7 = (_round_bfloat16(w6) if ns_bfloat16 else w6)
+        w1 = w7
+    w8 = w1
+    w9 = ((w8).mT if c1 else w8)
+    return (w9,)
 
 
 def _fused_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, ns_steps, adjust_lr_fn, adam_lr, b1, b2, adam_eps, adam_wd, use_muon, ns_bfloat16,
@@ -3712,23 +2552,7 @@ def _fused_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momentum, nes
     k0 = -lr*wd + 1
     k1 = float(adjust_lr_fn == 2)
     k2 = 1 - momentum
-    k3 = float(ns_steps >= 1)
-    k4 = float(ns_steps >= 2)
-    k5 = float(ns_steps >= 3)
-    k6 = float(ns_steps >= 4)
-    k7 = float(ns_steps >= 5)
-    k8 = float(ns_steps >= 6)
-    k9 = float(ns_steps >= 7)
-    k10 = float(ns_steps >= 8)
-    k11 = float(ns_steps >= 9)
-    k12 = float(ns_steps >= 10)
-    k13 = float(ns_steps >= 11)
-    k14 = float(ns_steps >= 12)
-    k15 = float(ns_steps >= 13)
-    k16 = float(ns_steps >= 14)
-    k17 = float(ns_steps >= 15)
-    k18 = float(ns_steps >= 16)
-    hyper_values = (float(a), float(b), float(c), float(eps), float(k0), float(k1), float(k10), float(k11), float(k12), float(k13), float(k14), float(k15), float(k16), float(k17), float(k18), float(k2), float(k3), float(k4), float(k5), float(k6), float(k7), float(k8), float(k9), float(lr), float(momentum), float(nesterov), float(ns_bfloat16), )
+    hyper_values = (float(a), float(b), float(c), float(eps), float(k0), float(k1), float(k2), float(lr), float(momentum), float(nesterov), float(ns_bfloat16), float(ns_steps), )
     sharded = params  # DTensors (FSDP2, tensor parallel): the kernels run on their local shards
     if any(map(_is_sharded, params)):
         params, grads = _Shards.local(params), _Shards.local(grads)
@@ -3782,9 +2606,9 @@ def _fused_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momentum, nes
             ncols = (whole[i].shape[-1] if whole[i].dim() >= 1 else 1)
             c1 = float(nrows > ncols)
             if shards is None:
-                exits = _matrix_muon_0(a=a, b=b, c=c, c1=c1, eps=eps, k10=k10, k11=k11, k12=k12, k13=k13, k14=k14, k15=k15, k16=k16, k17=k17, k18=k18, k3=k3, k4=k4, k5=k5, k6=k6, k7=k7, k8=k8, k9=k9, ns_bfloat16=ns_bfloat16, x2=mxin[0][i])
+                exits = _matrix_muon_0(a=a, b=b, c=c, c1=c1, eps=eps, ns_bfloat16=ns_bfloat16, ns_steps=ns_steps, x2=mxin[0][i])
             else:  # a shard's matrix work needs the whole matrix
-                exits = shards.matrix(i, _matrix_muon_0, dict(a=a, b=b, c=c, c1=c1, eps=eps, k10=k10, k11=k11, k12=k12, k13=k13, k14=k14, k15=k15, k16=k16, k17=k17, k18=k18, k3=k3, k4=k4, k5=k5, k6=k6, k7=k7, k8=k8, k9=k9, ns_bfloat16=ns_bfloat16, x2=mxin[0][i]), 1, compute)
+                exits = shards.matrix(i, _matrix_muon_0, dict(a=a, b=b, c=c, c1=c1, eps=eps, ns_bfloat16=ns_bfloat16, ns_steps=ns_steps, x2=mxin[0][i]), 1, compute)
             for n_, x_ in enumerate(exits):
                 if x_.shape != p[i].shape:
                     raise RuntimeError(f"Muon: matrix work gave shape {tuple(x_.shape)} "

@@ -355,7 +355,19 @@ OPAQUE_CLASSES = (lerp, where, sigmoid, softplus, bfloat16, lt, le, gt, ge, eq, 
                   triu, rsolve_triu, norm_lb, randn, rand)
 RANDOM = tuple(f.sympy for f in TABLE.values() if f.random)
 REDUCTIONS = {f.sympy: f for f in TABLE.values() if f.reduction}
-MATRIX_CLASSES = tuple(f.sympy for f in TABLE.values() if f.matrix)  # work the kernels leave to torch
+
+
+class loop(_Opaque):  # a kept loop's carried value where a round starts (optdsl/ir.py's LOOP): no table row,
+    nargs = 4         # a spec writes `repeat COUNT { }`; (loop number, carried number, count, value on entry)
+
+
+class loop_end(_Opaque):  # the carried value after the loop (optdsl/ir.py's LOOP_END): (start, round's end)
+    nargs = 2
+
+
+LOOP_CLASSES = (loop, loop_end)
+# work the kernels leave to torch (a kept loop's body holds matrix work: optdsl/lower.py keeps no other)
+MATRIX_CLASSES = tuple(f.sympy for f in TABLE.values() if f.matrix) + LOOP_CLASSES
 
 
 def meaning(expr: sp.Expr) -> sp.Expr:

@@ -289,6 +289,27 @@ def format_expr(e: Expr, prec: int = 0, names: dict[str, str] | None = None) -> 
 RANDOM_DRAWS = ("randn", "rand")  # optdsl.functions' rows with random=True, as lowering writes them
 
 
+# ---- loops ----
+# `repeat COUNT { ... }` counted by a hyperparameter, with matrix work in its body, is kept as a loop
+# (optdsl/lower.py decides which), in a loop-carried form: the body's equations appear once, between
+#   x·4 = loop(k, j, ns_steps, x·3)   the value of x a round starts from: x·3 before the first round,
+#                                     the previous round's end after it (loop k's j-th carried value)
+#   x·8 = loop_end(x·4, x·7)          x after the loop: each round ends with x·4 taking x·7's value,
+#                                     so x·7 of the last round, or x·3 when the count is 0 or less
+# A value the body reads and does not assign is the same in every round. Every analysis sees these
+# two as functions (of unknown range, each carrying its operand's shape); the backends run the body
+# in a Python `for` loop (optdsl.sym.nest_loops), so code and compile time do not grow with the count.
+LOOP, LOOP_END = "loop", "loop_end"
+
+
+def loop_parts(e: Expr) -> tuple[int, int, str, Expr] | None:
+    """(loop number, carried value's number, count, value on entry) of a `loop` expression, else None."""
+    if isinstance(e, Op) and e.op == LOOP:
+        k, j, count, init = e.args
+        return int(k.value), int(j.value), count.name, init
+    return None
+
+
 def source_names(prog: Program) -> dict[str, str]:
     """SSA name → the spec's name it is a version of (for messages)."""
     names = {ssa_name(b, 0): b for b in ("p", "g")} | {ssa_name(s.name, 0): s.name for s in prog.states}
@@ -324,7 +345,12 @@ def format_program(prog: Program) -> str:
     for mode in prog.modes:
         lines.append(f"  on {mode.name}: " + "; ".join(f"{eq.out} = {format_expr(eq.expr)}" for eq in mode.eqns))
     lines.append("  in " + ", ".join(prog.inputs + ("t",) + (("loss",) if prog.uses_loss else ())))
+    body = False  # a kept loop's body is indented under its `loop` lines (loops do not nest)
     for eq in prog.eqns:
-        lines.append(f"  {eq.out} = {format_expr(eq.expr)}" + ("    # scalar" if eq.kind == SCALAR else ""))
+        start = loop_parts(eq.expr) is not None
+        body = body and not (isinstance(eq.expr, Op) and eq.expr.op == LOOP_END)
+        lines.append(("    " if body and not start else "  ") + f"{eq.out} = {format_expr(eq.expr)}"
+                     + ("    # scalar" if eq.kind == SCALAR else ""))
+        body = body or start
     lines.append("  out " + ", ".join(f"{base} = {ssa}" for base, ssa in prog.outputs))
     return "\n".join(lines)

@@ -174,6 +174,8 @@ class _Lowering:
         self.assigned_later = set(_targets(spec.body))
         self.warnings: list[SpecWarning] = []
         self.unrolling = 0  # how many `repeat` blocks of more than one round enclose the statement
+        self.loops = 0    # kept loops lowered so far (optdsl/ir.py's LOOP): each is numbered
+        self.looping = 0  # 1 inside a kept loop's body (kept loops do not nest: an inner one is unrolled)
         self.draws = 0  # randn()/rand() calls lowered so far: each is a draw of its own
         self.random_where = ""  # where a draw cannot stand (a state's initial value, a mode block): why
         for base in self.version:
@@ -306,7 +308,10 @@ class _Lowering:
         """A bounded loop is unrolled: its count is a whole number written in the spec, or a
         hyperparameter whose declared range bounds it (`repeat ns_steps {` with `in [0, 16]`):
         then every round past the range's lower bound is unrolled up to its upper bound and
-        guarded, each value it assigns becoming where(count >= round, new, old)."""
+        guarded, each value it assigns becoming where(count >= round, new, old). A loop counted by
+        a hyperparameter whose body does matrix work is kept as a loop instead (see loop)."""
+        if isinstance(block.arg, ast.Name) and self._keeps_loop(block):
+            return self.loop(block)
         if isinstance(block.arg, ast.Name):
             low, count = self._repeat_bounds(block.arg)
         else:
@@ -335,6 +340,56 @@ class _Lowering:
                             block.span)
                 self._guard(block, before, due)
         self.unrolling -= count > 1
+
+    def _keeps_loop(self, block: ast.Block) -> bool:
+        """Whether a `repeat` counted by a hyperparameter is kept as a loop (optdsl/ir.py's loop-carried
+        form), not unrolled to its range's bound: when its body does matrix work (the backends run it in
+        Python, between kernels on the fused path), draws nothing (each round's draws would be the same
+        draw) and sits in no other kept loop."""
+        calls = [TABLE.get(c.func) for c in _calls(block.body)]
+        return (not self.looping and any(f is not None and f.matrix for f in calls)
+                and not any(f is not None and f.random for f in calls))
+
+    def loop(self, block: ast.Block) -> None:
+        """`repeat COUNT { ... }` as a loop: COUNT rounds of the body (none when COUNT <= 0, as Python's
+        range), in the loop-carried form of optdsl/ir.py. Each name the body assigns that was visible
+        before it is carried from round to round; a local of the body alone is not visible after it."""
+        name = block.arg
+        decl = next((h for h in self.spec.hypers if h.name == name.id), None)
+        if decl is None or name.id in self.computed or decl.flag or decl.choices or decl.optional:
+            raise SpecError(f"the count of 'repeat' must be a number or a hyperparameter, not '{name.id}'",
+                            name.span, hint=f"declare it as a whole number, e.g. 'hyper {name.id} = 5 in [0, 99]'")
+        self.read.add(name.id)
+        k = self.loops
+        self.loops += 1
+        starts = {}
+        for j, n in enumerate(n for n in dict.fromkeys(_targets(block.body)) if n in self.version):
+            old = self.ssa(n, self.version[n])
+            value = ir.Op(ir.LOOP, (ir.Const(float(k)), ir.Const(float(j)), ir.Ref(name.id, name.span),
+                                    ir.Ref(old, block.span)), block.span)
+            starts[n] = self._define(n, value, self.kind[old], self.shape[old], block.span)
+        before = dict(self.version)
+        self.looping += 1
+        self.unrolling += 1  # each value of the body gets a name: it runs as written, once per round
+        for item in block.body:
+            self.statement(item)
+        self.unrolling -= 1
+        self.looping -= 1
+        for n in dict.fromkeys(_targets(block.body)):
+            if n not in before:  # a local of the body alone: not visible after it, its names not reused
+                self.retired[n] = self.version.pop(n)
+        for n, start in starts.items():
+            end = self.ssa(n, self.version[n])
+            value = ir.Op(ir.LOOP_END, (ir.Ref(start, block.span), ir.Ref(end, block.span)), block.span)
+            self._define(n, value, self.kind[start], self.shape[start], block.span)
+
+    def _define(self, n: str, value: ir.Expr, kind: str, shape, span) -> str:
+        """Append the next version of n, of this kind and shape; its SSA name."""
+        self.version[n] += 1
+        out = self.ssa(n, self.version[n])
+        self.kind[out], self.shape[out] = kind, shape
+        self.eqns.append(ir.Eqn(out, n, kind, value, span, self.unrolling > 0))
+        return out
 
     def _repeat_tops(self) -> dict[str, int]:
         """The most rounds of each hyperparameter that may count a `repeat` (its range's upper bound)."""
@@ -622,6 +677,26 @@ def _unrolled_size(body, tops: dict[str, int]) -> int:
         else:
             size += _unrolled_size(item.body, tops) + len(set(_targets(item.body)))
     return size
+
+
+def _calls(body):
+    """Every function call in a body, blocks and nested calls included."""
+    def walk(e):
+        if isinstance(e, ast.Call):
+            yield e
+            for a in e.args:
+                yield from walk(a)
+        elif isinstance(e, ast.BinOp):
+            yield from walk(e.left)
+            yield from walk(e.right)
+        elif isinstance(e, ast.Neg):
+            yield from walk(e.operand)
+    for item in body:
+        if isinstance(item, ast.Assign):
+            yield from walk(item.value)
+        else:
+            yield from walk(item.arg)
+            yield from _calls(item.body)
 
 
 def _targets(body):

@@ -30,13 +30,21 @@ def statement_math(prog: ir.Program, latex: bool, rounds: bool = False) -> list[
     env.update({ssa: sp.Symbol(base) for ssa, base in ir.source_names(prog).items() if ssa in prog.inputs})
     names = ir.source_names(prog)
     lines = []
+    body = False  # in a kept loop's body (optdsl/ir.py): its lines indented under "repeat COUNT times:"
     with sp.evaluate(False):  # keep each statement's own shape and order
         for eq in prog.eqns:
             count = _round_guard(eq, counts)
-            if count:
-                lines.append(_ROUND + count)
+            loop = ir.loop_parts(eq.expr)
+            end = isinstance(eq.expr, ir.Op) and eq.expr.op == ir.LOOP_END
+            if count or loop or end:  # a marker, a loop's head (once) or its end: no statement of the spec
+                if count:
+                    lines.append(_ROUND + count)
+                elif loop and loop[1] == 0:
+                    lines.append(f"&\\text{{repeat {loop[2]} times:}}" if latex else f"repeat {loop[2]} times:")
+                body = bool(loop)
                 env[eq.out] = sp.Symbol(eq.target)
                 continue
+            indent = ("\\quad " if latex else "  ") if body else ""
             value = to_sympy(eq.expr, env)
             if latex:
                 try:
@@ -44,9 +52,9 @@ def statement_math(prog: ir.Program, latex: bool, rounds: bool = False) -> list[
                 except (RecursionError, TypeError):  # SymPy may fail on an unevaluated tanh(exp(...)), ...
                     with sp.evaluate(True):
                         shown = sp.latex(to_sympy(eq.expr, env), mul_symbol='dot')
-                lines.append(f"{sp.latex(sp.Symbol(eq.target))} &\\leftarrow {shown}")
+                lines.append(f"{indent}{sp.latex(sp.Symbol(eq.target))} &\\leftarrow {shown}")
             else:
-                lines.append(f"{eq.target} ← {_unicode(ir.format_expr(eq.expr, names=names))}")
+                lines.append(f"{indent}{eq.target} ← {_unicode(ir.format_expr(eq.expr, names=names))}")
             env[eq.out] = sp.Symbol(eq.target)
     return lines
 

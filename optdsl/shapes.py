@@ -69,6 +69,15 @@ def shape_of(e: ir.Expr, env: dict) -> tuple | None:
 
 def _op_shape(e: ir.Op, args: list) -> tuple | None:
     """The shape of e's result from its operands' shapes (see shape_of)."""
+    if e.op == ir.LOOP:  # a kept loop's carried value where a round starts: its value on entry
+        return args[3]
+    if e.op == ir.LOOP_END:  # after the loop: a round must end with the shape it started from
+        start, end = args
+        if UNKNOWN not in (start, end) and _fits(end, start) != start:
+            raise SpecError(f"a round of this 'repeat' starts from a value {text(start)} but ends with one "
+                            f"{text(end)}: the next round could not start from it", e.span,
+                            hint="keep each value the loop carries in its shape (mm, T, ...)")
+        return start if end is not UNKNOWN else UNKNOWN
     row = TABLE.get(e.op)
     if row is not None and row.reduction:
         return ()
@@ -187,7 +196,7 @@ def _may_not_fit(op: str, args: list) -> bool:
     if UNKNOWN not in args:
         return False
     row = TABLE.get(op)
-    if op == "T" or (row is not None and (row.reduction or row.axis)):
+    if op == "T" or op in (ir.LOOP, ir.LOOP_END) or (row is not None and (row.reduction or row.axis)):
         return False  # works on any matrix
     if op == "where" and args[0] == ():
         return False  # a host condition picks a branch; nothing is combined

@@ -23,6 +23,7 @@ from .rewrite import rewrite
 GROUP, PARAM, DEVICE, TENSOR = 0, 1, 2, 3
 LEVEL_NAMES = {GROUP: "group", PARAM: "param", DEVICE: "device", TENSOR: "tensor"}
 _CMP = {f.name: f for f in COMPARISONS.values()}
+_LOOPS = {ir.LOOP: fn.loop, ir.LOOP_END: fn.loop_end}
 
 
 def number(x: float) -> sp.Expr:
@@ -68,6 +69,8 @@ def _to_sympy(e: ir.Expr, env: dict[str, sp.Expr]) -> sp.Expr:
         return args[0] ** args[1]
     if e.op == "neg":
         return -args[0]
+    if e.op in (ir.LOOP, ir.LOOP_END):  # a kept loop (optdsl/ir.py): functions of unknown value
+        return _LOOPS[e.op](*args)
     fn = TABLE.get(e.op) or _CMP[e.op]
     if e.op == "atan2" and args[0] == 0 and args[1] == 0:  # nan to SymPy, 0 to IEEE 754, torch and math
         return sp.S.Zero
@@ -100,7 +103,8 @@ def input_levels(prog: ir.Program) -> dict[sp.Symbol, int]:
 
 def has_matrix_work(e: ir.Expr) -> bool:
     if isinstance(e, ir.Op):
-        return (e.op in TABLE and TABLE[e.op].matrix) or any(has_matrix_work(a) for a in e.args)
+        return ((e.op in TABLE and TABLE[e.op].matrix) or e.op in (ir.LOOP, ir.LOOP_END)
+                or any(has_matrix_work(a) for a in e.args))
     return False
 
 
@@ -167,6 +171,52 @@ class Plan:
             lines.append(f"{LEVEL_NAMES[d.level]:>6} {d.symbol} = {d.expr}")
         lines += [f"   out {base} = {e}" for base, e in self.outputs]
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class LoopBlock:
+    """A kept loop (optdsl/ir.py's loop-carried form) as the backends print it: `count` rounds of
+    `body`, each round starting from the carried values and ending by giving each its next value."""
+    count: sp.Expr                                   # the hyperparameter: rounds, none for 0 or less
+    carried: tuple[tuple[sp.Symbol, sp.Expr], ...]   # (value where a round starts, value on entry)
+    body: tuple[Def, ...]                            # one round, in order
+    ends: tuple[tuple[sp.Symbol, sp.Symbol, sp.Expr], ...]  # (value after the loop, where a round starts,
+                                                            #  the round's end) per carried value
+
+
+def nest_loops(defs) -> list:
+    """Ordered definitions (a plan's steps, the fused path's matrix section) with each kept loop's
+    definitions gathered into a LoopBlock where its first `loop_end` stood: its body is what reads a
+    carried value, directly or not; what it reads and does not change stays before the loop."""
+    defs = list(defs)
+    starts: dict[int, list[Def]] = {}
+    for d in defs:
+        if type(d.expr) is fn.loop:
+            starts.setdefault(int(d.expr.args[0]), []).append(d)
+    if not starts:
+        return defs
+    taken, blocks, at = set(), {}, {}
+    for k, heads in starts.items():
+        variant = {d.symbol for d in heads}
+        ends = [d for d in defs if type(d.expr) is fn.loop_end and d.expr.args[0] in variant]
+        end_syms = {d.symbol for d in ends}
+        body = []
+        for d in defs:
+            if d.symbol not in variant and d.symbol not in end_syms and d.expr.free_symbols & variant:
+                variant.add(d.symbol)
+                body.append(d)
+        taken |= variant | end_syms
+        if ends:  # (else nothing reads the loop's values: it does not run)
+            at[ends[0].symbol] = k
+            blocks[k] = LoopBlock(heads[0].expr.args[2], tuple((d.symbol, d.expr.args[3]) for d in heads),
+                                  tuple(body), tuple((d.symbol, *d.expr.args) for d in ends))
+    out = []
+    for d in defs:
+        if d.symbol in at:
+            out.append(blocks[at[d.symbol]])
+        elif d.symbol not in taken:
+            out.append(d)
+    return out
 
 
 class _Names:

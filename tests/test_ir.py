@@ -89,6 +89,46 @@ optimizer Toy
   out p = p·1, v2 = v2·1, m = m·2"""
 
 
+SPIN = """optimizer Spin
+hyper k = 3 in (-inf, 10)
+x = g
+y = 0.5 * g
+repeat k {
+  s = x
+  x = 0.5 * y + 0.1 * mm(mm(x, T(y)), x)
+  y = s
+}
+p -= 0.01 * (x + y)
+"""
+
+# A `repeat` counted by a hyperparameter with matrix work in its body is kept as a loop, in the
+# loop-carried form (optdsl/ir.py): the body once, between a `loop` per carried value (x and y:
+# assigned in the body, visible before it) and a `loop_end` per carried value; s, a local of the
+# body alone, is not visible after it.
+SPIN_IR = """\
+optimizer Spin
+  hyper k = 3 in (-inf, 10)
+  in p·0, g·0, t
+  x·1 = g·0
+  y·1 = 0.5 * g·0
+  x·2 = loop(0, 0, k, x·1)
+  y·2 = loop(0, 1, k, y·1)
+    s·1 = x·2
+    x·3 = 0.5 * y·2 + 0.1 * mm(mm(x·2, T(y·2)), x·2)
+    y·3 = s·1
+  x·4 = loop_end(x·2, x·3)
+  y·4 = loop_end(y·2, y·3)
+  p·1 = p·0 - 0.01 * (x·4 + y·4)
+  out p = p·1"""
+
+
+def test_kept_loop_ir():
+    assert ir_text(SPIN) == SPIN_IR
+    # element-wise work alone is unrolled (each round guarded), as before
+    unrolled = ir_text(SPIN.replace("mm(mm(x, T(y)), x)", "x * y").replace("(-inf, 10)", "[0, 4]"))
+    assert "loop" not in unrolled and "where(k >= 2, " in unrolled
+
+
 def test_every_spec_lowers_to_ssa():
     from optdsl.lower import lower_rules
     for path in sorted(SPECS.glob("*.opt")):

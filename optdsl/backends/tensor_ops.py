@@ -14,7 +14,7 @@ import sympy as sp
 
 from .. import functions as fn
 from .. import ir
-from ..sym import DEVICE, GROUP, PARAM, TENSOR, Plan, is_reduction
+from ..sym import DEVICE, GROUP, PARAM, TENSOR, LoopBlock, Plan, is_reduction, nest_loops
 from .printers import _BY_CLASS, DevicePrinter, HostPrinter, number_code
 
 
@@ -35,13 +35,14 @@ class Operand:
 
 @dataclass(frozen=True)
 class Instr:
-    op: str                     # torch method / foreach name, or "call", "reduce", "scalar", "copy"
+    op: str                     # torch method / foreach name, or "call", "reduce", "scalar", "copy",
+                                # "branch", "bind" (`out` names = args) or "loop" (args[0] rounds of blocks[0])
     out: str                    # buffer written (the first operand's when in place)
     args: tuple[Operand, ...]
     inplace: bool = False
     value: Operand | None = None  # `alpha=` / `value=` scalar
     template: str = ""          # for "call"/"reduce"/"scalar": torch code with {0}, {1}, ...
-    blocks: tuple = ()          # for "branch": the instructions of each branch
+    blocks: tuple = ()          # for "branch": the instructions of each branch; for "loop": of one round
     skip_zero: bool = False     # `out = a if value == 0 else a + value*b`
 
 
@@ -348,33 +349,11 @@ class Emitter:
         out_of = {e: base for base, e in self.plan.outputs if e.is_Symbol}
         for base, _ in self.plan.outputs:
             self.writable_inputs[base] = base
-        for d in self.plan.steps:
-            if d.level < TENSOR and not is_reduction(d.expr):
-                self._consume(d.expr.free_symbols)
-                # In the parameter's arithmetic dtype: the printer's float64 (host floats kept exact)
-                # would otherwise promote a 0-dim parameter's whole update to float64.
-                self.instrs.append(Instr("scalar", str(d.symbol), tuple(
-                    self.operand(s) for s in sorted(d.expr.free_symbols, key=str)),
-                    template=f"torch.as_tensor({DevicePrinter().doprint(d.expr)}, dtype={{dtype}})"))
-                self.buffer[d.symbol] = str(d.symbol)
-                continue
-            if is_reduction(d.expr):
-                row = fn.REDUCTIONS[type(d.expr)]
-                arg = self.operand(d.expr.args[0])
-                self._consume([d.expr.args[0]])
-                args, template = (arg,), row.tensor
-                if not arg.tensor:  # a scalar broadcasts: reduce it over a tensor shaped like p
-                    args, template = (arg, Operand("p", TENSOR)), row.tensor.format("({0} + torch.zeros_like({1}))")
-                self.instrs.append(Instr("reduce", str(d.symbol), args, template=_whole(template)))
-                self.buffer[d.symbol] = str(d.symbol)
-                continue
-            target = out_of.get(d.symbol)
-            if d.expr.is_Symbol:  # matrix work that is another value already
-                self._consume([d.expr])
-                result = self.operand(d.expr)
+        for d in nest_loops(self.plan.steps):
+            if isinstance(d, LoopBlock):
+                self.loop(d)
             else:
-                result = self.emit(d.expr, target=target)
-            self._rename(result, d.symbol)
+                self.step(d, out_of.get(d.symbol))
         pending = list(self.plan.outputs)
         while pending:  # update in place the outputs whose old value nothing else reads
             ready = next((o for o in pending if self._free_to_write(o, pending)), None)
@@ -392,6 +371,59 @@ class Emitter:
             if result.code != base:  # now, before a later output updates its source in place
                 self.instrs.append(Instr("copy", base, (Operand(base, TENSOR), result), inplace=True))
         return self.instrs
+
+    def step(self, d, target: str | None) -> None:
+        """One definition of the plan's steps."""
+        if d.level < TENSOR and not is_reduction(d.expr):
+            self._consume(d.expr.free_symbols)
+            # In the parameter's arithmetic dtype: the printer's float64 (host floats kept exact)
+            # would otherwise promote a 0-dim parameter's whole update to float64.
+            self.instrs.append(Instr("scalar", str(d.symbol), tuple(
+                self.operand(s) for s in sorted(d.expr.free_symbols, key=str)),
+                template=f"torch.as_tensor({DevicePrinter().doprint(d.expr)}, dtype={{dtype}})"))
+            self.buffer[d.symbol] = str(d.symbol)
+            return
+        if is_reduction(d.expr):
+            row = fn.REDUCTIONS[type(d.expr)]
+            arg = self.operand(d.expr.args[0])
+            self._consume([d.expr.args[0]])
+            args, template = (arg,), row.tensor
+            if not arg.tensor:  # a scalar broadcasts: reduce it over a tensor shaped like p
+                args, template = (arg, Operand("p", TENSOR)), row.tensor.format("({0} + torch.zeros_like({1}))")
+            self.instrs.append(Instr("reduce", str(d.symbol), args, template=_whole(template)))
+            self.buffer[d.symbol] = str(d.symbol)
+            return
+        if d.expr.is_Symbol:  # matrix work that is another value already
+            self._consume([d.expr])
+            result = self.operand(d.expr)
+        else:
+            result = self.emit(d.expr, target=target)
+        self._rename(result, d.symbol)
+
+    def loop(self, block: LoopBlock) -> None:
+        """A kept loop: each carried value bound to a name of its own, then `for _ in range(count):`
+        one round, which ends by binding each to its next value. A round writes in place only what
+        it allocated itself: a value from before the loop is read again by the next round."""
+        count = self.operand(block.count)
+        names = []
+        for start, init in block.carried:
+            value = self.operand(init)
+            self._consume([init])
+            names.append(self.fresh())
+            self.instrs.append(Instr("bind", names[-1], (value,)))
+            self.buffer[start], self.shapes[start] = names[-1], value.shape
+        outer = (self.instrs, self.owned, self.writable_inputs)
+        self.instrs, self.owned, self.writable_inputs = [], set(), {}
+        for d in block.body:
+            self.step(d, None)
+        values = [self.operand(end) for _, _, end in block.ends]  # bound together: one may read another
+        self._consume([x for _, start, end in block.ends for x in (end, start)])
+        self.instrs.append(Instr("bind", ", ".join(names), tuple(values)))
+        body = sink(self.instrs)
+        self.instrs, self.owned, self.writable_inputs = outer
+        self.instrs.append(Instr("loop", names[0], (count,), blocks=(tuple(body),)))
+        for (after, start, _), name in zip(block.ends, names):
+            self.buffer[after], self.shapes[after] = name, self.shapes[start]
 
     def _may_write_symbol(self, e: sp.Expr, target: str | None) -> bool:
         """Would `e` be written in place once this use of it is consumed?"""
@@ -461,7 +493,7 @@ def _first_tensor(args) -> int:
 
 # ---- work that only one branch reads runs inside it ----
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_PURE_SKIP = ("copy",)  # writes into a tensor that outlives the step
+_PURE_SKIP = ("copy", "bind", "loop")  # writes into a tensor that outlives the step; a loop's names
 
 
 def _reads(instr: Instr) -> set[str]:

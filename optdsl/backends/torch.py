@@ -154,8 +154,19 @@ def _kwarg(instr: Instr, foreach: bool, single_value: str | None) -> str:
     return f", {key}={single_value if single_value is not None else instr.value.code}"
 
 
+def _loop(instr: Instr, printer) -> list[str] | None:
+    """A kept loop's instructions, per tensor and multi-tensor alike (the count is a hyperparameter)."""
+    if instr.op == "bind":
+        return [f"{instr.out} = {', '.join(a.code for a in instr.args)}"]
+    if instr.op == "loop":
+        return [f"for _ in range(int({instr.args[0].code})):"] + _indent(instr.blocks[0], printer)
+    return None
+
+
 def single(instr: Instr) -> list[str]:
     a = [x.code for x in instr.args]
+    if instr.op in ("bind", "loop"):
+        return _loop(instr, single)
     if instr.op == "branch":
         then, other = instr.blocks
         return ([f"if {a[0]}:"] + _indent(then, single) + [f"    {instr.out} = {a[1]}", "else:"]
@@ -188,11 +199,13 @@ def _single_line(instr: Instr) -> str:
 def _linear_algebra(instrs) -> bool:
     """Whether these instructions (branches included) call a linear algebra helper or multiply matrices."""
     return any((i.op == "call" and any(f"{name}(" in i.template for name in [*LINALG_HELPERS, "torch.matmul"]))
-               or (i.op == "branch" and any(_linear_algebra(b) for b in i.blocks)) for i in instrs)
+               or (i.op in ("branch", "loop") and any(_linear_algebra(b) for b in i.blocks)) for i in instrs)
 
 
 def multi(instr: Instr) -> list[str]:
     a = [x.code for x in instr.args]
+    if instr.op in ("bind", "loop"):
+        return _loop(instr, multi)
     if instr.op == "branch":
         then, other = instr.blocks
         if instr.args[0].level == GROUP:

@@ -25,7 +25,7 @@ import sympy as sp
 
 from .. import functions as fn
 from .. import ir
-from ..sym import DEVICE, GROUP, PARAM, Plan
+from ..sym import DEVICE, GROUP, PARAM, LoopBlock, Plan, nest_loops
 from . import sharding
 from .fusion import AXIS_REDUCTIONS, UNIT_REDUCTIONS, Fusion, early_stores, matrix_nodes
 from .printers import _BY_CLASS, HostPrinter, MatrixPrinter, TritonPrinter, TritonScalar64Printer
@@ -287,15 +287,23 @@ def _hoist_logs(expr: sp.Expr, levels: dict, logs: dict) -> sp.Expr:
     return expr.xreplace(powers)
 
 
-def _lazy_section(section, exits: set, host: set[str], printer) -> list[str]:
+def _lazy_section(section, exits: set, host: set[str], printer, pad: str = "") -> list[str]:
     """The matrix section's lines, each where() on host scalars a Python if whose branch holds the
-    work only its first operand reads: Muon's unrolled Newton-Schulz rounds past ns_steps compute
-    nothing, as on the torch paths. A select inside another's branch nests."""
+    work only its first operand reads (a guarded round of a `repeat` computes nothing when skipped,
+    as on the torch paths). A select inside another's branch nests; a kept loop is a Python for loop,
+    its round's lines made the same way."""
+    items = nest_loops(section)
+    section = [d for d in items if not isinstance(d, LoopBlock)]
+    loops = [b for b in items if isinstance(b, LoopBlock)]
+    reads = {b: _loop_reads(b) for b in loops}
     defined = {d.symbol: d for d in section}
     users = {d.symbol: set() for d in section}
     for d in section:
         for s in d.expr.free_symbols & users.keys():
             users[s].add(d.symbol)
+    for b in loops:  # what a loop reads is never moved into a branch (it stays with its readers' owner)
+        for s in reads[b] & users.keys():
+            users[s].add(b)
     lazy = {}  # select -> the definitions that only its first operand reads, directly or not
     for d in section:
         if not (isinstance(d.expr, fn.where) and all(x.name in host for x in d.expr.args[0].free_symbols)):
@@ -316,7 +324,11 @@ def _lazy_section(section, exits: set, host: set[str], printer) -> list[str]:
 
     def emit(symbols, pad):
         lines = []
-        for d in section:
+        for d in items:
+            if isinstance(d, LoopBlock):
+                if pad == outer:
+                    lines += _loop_lines(d, host, printer, pad)
+                continue
             if d.symbol not in symbols:
                 continue
             mine = {x for x in lazy.get(d.symbol, ()) if owner[x] == d.symbol}
@@ -330,7 +342,28 @@ def _lazy_section(section, exits: set, host: set[str], printer) -> list[str]:
                 lines.append(f"{pad}{d.symbol} = {printer.doprint(d.expr)}")
         return lines
 
-    return emit({d.symbol for d in section if d.symbol not in owner}, "")
+    outer = pad
+    return emit({d.symbol for d in section if d.symbol not in owner}, pad)
+
+
+def _loop_reads(block: LoopBlock) -> set:
+    """The values from before a kept loop that it reads."""
+    inside = {s for s, _ in block.carried} | {d.symbol for d in block.body}
+    exprs = [block.count] + [e for _, e in block.carried] + [d.expr for d in block.body] + [e for _, _, e in block.ends]
+    return set().union(*(e.free_symbols for e in exprs)) - inside
+
+
+def _loop_lines(block: LoopBlock, host: set[str], printer, pad: str) -> list[str]:
+    """A kept loop in the matrix section: its carried values bound, `for _ in range(count):` one round
+    that ends by binding each to its next value (all at once: one may read another), then the values
+    after the loop named."""
+    starts = ", ".join(str(s) for s, _ in block.carried)
+    lines = [f"{pad}{starts} = {', '.join(printer.doprint(e) for _, e in block.carried)}",
+             f"{pad}for _ in range(int({HostPrinter().doprint(block.count)})):"]
+    ends = {s for _, _, e in block.ends for s in e.free_symbols}
+    lines += _lazy_section(list(block.body), ends, host, printer, pad + "    ")
+    lines.append(f"{pad}    {starts} = {', '.join(printer.doprint(e) for _, _, e in block.ends)}")
+    return lines + [f"{pad}{after} = {start}" for after, start, _ in block.ends]
 
 
 def _matrix_context(plan: Plan, f: Fusion, levels: dict) -> dict:
