@@ -271,6 +271,14 @@ class ShapePrinter(CompiledPrinter):
 
     _print_rand = _print_randn
 
+    # A kept loop (optdsl/ir.py) is replayed one round: its body's statements once, each carried value
+    # its value on entry, then the round's end (a round keeps the shapes it carries: optdsl/shapes.py).
+    def _print_loop(self, e):
+        return self._print(e.args[3])
+
+    def _print_loop_end(self, e):
+        return self._print(e.args[1])
+
 
 class TritonPrinter(HostPrinter):
     """Element-wise values inside a Triton kernel: registers of float32 (or float64)."""

@@ -57,7 +57,11 @@ def context(prog: ir.Program, lines: list[str], filename: str, taken: set[str]) 
             name = f"v{count}"
             taken.add(name)
             reads_tensor = any(str(s) in tensors for s in value.free_symbols)
-            if reads_tensor:
+            if isinstance(eq.expr, ir.Op) and eq.expr.op in (ir.LOOP, ir.LOOP_END):  # a kept loop's carried
+                body.append(f"{name} = {code}")  # value, no statement: the replay runs one round
+                if reads_tensor:
+                    tensors.add(name)
+            elif reads_tensor:
                 shown = located(eq.span, lines, filename)
                 first = {}  # by the spec's name, the first value of it the statement reads
                 for r in ir.refs(eq.expr):
