@@ -903,7 +903,7 @@ class Muon(Optimizer):
             raise ValueError(f"Invalid ns_coefficients: {group['ns_coefficients']!r} (must hold 3 values: a, b, c)")
         if not (0.0 < group["eps"] < float("inf")):
             raise ValueError(f"Invalid eps value: {group['eps']} (eps must be in (0, inf))")
-        if not (group["ns_steps"] < 100.0):
+        if not (-float("inf") < group["ns_steps"] < 100.0):
             raise ValueError(f"Invalid ns_steps value: {group['ns_steps']} (ns_steps must be in (-inf, 100))")
         if not float(group["ns_steps"]).is_integer():
             raise ValueError(f"Invalid ns_steps value: {group['ns_steps']} (ns_steps counts rounds: a whole number)")
