@@ -13,6 +13,8 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Callable, TextIO
 
+from .escape import visible
+
 if TYPE_CHECKING:  # rich is imported where it paints: a command that prints nothing fancy never loads it
     from rich.text import Text
 
@@ -57,7 +59,7 @@ def paint(report: str) -> Text:
 def show(report: object, stream: TextIO | None = None) -> None:
     """Print an error, a warning or any diagnostic text: painted on a terminal, plain otherwise."""
     stream = stream or sys.stderr
-    plain = str(report)
+    plain = visible(str(report))  # a file name or spec text in it cannot drive the terminal
     if colour_enabled(stream):
         from rich.console import Console
         # soft_wrap: rich must never re-wrap a line, or the caret would leave its column

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .escape import visible
+
 
 @dataclass(frozen=True)
 class Span:
@@ -15,13 +17,22 @@ class Span:
 
 
 def _caret(source: str, span: Span) -> str:
-    lines = source.splitlines()
+    # lines as the grammar ends them (\n, \r\n): str.splitlines() also ends one at U+2028, a form feed
+    # or a lone CR, which a comment may hold, and showed a later line than the error's
+    lines = source.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
     if not 1 <= span.line <= len(lines) + 1:
         return ""
     # past the last line (an empty file, a missing closing line): an empty line, the caret under it
-    text = lines[span.line - 1].expandtabs(1) if span.line <= len(lines) else ""
-    width = span.end_column - span.column if span.end_line == span.line else len(text) - span.column + 1
-    return f"    {text}\n    {' ' * (span.column - 1)}{'^' * max(1, width)}"
+    line = lines[span.line - 1].removesuffix("\r") if span.line <= len(lines) else ""
+    # each character as shown: a tab as one space, a control or bidi character as its escape (\x1b,
+    # \u202e), never sent to the terminal as it is; the caret stands under the shown characters
+    shown = [" " if c == "\t" else visible(c) for c in line]
+    start = min(span.column - 1, len(shown))
+    end = span.end_column - 1 if span.end_line == span.line else len(shown)
+    width = len("".join(shown[start:max(start, end)]))
+    return f"    {''.join(shown)}\n    {' ' * len(''.join(shown[:start]))}{'^' * max(1, width)}"
 
 
 class SpecError(Exception):
@@ -47,14 +58,14 @@ class SpecError(Exception):
         return self.span.column if self.span else 0
 
     def __str__(self) -> str:
-        where = f"{self.filename}:{self.line}:{self.column}" if self.span else self.filename
-        parts = [f"{where}: error: {self.message}"]
+        where = f"{visible(self.filename)}:{self.line}:{self.column}" if self.span else visible(self.filename)
+        parts = [f"{where}: error: {visible(self.message)}"]
         shown = self.context if self.context is not None else (
             _caret(self.source, self.span) if self.span else "")
         if shown:
-            parts.append(shown.rstrip("\n"))
+            parts.append(visible(shown.rstrip("\n")))
         if self.hint:
-            parts.append(f"  hint: {self.hint}")
+            parts.append(f"  hint: {visible(self.hint)}")
         return "\n".join(parts)
 
 
@@ -69,10 +80,10 @@ class SpecWarning:
     source: str = ""
 
     def __str__(self) -> str:
-        where = f"{self.filename}:{self.span.line}:{self.span.column}" if self.span else self.filename
-        parts = [f"{where}: warning: {self.message}"]
+        where = f"{visible(self.filename)}:{self.span.line}:{self.span.column}" if self.span else visible(self.filename)
+        parts = [f"{where}: warning: {visible(self.message)}"]
         if self.span and self.source:
             parts.append(_caret(self.source, self.span))
         if self.hint:
-            parts.append(f"  hint: {self.hint}")
+            parts.append(f"  hint: {visible(self.hint)}")
         return "\n".join(parts)

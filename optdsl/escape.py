@@ -33,3 +33,11 @@ def shown(value: str | None) -> str:
     """A named choice as a message or docstring shows it ('adam', None), inside a string that is not
     an f-string (braces stay text): escaped by `text`."""
     return "None" if value is None else f"'{text(value)}'"
+
+
+def visible(s: str, keep: str = "\n\t") -> str:
+    """`s` as a terminal may show it: every character that is not printable (ESC and the other
+    controls, C1's CSI, bidirectional controls such as U+202E, U+2028) written as repr escapes it, so
+    that a spec's line, a file name or a docstring in a message can neither drive the terminal nor
+    reorder what it shows (Trojan Source); the characters in `keep` stay as they are."""
+    return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in str(s))

@@ -546,6 +546,10 @@ def _pretty(name: str) -> str:
     return _TOKEN_NAMES.get(name, name.lower())
 
 
+# Embeddings, overrides, isolates and marks of the Unicode bidirectional algorithm, as rustc refuses them
+_BIDI = re.compile("[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]")
+
+
 def parse(text: str, filename: str = "<spec>") -> ast.Spec:
     """Parse spec text into the AST. Raises SpecError (never a Lark or Python error)."""
     bad = re.search(r"[\x00-\x08\x0b\x0e-\x1f\x7f]", text)  # not even in a comment or a string
@@ -554,6 +558,15 @@ def parse(text: str, filename: str = "<spec>") -> ast.Spec:
         column = bad.start() - text.rfind("\n", 0, bad.start())
         raise SpecError(f"syntax error: unexpected character {bad.group()!r}", Span(line, column, line, column + 1),
                         hint="remove the control character", filename=filename, source=text)
+    bidi = _BIDI.search(text)  # in a comment or a docstring too
+    if bidi:
+        line = text.count("\n", 0, bidi.start()) + 1
+        column = bidi.start() - text.rfind("\n", 0, bidi.start())
+        raise SpecError(f"a bidirectional control character ({bidi.group()!r}) in the spec",
+                        Span(line, column, line, column + 1), filename=filename, source=text,
+                        hint="remove it: it makes an editor show the text in another order than optdsl "
+                             "reads it (Trojan Source, CVE-2021-42574); right-to-left words need no control "
+                             "characters")
     try:
         tree = parser().parse(text)
     except UnexpectedInput as err:

@@ -8,6 +8,7 @@ against the allow-list of tests/codeaudit.py (conftest.py audits every other mod
 from __future__ import annotations
 
 import ast
+import io
 import random
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 import optdsl
 import codeaudit
 from codeaudit import audit
-from optdsl import escape
+from optdsl import console, escape
 from optdsl.build import build
 from optdsl.errors import SpecError
 from optdsl.pipeline import compile_source
@@ -240,3 +241,44 @@ def test_hostile_text_stays_text(comment, doc, filename, where):
     compiled, module = result
     assert module.__doc__.split("The spec::\n\n", 1)[1].rstrip("\n") == "\n".join(
         "    " + line.removesuffix("\r") for line in text.strip("\n").split("\n"))
+
+
+# ---- what a terminal shows (red-team) ----
+@pytest.mark.parametrize("bidi", ["\u202e", "\u2066", "\u2067", "\u2068", "\u2069", "\u202a", "\u200f", "\u061c"],
+                         ids=repr)
+@pytest.mark.parametrize("where", ["comment", "docstring"])
+def test_bidirectional_controls_are_refused_where_they_stand(bidi, where):
+    """Trojan Source (CVE-2021-42574): a comment or docstring holding U+202E and the like shows an
+    editor (and a reviewer) another order than optdsl reads; refused anywhere, as rustc does."""
+    text = (f'optimizer Safe "a{bidi}b"\np -= g\n' if where == "docstring" else
+            f"optimizer Safe\np -= 0.1 * g  # x {bidi} p -= 100 * p\n")
+    with pytest.raises(SpecError, match="bidirectional control character") as err:
+        compile_source(text, "bidi.opt")
+    assert (err.value.line, err.value.column) == ((1, 18) if where == "docstring" else (2, 19))
+    assert bidi not in str(err.value) and repr(bidi)[1:-1] in str(err.value)
+
+
+def test_an_error_shows_its_own_line_and_no_control_character():
+    """The error's line is counted as the grammar counts (a comment's U+2028 or form feed ended a line
+    for str.splitlines(), and the error showed the next one), and every character a terminal would obey
+    (ESC, C1's CSI, U+2028) is shown escaped, in the line, the file name and the message."""
+    text = "optimizer X\n# a\u2028b\x0cc\x85d\nhyper lr = 1\np -= lr * q * g  # \x9b2J\n"
+    with pytest.raises(SpecError) as err:
+        compile_source(text, "evil\x1b[2J\u2028.opt")
+    shown = str(err.value)
+    assert err.value.line == 4 and "p -= lr * q * g" in shown.split("\n")[1]
+    assert not any(c in shown for c in "\x1b\x9b\u2028\x85\x0c")
+    assert "evil\\x1b[2J\\u2028.opt:4:11: error: unknown name 'q'" in shown
+    line, caret = shown.split("\n")[1:3]
+    assert line[caret.index("^")] == "q"  # the caret under the name, after an escaped character or not
+    stream = io.StringIO()
+    console.show(f"optdsl build: cannot read a\x1b]0;x\x07.opt", stream)
+    assert stream.getvalue() == "optdsl build: cannot read a\\x1b]0;x\\x07.opt\n"
+
+
+def test_the_caret_stands_under_the_name_after_escaped_characters():
+    text = 'optimizer X "a\x85\u2028b" q\np -= g\n'
+    with pytest.raises(SpecError) as err:
+        compile_source(text, "x.opt")
+    line, caret = str(err.value).split("\n")[1:3]
+    assert line.strip() == 'optimizer X "a\\x85\\u2028b" q' and caret.index("^") == line.index(" q") + 1
