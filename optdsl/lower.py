@@ -167,6 +167,7 @@ class _Lowering:
         self.retired: dict[str, int] = {}  # a block's local no longer visible: the last version it took
         self.kind: dict[str, str] = {}  # SSA name -> TENSOR/SCALAR
         self.shape: dict[str, frozenset | None] = {}  # SSA name -> shape (see ir.join)
+        self.via_matrix: set[str] = set()  # SSA names of shape None through matrix work (optdsl/shapes.py's to check)
         self.declared = {s.name: ir.state_shape(s.shape) for s in spec.states}
         self.eqns: list[ir.Eqn] = []
         self.read: set[str] = set()     # spec names read by some statement
@@ -182,6 +183,8 @@ class _Lowering:
             shape = self.declared.get(base, ir.FULL)
             self.kind[ir.ssa_name(base, 0)] = ir.SCALAR if shape == ir.ALL else ir.TENSOR
             self.shape[ir.ssa_name(base, 0)] = shape
+            if shape is None:  # a matrix state
+                self.via_matrix.add(ir.ssa_name(base, 0))
 
     def ssa(self, n: str, version: int) -> str:
         """The SSA name of a version; a later one steps aside for a hyperparameter (hyper b1, local b)."""
@@ -442,6 +445,8 @@ class _Lowering:
             out = self.ssa(n, self.version[n])
             self.kind[out] = self.kind_of(value)
             self.shape[out] = self.shape[self.ssa(n, self.version[n] - 1)]
+            if self.ssa(n, self.version[n] - 1) in self.via_matrix:
+                self.via_matrix.add(out)
             self.eqns.append(ir.Eqn(out, n, self.kind[out], value, block.span, self.unrolling > 0))
 
     def _reads_step_values(self, e: ir.Expr) -> bool:
@@ -485,7 +490,9 @@ class _Lowering:
         kind = self.kind_of(value)
         shape = self.shape_of(value)
         want = self.declared.get(n)
-        if want is not None and want != ir.FULL and shape != want and shape != ir.ALL:
+        if shape is None and self._via_matrix(value):
+            self.via_matrix.add(out)  # matrix work: optdsl/shapes.py knows its sizes and checks the assignment
+        elif want is not None and want != ir.FULL and shape != want and shape != ir.ALL:
             decl = next(s for s in self.spec.states if s.name == n)
             raise SpecError(f"state '{n}' is declared ': {decl.shape}' but this value is "
                             f"{ir.shape_text(shape)}", a.span,
@@ -496,6 +503,15 @@ class _Lowering:
         self.shape[out] = ir.FULL if n == "p" else shape if want is None else want
         self.kind[out] = kind
         self.eqns.append(ir.Eqn(out, n, kind, value, a.span, self.unrolling > 0))
+
+    def _via_matrix(self, e: ir.Expr) -> bool:
+        """Whether e reads matrix work (a product, a matrix state, a value made from one)."""
+        if isinstance(e, ir.Ref):
+            return e.name in self.via_matrix
+        if isinstance(e, ir.Op):
+            row = TABLE.get(e.op)
+            return (row is not None and row.matrix) or any(self._via_matrix(a) for a in e.args)
+        return False
 
     def run(self) -> ir.Program:
         spec = self.spec

@@ -14,8 +14,13 @@ matching parameter. Nothing else of the reference changes, except in float64:
   and the reference is made with precondition_dtype=float64 (its default keeps Q in float32).
   float32 runs take the reference as it is, at run_pair's float32 tolerance.
 
-The schedule. The reference updates the preconditioner when a counter reaches 1/probability, the
-probability 1 for its first 500 steps by default (not random): every step here, as in the spec.
+The schedule. The reference updates the preconditioner when a counter of steps reaches 1/probability,
+the probability 1 for its first 500 steps by default, then decaying (not random: a counter), and
+draws no probe on the other steps; the spec draws one at every step and uses it where it updates.
+So the probe of a parameter's step is fed to the reference only if it updates then; `updates`
+records at which steps each parameter's reference updated, and the tests check that pattern too.
+The spec's schedule hyperparameters (max_prob, min_prob, decay, flat_start) are the reference's
+`precondition_update_prob_schedule(...)`, passed to it as its callable.
 Its random balancing (numpy's generator, probability balance_prob) rescales QL by c and QR by 1/c,
 which changes no update: the "balanced" setting balances at every step and still matches the
 parameters (run_pair compares parameters); the others take balance_prob=0.
@@ -32,6 +37,7 @@ comparison takes matrices only (the vector rule's arithmetic is the for-loop pat
 """
 from __future__ import annotations
 
+import re
 import sys
 import zlib
 
@@ -46,13 +52,22 @@ from test_zoo_specs import OnePerParameter
 psgd = pytest.importorskip("pytorch_optimizer.optimizer.psgd")
 
 STEPS = 20
-SHAPES = [(5, 3), (4, 4), (3, 7), (1, 6), (6, 1), (7,), (1,)]  # tall, square, wide, a row, a column; vectors
+SHAPES = [(5, 3), (4, 4), (3, 7), (1, 6), (6, 1), (7,), (1,), ()]  # tall, square, wide, a row, a column; vectors, 0-dim
+FAST = dict(max_prob=1.0, min_prob=0.2, decay=0.3, flat_start=3)  # the reference's schedule, decaying from step 5
 
 KRON = {
     "default": dict(),
     "no-momentum-coupled-wd": dict(momentum=0.0, weight_decay=0.1, weight_decouple=False, lr=0.01),
     "decoupled-wd-grad-probe": dict(weight_decay=0.05, momentum_into_precondition_update=False, lr=0.02),
     "balanced": dict(balance_prob=1.0, momentum=0.5),
+    # diagonal factors: (5, 3) and (6, 1) diagonal rows, (4, 4), (3, 7), (1, 6) diagonal columns
+    "one_diag": dict(memory_save_mode="one_diag", weight_decay=0.1, weight_decouple=False, lr=0.01),
+    "smart_one_diag": dict(memory_save_mode="smart_one_diag", momentum=0.5, precondition_init_scale=2.0),
+    "all_diag": dict(memory_save_mode="all_diag", weight_decay=0.05, momentum_into_precondition_update=False),
+    "max-size-4": dict(max_size_triangular=4, precondition_lr=0.3, weight_decay=0.05),  # diagonal sides > 4
+    "min-ndim-3": dict(min_ndim_triangular=3, lr=0.01),                                  # every factor diagonal
+    "schedule": dict(FAST, memory_save_mode="one_diag", momentum=0.5),                   # skips from step 5 on
+    "probability-one-third": dict(max_prob=1 / 3, min_prob=1 / 3, weight_decay=0.1),     # every third step
 }
 
 # for test_differential's coverage check (the reference needs the probes injected: _Injected below)
@@ -72,12 +87,26 @@ def _solve_right_uncast(x, a):
     return torch.linalg.solve_triangular(a, x.reshape(-1, x.size(-1)), upper=True, left=False).reshape_as(x)
 
 
+def _kron(params, precondition_lr=None, precondition_init_scale=None, **kw):
+    """pytorch_optimizer's Kron; its constructor ignores these two keywords (its defaults hold them
+    fixed at 0.1 and 1), but its step reads them from the group: set there."""
+    opt = psgd.Kron(params, **kw)
+    for key, value in [("precondition_lr", precondition_lr), ("precondition_init_scale", precondition_init_scale)]:
+        if value is not None:
+            opt.param_groups[0][key] = value
+    return opt
+
+
+SCHEDULE = ("max_prob", "min_prob", "decay", "flat_start")  # the spec's; the reference takes a callable of them
+
+
 class _Injected:
     """Ours (for-loop and foreach) and the reference with the same probes (see the docstring)."""
 
     def __init__(self, cls, monkeypatch, dtype, kw):
-        self.cls, self.kw, self.draws, self.queue = cls, kw, {}, []
+        self.cls, self.kw, self.draws, self.current = cls, kw, {}, None
         self.spec_kw = {k: v for k, v in kw.items() if k != "balance_prob"}
+        self.updates = {}  # reference: (parameter index) -> the steps (its step count) it updated its factors at
         module = sys.modules[cls.__module__]
         inner = module._random_like
 
@@ -88,8 +117,14 @@ class _Injected:
 
         monkeypatch.setattr(module, "_random_like", recording)
         update = psgd.update_precondition
-        monkeypatch.setattr(psgd, "update_precondition", lambda qs, ex, v, g, step, eps: update(
-            qs, ex, self.queue.pop(0).to(v.dtype), g, step, eps))
+
+        def injected(qs, ex, v, g, step, eps):
+            index, count, probe = self.current
+            self.updates.setdefault(index, []).append(count)
+            self.current = None  # one update per parameter and step at most
+            return update(qs, ex, probe.to(v.dtype), g, step, eps)
+
+        monkeypatch.setattr(psgd, "update_precondition", injected)
         if dtype == torch.float64:
             monkeypatch.setattr(psgd, "solve_triangular_right", _solve_right_uncast)
         self.precondition_dtype = dtype
@@ -102,15 +137,21 @@ class _Injected:
         return opt
 
     def ref(self, params):
-        kw = dict(balance_prob=0.0, precondition_dtype=self.precondition_dtype) | self.kw
-        inner = OnePerParameter(params, lambda ps: psgd.Kron(ps, **kw))
+        kw = dict(balance_prob=0.0, precondition_dtype=self.precondition_dtype) | {
+            k: v for k, v in self.kw.items() if k not in SCHEDULE}
+        if any(k in self.kw for k in SCHEDULE):
+            kw["pre_conditioner_update_probability"] = psgd.precondition_update_prob_schedule(
+                **{k: self.kw[k] for k in SCHEDULE if k in self.kw})
+        inner = self.inner = OnePerParameter(params, lambda ps: _kron(ps, **kw))
         outer = self
 
         class Ref:
             def step(self):
-                outer.queue = [outer.draws[id(q)] for q, r in zip(outer.mine, params) if r.grad is not None]
-                inner.step()
-                assert not outer.queue  # every draw was taken, one per parameter with a gradient
+                for index, (q, (r, opt)) in enumerate(zip(outer.mine, inner.pairs)):
+                    if r.grad is None:
+                        continue
+                    outer.current = (index, opt.param_groups[0].get("step", 0) + 1, outer.draws[id(q)])
+                    opt.step()
 
         return Ref()
 
@@ -122,32 +163,130 @@ def test_kron_matches_pytorch_optimizer(case, dtype, monkeypatch, request):
         request.getfixturevalue("float64_default")
     pair = _Injected(optdsl.load(SPECS / "kron.opt"), monkeypatch, dtype, KRON[case])
     run_pair(pair.ours, pair.ref, SHAPES, dtype, STEPS, seed=zlib.crc32(case.encode()))
+    skipped = [i for i, steps in pair.updates.items() if steps != list(range(1, len(steps) + 1))]
+    if "min_prob" in KRON[case]:  # the reference skipped updates (and ours with it: the parameters match)
+        assert len(skipped) == len(SHAPES), pair.updates
+    else:
+        assert not skipped, pair.updates
+
+
+def _schedule(steps, max_prob=1.0, min_prob=0.03, decay=0.001, flat_start=500):
+    """The steps (1, 2, ...) at which pytorch_optimizer's Kron updates its factors (Kron.step's counter, its
+    schedule in float32 as the reference computes it)."""
+    prob, counter, out = psgd.precondition_update_prob_schedule(max_prob, min_prob, decay, flat_start), 0, []
+    for n in range(steps):
+        counter += 1
+        if counter >= 1 / prob(n):
+            counter, out = 0, out + [n + 1]
+    return out
+
+
+@pytest.mark.parametrize("jump, steps", [(495, 25), (3000, 45)])
+def test_the_default_schedule_past_step_500(jump, steps, monkeypatch, float64_default):
+    """The default schedule past step 500: one step, then both sides' step counts set to jump - 1 (ours
+    in state["step"], the reference's in its group), then `steps` more: at 495 every step to 501, then
+    every other step; at 3000 every 13th. For-loop path against the reference, 1e-10 after each step."""
+    pair = _Injected(optdsl.load(SPECS / "kron.opt"), monkeypatch, torch.float64, dict(lr=0.01, weight_decay=0.1))
+    gen = torch.Generator().manual_seed(jump)
+    shapes = [(4, 3), (2, 5), (6,), ()]
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    mine, theirs = [torch.nn.Parameter(x.clone()) for x in init], [torch.nn.Parameter(x.clone()) for x in init]
+    ours, ref = pair.ours(mine, foreach=False), pair.ref(theirs)
+    for step in range(steps + 1):
+        for p, q in zip(mine, theirs):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        ours.step()
+        ref.step()
+        for p, q in zip(mine, theirs):
+            assert (p - q).abs().max() <= 1e-10 * q.abs().max(), (step, p.shape)
+        if step == 0:
+            for p, (_, opt) in zip(mine, pair.inner.pairs):
+                ours.state[p]["step"].fill_(jump - 1)
+                opt.param_groups[0]["step"] = jump - 1
+    counter, want = 0, [1]
+    prob = psgd.precondition_update_prob_schedule()
+    for n in range(jump - 1, jump - 1 + steps):  # the reference's schedule from its step count n
+        counter += 1
+        if counter >= 1 / prob(n):
+            counter, want = 0, want + [n + 1]
+    assert pair.updates == {i: want for i in range(len(shapes))}
+    assert want == ([1, *range(495, 502), *range(503, 520, 2)] if jump == 495 else [1, 3012, 3025, 3038])
+
+
+def test_the_spec_schedule_is_the_references_in_float32():
+    """The spec computes prob(t - 1) and 1 / prob in float64, the reference in float32: the steps they
+    update at agree over 20000 steps at the defaults and at the tests' fast schedule."""
+    import math
+
+    def spec(steps, max_prob=1.0, min_prob=0.03, decay=0.001, flat_start=500):
+        counter, out = 0, []
+        for t in range(1, steps + 1):
+            counter += 1
+            if counter >= 1 / min(max_prob, max(min_prob, max_prob * math.exp(-decay * (t - 1 - flat_start)))):
+                counter, out = 0, out + [t]
+        return out
+
+    for kw in [dict(), FAST, dict(max_prob=0.9, min_prob=0.01, decay=0.01, flat_start=7)]:
+        assert spec(20000, **kw) == _schedule(20000, **kw)
+
+
+@pytest.mark.parametrize("shape, kw", [((1823, 781), dict(memory_save_mode="all_diag")),
+                                       ((200, 90), dict(max_size_triangular=100))])
+def test_larger_matrices(shape, kw, monkeypatch, float64_default):
+    """1823 x 781 with diagonal factors; 200 x 90 with max_size_triangular=100: diagonal rows and a
+    90 x 90 triangular factor (2 steps, float64). Triangular factors at 1823 x 781 are left out: the
+    reference's five-operand einsum, without opt_einsum, makes a 1823 x 781 x 781 intermediate (9 GB)."""
+    pair = _Injected(optdsl.load(SPECS / "kron.opt"), monkeypatch, torch.float64, dict(lr=0.01, weight_decay=0.01) | kw)
+    run_pair(pair.ours, pair.ref, [shape], torch.float64, 2, seed=11, skip=False)
 
 
 MATRICES = SHAPES[:5]
 
 
-@pytest.mark.parametrize("case", ["default", "no-momentum-coupled-wd"])
+@pytest.mark.parametrize("case", ["default", "no-momentum-coupled-wd", "one_diag", "schedule"])
 def test_kron_fused_matches_pytorch_optimizer(case, monkeypatch, float64_default):
+    """Matrices with a triangular factor (their rules run torch's code, its probes fed to the reference);
+    all_diag's rule and the vectors' run kernels whose draws no wrapper sees (see the docstring)."""
     _fused_ok()
     pair = _Injected(optdsl.load(SPECS / "kron.opt"), monkeypatch, torch.float64, KRON[case])
     run_pair(pair.ours, pair.ref, MATRICES, torch.float64, FUSED_STEPS, seed=zlib.crc32(case.encode()), fused=True)
 
 
-@pytest.mark.parametrize("old, new", [
-    ("1.1 / (rms(u) + 1e-6), 1)\n  p -= lr * (u +", "1.0 / (rms(u) + 1e-6), 1)\n  p -= lr * (u +"),  # the clamp
-    ("triu(plr * (AL - BL))", "triu(0.9 * plr * (AL - BL))"),                # QL's step size
-    ("triu(plr * (AR - BR))", "plr * (AR - BR)"),                            # QR's step not triangular
-    ("h = m / (1 - momentum^t)  ", "h = m / (1 - momentum^(t + 1))  "),  # the de-biasing
-    ("rsolve_triu(T(randn()), QL)), QR)", "rsolve_triu(T(randn()), QL)), T(QR))"),  # the probe's solve
-    ("u = q * q * h", "u = q * h"),                                          # the vectors' preconditioner
-    ("a = q * where", "a = 1.01 * q * where"),
-], ids=["clamp", "QL-step", "QR-triu", "debias", "probe-solve", "vector-precond", "vector-a"])
-def test_a_kron_mutant_is_caught(old, new, monkeypatch, float64_default):
-    text = (SPECS / "kron.opt").read_text()
-    assert text.count(old) == 1
-    Mutant = optdsl.compile(text.replace(old, new), "kron_mutant.opt")
-    pair = _Injected(Mutant, monkeypatch, torch.float64, dict(momentum=0.5, weight_decay=0.1, lr=0.05))
+def _mutate(text, rule, old, new):
+    """text with `old` replaced by `new` inside its rule number `rule` (0: the first) only."""
+    parts = text.split("\nrule ")
+    assert parts[rule + 1].count(old) == 1, (rule, old)
+    parts[rule + 1] = parts[rule + 1].replace(old, new)
+    return "\nrule ".join(parts)
+
+
+# (rule, old, new, settings): rules 0 both sides diagonal, 1 diagonal rows, 2 diagonal columns, 3 both
+# triangular, 4 vectors and 0-dim
+MUTANTS = {
+    "clamp": (3, "1.1 / (rms(u)", "1.0 / (rms(u)", {}),
+    "QL-step": (3, "triu(plr * (AL - BL))", "triu(0.9 * plr * (AL - BL))", {}),
+    "QR-triu": (3, "triu(plr * (AR - BR))", "plr * (AR - BR)", {}),
+    "debias": (3, "h = m / (1 - momentum^t)", "h = m / (1 - momentum^(t + 1))", {}),
+    "probe-solve": (3, "rsolve_triu(T(randn()), QL)), QR)", "rsolve_triu(T(randn()), QL)), T(QR))", {}),
+    "vector-precond": (4, "u = q * q * h", "u = q * h", {}),
+    "vector-a": (4, "a = q * where", "a = 1.01 * q * where", {}),
+    "diag-precond": (0, "u = dL * dR * dL * dR * h", "u = dL * dR * dR * h", dict(memory_save_mode="all_diag")),
+    "diag-norm": (0, "(amax(AR + BR)", "(amax(AR)", dict(memory_save_mode="all_diag")),
+    "rows-probe": (1, "rsolve_triu(randn() / dL, QR)", "rsolve_triu(randn() * dL, QR)", dict(memory_save_mode="one_diag")),
+    "cols-precond": (2, "mm(QL, h)) * dR * dR", "mm(QL, h)) * dR", dict(memory_save_mode="one_diag")),
+    "one_diag-tie": (2, "(mode == 1) * (ncols >= nrows)", "(mode == 1) * (ncols > nrows)",
+                     dict(memory_save_mode="one_diag")),  # a square matrix's diagonal side
+    "schedule-step": (3, "(t - 1 - flat_start)", "(t - flat_start)", FAST),
+    "counter-reset": (3, "c = where(upd, 0, c)", "c = where(upd, 1, c)", FAST),
+}
+
+
+@pytest.mark.parametrize("mutant", list(MUTANTS))
+def test_a_kron_mutant_is_caught(mutant, monkeypatch, float64_default):
+    rule, old, new, kw = MUTANTS[mutant]
+    Mutant = optdsl.compile(_mutate((SPECS / "kron.opt").read_text(), rule, old, new), "kron_mutant.opt")
+    pair = _Injected(Mutant, monkeypatch, torch.float64, dict(momentum=0.5, weight_decay=0.1, lr=0.05) | kw)
     with pytest.raises(AssertionError, match="differs from reference"):
         run_pair(pair.ours, pair.ref, SHAPES, torch.float64, STEPS)
 
@@ -245,15 +384,59 @@ def test_row_errors_are_located(body, message, col):
 
 
 def test_what_the_spec_does_not_write_is_refused():
-    """Matrices beyond max_size_triangular and tensors of rank 3 (the reference's diagonal factors
-    there) take no rule: a RuntimeError at step, never another optimizer; min_ndim_triangular is
-    accepted at 2 only."""
+    """Tensors of rank 3 or more (the reference: one factor per axis) take no rule: a RuntimeError at
+    step, never another optimizer; min_ndim_triangular below 2 (a triangular factor for a vector) and an
+    unknown memory_save_mode are ValueErrors naming what is accepted."""
     Kron = optdsl.load(SPECS / "kron.opt")
-    for shape, kw in [((5, 3), dict(max_size_triangular=4)), ((2, 3, 4), dict())]:
+    for shape in [(2, 3, 4), (2, 1, 1, 3)]:
         p = torch.nn.Parameter(torch.randn(shape))
-        opt = Kron([p], **kw)
+        opt = Kron([p], memory_save_mode="all_diag")
         p.grad = torch.randn(shape)
-        with pytest.raises(RuntimeError, match="no rule of Kron takes a parameter of shape"):
+        with pytest.raises(RuntimeError, match="no rule of Kron takes a parameter of shape") as err:
             opt.step()
+        assert re.search(r"its rules are .*kron\.opt:\d+: rule ndim == 2 and \(nrows > max_size\).*; "
+                         r".*kron\.opt:\d+: rule ndim == 2; .*kron\.opt:\d+: rule ndim <= 1$", str(err.value)), str(err.value)
     with pytest.raises(ValueError, match="min_ndim_triangular"):
-        Kron([torch.nn.Parameter(torch.randn(3, 3))], min_ndim_triangular=3)
+        Kron([torch.nn.Parameter(torch.randn(3, 3))], min_ndim_triangular=1)
+    with pytest.raises(ValueError, match="memory_save_mode") as err:
+        Kron([torch.nn.Parameter(torch.randn(3, 3))], memory_save_mode="some_diag")
+    assert all(c in str(err.value) for c in ("None", "'one_diag'", "'smart_one_diag'", "'all_diag'")), str(err.value)
+
+
+@pytest.mark.parametrize("mode, shapes", [
+    (None, {(5, 3): 3, (3, 3): 3, (9, 2): 1, (2, 9): 2, (9, 9): 0, (7,): 4, (): 4}),  # max_size_triangular=8
+    ("one_diag", {(5, 3): 1, (3, 3): 2, (3, 5): 2, (1, 1): 2}),
+    ("smart_one_diag", {(5, 3): 1, (3, 3): 3, (3, 5): 2}),
+    ("all_diag", {(5, 3): 0, (3, 3): 0, (7,): 4}),
+])
+def test_each_shape_takes_the_references_factors(mode, shapes):
+    """Which rule a shape takes is the reference's choice of factors (initialize_q_expressions: a
+    triangular factor is 2-D, a diagonal one 1-D), sides of size 1 aside (see the spec's header)."""
+    Kron = optdsl.load(SPECS / "kron.opt")
+    kinds = {0: ("D", "D"), 1: ("D", "T"), 2: ("T", "D"), 3: ("T", "T"), 4: ("D",)}
+    for shape, rule in shapes.items():
+        p = torch.nn.Parameter(torch.zeros(shape))
+        opt = Kron([p], memory_save_mode=mode, max_size_triangular=8)
+        assert opt._rule_of(p, opt.param_groups[0]) == rule, shape
+        qs, _ = psgd.initialize_q_expressions(torch.zeros(shape), 1.0, 8, 2, mode)
+        ref = tuple("T" if q.dim() == 2 else "D" for q in qs)
+        assert ref == kinds[rule] or 1 in shape, (shape, ref)
+
+
+DIAG = ("optimizer X\nhyper lr = 0.1 in [0, inf)\nrule ndim == 2 {{\n  state d: rows = 1, Q: gram_cols = eye\n"
+        "  d = {value}\n  p -= lr * d * mm(g, Q)\n}}\nrule {{\n  p -= lr * g\n}}\n")
+
+
+def test_a_rows_state_takes_a_reduction_of_matrix_work():
+    """Kron's diagonal factors: a `rows` state assigned a row reduction of matrix work compiles (its
+    sizes are optdsl/shapes.py's to check), and one of another shape is still a located spec error."""
+    X = optdsl.compile(DIAG.format(value="row_sum(mm(g, Q)^2)"), "diag.opt")
+    p = torch.nn.Parameter(torch.zeros(3, 2))
+    opt = X([p])
+    p.grad = torch.ones(3, 2)
+    opt.step()
+    assert opt.state[p]["d"].shape == (3, 1) and torch.equal(opt.state[p]["d"], torch.full((3, 1), 2.0))
+    with pytest.raises(optdsl.SpecError) as err:
+        optdsl.compile(DIAG.format(value="col_sum(mm(g, Q)^2)"), "diag.opt")
+    assert "state 'd' is (nrows x 1) but this value is (1 x ncols)" in str(err.value), str(err.value)
+    assert err.value.span.line == 5

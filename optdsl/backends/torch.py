@@ -470,6 +470,9 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
         uses_loss=any(p.program.uses_loss for _, p, _ in rules), rules=contexts,
         random=any(c["random"] for c in contexts),
         rule_conds=[cond for cond, _, _ in rules] if len(rules) > 1 else [],
+        # 'file:line: rule COND' per rule as written, for the error of a parameter that no rule takes
+        rule_lines=[f"{filename}:{i + 1}: {' '.join(line.split('#')[0].split()).removesuffix('{').strip()}"
+                    for i, line in enumerate(lines) if line.split("#")[0].split()[:1] == ["rule"]],
         inputs=[s.name for s in prog.states if s.fed],
         bool_names=sorted({s.saved_as for _, p, _ in rules for s in p.program.states if s.shape == "bool"}),
         statements=list(dict.fromkeys(statements)), latex=latex,
