@@ -7,7 +7,8 @@ The spec::
     # projected on its first `rank` singular vectors, taken by SVD (float32, as the reference's) of the
     # gradient at the first step and every update_proj_gap steps; Adam's moments live in that
     # rank-r space, and the step is projected back. 'std' projects on the smaller side (the right
-    # singular vectors of a tall matrix, the left ones of a wide one), 'reverse_std' on the larger.
+    # singular vectors of a tall matrix, the left ones of a wide one), 'reverse_std' on the larger;
+    # 'full' on both sides (a rank x rank gradient: its left vectors L and right ones R, one SVD each).
     # rank=0, vectors and tensors of rank 3 or more: plain AdamW (as the reference without `rank`).
     optimizer GaLoreAdamW \"memory-efficient training by gradient low-rank projection (Zhao et al., 2024), as pytorch_optimizer's GaLore\"
     
@@ -15,7 +16,18 @@ The spec::
     hyper betas = (b1, b2)
     hyper wd = 0 in [0, inf) as weight_decay, eps = 1e-6 in (0, inf)
     hyper rank = 128 in [0, inf), update_proj_gap = 50 in [1, inf), scale = 1 in [0, inf)
-    hyper projection_type = \"std\" | \"reverse_std\" | \"right\" | \"left\"
+    hyper projection_type = \"std\" | \"reverse_std\" | \"right\" | \"left\" | \"full\"
+    
+    rule ndim == 2 and rank > 0 and projection_type == 4 {
+      state L: matrix(nrows, rank), R: matrix(rank, ncols), m: matrix(rank, rank) as exp_avg, v: matrix(rank, rank) as exp_avg_sq
+      L = where((t == 1) + (t % update_proj_gap == 0), svd_u(g, rank), L)
+      R = where((t == 1) + (t % update_proj_gap == 0), svd_vh(g, rank), R)
+      r = mm(mm(T(L), g), T(R))                                              # rank x rank
+      m = lerp(m, r, 1 - b1)
+      v = lerp(v, r^2, 1 - b2)
+      p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * scale * mm(mm(L, m / (sqrt(v) + eps)), R)
+      p *= 1 - lr * wd
+    }
     
     rule ndim == 2 and rank > 0 and where(projection_type < 2, where(nrows >= ncols, projection_type == 0, projection_type == 1), projection_type == 2) {
       state P: matrix(rank, ncols) as ortho_matrix, m: matrix(nrows, rank) as exp_avg, v: matrix(nrows, rank) as exp_avg_sq
@@ -763,6 +775,14 @@ class GaLoreAdamW(Optimizer):
 
     .. math::
        \begin{aligned}
+       &\text{for parameters with ndim == 2 and rank > 0 and projection\_type == 4} \\
+       L &\leftarrow \operatorname{where}{\left(\operatorname{eq}{\left(t,1 \right)} + \left(\operatorname{eq}{\left(t \bmod update_{proj gap},0 \right)}\right),\operatorname{svd}_{u}{\left(g,rank \right)},L \right)} \\
+       R &\leftarrow \operatorname{where}{\left(\operatorname{eq}{\left(t,1 \right)} + \left(\operatorname{eq}{\left(t \bmod update_{proj gap},0 \right)}\right),\operatorname{svd}_{vh}{\left(g,rank \right)},R \right)} \\
+       r &\leftarrow \operatorname{mm}{\left(\operatorname{mm}{\left(T{\left(L \right)},g \right)},T{\left(R \right)} \right)} \\
+       m &\leftarrow \operatorname{lerp}{\left(m,r,1 - b_{1} \right)} \\
+       v &\leftarrow \operatorname{lerp}{\left(v,r^{2},1 - b_{2} \right)} \\
+       p &\leftarrow p - \frac{lr \cdot \sqrt{1 - b_{2}^{t}}}{1 - b_{1}^{t}} \cdot scale \cdot \operatorname{mm}{\left(\operatorname{mm}{\left(L,\frac{m}{\sqrt{v} + eps} \right)},R \right)} \\
+       p &\leftarrow p \cdot \left(1 - lr \cdot wd\right) \\
        &\text{for parameters with ndim == 2 and rank > 0 and where(projection\_type < 2, where(nrows >= ncols, projection\_type == 0, projection\_type == 1), projection\_type == 2)} \\
        P &\leftarrow \operatorname{where}{\left(\operatorname{eq}{\left(t,1 \right)} + \left(\operatorname{eq}{\left(t \bmod update_{proj gap},0 \right)}\right),\operatorname{svd}_{vh}{\left(g,rank \right)},P \right)} \\
        r &\leftarrow \operatorname{mm}{\left(g,T{\left(P \right)} \right)} \\
@@ -786,14 +806,19 @@ class GaLoreAdamW(Optimizer):
 
     As written in the spec:
 
+    ``rule ndim == 2 and rank > 0 and projection_type == 4 {``
+    ``L = where((t == 1) + (t % update_proj_gap == 0), svd_u(g, rank), L)``
+    ``R = where((t == 1) + (t % update_proj_gap == 0), svd_vh(g, rank), R)``
+    ``r = mm(mm(T(L), g), T(R))``
+    ``m = lerp(m, r, 1 - b1)``
+    ``v = lerp(v, r^2, 1 - b2)``
+    ``p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * scale * mm(mm(L, m / (sqrt(v) + eps)), R)``
+    ``p *= 1 - lr * wd``
+    ``}``
     ``rule ndim == 2 and rank > 0 and where(projection_type < 2, where(nrows >= ncols, projection_type == 0, projection_type == 1), projection_type == 2) {``
     ``P = where((t == 1) + (t % update_proj_gap == 0), svd_vh(g, rank), P)``
     ``r = mm(g, T(P))``
-    ``m = lerp(m, r, 1 - b1)``
-    ``v = lerp(v, r^2, 1 - b2)``
     ``p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * scale * mm(m / (sqrt(v) + eps), P)``
-    ``p *= 1 - lr * wd``
-    ``}``
     ``rule ndim == 2 and rank > 0 {``
     ``P = where((t == 1) + (t % update_proj_gap == 0), svd_u(g, rank), P)``
     ``r = mm(T(P), g)``
@@ -812,7 +837,7 @@ class GaLoreAdamW(Optimizer):
         rank (float, optional): default 128.0, in [0, inf).
         update_proj_gap (float, optional): default 50.0, in [1, inf).
         scale (float, optional): default 1.0, in [0, inf).
-        projection_type (str, optional): default "std", one of 'std', 'reverse_std', 'right', 'left'.
+        projection_type (str, optional): default "std", one of 'std', 'reverse_std', 'right', 'left', 'full'.
         foreach (bool, optional): use the multi-tensor (``torch._foreach_*``) path.
             ``None`` picks it as torch.optim does: on CUDA, not on CPU.
         fused (bool, optional): use the fused Triton kernel, one launch per device and dtype.
@@ -838,7 +863,7 @@ class GaLoreAdamW(Optimizer):
     # torch.optim's keywords this spec does not implement, accepted at the value that turns them off.
     _FIXED = {"capturable": False, "differentiable": False}
     # state_dict() keys of the states, by their names in the spec.
-    _SAVED = {"P": "ortho_matrix", "m": "exp_avg", "v": "exp_avg_sq"}
+    _SAVED = {"L": "L", "R": "R", "m": "exp_avg", "v": "exp_avg_sq", "P": "ortho_matrix"}
 
     def __init__(
         self,
@@ -929,15 +954,15 @@ class GaLoreAdamW(Optimizer):
             raise ValueError(f"Invalid update_proj_gap value: {group['update_proj_gap']} (update_proj_gap must be in [1, inf))")
         if not (0.0 <= group["scale"] < float("inf")):
             raise ValueError(f"Invalid scale value: {group['scale']} (scale must be in [0, inf))")
-        if group["projection_type"] not in ("std", "reverse_std", "right", "left"):
+        if group["projection_type"] not in ("std", "reverse_std", "right", "left", "full"):
             raise ValueError(f"Invalid projection_type value: {group['projection_type']!r} "
-                             "(projection_type must be one of 'std', 'reverse_std', 'right', 'left')")
+                             "(projection_type must be one of 'std', 'reverse_std', 'right', 'left', 'full')")
         for key, value in self._FIXED.items():
             if group.get(key, value) != value:
                 raise ValueError(f"GaLoreAdamW does not implement {key}={group[key]!r} (only {key}={value!r})")
 
     # The code (signed or not) of each float state at int8/int4, by state_dict key (optdsl/quant.py).
-    _LOWBIT_SIGNED = {"ortho_matrix": True, "exp_avg": True, "exp_avg_sq": False}
+    _LOWBIT_SIGNED = {"L": True, "R": True, "exp_avg": True, "exp_avg_sq": False, "ortho_matrix": True}
 
     # ---- state: the stochastic rounding's own generator, and what a state_dict may hold
 
@@ -978,10 +1003,12 @@ class GaLoreAdamW(Optimizer):
         """The states (by state_dict key) this optimizer keeps for p, each with its shape (None: any)."""
         rule = self._rule_of(p, group)
         if rule == 0:
-            return {"ortho_matrix": p.shape[:-2] + (min(int(group["rank"]), p.shape[-2], p.shape[-1]), p.shape[-1]), "exp_avg": p.shape[:-2] + (p.shape[-2], min(int(group["rank"]), p.shape[-2], p.shape[-1])), "exp_avg_sq": p.shape[:-2] + (p.shape[-2], min(int(group["rank"]), p.shape[-2], p.shape[-1]))}
+            return {"L": p.shape[:-2] + (p.shape[-2], min(int(group["rank"]), p.shape[-2], p.shape[-1])), "R": p.shape[:-2] + (min(int(group["rank"]), p.shape[-2], p.shape[-1]), p.shape[-1]), "exp_avg": p.shape[:-2] + (min(int(group["rank"]), p.shape[-2], p.shape[-1]), min(int(group["rank"]), p.shape[-2], p.shape[-1])), "exp_avg_sq": p.shape[:-2] + (min(int(group["rank"]), p.shape[-2], p.shape[-1]), min(int(group["rank"]), p.shape[-2], p.shape[-1]))}
         if rule == 1:
-            return {"ortho_matrix": p.shape[:-2] + (p.shape[-2], min(int(group["rank"]), p.shape[-2], p.shape[-1])), "exp_avg": p.shape[:-2] + (min(int(group["rank"]), p.shape[-2], p.shape[-1]), p.shape[-1]), "exp_avg_sq": p.shape[:-2] + (min(int(group["rank"]), p.shape[-2], p.shape[-1]), p.shape[-1])}
+            return {"ortho_matrix": p.shape[:-2] + (min(int(group["rank"]), p.shape[-2], p.shape[-1]), p.shape[-1]), "exp_avg": p.shape[:-2] + (p.shape[-2], min(int(group["rank"]), p.shape[-2], p.shape[-1])), "exp_avg_sq": p.shape[:-2] + (p.shape[-2], min(int(group["rank"]), p.shape[-2], p.shape[-1]))}
         if rule == 2:
+            return {"ortho_matrix": p.shape[:-2] + (p.shape[-2], min(int(group["rank"]), p.shape[-2], p.shape[-1])), "exp_avg": p.shape[:-2] + (min(int(group["rank"]), p.shape[-2], p.shape[-1]), p.shape[-1]), "exp_avg_sq": p.shape[:-2] + (min(int(group["rank"]), p.shape[-2], p.shape[-1]), p.shape[-1])}
+        if rule == 3:
             return {"exp_avg": p.shape, "exp_avg_sq": p.shape}
 
     def _unread_states(self, group, p):
@@ -993,6 +1020,8 @@ class GaLoreAdamW(Optimizer):
         if rule == 1:
             return {key for key, unread in () if unread}
         if rule == 2:
+            return {key for key, unread in () if unread}
+        if rule == 3:
             return {key for key, unread in () if unread}
 
     def _check_loadable(self, state_dict, never_made=None):
@@ -1026,7 +1055,7 @@ class GaLoreAdamW(Optimizer):
                                      "of another optimizer?")
                 # torch.optim's classes that count steps save `step` with a started state; without it the
                 # step count (bias corrections, schedules) would silently restart at 1 (torch: KeyError at step)
-                if set(state) - set([]) and "step" not in state and self._rule_of(p, {**group, **saved}) in [0, 1, 2]:
+                if set(state) - set([]) and "step" not in state and self._rule_of(p, {**group, **saved}) in [0, 1, 2, 3]:
                     raise ValueError(f"{where}: parameter {i} has states {sorted(state)} but no step, which its update "
                                      "reads: a state_dict of another optimizer, or an edited one?")
                 missing = sorted(set(expected) - set(state) - self._unread_states({**group, **saved}, p)
@@ -1128,19 +1157,21 @@ class GaLoreAdamW(Optimizer):
     @staticmethod
     def _rule_of(p, group):
         """Which rule updates this parameter: the first whose condition its shape meets."""
-        if p.dim() == 2 and group["rank"] > 0 and ((float(float(("std", "reverse_std", "right", "left").index(group["projection_type"])) == 0) if float((p.shape[-2] if p.dim() >= 2 else 1) >= (p.shape[-1] if p.dim() >= 1 else 1)) else float(float(("std", "reverse_std", "right", "left").index(group["projection_type"])) == 1)) if float(float(("std", "reverse_std", "right", "left").index(group["projection_type"])) < 2) else float(float(("std", "reverse_std", "right", "left").index(group["projection_type"])) == 2)):
+        if p.dim() == 2 and group["rank"] > 0 and float(("std", "reverse_std", "right", "left", "full").index(group["projection_type"])) == 4:
             return 0
-        if p.dim() == 2 and group["rank"] > 0:
+        if p.dim() == 2 and group["rank"] > 0 and ((float(float(("std", "reverse_std", "right", "left", "full").index(group["projection_type"])) == 0) if float((p.shape[-2] if p.dim() >= 2 else 1) >= (p.shape[-1] if p.dim() >= 1 else 1)) else float(float(("std", "reverse_std", "right", "left", "full").index(group["projection_type"])) == 1)) if float(float(("std", "reverse_std", "right", "left", "full").index(group["projection_type"])) < 2) else float(float(("std", "reverse_std", "right", "left", "full").index(group["projection_type"])) == 2)):
             return 1
-        return 2
+        if p.dim() == 2 and group["rank"] > 0:
+            return 2
+        return 3
 
     def _init_group(self, group, rule, *lists):
         """The lists of one rule's parameters of the group. torch.compile runs a method of this name
         as it is, outside the graph, and guards on the states it makes (so a compiled step is one
         graph, made once); the rules' own methods would be traced."""
-        (self._init_group_0, self._init_group_1, self._init_group_2)[rule](group, *lists)
+        (self._init_group_0, self._init_group_1, self._init_group_2, self._init_group_3)[rule](group, *lists)
 
-    def _init_group_0(self, group, params, grads, P_list, m_list, v_list, state_steps):
+    def _init_group_0(self, group, params, grads, L_list, R_list, m_list, v_list, state_steps):
         # Whole lists at a time, not one loop of appends: this runs at every step, over every parameter.
         with_grad = [p for p in group["params"] if p.grad is not None and self._rule_of(p, group) == 0]
         new_grads = [p.grad for p in with_grad]
@@ -1148,7 +1179,53 @@ class GaLoreAdamW(Optimizer):
             raise RuntimeError("GaLoreAdamW does not support sparse gradients")
         if any(p.dim() < 2 for p in with_grad):
             bad = next(p for p in with_grad if p.dim() < 2)
-            raise ValueError(f"GaLoreAdamW: state 'P: matrix(rank, ncols)' (line 16) needs parameters of rank 2 or more; this "
+            raise ValueError(f"GaLoreAdamW: state 'L: matrix(nrows, rank)' (line 17) needs parameters of rank 2 or more; this "
+                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
+        if any(map(torch.is_complex, with_grad)):
+            raise RuntimeError("GaLoreAdamW does not support complex parameters: its state 'L' is declared ': matrix(nrows, rank)', which stepping their "
+                               "real view (torch.view_as_real, as torch.optim does) would change")
+        states = [self.state[p] for p in with_grad]
+        made = {"step", "L", "R", "exp_avg", "exp_avg_sq"}.issubset
+        if not all(map(made, states)):
+            for p, state in zip(with_grad, states):
+                # Lazy state initialisation, as in torch.optim, of each state not there yet: one that
+                # torch.optim saved may lack those it keeps only for some settings (RMSprop's grad_avg).
+                if "step" not in state:
+                    # `step` lives where the update reads it: on the parameter's device for the fused
+                    # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
+                    # torch.optim.SGD keeps no step: a state saved without one has taken a step.
+                    taken = any(v is not None for v in state.values())
+                    state["step"] = torch.tensor(float(taken), dtype=_step_dtype(),
+                                                 device=p.device if self._fused_for(group, p) else "cpu")
+                if state.get("L") is None:
+                    state["L"] = _new_zeros(p, p.shape[:-2] + (p.shape[-2], min(int(group["rank"]), p.shape[-2], p.shape[-1])), _state_dtype(group, p))
+                    state["L"] = _quantised(state["L"], _lowbit_format(group["state_dtype"]), True)
+                if state.get("R") is None:
+                    state["R"] = _new_zeros(p, p.shape[:-2] + (min(int(group["rank"]), p.shape[-2], p.shape[-1]), p.shape[-1]), _state_dtype(group, p))
+                    state["R"] = _quantised(state["R"], _lowbit_format(group["state_dtype"]), True)
+                if state.get("exp_avg") is None:
+                    state["exp_avg"] = _new_zeros(p, p.shape[:-2] + (min(int(group["rank"]), p.shape[-2], p.shape[-1]), min(int(group["rank"]), p.shape[-2], p.shape[-1])), _state_dtype(group, p))
+                    state["exp_avg"] = _quantised(state["exp_avg"], _lowbit_format(group["state_dtype"]), True)
+                if state.get("exp_avg_sq") is None:
+                    state["exp_avg_sq"] = _new_zeros(p, p.shape[:-2] + (min(int(group["rank"]), p.shape[-2], p.shape[-1]), min(int(group["rank"]), p.shape[-2], p.shape[-1])), _state_dtype(group, p))
+                    state["exp_avg_sq"] = _quantised(state["exp_avg_sq"], _lowbit_format(group["state_dtype"]), False)
+        params += with_grad
+        grads += new_grads
+        L_list += [state["L"] for state in states]
+        R_list += [state["R"] for state in states]
+        m_list += [state["exp_avg"] for state in states]
+        v_list += [state["exp_avg_sq"] for state in states]
+        state_steps += [state["step"] for state in states]
+
+    def _init_group_1(self, group, params, grads, P_list, m_list, v_list, state_steps):
+        # Whole lists at a time, not one loop of appends: this runs at every step, over every parameter.
+        with_grad = [p for p in group["params"] if p.grad is not None and self._rule_of(p, group) == 1]
+        new_grads = [p.grad for p in with_grad]
+        if any(map(_IS_SPARSE, new_grads)):
+            raise RuntimeError("GaLoreAdamW does not support sparse gradients")
+        if any(p.dim() < 2 for p in with_grad):
+            bad = next(p for p in with_grad if p.dim() < 2)
+            raise ValueError(f"GaLoreAdamW: state 'P: matrix(rank, ncols)' (line 28) needs parameters of rank 2 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("GaLoreAdamW does not support complex parameters: its state 'P' is declared ': matrix(rank, ncols)', which stepping their "
@@ -1182,15 +1259,15 @@ class GaLoreAdamW(Optimizer):
         v_list += [state["exp_avg_sq"] for state in states]
         state_steps += [state["step"] for state in states]
 
-    def _init_group_1(self, group, params, grads, P_list, m_list, v_list, state_steps):
+    def _init_group_2(self, group, params, grads, P_list, m_list, v_list, state_steps):
         # Whole lists at a time, not one loop of appends: this runs at every step, over every parameter.
-        with_grad = [p for p in group["params"] if p.grad is not None and self._rule_of(p, group) == 1]
+        with_grad = [p for p in group["params"] if p.grad is not None and self._rule_of(p, group) == 2]
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("GaLoreAdamW does not support sparse gradients")
         if any(p.dim() < 2 for p in with_grad):
             bad = next(p for p in with_grad if p.dim() < 2)
-            raise ValueError(f"GaLoreAdamW: state 'P: matrix(nrows, rank)' (line 26) needs parameters of rank 2 or more; this "
+            raise ValueError(f"GaLoreAdamW: state 'P: matrix(nrows, rank)' (line 38) needs parameters of rank 2 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("GaLoreAdamW does not support complex parameters: its state 'P' is declared ': matrix(nrows, rank)', which stepping their "
@@ -1224,9 +1301,9 @@ class GaLoreAdamW(Optimizer):
         v_list += [state["exp_avg_sq"] for state in states]
         state_steps += [state["step"] for state in states]
 
-    def _init_group_2(self, group, params, grads, m_list, v_list, state_steps):
+    def _init_group_3(self, group, params, grads, m_list, v_list, state_steps):
         # Whole lists at a time, not one loop of appends: this runs at every step, over every parameter.
-        with_grad = [p for p in group["params"] if p.grad is not None and self._rule_of(p, group) == 2]
+        with_grad = [p for p in group["params"] if p.grad is not None and self._rule_of(p, group) == 3]
         new_grads = [p.grad for p in with_grad]
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("GaLoreAdamW does not support sparse gradients")
@@ -1266,14 +1343,15 @@ class GaLoreAdamW(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             params, grads, state_steps = [], [], []
-            P_list = []
+            L_list = []
+            R_list = []
             m_list = []
             v_list = []
-            self._init_group(group, 0, params, grads, P_list, m_list, v_list, state_steps)
+            self._init_group(group, 0, params, grads, L_list, R_list, m_list, v_list, state_steps)
             if group["maximize"]:  # as torch.optim: every path (and the group statements) reads -g, so the step ascends
                 grads = _negated(grads)
             galoreadamw_0(
-                params, grads, P_list, m_list, v_list, state_steps,
+                params, grads, L_list, R_list, m_list, v_list, state_steps,
                 lr=group["lr"],
                 b1=group["betas"][0],
                 b2=group["betas"][1],
@@ -1282,7 +1360,7 @@ class GaLoreAdamW(Optimizer):
                 rank=group["rank"],
                 update_proj_gap=group["update_proj_gap"],
                 scale=group["scale"],
-                projection_type=float(("std", "reverse_std", "right", "left").index(group["projection_type"])),
+                projection_type=float(("std", "reverse_std", "right", "left", "full").index(group["projection_type"])),
                 foreach=group["foreach"],
                 fused=group["fused"],
                 stochastic=_stochastic(group["state_dtype"]),
@@ -1307,7 +1385,32 @@ class GaLoreAdamW(Optimizer):
                 rank=group["rank"],
                 update_proj_gap=group["update_proj_gap"],
                 scale=group["scale"],
-                projection_type=float(("std", "reverse_std", "right", "left").index(group["projection_type"])),
+                projection_type=float(("std", "reverse_std", "right", "left", "full").index(group["projection_type"])),
+                foreach=group["foreach"],
+                fused=group["fused"] if group["fused"] or not _lowbit_format(group["state_dtype"]) else False,
+                stochastic=_stochastic(group["state_dtype"]),
+                grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
+                found_inf=getattr(self, "found_inf", None),
+                generator=None if torch.compiler.is_compiling() else self._rng,
+            )
+            params, grads, state_steps = [], [], []
+            P_list = []
+            m_list = []
+            v_list = []
+            self._init_group(group, 2, params, grads, P_list, m_list, v_list, state_steps)
+            if group["maximize"]:  # as torch.optim: every path (and the group statements) reads -g, so the step ascends
+                grads = _negated(grads)
+            galoreadamw_2(
+                params, grads, P_list, m_list, v_list, state_steps,
+                lr=group["lr"],
+                b1=group["betas"][0],
+                b2=group["betas"][1],
+                wd=group["weight_decay"],
+                eps=group["eps"],
+                rank=group["rank"],
+                update_proj_gap=group["update_proj_gap"],
+                scale=group["scale"],
+                projection_type=float(("std", "reverse_std", "right", "left", "full").index(group["projection_type"])),
                 foreach=group["foreach"],
                 fused=group["fused"],
                 stochastic=_stochastic(group["state_dtype"]),
@@ -1318,10 +1421,10 @@ class GaLoreAdamW(Optimizer):
             params, grads, state_steps = [], [], []
             m_list = []
             v_list = []
-            self._init_group(group, 2, params, grads, m_list, v_list, state_steps)
+            self._init_group(group, 3, params, grads, m_list, v_list, state_steps)
             if group["maximize"]:  # as torch.optim: every path (and the group statements) reads -g, so the step ascends
                 grads = _negated(grads)
-            galoreadamw_2(
+            galoreadamw_3(
                 params, grads, m_list, v_list, state_steps,
                 lr=group["lr"],
                 b1=group["betas"][0],
@@ -1331,7 +1434,7 @@ class GaLoreAdamW(Optimizer):
                 rank=group["rank"],
                 update_proj_gap=group["update_proj_gap"],
                 scale=group["scale"],
-                projection_type=float(("std", "reverse_std", "right", "left").index(group["projection_type"])),
+                projection_type=float(("std", "reverse_std", "right", "left", "full").index(group["projection_type"])),
                 foreach=group["foreach"],
                 fused=group["fused"],
                 stochastic=_stochastic(group["state_dtype"]),
@@ -1403,7 +1506,7 @@ def _torch_names(values, defaults, aliases):
     return values
 
 
-def galoreadamw_0(params, grads, P_list, m_list, v_list, state_steps, *, foreach=None, fused=None,
+def galoreadamw_0(params, grads, L_list, R_list, m_list, v_list, state_steps, *, foreach=None, fused=None,
                   grad_scale=None, found_inf=None, generator=None, stochastic=False, **hypers):
     """Functional GaLoreAdamW: update `params` and the state lists in place. `grad_scale` and
     `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
@@ -1413,7 +1516,7 @@ def galoreadamw_0(params, grads, P_list, m_list, v_list, state_steps, *, foreach
         raise RuntimeError("GaLoreAdamW: grad_scale and found_inf are taken by the fused path only (fused=True, eager)")
     if torch.compiler.is_compiling():
         # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
-        return _single_tensor_galoreadamw_0(params, grads, P_list, m_list, v_list, state_steps, **hypers)
+        return _single_tensor_galoreadamw_0(params, grads, L_list, R_list, m_list, v_list, state_steps, **hypers)
     # Eager, tensor hyperparameters (lr=torch.tensor(1e-3), for a compiled step) are host floats.
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
@@ -1424,7 +1527,7 @@ def galoreadamw_0(params, grads, P_list, m_list, v_list, state_steps, *, foreach
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_galoreadamw_0 if foreach or fused else _single_tensor_galoreadamw_0
-        return _on_owners(impl, params, grads, [P_list, m_list, v_list, ], state_steps,
+        return _on_owners(impl, params, grads, [L_list, R_list, m_list, v_list, ], state_steps,
                           generator=generator, stochastic=stochastic, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_0(params)
@@ -1433,16 +1536,192 @@ def galoreadamw_0(params, grads, P_list, m_list, v_list, state_steps, *, foreach
         if why:
             raise RuntimeError(f"GaLoreAdamW(fused=True) cannot run: {why}")
     if fused:
-        return _fused_galoreadamw_0(params, grads, P_list, m_list, v_list, state_steps,
+        return _fused_galoreadamw_0(params, grads, L_list, R_list, m_list, v_list, state_steps,
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     impl = _multi_tensor_galoreadamw_0 if foreach else _single_tensor_galoreadamw_0
+    impl(params, grads, L_list, R_list, m_list, v_list, state_steps, generator=generator,
+         stochastic=stochastic, **hypers)
+
+
+def _single_tensor_galoreadamw_0(params, grads, L_list, R_list, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,                                  generator=None, stochastic=False):
+    # Scalars of the hyperparameters alone: once per group.
+    k0 = -lr*wd + 1
+    k1 = 1 - b1
+    k2 = 1 - b2
+    for i, param in enumerate(params):
+        p = param if param.dtype in _EXACT else param.float()
+        g = grads[i].to(p.dtype)
+        # States stored in bfloat16 or low bit (state_dtype) are updated in p's precision, written back below.
+        L = _read_state(L_list[i], p, True, p.shape[:-2] + (p.shape[-2], min(int(rank), p.shape[-2], p.shape[-1])))
+        R = _read_state(R_list[i], p, True, p.shape[:-2] + (min(int(rank), p.shape[-2], p.shape[-1]), p.shape[-1]))
+        m = _read_state(m_list[i], p, True, p.shape[:-2] + (min(int(rank), p.shape[-2], p.shape[-1]), min(int(rank), p.shape[-2], p.shape[-1])))
+        v = _read_state(v_list[i], p, False, p.shape[:-2] + (min(int(rank), p.shape[-2], p.shape[-1]), min(int(rank), p.shape[-2], p.shape[-1])))
+        step_t = state_steps[i]
+        step_t += 1
+        # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
+        # (`.item()` would break the graph, a float would be specialised on and recompile).
+        if torch.compiler.is_compiling():
+            t = step_t.to(torch.float64)
+            c0 = torch.as_tensor((t == 1), dtype=torch.float64) + torch.as_tensor((torch.remainder(t, torch.as_tensor(update_proj_gap, dtype=torch.float64)) == 0), dtype=torch.float64)
+            c1 = -lr*scale*torch.sqrt(1 - b2**t)/(1 - b1**t)
+        else:
+            t = step_t.item()
+            c0 = float(t == 1) + float(t % update_proj_gap == 0)
+            c1 = -lr*scale*math.sqrt(1 - b2**t)/(1 - b1**t)
+        if c0:
+            tmp0 = _svd_u(g, rank)
+            tmp1 = tmp0
+        else:
+            tmp1 = L
+        if c0:
+            tmp2 = _svd_vh(g, rank)
+            tmp3 = tmp2
+        else:
+            tmp3 = R
+        tmp4 = tmp1.mT
+        tmp5 = torch.matmul(tmp4, g)
+        tmp6 = tmp3.mT
+        tmp7 = torch.matmul(tmp5, tmp6)
+        tmp8 = torch.lerp(m, tmp7, k1)
+        tmp9 = torch.mul(v, (1 - k2))
+        tmp10 = torch.addcmul(tmp9, tmp7, tmp7, value=k2)
+        tmp11 = torch.sqrt(tmp10)
+        tmp12 = torch.add(tmp11, eps)
+        tmp13 = torch.div(tmp8, tmp12)
+        tmp14 = torch.matmul(tmp1, tmp13)
+        tmp15 = torch.matmul(tmp14, tmp3)
+        tmp16 = torch.add(p, tmp15, alpha=c1)
+        tmp17 = torch.mul(tmp16, k0)
+        _copy_into(p, tmp17)
+        _copy_into(L, tmp1)
+        _copy_into(R, tmp3)
+        _copy_into(m, tmp8)
+        _copy_into(v, tmp10)
+        if p is not param:
+            param.copy_(p)
+        _write_state(L_list[i], L, True, generator, stochastic)
+        _write_state(R_list[i], R, True, generator, stochastic)
+        _write_state(m_list[i], m, True, generator, stochastic)
+        _write_state(v_list[i], v, False, generator, stochastic)
+
+
+def _multi_tensor_galoreadamw_0(params, grads, L_list, R_list, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,                                 generator=None, stochastic=False):
+    if not params:
+        return
+    # Scalars of the hyperparameters alone: once per group.
+    k0 = -lr*wd + 1
+    k1 = 1 - b1
+    k2 = 1 - b2
+    # Grouped by the parameters' device and dtype; states follow by index, as they may be stored in
+    # another dtype (float32 for bfloat16 parameters, state_dtype, bool), which the grouping refuses on CUDA.
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
+    for (device_params, device_grads, device_steps), indices in grouped.values():
+        device_L = [L_list[i] for i in indices]
+        device_R = [R_list[i] for i in indices]
+        device_m = [m_list[i] for i in indices]
+        device_v = [v_list[i] for i in indices]
+        # Below, p, g and the states are lists: one entry per tensor of this device and dtype.
+        exact = device_params[0].dtype in _EXACT
+        p = device_params if exact else [x.float() for x in device_params]
+        g = device_grads if exact else [x.float() for x in device_grads]
+        L = device_L if all(x_.dtype == p[0].dtype for x_ in device_L) else [_read_state(x_, y_, True, y_.shape[:-2] + (y_.shape[-2], min(int(rank), y_.shape[-2], y_.shape[-1]))) for x_, y_ in zip(device_L, p)]
+        R = device_R if all(x_.dtype == p[0].dtype for x_ in device_R) else [_read_state(x_, y_, True, y_.shape[:-2] + (min(int(rank), y_.shape[-2], y_.shape[-1]), y_.shape[-1])) for x_, y_ in zip(device_R, p)]
+        m = device_m if all(x_.dtype == p[0].dtype for x_ in device_m) else [_read_state(x_, y_, True, y_.shape[:-2] + (min(int(rank), y_.shape[-2], y_.shape[-1]), min(int(rank), y_.shape[-2], y_.shape[-1]))) for x_, y_ in zip(device_m, p)]
+        v = device_v if all(x_.dtype == p[0].dtype for x_ in device_v) else [_read_state(x_, y_, False, y_.shape[:-2] + (min(int(rank), y_.shape[-2], y_.shape[-1]), min(int(rank), y_.shape[-2], y_.shape[-1]))) for x_, y_ in zip(device_v, p)]
+        if device_steps[0].is_cpu:  # one wrapped scalar, not one per tensor (as torch.optim does)
+            torch._foreach_add_(device_steps, torch.tensor(1.0), alpha=1.0)
+        else:
+            torch._foreach_add_(device_steps, 1)
+        t = [s.item() for s in device_steps]
+        # Scalars of the step count: one per tensor, on the host.
+        c0 = [float(t_ == 1) + float(t_ % update_proj_gap == 0) for t_ in t]
+        c1 = [-lr*scale*math.sqrt(1 - b2**t_)/(1 - b1**t_) for t_ in t]
+        if any(c0) or not c0:
+            tmp0 = [_svd_u(g_, rank) for g_ in g]
+        tmp1 = tmp0 if all(c0) else L if not any(c0) else [x if c else y for c, x, y in zip(c0, tmp0, L)]
+        if any(c0) or not c0:
+            tmp2 = [_svd_vh(g_, rank) for g_ in g]
+        tmp3 = tmp2 if all(c0) else R if not any(c0) else [x if c else y for c, x, y in zip(c0, tmp2, R)]
+        tmp4 = [tmp1_.mT for tmp1_ in tmp1]
+        tmp5 = [torch.matmul(tmp4_, g_) for tmp4_, g_ in zip(tmp4, g)]
+        tmp6 = [tmp3_.mT for tmp3_ in tmp3]
+        tmp7 = [torch.matmul(tmp5_, tmp6_) for tmp5_, tmp6_ in zip(tmp5, tmp6)]
+        tmp8 = torch._foreach_lerp(m, tmp7, k1)
+        tmp9 = torch._foreach_mul(v, (1 - k2))
+        tmp10 = torch._foreach_addcmul(tmp9, tmp7, tmp7, k2)
+        tmp11 = torch._foreach_sqrt(tmp10)
+        tmp12 = torch._foreach_add(tmp11, eps)
+        tmp13 = torch._foreach_div(tmp8, tmp12)
+        tmp14 = [torch.matmul(tmp1_, tmp13_) for tmp1_, tmp13_ in zip(tmp1, tmp13)]
+        tmp15 = [torch.matmul(tmp14_, tmp3_) for tmp14_, tmp3_ in zip(tmp14, tmp3)]
+        if all(v_ == c1[0] for v_ in c1):
+            tmp16 = torch._foreach_add(p, tmp15, alpha=c1[0])
+        else:
+            tmp16 = [torch.add(x_, y_, alpha=v_) for x_, y_, v_ in zip(p, tmp15, c1)]
+        tmp17 = torch._foreach_mul(tmp16, k0)
+        _foreach_copy_(p, tmp17)
+        _foreach_copy_(L, tmp1)
+        _foreach_copy_(R, tmp3)
+        _foreach_copy_(m, tmp8)
+        _foreach_copy_(v, tmp10)
+        if not exact:
+            _foreach_copy_(device_params, p)
+        if L is not device_L:
+            for stored, value in zip(device_L, L):
+                _write_state(stored, value, True, generator, stochastic)
+        if R is not device_R:
+            for stored, value in zip(device_R, R):
+                _write_state(stored, value, True, generator, stochastic)
+        if m is not device_m:
+            for stored, value in zip(device_m, m):
+                _write_state(stored, value, True, generator, stochastic)
+        if v is not device_v:
+            for stored, value in zip(device_v, v):
+                _write_state(stored, value, False, generator, stochastic)
+
+
+def galoreadamw_1(params, grads, P_list, m_list, v_list, state_steps, *, foreach=None, fused=None,
+                  grad_scale=None, found_inf=None, generator=None, stochastic=False, **hypers):
+    """Functional GaLoreAdamW: update `params` and the state lists in place. `grad_scale` and
+    `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
+    skips the step. `stochastic`: low-bit states are requantised stochastically, not to the nearest level."""
+    amp = grad_scale is not None or found_inf is not None
+    if amp and (not fused or torch.compiler.is_compiling()):
+        raise RuntimeError("GaLoreAdamW: grad_scale and found_inf are taken by the fused path only (fused=True, eager)")
+    if torch.compiler.is_compiling():
+        # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
+        return _single_tensor_galoreadamw_1(params, grads, P_list, m_list, v_list, state_steps, **hypers)
+    # Eager, tensor hyperparameters (lr=torch.tensor(1e-3), for a compiled step) are host floats.
+    hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
+    if any(map(_is_sharded, params)):
+        # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        if found_inf is not None and found_inf.item():
+            return
+        if grad_scale is not None:
+            grads = [x / grad_scale.to(x.device) for x in grads]
+        impl = _multi_tensor_galoreadamw_1 if foreach or fused else _single_tensor_galoreadamw_1
+        return _on_owners(impl, params, grads, [P_list, m_list, v_list, ], state_steps,
+                          generator=generator, stochastic=stochastic, **hypers)
+    if fused is None:  # as torch.optim: an explicit foreach choice is kept
+        fused = foreach is None and _fused_by_default_1(params)
+    elif fused:
+        why = _fused_available_1(params)
+        if why:
+            raise RuntimeError(f"GaLoreAdamW(fused=True) cannot run: {why}")
+    if fused:
+        return _fused_galoreadamw_1(params, grads, P_list, m_list, v_list, state_steps,
+                        grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
+    if foreach is None:  # a pass over every parameter: only when it decides something
+        _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+    impl = _multi_tensor_galoreadamw_1 if foreach else _single_tensor_galoreadamw_1
     impl(params, grads, P_list, m_list, v_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_galoreadamw_0(params, grads, P_list, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,                                  generator=None, stochastic=False):
+def _single_tensor_galoreadamw_1(params, grads, P_list, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,                                  generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1 - b1
@@ -1493,7 +1772,7 @@ def _single_tensor_galoreadamw_0(params, grads, P_list, m_list, v_list, state_st
         _write_state(v_list[i], v, False, generator, stochastic)
 
 
-def _multi_tensor_galoreadamw_0(params, grads, P_list, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,                                 generator=None, stochastic=False):
+def _multi_tensor_galoreadamw_1(params, grads, P_list, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,                                 generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
@@ -1556,7 +1835,7 @@ def _multi_tensor_galoreadamw_0(params, grads, P_list, m_list, v_list, state_ste
                 _write_state(stored, value, False, generator, stochastic)
 
 
-def galoreadamw_1(params, grads, P_list, m_list, v_list, state_steps, *, foreach=None, fused=None,
+def galoreadamw_2(params, grads, P_list, m_list, v_list, state_steps, *, foreach=None, fused=None,
                   grad_scale=None, found_inf=None, generator=None, stochastic=False, **hypers):
     """Functional GaLoreAdamW: update `params` and the state lists in place. `grad_scale` and
     `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
@@ -1566,7 +1845,7 @@ def galoreadamw_1(params, grads, P_list, m_list, v_list, state_steps, *, foreach
         raise RuntimeError("GaLoreAdamW: grad_scale and found_inf are taken by the fused path only (fused=True, eager)")
     if torch.compiler.is_compiling():
         # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
-        return _single_tensor_galoreadamw_1(params, grads, P_list, m_list, v_list, state_steps, **hypers)
+        return _single_tensor_galoreadamw_2(params, grads, P_list, m_list, v_list, state_steps, **hypers)
     # Eager, tensor hyperparameters (lr=torch.tensor(1e-3), for a compiled step) are host floats.
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
@@ -1576,26 +1855,26 @@ def galoreadamw_1(params, grads, P_list, m_list, v_list, state_steps, *, foreach
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
-        impl = _multi_tensor_galoreadamw_1 if foreach or fused else _single_tensor_galoreadamw_1
+        impl = _multi_tensor_galoreadamw_2 if foreach or fused else _single_tensor_galoreadamw_2
         return _on_owners(impl, params, grads, [P_list, m_list, v_list, ], state_steps,
                           generator=generator, stochastic=stochastic, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
-        fused = foreach is None and _fused_by_default_1(params)
+        fused = foreach is None and _fused_by_default_2(params)
     elif fused:
-        why = _fused_available_1(params)
+        why = _fused_available_2(params)
         if why:
             raise RuntimeError(f"GaLoreAdamW(fused=True) cannot run: {why}")
     if fused:
-        return _fused_galoreadamw_1(params, grads, P_list, m_list, v_list, state_steps,
+        return _fused_galoreadamw_2(params, grads, P_list, m_list, v_list, state_steps,
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-    impl = _multi_tensor_galoreadamw_1 if foreach else _single_tensor_galoreadamw_1
+    impl = _multi_tensor_galoreadamw_2 if foreach else _single_tensor_galoreadamw_2
     impl(params, grads, P_list, m_list, v_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_galoreadamw_1(params, grads, P_list, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,                                  generator=None, stochastic=False):
+def _single_tensor_galoreadamw_2(params, grads, P_list, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,                                  generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1 - b1
@@ -1646,7 +1925,7 @@ def _single_tensor_galoreadamw_1(params, grads, P_list, m_list, v_list, state_st
         _write_state(v_list[i], v, False, generator, stochastic)
 
 
-def _multi_tensor_galoreadamw_1(params, grads, P_list, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,                                 generator=None, stochastic=False):
+def _multi_tensor_galoreadamw_2(params, grads, P_list, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,                                 generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
@@ -1709,7 +1988,7 @@ def _multi_tensor_galoreadamw_1(params, grads, P_list, m_list, v_list, state_ste
                 _write_state(stored, value, False, generator, stochastic)
 
 
-def galoreadamw_2(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=None,
+def galoreadamw_3(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=None,
                   grad_scale=None, found_inf=None, generator=None, stochastic=False, **hypers):
     """Functional GaLoreAdamW: update `params` and the state lists in place. `grad_scale` and
     `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
@@ -1719,26 +1998,26 @@ def galoreadamw_2(params, grads, m_list, v_list, state_steps, *, foreach=None, f
         raise RuntimeError("GaLoreAdamW: grad_scale and found_inf are taken by the fused path only (fused=True, eager)")
     if torch.compiler.is_compiling():
         # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
-        return _single_tensor_galoreadamw_2(params, grads, m_list, v_list, state_steps, **hypers)
+        return _single_tensor_galoreadamw_3(params, grads, m_list, v_list, state_steps, **hypers)
     # Eager, tensor hyperparameters (lr=torch.tensor(1e-3), for a compiled step) are host floats.
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
-        fused = foreach is None and _fused_by_default_2(params)
+        fused = foreach is None and _fused_by_default_3(params)
     elif fused:
-        why = _fused_available_2(params)
+        why = _fused_available_3(params)
         if why:
             raise RuntimeError(f"GaLoreAdamW(fused=True) cannot run: {why}")
     if fused:
-        return _fused_galoreadamw_2(params, grads, m_list, v_list, state_steps,
+        return _fused_galoreadamw_3(params, grads, m_list, v_list, state_steps,
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-    impl = _multi_tensor_galoreadamw_2 if foreach else _single_tensor_galoreadamw_2
+    impl = _multi_tensor_galoreadamw_3 if foreach else _single_tensor_galoreadamw_3
     impl(params, grads, m_list, v_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_galoreadamw_2(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,                                  generator=None, stochastic=False):
+def _single_tensor_galoreadamw_3(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,                                  generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1 - b2
@@ -1773,7 +2052,7 @@ def _single_tensor_galoreadamw_2(params, grads, m_list, v_list, state_steps, *, 
         _write_state(v_list[i], v, False, generator, stochastic)
 
 
-def _multi_tensor_galoreadamw_2(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,                                 generator=None, stochastic=False):
+def _multi_tensor_galoreadamw_3(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,                                 generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
@@ -1892,6 +2171,18 @@ def _fused_available_2(params) -> str:
 
 
 def _fused_by_default_2(params) -> bool:
+    """fused=None: the fused kernel where it can run on CUDA, as torch.optim prefers its own."""
+    # map() over the tensors' own methods: this runs at every step, over every parameter
+    return (bool(params) and triton is not None and all(map(_IS_CUDA, params))
+            and all(map(torch.Tensor.is_contiguous, params)))
+
+
+def _fused_available_3(params) -> str:
+    """Why the fused path cannot run on these parameters of this rule ('' when it can)."""
+    return _triton_ready(params)
+
+
+def _fused_by_default_3(params) -> bool:
     """fused=None: the fused kernel where it can run on CUDA, as torch.optim prefers its own."""
     # map() over the tensors' own methods: this runs at every step, over every parameter
     return (bool(params) and triton is not None and all(map(_IS_CUDA, params))
@@ -2027,7 +2318,7 @@ if triton is not None:
     # ---- rule 1 (every other parameter) ----
 
     @triton.jit(do_not_specialize=["seed"])
-    def _galoreadamw_2_kernel(
+    def _galoreadamw_3_kernel(
         p_ptrs, g_ptrs,  # int64 tables: one data pointer per tensor
         m_ptrs,
         v_ptrs,
@@ -2226,7 +2517,7 @@ def _hyper_table(values, device):
 
 
 def _fused_galoreadamw_0(params, grads, *lists, grad_scale=None, found_inf=None, **hypers):
-    """Rule 1 (ndim == 2 and rank > 0 and where(projection_type < 2, where(nrows >= ncols, projection_type == 0, projection_type == 1), projection_type == 2)): its matrix-shaped state 'P: matrix(rank, ncols)' is not fused yet; under fused=True its parameters take
+    """Rule 1 (ndim == 2 and rank > 0 and projection_type == 4): its matrix-shaped state 'L: matrix(nrows, rank)' is not fused yet; under fused=True its parameters take
     the multi-tensor path, the other rules their kernels. A GradScaler's scale and inf flag are
     applied here on the host, as the kernels apply them."""
     if found_inf is not None and found_inf.item():
@@ -2238,7 +2529,7 @@ def _fused_galoreadamw_0(params, grads, *lists, grad_scale=None, found_inf=None,
 
 
 def _fused_galoreadamw_1(params, grads, *lists, grad_scale=None, found_inf=None, **hypers):
-    """Rule 2 (ndim == 2 and rank > 0): its matrix-shaped state 'P: matrix(nrows, rank)' is not fused yet; under fused=True its parameters take
+    """Rule 2 (ndim == 2 and rank > 0 and where(projection_type < 2, where(nrows >= ncols, projection_type == 0, projection_type == 1), projection_type == 2)): its matrix-shaped state 'P: matrix(rank, ncols)' is not fused yet; under fused=True its parameters take
     the multi-tensor path, the other rules their kernels. A GradScaler's scale and inf flag are
     applied here on the host, as the kernels apply them."""
     if found_inf is not None and found_inf.item():
@@ -2249,7 +2540,19 @@ def _fused_galoreadamw_1(params, grads, *lists, grad_scale=None, found_inf=None,
     _multi_tensor_galoreadamw_1(params, grads, *lists, **hypers)
 
 
-def _fused_galoreadamw_2(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,
+def _fused_galoreadamw_2(params, grads, *lists, grad_scale=None, found_inf=None, **hypers):
+    """Rule 3 (ndim == 2 and rank > 0): its matrix-shaped state 'P: matrix(nrows, rank)' is not fused yet; under fused=True its parameters take
+    the multi-tensor path, the other rules their kernels. A GradScaler's scale and inf flag are
+    applied here on the host, as the kernels apply them."""
+    if found_inf is not None and found_inf.item():
+        return
+    if grad_scale is not None:
+        for x in grads:
+            x.div_(grad_scale.to(x.device))
+    _multi_tensor_galoreadamw_2(params, grads, *lists, **hypers)
+
+
+def _fused_galoreadamw_3(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,
                          grad_scale=None, found_inf=None, generator=None, stochastic=False):
     """`stochastic`: low-bit states are requantised stochastically, not to the nearest level."""
     global LAUNCHES
@@ -2303,7 +2606,7 @@ def _fused_galoreadamw_2(params, grads, m_list, v_list, state_steps, *, lr, b1, 
                      C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=block,
                      ALIGNED=all(aligned[k] for k in (0, 1, 2, 3)),
                      num_warps=_NUM_WARPS)
-        _galoreadamw_2_kernel[(len(block_tensor),)](*args, **types)
+        _galoreadamw_3_kernel[(len(block_tensor),)](*args, **types)
         LAUNCHES += 1
         if found_inf is not None:  # an overflow: the step count goes back too, as in torch's fused optimizers
             torch._foreach_sub_(device_steps, [found_t] * len(device_steps))

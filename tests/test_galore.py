@@ -38,6 +38,9 @@ GALORE = {
     "reverse_std": dict(rank=2, update_proj_gap=4, projection_type="reverse_std", weight_decay=0.01),
     "right": dict(rank=2, update_proj_gap=2, projection_type="right"),
     "left": dict(rank=2, update_proj_gap=2, projection_type="left"),
+    "full": dict(rank=2, update_proj_gap=3, projection_type="full", weight_decay=0.01),
+    "full-r1-gap1-scaled": dict(lr=0.01, rank=1, update_proj_gap=1, projection_type="full", scale=0.5),
+    "full-rank-past-the-matrix": dict(rank=10, update_proj_gap=4, projection_type="full", betas=(0.8, 0.95)),
 }
 CASES = {f"galore-{case}": ("galore_adamw", kw, None, kw) for case, kw in GALORE.items()}  # for test_every_spec_is_covered
 
@@ -69,7 +72,7 @@ def test_rank_zero_is_the_references_adamw(float64_default):
              MODEL, torch.float64, STEPS, seed=7, tol=1e-10)
 
 
-@pytest.mark.parametrize("case", ["std-r2-gap3", "reverse_std"])
+@pytest.mark.parametrize("case", ["std-r2-gap3", "reverse_std", "full"])
 def test_galore_fused_matches_pytorch_optimizer(case, float64_default):
     """fused=True: the matrix rules run torch's code (their states are matrices), AdamW its kernel."""
     _fused_ok()
@@ -89,9 +92,26 @@ def test_galore_fused_matches_pytorch_optimizer(case, float64_default):
 ])
 def test_a_galore_mutant_is_caught(old, new, float64_default):
     text = (SPECS / "galore_adamw.opt").read_text()
-    assert old in text
-    Mutant = optdsl.compile(text.replace(old, new, 1), "galore_mutant.opt")  # the first rule's (tall matrices)
+    head, tall = text.split("\nrule ndim == 2 and rank > 0 and where(")
+    assert old in tall
+    Mutant = optdsl.compile(head + "\nrule ndim == 2 and rank > 0 and where(" + tall.replace(old, new, 1),
+                            "galore_mutant.opt")  # in the rule for 'std' on tall matrices
     kw = dict(rank=2, update_proj_gap=3, eps=0.1)
+    with pytest.raises(AssertionError, match="differs from reference"):
+        run_pair(lambda ps, **mode: Mutant(ps, **mode, **kw), lambda ps: galore_ref(ps, **kw), MODEL,
+                 torch.float64, STEPS)
+
+
+@pytest.mark.parametrize("old, new", [
+    ("svd_u(g, rank), L)", "svd_u(g + 0.01 * p, rank), L)"),          # of what the left vectors are
+    ("(t % update_proj_gap == 0), svd_vh(g, rank), R)", "(t % update_proj_gap == 1), svd_vh(g, rank), R)"),
+    ("mm(mm(L, m / (sqrt(v) + eps)), R)", "mm(mm(L, m / (sqrt(v) + 1.01 * eps)), R)"),
+])
+def test_a_galore_full_mutant_is_caught(old, new, float64_default):
+    text = (SPECS / "galore_adamw.opt").read_text()
+    assert text.count(old) == 1
+    Mutant = optdsl.compile(text.replace(old, new), "galore_mutant.opt")
+    kw = dict(rank=2, update_proj_gap=3, eps=0.1, projection_type="full")
     with pytest.raises(AssertionError, match="differs from reference"):
         run_pair(lambda ps, **mode: Mutant(ps, **mode, **kw), lambda ps: galore_ref(ps, **kw), MODEL,
                  torch.float64, STEPS)
@@ -187,12 +207,14 @@ def test_explain_prints_the_math_and_the_rank_r_memory():
     out = explain.report(x)
     assert "P ← where((t == 1) + (mod(t, update_proj_gap) == 0), svd_vh(g, rank), P)" in out
     assert "P ← where((t == 1) + (mod(t, update_proj_gap) == 0), svd_u(g, rank), P)" in out
-    assert "plus P (rank x ncols), m (nrows x rank), v (nrows x rank) per parameter" in x.property(
+    assert "plus L (nrows x rank), R (rank x ncols), m (rank x rank), v (rank x rank) per parameter" in x.property(
         "state memory per element", 0).value
-    assert "plus P (nrows x rank), m (rank x ncols), v (rank x ncols) per parameter" in x.property(
+    assert "plus P (rank x ncols), m (nrows x rank), v (nrows x rank) per parameter" in x.property(
         "state memory per element", 1).value
-    assert out.count("this rule does matrix work (mm, T, linear algebra)") == 2
-    assert x.property("range of state v", 2).value == "[0, inf)"
+    assert "plus P (nrows x rank), m (rank x ncols), v (rank x ncols) per parameter" in x.property(
+        "state memory per element", 2).value
+    assert out.count("this rule does matrix work (mm, T, linear algebra)") == 3
+    assert x.property("range of state v", 3).value == "[0, inf)"
 
 
 @pytest.mark.parametrize("shape, k, rule", [((4, 4), 0, 0), ((3, 5), 0, 1), ((3, 5), 1, 0), ((5, 3), 1, 1)])
