@@ -1387,7 +1387,7 @@ class GaLoreAdamW(Optimizer):
                 scale=group["scale"],
                 projection_type=float(("std", "reverse_std", "right", "left", "full").index(group["projection_type"])),
                 foreach=group["foreach"],
-                fused=group["fused"] if group["fused"] or not _lowbit_format(group["state_dtype"]) else False,
+                fused=group["fused"],
                 stochastic=_stochastic(group["state_dtype"]),
                 grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
                 found_inf=getattr(self, "found_inf", None),
