@@ -3,7 +3,9 @@
 
 This is a benchmark, not a test. Run it from the repository root::
 
-    python bench/bench_matrix.py [--layers 1] [--width 768] [--windows 3] [--steps 2] [--threads N] [--out bench/results]
+    python bench/bench_matrix.py [--layers 1] [--width 768] [--windows 3] [--steps 2] [--threads N] [--only Kron] [--out bench/results]
+
+(`pip install -c constraints.txt -r bench/requirements.txt` first: opt_einsum, for Kron's reference.)
 
 The parameters are one GPT-2-small block per `--layers` (float32): the fused qkv (768 x 2304),
 the attention output (768 x 768), the two MLP matrices (768 x 3072, 3072 x 768), their biases
@@ -20,12 +22,14 @@ drawn from other generators, so its "max abs diff" measures nothing but that (te
 both the same probes). pytorch_optimizer's Kron contracts Q^T Q G in one five-operand einsum,
 which torch evaluates pairwise only with opt_einsum installed (torch.backends.opt_einsum);
 without it, left to right through an m x n x m x n intermediate (5.6e12 numbers for a
-768 x 3072 matrix), so its row is left out then and the generated rows have no ratio.
+768 x 3072 matrix), so its row is left out then and the generated rows have no ratio
+(bench/requirements.txt installs it).
 pytorch_optimizer's optimizers step one tensor at a time;
 the generated rows are its for-loop (foreach=False) and foreach paths. The number reported is
 the median over windows of the time per step, the windows of all rows interleaved.
 
-Results go to ``<out>/matrix-cpu.json`` and ``<out>/matrix-cpu.md``.
+Results go to ``<out>/matrix-cpu.json`` and ``<out>/matrix-cpu.md``; with ``--only NAME[,NAME]`` (the
+rows of those optimizers alone) to ``<out>/matrix-cpu-name.json`` and ``.md``.
 """
 from __future__ import annotations
 
@@ -77,8 +81,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--windows", type=int, default=3)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--only", default=None, help="comma-separated optimizers (Shampoo,SOAP,Kron): their rows alone")
     ap.add_argument("--out", default=str(REPO_ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
+    only = None if args.only is None else [n.strip() for n in args.only.split(",")]
+    stem = "matrix-cpu" if only is None else "matrix-cpu-" + "-".join(n.lower() for n in only)
     if args.threads:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
@@ -86,6 +93,8 @@ def main(argv=None) -> dict:
     grads = [torch.randn(s, generator=gen) * 1e-2 for s in shapes(args.layers, args.width)]
     table = []
     for name, path, make in rows():
+        if only is not None and name not in only:
+            continue
         params = [torch.nn.Parameter(x.clone()) for x in init]
         opt = make(params)
         table.append(dict(optimizer=name, path=path, params=params, opt=opt, times=[]))
@@ -103,7 +112,7 @@ def main(argv=None) -> dict:
             for _ in range(args.steps):
                 step(row)
             row["times"].append((time.perf_counter() - start) / args.steps)
-    result = dict(machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+    result = dict(machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(), opt_einsum=torch.backends.opt_einsum.is_available(),
                   torch=torch.__version__, layers=args.layers, width=args.width, steps=args.steps, windows=args.windows,
                   numel=sum(x.numel() for x in init), rows=[])
     for row in table:
@@ -117,12 +126,13 @@ def main(argv=None) -> dict:
                                    max_abs_diff_vs_reference=diff))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "matrix-cpu.json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = [f"# One step of Shampoo, SOAP and Kron, CPU ({result['threads']} threads, torch {result['torch']})", "",
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    names = " and ".join(dict.fromkeys(r["optimizer"] for r in result["rows"]))
+    lines = [f"# One step of {names}, CPU ({result['threads']} threads, torch {result['torch']})", "",
              f"{args.layers} GPT-2-small-like block(s) of width {args.width}, {result['numel']:,} parameters, "
              f"float32; median of "
              f"{args.windows} windows of {args.steps} steps (`python bench/bench_matrix.py --width {args.width} --windows {args.windows} "
-             f"--steps {args.steps}`).", "",
+             f"--steps {args.steps}" + ("" if only is None else f" --only {','.join(only)}") + "`).", "",
              "| optimizer | path | median ms/step | min ms/step | ratio to pytorch_optimizer | max abs diff |",
              "|---|---|---:|---:|---:|---:|"]
     for r in result["rows"]:
@@ -133,7 +143,7 @@ def main(argv=None) -> dict:
         lines += ["", "Kron's max abs diff is that of other random probes (its test feeds both the same ones)"
                   + ("." if torch.backends.opt_einsum.is_available() else "; its reference is left out without "
                      "opt_einsum (see bench/bench_matrix.py).")]
-    (out / "matrix-cpu.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return result
 
