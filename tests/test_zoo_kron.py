@@ -156,8 +156,11 @@ class _Injected:
         return Ref()
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("case", list(KRON))
+F32 = ("default", "no-momentum-coupled-wd", "one_diag", "all_diag", "schedule")  # float32 too: every rule
+
+
+@pytest.mark.parametrize("case, dtype", [(c, torch.float64) for c in KRON] + [(c, torch.float32) for c in F32],
+                         ids=[f"{c}-f64" for c in KRON] + [f"{c}-f32" for c in F32])
 def test_kron_matches_pytorch_optimizer(case, dtype, monkeypatch, request):
     if dtype == torch.float64:
         request.getfixturevalue("float64_default")
