@@ -669,7 +669,11 @@ def _shape_error(name, err, params, state_steps, hypers, replay, statements, can
     if (isinstance(err, (ShapeError, torch.linalg.LinAlgError)) or (text.startswith(name) and not exits)
             or not any(word in text for word in ("shape", "size", "square", "dimension", "broadcast"))):
         return
+    replayed = set()
     for param, step in zip(params, state_steps):
+        if (param.shape, float(step)) in replayed:  # once per shape and step count
+            continue
+        replayed.add((param.shape, float(step)))
         at, reads, why = replay(param, float(step), **hypers)
         if why is None:
             continue
