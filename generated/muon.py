@@ -684,7 +684,8 @@ def _shape_error(name, err, params, state_steps, hypers, replay, statements, can
     """Raise ShapeError from torch's error `err` in a step of a rule whose shapes only the parameter
     decides. `replay` runs the rule's statements again on shapes alone (meta tensors), parameter by
     parameter: the first that does not fit is named (`statements`: their located text). Where shapes
-    alone cannot tell (a condition on a tensor's value), every statement of `candidates` is named.
+    alone cannot tell (a host scalar's error first, a tensor's value read on the host) or the rule has
+    no replay (`replay` None: its statements print too large), every statement of `candidates` is named.
     Return (the caller re-raises `err`) for the optimizer's own errors, linear algebra that failed on
     values, not shapes, and an error the replay does not meet."""
     text = str(err)
@@ -692,22 +693,23 @@ def _shape_error(name, err, params, state_steps, hypers, replay, statements, can
     if (isinstance(err, (ShapeError, torch.linalg.LinAlgError)) or (text.startswith(name) and not exits)
             or not any(word in text for word in ("shape", "size", "square", "dimension", "broadcast"))):
         return
-    replayed = set()
-    for param, step in zip(params, state_steps):
-        if (param.shape, float(step)) in replayed:  # once per shape and step count
-            continue
-        replayed.add((param.shape, float(step)))
-        at, reads, why = replay(param, float(step), **hypers)
-        if why is None:
-            continue
-        if at is None or "meta" in str(why):  # a host error, or a branch a tensor's value picks
-            break
-        operands = ", ".join(f"{n} {tuple(x.shape)}" for n, x in reads) or "none of shape"
-        raise ShapeError(f"{name}: at step, shapes that only the parameter's shape decides do not fit "
-                         f"(a parameter of shape {tuple(param.shape)}):\n{statements[at]}\n"
-                         f"  the values it reads: {operands}\n  torch: {text}") from err
-    else:
-        return
+    if replay is not None:  # (None: a rule whose statements print too large to replay)
+        replayed = set()
+        for param, step in zip(params, state_steps):
+            if (param.shape, float(step)) in replayed:  # once per shape and step count
+                continue
+            replayed.add((param.shape, float(step)))
+            at, reads, why = replay(param, float(step), **hypers)
+            if why is None:
+                continue
+            if at is None or "meta" in str(why):  # a host error, or a value meta tensors do not have
+                break
+            operands = ", ".join(f"{n} {tuple(x.shape)}" for n, x in reads) or "none of shape"
+            raise ShapeError(f"{name}: at step, shapes that only the parameter's shape decides do not fit "
+                             f"(a parameter of shape {tuple(param.shape)}):\n{statements[at]}\n"
+                             f"  the values it reads: {operands}\n  torch: {text}") from err
+        else:
+            return
     shapes = ", ".join(dict.fromkeys(str(tuple(p.shape)) for p in params))
     where = candidates[0] if len(candidates) == 1 else "one of " + "; ".join(candidates)
     raise ShapeError(f"{name}: at step, shapes that only the parameter's shape decides do not fit in {where} "

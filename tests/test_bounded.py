@@ -164,3 +164,29 @@ def test_many_reductions_in_sequence_compile_and_say_why_they_are_not_fused():
     torch.testing.assert_close(p.detach(), -0.1 * p.grad / torch.linalg.vector_norm(p.grad), rtol=1e-15, atol=0)
     with pytest.raises(RuntimeError, match="more than 8 reductions in sequence are not fused"):
         cls([p], fused=True).step()
+
+
+@pytest.mark.parametrize("depth", [3, 40])
+def test_the_step_shape_replay_stays_small(depth):
+    """A rule whose shapes only the parameter decides gets a replay of its statements, each printed
+    whole (optdsl/backends/step_shapes.py); lerp's printed form holds its first end twice, so nested
+    lerps would double the line with every level (114,675 characters at 12). Past a bound the replay
+    is not made, and a step's ShapeError names every such statement instead of the one that fails."""
+    text = (HEAD + "rule ndim == 2 {\n  x = where(nrows > ncols, T(g), g)\n  A = mm(x, T(x))\n  y = "
+            + "lerp(" * depth + "x" + ", x, 0.3)" * depth + "\n  B = mm(A, col_mean(y))\n"
+            "  p -= lr * mean(B) * g\n}\nrule {\n  p -= lr * g\n}\n")
+    code = compile_source(text, "deep.opt").python
+    assert len(code) < 150_000 and max(map(len, code.splitlines())) < 2_000
+    assert ("def _shapes_r_0" in code) == (depth == 3)
+    cls = optdsl.compile(text, "deep.opt")
+    p = torch.nn.Parameter(torch.ones(3, 5, dtype=torch.float64))
+    p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError) as err:
+        cls([p], foreach=False).step()
+    assert type(err.value).__name__ == "ShapeError"
+    if depth == 3:
+        assert "deep.opt:7:3: B = mm(A, col_mean(y))\n" in str(err.value) and "deep.opt:6" not in str(err.value)
+    else:
+        shown = str(err.value)
+        assert "in one of deep.opt:5: A = mm(x, T(x)); deep.opt:6: y = lerp(" in shown, shown
+        assert "deep.opt:7: B = mm(A, col_mean(y)) (parameters of shape (3, 5))" in shown, shown

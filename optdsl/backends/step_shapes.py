@@ -17,6 +17,7 @@ from __future__ import annotations
 import sympy as sp
 
 from .. import escape, ir, sym
+from .. import functions as fn
 from .. import shapes as shape_check
 from ..errors import SpecError
 from .printers import ShapePrinter, state_shape_code
@@ -31,6 +32,22 @@ def located(span, lines: list[str], filename: str) -> str | None:
     text = " ".join(line[span.column - 1:end - 1].split("#")[0].split())
     caret = " " * (span.column - 1) + "^" * max(1, end - span.column)
     return f"{filename}:{span.line}:{span.column}: {text}\n    {line.rstrip()}\n    {caret}"
+
+
+# Functions whose printed form holds an argument twice (lerp's host form a + w*(b - a), unit_norm's
+# axes of its operand): nested, a statement printed whole would double with every level, where the
+# paths name such operands (sym._CopiedOperands). A replay that would print more is not made.
+_COPIES = {fn.lerp: 0, fn.unit_mean: 0, fn.unit_norm: 0}
+MAX_NODES = 400
+
+
+def _printed_nodes(e: sp.Expr, memo: dict) -> int:
+    """How many nodes e's printed form holds, each copy counted."""
+    if e not in memo:
+        n = 1 + sum(_printed_nodes(a, memo) for a in e.args)
+        i = _COPIES.get(type(e))
+        memo[e] = n + (_printed_nodes(e.args[i], memo) if i is not None else 0)
+    return memo[e]
 
 
 def context(prog: ir.Program, lines: list[str], filename: str, taken: set[str]) -> dict | None:
@@ -51,6 +68,8 @@ def context(prog: ir.Program, lines: list[str], filename: str, taken: set[str]) 
     try:
         for eq in prog.eqns:
             value = sym.to_sympy(eq.expr, env)
+            if _printed_nodes(value, {}) > MAX_NODES:  # bounded: the error names every candidate instead
+                return None
             code = printer.doprint(value)
             while f"v{count}" in taken:
                 count += 1

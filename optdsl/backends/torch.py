@@ -462,8 +462,6 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
     for c, (_, p, _) in zip(contexts, rules):
         c["step_shapes"] = _decided_at_step(p.program, lines, filename)
         c["replay"] = step_shapes.context(p.program, lines, filename, INTERNAL_NAMES) if c["step_shapes"] else None
-        if c["step_shapes"] and c["replay"] is None:
-            c["step_shapes"] = []  # no replay: torch's own error (see step_shapes.context)
     ctx = dict(contexts[0],
         name=prog.name, doc=prog.doc, filename=filename,
         hypers=[h for h in prog.hypers if not h.computed], step_hypers=prog.hypers,
