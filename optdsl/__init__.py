@@ -80,6 +80,8 @@ def compile(text: str, filename: str = "<spec>") -> type:  # noqa: A001 - the pu
 
 
 def load(path: str | Path) -> type:
-    """Compile the spec file at `path` to a torch.optim.Optimizer subclass, in memory."""
+    """Compile the spec file at `path` to a torch.optim.Optimizer subclass, in memory. The file is read as
+    `optdsl build` reads one (optdsl.build.read_spec): UTF-8, a regular file of at most 1 MiB."""
+    from .build import read_spec
     path = Path(path)
-    return compile(path.read_text(encoding="utf-8"), str(path))
+    return compile(read_spec(path), str(path))

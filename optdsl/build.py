@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import keyword
 import os
+import stat
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -73,14 +74,35 @@ def spec_files(spec_dir: Path) -> list[Path]:
     return [spec_dir]
 
 
-def read_spec(path: Path) -> str:
+MAX_SPEC_BYTES = 1 << 20  # a spec is a page of text; a file larger than this is none (and /dev/zero never ends)
+
+
+def read_spec(path: Path, within: Path | None = None) -> str:
     """A spec file's text (UTF-8, a byte-order mark allowed). Text that is not UTF-8 is a SpecError at
-    its first bad byte; a file that cannot be read is a BuildError."""
+    its first bad byte; a file that cannot be read is a BuildError.
+
+    Only a regular file of at most MAX_SPEC_BYTES is read (a link to /dev/zero or a FIFO in a cloned
+    repository would hang the build), and with `within` (the folder a spec was found in, not a file
+    named on the command line) a link must stay inside it: `specs/x.opt -> ~/.netrc` would show the
+    secret's first line in a syntax error."""
+    shown = path.as_posix()
     try:
-        data = path.read_bytes()
+        if within is not None and path.is_symlink():
+            target, folder = path.resolve(), within.resolve()
+            if not target.is_relative_to(folder):
+                raise BuildError(f"{shown} is a link to {target.as_posix()}, outside {within.as_posix()}/; "
+                                 "specs found in a folder are read only from inside it: copy the spec in, "
+                                 "or name the file itself")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise BuildError(f"{shown} is not a regular file (a device, FIFO or folder); give a .opt file")
+            data = f.read(MAX_SPEC_BYTES + 1)
     except OSError as err:
-        raise BuildError(f"cannot read {path.as_posix()}: {err.strerror or err}; check the path and its "
+        raise BuildError(f"cannot read {shown}: {err.strerror or err}; check the path and its "
                          "permissions") from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise BuildError(f"{shown} is larger than {MAX_SPEC_BYTES >> 20} MiB, which no spec is; check the path")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -90,6 +112,15 @@ def read_spec(path: Path) -> str:
         raise SpecError(f"the file is not UTF-8 text (byte 0x{data[err.start]:02x})",
                         Span(line, column, line, column + 1), hint="save the spec as UTF-8",
                         filename=path.as_posix(), source=data.decode("utf-8-sig", errors="replace")) from None
+
+
+def _starts_with_header(path: Path) -> bool:
+    """Whether `path` is a regular file optdsl wrote (its first bytes): only those are removed as
+    stale, and nothing more than the header is read (a link to /dev/zero in generated/ never ends)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(len(HEADER.encode())) == HEADER.encode()
 
 
 @contextmanager
@@ -196,7 +227,7 @@ def _build(spec_dir: Path, specs: list[Path], out_dir: Path, working_on) -> Buil
         modules.append(name)
         target = out_dir / f"{name}.py"
         try:
-            compiled = compile_source(read_spec(spec), spec.as_posix())
+            compiled = compile_source(read_spec(spec, spec_dir if spec_dir.is_dir() else None), spec.as_posix())
         except (SpecError, BuildError) as err:
             report.errors.append(err)  # the old output (if any) stays as it was
             continue
@@ -205,7 +236,7 @@ def _build(spec_dir: Path, specs: list[Path], out_dir: Path, working_on) -> Buil
     if spec_dir.is_dir():
         for old in sorted(out_dir.glob("*.py")):
             stale = old.stem not in modules and old.name != "__init__.py"
-            if stale and old.read_bytes().startswith(HEADER.encode()):
+            if stale and _starts_with_header(old):
                 try:
                     old.unlink()
                 except OSError as err:

@@ -135,6 +135,7 @@ def _check(args) -> int:
     if specs is None:
         return 1
     failed = 0
+    folder = Path(specs) if Path(specs).is_dir() else None
     try:
         specs = spec_files(specs)
     except BuildError as err:
@@ -142,7 +143,7 @@ def _check(args) -> int:
         return 1
     for spec in specs:
         try:
-            compiled = compile_source(read_spec(spec), spec.as_posix())
+            compiled = compile_source(read_spec(spec, folder), spec.as_posix())
         except SpecError as err:
             console.show(err)
             failed += 1
@@ -236,7 +237,7 @@ def _new(args) -> int:
     except SpecError as err:  # the --from spec is broken
         console.show(err)
         return 1
-    except (ScaffoldError, OSError) as err:
+    except (ScaffoldError, BuildError, OSError) as err:
         console.show(f"optdsl new: error: {err}")
         return 1
     print(f"wrote {path.as_posix()}; next: optdsl check {path.as_posix()}, then optdsl build {path.parent.as_posix()}/")

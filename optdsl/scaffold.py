@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 from . import escape
-from .build import no_such_spec, resolve_spec
+from .build import no_such_spec, read_spec, resolve_spec
 from .pipeline import compile_source
 
 # Adam's shape, because most new optimizers are edits of it; every line says what it is for.
@@ -71,7 +71,7 @@ def scaffold_text(name: str, target: Path, source: Path | None = None) -> str:
         text = TEMPLATE.format(name=cls, path=escape.text(target.as_posix()),
                                folder=escape.text(target.parent.as_posix()))
     else:
-        original = source.read_text(encoding="utf-8")
+        original = read_spec(source)
         compile_source(original, source.as_posix())  # a broken source is reported where it is broken
         if not _HEADER.search(original):
             raise ScaffoldError(f"{source.as_posix()} has no 'optimizer NAME' line to rename")

@@ -194,3 +194,52 @@ def test_two_builds_at_once_leave_whole_modules(built):
         assert module.endswith("# changed\n" + module.split("# changed\n")[-1]) and "# changed" in module
         compile(module, name, "exec")
     assert not [f for f in out.iterdir() if f.name.endswith(".tmp")]
+
+
+# ---- what a cloned repository's specs/ and generated/ may hold (red-team, issue 12) ----
+@pytest.mark.parametrize("command", ["build", "check"])
+def test_a_link_out_of_the_specs_folder_is_not_read(built, command, capsys):
+    """`specs/x.opt -> ~/.netrc` showed the secret's first line in the syntax error; a link to
+    /dev/zero read without end. Specs found in a folder are read from inside it only; a link that
+    stays inside is fine, and a file named on the command line is the user's to choose."""
+    specs, out, before = built
+    secret = specs.parent / "netrc"
+    secret.write_text("machine example.com login bob password hunter2\n")
+    (specs / "leak.opt").symlink_to(secret)
+    (specs / "zero.opt").symlink_to("/dev/zero")
+    (specs / "again.opt").symlink_to("adam.opt")
+    args = [command, str(specs)] + (["-o", str(out)] if command == "build" else [])
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "hunter2" not in err and "Traceback" not in err
+    assert f"{(specs / 'leak.opt').as_posix()} is a link to {secret.resolve().as_posix()}, outside" in err
+    assert f"{(specs / 'zero.opt').as_posix()} is a link to /dev/zero, outside" in err
+    assert "again.opt" not in err  # a link inside the folder builds
+    if command == "build":
+        assert (out / "again.py").is_file() and stamps(out)["adam.py"] == before["adam.py"]
+    assert main(["check", str(specs / "leak.opt")]) == 1  # named: read, and it is no spec
+    assert "syntax error" in capsys.readouterr().err
+
+
+def test_no_device_fifo_or_huge_file_is_read_as_a_spec(tmp_path, capsys):
+    fifo = tmp_path / "fifo.opt"
+    os.mkfifo(fifo)
+    huge = tmp_path / "huge.opt"
+    huge.write_bytes(b"optimizer Huge\np -= g\n" + b"#" * build_mod.MAX_SPEC_BYTES)
+    for path in (fifo, Path("/dev/zero"), huge):
+        assert main(["check", str(path)]) == 1
+        line = one_error_line(capsys, "check")
+        assert "not a regular file" in line or "larger than 1 MiB" in line
+        with pytest.raises(build_mod.BuildError):
+            import optdsl
+            optdsl.load(path)
+
+
+def test_a_link_in_the_output_folder_is_neither_read_nor_removed(built, capsys):
+    """A stale module is removed only when it is a regular file optdsl wrote; a link to /dev/zero in
+    generated/ was read without end to see whether it was."""
+    specs, out, before = built
+    (out / "evil.py").symlink_to("/dev/zero")
+    (out / "mine.py").symlink_to(out / "adam.py")
+    assert main(["build", str(specs), "-o", str(out)]) == 0
+    assert (out / "evil.py").is_symlink() and (out / "mine.py").is_symlink()
