@@ -2,12 +2,21 @@
 from __future__ import annotations
 
 import argparse
+import builtins
 import sys
 from pathlib import Path
 
 from . import __version__, console
 from .build import BuildError, no_such_spec, read_spec, resolve_spec, spec_files
 from .errors import SpecError
+from .escape import visible
+
+
+def print(*values, **kwargs) -> None:  # noqa: A001 - every line the commands print
+    """builtins.print with every character a terminal would obey escaped (optdsl.escape.visible): a file
+    name or a docstring in a report cannot drive the terminal."""
+    builtins.print(*(visible(str(v)) for v in values), **kwargs)
+
 
 # Each command imports what it needs (SymPy, Lark, torch) when it runs: `optdsl --help` and a
 # mistyped command answer at once.
@@ -320,7 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--shards", type=int, default=1,
                    help="also the bytes per rank when FSDP2 splits the parameter by rows over this many ranks")
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except BrokenPipeError:  # `optdsl explain adam | head`: the reader has gone, nothing to say
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush goes nowhere
+        return 1
 
 
 if __name__ == "__main__":

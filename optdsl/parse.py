@@ -552,7 +552,9 @@ _BIDI = re.compile("[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]")
 
 def parse(text: str, filename: str = "<spec>") -> ast.Spec:
     """Parse spec text into the AST. Raises SpecError (never a Lark or Python error)."""
-    bad = re.search(r"[\x00-\x08\x0b\x0e-\x1f\x7f]", text)  # not even in a comment or a string
+    # not even in a comment or a string; C1's controls too (U+009B is a terminal's CSI), but U+0085,
+    # a line break to str.splitlines() that a comment may hold
+    bad = re.search(r"[\x00-\x08\x0b\x0e-\x1f\x7f-\x84\x86-\x9f]", text)
     if bad:
         line = text.count("\n", 0, bad.start()) + 1
         column = bad.start() - text.rfind("\n", 0, bad.start())

@@ -262,12 +262,12 @@ def test_an_error_shows_its_own_line_and_no_control_character():
     """The error's line is counted as the grammar counts (a comment's U+2028 or form feed ended a line
     for str.splitlines(), and the error showed the next one), and every character a terminal would obey
     (ESC, C1's CSI, U+2028) is shown escaped, in the line, the file name and the message."""
-    text = "optimizer X\n# a\u2028b\x0cc\x85d\nhyper lr = 1\np -= lr * q * g  # \x9b2J\n"
+    text = "optimizer X\n# a\u2028b\x0cc\x85d\nhyper lr = 1\np -= lr * q * g  # \u20292J\n"
     with pytest.raises(SpecError) as err:
         compile_source(text, "evil\x1b[2J\u2028.opt")
     shown = str(err.value)
     assert err.value.line == 4 and "p -= lr * q * g" in shown.split("\n")[1]
-    assert not any(c in shown for c in "\x1b\x9b\u2028\x85\x0c")
+    assert not any(c in shown for c in "\x1b\u2029\u2028\x85\x0c")
     assert "evil\\x1b[2J\\u2028.opt:4:11: error: unknown name 'q'" in shown
     line, caret = shown.split("\n")[1:3]
     assert line[caret.index("^")] == "q"  # the caret under the name, after an escaped character or not
@@ -282,3 +282,34 @@ def test_the_caret_stands_under_the_name_after_escaped_characters():
         compile_source(text, "x.opt")
     line, caret = str(err.value).split("\n")[1:3]
     assert line.strip() == 'optimizer X "a\\x85\\u2028b" q' and caret.index("^") == line.index(" q") + 1
+
+
+@pytest.mark.parametrize("c1", ["\x9b", "\x80", "\x9d", "\x7f"], ids=repr)
+def test_c1_controls_are_refused_like_c0(c1):
+    """U+009B is CSI to a terminal that reads C1 controls: a docstring holding it reached `optdsl explain`."""
+    with pytest.raises(SpecError, match="unexpected character") as err:
+        compile_source(f'optimizer Safe "doc {c1}2J"\np -= g\n', "c1.opt")
+    assert (err.value.line, err.value.column) == (1, 21) and c1 not in str(err.value)
+
+
+def test_the_cli_prints_no_control_character(tmp_path, capsys):
+    """`optdsl check FOLDER` printed each file's name as it was: ESC[2J in a name cleared the screen."""
+    from optdsl.cli import main
+    name = "e\x1b[2Jx.opt"
+    (tmp_path / name).write_text(BASE, encoding="utf-8")
+    assert main(["check", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "e\\x1b[2Jx.opt: ok" in out
+    assert main(["explain", str(tmp_path / name)]) == 0
+    assert "\x1b" not in capsys.readouterr().out
+
+
+def test_a_reader_that_goes_away_is_no_traceback():
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-m", "optdsl", "explain", "adam"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+    proc.stdout.close()  # as `| head -0` does
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err, err
