@@ -9,6 +9,7 @@ their defaults, at most the matrix's smaller side).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -115,12 +116,14 @@ def memory(compiled: Compiled, shape: tuple[int, ...]) -> Memory:
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(x) for x in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"--shape expects sizes joined by 'x', e.g. 4096x4096, got {text!r}") from None
+    parts = text.lower().split("x")
+    if not all(re.fullmatch(r"[+-]?[0-9]+", x.strip()) for x in parts):  # ASCII digits: int() takes '৪' as 4
+        raise ValueError(f"--shape expects sizes joined by 'x', e.g. 4096x4096, got {text!r}")
+    shape = tuple(int(x) for x in parts)
     if any(n < 1 for n in shape):
         raise ValueError(f"--shape sizes must be positive, got {text!r}")
+    if math.prod(shape) >= 2 ** 63:  # torch's sizes are int64: larger ones overflowed in torch.empty
+        raise ValueError(f"--shape {text!r} has more than 2^63 elements, which no tensor holds")
     return shape
 
 

@@ -359,3 +359,15 @@ def test_every_command_that_takes_a_spec_takes_a_name(tmp_path, monkeypatch, cap
         assert "no spec 'nope'" in err and "adamw" in err and "Traceback" not in err
     assert main(["equiv", "nope", "adam"]) == 3
     assert "no spec 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shape, message", [
+    ("99999999999999999999x99999999999999999999", "more than 2^63 elements"),  # red-team: a torch traceback
+    ("4294967296x4294967296", "more than 2^63 elements"),
+    ("\u09ea\u09ea", "sizes joined by 'x'"),  # int() reads Bengali 44
+    ("4x", "sizes joined by 'x'"),
+])
+def test_info_refuses_a_shape_no_tensor_has_in_one_line(shape, message, capsys):
+    assert main(["info", "adam", "--shape", shape]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("optdsl info: error: --shape") and message in err and "Traceback" not in err
