@@ -78,7 +78,13 @@ def check(python: str, spec: ast.Spec) -> None:
         raise SpecError(f"the class '{spec.name}' makes the functional '{func}', a name the generated module "
                         "uses itself", spec.name_span, hint=f"choose another class name, e.g. "
                                                             f"'{spec.name.strip('_')}Opt'")
+    params = _duplicate_parameters(tree)
     for name, span, what in _declared(spec):
+        if name in params:
+            subject = what if "'" in what else f"{what} '{name}'"
+            raise SpecError(f"{subject} is a parameter name the generated code's {params[name]}() takes itself",
+                            span if isinstance(span, Span) else spec.name_span,
+                            hint=f"rename it, e.g. '{name.strip('_')}_'")
         if bound[name]:
             subject = what if "'" in what else f"{what} '{name}'"
             raise SpecError(f"{subject} is a name the generated module defines itself (a helper, table or "
@@ -93,3 +99,20 @@ def _functional(tree: pyast.Module) -> str | None:
             names = [e.value for e in getattr(node.value, "elts", []) if isinstance(e, pyast.Constant)]
             return names[1] if len(names) > 1 else None
     return None
+
+
+def _duplicate_parameters(tree: pyast.Module) -> dict[str, str]:
+    """Names a generated function takes twice (a hyperparameter `generator` beside the step's own
+    `generator=None`: a SyntaxError at import), with that function's name."""
+    found = {}
+    for node in pyast.walk(tree):
+        if isinstance(node, (pyast.FunctionDef, pyast.AsyncFunctionDef, pyast.Lambda)):
+            a = node.args
+            names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs] + [
+                x.arg for x in (a.vararg, a.kwarg) if x is not None]
+            seen = set()
+            for n in names:
+                if n in seen:
+                    found.setdefault(n, getattr(node, "name", "lambda"))
+                seen.add(n)
+    return found

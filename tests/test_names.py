@@ -147,9 +147,14 @@ def test_a_class_named_like_a_helper_of_the_module_is_refused(name):
     ("optimizer X\ngroup _pow = sum(g^2)\np -= 0.1 * g / (1 + _pow)\n", (2, 7)),
     ("optimizer X\nstate _x_kernel\n_x_kernel = g\np -= 0.1 * _x_kernel\n", (2, 7)),
     ("optimizer X\nhyper lr = 1e-2, _x_kernel = 0.5\np -= lr * _x_kernel * g\n", (2, 18)),
+    # a parameter of the step functions: `def _single_tensor_x(..., generator, ..., generator=None)`
+    ("optimizer X\nhyper lr = 1e-2, generator = 0.5\np -= lr * generator * g\n", (2, 18)),
+    ("optimizer X\nhyper lr = 1e-2, found_inf = 0.5\np -= lr * found_inf * g\n", (2, 18)),
+    ("optimizer X\ngroup generator = sum(g^2)\np -= 0.1 * g / (1 + generator)\n", (2, 7)),
 ])
 def test_a_name_the_module_defines_for_itself_is_refused_where_it_stands(text, where):
-    with pytest.raises(SpecError, match="a name the generated module defines itself") as err:
+    with pytest.raises(SpecError, match="a name the generated module defines itself|a parameter name the "
+                                        "generated code's .* takes itself") as err:
         optdsl.compile(text, "names.opt")
     assert (err.value.line, err.value.column) == where and "hint:" in str(err.value)
 
