@@ -194,9 +194,30 @@ def _copy_into(dst, src):
     dst.copy_(src)
 
 
+def _grouped(tensorlists):
+    """Optimizer._group_tensors_by_device_and_dtype(tensorlists, with_indices=True), each group split
+    in two where it mixes DTensors and plain tensors (tensor parallelism leaves a norm's gain whole):
+    the foreach path decides per list whether it runs torch's foreach ops or the DTensor route
+    (ops without a sharding rule, tensor by tensor), so a list must be all of one kind. The tensors'
+    indices are kept, so their states and draws are the same as in one list."""
+    grouped = Optimizer._group_tensors_by_device_and_dtype(tensorlists, with_indices=True)
+    if _DTensor is None:
+        return grouped
+    out = {}
+    for key, (lists, indices) in grouped.items():
+        kinds = [_is_sharded(x) for x in lists[0]]
+        if all(kinds) or not any(kinds):
+            out[key] = (lists, indices)
+            continue
+        for kind in (True, False):  # the same order on every rank
+            ks = [k for k, sharded in enumerate(kinds) if sharded == kind]
+            out[key + (kind,)] = ([[xs[k] for k in ks] for xs in lists], [indices[k] for k in ks])
+    return out
+
+
 def _foreach_copy_(dst, src):
     """torch._foreach_copy_, tensor by tensor for DTensors (which have no sharding rule for it)."""
-    if dst and _is_sharded(dst[0]):
+    if any(map(_is_sharded, dst)):
         for d, s in zip(dst, src):
             _copy_into(d, s)
     else:
@@ -622,7 +643,7 @@ def _write_state(stored, value, signed, generator=None, stochastic=False):
 
 def _negated(grads):
     """-g for each gradient, as new tensors (p.grad is never written): torch.optim's maximize=True."""
-    if grads and not _is_sharded(grads[0]):
+    if not any(map(_is_sharded, grads)):
         return torch._foreach_neg(grads)
     return [torch.neg(g) for g in grads]
 
@@ -1124,9 +1145,10 @@ def _multi_tensor_adamax(params, grads, m_list, u_list, state_steps, *, lr, b1, 
         return
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - b1
-    # Grouped by the parameters' device and dtype; states follow by index, as they may be stored in
-    # another dtype (float32 for bfloat16 parameters, state_dtype, bool), which the grouping refuses on CUDA.
-    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, state_steps], with_indices=True)
+    # Grouped by the parameters' device and dtype (and DTensors apart from plain tensors); states follow
+    # by index, as they may be stored in another dtype (float32 for bfloat16 parameters, state_dtype,
+    # bool), which the grouping refuses on CUDA.
+    grouped = _grouped([params, grads, state_steps])
     for (device_params, device_grads, device_steps), indices in grouped.values():
         device_m = [m_list[i] for i in indices]
         device_u = [u_list[i] for i in indices]

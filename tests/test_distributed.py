@@ -35,7 +35,10 @@ ALL = [("fsdp", name, path, "float64") for name in dm.SPECS for path in ("loop",
 ALL += [("fsdp", name, "foreach", "float64") for name in FOREACH]
 ALL += [("ddp", name, path, "float64") for name in ("adalo", "muon") for path in dm.PATHS]
 ALL += [("fsdp", name, "fused", "float32") for name in ("adamw", "adafactor", "muon", "sgd_agc")]
-ALL += [("tp", name, path, "float64") for name in ("adamw", "lamb", "muon") for path in dm.PATHS]
+ALL += [("tp", name, path, "float64") for name in ("adamw", "lamb", "muon") for path in ("loop", "fused")]
+# Tensor parallelism leaves the gain a plain tensor beside the DTensors: every spec on the foreach
+# path, whose lists must be all of one kind (_grouped splits them); 46 specs cost ~6 s of the spawn
+ALL += [("tp", name, "foreach", "float64") for name in dm.SPECS]
 # At 4 ranks shards are uneven and some empty (b's 3 rows: 1 + 1 + 1 + 0): the constructs whose
 # result depends on the split, on every path (SM3's column maximum over a rank with no rows was
 # refused by torch on the torch paths).
@@ -96,11 +99,16 @@ def results():
 # Strict: a pass says the mark can go.
 NOT_YET = {"kron": "no sharded stream of randn() draws yet: on the torch paths randn() of a DTensor is refused at "
                    "step; fused, the vectors' kernel hashes each shard's local offsets, so its probes (and the "
-                   "parameters, by 1e-5 at 2 ranks) differ from one process's"}
+                   "parameters, by 1e-5 at 2 ranks) differ from one process's",
+           # (mode, spec): there only
+           ("tp", "soap"): "SOAP's eigenbases turn with the last bit of the gradient (a gradient 1e-16 off in "
+                           "relative terms moves its parameters by 7e-3 in one process), and tensor parallelism's "
+                           "sharded forward and backward add in another order than one process: 2e-6 off on "
+                           "every path"}
 
 
 def _marked(world, scenario):
-    why = NOT_YET.get(scenario[1])
+    why = NOT_YET.get(scenario[1], NOT_YET.get(scenario[:2]))
     return (world, scenario) if why is None else pytest.param(
         world, scenario, marks=pytest.mark.xfail(reason=why, strict=True))
 
