@@ -110,6 +110,21 @@ def _whole_list(xs):
     """[_whole(x) for x in xs], one reduction's results for every tensor of a group (the foreach
     path): the partial results combined by one all-reduce per mesh dimension, process group and op
     over a flat buffer of them all, not one collective per tensor (DTensor's redistribution)."""
+    return _whole_lists(xs)[0]
+
+
+def _whole_lists(*lists):
+    """_whole_list of each list, several reductions' results combined by the same all-reduces."""
+    sizes = [len(xs) for xs in lists]
+    out = _whole_flat([x for xs in lists for x in xs])
+    at = []
+    for n in sizes:
+        at.append(out[:n])
+        out = out[n:]
+    return at
+
+
+def _whole_flat(xs):
     xs = list(xs)
     partial = [i for i, x in enumerate(xs) if _is_sharded(x) and any(pl.is_partial() for pl in x.placements)]
     if not partial:
@@ -172,6 +187,69 @@ def _amax(x, dim):
     shape = () if dim is None else tuple(1 if d in dims else n for d, n in enumerate(x.shape))
     return _DTensor.from_local(part, x.device_mesh, placements, run_check=False, shape=shape,
                                stride=torch.empty(shape, device="meta").stride())
+
+
+def _split_reduced(x, dims):
+    """The mesh dimensions of DTensor x that split one of the tensor axes `dims`."""
+    return [m for m, pl in enumerate(x.placements) if _splits(pl) and pl.dim % x.dim() in dims]
+
+
+def _partial_of(x, part, dims, keepdim, placement):
+    """The DTensor of this rank's partial result `part` of a reduction of x over `dims`: the mesh
+    dimensions that split a reduced axis hold `placement` (partial), the others as in x."""
+    placements = [placement if _splits(pl) and pl.dim % x.dim() in dims else pl for pl in x.placements]
+    shape = tuple(1 if d in dims else n for d, n in enumerate(x.shape)) if keepdim else ()
+    return _DTensor.from_local(part, x.device_mesh, placements, run_check=False, shape=shape,
+                               stride=torch.empty(shape, device="meta").stride())
+
+
+def _reduced_axes(x, dim, keepdim):
+    """The axes a mean over `dim` (None: all) reduces, or None where the sharded route does not apply:
+    x plain, no split axis reduced (the reduction is local: DTensor's own), or axes dropped while a
+    split one stays (no spec reduces like that)."""
+    if not _is_sharded(x) or not x.dim():
+        return None
+    dims = list(range(x.dim())) if dim is None else sorted({d % x.dim() for d in ((dim,) if isinstance(dim, int) else dim)})
+    if not _split_reduced(x, dims) or (not keepdim and len(dims) != x.dim()):
+        return None
+    return dims
+
+
+def _local_sum(x, dims, keepdim, square=False):
+    """This rank's sum of x (squared) over `dims`, of its shard; with its partial placements made
+    whole first (a value DTensor left partial: its parts are not x's)."""
+    if any(pl.is_partial() for pl in x.placements):
+        x = x.redistribute(x.device_mesh, [_Replicate() if pl.is_partial() else pl for pl in x.placements])
+    local = x.to_local()
+    if square:
+        local = local * local
+    return local.sum(dim=dims, keepdim=keepdim), x
+
+
+def _mean(x, dim=None, keepdim=False):
+    """torch.mean(x) (dim None) or x.mean(dim, keepdim). A DTensor's mean over a split axis is each
+    shard's sum divided by the whole tensor's count along the reduced axes, left partial (a SUM, which
+    _whole's or _whole_list's one all-reduce finishes), where DTensor all-gathers the shards; a shard
+    empty along the axis adds 0."""
+    dims = _reduced_axes(x, dim, keepdim)
+    if dims is None:
+        return torch.mean(x) if dim is None and not keepdim else x.mean(dim=dim, keepdim=keepdim)
+    count = math.prod(x.shape[d] for d in dims)
+    part, x = _local_sum(x, dims, keepdim)
+    return _partial_of(x, part / count, dims, keepdim, _Partial("sum"))
+
+
+def _rms(x):
+    """sqrt(mean(x^2)). Of a DTensor split along an axis: each rank's norm of its shard over the root
+    of the whole count, left partial as DTensor leaves a 2-norm (the parts' squares add up to the mean
+    square), which _whole or _whole_list finishes with one all-reduce."""
+    if _reduced_axes(x, None, False) is None:
+        return torch.sqrt(torch.mean(torch.square(x)))
+    if any(pl.is_partial() for pl in x.placements):
+        x = x.redistribute(x.device_mesh, [_Replicate() if pl.is_partial() else pl for pl in x.placements])
+    norm = torch.linalg.vector_norm(x)  # each shard's, partial over the mesh dimensions that split x
+    return _DTensor.from_local(norm.to_local() / math.sqrt(x.numel()), x.device_mesh, norm.placements,
+                               run_check=False, shape=(), stride=())
 
 
 def _round_bfloat16(x):
@@ -1102,7 +1180,7 @@ def _single_tensor_amos(params, grads, m_list, v_list, decay_list, state_steps, 
             c4 = k2*(1 - beta**t)
         d0 = torch.as_tensor(1/(c0*decay + 1), dtype=p.dtype)
         tmp0 = torch.mul(g, g)
-        r0 = _whole(torch.mean(tmp0))
+        r0 = _whole(_mean(tmp0))
         d1 = torch.as_tensor(c1*r0/((eps + ((v) + (k4) * ((r0) - (v))))*torch.sqrt(decay*k3 + 1)) + k1, dtype=p.dtype)
         d2 = torch.as_tensor(c2*c3*lr*torch.sqrt(1/(eps + ((v) + (k4) * ((r0) - (v))))), dtype=p.dtype)
         d3 = torch.as_tensor(((v) + (k4) * ((r0) - (v))), dtype=p.dtype)
@@ -1162,7 +1240,8 @@ def _multi_tensor_amos(params, grads, m_list, v_list, decay_list, state_steps, *
         c4 = [k2*(1 - beta**t_) for t_ in t]
         d0 = [torch.as_tensor(1/(c0_*decay_ + 1), dtype=p[0].dtype) for c0_, decay_ in zip(c0, decay)]
         tmp0 = torch._foreach_mul(g, g)
-        r0 = _whole_list([torch.mean(tmp0_) for tmp0_ in tmp0])
+        r0 = [_mean(tmp0_) for tmp0_ in tmp0]
+        r0, = _whole_lists(r0)
         d1 = [torch.as_tensor(c1_*r0_/((eps + ((v_) + (k4) * ((r0_) - (v_))))*torch.sqrt(decay_*k3 + 1)) + k1, dtype=p[0].dtype) for c1_, decay_, r0_, v_ in zip(c1, decay, r0, v)]
         d2 = [torch.as_tensor(c2_*c3_*lr*torch.sqrt(1/(eps + ((v_) + (k4) * ((r0_) - (v_))))), dtype=p[0].dtype) for c2_, c3_, r0_, v_ in zip(c2, c3, r0, v)]
         d3 = [torch.as_tensor(((v_) + (k4) * ((r0_) - (v_))), dtype=p[0].dtype) for r0_, v_ in zip(r0, v)]

@@ -224,6 +224,21 @@ def _whole_list(xs):
     """[_whole(x) for x in xs], one reduction's results for every tensor of a group (the foreach
     path): the partial results combined by one all-reduce per mesh dimension, process group and op
     over a flat buffer of them all, not one collective per tensor (DTensor's redistribution)."""
+    return _whole_lists(xs)[0]
+
+
+def _whole_lists(*lists):
+    """_whole_list of each list, several reductions' results combined by the same all-reduces."""
+    sizes = [len(xs) for xs in lists]
+    out = _whole_flat([x for xs in lists for x in xs])
+    at = []
+    for n in sizes:
+        at.append(out[:n])
+        out = out[n:]
+    return at
+
+
+def _whole_flat(xs):
     xs = list(xs)
     partial = [i for i, x in enumerate(xs) if _is_sharded(x) and any(pl.is_partial() for pl in x.placements)]
     if not partial:
@@ -286,6 +301,69 @@ def _amax(x, dim):
     shape = () if dim is None else tuple(1 if d in dims else n for d, n in enumerate(x.shape))
     return _DTensor.from_local(part, x.device_mesh, placements, run_check=False, shape=shape,
                                stride=torch.empty(shape, device="meta").stride())
+
+
+def _split_reduced(x, dims):
+    """The mesh dimensions of DTensor x that split one of the tensor axes `dims`."""
+    return [m for m, pl in enumerate(x.placements) if _splits(pl) and pl.dim % x.dim() in dims]
+
+
+def _partial_of(x, part, dims, keepdim, placement):
+    """The DTensor of this rank's partial result `part` of a reduction of x over `dims`: the mesh
+    dimensions that split a reduced axis hold `placement` (partial), the others as in x."""
+    placements = [placement if _splits(pl) and pl.dim % x.dim() in dims else pl for pl in x.placements]
+    shape = tuple(1 if d in dims else n for d, n in enumerate(x.shape)) if keepdim else ()
+    return _DTensor.from_local(part, x.device_mesh, placements, run_check=False, shape=shape,
+                               stride=torch.empty(shape, device="meta").stride())
+
+
+def _reduced_axes(x, dim, keepdim):
+    """The axes a mean over `dim` (None: all) reduces, or None where the sharded route does not apply:
+    x plain, no split axis reduced (the reduction is local: DTensor's own), or axes dropped while a
+    split one stays (no spec reduces like that)."""
+    if not _is_sharded(x) or not x.dim():
+        return None
+    dims = list(range(x.dim())) if dim is None else sorted({d % x.dim() for d in ((dim,) if isinstance(dim, int) else dim)})
+    if not _split_reduced(x, dims) or (not keepdim and len(dims) != x.dim()):
+        return None
+    return dims
+
+
+def _local_sum(x, dims, keepdim, square=False):
+    """This rank's sum of x (squared) over `dims`, of its shard; with its partial placements made
+    whole first (a value DTensor left partial: its parts are not x's)."""
+    if any(pl.is_partial() for pl in x.placements):
+        x = x.redistribute(x.device_mesh, [_Replicate() if pl.is_partial() else pl for pl in x.placements])
+    local = x.to_local()
+    if square:
+        local = local * local
+    return local.sum(dim=dims, keepdim=keepdim), x
+
+
+def _mean(x, dim=None, keepdim=False):
+    """torch.mean(x) (dim None) or x.mean(dim, keepdim). A DTensor's mean over a split axis is each
+    shard's sum divided by the whole tensor's count along the reduced axes, left partial (a SUM, which
+    _whole's or _whole_list's one all-reduce finishes), where DTensor all-gathers the shards; a shard
+    empty along the axis adds 0."""
+    dims = _reduced_axes(x, dim, keepdim)
+    if dims is None:
+        return torch.mean(x) if dim is None and not keepdim else x.mean(dim=dim, keepdim=keepdim)
+    count = math.prod(x.shape[d] for d in dims)
+    part, x = _local_sum(x, dims, keepdim)
+    return _partial_of(x, part / count, dims, keepdim, _Partial("sum"))
+
+
+def _rms(x):
+    """sqrt(mean(x^2)). Of a DTensor split along an axis: each rank's norm of its shard over the root
+    of the whole count, left partial as DTensor leaves a 2-norm (the parts' squares add up to the mean
+    square), which _whole or _whole_list finishes with one all-reduce."""
+    if _reduced_axes(x, None, False) is None:
+        return torch.sqrt(torch.mean(torch.square(x)))
+    if any(pl.is_partial() for pl in x.placements):
+        x = x.redistribute(x.device_mesh, [_Replicate() if pl.is_partial() else pl for pl in x.placements])
+    norm = torch.linalg.vector_norm(x)  # each shard's, partial over the mesh dimensions that split x
+    return _DTensor.from_local(norm.to_local() / math.sqrt(x.numel()), x.device_mesh, norm.placements,
+                               run_check=False, shape=(), stride=())
 
 
 def _round_bfloat16(x):
@@ -849,7 +927,7 @@ def _write_state(stored, value, signed, generator=None, stochastic=False):
 
 def _negated(grads):
     """-g for each gradient, as new tensors (p.grad is never written): torch.optim's maximize=True."""
-    if not any(map(_is_sharded, grads)):
+    if grads and not any(map(_is_sharded, grads)):
         return torch._foreach_neg(grads)
     return [torch.neg(g) for g in grads]
 
@@ -1971,7 +2049,7 @@ def _single_tensor_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state
         tmp23 = torch.mul(tmp21, tmp21)
         tmp24 = torch.mul(tmp22, tmp23)
         tmp25 = torch.mul(tmp24, tmp5)
-        r2 = _whole(torch.sqrt(torch.mean(torch.square(tmp25))))
+        r2 = _whole(_rms(tmp25))
         d3 = torch.as_tensor(c0*torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r2 + 1e-06), dtype=torch.float64)), dtype=p.dtype)
         tmp26 = torch.where(torch.as_tensor(weight_decouple, dtype=tmp0.dtype, device=tmp0.device) != 0, tmp0, torch.as_tensor(0, dtype=tmp0.dtype, device=tmp0.device))
         tmp24.mul_(m)
@@ -2044,27 +2122,30 @@ def _multi_tensor_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_
             tmp7 = tmp2
         tmp8 = torch._foreach_mul(tmp7, tmp7)
         torch._foreach_mul_(tmp6, tmp8)
-        tmp9 = _whole_list([tmp6_.sum(dim=-1, keepdim=True) for tmp6_ in tmp6])
+        tmp9 = [tmp6_.sum(dim=-1, keepdim=True) for tmp6_ in tmp6]
         tmp10 = [_random_like(p_, seed, i_, 0, normal=True) for p_, i_ in zip(p, i)]
         torch._foreach_mul_(tmp10, tmp10)
         torch._foreach_div_(tmp10, tmp3)
         torch._foreach_div_(tmp10, tmp4)
-        tmp11 = _whole_list([tmp10_.sum(dim=-1, keepdim=True) for tmp10_ in tmp10])
+        tmp11 = [tmp10_.sum(dim=-1, keepdim=True) for tmp10_ in tmp10]
+        tmp16 = [tmp6_.sum(dim=-2, keepdim=True) for tmp6_ in tmp6]
+        tmp17 = [tmp10_.sum(dim=-2, keepdim=True) for tmp10_ in tmp10]
+        tmp26 = [torch.where(torch.as_tensor(weight_decouple, dtype=tmp0_.dtype, device=tmp0_.device) != 0, tmp0_, torch.as_tensor(0, dtype=tmp0_.dtype, device=tmp0_.device)) for tmp0_ in tmp0]
+        tmp9, tmp11, tmp16, tmp17 = _whole_lists(tmp9, tmp11, tmp16, tmp17)
         tmp12 = torch._foreach_add(tmp9, tmp11)
-        r0 = _whole_list([_amax(tmp12_, None) for tmp12_ in tmp12])
-        d1 = [torch.as_tensor(-plr/(r0_ + 1.1754943508222875e-38), dtype=p[0].dtype) for r0_ in r0]
+        r0 = [_amax(tmp12_, None) for tmp12_ in tmp12]
         torch._foreach_sub_(tmp9, tmp11)
         tmp13 = torch._foreach_mul(dL, tmp9)
+        tmp18 = torch._foreach_add(tmp16, tmp17)
+        r1 = [_amax(tmp18_, None) for tmp18_ in tmp18]
+        torch._foreach_sub_(tmp16, tmp17)
+        tmp19 = torch._foreach_mul(dR, tmp16)
+        r0, r1 = _whole_lists(r0, r1)
+        d1 = [torch.as_tensor(-plr/(r0_ + 1.1754943508222875e-38), dtype=p[0].dtype) for r0_ in r0]
         torch._foreach_mul_(tmp13, d1)
         tmp14 = torch._foreach_add(dL, tmp13)
         tmp15 = [torch.where(d0_ != 0, tmp14_, dL_) for d0_, tmp14_, dL_ in zip(d0, tmp14, dL)]
-        tmp16 = _whole_list([tmp6_.sum(dim=-2, keepdim=True) for tmp6_ in tmp6])
-        tmp17 = _whole_list([tmp10_.sum(dim=-2, keepdim=True) for tmp10_ in tmp10])
-        tmp18 = torch._foreach_add(tmp16, tmp17)
-        r1 = _whole_list([_amax(tmp18_, None) for tmp18_ in tmp18])
         d2 = [torch.as_tensor(-plr/(r1_ + 1.1754943508222875e-38), dtype=p[0].dtype) for r1_ in r1]
-        torch._foreach_sub_(tmp16, tmp17)
-        tmp19 = torch._foreach_mul(dR, tmp16)
         torch._foreach_mul_(tmp19, d2)
         tmp20 = torch._foreach_add(dR, tmp19)
         tmp21 = [torch.where(d0_ != 0, tmp20_, dR_) for d0_, tmp20_, dR_ in zip(d0, tmp20, dR)]
@@ -2072,10 +2153,10 @@ def _multi_tensor_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_
         tmp23 = torch._foreach_mul(tmp21, tmp21)
         tmp24 = torch._foreach_mul(tmp22, tmp23)
         tmp25 = torch._foreach_mul(tmp24, tmp5)
-        r2 = _whole_list([torch.sqrt(torch.mean(torch.square(tmp25_))) for tmp25_ in tmp25])
-        d3 = [torch.as_tensor(c0_*torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r2_ + 1e-06), dtype=torch.float64)), dtype=p[0].dtype) for c0_, r2_ in zip(c0, r2)]
-        tmp26 = [torch.where(torch.as_tensor(weight_decouple, dtype=tmp0_.dtype, device=tmp0_.device) != 0, tmp0_, torch.as_tensor(0, dtype=tmp0_.dtype, device=tmp0_.device)) for tmp0_ in tmp0]
+        r2 = [_rms(tmp25_) for tmp25_ in tmp25]
         torch._foreach_mul_(tmp24, m)
+        r2, = _whole_lists(r2)
+        d3 = [torch.as_tensor(c0_*torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r2_ + 1e-06), dtype=torch.float64)), dtype=p[0].dtype) for c0_, r2_ in zip(c0, r2)]
         torch._foreach_mul_(tmp24, d3)
         torch._foreach_add_(tmp24, tmp26)
         torch._foreach_add_(p, tmp24, alpha=k0)
@@ -2218,7 +2299,7 @@ def _single_tensor_kron_1(params, grads, m_list, c_list, dL_list, QR_list, state
         tmp36 = torch.matmul(tmp9, tmp35)
         tmp37 = torch.matmul(tmp36, tmp25)
         tmp38 = torch.mul(tmp34, tmp37)
-        r0 = _whole(torch.sqrt(torch.mean(torch.square(tmp38))))
+        r0 = _whole(_rms(tmp38))
         d0 = torch.as_tensor(torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r0 + 1e-06), dtype=torch.float64)), dtype=p.dtype)
         tmp39 = torch.where(torch.as_tensor(weight_decouple, dtype=tmp4.dtype, device=tmp4.device) != 0, tmp4, torch.as_tensor(0, dtype=tmp4.dtype, device=tmp4.device))
         tmp40 = torch.mul(tmp38, d0)
@@ -2287,7 +2368,7 @@ def _multi_tensor_kron_1(params, grads, m_list, c_list, dL_list, QR_list, state_
         torch._foreach_mul_(m, momentum)
         torch._foreach_add_(m, tmp6, alpha=k1)
         tmp7 = torch._foreach_mul(tmp1, tmp1)
-        tmp8 = _whole_list([tmp7_.sum(dim=-1, keepdim=True) for tmp7_ in tmp7])
+        tmp8 = [tmp7_.sum(dim=-1, keepdim=True) for tmp7_ in tmp7]
         tmp9 = torch._foreach_mul(m, c1)
         if momentum_into_precondition_update:
             tmp10 = tmp9
@@ -2309,23 +2390,26 @@ def _multi_tensor_kron_1(params, grads, m_list, c_list, dL_list, QR_list, state_
         tmp24 = torch._foreach_sub(QR, tmp23)
         tmp25 = [torch.where(d2_ != 0, tmp24_, QR_) for d2_, tmp24_, QR_ in zip(d2, tmp24, QR)]
         tmp26 = torch._foreach_mul(tmp13, tmp13)
-        tmp27 = _whole_list([tmp26_.sum(dim=-1, keepdim=True) for tmp26_ in tmp26])
+        tmp27 = [tmp26_.sum(dim=-1, keepdim=True) for tmp26_ in tmp26]
+        tmp35 = [tmp25_.mT for tmp25_ in tmp25]
+        tmp36 = [torch.matmul(tmp9_, tmp35_) for tmp9_, tmp35_ in zip(tmp9, tmp35)]
+        tmp37 = [torch.matmul(tmp36_, tmp25_) for tmp36_, tmp25_ in zip(tmp36, tmp25)]
+        tmp39 = [torch.where(torch.as_tensor(weight_decouple, dtype=tmp4_.dtype, device=tmp4_.device) != 0, tmp4_, torch.as_tensor(0, dtype=tmp4_.dtype, device=tmp4_.device)) for tmp4_ in tmp4]
+        tmp8, tmp27 = _whole_lists(tmp8, tmp27)
         tmp28 = torch._foreach_add(tmp8, tmp27)
-        r1 = _whole_list([_amax(tmp28_, None) for tmp28_ in tmp28])
-        d3 = [torch.as_tensor(-plr/(r1_ + 1.1754943508222875e-38), dtype=p[0].dtype) for r1_ in r1]
+        r1 = [_amax(tmp28_, None) for tmp28_ in tmp28]
         tmp29 = torch._foreach_sub(tmp27, tmp8)
         tmp30 = torch._foreach_mul(dL, tmp29)
+        r1, = _whole_lists(r1)
+        d3 = [torch.as_tensor(-plr/(r1_ + 1.1754943508222875e-38), dtype=p[0].dtype) for r1_ in r1]
         tmp31 = torch._foreach_mul(tmp30, d3)
         tmp32 = torch._foreach_add(dL, tmp31)
         tmp33 = [torch.where(d2_ != 0, tmp32_, dL_) for d2_, tmp32_, dL_ in zip(d2, tmp32, dL)]
         tmp34 = torch._foreach_mul(tmp33, tmp33)
-        tmp35 = [tmp25_.mT for tmp25_ in tmp25]
-        tmp36 = [torch.matmul(tmp9_, tmp35_) for tmp9_, tmp35_ in zip(tmp9, tmp35)]
-        tmp37 = [torch.matmul(tmp36_, tmp25_) for tmp36_, tmp25_ in zip(tmp36, tmp25)]
         tmp38 = torch._foreach_mul(tmp34, tmp37)
-        r0 = _whole_list([torch.sqrt(torch.mean(torch.square(tmp38_))) for tmp38_ in tmp38])
+        r0 = [_rms(tmp38_) for tmp38_ in tmp38]
+        r0, = _whole_lists(r0)
         d0 = [torch.as_tensor(torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r0_ + 1e-06), dtype=torch.float64)), dtype=p[0].dtype) for r0_ in r0]
-        tmp39 = [torch.where(torch.as_tensor(weight_decouple, dtype=tmp4_.dtype, device=tmp4_.device) != 0, tmp4_, torch.as_tensor(0, dtype=tmp4_.dtype, device=tmp4_.device)) for tmp4_ in tmp4]
         tmp40 = torch._foreach_mul(tmp38, d0)
         tmp41 = torch._foreach_add(tmp40, tmp39)
         tmp42 = torch._foreach_add(p, tmp41, alpha=k0)
@@ -2470,7 +2554,7 @@ def _single_tensor_kron_2(params, grads, m_list, c_list, QL_list, dR_list, state
         tmp37 = torch.matmul(tmp26, tmp11)
         tmp38 = torch.matmul(tmp36, tmp37)
         tmp39 = torch.mul(tmp35, tmp38)
-        r0 = _whole(torch.sqrt(torch.mean(torch.square(tmp39))))
+        r0 = _whole(_rms(tmp39))
         d0 = torch.as_tensor(torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r0 + 1e-06), dtype=torch.float64)), dtype=p.dtype)
         tmp40 = torch.where(torch.as_tensor(weight_decouple, dtype=tmp6.dtype, device=tmp6.device) != 0, tmp6, torch.as_tensor(0, dtype=tmp6.dtype, device=tmp6.device))
         tmp41 = torch.mul(tmp39, d0)
@@ -2541,7 +2625,7 @@ def _multi_tensor_kron_2(params, grads, m_list, c_list, QL_list, dR_list, state_
         torch._foreach_mul_(m, momentum)
         torch._foreach_add_(m, tmp8, alpha=k1)
         tmp9 = torch._foreach_mul(tmp3, tmp3)
-        tmp10 = _whole_list([tmp9_.sum(dim=-2, keepdim=True) for tmp9_ in tmp9])
+        tmp10 = [tmp9_.sum(dim=-2, keepdim=True) for tmp9_ in tmp9]
         tmp11 = torch._foreach_mul(m, c1)
         if momentum_into_precondition_update:
             tmp12 = tmp11
@@ -2562,23 +2646,26 @@ def _multi_tensor_kron_2(params, grads, m_list, c_list, QL_list, dR_list, state_
         tmp25 = torch._foreach_sub(QL, tmp24)
         tmp26 = [torch.where(d2_ != 0, tmp25_, QL_) for d2_, tmp25_, QL_ in zip(d2, tmp25, QL)]
         tmp27 = torch._foreach_mul(tmp14, tmp14)
-        tmp28 = _whole_list([tmp27_.sum(dim=-2, keepdim=True) for tmp27_ in tmp27])
+        tmp28 = [tmp27_.sum(dim=-2, keepdim=True) for tmp27_ in tmp27]
+        tmp36 = [tmp26_.mT for tmp26_ in tmp26]
+        tmp37 = [torch.matmul(tmp26_, tmp11_) for tmp26_, tmp11_ in zip(tmp26, tmp11)]
+        tmp38 = [torch.matmul(tmp36_, tmp37_) for tmp36_, tmp37_ in zip(tmp36, tmp37)]
+        tmp40 = [torch.where(torch.as_tensor(weight_decouple, dtype=tmp6_.dtype, device=tmp6_.device) != 0, tmp6_, torch.as_tensor(0, dtype=tmp6_.dtype, device=tmp6_.device)) for tmp6_ in tmp6]
+        tmp10, tmp28 = _whole_lists(tmp10, tmp28)
         tmp29 = torch._foreach_add(tmp10, tmp28)
-        r1 = _whole_list([_amax(tmp29_, None) for tmp29_ in tmp29])
-        d3 = [torch.as_tensor(-plr/(r1_ + 1.1754943508222875e-38), dtype=p[0].dtype) for r1_ in r1]
+        r1 = [_amax(tmp29_, None) for tmp29_ in tmp29]
         tmp30 = torch._foreach_sub(tmp28, tmp10)
         tmp31 = torch._foreach_mul(dR, tmp30)
+        r1, = _whole_lists(r1)
+        d3 = [torch.as_tensor(-plr/(r1_ + 1.1754943508222875e-38), dtype=p[0].dtype) for r1_ in r1]
         tmp32 = torch._foreach_mul(tmp31, d3)
         tmp33 = torch._foreach_add(dR, tmp32)
         tmp34 = [torch.where(d2_ != 0, tmp33_, dR_) for d2_, tmp33_, dR_ in zip(d2, tmp33, dR)]
         tmp35 = torch._foreach_mul(tmp34, tmp34)
-        tmp36 = [tmp26_.mT for tmp26_ in tmp26]
-        tmp37 = [torch.matmul(tmp26_, tmp11_) for tmp26_, tmp11_ in zip(tmp26, tmp11)]
-        tmp38 = [torch.matmul(tmp36_, tmp37_) for tmp36_, tmp37_ in zip(tmp36, tmp37)]
         tmp39 = torch._foreach_mul(tmp35, tmp38)
-        r0 = _whole_list([torch.sqrt(torch.mean(torch.square(tmp39_))) for tmp39_ in tmp39])
+        r0 = [_rms(tmp39_) for tmp39_ in tmp39]
+        r0, = _whole_lists(r0)
         d0 = [torch.as_tensor(torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r0_ + 1e-06), dtype=torch.float64)), dtype=p[0].dtype) for r0_ in r0]
-        tmp40 = [torch.where(torch.as_tensor(weight_decouple, dtype=tmp6_.dtype, device=tmp6_.device) != 0, tmp6_, torch.as_tensor(0, dtype=tmp6_.dtype, device=tmp6_.device)) for tmp6_ in tmp6]
         tmp41 = torch._foreach_mul(tmp39, d0)
         tmp42 = torch._foreach_add(tmp41, tmp40)
         tmp43 = torch._foreach_add(p, tmp42, alpha=k0)
@@ -2725,7 +2812,7 @@ def _single_tensor_kron_3(params, grads, m_list, c_list, QL_list, QR_list, state
         tmp42 = torch.matmul(tmp40, tmp41)
         tmp43 = torch.matmul(tmp39, tmp42)
         tmp44 = torch.matmul(tmp43, tmp38)
-        r0 = _whole(torch.sqrt(torch.mean(torch.square(tmp44))))
+        r0 = _whole(_rms(tmp44))
         d0 = torch.as_tensor(torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r0 + 1e-06), dtype=torch.float64)), dtype=p.dtype)
         tmp45 = torch.where(torch.as_tensor(weight_decouple, dtype=tmp5.dtype, device=tmp5.device) != 0, tmp5, torch.as_tensor(0, dtype=tmp5.dtype, device=tmp5.device))
         tmp46 = torch.mul(tmp44, d0)
@@ -2833,9 +2920,10 @@ def _multi_tensor_kron_3(params, grads, m_list, c_list, QL_list, QR_list, state_
         tmp42 = [torch.matmul(tmp40_, tmp41_) for tmp40_, tmp41_ in zip(tmp40, tmp41)]
         tmp43 = [torch.matmul(tmp39_, tmp42_) for tmp39_, tmp42_ in zip(tmp39, tmp42)]
         tmp44 = [torch.matmul(tmp43_, tmp38_) for tmp43_, tmp38_ in zip(tmp43, tmp38)]
-        r0 = _whole_list([torch.sqrt(torch.mean(torch.square(tmp44_))) for tmp44_ in tmp44])
-        d0 = [torch.as_tensor(torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r0_ + 1e-06), dtype=torch.float64)), dtype=p[0].dtype) for r0_ in r0]
+        r0 = [_rms(tmp44_) for tmp44_ in tmp44]
         tmp45 = [torch.where(torch.as_tensor(weight_decouple, dtype=tmp5_.dtype, device=tmp5_.device) != 0, tmp5_, torch.as_tensor(0, dtype=tmp5_.dtype, device=tmp5_.device)) for tmp5_ in tmp5]
+        r0, = _whole_lists(r0)
+        d0 = [torch.as_tensor(torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r0_ + 1e-06), dtype=torch.float64)), dtype=p[0].dtype) for r0_ in r0]
         tmp46 = torch._foreach_mul(tmp44, d0)
         tmp47 = torch._foreach_add(tmp46, tmp45)
         tmp48 = torch._foreach_add(p, tmp47, alpha=k0)
@@ -2941,7 +3029,7 @@ def _single_tensor_kron_4(params, grads, m_list, c_list, q_list, state_steps, *,
         tmp9 = torch.where(d0 != 0, tmp8, q)
         tmp10 = torch.mul(tmp9, tmp9)
         tmp1.mul_(tmp10)
-        r1 = _whole(torch.sqrt(torch.mean(torch.square(tmp1))))
+        r1 = _whole(_rms(tmp1))
         d2 = torch.as_tensor(-c0*lr*torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r1 + 1e-06), dtype=torch.float64)), dtype=p.dtype)
         tmp11 = torch.mul(m, tmp10)
         tmp11.mul_(d2)
@@ -3004,18 +3092,20 @@ def _multi_tensor_kron_4(params, grads, m_list, c_list, q_list, state_steps, *, 
         torch._foreach_div_(tmp5, tmp0)
         tmp6 = torch._foreach_add(tmp4, tmp5)
         torch._foreach_abs_(tmp6)
-        r0 = _whole_list([_amax(tmp6_, None) for tmp6_ in tmp6])
-        d1 = [torch.as_tensor(-plr/(r0_ + 1.1754943508222875e-38), dtype=p[0].dtype) for r0_ in r0]
+        r0 = [_amax(tmp6_, None) for tmp6_ in tmp6]
         torch._foreach_sub_(tmp4, tmp5)
         tmp7 = torch._foreach_mul(q, tmp4)
+        r0, = _whole_lists(r0)
+        d1 = [torch.as_tensor(-plr/(r0_ + 1.1754943508222875e-38), dtype=p[0].dtype) for r0_ in r0]
         torch._foreach_mul_(tmp7, d1)
         tmp8 = torch._foreach_add(q, tmp7)
         tmp9 = [torch.where(d0_ != 0, tmp8_, q_) for d0_, tmp8_, q_ in zip(d0, tmp8, q)]
         tmp10 = torch._foreach_mul(tmp9, tmp9)
         torch._foreach_mul_(tmp1, tmp10)
-        r1 = _whole_list([torch.sqrt(torch.mean(torch.square(tmp1_))) for tmp1_ in tmp1])
-        d2 = [torch.as_tensor(-c0_*lr*torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r1_ + 1e-06), dtype=torch.float64)), dtype=p[0].dtype) for c0_, r1_ in zip(c0, r1)]
+        r1 = [_rms(tmp1_) for tmp1_ in tmp1]
         tmp11 = torch._foreach_mul(m, tmp10)
+        r1, = _whole_lists(r1)
+        d2 = [torch.as_tensor(-c0_*lr*torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r1_ + 1e-06), dtype=torch.float64)), dtype=p[0].dtype) for c0_, r1_ in zip(c0, r1)]
         torch._foreach_mul_(tmp11, d2)
         torch._foreach_add_(p, tmp11)
         _foreach_copy_(c, d3)

@@ -104,6 +104,21 @@ def _whole_list(xs):
     """[_whole(x) for x in xs], one reduction's results for every tensor of a group (the foreach
     path): the partial results combined by one all-reduce per mesh dimension, process group and op
     over a flat buffer of them all, not one collective per tensor (DTensor's redistribution)."""
+    return _whole_lists(xs)[0]
+
+
+def _whole_lists(*lists):
+    """_whole_list of each list, several reductions' results combined by the same all-reduces."""
+    sizes = [len(xs) for xs in lists]
+    out = _whole_flat([x for xs in lists for x in xs])
+    at = []
+    for n in sizes:
+        at.append(out[:n])
+        out = out[n:]
+    return at
+
+
+def _whole_flat(xs):
     xs = list(xs)
     partial = [i for i, x in enumerate(xs) if _is_sharded(x) and any(pl.is_partial() for pl in x.placements)]
     if not partial:
@@ -166,6 +181,69 @@ def _amax(x, dim):
     shape = () if dim is None else tuple(1 if d in dims else n for d, n in enumerate(x.shape))
     return _DTensor.from_local(part, x.device_mesh, placements, run_check=False, shape=shape,
                                stride=torch.empty(shape, device="meta").stride())
+
+
+def _split_reduced(x, dims):
+    """The mesh dimensions of DTensor x that split one of the tensor axes `dims`."""
+    return [m for m, pl in enumerate(x.placements) if _splits(pl) and pl.dim % x.dim() in dims]
+
+
+def _partial_of(x, part, dims, keepdim, placement):
+    """The DTensor of this rank's partial result `part` of a reduction of x over `dims`: the mesh
+    dimensions that split a reduced axis hold `placement` (partial), the others as in x."""
+    placements = [placement if _splits(pl) and pl.dim % x.dim() in dims else pl for pl in x.placements]
+    shape = tuple(1 if d in dims else n for d, n in enumerate(x.shape)) if keepdim else ()
+    return _DTensor.from_local(part, x.device_mesh, placements, run_check=False, shape=shape,
+                               stride=torch.empty(shape, device="meta").stride())
+
+
+def _reduced_axes(x, dim, keepdim):
+    """The axes a mean over `dim` (None: all) reduces, or None where the sharded route does not apply:
+    x plain, no split axis reduced (the reduction is local: DTensor's own), or axes dropped while a
+    split one stays (no spec reduces like that)."""
+    if not _is_sharded(x) or not x.dim():
+        return None
+    dims = list(range(x.dim())) if dim is None else sorted({d % x.dim() for d in ((dim,) if isinstance(dim, int) else dim)})
+    if not _split_reduced(x, dims) or (not keepdim and len(dims) != x.dim()):
+        return None
+    return dims
+
+
+def _local_sum(x, dims, keepdim, square=False):
+    """This rank's sum of x (squared) over `dims`, of its shard; with its partial placements made
+    whole first (a value DTensor left partial: its parts are not x's)."""
+    if any(pl.is_partial() for pl in x.placements):
+        x = x.redistribute(x.device_mesh, [_Replicate() if pl.is_partial() else pl for pl in x.placements])
+    local = x.to_local()
+    if square:
+        local = local * local
+    return local.sum(dim=dims, keepdim=keepdim), x
+
+
+def _mean(x, dim=None, keepdim=False):
+    """torch.mean(x) (dim None) or x.mean(dim, keepdim). A DTensor's mean over a split axis is each
+    shard's sum divided by the whole tensor's count along the reduced axes, left partial (a SUM, which
+    _whole's or _whole_list's one all-reduce finishes), where DTensor all-gathers the shards; a shard
+    empty along the axis adds 0."""
+    dims = _reduced_axes(x, dim, keepdim)
+    if dims is None:
+        return torch.mean(x) if dim is None and not keepdim else x.mean(dim=dim, keepdim=keepdim)
+    count = math.prod(x.shape[d] for d in dims)
+    part, x = _local_sum(x, dims, keepdim)
+    return _partial_of(x, part / count, dims, keepdim, _Partial("sum"))
+
+
+def _rms(x):
+    """sqrt(mean(x^2)). Of a DTensor split along an axis: each rank's norm of its shard over the root
+    of the whole count, left partial as DTensor leaves a 2-norm (the parts' squares add up to the mean
+    square), which _whole or _whole_list finishes with one all-reduce."""
+    if _reduced_axes(x, None, False) is None:
+        return torch.sqrt(torch.mean(torch.square(x)))
+    if any(pl.is_partial() for pl in x.placements):
+        x = x.redistribute(x.device_mesh, [_Replicate() if pl.is_partial() else pl for pl in x.placements])
+    norm = torch.linalg.vector_norm(x)  # each shard's, partial over the mesh dimensions that split x
+    return _DTensor.from_local(norm.to_local() / math.sqrt(x.numel()), x.device_mesh, norm.placements,
+                               run_check=False, shape=(), stride=())
 
 
 def _round_bfloat16(x):
@@ -1069,16 +1147,17 @@ def _multi_tensor_sgdagc(params, grads, buf_list, state_steps, *, lr, momentum, 
         else:
             torch._foreach_add_(device_steps, 1)
         t = [s.item() for s in device_steps]
-        tmp0 = _whole_list([torch.linalg.vector_norm(g_, dim=tuple(range(1, g_.dim())) or None, keepdim=True) for g_ in g])
+        tmp0 = [torch.linalg.vector_norm(g_, dim=tuple(range(1, g_.dim())) or None, keepdim=True) for g_ in g]
+        tmp1 = [torch.linalg.vector_norm(p_, dim=tuple(range(1, p_.dim())) or None, keepdim=True) for p_ in p]
+        torch._foreach_mul_(buf, momentum)
+        tmp0, tmp1 = _whole_lists(tmp0, tmp1)
         torch._foreach_clamp_min_(tmp0, eps)
-        tmp1 = _whole_list([torch.linalg.vector_norm(p_, dim=tuple(range(1, p_.dim())) or None, keepdim=True) for p_ in p])
         torch._foreach_clamp_min_(tmp1, unit_eps)
         torch._foreach_mul_(tmp1, clip)
         tmp2 = [(tmp0_ > tmp1_).to(tmp0_.dtype) for tmp0_, tmp1_ in zip(tmp0, tmp1)]
         tmp3 = torch._foreach_mul(g, tmp1)
         torch._foreach_div_(tmp3, tmp0)
         tmp4 = [torch.where(tmp2_ != 0, tmp3_, g_) for tmp2_, tmp3_, g_ in zip(tmp2, tmp3, g)]
-        torch._foreach_mul_(buf, momentum)
         torch._foreach_add_(buf, tmp4)
         torch._foreach_add_(p, buf, alpha=k0)
         if not exact:

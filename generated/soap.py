@@ -142,6 +142,21 @@ def _whole_list(xs):
     """[_whole(x) for x in xs], one reduction's results for every tensor of a group (the foreach
     path): the partial results combined by one all-reduce per mesh dimension, process group and op
     over a flat buffer of them all, not one collective per tensor (DTensor's redistribution)."""
+    return _whole_lists(xs)[0]
+
+
+def _whole_lists(*lists):
+    """_whole_list of each list, several reductions' results combined by the same all-reduces."""
+    sizes = [len(xs) for xs in lists]
+    out = _whole_flat([x for xs in lists for x in xs])
+    at = []
+    for n in sizes:
+        at.append(out[:n])
+        out = out[n:]
+    return at
+
+
+def _whole_flat(xs):
     xs = list(xs)
     partial = [i for i, x in enumerate(xs) if _is_sharded(x) and any(pl.is_partial() for pl in x.placements)]
     if not partial:
@@ -204,6 +219,69 @@ def _amax(x, dim):
     shape = () if dim is None else tuple(1 if d in dims else n for d, n in enumerate(x.shape))
     return _DTensor.from_local(part, x.device_mesh, placements, run_check=False, shape=shape,
                                stride=torch.empty(shape, device="meta").stride())
+
+
+def _split_reduced(x, dims):
+    """The mesh dimensions of DTensor x that split one of the tensor axes `dims`."""
+    return [m for m, pl in enumerate(x.placements) if _splits(pl) and pl.dim % x.dim() in dims]
+
+
+def _partial_of(x, part, dims, keepdim, placement):
+    """The DTensor of this rank's partial result `part` of a reduction of x over `dims`: the mesh
+    dimensions that split a reduced axis hold `placement` (partial), the others as in x."""
+    placements = [placement if _splits(pl) and pl.dim % x.dim() in dims else pl for pl in x.placements]
+    shape = tuple(1 if d in dims else n for d, n in enumerate(x.shape)) if keepdim else ()
+    return _DTensor.from_local(part, x.device_mesh, placements, run_check=False, shape=shape,
+                               stride=torch.empty(shape, device="meta").stride())
+
+
+def _reduced_axes(x, dim, keepdim):
+    """The axes a mean over `dim` (None: all) reduces, or None where the sharded route does not apply:
+    x plain, no split axis reduced (the reduction is local: DTensor's own), or axes dropped while a
+    split one stays (no spec reduces like that)."""
+    if not _is_sharded(x) or not x.dim():
+        return None
+    dims = list(range(x.dim())) if dim is None else sorted({d % x.dim() for d in ((dim,) if isinstance(dim, int) else dim)})
+    if not _split_reduced(x, dims) or (not keepdim and len(dims) != x.dim()):
+        return None
+    return dims
+
+
+def _local_sum(x, dims, keepdim, square=False):
+    """This rank's sum of x (squared) over `dims`, of its shard; with its partial placements made
+    whole first (a value DTensor left partial: its parts are not x's)."""
+    if any(pl.is_partial() for pl in x.placements):
+        x = x.redistribute(x.device_mesh, [_Replicate() if pl.is_partial() else pl for pl in x.placements])
+    local = x.to_local()
+    if square:
+        local = local * local
+    return local.sum(dim=dims, keepdim=keepdim), x
+
+
+def _mean(x, dim=None, keepdim=False):
+    """torch.mean(x) (dim None) or x.mean(dim, keepdim). A DTensor's mean over a split axis is each
+    shard's sum divided by the whole tensor's count along the reduced axes, left partial (a SUM, which
+    _whole's or _whole_list's one all-reduce finishes), where DTensor all-gathers the shards; a shard
+    empty along the axis adds 0."""
+    dims = _reduced_axes(x, dim, keepdim)
+    if dims is None:
+        return torch.mean(x) if dim is None and not keepdim else x.mean(dim=dim, keepdim=keepdim)
+    count = math.prod(x.shape[d] for d in dims)
+    part, x = _local_sum(x, dims, keepdim)
+    return _partial_of(x, part / count, dims, keepdim, _Partial("sum"))
+
+
+def _rms(x):
+    """sqrt(mean(x^2)). Of a DTensor split along an axis: each rank's norm of its shard over the root
+    of the whole count, left partial as DTensor leaves a 2-norm (the parts' squares add up to the mean
+    square), which _whole or _whole_list finishes with one all-reduce."""
+    if _reduced_axes(x, None, False) is None:
+        return torch.sqrt(torch.mean(torch.square(x)))
+    if any(pl.is_partial() for pl in x.placements):
+        x = x.redistribute(x.device_mesh, [_Replicate() if pl.is_partial() else pl for pl in x.placements])
+    norm = torch.linalg.vector_norm(x)  # each shard's, partial over the mesh dimensions that split x
+    return _DTensor.from_local(norm.to_local() / math.sqrt(x.numel()), x.device_mesh, norm.placements,
+                               run_check=False, shape=(), stride=())
 
 
 def _round_bfloat16(x):
@@ -767,7 +845,7 @@ def _write_state(stored, value, signed, generator=None, stochastic=False):
 
 def _negated(grads):
     """-g for each gradient, as new tensors (p.grad is never written): torch.optim's maximize=True."""
-    if not any(map(_is_sharded, grads)):
+    if grads and not any(map(_is_sharded, grads)):
         return torch._foreach_neg(grads)
     return [torch.neg(g) for g in grads]
 
@@ -1568,7 +1646,7 @@ def _single_tensor_soap_0(params, grads, m_list, v_list, GL_list, GR_list, QL_li
                 tmp45 = QR
             tmp46 = tmp45
         if normalize_gradient:
-            r0 = _whole(torch.sqrt(torch.mean(torch.square(tmp15))))
+            r0 = _whole(_rms(tmp15))
             d0 = torch.as_tensor(1/(eps + r0), dtype=p.dtype)
             tmp47 = torch.mul(tmp15, d0)
             tmp48 = tmp47
@@ -1695,7 +1773,7 @@ def _multi_tensor_soap_0(params, grads, m_list, v_list, GL_list, GR_list, QL_lis
             tmp45 = tmp44 if all(c3) else QR if not any(c3) else [x if c else y for c, x, y in zip(c3, tmp44, QR)]
         tmp46 = tmp42 if all(c4) else tmp45 if not any(c4) else [x if c else y for c, x, y in zip(c4, tmp42, tmp45)]
         if normalize_gradient:
-            r0 = _whole_list([torch.sqrt(torch.mean(torch.square(tmp15_))) for tmp15_ in tmp15])
+            r0 = _whole_list([_rms(tmp15_) for tmp15_ in tmp15])
             d0 = [torch.as_tensor(1/(eps + r0_), dtype=p[0].dtype) for r0_ in r0]
             tmp47 = torch._foreach_mul(tmp15, d0)
             tmp48 = tmp47
@@ -1804,7 +1882,7 @@ def _single_tensor_soap_1(params, grads, m_list, v_list, state_steps, *, lr, b1,
         tmp5.add_(eps)
         tmp6 = torch.div(tmp4, tmp5)
         if normalize_gradient:
-            r0 = _whole(torch.sqrt(torch.mean(torch.square(tmp6))))
+            r0 = _whole(_rms(tmp6))
             d0 = torch.as_tensor(1/(eps + r0), dtype=p.dtype)
             tmp7 = torch.mul(tmp6, d0)
             tmp8 = tmp7
@@ -1859,7 +1937,7 @@ def _multi_tensor_soap_1(params, grads, m_list, v_list, state_steps, *, lr, b1, 
         torch._foreach_add_(tmp5, eps)
         tmp6 = torch._foreach_div(tmp4, tmp5)
         if normalize_gradient:
-            r0 = _whole_list([torch.sqrt(torch.mean(torch.square(tmp6_))) for tmp6_ in tmp6])
+            r0 = _whole_list([_rms(tmp6_) for tmp6_ in tmp6])
             d0 = [torch.as_tensor(1/(eps + r0_), dtype=p[0].dtype) for r0_ in r0]
             tmp7 = torch._foreach_mul(tmp6, d0)
             tmp8 = tmp7

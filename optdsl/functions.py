@@ -293,20 +293,22 @@ TABLE: dict[str, Function] = {f.name: f for f in [
     F("where", 3, where, "torch.where({0} != 0, {1}, {2})", "({1} if {0} else {2})",
       triton="tl.where({0} != 0, {1}, {2})"),
     # ---- reductions: one scalar per parameter ----
+    # _mean, _rms (the sharding template's): of a DTensor split along a reduced axis, a partial sum
+    # (count-normalised with the whole tensor's count) left for one all-reduce, not DTensor's all-gather
     F("norm", 1, norm, "torch.linalg.vector_norm({0})", "abs({0})", reduction=True),
     F("sum", 1, sum, "torch.sum({0})", "{0}", reduction=True),
-    F("mean", 1, mean, "torch.mean({0})", "{0}", reduction=True),
-    F("rms", 1, rms, "torch.sqrt(torch.mean(torch.square({0})))", "abs({0})", reduction=True),
+    F("mean", 1, mean, "_mean({0})", "{0}", reduction=True),
+    F("rms", 1, rms, "_rms({0})", "abs({0})", reduction=True),
     F("amax", 1, amax, "_amax({0}, None)", "{0}", reduction=True),  # _amax: the sharding template's
     # ---- axis reductions: kept with size 1, so they broadcast back against p ----
-    F("row_mean", 1, row_mean, "{0}.mean(dim=-1, keepdim=True)", "{0}", axis="-1"),
-    F("col_mean", 1, col_mean, "{0}.mean(dim=-2, keepdim=True)", "{0}", axis="-2"),
+    F("row_mean", 1, row_mean, "_mean({0}, -1, True)", "{0}", axis="-1"),
+    F("col_mean", 1, col_mean, "_mean({0}, -2, True)", "{0}", axis="-2"),
     F("row_sum", 1, row_sum, "{0}.sum(dim=-1, keepdim=True)", "{0}", axis="-1"),
     F("col_sum", 1, col_sum, "{0}.sum(dim=-2, keepdim=True)", "{0}", axis="-2"),
     F("row_max", 1, row_max, "_amax({0}, -1)", "{0}", axis="-1"),
     F("col_max", 1, col_max, "_amax({0}, -2)", "{0}", axis="-2"),
     # over every axis but the first: one value per output unit (the whole tensor when rank <= 1)
-    F("unit_mean", 1, unit_mean, "{0}.mean(dim=tuple(range(1, {0}.dim())) or None, keepdim=True)", "{0}",
+    F("unit_mean", 1, unit_mean, "_mean({0}, tuple(range(1, {0}.dim())) or None, True)", "{0}",
       axis="unit"),
     F("unit_norm", 1, unit_norm,
       "torch.linalg.vector_norm({0}, dim=tuple(range(1, {0}.dim())) or None, keepdim=True)", "abs({0})",

@@ -53,14 +53,18 @@ BF16 = [("fsdp-bf16", "adamw", path, "float32") for path in ("loop", "fused")]  
 CHECKPOINTED = [(name, path) for name in ("adamw", "adafactor", "nadam", "muon") for path in ("loop", "fused")]
 CHECKPOINTED += [("shampoo", "loop")]  # Gram states: row-sharded (L, Li) and replicated (R, Ri) DTensors
 # The collectives of one step (CommDebugMode), at 2 ranks: every parameter row-sharded, so every whole
-# reduction of each of the 5 tensors is partial. The foreach path combines each reduction of the rule
-# for all tensors at once (_whole_list: one all-reduce over a flat buffer), the fused path one per
-# stage; the for-loop path, one tensor at a time, leaves it to DTensor (one per tensor and reduction).
-# nSGDA: norm(g); LAMB: norm(p), norm(u); SM3: the column maximum (the row one is local to a row
-# shard); AGC: unit norms of g and p (a split vector's unit is the whole vector); SMMF: sums of two
-# factors, whole and along each axis (4, the rows' sums of a row shard being local).
-COUNTED = {"nsgda": 1, "lamb": 2, "sm3": 1, "sgd_agc": 2, "smmf": 4}
-COUNTED_LOOP = {"nsgda": 5, "lamb": 10, "sm3": 2, "sgd_agc": 6, "smmf": 8}
+# reduction of each of the 5 tensors is partial. The foreach path computes each reduction's parts for
+# all tensors and combines the reductions of a stage (those no other's result feeds) in one all-reduce
+# over a flat buffer (_whole_lists), as the fused path does per stage; the for-loop path, one tensor at a
+# time, one per tensor and reduction. nSGDA: norm(g); LAMB: norm(p), norm(u); SM3: the column maximum
+# (the row one is local to a row shard); AGC: unit norms of g and p (a split vector's unit is the whole
+# vector); SMMF: sums of two factors, whole and along each axis (4, the rows' sums of a row shard being
+# local); Amos: mean(g^2) (a partial sum over the whole count, where DTensor all-gathered each shard);
+# Adafactor: rms(p) with the row and column means of g^2, then the column mean of r, then rms(u) (the
+# matrices' rule: 3 stages), rms(p) with rms(u) (the vectors': 1).
+# {spec: (for-loop, foreach, fused) all-reduces per step}
+COUNTED = {"nsgda": (5, 1, 1), "lamb": (10, 1, 1), "sm3": (2, 1, 1), "sgd_agc": (6, 1, 1), "smmf": (8, 1, 1),
+           "amos": (5, 1, 1), "adafactor": (14, 4, 4)}
 # and with bfloat16 states (state_dtype), in float32
 CHECKPOINTED_BF16 = [("adamw", "loop"), ("adamw", "fused"), ("adafactor", "fused"), ("muon", "loop")]
 # Low-bit states (state_dtype "int8", "int4") on dm.LowBitNet at 2 ranks: a's 5 x 4100 split 3 + 2 rows
@@ -167,16 +171,14 @@ def test_checkpoint_saved_on_two_ranks_resumes_on_four_and_on_one(results, name,
 
 @pytest.mark.parametrize("name", COUNTED)
 def test_each_reduction_is_one_all_reduce_for_all_tensors(results, name):
-    """The foreach path's partial reductions are combined by one all-reduce per reduction over all the
-    group's tensors (5 here), not one per tensor; the fused path's by one per stage; nothing else is
-    communicated (no all-gather of a shard)."""
+    """The foreach path's partial reductions are combined by one all-reduce per stage over all the
+    group's tensors (5 here), not one per tensor, as the fused path's; nothing else is communicated (no
+    all-gather of a shard, which DTensor made for a mean)."""
     got = {path: results[2][("count", name, path, "float64")] for path in dm.PATHS}
     for path, result in got.items():
         assert not isinstance(result, str), result
         assert dm.compare(result[0], dm.one_process(name, path, torch.float64), torch.float64) == ""
-    assert got["foreach"][1] == {"allreduce": COUNTED[name]}
-    assert got["fused"][1] == {"allreduce": 1}
-    assert got["loop"][1] == {"allreduce": COUNTED_LOOP[name]}
+    assert [got[path][1] for path in ("loop", "foreach", "fused")] == [{"allreduce": n} for n in COUNTED[name]]
 
 
 def test_matrix_states_step_on_owners(results):
