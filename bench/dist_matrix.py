@@ -207,7 +207,12 @@ def train_averaged(model, opt, data, world):
 
 
 def make(name, params, path, **kwargs):
-    return optimizer(name)(params, **PATHS[path], **KWARGS.get(name, {}), **kwargs)
+    opt = optimizer(name)(params, **PATHS[path], **KWARGS.get(name, {}), **kwargs)
+    if hasattr(importlib.import_module(f"generated.{name}"), "_random_like"):
+        # a spec drawing randn()/rand() (Kron): the optimizer's own generator is salted with how many
+        # were made before it in the process; seeded, every rank and the reference draw alike
+        opt.manual_seed(1)
+    return opt
 
 
 def sharded(mode, name, path, dtype, rank, world):

@@ -165,12 +165,20 @@ def _random_like(p, seed, index, draw, normal):
     and draws in other orders, draw the same numbers."""
     if seed is None:
         return torch.randn_like(p) if normal else torch.rand_like(p)
-    if hasattr(p, "to_local"):
-        raise RuntimeError("randn()/rand() of a sharded parameter (a DTensor) is not supported yet")
-    key = (seed + 0xBF58476D1CE4E5B9 * (index + 1) + 0x94D049BB133111EB * (draw + 1)) % 2**63
+    key = (_seed_at(seed, index) + 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB * (draw + 1)) % 2**63
     local = torch.Generator(device=p.device).manual_seed(key)
     sample = torch.randn if normal else torch.rand
+    if hasattr(p, "to_local"):  # a DTensor: the whole tensor's draws (one process's), each rank keeping its part
+        whole = sample(p.shape, generator=local, dtype=p.dtype, device=p.device)
+        return torch.distributed.tensor.distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None)
     return sample(p.shape, generator=local, dtype=p.dtype, device=p.device)
+
+
+def _seed_at(seed, index):
+    """The seed under which the tensor at `index` 0 of a list draws what the tensor at `index` of
+    this step's list draws under `seed` (a parameter stepped alone on its owner rank draws as in the
+    whole list)."""
+    return (seed + 0xBF58476D1CE4E5B9 * index) % 2**63
 
 
 # ---- sharded parameters (FSDP2 `fully_shard`, tensor parallel): DTensors ----
@@ -420,7 +428,7 @@ def _foreach_copy_(dst, src):
         torch._foreach_copy_(dst, src)
 
 
-def _on_owners(step, params, grads, lists, steps, **kwargs):
+def _on_owners(step, params, grads, lists, steps, random=False, **kwargs):
     """A rule with matrix-shaped states (Gram matrices, eigenbases) on DTensor parameters: each
     parameter steps whole on one owner rank (owners round-robin over the parameters, so the
     eigendecompositions spread over the ranks), as Muon's matrix work does on the fused path: the
@@ -428,9 +436,15 @@ def _on_owners(step, params, grads, lists, steps, **kwargs):
     whole tensor) run there, and the parameter and states sent back as the parts each rank holds.
     The states stay DTensors placed as made (a Gram state split along an axis it shares with the
     parameter, else replicated), so state_dict and torch.distributed.checkpoint see them as any
-    other. Per parameter: one gather and one scatter (or broadcast) per tensor."""
+    other. Per parameter: one gather and one scatter (or broadcast) per tensor. A `random` rule's
+    draws: this step's seed drawn once from the optimizer's generator on every rank, as one process
+    draws it for the whole list, and each parameter stepped alone under it, shifted to its place in
+    the list (_seed_at), so it draws what it draws in one process."""
+    seed = _random_seed(kwargs["generator"]) if random else None
     for i, p in enumerate(params):
         tensors = [p, grads[i]] + [xs[i] for xs in lists]
+        if seed is not None:
+            kwargs["seed"] = _seed_at(seed, i)
         if not _is_sharded(p):
             step(*[[x] for x in tensors], [steps[i]], **kwargs)
             continue
@@ -506,6 +520,22 @@ def _from_owner(x, whole, owner):
             parts.append(padded)
     _dist.scatter(part, parts, src=src, group=group)
     local.copy_(part.narrow(axis, 0, local.shape[axis]))
+
+
+def _everywhere(step, params, grads, lists, steps, **kwargs):
+    """A rule that draws random numbers, on the fused path, with DTensor parameters: the kernels' draws
+    hash each element's place in its tensor and the tensor's in the list, so every rank gathers the
+    whole tensors (an all-gather each of p, g and every split state), runs `step` on them as one
+    process does, and keeps its parts of p and the states."""
+    tensors = [params, grads, *lists]
+    whole = [[x.full_tensor() if _is_sharded(x) else x for x in xs] for xs in tensors]
+    step(*whole, steps, **kwargs)
+    for k, xs in enumerate(tensors):
+        if k != 1:  # not the gradients
+            for x, w in zip(xs, whole[k]):
+                if _is_sharded(x):  # each rank its part, without communication
+                    x.to_local().copy_(torch.distributed.tensor.distribute_tensor(
+                        w, x.device_mesh, x.placements, src_data_rank=None).to_local())
 
 
 def _reduces(reduced, axis, ndim) -> bool:
@@ -1962,6 +1992,11 @@ def kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_steps, *, fore
         why = _fused_available_0(params)
         if why:
             raise RuntimeError(f"Kron(fused=True) cannot run: {why}")
+    if fused and any(map(_is_sharded, params)):
+        # the kernels' draws hash each element's place in its tensor and the tensor's in the list:
+        # every rank steps the whole tensors, as one process (_everywhere)
+        return _everywhere(_fused_kron_0, params, grads, [m_list, c_list, dL_list, dR_list, ], state_steps,
+                           grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if fused:
         return _fused_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_steps,
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
@@ -1972,10 +2007,11 @@ def kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_steps, *, fore
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                           generator=None, stochastic=False):
+def _single_tensor_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                           generator=None, stochastic=False, seed=None):
     if not params:  # no draw for a rule without parameters this step, as the multi-tensor path
         return
-    seed = _random_seed(generator)  # one draw per step: each tensor's randn()/rand() is keyed by it
+    if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
+        seed = _random_seed(generator)  # one draw per step: each tensor's randn()/rand() is keyed by it
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr
     k1 = -decay
@@ -2067,10 +2103,11 @@ def _single_tensor_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state
         _write_state(dR_list[i], dR, True, generator, stochastic)
 
 
-def _multi_tensor_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                          generator=None, stochastic=False):
+def _multi_tensor_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                          generator=None, stochastic=False, seed=None):
     if not params:
         return
-    seed = _random_seed(generator)  # one draw per step, as the for-loop path draws it
+    if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
+        seed = _random_seed(generator)  # one draw per step, as the for-loop path draws it
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr
     k1 = -decay
@@ -2201,13 +2238,18 @@ def kron_1(params, grads, m_list, c_list, dL_list, QR_list, state_steps, *, fore
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_kron_1 if foreach or fused else _single_tensor_kron_1
         return _on_owners(impl, params, grads, [m_list, c_list, dL_list, QR_list, ], state_steps,
-                          generator=generator, stochastic=stochastic, **hypers)
+                          random=True, generator=generator, stochastic=stochastic, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_1(params)
     elif fused:
         why = _fused_available_1(params)
         if why:
             raise RuntimeError(f"Kron(fused=True) cannot run: {why}")
+    if fused and any(map(_is_sharded, params)):
+        # the kernels' draws hash each element's place in its tensor and the tensor's in the list:
+        # every rank steps the whole tensors, as one process (_everywhere)
+        return _everywhere(_fused_kron_1, params, grads, [m_list, c_list, dL_list, QR_list, ], state_steps,
+                           grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if fused:
         return _fused_kron_1(params, grads, m_list, c_list, dL_list, QR_list, state_steps,
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
@@ -2218,10 +2260,11 @@ def kron_1(params, grads, m_list, c_list, dL_list, QR_list, state_steps, *, fore
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_kron_1(params, grads, m_list, c_list, dL_list, QR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                           generator=None, stochastic=False):
+def _single_tensor_kron_1(params, grads, m_list, c_list, dL_list, QR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                           generator=None, stochastic=False, seed=None):
     if not params:  # no draw for a rule without parameters this step, as the multi-tensor path
         return
-    seed = _random_seed(generator)  # one draw per step: each tensor's randn()/rand() is keyed by it
+    if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
+        seed = _random_seed(generator)  # one draw per step: each tensor's randn()/rand() is keyed by it
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr
     k1 = 1 - momentum
@@ -2317,10 +2360,11 @@ def _single_tensor_kron_1(params, grads, m_list, c_list, dL_list, QR_list, state
         _write_state(QR_list[i], QR, True, generator, stochastic)
 
 
-def _multi_tensor_kron_1(params, grads, m_list, c_list, dL_list, QR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                          generator=None, stochastic=False):
+def _multi_tensor_kron_1(params, grads, m_list, c_list, dL_list, QR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                          generator=None, stochastic=False, seed=None):
     if not params:
         return
-    seed = _random_seed(generator)  # one draw per step, as the for-loop path draws it
+    if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
+        seed = _random_seed(generator)  # one draw per step, as the for-loop path draws it
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr
     k1 = 1 - momentum
@@ -2455,13 +2499,18 @@ def kron_2(params, grads, m_list, c_list, QL_list, dR_list, state_steps, *, fore
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_kron_2 if foreach or fused else _single_tensor_kron_2
         return _on_owners(impl, params, grads, [m_list, c_list, QL_list, dR_list, ], state_steps,
-                          generator=generator, stochastic=stochastic, **hypers)
+                          random=True, generator=generator, stochastic=stochastic, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_2(params)
     elif fused:
         why = _fused_available_2(params)
         if why:
             raise RuntimeError(f"Kron(fused=True) cannot run: {why}")
+    if fused and any(map(_is_sharded, params)):
+        # the kernels' draws hash each element's place in its tensor and the tensor's in the list:
+        # every rank steps the whole tensors, as one process (_everywhere)
+        return _everywhere(_fused_kron_2, params, grads, [m_list, c_list, QL_list, dR_list, ], state_steps,
+                           grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if fused:
         return _fused_kron_2(params, grads, m_list, c_list, QL_list, dR_list, state_steps,
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
@@ -2472,10 +2521,11 @@ def kron_2(params, grads, m_list, c_list, QL_list, dR_list, state_steps, *, fore
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_kron_2(params, grads, m_list, c_list, QL_list, dR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                           generator=None, stochastic=False):
+def _single_tensor_kron_2(params, grads, m_list, c_list, QL_list, dR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                           generator=None, stochastic=False, seed=None):
     if not params:  # no draw for a rule without parameters this step, as the multi-tensor path
         return
-    seed = _random_seed(generator)  # one draw per step: each tensor's randn()/rand() is keyed by it
+    if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
+        seed = _random_seed(generator)  # one draw per step: each tensor's randn()/rand() is keyed by it
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr
     k1 = 1 - momentum
@@ -2572,10 +2622,11 @@ def _single_tensor_kron_2(params, grads, m_list, c_list, QL_list, dR_list, state
         _write_state(dR_list[i], dR, True, generator, stochastic)
 
 
-def _multi_tensor_kron_2(params, grads, m_list, c_list, QL_list, dR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                          generator=None, stochastic=False):
+def _multi_tensor_kron_2(params, grads, m_list, c_list, QL_list, dR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                          generator=None, stochastic=False, seed=None):
     if not params:
         return
-    seed = _random_seed(generator)  # one draw per step, as the for-loop path draws it
+    if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
+        seed = _random_seed(generator)  # one draw per step, as the for-loop path draws it
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr
     k1 = 1 - momentum
@@ -2711,13 +2762,18 @@ def kron_3(params, grads, m_list, c_list, QL_list, QR_list, state_steps, *, fore
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_kron_3 if foreach or fused else _single_tensor_kron_3
         return _on_owners(impl, params, grads, [m_list, c_list, QL_list, QR_list, ], state_steps,
-                          generator=generator, stochastic=stochastic, **hypers)
+                          random=True, generator=generator, stochastic=stochastic, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_3(params)
     elif fused:
         why = _fused_available_3(params)
         if why:
             raise RuntimeError(f"Kron(fused=True) cannot run: {why}")
+    if fused and any(map(_is_sharded, params)):
+        # the kernels' draws hash each element's place in its tensor and the tensor's in the list:
+        # every rank steps the whole tensors, as one process (_everywhere)
+        return _everywhere(_fused_kron_3, params, grads, [m_list, c_list, QL_list, QR_list, ], state_steps,
+                           grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if fused:
         return _fused_kron_3(params, grads, m_list, c_list, QL_list, QR_list, state_steps,
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
@@ -2728,10 +2784,11 @@ def kron_3(params, grads, m_list, c_list, QL_list, QR_list, state_steps, *, fore
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_kron_3(params, grads, m_list, c_list, QL_list, QR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                           generator=None, stochastic=False):
+def _single_tensor_kron_3(params, grads, m_list, c_list, QL_list, QR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                           generator=None, stochastic=False, seed=None):
     if not params:  # no draw for a rule without parameters this step, as the multi-tensor path
         return
-    seed = _random_seed(generator)  # one draw per step: each tensor's randn()/rand() is keyed by it
+    if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
+        seed = _random_seed(generator)  # one draw per step: each tensor's randn()/rand() is keyed by it
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr
     k1 = 1 - momentum
@@ -2830,10 +2887,11 @@ def _single_tensor_kron_3(params, grads, m_list, c_list, QL_list, QR_list, state
         _write_state(QR_list[i], QR, True, generator, stochastic)
 
 
-def _multi_tensor_kron_3(params, grads, m_list, c_list, QL_list, QR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                          generator=None, stochastic=False):
+def _multi_tensor_kron_3(params, grads, m_list, c_list, QL_list, QR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                          generator=None, stochastic=False, seed=None):
     if not params:
         return
-    seed = _random_seed(generator)  # one draw per step, as the for-loop path draws it
+    if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
+        seed = _random_seed(generator)  # one draw per step, as the for-loop path draws it
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr
     k1 = 1 - momentum
@@ -2966,6 +3024,11 @@ def kron_4(params, grads, m_list, c_list, q_list, state_steps, *, foreach=None, 
         why = _fused_available_4(params)
         if why:
             raise RuntimeError(f"Kron(fused=True) cannot run: {why}")
+    if fused and any(map(_is_sharded, params)):
+        # the kernels' draws hash each element's place in its tensor and the tensor's in the list:
+        # every rank steps the whole tensors, as one process (_everywhere)
+        return _everywhere(_fused_kron_4, params, grads, [m_list, c_list, q_list, ], state_steps,
+                           grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if fused:
         return _fused_kron_4(params, grads, m_list, c_list, q_list, state_steps,
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
@@ -2976,10 +3039,11 @@ def kron_4(params, grads, m_list, c_list, q_list, state_steps, *, foreach=None, 
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_kron_4(params, grads, m_list, c_list, q_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                           generator=None, stochastic=False):
+def _single_tensor_kron_4(params, grads, m_list, c_list, q_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                           generator=None, stochastic=False, seed=None):
     if not params:  # no draw for a rule without parameters this step, as the multi-tensor path
         return
-    seed = _random_seed(generator)  # one draw per step: each tensor's randn()/rand() is keyed by it
+    if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
+        seed = _random_seed(generator)  # one draw per step: each tensor's randn()/rand() is keyed by it
     # Scalars of the hyperparameters alone: once per group.
     k0 = -decay
     k1 = -flat_start - 1
@@ -3043,10 +3107,11 @@ def _single_tensor_kron_4(params, grads, m_list, c_list, q_list, state_steps, *,
         _write_state(q_list[i], q, True, generator, stochastic)
 
 
-def _multi_tensor_kron_4(params, grads, m_list, c_list, q_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                          generator=None, stochastic=False):
+def _multi_tensor_kron_4(params, grads, m_list, c_list, q_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                          generator=None, stochastic=False, seed=None):
     if not params:
         return
-    seed = _random_seed(generator)  # one draw per step, as the for-loop path draws it
+    if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
+        seed = _random_seed(generator)  # one draw per step, as the for-loop path draws it
     # Scalars of the hyperparameters alone: once per group.
     k0 = -decay
     k1 = -flat_start - 1

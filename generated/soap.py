@@ -338,7 +338,7 @@ def _foreach_copy_(dst, src):
         torch._foreach_copy_(dst, src)
 
 
-def _on_owners(step, params, grads, lists, steps, **kwargs):
+def _on_owners(step, params, grads, lists, steps, random=False, **kwargs):
     """A rule with matrix-shaped states (Gram matrices, eigenbases) on DTensor parameters: each
     parameter steps whole on one owner rank (owners round-robin over the parameters, so the
     eigendecompositions spread over the ranks), as Muon's matrix work does on the fused path: the
@@ -346,7 +346,10 @@ def _on_owners(step, params, grads, lists, steps, **kwargs):
     whole tensor) run there, and the parameter and states sent back as the parts each rank holds.
     The states stay DTensors placed as made (a Gram state split along an axis it shares with the
     parameter, else replicated), so state_dict and torch.distributed.checkpoint see them as any
-    other. Per parameter: one gather and one scatter (or broadcast) per tensor."""
+    other. Per parameter: one gather and one scatter (or broadcast) per tensor. A `random` rule's
+    draws: this step's seed drawn once from the optimizer's generator on every rank, as one process
+    draws it for the whole list, and each parameter stepped alone under it, shifted to its place in
+    the list (_seed_at), so it draws what it draws in one process."""
     for i, p in enumerate(params):
         tensors = [p, grads[i]] + [xs[i] for xs in lists]
         if not _is_sharded(p):
@@ -1514,7 +1517,7 @@ def soap_0(params, grads, m_list, v_list, GL_list, GR_list, QL_list, QR_list, st
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_soap_0 if foreach or fused else _single_tensor_soap_0
         return _on_owners(impl, params, grads, [m_list, v_list, GL_list, GR_list, QL_list, QR_list, ], state_steps,
-                          generator=generator, stochastic=stochastic, **hypers)
+                          random=False, generator=generator, stochastic=stochastic, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_0(params)
     elif fused:

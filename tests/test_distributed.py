@@ -30,7 +30,7 @@ from optdsl import info
 # in-place ops on partial results) and the split-dependent constructs (the whole list: bench/dist_matrix.py).
 FOREACH = ["adabelief", "adamax", "amsgrad", "nadam", "adanorm", "diffgrad", "sm3", "smmf", "muon", "muon_clip",
            "lookahead_adam", "adamw_softclip", "sgd_agc", "amos", "adalo", "nsgda", "adafactor", "lamb",
-           "shampoo", "soap"]
+           "shampoo", "soap", "kron"]
 ALL = [("fsdp", name, path, "float64") for name in dm.SPECS for path in ("loop", "fused")]
 ALL += [("fsdp", name, "foreach", "float64") for name in FOREACH]
 ALL += [("ddp", name, path, "float64") for name in ("adalo", "muon") for path in dm.PATHS]
@@ -43,7 +43,8 @@ ALL += [("tp", name, "foreach", "float64") for name in dm.SPECS]
 # result depends on the split, on every path (SM3's column maximum over a rank with no rows was
 # refused by torch on the torch paths).
 SPLIT = ["nsgda", "adafactor", "sm3", "adamw_softclip", "sgd_agc", "amos", "muon", "adalo",
-         "shampoo"]  # Gram states split 1 + 1 + 1 + 0 (b's L), owners round-robin over 4 ranks
+         "shampoo",  # Gram states split 1 + 1 + 1 + 0 (b's L), owners round-robin over 4 ranks
+         "kron"]  # randn() probes: drawn whole from the optimizer's generator, as one process draws them
 FOUR = [("fsdp", name, path, "float64") for name in SPLIT for path in dm.PATHS]
 # FSDP2 over tensor parallelism on a 2-D mesh (2 x 2), as torchtitan: FSDP2 splits tensor
 # parallelism's row shards again (_StridedShard); the gain lives on the data-parallel mesh alone
@@ -100,12 +101,8 @@ def results():
         yield out
 
 
-# Strict: a pass says the mark can go.
-NOT_YET = {"kron": "no sharded stream of randn() draws yet: on the torch paths randn() of a DTensor is refused at "
-                   "step; fused, the vectors' kernel hashes each shard's local offsets, so its probes (and the "
-                   "parameters, by 1e-5 at 2 ranks) differ from one process's",
-           # (mode, spec): there only
-           ("tp", "soap"): "SOAP's eigenbases turn with the last bit of the gradient (a gradient 1e-16 off in "
+# Strict: a pass says the mark can go. By spec, or by (mode, spec): there only.
+NOT_YET = {("tp", "soap"): "SOAP's eigenbases turn with the last bit of the gradient (a gradient 1e-16 off in "
                            "relative terms moves its parameters by 7e-3 in one process), and tensor parallelism's "
                            "sharded forward and backward add in another order than one process: 2e-6 off on "
                            "every path"}
@@ -126,6 +123,16 @@ def test_sharded_training_matches_one_process(results, world, scenario):
                               world if mode in ("ddp", "fsdp") else 1)
     assert not torch.equal(expected[0], dm.net(dm.DTYPES[dtype]).a.weight)  # training moved them
     assert dm.compare(results[world][scenario], expected, dm.DTYPES[dtype]) == ""
+
+
+def test_kron_probes_would_differ():
+    """What the Kron cases guard against: its random probes move the parameters by far more than the
+    tolerance, so a sharded run drawing other numbers (each shard its own, or another seed) fails."""
+    model = dm.net(torch.float64)
+    opt = dm.make("kron", model.parameters(), "loop").manual_seed(2)
+    dm.train(model, opt, dm.batches(torch.float64))
+    other = [p.detach() for p in model.parameters()]
+    assert dm.compare(other, dm.one_process("kron", "loop", torch.float64), torch.float64) != ""
 
 
 def test_shard_norm_would_differ():
