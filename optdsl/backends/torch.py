@@ -279,8 +279,8 @@ def _writes(instr) -> tuple[set, set]:
     """The names `instr` binds (its blocks' too), and those whose tensors it writes in place."""
     if instr.inplace or instr.op == "copy":  # its out is the tensor it writes, not a new binding
         names, inplace = set(), {instr.args[0].code}
-    else:
-        names, inplace = {instr.out}, set()
+    else:  # a loop's bind binds several: "x1, x2"
+        names, inplace = {n.strip() for n in instr.out.split(",")}, set()
     for block in instr.blocks:
         for i in block:
             inner, writes = _writes(i)
@@ -303,7 +303,8 @@ def multi_body(instrs) -> list[str]:
         return [line for i in instrs for line in multi(i)]
     code = [[f"{i.out} = {_whole_parts(i)}"] if _whole_parts(i) is not None else multi(i) for i in instrs]
     def variables(instr):  # the names of values (lists, scalars): what an instruction binds or reads
-        return {instr.out, *(x.code for x in instr.args)} | {n for b in instr.blocks for i in b for n in variables(i)}
+        return ({n.strip() for n in instr.out.split(",")} | {x.code for x in instr.args}
+                | {n for b in instr.blocks for i in b for n in variables(i)})
     known = set().union(*map(variables, instrs))
     names = [set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", "\n".join(c))) & known for c in code]
     binds = [_writes(i) for i in instrs]
@@ -311,8 +312,9 @@ def multi_body(instrs) -> list[str]:
     for instr, (outs, _), nm in zip(instrs, binds, names):
         for out in outs:
             # torch's out-of-place foreach ops and the reductions make new tensors; another call (a
-            # view: .mT), a branch or a skipped addition (its operand itself) may return what it reads
-            fresh = (instr.op not in ("call", "branch", "scalar", "copy") and not instr.skip_zero
+            # view: .mT), a branch, a kept loop, a bind (x1 = x0) or a skipped addition (its operand
+            # itself) may return what it reads
+            fresh = (instr.op not in ("call", "branch", "scalar", "copy", "bind", "loop") and not instr.skip_zero
                      or _whole_parts(instr) is not None)
             roots.setdefault(out, {out}).update(() if fresh else nm)
     for _ in range(len(instrs)):  # transitively: an alias of an alias
