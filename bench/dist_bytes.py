@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 4
 SHAPES = {"attn.qkv": (2304, 768), "attn.proj": (768, 768), "mlp.fc": (3072, 768), "mlp.proj": (768, 3072)}
 LAYERS = 12
-HYPER = dict(a=3.4445, b=-4.775, c=2.0315, eps=1e-7)
+HYPER = dict(a=3.4445, b=-4.775, c=2.0315, eps=1e-7, ns_steps=5, ns_bfloat16=True)  # Muon's defaults, as torch.optim.Muon
 
 
 class CountBytes(TorchDispatchMode):
@@ -90,6 +90,10 @@ def one_rank(rank: int) -> dict:
             local = torch.empty(-(-rows // WORLD), cols, device="meta")
             params.append(DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=(rows, cols),
                                              stride=(cols, 1)))
+        # the one argument of the matrix work that is neither a hyperparameter nor the rule's c1: the momentum
+        # (its SSA name follows the spec's statements, x1 or x2, so it is read, not written here)
+        import inspect
+        (arg,) = [a for a in inspect.signature(muon._matrix_muon_0).parameters if a not in HYPER and a != "c1"]
         out = {}
         for how in ("dtensor", "owner"):
             counter = CountBytes()
@@ -97,9 +101,9 @@ def one_rank(rank: int) -> dict:
                 for i, p in enumerate(params):
                     c1 = float(p.shape[0] > p.shape[1])
                     if how == "dtensor":
-                        muon._matrix_muon_0(c1=c1, x1=p, **HYPER)[0].redistribute(mesh, p.placements)
+                        muon._matrix_muon_0(c1=c1, **{arg: p}, **HYPER)[0].redistribute(mesh, p.placements)
                     else:
-                        muon._Shards(params).matrix(i, muon._matrix_muon_0, dict(c1=c1, x1=p.to_local(), **HYPER),
+                        muon._Shards(params).matrix(i, muon._matrix_muon_0, dict(c1=c1, **{arg: p.to_local()}, **HYPER),
                                                     1, torch.float32)
             out[how] = counter.ops
         return out
