@@ -476,6 +476,9 @@ class _Lowering:
         if keyword.iskeyword(n):
             raise SpecError(f"'{n}' is reserved and cannot be assigned", a.target_span,
                             hint=f"choose another name, e.g. '{n}_'")
+        if n == "inf":  # the grammar reads every later `inf` as the number: the local would never be read
+            raise SpecError("'inf' is the number infinity and cannot be assigned", a.target_span,
+                            hint="choose another name, e.g. 'inf_'")
         value = self.expr(a.value)
         if a.op != "=":
             if n not in self.version:

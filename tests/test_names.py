@@ -188,3 +188,11 @@ def test_the_functional_steps_clear_of_a_declared_name():
     _same_steps(text, text.replace("optimizer Lr", "optimizer Plain"))
     from generated import amsgrad
     assert amsgrad.__all__ == ["AMSGrad", "amsgrad_"]
+
+
+def test_a_local_named_inf_is_refused():
+    """`inf = g * 2` compiled as a local, and every later `inf` read the number: the spec silently
+    stepped with infinity (the red-team name fuzzer's only differing step)."""
+    with pytest.raises(SpecError, match="'inf' is the number infinity") as err:
+        optdsl.compile("optimizer X\ninf = g * 2\np -= 0.1 * inf\n", "names.opt")
+    assert (err.value.line, err.value.column) == (2, 1)
