@@ -587,10 +587,12 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
     ctx["lowbit_keys"] = lowbit
     # the class's map of old names to saved keys spans the rules (a name has one key in all of them)
     ctx["states_saved"] = list(dict.fromkeys(pair for c in contexts for pair in c["states_saved"]))
-    host_code = "\n".join(e for c in contexts for _, e in c["group_defs"] + c["param_single"] if e)
-    host_code += "\n".join(e for c in contexts for _, _, e, *_ in c["state_inits"] if e)
-    host_code += "\n".join(ctx["group_phase"] or ())
-    host_code += "\n".join(line for c in contexts if c["replay"] for line in c["replay"]["body"])
+    # one line per piece: pieces glued end to start hid a call from the search below (a parameter's
+    # last scalar followed by `_eye_like(` read as `c1_eye_like(`, and Shampoo-style inits lost their helper)
+    host_code = "\n".join([*(e for c in contexts for _, e in c["group_defs"] + c["param_single"] if e),
+                           *(e for c in contexts for _, _, e, *_ in c["state_inits"] if e),
+                           *(ctx["group_phase"] or ()),
+                           *(line for c in contexts if c["replay"] for line in c["replay"]["body"])])
     ctx["helpers"] = [code for name, code in (HOST_HELPERS | group_phase.HELPERS).items()
                       if re.search(rf"(?<!\w){name}\(", host_code)]  # _bfloat16( is not _round_bfloat16(
     ctx["fused_rules"] = [_fused_context(c, p, cond, len(rules) > 1) for c, (_, p, cond) in zip(contexts, rules)]
