@@ -1116,8 +1116,9 @@ class Adafactor(Optimizer):
             raise RuntimeError("Adafactor does not support sparse gradients")
         if any(p.dim() < 2 for p in with_grad):
             bad = next(p for p in with_grad if p.dim() < 2)
-            raise ValueError(f"Adafactor: state 'c: cols' (line 19) needs parameters of rank 2 or more; this "
-                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
+            raise ValueError("Adafactor: " + "state 'c: cols'" + f" needs parameters of rank 2 or more; this "
+                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
+                             + "specs/adafactor.opt:19:29: c\n      state r: rows as row_var, c: cols as col_var\n                                ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Adafactor does not support complex parameters: its state 'r' is declared ': rows', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")

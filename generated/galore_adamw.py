@@ -1281,8 +1281,9 @@ class GaLoreAdamW(Optimizer):
             raise RuntimeError("GaLoreAdamW does not support sparse gradients")
         if any(p.dim() < 2 for p in with_grad):
             bad = next(p for p in with_grad if p.dim() < 2)
-            raise ValueError(f"GaLoreAdamW: state 'L: matrix(nrows, rank)' (line 17) needs parameters of rank 2 or more; this "
-                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
+            raise ValueError("GaLoreAdamW: " + "state 'L: matrix(nrows, rank)'" + f" needs parameters of rank 2 or more; this "
+                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
+                             + "specs/galore_adamw.opt:17:9: L\n      state L: matrix(nrows, rank), R: matrix(rank, ncols), m: matrix(rank, rank) as exp_avg, v: matrix(rank, rank) as exp_avg_sq\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("GaLoreAdamW does not support complex parameters: its state 'L' is declared ': matrix(nrows, rank)', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -1327,8 +1328,9 @@ class GaLoreAdamW(Optimizer):
             raise RuntimeError("GaLoreAdamW does not support sparse gradients")
         if any(p.dim() < 2 for p in with_grad):
             bad = next(p for p in with_grad if p.dim() < 2)
-            raise ValueError(f"GaLoreAdamW: state 'P: matrix(rank, ncols)' (line 28) needs parameters of rank 2 or more; this "
-                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
+            raise ValueError("GaLoreAdamW: " + "state 'P: matrix(rank, ncols)'" + f" needs parameters of rank 2 or more; this "
+                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
+                             + "specs/galore_adamw.opt:28:9: P\n      state P: matrix(rank, ncols) as ortho_matrix, m: matrix(nrows, rank) as exp_avg, v: matrix(nrows, rank) as exp_avg_sq\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("GaLoreAdamW does not support complex parameters: its state 'P' is declared ': matrix(rank, ncols)', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -1369,8 +1371,9 @@ class GaLoreAdamW(Optimizer):
             raise RuntimeError("GaLoreAdamW does not support sparse gradients")
         if any(p.dim() < 2 for p in with_grad):
             bad = next(p for p in with_grad if p.dim() < 2)
-            raise ValueError(f"GaLoreAdamW: state 'P: matrix(nrows, rank)' (line 38) needs parameters of rank 2 or more; this "
-                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
+            raise ValueError("GaLoreAdamW: " + "state 'P: matrix(nrows, rank)'" + f" needs parameters of rank 2 or more; this "
+                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
+                             + "specs/galore_adamw.opt:38:9: P\n      state P: matrix(nrows, rank) as ortho_matrix, m: matrix(rank, ncols) as exp_avg, v: matrix(rank, ncols) as exp_avg_sq\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("GaLoreAdamW does not support complex parameters: its state 'P' is declared ': matrix(nrows, rank)', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")

@@ -1528,8 +1528,9 @@ class Kron(Optimizer):
             raise RuntimeError("Kron does not support sparse gradients")
         if any(p.dim() < 2 for p in with_grad):
             bad = next(p for p in with_grad if p.dim() < 2)
-            raise ValueError(f"Kron: state 'dR: cols' (line 26) needs parameters of rank 2 or more; this "
-                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
+            raise ValueError("Kron: " + "state 'dR: cols'" + f" needs parameters of rank 2 or more; this "
+                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
+                             + "specs/kron.opt:26:84: dR\n      state m as momentum_buffer, c: scalar as update_counter, dL: rows = sqrt(scale), dR: cols = sqrt(scale)\n                                                                                       ^^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -1576,8 +1577,9 @@ class Kron(Optimizer):
             raise RuntimeError("Kron does not support sparse gradients")
         if any(p.dim() < 2 for p in with_grad):
             bad = next(p for p in with_grad if p.dim() < 2)
-            raise ValueError(f"Kron: state 'QR: gram_cols' (line 44) needs parameters of rank 2 or more; this "
-                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
+            raise ValueError("Kron: " + "state 'QR: gram_cols'" + f" needs parameters of rank 2 or more; this "
+                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
+                             + "specs/kron.opt:44:84: QR\n      state m as momentum_buffer, c: scalar as update_counter, dL: rows = sqrt(scale), QR: gram_cols = sqrt(scale) * eye\n                                                                                       ^^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -1624,8 +1626,9 @@ class Kron(Optimizer):
             raise RuntimeError("Kron does not support sparse gradients")
         if any(p.dim() < 2 for p in with_grad):
             bad = next(p for p in with_grad if p.dim() < 2)
-            raise ValueError(f"Kron: state 'QL: gram_rows' (line 62) needs parameters of rank 2 or more; this "
-                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
+            raise ValueError("Kron: " + "state 'QL: gram_rows'" + f" needs parameters of rank 2 or more; this "
+                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
+                             + "specs/kron.opt:62:60: QL\n      state m as momentum_buffer, c: scalar as update_counter, QL: gram_rows = sqrt(scale) * eye, dR: cols = sqrt(scale)\n                                                               ^^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -1672,8 +1675,9 @@ class Kron(Optimizer):
             raise RuntimeError("Kron does not support sparse gradients")
         if any(p.dim() < 2 for p in with_grad):
             bad = next(p for p in with_grad if p.dim() < 2)
-            raise ValueError(f"Kron: state 'QL: gram_rows' (line 80) needs parameters of rank 2 or more; this "
-                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
+            raise ValueError("Kron: " + "state 'QL: gram_rows'" + f" needs parameters of rank 2 or more; this "
+                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
+                             + "specs/kron.opt:80:60: QL\n      state m as momentum_buffer, c: scalar as update_counter, QL: gram_rows = sqrt(scale) * eye, QR: gram_cols = sqrt(scale) * eye\n                                                               ^^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")

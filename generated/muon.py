@@ -1241,8 +1241,9 @@ class Muon(Optimizer):
             raise RuntimeError("Muon does not support sparse gradients")
         if any(p.dim() < 2 for p in with_grad):
             bad = next(p for p in with_grad if p.dim() < 2)
-            raise ValueError(f"Muon: T() (line 27) needs parameters of rank 2 or more; this "
-                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
+            raise ValueError("Muon: " + "T()" + f" needs parameters of rank 2 or more; this "
+                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
+                             + "specs/muon.opt:27:28: T(u)\n      x = where(nrows > ncols, T(u), u)       # iterate on the wide side: X X^T is the smaller Gram matrix\n                               ^^^^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Muon does not support complex parameters: it reads the shape (nrows), which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")

@@ -1163,8 +1163,9 @@ class MuonClip(Optimizer):
             raise RuntimeError("MuonClip does not support sparse gradients")
         if any(p.dim() < 2 for p in with_grad):
             bad = next(p for p in with_grad if p.dim() < 2)
-            raise ValueError(f"MuonClip: T() (line 16) needs parameters of rank 2 or more; this "
-                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
+            raise ValueError("MuonClip: " + "T()" + f" needs parameters of rank 2 or more; this "
+                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
+                             + "specs/muon_clip.opt:16:28: T(u)\n      x = where(nrows > ncols, T(u), u)       # iterate on the wide side: X X^T is the smaller Gram matrix\n                               ^^^^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("MuonClip does not support complex parameters: its state 'max_logit' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")

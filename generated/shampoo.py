@@ -1236,8 +1236,9 @@ class Shampoo(Optimizer):
             raise RuntimeError("Shampoo does not support sparse gradients")
         if any(p.dim() < 2 for p in with_grad):
             bad = next(p for p in with_grad if p.dim() < 2)
-            raise ValueError(f"Shampoo: state 'L: gram_rows' (line 13) needs parameters of rank 2 or more; this "
-                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
+            raise ValueError("Shampoo: " + "state 'L: gram_rows'" + f" needs parameters of rank 2 or more; this "
+                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
+                             + "specs/shampoo.opt:13:9: L\n      state L: gram_rows = matrix_eps * eye as pre_cond_0, R: gram_cols = matrix_eps * eye as pre_cond_1\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Shampoo does not support complex parameters: its state 'L' is declared ': gram_rows', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")

@@ -1027,8 +1027,9 @@ class SM3(Optimizer):
             raise RuntimeError("SM3 does not support sparse gradients")
         if any(p.dim() < 2 for p in with_grad):
             bad = next(p for p in with_grad if p.dim() < 2)
-            raise ValueError(f"SM3: state 'c: cols' (line 9) needs parameters of rank 2 or more; this "
-                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
+            raise ValueError("SM3: " + "state 'c: cols'" + f" needs parameters of rank 2 or more; this "
+                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
+                             + "specs/sm3.opt:9:18: c\n      state r: rows, c: cols, m\n                     ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("SM3 does not support complex parameters: its state 'r' is declared ': rows', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")

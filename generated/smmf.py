@@ -1048,8 +1048,9 @@ class SMMF(Optimizer):
             raise RuntimeError("SMMF does not support sparse gradients")
         if any(p.dim() < 2 for p in with_grad):
             bad = next(p for p in with_grad if p.dim() < 2)
-            raise ValueError(f"SMMF: state 'cm: cols' (line 9) needs parameters of rank 2 or more; this "
-                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
+            raise ValueError("SMMF: " + "state 'cm: cols'" + f" needs parameters of rank 2 or more; this "
+                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
+                             + "specs/smmf.opt:9:19: cm\n      state rm: rows, cm: cols, rv: rows, cv: cols, positive: bool\n                      ^^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("SMMF does not support complex parameters: its state 'rm' is declared ': rows', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")

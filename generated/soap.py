@@ -1295,8 +1295,9 @@ class SOAP(Optimizer):
             raise RuntimeError("SOAP does not support sparse gradients")
         if any(p.dim() < 2 for p in with_grad):
             bad = next(p for p in with_grad if p.dim() < 2)
-            raise ValueError(f"SOAP: state 'GL: gram_rows' (line 20) needs parameters of rank 2 or more; this "
-                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)")
+            raise ValueError("SOAP: " + "state 'GL: gram_rows'" + f" needs parameters of rank 2 or more; this "
+                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
+                             + "specs/soap.opt:20:9: GL\n      state GL: gram_rows, GR: gram_cols, QL: gram_rows, QR: gram_cols\n            ^^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("SOAP does not support complex parameters: its state 'GL' is declared ': gram_rows', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")

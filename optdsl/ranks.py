@@ -48,12 +48,12 @@ def _takes(cond: ir.Expr | None, rank: int, hypers) -> bool | None:
     return bool(value != 0) if value.is_Number else None
 
 
-def need(prog: ir.Program) -> tuple[int, str]:
-    """(the least rank the program's operations need, what needs it and where) - (0, '') for any."""
+def need(prog: ir.Program) -> tuple[int, str, object]:
+    """(the least rank the program's operations need, what needs it, its span) - (0, '', None) for any."""
     found = [(_state_rank(s.shape), f"state '{s.name}: {s.shape}'", s.span) for s in prog.states]
     found += [(r, f"{op}()", span or eq.span) for eq in prog.eqns for r, op, span in _needs(eq.expr)]
     rank, what, span = max(found, key=lambda f: f[0], default=(0, "", None))
-    return (rank, f"{what} (line {span.line})" if span else what) if rank else (0, "")
+    return (rank, what, span) if rank else (0, "", None)
 
 
 def check(rules: list[tuple[ir.Expr | None, ir.Program]]) -> None:

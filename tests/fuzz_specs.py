@@ -169,7 +169,7 @@ def _located(err: SpecError) -> str:
 
 def _documented(err: Exception) -> bool:
     text = str(err)
-    return bool(re.search(rf"{re.escape(FILENAME)}:\d+|\(line \d+\)", text)) or any(d in text for d in DOCUMENTED)
+    return bool(re.search(rf"{re.escape(FILENAME)}:\d+", text)) or any(d in text for d in DOCUMENTED)
 
 
 def _accepts(cls, p, defaults) -> bool:

@@ -441,9 +441,9 @@ def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]
     codes = quant.codes(prog)  # each float state's low-bit code (int8/int4 states)
     single_body = [line for i in instrs for line in single(i)]
     complex_why = _not_elementwise(prog)
-    min_rank, rank_why = ranks.need(prog)
+    min_rank, rank_why, rank_span = ranks.need(prog)
     return dict(
-        min_rank=min_rank, rank_why=rank_why,
+        min_rank=min_rank, rank_why=rank_why, rank_span=rank_span,
         complex_ok=not complex_why, complex_why=complex_why,
         func=func, suffix=suffix, states=[s.name for s in prog.states], uses_loss=prog.uses_loss,
         # matrix-shaped states (Gram matrices, eigenbases): sharded, the rule steps whole on an owner rank
@@ -559,6 +559,8 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
     for c, (_, p, _) in zip(contexts, rules):
         c["step_shapes"] = _decided_at_step(p.program, lines, filename)
         c["replay"] = step_shapes.context(p.program, lines, filename, INTERNAL_NAMES) if c["step_shapes"] else None
+        # a parameter of too low a rank: the step's error shows what needs the rank as a spec error shows it
+        c["rank_where"] = c["min_rank"] and (step_shapes.located(c["rank_span"], lines, filename) or c["rank_why"])
     ctx = dict(contexts[0],
         name=prog.name, doc=prog.doc, filename=filename,
         hypers=[h for h in prog.hypers if not h.computed], step_hypers=prog.hypers,
