@@ -546,6 +546,8 @@ def _pretty(name: str) -> str:
     return _TOKEN_NAMES.get(name, name.lower())
 
 
+MAX_NAME = 100  # characters of one name; a 100,000-character hyperparameter made a 2 MB module in 5 s
+
 # Embeddings, overrides, isolates and marks of the Unicode bidirectional algorithm, as rustc refuses them
 _BIDI = re.compile("[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]")
 
@@ -573,6 +575,10 @@ def parse(text: str, filename: str = "<spec>") -> ast.Spec:
         tree = parser().parse(text)
     except UnexpectedInput as err:
         raise _syntax_error(err, text).located(filename, text) from None
+    for tok in tree.scan_values(lambda v: isinstance(v, Token) and v.type == "NAME" and len(v) > MAX_NAME):
+        raise SpecError(f"a name of {len(tok)} characters (at most {MAX_NAME})", Span(
+            tok.line, tok.column, tok.line, tok.column + len(tok)), filename=filename, source=text,
+            hint="shorten it: a name this long made a module of megabytes and a compile of seconds")
     try:
         return _ToAst().transform(tree)
     except VisitError as err:

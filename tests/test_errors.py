@@ -136,6 +136,8 @@ CASES = [
     # red-team (issue 12, item 5): SymPy's Mod(x, 0) raised ZeroDivisionError, shown as "a bug in optdsl"
     ("remainder-by-zero", H + M + "p -= lr * (m % 0)\n", 5, 12, "a remainder by zero", "x % 0"),
     ("remainder-by-folded-zero", H + M + "p -= lr * (t % (b1 - b1))\n", 5, 12, "a remainder by zero", None),
+    ("name-too-long", H + M + "p -= lr * " + "q" * 101 + "\n", 5, 11, "a name of 101 characters", "shorten"),
+    ("class-name-too-long", "optimizer " + "A" * 5000 + "\np -= g\n", 1, 11, "at most 100", None),
     ("every-zero-rounds", H + M + "every 0 {\np -= lr * m\n}\n", 5, 1, "a remainder by zero", None),
 ]
 
