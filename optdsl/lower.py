@@ -91,6 +91,10 @@ def _check_declarations(spec: ast.Spec) -> None:
     if spec.name in RESERVED:
         raise SpecError(f"'{spec.name}' is a name the generated module uses itself", spec.name_span,
                         hint=f"the class would hide it; choose another name, e.g. '{spec.name}Opt'")
+    states = spec.states + tuple(s for r in spec.rules for s in r.states)
+    if len(states) > MAX_STATES:  # compile time grows faster than the states (200: 7 s)
+        raise SpecError(f"{len(states)} states; a spec may declare at most {MAX_STATES}", states[MAX_STATES].span,
+                        hint="keep fewer states (the largest shipped spec has 6 per rule)")
     seen: dict[str, str] = {}
     derived: dict[str, str] = {}  # name the code makes from a state's -> what it is
     for s in spec.states:
@@ -456,6 +460,9 @@ class _Lowering:
 
     def assign(self, a: ast.Assign) -> None:
         n = a.target
+        if len(self.eqns) >= MAX_STATEMENTS:  # as for an unrolled repeat: compile time grows with them
+            raise SpecError(f"more than {MAX_STATEMENTS} statements in one rule (loops unrolled)", a.span,
+                            hint="split the work into fewer, larger statements (the largest shipped rule has 23)")
         if n in self.computed:
             raise SpecError(f"'{n}' is a group value: only a group statement assigns it", a.target_span,
                             hint=f"write 'group {n} = ...' above the per-parameter statements, or assign a "
@@ -674,6 +681,7 @@ def _check_group_keys(spec: ast.Spec, keywords: tuple[ir.Keyword, ...]) -> None:
 
 MAX_REPEAT = 64
 MAX_STATEMENTS = 128  # statements of a rule once its loops are unrolled: compiles in under 2 s
+MAX_STATES = 64       # states of a spec, all rules together: 60 compile in about 1 s (5,000 statements took 35 s)
 
 
 def _whole_rounds(count: float) -> bool:
