@@ -89,17 +89,8 @@ optimizer Toy
   out p = p·1, v2 = v2·1, m = m·2"""
 
 
-SPIN = """optimizer Spin
-hyper k = 3 in (-inf, 10)
-x = g
-y = 0.5 * g
-repeat k {
-  s = x
-  x = 0.5 * y + 0.1 * mm(mm(x, T(y)), x)
-  y = s
-}
-p -= 0.01 * (x + y)
-"""
+# a loop kept as a loop (matrix work, counted by k) that swaps two carried values each round
+SPIN = (Path(__file__).resolve().parent / "specs" / "lang" / "spin.opt").read_text()
 
 # A `repeat` counted by a hyperparameter with matrix work in its body is kept as a loop, in the
 # loop-carried form (optdsl/ir.py): the body once, between a `loop` per carried value (x and y:

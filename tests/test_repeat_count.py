@@ -192,17 +192,8 @@ def test_a_count_without_a_usable_bound_is_a_located_spec_error(range_, count, m
     assert message in info.value.message and info.value.span is not None and info.value.line > 1
 
 
-SPIN = """optimizer Spin
-hyper k = 3 in (-inf, 10)
-x = g
-y = 0.5 * g
-repeat k {
-  s = x
-  x = 0.5 * y + 0.1 * mm(mm(x, T(y)), x)
-  y = s
-}
-p -= 0.01 * (x + y)
-"""
+# a loop kept as a loop (matrix work, counted by k) that swaps two carried values each round
+SPIN = (Path(__file__).resolve().parent / "specs" / "lang" / "spin.opt").read_text()
 
 
 @pytest.mark.parametrize("path", list(PATHS))
