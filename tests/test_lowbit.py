@@ -40,6 +40,14 @@ def _block_scales(x, fmt):
     return flat.view(-1, block).abs().amax(1).repeat_interleave(block)[:x.numel()].view(x.shape)
 
 
+def _assert_one_rounding(module, stored, value, code, fmt, where):
+    """The stored codes dequantise to within one rounding of `value` (float32): each block's scale
+    times the code's worst level gap, plus float32's own rounding."""
+    back = module._dequantised(stored, code.signed, value.shape, torch.float32)
+    w = quant.worst_error(quant.LEVELS[(fmt, code.signed)], code.signed)
+    assert ((back - value).abs() <= _block_scales(value, fmt) * (w + F32)).all(), where
+
+
 @pytest.mark.parametrize("fmt,signed", CODES)
 def test_nearest_round_trip_error_bound(fmt, signed):
     x = _x(10007, signed).view(1, 10007)  # awkward: the last block is partial
@@ -254,11 +262,7 @@ def test_against_float32_path_step_by_step(name, fmt, path):
                 if key == "step" or stored.dtype != torch.uint8:
                     assert torch.equal(stored.to(value.dtype), value), (key, step)
                     continue
-                kind, code = kinds[key]
-                back = module._dequantised(stored, code.signed, value.shape, torch.float32)
-                w = quant.worst_error(quant.LEVELS[(fmt, code.signed)], code.signed)
-                bound = _block_scales(value, fmt) * (w + F32)
-                assert ((back - value).abs() <= bound).all(), (key, step)
+                _assert_one_rounding(module, stored, value, kinds[key][1], fmt, (key, step))
 
 
 
@@ -310,11 +314,7 @@ def test_bfloat16_parameters_against_float32_states_step_by_step(name, fmt, path
                     assert stored.dtype == value.dtype == (torch.float32 if key != "step" else value.dtype)
                     assert torch.equal(stored, value), (key, step)
                     continue
-                kind, code = kinds[key]
-                back = module._dequantised(stored, code.signed, value.shape, torch.float32)
-                w = quant.worst_error(quant.LEVELS[(fmt, code.signed)], code.signed)
-                bound = _block_scales(value, fmt) * (w + F32)
-                assert ((back - value).abs() <= bound).all(), (key, step)
+                _assert_one_rounding(module, stored, value, kinds[key][1], fmt, (key, step))
     assert moved
 
 
