@@ -28,6 +28,17 @@ sys.path.insert(0, os.path.dirname(__file__))
 import codeaudit  # noqa: E402
 from optdsl.backends import torch as _torch_backend  # noqa: E402
 
+@pytest.fixture
+def float64_default():
+    """float64 as torch's default dtype for the test: torch.optim keeps scalar states (step, NAdam's
+    mu_product, ASGD's eta and mu) in the default dtype, so a float64 comparison with it is exact."""
+    import torch
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
 AUDITED: set[str] = set()  # digests of the distinct modules audited in this process
 _FINDINGS: list[str] = []
 _render = codeaudit.unaudited_render = _torch_backend.render

@@ -79,14 +79,9 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    """torch.optim keeps its scalar states (step, NAdam's mu_product, ASGD's eta and mu) in the
-    default dtype and computes them there: float64, so that a float64 comparison is exact."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+# torch.optim keeps its scalar states (step, NAdam's mu_product, ASGD's eta and mu) in the default
+# dtype and computes them there: float64 for every test here, so a float64 comparison is exact
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def spec(name):

@@ -261,13 +261,6 @@ def test_adapted_inputs_differ_unadapted(name, desc, dt):
                init, dtype, f"{name} {desc!r} unadapted")
 
 
-@pytest.fixture
-def float64_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
 
 def _raises(cls, err):
     """Construct (and for a step error, step) as torch's test does; the exception or warning caught."""

@@ -75,13 +75,6 @@ def _fused_ok():
         pytest.skip("the fused path runs under TRITON_INTERPRET=1, or compiled on a CUDA device")
 
 
-@pytest.fixture
-def float64_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("settings", [dict(), dict(lr=0.05, eta=0.3, gamma=1.0, mu=0.5, keep=0.5)],

@@ -34,13 +34,6 @@ def _fused_ok():
         pytest.skip("the fused path runs under TRITON_INTERPRET=1, or compiled on a CUDA device")
 
 
-@pytest.fixture
-def float64_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
 
 # ---------------------------------------------------------------- cos, sin, %, nunits
 

@@ -74,13 +74,6 @@ KRON = {
 CASES = {f"kron-{case}": ("kron", kw, psgd.Kron, kw) for case, kw in KRON.items()}
 
 
-@pytest.fixture
-def float64_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
 
 def _solve_right_uncast(x, a):
     # pytorch_optimizer's psgd.solve_triangular_right without its cast to float32

@@ -307,14 +307,6 @@ def _makers(case):
             lambda params: ref_make(params, **ref_kw))
 
 
-@pytest.fixture
-def float64_default():
-    # torch.optim keeps NAdam's mu_product in the default dtype: float64 for a float64 comparison.
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("case", list(CASES))

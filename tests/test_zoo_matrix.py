@@ -71,13 +71,6 @@ SHAMPOO = {
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 
-@pytest.fixture
-def float64_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
 
 def _settings(case, dtype):
     kw = dict(SHAMPOO[case])

@@ -118,13 +118,6 @@ def _fused_ok():
         pytest.skip("the fused path runs under TRITON_INTERPRET=1, or compiled on a CUDA device")
 
 
-@pytest.fixture
-def float64_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
 
 def _makers(case):
     name, ours_kw, ref_make, ref_kw, _ = CASES[case]
