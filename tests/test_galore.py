@@ -24,7 +24,6 @@ from optdsl.errors import SpecError
 from optdsl.pipeline import compile_source
 from test_differential import ON_GPU, SPECS, run_pair
 from test_zoo_frontier import FUSED_STEPS, _fused_ok
-from test_zoo_matrix import float64_default  # noqa: F401 - a fixture
 from test_zoo_specs import OnePerParameter
 
 STEPS = 25
