@@ -1414,7 +1414,9 @@ except ImportError:  # the fused path needs Triton; the other two do not
 
 LAUNCHES = 0  # kernel launches so far (tests count them)
 # Elements and warps per program: `python bench/bench_gpu.py --sweep` measured 1024 and 4 best
-# on an H100 (bench/results/gpu-sweep-h100-80gb-hbm3.json).
+# on an H100 (bench/results/gpu-sweep-h100-80gb-hbm3.json). A larger block (8-bit states' 2048)
+# gets warps in proportion, so each thread keeps as many numbers: 4 warps over 2048 took 156
+# registers per thread (ptxas, sm_90), 8 warps 80.
 _BLOCK = 1024
 _NUM_WARPS = 4
 _IS_CUDA = operator.attrgetter("is_cuda")
@@ -1451,6 +1453,11 @@ def _fused_by_default(params) -> bool:
 
 
 if triton is not None:
+    # The low-bit quantiser's search (_lowbit_count): keys tell |v| apart by its float32 exponent
+    # (from 2^(_KEY_LOW - 127) on; below, one interval) and the top _KEY_BITS bits of its mantissa.
+    _KEY_BITS = tl.constexpr(7)
+    _KEY_LOW = tl.constexpr(102)
+    _KEYS = tl.constexpr((128 - _KEY_LOW.value) << _KEY_BITS.value)  # intervals on each side of 0, up to |v| < 2
 
     @triton.jit
     def _round_to(x, TYPE: tl.constexpr):
@@ -1506,6 +1513,18 @@ if triton is not None:
         return tl.load(maps + code) * scale
 
     @triton.jit
+    def _lowbit_count(table, bounds, v, N: tl.constexpr, STRICT: tl.constexpr):
+        """How many of the N sorted bounds lie below v (STRICT) or at or below it: the count at the
+        low end of v's interval, from the host's table (_lowbit_maps: one per side of 0), plus
+        one where the one bound an interval can hold is below v too. Two table reads, where a
+        binary search reads BITS levels one after another."""
+        key = (tl.abs(v).to(tl.int32, bitcast=True) >> (23 - _KEY_BITS)) - (_KEY_LOW << _KEY_BITS)
+        key = tl.minimum(tl.maximum(key, 0), _KEYS - 1) + (v < 0).to(tl.int32) * _KEYS
+        count = tl.load(table + key).to(tl.int32)
+        bound = tl.load(bounds + count, mask=count < N, other=float("inf"))
+        return count + (bound < v if STRICT else bound <= v).to(tl.int32)
+
+    @triton.jit
     def _lowbit_store(ptr, start, n, x, maps, seed, counters, BITS: tl.constexpr, QBLOCK: tl.constexpr,
                       BLOCK: tl.constexpr, STOCHASTIC: tl.constexpr):
         """Store x as low-bit codes (lowbit.py.j2's _quantised in registers): each block's scale is
@@ -1526,20 +1545,17 @@ if triton is not None:
         tl.store((ptr + rows * WIDTH + (WIDTH - 4)).to(tl.pointer_type(tl.float32)), scale, mask=rows * QBLOCK < n)
         scale = tl.reshape(tl.broadcast_to(scale[:, None], (ROWS, QBLOCK)), (BLOCK,))
         v = x / tl.where(scale > 0, scale, 1.0)
-        code = tl.zeros((BLOCK,), tl.int32)
         if STOCHASTIC:
             v = tl.minimum(tl.maximum(v, tl.load(maps)), tl.load(maps + LEVELS - 1))
-            for b in tl.static_range(BITS):  # binary search: the last level <= v
-                code = tl.where(tl.load(maps + code + ((LEVELS // 2) >> b)) <= v, code + ((LEVELS // 2) >> b), code)
-            code = tl.minimum(code, LEVELS - 2)
+            # the last level <= v: one less than the levels <= v
+            code = tl.minimum(_lowbit_count(maps + 2 * LEVELS + 2 * _KEYS, maps, v, LEVELS, False) - 1, LEVELS - 2)
             lo = tl.load(maps + code)
             hi = tl.load(maps + code + 1)
             key = _mix32(seed.to(tl.uint32, bitcast=True))
             u = (_mix32(counters.to(tl.uint32) ^ key) >> 8).to(tl.float32) * 5.9604644775390625e-08  # [0, 1)
             code = code + (u * (hi - lo) < v - lo).to(tl.int32)
-        else:
-            for b in tl.static_range(BITS):  # how many midpoints lie below v (not >= v: nan goes past them all)
-                code = tl.where(tl.load(maps + LEVELS + code + ((LEVELS // 2) >> b) - 1) >= v, code, code + ((LEVELS // 2) >> b))
+        else:  # the nearest level: how many midpoints lie below v (nan: all of them, as torch.searchsorted)
+            code = tl.where(v != v, LEVELS - 1, _lowbit_count(maps + 2 * LEVELS, maps + LEVELS, v, LEVELS - 1, True))
         if BITS == 8:
             tl.store(ptr + (start // QBLOCK + k // QBLOCK) * WIDTH + k % QBLOCK, code.to(tl.uint8),
                      mask=(start + k) // QBLOCK * QBLOCK < n)
@@ -1588,7 +1604,7 @@ if triton is not None:
         seed,  # random seed of this step (stochastic rounding of bfloat16 or low-bit states)
         grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
         found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
-        lowbit_maps,  # float32: the unsigned then the signed code's levels and midpoints (read when BITS)
+        lowbit_maps,  # float32: the unsigned then the signed code's levels, midpoints and search tables (read when BITS)
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
         F_TYPE: tl.constexpr,  # dtype of the float states shaped like p: S_TYPE, or uint8 (low-bit codes)
@@ -1643,7 +1659,7 @@ if triton is not None:
             g = g / tl.load(grad_scale).to(C_TYPE)
             _store(g_ptr, offsets, g.to(P_TYPE), mask, whole)  # left unscaled, as torch's fused kernels leave it
         if BITS:  # low-bit codes, dequantised here
-            z = _lowbit_load(z_ptr, start, here, lowbit_maps + (2 << BITS), BITS, QBLOCK, BLOCK).to(C_TYPE)
+            z = _lowbit_load(z_ptr, start, here, lowbit_maps + ((2 << BITS) + 4 * _KEYS), BITS, QBLOCK, BLOCK).to(C_TYPE)
         else:
             z = _load(z_ptr, offsets, mask, whole).to(C_TYPE)
         if BITS:  # low-bit codes, dequantised here
@@ -1654,7 +1670,7 @@ if triton is not None:
         x1 = g/(eps + tl.sqrt(k1*x0 + 1e-15)) + p*wd
         _store(p_ptr, offsets, _round_to(k0*x1 + (tl.where(ckp < 0.5, p, z) + tl.where(ckp < 0.5, ckp, ckp - 1.0) * (z - p)), P_TYPE), mask, whole)
         if BITS:  # requantised here
-            _lowbit_store(z_ptr, start, here, k3*x1 + z, lowbit_maps + (2 << BITS), seed + i,
+            _lowbit_store(z_ptr, start, here, k3*x1 + z, lowbit_maps + ((2 << BITS) + 4 * _KEYS), seed + i,
                           offsets * 2 + 0, BITS, QBLOCK, BLOCK, Q_STOCHASTIC)
         else:
             _store(z_ptr, offsets, _to_state(k3*x1 + z, S_TYPE, STOCHASTIC, seed + i,
@@ -1734,13 +1750,43 @@ def _by_storage(groups):
     return out
 
 
+def _count_table(bounds, strict):
+    """_lowbit_count's table for sorted float32 bounds: for each interval of |v| (its float32
+    exponent and top _KEY_BITS mantissa bits), positive v then negative, how many bounds lie below
+    (STRICT) or at or below the interval's lowest v. The kernel adds one where the bound after
+    those is below v too: right only if no interval holds two bounds, checked here."""
+    shift = 23 - _KEY_BITS.value
+    keys = torch.arange(_KEYS.value + 1, dtype=torch.int64) + (_KEY_LOW.value << _KEY_BITS.value)
+    edges = (keys << shift).to(torch.int32).view(torch.float32)  # interval k is [edges[k], edges[k + 1])
+    edges[0], edges[-1] = 0.0, math.inf
+    below_edge = torch.nextafter(edges[1:], torch.tensor(-math.inf))  # the largest |v| in each interval
+    cpu = bounds.cpu()
+
+    def count(v):
+        return torch.searchsorted(cpu, v.contiguous(), right=not strict)
+
+    table, top = [], []
+    for low, high in ((edges[:-1], below_edge), (-below_edge, -edges[:-1])):  # v >= 0, then v < 0
+        table.append(count(low))
+        top.append(count(high))
+    table, top = torch.cat(table), torch.cat(top)
+    if int((top - table).max()) > 1:
+        raise RuntimeError("a low-bit map's bounds are too close for _lowbit_count's intervals")
+    return table.to(torch.float32)  # counts, exact in float32 (below 2^24)
+
+
 def _lowbit_maps(fmt, device):
-    """The kernels' table of a low-bit format: the unsigned code's levels, midpoints and inf, then
-    the signed code's (the torch paths' _levels, so both round alike)."""
+    """The kernels' table of a low-bit format: the unsigned code's levels, midpoints and inf, and
+    _lowbit_count's tables for the midpoints and the levels, then the signed code's (the torch
+    paths' _levels, so both round alike)."""
     key = (device, "lowbit", fmt)
     if key not in _BLOCK_MAPS:
-        inf = torch.full((1,), math.inf, device=device)
-        _BLOCK_MAPS[key] = torch.cat([x for signed in (False, True) for x in (*_levels(fmt, signed, device), inf)])
+        parts = []
+        for signed in (False, True):
+            levels, mids = _levels(fmt, signed, device)
+            parts += [levels.cpu(), mids.cpu(), torch.full((1,), math.inf), _count_table(mids, True),
+                      _count_table(levels, False)]
+        _BLOCK_MAPS[key] = torch.cat(parts).to(device)
     return _BLOCK_MAPS[key]
 
 
@@ -1829,7 +1875,7 @@ def _fused_schedulefreeadamw(params, grads, z_list, v_list, state_steps, *, lr, 
                      Q_STOCHASTIC=bool(width and stochastic), SCALED=grad_scale is not None, CHECK_INF=found_inf is not None,
                      C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=block,
                      ALIGNED=all(aligned[k] for k in (0, 1, 2, 3)),
-                     num_warps=_NUM_WARPS)
+                     num_warps=_NUM_WARPS * block // _BLOCK)
         _schedulefreeadamw_kernel[(len(block_tensor),)](*args, **types)
         LAUNCHES += 1
         if found_inf is not None:  # an overflow: the step count goes back too, as in torch's fused optimizers

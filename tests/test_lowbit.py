@@ -450,7 +450,7 @@ def test_fused_none_picks_the_kernels_for_low_bit_states_as_for_float_ones(monke
 @pytest.mark.parametrize("fmt", sorted(quant.BLOCK))
 def test_fused_quantises_as_the_torch_paths_bit_exact(fmt):
     """m = g and v = g^2 are the same float32 numbers on both paths, so the kernels' codes and scales
-    (signed m, unsigned v; nearest level by a binary search over the same midpoints) must be the
+    (signed m, unsigned v; the nearest level, counting the same midpoints below it) must be the
     for-loop path's byte for byte, the last block's padding included, at 1823x781 too."""
     import optdsl
     _fused_ready()
@@ -471,6 +471,70 @@ def test_fused_quantises_as_the_torch_paths_bit_exact(fmt):
             assert opts[1].state[b][key].dtype == torch.uint8
             assert torch.equal(opts[0].state[a][key], opts[1].state[b][key]), (key, a.shape)
         assert torch.allclose(a, b, rtol=0, atol=1e-9)  # the update reads the unquantised m, v: same floats
+
+
+EDGES = """optimizer Edges
+hyper lr = 1e-3 in [0, inf)
+state m
+state v
+m = g
+v = abs(g)
+p -= lr * m / (v + 1)
+"""
+
+
+def _edge_values(fmt, block):
+    """Every level and midpoint of both maps of fmt, and the floats just above and below each, and
+    0, -0 and values far below the smallest level; laid out in blocks whose first number is 1, so
+    every block's scale is 1 and the kernels search for these very numbers."""
+    points = []
+    for signed in (False, True):
+        levels = torch.tensor(quant.LEVELS[(fmt, signed)], dtype=torch.float32)
+        for x in (levels, (levels[1:] + levels[:-1]) / 2):
+            points += [x, torch.nextafter(x, torch.tensor(math.inf)), torch.nextafter(x, torch.tensor(-math.inf))]
+    points.append(torch.tensor([0.0, -0.0, 1e-30, -1e-30, 2.0 ** -25, -(2.0 ** -25), 1e-9]))
+    x = torch.cat(points).clamp(-1, 1)
+    body = block - 1
+    rows = max(-(-x.numel() // body), -(-quant.MIN_NUMEL // block))  # smaller tensors stay float32
+    x = torch.nn.functional.pad(x, (0, rows * body - x.numel())).view(rows, body)
+    return torch.cat([torch.ones(x.shape[0], 1), x], dim=1).reshape(-1)
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("fmt", sorted(quant.BLOCK))
+def test_fused_search_at_every_level_and_midpoint(fmt, stochastic):
+    """The kernels find a number's code from a table indexed by its float32 exponent and top
+    mantissa bits, then one comparison (_lowbit_count); that must give torch.searchsorted's code at
+    every boundary: each level and midpoint of the signed (m = g) and unsigned (v = |g|) maps, and
+    their float32 neighbours. Nearest rounding: the for-loop path's codes byte for byte.
+    Stochastic: a number on a level stores that level's code whatever the draw, as on the torch
+    paths; any other number one of the two codes around it."""
+    import optdsl
+    _fused_ready()
+    cls = optdsl.compile(EDGES)
+    state_dtype = fmt + ("_stochastic" if stochastic else "")
+    g = _edge_values(fmt, quant.BLOCK[fmt])
+    loop, fused = torch.nn.Parameter(torch.zeros_like(g)), torch.nn.Parameter(torch.zeros_like(g))
+    opts = [cls([loop], state_dtype=state_dtype, foreach=False), cls([fused], state_dtype=state_dtype, fused=True)]
+    for p, opt in zip((loop, fused), opts):
+        p.grad = g.clone()
+        opt.step()
+    for key, signed in (("m", True), ("v", False)):
+        a, b = opts[0].state[loop][key], opts[1].state[fused][key]
+        assert b.dtype == torch.uint8
+        assert torch.equal(a[:, -4:], b[:, -4:]), key  # the scales: 1 in every block
+        if not stochastic:
+            assert torch.equal(a, b), key
+            continue
+        codes = [x[:, :-4].long() for x in (a, b)]
+        if fmt == "int4":
+            codes = [torch.stack([c & 15, c >> 4], dim=2).view(c.shape[0], -1) for c in codes]
+        levels = torch.tensor(quant.LEVELS[(fmt, signed)], dtype=torch.float32)
+        values = (g if signed else g.abs()).view(codes[0].shape)
+        on_level = torch.isin(values, levels)
+        assert on_level.sum() >= levels.numel() - 1, key
+        assert torch.equal(codes[0][on_level], codes[1][on_level]), key
+        assert (codes[0] - codes[1]).abs().max() <= 1, key
 
 
 def _stored_scales(stored, shape):
