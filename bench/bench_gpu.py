@@ -5,7 +5,7 @@ One command, from the repository root::
 
     python bench/bench_gpu.py [--suites large,gpt2,llama1b,small] [--dtypes fp32,bf16]
                               [--optimizers adamw,lion,sgd,lamb[,adafactor]] [--windows 5] [--steps 10]
-                              [--no-compile] [--sweep] [--out bench/results]
+                              [--no-compile] [--sweep] [--sweep-lowbit] [--out bench/results]
 
 What it measures
 ----------------
@@ -245,6 +245,29 @@ def make_params(shapes, dtype, seed=0):
     return params
 
 
+def sweep_lowbit(args):
+    """Fused AdamW and Lion with int8 and int4 states per warps (a launch's warps are _NUM_WARPS per
+    _BLOCK numbers of its block: int8's 2048 get twice as many): chooses that rule."""
+    import generated.adamw
+    import generated.lion
+    out = []
+    for suite in ("large", "gpt2"):
+        params = make_params(SUITES[suite](), torch.float32)
+        for mod, cls in ((generated.adamw, "AdamW"), (generated.lion, "Lion")):
+            for fmt in ("int8", "int4"):
+                for per_block in (2, 4, 8):
+                    mod._NUM_WARPS = per_block
+                    warps = per_block * max(mod._BLOCK, mod._LOWBIT[fmt][1]) // mod._BLOCK
+                    step = getattr(mod, cls)(params, fused=True, state_dtype=fmt, **HYPERS[cls.lower()]).step
+                    ms, _, _ = time_steps(step, 3, args.windows, args.steps)
+                    out.append(dict(suite=suite, optimizer=cls, fmt=fmt, warps=warps, gpu_ms=ms))
+                    print(f"sweep-lowbit {suite:6s} {cls:6s} {fmt} warps {warps:2d}: {ms:.3f} ms", flush=True)
+                mod._NUM_WARPS = 4
+        del params
+        torch.cuda.empty_cache()
+    return out
+
+
 def sweep(args):
     """Fused AdamW per (block, warps) on the large and GPT-2 suites: chooses the generated defaults."""
     import generated.adamw as mod
@@ -281,6 +304,7 @@ def main(argv=None):
     ap.add_argument("--profile", default=None, metavar="SUITE",
                     help="only profile the host side of 20 fused AdamW steps on SUITE (cProfile)")
     ap.add_argument("--sweep", action="store_true", help="only time fused AdamW per block size and warps")
+    ap.add_argument("--sweep-lowbit", action="store_true", help="only time int8/int4-state AdamW and Lion per warps")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
     args = ap.parse_args(argv)
 
@@ -315,6 +339,10 @@ def main(argv=None):
     if args.sweep:
         meta["sweep"] = sweep(args)
         (args.out / f"gpu-sweep-{tag}.json").write_text(json.dumps(meta, indent=1) + "\n")
+        return 0
+    if args.sweep_lowbit:
+        meta["sweep"] = sweep_lowbit(args)
+        (args.out / f"gpu-sweep-lowbit-{tag}.json").write_text(json.dumps(meta, indent=1) + "\n")
         return 0
 
     bw = copy_bandwidth()

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""CPU benchmark: one step of the generated Shampoo, SOAP and Kron against pytorch_optimizer's.
+"""Benchmark: one step of the generated Shampoo, SOAP and Kron against pytorch_optimizer's, on the CPU or a GPU.
 
 This is a benchmark, not a test. Run it from the repository root::
 
-    python bench/bench_matrix.py [--layers 1] [--width 768] [--windows 3] [--steps 2] [--threads N] [--only Kron] [--out bench/results]
+    python bench/bench_matrix.py [--layers 1] [--width 768] [--windows 3] [--steps 2] [--threads N] [--only Kron] [--device cuda] [--out bench/results]
 
 (`pip install -c constraints.txt -r bench/requirements.txt` first: opt_einsum, for Kron's reference.)
 
@@ -29,7 +29,9 @@ the generated rows are its for-loop (foreach=False) and foreach paths. The numbe
 the median over windows of the time per step, the windows of all rows interleaved.
 
 Results go to ``<out>/matrix-cpu.json`` and ``<out>/matrix-cpu.md``; with ``--only NAME[,NAME]`` (the
-rows of those optimizers alone) to ``<out>/matrix-cpu-name.json`` and ``.md``.
+rows of those optimizers alone) to ``<out>/matrix-cpu-name.json`` and ``.md``. With ``--device cuda``
+every row runs on the GPU (the generated fused path too: its matrix work in torch between the
+kernels), timed with a synchronize around each window, into ``matrix-cuda-<gpu>[-name]``.
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def shapes(layers: int, d: int = 768) -> list[tuple[int, ...]]:
     return block * layers
 
 
-def rows():
+def rows(gpu=False):
     import pytorch_optimizer as PO
 
     from generated.shampoo import Shampoo
@@ -71,6 +73,9 @@ def rows():
           if torch.backends.opt_einsum.is_available() else []),  # see the docstring
         ("Kron", "generated for-loop", lambda ps: Kron(ps, lr=1e-3, foreach=False)),
         ("Kron", "generated foreach", lambda ps: Kron(ps, lr=1e-3, foreach=True)),
+        *([("Shampoo", "generated fused", lambda ps: Shampoo(ps, lr=1e-3, fused=True)),
+           ("SOAP", "generated fused", lambda ps: SOAP(ps, lr=1e-3, shampoo_beta=0.95, fused=True)),
+           ("Kron", "generated fused", lambda ps: Kron(ps, lr=1e-3, fused=True))] if gpu else []),
     ]
 
 
@@ -82,17 +87,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--only", default=None, help="comma-separated optimizers (Shampoo,SOAP,Kron): their rows alone")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--out", default=str(REPO_ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     only = None if args.only is None else [n.strip() for n in args.only.split(",")]
-    stem = "matrix-cpu" if only is None else "matrix-cpu-" + "-".join(n.lower() for n in only)
+    gpu = args.device != "cpu"
+    where = "cpu" if not gpu else "cuda-" + torch.cuda.get_device_name().lower().replace("nvidia ", "").replace(" ", "-")
+    stem = f"matrix-{where}" if only is None else f"matrix-{where}-" + "-".join(n.lower() for n in only)
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
     if args.threads:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
-    init = [torch.randn(s, generator=gen) for s in shapes(args.layers, args.width)]
-    grads = [torch.randn(s, generator=gen) * 1e-2 for s in shapes(args.layers, args.width)]
+    init = [torch.randn(s, generator=gen).to(args.device) for s in shapes(args.layers, args.width)]
+    grads = [(torch.randn(s, generator=gen) * 1e-2).to(args.device) for s in shapes(args.layers, args.width)]
     table = []
-    for name, path, make in rows():
+    for name, path, make in rows(gpu):
         if only is not None and name not in only:
             continue
         params = [torch.nn.Parameter(x.clone()) for x in init]
@@ -108,11 +117,14 @@ def main(argv=None) -> dict:
         step(row)
     for _ in range(args.windows):
         for row in table:
+            sync()
             start = time.perf_counter()
             for _ in range(args.steps):
                 step(row)
+            sync()
             row["times"].append((time.perf_counter() - start) / args.steps)
-    result = dict(machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(), opt_einsum=torch.backends.opt_einsum.is_available(),
+    machine = torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine()
+    result = dict(machine=machine, device=args.device, threads=torch.get_num_threads(), opt_einsum=torch.backends.opt_einsum.is_available(),
                   torch=torch.__version__, layers=args.layers, width=args.width, steps=args.steps, windows=args.windows,
                   numel=sum(x.numel() for x in init), rows=[])
     for row in table:
@@ -128,11 +140,13 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     names = " and ".join(dict.fromkeys(r["optimizer"] for r in result["rows"]))
-    lines = [f"# One step of {names}, CPU ({result['threads']} threads, torch {result['torch']})", "",
+    on = f"{machine}" if gpu else f"CPU ({result['threads']} threads"
+    lines = [f"# One step of {names}, {on}{'' if gpu else ','} torch {result['torch']}{'' if gpu else ')'}", "",
              f"{args.layers} GPT-2-small-like block(s) of width {args.width}, {result['numel']:,} parameters, "
              f"float32; median of "
              f"{args.windows} windows of {args.steps} steps (`python bench/bench_matrix.py --width {args.width} --windows {args.windows} "
-             f"--steps {args.steps}" + ("" if only is None else f" --only {','.join(only)}") + "`).", "",
+             f"--steps {args.steps}" + ("" if only is None else f" --only {','.join(only)}")
+             + ("" if not gpu else f" --device {args.device}") + "`).", "",
              "| optimizer | path | median ms/step | min ms/step | ratio to pytorch_optimizer | max abs diff |",
              "|---|---|---:|---:|---:|---:|"]
     for r in result["rows"]:
