@@ -9,6 +9,9 @@ The spec::
     # rank-r space, and the step is projected back. 'std' projects on the smaller side (the right
     # singular vectors of a tall matrix, the left ones of a wide one), 'reverse_std' on the larger;
     # 'full' on both sides (a rank x rank gradient: its left vectors L and right ones R, one SVD each).
+    # 'random' is 'std': the reference's GaLore.step calls project() without from_random_matrix, so its
+    # 'random' takes the SVD of the gradient and projects on the smaller side, drawing nothing (its
+    # random Gaussian matrices are APOLLO's, which passes from_random_matrix=True).
     # rank=0, vectors and tensors of rank 3 or more: plain AdamW (as the reference without `rank`).
     optimizer GaLoreAdamW \"memory-efficient training by gradient low-rank projection (Zhao et al., 2024), as pytorch_optimizer's GaLore\"
     
@@ -16,7 +19,7 @@ The spec::
     hyper betas = (b1, b2)
     hyper wd = 0 in [0, inf) as weight_decay, eps = 1e-6 in (0, inf)
     hyper rank = 128 in [0, inf), update_proj_gap = 50 in [1, inf), scale = 1 in [0, inf)
-    hyper projection_type = \"std\" | \"reverse_std\" | \"right\" | \"left\" | \"full\"
+    hyper projection_type = \"std\" | \"reverse_std\" | \"right\" | \"left\" | \"full\" | \"random\"
     
     rule ndim == 2 and rank > 0 and projection_type == 4 {
       state L: matrix(nrows, rank), R: matrix(rank, ncols), m: matrix(rank, rank) as exp_avg, v: matrix(rank, rank) as exp_avg_sq
@@ -29,7 +32,7 @@ The spec::
       p *= 1 - lr * wd
     }
     
-    rule ndim == 2 and rank > 0 and where(projection_type < 2, where(nrows >= ncols, projection_type == 0, projection_type == 1), projection_type == 2) {
+    rule ndim == 2 and rank > 0 and where(projection_type < 2, where(nrows >= ncols, projection_type == 0, projection_type == 1), (projection_type == 2) + (projection_type == 5) * (nrows >= ncols)) {
       state P: matrix(rank, ncols) as ortho_matrix, m: matrix(nrows, rank) as exp_avg, v: matrix(nrows, rank) as exp_avg_sq
       P = where((t == 1) + (t % update_proj_gap == 0), svd_vh(g, rank), P)   # the SVD on those steps only
       r = mm(g, T(P))                                                        # nrows x rank
@@ -885,7 +888,7 @@ class GaLoreAdamW(Optimizer):
        v &\leftarrow \operatorname{lerp}{\left(v,r^{2},1 - b_{2} \right)} \\
        p &\leftarrow p - \frac{lr \cdot \sqrt{1 - b_{2}^{t}}}{1 - b_{1}^{t}} \cdot scale \cdot \operatorname{mm}{\left(\operatorname{mm}{\left(L,\frac{m}{\sqrt{v} + eps} \right)},R \right)} \\
        p &\leftarrow p \cdot \left(1 - lr \cdot wd\right) \\
-       &\text{for parameters with ndim == 2 and rank > 0 and where(projection\_type < 2, where(nrows >= ncols, projection\_type == 0, projection\_type == 1), projection\_type == 2)} \\
+       &\text{for parameters with ndim == 2 and rank > 0 and where(projection\_type < 2, where(nrows >= ncols, projection\_type == 0, projection\_type == 1), (projection\_type == 2) + (projection\_type == 5) * (nrows >= ncols))} \\
        P &\leftarrow \operatorname{where}{\left(\operatorname{eq}{\left(t,1 \right)} + \left(\operatorname{eq}{\left(t \bmod update_{proj gap},0 \right)}\right),\operatorname{svd}_{vh}{\left(g,rank \right)},P \right)} \\
        r &\leftarrow \operatorname{mm}{\left(g,T{\left(P \right)} \right)} \\
        m &\leftarrow \operatorname{lerp}{\left(m,r,1 - b_{1} \right)} \\
@@ -917,7 +920,7 @@ class GaLoreAdamW(Optimizer):
     ``p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * scale * mm(mm(L, m / (sqrt(v) + eps)), R)``
     ``p *= 1 - lr * wd``
     ``}``
-    ``rule ndim == 2 and rank > 0 and where(projection_type < 2, where(nrows >= ncols, projection_type == 0, projection_type == 1), projection_type == 2) {``
+    ``rule ndim == 2 and rank > 0 and where(projection_type < 2, where(nrows >= ncols, projection_type == 0, projection_type == 1), (projection_type == 2) + (projection_type == 5) * (nrows >= ncols)) {``
     ``P = where((t == 1) + (t % update_proj_gap == 0), svd_vh(g, rank), P)``
     ``r = mm(g, T(P))``
     ``p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * scale * mm(m / (sqrt(v) + eps), P)``
@@ -939,7 +942,7 @@ class GaLoreAdamW(Optimizer):
         rank (float, optional): default 128.0, in [0, inf).
         update_proj_gap (float, optional): default 50.0, in [1, inf).
         scale (float, optional): default 1.0, in [0, inf).
-        projection_type (str, optional): default "std", one of 'std', 'reverse_std', 'right', 'left', 'full'.
+        projection_type (str, optional): default "std", one of 'std', 'reverse_std', 'right', 'left', 'full', 'random'.
         foreach (bool, optional): use the multi-tensor (``torch._foreach_*``) path.
             ``None`` picks it as torch.optim does: on CUDA, not on CPU.
         fused (bool, optional): use the fused Triton kernel, one launch per device and dtype.
@@ -1056,9 +1059,9 @@ class GaLoreAdamW(Optimizer):
             raise ValueError(f"Invalid update_proj_gap value: {group['update_proj_gap']} (update_proj_gap must be in [1, inf))")
         if not (0.0 <= group["scale"] < float("inf")):
             raise ValueError(f"Invalid scale value: {group['scale']} (scale must be in [0, inf))")
-        if group["projection_type"] not in ("std", "reverse_std", "right", "left", "full"):
+        if group["projection_type"] not in ("std", "reverse_std", "right", "left", "full", "random"):
             raise ValueError(f"Invalid projection_type value: {group['projection_type']!r} "
-                             "(projection_type must be one of 'std', 'reverse_std', 'right', 'left', 'full')")
+                             "(projection_type must be one of 'std', 'reverse_std', 'right', 'left', 'full', 'random')")
         for key, value in self._FIXED.items():
             if group.get(key, value) != value:
                 raise ValueError(f"GaLoreAdamW does not implement {key}={group[key]!r} (only {key}={value!r})")
@@ -1259,9 +1262,9 @@ class GaLoreAdamW(Optimizer):
     @staticmethod
     def _rule_of(p, group):
         """Which rule updates this parameter: the first whose condition its shape meets."""
-        if p.dim() == 2 and group["rank"] > 0 and float(("std", "reverse_std", "right", "left", "full").index(group["projection_type"])) == 4:
+        if p.dim() == 2 and group["rank"] > 0 and float(("std", "reverse_std", "right", "left", "full", "random").index(group["projection_type"])) == 4:
             return 0
-        if p.dim() == 2 and group["rank"] > 0 and ((float(float(("std", "reverse_std", "right", "left", "full").index(group["projection_type"])) == 0) if float((p.shape[-2] if p.dim() >= 2 else 1) >= (p.shape[-1] if p.dim() >= 1 else 1)) else float(float(("std", "reverse_std", "right", "left", "full").index(group["projection_type"])) == 1)) if float(float(("std", "reverse_std", "right", "left", "full").index(group["projection_type"])) < 2) else float(float(("std", "reverse_std", "right", "left", "full").index(group["projection_type"])) == 2)):
+        if p.dim() == 2 and group["rank"] > 0 and ((float(float(("std", "reverse_std", "right", "left", "full", "random").index(group["projection_type"])) == 0) if float((p.shape[-2] if p.dim() >= 2 else 1) >= (p.shape[-1] if p.dim() >= 1 else 1)) else float(float(("std", "reverse_std", "right", "left", "full", "random").index(group["projection_type"])) == 1)) if float(float(("std", "reverse_std", "right", "left", "full", "random").index(group["projection_type"])) < 2) else float(float(("std", "reverse_std", "right", "left", "full", "random").index(group["projection_type"])) == 2) + float(float(("std", "reverse_std", "right", "left", "full", "random").index(group["projection_type"])) == 5)*float((p.shape[-2] if p.dim() >= 2 else 1) >= (p.shape[-1] if p.dim() >= 1 else 1))):
             return 1
         if p.dim() == 2 and group["rank"] > 0:
             return 2
@@ -1283,7 +1286,7 @@ class GaLoreAdamW(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 2)
             raise ValueError("GaLoreAdamW: " + "state 'L: matrix(nrows, rank)'" + f" needs parameters of rank 2 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/galore_adamw.opt:17:9: L\n      state L: matrix(nrows, rank), R: matrix(rank, ncols), m: matrix(rank, rank) as exp_avg, v: matrix(rank, rank) as exp_avg_sq\n            ^")
+                             + "specs/galore_adamw.opt:20:9: L\n      state L: matrix(nrows, rank), R: matrix(rank, ncols), m: matrix(rank, rank) as exp_avg, v: matrix(rank, rank) as exp_avg_sq\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("GaLoreAdamW does not support complex parameters: its state 'L' is declared ': matrix(nrows, rank)', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -1330,7 +1333,7 @@ class GaLoreAdamW(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 2)
             raise ValueError("GaLoreAdamW: " + "state 'P: matrix(rank, ncols)'" + f" needs parameters of rank 2 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/galore_adamw.opt:28:9: P\n      state P: matrix(rank, ncols) as ortho_matrix, m: matrix(nrows, rank) as exp_avg, v: matrix(nrows, rank) as exp_avg_sq\n            ^")
+                             + "specs/galore_adamw.opt:31:9: P\n      state P: matrix(rank, ncols) as ortho_matrix, m: matrix(nrows, rank) as exp_avg, v: matrix(nrows, rank) as exp_avg_sq\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("GaLoreAdamW does not support complex parameters: its state 'P' is declared ': matrix(rank, ncols)', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -1373,7 +1376,7 @@ class GaLoreAdamW(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 2)
             raise ValueError("GaLoreAdamW: " + "state 'P: matrix(nrows, rank)'" + f" needs parameters of rank 2 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/galore_adamw.opt:38:9: P\n      state P: matrix(nrows, rank) as ortho_matrix, m: matrix(rank, ncols) as exp_avg, v: matrix(rank, ncols) as exp_avg_sq\n            ^")
+                             + "specs/galore_adamw.opt:41:9: P\n      state P: matrix(nrows, rank) as ortho_matrix, m: matrix(rank, ncols) as exp_avg, v: matrix(rank, ncols) as exp_avg_sq\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("GaLoreAdamW does not support complex parameters: its state 'P' is declared ': matrix(nrows, rank)', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -1465,7 +1468,7 @@ class GaLoreAdamW(Optimizer):
                 rank=group["rank"],
                 update_proj_gap=group["update_proj_gap"],
                 scale=group["scale"],
-                projection_type=float(("std", "reverse_std", "right", "left", "full").index(group["projection_type"])),
+                projection_type=float(("std", "reverse_std", "right", "left", "full", "random").index(group["projection_type"])),
                 foreach=group["foreach"],
                 fused=group["fused"],
                 stochastic=_stochastic(group["state_dtype"]),
@@ -1490,7 +1493,7 @@ class GaLoreAdamW(Optimizer):
                 rank=group["rank"],
                 update_proj_gap=group["update_proj_gap"],
                 scale=group["scale"],
-                projection_type=float(("std", "reverse_std", "right", "left", "full").index(group["projection_type"])),
+                projection_type=float(("std", "reverse_std", "right", "left", "full", "random").index(group["projection_type"])),
                 foreach=group["foreach"],
                 fused=group["fused"],
                 stochastic=_stochastic(group["state_dtype"]),
@@ -1515,7 +1518,7 @@ class GaLoreAdamW(Optimizer):
                 rank=group["rank"],
                 update_proj_gap=group["update_proj_gap"],
                 scale=group["scale"],
-                projection_type=float(("std", "reverse_std", "right", "left", "full").index(group["projection_type"])),
+                projection_type=float(("std", "reverse_std", "right", "left", "full", "random").index(group["projection_type"])),
                 foreach=group["foreach"],
                 fused=group["fused"],
                 stochastic=_stochastic(group["state_dtype"]),
@@ -1539,7 +1542,7 @@ class GaLoreAdamW(Optimizer):
                 rank=group["rank"],
                 update_proj_gap=group["update_proj_gap"],
                 scale=group["scale"],
-                projection_type=float(("std", "reverse_std", "right", "left", "full").index(group["projection_type"])),
+                projection_type=float(("std", "reverse_std", "right", "left", "full", "random").index(group["projection_type"])),
                 foreach=group["foreach"],
                 fused=group["fused"],
                 stochastic=_stochastic(group["state_dtype"]),
@@ -2684,7 +2687,7 @@ def _fused_galoreadamw_0(params, grads, *lists, grad_scale=None, found_inf=None,
 
 
 def _fused_galoreadamw_1(params, grads, *lists, grad_scale=None, found_inf=None, **hypers):
-    """Rule 2 (ndim == 2 and rank > 0 and where(projection_type < 2, where(nrows >= ncols, projection_type == 0, projection_type == 1), projection_type == 2)): its matrix-shaped state 'P: matrix(rank, ncols)' is not fused yet; under fused=True its parameters take
+    """Rule 2 (ndim == 2 and rank > 0 and where(projection_type < 2, where(nrows >= ncols, projection_type == 0, projection_type == 1), (projection_type == 2) + (projection_type == 5) * (nrows >= ncols))): its matrix-shaped state 'P: matrix(rank, ncols)' is not fused yet; under fused=True its parameters take
     the multi-tensor path, the other rules their kernels. A GradScaler's scale and inf flag are
     applied here on the host, as the kernels apply them."""
     if found_inf is not None and found_inf.item():

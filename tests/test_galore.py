@@ -40,6 +40,9 @@ GALORE = {
     "full": dict(rank=2, update_proj_gap=3, projection_type="full", weight_decay=0.01),
     "full-r1-gap1-scaled": dict(lr=0.01, rank=1, update_proj_gap=1, projection_type="full", scale=0.5),
     "full-rank-past-the-matrix": dict(rank=10, update_proj_gap=4, projection_type="full", betas=(0.8, 0.95)),
+    # the reference's 'random' is 'std' (see test_random_is_the_references_svd_projection)
+    "random": dict(rank=2, update_proj_gap=3, projection_type="random", weight_decay=0.01),
+    "random-r1-gap1-scaled": dict(lr=0.01, rank=1, update_proj_gap=1, projection_type="random", scale=0.5),
 }
 CASES = {f"galore-{case}": ("galore_adamw", kw, None, kw) for case, kw in GALORE.items()}  # for test_every_spec_is_covered
 
@@ -63,6 +66,37 @@ def test_galore_matches_pytorch_optimizer(case, float64_default):
     assert worst < 1e-14  # rounding order only: measured 0 to 1.3e-16 over these cases
 
 
+def test_random_is_the_references_svd_projection(float64_default):
+    """pytorch_optimizer's GaLore with projection_type='random' draws no random matrix: GaLore.step calls
+    GaLoreProjector.project(grad, step) without from_random_matrix (only APOLLO passes True), so the
+    projection is the SVD's, on the smaller side as 'std'. The reference's steps leave torch's global
+    generator as it was (a draw would move it), and the spec's 'random' is its 'std' to the bit on
+    every shape of MODEL."""
+    kw = dict(rank=2, update_proj_gap=2, projection_type="random")
+    gen = torch.Generator().manual_seed(5)
+    ref_params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in MATRICES]
+    ref = galore_ref(ref_params, **kw)
+    before = torch.get_rng_state()
+    for _ in range(5):
+        for p in ref_params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        ref.step()
+    assert torch.equal(torch.get_rng_state(), before)
+    runs = []
+    for kind in ("random", "std"):
+        gen = torch.Generator().manual_seed(6)
+        ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in MODEL]
+        opt = _ours(dict(kw, projection_type=kind))(ps)
+        for _ in range(5):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        runs.append([p.detach().clone() for p in ps])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert any(not torch.equal(a, b) for a, b in zip(runs[0], [torch.randn(s, generator=torch.Generator().manual_seed(6))
+                                                               for s in MODEL]))  # the runs moved p
+
+
 def test_rank_zero_is_the_references_adamw(float64_default):
     """rank=0: every parameter takes AdamW, as the reference's group without `rank` does."""
     import pytorch_optimizer as PO
@@ -71,7 +105,7 @@ def test_rank_zero_is_the_references_adamw(float64_default):
              MODEL, torch.float64, STEPS, seed=7, tol=1e-10)
 
 
-@pytest.mark.parametrize("case", ["std-r2-gap3", "reverse_std", "full"])
+@pytest.mark.parametrize("case", ["std-r2-gap3", "reverse_std", "full", "random"])
 def test_galore_fused_matches_pytorch_optimizer(case, float64_default):
     """fused=True: the matrix rules run torch's code (their states are matrices), AdamW its kernel."""
     _fused_ok()
