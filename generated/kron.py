@@ -11,8 +11,9 @@ The spec::
     # memory_save_mode says so (\"one_diag\": the larger side, the columns of a square; \"smart_one_diag\":
     # the strictly larger side; \"all_diag\"). Vectors and 0-dim tensors take one diagonal factor. A side
     # of size 1 keeps a 1 x 1 triangular factor where the reference keeps a diagonal one: the same numbers.
-    # Tensors of rank 3 or more (the reference: one factor per axis) take no rule: a RuntimeError at step
-    # that names these rules. No keyword pre_conditioner_update_probability: max_prob, ... say it.
+    # Tensors of rank 3 or more (the reference: one factor per axis, each triangular or diagonal) are
+    # refused when they are given to the optimizer, saying why (the last rule). No keyword
+    # pre_conditioner_update_probability: max_prob, ... say it.
     # The preconditioner is updated when a counter of steps reaches 1 / prob(t - 1), prob(n) =
     # clamp(max_prob exp(-decay (n - flat_start)), min_prob, max_prob): the reference's default schedule
     # (every step up to step 501, then decaying to every 33rd); min_prob = max_prob = P is its constant
@@ -113,6 +114,11 @@ The spec::
       u *= min(1.1 / (rms(u) + 1e-6), 1)
       p -= lr * u
     }
+    
+    rule ndim >= 3 refuse (\"PSGD-Kron keeps one factor per axis of a tensor of rank 3 or more (the reference's \"
+      \"einsum preconditioner), which this spec does not write: optdsl's matrix states are per matrix of the last two \"
+      \"axes, and each axis' triangular or diagonal factor would take a rule per combination (2^ndim of them); give \"
+      \"such parameters to another optimizer (a group of their own), or to pytorch_optimizer's Kron\")
 """
 from __future__ import annotations
 
@@ -1139,6 +1145,10 @@ class Kron(Optimizer):
     ``q = where(upd, q - plr * (a^2 - b^2) * q / (amax(abs(a^2 + b^2)) + 1.1754943508222875e-38), q)``
     ``u = q * q * h``
     ``p -= lr * u``
+    ``rule ndim >= 3 refuse (\"PSGD-Kron keeps one factor per axis of a tensor of rank 3 or more (the reference's \"``
+    ``\"einsum preconditioner), which this spec does not write: optdsl's matrix states are per matrix of the last two \"``
+    ``\"axes, and each axis' triangular or diagonal factor would take a rule per combination (2^ndim of them); give \"``
+    ``\"such parameters to another optimizer (a group of their own), or to pytorch_optimizer's Kron\")``
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
@@ -1262,6 +1272,7 @@ class Kron(Optimizer):
         param_group = _torch_names(param_group, self.defaults, self._ALIASES)
         self._check_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
+        self._refuse(self.param_groups[-1])
 
     def _check_group(self, group):
         """Refuse values outside the spec's ranges, and torch.optim features the spec does not implement."""
@@ -1498,9 +1509,21 @@ class Kron(Optimizer):
             return group["foreach"] is None and _fused_by_default([p])
         return bool(group["fused"])
 
+    def _refuse(self, group):
+        """A parameter that a refusing rule takes is refused when its group is added (a ValueError saying
+        why, the group left out), not at its first step; one that no rule takes is said at its step."""
+        for p in group["params"]:
+            try:
+                self._rule_of(p, group)
+            except ValueError:
+                del self.param_groups[[g is group for g in self.param_groups].index(True)]
+                raise
+            except RuntimeError:
+                pass
+
     @staticmethod
     def _rule_of(p, group):
-        """Which rule updates this parameter: the first whose condition its shape meets."""
+        """Which rule updates this parameter: the first whose condition its shape meets (a refusing rule: a ValueError saying why)."""
         if p.dim() == 2 and float(float((None, "one_diag", "smart_one_diag", "all_diag").index(group["memory_save_mode"])) == 3) + float((p.shape[-2] if p.dim() >= 2 else 1) > (p.shape[-1] if p.dim() >= 1 else 1))*float(float((None, "one_diag", "smart_one_diag", "all_diag").index(group["memory_save_mode"])) > 0) + float((p.shape[-2] if p.dim() >= 2 else 1) > group["max_size_triangular"]) + float(group["min_ndim_triangular"] > 2) > 0 and float(float((None, "one_diag", "smart_one_diag", "all_diag").index(group["memory_save_mode"])) == 1)*float((p.shape[-1] if p.dim() >= 1 else 1) >= (p.shape[-2] if p.dim() >= 2 else 1)) + float(float((None, "one_diag", "smart_one_diag", "all_diag").index(group["memory_save_mode"])) == 2)*float((p.shape[-1] if p.dim() >= 1 else 1) > (p.shape[-2] if p.dim() >= 2 else 1)) + float(float((None, "one_diag", "smart_one_diag", "all_diag").index(group["memory_save_mode"])) == 3) + float((p.shape[-1] if p.dim() >= 1 else 1) > group["max_size_triangular"]) + float(group["min_ndim_triangular"] > 2) > 0:
             return 0
         if p.dim() == 2 and float(float((None, "one_diag", "smart_one_diag", "all_diag").index(group["memory_save_mode"])) == 3) + float((p.shape[-2] if p.dim() >= 2 else 1) > (p.shape[-1] if p.dim() >= 1 else 1))*float(float((None, "one_diag", "smart_one_diag", "all_diag").index(group["memory_save_mode"])) > 0) + float((p.shape[-2] if p.dim() >= 2 else 1) > group["max_size_triangular"]) + float(group["min_ndim_triangular"] > 2) > 0:
@@ -1511,8 +1534,10 @@ class Kron(Optimizer):
             return 3
         if p.dim() <= 1:
             return 4
+        if p.dim() >= 3:
+            raise ValueError(f"Kron refuses a parameter of shape {tuple(p.shape)}: " + "PSGD-Kron keeps one factor per axis of a tensor of rank 3 or more (the reference's einsum preconditioner), which this spec does not write: optdsl's matrix states are per matrix of the last two axes, and each axis' triangular or diagonal factor would take a rule per combination (2^ndim of them); give such parameters to another optimizer (a group of their own), or to pytorch_optimizer's Kron (specs/kron.opt:113: rule ndim >= 3 refuse)")
         raise RuntimeError(f"no rule of Kron takes a parameter of shape {tuple(p.shape)}; its rules are "
-                           + "; ".join(("specs/kron.opt:25: rule ndim == 2 and (nrows > max_size) + (min_ndim > 2) + (mode == 3) + (mode > 0) * (nrows > ncols) > 0 and (ncols > max_size) + (min_ndim > 2) + (mode == 3) + (mode == 1) * (ncols >= nrows) + (mode == 2) * (ncols > nrows) > 0", "specs/kron.opt:43: rule ndim == 2 and (nrows > max_size) + (min_ndim > 2) + (mode == 3) + (mode > 0) * (nrows > ncols) > 0", "specs/kron.opt:61: rule ndim == 2 and (ncols > max_size) + (min_ndim > 2) + (mode == 3) + (mode == 1) * (ncols >= nrows) + (mode == 2) * (ncols > nrows) > 0", "specs/kron.opt:79: rule ndim == 2", "specs/kron.opt:97: rule ndim <= 1")))
+                           + "; ".join(("specs/kron.opt:26: rule ndim == 2 and (nrows > max_size) + (min_ndim > 2) + (mode == 3) + (mode > 0) * (nrows > ncols) > 0 and (ncols > max_size) + (min_ndim > 2) + (mode == 3) + (mode == 1) * (ncols >= nrows) + (mode == 2) * (ncols > nrows) > 0", "specs/kron.opt:44: rule ndim == 2 and (nrows > max_size) + (min_ndim > 2) + (mode == 3) + (mode > 0) * (nrows > ncols) > 0", "specs/kron.opt:62: rule ndim == 2 and (ncols > max_size) + (min_ndim > 2) + (mode == 3) + (mode == 1) * (ncols >= nrows) + (mode == 2) * (ncols > nrows) > 0", "specs/kron.opt:80: rule ndim == 2", "specs/kron.opt:98: rule ndim <= 1", "specs/kron.opt:113: rule ndim >= 3 refuse (\"PSGD-Kron keeps one factor per axis of a tensor of rank 3 or more (the reference's \"")))
 
     def _init_group(self, group, rule, *lists):
         """The lists of one rule's parameters of the group. torch.compile runs a method of this name
@@ -1530,7 +1555,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 2)
             raise ValueError("Kron: " + "state 'dR: cols'" + f" needs parameters of rank 2 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:26:84: dR\n      state m as momentum_buffer, c: scalar as update_counter, dL: rows = sqrt(scale), dR: cols = sqrt(scale)\n                                                                                       ^^")
+                             + "specs/kron.opt:27:84: dR\n      state m as momentum_buffer, c: scalar as update_counter, dL: rows = sqrt(scale), dR: cols = sqrt(scale)\n                                                                                       ^^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -1579,7 +1604,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 2)
             raise ValueError("Kron: " + "state 'QR: gram_cols'" + f" needs parameters of rank 2 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:44:84: QR\n      state m as momentum_buffer, c: scalar as update_counter, dL: rows = sqrt(scale), QR: gram_cols = sqrt(scale) * eye\n                                                                                       ^^")
+                             + "specs/kron.opt:45:84: QR\n      state m as momentum_buffer, c: scalar as update_counter, dL: rows = sqrt(scale), QR: gram_cols = sqrt(scale) * eye\n                                                                                       ^^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -1628,7 +1653,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 2)
             raise ValueError("Kron: " + "state 'QL: gram_rows'" + f" needs parameters of rank 2 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:62:60: QL\n      state m as momentum_buffer, c: scalar as update_counter, QL: gram_rows = sqrt(scale) * eye, dR: cols = sqrt(scale)\n                                                               ^^")
+                             + "specs/kron.opt:63:60: QL\n      state m as momentum_buffer, c: scalar as update_counter, QL: gram_rows = sqrt(scale) * eye, dR: cols = sqrt(scale)\n                                                               ^^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -1677,7 +1702,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 2)
             raise ValueError("Kron: " + "state 'QL: gram_rows'" + f" needs parameters of rank 2 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:80:60: QL\n      state m as momentum_buffer, c: scalar as update_counter, QL: gram_rows = sqrt(scale) * eye, QR: gram_cols = sqrt(scale) * eye\n                                                               ^^")
+                             + "specs/kron.opt:81:60: QL\n      state m as momentum_buffer, c: scalar as update_counter, QL: gram_rows = sqrt(scale) * eye, QR: gram_cols = sqrt(scale) * eye\n                                                               ^^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")

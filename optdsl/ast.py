@@ -133,6 +133,7 @@ class Rule:
     states: tuple[State, ...]
     body: tuple[Assign | Block, ...]
     span: Span
+    refuse: str | None = None  # `rule COND refuse "why"`: the parameters it takes are refused, saying why
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ class Section:
     latex: tuple[str, ...]       # one line per statement, LaTeX
     properties: tuple[Property, ...]
     skipped: str = ""            # the analyses not run on this rule, and why
+    refused: str = ""            # `rule COND refuse "why"`: why (no math, no properties)
 
 
 @dataclass(frozen=True)
@@ -367,9 +368,15 @@ def explain(compiled: Compiled) -> Explanation:
     """The math and properties of each rule (one for most specs)."""
     rules = compiled.rules or ((None, compiled.program, compiled.plan, None),)
     last = len(rules) - 1
-    sections = tuple(_section(prog, plan, f"parameters with {shown}" if shown is not None else
-                              "every other parameter" if i == last and i else None)
-                     for i, (_, prog, plan, shown) in enumerate(rules))
+    sections = []
+    for i, (_, prog, plan, shown) in enumerate(rules):
+        sections += [Section(f"parameters with {cond}", (), (), (), refused=why)
+                     for before, _, why, cond, _ in compiled.refusals if before == i]
+        sections.append(_section(prog, plan, f"parameters with {shown}" if shown is not None else
+                                 "every other parameter" if i == last and (i or compiled.refusals) else None))
+    sections += [Section(f"parameters with {cond}", (), (), (), refused=why)
+                 for before, _, why, cond, _ in compiled.refusals if before == len(rules)]
+    sections = tuple(sections)
     prog = compiled.program
     group = (tuple(group_math(prog, False)), tuple(group_math(prog, True)))
     modes = tuple((name, tuple(text), tuple(tex)) for (name, text), (_, tex) in
@@ -391,6 +398,9 @@ def report(x: Explanation, latex: bool = False) -> str:
                        "the whole group):", *x.group)
     for section in x.sections:
         lines.append("")
+        if section.refused:
+            lines.append(f"Rule for {section.condition}: refused ({section.refused})")
+            continue
         if section.condition:
             lines += [f"Rule for {section.condition}:", ""]
         if latex:

@@ -104,11 +104,20 @@ def memory(compiled: Compiled, shape: tuple[int, ...]) -> Memory:
             return h.choices[0] if h.choices else h.default
         group = {h.name: value(h.name) for h in program.hypers} | {
             k.name: tuple(map(value, k.members)) if k.is_tuple else value(k.members[0]) for k in program.keywords}
-        for code, prog, _, shown in compiled.rules:
-            if code is None or eval(code, {**_HOST_NAMES, "p": p, "group": group}):  # noqa: S307 - our own code
+        def holds(code):
+            return code is None or eval(code, {**_HOST_NAMES, "p": p, "group": group})  # noqa: S307 - our own code
+
+        def refuse(i):  # a refusing rule before rule i (or after the last) that takes p
+            for before, code, why, cond, _ in compiled.refusals:
+                if before == i and holds(code):
+                    raise ValueError(f"{program.name} refuses a parameter of shape {shape} (rule {cond}): {why}")
+        for i, (code, prog, _, shown) in enumerate(compiled.rules):
+            refuse(i)
+            if holds(code):
                 program, rule = prog, shown or "every other parameter"
                 break
         else:
+            refuse(len(compiled.rules))
             raise ValueError(f"no rule of {program.name} takes a parameter of shape {shape}")
     sizes = {h.name: h.default for h in program.hypers}
     states = tuple((s.saved_as, s.shape, state_numel(s.shape, shape, sizes)) for s in program.states)

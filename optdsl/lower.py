@@ -763,7 +763,16 @@ def lower_rules(spec: ast.Spec) -> tuple[list[tuple[ir.Expr | None, ir.Program]]
 
     A spec without rules is one rule that takes every parameter.
     """
-    rules = spec.rules or (ast.Rule(None, spec.states, spec.body, spec.name_span),)
+    refusing = [r for r in spec.rules if r.refuse is not None]
+    rules = tuple(r for r in spec.rules if r.refuse is None) or (ast.Rule(None, spec.states, spec.body, spec.name_span),)
+    if refusing and not spec.body and not any(r.refuse is None for r in spec.rules):
+        raise SpecError("every rule of this spec refuses its parameters, so it updates none", refusing[0].span,
+                        hint="add a rule with statements, e.g. 'rule { p -= lr * g }' last")
+    last = next((i for i, r in enumerate(spec.rules) if r.cond is None), None)
+    late = [r for i, r in enumerate(spec.rules) if last is not None and i > last]
+    if late and late[0].refuse is not None:
+        raise SpecError("a rule without a condition takes every parameter, so this refusal never applies",
+                        late[0].span, hint="put the 'refuse' rule above the rule without a condition")
     keys: dict[str, ast.State] = {}  # a state's name -> its declaration with a key, across the rules
     for rule in spec.rules:
         for s in rule.states:
@@ -787,10 +796,22 @@ def lower_rules(spec: ast.Spec) -> tuple[list[tuple[ir.Expr | None, ir.Program]]
         unused.append({w.message: w for w in hyper})
         warnings += [w for w in found if w not in hyper]
         out.append((_rule_condition(rule.cond, spec), program))
-    read = {f"hyperparameter '{n.id}' is never used" for rule in rules for n in _names(rule.cond)}
+    read = {f"hyperparameter '{n.id}' is never used" for rule in spec.rules + rules for n in _names(rule.cond)}
     common = set.intersection(*(set(u) for u in unused)) - read  # a hyperparameter no rule (or condition) reads
     warnings += [w for m, w in unused[0].items() if m in common]
     return out, warnings
+
+
+def refusals(spec: ast.Spec) -> list[tuple[int, ir.Expr, str, Span]]:
+    """`rule COND refuse "why"`: per refusing rule, how many updating rules come before it (a parameter
+    one of those takes is not refused), its condition, its text and where it stands."""
+    out, before = [], 0
+    for rule in spec.rules:
+        if rule.refuse is None:
+            before += 1
+        else:
+            out.append((before, _rule_condition(rule.cond, spec), rule.refuse, rule.span))
+    return out
 
 
 def _names(e):

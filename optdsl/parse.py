@@ -211,6 +211,10 @@ class _ToAst(Transformer):
             states.extend(item[1])
         return ast.Rule(cond, tuple(states), tuple(body), _span(meta))
 
+    def rule_refuse(self, meta, children):
+        cond, *texts = children
+        return ast.Rule(cond, (), (), _span(meta), refuse="".join(str(t)[1:-1] for t in texts))
+
     def mode_block(self, meta, children):
         word, name, *items = children
         if word != "on":
@@ -341,7 +345,8 @@ _EXAMPLES = {
         "optimizer X\nstate m[3]\n", "optimizer X\nstate m[k]\n", "optimizer X\nstate m, v[k]\n",
         "optimizer X\nstate m[k] = 0\n",
     ],
-    "a string is allowed only after 'optimizer NAME' | strings are docstrings; remove the quotes": [
+    "a string is allowed only after 'optimizer NAME', as a named choice or after 'refuse' | strings are "
+    "docstrings, choices (hyper mode = \"a\" | \"b\") and reasons (rule ndim >= 3 refuse \"why\"); remove the quotes": [
         'optimizer X\np -= "g"\n', 'optimizer X\nhyper a = "1"\n',
     ],
 }
@@ -481,6 +486,9 @@ def _syntax_error(err: UnexpectedInput, text: str) -> SpecError:
         label = next(k for k in _EXAMPLES if k.startswith("two statements"))
     if isinstance(err, UnexpectedToken) and err.token.type == "STRING":
         label = next(k for k in _EXAMPLES if k.startswith("a string is allowed"))
+        if text[text.rfind("\n", 0, err.token.start_pos) + 1:err.token.start_pos].split()[:1] == ["rule"]:
+            label = ("a refusing rule is 'rule COND refuse \"why\"' | name the parameters it refuses, e.g. "
+                     "'rule ndim >= 3 refuse \"why\"'")
     label, _, label_hint = (label or "").partition(" | ")
     # A missing ')' or ']' lets the next lines run on into this one: point at the opener.
     tok = getattr(err, "token", None)

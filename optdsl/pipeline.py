@@ -18,6 +18,8 @@ class Compiled:
     python: str  # the generated module
     rules: tuple = ()  # (condition code, program, plan, condition as written) per rule, for rules by shape
     conditions: tuple = ()  # the rules' conditions as IR (None: every other parameter), for the analyses
+    # `rule COND refuse "why"`: (updating rules before it, condition code, why, condition as written, line)
+    refusals: tuple = ()
 
 
 def _internal(err: Exception, filename: str, text: str) -> SpecError:
@@ -40,7 +42,9 @@ def compile_source(text: str, filename: str = "<spec>") -> Compiled:
             shown = ir.format_expr(cond) if cond is not None else None
             rules.append((code, program, sym.plan(program), shown))
         program, plan = rules[0][1], rules[0][2]
-        python = torch_backend.render(plan, text, filename, tuple((r[0], r[2], r[3]) for r in rules))
+        refusals = tuple((before, torch_backend.condition_code(cond, program), why, ir.format_expr(cond), span.line)
+                         for before, cond, why, span in lower.refusals(spec))
+        python = torch_backend.render(plan, text, filename, tuple((r[0], r[2], r[3]) for r in rules), refusals)
         taken.check(python, spec)  # the module's own top-level names, read from it
     except SpecError as err:
         raise err.located(filename, text) from None
@@ -54,5 +58,6 @@ def compile_source(text: str, filename: str = "<spec>") -> Compiled:
     except Exception as err:  # a bug in optdsl: still one error type, saying so
         raise _internal(err, filename, text) from err
     located = tuple(replace(w, filename=filename, source=text) for w in warnings)
-    return Compiled(program, plan, located, python, tuple(rules) if len(rules) > 1 else (),
-                    tuple(cond for cond, _ in lowered) if len(rules) > 1 else ())
+    many = len(rules) > 1 or bool(refusals)  # a refusal picks among rules too
+    return Compiled(program, plan, located, python, tuple(rules) if many else (),
+                    tuple(cond for cond, _ in lowered) if many else (), refusals)

@@ -43,7 +43,8 @@ def _takes(cond: ir.Expr | None, rank: int, hypers) -> bool | None:
     env = {h.name: sp.Symbol(h.name) for h in hypers}
     env.update({"ndim": sp.Integer(rank), "nrows": sp.Integer(1),
                 "ncols": sp.Integer(1) if rank == 0 else sp.Symbol("ncols", positive=True),
-                "numel": sp.Integer(1) if rank == 0 else sp.Symbol("numel", positive=True)})
+                "numel": sp.Integer(1) if rank == 0 else sp.Symbol("numel", positive=True),
+                "nunits": sp.Integer(1) if rank == 0 else sp.Symbol("nunits", positive=True)})
     value = to_sympy(cond, env)
     return bool(value != 0) if value.is_Number else None
 

@@ -380,18 +380,28 @@ def test_row_errors_are_located(body, message, col):
 
 
 def test_what_the_spec_does_not_write_is_refused():
-    """Tensors of rank 3 or more (the reference: one factor per axis) take no rule: a RuntimeError at
-    step, never another optimizer; min_ndim_triangular below 2 (a triangular factor for a vector) and an
-    unknown memory_save_mode are ValueErrors naming what is accepted."""
+    """Tensors of rank 3 or more (the reference: one factor per axis) are refused by the spec's last rule
+    (`rule ndim >= 3 refuse "..."`) when they are given to the optimizer, at construction or by
+    add_param_group (the group left out): a ValueError saying why and where, never another optimizer's
+    step; min_ndim_triangular below 2 (a triangular factor for a vector) and an unknown
+    memory_save_mode are ValueErrors naming what is accepted."""
     Kron = optdsl.load(SPECS / "kron.opt")
-    for shape in [(2, 3, 4), (2, 1, 1, 3)]:
-        p = torch.nn.Parameter(torch.randn(shape))
-        opt = Kron([p], memory_save_mode="all_diag")
-        p.grad = torch.randn(shape)
-        with pytest.raises(RuntimeError, match="no rule of Kron takes a parameter of shape") as err:
-            opt.step()
-        assert re.search(r"its rules are .*kron\.opt:\d+: rule ndim == 2 and \(nrows > max_size\).*; "
-                         r".*kron\.opt:\d+: rule ndim == 2; .*kron\.opt:\d+: rule ndim <= 1$", str(err.value)), str(err.value)
+    line = (SPECS / "kron.opt").read_text().split("\n").index(next(
+        x for x in (SPECS / "kron.opt").read_text().split("\n") if x.startswith("rule ndim >= 3 refuse"))) + 1
+    for shape in [(2, 3, 4), (2, 1, 1, 3), (3, 5, 7)]:
+        with pytest.raises(ValueError, match=re.escape(f"Kron refuses a parameter of shape {shape}: PSGD-Kron keeps "
+                                                       "one factor per axis")) as err:
+            Kron([torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(shape))],
+                 memory_save_mode="all_diag")
+        assert str(err.value).endswith(f"pytorch_optimizer's Kron ({SPECS / 'kron.opt'}:{line}: rule ndim >= 3 refuse)")
+        assert "2^ndim" in str(err.value)
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    opt = Kron([p])
+    with pytest.raises(ValueError, match=r"Kron refuses a parameter of shape \(2, 2, 2\)"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2, 2, 2))], "lr": 0.1})
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == [p]  # the refused group left out
+    p.grad = torch.randn(4, 4)
+    opt.step()  # and the optimizer goes on
     with pytest.raises(ValueError, match="min_ndim_triangular"):
         Kron([torch.nn.Parameter(torch.randn(3, 3))], min_ndim_triangular=1)
     with pytest.raises(ValueError, match="memory_save_mode") as err:

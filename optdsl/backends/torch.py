@@ -536,13 +536,20 @@ def _decided_at_step(prog: ir.Program, lines: list[str], filename: str) -> list[
     return list(dict.fromkeys(shown))
 
 
-def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
-    """The module for a spec; `rules` holds (condition code, plan, condition as written) per rule by shape."""
+def _refusal_text(why: str, filename: str, line: int, shown: str) -> str:
+    """What a refused parameter's error says after its shape: the spec's reason, then where it stands."""
+    return f"{why} ({filename}:{line}: rule {shown} refuse)"
+
+
+def render(plan: Plan, source: str, filename: str, rules: tuple = (), refusals: tuple = ()) -> str:
+    """The module for a spec; `rules` holds (condition code, plan, condition as written) per rule by shape,
+    `refusals` (updating rules before it, condition code, why, condition as written, line) per refusing rule."""
     prog = plan.program
     rules = rules or ((None, plan, None),)
+    many = len(rules) > 1 or bool(refusals)  # a refusal is a rule too: the class picks a rule per parameter
     func = _functional_name(prog)
     names_in_group = interface(prog)  # the hyperparameters are the same in every rule
-    contexts = [_rule_context(p, f"{func}_{i}" if len(rules) > 1 else func, f"_{i}" if len(rules) > 1 else "",
+    contexts = [_rule_context(p, f"{func}_{i}" if many else func, f"_{i}" if many else "",
                               names_in_group["group_code"]) for i, (_, p, _) in enumerate(rules)]
     # the statements as written, blocks ({ ... }) and inputs included; declarations are in Args.
     # Lines as the grammar ends them (\n, \r\n), not as str.splitlines() does: a comment may hold
@@ -552,7 +559,7 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
                   if code and not code.startswith(("optimizer ", "hyper ", "state "))]
     latex = []
     for _, p, cond in rules:
-        if len(rules) > 1:
+        if many:
             shown = "every other parameter" if cond is None else f"parameters with {cond}"
             latex.append(r"&\text{for " + shown.replace("_", r"\_") + "}")
         latex += statement_math(p.program, latex=True)
@@ -566,7 +573,9 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = ()) -> str:
         hypers=[h for h in prog.hypers if not h.computed], step_hypers=prog.hypers,
         uses_loss=any(p.program.uses_loss for _, p, _ in rules), rules=contexts,
         random=any(c["random"] for c in contexts),
-        rule_conds=[cond for cond, _, _ in rules] if len(rules) > 1 else [],
+        rule_conds=[cond for cond, _, _ in rules] if many else [],
+        # 'refused: why (file:line: rule COND refuse)' as a Python string literal, by updating rules before it
+        refusals=[(before, code, _refusal_text(why, filename, line, shown)) for before, code, why, shown, line in refusals],
         # 'file:line: rule COND' per rule as written, for the error of a parameter that no rule takes
         rule_lines=[f"{filename}:{i + 1}: {' '.join(line.split('#')[0].split()).removesuffix('{').strip()}"
                     for i, line in enumerate(lines) if line.split("#")[0].split()[:1] == ["rule"]],

@@ -1,0 +1,152 @@
+"""`rule COND refuse "why"`: a rule that takes the parameters its condition holds for (in the rules'
+order, as any rule) and refuses them, saying why: a ValueError when the parameter is given to the
+optimizer (construction, add_param_group, the group then left out) and at step (a condition on a
+hyperparameter the group changed since). Kron refuses tensors of rank 3 or more with it
+(tests/test_zoo_kron.py); here the construct itself, on the for-loop, foreach and fused paths.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import optdsl
+from optdsl import info
+from optdsl.explain import explain, report
+from optdsl.pipeline import compile_source
+from test_zoo_frontier import _fused_ok
+
+SPEC = '''optimizer Picky
+hyper lr = 0.1 in [0, inf), big = 3 in [1, inf)
+rule ndim == 3 and nunits == 1 {
+  p -= lr * g
+}
+rule ndim >= big refuse ("rank {ndim} \\ is too many " "for this spec: \u2028reshape it")
+rule ndim == 2 {
+  state m
+  m = 0.5 * m + g
+  p -= lr * m
+}
+rule {
+  p -= 2 * lr * g
+}
+'''
+SAME = SPEC.replace(SPEC.split("\n")[5] + "\n", "")  # without the refusal
+WHY = "rank {ndim} \\ is too many for this spec: \u2028reshape it (picky.opt:6: rule ndim >= big refuse)"
+
+
+def _modes():
+    modes = [dict(foreach=False), dict(foreach=True)]
+    try:
+        _fused_ok()
+        modes.append(dict(fused=True))
+    except pytest.skip.Exception:
+        pass
+    return modes
+
+
+def test_a_parameter_an_earlier_rule_takes_is_not_refused_and_the_others_step_as_without_it():
+    """(2, 5, 4) is refused; (1, 5, 4) is taken by the first rule, before the refusal; the rest update
+    bitwise as the same spec without the refusal, on every path."""
+    Picky, Same = optdsl.compile(SPEC, "picky.opt"), optdsl.compile(SAME, "same.opt")
+    with pytest.raises(ValueError) as err:
+        Picky([torch.nn.Parameter(torch.zeros(1, 5, 4)), torch.nn.Parameter(torch.zeros(2, 5, 4))])
+    assert str(err.value) == "Picky refuses a parameter of shape (2, 5, 4): " + WHY
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(1, 3, 2), (4, 3), (5,), ()]
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
+    for mode in _modes():
+        runs = []
+        for cls in (Picky, Same):
+            ps = [torch.nn.Parameter(x.clone()) for x in init]
+            opt = cls(ps, **mode)
+            for gs in grads:
+                for p, g in zip(ps, gs):
+                    p.grad = g.clone()
+                opt.step()
+            runs.append(ps)
+        assert all(torch.equal(a, b) for a, b in zip(*runs)), mode
+        assert not torch.equal(runs[0][1], init[1])
+
+
+def test_a_refusal_on_a_hyperparameter_is_checked_per_group_and_again_at_step():
+    Picky = optdsl.compile(SPEC, "picky.opt")
+    for mode in _modes():
+        p, q = torch.nn.Parameter(torch.ones(4, 3)), torch.nn.Parameter(torch.ones(2, 2, 2))
+        opt = Picky([p], **mode)
+        with pytest.raises(ValueError, match=re.escape("shape (2, 2, 2): rank {ndim}")):
+            opt.add_param_group({"params": [q]})
+        assert len(opt.param_groups) == 1  # the refused group left out
+        opt.add_param_group({"params": [q], "big": 4})  # this group refuses rank 4 and more only
+        p.grad, q.grad = torch.ones(4, 3), torch.ones(2, 2, 2)
+        opt.step()
+        assert q[0, 0, 0].item() == pytest.approx(0.8)  # the last rule: p -= 2 lr g
+        opt.param_groups[1]["big"] = 3
+        with pytest.raises(ValueError, match=re.escape("Picky refuses a parameter of shape (2, 2, 2)")):
+            opt.step()
+
+
+def test_a_spec_of_one_updating_rule_and_a_refusal():
+    src = 'optimizer One\nhyper lr = 0.1 in [0, inf)\nrule ndim >= 3 refuse "not this"\nrule {\n  state m\n  m = 0.9 * m + g\n  p -= lr * m\n}\n'
+    One = optdsl.compile(src, "one.opt")
+    for mode in _modes():
+        p = torch.nn.Parameter(torch.ones(2, 3))
+        opt = One([p], **mode)
+        for _ in range(2):
+            p.grad = torch.ones(2, 3)
+            opt.step()
+        assert p[0, 0].item() == pytest.approx(1 - 0.1 - 0.19) and set(opt.state[p]) == {"m", "step"}, mode
+    with pytest.raises(ValueError, match=re.escape("One refuses a parameter of shape (1, 1, 1): not this (one.opt:3: "
+                                                   "rule ndim >= 3 refuse)")):
+        One([torch.nn.Parameter(torch.ones(1, 1, 1))])
+
+
+def test_info_and_explain_say_the_refusal():
+    compiled = compile_source(SPEC, "picky.opt")
+    with pytest.raises(ValueError, match=re.escape("Picky refuses a parameter of shape (2, 3, 4) (rule ndim >= big)")):
+        info.memory(compiled, (2, 3, 4))
+    assert info.memory(compiled, (1, 3, 4)).rule == "ndim == 3 and nunits == 1"  # taken before the refusal
+    assert info.memory(compiled, (4, 3)).rule == "ndim == 2"
+    text = report(explain(compiled))
+    assert "Rule for parameters with ndim >= big: refused (rank {ndim} \\ is too many" in text
+    assert text.index("ndim == 3 and nunits == 1") < text.index("refused") < text.index("Rule for parameters with ndim == 2:")
+
+
+@pytest.mark.parametrize("src, message, line, col", [
+    ('rule ndim >= 3 refuse "x"\n', "every rule of this spec refuses its parameters, so it updates none", 3, 1),
+    ('rule {\n  p -= lr * g\n}\nrule ndim >= 3 refuse "x"\n',
+     "a rule without a condition takes every parameter, so this refusal never applies", 6, 1),
+    ('rule p > 3 refuse "x"\nrule {\n  p -= lr * g\n}\n', "a rule's condition cannot read 'p'", 3, 6),
+    ('rule refuse "x"\nrule {\n  p -= lr * g\n}\n', "a refusing rule is 'rule COND refuse \"why\"'", 3, 13),
+    ('rule ndim > 2 refuse\nrule {\n  p -= lr * g\n}\n', "syntax error", 3, 21),
+    ('rule ndim > 2 refuse "x" {\n  p -= lr * g\n}\n', "syntax error", 3, 26),
+])
+def test_refusal_errors_are_located(src, message, line, col):
+    with pytest.raises(optdsl.SpecError) as err:
+        optdsl.compile("optimizer B\nhyper lr = 0.1 in [0, inf)\n" + src, "b.opt")
+    assert message in str(err.value), str(err.value)
+    assert (err.value.span.line, err.value.span.column) == (line, col), str(err.value)
+
+
+def test_refuse_is_no_reserved_word_and_a_hyperparameter_read_only_there_is_used():
+    """A core spec may still call a local `refuse` (the word is a keyword only after a rule's condition);
+    a hyperparameter that only a refusal reads draws no 'never used' warning."""
+    X = optdsl.compile("optimizer X\nhyper lr = 0.1 in [0, inf)\nrefuse = 2 * lr\np -= refuse * g\n", "x.opt")
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.ones(2)
+    X([p]).step()
+    assert p[0].item() == pytest.approx(0.8)
+    compiled = compile_source(SPEC, "picky.opt")
+    assert not [w for w in compiled.warnings if "big" in w.message]
+    assert [w.message for w in compile_source(SPEC.replace("ndim >= big", "ndim >= 3"), "p.opt").warnings
+            if "big" in w.message] == ["hyperparameter 'big' is never used"]
+
+
+def test_the_reason_stays_text_in_the_generated_module():
+    """Braces, a backslash and U+2028 in the reason reach the error as written (the module holds it
+    in a string literal through optdsl/escape.py, not in an f-string's code)."""
+    python = compile_source(SPEC, "picky.opt").python
+    assert "\u2028" not in python
+    assert '"rank {ndim} \\\\ is too many for this spec: \\u2028reshape it (picky.opt:6: rule ndim >= big refuse)"' in python
