@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import optdsl
-from optdsl import build as build_mod
+from optdsl import build as build_mod, escape
 from optdsl.backends.torch import interface
 from optdsl.cli import main
 from optdsl.pipeline import compile_source
@@ -272,8 +272,8 @@ def test_generated_source_is_documented_and_validates(spec, fresh_build):
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == compiled.program.name)
     class_doc = ast.get_docstring(cls)
     assert ".. math::" in class_doc and r"\leftarrow" in class_doc
-    for stmt in _statement_lines(text):
-        assert f"``{stmt}``" in class_doc, stmt
+    for stmt in _statement_lines(text):  # escaped as user text (the class docstring is raw: Kron's refusal's quotes show as \")
+        assert f"``{escape.text(stmt)}``" in class_doc, stmt
     for k in compiled.program.keywords or compiled.program.hypers:  # torch.optim's keywords, where named
         assert re.search(rf"^\s*{k.name} \((float|bool|int|(?:None \| )?str|tuple\[[A-Za-z|, ]+\]), optional\)", class_doc, re.M), k.name
     # what the errors call each hyperparameter: its keyword, with its own name where that differs
