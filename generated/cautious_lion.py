@@ -1110,13 +1110,13 @@ def _single_tensor_cautiouslion(params, grads, m_list, state_steps, *, lr, b1, b
         m = _read_state(m_list[i], p, True, p.shape)
         step_t = state_steps[i]
         step_t += 1
-        r1 = _whole(torch.sum((1 + torch.zeros_like(p))))
+        numel = p.numel()
         tmp0 = torch.lerp(m, g, k1)
         tmp0.sign_()
         tmp1 = torch.mul(g, tmp0)
         tmp2 = (tmp1 > torch.as_tensor(0, dtype=tmp1.dtype, device=tmp1.device)).to(tmp1.dtype)
         r0 = _whole(torch.sum(tmp2))
-        d0 = torch.as_tensor(-lr*r1/(r0 + 1), dtype=p.dtype)
+        d0 = torch.as_tensor(-lr*numel/(r0 + 1), dtype=p.dtype)
         tmp0.mul_(tmp2)
         tmp0.mul_(d0)
         p.mul_(k0)
@@ -1150,7 +1150,7 @@ def _multi_tensor_cautiouslion(params, grads, m_list, state_steps, *, lr, b1, b2
         else:
             torch._foreach_add_(device_steps, 1)
         t = [s.item() for s in device_steps]
-        r1 = [torch.sum((1 + torch.zeros_like(p_))) for p_ in p]
+        numel = [x_.numel() for x_ in p]
         tmp0 = torch._foreach_lerp(m, g, k1)
         torch._foreach_sign_(tmp0)
         tmp1 = torch._foreach_mul(g, tmp0)
@@ -1158,8 +1158,8 @@ def _multi_tensor_cautiouslion(params, grads, m_list, state_steps, *, lr, b1, b2
         r0 = [torch.sum(tmp2_) for tmp2_ in tmp2]
         torch._foreach_mul_(tmp0, tmp2)
         torch._foreach_lerp_(m, g, k2)
-        r1, r0 = _whole_lists(r1, r0)
-        d0 = [torch.as_tensor(-lr*r1_/(r0_ + 1), dtype=p[0].dtype) for r0_, r1_ in zip(r0, r1)]
+        r0, = _whole_lists(r0)
+        d0 = [torch.as_tensor(-lr*numel_/(r0_ + 1), dtype=p[0].dtype) for numel_, r0_ in zip(numel, r0)]
         torch._foreach_mul_(tmp0, d0)
         torch._foreach_mul_(p, k0)
         torch._foreach_add_(p, tmp0)
@@ -1369,7 +1369,8 @@ if triton is not None:
         grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
         found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         lowbit_maps,  # float32: the unsigned then the signed code's levels, midpoints and search tables (read when BITS)
-        acc1,  # [tensors, 2]: whole-tensor reductions of stage 1
+        shapes,  # [tensors, 1] float64: numel of each parameter
+        acc1,  # [tensors, 1]: whole-tensor reductions of stage 1
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
         F_TYPE: tl.constexpr,  # dtype of the float states shaped like p: S_TYPE, or uint8 (low-bit codes)
@@ -1405,10 +1406,13 @@ if triton is not None:
         k1 = tl.load(hypers + 1)
         k2 = tl.load(hypers + 2)
         lr = tl.load(hypers + 3)
+        numel = tl.load(shapes + i * 1 + 0)
+        t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
         k0 = k0.to(C_TYPE)
         k1 = k1.to(C_TYPE)
         k2 = k2.to(C_TYPE)
         lr = lr.to(C_TYPE)
+        numel = numel.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
         if SCALED:
@@ -1419,10 +1423,8 @@ if triton is not None:
             m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
         x0 = tl.where((tl.where(k1 < 0.5, m, g) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (g - m)) > 0, 1.0, tl.where((tl.where(k1 < 0.5, m, g) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (g - m)) < 0, -1.0, 0.0)).to(C_TYPE)
         x1 = tl.where((g*x0) > 0.0, 1.0, 0.0).to(C_TYPE)
-        r1_x = tl.full([BLOCK], 1.0, C_TYPE)
-        tl.atomic_add(acc1 + i * 2 + 0, tl.sum(tl.where(mask, r1_x, 0.0), axis=0))
         r0_x = x1
-        tl.atomic_add(acc1 + i * 2 + 1, tl.sum(tl.where(mask, r0_x, 0.0), axis=0))
+        tl.atomic_add(acc1 + i * 1 + 0, tl.sum(tl.where(mask, r0_x, 0.0), axis=0))
 
     @triton.jit(do_not_specialize=["seed"])
     def _cautiouslion_kernel(
@@ -1436,7 +1438,8 @@ if triton is not None:
         grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
         found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         lowbit_maps,  # float32: the unsigned then the signed code's levels, midpoints and search tables (read when BITS)
-        acc1,  # [tensors, 2]: whole-tensor reductions of stage 1
+        shapes,  # [tensors, 1] float64: numel of each parameter
+        acc1,  # [tensors, 1]: whole-tensor reductions of stage 1
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
         F_TYPE: tl.constexpr,  # dtype of the float states shaped like p: S_TYPE, or uint8 (low-bit codes)
@@ -1472,10 +1475,13 @@ if triton is not None:
         k1 = tl.load(hypers + 1)
         k2 = tl.load(hypers + 2)
         lr = tl.load(hypers + 3)
+        numel = tl.load(shapes + i * 1 + 0)
+        t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
         k0 = k0.to(C_TYPE)
         k1 = k1.to(C_TYPE)
         k2 = k2.to(C_TYPE)
         lr = lr.to(C_TYPE)
+        numel = numel.to(C_TYPE)
         p = _load(p_ptr, offsets, mask, whole).to(C_TYPE)
         g = _load(g_ptr, offsets, mask, whole).to(C_TYPE)
         if SCALED:
@@ -1485,11 +1491,10 @@ if triton is not None:
             m = _lowbit_load(m_ptr, start, here, lowbit_maps + ((2 << BITS) + 4 * _KEYS), BITS, QBLOCK, BLOCK).to(C_TYPE)
         else:
             m = _load(m_ptr, offsets, mask, whole).to(C_TYPE)
-        r1 = tl.load(acc1 + i * 2 + 0)
         x0 = tl.where((tl.where(k1 < 0.5, m, g) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (g - m)) > 0, 1.0, tl.where((tl.where(k1 < 0.5, m, g) + tl.where(k1 < 0.5, k1, k1 - 1.0) * (g - m)) < 0, -1.0, 0.0)).to(C_TYPE)
         x1 = tl.where((g*x0) > 0.0, 1.0, 0.0).to(C_TYPE)
-        r0 = tl.load(acc1 + i * 2 + 1)
-        d0 = -lr*r1/(r0 + 1.0)
+        r0 = tl.load(acc1 + i * 1 + 0)
+        d0 = -lr*numel/(r0 + 1.0)
         _store(p_ptr, offsets, _round_to(d0*x0*x1 + k0*p, P_TYPE), mask, whole)
         if BITS:  # requantised here
             _lowbit_store(m_ptr, start, here, (tl.where(k2 < 0.5, m, g) + tl.where(k2 < 0.5, k2, k2 - 1.0) * (g - m)), lowbit_maps + ((2 << BITS) + 4 * _KEYS), seed + i,
@@ -1639,6 +1644,15 @@ def _hyper_table(values, device):
     return _HYPERS[key]
 
 
+def _shape_table(params, device):
+    """numel of each parameter, as float64 on the device; cached per list of shapes."""
+    key = (device, "shapes", tuple(x.shape for x in params))
+    if key not in _BLOCK_MAPS:
+        rows = [[x.numel()] for x in params]
+        _BLOCK_MAPS[key] = _upload(torch.tensor(rows, dtype=torch.float64), device)
+    return _BLOCK_MAPS[key]
+
+
 def _fused_cautiouslion(params, grads, m_list, state_steps, *, lr, b1, b2, wd,
                         grad_scale=None, found_inf=None, generator=None, stochastic=False):
     """`stochastic`: low-bit states are requantised stochastically, not to the nearest level."""
@@ -1684,8 +1698,9 @@ def _fused_cautiouslion(params, grads, m_list, state_steps, *, lr, b1, b2, wd,
         # the optimizer's own generator (torch's when the functional is called alone)
         seed = int(torch.randint(0, 2**31 - 1, (), generator=generator)) if rounding or width and stochastic else 0
         args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t, maps]
+        args.append(_shape_table(whole, device))
         # stage 1's whole-tensor reductions, accumulated by its blocks
-        acc1 = _upload(torch.tensor([0.0, 0.0] * len(p), dtype=compute), device)
+        acc1 = _upload(torch.tensor([0.0] * len(p), dtype=compute), device)
         args.append(acc1)
         types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=rounding,
                      F_TYPE=tl.uint8 if width else _triton_type(state_type), BITS=bits, QBLOCK=qblock,
@@ -1695,7 +1710,7 @@ def _fused_cautiouslion(params, grads, m_list, state_steps, *, lr, b1, b2, wd,
                      num_warps=_NUM_WARPS * block // _BLOCK)
         _cautiouslion_stage1[(len(block_tensor),)](*args, **types)
         if shards is not None:  # shards' partial reductions, whole: one all-reduce for them all
-            shards.combine([(acc1, _column(len(p), 2, 0), "all", "add"), (acc1, _column(len(p), 2, 1), "all", "add")])
+            shards.combine([(acc1, _column(len(p), 1, 0), "all", "add")])
         _cautiouslion_kernel[(len(block_tensor),)](*args, **types)
         LAUNCHES += 2
         if found_inf is not None:  # an overflow: the step count goes back too, as in torch's fused optimizers

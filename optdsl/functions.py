@@ -4,7 +4,10 @@ Adding a function is adding a row. `sympy` builds the meaning from SymPy
 arguments; `tensor` is the PyTorch expression on tensors; `host` the Python
 expression on floats (scalars hoisted to the host); `foreach` names the
 `torch._foreach_*` op when there is one (else the multi-tensor path loops).
-Reductions take a tensor and give one scalar per parameter.
+Reductions take a tensor and give one scalar per parameter (axis reductions: one per row, column or
+unit). A scalar where a reduction takes a tensor broadcasts, as a scalar does everywhere a tensor
+is expected: it stands for a tensor shaped like p filled with its value, so `sum(c)` is `numel * c`
+and `row_sum(c)` is `ncols * c` (`broadcast` below, the one rule every path computes by).
 """
 from __future__ import annotations
 
@@ -240,7 +243,12 @@ class Function:
     matrix: bool = False  # matrix work: its result is not shaped like its arguments
     scalars: int = 0      # matrix work: how many of its last arguments are host scalars (inv_root's k)
     random: bool = False  # a draw shaped like p from the optimizer's generator: {0} p, {1} the draw's number
+    # a reduction of a scalar x: x broadcast to p's shape, reduced, as SymPy over x and the shape built-ins
+    broadcast: Callable[[sp.Expr], sp.Expr] | None = None
 
+
+# The parameter's shape built-ins (optdsl/ir.py SHAPE_BUILTINS), as the symbols optdsl/sym.py reads them by
+_NDIM, _NUMEL, _NROWS, _NCOLS, _NUNITS = (sp.Symbol(n) for n in ("ndim", "numel", "nrows", "ncols", "nunits"))
 
 F = Function
 TABLE: dict[str, Function] = {f.name: f for f in [
@@ -295,24 +303,30 @@ TABLE: dict[str, Function] = {f.name: f for f in [
     # ---- reductions: one scalar per parameter ----
     # _mean, _rms (the sharding template's): of a DTensor split along a reduced axis, a partial sum
     # (count-normalised with the whole tensor's count) left for one all-reduce, not DTensor's all-gather
-    F("norm", 1, norm, "torch.linalg.vector_norm({0})", "abs({0})", reduction=True),
-    F("sum", 1, sum, "torch.sum({0})", "{0}", reduction=True),
-    F("mean", 1, mean, "_mean({0})", "{0}", reduction=True),
-    F("rms", 1, rms, "_rms({0})", "abs({0})", reduction=True),
-    F("amax", 1, amax, "_amax({0}, None)", "{0}", reduction=True),  # _amax: the sharding template's
+    F("norm", 1, norm, "torch.linalg.vector_norm({0})", "abs({0})", reduction=True,
+      broadcast=lambda x: sp.Abs(x) * sp.sqrt(_NUMEL)),
+    F("sum", 1, sum, "torch.sum({0})", "{0}", reduction=True, broadcast=lambda x: x * _NUMEL),
+    F("mean", 1, mean, "_mean({0})", "{0}", reduction=True, broadcast=lambda x: x),
+    F("rms", 1, rms, "_rms({0})", "abs({0})", reduction=True, broadcast=sp.Abs),
+    F("amax", 1, amax, "_amax({0}, None)", "{0}", reduction=True,  # _amax: the sharding template's
+      broadcast=lambda x: x),
     # ---- axis reductions: kept with size 1, so they broadcast back against p ----
-    F("row_mean", 1, row_mean, "_mean({0}, -1, True)", "{0}", axis="-1"),
-    F("col_mean", 1, col_mean, "_mean({0}, -2, True)", "{0}", axis="-2"),
-    F("row_sum", 1, row_sum, "{0}.sum(dim=-1, keepdim=True)", "{0}", axis="-1"),
-    F("col_sum", 1, col_sum, "{0}.sum(dim=-2, keepdim=True)", "{0}", axis="-2"),
-    F("row_max", 1, row_max, "_amax({0}, -1)", "{0}", axis="-1"),
-    F("col_max", 1, col_max, "_amax({0}, -2)", "{0}", axis="-2"),
-    # over every axis but the first: one value per output unit (the whole tensor when rank <= 1)
+    F("row_mean", 1, row_mean, "_mean({0}, -1, True)", "{0}", axis="-1", broadcast=lambda x: x),
+    F("col_mean", 1, col_mean, "_mean({0}, -2, True)", "{0}", axis="-2", broadcast=lambda x: x),
+    F("row_sum", 1, row_sum, "{0}.sum(dim=-1, keepdim=True)", "{0}", axis="-1",
+      broadcast=lambda x: x * _NCOLS),
+    F("col_sum", 1, col_sum, "{0}.sum(dim=-2, keepdim=True)", "{0}", axis="-2",
+      broadcast=lambda x: x * _NROWS),
+    F("row_max", 1, row_max, "_amax({0}, -1)", "{0}", axis="-1", broadcast=lambda x: x),
+    F("col_max", 1, col_max, "_amax({0}, -2)", "{0}", axis="-2", broadcast=lambda x: x),
+    # over every axis but the first: one value per output unit (the whole tensor when rank <= 1, so
+    # that a scalar's unit norm counts numel / nunits elements from rank 2 on, numel below)
     F("unit_mean", 1, unit_mean, "_mean({0}, tuple(range(1, {0}.dim())) or None, True)", "{0}",
-      axis="unit"),
+      axis="unit", broadcast=lambda x: x),
     F("unit_norm", 1, unit_norm,
       "torch.linalg.vector_norm({0}, dim=tuple(range(1, {0}.dim())) or None, keepdim=True)", "abs({0})",
-      axis="unit"),
+      axis="unit",
+      broadcast=lambda x: sp.Abs(x) * sp.sqrt(_NUMEL / where(ge(_NDIM, 2), _NUNITS, 1))),
     # ---- matrix work on the last two axes ----
     F("mm", 2, mm, "torch.matmul({0}, {1})", "({0}) * ({1})", matrix=True),
     F("T", 1, T, "{0}.mT", "{0}", matrix=True),
@@ -357,6 +371,26 @@ OPAQUE_CLASSES = (lerp, where, sigmoid, softplus, bfloat16, lt, le, gt, ge, eq, 
                   triu, rsolve_triu, norm_lb, randn, rand)
 RANDOM = tuple(f.sympy for f in TABLE.values() if f.random)
 REDUCTIONS = {f.sympy: f for f in TABLE.values() if f.reduction}
+BROADCAST = {f.sympy: f.broadcast for f in TABLE.values() if f.broadcast is not None}
+
+
+def reads_tensor(tensors: set[sp.Symbol]) -> Callable[[sp.Expr], bool]:
+    """Whether a value reads one of `tensors` other than through a whole-tensor reduction (which
+    gives a scalar): `norm(p)` does not, `unit_norm(p)` and `p - norm(p)` do."""
+    def reads(e: sp.Expr) -> bool:
+        if type(e) in REDUCTIONS:
+            return False
+        return e in tensors or any(reads(a) for a in e.args)
+    return reads
+
+
+def broadcast_scalars(expr: sp.Expr, is_scalar: Callable[[sp.Expr], bool]) -> sp.Expr:
+    """`expr` with every reduction (whole, axis or unit) of a scalar operand written as what it is: the
+    reduction of that scalar broadcast to p's shape (`sum(c)` is `c * numel`), in the shape built-ins.
+    `is_scalar` tells a scalar operand (it reads no tensor but through a reduction) from a tensor.
+    Bottom up: `sum(norm(c))` is `numel * sqrt(numel) * |c|`."""
+    return expr.replace(lambda e: type(e) in BROADCAST and is_scalar(e.args[0]),
+                        lambda e: BROADCAST[type(e)](e.args[0]))
 
 
 class loop(_Opaque):  # a kept loop's carried value where a round starts (optdsl/ir.py's LOOP): no table row,

@@ -256,6 +256,11 @@ class _Lowering:
         if fn.random:
             return self.draw(e, allowed)
         op = ir.Op(e.func, tuple(self.expr(a, allowed) for a in e.args), e.span)
+        if fn.axis and fn.axis in (self.shape_of(op.args[0]) or ()):
+            # a value of size 1 along the axes it reduces (a rows state under row_sum): the value itself,
+            # its absolute value for a norm; said here, where its shape is known, since SymPy would read
+            # a reduced value that simplifies to a number (r - r - 2) as a scalar, broadcast to p's shape
+            return ir.Op("abs", op.args, e.span) if fn.name == "unit_norm" else op.args[0]
         if fn.scalars:  # a matrix function's parameters (inv_root's k): numbers and hyperparameters
             for a, arg in zip(op.args[-fn.scalars:], e.args[-fn.scalars:]):
                 if self.kind_of(a) != ir.SCALAR or self._reads_step_values(a):

@@ -133,10 +133,6 @@ def meanings(prog: ir.Program, barriers: list | None = None, names=None
     return syms, env, outputs
 
 
-# Axis and unit reductions that give back a scalar operand unchanged (a norm would take its abs).
-_KEEPS_A_SCALAR = (fn.row_mean, fn.col_mean, fn.row_sum, fn.col_sum, fn.row_max, fn.col_max, fn.unit_mean)
-
-
 def is_reduction(e: sp.Expr) -> bool:
     return type(e) in REDUCTIONS
 
@@ -243,6 +239,8 @@ class _Hoister:
         self.defs: dict[sp.Expr, Def] = {}
 
     def level(self, e: sp.Expr) -> int:
+        if type(e) in fn.BROADCAST and self.scalar(e.args[0]):
+            return self.level(fn.BROADCAST[type(e)](e.args[0]))
         if is_reduction(e):
             return DEVICE
         if e.is_Symbol:
@@ -251,17 +249,18 @@ class _Hoister:
             return GROUP
         return max(self.level(a) for a in e.args)
 
+    def scalar(self, e: sp.Expr) -> bool:
+        return self.level(e) < TENSOR
+
     def hoist(self, e: sp.Expr, ceiling: int) -> sp.Expr:
         if e.is_Atom:
             return e
-        if type(e) in _KEEPS_A_SCALAR and self.level(e.args[0]) < TENSOR:
-            # a scalar has size 1 along every axis: reducing one is the scalar itself (a definition
-            # `d0 = s` would alias a scalar state that the step then updates in place)
-            return self.hoist(e.args[0], ceiling)
-        if type(e) is fn.unit_norm and self.level(e.args[0]) < TENSOR:
-            # likewise, the norm of a scalar is its absolute value (the table's host form): as a
-            # host scalar it has a Triton form, which unit_norm has not (fuzz seed 1133, AdaNorm mutant)
-            return self.hoist(sp.Abs(e.args[0]), ceiling)
+        if type(e) in fn.BROADCAST and self.scalar(e.args[0]):
+            # A reduction of a scalar (a hyperparameter expression, t, a scalar state, another
+            # reduction, or a tensor expression SymPy simplified to one: g - g + 1) reduces that scalar
+            # broadcast to p's shape: functions.py's one rule, arithmetic on the shape built-ins here,
+            # so every path computes the same number (`row_sum(-2)` was -2 where `sum(-2)` was -24)
+            return self.hoist(fn.BROADCAST[type(e)](e.args[0]), ceiling)
         lvl = self.level(e)
         if lvl < ceiling or is_reduction(e):  # a reduction always gets its own name
             return self.define(e, lvl)

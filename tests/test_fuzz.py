@@ -69,10 +69,11 @@ def test_a_shape_only_the_parameter_decides_is_a_located_step_error():
 
 def test_reductions_of_a_scalar_have_a_triton_form():
     """An AdaNorm mutant (seed 1133: unit_norm(1 - b2^t)) was 'unit_norm() has no Triton form' at
-    compile: a reduction of a per-parameter scalar reached the kernels' printer. It is the scalar's
-    host form there too (|x| for a norm, x for a mean), and the fused path agrees with the for-loop.
-    The compiled path's scalars printed it in torch's form on an unparenthesised argument
-    (`b2**t - 1.dim()`: a SyntaxError at import); they print the host form's meaning too."""
+    compile: a reduction of a per-parameter scalar reached the kernels' printer. A reduction of a
+    scalar is the scalar broadcast to p's shape (functions.py's one rule: unit_norm(c) is
+    |c| sqrt(numel / nunits)), arithmetic on the shape built-ins before any printer sees it, and the
+    fused path agrees with the for-loop. The compiled path's scalars printed it in torch's form on an
+    unparenthesised argument (`b2**t - 1.dim()`: a SyntaxError at import)."""
     assert fz.outcome((FOUND / "ada_norm_unit_norm_of_a_scalar.opt").read_text(), fused=True).detail == "fused agrees"
     text = ("optimizer X\nhyper lr = 0.1 in [0, inf), b2 = 0.9 in [0, 1)\n"
             "p -= lr * g * unit_norm(b2^t - 1) * unit_mean(t) * row_max(-t) * norm(-2) * sum(t)\n")

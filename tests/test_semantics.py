@@ -65,8 +65,9 @@ HOST = [
     ("x^0.3", -8.0, lambda x: x**0.3),
     ("x^(t + 40)", 1e10, lambda x: x**41),  # t = 1: past the largest float
     ("sigmoid(x)", -1000.0, torch.sigmoid),
-    # the norm of a scalar is its absolute value; in a kernel too (fuzz seed 1133: no Triton form)
-    ("unit_norm(x - t)", 0.25, lambda x: (x - 1).abs()),
+    # the unit norm of a scalar is that of the scalar broadcast to p's shape (7 elements, one unit):
+    # |x - t| sqrt(7); in a kernel too (fuzz seed 1133: no Triton form)
+    ("unit_norm(x - t)", 0.25, lambda x: (x - 1).abs() * math.sqrt(7)),
     ("row_mean(x - t) + unit_mean(t - x)", 0.25, lambda x: (x - 1) + (1 - x)),
 ]
 
@@ -301,3 +302,79 @@ def test_a_matrix_root_of_nan_is_nan_not_a_linalg_error():
         p.grad = torch.full((3, 2), math.nan, dtype=torch.float64)
         cls([p], **path).step()
         assert torch.isnan(p).all(), path
+
+
+# ---- a reduction of a scalar: the scalar broadcast to p's shape, then reduced -----------------------
+# LANGUAGE.md: a scalar broadcasts where it meets a tensor, and a reduction takes a tensor; so
+# `sum(c)` is the sum of a tensor like p filled with c, numel * c (shipped CautiousLion counts p's
+# elements with sum(1)). The axis and unit reductions said c itself (row_sum(-2) was -2 on a (3, 4)
+# parameter where sum(-2) was -24, unit_norm(-2) was 2), and so did a tensor that SymPy simplified to
+# a number (row_sum(g - g - 2)). Reference: torch reducing torch.full_like(p, c).
+def _units(x):
+    return tuple(range(1, x.dim())) if x.dim() >= 2 else tuple(range(x.dim()))
+
+
+REDUCE = {
+    "sum": lambda x: x.sum(), "mean": lambda x: x.mean(), "norm": lambda x: torch.linalg.vector_norm(x),
+    "rms": lambda x: x.square().mean().sqrt(), "amax": lambda x: x.amax(),
+    "row_sum": lambda x: x.sum(-1, keepdim=True), "row_mean": lambda x: x.mean(-1, keepdim=True),
+    "row_max": lambda x: x.amax(-1, keepdim=True), "col_sum": lambda x: x.sum(-2, keepdim=True),
+    "col_mean": lambda x: x.mean(-2, keepdim=True), "col_max": lambda x: x.amax(-2, keepdim=True),
+    "unit_mean": lambda x: x.mean(_units(x), keepdim=True) if x.dim() else x,
+    "unit_norm": lambda x: torch.linalg.vector_norm(x, dim=_units(x), keepdim=True) if x.dim() else x.abs(),
+}
+# -2 of every level: a number, a hyperparameter (group), a function of t (per parameter), a function of
+# a reduction (a 0-dim device value) and a tensor expression that SymPy simplifies to -2
+SCALARS = ["-2", "lr", "t - 3", "mean(g) - 3", "g - g - 2"]
+RED_SHAPES = [(), (7,), (3, 4), (2, 3, 5)]
+
+
+def _steps_like(cls, want_of, shapes):
+    for shape in shapes:
+        for path in PATHS:
+            p = torch.nn.Parameter(torch.zeros(shape, dtype=torch.float64))
+            p.grad = torch.ones_like(p)
+            cls([p], **path).step()
+            torch.testing.assert_close(p.detach(), torch.zeros_like(p) + want_of(p), rtol=1e-14, atol=0,
+                                       msg=f"{shape} {path}")
+
+
+@pytest.mark.parametrize("f", sorted(REDUCE))
+def test_a_reduction_of_a_scalar_reduces_it_broadcast_to_p(f):
+    shapes = [s for s in RED_SHAPES if len(s) >= 2] if f.startswith("col_") else RED_SHAPES
+    terms = " + ".join(f"{10 ** i} * {f}({x})" for i, x in enumerate(SCALARS))
+    cls = optdsl.compile(f"optimizer R\nhyper lr = -2\np += {terms}\n")
+    weight = sum(10 ** i for i in range(len(SCALARS)))
+    _steps_like(cls, lambda p: weight * REDUCE[f](torch.full_like(p, -2.0)), shapes)
+    # a state's initial value reads the same rule (it is printed apart from the step)
+    init = optdsl.compile(f"optimizer I\nhyper lr = -2\nstate s = {f}(lr) + 0 * p\np += s\ns = 2 * s\n")
+    _steps_like(init, lambda p: REDUCE[f](torch.full_like(p, -2.0)), shapes)
+
+
+def test_a_reduction_of_a_scalar_in_a_mode_block_and_over_the_group():
+    """The same rule in the eval()/train() blocks and in a group statement (over every tensor of the
+    group: sum(c) is c times the group's number of elements)."""
+    cls = optdsl.compile("optimizer M\nhyper lr = -2\nstate z = p\np -= 0 * g\nz = p\non eval {\n  p = z + row_sum(lr) + "
+                         "sum(lr)\n}\non train {\n  p = z\n}\n")
+    p = torch.nn.Parameter(torch.zeros(3, 4, dtype=torch.float64))
+    p.grad = torch.ones_like(p)
+    opt = cls([p])
+    opt.step()
+    opt.eval()
+    torch.testing.assert_close(p.detach(), torch.full_like(p, -2.0 * 4 - 2.0 * 12), rtol=0, atol=0)
+    cls = optdsl.compile("optimizer G\nhyper lr = -2\ngroup s = sum(lr)\np += s\n")
+    for path in PATHS:
+        params = [torch.nn.Parameter(torch.zeros(s, dtype=torch.float64)) for s in [(3, 4), (5,)]]
+        for q in params:
+            q.grad = torch.ones_like(q)
+        cls(params, **path).step()
+        for q in params:
+            torch.testing.assert_close(q.detach(), torch.full_like(q, -2.0 * 17), rtol=0, atol=0, msg=str(path))
+
+
+def test_an_axis_reduction_of_a_value_already_reduced_along_it_is_the_value():
+    """`row_sum(r)` of a rows state is r (its last axis has size 1), also when SymPy simplifies the
+    operand to a number (`r - r - 2` is -2 per row, not -2 broadcast to p's shape: -2 * ncols)."""
+    cls = optdsl.compile("optimizer W\nstate r: rows\nr = row_mean(g)\n"
+                         "p += row_sum(r - r - 2) + unit_norm(unit_mean(g) - 3)\n")
+    _steps_like(cls, lambda p: torch.full_like(p, -2.0 + 2.0), [(3, 4), (2, 3, 5)])

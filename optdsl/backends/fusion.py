@@ -36,7 +36,7 @@ class Fusion:
         exprs = [d.expr for d in plan.steps if d.symbol not in inside] + [e for _, e in plan.outputs]
         found = list(dict.fromkeys(n for e in exprs for n in _walk_postorder(e) if type(n) in UNIT_REDUCTIONS))
         self.units = found
-        # (an axis reduction of a scalar is the scalar: sym.plan has taken those out)
+        # (a reduction of a scalar is arithmetic on the shape built-ins: sym.plan has taken those out)
         axes = list(dict.fromkeys(n for e in exprs for n in _walk_postorder(e) if type(n) in AXIS_REDUCTIONS))
         swap = {n: sp.Symbol(f"unit{k}_") for k, n in enumerate(found)}
         swap |= {n: sp.Symbol(f"ax{k}_") for k, n in enumerate(axes)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sympy as sp
 
+from .. import functions as fn
 from .. import ir, quant
 from ..sym import to_sympy
 from .printers import CompiledPrinter, read_state_code
@@ -16,7 +17,8 @@ def context(prog: ir.Program, group_code: dict[str, str]) -> dict:
     out, copies = [], False
     for mode in prog.modes:
         env = {h.name: sp.Symbol(group_code[h.name]) for h in prog.hypers if not h.computed}
-        env.update({n: sp.Symbol(code.replace("p.", "param.")) for n, code in ir.SHAPE_BUILTINS.items()})
+        shape = {sp.Symbol(n): sp.Symbol(code.replace("p.", "param.")) for n, code in ir.SHAPE_BUILTINS.items()}
+        env.update({str(n): code for n, code in shape.items()})
         env[ir.P0] = sp.Symbol("p")
         tensors = {"p"}
         lines = ["p = param if param.dtype in _EXACT else param.float()"]
@@ -34,8 +36,12 @@ def context(prog: ir.Program, group_code: dict[str, str]) -> dict:
         # Each SSA version a name of its own: not a state's (loaded above under its name: a local x's
         # version x·1 would print as x1 over a state x1), nor another version's (m1_·1 and m1·1).
         taken = {"p", "param", "state", "group", "self"} | {s.name for s in prog.states}
+        scalars = {s.name for s in prog.states if s.shape == "scalar"}
         for eq in mode.eqns:
             value = to_sympy(eq.expr, env)
+            # a reduction of a scalar is that scalar broadcast to p's shape (functions.py), as in a step
+            reads = fn.reads_tensor({sp.Symbol(n) for n in tensors - scalars})
+            value = fn.broadcast_scalars(value, lambda x: not reads(x)).xreplace(shape)
             name = _code_name(eq.out)
             while name in taken:
                 name += "_"

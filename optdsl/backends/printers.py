@@ -71,10 +71,8 @@ class HostPrinter(PythonCodePrinter):
         self.rename = rename or {}
 
     keeps_guards = True  # whether it prints optdsl.ieee's wrappers (as helpers, on host floats)
-    # Whether what it prints is scalars alone (host floats, 0-dim tensors): an axis reduction of one
-    # is then what the host form says (x, or |x| for unit_norm), as the eager paths compute it; a
-    # printer of tensors (a state's initial value, matrix work, a mode block) keeps torch's form.
-    scalar_axes = True
+    # (No reduction of a scalar reaches a printer: sym's hoister, a state's initial value and a mode
+    # block write each as the scalar broadcast to p's shape, functions.broadcast_scalars.)
 
     def doprint(self, expr, *args, **kwargs):
         if not self.keeps_guards:  # tensors and kernels are IEEE 754 already: the wrappers go
@@ -100,9 +98,6 @@ class HostPrinter(PythonCodePrinter):
         row = _BY_CLASS.get(type(e))
         if row is None:
             return super()._print_Function(e)
-        if row.axis and self.scalar_axes and self.column != "host" and row.host in ("{0}", "abs({0})"):
-            x = e.args[0]
-            return self._print(sp.Abs(x) if row.host.startswith("abs(") else x)
         form = getattr(row, self.column)
         # an argument a method is called on ({0}.mean(...)) is a whole: (a + b).mean, not a + b.mean
         return form.format(*(f"({text})" if "{%d}." % i in form and not text.isidentifier() else text
@@ -116,15 +111,11 @@ class HostPrinter(PythonCodePrinter):
 
 
 class DevicePrinter(HostPrinter):
-    """Scalars that stay 0-dim tensors on the parameter's device (they read a reduction); with
-    scalar_axes=False, values that may be tensors (a state's initial value)."""
+    """Scalars that stay 0-dim tensors on the parameter's device (they read a reduction), and values
+    that may be tensors (a state's initial value)."""
 
     column = "tensor"
     keeps_guards = False
-
-    def __init__(self, rename: dict[str, str] | None = None, *, scalar_axes: bool = True):
-        super().__init__(rename)
-        self.scalar_axes = scalar_axes
 
     def _print_Pow(self, e, rational=False):
         if e.exp == sp.S.Half:
@@ -203,7 +194,7 @@ class MatrixPrinter(DevicePrinter):
     in shape (x or x.mT), which torch.where cannot take."""
 
     def __init__(self, host: set[str]):
-        super().__init__(scalar_axes=False)
+        super().__init__()
         self.host = set(host)
 
     def _print_where(self, e):
@@ -226,8 +217,8 @@ class CompiledPrinter(DevicePrinter):
 
     keeps_guards = True  # the parts that read no tensor are host floats
 
-    def __init__(self, tensors: set[str], *, scalar_axes: bool = False):
-        super().__init__(scalar_axes=scalar_axes)
+    def __init__(self, tensors: set[str]):
+        super().__init__()
         self.tensors = set(tensors)
         self.host = HostPrinter()
 
@@ -255,7 +246,7 @@ class ShapePrinter(CompiledPrinter):
     Python, as the matrix section's (the branches may differ in shape); a draw is shaped like p."""
 
     def __init__(self, tensors: set[str]):
-        super().__init__(tensors, scalar_axes=False)
+        super().__init__(tensors)
 
     def _print_where(self, e):
         c, a, b = e.args
@@ -291,11 +282,6 @@ class TritonPrinter(HostPrinter):
         row = _BY_CLASS.get(type(e))
         if row is None:
             return super()._print_Function(e)
-        if row.axis and row.host in ("{0}", "abs({0})"):
-            # An axis reduction of a tensor is a value the fusion made (a symbol): one reaching the
-            # printer reduces a scalar (unit_norm(1 - b2^t)), which is what its host form says: x or |x|.
-            x = e.args[0]
-            return self._print(sp.Abs(x) if row.host.startswith("abs(") else x)
         if not row.triton:  # backends.triton.unsupported() refuses such a plan before printing it
             raise NotImplementedError(f"{row.name}() has no Triton form")
         args = [self.parenthesize(a, PRECEDENCE["Mul"]) for a in e.args]

@@ -10,6 +10,7 @@ import jinja2
 import sympy as sp
 
 from .. import escape, ieee, ir, quant, ranks
+from .. import functions as fn
 from .. import shapes as shape_check
 from ..functions import COMPARISONS, RANDOM, REDUCTIONS, TABLE
 from ..lower import RESERVED, STATE_DERIVED
@@ -436,7 +437,7 @@ def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]
             continue
         it = deps[0] if len(deps) == 1 else f"zip({', '.join(deps)})"
         param_multi.append((str(d.symbol), f"[{body} for {', '.join(t_elem[x] for x in deps)} in {it}]"))
-    compiled = CompiledPrinter({"t"} | {str(d.symbol) for d in plan.param}, scalar_axes=True)  # 0-dim tensors
+    compiled = CompiledPrinter({"t"} | {str(d.symbol) for d in plan.param})  # 0-dim tensors
     state_dtype = "_state_dtype(group, p)"
     codes = quant.codes(prog)  # each float state's low-bit code (int8/int4 states)
     single_body = [line for i in instrs for line in single(i)]
@@ -770,6 +771,10 @@ def _init_code(state: ir.State, prog: ir.Program, group_code: dict[str, str]) ->
     env[ir.EYE] = sp.Symbol(f"_eye_like({made})")
     value = to_sympy(state.init, env)
     p = sp.Symbol("p")
+    # a reduction of a scalar is that scalar broadcast to p's shape (functions.py), here on p's own shape
+    tensor = fn.reads_tensor({p})
+    value = fn.broadcast_scalars(value, lambda x: not tensor(x)).xreplace(
+        {sp.Symbol(n): sp.Symbol(code) for n, code in ir.SHAPE_BUILTINS.items()})
     reductions = tuple(REDUCTIONS)
     if p not in value.free_symbols and not value.has(*reductions):
         return HostPrinter().doprint(value)
@@ -778,10 +783,7 @@ def _init_code(state: ir.State, prog: ir.Program, group_code: dict[str, str]) ->
         """The parts p does not reach, computed on the host and given to torch as tensors like p."""
         if p not in e.free_symbols and not e.has(*reductions) and (operand or not e.is_Number):
             return sp.Symbol(f"p.new_tensor({HostPrinter().doprint(e)})")
-        if isinstance(e, reductions) and p not in e.args[0].free_symbols:  # a scalar broadcasts, as in a step
-            arg = DevicePrinter(scalar_axes=False).doprint(host_parts(e.args[0], True))
-            return e.func(sp.Symbol(f"({arg} + torch.zeros_like(p))"))
         if e.is_Atom:
             return e
         return e.func(*(host_parts(a, not isinstance(e, (sp.Add, sp.Mul, sp.Pow))) for a in e.args))
-    return DevicePrinter(scalar_axes=False).doprint(host_parts(value))
+    return DevicePrinter().doprint(host_parts(value))
