@@ -3,12 +3,15 @@ exactly as the same spec under a harmless name does, on all three paths, or is r
 written, saying which name is taken and why."""
 from __future__ import annotations
 
+import os
 import re
+import string
 import sys
 
 import pytest
 import torch
 
+import name_fuzz as nf
 import optdsl
 from optdsl.errors import SpecError
 
@@ -196,3 +199,26 @@ def test_a_local_named_inf_is_refused():
     with pytest.raises(SpecError, match="'inf' is the number infinity") as err:
         optdsl.compile("optimizer X\ninf = g * 2\np -= 0.1 * inf\n", "names.opt")
     assert (err.value.line, err.value.column) == (2, 1)
+
+
+# The name fuzzer (tests/name_fuzz.py): identifiers of the generated code, builtins, keywords and every
+# one- and two-character name, each in one of the spec's roles (class, hyperparameter, keyword, state,
+# saved key, scalar and rows state, local, input, group value), refused where it stands or stepping bit
+# for bit as the spec under a harmless name on the for-loop, foreach and fused paths. The red-team run
+# walked the names sorted and never reached q-z, nor the fused path; the cases are interleaved by first
+# character, so CI's first cases take every first character, a-z, A-Z and _, each role several times.
+NAME_CASES = int(os.environ.get("OPTDSL_NAME_FUZZ_CASES",
+                                1000 if os.environ.get("HYPOTHESIS_PROFILE") == "explore" else 53))
+
+
+def test_the_name_fuzz_cases_cover_the_alphabet_and_every_role():
+    first = nf.cases()[:53]
+    assert {n[0] for n, _ in first} == set(string.ascii_letters + "_")
+    assert {r for _, r in first} == set(nf.ROLES)
+    assert {"zeros_like", "tl", "torch", "x0", "_read_state", "lambda", "print"} <= set(nf.names())
+
+
+@pytest.mark.parametrize("name, role", nf.cases()[:NAME_CASES], ids=lambda x: x)
+def test_a_name_in_any_role_steps_as_a_plain_one_or_is_refused_where_it_stands(name, role):
+    out = nf.outcome(name, role)
+    assert out.kind != "bug", out.detail
