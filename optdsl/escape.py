@@ -35,6 +35,13 @@ def shown(value: str | None) -> str:
     return "None" if value is None else f"'{text(value)}'"
 
 
+def message(s: str | None) -> str:
+    """Text that generated code shows in an error it raises (a refusal's reason, the spec's file name and
+    lines) as a Python literal: `visible` first, so that what reads back at runtime holds no character a
+    terminal obeys or reorders (a CR, ESC, U+2028), then `literal`, so that it cannot leave the string."""
+    return "None" if s is None else literal(visible(s))
+
+
 def visible(s: str, keep: str = "\n\t") -> str:
     """`s` as a terminal may show it: every character that is not printable (ESC and the other
     controls, C1's CSI, bidirectional controls such as U+202E, U+2028) written as repr escapes it, so

@@ -5,7 +5,7 @@ from dataclasses import dataclass, replace
 
 from lark.exceptions import VisitError
 
-from . import check, ir, lower, parse, ranks, shapes, sym, taken
+from . import check, escape, ir, lower, parse, ranks, shapes, sym, taken
 from .backends import torch as torch_backend
 from .errors import Span, SpecError, SpecWarning
 
@@ -42,7 +42,10 @@ def compile_source(text: str, filename: str = "<spec>") -> Compiled:
             shown = ir.format_expr(cond) if cond is not None else None
             rules.append((code, program, sym.plan(program), shown))
         program, plan = rules[0][1], rules[0][2]
-        refusals = tuple((before, torch_backend.condition_code(cond, program), why, ir.format_expr(cond), span.line)
+        # the reason as a terminal may show it (a CR or U+2028 written as its escape): info, explain and
+        # the class's error all show this text
+        refusals = tuple((before, torch_backend.condition_code(cond, program), escape.visible(why), ir.format_expr(cond),
+                          span.line)
                          for before, cond, why, span in lower.refusals(spec))
         python = torch_backend.render(plan, text, filename, tuple((r[0], r[2], r[3]) for r in rules), refusals)
         taken.check(python, spec)  # the module's own top-level names, read from it

@@ -33,7 +33,8 @@ rule {
 }
 '''
 SAME = SPEC.replace(SPEC.split("\n")[5] + "\n", "")  # without the refusal
-WHY = "rank {ndim} \\ is too many for this spec: \u2028reshape it (picky.opt:6: rule ndim >= big refuse)"
+# U+2028 shows as its escape (a terminal would break the line there): optdsl.escape.visible
+WHY = "rank {ndim} \\ is too many for this spec: \\u2028reshape it (picky.opt:6: rule ndim >= big refuse)"
 
 
 def _modes():
@@ -145,8 +146,26 @@ def test_refuse_is_no_reserved_word_and_a_hyperparameter_read_only_there_is_used
 
 
 def test_the_reason_stays_text_in_the_generated_module():
-    """Braces, a backslash and U+2028 in the reason reach the error as written (the module holds it
-    in a string literal through optdsl/escape.py, not in an f-string's code)."""
+    """Braces and a backslash in the reason reach the error as written, U+2028 as its escape (the
+    module holds it in a string literal through optdsl/escape.py, not in an f-string's code)."""
     python = compile_source(SPEC, "picky.opt").python
     assert "\u2028" not in python
-    assert '"rank {ndim} \\\\ is too many for this spec: \\u2028reshape it (picky.opt:6: rule ndim >= big refuse)"' in python
+    assert '"rank {ndim} \\\\ is too many for this spec: \\\\u2028reshape it (picky.opt:6: rule ndim >= big refuse)"' in python
+
+
+def test_the_reason_and_file_name_reach_a_terminal_as_text():
+    """The ValueError is printed to a terminal: a lone CR, a form feed, U+2028/U+0085 in the reason, or an
+    ESC in the file name (which the module's literal escapes, and which would read back as ESC) must show
+    as escapes, as optdsl's own errors do (optdsl.escape.visible), not move the cursor or hide the
+    text before them."""
+    src = 'optimizer X\nhyper lr = 0.1 in [0, inf)\nrule ndim >= 3 refuse "a\rb\x0cc\u2028d\u0085e\tf"\nrule {\n  p -= lr * g\n}\n'
+    X = optdsl.compile(src, "evil\x1b[2J\r.opt")
+    with pytest.raises(ValueError) as err:
+        X([torch.nn.Parameter(torch.zeros(1, 1, 1))])
+    message = str(err.value)
+    assert message == ("X refuses a parameter of shape (1, 1, 1): a\\rb\\x0cc\\u2028d\\x85e\tf "
+                       "(evil\\x1b[2J\\r.opt:3: rule ndim >= 3 refuse)")
+    assert all(c.isprintable() or c == "\t" for c in message)
+    with pytest.raises(ValueError) as err:
+        info.memory(compile_source(src, "evil\x1b.opt"), (1, 1, 1))
+    assert all(c.isprintable() or c == "\t" for c in str(err.value)), str(err.value)

@@ -133,16 +133,18 @@ def environment() -> jinja2.Environment:
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                              trim_blocks=True, lstrip_blocks=True)
     env.filters["literals"] = _literals  # named choices as a Python tuple
-    env.filters["literal"] = escape.literal  # one, or a located statement (optdsl/backends/step_shapes.py)
+    env.filters["literal"] = escape.literal  # a named choice, compared at runtime as written
+    env.filters["message"] = escape.message  # text an error shows at runtime: a reason, a located statement
+    env.filters["messages"] = lambda values: _literals(values, escape.message)  # ... as a tuple
     env.filters["shown"] = escape.shown  # ... as a message shows it
     env.filters["text"] = escape.text  # user text: the only way it enters generated code
     env.filters["f32"] = quant.float32_code  # a level of a low-bit map
     return env
 
 
-def _literals(values) -> str:
-    """Named choices (None or strings) as a Python tuple, each through escape.literal."""
-    return "(" + ", ".join(map(escape.literal, values)) + ("," if len(values) == 1 else "") + ")"
+def _literals(values, one=escape.literal) -> str:
+    """Named choices (None or strings) as a Python tuple, each through escape.literal (or `one`)."""
+    return "(" + ", ".join(map(one, values)) + ("," if len(values) == 1 else "") + ")"
 
 
 # ---- one instruction, printed per tensor and multi-tensor ----
