@@ -210,13 +210,32 @@ def _decided(cond: ir.Expr | None, prog: ir.Program, assume: dict[str, float]) -
     return bool(value != 0) if value.is_number else None
 
 
+def _refused(x: Compiled | ir.Program) -> list[tuple[int, str]]:
+    """(updating rules before it, condition as written) per `rule COND refuse` of a spec."""
+    return [(before, shown) for before, _, _, shown, _ in getattr(x, "refusals", ())]
+
+
 def equivalent(a: Compiled | ir.Program, b: Compiled | ir.Program, assume: dict[str, float] | None = None,
                mapping: dict[str, str] | None = None, samples: int = 200, seed: int = 0) -> Verdict:
     """Prove spec A equivalent to spec B, or find a counterexample (see the module's docstring).
 
     Specs with rules by shape are compared rule by rule: rules with the same condition, and a spec
     of one rule against each rule of the other; a rule `assume` rules out is left out. A rule with matrix work is not modelled: its math
-    is shown and the verdict is at best undecided."""
+    is shown and the verdict is at best undecided. A refusal (`rule COND refuse`) is no step: specs
+    whose refusals differ (as written, and where they stand among the rules) are at best undecided,
+    since one refuses a parameter the other may step."""
+    verdict = _equivalent_steps(a, b, assume, mapping, samples, seed)
+    ra, rb = _refused(a), _refused(b)
+    if ra == rb or not verdict.equal:
+        return verdict
+    show = lambda refused: "; ".join(f"parameters with {c}" for _, c in refused) or "none"  # noqa: E731
+    return replace(verdict, equal=False, proven=False,
+                   message=f"undecided: {verdict.message.removeprefix('equivalent: ')} on the parameters both step, but the specs refuse "
+                           f"different parameters (A refuses {show(ra)}; B refuses {show(rb)})")
+
+
+def _equivalent_steps(a, b, assume, mapping, samples: int, seed: int) -> Verdict:
+    """`equivalent` on the steps alone, refusals left out."""
     ren = dict(mapping or {})
     ra = _rules(a, dict(assume or {}))
     rb = _rules(b, {ren.get(k, k): v for k, v in (assume or {}).items()})

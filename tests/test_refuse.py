@@ -169,3 +169,18 @@ def test_the_reason_and_file_name_reach_a_terminal_as_text():
     with pytest.raises(ValueError) as err:
         info.memory(compile_source(src, "evil\x1b.opt"), (1, 1, 1))
     assert all(c.isprintable() or c == "\t" for c in str(err.value)), str(err.value)
+
+
+def test_equiv_does_not_call_specs_equivalent_when_one_refuses_what_the_other_steps():
+    """`optdsl equiv` compares the steps rule by rule; a refusal is no step, and a spec that refuses
+    rank-3 tensors is not the same optimizer as one that steps them (exit code 2, undecided, naming
+    the refusals), while the same refusals on both sides keep the proof."""
+    from optdsl.equiv import equivalent
+    refusing = compile_source('optimizer A\nhyper lr = 0.1 in [0, inf)\nrule ndim >= 3 refuse "no"\n'
+                              'rule {\n  p -= lr * g\n}\n', "a.opt")
+    plain = compile_source('optimizer B\nhyper lr = 0.1 in [0, inf)\np -= lr * g\n', "b.opt")
+    for a, b in ((refusing, plain), (plain, refusing)):
+        verdict = equivalent(a, b)
+        assert not verdict.equal and not verdict.proven and verdict.exit_code == 2, verdict.message
+        assert "ndim >= 3" in verdict.message, verdict.message
+    assert equivalent(refusing, refusing).equal
