@@ -90,7 +90,9 @@ def _new_zeros(p, shape, dtype):
 
 
 def _state_placements(p, shape):
-    """The placements of a state of `shape` of the DTensor parameter p: p's along each axis it keeps."""
+    """The placements of a state of `shape` of the DTensor parameter p: p's along each axis it keeps,
+    and along an axis it reduces where p's length is 1 (a 1 x n matrix's cols state: the reduction
+    over that axis is the identity, _kept_axes), Replicate along the others."""
     keep = [_splits(pl) and len(shape) == p.dim() and shape[pl.dim] == p.shape[pl.dim] for pl in p.placements]
     return [pl if k else _Replicate() for pl, k in zip(p.placements, keep)]
 
@@ -102,8 +104,10 @@ def _whole(x):
         return x
     if any(pl.is_partial() for pl in x.placements):
         x = x.redistribute(x.device_mesh, [_Replicate() if pl.is_partial() else pl for pl in x.placements])
-    if x.dim() and x.numel() == 1:  # one value per tensor (kept dims of size 1): as a scalar, which
-        return x.reshape(())        # DTensor broadcasts against a shard (a size-1 axis it replicates)
+    if x.dim() and x.numel() == 1 and not any(map(_splits, x.placements)):
+        # one value per tensor (kept dims of size 1, replicated): as a scalar, which DTensor broadcasts
+        # against a shard. One held by a shard (the row mean of a one-row matrix: _kept_axes) stays so.
+        return x.reshape(())
     return x
 
 
@@ -175,6 +179,8 @@ def _amax(x, dim):
     axis (a rank holding none of the rows) gives -inf there, where torch refuses an empty maximum."""
     if not _is_sharded(x):
         return torch.amax(x) if dim is None else x.amax(dim=dim, keepdim=True)
+    if dim is not None and _kept_axes(x, dim, True) == ():
+        return x.clone()
     if any(pl.is_partial() for pl in x.placements):
         x = x.redistribute(x.device_mesh, [_Replicate() if pl.is_partial() else pl for pl in x.placements])
     dims = list(range(x.dim())) if dim is None else [dim % x.dim()] if x.dim() else []
@@ -202,6 +208,25 @@ def _partial_of(x, part, dims, keepdim, placement):
     shape = tuple(1 if d in dims else n for d, n in enumerate(x.shape)) if keepdim else ()
     return _DTensor.from_local(part, x.device_mesh, placements, run_check=False, shape=shape,
                                stride=torch.empty(shape, device="meta").stride())
+
+
+def _kept_axes(x, dim, keepdim):
+    """The axes a reduction of the DTensor x over `dim` (an axis or a tuple; None: all) really reduces:
+    kept with size 1 (keepdim), an axis of length 1 reduces to itself. The IR says which axes a value
+    has reduced (a cols state, a col_mean); on a parameter of length 1 along one of them (a 1 x n
+    matrix) the result is p's own shape there, and must be placed as p is: FSDP2 splits that axis
+    (one rank holds the row, the others none), DTensor will not split a tensor of length 1 over more
+    ranks than that (Replicate to Shard is refused; an in-place op on p or on a state placed like p
+    then has no strategy), and a value replicated there would be p's whole row on every rank, where
+    a shard holds none. So the reduction over it is the identity, left placed as x; () when no axis
+    is left (the result is x itself), else the axes to reduce (as given when nothing was dropped)."""
+    if not keepdim or not _is_sharded(x) or not x.dim():
+        return dim
+    dims = range(x.dim()) if dim is None else (dim,) if isinstance(dim, int) else dim
+    left = tuple(d for d in dims if x.shape[d] != 1)
+    if len(left) == len(tuple(dims)):
+        return dim
+    return left
 
 
 def _reduced_axes(x, dim, keepdim):
@@ -232,12 +257,22 @@ def _mean(x, dim=None, keepdim=False):
     shard's sum divided by the whole tensor's count along the reduced axes, left partial (a SUM, which
     _whole's or _whole_list's one all-reduce finishes), where DTensor all-gathers the shards; a shard
     empty along the axis adds 0."""
+    dim = _kept_axes(x, dim, keepdim)
+    if dim == ():
+        return x.clone()
     dims = _reduced_axes(x, dim, keepdim)
     if dims is None:
         return torch.mean(x) if dim is None and not keepdim else x.mean(dim=dim, keepdim=keepdim)
     count = math.prod(x.shape[d] for d in dims)
     part, x = _local_sum(x, dims, keepdim)
     return _partial_of(x, part / count, dims, keepdim, _Partial("sum"))
+
+
+def _sum(x, dim):
+    """x.sum(dim, keepdim=True); of a DTensor, over the axes _kept_axes leaves (DTensor's own sum:
+    partial over a split axis, which _whole finishes)."""
+    dim = _kept_axes(x, dim, True)
+    return x.clone() if dim == () else x.sum(dim=dim, keepdim=True)
 
 
 def _rms(x):

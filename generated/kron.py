@@ -217,7 +217,9 @@ def _new_zeros(p, shape, dtype):
 
 
 def _state_placements(p, shape):
-    """The placements of a state of `shape` of the DTensor parameter p: p's along each axis it keeps."""
+    """The placements of a state of `shape` of the DTensor parameter p: p's along each axis it keeps,
+    and along an axis it reduces where p's length is 1 (a 1 x n matrix's cols state: the reduction
+    over that axis is the identity, _kept_axes), Replicate along the others."""
     keep = [_splits(pl) and len(shape) == p.dim() and shape[pl.dim] == p.shape[pl.dim] for pl in p.placements]
     return [pl if k else _Replicate() for pl, k in zip(p.placements, keep)]
 
@@ -229,8 +231,10 @@ def _whole(x):
         return x
     if any(pl.is_partial() for pl in x.placements):
         x = x.redistribute(x.device_mesh, [_Replicate() if pl.is_partial() else pl for pl in x.placements])
-    if x.dim() and x.numel() == 1:  # one value per tensor (kept dims of size 1): as a scalar, which
-        return x.reshape(())        # DTensor broadcasts against a shard (a size-1 axis it replicates)
+    if x.dim() and x.numel() == 1 and not any(map(_splits, x.placements)):
+        # one value per tensor (kept dims of size 1, replicated): as a scalar, which DTensor broadcasts
+        # against a shard. One held by a shard (the row mean of a one-row matrix: _kept_axes) stays so.
+        return x.reshape(())
     return x
 
 
@@ -302,6 +306,8 @@ def _amax(x, dim):
     axis (a rank holding none of the rows) gives -inf there, where torch refuses an empty maximum."""
     if not _is_sharded(x):
         return torch.amax(x) if dim is None else x.amax(dim=dim, keepdim=True)
+    if dim is not None and _kept_axes(x, dim, True) == ():
+        return x.clone()
     if any(pl.is_partial() for pl in x.placements):
         x = x.redistribute(x.device_mesh, [_Replicate() if pl.is_partial() else pl for pl in x.placements])
     dims = list(range(x.dim())) if dim is None else [dim % x.dim()] if x.dim() else []
@@ -329,6 +335,25 @@ def _partial_of(x, part, dims, keepdim, placement):
     shape = tuple(1 if d in dims else n for d, n in enumerate(x.shape)) if keepdim else ()
     return _DTensor.from_local(part, x.device_mesh, placements, run_check=False, shape=shape,
                                stride=torch.empty(shape, device="meta").stride())
+
+
+def _kept_axes(x, dim, keepdim):
+    """The axes a reduction of the DTensor x over `dim` (an axis or a tuple; None: all) really reduces:
+    kept with size 1 (keepdim), an axis of length 1 reduces to itself. The IR says which axes a value
+    has reduced (a cols state, a col_mean); on a parameter of length 1 along one of them (a 1 x n
+    matrix) the result is p's own shape there, and must be placed as p is: FSDP2 splits that axis
+    (one rank holds the row, the others none), DTensor will not split a tensor of length 1 over more
+    ranks than that (Replicate to Shard is refused; an in-place op on p or on a state placed like p
+    then has no strategy), and a value replicated there would be p's whole row on every rank, where
+    a shard holds none. So the reduction over it is the identity, left placed as x; () when no axis
+    is left (the result is x itself), else the axes to reduce (as given when nothing was dropped)."""
+    if not keepdim or not _is_sharded(x) or not x.dim():
+        return dim
+    dims = range(x.dim()) if dim is None else (dim,) if isinstance(dim, int) else dim
+    left = tuple(d for d in dims if x.shape[d] != 1)
+    if len(left) == len(tuple(dims)):
+        return dim
+    return left
 
 
 def _reduced_axes(x, dim, keepdim):
@@ -359,12 +384,22 @@ def _mean(x, dim=None, keepdim=False):
     shard's sum divided by the whole tensor's count along the reduced axes, left partial (a SUM, which
     _whole's or _whole_list's one all-reduce finishes), where DTensor all-gathers the shards; a shard
     empty along the axis adds 0."""
+    dim = _kept_axes(x, dim, keepdim)
+    if dim == ():
+        return x.clone()
     dims = _reduced_axes(x, dim, keepdim)
     if dims is None:
         return torch.mean(x) if dim is None and not keepdim else x.mean(dim=dim, keepdim=keepdim)
     count = math.prod(x.shape[d] for d in dims)
     part, x = _local_sum(x, dims, keepdim)
     return _partial_of(x, part / count, dims, keepdim, _Partial("sum"))
+
+
+def _sum(x, dim):
+    """x.sum(dim, keepdim=True); of a DTensor, over the axes _kept_axes leaves (DTensor's own sum:
+    partial over a split axis, which _whole finishes)."""
+    dim = _kept_axes(x, dim, True)
+    return x.clone() if dim == () else x.sum(dim=dim, keepdim=True)
 
 
 def _rms(x):
@@ -2086,12 +2121,12 @@ def _single_tensor_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state
             tmp7 = tmp2
         tmp8 = torch.mul(tmp7, tmp7)
         tmp6.mul_(tmp8)
-        tmp9 = _whole(tmp6.sum(dim=-1, keepdim=True))
+        tmp9 = _whole(_sum(tmp6, -1))
         tmp10 = _random_like(p, seed, i, 0, normal=True)
         tmp10.mul_(tmp10)
         tmp10.div_(tmp3)
         tmp10.div_(tmp4)
-        tmp11 = _whole(tmp10.sum(dim=-1, keepdim=True))
+        tmp11 = _whole(_sum(tmp10, -1))
         tmp12 = torch.add(tmp9, tmp11)
         r0 = _whole(_amax(tmp12, None))
         d1 = torch.as_tensor(-plr/(r0 + 1.1754943508222875e-38), dtype=p.dtype)
@@ -2100,8 +2135,8 @@ def _single_tensor_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state
         tmp13.mul_(d1)
         tmp14 = torch.add(dL, tmp13)
         tmp15 = torch.where(d0 != 0, tmp14, dL)
-        tmp16 = _whole(tmp6.sum(dim=-2, keepdim=True))
-        tmp17 = _whole(tmp10.sum(dim=-2, keepdim=True))
+        tmp16 = _whole(_sum(tmp6, -2))
+        tmp17 = _whole(_sum(tmp10, -2))
         tmp18 = torch.add(tmp16, tmp17)
         r1 = _whole(_amax(tmp18, None))
         d2 = torch.as_tensor(-plr/(r1 + 1.1754943508222875e-38), dtype=p.dtype)
@@ -2188,14 +2223,14 @@ def _multi_tensor_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_
             tmp7 = tmp2
         tmp8 = torch._foreach_mul(tmp7, tmp7)
         torch._foreach_mul_(tmp6, tmp8)
-        tmp9 = [tmp6_.sum(dim=-1, keepdim=True) for tmp6_ in tmp6]
+        tmp9 = [_sum(tmp6_, -1) for tmp6_ in tmp6]
         tmp10 = [_random_like(p_, seed, i_, 0, normal=True) for p_, i_ in zip(p, i)]
         torch._foreach_mul_(tmp10, tmp10)
         torch._foreach_div_(tmp10, tmp3)
         torch._foreach_div_(tmp10, tmp4)
-        tmp11 = [tmp10_.sum(dim=-1, keepdim=True) for tmp10_ in tmp10]
-        tmp16 = [tmp6_.sum(dim=-2, keepdim=True) for tmp6_ in tmp6]
-        tmp17 = [tmp10_.sum(dim=-2, keepdim=True) for tmp10_ in tmp10]
+        tmp11 = [_sum(tmp10_, -1) for tmp10_ in tmp10]
+        tmp16 = [_sum(tmp6_, -2) for tmp6_ in tmp6]
+        tmp17 = [_sum(tmp10_, -2) for tmp10_ in tmp10]
         tmp26 = [torch.where(torch.as_tensor(weight_decouple, dtype=tmp0_.dtype, device=tmp0_.device) != 0, tmp0_, torch.as_tensor(0, dtype=tmp0_.dtype, device=tmp0_.device)) for tmp0_ in tmp0]
         tmp9, tmp11, tmp16, tmp17 = _whole_lists(tmp9, tmp11, tmp16, tmp17)
         tmp12 = torch._foreach_add(tmp9, tmp11)
@@ -2335,7 +2370,7 @@ def _single_tensor_kron_1(params, grads, m_list, c_list, dL_list, QR_list, state
         m.mul_(momentum)
         m.add_(tmp6, alpha=k1)
         tmp7 = torch.mul(tmp1, tmp1)
-        tmp8 = _whole(tmp7.sum(dim=-1, keepdim=True))
+        tmp8 = _whole(_sum(tmp7, -1))
         tmp9 = torch.mul(m, c1)
         if momentum_into_precondition_update:
             tmp10 = tmp9
@@ -2357,7 +2392,7 @@ def _single_tensor_kron_1(params, grads, m_list, c_list, dL_list, QR_list, state
         tmp24 = torch.sub(QR, tmp23)
         tmp25 = torch.where(d2 != 0, tmp24, QR)
         tmp26 = torch.mul(tmp13, tmp13)
-        tmp27 = _whole(tmp26.sum(dim=-1, keepdim=True))
+        tmp27 = _whole(_sum(tmp26, -1))
         tmp28 = torch.add(tmp8, tmp27)
         r1 = _whole(_amax(tmp28, None))
         d3 = torch.as_tensor(-plr/(r1 + 1.1754943508222875e-38), dtype=p.dtype)
@@ -2441,7 +2476,7 @@ def _multi_tensor_kron_1(params, grads, m_list, c_list, dL_list, QR_list, state_
         torch._foreach_mul_(m, momentum)
         torch._foreach_add_(m, tmp6, alpha=k1)
         tmp7 = torch._foreach_mul(tmp1, tmp1)
-        tmp8 = [tmp7_.sum(dim=-1, keepdim=True) for tmp7_ in tmp7]
+        tmp8 = [_sum(tmp7_, -1) for tmp7_ in tmp7]
         tmp9 = torch._foreach_mul(m, c1)
         if momentum_into_precondition_update:
             tmp10 = tmp9
@@ -2463,7 +2498,7 @@ def _multi_tensor_kron_1(params, grads, m_list, c_list, dL_list, QR_list, state_
         tmp24 = torch._foreach_sub(QR, tmp23)
         tmp25 = [torch.where(d2_ != 0, tmp24_, QR_) for d2_, tmp24_, QR_ in zip(d2, tmp24, QR)]
         tmp26 = torch._foreach_mul(tmp13, tmp13)
-        tmp27 = [tmp26_.sum(dim=-1, keepdim=True) for tmp26_ in tmp26]
+        tmp27 = [_sum(tmp26_, -1) for tmp26_ in tmp26]
         tmp35 = [tmp25_.mT for tmp25_ in tmp25]
         tmp36 = [torch.matmul(tmp9_, tmp35_) for tmp9_, tmp35_ in zip(tmp9, tmp35)]
         tmp37 = [torch.matmul(tmp36_, tmp25_) for tmp36_, tmp25_ in zip(tmp36, tmp25)]
@@ -2598,7 +2633,7 @@ def _single_tensor_kron_2(params, grads, m_list, c_list, QL_list, dR_list, state
         m.mul_(momentum)
         m.add_(tmp8, alpha=k1)
         tmp9 = torch.mul(tmp3, tmp3)
-        tmp10 = _whole(tmp9.sum(dim=-2, keepdim=True))
+        tmp10 = _whole(_sum(tmp9, -2))
         tmp11 = torch.mul(m, c1)
         if momentum_into_precondition_update:
             tmp12 = tmp11
@@ -2619,7 +2654,7 @@ def _single_tensor_kron_2(params, grads, m_list, c_list, QL_list, dR_list, state
         tmp25 = torch.sub(QL, tmp24)
         tmp26 = torch.where(d2 != 0, tmp25, QL)
         tmp27 = torch.mul(tmp14, tmp14)
-        tmp28 = _whole(tmp27.sum(dim=-2, keepdim=True))
+        tmp28 = _whole(_sum(tmp27, -2))
         tmp29 = torch.add(tmp10, tmp28)
         r1 = _whole(_amax(tmp29, None))
         d3 = torch.as_tensor(-plr/(r1 + 1.1754943508222875e-38), dtype=p.dtype)
@@ -2705,7 +2740,7 @@ def _multi_tensor_kron_2(params, grads, m_list, c_list, QL_list, dR_list, state_
         torch._foreach_mul_(m, momentum)
         torch._foreach_add_(m, tmp8, alpha=k1)
         tmp9 = torch._foreach_mul(tmp3, tmp3)
-        tmp10 = [tmp9_.sum(dim=-2, keepdim=True) for tmp9_ in tmp9]
+        tmp10 = [_sum(tmp9_, -2) for tmp9_ in tmp9]
         tmp11 = torch._foreach_mul(m, c1)
         if momentum_into_precondition_update:
             tmp12 = tmp11
@@ -2726,7 +2761,7 @@ def _multi_tensor_kron_2(params, grads, m_list, c_list, QL_list, dR_list, state_
         tmp25 = torch._foreach_sub(QL, tmp24)
         tmp26 = [torch.where(d2_ != 0, tmp25_, QL_) for d2_, tmp25_, QL_ in zip(d2, tmp25, QL)]
         tmp27 = torch._foreach_mul(tmp14, tmp14)
-        tmp28 = [tmp27_.sum(dim=-2, keepdim=True) for tmp27_ in tmp27]
+        tmp28 = [_sum(tmp27_, -2) for tmp27_ in tmp27]
         tmp36 = [tmp26_.mT for tmp26_ in tmp26]
         tmp37 = [torch.matmul(tmp26_, tmp11_) for tmp26_, tmp11_ in zip(tmp26, tmp11)]
         tmp38 = [torch.matmul(tmp36_, tmp37_) for tmp36_, tmp37_ in zip(tmp36, tmp37)]

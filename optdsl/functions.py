@@ -313,9 +313,9 @@ TABLE: dict[str, Function] = {f.name: f for f in [
     # ---- axis reductions: kept with size 1, so they broadcast back against p ----
     F("row_mean", 1, row_mean, "_mean({0}, -1, True)", "{0}", axis="-1", broadcast=lambda x: x),
     F("col_mean", 1, col_mean, "_mean({0}, -2, True)", "{0}", axis="-2", broadcast=lambda x: x),
-    F("row_sum", 1, row_sum, "{0}.sum(dim=-1, keepdim=True)", "{0}", axis="-1",
+    F("row_sum", 1, row_sum, "_sum({0}, -1)", "{0}", axis="-1",
       broadcast=lambda x: x * _NCOLS),
-    F("col_sum", 1, col_sum, "{0}.sum(dim=-2, keepdim=True)", "{0}", axis="-2",
+    F("col_sum", 1, col_sum, "_sum({0}, -2)", "{0}", axis="-2",
       broadcast=lambda x: x * _NROWS),
     F("row_max", 1, row_max, "_amax({0}, -1)", "{0}", axis="-1", broadcast=lambda x: x),
     F("col_max", 1, col_max, "_amax({0}, -2)", "{0}", axis="-2", broadcast=lambda x: x),
