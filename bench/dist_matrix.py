@@ -3,7 +3,8 @@
 A scenario is (mode, spec, path, dtype): mode `ddp` (DistributedDataParallel, replicated
 parameters), `fsdp` (FSDP2 `fully_shard`, every parameter a DTensor sharded by rows) or `tp`
 (tensor parallel: `a` ColwiseParallel, `b` RowwiseParallel, the gain a plain tensor; every rank
-trains on the whole batch) or `2d` (4 ranks: FSDP2 over tensor parallelism on a 2 x 2 mesh, as
+trains on the whole batch), `shapes` (FSDP2 on `Shapes`: parameters of length 1, or shorter than
+the mesh, along the axis it splits) or `2d` (4 ranks: FSDP2 over tensor parallelism on a 2 x 2 mesh, as
 torchtitan; `--modes 2d --world 4`); path `loop`, `foreach` or `fused` (the Triton kernels, run by the
 interpreter on CPU). Under ddp and fsdp each rank trains on its slice of every batch; the loss is a mean, so the averaged gradient is the whole
 batch's and the parameters after STEPS steps must equal one process's.
@@ -36,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECS = sorted(f[:-4] for f in os.listdir(os.path.join(ROOT, "specs")) if f.endswith(".opt"))
 PATHS = {"loop": dict(foreach=False, fused=False), "foreach": dict(foreach=True, fused=False),
          "fused": dict(foreach=False, fused=True)}
-MODES = ("ddp", "fsdp", "tp")
+MODES = ("ddp", "fsdp", "tp", "shapes")
 HIDDEN = {"tp": 8, "2d": 8}  # the model's hidden width, where not 7: torch's tensor parallelism splits it evenly
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 DTYPES_NAME = {v: k for k, v in DTYPES.items()}
@@ -60,6 +61,32 @@ class Net(torch.nn.Module):
 
     def forward(self, x):
         return self.b(torch.tanh(self.a(x))) * self.scale
+
+
+class Shapes(torch.nn.Module):
+    """Parameters FSDP2's Shard(0) splits into empty shards, of length 1 along an axis a reduction
+    or a state (rows, cols) reduces: a 1 x 5 and a 5 x 1 matrix, a (1,) and a (3,) vector. Over 4
+    ranks: 1 + 0 + 0 + 0 rows, 2 + 2 + 1 + 0, 1 + 0 + 0 + 0, 1 + 1 + 1 + 0 (over 2: 1 + 0, 3 + 2,
+    1 + 0, 2 + 1). A 1 x n matrix's column state is the matrix's own shape: DTensor will not split
+    it over more ranks than its one row, and replicated it meets p's split row in every update."""
+
+    def __init__(self):
+        super().__init__()
+        self.e = torch.nn.Parameter(torch.randn(1, 5))
+        self.f = torch.nn.Parameter(torch.randn(5, 1))
+        self.s = torch.nn.Parameter(torch.randn(1))
+        self.v = torch.nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return torch.tanh(x * self.e) @ self.f * self.s + torch.tanh(x[:, :3] * self.v)
+
+
+def model_of(mode, dtype):
+    """The model a scenario of `mode` trains, seeded: Shapes for `shapes`, else Net."""
+    if mode == "shapes":
+        torch.manual_seed(0)
+        return Shapes().to(dtype)
+    return net(dtype, HIDDEN.get(mode, 7))
 
 
 def batches(dtype):
@@ -162,10 +189,10 @@ def train(model, opt, data, rank=0, world=1):
         opt.step(closure)
 
 
-def one_process(name, path, dtype, hidden=7, world=1):
+def one_process(name, path, dtype, hidden=7, world=1, mode=None):
     """One process training on the whole batch; for the specs in AVERAGED with world > 1, on the
-    ranks' gradient instead: each of `world` slices' own, averaged."""
-    model = net(dtype, hidden)
+    ranks' gradient instead: each of `world` slices' own, averaged. `mode` "shapes": on Shapes."""
+    model = model_of(mode, dtype) if mode == "shapes" else net(dtype, hidden)
     opt = make(name, model.parameters(), path)
     if name in AVERAGED and world > 1:
         train_averaged(model, opt, batches(dtype), world)
@@ -222,6 +249,8 @@ def sharded(mode, name, path, dtype, rank, world):
     mode, _, low = mode.partition("-")
     kwargs = dict(state_dtype=STATE_DTYPES[low]) if low else {}  # sharded bfloat16, int8, int4 states
     model = net(dtype) if low in ("", "bf16") else lowbit_net(dtype)
+    if mode == "shapes":  # FSDP2 on parameters of length 1 (or shorter than the mesh) along the split axis
+        model, mode = model_of("shapes", dtype), "fsdp"
     data = batches(dtype) if low in ("", "bf16") else lowbit_batches(dtype)
     if mode == "ddp":
         wrapped = DistributedDataParallel(model)
@@ -246,8 +275,8 @@ def sharded(mode, name, path, dtype, rank, world):
         train(model, make(name, model.parameters(), path, **kwargs), batches(dtype), mesh["dp"].get_local_rank(),
               world // 2)
         return [p.full_tensor().detach().clone() for p in model.parameters()]
-    fully_shard(model.a)
-    fully_shard(model.b)
+    for module in (model.a, model.b) if isinstance(model, (Net, LowBitNet)) else ():
+        fully_shard(module)
     fully_shard(model)
     assert all(type(p).__name__ == "DTensor" for p in model.parameters())
     if mode in ("save", "load"):  # torch.distributed.checkpoint: saved by some ranks, loaded by others
@@ -422,14 +451,14 @@ def main(argv=None):
         for scenario in scenarios:
             mode, name, path, dtype = scenario
             hidden = HIDDEN.get(mode, 7)
-            ranks = world if mode in ("ddp", "fsdp") and name in AVERAGED else 1
-            if (name, path, dtype, hidden, ranks) not in expected:
+            ranks = world if mode in ("ddp", "fsdp", "shapes") and name in AVERAGED else 1
+            which = (name, path, dtype, hidden, ranks, mode == "shapes")
+            if which not in expected:
                 try:
-                    expected[(name, path, dtype, hidden, ranks)] = one_process(name, path, DTYPES[dtype], hidden,
-                                                                               ranks)
+                    expected[which] = one_process(name, path, DTYPES[dtype], hidden, ranks, mode)
                 except Exception as e:  # noqa: BLE001
-                    expected[(name, path, dtype, hidden, ranks)] = f"one process fails: {e}"
-            ref = expected[(name, path, dtype, hidden, ranks)]
+                    expected[which] = f"one process fails: {e}"
+            ref = expected[which]
             why = ref if isinstance(ref, str) else compare(results[scenario], ref, DTYPES[dtype])
             key = (mode, path, dtype)
             ok, n = tally.get(key, (0, 0))

@@ -6,8 +6,9 @@ torch.distributed.checkpoint reshard from 2 ranks to 4 and to 1.
 gloo processes on CPU; each rank takes its slice of every batch; the loss is a mean, so the
 averaged gradient is the whole batch's. Under FSDP2 every parameter is a DTensor sharded by
 rows, unevenly (7 rows over 2 ranks: 4 + 3; over 4: 2 + 2 + 2 + 1), and some ranks hold an empty
-shard (the (1,) gain; over 4 ranks also the 3-row matrix's last). A reduction over a split axis
-(nSGDA's norm, Adafactor's column means, SM3's maxima, soft clip's unit RMS, Amos's mean) must
+shard (the (1,) gain; over 4 ranks also the 3-row matrix's last); at 4 ranks dm.Shapes has
+parameters of length 1 along the split axis (1 x n, (1,)), whose reductions over it keep p's
+split. A reduction over a split axis (nSGDA's norm, Adafactor's column means, SM3's maxima, soft clip's unit RMS, Amos's mean) must
 still be the whole parameter's; matrix work (Muon) needs the whole matrix, and Shampoo's and SOAP's
 matrix-shaped states step whole on an owner rank; AdaLo reads the loss, averaged over the ranks. bench/dist_matrix.py runs the whole matrix (every spec, path, dtype,
 mode, 2 and 4 ranks) and prints the tally; this file runs a cross-section of it in one spawn
@@ -49,6 +50,17 @@ FOUR = [("fsdp", name, path, "float64") for name in SPLIT for path in dm.PATHS]
 # FSDP2 over tensor parallelism on a 2-D mesh (2 x 2), as torchtitan: FSDP2 splits tensor
 # parallelism's row shards again (_StridedShard); the gain lives on the data-parallel mesh alone
 FOUR += [("2d", name, path, "float64") for name in ("adamw", "muon", "adafactor") for path in dm.PATHS]
+# Parameters of length 1 (or shorter than the mesh) along the axis FSDP2 splits (dm.Shapes: 1 x 5, 5 x 1,
+# (1,), (3,), split 1+0+0+0, 2+2+1+0, 1+0+0+0, 1+1+1+0): the specs with row and column states, every
+# path. A 1 x n matrix's column state, and its column mean, have p's shape: held by p's one rank, as p's
+# row is (sharding's _kept_axes); the torch paths failed on every such spec.
+# Unit reductions and gradient centralisation (soft clip, AGC, Adam-GC: a unit mean of a (1,) vector is
+# itself, held by the rank holding it) failed on the torch paths too; their fused path runs the same
+# kernels as the 4-rank SPLIT scenarios.
+SHAPES = ["adafactor", "adafactor_momentum", "sm3", "smmf", "kron"]
+FOUR += [("shapes", name, path, "float64") for name in SHAPES for path in dm.PATHS]
+FOUR += [("shapes", name, path, "float64") for name in ("adamw_softclip", "sgd_agc", "adam_gc")
+         for path in ("loop", "foreach")]
 BF16 = [("fsdp-bf16", "adamw", path, "float32") for path in ("loop", "fused")]  # stochastic rounding of shards
 # torch.distributed.checkpoint: saved on 2 ranks after STEPS steps, loaded on 4 (and on 1), trained on
 CHECKPOINTED = [(name, path) for name in ("adamw", "adafactor", "nadam", "muon") for path in ("loop", "fused")]
@@ -72,11 +84,11 @@ CHECKPOINTED_BF16 = [("adamw", "loop"), ("adamw", "fused"), ("adafactor", "fused
 # (each rank lays blocks over its own shard; rank 1's 8200 numbers need fewer rows of codes than rank 0's
 # 12300 and pad), e's 1 x 4100 held by rank 0 (rank 1's shard empty: rows of padding alone). AdamW and
 # Lion on every path and format between them; Adafactor's low-bit states are its column factors (a's
-# replicated, e's held by rank 0), fused only: its torch paths fail on a 1 x n matrix under FSDP2 with
-# float states too.
+# replicated, e's held by rank 0, as e's one row is), fused and for-loop.
 LOWBIT = [("fsdp-int8", "adamw", path, "float64") for path in dm.PATHS] + [("fsdp-int4", "adamw", "foreach", "float64")]
 LOWBIT += [("fsdp-int4", "lion", "loop", "float64"), ("fsdp-int4", "lion", "fused", "float64"),
-           ("fsdp-int8", "lion", "foreach", "float64"), ("fsdp-int8", "adafactor", "fused", "float64")]
+           ("fsdp-int8", "lion", "foreach", "float64"), ("fsdp-int8", "adafactor", "fused", "float64"),
+           ("fsdp-int8", "adafactor", "loop", "float64")]
 # torch.distributed.checkpoint of int8 states: saved on 2 ranks, loaded on 2 (then trained on), on 4 and on 1
 LOWBIT_SAVE, LOWBIT_LOAD = ("save-int8", "adamw", "loop", "float64"), ("load-int8", "adamw", "loop", "float64")
 
@@ -120,8 +132,8 @@ def test_sharded_training_matches_one_process(results, world, scenario):
     mode, name, path, dtype = scenario
     # SOAP: one process on the ranks' averaged gradient (its eigenbases turn with the last bit of it: dm.AVERAGED)
     expected = dm.one_process(name, path, dm.DTYPES[dtype], dm.HIDDEN.get(mode, 7),
-                              world if mode in ("ddp", "fsdp") else 1)
-    assert not torch.equal(expected[0], dm.net(dm.DTYPES[dtype]).a.weight)  # training moved them
+                              world if mode in ("ddp", "fsdp", "shapes") else 1, mode)
+    assert not torch.equal(expected[0], next(dm.model_of(mode, dm.DTYPES[dtype]).parameters()))  # training moved them
     assert dm.compare(results[world][scenario], expected, dm.DTYPES[dtype]) == ""
 
 
