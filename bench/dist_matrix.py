@@ -41,7 +41,9 @@ MODES = ("ddp", "fsdp", "tp", "shapes")
 HIDDEN = {"tp": 8, "2d": 8}  # the model's hidden width, where not 7: torch's tensor parallelism splits it evenly
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 DTYPES_NAME = {v: k for k, v in DTYPES.items()}
-STATE_DTYPES = {"bf16": torch.bfloat16, "int8": "int8", "int4": "int4"}  # a mode's suffix: the states' state_dtype
+STATE_DTYPES = {"bf16": torch.bfloat16, "int8": "int8", "int4": "int4",  # a mode's suffix: the states' state_dtype
+                "int8s": "int8_stochastic", "int4s": "int4_stochastic"}
+LOWBIT = {"int8", "int4", "int8s", "int4s"}  # the suffixes of low-bit states
 CHECKPOINTS = tempfile.gettempdir()  # where `save` scenarios write and `load` ones read (set before a run)
 STEPS = 3
 TIMEOUT = 300  # seconds a rank waits in a collective (a loaded 2-core machine is slow)
@@ -151,20 +153,88 @@ def train_recorded(model, opt, data, rank=0, world=1):
     return grads
 
 
-def one_process_lowbit(name, path, dtype, state_dtype, grads, world=2):
+def one_process_lowbit(name, path, dtype, state_dtype, grads, world=2, model=None, cuts=None):
     """One process stepping on the gradients `grads` (per step, per parameter: train_recorded's), its
     optimizer given each parameter cut into the pieces FSDP2's Shard(0) gives the ranks
-    (torch.chunk's split) for the specs in ELEMENTWISE, else whole."""
-    params = [p.detach() for p in lowbit_net(dtype).parameters()]
-    cut = name in ELEMENTWISE
-    pieces = [[x.clone().requires_grad_() for x in (torch.chunk(p, world) if cut else [p])] for p in params]
-    opt = make(name, [x for ps in pieces for x in ps], path, state_dtype=state_dtype)
+    (torch.chunk's split) for the specs in ELEMENTWISE, else whole. `model`: the model's parameters
+    (lowbit_net's); `cuts`: per parameter, the splits (axis, parts) that cut it into the ranks' pieces
+    (_boxes; [] whole), in place of Shard(0)'s. Stochastic rounding: the optimizer seeded as the
+    ranks' (seeded)."""
+    params = [p.detach() for p in (model or lowbit_net(dtype)).parameters()]
+    if cuts is None:
+        cuts = [[(0, world)] if name in ELEMENTWISE else [] for _ in params]
+    boxes = [_boxes(p.shape, c) for p, c in zip(params, cuts)]
+    pieces = [[p[box].contiguous().clone().requires_grad_() for box in bs] for p, bs in zip(params, boxes)]
+    opt = seeded(make(name, [x for ps in pieces for x in ps], path, state_dtype=state_dtype))
     for step in grads:
-        for ps, g in zip(pieces, step):
-            for x_, g_ in zip(ps, torch.chunk(g, world) if cut else [g]):
-                x_.grad = g_.clone()
+        for ps, bs, g in zip(pieces, boxes, step):
+            for x_, box in zip(ps, bs):
+                x_.grad = g[box].contiguous().clone()
         opt.step()
-    return [torch.cat([x_.detach() for x_ in ps]) for ps in pieces], opt
+    out = []
+    for p, ps, bs in zip(params, pieces, boxes):
+        whole = p.clone()
+        for x_, box in zip(ps, bs):
+            whole[box] = x_.detach()
+        out.append(whole)
+    return out, opt
+
+
+def _boxes(shape, splits):
+    """The pieces (index tuples) a tensor of `shape` is cut into by the splits (axis, parts) one after
+    the other, each as torch.chunk (DTensor's Shard) cuts: the first parts the larger, the last empty."""
+    boxes = [tuple(slice(0, n) for n in shape)]
+    for axis, parts in splits:
+        cut = []
+        for box in boxes:
+            start, stop = box[axis].start, box[axis].stop
+            chunk = -(-(stop - start) // parts)
+            for k in range(parts):
+                lo, hi = min(start + k * chunk, stop), min(start + (k + 1) * chunk, stop)
+                if hi > lo:
+                    cut.append(box[:axis] + (slice(lo, hi),) + box[axis + 1:])
+        boxes = cut
+    return boxes
+
+
+class WideNet(torch.nn.Module):
+    """The model of the tensor-parallel and stochastic-rounding low-bit scenarios: states of at least
+    4096 numbers whose shards start on a block boundary (int8's 2048 and int4's 256 numbers) at 2 and
+    4 ranks, so a shard's blocks are one process's blocks. `a` (8 x 2048) is split by rows (FSDP2,
+    ColwiseParallel), `b` (2048 x 8) by rows (FSDP2) or columns (RowwiseParallel: a shard of 2048 x 4
+    is 2048 runs of 4 numbers in the whole matrix), or both on a 2-D mesh."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(2048, 8)
+        self.b = torch.nn.Linear(8, 2048)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def wide_batches(dtype):
+    gen = torch.Generator().manual_seed(3)
+    return [(torch.randn(8, 2048, generator=gen).to(dtype) / 30, torch.randn(8, 2048, generator=gen).to(dtype))
+            for _ in range(STEPS)]
+
+
+def wide_net(dtype):
+    torch.manual_seed(0)
+    return WideNet().to(dtype)
+
+
+# WideNet's pieces per mode: the splits (axis, parts) of a.weight, a.bias, b.weight, b.bias that
+# give each rank its shard (tensor parallelism's first, then FSDP2's on the 2-D mesh)
+WIDE_CUTS = {"tp": [[(0, 2)], [(0, 2)], [(1, 2)], []], "2d": [[(0, 2), (0, 2)], [(0, 2), (0, 2)], [(0, 2), (1, 2)], [(0, 2)]]}
+
+
+def seeded(opt):
+    """The optimizer, its own generator seeded where it rounds stochastically (every rank and the
+    reference alike; the generator is otherwise salted with how many were made in the process)."""
+    if any(isinstance(g.get("state_dtype"), str) and g["state_dtype"].endswith("_stochastic") for g in opt.param_groups):
+        opt.manual_seed(7)
+    return opt
 
 
 def optimizer(name):
@@ -252,6 +322,8 @@ def sharded(mode, name, path, dtype, rank, world):
     if mode == "shapes":  # FSDP2 on parameters of length 1 (or shorter than the mesh) along the split axis
         model, mode = model_of("shapes", dtype), "fsdp"
     data = batches(dtype) if low in ("", "bf16") else lowbit_batches(dtype)
+    if low in LOWBIT and (mode in ("tp", "2d") or low.endswith("s")):  # WideNet: shards on block boundaries
+        return wide(mode, name, path, dtype, rank, world, kwargs)
     if mode == "ddp":
         wrapped = DistributedDataParallel(model)
         train(wrapped, make(name, wrapped.parameters(), path, **kwargs), batches(dtype), rank, world)
@@ -281,7 +353,7 @@ def sharded(mode, name, path, dtype, rank, world):
     assert all(type(p).__name__ == "DTensor" for p in model.parameters())
     if mode in ("save", "load"):  # torch.distributed.checkpoint: saved by some ranks, loaded by others
         opt = make(name, model.parameters(), path, **kwargs)
-        step = train_recorded if low in ("int8", "int4") else train
+        step = train_recorded if low in LOWBIT else train
         grads = step(model, opt, data, rank, world) if mode == "save" else None
         where = f"{name}-{path}-{DTYPES_NAME[dtype]}" + (f"-{low}" if low else "")
         checkpoint(model, opt, os.path.join(CHECKPOINTS, where), save=mode == "save")
@@ -289,7 +361,7 @@ def sharded(mode, name, path, dtype, rank, world):
         if mode == "load":
             grads = step(model, opt, data, rank, world)
         params = [p.full_tensor().detach().clone() for p in model.parameters()]
-        if low not in ("int8", "int4"):
+        if low not in LOWBIT:
             return params, states
         if mode == "save":
             return params, states, grads
@@ -314,7 +386,7 @@ def sharded(mode, name, path, dtype, rank, world):
                 calls[key] = calls.get(key, 0) + n / STEPS
         return [p.full_tensor().detach().clone() for p in model.parameters()], calls
     opt = make(name, model.parameters(), path, **kwargs)
-    if low in ("int8", "int4"):  # the gradients stepped on, the states, the bytes each rank's states take
+    if low in LOWBIT:  # the gradients stepped on, the states, the bytes each rank's states take
         grads = train_recorded(model, opt, data, rank, world)
         mine = {(i, k): (v.to_local() if hasattr(v, "to_local") else v).nbytes
                 for i, p in enumerate(model.parameters()) for k, v in opt.state[p].items() if torch.is_tensor(v)}
@@ -324,6 +396,49 @@ def sharded(mode, name, path, dtype, rank, world):
                 {key: [r[key] for r in every] for key in mine})
     train(model, opt, data, rank, world)
     return [p.full_tensor().detach().clone() for p in model.parameters()]
+
+
+def wide(mode, name, path, dtype, rank, world, kwargs):
+    """Low-bit states of WideNet under FSDP2 (`fsdp`), tensor parallelism (`tp`: a ColwiseParallel, b
+    RowwiseParallel, every rank the whole batch) or both on a 2-D mesh (`2d`, 4 ranks): the
+    parameters, the states (whole) and the gradients stepped on (whole, per step)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    model, data, dp, dps = wide_net(dtype), wide_batches(dtype), rank, world
+    if mode == "fsdp":
+        for module in (model.a, model.b, model):
+            fully_shard(module)
+    else:
+        mesh = init_device_mesh("cpu", (world,) if mode == "tp" else (world // 2, 2), mesh_dim_names=None if mode == "tp"
+                                else ("dp", "tp"))
+        parallelize_module(model, mesh if mode == "tp" else mesh["tp"], {"a": ColwiseParallel(), "b": RowwiseParallel()})
+        dp, dps = (0, 1) if mode == "tp" else (mesh["dp"].get_local_rank(), world // 2)
+        if mode == "2d":
+            for module in (model.a, model.b, model):
+                fully_shard(module, mesh=mesh["dp"])
+    opt = seeded(make(name, model.parameters(), path, **kwargs))
+    grads = train_recorded(model, opt, data, dp, dps)
+    return ([p.full_tensor().detach().clone() for p in model.parameters()], whole_states(model, opt), grads,
+            {(i, k): [tuple(v.placements), tuple(v.shape)] for i, p in enumerate(model.parameters())
+             for k, v in opt.state[p].items() if hasattr(v, "placements")}, places(name, model))
+
+
+def places(name, model):
+    """Per parameter, whether the places of its shard's numbers in the whole tensor, as the stochastic
+    rounding counts them (the torch paths' _global_index, the kernels' _place over _place_table's
+    row), are where DTensor puts them (distribute_tensor of 0 .. numel - 1, each rank its part)."""
+    from torch.distributed.tensor import distribute_tensor
+    module = importlib.import_module(f"generated.{name}")
+    out = []
+    for p in model.parameters():
+        where = distribute_tensor(torch.arange(p.numel()).view(p.shape), p.device_mesh, p.placements,
+                                  src_data_rank=None).to_local().reshape(-1)
+        base, l1, l2, s0, s1, s2 = module._place_table([p.to_local()], [p], p.device)[0].tolist()
+        k = torch.arange(where.numel())
+        kernel = base + k // (l1 * l2) * s0 + k // l2 % l1 * s1 + k % l2 * s2
+        out.append(torch.equal(module._global_index(p), where) and torch.equal(kernel, where))
+    return out
 
 
 def whole_states(model, opt):

@@ -41,7 +41,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 
 # The launcher's arguments by name (see optdsl/templates/triton_fused.py.j2), as Triton types.
 _FIXED = {"numels": "*i64", "block_tensor": "*i32", "block_start": "*i64", "hypers": "*fp64",
-          "seed": "i32", "shapes": "*fp64", "unit_rows": "*i64", "geometry": "*i64"}
+          "seed": "i32", "shapes": "*fp64", "unit_rows": "*i64", "geometry": "*i64", "place_table": "*i64"}
 CONFIGS = {  # name: (P_TYPE, S_TYPE, STOCHASTIC, low-bit format or None)
     "fp32": (tl.float32, tl.float32, False, None),
     "bf16 params": (tl.bfloat16, tl.float32, False, None),
@@ -63,7 +63,7 @@ def signature(kernel, p_type, s_type, stochastic, aligned, block, amp=False, bit
             constexprs[(index,)] = dict(P_TYPE=p_type, S_TYPE=s_type, F_TYPE=tl.uint8 if bits else s_type,
                                         C_TYPE=tl.float32, T_TYPE=tl.float32, STOCHASTIC=stochastic,
                                         ALIGNED=aligned, BLOCK=block, BITS=bits, QBLOCK=qblock or block,
-                                        Q_STOCHASTIC=False, SCALED=amp, CHECK_INF=amp)[name]
+                                        Q_STOCHASTIC=False, PLACED=False, SCALED=amp, CHECK_INF=amp)[name]
         elif name in _FIXED:
             types[name] = _FIXED[name]
         elif name.endswith("_ptrs"):

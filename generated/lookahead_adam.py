@@ -43,17 +43,20 @@ def _store_rounded(stored, value, generator=None):
     """Write `value` into the bfloat16 tensor `stored`, rounded stochastically: up with probability
     (value - below) / spacing, so the rounding is unbiased and updates smaller than bfloat16's
     spacing still add up over steps (round-to-nearest would drop them). The random bits come from
-    `generator` (the optimizer's own: a key per write, expanded on the tensor's device), else from
-    torch's global generator (the functional called alone, or compiled)."""
+    `generator` (the optimizer's own: a key per write, hashed with each number's place in the whole
+    tensor, so each shard of a DTensor draws what one process draws for its numbers: _uniform),
+    else from torch's global generator (the functional called alone, or compiled)."""
+    index = None
     if generator is not None and hasattr(stored, "to_local"):  # a DTensor: each rank rounds its shard
+        index = _global_index(stored)
         stored, value = stored.to_local(), value.to_local()
     bits = value.float().view(torch.int32)
     if generator is None:
         noise = torch.randint_like(bits, 0, 1 << 16)  # uniform over the 16 bits bfloat16 drops
     else:
-        key = int(torch.randint(0, 2**62, (), generator=generator))
-        local = torch.Generator(device=bits.device).manual_seed(key)
-        noise = torch.randint(0, 1 << 16, bits.shape, generator=local, dtype=torch.int32, device=bits.device)
+        key = _hash32(int(torch.randint(0, 2**32, (), generator=generator)))
+        index = torch.arange(bits.numel(), device=bits.device) if index is None else index
+        noise = (_hash32((index & 0xFFFFFFFF) ^ key) & 0xFFFF).to(torch.int32).view(bits.shape)
     stored.copy_(((bits + noise) & -65536).view(torch.float32))  # exact in bfloat16 now
 
 
@@ -576,27 +579,78 @@ def _stochastic(state_dtype):
 def _quantised(x, fmt, signed, generator=None, stochastic=False):
     """`x` as stored in format `fmt` (None: x itself): a uint8 tensor of rows of codes and scale.
     Nearest level by default; `stochastic` rounds up with probability (x - below) / (above - below)
-    (unbiased), drawing from `generator` (a key per write, expanded on x's device). A DTensor state
-    (FSDP2) is quantised shard by shard: _sharded_codes."""
+    (unbiased), drawing from `generator` (a key per write: _key). A DTensor state (FSDP2, tensor
+    parallel) is quantised shard by shard: _sharded_codes."""
     if fmt is None or x.numel() < _MIN_NUMEL or x.is_complex():  # complex states stay as they are
         return x
     if _is_sharded(x):
-        return _sharded_codes(x, fmt, signed, generator, stochastic)
-    return _codes(x, fmt, signed, _draws(generator, x.device, stochastic), stochastic)
+        return _sharded_codes(x, fmt, signed, _key(generator, stochastic))
+    return _codes(x, fmt, signed, _key(generator, stochastic))
 
 
-def _draws(generator, device, stochastic, salt=0):
-    """The generator one write's stochastic rounding draws from: a key drawn from `generator` (the
-    optimizer's, so a resumed run draws alike), salted (each shard its own noise), on `device`."""
-    if not stochastic or generator is None:
+def _key(generator, stochastic):
+    """The key of one write's stochastic rounding (None: to the nearest level), drawn from `generator`
+    (the optimizer's, so a resumed run draws alike; torch's when the functional is called alone).
+    Every rank of a sharded run draws the same key: the draws differ by the numbers' places (_uniform)."""
+    if not stochastic:
         return None
-    key = int(torch.randint(0, 2**62, (), generator=generator))
-    return torch.Generator(device=device).manual_seed((key + 0x9E3779B97F4A7C15 * salt) % 2**63)
+    return int(torch.randint(0, 2**32, (), generator=generator))
 
 
-def _codes(x, fmt, signed, local=None, stochastic=False):
+def _mul32(h, c):
+    """(h * c) mod 2^32 for 32-bit h (int64 tensor) and c, in int64 without overflow: c's 16-bit halves."""
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def _hash32(h):
+    """The fused kernels' _mix32 (Wellons' lowbias32) on an int64 tensor (or int) of 32-bit values."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = _mul32(h, 0x846CA68B)
+    return h ^ (h >> 16)
+
+
+def _uniform(key, index):
+    """One number in [0, 1) (24 random bits) per element of `index` (int64: each number's place in its
+    whole tensor), a counter-based hash of (key, place): a number draws the same whichever rank holds
+    it and however the tensor is split, so a shard's draws are one process's for the same numbers
+    (never another shard's: the place, not the offset in the shard, is the counter)."""
+    return (_hash32((index & 0xFFFFFFFF) ^ _hash32(key & 0xFFFFFFFF)) >> 8).to(torch.float32) * 2.0 ** -24
+
+
+def _global_index(x):
+    """The place of each number of x in its whole tensor (int64, flat, x's order): 0 .. numel - 1 for a
+    plain tensor; for a DTensor, its local shard's (_places)."""
+    if not _is_sharded(x):
+        return torch.arange(x.numel(), device=x.device)
+    return _places(tuple(x.shape), x.device_mesh, x.placements, x.device)
+
+
+def _state_index(p, shape):
+    """_global_index of this rank's part of a state of (whole) `shape` of the parameter p, split as
+    _new_zeros splits it; None for a plain p (the state is whole)."""
+    if not _is_sharded(p):
+        return None
+    shape = tuple(shape)
+    return _places(shape, p.device_mesh, _state_placements(p, shape), p.device)
+
+
+def _places(shape, mesh, placements, device):
+    """The places in a whole tensor of `shape` of this rank's shard of it, placed so on `mesh`: the box
+    torch.distributed.checkpoint reads a shard as (its offset along each axis plus the local index),
+    through the whole tensor's strides; flat, in the shard's order."""
+    local, offset = torch.distributed.tensor._utils.compute_local_shape_and_global_offset(shape, mesh, placements)
+    index = torch.zeros((), dtype=torch.int64, device=device)
+    for axis, stride in enumerate(torch.empty(shape, device="meta").stride()):
+        index = index.unsqueeze(-1) + (torch.arange(local[axis], device=device) + offset[axis]) * stride
+    return index.reshape(-1)
+
+
+def _codes(x, fmt, signed, key=None, index=None):
     """The rows (codes, then the scale's 4 bytes) of a plain tensor x, blocks laid from its first
-    number on; `local`: the generator stochastic rounding draws from (None: torch's)."""
+    number on. `key`: round stochastically, each number drawing _uniform(key, its place); `index`: the
+    places of x's numbers in their whole tensor (a shard's: _global_index; None: x is whole)."""
     bits, block = _LOWBIT[fmt]
     flat = x.detach().reshape(-1).float()
     pad = -flat.numel() % block
@@ -604,13 +658,14 @@ def _codes(x, fmt, signed, local=None, stochastic=False):
     scale = blocks.abs().amax(dim=1, keepdim=True)
     normed = blocks / torch.where(scale > 0, scale, 1.0)
     levels, mids = _levels(fmt, signed, x.device)
-    if not stochastic:
+    if key is None:
         codes = torch.searchsorted(mids, normed.contiguous())
     else:
         clamped = normed.clamp(levels[0], levels[-1]).contiguous()
         below = (torch.searchsorted(levels, clamped, right=True) - 1).clamp(0, levels.numel() - 2)
         lo, hi = levels[below], levels[below + 1]
-        draw = torch.rand_like(clamped) if local is None else torch.rand(clamped.shape, generator=local, device=x.device)
+        index = torch.arange(flat.numel(), device=x.device) if index is None else index.reshape(-1)
+        draw = _uniform(key, torch.nn.functional.pad(index, (0, pad)).view(-1, block))
         codes = below + (draw * (hi - lo) < clamped - lo)
     codes = codes.to(torch.uint8)
     if bits == 4:
@@ -618,76 +673,81 @@ def _codes(x, fmt, signed, local=None, stochastic=False):
     return torch.cat([codes, scale.view(torch.uint8)], dim=1)
 
 
-def _shard_rows(shape, axis, shards, fmt):
-    """Rows of codes each shard of a state of `shape` split along `axis` into `shards` keeps: as
-    many as the largest shard (torch.chunk's split, as DTensor's Shard: the first) needs, so every
-    rank holds alike and the stored DTensor splits evenly; a shorter or empty shard's last rows
-    stay zero (scale 0)."""
-    chunk = -(-shape[axis] // shards) if shape else 0
-    return -(-(chunk * math.prod(shape) // max(shape[axis], 1)) // _LOWBIT[fmt][1])
+_SHARD_ROWS = {}  # (shape, mesh shape, placements, format) -> rows
 
 
-def _sharded_layout(x):
-    """How a DTensor state is quantised: None when replicated (every rank quantises the whole
-    state, alike), else the axis its 1-D mesh splits. Only FSDP2's layout (a 1-D mesh, one axis
-    split) and replicated states on it so far."""
-    mesh = x.device_mesh
-    split = [pl for pl in x.placements if _splits(pl)]
-    if mesh.ndim != 1 or any(type(pl) is not _Shard for pl in split):
-        raise NotImplementedError(
-            f"int8/int4 states of a DTensor parameter placed {tuple(x.placements)} on a {mesh.ndim}-D mesh are not "
-            "supported yet (only FSDP2's fully_shard on a 1-D mesh: one axis split); use state_dtype=None or "
-            "torch.bfloat16 with tensor parallelism and 2-D meshes")
-    return split[0].dim % x.dim() if split else None
+def _shard_rows(shape, mesh_shape, placements, fmt):
+    """Rows of codes every rank keeps of a state of `shape` placed so on a mesh of `mesh_shape`: as
+    many as the largest shard needs (over every mesh coordinate, torch.chunk's uneven splits
+    included), so every rank holds alike and the stored DTensor splits evenly; a smaller or empty
+    shard's last rows stay zero (scale 0)."""
+    key = (shape, mesh_shape, placements, fmt)
+    if key not in _SHARD_ROWS:
+        most = 0
+        for k in range(math.prod(mesh_shape)):
+            coordinate = [k // math.prod(mesh_shape[m + 1:]) % n for m, n in enumerate(mesh_shape)]
+            local, _ = torch.distributed.tensor._utils._compute_local_shape_and_global_offset(
+                shape, mesh_shape, coordinate, placements, skip_offset=True)
+            most = max(most, math.prod(local))
+        _SHARD_ROWS[key] = -(-most // _LOWBIT[fmt][1])
+    return _SHARD_ROWS[key]
 
 
-def _sharded_codes(x, fmt, signed, generator=None, stochastic=False):
+def _split_dims(x):
+    """The mesh dimensions that split the DTensor x (a placement with an axis: Shard, _StridedShard)."""
+    return [m for m, pl in enumerate(x.placements) if _splits(pl)]
+
+
+def _stored_placements(mesh, split):
+    """The placements of a stored low-bit state whose blocks were laid over the shards of the mesh
+    dimensions `split`: its k-th axis split by the k-th of them, replicated over the others."""
+    return [_Shard(split.index(m)) if m in split else _Replicate() for m in range(mesh.ndim)]
+
+
+def _sharded_codes(x, fmt, signed, key=None):
     """A DTensor state quantised shard by shard (blocks never straddle a shard boundary): each rank
-    lays blocks over its local shard from its first number. Stored as a uint8 DTensor of shape
-    (shards, rows, width) split along its first axis, one (1, rows, width) part per rank (rows:
-    _shard_rows); the first axis says over how many shards the blocks were laid, so
-    torch.distributed.checkpoint refuses (size mismatch) to load them at another world size, where
-    the blocks would be other ones. A replicated state (Adafactor's column factor of a row-sharded
-    matrix) is stored replicated: (blocks, width), quantised alike on every rank."""
+    lays blocks over its local shard from its first number, whatever the placements (FSDP2's rows,
+    tensor parallelism's rows or columns, both on a 2-D mesh). Stored as a uint8 DTensor of shape
+    (*shards, rows, width), one axis per mesh dimension that splits x (its size: that dimension's),
+    split along it, replicated over the mesh dimensions that do not: each rank holds one (1, .., 1,
+    rows, width) part (rows: _shard_rows). Those first axes say over how many shards the blocks were
+    laid, so torch.distributed.checkpoint refuses (size mismatch) to load them at another world size,
+    where the blocks would be other ones. A state no mesh dimension splits (Adafactor's column factor
+    of a row-sharded matrix, a replicated bias) is stored (blocks, width) replicated, quantised alike
+    on every rank. Stochastic rounding draws by each number's place in the whole state (_uniform), so
+    replicas stay equal and a shard draws what one process draws for its numbers."""
     if any(pl.is_partial() for pl in x.placements):
         x = x.redistribute(x.device_mesh, [_Replicate() if pl.is_partial() else pl for pl in x.placements])
-    mesh, axis = x.device_mesh, _sharded_layout(x)
-    if axis is None:  # the same key on every rank: the replicas stay equal
-        local = _codes(x.to_local(), fmt, signed, _draws(generator, x.device, stochastic), stochastic)
-        return _DTensor.from_local(local, mesh, [_Replicate()], run_check=False)
-    me, size = mesh.get_local_rank(), mesh.size()
-    codes = _codes(x.to_local(), fmt, signed, _draws(generator, x.device, stochastic, 1 + me), stochastic)
-    rows = _shard_rows(x.shape, axis, size, fmt)
-    part = codes.new_zeros((1, rows, codes.shape[1]))
-    part[0, :codes.shape[0]] = codes
-    shape = (size, rows, codes.shape[1])
-    return _DTensor.from_local(part, mesh, [_Shard(0)], run_check=False, shape=shape,
-                               stride=(rows * shape[2], shape[2], 1))
+    mesh, split = x.device_mesh, _split_dims(x)
+    codes = _codes(x.to_local(), fmt, signed, key, None if key is None or not split else _global_index(x))
+    if not split:
+        return _DTensor.from_local(codes, mesh, [_Replicate()] * mesh.ndim, run_check=False)
+    rows = _shard_rows(tuple(x.shape), tuple(mesh.shape), tuple(x.placements), fmt)
+    part = codes.new_zeros((1,) * len(split) + (rows, codes.shape[1]))
+    part.view(rows, -1)[:codes.shape[0]] = codes
+    shape = tuple(mesh.size(m) for m in split) + (rows, codes.shape[1])
+    return _DTensor.from_local(part, mesh, _stored_placements(mesh, split), run_check=False, shape=shape,
+                               stride=torch.empty(shape, device="meta").stride())
 
 
 def _stored_rows(p, shape, fmt):
     """The shape, less its width, of the uint8 state of `shape` of p in format `fmt`: (blocks,) for a
-    plain or replicated state, (shards, rows) for one split over a DTensor's 1-D mesh."""
+    plain or replicated state, (*shards, rows) for one split over a DTensor's mesh (_sharded_codes)."""
     shape = tuple(shape)
-    if _is_sharded(p) and p.device_mesh.ndim == 1:
-        split = [pl for pl in _state_placements(p, shape) if _splits(pl)]
+    if _is_sharded(p):
+        placements = tuple(_state_placements(p, shape))
+        split = [m for m, pl in enumerate(placements) if _splits(pl)]
         if split:
-            size = p.device_mesh.size()
-            return (size, _shard_rows(shape, split[0].dim % len(shape), size, fmt))
+            mesh = p.device_mesh
+            return tuple(mesh.size(m) for m in split) + (_shard_rows(shape, tuple(mesh.shape), placements, fmt),)
     return (-(-math.prod(shape) // _LOWBIT[fmt][1]),)
 
 
 def _local_shape(p, shape):
     """The shape of this rank's part of a state of (whole) `shape` of the DTensor parameter p, split
     as _new_zeros splits it, and its placements."""
-    shape = tuple(shape)
-    placements = _state_placements(p, shape)
-    local = list(shape)
-    for m, pl in enumerate(placements):
-        if _splits(pl):
-            axis, size, me = pl.dim % len(shape), p.device_mesh.size(m), p.device_mesh.get_local_rank(m)
-            chunk = -(-shape[axis] // size)
-            local[axis] = max(0, min(chunk, shape[axis] - me * chunk))
+    placements = _state_placements(p, tuple(shape))
+    local, _ = torch.distributed.tensor._utils.compute_local_shape_and_global_offset(tuple(shape), p.device_mesh, placements)
     return tuple(local), placements
 
 
@@ -721,37 +781,42 @@ def _read_state(stored, p, signed, shape):
     return stored.to(p.dtype)
 
 
-def _store_codes(stored, value, signed, generator=None, stochastic=False):
+def _store_codes(stored, value, signed, generator=None, stochastic=False, index=None):
     """Requantise `value` into the uint8 state `stored`: a plain one (or a shard's part, which the
-    fused path hands over: its numbers in the first rows), or a DTensor, each rank its shard."""
+    fused path hands over: its numbers in the first rows, `index` their places in the whole state:
+    _state_index), or a DTensor, each rank its shard."""
     fmt = _WIDTHS[stored.shape[-1]]
+    key = _key(generator, stochastic)
     if not _is_sharded(stored):
         local = value.to_local() if _is_sharded(value) else value
-        codes = _codes(local, fmt, signed, _draws(generator, stored.device, stochastic), stochastic)
+        if key is not None and _is_sharded(value):
+            index = _global_index(value)
+        codes = _codes(local, fmt, signed, key, index)
         stored.view(-1, stored.shape[-1])[:codes.shape[0]].copy_(codes)
         return
     if not _is_sharded(value):
         raise RuntimeError("a sharded int8/int4 state was given a whole (plain) value to store")
     if any(pl.is_partial() for pl in value.placements):
         value = value.redistribute(value.device_mesh, [_Replicate() if pl.is_partial() else pl for pl in value.placements])
-    if stored.placements[0].is_replicate():
-        local = value.full_tensor() if any(map(_splits, value.placements)) else value.to_local()
-        salt = 0
-    elif _sharded_layout(value) is None:
-        raise RuntimeError("a row-sharded int8/int4 state was given a replicated value to store")
+    if all(pl.is_replicate() for pl in stored.placements):
+        local = value.full_tensor() if _split_dims(value) else value.to_local()
+        index = None
+    elif not _split_dims(value):
+        raise RuntimeError("a split int8/int4 state was given a replicated value to store")
     else:
-        local, salt = value.to_local(), 1 + stored.device_mesh.get_local_rank()
-    codes = _codes(local, fmt, signed, _draws(generator, stored.device, stochastic, salt), stochastic)
+        local, index = value.to_local(), _global_index(value) if key is not None else None
+    codes = _codes(local, fmt, signed, key, index)
     stored.to_local().view(-1, stored.shape[-1])[:codes.shape[0]].copy_(codes)
 
 
-def _write_state(stored, value, signed, generator=None, stochastic=False):
+def _write_state(stored, value, signed, generator=None, stochastic=False, index=None):
     """Write the updated `value` back into the state `stored`: requantised (low bit), rounded
-    stochastically (bfloat16), or copied; nothing when the update worked on `stored` itself."""
+    stochastically (bfloat16), or copied; nothing when the update worked on `stored` itself.
+    `index`: where a shard's part is given as plain tensors, its numbers' places in the whole state."""
     if value is stored:
         return
     if stored.dtype == torch.uint8:
-        _store_codes(stored, value, signed, generator, stochastic)
+        _store_codes(stored, value, signed, generator, stochastic, index)
     elif stored.dtype == torch.bfloat16:
         _store_rounded(stored, value, generator)
     else:
@@ -1367,6 +1432,18 @@ if triton is not None:
             return _round_to(x, TYPE)
 
     @triton.jit
+    def _place(table, i, offsets):
+        """Each number's place in its whole tensor (a shard's local offset k, as _place_table lays
+        it out: base + (k // (L1 * L2)) * S0 + (k // L2 % L1) * S1 + (k % L2) * S2), so a number
+        draws the same stochastic rounding whichever rank holds it (k itself for a whole tensor)."""
+        base = tl.load(table + i * 6)
+        l1 = tl.load(table + i * 6 + 1)
+        l2 = tl.load(table + i * 6 + 2)
+        k = offsets.to(tl.int64)
+        return (base + k // (l1 * l2) * tl.load(table + i * 6 + 3) + k // l2 % l1 * tl.load(table + i * 6 + 4)
+                + k % l2 * tl.load(table + i * 6 + 5))
+
+    @triton.jit
     def _lowbit_load(ptr, start, n, maps, BITS: tl.constexpr, QBLOCK: tl.constexpr, BLOCK: tl.constexpr):
         """A low-bit state's numbers start .. start + BLOCK (lowbit.py.j2's _dequantised in registers):
         rows of QBLOCK codes (int4: two to a byte, the first in the low half) and then the block's
@@ -1479,6 +1556,7 @@ if triton is not None:
         grad_scale,  # GradScaler's scale (0-dim, read when SCALED): g is divided by it, as torch's fused kernels do
         found_inf,  # GradScaler's inf/nan flag (0-dim, read when CHECK_INF): nonzero, the step changes nothing
         lowbit_maps,  # float32: the unsigned then the signed code's levels, midpoints and search tables (read when BITS)
+        place_table,  # int64 [tensors, 6]: where a shard's numbers lie in the whole tensor (read when PLACED)
         P_TYPE: tl.constexpr,  # parameter dtype
         S_TYPE: tl.constexpr,  # state dtype
         F_TYPE: tl.constexpr,  # dtype of the float states shaped like p: S_TYPE, or uint8 (low-bit codes)
@@ -1488,6 +1566,7 @@ if triton is not None:
         BITS: tl.constexpr,  # low-bit states shaped like p: bits per code (8, 4), or 0
         QBLOCK: tl.constexpr,  # low-bit states: numbers per scale (BLOCK holds whole blocks)
         Q_STOCHASTIC: tl.constexpr,  # low-bit states: stochastic rounding on write
+        PLACED: tl.constexpr,  # DTensor shards rounded stochastically: counters by place in the whole tensor
         SCALED: tl.constexpr,  # a GradScaler's scale is given
         CHECK_INF: tl.constexpr,  # a GradScaler's found_inf is given
         ALIGNED: tl.constexpr,  # p, g and the states shaped like p start on 16 bytes
@@ -1507,6 +1586,10 @@ if triton is not None:
         else:
             whole = False
         n = tl.load(numels + i * 2 + 1).to(C_TYPE)  # the whole tensor's, which means divide by
+        if PLACED:  # the stochastic rounding's counters: each number's place in its whole tensor (a shard's)
+            places = _place(place_table, i, offsets)
+        else:
+            places = offsets
         p_ptr = _pointer(p_ptrs, i, P_TYPE, ALIGNED)
         g_ptr = _pointer(g_ptrs, i, P_TYPE, ALIGNED)
         m_ptr = _pointer(m_ptrs, i, F_TYPE, ALIGNED)
@@ -1557,22 +1640,22 @@ if triton is not None:
         _store(p_ptr, offsets, _round_to(tl.where(c0 != 0, x4, x3), P_TYPE), mask, whole)
         if BITS:  # requantised here
             _lowbit_store(m_ptr, start, here, x2, lowbit_maps + ((2 << BITS) + 4 * _KEYS), seed + i,
-                          offsets * 3 + 0, BITS, QBLOCK, BLOCK, Q_STOCHASTIC)
+                          places * 3 + 0, BITS, QBLOCK, BLOCK, Q_STOCHASTIC)
         else:
             _store(m_ptr, offsets, _to_state(x2, S_TYPE, STOCHASTIC, seed + i,
-                                                     offsets * 3 + 0), mask, whole)
+                                                     places * 3 + 0), mask, whole)
         if BITS:  # requantised here
             _lowbit_store(v_ptr, start, here, x1, lowbit_maps, seed + i,
-                          offsets * 3 + 1, BITS, QBLOCK, BLOCK, Q_STOCHASTIC)
+                          places * 3 + 1, BITS, QBLOCK, BLOCK, Q_STOCHASTIC)
         else:
             _store(v_ptr, offsets, _to_state(x1, S_TYPE, STOCHASTIC, seed + i,
-                                                     offsets * 3 + 1), mask, whole)
+                                                     places * 3 + 1), mask, whole)
         if BITS:  # requantised here
             _lowbit_store(slow_ptr, start, here, tl.where(c0 != 0, x4, slow), lowbit_maps + ((2 << BITS) + 4 * _KEYS), seed + i,
-                          offsets * 3 + 2, BITS, QBLOCK, BLOCK, Q_STOCHASTIC)
+                          places * 3 + 2, BITS, QBLOCK, BLOCK, Q_STOCHASTIC)
         else:
             _store(slow_ptr, offsets, _to_state(tl.where(c0 != 0, x4, slow), S_TYPE, STOCHASTIC, seed + i,
-                                                     offsets * 3 + 2), mask, whole)
+                                                     places * 3 + 2), mask, whole)
 
 
 _TRITON_TYPES = {}
@@ -1665,6 +1748,40 @@ def _count_table(bounds, strict):
     if int((top - table).max()) > 1:
         raise RuntimeError("a low-bit map's bounds are too close for _lowbit_count's intervals")
     return table.to(torch.float32)  # counts, exact in float32 (below 2^24)
+
+
+def _place_table(p, whole, device):
+    """Per tensor, where the numbers of its local part lie in the whole tensor, for the kernels'
+    _place: (base, L1, L2, S0, S1, S2). A DTensor's shard is a box of the whole (its offset along each
+    axis, as torch.distributed.checkpoint reads it); its axes merged where they run on contiguously,
+    at most three remain (any shard of a 2-D mesh's placements). A plain tensor: its own offsets."""
+    key = (device, "places", tuple((tuple(w.shape), tuple(w.placements), tuple(w.device_mesh.get_coordinate() or ()))
+                                   if _is_sharded(w) else x.numel() for x, w in zip(p, whole)))
+    if key not in _BLOCK_MAPS:
+        rows = []
+        for x, w in zip(p, whole):
+            if not _is_sharded(w):
+                rows.append([0, 1, 1, 1, 0, 0])
+                continue
+            local, offset = torch.distributed.tensor._utils.compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
+            strides = torch.empty(tuple(w.shape), device="meta").stride()
+            base, axes = sum(o * st for o, st in zip(offset, strides)), []  # axes: [length, stride in the whole]
+            for n, st in zip(local, strides):
+                if n == 1:
+                    continue
+                if axes and axes[-1][1] == n * st:  # runs on from the axis before: one axis
+                    axes[-1] = [axes[-1][0] * n, st]
+                else:
+                    axes.append([n, st])
+            if len(axes) > 3:
+                raise NotImplementedError(
+                    f"fused=True with stochastic rounding: a shard of shape {tuple(local)} of a parameter of shape "
+                    f"{tuple(w.shape)} placed {tuple(w.placements)} lies in more than three runs of the whole tensor; "
+                    "use foreach=True (the torch paths place any shard)")
+            axes = [[1, 0]] * (3 - len(axes)) + axes
+            rows.append([base, axes[1][0], axes[2][0], axes[0][1], axes[1][1], axes[2][1]])
+        _BLOCK_MAPS[key] = _upload(torch.tensor(rows, dtype=torch.int64).reshape(-1, 6), device)
+    return _BLOCK_MAPS[key]
 
 
 def _lowbit_maps(fmt, device):
@@ -1763,10 +1880,14 @@ def _fused_lookaheadadam(params, grads, m_list, v_list, slow_list, state_steps, 
         rounding = state_type == torch.bfloat16  # states are bfloat16 only with state_dtype
         # the optimizer's own generator (torch's when the functional is called alone)
         seed = int(torch.randint(0, 2**31 - 1, (), generator=generator)) if rounding or width and stochastic else 0
-        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t, maps]
+        # where each shard's numbers lie in its whole tensor, the counters of stochastic rounding
+        placed = shards is not None and bool(rounding or width and stochastic)
+        places = _place_table(p, whole, device) if placed else found_t
+        args = [*pointers, numels, block_tensor, block_start, _hyper_table(hyper_values, device), seed, scale_t, found_t, maps,
+                places]
         types = dict(P_TYPE=_triton_type(dtype), S_TYPE=_triton_type(state_type), STOCHASTIC=rounding,
                      F_TYPE=tl.uint8 if width else _triton_type(state_type), BITS=bits, QBLOCK=qblock,
-                     Q_STOCHASTIC=bool(width and stochastic), SCALED=grad_scale is not None, CHECK_INF=found_inf is not None,
+                     Q_STOCHASTIC=bool(width and stochastic), PLACED=placed, SCALED=grad_scale is not None, CHECK_INF=found_inf is not None,
                      C_TYPE=_triton_type(compute), T_TYPE=_triton_type(device_steps[0].dtype), BLOCK=block,
                      ALIGNED=all(aligned[k] for k in (0, 1, 2, 3, 4)),
                      num_warps=_NUM_WARPS * block // _BLOCK)

@@ -89,6 +89,13 @@ LOWBIT = [("fsdp-int8", "adamw", path, "float64") for path in dm.PATHS] + [("fsd
 LOWBIT += [("fsdp-int4", "lion", "loop", "float64"), ("fsdp-int4", "lion", "fused", "float64"),
            ("fsdp-int8", "lion", "foreach", "float64"), ("fsdp-int8", "adafactor", "fused", "float64"),
            ("fsdp-int8", "adafactor", "loop", "float64")]
+# Stochastic rounding of low-bit states under FSDP2 on dm.WideNet, whose shards start on block boundaries:
+# each number draws by its place in the whole state, so the ranks draw what one process draws
+STOCHASTIC = [("fsdp-int8s", "adamw", path, "float64") for path in dm.PATHS] + [("fsdp-int4s", "lion", "fused", "float64")]
+# Low-bit states under tensor parallelism (dm.WideNet: a ColwiseParallel, b RowwiseParallel, Shard(1)) at
+# 2 ranks, and FSDP2 over it on a 2 x 2 mesh at 4
+TP_LOWBIT = [("tp-int8", "adamw", path, "float64") for path in dm.PATHS] + [("tp-int4", "lion", "fused", "float64")]
+TWO_D_LOWBIT = [("2d-int8", "adamw", path, "float64") for path in ("loop", "fused")]
 # torch.distributed.checkpoint of int8 states: saved on 2 ranks, loaded on 2 (then trained on), on 4 and on 1
 LOWBIT_SAVE, LOWBIT_LOAD = ("save-int8", "adamw", "loop", "float64"), ("load-int8", "adamw", "loop", "float64")
 
@@ -102,9 +109,10 @@ def results():
         out = {2: dm.run(ALL + BF16 + [("save", n, p, "float64") for n, p in CHECKPOINTED]
                          + [("count", n, p, "float64") for n in [*COUNTED, "shampoo"] for p in dm.PATHS]
                          + [("save-bf16", n, p, "float32") for n, p in CHECKPOINTED_BF16]
-                         + LOWBIT + [LOWBIT_SAVE, LOWBIT_LOAD], 2),
+                         + LOWBIT + [LOWBIT_SAVE, LOWBIT_LOAD] + STOCHASTIC + TP_LOWBIT, 2),
                4: dm.run(FOUR + [("load", n, p, "float64") for n, p in CHECKPOINTED]
-                         + [("load-bf16", n, p, "float32") for n, p in CHECKPOINTED_BF16] + [LOWBIT_LOAD], 4)}
+                         + [("load-bf16", n, p, "float32") for n, p in CHECKPOINTED_BF16] + [LOWBIT_LOAD]
+                         + TWO_D_LOWBIT, 4)}
         out[1] = {(n, p): dm.resumed(n, p, torch.float64) for n, p in CHECKPOINTED}
         try:
             out[1][LOWBIT_LOAD] = dm.resumed("adamw", "loop", torch.float64, "int8")
@@ -155,7 +163,7 @@ def test_shard_norm_would_differ():
 
 @pytest.mark.parametrize("path", ["loop", "fused"])
 def test_sharded_bfloat16_states_train_like_float32_states(results, path):
-    # Stochastic rounding draws its own noise on each rank: close to the float32-state run, not equal.
+    # bfloat16 states rounded stochastically: close to the float32-state run, not equal.
     got = results[2][("fsdp-bf16", "adamw", path, "float32")]
     assert not isinstance(got, str), got
     expected = dm.one_process("adamw", path, torch.float32)
@@ -223,8 +231,8 @@ def _same_states(saved, loaded):
 @pytest.mark.parametrize("name, path", CHECKPOINTED_BF16)
 def test_bfloat16_states_saved_on_two_ranks_load_on_four(results, name, path):
     """bfloat16 states (state_dtype) saved on 2 ranks come back on 4 as the same bfloat16 numbers, and
-    training goes on near the uninterrupted run with float32 states: stochastic rounding draws its own
-    noise on each rank, so not equal (the tolerance: test_sharded_bfloat16_states_train_like_float32_states')."""
+    training goes on near the uninterrupted run with float32 states: rounded stochastically, so not
+    equal (the tolerance: test_sharded_bfloat16_states_train_like_float32_states')."""
     saved, loaded = results[2][("save-bf16", name, path, "float32")], results[4][("load-bf16", name, path, "float32")]
     assert not isinstance(saved, str), saved
     assert not isinstance(loaded, str), loaded
@@ -312,10 +320,73 @@ def test_low_bit_checkpoint_resumes_bit_exact_at_its_world_size_only(results):
             assert floats[(i, key)].dtype == torch.float64 and torch.equal(floats[(i, key)], expect), (i, key)
 
 
-def test_low_bit_states_refused_on_a_2d_mesh(tmp_path):
-    """Tensor parallelism and FSDP2 over it (a 2-D mesh, or an axis split twice) lay shards that
-    _sharded_codes does not handle yet: refused when the states are made, saying what works. One
-    process, a 1 x 1 mesh: the placements are what is refused, not the number of ranks."""
+@pytest.mark.parametrize("scenario", STOCHASTIC, ids=lambda s: "-".join(s))
+def test_sharded_stochastic_rounding_draws_as_one_process(results, scenario):
+    """Stochastic rounding under FSDP2 draws, for each number, by its place in the whole state (the
+    shard's offset plus the local index): where the shards start on block boundaries (dm.WideNet) the
+    ranks lay one process's blocks and draw one process's numbers, so the codes and the parameters
+    equal one process's on the whole parameters, to the bit, on every path. Drawing by the local
+    offset (every rank the same noise pattern) or by a key salted per rank does not."""
+    mode, name, path, dtype = scenario
+    got = results[2][scenario]
+    assert not isinstance(got, str), got
+    params, states, grads, _, places = got
+    assert places == [True] * 4  # each shard's numbers counted at their places in the whole parameter
+    expected, ref = dm.one_process_lowbit(name, path, torch.float64, dm.STATE_DTYPES[mode.split("-")[1]], grads,
+                                          model=dm.wide_net(torch.float64), cuts=[[]] * 4)
+    assert not torch.equal(expected[0], dm.wide_net(torch.float64).a.weight)  # training moved them
+    assert all(torch.equal(p, q) for p, q in zip(params, expected)), dm.compare(params, expected, torch.float64)
+    whole = [x for group in ref.param_groups for x in group["params"]]
+    lowbit = {key: v for key, v in states.items() if v.dtype == torch.uint8}
+    assert {i for i, _ in lowbit} == {0, 2}, sorted(lowbit)  # a's weight and b's
+    for (i, key), codes in lowbit.items():
+        assert codes.dim() == 3 and codes.shape[0] == 2  # (shards, rows, width): rank 1's blocks start mid-tensor
+        assert torch.equal(codes.reshape(-1, codes.shape[-1]), ref.state[whole[i]][key]), (i, key)
+
+
+@pytest.mark.parametrize("world, scenario", [(2, s) for s in TP_LOWBIT] + [(4, s) for s in TWO_D_LOWBIT],
+                         ids=lambda x: "-".join(map(str, x)) if isinstance(x, tuple) else str(x))
+def test_tensor_parallel_low_bit_states_quantise_each_shard(results, world, scenario):
+    """int8/int4 states under tensor parallelism (a's rows split, b's columns: a shard of 2048 x 4 is
+    2048 runs of 4 numbers in the whole matrix) and FSDP2 over it on a 2-D mesh (b split by rows and
+    columns): each rank lays blocks over its local shard, and the state is a uint8 DTensor with one
+    axis of shards per mesh dimension splitting it, (2, rows, width) or (2, 2, rows, width). One
+    process whose optimizer holds each shard's piece as a parameter of its own, on the ranks'
+    gradients, gives the same parameters and, piece by piece, the same codes, to the bit."""
+    mode, name, path, dtype = scenario
+    fmt = mode.split("-")[1]
+    got = results[world][scenario]
+    assert not isinstance(got, str), got
+    params, states, grads, placed, places = got
+    # the stochastic rounding's counters: each shard's numbers at their places in the whole parameter
+    # (tensor parallelism's columns: runs of 4; the 2-D mesh's _StridedShard rows and row-and-column boxes)
+    assert places == [True] * 4
+    expected, ref = dm.one_process_lowbit(name, path, torch.float64, dm.STATE_DTYPES[fmt], grads,
+                                          model=dm.wide_net(torch.float64), cuts=dm.WIDE_CUTS[mode.split("-")[0]])
+    assert not torch.equal(expected[0], dm.wide_net(torch.float64).a.weight)  # training moved them
+    assert all(torch.equal(p, q) for p, q in zip(params, expected)), dm.compare(params, expected, torch.float64)
+    pieces, at = [x for group in ref.param_groups for x in group["params"]], 0
+    mine = []  # per parameter, its pieces
+    for cut, p in zip(dm.WIDE_CUTS[mode.split("-")[0]], params):
+        n = len(dm._boxes(p.shape, cut))
+        mine.append(pieces[at:at + n])
+        at += n
+    lowbit = {key: v for key, v in states.items() if v.dtype == torch.uint8}
+    assert {i for i, _ in lowbit} == {0, 2}, sorted(lowbit)  # a's weight and b's
+    shards = (2,) if mode.startswith("tp") else (2, 2)
+    for (i, key), codes in lowbit.items():
+        assert codes.shape[:-2] == shards, (i, key, placed[(i, key)])
+        parts = codes.reshape(-1, *codes.shape[-2:])
+        expect = [ref.state[x][key] for x in mine[i]]
+        assert all(len(c) == parts.shape[1] for c in expect)  # even shards here: no padding rows
+        assert sorted(map(bytes, map(torch.Tensor.numpy, parts))) == sorted(bytes(c.numpy()) for c in expect), (i, key)
+
+
+def test_low_bit_states_on_a_2d_mesh_step_as_a_plain_tensor(tmp_path):
+    """A parameter placed (Shard(0), Shard(1)) on a 2-D mesh (one process, 1 x 1: the placements, not
+    the number of ranks) keeps int8 states as a uint8 DTensor of shape (1, 1, rows, width), and steps
+    as the plain tensor does, to the bit, rounding to the nearest level or stochastically (the same
+    draws: each number's place in the whole tensor is its index)."""
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
     from generated.adamw import AdamW
@@ -324,10 +395,21 @@ def test_low_bit_states_refused_on_a_2d_mesh(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1, 1))
-        p = torch.nn.Parameter(distribute_tensor(torch.randn(64, 80), mesh, [Shard(0), Shard(1)]))
-        p.grad = distribute_tensor(torch.randn(64, 80), mesh, [Shard(0), Shard(1)])
-        with pytest.raises(NotImplementedError, match="only FSDP2's fully_shard on a 1-D mesh"):
-            AdamW([p], state_dtype="int8").step()
-        AdamW([p], state_dtype=torch.bfloat16).step()  # what the message offers instead
+        gen = torch.Generator().manual_seed(0)
+        w, g = torch.randn(64, 80, generator=gen), torch.randn(64, 80, generator=gen)
+        for state_dtype in ("int8", "int8_stochastic"):
+            p = torch.nn.Parameter(distribute_tensor(w, mesh, [Shard(0), Shard(1)]))
+            p.grad = distribute_tensor(g, mesh, [Shard(0), Shard(1)])
+            q = torch.nn.Parameter(w.clone())
+            q.grad = g.clone()
+            sharded, plain = AdamW([p], state_dtype=state_dtype).manual_seed(3), AdamW([q], state_dtype=state_dtype).manual_seed(3)
+            for _ in range(2):
+                sharded.step()
+                plain.step()
+            assert torch.equal(p.full_tensor(), q)
+            for key in ("exp_avg", "exp_avg_sq"):
+                stored = sharded.state[p][key]
+                assert stored.shape[:2] == (1, 1) and stored.dtype == torch.uint8
+                assert torch.equal(stored.full_tensor()[0, 0], plain.state[q][key]), (state_dtype, key)
     finally:
         dist.destroy_process_group()

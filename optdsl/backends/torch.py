@@ -519,7 +519,8 @@ def _fused_context(rule: dict, plan: Plan, cond: str | None, multi: bool) -> dic
         ctx.update(triton_backend.kernel_context(plan))
     # low-bit states: the kernels (de)quantise those shaped like p; the launcher the smaller others
     ctx["lowbit_signed"] = rule["lowbit_signed"]
-    ctx["lowbit_host"] = [dict(name=s.name, kind=s.shape, read=read_state_code(s.shape, rule["lowbit_signed"][s.name], "x_", "y_"))
+    ctx["lowbit_host"] = [dict(name=s.name, kind=s.shape, read=read_state_code(s.shape, rule["lowbit_signed"][s.name], "x_", "y_"),
+                               whole_shape=re.sub(r"\bp\b", "w_", state_shape_code(s.shape) or "p.shape"))
                           for s in plan.program.states if s.shape not in ("full", "scalar", "bool")]
     return ctx
 
