@@ -685,7 +685,7 @@ def _shard_rows(shape, mesh_shape, placements, fmt):
         for k in range(math.prod(mesh_shape)):
             coordinate = [k // math.prod(mesh_shape[m + 1:]) % n for m, n in enumerate(mesh_shape)]
             local, _ = torch.distributed.tensor._utils._compute_local_shape_and_global_offset(
-                shape, mesh_shape, coordinate, placements, skip_offset=True)
+                shape, mesh_shape, coordinate, placements)
             most = max(most, math.prod(local))
         _SHARD_ROWS[key] = -(-most // _LOWBIT[fmt][1])
     return _SHARD_ROWS[key]
