@@ -14,12 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ir, quant
+from . import ieee, ir, quant
 from .pipeline import Compiled
 
 # state_dtype as `optdsl info` reports it: the constructor's value -> what stored_bytes takes
 _STATE_DTYPES = {"None": None, "torch.bfloat16": "bfloat16", '"int8"': "int8", '"int4"': "int4"}
 _HOST_NAMES = {"math": math, "float": float, "min": min, "max": max, "abs": abs}
+for _code in ieee.HELPERS.values():  # a rule's condition computes in IEEE 754 (_pow, ...), as the module does
+    exec(_code, _HOST_NAMES)  # noqa: S102 - optdsl's own helpers
 
 
 def state_numel(kind: str, shape: tuple[int, ...], sizes: dict | None = None) -> int:

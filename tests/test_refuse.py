@@ -184,3 +184,21 @@ def test_equiv_does_not_call_specs_equivalent_when_one_refuses_what_the_other_st
         assert not verdict.equal and not verdict.proven and verdict.exit_code == 2, verdict.message
         assert "ndim >= 3" in verdict.message, verdict.message
     assert equivalent(refusing, refusing).equal
+
+
+def test_a_condition_computes_in_ieee_on_the_host():
+    """A rule's condition is Python on the host, run when a group is added (for a refusal) and at each
+    step: `1 / (ndim - 2)` on a matrix is inf as in torch and IEEE 754 (so the refusal applies), not a
+    ZeroDivisionError; info evaluates the same code."""
+    src = ('optimizer D\nhyper lr = 0.1 in [0, inf)\nrule 1 / (ndim - 2) > 0 refuse "rank 3 and up"\n'
+           'rule 1 / (ndim - 2) < 0 {\n  p -= lr * g\n}\nrule {\n  p -= 2 * lr * g\n}\n')
+    D = optdsl.compile(src, "d.opt")
+    with pytest.raises(ValueError, match="refuses a parameter of shape"):
+        D([torch.nn.Parameter(torch.zeros(4, 3))])  # 1 / 0 = inf > 0
+    with pytest.raises(ValueError, match="refuses a parameter of shape"):
+        D([torch.nn.Parameter(torch.zeros(1, 1, 1))])
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    D([p]).step()
+    assert p[0].item() == pytest.approx(0.9)
+    assert info.memory(compile_source(src, "d.opt"), (3,)).rule == "1 / (ndim - 2) < 0"

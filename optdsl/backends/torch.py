@@ -605,6 +605,7 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = (), refusals: 
     # one line per piece: pieces glued end to start hid a call from the search below (a parameter's
     # last scalar followed by `_eye_like(` read as `c1_eye_like(`, and Shampoo-style inits lost their helper)
     host_code = "\n".join([*(e for c in contexts for _, e in c["group_defs"] + c["param_single"] if e),
+                           *(code for code, _, _ in rules if code), *(code for _, code, *_ in refusals),
                            *(e for c in contexts for _, _, e, *_ in c["state_inits"] if e),
                            *(ctx["group_phase"] or ()),
                            *(line for c in contexts if c["replay"] for line in c["replay"]["body"])])
@@ -742,12 +743,17 @@ _COMPARISON_ROWS = {row.sympy: row for row in COMPARISONS.values()}
 
 
 def condition_code(cond: ir.Expr, prog: ir.Program) -> str:
-    """A rule's condition as Python over the parameter `p` and its `group` (under its keywords)."""
+    """A rule's condition as Python over the parameter `p` and its `group` (under its keywords). It runs
+    on host numbers (when a group is added, at each step), so each operation the declared ranges do
+    not prove safe is IEEE 754's, as on the tensor paths (optdsl/ieee.py): `1 / (ndim - 2)` on a
+    matrix is inf, not a ZeroDivisionError."""
+    from ..rewrite import scalar_env
     from ..sym import to_sympy
     group_code = interface(prog)["group_code"]
-    env = {h.name: sp.Symbol(group_code[h.name]) for h in prog.hypers}
-    env.update({n: sp.Symbol(code) for n, code in ir.SHAPE_BUILTINS.items()})
-    return _ConditionPrinter().doprint(to_sympy(cond, env))
+    names = [h.name for h in prog.hypers] + list(ir.SHAPE_BUILTINS)
+    value = ieee._Guard({**scalar_env(prog), **ieee.shape_env()})(to_sympy(cond, {n: sp.Symbol(n) for n in names}))
+    code = {h.name: group_code[h.name] for h in prog.hypers} | ir.SHAPE_BUILTINS
+    return _ConditionPrinter().doprint(value.xreplace({sp.Symbol(n): sp.Symbol(code[n]) for n in names}))
 
 
 # The shape of a state's tensor, from p's (None: torch.zeros_like(p)).
