@@ -1643,6 +1643,11 @@ class Kron(Optimizer):
         """The lists of one rule's parameters of the group. torch.compile runs a method of this name
         as it is, outside the graph, and guards on the states it makes (so a compiled step is one
         graph, made once); the rules' own methods would be traced."""
+        if rule == 0 and group is self.param_groups[0]:  # the step's first call: before any parameter moves,
+            for other in self.param_groups:  # a parameter a group's changed values refuse (or no rule takes)
+                for p in other["params"]:
+                    if p.grad is not None:
+                        self._rule_of(p, other)
         (self._init_group_0, self._init_group_1, self._init_group_2, self._init_group_3, self._init_group_4)[rule](group, *lists)
 
     def _init_group_0(self, group, params, grads, m_list, c_list, dL_list, dR_list, state_steps):

@@ -202,3 +202,20 @@ def test_a_condition_computes_in_ieee_on_the_host():
     D([p]).step()
     assert p[0].item() == pytest.approx(0.9)
     assert info.memory(compile_source(src, "d.opt"), (3,)).rule == "1 / (ndim - 2) < 0"
+
+
+def test_a_refusal_at_step_comes_before_any_parameter_moves():
+    """A group whose values changed so that it refuses a parameter: the step raises before it updates
+    any group (the first group's parameter, its state and step count as they were), on every path."""
+    Picky = optdsl.compile(SPEC, "picky.opt")
+    for mode in _modes():
+        p, q = torch.nn.Parameter(torch.ones(4, 3)), torch.nn.Parameter(torch.ones(2, 2, 2))
+        opt = Picky([{"params": [p]}, {"params": [q], "big": 4}], **mode)
+        p.grad, q.grad = torch.ones(4, 3), torch.ones(2, 2, 2)
+        opt.step()
+        before = p.detach().clone(), opt.state[p]["m"].clone(), opt.state[p]["step"].clone()
+        opt.param_groups[1]["big"] = 3
+        with pytest.raises(ValueError, match=re.escape("Picky refuses a parameter of shape (2, 2, 2)")):
+            opt.step()
+        after = p.detach(), opt.state[p]["m"], opt.state[p]["step"]
+        assert all(torch.equal(a, b) for a, b in zip(before, after)), mode
