@@ -32,7 +32,7 @@ def compile_source(text: str, filename: str = "<spec>") -> Compiled:
     try:
         spec = parse.parse(text, filename)
         lowered, warnings = lower.lower_rules(spec)
-        ranks.check(lowered)
+        ranks.check(lowered, lower.refusals(spec))
         for _, program in lowered:
             shapes.check(program)
         rules = []

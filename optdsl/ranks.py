@@ -57,12 +57,14 @@ def need(prog: ir.Program) -> tuple[int, str, object]:
     return (rank, what, span) if rank else (0, "", None)
 
 
-def check(rules: list[tuple[ir.Expr | None, ir.Program]]) -> None:
+def check(rules: list[tuple[ir.Expr | None, ir.Program]], refusals=()) -> None:
     """Raise a located SpecError where a rule's condition takes rank-0 or rank-1 parameters that its
-    operations cannot work on (the rest is checked at step: see need)."""
+    operations cannot work on (the rest is checked at step: see need). `refusals`: (updating rules
+    before it, condition) per `rule COND refuse`, which takes parameters before the rules after it."""
     for rank in (1, 0):  # the larger rank first: a vector, the likelier parameter
         for i, (cond, prog) in enumerate(rules):
-            earlier = [_takes(c, rank, prog.hypers) for c, _ in rules[:i]]
+            earlier = [_takes(c, rank, prog.hypers) for c in [c for c, _ in rules[:i]]
+                       + [c for before, c, *_ in refusals if before <= i]]
             if any(t is True for t in earlier) or cond is None or _takes(cond, rank, prog.hypers) is not True:
                 continue  # a rule before it takes them all, or its condition does not decide to take them
             who = f"the rule '{ir.format_expr(cond)}'"

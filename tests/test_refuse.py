@@ -219,3 +219,19 @@ def test_a_refusal_at_step_comes_before_any_parameter_moves():
             opt.step()
         after = p.detach(), opt.state[p]["m"], opt.state[p]["step"]
         assert all(torch.equal(a, b) for a, b in zip(before, after)), mode
+
+
+def test_a_rank_a_refusal_takes_first_is_no_rank_error_of_a_later_rule():
+    """ranks.check: a rule whose condition takes vectors is a spec error where its operations need
+    matrices, unless a refusal (or rule) before it takes the vectors first."""
+    src = ('optimizer M\nhyper lr = 0.1 in [0, inf)\nrule ndim < 2 refuse "matrices only"\nrule ndim >= 1 {\n'
+           '  p -= lr * col_mean(g)\n}\nrule {\n  p -= lr * g\n}\n')
+    M = optdsl.compile(src, "m.opt")
+    p = torch.nn.Parameter(torch.ones(2, 3))
+    p.grad = torch.arange(6.0).reshape(2, 3)
+    M([p]).step()
+    assert torch.allclose(p.detach(), 1 - 0.1 * torch.tensor([1.5, 2.5, 3.5]))
+    with pytest.raises(ValueError, match="matrices only"):
+        M([torch.nn.Parameter(torch.ones(3))])
+    with pytest.raises(optdsl.SpecError, match="takes parameters of rank 1"):  # a refusal of rank 0 only
+        optdsl.compile(src.replace("ndim < 2", "ndim < 1"), "m.opt")
