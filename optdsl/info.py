@@ -22,6 +22,7 @@ _STATE_DTYPES = {"None": None, "torch.bfloat16": "bfloat16", '"int8"': "int8", '
 _HOST_NAMES = {"math": math, "float": float, "min": min, "max": max, "abs": abs}
 for _code in ieee.HELPERS.values():  # a rule's condition computes in IEEE 754 (_pow, ...), as the module does
     exec(_code, _HOST_NAMES)  # noqa: S102 - optdsl's own helpers
+_HOST_NAMES["_machine_eps"] = lambda value, params: torch.finfo(params[0].dtype).eps if value is None else value
 
 
 def state_numel(kind: str, shape: tuple[int, ...], sizes: dict | None = None) -> int:

@@ -235,3 +235,20 @@ def test_a_rank_a_refusal_takes_first_is_no_rank_error_of_a_later_rule():
         M([torch.nn.Parameter(torch.ones(3))])
     with pytest.raises(optdsl.SpecError, match="takes parameters of rank 1"):  # a refusal of rank 0 only
         optdsl.compile(src.replace("ndim < 2", "ndim < 1"), "m.opt")
+
+
+def test_a_condition_may_read_an_epsilon_of_none():
+    """`hyper eps = None` reads as the machine epsilon of p's dtype; in a rule's condition (run when a
+    group is added, before any step) it read the step's `params` (NameError)."""
+    src = ('optimizer E\nhyper lr = 0.1 in [0, inf), eps = None\nrule eps > 1e-10 and ndim >= 3 refuse "float32 only"\n'
+           'rule {\n  p -= lr * g / (abs(g) + eps)\n}\n')
+    E = optdsl.compile(src, "e.opt")
+    with pytest.raises(ValueError, match="float32 only"):
+        E([torch.nn.Parameter(torch.ones(1, 1, 1))])  # float32: eps 1.2e-7
+    E([torch.nn.Parameter(torch.ones(1, 1, 1, dtype=torch.float64))])  # float64: eps 2.2e-16
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    E([p], eps=1.0).step()
+    assert p[0].item() == pytest.approx(0.95)
+    with pytest.raises(ValueError, match="float32 only"):
+        info.memory(compile_source(src, "e.opt"), (2, 3, 4))

@@ -752,7 +752,9 @@ def condition_code(cond: ir.Expr, prog: ir.Program) -> str:
     group_code = interface(prog)["group_code"]
     names = [h.name for h in prog.hypers] + list(ir.SHAPE_BUILTINS)
     value = ieee._Guard({**scalar_env(prog), **ieee.shape_env()})(to_sympy(cond, {n: sp.Symbol(n) for n in names}))
-    code = {h.name: group_code[h.name] for h in prog.hypers} | ir.SHAPE_BUILTINS
+    # an epsilon of None is the machine epsilon of p's dtype (the step's functional reads its `params`)
+    code = {h.name: group_code[h.name].removesuffix(", params)") + ", [p])" if h.optional else group_code[h.name]
+            for h in prog.hypers} | ir.SHAPE_BUILTINS
     return _ConditionPrinter().doprint(value.xreplace({sp.Symbol(n): sp.Symbol(code[n]) for n in names}))
 
 
