@@ -91,7 +91,7 @@ def _charlm(cls: type, hypers: dict, steps: int) -> tuple[list[float], list[floa
         model = torch.nn.Sequential(torch.nn.Embedding(train.vocab, 16), torch.nn.Flatten(),
                                     torch.nn.Linear(16 * train.inputs.shape[1], 64), torch.nn.Tanh(),
                                     torch.nn.Linear(64, train.vocab))
-    opt = cls(model.parameters(), **hypers)
+    opt = _optimizer(cls, model.parameters(), hypers)
     loss_fn = torch.nn.functional.cross_entropy
     train_losses, heldout_losses = [], []
 
@@ -118,6 +118,15 @@ TASKS = {
 }
 
 
+def _optimizer(cls: type, params, hypers: dict):
+    """The optimizer of a plotted run; what it refuses by design (a value out of its range, a parameter
+    that a `rule COND refuse` takes) is the plot's error, one line, not a traceback."""
+    try:
+        return cls(params, **hypers)
+    except (ValueError, TypeError) as err:
+        raise PlotError(str(err) if str(err).startswith(cls.__name__ + " ") else f"{cls.__name__}: {err}") from None
+
+
 def trajectory(cls: type, function: Function2D, hypers: dict, steps: int) -> Tensor:
     """The points (x, y) an optimizer visits from the function's start: (steps + 1, 2), float64.
 
@@ -125,7 +134,7 @@ def trajectory(cls: type, function: Function2D, hypers: dict, steps: int) -> Ten
     """
     import torch
     p = torch.tensor(function.start, dtype=torch.float64, requires_grad=True)
-    opt = cls([p], **hypers)
+    opt = _optimizer(cls, [p], hypers)
 
     def closure():
         opt.zero_grad()

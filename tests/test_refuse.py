@@ -252,3 +252,17 @@ def test_a_condition_may_read_an_epsilon_of_none():
     assert p[0].item() == pytest.approx(0.95)
     with pytest.raises(ValueError, match="float32 only"):
         info.memory(compile_source(src, "e.opt"), (2, 3, 4))
+
+
+def test_plot_says_a_refusal_as_its_error(tmp_path):
+    """`optdsl plot` of a spec that refuses the plotted parameters (the 2-D point, a model's weights)
+    or of a value out of range: one line saying why, exit 1, no traceback."""
+    pytest.importorskip("matplotlib")
+    from optdsl.plot import PlotError, plot
+    spec = tmp_path / "y.opt"
+    spec.write_text('optimizer Y\nhyper lr = 0.1 in [0, inf)\nrule ndim >= 1 refuse "no vectors"\nrule {\n  p -= lr * g\n}\n')
+    with pytest.raises(PlotError, match=re.escape("Y refuses a parameter of shape (2,): no vectors")):
+        plot([str(spec)], tmp_path / "y.png", ["rosenbrock"], [], 3, [], lambda *_: None)
+    with pytest.raises(PlotError, match=re.escape("Invalid lr value: -1.0")):
+        plot(["specs/sgd.opt"], tmp_path / "z.png", ["rosenbrock"], [], 3, ["lr=-1"], lambda *_: None)
+    assert not (tmp_path / "y.png").exists()
