@@ -1505,6 +1505,7 @@ def _multi_tensor_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr,
         tmp0 = torch._foreach_mul(g, g)
         tmp1 = [_mean(tmp0_, -1, True) for tmp0_ in tmp0]
         tmp2 = [_mean(tmp0_, -2, True) for tmp0_ in tmp0]
+        torch._foreach_mul_(p, k0)
         r1, tmp1, tmp2 = _whole_lists(r1, tmp1, tmp2)
         torch._foreach_lerp_(r, tmp1, c0)
         torch._foreach_lerp_(c, tmp2, c0)
@@ -1520,7 +1521,6 @@ def _multi_tensor_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr,
         r0, = _whole_lists(r0)
         d0 = [torch.as_tensor(-c1_*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r1_, dtype=torch.float64))/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r0_, dtype=torch.float64)), dtype=p[0].dtype) for c1_, r0_, r1_ in zip(c1, r0, r1)]
         torch._foreach_mul_(tmp5, d0)
-        torch._foreach_mul_(p, k0)
         torch._foreach_add_(p, tmp5)
         if not exact:
             _foreach_copy_(device_params, p)
@@ -1632,10 +1632,10 @@ def _multi_tensor_adafactor_1(params, grads, v_list, state_steps, *, lr, beta2_d
         torch._foreach_sqrt_(tmp1)
         tmp2 = torch._foreach_div(g, tmp1)
         r0 = [_rms(tmp2_) for tmp2_ in tmp2]
+        torch._foreach_mul_(p, k0)
         r1, r0 = _whole_lists(r1, r0)
         d0 = [torch.as_tensor(-c1_*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r1_, dtype=torch.float64))/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r0_, dtype=torch.float64)), dtype=p[0].dtype) for c1_, r0_, r1_ in zip(c1, r0, r1)]
         torch._foreach_mul_(tmp2, d0)
-        torch._foreach_mul_(p, k0)
         torch._foreach_add_(p, tmp2)
         if not exact:
             _foreach_copy_(device_params, p)

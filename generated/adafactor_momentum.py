@@ -1422,6 +1422,7 @@ def _multi_tensor_adafactorm_0(params, grads, r_list, c_list, m_list, state_step
         tmp0 = torch._foreach_mul(g, g)
         tmp1 = [_mean(tmp0_, -1, True) for tmp0_ in tmp0]
         tmp2 = [_mean(tmp0_, -2, True) for tmp0_ in tmp0]
+        torch._foreach_mul_(p, k0)
         r0, tmp1, tmp2 = _whole_lists(r0, tmp1, tmp2)
         d0 = [torch.as_tensor(-c0_*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)), dtype=p[0].dtype) for c0_, r0_ in zip(c0, r0)]
         torch._foreach_lerp_(r, tmp1, c1)
@@ -1440,7 +1441,6 @@ def _multi_tensor_adafactorm_0(params, grads, r_list, c_list, m_list, state_step
         torch._foreach_mul_(tmp5, d1)
         torch._foreach_lerp_(m, tmp5, k3)
         tmp6 = torch._foreach_mul(m, d0)
-        torch._foreach_mul_(p, k0)
         torch._foreach_add_(p, tmp6)
         if not exact:
             _foreach_copy_(device_params, p)
@@ -1564,13 +1564,13 @@ def _multi_tensor_adafactorm_1(params, grads, v_list, m_list, state_steps, *, lr
         torch._foreach_sqrt_(tmp1)
         tmp2 = torch._foreach_div(g, tmp1)
         r1 = [_rms(tmp2_) for tmp2_ in tmp2]
+        torch._foreach_mul_(p, k0)
         r0, r1 = _whole_lists(r0, r1)
         d0 = [torch.as_tensor(-c0_*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)), dtype=p[0].dtype) for c0_, r0_ in zip(c0, r0)]
         d1 = [torch.as_tensor(1/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r1_, dtype=torch.float64)), dtype=p[0].dtype) for r1_ in r1]
         torch._foreach_mul_(tmp2, d1)
         torch._foreach_lerp_(m, tmp2, k3)
         tmp3 = torch._foreach_mul(m, d0)
-        torch._foreach_mul_(p, k0)
         torch._foreach_add_(p, tmp3)
         if not exact:
             _foreach_copy_(device_params, p)

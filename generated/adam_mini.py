@@ -1359,11 +1359,11 @@ def _multi_tensor_adammini(params, grads, m_list, v_mean_list, state_steps, *, l
         tmp0 = torch._foreach_mul(g, g)
         r0 = [_mean(tmp0_) for tmp0_ in tmp0]
         torch._foreach_lerp_(m, g, k2)
+        torch._foreach_mul_(p, k0)
         r0, = _whole_lists(r0)
         d0 = [torch.as_tensor(-c0_*c1_*lr/(c2_ + torch.sqrt(((v_mean_) + (k1) * ((r0_) - (v_mean_))))), dtype=p[0].dtype) for c0_, c1_, c2_, r0_, v_mean_ in zip(c0, c1, c2, r0, v_mean)]
         d1 = [torch.as_tensor(((v_mean_) + (k1) * ((r0_) - (v_mean_))), dtype=p[0].dtype) for r0_, v_mean_ in zip(r0, v_mean)]
         tmp1 = torch._foreach_mul(m, d0)
-        torch._foreach_mul_(p, k0)
         torch._foreach_add_(p, tmp1)
         _foreach_copy_(v_mean, d1)
         if not exact:

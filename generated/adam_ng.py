@@ -1284,6 +1284,7 @@ def _multi_tensor_adamng(params, grads, m_list, v_list, state_steps, *, lr, b1, 
         c1 = [eps/math.sqrt(1/(1 - b2**t_)) for t_ in t]
         r0 = torch._foreach_norm(g)
         tmp0 = torch._foreach_mul(g, g)
+        torch._foreach_mul_(p, k0)
         r0, = _whole_lists(r0)
         d0 = [torch.as_tensor((norm_eps + r0_)**(-2), dtype=p[0].dtype) for r0_ in r0]
         d1 = [torch.as_tensor(1/(norm_eps + r0_), dtype=p[0].dtype) for r0_ in r0]
@@ -1293,7 +1294,6 @@ def _multi_tensor_adamng(params, grads, m_list, v_list, state_steps, *, lr, b1, 
         torch._foreach_lerp_(m, tmp1, k2)
         tmp2 = torch._foreach_sqrt(v)
         torch._foreach_add_(tmp2, c1)
-        torch._foreach_mul_(p, k0)
         torch._foreach_addcdiv_(p, m, tmp2, c0)
         if not exact:
             _foreach_copy_(device_params, p)

@@ -1297,12 +1297,12 @@ def _multi_tensor_adanorm(params, grads, m_list, v_list, gn_avg_list, state_step
         torch._foreach_addcmul_(v, g, g, k1)
         tmp1 = torch._foreach_sqrt(v)
         torch._foreach_add_(tmp1, eps)
+        torch._foreach_mul_(p, k0)
         r0, = _whole_lists(r0)
         d0 = [torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((r0_ > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((((gn_avg_) + (k2) * ((r0_) - (gn_avg_))) > r0_), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(((gn_avg_) + (k2) * ((r0_) - (gn_avg_)))/r0_, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)), dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)), dtype=p[0].dtype) for gn_avg_, r0_ in zip(gn_avg, r0)]
         d1 = [torch.as_tensor(((gn_avg_) + (k2) * ((r0_) - (gn_avg_))), dtype=p[0].dtype) for gn_avg_, r0_ in zip(gn_avg, r0)]
         tmp0 = torch._foreach_mul(g, d0)
         torch._foreach_lerp_(m, tmp0, k3)
-        torch._foreach_mul_(p, k0)
         torch._foreach_addcdiv_(p, m, tmp1, c0)
         _foreach_copy_(gn_avg, d1)
         if not exact:

@@ -1298,10 +1298,10 @@ def _multi_tensor_cautiousadamw(params, grads, m_list, v_list, state_steps, *, l
         tmp3 = torch._foreach_sqrt(v)
         torch._foreach_add_(tmp3, c2)
         torch._foreach_div_(tmp2, tmp3)
+        torch._foreach_mul_(p, k0)
         r0, = _whole_lists(r0)
         d0 = [torch.as_tensor(-c0_*c1_*lr/torch.maximum(torch.as_tensor(0.001, dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)), dtype=p[0].dtype) for c0_, c1_, r0_ in zip(c0, c1, r0)]
         torch._foreach_mul_(tmp2, d0)
-        torch._foreach_mul_(p, k0)
         torch._foreach_add_(p, tmp2)
         if not exact:
             _foreach_copy_(device_params, p)

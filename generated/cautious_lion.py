@@ -1257,11 +1257,11 @@ def _multi_tensor_cautiouslion(params, grads, m_list, state_steps, *, lr, b1, b2
         tmp2 = [(tmp1_ > torch.as_tensor(0, dtype=tmp1_.dtype, device=tmp1_.device)).to(tmp1_.dtype) for tmp1_ in tmp1]
         r0 = [torch.sum(tmp2_) for tmp2_ in tmp2]
         torch._foreach_mul_(tmp0, tmp2)
+        torch._foreach_mul_(p, k0)
         torch._foreach_lerp_(m, g, k2)
         r0, = _whole_lists(r0)
         d0 = [torch.as_tensor(-lr*numel_/(r0_ + 1), dtype=p[0].dtype) for numel_, r0_ in zip(numel, r0)]
         torch._foreach_mul_(tmp0, d0)
-        torch._foreach_mul_(p, k0)
         torch._foreach_add_(p, tmp0)
         if not exact:
             _foreach_copy_(device_params, p)

@@ -2326,14 +2326,14 @@ def _multi_tensor_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_
         tmp25 = torch._foreach_mul(tmp24, tmp5)
         r2 = [_rms(tmp25_) for tmp25_ in tmp25]
         torch._foreach_mul_(tmp24, m)
+        _foreach_copy_(c, d4)
+        _foreach_copy_(dL, tmp15)
+        _foreach_copy_(dR, tmp21)
         r2, = _whole_lists(r2)
         d3 = [torch.as_tensor(c0_*torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r2_ + 1e-06), dtype=torch.float64)), dtype=p[0].dtype) for c0_, r2_ in zip(c0, r2)]
         torch._foreach_mul_(tmp24, d3)
         torch._foreach_add_(tmp24, tmp26)
         torch._foreach_add_(p, tmp24, alpha=k0)
-        _foreach_copy_(c, d4)
-        _foreach_copy_(dL, tmp15)
-        _foreach_copy_(dR, tmp21)
         if not exact:
             _foreach_copy_(device_params, p)
         if m is not device_m:
@@ -2586,15 +2586,15 @@ def _multi_tensor_kron_1(params, grads, m_list, c_list, dL_list, QR_list, state_
         tmp34 = torch._foreach_mul(tmp33, tmp33)
         tmp38 = torch._foreach_mul(tmp34, tmp37)
         r0 = [_rms(tmp38_) for tmp38_ in tmp38]
+        _foreach_copy_(c, d1)
+        _foreach_copy_(dL, tmp33)
+        _foreach_copy_(QR, tmp25)
         r0, = _whole_lists(r0)
         d0 = [torch.as_tensor(torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r0_ + 1e-06), dtype=torch.float64)), dtype=p[0].dtype) for r0_ in r0]
         tmp40 = torch._foreach_mul(tmp38, d0)
         tmp41 = torch._foreach_add(tmp40, tmp39)
         tmp42 = torch._foreach_add(p, tmp41, alpha=k0)
         _foreach_copy_(p, tmp42)
-        _foreach_copy_(c, d1)
-        _foreach_copy_(dL, tmp33)
-        _foreach_copy_(QR, tmp25)
         if not exact:
             _foreach_copy_(device_params, p)
         if m is not device_m:
@@ -2849,15 +2849,15 @@ def _multi_tensor_kron_2(params, grads, m_list, c_list, QL_list, dR_list, state_
         tmp35 = torch._foreach_mul(tmp34, tmp34)
         tmp39 = torch._foreach_mul(tmp35, tmp38)
         r0 = [_rms(tmp39_) for tmp39_ in tmp39]
+        _foreach_copy_(c, d1)
+        _foreach_copy_(QL, tmp26)
+        _foreach_copy_(dR, tmp34)
         r0, = _whole_lists(r0)
         d0 = [torch.as_tensor(torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r0_ + 1e-06), dtype=torch.float64)), dtype=p[0].dtype) for r0_ in r0]
         tmp41 = torch._foreach_mul(tmp39, d0)
         tmp42 = torch._foreach_add(tmp41, tmp40)
         tmp43 = torch._foreach_add(p, tmp42, alpha=k0)
         _foreach_copy_(p, tmp43)
-        _foreach_copy_(c, d1)
-        _foreach_copy_(QL, tmp26)
-        _foreach_copy_(dR, tmp34)
         if not exact:
             _foreach_copy_(device_params, p)
         if m is not device_m:
@@ -3303,12 +3303,12 @@ def _multi_tensor_kron_4(params, grads, m_list, c_list, q_list, state_steps, *, 
         torch._foreach_mul_(tmp1, tmp10)
         r1 = [_rms(tmp1_) for tmp1_ in tmp1]
         tmp11 = torch._foreach_mul(m, tmp10)
+        _foreach_copy_(c, d3)
+        _foreach_copy_(q, tmp9)
         r1, = _whole_lists(r1)
         d2 = [torch.as_tensor(-c0_*lr*torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r1_ + 1e-06), dtype=torch.float64)), dtype=p[0].dtype) for c0_, r1_ in zip(c0, r1)]
         torch._foreach_mul_(tmp11, d2)
         torch._foreach_add_(p, tmp11)
-        _foreach_copy_(c, d3)
-        _foreach_copy_(q, tmp9)
         if not exact:
             _foreach_copy_(device_params, p)
         if m is not device_m:

@@ -1770,6 +1770,7 @@ def _multi_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, moment
         else:
             tmp5 = tmp3
         r0 = torch._foreach_norm(tmp5)
+        torch._foreach_mul_(p, k0)
         r0, = _whole_lists(r0)
         d0 = [torch.as_tensor(1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(torch.where(torch.as_tensor(ns_bfloat16, dtype=torch.float64) != 0, torch.as_tensor(_round_bfloat16(r0_), dtype=torch.float64), torch.as_tensor(r0_, dtype=torch.float64)), dtype=torch.float64)), dtype=p[0].dtype) for r0_ in r0]
         tmp6 = torch._foreach_mul(tmp5, d0)
@@ -1806,7 +1807,6 @@ def _multi_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, moment
             tmp9 = tmp23
         tmp24 = [tmp9_.mT for tmp9_ in tmp9]
         tmp25 = [x if c else y for c, x, y in zip(c1, tmp24, tmp9)]
-        torch._foreach_mul_(p, k0)
         if all(v_ == c0[0] for v_ in c0):
             tmp26 = torch._foreach_add(p, tmp25, alpha=c0[0])
         else:

@@ -1437,6 +1437,8 @@ def _multi_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, posi
         r0 = [torch.sum(tmp4_) for tmp4_ in tmp4]
         tmp5 = torch._foreach_sqrt(tmp0)
         torch._foreach_add_(tmp5, c1)
+        torch._foreach_mul_(p, k0)
+        torch._foreach_addcdiv_(p, tmp2, tmp5, c0)
         tmp6 = [_sum(tmp4_, -1) for tmp4_ in tmp4]
         tmp7 = [_sum(tmp4_, -2) for tmp4_ in tmp4]
         tmp8 = [_sum(tmp0_, -1) for tmp0_ in tmp0]
@@ -1446,8 +1448,6 @@ def _multi_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, posi
         r1, r0, tmp6, tmp7, tmp8, tmp9 = _whole_lists(r1, r0, tmp6, tmp7, tmp8, tmp9)
         d1 = [torch.as_tensor(1/torch.where(torch.as_tensor(torch.as_tensor((r1_ > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(r1_, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)), dtype=p[0].dtype) for r1_ in r1]
         d0 = [torch.as_tensor(1/torch.where(torch.as_tensor(torch.as_tensor((r0_ > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(r0_, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)), dtype=p[0].dtype) for r0_ in r0]
-        torch._foreach_mul_(p, k0)
-        torch._foreach_addcdiv_(p, tmp2, tmp5, c0)
         torch._foreach_mul_(tmp6, d0)
         _foreach_copy_(rm, tmp6)
         _foreach_copy_(cm, tmp7)

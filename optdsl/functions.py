@@ -236,7 +236,7 @@ class Function:
     sympy: Callable[..., sp.Expr]
     tensor: str           # PyTorch on tensors, {0}, {1}, ... are the arguments
     host: str             # Python on floats (hoisted scalars)
-    foreach: str | None = None  # torch._foreach_<name>, elementwise unary only
+    foreach: str | None = None  # torch._foreach_<name>: element-wise unary, or a reduction's results per tensor
     reduction: bool = False
     triton: str = ""      # Triton on registers (float32 or float64), {0}, {1}, ... the arguments
     axis: str = ""        # an axis reduction: the axes it reduces (a shape tag of optdsl.ir)
@@ -303,7 +303,7 @@ TABLE: dict[str, Function] = {f.name: f for f in [
     # ---- reductions: one scalar per parameter ----
     # _mean, _rms (the sharding template's): of a DTensor split along a reduced axis, a partial sum
     # (count-normalised with the whole tensor's count) left for one all-reduce, not DTensor's all-gather
-    F("norm", 1, norm, "torch.linalg.vector_norm({0})", "abs({0})", reduction=True,
+    F("norm", 1, norm, "torch.linalg.vector_norm({0})", "abs({0})", "norm", reduction=True,
       broadcast=lambda x: sp.Abs(x) * sp.sqrt(_NUMEL)),
     F("sum", 1, sum, "torch.sum({0})", "{0}", reduction=True, broadcast=lambda x: x * _NUMEL),
     F("mean", 1, mean, "_mean({0})", "{0}", reduction=True, broadcast=lambda x: x),

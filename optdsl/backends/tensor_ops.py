@@ -44,15 +44,44 @@ class Instr:
     template: str = ""          # for "call"/"reduce"/"scalar": torch code with {0}, {1}, ...
     blocks: tuple = ()          # for "branch": the instructions of each branch; for "loop": of one round
     skip_zero: bool = False     # `out = a if value == 0 else a + value*b`
+    row: fn.Function | None = None  # for "call"/"reduce": the function table's row it computes
+
+    @property
+    def whole(self) -> bool:
+        """Whether it is a reduction, whole-tensor or over axes (the function table's row says): of a
+        sharded parameter (a DTensor) a reduction over a split axis is each rank's part, which the
+        printers make whole (the generated _whole: one all-reduce over the mesh)."""
+        return self.row is not None and (self.row.reduction or bool(self.row.axis))
+
+    @property
+    def binds(self) -> set[str]:
+        """The names it binds (its blocks' too): not those of the tensors it writes in place."""
+        own = set() if self.inplace or self.op == "copy" else {n.strip() for n in self.out.split(",")}
+        return own.union(*(i.binds for block in self.blocks for i in block))  # a loop's bind: "x1, x2"
+
+    @property
+    def writes(self) -> set[str]:
+        """The names of the tensors it writes in place (its blocks' too)."""
+        own = {self.args[0].code} if self.inplace or self.op == "copy" else set()
+        return own.union(*(i.writes for block in self.blocks for i in block))
+
+    @property
+    def reads(self) -> set[str]:
+        """The values it reads (its blocks' too): its operands and scalar, each a name (a host
+        expression of hyperparameters is one too: no instruction binds those)."""
+        own = {a.code for a in self.args} | ({self.value.code} if self.value is not None else set())
+        return own.union(*(i.reads for block in self.blocks for i in block))
+
+    @property
+    def fresh(self) -> bool:
+        """Whether what it binds is new tensors: torch's out-of-place foreach ops and the reductions
+        make them; another call (a view: .mT), a branch, a kept loop, a bind (x1 = x0) or a skipped
+        addition (its operand itself) may return what it reads."""
+        return (self.op not in ("call", "branch", "scalar", "copy", "bind", "loop") and not self.skip_zero
+                or self.whole)
 
 
 _OUT_OF_PLACE = {"call", "reduce", "maximum", "minimum"}  # no in-place method to call
-
-
-def _whole(template: str) -> str:
-    """A reduction's code, its result made whole: of a sharded parameter (a DTensor) a reduction
-    over a split axis is partial, and the generated _whole combines it over the mesh (one all-reduce)."""
-    return f"_whole({template})"
 
 
 class Emitter:
@@ -113,7 +142,7 @@ class Emitter:
         return a.code in self.owned or (target is not None and self.writable_inputs.get(a.code) == target)
 
     def apply(self, op: str, args: list[Operand], exprs, *, value: Operand | None = None,
-              target: str | None = None, template: str = "", shape=ir.ALL) -> Operand:
+              target: str | None = None, template: str = "", shape=ir.ALL, row=None) -> Operand:
         self._consume(exprs)
         if op not in ("call", "reduce"):  # element-wise: the broadcast of its operands
             for a in args:
@@ -127,7 +156,7 @@ class Emitter:
                      and value.code in self.hyper_names)
         if not inplace and not skip_zero:
             self.owned.add(out)
-        self.instrs.append(Instr(op, out, tuple(args), inplace, value, template, skip_zero=skip_zero))
+        self.instrs.append(Instr(op, out, tuple(args), inplace, value, template, skip_zero=skip_zero, row=row))
         level = DEVICE if op == "reduce" else TENSOR
         return Operand(out, level, shape)
 
@@ -171,7 +200,7 @@ class Emitter:
             raise NotImplementedError(f"no PyTorch form for {e.func}")
         if row.random:  # p gives the shape; the draw's number and the tensor's index `i` key the generator
             args = [self.operand(e.args[0]), Operand(str(int(e.args[1])), GROUP), Operand("i", PARAM)]
-            return self.apply("call", args, e.args, template=row.tensor, shape=ir.FULL)
+            return self.apply("call", args, e.args, template=row.tensor, shape=ir.FULL, row=row)
         args = [self.operand(a) for a in e.args]
         if row.foreach and len(args) == 1:
             return self.apply(row.foreach, args, e.args, target=target)
@@ -181,10 +210,8 @@ class Emitter:
                                        for i, a in enumerate(args)))
         if row in fn.COMPARISONS.values():
             template = f"{template}.to({{{_first_tensor(args)}}}.dtype)"
-        if row.axis:
-            template = _whole(template)
         shape = ir.result_shape(row, [a.shape for a in args])
-        result = self.apply("call", args, e.args, template=template, shape=shape)
+        result = self.apply("call", args, e.args, template=template, shape=shape, row=row)
         if row.matrix and len(args) == 1:  # a transpose is a view of its operand: never write into it
             self.owned.discard(result.code)
         return result
@@ -390,7 +417,7 @@ class Emitter:
             args, template = (arg,), row.tensor
             if not arg.tensor:  # a scalar broadcasts: reduce it over a tensor shaped like p
                 args, template = (arg, Operand("p", TENSOR)), row.tensor.format("({0} + torch.zeros_like({1}))")
-            self.instrs.append(Instr("reduce", str(d.symbol), args, template=_whole(template)))
+            self.instrs.append(Instr("reduce", str(d.symbol), args, template=template, row=row))
             self.buffer[d.symbol] = str(d.symbol)
             return
         if d.expr.is_Symbol:  # matrix work that is another value already
@@ -509,7 +536,7 @@ def _reads(instr: Instr) -> set[str]:
 def _movable(instr: Instr) -> bool:
     """A pure instruction that makes a fresh value: moving it into a branch changes nothing but
     whether it runs (not in place, not a copy, not a draw)."""
-    return (not instr.inplace and instr.op not in _PURE_SKIP and "_random_like(" not in instr.template)
+    return not instr.inplace and instr.op not in _PURE_SKIP and not (instr.row is not None and instr.row.random)
 
 
 def sink(instrs) -> list[Instr]:

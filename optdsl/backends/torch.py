@@ -17,7 +17,7 @@ from ..lower import RESERVED, STATE_DERIVED
 from ..mathtext import statement_math
 from ..unread import unread_when
 from ..sym import DEVICE, GROUP, PARAM, TENSOR, Plan, meanings
-from . import fusion, group_phase, mode_code, step_shapes
+from . import fusion, group_phase, mode_code, schedule, step_shapes
 from . import triton as triton_backend
 from .printers import CompiledPrinter, HostPrinter, read_state_code, state_shape_code
 from .tensor_ops import Emitter, Instr, Operand, sink
@@ -192,7 +192,8 @@ def _single_line(instr: Instr) -> str:
     if instr.op in ("call", "reduce", "scalar"):
         if instr.op == "scalar":
             return f"{instr.out} = {instr.template.replace('{dtype}', 'p.dtype')}"
-        return f"{instr.out} = {instr.template.format(*a)}"
+        body = instr.template.format(*a)
+        return f"{instr.out} = {f'_whole({body})' if instr.whole else body}"  # a reduction made whole
     rest = ", ".join(a[1:]) + _kwarg(instr, False, None)
     if instr.inplace:
         return f"{a[0]}.{instr.op}_({rest})"
@@ -242,16 +243,6 @@ def multi(instr: Instr) -> list[str]:
     return _multi_line(instr).split("\n")
 
 
-def _balanced(code: str) -> bool:
-    """Whether the parentheses in `code` pair up (`_whole(a) + _whole(b)` is not one call's argument)."""
-    depth = 0
-    for c in code:
-        depth += (c == "(") - (c == ")")
-        if depth < 0:
-            return False
-    return depth == 0
-
-
 def _listed(body: str, names: list[str]) -> str:
     """`body` (code of one tensor's names + '_') for each tensor of the lists `names`, as a list."""
     if len(names) == 1:
@@ -259,100 +250,29 @@ def _listed(body: str, names: list[str]) -> str:
     return f"[{body} for {', '.join(n + '_' for n in names)} in zip({', '.join(names)})]"
 
 
-def _whole_parts(instr: Instr) -> str | None:
-    """The code of a reduction's results for every tensor of the list, as each rank's parts (a DTensor's
-    reduction over a split axis is partial), which _whole_list or _whole_lists makes whole; None when
-    `instr` is no such reduction."""
-    if instr.op == "reduce" and instr.args[0].tensor and instr.template == "_whole(torch.linalg.vector_norm({0}))":
-        return f"torch._foreach_norm({instr.args[0].code})"
-    if instr.op not in ("call", "reduce"):
-        return None
-    body = instr.template
-    if not (body.startswith("_whole(") and body.endswith(")") and _balanced(body[len("_whole("):-1])):
-        return None
+def _whole_parts(instr: Instr) -> str:
+    """The code of a reduction's results (instr.whole) for every tensor of the list, as each rank's
+    parts (a DTensor's reduction over a split axis is partial), which _whole_list or _whole_lists
+    makes whole: torch's foreach form where the function table names one (norm), else per tensor."""
+    if instr.row.foreach and instr.args[0].tensor:
+        return f"torch._foreach_{instr.row.foreach}({instr.args[0].code})"
     lists = [x for x in instr.args if x.level in (PARAM, DEVICE, TENSOR)]
-    unique = list(dict.fromkeys(x.code for x in lists))
-    if not unique:
-        return None
     names = {x.code: f"{x.code}_" for x in lists}
-    return _listed(body[len("_whole("):-1].format(*(names.get(x.code, x.code) for x in instr.args)), unique)
-
-
-def _writes(instr) -> tuple[set, set]:
-    """The names `instr` binds (its blocks' too), and those whose tensors it writes in place."""
-    if instr.inplace or instr.op == "copy":  # its out is the tensor it writes, not a new binding
-        names, inplace = set(), {instr.args[0].code}
-    else:  # a loop's bind binds several: "x1, x2"
-        names, inplace = {n.strip() for n in instr.out.split(",")}, set()
-    for block in instr.blocks:
-        for i in block:
-            inner, writes = _writes(i)
-            names |= inner
-            inplace |= writes
-    return names, inplace
+    return _listed(instr.template.format(*(names.get(x.code, x.code) for x in instr.args)),
+                   list(dict.fromkeys(x.code for x in lists)))
 
 
 def multi_body(instrs) -> list[str]:
-    """The multi-tensor lines of `instrs`, scheduled so that reductions share all-reduces. A reduction
-    over the list's tensors (a _whole_parts one) computes each rank's parts where it runs; their
-    all-reduce (_whole_lists, one for several reductions) waits while anything else can run: the
-    instructions run in their order, except that one reading a result still partial waits for the
-    next combine, and what does not depend on it goes first. So reductions of one stage (those no
-    other reduction's result feeds) share one all-reduce, as the fused path's stages do: Adafactor's
-    rms(p) and the row and column means of g^2. An instruction never passes one it depends on: one
-    binding or reading a name it binds or reads, or writing in place a tensor that may share memory
-    (a view, an alias) with one it reads or writes (and the reverse)."""
-    if not any(_whole_parts(i) is not None for i in instrs):
+    """The multi-tensor lines of `instrs`, in optdsl/backends/schedule.py's order: the reductions'
+    parts computed where they run, made whole by one all-reduce (_whole_lists) per stage."""
+    if not any(i.whole for i in instrs):
         return [line for i in instrs for line in multi(i)]
-    code = [[f"{i.out} = {_whole_parts(i)}"] if _whole_parts(i) is not None else multi(i) for i in instrs]
-    def variables(instr):  # the names of values (lists, scalars): what an instruction binds or reads
-        return ({n.strip() for n in instr.out.split(",")} | {x.code for x in instr.args}
-                | {n for b in instr.blocks for i in b for n in variables(i)})
-    known = set().union(*map(variables, instrs))
-    names = [set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", "\n".join(c))) & known for c in code]
-    binds = [_writes(i) for i in instrs]
-    roots: dict[str, set] = {}  # per name: every name whose tensors it may share memory with (ever)
-    for instr, (outs, _), nm in zip(instrs, binds, names):
-        for out in outs:
-            # torch's out-of-place foreach ops and the reductions make new tensors; another call (a
-            # view: .mT), a branch, a kept loop, a bind (x1 = x0) or a skipped addition (its operand
-            # itself) may return what it reads
-            fresh = (instr.op not in ("call", "branch", "scalar", "copy", "bind", "loop") and not instr.skip_zero
-                     or _whole_parts(instr) is not None)
-            roots.setdefault(out, {out}).update(() if fresh else nm)
-    for _ in range(len(instrs)):  # transitively: an alias of an alias
-        changed = False
-        for out, rs in roots.items():
-            more = set().union(*(roots.get(r, {r}) for r in rs))
-            if not more <= rs:
-                rs |= more
-                changed = True
-        if not changed:
-            break
-    def rooted(nm):
-        return set().union(*(roots.get(n, {n}) for n in nm))
-    memory = [rooted(nm) for nm in names]  # the tensors each may touch
-    written = [rooted(inplace) for _, inplace in binds]  # the tensors each writes in place
-    deps = [set() for _ in instrs]
-    for k in range(len(instrs)):
-        for j in range(k):
-            if names[j] & names[k] & (binds[j][0] | binds[k][0]) or written[j] & memory[k] or written[k] & memory[j]:
-                deps[k].add(j)
-    lines, pending, done = [], [], set()
-    while len(done) < len(instrs):
-        ready = [k for k in range(len(instrs)) if k not in done and deps[k] <= done]
-        free = [k for k in ready if not names[k] & set(pending)]
-        if not free:  # everything left waits for a partial result: combine them all
-            lines.append(f"{', '.join(pending)}{',' * (len(pending) == 1)} = _whole_lists({', '.join(pending)})")
-            pending.clear()
-            continue
-        k = free[0]
-        lines.extend(code[k])
-        done.add(k)
-        if _whole_parts(instrs[k]) is not None:
-            pending.append(instrs[k].out)
-    if pending:
-        lines.append(f"{', '.join(pending)}{',' * (len(pending) == 1)} = _whole_lists({', '.join(pending)})")
+    lines = []
+    for item in schedule.order(instrs):
+        if isinstance(item, tuple):  # the partial results made whole, by one all-reduce
+            lines.append(f"{', '.join(item)}{',' * (len(item) == 1)} = _whole_lists({', '.join(item)})")
+        else:
+            lines += [f"{item.out} = {_whole_parts(item)}"] if item.whole else multi(item)
     return lines
 
 
@@ -360,9 +280,8 @@ def _multi_line(instr: Instr) -> str:
     a = [x.code for x in instr.args]
     if instr.op == "copy":
         return f"_foreach_copy_({a[0]}, {a[1]})"  # the module's: DTensors have no rule for torch's
-    parts = _whole_parts(instr)
-    if parts is not None:
-        return f"{instr.out} = _whole_list({parts})"
+    if instr.whole:
+        return f"{instr.out} = _whole_list({_whole_parts(instr)})"
     if instr.op in ("call", "reduce", "scalar"):
         lists = [x for x in instr.args if x.level in (PARAM, DEVICE, TENSOR)]
         names = {x.code: f"{x.code}_" for x in lists}
