@@ -1,40 +1,79 @@
-"""The multi-tensor step's order: where its reductions' all-reduces go (a sharded parameter's).
+"""The order of a step's instructions on the torch paths: which run inside a branch (sink), and, on
+the multi-tensor path, where the all-reduces of a sharded parameter's reductions go (order).
 
-A reduction over the list's tensors (an instruction the function table calls a whole-tensor or
-axis reduction) computes each rank's parts where it runs; their all-reduce (one for several
-reductions) waits while anything else can run. The instructions run in their order, except that
-one reading a result still partial waits for the next combine, and what does not depend on it goes
-first. So the reductions of one stage (those no other reduction's result feeds) share one
-all-reduce, as the fused path's stages do: Adafactor's rms(p) and the row and column means of g^2.
-
-Decided from the instructions alone (what each binds, reads and writes in place:
-optdsl/backends/tensor_ops.py), not from their printed code; optdsl/backends/torch.py prints it.
+Both move instructions, and both decide from the instructions alone (what each binds, reads and
+writes in place: optdsl/backends/instrs.py), not from their printed code, with one rule of what may
+not pass what (Dependence); optdsl/backends/torch.py prints the result.
 """
 from __future__ import annotations
 
-from .tensor_ops import Instr
+from collections import Counter
+from dataclasses import replace
+
+from .instrs import Instr
 
 
+class Dependence:
+    """Which instructions of a step may not pass each other: one binding or reading a name the other
+    binds, or writing in place a tensor that may share memory (a view, an alias) with one the other
+    reads or writes."""
+
+    def __init__(self, instrs: list[Instr]):
+        self.roots = _aliases(instrs)
+        self._seen: dict[int, tuple[Instr, set[str], set[str], set[str]]] = {}
+
+    def _facts(self, instr: Instr) -> tuple[set[str], set[str], set[str]]:
+        """The values it touches, the tensors it may touch, and those it writes in place."""
+        if id(instr) not in self._seen:
+            names = instr.binds | instr.reads
+            self._seen[id(instr)] = (instr, names, self._rooted(names), self._rooted(instr.writes))
+        return self._seen[id(instr)][1:]
+
+    def _rooted(self, names: set[str]) -> set[str]:
+        return set().union(*(self.roots.get(n, {n}) for n in names))
+
+    def between(self, a: Instr, b: Instr) -> bool:
+        (names_a, memory_a, written_a), (names_b, memory_b, written_b) = self._facts(a), self._facts(b)
+        return bool(names_a & names_b & (a.binds | b.binds) or written_a & memory_b or written_b & memory_a)
+
+
+def _aliases(instrs: list[Instr]) -> dict[str, set[str]]:
+    """Per name an instruction binds: every name whose tensors it may share memory with (ever),
+    transitively (an alias of an alias)."""
+    roots: dict[str, set[str]] = {}
+    for instr in instrs:
+        for out in instr.binds:
+            roots.setdefault(out, {out}).update(() if instr.fresh else instr.binds | instr.reads)
+    for _ in range(len(instrs)):
+        changed = False
+        for rs in roots.values():
+            more = set().union(*(roots.get(r, {r}) for r in rs))
+            if not more <= rs:
+                rs |= more
+                changed = True
+        if not changed:
+            break
+    return roots
+
+
+# ---- the multi-tensor path's all-reduces ----
 def order(instrs: list[Instr]) -> list[Instr | tuple[str, ...]]:
     """`instrs` in the order they run, with, where partial results must be made whole, the names of
-    those that one all-reduce combines. An instruction never passes one it depends on: one binding
-    or reading a name it binds or reads, or writing in place a tensor that may share memory (a view,
-    an alias) with one it reads or writes (and the reverse)."""
-    names = [i.binds | i.reads for i in instrs]  # the values each touches
-    roots = _aliases(instrs, names)
-
-    def rooted(nm: set[str]) -> set[str]:
-        return set().union(*(roots.get(n, {n}) for n in nm))
-    memory = [rooted(nm) for nm in names]  # the tensors each may touch
-    written = [rooted(i.writes) for i in instrs]  # the tensors each writes in place
-    deps = [{j for j in range(k) if names[j] & names[k] & (instrs[j].binds | instrs[k].binds)
-             or written[j] & memory[k] or written[k] & memory[j]} for k in range(len(instrs))]
+    those that one all-reduce combines. A reduction over the list's tensors (an instruction the
+    function table calls a whole-tensor or axis reduction) computes each rank's parts where it runs;
+    their all-reduce (one for several reductions) waits while anything else can run: the
+    instructions run in their order, except that one reading a result still partial waits for the
+    next combine, and what does not depend on it goes first. So the reductions of one stage (those
+    no other reduction's result feeds) share one all-reduce, as the fused path's stages do:
+    Adafactor's rms(p) and the row and column means of g^2."""
+    dep = Dependence(instrs)
+    deps = [{j for j in range(k) if dep.between(instrs[j], instrs[k])} for k in range(len(instrs))]
     out: list[Instr | tuple[str, ...]] = []
     pending: list[str] = []
     done: set[int] = set()
     while len(done) < len(instrs):
         ready = [k for k in range(len(instrs)) if k not in done and deps[k] <= done]
-        free = [k for k in ready if not names[k] & set(pending)]
+        free = [k for k in ready if not (instrs[k].binds | instrs[k].reads) & set(pending)]
         if not free:  # everything left waits for a partial result: combine them all
             out.append(tuple(pending))
             pending.clear()
@@ -49,20 +88,46 @@ def order(instrs: list[Instr]) -> list[Instr | tuple[str, ...]]:
     return out
 
 
-def _aliases(instrs: list[Instr], names: list[set[str]]) -> dict[str, set[str]]:
-    """Per name an instruction binds: every name whose tensors it may share memory with (ever),
-    transitively (an alias of an alias)."""
-    roots: dict[str, set[str]] = {}
-    for instr, nm in zip(instrs, names):
-        for out in instr.binds:
-            roots.setdefault(out, {out}).update(() if instr.fresh else nm)
-    for _ in range(len(instrs)):
-        changed = False
-        for rs in roots.values():
-            more = set().union(*(roots.get(r, {r}) for r in rs))
-            if not more <= rs:
-                rs |= more
-                changed = True
-        if not changed:
-            break
-    return roots
+# ---- work that only one branch reads runs inside it ----
+_PURE_SKIP = ("copy", "bind", "loop")  # writes into a tensor that outlives the step; a loop's names
+
+
+def _movable(instr: Instr) -> bool:
+    """A pure instruction that makes a fresh value: moving it into a branch changes nothing but
+    whether it runs (not in place, not a copy, not a draw)."""
+    return not instr.inplace and instr.op not in _PURE_SKIP and not (instr.row is not None and instr.row.random)
+
+
+def sink(instrs) -> list[Instr]:
+    """Move into a branch the instructions whose values only that branch reads, so that work the
+    branch's condition skips is not done: a `repeat` counted by a hyperparameter unrolls to its
+    bound, each round a branch on `count >= round` (Muon's Newton-Schulz rounds past ns_steps)."""
+    out = [replace(i, blocks=tuple(tuple(sink(b)) for b in i.blocks)) if i.op == "branch" else i for i in instrs]
+    reads = [i.reads for i in out]
+    count = Counter(n for r in reads for n in r)  # how many instructions read each name
+    b = 0
+    while b < len(out):
+        br = out[b]
+        if br.op != "branch":
+            b += 1
+            continue
+        blocks = [list(block) for block in br.blocks]
+        for arm in (0, 1):
+            wanted = {br.args[1 + arm].code}.union(*(x.reads for x in blocks[arm]))
+            other_arm = {br.args[0].code, br.args[2 - arm].code}.union(*(x.reads for x in blocks[1 - arm]))
+            for j in range(b - 1, -1, -1):
+                ins = out[j]
+                if not (_movable(ins) and ins.out in wanted and ins.out not in other_arm
+                        and count[ins.out] == 1):  # read by the branch alone
+                    continue
+                blocks[arm].insert(0, ins)
+                wanted |= reads[j]
+                for n in reads[j]:
+                    if n in reads[b]:
+                        count[n] -= 1
+                reads[b] |= reads[j]
+                del out[j], reads[j]
+                b -= 1
+        out[b] = replace(br, blocks=tuple(tuple(block) for block in blocks))
+        b += 1
+    return out

@@ -6,79 +6,16 @@ Values are updated in place wherever nothing reads them afterwards, and
 """
 from __future__ import annotations
 
-import re
 from collections import Counter
-from dataclasses import dataclass, replace
 
 import sympy as sp
 
 from .. import functions as fn
 from .. import ir
 from ..sym import DEVICE, GROUP, PARAM, TENSOR, LoopBlock, Plan, is_reduction, nest_loops
+from .instrs import Instr, Operand
 from .printers import _BY_CLASS, DevicePrinter, HostPrinter, number_code
-
-
-@dataclass(frozen=True)
-class Operand:
-    code: str
-    level: int  # GROUP/PARAM/DEVICE scalars or TENSOR
-    tensor_shape: frozenset | None = ir.FULL  # for a TENSOR: its shape (see ir.join)
-
-    @property
-    def tensor(self) -> bool:
-        return self.level == TENSOR
-
-    @property
-    def shape(self):
-        return self.tensor_shape if self.tensor else ir.ALL
-
-
-@dataclass(frozen=True)
-class Instr:
-    op: str                     # torch method / foreach name, or "call", "reduce", "scalar", "copy",
-                                # "branch", "bind" (`out` names = args) or "loop" (args[0] rounds of blocks[0])
-    out: str                    # buffer written (the first operand's when in place)
-    args: tuple[Operand, ...]
-    inplace: bool = False
-    value: Operand | None = None  # `alpha=` / `value=` scalar
-    template: str = ""          # for "call"/"reduce"/"scalar": torch code with {0}, {1}, ...
-    blocks: tuple = ()          # for "branch": the instructions of each branch; for "loop": of one round
-    skip_zero: bool = False     # `out = a if value == 0 else a + value*b`
-    row: fn.Function | None = None  # for "call"/"reduce": the function table's row it computes
-
-    @property
-    def whole(self) -> bool:
-        """Whether it is a reduction, whole-tensor or over axes (the function table's row says): of a
-        sharded parameter (a DTensor) a reduction over a split axis is each rank's part, which the
-        printers make whole (the generated _whole: one all-reduce over the mesh)."""
-        return self.row is not None and (self.row.reduction or bool(self.row.axis))
-
-    @property
-    def binds(self) -> set[str]:
-        """The names it binds (its blocks' too): not those of the tensors it writes in place."""
-        own = set() if self.inplace or self.op == "copy" else {n.strip() for n in self.out.split(",")}
-        return own.union(*(i.binds for block in self.blocks for i in block))  # a loop's bind: "x1, x2"
-
-    @property
-    def writes(self) -> set[str]:
-        """The names of the tensors it writes in place (its blocks' too)."""
-        own = {self.args[0].code} if self.inplace or self.op == "copy" else set()
-        return own.union(*(i.writes for block in self.blocks for i in block))
-
-    @property
-    def reads(self) -> set[str]:
-        """The values it reads (its blocks' too): its operands and scalar, each a name (a host
-        expression of hyperparameters is one too: no instruction binds those)."""
-        own = {a.code for a in self.args} | ({self.value.code} if self.value is not None else set())
-        return own.union(*(i.reads for block in self.blocks for i in block))
-
-    @property
-    def fresh(self) -> bool:
-        """Whether what it binds is new tensors: torch's out-of-place foreach ops and the reductions
-        make them; another call (a view: .mT), a branch, a kept loop, a bind (x1 = x0) or a skipped
-        addition (its operand itself) may return what it reads."""
-        return (self.op not in ("call", "branch", "scalar", "copy", "bind", "loop") and not self.skip_zero
-                or self.whole)
+from .schedule import sink
 
 
 _OUT_OF_PLACE = {"call", "reduce", "maximum", "minimum"}  # no in-place method to call
@@ -516,60 +453,3 @@ def _like(ref: int, i: int) -> str:
 
 def _first_tensor(args) -> int:
     return next(i for i, a in enumerate(args) if a.tensor)
-
-
-# ---- work that only one branch reads runs inside it ----
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_PURE_SKIP = ("copy", "bind", "loop")  # writes into a tensor that outlives the step; a loop's names
-
-
-def _reads(instr: Instr) -> set[str]:
-    """Every identifier an instruction's code reads (its operands, scalar, template, branches)."""
-    text = " ".join([a.code for a in instr.args] + [instr.value.code if instr.value else "", instr.template])
-    names = set(_IDENT.findall(text))
-    for block in instr.blocks:
-        for i in block:
-            names |= _reads(i)
-    return names
-
-
-def _movable(instr: Instr) -> bool:
-    """A pure instruction that makes a fresh value: moving it into a branch changes nothing but
-    whether it runs (not in place, not a copy, not a draw)."""
-    return not instr.inplace and instr.op not in _PURE_SKIP and not (instr.row is not None and instr.row.random)
-
-
-def sink(instrs) -> list[Instr]:
-    """Move into a branch the instructions whose values only that branch reads, so that work the
-    branch's condition skips is not done: a `repeat` counted by a hyperparameter unrolls to its
-    bound, each round a branch on `count >= round` (Muon's Newton-Schulz rounds past ns_steps)."""
-    out = [replace(i, blocks=tuple(tuple(sink(b)) for b in i.blocks)) if i.op == "branch" else i for i in instrs]
-    reads = [_reads(i) for i in out]
-    count = Counter(n for r in reads for n in r)  # how many instructions read each name
-    b = 0
-    while b < len(out):
-        br = out[b]
-        if br.op != "branch":
-            b += 1
-            continue
-        blocks = [list(block) for block in br.blocks]
-        for arm in (0, 1):
-            wanted = set(_IDENT.findall(br.args[1 + arm].code)).union(*(_reads(x) for x in blocks[arm]))
-            other_arm = set(_IDENT.findall(br.args[0].code + " " + br.args[2 - arm].code)).union(
-                *(_reads(x) for x in blocks[1 - arm]))
-            for j in range(b - 1, -1, -1):
-                ins = out[j]
-                if not (_movable(ins) and ins.out in wanted and ins.out not in other_arm
-                        and count[ins.out] == 1):  # read by the branch alone
-                    continue
-                blocks[arm].insert(0, ins)
-                wanted |= reads[j]
-                for n in reads[j]:
-                    if n in reads[b]:
-                        count[n] -= 1
-                reads[b] |= reads[j]
-                del out[j], reads[j]
-                b -= 1
-        out[b] = replace(br, blocks=tuple(tuple(block) for block in blocks))
-        b += 1
-    return out

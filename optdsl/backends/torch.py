@@ -20,7 +20,9 @@ from ..sym import DEVICE, GROUP, PARAM, TENSOR, Plan, meanings
 from . import fusion, group_phase, mode_code, schedule, step_shapes
 from . import triton as triton_backend
 from .printers import CompiledPrinter, HostPrinter, read_state_code, state_shape_code
-from .tensor_ops import Emitter, Instr, Operand, sink
+from .instrs import Instr
+from .schedule import sink
+from .tensor_ops import Emitter
 
 # Names the generated functions use for their own variables (the same list refuses them in specs).
 INTERNAL_NAMES = RESERVED | set(ir.BUILTINS)
