@@ -48,6 +48,32 @@ def test_a_value_where_guards_is_not_an_exception_after_hoisting(k, want):
     _assert_all(_run(cls, k=k), -want * G)
 
 
+# tanh(m) of the old m, read by one branch alone, is moved into it (not computed when the other is
+# taken); m is updated in place (m.lerp_) before the branch, so the move must not pass that update
+BRANCH_AFTER_UPDATE = """optimizer B
+  hyper k = 1 in [0, inf)
+  state m = 0
+  b = tanh(m)
+  m = lerp(m, g, 0.1)
+  p -= 0.1 * where(k > 0.5, b * g + sin(b), m)
+"""
+
+
+@pytest.mark.parametrize("k", [0.0, 1.0])
+def test_work_moved_into_a_branch_reads_values_from_before_an_in_place_update(k):
+    """It read the updated m on the for-loop and foreach paths: p moved at the first step, where
+    m = 0 gives b = 0 and no update. Against the loop written out: the fused path's tanh is
+    2 sigmoid(2x) - 1 (optdsl/functions.py), some ulps from torch's where |x| is small (|m| >= 0.05
+    here, or 0 exactly), so 1e-13 relative, nothing else differs."""
+    cls = optdsl.compile(BRANCH_AFTER_UPDATE)
+    m, want = torch.zeros_like(G), torch.zeros_like(G)
+    for _ in range(3):
+        b = torch.tanh(m)
+        m = torch.lerp(m, G, 0.1)
+        want = want - 0.1 * (b * G + torch.sin(b) if k > 0.5 else m)
+    _assert_all(_run(cls, steps=3, k=k), want, rtol=1e-13)
+
+
 # A host scalar of a hyperparameter x, against torch's value of the same on a float64 tensor.
 HOST = [
     ("t / x", 0.0, lambda x: 1 / x),

@@ -101,10 +101,14 @@ def _movable(instr: Instr) -> bool:
 def sink(instrs) -> list[Instr]:
     """Move into a branch the instructions whose values only that branch reads, so that work the
     branch's condition skips is not done: a `repeat` counted by a hyperparameter unrolls to its
-    bound, each round a branch on `count >= round` (Muon's Newton-Schulz rounds past ns_steps)."""
+    bound, each round a branch on `count >= round` (Muon's Newton-Schulz rounds past ns_steps).
+    An instruction moves past those between it and the branch only where it does not depend on them
+    (Dependence): the instructions update buffers in place (unlike the fused path's matrix section,
+    optdsl/backends/triton.py's _lazy_section, whose values are each bound once)."""
     out = [replace(i, blocks=tuple(tuple(sink(b)) for b in i.blocks)) if i.op == "branch" else i for i in instrs]
     reads = [i.reads for i in out]
     count = Counter(n for r in reads for n in r)  # how many instructions read each name
+    dep = Dependence(out)
     b = 0
     while b < len(out):
         br = out[b]
@@ -118,7 +122,10 @@ def sink(instrs) -> list[Instr]:
             for j in range(b - 1, -1, -1):
                 ins = out[j]
                 if not (_movable(ins) and ins.out in wanted and ins.out not in other_arm
-                        and count[ins.out] == 1):  # read by the branch alone
+                        and count[ins.out] == 1  # read by the branch alone
+                        # and passing nothing between: an in-place write of what it reads (m.lerp_(g)
+                        # after tanh(m)) would change its value
+                        and not any(dep.between(x, ins) for x in out[j + 1:b])):
                     continue
                 blocks[arm].insert(0, ins)
                 wanted |= reads[j]
