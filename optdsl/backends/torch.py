@@ -173,12 +173,18 @@ def single(instr: Instr) -> list[str]:
     if instr.op in ("bind", "loop"):
         return _loop(instr, single)
     if instr.op == "branch":
-        then, other = instr.blocks
-        return ([f"if {a[0]}:"] + _indent(then, single) + [f"    {instr.out} = {a[1]}", "else:"]
-                + _indent(other, single) + [f"    {instr.out} = {a[2]}"])
+        return _if_else(instr, single)
     if instr.skip_zero:
         return [f"{_single_line(instr)} if {instr.value.code} != 0 else {a[0]}"]
     return [_single_line(instr)]
+
+
+def _if_else(instr: Instr, printer) -> list[str]:
+    """A branch on one host condition: a Python if/else, each block's instructions printed by `printer`."""
+    cond, then_value, other_value = (x.code for x in instr.args)
+    then, other = instr.blocks
+    return ([f"if {cond}:"] + _indent(then, printer) + [f"    {instr.out} = {then_value}", "else:"]
+            + _indent(other, printer) + [f"    {instr.out} = {other_value}"])
 
 
 def _indent(block, printer) -> list[str]:
@@ -215,8 +221,7 @@ def multi(instr: Instr) -> list[str]:
     if instr.op == "branch":
         then, other = instr.blocks
         if instr.args[0].level == GROUP:
-            return ([f"if {a[0]}:"] + _indent(then, multi) + [f"    {instr.out} = {a[1]}", "else:"]
-                    + _indent(other, multi) + [f"    {instr.out} = {a[2]}"])
+            return _if_else(instr, multi)
         pick = f"[x if c else y for c, x, y in zip({a[0]}, {a[1]}, {a[2]})]"
         if _linear_algebra(then + other):
             # an eigendecomposition, a QR or a matrix product per tensor costs more than the whole
