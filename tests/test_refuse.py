@@ -15,7 +15,7 @@ import optdsl
 from optdsl import info
 from optdsl.explain import explain, report
 from optdsl.pipeline import compile_source
-from test_zoo_frontier import _fused_ok
+from test_zoo_frontier import paths_here
 
 SPEC = '''optimizer Picky
 hyper lr = 0.1 in [0, inf), big = 3 in [1, inf)
@@ -37,16 +37,6 @@ SAME = SPEC.replace(SPEC.split("\n")[5] + "\n", "")  # without the refusal
 WHY = "rank {ndim} \\ is too many for this spec: \\u2028reshape it (picky.opt:6: rule ndim >= big refuse)"
 
 
-def _modes():
-    modes = [dict(foreach=False), dict(foreach=True)]
-    try:
-        _fused_ok()
-        modes.append(dict(fused=True))
-    except pytest.skip.Exception:
-        pass
-    return modes
-
-
 def test_a_parameter_an_earlier_rule_takes_is_not_refused_and_the_others_step_as_without_it():
     """(2, 5, 4) is refused; (1, 5, 4) is taken by the first rule, before the refusal; the rest update
     bitwise as the same spec without the refusal, on every path."""
@@ -58,7 +48,7 @@ def test_a_parameter_an_earlier_rule_takes_is_not_refused_and_the_others_step_as
     shapes = [(1, 3, 2), (4, 3), (5,), ()]
     init = [torch.randn(s, generator=gen) for s in shapes]
     grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
-    for mode in _modes():
+    for mode in paths_here():
         runs = []
         for cls in (Picky, Same):
             ps = [torch.nn.Parameter(x.clone()) for x in init]
@@ -74,7 +64,7 @@ def test_a_parameter_an_earlier_rule_takes_is_not_refused_and_the_others_step_as
 
 def test_a_refusal_on_a_hyperparameter_is_checked_per_group_and_again_at_step():
     Picky = optdsl.compile(SPEC, "picky.opt")
-    for mode in _modes():
+    for mode in paths_here():
         p, q = torch.nn.Parameter(torch.ones(4, 3)), torch.nn.Parameter(torch.ones(2, 2, 2))
         opt = Picky([p], **mode)
         with pytest.raises(ValueError, match=re.escape("shape (2, 2, 2): rank {ndim}")):
@@ -92,7 +82,7 @@ def test_a_refusal_on_a_hyperparameter_is_checked_per_group_and_again_at_step():
 def test_a_spec_of_one_updating_rule_and_a_refusal():
     src = 'optimizer One\nhyper lr = 0.1 in [0, inf)\nrule ndim >= 3 refuse "not this"\nrule {\n  state m\n  m = 0.9 * m + g\n  p -= lr * m\n}\n'
     One = optdsl.compile(src, "one.opt")
-    for mode in _modes():
+    for mode in paths_here():
         p = torch.nn.Parameter(torch.ones(2, 3))
         opt = One([p], **mode)
         for _ in range(2):
@@ -208,7 +198,7 @@ def test_a_refusal_at_step_comes_before_any_parameter_moves():
     """A group whose values changed so that it refuses a parameter: the step raises before it updates
     any group (the first group's parameter, its state and step count as they were), on every path."""
     Picky = optdsl.compile(SPEC, "picky.opt")
-    for mode in _modes():
+    for mode in paths_here():
         p, q = torch.nn.Parameter(torch.ones(4, 3)), torch.nn.Parameter(torch.ones(2, 2, 2))
         opt = Picky([{"params": [p]}, {"params": [q], "big": 4}], **mode)
         p.grad, q.grad = torch.ones(4, 3), torch.ones(2, 2, 2)

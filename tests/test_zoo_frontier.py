@@ -34,6 +34,17 @@ def _fused_ok():
         pytest.skip("the fused path runs under TRITON_INTERPRET=1, or compiled on a CUDA device")
 
 
+def paths_here():
+    """The step paths this machine runs: for-loop and foreach, and fused where _fused_ok allows it."""
+    modes = [dict(foreach=False), dict(foreach=True)]
+    try:
+        _fused_ok()
+        modes.append(dict(fused=True))
+    except pytest.skip.Exception:
+        pass
+    return modes
+
+
 
 # ---------------------------------------------------------------- cos, sin, %, nunits
 

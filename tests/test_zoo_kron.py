@@ -46,7 +46,7 @@ import torch
 
 import optdsl
 from test_differential import SPECS, run_pair
-from test_zoo_frontier import FUSED_STEPS, _fused_ok
+from test_zoo_frontier import FUSED_STEPS, _fused_ok, paths_here
 from test_zoo_specs import OnePerParameter
 
 psgd = pytest.importorskip("pytorch_optimizer.optimizer.psgd")
@@ -349,13 +349,7 @@ def test_the_rows_on_every_path(float64_default):
     ell = torch.eye(5) + gg.triu() / h["_norm_lb"](gg)
     want = x - 0.1 * torch.linalg.solve_triangular(torch.eye(3) + (grad.T @ grad).triu(), ell @ grad, upper=True,
                                                    left=False)
-    modes = [dict(foreach=False), dict(foreach=True)]
-    try:
-        _fused_ok()
-        modes.append(dict(fused=True))
-    except pytest.skip.Exception:
-        pass
-    for mode in modes:
+    for mode in paths_here():
         p = torch.nn.Parameter(x.clone())
         opt = X([p], **mode)
         p.grad = grad.clone()
