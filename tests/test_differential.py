@@ -51,7 +51,7 @@ FUSED_DEVICE = "cuda" if ON_GPU else "cpu"
 
 
 def run_pair(make_ours, make_ref, shapes, dtype, steps, seed=0, tol=None, skip=True, loss=False, feed=None,
-             fused=False):
+             fused=False, ref_on_fused_device=False):
     """Step ours (for-loop and foreach) and the reference side by side; assert after every step.
 
     skip: some parameters miss their gradient on some steps (so step counts differ per
@@ -60,11 +60,14 @@ def run_pair(make_ours, make_ref, shapes, dtype, steps, seed=0, tol=None, skip=T
     every parameter of all three optimizers before each step (opt.feed), as a training loop would.
     fused: ours is one optimizer on the fused Triton path instead, make_ours(params, fused=True),
     its parameters on FUSED_DEVICE (the GPU where the kernels run compiled).
+    ref_on_fused_device: the reference's parameters there too, for references whose answer depends
+    on the device's linear algebra (an eigenbasis of a degenerate eigenspace, as SOAP's at step 1).
     """
     tol = TOL[dtype] if tol is None else tol
     gen = torch.Generator().manual_seed(seed)
     init = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
-    ref = [torch.nn.Parameter(x.clone()) for x in init]
+    ref_device = FUSED_DEVICE if fused and ref_on_fused_device else "cpu"
+    ref = [torch.nn.Parameter(x.clone().to(ref_device)) for x in init]
     if fused:
         sides = [[torch.nn.Parameter(x.clone().to(FUSED_DEVICE)) for x in init]]
         opts = [make_ours(sides[0], fused=True)]
@@ -96,7 +99,8 @@ def run_pair(make_ours, make_ref, shapes, dtype, steps, seed=0, tol=None, skip=T
                     f"foreach and for-loop paths differ at step {step}, tensor {i} {tuple(shapes[i])}: "
                     f"max |diff| {(loop - fe).abs().max().item():.3e}")
             scale[i] = max(scale[i], ref[i].abs().max().item())
-            err = max((x[i].detach().cpu() - ref[i]).abs().max().item() for x in sides) / (scale[i] + 1e-300)
+            err = max((x[i].detach().cpu() - ref[i].detach().cpu()).abs().max().item()
+                      for x in sides) / (scale[i] + 1e-300)
             path = "fused" if fused else "ours"
             assert err <= tol, (f"{path} differs from reference at step {step}, tensor {i} {tuple(shapes[i])}: "
                                 f"relative error {err:.3e} > {tol:.0e}")

@@ -228,8 +228,11 @@ def test_soap_fused_matches_pytorch_optimizer(case, float64_default):
     _fused_ok()
     Soap = optdsl.load(SPECS / "soap.opt")
     kw = SOAP[case]
+    # the reference runs where ours does: at step 1 the Gram matrices are of rank 1 or 2, and which
+    # basis eigh picks in their degenerate eigenspaces (Adam's second moment is not invariant to it)
+    # is the device's linear algebra's choice; CUDA's and the CPU's differ (2e-3 at step 1 on an H200)
     run_pair(lambda ps, **mode: Soap(ps, **mode, **kw), lambda ps: soap_ref(ps, **kw), SOAP_SHAPES, torch.float64,
-             FUSED_STEPS, seed=zlib.crc32(case.encode()), fused=True)
+             FUSED_STEPS, seed=zlib.crc32(case.encode()), fused=True, ref_on_fused_device=True)
 
 
 @pytest.mark.parametrize("old, new", [
