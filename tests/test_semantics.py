@@ -404,3 +404,18 @@ def test_an_axis_reduction_of_a_value_already_reduced_along_it_is_the_value():
     cls = optdsl.compile("optimizer W\nstate r: rows\nr = row_mean(g)\n"
                          "p += row_sum(r - r - 2) + unit_norm(unit_mean(g) - 3)\n")
     _steps_like(cls, lambda p: torch.full_like(p, -2.0 + 2.0), [(3, 4), (2, 3, 5)])
+
+
+@pytest.mark.parametrize("path", PATHS[:2], ids=str)
+def test_a_spec_without_hyperparameters_replays_its_shapes(path):
+    """The shape replay's signature was `def _shapes_z(param, t, *, **_)` for a spec with no
+    hyperparameter (and no loss): a SyntaxError, so 'this is a bug in optdsl' at compile time."""
+    cls = optdsl.compile("optimizer Z\nu = unit_mean(g)\np += row_mean(u) * g\n")
+    p = torch.nn.Parameter(torch.zeros(2, 3, dtype=torch.float64))
+    p.grad = torch.ones_like(p)
+    cls([p], **path).step()
+    assert torch.equal(p.detach(), torch.ones_like(p))
+    q = torch.nn.Parameter(torch.zeros(3))  # a vector: the replay names col_mean's rank (the spec's line)
+    q.grad = torch.ones(3)
+    with pytest.raises(ValueError, match=r"(?s)Z: col_mean\(\) needs parameters of rank 2 or more.*<spec>:3:6"):
+        optdsl.compile("optimizer Z\nu = unit_mean(g)\np += col_mean(u) * g\n")([q], **path).step()
