@@ -192,6 +192,24 @@ def _whole_flat(xs):
     return out
 
 
+def _in_stages(steps):
+    """The for-loop path on DTensor parameters: `steps` holds each tensor's step as a generator that
+    hands out (yield) the partial results of a stage's reductions and takes them back whole. The
+    tensors advance side by side, and one _whole_flat makes a stage's results whole for all of them:
+    one all-reduce per stage (per mesh dimension and op), not one per tensor and reduction. A tensor
+    whose branch has no stage there hands out nothing meanwhile; the ranks take the same branches
+    (host conditions: the step count, shapes, hyperparameters), so their collectives match. Each
+    step yields None when computed: the states are then written back in the tensors' order, as the
+    per-tensor loop writes them (stochastic rounding draws from the generator in that order)."""
+    steps = list(steps)
+    parts = [step.send(None) for step in steps]
+    while any(xs is not None for xs in parts):
+        whole = iter(_whole_flat([x for xs in parts if xs is not None for x in xs]))
+        parts = [xs if xs is None else step.send(tuple(next(whole) for _ in xs)) for step, xs in zip(steps, parts)]
+    for step in steps:
+        next(step, None)
+
+
 def _amax(x, dim):
     """torch.amax(x) (dim None) or x.amax(dim, keepdim=True). A DTensor's maximum over a split axis
     is each shard's, left partial (a MAX to finish, which _whole does): a shard empty along that
@@ -1421,7 +1439,8 @@ def adafactor_0(params, grads, r_list, c_list, state_steps, *, foreach=None, fus
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-    impl = _multi_tensor_adafactor_0 if foreach else _single_tensor_adafactor_0
+    # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
+    impl = _multi_tensor_adafactor_0 if foreach else _sharded_adafactor_0 if any(map(_is_sharded, params)) else _single_tensor_adafactor_0
     impl(params, grads, r_list, c_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -1471,6 +1490,62 @@ def _single_tensor_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr
             param.copy_(p)
         _write_state(r_list[i], r, False, generator, stochastic)
         _write_state(c_list[i], c, False, generator, stochastic)
+
+
+def _sharded_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd,
+                         generator=None, stochastic=False):
+    """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
+    in _single_tensor_adafactor_0, but hands out (yield) the partial results of each stage's
+    reductions, which _in_stages makes whole for all the tensors at once: one all-reduce per stage."""
+    # Scalars of the hyperparameters alone: once per group.
+    k0 = -lr*wd + 1
+    k1 = 1/d
+    k2 = _pow(eps1, 2)
+    def per_tensor(i, param):
+        p = param if param.dtype in _EXACT else param.float()
+        g = grads[i].to(p.dtype)
+        # States stored in bfloat16 or low bit (state_dtype) are updated in p's precision, written back below.
+        r = _read_state(r_list[i], p, False, p.shape[:-1] + (1,))
+        c = _read_state(c_list[i], p, False, p.shape[:-2] + (1,) + p.shape[-1:])
+        step_t = state_steps[i]
+        step_t += 1
+        # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
+        # (`.item()` would break the graph, a float would be specialised on and recompile).
+        if torch.compiler.is_compiling():
+            t = step_t.to(torch.float64)
+            c0 = t**beta2_decay
+            c1 = torch.minimum(torch.as_tensor(lr, dtype=torch.float64), torch.rsqrt(t))
+        else:
+            t = step_t.item()
+            c0 = t**beta2_decay
+            c1 = min(lr, 1/math.sqrt(t))
+        r1 = _rms(p)
+        tmp0 = torch.mul(g, g)
+        tmp1 = _mean(tmp0, -1, True)
+        tmp2 = _mean(tmp0, -2, True)
+        p.mul_(k0)
+        r1, tmp1, tmp2 = yield r1, tmp1, tmp2
+        r.lerp_(tmp1, c0)
+        c.lerp_(tmp2, c0)
+        tmp3 = torch.mul(r, c)
+        tmp4 = _mean(r, -2, True)
+        tmp4, = yield tmp4,
+        tmp4.clamp_min_(eps1)
+        tmp3.div_(tmp4)
+        tmp3.clamp_min_(k2)
+        tmp3.sqrt_()
+        tmp5 = torch.div(g, tmp3)
+        r0 = _rms(tmp5)
+        r0, = yield r0,
+        d0 = torch.as_tensor(-c1*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r1, dtype=torch.float64))/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r0, dtype=torch.float64)), dtype=p.dtype)
+        tmp5.mul_(d0)
+        p.add_(tmp5)
+        yield  # computed: _in_stages writes the states back in the tensors' order
+        if p is not param:
+            param.copy_(p)
+        _write_state(r_list[i], r, False, generator, stochastic)
+        _write_state(c_list[i], c, False, generator, stochastic)
+    _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
 def _multi_tensor_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd,                               generator=None, stochastic=False):
@@ -1556,7 +1631,8 @@ def adafactor_1(params, grads, v_list, state_steps, *, foreach=None, fused=None,
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-    impl = _multi_tensor_adafactor_1 if foreach else _single_tensor_adafactor_1
+    # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
+    impl = _multi_tensor_adafactor_1 if foreach else _sharded_adafactor_1 if any(map(_is_sharded, params)) else _single_tensor_adafactor_1
     impl(params, grads, v_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -1597,6 +1673,51 @@ def _single_tensor_adafactor_1(params, grads, v_list, state_steps, *, lr, beta2_
         if p is not param:
             param.copy_(p)
         _write_state(v_list[i], v, False, generator, stochastic)
+
+
+def _sharded_adafactor_1(params, grads, v_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd,
+                         generator=None, stochastic=False):
+    """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
+    in _single_tensor_adafactor_1, but hands out (yield) the partial results of each stage's
+    reductions, which _in_stages makes whole for all the tensors at once: one all-reduce per stage."""
+    # Scalars of the hyperparameters alone: once per group.
+    k0 = -lr*wd + 1
+    k1 = 1/d
+    k2 = _pow(eps1, 2)
+    def per_tensor(i, param):
+        p = param if param.dtype in _EXACT else param.float()
+        g = grads[i].to(p.dtype)
+        # States stored in bfloat16 or low bit (state_dtype) are updated in p's precision, written back below.
+        v = _read_state(v_list[i], p, False, p.shape)
+        step_t = state_steps[i]
+        step_t += 1
+        # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
+        # (`.item()` would break the graph, a float would be specialised on and recompile).
+        if torch.compiler.is_compiling():
+            t = step_t.to(torch.float64)
+            c0 = t**beta2_decay
+            c1 = torch.minimum(torch.as_tensor(lr, dtype=torch.float64), torch.rsqrt(t))
+        else:
+            t = step_t.item()
+            c0 = t**beta2_decay
+            c1 = min(lr, 1/math.sqrt(t))
+        r1 = _rms(p)
+        tmp0 = torch.mul(g, g)
+        v.lerp_(tmp0, c0)
+        tmp1 = torch.clamp_min(v, k2)
+        tmp1.sqrt_()
+        tmp2 = torch.div(g, tmp1)
+        r0 = _rms(tmp2)
+        p.mul_(k0)
+        r1, r0 = yield r1, r0
+        d0 = torch.as_tensor(-c1*torch.maximum(torch.as_tensor(eps2, dtype=torch.float64), torch.as_tensor(r1, dtype=torch.float64))/torch.maximum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(k1*r0, dtype=torch.float64)), dtype=p.dtype)
+        tmp2.mul_(d0)
+        p.add_(tmp2)
+        yield  # computed: _in_stages writes the states back in the tensors' order
+        if p is not param:
+            param.copy_(p)
+        _write_state(v_list[i], v, False, generator, stochastic)
+    _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
 def _multi_tensor_adafactor_1(params, grads, v_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd,                               generator=None, stochastic=False):

@@ -172,6 +172,24 @@ def _whole_flat(xs):
     return out
 
 
+def _in_stages(steps):
+    """The for-loop path on DTensor parameters: `steps` holds each tensor's step as a generator that
+    hands out (yield) the partial results of a stage's reductions and takes them back whole. The
+    tensors advance side by side, and one _whole_flat makes a stage's results whole for all of them:
+    one all-reduce per stage (per mesh dimension and op), not one per tensor and reduction. A tensor
+    whose branch has no stage there hands out nothing meanwhile; the ranks take the same branches
+    (host conditions: the step count, shapes, hyperparameters), so their collectives match. Each
+    step yields None when computed: the states are then written back in the tensors' order, as the
+    per-tensor loop writes them (stochastic rounding draws from the generator in that order)."""
+    steps = list(steps)
+    parts = [step.send(None) for step in steps]
+    while any(xs is not None for xs in parts):
+        whole = iter(_whole_flat([x for xs in parts if xs is not None for x in xs]))
+        parts = [xs if xs is None else step.send(tuple(next(whole) for _ in xs)) for step, xs in zip(steps, parts)]
+    for step in steps:
+        next(step, None)
+
+
 def _amax(x, dim):
     """torch.amax(x) (dim None) or x.amax(dim, keepdim=True). A DTensor's maximum over a split axis
     is each shard's, left partial (a MAX to finish, which _whole does): a shard empty along that
@@ -1211,7 +1229,8 @@ def adamwsoftclip(params, grads, m_list, v_list, state_steps, *, foreach=None, f
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-    impl = _multi_tensor_adamwsoftclip if foreach else _single_tensor_adamwsoftclip
+    # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
+    impl = _multi_tensor_adamwsoftclip if foreach else _sharded_adamwsoftclip if any(map(_is_sharded, params)) else _single_tensor_adamwsoftclip
     impl(params, grads, m_list, v_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -1264,6 +1283,63 @@ def _single_tensor_adamwsoftclip(params, grads, m_list, v_list, state_steps, *, 
             param.copy_(p)
         _write_state(m_list[i], m, True, generator, stochastic)
         _write_state(v_list[i], v, False, generator, stochastic)
+
+
+def _sharded_adamwsoftclip(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, clip_eps,
+                           generator=None, stochastic=False):
+    """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
+    in _single_tensor_adamwsoftclip, but hands out (yield) the partial results of each stage's
+    reductions, which _in_stages makes whole for all the tensors at once: one all-reduce per stage."""
+    # Scalars of the hyperparameters alone: once per group.
+    k0 = -lr*wd + 1
+    k1 = 1 - b2
+    k2 = 1 - b1
+    def per_tensor(i, param):
+        p = param if param.dtype in _EXACT else param.float()
+        g = grads[i].to(p.dtype)
+        # States stored in bfloat16 or low bit (state_dtype) are updated in p's precision, written back below.
+        m = _read_state(m_list[i], p, True, p.shape)
+        v = _read_state(v_list[i], p, False, p.shape)
+        step_t = state_steps[i]
+        step_t += 1
+        # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
+        # (`.item()` would break the graph, a float would be specialised on and recompile).
+        if torch.compiler.is_compiling():
+            t = step_t.to(torch.float64)
+            c0 = -lr/((1 - b1**t)*torch.sqrt(1/(1 - b2**t)))
+            c1 = eps/torch.sqrt(1/(1 - b2**t))
+        else:
+            t = step_t.item()
+            c0 = -lr/((1 - b1**t)*math.sqrt(1/(1 - b2**t)))
+            c1 = eps/math.sqrt(1/(1 - b2**t))
+        tmp0 = torch.mul(g, g)
+        tmp1 = _mean(tmp0, tuple(range(1, tmp0.dim())) or None, True)
+        tmp3 = torch.mul(p, p)
+        tmp4 = _mean(tmp3, tuple(range(1, tmp3.dim())) or None, True)
+        p.mul_(k0)
+        tmp1, tmp4 = yield tmp1, tmp4
+        tmp1.sqrt_()
+        tmp2 = torch.clamp_min(tmp1, clip_eps)
+        tmp4.sqrt_()
+        tmp5 = torch.minimum(tmp1, tmp4)
+        tmp5.clamp_min_(clip_eps)
+        tmp6 = torch.mul(tmp5, tmp5)
+        tmp0.mul_(tmp6)
+        tmp7 = torch.mul(tmp2, tmp2)
+        tmp0.div_(tmp7)
+        v.lerp_(tmp0, k1)
+        tmp8 = torch.mul(g, tmp5)
+        tmp8.div_(tmp2)
+        m.lerp_(tmp8, k2)
+        tmp9 = torch.sqrt(v)
+        tmp9.add_(c1)
+        p.addcdiv_(m, tmp9, value=c0)
+        yield  # computed: _in_stages writes the states back in the tensors' order
+        if p is not param:
+            param.copy_(p)
+        _write_state(m_list[i], m, True, generator, stochastic)
+        _write_state(v_list[i], v, False, generator, stochastic)
+    _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
 def _multi_tensor_adamwsoftclip(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, clip_eps,                                 generator=None, stochastic=False):

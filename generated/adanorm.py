@@ -172,6 +172,24 @@ def _whole_flat(xs):
     return out
 
 
+def _in_stages(steps):
+    """The for-loop path on DTensor parameters: `steps` holds each tensor's step as a generator that
+    hands out (yield) the partial results of a stage's reductions and takes them back whole. The
+    tensors advance side by side, and one _whole_flat makes a stage's results whole for all of them:
+    one all-reduce per stage (per mesh dimension and op), not one per tensor and reduction. A tensor
+    whose branch has no stage there hands out nothing meanwhile; the ranks take the same branches
+    (host conditions: the step count, shapes, hyperparameters), so their collectives match. Each
+    step yields None when computed: the states are then written back in the tensors' order, as the
+    per-tensor loop writes them (stochastic rounding draws from the generator in that order)."""
+    steps = list(steps)
+    parts = [step.send(None) for step in steps]
+    while any(xs is not None for xs in parts):
+        whole = iter(_whole_flat([x for xs in parts if xs is not None for x in xs]))
+        parts = [xs if xs is None else step.send(tuple(next(whole) for _ in xs)) for step, xs in zip(steps, parts)]
+    for step in steps:
+        next(step, None)
+
+
 def _amax(x, dim):
     """torch.amax(x) (dim None) or x.amax(dim, keepdim=True). A DTensor's maximum over a split axis
     is each shard's, left partial (a MAX to finish, which _whole does): a shard empty along that
@@ -1215,7 +1233,8 @@ def adanorm(params, grads, m_list, v_list, gn_avg_list, state_steps, *, foreach=
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-    impl = _multi_tensor_adanorm if foreach else _single_tensor_adanorm
+    # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
+    impl = _multi_tensor_adanorm if foreach else _sharded_adanorm if any(map(_is_sharded, params)) else _single_tensor_adanorm
     impl(params, grads, m_list, v_list, gn_avg_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -1260,6 +1279,55 @@ def _single_tensor_adanorm(params, grads, m_list, v_list, gn_avg_list, state_ste
         _write_state(m_list[i], m, True, generator, stochastic)
         _write_state(v_list[i], v, False, generator, stochastic)
         _write_state(gn_avg_list[i], gn_avg, False, generator, stochastic)
+
+
+def _sharded_adanorm(params, grads, m_list, v_list, gn_avg_list, state_steps, *, lr, b1, b2, r, eps, wd,
+                     generator=None, stochastic=False):
+    """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
+    in _single_tensor_adanorm, but hands out (yield) the partial results of each stage's
+    reductions, which _in_stages makes whole for all the tensors at once: one all-reduce per stage."""
+    # Scalars of the hyperparameters alone: once per group.
+    k0 = -lr*wd + 1
+    k1 = 1 - b2
+    k2 = 1 - r
+    k3 = 1 - b1
+    def per_tensor(i, param):
+        p = param if param.dtype in _EXACT else param.float()
+        g = grads[i].to(p.dtype)
+        # States stored in bfloat16 or low bit (state_dtype) are updated in p's precision, written back below.
+        m = _read_state(m_list[i], p, True, p.shape)
+        v = _read_state(v_list[i], p, False, p.shape)
+        gn_avg = _read_state(gn_avg_list[i], p, False, ())
+        step_t = state_steps[i]
+        step_t += 1
+        # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
+        # (`.item()` would break the graph, a float would be specialised on and recompile).
+        if torch.compiler.is_compiling():
+            t = step_t.to(torch.float64)
+            c0 = -lr*torch.sqrt(1 - b2**t)/(1 - b1**t)
+        else:
+            t = step_t.item()
+            c0 = -lr*math.sqrt(1 - b2**t)/(1 - b1**t)
+        r0 = torch.linalg.vector_norm(g)
+        v.mul_((1 - k1))
+        v.addcmul_(g, g, value=k1)
+        tmp1 = torch.sqrt(v)
+        tmp1.add_(eps)
+        p.mul_(k0)
+        r0, = yield r0,
+        d0 = torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((r0 > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((((gn_avg) + (k2) * ((r0) - (gn_avg))) > r0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(((gn_avg) + (k2) * ((r0) - (gn_avg)))/r0, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)), dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)), dtype=p.dtype)
+        d1 = torch.as_tensor(((gn_avg) + (k2) * ((r0) - (gn_avg))), dtype=p.dtype)
+        tmp0 = torch.mul(g, d0)
+        m.lerp_(tmp0, k3)
+        p.addcdiv_(m, tmp1, value=c0)
+        _copy_into(gn_avg, d1)
+        yield  # computed: _in_stages writes the states back in the tensors' order
+        if p is not param:
+            param.copy_(p)
+        _write_state(m_list[i], m, True, generator, stochastic)
+        _write_state(v_list[i], v, False, generator, stochastic)
+        _write_state(gn_avg_list[i], gn_avg, False, generator, stochastic)
+    _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
 def _multi_tensor_adanorm(params, grads, m_list, v_list, gn_avg_list, state_steps, *, lr, b1, b2, r, eps, wd,                           generator=None, stochastic=False):

@@ -175,6 +175,24 @@ def _whole_flat(xs):
     return out
 
 
+def _in_stages(steps):
+    """The for-loop path on DTensor parameters: `steps` holds each tensor's step as a generator that
+    hands out (yield) the partial results of a stage's reductions and takes them back whole. The
+    tensors advance side by side, and one _whole_flat makes a stage's results whole for all of them:
+    one all-reduce per stage (per mesh dimension and op), not one per tensor and reduction. A tensor
+    whose branch has no stage there hands out nothing meanwhile; the ranks take the same branches
+    (host conditions: the step count, shapes, hyperparameters), so their collectives match. Each
+    step yields None when computed: the states are then written back in the tensors' order, as the
+    per-tensor loop writes them (stochastic rounding draws from the generator in that order)."""
+    steps = list(steps)
+    parts = [step.send(None) for step in steps]
+    while any(xs is not None for xs in parts):
+        whole = iter(_whole_flat([x for xs in parts if xs is not None for x in xs]))
+        parts = [xs if xs is None else step.send(tuple(next(whole) for _ in xs)) for step, xs in zip(steps, parts)]
+    for step in steps:
+        next(step, None)
+
+
 def _amax(x, dim):
     """torch.amax(x) (dim None) or x.amax(dim, keepdim=True). A DTensor's maximum over a split axis
     is each shard's, left partial (a MAX to finish, which _whole does): a shard empty along that
@@ -1238,7 +1256,8 @@ def amos(params, grads, m_list, v_list, decay_list, state_steps, *, foreach=None
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-    impl = _multi_tensor_amos if foreach else _single_tensor_amos
+    # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
+    impl = _multi_tensor_amos if foreach else _sharded_amos if any(map(_is_sharded, params)) else _single_tensor_amos
     impl(params, grads, m_list, v_list, decay_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -1298,6 +1317,70 @@ def _single_tensor_amos(params, grads, m_list, v_list, decay_list, state_steps, 
         _write_state(m_list[i], m, True, generator, stochastic)
         _write_state(v_list[i], v, False, generator, stochastic)
         _write_state(decay_list[i], decay, False, generator, stochastic)
+
+
+def _sharded_amos(params, grads, m_list, v_list, decay_list, state_steps, *, lr, beta, momentum, extra_l2, c_coef, d_coef, eps,
+                  generator=None, stochastic=False):
+    """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
+    in _single_tensor_amos, but hands out (yield) the partial results of each stage's
+    reductions, which _in_stages makes whole for all the tensors at once: one all-reduce per stage."""
+    # Scalars of the hyperparameters alone: once per group.
+    k0 = math.sqrt(2)
+    k1 = -1/2*extra_l2
+    k2 = _pow(lr, 2)
+    k3 = c_coef*math.sqrt(lr)
+    k4 = 1 - beta
+    k5 = 1 - momentum
+    def per_tensor(i, param):
+        p = param if param.dtype in _EXACT else param.float()
+        g = grads[i].to(p.dtype)
+        # States stored in bfloat16 or low bit (state_dtype) are updated in p's precision, written back below.
+        m = _read_state(m_list[i], p, True, p.shape)
+        v = _read_state(v_list[i], p, False, ())
+        decay = _read_state(decay_list[i], p, False, ())
+        step_t = state_steps[i]
+        step_t += 1
+        ndim = p.dim()
+        ncols = (p.shape[-1] if p.dim() >= 1 else 1)
+        # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
+        # (`.item()` would break the graph, a float would be specialised on and recompile).
+        if torch.compiler.is_compiling():
+            t = step_t.to(torch.float64)
+            c0 = d_coef*math.sqrt(lr*(0.5 if float(ndim <= 1) else (k0*_pow(_pow(ncols, -1), 1/2) if float(ndim == 2) else _pow(_pow(ncols, -1), 1/2))))
+            c1 = (1/2)*k2*(1 - beta**t)
+            c2 = torch.sqrt(1 - beta**t)
+            c3 = (0.5 if float(ndim <= 1) else (k0*_pow(_pow(ncols, -1), 1/2) if float(ndim == 2) else _pow(_pow(ncols, -1), 1/2)))
+            c4 = k2*(1 - beta**t)
+        else:
+            t = step_t.item()
+            c0 = d_coef*math.sqrt(lr*(0.5 if float(ndim <= 1) else (k0*_pow(_pow(ncols, -1), 1/2) if float(ndim == 2) else _pow(_pow(ncols, -1), 1/2))))
+            c1 = (1/2)*k2*(1 - beta**t)
+            c2 = math.sqrt(1 - beta**t)
+            c3 = (0.5 if float(ndim <= 1) else (k0*_pow(_pow(ncols, -1), 1/2) if float(ndim == 2) else _pow(_pow(ncols, -1), 1/2)))
+            c4 = k2*(1 - beta**t)
+        d0 = torch.as_tensor(1/(c0*decay + 1), dtype=p.dtype)
+        tmp0 = torch.mul(g, g)
+        r0 = _mean(tmp0)
+        r0, = yield r0,
+        d1 = torch.as_tensor(c1*r0/((eps + ((v) + (k4) * ((r0) - (v))))*torch.sqrt(decay*k3 + 1)) + k1, dtype=p.dtype)
+        d2 = torch.as_tensor(c2*c3*lr*torch.sqrt(1/(eps + ((v) + (k4) * ((r0) - (v))))), dtype=p.dtype)
+        d3 = torch.as_tensor(((v) + (k4) * ((r0) - (v))), dtype=p.dtype)
+        d4 = torch.as_tensor(c4*r0/((eps + ((v) + (k4) * ((r0) - (v))))*torch.sqrt(decay*k3 + 1)) + decay*(c4*r0/((eps + ((v) + (k4) * ((r0) - (v))))*torch.sqrt(decay*k3 + 1)) + 1), dtype=p.dtype)
+        tmp1 = torch.mul(g, d2)
+        tmp2 = torch.mul(p, d1)
+        tmp2.add_(tmp1)
+        tmp2.mul_(d0)
+        m.lerp_(tmp2, k5)
+        p.sub_(m)
+        _copy_into(v, d3)
+        _copy_into(decay, d4)
+        yield  # computed: _in_stages writes the states back in the tensors' order
+        if p is not param:
+            param.copy_(p)
+        _write_state(m_list[i], m, True, generator, stochastic)
+        _write_state(v_list[i], v, False, generator, stochastic)
+        _write_state(decay_list[i], decay, False, generator, stochastic)
+    _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
 def _multi_tensor_amos(params, grads, m_list, v_list, decay_list, state_steps, *, lr, beta, momentum, extra_l2, c_coef, d_coef, eps,                        generator=None, stochastic=False):

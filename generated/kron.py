@@ -303,6 +303,24 @@ def _whole_flat(xs):
     return out
 
 
+def _in_stages(steps):
+    """The for-loop path on DTensor parameters: `steps` holds each tensor's step as a generator that
+    hands out (yield) the partial results of a stage's reductions and takes them back whole. The
+    tensors advance side by side, and one _whole_flat makes a stage's results whole for all of them:
+    one all-reduce per stage (per mesh dimension and op), not one per tensor and reduction. A tensor
+    whose branch has no stage there hands out nothing meanwhile; the ranks take the same branches
+    (host conditions: the step count, shapes, hyperparameters), so their collectives match. Each
+    step yields None when computed: the states are then written back in the tensors' order, as the
+    per-tensor loop writes them (stochastic rounding draws from the generator in that order)."""
+    steps = list(steps)
+    parts = [step.send(None) for step in steps]
+    while any(xs is not None for xs in parts):
+        whole = iter(_whole_flat([x for xs in parts if xs is not None for x in xs]))
+        parts = [xs if xs is None else step.send(tuple(next(whole) for _ in xs)) for step, xs in zip(steps, parts)]
+    for step in steps:
+        next(step, None)
+
+
 def _amax(x, dim):
     """torch.amax(x) (dim None) or x.amax(dim, keepdim=True). A DTensor's maximum over a split axis
     is each shard's, left partial (a MAX to finish, which _whole does): a shard empty along that
@@ -2136,7 +2154,8 @@ def kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_steps, *, fore
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-    impl = _multi_tensor_kron_0 if foreach else _single_tensor_kron_0
+    # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
+    impl = _multi_tensor_kron_0 if foreach else _sharded_kron_0 if any(map(_is_sharded, params)) else _single_tensor_kron_0
     impl(params, grads, m_list, c_list, dL_list, dR_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -2235,6 +2254,111 @@ def _single_tensor_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state
         _write_state(c_list[i], c, False, generator, stochastic)
         _write_state(dL_list[i], dL, True, generator, stochastic)
         _write_state(dR_list[i], dR, True, generator, stochastic)
+
+
+def _sharded_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,
+                    generator=None, stochastic=False, seed=None):
+    """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
+    in _single_tensor_kron_0, but hands out (yield) the partial results of each stage's
+    reductions, which _in_stages makes whole for all the tensors at once: one all-reduce per stage."""
+    if not params:  # no draw for a rule without parameters this step, as the multi-tensor path
+        return
+    if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
+        seed = _random_seed(generator)  # one draw per step: each tensor's randn()/rand() is keyed by it
+    # Scalars of the hyperparameters alone: once per group.
+    k0 = -lr
+    k1 = -decay
+    k2 = -flat_start - 1
+    k3 = 1 - momentum
+    def per_tensor(i, param):
+        p = param if param.dtype in _EXACT else param.float()
+        g = grads[i].to(p.dtype)
+        # States stored in bfloat16 or low bit (state_dtype) are updated in p's precision, written back below.
+        m = _read_state(m_list[i], p, True, p.shape)
+        c = _read_state(c_list[i], p, False, ())
+        dL = _read_state(dL_list[i], p, True, p.shape[:-1] + (1,))
+        dR = _read_state(dR_list[i], p, True, p.shape[:-2] + (1,) + p.shape[-1:])
+        step_t = state_steps[i]
+        step_t += 1
+        # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
+        # (`.item()` would break the graph, a float would be specialised on and recompile).
+        if torch.compiler.is_compiling():
+            t = step_t.to(torch.float64)
+            c0 = 1/(1 - momentum**t)
+            c1 = 1/torch.minimum(torch.as_tensor(max_prob, dtype=torch.float64), torch.maximum(torch.as_tensor(min_prob, dtype=torch.float64), max_prob*torch.exp(k1*(k2 + t))))
+        else:
+            t = step_t.item()
+            c0 = 1/(1 - momentum**t)
+            c1 = 1/min(max_prob, max(min_prob, max_prob*_exp(k1*(k2 + t))))
+        d0 = torch.as_tensor(torch.as_tensor((c + 1 >= c1), dtype=torch.float64), dtype=p.dtype)
+        d4 = torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((c + 1 >= c1), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(0, dtype=torch.float64), torch.as_tensor(c + 1, dtype=torch.float64)), dtype=p.dtype)
+        tmp0 = torch.mul(p, wd)
+        if weight_decouple:
+            tmp2 = g
+        else:
+            tmp1 = torch.add(g, tmp0)
+            tmp2 = tmp1
+        m.mul_(momentum)
+        m.add_(tmp2, alpha=k3)
+        tmp3 = torch.mul(dL, dL)
+        tmp4 = torch.mul(dR, dR)
+        tmp5 = torch.mul(m, c0)
+        tmp6 = torch.mul(tmp3, tmp4)
+        if momentum_into_precondition_update:
+            tmp7 = tmp5
+        else:
+            tmp7 = tmp2
+        tmp8 = torch.mul(tmp7, tmp7)
+        tmp6.mul_(tmp8)
+        tmp9 = _sum(tmp6, -1)
+        tmp10 = _random_like(p, seed, i, 0, normal=True)
+        tmp10.mul_(tmp10)
+        tmp10.div_(tmp3)
+        tmp10.div_(tmp4)
+        tmp11 = _sum(tmp10, -1)
+        tmp16 = _sum(tmp6, -2)
+        tmp17 = _sum(tmp10, -2)
+        tmp26 = torch.where(torch.as_tensor(weight_decouple, dtype=tmp0.dtype, device=tmp0.device) != 0, tmp0, torch.as_tensor(0, dtype=tmp0.dtype, device=tmp0.device))
+        tmp9, tmp11, tmp16, tmp17 = yield tmp9, tmp11, tmp16, tmp17
+        tmp12 = torch.add(tmp9, tmp11)
+        r0 = _amax(tmp12, None)
+        tmp9.sub_(tmp11)
+        tmp13 = torch.mul(dL, tmp9)
+        tmp18 = torch.add(tmp16, tmp17)
+        r1 = _amax(tmp18, None)
+        tmp16.sub_(tmp17)
+        tmp19 = torch.mul(dR, tmp16)
+        r0, r1 = yield r0, r1
+        d1 = torch.as_tensor(-plr/(r0 + 1.1754943508222875e-38), dtype=p.dtype)
+        tmp13.mul_(d1)
+        tmp14 = torch.add(dL, tmp13)
+        tmp15 = torch.where(d0 != 0, tmp14, dL)
+        d2 = torch.as_tensor(-plr/(r1 + 1.1754943508222875e-38), dtype=p.dtype)
+        tmp19.mul_(d2)
+        tmp20 = torch.add(dR, tmp19)
+        tmp21 = torch.where(d0 != 0, tmp20, dR)
+        tmp22 = torch.mul(tmp15, tmp15)
+        tmp23 = torch.mul(tmp21, tmp21)
+        tmp24 = torch.mul(tmp22, tmp23)
+        tmp25 = torch.mul(tmp24, tmp5)
+        r2 = _rms(tmp25)
+        tmp24.mul_(m)
+        _copy_into(c, d4)
+        _copy_into(dL, tmp15)
+        _copy_into(dR, tmp21)
+        r2, = yield r2,
+        d3 = torch.as_tensor(c0*torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r2 + 1e-06), dtype=torch.float64)), dtype=p.dtype)
+        tmp24.mul_(d3)
+        tmp24.add_(tmp26)
+        p.add_(tmp24, alpha=k0)
+        yield  # computed: _in_stages writes the states back in the tensors' order
+        if p is not param:
+            param.copy_(p)
+        _write_state(m_list[i], m, True, generator, stochastic)
+        _write_state(c_list[i], c, False, generator, stochastic)
+        _write_state(dL_list[i], dL, True, generator, stochastic)
+        _write_state(dR_list[i], dR, True, generator, stochastic)
+    _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
 def _multi_tensor_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                          generator=None, stochastic=False, seed=None):
@@ -3168,7 +3292,8 @@ def kron_4(params, grads, m_list, c_list, q_list, state_steps, *, foreach=None, 
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-    impl = _multi_tensor_kron_4 if foreach else _single_tensor_kron_4
+    # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
+    impl = _multi_tensor_kron_4 if foreach else _sharded_kron_4 if any(map(_is_sharded, params)) else _single_tensor_kron_4
     impl(params, grads, m_list, c_list, q_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -3239,6 +3364,82 @@ def _single_tensor_kron_4(params, grads, m_list, c_list, q_list, state_steps, *,
         _write_state(m_list[i], m, True, generator, stochastic)
         _write_state(c_list[i], c, False, generator, stochastic)
         _write_state(q_list[i], q, True, generator, stochastic)
+
+
+def _sharded_kron_4(params, grads, m_list, c_list, q_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,
+                    generator=None, stochastic=False, seed=None):
+    """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
+    in _single_tensor_kron_4, but hands out (yield) the partial results of each stage's
+    reductions, which _in_stages makes whole for all the tensors at once: one all-reduce per stage."""
+    if not params:  # no draw for a rule without parameters this step, as the multi-tensor path
+        return
+    if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
+        seed = _random_seed(generator)  # one draw per step: each tensor's randn()/rand() is keyed by it
+    # Scalars of the hyperparameters alone: once per group.
+    k0 = -decay
+    k1 = -flat_start - 1
+    k2 = 1 - momentum
+    def per_tensor(i, param):
+        p = param if param.dtype in _EXACT else param.float()
+        g = grads[i].to(p.dtype)
+        # States stored in bfloat16 or low bit (state_dtype) are updated in p's precision, written back below.
+        m = _read_state(m_list[i], p, True, p.shape)
+        c = _read_state(c_list[i], p, False, ())
+        q = _read_state(q_list[i], p, True, p.shape)
+        step_t = state_steps[i]
+        step_t += 1
+        # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
+        # (`.item()` would break the graph, a float would be specialised on and recompile).
+        if torch.compiler.is_compiling():
+            t = step_t.to(torch.float64)
+            c0 = 1/(1 - momentum**t)
+            c1 = 1/torch.minimum(torch.as_tensor(max_prob, dtype=torch.float64), torch.maximum(torch.as_tensor(min_prob, dtype=torch.float64), max_prob*torch.exp(k0*(k1 + t))))
+        else:
+            t = step_t.item()
+            c0 = 1/(1 - momentum**t)
+            c1 = 1/min(max_prob, max(min_prob, max_prob*_exp(k0*(k1 + t))))
+        d0 = torch.as_tensor(torch.as_tensor((c + 1 >= c1), dtype=torch.float64), dtype=p.dtype)
+        d3 = torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((c + 1 >= c1), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(0, dtype=torch.float64), torch.as_tensor(c + 1, dtype=torch.float64)), dtype=p.dtype)
+        tmp0 = torch.mul(q, q)
+        m.mul_(momentum)
+        m.add_(g, alpha=k2)
+        tmp1 = torch.mul(m, c0)
+        if momentum_into_precondition_update:
+            tmp2 = tmp1
+        else:
+            tmp2 = g
+        tmp3 = torch.mul(tmp2, tmp2)
+        tmp4 = torch.mul(tmp0, tmp3)
+        tmp5 = _random_like(p, seed, i, 0, normal=True)
+        tmp5.mul_(tmp5)
+        tmp5.div_(tmp0)
+        tmp6 = torch.add(tmp4, tmp5)
+        tmp6.abs_()
+        r0 = _amax(tmp6, None)
+        tmp4.sub_(tmp5)
+        tmp7 = torch.mul(q, tmp4)
+        r0, = yield r0,
+        d1 = torch.as_tensor(-plr/(r0 + 1.1754943508222875e-38), dtype=p.dtype)
+        tmp7.mul_(d1)
+        tmp8 = torch.add(q, tmp7)
+        tmp9 = torch.where(d0 != 0, tmp8, q)
+        tmp10 = torch.mul(tmp9, tmp9)
+        tmp1.mul_(tmp10)
+        r1 = _rms(tmp1)
+        tmp11 = torch.mul(m, tmp10)
+        _copy_into(c, d3)
+        _copy_into(q, tmp9)
+        r1, = yield r1,
+        d2 = torch.as_tensor(-c0*lr*torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r1 + 1e-06), dtype=torch.float64)), dtype=p.dtype)
+        tmp11.mul_(d2)
+        p.add_(tmp11)
+        yield  # computed: _in_stages writes the states back in the tensors' order
+        if p is not param:
+            param.copy_(p)
+        _write_state(m_list[i], m, True, generator, stochastic)
+        _write_state(c_list[i], c, False, generator, stochastic)
+        _write_state(q_list[i], q, True, generator, stochastic)
+    _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
 def _multi_tensor_kron_4(params, grads, m_list, c_list, q_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                          generator=None, stochastic=False, seed=None):

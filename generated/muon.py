@@ -208,6 +208,24 @@ def _whole_flat(xs):
     return out
 
 
+def _in_stages(steps):
+    """The for-loop path on DTensor parameters: `steps` holds each tensor's step as a generator that
+    hands out (yield) the partial results of a stage's reductions and takes them back whole. The
+    tensors advance side by side, and one _whole_flat makes a stage's results whole for all of them:
+    one all-reduce per stage (per mesh dimension and op), not one per tensor and reduction. A tensor
+    whose branch has no stage there hands out nothing meanwhile; the ranks take the same branches
+    (host conditions: the step count, shapes, hyperparameters), so their collectives match. Each
+    step yields None when computed: the states are then written back in the tensors' order, as the
+    per-tensor loop writes them (stochastic rounding draws from the generator in that order)."""
+    steps = list(steps)
+    parts = [step.send(None) for step in steps]
+    while any(xs is not None for xs in parts):
+        whole = iter(_whole_flat([x for xs in parts if xs is not None for x in xs]))
+        parts = [xs if xs is None else step.send(tuple(next(whole) for _ in xs)) for step, xs in zip(steps, parts)]
+    for step in steps:
+        next(step, None)
+
+
 def _amax(x, dim):
     """torch.amax(x) (dim None) or x.amax(dim, keepdim=True). A DTensor's maximum over a split axis
     is each shard's, left partial (a MAX to finish, which _whole does): a shard empty along that
@@ -1563,7 +1581,8 @@ def muon_0(params, grads, buf_list, state_steps, *, foreach=None, fused=None,
                             grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
         if foreach is None:  # a pass over every parameter: only when it decides something
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-        impl = _multi_tensor_muon_0 if foreach else _single_tensor_muon_0
+        # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
+        impl = _multi_tensor_muon_0 if foreach else _sharded_muon_0 if any(map(_is_sharded, params)) else _single_tensor_muon_0
         impl(params, grads, buf_list, state_steps, generator=generator,
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
@@ -1726,6 +1745,95 @@ def _single_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momen
         if p is not param:
             param.copy_(p)
         _write_state(buf_list[i], buf, True, generator, stochastic)
+
+
+def _sharded_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, ns_steps, adjust_lr_fn, adam_lr, b1, b2, adam_eps, adam_wd, use_muon, ns_bfloat16,
+                    generator=None, stochastic=False):
+    """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
+    in _single_tensor_muon_0, but hands out (yield) the partial results of each stage's
+    reductions, which _in_stages makes whole for all the tensors at once: one all-reduce per stage."""
+    # Scalars of the hyperparameters alone: once per group.
+    k0 = -lr*wd + 1
+    k1 = float(adjust_lr_fn == 2)
+    k2 = 1 - momentum
+    def per_tensor(i, param):
+        p = param if param.dtype in _EXACT else param.float()
+        g = grads[i].to(p.dtype)
+        # States stored in bfloat16 or low bit (state_dtype) are updated in p's precision, written back below.
+        buf = _read_state(buf_list[i], p, True, p.shape)
+        step_t = state_steps[i]
+        step_t += 1
+        nrows = (p.shape[-2] if p.dim() >= 2 else 1)
+        ncols = (p.shape[-1] if p.dim() >= 1 else 1)
+        # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
+        # (`.item()` would break the graph, a float would be specialised on and recompile).
+        t = step_t.to(torch.float64) if torch.compiler.is_compiling() else step_t.item()
+        c0 = -lr*(0.2*math.sqrt(max(ncols, nrows)) if k1 else math.sqrt(max(1, nrows*_pow(ncols, -1))))
+        c1 = float(nrows > ncols)
+        buf.lerp_(g, k2)
+        if nesterov:
+            tmp0 = torch.lerp(g, buf, momentum)
+            tmp1 = tmp0
+        else:
+            tmp1 = buf
+        if c1:
+            tmp2 = tmp1.mT
+            tmp3 = tmp2
+        else:
+            tmp3 = tmp1
+        if ns_bfloat16:
+            tmp4 = _round_bfloat16(tmp3)
+            tmp5 = tmp4
+        else:
+            tmp5 = tmp3
+        r0 = torch.linalg.vector_norm(tmp5)
+        p.mul_(k0)
+        r0, = yield r0,
+        d0 = torch.as_tensor(1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(torch.where(torch.as_tensor(ns_bfloat16, dtype=torch.float64) != 0, torch.as_tensor(_round_bfloat16(r0), dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64)), dtype=torch.float64)), dtype=p.dtype)
+        tmp6 = torch.mul(tmp5, d0)
+        if ns_bfloat16:
+            tmp7 = _round_bfloat16(tmp6)
+            tmp8 = tmp7
+        else:
+            tmp8 = tmp6
+        tmp9 = tmp8
+        for _ in range(int(ns_steps)):
+            tmp10 = tmp9.mT
+            tmp11 = torch.matmul(tmp9, tmp10)
+            if ns_bfloat16:
+                tmp12 = _round_bfloat16(tmp11)
+                tmp13 = tmp12
+            else:
+                tmp13 = tmp11
+            tmp14 = torch.matmul(tmp13, tmp13)
+            tmp15 = torch.mul(tmp13, b)
+            tmp16 = torch.add(tmp15, tmp14, alpha=c) if c != 0 else tmp15
+            if ns_bfloat16:
+                tmp17 = _round_bfloat16(tmp16)
+                tmp18 = tmp17
+            else:
+                tmp18 = tmp16
+            tmp19 = torch.matmul(tmp18, tmp9)
+            tmp20 = torch.mul(tmp9, a)
+            tmp21 = torch.add(tmp20, tmp19)
+            if ns_bfloat16:
+                tmp22 = _round_bfloat16(tmp21)
+                tmp23 = tmp22
+            else:
+                tmp23 = tmp21
+            tmp9 = tmp23
+        if c1:
+            tmp24 = tmp9.mT
+            tmp25 = tmp24
+        else:
+            tmp25 = tmp9
+        tmp26 = torch.add(p, tmp25, alpha=c0)
+        _copy_into(p, tmp26)
+        yield  # computed: _in_stages writes the states back in the tensors' order
+        if p is not param:
+            param.copy_(p)
+        _write_state(buf_list[i], buf, True, generator, stochastic)
+    _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
 def _multi_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, ns_steps, adjust_lr_fn, adam_lr, b1, b2, adam_eps, adam_wd, use_muon, ns_bfloat16,                          generator=None, stochastic=False):

@@ -192,6 +192,24 @@ def _whole_flat(xs):
     return out
 
 
+def _in_stages(steps):
+    """The for-loop path on DTensor parameters: `steps` holds each tensor's step as a generator that
+    hands out (yield) the partial results of a stage's reductions and takes them back whole. The
+    tensors advance side by side, and one _whole_flat makes a stage's results whole for all of them:
+    one all-reduce per stage (per mesh dimension and op), not one per tensor and reduction. A tensor
+    whose branch has no stage there hands out nothing meanwhile; the ranks take the same branches
+    (host conditions: the step count, shapes, hyperparameters), so their collectives match. Each
+    step yields None when computed: the states are then written back in the tensors' order, as the
+    per-tensor loop writes them (stochastic rounding draws from the generator in that order)."""
+    steps = list(steps)
+    parts = [step.send(None) for step in steps]
+    while any(xs is not None for xs in parts):
+        whole = iter(_whole_flat([x for xs in parts if xs is not None for x in xs]))
+        parts = [xs if xs is None else step.send(tuple(next(whole) for _ in xs)) for step, xs in zip(steps, parts)]
+    for step in steps:
+        next(step, None)
+
+
 def _amax(x, dim):
     """torch.amax(x) (dim None) or x.amax(dim, keepdim=True). A DTensor's maximum over a split axis
     is each shard's, left partial (a MAX to finish, which _whole does): a shard empty along that
@@ -1455,7 +1473,8 @@ def muonclip_0(params, grads, buf_list, max_logit_list, state_steps, *, foreach=
                             grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
         if foreach is None:  # a pass over every parameter: only when it decides something
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-        impl = _multi_tensor_muonclip_0 if foreach else _single_tensor_muonclip_0
+        # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
+        impl = _multi_tensor_muonclip_0 if foreach else _sharded_muonclip_0 if any(map(_is_sharded, params)) else _single_tensor_muonclip_0
         impl(params, grads, buf_list, max_logit_list, state_steps, generator=generator,
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
@@ -1638,6 +1657,104 @@ def _single_tensor_muonclip_0(params, grads, buf_list, max_logit_list, state_ste
             param.copy_(p)
         _write_state(buf_list[i], buf, True, generator, stochastic)
         _write_state(max_logit_list[i], max_logit, True, generator, stochastic)
+
+
+def _sharded_muonclip_0(params, grads, buf_list, max_logit_list, state_steps, *, tau, lr, wd, momentum, nesterov, a, b, c, eps, adam_lr, b1, b2, adam_eps, adam_wd,
+                        generator=None, stochastic=False):
+    """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
+    in _single_tensor_muonclip_0, but hands out (yield) the partial results of each stage's
+    reductions, which _in_stages makes whole for all the tensors at once: one all-reduce per stage."""
+    # Scalars of the hyperparameters alone: once per group.
+    k0 = math.sqrt(tau)
+    k1 = -lr*wd + 1
+    k2 = 1 - momentum
+    def per_tensor(i, param):
+        p = param if param.dtype in _EXACT else param.float()
+        g = grads[i].to(p.dtype)
+        # States stored in bfloat16 or low bit (state_dtype) are updated in p's precision, written back below.
+        buf = _read_state(buf_list[i], p, True, p.shape)
+        max_logit = _read_state(max_logit_list[i], p, True, ())
+        step_t = state_steps[i]
+        step_t += 1
+        nrows = (p.shape[-2] if p.dim() >= 2 else 1)
+        ncols = (p.shape[-1] if p.dim() >= 1 else 1)
+        # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
+        # (`.item()` would break the graph, a float would be specialised on and recompile).
+        t = step_t.to(torch.float64) if torch.compiler.is_compiling() else step_t.item()
+        c0 = -lr*math.sqrt(max(1, nrows*_pow(ncols, -1)))
+        c1 = float(nrows > ncols)
+        d0 = torch.as_tensor(k0*torch.sqrt(1/torch.maximum(torch.as_tensor(max_logit, dtype=torch.float64), torch.as_tensor(tau, dtype=torch.float64))), dtype=p.dtype)
+        buf.lerp_(g, k2)
+        if nesterov:
+            tmp0 = torch.lerp(g, buf, momentum)
+            tmp1 = tmp0
+        else:
+            tmp1 = buf
+        if c1:
+            tmp2 = tmp1.mT
+            tmp3 = tmp2
+        else:
+            tmp3 = tmp1
+        r0 = torch.linalg.vector_norm(tmp3)
+        r0, = yield r0,
+        d1 = torch.as_tensor(1/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64)), dtype=p.dtype)
+        d2 = torch.as_tensor(a/torch.maximum(torch.as_tensor(eps, dtype=torch.float64), torch.as_tensor(r0, dtype=torch.float64)), dtype=p.dtype)
+        tmp4 = torch.mul(tmp3, d1)
+        tmp5 = tmp4.mT
+        tmp6 = torch.matmul(tmp4, tmp5)
+        tmp7 = torch.matmul(tmp6, tmp6)
+        tmp8 = torch.mul(tmp6, b)
+        tmp9 = torch.add(tmp8, tmp7, alpha=c) if c != 0 else tmp8
+        tmp10 = torch.matmul(tmp9, tmp4)
+        tmp11 = torch.mul(tmp3, d2)
+        tmp12 = torch.add(tmp11, tmp10)
+        tmp13 = tmp12.mT
+        tmp14 = torch.matmul(tmp12, tmp13)
+        tmp15 = torch.matmul(tmp14, tmp14)
+        tmp16 = torch.mul(tmp14, b)
+        tmp17 = torch.add(tmp16, tmp15, alpha=c) if c != 0 else tmp16
+        tmp18 = torch.matmul(tmp17, tmp12)
+        tmp19 = torch.mul(tmp12, a)
+        tmp20 = torch.add(tmp19, tmp18)
+        tmp21 = tmp20.mT
+        tmp22 = torch.matmul(tmp20, tmp21)
+        tmp23 = torch.matmul(tmp22, tmp22)
+        tmp24 = torch.mul(tmp22, b)
+        tmp25 = torch.add(tmp24, tmp23, alpha=c) if c != 0 else tmp24
+        tmp26 = torch.matmul(tmp25, tmp20)
+        tmp27 = torch.mul(tmp20, a)
+        tmp28 = torch.add(tmp27, tmp26)
+        tmp29 = tmp28.mT
+        tmp30 = torch.matmul(tmp28, tmp29)
+        tmp31 = torch.matmul(tmp30, tmp30)
+        tmp32 = torch.mul(tmp30, b)
+        tmp33 = torch.add(tmp32, tmp31, alpha=c) if c != 0 else tmp32
+        tmp34 = torch.matmul(tmp33, tmp28)
+        tmp35 = torch.mul(tmp28, a)
+        tmp36 = torch.add(tmp35, tmp34)
+        tmp37 = tmp36.mT
+        tmp38 = torch.matmul(tmp36, tmp37)
+        tmp39 = torch.matmul(tmp38, tmp38)
+        tmp40 = torch.mul(tmp38, b)
+        tmp41 = torch.add(tmp40, tmp39, alpha=c) if c != 0 else tmp40
+        tmp42 = torch.matmul(tmp41, tmp36)
+        tmp43 = torch.mul(tmp36, a)
+        tmp44 = torch.add(tmp43, tmp42)
+        if c1:
+            tmp45 = tmp44.mT
+            tmp46 = tmp45
+        else:
+            tmp46 = tmp44
+        tmp47 = torch.mul(tmp46, c0)
+        tmp48 = torch.add(tmp47, p, alpha=k1)
+        tmp49 = torch.mul(tmp48, d0)
+        _copy_into(p, tmp49)
+        yield  # computed: _in_stages writes the states back in the tensors' order
+        if p is not param:
+            param.copy_(p)
+        _write_state(buf_list[i], buf, True, generator, stochastic)
+        _write_state(max_logit_list[i], max_logit, True, generator, stochastic)
+    _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
 def _multi_tensor_muonclip_0(params, grads, buf_list, max_logit_list, state_steps, *, tau, lr, wd, momentum, nesterov, a, b, c, eps, adam_lr, b1, b2, adam_eps, adam_wd,                              generator=None, stochastic=False):

@@ -169,6 +169,24 @@ def _whole_flat(xs):
     return out
 
 
+def _in_stages(steps):
+    """The for-loop path on DTensor parameters: `steps` holds each tensor's step as a generator that
+    hands out (yield) the partial results of a stage's reductions and takes them back whole. The
+    tensors advance side by side, and one _whole_flat makes a stage's results whole for all of them:
+    one all-reduce per stage (per mesh dimension and op), not one per tensor and reduction. A tensor
+    whose branch has no stage there hands out nothing meanwhile; the ranks take the same branches
+    (host conditions: the step count, shapes, hyperparameters), so their collectives match. Each
+    step yields None when computed: the states are then written back in the tensors' order, as the
+    per-tensor loop writes them (stochastic rounding draws from the generator in that order)."""
+    steps = list(steps)
+    parts = [step.send(None) for step in steps]
+    while any(xs is not None for xs in parts):
+        whole = iter(_whole_flat([x for xs in parts if xs is not None for x in xs]))
+        parts = [xs if xs is None else step.send(tuple(next(whole) for _ in xs)) for step, xs in zip(steps, parts)]
+    for step in steps:
+        next(step, None)
+
+
 def _amax(x, dim):
     """torch.amax(x) (dim None) or x.amax(dim, keepdim=True). A DTensor's maximum over a split axis
     is each shard's, left partial (a MAX to finish, which _whole does): a shard empty along that
@@ -1186,7 +1204,8 @@ def nsgda(params, grads, m_list, state_steps, *, foreach=None, fused=None,
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-    impl = _multi_tensor_nsgda if foreach else _single_tensor_nsgda
+    # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
+    impl = _multi_tensor_nsgda if foreach else _sharded_nsgda if any(map(_is_sharded, params)) else _single_tensor_nsgda
     impl(params, grads, m_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -1215,6 +1234,39 @@ def _single_tensor_nsgda(params, grads, m_list, state_steps, *, lr, momentum, ep
         if p is not param:
             param.copy_(p)
         _write_state(m_list[i], m, True, generator, stochastic)
+
+
+def _sharded_nsgda(params, grads, m_list, state_steps, *, lr, momentum, eps, wd,
+                   generator=None, stochastic=False):
+    """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
+    in _single_tensor_nsgda, but hands out (yield) the partial results of each stage's
+    reductions, which _in_stages makes whole for all the tensors at once: one all-reduce per stage."""
+    # Scalars of the hyperparameters alone: once per group.
+    k0 = 1 - momentum
+    def per_tensor(i, param):
+        p = param if param.dtype in _EXACT else param.float()
+        g = grads[i].to(p.dtype)
+        # States stored in bfloat16 or low bit (state_dtype) are updated in p's precision, written back below.
+        m = _read_state(m_list[i], p, True, p.shape)
+        step_t = state_steps[i]
+        step_t += 1
+        # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
+        # (`.item()` would break the graph, a float would be specialised on and recompile).
+        t = step_t.to(torch.float64) if torch.compiler.is_compiling() else step_t.item()
+        c0 = 1/(1 - momentum**t)
+        tmp0 = torch.add(g, p, alpha=wd) if wd != 0 else g
+        m.lerp_(tmp0, k0)
+        tmp1 = torch.mul(m, c0)
+        r0 = torch.linalg.vector_norm(tmp1)
+        r0, = yield r0,
+        d0 = torch.as_tensor(-c0*lr/(eps + r0), dtype=p.dtype)
+        tmp2 = torch.mul(m, d0)
+        p.add_(tmp2)
+        yield  # computed: _in_stages writes the states back in the tensors' order
+        if p is not param:
+            param.copy_(p)
+        _write_state(m_list[i], m, True, generator, stochastic)
+    _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
 def _multi_tensor_nsgda(params, grads, m_list, state_steps, *, lr, momentum, eps, wd,                         generator=None, stochastic=False):

@@ -169,6 +169,24 @@ def _whole_flat(xs):
     return out
 
 
+def _in_stages(steps):
+    """The for-loop path on DTensor parameters: `steps` holds each tensor's step as a generator that
+    hands out (yield) the partial results of a stage's reductions and takes them back whole. The
+    tensors advance side by side, and one _whole_flat makes a stage's results whole for all of them:
+    one all-reduce per stage (per mesh dimension and op), not one per tensor and reduction. A tensor
+    whose branch has no stage there hands out nothing meanwhile; the ranks take the same branches
+    (host conditions: the step count, shapes, hyperparameters), so their collectives match. Each
+    step yields None when computed: the states are then written back in the tensors' order, as the
+    per-tensor loop writes them (stochastic rounding draws from the generator in that order)."""
+    steps = list(steps)
+    parts = [step.send(None) for step in steps]
+    while any(xs is not None for xs in parts):
+        whole = iter(_whole_flat([x for xs in parts if xs is not None for x in xs]))
+        parts = [xs if xs is None else step.send(tuple(next(whole) for _ in xs)) for step, xs in zip(steps, parts)]
+    for step in steps:
+        next(step, None)
+
+
 def _amax(x, dim):
     """torch.amax(x) (dim None) or x.amax(dim, keepdim=True). A DTensor's maximum over a split axis
     is each shard's, left partial (a MAX to finish, which _whole does): a shard empty along that
@@ -1194,7 +1212,8 @@ def sgdagc(params, grads, buf_list, state_steps, *, foreach=None, fused=None,
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-    impl = _multi_tensor_sgdagc if foreach else _single_tensor_sgdagc
+    # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
+    impl = _multi_tensor_sgdagc if foreach else _sharded_sgdagc if any(map(_is_sharded, params)) else _single_tensor_sgdagc
     impl(params, grads, buf_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -1224,6 +1243,40 @@ def _single_tensor_sgdagc(params, grads, buf_list, state_steps, *, lr, momentum,
         if p is not param:
             param.copy_(p)
         _write_state(buf_list[i], buf, True, generator, stochastic)
+
+
+def _sharded_sgdagc(params, grads, buf_list, state_steps, *, lr, momentum, clip, unit_eps, eps,
+                    generator=None, stochastic=False):
+    """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
+    in _single_tensor_sgdagc, but hands out (yield) the partial results of each stage's
+    reductions, which _in_stages makes whole for all the tensors at once: one all-reduce per stage."""
+    # Scalars of the hyperparameters alone: once per group.
+    k0 = -lr
+    def per_tensor(i, param):
+        p = param if param.dtype in _EXACT else param.float()
+        g = grads[i].to(p.dtype)
+        # States stored in bfloat16 or low bit (state_dtype) are updated in p's precision, written back below.
+        buf = _read_state(buf_list[i], p, True, p.shape)
+        step_t = state_steps[i]
+        step_t += 1
+        tmp0 = torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim())) or None, keepdim=True)
+        tmp1 = torch.linalg.vector_norm(p, dim=tuple(range(1, p.dim())) or None, keepdim=True)
+        buf.mul_(momentum)
+        tmp0, tmp1 = yield tmp0, tmp1
+        tmp0.clamp_min_(eps)
+        tmp1.clamp_min_(unit_eps)
+        tmp1.mul_(clip)
+        tmp2 = (tmp0 > tmp1).to(tmp0.dtype)
+        tmp3 = torch.mul(g, tmp1)
+        tmp3.div_(tmp0)
+        tmp4 = torch.where(tmp2 != 0, tmp3, g)
+        buf.add_(tmp4)
+        p.add_(buf, alpha=k0)
+        yield  # computed: _in_stages writes the states back in the tensors' order
+        if p is not param:
+            param.copy_(p)
+        _write_state(buf_list[i], buf, True, generator, stochastic)
+    _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
 def _multi_tensor_sgdagc(params, grads, buf_list, state_steps, *, lr, momentum, clip, unit_eps, eps,                          generator=None, stochastic=False):

@@ -180,6 +180,24 @@ def _whole_flat(xs):
     return out
 
 
+def _in_stages(steps):
+    """The for-loop path on DTensor parameters: `steps` holds each tensor's step as a generator that
+    hands out (yield) the partial results of a stage's reductions and takes them back whole. The
+    tensors advance side by side, and one _whole_flat makes a stage's results whole for all of them:
+    one all-reduce per stage (per mesh dimension and op), not one per tensor and reduction. A tensor
+    whose branch has no stage there hands out nothing meanwhile; the ranks take the same branches
+    (host conditions: the step count, shapes, hyperparameters), so their collectives match. Each
+    step yields None when computed: the states are then written back in the tensors' order, as the
+    per-tensor loop writes them (stochastic rounding draws from the generator in that order)."""
+    steps = list(steps)
+    parts = [step.send(None) for step in steps]
+    while any(xs is not None for xs in parts):
+        whole = iter(_whole_flat([x for xs in parts if xs is not None for x in xs]))
+        parts = [xs if xs is None else step.send(tuple(next(whole) for _ in xs)) for step, xs in zip(steps, parts)]
+    for step in steps:
+        next(step, None)
+
+
 def _amax(x, dim):
     """torch.amax(x) (dim None) or x.amax(dim, keepdim=True). A DTensor's maximum over a split axis
     is each shard's, left partial (a MAX to finish, which _whole does): a shard empty along that
@@ -1291,7 +1309,8 @@ def sm3_0(params, grads, r_list, c_list, m_list, state_steps, *, foreach=None, f
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-    impl = _multi_tensor_sm3_0 if foreach else _single_tensor_sm3_0
+    # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
+    impl = _multi_tensor_sm3_0 if foreach else _sharded_sm3_0 if any(map(_is_sharded, params)) else _single_tensor_sm3_0
     impl(params, grads, r_list, c_list, m_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -1343,6 +1362,62 @@ def _single_tensor_sm3_0(params, grads, r_list, c_list, m_list, state_steps, *, 
         _write_state(r_list[i], r, False, generator, stochastic)
         _write_state(c_list[i], c, False, generator, stochastic)
         _write_state(m_list[i], m, True, generator, stochastic)
+
+
+def _sharded_sm3_0(params, grads, r_list, c_list, m_list, state_steps, *, lr, momentum, beta, eps,
+                   generator=None, stochastic=False):
+    """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
+    in _single_tensor_sm3_0, but hands out (yield) the partial results of each stage's
+    reductions, which _in_stages makes whole for all the tensors at once: one all-reduce per stage."""
+    # Scalars of the hyperparameters alone: once per group.
+    k0 = -lr
+    k1 = float(beta > 0)
+    k2 = 1 - beta
+    k3 = 1 - momentum
+    def per_tensor(i, param):
+        p = param if param.dtype in _EXACT else param.float()
+        g = grads[i].to(p.dtype)
+        # States stored in bfloat16 or low bit (state_dtype) are updated in p's precision, written back below.
+        r = _read_state(r_list[i], p, False, p.shape[:-1] + (1,))
+        c = _read_state(c_list[i], p, False, p.shape[:-2] + (1,) + p.shape[-1:])
+        m = _read_state(m_list[i], p, True, p.shape)
+        step_t = state_steps[i]
+        step_t += 1
+        tmp0 = torch.minimum(c, r)
+        tmp1 = torch.mul(g, g)
+        if k1:
+            tmp2 = torch.lerp(tmp0, tmp1, k2)
+            tmp3 = tmp2
+        else:
+            tmp0.add_(tmp1)
+            tmp3 = tmp0
+        tmp4 = torch.add(tmp3, eps)
+        tmp4.rsqrt_()
+        m.mul_((1 - k3))
+        m.addcmul_(g, tmp4, value=k3)
+        tmp5 = _amax(tmp3, -1)
+        tmp6 = _amax(tmp3, -2)
+        p.add_(m, alpha=k0)
+        tmp5, tmp6 = yield tmp5, tmp6
+        if k1:
+            tmp7 = torch.maximum(r, tmp5)
+            tmp8 = tmp7
+        else:
+            tmp8 = tmp5
+        _copy_into(r, tmp8)
+        if k1:
+            tmp9 = torch.maximum(c, tmp6)
+            tmp10 = tmp9
+        else:
+            tmp10 = tmp6
+        _copy_into(c, tmp10)
+        yield  # computed: _in_stages writes the states back in the tensors' order
+        if p is not param:
+            param.copy_(p)
+        _write_state(r_list[i], r, False, generator, stochastic)
+        _write_state(c_list[i], c, False, generator, stochastic)
+        _write_state(m_list[i], m, True, generator, stochastic)
+    _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
 def _multi_tensor_sm3_0(params, grads, r_list, c_list, m_list, state_steps, *, lr, momentum, beta, eps,                         generator=None, stochastic=False):

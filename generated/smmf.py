@@ -184,6 +184,24 @@ def _whole_flat(xs):
     return out
 
 
+def _in_stages(steps):
+    """The for-loop path on DTensor parameters: `steps` holds each tensor's step as a generator that
+    hands out (yield) the partial results of a stage's reductions and takes them back whole. The
+    tensors advance side by side, and one _whole_flat makes a stage's results whole for all of them:
+    one all-reduce per stage (per mesh dimension and op), not one per tensor and reduction. A tensor
+    whose branch has no stage there hands out nothing meanwhile; the ranks take the same branches
+    (host conditions: the step count, shapes, hyperparameters), so their collectives match. Each
+    step yields None when computed: the states are then written back in the tensors' order, as the
+    per-tensor loop writes them (stochastic rounding draws from the generator in that order)."""
+    steps = list(steps)
+    parts = [step.send(None) for step in steps]
+    while any(xs is not None for xs in parts):
+        whole = iter(_whole_flat([x for xs in parts if xs is not None for x in xs]))
+        parts = [xs if xs is None else step.send(tuple(next(whole) for _ in xs)) for step, xs in zip(steps, parts)]
+    for step in steps:
+        next(step, None)
+
+
 def _amax(x, dim):
     """torch.amax(x) (dim None) or x.amax(dim, keepdim=True). A DTensor's maximum over a split axis
     is each shard's, left partial (a MAX to finish, which _whole does): a shard empty along that
@@ -1321,7 +1339,8 @@ def smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, sta
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-    impl = _multi_tensor_smmf_0 if foreach else _single_tensor_smmf_0
+    # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
+    impl = _multi_tensor_smmf_0 if foreach else _sharded_smmf_0 if any(map(_is_sharded, params)) else _single_tensor_smmf_0
     impl(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -1388,6 +1407,77 @@ def _single_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, pos
         _write_state(rv_list[i], rv, False, generator, stochastic)
         _write_state(cv_list[i], cv, False, generator, stochastic)
         positive_list[i].copy_(positive != 0)  # kept as != 0
+
+
+def _sharded_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps, *, lr, b1, b2, eps, wd,
+                    generator=None, stochastic=False):
+    """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
+    in _single_tensor_smmf_0, but hands out (yield) the partial results of each stage's
+    reductions, which _in_stages makes whole for all the tensors at once: one all-reduce per stage."""
+    # Scalars of the hyperparameters alone: once per group.
+    k0 = -lr*wd + 1
+    k1 = 1 - b2
+    k2 = 1 - b1
+    def per_tensor(i, param):
+        p = param if param.dtype in _EXACT else param.float()
+        g = grads[i].to(p.dtype)
+        # States stored in bfloat16 or low bit (state_dtype) are updated in p's precision, written back below.
+        rm = _read_state(rm_list[i], p, False, p.shape[:-1] + (1,))
+        cm = _read_state(cm_list[i], p, False, p.shape[:-2] + (1,) + p.shape[-1:])
+        rv = _read_state(rv_list[i], p, False, p.shape[:-1] + (1,))
+        cv = _read_state(cv_list[i], p, False, p.shape[:-2] + (1,) + p.shape[-1:])
+        positive = positive_list[i].to(p.dtype)  # a bool state reads as 0 or 1
+        step_t = state_steps[i]
+        step_t += 1
+        # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
+        # (`.item()` would break the graph, a float would be specialised on and recompile).
+        if torch.compiler.is_compiling():
+            t = step_t.to(torch.float64)
+            c0 = -lr/((1 - b1**t)*torch.sqrt(1/(1 - b2**t)))
+            c1 = eps/torch.sqrt(1/(1 - b2**t))
+        else:
+            t = step_t.item()
+            c0 = -lr/((1 - b1**t)*math.sqrt(1/(1 - b2**t)))
+            c1 = eps/math.sqrt(1/(1 - b2**t))
+        tmp0 = torch.mul(cv, rv)
+        tmp1 = torch.mul(g, g)
+        tmp0.lerp_(tmp1, k1)
+        r1 = torch.sum(tmp0)
+        tmp2 = torch.mul(cm, rm)
+        tmp3 = torch.mul(positive, 2)
+        tmp3.add_(-1)
+        tmp2.mul_(tmp3)
+        tmp2.lerp_(g, k2)
+        tmp4 = torch.abs(tmp2)
+        r0 = torch.sum(tmp4)
+        tmp5 = torch.sqrt(tmp0)
+        tmp5.add_(c1)
+        p.mul_(k0)
+        p.addcdiv_(tmp2, tmp5, value=c0)
+        tmp6 = _sum(tmp4, -1)
+        tmp7 = _sum(tmp4, -2)
+        tmp8 = _sum(tmp0, -1)
+        tmp9 = _sum(tmp0, -2)
+        tmp10 = (tmp2 >= torch.as_tensor(0, dtype=tmp2.dtype, device=tmp2.device)).to(tmp2.dtype)
+        _copy_into(positive, tmp10)
+        r1, r0, tmp6, tmp7, tmp8, tmp9 = yield r1, r0, tmp6, tmp7, tmp8, tmp9
+        d1 = torch.as_tensor(1/torch.where(torch.as_tensor(torch.as_tensor((r1 > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(r1, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)), dtype=p.dtype)
+        d0 = torch.as_tensor(1/torch.where(torch.as_tensor(torch.as_tensor((r0 > 0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(r0, dtype=torch.float64), torch.as_tensor(1, dtype=torch.float64)), dtype=p.dtype)
+        tmp6.mul_(d0)
+        _copy_into(rm, tmp6)
+        _copy_into(cm, tmp7)
+        tmp8.mul_(d1)
+        _copy_into(rv, tmp8)
+        _copy_into(cv, tmp9)
+        yield  # computed: _in_stages writes the states back in the tensors' order
+        if p is not param:
+            param.copy_(p)
+        _write_state(rm_list[i], rm, False, generator, stochastic)
+        _write_state(cm_list[i], cm, False, generator, stochastic)
+        _write_state(rv_list[i], rv, False, generator, stochastic)
+        _write_state(cv_list[i], cv, False, generator, stochastic)
+        positive_list[i].copy_(positive != 0)  # kept as != 0
+    _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
 def _multi_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps, *, lr, b1, b2, eps, wd,                          generator=None, stochastic=False):

@@ -207,6 +207,24 @@ def _whole_flat(xs):
     return out
 
 
+def _in_stages(steps):
+    """The for-loop path on DTensor parameters: `steps` holds each tensor's step as a generator that
+    hands out (yield) the partial results of a stage's reductions and takes them back whole. The
+    tensors advance side by side, and one _whole_flat makes a stage's results whole for all of them:
+    one all-reduce per stage (per mesh dimension and op), not one per tensor and reduction. A tensor
+    whose branch has no stage there hands out nothing meanwhile; the ranks take the same branches
+    (host conditions: the step count, shapes, hyperparameters), so their collectives match. Each
+    step yields None when computed: the states are then written back in the tensors' order, as the
+    per-tensor loop writes them (stochastic rounding draws from the generator in that order)."""
+    steps = list(steps)
+    parts = [step.send(None) for step in steps]
+    while any(xs is not None for xs in parts):
+        whole = iter(_whole_flat([x for xs in parts if xs is not None for x in xs]))
+        parts = [xs if xs is None else step.send(tuple(next(whole) for _ in xs)) for step, xs in zip(steps, parts)]
+    for step in steps:
+        next(step, None)
+
+
 def _amax(x, dim):
     """torch.amax(x) (dim None) or x.amax(dim, keepdim=True). A DTensor's maximum over a split axis
     is each shard's, left partial (a MAX to finish, which _whole does): a shard empty along that
@@ -1941,7 +1959,8 @@ def soap_1(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=No
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-    impl = _multi_tensor_soap_1 if foreach else _single_tensor_soap_1
+    # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
+    impl = _multi_tensor_soap_1 if foreach else _sharded_soap_1 if any(map(_is_sharded, params)) else _single_tensor_soap_1
     impl(params, grads, m_list, v_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -2001,6 +2020,70 @@ def _single_tensor_soap_1(params, grads, m_list, v_list, state_steps, *, lr, b1,
             param.copy_(p)
         _write_state(m_list[i], m, True, generator, stochastic)
         _write_state(v_list[i], v, False, generator, stochastic)
+
+
+def _sharded_soap_1(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, shampoo_beta, wd, f, correct_bias, normalize_gradient, eps,
+                    generator=None, stochastic=False):
+    """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
+    in _single_tensor_soap_1, but hands out (yield) the partial results of each stage's
+    reductions, which _in_stages makes whole for all the tensors at once: one all-reduce per stage."""
+    # Scalars of the hyperparameters alone: once per group.
+    k0 = lr*wd
+    k1 = 1 - b2
+    k2 = 1 - b1
+    def per_tensor(i, param):
+        p = param if param.dtype in _EXACT else param.float()
+        g = grads[i].to(p.dtype)
+        # States stored in bfloat16 or low bit (state_dtype) are updated in p's precision, written back below.
+        m = _read_state(m_list[i], p, True, p.shape)
+        v = _read_state(v_list[i], p, False, p.shape)
+        step_t = state_steps[i]
+        step_t += 1
+        # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
+        # (`.item()` would break the graph, a float would be specialised on and recompile).
+        if torch.compiler.is_compiling():
+            t = step_t.to(torch.float64)
+            c0 = 1 - torch.where(torch.as_tensor((t - 1 > 0), dtype=torch.float64) != 0, torch.as_tensor(k0, dtype=torch.float64), torch.as_tensor(0, dtype=torch.float64))
+            c1 = -torch.where(torch.as_tensor((t - 1 > 0), dtype=torch.float64) != 0, lr*torch.where(torch.as_tensor(correct_bias, dtype=torch.float64) != 0, torch.sqrt(1 - b2**(t - 1))*1/(1 - b1**(t - 1)), torch.as_tensor(1, dtype=torch.float64)), torch.as_tensor(0, dtype=torch.float64))
+            c2 = torch.as_tensor((t - 1 > 0), dtype=torch.float64)
+        else:
+            t = step_t.item()
+            c0 = 1 - (k0 if float(t - 1 > 0) else 0)
+            c1 = -(lr*(math.sqrt(1 - b2**(t - 1))*_pow(1 - b1**(t - 1), -1) if correct_bias else 1) if float(t - 1 > 0) else 0)
+            c2 = float(t - 1 > 0)
+        if c2:
+            tmp0 = torch.mul(g, g)
+            tmp1 = torch.lerp(v, tmp0, k1)
+            tmp2 = tmp1
+        else:
+            tmp2 = v
+        if c2:
+            tmp3 = torch.lerp(m, g, k2)
+            tmp4 = tmp3
+        else:
+            tmp4 = m
+        tmp5 = torch.sqrt(tmp2)
+        tmp5.add_(eps)
+        tmp6 = torch.div(tmp4, tmp5)
+        if normalize_gradient:
+            r0 = _rms(tmp6)
+            r0, = yield r0,
+            d0 = torch.as_tensor(1/(eps + r0), dtype=p.dtype)
+            tmp7 = torch.mul(tmp6, d0)
+            tmp8 = tmp7
+        else:
+            tmp8 = tmp6
+        tmp9 = torch.add(p, tmp8, alpha=c1)
+        tmp9.mul_(c0)
+        _copy_into(p, tmp9)
+        _copy_into(m, tmp4)
+        _copy_into(v, tmp2)
+        yield  # computed: _in_stages writes the states back in the tensors' order
+        if p is not param:
+            param.copy_(p)
+        _write_state(m_list[i], m, True, generator, stochastic)
+        _write_state(v_list[i], v, False, generator, stochastic)
+    _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
 def _multi_tensor_soap_1(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, shampoo_beta, wd, f, correct_bias, normalize_gradient, eps,                          generator=None, stochastic=False):

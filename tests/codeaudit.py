@@ -123,6 +123,12 @@ def _top_level(tree: ast.Module) -> list[str]:
     return problems
 
 
+def _hands_out(node: ast.Yield) -> bool:
+    """The one yield the templates write: the for-loop path's step of a DTensor parameter hands out
+    a stage's partial results by name (`a, b = yield a, b`), or nothing (`yield`), to _in_stages."""
+    return node.value is None or isinstance(node.value, ast.Tuple) and all(isinstance(e, ast.Name) for e in node.value.elts)
+
+
 def audit(source: str) -> list[str]:
     """Problems of a generated module against the allow-list (empty: it passes)."""
     try:
@@ -153,6 +159,7 @@ def audit(source: str) -> list[str]:
                     problems.append(f"line {line}: {dotted} is not written by optdsl's templates")
         elif isinstance(node, (ast.Global, ast.Nonlocal)) and not set(node.names) <= {"LAUNCHES"}:
             problems.append(f"line {line}: {ast.unparse(node)!r}")
-        elif isinstance(node, (ast.Lambda, ast.AsyncFunctionDef, ast.Await, ast.Yield, ast.YieldFrom)):
+        elif isinstance(node, (ast.Lambda, ast.AsyncFunctionDef, ast.Await, ast.YieldFrom)) or (
+                isinstance(node, ast.Yield) and not _hands_out(node)):
             problems.append(f"line {line}: {type(node).__name__}")
     return problems

@@ -179,19 +179,40 @@ def single(instr: Instr) -> list[str]:
     return [_single_line(instr)]
 
 
-def _if_else(instr: Instr, printer) -> list[str]:
-    """A branch on one host condition: a Python if/else, each block's instructions printed by `printer`."""
+def _if_else(instr: Instr, printer, block=None) -> list[str]:
+    """A branch on one host condition: a Python if/else, each block's instructions printed by `printer`
+    (or each block by `block`)."""
     cond, then_value, other_value = (x.code for x in instr.args)
     then, other = instr.blocks
-    return ([f"if {cond}:"] + _indent(then, printer) + [f"    {instr.out} = {then_value}", "else:"]
-            + _indent(other, printer) + [f"    {instr.out} = {other_value}"])
+    lines = block or (lambda b: [line for i in b for line in printer(i)])
+    return ([f"if {cond}:"] + ["    " + x for x in lines(then)] + [f"    {instr.out} = {then_value}", "else:"]
+            + ["    " + x for x in lines(other)] + [f"    {instr.out} = {other_value}"])
 
 
 def _indent(block, printer) -> list[str]:
     return ["    " + line for i in block for line in printer(i)]
 
 
-def _single_line(instr: Instr) -> str:
+def staged_body(items) -> list[str]:
+    """The per-tensor lines of a DTensor parameter's step (the generated _sharded_ function), in
+    optdsl/backends/schedule.py's staged order: each stage's partial results handed out by a `yield`
+    to _in_stages, which makes those of all the group's tensors whole by one all-reduce and sends
+    them back; the reductions computed where they run, as each rank's parts."""
+    lines = []
+    for item in items:
+        if isinstance(item, tuple):
+            names = ", ".join(item) + "," * (len(item) == 1)
+            lines.append(f"{names} = yield {names}")
+        elif item.whole:
+            lines.append(_single_line(item, whole=""))
+        elif item.op == "branch":
+            lines += _if_else(item, single, staged_body)
+        else:
+            lines += single(item)
+    return lines
+
+
+def _single_line(instr: Instr, whole: str = "_whole") -> str:
     a = [x.code for x in instr.args]
     if instr.op == "copy":
         if instr.args[1].level in (GROUP, PARAM):  # a host float fills
@@ -201,7 +222,7 @@ def _single_line(instr: Instr) -> str:
         if instr.op == "scalar":
             return f"{instr.out} = {instr.template.replace('{dtype}', 'p.dtype')}"
         body = instr.template.format(*a)
-        return f"{instr.out} = {f'_whole({body})' if instr.whole else body}"  # a reduction made whole
+        return f"{instr.out} = {f'{whole}({body})' if instr.whole and whole else body}"  # a reduction made whole
     rest = ", ".join(a[1:]) + _kwarg(instr, False, None)
     if instr.inplace:
         return f"{a[0]}.{instr.op}_({rest})"
@@ -322,7 +343,7 @@ def _rename_word(text: str, name: str, new: str) -> str:
 
 # ---- the module ----
 # The module-level functions the template names after the functional (adam: _single_tensor_adam, ...).
-_FUNC_DERIVED = ("_single_tensor_{}", "_multi_tensor_{}", "_fused_{}", "_matrix_{}", "_shapes_{}", "{}_0")
+_FUNC_DERIVED = ("_single_tensor_{}", "_sharded_{}", "_multi_tensor_{}", "_fused_{}", "_matrix_{}", "_shapes_{}", "{}_0")
 
 
 def _functional_name(prog: ir.Program) -> str:
@@ -369,6 +390,8 @@ def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]
     state_dtype = "_state_dtype(group, p)"
     codes = quant.codes(prog)  # each float state's low-bit code (int8/int4 states)
     single_body = [line for i in instrs for line in single(i)]
+    staged = schedule.staged(instrs)  # a DTensor parameter's stages, combined over the group's tensors
+    matrix_states = any(ir.is_matrix(s.shape) for s in prog.states)
     complex_why = _not_elementwise(prog)
     min_rank, rank_why, rank_span = ranks.need(prog)
     return dict(
@@ -376,7 +399,7 @@ def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]
         complex_ok=not complex_why, complex_why=complex_why,
         func=func, suffix=suffix, states=[s.name for s in prog.states], uses_loss=prog.uses_loss,
         # matrix-shaped states (Gram matrices, eigenbases): sharded, the rule steps whole on an owner rank
-        matrix_states=any(ir.is_matrix(s.shape) for s in prog.states),
+        matrix_states=matrix_states,
         bool_states=[s.name for s in prog.states if s.shape == "bool"],
         lowbit_signed={name: code.signed for name, code in codes.items()},
         read_single={s.name: read_state_code(s.shape, codes[s.name].signed, f"{s.name}_list[i]", "p")
@@ -401,6 +424,9 @@ def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]
         param_compiled=[(str(d.symbol), compiled.doprint(d.expr)) for d in plan.param],
         param_multi=param_multi,
         single_body=single_body,
+        # the for-loop path on DTensors, where a stage has reductions (a rule with matrix-shaped states
+        # steps whole on owner ranks instead): one all-reduce per stage for all tensors, not per tensor
+        staged_body=staged_body(staged) if schedule.stages(staged) and not matrix_states else [],
         random=any(d.expr.has(*RANDOM) for d in plan.steps) or any(e.has(*RANDOM) for _, e in plan.outputs),
         multi_body=multi_body(instrs),
         # compiled, t is a tensor: read where the step count or a scalar of it is used
@@ -542,6 +568,7 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = (), refusals: 
         c.update(avail_name=fused["avail_name"], default_name=fused["default_name"])
     ctx["func"] = func
     ctx["matrix_states"] = any(c["matrix_states"] for c in contexts)
+    ctx["sharded_loop"] = any(c["staged_body"] for c in contexts)  # a rule's for-loop path has stages on DTensors
     ctx["sharded_fused"] = any(not r["unsupported"] and not r["torch_only"] for r in ctx["fused_rules"])
     ctx["fused_code"] = environment().get_template("triton_fused.py.j2").render(**ctx)
     replays = [line for c in contexts if c["replay"] for line in c["replay"]["body"]]
