@@ -9,7 +9,11 @@ and column means of g^2, the column mean of the row state, rms(u):
   (`torch.mean` of a DTensor split along a reduced axis all-gathers the shard);
 - `partial`: as generated now (`_mean`, `_rms`): each rank's sums over its shard divided by the
   whole count, left partial, and the reductions of a stage combined for all matrices by one
-  all-reduce of a flat buffer (`_whole_lists`).
+  all-reduce of a flat buffer (`_whole_lists`);
+- `loop per tensor`: the for-loop path as it was (`_single_tensor_adafactor_0` on DTensors): the
+  same partial sums, one all-reduce per tensor and reduction;
+- `loop`: the for-loop path as generated now (`_sharded_adafactor_0`): each tensor's step hands out
+  its partial results at a stage's end, one all-reduce per stage for all matrices (`_in_stages`).
 
 As bench/dist_bytes.py: each of the 4 ranks played in turn on torch's fake process group with meta
 tensors; the bytes each rank receives over the network, summed over ranks, for one block.
@@ -37,6 +41,7 @@ PLAIN = {"_mean": lambda x, dim=None, keepdim=False: torch.mean(x) if dim is Non
 
 # the token embedding (GPT-2's vocabulary, 50257 rows: split 12565 + 12565 + 12565 + 12562), once per model
 EMBEDDING = {"wte": (50257, 768)}
+PLANS = ("dtensor", "partial", "loop per tensor", "loop")  # see above
 
 
 def one_rank(rank: int, shapes: dict) -> dict:
@@ -57,7 +62,9 @@ def one_rank(rank: int, shapes: dict) -> dict:
         rows = [dtensor((m, 1), Shard(0)) for m, _ in shapes.values()]  # split like p (optdsl's _new_zeros)
         cols = [dtensor((1, n), Replicate()) for _, n in shapes.values()]
         out = {}
-        for how in ("dtensor", "partial"):
+        step = {"dtensor": adafactor._multi_tensor_adafactor_0, "partial": adafactor._multi_tensor_adafactor_0,
+                "loop per tensor": adafactor._single_tensor_adafactor_0, "loop": adafactor._sharded_adafactor_0}
+        for how in PLANS:
             saved = {name: getattr(adafactor, name) for name in PLAIN}
             if how == "dtensor":
                 for name, f in PLAIN.items():
@@ -65,8 +72,7 @@ def one_rank(rank: int, shapes: dict) -> dict:
             counter = CountBytes()
             try:
                 with counter:
-                    adafactor._multi_tensor_adafactor_0(params, grads, rows, cols,
-                                                        [torch.tensor(0.0) for _ in params], **HYPER)
+                    step[how](params, grads, rows, cols, [torch.tensor(0.0) for _ in params], **HYPER)
             finally:
                 for name, f in saved.items():
                     setattr(adafactor, name, f)
@@ -79,7 +85,7 @@ def one_rank(rank: int, shapes: dict) -> dict:
 def main():
     runs = {"block": [one_rank(r, SHAPES) for r in range(WORLD)], "wte": [one_rank(r, EMBEDDING) for r in range(WORLD)]}
     summary = {}
-    for how in ("dtensor", "partial"):
+    for how in PLANS:
         summary[how] = {}
         for part, per_rank in runs.items():
             ops: dict[str, list[int]] = {}
@@ -89,14 +95,14 @@ def main():
                     total[0], total[1] = total[0] + row[0], total[1] + row[1]
             summary[how][part] = dict(collectives=ops, bytes=sum(v[1] for v in ops.values()))
         summary[how]["bytes_per_step"] = LAYERS * summary[how]["block"]["bytes"] + summary[how]["wte"]["bytes"]
-    record = dict(world=WORLD, shapes=SHAPES, embedding=EMBEDDING, layers=LAYERS, dtype="float32", spec="adafactor", path="foreach",
+    record = dict(world=WORLD, shapes=SHAPES, embedding=EMBEDDING, layers=LAYERS, dtype="float32", spec="adafactor", path="foreach and for-loop",
                   results=summary, command="python bench/dist_reductions.py",
                   note="bytes each rank receives over the network (ring all-reduce: 2 (W-1)/W of the buffer), "
                        "summed over collectives and ranks; calls counted on all ranks")
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "results", "dist-reductions.json"), "w") as fh:
         json.dump(record, fh, indent=1)
-    lines = ["# Adafactor's reductions, foreach path, 4 row-sharded ranks, GPT-2 small (12 blocks, d = 768), float32",
+    lines = ["# Adafactor's reductions, foreach and for-loop paths, 4 row-sharded ranks, GPT-2 small (12 blocks, d = 768), float32",
              "", "`python bench/dist_reductions.py`: collectives (calls on all ranks) and the bytes each rank receives",
              "over the network (ring all-reduce), summed over ranks; meta tensors on torch's fake process group.",
              "A block's 4 matrices split evenly (DTensor's own mean is then a partial average, one all-reduce",

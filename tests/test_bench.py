@@ -47,3 +47,14 @@ def test_dist_reductions_runs_on_the_generated_adafactor():
     ops = _bench_rank("from bench import dist_reductions as d; print(json.dumps(d.one_rank(1, d.EMBEDDING)))")
     moved = {how: sum(row[1] for row in rows.values()) for how, rows in ops.items()}
     assert 0 < moved["partial"] < moved["dtensor"] / 100, moved
+
+
+def test_dist_reductions_for_loop_path_makes_one_all_reduce_per_stage():
+    """A block's 4 matrices on one rank: the for-loop path's 3 stages (rms(p) with the means of g^2, the
+    column mean of r, rms(u)) take 3 all-reduces for all 4, as the foreach path's; one per tensor and
+    reduction was 16 (the row mean of a row shard is local), the same bytes in more calls."""
+    ops = _bench_rank("from bench import dist_reductions as d; print(json.dumps(d.one_rank(1, d.SHAPES)))")
+    calls = {how: sum(row[0] for row in rows.values()) for how, rows in ops.items()}
+    moved = {how: sum(row[1] for row in rows.values()) for how, rows in ops.items()}
+    assert calls["loop"] == calls["partial"] == 3 and calls["loop per tensor"] == 16, calls
+    assert moved["loop"] == moved["partial"] == moved["loop per tensor"], moved

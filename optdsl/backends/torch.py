@@ -366,12 +366,26 @@ def states_saved_map(prog: ir.Program):
     return [(s.name, s.saved_as) for s in prog.states]
 
 
+def _instructions(plan: Plan) -> list[Instr]:
+    """A rule's step on the torch paths, as instructions: work a branch alone reads runs inside it."""
+    names = {str(s) for s in plan.inputs} | {h.name for h in plan.program.hypers} | INTERNAL_NAMES
+    names |= {str(d.symbol) for d in plan.group + plan.param + plan.steps}
+    return sink(Emitter(plan, names).run())
+
+
+def sharded_stages(plan: Plan) -> int:
+    """How many stages of reductions a rule's for-loop step hands out on DTensor parameters (on its
+    longest way through its branches): all-reduces per step for all its tensors, where each stage has
+    a reduction over a split axis (schedule.staged); 0 for a rule whose parameters step on owners."""
+    if any(ir.is_matrix(s.shape) for s in plan.program.states):
+        return 0
+    return schedule.stages(schedule.staged(_instructions(plan)))
+
+
 def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]) -> dict:
     """What the template prints for one rule: its states, scalars and the two step bodies."""
     prog = plan.program
-    names = {str(s) for s in plan.inputs} | {h.name for h in prog.hypers} | INTERNAL_NAMES
-    names |= {str(d.symbol) for d in plan.group + plan.param + plan.steps}
-    instrs = sink(Emitter(plan, names).run())  # work a branch alone reads runs inside it
+    instrs = _instructions(plan)
     host = HostPrinter()
     read = set().union(*(d.expr.free_symbols for d in plan.group + plan.param + plan.steps),
                        *(e.free_symbols for _, e in plan.outputs))
