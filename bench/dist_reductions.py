@@ -12,7 +12,7 @@ and column means of g^2, the column mean of the row state, rms(u):
   all-reduce of a flat buffer (`_whole_lists`);
 - `loop per tensor`: the for-loop path as it was (`_single_tensor_adafactor_0` on DTensors): the
   same partial sums, one all-reduce per tensor and reduction;
-- `loop`: the for-loop path as generated now (`_sharded_adafactor_0`): each tensor's step hands out
+- `loop`: the for-loop path as generated now (`_staged_adafactor_0`): each tensor's step hands out
   its partial results at a stage's end, one all-reduce per stage for all matrices (`_in_stages`).
 
 As bench/dist_bytes.py: each of the 4 ranks played in turn on torch's fake process group with meta
@@ -63,7 +63,7 @@ def one_rank(rank: int, shapes: dict) -> dict:
         cols = [dtensor((1, n), Replicate()) for _, n in shapes.values()]
         out = {}
         step = {"dtensor": adafactor._multi_tensor_adafactor_0, "partial": adafactor._multi_tensor_adafactor_0,
-                "loop per tensor": adafactor._single_tensor_adafactor_0, "loop": adafactor._sharded_adafactor_0}
+                "loop per tensor": adafactor._single_tensor_adafactor_0, "loop": adafactor._staged_adafactor_0}
         for how in PLANS:
             saved = {name: getattr(adafactor, name) for name in PLAIN}
             if how == "dtensor":

@@ -1440,7 +1440,7 @@ def adafactor_0(params, grads, r_list, c_list, state_steps, *, foreach=None, fus
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
-    impl = _multi_tensor_adafactor_0 if foreach else _sharded_adafactor_0 if any(map(_is_sharded, params)) else _single_tensor_adafactor_0
+    impl = _multi_tensor_adafactor_0 if foreach else _staged_adafactor_0 if any(map(_is_sharded, params)) else _single_tensor_adafactor_0
     impl(params, grads, r_list, c_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -1492,7 +1492,7 @@ def _single_tensor_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr
         _write_state(c_list[i], c, False, generator, stochastic)
 
 
-def _sharded_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd,
+def _staged_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd,
                          generator=None, stochastic=False):
     """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
     in _single_tensor_adafactor_0, but hands out (yield) the partial results of each stage's
@@ -1632,7 +1632,7 @@ def adafactor_1(params, grads, v_list, state_steps, *, foreach=None, fused=None,
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
-    impl = _multi_tensor_adafactor_1 if foreach else _sharded_adafactor_1 if any(map(_is_sharded, params)) else _single_tensor_adafactor_1
+    impl = _multi_tensor_adafactor_1 if foreach else _staged_adafactor_1 if any(map(_is_sharded, params)) else _single_tensor_adafactor_1
     impl(params, grads, v_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -1675,7 +1675,7 @@ def _single_tensor_adafactor_1(params, grads, v_list, state_steps, *, lr, beta2_
         _write_state(v_list[i], v, False, generator, stochastic)
 
 
-def _sharded_adafactor_1(params, grads, v_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd,
+def _staged_adafactor_1(params, grads, v_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd,
                          generator=None, stochastic=False):
     """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
     in _single_tensor_adafactor_1, but hands out (yield) the partial results of each stage's

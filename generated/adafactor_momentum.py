@@ -1348,7 +1348,7 @@ def adafactorm_0(params, grads, r_list, c_list, m_list, state_steps, *, foreach=
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
-    impl = _multi_tensor_adafactorm_0 if foreach else _sharded_adafactorm_0 if any(map(_is_sharded, params)) else _single_tensor_adafactorm_0
+    impl = _multi_tensor_adafactorm_0 if foreach else _staged_adafactorm_0 if any(map(_is_sharded, params)) else _single_tensor_adafactorm_0
     impl(params, grads, r_list, c_list, m_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -1406,7 +1406,7 @@ def _single_tensor_adafactorm_0(params, grads, r_list, c_list, m_list, state_ste
         _write_state(m_list[i], m, True, generator, stochastic)
 
 
-def _sharded_adafactorm_0(params, grads, r_list, c_list, m_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd, b1,
+def _staged_adafactorm_0(params, grads, r_list, c_list, m_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd, b1,
                           generator=None, stochastic=False):
     """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
     in _single_tensor_adafactorm_0, but hands out (yield) the partial results of each stage's
@@ -1561,7 +1561,7 @@ def adafactorm_1(params, grads, v_list, m_list, state_steps, *, foreach=None, fu
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
-    impl = _multi_tensor_adafactorm_1 if foreach else _sharded_adafactorm_1 if any(map(_is_sharded, params)) else _single_tensor_adafactorm_1
+    impl = _multi_tensor_adafactorm_1 if foreach else _staged_adafactorm_1 if any(map(_is_sharded, params)) else _single_tensor_adafactorm_1
     impl(params, grads, v_list, m_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -1610,7 +1610,7 @@ def _single_tensor_adafactorm_1(params, grads, v_list, m_list, state_steps, *, l
         _write_state(m_list[i], m, True, generator, stochastic)
 
 
-def _sharded_adafactorm_1(params, grads, v_list, m_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd, b1,
+def _staged_adafactorm_1(params, grads, v_list, m_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd, b1,
                           generator=None, stochastic=False):
     """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
     in _single_tensor_adafactorm_1, but hands out (yield) the partial results of each stage's

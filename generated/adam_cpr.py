@@ -1341,7 +1341,7 @@ def adamcpr(params, grads, m_list, v_list, lagmul_list, kappa_list, state_steps,
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
-    impl = _multi_tensor_adamcpr if foreach else _sharded_adamcpr if any(map(_is_sharded, params)) else _single_tensor_adamcpr
+    impl = _multi_tensor_adamcpr if foreach else _staged_adamcpr if any(map(_is_sharded, params)) else _single_tensor_adamcpr
     impl(params, grads, m_list, v_list, lagmul_list, kappa_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -1402,7 +1402,7 @@ def _single_tensor_adamcpr(params, grads, m_list, v_list, lagmul_list, kappa_lis
         _write_state(kappa_list[i], kappa, False, generator, stochastic)
 
 
-def _sharded_adamcpr(params, grads, m_list, v_list, lagmul_list, kappa_list, state_steps, *, lr, b1, b2, eps, warm_start, mu,
+def _staged_adamcpr(params, grads, m_list, v_list, lagmul_list, kappa_list, state_steps, *, lr, b1, b2, eps, warm_start, mu,
                      generator=None, stochastic=False):
     """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
     in _single_tensor_adamcpr, but hands out (yield) the partial results of each stage's

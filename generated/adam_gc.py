@@ -1218,7 +1218,7 @@ def adamgc(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=No
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
-    impl = _multi_tensor_adamgc if foreach else _sharded_adamgc if any(map(_is_sharded, params)) else _single_tensor_adamgc
+    impl = _multi_tensor_adamgc if foreach else _staged_adamgc if any(map(_is_sharded, params)) else _single_tensor_adamgc
     impl(params, grads, m_list, v_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -1268,7 +1268,7 @@ def _single_tensor_adamgc(params, grads, m_list, v_list, state_steps, *, lr, b1,
         _write_state(v_list[i], v, False, generator, stochastic)
 
 
-def _sharded_adamgc(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd,
+def _staged_adamgc(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd,
                     generator=None, stochastic=False):
     """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
     in _single_tensor_adamgc, but hands out (yield) the partial results of each stage's

@@ -1301,7 +1301,7 @@ def adammini(params, grads, m_list, v_mean_list, state_steps, *, foreach=None, f
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
-    impl = _multi_tensor_adammini if foreach else _sharded_adammini if any(map(_is_sharded, params)) else _single_tensor_adammini
+    impl = _multi_tensor_adammini if foreach else _staged_adammini if any(map(_is_sharded, params)) else _single_tensor_adammini
     impl(params, grads, m_list, v_mean_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -1346,7 +1346,7 @@ def _single_tensor_adammini(params, grads, m_list, v_mean_list, state_steps, *, 
         _write_state(v_mean_list[i], v_mean, False, generator, stochastic)
 
 
-def _sharded_adammini(params, grads, m_list, v_mean_list, state_steps, *, lr, b1, b2, wd, eps,
+def _staged_adammini(params, grads, m_list, v_mean_list, state_steps, *, lr, b1, b2, wd, eps,
                       generator=None, stochastic=False):
     """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
     in _single_tensor_adammini, but hands out (yield) the partial results of each stage's

@@ -1227,7 +1227,7 @@ def adamng(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=No
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
-    impl = _multi_tensor_adamng if foreach else _sharded_adamng if any(map(_is_sharded, params)) else _single_tensor_adamng
+    impl = _multi_tensor_adamng if foreach else _staged_adamng if any(map(_is_sharded, params)) else _single_tensor_adamng
     impl(params, grads, m_list, v_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -1273,7 +1273,7 @@ def _single_tensor_adamng(params, grads, m_list, v_list, state_steps, *, lr, b1,
         _write_state(v_list[i], v, False, generator, stochastic)
 
 
-def _sharded_adamng(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, norm_eps, wd,
+def _staged_adamng(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, norm_eps, wd,
                     generator=None, stochastic=False):
     """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
     in _single_tensor_adamng, but hands out (yield) the partial results of each stage's

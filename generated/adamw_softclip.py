@@ -1230,7 +1230,7 @@ def adamwsoftclip(params, grads, m_list, v_list, state_steps, *, foreach=None, f
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
-    impl = _multi_tensor_adamwsoftclip if foreach else _sharded_adamwsoftclip if any(map(_is_sharded, params)) else _single_tensor_adamwsoftclip
+    impl = _multi_tensor_adamwsoftclip if foreach else _staged_adamwsoftclip if any(map(_is_sharded, params)) else _single_tensor_adamwsoftclip
     impl(params, grads, m_list, v_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -1285,7 +1285,7 @@ def _single_tensor_adamwsoftclip(params, grads, m_list, v_list, state_steps, *, 
         _write_state(v_list[i], v, False, generator, stochastic)
 
 
-def _sharded_adamwsoftclip(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, clip_eps,
+def _staged_adamwsoftclip(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, clip_eps,
                            generator=None, stochastic=False):
     """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
     in _single_tensor_adamwsoftclip, but hands out (yield) the partial results of each stage's

@@ -1234,7 +1234,7 @@ def adanorm(params, grads, m_list, v_list, gn_avg_list, state_steps, *, foreach=
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
-    impl = _multi_tensor_adanorm if foreach else _sharded_adanorm if any(map(_is_sharded, params)) else _single_tensor_adanorm
+    impl = _multi_tensor_adanorm if foreach else _staged_adanorm if any(map(_is_sharded, params)) else _single_tensor_adanorm
     impl(params, grads, m_list, v_list, gn_avg_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -1281,7 +1281,7 @@ def _single_tensor_adanorm(params, grads, m_list, v_list, gn_avg_list, state_ste
         _write_state(gn_avg_list[i], gn_avg, False, generator, stochastic)
 
 
-def _sharded_adanorm(params, grads, m_list, v_list, gn_avg_list, state_steps, *, lr, b1, b2, r, eps, wd,
+def _staged_adanorm(params, grads, m_list, v_list, gn_avg_list, state_steps, *, lr, b1, b2, r, eps, wd,
                      generator=None, stochastic=False):
     """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
     in _single_tensor_adanorm, but hands out (yield) the partial results of each stage's

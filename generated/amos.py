@@ -1257,7 +1257,7 @@ def amos(params, grads, m_list, v_list, decay_list, state_steps, *, foreach=None
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
-    impl = _multi_tensor_amos if foreach else _sharded_amos if any(map(_is_sharded, params)) else _single_tensor_amos
+    impl = _multi_tensor_amos if foreach else _staged_amos if any(map(_is_sharded, params)) else _single_tensor_amos
     impl(params, grads, m_list, v_list, decay_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -1319,7 +1319,7 @@ def _single_tensor_amos(params, grads, m_list, v_list, decay_list, state_steps, 
         _write_state(decay_list[i], decay, False, generator, stochastic)
 
 
-def _sharded_amos(params, grads, m_list, v_list, decay_list, state_steps, *, lr, beta, momentum, extra_l2, c_coef, d_coef, eps,
+def _staged_amos(params, grads, m_list, v_list, decay_list, state_steps, *, lr, beta, momentum, extra_l2, c_coef, d_coef, eps,
                   generator=None, stochastic=False):
     """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
     in _single_tensor_amos, but hands out (yield) the partial results of each stage's

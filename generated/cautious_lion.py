@@ -1212,7 +1212,7 @@ def cautiouslion(params, grads, m_list, state_steps, *, foreach=None, fused=None
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
-    impl = _multi_tensor_cautiouslion if foreach else _sharded_cautiouslion if any(map(_is_sharded, params)) else _single_tensor_cautiouslion
+    impl = _multi_tensor_cautiouslion if foreach else _staged_cautiouslion if any(map(_is_sharded, params)) else _single_tensor_cautiouslion
     impl(params, grads, m_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -1246,7 +1246,7 @@ def _single_tensor_cautiouslion(params, grads, m_list, state_steps, *, lr, b1, b
         _write_state(m_list[i], m, True, generator, stochastic)
 
 
-def _sharded_cautiouslion(params, grads, m_list, state_steps, *, lr, b1, b2, wd,
+def _staged_cautiouslion(params, grads, m_list, state_steps, *, lr, b1, b2, wd,
                           generator=None, stochastic=False):
     """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
     in _single_tensor_cautiouslion, but hands out (yield) the partial results of each stage's

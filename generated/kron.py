@@ -2155,7 +2155,7 @@ def kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_steps, *, fore
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
-    impl = _multi_tensor_kron_0 if foreach else _sharded_kron_0 if any(map(_is_sharded, params)) else _single_tensor_kron_0
+    impl = _multi_tensor_kron_0 if foreach else _staged_kron_0 if any(map(_is_sharded, params)) else _single_tensor_kron_0
     impl(params, grads, m_list, c_list, dL_list, dR_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -2256,7 +2256,7 @@ def _single_tensor_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state
         _write_state(dR_list[i], dR, True, generator, stochastic)
 
 
-def _sharded_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,
+def _staged_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,
                     generator=None, stochastic=False, seed=None):
     """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
     in _single_tensor_kron_0, but hands out (yield) the partial results of each stage's
@@ -3293,7 +3293,7 @@ def kron_4(params, grads, m_list, c_list, q_list, state_steps, *, foreach=None, 
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
-    impl = _multi_tensor_kron_4 if foreach else _sharded_kron_4 if any(map(_is_sharded, params)) else _single_tensor_kron_4
+    impl = _multi_tensor_kron_4 if foreach else _staged_kron_4 if any(map(_is_sharded, params)) else _single_tensor_kron_4
     impl(params, grads, m_list, c_list, q_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -3366,7 +3366,7 @@ def _single_tensor_kron_4(params, grads, m_list, c_list, q_list, state_steps, *,
         _write_state(q_list[i], q, True, generator, stochastic)
 
 
-def _sharded_kron_4(params, grads, m_list, c_list, q_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,
+def _staged_kron_4(params, grads, m_list, c_list, q_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,
                     generator=None, stochastic=False, seed=None):
     """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
     in _single_tensor_kron_4, but hands out (yield) the partial results of each stage's

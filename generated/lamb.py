@@ -1231,7 +1231,7 @@ def lamb(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=None
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
-    impl = _multi_tensor_lamb if foreach else _sharded_lamb if any(map(_is_sharded, params)) else _single_tensor_lamb
+    impl = _multi_tensor_lamb if foreach else _staged_lamb if any(map(_is_sharded, params)) else _single_tensor_lamb
     impl(params, grads, m_list, v_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -1276,7 +1276,7 @@ def _single_tensor_lamb(params, grads, m_list, v_list, state_steps, *, lr, b1, b
         _write_state(v_list[i], v, False, generator, stochastic)
 
 
-def _sharded_lamb(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, max_w,
+def _staged_lamb(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, max_w,
                   generator=None, stochastic=False):
     """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
     in _single_tensor_lamb, but hands out (yield) the partial results of each stage's

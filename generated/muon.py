@@ -1582,7 +1582,7 @@ def muon_0(params, grads, buf_list, state_steps, *, foreach=None, fused=None,
         if foreach is None:  # a pass over every parameter: only when it decides something
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
         # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
-        impl = _multi_tensor_muon_0 if foreach else _sharded_muon_0 if any(map(_is_sharded, params)) else _single_tensor_muon_0
+        impl = _multi_tensor_muon_0 if foreach else _staged_muon_0 if any(map(_is_sharded, params)) else _single_tensor_muon_0
         impl(params, grads, buf_list, state_steps, generator=generator,
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
@@ -1747,7 +1747,7 @@ def _single_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momen
         _write_state(buf_list[i], buf, True, generator, stochastic)
 
 
-def _sharded_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, ns_steps, adjust_lr_fn, adam_lr, b1, b2, adam_eps, adam_wd, use_muon, ns_bfloat16,
+def _staged_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, ns_steps, adjust_lr_fn, adam_lr, b1, b2, adam_eps, adam_wd, use_muon, ns_bfloat16,
                     generator=None, stochastic=False):
     """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
     in _single_tensor_muon_0, but hands out (yield) the partial results of each stage's

@@ -1474,7 +1474,7 @@ def muonclip_0(params, grads, buf_list, max_logit_list, state_steps, *, foreach=
         if foreach is None:  # a pass over every parameter: only when it decides something
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
         # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
-        impl = _multi_tensor_muonclip_0 if foreach else _sharded_muonclip_0 if any(map(_is_sharded, params)) else _single_tensor_muonclip_0
+        impl = _multi_tensor_muonclip_0 if foreach else _staged_muonclip_0 if any(map(_is_sharded, params)) else _single_tensor_muonclip_0
         impl(params, grads, buf_list, max_logit_list, state_steps, generator=generator,
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
@@ -1659,7 +1659,7 @@ def _single_tensor_muonclip_0(params, grads, buf_list, max_logit_list, state_ste
         _write_state(max_logit_list[i], max_logit, True, generator, stochastic)
 
 
-def _sharded_muonclip_0(params, grads, buf_list, max_logit_list, state_steps, *, tau, lr, wd, momentum, nesterov, a, b, c, eps, adam_lr, b1, b2, adam_eps, adam_wd,
+def _staged_muonclip_0(params, grads, buf_list, max_logit_list, state_steps, *, tau, lr, wd, momentum, nesterov, a, b, c, eps, adam_lr, b1, b2, adam_eps, adam_wd,
                         generator=None, stochastic=False):
     """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
     in _single_tensor_muonclip_0, but hands out (yield) the partial results of each stage's

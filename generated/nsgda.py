@@ -1205,7 +1205,7 @@ def nsgda(params, grads, m_list, state_steps, *, foreach=None, fused=None,
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
-    impl = _multi_tensor_nsgda if foreach else _sharded_nsgda if any(map(_is_sharded, params)) else _single_tensor_nsgda
+    impl = _multi_tensor_nsgda if foreach else _staged_nsgda if any(map(_is_sharded, params)) else _single_tensor_nsgda
     impl(params, grads, m_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -1236,7 +1236,7 @@ def _single_tensor_nsgda(params, grads, m_list, state_steps, *, lr, momentum, ep
         _write_state(m_list[i], m, True, generator, stochastic)
 
 
-def _sharded_nsgda(params, grads, m_list, state_steps, *, lr, momentum, eps, wd,
+def _staged_nsgda(params, grads, m_list, state_steps, *, lr, momentum, eps, wd,
                    generator=None, stochastic=False):
     """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
     in _single_tensor_nsgda, but hands out (yield) the partial results of each stage's

@@ -1213,7 +1213,7 @@ def sgdagc(params, grads, buf_list, state_steps, *, foreach=None, fused=None,
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
-    impl = _multi_tensor_sgdagc if foreach else _sharded_sgdagc if any(map(_is_sharded, params)) else _single_tensor_sgdagc
+    impl = _multi_tensor_sgdagc if foreach else _staged_sgdagc if any(map(_is_sharded, params)) else _single_tensor_sgdagc
     impl(params, grads, buf_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -1245,7 +1245,7 @@ def _single_tensor_sgdagc(params, grads, buf_list, state_steps, *, lr, momentum,
         _write_state(buf_list[i], buf, True, generator, stochastic)
 
 
-def _sharded_sgdagc(params, grads, buf_list, state_steps, *, lr, momentum, clip, unit_eps, eps,
+def _staged_sgdagc(params, grads, buf_list, state_steps, *, lr, momentum, clip, unit_eps, eps,
                     generator=None, stochastic=False):
     """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
     in _single_tensor_sgdagc, but hands out (yield) the partial results of each stage's

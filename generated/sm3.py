@@ -1310,7 +1310,7 @@ def sm3_0(params, grads, r_list, c_list, m_list, state_steps, *, foreach=None, f
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
-    impl = _multi_tensor_sm3_0 if foreach else _sharded_sm3_0 if any(map(_is_sharded, params)) else _single_tensor_sm3_0
+    impl = _multi_tensor_sm3_0 if foreach else _staged_sm3_0 if any(map(_is_sharded, params)) else _single_tensor_sm3_0
     impl(params, grads, r_list, c_list, m_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -1364,7 +1364,7 @@ def _single_tensor_sm3_0(params, grads, r_list, c_list, m_list, state_steps, *, 
         _write_state(m_list[i], m, True, generator, stochastic)
 
 
-def _sharded_sm3_0(params, grads, r_list, c_list, m_list, state_steps, *, lr, momentum, beta, eps,
+def _staged_sm3_0(params, grads, r_list, c_list, m_list, state_steps, *, lr, momentum, beta, eps,
                    generator=None, stochastic=False):
     """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
     in _single_tensor_sm3_0, but hands out (yield) the partial results of each stage's

@@ -1340,7 +1340,7 @@ def smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, sta
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
-    impl = _multi_tensor_smmf_0 if foreach else _sharded_smmf_0 if any(map(_is_sharded, params)) else _single_tensor_smmf_0
+    impl = _multi_tensor_smmf_0 if foreach else _staged_smmf_0 if any(map(_is_sharded, params)) else _single_tensor_smmf_0
     impl(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -1409,7 +1409,7 @@ def _single_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, pos
         positive_list[i].copy_(positive != 0)  # kept as != 0
 
 
-def _sharded_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps, *, lr, b1, b2, eps, wd,
+def _staged_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps, *, lr, b1, b2, eps, wd,
                     generator=None, stochastic=False):
     """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
     in _single_tensor_smmf_0, but hands out (yield) the partial results of each stage's

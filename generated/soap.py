@@ -1960,7 +1960,7 @@ def soap_1(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=No
     if foreach is None:  # a pass over every parameter: only when it decides something
         _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
-    impl = _multi_tensor_soap_1 if foreach else _sharded_soap_1 if any(map(_is_sharded, params)) else _single_tensor_soap_1
+    impl = _multi_tensor_soap_1 if foreach else _staged_soap_1 if any(map(_is_sharded, params)) else _single_tensor_soap_1
     impl(params, grads, m_list, v_list, state_steps, generator=generator,
          stochastic=stochastic, **hypers)
 
@@ -2022,7 +2022,7 @@ def _single_tensor_soap_1(params, grads, m_list, v_list, state_steps, *, lr, b1,
         _write_state(v_list[i], v, False, generator, stochastic)
 
 
-def _sharded_soap_1(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, shampoo_beta, wd, f, correct_bias, normalize_gradient, eps,
+def _staged_soap_1(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, shampoo_beta, wd, f, correct_bias, normalize_gradient, eps,
                     generator=None, stochastic=False):
     """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
     in _single_tensor_soap_1, but hands out (yield) the partial results of each stage's

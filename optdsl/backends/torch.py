@@ -194,7 +194,7 @@ def _indent(block, printer) -> list[str]:
 
 
 def staged_body(items) -> list[str]:
-    """The per-tensor lines of a DTensor parameter's step (the generated _sharded_ function), in
+    """The per-tensor lines of a DTensor parameter's step (the generated _staged_ function), in
     optdsl/backends/schedule.py's staged order: each stage's partial results handed out by a `yield`
     to _in_stages, which makes those of all the group's tensors whole by one all-reduce and sends
     them back; the reductions computed where they run, as each rank's parts."""
@@ -343,7 +343,7 @@ def _rename_word(text: str, name: str, new: str) -> str:
 
 # ---- the module ----
 # The module-level functions the template names after the functional (adam: _single_tensor_adam, ...).
-_FUNC_DERIVED = ("_single_tensor_{}", "_sharded_{}", "_multi_tensor_{}", "_fused_{}", "_matrix_{}", "_shapes_{}", "{}_0")
+_FUNC_DERIVED = ("_single_tensor_{}", "_staged_{}", "_multi_tensor_{}", "_fused_{}", "_matrix_{}", "_shapes_{}", "{}_0")
 
 
 def _functional_name(prog: ir.Program) -> str:
