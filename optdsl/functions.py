@@ -7,7 +7,9 @@ expression on floats (scalars hoisted to the host); `foreach` names the
 Reductions take a tensor and give one scalar per parameter (axis reductions: one per row, column or
 unit). A scalar where a reduction takes a tensor broadcasts, as a scalar does everywhere a tensor
 is expected: it stands for a tensor shaped like p filled with its value, so `sum(c)` is `numel * c`
-and `row_sum(c)` is `ncols * c` (`broadcast` below, the one rule every path computes by).
+and `row_sum(c)` is `ncols * c` (`broadcast` below, the one rule every path computes by). A value of a
+reduced shape (a rows state r: `r - r - 2`) that SymPy simplifies to a number keeps the language's shape:
+the reduction counts that shape's elements (OPERAND_SHAPES).
 """
 from __future__ import annotations
 
@@ -85,10 +87,21 @@ class bfloat16(_Opaque):  # x rounded to bfloat16, kept in the arithmetic's dtyp
         return self.args[0]
 
 
-class _Reduction(_Opaque):
-    """A whole-tensor reduction: one scalar per parameter."""
+class _Tagged:
+    """Printed as written: a reduction's second argument (its operand's shape) is no part of the math shown."""
 
-    nargs = 1
+    def _latex(self, printer, **kwargs):
+        return printer._print_Function(self.func(self.args[0]), **kwargs)
+
+    def _sympystr(self, printer):
+        return printer._print_Function(self.func(self.args[0]))
+
+
+class _Reduction(_Tagged, _Opaque):
+    """A whole-tensor reduction: one scalar per parameter. A second argument, when there is one, is the
+    code (OPERAND_SHAPES) of its operand's shape where the language's is not p's (rows, cols, ...)."""
+
+    nargs = (1, 2)
 
 
 class norm(_Reduction):
@@ -111,10 +124,11 @@ class amax(_Reduction):
     pass
 
 
-class _AxisReduction(_Opaque):
-    """A reduction over some axes of p, kept with size 1 so that it broadcasts back."""
+class _AxisReduction(_Tagged, _Opaque):
+    """A reduction over some axes of p, kept with size 1 so that it broadcasts back (a second argument:
+    as a whole reduction's, its operand's shape)."""
 
-    nargs = 1
+    nargs = (1, 2)
 
 
 class row_mean(_AxisReduction):
@@ -243,12 +257,46 @@ class Function:
     matrix: bool = False  # matrix work: its result is not shaped like its arguments
     scalars: int = 0      # matrix work: how many of its last arguments are host scalars (inv_root's k)
     random: bool = False  # a draw shaped like p from the optimizer's generator: {0} p, {1} the draw's number
-    # a reduction of a scalar x: x broadcast to p's shape, reduced, as SymPy over x and the shape built-ins
-    broadcast: Callable[[sp.Expr], sp.Expr] | None = None
+    # a reduction of a scalar x: x broadcast to its operand's shape (an Extent), reduced, as SymPy over x
+    # and the shape built-ins
+    broadcast: Callable[[sp.Expr, "Extent"], sp.Expr] | None = None
 
 
 # The parameter's shape built-ins (optdsl/ir.py SHAPE_BUILTINS), as the symbols optdsl/sym.py reads them by
 _NDIM, _NUMEL, _NROWS, _NCOLS, _NUNITS = (sp.Symbol(n) for n in ("ndim", "numel", "nrows", "ncols", "nunits"))
+
+
+@dataclass(frozen=True)
+class Extent:
+    """The sizes of the value a reduction reads, over the shape built-ins: its number of elements, its
+    extent along the last two axes (1 where reduced), and its elements per output unit (unit_norm's)."""
+    numel: sp.Expr
+    nrows: sp.Expr
+    ncols: sp.Expr
+    per_unit: sp.Expr
+
+
+def _at_least(rank: int, a, b) -> sp.Expr:
+    """a for parameters of rank `rank` or more, else b (where the division in a could be 0/0)."""
+    return where(ge(_NDIM, rank), a, b)
+
+
+# A value shaped like p, or a scalar (which broadcasts to p's shape): p's sizes.
+P_EXTENT = Extent(_NUMEL, _NROWS, _NCOLS, _NUMEL / _at_least(2, _NUNITS, 1))
+# A value of a reduced shape (optdsl/ir.py operand_code): `r - r - 2` with r a rows state is -2 in each
+# row, which SymPy simplifies to the number -2; the reduction of it counts the rows, not p's elements.
+# Ranks 1 and 2 are exact from the built-ins also when p is empty; from rank 3 (or 4) on the sizes are
+# quotients of numel, 0/0 (nan) only where the parameter has no element.
+OPERAND_SHAPES: dict[int, Extent] = {
+    1: Extent(_at_least(3, _NUMEL / _NCOLS, _NROWS), _NROWS, sp.Integer(1),                       # rows
+              _at_least(3, _NUMEL / (_NUNITS * _NCOLS), 1)),
+    2: Extent(_at_least(3, _NUMEL / _NROWS, _NCOLS), sp.Integer(1), _NCOLS,                       # cols
+              _at_least(3, _NUMEL / (_NUNITS * _NROWS), _NCOLS)),
+    3: Extent(_at_least(3, _NUMEL / (_NROWS * _NCOLS), 1), sp.Integer(1), sp.Integer(1),          # rows and cols
+              _at_least(4, _NUMEL / (_NUNITS * _NROWS * _NCOLS), 1)),
+    4: Extent(_at_least(2, _NUNITS, 1), where(eq(_NDIM, 2), _NROWS, 1), sp.Integer(1), sp.Integer(1)),  # units
+    5: Extent(_at_least(3, _NUNITS, 1), sp.Integer(1), sp.Integer(1), sp.Integer(1)),            # units, cols
+}
 
 F = Function
 TABLE: dict[str, Function] = {f.name: f for f in [
@@ -304,29 +352,29 @@ TABLE: dict[str, Function] = {f.name: f for f in [
     # _mean, _rms (the sharding template's): of a DTensor split along a reduced axis, a partial sum
     # (count-normalised with the whole tensor's count) left for one all-reduce, not DTensor's all-gather
     F("norm", 1, norm, "torch.linalg.vector_norm({0})", "abs({0})", "norm", reduction=True,
-      broadcast=lambda x: sp.Abs(x) * sp.sqrt(_NUMEL)),
-    F("sum", 1, sum, "torch.sum({0})", "{0}", reduction=True, broadcast=lambda x: x * _NUMEL),
-    F("mean", 1, mean, "_mean({0})", "{0}", reduction=True, broadcast=lambda x: x),
-    F("rms", 1, rms, "_rms({0})", "abs({0})", reduction=True, broadcast=sp.Abs),
+      broadcast=lambda x, n: sp.Abs(x) * sp.sqrt(n.numel)),
+    F("sum", 1, sum, "torch.sum({0})", "{0}", reduction=True, broadcast=lambda x, n: x * n.numel),
+    F("mean", 1, mean, "_mean({0})", "{0}", reduction=True, broadcast=lambda x, n: x),
+    F("rms", 1, rms, "_rms({0})", "abs({0})", reduction=True, broadcast=lambda x, n: sp.Abs(x)),
     F("amax", 1, amax, "_amax({0}, None)", "{0}", reduction=True,  # _amax: the sharding template's
-      broadcast=lambda x: x),
+      broadcast=lambda x, n: x),
     # ---- axis reductions: kept with size 1, so they broadcast back against p ----
-    F("row_mean", 1, row_mean, "_mean({0}, -1, True)", "{0}", axis="-1", broadcast=lambda x: x),
-    F("col_mean", 1, col_mean, "_mean({0}, -2, True)", "{0}", axis="-2", broadcast=lambda x: x),
+    F("row_mean", 1, row_mean, "_mean({0}, -1, True)", "{0}", axis="-1", broadcast=lambda x, n: x),
+    F("col_mean", 1, col_mean, "_mean({0}, -2, True)", "{0}", axis="-2", broadcast=lambda x, n: x),
     F("row_sum", 1, row_sum, "_sum({0}, -1)", "{0}", axis="-1",
-      broadcast=lambda x: x * _NCOLS),
+      broadcast=lambda x, n: x * n.ncols),
     F("col_sum", 1, col_sum, "_sum({0}, -2)", "{0}", axis="-2",
-      broadcast=lambda x: x * _NROWS),
-    F("row_max", 1, row_max, "_amax({0}, -1)", "{0}", axis="-1", broadcast=lambda x: x),
-    F("col_max", 1, col_max, "_amax({0}, -2)", "{0}", axis="-2", broadcast=lambda x: x),
+      broadcast=lambda x, n: x * n.nrows),
+    F("row_max", 1, row_max, "_amax({0}, -1)", "{0}", axis="-1", broadcast=lambda x, n: x),
+    F("col_max", 1, col_max, "_amax({0}, -2)", "{0}", axis="-2", broadcast=lambda x, n: x),
     # over every axis but the first: one value per output unit (the whole tensor when rank <= 1, so
     # that a scalar's unit norm counts numel / nunits elements from rank 2 on, numel below)
     F("unit_mean", 1, unit_mean, "_mean({0}, tuple(range(1, {0}.dim())) or None, True)", "{0}",
-      axis="unit", broadcast=lambda x: x),
+      axis="unit", broadcast=lambda x, n: x),
     F("unit_norm", 1, unit_norm,
       "torch.linalg.vector_norm({0}, dim=tuple(range(1, {0}.dim())) or None, keepdim=True)", "abs({0})",
       axis="unit",
-      broadcast=lambda x: sp.Abs(x) * sp.sqrt(_NUMEL / where(ge(_NDIM, 2), _NUNITS, 1))),
+      broadcast=lambda x, n: sp.Abs(x) * sp.sqrt(n.per_unit)),
     # ---- matrix work on the last two axes ----
     F("mm", 2, mm, "torch.matmul({0}, {1})", "({0}) * ({1})", matrix=True),
     F("T", 1, T, "{0}.mT", "{0}", matrix=True),
@@ -384,13 +432,29 @@ def reads_tensor(tensors: set[sp.Symbol]) -> Callable[[sp.Expr], bool]:
     return reads
 
 
+def extent(e: sp.Expr) -> Extent:
+    """The sizes of the value the reduction e reads: p's, or those of its operand's shape (second argument)."""
+    return OPERAND_SHAPES[int(e.args[1])] if len(e.args) > 1 else P_EXTENT
+
+
+def broadcast(e: sp.Expr) -> sp.Expr:
+    """The reduction e of a scalar: that scalar broadcast to the shape of e's operand, reduced."""
+    return BROADCAST[type(e)](e.args[0], extent(e))
+
+
+def untagged(e: sp.Expr) -> sp.Expr:
+    """e without the shape of its operand (a reduction of a tensor is printed from the tensor)."""
+    return e.func(e.args[0]) if type(e) in BROADCAST and len(e.args) > 1 else e
+
+
 def broadcast_scalars(expr: sp.Expr, is_scalar: Callable[[sp.Expr], bool]) -> sp.Expr:
     """`expr` with every reduction (whole, axis or unit) of a scalar operand written as what it is: the
-    reduction of that scalar broadcast to p's shape (`sum(c)` is `c * numel`), in the shape built-ins.
+    reduction of that scalar broadcast to its operand's shape, p's unless the language's is a reduced
+    one (`sum(c)` is `c * numel`), in the shape built-ins; the other reductions without that shape.
     `is_scalar` tells a scalar operand (it reads no tensor but through a reduction) from a tensor.
     Bottom up: `sum(norm(c))` is `numel * sqrt(numel) * |c|`."""
-    return expr.replace(lambda e: type(e) in BROADCAST and is_scalar(e.args[0]),
-                        lambda e: BROADCAST[type(e)](e.args[0]))
+    return expr.replace(lambda e: type(e) in BROADCAST,
+                        lambda e: broadcast(e) if is_scalar(e.args[0]) else untagged(e))
 
 
 class loop(_Opaque):  # a kept loop's carried value where a round starts (optdsl/ir.py's LOOP): no table row,

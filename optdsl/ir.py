@@ -83,6 +83,17 @@ def result_shape(row, args):
     return out
 
 
+def operand_code(shape) -> int:
+    """The code (optdsl/functions.py OPERAND_SHAPES) of a reduced shape a reduction's operand has, where
+    SymPy may simplify the operand to a number and the reduction must still count this shape's elements;
+    0 for p's shape and a scalar's (a scalar broadcasts to p's shape) and for matrix work's."""
+    if shape is None or shape == FULL or shape == ALL:
+        return 0
+    if "unit" in shape:  # all axes but the first, with the rows' or not: the same; with the columns' too
+        return 5 if "-2" in shape else 4
+    return {frozenset({"-1"}): 1, frozenset({"-2"}): 2, frozenset({"-1", "-2"}): 3}[shape]
+
+
 def shape_text(shape) -> str:
     """How an error message says a shape."""
     names = {FULL: "shaped like p", ALL: "a scalar", STATE_SHAPES["rows"]: "one per row (rows)",
@@ -108,6 +119,9 @@ class Op:
     op: str  # + - * / ^ neg, a function of optdsl.functions.TABLE, or lt le gt ge eq ne
     args: tuple[Expr, ...]
     span: Span | None = None
+    # a reduction: its operand's shape where the language's is a reduced one (operand_code), which SymPy
+    # forgets when it simplifies the operand to a number (r - r - 2); 0 for p's shape
+    operand: int = 0
 
 
 Expr = Const | Ref | Op

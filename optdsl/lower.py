@@ -261,6 +261,8 @@ class _Lowering:
             # its absolute value for a norm; said here, where its shape is known, since SymPy would read
             # a reduced value that simplifies to a number (r - r - 2) as a scalar, broadcast to p's shape
             return ir.Op("abs", op.args, e.span) if fn.name == "unit_norm" else op.args[0]
+        if fn.reduction or fn.axis:  # the operand's shape as written, which SymPy may simplify away
+            op = ir.Op(e.func, op.args, e.span, operand=ir.operand_code(self.shape_of(op.args[0])))
         if fn.scalars:  # a matrix function's parameters (inv_root's k): numbers and hyperparameters
             for a, arg in zip(op.args[-fn.scalars:], e.args[-fn.scalars:]):
                 if self.kind_of(a) != ir.SCALAR or self._reads_step_values(a):

@@ -72,6 +72,8 @@ def _to_sympy(e: ir.Expr, env: dict[str, sp.Expr]) -> sp.Expr:
     if e.op in (ir.LOOP, ir.LOOP_END):  # a kept loop (optdsl/ir.py): functions of unknown value
         return _LOOPS[e.op](*args)
     fn = TABLE.get(e.op) or _CMP[e.op]
+    if getattr(e, "operand", 0):  # a reduction of a value of a reduced shape: kept beside it (functions.py)
+        return fn.sympy(args[0], sp.Integer(e.operand))
     if e.op == "atan2" and args[0] == 0 and args[1] == 0:  # nan to SymPy, 0 to IEEE 754, torch and math
         return sp.S.Zero
     if e.op == "abs":  # every value is real: SymPy reads Abs(exp(x)) of a complex x as exp(re(x))
@@ -240,7 +242,7 @@ class _Hoister:
 
     def level(self, e: sp.Expr) -> int:
         if type(e) in fn.BROADCAST and self.scalar(e.args[0]):
-            return self.level(fn.BROADCAST[type(e)](e.args[0]))
+            return self.level(fn.broadcast(e))
         if is_reduction(e):
             return DEVICE
         if e.is_Symbol:
@@ -258,9 +260,11 @@ class _Hoister:
         if type(e) in fn.BROADCAST and self.scalar(e.args[0]):
             # A reduction of a scalar (a hyperparameter expression, t, a scalar state, another
             # reduction, or a tensor expression SymPy simplified to one: g - g + 1) reduces that scalar
-            # broadcast to p's shape: functions.py's one rule, arithmetic on the shape built-ins here,
-            # so every path computes the same number (`row_sum(-2)` was -2 where `sum(-2)` was -24)
-            return self.hoist(fn.BROADCAST[type(e)](e.args[0]), ceiling)
+            # broadcast to its operand's shape, p's unless the language's is a reduced one (r - r - 2 of
+            # a rows state): functions.py's one rule, arithmetic on the shape built-ins here, so every
+            # path computes the same number (`row_sum(-2)` was -2 where `sum(-2)` was -24)
+            return self.hoist(fn.broadcast(e), ceiling)
+        e = fn.untagged(e)  # a reduction of a tensor: its operand's shape is the tensor's own
         lvl = self.level(e)
         if lvl < ceiling or is_reduction(e):  # a reduction always gets its own name
             return self.define(e, lvl)
@@ -378,7 +382,7 @@ def plan(prog: ir.Program) -> Plan:
     inputs = tuple(syms[n] for n in prog.inputs)
     levels = input_levels(prog)
     # A hoisted scalar that is exactly a spec local keeps the local's name.
-    preferred = {env[eq.out]: eq.target for eq in prog.eqns
+    preferred = {fn.untagged(env[eq.out]): eq.target for eq in prog.eqns
                  if eq.kind == ir.SCALAR and sum(e.target == eq.target for e in prog.eqns) == 1}
     hoister = _Hoister(levels, names, preferred)
 

@@ -355,9 +355,9 @@ SCALARS = ["-2", "lr", "t - 3", "mean(g) - 3", "g - g - 2"]
 RED_SHAPES = [(), (7,), (3, 4), (2, 3, 5)]
 
 
-def _steps_like(cls, want_of, shapes):
+def _steps_like(cls, want_of, shapes, paths=PATHS):
     for shape in shapes:
-        for path in PATHS:
+        for path in paths:
             p = torch.nn.Parameter(torch.zeros(shape, dtype=torch.float64))
             p.grad = torch.ones_like(p)
             cls([p], **path).step()
@@ -404,6 +404,65 @@ def test_an_axis_reduction_of_a_value_already_reduced_along_it_is_the_value():
     cls = optdsl.compile("optimizer W\nstate r: rows\nr = row_mean(g)\n"
                          "p += row_sum(r - r - 2) + unit_norm(unit_mean(g) - 3)\n")
     _steps_like(cls, lambda p: torch.full_like(p, -2.0 + 2.0), [(3, 4), (2, 3, 5)])
+
+
+# ---- a reduction of a value of a reduced shape (rows, cols, ...) that SymPy simplifies to a number ------
+# `r - r - 2` with `r` a rows state is -2 in each row, shaped p.shape[:-1] + (1,): sum() of it on a (3, 4)
+# parameter is -6. SymPy simplifies it to the number -2, and the scalar-broadcast rule reduced -2 over p's
+# 12 elements (-24). The shape of the operand is the language's (LANGUAGE.md, docs/language.md), decided on
+# the operands as written; the broadcast counts that shape's elements. Reference: torch reducing a tensor of
+# that shape filled with the value.
+def _reduced_like(p, kind):
+    s, n = tuple(p.shape), p.dim()
+    if kind == "rows":
+        return s[:-1] + (1,)
+    if kind == "cols":
+        return s[:-2] + (1,) + s[-1:]
+    if kind == "both":
+        return s[:-2] + (1, 1)
+    units = (s[0],) + (1,) * (n - 1) if n >= 2 else (1,) * n
+    if kind == "unit":
+        return units
+    return tuple(1 if i == n - 2 else u for i, u in enumerate(units))  # unit_cols: col_mean(unit_mean(x))
+
+
+# (operand, what it is shaped like, the shapes it takes): state r: rows, state c: cols, locals b, u, uc
+REDUCED = [("r - r - 2", "rows"), ("c - c - 2", "cols"), ("b - b - 2", "both"), ("u - u - 2", "unit"),
+           ("uc * 0 - 2", "unit_cols"), ("q", "rows")]  # q: a rows state assigned the number -2 (t - 3)
+REDUCED_HEAD = ("optimizer Z\nstate r: rows, c: cols, q: rows\nr = row_mean(g)\nc = col_mean(g)\n"
+                "b = row_mean(col_mean(g))\nu = unit_mean(g)\nuc = col_mean(unit_mean(g))\nq = t - 3\n")
+ROWS_HEAD = "optimizer Z\nstate r: rows, q: rows\nr = row_mean(g)\nu = unit_mean(g)\nq = t - 3\n"
+
+
+@pytest.mark.parametrize("f", sorted(REDUCE))
+def test_a_reduction_of_a_reduced_value_simplified_to_a_number_counts_its_shape(f):
+    # vectors: rows and units alone, on the torch paths (the fused path keeps rows from rank 2 on)
+    vectors = [(ROWS_HEAD, [o for o in REDUCED if o[1] in ("rows", "unit")], [(7,)], PATHS[:2])]
+    for head, operands, shapes, paths in [(REDUCED_HEAD, REDUCED, [(3, 4), (2, 3, 5)], PATHS)] + (
+            [] if f.startswith("col_") else vectors):
+        terms = " + ".join(f"{10 ** i} * {f}({x})" for i, (x, _) in enumerate(operands))
+        cls = optdsl.compile(f"{head}p += {terms}\n")
+
+        def want(p, operands=operands):
+            return sum(10 ** i * REDUCE[f](torch.full(_reduced_like(p, kind), -2.0, dtype=p.dtype))
+                       for i, (_, kind) in enumerate(operands))
+        _steps_like(cls, want, shapes, paths)
+
+
+@pytest.mark.parametrize("body, want", [
+    ("sum(r - r + g - g)", lambda p: torch.zeros_like(p)),          # shaped like p: zeros
+    ("sum(r - r + g - g + 1)", lambda p: torch.full_like(p, p.numel())),
+    ("sum(r * 0 + g / g)", lambda p: torch.full_like(p, p.numel())),  # g = 1 here
+    ("sum(r / r)", lambda p: torch.full_like(p, p.numel() / p.shape[-1])),  # r = 1 (row_mean of ones)
+    ("norm(c * 0 + 3)", lambda p: torch.full_like(p, 3 * (p.numel() / p.shape[-2]) ** 0.5)),
+    ("unit_norm(r - r + 1)", lambda p: torch.linalg.vector_norm(torch.ones(p.shape[:-1] + (1,), dtype=p.dtype),
+                                                                dim=tuple(range(1, p.dim())), keepdim=True)),
+    ("col_sum(r - r + 1) + row_sum(c - c + 1)", lambda p: torch.full_like(p, p.shape[-2] + p.shape[-1])),
+])
+def test_a_simplified_reduced_value_mixed_with_tensors(body, want):
+    cls = optdsl.compile("optimizer Z\nstate r: rows, c: cols\nr = row_mean(g)\nc = col_mean(g)\n"
+                         f"p += {body}\n")
+    _steps_like(cls, want, [(3, 4), (2, 3, 5)])
 
 
 @pytest.mark.parametrize("path", PATHS[:2], ids=str)
