@@ -33,6 +33,7 @@ def compile_source(text: str, filename: str = "<spec>") -> Compiled:
         spec = parse.parse(text, filename)
         lowered, warnings = lower.lower_rules(spec)
         ranks.check(lowered, lower.refusals(spec))
+        warnings = warnings + ranks.unreachable_refusals(lowered, lower.refusals(spec))
         for _, program in lowered:
             shapes.check(program)
         rules = []

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sympy as sp
 
 from . import ir
-from .errors import SpecError
+from .errors import SpecError, SpecWarning
 from .functions import TABLE
 from .sym import to_sympy
 
@@ -81,3 +81,69 @@ def check(rules: list[tuple[ir.Expr | None, ir.Program]], refusals=()) -> None:
                         raise SpecError(f"{op}() needs parameters of rank {need} or more (it works on the last "
                                         f"two axes), but {who} takes parameters of rank {rank}", span or eq.span,
                                         hint=hint)
+
+
+# A rule's condition as a truth value over the ranks: 0 and 1 fix nrows (and ndim) as _takes does; 2 fixes
+# ndim alone; every rank from 3 on is one case, ndim = 3 + k for a whole k >= 0, decided by SymPy's relations.
+_RELATIONS = {"lt": sp.Lt, "le": sp.Le, "gt": sp.Gt, "ge": sp.Ge, "eq": sp.Eq, "ne": sp.Ne, "land": sp.And,
+              "lor": sp.Or}
+_RANK_CASES = ("0", "1", "2", "3 or more")
+
+
+def _holds(cond: ir.Expr | None, case: str, hypers) -> bool | None:
+    """Whether a rule's condition holds for every parameter of these ranks (True), for none (False),
+    or depends on more than the rank (None)."""
+    if cond is None:
+        return True
+    positive = {n: sp.Symbol(n, positive=True) for n in ("nrows", "ncols", "numel", "nunits")}
+    env = {h.name: sp.Symbol(h.name) for h in hypers}
+    if case in ("0", "1"):
+        rank = int(case)
+        env.update(positive, ndim=sp.Integer(rank), nrows=sp.Integer(1))
+        if rank == 0:
+            env.update(ncols=sp.Integer(1), numel=sp.Integer(1), nunits=sp.Integer(1))
+    else:
+        k = sp.Symbol("k", integer=True, nonnegative=True)
+        env.update(positive, ndim=sp.Integer(2) if case == "2" else 3 + k)
+    try:
+        value = to_sympy(cond, env)
+        value = value.replace(lambda e: type(e).__name__ in _RELATIONS and isinstance(e, sp.Function),
+                              lambda e: _RELATIONS[type(e).__name__](*e.args))
+    except (TypeError, ValueError, SpecError):  # a comparison mixed into arithmetic: not decided here
+        return None
+    if value in (sp.true, sp.false):
+        return value == sp.true
+    if value.is_Number:
+        return bool(value != 0)
+    return None
+
+
+def unreachable_refusals(rules: list[tuple[ir.Expr | None, ir.Program]], refusals=()) -> list[SpecWarning]:
+    """A warning at each `rule COND refuse "why"` that can never apply: at every rank, either its condition
+    does not hold or a rule above it (updating, or refusing) takes every such parameter already
+    (`rule ndim >= 0 { ... }` above `rule ndim == 1 refuse`). `refusals`: lower.refusals' tuples."""
+    out = []
+    hypers = rules[0][1].hypers if rules else ()
+    for j, (before, cond, _, span) in enumerate(refusals):
+        above = [c for c, _ in rules[:before]] + [r[1] for r in refusals[:j]]
+        taken_by = {}
+        for case in _RANK_CASES:
+            mine = _holds(cond, case, hypers)
+            if mine is False:
+                continue
+            first = next((c for c in above if _holds(c, case, hypers) is True), "none")
+            if first == "none":
+                break
+            taken_by[case] = first
+        else:
+            if not taken_by:
+                why = "its condition holds for no parameter"
+            else:
+                firsts = list(dict.fromkeys(ir.format_expr(c) for c in taken_by.values() if c is not None))
+                shown = " and ".join(f"'rule {c}'" for c in firsts)
+                why = (f"{shown} above it {'takes' if len(firsts) == 1 else 'take'} every parameter it would refuse"
+                       f" (rank {', '.join(taken_by)})")
+            out.append(SpecWarning(f"this refusal never applies: {why}", span,
+                                   hint="correct its condition, or remove it" if not taken_by else
+                                   "put the 'refuse' rule above the rules that take those parameters, or remove it"))
+    return out

@@ -383,3 +383,35 @@ def test_a_group_reduction_reads_a_state_by_its_proven_range():
     found = warnings_of(head.replace("mean(b2 * v", "mean(b2 * m") +
                         "v = b2 * v + (1 - b2) * g^2\nm = g - v\np -= lr * sqrt(vbar) * g * v\n")
     assert any("sqrt() of 'vbar'" in w for w in found), found
+
+
+# ---- a refusal that can never apply (optdsl/ranks.py unreachable_refusals) ----
+@pytest.mark.parametrize("rules, why", [
+    ('rule ndim >= 0 {\n  p -= g\n}\nrule ndim == 1 refuse "no vectors"',
+     "'rule ndim >= 0' above it takes every parameter it would refuse (rank 1)"),
+    ('rule ndim >= 2 {\n  p -= g\n}\nrule ndim < 2 {\n  p -= g\n}\nrule ndim >= 0 refuse "none"',
+     "'rule ndim < 2' and 'rule ndim >= 2' above it take every parameter it would refuse (rank 0, 1, 2, 3 or more)"),
+    ('rule ndim == 1 or ndim >= 2 {\n  p -= g\n}\nrule ndim == 1 and numel > 3 refuse "long vectors"',
+     "'rule ndim == 1 or ndim >= 2' above it takes every parameter it would refuse (rank 1)"),
+    ('rule ndim >= 2 refuse "big"\nrule ndim == 2 refuse "matrices"',  # a refusal above takes them too
+     "'rule ndim >= 2' above it takes every parameter it would refuse (rank 2)"),
+    ('rule ndim < 0 refuse "never"', "its condition holds for no parameter"),
+])
+def test_a_refusal_after_rules_that_take_its_parameters_warns(rules, why):
+    text = f"optimizer R\nhyper lr = 0.1\n{rules}\nrule {{\n  p -= lr * g\n}}\n"
+    found = [w for w in compile_source(text, "r.opt").warnings if "never applies" in w.message]
+    assert [w.message for w in found] == [f"this refusal never applies: {why}"]
+    line = 3 + rules.count("\n")  # the refusal tested is the last line of `rules`
+    assert (found[0].span.line, found[0].span.column) == (line, 1)
+    assert str(found[0]).startswith(f"r.opt:{line}:1: warning: this refusal never applies")
+
+
+@pytest.mark.parametrize("rules", [
+    'rule ndim == 1 refuse "no vectors"\nrule ndim >= 0 {\n  p -= g\n}',   # the refusal first
+    'rule ndim >= 2 {\n  p -= g\n}\nrule ndim == 1 refuse "no vectors"',   # vectors reach it
+    'rule ndim >= 2 and nrows > 3 {\n  p -= g\n}\nrule ndim == 2 refuse "small"',  # small matrices reach it
+    'rule ndim >= k {\n  p -= g\n}\nrule ndim == 1 refuse "no vectors"',  # k decides, not the rank
+])
+def test_a_refusal_that_can_apply_does_not_warn(rules):
+    text = f"optimizer R\nhyper lr = 0.1, k = 1\n{rules}\nrule {{\n  p -= lr * k * g\n}}\n"
+    assert not [w for w in compile_source(text, "r.opt").warnings if "refusal" in w.message]
