@@ -433,8 +433,15 @@ def reads_tensor(tensors: set[sp.Symbol]) -> Callable[[sp.Expr], bool]:
 
 
 def extent(e: sp.Expr) -> Extent:
-    """The sizes of the value the reduction e reads: p's, or those of its operand's shape (second argument)."""
-    return OPERAND_SHAPES[int(e.args[1])] if len(e.args) > 1 else P_EXTENT
+    """The sizes of the value the reduction e reads: p's, or those of its operand's shape (second argument:
+    a code of OPERAND_SHAPES, or matrix work's two sizes, one such matrix per matrix of p)."""
+    if len(e.args) < 2:
+        return P_EXTENT
+    if isinstance(e.args[1], sp.Tuple):
+        a, b = e.args[1].args
+        return Extent(_at_least(3, _NUMEL / (_NROWS * _NCOLS), 1) * a * b, a, b,
+                      _at_least(3, _NUMEL / (_NUNITS * _NROWS * _NCOLS) * a * b, b))
+    return OPERAND_SHAPES[int(e.args[1])]
 
 
 def broadcast(e: sp.Expr) -> sp.Expr:

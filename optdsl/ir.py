@@ -119,9 +119,10 @@ class Op:
     op: str  # + - * / ^ neg, a function of optdsl.functions.TABLE, or lt le gt ge eq ne
     args: tuple[Expr, ...]
     span: Span | None = None
-    # a reduction: its operand's shape where the language's is a reduced one (operand_code), which SymPy
-    # forgets when it simplifies the operand to a number (r - r - 2); 0 for p's shape
-    operand: int = 0
+    # a reduction: its operand's shape where the language's is a reduced one (operand_code), or matrix
+    # work's two sizes (names: nrows, ncols, 1, a hyperparameter), which SymPy forgets when it simplifies
+    # the operand to a number (r - r - 2, x - x + 1 of x = mm(g, T(g))); 0 for p's shape
+    operand: int | tuple = 0
 
 
 Expr = Const | Ref | Op

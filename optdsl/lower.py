@@ -9,6 +9,7 @@ import re
 from dataclasses import replace
 
 from . import ast, group, ir, modes
+from . import shapes as shape_check
 from .errors import Span, SpecError, SpecWarning
 from .functions import COMPARISONS, INSTEAD, TABLE
 
@@ -262,7 +263,10 @@ class _Lowering:
             # a reduced value that simplifies to a number (r - r - 2) as a scalar, broadcast to p's shape
             return ir.Op("abs", op.args, e.span) if fn.name == "unit_norm" else op.args[0]
         if fn.reduction or fn.axis:  # the operand's shape as written, which SymPy may simplify away
-            op = ir.Op(e.func, op.args, e.span, operand=ir.operand_code(self.shape_of(op.args[0])))
+            shape = self.shape_of(op.args[0])
+            code = ir.operand_code(shape) if shape is not None else (
+                shape_check.sizes_of(op.args[0], self.eqns, self.spec.states) or 0)
+            op = ir.Op(e.func, op.args, e.span, operand=code)
         if fn.scalars:  # a matrix function's parameters (inv_root's k): numbers and hyperparameters
             for a, arg in zip(op.args[-fn.scalars:], e.args[-fn.scalars:]):
                 if self.kind_of(a) != ir.SCALAR or self._reads_step_values(a):

@@ -157,6 +157,24 @@ def check(prog: ir.Program) -> dict[str, tuple | None]:
     return env
 
 
+def sizes_of(e: ir.Expr, eqns, states) -> tuple | None:
+    """The symbolic sizes (two) of e, a value read after `eqns` with these (AST or IR) states, where they
+    are known and the shapes so far fit (else None: check says where they do not). The lowering asks it
+    of matrix work a reduction reads, whose size the reduction counts where SymPy simplifies it away."""
+    declared = {s.name: _declared(s.shape) for s in states}
+    env: dict[str, tuple | None] = {ir.P0: (R, C), ir.G0: (R, C)}
+    env |= {ir.ssa_name(s.name, 0): declared[s.name] for s in states}
+    try:
+        for eq in eqns:
+            shape = shape_of(eq.expr, env)
+            want = (R, C) if eq.target in ("p", "g") else declared.get(eq.target)
+            env[eq.out] = want if want is not None and shape == () else shape
+        out = shape_of(e, env)
+    except SpecError:
+        return None
+    return out if out else None
+
+
 def decided_at_step(prog: ir.Program) -> list[ir.Eqn]:
     """The statements where shapes that only the parameter's shape decides meet and may not fit:
     matrix work or element-wise work of two non-scalars of which one is of a shape known only at

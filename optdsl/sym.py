@@ -73,13 +73,23 @@ def _to_sympy(e: ir.Expr, env: dict[str, sp.Expr]) -> sp.Expr:
         return _LOOPS[e.op](*args)
     fn = TABLE.get(e.op) or _CMP[e.op]
     if getattr(e, "operand", 0):  # a reduction of a value of a reduced shape: kept beside it (functions.py)
-        return fn.sympy(args[0], sp.Integer(e.operand))
+        if isinstance(e.operand, int):
+            return fn.sympy(args[0], sp.Integer(e.operand))
+        return fn.sympy(args[0], sp.Tuple(*(_size(s, env) for s in e.operand)))
     if e.op == "atan2" and args[0] == 0 and args[1] == 0:  # nan to SymPy, 0 to IEEE 754, torch and math
         return sp.S.Zero
     if e.op == "abs":  # every value is real: SymPy reads Abs(exp(x)) of a complex x as exp(re(x))
         real = {s: sp.Dummy(s.name, real=True) for s in args[0].free_symbols}
         return sp.Abs(args[0].xreplace(real)).xreplace({d: s for s, d in real.items()})
     return fn.sympy(*args)
+
+
+def _size(name: str, env: dict[str, sp.Expr]) -> sp.Expr:
+    """A matrix size as optdsl/shapes.py names it: 1, a number, nrows, ncols or a hyperparameter."""
+    try:
+        return number(float(name))
+    except ValueError:
+        return env.get(name, sp.Symbol(name))
 
 
 def symbols_of(prog: ir.Program) -> dict[str, sp.Symbol]:

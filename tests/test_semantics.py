@@ -478,3 +478,17 @@ def test_a_spec_without_hyperparameters_replays_its_shapes(path):
     q.grad = torch.ones(3)
     with pytest.raises(ValueError, match=r"(?s)Z: col_mean\(\) needs parameters of rank 2 or more.*<spec>:3:6"):
         optdsl.compile("optimizer Z\nu = unit_mean(g)\np += col_mean(u) * g\n")([q], **path).step()
+
+
+def test_a_reduction_of_matrix_work_simplified_to_a_number_counts_the_matrix():
+    """`x - x + 1` of x = mm(g, T(g)) is an (nrows x nrows) matrix of ones per matrix of p: sum() of it is
+    nrows^2 per matrix (9 on a (3, 4) parameter, 18 on (2, 3, 4)), not numel; the sizes are optdsl/shapes.py's
+    (a hyperparameter's too: svd_u(g, k) is nrows x k)."""
+    cls = optdsl.compile("optimizer W\nhyper k = 2 in [1, 3]\nrule ndim >= 2 {\n  x = mm(g, T(g))\n"
+                         "  p += sum(x - x + 1) + 100 * norm(mm(T(g), g) * 0 - 2) + 1000 * row_sum(svd_u(g, k) * 0 + 1)"
+                         "\n}\nrule {\n  p -= g\n}\n")
+
+    def want(p):
+        n, m, batch = p.shape[-2], p.shape[-1], p.numel() // (p.shape[-2] * p.shape[-1])
+        return torch.full_like(p, batch * n * n + 100 * 2 * (batch * m * m) ** 0.5 + 1000 * 2)
+    _steps_like(cls, want, [(3, 4), (2, 3, 4), (4, 3)])
