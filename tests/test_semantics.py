@@ -492,3 +492,21 @@ def test_a_reduction_of_matrix_work_simplified_to_a_number_counts_the_matrix():
         n, m, batch = p.shape[-2], p.shape[-1], p.numel() // (p.shape[-2] * p.shape[-1])
         return torch.full_like(p, batch * n * n + 100 * 2 * (batch * m * m) ** 0.5 + 1000 * 2)
     _steps_like(cls, want, [(3, 4), (2, 3, 4), (4, 3)])
+
+
+def test_a_group_reduction_of_a_reduced_value_simplified_to_a_number_counts_its_shape():
+    """Over every tensor of the group: `sum(r - r - 2)` of a rows state is -2 per row of each tensor (-6 for
+    a (3, 4) and -2 for a (1, 5) parameter: -8), not -2 per element (-34); the group phase computes a
+    scalar's part on zeros of the value's shape as written."""
+    cls = optdsl.compile("optimizer G\nstate r: rows, c: cols\ngroup s = sum(r - r - 2) + 10 * norm(c * 0 + 1) + "
+                         "100 * sum(unit_mean(g) * 0 + 1)\nr = row_mean(g)\nc = col_mean(g)\np += s\n")
+    shapes = [(3, 4), (1, 5), (2, 3, 4)]
+    rows, cols, units = sum(math.prod(s[:-1]) for s in shapes), sum(math.prod(s[:-2]) * s[-1] for s in shapes), 3 + 1 + 2
+    for path in PATHS:
+        params = [torch.nn.Parameter(torch.zeros(s, dtype=torch.float64)) for s in shapes]
+        for q in params:
+            q.grad = torch.ones_like(q)
+        cls(params, **path).step()
+        for q in params:
+            want = torch.full_like(q, -2.0 * rows + 10 * cols ** 0.5 + 100 * units)
+            torch.testing.assert_close(q.detach(), want, rtol=1e-14, atol=0, msg=str(path))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sympy as sp
 
 from .. import ieee, ir, quant
+from ..functions import TABLE
 from ..sym import to_sympy
 from .printers import CompiledPrinter, HostPrinter, read_state_code
 
@@ -74,7 +75,8 @@ def context(prog: ir.Program, group_code: dict[str, str]) -> dict:
             arg = to_sympy(step.arg, env | inner)
             body = CompiledPrinter(tensors).doprint(arg)
             if not any(s.name in tensors for s in arg.free_symbols):  # a scalar counts once per element
-                body = f"({body}) + torch.zeros_like(p_)"
+                # of p, or of the value's shape as written where SymPy simplified it (r - r - 2 of a rows state)
+                body = f"({body}) + {_zeros(_shape(step.arg, shapes))}"
             part, combine = _COMBINE[step.func]
             loop = f"[{part.format(body)} for {', '.join(i + '_' for i in items)} in zip({', '.join(items)})]"
             code = combine.format(loop)
@@ -87,6 +89,31 @@ def context(prog: ir.Program, group_code: dict[str, str]) -> dict:
     returned = ", ".join(f'"{n}": values["{ssa}"]' for n, ssa in phase.values)
     lines.append(f"return {{{returned}}}")
     return dict(group_phase=lines, group_reads=list(phase.reads))
+
+
+def _shape(e: ir.Expr, kinds: dict[str, str]):
+    """The language's shape of a value a group reduction reads (ir.join's tags), from its operands as written."""
+    if isinstance(e, ir.Ref):
+        if e.name in (ir.P0, ir.G0):
+            return ir.FULL
+        state = next((s for s in kinds if ir.ssa_name(s, 0) == e.name), None)
+        if state is None or kinds[state] == "group":
+            return ir.ALL
+        return None if ir.is_matrix(kinds[state]) else ir.state_shape(kinds[state])
+    if isinstance(e, ir.Const):
+        return ir.ALL
+    return ir.result_shape(TABLE.get(e.op), [_shape(a, kinds) for a in e.args])
+
+
+def _zeros(shape) -> str:
+    """Torch code of zeros of that shape over one tensor p_ of the group (p's where not a reduced one)."""
+    code = "torch.zeros_like(p_)"
+    if shape is None or shape == ir.ALL:
+        return code
+    for axis, name in (("-1", "row_mean"), ("-2", "col_mean"), ("unit", "unit_mean")):
+        if axis in shape:
+            code = TABLE[name].tensor.format(code)
+    return code
 
 
 def _reads(e: ir.Expr, name: str) -> bool:
