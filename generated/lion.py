@@ -572,16 +572,17 @@ def _stochastic(state_dtype):
     return isinstance(state_dtype, str) and _STATE_DTYPES[state_dtype][1]
 
 
-def _quantised(x, fmt, signed, generator=None, stochastic=False):
+def _quantised(x, fmt, signed, generator=None, stochastic=False, refit=False):
     """`x` as stored in format `fmt` (None: x itself): a uint8 tensor of rows of codes and scale.
     Nearest level by default; `stochastic` rounds up with probability (x - below) / (above - below)
     (unbiased), drawing from `generator` (a key per write: _key). A DTensor state (FSDP2, tensor
-    parallel) is quantised shard by shard: _sharded_codes."""
+    parallel) is quantised shard by shard: _sharded_codes. `refit` (loading float states: numbers
+    that may be dequantised codes): each block's scale as _refitted_scale chooses it."""
     if fmt is None or x.numel() < _MIN_NUMEL or x.is_complex():  # complex states stay as they are
         return x
     if _is_sharded(x):
-        return _sharded_codes(x, fmt, signed, _key(generator, stochastic))
-    return _codes(x, fmt, signed, _key(generator, stochastic))
+        return _sharded_codes(x, fmt, signed, _key(generator, stochastic), refit)
+    return _codes(x, fmt, signed, _key(generator, stochastic), refit=refit)
 
 
 def _key(generator, stochastic):
@@ -643,17 +644,20 @@ def _places(shape, mesh, placements, device):
     return index.reshape(-1)
 
 
-def _codes(x, fmt, signed, key=None, index=None):
+def _codes(x, fmt, signed, key=None, index=None, refit=False):
     """The rows (codes, then the scale's 4 bytes) of a plain tensor x, blocks laid from its first
     number on. `key`: round stochastically, each number drawing _uniform(key, its place); `index`: the
-    places of x's numbers in their whole tensor (a shard's: _global_index; None: x is whole)."""
+    places of x's numbers in their whole tensor (a shard's: _global_index; None: x is whole); `refit`:
+    each block's scale as _refitted_scale chooses it (else its largest |x|)."""
     bits, block = _LOWBIT[fmt]
     flat = x.detach().reshape(-1).float()
     pad = -flat.numel() % block
     blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, block)
     scale = blocks.abs().amax(dim=1, keepdim=True)
-    normed = blocks / torch.where(scale > 0, scale, 1.0)
     levels, mids = _levels(fmt, signed, x.device)
+    if refit:
+        scale = _refitted_scale(blocks, scale, flat.numel(), levels, mids)
+    normed = blocks / torch.where(scale > 0, scale, 1.0)
     if key is None:
         codes = torch.searchsorted(mids, normed.contiguous())
     else:
@@ -667,6 +671,31 @@ def _codes(x, fmt, signed, key=None, index=None):
     if bits == 4:
         codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
     return torch.cat([codes, scale.view(torch.uint8)], dim=1)
+
+
+def _refitted_scale(blocks, top, numel, levels, mids):
+    """Per block (a row of `blocks`, whose first `numel` numbers overall are real, the rest padding), a
+    scale under which each number is a level times the scale exactly, where one is found; else its
+    largest |x| (`top`), as _codes. Numbers that are one block's dequantised codes (a reshardable
+    state_dict loaded in the layout it was saved in) so come back as the same numbers, codes and scale:
+    dequantising and requantising in an unchanged layout is exact. The largest |x| is the block's
+    scale only where that number's level is 1 (the unsigned maps' top level, or a positive largest
+    number); the signed maps have no -1, and a negative largest number was scale * L0 (L0 the lowest
+    level): the scale is max|x| / |L0|, or a float32 neighbour of it, the division rounding. A block
+    holding numbers of two saved blocks (another layout) is rarely exactly representable: max|x|."""
+    real = (torch.arange(blocks.numel(), device=blocks.device) < numel).view(blocks.shape)
+    candidates = [top]
+    if -1.0 < float(levels[0]) < 0.0:
+        guess = top / -levels[0]
+        candidates += [guess, torch.nextafter(guess, torch.zeros_like(guess)),
+                       torch.nextafter(guess, torch.full_like(guess, math.inf))]
+    scale, found = top, torch.zeros_like(top, dtype=torch.bool)
+    for s in candidates:
+        codes = torch.searchsorted(mids, (blocks / torch.where(s > 0, s, 1.0)).contiguous())
+        exact = ((levels[codes] * s == blocks) | ~real).all(dim=1, keepdim=True)  # as _dequantised reads them
+        scale = torch.where(exact & ~found, s, scale)
+        found |= exact
+    return scale
 
 
 _SHARD_ROWS = {}  # (shape, mesh shape, placements, format) -> rows
@@ -700,7 +729,7 @@ def _stored_placements(mesh, split):
     return [_Shard(split.index(m)) if m in split else _Replicate() for m in range(mesh.ndim)]
 
 
-def _sharded_codes(x, fmt, signed, key=None):
+def _sharded_codes(x, fmt, signed, key=None, refit=False):
     """A DTensor state quantised shard by shard (blocks never straddle a shard boundary): each rank
     lays blocks over its local shard from its first number, whatever the placements (FSDP2's rows,
     tensor parallelism's rows or columns, both on a 2-D mesh). Stored as a uint8 DTensor of shape
@@ -715,7 +744,7 @@ def _sharded_codes(x, fmt, signed, key=None):
     if any(pl.is_partial() for pl in x.placements):
         x = x.redistribute(x.device_mesh, [_Replicate() if pl.is_partial() else pl for pl in x.placements])
     mesh, split = x.device_mesh, _split_dims(x)
-    codes = _codes(x.to_local(), fmt, signed, key, None if key is None or not split else _global_index(x))
+    codes = _codes(x.to_local(), fmt, signed, key, None if key is None or not split else _global_index(x), refit)
     if not split:
         return _DTensor.from_local(codes, mesh, [_Replicate()] * mesh.ndim, run_check=False)
     rows = _shard_rows(tuple(x.shape), tuple(mesh.shape), tuple(x.placements), fmt)
@@ -761,20 +790,21 @@ def _dequantised(stored, signed, shape, dtype):
     return values.view(-1)[:math.prod(shape)].view(shape).to(dtype)
 
 
-def _read_state(stored, p, signed, shape):
-    """A float state as the update computes with it: in p's precision, low-bit codes dequantised
-    (a DTensor parameter's: each rank its part, as a DTensor split like the float state)."""
+def _read_state(stored, p, signed, shape, dtype=None):
+    """A float state as the update computes with it: in p's precision (or `dtype`), low-bit codes
+    dequantised (a DTensor parameter's: each rank its part, as a DTensor split like the float state)."""
+    dtype = dtype or p.dtype
     if stored.dtype == torch.uint8:
         if _is_sharded(stored):
             local, placements = _local_shape(p, shape) if _is_sharded(p) else (tuple(shape), None)
-            values = _dequantised(stored.to_local(), signed, local, p.dtype)
+            values = _dequantised(stored.to_local(), signed, local, dtype)
             if placements is None:
                 return values
             shape = tuple(shape)
             return _DTensor.from_local(values, p.device_mesh, placements, run_check=False, shape=shape,
                                        stride=torch.empty(shape, device="meta").stride())
-        return _dequantised(stored, signed, shape, p.dtype)
-    return stored.to(p.dtype)
+        return _dequantised(stored, signed, shape, dtype)
+    return stored.to(dtype)
 
 
 def _store_codes(stored, value, signed, generator=None, stochastic=False, index=None):
@@ -863,6 +893,13 @@ class Lion(Optimizer):
             requantises to the nearest level (``"int8_stochastic"``, ``"int4_stochastic"``: stochastically,
             from the optimizer's own generator). All three paths support them; the fused kernels
             (de)quantise in registers, and ``fused=None`` picks them as for float states (CUDA tensors).
+        reshardable (bool, optional): with int8/int4 states, ``state_dict()`` holds them dequantised,
+            as float32 tensors shaped (and, under FSDP2 or tensor parallelism, placed) as float states,
+            so ``torch.distributed.checkpoint`` reshards them to any world size; ``load_state_dict``
+            requantises them in this rank's blocks: exact where the blocks are the saved ones (the
+            same world size), else each new block's numbers rounded anew to its own scale. Save and
+            load with it on both sides. Default False: the codes and scales byte for byte, which
+            resume bit-exact at the world size they were saved at only (docs/distributed.md).
         maximize (bool, optional): default False; True maximises the objective (each path steps with -g), as torch.optim.
         capturable (bool, optional): accepted for torch.optim's sake; only False.
         differentiable (bool, optional): accepted for torch.optim's sake; only False.
@@ -886,6 +923,7 @@ class Lion(Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         state_dtype: torch.dtype | str | None = None,
+        reshardable: bool = False,
         maximize: bool = False,
         capturable: bool = False,
         differentiable: bool = False,
@@ -921,6 +959,7 @@ class Lion(Optimizer):
         self._check_group(defaults)
         super().__init__(params, defaults)
         self._rng = _new_rng()
+        self.reshardable = bool(reshardable)  # what state_dict() holds of low-bit states (state_dict below)
         if fused:
             why = fused_available([p for g in self.param_groups for p in g["params"]])
             if why:
@@ -963,11 +1002,15 @@ class Lion(Optimizer):
 
     def __getstate__(self):
         # pickled with the optimizer (torch.optim's keeps defaults, state and param_groups only)
-        return {**super().__getstate__(), "_rng_state": self._rng.get_state()}
+        return {**super().__getstate__(), "_rng_state": self._rng.get_state(),
+                "reshardable": getattr(self, "reshardable", False)}
 
     def __setstate__(self, state):
         rng_state = state.pop("_rng_state", None)
+        reshardable = state.pop("reshardable", None)  # absent: load_state_dict's call, or pickled before it was
         super().__setstate__(state)
+        if reshardable is not None or not hasattr(self, "reshardable"):
+            self.reshardable = bool(reshardable)
         if getattr(self, "_rng", None) is None:  # an optimizer pickled before it had one
             self._rng = _new_rng()
         if rng_state is not None:
@@ -987,7 +1030,25 @@ class Lion(Optimizer):
         if any(group["state_dtype"] is not None for group in self.param_groups):
             # the stochastic rounding's generator: a resumed run rounds as this one would have
             state_dict["rng_state"] = self._rng.get_state()
+        if getattr(self, "reshardable", False):
+            self._dequantised_states(state_dict)
         return state_dict
+
+    def _dequantised_states(self, state_dict):
+        """reshardable=True: each low-bit state in `state_dict` (torch.optim's, whose per-parameter
+        dicts are the optimizer's own: replaced, not edited) as the float32 numbers its codes hold,
+        shaped as the float state and, for a DTensor parameter, a DTensor placed as the float state
+        would be, each rank its shard's numbers: what torch.distributed.checkpoint reshards."""
+        for group, packed in zip(self.param_groups, state_dict["param_groups"]):
+            for p, i in zip(group["params"], packed["params"]):
+                state = state_dict["state"].get(i)
+                if not state or not any(torch.is_tensor(v) and v.dtype == torch.uint8 for v in state.values()):
+                    continue
+                shapes = self._expected_states(group, p)
+                state_dict["state"][i] = {
+                    key: _read_state(value, p, self._LOWBIT_SIGNED[key], shapes[key], torch.float32)
+                    if torch.is_tensor(value) and value.dtype == torch.uint8 and key in self._LOWBIT_SIGNED else value
+                    for key, value in state.items()}
 
     def _expected_states(self, group, p):
         """The states (by state_dict key) this optimizer keeps for p, each with its shape (None: any)."""
@@ -1054,8 +1115,9 @@ class Lion(Optimizer):
                             here = "whole" if len(rows) == 1 else f"split over {rows[0]}"
                             raise ValueError(f"{where}: state {key!r} of parameter {i} holds {fmt} codes of blocks laid "
                                              f"over {value.shape[0]} shards (saved at that world size), and here the "
-                                             f"parameter is {here}: int8/int4 states of sharded parameters resume at "
-                                             "the world size they were saved at only (docs/distributed.md)")
+                                             f"parameter is {here}: int8/int4 codes of sharded parameters resume at "
+                                             "the world size they were saved at only; save and load with "
+                                             "reshardable=True to change it (docs/distributed.md)")
                         if fmt is None or math.prod(shape) < _MIN_NUMEL or tuple(value.shape[:-1]) != rows:
                             raise ValueError(f"{where}: state {key!r} of parameter {i} is uint8 of shape {tuple(value.shape)}, "
                                              f"not the int8/int4 codes of a state of shape {tuple(shape)}"
@@ -1115,7 +1177,10 @@ class Lion(Optimizer):
                     elif dtype != p.dtype and value.is_floating_point():
                         self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
                     if lowbit and key in self._LOWBIT_SIGNED and value.is_floating_point():  # saved in float
-                        self.state[p][key] = _quantised(self.state[p][key], lowbit, self._LOWBIT_SIGNED[key])
+                        # (reshardable=True saves dequantised codes: refit finds their blocks' scales where
+                        # the blocks are the saved ones, so they come back exactly)
+                        self.state[p][key] = _quantised(self.state[p][key], lowbit, self._LOWBIT_SIGNED[key],
+                                                        refit=True)
         for group in self.param_groups:  # the fused kernel reads `step` on the parameter's device
             for p in group["params"]:
                 step = self.state[p].get("step") if p in self.state else None

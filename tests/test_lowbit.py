@@ -397,6 +397,86 @@ def test_load_converts_between_float_and_low_bit_states():
         assert torch.equal(value, adamw_module._dequantised(low.state[big][key], signed, big.shape, torch.float32))
 
 
+
+@pytest.mark.parametrize("fmt,signed", CODES)
+def test_refit_gives_back_the_codes_of_dequantised_numbers(fmt, signed):
+    """Requantising dequantised codes in the same blocks (a reshardable state_dict loaded at the world
+    size it was saved at) gives the same codes and numbers, because the scale is refitted
+    (_refitted_scale). Taking each block's largest |x| as its scale does not for a signed map: it has
+    no level -1, so a block whose largest number is negative reads back smaller (scale * L0) and the
+    block's scale would shrink, turning codes. The scale's own bytes may come back one float32 ulp
+    apart where two scales give every number of the block alike (int4's few levels: the numbers,
+    all a step reads, are the same). On numbers that are not dequantised codes, refitting changes
+    nothing. Blocks of 10007 numbers over 12 decades, the last partial; scales of every magnitude."""
+    x = _x(10007, signed)
+    stored = adamw_module._quantised(x, fmt, signed)
+    back = adamw_module._dequantised(stored, signed, x.shape, torch.float32)
+    _same_numbers(adamw_module._quantised(back, fmt, signed, refit=True), stored, signed)
+    assert torch.equal(adamw_module._quantised(x, fmt, signed, refit=True), stored)
+    if signed:  # the case refitting is for: some blocks' largest number is negative
+        assert not torch.equal(adamw_module._dequantised(adamw_module._quantised(back, fmt, signed), signed,
+                                                         x.shape, torch.float32), back)
+    for e in range(-90, 91, 6):  # scales of every magnitude (the division by |L0| rounds either way)
+        y = _x(4100, signed, seed=e) * 2.0 ** e
+        assert torch.isfinite(y).all() and (y != 0).all()
+        codes = adamw_module._quantised(y, fmt, signed)
+        again = adamw_module._quantised(adamw_module._dequantised(codes, signed, y.shape, torch.float32), fmt,
+                                        signed, refit=True)
+        _same_numbers(again, codes, signed, e)
+
+
+def _same_numbers(got, stored, signed, where=None):
+    """Two low-bit tensors hold the same codes and dequantise to the same numbers (their scales equal
+    or, where the block's numbers do not tell them apart, an ulp apart)."""
+    assert torch.equal(got[..., :-4], stored[..., :-4]), where
+    block = adamw_module._LOWBIT[adamw_module._WIDTHS[got.shape[-1]]][1]
+    one, other = (adamw_module._dequantised(x, signed, (x[..., 0].numel() * block,), torch.float32) for x in (got, stored))
+    assert torch.equal(one, other), where
+    scales = [x[..., -4:].contiguous().view(torch.float32) for x in (got, stored)]
+    assert ((scales[0] - scales[1]).abs() <= torch.finfo(torch.float32).eps * scales[1]).all(), where
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("state_dtype", ["int8", "int4", "int4_stochastic"])
+def test_reshardable_state_dict_holds_float32_and_resumes_bit_exact(path, state_dtype):
+    """reshardable=True: state_dict() holds each low-bit state as the float32 numbers its codes hold,
+    shaped as p (what torch.distributed.checkpoint reshards; tests/test_distributed.py), and leaves
+    the optimizer's own states alone; loaded into an optimizer of the same blocks, they come back as
+    the same codes, byte for byte, and training goes on as the uninterrupted run."""
+    kw = dict(lr=1e-2, state_dtype=state_dtype, **PATHS[path])
+    opt, params, gen = _stepped(AdamW, kw, 3)
+    opt.reshardable = True  # as AdamW(..., reshardable=True); pickled with the optimizer
+    saved = _saved(opt)
+    big = params[0]
+    for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        assert opt.state[big][key].dtype == torch.uint8
+        value = saved["state"][0][key]
+        assert value.dtype == torch.float32 and value.shape == big.shape
+        assert torch.equal(value, adamw_module._dequantised(opt.state[big][key], signed, big.shape, torch.float32))
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    again = AdamW(copies, **kw, reshardable=True)
+    again.load_state_dict(saved)
+    assert again.reshardable and _pickled(again).reshardable and not _pickled(AdamW(copies, **kw)).reshardable
+    for p, q in zip(params, copies):
+        for key in opt.state[p]:
+            if key in AdamW._LOWBIT_SIGNED and opt.state[p][key].dtype == torch.uint8:
+                _same_numbers(again.state[q][key], opt.state[p][key], AdamW._LOWBIT_SIGNED[key], key)
+            else:
+                assert torch.equal(opt.state[p][key], again.state[q][key]), key
+    for _ in range(3):
+        for p, q in zip(params, copies):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        opt.step()
+        again.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, copies))
+
+
+def _pickled(opt):
+    import copy
+    return copy.deepcopy(opt)
+
+
 # ---- the fused path: the kernels (de)quantise in registers, with the torch paths' maps ----
 COPY = """optimizer Copy
 hyper lr = 1e-3 in [0, inf)
