@@ -351,6 +351,8 @@ def sharded(mode, name, path, dtype, rank, world):
         fully_shard(module)
     fully_shard(model)
     assert all(type(p).__name__ == "DTensor" for p in model.parameters())
+    if mode in ("rsave", "rload"):  # low-bit checkpoints with reshardable=True: resharded()
+        return resharded(mode, name, path, dtype, rank, world, model, STATE_DTYPES[low])
     if mode in ("save", "load"):  # torch.distributed.checkpoint: saved by some ranks, loaded by others
         opt = make(name, model.parameters(), path, **kwargs)
         step = train_recorded if low in LOWBIT else train
@@ -473,6 +475,81 @@ def resumed(name, path, dtype, low=""):
                save=False)
     train(model, opt, batches(dtype) if low in ("", "bf16") else lowbit_batches(dtype))
     return [p.detach() for p in model.parameters()]
+
+
+def resharded(mode, name, path, dtype, rank, world, model, fmt):
+    """Low-bit states checkpointed with reshardable=True (state_dict() holds their float32 numbers):
+    `rsave` trains STEPS steps and saves; `rload` (at another world size, or the same) loads, then
+    trains STEPS more. Returns the parameters, the states as stored (whole: low-bit ones as the uint8
+    DTensor of every rank's rows), the gradients stepped on, and `rsave` the numbers its state_dict
+    held (whole), `rload` the states as loaded, before training on (as stored, and their numbers)."""
+    opt = make(name, model.parameters(), path, state_dtype=fmt, reshardable=True)
+    where = os.path.join(CHECKPOINTS, f"reshardable-{name}-{path}-{fmt}")
+    if mode == "rsave":
+        grads = train_recorded(model, opt, lowbit_batches(dtype), rank, world)
+        checkpoint(model, opt, where, save=True)
+        return [p.full_tensor().detach().clone() for p in model.parameters()], whole_states(model, opt), grads, \
+            state_numbers(opt)
+    checkpoint(model, opt, where, save=False)
+    loaded = whole_states(model, opt), state_numbers(opt)
+    grads = train_recorded(model, opt, lowbit_batches(dtype), rank, world)
+    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for p in model.parameters()], \
+        whole_states(model, opt), grads, loaded
+
+
+def state_numbers(opt):
+    """{(parameter index, state name): the whole tensor} of a one-group optimizer's state_dict() (with
+    reshardable=True, low-bit states as the float32 numbers their codes hold)."""
+    return {(i, key): (value.full_tensor() if hasattr(value, "full_tensor") else value).detach().clone()
+            for i, state in opt.state_dict()["state"].items() for key, value in state.items()}
+
+
+def resumed_reshardable(name, path, dtype, fmt):
+    """One process, no process group: `rload` of resharded() (the checkpoint `rsave` wrote on 2 ranks)."""
+    return resharded("rload", name, path, dtype, 0, 1, lowbit_net(dtype), fmt)
+
+
+def one_process_reshardable(name, path, dtype, fmt, params, numbers, grads, world):
+    """The run a reshardable low-bit checkpoint resumes as: one process starting from the saved
+    parameters `params` and the float32 numbers `numbers` of the saved state_dict (whole), its
+    optimizer holding each parameter cut into the pieces FSDP2's Shard(0) gives `world` ranks (the
+    specs in ELEMENTWISE, else whole: the low-bit states of the others, Adafactor's column factors,
+    are whole on a rank too), so that load_state_dict requantises each piece's numbers in the blocks
+    a rank lays over its shard; then stepping on `grads`. Returns the parameters and the states right
+    after loading ({(parameter index, state name): whole numbers, each piece dequantised})."""
+    cuts = [[(0, world)] if name in ELEMENTWISE else [] for _ in params]
+    boxes = [_boxes(p.shape, c) for p, c in zip(params, cuts)]
+    pieces = [[p[box].contiguous().clone().requires_grad_() for box in bs] for p, bs in zip(params, boxes)]
+    flat = [x for ps in pieces for x in ps]
+    opt = make(name, flat, path, state_dtype=fmt, reshardable=True)
+    state, at = {}, 0
+    for i, (p, bs) in enumerate(zip(params, boxes)):
+        for box in bs:
+            state[at] = {key: (v[box] if v.shape == p.shape else v).clone() for (j, key), v in numbers.items() if j == i}
+            at += 1
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    numbers, loaded, at = opt.state_dict()["state"], {}, 0  # reshardable: each piece's numbers
+    for i, (p, bs) in enumerate(zip(params, boxes)):
+        for key in state[at]:
+            if key != "step":
+                parts = [numbers[at + k][key] for k in range(len(bs))]
+                whole = parts[0].clone() if len(bs) == 1 else p.new_zeros(p.shape, dtype=parts[0].dtype)  # not the live state
+                for part, box in zip(parts, bs) if len(bs) > 1 else ():
+                    whole[box] = part
+                loaded[(i, key)] = whole
+        at += len(bs)
+    for step in grads:
+        for ps, bs, g in zip(pieces, boxes, step):
+            for x_, box in zip(ps, bs):
+                x_.grad = g[box].contiguous().clone()
+        opt.step()
+    out = []
+    for p, ps, bs in zip(params, pieces, boxes):
+        whole = p.clone()
+        for x_, box in zip(ps, bs):
+            whole[box] = x_.detach()
+        out.append(whole)
+    return out, loaded
 
 
 def one_process_twice(name, path, dtype):
