@@ -206,8 +206,9 @@ def test_takes_torch_keywords_and_defaults(case):
     positional = [k for k, v in theirs.items() if v.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
                   and k not in flags]
     assert list(ours_sig)[:len(positional)] == positional
-    # beyond torch.optim's: the spec's aliases, torch.optim's flags other classes have, bfloat16 states
-    assert set(ours_sig) - set(theirs) <= {"spec_names", "state_dtype"} | flags
+    # beyond torch.optim's: the spec's aliases, torch.optim's flags other classes have, bfloat16 and
+    # low-bit states, and whether low-bit states checkpoint as their numbers (reshardable)
+    assert set(ours_sig) - set(theirs) <= {"spec_names", "state_dtype", "reshardable"} | flags
     group, torch_group = ours.param_groups[0], ref.param_groups[0]
     for key in ours_sig:
         if key in torch_group and key != "params":
