@@ -649,6 +649,14 @@ def _state_index(p, shape):
     return _places(shape, p.device_mesh, _state_placements(p, shape), p.device)
 
 
+# A shard's box (local shape, offset along each axis) from (shape, mesh, placements): torch 2.13 has no
+# public function for it. DTensor.__create_chunk_list__ (DCP's protocol, public by convention only) gives
+# the box of an existing DTensor on this rank, where _local_shape and _stored_rows size a state before it
+# exists and _shard_rows needs every mesh coordinate's; Shard.local_shard_size_and_offset is one split of
+# one axis, not _StridedShard's composed ones. So these call torch.distributed.tensor._utils'
+# compute_local_shape_and_global_offset, which __create_chunk_list__ calls itself (so the boxes are the
+# ones DCP reads), and _compute_local_shape_and_global_offset for other coordinates; dist_matrix.places
+# checks them against DTensor's own placement of 0 .. numel - 1.
 def _places(shape, mesh, placements, device):
     """The places in a whole tensor of `shape` of this rank's shard of it, placed so on `mesh`: the box
     torch.distributed.checkpoint reads a shard as (its offset along each axis plus the local index),
@@ -1876,6 +1884,7 @@ def _place_table(p, whole, device):
             if not _is_sharded(w):
                 rows.append([0, 1, 1, 1, 0, 0])
                 continue
+            # DTensor's private helper, as _places (no public one in torch 2.13: the comment there)
             local, offset = torch.distributed.tensor._utils.compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
             strides = torch.empty(tuple(w.shape), device="meta").stride()
             base, axes = sum(o * st for o, st in zip(offset, strides)), []  # axes: [length, stride in the whole]
