@@ -230,6 +230,22 @@ class norm_lb(_Opaque):  # PSGD's lower bound of the spectral norm of a square A
     is_nonnegative = True
 
 
+class mm_axis(_Opaque):  # Q applied along axis k of x: out[.., i, ..] = sum_j Q[i, j] x[.., j, ..]
+    nargs = 3
+
+
+class rsolve_triu_axis(_Opaque):  # x with its axis k multiplied on the right by A^-1 (A upper-triangular)
+    nargs = 3
+
+
+class gram_axis(_Opaque):  # x's Gram matrix along axis k, d_k x d_k: sum over the other axes of x[.., i, ..] x[.., j, ..]
+    nargs = 2
+
+
+class axis_sum(_Opaque):  # x summed over every axis but k, kept with size 1 (it broadcasts against x)
+    nargs = 2
+
+
 def _minmax(func):
     """SymPy's Min/Max, left unevaluated where SymPy cannot order constant arguments."""
     def build(*args):
@@ -392,6 +408,13 @@ TABLE: dict[str, Function] = {f.name: f for f in [
     F("triu", 1, triu, "torch.triu({0})", "{0}", matrix=True),
     F("rsolve_triu", 2, rsolve_triu, "_rsolve_triu({0}, {1})", "({0}) / ({1})", matrix=True),
     F("norm_lb", 1, norm_lb, "_norm_lb({0})", "abs({0})", matrix=True),
+    # ---- the same work along one axis k of a tensor of any rank (k a number: 0 the first axis), with
+    # the per-axis states `gram(k)` (d_k x d_k) and `axis(k)` (PSGD-Kron's factors of a rank-3 tensor) ----
+    F("mm_axis", 3, mm_axis, "_mm_axis({0}, {1}, {2})", "({0}) * ({1})", matrix=True, scalars=1),
+    F("rsolve_triu_axis", 3, rsolve_triu_axis, "_rsolve_triu_axis({0}, {1}, {2})", "({0}) / ({1})", matrix=True,
+      scalars=1),
+    F("gram_axis", 2, gram_axis, "_gram_axis({0}, {1})", "({0}) ** 2", matrix=True, scalars=1),
+    F("axis_sum", 2, axis_sum, "_axis_sum({0}, {1})", "{0}", matrix=True, scalars=1),
     # ---- random draws shaped like p, from the optimizer's own generator (saved in state_dict()) ----
     # `randn()` takes no argument in the spec; lowering makes it randn(p, k). Per tensor, a generator
     # keyed by (the step's seed, the tensor's index, k): the for-loop and multi-tensor paths draw the
@@ -416,7 +439,10 @@ COMPARISONS |= {op: F(name, 2, cls, f"torch.logical_{op}({{0}} != 0, {{1}} != 0)
                 for op, name, cls, sym in [("and", "land", land, "&"), ("or", "lor", lor, "|")]}
 OPAQUE_CLASSES = (lerp, where, sigmoid, softplus, bfloat16, lt, le, gt, ge, eq, ne, land, lor, row_mean, col_mean, row_sum, col_sum,
                   row_max, col_max, unit_mean, unit_norm, mm, T, inv_root, eigvecs, qr, sortperm, svd_u, svd_vh,
-                  triu, rsolve_triu, norm_lb, randn, rand)
+                  triu, rsolve_triu, norm_lb, mm_axis, rsolve_triu_axis, gram_axis, axis_sum,
+                  randn, rand)
+# the functions along an axis: their last argument is the axis, a whole number (0 the first axis)
+AXIS_FUNCTIONS = ("mm_axis", "rsolve_triu_axis", "gram_axis", "axis_sum")
 RANDOM = tuple(f.sympy for f in TABLE.values() if f.random)
 REDUCTIONS = {f.sympy: f for f in TABLE.values() if f.reduction}
 BROADCAST = {f.sympy: f.broadcast for f in TABLE.values() if f.broadcast is not None}

@@ -4,7 +4,8 @@ The rule a parameter of that shape takes is decided by the generated code's own 
 (evaluated on a meta tensor, so nothing is allocated); each state's size follows from its
 declared shape: like p, scalar, one per row or one per column, or an n x n or m x m matrix
 per matrix (gram_rows, gram_cols), or an A x B one (`matrix(nrows, rank)`, its hyperparameter sizes at
-their defaults, at most the matrix's smaller side).
+their defaults, at most the matrix's smaller side), or per axis K of p: a d_K x d_K matrix (gram(K)) or
+d_K numbers (axis(K)) for the whole tensor.
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ _HOST_NAMES["_machine_eps"] = lambda value, params: torch.finfo(params[0].dtype)
 def state_numel(kind: str, shape: tuple[int, ...], sizes: dict | None = None) -> int:
     """How many numbers a state of this kind holds for a parameter of this shape; `sizes` gives the
     hyperparameters a `matrix(A, B)` state's sizes name (GaLore's rank), each at most min(nrows, ncols)."""
+    axis = ir.axis_kind(kind)
+    if axis is not None:  # gram(K): d_K x d_K for the tensor; axis(K): d_K
+        return shape[axis[1]] ** (2 if axis[0] == "gram" else 1)
     dims = ir.matrix_dims(kind)
     if dims is not None:  # an A x B matrix per matrix of p (its rules take rank >= 2)
         n, m = shape[-2], shape[-1]
@@ -49,6 +53,10 @@ def state_numel(kind: str, shape: tuple[int, ...], sizes: dict | None = None) ->
 def state_shape(kind: str, shape: tuple[int, ...], sizes: dict | None = None) -> tuple[int, ...]:
     """The shape of a state of this kind for a parameter of this shape (optdsl/backends/printers.py's
     STATE_SHAPE_CODE; `sizes` as state_numel's)."""
+    axis = ir.axis_kind(kind)
+    if axis is not None:
+        form, k = axis
+        return shape[k:k + 1] * 2 if form == "gram" else (1,) * k + shape[k:k + 1] + (1,) * (len(shape) - k - 1)
     dims = ir.matrix_dims(kind)
     if dims is not None:
         n, m = shape[-2], shape[-1]

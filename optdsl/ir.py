@@ -45,14 +45,27 @@ def matrix_dims(kind: str) -> tuple[str, str] | None:
     return (m[1], m[2]) if m else None
 
 
+# Per-axis states, one per tensor whatever its rank: `gram(K)` a d_K x d_K matrix, d_K the size of
+# axis K; `axis(K)` one value per index of axis K (p's shape with every other axis of size 1).
+# PSGD-Kron's triangular and diagonal factors of a tensor of rank 3. As text, "gram(K)", "axis(K)".
+_AXIS = re.compile(r"(gram|axis)\((\d+)\)")
+
+
+def axis_kind(kind: str) -> tuple[str, int] | None:
+    """("gram" or "axis", K) of a per-axis state's kind, None for any other kind."""
+    m = _AXIS.fullmatch(kind)
+    return (m[1], int(m[2])) if m else None
+
+
 def is_matrix(kind: str) -> bool:
-    """Whether a state of this kind is a matrix per matrix of p, not shaped like (a reduction of) p."""
-    return kind in MATRIX_STATES or matrix_dims(kind) is not None
+    """Whether a state of this kind is a matrix per matrix of p, or a per-axis state, not shaped like
+    (a reduction of) p kept by the kernels."""
+    return kind in MATRIX_STATES or matrix_dims(kind) is not None or axis_kind(kind) is not None
 
 
 def state_shape(kind: str):
     """ir's shape of a state of this kind (see join): None for a matrix of its own shape."""
-    return None if matrix_dims(kind) else STATE_SHAPES[kind]
+    return None if matrix_dims(kind) or axis_kind(kind) else STATE_SHAPES[kind]
 EYE = "eye"  # the identity of a matrix state's shape: a name its initial value may read
 
 

@@ -11,7 +11,7 @@ from dataclasses import replace
 from . import ast, group, ir, modes
 from . import shapes as shape_check
 from .errors import Span, SpecError, SpecWarning
-from .functions import COMPARISONS, INSTEAD, TABLE
+from .functions import AXIS_FUNCTIONS, COMPARISONS, INSTEAD, TABLE
 
 # Names the generated code uses itself: a hyperparameter or state (which become Python
 # names there) may not take them; a local may (it is renamed where it would clash).
@@ -133,6 +133,8 @@ def _check_declarations(spec: ast.Spec) -> None:
         seen[name] = kind
     hyper_names = {h.name for h in spec.hypers}
     for st in spec.states:
+        if ir.axis_kind(st.shape) is not None:  # gram(K), axis(K): K a whole number (the grammar's NUMBER)
+            continue
         dims = ir.matrix_dims(st.shape)
         if dims is not None or st.shape.startswith("matrix("):
             bad = [d for d in dims or () if d not in ir.MATRIX_SIZES and d not in hyper_names]
@@ -147,7 +149,8 @@ def _check_declarations(spec: ast.Spec) -> None:
                             hint="a state is shaped like p unless declared ': scalar', ': rows', ': cols', ': bool' "
                                  "or ': group' (one number per parameter group), or a matrix of each matrix of p: "
                                  "': gram_rows' (nrows x nrows), ': gram_cols' (ncols x ncols) or ': matrix(A, B)' (A, B: nrows, "
-                                 "ncols or a hyperparameter)")
+                                 "ncols or a hyperparameter), or per axis K of p (a whole number, 0 the first): ': gram(K)' "
+                                 "(d_K x d_K), ': axis(K)' (one value per index of axis K)")
     for h in spec.hypers:
         r = h.range
         if r is None:
@@ -273,6 +276,11 @@ class _Lowering:
                     raise SpecError(f"the last argument{'s' if fn.scalars > 1 else ''} of {e.func}() must be a "
                                     "number or a hyperparameter", arg.span or e.span,
                                     hint=f"e.g. {e.func}(L, 4)")
+            k = op.args[-1]
+            if e.func in AXIS_FUNCTIONS and not (isinstance(k, ir.Const) and k.value >= 0
+                                                           and k.value == int(k.value)):
+                raise SpecError(f"the axis of {e.func}() must be a whole number, 0 the first axis",
+                                e.args[-1].span or e.span, hint=f"e.g. {e.func}({', '.join(['x'] * (fn.arity - 1))}, 0)")
             if e.func == "inv_root" and isinstance(op.args[-1], ir.Const) and op.args[-1].value == 0:
                 raise SpecError("inv_root(a, k) takes a^(-1/k): k cannot be 0", e.args[-1].span or e.span,
                                 hint="take a root such as 4 (Shampoo's a^(-1/4))")
@@ -539,7 +547,8 @@ class _Lowering:
         states = []
         init_names = {"p"} | self.hypers
         for s in spec.states:
-            square = s.shape in ir.MATRIX_STATES or len(set(ir.matrix_dims(s.shape) or ())) == 1
+            square = (s.shape in ir.MATRIX_STATES or len(set(ir.matrix_dims(s.shape) or ())) == 1
+                      or (ir.axis_kind(s.shape) or ("",))[0] == "gram")
             allowed = init_names | ({ir.EYE} if square else set())
             init = self.expr(s.init, allowed=allowed) if s.init is not None else None
             states.append(ir.State(s.name, init, s.span, s.shape, s.name in self.fed, key=s.key, eager=s.eager))

@@ -157,6 +157,12 @@ class _ToAst(Transformer):
                     meta.end_line, meta.end_column, meta.end_pos)
         return tok
 
+    def axis_shape(self, meta, children):
+        """`gram(K)` / `axis(K)` as one name token, "gram(K)", spanning the whole form (ir.axis_kind reads it)."""
+        word, k = children
+        return Token("NAME", f"{word}({k})", word.start_pos, word.line, word.column,
+                     meta.end_line, meta.end_column, meta.end_pos)
+
     def state_decl(self, meta, children):
         return ("state", children)
 

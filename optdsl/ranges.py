@@ -394,7 +394,7 @@ RULES: dict[type, Callable[[sp.Expr, Env], Interval]] = {
     # axis reductions: a mean or a max lies within its operand's range, a norm is >= 0
     **{f: (lambda e, env: bound(e.args[0], env)) for f in (fn.row_mean, fn.col_mean, fn.row_max, fn.col_max,
                                                           fn.unit_mean)},
-    fn.row_sum: _sum, fn.col_sum: _sum,
+    fn.row_sum: _sum, fn.col_sum: _sum, fn.axis_sum: _sum,
     fn.unit_norm: lambda e, env: Interval.nonneg(),
     # matrix work: a transpose keeps the entries, a product of non-negative matrices is one (its
     # size is not known here, so no other bound), an orthonormal basis's entries lie in [-1, 1],
@@ -406,6 +406,8 @@ RULES: dict[type, Callable[[sp.Expr, Env], Interval]] = {
     fn.sortperm: lambda e, env: Interval(0.0, 1.0, True, True),
     fn.triu: lambda e, env: bound(e.args[0], env).hull(Interval.point(0.0)),
     fn.rsolve_triu: lambda e, env: FULL,
+    fn.mm_axis: lambda e, env: Interval.nonneg() if all(bound(a, env).nonnegative for a in e.args[:2]) else FULL,
+    fn.rsolve_triu_axis: lambda e, env: FULL,
     fn.norm_lb: lambda e, env: Interval.nonneg(),
     fn.randn: lambda e, env: Interval.full(),
     fn.rand: lambda e, env: Interval(0.0, 1.0, True, False),

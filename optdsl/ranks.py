@@ -16,21 +16,24 @@ import sympy as sp
 
 from . import ir
 from .errors import SpecError, SpecWarning
-from .functions import TABLE
+from .functions import AXIS_FUNCTIONS, TABLE
 from .sym import to_sympy
 
 _STATE_RANK = {"rows": 1, "cols": 2, "gram_rows": 2, "gram_cols": 2}
 
 
 def _state_rank(kind: str) -> int:
-    return 2 if ir.matrix_dims(kind) else _STATE_RANK.get(kind, 0)
+    axis = ir.axis_kind(kind)  # gram(K), axis(K): p needs an axis K
+    return axis[1] + 1 if axis else 2 if ir.matrix_dims(kind) else _STATE_RANK.get(kind, 0)
 
 
 def _needs(e: ir.Expr):
     """(rank, op, span) for each operation in e that needs parameters of that rank or more."""
     if isinstance(e, ir.Op):
         row = TABLE.get(e.op)
-        if row is not None and (row.matrix or row.axis == "-2"):
+        if e.op in AXIS_FUNCTIONS and isinstance(e.args[-1], ir.Const):  # along axis k: rank k + 1
+            yield int(e.args[-1].value) + 1, e.op, e.span
+        elif row is not None and (row.matrix or row.axis == "-2"):
             yield 2, e.op, e.span
         for a in e.args:
             yield from _needs(a)
@@ -78,8 +81,9 @@ def check(rules: list[tuple[ir.Expr | None, ir.Program]], refusals=()) -> None:
             for eq in prog.eqns:
                 for need, op, span in _needs(eq.expr):
                     if need > rank:
-                        raise SpecError(f"{op}() needs parameters of rank {need} or more (it works on the last "
-                                        f"two axes), but {who} takes parameters of rank {rank}", span or eq.span,
+                        works = "an axis of that number" if op in AXIS_FUNCTIONS else "the last two axes"
+                        raise SpecError(f"{op}() needs parameters of rank {need} or more (it works on {works}), "
+                                        f"but {who} takes parameters of rank {rank}", span or eq.span,
                                         hint=hint)
 
 

@@ -10,7 +10,10 @@ refused. Element-wise work broadcasts (a size meets itself or 1); `mm` needs equ
 `inv_root`, `eigvecs` and `norm_lb` need square matrices (`norm_lb` gives one number per
 matrix, `(1, 1)`); `rsolve_triu(B, A)` a square A of B's column size. A `matrix(A, B)` state is
 `(A, B)`, its sizes `nrows`, `ncols` or a hyperparameter's name (GaLore's `rank`), which
-`svd_u(x, rank)` (n x rank) and `svd_vh(x, rank)` (rank x m) give. Where a shape depends on the
+`svd_u(x, rank)` (n x rank) and `svd_vh(x, rank)` (rank x m) give. A `gram(K)` state is
+`(d[K], d[K])`, d[K] the size of p's axis K, which `gram_axis(x, K)` gives and `mm_axis` and
+`rsolve_triu_axis` along axis K take; an `axis(K)` state and `axis_sum` are known only at step
+(their last two axes depend on p's rank). Where a shape depends on the
 parameter at step (a `where` on the host picking `x` or `T(x)`, as Muon iterates on the wide side; the per-unit
 reductions, whose axes depend on the rank), the value's shape is unknown and nothing that reads it
 is refused here: those are checked by torch at step.
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 from . import ir
 from .errors import SpecError
-from .functions import TABLE
+from .functions import AXIS_FUNCTIONS, TABLE
 
 R, C, ONE = "nrows", "ncols", "1"
 UNKNOWN = None
@@ -117,6 +120,19 @@ def _op_shape(e: ir.Op, args: list) -> tuple | None:
                             f"{text(a)} (p need not be square)", e.span,
                             hint="B A^-1 needs A of (ncols x ncols) for B of (nrows x ncols): transpose B with T()")
         return b
+    if e.op in AXIS_FUNCTIONS:  # along axis k: its size d[k]; p's other axes are not in this model
+        k = int(e.args[-1].value) if isinstance(e.args[-1], ir.Const) else None
+        if e.op == "axis_sum":
+            return UNKNOWN
+        if e.op == "gram_axis":
+            return UNKNOWN if args[0] is UNKNOWN or k is None else (axis_size(k), axis_size(k))
+        x, a = (args[1], args[0]) if e.op == "mm_axis" else (args[0], args[1])
+        if a not in (UNKNOWN, ()) and (a[0] != a[1] or (a[0].startswith("d[") and a[0] != axis_size(k))):
+            raise SpecError(f"{e.op}() along axis {k} takes a square matrix of that axis' size "
+                            f"({axis_size(k)} x {axis_size(k)}), but this one is {text(a)}",
+                            e.args[0 if e.op == "mm_axis" else 1].span or e.span,
+                            hint=f"a 'gram({k})' state, or gram_axis(x, {k})")
+        return x
     if e.op in ("svd_u", "svd_vh"):  # A's first k singular vectors: (n x k) columns, (k x m) rows
         a, k = args[0], e.args[1]
         if a is UNKNOWN or a == ():
@@ -134,8 +150,17 @@ def _op_shape(e: ir.Op, args: list) -> tuple | None:
 _OPS = {"neg": "-", "lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
 
 
-def _declared(kind: str) -> tuple:
-    """A state's shape as its declaration says: a `matrix(A, B)` one (A, B), sizes as names."""
+def axis_size(k: int) -> str:
+    """The size of p's axis k, as a name: d[k]."""
+    return f"d[{k}]"
+
+
+def _declared(kind: str) -> tuple | None:
+    """A state's shape as its declaration says: a `matrix(A, B)` one (A, B), sizes as names; a
+    `gram(K)` one (d[K], d[K]); an `axis(K)` one is known only at step (it depends on p's rank)."""
+    axis = ir.axis_kind(kind)
+    if axis is not None:
+        return (axis_size(axis[1]),) * 2 if axis[0] == "gram" else UNKNOWN
     return ir.matrix_dims(kind) or _DECLARED.get(kind, (R, C))
 
 

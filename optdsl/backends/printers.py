@@ -32,6 +32,10 @@ def state_shape_code(shape: str, group_code: dict[str, str] | None = None) -> st
     `matrix(A, B)` size that is a hyperparameter k reads as min(k, nrows, ncols), the most singular
     vectors a matrix has (GaLore's rank, as a truncated SVD gives it); group_code says how the group
     holds each hyperparameter (without it, the step's own variable of that name)."""
+    axis = ir.axis_kind(shape)
+    if axis is not None:  # one d_K x d_K matrix, or one value per index of axis K
+        form, k = axis
+        return f"p.shape[{k}:{k + 1}] * 2" if form == "gram" else f"(1,) * {k} + p.shape[{k}:{k + 1}] + (1,) * (p.dim() - {k + 1})"
     dims = ir.matrix_dims(shape)
     if dims is None:
         return STATE_SHAPE_CODE[shape]

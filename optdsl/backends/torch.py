@@ -125,8 +125,30 @@ LINALG_HELPERS = {
         "    bound1 = torch.linalg.vector_norm(torch.matmul(x1 / torch.linalg.vector_norm(x1, dim=-1, keepdim=True)\n"
         "                                                   .clamp_min(tiny), a), dim=-1, keepdim=True)\n"
         "    return max_abs * torch.where((value0 > value1).unsqueeze(-1), bound0, bound1)"),
+    # work along axis k of a tensor of any rank (PSGD-Kron's per-axis factors: its reference's einsums)
+    "_mm_axis": (
+        "def _mm_axis(q, x, k):\n"
+        "    # q (d_k x d_k) applied along axis k of x: out[.., i, ..] = sum_j q[i, j] x[.., j, ..]\n"
+        "    return torch.movedim(torch.tensordot(q, x, dims=([1], [int(k)])), 0, int(k))"),
+    "_rsolve_triu_axis": (
+        "def _rsolve_triu_axis(x, a, k):\n"
+        "    # x with its axis k multiplied on the right by a^-1, a upper-triangular (d_k x d_k): as one\n"
+        "    # matrix of rows (PSGD-Kron's solve_triangular_right)\n"
+        "    y = torch.movedim(x, int(k), -1)\n"
+        "    return torch.movedim(_rsolve_triu(y.reshape(-1, y.shape[-1]), a).reshape(y.shape), -1, int(k))"),
+    "_gram_axis": (
+        "def _gram_axis(x, k):\n"
+        "    # x's Gram matrix along axis k (d_k x d_k): the sum over the other axes of x[.., i, ..] x[.., j, ..]\n"
+        "    xk = torch.movedim(x, int(k), 0).reshape(x.shape[int(k)], -1)\n"
+        "    return torch.matmul(xk, xk.mT)"),
+    "_axis_sum": (
+        "def _axis_sum(x, k):\n"
+        "    # x summed over every axis but k, kept with size 1\n"
+        "    dims = tuple(j for j in range(x.dim()) if j != int(k))\n"
+        "    return x.sum(dim=dims, keepdim=True) if dims else x"),
 }
-LINALG_USES = {"_inv_root": ("_eigh",), "_eigvecs": ("_eigh",), "_svd_u": ("_svd",), "_svd_vh": ("_svd",)}  # a helper's own helpers
+LINALG_USES = {"_inv_root": ("_eigh",), "_eigvecs": ("_eigh",), "_svd_u": ("_svd",), "_svd_vh": ("_svd",),
+               "_rsolve_triu_axis": ("_rsolve_triu",)}  # a helper's own helpers
 
 
 @functools.cache

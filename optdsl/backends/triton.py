@@ -79,7 +79,8 @@ def unsupported(plan: Plan) -> str:
     """Why this plan has no fused kernels ('' when it has them)."""
     matrices = [s for s in plan.program.states if ir.is_matrix(s.shape)]
     if matrices:  # read and written by matrix work alone: torch's code keeps them
-        return f"its matrix-shaped state '{matrices[0].name}: {matrices[0].shape}' is not fused yet"
+        what = "per-axis" if ir.axis_kind(matrices[0].shape) else "matrix-shaped"  # gram(K), axis(K)
+        return f"its {what} state '{matrices[0].name}: {matrices[0].shape}' is not fused yet"
     if _reduction_depth(plan) > MAX_STAGES:  # the kernels' text would grow with its square
         return f"more than {MAX_STAGES} reductions in sequence are not fused"
     f = Fusion(plan)
