@@ -11,8 +11,10 @@ The spec::
     # memory_save_mode says so (\"one_diag\": the larger side, the columns of a square; \"smart_one_diag\":
     # the strictly larger side; \"all_diag\"). Vectors and 0-dim tensors take one diagonal factor. A side
     # of size 1 keeps a 1 x 1 triangular factor where the reference keeps a diagonal one: the same numbers.
-    # Tensors of rank 3 or more (the reference: one factor per axis, each triangular or diagonal) are
-    # refused when they are given to the optimizer, saying why (the last rule). No keyword
+    # A tensor of rank 3 keeps one factor per axis K, a d[K] x d[K] `gram(K)` state or a diagonal `axis(K)`
+    # one, worked on along its axis (mm_axis, rsolve_triu_axis, gram_axis, axis_sum): one rule for three
+    # triangular factors, one for three diagonal ones. A rank-3 tensor whose axes mix the two, and one of
+    # rank 4 or more, are refused when given to the optimizer, saying why (the last rules). No keyword
     # pre_conditioner_update_probability: max_prob, ... say it.
     # The preconditioner is updated when a counter of steps reaches 1 / prob(t - 1), prob(n) =
     # clamp(max_prob exp(-decay (n - flat_start)), min_prob, max_prob): the reference's default schedule
@@ -115,10 +117,59 @@ The spec::
       p -= lr * u
     }
     
-    rule ndim >= 3 refuse (\"PSGD-Kron keeps one factor per axis of a tensor of rank 3 or more (the reference's \"
-      \"einsum preconditioner), which this spec does not write: optdsl's matrix states are per matrix of the last two \"
-      \"axes, and each axis' triangular or diagonal factor would take a rule per combination (2^ndim of them); give \"
-      \"such parameters to another optimizer (a group of their own), or to pytorch_optimizer's Kron\")
+    rule ndim == 3 and min_ndim <= 3 and max(max(nunits, nrows), ncols) <= max_size and (mode == 0) + (mode == 2) * ((nunits == nrows) * (nunits >= ncols) + (nunits == ncols) * (nunits >= nrows) + (nrows == ncols) * (nrows >= nunits)) > 0 {
+      state m as momentum_buffer, c: scalar as update_counter
+      state Q0: gram(0) = scale^(1/3) * eye, Q1: gram(1) = scale^(1/3) * eye, Q2: gram(2) = scale^(1/3) * eye
+      g = where(weight_decouple, g, g + wd * p)
+      m = momentum * m + (1 - momentum) * g
+      h = m / (1 - momentum^t)
+      c += 1
+      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)
+      c = where(upd, 0, c)
+      A = mm_axis(Q2, mm_axis(Q1, mm_axis(Q0, where(momentum_into_precondition_update, h, g), 0), 1), 2)
+      B = rsolve_triu_axis(rsolve_triu_axis(rsolve_triu_axis(randn(), Q0, 0), Q1, 1), Q2, 2)  # Qk^-T along each axis k
+      A0 = gram_axis(A, 0); B0 = gram_axis(B, 0); A1 = gram_axis(A, 1); B1 = gram_axis(B, 1)
+      A2 = gram_axis(A, 2); B2 = gram_axis(B, 2)
+      Q0 = where(upd, Q0 - mm(triu(plr * (A0 - B0)) / (norm_lb(A0 + B0) + 1.1754943508222875e-38), Q0), Q0)
+      Q1 = where(upd, Q1 - mm(triu(plr * (A1 - B1)) / (norm_lb(A1 + B1) + 1.1754943508222875e-38), Q1), Q1)
+      Q2 = where(upd, Q2 - mm(triu(plr * (A2 - B2)) / (norm_lb(A2 + B2) + 1.1754943508222875e-38), Q2), Q2)
+      u = mm_axis(T(Q0), mm_axis(Q0, h, 0), 0)                    # Q^T Q h, one axis at a time
+      u = mm_axis(T(Q1), mm_axis(Q1, u, 1), 1)
+      u = mm_axis(T(Q2), mm_axis(Q2, u, 2), 2)
+      u *= min(1.1 / (rms(u) + 1e-6), 1)
+      p -= lr * (u + where(weight_decouple, wd * p, 0))
+    }
+    
+    rule ndim == 3 and (min_ndim > 3) + (mode == 3) + (mode > 0) * ((nunits > 1) + (nrows > 1) + (ncols > 1) <= 1) + ((nunits == 1) + (nunits > max_size)) * ((nrows == 1) + (nrows > max_size)) * ((ncols == 1) + (ncols > max_size)) > 0 {
+      state m as momentum_buffer, c: scalar as update_counter
+      state d0: axis(0) = scale^(1/3), d1: axis(1) = scale^(1/3), d2: axis(2) = scale^(1/3)
+      g = where(weight_decouple, g, g + wd * p)
+      m = momentum * m + (1 - momentum) * g
+      h = m / (1 - momentum^t)
+      c += 1
+      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)
+      c = where(upd, 0, c)
+      A = d0 * d1 * d2 * where(momentum_into_precondition_update, h, g)
+      B = randn() / d0 / d1 / d2
+      A0 = axis_sum(A^2, 0); B0 = axis_sum(B^2, 0); A1 = axis_sum(A^2, 1); B1 = axis_sum(B^2, 1)
+      A2 = axis_sum(A^2, 2); B2 = axis_sum(B^2, 2)
+      d0 = where(upd, d0 - plr * (A0 - B0) * d0 / (amax(A0 + B0) + 1.1754943508222875e-38), d0)
+      d1 = where(upd, d1 - plr * (A1 - B1) * d1 / (amax(A1 + B1) + 1.1754943508222875e-38), d1)
+      d2 = where(upd, d2 - plr * (A2 - B2) * d2 / (amax(A2 + B2) + 1.1754943508222875e-38), d2)
+      u = d0 * d0 * d1 * d1 * d2 * d2 * h
+      u *= min(1.1 / (rms(u) + 1e-6), 1)
+      p -= lr * (u + where(weight_decouple, wd * p, 0))
+    }
+    
+    rule ndim == 3 refuse (\"PSGD-Kron on a tensor of rank 3 with diagonal factors for some axes and triangular ones for \"
+      \"others (memory_save_mode 'one_diag' or 'smart_one_diag', or max_size_triangular between its sizes), which this \"
+      \"spec does not write: it has a rule for three triangular factors and one for three diagonal ones, and each mix \"
+      \"would take a rule of its own; give such parameters memory_save_mode=None or 'all_diag' (a group of their own), \"
+      \"or to pytorch_optimizer's Kron\")
+    
+    rule ndim >= 4 refuse (\"PSGD-Kron keeps one factor per axis; this spec writes tensors of rank 3 or less (a rule \"
+      \"names each axis' factor, gram(K) or axis(K)), so a tensor of rank 4 or more would take rules of its own; \"
+      \"give such parameters to another optimizer (a group of their own), or to pytorch_optimizer's Kron\")
 """
 from __future__ import annotations
 
@@ -1167,6 +1218,72 @@ def _norm_lb(a):
     return max_abs * torch.where((value0 > value1).unsqueeze(-1), bound0, bound1)
 
 
+def _mm_axis(q, x, k):
+    # q (d_k x d_k) applied along axis k of x: out[.., i, ..] = sum_j q[i, j] x[.., j, ..]
+    return torch.movedim(torch.tensordot(q, x, dims=([1], [int(k)])), 0, int(k))
+
+
+def _rsolve_triu_axis(x, a, k):
+    # x with its axis k multiplied on the right by a^-1, a upper-triangular (d_k x d_k): as one
+    # matrix of rows (PSGD-Kron's solve_triangular_right)
+    y = torch.movedim(x, int(k), -1)
+    return torch.movedim(_rsolve_triu(y.reshape(-1, y.shape[-1]), a).reshape(y.shape), -1, int(k))
+
+
+def _gram_axis(x, k):
+    # x's Gram matrix along axis k (d_k x d_k): the sum over the other axes of x[.., i, ..] x[.., j, ..]
+    xk = torch.movedim(x, int(k), 0).reshape(x.shape[int(k)], -1)
+    return torch.matmul(xk, xk.mT)
+
+
+def _axis_sum(x, k):
+    # x summed over every axis but k, kept with size 1
+    dims = tuple(j for j in range(x.dim()) if j != int(k))
+    return x.sum(dim=dims, keepdim=True) if dims else x
+
+
+class ShapeError(RuntimeError):
+    """Shapes that only a parameter's shape decides (a `where` picking x or T(x), then matrix work) do
+    not fit at step: the message names the spec's statement where they do not (file:line:col, its line
+    with a caret), the shapes of the values it reads, the parameter's shape and torch's own message."""
+
+
+def _shape_error(name, err, params, state_steps, hypers, replay, statements, candidates):
+    """Raise ShapeError from torch's error `err` in a step of a rule whose shapes only the parameter
+    decides. `replay` runs the rule's statements again on shapes alone (meta tensors), parameter by
+    parameter: the first that does not fit is named (`statements`: their located text). Where shapes
+    alone cannot tell (a host scalar's error first, a tensor's value read on the host) or the rule has
+    no replay (`replay` None: its statements print too large), every statement of `candidates` is named.
+    Return (the caller re-raises `err`) for the optimizer's own errors, linear algebra that failed on
+    values, not shapes, and an error the replay does not meet."""
+    text = str(err)
+    exits = text.startswith(f"{name}: matrix work gave shape")  # the fused path's check of its exits
+    if (isinstance(err, (ShapeError, torch.linalg.LinAlgError)) or (text.startswith(name) and not exits)
+            or not any(word in text for word in ("shape", "size", "square", "dimension", "broadcast"))):
+        return
+    if replay is not None:  # (None: a rule whose statements print too large to replay)
+        replayed = set()
+        for param, step in zip(params, state_steps):
+            if (param.shape, float(step)) in replayed:  # once per shape and step count
+                continue
+            replayed.add((param.shape, float(step)))
+            at, reads, why = replay(param, float(step), **hypers)
+            if why is None:
+                continue
+            if at is None or "meta" in str(why):  # a host error, or a value meta tensors do not have
+                break
+            operands = ", ".join(f"{n} {tuple(x.shape)}" for n, x in reads) or "none of shape"
+            raise ShapeError(f"{name}: at step, shapes that only the parameter's shape decides do not fit "
+                             f"(a parameter of shape {tuple(param.shape)}):\n{statements[at]}\n"
+                             f"  the values it reads: {operands}\n  torch: {text}") from err
+        else:
+            return
+    shapes = ", ".join(dict.fromkeys(str(tuple(p.shape)) for p in params))
+    where = candidates[0] if len(candidates) == 1 else "one of " + "; ".join(candidates)
+    raise ShapeError(f"{name}: at step, shapes that only the parameter's shape decides do not fit in {where} "
+                     f"(parameters of shape {shapes}): {text}") from err
+
+
 class Kron(Optimizer):
     r"""preconditioned SGD with Kronecker-factored preconditioners (Li, 2018), as pytorch_optimizer's Kron
 
@@ -1258,6 +1375,50 @@ class Kron(Optimizer):
        u &\leftarrow q \cdot q \cdot h \\
        u &\leftarrow u \cdot \min\left(1, \frac{1.1}{\operatorname{rms}{\left(u \right)} + 1.0 \cdot 10^{-6}}\right) \\
        p &\leftarrow p - lr \cdot u \\
+       &\text{for parameters with ndim == 3 and min\_ndim <= 3 and max(max(nunits, nrows), ncols) <= max\_size and (mode == 0) + (mode == 2) * ((nunits == nrows) * (nunits >= ncols) + (nunits == ncols) * (nunits >= nrows) + (nrows == ncols) * (nrows >= nunits)) > 0} \\
+       g &\leftarrow \operatorname{where}{\left(weight_{decouple},g,g + wd \cdot p \right)} \\
+       m &\leftarrow momentum \cdot m + \left(1 - momentum\right) \cdot g \\
+       h &\leftarrow \frac{m}{1 - momentum^{t}} \\
+       c &\leftarrow c + 1 \\
+       upd &\leftarrow \operatorname{ge}{\left(c,\frac{1}{\min\left(max_{prob}, \max\left(min_{prob}, max_{prob} \cdot e^{- decay \cdot \left(\left(t - 1\right) - flat_{start}\right)}\right)\right)} \right)} \\
+       c &\leftarrow \operatorname{where}{\left(upd,0,c \right)} \\
+       A &\leftarrow \operatorname{mm}_{axis}{\left(Q_{2},\operatorname{mm}_{axis}{\left(Q_{1},\operatorname{mm}_{axis}{\left(Q_{0},\operatorname{where}{\left(momentum_{into precondition update},h,g \right)},0 \right)},1 \right)},2 \right)} \\
+       B &\leftarrow \operatorname{rsolve}_{triu axis}{\left(\operatorname{rsolve}_{triu axis}{\left(\operatorname{rsolve}_{triu axis}{\left(\operatorname{randn}_{0},Q_{0},0 \right)},Q_{1},1 \right)},Q_{2},2 \right)} \\
+       A_{0} &\leftarrow \operatorname{gram}_{axis}{\left(A,0 \right)} \\
+       B_{0} &\leftarrow \operatorname{gram}_{axis}{\left(B,0 \right)} \\
+       A_{1} &\leftarrow \operatorname{gram}_{axis}{\left(A,1 \right)} \\
+       B_{1} &\leftarrow \operatorname{gram}_{axis}{\left(B,1 \right)} \\
+       A_{2} &\leftarrow \operatorname{gram}_{axis}{\left(A,2 \right)} \\
+       B_{2} &\leftarrow \operatorname{gram}_{axis}{\left(B,2 \right)} \\
+       Q_{0} &\leftarrow \operatorname{where}{\left(upd,Q_{0} - \operatorname{mm}{\left(\frac{\operatorname{triu}{\left(plr \cdot \left(A_{0} - B_{0}\right) \right)}}{\operatorname{norm}_{lb}{\left(A_{0} + B_{0} \right)} + 1.17549435082229 \cdot 10^{-38}},Q_{0} \right)},Q_{0} \right)} \\
+       Q_{1} &\leftarrow \operatorname{where}{\left(upd,Q_{1} - \operatorname{mm}{\left(\frac{\operatorname{triu}{\left(plr \cdot \left(A_{1} - B_{1}\right) \right)}}{\operatorname{norm}_{lb}{\left(A_{1} + B_{1} \right)} + 1.17549435082229 \cdot 10^{-38}},Q_{1} \right)},Q_{1} \right)} \\
+       Q_{2} &\leftarrow \operatorname{where}{\left(upd,Q_{2} - \operatorname{mm}{\left(\frac{\operatorname{triu}{\left(plr \cdot \left(A_{2} - B_{2}\right) \right)}}{\operatorname{norm}_{lb}{\left(A_{2} + B_{2} \right)} + 1.17549435082229 \cdot 10^{-38}},Q_{2} \right)},Q_{2} \right)} \\
+       u &\leftarrow \operatorname{mm}_{axis}{\left(T{\left(Q_{0} \right)},\operatorname{mm}_{axis}{\left(Q_{0},h,0 \right)},0 \right)} \\
+       u &\leftarrow \operatorname{mm}_{axis}{\left(T{\left(Q_{1} \right)},\operatorname{mm}_{axis}{\left(Q_{1},u,1 \right)},1 \right)} \\
+       u &\leftarrow \operatorname{mm}_{axis}{\left(T{\left(Q_{2} \right)},\operatorname{mm}_{axis}{\left(Q_{2},u,2 \right)},2 \right)} \\
+       u &\leftarrow u \cdot \min\left(1, \frac{1.1}{\operatorname{rms}{\left(u \right)} + 1.0 \cdot 10^{-6}}\right) \\
+       p &\leftarrow p - lr \cdot \left(u + \operatorname{where}{\left(weight_{decouple},wd \cdot p,0 \right)}\right) \\
+       &\text{for parameters with ndim == 3 and (min\_ndim > 3) + (mode == 3) + (mode > 0) * ((nunits > 1) + (nrows > 1) + (ncols > 1) <= 1) + ((nunits == 1) + (nunits > max\_size)) * ((nrows == 1) + (nrows > max\_size)) * ((ncols == 1) + (ncols > max\_size)) > 0} \\
+       g &\leftarrow \operatorname{where}{\left(weight_{decouple},g,g + wd \cdot p \right)} \\
+       m &\leftarrow momentum \cdot m + \left(1 - momentum\right) \cdot g \\
+       h &\leftarrow \frac{m}{1 - momentum^{t}} \\
+       c &\leftarrow c + 1 \\
+       upd &\leftarrow \operatorname{ge}{\left(c,\frac{1}{\min\left(max_{prob}, \max\left(min_{prob}, max_{prob} \cdot e^{- decay \cdot \left(\left(t - 1\right) - flat_{start}\right)}\right)\right)} \right)} \\
+       c &\leftarrow \operatorname{where}{\left(upd,0,c \right)} \\
+       A &\leftarrow d_{0} \cdot d_{1} \cdot d_{2} \cdot \operatorname{where}{\left(momentum_{into precondition update},h,g \right)} \\
+       B &\leftarrow \frac{\frac{\operatorname{randn}_{0}}{d_{0}} \cdot \frac{1}{d_{1}}}{d_{2}} \\
+       A_{0} &\leftarrow \operatorname{axis}_{sum}{\left(A^{2},0 \right)} \\
+       B_{0} &\leftarrow \operatorname{axis}_{sum}{\left(B^{2},0 \right)} \\
+       A_{1} &\leftarrow \operatorname{axis}_{sum}{\left(A^{2},1 \right)} \\
+       B_{1} &\leftarrow \operatorname{axis}_{sum}{\left(B^{2},1 \right)} \\
+       A_{2} &\leftarrow \operatorname{axis}_{sum}{\left(A^{2},2 \right)} \\
+       B_{2} &\leftarrow \operatorname{axis}_{sum}{\left(B^{2},2 \right)} \\
+       d_{0} &\leftarrow \operatorname{where}{\left(upd,d_{0} - \frac{plr \cdot \left(A_{0} - B_{0}\right) \cdot d_{0}}{\operatorname{amax}{\left(A_{0} + B_{0} \right)} + 1.17549435082229 \cdot 10^{-38}},d_{0} \right)} \\
+       d_{1} &\leftarrow \operatorname{where}{\left(upd,d_{1} - \frac{plr \cdot \left(A_{1} - B_{1}\right) \cdot d_{1}}{\operatorname{amax}{\left(A_{1} + B_{1} \right)} + 1.17549435082229 \cdot 10^{-38}},d_{1} \right)} \\
+       d_{2} &\leftarrow \operatorname{where}{\left(upd,d_{2} - \frac{plr \cdot \left(A_{2} - B_{2}\right) \cdot d_{2}}{\operatorname{amax}{\left(A_{2} + B_{2} \right)} + 1.17549435082229 \cdot 10^{-38}},d_{2} \right)} \\
+       u &\leftarrow d_{0} \cdot d_{0} \cdot d_{1} \cdot d_{1} \cdot d_{2} \cdot d_{2} \cdot h \\
+       u &\leftarrow u \cdot \min\left(1, \frac{1.1}{\operatorname{rms}{\left(u \right)} + 1.0 \cdot 10^{-6}}\right) \\
+       p &\leftarrow p - lr \cdot \left(u + \operatorname{where}{\left(weight_{decouple},wd \cdot p,0 \right)}\right) \\
        \end{aligned}
 
     As written in the spec:
@@ -1301,10 +1462,34 @@ class Kron(Optimizer):
     ``q = where(upd, q - plr * (a^2 - b^2) * q / (amax(abs(a^2 + b^2)) + 1.1754943508222875e-38), q)``
     ``u = q * q * h``
     ``p -= lr * u``
-    ``rule ndim >= 3 refuse (\"PSGD-Kron keeps one factor per axis of a tensor of rank 3 or more (the reference's \"``
-    ``\"einsum preconditioner), which this spec does not write: optdsl's matrix states are per matrix of the last two \"``
-    ``\"axes, and each axis' triangular or diagonal factor would take a rule per combination (2^ndim of them); give \"``
-    ``\"such parameters to another optimizer (a group of their own), or to pytorch_optimizer's Kron\")``
+    ``rule ndim == 3 and min_ndim <= 3 and max(max(nunits, nrows), ncols) <= max_size and (mode == 0) + (mode == 2) * ((nunits == nrows) * (nunits >= ncols) + (nunits == ncols) * (nunits >= nrows) + (nrows == ncols) * (nrows >= nunits)) > 0 {``
+    ``A = mm_axis(Q2, mm_axis(Q1, mm_axis(Q0, where(momentum_into_precondition_update, h, g), 0), 1), 2)``
+    ``B = rsolve_triu_axis(rsolve_triu_axis(rsolve_triu_axis(randn(), Q0, 0), Q1, 1), Q2, 2)``
+    ``A0 = gram_axis(A, 0); B0 = gram_axis(B, 0); A1 = gram_axis(A, 1); B1 = gram_axis(B, 1)``
+    ``A2 = gram_axis(A, 2); B2 = gram_axis(B, 2)``
+    ``Q0 = where(upd, Q0 - mm(triu(plr * (A0 - B0)) / (norm_lb(A0 + B0) + 1.1754943508222875e-38), Q0), Q0)``
+    ``Q1 = where(upd, Q1 - mm(triu(plr * (A1 - B1)) / (norm_lb(A1 + B1) + 1.1754943508222875e-38), Q1), Q1)``
+    ``Q2 = where(upd, Q2 - mm(triu(plr * (A2 - B2)) / (norm_lb(A2 + B2) + 1.1754943508222875e-38), Q2), Q2)``
+    ``u = mm_axis(T(Q0), mm_axis(Q0, h, 0), 0)``
+    ``u = mm_axis(T(Q1), mm_axis(Q1, u, 1), 1)``
+    ``u = mm_axis(T(Q2), mm_axis(Q2, u, 2), 2)``
+    ``rule ndim == 3 and (min_ndim > 3) + (mode == 3) + (mode > 0) * ((nunits > 1) + (nrows > 1) + (ncols > 1) <= 1) + ((nunits == 1) + (nunits > max_size)) * ((nrows == 1) + (nrows > max_size)) * ((ncols == 1) + (ncols > max_size)) > 0 {``
+    ``A = d0 * d1 * d2 * where(momentum_into_precondition_update, h, g)``
+    ``B = randn() / d0 / d1 / d2``
+    ``A0 = axis_sum(A^2, 0); B0 = axis_sum(B^2, 0); A1 = axis_sum(A^2, 1); B1 = axis_sum(B^2, 1)``
+    ``A2 = axis_sum(A^2, 2); B2 = axis_sum(B^2, 2)``
+    ``d0 = where(upd, d0 - plr * (A0 - B0) * d0 / (amax(A0 + B0) + 1.1754943508222875e-38), d0)``
+    ``d1 = where(upd, d1 - plr * (A1 - B1) * d1 / (amax(A1 + B1) + 1.1754943508222875e-38), d1)``
+    ``d2 = where(upd, d2 - plr * (A2 - B2) * d2 / (amax(A2 + B2) + 1.1754943508222875e-38), d2)``
+    ``u = d0 * d0 * d1 * d1 * d2 * d2 * h``
+    ``rule ndim == 3 refuse (\"PSGD-Kron on a tensor of rank 3 with diagonal factors for some axes and triangular ones for \"``
+    ``\"others (memory_save_mode 'one_diag' or 'smart_one_diag', or max_size_triangular between its sizes), which this \"``
+    ``\"spec does not write: it has a rule for three triangular factors and one for three diagonal ones, and each mix \"``
+    ``\"would take a rule of its own; give such parameters memory_save_mode=None or 'all_diag' (a group of their own), \"``
+    ``\"or to pytorch_optimizer's Kron\")``
+    ``rule ndim >= 4 refuse (\"PSGD-Kron keeps one factor per axis; this spec writes tensors of rank 3 or less (a rule \"``
+    ``\"names each axis' factor, gram(K) or axis(K)), so a tensor of rank 4 or more would take rules of its own; \"``
+    ``\"give such parameters to another optimizer (a group of their own), or to pytorch_optimizer's Kron\")``
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
@@ -1354,7 +1539,7 @@ class Kron(Optimizer):
     # torch.optim's keywords this spec does not implement, accepted at the value that turns them off.
     _FIXED = {"capturable": False, "differentiable": False}
     # state_dict() keys of the states, by their names in the spec.
-    _SAVED = {"m": "momentum_buffer", "c": "update_counter", "dL": "dL", "dR": "dR", "QR": "QR", "QL": "QL", "q": "q"}
+    _SAVED = {"m": "momentum_buffer", "c": "update_counter", "dL": "dL", "dR": "dR", "QR": "QR", "QL": "QL", "q": "q", "Q0": "Q0", "Q1": "Q1", "Q2": "Q2", "d0": "d0", "d1": "d1", "d2": "d2"}
 
     def __init__(
         self,
@@ -1476,7 +1661,7 @@ class Kron(Optimizer):
                 raise ValueError(f"Kron does not implement {key}={group[key]!r} (only {key}={value!r})")
 
     # The code (signed or not) of each float state at int8/int4, by state_dict key (optdsl/quant.py).
-    _LOWBIT_SIGNED = {"momentum_buffer": True, "update_counter": False, "dL": True, "dR": True, "QR": True, "QL": True, "q": True}
+    _LOWBIT_SIGNED = {"momentum_buffer": True, "update_counter": False, "dL": True, "dR": True, "QR": True, "QL": True, "q": True, "Q0": True, "Q1": True, "Q2": True, "d0": True, "d1": True, "d2": True}
 
     # ---- state: the stochastic rounding's own generator, and what a state_dict may hold
 
@@ -1548,6 +1733,10 @@ class Kron(Optimizer):
             return {"momentum_buffer": p.shape, "update_counter": (), "QL": p.shape[:-1] + p.shape[-2:-1], "QR": p.shape[:-2] + p.shape[-1:] * 2}
         if rule == 4:
             return {"momentum_buffer": p.shape, "update_counter": (), "q": p.shape}
+        if rule == 5:
+            return {"momentum_buffer": p.shape, "update_counter": (), "Q0": p.shape[0:1] * 2, "Q1": p.shape[1:2] * 2, "Q2": p.shape[2:3] * 2}
+        if rule == 6:
+            return {"momentum_buffer": p.shape, "update_counter": (), "d0": (1,) * 0 + p.shape[0:1] + (1,) * (p.dim() - 1), "d1": (1,) * 1 + p.shape[1:2] + (1,) * (p.dim() - 2), "d2": (1,) * 2 + p.shape[2:3] + (1,) * (p.dim() - 3)}
         return {}
 
     def _unread_states(self, group, p):
@@ -1563,6 +1752,10 @@ class Kron(Optimizer):
         if rule == 3:
             return {key for key, unread in (("momentum_buffer", group["momentum"] == 0), ) if unread}
         if rule == 4:
+            return {key for key, unread in (("momentum_buffer", group["momentum"] == 0), ) if unread}
+        if rule == 5:
+            return {key for key, unread in (("momentum_buffer", group["momentum"] == 0), ) if unread}
+        if rule == 6:
             return {key for key, unread in (("momentum_buffer", group["momentum"] == 0), ) if unread}
         return set()
 
@@ -1597,7 +1790,7 @@ class Kron(Optimizer):
                                      "of another optimizer?")
                 # torch.optim's classes that count steps save `step` with a started state; without it the
                 # step count (bias corrections, schedules) would silently restart at 1 (torch: KeyError at step)
-                if set(state) - set([]) and "step" not in state and self._rule_of(p, {**group, **saved}) in [0, 1, 2, 3, 4]:
+                if set(state) - set([]) and "step" not in state and self._rule_of(p, {**group, **saved}) in [0, 1, 2, 3, 4, 5, 6]:
                     raise ValueError(f"{where}: parameter {i} has states {sorted(state)} but no step, which its update "
                                      "reads: a state_dict of another optimizer, or an edited one?")
                 missing = sorted(set(expected) - set(state) - self._unread_states({**group, **saved}, p)
@@ -1725,10 +1918,16 @@ class Kron(Optimizer):
             return 3
         if p.dim() <= 1:
             return 4
-        if p.dim() >= 3:
-            raise ValueError(f"Kron refuses a parameter of shape {tuple(p.shape)}: " + "PSGD-Kron keeps one factor per axis of a tensor of rank 3 or more (the reference's einsum preconditioner), which this spec does not write: optdsl's matrix states are per matrix of the last two axes, and each axis' triangular or diagonal factor would take a rule per combination (2^ndim of them); give such parameters to another optimizer (a group of their own), or to pytorch_optimizer's Kron (specs/kron.opt:113: rule ndim >= 3 refuse)")
+        if p.dim() == 3 and group["min_ndim_triangular"] <= 3 and max((p.shape[-1] if p.dim() >= 1 else 1), (p.shape[-2] if p.dim() >= 2 else 1), (p.shape[0] if p.dim() >= 1 else 1)) <= group["max_size_triangular"] and (float((p.shape[-2] if p.dim() >= 2 else 1) == (p.shape[-1] if p.dim() >= 1 else 1))*float((p.shape[-2] if p.dim() >= 2 else 1) >= (p.shape[0] if p.dim() >= 1 else 1)) + float((p.shape[0] if p.dim() >= 1 else 1) == (p.shape[-1] if p.dim() >= 1 else 1))*float((p.shape[0] if p.dim() >= 1 else 1) >= (p.shape[-2] if p.dim() >= 2 else 1)) + float((p.shape[0] if p.dim() >= 1 else 1) == (p.shape[-2] if p.dim() >= 2 else 1))*float((p.shape[0] if p.dim() >= 1 else 1) >= (p.shape[-1] if p.dim() >= 1 else 1)))*float(float((None, "one_diag", "smart_one_diag", "all_diag").index(group["memory_save_mode"])) == 2) + float(float((None, "one_diag", "smart_one_diag", "all_diag").index(group["memory_save_mode"])) == 0) > 0:
+            return 5
+        if p.dim() == 3 and (float((p.shape[-1] if p.dim() >= 1 else 1) == 1) + float((p.shape[-1] if p.dim() >= 1 else 1) > group["max_size_triangular"]))*(float((p.shape[-2] if p.dim() >= 2 else 1) == 1) + float((p.shape[-2] if p.dim() >= 2 else 1) > group["max_size_triangular"]))*(float((p.shape[0] if p.dim() >= 1 else 1) == 1) + float((p.shape[0] if p.dim() >= 1 else 1) > group["max_size_triangular"])) + float(float((None, "one_diag", "smart_one_diag", "all_diag").index(group["memory_save_mode"])) == 3) + float(float((None, "one_diag", "smart_one_diag", "all_diag").index(group["memory_save_mode"])) > 0)*float(float((p.shape[-1] if p.dim() >= 1 else 1) > 1) + float((p.shape[-2] if p.dim() >= 2 else 1) > 1) + float((p.shape[0] if p.dim() >= 1 else 1) > 1) <= 1) + float(group["min_ndim_triangular"] > 3) > 0:
+            return 6
+        if p.dim() == 3:
+            raise ValueError(f"Kron refuses a parameter of shape {tuple(p.shape)}: " + "PSGD-Kron on a tensor of rank 3 with diagonal factors for some axes and triangular ones for others (memory_save_mode 'one_diag' or 'smart_one_diag', or max_size_triangular between its sizes), which this spec does not write: it has a rule for three triangular factors and one for three diagonal ones, and each mix would take a rule of its own; give such parameters memory_save_mode=None or 'all_diag' (a group of their own), or to pytorch_optimizer's Kron (specs/kron.opt:159: rule ndim == 3 refuse)")
+        if p.dim() >= 4:
+            raise ValueError(f"Kron refuses a parameter of shape {tuple(p.shape)}: " + "PSGD-Kron keeps one factor per axis; this spec writes tensors of rank 3 or less (a rule names each axis' factor, gram(K) or axis(K)), so a tensor of rank 4 or more would take rules of its own; give such parameters to another optimizer (a group of their own), or to pytorch_optimizer's Kron (specs/kron.opt:165: rule ndim >= 4 refuse)")
         raise RuntimeError(f"no rule of Kron takes a parameter of shape {tuple(p.shape)}; its rules are "
-                           + "; ".join(("specs/kron.opt:26: rule ndim == 2 and (nrows > max_size) + (min_ndim > 2) + (mode == 3) + (mode > 0) * (nrows > ncols) > 0 and (ncols > max_size) + (min_ndim > 2) + (mode == 3) + (mode == 1) * (ncols >= nrows) + (mode == 2) * (ncols > nrows) > 0", "specs/kron.opt:44: rule ndim == 2 and (nrows > max_size) + (min_ndim > 2) + (mode == 3) + (mode > 0) * (nrows > ncols) > 0", "specs/kron.opt:62: rule ndim == 2 and (ncols > max_size) + (min_ndim > 2) + (mode == 3) + (mode == 1) * (ncols >= nrows) + (mode == 2) * (ncols > nrows) > 0", "specs/kron.opt:80: rule ndim == 2", "specs/kron.opt:98: rule ndim <= 1", "specs/kron.opt:113: rule ndim >= 3 refuse (\"PSGD-Kron keeps one factor per axis of a tensor of rank 3 or more (the reference's \"")))
+                           + "; ".join(("specs/kron.opt:28: rule ndim == 2 and (nrows > max_size) + (min_ndim > 2) + (mode == 3) + (mode > 0) * (nrows > ncols) > 0 and (ncols > max_size) + (min_ndim > 2) + (mode == 3) + (mode == 1) * (ncols >= nrows) + (mode == 2) * (ncols > nrows) > 0", "specs/kron.opt:46: rule ndim == 2 and (nrows > max_size) + (min_ndim > 2) + (mode == 3) + (mode > 0) * (nrows > ncols) > 0", "specs/kron.opt:64: rule ndim == 2 and (ncols > max_size) + (min_ndim > 2) + (mode == 3) + (mode == 1) * (ncols >= nrows) + (mode == 2) * (ncols > nrows) > 0", "specs/kron.opt:82: rule ndim == 2", "specs/kron.opt:100: rule ndim <= 1", "specs/kron.opt:115: rule ndim == 3 and min_ndim <= 3 and max(max(nunits, nrows), ncols) <= max_size and (mode == 0) + (mode == 2) * ((nunits == nrows) * (nunits >= ncols) + (nunits == ncols) * (nunits >= nrows) + (nrows == ncols) * (nrows >= nunits)) > 0", "specs/kron.opt:138: rule ndim == 3 and (min_ndim > 3) + (mode == 3) + (mode > 0) * ((nunits > 1) + (nrows > 1) + (ncols > 1) <= 1) + ((nunits == 1) + (nunits > max_size)) * ((nrows == 1) + (nrows > max_size)) * ((ncols == 1) + (ncols > max_size)) > 0", "specs/kron.opt:159: rule ndim == 3 refuse (\"PSGD-Kron on a tensor of rank 3 with diagonal factors for some axes and triangular ones for \"", "specs/kron.opt:165: rule ndim >= 4 refuse (\"PSGD-Kron keeps one factor per axis; this spec writes tensors of rank 3 or less (a rule \"")))
 
     def _init_group(self, group, rule, *lists):
         """The lists of one rule's parameters of the group. torch.compile runs a method of this name
@@ -1739,7 +1938,7 @@ class Kron(Optimizer):
                 for p in other["params"]:
                     if p.grad is not None:
                         self._rule_of(p, other)
-        (self._init_group_0, self._init_group_1, self._init_group_2, self._init_group_3, self._init_group_4)[rule](group, *lists)
+        (self._init_group_0, self._init_group_1, self._init_group_2, self._init_group_3, self._init_group_4, self._init_group_5, self._init_group_6)[rule](group, *lists)
 
     def _init_group_0(self, group, params, grads, m_list, c_list, dL_list, dR_list, state_steps):
         # Whole lists at a time, not one loop of appends: this runs at every step, over every parameter.
@@ -1751,7 +1950,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 2)
             raise ValueError("Kron: " + "state 'dR: cols'" + f" needs parameters of rank 2 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:27:84: dR\n      state m as momentum_buffer, c: scalar as update_counter, dL: rows = sqrt(scale), dR: cols = sqrt(scale)\n                                                                                       ^^")
+                             + "specs/kron.opt:29:84: dR\n      state m as momentum_buffer, c: scalar as update_counter, dL: rows = sqrt(scale), dR: cols = sqrt(scale)\n                                                                                       ^^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -1800,7 +1999,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 2)
             raise ValueError("Kron: " + "state 'QR: gram_cols'" + f" needs parameters of rank 2 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:45:84: QR\n      state m as momentum_buffer, c: scalar as update_counter, dL: rows = sqrt(scale), QR: gram_cols = sqrt(scale) * eye\n                                                                                       ^^")
+                             + "specs/kron.opt:47:84: QR\n      state m as momentum_buffer, c: scalar as update_counter, dL: rows = sqrt(scale), QR: gram_cols = sqrt(scale) * eye\n                                                                                       ^^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -1849,7 +2048,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 2)
             raise ValueError("Kron: " + "state 'QL: gram_rows'" + f" needs parameters of rank 2 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:63:60: QL\n      state m as momentum_buffer, c: scalar as update_counter, QL: gram_rows = sqrt(scale) * eye, dR: cols = sqrt(scale)\n                                                               ^^")
+                             + "specs/kron.opt:65:60: QL\n      state m as momentum_buffer, c: scalar as update_counter, QL: gram_rows = sqrt(scale) * eye, dR: cols = sqrt(scale)\n                                                               ^^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -1898,7 +2097,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 2)
             raise ValueError("Kron: " + "state 'QL: gram_rows'" + f" needs parameters of rank 2 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:81:60: QL\n      state m as momentum_buffer, c: scalar as update_counter, QL: gram_rows = sqrt(scale) * eye, QR: gram_cols = sqrt(scale) * eye\n                                                               ^^")
+                             + "specs/kron.opt:83:60: QL\n      state m as momentum_buffer, c: scalar as update_counter, QL: gram_rows = sqrt(scale) * eye, QR: gram_cols = sqrt(scale) * eye\n                                                               ^^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -1974,6 +2173,114 @@ class Kron(Optimizer):
         m_list += [state["momentum_buffer"] for state in states]
         c_list += [state["update_counter"] for state in states]
         q_list += [state["q"] for state in states]
+        state_steps += [state["step"] for state in states]
+
+    def _init_group_5(self, group, params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_steps):
+        # Whole lists at a time, not one loop of appends: this runs at every step, over every parameter.
+        with_grad = [p for p in group["params"] if p.grad is not None and self._rule_of(p, group) == 5]
+        new_grads = [p.grad for p in with_grad]
+        if any(map(_IS_SPARSE, new_grads)):
+            raise RuntimeError("Kron does not support sparse gradients")
+        if any(p.dim() < 3 for p in with_grad):
+            bad = next(p for p in with_grad if p.dim() < 3)
+            raise ValueError("Kron: " + "state 'Q2: gram(2)'" + f" needs parameters of rank 3 or more; this "
+                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
+                             + "specs/kron.opt:117:75: Q2\n      state Q0: gram(0) = scale^(1/3) * eye, Q1: gram(1) = scale^(1/3) * eye, Q2: gram(2) = scale^(1/3) * eye\n                                                                              ^^")
+        if any(map(torch.is_complex, with_grad)):
+            raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
+                               "real view (torch.view_as_real, as torch.optim does) would change")
+        states = [self.state[p] for p in with_grad]
+        made = {"step", "momentum_buffer", "update_counter", "Q0", "Q1", "Q2"}.issubset
+        if not all(map(made, states)):
+            for p, state in zip(with_grad, states):
+                # Lazy state initialisation, as in torch.optim, of each state not there yet: one that
+                # torch.optim saved may lack those it keeps only for some settings (RMSprop's grad_avg).
+                if "step" not in state:
+                    # `step` lives where the update reads it: on the parameter's device for the fused
+                    # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
+                    # torch.optim.SGD keeps no step: a state saved without one has taken a step.
+                    taken = any(v is not None for v in state.values())
+                    state["step"] = torch.tensor(float(taken), dtype=_step_dtype(),
+                                                 device=p.device if self._fused_for(group, p) else "cpu")
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+                    state["momentum_buffer"] = _quantised(state["momentum_buffer"], _lowbit_format(group["state_dtype"]), True)
+                if state.get("update_counter") is None:
+                    state["update_counter"] = _new_zeros(p, (), _state_dtype(group, p))
+                    state["update_counter"] = _quantised(state["update_counter"], _lowbit_format(group["state_dtype"]), False)
+                if state.get("Q0") is None:
+                    state["Q0"] = _new_zeros(p, p.shape[0:1] * 2, _state_dtype(group, p))
+                    state["Q0"].add_(_eye_like(state['Q0'])*group["precondition_init_scale"]**(1/3))
+                    state["Q0"] = _quantised(state["Q0"], _lowbit_format(group["state_dtype"]), True)
+                if state.get("Q1") is None:
+                    state["Q1"] = _new_zeros(p, p.shape[1:2] * 2, _state_dtype(group, p))
+                    state["Q1"].add_(_eye_like(state['Q1'])*group["precondition_init_scale"]**(1/3))
+                    state["Q1"] = _quantised(state["Q1"], _lowbit_format(group["state_dtype"]), True)
+                if state.get("Q2") is None:
+                    state["Q2"] = _new_zeros(p, p.shape[2:3] * 2, _state_dtype(group, p))
+                    state["Q2"].add_(_eye_like(state['Q2'])*group["precondition_init_scale"]**(1/3))
+                    state["Q2"] = _quantised(state["Q2"], _lowbit_format(group["state_dtype"]), True)
+        params += with_grad
+        grads += new_grads
+        m_list += [state["momentum_buffer"] for state in states]
+        c_list += [state["update_counter"] for state in states]
+        Q0_list += [state["Q0"] for state in states]
+        Q1_list += [state["Q1"] for state in states]
+        Q2_list += [state["Q2"] for state in states]
+        state_steps += [state["step"] for state in states]
+
+    def _init_group_6(self, group, params, grads, m_list, c_list, d0_list, d1_list, d2_list, state_steps):
+        # Whole lists at a time, not one loop of appends: this runs at every step, over every parameter.
+        with_grad = [p for p in group["params"] if p.grad is not None and self._rule_of(p, group) == 6]
+        new_grads = [p.grad for p in with_grad]
+        if any(map(_IS_SPARSE, new_grads)):
+            raise RuntimeError("Kron does not support sparse gradients")
+        if any(p.dim() < 3 for p in with_grad):
+            bad = next(p for p in with_grad if p.dim() < 3)
+            raise ValueError("Kron: " + "state 'd2: axis(2)'" + f" needs parameters of rank 3 or more; this "
+                             f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
+                             + "specs/kron.opt:140:63: d2\n      state d0: axis(0) = scale^(1/3), d1: axis(1) = scale^(1/3), d2: axis(2) = scale^(1/3)\n                                                                  ^^")
+        if any(map(torch.is_complex, with_grad)):
+            raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
+                               "real view (torch.view_as_real, as torch.optim does) would change")
+        states = [self.state[p] for p in with_grad]
+        made = {"step", "momentum_buffer", "update_counter", "d0", "d1", "d2"}.issubset
+        if not all(map(made, states)):
+            for p, state in zip(with_grad, states):
+                # Lazy state initialisation, as in torch.optim, of each state not there yet: one that
+                # torch.optim saved may lack those it keeps only for some settings (RMSprop's grad_avg).
+                if "step" not in state:
+                    # `step` lives where the update reads it: on the parameter's device for the fused
+                    # kernel (as torch.optim's fused=True keeps it), else on the CPU so reading it never syncs.
+                    # torch.optim.SGD keeps no step: a state saved without one has taken a step.
+                    taken = any(v is not None for v in state.values())
+                    state["step"] = torch.tensor(float(taken), dtype=_step_dtype(),
+                                                 device=p.device if self._fused_for(group, p) else "cpu")
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
+                    state["momentum_buffer"] = _quantised(state["momentum_buffer"], _lowbit_format(group["state_dtype"]), True)
+                if state.get("update_counter") is None:
+                    state["update_counter"] = _new_zeros(p, (), _state_dtype(group, p))
+                    state["update_counter"] = _quantised(state["update_counter"], _lowbit_format(group["state_dtype"]), False)
+                if state.get("d0") is None:
+                    state["d0"] = _new_zeros(p, (1,) * 0 + p.shape[0:1] + (1,) * (p.dim() - 1), _state_dtype(group, p))
+                    state["d0"].add_(group["precondition_init_scale"]**(1/3))
+                    state["d0"] = _quantised(state["d0"], _lowbit_format(group["state_dtype"]), True)
+                if state.get("d1") is None:
+                    state["d1"] = _new_zeros(p, (1,) * 1 + p.shape[1:2] + (1,) * (p.dim() - 2), _state_dtype(group, p))
+                    state["d1"].add_(group["precondition_init_scale"]**(1/3))
+                    state["d1"] = _quantised(state["d1"], _lowbit_format(group["state_dtype"]), True)
+                if state.get("d2") is None:
+                    state["d2"] = _new_zeros(p, (1,) * 2 + p.shape[2:3] + (1,) * (p.dim() - 3), _state_dtype(group, p))
+                    state["d2"].add_(group["precondition_init_scale"]**(1/3))
+                    state["d2"] = _quantised(state["d2"], _lowbit_format(group["state_dtype"]), True)
+        params += with_grad
+        grads += new_grads
+        m_list += [state["momentum_buffer"] for state in states]
+        c_list += [state["update_counter"] for state in states]
+        d0_list += [state["d0"] for state in states]
+        d1_list += [state["d1"] for state in states]
+        d2_list += [state["d2"] for state in states]
         state_steps += [state["step"] for state in states]
 
     @torch.no_grad()
@@ -2117,6 +2424,70 @@ class Kron(Optimizer):
                 grads = _negated(grads)
             kron_4(
                 params, grads, m_list, c_list, q_list, state_steps,
+                lr=group["lr"],
+                momentum=group["momentum"],
+                wd=group["weight_decay"],
+                weight_decouple=float(group["weight_decouple"]),
+                momentum_into_precondition_update=float(group["momentum_into_precondition_update"]),
+                plr=group["precondition_lr"],
+                scale=group["precondition_init_scale"],
+                max_size=group["max_size_triangular"],
+                min_ndim=group["min_ndim_triangular"],
+                mode=float((None, "one_diag", "smart_one_diag", "all_diag").index(group["memory_save_mode"])),
+                max_prob=group["max_prob"],
+                min_prob=group["min_prob"],
+                decay=group["decay"],
+                flat_start=group["flat_start"],
+                foreach=group["foreach"],
+                fused=group["fused"],
+                stochastic=_stochastic(group["state_dtype"]),
+                grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
+                found_inf=getattr(self, "found_inf", None),
+                generator=None if torch.compiler.is_compiling() else self._rng,
+            )
+            params, grads, state_steps = [], [], []
+            m_list = []
+            c_list = []
+            Q0_list = []
+            Q1_list = []
+            Q2_list = []
+            self._init_group(group, 5, params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_steps)
+            if group["maximize"]:  # as torch.optim: every path (and the group statements) reads -g, so the step ascends
+                grads = _negated(grads)
+            kron_5(
+                params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_steps,
+                lr=group["lr"],
+                momentum=group["momentum"],
+                wd=group["weight_decay"],
+                weight_decouple=float(group["weight_decouple"]),
+                momentum_into_precondition_update=float(group["momentum_into_precondition_update"]),
+                plr=group["precondition_lr"],
+                scale=group["precondition_init_scale"],
+                max_size=group["max_size_triangular"],
+                min_ndim=group["min_ndim_triangular"],
+                mode=float((None, "one_diag", "smart_one_diag", "all_diag").index(group["memory_save_mode"])),
+                max_prob=group["max_prob"],
+                min_prob=group["min_prob"],
+                decay=group["decay"],
+                flat_start=group["flat_start"],
+                foreach=group["foreach"],
+                fused=group["fused"],
+                stochastic=_stochastic(group["state_dtype"]),
+                grad_scale=getattr(self, "grad_scale", None),  # set by a GradScaler, with fused=True
+                found_inf=getattr(self, "found_inf", None),
+                generator=None if torch.compiler.is_compiling() else self._rng,
+            )
+            params, grads, state_steps = [], [], []
+            m_list = []
+            c_list = []
+            d0_list = []
+            d1_list = []
+            d2_list = []
+            self._init_group(group, 6, params, grads, m_list, c_list, d0_list, d1_list, d2_list, state_steps)
+            if group["maximize"]:  # as torch.optim: every path (and the group statements) reads -g, so the step ascends
+                grads = _negated(grads)
+            kron_6(
+                params, grads, m_list, c_list, d0_list, d1_list, d2_list, state_steps,
                 lr=group["lr"],
                 momentum=group["momentum"],
                 wd=group["weight_decay"],
@@ -3596,6 +3967,695 @@ def _multi_tensor_kron_4(params, grads, m_list, c_list, q_list, state_steps, *, 
                 _write_state(stored, value, True, generator, stochastic)
 
 
+def kron_5(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_steps, *, foreach=None, fused=None,
+           grad_scale=None, found_inf=None, generator=None, stochastic=False, **hypers):
+    """Functional Kron: update `params` and the state lists in place. `grad_scale` and
+    `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
+    skips the step. `stochastic`: low-bit states are requantised stochastically, not to the nearest level."""
+    amp = grad_scale is not None or found_inf is not None
+    if amp and (not fused or torch.compiler.is_compiling()):
+        raise RuntimeError("Kron: grad_scale and found_inf are taken by the fused path only (fused=True, eager)")
+    if torch.compiler.is_compiling():
+        # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
+        return _single_tensor_kron_5(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_steps, **hypers)
+    # Eager, tensor hyperparameters (lr=torch.tensor(1e-3), for a compiled step) are host floats.
+    hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
+    if any(map(_is_sharded, params)):
+        # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        if found_inf is not None and found_inf.item():
+            return
+        if grad_scale is not None:
+            grads = [x / grad_scale.to(x.device) for x in grads]
+        impl = _multi_tensor_kron_5 if foreach or fused else _single_tensor_kron_5
+        return _on_owners(impl, params, grads, [m_list, c_list, Q0_list, Q1_list, Q2_list, ], state_steps,
+                          random=True, generator=generator, stochastic=stochastic, **hypers)
+    if fused is None:  # as torch.optim: an explicit foreach choice is kept
+        fused = foreach is None and _fused_by_default_5(params)
+    elif fused:
+        why = _fused_available_5(params)
+        if why:
+            raise RuntimeError(f"Kron(fused=True) cannot run: {why}")
+    if fused and any(map(_is_sharded, params)):
+        # the kernels' draws hash each element's place in its tensor and the tensor's in the list:
+        # every rank steps the whole tensors, as one process (_everywhere)
+        return _everywhere(_fused_kron_5, params, grads, [m_list, c_list, Q0_list, Q1_list, Q2_list, ], state_steps,
+                           grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
+    if fused:
+        return _fused_kron_5(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_steps,
+                        grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
+    if foreach is None:  # a pass over every parameter: only when it decides something
+        _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+    impl = _multi_tensor_kron_5 if foreach else _single_tensor_kron_5
+    impl(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_steps, generator=generator,
+         stochastic=stochastic, **hypers)
+
+
+def _single_tensor_kron_5(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                           generator=None, stochastic=False, seed=None):
+    if not params:  # no draw for a rule without parameters this step, as the multi-tensor path
+        return
+    if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
+        seed = _random_seed(generator)  # one draw per step: each tensor's randn()/rand() is keyed by it
+    # Scalars of the hyperparameters alone: once per group.
+    k0 = -lr
+    k1 = 1 - momentum
+    k2 = -decay
+    k3 = -flat_start - 1
+    for i, param in enumerate(params):
+        p = param if param.dtype in _EXACT else param.float()
+        g = grads[i].to(p.dtype)
+        # States stored in bfloat16 or low bit (state_dtype) are updated in p's precision, written back below.
+        m = _read_state(m_list[i], p, True, p.shape)
+        c = _read_state(c_list[i], p, False, ())
+        Q0 = _read_state(Q0_list[i], p, True, p.shape[0:1] * 2)
+        Q1 = _read_state(Q1_list[i], p, True, p.shape[1:2] * 2)
+        Q2 = _read_state(Q2_list[i], p, True, p.shape[2:3] * 2)
+        step_t = state_steps[i]
+        step_t += 1
+        # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
+        # (`.item()` would break the graph, a float would be specialised on and recompile).
+        if torch.compiler.is_compiling():
+            t = step_t.to(torch.float64)
+            c0 = 1/torch.minimum(torch.as_tensor(max_prob, dtype=torch.float64), torch.maximum(torch.as_tensor(min_prob, dtype=torch.float64), max_prob*torch.exp(k2*(k3 + t))))
+            c1 = 1/(1 - momentum**t)
+        else:
+            t = step_t.item()
+            c0 = 1/min(max_prob, max(min_prob, max_prob*_exp(k2*(k3 + t))))
+            c1 = 1/(1 - momentum**t)
+        d1 = torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((c + 1 >= c0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(0, dtype=torch.float64), torch.as_tensor(c + 1, dtype=torch.float64)), dtype=p.dtype)
+        d2 = torch.as_tensor(torch.as_tensor((c + 1 >= c0), dtype=torch.float64), dtype=p.dtype)
+        tmp0 = _random_like(p, seed, i, 0, normal=True)
+        tmp1 = _rsolve_triu_axis(tmp0, Q0, 0)
+        tmp2 = _rsolve_triu_axis(tmp1, Q1, 1)
+        tmp3 = _rsolve_triu_axis(tmp2, Q2, 2)
+        tmp4 = _gram_axis(tmp3, 0)
+        tmp5 = _gram_axis(tmp3, 1)
+        tmp6 = _gram_axis(tmp3, 2)
+        tmp7 = torch.mul(p, wd)
+        if weight_decouple:
+            tmp9 = g
+        else:
+            tmp8 = torch.add(g, tmp7)
+            tmp9 = tmp8
+        m.mul_(momentum)
+        m.add_(tmp9, alpha=k1)
+        tmp10 = torch.mul(m, c1)
+        if momentum_into_precondition_update:
+            tmp11 = tmp10
+        else:
+            tmp11 = tmp9
+        tmp12 = _mm_axis(Q0, tmp11, 0)
+        tmp13 = _mm_axis(Q1, tmp12, 1)
+        tmp14 = _mm_axis(Q2, tmp13, 2)
+        tmp15 = _gram_axis(tmp14, 0)
+        tmp16 = _gram_axis(tmp14, 1)
+        tmp17 = _gram_axis(tmp14, 2)
+        tmp18 = torch.sub(tmp15, tmp4)
+        tmp19 = torch.mul(tmp18, plr)
+        tmp20 = torch.triu(tmp19)
+        tmp21 = torch.add(tmp15, tmp4)
+        tmp22 = _norm_lb(tmp21)
+        tmp23 = torch.add(tmp22, 1.1754943508222875e-38)
+        tmp24 = torch.div(tmp20, tmp23)
+        tmp25 = torch.matmul(tmp24, Q0)
+        tmp26 = torch.sub(Q0, tmp25)
+        tmp27 = torch.where(d2 != 0, tmp26, Q0)
+        tmp28 = torch.sub(tmp16, tmp5)
+        tmp29 = torch.mul(tmp28, plr)
+        tmp30 = torch.triu(tmp29)
+        tmp31 = torch.add(tmp16, tmp5)
+        tmp32 = _norm_lb(tmp31)
+        tmp33 = torch.add(tmp32, 1.1754943508222875e-38)
+        tmp34 = torch.div(tmp30, tmp33)
+        tmp35 = torch.matmul(tmp34, Q1)
+        tmp36 = torch.sub(Q1, tmp35)
+        tmp37 = torch.where(d2 != 0, tmp36, Q1)
+        tmp38 = torch.sub(tmp17, tmp6)
+        tmp39 = torch.mul(tmp38, plr)
+        tmp40 = torch.triu(tmp39)
+        tmp41 = torch.add(tmp17, tmp6)
+        tmp42 = _norm_lb(tmp41)
+        tmp43 = torch.add(tmp42, 1.1754943508222875e-38)
+        tmp44 = torch.div(tmp40, tmp43)
+        tmp45 = torch.matmul(tmp44, Q2)
+        tmp46 = torch.sub(Q2, tmp45)
+        tmp47 = torch.where(d2 != 0, tmp46, Q2)
+        tmp48 = tmp27.mT
+        tmp49 = _mm_axis(tmp27, tmp10, 0)
+        tmp50 = _mm_axis(tmp48, tmp49, 0)
+        tmp51 = tmp37.mT
+        tmp52 = _mm_axis(tmp37, tmp50, 1)
+        tmp53 = _mm_axis(tmp51, tmp52, 1)
+        tmp54 = tmp47.mT
+        tmp55 = _mm_axis(tmp47, tmp53, 2)
+        tmp56 = _mm_axis(tmp54, tmp55, 2)
+        r0 = _whole(_rms(tmp56))
+        d0 = torch.as_tensor(torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r0 + 1e-06), dtype=torch.float64)), dtype=p.dtype)
+        tmp57 = torch.where(torch.as_tensor(weight_decouple, dtype=tmp7.dtype, device=tmp7.device) != 0, tmp7, torch.as_tensor(0, dtype=tmp7.dtype, device=tmp7.device))
+        tmp58 = torch.mul(tmp56, d0)
+        tmp59 = torch.add(tmp58, tmp57)
+        tmp60 = torch.add(p, tmp59, alpha=k0)
+        _copy_into(p, tmp60)
+        _copy_into(c, d1)
+        _copy_into(Q0, tmp27)
+        _copy_into(Q1, tmp37)
+        _copy_into(Q2, tmp47)
+        if p is not param:
+            param.copy_(p)
+        _write_state(m_list[i], m, True, generator, stochastic)
+        _write_state(c_list[i], c, False, generator, stochastic)
+        _write_state(Q0_list[i], Q0, True, generator, stochastic)
+        _write_state(Q1_list[i], Q1, True, generator, stochastic)
+        _write_state(Q2_list[i], Q2, True, generator, stochastic)
+
+
+def _multi_tensor_kron_5(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                          generator=None, stochastic=False, seed=None):
+    if not params:
+        return
+    if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
+        seed = _random_seed(generator)  # one draw per step, as the for-loop path draws it
+    # Scalars of the hyperparameters alone: once per group.
+    k0 = -lr
+    k1 = 1 - momentum
+    k2 = -decay
+    k3 = -flat_start - 1
+    # Grouped by the parameters' device and dtype (and DTensors apart from plain tensors); states follow
+    # by index, as they may be stored in another dtype (float32 for bfloat16 parameters, state_dtype,
+    # bool), which the grouping refuses on CUDA.
+    grouped = _grouped([params, grads, state_steps])
+    for (device_params, device_grads, device_steps), indices in grouped.values():
+        device_m = [m_list[i] for i in indices]
+        device_c = [c_list[i] for i in indices]
+        device_Q0 = [Q0_list[i] for i in indices]
+        device_Q1 = [Q1_list[i] for i in indices]
+        device_Q2 = [Q2_list[i] for i in indices]
+        i = indices  # each tensor's index in params: its draws are the for-loop path's
+        # Below, p, g and the states are lists: one entry per tensor of this device and dtype.
+        exact = device_params[0].dtype in _EXACT
+        p = device_params if exact else [x.float() for x in device_params]
+        g = device_grads if exact else [x.float() for x in device_grads]
+        m = device_m if all(x_.dtype == p[0].dtype for x_ in device_m) else [_read_state(x_, y_, True, y_.shape) for x_, y_ in zip(device_m, p)]
+        c = device_c if all(x_.dtype == p[0].dtype for x_ in device_c) else [_read_state(x_, y_, False, ()) for x_, y_ in zip(device_c, p)]
+        Q0 = device_Q0 if all(x_.dtype == p[0].dtype for x_ in device_Q0) else [_read_state(x_, y_, True, y_.shape[0:1] * 2) for x_, y_ in zip(device_Q0, p)]
+        Q1 = device_Q1 if all(x_.dtype == p[0].dtype for x_ in device_Q1) else [_read_state(x_, y_, True, y_.shape[1:2] * 2) for x_, y_ in zip(device_Q1, p)]
+        Q2 = device_Q2 if all(x_.dtype == p[0].dtype for x_ in device_Q2) else [_read_state(x_, y_, True, y_.shape[2:3] * 2) for x_, y_ in zip(device_Q2, p)]
+        if device_steps[0].is_cpu:  # one wrapped scalar, not one per tensor (as torch.optim does)
+            torch._foreach_add_(device_steps, torch.tensor(1.0), alpha=1.0)
+        else:
+            torch._foreach_add_(device_steps, 1)
+        t = [s.item() for s in device_steps]
+        # Scalars of the step count: one per tensor, on the host.
+        c0 = [1/min(max_prob, max(min_prob, max_prob*_exp(k2*(k3 + t_)))) for t_ in t]
+        c1 = [1/(1 - momentum**t_) for t_ in t]
+        d1 = [torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((c_ + 1 >= c0_), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(0, dtype=torch.float64), torch.as_tensor(c_ + 1, dtype=torch.float64)), dtype=p[0].dtype) for c_, c0_ in zip(c, c0)]
+        d2 = [torch.as_tensor(torch.as_tensor((c_ + 1 >= c0_), dtype=torch.float64), dtype=p[0].dtype) for c_, c0_ in zip(c, c0)]
+        tmp0 = [_random_like(p_, seed, i_, 0, normal=True) for p_, i_ in zip(p, i)]
+        tmp1 = [_rsolve_triu_axis(tmp0_, Q0_, 0) for tmp0_, Q0_ in zip(tmp0, Q0)]
+        tmp2 = [_rsolve_triu_axis(tmp1_, Q1_, 1) for tmp1_, Q1_ in zip(tmp1, Q1)]
+        tmp3 = [_rsolve_triu_axis(tmp2_, Q2_, 2) for tmp2_, Q2_ in zip(tmp2, Q2)]
+        tmp4 = [_gram_axis(tmp3_, 0) for tmp3_ in tmp3]
+        tmp5 = [_gram_axis(tmp3_, 1) for tmp3_ in tmp3]
+        tmp6 = [_gram_axis(tmp3_, 2) for tmp3_ in tmp3]
+        tmp7 = torch._foreach_mul(p, wd)
+        if weight_decouple:
+            tmp9 = g
+        else:
+            tmp8 = torch._foreach_add(g, tmp7)
+            tmp9 = tmp8
+        torch._foreach_mul_(m, momentum)
+        torch._foreach_add_(m, tmp9, alpha=k1)
+        tmp10 = torch._foreach_mul(m, c1)
+        if momentum_into_precondition_update:
+            tmp11 = tmp10
+        else:
+            tmp11 = tmp9
+        tmp12 = [_mm_axis(Q0_, tmp11_, 0) for Q0_, tmp11_ in zip(Q0, tmp11)]
+        tmp13 = [_mm_axis(Q1_, tmp12_, 1) for Q1_, tmp12_ in zip(Q1, tmp12)]
+        tmp14 = [_mm_axis(Q2_, tmp13_, 2) for Q2_, tmp13_ in zip(Q2, tmp13)]
+        tmp15 = [_gram_axis(tmp14_, 0) for tmp14_ in tmp14]
+        tmp16 = [_gram_axis(tmp14_, 1) for tmp14_ in tmp14]
+        tmp17 = [_gram_axis(tmp14_, 2) for tmp14_ in tmp14]
+        tmp18 = torch._foreach_sub(tmp15, tmp4)
+        tmp19 = torch._foreach_mul(tmp18, plr)
+        tmp20 = [torch.triu(tmp19_) for tmp19_ in tmp19]
+        tmp21 = torch._foreach_add(tmp15, tmp4)
+        tmp22 = [_norm_lb(tmp21_) for tmp21_ in tmp21]
+        tmp23 = torch._foreach_add(tmp22, 1.1754943508222875e-38)
+        tmp24 = torch._foreach_div(tmp20, tmp23)
+        tmp25 = [torch.matmul(tmp24_, Q0_) for tmp24_, Q0_ in zip(tmp24, Q0)]
+        tmp26 = torch._foreach_sub(Q0, tmp25)
+        tmp27 = [torch.where(d2_ != 0, tmp26_, Q0_) for d2_, tmp26_, Q0_ in zip(d2, tmp26, Q0)]
+        tmp28 = torch._foreach_sub(tmp16, tmp5)
+        tmp29 = torch._foreach_mul(tmp28, plr)
+        tmp30 = [torch.triu(tmp29_) for tmp29_ in tmp29]
+        tmp31 = torch._foreach_add(tmp16, tmp5)
+        tmp32 = [_norm_lb(tmp31_) for tmp31_ in tmp31]
+        tmp33 = torch._foreach_add(tmp32, 1.1754943508222875e-38)
+        tmp34 = torch._foreach_div(tmp30, tmp33)
+        tmp35 = [torch.matmul(tmp34_, Q1_) for tmp34_, Q1_ in zip(tmp34, Q1)]
+        tmp36 = torch._foreach_sub(Q1, tmp35)
+        tmp37 = [torch.where(d2_ != 0, tmp36_, Q1_) for d2_, tmp36_, Q1_ in zip(d2, tmp36, Q1)]
+        tmp38 = torch._foreach_sub(tmp17, tmp6)
+        tmp39 = torch._foreach_mul(tmp38, plr)
+        tmp40 = [torch.triu(tmp39_) for tmp39_ in tmp39]
+        tmp41 = torch._foreach_add(tmp17, tmp6)
+        tmp42 = [_norm_lb(tmp41_) for tmp41_ in tmp41]
+        tmp43 = torch._foreach_add(tmp42, 1.1754943508222875e-38)
+        tmp44 = torch._foreach_div(tmp40, tmp43)
+        tmp45 = [torch.matmul(tmp44_, Q2_) for tmp44_, Q2_ in zip(tmp44, Q2)]
+        tmp46 = torch._foreach_sub(Q2, tmp45)
+        tmp47 = [torch.where(d2_ != 0, tmp46_, Q2_) for d2_, tmp46_, Q2_ in zip(d2, tmp46, Q2)]
+        tmp48 = [tmp27_.mT for tmp27_ in tmp27]
+        tmp49 = [_mm_axis(tmp27_, tmp10_, 0) for tmp27_, tmp10_ in zip(tmp27, tmp10)]
+        tmp50 = [_mm_axis(tmp48_, tmp49_, 0) for tmp48_, tmp49_ in zip(tmp48, tmp49)]
+        tmp51 = [tmp37_.mT for tmp37_ in tmp37]
+        tmp52 = [_mm_axis(tmp37_, tmp50_, 1) for tmp37_, tmp50_ in zip(tmp37, tmp50)]
+        tmp53 = [_mm_axis(tmp51_, tmp52_, 1) for tmp51_, tmp52_ in zip(tmp51, tmp52)]
+        tmp54 = [tmp47_.mT for tmp47_ in tmp47]
+        tmp55 = [_mm_axis(tmp47_, tmp53_, 2) for tmp47_, tmp53_ in zip(tmp47, tmp53)]
+        tmp56 = [_mm_axis(tmp54_, tmp55_, 2) for tmp54_, tmp55_ in zip(tmp54, tmp55)]
+        r0 = [_rms(tmp56_) for tmp56_ in tmp56]
+        tmp57 = [torch.where(torch.as_tensor(weight_decouple, dtype=tmp7_.dtype, device=tmp7_.device) != 0, tmp7_, torch.as_tensor(0, dtype=tmp7_.dtype, device=tmp7_.device)) for tmp7_ in tmp7]
+        r0, = _whole_lists(r0)
+        d0 = [torch.as_tensor(torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r0_ + 1e-06), dtype=torch.float64)), dtype=p[0].dtype) for r0_ in r0]
+        tmp58 = torch._foreach_mul(tmp56, d0)
+        tmp59 = torch._foreach_add(tmp58, tmp57)
+        tmp60 = torch._foreach_add(p, tmp59, alpha=k0)
+        _foreach_copy_(p, tmp60)
+        _foreach_copy_(c, d1)
+        _foreach_copy_(Q0, tmp27)
+        _foreach_copy_(Q1, tmp37)
+        _foreach_copy_(Q2, tmp47)
+        if not exact:
+            _foreach_copy_(device_params, p)
+        if m is not device_m:
+            for stored, value in zip(device_m, m):
+                _write_state(stored, value, True, generator, stochastic)
+        if c is not device_c:
+            for stored, value in zip(device_c, c):
+                _write_state(stored, value, False, generator, stochastic)
+        if Q0 is not device_Q0:
+            for stored, value in zip(device_Q0, Q0):
+                _write_state(stored, value, True, generator, stochastic)
+        if Q1 is not device_Q1:
+            for stored, value in zip(device_Q1, Q1):
+                _write_state(stored, value, True, generator, stochastic)
+        if Q2 is not device_Q2:
+            for stored, value in zip(device_Q2, Q2):
+                _write_state(stored, value, True, generator, stochastic)
+
+
+def kron_6(params, grads, m_list, c_list, d0_list, d1_list, d2_list, state_steps, *, foreach=None, fused=None,
+           grad_scale=None, found_inf=None, generator=None, stochastic=False, **hypers):
+    """Functional Kron: update `params` and the state lists in place. `grad_scale` and
+    `found_inf` (GradScaler's, fused path only): g is unscaled by the first, and a nonzero second
+    skips the step. `stochastic`: low-bit states are requantised stochastically, not to the nearest level."""
+    amp = grad_scale is not None or found_inf is not None
+    if amp and (not fused or torch.compiler.is_compiling()):
+        raise RuntimeError("Kron: grad_scale and found_inf are taken by the fused path only (fused=True, eager)")
+    if torch.compiler.is_compiling():
+        # The compiler fuses the per-tensor loop itself; Triton launches and `.item()` would break the graph.
+        return _single_tensor_kron_6(params, grads, m_list, c_list, d0_list, d1_list, d2_list, state_steps, **hypers)
+    # Eager, tensor hyperparameters (lr=torch.tensor(1e-3), for a compiled step) are host floats.
+    hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
+    if any(map(_is_sharded, params)):
+        # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        if found_inf is not None and found_inf.item():
+            return
+        if grad_scale is not None:
+            grads = [x / grad_scale.to(x.device) for x in grads]
+        impl = _multi_tensor_kron_6 if foreach or fused else _single_tensor_kron_6
+        return _on_owners(impl, params, grads, [m_list, c_list, d0_list, d1_list, d2_list, ], state_steps,
+                          random=True, generator=generator, stochastic=stochastic, **hypers)
+    if fused is None:  # as torch.optim: an explicit foreach choice is kept
+        fused = foreach is None and _fused_by_default_6(params)
+    elif fused:
+        why = _fused_available_6(params)
+        if why:
+            raise RuntimeError(f"Kron(fused=True) cannot run: {why}")
+    # Shapes that only the parameter's shape decides meet in these statements: torch's error there
+    # names them (optdsl/shapes.py, decided_at_step).
+    try:
+        if fused and any(map(_is_sharded, params)):
+            # the kernels' draws hash each element's place in its tensor and the tensor's in the list:
+            # every rank steps the whole tensors, as one process (_everywhere)
+            return _everywhere(_fused_kron_6, params, grads, [m_list, c_list, d0_list, d1_list, d2_list, ], state_steps,
+                               grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
+        if fused:
+            return _fused_kron_6(params, grads, m_list, c_list, d0_list, d1_list, d2_list, state_steps,
+                            grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
+        if foreach is None:  # a pass over every parameter: only when it decides something
+            _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+        impl = _multi_tensor_kron_6 if foreach else _single_tensor_kron_6
+        impl(params, grads, m_list, c_list, d0_list, d1_list, d2_list, state_steps, generator=generator,
+             stochastic=stochastic, **hypers)
+    except RuntimeError as err:
+        _shape_error("Kron", err, params, state_steps, hypers, _shapes_kron_6, _STATEMENTS_6,
+                     ("specs/kron.opt:147: A = d0 * d1 * d2 * where(momentum_into_precondition_update, h, g)", "specs/kron.opt:148: B = randn() / d0 / d1 / d2", "specs/kron.opt:151: d0 = where(upd, d0 - plr * (A0 - B0) * d0 / (amax(A0 + B0) + 1.1754943508222875e-38), d0)", "specs/kron.opt:152: d1 = where(upd, d1 - plr * (A1 - B1) * d1 / (amax(A1 + B1) + 1.1754943508222875e-38), d1)", "specs/kron.opt:153: d2 = where(upd, d2 - plr * (A2 - B2) * d2 / (amax(A2 + B2) + 1.1754943508222875e-38), d2)", "specs/kron.opt:154: u = d0 * d0 * d1 * d1 * d2 * d2 * h", "specs/kron.opt:156: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
+        raise
+
+
+# The statements of rule 6 as the spec writes them: a step names the one whose shapes do not fit.
+_STATEMENTS_6 = (
+    "specs/kron.opt:141:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:142:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:143:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:144:3: c += 1\n      c += 1\n      ^^^^^^",
+    "specs/kron.opt:145:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:146:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:147:3: A = d0 * d1 * d2 * where(momentum_into_precondition_update, h, g)\n      A = d0 * d1 * d2 * where(momentum_into_precondition_update, h, g)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:148:3: B = randn() / d0 / d1 / d2\n      B = randn() / d0 / d1 / d2\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:149:3: A0 = axis_sum(A^2, 0)\n      A0 = axis_sum(A^2, 0); B0 = axis_sum(B^2, 0); A1 = axis_sum(A^2, 1); B1 = axis_sum(B^2, 1)\n      ^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:149:26: B0 = axis_sum(B^2, 0)\n      A0 = axis_sum(A^2, 0); B0 = axis_sum(B^2, 0); A1 = axis_sum(A^2, 1); B1 = axis_sum(B^2, 1)\n                             ^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:149:49: A1 = axis_sum(A^2, 1)\n      A0 = axis_sum(A^2, 0); B0 = axis_sum(B^2, 0); A1 = axis_sum(A^2, 1); B1 = axis_sum(B^2, 1)\n                                                    ^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:149:72: B1 = axis_sum(B^2, 1)\n      A0 = axis_sum(A^2, 0); B0 = axis_sum(B^2, 0); A1 = axis_sum(A^2, 1); B1 = axis_sum(B^2, 1)\n                                                                           ^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:150:3: A2 = axis_sum(A^2, 2)\n      A2 = axis_sum(A^2, 2); B2 = axis_sum(B^2, 2)\n      ^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:150:26: B2 = axis_sum(B^2, 2)\n      A2 = axis_sum(A^2, 2); B2 = axis_sum(B^2, 2)\n                             ^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:151:3: d0 = where(upd, d0 - plr * (A0 - B0) * d0 / (amax(A0 + B0) + 1.1754943508222875e-38), d0)\n      d0 = where(upd, d0 - plr * (A0 - B0) * d0 / (amax(A0 + B0) + 1.1754943508222875e-38), d0)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:152:3: d1 = where(upd, d1 - plr * (A1 - B1) * d1 / (amax(A1 + B1) + 1.1754943508222875e-38), d1)\n      d1 = where(upd, d1 - plr * (A1 - B1) * d1 / (amax(A1 + B1) + 1.1754943508222875e-38), d1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:153:3: d2 = where(upd, d2 - plr * (A2 - B2) * d2 / (amax(A2 + B2) + 1.1754943508222875e-38), d2)\n      d2 = where(upd, d2 - plr * (A2 - B2) * d2 / (amax(A2 + B2) + 1.1754943508222875e-38), d2)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:154:3: u = d0 * d0 * d1 * d1 * d2 * d2 * h\n      u = d0 * d0 * d1 * d1 * d2 * d2 * h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:155:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:156:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+)
+
+
+def _shapes_kron_6(param, t, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start, **_):
+    """After a step raised: the rule's statements again, one line each in the spec's order, on shapes
+    alone (meta tensors) for `param` at step t. (index in _STATEMENTS_6, (name, value) of the
+    tensors it reads, torch's error) of the first that raises; (None, (), None) when none does."""
+    dtype = param.dtype if param.dtype in _EXACT else torch.float32
+    p = torch.empty(param.shape, dtype=dtype, device="meta")
+    g = torch.empty_like(p)
+    ndim = p.dim()
+    numel = p.numel()
+    nrows = (p.shape[-2] if p.dim() >= 2 else 1)
+    ncols = (p.shape[-1] if p.dim() >= 1 else 1)
+    nunits = (p.shape[0] if p.dim() >= 1 else 1)
+    m = torch.empty(p.shape, dtype=dtype, device="meta")
+    c = torch.empty((), dtype=dtype, device="meta")
+    d0 = torch.empty((1,) * 0 + p.shape[0:1] + (1,) * (p.dim() - 1), dtype=dtype, device="meta")
+    d1 = torch.empty((1,) * 1 + p.shape[1:2] + (1,) * (p.dim() - 2), dtype=dtype, device="meta")
+    d2 = torch.empty((1,) * 2 + p.shape[2:3] + (1,) * (p.dim() - 3), dtype=dtype, device="meta")
+    n, values = None, ()  # the statement replayed (its index), the tensors it reads
+    try:
+        n, values = 0, (("g", g), ("p", p))
+        v0 = g.copy_((g if weight_decouple else g + p*wd))
+        n, values = 1, (("m", m), ("g", v0))
+        v1 = m.copy_(m*momentum + v0*(1 - momentum))
+        n, values = 2, (("m", v1),)
+        v2 = v1/(1 - momentum**t)
+        n, values = 3, (("c", c),)
+        v3 = c.copy_(c + 1)
+        n, values = 4, (("c", v3),)
+        v4 = torch.as_tensor((v3 >= 1/min(max_prob, max(min_prob, max_prob*math.exp(-decay*(-flat_start + t - 1))))), dtype=torch.float64)
+        n, values = 5, (("upd", v4), ("c", v3))
+        v5 = c.copy_(torch.where(v4 != 0, torch.as_tensor(0, dtype=torch.float64), v3))
+        n, values = 6, (("d0", d0), ("d1", d1), ("d2", d2), ("h", v2), ("g", v0))
+        v6 = d0*d1*d2*(v2 if momentum_into_precondition_update else v0)
+        n, values = 7, (("p", p), ("d0", d0), ("d1", d1), ("d2", d2))
+        v7 = torch.zeros_like(p)/(d0*d1*d2)
+        n, values = 8, (("A", v6),)
+        v8 = _axis_sum(v6**2, 0)
+        n, values = 9, (("B", v7),)
+        v9 = _axis_sum(v7**2, 0)
+        n, values = 10, (("A", v6),)
+        v10 = _axis_sum(v6**2, 1)
+        n, values = 11, (("B", v7),)
+        v11 = _axis_sum(v7**2, 1)
+        n, values = 12, (("A", v6),)
+        v12 = _axis_sum(v6**2, 2)
+        n, values = 13, (("B", v7),)
+        v13 = _axis_sum(v7**2, 2)
+        n, values = 14, (("upd", v4), ("d0", d0), ("A0", v8), ("B0", v9))
+        v14 = d0.copy_(torch.where(v4 != 0, -d0*plr*(v8 - v9)/(_amax(v8 + v9, None) + 1.1754943508222875e-38) + d0, d0))
+        n, values = 15, (("upd", v4), ("d1", d1), ("A1", v10), ("B1", v11))
+        v15 = d1.copy_(torch.where(v4 != 0, -d1*plr*(v10 - v11)/(_amax(v10 + v11, None) + 1.1754943508222875e-38) + d1, d1))
+        n, values = 16, (("upd", v4), ("d2", d2), ("A2", v12), ("B2", v13))
+        v16 = d2.copy_(torch.where(v4 != 0, -d2*plr*(v12 - v13)/(_amax(v12 + v13, None) + 1.1754943508222875e-38) + d2, d2))
+        n, values = 17, (("d0", v14), ("d1", v15), ("d2", v16), ("h", v2))
+        v17 = v14**2*v15**2*v16**2*v2
+        n, values = 18, (("u", v17),)
+        v18 = v17*torch.minimum(torch.as_tensor(1, dtype=torch.float64), 1.1/(_rms(v17) + 1e-06))
+        n, values = 19, (("p", p), ("u", v18))
+        v19 = p.copy_(-lr*(v18 + (p*wd if weight_decouple else 0)) + p)
+    except RuntimeError as err:
+        return n, values, err
+    except (ArithmeticError, ValueError) as err:  # a host scalar's error (the paths guard them): not a shape
+        return None, (), err
+    return None, (), None
+
+
+def _single_tensor_kron_6(params, grads, m_list, c_list, d0_list, d1_list, d2_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                           generator=None, stochastic=False, seed=None):
+    if not params:  # no draw for a rule without parameters this step, as the multi-tensor path
+        return
+    if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
+        seed = _random_seed(generator)  # one draw per step: each tensor's randn()/rand() is keyed by it
+    # Scalars of the hyperparameters alone: once per group.
+    k0 = -lr
+    k1 = -decay
+    k2 = -flat_start - 1
+    k3 = 1 - momentum
+    for i, param in enumerate(params):
+        p = param if param.dtype in _EXACT else param.float()
+        g = grads[i].to(p.dtype)
+        # States stored in bfloat16 or low bit (state_dtype) are updated in p's precision, written back below.
+        m = _read_state(m_list[i], p, True, p.shape)
+        c = _read_state(c_list[i], p, False, ())
+        d0 = _read_state(d0_list[i], p, True, (1,) * 0 + p.shape[0:1] + (1,) * (p.dim() - 1))
+        d1 = _read_state(d1_list[i], p, True, (1,) * 1 + p.shape[1:2] + (1,) * (p.dim() - 2))
+        d2 = _read_state(d2_list[i], p, True, (1,) * 2 + p.shape[2:3] + (1,) * (p.dim() - 3))
+        step_t = state_steps[i]
+        step_t += 1
+        # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
+        # (`.item()` would break the graph, a float would be specialised on and recompile).
+        if torch.compiler.is_compiling():
+            t = step_t.to(torch.float64)
+            c0 = 1/(1 - momentum**t)
+            c1 = 1/torch.minimum(torch.as_tensor(max_prob, dtype=torch.float64), torch.maximum(torch.as_tensor(min_prob, dtype=torch.float64), max_prob*torch.exp(k1*(k2 + t))))
+        else:
+            t = step_t.item()
+            c0 = 1/(1 - momentum**t)
+            c1 = 1/min(max_prob, max(min_prob, max_prob*_exp(k1*(k2 + t))))
+        d3 = torch.as_tensor(torch.as_tensor((c + 1 >= c1), dtype=torch.float64), dtype=p.dtype)
+        d8 = torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((c + 1 >= c1), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(0, dtype=torch.float64), torch.as_tensor(c + 1, dtype=torch.float64)), dtype=p.dtype)
+        tmp0 = torch.mul(p, wd)
+        if weight_decouple:
+            tmp2 = g
+        else:
+            tmp1 = torch.add(g, tmp0)
+            tmp2 = tmp1
+        m.mul_(momentum)
+        m.add_(tmp2, alpha=k3)
+        tmp3 = torch.mul(m, c0)
+        tmp4 = torch.mul(d0, d0)
+        tmp5 = torch.mul(d1, d1)
+        tmp6 = torch.mul(d2, d2)
+        tmp7 = torch.mul(tmp6, tmp4)
+        tmp8 = torch.mul(tmp7, tmp5)
+        if momentum_into_precondition_update:
+            tmp9 = tmp3
+        else:
+            tmp9 = tmp2
+        tmp10 = torch.mul(tmp9, tmp9)
+        tmp11 = torch.mul(tmp8, tmp10)
+        tmp12 = _axis_sum(tmp11, 0)
+        tmp13 = _axis_sum(tmp11, 1)
+        tmp14 = _axis_sum(tmp11, 2)
+        tmp15 = _random_like(p, seed, i, 0, normal=True)
+        tmp15.mul_(tmp15)
+        tmp16 = torch.div(tmp15, tmp6)
+        tmp17 = torch.div(tmp16, tmp4)
+        tmp18 = torch.div(tmp17, tmp5)
+        tmp19 = _axis_sum(tmp18, 0)
+        tmp20 = torch.add(tmp12, tmp19)
+        r0 = _whole(_amax(tmp20, None))
+        d4 = torch.as_tensor(-plr/(r0 + 1.1754943508222875e-38), dtype=p.dtype)
+        tmp21 = _axis_sum(tmp18, 1)
+        tmp22 = torch.add(tmp13, tmp21)
+        r1 = _whole(_amax(tmp22, None))
+        d5 = torch.as_tensor(-plr/(r1 + 1.1754943508222875e-38), dtype=p.dtype)
+        tmp23 = _axis_sum(tmp18, 2)
+        tmp24 = torch.add(tmp14, tmp23)
+        r2 = _whole(_amax(tmp24, None))
+        d6 = torch.as_tensor(-plr/(r2 + 1.1754943508222875e-38), dtype=p.dtype)
+        tmp25 = torch.sub(tmp12, tmp19)
+        tmp26 = torch.mul(d0, tmp25)
+        tmp27 = torch.mul(tmp26, d4)
+        tmp28 = torch.add(d0, tmp27)
+        tmp29 = torch.where(d3 != 0, tmp28, d0)
+        tmp30 = torch.sub(tmp13, tmp21)
+        tmp31 = torch.mul(d1, tmp30)
+        tmp32 = torch.mul(tmp31, d5)
+        tmp33 = torch.add(d1, tmp32)
+        tmp34 = torch.where(d3 != 0, tmp33, d1)
+        tmp35 = torch.sub(tmp14, tmp23)
+        tmp36 = torch.mul(d2, tmp35)
+        tmp37 = torch.mul(tmp36, d6)
+        tmp38 = torch.add(d2, tmp37)
+        tmp39 = torch.where(d3 != 0, tmp38, d2)
+        tmp40 = torch.mul(tmp29, tmp29)
+        tmp41 = torch.mul(tmp34, tmp34)
+        tmp42 = torch.mul(tmp40, tmp41)
+        tmp43 = torch.mul(tmp39, tmp39)
+        tmp44 = torch.mul(tmp42, tmp43)
+        tmp45 = torch.mul(tmp44, tmp3)
+        r3 = _whole(_rms(tmp45))
+        d7 = torch.as_tensor(c0*torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r3 + 1e-06), dtype=torch.float64)), dtype=p.dtype)
+        tmp46 = torch.where(torch.as_tensor(weight_decouple, dtype=tmp0.dtype, device=tmp0.device) != 0, tmp0, torch.as_tensor(0, dtype=tmp0.dtype, device=tmp0.device))
+        tmp47 = torch.mul(m, tmp44)
+        tmp48 = torch.mul(tmp47, d7)
+        tmp49 = torch.add(tmp48, tmp46)
+        tmp50 = torch.add(p, tmp49, alpha=k0)
+        _copy_into(p, tmp50)
+        _copy_into(c, d8)
+        _copy_into(d0, tmp29)
+        _copy_into(d1, tmp34)
+        _copy_into(d2, tmp39)
+        if p is not param:
+            param.copy_(p)
+        _write_state(m_list[i], m, True, generator, stochastic)
+        _write_state(c_list[i], c, False, generator, stochastic)
+        _write_state(d0_list[i], d0, True, generator, stochastic)
+        _write_state(d1_list[i], d1, True, generator, stochastic)
+        _write_state(d2_list[i], d2, True, generator, stochastic)
+
+
+def _multi_tensor_kron_6(params, grads, m_list, c_list, d0_list, d1_list, d2_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                          generator=None, stochastic=False, seed=None):
+    if not params:
+        return
+    if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
+        seed = _random_seed(generator)  # one draw per step, as the for-loop path draws it
+    # Scalars of the hyperparameters alone: once per group.
+    k0 = -lr
+    k1 = -decay
+    k2 = -flat_start - 1
+    k3 = 1 - momentum
+    # Grouped by the parameters' device and dtype (and DTensors apart from plain tensors); states follow
+    # by index, as they may be stored in another dtype (float32 for bfloat16 parameters, state_dtype,
+    # bool), which the grouping refuses on CUDA.
+    grouped = _grouped([params, grads, state_steps])
+    for (device_params, device_grads, device_steps), indices in grouped.values():
+        device_m = [m_list[i] for i in indices]
+        device_c = [c_list[i] for i in indices]
+        device_d0 = [d0_list[i] for i in indices]
+        device_d1 = [d1_list[i] for i in indices]
+        device_d2 = [d2_list[i] for i in indices]
+        i = indices  # each tensor's index in params: its draws are the for-loop path's
+        # Below, p, g and the states are lists: one entry per tensor of this device and dtype.
+        exact = device_params[0].dtype in _EXACT
+        p = device_params if exact else [x.float() for x in device_params]
+        g = device_grads if exact else [x.float() for x in device_grads]
+        m = device_m if all(x_.dtype == p[0].dtype for x_ in device_m) else [_read_state(x_, y_, True, y_.shape) for x_, y_ in zip(device_m, p)]
+        c = device_c if all(x_.dtype == p[0].dtype for x_ in device_c) else [_read_state(x_, y_, False, ()) for x_, y_ in zip(device_c, p)]
+        d0 = device_d0 if all(x_.dtype == p[0].dtype for x_ in device_d0) else [_read_state(x_, y_, True, (1,) * 0 + y_.shape[0:1] + (1,) * (y_.dim() - 1)) for x_, y_ in zip(device_d0, p)]
+        d1 = device_d1 if all(x_.dtype == p[0].dtype for x_ in device_d1) else [_read_state(x_, y_, True, (1,) * 1 + y_.shape[1:2] + (1,) * (y_.dim() - 2)) for x_, y_ in zip(device_d1, p)]
+        d2 = device_d2 if all(x_.dtype == p[0].dtype for x_ in device_d2) else [_read_state(x_, y_, True, (1,) * 2 + y_.shape[2:3] + (1,) * (y_.dim() - 3)) for x_, y_ in zip(device_d2, p)]
+        if device_steps[0].is_cpu:  # one wrapped scalar, not one per tensor (as torch.optim does)
+            torch._foreach_add_(device_steps, torch.tensor(1.0), alpha=1.0)
+        else:
+            torch._foreach_add_(device_steps, 1)
+        t = [s.item() for s in device_steps]
+        # Scalars of the step count: one per tensor, on the host.
+        c0 = [1/(1 - momentum**t_) for t_ in t]
+        c1 = [1/min(max_prob, max(min_prob, max_prob*_exp(k1*(k2 + t_)))) for t_ in t]
+        d3 = [torch.as_tensor(torch.as_tensor((c_ + 1 >= c1_), dtype=torch.float64), dtype=p[0].dtype) for c_, c1_ in zip(c, c1)]
+        d8 = [torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((c_ + 1 >= c1_), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(0, dtype=torch.float64), torch.as_tensor(c_ + 1, dtype=torch.float64)), dtype=p[0].dtype) for c_, c1_ in zip(c, c1)]
+        tmp0 = torch._foreach_mul(p, wd)
+        if weight_decouple:
+            tmp2 = g
+        else:
+            tmp1 = torch._foreach_add(g, tmp0)
+            tmp2 = tmp1
+        torch._foreach_mul_(m, momentum)
+        torch._foreach_add_(m, tmp2, alpha=k3)
+        tmp3 = torch._foreach_mul(m, c0)
+        tmp4 = torch._foreach_mul(d0, d0)
+        tmp5 = torch._foreach_mul(d1, d1)
+        tmp6 = torch._foreach_mul(d2, d2)
+        tmp7 = torch._foreach_mul(tmp6, tmp4)
+        tmp8 = torch._foreach_mul(tmp7, tmp5)
+        if momentum_into_precondition_update:
+            tmp9 = tmp3
+        else:
+            tmp9 = tmp2
+        tmp10 = torch._foreach_mul(tmp9, tmp9)
+        tmp11 = torch._foreach_mul(tmp8, tmp10)
+        tmp12 = [_axis_sum(tmp11_, 0) for tmp11_ in tmp11]
+        tmp13 = [_axis_sum(tmp11_, 1) for tmp11_ in tmp11]
+        tmp14 = [_axis_sum(tmp11_, 2) for tmp11_ in tmp11]
+        tmp15 = [_random_like(p_, seed, i_, 0, normal=True) for p_, i_ in zip(p, i)]
+        torch._foreach_mul_(tmp15, tmp15)
+        tmp16 = torch._foreach_div(tmp15, tmp6)
+        tmp17 = torch._foreach_div(tmp16, tmp4)
+        tmp18 = torch._foreach_div(tmp17, tmp5)
+        tmp19 = [_axis_sum(tmp18_, 0) for tmp18_ in tmp18]
+        tmp20 = torch._foreach_add(tmp12, tmp19)
+        r0 = [_amax(tmp20_, None) for tmp20_ in tmp20]
+        tmp21 = [_axis_sum(tmp18_, 1) for tmp18_ in tmp18]
+        tmp22 = torch._foreach_add(tmp13, tmp21)
+        r1 = [_amax(tmp22_, None) for tmp22_ in tmp22]
+        tmp23 = [_axis_sum(tmp18_, 2) for tmp18_ in tmp18]
+        tmp24 = torch._foreach_add(tmp14, tmp23)
+        r2 = [_amax(tmp24_, None) for tmp24_ in tmp24]
+        tmp25 = torch._foreach_sub(tmp12, tmp19)
+        tmp26 = torch._foreach_mul(d0, tmp25)
+        tmp30 = torch._foreach_sub(tmp13, tmp21)
+        tmp31 = torch._foreach_mul(d1, tmp30)
+        tmp35 = torch._foreach_sub(tmp14, tmp23)
+        tmp36 = torch._foreach_mul(d2, tmp35)
+        tmp46 = [torch.where(torch.as_tensor(weight_decouple, dtype=tmp0_.dtype, device=tmp0_.device) != 0, tmp0_, torch.as_tensor(0, dtype=tmp0_.dtype, device=tmp0_.device)) for tmp0_ in tmp0]
+        r0, r1, r2 = _whole_lists(r0, r1, r2)
+        d4 = [torch.as_tensor(-plr/(r0_ + 1.1754943508222875e-38), dtype=p[0].dtype) for r0_ in r0]
+        d5 = [torch.as_tensor(-plr/(r1_ + 1.1754943508222875e-38), dtype=p[0].dtype) for r1_ in r1]
+        d6 = [torch.as_tensor(-plr/(r2_ + 1.1754943508222875e-38), dtype=p[0].dtype) for r2_ in r2]
+        tmp27 = torch._foreach_mul(tmp26, d4)
+        tmp28 = torch._foreach_add(d0, tmp27)
+        tmp29 = [torch.where(d3_ != 0, tmp28_, d0_) for d3_, tmp28_, d0_ in zip(d3, tmp28, d0)]
+        tmp32 = torch._foreach_mul(tmp31, d5)
+        tmp33 = torch._foreach_add(d1, tmp32)
+        tmp34 = [torch.where(d3_ != 0, tmp33_, d1_) for d3_, tmp33_, d1_ in zip(d3, tmp33, d1)]
+        tmp37 = torch._foreach_mul(tmp36, d6)
+        tmp38 = torch._foreach_add(d2, tmp37)
+        tmp39 = [torch.where(d3_ != 0, tmp38_, d2_) for d3_, tmp38_, d2_ in zip(d3, tmp38, d2)]
+        tmp40 = torch._foreach_mul(tmp29, tmp29)
+        tmp41 = torch._foreach_mul(tmp34, tmp34)
+        tmp42 = torch._foreach_mul(tmp40, tmp41)
+        tmp43 = torch._foreach_mul(tmp39, tmp39)
+        tmp44 = torch._foreach_mul(tmp42, tmp43)
+        tmp45 = torch._foreach_mul(tmp44, tmp3)
+        r3 = [_rms(tmp45_) for tmp45_ in tmp45]
+        tmp47 = torch._foreach_mul(m, tmp44)
+        _foreach_copy_(c, d8)
+        _foreach_copy_(d0, tmp29)
+        _foreach_copy_(d1, tmp34)
+        _foreach_copy_(d2, tmp39)
+        r3, = _whole_lists(r3)
+        d7 = [torch.as_tensor(c0_*torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r3_ + 1e-06), dtype=torch.float64)), dtype=p[0].dtype) for c0_, r3_ in zip(c0, r3)]
+        tmp48 = torch._foreach_mul(tmp47, d7)
+        tmp49 = torch._foreach_add(tmp48, tmp46)
+        tmp50 = torch._foreach_add(p, tmp49, alpha=k0)
+        _foreach_copy_(p, tmp50)
+        if not exact:
+            _foreach_copy_(device_params, p)
+        if m is not device_m:
+            for stored, value in zip(device_m, m):
+                _write_state(stored, value, True, generator, stochastic)
+        if c is not device_c:
+            for stored, value in zip(device_c, c):
+                _write_state(stored, value, False, generator, stochastic)
+        if d0 is not device_d0:
+            for stored, value in zip(device_d0, d0):
+                _write_state(stored, value, True, generator, stochastic)
+        if d1 is not device_d1:
+            for stored, value in zip(device_d1, d1):
+                _write_state(stored, value, True, generator, stochastic)
+        if d2 is not device_d2:
+            for stored, value in zip(device_d2, d2):
+                _write_state(stored, value, True, generator, stochastic)
+
+
 # ---- fused Triton path: one kernel launch per (device, dtype) group and stage ----
 try:
     import triton
@@ -3698,6 +4758,30 @@ def _fused_available_4(params) -> str:
 
 
 def _fused_by_default_4(params) -> bool:
+    """fused=None: the fused kernel where it can run on CUDA, as torch.optim prefers its own."""
+    # map() over the tensors' own methods: this runs at every step, over every parameter
+    return (bool(params) and triton is not None and all(map(_IS_CUDA, params))
+            and all(map(torch.Tensor.is_contiguous, params)))
+
+
+def _fused_available_5(params) -> str:
+    """Why the fused path cannot run on these parameters of this rule ('' when it can)."""
+    return _triton_ready(params)
+
+
+def _fused_by_default_5(params) -> bool:
+    """fused=None: the fused kernel where it can run on CUDA, as torch.optim prefers its own."""
+    # map() over the tensors' own methods: this runs at every step, over every parameter
+    return (bool(params) and triton is not None and all(map(_IS_CUDA, params))
+            and all(map(torch.Tensor.is_contiguous, params)))
+
+
+def _fused_available_6(params) -> str:
+    """Why the fused path cannot run on these parameters of this rule ('' when it can)."""
+    return _triton_ready(params)
+
+
+def _fused_by_default_6(params) -> bool:
     """fused=None: the fused kernel where it can run on CUDA, as torch.optim prefers its own."""
     # map() over the tensors' own methods: this runs at every step, over every parameter
     return (bool(params) and triton is not None and all(map(_IS_CUDA, params))
@@ -5426,3 +6510,27 @@ def _fused_kron_4(params, grads, m_list, c_list, q_list, state_steps, *, lr, mom
             torch._foreach_sub_(device_steps, [found_t] * len(device_steps))
         if grad_scale is not None and g is not grads_in:  # the unscaled gradients, into the originals
             torch._foreach_copy_(grads_in, g)
+
+
+def _fused_kron_5(params, grads, *lists, grad_scale=None, found_inf=None, **hypers):
+    """Rule 6 (ndim == 3 and min_ndim <= 3 and max(max(nunits, nrows), ncols) <= max_size and (mode == 0) + (mode == 2) * ((nunits == nrows) * (nunits >= ncols) + (nunits == ncols) * (nunits >= nrows) + (nrows == ncols) * (nrows >= nunits)) > 0): its per-axis state 'Q0: gram(0)' is not fused yet; under fused=True its parameters take
+    the multi-tensor path, the other rules their kernels. A GradScaler's scale and inf flag are
+    applied here on the host, as the kernels apply them."""
+    if found_inf is not None and found_inf.item():
+        return
+    if grad_scale is not None:
+        for x in grads:
+            x.div_(grad_scale.to(x.device))
+    _multi_tensor_kron_5(params, grads, *lists, **hypers)
+
+
+def _fused_kron_6(params, grads, *lists, grad_scale=None, found_inf=None, **hypers):
+    """Rule 7 (ndim == 3 and (min_ndim > 3) + (mode == 3) + (mode > 0) * ((nunits > 1) + (nrows > 1) + (ncols > 1) <= 1) + ((nunits == 1) + (nunits > max_size)) * ((nrows == 1) + (nrows > max_size)) * ((ncols == 1) + (ncols > max_size)) > 0): its per-axis state 'd0: axis(0)' is not fused yet; under fused=True its parameters take
+    the multi-tensor path, the other rules their kernels. A GradScaler's scale and inf flag are
+    applied here on the host, as the kernels apply them."""
+    if found_inf is not None and found_inf.item():
+        return
+    if grad_scale is not None:
+        for x in grads:
+            x.div_(grad_scale.to(x.device))
+    _multi_tensor_kron_6(params, grads, *lists, **hypers)

@@ -373,26 +373,36 @@ def test_row_errors_are_located(body, message, col):
         assert err.value.span.column == col, str(err.value)
 
 
+def _refusal_line(prefix):
+    lines = (SPECS / "kron.opt").read_text().split("\n")
+    return lines.index(next(x for x in lines if x.startswith(prefix))) + 1
+
+
 def test_what_the_spec_does_not_write_is_refused():
-    """Tensors of rank 3 or more (the reference: one factor per axis) are refused by the spec's last rule
-    (`rule ndim >= 3 refuse "..."`) when they are given to the optimizer, at construction or by
+    """Tensors of rank 4 or more, and of rank 3 with diagonal factors for some axes and triangular ones
+    for others (the spec writes all-triangular and all-diagonal rank 3 only), are refused by the spec's
+    last rules (`rule ... refuse "..."`) when they are given to the optimizer, at construction or by
     add_param_group (the group left out): a ValueError saying why and where, never another optimizer's
     step; min_ndim_triangular below 2 (a triangular factor for a vector) and an unknown
     memory_save_mode are ValueErrors naming what is accepted."""
     Kron = optdsl.load(SPECS / "kron.opt")
-    line = (SPECS / "kron.opt").read_text().split("\n").index(next(
-        x for x in (SPECS / "kron.opt").read_text().split("\n") if x.startswith("rule ndim >= 3 refuse"))) + 1
-    for shape in [(2, 3, 4), (2, 1, 1, 3), (3, 5, 7)]:
+    four = _refusal_line("rule ndim >= 4 refuse")
+    for shape, kw in [((2, 1, 1, 3), dict(memory_save_mode="all_diag")), ((3, 5, 7, 2), {})]:
         with pytest.raises(ValueError, match=re.escape(f"Kron refuses a parameter of shape {shape}: PSGD-Kron keeps "
                                                        "one factor per axis")) as err:
-            Kron([torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(shape))],
-                 memory_save_mode="all_diag")
-        assert str(err.value).endswith(f"pytorch_optimizer's Kron ({SPECS / 'kron.opt'}:{line}: rule ndim >= 3 refuse)")
-        assert "2^ndim" in str(err.value)
+            Kron([torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(shape))], **kw)
+        assert str(err.value).endswith(f"pytorch_optimizer's Kron ({SPECS / 'kron.opt'}:{four}: rule ndim >= 4 refuse)")
+    three = _refusal_line("rule ndim == 3 refuse")
+    for shape, kw in [((2, 3, 4), dict(memory_save_mode="one_diag")), ((3, 5, 4), dict(memory_save_mode="smart_one_diag")),
+                      ((3, 5, 4), dict(max_size_triangular=4))]:
+        with pytest.raises(ValueError, match=re.escape(f"Kron refuses a parameter of shape {shape}: PSGD-Kron on a "
+                                                       "tensor of rank 3 with diagonal factors for some axes")) as err:
+            Kron([torch.nn.Parameter(torch.randn(shape))], **kw)
+        assert str(err.value).endswith(f"({SPECS / 'kron.opt'}:{three}: rule ndim == 3 refuse)"), str(err.value)
     p = torch.nn.Parameter(torch.randn(4, 4))
     opt = Kron([p])
-    with pytest.raises(ValueError, match=r"Kron refuses a parameter of shape \(2, 2, 2\)"):
-        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2, 2, 2))], "lr": 0.1})
+    with pytest.raises(ValueError, match=r"Kron refuses a parameter of shape \(2, 2, 2, 2\)"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2, 2, 2, 2))], "lr": 0.1})
     assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == [p]  # the refused group left out
     p.grad = torch.randn(4, 4)
     opt.step()  # and the optimizer goes on
@@ -440,3 +450,250 @@ def test_a_rows_state_takes_a_reduction_of_matrix_work():
         optdsl.compile(DIAG.format(value="col_sum(mm(g, Q)^2)"), "diag.opt")
     assert "state 'd' is (nrows x 1) but this value is (1 x ncols)" in str(err.value), str(err.value)
     assert err.value.span.line == 5
+
+
+# ---------------------------------------------------------------- rank 3: one factor per axis
+
+
+R3 = [(3, 4, 5), (2, 1, 6), (1, 7, 3), (4, 4, 2), (5, 3)]  # rank 3 (a side of size 1 first, in the middle), a matrix
+RANK3 = {  # settings whose rank-3 factors are all triangular or all diagonal (a mix is refused: test above)
+    "default": (KRON["default"], R3),
+    "no-momentum-coupled-wd": (KRON["no-momentum-coupled-wd"], R3),
+    "decoupled-wd-grad-probe": (KRON["decoupled-wd-grad-probe"], R3),
+    "balanced": (KRON["balanced"], R3),
+    "all_diag": (KRON["all_diag"], R3),
+    "min-ndim-3": (KRON["min-ndim-3"], R3),                                # rank 3 triangular, the matrix diagonal
+    "min-ndim-4": (dict(min_ndim_triangular=4, lr=0.01, weight_decay=0.1), R3),  # every factor diagonal
+    "smart_one_diag": (KRON["smart_one_diag"], [(4, 4, 2), (2, 5, 5), (3, 3, 3), (1, 1, 6)]),  # ties: triangular
+    "one_diag": (KRON["one_diag"], [(1, 6, 1), (5, 3)]),                   # one side past 1: diagonal
+    "max-size-4": (KRON["max-size-4"], [(3, 4, 2), (5, 6, 1), (1, 1, 7)]),  # all <= 4, or all > 4 but sides of 1
+    "schedule": (dict(FAST, momentum=0.5), R3),
+}
+
+
+@pytest.mark.parametrize("case, dtype", [(c, torch.float64) for c in RANK3]
+                         + [(c, torch.float32) for c in ("default", "all_diag")],
+                         ids=[f"{c}-f64" for c in RANK3] + [f"{c}-f32" for c in ("default", "all_diag")])
+def test_kron_rank3_matches_pytorch_optimizer(case, dtype, monkeypatch, request):
+    """Rank 3 against the reference's einsum preconditioner, for-loop and foreach, 20 steps, 1e-10 in
+    float64 (the same few dozen products per step as rank 2, contracted one axis at a time)."""
+    if dtype == torch.float64:
+        request.getfixturevalue("float64_default")
+    kw, shapes = RANK3[case]
+    pair = _Injected(optdsl.load(SPECS / "kron.opt"), monkeypatch, dtype, kw)
+    run_pair(pair.ours, pair.ref, shapes, dtype, STEPS, seed=zlib.crc32(case.encode()))
+    assert sorted(pair.updates) == list(range(len(shapes)))  # every parameter's reference updated its factors
+
+
+@pytest.mark.parametrize("case", ["default", "all_diag"])
+def test_kron_rank3_fused_matches_pytorch_optimizer(case, monkeypatch, float64_default):
+    """fused=True: the rank-3 rules' per-axis states are not fused; their parameters take the multi-tensor
+    path (as rank 2's triangular factors do), its probes fed to the reference. Rank 3 only: all_diag's
+    matrix rule runs kernels whose draws no wrapper sees (see the docstring)."""
+    _fused_ok()
+    kw, shapes = RANK3[case]
+    pair = _Injected(optdsl.load(SPECS / "kron.opt"), monkeypatch, torch.float64, kw)
+    run_pair(pair.ours, pair.ref, [s for s in shapes if len(s) == 3], torch.float64, FUSED_STEPS, seed=zlib.crc32(case.encode()), fused=True)
+
+
+def test_each_rank3_shape_takes_the_references_factors():
+    """Over every shape with sides in {1, 2, 3, 5}, each memory_save_mode, max_size_triangular 8192 and 3,
+    min_ndim_triangular 2, 3 and 4: a rank-3 tensor takes the all-triangular rule where the reference's
+    factors (initialize_q_expressions) of its sides past 1 are all triangular, the all-diagonal rule where
+    they are all diagonal, and is refused exactly where they mix (a side of 1 is either: the same numbers)."""
+    import itertools
+    Kron = optdsl.load(SPECS / "kron.opt")
+    counts = {}
+    for mode, max_size, min_ndim in itertools.product([None, "one_diag", "smart_one_diag", "all_diag"], [8192, 3],
+                                                      [2, 3, 4]):
+        opt = Kron([torch.nn.Parameter(torch.zeros(2))], memory_save_mode=mode, max_size_triangular=max_size,
+                   min_ndim_triangular=min_ndim)
+        for shape in itertools.product([1, 2, 3, 5], repeat=3):
+            qs, _ = psgd.initialize_q_expressions(torch.zeros(shape), 1.0, max_size, min_ndim, mode)
+            kinds = {"T" if q.dim() == 2 else "D" for q, n in zip(qs, shape) if n > 1} or {"T", "D"}
+            try:
+                rule = opt._rule_of(torch.zeros(shape), opt.param_groups[0])
+            except ValueError:
+                rule = "refused"
+            want = {frozenset("T"): 5, frozenset("D"): 6}.get(frozenset(kinds), "refused")
+            assert rule == want or (len(kinds) == 2 and all(n == 1 for n in shape)), (shape, mode, max_size, min_ndim)
+            counts[rule] = counts.get(rule, 0) + 1
+    assert all(counts[r] > 100 for r in (5, 6, "refused")), counts
+
+
+# (rule, old, new, settings): rule 5 rank 3 triangular, 6 rank 3 diagonal
+MUTANTS3 = {
+    "A-transposed": (5, "A = mm_axis(Q2,", "A = mm_axis(T(Q2),", {}),
+    "probe-axis": (5, "randn(), Q0, 0), Q1, 1)", "randn(), Q0, 0), T(Q1), 1)", {}),
+    "gram-axis": (5, "A2 = gram_axis(A, 2)", "A2 = gram_axis(T(A), 2)", dict(shapes=[(3, 4, 4)])),
+    "Q1-triu": (5, "triu(plr * (A1 - B1))", "plr * (A1 - B1)", {}),
+    "precond-T": (5, "u = mm_axis(T(Q2), mm_axis(Q2, u, 2), 2)", "u = mm_axis(Q2, mm_axis(T(Q2), u, 2), 2)", {}),
+    "init-scale": (5, "Q1: gram(1) = scale^(1/3) * eye", "Q1: gram(1) = scale^(1/2) * eye",
+                   dict(precondition_init_scale=2.0)),
+    "diag-precond": (6, "u = d0 * d0 * d1", "u = d0 * d1", dict(memory_save_mode="all_diag")),
+    "diag-norm": (6, "(amax(A0 + B0)", "(amax(A0)", dict(memory_save_mode="all_diag")),
+    "diag-probe": (6, "B = randn() / d0 / d1 / d2", "B = randn() / d0 / d1", dict(memory_save_mode="all_diag")),
+}
+
+
+@pytest.mark.parametrize("mutant", list(MUTANTS3))
+def test_a_kron_rank3_mutant_is_caught(mutant, monkeypatch, float64_default):
+    rule, old, new, kw = MUTANTS3[mutant]
+    kw = dict(kw)
+    shapes = kw.pop("shapes", R3[:3])
+    Mutant = optdsl.compile(_mutate((SPECS / "kron.opt").read_text(), rule, old, new), "kron_mutant.opt")
+    pair = _Injected(Mutant, monkeypatch, torch.float64, dict(momentum=0.5, weight_decay=0.1, lr=0.05) | kw)
+    with pytest.raises(AssertionError, match="differs from reference"):
+        run_pair(pair.ours, pair.ref, shapes, torch.float64, 6)
+
+
+# ---------------------------------------------------------------- the rows along an axis
+
+
+def _axis_helpers():
+    from optdsl.backends.torch import LINALG_HELPERS
+    ns = {"torch": torch}
+    for name in ("_rsolve_triu", "_mm_axis", "_rsolve_triu_axis", "_gram_axis", "_axis_sum"):
+        exec(LINALG_HELPERS[name], ns)
+    return ns
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 5), (2, 1, 6), (4,), (2, 3, 1, 5)])
+def test_the_axis_rows_are_their_einsums(shape):
+    """mm_axis, rsolve_triu_axis, gram_axis and axis_sum along each axis k, against einsum (and the
+    solve against a product with the inverse), float64, any rank."""
+    h = _axis_helpers()
+    gen = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    letters = "abcd"[:len(shape)]
+    for k, n in enumerate(shape):
+        q = torch.randn(n, n, generator=gen, dtype=torch.float64).triu() + 3 * torch.eye(n, dtype=torch.float64)
+        out = letters.replace(letters[k], "z")
+        torch.testing.assert_close(h["_mm_axis"](q, x, k), torch.einsum(f"z{letters[k]},{letters}->{out}", q, x),
+                                   rtol=0, atol=1e-13)
+        solved = h["_rsolve_triu_axis"](x, q + torch.randn(n, n, generator=gen, dtype=torch.float64).tril(-1), k)
+        torch.testing.assert_close(h["_mm_axis"](q.T, solved, k), x, rtol=0, atol=1e-13)  # (x Q^-1 along k) Q = x
+        other = letters.replace(letters[k], "y")
+        torch.testing.assert_close(h["_gram_axis"](x, k), torch.einsum(f"{out},{other}->zy", x, x), rtol=0, atol=1e-13)
+        kept = [n if j == k else 1 for j, n in enumerate(shape)]
+        torch.testing.assert_close(h["_axis_sum"](x, k), torch.einsum(f"{letters}->{letters[k]}", x).reshape(kept),
+                                   rtol=0, atol=1e-13)
+
+
+AXES = """optimizer X
+hyper lr = 0.1 in [0, inf)
+rule ndim == 3 {{
+  state Q0: gram(0) = eye, Q2: gram(2) = 2 * eye, d1: axis(1) = 1
+  {body}
+}}
+rule {{
+  p -= lr * g
+}}
+"""
+
+
+def test_per_axis_states_on_every_path(float64_default):
+    """gram(K) and axis(K) states and the axis rows as written, on the for-loop, foreach and fused paths
+    (fused: the rule's torch code), against the same formula in torch."""
+    X = optdsl.compile(AXES.format(body="Q0 = Q0 + gram_axis(g, 0); d1 = d1 + axis_sum(g^2, 1)\n"
+                                        "  p -= lr * d1 * rsolve_triu_axis(mm_axis(Q0, g, 0), Q2, 2)"), "axes.opt")
+    gen = torch.Generator().manual_seed(2)
+    x, grad = torch.randn(3, 4, 5, generator=gen), torch.randn(3, 4, 5, generator=gen)
+    q0 = torch.eye(3) + torch.einsum("abc,zbc->az", grad, grad)
+    d1 = 1 + (grad ** 2).sum(dim=(0, 2), keepdim=True)
+    want = x - 0.1 * d1 * torch.einsum("za,abc->zbc", q0, grad) / 2
+    for mode in paths_here():
+        p = torch.nn.Parameter(x.clone())
+        opt = X([p], **mode)
+        p.grad = grad.clone()
+        opt.step()
+        torch.testing.assert_close(p.detach(), want, rtol=0, atol=1e-13, msg=str(mode))
+        assert opt.state[p]["Q0"].shape == (3, 3) and opt.state[p]["Q2"].shape == (5, 5)
+        assert opt.state[p]["d1"].shape == (1, 4, 1)
+    with pytest.raises(ValueError, match=r"state 'Q2: gram\(2\)' needs parameters of rank 3 or more"):
+        Y = optdsl.compile(AXES.replace("rule ndim == 3", "rule ndim >= 2").format(
+            body="p -= lr * d1 * mm_axis(Q0, mm_axis(Q2, g, 2), 0)"), "axes.opt")
+        p = torch.nn.Parameter(torch.zeros(3, 4))
+        p.grad = torch.ones(3, 4)
+        Y([p]).step()
+
+
+@pytest.mark.parametrize("body, message, col", [
+    ("p -= lr * mm_axis(Q0, g, 2)", "mm_axis() along axis 2 takes a square matrix of that axis' size (d[2] x d[2]), "
+     "but this one is (d[0] x d[0])", 21),
+    ("p -= lr * mm_axis(g, g, 0)", "but this one is (nrows x ncols)", 21),
+    ("p -= lr * rsolve_triu_axis(g, Q2, 0)", "rsolve_triu_axis() along axis 0 takes a square matrix", 0),
+    ("p -= lr * mm_axis(Q0, g, 0.5)", "the axis of mm_axis() must be a whole number, 0 the first axis", 28),
+    ("p -= lr * mm_axis(Q0, g, lr)", "the axis of mm_axis() must be a whole number", 0),
+    ("p -= lr * g + 0 * gram_axis(g, 0)", "'+' of values (nrows x ncols) and (d[0] x d[0])", 0),
+])
+def test_axis_errors_are_located(body, message, col):
+    with pytest.raises(optdsl.SpecError) as err:
+        optdsl.compile(AXES.format(body=body + "\n  p -= 0 * mm_axis(Q0, mm_axis(Q2, g, 2), 0) * d1"), "x.opt")
+    assert message in str(err.value), str(err.value)
+    if col:
+        assert err.value.span.column == col, str(err.value)
+
+
+@pytest.mark.parametrize("shape, message", [("gram(1.5)", "unknown state shape 'gram(1.5)'"),
+                                            ("grams(1)", "unknown state shape 'grams(1)'")])
+def test_per_axis_state_errors_are_located(shape, message):
+    with pytest.raises(optdsl.SpecError) as err:
+        optdsl.compile(AXES.replace("gram(0)", shape).format(body="p -= lr * g"), "x.opt")
+    assert message in str(err.value) and "': gram(K)'" in str(err.value), str(err.value)
+    assert err.value.span.line == 4
+
+
+def test_rank3_states_are_saved_and_resume_exactly(float64_default):
+    """Q0, Q1, Q2 (and all_diag's d0, d1, d2) are in state_dict() with their per-axis shapes, from
+    scale^(1/3) * I (the reference's); a run resumed from a state_dict goes on as the original
+    (its generator, so its probes, saved too)."""
+    import copy
+    Kron = optdsl.load(SPECS / "kron.opt")
+    gen = torch.Generator().manual_seed(5)
+    grads = [torch.randn(3, 4, 2, generator=gen) for _ in range(6)]
+    for kw, want in [(dict(), {"Q0": (3, 3), "Q1": (4, 4), "Q2": (2, 2)}),
+                     (dict(memory_save_mode="all_diag"), {"d0": (3, 1, 1), "d1": (1, 4, 1), "d2": (1, 1, 2)})]:
+        p = torch.nn.Parameter(torch.randn(3, 4, 2, generator=gen))
+        opt = Kron([p], precondition_init_scale=8.0, **kw)
+        opt.manual_seed(0)
+        p.grad = grads[0].clone()
+        opt.step()
+        shapes = {k: tuple(v.shape) for k, v in opt.state[p].items() if k in want}
+        assert shapes == want
+        for g in grads[1:3]:
+            p.grad = g.clone()
+            opt.step()
+        q = torch.nn.Parameter(p.detach().clone())
+        resumed = Kron([q], precondition_init_scale=8.0, **kw)
+        resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+        for g in grads[3:]:
+            p.grad, q.grad = g.clone(), g.clone()
+            opt.step()
+            resumed.step()
+        assert torch.equal(p, q), kw
+
+
+def test_rank3_initial_factors_are_the_cube_root_of_the_scale(float64_default):
+    """At step 1 (before any update: max_prob tiny) the factors are scale^(1/3) I, as the reference's."""
+    Kron = optdsl.load(SPECS / "kron.opt")
+    p = torch.nn.Parameter(torch.randn(2, 3, 4))
+    opt = Kron([p], precondition_init_scale=8.0, max_prob=1e-3, min_prob=1e-3)
+    p.grad = torch.randn(2, 3, 4)
+    opt.step()
+    for k, n in enumerate((2, 3, 4)):
+        torch.testing.assert_close(opt.state[p][f"Q{k}"], 2.0 * torch.eye(n), rtol=0, atol=1e-15)
+
+
+def test_info_and_explain_of_rank3():
+    """optdsl info counts a gram(K) state as d_K^2 numbers and an axis(K) one as d_K; explain prints the
+    per-axis rule's math and each factor's size."""
+    from optdsl import explain, info, pipeline
+    compiled = pipeline.compile_source((SPECS / "kron.opt").read_text(), "kron.opt")
+    m = info.memory(compiled, (64, 3, 7))
+    assert dict((k, n) for k, _, n in m.states) == {"momentum_buffer": 64 * 3 * 7, "update_counter": 1,
+                                                    "Q0": 64**2, "Q1": 9, "Q2": 49}
+    assert "gram(1)" in info.report(compiled, (64, 3, 7))
+    out = explain.report(explain.explain(compiled))
+    assert "u ← mm_axis(T(Q1), mm_axis(Q1, u, 1), 1)" in out
+    assert "Q0 (d[0] x d[0]), Q1 (d[1] x d[1]), Q2 (d[2] x d[2]) per parameter" in out
