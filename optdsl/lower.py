@@ -8,6 +8,8 @@ import math
 import re
 from dataclasses import replace
 
+import sympy
+
 from . import ast, group, ir, modes
 from . import shapes as shape_check
 from .errors import Span, SpecError, SpecWarning
@@ -269,6 +271,10 @@ class _Lowering:
             shape = self.shape_of(op.args[0])
             code = ir.operand_code(shape) if shape is not None else (
                 shape_check.sizes_of(op.args[0], self.eqns, self.spec.states) or 0)
+            if isinstance(code, tuple) and any(str(s).startswith("d[") for s in code) and self._a_number(op.args[0]):
+                raise SpecError(f"{e.func}() of a ({code[0]} x {code[1]}) value that is a number wherever it is "
+                                "computed: optdsl counts matrices per matrix of p, not per axis", e.span,
+                                hint=f"write the number the reduction gives (a sum: the value times {code[0]}^2)")
             op = ir.Op(e.func, op.args, e.span, operand=code)
         if fn.scalars:  # a matrix function's parameters (inv_root's k): numbers and hyperparameters
             for a, arg in zip(op.args[-fn.scalars:], e.args[-fn.scalars:]):
@@ -471,6 +477,22 @@ class _Lowering:
             if self.ssa(n, self.version[n] - 1) in self.via_matrix:
                 self.via_matrix.add(out)
             self.eqns.append(ir.Eqn(out, n, self.kind[out], value, block.span, self.unrolling > 0))
+
+    def _a_number(self, e: ir.Expr) -> bool:
+        """Whether SymPy reads e, after the statements so far, as a number (x - x + 1)."""
+        from .sym import to_sympy  # sym imports this module
+
+        class Names(dict):
+            def __missing__(self, name):
+                return sympy.Symbol(name)
+
+        env = Names()
+        try:
+            for eq in self.eqns:
+                env[eq.out] = to_sympy(eq.expr, env)
+            return bool(to_sympy(e, env).is_Number)
+        except (SpecError, TypeError, ValueError, KeyError):
+            return False
 
     def _reads_step_values(self, e: ir.Expr) -> bool:
         if isinstance(e, ir.Ref):

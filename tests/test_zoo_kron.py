@@ -697,3 +697,17 @@ def test_info_and_explain_of_rank3():
     out = explain.report(explain.explain(compiled))
     assert "u ← mm_axis(T(Q1), mm_axis(Q1, u, 1), 1)" in out
     assert "Q0 (d[0] x d[0]), Q1 (d[1] x d[1]), Q2 (d[2] x d[2]) per parameter" in out
+
+
+def test_a_reduction_of_per_axis_work_that_is_a_number_is_located():
+    """sum(x - x + 1) of a d[0] x d[0] value: SymPy reads it as a number, whose count optdsl keeps per matrix
+    of p, not per axis; a located error, not a wrong count (sum(x) itself is counted by torch)."""
+    body = "x = gram_axis(g, 0)\n  s = sum({})\n  p -= lr * s * mm_axis(Q0, mm_axis(Q2, g, 2), 0) * d1"
+    with pytest.raises(optdsl.SpecError) as err:
+        optdsl.compile(AXES.format(body=body.format("x - x + 1")), "x.opt")
+    assert "sum() of a (d[0] x d[0]) value that is a number" in str(err.value) and err.value.span.line == 6
+    X = optdsl.compile(AXES.format(body=body.format("x")), "x.opt")
+    p = torch.nn.Parameter(torch.zeros(3, 4, 5))
+    p.grad = torch.ones(3, 4, 5)
+    X([p]).step()
+    assert p[0, 0, 0].item() == pytest.approx(-0.1 * (9 * 20) * 2)  # sum of 20 * ones(3, 3); Q2 = 2 I
