@@ -952,7 +952,7 @@ class Adadelta(Optimizer):
         unknown = sorted(set(spec_names) - set(self._ALIASES))
         if unknown:
             raise TypeError(f"Adadelta() got an unexpected keyword argument {unknown[0]!r}; it accepts "
-                            "lr, rho, eps, weight_decay, foreach, fused, maximize, capturable, differentiable"
+                            "lr, rho, eps, weight_decay, foreach, fused, state_dtype, reshardable, maximize, capturable, differentiable"
                             " (or the spec's names wd)")
         defaults = dict(
             lr=lr,

@@ -1018,7 +1018,7 @@ class Adafactor(Optimizer):
         unknown = sorted(set(spec_names) - set(self._ALIASES))
         if unknown:
             raise TypeError(f"Adafactor() got an unexpected keyword argument {unknown[0]!r}; it accepts "
-                            "lr, beta2_decay, eps, d, weight_decay, foreach, fused, maximize, capturable, differentiable"
+                            "lr, beta2_decay, eps, d, weight_decay, foreach, fused, state_dtype, reshardable, maximize, capturable, differentiable"
                             " (or the spec's names eps1, eps2, wd)")
         defaults = dict(
             lr=lr,

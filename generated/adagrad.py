@@ -948,7 +948,7 @@ class Adagrad(Optimizer):
         unknown = sorted(set(spec_names) - set(self._ALIASES))
         if unknown:
             raise TypeError(f"Adagrad() got an unexpected keyword argument {unknown[0]!r}; it accepts "
-                            "lr, lr_decay, weight_decay, initial_accumulator_value, eps, foreach, fused, maximize, capturable, differentiable"
+                            "lr, lr_decay, weight_decay, initial_accumulator_value, eps, foreach, fused, state_dtype, reshardable, maximize, capturable, differentiable"
                             " (or the spec's names wd)")
         defaults = dict(
             lr=lr,

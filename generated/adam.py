@@ -987,7 +987,7 @@ class Adam(Optimizer):
         unknown = sorted(set(spec_names) - set(self._ALIASES))
         if unknown:
             raise TypeError(f"Adam() got an unexpected keyword argument {unknown[0]!r}; it accepts "
-                            "lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay, foreach, fused, maximize, capturable, differentiable"
+                            "lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay, foreach, fused, state_dtype, reshardable, maximize, capturable, differentiable"
                             " (or the spec's names b1, b2, wd, decoupled)")
         defaults = dict(
             lr=lr,

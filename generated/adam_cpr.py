@@ -996,7 +996,7 @@ class AdamCPR(Optimizer):
         unknown = sorted(set(spec_names) - set(self._ALIASES))
         if unknown:
             raise TypeError(f"AdamCPR() got an unexpected keyword argument {unknown[0]!r}; it accepts "
-                            "lr, betas, eps, kappa_init_param, kappa_update, foreach, fused, maximize, capturable, differentiable"
+                            "lr, betas, eps, kappa_init_param, kappa_update, foreach, fused, state_dtype, reshardable, maximize, capturable, differentiable"
                             " (or the spec's names b1, b2, warm_start, mu)")
         defaults = dict(
             lr=lr,

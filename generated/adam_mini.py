@@ -970,7 +970,7 @@ class AdamMini(Optimizer):
         unknown = sorted(set(spec_names) - set(self._ALIASES))
         if unknown:
             raise TypeError(f"AdamMini() got an unexpected keyword argument {unknown[0]!r}; it accepts "
-                            "lr, betas, weight_decay, eps, foreach, fused, maximize, capturable, differentiable"
+                            "lr, betas, weight_decay, eps, foreach, fused, state_dtype, reshardable, maximize, capturable, differentiable"
                             " (or the spec's names b1, b2, wd)")
         defaults = dict(
             lr=lr,

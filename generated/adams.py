@@ -977,7 +977,7 @@ class AdamS(Optimizer):
         unknown = sorted(set(spec_names) - set(self._ALIASES))
         if unknown:
             raise TypeError(f"AdamS() got an unexpected keyword argument {unknown[0]!r}; it accepts "
-                            "lr, betas, eps, weight_decay, foreach, fused, maximize, capturable, differentiable"
+                            "lr, betas, eps, weight_decay, foreach, fused, state_dtype, reshardable, maximize, capturable, differentiable"
                             " (or the spec's names b1, b2, wd)")
         defaults = dict(
             lr=lr,

@@ -979,7 +979,7 @@ class AdamWClip(Optimizer):
         unknown = sorted(set(spec_names) - set(self._ALIASES))
         if unknown:
             raise TypeError(f"AdamWClip() got an unexpected keyword argument {unknown[0]!r}; it accepts "
-                            "lr, betas, eps, weight_decay, max_norm, foreach, fused, maximize, capturable, differentiable"
+                            "lr, betas, eps, weight_decay, max_norm, foreach, fused, state_dtype, reshardable, maximize, capturable, differentiable"
                             " (or the spec's names b1, b2, wd)")
         defaults = dict(
             lr=lr,

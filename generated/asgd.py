@@ -964,7 +964,7 @@ class ASGD(Optimizer):
         unknown = sorted(set(spec_names) - set(self._ALIASES))
         if unknown:
             raise TypeError(f"ASGD() got an unexpected keyword argument {unknown[0]!r}; it accepts "
-                            "lr, lambd, alpha, t0, weight_decay, foreach, fused, maximize, capturable, differentiable"
+                            "lr, lambd, alpha, t0, weight_decay, foreach, fused, state_dtype, reshardable, maximize, capturable, differentiable"
                             " (or the spec's names wd)")
         defaults = dict(
             lr=lr,

@@ -1146,7 +1146,7 @@ class GaLoreAdamW(Optimizer):
         unknown = sorted(set(spec_names) - set(self._ALIASES))
         if unknown:
             raise TypeError(f"GaLoreAdamW() got an unexpected keyword argument {unknown[0]!r}; it accepts "
-                            "lr, betas, weight_decay, eps, rank, update_proj_gap, scale, projection_type, foreach, fused, maximize, capturable, differentiable"
+                            "lr, betas, weight_decay, eps, rank, update_proj_gap, scale, projection_type, foreach, fused, state_dtype, reshardable, maximize, capturable, differentiable"
                             " (or the spec's names b1, b2, wd)")
         defaults = dict(
             lr=lr,

@@ -1578,7 +1578,7 @@ class Kron(Optimizer):
         unknown = sorted(set(spec_names) - set(self._ALIASES))
         if unknown:
             raise TypeError(f"Kron() got an unexpected keyword argument {unknown[0]!r}; it accepts "
-                            "lr, momentum, weight_decay, weight_decouple, momentum_into_precondition_update, precondition_lr, precondition_init_scale, max_size_triangular, min_ndim_triangular, memory_save_mode, max_prob, min_prob, decay, flat_start, foreach, fused, maximize, capturable, differentiable"
+                            "lr, momentum, weight_decay, weight_decouple, momentum_into_precondition_update, precondition_lr, precondition_init_scale, max_size_triangular, min_ndim_triangular, memory_save_mode, max_prob, min_prob, decay, flat_start, foreach, fused, state_dtype, reshardable, maximize, capturable, differentiable"
                             " (or the spec's names wd, plr, scale, max_size, min_ndim, mode)")
         defaults = dict(
             lr=lr,

@@ -1113,7 +1113,7 @@ class Muon(Optimizer):
         unknown = sorted(set(spec_names) - set(self._ALIASES))
         if unknown:
             raise TypeError(f"Muon() got an unexpected keyword argument {unknown[0]!r}; it accepts "
-                            "lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, adam_lr, adam_betas, adam_eps, adam_wd, use_muon, ns_bfloat16, foreach, fused, maximize, capturable, differentiable"
+                            "lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, adam_lr, adam_betas, adam_eps, adam_wd, use_muon, ns_bfloat16, foreach, fused, state_dtype, reshardable, maximize, capturable, differentiable"
                             " (or the spec's names wd, a, b, c, b1, b2)")
         defaults = dict(
             lr=lr,

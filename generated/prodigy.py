@@ -998,7 +998,7 @@ class Prodigy(Optimizer):
         unknown = sorted(set(spec_names) - set(self._ALIASES))
         if unknown:
             raise TypeError(f"Prodigy() got an unexpected keyword argument {unknown[0]!r}; it accepts "
-                            "lr, betas, beta3, d0, d_coef, growth_rate, weight_decay, eps, foreach, fused, maximize, capturable, differentiable"
+                            "lr, betas, beta3, d0, d_coef, growth_rate, weight_decay, eps, foreach, fused, state_dtype, reshardable, maximize, capturable, differentiable"
                             " (or the spec's names b1, b2, wd)")
         defaults = dict(
             lr=lr,

@@ -959,7 +959,7 @@ class RMSprop(Optimizer):
         unknown = sorted(set(spec_names) - set(self._ALIASES))
         if unknown:
             raise TypeError(f"RMSprop() got an unexpected keyword argument {unknown[0]!r}; it accepts "
-                            "lr, alpha, eps, weight_decay, momentum, centered, foreach, fused, maximize, capturable, differentiable"
+                            "lr, alpha, eps, weight_decay, momentum, centered, foreach, fused, state_dtype, reshardable, maximize, capturable, differentiable"
                             " (or the spec's names wd)")
         defaults = dict(
             lr=lr,

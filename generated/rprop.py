@@ -954,7 +954,7 @@ class Rprop(Optimizer):
         unknown = sorted(set(spec_names) - set(self._ALIASES))
         if unknown:
             raise TypeError(f"Rprop() got an unexpected keyword argument {unknown[0]!r}; it accepts "
-                            "lr, etas, step_sizes, foreach, fused, maximize, capturable, differentiable"
+                            "lr, etas, step_sizes, foreach, fused, state_dtype, reshardable, maximize, capturable, differentiable"
                             " (or the spec's names etaminus, etaplus, step_min, step_max)")
         defaults = dict(
             lr=lr,

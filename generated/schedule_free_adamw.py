@@ -1006,7 +1006,7 @@ class ScheduleFreeAdamW(Optimizer):
         unknown = sorted(set(spec_names) - set(self._ALIASES))
         if unknown:
             raise TypeError(f"ScheduleFreeAdamW() got an unexpected keyword argument {unknown[0]!r}; it accepts "
-                            "lr, betas, weight_decay, r, weight_lr_power, warmup_steps, decoupling_c, eps, foreach, fused, maximize, capturable, differentiable"
+                            "lr, betas, weight_decay, r, weight_lr_power, warmup_steps, decoupling_c, eps, foreach, fused, state_dtype, reshardable, maximize, capturable, differentiable"
                             " (or the spec's names b1, b2, wd)")
         defaults = dict(
             lr=lr,

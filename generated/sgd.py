@@ -952,7 +952,7 @@ class SGD(Optimizer):
         unknown = sorted(set(spec_names) - set(self._ALIASES))
         if unknown:
             raise TypeError(f"SGD() got an unexpected keyword argument {unknown[0]!r}; it accepts "
-                            "lr, momentum, dampening, weight_decay, nesterov, foreach, fused, maximize, capturable, differentiable"
+                            "lr, momentum, dampening, weight_decay, nesterov, foreach, fused, state_dtype, reshardable, maximize, capturable, differentiable"
                             " (or the spec's names wd)")
         defaults = dict(
             lr=lr,

@@ -1118,7 +1118,7 @@ class Shampoo(Optimizer):
         unknown = sorted(set(spec_names) - set(self._ALIASES))
         if unknown:
             raise TypeError(f"Shampoo() got an unexpected keyword argument {unknown[0]!r}; it accepts "
-                            "lr, momentum, weight_decay, weight_decouple, fixed_decay, preconditioning_compute_steps, matrix_eps, foreach, fused, maximize, capturable, differentiable"
+                            "lr, momentum, weight_decay, weight_decouple, fixed_decay, preconditioning_compute_steps, matrix_eps, foreach, fused, state_dtype, reshardable, maximize, capturable, differentiable"
                             " (or the spec's names wd, k)")
         defaults = dict(
             lr=lr,

@@ -1188,7 +1188,7 @@ class SOAP(Optimizer):
         unknown = sorted(set(spec_names) - set(self._ALIASES))
         if unknown:
             raise TypeError(f"SOAP() got an unexpected keyword argument {unknown[0]!r}; it accepts "
-                            "lr, betas, shampoo_beta, weight_decay, precondition_frequency, correct_bias, normalize_gradient, eps, foreach, fused, maximize, capturable, differentiable"
+                            "lr, betas, shampoo_beta, weight_decay, precondition_frequency, correct_bias, normalize_gradient, eps, foreach, fused, state_dtype, reshardable, maximize, capturable, differentiable"
                             " (or the spec's names b1, b2, wd, f)")
         defaults = dict(
             lr=lr,

@@ -253,8 +253,8 @@ def test_wrong_keyword_is_a_type_error_naming_the_accepted(name, keyword):
         Ours([torch.nn.Parameter(torch.ones(2))], **{keyword: 0.5})
     text = str(err.value)
     assert repr(keyword) in text
-    for accepted in ("lr", "weight_decay", "foreach", "maximize"):
-        assert accepted in text
+    for accepted in ("lr", "weight_decay", "foreach", "maximize", "state_dtype", "reshardable"):
+        assert accepted in text  # every keyword __init__ takes, optdsl's own ones too
 
 
 def test_spec_names_stay_accepted_as_aliases():

@@ -669,7 +669,7 @@ def interface(prog: ir.Program) -> dict:
                                  ((f'group["{kw.name}"]', label, h),)))
     fixed = {h.keyword or h.name: _py_default(h) for h in prog.hypers if h.only}
     fixed |= {name: repr(value) for name, value in TORCH_FLAGS.items() if name not in IMPLEMENTED_FLAGS}
-    accepted = [k.name for k in keywords] + ["foreach", "fused", *TORCH_FLAGS]
+    accepted = [k.name for k in keywords] + ["foreach", "fused", "state_dtype", "reshardable", *TORCH_FLAGS]
     # None required: a key torch.optim's class lacks (Muon's adam_lr) takes this optimizer's default;
     # another optimizer's state_dict shows in its states
     required = []
