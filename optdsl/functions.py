@@ -271,6 +271,7 @@ class Function:
     triton: str = ""      # Triton on registers (float32 or float64), {0}, {1}, ... the arguments
     axis: str = ""        # an axis reduction: the axes it reduces (a shape tag of optdsl.ir)
     matrix: bool = False  # matrix work: its result is not shaped like its arguments
+    cheap: bool = False   # matrix work costing no more than element-wise work (a view, a mask)
     scalars: int = 0      # matrix work: how many of its last arguments are host scalars (inv_root's k)
     random: bool = False  # a draw shaped like p from the optimizer's generator: {0} p, {1} the draw's number
     # a reduction of a scalar x: x broadcast to its operand's shape (an Extent), reduced, as SymPy over x
@@ -393,7 +394,7 @@ TABLE: dict[str, Function] = {f.name: f for f in [
       broadcast=lambda x, n: sp.Abs(x) * sp.sqrt(n.per_unit)),
     # ---- matrix work on the last two axes ----
     F("mm", 2, mm, "torch.matmul({0}, {1})", "({0}) * ({1})", matrix=True),
-    F("T", 1, T, "{0}.mT", "{0}", matrix=True),
+    F("T", 1, T, "{0}.mT", "{0}", matrix=True, cheap=True),
     # ---- linear algebra of the last two axes (torch.linalg, in float32 at least; helpers in
     # optdsl/backends/torch.py LINALG_HELPERS hold the references' numerical guards) ----
     F("inv_root", 2, inv_root, "_inv_root({0}, {1})", "({0}) ** (-1 / ({1}))", matrix=True,
@@ -405,7 +406,7 @@ TABLE: dict[str, Function] = {f.name: f for f in [
     # (GaLore's projections), k no more than min(n, m)
     F("svd_u", 2, svd_u, "_svd_u({0}, {1})", "_sign({0})", matrix=True, scalars=1),
     F("svd_vh", 2, svd_vh, "_svd_vh({0}, {1})", "_sign({0})", matrix=True, scalars=1),
-    F("triu", 1, triu, "torch.triu({0})", "{0}", matrix=True),
+    F("triu", 1, triu, "torch.triu({0})", "{0}", matrix=True, cheap=True),
     F("rsolve_triu", 2, rsolve_triu, "_rsolve_triu({0}, {1})", "({0}) / ({1})", matrix=True),
     F("norm_lb", 1, norm_lb, "_norm_lb({0})", "abs({0})", matrix=True),
     # ---- the same work along one axis k of a tensor of any rank (k a number: 0 the first axis), with

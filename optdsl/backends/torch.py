@@ -252,8 +252,9 @@ def _single_line(instr: Instr, whole: str = "_whole") -> str:
 
 
 def _linear_algebra(instrs) -> bool:
-    """Whether these instructions (branches included) call a linear algebra helper or multiply matrices."""
-    return any((i.op == "call" and any(f"{name}(" in i.template for name in [*LINALG_HELPERS, "torch.matmul"]))
+    """Whether these instructions (branches included) do matrix work that costs more than element-wise
+    work (the function table's rows say: matrix and not cheap), a product or linear algebra."""
+    return any((i.row is not None and i.row.matrix and not i.row.cheap)
                or (i.op in ("branch", "loop") and any(_linear_algebra(b) for b in i.blocks)) for i in instrs)
 
 
