@@ -126,9 +126,6 @@ def main():
     record = dict(world=WORLD, shapes=SHAPES, layers=LAYERS, dtype="float32", results=summary,
                   note="bytes each rank receives over the network (ring all-reduce: 2 (W-1)/W of the buffer), "
                        "summed over collectives and ranks; calls counted on all ranks", command="python bench/dist_bytes.py")
-    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results", "dist-bytes.json"), "w") as fh:
-        json.dump(record, fh, indent=1)
     lines = ["# Muon's matrix work, 4 row-sharded ranks, GPT-2 small (12 blocks, d = 768), float32", "",
              "`python bench/dist_bytes.py`: the bytes each rank receives over the network (ring all-reduce),",
              "summed over ranks; meta tensors on torch's fake process group. Weights: 85 M float32 (324 MiB).", "",
@@ -137,7 +134,15 @@ def main():
     for how, s in summary.items():
         calls = ", ".join(f"{k} {v[0]}" for k, v in s["collectives_per_block"].items())
         lines.append(f"| {how} | {calls} | {s['bytes_per_step'] / 2**20:.1f} MiB |")
-    with open(os.path.join(ROOT, "bench", "results", "dist-bytes.md"), "w") as fh:
+    write_results("dist-bytes", record, lines)
+
+
+def write_results(name, record, lines):
+    """bench/results/<name>.json (the record) and <name>.md (the table's lines), and the table printed."""
+    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
+    with open(os.path.join(ROOT, "bench", "results", f"{name}.json"), "w") as fh:
+        json.dump(record, fh, indent=1)
+    with open(os.path.join(ROOT, "bench", "results", f"{name}.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -22,7 +22,6 @@ tensors; the bytes each rank receives over the network, summed over ranks, for o
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -31,7 +30,7 @@ import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.dist_bytes import LAYERS, SHAPES, WORLD, CountBytes  # noqa: E402
+from bench.dist_bytes import LAYERS, SHAPES, WORLD, CountBytes, write_results  # noqa: E402
 
 HYPER = dict(lr=1e-2, beta2_decay=-0.8, eps1=1e-30, eps2=1e-3, d=1.0, wd=0.0)
 PLAIN = {"_mean": lambda x, dim=None, keepdim=False: torch.mean(x) if dim is None and not keepdim
@@ -99,9 +98,6 @@ def main():
                   results=summary, command="python bench/dist_reductions.py",
                   note="bytes each rank receives over the network (ring all-reduce: 2 (W-1)/W of the buffer), "
                        "summed over collectives and ranks; calls counted on all ranks")
-    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results", "dist-reductions.json"), "w") as fh:
-        json.dump(record, fh, indent=1)
     lines = ["# Adafactor's reductions, foreach and for-loop paths, 4 row-sharded ranks, GPT-2 small (12 blocks, d = 768), float32",
              "", "`python bench/dist_reductions.py`: collectives (calls on all ranks) and the bytes each rank receives",
              "over the network (ring all-reduce), summed over ranks; meta tensors on torch's fake process group.",
@@ -111,9 +107,7 @@ def main():
     for how, s in summary.items():
         calls = ["; ".join(f"{k} {v[0]}" for k, v in s[part]["collectives"].items()) for part in ("block", "wte")]
         lines.append(f"| {how} | {calls[0]} | {calls[1]} | {s['bytes_per_step'] / 2**20:.2f} MiB |")
-    with open(os.path.join(ROOT, "bench", "results", "dist-reductions.md"), "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("dist-reductions", record, lines)
 
 
 if __name__ == "__main__":
