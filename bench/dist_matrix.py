@@ -37,8 +37,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECS = sorted(f[:-4] for f in os.listdir(os.path.join(ROOT, "specs")) if f.endswith(".opt"))
 PATHS = {"loop": dict(foreach=False, fused=False), "foreach": dict(foreach=True, fused=False),
          "fused": dict(foreach=False, fused=True)}
-MODES = ("ddp", "fsdp", "tp", "shapes")
-HIDDEN = {"tp": 8, "2d": 8}  # the model's hidden width, where not 7: torch's tensor parallelism splits it evenly
+MODES = ("ddp", "fsdp", "tp", "tp1", "shapes")
+# the model's hidden width, where not 7: torch's tensor parallelism splits it evenly; `tp1`: tensor
+# parallelism of a hidden width of 1 (a's 1 x 5 weight split by rows, b's 3 x 1 by columns: one rank
+# holds each, the other an empty shard; reductions over that axis are the identity)
+HIDDEN = {"tp": 8, "2d": 8, "tp1": 1}
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 DTYPES_NAME = {v: k for k, v in DTYPES.items()}
 STATE_DTYPES = {"bf16": torch.bfloat16, "int8": "int8", "int4": "int4",  # a mode's suffix: the states' state_dtype
@@ -328,11 +331,13 @@ def sharded(mode, name, path, dtype, rank, world):
         wrapped = DistributedDataParallel(model)
         train(wrapped, make(name, wrapped.parameters(), path, **kwargs), batches(dtype), rank, world)
         return [p.detach().clone() for p in model.parameters()]
-    if mode == "tp":  # tensor parallel, as Megatron's MLP: a's rows split, b's columns; every rank the whole batch
+    if mode in ("tp", "tp1"):  # tensor parallel, as Megatron's MLP: a's rows split, b's columns; every rank the whole batch
         from torch.distributed.tensor import init_device_mesh
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-        model = net(dtype, HIDDEN["tp"])
-        parallelize_module(model, init_device_mesh("cpu", (world,)), {"a": ColwiseParallel(), "b": RowwiseParallel()})
+        model = net(dtype, HIDDEN[mode])
+        # a's output stays a DTensor into b: from a local shard torch infers the whole shape as even (2 x 1)
+        parallelize_module(model, init_device_mesh("cpu", (world,)),
+                           {"a": ColwiseParallel(use_local_output=mode == "tp"), "b": RowwiseParallel()})
         train(model, make(name, model.parameters(), path, **kwargs), batches(dtype))
         return [p.full_tensor().detach().clone() if hasattr(p, "full_tensor") else p.detach().clone()
                 for p in model.parameters()]

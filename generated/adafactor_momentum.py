@@ -89,6 +89,16 @@ def _splits(pl) -> bool:
     return hasattr(pl, "dim")
 
 
+def _grads_placed(params):
+    """Each parameter's gradient, placed as the parameter. Tensor parallelism leaves the gradient of a
+    parameter split along an axis of length 1 (ColwiseParallel of a layer with one output: its 1 x n
+    weight held by one rank, an empty shard on the others) replicated, which p and its states, placed
+    as p, cannot meet in place; it is each rank's part of it, taken without communication."""
+    grads = [p.grad for p in params]
+    return [g.redistribute(g.device_mesh, p.placements) if _is_sharded(g) and g.placements != p.placements else g
+            for p, g in zip(params, grads)]
+
+
 def _new_zeros(p, shape, dtype):
     """A state of `shape` (p's, or with some axes reduced to size 1) beside p, zero. A DTensor
     parameter's state is split like p along each axis it keeps, so each rank holds the part its
@@ -302,6 +312,15 @@ def _sum(x, dim):
     partial over a split axis, which _whole finishes)."""
     dim = _kept_axes(x, dim, True)
     return x.clone() if dim == () else x.sum(dim=dim, keepdim=True)
+
+
+def _norm(x, dim):
+    """torch.linalg.vector_norm(x, dim=dim, keepdim=True); of a DTensor, over the axes _kept_axes leaves
+    (as _mean and _sum): over an axis of length 1 that the mesh splits (a 3 x 1 matrix split by
+    columns: one rank holds it) the norm is |x|, placed as x; over a split axis, DTensor's partial
+    norm, which _whole or _whole_flat finishes with the stage's all-reduce."""
+    dim = _kept_axes(x, dim, True)
+    return x.abs() if dim == () else torch.linalg.vector_norm(x, dim=dim, keepdim=True)
 
 
 def _rms(x):
@@ -1248,7 +1267,7 @@ class AdafactorM(Optimizer):
     def _init_group_0(self, group, params, grads, r_list, c_list, m_list, state_steps):
         # Whole lists at a time, not one loop of appends: this runs at every step, over every parameter.
         with_grad = [p for p in group["params"] if p.grad is not None and self._rule_of(p, group) == 0]
-        new_grads = [p.grad for p in with_grad]
+        new_grads = _grads_placed(with_grad)
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("AdafactorM does not support sparse gradients")
         if any(p.dim() < 2 for p in with_grad):
@@ -1283,7 +1302,7 @@ class AdafactorM(Optimizer):
     def _init_group_1(self, group, params, grads, v_list, m_list, state_steps):
         # Whole lists at a time, not one loop of appends: this runs at every step, over every parameter.
         with_grad = [p for p in group["params"] if p.grad is not None and self._rule_of(p, group) == 1]
-        new_grads = [p.grad for p in with_grad]
+        new_grads = _grads_placed(with_grad)
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("AdafactorM does not support sparse gradients")
         if any(map(torch.is_complex, with_grad)):

@@ -74,6 +74,16 @@ def _splits(pl) -> bool:
     return hasattr(pl, "dim")
 
 
+def _grads_placed(params):
+    """Each parameter's gradient, placed as the parameter. Tensor parallelism leaves the gradient of a
+    parameter split along an axis of length 1 (ColwiseParallel of a layer with one output: its 1 x n
+    weight held by one rank, an empty shard on the others) replicated, which p and its states, placed
+    as p, cannot meet in place; it is each rank's part of it, taken without communication."""
+    grads = [p.grad for p in params]
+    return [g.redistribute(g.device_mesh, p.placements) if _is_sharded(g) and g.placements != p.placements else g
+            for p, g in zip(params, grads)]
+
+
 def _new_zeros(p, shape, dtype):
     """A state of `shape` (p's, or with some axes reduced to size 1) beside p, zero. A DTensor
     parameter's state is split like p along each axis it keeps, so each rank holds the part its
@@ -287,6 +297,15 @@ def _sum(x, dim):
     partial over a split axis, which _whole finishes)."""
     dim = _kept_axes(x, dim, True)
     return x.clone() if dim == () else x.sum(dim=dim, keepdim=True)
+
+
+def _norm(x, dim):
+    """torch.linalg.vector_norm(x, dim=dim, keepdim=True); of a DTensor, over the axes _kept_axes leaves
+    (as _mean and _sum): over an axis of length 1 that the mesh splits (a 3 x 1 matrix split by
+    columns: one rank holds it) the norm is |x|, placed as x; over a split axis, DTensor's partial
+    norm, which _whole or _whole_flat finishes with the stage's all-reduce."""
+    dim = _kept_axes(x, dim, True)
+    return x.abs() if dim == () else torch.linalg.vector_norm(x, dim=dim, keepdim=True)
 
 
 def _rms(x):
@@ -1175,7 +1194,7 @@ class SGDAGC(Optimizer):
     def _init_group(self, group, params, grads, buf_list, state_steps):
         # Whole lists at a time, not one loop of appends: this runs at every step, over every parameter.
         with_grad = [p for p in group["params"] if p.grad is not None]
-        new_grads = [p.grad for p in with_grad]
+        new_grads = _grads_placed(with_grad)
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("SGDAGC does not support sparse gradients")
         if any(map(torch.is_complex, with_grad)):
@@ -1301,9 +1320,9 @@ def _single_tensor_sgdagc(params, grads, buf_list, state_steps, *, lr, momentum,
         buf = _read_state(buf_list[i], p, True, p.shape)
         step_t = state_steps[i]
         step_t += 1
-        tmp0 = _whole(torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim())) or None, keepdim=True))
+        tmp0 = _whole(_norm(g, tuple(range(1, g.dim())) or None))
         tmp0.clamp_min_(eps)
-        tmp1 = _whole(torch.linalg.vector_norm(p, dim=tuple(range(1, p.dim())) or None, keepdim=True))
+        tmp1 = _whole(_norm(p, tuple(range(1, p.dim())) or None))
         tmp1.clamp_min_(unit_eps)
         tmp1.mul_(clip)
         tmp2 = (tmp0 > tmp1).to(tmp0.dtype)
@@ -1332,8 +1351,8 @@ def _staged_sgdagc(params, grads, buf_list, state_steps, *, lr, momentum, clip, 
         buf = _read_state(buf_list[i], p, True, p.shape)
         step_t = state_steps[i]
         step_t += 1
-        tmp0 = torch.linalg.vector_norm(g, dim=tuple(range(1, g.dim())) or None, keepdim=True)
-        tmp1 = torch.linalg.vector_norm(p, dim=tuple(range(1, p.dim())) or None, keepdim=True)
+        tmp0 = _norm(g, tuple(range(1, g.dim())) or None)
+        tmp1 = _norm(p, tuple(range(1, p.dim())) or None)
         buf.mul_(momentum)
         tmp0, tmp1 = yield tmp0, tmp1
         tmp0.clamp_min_(eps)
@@ -1373,8 +1392,8 @@ def _multi_tensor_sgdagc(params, grads, buf_list, state_steps, *, lr, momentum, 
         else:
             torch._foreach_add_(device_steps, 1)
         t = [s.item() for s in device_steps]
-        tmp0 = [torch.linalg.vector_norm(g_, dim=tuple(range(1, g_.dim())) or None, keepdim=True) for g_ in g]
-        tmp1 = [torch.linalg.vector_norm(p_, dim=tuple(range(1, p_.dim())) or None, keepdim=True) for p_ in p]
+        tmp0 = [_norm(g_, tuple(range(1, g_.dim())) or None) for g_ in g]
+        tmp1 = [_norm(p_, tuple(range(1, p_.dim())) or None) for p_ in p]
         torch._foreach_mul_(buf, momentum)
         tmp0, tmp1 = _whole_lists(tmp0, tmp1)
         torch._foreach_clamp_min_(tmp0, eps)

@@ -389,7 +389,7 @@ TABLE: dict[str, Function] = {f.name: f for f in [
     F("unit_mean", 1, unit_mean, "_mean({0}, tuple(range(1, {0}.dim())) or None, True)", "{0}",
       axis="unit", broadcast=lambda x, n: x),
     F("unit_norm", 1, unit_norm,
-      "torch.linalg.vector_norm({0}, dim=tuple(range(1, {0}.dim())) or None, keepdim=True)", "abs({0})",
+      "_norm({0}, tuple(range(1, {0}.dim())) or None)", "abs({0})",
       axis="unit",
       broadcast=lambda x, n: sp.Abs(x) * sp.sqrt(n.per_unit)),
     # ---- matrix work on the last two axes ----

@@ -40,6 +40,12 @@ ALL += [("tp", name, path, "float64") for name in ("adamw", "lamb", "muon") for 
 # Tensor parallelism leaves the gain a plain tensor beside the DTensors: every spec on the foreach
 # path, whose lists must be all of one kind (_grouped splits them); 46 specs cost ~6 s of the spawn
 ALL += [("tp", name, "foreach", "float64") for name in dm.SPECS]
+# Tensor parallelism of a hidden width of 1 (mode tp1): a's 1 x 5 weight and (1,) bias split by rows, b's
+# 3 x 1 weight by columns, each held by rank 0, an empty shard on rank 1. torch's tensor parallelism hands
+# back their gradients replicated (_grads_placed places them as p), and a reduction over the split axis of
+# length 1 (AGC's unit norm of b's 3 x 1 weight: _norm) is |x| placed as x: every torch path failed here
+TP1 = ["adamw", "adafactor", "sm3", "smmf", "nsgda", "lamb", "sgd_agc", "adam_gc", "muon"]
+ALL += [("tp1", name, path, "float64") for name in TP1 for path in dm.PATHS]
 # At 4 ranks shards are uneven and some empty (b's 3 rows: 1 + 1 + 1 + 0): the constructs whose
 # result depends on the split, on every path (SM3's column maximum over a rank with no rows was
 # refused by torch on the torch paths).
