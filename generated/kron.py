@@ -2197,7 +2197,7 @@ class Kron(Optimizer):
     def _init_group_5(self, group, params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_steps):
         # Whole lists at a time, not one loop of appends: this runs at every step, over every parameter.
         with_grad = [p for p in group["params"] if p.grad is not None and self._rule_of(p, group) == 5]
-        new_grads = [p.grad for p in with_grad]
+        new_grads = _grads_placed(with_grad)
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("Kron does not support sparse gradients")
         if any(p.dim() < 3 for p in with_grad):
@@ -2251,7 +2251,7 @@ class Kron(Optimizer):
     def _init_group_6(self, group, params, grads, m_list, c_list, d0_list, d1_list, d2_list, state_steps):
         # Whole lists at a time, not one loop of appends: this runs at every step, over every parameter.
         with_grad = [p for p in group["params"] if p.grad is not None and self._rule_of(p, group) == 6]
-        new_grads = [p.grad for p in with_grad]
+        new_grads = _grads_placed(with_grad)
         if any(map(_IS_SPARSE, new_grads)):
             raise RuntimeError("Kron does not support sparse gradients")
         if any(p.dim() < 3 for p in with_grad):
