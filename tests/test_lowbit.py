@@ -726,3 +726,107 @@ def test_fused_low_bit_resumes_bit_exact_and_skips_small_tensors():
         assert torch.equal(p, q)
         for key in opt.state[p]:
             assert torch.equal(opt.state[p][key], again.state[q][key]), key
+
+
+# Kron's rank-3 rules keep per-axis states: gram(K) (d[K] x d[K]) and axis(K) (d[K] values along axis K).
+# They follow the rule of every float state: stored at low bit when they hold MIN_NUMEL numbers or more
+# (a gram(0) of a (70, 2, 30) tensor: 4900; an axis(0) of a (4100, 2, 1) one: 4100), float32 below
+# (gram(1), gram(2), axis(1), axis(2) here), as rows/cols and gram_rows/gram_cols states are.
+RANK3 = {"gram": ((70, 2, 30), {}, {"momentum_buffer", "Q0"}),
+         "axis": ((4100, 2, 1), dict(memory_save_mode="all_diag"), {"momentum_buffer", "d0"})}
+PATHS3 = {**PATHS, "fused": dict(fused=True)}  # fused: these rules run the foreach path's torch code
+
+
+def _rank3_float_shapes(shape):
+    """The float shape of each per-axis state of a rank-3 parameter of `shape`, by its saved name."""
+    out = {"momentum_buffer": tuple(shape)}
+    for k, n in enumerate(shape):
+        out[f"Q{k}"] = (n, n)
+        out[f"d{k}"] = tuple(n if j == k else 1 for j in range(3))
+    return out
+
+
+def _rank3_stepped(kind, path, state_dtype, steps, gen):
+    from generated.kron import Kron
+    shape, kw, _ = RANK3[kind]
+    p = torch.nn.Parameter(torch.randn(shape, generator=gen))
+    opt = Kron([p], lr=1e-2, state_dtype=state_dtype, **kw, **PATHS3[path]).manual_seed(4)
+    for _ in range(steps):
+        p.grad = torch.randn(shape, generator=gen)
+        opt.step()
+    return opt, p
+
+
+@pytest.mark.parametrize("path", sorted(PATHS3))
+@pytest.mark.parametrize("state_dtype", ["int8", "int4_stochastic", torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", sorted(RANK3))
+def test_rank3_per_axis_states_store_and_resume_bit_exact(kind, state_dtype, path):
+    """Which states are stored at low bit (those of 4096 numbers or more: p's momentum and the large
+    axis' factor), bfloat16 for every float state; state_dict() round trip and resume, bit for bit."""
+    from generated.kron import Kron
+    shape, kw, large = RANK3[kind]
+    gen = torch.Generator().manual_seed(0)
+    opt, p = _rank3_stepped(kind, path, state_dtype, 3, gen)
+    floats = _rank3_float_shapes(shape)
+    for key, value in opt.state[p].items():
+        if key == "step":
+            assert value.dtype == torch.float32
+        elif state_dtype is torch.bfloat16:
+            assert value.dtype == torch.bfloat16 and tuple(value.shape) == floats.get(key, ()), key
+        elif key in large:
+            assert value.dtype == torch.uint8 and value.shape[-1] == quant.width(state_dtype[:4]), key
+        else:
+            assert value.dtype == torch.float32 and tuple(value.shape) == floats.get(key, ()), key
+    saved = _saved(opt)
+    q = torch.nn.Parameter(p.detach().clone())
+    again = Kron([q], lr=1e-2, state_dtype=state_dtype, **kw, **PATHS3[path])
+    again.load_state_dict(saved)
+    resaved = again.state_dict()
+    for key, value in saved["state"][0].items():
+        assert resaved["state"][0][key].dtype == value.dtype and torch.equal(resaved["state"][0][key], value), key
+    for _ in range(3):  # both go on alike: the probes and the stochastic rounding from the saved generator
+        p.grad = torch.randn(shape, generator=gen)
+        q.grad = p.grad.clone()
+        opt.step()
+        again.step()
+    assert torch.equal(p, q)
+    assert all(torch.equal(opt.state[p][k], again.state[q][k]) for k in opt.state[p])
+
+
+@pytest.mark.parametrize("path", sorted(PATHS3))
+@pytest.mark.parametrize("fmt", sorted(quant.BLOCK))
+@pytest.mark.parametrize("kind", sorted(RANK3))
+def test_rank3_per_axis_states_against_float32_path_step_by_step(kind, fmt, path):
+    """Over 12 steps, each low-bit step is the float32 path's step from the same (dequantised) states
+    and the same generator: p bit for bit, each new low-bit state within one rounding of the float32
+    path's (s * (w + 2^-23) per block), float states equal."""
+    from generated import kron as module
+    shape, kw, large = RANK3[kind]
+    floats = _rank3_float_shapes(shape)
+    gen = torch.Generator().manual_seed(1)
+    low, p = _rank3_stepped(kind, path, fmt, 0, gen)
+    signed = low._LOWBIT_SIGNED
+    for step in range(12):
+        g = torch.randn(shape, generator=gen) * 10.0 ** (-(step % 3))
+        q = torch.nn.Parameter(p.detach().clone())
+        ref = module.Kron([q], lr=1e-2, **kw, **PATHS3[path])
+        sd = _saved(low)  # a copy: state_dict() holds the live states, as torch.optim's
+        if step:
+            for key, value in sd["state"][0].items():
+                if value.dtype == torch.uint8:
+                    sd["state"][0][key] = module._dequantised(value, signed[key], floats[key], torch.float32)
+        else:
+            sd["state"] = {}
+        ref.load_state_dict({**sd, "param_groups": [dict(gr, state_dtype=None) for gr in sd["param_groups"]]})
+        p.grad, q.grad = g.clone(), g.clone()
+        low.step()
+        ref.step()
+        assert torch.equal(p, q), f"step {step + 1}"
+        assert {k for k, v in low.state[p].items() if v.dtype == torch.uint8} == large
+        for key, value in ref.state[q].items():
+            stored = low.state[p][key]
+            if stored.dtype != torch.uint8:
+                assert key not in large and torch.equal(stored, value), (key, step)
+                continue
+            assert key in large
+            _assert_one_rounding(module, stored, value, quant.Code(signed[key], ""), fmt, (key, step))
