@@ -26,6 +26,12 @@ class _Opaque(sp.Function):
     is_real = True
     is_number = False  # never evaluated to a number, so Min/Max must not compare it as one
 
+    def _eval_evalf(self, prec):
+        # SymPy evaluates a function of floats by the mpmath function of its name: mpmath.norm(0.5) is 0.5
+        # where norm(0.5) is 0.5 * sqrt(numel) (a scalar broadcast), mpmath.qr raised. Only a function
+        # with an element-wise meaning (sigmoid) evaluates so.
+        return super()._eval_evalf(prec) if hasattr(self, "rewrite_meaning") else None
+
 
 class lerp(_Opaque):
     nargs = 3

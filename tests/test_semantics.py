@@ -510,3 +510,13 @@ def test_a_group_reduction_of_a_reduced_value_simplified_to_a_number_counts_its_
         for q in params:
             want = torch.full_like(q, -2.0 * rows + 10 * cols ** 0.5 + 100 * units)
             torch.testing.assert_close(q.detach(), want, rtol=1e-14, atol=0, msg=str(path))
+
+
+@pytest.mark.parametrize("expr", ["norm(0.5)", "norm(2 * 0.25)", "unit_norm(0.5) * 0 + norm(0.5)"])
+def test_a_reduction_of_a_float_is_not_evaluated_by_its_mpmath_namesake(expr):
+    """SymPy evaluates a function of floats by the mpmath function of its name: norm(0.5) was
+    mpmath.norm(0.5) = 0.5 on every path, where the norm of 0.5 broadcast to a (3, 4) parameter is
+    0.5 * sqrt(12) (norm(2) was right: an integer is not evaluated so). Found by tests/test_shape_properties.py."""
+    cls = optdsl.compile(f"optimizer N\np += {expr}\n")
+    _steps_like(cls, lambda p: torch.full_like(p, 0.5 * p.numel() ** 0.5), [(3, 4), (2, 3, 5)])
+
