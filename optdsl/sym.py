@@ -120,6 +120,32 @@ def has_matrix_work(e: ir.Expr) -> bool:
     return False
 
 
+def _matrix_of_tensors(value: sp.Expr, eq: ir.Eqn, prog: ir.Program) -> None:
+    """A located SpecError where matrix work reads a value that SymPy simplified to a scalar (mm(g * 0 +
+    0.5, g): the terms that made it a tensor cancel), which torch's matrix functions do not take."""
+    levels = input_levels(prog)
+    tensors = {s for s in value.free_symbols if levels.get(s, TENSOR) == TENSOR}
+    reads = fn.reads_tensor(tensors)
+    for node in sp.postorder_traversal(value):  # the innermost first: qr(g * 0 + 1) in mm(qr(...), g)
+        row = fn.TABLE.get(type(node).__name__)
+        if row is None or not row.matrix or type(node) is not row.sympy:
+            continue
+        for arg in node.args[:len(node.args) - row.scalars]:
+            if not reads(arg):
+                span = next((o.span for o in _ops(eq.expr) if o.op == row.name), None) or eq.span
+                shown = f"{float(arg):g}" if arg.is_Number else str(arg)
+                raise SpecError(f"{row.name}() of a value that simplifies to the scalar {shown}: matrix work takes a "
+                                "tensor", span, hint="its terms cancel (x - x, x * 0); write the matrix's value "
+                                                     "without them")
+
+
+def _ops(e: ir.Expr):
+    if isinstance(e, ir.Op):
+        yield e
+        for a in e.args:
+            yield from _ops(a)
+
+
 def has_matrix_nodes(e: sp.Expr) -> bool:
     return e.has(*fn.MATRIX_CLASSES)
 
@@ -137,6 +163,8 @@ def meanings(prog: ir.Program, barriers: list | None = None, names=None
     env: dict[str, sp.Expr] = dict(syms)
     for eq in prog.eqns:
         env[eq.out] = to_sympy(eq.expr, env)
+        if has_matrix_work(eq.expr):
+            _matrix_of_tensors(env[eq.out], eq, prog)
         if barriers is not None and (has_matrix_work(eq.expr) or (eq.named and not env[eq.out].is_Atom)):
             symbol = names.fresh("w")
             barriers.append((symbol, env[eq.out]))

@@ -520,3 +520,18 @@ def test_a_reduction_of_a_float_is_not_evaluated_by_its_mpmath_namesake(expr):
     cls = optdsl.compile(f"optimizer N\np += {expr}\n")
     _steps_like(cls, lambda p: torch.full_like(p, 0.5 * p.numel() ** 0.5), [(3, 4), (2, 3, 5)])
 
+
+@pytest.mark.parametrize("body, where, shown", [
+    ("p -= 0.1 * mm(qr(g * 0 + 0.5), g)", (4, 17), "qr() of a value that simplifies to the scalar 0.5"),
+    ("x = mm(g, T(g))\n  p -= 0.1 * mm(x - x + lr, g)", (5, 14), "mm() of a value that simplifies to the scalar lr"),
+])
+def test_matrix_work_of_a_value_that_simplifies_to_a_scalar_is_a_located_error(body, where, shown):
+    """qr(g * 0 + 0.5) was 'this is a bug in optdsl' (SymPy evaluated qr(0.5) by mpmath.qr, which raised),
+    and mm(x - x + lr, g) a raw torch error at step (matmul of a 0-dim tensor)."""
+    from optdsl.errors import SpecError
+    from optdsl.pipeline import compile_source
+    text = f"optimizer W\nhyper lr = 0.1\nrule ndim == 2 {{\n  {body}\n}}\nrule {{\n  p -= g\n}}\n"
+    with pytest.raises(SpecError) as info:
+        compile_source(text, "w.opt")
+    assert (info.value.span.line, info.value.span.column) == where and shown in str(info.value)
+    assert "bug in optdsl" not in str(info.value)
