@@ -37,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECS = sorted(f[:-4] for f in os.listdir(os.path.join(ROOT, "specs")) if f.endswith(".opt"))
 PATHS = {"loop": dict(foreach=False, fused=False), "foreach": dict(foreach=True, fused=False),
          "fused": dict(foreach=False, fused=True)}
-MODES = ("ddp", "fsdp", "tp", "tp1", "shapes")
+MODES = ("ddp", "fsdp", "tp", "tp1", "shapes", "rank3", "rank3diag")
 # the model's hidden width, where not 7: torch's tensor parallelism splits it evenly; `tp1`: tensor
 # parallelism of a hidden width of 1 (a's 1 x 5 weight split by rows, b's 3 x 1 by columns: one rank
 # holds each, the other an empty shard; reductions over that axis are the identity)
@@ -86,11 +86,34 @@ class Shapes(torch.nn.Module):
         return torch.tanh(x * self.e) @ self.f * self.s + torch.tanh(x[:, :3] * self.v)
 
 
+class Rank3(torch.nn.Module):
+    """Rank-3 parameters (Kron's per-axis factors: gram(K) and axis(K) states) that FSDP2's Shard(0)
+    splits along axis 0: (4, 3, 5), (5, 1, 3) with an axis of length 1, (3, 2, 4). Over 2 ranks 2 + 2,
+    3 + 2, 2 + 1 slabs; over 4 ranks 1 + 1 + 1 + 1, 2 + 2 + 1 + 0 and 1 + 1 + 1 + 0 (empty shards)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4, 3, 5) / 2)
+        self.k = torch.nn.Parameter(torch.randn(5, 1, 3) / 2)
+        self.c = torch.nn.Parameter(torch.randn(3, 2, 4) / 2)
+
+    def forward(self, x):
+        h = torch.tanh(torch.einsum("bi,jki->bjk", x, self.w)).mean(1)  # (batch, 3)
+        return h + torch.einsum("bi,iok->bk", x, self.k) + torch.einsum("bl,kjl->bk", torch.tanh(x[:, :4]), self.c)
+
+
+# The modes on Rank3 (Kron): its rule of three triangular gram(K) factors, and (all_diag) of three axis(K) ones
+RANK3 = {"rank3": {}, "rank3diag": dict(memory_save_mode="all_diag")}
+
+
 def model_of(mode, dtype):
-    """The model a scenario of `mode` trains, seeded: Shapes for `shapes`, else Net."""
+    """The model a scenario of `mode` trains, seeded: Shapes for `shapes`, Rank3 for RANK3's, else Net."""
     if mode == "shapes":
         torch.manual_seed(0)
         return Shapes().to(dtype)
+    if mode in RANK3:
+        torch.manual_seed(0)
+        return Rank3().to(dtype)
     return net(dtype, HIDDEN.get(mode, 7))
 
 
@@ -265,8 +288,8 @@ def train(model, opt, data, rank=0, world=1):
 def one_process(name, path, dtype, hidden=7, world=1, mode=None):
     """One process training on the whole batch; for the specs in AVERAGED with world > 1, on the
     ranks' gradient instead: each of `world` slices' own, averaged. `mode` "shapes": on Shapes."""
-    model = model_of(mode, dtype) if mode == "shapes" else net(dtype, hidden)
-    opt = make(name, model.parameters(), path)
+    model = model_of(mode, dtype) if mode == "shapes" or mode in RANK3 else net(dtype, hidden)
+    opt = make(name, model.parameters(), path, **RANK3.get(mode, {}))
     if name in AVERAGED and world > 1:
         train_averaged(model, opt, batches(dtype), world)
     else:
@@ -324,6 +347,8 @@ def sharded(mode, name, path, dtype, rank, world):
     model = net(dtype) if low in ("", "bf16") else lowbit_net(dtype)
     if mode == "shapes":  # FSDP2 on parameters of length 1 (or shorter than the mesh) along the split axis
         model, mode = model_of("shapes", dtype), "fsdp"
+    if mode in RANK3:  # FSDP2 on rank-3 parameters (Kron's per-axis states)
+        model, kwargs, mode = model_of(mode, dtype), {**kwargs, **RANK3[mode]}, "fsdp"
     data = batches(dtype) if low in ("", "bf16") else lowbit_batches(dtype)
     if low in LOWBIT and (mode in ("tp", "2d") or low.endswith("s")):  # WideNet: shards on block boundaries
         return wide(mode, name, path, dtype, rank, world, kwargs)
@@ -649,7 +674,7 @@ def main(argv=None):
             mode, name, path, dtype = scenario
             hidden = HIDDEN.get(mode, 7)
             ranks = world if mode in ("ddp", "fsdp", "shapes") and name in AVERAGED else 1
-            which = (name, path, dtype, hidden, ranks, mode == "shapes")
+            which = (name, path, dtype, hidden, ranks, mode if mode == "shapes" or mode in RANK3 else None)
             if which not in expected:
                 try:
                     expected[which] = one_process(name, path, DTYPES[dtype], hidden, ranks, mode)

@@ -67,6 +67,13 @@ SHAPES = ["adafactor", "adafactor_momentum", "sm3", "smmf", "kron"]
 FOUR += [("shapes", name, path, "float64") for name in SHAPES for path in dm.PATHS]
 FOUR += [("shapes", name, path, "float64") for name in ("adamw_softclip", "sgd_agc", "adam_gc")
          for path in ("loop", "foreach")]
+# Rank-3 parameters (dm.Rank3: (4, 3, 5), (5, 1, 3), (3, 2, 4); Shard(0) splits 2 + 2, 3 + 2, 2 + 1 at 2 ranks,
+# 1 + 1 + 1 + 1, 2 + 2 + 1 + 0, 1 + 1 + 1 + 0 at 4): Kron's rule of three triangular gram(K) factors and
+# (memory_save_mode="all_diag") of three diagonal axis(K) ones, each parameter stepped whole on its owner rank
+# (fused: the torch code of foreach there), the randn() probes drawn as one process draws them
+RANK3 = [(mode, "kron", path, "float64") for mode in dm.RANK3 for path in dm.PATHS]
+ALL += RANK3
+FOUR += RANK3
 BF16 = [("fsdp-bf16", "adamw", path, "float32") for path in ("loop", "fused")]  # stochastic rounding of shards
 # torch.distributed.checkpoint: saved on 2 ranks after STEPS steps, loaded on 4 (and on 1), trained on
 CHECKPOINTED = [(name, path) for name in ("adamw", "adafactor", "nadam", "muon") for path in ("loop", "fused")]
@@ -169,6 +176,20 @@ def test_kron_probes_would_differ():
     dm.train(model, opt, dm.batches(torch.float64))
     other = [p.detach() for p in model.parameters()]
     assert dm.compare(other, dm.one_process("kron", "loop", torch.float64), torch.float64) != ""
+
+
+def test_rank3_scenarios_take_the_per_axis_rules():
+    """What the rank3 scenarios exercise: each of dm.Rank3's parameters takes Kron's rule of gram(K)
+    factors (d[K] x d[K]) or, with memory_save_mode="all_diag", of axis(K) ones (d[K] values along axis K)."""
+    for mode, factors in (("rank3", "Q"), ("rank3diag", "d")):
+        model = dm.model_of(mode, torch.float64)
+        opt = dm.make("kron", model.parameters(), "loop", **dm.RANK3[mode])
+        dm.train(model, opt, dm.batches(torch.float64)[:1])
+        for p in model.parameters():
+            assert p.dim() == 3
+            for k in range(3):
+                expect = (p.shape[k],) * 2 if factors == "Q" else tuple(n if j == k else 1 for j, n in enumerate(p.shape))
+                assert tuple(opt.state[p][f"{factors}{k}"].shape) == expect, (mode, tuple(p.shape), k)
 
 
 def test_shard_norm_would_differ():
