@@ -128,3 +128,57 @@ def test_inductor_compiled_adamw_matches_torch():
     ref, _ = _train(lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, foreach=False),
                     shapes, torch.float32, grads)
     assert _relative(ours, ref) < 1e-5
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("mode", [None, "all_diag"])
+def test_compiled_kron_rank3_step_is_one_graph(mode, foreach):
+    """Kron's rank-3 rules (gram(K) factors worked on by mm_axis, rsolve_triu_axis, gram_axis; or,
+    all_diag, axis(K) ones by axis_sum), compiled whole: one graph over the steps, no recompilation.
+    Compiled, the probes come from torch's generator (as documented), so a step that updates the
+    factors draws other numbers than eager: with precondition_lr=0 after an eager warm-up (factors far
+    from the identity) the probes change nothing, and compiled equals eager to float64's rounding; with
+    it, the compiled step moves the factors too."""
+    import io
+
+    from generated.kron import Kron
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in ((4, 3, 5), (5, 1, 3))]
+    warm = Kron(params, lr=0.01, precondition_lr=0.5, memory_save_mode=mode)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        warm.step()
+    buf = io.BytesIO()
+    torch.save(warm.state_dict(), buf)
+    grads = _grads([p.shape for p in params], torch.float64, 4, seed=2)
+    factors = "d" if mode else "Q"
+    for plr in (0.0, 0.1):
+        out = {}
+        for compiled in (True, False):
+            ps = [torch.nn.Parameter(p.detach().clone()) for p in params]
+            opt = Kron(ps, lr=0.01, precondition_lr=plr, memory_save_mode=mode, foreach=foreach)
+            buf.seek(0)
+            saved = torch.load(buf, weights_only=True)
+            saved["param_groups"] = [dict(g, lr=torch.tensor(0.01, dtype=torch.float64), precondition_lr=plr,
+                                          foreach=foreach) for g in saved["param_groups"]]
+            opt.load_state_dict(saved)
+            before = {k: opt.state[ps[0]][f"{factors}{k}"].clone() for k in range(3)}
+            counter = CompileCounter()
+            step = torch.compile(opt.step, backend=counter, fullgraph=True) if compiled else opt.step
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                for gs in grads:
+                    for p, g in zip(ps, gs):
+                        p.grad = g.clone()
+                    step()
+            if compiled:
+                assert counter.frame_count == 1
+            torch._dynamo.reset()
+            assert all(torch.isfinite(p).all() for p in ps)
+            moved = [not torch.equal(opt.state[ps[0]][f"{factors}{k}"], before[k]) for k in range(3)]
+            assert moved == [plr > 0] * 3, (plr, moved)  # d1 and Q1 of (4, 3, 5) too: its axis 1 has 3
+            out[compiled] = ps
+        if plr == 0:
+            start = torch.ones(4, 1, 1, dtype=torch.float64) if factors == "d" else torch.eye(4, dtype=torch.float64)
+            assert not torch.equal(before[0], start)  # the warm-up moved the factors from where they start
+            assert _relative(out[True], out[False]) < 1e-13
