@@ -347,8 +347,10 @@ def sharded(mode, name, path, dtype, rank, world):
     model = net(dtype) if low in ("", "bf16") else lowbit_net(dtype)
     if mode == "shapes":  # FSDP2 on parameters of length 1 (or shorter than the mesh) along the split axis
         model, mode = model_of("shapes", dtype), "fsdp"
-    if mode in RANK3:  # FSDP2 on rank-3 parameters (Kron's per-axis states)
-        model, kwargs, mode = model_of(mode, dtype), {**kwargs, **RANK3[mode]}, "fsdp"
+    if mode in RANK3 or mode.startswith("count") and mode[5:] in RANK3:  # FSDP2 on rank-3 parameters (Kron's
+        # per-axis states); count<mode>: the collectives of a step of them
+        rank3 = mode.removeprefix("count")
+        model, kwargs, mode = model_of(rank3, dtype), {**kwargs, **RANK3[rank3]}, "count" if mode != rank3 else "fsdp"
     data = batches(dtype) if low in ("", "bf16") else lowbit_batches(dtype)
     if low in LOWBIT and (mode in ("tp", "2d") or low.endswith("s")):  # WideNet: shards on block boundaries
         return wide(mode, name, path, dtype, rank, world, kwargs)

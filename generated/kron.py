@@ -1258,6 +1258,8 @@ def _gram_axis(x, k):
 def _axis_sum(x, k):
     # x summed over every axis but k, kept with size 1
     dims = tuple(j for j in range(x.dim()) if j != int(k))
+    if _is_sharded(x):  # partial over a split axis, made whole as row/col sums are (_sum)
+        return _sum(x, dims) if dims else x
     return x.sum(dim=dims, keepdim=True) if dims else x
 
 
@@ -2966,11 +2968,6 @@ def kron_1(params, grads, m_list, c_list, dL_list, QR_list, state_steps, *, fore
         why = _fused_available_1(params)
         if why:
             raise RuntimeError(f"Kron(fused=True) cannot run: {why}")
-    if fused and any(map(_is_sharded, params)):
-        # the kernels' draws hash each element's place in its tensor and the tensor's in the list:
-        # every rank steps the whole tensors, as one process (_everywhere)
-        return _everywhere(_fused_kron_1, params, grads, [m_list, c_list, dL_list, QR_list, ], state_steps,
-                           grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if fused:
         return _fused_kron_1(params, grads, m_list, c_list, dL_list, QR_list, state_steps,
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
@@ -3227,11 +3224,6 @@ def kron_2(params, grads, m_list, c_list, QL_list, dR_list, state_steps, *, fore
         why = _fused_available_2(params)
         if why:
             raise RuntimeError(f"Kron(fused=True) cannot run: {why}")
-    if fused and any(map(_is_sharded, params)):
-        # the kernels' draws hash each element's place in its tensor and the tensor's in the list:
-        # every rank steps the whole tensors, as one process (_everywhere)
-        return _everywhere(_fused_kron_2, params, grads, [m_list, c_list, QL_list, dR_list, ], state_steps,
-                           grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if fused:
         return _fused_kron_2(params, grads, m_list, c_list, QL_list, dR_list, state_steps,
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
@@ -3490,11 +3482,6 @@ def kron_3(params, grads, m_list, c_list, QL_list, QR_list, state_steps, *, fore
         why = _fused_available_3(params)
         if why:
             raise RuntimeError(f"Kron(fused=True) cannot run: {why}")
-    if fused and any(map(_is_sharded, params)):
-        # the kernels' draws hash each element's place in its tensor and the tensor's in the list:
-        # every rank steps the whole tensors, as one process (_everywhere)
-        return _everywhere(_fused_kron_3, params, grads, [m_list, c_list, QL_list, QR_list, ], state_steps,
-                           grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if fused:
         return _fused_kron_3(params, grads, m_list, c_list, QL_list, QR_list, state_steps,
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
@@ -4015,11 +4002,6 @@ def kron_5(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_steps
         why = _fused_available_5(params)
         if why:
             raise RuntimeError(f"Kron(fused=True) cannot run: {why}")
-    if fused and any(map(_is_sharded, params)):
-        # the kernels' draws hash each element's place in its tensor and the tensor's in the list:
-        # every rank steps the whole tensors, as one process (_everywhere)
-        return _everywhere(_fused_kron_5, params, grads, [m_list, c_list, Q0_list, Q1_list, Q2_list, ], state_steps,
-                           grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
     if fused:
         return _fused_kron_5(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_steps,
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
@@ -4297,16 +4279,6 @@ def kron_6(params, grads, m_list, c_list, d0_list, d1_list, d2_list, state_steps
         return _single_tensor_kron_6(params, grads, m_list, c_list, d0_list, d1_list, d2_list, state_steps, **hypers)
     # Eager, tensor hyperparameters (lr=torch.tensor(1e-3), for a compiled step) are host floats.
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
-    if any(map(_is_sharded, params)):
-        # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
-        if found_inf is not None and found_inf.item():
-            return
-        if grad_scale is not None:
-            grads = [x / grad_scale.to(x.device) for x in grads]
-        impl = _multi_tensor_kron_6 if foreach or fused else _single_tensor_kron_6
-        return _on_owners(impl, params, grads, [m_list, c_list, d0_list, d1_list, d2_list, ], state_steps,
-                          random=True, generator=generator, stochastic=stochastic, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_6(params)
     elif fused:
@@ -4316,17 +4288,13 @@ def kron_6(params, grads, m_list, c_list, d0_list, d1_list, d2_list, state_steps
     # Shapes that only the parameter's shape decides meet in these statements: torch's error there
     # names them (optdsl/shapes.py, decided_at_step).
     try:
-        if fused and any(map(_is_sharded, params)):
-            # the kernels' draws hash each element's place in its tensor and the tensor's in the list:
-            # every rank steps the whole tensors, as one process (_everywhere)
-            return _everywhere(_fused_kron_6, params, grads, [m_list, c_list, d0_list, d1_list, d2_list, ], state_steps,
-                               grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
         if fused:
             return _fused_kron_6(params, grads, m_list, c_list, d0_list, d1_list, d2_list, state_steps,
                             grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
         if foreach is None:  # a pass over every parameter: only when it decides something
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-        impl = _multi_tensor_kron_6 if foreach else _single_tensor_kron_6
+        # on DTensors the for-loop path's reductions take one all-reduce per stage for all the tensors
+        impl = _multi_tensor_kron_6 if foreach else _staged_kron_6 if any(map(_is_sharded, params)) else _single_tensor_kron_6
         impl(params, grads, m_list, c_list, d0_list, d1_list, d2_list, state_steps, generator=generator,
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
@@ -4479,23 +4447,23 @@ def _single_tensor_kron_6(params, grads, m_list, c_list, d0_list, d1_list, d2_li
             tmp9 = tmp2
         tmp10 = torch.mul(tmp9, tmp9)
         tmp11 = torch.mul(tmp8, tmp10)
-        tmp12 = _axis_sum(tmp11, 0)
-        tmp13 = _axis_sum(tmp11, 1)
-        tmp14 = _axis_sum(tmp11, 2)
+        tmp12 = _whole(_axis_sum(tmp11, 0))
+        tmp13 = _whole(_axis_sum(tmp11, 1))
+        tmp14 = _whole(_axis_sum(tmp11, 2))
         tmp15 = _random_like(p, seed, i, 0, normal=True)
         tmp15.mul_(tmp15)
         tmp16 = torch.div(tmp15, tmp6)
         tmp17 = torch.div(tmp16, tmp4)
         tmp18 = torch.div(tmp17, tmp5)
-        tmp19 = _axis_sum(tmp18, 0)
+        tmp19 = _whole(_axis_sum(tmp18, 0))
         tmp20 = torch.add(tmp12, tmp19)
         r0 = _whole(_amax(tmp20, None))
         d4 = torch.as_tensor(-plr/(r0 + 1.1754943508222875e-38), dtype=p.dtype)
-        tmp21 = _axis_sum(tmp18, 1)
+        tmp21 = _whole(_axis_sum(tmp18, 1))
         tmp22 = torch.add(tmp13, tmp21)
         r1 = _whole(_amax(tmp22, None))
         d5 = torch.as_tensor(-plr/(r1 + 1.1754943508222875e-38), dtype=p.dtype)
-        tmp23 = _axis_sum(tmp18, 2)
+        tmp23 = _whole(_axis_sum(tmp18, 2))
         tmp24 = torch.add(tmp14, tmp23)
         r2 = _whole(_amax(tmp24, None))
         d6 = torch.as_tensor(-plr/(r2 + 1.1754943508222875e-38), dtype=p.dtype)
@@ -4539,6 +4507,130 @@ def _single_tensor_kron_6(params, grads, m_list, c_list, d0_list, d1_list, d2_li
         _write_state(d0_list[i], d0, True, generator, stochastic)
         _write_state(d1_list[i], d1, True, generator, stochastic)
         _write_state(d2_list[i], d2, True, generator, stochastic)
+
+
+def _staged_kron_6(params, grads, m_list, c_list, d0_list, d1_list, d2_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,
+                    generator=None, stochastic=False, seed=None):
+    """The for-loop path on DTensor parameters (FSDP2, tensor parallelism): each tensor steps as
+    in _single_tensor_kron_6, but hands out (yield) the partial results of each stage's
+    reductions, which _in_stages makes whole for all the tensors at once: one all-reduce per stage."""
+    if not params:  # no draw for a rule without parameters this step, as the multi-tensor path
+        return
+    if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
+        seed = _random_seed(generator)  # one draw per step: each tensor's randn()/rand() is keyed by it
+    # Scalars of the hyperparameters alone: once per group.
+    k0 = -lr
+    k1 = -decay
+    k2 = -flat_start - 1
+    k3 = 1 - momentum
+    def per_tensor(i, param):
+        p = param if param.dtype in _EXACT else param.float()
+        g = grads[i].to(p.dtype)
+        # States stored in bfloat16 or low bit (state_dtype) are updated in p's precision, written back below.
+        m = _read_state(m_list[i], p, True, p.shape)
+        c = _read_state(c_list[i], p, False, ())
+        d0 = _read_state(d0_list[i], p, True, (1,) * 0 + p.shape[0:1] + (1,) * (p.dim() - 1))
+        d1 = _read_state(d1_list[i], p, True, (1,) * 1 + p.shape[1:2] + (1,) * (p.dim() - 2))
+        d2 = _read_state(d2_list[i], p, True, (1,) * 2 + p.shape[2:3] + (1,) * (p.dim() - 3))
+        step_t = state_steps[i]
+        step_t += 1
+        # Scalars of the step count: once per parameter, as host floats; compiled, as tensors
+        # (`.item()` would break the graph, a float would be specialised on and recompile).
+        if torch.compiler.is_compiling():
+            t = step_t.to(torch.float64)
+            c0 = 1/(1 - momentum**t)
+            c1 = 1/torch.minimum(torch.as_tensor(max_prob, dtype=torch.float64), torch.maximum(torch.as_tensor(min_prob, dtype=torch.float64), max_prob*torch.exp(k1*(k2 + t))))
+        else:
+            t = step_t.item()
+            c0 = 1/(1 - momentum**t)
+            c1 = 1/min(max_prob, max(min_prob, max_prob*_exp(k1*(k2 + t))))
+        d3 = torch.as_tensor(torch.as_tensor((c + 1 >= c1), dtype=torch.float64), dtype=p.dtype)
+        d8 = torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((c + 1 >= c1), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(0, dtype=torch.float64), torch.as_tensor(c + 1, dtype=torch.float64)), dtype=p.dtype)
+        tmp0 = torch.mul(p, wd)
+        if weight_decouple:
+            tmp2 = g
+        else:
+            tmp1 = torch.add(g, tmp0)
+            tmp2 = tmp1
+        m.mul_(momentum)
+        m.add_(tmp2, alpha=k3)
+        tmp3 = torch.mul(m, c0)
+        tmp4 = torch.mul(d0, d0)
+        tmp5 = torch.mul(d1, d1)
+        tmp6 = torch.mul(d2, d2)
+        tmp7 = torch.mul(tmp6, tmp4)
+        tmp8 = torch.mul(tmp7, tmp5)
+        if momentum_into_precondition_update:
+            tmp9 = tmp3
+        else:
+            tmp9 = tmp2
+        tmp10 = torch.mul(tmp9, tmp9)
+        tmp11 = torch.mul(tmp8, tmp10)
+        tmp12 = _axis_sum(tmp11, 0)
+        tmp13 = _axis_sum(tmp11, 1)
+        tmp14 = _axis_sum(tmp11, 2)
+        tmp15 = _random_like(p, seed, i, 0, normal=True)
+        tmp15.mul_(tmp15)
+        tmp16 = torch.div(tmp15, tmp6)
+        tmp17 = torch.div(tmp16, tmp4)
+        tmp18 = torch.div(tmp17, tmp5)
+        tmp19 = _axis_sum(tmp18, 0)
+        tmp21 = _axis_sum(tmp18, 1)
+        tmp23 = _axis_sum(tmp18, 2)
+        tmp46 = torch.where(torch.as_tensor(weight_decouple, dtype=tmp0.dtype, device=tmp0.device) != 0, tmp0, torch.as_tensor(0, dtype=tmp0.dtype, device=tmp0.device))
+        tmp12, tmp13, tmp14, tmp19, tmp21, tmp23 = yield tmp12, tmp13, tmp14, tmp19, tmp21, tmp23
+        tmp20 = torch.add(tmp12, tmp19)
+        r0 = _amax(tmp20, None)
+        tmp22 = torch.add(tmp13, tmp21)
+        r1 = _amax(tmp22, None)
+        tmp24 = torch.add(tmp14, tmp23)
+        r2 = _amax(tmp24, None)
+        tmp25 = torch.sub(tmp12, tmp19)
+        tmp26 = torch.mul(d0, tmp25)
+        tmp30 = torch.sub(tmp13, tmp21)
+        tmp31 = torch.mul(d1, tmp30)
+        tmp35 = torch.sub(tmp14, tmp23)
+        tmp36 = torch.mul(d2, tmp35)
+        r0, r1, r2 = yield r0, r1, r2
+        d4 = torch.as_tensor(-plr/(r0 + 1.1754943508222875e-38), dtype=p.dtype)
+        d5 = torch.as_tensor(-plr/(r1 + 1.1754943508222875e-38), dtype=p.dtype)
+        d6 = torch.as_tensor(-plr/(r2 + 1.1754943508222875e-38), dtype=p.dtype)
+        tmp27 = torch.mul(tmp26, d4)
+        tmp28 = torch.add(d0, tmp27)
+        tmp29 = torch.where(d3 != 0, tmp28, d0)
+        tmp32 = torch.mul(tmp31, d5)
+        tmp33 = torch.add(d1, tmp32)
+        tmp34 = torch.where(d3 != 0, tmp33, d1)
+        tmp37 = torch.mul(tmp36, d6)
+        tmp38 = torch.add(d2, tmp37)
+        tmp39 = torch.where(d3 != 0, tmp38, d2)
+        tmp40 = torch.mul(tmp29, tmp29)
+        tmp41 = torch.mul(tmp34, tmp34)
+        tmp42 = torch.mul(tmp40, tmp41)
+        tmp43 = torch.mul(tmp39, tmp39)
+        tmp44 = torch.mul(tmp42, tmp43)
+        tmp45 = torch.mul(tmp44, tmp3)
+        r3 = _rms(tmp45)
+        tmp47 = torch.mul(m, tmp44)
+        _copy_into(c, d8)
+        _copy_into(d0, tmp29)
+        _copy_into(d1, tmp34)
+        _copy_into(d2, tmp39)
+        r3, = yield r3,
+        d7 = torch.as_tensor(c0*torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r3 + 1e-06), dtype=torch.float64)), dtype=p.dtype)
+        tmp48 = torch.mul(tmp47, d7)
+        tmp49 = torch.add(tmp48, tmp46)
+        tmp50 = torch.add(p, tmp49, alpha=k0)
+        _copy_into(p, tmp50)
+        yield  # computed: _in_stages writes the states back in the tensors' order
+        if p is not param:
+            param.copy_(p)
+        _write_state(m_list[i], m, True, generator, stochastic)
+        _write_state(c_list[i], c, False, generator, stochastic)
+        _write_state(d0_list[i], d0, True, generator, stochastic)
+        _write_state(d1_list[i], d1, True, generator, stochastic)
+        _write_state(d2_list[i], d2, True, generator, stochastic)
+    _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
 def _multi_tensor_kron_6(params, grads, m_list, c_list, d0_list, d1_list, d2_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                          generator=None, stochastic=False, seed=None):
@@ -4610,12 +4702,14 @@ def _multi_tensor_kron_6(params, grads, m_list, c_list, d0_list, d1_list, d2_lis
         tmp17 = torch._foreach_div(tmp16, tmp4)
         tmp18 = torch._foreach_div(tmp17, tmp5)
         tmp19 = [_axis_sum(tmp18_, 0) for tmp18_ in tmp18]
+        tmp21 = [_axis_sum(tmp18_, 1) for tmp18_ in tmp18]
+        tmp23 = [_axis_sum(tmp18_, 2) for tmp18_ in tmp18]
+        tmp46 = [torch.where(torch.as_tensor(weight_decouple, dtype=tmp0_.dtype, device=tmp0_.device) != 0, tmp0_, torch.as_tensor(0, dtype=tmp0_.dtype, device=tmp0_.device)) for tmp0_ in tmp0]
+        tmp12, tmp13, tmp14, tmp19, tmp21, tmp23 = _whole_lists(tmp12, tmp13, tmp14, tmp19, tmp21, tmp23)
         tmp20 = torch._foreach_add(tmp12, tmp19)
         r0 = [_amax(tmp20_, None) for tmp20_ in tmp20]
-        tmp21 = [_axis_sum(tmp18_, 1) for tmp18_ in tmp18]
         tmp22 = torch._foreach_add(tmp13, tmp21)
         r1 = [_amax(tmp22_, None) for tmp22_ in tmp22]
-        tmp23 = [_axis_sum(tmp18_, 2) for tmp18_ in tmp18]
         tmp24 = torch._foreach_add(tmp14, tmp23)
         r2 = [_amax(tmp24_, None) for tmp24_ in tmp24]
         tmp25 = torch._foreach_sub(tmp12, tmp19)
@@ -4624,7 +4718,6 @@ def _multi_tensor_kron_6(params, grads, m_list, c_list, d0_list, d1_list, d2_lis
         tmp31 = torch._foreach_mul(d1, tmp30)
         tmp35 = torch._foreach_sub(tmp14, tmp23)
         tmp36 = torch._foreach_mul(d2, tmp35)
-        tmp46 = [torch.where(torch.as_tensor(weight_decouple, dtype=tmp0_.dtype, device=tmp0_.device) != 0, tmp0_, torch.as_tensor(0, dtype=tmp0_.dtype, device=tmp0_.device)) for tmp0_ in tmp0]
         r0, r1, r2 = _whole_lists(r0, r1, r2)
         d4 = [torch.as_tensor(-plr/(r0_ + 1.1754943508222875e-38), dtype=p[0].dtype) for r0_ in r0]
         d5 = [torch.as_tensor(-plr/(r1_ + 1.1754943508222875e-38), dtype=p[0].dtype) for r1_ in r1]

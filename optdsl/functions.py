@@ -450,6 +450,10 @@ OPAQUE_CLASSES = (lerp, where, sigmoid, softplus, bfloat16, lt, le, gt, ge, eq, 
                   randn, rand)
 # the functions along an axis: their last argument is the axis, a whole number (0 the first axis)
 AXIS_FUNCTIONS = ("mm_axis", "rsolve_triu_axis", "gram_axis", "axis_sum")
+# Sums over the axes but one (run in torch's code, not the kernels' axis reductions): of a DTensor split
+# along a summed axis each rank's part, which the torch paths make whole as a row or column sum's
+# (Instr.whole: one all-reduce per stage); gram_axis's rules keep gram(K) states, stepped on owners
+SUMS_ALONG_AXIS = ("axis_sum",)
 RANDOM = tuple(f.sympy for f in TABLE.values() if f.random)
 REDUCTIONS = {f.sympy: f for f in TABLE.values() if f.reduction}
 BROADCAST = {f.sympy: f.broadcast for f in TABLE.values() if f.broadcast is not None}

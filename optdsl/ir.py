@@ -63,6 +63,13 @@ def is_matrix(kind: str) -> bool:
     return kind in MATRIX_STATES or matrix_dims(kind) is not None or axis_kind(kind) is not None
 
 
+def needs_whole(kind: str) -> bool:
+    """Whether a state of this kind needs the whole tensor to step (a sharded parameter steps whole on an
+    owner rank): a matrix per matrix of p or a `gram(K)`; an `axis(K)` state is a reduction of p's
+    shape, split as p along axis K (as rows/cols states), its axis sums partial over a split axis."""
+    return is_matrix(kind) and (axis_kind(kind) or ("gram",))[0] == "gram"
+
+
 def state_shape(kind: str):
     """ir's shape of a state of this kind (see join): None for a matrix of its own shape."""
     return None if matrix_dims(kind) or axis_kind(kind) else STATE_SHAPES[kind]

@@ -128,6 +128,7 @@ def results():
         dm.CHECKPOINTS = tmp  # before the forks: every rank writes and reads there
         out = {2: dm.run(ALL + BF16 + [("save", n, p, "float64") for n, p in CHECKPOINTED]
                          + [("count", n, p, "float64") for n in [*COUNTED, "shampoo"] for p in dm.PATHS]
+                         + [(f"count{m}", "kron", p, "float64") for m in dm.RANK3 for p in dm.PATHS]
                          + [("save-bf16", n, p, "float32") for n, p in CHECKPOINTED_BF16]
                          + LOWBIT + [LOWBIT_SAVE, LOWBIT_LOAD] + STOCHASTIC + TP_LOWBIT
                          + [(f"rsave-{f}", n, p, "float64") for n, p, f in RESHARDED]
@@ -256,6 +257,29 @@ def test_for_loop_path_makes_one_all_reduce_per_stage(results, name):
     result = results[2][("count", name, "loop", "float64")]
     assert not isinstance(result, str), result
     assert stages >= 1 and result[1] == {"allreduce": stages}
+
+
+def test_rank3_axis_states_are_reduced_where_they_lie(results):
+    """Kron's rule of axis(K) factors (all_diag) on FSDP2's Shard(0): each factor is split as p along
+    its axis (axis(0) with p's rows, axis(1) and axis(2) replicated), axis_sum over the split axis 0
+    leaves partial sums, and each stage's are combined for the 3 tensors by one all-reduce (3 stages:
+    the axis sums, the amax of each factor's update, rms(u)), on every path (fused runs the foreach
+    path's code for this rule); nothing is gathered. Its gram(K) twin needs whole matrices: each
+    tensor steps on its owner, gathered and scattered, no all-reduce."""
+    from optdsl.backends.torch import sharded_stages
+    plan = _compiled("kron").rules[6][2]
+    assert {s.shape for s in plan.program.states} >= {"axis(0)", "axis(1)", "axis(2)"}
+    assert sharded_stages(plan) == 3
+    for path in dm.PATHS:
+        for mode in dm.RANK3:
+            result = results[2][(f"count{mode}", "kron", path, "float64")]
+            assert not isinstance(result, str), result
+            expected = dm.one_process("kron", path, torch.float64, 7, 2, mode)
+            assert dm.compare(result[0], expected, torch.float64) == "", (mode, path)
+            if mode == "rank3diag":
+                assert result[1] == {"allreduce": 3}, (path, result[1])
+            else:
+                assert "allreduce" not in result[1] and result[1]["gather"] > 0 and result[1]["scatter"] > 0, result[1]
 
 
 def test_matrix_states_step_on_owners(results):

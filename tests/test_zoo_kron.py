@@ -553,7 +553,7 @@ def test_a_kron_rank3_mutant_is_caught(mutant, monkeypatch, float64_default):
 
 def _axis_helpers():
     from optdsl.backends.torch import LINALG_HELPERS
-    ns = {"torch": torch}
+    ns = {"torch": torch, "_is_sharded": lambda x: False}  # plain tensors (a DTensor's _axis_sum: _sum's)
     for name in ("_rsolve_triu", "_mm_axis", "_rsolve_triu_axis", "_gram_axis", "_axis_sum"):
         exec(LINALG_HELPERS[name], ns)
     return ns

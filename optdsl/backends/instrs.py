@@ -44,7 +44,7 @@ class Instr:
         """Whether it is a reduction, whole-tensor or over axes (the function table's row says): of a
         sharded parameter (a DTensor) a reduction over a split axis is each rank's part, which the
         printers make whole (the generated _whole: one all-reduce over the mesh)."""
-        return self.row is not None and (self.row.reduction or bool(self.row.axis))
+        return self.row is not None and (self.row.reduction or bool(self.row.axis) or self.row.name in fn.SUMS_ALONG_AXIS)
 
     @property
     def binds(self) -> set[str]:

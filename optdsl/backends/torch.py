@@ -145,6 +145,8 @@ LINALG_HELPERS = {
         "def _axis_sum(x, k):\n"
         "    # x summed over every axis but k, kept with size 1\n"
         "    dims = tuple(j for j in range(x.dim()) if j != int(k))\n"
+        "    if _is_sharded(x):  # partial over a split axis, made whole as row/col sums are (_sum)\n"
+        "        return _sum(x, dims) if dims else x\n"
         "    return x.sum(dim=dims, keepdim=True) if dims else x"),
 }
 LINALG_USES = {"_inv_root": ("_eigh",), "_eigvecs": ("_eigh",), "_svd_u": ("_svd",), "_svd_vh": ("_svd",),
@@ -400,7 +402,7 @@ def sharded_stages(plan: Plan) -> int:
     """How many stages of reductions a rule's for-loop step hands out on DTensor parameters (on its
     longest way through its branches): all-reduces per step for all its tensors, where each stage has
     a reduction over a split axis (schedule.staged); 0 for a rule whose parameters step on owners."""
-    if any(ir.is_matrix(s.shape) for s in plan.program.states):
+    if any(ir.needs_whole(s.shape) for s in plan.program.states):
         return 0
     return schedule.stages(schedule.staged(_instructions(plan)))
 
@@ -428,7 +430,7 @@ def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]
     codes = quant.codes(prog)  # each float state's low-bit code (int8/int4 states)
     single_body = [line for i in instrs for line in single(i)]
     staged = schedule.staged(instrs)  # a DTensor parameter's stages, combined over the group's tensors
-    matrix_states = any(ir.is_matrix(s.shape) for s in prog.states)
+    matrix_states = any(ir.needs_whole(s.shape) for s in prog.states)  # sharded: stepped whole on owners
     complex_why = _not_elementwise(prog)
     min_rank, rank_why, rank_span = ranks.need(prog)
     return dict(
@@ -602,7 +604,8 @@ def render(plan: Plan, source: str, filename: str, rules: tuple = (), refusals: 
                       if re.search(rf"(?<!\w){name}\(", host_code)]  # _bfloat16( is not _round_bfloat16(
     ctx["fused_rules"] = [_fused_context(c, p, cond, len(rules) > 1) for c, (_, p, cond) in zip(contexts, rules)]
     for c, fused in zip(contexts, ctx["fused_rules"]):  # each rule's functional asks its own
-        c.update(avail_name=fused["avail_name"], default_name=fused["default_name"])
+        # torch_fused: its fused path is the multi-tensor path's torch code (draws DTensor-aware, _random_like)
+        c.update(avail_name=fused["avail_name"], default_name=fused["default_name"], torch_fused=fused["torch_only"])
     ctx["func"] = func
     ctx["matrix_states"] = any(c["matrix_states"] for c in contexts)
     ctx["sharded_loop"] = any(c["staged_body"] for c in contexts)  # a rule's for-loop path has stages on DTensors
