@@ -312,11 +312,10 @@ def _round_bfloat16(x):
     return x.bfloat16().to(x.dtype)
 
 
-def _part(x):
-    """One tensor's part of a reduction over the group (a 0-dim tensor), whole and plain: a DTensor's
-    partial result is combined over the mesh first (one collective per tensor)."""
-    x = _whole(x)
-    return x.full_tensor() if _is_sharded(x) else x
+def _parts(xs):
+    """Each tensor's part of a reduction over the group (0-dim tensors), whole and plain: the DTensors'
+    partial results combined over the mesh by one all-reduce for all of them (_whole_flat)."""
+    return [x.full_tensor() if _is_sharded(x) else x for x in _whole_flat(xs)]
 
 
 def _copy_into(dst, src):

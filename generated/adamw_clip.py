@@ -319,11 +319,10 @@ def _round_bfloat16(x):
     return x.bfloat16().to(x.dtype)
 
 
-def _part(x):
-    """One tensor's part of a reduction over the group (a 0-dim tensor), whole and plain: a DTensor's
-    partial result is combined over the mesh first (one collective per tensor)."""
-    x = _whole(x)
-    return x.full_tensor() if _is_sharded(x) else x
+def _parts(xs):
+    """Each tensor's part of a reduction over the group (0-dim tensors), whole and plain: the DTensors'
+    partial results combined over the mesh by one all-reduce for all of them (_whole_flat)."""
+    return [x.full_tensor() if _is_sharded(x) else x for x in _whole_flat(xs)]
 
 
 def _copy_into(dst, src):
@@ -1297,7 +1296,7 @@ class AdamWClip(Optimizer):
         p = [x_ if x_.dtype in _EXACT else x_.float() for x_ in params]
         g = [y_.to(x_.dtype) for x_, y_ in zip(p, grads)]
         values = {}
-        values["norm#0"] = _group_norm([_part(torch.linalg.vector_norm(g_)) for p_, g_ in zip(p, g)])
+        values["norm#0"] = _group_norm(_parts([torch.linalg.vector_norm(g_) for p_, g_ in zip(p, g)]))
         values["gnorm.1"] = values["norm#0"]
         values["clip.1"] = min(1, group["max_norm"]*_pow(values["gnorm.1"] + 1e-06, -1))
         return {"clip": values["clip.1"]}

@@ -93,6 +93,10 @@ CHECKPOINTED += [("shampoo", "loop")]  # Gram states: row-sharded (L, Li) and re
 # {spec: (for-loop, foreach, fused) all-reduces per step}
 COUNTED = {"nsgda": (1, 1, 1), "lamb": (1, 1, 1), "sm3": (1, 1, 1), "sgd_agc": (1, 1, 1), "smmf": (1, 1, 1),
            "amos": (1, 1, 1), "adafactor": (4, 4, 4)}
+# A group phase's reductions over all the group's tensors (AdamS's mean of v, AdamW-clip's gradient norm,
+# Prodigy's two sums): each tensor's partial part combined by one all-reduce for all of them (_parts), on
+# every path; one per tensor before (5, 5, 10)
+GROUP_COUNTED = {"adams": 1, "adamw_clip": 1, "prodigy": 2}
 # and with bfloat16 states (state_dtype), in float32
 CHECKPOINTED_BF16 = [("adamw", "loop"), ("adamw", "fused"), ("adafactor", "fused"), ("muon", "loop")]
 # Low-bit states (state_dtype "int8", "int4") on dm.LowBitNet at 2 ranks: a's 5 x 4100 split 3 + 2 rows
@@ -127,7 +131,7 @@ def results():
     with tempfile.TemporaryDirectory() as tmp:
         dm.CHECKPOINTS = tmp  # before the forks: every rank writes and reads there
         out = {2: dm.run(ALL + BF16 + [("save", n, p, "float64") for n, p in CHECKPOINTED]
-                         + [("count", n, p, "float64") for n in [*COUNTED, "shampoo"] for p in dm.PATHS]
+                         + [("count", n, p, "float64") for n in [*COUNTED, *GROUP_COUNTED, "shampoo"] for p in dm.PATHS]
                          + [(f"count{m}", "kron", p, "float64") for m in dm.RANK3 for p in dm.PATHS]
                          + [("save-bf16", n, p, "float32") for n, p in CHECKPOINTED_BF16]
                          + LOWBIT + [LOWBIT_SAVE, LOWBIT_LOAD] + STOCHASTIC + TP_LOWBIT
@@ -244,6 +248,17 @@ def test_each_reduction_is_one_all_reduce_for_all_tensors(results, name):
         assert not isinstance(result, str), result
         assert dm.compare(result[0], dm.one_process(name, path, torch.float64), torch.float64) == ""
     assert [got[path][1] for path in ("loop", "foreach", "fused")] == [{"allreduce": n} for n in COUNTED[name]]
+
+
+@pytest.mark.parametrize("name", GROUP_COUNTED)
+def test_group_reductions_are_one_all_reduce_for_all_tensors(results, name):
+    """A reduction over all the group's tensors (the group phase) combines every tensor's partial part
+    by one all-reduce, not one per tensor, on every path; the parameters still match one process."""
+    for path in dm.PATHS:
+        result = results[2][("count", name, path, "float64")]
+        assert not isinstance(result, str), result
+        assert dm.compare(result[0], dm.one_process(name, path, torch.float64), torch.float64) == ""
+        assert result[1] == {"allreduce": GROUP_COUNTED[name]}, (path, result[1])
 
 
 @pytest.mark.parametrize("name", COUNTED)

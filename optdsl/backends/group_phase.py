@@ -11,14 +11,14 @@ from .printers import CompiledPrinter, HostPrinter, read_state_code
 
 # How one reduction over the group is computed: each tensor's part (torch code of {0}), and how the
 # parts combine into a host float ({0}: the list of parts; `p`: the group's parameters). A part of a
-# sharded parameter (a DTensor) is the whole tensor's: _part, the sharding template's, combines the
-# shards' (numel() of a DTensor is the whole tensor's).
+# sharded parameter (a DTensor) is the whole tensor's: _parts, the sharding template's, combines the
+# shards' of all the group's tensors by one all-reduce (numel() of a DTensor is the whole tensor's).
 _COMBINE = {
-    "sum": ("_part(torch.sum({0}))", "_group_sum({0})"),
-    "mean": ("_part(torch.sum({0}))", "(_group_sum({0}) / sum(x_.numel() for x_ in p))"),
-    "norm": ("_part(torch.linalg.vector_norm({0}))", "_group_norm({0})"),
-    "rms": ("_part(torch.sum(torch.square({0})))", "math.sqrt(_group_sum({0}) / sum(x_.numel() for x_ in p))"),
-    "amax": ("_part(_amax({0}, None))", "_group_max({0})"),
+    "sum": ("torch.sum({0})", "_group_sum(_parts({0}))"),
+    "mean": ("torch.sum({0})", "(_group_sum(_parts({0})) / sum(x_.numel() for x_ in p))"),
+    "norm": ("torch.linalg.vector_norm({0})", "_group_norm(_parts({0}))"),
+    "rms": ("torch.sum(torch.square({0}))", "math.sqrt(_group_sum(_parts({0})) / sum(x_.numel() for x_ in p))"),
+    "amax": ("_amax({0}, None)", "_group_max(_parts({0}))"),
 }
 
 HELPERS = {
