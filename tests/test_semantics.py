@@ -535,3 +535,18 @@ def test_matrix_work_of_a_value_that_simplifies_to_a_scalar_is_a_located_error(b
         compile_source(text, "w.opt")
     assert (info.value.span.line, info.value.span.column) == where and shown in str(info.value)
     assert "bug in optdsl" not in str(info.value)
+
+
+@pytest.mark.parametrize("init, want", [("scale >= eye / 3", 1.0), ("sqrt(scale + eye)", None)])
+def test_a_matrix_state_s_initial_value_applies_functions_to_the_identity_as_a_tensor(init, want):
+    """Fuzz seed 8623 (a Kron mutant, `Q1: gram(1) = scale >= (1/3) * eye`): the initial value was printed
+    as a host float, float(scale >= _eye_like(...) / 3), a ValueError at the first step; now on the tensor."""
+    cls = optdsl.compile(f"optimizer W\nhyper scale = 1\nrule ndim == 2 {{\n  state L: gram_rows = {init}\n"
+                         "  p -= 0.1 * mm(L, g)\n}\nrule {\n  p -= g\n}\n")
+    eye = torch.eye(3, dtype=torch.float64)
+    L = torch.ones(3, 3, dtype=torch.float64) if want else torch.sqrt(1 + eye)
+    for path in PATHS[:2]:
+        p = torch.nn.Parameter(torch.zeros(3, 4, dtype=torch.float64))
+        p.grad = torch.ones_like(p)
+        cls([p], **path).step()
+        torch.testing.assert_close(p.detach(), -0.1 * L @ torch.ones(3, 4, dtype=torch.float64), rtol=1e-15, atol=0)

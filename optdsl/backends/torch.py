@@ -780,12 +780,18 @@ def _init_code(state: ir.State, prog: ir.Program, group_code: dict[str, str]) ->
     value = fn.broadcast_scalars(value, lambda x: not tensor(x)).xreplace(
         {sp.Symbol(n): sp.Symbol(code) for n, code in ir.SHAPE_BUILTINS.items()})
     reductions = tuple(REDUCTIONS)
-    if p not in value.free_symbols and not value.has(*reductions):
+    # a matrix state's identity is a tensor: Python's arithmetic takes it, a host function or comparison
+    # (float(scale >= eye / 3), math.sqrt) does not (fuzz seed 8623: ValueError at step)
+    eye = env[ir.EYE]
+    on_eye = any((isinstance(e, sp.Function) or (isinstance(e, sp.Pow) and not e.exp.is_Integer))
+                 and eye in e.free_symbols for e in sp.preorder_traversal(value))
+    if p not in value.free_symbols and not value.has(*reductions) and not on_eye:
         return HostPrinter().doprint(value)
+    tensors = {p, eye}
 
     def host_parts(e: sp.Expr, operand: bool = False) -> sp.Expr:
         """The parts p does not reach, computed on the host and given to torch as tensors like p."""
-        if p not in e.free_symbols and not e.has(*reductions) and (operand or not e.is_Number):
+        if not (e.free_symbols & tensors) and not e.has(*reductions) and (operand or not e.is_Number):
             return sp.Symbol(f"p.new_tensor({HostPrinter().doprint(e)})")
         if e.is_Atom:
             return e
