@@ -1299,7 +1299,8 @@ def adabelief(params, grads, m_list, s_list, state_steps, *, foreach=None, fused
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_adabelief(params, grads, m_list, s_list, state_steps, *, lr, b1, b2, eps, wd,                              generator=None, stochastic=False):
+def _single_tensor_adabelief(params, grads, m_list, s_list, state_steps, *, lr, b1, b2, eps, wd,
+                             generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1 - b1
@@ -1338,7 +1339,8 @@ def _single_tensor_adabelief(params, grads, m_list, s_list, state_steps, *, lr, 
         _write_state(s_list[i], s, False, generator, stochastic)
 
 
-def _multi_tensor_adabelief(params, grads, m_list, s_list, state_steps, *, lr, b1, b2, eps, wd,                             generator=None, stochastic=False):
+def _multi_tensor_adabelief(params, grads, m_list, s_list, state_steps, *, lr, b1, b2, eps, wd,
+                            generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

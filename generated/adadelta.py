@@ -1376,7 +1376,8 @@ def adadelta(params, grads, v_list, u_list, state_steps, *, foreach=None, fused=
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_adadelta(params, grads, v_list, u_list, state_steps, *, lr, rho, eps, wd,                             generator=None, stochastic=False):
+def _single_tensor_adadelta(params, grads, v_list, u_list, state_steps, *, lr, rho, eps, wd,
+                            generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr
     k1 = 1 - rho
@@ -1408,7 +1409,8 @@ def _single_tensor_adadelta(params, grads, v_list, u_list, state_steps, *, lr, r
         _write_state(u_list[i], u, False, generator, stochastic)
 
 
-def _multi_tensor_adadelta(params, grads, v_list, u_list, state_steps, *, lr, rho, eps, wd,                            generator=None, stochastic=False):
+def _multi_tensor_adadelta(params, grads, v_list, u_list, state_steps, *, lr, rho, eps, wd,
+                           generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

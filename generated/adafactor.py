@@ -1536,7 +1536,8 @@ def adafactor_0(params, grads, r_list, c_list, state_steps, *, foreach=None, fus
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd,                                generator=None, stochastic=False):
+def _single_tensor_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd,
+                               generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1/d
@@ -1639,7 +1640,8 @@ def _staged_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr, beta2
     _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
-def _multi_tensor_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd,                               generator=None, stochastic=False):
+def _multi_tensor_adafactor_0(params, grads, r_list, c_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd,
+                              generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
@@ -1728,7 +1730,8 @@ def adafactor_1(params, grads, v_list, state_steps, *, foreach=None, fused=None,
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_adafactor_1(params, grads, v_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd,                                generator=None, stochastic=False):
+def _single_tensor_adafactor_1(params, grads, v_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd,
+                               generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1/d
@@ -1811,7 +1814,8 @@ def _staged_adafactor_1(params, grads, v_list, state_steps, *, lr, beta2_decay, 
     _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
-def _multi_tensor_adafactor_1(params, grads, v_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd,                               generator=None, stochastic=False):
+def _multi_tensor_adafactor_1(params, grads, v_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd,
+                              generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

@@ -1444,7 +1444,8 @@ def adafactorm_0(params, grads, r_list, c_list, m_list, state_steps, *, foreach=
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_adafactorm_0(params, grads, r_list, c_list, m_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd, b1,                                 generator=None, stochastic=False):
+def _single_tensor_adafactorm_0(params, grads, r_list, c_list, m_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd, b1,
+                                generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1/d
@@ -1559,7 +1560,8 @@ def _staged_adafactorm_0(params, grads, r_list, c_list, m_list, state_steps, *, 
     _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
-def _multi_tensor_adafactorm_0(params, grads, r_list, c_list, m_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd, b1,                                generator=None, stochastic=False):
+def _multi_tensor_adafactorm_0(params, grads, r_list, c_list, m_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd, b1,
+                               generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
@@ -1657,7 +1659,8 @@ def adafactorm_1(params, grads, v_list, m_list, state_steps, *, foreach=None, fu
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_adafactorm_1(params, grads, v_list, m_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd, b1,                                 generator=None, stochastic=False):
+def _single_tensor_adafactorm_1(params, grads, v_list, m_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd, b1,
+                                generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1/d
@@ -1752,7 +1755,8 @@ def _staged_adafactorm_1(params, grads, v_list, m_list, state_steps, *, lr, beta
     _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
-def _multi_tensor_adafactorm_1(params, grads, v_list, m_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd, b1,                                generator=None, stochastic=False):
+def _multi_tensor_adafactorm_1(params, grads, v_list, m_list, state_steps, *, lr, beta2_decay, eps1, eps2, d, wd, b1,
+                               generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

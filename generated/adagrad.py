@@ -1381,7 +1381,8 @@ def adagrad(params, grads, sum_sq_list, state_steps, *, foreach=None, fused=None
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_adagrad(params, grads, sum_sq_list, state_steps, *, lr, lr_decay, wd, initial_accumulator_value, eps,                            generator=None, stochastic=False):
+def _single_tensor_adagrad(params, grads, sum_sq_list, state_steps, *, lr, lr_decay, wd, initial_accumulator_value, eps,
+                           generator=None, stochastic=False):
     for i, param in enumerate(params):
         p = param if param.dtype in _EXACT else param.float()
         g = grads[i].to(p.dtype)
@@ -1404,7 +1405,8 @@ def _single_tensor_adagrad(params, grads, sum_sq_list, state_steps, *, lr, lr_de
         _write_state(sum_sq_list[i], sum_sq, False, generator, stochastic)
 
 
-def _multi_tensor_adagrad(params, grads, sum_sq_list, state_steps, *, lr, lr_decay, wd, initial_accumulator_value, eps,                           generator=None, stochastic=False):
+def _multi_tensor_adagrad(params, grads, sum_sq_list, state_steps, *, lr, lr_decay, wd, initial_accumulator_value, eps,
+                          generator=None, stochastic=False):
     if not params:
         return
     # Grouped by the parameters' device and dtype (and DTensors apart from plain tensors); states follow

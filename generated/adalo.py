@@ -1313,7 +1313,8 @@ def adalo(params, grads, m_list, loss_avg_list, state_steps, *, foreach=None, fu
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_adalo(params, grads, m_list, loss_avg_list, state_steps, *, b1, b2, kappa, eps, wd, loss,                          generator=None, stochastic=False):
+def _single_tensor_adalo(params, grads, m_list, loss_avg_list, state_steps, *, b1, b2, kappa, eps, wd, loss,
+                         generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -wd
     k1 = 1/kappa
@@ -1342,7 +1343,8 @@ def _single_tensor_adalo(params, grads, m_list, loss_avg_list, state_steps, *, b
         _write_state(loss_avg_list[i], loss_avg, False, generator, stochastic)
 
 
-def _multi_tensor_adalo(params, grads, m_list, loss_avg_list, state_steps, *, b1, b2, kappa, eps, wd, loss,                         generator=None, stochastic=False):
+def _multi_tensor_adalo(params, grads, m_list, loss_avg_list, state_steps, *, b1, b2, kappa, eps, wd, loss,
+                        generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

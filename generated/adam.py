@@ -1505,7 +1505,8 @@ def adam_0(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=No
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_adam_0(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled,                           generator=None, stochastic=False):
+def _single_tensor_adam_0(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled,
+                          generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - b2
     k1 = 1 - b1
@@ -1553,7 +1554,8 @@ def _single_tensor_adam_0(params, grads, m_list, v_list, state_steps, *, lr, b1,
         _write_state(v_list[i], v, False, generator, stochastic)
 
 
-def _multi_tensor_adam_0(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled,                          generator=None, stochastic=False):
+def _multi_tensor_adam_0(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled,
+                         generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
@@ -1639,7 +1641,8 @@ def adam_1(params, grads, m_list, v_list, v_max_list, state_steps, *, foreach=No
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_adam_1(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled,                           generator=None, stochastic=False):
+def _single_tensor_adam_1(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled,
+                          generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - b2
     k1 = 1 - b1
@@ -1691,7 +1694,8 @@ def _single_tensor_adam_1(params, grads, m_list, v_list, v_max_list, state_steps
         _write_state(v_max_list[i], v_max, False, generator, stochastic)
 
 
-def _multi_tensor_adam_1(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled,                          generator=None, stochastic=False):
+def _multi_tensor_adam_1(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled,
+                         generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

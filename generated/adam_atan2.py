@@ -1300,7 +1300,8 @@ def adamatan2(params, grads, m_list, v_list, state_steps, *, foreach=None, fused
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_adamatan2(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, wd, a, b,                              generator=None, stochastic=False):
+def _single_tensor_adamatan2(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, wd, a, b,
+                             generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = -a*lr
@@ -1339,7 +1340,8 @@ def _single_tensor_adamatan2(params, grads, m_list, v_list, state_steps, *, lr, 
         _write_state(v_list[i], v, False, generator, stochastic)
 
 
-def _multi_tensor_adamatan2(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, wd, a, b,                             generator=None, stochastic=False):
+def _multi_tensor_adamatan2(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, wd, a, b,
+                            generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

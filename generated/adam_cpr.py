@@ -1437,7 +1437,8 @@ def adamcpr(params, grads, m_list, v_list, lagmul_list, kappa_list, state_steps,
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_adamcpr(params, grads, m_list, v_list, lagmul_list, kappa_list, state_steps, *, lr, b1, b2, eps, warm_start, mu,                            generator=None, stochastic=False):
+def _single_tensor_adamcpr(params, grads, m_list, v_list, lagmul_list, kappa_list, state_steps, *, lr, b1, b2, eps, warm_start, mu,
+                           generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - b2
     k1 = 1 - b1
@@ -1556,7 +1557,8 @@ def _staged_adamcpr(params, grads, m_list, v_list, lagmul_list, kappa_list, stat
     _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
-def _multi_tensor_adamcpr(params, grads, m_list, v_list, lagmul_list, kappa_list, state_steps, *, lr, b1, b2, eps, warm_start, mu,                           generator=None, stochastic=False):
+def _multi_tensor_adamcpr(params, grads, m_list, v_list, lagmul_list, kappa_list, state_steps, *, lr, b1, b2, eps, warm_start, mu,
+                          generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

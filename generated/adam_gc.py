@@ -1314,7 +1314,8 @@ def adamgc(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=No
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_adamgc(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd,                           generator=None, stochastic=False):
+def _single_tensor_adamgc(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd,
+                          generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - b2
     k1 = 1 - b1
@@ -1411,7 +1412,8 @@ def _staged_adamgc(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, ep
     _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
-def _multi_tensor_adamgc(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd,                          generator=None, stochastic=False):
+def _multi_tensor_adamgc(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd,
+                         generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

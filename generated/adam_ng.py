@@ -1323,7 +1323,8 @@ def adamng(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=No
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_adamng(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, norm_eps, wd,                           generator=None, stochastic=False):
+def _single_tensor_adamng(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, norm_eps, wd,
+                          generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1 - b2
@@ -1412,7 +1413,8 @@ def _staged_adamng(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, ep
     _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
-def _multi_tensor_adamng(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, norm_eps, wd,                          generator=None, stochastic=False):
+def _multi_tensor_adamng(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, norm_eps, wd,
+                         generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

@@ -1380,7 +1380,8 @@ def adamax(params, grads, m_list, u_list, state_steps, *, foreach=None, fused=No
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_adamax(params, grads, m_list, u_list, state_steps, *, lr, b1, b2, eps, wd,                           generator=None, stochastic=False):
+def _single_tensor_adamax(params, grads, m_list, u_list, state_steps, *, lr, b1, b2, eps, wd,
+                          generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - b1
     for i, param in enumerate(params):
@@ -1409,7 +1410,8 @@ def _single_tensor_adamax(params, grads, m_list, u_list, state_steps, *, lr, b1,
         _write_state(u_list[i], u, False, generator, stochastic)
 
 
-def _multi_tensor_adamax(params, grads, m_list, u_list, state_steps, *, lr, b1, b2, eps, wd,                          generator=None, stochastic=False):
+def _multi_tensor_adamax(params, grads, m_list, u_list, state_steps, *, lr, b1, b2, eps, wd,
+                         generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

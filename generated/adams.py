@@ -1424,7 +1424,8 @@ def adams(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=Non
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_adams(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, vbar,                          generator=None, stochastic=False):
+def _single_tensor_adams(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, vbar,
+                         generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd*_pow(vbar, -1/2) + 1
     k1 = 1 - b2
@@ -1462,7 +1463,8 @@ def _single_tensor_adams(params, grads, m_list, v_list, state_steps, *, lr, b1, 
         _write_state(v_list[i], v, False, generator, stochastic)
 
 
-def _multi_tensor_adams(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, vbar,                         generator=None, stochastic=False):
+def _multi_tensor_adams(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, vbar,
+                        generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

@@ -1489,7 +1489,8 @@ def adamw_0(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=N
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_adamw_0(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad,                            generator=None, stochastic=False):
+def _single_tensor_adamw_0(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad,
+                           generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1 - b2
@@ -1525,7 +1526,8 @@ def _single_tensor_adamw_0(params, grads, m_list, v_list, state_steps, *, lr, b1
         _write_state(v_list[i], v, False, generator, stochastic)
 
 
-def _multi_tensor_adamw_0(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad,                           generator=None, stochastic=False):
+def _multi_tensor_adamw_0(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad,
+                          generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
@@ -1599,7 +1601,8 @@ def adamw_1(params, grads, m_list, v_list, v_max_list, state_steps, *, foreach=N
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_adamw_1(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad,                            generator=None, stochastic=False):
+def _single_tensor_adamw_1(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad,
+                           generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1 - b2
@@ -1639,7 +1642,8 @@ def _single_tensor_adamw_1(params, grads, m_list, v_list, v_max_list, state_step
         _write_state(v_max_list[i], v_max, False, generator, stochastic)
 
 
-def _multi_tensor_adamw_1(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad,                           generator=None, stochastic=False):
+def _multi_tensor_adamw_1(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad,
+                          generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

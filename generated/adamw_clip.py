@@ -1427,7 +1427,8 @@ def adamwclip(params, grads, m_list, v_list, state_steps, *, foreach=None, fused
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_adamwclip(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, max_norm, clip,                              generator=None, stochastic=False):
+def _single_tensor_adamwclip(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, max_norm, clip,
+                             generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = _pow(clip, 2)
@@ -1466,7 +1467,8 @@ def _single_tensor_adamwclip(params, grads, m_list, v_list, state_steps, *, lr, 
         _write_state(v_list[i], v, False, generator, stochastic)
 
 
-def _multi_tensor_adamwclip(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, max_norm, clip,                             generator=None, stochastic=False):
+def _multi_tensor_adamwclip(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, max_norm, clip,
+                            generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

@@ -1326,7 +1326,8 @@ def adamwsoftclip(params, grads, m_list, v_list, state_steps, *, foreach=None, f
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_adamwsoftclip(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, clip_eps,                                  generator=None, stochastic=False):
+def _single_tensor_adamwsoftclip(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, clip_eps,
+                                 generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1 - b2
@@ -1433,7 +1434,8 @@ def _staged_adamwsoftclip(params, grads, m_list, v_list, state_steps, *, lr, b1,
     _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
-def _multi_tensor_adamwsoftclip(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, clip_eps,                                 generator=None, stochastic=False):
+def _multi_tensor_adamwsoftclip(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, clip_eps,
+                                generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

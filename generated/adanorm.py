@@ -1330,7 +1330,8 @@ def adanorm(params, grads, m_list, v_list, gn_avg_list, state_steps, *, foreach=
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_adanorm(params, grads, m_list, v_list, gn_avg_list, state_steps, *, lr, b1, b2, r, eps, wd,                            generator=None, stochastic=False):
+def _single_tensor_adanorm(params, grads, m_list, v_list, gn_avg_list, state_steps, *, lr, b1, b2, r, eps, wd,
+                           generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1 - b2
@@ -1421,7 +1422,8 @@ def _staged_adanorm(params, grads, m_list, v_list, gn_avg_list, state_steps, *, 
     _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
-def _multi_tensor_adanorm(params, grads, m_list, v_list, gn_avg_list, state_steps, *, lr, b1, b2, r, eps, wd,                           generator=None, stochastic=False):
+def _multi_tensor_adanorm(params, grads, m_list, v_list, gn_avg_list, state_steps, *, lr, b1, b2, r, eps, wd,
+                          generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

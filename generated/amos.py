@@ -1353,7 +1353,8 @@ def amos(params, grads, m_list, v_list, decay_list, state_steps, *, foreach=None
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_amos(params, grads, m_list, v_list, decay_list, state_steps, *, lr, beta, momentum, extra_l2, c_coef, d_coef, eps,                         generator=None, stochastic=False):
+def _single_tensor_amos(params, grads, m_list, v_list, decay_list, state_steps, *, lr, beta, momentum, extra_l2, c_coef, d_coef, eps,
+                        generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = math.sqrt(2)
     k1 = -1/2*extra_l2
@@ -1474,7 +1475,8 @@ def _staged_amos(params, grads, m_list, v_list, decay_list, state_steps, *, lr, 
     _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
-def _multi_tensor_amos(params, grads, m_list, v_list, decay_list, state_steps, *, lr, beta, momentum, extra_l2, c_coef, d_coef, eps,                        generator=None, stochastic=False):
+def _multi_tensor_amos(params, grads, m_list, v_list, decay_list, state_steps, *, lr, beta, momentum, extra_l2, c_coef, d_coef, eps,
+                       generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

@@ -1404,7 +1404,8 @@ def amsgrad_(params, grads, m_list, v_list, v_max_list, state_steps, *, foreach=
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_amsgrad_(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled,                             generator=None, stochastic=False):
+def _single_tensor_amsgrad_(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled,
+                            generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - b2
     k1 = 1 - b1
@@ -1456,7 +1457,8 @@ def _single_tensor_amsgrad_(params, grads, m_list, v_list, v_max_list, state_ste
         _write_state(v_max_list[i], v_max, False, generator, stochastic)
 
 
-def _multi_tensor_amsgrad_(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled,                            generator=None, stochastic=False):
+def _multi_tensor_amsgrad_(params, grads, m_list, v_list, v_max_list, state_steps, *, lr, b1, b2, eps, wd, amsgrad, decoupled,
+                           generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

@@ -1392,7 +1392,8 @@ def asgd(params, grads, eta_list, mu_list, ax_list, state_steps, *, foreach=None
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_asgd(params, grads, eta_list, mu_list, ax_list, state_steps, *, lr, lambd, alpha, t0, wd,                         generator=None, stochastic=False):
+def _single_tensor_asgd(params, grads, eta_list, mu_list, ax_list, state_steps, *, lr, lambd, alpha, t0, wd,
+                        generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lambd
     k1 = lambd*lr
@@ -1438,7 +1439,8 @@ def _single_tensor_asgd(params, grads, eta_list, mu_list, ax_list, state_steps, 
         _write_state(ax_list[i], ax, True, generator, stochastic)
 
 
-def _multi_tensor_asgd(params, grads, eta_list, mu_list, ax_list, state_steps, *, lr, lambd, alpha, t0, wd,                        generator=None, stochastic=False):
+def _multi_tensor_asgd(params, grads, eta_list, mu_list, ax_list, state_steps, *, lr, lambd, alpha, t0, wd,
+                       generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

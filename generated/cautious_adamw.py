@@ -1324,7 +1324,8 @@ def cautiousadamw(params, grads, m_list, v_list, state_steps, *, foreach=None, f
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_cautiousadamw(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd,                                  generator=None, stochastic=False):
+def _single_tensor_cautiousadamw(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd,
+                                 generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1 - b1
@@ -1421,7 +1422,8 @@ def _staged_cautiousadamw(params, grads, m_list, v_list, state_steps, *, lr, b1,
     _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
-def _multi_tensor_cautiousadamw(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd,                                 generator=None, stochastic=False):
+def _multi_tensor_cautiousadamw(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd,
+                                generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

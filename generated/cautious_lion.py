@@ -1308,7 +1308,8 @@ def cautiouslion(params, grads, m_list, state_steps, *, foreach=None, fused=None
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_cautiouslion(params, grads, m_list, state_steps, *, lr, b1, b2, wd,                                 generator=None, stochastic=False):
+def _single_tensor_cautiouslion(params, grads, m_list, state_steps, *, lr, b1, b2, wd,
+                                generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1 - b1
@@ -1373,7 +1374,8 @@ def _staged_cautiouslion(params, grads, m_list, state_steps, *, lr, b1, b2, wd,
     _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
-def _multi_tensor_cautiouslion(params, grads, m_list, state_steps, *, lr, b1, b2, wd,                                generator=None, stochastic=False):
+def _multi_tensor_cautiouslion(params, grads, m_list, state_steps, *, lr, b1, b2, wd,
+                               generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

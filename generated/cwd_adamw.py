@@ -1298,7 +1298,8 @@ def cwdadamw(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_cwdadamw(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd,                             generator=None, stochastic=False):
+def _single_tensor_cwdadamw(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd,
+                            generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr
     k1 = 1 - b2
@@ -1338,7 +1339,8 @@ def _single_tensor_cwdadamw(params, grads, m_list, v_list, state_steps, *, lr, b
         _write_state(v_list[i], v, False, generator, stochastic)
 
 
-def _multi_tensor_cwdadamw(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd,                            generator=None, stochastic=False):
+def _multi_tensor_cwdadamw(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd,
+                           generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

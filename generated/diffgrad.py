@@ -1310,7 +1310,8 @@ def diffgrad(params, grads, m_list, v_list, g_prev_list, state_steps, *, foreach
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_diffgrad(params, grads, m_list, v_list, g_prev_list, state_steps, *, lr, b1, b2, eps, wd,                             generator=None, stochastic=False):
+def _single_tensor_diffgrad(params, grads, m_list, v_list, g_prev_list, state_steps, *, lr, b1, b2, eps, wd,
+                            generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - b2
     k1 = 1 - b1
@@ -1352,7 +1353,8 @@ def _single_tensor_diffgrad(params, grads, m_list, v_list, g_prev_list, state_st
         _write_state(g_prev_list[i], g_prev, True, generator, stochastic)
 
 
-def _multi_tensor_diffgrad(params, grads, m_list, v_list, g_prev_list, state_steps, *, lr, b1, b2, eps, wd,                            generator=None, stochastic=False):
+def _multi_tensor_diffgrad(params, grads, m_list, v_list, g_prev_list, state_steps, *, lr, b1, b2, eps, wd,
+                           generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

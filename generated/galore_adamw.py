@@ -1844,7 +1844,8 @@ def galoreadamw_0(params, grads, L_list, R_list, m_list, v_list, state_steps, *,
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_galoreadamw_0(params, grads, L_list, R_list, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,                                  generator=None, stochastic=False):
+def _single_tensor_galoreadamw_0(params, grads, L_list, R_list, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,
+                                 generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1 - b1
@@ -1906,7 +1907,8 @@ def _single_tensor_galoreadamw_0(params, grads, L_list, R_list, m_list, v_list, 
         _write_state(v_list[i], v, False, generator, stochastic)
 
 
-def _multi_tensor_galoreadamw_0(params, grads, L_list, R_list, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,                                 generator=None, stochastic=False):
+def _multi_tensor_galoreadamw_0(params, grads, L_list, R_list, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,
+                                generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
@@ -2021,7 +2023,8 @@ def galoreadamw_1(params, grads, P_list, m_list, v_list, state_steps, *, foreach
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_galoreadamw_1(params, grads, P_list, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,                                  generator=None, stochastic=False):
+def _single_tensor_galoreadamw_1(params, grads, P_list, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,
+                                 generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1 - b1
@@ -2072,7 +2075,8 @@ def _single_tensor_galoreadamw_1(params, grads, P_list, m_list, v_list, state_st
         _write_state(v_list[i], v, False, generator, stochastic)
 
 
-def _multi_tensor_galoreadamw_1(params, grads, P_list, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,                                 generator=None, stochastic=False):
+def _multi_tensor_galoreadamw_1(params, grads, P_list, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,
+                                generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
@@ -2175,7 +2179,8 @@ def galoreadamw_2(params, grads, P_list, m_list, v_list, state_steps, *, foreach
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_galoreadamw_2(params, grads, P_list, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,                                  generator=None, stochastic=False):
+def _single_tensor_galoreadamw_2(params, grads, P_list, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,
+                                 generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1 - b1
@@ -2226,7 +2231,8 @@ def _single_tensor_galoreadamw_2(params, grads, P_list, m_list, v_list, state_st
         _write_state(v_list[i], v, False, generator, stochastic)
 
 
-def _multi_tensor_galoreadamw_2(params, grads, P_list, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,                                 generator=None, stochastic=False):
+def _multi_tensor_galoreadamw_2(params, grads, P_list, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,
+                                generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
@@ -2319,7 +2325,8 @@ def galoreadamw_3(params, grads, m_list, v_list, state_steps, *, foreach=None, f
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_galoreadamw_3(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,                                  generator=None, stochastic=False):
+def _single_tensor_galoreadamw_3(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,
+                                 generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1 - b2
@@ -2354,7 +2361,8 @@ def _single_tensor_galoreadamw_3(params, grads, m_list, v_list, state_steps, *, 
         _write_state(v_list[i], v, False, generator, stochastic)
 
 
-def _multi_tensor_galoreadamw_3(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,                                 generator=None, stochastic=False):
+def _multi_tensor_galoreadamw_3(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, wd, eps, rank, update_proj_gap, scale, projection_type,
+                                generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

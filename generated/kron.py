@@ -2624,7 +2624,8 @@ def kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_steps, *, fore
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                           generator=None, stochastic=False, seed=None):
+def _single_tensor_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,
+                          generator=None, stochastic=False, seed=None):
     if not params:  # no draw for a rule without parameters this step, as the multi-tensor path
         return
     if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
@@ -2825,7 +2826,8 @@ def _staged_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_steps,
     _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
-def _multi_tensor_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                          generator=None, stochastic=False, seed=None):
+def _multi_tensor_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,
+                         generator=None, stochastic=False, seed=None):
     if not params:
         return
     if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
@@ -2977,7 +2979,8 @@ def kron_1(params, grads, m_list, c_list, dL_list, QR_list, state_steps, *, fore
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_kron_1(params, grads, m_list, c_list, dL_list, QR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                           generator=None, stochastic=False, seed=None):
+def _single_tensor_kron_1(params, grads, m_list, c_list, dL_list, QR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,
+                          generator=None, stochastic=False, seed=None):
     if not params:  # no draw for a rule without parameters this step, as the multi-tensor path
         return
     if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
@@ -3077,7 +3080,8 @@ def _single_tensor_kron_1(params, grads, m_list, c_list, dL_list, QR_list, state
         _write_state(QR_list[i], QR, True, generator, stochastic)
 
 
-def _multi_tensor_kron_1(params, grads, m_list, c_list, dL_list, QR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                          generator=None, stochastic=False, seed=None):
+def _multi_tensor_kron_1(params, grads, m_list, c_list, dL_list, QR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,
+                         generator=None, stochastic=False, seed=None):
     if not params:
         return
     if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
@@ -3233,7 +3237,8 @@ def kron_2(params, grads, m_list, c_list, QL_list, dR_list, state_steps, *, fore
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_kron_2(params, grads, m_list, c_list, QL_list, dR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                           generator=None, stochastic=False, seed=None):
+def _single_tensor_kron_2(params, grads, m_list, c_list, QL_list, dR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,
+                          generator=None, stochastic=False, seed=None):
     if not params:  # no draw for a rule without parameters this step, as the multi-tensor path
         return
     if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
@@ -3334,7 +3339,8 @@ def _single_tensor_kron_2(params, grads, m_list, c_list, QL_list, dR_list, state
         _write_state(dR_list[i], dR, True, generator, stochastic)
 
 
-def _multi_tensor_kron_2(params, grads, m_list, c_list, QL_list, dR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                          generator=None, stochastic=False, seed=None):
+def _multi_tensor_kron_2(params, grads, m_list, c_list, QL_list, dR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,
+                         generator=None, stochastic=False, seed=None):
     if not params:
         return
     if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
@@ -3491,7 +3497,8 @@ def kron_3(params, grads, m_list, c_list, QL_list, QR_list, state_steps, *, fore
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_kron_3(params, grads, m_list, c_list, QL_list, QR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                           generator=None, stochastic=False, seed=None):
+def _single_tensor_kron_3(params, grads, m_list, c_list, QL_list, QR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,
+                          generator=None, stochastic=False, seed=None):
     if not params:  # no draw for a rule without parameters this step, as the multi-tensor path
         return
     if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
@@ -3594,7 +3601,8 @@ def _single_tensor_kron_3(params, grads, m_list, c_list, QL_list, QR_list, state
         _write_state(QR_list[i], QR, True, generator, stochastic)
 
 
-def _multi_tensor_kron_3(params, grads, m_list, c_list, QL_list, QR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                          generator=None, stochastic=False, seed=None):
+def _multi_tensor_kron_3(params, grads, m_list, c_list, QL_list, QR_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,
+                         generator=None, stochastic=False, seed=None):
     if not params:
         return
     if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
@@ -3747,7 +3755,8 @@ def kron_4(params, grads, m_list, c_list, q_list, state_steps, *, foreach=None, 
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_kron_4(params, grads, m_list, c_list, q_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                           generator=None, stochastic=False, seed=None):
+def _single_tensor_kron_4(params, grads, m_list, c_list, q_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,
+                          generator=None, stochastic=False, seed=None):
     if not params:  # no draw for a rule without parameters this step, as the multi-tensor path
         return
     if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
@@ -3891,7 +3900,8 @@ def _staged_kron_4(params, grads, m_list, c_list, q_list, state_steps, *, lr, mo
     _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
-def _multi_tensor_kron_4(params, grads, m_list, c_list, q_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                          generator=None, stochastic=False, seed=None):
+def _multi_tensor_kron_4(params, grads, m_list, c_list, q_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,
+                         generator=None, stochastic=False, seed=None):
     if not params:
         return
     if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
@@ -4011,7 +4021,8 @@ def kron_5(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_steps
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_kron_5(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                           generator=None, stochastic=False, seed=None):
+def _single_tensor_kron_5(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,
+                          generator=None, stochastic=False, seed=None):
     if not params:  # no draw for a rule without parameters this step, as the multi-tensor path
         return
     if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
@@ -4129,7 +4140,8 @@ def _single_tensor_kron_5(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_li
         _write_state(Q2_list[i], Q2, True, generator, stochastic)
 
 
-def _multi_tensor_kron_5(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                          generator=None, stochastic=False, seed=None):
+def _multi_tensor_kron_5(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,
+                         generator=None, stochastic=False, seed=None):
     if not params:
         return
     if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
@@ -4393,7 +4405,8 @@ def _shapes_kron_6(param, t, *, lr, momentum, wd, weight_decouple, momentum_into
     return None, (), None
 
 
-def _single_tensor_kron_6(params, grads, m_list, c_list, d0_list, d1_list, d2_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                           generator=None, stochastic=False, seed=None):
+def _single_tensor_kron_6(params, grads, m_list, c_list, d0_list, d1_list, d2_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,
+                          generator=None, stochastic=False, seed=None):
     if not params:  # no draw for a rule without parameters this step, as the multi-tensor path
         return
     if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
@@ -4632,7 +4645,8 @@ def _staged_kron_6(params, grads, m_list, c_list, d0_list, d1_list, d2_list, sta
     _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
-def _multi_tensor_kron_6(params, grads, m_list, c_list, d0_list, d1_list, d2_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,                          generator=None, stochastic=False, seed=None):
+def _multi_tensor_kron_6(params, grads, m_list, c_list, d0_list, d1_list, d2_list, state_steps, *, lr, momentum, wd, weight_decouple, momentum_into_precondition_update, plr, scale, max_size, min_ndim, mode, max_prob, min_prob, decay, flat_start,
+                         generator=None, stochastic=False, seed=None):
     if not params:
         return
     if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place

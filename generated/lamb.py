@@ -1327,7 +1327,8 @@ def lamb(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=None
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_lamb(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, max_w,                         generator=None, stochastic=False):
+def _single_tensor_lamb(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, max_w,
+                        generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - b2
     k1 = 1 - b1
@@ -1414,7 +1415,8 @@ def _staged_lamb(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps,
     _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
-def _multi_tensor_lamb(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, max_w,                        generator=None, stochastic=False):
+def _multi_tensor_lamb(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, max_w,
+                       generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

@@ -1367,7 +1367,8 @@ def lion(params, grads, m_list, state_steps, *, foreach=None, fused=None,
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_lion(params, grads, m_list, state_steps, *, lr, b1, b2, wd,                         generator=None, stochastic=False):
+def _single_tensor_lion(params, grads, m_list, state_steps, *, lr, b1, b2, wd,
+                        generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = -lr
@@ -1390,7 +1391,8 @@ def _single_tensor_lion(params, grads, m_list, state_steps, *, lr, b1, b2, wd,  
         _write_state(m_list[i], m, True, generator, stochastic)
 
 
-def _multi_tensor_lion(params, grads, m_list, state_steps, *, lr, b1, b2, wd,                        generator=None, stochastic=False):
+def _multi_tensor_lion(params, grads, m_list, state_steps, *, lr, b1, b2, wd,
+                       generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

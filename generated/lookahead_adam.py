@@ -1326,7 +1326,8 @@ def lookaheadadam(params, grads, m_list, v_list, slow_list, state_steps, *, fore
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_lookaheadadam(params, grads, m_list, v_list, slow_list, state_steps, *, lr, b1, b2, eps, wd, k, alpha,                                  generator=None, stochastic=False):
+def _single_tensor_lookaheadadam(params, grads, m_list, v_list, slow_list, state_steps, *, lr, b1, b2, eps, wd, k, alpha,
+                                 generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - b2
     k1 = 1 - b1
@@ -1377,7 +1378,8 @@ def _single_tensor_lookaheadadam(params, grads, m_list, v_list, slow_list, state
         _write_state(slow_list[i], slow, True, generator, stochastic)
 
 
-def _multi_tensor_lookaheadadam(params, grads, m_list, v_list, slow_list, state_steps, *, lr, b1, b2, eps, wd, k, alpha,                                 generator=None, stochastic=False):
+def _multi_tensor_lookaheadadam(params, grads, m_list, v_list, slow_list, state_steps, *, lr, b1, b2, eps, wd, k, alpha,
+                                generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

@@ -1756,7 +1756,8 @@ def _shapes_muon_0(param, t, *, lr, wd, momentum, nesterov, a, b, c, eps, ns_ste
     return None, (), None
 
 
-def _single_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, ns_steps, adjust_lr_fn, adam_lr, b1, b2, adam_eps, adam_wd, use_muon, ns_bfloat16,                           generator=None, stochastic=False):
+def _single_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, ns_steps, adjust_lr_fn, adam_lr, b1, b2, adam_eps, adam_wd, use_muon, ns_bfloat16,
+                          generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = float(adjust_lr_fn == 2)
@@ -1927,7 +1928,8 @@ def _staged_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momentum, ne
     _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
-def _multi_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, ns_steps, adjust_lr_fn, adam_lr, b1, b2, adam_eps, adam_wd, use_muon, ns_bfloat16,                          generator=None, stochastic=False):
+def _multi_tensor_muon_0(params, grads, buf_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, ns_steps, adjust_lr_fn, adam_lr, b1, b2, adam_eps, adam_wd, use_muon, ns_bfloat16,
+                         generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
@@ -2047,7 +2049,8 @@ def muon_1(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=No
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_muon_1(params, grads, m_list, v_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, ns_steps, adjust_lr_fn, adam_lr, b1, b2, adam_eps, adam_wd, use_muon, ns_bfloat16,                           generator=None, stochastic=False):
+def _single_tensor_muon_1(params, grads, m_list, v_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, ns_steps, adjust_lr_fn, adam_lr, b1, b2, adam_eps, adam_wd, use_muon, ns_bfloat16,
+                          generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -adam_lr*adam_wd + 1
     k1 = 1 - b2
@@ -2083,7 +2086,8 @@ def _single_tensor_muon_1(params, grads, m_list, v_list, state_steps, *, lr, wd,
         _write_state(v_list[i], v, False, generator, stochastic)
 
 
-def _multi_tensor_muon_1(params, grads, m_list, v_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, ns_steps, adjust_lr_fn, adam_lr, b1, b2, adam_eps, adam_wd, use_muon, ns_bfloat16,                          generator=None, stochastic=False):
+def _multi_tensor_muon_1(params, grads, m_list, v_list, state_steps, *, lr, wd, momentum, nesterov, a, b, c, eps, ns_steps, adjust_lr_fn, adam_lr, b1, b2, adam_eps, adam_wd, use_muon, ns_bfloat16,
+                         generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

@@ -1659,7 +1659,8 @@ def _shapes_muonclip_0(param, t, *, tau, lr, wd, momentum, nesterov, a, b, c, ep
     return None, (), None
 
 
-def _single_tensor_muonclip_0(params, grads, buf_list, max_logit_list, state_steps, *, tau, lr, wd, momentum, nesterov, a, b, c, eps, adam_lr, b1, b2, adam_eps, adam_wd,                               generator=None, stochastic=False):
+def _single_tensor_muonclip_0(params, grads, buf_list, max_logit_list, state_steps, *, tau, lr, wd, momentum, nesterov, a, b, c, eps, adam_lr, b1, b2, adam_eps, adam_wd,
+                              generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = math.sqrt(tau)
     k1 = -lr*wd + 1
@@ -1848,7 +1849,8 @@ def _staged_muonclip_0(params, grads, buf_list, max_logit_list, state_steps, *, 
     _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
-def _multi_tensor_muonclip_0(params, grads, buf_list, max_logit_list, state_steps, *, tau, lr, wd, momentum, nesterov, a, b, c, eps, adam_lr, b1, b2, adam_eps, adam_wd,                              generator=None, stochastic=False):
+def _multi_tensor_muonclip_0(params, grads, buf_list, max_logit_list, state_steps, *, tau, lr, wd, momentum, nesterov, a, b, c, eps, adam_lr, b1, b2, adam_eps, adam_wd,
+                             generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
@@ -1977,7 +1979,8 @@ def muonclip_1(params, grads, m_list, v_list, max_logit_list, state_steps, *, fo
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_muonclip_1(params, grads, m_list, v_list, max_logit_list, state_steps, *, tau, lr, wd, momentum, nesterov, a, b, c, eps, adam_lr, b1, b2, adam_eps, adam_wd,                               generator=None, stochastic=False):
+def _single_tensor_muonclip_1(params, grads, m_list, v_list, max_logit_list, state_steps, *, tau, lr, wd, momentum, nesterov, a, b, c, eps, adam_lr, b1, b2, adam_eps, adam_wd,
+                              generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -adam_lr*adam_wd + 1
     k1 = 1 - b2
@@ -2015,7 +2018,8 @@ def _single_tensor_muonclip_1(params, grads, m_list, v_list, max_logit_list, sta
         _write_state(max_logit_list[i], max_logit, True, generator, stochastic)
 
 
-def _multi_tensor_muonclip_1(params, grads, m_list, v_list, max_logit_list, state_steps, *, tau, lr, wd, momentum, nesterov, a, b, c, eps, adam_lr, b1, b2, adam_eps, adam_wd,                              generator=None, stochastic=False):
+def _multi_tensor_muonclip_1(params, grads, m_list, v_list, max_logit_list, state_steps, *, tau, lr, wd, momentum, nesterov, a, b, c, eps, adam_lr, b1, b2, adam_eps, adam_wd,
+                             generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

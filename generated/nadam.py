@@ -1413,7 +1413,8 @@ def nadam(params, grads, m_list, v_list, mu_prod_list, state_steps, *, foreach=N
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_nadam(params, grads, m_list, v_list, mu_prod_list, state_steps, *, lr, b1, b2, eps, wd, momentum_decay, decoupled,                          generator=None, stochastic=False):
+def _single_tensor_nadam(params, grads, m_list, v_list, mu_prod_list, state_steps, *, lr, b1, b2, eps, wd, momentum_decay, decoupled,
+                         generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -b1
     k1 = 1 - b2
@@ -1483,7 +1484,8 @@ def _single_tensor_nadam(params, grads, m_list, v_list, mu_prod_list, state_step
         _write_state(mu_prod_list[i], mu_prod, False, generator, stochastic)
 
 
-def _multi_tensor_nadam(params, grads, m_list, v_list, mu_prod_list, state_steps, *, lr, b1, b2, eps, wd, momentum_decay, decoupled,                         generator=None, stochastic=False):
+def _multi_tensor_nadam(params, grads, m_list, v_list, mu_prod_list, state_steps, *, lr, b1, b2, eps, wd, momentum_decay, decoupled,
+                        generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

@@ -1301,7 +1301,8 @@ def nsgda(params, grads, m_list, state_steps, *, foreach=None, fused=None,
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_nsgda(params, grads, m_list, state_steps, *, lr, momentum, eps, wd,                          generator=None, stochastic=False):
+def _single_tensor_nsgda(params, grads, m_list, state_steps, *, lr, momentum, eps, wd,
+                         generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - momentum
     for i, param in enumerate(params):
@@ -1360,7 +1361,8 @@ def _staged_nsgda(params, grads, m_list, state_steps, *, lr, momentum, eps, wd,
     _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
-def _multi_tensor_nsgda(params, grads, m_list, state_steps, *, lr, momentum, eps, wd,                         generator=None, stochastic=False):
+def _multi_tensor_nsgda(params, grads, m_list, state_steps, *, lr, momentum, eps, wd,
+                        generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

@@ -1487,7 +1487,8 @@ def prodigy(params, grads, s_list, x0_list, m_list, v_list, state_steps, *, fore
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_prodigy(params, grads, s_list, x0_list, m_list, v_list, state_steps, *, lr, b1, b2, beta3, d0, d_coef, growth_rate, wd, eps, d, b3, dlr, d_old,                            generator=None, stochastic=False):
+def _single_tensor_prodigy(params, grads, s_list, x0_list, m_list, v_list, state_steps, *, lr, b1, b2, beta3, d0, d_coef, growth_rate, wd, eps, d, b3, dlr, d_old,
+                           generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -dlr*wd + 1
     k1 = -dlr
@@ -1524,7 +1525,8 @@ def _single_tensor_prodigy(params, grads, s_list, x0_list, m_list, v_list, state
         _write_state(v_list[i], v, False, generator, stochastic)
 
 
-def _multi_tensor_prodigy(params, grads, s_list, x0_list, m_list, v_list, state_steps, *, lr, b1, b2, beta3, d0, d_coef, growth_rate, wd, eps, d, b3, dlr, d_old,                           generator=None, stochastic=False):
+def _multi_tensor_prodigy(params, grads, s_list, x0_list, m_list, v_list, state_steps, *, lr, b1, b2, beta3, d0, d_coef, growth_rate, wd, eps, d, b3, dlr, d_old,
+                          generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

@@ -1413,7 +1413,8 @@ def radam(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=Non
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, decoupled,                          generator=None, stochastic=False):
+def _single_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, decoupled,
+                         generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - b1
     k1 = -1 + 2/(1 - b2)
@@ -1470,7 +1471,8 @@ def _single_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, 
         _write_state(v_list[i], v, False, generator, stochastic)
 
 
-def _multi_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, decoupled,                         generator=None, stochastic=False):
+def _multi_tensor_radam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd, decoupled,
+                        generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

@@ -1396,7 +1396,8 @@ def rmsprop(params, grads, square_avg_list, grad_avg_list, buf_list, state_steps
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_rmsprop(params, grads, square_avg_list, grad_avg_list, buf_list, state_steps, *, lr, alpha, eps, wd, momentum, centered,                            generator=None, stochastic=False):
+def _single_tensor_rmsprop(params, grads, square_avg_list, grad_avg_list, buf_list, state_steps, *, lr, alpha, eps, wd, momentum, centered,
+                           generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr
     k1 = float(momentum > 0)
@@ -1435,7 +1436,8 @@ def _single_tensor_rmsprop(params, grads, square_avg_list, grad_avg_list, buf_li
         _write_state(buf_list[i], buf, True, generator, stochastic)
 
 
-def _multi_tensor_rmsprop(params, grads, square_avg_list, grad_avg_list, buf_list, state_steps, *, lr, alpha, eps, wd, momentum, centered,                           generator=None, stochastic=False):
+def _multi_tensor_rmsprop(params, grads, square_avg_list, grad_avg_list, buf_list, state_steps, *, lr, alpha, eps, wd, momentum, centered,
+                          generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

@@ -1381,7 +1381,8 @@ def rprop(params, grads, prev_list, s_list, state_steps, *, foreach=None, fused=
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_rprop(params, grads, prev_list, s_list, state_steps, *, lr, etaminus, etaplus, step_min, step_max,                          generator=None, stochastic=False):
+def _single_tensor_rprop(params, grads, prev_list, s_list, state_steps, *, lr, etaminus, etaplus, step_min, step_max,
+                         generator=None, stochastic=False):
     for i, param in enumerate(params):
         p = param if param.dtype in _EXACT else param.float()
         g = grads[i].to(p.dtype)
@@ -1409,7 +1410,8 @@ def _single_tensor_rprop(params, grads, prev_list, s_list, state_steps, *, lr, e
         _write_state(s_list[i], s, True, generator, stochastic)
 
 
-def _multi_tensor_rprop(params, grads, prev_list, s_list, state_steps, *, lr, etaminus, etaplus, step_min, step_max,                         generator=None, stochastic=False):
+def _multi_tensor_rprop(params, grads, prev_list, s_list, state_steps, *, lr, etaminus, etaplus, step_min, step_max,
+                        generator=None, stochastic=False):
     if not params:
         return
     # Grouped by the parameters' device and dtype (and DTensors apart from plain tensors); states follow

@@ -1301,7 +1301,8 @@ def sadam(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=Non
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_sadam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, beta, wd,                          generator=None, stochastic=False):
+def _single_tensor_sadam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, beta, wd,
+                         generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - b2
     k1 = 1 - b1
@@ -1335,7 +1336,8 @@ def _single_tensor_sadam(params, grads, m_list, v_list, state_steps, *, lr, b1, 
         _write_state(v_list[i], v, False, generator, stochastic)
 
 
-def _multi_tensor_sadam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, beta, wd,                         generator=None, stochastic=False):
+def _multi_tensor_sadam(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, beta, wd,
+                        generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

@@ -1512,7 +1512,8 @@ def schedulefreeadamw(params, grads, z_list, v_list, state_steps, *, foreach=Non
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_schedulefreeadamw(params, grads, z_list, v_list, state_steps, *, lr, b1, b2, wd, r, weight_lr_power, warmup_steps, decoupling_c, eps, lr_t, ckp, bc2,                                      generator=None, stochastic=False):
+def _single_tensor_schedulefreeadamw(params, grads, z_list, v_list, state_steps, *, lr, b1, b2, wd, r, weight_lr_power, warmup_steps, decoupling_c, eps, lr_t, ckp, bc2,
+                                     generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = lr_t*(b1*(1 - ckp) - 1)
     k1 = _pow(bc2, -1)
@@ -1546,7 +1547,8 @@ def _single_tensor_schedulefreeadamw(params, grads, z_list, v_list, state_steps,
         _write_state(v_list[i], v, False, generator, stochastic)
 
 
-def _multi_tensor_schedulefreeadamw(params, grads, z_list, v_list, state_steps, *, lr, b1, b2, wd, r, weight_lr_power, warmup_steps, decoupling_c, eps, lr_t, ckp, bc2,                                     generator=None, stochastic=False):
+def _multi_tensor_schedulefreeadamw(params, grads, z_list, v_list, state_steps, *, lr, b1, b2, wd, r, weight_lr_power, warmup_steps, decoupling_c, eps, lr_t, ckp, bc2,
+                                    generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

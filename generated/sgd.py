@@ -1375,7 +1375,8 @@ def sgd(params, grads, buf_list, state_steps, *, foreach=None, fused=None,
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_sgd(params, grads, buf_list, state_steps, *, lr, momentum, dampening, wd, nesterov,                        generator=None, stochastic=False):
+def _single_tensor_sgd(params, grads, buf_list, state_steps, *, lr, momentum, dampening, wd, nesterov,
+                       generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr
     k1 = float(momentum == 0)
@@ -1413,7 +1414,8 @@ def _single_tensor_sgd(params, grads, buf_list, state_steps, *, lr, momentum, da
         _write_state(buf_list[i], buf, True, generator, stochastic)
 
 
-def _multi_tensor_sgd(params, grads, buf_list, state_steps, *, lr, momentum, dampening, wd, nesterov,                       generator=None, stochastic=False):
+def _multi_tensor_sgd(params, grads, buf_list, state_steps, *, lr, momentum, dampening, wd, nesterov,
+                      generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

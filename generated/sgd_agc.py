@@ -1309,7 +1309,8 @@ def sgdagc(params, grads, buf_list, state_steps, *, foreach=None, fused=None,
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_sgdagc(params, grads, buf_list, state_steps, *, lr, momentum, clip, unit_eps, eps,                           generator=None, stochastic=False):
+def _single_tensor_sgdagc(params, grads, buf_list, state_steps, *, lr, momentum, clip, unit_eps, eps,
+                          generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr
     for i, param in enumerate(params):
@@ -1370,7 +1371,8 @@ def _staged_sgdagc(params, grads, buf_list, state_steps, *, lr, momentum, clip, 
     _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
-def _multi_tensor_sgdagc(params, grads, buf_list, state_steps, *, lr, momentum, clip, unit_eps, eps,                          generator=None, stochastic=False):
+def _multi_tensor_sgdagc(params, grads, buf_list, state_steps, *, lr, momentum, clip, unit_eps, eps,
+                         generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

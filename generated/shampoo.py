@@ -1659,7 +1659,8 @@ def shampoo_0(params, grads, L_list, R_list, Li_list, Ri_list, buf_list, state_s
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_shampoo_0(params, grads, L_list, R_list, Li_list, Ri_list, buf_list, state_steps, *, lr, momentum, wd, weight_decouple, fixed_decay, k, matrix_eps,                              generator=None, stochastic=False):
+def _single_tensor_shampoo_0(params, grads, L_list, R_list, Li_list, Ri_list, buf_list, state_steps, *, lr, momentum, wd, weight_decouple, fixed_decay, k, matrix_eps,
+                             generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = 1 - (wd*(1 if fixed_decay else lr) if weight_decouple else 0)
     k1 = -lr
@@ -1729,7 +1730,8 @@ def _single_tensor_shampoo_0(params, grads, L_list, R_list, Li_list, Ri_list, bu
         _write_state(buf_list[i], buf, True, generator, stochastic)
 
 
-def _multi_tensor_shampoo_0(params, grads, L_list, R_list, Li_list, Ri_list, buf_list, state_steps, *, lr, momentum, wd, weight_decouple, fixed_decay, k, matrix_eps,                             generator=None, stochastic=False):
+def _multi_tensor_shampoo_0(params, grads, L_list, R_list, Li_list, Ri_list, buf_list, state_steps, *, lr, momentum, wd, weight_decouple, fixed_decay, k, matrix_eps,
+                            generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
@@ -1839,7 +1841,8 @@ def shampoo_1(params, grads, v_list, state_steps, *, foreach=None, fused=None,
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_shampoo_1(params, grads, v_list, state_steps, *, lr, momentum, wd, weight_decouple, fixed_decay, k, matrix_eps,                              generator=None, stochastic=False):
+def _single_tensor_shampoo_1(params, grads, v_list, state_steps, *, lr, momentum, wd, weight_decouple, fixed_decay, k, matrix_eps,
+                             generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr
     for i, param in enumerate(params):
@@ -1858,7 +1861,8 @@ def _single_tensor_shampoo_1(params, grads, v_list, state_steps, *, lr, momentum
         _write_state(v_list[i], v, False, generator, stochastic)
 
 
-def _multi_tensor_shampoo_1(params, grads, v_list, state_steps, *, lr, momentum, wd, weight_decouple, fixed_decay, k, matrix_eps,                             generator=None, stochastic=False):
+def _multi_tensor_shampoo_1(params, grads, v_list, state_steps, *, lr, momentum, wd, weight_decouple, fixed_decay, k, matrix_eps,
+                            generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

@@ -1406,7 +1406,8 @@ def sm3_0(params, grads, r_list, c_list, m_list, state_steps, *, foreach=None, f
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_sm3_0(params, grads, r_list, c_list, m_list, state_steps, *, lr, momentum, beta, eps,                          generator=None, stochastic=False):
+def _single_tensor_sm3_0(params, grads, r_list, c_list, m_list, state_steps, *, lr, momentum, beta, eps,
+                         generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr
     k1 = float(beta > 0)
@@ -1511,7 +1512,8 @@ def _staged_sm3_0(params, grads, r_list, c_list, m_list, state_steps, *, lr, mom
     _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
-def _multi_tensor_sm3_0(params, grads, r_list, c_list, m_list, state_steps, *, lr, momentum, beta, eps,                         generator=None, stochastic=False):
+def _multi_tensor_sm3_0(params, grads, r_list, c_list, m_list, state_steps, *, lr, momentum, beta, eps,
+                        generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
@@ -1609,7 +1611,8 @@ def sm3_1(params, grads, v_list, m_list, state_steps, *, foreach=None, fused=Non
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_sm3_1(params, grads, v_list, m_list, state_steps, *, lr, momentum, beta, eps,                          generator=None, stochastic=False):
+def _single_tensor_sm3_1(params, grads, v_list, m_list, state_steps, *, lr, momentum, beta, eps,
+                         generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr
     k1 = float(beta > 0)
@@ -1647,7 +1650,8 @@ def _single_tensor_sm3_1(params, grads, v_list, m_list, state_steps, *, lr, mome
         _write_state(m_list[i], m, True, generator, stochastic)
 
 
-def _multi_tensor_sm3_1(params, grads, v_list, m_list, state_steps, *, lr, momentum, beta, eps,                         generator=None, stochastic=False):
+def _multi_tensor_sm3_1(params, grads, v_list, m_list, state_steps, *, lr, momentum, beta, eps,
+                        generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

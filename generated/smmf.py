@@ -1436,7 +1436,8 @@ def smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, sta
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps, *, lr, b1, b2, eps, wd,                           generator=None, stochastic=False):
+def _single_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps, *, lr, b1, b2, eps, wd,
+                          generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1 - b2
@@ -1571,7 +1572,8 @@ def _staged_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_l
     _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
-def _multi_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps, *, lr, b1, b2, eps, wd,                          generator=None, stochastic=False):
+def _multi_tensor_smmf_0(params, grads, rm_list, cm_list, rv_list, cv_list, positive_list, state_steps, *, lr, b1, b2, eps, wd,
+                         generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
@@ -1682,7 +1684,8 @@ def smmf_1(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=No
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_smmf_1(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd,                           generator=None, stochastic=False):
+def _single_tensor_smmf_1(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd,
+                          generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr*wd + 1
     k1 = 1 - b2
@@ -1718,7 +1721,8 @@ def _single_tensor_smmf_1(params, grads, m_list, v_list, state_steps, *, lr, b1,
         _write_state(v_list[i], v, False, generator, stochastic)
 
 
-def _multi_tensor_smmf_1(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd,                          generator=None, stochastic=False):
+def _multi_tensor_smmf_1(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, eps, wd,
+                         generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.

@@ -1744,7 +1744,8 @@ def soap_0(params, grads, m_list, v_list, GL_list, GR_list, QL_list, QR_list, st
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_soap_0(params, grads, m_list, v_list, GL_list, GR_list, QL_list, QR_list, state_steps, *, lr, b1, b2, shampoo_beta, wd, f, correct_bias, normalize_gradient, eps,                           generator=None, stochastic=False):
+def _single_tensor_soap_0(params, grads, m_list, v_list, GL_list, GR_list, QL_list, QR_list, state_steps, *, lr, b1, b2, shampoo_beta, wd, f, correct_bias, normalize_gradient, eps,
+                          generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = lr*wd
     k1 = 1 - b1
@@ -1884,7 +1885,8 @@ def _single_tensor_soap_0(params, grads, m_list, v_list, GL_list, GR_list, QL_li
         _write_state(QR_list[i], QR, True, generator, stochastic)
 
 
-def _multi_tensor_soap_0(params, grads, m_list, v_list, GL_list, GR_list, QL_list, QR_list, state_steps, *, lr, b1, b2, shampoo_beta, wd, f, correct_bias, normalize_gradient, eps,                          generator=None, stochastic=False):
+def _multi_tensor_soap_0(params, grads, m_list, v_list, GL_list, GR_list, QL_list, QR_list, state_steps, *, lr, b1, b2, shampoo_beta, wd, f, correct_bias, normalize_gradient, eps,
+                         generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
@@ -2056,7 +2058,8 @@ def soap_1(params, grads, m_list, v_list, state_steps, *, foreach=None, fused=No
          stochastic=stochastic, **hypers)
 
 
-def _single_tensor_soap_1(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, shampoo_beta, wd, f, correct_bias, normalize_gradient, eps,                           generator=None, stochastic=False):
+def _single_tensor_soap_1(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, shampoo_beta, wd, f, correct_bias, normalize_gradient, eps,
+                          generator=None, stochastic=False):
     # Scalars of the hyperparameters alone: once per group.
     k0 = lr*wd
     k1 = 1 - b2
@@ -2177,7 +2180,8 @@ def _staged_soap_1(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, sh
     _in_stages([per_tensor(i, param) for i, param in enumerate(params)])
 
 
-def _multi_tensor_soap_1(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, shampoo_beta, wd, f, correct_bias, normalize_gradient, eps,                          generator=None, stochastic=False):
+def _multi_tensor_soap_1(params, grads, m_list, v_list, state_steps, *, lr, b1, b2, shampoo_beta, wd, f, correct_bias, normalize_gradient, eps,
+                         generator=None, stochastic=False):
     if not params:
         return
     # Scalars of the hyperparameters alone: once per group.
