@@ -192,6 +192,12 @@ def one_process_lowbit(name, path, dtype, state_dtype, grads, world=2, model=Non
     boxes = [_boxes(p.shape, c) for p, c in zip(params, cuts)]
     pieces = [[p[box].contiguous().clone().requires_grad_() for box in bs] for p, bs in zip(params, boxes)]
     opt = seeded(make(name, [x for ps in pieces for x in ps], path, state_dtype=state_dtype))
+    return _step_pieces(opt, params, pieces, boxes, grads), opt
+
+
+def _step_pieces(opt, params, pieces, boxes, grads):
+    """Step `opt` over the pieces (each its box of a parameter's gradient), then each parameter whole
+    again from its pieces."""
     for step in grads:
         for ps, bs, g in zip(pieces, boxes, step):
             for x_, box in zip(ps, bs):
@@ -203,7 +209,7 @@ def one_process_lowbit(name, path, dtype, state_dtype, grads, world=2, model=Non
         for x_, box in zip(ps, bs):
             whole[box] = x_.detach()
         out.append(whole)
-    return out, opt
+    return out
 
 
 def _boxes(shape, splits):
@@ -570,18 +576,7 @@ def one_process_reshardable(name, path, dtype, fmt, params, numbers, grads, worl
                     whole[box] = part
                 loaded[(i, key)] = whole
         at += len(bs)
-    for step in grads:
-        for ps, bs, g in zip(pieces, boxes, step):
-            for x_, box in zip(ps, bs):
-                x_.grad = g[box].contiguous().clone()
-        opt.step()
-    out = []
-    for p, ps, bs in zip(params, pieces, boxes):
-        whole = p.clone()
-        for x_, box in zip(ps, bs):
-            whole[box] = x_.detach()
-        out.append(whole)
-    return out, loaded
+    return _step_pieces(opt, params, pieces, boxes, grads), loaded
 
 
 def one_process_twice(name, path, dtype):
