@@ -334,10 +334,11 @@ def _round_bfloat16(x):
     return x.bfloat16().to(x.dtype)
 
 
-def _parts(xs):
-    """Each tensor's part of a reduction over the group (0-dim tensors), whole and plain: the DTensors'
-    partial results combined over the mesh by one all-reduce for all of them (_whole_flat)."""
-    return [x.full_tensor() if _is_sharded(x) else x for x in _whole_flat(xs)]
+def _parts(*lists):
+    """Each tensor's part of a reduction over the group (0-dim tensors), whole and plain, for each
+    list (a reduction of one stage of the group phase): the DTensors' partial results of them all
+    combined over the mesh by one all-reduce (_whole_lists)."""
+    return [[x.full_tensor() if _is_sharded(x) else x for x in xs] for xs in _whole_lists(*lists)]
 
 
 def _copy_into(dst, src):

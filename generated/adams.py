@@ -323,10 +323,11 @@ def _round_bfloat16(x):
     return x.bfloat16().to(x.dtype)
 
 
-def _parts(xs):
-    """Each tensor's part of a reduction over the group (0-dim tensors), whole and plain: the DTensors'
-    partial results combined over the mesh by one all-reduce for all of them (_whole_flat)."""
-    return [x.full_tensor() if _is_sharded(x) else x for x in _whole_flat(xs)]
+def _parts(*lists):
+    """Each tensor's part of a reduction over the group (0-dim tensors), whole and plain, for each
+    list (a reduction of one stage of the group phase): the DTensors' partial results of them all
+    combined over the mesh by one all-reduce (_whole_lists)."""
+    return [[x.full_tensor() if _is_sharded(x) else x for x in xs] for xs in _whole_lists(*lists)]
 
 
 def _copy_into(dst, src):
@@ -1294,7 +1295,7 @@ class AdamS(Optimizer):
         values = {}
         values["k.0"] = group.get("k", 0.0)
         values["k.1"] = values["k.0"] + 1
-        values["mean#0"] = (_group_sum(_parts([torch.sum(g_**2*(1 - group["betas"][1]) + group["betas"][1]*v_) for p_, g_, v_ in zip(p, g, v)])) / sum(x_.numel() for x_ in p))
+        values["mean#0"] = (_group_sum(_parts([torch.sum(g_**2*(1 - group["betas"][1]) + group["betas"][1]*v_) for p_, g_, v_ in zip(p, g, v)])[0]) / sum(x_.numel() for x_ in p))
         values["vbar.1"] = values["mean#0"]*_pow(1 - _pow(group["betas"][1], values["k.1"]), -1)
         group["k"] = values["k.1"]
         return {"vbar": values["vbar.1"]}

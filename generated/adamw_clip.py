@@ -319,10 +319,11 @@ def _round_bfloat16(x):
     return x.bfloat16().to(x.dtype)
 
 
-def _parts(xs):
-    """Each tensor's part of a reduction over the group (0-dim tensors), whole and plain: the DTensors'
-    partial results combined over the mesh by one all-reduce for all of them (_whole_flat)."""
-    return [x.full_tensor() if _is_sharded(x) else x for x in _whole_flat(xs)]
+def _parts(*lists):
+    """Each tensor's part of a reduction over the group (0-dim tensors), whole and plain, for each
+    list (a reduction of one stage of the group phase): the DTensors' partial results of them all
+    combined over the mesh by one all-reduce (_whole_lists)."""
+    return [[x.full_tensor() if _is_sharded(x) else x for x in xs] for xs in _whole_lists(*lists)]
 
 
 def _copy_into(dst, src):
@@ -1296,7 +1297,7 @@ class AdamWClip(Optimizer):
         p = [x_ if x_.dtype in _EXACT else x_.float() for x_ in params]
         g = [y_.to(x_.dtype) for x_, y_ in zip(p, grads)]
         values = {}
-        values["norm#0"] = _group_norm(_parts([torch.linalg.vector_norm(g_) for p_, g_ in zip(p, g)]))
+        values["norm#0"] = _group_norm(_parts([torch.linalg.vector_norm(g_) for p_, g_ in zip(p, g)])[0])
         values["gnorm.1"] = values["norm#0"]
         values["clip.1"] = min(1, group["max_norm"]*_pow(values["gnorm.1"] + 1e-06, -1))
         return {"clip": values["clip.1"]}

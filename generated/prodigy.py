@@ -328,10 +328,11 @@ def _round_bfloat16(x):
     return x.bfloat16().to(x.dtype)
 
 
-def _parts(xs):
-    """Each tensor's part of a reduction over the group (0-dim tensors), whole and plain: the DTensors'
-    partial results combined over the mesh by one all-reduce for all of them (_whole_flat)."""
-    return [x.full_tensor() if _is_sharded(x) else x for x in _whole_flat(xs)]
+def _parts(*lists):
+    """Each tensor's part of a reduction over the group (0-dim tensors), whole and plain, for each
+    list (a reduction of one stage of the group phase): the DTensors' partial results of them all
+    combined over the mesh by one all-reduce (_whole_lists)."""
+    return [[x.full_tensor() if _is_sharded(x) else x for x in xs] for xs in _whole_lists(*lists)]
 
 
 def _copy_into(dst, src):
@@ -1340,11 +1341,12 @@ class Prodigy(Optimizer):
         values["d_numerator.0"] = group.get("d_numerator", 0.0)
         values["b3.1"] = (group["beta3"] if float(group["beta3"] > 0) else math.sqrt(group["betas"][1]))
         values["dlr.1"] = group["lr"]*values["d.0"]
-        values["sum#0"] = _group_sum(_parts([torch.sum(g_*(-p_ + x0_)) for p_, g_, s_, x0_ in zip(p, g, s, x0)]))
-        values["d_numerator.1"] = values["b3.1"]*values["d_numerator.0"] + values["d.0"]*values["dlr.1"]*values["sum#0"]/group["d0"]
-        values["sum#1"] = _group_sum(_parts([torch.sum(torch.abs(g_*values["d.0"]*values["dlr.1"]/group["d0"] + s_*values["b3.1"])) for p_, g_, s_, x0_ in zip(p, g, s, x0)]))
-        values["d_hat.1"] = group["d_coef"]*values["d_numerator.1"]*_pow(values["sum#1"], -1)
         values["d_old.1"] = values["d.0"]
+        parts_ = _parts([torch.sum(g_*(-p_ + x0_)) for p_, g_, s_, x0_ in zip(p, g, s, x0)], [torch.sum(torch.abs(g_*values["d.0"]*values["dlr.1"]/group["d0"] + s_*values["b3.1"])) for p_, g_, s_, x0_ in zip(p, g, s, x0)])
+        values["sum#0"] = _group_sum(parts_[0])
+        values["sum#1"] = _group_sum(parts_[1])
+        values["d_numerator.1"] = values["b3.1"]*values["d_numerator.0"] + values["d.0"]*values["dlr.1"]*values["sum#0"]/group["d0"]
+        values["d_hat.1"] = group["d_coef"]*values["d_numerator.1"]*_pow(values["sum#1"], -1)
         values["d.1"] = (max(values["d.0"], values["d_hat.1"]) if float(values["d.0"] == group["d0"]) else values["d.0"])
         values["d_max.1"] = max(values["d_hat.1"], values["d_max.0"])
         values["d.2"] = min(values["d_max.1"], group["growth_rate"]*values["d.1"])

@@ -94,9 +94,10 @@ CHECKPOINTED += [("shampoo", "loop")]  # Gram states: row-sharded (L, Li) and re
 COUNTED = {"nsgda": (1, 1, 1), "lamb": (1, 1, 1), "sm3": (1, 1, 1), "sgd_agc": (1, 1, 1), "smmf": (1, 1, 1),
            "amos": (1, 1, 1), "adafactor": (4, 4, 4)}
 # A group phase's reductions over all the group's tensors (AdamS's mean of v, AdamW-clip's gradient norm,
-# Prodigy's two sums): each tensor's partial part combined by one all-reduce for all of them (_parts), on
-# every path; one per tensor before (5, 5, 10)
-GROUP_COUNTED = {"adams": 1, "adamw_clip": 1, "prodigy": 2}
+# Prodigy's two sums): each tensor's partial part combined by one all-reduce for all of them (_parts), and
+# the reductions of one stage (none reading another's result: Prodigy's two sums) by the same one, on
+# every path; one per tensor before (5, 5, 10), then one per reduction (Prodigy 2)
+GROUP_COUNTED = {"adams": 1, "adamw_clip": 1, "prodigy": 1}
 # and with bfloat16 states (state_dtype), in float32
 CHECKPOINTED_BF16 = [("adamw", "loop"), ("adamw", "fused"), ("adafactor", "fused"), ("muon", "loop")]
 # Low-bit states (state_dtype "int8", "int4") on dm.LowBitNet at 2 ranks: a's 5 x 4100 split 3 + 2 rows
@@ -259,6 +260,26 @@ def test_group_reductions_are_one_all_reduce_for_all_tensors(results, name):
         assert not isinstance(result, str), result
         assert dm.compare(result[0], dm.one_process(name, path, torch.float64), torch.float64) == ""
         assert result[1] == {"allreduce": GROUP_COUNTED[name]}, (path, result[1])
+
+
+def test_group_reductions_are_staged_by_what_they_read():
+    """The group phase's reductions share an all-reduce where none reads another's result, through the
+    host values between (schedule.group_order): Prodigy's two sums are one stage, a sum of g scaled by
+    the group's norm of g is a stage after that norm; host values after the stage they read."""
+    from optdsl.backends.schedule import group_order
+    from optdsl.pipeline import compile_source
+
+    def stages(prog):
+        return [tuple(s.func for s in item) if isinstance(item, tuple) else item.out
+                for item in group_order(prog.group.steps)]
+    prodigy = stages(_compiled("prodigy").program)
+    assert [x for x in prodigy if isinstance(x, tuple)] == [("sum", "sum")], prodigy
+    chained = compile_source("optimizer Chained\nhyper lr = 0.1 in [0, inf)\nstate m\n"
+                             "group gn = norm(g)\ngroup c = 1 / (gn + 1)\ngroup s = sum(m + c * g)\n"
+                             "group q = mean(g^2)\nm = m + s * g\np -= lr * q * m\n")
+    got = stages(chained.program)
+    assert got == [("norm", "mean"), "gn.1", "c.1", "q.1", ("sum",), "s.1"], got
+    assert "parts_ = _parts(" in chained.python  # norm and mean: one call, one all-reduce on DTensors
 
 
 @pytest.mark.parametrize("name", COUNTED)

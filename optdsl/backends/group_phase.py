@@ -8,17 +8,19 @@ from .. import ieee, ir, quant
 from ..functions import TABLE
 from ..sym import to_sympy
 from .printers import CompiledPrinter, HostPrinter, read_state_code
+from .schedule import group_order
 
 # How one reduction over the group is computed: each tensor's part (torch code of {0}), and how the
-# parts combine into a host float ({0}: the list of parts; `p`: the group's parameters). A part of a
-# sharded parameter (a DTensor) is the whole tensor's: _parts, the sharding template's, combines the
-# shards' of all the group's tensors by one all-reduce (numel() of a DTensor is the whole tensor's).
+# parts combine into a host float ({0}: the list of parts, whole; `p`: the group's parameters). A part
+# of a sharded parameter (a DTensor) is the whole tensor's: _parts, the sharding template's, combines
+# the shards' of all the group's tensors, for every reduction of a stage (schedule.group_order), by one
+# all-reduce (numel() of a DTensor is the whole tensor's).
 _COMBINE = {
-    "sum": ("torch.sum({0})", "_group_sum(_parts({0}))"),
-    "mean": ("torch.sum({0})", "(_group_sum(_parts({0})) / sum(x_.numel() for x_ in p))"),
-    "norm": ("torch.linalg.vector_norm({0})", "_group_norm(_parts({0}))"),
-    "rms": ("torch.sum(torch.square({0}))", "math.sqrt(_group_sum(_parts({0})) / sum(x_.numel() for x_ in p))"),
-    "amax": ("_amax({0}, None)", "_group_max(_parts({0}))"),
+    "sum": ("torch.sum({0})", "_group_sum({0})"),
+    "mean": ("torch.sum({0})", "(_group_sum({0}) / sum(x_.numel() for x_ in p))"),
+    "norm": ("torch.linalg.vector_norm({0})", "_group_norm({0})"),
+    "rms": ("torch.sum(torch.square({0}))", "math.sqrt(_group_sum({0}) / sum(x_.numel() for x_ in p))"),
+    "amax": ("_amax({0}, None)", "_group_max({0})"),
 }
 
 HELPERS = {
@@ -70,20 +72,27 @@ def context(prog: ir.Program, group_code: dict[str, str]) -> dict:
     inner.update({ir.ssa_name(s, 0): sp.Symbol(f"{s}_") for s in phase.reads})
     inner.update({n: sp.Symbol(code.replace("p.", "p_.")) for n, code in ir.SHAPE_BUILTINS.items()})
     tensors = {"p_", "g_", *(f"{s}_" for s in phase.reads)}
-    for step in phase.steps:
-        if isinstance(step, ir.GroupReduce):
-            arg = to_sympy(step.arg, env | inner)
-            body = CompiledPrinter(tensors).doprint(arg)
-            if not any(s.name in tensors for s in arg.free_symbols):  # a scalar counts once per element
-                # of p, or of the value's shape as written where SymPy simplified it (r - r - 2 of a rows state)
-                body = f"({body}) + {_zeros(_shape(step.arg, shapes))}"
-            part, combine = _COMBINE[step.func]
-            loop = f"[{part.format(body)} for {', '.join(i + '_' for i in items)} in zip({', '.join(items)})]"
-            code = combine.format(loop)
+    for item in group_order(phase.steps):
+        if isinstance(item, tuple):  # a stage's reductions: their parts made whole by one all-reduce
+            loops = []
+            for step in item:
+                arg = to_sympy(step.arg, env | inner)
+                body = CompiledPrinter(tensors).doprint(arg)
+                if not any(s.name in tensors for s in arg.free_symbols):  # a scalar counts once per element
+                    # of p, or of the value's shape as written where SymPy simplified it (r - r - 2 of a rows state)
+                    body = f"({body}) + {_zeros(_shape(step.arg, shapes))}"
+                loops.append(f"[{_COMBINE[step.func][0].format(body)} for {', '.join(i + '_' for i in items)} "
+                             f"in zip({', '.join(items)})]")
+            if len(item) > 1:
+                lines.append(f"parts_ = _parts({', '.join(loops)})")
+            for k, step in enumerate(item):
+                parts = f"parts_[{k}]" if len(item) > 1 else f"_parts({loops[0]})[0]"
+                lines.append(f'values["{step.out}"] = {_COMBINE[step.func][1].format(parts)}')
+                env[step.out] = sp.Symbol(f'values["{step.out}"]')
         else:  # host floats: IEEE 754 where the ranges do not prove an operation safe (optdsl.ieee)
-            code = host.doprint(ieee._Guard(dict(guard_env))(to_sympy(step.expr, env)))
-        lines.append(f'values["{step.out}"] = {code}')
-        env[step.out] = sp.Symbol(f'values["{step.out}"]')
+            code = host.doprint(ieee._Guard(dict(guard_env))(to_sympy(item.expr, env)))
+            lines.append(f'values["{item.out}"] = {code}')
+            env[item.out] = sp.Symbol(f'values["{item.out}"]')
     for name, ssa in phase.outputs:
         lines.append(f'group["{name}"] = values["{ssa}"]')
     returned = ", ".join(f'"{n}": values["{ssa}"]' for n, ssa in phase.values)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import replace
 
+from .. import ir
 from .instrs import Instr
 
 
@@ -85,6 +86,26 @@ def order(instrs: list[Instr]) -> list[Instr | tuple[str, ...]]:
             pending.append(instrs[k].out)
     if pending:
         out.append(tuple(pending))
+    return out
+
+
+def group_order(steps) -> list:
+    """The group phase's statements (ir.GroupPhase.steps) in the order they run, the reductions over
+    the group's tensors gathered into stages (a tuple: the reductions whose parts one all-reduce makes
+    whole, _parts). A reduction's stage is one past the latest stage of the reductions its argument
+    reads, through the host values between (Prodigy's two sums read none: one stage); a host value
+    runs after the stage of the last reduction it reads. The statements are bound once each (SSA
+    names, no tensor written), so this order computes what the written one does."""
+    level: dict[str, int] = {}
+    for step in steps:
+        reduce = isinstance(step, ir.GroupReduce)
+        level[step.out] = max((level.get(n, 0) for n in ir.refs(step.arg if reduce else step.expr)),
+                              default=0) + reduce
+    out: list = []
+    for stage in range(max(level.values(), default=0) + 1):
+        reductions = tuple(s for s in steps if isinstance(s, ir.GroupReduce) and level[s.out] == stage)
+        out += [reductions] if reductions else []
+        out += [s for s in steps if not isinstance(s, ir.GroupReduce) and level[s.out] == stage]
     return out
 
 
