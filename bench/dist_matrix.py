@@ -269,10 +269,29 @@ def seeded(opt):
     return opt
 
 
+def spec_module(name):
+    """The committed generated module (compiling the spec again in every process costs seconds); a
+    name with a slash is a spec under tests/specs/ (sharding/kept_loop_norms), compiled once per process,
+    before the ranks fork (run() makes each scenario's optimizer first)."""
+    if "/" not in name:
+        return importlib.import_module(f"generated.{name}")
+    key = "_optdsl_test_spec_" + name.replace("/", "_")
+    if key not in sys.modules:
+        import types
+
+        from optdsl.pipeline import compile_source
+        path = os.path.join(ROOT, "tests", "specs", f"{name}.opt")
+        with open(path, encoding="utf-8") as f:
+            code = compile_source(f.read(), path).python
+        mod = types.ModuleType(key)
+        sys.modules[key] = mod
+        exec(compile(code, path, "exec"), mod.__dict__)
+    return sys.modules[key]
+
+
 def optimizer(name):
-    # the committed generated module: compiling the spec again in every process costs seconds
-    module = importlib.import_module(f"generated.{name}")
-    return getattr(module, module.__all__[0])
+    mod = spec_module(name)
+    return getattr(mod, mod.__all__[0])
 
 
 # Lookahead steps back every k steps: within the steps run
@@ -337,7 +356,7 @@ def train_averaged(model, opt, data, world):
 
 def make(name, params, path, **kwargs):
     opt = optimizer(name)(params, **PATHS[path], **KWARGS.get(name, {}), **kwargs)
-    if hasattr(importlib.import_module(f"generated.{name}"), "_random_like"):
+    if hasattr(spec_module(name), "_random_like"):
         # a spec drawing randn()/rand() (Kron): the optimizer's own generator is salted with how many
         # were made before it in the process; seeded, every rank and the reference draw alike
         opt.manual_seed(1)
@@ -469,15 +488,15 @@ def places(name, model):
     rounding counts them (the torch paths' _global_index, the kernels' _place over _place_table's
     row), are where DTensor puts them (distribute_tensor of 0 .. numel - 1, each rank its part)."""
     from torch.distributed.tensor import distribute_tensor
-    module = importlib.import_module(f"generated.{name}")
+    mod = spec_module(name)
     out = []
     for p in model.parameters():
         where = distribute_tensor(torch.arange(p.numel()).view(p.shape), p.device_mesh, p.placements,
                                   src_data_rank=None).to_local().reshape(-1)
-        base, l1, l2, s0, s1, s2 = module._place_table([p.to_local()], [p], p.device)[0].tolist()
+        base, l1, l2, s0, s1, s2 = mod._place_table([p.to_local()], [p], p.device)[0].tolist()
         k = torch.arange(where.numel())
         kernel = base + k // (l1 * l2) * s0 + k // l2 % l1 * s1 + k % l2 * s2
-        out.append(torch.equal(module._global_index(p), where) and torch.equal(kernel, where))
+        out.append(torch.equal(mod._global_index(p), where) and torch.equal(kernel, where))
     return out
 
 

@@ -98,6 +98,13 @@ COUNTED = {"nsgda": (1, 1, 1), "lamb": (1, 1, 1), "sm3": (1, 1, 1), "sgd_agc": (
 # the reductions of one stage (none reading another's result: Prodigy's two sums) by the same one, on
 # every path; one per tensor before (5, 5, 10), then one per reduction (Prodigy 2)
 GROUP_COUNTED = {"adams": 1, "adamw_clip": 1, "prodigy": 1}
+# A kept loop (repeat k, k a hyperparameter) with reductions in its round (tests/specs/sharding/kept_loop_norms.opt:
+# norm(T(x)) and rms(x), k = 3, a norm before the loop and one after, its matrix rule holding dm.Net's two
+# matrices): each round's reductions share one all-reduce for all the tensors, on every path; the for-loop
+# path made one per tensor, reduction and round (14), foreach and fused one per reduction and round (8)
+LOOPED = "sharding/kept_loop_norms"
+LOOPED_COUNT = 1 + 3 + 1
+FOUR += [("fsdp", LOOPED, path, "float64") for path in dm.PATHS]  # b's 3 rows 1 + 1 + 1 + 0: an empty shard
 # and with bfloat16 states (state_dtype), in float32
 CHECKPOINTED_BF16 = [("adamw", "loop"), ("adamw", "fused"), ("adafactor", "fused"), ("muon", "loop")]
 # Low-bit states (state_dtype "int8", "int4") on dm.LowBitNet at 2 ranks: a's 5 x 4100 split 3 + 2 rows
@@ -132,7 +139,8 @@ def results():
     with tempfile.TemporaryDirectory() as tmp:
         dm.CHECKPOINTS = tmp  # before the forks: every rank writes and reads there
         out = {2: dm.run(ALL + BF16 + [("save", n, p, "float64") for n, p in CHECKPOINTED]
-                         + [("count", n, p, "float64") for n in [*COUNTED, *GROUP_COUNTED, "shampoo"] for p in dm.PATHS]
+                         + [("count", n, p, "float64") for n in [*COUNTED, *GROUP_COUNTED, "shampoo", LOOPED]
+                            for p in dm.PATHS]
                          + [(f"count{m}", "kron", p, "float64") for m in dm.RANK3 for p in dm.PATHS]
                          + [("save-bf16", n, p, "float32") for n, p in CHECKPOINTED_BF16]
                          + LOWBIT + [LOWBIT_SAVE, LOWBIT_LOAD] + STOCHASTIC + TP_LOWBIT
@@ -262,6 +270,20 @@ def test_group_reductions_are_one_all_reduce_for_all_tensors(results, name):
         assert result[1] == {"allreduce": GROUP_COUNTED[name]}, (path, result[1])
 
 
+def test_kept_loop_reductions_are_one_all_reduce_per_round(results):
+    """The reductions in a kept loop's round are a stage of it (schedule.staged orders a round as a step):
+    the for-loop path's tensors hand out their partial results every round, and _in_stages makes them
+    whole for all of them at once; the foreach and fused paths combine the round's reductions by one
+    _whole_lists. Per step: the norm before the loop, one per round, the norm after it."""
+    from optdsl.backends.torch import sharded_stages
+    assert sharded_stages(_compiled(LOOPED).rules[0][2]) == 3  # a round's stage counted once
+    for path in dm.PATHS:
+        result = results[2][("count", LOOPED, path, "float64")]
+        assert not isinstance(result, str), result
+        assert dm.compare(result[0], dm.one_process(LOOPED, path, torch.float64), torch.float64) == ""
+        assert result[1] == {"allreduce": LOOPED_COUNT}, (path, result[1])
+
+
 def test_group_reductions_are_staged_by_what_they_read():
     """The group phase's reductions share an all-reduce where none reads another's result, through the
     host values between (schedule.group_order): Prodigy's two sums are one stage, a sum of g scaled by
@@ -357,7 +379,8 @@ def test_bfloat16_states_saved_on_two_ranks_load_on_four(results, name, path):
 @functools.cache
 def _compiled(name):
     from optdsl.pipeline import compile_source
-    return compile_source((Path(dm.ROOT) / "specs" / f"{name}.opt").read_text())
+    where = Path(dm.ROOT) / ("tests/specs" if "/" in name else "specs")  # dist/...: a test spec
+    return compile_source((where / f"{name}.opt").read_text())
 
 
 @pytest.mark.parametrize("scenario", LOWBIT, ids=lambda s: "-".join(s))

@@ -110,19 +110,21 @@ def group_order(steps) -> list:
 
 
 def staged(instrs: list[Instr]) -> list[Instr | tuple[str, ...]]:
-    """order(), inside branches too: the for-loop path's step of one DTensor parameter, whose stages
-    (a tuple: the reductions one all-reduce makes whole) the printer hands to the generated _in_stages,
-    which combines those of all the group's tensors at once. A branch's blocks are ordered on their
-    own (a tensor that does not take it skips their stages); a kept loop's reductions stay made whole
-    where they run (its rounds are a hyperparameter's count: a stage per round is not one per stage)."""
+    """order(), inside branches and kept loops too: the for-loop path's step of one DTensor parameter,
+    whose stages (a tuple: the reductions one all-reduce makes whole) the printer hands to the
+    generated _in_stages, which combines those of all the group's tensors at once. A branch's blocks
+    are ordered on their own (a tensor that does not take it skips their stages); so is a kept loop's
+    round, whose stages are handed out every round (the count is the group's hyperparameter: every
+    tensor runs as many rounds), the last one before the round ends (what the next round reads)."""
     return [replace(item, blocks=tuple(tuple(staged(list(b))) for b in item.blocks))
-            if isinstance(item, Instr) and item.op == "branch" else item for item in order(instrs)]
+            if isinstance(item, Instr) and item.op in ("branch", "loop") else item for item in order(instrs)]
 
 
 def stages(items) -> int:
-    """How many stages `staged`'s result hands out on its longest way through its branches."""
-    return sum(1 if isinstance(item, tuple) else max(map(stages, item.blocks)) if item.op == "branch" else 0
-               for item in items)
+    """How many stages `staged`'s result hands out on its longest way through its branches, a kept
+    loop's round counted once (it hands out its stages once per round: a count known at step time)."""
+    return sum(1 if isinstance(item, tuple) else max(map(stages, item.blocks)) if item.op in ("branch", "loop")
+               else 0 for item in items)
 
 
 # ---- work that only one branch reads runs inside it ----

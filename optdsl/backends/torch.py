@@ -183,12 +183,15 @@ def _kwarg(instr: Instr, foreach: bool, single_value: str | None) -> str:
     return f", {key}={single_value if single_value is not None else instr.value.code}"
 
 
-def _loop(instr: Instr, printer) -> list[str] | None:
-    """A kept loop's instructions, per tensor and multi-tensor alike (the count is a hyperparameter)."""
+def _loop(instr: Instr, printer, block=None) -> list[str] | None:
+    """A kept loop's instructions, per tensor and multi-tensor alike (the count is a hyperparameter):
+    each printed by `printer`, or the round's block by `block` (the staged and multi-tensor bodies,
+    whose reductions of a round share their all-reduces)."""
     if instr.op == "bind":
         return [f"{instr.out} = {', '.join(a.code for a in instr.args)}"]
     if instr.op == "loop":
-        return [f"for _ in range(int({instr.args[0].code})):"] + _indent(instr.blocks[0], printer)
+        lines = _indent(instr.blocks[0], printer) if block is None else ["    " + x for x in block(instr.blocks[0])]
+        return [f"for _ in range(int({instr.args[0].code})):"] + lines
     return None
 
 
@@ -231,6 +234,8 @@ def staged_body(items) -> list[str]:
             lines.append(_single_line(item, whole=""))
         elif item.op == "branch":
             lines += _if_else(item, single, staged_body)
+        elif item.op == "loop":
+            lines += _loop(item, single, staged_body)
         else:
             lines += single(item)
     return lines
@@ -263,7 +268,7 @@ def _linear_algebra(instrs) -> bool:
 def multi(instr: Instr) -> list[str]:
     a = [x.code for x in instr.args]
     if instr.op in ("bind", "loop"):
-        return _loop(instr, multi)
+        return _loop(instr, multi, multi_body)  # a round's reductions: one all-reduce per stage
     if instr.op == "branch":
         then, other = instr.blocks
         if instr.args[0].level == GROUP:
