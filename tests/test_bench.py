@@ -58,3 +58,13 @@ def test_dist_reductions_for_loop_path_makes_one_all_reduce_per_stage():
     moved = {how: sum(row[1] for row in rows.values()) for how, rows in ops.items()}
     assert calls["loop"] == calls["partial"] == 3 and calls["loop per tensor"] == 16, calls
     assert moved["loop"] == moved["partial"] == moved["loop per tensor"], moved
+
+
+def test_dist_kron_measures_the_generated_owner_plan():
+    """bench/dist_kron.py calls the generated _on_owners (a no-op step): each matrix's p, g and split states
+    gathered, p and those states scattered back, the replicated ones broadcast; the embedding's projected
+    local plan (one all-reduce of QR's two n x n partial Gram sums) moves far less."""
+    ops = _bench_rank("from bench import dist_kron as d; print(json.dumps(d.one_rank(1)))")
+    assert set(ops["block"]["owner"]) == set(ops["wte"]["owner"]) == {"gather_", "scatter_", "broadcast_"}, ops
+    moved = {how: sum(row[1] for row in rows.values()) for how, rows in ops["wte"].items()}
+    assert 0 < moved["local + all-reduce"] < moved["owner"] / 10, moved
