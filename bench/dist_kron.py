@@ -1,28 +1,27 @@
-"""Bytes communicated per step by Kron's triangular factors on row-sharded parameters: the owner plan
-as generated, and what a plan of local work and all-reduces would move.
+"""Bytes communicated per step by Kron's triangular factors on row-sharded parameters: the owner plan,
+and the plan generated now, where a parameter whose placement leaves its factors whole steps on its shards.
 
 A GPT-2-small-shaped block (bench/dist_bytes.py's matrices: qkv 2304x768, projection 768x768, MLP
 3072x768 and 768x3072) and the token embedding (50257 x 768), each a DTensor split by rows over 4
-ranks (FSDP2's Shard(0)), float32, Kron's defaults (max_size_triangular 8192): a block matrix takes the
-rule of two triangular factors QL (gram_rows, m x m, split by rows like p) and QR (gram_cols, n x n,
-replicated; split by rows too where n = m: the 768 x 768 projection); the embedding, whose 50257 rows
-pass 8192, a diagonal dL (rows) and a triangular QR.
+ranks (FSDP2's Shard(0)), float32, Kron's defaults (max_size_triangular 8192). By default a block matrix
+takes the rule of two triangular factors QL (gram_rows, m x m, split by rows like p) and QR (gram_cols,
+n x n, replicated; split too where n = m); the embedding, whose 50257 rows pass 8192, a diagonal dL (rows)
+and a triangular QR. With memory_save_mode="one_diag" (the larger side diagonal) the tall matrices (qkv,
+MLP up) take dL and QR as the embedding does, the wide and square ones (MLP down, projection) QL and dR.
 
-- `owner` (measured): the generated `_on_owners`, which each step gathers p, g and each state split by
-  rows to the parameter's owner rank, steps there, and scatters p and those states back (a replicated
-  state broadcast). The rule's own step is left out (a no-op): the collectives depend on shapes and
-  placements only.
-- `local + all-reduce` (projected, not generated): for a factor along an axis the shard does not split
-  (QR of a row-sharded matrix) every product the update takes is local to the rows or a sum over them:
-  mm(h, T(QR)) and the triangular solve along the columns are row by row, mm(T(A), A) and mm(T(B), B) are
-  partial n x n sums, one all-reduce for both, then the update is the same on every rank (QR
-  replicated); the embedding's rule needs nothing else whole but its amax and rms (a few numbers).
-  A factor along the split axis (QL: mm(A, T(A)) pairs rows held by different ranks, and QL h contracts
-  the split rows) needs the rows whole; the cheapest such plan keeps QL replicated and every rank
-  steps the whole matrix after one all-gather of h (m x n), each keeping its rows.
+- `owner`: every parameter with a triangular factor steps whole on an owner rank (the generated
+  `_on_owners` with replicated=None, as before): p, g and each state split by rows gathered there,
+  p and those states scattered back, a replicated state broadcast.
+- `generated`: the optimizer's functional as generated (kron_1, kron_2, kron_3): a parameter whose
+  triangular factors its placement leaves whole (QR of a row-split matrix) steps on its shards; its
+  products are local, or partial sums over the rows (mm(T(A), A), mm(T(B), B)) that DTensor combines by
+  all-reduces of n x n numbers. A factor along the split rows (QL) still steps on an owner.
+- `all-gather h` (projected, not generated): a block's QL by one all-gather of h (m x n) and the step
+  whole on every rank, the factors replicated (each rank doing every matrix's work).
 
 As bench/dist_bytes.py: each of the 4 ranks played in turn on torch's fake process group with meta
-tensors; bytes each rank receives over the network, summed over ranks.
+tensors (the random probes stubbed: drawn whole on every rank, they communicate nothing); bytes each
+rank receives over the network, summed over ranks.
 
     python bench/dist_kron.py    # writes bench/results/dist-kron.json and .md
 """
@@ -41,10 +40,22 @@ from bench.dist_bytes import LAYERS, SHAPES, WORLD, CountBytes, _bytes, write_re
 
 EMBEDDING = {"wte": (50257, 768)}
 MAX_SIZE = 8192  # Kron's max_size_triangular: a side past it takes a diagonal factor
+HYPER = dict(lr=1e-3, momentum=0.9, wd=0.0, weight_decouple=True, momentum_into_precondition_update=True, plr=0.1,
+             scale=1.0, max_size=MAX_SIZE, min_ndim=2, max_prob=1.0, min_prob=0.03, decay=0.001, flat_start=500)
+MODES = {"default": 0, "one_diag": 1}  # memory_save_mode: None, "one_diag"
+PLANS = ("owner", "generated", "all-gather h")
 # broadcast_: every rank but the root receives the tensor; _allgather_base_ (c10d's all_gather_into_tensor):
 # the others' parts
 dist_bytes.RECEIVED.setdefault("broadcast_", lambda args, out: 0 if args[2] == dist.get_rank() else _bytes(args[0]))
 dist_bytes.RECEIVED.setdefault("_allgather_base_", lambda args, out: _bytes(args[0]) - _bytes(args[1]))
+
+
+def rule(shape, mode):
+    """Kron's rule of a matrix (its functional's number) and its two factors: 'L'/'R' triangular, 'dL'/'dR' diagonal."""
+    m, n = shape
+    left = m <= MAX_SIZE and not (mode == 1 and m > n)
+    right = n <= MAX_SIZE and not (mode == 1 and n >= m)
+    return {(False, True): 1, (True, False): 2, (True, True): 3}[(left, right)], left, right
 
 
 def one_rank(rank: int) -> dict:
@@ -53,6 +64,8 @@ def one_rank(rank: int) -> dict:
 
     from generated import kron
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=WORLD)
+    drawn = kron._random_like
+    kron._random_like = lambda p, *args, **kwargs: torch.empty_like(p)  # no meta generator; no communication
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
 
@@ -61,66 +74,69 @@ def one_rank(rank: int) -> dict:
             return DTensor.from_local(torch.empty(local, device="meta"), mesh, placements, run_check=False,
                                       shape=shape, stride=torch.empty(shape, device="meta").stride())
         out = {}
-        for part, shapes in (("block", SHAPES), ("wte", EMBEDDING)):
-            params = [dtensor(s, [Shard(0)]) for s in shapes.values()]
-            grads = [dtensor(s, [Shard(0)]) for s in shapes.values()]
-            states = []  # m, c, then the factors, per parameter (as the rule's lists)
-            for p in params:
-                m, n = p.shape
-                left = (m, m) if m <= MAX_SIZE else (m, 1)  # QL (gram_rows) or dL (rows)
-                right = (n, n)  # QR (gram_cols): n <= 8192 here
-                states.append([dtensor(p.shape, [Shard(0)]), dtensor((), [Replicate()]),
-                               dtensor(left, kron._state_placements(p, left)),
-                               dtensor(right, kron._state_placements(p, right))])
-            counter = CountBytes()
-            with counter:
-                for i, p in enumerate(params):  # each parameter's rule holds it alone: owner i % 4 within it
-                    kron._on_owners(lambda *a, **k: None, [p], [grads[i]], [[x] for x in states[i]],
-                                    [torch.tensor(0.0)])
-            owner = counter.ops
-            counter = CountBytes()
-            with counter:
-                for p in params:
-                    m, n = p.shape
-                    if m <= MAX_SIZE:  # QL along the split rows: h whole on every rank, the step there
-                        dist.all_gather_into_tensor(torch.empty(m - m % -WORLD, n, device="meta"),
-                                                    torch.empty(-(-m // WORLD), n, device="meta"))
-                    else:  # QR alone: mm(T(A), A), mm(T(B), B) partial, one all-reduce; amax, rms: 2 numbers
-                        dist.all_reduce(torch.empty(2 * n * n + 2, device="meta"))
-            out[part] = {"owner": owner, "local + all-reduce": counter.ops}
+        for mode_name, mode in MODES.items():
+            for part, shapes in (("block", SHAPES), ("wte", EMBEDDING)):
+                counts = {}
+                for how in PLANS:
+                    counter = CountBytes()
+                    with counter:
+                        for i, (m, n) in enumerate(shapes.values()):
+                            p, g = dtensor((m, n), [Shard(0)]), dtensor((m, n), [Shard(0)])
+                            number, left, right = rule((m, n), mode)
+                            sides = [(m, m) if left else (m, 1), (n, n) if right else (1, n)]
+                            lists = [[dtensor((m, n), [Shard(0)])], [dtensor((), [Replicate()])]]
+                            lists += [[dtensor(s, kron._state_placements(p, s))] for s in sides]
+                            hypers = dict(HYPER, mode=mode)
+                            if how == "generated":
+                                getattr(kron, f"kron_{number}")([p], [g], *lists, [torch.tensor(0.0)], foreach=False,
+                                                                generator=torch.Generator(), **hypers)
+                            elif how == "owner" or not left:  # all-gather h leaves QR-only rules as generated
+                                if how == "owner":
+                                    kron._on_owners(lambda *a, **k: None, [p], [g], lists, [torch.tensor(0.0)])
+                                else:
+                                    getattr(kron, f"kron_{number}")([p], [g], *lists, [torch.tensor(0.0)],
+                                                                    foreach=False, generator=torch.Generator(), **hypers)
+                            else:
+                                dist.all_gather_into_tensor(torch.empty(m - m % -WORLD, n, device="meta"),
+                                                            torch.empty(-(-m // WORLD), n, device="meta"))
+                    counts[how] = counter.ops
+                out[f"{mode_name} {part}"] = counts
         return out
     finally:
+        kron._random_like = drawn
         dist.destroy_process_group()
 
 
 def main():
     per_rank = [one_rank(r) for r in range(WORLD)]
     summary = {}
-    for how in ("owner", "local + all-reduce"):
-        summary[how] = {}
-        for part in ("block", "wte"):
-            ops: dict[str, list[int]] = {}
-            for r in per_rank:
-                for name, row in r[part][how].items():
-                    total = ops.setdefault(name, [0, 0])
-                    total[0], total[1] = total[0] + row[0], total[1] + row[1]
-            summary[how][part] = dict(collectives=ops, bytes=sum(v[1] for v in ops.values()))
-        summary[how]["bytes_per_step"] = LAYERS * summary[how]["block"]["bytes"] + summary[how]["wte"]["bytes"]
+    for mode in MODES:
+        for how in PLANS:
+            row = summary.setdefault(f"{how}, {mode}", {})
+            for part in ("block", "wte"):
+                ops: dict[str, list[int]] = {}
+                for r in per_rank:
+                    for name, calls in r[f"{mode} {part}"][how].items():
+                        total = ops.setdefault(name, [0, 0])
+                        total[0], total[1] = total[0] + calls[0], total[1] + calls[1]
+                row[part] = dict(collectives=ops, bytes=sum(v[1] for v in ops.values()))
+            row["bytes_per_step"] = LAYERS * row["block"]["bytes"] + row["wte"]["bytes"]
     record = dict(world=WORLD, shapes=SHAPES, embedding=EMBEDDING, layers=LAYERS, dtype="float32", spec="kron",
                   results=summary, command="python bench/dist_kron.py",
-                  note="owner: measured (the generated _on_owners' collectives); local + all-reduce: projected "
-                       "(the collectives such a plan would issue, not generated). Bytes each rank receives over "
-                       "the network (ring all-reduce: 2 (W-1)/W of the buffer), summed over collectives and ranks")
+                  note="owner and generated: the generated code's collectives; all-gather h: projected (not generated). "
+                       "Bytes each rank receives over the network (ring all-reduce: 2 (W-1)/W of the buffer), "
+                       "summed over collectives and ranks")
     lines = ["# Kron's triangular factors, 4 row-sharded ranks, GPT-2 small (12 blocks, d = 768, and the embedding), float32",
              "", "`python bench/dist_kron.py`: collectives (calls on all ranks) and the bytes each rank receives over",
-             "the network, summed over ranks; meta tensors on torch's fake process group. `owner` is the",
-             "generated plan, measured; `local + all-reduce` is projected: the embedding's QR (along the columns,",
-             "which the shard does not split) by one all-reduce of its two n x n partial Gram sums, a block",
-             "matrix's QL (along the split rows) by an all-gather of h and the step whole on every rank.", "",
-             "| plan | a block | the embedding | bytes received per step, all ranks |", "|---|---|---|---|"]
-    for how, s in summary.items():
+             "the network, summed over ranks; meta tensors on torch's fake process group. `owner`: every parameter",
+             "with a triangular factor on an owner rank (as before); `generated`: as generated now, a parameter",
+             "whose factors its placement leaves whole (QR of a row-split matrix) on its shards; `all-gather h`:",
+             "projected, a factor along the split rows (QL) by one all-gather of h and the step whole on every rank.",
+             "", "| plan, memory_save_mode | a block | the embedding | bytes received per step, all ranks |",
+             "|---|---|---|---|"]
+    for name, s in summary.items():
         calls = ["; ".join(f"{k} {v[0]}" for k, v in s[part]["collectives"].items()) for part in ("block", "wte")]
-        lines.append(f"| {how} | {calls[0]} ({s['block']['bytes'] / 2**20:.1f} MiB) | {calls[1]} "
+        lines.append(f"| {name} | {calls[0]} ({s['block']['bytes'] / 2**20:.1f} MiB) | {calls[1]} "
                      f"({s['wte']['bytes'] / 2**20:.1f} MiB) | {s['bytes_per_step'] / 2**20:.1f} MiB |")
     write_results("dist-kron", record, lines)
 

@@ -37,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECS = sorted(f[:-4] for f in os.listdir(os.path.join(ROOT, "specs")) if f.endswith(".opt"))
 PATHS = {"loop": dict(foreach=False, fused=False), "foreach": dict(foreach=True, fused=False),
          "fused": dict(foreach=False, fused=True)}
-MODES = ("ddp", "fsdp", "tp", "tp1", "shapes", "rank3", "rank3diag")
+MODES = ("ddp", "fsdp", "tp", "tp1", "shapes", "rank3", "rank3diag", "onediag", "shapesonediag")
 # the model's hidden width, where not 7: torch's tensor parallelism splits it evenly; `tp1`: tensor
 # parallelism of a hidden width of 1 (a's 1 x 5 weight split by rows, b's 3 x 1 by columns: one rank
 # holds each, the other an empty shard; reductions over that axis are the identity)
@@ -104,10 +104,17 @@ class Rank3(torch.nn.Module):
 
 # The modes on Rank3 (Kron): its rule of three triangular gram(K) factors, and (all_diag) of three axis(K) ones
 RANK3 = {"rank3": {}, "rank3diag": dict(memory_save_mode="all_diag")}
+# Kron with memory_save_mode="one_diag" (the larger side's factor diagonal): on Net, a's 7 x 5 takes dL and a
+# triangular QR (5 x 5, replicated under Shard(0): a steps on its shards, _on_owners' `replicated`), b's 3 x 7
+# QL (split like b: b steps on its owner); on Shapes, f's 5 x 1 takes dL and QR (1 x 1), split 2 + 2 + 1 + 0 at
+# 4 ranks (an empty shard)
+ONEDIAG = {"onediag": "net", "shapesonediag": "shapes"}
+MODE_KWARGS = {**RANK3, **{mode: dict(memory_save_mode="one_diag") for mode in ONEDIAG}}
 
 
 def model_of(mode, dtype):
     """The model a scenario of `mode` trains, seeded: Shapes for `shapes`, Rank3 for RANK3's, else Net."""
+    mode = ONEDIAG.get(mode, mode)
     if mode == "shapes":
         torch.manual_seed(0)
         return Shapes().to(dtype)
@@ -313,8 +320,8 @@ def train(model, opt, data, rank=0, world=1):
 def one_process(name, path, dtype, hidden=7, world=1, mode=None):
     """One process training on the whole batch; for the specs in AVERAGED with world > 1, on the
     ranks' gradient instead: each of `world` slices' own, averaged. `mode` "shapes": on Shapes."""
-    model = model_of(mode, dtype) if mode == "shapes" or mode in RANK3 else net(dtype, hidden)
-    opt = make(name, model.parameters(), path, **RANK3.get(mode, {}))
+    model = model_of(mode, dtype) if mode == "shapes" or mode in MODE_KWARGS else net(dtype, hidden)
+    opt = make(name, model.parameters(), path, **MODE_KWARGS.get(mode, {}))
     if name in AVERAGED and world > 1:
         train_averaged(model, opt, batches(dtype), world)
     else:
@@ -372,10 +379,11 @@ def sharded(mode, name, path, dtype, rank, world):
     model = net(dtype) if low in ("", "bf16") else lowbit_net(dtype)
     if mode == "shapes":  # FSDP2 on parameters of length 1 (or shorter than the mesh) along the split axis
         model, mode = model_of("shapes", dtype), "fsdp"
-    if mode in RANK3 or mode.startswith("count") and mode[5:] in RANK3:  # FSDP2 on rank-3 parameters (Kron's
-        # per-axis states); count<mode>: the collectives of a step of them
+    if mode in MODE_KWARGS or mode.startswith("count") and mode[5:] in MODE_KWARGS:  # FSDP2 on rank-3 parameters
+        # (Kron's per-axis states), or with Kron's one_diag; count<mode>: the collectives of a step of them
         rank3 = mode.removeprefix("count")
-        model, kwargs, mode = model_of(rank3, dtype), {**kwargs, **RANK3[rank3]}, "count" if mode != rank3 else "fsdp"
+        model, kwargs = model_of(rank3, dtype), {**kwargs, **MODE_KWARGS[rank3]}
+        mode = "count" if mode != rank3 else "fsdp"
     data = batches(dtype) if low in ("", "bf16") else lowbit_batches(dtype)
     if low in LOWBIT and (mode in ("tp", "2d") or low.endswith("s")):  # WideNet: shards on block boundaries
         return wide(mode, name, path, dtype, rank, world, kwargs)
@@ -690,7 +698,7 @@ def main(argv=None):
             mode, name, path, dtype = scenario
             hidden = HIDDEN.get(mode, 7)
             ranks = world if mode in ("ddp", "fsdp", "shapes") and name in AVERAGED else 1
-            which = (name, path, dtype, hidden, ranks, mode if mode == "shapes" or mode in RANK3 else None)
+            which = (name, path, dtype, hidden, ranks, mode if mode == "shapes" or mode in MODE_KWARGS else None)
             if which not in expected:
                 try:
                     expected[which] = one_process(name, path, DTYPES[dtype], hidden, ranks, mode)

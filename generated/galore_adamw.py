@@ -400,7 +400,7 @@ def _foreach_copy_(dst, src):
         torch._foreach_copy_(dst, src)
 
 
-def _on_owners(step, params, grads, lists, steps, random=False, **kwargs):
+def _on_owners(step, params, grads, lists, steps, random=False, replicated=None, **kwargs):
     """A rule with matrix-shaped states (Gram matrices, eigenbases) on DTensor parameters: each
     parameter steps whole on one owner rank (owners round-robin over the parameters, so the
     eigendecompositions spread over the ranks), as Muon's matrix work does on the fused path: the
@@ -411,10 +411,16 @@ def _on_owners(step, params, grads, lists, steps, random=False, **kwargs):
     other. Per parameter: one gather and one scatter (or broadcast) per tensor. A `random` rule's
     draws: this step's seed drawn once from the optimizer's generator on every rank, as one process
     draws it for the whole list, and each parameter stepped alone under it, shifted to its place in
-    the list (_seed_at), so it draws what it draws in one process."""
+    the list (_seed_at), so it draws what it draws in one process. `replicated`: the indexes of the
+    matrix-shaped states in `lists`, where the rule's matrix work runs on DTensor parts (None: it
+    does not); a parameter whose placement splits none of them (Kron's QR, n x n, of a matrix split
+    by rows) steps on its shards instead, with no gather: every product is then of row shards and
+    whole matrices, local or a partial sum over the rows that DTensor combines by an all-reduce
+    (mm(T(A), A): n x n numbers, where the owner moved p, g and each state)."""
     for i, p in enumerate(params):
         tensors = [p, grads[i]] + [xs[i] for xs in lists]
-        if not _is_sharded(p):
+        if not _is_sharded(p) or replicated is not None and not any(
+                _is_sharded(lists[k][i]) and any(map(_splits, lists[k][i].placements)) for k in replicated):
             step(*[[x] for x in tensors], [steps[i]], **kwargs)
             continue
         mesh = p.device_mesh
@@ -1821,14 +1827,16 @@ def galoreadamw_0(params, grads, L_list, R_list, m_list, v_list, state_steps, *,
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
         # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here),
+        # or on its shards where its placement leaves them whole (replicated) and the work allows it
         if found_inf is not None and found_inf.item():
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_galoreadamw_0 if foreach or fused else _single_tensor_galoreadamw_0
         return _on_owners(impl, params, grads, [L_list, R_list, m_list, v_list, ], state_steps,
-                          random=False, generator=generator, stochastic=stochastic, **hypers)
+                          random=False, generator=generator, stochastic=stochastic,
+                          replicated=None, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_0(params)
     elif fused:
@@ -2000,14 +2008,16 @@ def galoreadamw_1(params, grads, P_list, m_list, v_list, state_steps, *, foreach
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
         # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here),
+        # or on its shards where its placement leaves them whole (replicated) and the work allows it
         if found_inf is not None and found_inf.item():
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_galoreadamw_1 if foreach or fused else _single_tensor_galoreadamw_1
         return _on_owners(impl, params, grads, [P_list, m_list, v_list, ], state_steps,
-                          random=False, generator=generator, stochastic=stochastic, **hypers)
+                          random=False, generator=generator, stochastic=stochastic,
+                          replicated=None, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_1(params)
     elif fused:
@@ -2156,14 +2166,16 @@ def galoreadamw_2(params, grads, P_list, m_list, v_list, state_steps, *, foreach
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
         # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here),
+        # or on its shards where its placement leaves them whole (replicated) and the work allows it
         if found_inf is not None and found_inf.item():
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_galoreadamw_2 if foreach or fused else _single_tensor_galoreadamw_2
         return _on_owners(impl, params, grads, [P_list, m_list, v_list, ], state_steps,
-                          random=False, generator=generator, stochastic=stochastic, **hypers)
+                          random=False, generator=generator, stochastic=stochastic,
+                          replicated=None, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_2(params)
     elif fused:

@@ -560,7 +560,7 @@ def _foreach_copy_(dst, src):
         torch._foreach_copy_(dst, src)
 
 
-def _on_owners(step, params, grads, lists, steps, random=False, **kwargs):
+def _on_owners(step, params, grads, lists, steps, random=False, replicated=None, **kwargs):
     """A rule with matrix-shaped states (Gram matrices, eigenbases) on DTensor parameters: each
     parameter steps whole on one owner rank (owners round-robin over the parameters, so the
     eigendecompositions spread over the ranks), as Muon's matrix work does on the fused path: the
@@ -571,13 +571,19 @@ def _on_owners(step, params, grads, lists, steps, random=False, **kwargs):
     other. Per parameter: one gather and one scatter (or broadcast) per tensor. A `random` rule's
     draws: this step's seed drawn once from the optimizer's generator on every rank, as one process
     draws it for the whole list, and each parameter stepped alone under it, shifted to its place in
-    the list (_seed_at), so it draws what it draws in one process."""
+    the list (_seed_at), so it draws what it draws in one process. `replicated`: the indexes of the
+    matrix-shaped states in `lists`, where the rule's matrix work runs on DTensor parts (None: it
+    does not); a parameter whose placement splits none of them (Kron's QR, n x n, of a matrix split
+    by rows) steps on its shards instead, with no gather: every product is then of row shards and
+    whole matrices, local or a partial sum over the rows that DTensor combines by an all-reduce
+    (mm(T(A), A): n x n numbers, where the owner moved p, g and each state)."""
     seed = _random_seed(kwargs["generator"]) if random else None
     for i, p in enumerate(params):
         tensors = [p, grads[i]] + [xs[i] for xs in lists]
         if seed is not None:
             kwargs["seed"] = _seed_at(seed, i)
-        if not _is_sharded(p):
+        if not _is_sharded(p) or replicated is not None and not any(
+                _is_sharded(lists[k][i]) and any(map(_splits, lists[k][i].placements)) for k in replicated):
             step(*[[x] for x in tensors], [steps[i]], **kwargs)
             continue
         mesh = p.device_mesh
@@ -1212,6 +1218,14 @@ def _exp(x):
 
 def _rsolve_triu(b, a):
     # b a^-1 for an upper-triangular a (PSGD-Kron's solve_triangular_right), in float32 at least
+    if _is_sharded(b) and _is_sharded(a) and not any(map(_splits, a.placements)) \
+            and not any(pl.is_partial() for pl in (*a.placements, *b.placements)) \
+            and all(pl.dim % b.dim() != b.dim() - 1 for pl in b.placements if _splits(pl)):
+        # b split along rows only, a whole on every rank: row by row, on each rank's rows (DTensor
+        # would gather b)
+        out = _rsolve_triu(b.to_local(), a.to_local())
+        return _DTensor.from_local(out, b.device_mesh, b.placements, run_check=False, shape=b.shape,
+                                   stride=b.stride())
     x = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
     return torch.linalg.solve_triangular(a.to(x), b.to(x), upper=True, left=False).to(b.dtype)
 
@@ -1220,6 +1234,9 @@ def _norm_lb(a):
     # a lower bound of the spectral norm of each square matrix of a, as PSGD's norm_lower_bound
     # (pytorch_optimizer's): from the row of largest norm of a / max|a|, one power-iteration
     # step; kept with size 1 x 1, so that it broadcasts against a
+    if _is_sharded(a):  # a DTensor (a Gram matrix of row shards: partial sums): the whole's, on every rank
+        return _DTensor.from_local(_norm_lb(a.full_tensor()), a.device_mesh, [_Replicate()] * a.device_mesh.ndim,
+                                   run_check=False)
     max_abs = a.abs().amax(dim=(-2, -1), keepdim=True)
     a = a / torch.where(max_abs > 0, max_abs, 1.0)
     tiny = torch.finfo(a.dtype).tiny
@@ -2956,14 +2973,16 @@ def kron_1(params, grads, m_list, c_list, dL_list, QR_list, state_steps, *, fore
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
         # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here),
+        # or on its shards where its placement leaves them whole (replicated) and the work allows it
         if found_inf is not None and found_inf.item():
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_kron_1 if foreach or fused else _single_tensor_kron_1
         return _on_owners(impl, params, grads, [m_list, c_list, dL_list, QR_list, ], state_steps,
-                          random=True, generator=generator, stochastic=stochastic, **hypers)
+                          random=True, generator=generator, stochastic=stochastic,
+                          replicated=[3], **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_1(params)
     elif fused:
@@ -3214,14 +3233,16 @@ def kron_2(params, grads, m_list, c_list, QL_list, dR_list, state_steps, *, fore
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
         # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here),
+        # or on its shards where its placement leaves them whole (replicated) and the work allows it
         if found_inf is not None and found_inf.item():
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_kron_2 if foreach or fused else _single_tensor_kron_2
         return _on_owners(impl, params, grads, [m_list, c_list, QL_list, dR_list, ], state_steps,
-                          random=True, generator=generator, stochastic=stochastic, **hypers)
+                          random=True, generator=generator, stochastic=stochastic,
+                          replicated=[2], **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_2(params)
     elif fused:
@@ -3474,14 +3495,16 @@ def kron_3(params, grads, m_list, c_list, QL_list, QR_list, state_steps, *, fore
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
         # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here),
+        # or on its shards where its placement leaves them whole (replicated) and the work allows it
         if found_inf is not None and found_inf.item():
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_kron_3 if foreach or fused else _single_tensor_kron_3
         return _on_owners(impl, params, grads, [m_list, c_list, QL_list, QR_list, ], state_steps,
-                          random=True, generator=generator, stochastic=stochastic, **hypers)
+                          random=True, generator=generator, stochastic=stochastic,
+                          replicated=[2, 3], **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_3(params)
     elif fused:
@@ -3998,14 +4021,16 @@ def kron_5(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_steps
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
         # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here),
+        # or on its shards where its placement leaves them whole (replicated) and the work allows it
         if found_inf is not None and found_inf.item():
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_kron_5 if foreach or fused else _single_tensor_kron_5
         return _on_owners(impl, params, grads, [m_list, c_list, Q0_list, Q1_list, Q2_list, ], state_steps,
-                          random=True, generator=generator, stochastic=stochastic, **hypers)
+                          random=True, generator=generator, stochastic=stochastic,
+                          replicated=None, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_5(params)
     elif fused:

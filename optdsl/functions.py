@@ -278,6 +278,10 @@ class Function:
     axis: str = ""        # an axis reduction: the axes it reduces (a shape tag of optdsl.ir)
     matrix: bool = False  # matrix work: its result is not shaped like its arguments
     cheap: bool = False   # matrix work costing no more than element-wise work (a view, a mask)
+    # matrix work that runs on a DTensor's parts, each rank its rows (DTensor's own rule for the op, or the
+    # helper's: rsolve_triu of a row-split operand row by row, norm_lb of the whole): a rule of such work
+    # whose matrix-shaped states a parameter's placement leaves whole steps on the shards, not on an owner
+    on_parts: bool = False
     scalars: int = 0      # matrix work: how many of its last arguments are host scalars (inv_root's k)
     random: bool = False  # a draw shaped like p from the optimizer's generator: {0} p, {1} the draw's number
     # a reduction of a scalar x: x broadcast to its operand's shape (an Extent), reduced, as SymPy over x
@@ -399,8 +403,8 @@ TABLE: dict[str, Function] = {f.name: f for f in [
       axis="unit",
       broadcast=lambda x, n: sp.Abs(x) * sp.sqrt(n.per_unit)),
     # ---- matrix work on the last two axes ----
-    F("mm", 2, mm, "torch.matmul({0}, {1})", "({0}) * ({1})", matrix=True),
-    F("T", 1, T, "{0}.mT", "{0}", matrix=True, cheap=True),
+    F("mm", 2, mm, "torch.matmul({0}, {1})", "({0}) * ({1})", matrix=True, on_parts=True),
+    F("T", 1, T, "{0}.mT", "{0}", matrix=True, cheap=True, on_parts=True),
     # ---- linear algebra of the last two axes (torch.linalg, in float32 at least; helpers in
     # optdsl/backends/torch.py LINALG_HELPERS hold the references' numerical guards) ----
     F("inv_root", 2, inv_root, "_inv_root({0}, {1})", "({0}) ** (-1 / ({1}))", matrix=True,
@@ -412,9 +416,9 @@ TABLE: dict[str, Function] = {f.name: f for f in [
     # (GaLore's projections), k no more than min(n, m)
     F("svd_u", 2, svd_u, "_svd_u({0}, {1})", "_sign({0})", matrix=True, scalars=1),
     F("svd_vh", 2, svd_vh, "_svd_vh({0}, {1})", "_sign({0})", matrix=True, scalars=1),
-    F("triu", 1, triu, "torch.triu({0})", "{0}", matrix=True, cheap=True),
-    F("rsolve_triu", 2, rsolve_triu, "_rsolve_triu({0}, {1})", "({0}) / ({1})", matrix=True),
-    F("norm_lb", 1, norm_lb, "_norm_lb({0})", "abs({0})", matrix=True),
+    F("triu", 1, triu, "torch.triu({0})", "{0}", matrix=True, cheap=True, on_parts=True),
+    F("rsolve_triu", 2, rsolve_triu, "_rsolve_triu({0}, {1})", "({0}) / ({1})", matrix=True, on_parts=True),
+    F("norm_lb", 1, norm_lb, "_norm_lb({0})", "abs({0})", matrix=True, on_parts=True),
     # ---- the same work along one axis k of a tensor of any rank (k a number: 0 the first axis), with
     # the per-axis states `gram(k)` (d_k x d_k) and `axis(k)` (PSGD-Kron's factors of a rank-3 tensor) ----
     F("mm_axis", 3, mm_axis, "_mm_axis({0}, {1}, {2})", "({0}) * ({1})", matrix=True, scalars=1),

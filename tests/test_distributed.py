@@ -103,6 +103,11 @@ GROUP_COUNTED = {"adams": 1, "adamw_clip": 1, "prodigy": 1}
 # matrices): each round's reductions share one all-reduce for all the tensors, on every path; the for-loop
 # path made one per tensor, reduction and round (14), foreach and fused one per reduction and round (8)
 LOOPED = "sharding/kept_loop_norms"
+# Kron's triangular factors where the placement leaves them whole (memory_save_mode="one_diag", dm.ONEDIAG): on
+# dm.Net a's 7 x 5 takes dL and QR (5 x 5, replicated under Shard(0)) and steps on its shards, b's QL (3 x 3,
+# split like b) on its owner; on dm.Shapes at 4 ranks f's 5 x 1 (dL, QR 1 x 1) split 2 + 2 + 1 + 0
+ONEDIAG_COUNTS = [("countonediag", "kron", path, "float64") for path in dm.PATHS]
+FOUR += [("shapesonediag", "kron", "loop", "float64"), ("onediag", "kron", "fused", "float64")]  # ~5 s
 LOOPED_COUNT = 1 + 3 + 1
 FOUR += [("fsdp", LOOPED, path, "float64") for path in dm.PATHS]  # b's 3 rows 1 + 1 + 1 + 0: an empty shard
 # and with bfloat16 states (state_dtype), in float32
@@ -140,7 +145,7 @@ def results():
         dm.CHECKPOINTS = tmp  # before the forks: every rank writes and reads there
         out = {2: dm.run(ALL + BF16 + [("save", n, p, "float64") for n, p in CHECKPOINTED]
                          + [("count", n, p, "float64") for n in [*COUNTED, *GROUP_COUNTED, "shampoo", LOOPED]
-                            for p in dm.PATHS]
+                            for p in dm.PATHS] + ONEDIAG_COUNTS
                          + [(f"count{m}", "kron", p, "float64") for m in dm.RANK3 for p in dm.PATHS]
                          + [("save-bf16", n, p, "float32") for n, p in CHECKPOINTED_BF16]
                          + LOWBIT + [LOWBIT_SAVE, LOWBIT_LOAD] + STOCHASTIC + TP_LOWBIT
@@ -282,6 +287,24 @@ def test_kept_loop_reductions_are_one_all_reduce_per_round(results):
         assert not isinstance(result, str), result
         assert dm.compare(result[0], dm.one_process(LOOPED, path, torch.float64), torch.float64) == ""
         assert result[1] == {"allreduce": LOOPED_COUNT}, (path, result[1])
+
+
+def test_kron_factors_the_placement_leaves_whole_step_on_the_shards(results):
+    """A parameter whose triangular factors its placement leaves whole (a's QR, 5 x 5, replicated where a is
+    split by rows) steps on its shards (_on_owners' `replicated`): its products are row by row or partial sums
+    over the rows (mm(T(A), A)), made whole by all-reduces (4: QR's update reads two sums of its Gram partials,
+    then the maximum of the dL update and rms(u)); b, whose QL is split like b, still steps on its owner: 4
+    gathers (p, g, m, QL), 3 scatters, 2 broadcasts (c, dR) per step, where both stepped there (8, 6, 4)."""
+    for path in dm.PATHS:
+        result = results[2][("countonediag", "kron", path, "float64")]
+        assert not isinstance(result, str), result
+        expected = dm.one_process("kron", path, torch.float64, mode="onediag")
+        assert dm.compare(result[0], expected, torch.float64) == ""
+        calls = {k: round(v) for k, v in result[1].items()}
+        # the vectors' rule: for-loop and foreach two stages of all-reduces, fused whole on every rank (all-gathers)
+        assert calls.pop("allreduce") == (4 if path == "fused" else 6), (path, result[1])
+        calls.pop("allgatherintotensor", None)
+        assert calls == {"gather": 4, "scatter": 3, "broadcast": 2}, (path, result[1])
 
 
 def test_group_reductions_are_staged_by_what_they_read():

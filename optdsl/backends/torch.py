@@ -103,6 +103,14 @@ LINALG_HELPERS = {
     "_rsolve_triu": (
         "def _rsolve_triu(b, a):\n"
         "    # b a^-1 for an upper-triangular a (PSGD-Kron's solve_triangular_right), in float32 at least\n"
+        "    if _is_sharded(b) and _is_sharded(a) and not any(map(_splits, a.placements)) \\\n"
+        "            and not any(pl.is_partial() for pl in (*a.placements, *b.placements)) \\\n"
+        "            and all(pl.dim % b.dim() != b.dim() - 1 for pl in b.placements if _splits(pl)):\n"
+        "        # b split along rows only, a whole on every rank: row by row, on each rank's rows (DTensor\n"
+        "        # would gather b)\n"
+        "        out = _rsolve_triu(b.to_local(), a.to_local())\n"
+        "        return _DTensor.from_local(out, b.device_mesh, b.placements, run_check=False, shape=b.shape,\n"
+        "                                   stride=b.stride())\n"
         "    x = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)\n"
         "    return torch.linalg.solve_triangular(a.to(x), b.to(x), upper=True, left=False).to(b.dtype)"),
     "_norm_lb": (
@@ -110,6 +118,9 @@ LINALG_HELPERS = {
         "    # a lower bound of the spectral norm of each square matrix of a, as PSGD's norm_lower_bound\n"
         "    # (pytorch_optimizer's): from the row of largest norm of a / max|a|, one power-iteration\n"
         "    # step; kept with size 1 x 1, so that it broadcasts against a\n"
+        "    if _is_sharded(a):  # a DTensor (a Gram matrix of row shards: partial sums): the whole's, on every rank\n"
+        "        return _DTensor.from_local(_norm_lb(a.full_tensor()), a.device_mesh, [_Replicate()] * a.device_mesh.ndim,\n"
+        "                                   run_check=False)\n"
         "    max_abs = a.abs().amax(dim=(-2, -1), keepdim=True)\n"
         "    a = a / torch.where(max_abs > 0, max_abs, 1.0)\n"
         "    tiny = torch.finfo(a.dtype).tiny\n"
@@ -263,6 +274,13 @@ def _linear_algebra(instrs) -> bool:
     work (the function table's rows say: matrix and not cheap), a product or linear algebra."""
     return any((i.row is not None and i.row.matrix and not i.row.cheap)
                or (i.op in ("branch", "loop") and any(_linear_algebra(b) for b in i.blocks)) for i in instrs)
+
+
+def _on_parts(instrs) -> bool:
+    """Whether all the matrix work of these instructions (branches and loops too) runs on DTensor parts
+    (the function table's on_parts column)."""
+    return all((i.row is None or not i.row.matrix or i.row.on_parts)
+               and all(_on_parts(b) for b in i.blocks) for i in instrs)
 
 
 def multi(instr: Instr) -> list[str]:
@@ -444,6 +462,10 @@ def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]
         func=func, suffix=suffix, states=[s.name for s in prog.states], uses_loss=prog.uses_loss,
         # matrix-shaped states (Gram matrices, eigenbases): sharded, the rule steps whole on an owner rank
         matrix_states=matrix_states,
+        # ... except a parameter whose placement leaves all of them whole (replicated: Kron's QR of a row-split
+        # matrix), where every product is of row shards and whole matrices: the indexes of those states in the
+        # rule's lists, for _on_owners to check; None where some matrix work needs whole operands
+        parts_states=[k for k, s in enumerate(prog.states) if ir.needs_whole(s.shape)] if _on_parts(instrs) else None,
         bool_states=[s.name for s in prog.states if s.shape == "bool"],
         lowbit_signed={name: code.signed for name, code in codes.items()},
         read_single={s.name: read_state_code(s.shape, codes[s.name].signed, f"{s.name}_list[i]", "p")
