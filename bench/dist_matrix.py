@@ -385,6 +385,8 @@ def sharded(mode, name, path, dtype, rank, world):
         model, kwargs = model_of(rank3, dtype), {**kwargs, **MODE_KWARGS[rank3]}
         mode = "count" if mode != rank3 else "fsdp"
     data = batches(dtype) if low in ("", "bf16") else lowbit_batches(dtype)
+    if mode.startswith(("wsave", "wload")):  # WideNet's reshardable checkpoints across layouts
+        return wide_resharded(mode, name, path, dtype, rank, world, STATE_DTYPES[low])
     if low in LOWBIT and (mode in ("tp", "2d") or low.endswith("s")):  # WideNet: shards on block boundaries
         return wide(mode, name, path, dtype, rank, world, kwargs)
     if mode == "ddp":
@@ -465,25 +467,34 @@ def sharded(mode, name, path, dtype, rank, world):
     return [p.full_tensor().detach().clone() for p in model.parameters()]
 
 
-def wide(mode, name, path, dtype, rank, world, kwargs):
-    """Low-bit states of WideNet under FSDP2 (`fsdp`), tensor parallelism (`tp`: a ColwiseParallel, b
-    RowwiseParallel, every rank the whole batch) or both on a 2-D mesh (`2d`, 4 ranks): the
-    parameters, the states (whole) and the gradients stepped on (whole, per step)."""
+def wide_laid(layout, dtype, rank, world):
+    """WideNet laid out under FSDP2 (`fsdp`), tensor parallelism (`tp`: a ColwiseParallel, b
+    RowwiseParallel, every rank the whole batch), both on a 2-D mesh (`2d`, 4 ranks) or in one process
+    without a process group (`one`): the model, and this rank's place among the data-parallel ranks
+    and their number (its slice of every batch)."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import init_device_mesh
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-    model, data, dp, dps = wide_net(dtype), wide_batches(dtype), rank, world
-    if mode == "fsdp":
+    model, dp, dps = wide_net(dtype), rank, world
+    if layout == "fsdp":
         for module in (model.a, model.b, model):
             fully_shard(module)
-    else:
-        mesh = init_device_mesh("cpu", (world,) if mode == "tp" else (world // 2, 2), mesh_dim_names=None if mode == "tp"
-                                else ("dp", "tp"))
-        parallelize_module(model, mesh if mode == "tp" else mesh["tp"], {"a": ColwiseParallel(), "b": RowwiseParallel()})
-        dp, dps = (0, 1) if mode == "tp" else (mesh["dp"].get_local_rank(), world // 2)
-        if mode == "2d":
+    elif layout in ("tp", "2d"):
+        mesh = init_device_mesh("cpu", (world,) if layout == "tp" else (world // 2, 2),
+                                mesh_dim_names=None if layout == "tp" else ("dp", "tp"))
+        parallelize_module(model, mesh if layout == "tp" else mesh["tp"], {"a": ColwiseParallel(), "b": RowwiseParallel()})
+        dp, dps = (0, 1) if layout == "tp" else (mesh["dp"].get_local_rank(), world // 2)
+        if layout == "2d":
             for module in (model.a, model.b, model):
                 fully_shard(module, mesh=mesh["dp"])
+    return model, dp, dps
+
+
+def wide(mode, name, path, dtype, rank, world, kwargs):
+    """Low-bit states of WideNet laid out as `mode` says (wide_laid): the parameters, the states
+    (whole) and the gradients stepped on (whole, per step)."""
+    model, dp, dps = wide_laid(mode, dtype, rank, world)
+    data = wide_batches(dtype)
     opt = seeded(make(name, model.parameters(), path, **kwargs))
     grads = train_recorded(model, opt, data, dp, dps)
     return ([p.full_tensor().detach().clone() for p in model.parameters()], whole_states(model, opt), grads,
@@ -562,6 +573,39 @@ def resharded(mode, name, path, dtype, rank, world, model, fmt):
         whole_states(model, opt), grads, loaded
 
 
+# WideNet's low-bit checkpoints with reshardable=True across layouts: `wsave_<layout>` trains STEPS steps
+# and saves; `wload_<saved layout>_<layout>` loads that checkpoint in another layout and trains on
+WIDE_LAYOUT_CUTS = {**WIDE_CUTS, "fsdp": [[(0, 2)]] * 4, "one": [[]] * 4}
+
+
+def wide_resharded(mode, name, path, dtype, rank, world, fmt):
+    """resharded() on WideNet, from one layout to another (wide_laid's: tensor parallelism, the 2-D
+    mesh, FSDP2, one process): the parameters, the states as stored (whole), the gradients stepped on,
+    and `wsave` the numbers its state_dict held (whole), its generator's state and the parameters after
+    STEPS more steps (the uninterrupted run), `wload` the states as loaded (as stored, and their numbers)."""
+    kind, saved, layout = (mode.split("_") + [None])[:3]
+    layout = layout or saved
+    model, dp, dps = wide_laid(layout, dtype, rank, world)
+    opt = seeded(make(name, model.parameters(), path, state_dtype=fmt, reshardable=True))
+    where = os.path.join(CHECKPOINTS, f"wide-{saved}-{name}-{path}-{fmt}")
+    if kind == "wsave":  # and then STEPS more: what a resumed run in this layout must give, to the bit
+        grads = train_recorded(model, opt, wide_batches(dtype), dp, dps)
+        checkpoint(model, opt, where, save=True)
+        saved = [_whole(p) for p in model.parameters()], whole_states(model, opt), grads, state_numbers(opt), \
+            opt._rng.get_state()
+        train(model, opt, wide_batches(dtype), dp, dps)
+        return *saved, [_whole(p) for p in model.parameters()]
+    opt.manual_seed(11)  # a resumed run draws from the saved generator, not from its own seed
+    checkpoint(model, opt, where, save=False)
+    loaded = whole_states(model, opt), state_numbers(opt)
+    grads = train_recorded(model, opt, wide_batches(dtype), dp, dps)
+    return [_whole(p) for p in model.parameters()], whole_states(model, opt), grads, loaded
+
+
+def _whole(p):
+    return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+
+
 def state_numbers(opt):
     """{(parameter index, state name): the whole tensor} of a one-group optimizer's state_dict() (with
     reshardable=True, low-bit states as the float32 numbers their codes hold)."""
@@ -574,15 +618,18 @@ def resumed_reshardable(name, path, dtype, fmt):
     return resharded("rload", name, path, dtype, 0, 1, lowbit_net(dtype), fmt)
 
 
-def one_process_reshardable(name, path, dtype, fmt, params, numbers, grads, world):
+def one_process_reshardable(name, path, dtype, fmt, params, numbers, grads, world, cuts=None, rng_state=None):
     """The run a reshardable low-bit checkpoint resumes as: one process starting from the saved
     parameters `params` and the float32 numbers `numbers` of the saved state_dict (whole), its
     optimizer holding each parameter cut into the pieces FSDP2's Shard(0) gives `world` ranks (the
     specs in ELEMENTWISE, else whole: the low-bit states of the others, Adafactor's column factors,
     are whole on a rank too), so that load_state_dict requantises each piece's numbers in the blocks
     a rank lays over its shard; then stepping on `grads`. Returns the parameters and the states right
-    after loading ({(parameter index, state name): whole numbers, each piece dequantised})."""
-    cuts = [[(0, world)] if name in ELEMENTWISE else [] for _ in params]
+    after loading ({(parameter index, state name): whole numbers, each piece dequantised}). `cuts`: per
+    parameter, the splits (axis, parts) into the new layout's pieces (_boxes), in place of Shard(0)'s;
+    `rng_state`: the saved generator's state (stochastic rounding), loaded with the states."""
+    if cuts is None:
+        cuts = [[(0, world)] if name in ELEMENTWISE else [] for _ in params]
     boxes = [_boxes(p.shape, c) for p, c in zip(params, cuts)]
     pieces = [[p[box].contiguous().clone().requires_grad_() for box in bs] for p, bs in zip(params, boxes)]
     flat = [x for ps in pieces for x in ps]
@@ -592,7 +639,8 @@ def one_process_reshardable(name, path, dtype, fmt, params, numbers, grads, worl
         for box in bs:
             state[at] = {key: (v[box] if v.shape == p.shape else v).clone() for (j, key), v in numbers.items() if j == i}
             at += 1
-    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"],
+                         **({} if rng_state is None else {"rng_state": rng_state})})
     numbers, loaded, at = opt.state_dict()["state"], {}, 0  # reshardable: each piece's numbers
     for i, (p, bs) in enumerate(zip(params, boxes)):
         for key in state[at]:

@@ -135,6 +135,17 @@ LOWBIT_SAVE, LOWBIT_LOAD = ("save-int8", "adamw", "loop", "float64"), ("load-int
 # factors replicated or held by rank 0), int8 and int4, every path
 RESHARDED = [(name, path, fmt) for name in ("adamw", "adafactor") for fmt in ("int8", "int4") for path in dm.PATHS]
 RESHARDED_SAME = [("adamw", "loop", "int8"), ("adamw", "fused", "int4"), ("adafactor", "foreach", "int4")]
+# ... across layouts (dm.WideNet, AdamW): saved under tensor parallelism (2 ranks) and on the 2 x 2 mesh (4), loaded
+# under FSDP2, on the 2-D mesh, in one process; and, rounding stochastically, in the saved layout too (the generator
+# travels in the param groups). (saved layout, loaded layout, format, path, world size loading)
+WIDE_LOADS = [("tp", "fsdp", "int8", "loop", 2), ("tp", "2d", "int8", "loop", 4), ("tp", "one", "int8", "loop", 1),
+              ("2d", "one", "int8", "loop", 1)]
+WIDE_SAVES = sorted({(src, fmt, path) for src, _, fmt, path, _ in WIDE_LOADS})
+
+
+def _wide(kind, src, dst, fmt, path):
+    """The scenario of a WIDE_LOADS checkpoint: its save (`wsave`), or its load (`wload`)."""
+    return (f"wsave_{src}-{fmt}" if kind == "wsave" else f"wload_{src}_{dst}-{fmt}", "adamw", path, "float64")
 
 
 @pytest.fixture(scope="module")
@@ -150,16 +161,27 @@ def results():
                          + [("save-bf16", n, p, "float32") for n, p in CHECKPOINTED_BF16]
                          + LOWBIT + [LOWBIT_SAVE, LOWBIT_LOAD] + STOCHASTIC + TP_LOWBIT
                          + [(f"rsave-{f}", n, p, "float64") for n, p, f in RESHARDED]
-                         + [(f"rload-{f}", n, p, "float64") for n, p, f in RESHARDED_SAME], 2),
+                         + [(f"rload-{f}", n, p, "float64") for n, p, f in RESHARDED_SAME]
+                         + [_wide("wsave", s, None, f, p) for s, f, p in WIDE_SAVES if s == "tp"]
+                         + [_wide("wload", *c[:4]) for c in WIDE_LOADS if c[4] == 2], 2),
                4: dm.run(FOUR + [("load", n, p, "float64") for n, p in CHECKPOINTED]
                          + [("load-bf16", n, p, "float32") for n, p in CHECKPOINTED_BF16] + [LOWBIT_LOAD]
-                         + TWO_D_LOWBIT + [(f"rload-{f}", n, p, "float64") for n, p, f in RESHARDED], 4)}
+                         + TWO_D_LOWBIT + [(f"rload-{f}", n, p, "float64") for n, p, f in RESHARDED]
+                         + [_wide("wload", *c[:4]) for c in WIDE_LOADS if c[4] == 4]
+                         + [_wide("wsave", s, None, f, p) for s, f, p in WIDE_SAVES if s == "2d"], 4)}
         out[1] = {(n, p): dm.resumed(n, p, torch.float64) for n, p in CHECKPOINTED}
         try:
             out[1][LOWBIT_LOAD] = dm.resumed("adamw", "loop", torch.float64, "int8")
         except (Exception, dm.CheckpointException) as e:  # noqa: BLE001 - refused, as it should be: the test reads why
             out[1][LOWBIT_LOAD] = dm.why(e)
         out[1].update(_resumed_reshardable())
+        for src, dst, fmt, path, world in WIDE_LOADS:
+            if world == 1:
+                try:
+                    out[1][_wide("wload", src, dst, fmt, path)] = dm.wide_resharded(
+                        f"wload_{src}_one", "adamw", path, torch.float64, 0, 1, dm.STATE_DTYPES[fmt])
+                except (Exception, dm.CheckpointException) as e:  # noqa: BLE001 - the test reads why
+                    out[1][_wide("wload", src, dst, fmt, path)] = dm.why(e)
         yield out
 
 
@@ -646,3 +668,44 @@ def test_reshardable_low_bit_checkpoint_loads_at_any_world_size(results, world, 
     else:
         assert dm.compare(got, expected, torch.float64) == ""
     assert not torch.equal(got[1], params[1])  # training went on
+
+
+@pytest.mark.parametrize("case", WIDE_LOADS, ids=lambda c: "-".join(map(str, c)))
+def test_reshardable_low_bit_checkpoint_across_layouts(results, case):
+    """reshardable=True across layouts: int8 AdamW states saved under tensor parallelism (a's rows
+    split, b's columns: a rank's blocks run down 4 columns of b) or on the 2 x 2 mesh (FSDP2 over it:
+    _StridedShard rows, row-and-column boxes) load under FSDP2 (b's rows), on the 2-D mesh, or in one
+    process: the states as loaded are the saved numbers requantised in the new layout's blocks, as one
+    process holding the new layout's pieces as parameters of its own requantises them (load_state_dict),
+    and training goes on as that process does on the same gradients, to the bit. Where b's blocks change
+    (columns to rows) its states move by a rounding; a's blocks (whole rows) are alike in every layout.
+    Rounding stochastically (int8_stochastic) the generator's state travels with the checkpoint (in
+    the param groups: torch.distributed.checkpoint keeps 'state' and 'param_groups' only), so in the
+    saved layout the resumed run is the uninterrupted one to the bit, and in another it draws as one
+    process given the saved generator (FSDP2's and one process's blocks are alike here: whole rows)."""
+    src, dst, fmt, path, world = case
+    saved = results[2 if src == "tp" else 4][_wide("wsave", src, None, fmt, path)]
+    loaded = results[world][_wide("wload", src, dst, fmt, path)]
+    assert not isinstance(saved, str), saved
+    assert not isinstance(loaded, str), loaded
+    params, codes, grads, numbers, rng, uninterrupted = saved
+    got, _, grads_after, (loaded_codes, loaded_numbers) = loaded
+    assert not torch.equal(got[2], params[2])  # training went on
+    if dst == src:  # the saved blocks and generator: the codes as they were, the uninterrupted run to the bit
+        assert all(torch.equal(loaded_codes[k], v) for k, v in codes.items() if v.dtype == torch.uint8)
+        assert all(torch.equal(p, q) for p, q in zip(got, uninterrupted)), dm.compare(got, uninterrupted, torch.float64)
+        return
+    stochastic = fmt.endswith("s")
+    cuts = [[]] * 4 if stochastic else dm.WIDE_LAYOUT_CUTS[dst]
+    expected, requantised = dm.one_process_reshardable("adamw", path, torch.float64, dm.STATE_DTYPES[fmt], params,
+                                                       numbers, grads_after, world, cuts=cuts, rng_state=rng)
+    assert requantised.keys() == {k for k in numbers if k[1] != "step"}
+    for key, value in requantised.items():
+        assert torch.equal(loaded_numbers[key], value), key
+    moved = {k for k in requantised if not torch.equal(requantised[k], numbers[k])}
+    assert moved == (set() if dst == "2d" else {(2, "exp_avg"), (2, "exp_avg_sq")}), sorted(moved)
+    assert all(torch.equal(p, q) for p, q in zip(got, expected)), dm.compare(got, expected, torch.float64)
+    if stochastic and dst == "one":  # what the generator guards: drawing from another state moves the parameters
+        other, _ = dm.one_process_reshardable("adamw", path, torch.float64, dm.STATE_DTYPES[fmt], params, numbers,
+                                              grads_after, world, cuts=cuts)
+        assert not all(torch.equal(p, q) for p, q in zip(got, other))
