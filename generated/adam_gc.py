@@ -1045,6 +1045,12 @@ class AdamGC(Optimizer):
             state_dict["rng_state"] = self._rng.get_state()
         if getattr(self, "reshardable", False):
             self._dequantised_states(state_dict)
+            if "rng_state" in state_dict:
+                # torch.distributed.checkpoint (get_optimizer_state_dict) keeps 'state' and 'param_groups'
+                # only: each group carries the generator too, so a resharded run rounds (and draws) as
+                # this one would have; load_state_dict takes it back out
+                for group in state_dict["param_groups"]:
+                    group["rng_state"] = state_dict["rng_state"]
         return state_dict
 
     def _dequantised_states(self, state_dict):
@@ -1148,6 +1154,7 @@ class AdamGC(Optimizer):
                                          f"for a parameter of shape {tuple(p.shape)} it is {tuple(shape)}")
 
     def load_state_dict(self, state_dict):
+        state_dict = _generator_of_groups(state_dict)
         self._check_loadable(state_dict)
         # torch.optim casts every state to its parameter's dtype; states of lower-precision
         # parameters are float32 here, bfloat16 with state_dtype, and low-bit codes uint8, so
@@ -1257,6 +1264,17 @@ def _new_rng():
     salt = _MADE[0]
     _MADE[0] += 1
     return torch.Generator().manual_seed((torch.initial_seed() + 0x9E3779B97F4A7C15 * salt) % 2**64)
+
+
+def _generator_of_groups(state_dict):
+    """A state_dict whose groups carry the generator's state (reshardable=True: what passes through
+    torch.distributed.checkpoint) as one whose top level does, the groups without it."""
+    if not (isinstance(state_dict, dict) and isinstance(state_dict.get("param_groups"), list)
+            and any(isinstance(g, dict) and "rng_state" in g for g in state_dict["param_groups"])):
+        return state_dict
+    groups = [dict(g) for g in state_dict["param_groups"]]
+    carried = [g.pop("rng_state") for g in groups if "rng_state" in g]
+    return {**state_dict, "param_groups": groups, "rng_state": state_dict.get("rng_state", carried[0])}
 
 
 _MADE = [0]  # how many optimizers of this class this process has made: each one's generator is salted with its number

@@ -139,7 +139,8 @@ RESHARDED_SAME = [("adamw", "loop", "int8"), ("adamw", "fused", "int4"), ("adafa
 # under FSDP2, on the 2-D mesh, in one process; and, rounding stochastically, in the saved layout too (the generator
 # travels in the param groups). (saved layout, loaded layout, format, path, world size loading)
 WIDE_LOADS = [("tp", "fsdp", "int8", "loop", 2), ("tp", "2d", "int8", "loop", 4), ("tp", "one", "int8", "loop", 1),
-              ("2d", "one", "int8", "loop", 1)]
+              ("2d", "one", "int8", "loop", 1), ("tp", "tp", "int8s", "foreach", 2), ("tp", "fsdp", "int8s", "foreach", 2),
+              ("tp", "one", "int8s", "foreach", 1)]
 WIDE_SAVES = sorted({(src, fmt, path) for src, _, fmt, path, _ in WIDE_LOADS})
 
 
