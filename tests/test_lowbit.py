@@ -472,6 +472,46 @@ def test_reshardable_state_dict_holds_float32_and_resumes_bit_exact(path, state_
     assert all(torch.equal(p, q) for p, q in zip(params, copies))
 
 
+@pytest.mark.parametrize("saver", [True, False], ids=["saved-reshardable", "saved-codes"])
+def test_reshardable_on_one_side_only(saver, tmp_path):
+    """reshardable=True on one side only. load_state_dict takes either form whatever the loading
+    optimizer's reshardable says: float32 numbers (a reshardable state_dict) are requantised in its
+    blocks (exactly, in the saved layout: _refitted_scale), codes are copied byte for byte, and the
+    generator comes back from the param groups (where a reshardable state_dict carries it) or the
+    top level: training goes on as the uninterrupted run, rounding stochastically, to the bit.
+    torch.distributed.checkpoint loads into the loading optimizer's own state_dict, whose shapes
+    differ between the forms (numbers shaped as p; codes as rows of blocks): it refuses, never loads
+    one form into the other (docs/distributed.md says what to pass)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict as sd
+    from torch.distributed.checkpoint.api import CheckpointException
+    kw = dict(lr=1e-2, state_dtype="int8_stochastic")
+    opt, params, gen = _stepped(AdamW, kw, 3)
+    opt.reshardable = saver
+    saved = _saved(opt)
+    assert (saved["state"][0]["exp_avg"].dtype == torch.float32) == saver
+    assert ("rng_state" in saved["param_groups"][0]) == saver  # what passes through DCP
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    again = AdamW(copies, **kw, reshardable=not saver).manual_seed(5)  # its own generator: replaced by the saved one
+    again.load_state_dict(saved)
+    assert all("rng_state" not in g for g in again.param_groups)
+    for _ in range(3):
+        for p, q in zip(params, copies):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        opt.step()
+        again.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, copies))
+    # through torch.distributed.checkpoint (one process, no process group): refused, in both directions
+    model, other = torch.nn.Module(), torch.nn.Module()
+    model.w, model.b = params
+    other.w, other.b = (torch.nn.Parameter(p.detach().clone()) for p in params)
+    dcp.save({"optim": sd.get_optimizer_state_dict(model, opt)}, checkpoint_id=tmp_path)
+    state = {"optim": sd.get_optimizer_state_dict(other, AdamW([other.w, other.b], **kw, reshardable=not saver))}
+    with pytest.raises(CheckpointException, match="Size mismatch"):
+        dcp.load(state, checkpoint_id=tmp_path)
+
+
 def _pickled(opt):
     import copy
     return copy.deepcopy(opt)
