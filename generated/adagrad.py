@@ -1071,10 +1071,12 @@ class Adagrad(Optimizer):
             state_dict["rng_state"] = self._rng.get_state()
         if getattr(self, "reshardable", False):
             self._dequantised_states(state_dict)
-            if "rng_state" in state_dict:
+            if "rng_state" in state_dict and any(_stochastic(g["state_dtype"]) or g["state_dtype"] == torch.bfloat16
+                                                 for g in self.param_groups):
                 # torch.distributed.checkpoint (get_optimizer_state_dict) keeps 'state' and 'param_groups'
                 # only: each group carries the generator too, so a resharded run rounds (and draws) as
-                # this one would have; load_state_dict takes it back out
+                # this one would have; load_state_dict takes it back out. Only where it draws: a DCP
+                # checkpoint without it (float states, say) still loads into nearest-rounding int8 states
                 for group in state_dict["param_groups"]:
                     group["rng_state"] = state_dict["rng_state"]
         return state_dict

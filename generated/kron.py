@@ -1743,7 +1743,8 @@ class Kron(Optimizer):
             if "rng_state" in state_dict:
                 # torch.distributed.checkpoint (get_optimizer_state_dict) keeps 'state' and 'param_groups'
                 # only: each group carries the generator too, so a resharded run rounds (and draws) as
-                # this one would have; load_state_dict takes it back out
+                # this one would have; load_state_dict takes it back out. Only where it draws: a DCP
+                # checkpoint without it (float states, say) still loads into nearest-rounding int8 states
                 for group in state_dict["param_groups"]:
                     group["rng_state"] = state_dict["rng_state"]
         return state_dict
