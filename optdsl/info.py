@@ -173,4 +173,10 @@ def report(compiled: Compiled, shape: tuple[int, ...], shards: int = 1) -> str:
                      "shard needs)")
     lines.append(f"  (int8/int4: codes plus one float32 scale per {quant.BLOCK['int8']} / {quant.BLOCK['int4']} numbers; "
                  f"states under {quant.MIN_NUMEL} numbers stay float32)")
+    matrices = [name for name, kind, _ in m.states if ir.needs_whole(kind)]
+    if matrices:  # what quant.MATRIX_WHY says of them, and which are large enough to be quantised
+        big = [name for name, kind, n in m.states if ir.needs_whole(kind) and n >= quant.MIN_NUMEL]
+        lines.append(f"  (matrix states {', '.join(matrices)}: at int8/int4 quantised as the other states"
+                     + ("" if big == matrices else f", here {', '.join(big) or 'none'} (the others under {quant.MIN_NUMEL} numbers)")
+                     + f"; {quant.MATRIX_WHY})")
     return "\n".join(lines)

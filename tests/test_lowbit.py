@@ -355,6 +355,34 @@ def test_explain_shows_each_code_and_why():
     assert "int8/int4 code of state m" in text and "signed: proven only in (-inf, inf)" in text
 
 
+def test_matrix_states_say_what_they_get_and_why():
+    """Matrix states (Shampoo's Gram matrices and inverse roots, SOAP's and their eigenbases) are quantised
+    as the other states at int8/int4, a decision measured in bench/results/lowbit_matrix.md: `optdsl
+    explain` says so per state and `optdsl info` names those of the shape given large enough to be; a real
+    Shampoo holds them as codes, the bytes `info` counts; p-shaped states say nothing of matrices."""
+    from optdsl.explain import explain, report as explained
+    from optdsl.info import memory, report
+    from generated.shampoo import Shampoo
+    assert quant.MATRIX_LOWBIT and "bench/results/lowbit_matrix.md" in quant.MATRIX_WHY
+    soap = explained(explain(compile_source((SPECS / "soap.opt").read_text())))
+    for name in ("GL", "GR", "QL", "QR"):
+        line = next(x for x in soap.splitlines() if f"code of state {name} " in x)
+        assert "a matrix state, quantised as the others" in line and quant.MATRIX_WHY in line, line
+    assert "matrix state" not in next(x for x in soap.splitlines() if "code of state m " in x)
+    shampoo = compile_source((SPECS / "shampoo.opt").read_text())
+    text = report(shampoo, (100, 20))  # L, Li 100 x 100 (quantised), R, Ri 20 x 20 (under 4096 numbers)
+    assert "matrix states pre_cond_0, pre_cond_1, inv_pre_cond_0, inv_pre_cond_1" in text
+    assert "here pre_cond_0, inv_pre_cond_0 (the others under 4096 numbers)" in text
+    assert "matrix states" not in report(compile_source((SPECS / "adamw.opt").read_text()), (100, 20))
+    p = torch.nn.Parameter(torch.randn(100, 20, generator=torch.Generator().manual_seed(0)))
+    opt = Shampoo([p], state_dtype="int8")
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.state[p]["pre_cond_0"].dtype == torch.uint8 and opt.state[p]["pre_cond_1"].dtype == torch.float32
+    held = sum(v.nbytes for k, v in opt.state[p].items() if k != "step")
+    assert held == memory(shampoo, (100, 20)).stored_bytes("int8")
+
+
 def test_eval_train_modes_read_and_write_low_bit_states():
     """Schedule-Free's eval() and train() read z and write p: through the codes, z stays uint8."""
     from generated.schedule_free_adamw import ScheduleFreeAdamW
