@@ -42,7 +42,16 @@ class Neg:
     span: Span
 
 
-Expr = Num | Name | Call | BinOp | Neg
+@dataclass(frozen=True)
+class Index:
+    """`Q[a]` (a state list's factor for axis a, in `for axis a`) or `d[a]` (axis a's size, in a state
+    list's kind condition): optdsl/axes.py unrolls them away before anything else reads the spec."""
+    name: str
+    var: str
+    span: Span
+
+
+Expr = Num | Name | Call | BinOp | Neg | Index
 
 
 # ---- declarations and statements ----
@@ -110,6 +119,19 @@ class State:
 
 
 @dataclass(frozen=True)
+class StateList:
+    """`state Q[a]: axis(a) if COND else gram(a) = INIT`: one factor per axis a of p, of the first kind
+    where COND holds for that axis, else of the second (optdsl/axes.py makes them `Q0`, `Q1`, ...)."""
+    name: str
+    var: str
+    kinds: tuple[str, str]  # ("axis", "gram") or ("gram", "axis")
+    cond: Expr
+    init: Expr | None
+    span: Span
+    key: str | None = None
+
+
+@dataclass(frozen=True)
 class Assign:
     target: str
     op: str  # = += -= *= /=
@@ -121,7 +143,7 @@ class Assign:
 
 @dataclass(frozen=True)
 class Block:
-    kind: str               # "repeat" (arg: the count) or "every" (arg: the period)
+    kind: str               # "repeat" (arg: the count), "every" (arg: the period) or "axis" (arg: its variable)
     arg: Expr
     body: tuple[Assign | Block, ...]
     span: Span

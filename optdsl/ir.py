@@ -18,6 +18,9 @@ SHAPE_BUILTINS = {"ndim": "p.dim()", "numel": "p.numel()",
                   "nrows": "(p.shape[-2] if p.dim() >= 2 else 1)", "ncols": "(p.shape[-1] if p.dim() >= 1 else 1)",
                   # the first axis: the number of output units (unit_mean, unit_norm), 1 for a scalar
                   "nunits": "(p.shape[0] if p.dim() >= 1 else 1)"}
+# The size of each axis, `d[K]`: read by the rules optdsl/axes.py unrolls from a state list (their
+# conditions only; a spec cannot write these names)
+AXIS_SIZES = {f"d[{k}]": f"(p.shape[{k}] if p.dim() > {k} else 1)" for k in range(8)}
 TENSOR, SCALAR = "tensor", "scalar"
 
 # ---- shapes ----

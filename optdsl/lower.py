@@ -235,7 +235,7 @@ class _Lowering:
         if n in self.hypers:
             self.read.add(n)
             return ir.Ref(n, e.span)
-        if n in ("t", "loss") or n in ir.SHAPE_BUILTINS:
+        if n in ("t", "loss") or n in ir.SHAPE_BUILTINS or n in ir.AXIS_SIZES:
             self.uses_loss |= n == "loss"
             return ir.Ref(n, e.span)
         if n in self.version:
@@ -868,7 +868,7 @@ def _names(e):
 def _rule_condition(cond: ast.Expr | None, spec: ast.Spec) -> ir.Expr | None:
     if cond is None:
         return None
-    allowed = set(ir.SHAPE_BUILTINS) | {h.name for h in spec.hypers}
+    allowed = set(ir.SHAPE_BUILTINS) | set(ir.AXIS_SIZES) | {h.name for h in spec.hypers}
 
     for n in _names(cond):
         if n.id not in allowed:

@@ -10,7 +10,7 @@ from pathlib import Path
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
-from . import ast
+from . import ast, axes
 from .errors import Span, SpecError
 
 
@@ -96,6 +96,10 @@ class _ToAst(Transformer):
     def neg(self, meta, children):
         return ast.Neg(children[0], _span(meta))
 
+    def index(self, meta, children):
+        name, _, var, _ = children
+        return ast.Index(str(name), str(var), _span(meta))
+
     # ---- declarations ----
     def header(self, meta, children):
         name, doc = children
@@ -150,6 +154,18 @@ class _ToAst(Transformer):
                          shape_span=shape and _span(shape), key=key and str(key), key_span=key and _span(key),
                          eager=eager is not None)
 
+    def list_item(self, meta, children):
+        name, _, var, _, first, v1, cond, second, v2, init, key = children
+        for word, v in ((first, v1), (second, v2)):
+            if str(v) != str(var):
+                raise SpecError(f"the state list '{name}[{var}]' names its kinds along '{var}', not '{v}'", _span(v),
+                                hint=f"write {word}({var})")
+        if {str(first), str(second)} != {"axis", "gram"}:
+            raise SpecError(f"a state list's kinds are axis({var}) and gram({var}), one of each", _span(first),
+                            hint=f"write 'axis({var}) if COND else gram({var})'")
+        return ast.StateList(str(name), str(var), (str(first), str(second)), cond, init, _span(name),
+                             key=key and str(key))
+
     def matrix_shape(self, meta, children):
         """`matrix(A, B)` as one name token, "matrix(A, B)", spanning the whole form (ir.matrix_dims reads it)."""
         word, a, b = children
@@ -173,6 +189,10 @@ class _ToAst(Transformer):
     def aug_assign(self, meta, children):
         name, op, value = children
         return ast.Assign(str(name), str(op), value, _span(meta), _span(name))
+
+    def index_assign(self, meta, children):
+        name, _, var, _, value = children
+        return ast.Assign(f"{name}[{var}]", "=", value, _span(meta), _span(meta))
 
     def group_assign(self, meta, children):
         word, name, value = children
@@ -202,6 +222,14 @@ class _ToAst(Transformer):
         period, *items = children
         self._no_group_statement(items, "an 'every' block")
         return ast.Block("every", period, self._block_body(items), _span(meta))
+
+    def axis_block(self, meta, children):
+        word, var, *items = children
+        if word != "axis":
+            raise SpecError(f"'for {word} {var}' is not a loop", _span(word),
+                            hint=f"the loop over the axes of p is 'for axis {var} {{'")
+        self._no_group_statement(items, "a 'for axis' loop")
+        return ast.Block("axis", ast.Name(str(var), _span(var)), self._block_body(items), _span(meta))
 
     def rule_block(self, meta, children):
         cond, *items = children
@@ -594,8 +622,12 @@ def parse(text: str, filename: str = "<spec>") -> ast.Spec:
             tok.line, tok.column, tok.line, tok.column + len(tok)), filename=filename, source=text,
             hint="shorten it: a name this long made a module of megabytes and a compile of seconds")
     try:
-        return _ToAst().transform(tree)
+        spec = _ToAst().transform(tree)
     except VisitError as err:
         if isinstance(err.orig_exc, SpecError):
             raise err.orig_exc.located(filename, text) from None
         raise
+    try:
+        return axes.expand(spec)  # state lists and `for axis` loops, unrolled per rank (a stage of its own)
+    except SpecError as err:
+        raise err.located(filename, text) from None

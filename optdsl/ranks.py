@@ -48,6 +48,7 @@ def _takes(cond: ir.Expr | None, rank: int, hypers) -> bool | None:
                 "ncols": sp.Integer(1) if rank == 0 else sp.Symbol("ncols", positive=True),
                 "numel": sp.Integer(1) if rank == 0 else sp.Symbol("numel", positive=True),
                 "nunits": sp.Integer(1) if rank == 0 else sp.Symbol("nunits", positive=True)})
+    env.update({n: sp.Symbol(n, positive=True) for n in ir.AXIS_SIZES})
     value = to_sympy(cond, env)
     return bool(value != 0) if value.is_Number else None
 
@@ -100,7 +101,7 @@ def _holds(cond: ir.Expr | None, case: str, hypers) -> bool | None:
     if cond is None:
         return True
     positive = {n: sp.Symbol(n, positive=True) for n in ("nrows", "ncols", "numel", "nunits")}
-    env = {h.name: sp.Symbol(h.name) for h in hypers}
+    env = {h.name: sp.Symbol(h.name) for h in hypers} | {n: sp.Symbol(n, positive=True) for n in ir.AXIS_SIZES}
     if case in ("0", "1"):
         rank = int(case)
         env.update(positive, ndim=sp.Integer(rank), nrows=sp.Integer(1))

@@ -770,11 +770,12 @@ def condition_code(cond: ir.Expr, prog: ir.Program) -> str:
     from ..rewrite import scalar_env
     from ..sym import to_sympy
     group_code = interface(prog)["group_code"]
-    names = [h.name for h in prog.hypers] + list(ir.SHAPE_BUILTINS)
-    value = ieee._Guard({**scalar_env(prog), **ieee.shape_env()})(to_sympy(cond, {n: sp.Symbol(n) for n in names}))
+    names = [h.name for h in prog.hypers] + list(ir.SHAPE_BUILTINS) + list(ir.AXIS_SIZES)
+    sizes = {sp.Symbol(n): ieee.Interval(0.0, float("inf"), True, False) for n in ir.AXIS_SIZES}
+    value = ieee._Guard({**scalar_env(prog), **ieee.shape_env(), **sizes})(to_sympy(cond, {n: sp.Symbol(n) for n in names}))
     # an epsilon of None is the machine epsilon of p's dtype (the step's functional reads its `params`)
     code = {h.name: group_code[h.name].removesuffix(", params)") + ", [p])" if h.optional else group_code[h.name]
-            for h in prog.hypers} | ir.SHAPE_BUILTINS
+            for h in prog.hypers} | ir.SHAPE_BUILTINS | ir.AXIS_SIZES
     return _ConditionPrinter().doprint(value.xreplace({sp.Symbol(n): sp.Symbol(code[n]) for n in names}))
 
 
