@@ -156,6 +156,9 @@ class Rule:
     body: tuple[Assign | Block, ...]
     span: Span
     refuse: str | None = None  # `rule COND refuse "why"`: the parameters it takes are refused, saying why
+    # a rule optdsl/axes.py unrolled from a state list: the condition as written (None: none) and what this
+    # rule fixes ("ndim == 3: Q0 gram(0), Q1 axis(1), Q2 gram(2)"), for what info, explain and errors show
+    unrolled: tuple | None = None
 
 
 @dataclass(frozen=True)

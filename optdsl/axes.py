@@ -122,7 +122,8 @@ def _expand(rule: ast.Rule, spec: ast.Spec) -> list[ast.Rule]:
                 states.append(ast.State(f"{lst.name}{k}", init, lst.span, shape=f"{kind}({k})", shape_span=lst.span,
                                         key=lst.key and f"{lst.key}{k}"))
             body = _Unroll(lst, n, diag, taken | {s.name for s in states}).body(rule.body)
-            out.append(replace(rule, cond=cond, states=others + tuple(states), body=body))
+            fixed = f"ndim == {n}: " + ", ".join(f"{s.name} {s.shape}" for s in states)
+            out.append(replace(rule, cond=cond, states=others + tuple(states), body=body, unrolled=(rule.cond, fixed)))
     past = _cmp(">", ast.Name("ndim", lst.span), MAX_RANK, lst.span)
     if rule.cond is None or _const(rule.cond, {"ndim": MAX_RANK + 1}) != 0:
         out.append(ast.Rule(past if rule.cond is None else ast.BinOp("and", rule.cond, past, rule.span), (), (),
@@ -137,7 +138,7 @@ def _cmp(op, left, n, span):
 
 def _kind_cond(lst: ast.StateList, k: int, n: int, diag: bool) -> ast.Expr:
     """The condition, for axis k of a rank-n parameter, that the list's factor there is `diag`'s kind."""
-    c = _size_cond(lst.cond, {lst.var: k}, n)
+    c = _fold(_size_cond(lst.cond, {lst.var: k}, n))
     first = lst.kinds[0] == "axis"  # COND picks the first kind
     holds = first == diag
     return c if holds else ast.BinOp("==", c, ast.Num(0.0, lst.span), lst.span)
@@ -175,6 +176,37 @@ def _size_cond(e, axes: dict, n: int):
     if isinstance(e, ast.Neg):
         return replace(e, operand=_size_cond(e.operand, axes, n))
     return e
+
+
+_SAME = {"<": 0.0, "<=": 1.0, ">": 0.0, ">=": 1.0, "==": 1.0, "!=": 0.0}
+
+
+def _fold(e):
+    """A kind condition with what its numbers decide worked out (`(0 > 1) * (d[1] == d[0])` is 0, `d[0] > d[0]`
+    is 0): shorter conditions, the same truth for every shape."""
+    if isinstance(e, ast.Call):
+        return replace(e, args=tuple(map(_fold, e.args)))
+    if isinstance(e, ast.Neg):
+        v = _fold(e.operand)
+        return ast.Num(-v.value, e.span) if isinstance(v, ast.Num) else replace(e, operand=v)
+    if not isinstance(e, ast.BinOp):
+        return e
+    a, b = _fold(e.left), _fold(e.right)
+    x = a.value if isinstance(a, ast.Num) else None
+    y = b.value if isinstance(b, ast.Num) else None
+    if x is not None and y is not None and e.op in "+-*" + "<<=>>===!=" and e.op not in ("and", "or"):
+        v = _const(replace(e, left=a, right=b), {})
+        if v is not None:
+            return ast.Num(float(v), e.span)
+    if isinstance(a, ast.Name) and isinstance(b, ast.Name) and a.id == b.id and e.op in _SAME:
+        return ast.Num(_SAME[e.op], e.span)
+    if e.op == "*" and (x == 0 or y == 0):
+        return ast.Num(0.0, e.span)
+    if e.op == "*" and (x == 1 or y == 1):
+        return b if x == 1 else a
+    if e.op == "+" and (x == 0 or y == 0):
+        return b if x == 0 else a
+    return replace(e, left=a, right=b)
 
 
 def _subst(e, names: dict, eye=None):

@@ -837,7 +837,7 @@ def lower_rules(spec: ast.Spec) -> tuple[list[tuple[ir.Expr | None, ir.Program]]
         hyper = [w for w in found if w.message.startswith("hyperparameter '")]
         unused.append({w.message: w for w in hyper})
         warnings += [w for w in found if w not in hyper]
-        out.append((_rule_condition(rule.cond, spec), program))
+        out.append((rule_condition(rule.cond, spec), program))
     read = {f"hyperparameter '{n.id}' is never used" for rule in spec.rules + rules for n in _names(rule.cond)}
     common = set.intersection(*(set(u) for u in unused)) - read  # a hyperparameter no rule (or condition) reads
     warnings += [w for m, w in unused[0].items() if m in common]
@@ -852,7 +852,7 @@ def refusals(spec: ast.Spec) -> list[tuple[int, ir.Expr, str, Span]]:
         if rule.refuse is None:
             before += 1
         else:
-            out.append((before, _rule_condition(rule.cond, spec), rule.refuse, rule.span))
+            out.append((before, rule_condition(rule.cond, spec), rule.refuse, rule.span))
     return out
 
 
@@ -865,7 +865,7 @@ def _names(e):
         yield from _names(child)
 
 
-def _rule_condition(cond: ast.Expr | None, spec: ast.Spec) -> ir.Expr | None:
+def rule_condition(cond: ast.Expr | None, spec: ast.Spec) -> ir.Expr | None:
     if cond is None:
         return None
     allowed = set(ir.SHAPE_BUILTINS) | set(ir.AXIS_SIZES) | {h.name for h in spec.hypers}

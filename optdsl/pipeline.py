@@ -36,11 +36,19 @@ def compile_source(text: str, filename: str = "<spec>") -> Compiled:
         warnings = warnings + ranks.unreachable_refusals(lowered, lower.refusals(spec))
         for _, program in lowered:
             shapes.check(program)
+        unrolled = [r.unrolled for r in spec.rules if r.refuse is None] or [None]
         rules = []
         for cond, program in lowered:
-            warnings = warnings + check.check(program)
+            # a rule unrolled from a state list (optdsl/axes.py) repeats its statements' spans: each
+            # warning once, at the first rule that gives it
+            seen = {(w.message, w.span) for w in warnings}
+            warnings = warnings + [w for w in check.check(program) if (w.message, w.span) not in seen]
             code = torch_backend.condition_code(cond, program) if cond is not None else None
             shown = ir.format_expr(cond) if cond is not None else None
+            if unrolled[len(rules)] is not None:  # a rule unrolled from a state list: what it fixes, not its guard
+                written, fixed = unrolled[len(rules)]
+                shown = (f"{ir.format_expr(lower.rule_condition(written, spec))} " if written is not None else "") + (
+                    f"(unrolled: {fixed})")
             rules.append((code, program, sym.plan(program), shown))
         program, plan = rules[0][1], rules[0][2]
         # the reason as a terminal may show it (a CR or U+2028 written as its escape): info, explain and
