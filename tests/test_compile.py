@@ -152,7 +152,7 @@ def test_compiled_kron_rank3_step_is_one_graph(mode, foreach):
     buf = io.BytesIO()
     torch.save(warm.state_dict(), buf)
     grads = _grads([p.shape for p in params], torch.float64, 4, seed=2)
-    factors = "d" if mode else "Q"
+    factors = "Q"  # triangular gram(K) or diagonal axis(K), by the state list (a side of 1: diagonal)
     for plr in (0.0, 0.1):
         out = {}
         for compiled in (True, False):

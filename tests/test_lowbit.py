@@ -801,16 +801,16 @@ def test_fused_low_bit_resumes_bit_exact_and_skips_small_tensors():
 # (a gram(0) of a (70, 2, 30) tensor: 4900; an axis(0) of a (4100, 2, 1) one: 4100), float32 below
 # (gram(1), gram(2), axis(1), axis(2) here), as rows/cols and gram_rows/gram_cols states are.
 RANK3 = {"gram": ((70, 2, 30), {}, {"momentum_buffer", "Q0"}),
-         "axis": ((4100, 2, 1), dict(memory_save_mode="all_diag"), {"momentum_buffer", "d0"})}
+         "axis": ((4100, 2, 1), dict(memory_save_mode="all_diag"), {"momentum_buffer", "Q0"})}
 PATHS3 = {**PATHS, "fused": dict(fused=True)}  # fused: these rules run the foreach path's torch code
 
 
-def _rank3_float_shapes(shape):
-    """The float shape of each per-axis state of a rank-3 parameter of `shape`, by its saved name."""
+def _rank3_float_shapes(shape, diagonal=False):
+    """The float shape of each per-axis state of a rank-3 parameter of `shape`, by its saved name: Q{k} a
+    triangular factor (n x n), or diagonal (n values along axis k) for all_diag and a side of 1."""
     out = {"momentum_buffer": tuple(shape)}
     for k, n in enumerate(shape):
-        out[f"Q{k}"] = (n, n)
-        out[f"d{k}"] = tuple(n if j == k else 1 for j in range(3))
+        out[f"Q{k}"] = tuple(n if j == k else 1 for j in range(3)) if diagonal or n == 1 else (n, n)
     return out
 
 
@@ -835,7 +835,7 @@ def test_rank3_per_axis_states_store_and_resume_bit_exact(kind, state_dtype, pat
     shape, kw, large = RANK3[kind]
     gen = torch.Generator().manual_seed(0)
     opt, p = _rank3_stepped(kind, path, state_dtype, 3, gen)
-    floats = _rank3_float_shapes(shape)
+    floats = _rank3_float_shapes(shape, "memory_save_mode" in RANK3[kind][1])
     for key, value in opt.state[p].items():
         if key == "step":
             assert value.dtype == torch.float32
@@ -870,7 +870,7 @@ def test_rank3_per_axis_states_against_float32_path_step_by_step(kind, fmt, path
     path's (s * (w + 2^-23) per block), float states equal."""
     from generated import kron as module
     shape, kw, large = RANK3[kind]
-    floats = _rank3_float_shapes(shape)
+    floats = _rank3_float_shapes(shape, "memory_save_mode" in RANK3[kind][1])
     gen = torch.Generator().manual_seed(1)
     low, p = _rank3_stepped(kind, path, fmt, 0, gen)
     signed = low._LOWBIT_SIGNED
