@@ -11,10 +11,11 @@ The spec::
     # memory_save_mode says so (\"one_diag\": the larger side, the columns of a square; \"smart_one_diag\":
     # the strictly larger side; \"all_diag\"). Vectors and 0-dim tensors take one diagonal factor. A side
     # of size 1 keeps a 1 x 1 triangular factor where the reference keeps a diagonal one: the same numbers.
-    # A tensor of rank 3 keeps one factor per axis K, a d[K] x d[K] `gram(K)` state or a diagonal `axis(K)`
-    # one, worked on along its axis (mm_axis, rsolve_triu_axis, gram_axis, axis_sum): one rule for three
-    # triangular factors, one for three diagonal ones. A rank-3 tensor whose axes mix the two, and one of
-    # rank 4 or more, are refused when given to the optimizer, saying why (the last rules). No keyword
+    # A tensor of rank 3 or 4 keeps one factor per axis a, the state list Q[a]: a d[a] x d[a] triangular
+    # `gram(a)` or a diagonal `axis(a)`, by the reference's rule per axis (a side of 1 diagonal; one_diag: the
+    # last largest axis, as numpy's argsort but for its unstable ties at rank 4; smart_one_diag: a strictly
+    # largest one), worked on along each axis in a `for axis a` loop: unrolled into a rule per rank and mix of
+    # kinds (optdsl/axes.py). Rank 5 or more is refused when given to the optimizer, saying why. No keyword
     # pre_conditioner_update_probability: max_prob, ... say it.
     # The preconditioner is updated when a counter of steps reaches 1 / prob(t - 1), prob(n) =
     # clamp(max_prob exp(-decay (n - flat_start)), min_prob, max_prob): the reference's default schedule
@@ -2826,9 +2827,9 @@ class Kron(Optimizer):
         if p.dim() >= 3 and p.dim() == 4 and float((p.shape[0] if p.dim() > 0 else 1) == 1) + float(float((None, "one_diag", "smart_one_diag", "all_diag").index(group["memory_save_mode"])) == 1)*float(float((p.shape[1] if p.dim() > 1 else 1) == (p.shape[0] if p.dim() > 0 else 1)) + float((p.shape[2] if p.dim() > 2 else 1) == (p.shape[0] if p.dim() > 0 else 1)) + float((p.shape[3] if p.dim() > 3 else 1) == (p.shape[0] if p.dim() > 0 else 1)) + float((p.shape[1] if p.dim() > 1 else 1) > (p.shape[0] if p.dim() > 0 else 1)) + float((p.shape[2] if p.dim() > 2 else 1) > (p.shape[0] if p.dim() > 0 else 1)) + float((p.shape[3] if p.dim() > 3 else 1) > (p.shape[0] if p.dim() > 0 else 1)) == 0) + float(float((None, "one_diag", "smart_one_diag", "all_diag").index(group["memory_save_mode"])) == 2)*float(float((p.shape[1] if p.dim() > 1 else 1) >= (p.shape[0] if p.dim() > 0 else 1)) + float((p.shape[2] if p.dim() > 2 else 1) >= (p.shape[0] if p.dim() > 0 else 1)) + float((p.shape[3] if p.dim() > 3 else 1) >= (p.shape[0] if p.dim() > 0 else 1)) + 1 == 1) + float(float((None, "one_diag", "smart_one_diag", "all_diag").index(group["memory_save_mode"])) == 3) + float((p.shape[0] if p.dim() > 0 else 1) > group["max_size_triangular"]) + float(4 < group["min_ndim_triangular"]) > 0 and float((p.shape[1] if p.dim() > 1 else 1) == 1) + float(float((None, "one_diag", "smart_one_diag", "all_diag").index(group["memory_save_mode"])) == 1)*float(float((p.shape[2] if p.dim() > 2 else 1) == (p.shape[1] if p.dim() > 1 else 1)) + float((p.shape[3] if p.dim() > 3 else 1) == (p.shape[1] if p.dim() > 1 else 1)) + float((p.shape[0] if p.dim() > 0 else 1) > (p.shape[1] if p.dim() > 1 else 1)) + float((p.shape[2] if p.dim() > 2 else 1) > (p.shape[1] if p.dim() > 1 else 1)) + float((p.shape[3] if p.dim() > 3 else 1) > (p.shape[1] if p.dim() > 1 else 1)) == 0) + float(float((None, "one_diag", "smart_one_diag", "all_diag").index(group["memory_save_mode"])) == 2)*float(float((p.shape[0] if p.dim() > 0 else 1) >= (p.shape[1] if p.dim() > 1 else 1)) + float((p.shape[2] if p.dim() > 2 else 1) >= (p.shape[1] if p.dim() > 1 else 1)) + float((p.shape[3] if p.dim() > 3 else 1) >= (p.shape[1] if p.dim() > 1 else 1)) + 1 == 1) + float(float((None, "one_diag", "smart_one_diag", "all_diag").index(group["memory_save_mode"])) == 3) + float((p.shape[1] if p.dim() > 1 else 1) > group["max_size_triangular"]) + float(4 < group["min_ndim_triangular"]) > 0 and float((p.shape[2] if p.dim() > 2 else 1) == 1) + float(float((None, "one_diag", "smart_one_diag", "all_diag").index(group["memory_save_mode"])) == 1)*float(float((p.shape[3] if p.dim() > 3 else 1) == (p.shape[2] if p.dim() > 2 else 1)) + float((p.shape[0] if p.dim() > 0 else 1) > (p.shape[2] if p.dim() > 2 else 1)) + float((p.shape[1] if p.dim() > 1 else 1) > (p.shape[2] if p.dim() > 2 else 1)) + float((p.shape[3] if p.dim() > 3 else 1) > (p.shape[2] if p.dim() > 2 else 1)) == 0) + float(float((None, "one_diag", "smart_one_diag", "all_diag").index(group["memory_save_mode"])) == 2)*float(float((p.shape[0] if p.dim() > 0 else 1) >= (p.shape[2] if p.dim() > 2 else 1)) + float((p.shape[1] if p.dim() > 1 else 1) >= (p.shape[2] if p.dim() > 2 else 1)) + float((p.shape[3] if p.dim() > 3 else 1) >= (p.shape[2] if p.dim() > 2 else 1)) + 1 == 1) + float(float((None, "one_diag", "smart_one_diag", "all_diag").index(group["memory_save_mode"])) == 3) + float((p.shape[2] if p.dim() > 2 else 1) > group["max_size_triangular"]) + float(4 < group["min_ndim_triangular"]) > 0 and float((p.shape[3] if p.dim() > 3 else 1) == 1) + float(float((None, "one_diag", "smart_one_diag", "all_diag").index(group["memory_save_mode"])) == 1)*float(float((p.shape[0] if p.dim() > 0 else 1) > (p.shape[3] if p.dim() > 3 else 1)) + float((p.shape[1] if p.dim() > 1 else 1) > (p.shape[3] if p.dim() > 3 else 1)) + float((p.shape[2] if p.dim() > 2 else 1) > (p.shape[3] if p.dim() > 3 else 1)) == 0) + float(float((None, "one_diag", "smart_one_diag", "all_diag").index(group["memory_save_mode"])) == 2)*float(float((p.shape[0] if p.dim() > 0 else 1) >= (p.shape[3] if p.dim() > 3 else 1)) + float((p.shape[1] if p.dim() > 1 else 1) >= (p.shape[3] if p.dim() > 3 else 1)) + float((p.shape[2] if p.dim() > 2 else 1) >= (p.shape[3] if p.dim() > 3 else 1)) + 1 == 1) + float(float((None, "one_diag", "smart_one_diag", "all_diag").index(group["memory_save_mode"])) == 3) + float((p.shape[3] if p.dim() > 3 else 1) > group["max_size_triangular"]) + float(4 < group["min_ndim_triangular"]) > 0:
             return 28
         if p.dim() >= 3 and p.dim() > 4:
-            raise ValueError(f"Kron refuses a parameter of shape {tuple(p.shape)}: " + "its state list 'Q[a]' is unrolled for ranks 1 to 4 (one rule per rank and choice of kinds along the axes, optdsl/axes.py) (specs/kron.opt:115: rule ndim >= 3 and ndim > 4 refuse)")
+            raise ValueError(f"Kron refuses a parameter of shape {tuple(p.shape)}: " + "its state list 'Q[a]' is unrolled for ranks 1 to 4 (one rule per rank and choice of kinds along the axes, optdsl/axes.py) (specs/kron.opt:116: rule ndim >= 3 and ndim > 4 refuse)")
         raise RuntimeError(f"no rule of Kron takes a parameter of shape {tuple(p.shape)}; its rules are "
-                           + "; ".join(("specs/kron.opt:28: rule ndim == 2 and (nrows > max_size) + (min_ndim > 2) + (mode == 3) + (mode > 0) * (nrows > ncols) > 0 and (ncols > max_size) + (min_ndim > 2) + (mode == 3) + (mode == 1) * (ncols >= nrows) + (mode == 2) * (ncols > nrows) > 0", "specs/kron.opt:46: rule ndim == 2 and (nrows > max_size) + (min_ndim > 2) + (mode == 3) + (mode > 0) * (nrows > ncols) > 0", "specs/kron.opt:64: rule ndim == 2 and (ncols > max_size) + (min_ndim > 2) + (mode == 3) + (mode == 1) * (ncols >= nrows) + (mode == 2) * (ncols > nrows) > 0", "specs/kron.opt:82: rule ndim == 2", "specs/kron.opt:100: rule ndim <= 1", "specs/kron.opt:115: rule ndim >= 3")))
+                           + "; ".join(("specs/kron.opt:29: rule ndim == 2 and (nrows > max_size) + (min_ndim > 2) + (mode == 3) + (mode > 0) * (nrows > ncols) > 0 and (ncols > max_size) + (min_ndim > 2) + (mode == 3) + (mode == 1) * (ncols >= nrows) + (mode == 2) * (ncols > nrows) > 0", "specs/kron.opt:47: rule ndim == 2 and (nrows > max_size) + (min_ndim > 2) + (mode == 3) + (mode > 0) * (nrows > ncols) > 0", "specs/kron.opt:65: rule ndim == 2 and (ncols > max_size) + (min_ndim > 2) + (mode == 3) + (mode == 1) * (ncols >= nrows) + (mode == 2) * (ncols > nrows) > 0", "specs/kron.opt:83: rule ndim == 2", "specs/kron.opt:101: rule ndim <= 1", "specs/kron.opt:116: rule ndim >= 3")))
 
     def _init_group(self, group, rule, *lists):
         """The lists of one rule's parameters of the group. torch.compile runs a method of this name
@@ -2851,7 +2852,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 2)
             raise ValueError("Kron: " + "state 'dR: cols'" + f" needs parameters of rank 2 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:29:84: dR\n      state m as momentum_buffer, c: scalar as update_counter, dL: rows = sqrt(scale), dR: cols = sqrt(scale)\n                                                                                       ^^")
+                             + "specs/kron.opt:30:84: dR\n      state m as momentum_buffer, c: scalar as update_counter, dL: rows = sqrt(scale), dR: cols = sqrt(scale)\n                                                                                       ^^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -2900,7 +2901,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 2)
             raise ValueError("Kron: " + "state 'QR: gram_cols'" + f" needs parameters of rank 2 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:47:84: QR\n      state m as momentum_buffer, c: scalar as update_counter, dL: rows = sqrt(scale), QR: gram_cols = sqrt(scale) * eye\n                                                                                       ^^")
+                             + "specs/kron.opt:48:84: QR\n      state m as momentum_buffer, c: scalar as update_counter, dL: rows = sqrt(scale), QR: gram_cols = sqrt(scale) * eye\n                                                                                       ^^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -2949,7 +2950,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 2)
             raise ValueError("Kron: " + "state 'QL: gram_rows'" + f" needs parameters of rank 2 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:65:60: QL\n      state m as momentum_buffer, c: scalar as update_counter, QL: gram_rows = sqrt(scale) * eye, dR: cols = sqrt(scale)\n                                                               ^^")
+                             + "specs/kron.opt:66:60: QL\n      state m as momentum_buffer, c: scalar as update_counter, QL: gram_rows = sqrt(scale) * eye, dR: cols = sqrt(scale)\n                                                               ^^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -2998,7 +2999,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 2)
             raise ValueError("Kron: " + "state 'QL: gram_rows'" + f" needs parameters of rank 2 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:83:60: QL\n      state m as momentum_buffer, c: scalar as update_counter, QL: gram_rows = sqrt(scale) * eye, QR: gram_cols = sqrt(scale) * eye\n                                                               ^^")
+                             + "specs/kron.opt:84:60: QL\n      state m as momentum_buffer, c: scalar as update_counter, QL: gram_rows = sqrt(scale) * eye, QR: gram_cols = sqrt(scale) * eye\n                                                               ^^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -3086,7 +3087,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 3)
             raise ValueError("Kron: " + "state 'Q2: gram(2)'" + f" needs parameters of rank 3 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:117:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:118:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -3140,7 +3141,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 3)
             raise ValueError("Kron: " + "state 'Q2: axis(2)'" + f" needs parameters of rank 3 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:117:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:118:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -3194,7 +3195,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 3)
             raise ValueError("Kron: " + "state 'Q2: gram(2)'" + f" needs parameters of rank 3 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:117:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:118:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -3248,7 +3249,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 3)
             raise ValueError("Kron: " + "state 'Q2: axis(2)'" + f" needs parameters of rank 3 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:117:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:118:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -3302,7 +3303,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 3)
             raise ValueError("Kron: " + "state 'Q2: gram(2)'" + f" needs parameters of rank 3 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:117:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:118:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -3356,7 +3357,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 3)
             raise ValueError("Kron: " + "state 'Q2: axis(2)'" + f" needs parameters of rank 3 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:117:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:118:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -3410,7 +3411,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 3)
             raise ValueError("Kron: " + "state 'Q2: gram(2)'" + f" needs parameters of rank 3 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:117:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:118:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -3464,7 +3465,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 3)
             raise ValueError("Kron: " + "state 'Q2: axis(2)'" + f" needs parameters of rank 3 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:117:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:118:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -3518,7 +3519,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 4)
             raise ValueError("Kron: " + "state 'Q3: gram(3)'" + f" needs parameters of rank 4 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:117:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:118:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -3577,7 +3578,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 4)
             raise ValueError("Kron: " + "state 'Q3: axis(3)'" + f" needs parameters of rank 4 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:117:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:118:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -3636,7 +3637,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 4)
             raise ValueError("Kron: " + "state 'Q3: gram(3)'" + f" needs parameters of rank 4 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:117:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:118:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -3695,7 +3696,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 4)
             raise ValueError("Kron: " + "state 'Q3: axis(3)'" + f" needs parameters of rank 4 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:117:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:118:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -3754,7 +3755,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 4)
             raise ValueError("Kron: " + "state 'Q3: gram(3)'" + f" needs parameters of rank 4 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:117:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:118:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -3813,7 +3814,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 4)
             raise ValueError("Kron: " + "state 'Q3: axis(3)'" + f" needs parameters of rank 4 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:117:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:118:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -3872,7 +3873,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 4)
             raise ValueError("Kron: " + "state 'Q3: gram(3)'" + f" needs parameters of rank 4 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:117:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:118:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -3931,7 +3932,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 4)
             raise ValueError("Kron: " + "state 'Q3: axis(3)'" + f" needs parameters of rank 4 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:117:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:118:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -3990,7 +3991,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 4)
             raise ValueError("Kron: " + "state 'Q3: gram(3)'" + f" needs parameters of rank 4 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:117:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:118:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -4049,7 +4050,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 4)
             raise ValueError("Kron: " + "state 'Q3: axis(3)'" + f" needs parameters of rank 4 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:117:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:118:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -4108,7 +4109,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 4)
             raise ValueError("Kron: " + "state 'Q3: gram(3)'" + f" needs parameters of rank 4 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:117:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:118:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -4167,7 +4168,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 4)
             raise ValueError("Kron: " + "state 'Q3: axis(3)'" + f" needs parameters of rank 4 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:117:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:118:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -4226,7 +4227,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 4)
             raise ValueError("Kron: " + "state 'Q3: gram(3)'" + f" needs parameters of rank 4 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:117:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:118:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -4285,7 +4286,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 4)
             raise ValueError("Kron: " + "state 'Q3: axis(3)'" + f" needs parameters of rank 4 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:117:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:118:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -4344,7 +4345,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 4)
             raise ValueError("Kron: " + "state 'Q3: gram(3)'" + f" needs parameters of rank 4 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:117:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:118:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -4403,7 +4404,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 4)
             raise ValueError("Kron: " + "state 'Q3: axis(3)'" + f" needs parameters of rank 4 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:117:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:118:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -7207,29 +7208,29 @@ def kron_6(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_steps
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
         _shape_error("Kron", err, params, state_steps, hypers, _shapes_kron_6, _STATEMENTS_6,
-                     ("specs/kron.opt:128: A = mm_axis(Q[a], A, a)", "specs/kron.opt:129: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:133: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:134: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:137: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
+                     ("specs/kron.opt:129: A = mm_axis(Q[a], A, a)", "specs/kron.opt:130: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:134: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:135: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:138: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
         raise
 
 
 # The statements of rule 6 as the spec writes them: a step names the one whose shapes do not fit.
 _STATEMENTS_6 = (
-    "specs/kron.opt:120:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:121:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:122:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:123:3: c += 1\n      c += 1\n      ^^^^^^",
-    "specs/kron.opt:124:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:125:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
-    "specs/kron.opt:126:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
-    "specs/kron.opt:128:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:129:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:133:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:134:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:136:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:137:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:121:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:122:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:123:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:124:3: c += 1\n      c += 1\n      ^^^^^^",
+    "specs/kron.opt:125:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:126:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
+    "specs/kron.opt:127:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
+    "specs/kron.opt:129:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:130:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:134:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:135:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:137:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:138:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
 )
 
 
@@ -7623,29 +7624,29 @@ def kron_7(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_steps
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
         _shape_error("Kron", err, params, state_steps, hypers, _shapes_kron_7, _STATEMENTS_7,
-                     ("specs/kron.opt:128: A = mm_axis(Q[a], A, a)", "specs/kron.opt:129: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:133: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:134: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:137: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
+                     ("specs/kron.opt:129: A = mm_axis(Q[a], A, a)", "specs/kron.opt:130: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:134: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:135: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:138: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
         raise
 
 
 # The statements of rule 7 as the spec writes them: a step names the one whose shapes do not fit.
 _STATEMENTS_7 = (
-    "specs/kron.opt:120:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:121:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:122:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:123:3: c += 1\n      c += 1\n      ^^^^^^",
-    "specs/kron.opt:124:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:125:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
-    "specs/kron.opt:126:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
-    "specs/kron.opt:128:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:129:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:133:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:134:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:136:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:137:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:121:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:122:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:123:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:124:3: c += 1\n      c += 1\n      ^^^^^^",
+    "specs/kron.opt:125:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:126:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
+    "specs/kron.opt:127:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
+    "specs/kron.opt:129:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:130:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:134:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:135:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:137:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:138:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
 )
 
 
@@ -8033,29 +8034,29 @@ def kron_8(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_steps
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
         _shape_error("Kron", err, params, state_steps, hypers, _shapes_kron_8, _STATEMENTS_8,
-                     ("specs/kron.opt:128: A = mm_axis(Q[a], A, a)", "specs/kron.opt:129: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:133: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:134: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:137: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
+                     ("specs/kron.opt:129: A = mm_axis(Q[a], A, a)", "specs/kron.opt:130: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:134: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:135: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:138: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
         raise
 
 
 # The statements of rule 8 as the spec writes them: a step names the one whose shapes do not fit.
 _STATEMENTS_8 = (
-    "specs/kron.opt:120:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:121:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:122:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:123:3: c += 1\n      c += 1\n      ^^^^^^",
-    "specs/kron.opt:124:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:125:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
-    "specs/kron.opt:126:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
-    "specs/kron.opt:128:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:129:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:133:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:134:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:136:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:137:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:121:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:122:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:123:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:124:3: c += 1\n      c += 1\n      ^^^^^^",
+    "specs/kron.opt:125:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:126:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
+    "specs/kron.opt:127:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
+    "specs/kron.opt:129:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:130:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:134:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:135:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:137:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:138:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
 )
 
 
@@ -8451,29 +8452,29 @@ def kron_9(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_steps
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
         _shape_error("Kron", err, params, state_steps, hypers, _shapes_kron_9, _STATEMENTS_9,
-                     ("specs/kron.opt:128: A = mm_axis(Q[a], A, a)", "specs/kron.opt:129: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:133: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:134: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:137: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
+                     ("specs/kron.opt:129: A = mm_axis(Q[a], A, a)", "specs/kron.opt:130: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:134: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:135: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:138: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
         raise
 
 
 # The statements of rule 9 as the spec writes them: a step names the one whose shapes do not fit.
 _STATEMENTS_9 = (
-    "specs/kron.opt:120:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:121:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:122:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:123:3: c += 1\n      c += 1\n      ^^^^^^",
-    "specs/kron.opt:124:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:125:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
-    "specs/kron.opt:126:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
-    "specs/kron.opt:128:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:129:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:133:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:134:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:136:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:137:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:121:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:122:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:123:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:124:3: c += 1\n      c += 1\n      ^^^^^^",
+    "specs/kron.opt:125:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:126:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
+    "specs/kron.opt:127:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
+    "specs/kron.opt:129:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:130:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:134:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:135:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:137:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:138:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
 )
 
 
@@ -8861,29 +8862,29 @@ def kron_10(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_step
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
         _shape_error("Kron", err, params, state_steps, hypers, _shapes_kron_10, _STATEMENTS_10,
-                     ("specs/kron.opt:128: A = mm_axis(Q[a], A, a)", "specs/kron.opt:129: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:133: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:134: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:137: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
+                     ("specs/kron.opt:129: A = mm_axis(Q[a], A, a)", "specs/kron.opt:130: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:134: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:135: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:138: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
         raise
 
 
 # The statements of rule 10 as the spec writes them: a step names the one whose shapes do not fit.
 _STATEMENTS_10 = (
-    "specs/kron.opt:120:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:121:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:122:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:123:3: c += 1\n      c += 1\n      ^^^^^^",
-    "specs/kron.opt:124:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:125:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
-    "specs/kron.opt:126:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
-    "specs/kron.opt:128:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:129:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:133:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:134:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:136:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:137:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:121:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:122:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:123:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:124:3: c += 1\n      c += 1\n      ^^^^^^",
+    "specs/kron.opt:125:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:126:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
+    "specs/kron.opt:127:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
+    "specs/kron.opt:129:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:130:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:134:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:135:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:137:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:138:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
 )
 
 
@@ -9273,29 +9274,29 @@ def kron_11(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_step
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
         _shape_error("Kron", err, params, state_steps, hypers, _shapes_kron_11, _STATEMENTS_11,
-                     ("specs/kron.opt:128: A = mm_axis(Q[a], A, a)", "specs/kron.opt:129: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:133: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:134: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:137: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
+                     ("specs/kron.opt:129: A = mm_axis(Q[a], A, a)", "specs/kron.opt:130: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:134: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:135: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:138: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
         raise
 
 
 # The statements of rule 11 as the spec writes them: a step names the one whose shapes do not fit.
 _STATEMENTS_11 = (
-    "specs/kron.opt:120:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:121:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:122:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:123:3: c += 1\n      c += 1\n      ^^^^^^",
-    "specs/kron.opt:124:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:125:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
-    "specs/kron.opt:126:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
-    "specs/kron.opt:128:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:129:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:133:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:134:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:136:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:137:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:121:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:122:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:123:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:124:3: c += 1\n      c += 1\n      ^^^^^^",
+    "specs/kron.opt:125:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:126:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
+    "specs/kron.opt:127:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
+    "specs/kron.opt:129:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:130:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:134:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:135:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:137:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:138:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
 )
 
 
@@ -9670,29 +9671,29 @@ def kron_12(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_step
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
         _shape_error("Kron", err, params, state_steps, hypers, _shapes_kron_12, _STATEMENTS_12,
-                     ("specs/kron.opt:128: A = mm_axis(Q[a], A, a)", "specs/kron.opt:129: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:133: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:134: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:137: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
+                     ("specs/kron.opt:129: A = mm_axis(Q[a], A, a)", "specs/kron.opt:130: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:134: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:135: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:138: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
         raise
 
 
 # The statements of rule 12 as the spec writes them: a step names the one whose shapes do not fit.
 _STATEMENTS_12 = (
-    "specs/kron.opt:120:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:121:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:122:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:123:3: c += 1\n      c += 1\n      ^^^^^^",
-    "specs/kron.opt:124:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:125:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
-    "specs/kron.opt:126:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
-    "specs/kron.opt:128:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:129:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:133:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:134:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:136:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:137:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:121:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:122:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:123:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:124:3: c += 1\n      c += 1\n      ^^^^^^",
+    "specs/kron.opt:125:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:126:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
+    "specs/kron.opt:127:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
+    "specs/kron.opt:129:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:130:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:134:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:135:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:137:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:138:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
 )
 
 
@@ -10545,29 +10546,29 @@ def kron_14(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
         _shape_error("Kron", err, params, state_steps, hypers, _shapes_kron_14, _STATEMENTS_14,
-                     ("specs/kron.opt:128: A = mm_axis(Q[a], A, a)", "specs/kron.opt:129: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:133: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:134: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:137: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
+                     ("specs/kron.opt:129: A = mm_axis(Q[a], A, a)", "specs/kron.opt:130: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:134: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:135: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:138: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
         raise
 
 
 # The statements of rule 14 as the spec writes them: a step names the one whose shapes do not fit.
 _STATEMENTS_14 = (
-    "specs/kron.opt:120:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:121:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:122:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:123:3: c += 1\n      c += 1\n      ^^^^^^",
-    "specs/kron.opt:124:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:125:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
-    "specs/kron.opt:126:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
-    "specs/kron.opt:128:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:129:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:133:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:134:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:136:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:137:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:121:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:122:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:123:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:124:3: c += 1\n      c += 1\n      ^^^^^^",
+    "specs/kron.opt:125:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:126:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
+    "specs/kron.opt:127:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
+    "specs/kron.opt:129:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:130:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:134:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:135:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:137:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:138:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
 )
 
 
@@ -11017,29 +11018,29 @@ def kron_15(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
         _shape_error("Kron", err, params, state_steps, hypers, _shapes_kron_15, _STATEMENTS_15,
-                     ("specs/kron.opt:128: A = mm_axis(Q[a], A, a)", "specs/kron.opt:129: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:133: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:134: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:137: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
+                     ("specs/kron.opt:129: A = mm_axis(Q[a], A, a)", "specs/kron.opt:130: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:134: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:135: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:138: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
         raise
 
 
 # The statements of rule 15 as the spec writes them: a step names the one whose shapes do not fit.
 _STATEMENTS_15 = (
-    "specs/kron.opt:120:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:121:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:122:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:123:3: c += 1\n      c += 1\n      ^^^^^^",
-    "specs/kron.opt:124:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:125:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
-    "specs/kron.opt:126:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
-    "specs/kron.opt:128:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:129:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:133:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:134:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:136:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:137:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:121:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:122:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:123:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:124:3: c += 1\n      c += 1\n      ^^^^^^",
+    "specs/kron.opt:125:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:126:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
+    "specs/kron.opt:127:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
+    "specs/kron.opt:129:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:130:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:134:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:135:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:137:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:138:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
 )
 
 
@@ -11483,29 +11484,29 @@ def kron_16(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
         _shape_error("Kron", err, params, state_steps, hypers, _shapes_kron_16, _STATEMENTS_16,
-                     ("specs/kron.opt:128: A = mm_axis(Q[a], A, a)", "specs/kron.opt:129: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:133: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:134: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:137: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
+                     ("specs/kron.opt:129: A = mm_axis(Q[a], A, a)", "specs/kron.opt:130: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:134: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:135: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:138: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
         raise
 
 
 # The statements of rule 16 as the spec writes them: a step names the one whose shapes do not fit.
 _STATEMENTS_16 = (
-    "specs/kron.opt:120:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:121:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:122:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:123:3: c += 1\n      c += 1\n      ^^^^^^",
-    "specs/kron.opt:124:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:125:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
-    "specs/kron.opt:126:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
-    "specs/kron.opt:128:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:129:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:133:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:134:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:136:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:137:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:121:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:122:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:123:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:124:3: c += 1\n      c += 1\n      ^^^^^^",
+    "specs/kron.opt:125:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:126:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
+    "specs/kron.opt:127:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
+    "specs/kron.opt:129:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:130:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:134:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:135:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:137:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:138:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
 )
 
 
@@ -11957,29 +11958,29 @@ def kron_17(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
         _shape_error("Kron", err, params, state_steps, hypers, _shapes_kron_17, _STATEMENTS_17,
-                     ("specs/kron.opt:128: A = mm_axis(Q[a], A, a)", "specs/kron.opt:129: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:133: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:134: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:137: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
+                     ("specs/kron.opt:129: A = mm_axis(Q[a], A, a)", "specs/kron.opt:130: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:134: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:135: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:138: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
         raise
 
 
 # The statements of rule 17 as the spec writes them: a step names the one whose shapes do not fit.
 _STATEMENTS_17 = (
-    "specs/kron.opt:120:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:121:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:122:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:123:3: c += 1\n      c += 1\n      ^^^^^^",
-    "specs/kron.opt:124:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:125:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
-    "specs/kron.opt:126:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
-    "specs/kron.opt:128:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:129:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:133:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:134:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:136:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:137:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:121:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:122:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:123:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:124:3: c += 1\n      c += 1\n      ^^^^^^",
+    "specs/kron.opt:125:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:126:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
+    "specs/kron.opt:127:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
+    "specs/kron.opt:129:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:130:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:134:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:135:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:137:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:138:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
 )
 
 
@@ -12423,29 +12424,29 @@ def kron_18(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
         _shape_error("Kron", err, params, state_steps, hypers, _shapes_kron_18, _STATEMENTS_18,
-                     ("specs/kron.opt:128: A = mm_axis(Q[a], A, a)", "specs/kron.opt:129: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:133: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:134: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:137: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
+                     ("specs/kron.opt:129: A = mm_axis(Q[a], A, a)", "specs/kron.opt:130: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:134: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:135: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:138: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
         raise
 
 
 # The statements of rule 18 as the spec writes them: a step names the one whose shapes do not fit.
 _STATEMENTS_18 = (
-    "specs/kron.opt:120:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:121:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:122:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:123:3: c += 1\n      c += 1\n      ^^^^^^",
-    "specs/kron.opt:124:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:125:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
-    "specs/kron.opt:126:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
-    "specs/kron.opt:128:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:129:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:133:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:134:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:136:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:137:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:121:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:122:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:123:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:124:3: c += 1\n      c += 1\n      ^^^^^^",
+    "specs/kron.opt:125:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:126:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
+    "specs/kron.opt:127:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
+    "specs/kron.opt:129:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:130:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:134:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:135:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:137:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:138:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
 )
 
 
@@ -12891,29 +12892,29 @@ def kron_19(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
         _shape_error("Kron", err, params, state_steps, hypers, _shapes_kron_19, _STATEMENTS_19,
-                     ("specs/kron.opt:128: A = mm_axis(Q[a], A, a)", "specs/kron.opt:129: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:133: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:134: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:137: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
+                     ("specs/kron.opt:129: A = mm_axis(Q[a], A, a)", "specs/kron.opt:130: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:134: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:135: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:138: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
         raise
 
 
 # The statements of rule 19 as the spec writes them: a step names the one whose shapes do not fit.
 _STATEMENTS_19 = (
-    "specs/kron.opt:120:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:121:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:122:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:123:3: c += 1\n      c += 1\n      ^^^^^^",
-    "specs/kron.opt:124:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:125:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
-    "specs/kron.opt:126:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
-    "specs/kron.opt:128:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:129:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:133:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:134:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:136:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:137:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:121:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:122:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:123:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:124:3: c += 1\n      c += 1\n      ^^^^^^",
+    "specs/kron.opt:125:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:126:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
+    "specs/kron.opt:127:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
+    "specs/kron.opt:129:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:130:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:134:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:135:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:137:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:138:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
 )
 
 
@@ -13353,29 +13354,29 @@ def kron_20(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
         _shape_error("Kron", err, params, state_steps, hypers, _shapes_kron_20, _STATEMENTS_20,
-                     ("specs/kron.opt:128: A = mm_axis(Q[a], A, a)", "specs/kron.opt:129: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:133: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:134: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:137: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
+                     ("specs/kron.opt:129: A = mm_axis(Q[a], A, a)", "specs/kron.opt:130: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:134: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:135: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:138: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
         raise
 
 
 # The statements of rule 20 as the spec writes them: a step names the one whose shapes do not fit.
 _STATEMENTS_20 = (
-    "specs/kron.opt:120:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:121:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:122:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:123:3: c += 1\n      c += 1\n      ^^^^^^",
-    "specs/kron.opt:124:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:125:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
-    "specs/kron.opt:126:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
-    "specs/kron.opt:128:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:129:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:133:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:134:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:136:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:137:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:121:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:122:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:123:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:124:3: c += 1\n      c += 1\n      ^^^^^^",
+    "specs/kron.opt:125:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:126:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
+    "specs/kron.opt:127:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
+    "specs/kron.opt:129:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:130:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:134:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:135:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:137:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:138:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
 )
 
 
@@ -13829,29 +13830,29 @@ def kron_21(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
         _shape_error("Kron", err, params, state_steps, hypers, _shapes_kron_21, _STATEMENTS_21,
-                     ("specs/kron.opt:128: A = mm_axis(Q[a], A, a)", "specs/kron.opt:129: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:133: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:134: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:137: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
+                     ("specs/kron.opt:129: A = mm_axis(Q[a], A, a)", "specs/kron.opt:130: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:134: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:135: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:138: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
         raise
 
 
 # The statements of rule 21 as the spec writes them: a step names the one whose shapes do not fit.
 _STATEMENTS_21 = (
-    "specs/kron.opt:120:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:121:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:122:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:123:3: c += 1\n      c += 1\n      ^^^^^^",
-    "specs/kron.opt:124:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:125:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
-    "specs/kron.opt:126:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
-    "specs/kron.opt:128:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:129:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:133:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:134:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:136:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:137:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:121:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:122:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:123:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:124:3: c += 1\n      c += 1\n      ^^^^^^",
+    "specs/kron.opt:125:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:126:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
+    "specs/kron.opt:127:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
+    "specs/kron.opt:129:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:130:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:134:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:135:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:137:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:138:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
 )
 
 
@@ -14295,29 +14296,29 @@ def kron_22(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
         _shape_error("Kron", err, params, state_steps, hypers, _shapes_kron_22, _STATEMENTS_22,
-                     ("specs/kron.opt:128: A = mm_axis(Q[a], A, a)", "specs/kron.opt:129: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:133: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:134: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:137: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
+                     ("specs/kron.opt:129: A = mm_axis(Q[a], A, a)", "specs/kron.opt:130: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:134: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:135: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:138: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
         raise
 
 
 # The statements of rule 22 as the spec writes them: a step names the one whose shapes do not fit.
 _STATEMENTS_22 = (
-    "specs/kron.opt:120:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:121:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:122:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:123:3: c += 1\n      c += 1\n      ^^^^^^",
-    "specs/kron.opt:124:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:125:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
-    "specs/kron.opt:126:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
-    "specs/kron.opt:128:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:129:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:133:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:134:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:136:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:137:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:121:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:122:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:123:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:124:3: c += 1\n      c += 1\n      ^^^^^^",
+    "specs/kron.opt:125:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:126:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
+    "specs/kron.opt:127:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
+    "specs/kron.opt:129:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:130:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:134:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:135:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:137:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:138:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
 )
 
 
@@ -14763,29 +14764,29 @@ def kron_23(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
         _shape_error("Kron", err, params, state_steps, hypers, _shapes_kron_23, _STATEMENTS_23,
-                     ("specs/kron.opt:128: A = mm_axis(Q[a], A, a)", "specs/kron.opt:129: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:133: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:134: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:137: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
+                     ("specs/kron.opt:129: A = mm_axis(Q[a], A, a)", "specs/kron.opt:130: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:134: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:135: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:138: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
         raise
 
 
 # The statements of rule 23 as the spec writes them: a step names the one whose shapes do not fit.
 _STATEMENTS_23 = (
-    "specs/kron.opt:120:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:121:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:122:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:123:3: c += 1\n      c += 1\n      ^^^^^^",
-    "specs/kron.opt:124:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:125:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
-    "specs/kron.opt:126:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
-    "specs/kron.opt:128:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:129:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:133:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:134:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:136:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:137:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:121:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:122:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:123:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:124:3: c += 1\n      c += 1\n      ^^^^^^",
+    "specs/kron.opt:125:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:126:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
+    "specs/kron.opt:127:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
+    "specs/kron.opt:129:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:130:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:134:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:135:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:137:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:138:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
 )
 
 
@@ -15225,29 +15226,29 @@ def kron_24(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
         _shape_error("Kron", err, params, state_steps, hypers, _shapes_kron_24, _STATEMENTS_24,
-                     ("specs/kron.opt:128: A = mm_axis(Q[a], A, a)", "specs/kron.opt:129: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:133: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:134: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:137: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
+                     ("specs/kron.opt:129: A = mm_axis(Q[a], A, a)", "specs/kron.opt:130: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:134: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:135: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:138: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
         raise
 
 
 # The statements of rule 24 as the spec writes them: a step names the one whose shapes do not fit.
 _STATEMENTS_24 = (
-    "specs/kron.opt:120:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:121:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:122:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:123:3: c += 1\n      c += 1\n      ^^^^^^",
-    "specs/kron.opt:124:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:125:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
-    "specs/kron.opt:126:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
-    "specs/kron.opt:128:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:129:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:133:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:134:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:136:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:137:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:121:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:122:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:123:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:124:3: c += 1\n      c += 1\n      ^^^^^^",
+    "specs/kron.opt:125:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:126:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
+    "specs/kron.opt:127:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
+    "specs/kron.opt:129:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:130:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:134:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:135:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:137:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:138:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
 )
 
 
@@ -15695,29 +15696,29 @@ def kron_25(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
         _shape_error("Kron", err, params, state_steps, hypers, _shapes_kron_25, _STATEMENTS_25,
-                     ("specs/kron.opt:128: A = mm_axis(Q[a], A, a)", "specs/kron.opt:129: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:133: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:134: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:137: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
+                     ("specs/kron.opt:129: A = mm_axis(Q[a], A, a)", "specs/kron.opt:130: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:134: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:135: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:138: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
         raise
 
 
 # The statements of rule 25 as the spec writes them: a step names the one whose shapes do not fit.
 _STATEMENTS_25 = (
-    "specs/kron.opt:120:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:121:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:122:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:123:3: c += 1\n      c += 1\n      ^^^^^^",
-    "specs/kron.opt:124:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:125:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
-    "specs/kron.opt:126:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
-    "specs/kron.opt:128:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:129:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:133:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:134:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:136:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:137:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:121:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:122:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:123:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:124:3: c += 1\n      c += 1\n      ^^^^^^",
+    "specs/kron.opt:125:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:126:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
+    "specs/kron.opt:127:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
+    "specs/kron.opt:129:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:130:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:134:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:135:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:137:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:138:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
 )
 
 
@@ -16157,29 +16158,29 @@ def kron_26(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
         _shape_error("Kron", err, params, state_steps, hypers, _shapes_kron_26, _STATEMENTS_26,
-                     ("specs/kron.opt:128: A = mm_axis(Q[a], A, a)", "specs/kron.opt:129: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:133: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:134: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:137: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
+                     ("specs/kron.opt:129: A = mm_axis(Q[a], A, a)", "specs/kron.opt:130: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:134: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:135: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:138: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
         raise
 
 
 # The statements of rule 26 as the spec writes them: a step names the one whose shapes do not fit.
 _STATEMENTS_26 = (
-    "specs/kron.opt:120:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:121:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:122:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:123:3: c += 1\n      c += 1\n      ^^^^^^",
-    "specs/kron.opt:124:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:125:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
-    "specs/kron.opt:126:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
-    "specs/kron.opt:128:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:129:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:133:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:134:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:136:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:137:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:121:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:122:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:123:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:124:3: c += 1\n      c += 1\n      ^^^^^^",
+    "specs/kron.opt:125:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:126:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
+    "specs/kron.opt:127:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
+    "specs/kron.opt:129:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:130:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:134:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:135:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:137:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:138:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
 )
 
 
@@ -16621,29 +16622,29 @@ def kron_27(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
         _shape_error("Kron", err, params, state_steps, hypers, _shapes_kron_27, _STATEMENTS_27,
-                     ("specs/kron.opt:128: A = mm_axis(Q[a], A, a)", "specs/kron.opt:129: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:133: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:134: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:137: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
+                     ("specs/kron.opt:129: A = mm_axis(Q[a], A, a)", "specs/kron.opt:130: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:134: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:135: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:138: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
         raise
 
 
 # The statements of rule 27 as the spec writes them: a step names the one whose shapes do not fit.
 _STATEMENTS_27 = (
-    "specs/kron.opt:120:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:121:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:122:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:123:3: c += 1\n      c += 1\n      ^^^^^^",
-    "specs/kron.opt:124:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:125:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
-    "specs/kron.opt:126:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
-    "specs/kron.opt:128:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:129:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:133:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:134:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:136:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:137:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:121:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:122:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:123:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:124:3: c += 1\n      c += 1\n      ^^^^^^",
+    "specs/kron.opt:125:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:126:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
+    "specs/kron.opt:127:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
+    "specs/kron.opt:129:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:130:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:134:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:135:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:137:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:138:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
 )
 
 
@@ -17070,29 +17071,29 @@ def kron_28(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
              stochastic=stochastic, **hypers)
     except RuntimeError as err:
         _shape_error("Kron", err, params, state_steps, hypers, _shapes_kron_28, _STATEMENTS_28,
-                     ("specs/kron.opt:128: A = mm_axis(Q[a], A, a)", "specs/kron.opt:129: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:133: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:134: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:137: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
+                     ("specs/kron.opt:129: A = mm_axis(Q[a], A, a)", "specs/kron.opt:130: B = rsolve_triu_axis(B, Q[a], a)", "specs/kron.opt:134: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])", "specs/kron.opt:135: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)", "specs/kron.opt:138: p -= lr * (u + where(weight_decouple, wd * p, 0))"))
         raise
 
 
 # The statements of rule 28 as the spec writes them: a step names the one whose shapes do not fit.
 _STATEMENTS_28 = (
-    "specs/kron.opt:120:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:121:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:122:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:123:3: c += 1\n      c += 1\n      ^^^^^^",
-    "specs/kron.opt:124:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:125:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:126:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
-    "specs/kron.opt:126:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
-    "specs/kron.opt:128:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:129:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:132:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:133:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:134:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:136:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
-    "specs/kron.opt:137:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:121:3: g = where(weight_decouple, g, g + wd * p)\n      g = where(weight_decouple, g, g + wd * p)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:122:3: m = momentum * m + (1 - momentum) * g\n      m = momentum * m + (1 - momentum) * g\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:123:3: h = m / (1 - momentum^t)\n      h = m / (1 - momentum^t)\n      ^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:124:3: c += 1\n      c += 1\n      ^^^^^^",
+    "specs/kron.opt:125:3: upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      upd = c >= 1 / clamp(max_prob * exp(-decay * (t - 1 - flat_start)), min_prob, max_prob)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:126:3: c = where(upd, 0, c)\n      c = where(upd, 0, c)\n      ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:3: A = where(momentum_into_precondition_update, h, g)\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:127:55: B = randn()\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                          ^^^^^^^^^^^",
+    "specs/kron.opt:127:68: u = h\n      A = where(momentum_into_precondition_update, h, g); B = randn(); u = h\n                                                                       ^^^^^",
+    "specs/kron.opt:129:5: A = mm_axis(Q[a], A, a)\n        A = mm_axis(Q[a], A, a)                   # Q A, one axis at a time\n        ^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:130:5: B = rsolve_triu_axis(B, Q[a], a)\n        B = rsolve_triu_axis(B, Q[a], a)          # Q^-T V\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:5: GA = gram_axis(A, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n        ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:133:27: GB = gram_axis(B, a)\n        GA = gram_axis(A, a); GB = gram_axis(B, a)\n                              ^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:134:5: Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        Q[a] = where(upd, Q[a] - mm(triu(plr * (GA - GB)) / (norm_lb(GA + GB) + 1.1754943508222875e-38), Q[a]), Q[a])\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:135:5: u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n        u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)   # Q^T Q h\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:137:3: u *= min(1.1 / (rms(u) + 1e-6), 1)\n      u *= min(1.1 / (rms(u) + 1e-6), 1)\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+    "specs/kron.opt:138:3: p -= lr * (u + where(weight_decouple, wd * p, 0))\n      p -= lr * (u + where(weight_decouple, wd * p, 0))\n      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
 )
 
 
