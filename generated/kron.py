@@ -7181,14 +7181,16 @@ def kron_6(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_steps
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
         # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here),
+        # or on its shards where its placement leaves them whole (replicated) and the work allows it
         if found_inf is not None and found_inf.item():
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_kron_6 if foreach or fused else _single_tensor_kron_6
         return _on_owners(impl, params, grads, [m_list, c_list, Q0_list, Q1_list, Q2_list, ], state_steps,
-                          random=True, generator=generator, stochastic=stochastic, **hypers)
+                          random=True, generator=generator, stochastic=stochastic,
+                          replicated=None, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_6(params)
     elif fused:
@@ -7597,14 +7599,16 @@ def kron_7(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_steps
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
         # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here),
+        # or on its shards where its placement leaves them whole (replicated) and the work allows it
         if found_inf is not None and found_inf.item():
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_kron_7 if foreach or fused else _single_tensor_kron_7
         return _on_owners(impl, params, grads, [m_list, c_list, Q0_list, Q1_list, Q2_list, ], state_steps,
-                          random=True, generator=generator, stochastic=stochastic, **hypers)
+                          random=True, generator=generator, stochastic=stochastic,
+                          replicated=None, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_7(params)
     elif fused:
@@ -8007,14 +8011,16 @@ def kron_8(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_steps
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
         # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here),
+        # or on its shards where its placement leaves them whole (replicated) and the work allows it
         if found_inf is not None and found_inf.item():
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_kron_8 if foreach or fused else _single_tensor_kron_8
         return _on_owners(impl, params, grads, [m_list, c_list, Q0_list, Q1_list, Q2_list, ], state_steps,
-                          random=True, generator=generator, stochastic=stochastic, **hypers)
+                          random=True, generator=generator, stochastic=stochastic,
+                          replicated=None, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_8(params)
     elif fused:
@@ -8425,14 +8431,16 @@ def kron_9(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_steps
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
         # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here),
+        # or on its shards where its placement leaves them whole (replicated) and the work allows it
         if found_inf is not None and found_inf.item():
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_kron_9 if foreach or fused else _single_tensor_kron_9
         return _on_owners(impl, params, grads, [m_list, c_list, Q0_list, Q1_list, Q2_list, ], state_steps,
-                          random=True, generator=generator, stochastic=stochastic, **hypers)
+                          random=True, generator=generator, stochastic=stochastic,
+                          replicated=None, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_9(params)
     elif fused:
@@ -8835,14 +8843,16 @@ def kron_10(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_step
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
         # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here),
+        # or on its shards where its placement leaves them whole (replicated) and the work allows it
         if found_inf is not None and found_inf.item():
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_kron_10 if foreach or fused else _single_tensor_kron_10
         return _on_owners(impl, params, grads, [m_list, c_list, Q0_list, Q1_list, Q2_list, ], state_steps,
-                          random=True, generator=generator, stochastic=stochastic, **hypers)
+                          random=True, generator=generator, stochastic=stochastic,
+                          replicated=None, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_10(params)
     elif fused:
@@ -9247,14 +9257,16 @@ def kron_11(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, state_step
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
         # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here),
+        # or on its shards where its placement leaves them whole (replicated) and the work allows it
         if found_inf is not None and found_inf.item():
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_kron_11 if foreach or fused else _single_tensor_kron_11
         return _on_owners(impl, params, grads, [m_list, c_list, Q0_list, Q1_list, Q2_list, ], state_steps,
-                          random=True, generator=generator, stochastic=stochastic, **hypers)
+                          random=True, generator=generator, stochastic=stochastic,
+                          replicated=None, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_11(params)
     elif fused:
@@ -10181,14 +10193,16 @@ def kron_13(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
         # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here),
+        # or on its shards where its placement leaves them whole (replicated) and the work allows it
         if found_inf is not None and found_inf.item():
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_kron_13 if foreach or fused else _single_tensor_kron_13
         return _on_owners(impl, params, grads, [m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, ], state_steps,
-                          random=True, generator=generator, stochastic=stochastic, **hypers)
+                          random=True, generator=generator, stochastic=stochastic,
+                          replicated=None, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_13(params)
     elif fused:
@@ -10519,14 +10533,16 @@ def kron_14(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
         # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here),
+        # or on its shards where its placement leaves them whole (replicated) and the work allows it
         if found_inf is not None and found_inf.item():
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_kron_14 if foreach or fused else _single_tensor_kron_14
         return _on_owners(impl, params, grads, [m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, ], state_steps,
-                          random=True, generator=generator, stochastic=stochastic, **hypers)
+                          random=True, generator=generator, stochastic=stochastic,
+                          replicated=None, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_14(params)
     elif fused:
@@ -10991,14 +11007,16 @@ def kron_15(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
         # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here),
+        # or on its shards where its placement leaves them whole (replicated) and the work allows it
         if found_inf is not None and found_inf.item():
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_kron_15 if foreach or fused else _single_tensor_kron_15
         return _on_owners(impl, params, grads, [m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, ], state_steps,
-                          random=True, generator=generator, stochastic=stochastic, **hypers)
+                          random=True, generator=generator, stochastic=stochastic,
+                          replicated=None, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_15(params)
     elif fused:
@@ -11457,14 +11475,16 @@ def kron_16(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
         # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here),
+        # or on its shards where its placement leaves them whole (replicated) and the work allows it
         if found_inf is not None and found_inf.item():
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_kron_16 if foreach or fused else _single_tensor_kron_16
         return _on_owners(impl, params, grads, [m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, ], state_steps,
-                          random=True, generator=generator, stochastic=stochastic, **hypers)
+                          random=True, generator=generator, stochastic=stochastic,
+                          replicated=None, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_16(params)
     elif fused:
@@ -11931,14 +11951,16 @@ def kron_17(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
         # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here),
+        # or on its shards where its placement leaves them whole (replicated) and the work allows it
         if found_inf is not None and found_inf.item():
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_kron_17 if foreach or fused else _single_tensor_kron_17
         return _on_owners(impl, params, grads, [m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, ], state_steps,
-                          random=True, generator=generator, stochastic=stochastic, **hypers)
+                          random=True, generator=generator, stochastic=stochastic,
+                          replicated=None, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_17(params)
     elif fused:
@@ -12397,14 +12419,16 @@ def kron_18(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
         # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here),
+        # or on its shards where its placement leaves them whole (replicated) and the work allows it
         if found_inf is not None and found_inf.item():
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_kron_18 if foreach or fused else _single_tensor_kron_18
         return _on_owners(impl, params, grads, [m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, ], state_steps,
-                          random=True, generator=generator, stochastic=stochastic, **hypers)
+                          random=True, generator=generator, stochastic=stochastic,
+                          replicated=None, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_18(params)
     elif fused:
@@ -12865,14 +12889,16 @@ def kron_19(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
         # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here),
+        # or on its shards where its placement leaves them whole (replicated) and the work allows it
         if found_inf is not None and found_inf.item():
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_kron_19 if foreach or fused else _single_tensor_kron_19
         return _on_owners(impl, params, grads, [m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, ], state_steps,
-                          random=True, generator=generator, stochastic=stochastic, **hypers)
+                          random=True, generator=generator, stochastic=stochastic,
+                          replicated=None, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_19(params)
     elif fused:
@@ -13327,14 +13353,16 @@ def kron_20(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
         # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here),
+        # or on its shards where its placement leaves them whole (replicated) and the work allows it
         if found_inf is not None and found_inf.item():
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_kron_20 if foreach or fused else _single_tensor_kron_20
         return _on_owners(impl, params, grads, [m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, ], state_steps,
-                          random=True, generator=generator, stochastic=stochastic, **hypers)
+                          random=True, generator=generator, stochastic=stochastic,
+                          replicated=None, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_20(params)
     elif fused:
@@ -13803,14 +13831,16 @@ def kron_21(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
         # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here),
+        # or on its shards where its placement leaves them whole (replicated) and the work allows it
         if found_inf is not None and found_inf.item():
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_kron_21 if foreach or fused else _single_tensor_kron_21
         return _on_owners(impl, params, grads, [m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, ], state_steps,
-                          random=True, generator=generator, stochastic=stochastic, **hypers)
+                          random=True, generator=generator, stochastic=stochastic,
+                          replicated=None, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_21(params)
     elif fused:
@@ -14269,14 +14299,16 @@ def kron_22(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
         # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here),
+        # or on its shards where its placement leaves them whole (replicated) and the work allows it
         if found_inf is not None and found_inf.item():
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_kron_22 if foreach or fused else _single_tensor_kron_22
         return _on_owners(impl, params, grads, [m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, ], state_steps,
-                          random=True, generator=generator, stochastic=stochastic, **hypers)
+                          random=True, generator=generator, stochastic=stochastic,
+                          replicated=None, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_22(params)
     elif fused:
@@ -14737,14 +14769,16 @@ def kron_23(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
         # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here),
+        # or on its shards where its placement leaves them whole (replicated) and the work allows it
         if found_inf is not None and found_inf.item():
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_kron_23 if foreach or fused else _single_tensor_kron_23
         return _on_owners(impl, params, grads, [m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, ], state_steps,
-                          random=True, generator=generator, stochastic=stochastic, **hypers)
+                          random=True, generator=generator, stochastic=stochastic,
+                          replicated=None, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_23(params)
     elif fused:
@@ -15199,14 +15233,16 @@ def kron_24(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
         # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here),
+        # or on its shards where its placement leaves them whole (replicated) and the work allows it
         if found_inf is not None and found_inf.item():
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_kron_24 if foreach or fused else _single_tensor_kron_24
         return _on_owners(impl, params, grads, [m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, ], state_steps,
-                          random=True, generator=generator, stochastic=stochastic, **hypers)
+                          random=True, generator=generator, stochastic=stochastic,
+                          replicated=None, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_24(params)
     elif fused:
@@ -15669,14 +15705,16 @@ def kron_25(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
         # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here),
+        # or on its shards where its placement leaves them whole (replicated) and the work allows it
         if found_inf is not None and found_inf.item():
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_kron_25 if foreach or fused else _single_tensor_kron_25
         return _on_owners(impl, params, grads, [m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, ], state_steps,
-                          random=True, generator=generator, stochastic=stochastic, **hypers)
+                          random=True, generator=generator, stochastic=stochastic,
+                          replicated=None, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_25(params)
     elif fused:
@@ -16131,14 +16169,16 @@ def kron_26(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
         # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here),
+        # or on its shards where its placement leaves them whole (replicated) and the work allows it
         if found_inf is not None and found_inf.item():
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_kron_26 if foreach or fused else _single_tensor_kron_26
         return _on_owners(impl, params, grads, [m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, ], state_steps,
-                          random=True, generator=generator, stochastic=stochastic, **hypers)
+                          random=True, generator=generator, stochastic=stochastic,
+                          replicated=None, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_26(params)
     elif fused:
@@ -16595,14 +16635,16 @@ def kron_27(params, grads, m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, s
     hypers = {k: v.item() if torch.is_tensor(v) else v for k, v in hypers.items()}
     if any(map(_is_sharded, params)):
         # DTensor parameters: matrix-shaped states need whole matrices, so each parameter steps whole
-        # on one owner rank (the torch code of its path there; the kernels have no matrix section here)
+        # on one owner rank (the torch code of its path there; the kernels have no matrix section here),
+        # or on its shards where its placement leaves them whole (replicated) and the work allows it
         if found_inf is not None and found_inf.item():
             return
         if grad_scale is not None:
             grads = [x / grad_scale.to(x.device) for x in grads]
         impl = _multi_tensor_kron_27 if foreach or fused else _single_tensor_kron_27
         return _on_owners(impl, params, grads, [m_list, c_list, Q0_list, Q1_list, Q2_list, Q3_list, ], state_steps,
-                          random=True, generator=generator, stochastic=stochastic, **hypers)
+                          random=True, generator=generator, stochastic=stochastic,
+                          replicated=None, **hypers)
     if fused is None:  # as torch.optim: an explicit foreach choice is kept
         fused = foreach is None and _fused_by_default_27(params)
     elif fused:
