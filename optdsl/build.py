@@ -51,6 +51,9 @@ def write_atomic(path: Path, text: str) -> bool:
         raise _cannot_write(path, err) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            # mkstemp makes the temp file 0600; the module gets the mode a plain write would give it
+            # (the old file's, else 0666 less the umask), so others can still read a build
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~_umask())
             f.write(text)
         os.replace(tmp, path)
     except BaseException as err:
@@ -59,6 +62,19 @@ def write_atomic(path: Path, text: str) -> bool:
             raise _cannot_write(path, err) from None
         raise
     return True
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask can only swap)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def spec_files(spec_dir: Path) -> list[Path]:

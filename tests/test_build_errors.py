@@ -243,3 +243,22 @@ def test_a_link_in_the_output_folder_is_neither_read_nor_removed(built, capsys):
     (out / "mine.py").symlink_to(out / "adam.py")
     assert main(["build", str(specs), "-o", str(out)]) == 0
     assert (out / "evil.py").is_symlink() and (out / "mine.py").is_symlink()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_written_modules_get_the_mode_a_plain_write_gives(tmp_path):
+    """A build's modules are readable as any file the user writes (0666 less the umask), and a
+    rewritten module keeps its mode: the atomic write's temp file is 0600, which the rename kept."""
+    specs, out = tmp_path / "specs", tmp_path / "out"
+    specs.mkdir()
+    shutil.copy(SPECS / "sgd.opt", specs / "sgd.opt")
+    old = os.umask(0o027)
+    try:
+        assert build_mod.build(specs, out).ok
+        assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == {"sgd.py": 0o640, "__init__.py": 0o640}
+        (out / "sgd.py").chmod(0o604)
+        (specs / "sgd.opt").write_text((specs / "sgd.opt").read_text() + "# changed\n")
+        assert build_mod.build(specs, out).written == [out / "sgd.py"]
+        assert (out / "sgd.py").stat().st_mode & 0o777 == 0o604
+    finally:
+        os.umask(old)
