@@ -5494,6 +5494,15 @@ def kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_steps, *, fore
         # every rank steps the whole tensors, as one process (_everywhere)
         return _everywhere(_fused_kron_0, params, grads, [m_list, c_list, dL_list, dR_list, ], state_steps,
                            grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)
+    if fused and 0 in map(torch.Tensor.numel, params):
+        # an empty parameter's dL, dR have elements, which no kernel block reaches (the
+        # blocks cover p's elements): this step takes the multi-tensor path, GradScaler's flags applied here
+        if found_inf is not None and found_inf.item():
+            return
+        if grad_scale is not None:
+            for x in grads:
+                x.div_(grad_scale.to(x.device))
+        fused, foreach = False, True
     if fused:
         return _fused_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_steps,
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)

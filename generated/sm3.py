@@ -1416,6 +1416,15 @@ def sm3_0(params, grads, r_list, c_list, m_list, state_steps, *, foreach=None, f
         why = _fused_available_0(params)
         if why:
             raise RuntimeError(f"SM3(fused=True) cannot run: {why}")
+    if fused and 0 in map(torch.Tensor.numel, params):
+        # an empty parameter's r, c have elements, which no kernel block reaches (the
+        # blocks cover p's elements): this step takes the multi-tensor path, GradScaler's flags applied here
+        if found_inf is not None and found_inf.item():
+            return
+        if grad_scale is not None:
+            for x in grads:
+                x.div_(grad_scale.to(x.device))
+        fused, foreach = False, True
     if fused:
         return _fused_sm3_0(params, grads, r_list, c_list, m_list, state_steps,
                         grad_scale=grad_scale, found_inf=found_inf, generator=generator, stochastic=stochastic, **hypers)

@@ -304,23 +304,24 @@ class Extent:
 
 
 def _at_least(rank: int, a, b) -> sp.Expr:
-    """a for parameters of rank `rank` or more, else b (where the division in a could be 0/0)."""
+    """a for parameters of rank `rank` or more, else b."""
     return where(ge(_NDIM, rank), a, b)
 
 
-# A value shaped like p, or a scalar (which broadcasts to p's shape): p's sizes.
-P_EXTENT = Extent(_NUMEL, _NROWS, _NCOLS, _NUMEL / _at_least(2, _NUNITS, 1))
+# Products of p's axes that no quotient of the built-ins gives where an axis is 0 (optdsl/ir.py
+# HIDDEN_SIZES): the matrices of p, math.prod(p.shape[:-2]), and those of one unit, math.prod(p.shape[1:-2])
+# (1 where p has fewer axes). numel / ncols of a (2, 3, 0) parameter is 0/0 where its rows are 6.
+_NBATCH, _NINNER = sp.Symbol("_nbatch"), sp.Symbol("_ninner")
+# A value shaped like p, or a scalar (which broadcasts to p's shape): p's sizes; per unit, the elements
+# of p.shape[1:] from rank 2 on (ncols of a matrix), all of them below.
+P_EXTENT = Extent(_NUMEL, _NROWS, _NCOLS, _at_least(3, _NINNER * _NROWS * _NCOLS, _at_least(2, _NCOLS, _NUMEL)))
 # A value of a reduced shape (optdsl/ir.py operand_code): `r - r - 2` with r a rows state is -2 in each
 # row, which SymPy simplifies to the number -2; the reduction of it counts the rows, not p's elements.
-# Ranks 1 and 2 are exact from the built-ins also when p is empty; from rank 3 (or 4) on the sizes are
-# quotients of numel, 0/0 (nan) only where the parameter has no element.
+# Products of sizes, no quotients: exact for every rank, also where an axis of p is 0.
 OPERAND_SHAPES: dict[int, Extent] = {
-    1: Extent(_at_least(3, _NUMEL / _NCOLS, _NROWS), _NROWS, sp.Integer(1),                       # rows
-              _at_least(3, _NUMEL / (_NUNITS * _NCOLS), 1)),
-    2: Extent(_at_least(3, _NUMEL / _NROWS, _NCOLS), sp.Integer(1), _NCOLS,                       # cols
-              _at_least(3, _NUMEL / (_NUNITS * _NROWS), _NCOLS)),
-    3: Extent(_at_least(3, _NUMEL / (_NROWS * _NCOLS), 1), sp.Integer(1), sp.Integer(1),          # rows and cols
-              _at_least(4, _NUMEL / (_NUNITS * _NROWS * _NCOLS), 1)),
+    1: Extent(_NBATCH * _NROWS, _NROWS, sp.Integer(1), _at_least(3, _NINNER * _NROWS, 1)),            # rows
+    2: Extent(_NBATCH * _NCOLS, sp.Integer(1), _NCOLS, _NINNER * _NCOLS),                            # cols
+    3: Extent(_NBATCH, sp.Integer(1), sp.Integer(1), _NINNER),                                       # rows and cols
     4: Extent(_at_least(2, _NUNITS, 1), where(eq(_NDIM, 2), _NROWS, 1), sp.Integer(1), sp.Integer(1)),  # units
     5: Extent(_at_least(3, _NUNITS, 1), sp.Integer(1), sp.Integer(1), sp.Integer(1)),            # units, cols
 }
@@ -395,7 +396,7 @@ TABLE: dict[str, Function] = {f.name: f for f in [
     F("row_max", 1, row_max, "_amax({0}, -1)", "{0}", axis="-1", broadcast=lambda x, n: x),
     F("col_max", 1, col_max, "_amax({0}, -2)", "{0}", axis="-2", broadcast=lambda x, n: x),
     # over every axis but the first: one value per output unit (the whole tensor when rank <= 1, so
-    # that a scalar's unit norm counts numel / nunits elements from rank 2 on, numel below)
+    # that a scalar's unit norm counts the elements of p.shape[1:] from rank 2 on, numel below)
     F("unit_mean", 1, unit_mean, "_mean({0}, tuple(range(1, {0}.dim())) or None, True)", "{0}",
       axis="unit", broadcast=lambda x, n: x),
     F("unit_norm", 1, unit_norm,
@@ -480,8 +481,7 @@ def extent(e: sp.Expr) -> Extent:
         return P_EXTENT
     if isinstance(e.args[1], sp.Tuple):
         a, b = e.args[1].args
-        return Extent(_at_least(3, _NUMEL / (_NROWS * _NCOLS), 1) * a * b, a, b,
-                      _at_least(3, _NUMEL / (_NUNITS * _NROWS * _NCOLS) * a * b, b))
+        return Extent(_NBATCH * a * b, a, b, _at_least(3, _NINNER * a * b, b))
     return OPERAND_SHAPES[int(e.args[1])]
 
 

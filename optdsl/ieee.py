@@ -89,7 +89,7 @@ HELPERS = {
 
 def shape_env() -> dict[sp.Symbol, Interval]:
     """The parameter's shape as host numbers: any size, 0 included (a (3, 0) matrix)."""
-    return {sp.Symbol(n): Interval(0.0, float("inf"), True, False) for n in ir.SHAPE_BUILTINS}
+    return {sp.Symbol(n): Interval(0.0, float("inf"), True, False) for n in ir.SIZES}
 
 
 def _finite(iv: Interval) -> bool:

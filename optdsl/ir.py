@@ -21,6 +21,11 @@ SHAPE_BUILTINS = {"ndim": "p.dim()", "numel": "p.numel()",
 # The size of each axis, `d[K]`: read by the rules optdsl/axes.py unrolls from a state list (their
 # conditions only; a spec cannot write these names)
 AXIS_SIZES = {f"d[{k}]": f"(p.shape[{k}] if p.dim() > {k} else 1)" for k in range(8)}
+# Sizes the broadcast rule counts besides the built-ins (optdsl/functions.py OPERAND_SHAPES): products of
+# p's axes that no quotient of the built-ins gives where an axis is 0. Not names a spec can write
+# (optdsl/lower.py RESERVED holds them); the backends compute them as they compute the built-ins.
+HIDDEN_SIZES = {"_nbatch": "math.prod(p.shape[:-2])", "_ninner": "math.prod(p.shape[1:-2])"}
+SIZES = SHAPE_BUILTINS | HIDDEN_SIZES
 TENSOR, SCALAR = "tensor", "scalar"
 
 # ---- shapes ----

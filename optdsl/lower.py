@@ -44,6 +44,7 @@ RESERVED = {"params", "defaults", "foreach", "fused", "closure", "self", "state"
             "p_ptr", "g_ptr", "p_ptrs", "g_ptrs", "groups", "aligned", "why", "_"}
 # and every Python built-in: a hyperparameter `map` would hide the one the fused launcher calls
 RESERVED |= {name for name in dir(builtins) if not name.startswith("__")}
+RESERVED |= set(ir.HIDDEN_SIZES)  # p's sizes the broadcast rule counts, beside the shape built-ins
 
 
 class _Reserved(frozenset):

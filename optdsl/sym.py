@@ -109,7 +109,7 @@ def input_levels(prog: ir.Program) -> dict[sp.Symbol, int]:
     levels.update({sp.Symbol(s.name): DEVICE if s.shape == "scalar" else TENSOR for s in prog.states})
     levels.update({sp.Symbol(h.name): GROUP for h in prog.hypers})
     levels.update({sp.Symbol("t"): PARAM, sp.Symbol("loss"): GROUP})
-    levels.update({sp.Symbol(n): PARAM for n in ir.SHAPE_BUILTINS})
+    levels.update({sp.Symbol(n): PARAM for n in ir.SIZES})
     return levels
 
 

@@ -465,6 +465,45 @@ def test_a_simplified_reduced_value_mixed_with_tensors(body, want):
     _steps_like(cls, want, [(3, 4), (2, 3, 5)])
 
 
+# ---- empty parameters: the broadcast rule counts products of p's axes, exact where an axis is 0 --------
+# A (2, 3, 0) parameter has 6 rows: the count numel / ncols was 0/0 (nan), which a scalar state, a rows
+# state or a group value carries on (to the other tensors, in a group). Every rank, every zero axis; the
+# values live in scalar states (p has no element to show them). Reference: torch reducing tensors of the
+# operands' shapes, as above.
+EMPTY_SHAPES = [(0,), (2, 0), (0, 3), (2, 3, 0), (2, 0, 3), (0, 2, 3), (1, 0, 1, 2), (2, 3, 0, 4), (2, 3, 5)]
+INNER = {"": lambda x: x, "row_sum": REDUCE["row_sum"], "col_sum": REDUCE["col_sum"], "unit_norm": REDUCE["unit_norm"]}
+OUTER = {"sum": REDUCE["sum"], "norm": REDUCE["norm"]}  # reductions that count what they reduce
+
+
+@pytest.mark.parametrize("vector", [False, True], ids=["rank>=2", "rank1"])
+def test_an_empty_parameter_counts_the_reduced_shapes_it_has(vector):
+    head, operands = (ROWS_HEAD, [o for o in REDUCED if o[1] in ("rows", "unit")]) if vector else (REDUCED_HEAD, REDUCED)
+    combos = [(i, o) for i in INNER for o in OUTER if not (vector and i == "col_sum")]
+    lines = [f"s{k} = " + " + ".join(f"{10 ** j} * {o}({i}({x}))" if i else f"{10 ** j} * {o}({x})"
+                                     for j, (x, _) in enumerate(operands)) for k, (i, o) in enumerate(combos)]
+    decl = "state " + ", ".join(f"s{k}: scalar" for k in range(len(combos)))
+    cls = optdsl.compile(head.replace("\n", f"\n{decl}\n", 1) + "\n".join(lines) + "\np += 1\n")
+    shapes = [s for s in EMPTY_SHAPES if (len(s) == 1) == vector]
+    for shape in shapes:
+        states = {}
+        for path in PATHS if not vector else PATHS[:2]:
+            p = torch.nn.Parameter(torch.zeros(shape, dtype=torch.float64))
+            p.grad = torch.ones_like(p)
+            opt = cls([p], **path)
+            opt.step()
+            # the rows and columns states too, as the for-loop path steps them (the fused path's blocks
+            # cover p's elements: none of an empty parameter's)
+            states.setdefault("for-loop", opt.state[p])
+            torch.testing.assert_close(opt.state[p], states["for-loop"], rtol=1e-14, atol=0, equal_nan=True,
+                                       msg=f"{shape} {path}")
+            for k, (i, o) in enumerate(combos):
+                want = sum(10 ** j * OUTER[o](INNER[i](torch.full(_reduced_like(p, kind), -2.0, dtype=p.dtype)))
+                           for j, (_, kind) in enumerate(operands))
+                torch.testing.assert_close(opt.state[p][f"s{k}"].double(), want, rtol=1e-14, atol=0,
+                                           msg=f"{shape} {path} {lines[k]}")
+
+
+
 @pytest.mark.parametrize("path", PATHS[:2], ids=str)
 def test_a_spec_without_hyperparameters_replays_its_shapes(path):
     """The shape replay's signature was `def _shapes_z(param, t, *, **_)` for a spec with no
@@ -500,8 +539,15 @@ def test_a_group_reduction_of_a_reduced_value_simplified_to_a_number_counts_its_
     scalar's part on zeros of the value's shape as written."""
     cls = optdsl.compile("optimizer G\nstate r: rows, c: cols\ngroup s = sum(r - r - 2) + 10 * norm(c * 0 + 1) + "
                          "100 * sum(unit_mean(g) * 0 + 1)\nr = row_mean(g)\nc = col_mean(g)\np += s\n")
-    shapes = [(3, 4), (1, 5), (2, 3, 4)]
-    rows, cols, units = sum(math.prod(s[:-1]) for s in shapes), sum(math.prod(s[:-2]) * s[-1] for s in shapes), 3 + 1 + 2
+    # with empty parameters of every zero axis (their rows, columns and units count: a mean of zeros along
+    # an empty axis made the zeros nan)
+    for shapes in ([(3, 4), (1, 5), (2, 3, 4)], [(3, 4), (2, 3, 0), (2, 0), (0, 3), (2, 0, 3), (1, 0, 1, 2)]):
+        _group_counts(cls, shapes)
+
+
+def _group_counts(cls, shapes):
+    rows, cols = sum(math.prod(s[:-1]) for s in shapes), sum(math.prod(s[:-2]) * s[-1] for s in shapes)
+    units = sum(s[0] for s in shapes)
     for path in PATHS:
         params = [torch.nn.Parameter(torch.zeros(s, dtype=torch.float64)) for s in shapes]
         for q in params:

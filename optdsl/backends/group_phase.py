@@ -70,7 +70,7 @@ def context(prog: ir.Program, group_code: dict[str, str]) -> dict:
     items = ["p", "g", *phase.reads] + (["t"] if reads_t else [])
     inner = {ir.P0: sp.Symbol("p_"), ir.G0: sp.Symbol("g_"), "t": sp.Symbol("t_")}
     inner.update({ir.ssa_name(s, 0): sp.Symbol(f"{s}_") for s in phase.reads})
-    inner.update({n: sp.Symbol(code.replace("p.", "p_.")) for n, code in ir.SHAPE_BUILTINS.items()})
+    inner.update({n: sp.Symbol(code.replace("p.", "p_.")) for n, code in ir.SIZES.items()})
     tensors = {"p_", "g_", *(f"{s}_" for s in phase.reads)}
     for item in group_order(phase.steps):
         if isinstance(item, tuple):  # a stage's reductions: their parts made whole by one all-reduce
@@ -119,7 +119,9 @@ def _zeros(shape) -> str:
     code = "torch.zeros_like(p_)"
     if shape is None or shape == ir.ALL:
         return code
-    for axis, name in (("-1", "row_mean"), ("-2", "col_mean"), ("unit", "unit_mean")):
+    # sums (a norm over the units) of zeros are zeros of the reduced shape; a mean of a parameter's empty
+    # axis is nan (a (2, 3, 0) parameter's rows)
+    for axis, name in (("-1", "row_sum"), ("-2", "col_sum"), ("unit", "unit_norm")):
         if axis in shape:
             code = TABLE[name].tensor.format(code)
     return code

@@ -17,7 +17,7 @@ def context(prog: ir.Program, group_code: dict[str, str]) -> dict:
     out, copies = [], False
     for mode in prog.modes:
         env = {h.name: sp.Symbol(group_code[h.name]) for h in prog.hypers if not h.computed}
-        shape = {sp.Symbol(n): sp.Symbol(code.replace("p.", "param.")) for n, code in ir.SHAPE_BUILTINS.items()}
+        shape = {sp.Symbol(n): sp.Symbol(code.replace("p.", "param.")) for n, code in ir.SIZES.items()}
         env.update({str(n): code for n, code in shape.items()})
         env[ir.P0] = sp.Symbol("p")
         tensors = {"p"}

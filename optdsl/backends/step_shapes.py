@@ -14,6 +14,8 @@ pick the branch: the replay stops there, and the error names every candidate sta
 """
 from __future__ import annotations
 
+import re
+
 import sympy as sp
 
 from .. import escape, ir, sym
@@ -104,4 +106,6 @@ def context(prog: ir.Program, lines: list[str], filename: str, taken: set[str]) 
     except SpecError:  # a statement SymPy cannot take alone: the error names every candidate instead
         return None
     states = [(s.name, state_shape_code(s.shape) or "p.shape") for s in prog.states]
-    return dict(body=body, statements=statements, states=states, shapes=list(ir.SHAPE_BUILTINS.items()))
+    # the shape built-ins, and the sizes the broadcast rule counts where the statements read them
+    hidden = [(n, code) for n, code in ir.HIDDEN_SIZES.items() if any(re.search(rf"\b{n}\b", line) for line in body)]
+    return dict(body=body, statements=statements, states=states, shapes=list(ir.SHAPE_BUILTINS.items()) + hidden)

@@ -437,7 +437,7 @@ def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]
     host = HostPrinter()
     read = set().union(*(d.expr.free_symbols for d in plan.group + plan.param + plan.steps),
                        *(e.free_symbols for _, e in plan.outputs))
-    shapes = [n for n in ir.SHAPE_BUILTINS if sp.Symbol(n) in read]
+    shapes = [n for n in ir.SIZES if sp.Symbol(n) in read]
     t_elem = {"t": "t_", **{n: f"{n}_" for n in shapes}, **{str(d.symbol): f"{d.symbol}_" for d in plan.param}}
     param_multi = []
     for d in plan.param:
@@ -458,6 +458,8 @@ def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]
     min_rank, rank_why, rank_span = ranks.need(prog)
     return dict(
         min_rank=min_rank, rank_why=rank_why, rank_span=rank_span,
+        # states with elements where p has none (a (2, 0) parameter's two rows): the kernels never reach them
+        empty_states=[s.name for s in prog.states if s.shape not in ("full", "scalar", "bool")],
         complex_ok=not complex_why, complex_why=complex_why,
         func=func, suffix=suffix, states=[s.name for s in prog.states], uses_loss=prog.uses_loss,
         # matrix-shaped states (Gram matrices, eigenbases): sharded, the rule steps whole on an owner rank
@@ -483,8 +485,8 @@ def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]
                                            for n in ir.refs(getattr(step, "expr", None) or getattr(step, "arg", None)))),
         state_inits=[(s.name, s.saved_as, _init_code(s, prog, group_code), state_shape_code(s.shape, group_code), s.fed,
                       "torch.bool" if s.shape == "bool" else state_dtype) for s in prog.states],
-        shape_single=[(n, ir.SHAPE_BUILTINS[n]) for n in shapes],
-        shape_multi=[(n, f"[{_rename_word(ir.SHAPE_BUILTINS[n], 'p', 'x_')} for x_ in p]") for n in shapes],
+        shape_single=[(n, ir.SIZES[n]) for n in shapes],
+        shape_multi=[(n, f"[{_rename_word(ir.SIZES[n], 'p', 'x_')} for x_ in p]") for n in shapes],
         group_defs=[(str(d.symbol), host.doprint(d.expr)) for d in plan.group],
         param_single=[(str(d.symbol), host.doprint(d.expr)) for d in plan.param],
         param_compiled=[(str(d.symbol), compiled.doprint(d.expr)) for d in plan.param],
@@ -806,7 +808,7 @@ def _init_code(state: ir.State, prog: ir.Program, group_code: dict[str, str]) ->
     # a reduction of a scalar is that scalar broadcast to p's shape (functions.py), here on p's own shape
     tensor = fn.reads_tensor({p})
     value = fn.broadcast_scalars(value, lambda x: not tensor(x)).xreplace(
-        {sp.Symbol(n): sp.Symbol(code) for n, code in ir.SHAPE_BUILTINS.items()})
+        {sp.Symbol(n): sp.Symbol(code) for n, code in ir.SIZES.items()})
     reductions = tuple(REDUCTIONS)
     # a matrix state's identity is a tensor: Python's arithmetic takes it, a host function or comparison
     # (float(scale >= eye / 3), math.sqrt) does not (fuzz seed 8623: ValueError at step)

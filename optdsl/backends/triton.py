@@ -252,8 +252,8 @@ def kernel_context(plan: Plan) -> dict:
     group_args = sorted(str(s) for s in need if levels.get(s) == GROUP or s in logs.values())
     param_args = sorted(str(s) for s in need if levels.get(s) == PARAM)
     # the parameter's shape (ndim, ncols, ...): a per-tensor table the launcher makes once per shapes
-    shape_args = [n for n in ir.SHAPE_BUILTINS if sp.Symbol(n) in need]
-    shape_codes = [ir.SHAPE_BUILTINS[n].replace("p.", "x.") for n in shape_args]
+    shape_args = [n for n in ir.SIZES if sp.Symbol(n) in need]
+    shape_codes = [ir.SIZES[n].replace("p.", "x.") for n in shape_args]
     accs = [dict(name=f"acc{s}", width=f.width(s), stage=s,
                  inits=", ".join('-math.inf' if type(f.defs[r]) is fn.amax else "0.0"
                                  for r in f.whole if f.stage[r] == s))
@@ -380,7 +380,7 @@ def _matrix_context(plan: Plan, f: Fusion, levels: dict) -> dict:
         if d.symbol in need:
             params.insert(0, f"{d.symbol} = {HostPrinter().doprint(d.expr)}")
             need |= d.expr.free_symbols
-    per_tensor = [f"{n} = {code.replace('p.', 'whole[i].')}" for n, code in ir.SHAPE_BUILTINS.items()
+    per_tensor = [f"{n} = {code.replace('p.', 'whole[i].')}" for n, code in ir.SIZES.items()
                   if sp.Symbol(n) in need]
     if sp.Symbol("t") in need:
         per_tensor.append("t = device_steps[i].item()  # a sync per tensor, as on the foreach path")
