@@ -229,12 +229,22 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGPROF, previous)
 
 
+# p's sizes as the bounds show them: the built-ins by name, the products of axes the broadcast rule counts
+# (optdsl/ir.py HIDDEN_SIZES) as what they are, prod(shape[:-2])
+_SIZES_SHOWN = {sp.Symbol(n): sp.Symbol(code.replace("math.", "").replace("p.", ""))
+                for n, code in ir.HIDDEN_SIZES.items()}
+
+
 def _first_step(steps: _Steps, prog: ir.Program) -> list[Property]:
-    env = scalar_env(prog)
     g = sp.Symbol("g", real=True)
     dp = steps.run([g], sp.Integer(0)).xreplace({v: sp.Symbol(v.name) for v in steps.hypers.values()})
     gsym = sp.Symbol("g")
     dp = dp.xreplace({g: gsym})
+    # a reduction of a scalar as what it computes: the scalar over its operand's shape, counted in p's
+    # sizes (functions.broadcast_scalars), where SymPy prints sum(-2) for -2 in each of a rows value's rows
+    dp = fn.broadcast_scalars(dp, lambda x: not fn.reads_tensor({gsym})(x)).xreplace(_SIZES_SHOWN)
+    sizes = Interval(0.0, float("inf"), True, False)  # any size, 0 included
+    env = {**scalar_env(prog), **{sp.Symbol(n): sizes for n in ir.SHAPE_BUILTINS}, **dict.fromkeys(_SIZES_SHOWN.values(), sizes)}
     pos = bound(dp, {**env, gsym: Interval(0, float("inf"), False, False)})
     neg = bound(dp, {**env, gsym: Interval(float("-inf"), 0, False, False)})
     against = pos.hi <= 0 and neg.lo >= 0

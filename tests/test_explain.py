@@ -163,3 +163,16 @@ def test_explain_prints_group_statements_and_mode_blocks():
     assert "d_numerator ← b3·d_numerator + d / d0·dlr·sum(g·(x0 - p))" in prodigy
     adamw = report(explain(compile_source((root / "adamw.opt").read_text(), "a.opt")))
     assert "Group values" not in adamw and "eval()" not in adamw
+
+
+@pytest.mark.parametrize("operand, want", [
+    ("-2", "2*lr*numel"),                                  # a scalar broadcasts to p's shape: numel elements
+    ("r - r - 2", "2*lr*nrows*prod(shape[:-2])"),          # -2 in each row of a rows value: one per row
+    ("c * 0 - 2", "2*lr*ncols*prod(shape[:-2])"),          # ... and of a cols value, one per column
+])
+def test_a_bound_shows_what_a_reduction_of_a_scalar_computes(operand, want):
+    """The bound was lr*sum(-2)/sign(lr*sum(-2)) for each: SymPy's sum of the number it simplified the
+    operand to, which reads as one element and hides the count the step computes (the broadcast rule)."""
+    text = ("optimizer Counted\nhyper lr = 0.1 in (0, inf)\nstate r: rows, c: cols\nr = row_mean(g)\n"
+            f"c = col_mean(g)\np -= lr * sign(g) * sum({operand})\n")
+    assert explain(compile_source(text)).property(BOUND).value == want
