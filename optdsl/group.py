@@ -13,7 +13,10 @@ from __future__ import annotations
 import keyword
 from dataclasses import replace
 
+import sympy
+
 from . import ast, ir
+from . import shapes as shape_check
 from .errors import SpecError, SpecWarning
 from .functions import COMPARISONS, TABLE
 
@@ -38,6 +41,10 @@ class _GroupLowering:
         self.reads: set[str] = set()      # per-parameter states a reduction reads
         self.read_names: set[str] = set()  # group names read by group statements
         self.read_hypers: set[str] = set()
+        # what a reduction reads, by name: p, g and each state's step-start value in their declared shapes
+        self.param_state_decls = tuple(s for s in spec.states if s.shape != "group")
+        self.shapes = {ir.P0: ir.FULL, ir.G0: ir.FULL} | {
+            ir.ssa_name(s.name, 0): ir.state_shape(s.shape) for s in self.param_state_decls}
 
     @staticmethod
     def ssa(name: str, version: int) -> str:
@@ -64,15 +71,35 @@ class _GroupLowering:
             raise SpecError(f"{e.func}() cannot stand in a group statement: a draw is shaped like p", e.span,
                             hint="draw in a per-parameter statement, e.g. 'z = randn()'")
         if inside or not (fn.reduction or fn.axis or fn.matrix):
-            return ir.Op(e.func, tuple(self.expr(a, inside, init) for a in e.args), e.span)
+            args = tuple(self.expr(a, inside, init) for a in e.args)
+            if fn.reduction or fn.axis:  # as the per-parameter statements keep it (optdsl/lower.py)
+                return ir.Op(e.func, args, e.span, operand=self.operand(args[0], e))
+            return ir.Op(e.func, args, e.span)
         if init or e.func not in GROUP_REDUCTIONS:
             raise SpecError(f"{e.func}() cannot stand here: a group value is one number for the group", e.span,
                             hint="reduce over the group's tensors with sum, norm, mean, rms or amax "
                                  "(e.g. 'group gnorm = norm(g)')")
         arg = self.expr(e.args[0], True)
         out = f"{e.func}#{sum(isinstance(s, ir.GroupReduce) for s in self.steps)}"
-        self.steps.append(ir.GroupReduce(out, e.func, arg, e.span))
+        self.steps.append(ir.GroupReduce(out, e.func, arg, e.span, operand=self.operand(arg, e, group=True)))
         return ir.Ref(out, e.span)
+
+    def operand(self, arg: ir.Expr, e: ast.Call, group: bool = False) -> int | tuple:
+        """The shape of a reduction's operand as written (optdsl/shapes.py operand). A group reduction
+        counts a number on zeros of that shape per tensor (optdsl/backends/group_phase.py): matrix work's
+        sizes it does not make, so such an operand is refused where SymPy reads it as a number."""
+        code = shape_check.operand(arg, self.shapes, (), self.param_state_decls)
+        if group and isinstance(code, tuple):
+            from .sym import to_sympy  # sym imports optdsl/lower.py, which imports this module
+
+            class Names(dict):
+                def __missing__(self, name):
+                    return sympy.Symbol(name)
+            if to_sympy(arg, Names()).is_number:
+                raise SpecError(f"{e.func}() over the group of a ({code[0]} x {code[1]}) value that is a number "
+                                "wherever it is computed", e.span,
+                                hint="write the number the reduction gives, or reduce it in a per-parameter statement")
+        return code
 
     def name(self, e: ast.Name, inside: bool, init: bool) -> ir.Expr:
         n = e.id

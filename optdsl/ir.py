@@ -221,6 +221,9 @@ class GroupReduce:
     func: str
     arg: Expr
     span: Span | None = None
+    # the shape of `arg` as written, as ir.Op.operand keeps a reduction's (optdsl/shapes.py operand): what
+    # a scalar arg counts per tensor, and what mean and rms divide by
+    operand: int | tuple = 0
 
 
 @dataclass(frozen=True)

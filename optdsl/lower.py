@@ -269,9 +269,7 @@ class _Lowering:
             # a reduced value that simplifies to a number (r - r - 2) as a scalar, broadcast to p's shape
             return ir.Op("abs", op.args, e.span) if fn.name == "unit_norm" else op.args[0]
         if fn.reduction or fn.axis:  # the operand's shape as written, which SymPy may simplify away
-            shape = self.shape_of(op.args[0])
-            code = ir.operand_code(shape) if shape is not None else (
-                shape_check.sizes_of(op.args[0], self.eqns, self.spec.states) or 0)
+            code = shape_check.operand(op.args[0], self.shape, self.eqns, self.spec.states)
             if isinstance(code, tuple) and any(str(s).startswith("d[") for s in code) and self._a_number(op.args[0]):
                 raise SpecError(f"{e.func}() of a ({code[0]} x {code[1]}) value that is a number wherever it is "
                                 "computed: optdsl counts matrices per matrix of p, not per axis", e.span,
@@ -322,11 +320,7 @@ class _Lowering:
 
     def shape_of(self, e: ir.Expr):
         """The value's shape (ir.FULL, ir.ALL, axes reduced, or None when not p's)."""
-        if isinstance(e, ir.Const):
-            return ir.ALL
-        if isinstance(e, ir.Ref):
-            return self.shape.get(e.name, ir.ALL)
-        return ir.result_shape(TABLE.get(e.op), [self.shape_of(a) for a in e.args])
+        return shape_check.written(e, self.shape)
 
     # ---- statements ----
     def statement(self, item: ast.Assign | ast.Block) -> None:

@@ -182,6 +182,26 @@ def check(prog: ir.Program) -> dict[str, tuple | None]:
     return env
 
 
+def written(e: ir.Expr, shapes: dict):
+    """The language's shape of a value as written (ir.join's tags: ir.FULL, ir.ALL, the axes it reduced,
+    None when not p's), from its operands': `shapes` maps a name to its shape, ir.ALL where absent (a
+    hyperparameter, t, a shape built-in)."""
+    if isinstance(e, ir.Const):
+        return ir.ALL
+    if isinstance(e, ir.Ref):
+        return shapes.get(e.name, ir.ALL)
+    return ir.result_shape(TABLE.get(e.op), [written(a, shapes) for a in e.args])
+
+
+def operand(e: ir.Expr, shapes: dict, eqns, states) -> int | tuple:
+    """What a reduction of e keeps of e's shape (ir.Op.operand, ir.GroupReduce.operand), which SymPy forgets
+    where it simplifies e to a number (r - r - 2 of a rows state): the code of a reduced shape
+    (ir.operand_code), matrix work's two sizes (sizes_of), or 0 for p's shape and a scalar's. One rule for
+    the per-parameter statements (optdsl/lower.py) and the group's reductions (optdsl/group.py)."""
+    shape = written(e, shapes)
+    return ir.operand_code(shape) if shape is not None else (sizes_of(e, eqns, states) or 0)
+
+
 def sizes_of(e: ir.Expr, eqns, states) -> tuple | None:
     """The symbolic sizes (two) of e, a value read after `eqns` with these (AST or IR) states, where they
     are known and the shapes so far fit (else None: check says where they do not). The lowering asks it

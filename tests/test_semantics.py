@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import optdsl
+from optdsl.errors import SpecError
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 PATHS = [dict(foreach=False), dict(foreach=True), dict(fused=True)]
@@ -556,6 +557,45 @@ def _group_counts(cls, shapes):
         for q in params:
             want = torch.full_like(q, -2.0 * rows + 10 * cols ** 0.5 + 100 * units)
             torch.testing.assert_close(q.detach(), want, rtol=1e-14, atol=0, msg=str(path))
+
+
+# ---- a group reduction's operand: one rule with the per-parameter statements (optdsl/shapes.py operand) ----
+GROUP_SHAPES = [(3, 4), (1, 5), (2, 3, 4)]
+
+
+@pytest.mark.parametrize("body, want", [
+    # a reduction inside a group reduction follows the broadcast rule as in a step: norm(r - r - 2) is
+    # 2 * sqrt(rows) per tensor, a scalar counting once per element of p (the group phase printed abs(-2))
+    ("sum(norm(r - r - 2))", lambda ss: sum(math.prod(s) * 2 * math.prod(s[:-1]) ** 0.5 for s in ss)),
+    ("sum(norm(-2) + g * 0)", lambda ss: sum(math.prod(s) * 2 * math.prod(s) ** 0.5 for s in ss)),
+    ("sum(row_sum(c - c - 2))", lambda ss: sum(math.prod(s[:-2]) * -2 * s[-1] for s in ss)),
+    ("sum(sum(r - r - 2) * g / g)", lambda ss: sum(math.prod(s) * -2 * math.prod(s[:-1]) for s in ss)),
+    # a reduction is a scalar: sum(norm(g)) is numel * norm(g) per tensor (docs/language.md), not norm(g)
+    ("sum(norm(g))", lambda ss: sum(math.prod(s) * math.prod(s) ** 0.5 for s in ss)),
+    # mean and rms over the group divide by the elements of the value's shape, a rows state's rows (they
+    # divided by p's elements: mean(r) of r = 3 was 3 / ncols)
+    ("mean(r)", lambda ss: 3.0),
+    ("rms(c)", lambda ss: 2.0),
+    ("mean(r - r + 5)", lambda ss: 5.0),
+])
+def test_a_group_reduction_reads_its_operand_as_a_step_does(body, want):
+    cls = optdsl.compile(f"optimizer G\nstate r: rows = 3, c: cols = -2\ngroup s = {body}\nr = r * 1\nc = c * 1\np += s\n")
+    for path in PATHS:
+        params = [torch.nn.Parameter(torch.zeros(s, dtype=torch.float64)) for s in GROUP_SHAPES]
+        for q in params:
+            q.grad = torch.ones_like(q)
+        cls(params, **path).step()
+        for q in params:
+            torch.testing.assert_close(q.detach(), torch.full_like(q, want(GROUP_SHAPES)), rtol=1e-14, atol=0,
+                                       msg=f"{body} {path}")
+
+
+def test_a_group_reduction_of_matrix_work_that_is_a_number_is_refused():
+    """The group phase counts a number on zeros of p's shape or a reduced one: matrix work's sizes (nrows^2
+    per matrix here) it does not make, so the spec is refused where it would count p's elements."""
+    with pytest.raises(SpecError, match=r"sum\(\) over the group of a \(nrows x nrows\) value that is a number") as err:
+        optdsl.compile("optimizer G\ngroup s = sum(mm(g, T(g)) * 0 + 1)\np += s\n", "g.opt")
+    assert "g.opt:2:" in str(err.value)
 
 
 @pytest.mark.parametrize("expr", ["norm(0.5)", "norm(2 * 0.25)", "unit_norm(0.5) * 0 + norm(0.5)"])

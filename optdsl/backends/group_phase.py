@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sympy as sp
 
+from .. import functions as fn
 from .. import ieee, ir, quant
 from ..functions import TABLE
 from ..sym import to_sympy
@@ -17,9 +18,9 @@ from .schedule import group_order
 # all-reduce (numel() of a DTensor is the whole tensor's).
 _COMBINE = {
     "sum": ("torch.sum({0})", "_group_sum({0})"),
-    "mean": ("torch.sum({0})", "(_group_sum({0}) / sum(x_.numel() for x_ in p))"),
+    "mean": ("torch.sum({0})", "(_group_sum({0}) / sum({count} for x_ in p))"),
     "norm": ("torch.linalg.vector_norm({0})", "_group_norm({0})"),
-    "rms": ("torch.sum(torch.square({0}))", "math.sqrt(_group_sum({0}) / sum(x_.numel() for x_ in p))"),
+    "rms": ("torch.sum(torch.square({0}))", "math.sqrt(_group_sum({0}) / sum({count} for x_ in p))"),
     "amax": ("_amax({0}, None)", "_group_max({0})"),
 }
 
@@ -72,22 +73,27 @@ def context(prog: ir.Program, group_code: dict[str, str]) -> dict:
     inner.update({ir.ssa_name(s, 0): sp.Symbol(f"{s}_") for s in phase.reads})
     inner.update({n: sp.Symbol(code.replace("p.", "p_.")) for n, code in ir.SIZES.items()})
     tensors = {"p_", "g_", *(f"{s}_" for s in phase.reads)}
+    reads = fn.reads_tensor({sp.Symbol(n) for n in tensors})
+    sizes = {sp.Symbol(n): code for n, code in inner.items() if n in ir.SIZES}
     for item in group_order(phase.steps):
         if isinstance(item, tuple):  # a stage's reductions: their parts made whole by one all-reduce
             loops = []
             for step in item:
-                arg = to_sympy(step.arg, env | inner)
+                # a reduction inside it of a scalar: that scalar over its operand's shape (functions.py's
+                # rule, as in a step), counted in this tensor's sizes
+                arg = fn.broadcast_scalars(to_sympy(step.arg, env | inner), lambda x: not reads(x)).xreplace(sizes)
                 body = CompiledPrinter(tensors).doprint(arg)
-                if not any(s.name in tensors for s in arg.free_symbols):  # a scalar counts once per element
-                    # of p, or of the value's shape as written where SymPy simplified it (r - r - 2 of a rows state)
-                    body = f"({body}) + {_zeros(_shape(step.arg, shapes))}"
+                if not reads(arg):  # a scalar counts once per element of its shape as written (p's, or a
+                    # reduced one where SymPy simplified the value: r - r - 2 of a rows state)
+                    body = f"({body}) + {_zeros(step.operand)}"
                 loops.append(f"[{_COMBINE[step.func][0].format(body)} for {', '.join(i + '_' for i in items)} "
                              f"in zip({', '.join(items)})]")
             if len(item) > 1:
                 lines.append(f"parts_ = _parts({', '.join(loops)})")
             for k, step in enumerate(item):
                 parts = f"parts_[{k}]" if len(item) > 1 else f"_parts({loops[0]})[0]"
-                lines.append(f'values["{step.out}"] = {_COMBINE[step.func][1].format(parts)}')
+                combined = _COMBINE[step.func][1].format(parts, count=_count(step.operand, env))
+                lines.append(f'values["{step.out}"] = {combined}')
                 env[step.out] = sp.Symbol(f'values["{step.out}"]')
         else:  # host floats: IEEE 754 where the ranges do not prove an operation safe (optdsl.ieee)
             code = host.doprint(ieee._Guard(dict(guard_env))(to_sympy(item.expr, env)))
@@ -100,31 +106,30 @@ def context(prog: ir.Program, group_code: dict[str, str]) -> dict:
     return dict(group_phase=lines, group_reads=list(phase.reads))
 
 
-def _shape(e: ir.Expr, kinds: dict[str, str]):
-    """The language's shape of a value a group reduction reads (ir.join's tags), from its operands as written."""
-    if isinstance(e, ir.Ref):
-        if e.name in (ir.P0, ir.G0):
-            return ir.FULL
-        state = next((s for s in kinds if ir.ssa_name(s, 0) == e.name), None)
-        if state is None or kinds[state] == "group":
-            return ir.ALL
-        return None if ir.is_matrix(kinds[state]) else ir.state_shape(kinds[state])
-    if isinstance(e, ir.Const):
-        return ir.ALL
-    return ir.result_shape(TABLE.get(e.op), [_shape(a, kinds) for a in e.args])
+# the axes a value of each reduced shape (ir.operand_code) has reduced, in the order the zeros reduce them
+_AXES = {0: (), 1: ("row_sum",), 2: ("col_sum",), 3: ("row_sum", "col_sum"), 4: ("unit_norm",),
+         5: ("col_sum", "unit_norm")}
 
 
-def _zeros(shape) -> str:
-    """Torch code of zeros of that shape over one tensor p_ of the group (p's where not a reduced one)."""
+def _zeros(operand: int) -> str:
+    """Torch code of zeros of a value's shape as written (ir.GroupReduce.operand) over one tensor p_ of
+    the group: sums (a norm over the units) of p's zeros keep the reduced axes with size 1 (a mean of a
+    parameter's empty axis would be nan: a (2, 3, 0) parameter's rows). optdsl/group.py refuses the
+    number of matrix work's sizes (a tuple), which no zeros of p's shape give."""
     code = "torch.zeros_like(p_)"
-    if shape is None or shape == ir.ALL:
-        return code
-    # sums (a norm over the units) of zeros are zeros of the reduced shape; a mean of a parameter's empty
-    # axis is nan (a (2, 3, 0) parameter's rows)
-    for axis, name in (("-1", "row_sum"), ("-2", "col_sum"), ("unit", "unit_norm")):
-        if axis in shape:
-            code = TABLE[name].tensor.format(code)
+    for name in _AXES[operand] if isinstance(operand, int) else ():
+        code = TABLE[name].tensor.format(code)
     return code
+
+
+def _count(operand, env: dict) -> str:
+    """Host code of the elements of a value of that shape as written, per tensor x_ of the group: what
+    mean and rms divide by (p's numel for p's shape; a rows state's rows)."""
+    tagged = to_sympy(ir.Op("sum", (ir.Const(0.0),), operand=operand), env | {
+        n: sp.Symbol(code.replace("p.", "x_.")) for n, code in ir.SIZES.items()})
+    counted = fn.extent(tagged).numel.xreplace({sp.Symbol(n): sp.Symbol(code.replace("p.", "x_."))
+                                                for n, code in ir.SIZES.items()})
+    return HostPrinter().doprint(counted)
 
 
 def _reads(e: ir.Expr, name: str) -> bool:
