@@ -20,7 +20,6 @@ import argparse
 import datetime as _dt
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,8 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from generated import shampoo, soap  # noqa: E402
-from lowbit_quality import _gpt  # noqa: E402
-from optdsl.plot import _charlm  # noqa: E402
+from lowbit_quality import measure  # noqa: E402
 
 OPTIMIZERS = {"Shampoo": (shampoo.Shampoo, dict(lr=1e-1)), "SOAP": (soap.SOAP, dict(lr=3e-3))}
 VARIANTS = {"float32": dict(state_dtype=None), "int8": dict(state_dtype="int8")}
@@ -52,16 +50,8 @@ def main():
         cls, hypers = OPTIMIZERS[name]
         for variant in args.variants.split(","):
             kw = dict(hypers, foreach=False, **VARIANTS[variant])
-            row, start = dict(optimizer=name, states=variant), time.perf_counter()
-            try:
-                row["charlm"] = _charlm(cls, kw, args.steps)[1][-1]
-            except Exception as err:  # noqa: BLE001 - a row that cannot run says why
-                row["charlm_error"] = f"{type(err).__name__}: {err}"
-            try:
-                row["gpt"], row["gpt_train"], row["gpt_state_bytes_per_param"] = _gpt(cls, kw, args.gpt_steps)
-            except Exception as err:  # noqa: BLE001
-                row["gpt_error"] = f"{type(err).__name__}: {err}"
-            row["seconds"] = round(time.perf_counter() - start, 1)
+            row = dict(optimizer=name, states=variant, **measure(cls, kw, args.steps, args.gpt_steps))
+            row["seconds"] = round(row["seconds"], 1)
             rows.append(row)
             print(row, flush=True)
     base = {r["optimizer"]: r for r in rows if r["states"] == "float32"}

@@ -130,6 +130,23 @@ def _gpt(cls, hypers, steps):
     return final, losses[-1], state_bytes / numel
 
 
+def measure(cls, kw, steps, gpt_steps) -> dict:
+    """One row's numbers: charlm's final held-out loss after `steps`, the small GPT's held-out and
+    train loss and state bytes per parameter after `gpt_steps`, and the seconds both took; a task
+    that cannot run says why in its `*_error` field."""
+    row, start = {}, time.perf_counter()
+    try:
+        row["charlm"] = _charlm(cls, kw, steps)[1][-1]
+    except Exception as err:  # noqa: BLE001 - a row that cannot run says why
+        row["charlm_error"] = f"{type(err).__name__}: {err}"
+    try:
+        row["gpt"], row["gpt_train"], row["gpt_state_bytes_per_param"] = _gpt(cls, kw, gpt_steps)
+    except Exception as err:  # noqa: BLE001
+        row["gpt_error"] = f"{type(err).__name__}: {err}"
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
 def bytes_table():
     prog = compile_source((ROOT / "specs" / "adamw.opt").read_text())
     m = memory(prog, (4096, 4096))
@@ -157,17 +174,7 @@ def main():
     for opt_name, dtype_name, module, cls, kw in runs:
         row = dict(optimizer=opt_name, state_dtype=dtype_name)
         with _Int4Dynamic(module, dtype_name == "int4 dyn"):
-            start = time.perf_counter()
-            try:
-                _, held = _charlm(cls, kw, args.steps)
-                row["charlm"] = held[-1]
-            except Exception as err:  # noqa: BLE001 - a row that cannot run says why
-                row["charlm_error"] = f"{type(err).__name__}: {err}"
-            try:
-                row["gpt"], row["gpt_train"], row["gpt_state_bytes_per_param"] = _gpt(cls, kw, args.gpt_steps)
-            except Exception as err:  # noqa: BLE001
-                row["gpt_error"] = f"{type(err).__name__}: {err}"
-            row["seconds"] = time.perf_counter() - start
+            row.update(measure(cls, kw, args.steps, args.gpt_steps))
         rows.append(row)
         print(row, flush=True)
     base = {r["optimizer"]: r for r in rows if r["state_dtype"] == "float32"}

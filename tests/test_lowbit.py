@@ -464,6 +464,17 @@ def _same_numbers(got, stored, signed, where=None):
     assert ((scales[0] - scales[1]).abs() <= torch.finfo(torch.float32).eps * scales[1]).all(), where
 
 
+def _go_on_alike(opt, again, params, copies, gen, steps=3):
+    """Both optimizers step on the same gradients; the parameters stay equal to the bit."""
+    for _ in range(steps):
+        for p, q in zip(params, copies):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        opt.step()
+        again.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, copies))
+
+
 @pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("state_dtype", ["int8", "int4", "int4_stochastic"])
 def test_reshardable_state_dict_holds_float32_and_resumes_bit_exact(path, state_dtype):
@@ -491,13 +502,7 @@ def test_reshardable_state_dict_holds_float32_and_resumes_bit_exact(path, state_
                 _same_numbers(again.state[q][key], opt.state[p][key], AdamW._LOWBIT_SIGNED[key], key)
             else:
                 assert torch.equal(opt.state[p][key], again.state[q][key]), key
-    for _ in range(3):
-        for p, q in zip(params, copies):
-            p.grad = torch.randn(p.shape, generator=gen)
-            q.grad = p.grad.clone()
-        opt.step()
-        again.step()
-    assert all(torch.equal(p, q) for p, q in zip(params, copies))
+    _go_on_alike(opt, again, params, copies, gen)
 
 
 @pytest.mark.parametrize("saver", [True, False], ids=["saved-reshardable", "saved-codes"])
@@ -523,13 +528,7 @@ def test_reshardable_on_one_side_only(saver, tmp_path):
     again = AdamW(copies, **kw, reshardable=not saver).manual_seed(5)  # its own generator: replaced by the saved one
     again.load_state_dict(saved)
     assert all("rng_state" not in g for g in again.param_groups)
-    for _ in range(3):
-        for p, q in zip(params, copies):
-            p.grad = torch.randn(p.shape, generator=gen)
-            q.grad = p.grad.clone()
-        opt.step()
-        again.step()
-    assert all(torch.equal(p, q) for p, q in zip(params, copies))
+    _go_on_alike(opt, again, params, copies, gen)
     # through torch.distributed.checkpoint (one process, no process group): refused, in both directions
     model, other = torch.nn.Module(), torch.nn.Module()
     model.w, model.b = params
