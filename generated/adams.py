@@ -907,6 +907,12 @@ def _group_sum(parts):
     return float(torch.stack([x.to(parts[0].device, torch.float64) for x in parts]).sum()) if parts else 0.0
 
 
+def _group_mean(total, count):
+    """A sum over a group's elements divided by their number: nan for a group of empty tensors, as
+    torch.mean of an empty tensor (a ZeroDivisionError on the host otherwise)."""
+    return total / count if count else math.nan
+
+
 class AdamS(Optimizer):
     r"""Adam with weight decay scaled by the group's mean second moment
 
@@ -1304,7 +1310,7 @@ class AdamS(Optimizer):
         values = {}
         values["k.0"] = group.get("k", 0.0)
         values["k.1"] = values["k.0"] + 1
-        values["mean#0"] = (_group_sum(_parts([torch.sum(g_**2*(1 - group["betas"][1]) + group["betas"][1]*v_) for p_, g_, v_ in zip(p, g, v)])[0]) / sum(x_.numel() for x_ in p))
+        values["mean#0"] = _group_mean(_group_sum(_parts([torch.sum(g_**2*(1 - group["betas"][1]) + group["betas"][1]*v_) for p_, g_, v_ in zip(p, g, v)])[0]), sum(x_.numel() for x_ in p))
         values["vbar.1"] = values["mean#0"]*_pow(1 - _pow(group["betas"][1], values["k.1"]), -1)
         group["k"] = values["k.1"]
         return {"vbar": values["vbar.1"]}

@@ -636,3 +636,19 @@ def test_a_matrix_state_s_initial_value_applies_functions_to_the_identity_as_a_t
         p.grad = torch.ones_like(p)
         cls([p], **path).step()
         torch.testing.assert_close(p.detach(), -0.1 * L @ torch.ones(3, 4, dtype=torch.float64), rtol=1e-15, atol=0)
+
+
+def test_a_group_mean_over_empty_tensors_only_is_nan_as_torch():
+    """mean and rms over a group whose tensors are all empty divide 0 by 0 elements: nan, as torch.mean
+    of an empty tensor (the host raised ZeroDivisionError at step); a group holding a non-empty tensor
+    still divides by its elements."""
+    cls = optdsl.compile("optimizer G\nstate u: group\ngroup u = mean(g) + rms(g)\np -= 0 * g\n")
+    for path in PATHS:
+        for shapes, want in (([(0,), (2, 0)], math.nan), ([(0,), (2, 3)], 2.0)):
+            params = [torch.nn.Parameter(torch.zeros(s, dtype=torch.float64)) for s in shapes]
+            for q in params:
+                q.grad = torch.ones_like(q)
+            opt = cls(params, **path)
+            opt.step()
+            got = opt.param_groups[0]["u"]
+            assert (math.isnan(got) if math.isnan(want) else got == want), (shapes, path, got)

@@ -18,9 +18,9 @@ from .schedule import group_order
 # all-reduce (numel() of a DTensor is the whole tensor's).
 _COMBINE = {
     "sum": ("torch.sum({0})", "_group_sum({0})"),
-    "mean": ("torch.sum({0})", "(_group_sum({0}) / sum({count} for x_ in p))"),
+    "mean": ("torch.sum({0})", "_group_mean(_group_sum({0}), sum({count} for x_ in p))"),
     "norm": ("torch.linalg.vector_norm({0})", "_group_norm({0})"),
-    "rms": ("torch.sum(torch.square({0}))", "math.sqrt(_group_sum({0}) / sum({count} for x_ in p))"),
+    "rms": ("torch.sum(torch.square({0}))", "math.sqrt(_group_mean(_group_sum({0}), sum({count} for x_ in p)))"),
     "amax": ("_amax({0}, None)", "_group_max({0})"),
 }
 
@@ -35,6 +35,11 @@ HELPERS = {
         "    if not parts:\n"
         "        return 0.0\n"
         "    return float(torch.linalg.vector_norm(torch.stack([x.to(parts[0].device, torch.float64) for x in parts])))"),
+    "_group_mean": (
+        "def _group_mean(total, count):\n"
+        '    """A sum over a group\'s elements divided by their number: nan for a group of empty tensors, as\n'
+        '    torch.mean of an empty tensor (a ZeroDivisionError on the host otherwise)."""\n'
+        "    return total / count if count else math.nan"),
     "_group_max": (
         "def _group_max(parts):\n"
         '    """The largest of one number per tensor of a group (one sync)."""\n'
