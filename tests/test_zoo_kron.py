@@ -313,11 +313,9 @@ def test_a_kron_mutant_is_caught(mutant, monkeypatch, float64_default):
 
 
 def _helpers():
-    from optdsl.backends.torch import LINALG_HELPERS
-    ns = {"torch": torch}
-    for name in ("_rsolve_triu", "_norm_lb"):
-        exec(LINALG_HELPERS[name], ns)
-    return ns
+    """The shipped module's linear-algebra helpers, with what they call (DTensor checks among them)."""
+    import generated.kron as module
+    return {name: getattr(module, name) for name in ("_rsolve_triu", "_norm_lb")}
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 9])
