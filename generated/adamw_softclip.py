@@ -200,23 +200,28 @@ def _in_stages(steps):
         next(step, None)
 
 
+def _amax_local(x, dim):
+    """torch.amax(x) (dim None) or x.amax(dim, keepdim=True) of a plain tensor, but -inf (max's identity,
+    as a group's maximum over no tensors) over no elements, where torch refuses: an empty parameter, or
+    an empty shard."""
+    dims = list(range(x.dim())) if dim is None else [dim % x.dim()] if x.dim() else []
+    if any(x.shape[d] == 0 for d in dims):
+        return x.new_full([] if dim is None else [1 if d in dims else n for d, n in enumerate(x.shape)], -math.inf)
+    return torch.amax(x) if dim is None else x.amax(dim=dim, keepdim=True)
+
+
 def _amax(x, dim):
     """torch.amax(x) (dim None) or x.amax(dim, keepdim=True). A DTensor's maximum over a split axis
     is each shard's, left partial (a MAX to finish, which _whole does): a shard empty along that
     axis (a rank holding none of the rows) gives -inf there, where torch refuses an empty maximum."""
     if not _is_sharded(x):
-        return torch.amax(x) if dim is None else x.amax(dim=dim, keepdim=True)
+        return _amax_local(x, dim)
     if dim is not None and _kept_axes(x, dim, True) == ():
         return x.clone()
     if any(pl.is_partial() for pl in x.placements):
         x = x.redistribute(x.device_mesh, [_Replicate() if pl.is_partial() else pl for pl in x.placements])
     dims = list(range(x.dim())) if dim is None else [dim % x.dim()] if x.dim() else []
-    local = x.to_local()
-    if any(local.shape[d] == 0 for d in dims):
-        shape = [] if dim is None else [1 if d in dims else n for d, n in enumerate(local.shape)]
-        part = local.new_full(shape, -math.inf)
-    else:
-        part = torch.amax(local) if dim is None else local.amax(dim=dim, keepdim=True)
+    part = _amax_local(x.to_local(), dim)
     placements = [_Partial("max") if _splits(pl) and pl.dim % max(x.dim(), 1) in dims else pl for pl in x.placements]
     shape = () if dim is None else tuple(1 if d in dims else n for d, n in enumerate(x.shape))
     return _DTensor.from_local(part, x.device_mesh, placements, run_check=False, shape=shape,

@@ -354,23 +354,28 @@ def _in_stages(steps):
         next(step, None)
 
 
+def _amax_local(x, dim):
+    """torch.amax(x) (dim None) or x.amax(dim, keepdim=True) of a plain tensor, but -inf (max's identity,
+    as a group's maximum over no tensors) over no elements, where torch refuses: an empty parameter, or
+    an empty shard."""
+    dims = list(range(x.dim())) if dim is None else [dim % x.dim()] if x.dim() else []
+    if any(x.shape[d] == 0 for d in dims):
+        return x.new_full([] if dim is None else [1 if d in dims else n for d, n in enumerate(x.shape)], -math.inf)
+    return torch.amax(x) if dim is None else x.amax(dim=dim, keepdim=True)
+
+
 def _amax(x, dim):
     """torch.amax(x) (dim None) or x.amax(dim, keepdim=True). A DTensor's maximum over a split axis
     is each shard's, left partial (a MAX to finish, which _whole does): a shard empty along that
     axis (a rank holding none of the rows) gives -inf there, where torch refuses an empty maximum."""
     if not _is_sharded(x):
-        return torch.amax(x) if dim is None else x.amax(dim=dim, keepdim=True)
+        return _amax_local(x, dim)
     if dim is not None and _kept_axes(x, dim, True) == ():
         return x.clone()
     if any(pl.is_partial() for pl in x.placements):
         x = x.redistribute(x.device_mesh, [_Replicate() if pl.is_partial() else pl for pl in x.placements])
     dims = list(range(x.dim())) if dim is None else [dim % x.dim()] if x.dim() else []
-    local = x.to_local()
-    if any(local.shape[d] == 0 for d in dims):
-        shape = [] if dim is None else [1 if d in dims else n for d, n in enumerate(local.shape)]
-        part = local.new_full(shape, -math.inf)
-    else:
-        part = torch.amax(local) if dim is None else local.amax(dim=dim, keepdim=True)
+    part = _amax_local(x.to_local(), dim)
     placements = [_Partial("max") if _splits(pl) and pl.dim % max(x.dim(), 1) in dims else pl for pl in x.placements]
     shape = () if dim is None else tuple(1 if d in dims else n for d, n in enumerate(x.shape))
     return _DTensor.from_local(part, x.device_mesh, placements, run_check=False, shape=shape,
@@ -1209,6 +1214,8 @@ def _norm_lb(a):
     if _is_sharded(a):  # a DTensor (a Gram matrix of row shards: partial sums): the whole's, on every rank
         return _DTensor.from_local(_norm_lb(a.full_tensor()), a.device_mesh, [_Replicate()] * a.device_mesh.ndim,
                                    run_check=False)
+    if a.shape[-1] == 0:  # 0 x 0 (the factor of an empty parameter's zero axis): its norm is 0
+        return a.new_zeros(*a.shape[:-2], 1, 1)
     max_abs = a.abs().amax(dim=(-2, -1), keepdim=True)
     a = a / torch.where(max_abs > 0, max_abs, 1.0)
     tiny = torch.finfo(a.dtype).tiny
@@ -1233,14 +1240,17 @@ def _mm_axis(q, x, k):
 
 def _rsolve_triu_axis(x, a, k):
     # x with its axis k multiplied on the right by a^-1, a upper-triangular (d_k x d_k): as one
-    # matrix of rows (PSGD-Kron's solve_triangular_right)
+    # matrix of rows (PSGD-Kron's solve_triangular_right); the row count a product, not -1, which
+    # an empty x leaves undecided
     y = torch.movedim(x, int(k), -1)
-    return torch.movedim(_rsolve_triu(y.reshape(-1, y.shape[-1]), a).reshape(y.shape), -1, int(k))
+    rows = y.reshape(math.prod(y.shape[:-1]), y.shape[-1])
+    return torch.movedim(_rsolve_triu(rows, a).reshape(y.shape), -1, int(k))
 
 
 def _gram_axis(x, k):
     # x's Gram matrix along axis k (d_k x d_k): the sum over the other axes of x[.., i, ..] x[.., j, ..]
-    xk = torch.movedim(x, int(k), 0).reshape(x.shape[int(k)], -1)
+    xk = torch.movedim(x, int(k), 0)
+    xk = xk.reshape(xk.shape[0], math.prod(xk.shape[1:]))  # a product, not -1: x may be empty
     return torch.matmul(xk, xk.mT)
 
 

@@ -652,3 +652,57 @@ def test_a_group_mean_over_empty_tensors_only_is_nan_as_torch():
             opt.step()
             got = opt.param_groups[0]["u"]
             assert (math.isnan(got) if math.isnan(want) else got == want), (shapes, path, got)
+
+
+# ---- a maximum over no elements is -inf (max's identity), where torch.amax refuses ----------------------
+# Kron (amax of its diagonal factors' terms) and SM3 (row_max/col_max) ended a step with a raw torch error on
+# any empty parameter; a sharded parameter's empty shard and a group's maximum over no tensors were -inf
+# already. The 0 x 0 factor of Kron's empty axis has norm 0 (its norm_lb), its solves and Grams are empty.
+@pytest.mark.parametrize("shape", [(0,), (0, 3), (3, 0), (2, 0, 3), (2, 3, 0)], ids=str)
+def test_a_maximum_over_no_elements_is_minus_inf(shape):
+    cls = optdsl.compile("optimizer M\nrule ndim >= 2 {\n  state a: scalar, r: rows, c: cols\n"
+                         "  a = amax(g)\n  r = row_max(g)\n  c = col_max(g)\n  p -= 0.1 * g\n}\n"
+                         "rule {\n  state a: scalar\n  a = amax(g)\n  p -= 0.1 * g\n}\n")
+    for path in PATHS:
+        p = torch.nn.Parameter(torch.zeros(shape, dtype=torch.float64))
+        p.grad = torch.ones_like(p)
+        opt = cls([p], **path)
+        opt.step()
+        want = {"a": torch.tensor(-math.inf, dtype=torch.float64)}
+        if len(shape) >= 2:  # a row over no columns (3, 0) has no maximum; no rows (0, 3): an empty state
+            want["r"] = torch.full((*shape[:-1], 1), -math.inf if shape[-1] == 0 else 0.0, dtype=torch.float64)
+            want["c"] = torch.full((*shape[:-2], 1, shape[-1]), -math.inf if shape[-2] == 0 else 0.0,
+                                   dtype=torch.float64)
+        for name, value in want.items():
+            got = opt.state[p][name]
+            assert got.shape == value.shape, (path, name)
+            assert torch.equal(got[got != 0] if name != "a" else got, value[value != 0] if name != "a" else value), (
+                path, name, got)
+
+
+@pytest.mark.parametrize("spec", sorted(p.stem for p in SPECS.glob("*.opt")))
+def test_every_spec_steps_beside_empty_parameters(spec):
+    """Every shipped optimizer steps a (4, 5) parameter beside empty ones of every zero axis, three steps on
+    both torch paths, and the empty ones change nothing of it: bit for bit where the spec draws nothing
+    (Kron's draws are keyed by rule, so another rule's tensors move them: finite there)."""
+    cls = optdsl.load(SPECS / f"{spec}.opt")
+    draws = "randn()" in (SPECS / f"{spec}.opt").read_text()
+    for path in PATHS[:2]:
+        for shape in [(0,), (0, 3), (3, 0), (2, 0, 3), (2, 3, 0)]:
+            outs = []
+            for params in ([(4, 5)], [(4, 5), shape]):
+                ps = [torch.nn.Parameter(torch.linspace(-1, 1, math.prod(s), dtype=torch.float64).reshape(s))
+                      for s in params]
+                opt = cls(ps, **path)
+                if draws:
+                    opt.manual_seed(7)
+                for i in range(3):
+                    for x in ps:
+                        x.grad = torch.cos(torch.arange(x.numel(), dtype=torch.float64) + i).reshape(x.shape)
+                    opt.step(lambda: torch.tensor(1.5, dtype=torch.float64))  # AdaLo reads the loss
+                assert ps[-1].shape == params[-1]
+                outs.append(ps[0].detach())
+            if draws:
+                assert torch.isfinite(outs[1]).all(), (path, shape)
+            else:
+                assert torch.equal(outs[0], outs[1]), (path, shape)

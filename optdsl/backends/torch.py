@@ -121,6 +121,8 @@ LINALG_HELPERS = {
         "    if _is_sharded(a):  # a DTensor (a Gram matrix of row shards: partial sums): the whole's, on every rank\n"
         "        return _DTensor.from_local(_norm_lb(a.full_tensor()), a.device_mesh, [_Replicate()] * a.device_mesh.ndim,\n"
         "                                   run_check=False)\n"
+        "    if a.shape[-1] == 0:  # 0 x 0 (the factor of an empty parameter's zero axis): its norm is 0\n"
+        "        return a.new_zeros(*a.shape[:-2], 1, 1)\n"
         "    max_abs = a.abs().amax(dim=(-2, -1), keepdim=True)\n"
         "    a = a / torch.where(max_abs > 0, max_abs, 1.0)\n"
         "    tiny = torch.finfo(a.dtype).tiny\n"
@@ -144,13 +146,16 @@ LINALG_HELPERS = {
     "_rsolve_triu_axis": (
         "def _rsolve_triu_axis(x, a, k):\n"
         "    # x with its axis k multiplied on the right by a^-1, a upper-triangular (d_k x d_k): as one\n"
-        "    # matrix of rows (PSGD-Kron's solve_triangular_right)\n"
+        "    # matrix of rows (PSGD-Kron's solve_triangular_right); the row count a product, not -1, which\n"
+        "    # an empty x leaves undecided\n"
         "    y = torch.movedim(x, int(k), -1)\n"
-        "    return torch.movedim(_rsolve_triu(y.reshape(-1, y.shape[-1]), a).reshape(y.shape), -1, int(k))"),
+        "    rows = y.reshape(math.prod(y.shape[:-1]), y.shape[-1])\n"
+        "    return torch.movedim(_rsolve_triu(rows, a).reshape(y.shape), -1, int(k))"),
     "_gram_axis": (
         "def _gram_axis(x, k):\n"
         "    # x's Gram matrix along axis k (d_k x d_k): the sum over the other axes of x[.., i, ..] x[.., j, ..]\n"
-        "    xk = torch.movedim(x, int(k), 0).reshape(x.shape[int(k)], -1)\n"
+        "    xk = torch.movedim(x, int(k), 0)\n"
+        "    xk = xk.reshape(xk.shape[0], math.prod(xk.shape[1:]))  # a product, not -1: x may be empty\n"
         "    return torch.matmul(xk, xk.mT)"),
     "_axis_sum": (
         "def _axis_sum(x, k):\n"
