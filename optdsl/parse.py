@@ -407,7 +407,9 @@ _FOREIGN_CHARS = re.compile(r"&&|\|\||//|!(?!=)|[&|@.]")
 # Tokens the LALR tables accept after an expression only in a declaration or a block's header;
 # a hint inside an expression never offers them.
 _DECLARATION_TOKENS = {"EAGER": "state", "ONLY": "hyper", "_AS": "hyper state", "AS": "hyper state",
-                       "IN": "hyper", "LBRACE": "rule repeat every", "COLON": "state"}
+                       "IN": "hyper", "LBRACE": "rule repeat every", "COLON": "state",
+                       # a condition's state is shared (LALR): 'else' ends a state list's, refuse a rule's
+                       "ELSE": "state", "REFUSE": "rule"}
 
 
 def _foreign(err: UnexpectedInput, text: str) -> SpecError | None:

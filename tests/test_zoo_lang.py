@@ -666,9 +666,10 @@ def test_blocks_lower_to_plain_ssa():
     ("optimizer X\nrepeat 3 { p -= g }\n", "a block's statements go on their own lines", (2, 12)),
     ("optimizer X\nhyper k = 2\nevery k {\np -= g\nm = g }\n", "a block's statements go on their own lines",
      (5, 7)),
-    # the list names what may follow a condition anywhere (LALR shares the state: 'else' belongs to a
-    # state list's `if COND else`); '{' and refuse are what a rule takes
-    ("optimizer X\nrule ndim > 1\n{\np -= g\n}\n", "'{', or, refuse", (2, 14)),
+    # LALR shares a condition's state: the list names what follows a rule's ('{' and refuse), not the
+    # 'else' of a state list's `if COND else`, and that one's else, not refuse
+    ("optimizer X\nrule ndim > 1\n{\np -= g\n}\n", "expected one of: and, '{', or, refuse", (2, 14)),
+    ("optimizer X\nrule ndim >= 3 {\nstate Q[a]: axis(a) if a > 1 gram(a)\np -= g\n}\n", "else", (3, 30)),
 ])
 def test_block_syntax_errors_say_what_to_do(src, message, where):
     with pytest.raises(optdsl.SpecError) as err:
