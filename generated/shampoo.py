@@ -1004,7 +1004,10 @@ def _negated(grads):
 
 def _eye_like(a):
     # the identity of the matrix state a, placed as a is: a DTensor state (a sharded parameter's)
-    # takes its part of the identity, without communication
+    # takes its part of the identity, without communication; a diagonal factor's (a state list's,
+    # 1-D: optdsl/axes.py) is ones
+    if a.dim() == 1:
+        return torch.ones_like(a)
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     if _is_sharded(a):
         return torch.distributed.tensor.distribute_tensor(eye, a.device_mesh, a.placements, src_data_rank=None)

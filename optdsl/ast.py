@@ -116,6 +116,7 @@ class State:
     key: str | None = None  # `as KEY`: its key in state_dict()
     key_span: Span | None = None
     eager: bool = False     # made when the optimizer is, not at the parameter's first update
+    diag: Expr | None = None  # a `factor(K)` state's condition for its diagonal kind (optdsl/axes.py)
 
 
 @dataclass(frozen=True)

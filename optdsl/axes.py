@@ -2,38 +2,41 @@
 parser and everything else (nothing after it sees a list, a loop or an index).
 
 A rule that declares `state Q[a]: axis(a) if COND else gram(a) = INIT` keeps one factor per axis a of p:
-an `axis(K)` state (a diagonal factor, its diagonal) where COND holds for axis K, else a `gram(K)` one
-(a d[K] x d[K] matrix). COND reads `d[a]` (axis a's size), `a`, `ndim`, the hyperparameters, and
-`count(b, C)` (how many axes b meet C). `for axis a { ... }` runs its statements once per axis, in order.
+a diagonal one (its diagonal, d[K] numbers) where COND holds for axis K, else a d[K] x d[K] matrix. COND reads
+`d[a]` (axis a's size), `a`, `ndim`, the hyperparameters, and `count(b, C)` (how many axes b meet C).
+`for axis a { ... }` runs its statements once per axis, in order.
 
-The rule becomes one ordinary rule per rank (1 to MAX_RANK) and per choice of kinds along the axes (2^rank),
-each guarded by `ndim == n` and COND (or its negation) per axis, with `Q[a]` read as the state `QK`. Inside
-the loop the matrix work of a factor is written once, for the triangular kind; on a diagonal axis it is
-read on the diagonal (the TABLE below): the factor is the diagonal of a diagonal matrix, which these
-operations keep diagonal. A name first assigned inside the loop belongs to its round (`G` is `G_K`).
-Ranks past MAX_RANK are refused by a rule of their own, saying so.
+The rule becomes one ordinary rule per rank (1 to MAX_RANK), guarded by `ndim == n`, with `Q[a]` read as the
+state `QK` of kind `factor(K)`: which of the two kinds it is, is decided per parameter when the state is
+made, by COND (ir.State.diag), and the state keeps it (a diagonal factor is 1-D, a matrix 2-D). Inside the
+loop the matrix work of a factor is written once, for the matrix kind; each operation on a factor-like
+value (the factor, or a value made from it or from gram_axis) is its kind-generic form (the TABLE below,
+optdsl/functions.py's factor_* rows): on a diagonal factor, the diagonal of the same work on a diagonal
+matrix, which these operations keep diagonal. A name first assigned inside the loop belongs to its round
+(`G` is `G_K`). Ranks past MAX_RANK are refused by a rule of their own, saying so. Code grows linearly
+with the rank: one rule per rank, not per mix of kinds.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import replace
 
 from . import ast, ir
 from .errors import SpecError
 from .functions import TABLE as FUNCTIONS
 
-MAX_RANK = 4
+MAX_RANK = 8  # as ir.AXIS_SIZES names d[0] .. d[7]
 SIZE = "d"  # `d[a]`: the size of axis a, in a state list's kind condition
 
-# How the loop's matrix work reads on a diagonal axis, where `F` is factor-like (the factor, or a value
-# made from it or from gram_axis): each keeps a diagonal matrix diagonal, and is its diagonal's arithmetic.
+# The loop's work on a factor-like value `F` (the factor, or a value made from it or from gram_axis), as the
+# rule writes it -> its kind-generic form, and what that is on a diagonal factor (the diagonal of the work on
+# a diagonal matrix, which each keeps diagonal); on a matrix factor each is the work as written.
 TABLE = {
-    "mm_axis(F, x, a)": "F * x",
-    "rsolve_triu_axis(x, F, a)": "x / F",
-    "gram_axis(x, a)": "axis_sum(x^2, a)  (the Gram matrix's diagonal)",
-    "T(F), triu(F)": "F",
-    "mm(F, G)": "F * G",
-    "norm_lb(F)": "amax(abs(F))  (a diagonal matrix's norm)",
+    "mm_axis(F, x, a)": ("mm_axis(F, x, a)", "F * x along axis a"),
+    "rsolve_triu_axis(x, F, a)": ("rsolve_triu_axis(x, F, a)", "x / F along axis a"),
+    "gram_axis(x, a)": ("factor_gram(x, Q[a], a)", "axis_sum(x^2, a)  (the Gram matrix's diagonal)"),
+    "T(F), triu(F)": ("factor_T(F), factor_triu(F)", "F"),
+    "mm(F, G)": ("factor_mm(F, G)", "F * G"),
+    "norm_lb(F)": ("factor_norm_lb(F)", "amax(abs(F))  (a diagonal matrix's norm)"),
 }
 
 
@@ -105,30 +108,25 @@ def _expand(rule: ast.Rule, spec: ast.Spec) -> list[ast.Rule]:
     for n in range(1, MAX_RANK + 1):
         if rule.cond is not None and _const(rule.cond, {"ndim": n}) == 0:
             continue
-        for diag in itertools.product((False, True), repeat=n):
-            kinds = [_kind_cond(lst, k, n, d) for k, d in enumerate(diag)]
-            cond = _cmp("==", ast.Name("ndim", lst.span), n, lst.span)
-            for c in kinds:
-                cond = ast.BinOp("and", cond, c, lst.span)
-            if rule.cond is not None:
-                cond = ast.BinOp("and", rule.cond, cond, rule.span)
-            states = []
-            for k, d in enumerate(diag):
-                kind = "axis" if d else "gram"
-                if f"{lst.name}{k}" in taken:
-                    raise SpecError(f"the state list '{lst.name}' makes a state '{lst.name}{k}', a name the spec "
-                                    "already gives", lst.span, hint="rename one of them")
-                init = None if lst.init is None else _subst(lst.init, {"ndim": n}, eye=None if d else "eye")
-                states.append(ast.State(f"{lst.name}{k}", init, lst.span, shape=f"{kind}({k})", shape_span=lst.span,
-                                        key=lst.key and f"{lst.key}{k}"))
-            body = _Unroll(lst, n, diag, taken | {s.name for s in states}).body(rule.body)
-            fixed = f"ndim == {n}: " + ", ".join(f"{s.name} {s.shape}" for s in states)
-            out.append(replace(rule, cond=cond, states=others + tuple(states), body=body, unrolled=(rule.cond, fixed)))
+        cond = _cmp("==", ast.Name("ndim", lst.span), n, lst.span)
+        if rule.cond is not None:
+            cond = ast.BinOp("and", rule.cond, cond, rule.span)
+        states = []
+        for k in range(n):
+            if f"{lst.name}{k}" in taken:
+                raise SpecError(f"the state list '{lst.name}' makes a state '{lst.name}{k}', a name the spec "
+                                "already gives", lst.span, hint="rename one of them")
+            init = None if lst.init is None else _subst(lst.init, {"ndim": n}, eye="eye")
+            states.append(ast.State(f"{lst.name}{k}", init, lst.span, shape=f"factor({k})", shape_span=lst.span,
+                                    key=lst.key and f"{lst.key}{k}", diag=_kind_cond(lst, k, n, True)))
+        body = _Unroll(lst, n, taken | {s.name for s in states}).body(rule.body)
+        fixed = f"ndim == {n}: " + ", ".join(f"{s.name} {s.shape}" for s in states)
+        out.append(replace(rule, cond=cond, states=others + tuple(states), body=body, unrolled=(rule.cond, fixed)))
     past = _cmp(">", ast.Name("ndim", lst.span), MAX_RANK, lst.span)
     if rule.cond is None or _const(rule.cond, {"ndim": MAX_RANK + 1}) != 0:
         out.append(ast.Rule(past if rule.cond is None else ast.BinOp("and", rule.cond, past, rule.span), (), (),
                             rule.span, refuse=f"its state list '{lst.name}[{lst.var}]' is unrolled for ranks 1 to "
-                            f"{MAX_RANK} (one rule per rank and choice of kinds along the axes, optdsl/axes.py)"))
+                            f"{MAX_RANK} (one rule per rank, optdsl/axes.py MAX_RANK)"))
     return out
 
 
@@ -230,11 +228,10 @@ def _subst(e, names: dict, eye=None):
 
 
 class _Unroll:
-    """A rule's body for one rank and choice of kinds: loops unrolled, factors named, diagonal work read
-    on the diagonal (TABLE)."""
+    """A rule's body for one rank: loops unrolled, factors named, their work written kind-generic (TABLE)."""
 
-    def __init__(self, lst, n, diag, taken):
-        self.lst, self.n, self.diag, self.taken = lst, n, diag, taken
+    def __init__(self, lst, n, taken):
+        self.lst, self.n, self.taken = lst, n, taken
         # names assigned before (or outside) a loop, and the built-ins: shared by its rounds
         self.known = set(taken) | set(ir.BUILTINS) | set(ir.SHAPE_BUILTINS)
 
@@ -304,20 +301,19 @@ class _Unroll:
             return replace(e, left=a, right=b), fa or fb
         args = [self.expr(a, axis) for a in e.args]
         vals, facs = [a for a, _ in args], [f for _, f in args]
-        diag = axis is not None and self.diag[axis]
+        loop = axis is not None
         f, s = e.func, e.span
-        if diag and f == "mm_axis" and len(vals) == 3 and facs[0]:
-            return ast.BinOp("*", vals[0], vals[1], s), False
-        if diag and f == "rsolve_triu_axis" and len(vals) == 3 and facs[1]:
-            return ast.BinOp("/", vals[0], vals[1], s), False
-        if diag and f == "gram_axis" and len(vals) == 2:
-            return ast.Call("axis_sum", (ast.BinOp("^", vals[0], ast.Num(2.0, s), s), vals[1]), s, e.func_span), True
-        if diag and f in ("T", "triu") and len(vals) == 1 and facs[0]:
-            return vals[0], True
-        if diag and f == "mm" and len(vals) == 2 and all(facs):
-            return ast.BinOp("*", vals[0], vals[1], s), True
-        if diag and f == "norm_lb" and len(vals) == 1 and facs[0]:
-            return ast.Call("amax", (ast.Call("abs", (vals[0],), s, e.func_span),), s, e.func_span), False
+
+        def call(name, args):
+            return ast.Call(name, tuple(args), s, e.func_span)
+        if loop and f == "gram_axis" and len(vals) == 2 and isinstance(e.args[1], ast.Name) and e.args[1].id == self.lst.var:
+            return call("factor_gram", (vals[0], ast.Name(f"{self.lst.name}{axis}", s), vals[1])), True
+        if loop and f in ("T", "triu") and len(vals) == 1 and facs[0]:
+            return call(f"factor_{f}", vals), True
+        if loop and f == "mm" and len(vals) == 2 and all(facs):
+            return call("factor_mm", vals), True
+        if loop and f == "norm_lb" and len(vals) == 1 and facs[0]:
+            return call("factor_norm_lb", vals), False
         row = FUNCTIONS.get(f)
         factor = f in ("gram_axis", "T", "triu", "mm") or (
             any(facs) and row is not None and not row.reduction and f not in ("mm_axis", "rsolve_triu_axis"))

@@ -75,9 +75,12 @@ def _cost(prog: ir.Program, plan) -> list[Property]:
     n_states = len(full)
     # a matrix state with its size per matrix of p: GaLore's P (rank x ncols), Shampoo's L (nrows x nrows)
     square = {"gram_rows": ("nrows", "nrows"), "gram_cols": ("ncols", "ncols")}
-    square |= {s.shape: ((f"d[{k}]",) * 2 if form == "gram" else (f"d[{k}]", "1")) for s in prog.states
+    square |= {s.shape: ((f"d[{k}]",) * 2 if form != "axis" else (f"d[{k}]", "1")) for s in prog.states
                if (axis := ir.axis_kind(s.shape)) for form, k in [axis]}  # per axis K of p (d[K]: its size)
-    others = [s.name + (" ({} x {})".format(*(ir.matrix_dims(s.shape) or square[s.shape])) if ir.is_matrix(s.shape) else "")
+    # a state list's factor: the matrix, or its diagonal where the parameter makes it diagonal
+    others = [s.name + (" ({} x {}{})".format(*(ir.matrix_dims(s.shape) or square[s.shape]),
+                                             f", or d[{ir.axis_kind(s.shape)[1]}] diagonal" if s.diag is not None else "")
+                        if ir.is_matrix(s.shape) else "")
               for s in prog.states if s.name not in full]
     return [
         Property("state memory per element", f"{n_states} x {FLOAT32} B = {n_states * FLOAT32} B (float32)"

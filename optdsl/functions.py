@@ -252,6 +252,29 @@ class axis_sum(_Opaque):  # x summed over every axis but k, kept with size 1 (it
     nargs = 2
 
 
+# The work of a state list's loop on a factor (optdsl/axes.py): a d_k x d_k matrix or its diagonal (d_k,),
+# its kind decided per parameter when the state is made; each is its matrix form's on a diagonal matrix
+class factor_T(_Opaque):  # T(F): a diagonal factor is its own transpose
+    nargs = 1
+
+
+class factor_triu(_Opaque):  # triu(F): a diagonal factor is its own upper triangle
+    nargs = 1
+
+
+class factor_mm(_Opaque):  # mm(F, G) of two factors of one kind: the diagonals' product where diagonal
+    nargs = 2
+
+
+class factor_norm_lb(_Opaque):  # norm_lb(F): a diagonal matrix's norm is amax(abs(F))
+    nargs = 1
+    is_nonnegative = True
+
+
+class factor_gram(_Opaque):  # gram_axis(x, k) of F's kind: its diagonal, axis_sum(x^2, k), where F is diagonal
+    nargs = 3
+
+
 def _minmax(func):
     """SymPy's Min/Max, left unevaluated where SymPy cannot order constant arguments."""
     def build(*args):
@@ -427,6 +450,13 @@ TABLE: dict[str, Function] = {f.name: f for f in [
       scalars=1),
     F("gram_axis", 2, gram_axis, "_gram_axis({0}, {1})", "({0}) ** 2", matrix=True, scalars=1),
     F("axis_sum", 2, axis_sum, "_axis_sum({0}, {1})", "{0}", matrix=True, scalars=1),
+    # ... of a factor of either kind (a state list's loop writes them for T, triu, mm, norm_lb and gram_axis
+    # of its factors, optdsl/axes.py): mm_axis and rsolve_triu_axis take either kind as they are
+    F("factor_T", 1, factor_T, "_factor_T({0})", "{0}", matrix=True, cheap=True),
+    F("factor_triu", 1, factor_triu, "_factor_triu({0})", "{0}", matrix=True, cheap=True),
+    F("factor_mm", 2, factor_mm, "_factor_mm({0}, {1})", "({0}) * ({1})", matrix=True),
+    F("factor_norm_lb", 1, factor_norm_lb, "_factor_norm_lb({0})", "abs({0})", matrix=True),
+    F("factor_gram", 3, factor_gram, "_factor_gram({0}, {1}, {2})", "({0}) ** 2", matrix=True, scalars=1),
     # ---- random draws shaped like p, from the optimizer's own generator (saved in state_dict()) ----
     # `randn()` takes no argument in the spec; lowering makes it randn(p, k). Per tensor, a generator
     # keyed by (the step's seed, the tensor's index, k): the for-loop and multi-tensor paths draw the
@@ -452,9 +482,10 @@ COMPARISONS |= {op: F(name, 2, cls, f"torch.logical_{op}({{0}} != 0, {{1}} != 0)
 OPAQUE_CLASSES = (lerp, where, sigmoid, softplus, bfloat16, lt, le, gt, ge, eq, ne, land, lor, row_mean, col_mean, row_sum, col_sum,
                   row_max, col_max, unit_mean, unit_norm, mm, T, inv_root, eigvecs, qr, sortperm, svd_u, svd_vh,
                   triu, rsolve_triu, norm_lb, mm_axis, rsolve_triu_axis, gram_axis, axis_sum,
+                  factor_T, factor_triu, factor_mm, factor_norm_lb, factor_gram,
                   randn, rand)
 # the functions along an axis: their last argument is the axis, a whole number (0 the first axis)
-AXIS_FUNCTIONS = ("mm_axis", "rsolve_triu_axis", "gram_axis", "axis_sum")
+AXIS_FUNCTIONS = ("mm_axis", "rsolve_triu_axis", "gram_axis", "axis_sum", "factor_gram")
 # Sums over the axes but one (run in torch's code, not the kernels' axis reductions): of a DTensor split
 # along a summed axis each rank's part, which the torch paths make whole as a row or column sum's
 # (Instr.whole: one all-reduce per stage); gram_axis's rules keep gram(K) states, stepped on owners

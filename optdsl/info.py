@@ -5,7 +5,8 @@ The rule a parameter of that shape takes is decided by the generated code's own 
 declared shape: like p, scalar, one per row or one per column, or an n x n or m x m matrix
 per matrix (gram_rows, gram_cols), or an A x B one (`matrix(nrows, rank)`, its hyperparameter sizes at
 their defaults, at most the matrix's smaller side), or per axis K of p: a d_K x d_K matrix (gram(K)) or
-d_K numbers (axis(K)) for the whole tensor.
+d_K numbers (axis(K)) for the whole tensor, or a state list's factor(K), either of the two as its condition
+decides for this shape at the hyperparameters' defaults (shown "factor(K) diagonal" or "factor(K) matrix").
 """
 from __future__ import annotations
 
@@ -26,12 +27,13 @@ for _code in ieee.HELPERS.values():  # a rule's condition computes in IEEE 754 (
 _HOST_NAMES["_machine_eps"] = lambda value, params: torch.finfo(params[0].dtype).eps if value is None else value
 
 
-def state_numel(kind: str, shape: tuple[int, ...], sizes: dict | None = None) -> int:
+def state_numel(kind: str, shape: tuple[int, ...], sizes: dict | None = None, diag: bool = False) -> int:
     """How many numbers a state of this kind holds for a parameter of this shape; `sizes` gives the
-    hyperparameters a `matrix(A, B)` state's sizes name (GaLore's rank), each at most min(nrows, ncols)."""
+    hyperparameters a `matrix(A, B)` state's sizes name (GaLore's rank), each at most min(nrows, ncols);
+    `diag`: a factor(K) state made diagonal for this parameter."""
     axis = ir.axis_kind(kind)
-    if axis is not None:  # gram(K): d_K x d_K for the tensor; axis(K): d_K
-        return shape[axis[1]] ** (2 if axis[0] == "gram" else 1)
+    if axis is not None:  # gram(K): d_K x d_K for the tensor; axis(K): d_K; factor(K): either
+        return shape[axis[1]] ** (1 if axis[0] == "axis" or (axis[0] == "factor" and diag) else 2)
     dims = ir.matrix_dims(kind)
     if dims is not None:  # an A x B matrix per matrix of p (its rules take rank >= 2)
         n, m = shape[-2], shape[-1]
@@ -50,12 +52,14 @@ def state_numel(kind: str, shape: tuple[int, ...], sizes: dict | None = None) ->
     return math.prod(shape)
 
 
-def state_shape(kind: str, shape: tuple[int, ...], sizes: dict | None = None) -> tuple[int, ...]:
+def state_shape(kind: str, shape: tuple[int, ...], sizes: dict | None = None, diag: bool = False) -> tuple[int, ...]:
     """The shape of a state of this kind for a parameter of this shape (optdsl/backends/printers.py's
-    STATE_SHAPE_CODE; `sizes` as state_numel's)."""
+    STATE_SHAPE_CODE; `sizes` and `diag` as state_numel's)."""
     axis = ir.axis_kind(kind)
     if axis is not None:
         form, k = axis
+        if form == "factor":  # a state list's: its diagonal (d_K,) or the d_K x d_K matrix
+            return shape[k:k + 1] * (1 if diag else 2)
         return shape[k:k + 1] * 2 if form == "gram" else (1,) * k + shape[k:k + 1] + (1,) * (len(shape) - k - 1)
     dims = ir.matrix_dims(kind)
     if dims is not None:
@@ -107,16 +111,16 @@ class Memory:
 
 def memory(compiled: Compiled, shape: tuple[int, ...]) -> Memory:
     program, rule = compiled.program, ""
+    p = torch.empty(shape, device="meta")
+    hypers = {h.name: h for h in program.hypers}  # the group as the class holds it, under its keywords
+    def value(name):  # a named choice as the group holds it: its text, the first choice
+        h = hypers[name]
+        return h.choices[0] if h.choices else h.default
+    group = {h.name: value(h.name) for h in program.hypers} | {
+        k.name: tuple(map(value, k.members)) if k.is_tuple else value(k.members[0]) for k in program.keywords}
+    def holds(code):
+        return code is None or eval(code, {**_HOST_NAMES, "p": p, "group": group})  # noqa: S307 - our own code
     if compiled.rules:
-        p = torch.empty(shape, device="meta")
-        hypers = {h.name: h for h in program.hypers}  # the group as the class holds it, under its keywords
-        def value(name):  # a named choice as the group holds it: its text, the first choice
-            h = hypers[name]
-            return h.choices[0] if h.choices else h.default
-        group = {h.name: value(h.name) for h in program.hypers} | {
-            k.name: tuple(map(value, k.members)) if k.is_tuple else value(k.members[0]) for k in program.keywords}
-        def holds(code):
-            return code is None or eval(code, {**_HOST_NAMES, "p": p, "group": group})  # noqa: S307 - our own code
 
         def refuse(i):  # a refusing rule before rule i (or after the last) that takes p
             for before, code, why, cond, _ in compiled.refusals:
@@ -131,8 +135,18 @@ def memory(compiled: Compiled, shape: tuple[int, ...]) -> Memory:
             refuse(len(compiled.rules))
             raise ValueError(f"no rule of {program.name} takes a parameter of shape {shape}")
     sizes = {h.name: h.default for h in program.hypers}
-    states = tuple((s.saved_as, s.shape, state_numel(s.shape, shape, sizes)) for s in program.states)
-    return Memory(tuple(shape), rule, states, tuple(state_shape(s.shape, tuple(shape), sizes) for s in program.states))
+    from .backends.torch import condition_code  # a factor's kind: the class's own condition, at the defaults
+    diag = {s.name: bool(holds(condition_code(s.diag, program))) for s in program.states if s.diag is not None}
+    states = tuple((s.saved_as, _kind(s.shape, diag.get(s.name)), state_numel(s.shape, shape, sizes, diag.get(s.name, False)))
+                   for s in program.states)
+    return Memory(tuple(shape), rule, states, tuple(state_shape(s.shape, tuple(shape), sizes, diag.get(s.name, False))
+                                                    for s in program.states))
+
+
+def _kind(kind: str, diag: bool | None) -> str:
+    """A state's kind as info shows it: a factor(K) as the kind it takes for this parameter (a diagonal
+    d_K, or a d_K x d_K matrix)."""
+    return kind if diag is None else f"{kind} {'diagonal' if diag else 'matrix'}"
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -173,9 +187,9 @@ def report(compiled: Compiled, shape: tuple[int, ...], shards: int = 1) -> str:
                      "shard needs)")
     lines.append(f"  (int8/int4: codes plus one float32 scale per {quant.BLOCK['int8']} / {quant.BLOCK['int4']} numbers; "
                  f"states under {quant.MIN_NUMEL} numbers stay float32)")
-    matrices = [name for name, kind, _ in m.states if ir.needs_whole(kind)]
+    matrices = [name for name, kind, _ in m.states if ir.needs_whole(kind.split(" ")[0]) and not kind.endswith("diagonal")]
     if matrices:  # what quant.MATRIX_WHY says of them, and which are large enough to be quantised
-        big = [name for name, kind, n in m.states if ir.needs_whole(kind) and n >= quant.MIN_NUMEL]
+        big = [name for name, kind, n in m.states if ir.needs_whole(kind.split(" ")[0]) and not kind.endswith("diagonal") and n >= quant.MIN_NUMEL]
         lines.append(f"  (matrix states {', '.join(matrices)}: at int8/int4 quantised as the other states"
                      + ("" if big == matrices else f", here {', '.join(big) or 'none'} (the others under {quant.MIN_NUMEL} numbers)")
                      + f"; {quant.MATRIX_WHY})")

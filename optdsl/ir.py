@@ -56,11 +56,13 @@ def matrix_dims(kind: str) -> tuple[str, str] | None:
 # Per-axis states, one per tensor whatever its rank: `gram(K)` a d_K x d_K matrix, d_K the size of
 # axis K; `axis(K)` one value per index of axis K (p's shape with every other axis of size 1).
 # PSGD-Kron's triangular and diagonal factors of a tensor of rank 3. As text, "gram(K)", "axis(K)".
-_AXIS = re.compile(r"(gram|axis)\((\d+)\)")
+# `factor(K)` (a state list's factor, optdsl/axes.py): a d_K x d_K matrix or its diagonal (d_K,), which of
+# the two decided per parameter when the state is made (State.diag); checked as the matrix it stands for.
+_AXIS = re.compile(r"(gram|axis|factor)\((\d+)\)")
 
 
 def axis_kind(kind: str) -> tuple[str, int] | None:
-    """("gram" or "axis", K) of a per-axis state's kind, None for any other kind."""
+    """("gram", "axis" or "factor", K) of a per-axis state's kind, None for any other kind."""
     m = _AXIS.fullmatch(kind)
     return (m[1], int(m[2])) if m else None
 
@@ -75,7 +77,7 @@ def needs_whole(kind: str) -> bool:
     """Whether a state of this kind needs the whole tensor to step (a sharded parameter steps whole on an
     owner rank): a matrix per matrix of p or a `gram(K)`; an `axis(K)` state is a reduction of p's
     shape, split as p along axis K (as rows/cols states), its axis sums partial over a split axis."""
-    return is_matrix(kind) and (axis_kind(kind) or ("gram",))[0] == "gram"
+    return is_matrix(kind) and (axis_kind(kind) or ("gram",))[0] != "axis"
 
 
 def state_shape(kind: str):
@@ -189,6 +191,9 @@ class State:
     fed: bool = False    # an `input`: a scalar the training loop sets, read-only in the spec
     key: str | None = None  # its key in state_dict() when not its name (exp_avg for m)
     eager: bool = False     # made when the optimizer is (torch.optim.Adagrad's sum), not lazily
+    # a `factor(K)` state: the condition (over d[k], ndim and the hyperparameters) under which it is made
+    # diagonal, its shape (d_K,), else a d_K x d_K matrix; its kind is then its number of axes
+    diag: Expr | None = None
 
     @property
     def saved_as(self) -> str:

@@ -136,8 +136,8 @@ def _check_declarations(spec: ast.Spec) -> None:
         seen[name] = kind
     hyper_names = {h.name for h in spec.hypers}
     for st in spec.states:
-        if ir.axis_kind(st.shape) is not None:  # gram(K), axis(K): K a whole number (the grammar's NUMBER)
-            continue
+        if ir.axis_kind(st.shape) is not None and (ir.axis_kind(st.shape)[0] != "factor" or st.diag is not None):
+            continue  # gram(K), axis(K): K a whole number (the grammar's NUMBER); factor(K) a state list's only
         dims = ir.matrix_dims(st.shape)
         if dims is not None or st.shape.startswith("matrix("):
             bad = [d for d in dims or () if d not in ir.MATRIX_SIZES and d not in hyper_names]
@@ -565,10 +565,12 @@ class _Lowering:
         init_names = {"p"} | self.hypers
         for s in spec.states:
             square = (s.shape in ir.MATRIX_STATES or len(set(ir.matrix_dims(s.shape) or ())) == 1
-                      or (ir.axis_kind(s.shape) or ("",))[0] == "gram")
+                      or (ir.axis_kind(s.shape) or ("",))[0] in ("gram", "factor"))
             allowed = init_names | ({ir.EYE} if square else set())
             init = self.expr(s.init, allowed=allowed) if s.init is not None else None
-            states.append(ir.State(s.name, init, s.span, s.shape, s.name in self.fed, key=s.key, eager=s.eager))
+            diag = rule_condition(s.diag, spec) if s.diag is not None else None  # a factor's kind (optdsl/axes.py)
+            states.append(ir.State(s.name, init, s.span, s.shape, s.name in self.fed, key=s.key, eager=s.eager,
+                                   diag=diag))
         self.read -= self.states  # reading p in an initial value does not use a state
         self.read |= self.group_reads
         for a in spec.body:

@@ -20,6 +20,8 @@ is refused here: those are checked by torch at step.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from . import ir
 from .errors import SpecError
 from .functions import AXIS_FUNCTIONS, TABLE
@@ -70,8 +72,17 @@ def shape_of(e: ir.Expr, env: dict) -> tuple | None:
     return _op_shape(e, [shape_of(a, env) for a in e.args])
 
 
+# A state list's factor work (optdsl/axes.py) is checked as the matrix work it stands for: a diagonal
+# factor is a diagonal d[K] x d[K] matrix, kept as its diagonal
+_FACTOR = {"factor_T": "T", "factor_triu": "triu", "factor_mm": "mm", "factor_norm_lb": "norm_lb"}
+
+
 def _op_shape(e: ir.Op, args: list) -> tuple | None:
     """The shape of e's result from its operands' shapes (see shape_of)."""
+    if e.op in _FACTOR:
+        e = replace(e, op=_FACTOR[e.op])
+    if e.op == "factor_gram":
+        e, args = replace(e, op="gram_axis", args=(e.args[0], e.args[2])), [args[0], args[2]]
     if e.op == ir.LOOP:  # a kept loop's carried value where a round starts: its value on entry
         return args[3]
     if e.op == ir.LOOP_END:  # after the loop: a round must end with the shape it started from
@@ -159,8 +170,8 @@ def _declared(kind: str) -> tuple | None:
     """A state's shape as its declaration says: a `matrix(A, B)` one (A, B), sizes as names; a
     `gram(K)` one (d[K], d[K]); an `axis(K)` one is known only at step (it depends on p's rank)."""
     axis = ir.axis_kind(kind)
-    if axis is not None:
-        return (axis_size(axis[1]),) * 2 if axis[0] == "gram" else UNKNOWN
+    if axis is not None:  # a factor(K) (a state list's) as the d[K] x d[K] matrix it stands for, diagonal or not
+        return (axis_size(axis[1]),) * 2 if axis[0] != "axis" else UNKNOWN
     return ir.matrix_dims(kind) or _DECLARED.get(kind, (R, C))
 
 
@@ -258,8 +269,9 @@ def decided_at_step(prog: ir.Program) -> list[ir.Eqn]:
 def _may_not_fit(op: str, args: list) -> bool:
     if UNKNOWN not in args:
         return False
+    op = _FACTOR.get(op, op)
     row = TABLE.get(op)
-    if op == "T" or op in (ir.LOOP, ir.LOOP_END) or (row is not None and (row.reduction or row.axis)):
+    if op in ("T", "factor_gram") or op in (ir.LOOP, ir.LOOP_END) or (row is not None and (row.reduction or row.axis)):
         return False  # works on any matrix
     if op == "where" and args[0] == ():
         return False  # a host condition picks a branch; nothing is combined

@@ -795,7 +795,7 @@ def test_fused_low_bit_resumes_bit_exact_and_skips_small_tensors():
             assert torch.equal(opt.state[p][key], again.state[q][key]), key
 
 
-# Kron's rank-3 rules keep per-axis states: gram(K) (d[K] x d[K]) and axis(K) (d[K] values along axis K).
+# Kron's rank-3 rule keeps per-axis factors (factor(K)): d[K] x d[K], or diagonal (its d[K] values, 1-D).
 # They follow the rule of every float state: stored at low bit when they hold MIN_NUMEL numbers or more
 # (a gram(0) of a (70, 2, 30) tensor: 4900; an axis(0) of a (4100, 2, 1) one: 4100), float32 below
 # (gram(1), gram(2), axis(1), axis(2) here), as rows/cols and gram_rows/gram_cols states are.
@@ -806,10 +806,10 @@ PATHS3 = {**PATHS, "fused": dict(fused=True)}  # fused: these rules run the fore
 
 def _rank3_float_shapes(shape, diagonal=False):
     """The float shape of each per-axis state of a rank-3 parameter of `shape`, by its saved name: Q{k} a
-    triangular factor (n x n), or diagonal (n values along axis k) for all_diag and a side of 1."""
+    triangular factor (n x n), or diagonal (its n values, 1-D) for all_diag and a side of 1."""
     out = {"momentum_buffer": tuple(shape)}
     for k, n in enumerate(shape):
-        out[f"Q{k}"] = tuple(n if j == k else 1 for j in range(3)) if diagonal or n == 1 else (n, n)
+        out[f"Q{k}"] = (n,) if diagonal or n == 1 else (n, n)  # a diagonal factor: its diagonal
     return out
 
 

@@ -399,26 +399,28 @@ def _refusal_line(prefix):
 
 
 def test_what_the_spec_does_not_write_is_refused():
-    """Tensors of rank 5 or more are refused by the rule the state list's unrolling adds after its rules
-    (optdsl/axes.py writes ranks 1 to 4), when they are given to the optimizer, at construction or by
+    """Tensors of rank 9 or more are refused by the rule the state list's unrolling adds after its rules
+    (optdsl/axes.py writes ranks 1 to 8), when they are given to the optimizer, at construction or by
     add_param_group (the group left out): a ValueError saying why and where, never another optimizer's
-    step. Rank 3 with mixed factors and rank 4 (refused before the state list) are taken. min_ndim_triangular
+    step. Rank 3 with mixed factors, rank 4 and rank 5 and 8 (refused before the state list was made
+    of per-rank rules with kinds decided per parameter) are taken. min_ndim_triangular
     below 2 (a triangular factor for a vector) and an unknown memory_save_mode are ValueErrors naming what
     is accepted."""
     Kron = _Kron()
     loop = _refusal_line("rule ndim >= 3 {")
-    for shape, kw in [((2, 1, 1, 3, 1), dict(memory_save_mode="all_diag")), ((3, 5, 7, 2, 2), {})]:
+    for shape, kw in [((2, 1, 1, 3, 1, 1, 1, 2, 1), dict(memory_save_mode="all_diag")), ((3, 1, 2, 1, 2, 1, 1, 1, 2), {})]:
         with pytest.raises(ValueError, match=re.escape(f"Kron refuses a parameter of shape {shape}: its state list "
-                                                       "'Q[a]' is unrolled for ranks 1 to 4")) as err:
+                                                       "'Q[a]' is unrolled for ranks 1 to 8")) as err:
             Kron([torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(shape))], **kw)
-        assert str(err.value).endswith(f"({SPECS / 'kron.opt'}:{loop}: rule ndim >= 3 and ndim > 4 refuse)"), str(err.value)
-    for shape, kw in [((2, 3, 4), dict(memory_save_mode="one_diag")), ((3, 5, 4), dict(memory_save_mode="smart_one_diag")),
+        assert str(err.value).endswith(f"({SPECS / 'kron.opt'}:{loop}: rule ndim >= 3 and ndim > 8 refuse)"), str(err.value)
+    for shape, kw in [((2, 3, 1, 2, 2), {}), ((1, 2, 1, 2, 1, 1, 2, 1), dict(memory_save_mode="one_diag")),
+                      ((2, 3, 4), dict(memory_save_mode="one_diag")), ((3, 5, 4), dict(memory_save_mode="smart_one_diag")),
                       ((3, 5, 4), dict(max_size_triangular=4)), ((8, 3, 3, 3), {}), ((2, 2, 2, 2), dict(memory_save_mode="one_diag"))]:
         Kron([torch.nn.Parameter(torch.randn(shape))], **kw)  # taken
     p = torch.nn.Parameter(torch.randn(4, 4))
     opt = Kron([p])
-    with pytest.raises(ValueError, match=r"Kron refuses a parameter of shape \(2, 2, 2, 2, 2\)"):
-        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2, 2, 2, 2, 2))], "lr": 0.1})
+    with pytest.raises(ValueError, match=r"Kron refuses a parameter of shape \(1, 1, 1, 1, 1, 1, 1, 1, 2\)"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(1, 1, 1, 1, 1, 1, 1, 1, 2))], "lr": 0.1})
     assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == [p]  # the refused group left out
     p.grad = torch.randn(4, 4)
     opt.step()  # and the optimizer goes on
@@ -529,6 +531,29 @@ def test_kron_rank4_matches_pytorch_optimizer(case, monkeypatch, float64_default
     assert sorted(pair.updates) == list(range(len(shapes)))
 
 
+# Rank 5 and 6 (a Conv3d weight (out, in, kt, kh, kw) among them), refused while the rules were unrolled per mix
+# of kinds (2^rank rules per rank): now one rule per rank, each factor's kind decided when it is made
+R5 = [(3, 2, 2, 1, 3), (2, 3, 1, 2, 2, 2), (4, 3, 2)]
+RANK5 = {
+    "default": (dict(), R5),
+    "one_diag": (dict(memory_save_mode="one_diag", momentum=0.5), R5 + [(2, 3, 3, 1, 2)]),  # a tie: the last largest
+    "smart_one_diag": (dict(memory_save_mode="smart_one_diag", weight_decay=0.1, weight_decouple=False, lr=0.01), R5),
+    "max-size-2": (dict(max_size_triangular=2, precondition_lr=0.3, weight_decay=0.05), R5),
+    "min-ndim-6": (dict(min_ndim_triangular=6, lr=0.01), R5),    # rank 6 triangular, rank 5 and 3 diagonal
+    "all_diag": (dict(memory_save_mode="all_diag", momentum_into_precondition_update=False), R5),
+}
+
+
+@pytest.mark.parametrize("case", list(RANK5))
+def test_kron_rank5_and_6_match_pytorch_optimizer(case, monkeypatch, float64_default):
+    """Rank 5 and 6 against the reference (its einsums take any rank), for-loop and foreach, float64 to 1e-12
+    relative, 5 steps, each setting mixing the kinds differently."""
+    kw, shapes = RANK5[case]
+    pair = _Injected(_Kron(), monkeypatch, torch.float64, kw)
+    run_pair(pair.ours, pair.ref, shapes, torch.float64, 5, seed=zlib.crc32(case.encode()), tol=1e-12)
+    assert sorted(pair.updates) == list(range(len(shapes)))
+
+
 @pytest.mark.parametrize("case", ["default", "all_diag"] + (["one_diag"] if SLOW else []))
 def test_kron_rank3_fused_matches_pytorch_optimizer(case, monkeypatch, float64_default):
     """fused=True: the per-axis rules' states are not fused; their parameters take the multi-tensor
@@ -545,7 +570,8 @@ def test_each_shape_takes_the_references_factors_at_rank_3_and_4():
     """Over every shape with sides in {1, 2, 3, 5} (rank 3) and {1, 2, 3} (rank 4), each memory_save_mode,
     max_size_triangular 8192 and 3 (2 at rank 4), min_ndim_triangular 2, 3 and 4: the rule a tensor takes keeps,
     axis by axis, the reference's kind of factor (initialize_q_expressions: a triangular factor is 2-D, a
-    diagonal one 1-D): a gram(K) state where it is triangular, an axis(K) one where diagonal. one_diag makes
+    diagonal one 1-D): the factor(K) state made 2-D where it is triangular, 1-D where diagonal (the kind its
+    condition decides when the state is made: optdsl/axes.py). one_diag makes
     the largest axis diagonal, the last of those tied (the spec's `count(b, ...)`): the reference takes
     numpy's np.argsort(shape)[::-1][0], whose tie-break numpy does not fix; numpy 2's sort of 4 or more
     sizes breaks some ties otherwise ((2, 2, 1, 1): axis 0), so shapes where it differs from a stable
@@ -553,7 +579,11 @@ def test_each_shape_takes_the_references_factors_at_rank_3_and_4():
     import itertools
 
     import numpy as np
+
+    from optdsl.backends.torch import condition_code
+    from optdsl.info import _HOST_NAMES
     compiled, Kron = _compiled()
+    kinds = {}  # per rule: each factor's condition for its diagonal kind, as the class makes the state
     counts = {}
     for mode, max_size, min_ndim in itertools.product([None, "one_diag", "smart_one_diag", "all_diag"], [8192, 3, 2],
                                                       [2, 3, 4]):
@@ -568,14 +598,19 @@ def test_each_shape_takes_the_references_factors_at_rank_3_and_4():
             qs, _ = psgd.initialize_q_expressions(torch.zeros(shape), 1.0, max_size, min_ndim, mode)
             want = ["T" if q.dim() == 2 else "D" for q in qs]
             rule = opt._rule_of(torch.zeros(shape), opt.param_groups[0])
-            got = {s.name: s.shape for s in compiled.rules[rule][1].states}
-            assert [{"gram": "T", "axis": "D"}[got[f"Q{k}"][:4]] for k in range(len(shape))] == want, (
-                shape, mode, max_size, min_ndim)
-            assert got.keys() == {"m", "c"} | {f"Q{k}" for k in range(len(shape))}
+            prog = compiled.rules[rule][1]
+            if rule not in kinds:
+                kinds[rule] = {s.name: compile(condition_code(s.diag, prog), "cond", "eval")
+                               for s in prog.states if s.diag is not None}
+            env = {**_HOST_NAMES, "p": torch.zeros(shape), "group": opt.param_groups[0]}
+            got = {name: "D" if eval(code, env) else "T" for name, code in kinds[rule].items()}  # noqa: S307
+            assert [got[f"Q{k}"] for k in range(len(shape))] == want, (shape, mode, max_size, min_ndim)
+            assert {s.name for s in prog.states} == {"m", "c"} | {f"Q{k}" for k in range(len(shape))}
             counts["".join(want)] = counts.get("".join(want), 0) + 1
     ties = counts.pop("numpy's tie", 0)
     assert ties <= 14 * 3 * 3, ties  # the rank-4 shapes (a, a, b, c), b, c < a, at most: each run of one_diag
     assert len(counts) == 8 + 16 and min(counts.values()) >= 5, counts  # every mix of kinds, several times
+    assert sorted(kinds) == [5, 6], kinds  # one rule per rank, whatever the kinds
 
 
 def _loop_only(text, rank):
@@ -723,8 +758,8 @@ def test_rank3_states_are_saved_and_resume_exactly(float64_default):
     gen = torch.Generator().manual_seed(5)
     grads = [torch.randn(3, 4, 2, generator=gen) for _ in range(6)]
     for kw, want in [(dict(), {"Q0": (3, 3), "Q1": (4, 4), "Q2": (2, 2)}),
-                     (dict(memory_save_mode="all_diag"), {"Q0": (3, 1, 1), "Q1": (1, 4, 1), "Q2": (1, 1, 2)}),
-                     (dict(memory_save_mode="one_diag"), {"Q0": (3, 3), "Q1": (1, 4, 1), "Q2": (2, 2)})]:
+                     (dict(memory_save_mode="all_diag"), {"Q0": (3,), "Q1": (4,), "Q2": (2,)}),
+                     (dict(memory_save_mode="one_diag"), {"Q0": (3, 3), "Q1": (4,), "Q2": (2, 2)})]:
         p = torch.nn.Parameter(torch.randn(3, 4, 2, generator=gen))
         opt = Kron([p], precondition_init_scale=8.0, **kw)
         opt.manual_seed(0)
@@ -757,24 +792,28 @@ def test_rank3_initial_factors_are_the_cube_root_of_the_scale(float64_default):
 
 
 def test_info_and_explain_of_rank3():
-    """optdsl info counts a gram(K) state as d_K^2 numbers and an axis(K) one as d_K, and names the rule a
-    shape takes by what its unrolling fixed; explain prints each unrolled rule's math and each factor's size
-    (on a small spec: explain's analyses of kron's 24 unrolled rules take half a minute)."""
+    """optdsl info counts a state list's factor as d_K^2 numbers where the shape makes it a matrix and d_K
+    where diagonal (its condition at the defaults), shows which, and names the rule a shape takes by what
+    its unrolling fixed (one rule per rank); explain prints each unrolled rule's math and each factor's size,
+    either kind (on a small spec: explain's analyses of kron's rules take long)."""
     from optdsl import explain, info, pipeline
     compiled = _compiled()[0]
     m = info.memory(compiled, (64, 3, 7))
     assert dict((k, n) for k, _, n in m.states) == {"momentum_buffer": 64 * 3 * 7, "update_counter": 1,
                                                     "Q0": 64**2, "Q1": 9, "Q2": 49}
     shown = info.report(compiled, (64, 1, 7))  # a side of 1: a diagonal factor, as the reference's
-    assert "rule taken: ndim >= 3 (unrolled: ndim == 3: Q0 gram(0), Q1 axis(1), Q2 gram(2))" in shown, shown
-    assert "gram(1)" in info.report(compiled, (64, 3, 7))
+    assert "rule taken: ndim >= 3 (unrolled: ndim == 3: Q0 factor(0), Q1 factor(1), Q2 factor(2))" in shown, shown
+    assert re.search(r"Q1 +factor\(1\) diagonal +1 numbers", shown) and re.search(r"Q0 +factor\(0\) matrix +4,096", shown), shown
+    assert "matrix states Q0, Q2:" in shown, shown  # a diagonal factor is no matrix
+    m = info.memory(compiled, (4, 3, 2, 5, 6))  # rank 5
+    assert dict((k, n) for k, _, n in m.states) == {"momentum_buffer": 720, "update_counter": 1,
+                                                    "Q0": 16, "Q1": 9, "Q2": 4, "Q3": 25, "Q4": 36}
     small = pipeline.compile_source(LOOP.format(body="for axis a {\n    u = mm_axis(T(Q[a]), mm_axis(Q[a], u, a), a)\n  }"),
                                     "loop.opt")
     out = explain.report(explain.explain(small))
-    assert "u ← mm_axis(T(Q1), mm_axis(Q1, u, 1), 1)" in out  # a triangular factor's product
-    assert "u ← Q1·(Q1·u)" in out  # a diagonal one's
-    assert "Rule for parameters with ndim == 3 (unrolled: ndim == 3: Q0 gram(0), Q1 axis(1), Q2 gram(2))" in out
-    assert "Q0 (d[0] x d[0]), Q1 (d[1] x 1), Q2 (d[2] x d[2]) per parameter" in out
+    assert "u ← mm_axis(factor_T(Q1), mm_axis(Q1, u, 1), 1)" in out  # either kind's product
+    assert "Rule for parameters with ndim == 3 (unrolled: ndim == 3: Q0 factor(0), Q1 factor(1), Q2 factor(2))" in out
+    assert "Q0 (d[0] x d[0], or d[0] diagonal), Q1 (d[1] x d[1], or d[1] diagonal), Q2 (d[2] x d[2], or d[2] diagonal) per parameter" in out
 
 
 def test_a_reduction_of_per_axis_work_that_is_a_number_is_located():
@@ -838,7 +877,7 @@ def test_a_state_list_steps_as_its_unrolled_rules(float64_default):
             want -= 0.1 * u
         torch.testing.assert_close(p.detach(), want, rtol=1e-13, atol=1e-13)
         for k, n in enumerate(shape):
-            assert opt.state[p][f"Q{k}"].shape == ((n, n) if n > 1 else tuple(1 if i != k else n for i in range(3)))
+            assert opt.state[p][f"Q{k}"].shape == ((n, n) if n > 1 else (n,))  # a diagonal factor: its diagonal
 
 
 @pytest.mark.parametrize("spec, message, line", [

@@ -27,14 +27,17 @@ STATE_SHAPE_CODE = {"full": None, "scalar": "()", "rows": "p.shape[:-1] + (1,)",
                     "gram_rows": "p.shape[:-1] + p.shape[-2:-1]", "gram_cols": "p.shape[:-2] + p.shape[-1:] * 2"}
 
 
-def state_shape_code(shape: str, group_code: dict[str, str] | None = None) -> str | None:
+def state_shape_code(shape: str, group_code: dict[str, str] | None = None, diag: str | None = None) -> str | None:
     """Code for the shape of a state of this kind, on its parameter `p` (None: p's own). A
     `matrix(A, B)` size that is a hyperparameter k reads as min(k, nrows, ncols), the most singular
     vectors a matrix has (GaLore's rank, as a truncated SVD gives it); group_code says how the group
-    holds each hyperparameter (without it, the step's own variable of that name)."""
+    holds each hyperparameter (without it, the step's own variable of that name). `diag`: a `factor(K)`
+    state's condition for its diagonal kind, as code (ir.State.diag)."""
     axis = ir.axis_kind(shape)
     if axis is not None:  # one d_K x d_K matrix, or one value per index of axis K
         form, k = axis
+        if form == "factor":  # its diagonal (d_K,) where its condition holds, else the d_K x d_K matrix
+            return f"p.shape[{k}:{k + 1}] * (1 if {diag} else 2)" if diag else f"p.shape[{k}:{k + 1}] * 2"
         return f"p.shape[{k}:{k + 1}] * 2" if form == "gram" else f"(1,) * {k} + p.shape[{k}:{k + 1}] + (1,) * (p.dim() - {k + 1})"
     dims = ir.matrix_dims(shape)
     if dims is None:
@@ -44,11 +47,11 @@ def state_shape_code(shape: str, group_code: dict[str, str] | None = None) -> st
     return f"p.shape[:-2] + ({code[0]}, {code[1]})"
 
 
-def read_state_code(shape: str, signed: bool, stored: str, p: str) -> str:
+def read_state_code(shape: str, signed: bool, stored: str, p: str, diag: str | None = None) -> str:
     """Code reading a float state `stored` of parameter `p` as the update computes with it: in p's
     precision, dequantised when it holds low-bit codes (templates/lowbit.py.j2's _read_state,
     which needs the code the state was given and its shape)."""
-    code = re.sub(r"\bp\b", p, state_shape_code(shape) or "p.shape")
+    code = re.sub(r"\bp\b", p, state_shape_code(shape, diag=diag) or "p.shape")
     return f"_read_state({stored}, {p}, {signed}, {code})"
 
 

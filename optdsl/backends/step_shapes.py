@@ -105,7 +105,9 @@ def context(prog: ir.Program, lines: list[str], filename: str, taken: set[str]) 
             env[eq.out] = sp.Symbol(name)
     except SpecError:  # a statement SymPy cannot take alone: the error names every candidate instead
         return None
-    states = [(s.name, state_shape_code(s.shape) or "p.shape") for s in prog.states]
+    from .torch import condition_code  # a factor state's kind: its condition on the step's hyperparameters
+    states = [(s.name, state_shape_code(s.shape, diag=s.diag and condition_code(s.diag, prog, local=True)) or "p.shape")
+              for s in prog.states]
     # the shape built-ins, and the sizes the broadcast rule counts where the statements read them
     hidden = [(n, code) for n, code in ir.HIDDEN_SIZES.items() if any(re.search(rf"\b{n}\b", line) for line in body)]
     return dict(body=body, statements=statements, states=states, shapes=list(ir.SHAPE_BUILTINS.items()) + hidden)

@@ -37,7 +37,10 @@ HOST_HELPERS = {
     "_eye_like": (
         "def _eye_like(a):\n"
         "    # the identity of the matrix state a, placed as a is: a DTensor state (a sharded parameter's)\n"
-        "    # takes its part of the identity, without communication\n"
+        "    # takes its part of the identity, without communication; a diagonal factor's (a state list's,\n"
+        "    # 1-D: optdsl/axes.py) is ones\n"
+        "    if a.dim() == 1:\n"
+        "        return torch.ones_like(a)\n"
         "    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)\n"
         "    if _is_sharded(a):\n"
         "        return torch.distributed.tensor.distribute_tensor(eye, a.device_mesh, a.placements, src_data_rank=None)\n"
@@ -141,13 +144,22 @@ LINALG_HELPERS = {
     # work along axis k of a tensor of any rank (PSGD-Kron's per-axis factors: its reference's einsums)
     "_mm_axis": (
         "def _mm_axis(q, x, k):\n"
-        "    # q (d_k x d_k) applied along axis k of x: out[.., i, ..] = sum_j q[i, j] x[.., j, ..]\n"
+        "    # q (d_k x d_k) applied along axis k of x: out[.., i, ..] = sum_j q[i, j] x[.., j, ..]; a\n"
+        "    # diagonal factor q (d_k,), a state list's (optdsl/axes.py), multiplies each index of axis k\n"
+        "    if q.dim() == 1:\n"
+        "        return _along(q, x, k) * x\n"
         "    return torch.movedim(torch.tensordot(q, x, dims=([1], [int(k)])), 0, int(k))"),
+    "_along": (
+        "def _along(q, x, k):\n"
+        "    # a diagonal factor q (d_k,) shaped to broadcast along axis k of x\n"
+        "    return q.reshape((1,) * int(k) + q.shape + (1,) * (x.dim() - int(k) - 1))"),
     "_rsolve_triu_axis": (
         "def _rsolve_triu_axis(x, a, k):\n"
         "    # x with its axis k multiplied on the right by a^-1, a upper-triangular (d_k x d_k): as one\n"
         "    # matrix of rows (PSGD-Kron's solve_triangular_right); the row count a product, not -1, which\n"
-        "    # an empty x leaves undecided\n"
+        "    # an empty x leaves undecided; divided by a diagonal factor a (d_k,)\n"
+        "    if a.dim() == 1:\n"
+        "        return x / _along(a, x, k)\n"
         "    y = torch.movedim(x, int(k), -1)\n"
         "    rows = y.reshape(math.prod(y.shape[:-1]), y.shape[-1])\n"
         "    return torch.movedim(_rsolve_triu(rows, a).reshape(y.shape), -1, int(k))"),
@@ -157,6 +169,29 @@ LINALG_HELPERS = {
         "    xk = torch.movedim(x, int(k), 0)\n"
         "    xk = xk.reshape(xk.shape[0], math.prod(xk.shape[1:]))  # a product, not -1: x may be empty\n"
         "    return torch.matmul(xk, xk.mT)"),
+    # a state list's factors (optdsl/axes.py): a d_k x d_k matrix, or its diagonal (d_k,) where the state
+    # was made diagonal; each the matrix form's work on a diagonal matrix, kept as its diagonal
+    "_factor_T": (
+        "def _factor_T(q):\n"
+        "    return q if q.dim() == 1 else q.mT"),
+    "_factor_triu": (
+        "def _factor_triu(q):\n"
+        "    return q if q.dim() == 1 else torch.triu(q)"),
+    "_factor_mm": (
+        "def _factor_mm(a, b):\n"
+        "    return a * b if a.dim() <= 1 or b.dim() <= 1 else torch.matmul(a, b)"),
+    "_factor_norm_lb": (
+        "def _factor_norm_lb(a):\n"
+        "    # a diagonal matrix's spectral norm: its largest |entry| (kept with size 1; 0 for a 0 x 0 one)\n"
+        "    if a.dim() == 1:\n"
+        "        return a.abs().amax(dim=-1, keepdim=True) if a.numel() else a.new_zeros(1)\n"
+        "    return _norm_lb(a)"),
+    "_factor_gram": (
+        "def _factor_gram(x, q, k):\n"
+        "    # x's Gram matrix along axis k where the factor q is a matrix, its diagonal where q is diagonal\n"
+        "    if q.dim() == 1:\n"
+        "        return (x * x).sum(dim=tuple(j for j in range(x.dim()) if j != int(k)))\n"
+        "    return _gram_axis(x, k)"),
     "_axis_sum": (
         "def _axis_sum(x, k):\n"
         "    # x summed over every axis but k, kept with size 1\n"
@@ -166,7 +201,8 @@ LINALG_HELPERS = {
         "    return x.sum(dim=dims, keepdim=True) if dims else x"),
 }
 LINALG_USES = {"_inv_root": ("_eigh",), "_eigvecs": ("_eigh",), "_svd_u": ("_svd",), "_svd_vh": ("_svd",),
-               "_rsolve_triu_axis": ("_rsolve_triu",)}  # a helper's own helpers
+               "_rsolve_triu_axis": ("_rsolve_triu", "_along"), "_mm_axis": ("_along",),
+               "_factor_norm_lb": ("_norm_lb",), "_factor_gram": ("_gram_axis",)}  # a helper's own helpers
 
 
 @functools.cache
@@ -461,6 +497,9 @@ def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]
     matrix_states = any(ir.needs_whole(s.shape) for s in prog.states)  # sharded: stepped whole on owners
     complex_why = _not_elementwise(prog)
     min_rank, rank_why, rank_span = ranks.need(prog)
+    # a factor state's kind (optdsl/axes.py): its condition, on the group where it is made, in the step where read
+    made_diag = {s.name: condition_code(s.diag, prog) for s in prog.states if s.diag is not None}
+    read_diag = {s.name: condition_code(s.diag, prog, local=True) for s in prog.states if s.diag is not None}
     return dict(
         min_rank=min_rank, rank_why=rank_why, rank_span=rank_span,
         # states with elements where p has none (a (2, 0) parameter's two rows): the kernels never reach them
@@ -475,9 +514,9 @@ def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]
         parts_states=[k for k, s in enumerate(prog.states) if ir.needs_whole(s.shape)] if _on_parts(instrs) else None,
         bool_states=[s.name for s in prog.states if s.shape == "bool"],
         lowbit_signed={name: code.signed for name, code in codes.items()},
-        read_single={s.name: read_state_code(s.shape, codes[s.name].signed, f"{s.name}_list[i]", "p")
+        read_single={s.name: read_state_code(s.shape, codes[s.name].signed, f"{s.name}_list[i]", "p", read_diag.get(s.name))
                      for s in prog.states if s.name in codes},
-        read_multi={s.name: f"[{read_state_code(s.shape, codes[s.name].signed, 'x_', 'y_')} for x_, y_ in "
+        read_multi={s.name: f"[{read_state_code(s.shape, codes[s.name].signed, 'x_', 'y_', read_diag.get(s.name))} for x_, y_ in "
                             f"zip(device_{s.name}, p)]" for s in prog.states if s.name in codes},
         states_saved=[(s.name, s.saved_as) for s in prog.states],
         # states the step does not read under some values (torch.optim leaves them out): by key, the Python
@@ -488,7 +527,8 @@ def _rule_context(plan: Plan, func: str, suffix: str, group_code: dict[str, str]
         reads_step=any(n == "t" for eq in prog.eqns for n in ir.refs(eq.expr)) or (
             prog.group is not None and any(n == "t" for step in prog.group.steps
                                            for n in ir.refs(getattr(step, "expr", None) or getattr(step, "arg", None)))),
-        state_inits=[(s.name, s.saved_as, _init_code(s, prog, group_code), state_shape_code(s.shape, group_code), s.fed,
+        state_inits=[(s.name, s.saved_as, _init_code(s, prog, group_code),
+                      state_shape_code(s.shape, group_code, made_diag.get(s.name)), s.fed,
                       "torch.bool" if s.shape == "bool" else state_dtype) for s in prog.states],
         shape_single=[(n, ir.SIZES[n]) for n in shapes],
         shape_multi=[(n, f"[{_rename_word(ir.SIZES[n], 'p', 'x_')} for x_ in p]") for n in shapes],
@@ -544,8 +584,10 @@ def _fused_context(rule: dict, plan: Plan, cond: str | None, multi: bool) -> dic
         ctx.update(triton_backend.kernel_context(plan))
     # low-bit states: the kernels (de)quantise those shaped like p; the launcher the smaller others
     ctx["lowbit_signed"] = rule["lowbit_signed"]
-    ctx["lowbit_host"] = [dict(name=s.name, kind=s.shape, read=read_state_code(s.shape, rule["lowbit_signed"][s.name], "x_", "y_"),
-                               whole_shape=re.sub(r"\bp\b", "w_", state_shape_code(s.shape) or "p.shape"))
+    diag = {s.name: condition_code(s.diag, plan.program, local=True) for s in plan.program.states if s.diag is not None}
+    ctx["lowbit_host"] = [dict(name=s.name, kind=s.shape, read=read_state_code(s.shape, rule["lowbit_signed"][s.name], "x_", "y_",
+                                                                               diag.get(s.name)),
+                               whole_shape=re.sub(r"\bp\b", "w_", state_shape_code(s.shape, diag=diag.get(s.name)) or "p.shape"))
                           for s in plan.program.states if s.shape not in ("full", "scalar", "bool")]
     return ctx
 
@@ -769,11 +811,12 @@ class _ConditionPrinter(HostPrinter):
 _COMPARISON_ROWS = {row.sympy: row for row in COMPARISONS.values()}
 
 
-def condition_code(cond: ir.Expr, prog: ir.Program) -> str:
+def condition_code(cond: ir.Expr, prog: ir.Program, local: bool = False) -> str:
     """A rule's condition as Python over the parameter `p` and its `group` (under its keywords). It runs
     on host numbers (when a group is added, at each step), so each operation the declared ranges do
     not prove safe is IEEE 754's, as on the tensor paths (optdsl/ieee.py): `1 / (ndim - 2)` on a
-    matrix is inf, not a ZeroDivisionError."""
+    matrix is inf, not a ZeroDivisionError. `local`: the hyperparameters as the step's own variables (a
+    factor state's kind, read in the step: ir.State.diag)."""
     from ..rewrite import scalar_env
     from ..sym import to_sympy
     group_code = interface(prog)["group_code"]
@@ -783,6 +826,8 @@ def condition_code(cond: ir.Expr, prog: ir.Program) -> str:
     # an epsilon of None is the machine epsilon of p's dtype (the step's functional reads its `params`)
     code = {h.name: group_code[h.name].removesuffix(", params)") + ", [p])" if h.optional else group_code[h.name]
             for h in prog.hypers} | ir.SHAPE_BUILTINS | ir.AXIS_SIZES
+    if local:
+        code |= {h.name: h.name for h in prog.hypers}
     return _ConditionPrinter().doprint(value.xreplace({sp.Symbol(n): sp.Symbol(code[n]) for n in names}))
 
 
