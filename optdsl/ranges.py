@@ -409,6 +409,11 @@ RULES: dict[type, Callable[[sp.Expr, Env], Interval]] = {
     fn.mm_axis: lambda e, env: Interval.nonneg() if all(bound(a, env).nonnegative for a in e.args[:2]) else FULL,
     fn.rsolve_triu_axis: lambda e, env: FULL,
     fn.norm_lb: lambda e, env: Interval.nonneg(),
+    # a state list's factor work (optdsl/axes.py): as the matrix work it stands for, on a diagonal factor its diagonal's
+    fn.factor_T: lambda e, env: bound(e.args[0], env),
+    fn.factor_triu: lambda e, env: bound(e.args[0], env).hull(Interval.point(0.0)),
+    fn.factor_mm: lambda e, env: Interval.nonneg() if all(bound(a, env).nonnegative for a in e.args) else FULL,
+    fn.factor_norm_lb: lambda e, env: Interval.nonneg(),
     fn.randn: lambda e, env: Interval.full(),
     fn.rand: lambda e, env: Interval(0.0, 1.0, True, False),
 }

@@ -341,15 +341,16 @@ def test_shipped_specs_warn_only_where_known(path):
     reduction reads the per-parameter state v by v's proven range (>= 0). RMSprop's centered sqrt
     is proven: square_avg >= grad_avg^2 by Jensen (check._square_pairs), in exact arithmetic as
     every claim of the check. kron's probe V / q for its diagonal factors (q of vectors, dL and dR of
-    matrices' diagonal sides, the diagonal factors Q0 to Q3 of the rules unrolled for ranks 3 and 4, each said once): each is multiplied at each step by 1 - plr * (a^2 - b^2) / max|a^2 + b^2|,
+    matrices' diagonal sides; a rank-3-to-8 factor Q[a], diagonal or not as the parameter makes it, is solved
+    against in rsolve_triu_axis, matrix work the check does not look into, as a triangular factor's solve):
+    each is multiplied at each step by 1 - plr * (a^2 - b^2) / max|a^2 + b^2|,
     a factor in [1 - plr, 1 + plr], so it stays > 0 for precondition_lr < 1 and may reach 0 from 1 on
     (the reference divides alike)."""
     known = {"adalo": ["log1p() of 'loss', which can be -1 or less (it ranges over (-inf, inf)) when the loss is "
                        "negative: a spec cannot declare the loss's range; for a loss >= 0 it is safe"],
              "adams": ["denominator 'sqrt(vbar)' can be zero"],
              "kron": ["denominator 'dR' can be zero", "denominator 'dL' can be zero", "denominator 'dL' can be zero",
-                      "denominator 'dR' can be zero", "denominator 'q' can be zero", "denominator 'Q2' can be zero",
-                      "denominator 'Q1' can be zero", "denominator 'Q0' can be zero", "denominator 'Q3' can be zero"]}
+                      "denominator 'dR' can be zero", "denominator 'q' can be zero"]}
     # (group states are proven by the induction too: k >= 1, so 1 - b2^k > 0; d > 0 in Prodigy)
     found = warnings_of(path.read_text(encoding="utf-8"))
     expected = known.get(path.stem, [])

@@ -557,11 +557,11 @@ def test_kron_rank5_and_6_match_pytorch_optimizer(case, monkeypatch, float64_def
 @pytest.mark.parametrize("case", ["default", "all_diag"] + (["one_diag"] if SLOW else []))
 def test_kron_rank3_fused_matches_pytorch_optimizer(case, monkeypatch, float64_default):
     """fused=True: the per-axis rules' states are not fused; their parameters take the multi-tensor
-    path (as rank 2's triangular factors do), its probes fed to the reference. Rank 3 and 4 only: all_diag's
+    path (as rank 2's triangular factors do), its probes fed to the reference. Rank 3 to 5 only: all_diag's
     matrix rule runs kernels whose draws no wrapper sees (see the docstring)."""
     _fused_ok()
     kw, shapes = RANK3[case] if case != "one_diag" else RANK4[case]
-    shapes = [s for s in shapes if len(s) >= 3] + ([(3, 2, 4, 2)] if case == "all_diag" else [])
+    shapes = [s for s in shapes if len(s) >= 3] + ([(3, 2, 4, 2)] if case == "all_diag" else []) + [(2, 3, 1, 2, 2)]
     pair = _Injected(_Kron(), monkeypatch, torch.float64, kw)
     run_pair(pair.ours, pair.ref, shapes, torch.float64, FUSED_STEPS, seed=zlib.crc32(case.encode()), fused=True)
 
