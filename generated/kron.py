@@ -1290,8 +1290,9 @@ def _factor_norm_lb(a):
 
 def _factor_gram(x, q, k):
     # x's Gram matrix along axis k where the factor q is a matrix, its diagonal where q is diagonal
-    if q.dim() == 1:
-        return (x * x).sum(dim=tuple(j for j in range(x.dim()) if j != int(k)))
+    if q.dim() == 1:  # (a sum over no axes, of a vector, is torch's sum over all: not taken)
+        dims = tuple(j for j in range(x.dim()) if j != int(k))
+        return (x * x).sum(dim=dims) if dims else x * x
     return _gram_axis(x, k)
 
 

@@ -656,17 +656,21 @@ def test_a_kron_rank3_mutant_is_caught(mutant, monkeypatch, float64_default):
 
 
 def _axis_helpers():
+    """The axis rows' helpers as the shipped module holds them, with the helpers and imports they call
+    (math.prod, _along, _is_sharded), which a bare exec of their text lacked; _axis_sum, which kron no
+    longer calls, run among them."""
+    from generated import kron
     from optdsl.backends.torch import LINALG_HELPERS
-    ns = {"torch": torch, "_is_sharded": lambda x: False}  # plain tensors (a DTensor's _axis_sum: _sum's)
-    for name in ("_rsolve_triu", "_mm_axis", "_rsolve_triu_axis", "_gram_axis", "_axis_sum"):
-        exec(LINALG_HELPERS[name], ns)
+    ns = dict(vars(kron))
+    exec(LINALG_HELPERS["_axis_sum"], ns)  # noqa: S102 - optdsl's own helper, which kron's state list no longer calls
     return ns
 
 
 @pytest.mark.parametrize("shape", [(3, 4, 5), (2, 1, 6), (4,), (2, 3, 1, 5)])
 def test_the_axis_rows_are_their_einsums(shape):
     """mm_axis, rsolve_triu_axis, gram_axis and axis_sum along each axis k, against einsum (and the
-    solve against a product with the inverse), float64, any rank."""
+    solve against a product with the inverse), float64, any rank; on a diagonal factor (1-D) mm_axis,
+    rsolve_triu_axis and factor_gram are their diagonal matrix's, factor_norm_lb its largest |entry|."""
     h = _axis_helpers()
     gen = torch.Generator().manual_seed(len(shape))
     x = torch.randn(shape, generator=gen, dtype=torch.float64)
@@ -683,6 +687,14 @@ def test_the_axis_rows_are_their_einsums(shape):
         kept = [n if j == k else 1 for j, n in enumerate(shape)]
         torch.testing.assert_close(h["_axis_sum"](x, k), torch.einsum(f"{letters}->{letters[k]}", x).reshape(kept),
                                    rtol=0, atol=1e-13)
+        # a diagonal factor (1-D, a state list's): each row the matrix work on its diagonal matrix, kept diagonal
+        d = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
+        torch.testing.assert_close(h["_mm_axis"](d, x, k), h["_mm_axis"](torch.diag(d), x, k), rtol=0, atol=1e-13)
+        torch.testing.assert_close(h["_rsolve_triu_axis"](x, d, k), h["_rsolve_triu_axis"](x, torch.diag(d), k),
+                                   rtol=1e-14, atol=1e-14)
+        torch.testing.assert_close(h["_factor_gram"](x, d, k), torch.diagonal(h["_gram_axis"](x, k)), rtol=0, atol=1e-13)
+        torch.testing.assert_close(h["_factor_gram"](x, q, k), h["_gram_axis"](x, k), rtol=0, atol=0)
+        assert h["_factor_norm_lb"](-d).item() == d.max().item()
 
 
 AXES = """optimizer X

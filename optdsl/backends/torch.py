@@ -189,8 +189,9 @@ LINALG_HELPERS = {
     "_factor_gram": (
         "def _factor_gram(x, q, k):\n"
         "    # x's Gram matrix along axis k where the factor q is a matrix, its diagonal where q is diagonal\n"
-        "    if q.dim() == 1:\n"
-        "        return (x * x).sum(dim=tuple(j for j in range(x.dim()) if j != int(k)))\n"
+        "    if q.dim() == 1:  # (a sum over no axes, of a vector, is torch's sum over all: not taken)\n"
+        "        dims = tuple(j for j in range(x.dim()) if j != int(k))\n"
+        "        return (x * x).sum(dim=dims) if dims else x * x\n"
         "    return _gram_axis(x, k)"),
     "_axis_sum": (
         "def _axis_sum(x, k):\n"
