@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import sympy as sp
+from sympy.core.parameters import global_parameters
 from sympy.codegen.cfunctions import log1p
 
 
@@ -275,11 +276,65 @@ class factor_gram(_Opaque):  # gram_axis(x, k) of F's kind: its diagonal, axis_s
     nargs = 3
 
 
+# SymPy's Min and Max look for "local zeros" each time one is made: every pair of arguments is compared,
+# and factor_terms of their difference is taken, which costs as much as the arguments are large (Kron's
+# `min(1.1 / (rms(u) + 1e-6), 1)` over the whole update), and SymPy does not cache it as it caches Add and
+# Mul. The checks, the plan, the analyses and the printers of a rule each make the same ones again, and
+# a rule unrolled per rank and kinds (optdsl/axes.py) the same ones per unrolled rule: 3,096 made, 132
+# different, 11.8 of kron.opt's 24.7 s under the profiler. Made once here, by their arguments: a Min or
+# Max is a pure function of them (and of SymPy's global `evaluate`), so what is printed is unchanged.
+_MINMAX: dict[tuple, sp.Expr] = {}
+_MINMAX_SIZE = 4096  # entries kept (then forgotten all at once): the Min/Max of a few specs' rules
+
+
+def minmax(func, *args) -> sp.Expr:
+    """func(*args) for func sp.Min or sp.Max, evaluated as SymPy evaluates it, made once per arguments."""
+    key = (func, args, global_parameters.evaluate)
+    try:
+        return _MINMAX[key]
+    except KeyError:
+        pass
+    except TypeError:  # an argument that is not hashable: SymPy's to refuse or take
+        return func(*args)
+    value = func(*args)
+    if len(_MINMAX) >= _MINMAX_SIZE:
+        _MINMAX.clear()
+    _MINMAX[key] = value
+    return value
+
+
+def rebuild(e: sp.Expr, args) -> sp.Expr:
+    """e.func(*args), a Min or Max made through minmax: for passes that rebuild an expression."""
+    if type(e) in (sp.Min, sp.Max):
+        return minmax(type(e), *args)
+    return e.func(*args)
+
+
+def xreplace(e: sp.Expr, rule: dict) -> sp.Expr:
+    """e.xreplace(rule), each Min and Max rebuilt through minmax, each shared subexpression once."""
+    memo: dict[sp.Expr, tuple[sp.Expr, bool]] = {}
+
+    def walk(x):  # (value, whether a replacement was made below): Basic._xreplace's rule
+        if x in rule:
+            return rule[x], True
+        if x in memo:
+            return memo[x]
+        args, changed = [], False
+        for a in x.args:
+            if isinstance(a, sp.Basic):
+                a, below = walk(a)
+                changed |= below
+            args.append(a)
+        memo[x] = (rebuild(x, tuple(args)), True) if changed else (x, False)
+        return memo[x]
+    return walk(e)[0] if rule else e
+
+
 def _minmax(func):
     """SymPy's Min/Max, left unevaluated where SymPy cannot order constant arguments."""
     def build(*args):
         try:
-            return func(*args)
+            return minmax(func, *args)
         except (TypeError, ValueError):
             return func(*args, evaluate=False)
     return build

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sympy as sp
 
 from . import ir
-from .functions import REDUCTIONS
+from .functions import REDUCTIONS, rebuild
 from .ranges import Interval, bound
 
 def scalar_env(prog: ir.Program) -> dict[sp.Symbol, Interval]:
@@ -40,7 +40,7 @@ class Rewriter:
     def __call__(self, e: sp.Expr) -> sp.Expr:
         if e.is_Atom:
             return e
-        e = e.func(*(self(a) for a in e.args))
+        e = rebuild(e, [self(a) for a in e.args])
         if isinstance(e, sp.Pow) and e.exp == sp.S.Half:
             c, x = self.split(e.base)
             if c != 1 and x != 1 and bound(c, self.env).nonnegative:

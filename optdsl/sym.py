@@ -312,14 +312,14 @@ class _Hoister:
             if low and high:
                 combined = self.hoist(e.func(*low), ceiling)
                 return e.func(combined, *(self.hoist(a, ceiling) for a in high))
-        return e.func(*(self.hoist(a, ceiling) for a in e.args))
+        return fn.rebuild(e, [self.hoist(a, ceiling) for a in e.args])
 
     def define(self, e: sp.Expr, lvl: int) -> sp.Expr:
         if is_reduction(e):
             body = e.func(self.hoist(e.args[0], TENSOR))
             prefix = "r"
         else:
-            body = e.func(*(self.hoist(a, lvl) for a in e.args))
+            body = fn.rebuild(e, [self.hoist(a, lvl) for a in e.args])
             prefix = self._PREFIX[lvl]
         if body.is_Atom:
             return body
@@ -386,7 +386,7 @@ class _CopiedOperands:
                 a, w = symbol, 1
             args.append(a)
             weight += k * w
-        out = e.func(*args) if tuple(args) != e.args else e
+        out = fn.rebuild(e, args) if tuple(args) != e.args else e
         self.memo[e] = (out, weight)
         return out, weight
 
@@ -428,14 +428,14 @@ def plan(prog: ir.Program) -> Plan:
     tensors = set(inputs)
     walls, named = [], {}  # named: a scalar barrier -> the hoisted scalar that stands for it
     for symbol, e in barriers:
-        e = e.xreplace(named)
+        e = fn.xreplace(e, named)
         if has_matrix_nodes(e) or hoister.level(e) == TENSOR:  # a step of its own
             levels[symbol] = TENSOR
             tensors.add(symbol)
             walls.append((symbol, e))
         else:  # an unrolled loop's scalar: a host (or 0-dim) definition of its level
             named[symbol] = hoister.hoist(e, TENSOR)
-    outputs = {base: rewrite(e.xreplace(named), tensors, prog) for base, e in outputs.items()}
+    outputs = {base: rewrite(fn.xreplace(e, named), tensors, prog) for base, e in outputs.items()}
     hoisted = [(base, hoister.hoist(_collect_base(base_sym[base], e), TENSOR)) for base, e in outputs.items()]
     walls = [(symbol, hoister.hoist(rewrite(e, tensors, prog), TENSOR)) for symbol, e in walls]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sympy as sp
 
 from . import ir
+from .functions import xreplace
 from .sym import RESERVED, _Names, meanings, symbols_of
 
 
@@ -37,8 +38,8 @@ def unread_when(prog: ir.Program) -> dict[str, tuple[str, ...]]:
     for h in candidates:
         try:
             zero = {syms[h.name]: sp.Integer(0)}
-            named = [(b, e.xreplace(zero)) for b, e in barriers]
-            outs = {base: e.xreplace(zero) for base, e in outputs.items()}
+            named = [(b, xreplace(e, zero)) for b, e in barriers]
+            outs = {base: xreplace(e, zero) for base, e in outputs.items()}
         except (TypeError, ValueError, ZeroDivisionError, RecursionError):  # pragma: no cover - SymPy's own
             continue
         for s in prog.states:
