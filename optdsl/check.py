@@ -37,6 +37,8 @@ def _widen(old: Interval, new: Interval) -> Interval:
 class _Ranges:
     def __init__(self, prog: ir.Program, group: dict[str, Interval] | None = None):
         self.prog = prog
+        self.default = group is None  # the ranges of the spec's group values: prove_states is per program
+        self._sympy: dict[int, tuple[ir.Expr, sp.Expr]] = {}  # id -> (expression, its SymPy): shared by copies
         self.symbols = {name: sp.Symbol(name) for name in
                         [h.name for h in prog.hypers] + ["t", "loss", ir.P0, ir.G0, *ir.SHAPE_BUILTINS]
                         + [e.out for e in prog.eqns] + list(prog.inputs) + [ir.EYE]}
@@ -58,7 +60,15 @@ class _Ranges:
             self.env[self.symbols[name]] = _FULL
 
     def of(self, e: ir.Expr) -> Interval:
-        return bound(to_sympy(e, self.symbols), self.env)
+        return bound(self.sympy(e), self.env)
+
+    def sympy(self, e: ir.Expr) -> sp.Expr:
+        """to_sympy(e, self.symbols), once per expression: the induction over steps reads each statement
+        in every round (up to _ROUNDS + 1 of them), the checks of its operations again."""
+        hit = self._sympy.get(id(e))
+        if hit is None or hit[0] is not e:
+            hit = self._sympy[id(e)] = (e, to_sympy(e, self.symbols))
+        return hit[1]
 
     def under(self, guards: tuple[ir.Expr, ...]) -> _Ranges:
         """These ranges where every guard holds: each comparison of a value with a bound narrows
@@ -73,14 +83,14 @@ class _Ranges:
         out = copy.copy(self)
         out.env, out._under = dict(self.env), {}
         if "_defs" not in self.__dict__:
-            self._defs = {self.symbols[eq.out]: to_sympy(eq.expr, self.symbols) for eq in self.prog.eqns}
+            self._defs = {self.symbols[eq.out]: self.sympy(eq.expr) for eq in self.prog.eqns}
         defs = self._defs
         cache[key] = out
         for guard in guards:
             for g in _conjuncts(guard):
                 if not (isinstance(g, ir.Op) and g.op in ("gt", "ge", "lt", "le")):
                     continue
-                x, c = (to_sympy(a, self.symbols) for a in g.args)
+                x, c = (self.sympy(a) for a in g.args)
                 rc = bound(c, out.env)
                 if g.op in ("gt", "ge"):  # x > c: x above c's lowest value
                     _narrow(x, Interval(rc.lo, float("inf"), g.op == "ge" and rc.lo_closed, False), out.env, defs)
@@ -95,6 +105,12 @@ class _Ranges:
             self.env[self.symbols[eq.out]] = self.of(eq.expr)
 
     def prove_states(self) -> None:
+        if self.default:  # the checks, the low-bit codes and the backends each ask it of a rule
+            self.env = dict(_proven(self.prog))
+        else:
+            self._prove()
+
+    def _prove(self) -> None:
         last = dict(self.prog.outputs)
         init_env = {self.symbols[ir.P0]: _FULL, self.symbols[ir.EYE]: Interval(0.0, 1.0, True, True)}
         for s in self.prog.states:
@@ -117,6 +133,14 @@ class _Ranges:
         for s in self.prog.states:  # no fixed point in time: assume nothing
             self.env[self.symbols[ir.ssa_name(s.name, 0)]] = _FULL
         self.run_step()
+
+
+@ir.per_program
+def _proven(prog: ir.Program) -> dict[sp.Symbol, Interval]:
+    """The ranges over a step once the states' are proven by induction (_Ranges.prove_states)."""
+    ranges = _Ranges(prog)
+    ranges._prove()
+    return ranges.env
 
 
 def _narrow(x: sp.Expr, target: Interval, env: dict, defs: dict, depth: int = 0) -> None:

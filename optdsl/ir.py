@@ -284,6 +284,26 @@ def ssa_name(base: str, version: int) -> str:
 P0, G0 = ssa_name("p", 0), ssa_name("g", 0)
 
 
+def per_program(func):
+    """func(prog), a pure function of an immutable Program, computed once per Program object: the checks,
+    the plan and the backends each ask the same analyses of a rule (a state's proven range, its low-bit
+    code, the meaning of every statement). By identity, the Program kept beside its value (so an id
+    freed and reused never hits); the last few Programs only. An exception is raised anew each time."""
+    memo: dict[int, tuple[Program, object]] = {}
+
+    def cached(prog: Program):
+        hit = memo.get(id(prog))
+        if hit is not None and hit[0] is prog:
+            return hit[1]
+        value = func(prog)
+        if len(memo) >= 256:  # the rules of a spec or two (kron.opt has 29)
+            memo.clear()
+        memo[id(prog)] = (prog, value)
+        return value
+    cached.__doc__, cached.__name__, cached.__wrapped__ = func.__doc__, func.__name__, func
+    return cached
+
+
 # ---- printing ----
 _INFIX = {"+": 1, "-": 1, "*": 2, "/": 2, "^": 4}
 _CMP = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}

@@ -125,6 +125,11 @@ class Code:
 def codes(prog: ir.Program) -> dict[str, Code]:
     """The code of each float state (bool states are not quantised): unsigned where the checker
     proves the state non-negative, signed otherwise (and wherever the proof cannot be run)."""
+    return dict(_codes(prog))  # each backend asks it of each rule
+
+
+@ir.per_program
+def _codes(prog: ir.Program) -> dict[str, Code]:
     from .check import _Ranges  # the checker's induction over steps; imported here, it imports the IR
 
     floats = [s for s in prog.states if s.shape != "bool"]
