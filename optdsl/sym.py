@@ -173,6 +173,21 @@ def meanings(prog: ir.Program, barriers: list | None = None, names=None
     return syms, env, outputs
 
 
+def named_meanings(prog: ir.Program):
+    """(names, input symbols, values, outputs, barriers): meanings() with barriers, named apart from the
+    spec's names, as the plan and unread.py both take it; `names` is fresh, holding what it named."""
+    taken, syms, env, outputs, barriers = _named_meanings(prog)
+    return _Names(taken), dict(syms), dict(env), dict(outputs), list(barriers)
+
+
+@ir.per_program
+def _named_meanings(prog: ir.Program):
+    names = _Names({str(s) for s in symbols_of(prog).values()} | {eq.target for eq in prog.eqns} | RESERVED)
+    barriers: list[tuple[sp.Symbol, sp.Expr]] = []
+    syms, env, outputs = meanings(prog, barriers, names)
+    return frozenset(names.taken), syms, env, outputs, tuple(barriers)
+
+
 def is_reduction(e: sp.Expr) -> bool:
     return type(e) in REDUCTIONS
 
@@ -413,10 +428,7 @@ def _toposort(defs: list[Def]) -> list[Def]:
 
 
 def plan(prog: ir.Program) -> Plan:
-    taken = {str(s) for s in symbols_of(prog).values()} | {eq.target for eq in prog.eqns} | RESERVED
-    names = _Names(taken)
-    barriers: list[tuple[sp.Symbol, sp.Expr]] = []
-    syms, env, outputs = meanings(prog, barriers, names)
+    names, syms, env, outputs, barriers = named_meanings(prog)
     inputs = tuple(syms[n] for n in prog.inputs)
     levels = input_levels(prog)
     # A hoisted scalar that is exactly a spec local keeps the local's name.

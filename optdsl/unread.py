@@ -13,7 +13,7 @@ import sympy as sp
 
 from . import ir
 from .functions import xreplace
-from .sym import RESERVED, _Names, meanings, symbols_of
+from .sym import named_meanings
 
 
 def _takes_zero(h: ir.Hyper) -> bool:
@@ -31,9 +31,7 @@ def unread_when(prog: ir.Program) -> dict[str, tuple[str, ...]]:
     candidates = [h for h in prog.hypers if _takes_zero(h)]
     if not candidates or not prog.states:
         return {}
-    names = _Names({str(s) for s in symbols_of(prog).values()} | {eq.target for eq in prog.eqns} | RESERVED)
-    barriers: list[tuple[sp.Symbol, sp.Expr]] = []
-    syms, _, outputs = meanings(prog, barriers, names)
+    _, syms, _, outputs, barriers = named_meanings(prog)
     found: dict[str, tuple[str, ...]] = {}
     for h in candidates:
         try:
