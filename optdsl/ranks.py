@@ -65,11 +65,19 @@ def check(rules: list[tuple[ir.Expr | None, ir.Program]], refusals=()) -> None:
     """Raise a located SpecError where a rule's condition takes rank-0 or rank-1 parameters that its
     operations cannot work on (the rest is checked at step: see need). `refusals`: (updating rules
     before it, condition) per `rule COND refuse`, which takes parameters before the rules after it."""
+    memo: dict[tuple, tuple[ir.Expr, bool | None]] = {}
+
+    def takes(c, rank, hypers):  # each rule's condition is asked of every rule after it: once per rank
+        key = (id(c), rank, tuple(h.name for h in hypers))  # (_takes reads the hyperparameters' names)
+        if key not in memo:
+            memo[key] = (c, _takes(c, rank, hypers))  # c kept: its id is not reused meanwhile
+        return memo[key][1]
+
     for rank in (1, 0):  # the larger rank first: a vector, the likelier parameter
         for i, (cond, prog) in enumerate(rules):
-            earlier = [_takes(c, rank, prog.hypers) for c in [c for c, _ in rules[:i]]
+            earlier = [takes(c, rank, prog.hypers) for c in [c for c, _ in rules[:i]]
                        + [c for before, c, *_ in refusals if before <= i]]
-            if any(t is True for t in earlier) or cond is None or _takes(cond, rank, prog.hypers) is not True:
+            if any(t is True for t in earlier) or cond is None or takes(cond, rank, prog.hypers) is not True:
                 continue  # a rule before it takes them all, or its condition does not decide to take them
             who = f"the rule '{ir.format_expr(cond)}'"
             hint = (f"put it in a rule for those parameters, e.g. 'rule ndim >= {rank + 1} {{ ... }}', and add a "

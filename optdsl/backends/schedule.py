@@ -21,21 +21,23 @@ class Dependence:
 
     def __init__(self, instrs: list[Instr]):
         self.roots = _aliases(instrs)
-        self._seen: dict[int, tuple[Instr, set[str], set[str], set[str]]] = {}
+        self._seen: dict[int, tuple[Instr, set[str], set[str], set[str], set[str]]] = {}
 
-    def _facts(self, instr: Instr) -> tuple[set[str], set[str], set[str]]:
-        """The values it touches, the tensors it may touch, and those it writes in place."""
+    def _facts(self, instr: Instr) -> tuple[set[str], set[str], set[str], set[str]]:
+        """The values it touches, the tensors it may touch, those it writes in place, and those it binds
+        (Instr's properties make their sets anew each time: asked once per instruction, not per pair)."""
         if id(instr) not in self._seen:
-            names = instr.binds | instr.reads
-            self._seen[id(instr)] = (instr, names, self._rooted(names), self._rooted(instr.writes))
+            binds = instr.binds
+            names = binds | instr.reads
+            self._seen[id(instr)] = (instr, names, self._rooted(names), self._rooted(instr.writes), binds)
         return self._seen[id(instr)][1:]
 
     def _rooted(self, names: set[str]) -> set[str]:
         return set().union(*(self.roots.get(n, {n}) for n in names))
 
     def between(self, a: Instr, b: Instr) -> bool:
-        (names_a, memory_a, written_a), (names_b, memory_b, written_b) = self._facts(a), self._facts(b)
-        return bool(names_a & names_b & (a.binds | b.binds) or written_a & memory_b or written_b & memory_a)
+        (names_a, memory_a, written_a, binds_a), (names_b, memory_b, written_b, binds_b) = self._facts(a), self._facts(b)
+        return bool(names_a & names_b & (binds_a | binds_b) or written_a & memory_b or written_b & memory_a)
 
 
 def _aliases(instrs: list[Instr]) -> dict[str, set[str]]:
@@ -69,12 +71,13 @@ def order(instrs: list[Instr]) -> list[Instr | tuple[str, ...]]:
     Adafactor's rms(p) and the row and column means of g^2."""
     dep = Dependence(instrs)
     deps = [{j for j in range(k) if dep.between(instrs[j], instrs[k])} for k in range(len(instrs))]
+    touches = [dep._facts(i)[0] for i in instrs]  # what each binds or reads
     out: list[Instr | tuple[str, ...]] = []
     pending: list[str] = []
     done: set[int] = set()
     while len(done) < len(instrs):
         ready = [k for k in range(len(instrs)) if k not in done and deps[k] <= done]
-        free = [k for k in ready if not (instrs[k].binds | instrs[k].reads) & set(pending)]
+        free = [k for k in ready if not touches[k] & set(pending)]
         if not free:  # everything left waits for a partial result: combine them all
             out.append(tuple(pending))
             pending.clear()
