@@ -721,6 +721,12 @@ def _check_group_keys(spec: ast.Spec, keywords: tuple[ir.Keyword, ...]) -> None:
 MAX_REPEAT = 64
 MAX_STATEMENTS = 128  # statements of a rule once its loops are unrolled: compiles in under 2 s
 MAX_STATES = 64       # states of a spec, all rules together: 60 compile in about 1 s (5,000 statements took 35 s)
+# Every rule is checked, planned and printed on its own, so a spec's compile time grows with its rules and
+# their statements together (kron.opt: 30 rules once its state list is unrolled, 871 statements). A state-list
+# rule unrolls to up to 30 (optdsl/axes.py: ranks 1 to MAX_RANK = 4, 2^rank choices of kinds each), so a few
+# of them, or many written rules, made a legal-looking spec take minutes: at most these, refusals included.
+MAX_RULES = 64
+MAX_SPEC_STATEMENTS = 1536  # statements over all rules, loops unrolled
 
 
 def _whole_rounds(count: float) -> bool:
@@ -823,14 +829,29 @@ def lower_rules(spec: ast.Spec) -> tuple[list[tuple[ir.Expr | None, ir.Program]]
                 raise SpecError(f"state '{s.name}' is saved as '{s.key or s.name}' here and as "
                                 f"'{other.key or s.name}' in another rule", s.key_span or s.span,
                                 hint="give a state of the same name the same 'as KEY' in every rule")
+    if len(spec.rules) > MAX_RULES:  # the first rule past the limit (an unrolled rule: its state-list rule)
+        unrolled = sum(r.unrolled is not None for r in spec.rules)
+        raise SpecError(f"{len(spec.rules)} rules" + (f" once state lists are unrolled ({unrolled} from state lists: "
+                        "one per rank and choice of kinds along the axes)" if unrolled else "")
+                        + f"; a spec may have at most {MAX_RULES}", spec.rules[MAX_RULES].span,
+                        hint="a state list unrolls to up to 2^rank rules per rank: give its rule a condition on ndim "
+                             "that keeps fewer ranks, or use fewer state lists" if unrolled else
+                        "merge rules that do the same work (a condition can hold for several shapes), "
+                        "or split the spec into several optimizers")
     # a key in any rule makes the class a drop-in: every rule then has the same interface
     named = any(s.key for rule in spec.rules for s in rule.states)
     out, warnings, unused = [], [], []
+    total = 0
     for i, rule in enumerate(rules):
         if rule.cond is None and i < len(rules) - 1:
             raise SpecError("a rule without a condition takes every parameter, so the rules after it never run",
                             rule.span, hint="put the rule without a condition last")
         program, found = lower(replace(spec, states=rule.states, body=rule.body, rules=()), named=named)
+        total += len(program.eqns)
+        if total > MAX_SPEC_STATEMENTS:  # compile time grows with the statements of all rules together
+            raise SpecError(f"the rules have {total} statements up to this one (loops and state lists unrolled); "
+                            f"a spec may have at most {MAX_SPEC_STATEMENTS} over all its rules", rule.span,
+                            hint="share work between rules (fewer, more general rules), or shorten the loops")
         hyper = [w for w in found if w.message.startswith("hyperparameter '")]
         unused.append({w.message: w for w in hyper})
         warnings += [w for w in found if w not in hyper]

@@ -13,7 +13,8 @@ import torch
 
 import optdsl
 from optdsl.errors import SpecError
-from optdsl.lower import MAX_STATEMENTS, MAX_STATES
+from optdsl import axes, lower, parse
+from optdsl.lower import MAX_RULES, MAX_SPEC_STATEMENTS, MAX_STATEMENTS, MAX_STATES
 from optdsl.pipeline import compile_source
 
 HEAD = "optimizer R\nhyper lr = 0.1\n"
@@ -149,6 +150,56 @@ def test_states_past_the_limit_are_refused_at_the_first_one_too_many():
     err = _error(spec(MAX_STATES + 1))
     line = spec(MAX_STATES + 1).splitlines()[err.span.line - 1]
     assert f"{MAX_STATES + 1} states" in str(err) and line[err.span.column - 1:].startswith(f"m{MAX_STATES}")
+
+
+def _rules(n: int, body: str = "  p -= lr * g\n") -> str:
+    """n rules, each its own condition, the last without one."""
+    return HEAD + "".join(f"rule numel == {i + 1} {{\n{body}}}\n" for i in range(n - 1)) + f"rule {{\n{body}}}\n"
+
+
+def test_rules_past_the_limit_are_refused_at_the_first_one_too_many():
+    """Each rule is checked, planned and printed on its own: the rules' count bounds the compile time."""
+    lower.lower_rules(parse.parse(_rules(MAX_RULES)))  # exactly the limit: fits (lowered, not compiled)
+    text = _rules(MAX_RULES + 1)
+    err = _error(text)
+    assert (err.span.line, err.span.column) == (HEAD.count("\n") + 3 * MAX_RULES + 1, 1), str(err)
+    assert f"{MAX_RULES + 1} rules; a spec may have at most {MAX_RULES}" in str(err)
+    assert f"deep.opt:{err.span.line}:1" in str(err) and "^^^^" in str(err)  # file, line, column, caret
+
+
+STATE_LIST = """rule ndim >= 1 and numel > {i} {{
+  state Q[a]: axis(a) if d[a] == 1 else gram(a) = eye
+  u = g
+  for axis a {{
+    u = mm_axis(Q[a], u, a)
+  }}
+  p -= lr * u
+}}
+"""
+
+
+def test_state_lists_count_as_the_rules_they_unroll_to():
+    """One state-list rule is a rule per rank (1 to axes.MAX_RANK) and choice of kinds along the axes, 30:
+    one fits with room (kron.opt has one, 30 rules in all), three do not, refused at the third."""
+    per_list = sum(2 ** n for n in range(1, axes.MAX_RANK + 1)) + 1  # and a rule refusing higher ranks
+    assert 2 * per_list <= MAX_RULES
+    lists = [STATE_LIST.format(i=i) for i in range(3)]
+    text = HEAD + "".join(lists) + "rule {\n  p -= lr * g\n}\n"
+    err = _error(text)
+    third = HEAD.count("\n") + sum(x.count("\n") for x in lists[:2]) + 1
+    assert (err.span.line, err.span.column) == (third, 1), str(err)
+    assert f"{3 * per_list + 1} rules once state lists are unrolled ({3 * (per_list - 1)} from state lists" in str(err)
+
+
+def test_the_statements_of_all_rules_share_a_budget():
+    """MAX_STATEMENTS per rule, and MAX_SPEC_STATEMENTS over the rules: refused at the rule that passes it."""
+    body = "".join(f"  x{i} = g * {i + 1}\n" for i in range(MAX_STATEMENTS - 1)) + "  p -= lr * x0\n"
+    fits = MAX_SPEC_STATEMENTS // MAX_STATEMENTS
+    lower.lower_rules(parse.parse(_rules(fits, body)))  # 12 full rules: exactly the budget
+    err = _error(_rules(fits + 1, body))
+    assert (err.span.line, err.span.column) == (HEAD.count("\n") + fits * (MAX_STATEMENTS + 2) + 1, 1), str(err)
+    assert f"{(fits + 1) * MAX_STATEMENTS} statements up to this one" in str(err)
+    assert f"at most {MAX_SPEC_STATEMENTS} over all its rules" in str(err)
 
 
 @pytest.mark.parametrize("expr", [
