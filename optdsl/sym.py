@@ -292,17 +292,23 @@ class _Hoister:
     def __init__(self, levels: dict[sp.Symbol, int], names: _Names, preferred: dict[sp.Expr, str]):
         self.levels, self.names, self.preferred = levels, names, preferred
         self.defs: dict[sp.Expr, Def] = {}
+        self._level: dict[sp.Expr, int] = {}  # a compound expression's level, once (asked again at each hoist)
 
     def level(self, e: sp.Expr) -> int:
-        if type(e) in fn.BROADCAST and self.scalar(e.args[0]):
-            return self.level(fn.broadcast(e))
-        if is_reduction(e):
-            return DEVICE
-        if e.is_Symbol:
+        if e.is_Symbol:  # (a symbol's level is set as it is defined: never kept below)
             return self.levels[e]
-        if not e.args:
-            return GROUP
-        return max(self.level(a) for a in e.args)
+        if e in self._level:
+            return self._level[e]
+        if type(e) in fn.BROADCAST and self.scalar(e.args[0]):
+            lvl = self.level(fn.broadcast(e))
+        elif is_reduction(e):
+            lvl = DEVICE
+        elif not e.args:
+            lvl = GROUP
+        else:
+            lvl = max(self.level(a) for a in e.args)
+        self._level[e] = lvl
+        return lvl
 
     def scalar(self, e: sp.Expr) -> bool:
         return self.level(e) < TENSOR

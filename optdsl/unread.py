@@ -32,20 +32,26 @@ def unread_when(prog: ir.Program) -> dict[str, tuple[str, ...]]:
     if not candidates or not prog.states:
         return {}
     _, syms, _, outputs, barriers = named_meanings(prog)
+    # each expression's free symbols, taken once (SymPy walks the whole tree each time it is asked): an
+    # expression that does not read h is its own value at h = 0
+    free = [e.free_symbols for _, e in barriers] + [e.free_symbols for e in outputs.values()]
+    exprs = [e for _, e in barriers] + list(outputs.values())
     found: dict[str, tuple[str, ...]] = {}
     for h in candidates:
         try:
             zero = {syms[h.name]: sp.Integer(0)}
-            named = [(b, xreplace(e, zero)) for b, e in barriers]
-            outs = {base: xreplace(e, zero) for base, e in outputs.items()}
+            at_zero = [(xreplace(e, zero), None) if syms[h.name] in fs else (e, fs) for e, fs in zip(exprs, free)]
         except (TypeError, ValueError, ZeroDivisionError, RecursionError):  # pragma: no cover - SymPy's own
             continue
+        reads = [fs if fs is not None else e.free_symbols for e, fs in at_zero]
+        named = [(b, fs) for (b, _), fs in zip(barriers, reads)]
+        outs = dict(zip(outputs, reads[len(barriers):]))
         for s in prog.states:
             s0 = syms[ir.ssa_name(s.name, 0)]
             reach = {s0}
-            for b, e in named:
-                if e.free_symbols & reach:
+            for b, fs in named:
+                if fs & reach:
                     reach.add(b)
-            if not any(e.free_symbols & reach for base, e in outs.items() if base != s.name or not h.flag):
+            if not any(fs & reach for base, fs in outs.items() if base != s.name or not h.flag):
                 found[s.name] = found.get(s.name, ()) + (h.name,)
     return found
