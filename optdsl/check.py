@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 
 import sympy as sp
+from sympy.core.parameters import global_parameters
 
 from . import ir
 from .errors import SpecError, SpecWarning
@@ -32,6 +33,24 @@ def _widen(old: Interval, new: Interval) -> Interval:
         new.hi == old.hi and not new.hi_closed)
     return Interval(old.lo if lo_same else float("-inf"), old.hi if hi_same else float("inf"),
                     old.lo_closed if lo_same else False, old.hi_closed if hi_same else False)
+
+
+# to_sympy over the names' own symbols is a function of the expression alone (every name a _Ranges knows is
+# Symbol(name)) and of SymPy's evaluate flag: the rules a state list unrolls to share most statements, equal
+# as IR (spans included)
+_SYMBOLIC: dict[tuple[ir.Expr, bool], sp.Expr] = {}
+
+
+def _symbolic(e: ir.Expr, symbols: dict[str, sp.Symbol]) -> sp.Expr:
+    key = (e, global_parameters.evaluate)
+    try:
+        return _SYMBOLIC[key]
+    except KeyError:
+        value = to_sympy(e, symbols)  # (a name it does not know raises, and nothing is kept)
+    if len(_SYMBOLIC) >= 8192:
+        _SYMBOLIC.clear()
+    _SYMBOLIC[key] = value
+    return value
 
 
 class _Ranges:
@@ -67,7 +86,7 @@ class _Ranges:
         in every round (up to _ROUNDS + 1 of them), the checks of its operations again."""
         hit = self._sympy.get(id(e))
         if hit is None or hit[0] is not e:
-            hit = self._sympy[id(e)] = (e, to_sympy(e, self.symbols))
+            hit = self._sympy[id(e)] = (e, _symbolic(e, self.symbols))
         return hit[1]
 
     def under(self, guards: tuple[ir.Expr, ...]) -> _Ranges:
