@@ -722,9 +722,9 @@ MAX_REPEAT = 64
 MAX_STATEMENTS = 128  # statements of a rule once its loops are unrolled: compiles in under 2 s
 MAX_STATES = 64       # states of a spec, all rules together: 60 compile in about 1 s (5,000 statements took 35 s)
 # Every rule is checked, planned and printed on its own, so a spec's compile time grows with its rules and
-# their statements together (kron.opt: 30 rules once its state list is unrolled, 871 statements). A state-list
-# rule unrolls to up to 30 (optdsl/axes.py: ranks 1 to MAX_RANK = 4, 2^rank choices of kinds each), so a few
-# of them, or many written rules, made a legal-looking spec take minutes: at most these, refusals included.
+# their statements together. A state-list rule unrolls to a rule per rank and one refusing the ranks past
+# them (optdsl/axes.py: MAX_RANK + 1 = 9), so several of them, or many written rules, made a legal-looking
+# spec take minutes: at most these, refusals included.
 MAX_RULES = 64
 MAX_SPEC_STATEMENTS = 1536  # statements over all rules, loops unrolled
 
@@ -832,10 +832,10 @@ def lower_rules(spec: ast.Spec) -> tuple[list[tuple[ir.Expr | None, ir.Program]]
     if len(spec.rules) > MAX_RULES:  # the first rule past the limit (an unrolled rule: its state-list rule)
         unrolled = sum(r.unrolled is not None for r in spec.rules)
         raise SpecError(f"{len(spec.rules)} rules" + (f" once state lists are unrolled ({unrolled} from state lists: "
-                        "one per rank and choice of kinds along the axes)" if unrolled else "")
+                        "one per rank)" if unrolled else "")
                         + f"; a spec may have at most {MAX_RULES}", spec.rules[MAX_RULES].span,
-                        hint="a state list unrolls to up to 2^rank rules per rank: give its rule a condition on ndim "
-                             "that keeps fewer ranks, or use fewer state lists" if unrolled else
+                        hint="a state list unrolls to a rule per rank: give its rule a condition on ndim that keeps "
+                             "fewer ranks, or use fewer state lists" if unrolled else
                         "merge rules that do the same work (a condition can hold for several shapes), "
                         "or split the spec into several optimizers")
     # a key in any rule makes the class a drop-in: every rule then has the same interface

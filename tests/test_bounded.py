@@ -179,16 +179,17 @@ STATE_LIST = """rule ndim >= 1 and numel > {i} {{
 
 
 def test_state_lists_count_as_the_rules_they_unroll_to():
-    """One state-list rule is a rule per rank (1 to axes.MAX_RANK) and choice of kinds along the axes, 30:
-    one fits with room (kron.opt has one, 30 rules in all), three do not, refused at the third."""
-    per_list = sum(2 ** n for n in range(1, axes.MAX_RANK + 1)) + 1  # and a rule refusing higher ranks
-    assert 2 * per_list <= MAX_RULES
-    lists = [STATE_LIST.format(i=i) for i in range(3)]
+    """One state-list rule is a rule per rank (1 to axes.MAX_RANK) and one refusing the ranks past them: a
+    few fit with room (kron.opt has one); past MAX_RULES, refused at the state-list rule that passes it."""
+    per_list = axes.MAX_RANK + 1
+    assert 4 * per_list <= MAX_RULES
+    n = MAX_RULES // per_list + 1  # the last of them passes the limit
+    lists = [STATE_LIST.format(i=i) for i in range(n)]
     text = HEAD + "".join(lists) + "rule {\n  p -= lr * g\n}\n"
     err = _error(text)
-    third = HEAD.count("\n") + sum(x.count("\n") for x in lists[:2]) + 1
-    assert (err.span.line, err.span.column) == (third, 1), str(err)
-    assert f"{3 * per_list + 1} rules once state lists are unrolled ({3 * (per_list - 1)} from state lists" in str(err)
+    last = HEAD.count("\n") + sum(x.count("\n") for x in lists[:-1]) + 1
+    assert (err.span.line, err.span.column) == (last, 1), str(err)
+    assert f"{n * per_list + 1} rules once state lists are unrolled ({n * axes.MAX_RANK} from state lists" in str(err)
 
 
 def test_the_statements_of_all_rules_share_a_budget():
