@@ -16,9 +16,10 @@ The spec::
     # side of 1 diagonal; one_diag: the last largest axis, as numpy's argsort but for its unstable ties at rank
     # 4; smart_one_diag: a strictly largest one), worked on along each axis in a `for axis a` loop: one rule per
     # rank (optdsl/axes.py). Rank 9 or more is refused when given to the optimizer, saying why. The matrices
-    # keep their rules above: their all-diagonal rule runs in the fused path's kernels, which a state list's
-    # rule (matrix work in torch's code) would give up. No keyword pre_conditioner_update_probability:
-    # max_prob, ... say it.
+    # keep their four rules above, not the state list's: their all-diagonal rule runs in the fused path's
+    # kernels, and a matrix split by rows whose QR is whole steps on its shards (rsolve_triu and mm work row by
+    # row), both of which a state list's rule (mm_axis, in torch's code, on owners) would give up; their
+    # diagonal factors stay rows/cols states. No keyword pre_conditioner_update_probability: max_prob, ... say it.
     # The preconditioner is updated when a counter of steps reaches 1 / prob(t - 1), prob(n) =
     # clamp(max_prob exp(-decay (n - flat_start)), min_prob, max_prob): the reference's default schedule
     # (every step up to step 501, then decaying to every 33rd); min_prob = max_prob = P is its constant
@@ -2175,9 +2176,9 @@ class Kron(Optimizer):
         if p.dim() >= 3 and p.dim() == 8:
             return 10
         if p.dim() >= 3 and p.dim() > 8:
-            raise ValueError(f"Kron refuses a parameter of shape {tuple(p.shape)}: " + "its state list 'Q[a]' is unrolled for ranks 1 to 8 (one rule per rank, optdsl/axes.py MAX_RANK) (specs/kron.opt:118: rule ndim >= 3 and ndim > 8 refuse)")
+            raise ValueError(f"Kron refuses a parameter of shape {tuple(p.shape)}: " + "its state list 'Q[a]' is unrolled for ranks 1 to 8 (one rule per rank, optdsl/axes.py MAX_RANK) (specs/kron.opt:119: rule ndim >= 3 and ndim > 8 refuse)")
         raise RuntimeError(f"no rule of Kron takes a parameter of shape {tuple(p.shape)}; its rules are "
-                           + "; ".join(("specs/kron.opt:31: rule ndim == 2 and (nrows > max_size) + (min_ndim > 2) + (mode == 3) + (mode > 0) * (nrows > ncols) > 0 and (ncols > max_size) + (min_ndim > 2) + (mode == 3) + (mode == 1) * (ncols >= nrows) + (mode == 2) * (ncols > nrows) > 0", "specs/kron.opt:49: rule ndim == 2 and (nrows > max_size) + (min_ndim > 2) + (mode == 3) + (mode > 0) * (nrows > ncols) > 0", "specs/kron.opt:67: rule ndim == 2 and (ncols > max_size) + (min_ndim > 2) + (mode == 3) + (mode == 1) * (ncols >= nrows) + (mode == 2) * (ncols > nrows) > 0", "specs/kron.opt:85: rule ndim == 2", "specs/kron.opt:103: rule ndim <= 1", "specs/kron.opt:118: rule ndim >= 3")))
+                           + "; ".join(("specs/kron.opt:32: rule ndim == 2 and (nrows > max_size) + (min_ndim > 2) + (mode == 3) + (mode > 0) * (nrows > ncols) > 0 and (ncols > max_size) + (min_ndim > 2) + (mode == 3) + (mode == 1) * (ncols >= nrows) + (mode == 2) * (ncols > nrows) > 0", "specs/kron.opt:50: rule ndim == 2 and (nrows > max_size) + (min_ndim > 2) + (mode == 3) + (mode > 0) * (nrows > ncols) > 0", "specs/kron.opt:68: rule ndim == 2 and (ncols > max_size) + (min_ndim > 2) + (mode == 3) + (mode == 1) * (ncols >= nrows) + (mode == 2) * (ncols > nrows) > 0", "specs/kron.opt:86: rule ndim == 2", "specs/kron.opt:104: rule ndim <= 1", "specs/kron.opt:119: rule ndim >= 3")))
 
     def _init_group(self, group, rule, *lists):
         """The lists of one rule's parameters of the group. torch.compile runs a method of this name
@@ -2200,7 +2201,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 2)
             raise ValueError("Kron: " + "state 'dR: cols'" + f" needs parameters of rank 2 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:32:84: dR\n      state m as momentum_buffer, c: scalar as update_counter, dL: rows = sqrt(scale), dR: cols = sqrt(scale)\n                                                                                       ^^")
+                             + "specs/kron.opt:33:84: dR\n      state m as momentum_buffer, c: scalar as update_counter, dL: rows = sqrt(scale), dR: cols = sqrt(scale)\n                                                                                       ^^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -2249,7 +2250,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 2)
             raise ValueError("Kron: " + "state 'QR: gram_cols'" + f" needs parameters of rank 2 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:50:84: QR\n      state m as momentum_buffer, c: scalar as update_counter, dL: rows = sqrt(scale), QR: gram_cols = sqrt(scale) * eye\n                                                                                       ^^")
+                             + "specs/kron.opt:51:84: QR\n      state m as momentum_buffer, c: scalar as update_counter, dL: rows = sqrt(scale), QR: gram_cols = sqrt(scale) * eye\n                                                                                       ^^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -2298,7 +2299,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 2)
             raise ValueError("Kron: " + "state 'QL: gram_rows'" + f" needs parameters of rank 2 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:68:60: QL\n      state m as momentum_buffer, c: scalar as update_counter, QL: gram_rows = sqrt(scale) * eye, dR: cols = sqrt(scale)\n                                                               ^^")
+                             + "specs/kron.opt:69:60: QL\n      state m as momentum_buffer, c: scalar as update_counter, QL: gram_rows = sqrt(scale) * eye, dR: cols = sqrt(scale)\n                                                               ^^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -2347,7 +2348,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 2)
             raise ValueError("Kron: " + "state 'QL: gram_rows'" + f" needs parameters of rank 2 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:86:60: QL\n      state m as momentum_buffer, c: scalar as update_counter, QL: gram_rows = sqrt(scale) * eye, QR: gram_cols = sqrt(scale) * eye\n                                                               ^^")
+                             + "specs/kron.opt:87:60: QL\n      state m as momentum_buffer, c: scalar as update_counter, QL: gram_rows = sqrt(scale) * eye, QR: gram_cols = sqrt(scale) * eye\n                                                               ^^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -2435,7 +2436,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 3)
             raise ValueError("Kron: " + "state 'Q2: factor(2)'" + f" needs parameters of rank 3 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:120:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:121:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -2489,7 +2490,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 4)
             raise ValueError("Kron: " + "state 'Q3: factor(3)'" + f" needs parameters of rank 4 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:120:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:121:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -2548,7 +2549,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 5)
             raise ValueError("Kron: " + "state 'Q4: factor(4)'" + f" needs parameters of rank 5 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:120:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:121:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -2612,7 +2613,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 6)
             raise ValueError("Kron: " + "state 'Q5: factor(5)'" + f" needs parameters of rank 6 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:120:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:121:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -2681,7 +2682,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 7)
             raise ValueError("Kron: " + "state 'Q6: factor(6)'" + f" needs parameters of rank 7 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:120:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:121:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
@@ -2755,7 +2756,7 @@ class Kron(Optimizer):
             bad = next(p for p in with_grad if p.dim() < 8)
             raise ValueError("Kron: " + "state 'Q7: factor(7)'" + f" needs parameters of rank 8 or more; this "
                              f"one has shape {tuple(bad.shape)} (give such parameters a rule of their own)\n  "
-                             + "specs/kron.opt:120:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
+                             + "specs/kron.opt:121:9: Q\n      state Q[a]: axis(a) if ((d[a] == 1) + (d[a] > max_size) + (ndim < min_ndim) + (mode == 3)\n            ^")
         if any(map(torch.is_complex, with_grad)):
             raise RuntimeError("Kron does not support complex parameters: its state 'c' is declared ': scalar', which stepping their "
                                "real view (torch.view_as_real, as torch.optim does) would change")
