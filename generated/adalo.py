@@ -1047,14 +1047,17 @@ class AdaLo(Optimizer):
             state_dict["rng_state"] = self._rng.get_state()
         if getattr(self, "reshardable", False):
             self._dequantised_states(state_dict)
-            if "rng_state" in state_dict and any(_stochastic(g["state_dtype"]) or g["state_dtype"] == torch.bfloat16
-                                                 for g in self.param_groups):
-                # torch.distributed.checkpoint (get_optimizer_state_dict) keeps 'state' and 'param_groups'
-                # only: each group carries the generator too, so a resharded run rounds (and draws) as
-                # this one would have; load_state_dict takes it back out. Only where it draws: a DCP
-                # checkpoint without it (float states, say) still loads into nearest-rounding int8 states
-                for group in state_dict["param_groups"]:
-                    group["rng_state"] = state_dict["rng_state"]
+        if "rng_state" in state_dict and getattr(self, "checkpoint_generator", True) and any(
+                _stochastic(g["state_dtype"]) or g["state_dtype"] == torch.bfloat16 for g in self.param_groups):
+            # torch.distributed.checkpoint (get_optimizer_state_dict) keeps 'state' and 'param_groups'
+            # only: where the optimizer draws, each group carries the generator too, so a run resumed
+            # through it (at any world size) rounds and draws as this one would have; load_state_dict
+            # takes it back out. Not where it does not draw: a DCP checkpoint without the key (float
+            # states, say) still loads into it. DCP refuses a checkpoint lacking a key its template has
+            # (an older one, or a non-drawing config's): `checkpoint_generator = False` leaves it out,
+            # and the optimizer goes on with its own generator (docs/distributed.md)
+            for group in state_dict["param_groups"]:
+                group["rng_state"] = state_dict["rng_state"]
         return state_dict
 
     def _dequantised_states(self, state_dict):

@@ -705,3 +705,44 @@ def test_reshardable_low_bit_checkpoint_across_layouts(results, case):
         other, _ = dm.one_process_reshardable("adamw", path, torch.float64, dm.STATE_DTYPES[fmt], params, numbers,
                                               grads_after, world, cuts=cuts)
         assert not all(torch.equal(p, q) for p, q in zip(got, other))
+
+
+def _dcp_run(name, where, save, state_dtype=None, seed=7, keep=False, steps=1):
+    """One process, no process group: dm.net trained one step (the batches' first) and saved through
+    torch.distributed.checkpoint (`save`), or made anew, loaded from `where`, then trained `steps`
+    batches. `keep`: checkpoint_generator=False. Returns the optimizer and the parameters."""
+    model = dm.net(torch.float32)
+    opt = dm.make(name, model.parameters(), "loop", state_dtype=state_dtype).manual_seed(seed)
+    opt.checkpoint_generator = not keep
+    data = dm.batches(torch.float32)
+    if save:
+        dm.train(model, opt, data[:1])
+    dm.checkpoint(model, opt, where, save=save)
+    dm.train(model, opt, data[1:1 + steps])
+    return opt, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_drawing_optimizers_resume_through_dcp_with_their_generator(tmp_path):
+    """Without reshardable=True too, an optimizer that draws (bfloat16 states, Kron's randn() probes)
+    carries its generator in each param group, so a run resumed through torch.distributed.checkpoint
+    goes on as the uninterrupted one, to the bit. Without it (checkpoint_generator=False, on the
+    loading side: how a checkpoint saved without the key, by an older version or a config that did not
+    draw, loads) the loader goes on from its own generator; with the key in its template, DCP refuses
+    such a checkpoint by name."""
+    for name, state_dtype in (("adamw", torch.bfloat16), ("kron", None)):
+        where = str(tmp_path / name)
+        _, straight = _dcp_run(name, where, True, state_dtype, steps=2)  # saved after one step, then two more
+        opt, resumed = _dcp_run(name, where, False, state_dtype, seed=11, steps=2)
+        assert "rng_state" in opt.state_dict()["param_groups"][0]
+        assert all(torch.equal(p, q) for p, q in zip(resumed, straight)), name
+        _, own = _dcp_run(name, where, False, state_dtype, seed=11, keep=True, steps=2)
+        assert not all(torch.equal(p, q) for p, q in zip(own, straight)), name
+    # a checkpoint without the generator: refused by DCP where the template has it, loaded with keep
+    older = str(tmp_path / "older")
+    _dcp_run("adamw", older, True, torch.bfloat16, keep=True)
+    with pytest.raises(dm.CheckpointException, match="Missing key in checkpoint state_dict: optim.param_groups.0.rng_state"):
+        _dcp_run("adamw", older, False, torch.bfloat16)
+    opt, _ = _dcp_run("adamw", older, False, torch.bfloat16, keep=True)
+    assert opt.param_groups[0]["state_dtype"] == torch.bfloat16
+
