@@ -1203,6 +1203,19 @@ class SMMF(Optimizer):
                     if shape is not None and value.shape != shape:
                         raise ValueError(f"{where}: state {key!r} of parameter {i} has shape {tuple(value.shape)}; "
                                          f"for a parameter of shape {tuple(p.shape)} it is {tuple(shape)}")
+                    wanted, mine = _state_dtype({**group, **saved}, p), _state_dtype(group, p)
+                    if (value.is_floating_point() and value.dtype == mine != wanted and not p.is_complex()
+                            and torch.finfo(value.dtype).bits < torch.finfo(wanted).bits):
+                        # torch.distributed.checkpoint reads a checkpoint into the loading optimizer's own
+                        # state_dict: states saved in float32 came through this one's bfloat16 tensors, rounded,
+                        # while the saved group (which wins, as in torch.optim) asks for float32 states
+                        raise ValueError(f"{where}: state {key!r} of parameter {i} is {value.dtype}, as this "
+                                         f"optimizer's states (state_dtype={group['state_dtype']!r}), but the "
+                                         f"state_dict's group says state_dtype={saved.get('state_dtype')!r} "
+                                         f"({wanted} states): torch.distributed.checkpoint reads a checkpoint into "
+                                         "the loading optimizer's own state_dict, so the saved states were rounded "
+                                         "on the way. Load it into an optimizer made with the state_dtype it was "
+                                         "saved with (docs/distributed.md)")
 
     def load_state_dict(self, state_dict):
         state_dict = _generator_of_groups(state_dict)

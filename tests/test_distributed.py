@@ -746,3 +746,48 @@ def test_drawing_optimizers_resume_through_dcp_with_their_generator(tmp_path):
     opt, _ = _dcp_run("adamw", older, False, torch.bfloat16, keep=True)
     assert opt.param_groups[0]["state_dtype"] == torch.bfloat16
 
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_dcp_between_state_dtypes(tmp_path):
+    """torch.distributed.checkpoint reads a checkpoint into the loading optimizer's own state_dict, and
+    the saved param groups win (as torch.optim's load_state_dict). bfloat16 states loaded by a float32-
+    state optimizer come back as the saved numbers, in bfloat16 (the groups say so): the run goes on with
+    bfloat16 states. float32 states loaded by a bfloat16-state optimizer came through its bfloat16
+    tensors, rounded, while the groups say float32: refused, by name, never resumed on rounded states
+    (DCP itself refuses it first: the float32 checkpoint has no generator, which the template asks for)."""
+    saved = str(tmp_path / "bf16")
+    opt, _ = _dcp_run("adamw", saved, True, torch.bfloat16, steps=0)
+    states = {k: v.clone() for k, v in opt.state[opt.param_groups[0]["params"][0]].items()}
+    loaded, _ = _dcp_run("adamw", saved, False, None, steps=0)
+    assert loaded.param_groups[0]["state_dtype"] == torch.bfloat16
+    mine = loaded.state[loaded.param_groups[0]["params"][0]]
+    for key, value in states.items():
+        assert mine[key].dtype == value.dtype and torch.equal(mine[key], value), key
+    plain = str(tmp_path / "float32")
+    _dcp_run("adamw", plain, True, None, steps=0)
+    with pytest.raises(dm.CheckpointException, match="Missing key in checkpoint state_dict: optim.param_groups.0.rng_state"):
+        _dcp_run("adamw", plain, False, torch.bfloat16)  # its template asks for the generator, as any drawing one's
+    with pytest.raises(ValueError, match=r"state_dtype=None \(torch.float32 states\).*rounded on the way"):
+        _dcp_run("adamw", plain, False, torch.bfloat16, keep=True)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_dcp_between_settings_that_add_a_state(tmp_path):
+    """A group value that adds a state (Adam's amsgrad: max_exp_avg_sq) differing between the saving and
+    the loading optimizer, through torch.distributed.checkpoint in one process: refused either way, by
+    DCP where the checkpoint lacks a state the template asks for, by load_state_dict where the saved
+    groups need a state the template did not ask for (never resumed without it)."""
+    from generated.adam import Adam
+
+    def run(where, save, amsgrad):
+        model = dm.net(torch.float32)
+        opt = Adam(model.parameters(), amsgrad=amsgrad)
+        if save:
+            dm.train(model, opt, dm.batches(torch.float32)[:1])
+        dm.checkpoint(model, opt, str(tmp_path / where), save)
+    run("amsgrad", True, True)
+    with pytest.raises(ValueError, match=r"has no \['max_exp_avg_sq'\]"):
+        run("amsgrad", False, False)
+    run("plain", True, False)
+    with pytest.raises(dm.CheckpointException, match="Missing key in checkpoint state_dict: optim.state.*max_exp_avg_sq"):
+        run("plain", False, True)
