@@ -2665,9 +2665,9 @@ if triton is not None:
         x1 = (tl.where(c1 < 0.5, r, ax0_) + tl.where(c1 < 0.5, c1, c1 - 1.0) * (ax0_ - r))
         x2 = (tl.where(c1 < 0.5, c, ax1_) + tl.where(c1 < 0.5, c1, c1 - 1.0) * (ax1_ - c))
         tl.store(r_ptr + rows_, _to_state(x1, S_TYPE, STOCHASTIC, seed + i,
-                                                 rows_ * 3 + 0), mask=mask & (col_ == 0))
+                                                 (places // CW_) * 3 + 0), mask=mask & (col_ == 0))
         tl.store(c_ptr + cols_, _to_state(x2, S_TYPE, STOCHASTIC, seed + i,
-                                                 cols_ * 3 + 1), mask=mask & (row_ == 0))
+                                                 ((places // (RW_ * CW_)) * CW_ + places % CW_) * 3 + 1), mask=mask & (row_ == 0))
 
     # ---- rule 2 (every other parameter) ----
 

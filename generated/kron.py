@@ -8144,9 +8144,9 @@ if triton is not None:
         d2 = -plr/(r1 + 1.1754943508222875e-38)
         x13 = tl.where(d0 != 0, (d2*dR*(x11 - x12) + dR), dR)
         tl.store(dL_ptr + rows_, _to_state(x10, S_TYPE, STOCHASTIC, seed + i,
-                                                 rows_ * 4 + 2), mask=mask & (col_ == 0))
+                                                 (places // CW_) * 4 + 2), mask=mask & (col_ == 0))
         tl.store(dR_ptr + cols_, _to_state(x13, S_TYPE, STOCHASTIC, seed + i,
-                                                 cols_ * 4 + 3), mask=mask & (row_ == 0))
+                                                 ((places // (RW_ * CW_)) * CW_ + places % CW_) * 4 + 3), mask=mask & (row_ == 0))
 
     @triton.jit(do_not_specialize=["seed"])
     def _kron_0_scalars(

@@ -2294,9 +2294,9 @@ if triton is not None:
         x4 = ax0_
         x5 = ax1_
         tl.store(r_ptr + rows_, _to_state(tl.where(k1 != 0, tl.maximum(r, x4, propagate_nan=tl.PropagateNan.ALL), x4), S_TYPE, STOCHASTIC, seed + i,
-                                                 rows_ * 3 + 0), mask=mask & (col_ == 0))
+                                                 (places // CW_) * 3 + 0), mask=mask & (col_ == 0))
         tl.store(c_ptr + cols_, _to_state(tl.where(k1 != 0, tl.maximum(c, x5, propagate_nan=tl.PropagateNan.ALL), x5), S_TYPE, STOCHASTIC, seed + i,
-                                                 cols_ * 3 + 1), mask=mask & (row_ == 0))
+                                                 ((places // (RW_ * CW_)) * CW_ + places % CW_) * 3 + 1), mask=mask & (row_ == 0))
 
     # ---- rule 2 (every other parameter) ----
 

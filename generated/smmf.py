@@ -2402,13 +2402,13 @@ if triton is not None:
         r0 = tl.load(acc1 + i * 2 + 1)
         d0 = (1.0 / ((tl.where(tl.where(r0 > 0.0, 1.0, 0.0).to(C_TYPE) != 0, r0, 1.0))))
         tl.store(rm_ptr + rows_, _to_state(ax0_*d0, S_TYPE, STOCHASTIC, seed + i,
-                                                 rows_ * 5 + 0), mask=mask & (col_ == 0))
+                                                 (places // CW_) * 5 + 0), mask=mask & (col_ == 0))
         tl.store(cm_ptr + cols_, _to_state(ax1_, S_TYPE, STOCHASTIC, seed + i,
-                                                 cols_ * 5 + 1), mask=mask & (row_ == 0))
+                                                 ((places // (RW_ * CW_)) * CW_ + places % CW_) * 5 + 1), mask=mask & (row_ == 0))
         tl.store(rv_ptr + rows_, _to_state(ax2_*d1, S_TYPE, STOCHASTIC, seed + i,
-                                                 rows_ * 5 + 2), mask=mask & (col_ == 0))
+                                                 (places // CW_) * 5 + 2), mask=mask & (col_ == 0))
         tl.store(cv_ptr + cols_, _to_state(ax3_, S_TYPE, STOCHASTIC, seed + i,
-                                                 cols_ * 5 + 3), mask=mask & (row_ == 0))
+                                                 ((places // (RW_ * CW_)) * CW_ + places % CW_) * 5 + 3), mask=mask & (row_ == 0))
 
     # ---- rule 2 (every other parameter) ----
 

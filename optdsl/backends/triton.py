@@ -48,6 +48,11 @@ _UNITS = {fn.unit_mean: ("{x}", "{r} / ucount.to(C_TYPE)"), fn.unit_norm: ("{x} 
 # which elements of the tensor hold it once (they alone add it up or store it), and how many it has.
 ROWS, COLS, BOTH = ir.STATE_SHAPES["rows"], ir.STATE_SHAPES["cols"], frozenset({"-1", "-2"})
 _INDEX = {ir.FULL: "offsets", ROWS: "rows_", COLS: "cols_", BOTH: "mat_", ir.ALL: "0"}
+# The stochastic rounding's counter of a number a kernel stores: its place in the whole state, from the
+# place in the whole p of the element storing it (`places`: a shard's, by the place table), so a shard's
+# rows, columns or matrices round as one process rounds them (by the local index they drew as rank 0's)
+_COUNTER = {ir.FULL: "places", ROWS: "(places // CW_)", COLS: "((places // (RW_ * CW_)) * CW_ + places % CW_)",
+            BOTH: "(places // (RW_ * CW_))", ir.ALL: "0"}
 _ONCE = {ir.FULL: "mask", ROWS: "mask & (col_ == 0)", COLS: "mask & (row_ == 0)",
          BOTH: "mask & (col_ == 0) & (row_ == 0)", ir.ALL: "mask"}  # a scalar: broadcast over p
 # Counts (divisors of means) are the whole tensor's: n, RW_ and CW_ (a shard's R_ and C_ index it).
@@ -183,6 +188,7 @@ def kernel_context(plan: Plan) -> dict:
     def stores(outputs):
         return [dict(base=b, code=as_tensor(e), kind="p" if b == "p" else kinds[b],
                      index=_INDEX[ir.STATE_SHAPES[kinds.get(b, "full")]],
+                     counter=_COUNTER[ir.STATE_SHAPES[kinds.get(b, "full")]],
                      once=_ONCE[ir.STATE_SHAPES[kinds.get(b, "full")]]) for b, e in outputs]
     for s in range(1, f.count + 1):
         whole = [r for r in f.whole if f.stage[r] == s]
