@@ -420,6 +420,8 @@ def sharded(mode, name, path, dtype, rank, world):
     assert all(type(p).__name__ == "DTensor" for p in model.parameters())
     if mode in ("rsave", "rload"):  # low-bit checkpoints with reshardable=True: resharded()
         return resharded(mode, name, path, dtype, rank, world, model, STATE_DTYPES[low])
+    if low == "bf16" and mode in ("save", "load", "loadkeep"):  # bfloat16 states through DCP: bf16_checkpoint()
+        return bf16_checkpoint(mode, name, path, dtype, rank, world, model)
     if mode in ("save", "load"):  # torch.distributed.checkpoint: saved by some ranks, loaded by others
         opt = make(name, model.parameters(), path, **kwargs)
         step = train_recorded if low in LOWBIT else train
@@ -540,6 +542,47 @@ def checkpoint(model, opt, where, save):
     dcp.load(state, checkpoint_id=where)
     sd.set_model_state_dict(model, state["model"])
     sd.set_optimizer_state_dict(model, opt, state["optim"])
+
+
+def bf16_checkpoint(mode, name, path, dtype, rank, world, model):
+    """bfloat16 states (stochastic rounding) through torch.distributed.checkpoint. `save` trains STEPS
+    steps from the generator seeded 7, saves, and trains STEPS more: the uninterrupted run. `load`
+    seeds its generator otherwise (11), loads, and trains STEPS: it goes on as the uninterrupted run
+    only if the saved generator came back (the groups carry it). `loadkeep`: loads with
+    checkpoint_generator=False (a checkpoint without the generator loads so), going on from 11.
+    Returns the parameters (whole), the states as saved or loaded, the gradients stepped on, and
+    (`save`) the uninterrupted run's parameters. `model`: FSDP2's, or None: one process, unsharded."""
+    model = model or net(dtype)
+    opt = make(name, model.parameters(), path, state_dtype=torch.bfloat16).manual_seed(7 if mode == "save" else 11)
+    where = os.path.join(CHECKPOINTS, f"{name}-{path}-{DTYPES_NAME[dtype]}-bf16")
+    if mode == "save":
+        grads = train_recorded(model, opt, batches(dtype), rank, world)
+    if mode == "loadkeep":
+        opt.checkpoint_generator = False
+    checkpoint(model, opt, where, save=mode == "save")
+    states = whole_states(model, opt)
+    if mode == "save":
+        params = [_whole(p) for p in model.parameters()]
+        train(model, opt, batches(dtype), rank, world)
+        return params, states, grads, [_whole(p) for p in model.parameters()]
+    grads = train_recorded(model, opt, batches(dtype), rank, world)
+    return [_whole(p) for p in model.parameters()], states, grads
+
+
+def one_process_bf16(name, path, dtype, grads):
+    """One process, whole parameters, bfloat16 states, the generator seeded as bf16_checkpoint's `save`:
+    stepping on `grads` (each step's whole gradients: the saving ranks', then the loading ones'), never
+    interrupted. Element-wise updates (AdamW) on the same gradients round the same numbers at the
+    same places (stochastic rounding draws by a number's place in the whole tensor), so a resumed
+    sharded run equals it to the bit."""
+    model = net(dtype)
+    opt = make(name, model.parameters(), path, state_dtype=torch.bfloat16).manual_seed(7)
+    params = list(model.parameters())
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach().clone() for p in params]
 
 
 def resumed(name, path, dtype, low=""):
