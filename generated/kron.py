@@ -3333,9 +3333,9 @@ def _single_tensor_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state
         seed = _random_seed(generator)  # one draw per step: each tensor's randn()/rand() is keyed by it
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr
-    k1 = -decay
-    k2 = -flat_start - 1
-    k3 = 1 - momentum
+    k1 = 1 - momentum
+    k2 = -decay
+    k3 = -flat_start - 1
     for i, param in enumerate(params):
         p = param if param.dtype in _EXACT else param.float()
         g = grads[i].to(p.dtype)
@@ -3351,13 +3351,13 @@ def _single_tensor_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state
         if torch.compiler.is_compiling():
             t = step_t.to(torch.float64)
             c0 = 1/(1 - momentum**t)
-            c1 = 1/torch.minimum(torch.as_tensor(max_prob, dtype=torch.float64), torch.maximum(torch.as_tensor(min_prob, dtype=torch.float64), max_prob*torch.exp(k1*(k2 + t))))
+            c1 = 1/torch.minimum(torch.as_tensor(max_prob, dtype=torch.float64), torch.maximum(torch.as_tensor(min_prob, dtype=torch.float64), max_prob*torch.exp(k2*(k3 + t))))
         else:
             t = step_t.item()
             c0 = 1/(1 - momentum**t)
-            c1 = 1/min(max_prob, max(min_prob, max_prob*_exp(k1*(k2 + t))))
-        d0 = torch.as_tensor(torch.as_tensor((c + 1 >= c1), dtype=torch.float64), dtype=p.dtype)
-        d4 = torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((c + 1 >= c1), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(0, dtype=torch.float64), torch.as_tensor(c + 1, dtype=torch.float64)), dtype=p.dtype)
+            c1 = 1/min(max_prob, max(min_prob, max_prob*_exp(k2*(k3 + t))))
+        d1 = torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((c + 1 >= c1), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(0, dtype=torch.float64), torch.as_tensor(c + 1, dtype=torch.float64)), dtype=p.dtype)
+        d2 = torch.as_tensor(torch.as_tensor((c + 1 >= c1), dtype=torch.float64), dtype=p.dtype)
         tmp0 = torch.mul(p, wd)
         if weight_decouple:
             tmp2 = g
@@ -3365,53 +3365,53 @@ def _single_tensor_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state
             tmp1 = torch.add(g, tmp0)
             tmp2 = tmp1
         m.mul_(momentum)
-        m.add_(tmp2, alpha=k3)
-        tmp3 = torch.mul(dL, dL)
-        tmp4 = torch.mul(dR, dR)
-        tmp5 = torch.mul(m, c0)
-        tmp6 = torch.mul(tmp3, tmp4)
+        m.add_(tmp2, alpha=k1)
+        tmp3 = torch.mul(m, c0)
+        tmp4 = torch.mul(dL, dL)
+        tmp5 = torch.mul(dR, dR)
+        tmp6 = _random_like(p, seed, i, 0, normal=True)
+        tmp6.mul_(tmp6)
+        tmp6.div_(tmp4)
+        tmp6.div_(tmp5)
+        tmp7 = _whole(_sum(tmp6, -1))
+        tmp8 = torch.mul(tmp4, tmp5)
         if momentum_into_precondition_update:
-            tmp7 = tmp5
+            tmp9 = tmp3
         else:
-            tmp7 = tmp2
-        tmp8 = torch.mul(tmp7, tmp7)
-        tmp6.mul_(tmp8)
-        tmp9 = _whole(_sum(tmp6, -1))
-        tmp10 = _random_like(p, seed, i, 0, normal=True)
-        tmp10.mul_(tmp10)
-        tmp10.div_(tmp3)
-        tmp10.div_(tmp4)
-        tmp11 = _whole(_sum(tmp10, -1))
-        tmp12 = torch.add(tmp9, tmp11)
-        r0 = _whole(_amax(tmp12, None))
-        d1 = torch.as_tensor(-plr/(r0 + 1.1754943508222875e-38), dtype=p.dtype)
-        tmp9.sub_(tmp11)
-        tmp13 = torch.mul(dL, tmp9)
-        tmp13.mul_(d1)
+            tmp9 = tmp2
+        tmp10 = torch.mul(tmp9, tmp9)
+        tmp8.mul_(tmp10)
+        tmp11 = _whole(_sum(tmp8, -1))
+        tmp12 = torch.add(tmp11, tmp7)
+        r1 = _whole(_amax(tmp12, None))
+        d3 = torch.as_tensor(-plr/(r1 + 1.1754943508222875e-38), dtype=p.dtype)
+        tmp11.sub_(tmp7)
+        tmp13 = torch.mul(dL, tmp11)
+        tmp13.mul_(d3)
         tmp14 = torch.add(dL, tmp13)
-        tmp15 = torch.where(d0 != 0, tmp14, dL)
+        tmp15 = torch.where(d2 != 0, tmp14, dL)
         tmp16 = _whole(_sum(tmp6, -2))
-        tmp17 = _whole(_sum(tmp10, -2))
+        tmp17 = _whole(_sum(tmp8, -2))
         tmp18 = torch.add(tmp16, tmp17)
-        r1 = _whole(_amax(tmp18, None))
-        d2 = torch.as_tensor(-plr/(r1 + 1.1754943508222875e-38), dtype=p.dtype)
-        tmp16.sub_(tmp17)
-        tmp19 = torch.mul(dR, tmp16)
-        tmp19.mul_(d2)
+        r2 = _whole(_amax(tmp18, None))
+        d4 = torch.as_tensor(-plr/(r2 + 1.1754943508222875e-38), dtype=p.dtype)
+        tmp17.sub_(tmp16)
+        tmp19 = torch.mul(dR, tmp17)
+        tmp19.mul_(d4)
         tmp20 = torch.add(dR, tmp19)
-        tmp21 = torch.where(d0 != 0, tmp20, dR)
+        tmp21 = torch.where(d2 != 0, tmp20, dR)
         tmp22 = torch.mul(tmp15, tmp15)
         tmp23 = torch.mul(tmp21, tmp21)
         tmp24 = torch.mul(tmp22, tmp23)
-        tmp25 = torch.mul(tmp24, tmp5)
-        r2 = _whole(_rms(tmp25))
-        d3 = torch.as_tensor(c0*torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r2 + 1e-06), dtype=torch.float64)), dtype=p.dtype)
+        tmp25 = torch.mul(tmp24, tmp3)
+        r0 = _whole(_rms(tmp25))
+        d0 = torch.as_tensor(c0*torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r0 + 1e-06), dtype=torch.float64)), dtype=p.dtype)
         tmp26 = torch.where(torch.as_tensor(weight_decouple, dtype=tmp0.dtype, device=tmp0.device) != 0, tmp0, torch.as_tensor(0, dtype=tmp0.dtype, device=tmp0.device))
-        tmp24.mul_(m)
-        tmp24.mul_(d3)
-        tmp24.add_(tmp26)
-        p.add_(tmp24, alpha=k0)
-        _copy_into(c, d4)
+        tmp27 = torch.mul(m, tmp24)
+        tmp27.mul_(d0)
+        tmp27.add_(tmp26)
+        p.add_(tmp27, alpha=k0)
+        _copy_into(c, d1)
         _copy_into(dL, tmp15)
         _copy_into(dR, tmp21)
         if p is not param:
@@ -3433,9 +3433,9 @@ def _staged_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_steps,
         seed = _random_seed(generator)  # one draw per step: each tensor's randn()/rand() is keyed by it
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr
-    k1 = -decay
-    k2 = -flat_start - 1
-    k3 = 1 - momentum
+    k1 = 1 - momentum
+    k2 = -decay
+    k3 = -flat_start - 1
     def per_tensor(i, param):
         p = param if param.dtype in _EXACT else param.float()
         g = grads[i].to(p.dtype)
@@ -3451,13 +3451,13 @@ def _staged_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_steps,
         if torch.compiler.is_compiling():
             t = step_t.to(torch.float64)
             c0 = 1/(1 - momentum**t)
-            c1 = 1/torch.minimum(torch.as_tensor(max_prob, dtype=torch.float64), torch.maximum(torch.as_tensor(min_prob, dtype=torch.float64), max_prob*torch.exp(k1*(k2 + t))))
+            c1 = 1/torch.minimum(torch.as_tensor(max_prob, dtype=torch.float64), torch.maximum(torch.as_tensor(min_prob, dtype=torch.float64), max_prob*torch.exp(k2*(k3 + t))))
         else:
             t = step_t.item()
             c0 = 1/(1 - momentum**t)
-            c1 = 1/min(max_prob, max(min_prob, max_prob*_exp(k1*(k2 + t))))
-        d0 = torch.as_tensor(torch.as_tensor((c + 1 >= c1), dtype=torch.float64), dtype=p.dtype)
-        d4 = torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((c + 1 >= c1), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(0, dtype=torch.float64), torch.as_tensor(c + 1, dtype=torch.float64)), dtype=p.dtype)
+            c1 = 1/min(max_prob, max(min_prob, max_prob*_exp(k2*(k3 + t))))
+        d1 = torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((c + 1 >= c1), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(0, dtype=torch.float64), torch.as_tensor(c + 1, dtype=torch.float64)), dtype=p.dtype)
+        d2 = torch.as_tensor(torch.as_tensor((c + 1 >= c1), dtype=torch.float64), dtype=p.dtype)
         tmp0 = torch.mul(p, wd)
         if weight_decouple:
             tmp2 = g
@@ -3465,58 +3465,58 @@ def _staged_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_steps,
             tmp1 = torch.add(g, tmp0)
             tmp2 = tmp1
         m.mul_(momentum)
-        m.add_(tmp2, alpha=k3)
-        tmp3 = torch.mul(dL, dL)
-        tmp4 = torch.mul(dR, dR)
-        tmp5 = torch.mul(m, c0)
-        tmp6 = torch.mul(tmp3, tmp4)
+        m.add_(tmp2, alpha=k1)
+        tmp3 = torch.mul(m, c0)
+        tmp4 = torch.mul(dL, dL)
+        tmp5 = torch.mul(dR, dR)
+        tmp6 = _random_like(p, seed, i, 0, normal=True)
+        tmp6.mul_(tmp6)
+        tmp6.div_(tmp4)
+        tmp6.div_(tmp5)
+        tmp7 = _sum(tmp6, -1)
+        tmp8 = torch.mul(tmp4, tmp5)
         if momentum_into_precondition_update:
-            tmp7 = tmp5
+            tmp9 = tmp3
         else:
-            tmp7 = tmp2
-        tmp8 = torch.mul(tmp7, tmp7)
-        tmp6.mul_(tmp8)
-        tmp9 = _sum(tmp6, -1)
-        tmp10 = _random_like(p, seed, i, 0, normal=True)
-        tmp10.mul_(tmp10)
-        tmp10.div_(tmp3)
-        tmp10.div_(tmp4)
-        tmp11 = _sum(tmp10, -1)
+            tmp9 = tmp2
+        tmp10 = torch.mul(tmp9, tmp9)
+        tmp8.mul_(tmp10)
+        tmp11 = _sum(tmp8, -1)
         tmp16 = _sum(tmp6, -2)
-        tmp17 = _sum(tmp10, -2)
+        tmp17 = _sum(tmp8, -2)
         tmp26 = torch.where(torch.as_tensor(weight_decouple, dtype=tmp0.dtype, device=tmp0.device) != 0, tmp0, torch.as_tensor(0, dtype=tmp0.dtype, device=tmp0.device))
-        tmp9, tmp11, tmp16, tmp17 = yield tmp9, tmp11, tmp16, tmp17
-        tmp12 = torch.add(tmp9, tmp11)
-        r0 = _amax(tmp12, None)
-        tmp9.sub_(tmp11)
-        tmp13 = torch.mul(dL, tmp9)
+        tmp7, tmp11, tmp16, tmp17 = yield tmp7, tmp11, tmp16, tmp17
+        tmp12 = torch.add(tmp11, tmp7)
+        r1 = _amax(tmp12, None)
+        tmp11.sub_(tmp7)
+        tmp13 = torch.mul(dL, tmp11)
         tmp18 = torch.add(tmp16, tmp17)
-        r1 = _amax(tmp18, None)
-        tmp16.sub_(tmp17)
-        tmp19 = torch.mul(dR, tmp16)
-        r0, r1 = yield r0, r1
-        d1 = torch.as_tensor(-plr/(r0 + 1.1754943508222875e-38), dtype=p.dtype)
-        tmp13.mul_(d1)
+        r2 = _amax(tmp18, None)
+        tmp17.sub_(tmp16)
+        tmp19 = torch.mul(dR, tmp17)
+        r1, r2 = yield r1, r2
+        d3 = torch.as_tensor(-plr/(r1 + 1.1754943508222875e-38), dtype=p.dtype)
+        tmp13.mul_(d3)
         tmp14 = torch.add(dL, tmp13)
-        tmp15 = torch.where(d0 != 0, tmp14, dL)
-        d2 = torch.as_tensor(-plr/(r1 + 1.1754943508222875e-38), dtype=p.dtype)
-        tmp19.mul_(d2)
+        tmp15 = torch.where(d2 != 0, tmp14, dL)
+        d4 = torch.as_tensor(-plr/(r2 + 1.1754943508222875e-38), dtype=p.dtype)
+        tmp19.mul_(d4)
         tmp20 = torch.add(dR, tmp19)
-        tmp21 = torch.where(d0 != 0, tmp20, dR)
+        tmp21 = torch.where(d2 != 0, tmp20, dR)
         tmp22 = torch.mul(tmp15, tmp15)
         tmp23 = torch.mul(tmp21, tmp21)
         tmp24 = torch.mul(tmp22, tmp23)
-        tmp25 = torch.mul(tmp24, tmp5)
-        r2 = _rms(tmp25)
-        tmp24.mul_(m)
-        _copy_into(c, d4)
+        tmp25 = torch.mul(tmp24, tmp3)
+        r0 = _rms(tmp25)
+        tmp27 = torch.mul(m, tmp24)
+        _copy_into(c, d1)
         _copy_into(dL, tmp15)
         _copy_into(dR, tmp21)
-        r2, = yield r2,
-        d3 = torch.as_tensor(c0*torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r2 + 1e-06), dtype=torch.float64)), dtype=p.dtype)
-        tmp24.mul_(d3)
-        tmp24.add_(tmp26)
-        p.add_(tmp24, alpha=k0)
+        r0, = yield r0,
+        d0 = torch.as_tensor(c0*torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r0 + 1e-06), dtype=torch.float64)), dtype=p.dtype)
+        tmp27.mul_(d0)
+        tmp27.add_(tmp26)
+        p.add_(tmp27, alpha=k0)
         yield  # computed: _in_stages writes the states back in the tensors' order
         if p is not param:
             param.copy_(p)
@@ -3535,9 +3535,9 @@ def _multi_tensor_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_
         seed = _random_seed(generator)  # one draw per step, as the for-loop path draws it
     # Scalars of the hyperparameters alone: once per group.
     k0 = -lr
-    k1 = -decay
-    k2 = -flat_start - 1
-    k3 = 1 - momentum
+    k1 = 1 - momentum
+    k2 = -decay
+    k3 = -flat_start - 1
     # Grouped by the parameters' device and dtype (and DTensors apart from plain tensors); states follow
     # by index, as they may be stored in another dtype (float32 for bfloat16 parameters, state_dtype,
     # bool), which the grouping refuses on CUDA.
@@ -3563,9 +3563,9 @@ def _multi_tensor_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_
         t = [s.item() for s in device_steps]
         # Scalars of the step count: one per tensor, on the host.
         c0 = [1/(1 - momentum**t_) for t_ in t]
-        c1 = [1/min(max_prob, max(min_prob, max_prob*_exp(k1*(k2 + t_)))) for t_ in t]
-        d0 = [torch.as_tensor(torch.as_tensor((c_ + 1 >= c1_), dtype=torch.float64), dtype=p[0].dtype) for c_, c1_ in zip(c, c1)]
-        d4 = [torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((c_ + 1 >= c1_), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(0, dtype=torch.float64), torch.as_tensor(c_ + 1, dtype=torch.float64)), dtype=p[0].dtype) for c_, c1_ in zip(c, c1)]
+        c1 = [1/min(max_prob, max(min_prob, max_prob*_exp(k2*(k3 + t_)))) for t_ in t]
+        d1 = [torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((c_ + 1 >= c1_), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(0, dtype=torch.float64), torch.as_tensor(c_ + 1, dtype=torch.float64)), dtype=p[0].dtype) for c_, c1_ in zip(c, c1)]
+        d2 = [torch.as_tensor(torch.as_tensor((c_ + 1 >= c1_), dtype=torch.float64), dtype=p[0].dtype) for c_, c1_ in zip(c, c1)]
         tmp0 = torch._foreach_mul(p, wd)
         if weight_decouple:
             tmp2 = g
@@ -3573,58 +3573,58 @@ def _multi_tensor_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_
             tmp1 = torch._foreach_add(g, tmp0)
             tmp2 = tmp1
         torch._foreach_mul_(m, momentum)
-        torch._foreach_add_(m, tmp2, alpha=k3)
-        tmp3 = torch._foreach_mul(dL, dL)
-        tmp4 = torch._foreach_mul(dR, dR)
-        tmp5 = torch._foreach_mul(m, c0)
-        tmp6 = torch._foreach_mul(tmp3, tmp4)
+        torch._foreach_add_(m, tmp2, alpha=k1)
+        tmp3 = torch._foreach_mul(m, c0)
+        tmp4 = torch._foreach_mul(dL, dL)
+        tmp5 = torch._foreach_mul(dR, dR)
+        tmp6 = [_random_like(p_, seed, i_, 0, normal=True) for p_, i_ in zip(p, i)]
+        torch._foreach_mul_(tmp6, tmp6)
+        torch._foreach_div_(tmp6, tmp4)
+        torch._foreach_div_(tmp6, tmp5)
+        tmp7 = [_sum(tmp6_, -1) for tmp6_ in tmp6]
+        tmp8 = torch._foreach_mul(tmp4, tmp5)
         if momentum_into_precondition_update:
-            tmp7 = tmp5
+            tmp9 = tmp3
         else:
-            tmp7 = tmp2
-        tmp8 = torch._foreach_mul(tmp7, tmp7)
-        torch._foreach_mul_(tmp6, tmp8)
-        tmp9 = [_sum(tmp6_, -1) for tmp6_ in tmp6]
-        tmp10 = [_random_like(p_, seed, i_, 0, normal=True) for p_, i_ in zip(p, i)]
-        torch._foreach_mul_(tmp10, tmp10)
-        torch._foreach_div_(tmp10, tmp3)
-        torch._foreach_div_(tmp10, tmp4)
-        tmp11 = [_sum(tmp10_, -1) for tmp10_ in tmp10]
+            tmp9 = tmp2
+        tmp10 = torch._foreach_mul(tmp9, tmp9)
+        torch._foreach_mul_(tmp8, tmp10)
+        tmp11 = [_sum(tmp8_, -1) for tmp8_ in tmp8]
         tmp16 = [_sum(tmp6_, -2) for tmp6_ in tmp6]
-        tmp17 = [_sum(tmp10_, -2) for tmp10_ in tmp10]
+        tmp17 = [_sum(tmp8_, -2) for tmp8_ in tmp8]
         tmp26 = [torch.where(torch.as_tensor(weight_decouple, dtype=tmp0_.dtype, device=tmp0_.device) != 0, tmp0_, torch.as_tensor(0, dtype=tmp0_.dtype, device=tmp0_.device)) for tmp0_ in tmp0]
-        tmp9, tmp11, tmp16, tmp17 = _whole_lists(tmp9, tmp11, tmp16, tmp17)
-        tmp12 = torch._foreach_add(tmp9, tmp11)
-        r0 = [_amax(tmp12_, None) for tmp12_ in tmp12]
-        torch._foreach_sub_(tmp9, tmp11)
-        tmp13 = torch._foreach_mul(dL, tmp9)
+        tmp7, tmp11, tmp16, tmp17 = _whole_lists(tmp7, tmp11, tmp16, tmp17)
+        tmp12 = torch._foreach_add(tmp11, tmp7)
+        r1 = [_amax(tmp12_, None) for tmp12_ in tmp12]
+        torch._foreach_sub_(tmp11, tmp7)
+        tmp13 = torch._foreach_mul(dL, tmp11)
         tmp18 = torch._foreach_add(tmp16, tmp17)
-        r1 = [_amax(tmp18_, None) for tmp18_ in tmp18]
-        torch._foreach_sub_(tmp16, tmp17)
-        tmp19 = torch._foreach_mul(dR, tmp16)
-        r0, r1 = _whole_lists(r0, r1)
-        d1 = [torch.as_tensor(-plr/(r0_ + 1.1754943508222875e-38), dtype=p[0].dtype) for r0_ in r0]
-        torch._foreach_mul_(tmp13, d1)
+        r2 = [_amax(tmp18_, None) for tmp18_ in tmp18]
+        torch._foreach_sub_(tmp17, tmp16)
+        tmp19 = torch._foreach_mul(dR, tmp17)
+        r1, r2 = _whole_lists(r1, r2)
+        d3 = [torch.as_tensor(-plr/(r1_ + 1.1754943508222875e-38), dtype=p[0].dtype) for r1_ in r1]
+        torch._foreach_mul_(tmp13, d3)
         tmp14 = torch._foreach_add(dL, tmp13)
-        tmp15 = [torch.where(d0_ != 0, tmp14_, dL_) for d0_, tmp14_, dL_ in zip(d0, tmp14, dL)]
-        d2 = [torch.as_tensor(-plr/(r1_ + 1.1754943508222875e-38), dtype=p[0].dtype) for r1_ in r1]
-        torch._foreach_mul_(tmp19, d2)
+        tmp15 = [torch.where(d2_ != 0, tmp14_, dL_) for d2_, tmp14_, dL_ in zip(d2, tmp14, dL)]
+        d4 = [torch.as_tensor(-plr/(r2_ + 1.1754943508222875e-38), dtype=p[0].dtype) for r2_ in r2]
+        torch._foreach_mul_(tmp19, d4)
         tmp20 = torch._foreach_add(dR, tmp19)
-        tmp21 = [torch.where(d0_ != 0, tmp20_, dR_) for d0_, tmp20_, dR_ in zip(d0, tmp20, dR)]
+        tmp21 = [torch.where(d2_ != 0, tmp20_, dR_) for d2_, tmp20_, dR_ in zip(d2, tmp20, dR)]
         tmp22 = torch._foreach_mul(tmp15, tmp15)
         tmp23 = torch._foreach_mul(tmp21, tmp21)
         tmp24 = torch._foreach_mul(tmp22, tmp23)
-        tmp25 = torch._foreach_mul(tmp24, tmp5)
-        r2 = [_rms(tmp25_) for tmp25_ in tmp25]
-        torch._foreach_mul_(tmp24, m)
-        _foreach_copy_(c, d4)
+        tmp25 = torch._foreach_mul(tmp24, tmp3)
+        r0 = [_rms(tmp25_) for tmp25_ in tmp25]
+        tmp27 = torch._foreach_mul(m, tmp24)
+        _foreach_copy_(c, d1)
         _foreach_copy_(dL, tmp15)
         _foreach_copy_(dR, tmp21)
-        r2, = _whole_lists(r2)
-        d3 = [torch.as_tensor(c0_*torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r2_ + 1e-06), dtype=torch.float64)), dtype=p[0].dtype) for c0_, r2_ in zip(c0, r2)]
-        torch._foreach_mul_(tmp24, d3)
-        torch._foreach_add_(tmp24, tmp26)
-        torch._foreach_add_(p, tmp24, alpha=k0)
+        r0, = _whole_lists(r0)
+        d0 = [torch.as_tensor(c0_*torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r0_ + 1e-06), dtype=torch.float64)), dtype=p[0].dtype) for c0_, r0_ in zip(c0, r0)]
+        torch._foreach_mul_(tmp27, d0)
+        torch._foreach_add_(tmp27, tmp26)
+        torch._foreach_add_(p, tmp27, alpha=k0)
         if not exact:
             _foreach_copy_(device_params, p)
         if m is not device_m:
@@ -4469,9 +4469,9 @@ def _single_tensor_kron_4(params, grads, m_list, c_list, q_list, state_steps, *,
     if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
         seed = _random_seed(generator)  # one draw per step: each tensor's randn()/rand() is keyed by it
     # Scalars of the hyperparameters alone: once per group.
-    k0 = -decay
-    k1 = -flat_start - 1
-    k2 = 1 - momentum
+    k0 = 1 - momentum
+    k1 = -decay
+    k2 = -flat_start - 1
     for i, param in enumerate(params):
         p = param if param.dtype in _EXACT else param.float()
         g = grads[i].to(p.dtype)
@@ -4485,18 +4485,18 @@ def _single_tensor_kron_4(params, grads, m_list, c_list, q_list, state_steps, *,
         # (`.item()` would break the graph, a float would be specialised on and recompile).
         if torch.compiler.is_compiling():
             t = step_t.to(torch.float64)
-            c0 = 1/(1 - momentum**t)
-            c1 = 1/torch.minimum(torch.as_tensor(max_prob, dtype=torch.float64), torch.maximum(torch.as_tensor(min_prob, dtype=torch.float64), max_prob*torch.exp(k0*(k1 + t))))
+            c0 = 1/torch.minimum(torch.as_tensor(max_prob, dtype=torch.float64), torch.maximum(torch.as_tensor(min_prob, dtype=torch.float64), max_prob*torch.exp(k1*(k2 + t))))
+            c1 = 1/(1 - momentum**t)
         else:
             t = step_t.item()
-            c0 = 1/(1 - momentum**t)
-            c1 = 1/min(max_prob, max(min_prob, max_prob*_exp(k0*(k1 + t))))
-        d0 = torch.as_tensor(torch.as_tensor((c + 1 >= c1), dtype=torch.float64), dtype=p.dtype)
-        d3 = torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((c + 1 >= c1), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(0, dtype=torch.float64), torch.as_tensor(c + 1, dtype=torch.float64)), dtype=p.dtype)
-        tmp0 = torch.mul(q, q)
+            c0 = 1/min(max_prob, max(min_prob, max_prob*_exp(k1*(k2 + t))))
+            c1 = 1/(1 - momentum**t)
+        d1 = torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((c + 1 >= c0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(0, dtype=torch.float64), torch.as_tensor(c + 1, dtype=torch.float64)), dtype=p.dtype)
+        d2 = torch.as_tensor(torch.as_tensor((c + 1 >= c0), dtype=torch.float64), dtype=p.dtype)
         m.mul_(momentum)
-        m.add_(g, alpha=k2)
-        tmp1 = torch.mul(m, c0)
+        m.add_(g, alpha=k0)
+        tmp0 = torch.mul(q, q)
+        tmp1 = torch.mul(m, c1)
         if momentum_into_precondition_update:
             tmp2 = tmp1
         else:
@@ -4508,21 +4508,20 @@ def _single_tensor_kron_4(params, grads, m_list, c_list, q_list, state_steps, *,
         tmp5.div_(tmp0)
         tmp6 = torch.add(tmp4, tmp5)
         tmp6.abs_()
-        r0 = _whole(_amax(tmp6, None))
-        d1 = torch.as_tensor(-plr/(r0 + 1.1754943508222875e-38), dtype=p.dtype)
+        r1 = _whole(_amax(tmp6, None))
+        d3 = torch.as_tensor(-plr/(r1 + 1.1754943508222875e-38), dtype=p.dtype)
         tmp4.sub_(tmp5)
         tmp7 = torch.mul(q, tmp4)
-        tmp7.mul_(d1)
+        tmp7.mul_(d3)
         tmp8 = torch.add(q, tmp7)
-        tmp9 = torch.where(d0 != 0, tmp8, q)
+        tmp9 = torch.where(d2 != 0, tmp8, q)
         tmp10 = torch.mul(tmp9, tmp9)
         tmp1.mul_(tmp10)
-        r1 = _whole(_rms(tmp1))
-        d2 = torch.as_tensor(-c0*lr*torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r1 + 1e-06), dtype=torch.float64)), dtype=p.dtype)
-        tmp11 = torch.mul(m, tmp10)
-        tmp11.mul_(d2)
-        p.add_(tmp11)
-        _copy_into(c, d3)
+        r0 = _whole(_rms(tmp1))
+        d0 = torch.as_tensor(-lr*torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r0 + 1e-06), dtype=torch.float64)), dtype=p.dtype)
+        tmp1.mul_(d0)
+        p.add_(tmp1)
+        _copy_into(c, d1)
         _copy_into(q, tmp9)
         if p is not param:
             param.copy_(p)
@@ -4541,9 +4540,9 @@ def _staged_kron_4(params, grads, m_list, c_list, q_list, state_steps, *, lr, mo
     if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
         seed = _random_seed(generator)  # one draw per step: each tensor's randn()/rand() is keyed by it
     # Scalars of the hyperparameters alone: once per group.
-    k0 = -decay
-    k1 = -flat_start - 1
-    k2 = 1 - momentum
+    k0 = 1 - momentum
+    k1 = -decay
+    k2 = -flat_start - 1
     def per_tensor(i, param):
         p = param if param.dtype in _EXACT else param.float()
         g = grads[i].to(p.dtype)
@@ -4557,18 +4556,18 @@ def _staged_kron_4(params, grads, m_list, c_list, q_list, state_steps, *, lr, mo
         # (`.item()` would break the graph, a float would be specialised on and recompile).
         if torch.compiler.is_compiling():
             t = step_t.to(torch.float64)
-            c0 = 1/(1 - momentum**t)
-            c1 = 1/torch.minimum(torch.as_tensor(max_prob, dtype=torch.float64), torch.maximum(torch.as_tensor(min_prob, dtype=torch.float64), max_prob*torch.exp(k0*(k1 + t))))
+            c0 = 1/torch.minimum(torch.as_tensor(max_prob, dtype=torch.float64), torch.maximum(torch.as_tensor(min_prob, dtype=torch.float64), max_prob*torch.exp(k1*(k2 + t))))
+            c1 = 1/(1 - momentum**t)
         else:
             t = step_t.item()
-            c0 = 1/(1 - momentum**t)
-            c1 = 1/min(max_prob, max(min_prob, max_prob*_exp(k0*(k1 + t))))
-        d0 = torch.as_tensor(torch.as_tensor((c + 1 >= c1), dtype=torch.float64), dtype=p.dtype)
-        d3 = torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((c + 1 >= c1), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(0, dtype=torch.float64), torch.as_tensor(c + 1, dtype=torch.float64)), dtype=p.dtype)
-        tmp0 = torch.mul(q, q)
+            c0 = 1/min(max_prob, max(min_prob, max_prob*_exp(k1*(k2 + t))))
+            c1 = 1/(1 - momentum**t)
+        d1 = torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((c + 1 >= c0), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(0, dtype=torch.float64), torch.as_tensor(c + 1, dtype=torch.float64)), dtype=p.dtype)
+        d2 = torch.as_tensor(torch.as_tensor((c + 1 >= c0), dtype=torch.float64), dtype=p.dtype)
         m.mul_(momentum)
-        m.add_(g, alpha=k2)
-        tmp1 = torch.mul(m, c0)
+        m.add_(g, alpha=k0)
+        tmp0 = torch.mul(q, q)
+        tmp1 = torch.mul(m, c1)
         if momentum_into_precondition_update:
             tmp2 = tmp1
         else:
@@ -4580,24 +4579,23 @@ def _staged_kron_4(params, grads, m_list, c_list, q_list, state_steps, *, lr, mo
         tmp5.div_(tmp0)
         tmp6 = torch.add(tmp4, tmp5)
         tmp6.abs_()
-        r0 = _amax(tmp6, None)
+        r1 = _amax(tmp6, None)
         tmp4.sub_(tmp5)
         tmp7 = torch.mul(q, tmp4)
-        r0, = yield r0,
-        d1 = torch.as_tensor(-plr/(r0 + 1.1754943508222875e-38), dtype=p.dtype)
-        tmp7.mul_(d1)
+        r1, = yield r1,
+        d3 = torch.as_tensor(-plr/(r1 + 1.1754943508222875e-38), dtype=p.dtype)
+        tmp7.mul_(d3)
         tmp8 = torch.add(q, tmp7)
-        tmp9 = torch.where(d0 != 0, tmp8, q)
+        tmp9 = torch.where(d2 != 0, tmp8, q)
         tmp10 = torch.mul(tmp9, tmp9)
         tmp1.mul_(tmp10)
-        r1 = _rms(tmp1)
-        tmp11 = torch.mul(m, tmp10)
-        _copy_into(c, d3)
+        r0 = _rms(tmp1)
+        _copy_into(c, d1)
         _copy_into(q, tmp9)
-        r1, = yield r1,
-        d2 = torch.as_tensor(-c0*lr*torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r1 + 1e-06), dtype=torch.float64)), dtype=p.dtype)
-        tmp11.mul_(d2)
-        p.add_(tmp11)
+        r0, = yield r0,
+        d0 = torch.as_tensor(-lr*torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r0 + 1e-06), dtype=torch.float64)), dtype=p.dtype)
+        tmp1.mul_(d0)
+        p.add_(tmp1)
         yield  # computed: _in_stages writes the states back in the tensors' order
         if p is not param:
             param.copy_(p)
@@ -4614,9 +4612,9 @@ def _multi_tensor_kron_4(params, grads, m_list, c_list, q_list, state_steps, *, 
     if seed is None:  # else the seed _on_owners drew for the whole list, shifted to this parameter's place
         seed = _random_seed(generator)  # one draw per step, as the for-loop path draws it
     # Scalars of the hyperparameters alone: once per group.
-    k0 = -decay
-    k1 = -flat_start - 1
-    k2 = 1 - momentum
+    k0 = 1 - momentum
+    k1 = -decay
+    k2 = -flat_start - 1
     # Grouped by the parameters' device and dtype (and DTensors apart from plain tensors); states follow
     # by index, as they may be stored in another dtype (float32 for bfloat16 parameters, state_dtype,
     # bool), which the grouping refuses on CUDA.
@@ -4639,14 +4637,14 @@ def _multi_tensor_kron_4(params, grads, m_list, c_list, q_list, state_steps, *, 
             torch._foreach_add_(device_steps, 1)
         t = [s.item() for s in device_steps]
         # Scalars of the step count: one per tensor, on the host.
-        c0 = [1/(1 - momentum**t_) for t_ in t]
-        c1 = [1/min(max_prob, max(min_prob, max_prob*_exp(k0*(k1 + t_)))) for t_ in t]
-        d0 = [torch.as_tensor(torch.as_tensor((c_ + 1 >= c1_), dtype=torch.float64), dtype=p[0].dtype) for c_, c1_ in zip(c, c1)]
-        d3 = [torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((c_ + 1 >= c1_), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(0, dtype=torch.float64), torch.as_tensor(c_ + 1, dtype=torch.float64)), dtype=p[0].dtype) for c_, c1_ in zip(c, c1)]
-        tmp0 = torch._foreach_mul(q, q)
+        c0 = [1/min(max_prob, max(min_prob, max_prob*_exp(k1*(k2 + t_)))) for t_ in t]
+        c1 = [1/(1 - momentum**t_) for t_ in t]
+        d1 = [torch.as_tensor(torch.where(torch.as_tensor(torch.as_tensor((c_ + 1 >= c0_), dtype=torch.float64), dtype=torch.float64) != 0, torch.as_tensor(0, dtype=torch.float64), torch.as_tensor(c_ + 1, dtype=torch.float64)), dtype=p[0].dtype) for c_, c0_ in zip(c, c0)]
+        d2 = [torch.as_tensor(torch.as_tensor((c_ + 1 >= c0_), dtype=torch.float64), dtype=p[0].dtype) for c_, c0_ in zip(c, c0)]
         torch._foreach_mul_(m, momentum)
-        torch._foreach_add_(m, g, alpha=k2)
-        tmp1 = torch._foreach_mul(m, c0)
+        torch._foreach_add_(m, g, alpha=k0)
+        tmp0 = torch._foreach_mul(q, q)
+        tmp1 = torch._foreach_mul(m, c1)
         if momentum_into_precondition_update:
             tmp2 = tmp1
         else:
@@ -4658,24 +4656,23 @@ def _multi_tensor_kron_4(params, grads, m_list, c_list, q_list, state_steps, *, 
         torch._foreach_div_(tmp5, tmp0)
         tmp6 = torch._foreach_add(tmp4, tmp5)
         torch._foreach_abs_(tmp6)
-        r0 = [_amax(tmp6_, None) for tmp6_ in tmp6]
+        r1 = [_amax(tmp6_, None) for tmp6_ in tmp6]
         torch._foreach_sub_(tmp4, tmp5)
         tmp7 = torch._foreach_mul(q, tmp4)
-        r0, = _whole_lists(r0)
-        d1 = [torch.as_tensor(-plr/(r0_ + 1.1754943508222875e-38), dtype=p[0].dtype) for r0_ in r0]
-        torch._foreach_mul_(tmp7, d1)
+        r1, = _whole_lists(r1)
+        d3 = [torch.as_tensor(-plr/(r1_ + 1.1754943508222875e-38), dtype=p[0].dtype) for r1_ in r1]
+        torch._foreach_mul_(tmp7, d3)
         tmp8 = torch._foreach_add(q, tmp7)
-        tmp9 = [torch.where(d0_ != 0, tmp8_, q_) for d0_, tmp8_, q_ in zip(d0, tmp8, q)]
+        tmp9 = [torch.where(d2_ != 0, tmp8_, q_) for d2_, tmp8_, q_ in zip(d2, tmp8, q)]
         tmp10 = torch._foreach_mul(tmp9, tmp9)
         torch._foreach_mul_(tmp1, tmp10)
-        r1 = [_rms(tmp1_) for tmp1_ in tmp1]
-        tmp11 = torch._foreach_mul(m, tmp10)
-        _foreach_copy_(c, d3)
+        r0 = [_rms(tmp1_) for tmp1_ in tmp1]
+        _foreach_copy_(c, d1)
         _foreach_copy_(q, tmp9)
-        r1, = _whole_lists(r1)
-        d2 = [torch.as_tensor(-c0_*lr*torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r1_ + 1e-06), dtype=torch.float64)), dtype=p[0].dtype) for c0_, r1_ in zip(c0, r1)]
-        torch._foreach_mul_(tmp11, d2)
-        torch._foreach_add_(p, tmp11)
+        r0, = _whole_lists(r0)
+        d0 = [torch.as_tensor(-lr*torch.minimum(torch.as_tensor(1, dtype=torch.float64), torch.as_tensor(1.1/(r0_ + 1e-06), dtype=torch.float64)), dtype=p[0].dtype) for r0_ in r0]
+        torch._foreach_mul_(tmp1, d0)
+        torch._foreach_add_(p, tmp1)
         if not exact:
             _foreach_copy_(device_params, p)
         if m is not device_m:
@@ -7579,11 +7576,11 @@ if triton is not None:
         weight_decouple = tl.load(hypers + 11)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
         c0 = (1.0 / ((1.0 - tl.exp((log0_*t)))))
-        c1 = (1.0 / ((tl.minimum(max_prob, tl.maximum(min_prob, max_prob*tl.exp((k1*(k2 + t))), propagate_nan=tl.PropagateNan.ALL), propagate_nan=tl.PropagateNan.ALL))))
+        c1 = (1.0 / ((tl.minimum(max_prob, tl.maximum(min_prob, max_prob*tl.exp((k2*(k3 + t))), propagate_nan=tl.PropagateNan.ALL), propagate_nan=tl.PropagateNan.ALL))))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
         k0 = k0.to(C_TYPE)
-        k3 = k3.to(C_TYPE)
+        k1 = k1.to(C_TYPE)
         momentum = momentum.to(C_TYPE)
         momentum_into_precondition_update = momentum_into_precondition_update.to(C_TYPE)
         plr = plr.to(C_TYPE)
@@ -7602,19 +7599,19 @@ if triton is not None:
         dR = tl.load(dR_ptr + cols_, mask=mask).to(C_TYPE)
         x0 = p*wd
         x1 = tl.where(weight_decouple != 0, g, (g + x0))
-        x2 = k3*x1 + m*momentum
-        x3 = ((dL) * (dL))
-        x4 = ((dR) * (dR))
-        x5 = c0*x2
-        x6 = x3*x4*((tl.where(momentum_into_precondition_update != 0, x5, x1)) * (tl.where(momentum_into_precondition_update != 0, x5, x1)))
-        x8 = ((_randn(seed, i, offsets, 0, C_TYPE)) * (_randn(seed, i, offsets, 0, C_TYPE)))/(x3*x4)
-        ax0_x = x6
+        x2 = k1*x1 + m*momentum
+        x4 = c0*x2
+        x5 = ((dL) * (dL))
+        x6 = ((dR) * (dR))
+        x7 = ((_randn(seed, i, offsets, 0, C_TYPE)) * (_randn(seed, i, offsets, 0, C_TYPE)))/(x5*x6)
+        x9 = x5*x6*((tl.where(momentum_into_precondition_update != 0, x4, x1)) * (tl.where(momentum_into_precondition_update != 0, x4, x1)))
+        ax0_x = x7
         _add_by_segment(axacc0 + axbase0_, rows_, ax0_x, mask, False)
-        ax1_x = x8
+        ax1_x = x9
         _add_by_segment(axacc1 + axbase1_, rows_, ax1_x, mask, False)
-        ax2_x = x6
+        ax2_x = x7
         tl.atomic_add(axacc2 + axbase2_ + cols_, ax2_x, mask=mask)
-        ax3_x = x8
+        ax3_x = x9
         tl.atomic_add(axacc3 + axbase3_ + cols_, ax3_x, mask=mask)
         if BITS:  # requantised here
             _lowbit_store(m_ptr, start, here, x2, lowbit_maps + ((2 << BITS) + 4 * _KEYS), seed + i,
@@ -7714,11 +7711,11 @@ if triton is not None:
         weight_decouple = tl.load(hypers + 11)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
         c0 = (1.0 / ((1.0 - tl.exp((log0_*t)))))
-        c1 = (1.0 / ((tl.minimum(max_prob, tl.maximum(min_prob, max_prob*tl.exp((k1*(k2 + t))), propagate_nan=tl.PropagateNan.ALL), propagate_nan=tl.PropagateNan.ALL))))
+        c1 = (1.0 / ((tl.minimum(max_prob, tl.maximum(min_prob, max_prob*tl.exp((k2*(k3 + t))), propagate_nan=tl.PropagateNan.ALL), propagate_nan=tl.PropagateNan.ALL))))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
         k0 = k0.to(C_TYPE)
-        k3 = k3.to(C_TYPE)
+        k1 = k1.to(C_TYPE)
         momentum = momentum.to(C_TYPE)
         momentum_into_precondition_update = momentum_into_precondition_update.to(C_TYPE)
         plr = plr.to(C_TYPE)
@@ -7739,14 +7736,14 @@ if triton is not None:
         ax1_ = tl.load(axacc1 + axbase1_ + rows_, mask=mask)
         ax2_ = tl.load(axacc2 + axbase2_ + cols_, mask=mask)
         ax3_ = tl.load(axacc3 + axbase3_ + cols_, mask=mask)
-        x7 = ax0_
-        x9 = ax1_
+        x8 = ax0_
+        x10 = ax1_
         x11 = ax2_
         x12 = ax3_
-        r0_x = x7 + x9
-        tl.atomic_max(acc2 + i * 2 + 0, tl.max(tl.where(mask & (col_ == 0), r0_x, -float('inf')), axis=0))
-        r1_x = x11 + x12
-        tl.atomic_max(acc2 + i * 2 + 1, tl.max(tl.where(mask & (row_ == 0), r1_x, -float('inf')), axis=0))
+        r1_x = x10 + x8
+        tl.atomic_max(acc2 + i * 2 + 0, tl.max(tl.where(mask & (col_ == 0), r1_x, -float('inf')), axis=0))
+        r2_x = x11 + x12
+        tl.atomic_max(acc2 + i * 2 + 1, tl.max(tl.where(mask & (row_ == 0), r2_x, -float('inf')), axis=0))
 
     @triton.jit(do_not_specialize=["seed"])
     def _kron_0_stage3(
@@ -7839,11 +7836,11 @@ if triton is not None:
         weight_decouple = tl.load(hypers + 11)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
         c0 = (1.0 / ((1.0 - tl.exp((log0_*t)))))
-        c1 = (1.0 / ((tl.minimum(max_prob, tl.maximum(min_prob, max_prob*tl.exp((k1*(k2 + t))), propagate_nan=tl.PropagateNan.ALL), propagate_nan=tl.PropagateNan.ALL))))
+        c1 = (1.0 / ((tl.minimum(max_prob, tl.maximum(min_prob, max_prob*tl.exp((k2*(k3 + t))), propagate_nan=tl.PropagateNan.ALL), propagate_nan=tl.PropagateNan.ALL))))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
         k0 = k0.to(C_TYPE)
-        k3 = k3.to(C_TYPE)
+        k1 = k1.to(C_TYPE)
         momentum = momentum.to(C_TYPE)
         momentum_into_precondition_update = momentum_into_precondition_update.to(C_TYPE)
         plr = plr.to(C_TYPE)
@@ -7864,22 +7861,22 @@ if triton is not None:
         ax1_ = tl.load(axacc1 + axbase1_ + rows_, mask=mask)
         ax2_ = tl.load(axacc2 + axbase2_ + cols_, mask=mask)
         ax3_ = tl.load(axacc3 + axbase3_ + cols_, mask=mask)
-        d0 = tl.where((c + 1.0) >= c1, 1.0, 0.0).to(C_TYPE)
+        d2 = tl.where((c + 1.0) >= c1, 1.0, 0.0).to(C_TYPE)
         x2 = m  # stored by an earlier launch
-        x5 = c0*x2
-        x7 = ax0_
-        x9 = ax1_
-        r0 = tl.load(acc2 + i * 2 + 0)
-        d1 = -plr/(r0 + 1.1754943508222875e-38)
-        x10 = tl.where(d0 != 0, (d1*dL*(x7 - x9) + dL), dL)
+        x4 = c0*x2
+        x8 = ax0_
+        x10 = ax1_
+        r1 = tl.load(acc2 + i * 2 + 0)
+        d3 = -plr/(r1 + 1.1754943508222875e-38)
+        w0 = tl.where(d2 != 0, (d3*dL*(x10 - x8) + dL), dL)
         x11 = ax2_
         x12 = ax3_
-        r1 = tl.load(acc2 + i * 2 + 1)
-        d2 = -plr/(r1 + 1.1754943508222875e-38)
-        x13 = tl.where(d0 != 0, (d2*dR*(x11 - x12) + dR), dR)
-        x14 = ((x10) * (x10))*((x13) * (x13))
-        r2_x = x14*x5
-        tl.atomic_add(acc3 + i * 1 + 0, tl.sum(tl.where(mask, r2_x * r2_x, 0.0), axis=0))
+        r2 = tl.load(acc2 + i * 2 + 1)
+        d4 = -plr/(r2 + 1.1754943508222875e-38)
+        w1 = tl.where(d2 != 0, (d4*dR*(-x11 + x12) + dR), dR)
+        x3 = ((w0) * (w0))*((w1) * (w1))
+        r0_x = x3*x4
+        tl.atomic_add(acc3 + i * 1 + 0, tl.sum(tl.where(mask, r0_x * r0_x, 0.0), axis=0))
 
     @triton.jit(do_not_specialize=["seed"])
     def _kron_0_kernel(
@@ -7972,11 +7969,11 @@ if triton is not None:
         weight_decouple = tl.load(hypers + 11)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
         c0 = (1.0 / ((1.0 - tl.exp((log0_*t)))))
-        c1 = (1.0 / ((tl.minimum(max_prob, tl.maximum(min_prob, max_prob*tl.exp((k1*(k2 + t))), propagate_nan=tl.PropagateNan.ALL), propagate_nan=tl.PropagateNan.ALL))))
+        c1 = (1.0 / ((tl.minimum(max_prob, tl.maximum(min_prob, max_prob*tl.exp((k2*(k3 + t))), propagate_nan=tl.PropagateNan.ALL), propagate_nan=tl.PropagateNan.ALL))))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
         k0 = k0.to(C_TYPE)
-        k3 = k3.to(C_TYPE)
+        k1 = k1.to(C_TYPE)
         momentum = momentum.to(C_TYPE)
         momentum_into_precondition_update = momentum_into_precondition_update.to(C_TYPE)
         plr = plr.to(C_TYPE)
@@ -7997,23 +7994,23 @@ if triton is not None:
         ax1_ = tl.load(axacc1 + axbase1_ + rows_, mask=mask)
         ax2_ = tl.load(axacc2 + axbase2_ + cols_, mask=mask)
         ax3_ = tl.load(axacc3 + axbase3_ + cols_, mask=mask)
-        d0 = tl.where((c + 1.0) >= c1, 1.0, 0.0).to(C_TYPE)
+        d2 = tl.where((c + 1.0) >= c1, 1.0, 0.0).to(C_TYPE)
         x0 = p*wd
         x2 = m  # stored by an earlier launch
-        x7 = ax0_
-        x9 = ax1_
-        r0 = tl.load(acc2 + i * 2 + 0)
-        d1 = -plr/(r0 + 1.1754943508222875e-38)
-        x10 = tl.where(d0 != 0, (d1*dL*(x7 - x9) + dL), dL)
+        x8 = ax0_
+        x10 = ax1_
+        r1 = tl.load(acc2 + i * 2 + 0)
+        d3 = -plr/(r1 + 1.1754943508222875e-38)
+        w0 = tl.where(d2 != 0, (d3*dL*(x10 - x8) + dL), dL)
         x11 = ax2_
         x12 = ax3_
-        r1 = tl.load(acc2 + i * 2 + 1)
-        d2 = -plr/(r1 + 1.1754943508222875e-38)
-        x13 = tl.where(d0 != 0, (d2*dR*(x11 - x12) + dR), dR)
-        x14 = ((x10) * (x10))*((x13) * (x13))
-        r2 = tl.sqrt(tl.load(acc3 + i * 1 + 0) / n)
-        d3 = c0*tl.minimum(1.0, 1.1/(r2 + 1e-06), propagate_nan=tl.PropagateNan.ALL)
-        _store(p_ptr, offsets, _round_to(k0*(d3*x14*x2 + tl.where(weight_decouple != 0, x0, 0.0)) + p, P_TYPE), mask, whole)
+        r2 = tl.load(acc2 + i * 2 + 1)
+        d4 = -plr/(r2 + 1.1754943508222875e-38)
+        w1 = tl.where(d2 != 0, (d4*dR*(-x11 + x12) + dR), dR)
+        x3 = ((w0) * (w0))*((w1) * (w1))
+        r0 = tl.sqrt(tl.load(acc3 + i * 1 + 0) / n)
+        d0 = c0*tl.minimum(1.0, 1.1/(r0 + 1e-06), propagate_nan=tl.PropagateNan.ALL)
+        _store(p_ptr, offsets, _round_to(k0*(d0*x2*x3 + tl.where(weight_decouple != 0, x0, 0.0)) + p, P_TYPE), mask, whole)
 
     @triton.jit(do_not_specialize=["seed"])
     def _kron_0_reduced(
@@ -8106,11 +8103,11 @@ if triton is not None:
         weight_decouple = tl.load(hypers + 11)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
         c0 = (1.0 / ((1.0 - tl.exp((log0_*t)))))
-        c1 = (1.0 / ((tl.minimum(max_prob, tl.maximum(min_prob, max_prob*tl.exp((k1*(k2 + t))), propagate_nan=tl.PropagateNan.ALL), propagate_nan=tl.PropagateNan.ALL))))
+        c1 = (1.0 / ((tl.minimum(max_prob, tl.maximum(min_prob, max_prob*tl.exp((k2*(k3 + t))), propagate_nan=tl.PropagateNan.ALL), propagate_nan=tl.PropagateNan.ALL))))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
         k0 = k0.to(C_TYPE)
-        k3 = k3.to(C_TYPE)
+        k1 = k1.to(C_TYPE)
         momentum = momentum.to(C_TYPE)
         momentum_into_precondition_update = momentum_into_precondition_update.to(C_TYPE)
         plr = plr.to(C_TYPE)
@@ -8132,20 +8129,20 @@ if triton is not None:
         ax1_ = tl.load(axacc1 + axbase1_ + rows_, mask=mask)
         ax2_ = tl.load(axacc2 + axbase2_ + cols_, mask=mask)
         ax3_ = tl.load(axacc3 + axbase3_ + cols_, mask=mask)
-        d0 = tl.where((c + 1.0) >= c1, 1.0, 0.0).to(C_TYPE)
-        x7 = ax0_
-        x9 = ax1_
-        r0 = tl.load(acc2 + i * 2 + 0)
-        d1 = -plr/(r0 + 1.1754943508222875e-38)
-        x10 = tl.where(d0 != 0, (d1*dL*(x7 - x9) + dL), dL)
+        d2 = tl.where((c + 1.0) >= c1, 1.0, 0.0).to(C_TYPE)
+        x8 = ax0_
+        x10 = ax1_
+        r1 = tl.load(acc2 + i * 2 + 0)
+        d3 = -plr/(r1 + 1.1754943508222875e-38)
+        w0 = tl.where(d2 != 0, (d3*dL*(x10 - x8) + dL), dL)
         x11 = ax2_
         x12 = ax3_
-        r1 = tl.load(acc2 + i * 2 + 1)
-        d2 = -plr/(r1 + 1.1754943508222875e-38)
-        x13 = tl.where(d0 != 0, (d2*dR*(x11 - x12) + dR), dR)
-        tl.store(dL_ptr + rows_, _to_state(x10, S_TYPE, STOCHASTIC, seed + i,
+        r2 = tl.load(acc2 + i * 2 + 1)
+        d4 = -plr/(r2 + 1.1754943508222875e-38)
+        w1 = tl.where(d2 != 0, (d4*dR*(-x11 + x12) + dR), dR)
+        tl.store(dL_ptr + rows_, _to_state(w0, S_TYPE, STOCHASTIC, seed + i,
                                                  (places // CW_) * 4 + 2), mask=mask & (col_ == 0))
-        tl.store(dR_ptr + cols_, _to_state(x13, S_TYPE, STOCHASTIC, seed + i,
+        tl.store(dR_ptr + cols_, _to_state(w1, S_TYPE, STOCHASTIC, seed + i,
                                                  ((places // (RW_ * CW_)) * CW_ + places % CW_) * 4 + 3), mask=mask & (row_ == 0))
 
     @triton.jit(do_not_specialize=["seed"])
@@ -8214,19 +8211,19 @@ if triton is not None:
         weight_decouple = tl.load(hypers + 11)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
         c0 = (1.0 / ((1.0 - tl.exp((log0_*t)))))
-        c1 = (1.0 / ((tl.minimum(max_prob, tl.maximum(min_prob, max_prob*tl.exp((k1*(k2 + t))), propagate_nan=tl.PropagateNan.ALL), propagate_nan=tl.PropagateNan.ALL))))
+        c1 = (1.0 / ((tl.minimum(max_prob, tl.maximum(min_prob, max_prob*tl.exp((k2*(k3 + t))), propagate_nan=tl.PropagateNan.ALL), propagate_nan=tl.PropagateNan.ALL))))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
         k0 = k0.to(C_TYPE)
-        k3 = k3.to(C_TYPE)
+        k1 = k1.to(C_TYPE)
         momentum = momentum.to(C_TYPE)
         momentum_into_precondition_update = momentum_into_precondition_update.to(C_TYPE)
         plr = plr.to(C_TYPE)
         wd = wd.to(C_TYPE)
         weight_decouple = weight_decouple.to(C_TYPE)
         c = tl.load(c_ptr).to(C_TYPE)  # one number per tensor
-        d4 = tl.where(tl.where((c + 1.0) >= c1, 1.0, 0.0).to(C_TYPE) != 0, 0.0, (c + 1.0))
-        tl.store(c_ptr, _to_state(d4, S_TYPE, STOCHASTIC, seed + i, i * 4 + 1))
+        d1 = tl.where(tl.where((c + 1.0) >= c1, 1.0, 0.0).to(C_TYPE) != 0, 0.0, (c + 1.0))
+        tl.store(c_ptr, _to_state(d1, S_TYPE, STOCHASTIC, seed + i, i * 4 + 1))
 
     # ---- rule 2 (ndim <= 1) ----
 
@@ -8296,11 +8293,11 @@ if triton is not None:
         momentum_into_precondition_update = tl.load(hypers + 8)
         plr = tl.load(hypers + 9)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = (1.0 / ((1.0 - tl.exp((log0_*t)))))
-        c1 = (1.0 / ((tl.minimum(max_prob, tl.maximum(min_prob, max_prob*tl.exp((k0*(k1 + t))), propagate_nan=tl.PropagateNan.ALL), propagate_nan=tl.PropagateNan.ALL))))
+        c0 = (1.0 / ((tl.minimum(max_prob, tl.maximum(min_prob, max_prob*tl.exp((k1*(k2 + t))), propagate_nan=tl.PropagateNan.ALL), propagate_nan=tl.PropagateNan.ALL))))
+        c1 = (1.0 / ((1.0 - tl.exp((log0_*t)))))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
-        k2 = k2.to(C_TYPE)
+        k0 = k0.to(C_TYPE)
         lr = lr.to(C_TYPE)
         momentum = momentum.to(C_TYPE)
         momentum_into_precondition_update = momentum_into_precondition_update.to(C_TYPE)
@@ -8318,18 +8315,18 @@ if triton is not None:
             q = _lowbit_load(q_ptr, start, here, lowbit_maps + ((2 << BITS) + 4 * _KEYS), BITS, QBLOCK, BLOCK).to(C_TYPE)
         else:
             q = _load(q_ptr, offsets, mask, whole).to(C_TYPE)
-        x0 = ((q) * (q))
-        x1 = g*k2 + m*momentum
-        x2 = c0*x1
-        x3 = x0*((tl.where(momentum_into_precondition_update != 0, x2, g)) * (tl.where(momentum_into_precondition_update != 0, x2, g)))
-        x4 = ((_randn(seed, i, offsets, 0, C_TYPE)) * (_randn(seed, i, offsets, 0, C_TYPE)))/x0
-        r0_x = tl.abs((x3 + x4))
-        tl.atomic_max(acc1 + i * 1 + 0, tl.max(tl.where(mask, r0_x, -float('inf')), axis=0))
+        x0 = g*k0 + m*momentum
+        x1 = ((q) * (q))
+        x2 = c1*x0
+        x3 = x1*((tl.where(momentum_into_precondition_update != 0, x2, g)) * (tl.where(momentum_into_precondition_update != 0, x2, g)))
+        x4 = ((_randn(seed, i, offsets, 0, C_TYPE)) * (_randn(seed, i, offsets, 0, C_TYPE)))/x1
+        r1_x = tl.abs((x3 + x4))
+        tl.atomic_max(acc1 + i * 1 + 0, tl.max(tl.where(mask, r1_x, -float('inf')), axis=0))
         if BITS:  # requantised here
-            _lowbit_store(m_ptr, start, here, x1, lowbit_maps + ((2 << BITS) + 4 * _KEYS), seed + i,
+            _lowbit_store(m_ptr, start, here, x0, lowbit_maps + ((2 << BITS) + 4 * _KEYS), seed + i,
                           places * 3 + 0, BITS, QBLOCK, BLOCK, Q_STOCHASTIC)
         else:
-            _store(m_ptr, offsets, _to_state(x1, S_TYPE, STOCHASTIC, seed + i,
+            _store(m_ptr, offsets, _to_state(x0, S_TYPE, STOCHASTIC, seed + i,
                                                      places * 3 + 0), mask, whole)
 
     @triton.jit(do_not_specialize=["seed"])
@@ -8398,11 +8395,11 @@ if triton is not None:
         momentum_into_precondition_update = tl.load(hypers + 8)
         plr = tl.load(hypers + 9)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = (1.0 / ((1.0 - tl.exp((log0_*t)))))
-        c1 = (1.0 / ((tl.minimum(max_prob, tl.maximum(min_prob, max_prob*tl.exp((k0*(k1 + t))), propagate_nan=tl.PropagateNan.ALL), propagate_nan=tl.PropagateNan.ALL))))
+        c0 = (1.0 / ((tl.minimum(max_prob, tl.maximum(min_prob, max_prob*tl.exp((k1*(k2 + t))), propagate_nan=tl.PropagateNan.ALL), propagate_nan=tl.PropagateNan.ALL))))
+        c1 = (1.0 / ((1.0 - tl.exp((log0_*t)))))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
-        k2 = k2.to(C_TYPE)
+        k0 = k0.to(C_TYPE)
         lr = lr.to(C_TYPE)
         momentum = momentum.to(C_TYPE)
         momentum_into_precondition_update = momentum_into_precondition_update.to(C_TYPE)
@@ -8420,18 +8417,18 @@ if triton is not None:
             q = _lowbit_load(q_ptr, start, here, lowbit_maps + ((2 << BITS) + 4 * _KEYS), BITS, QBLOCK, BLOCK).to(C_TYPE)
         else:
             q = _load(q_ptr, offsets, mask, whole).to(C_TYPE)
-        d0 = tl.where((c + 1.0) >= c1, 1.0, 0.0).to(C_TYPE)
-        x0 = ((q) * (q))
-        x1 = m  # stored by an earlier launch
-        x2 = c0*x1
-        x3 = x0*((tl.where(momentum_into_precondition_update != 0, x2, g)) * (tl.where(momentum_into_precondition_update != 0, x2, g)))
-        x4 = ((_randn(seed, i, offsets, 0, C_TYPE)) * (_randn(seed, i, offsets, 0, C_TYPE)))/x0
-        r0 = tl.load(acc1 + i * 1 + 0)
-        d1 = -plr/(r0 + 1.1754943508222875e-38)
-        x5 = tl.where(d0 != 0, (d1*q*(x3 - x4) + q), q)
-        x6 = ((x5) * (x5))
-        r1_x = x2*x6
-        tl.atomic_add(acc2 + i * 1 + 0, tl.sum(tl.where(mask, r1_x * r1_x, 0.0), axis=0))
+        d2 = tl.where((c + 1.0) >= c0, 1.0, 0.0).to(C_TYPE)
+        x0 = m  # stored by an earlier launch
+        x1 = ((q) * (q))
+        x2 = c1*x0
+        x3 = x1*((tl.where(momentum_into_precondition_update != 0, x2, g)) * (tl.where(momentum_into_precondition_update != 0, x2, g)))
+        x4 = ((_randn(seed, i, offsets, 0, C_TYPE)) * (_randn(seed, i, offsets, 0, C_TYPE)))/x1
+        r1 = tl.load(acc1 + i * 1 + 0)
+        d3 = -plr/(r1 + 1.1754943508222875e-38)
+        x5 = tl.where(d2 != 0, (d3*q*(x3 - x4) + q), q)
+        w0 = x2*((x5) * (x5))
+        r0_x = w0
+        tl.atomic_add(acc2 + i * 1 + 0, tl.sum(tl.where(mask, r0_x * r0_x, 0.0), axis=0))
         if BITS:  # requantised here
             _lowbit_store(q_ptr, start, here, x5, lowbit_maps + ((2 << BITS) + 4 * _KEYS), seed + i,
                           places * 3 + 2, BITS, QBLOCK, BLOCK, Q_STOCHASTIC)
@@ -8505,11 +8502,11 @@ if triton is not None:
         momentum_into_precondition_update = tl.load(hypers + 8)
         plr = tl.load(hypers + 9)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = (1.0 / ((1.0 - tl.exp((log0_*t)))))
-        c1 = (1.0 / ((tl.minimum(max_prob, tl.maximum(min_prob, max_prob*tl.exp((k0*(k1 + t))), propagate_nan=tl.PropagateNan.ALL), propagate_nan=tl.PropagateNan.ALL))))
+        c0 = (1.0 / ((tl.minimum(max_prob, tl.maximum(min_prob, max_prob*tl.exp((k1*(k2 + t))), propagate_nan=tl.PropagateNan.ALL), propagate_nan=tl.PropagateNan.ALL))))
+        c1 = (1.0 / ((1.0 - tl.exp((log0_*t)))))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
-        k2 = k2.to(C_TYPE)
+        k0 = k0.to(C_TYPE)
         lr = lr.to(C_TYPE)
         momentum = momentum.to(C_TYPE)
         momentum_into_precondition_update = momentum_into_precondition_update.to(C_TYPE)
@@ -8528,12 +8525,13 @@ if triton is not None:
             q = _lowbit_load(q_ptr, start, here, lowbit_maps + ((2 << BITS) + 4 * _KEYS), BITS, QBLOCK, BLOCK).to(C_TYPE)
         else:
             q = _load(q_ptr, offsets, mask, whole).to(C_TYPE)
-        x1 = m  # stored by an earlier launch
+        x0 = m  # stored by an earlier launch
+        x2 = c1*x0
         x5 = q  # stored by an earlier launch
-        x6 = ((x5) * (x5))
-        r1 = tl.sqrt(tl.load(acc2 + i * 1 + 0) / n)
-        d2 = -c0*lr*tl.minimum(1.0, 1.1/(r1 + 1e-06), propagate_nan=tl.PropagateNan.ALL)
-        _store(p_ptr, offsets, _round_to(d2*x1*x6 + p, P_TYPE), mask, whole)
+        w0 = x2*((x5) * (x5))
+        r0 = tl.sqrt(tl.load(acc2 + i * 1 + 0) / n)
+        d0 = -lr*tl.minimum(1.0, 1.1/(r0 + 1e-06), propagate_nan=tl.PropagateNan.ALL)
+        _store(p_ptr, offsets, _round_to(d0*w0 + p, P_TYPE), mask, whole)
 
     @triton.jit(do_not_specialize=["seed"])
     def _kron_4_scalars(
@@ -8589,18 +8587,18 @@ if triton is not None:
         momentum_into_precondition_update = tl.load(hypers + 8)
         plr = tl.load(hypers + 9)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = (1.0 / ((1.0 - tl.exp((log0_*t)))))
-        c1 = (1.0 / ((tl.minimum(max_prob, tl.maximum(min_prob, max_prob*tl.exp((k0*(k1 + t))), propagate_nan=tl.PropagateNan.ALL), propagate_nan=tl.PropagateNan.ALL))))
+        c0 = (1.0 / ((tl.minimum(max_prob, tl.maximum(min_prob, max_prob*tl.exp((k1*(k2 + t))), propagate_nan=tl.PropagateNan.ALL), propagate_nan=tl.PropagateNan.ALL))))
+        c1 = (1.0 / ((1.0 - tl.exp((log0_*t)))))
         c0 = c0.to(C_TYPE)
         c1 = c1.to(C_TYPE)
-        k2 = k2.to(C_TYPE)
+        k0 = k0.to(C_TYPE)
         lr = lr.to(C_TYPE)
         momentum = momentum.to(C_TYPE)
         momentum_into_precondition_update = momentum_into_precondition_update.to(C_TYPE)
         plr = plr.to(C_TYPE)
         c = tl.load(c_ptr).to(C_TYPE)  # one number per tensor
-        d3 = tl.where(tl.where((c + 1.0) >= c1, 1.0, 0.0).to(C_TYPE) != 0, 0.0, (c + 1.0))
-        tl.store(c_ptr, _to_state(d3, S_TYPE, STOCHASTIC, seed + i, i * 3 + 1))
+        d1 = tl.where(tl.where((c + 1.0) >= c0, 1.0, 0.0).to(C_TYPE) != 0, 0.0, (c + 1.0))
+        tl.store(c_ptr, _to_state(d1, S_TYPE, STOCHASTIC, seed + i, i * 3 + 1))
 
 
 _TRITON_TYPES = {}
@@ -8804,9 +8802,9 @@ def _fused_kron_0(params, grads, m_list, c_list, dL_list, dR_list, state_steps, 
     if not params:
         return
     k0 = -lr
-    k1 = -decay
-    k2 = -flat_start - 1
-    k3 = 1 - momentum
+    k1 = 1 - momentum
+    k2 = -decay
+    k3 = -flat_start - 1
     log0_ = _log(momentum)  # for momentum^t in the kernels: exp(t * log0_)
     hyper_values = (float(k0), float(k1), float(k2), float(k3), float(log0_), float(max_prob), float(min_prob), float(momentum), float(momentum_into_precondition_update), float(plr), float(wd), float(weight_decouple), )
     sharded = params  # DTensors (FSDP2, tensor parallel): the kernels run on their local shards
@@ -8947,9 +8945,9 @@ def _fused_kron_4(params, grads, m_list, c_list, q_list, state_steps, *, lr, mom
     global LAUNCHES
     if not params:
         return
-    k0 = -decay
-    k1 = -flat_start - 1
-    k2 = 1 - momentum
+    k0 = 1 - momentum
+    k1 = -decay
+    k2 = -flat_start - 1
     log0_ = _log(momentum)  # for momentum^t in the kernels: exp(t * log0_)
     hyper_values = (float(k0), float(k1), float(k2), float(log0_), float(lr), float(max_prob), float(min_prob), float(momentum), float(momentum_into_precondition_update), float(plr), )
     sharded = params  # DTensors (FSDP2, tensor parallel): the kernels run on their local shards

@@ -7,6 +7,7 @@ reduction and stay 0-dim tensors (no host sync); TENSOR values are element-wise.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import sympy as sp
@@ -150,22 +151,40 @@ def has_matrix_nodes(e: sp.Expr) -> bool:
     return e.has(*fn.MATRIX_CLASSES)
 
 
+# The largest value read more than once, counted as a tree, that the plan keeps whole (the shipped specs'
+# largest is Kron's update u, about 360 nodes): a statement that reads the one before it twice,
+# `x2 = max(sqrt(x1) * g, x1 / g)` and so on, doubles the tree each time, and SymPy's Min/Max compare
+# their arguments' trees, so 12 such statements took 76 s to compile. A larger one is named, as an
+# unrolled loop's values are, and compiling stays linear in the statements.
+MAX_SHARED_TREE = 128
+
+
+def tree_size(e: sp.Expr, sizes: dict) -> int:
+    """e's node count as a tree (a shared subexpression counted at each use), from its DAG: linear time."""
+    if e not in sizes:
+        sizes[e] = 1 + sum(tree_size(a, sizes) for a in e.args)
+    return sizes[e]
+
+
 def meanings(prog: ir.Program, barriers: list | None = None, names=None
              ) -> tuple[dict[str, sp.Symbol], dict[str, sp.Expr], dict[str, sp.Expr]]:
     """(input symbols, SymPy value of every SSA name, final value of each output) over the inputs.
 
-    With `barriers` (a list, and `names` to name them), a value computed by matrix work, and
-    each value of an unrolled loop, is a fresh symbol instead, its expression appended to
+    With `barriers` (a list, and `names` to name them), a value computed by matrix work, each
+    value of an unrolled loop, and one read twice and larger than MAX_SHARED_TREE, is a fresh symbol instead, its expression appended to
     `barriers`: an unrolled loop reads each iterate several times (Newton-Schulz's x, the
     printed `c*c` of `c^2`), so its full expression would grow exponentially with the count.
     """
     syms = symbols_of(prog)
     env: dict[str, sp.Expr] = dict(syms)
+    sizes: dict[sp.Expr, int] = {}
+    reads = Counter(name for eq in prog.eqns for name in ir.refs(eq.expr)) if barriers is not None else {}
     for eq in prog.eqns:
         env[eq.out] = to_sympy(eq.expr, env)
         if has_matrix_work(eq.expr):
             _matrix_of_tensors(env[eq.out], eq, prog)
-        if barriers is not None and (has_matrix_work(eq.expr) or (eq.named and not env[eq.out].is_Atom)):
+        shared = reads.get(eq.out, 0) > 1 and tree_size(env[eq.out], sizes) > MAX_SHARED_TREE
+        if barriers is not None and (has_matrix_work(eq.expr) or ((eq.named or shared) and not env[eq.out].is_Atom)):
             symbol = names.fresh("w")
             barriers.append((symbol, env[eq.out]))
             env[eq.out] = symbol
