@@ -13,10 +13,13 @@ the reduction counts that shape's elements (OPERAND_SHAPES).
 """
 from __future__ import annotations
 
+import builtins
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
 import sympy as sp
+from sympy.core.operations import ShortCircuit
 from sympy.core.parameters import global_parameters
 from sympy.codegen.cfunctions import log1p
 
@@ -282,25 +285,68 @@ class factor_gram(_Opaque):  # gram_axis(x, k) of F's kind: its diagonal, axis_s
 # Mul. The checks, the plan, the analyses and the printers of a rule each make the same ones again, and
 # a rule unrolled per rank and kinds (optdsl/axes.py) the same ones per unrolled rule: 3,096 made, 132
 # different, 11.8 of kron.opt's 24.7 s under the profiler. Made once here, by their arguments: a Min or
-# Max is a pure function of them (and of SymPy's global `evaluate`), so what is printed is unchanged.
-_MINMAX: dict[tuple, sp.Expr] = {}
-_MINMAX_SIZE = 4096  # entries kept (then forgotten all at once): the Min/Max of a few specs' rules
+# Max is a pure function of them (and of SymPy's global `evaluate`).
+#
+# Two arguments are ordered only where that is cheap: their difference a number (`max(x, x + 1)` is
+# x + 1; numbers fold), or one of them a number and the sign of the difference known to the assumptions
+# (`max(v, 0)` of a v known nonnegative is v). SymPy compares every pair, taking factor_terms of the
+# difference when the assumptions do not decide: 2 ms a pair of 2-node arguments, 9 ms of larger ones,
+# so 126 statements each a max of the one before took 5 s and twelve such rules a minute. A pair left
+# unordered is kept as written, a Max of both, which computes the same number; no spec in specs/
+# compiles to other code for it.
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def tree_size(e: sp.Basic) -> int:
+    """Nodes of e's tree, a subtree read twice counted twice (as factor_terms walks it), capped."""
+    return min(1 + builtins.sum(map(tree_size, e.args)), 1 << 20)  # (`sum` here is the spec's)
+
+
+def _order(x: sp.Expr, y: sp.Expr) -> int | None:
+    """1 where x >= y is known, -1 where x <= y, 0 where both, None where unknown or not asked."""
+    d = x - y
+    if not (d.is_number or x.is_number or y.is_number):
+        return None
+    ge, le = d.is_extended_nonnegative, d.is_extended_nonpositive
+    return 0 if ge and le else 1 if ge else -1 if le else None
+
+
+@functools.lru_cache(maxsize=4096)  # the Min/Max of a few specs' rules
+def _made(func, args: tuple, evaluate: bool) -> sp.Expr:
+    if not evaluate:
+        return func(*args)
+    try:
+        kept = frozenset(func._new_args_filter(args))
+    except ShortCircuit:
+        return func.zero
+    kept = func._collapse_arguments(kept)
+    zeros: list[sp.Expr] = []  # SymPy's _find_localzeros, each pair ordered by _order
+    wins = 1 if func is sp.Max else -1  # the order in which a new argument replaces a kept one
+    for v in kept:
+        new = True
+        for z in list(zeros):
+            order = 0 if v == z else _order(v, z)
+            if order is None:
+                continue
+            new = False
+            if order == wins:
+                zeros.remove(z)
+                zeros.append(v)
+        if new:
+            zeros.append(v)
+    return func(*zeros, evaluate=False)
 
 
 def minmax(func, *args) -> sp.Expr:
-    """func(*args) for func sp.Min or sp.Max, evaluated as SymPy evaluates it, made once per arguments."""
-    key = (func, args, global_parameters.evaluate)
+    """func(*args) for func sp.Min or sp.Max, evaluated as SymPy evaluates it but for the pairs it
+    does not compare (above), made once per arguments."""
+    args = tuple(map(sp.sympify, args))
     try:
-        return _MINMAX[key]
-    except KeyError:
-        pass
-    except TypeError:  # an argument that is not hashable: SymPy's to refuse or take
-        return func(*args)
-    value = func(*args)
-    if len(_MINMAX) >= _MINMAX_SIZE:
-        _MINMAX.clear()
-    _MINMAX[key] = value
-    return value
+        return _made(func, args, global_parameters.evaluate)
+    except TypeError as err:
+        if "unhashable" not in str(err):
+            raise
+        return func(*args)  # an argument that is not hashable: SymPy's to refuse or take
 
 
 def rebuild(e: sp.Expr, args) -> sp.Expr:

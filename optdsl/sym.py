@@ -17,7 +17,7 @@ from . import functions as fn
 from . import ieee
 from . import ir
 from .errors import SpecError
-from .functions import COMPARISONS, REDUCTIONS, TABLE
+from .functions import COMPARISONS, REDUCTIONS, TABLE, xreplace
 from .lower import RESERVED
 from .rewrite import rewrite
 
@@ -80,8 +80,10 @@ def _to_sympy(e: ir.Expr, env: dict[str, sp.Expr]) -> sp.Expr:
     if e.op == "atan2" and args[0] == 0 and args[1] == 0:  # nan to SymPy, 0 to IEEE 754, torch and math
         return sp.S.Zero
     if e.op == "abs":  # every value is real: SymPy reads Abs(exp(x)) of a complex x as exp(re(x))
-        real = {s: sp.Dummy(s.name, real=True) for s in args[0].free_symbols}
-        return sp.Abs(args[0].xreplace(real)).xreplace({d: s for s, d in real.items()})
+        # named by a text no spec name can be, not Dummy: the same each time, so the Min and Max below
+        # are made once (functions.minmax), not once per abs
+        real = {s: sp.Symbol(f"{s.name}#real", real=True) for s in args[0].free_symbols if not s.is_real}
+        return xreplace(sp.Abs(xreplace(args[0], real)), {d: s for s, d in real.items()})
     return fn.sympy(*args)
 
 
