@@ -95,6 +95,9 @@ def _check_declarations(spec: ast.Spec) -> None:
     if spec.name in RESERVED:
         raise SpecError(f"'{spec.name}' is a name the generated module uses itself", spec.name_span,
                         hint=f"the class would hide it; choose another name, e.g. '{spec.name}Opt'")
+    if len(spec.hypers) > MAX_HYPERS:
+        raise SpecError(f"{len(spec.hypers)} hyperparameters; a spec may declare at most {MAX_HYPERS}",
+                        spec.hypers[MAX_HYPERS].span, hint="keep fewer (the most a shipped spec has is 17)")
     states = spec.states + tuple(s for r in spec.rules for s in r.states)
     if len(states) > MAX_STATES:  # compile time grows faster than the states (200: 7 s)
         raise SpecError(f"{len(states)} states; a spec may declare at most {MAX_STATES}", states[MAX_STATES].span,
@@ -721,6 +724,7 @@ def _check_group_keys(spec: ast.Spec, keywords: tuple[ir.Keyword, ...]) -> None:
 MAX_REPEAT = 64
 MAX_STATEMENTS = 128  # statements of a rule once its loops are unrolled: compiles in under 2 s
 MAX_STATES = 64       # states of a spec, all rules together: 60 compile in about 1 s (5,000 statements took 35 s)
+MAX_HYPERS = 128      # hyperparameters, each read: 128 compile in 0.4 s, 256 in 1.1 s (60,000 took 328 s)
 # Every rule is checked, planned and printed on its own, so a spec's compile time grows with its rules and
 # their statements together. A state-list rule unrolls to a rule per rank and one refusing the ranks past
 # them (optdsl/axes.py: MAX_RANK + 1 = 9), so several of them, or many written rules, made a legal-looking

@@ -591,6 +591,10 @@ def _pretty(name: str) -> str:
 
 
 MAX_NAME = 100  # characters of one name; a 100,000-character hyperparameter made a 2 MB module in 5 s
+# Characters of a spec, comments included: parsing, lowering and the checks are linear in it, but at
+# about 10 s a megabyte (a 1 MB sum took 9 s to be refused as nested too deeply, 120 lines of 64 kB in
+# all 1.6 s to compile). kron.opt, the largest shipped spec, is 8.6 kB.
+MAX_SPEC_CHARS = 32 * 1024
 
 # Embeddings, overrides, isolates and marks of the Unicode bidirectional algorithm, as rustc refuses them
 _BIDI = re.compile("[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]")
@@ -606,6 +610,14 @@ def parse(text: str, filename: str = "<spec>") -> ast.Spec:
         column = bad.start() - text.rfind("\n", 0, bad.start())
         raise SpecError(f"syntax error: unexpected character {bad.group()!r}", Span(line, column, line, column + 1),
                         hint="remove the control character", filename=filename, source=text)
+    if len(text) > MAX_SPEC_CHARS:
+        line = text.count("\n", 0, MAX_SPEC_CHARS) + 1
+        column = MAX_SPEC_CHARS - text.rfind("\n", 0, MAX_SPEC_CHARS)
+        raise SpecError(f"the spec is {len(text):,} characters long; at most {MAX_SPEC_CHARS:,} compile in "
+                        "bounded time (the limit is passed here)", Span(line, column, line, column + 1),
+                        filename=filename, source=text,
+                        hint="a spec is a page of math (the largest shipped one is 8.6 kB): move long prose "
+                             "to a separate file, split a long spec into several")
     bidi = _BIDI.search(text)  # in a comment or a docstring too
     if bidi:
         line = text.count("\n", 0, bidi.start()) + 1

@@ -36,6 +36,7 @@ def compile_source(text: str, filename: str = "<spec>") -> Compiled:
         warnings = warnings + ranks.unreachable_refusals(lowered, lower.refusals(spec))
         for _, program in lowered:
             shapes.check(program)
+        sym.check_work(program for _, program in lowered)  # before the analyses: what they cost is bounded
         unrolled = [r.unrolled for r in spec.rules if r.refuse is None] or [None]
         rules = []
         for cond, program in lowered:

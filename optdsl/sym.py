@@ -160,6 +160,16 @@ def has_matrix_nodes(e: sp.Expr) -> bool:
 # unrolled loop's values are, and compiling stays linear in the statements.
 MAX_SHARED_TREE = 128
 
+# What the plan keeps of a rule is bounded in depth and in size, so that what SymPy does with it is: a
+# value read once is written into the one that reads it, so statements each reading the one before
+# nest (`x2 = abs(x1) + g`, ...), and SymPy's Abs, exp and sign walk the whole argument each time they
+# are made: 126 such statements took 121 s and ended in a RecursionError. The shipped specs' deepest
+# value is 19 operations (kron.opt), their largest rule keeps 1,100 nodes and kron.opt 6,707 over its
+# 11 rules; at these limits the slowest statements we know (tests/test_bounded.py, bench/compile_bounds.py)
+# compile in under 2 s.
+MAX_DEPTH = 64        # operations deep, a statement's value once the values it reads once are written in
+MAX_WORK = 8192       # tree nodes of every statement's value, over all rules of a spec
+
 
 def tree_size(e: sp.Expr, sizes: dict) -> int:
     """e's node count as a tree (a shared subexpression counted at each use), from its DAG: linear time."""
@@ -168,7 +178,30 @@ def tree_size(e: sp.Expr, sizes: dict) -> int:
     return sizes[e]
 
 
-def meanings(prog: ir.Program, barriers: list | None = None, names=None
+def depth(e: sp.Expr, depths: dict) -> int:
+    if e not in depths:
+        depths[e] = 1 + max((depth(a, depths) for a in e.args), default=0)
+    return depths[e]
+
+
+def _bounded(eq: ir.Eqn, value: sp.Expr, sizes: dict, depths: dict, work: int) -> int:
+    """The work of the rule with this statement's value, or a located SpecError past the limits."""
+    deep = depth(value, depths)
+    if deep > MAX_DEPTH:
+        raise SpecError(f"this value is {deep} operations deep once the values it reads are written into it; "
+                        f"at most {MAX_DEPTH} compile in bounded time", eq.span,
+                        hint="fewer statements that each transform the one before; a loop's rounds ('repeat') "
+                             "are named and do not nest")
+    work += tree_size(value, sizes)
+    if work > MAX_WORK:
+        raise SpecError(f"this rule's values reach {work} operations here (each statement's value with the "
+                        f"values it reads written in); a spec may have at most {MAX_WORK}", eq.span,
+                        hint="shorten the statements or the rule; a loop's rounds ('repeat') are named and "
+                             "count once")
+    return work
+
+
+def meanings(prog: ir.Program, barriers: list | None = None, names=None, works: list | None = None
              ) -> tuple[dict[str, sp.Symbol], dict[str, sp.Expr], dict[str, sp.Expr]]:
     """(input symbols, SymPy value of every SSA name, final value of each output) over the inputs.
 
@@ -180,9 +213,15 @@ def meanings(prog: ir.Program, barriers: list | None = None, names=None
     syms = symbols_of(prog)
     env: dict[str, sp.Expr] = dict(syms)
     sizes: dict[sp.Expr, int] = {}
+    depths: dict[sp.Expr, int] = {}
+    work = 0
     reads = Counter(name for eq in prog.eqns for name in ir.refs(eq.expr)) if barriers is not None else {}
     for eq in prog.eqns:
         env[eq.out] = to_sympy(eq.expr, env)
+        if barriers is not None:  # the plan's (equiv and explain take a compiled spec's whole)
+            work = _bounded(eq, env[eq.out], sizes, depths, work)
+            if works is not None:
+                works.append((eq, work))
         if has_matrix_work(eq.expr):
             _matrix_of_tensors(env[eq.out], eq, prog)
         shared = reads.get(eq.out, 0) > 1 and tree_size(env[eq.out], sizes) > MAX_SHARED_TREE
@@ -197,7 +236,7 @@ def meanings(prog: ir.Program, barriers: list | None = None, names=None
 def named_meanings(prog: ir.Program):
     """(names, input symbols, values, outputs, barriers): meanings() with barriers, named apart from the
     spec's names, as the plan and unread.py both take it; `names` is fresh, holding what it named."""
-    taken, syms, env, outputs, barriers = _named_meanings(prog)
+    taken, syms, env, outputs, barriers, _ = _named_meanings(prog)
     return _Names(taken), dict(syms), dict(env), dict(outputs), list(barriers)
 
 
@@ -205,8 +244,25 @@ def named_meanings(prog: ir.Program):
 def _named_meanings(prog: ir.Program):
     names = _Names({str(s) for s in symbols_of(prog).values()} | {eq.target for eq in prog.eqns} | RESERVED)
     barriers: list[tuple[sp.Symbol, sp.Expr]] = []
-    syms, env, outputs = meanings(prog, barriers, names)
-    return frozenset(names.taken), syms, env, outputs, tuple(barriers)
+    works: list[tuple[ir.Eqn, int]] = []
+    syms, env, outputs = meanings(prog, barriers, names, works)
+    return frozenset(names.taken), syms, env, outputs, tuple(barriers), tuple(works)
+
+
+def check_work(programs) -> None:
+    """A located SpecError at the statement where the rules' values, all together, pass MAX_WORK: asked
+    before the analyses, so a spec past it is refused in about the time the limit allows."""
+    total = 0
+    for prog in programs:
+        works = _named_meanings(prog)[-1]  # (each rule alone is refused past it as its values are made)
+        for eq, work in works:
+            if total + work > MAX_WORK:
+                raise SpecError(f"this spec's values reach {total + work} operations here, over all its rules "
+                                f"(each statement's value with the values it reads written in); a spec may have "
+                                f"at most {MAX_WORK}", eq.span,
+                                hint="fewer or shorter rules or statements; a loop's rounds ('repeat') are named "
+                                     "and count once")
+        total += works[-1][1] if works else 0
 
 
 def is_reduction(e: sp.Expr) -> bool:

@@ -205,7 +205,8 @@ def test_the_statements_of_all_rules_share_a_budget():
 
 @pytest.mark.parametrize("expr", [
     "lerp(" * 40 + "g" + ", g, 0.3)" * 40,               # Triton's lerp reads each end twice
-    "(" * 40 + "g" + " + 1)^2" * 40,                     # x^2 prints as x * x in a kernel
+    "(" * 30 + "g" + " + 1)^2" * 30,                     # x^2 prints as x * x in a kernel (2 levels a
+                                                         # round: 40 rounds pass sym.MAX_DEPTH)
     "sign(" * 30 + "g" + ")" * 30,                       # Triton's sign reads its operand thrice
 ])
 def test_a_nested_expression_that_printers_copy_stays_small(expr):
@@ -313,3 +314,111 @@ def test_named_large_values_compute_the_reference(shape):
                 x = torch.maximum(torch.sqrt(x.abs() + i) * g.abs(), x / (g.abs() + i))
             ref -= 0.1 * x
         torch.testing.assert_close(p.detach(), ref, rtol=1e-12, atol=0, msg=str(path))
+
+
+# ---- the depth and size of what the plan keeps (optdsl/sym.py MAX_DEPTH, MAX_WORK) ----
+
+def test_a_value_nested_past_the_depth_limit_is_refused_at_its_statement():
+    """`x2 = abs(x1) + g`, each read once, nests: SymPy's Abs walks its whole argument each time it is
+    made, so 126 of them took 121 s and ended in a RecursionError. Each statement adds 2 levels (Abs and
+    +): the first value deeper than MAX_DEPTH is refused at its line, before any analysis runs."""
+    from optdsl import sym
+    n = sym.MAX_DEPTH // 2 + 4
+    err = _error(chain(n, "abs({x}) + g"))
+    deep = next(i for i in range(1, n + 1) if 2 * i + 1 > sym.MAX_DEPTH)  # x_i: Add(Abs(...), g), x0 = g
+    assert err.span.line == 3 + deep, str(err)  # HEAD is 2 lines, then x0
+    assert f"at most {sym.MAX_DEPTH}" in str(err) and "operations deep" in str(err)
+    compile_source(chain(deep - 2, "abs({x}) + g"))  # two fewer compile: p -= lr * x adds 2 levels
+
+
+def test_a_statement_that_flattens_is_not_deep():
+    """Depth is SymPy's, not the IR's: `x * 0.5 + g` chained 120 times is one sum (3 levels)."""
+    compile_source(chain(120, "{x} * 0.5 + g"))
+
+
+def _mix(n: int, rules: int = 1) -> str:
+    line = "max(abs({x}), g) * sign({x} - g) + where({x} > 0, sqrt(abs({x})), g)"
+    if rules == 1:
+        return chain(n, line)
+    body = chain(n, line)[len(HEAD):]
+    return HEAD + "".join(f"rule numel == {r + 1} {{\n{body}}}\n" for r in range(rules))
+
+
+def test_a_rule_past_the_work_limit_is_refused_at_the_statement_that_passes_it():
+    from optdsl import sym
+    err = _error(_mix(120))
+    assert "operations here" in str(err) and f"at most {sym.MAX_WORK}" in str(err)
+    line = err.span.line
+    assert 5 < line < 3 + 120, str(err)
+    compile_source(_mix(line - 5))  # the statements before it (less one: p's update adds the last) compile
+
+
+def test_the_rules_share_the_work_limit_and_are_refused_before_the_analyses(monkeypatch):
+    """Twelve rules each within the limit, together past it: refused at a statement of a later rule,
+    and before check.check runs (what the analyses cost is what the limit bounds)."""
+    from optdsl import check, sym
+    one = _mix(30)[len(HEAD):]
+    from optdsl.pipeline import compile_source as compile_one
+    compile_one(HEAD + one)  # one rule alone is fine
+    called = []
+    monkeypatch.setattr(check, "check", lambda *a, **k: called.append(1) or ())
+    err = _error(_mix(30, rules=12))
+    assert "over all its rules" in str(err) and f"at most {sym.MAX_WORK}" in str(err), str(err)
+    assert err.span.line > len((HEAD + one).splitlines()) + 2  # in a rule after the first
+    assert not called
+
+
+def test_every_shipped_spec_is_within_the_limits_with_room():
+    """The limits are not tuned to pass the specs by a hair: the largest (kron.opt) keeps at least a
+    tenth of MAX_WORK free, and every value is at most half MAX_DEPTH deep."""
+    from pathlib import Path
+    from optdsl import sym
+    for path in sorted((Path(__file__).resolve().parent.parent / "specs").glob("*.opt")):
+        lowered, _ = lower.lower_rules(parse.parse(path.read_text(), path.name))
+        work = sum(sym._named_meanings(p)[-1][-1][1] for _, p in lowered if p.eqns)
+        assert work <= 0.9 * sym.MAX_WORK, (path.name, work)
+        depths: dict = {}
+        deepest = max(sym.depth(e, depths) for _, p in lowered for e in sym.named_meanings(p)[2].values())
+        assert deepest <= sym.MAX_DEPTH // 2, (path.name, deepest)
+
+
+def test_min_and_max_order_only_what_is_cheap_and_keep_the_rest_as_written():
+    """functions.minmax: numbers fold, a difference that is a number orders, a known sign orders; two
+    arguments whose order is unknown stay, both, in either order given."""
+    import sympy as sp
+    from optdsl.functions import minmax
+    x, y = sp.symbols("x y")
+    w = sp.Symbol("w", nonnegative=True)
+    assert minmax(sp.Max, x, x + 1) == x + 1 and minmax(sp.Min, x, x + 1) == x
+    assert minmax(sp.Max, 2, 3, x) == sp.Max(3, x) and minmax(sp.Min, 2, 3) == 2
+    assert minmax(sp.Max, w, 0) == w and minmax(sp.Min, w, 0) == 0
+    assert minmax(sp.Min, x, sp.oo) == x and minmax(sp.Max, x, x) == x
+    big = sum(sp.sqrt(sp.Abs(x) + i) for i in range(12))
+    other = sum(sp.Abs(y) / (x + i) for i in range(12))
+    assert set(minmax(sp.Max, big, other).args) == {big, other}
+    assert minmax(sp.Max, big, other) == minmax(sp.Max, other, big)
+
+
+def test_a_spec_past_the_character_limit_is_refused_where_it_passes_it():
+    """Parsing is linear but not cheap (a 1 MB sum took 9 s to be refused): a spec is at most
+    parse.MAX_SPEC_CHARS characters, comments included, refused at the character past them."""
+    from optdsl.parse import MAX_SPEC_CHARS
+    filler = "# " + "c" * 98 + "\n"
+    lines = MAX_SPEC_CHARS // len(filler) + 1
+    err = _error(HEAD + filler * lines + "p -= lr * g\n")
+    assert err.span.line == 3 + (MAX_SPEC_CHARS - len(HEAD)) // len(filler), str(err)
+    assert f"at most {MAX_SPEC_CHARS:,}" in str(err)
+    fits = HEAD + filler * ((MAX_SPEC_CHARS - len(HEAD) - 20) // len(filler)) + "p -= lr * g\n"
+    assert len(fits) <= MAX_SPEC_CHARS
+    compile_source(fits)
+
+
+def test_hyperparameters_past_the_limit_are_refused_at_the_first_one_too_many():
+    from optdsl.lower import MAX_HYPERS
+    def spec(n):  # lr and n more
+        return HEAD + "".join(f"hyper h{i} = {i}\n" for i in range(n)) + "p -= lr * g" + "".join(
+            f" + h{i} * g" for i in range(n)) + "\n"
+    err = _error(spec(MAX_HYPERS))
+    assert (err.span.line, err.span.column) == (2 + MAX_HYPERS, 7), str(err)  # h{MAX_HYPERS - 1}, the 129th
+    assert f"at most {MAX_HYPERS}" in str(err)
+    compile_source(spec(MAX_HYPERS - 1))
