@@ -1,7 +1,8 @@
 """How long the slowest specs we know take to compile, at the limits that bound compiling.
 
 Each family is a legal spec grown until the compiler refuses it (optdsl/sym.py MAX_DEPTH and MAX_WORK,
-optdsl/lower.py MAX_STATEMENTS, MAX_RULES and MAX_HYPERS, optdsl/parse.py MAX_SPEC_CHARS): the largest
+optdsl/lower.py MAX_STATEMENTS, MAX_RULES and MAX_HYPERS, optdsl/group.py MAX_GROUP_STATEMENTS,
+optdsl/parse.py MAX_SPEC_CHARS): the largest
 size it still compiles is timed, cold, in a fresh process (the first compile of a process also builds the Lark parser), and the refusal one size
 up is timed too. Issue 12 asks every spec to compile in under 2 s on the project's machine (2 cores) or
 be refused with a located error.
@@ -63,7 +64,15 @@ def hypers(n: int) -> str:
         f" + h{i} * g" for i in range(n)) + "\n"
 
 
+def group_chain(n: int) -> str:
+    """n group statements (host scalars), each a max of the one before."""
+    return HEAD + "state k: group\ngroup x0 = k + lr\n" + "".join(
+        f"group x{i + 1} = max(sqrt(abs(x{i}) + 2) * lr, x{i} / (abs(lr) + 2))\n" for i in range(n)) + (
+        f"group k = x{n}\np -= k * g\n")
+
+
 FAMILIES["long lines (250 characters)"] = long_lines
+FAMILIES["group statements, chain max2"] = group_chain
 FAMILIES["hyperparameters, each read"] = hypers
 
 _COMPILE = ("import sys, time\nfrom optdsl.errors import SpecError\nfrom optdsl.pipeline import compile_source\n"

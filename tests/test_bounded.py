@@ -422,3 +422,16 @@ def test_hyperparameters_past_the_limit_are_refused_at_the_first_one_too_many():
     assert (err.span.line, err.span.column) == (2 + MAX_HYPERS, 7), str(err)  # h{MAX_HYPERS - 1}, the 129th
     assert f"at most {MAX_HYPERS}" in str(err)
     compile_source(spec(MAX_HYPERS - 1))
+
+
+def test_group_statements_past_the_limit_are_refused_at_the_first_one_too_many():
+    """Group statements are host scalars, outside the rules' statement budget: 400 took 6.9 s."""
+    from optdsl.group import MAX_GROUP_STATEMENTS
+    def spec(n):  # x0 .. x{n-2}, then k: n group statements
+        return HEAD + "state k: group\ngroup x0 = k + lr\n" + "".join(
+            f"group x{i + 1} = max(sqrt(abs(x{i}) + 2) * lr, x{i} / (abs(lr) + 2))\n" for i in range(n - 2)) + (
+            f"group k = x{n - 2}\np -= k * g\n")
+    err = _error(spec(MAX_GROUP_STATEMENTS + 1))
+    assert err.span.line == 4 + MAX_GROUP_STATEMENTS, str(err)  # the 65th, after HEAD and the state
+    assert f"more than {MAX_GROUP_STATEMENTS} group statements" in str(err)
+    compile_source(spec(MAX_GROUP_STATEMENTS))
