@@ -822,11 +822,33 @@ def _dequantised(stored, signed, shape, dtype):
     return values.view(-1)[:math.prod(shape)].view(shape).to(dtype)
 
 
+def _check_rows(stored, p, shape):
+    """A RuntimeError where the uint8 state `stored` holds other blocks than a state of `shape` of p
+    would: codes say nothing of their shape, so one made for another shape (a Kron factor made a
+    matrix, read as a diagonal after memory_save_mode changed) would be read silently as this one.
+    A low-bit state has at least _MIN_NUMEL > a block's numbers, so two shapes that both hold one
+    differ in their block count."""
+    fmt = _WIDTHS[stored.shape[-1]]
+    if stored.dim() > 2 and not _is_sharded(stored):  # a shard's part the fused path hands over: its
+        # numbers in the first rows, as many rows as the largest shard needs (_shard_rows)
+        fits = math.prod(stored.shape[:-1]) >= _stored_rows(p, shape, fmt)[-1]
+    else:
+        fits = tuple(stored.shape[:-1]) == _stored_rows(p, shape, fmt)
+    if not fits:
+        raise RuntimeError(
+            f"an {fmt} state stored as {tuple(stored.shape[:-1])} blocks where this step reads one of shape {tuple(shape)} "
+            f"({_stored_rows(p, shape, fmt)} blocks) for a parameter of shape {tuple(p.shape)}: a "
+            "hyperparameter that decides the state's shape (Kron's memory_save_mode, max_size_triangular, "
+            "min_ndim_triangular) changed after the state was made. Set it back, or start the parameter's "
+            "states anew (del opt.state[p])")
+
+
 def _read_state(stored, p, signed, shape, dtype=None):
     """A float state as the update computes with it: in p's precision (or `dtype`), low-bit codes
     dequantised (a DTensor parameter's: each rank its part, as a DTensor split like the float state)."""
     dtype = dtype or p.dtype
     if stored.dtype == torch.uint8:
+        _check_rows(stored, p, shape)
         if _is_sharded(stored):
             local, placements = _local_shape(p, shape) if _is_sharded(p) else (tuple(shape), None)
             values = _dequantised(stored.to_local(), signed, local, dtype)
@@ -1245,6 +1267,7 @@ class RMSprop(Optimizer):
                         if not lowbit:  # saved at low bit, asked for float states: read back
                             shape = self._expected_states(group, p)[key]
                             stored = self.state[p][key]
+                            _check_rows(stored, p, shape)
                             self.state[p][key] = (_read_state(stored, p, self._LOWBIT_SIGNED[key], shape).to(dtype)
                                                   if _is_sharded(stored) else
                                                   _dequantised(stored, self._LOWBIT_SIGNED[key], shape, dtype))

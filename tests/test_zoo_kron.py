@@ -911,3 +911,31 @@ def test_state_list_errors_are_located(spec, message, line):
         optdsl.compile(spec, "loop.opt")
     assert message in str(err.value) and err.value.span.line == line, str(err.value)
     assert str(err.value).startswith(f"loop.opt:{line}:"), str(err.value)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("state_dtype", ["int8", "int4"])
+def test_a_low_bit_factor_read_as_another_kind_is_refused(fused, state_dtype, float64_default):
+    """A factor's kind is decided when it is made, from the hyperparameters then (as the reference's):
+    a float factor keeps its shape, so it is read as made whatever memory_save_mode says later; a
+    low-bit one is a (blocks, width) tensor of codes, read with the shape the current settings give.
+    Q0 of a (70, 3, 2) parameter is a 70x70 matrix (4,900 numbers, int8: 3 blocks) under the default
+    mode and a diagonal of 70 under all_diag: read as one, it took the matrix's first row silently. Now
+    the block count is checked: a clear error, nothing updated, and the step goes on once set back."""
+    if fused:
+        _fused_ok()
+    Kron = _Kron()
+    gen = torch.Generator().manual_seed(3)
+    p = torch.nn.Parameter(torch.randn(70, 3, 2, generator=gen))
+    opt = Kron([p], fused=fused, state_dtype=state_dtype)
+    p.grad = torch.randn(70, 3, 2, generator=gen)
+    opt.step()
+    assert opt.state[p]["Q0"].dtype == torch.uint8 and opt.state[p]["Q1"].shape == (3, 3)
+    before = p.detach().clone()
+    opt.param_groups[0]["memory_save_mode"] = "all_diag"
+    with pytest.raises(RuntimeError, match=r"changed after the state was made.*del opt\.state\[p\]"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+    opt.param_groups[0]["memory_save_mode"] = None
+    opt.step()
+    assert not torch.equal(p.detach(), before) and p.isfinite().all()
