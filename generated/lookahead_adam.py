@@ -1763,7 +1763,7 @@ if triton is not None:
         lr = tl.load(hypers + 7)
         wd = tl.load(hypers + 8)
         t = tl.load(tl.load(step_ptrs + i).to(tl.pointer_type(T_TYPE))).to(tl.float64)
-        c0 = tl.where(((t - k * tl.floor(t / k))) == 0.0, 1.0, 0.0).to(tl.float64)
+        c0 = tl.where((tl.where((((t) % (k) < 0) != ((k) < 0)) & ((t) % (k) != 0), (t) % (k) + (k), (t) % (k))) == 0.0, 1.0, 0.0).to(tl.float64)
         c1 = -lr/((1.0 - tl.exp((log1_*t)))*tl.sqrt((1.0 / ((1.0 - tl.exp((log0_*t)))))))
         c2 = eps/tl.sqrt((1.0 / ((1.0 - tl.exp((log0_*t))))))
         c0 = c0.to(C_TYPE)
