@@ -292,6 +292,7 @@ def step_fused(cls, random: bool = False) -> str:
                                                               if torch.is_tensor(v) and v.is_floating_point()])
     if random:
         return "random"
+    sensitivity = None  # measured only where the paths differ
     for i, (a, b) in enumerate(zip(loop, fused)):
         pairs = [("p", a, b)] + [(k, v, fused_opt.state[b].get(k)) for k, v in loop_opt.state[a].items()
                                  if torch.is_tensor(v) and v.is_floating_point()]
@@ -299,10 +300,42 @@ def step_fused(cls, random: bool = False) -> str:
             if y is None:
                 return f"fused: state {key!r} of the shape-{tuple(a.shape)} parameter is missing"
             off = _differs(x, y, finite_only=went_wrong[i])
-            if not off <= FUSED_TOL:
+            if off <= FUSED_TOL:
+                continue
+            if sensitivity is None:
+                sensitivity = _sensitivity(cls, init, seed=1)
+            if not off <= SENSITIVITY_FACTOR * sensitivity[i].get(key, math.inf):
                 return (f"fused: {key!r} of the shape-{tuple(a.shape)} parameter differs from the for-loop "
                         f"path's by {off:.3g} (relative)")
-    return "agrees"
+    return "conditioned" if sensitivity is not None else "agrees"
+
+
+# Where the paths differ past FUSED_TOL, the spec may amplify rounding: `mod(sqrt(unit_mean(p^2)), 1e-12)`
+# turns the last bit of a row mean, which the kernels and torch sum in other orders, into the fourth
+# digit (fuzz seed 3972). Such a case is compared at its own condition: the for-loop path stepped again
+# on inputs moved by 4 ulps shows how far rounding alone moves each result, and the fused path must be
+# within SENSITIVITY_FACTOR times that. A well-conditioned spec moves by ~1e-15 there and keeps FUSED_TOL.
+SENSITIVITY_FACTOR = 64
+_NUDGE = 1 + 2.0 ** -50
+
+
+def _sensitivity(cls, init, seed):
+    """Per parameter, {p or state: relative difference} between two for-loop runs, one on inputs (the
+    parameters' initial values and every gradient) scaled by 1 + 2^-50: what rounding-sized changes do."""
+    runs = []
+    for nudge in (1.0, _NUDGE):
+        gen = torch.Generator().manual_seed(seed)
+        [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in RANKS]  # the draws step_fused made
+        params = [torch.nn.Parameter(x.clone() * nudge) for x in init]
+        opt = cls(params, foreach=False)
+        for _ in range(2):
+            for q in params:
+                q.grad = torch.randn(q.shape, generator=gen, dtype=torch.float64) * nudge
+            opt.step(lambda: torch.tensor(1.5))
+        runs.append([{"p": q.detach().clone(), **{k: v.clone() for k, v in opt.state[q].items()
+                                                   if torch.is_tensor(v) and v.is_floating_point()}}
+                     for q in params])
+    return [{k: _differs(a[k], b[k], finite_only=True) for k in a if k in b} for a, b in zip(*runs)]
 
 
 def outcome(text: str, limit: float = 20.0, fused: bool = False) -> Outcome:
@@ -324,7 +357,7 @@ def outcome(text: str, limit: float = 20.0, fused: bool = False) -> Outcome:
                     step_all(cls)
                     if fused:
                         said = step_fused(cls, random=bool(_DRAWS.search(re.sub(r"#[^\n]*", "", text))))
-                        if said not in ("agrees", "refused", "random"):
+                        if said not in ("agrees", "conditioned", "refused", "random"):
                             return Outcome("bug", said)
                         return Outcome("stepped", f"fused {said}")
                 except _Slow:
@@ -368,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {kind:<11} {tally[kind]}")
         if kind == "stepped" and fused:
             print(f"    of which on the fused path too: {fused['fused agrees']} agree with the for-loop path, "
+                  f"{fused['fused conditioned']} within their own condition (SENSITIVITY_FACTOR), "
                   f"{fused['fused refused']} refused fused=True (a documented error)")
     for what, n in bugs.most_common():
         print(f"    {n:>5}  {what}")

@@ -117,3 +117,22 @@ def test_the_cases_are_reproducible_and_varied():
     assert len(texts) > 150
     assert any(t.startswith("optimizer X\n") for t in texts)  # token soup
     assert sum(t in fz.SPEC_TEXTS for t in texts) < 20  # mutated, mostly
+
+
+def test_an_ill_conditioned_spec_is_compared_at_its_own_condition(monkeypatch):
+    """Seed 3972 takes the remainder of a row RMS by 1e-12: the paths' summation orders differ in the
+    last bit, which that remainder makes the fourth digit, so they differ by 3e-8 where FUSED_TOL is
+    1e-9. Stepped again on inputs moved by 4 ulps, the for-loop path itself moves by 1.6e-8: the case is
+    compared at that condition ("fused conditioned"). A well-conditioned spec moves by ~1e-15 there, so
+    a kernel off by 1e-7 is still a bug."""
+    from dataclasses import replace
+    text = (FOUND / "softclip_remainder_of_a_row_rms.opt").read_text()
+    out = fz.outcome(text, fused=True)
+    assert out.kind == "stepped" and out.detail == "fused conditioned", out.detail
+    well = "optimizer ExpOff\nhyper lr = 0.1\nstate m\nm = lerp(m, g, 0.1)\np -= lr * exp(-m^2) * m\n"
+    assert fz.outcome(well, fused=True).detail == "fused agrees"
+    from optdsl.backends import printers
+    row = fz.F.TABLE["exp"]  # the kernels' exp made 1e-7 too large, as the Triton printer reads it
+    monkeypatch.setitem(printers._BY_CLASS, row.sympy, replace(row, triton=f"({row.triton}) * (1 + 1e-7)"))
+    out = fz.outcome(well.replace("ExpOff", "ExpOff2"), fused=True)
+    assert out.kind == "bug" and "differs from the for-loop path's" in out.detail, out.detail
