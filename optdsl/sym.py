@@ -171,20 +171,13 @@ MAX_DEPTH = 64        # operations deep, a statement's value once the values it 
 MAX_WORK = 8192       # tree nodes of every statement's value, over all rules of a spec
 
 
-def tree_size(e: sp.Expr, sizes: dict) -> int:
-    """e's node count as a tree (a shared subexpression counted at each use), from its DAG: linear time."""
-    if e not in sizes:
-        sizes[e] = 1 + sum(tree_size(a, sizes) for a in e.args)
-    return sizes[e]
-
-
 def depth(e: sp.Expr, depths: dict) -> int:
     if e not in depths:
         depths[e] = 1 + max((depth(a, depths) for a in e.args), default=0)
     return depths[e]
 
 
-def _bounded(eq: ir.Eqn, value: sp.Expr, sizes: dict, depths: dict, work: int) -> int:
+def _bounded(eq: ir.Eqn, value: sp.Expr, depths: dict, work: int) -> int:
     """The work of the rule with this statement's value, or a located SpecError past the limits."""
     deep = depth(value, depths)
     if deep > MAX_DEPTH:
@@ -192,7 +185,7 @@ def _bounded(eq: ir.Eqn, value: sp.Expr, sizes: dict, depths: dict, work: int) -
                         f"at most {MAX_DEPTH} compile in bounded time", eq.span,
                         hint="fewer statements that each transform the one before; a loop's rounds ('repeat') "
                              "are named and do not nest")
-    work += tree_size(value, sizes)
+    work += fn.tree_size(value)
     if work > MAX_WORK:
         raise SpecError(f"this rule's values reach {work} operations here (each statement's value with the "
                         f"values it reads written in); a spec may have at most {MAX_WORK}", eq.span,
@@ -212,19 +205,18 @@ def meanings(prog: ir.Program, barriers: list | None = None, names=None, works: 
     """
     syms = symbols_of(prog)
     env: dict[str, sp.Expr] = dict(syms)
-    sizes: dict[sp.Expr, int] = {}
     depths: dict[sp.Expr, int] = {}
     work = 0
     reads = Counter(name for eq in prog.eqns for name in ir.refs(eq.expr)) if barriers is not None else {}
     for eq in prog.eqns:
         env[eq.out] = to_sympy(eq.expr, env)
         if barriers is not None:  # the plan's (equiv and explain take a compiled spec's whole)
-            work = _bounded(eq, env[eq.out], sizes, depths, work)
+            work = _bounded(eq, env[eq.out], depths, work)
             if works is not None:
                 works.append((eq, work))
         if has_matrix_work(eq.expr):
             _matrix_of_tensors(env[eq.out], eq, prog)
-        shared = reads.get(eq.out, 0) > 1 and tree_size(env[eq.out], sizes) > MAX_SHARED_TREE
+        shared = reads.get(eq.out, 0) > 1 and fn.tree_size(env[eq.out]) > MAX_SHARED_TREE
         if barriers is not None and (has_matrix_work(eq.expr) or ((eq.named or shared) and not env[eq.out].is_Atom)):
             symbol = names.fresh("w")
             barriers.append((symbol, env[eq.out]))

@@ -281,13 +281,12 @@ def chain(n: int, line: str) -> str:
 def test_a_value_read_twice_is_named_once_it_is_large():
     """`x2 = x1 * g + x1 / (g + 2)` and so on doubles x's tree each statement: the plan names a value read
     more than once past sym.MAX_SHARED_TREE nodes, as it names a loop's rounds, so every value it keeps
-    whole stays small (20 statements: a tree of 10^7 nodes unnamed) and the module grows linearly."""
-    from optdsl import sym
+    whole stays small (20 statements: a tree of 10^7 nodes unnamed, counted up to 2^20) and the module grows linearly."""
+    from optdsl import functions as fn, sym
     spec = parse.parse(chain(20, "{x} * g + {x} / (g + {i})"))
     (_, program), = lower.lower_rules(spec)[0]
     _, _, env, outputs, barriers = sym.named_meanings(program)
-    sizes: dict = {}
-    largest = max(sym.tree_size(e, sizes) for e in [*env.values(), *outputs.values(), *(b for _, b in barriers)])
+    largest = max(fn.tree_size(e) for e in [*env.values(), *outputs.values(), *(b for _, b in barriers)])
     assert largest <= 4 * sym.MAX_SHARED_TREE, largest
     assert len(barriers) >= 20 // 8  # named about every log2(MAX_SHARED_TREE) statements
     lengths = {n: len(compile_source(chain(n, "max(sqrt(abs({x}) + {i}) * g, {x} / (abs(g) + {i}))")).python)
