@@ -199,9 +199,12 @@ def meanings(prog: ir.Program, barriers: list | None = None, names=None, works: 
     """(input symbols, SymPy value of every SSA name, final value of each output) over the inputs.
 
     With `barriers` (a list, and `names` to name them), a value computed by matrix work, each
-    value of an unrolled loop, and one read twice and larger than MAX_SHARED_TREE, is a fresh symbol instead, its expression appended to
-    `barriers`: an unrolled loop reads each iterate several times (Newton-Schulz's x, the
-    printed `c*c` of `c^2`), so its full expression would grow exponentially with the count.
+    value of an unrolled loop, and one read twice and larger than MAX_SHARED_TREE, is a fresh
+    symbol instead, its expression appended to `barriers`: an unrolled loop reads each iterate
+    several times (Newton-Schulz's x, the printed `c*c` of `c^2`), so its full expression would
+    grow exponentially with the count. With barriers, each statement's value is held to MAX_DEPTH
+    and the rule's to MAX_WORK (a located SpecError), and `works`, if given, gets (statement, the
+    rule's work up to it) for check_work.
     """
     syms = symbols_of(prog)
     env: dict[str, sp.Expr] = dict(syms)
